@@ -1,0 +1,114 @@
+//! Errors of the engine layer.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading models or generating images.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A model file or folder could not be read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A config.json (or similar) is missing, malformed or names something unsupported.
+    #[error("bad model config `{path}`: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A weight file is not a valid safetensors file (truncated, bad header, ...).
+    #[error("bad weight file `{path}`: {message}")]
+    WeightFile {
+        /// The weight file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A tensor the model needs is absent from its weight files.
+    #[error("missing tensor `{name}` in `{path}`")]
+    MissingTensor {
+        /// The weight file (the first one, for sharded weights).
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor in a weight file that the model does not have.
+    #[error("unknown tensor `{name}` in `{path}`")]
+    UnknownTensor {
+        /// The weight file holding it.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// A tensor whose shape differs from the one the config implies.
+    #[error("tensor `{name}` in `{path}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The weight file holding it.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<i64>,
+        /// The shape in the file.
+        actual: Vec<i64>,
+    },
+    /// The tokenizer files cannot be used.
+    #[error("tokenizer `{path}`: {message}")]
+    Tokenizer {
+        /// The tokenizer folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A generation parameter is out of range for this model.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The requested device or dtype is not available here.
+    #[error("device: {0}")]
+    Device(String),
+    /// The job was cancelled between two steps.
+    #[error("cancelled")]
+    Cancelled,
+    /// An error raised inside libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl EngineError {
+    /// A stable snake_case name for metrics labels and error reasons.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EngineError::Io { .. } => "io",
+            EngineError::Config { .. } => "model_config",
+            EngineError::WeightFile { .. } => "weight_file",
+            EngineError::MissingTensor { .. } => "missing_tensor",
+            EngineError::UnknownTensor { .. } => "unknown_tensor",
+            EngineError::ShapeMismatch { .. } => "shape_mismatch",
+            EngineError::Tokenizer { .. } => "tokenizer",
+            EngineError::InvalidRequest(_) => "invalid_request",
+            EngineError::Device(_) => "device",
+            EngineError::Cancelled => "cancelled",
+            EngineError::Torch(_) => "torch",
+        }
+    }
+}
+
+/// Result of engine operations.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Reads a JSON config file into `T`, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Config {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}

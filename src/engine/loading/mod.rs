@@ -1,0 +1,3 @@
+//! Reading weights from disk.
+
+pub mod weights;

@@ -1,0 +1,390 @@
+//! safetensors weights read by mmap, with every header validated before use.
+//!
+//! A [`Weights`] set covers one model component (possibly sharded over several files).
+//! Model constructors ask for tensors by their diffusers key through a [`VarPath`], stating
+//! the shape the config implies; what the model never asked for is reported by
+//! [`Weights::check_all_used`], so a file that belongs to another architecture is refused.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+
+/// One tensor's place in a mapped file.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    /// Byte range inside the mapped file (header included in the offset).
+    start: usize,
+    end: usize,
+}
+
+/// One mapped safetensors file.
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// The weights of one model component, mapped from one or more safetensors files, or
+/// drawn at random (for the built-in demo model) and recorded for saving.
+pub struct Weights {
+    files: Vec<MappedFile>,
+    entries: HashMap<String, TensorEntry>,
+    used: Mutex<HashSet<String>>,
+    device: Device,
+    kind: Kind,
+    /// Seed of the random mode, with what it drew.
+    random: Option<(u64, Mutex<BTreeMap<String, Tensor>>)>,
+}
+
+/// splitmix64: a tiny deterministic generator, independent of libtorch's global one.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `count` standard normal values from `seed` (Box-Muller).
+fn normal_values(seed: u64, count: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(count + 1);
+    while out.len() < count {
+        let u1 = ((splitmix64(&mut state) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(count);
+    out
+}
+
+/// A stable 64-bit hash of a key (FNV-1a), so random weights do not depend on load order.
+fn key_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+impl Weights {
+    /// Maps `paths` and validates their headers. Floating-point tensors are converted to
+    /// `kind` and placed on `device` when the model asks for them.
+    pub fn open(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            // SAFETY: the file is opened read-only and the mapping lives as long as the
+            // tensors are read from it; model files are not modified while served.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let (header_len, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
+                    path: path.clone(),
+                    message: format!("not a valid safetensors file ({e})"),
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let (start, end) = info.data_offsets;
+                entries.insert(
+                    name.clone(),
+                    TensorEntry {
+                        file: index,
+                        dtype: info.dtype,
+                        shape: info.shape.iter().map(|&d| d as i64).collect(),
+                        start: data_start + start,
+                        end: data_start + end,
+                    },
+                );
+            }
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+            });
+        }
+        Ok(Self {
+            files,
+            entries,
+            used: Mutex::new(HashSet::new()),
+            device,
+            kind,
+            random: None,
+        })
+    }
+
+    /// Random float32 CPU weights, deterministic for `seed`: matrices scaled by
+    /// 1/sqrt(fan-in), norm scales near 1, small biases. Every tensor drawn is recorded.
+    pub fn random(seed: u64) -> Self {
+        Self {
+            files: Vec::new(),
+            entries: HashMap::new(),
+            used: Mutex::new(HashSet::new()),
+            device: Device::Cpu,
+            kind: Kind::Float,
+            random: Some((seed, Mutex::new(BTreeMap::new()))),
+        }
+    }
+
+    /// The tensors drawn in random mode, by key.
+    pub fn recorded(&self) -> BTreeMap<String, Tensor> {
+        match &self.random {
+            Some((_, recorded)) => recorded
+                .lock()
+                .map(|r| {
+                    r.iter()
+                        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => BTreeMap::new(),
+        }
+    }
+
+    fn draw(&self, seed: u64, key: &str, shape: &[i64]) -> Result<Tensor> {
+        let count: i64 = shape.iter().product();
+        let values = normal_values(seed ^ key_hash(key), count.max(0) as usize);
+        let noise = Tensor::from_slice(&values).reshape(shape);
+        let tensor = if shape.len() == 1 && key.ends_with("weight") {
+            noise * 0.05 + 1.0
+        } else if shape.len() == 1 {
+            noise * 0.02
+        } else {
+            let fan_in: i64 = shape[1..].iter().product();
+            noise / (fan_in.max(1) as f64).sqrt()
+        };
+        if let Some((_, recorded)) = &self.random {
+            if let Ok(mut recorded) = recorded.lock() {
+                recorded.insert(key.to_string(), tensor.shallow_clone());
+            }
+        }
+        Ok(tensor)
+    }
+
+    /// Opens a diffusers component folder's weights: `<stem>.safetensors`, or the shards
+    /// listed in `<stem>.safetensors.index.json`.
+    pub fn open_component(dir: &Path, stem: &str, device: Device, kind: Kind) -> Result<Self> {
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.exists() {
+            return Self::open(&[single], device, kind);
+        }
+        let index_path = dir.join(format!("{stem}.safetensors.index.json"));
+        if index_path.exists() {
+            #[derive(serde::Deserialize)]
+            struct Index {
+                weight_map: BTreeMap<String, String>,
+            }
+            let index: Index = crate::engine::error::read_json(&index_path)?;
+            let mut shards: Vec<String> = index.weight_map.into_values().collect();
+            shards.sort();
+            shards.dedup();
+            let mut paths = Vec::new();
+            for shard in shards {
+                if shard.contains('/') || shard.contains("..") {
+                    return Err(EngineError::WeightFile {
+                        path: index_path,
+                        message: format!("shard name `{shard}` leaves the folder"),
+                    });
+                }
+                paths.push(dir.join(shard));
+            }
+            return Self::open(&paths, device, kind);
+        }
+        if dir.join(format!("{stem}.bin")).exists() {
+            return Err(EngineError::WeightFile {
+                path: dir.join(format!("{stem}.bin")),
+                message: "pickle weights are not loaded; convert them to safetensors".into(),
+            });
+        }
+        Err(EngineError::Io {
+            path: single,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        })
+    }
+
+    /// The root of the key space.
+    pub fn root(&self) -> VarPath<'_> {
+        VarPath {
+            weights: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The floating-point kind tensors are converted to.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn first_path(&self) -> PathBuf {
+        self.files
+            .first()
+            .map(|f| f.path.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether a tensor with this full key exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// Loads the tensor `key`, checking its shape.
+    fn load(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
+        if let Some((seed, _)) = &self.random {
+            return self.draw(*seed, key, shape);
+        }
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| EngineError::MissingTensor {
+                path: self.first_path(),
+                name: key.to_string(),
+            })?;
+        let path = &self.files[entry.file].path;
+        if entry.shape != shape {
+            return Err(EngineError::ShapeMismatch {
+                path: path.clone(),
+                name: key.to_string(),
+                expected: shape.to_vec(),
+                actual: entry.shape.clone(),
+            });
+        }
+        let kind = kind_of(entry.dtype).ok_or_else(|| EngineError::WeightFile {
+            path: path.clone(),
+            message: format!("tensor `{key}` has unsupported dtype {:?}", entry.dtype),
+        })?;
+        let bytes = &self.files[entry.file].mmap[entry.start..entry.end];
+        let tensor = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
+        let target = if kind.is_floating_point() {
+            self.kind
+        } else {
+            kind
+        };
+        let tensor = tensor.f_to_device(self.device)?.f_to_kind(target)?;
+        if let Ok(mut used) = self.used.lock() {
+            used.insert(key.to_string());
+        }
+        Ok(tensor)
+    }
+
+    /// Fails on the first tensor (in name order) that no module asked for, ignoring
+    /// keys accepted by `ignore`.
+    pub fn check_all_used(&self, ignore: impl Fn(&str) -> bool) -> Result<()> {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut unused: Vec<&String> = self
+            .entries
+            .keys()
+            .filter(|k| !used.contains(*k) && !ignore(k))
+            .collect();
+        unused.sort();
+        if let Some(name) = unused.first() {
+            let entry = &self.entries[*name];
+            return Err(EngineError::UnknownTensor {
+                path: self.files[entry.file].path.clone(),
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+trait KindExt {
+    fn is_floating_point(&self) -> bool;
+}
+
+impl KindExt for Kind {
+    fn is_floating_point(&self) -> bool {
+        matches!(
+            self,
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        )
+    }
+}
+
+/// A position in the weight key space, such as `down_blocks.1.attentions.0`.
+#[derive(Clone)]
+pub struct VarPath<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> VarPath<'a> {
+    /// The child path `self.name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> VarPath<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        VarPath {
+            weights: self.weights,
+            prefix,
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Loads `self.name` with the given shape.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        self.weights.load(&self.key(name), shape)
+    }
+
+    /// Whether `self.name` exists in the weights.
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.key(name))
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> Device {
+        self.weights.device
+    }
+
+    /// The floating-point kind of the weights.
+    pub fn kind(&self) -> Kind {
+        self.weights.kind
+    }
+}

@@ -1,0 +1,9 @@
+//! The engine: models, schedulers and pipelines on libtorch. Everything here blocks;
+//! callers on async runtimes run it on a dedicated thread.
+
+pub mod demo;
+pub mod error;
+pub mod loading;
+pub mod models;
+pub mod pipeline;
+pub mod schedulers;

@@ -1,0 +1,197 @@
+//! Attention as diffusers builds it: `Attention` (`models/attention_processor.py`),
+//! `BasicTransformerBlock` and the GEGLU `FeedForward` (`models/attention.py`), and
+//! `Transformer2DModel` (`models/transformers/transformer_2d.py`).
+
+use tch::Tensor;
+
+use crate::engine::error::Result;
+use crate::engine::loading::weights::VarPath;
+use crate::engine::models::nn::{multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear};
+
+/// Multi-head attention with `to_q`, `to_k`, `to_v` and `to_out.0`.
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: i64,
+}
+
+impl Attention {
+    /// Loads an attention layer of `heads` × `head_dim` over `query_dim` features, with
+    /// keys and values from `context_dim` features. `qkv_bias` as the VAE's.
+    pub fn load(
+        vp: &VarPath,
+        query_dim: i64,
+        context_dim: i64,
+        heads: i64,
+        head_dim: i64,
+        qkv_bias: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::load(&vp.pp("to_q"), query_dim, inner, qkv_bias)?,
+            to_k: Linear::load(&vp.pp("to_k"), context_dim, inner, qkv_bias)?,
+            to_v: Linear::load(&vp.pp("to_v"), context_dim, inner, qkv_bias)?,
+            to_out: Linear::load(&vp.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// Attends [batch, tokens, query_dim] to `context` (itself when `None`).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
+        let context = context.unwrap_or(x);
+        let out = multi_head_attention(
+            &self.to_q.forward(x),
+            &self.to_k.forward(context),
+            &self.to_v.forward(context),
+            self.heads,
+            false,
+        );
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward: `net.0.proj` to twice the inner width, gate, `net.2` back.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn load(vp: &VarPath, dim: i64) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: Linear::load(&vp.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?,
+            out: Linear::load(&vp.pp("net").pp(2), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let projected = self.proj.forward(x);
+        let halves = projected.chunk(2, -1);
+        self.out.forward(&(&halves[0] * halves[1].gelu("none")))
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each with a pre-norm and residual.
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn load(vp: &VarPath, dim: i64, heads: i64, head_dim: i64, context_dim: i64) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(&vp.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&vp.pp("attn1"), dim, dim, heads, head_dim, false)?,
+            norm2: LayerNorm::load(&vp.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&vp.pp("attn2"), dim, context_dim, heads, head_dim, false)?,
+            norm3: LayerNorm::load(&vp.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&vp.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+        let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
+        self.ff.forward(&self.norm3.forward(&x)) + &x
+    }
+}
+
+/// Input and output projections of a [`Transformer2DModel`].
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// Shape parameters of a [`Transformer2DModel`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transformer2DConfig {
+    /// Channels of the feature map (= heads × head_dim).
+    pub channels: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Width of each head.
+    pub head_dim: i64,
+    /// Transformer blocks.
+    pub layers: i64,
+    /// Width of the text conditioning.
+    pub context_dim: i64,
+    /// Group norm groups.
+    pub groups: i64,
+    /// Linear (SDXL) rather than 1×1 convolution projections.
+    pub use_linear_projection: bool,
+}
+
+/// A stack of transformer blocks applied to a feature map, with a residual.
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    /// Loads the model at `vp`.
+    pub fn load(vp: &VarPath, c: Transformer2DConfig) -> Result<Self> {
+        let inner = c.heads * c.head_dim;
+        let projection = |name: &str, from: i64, to: i64| -> Result<Projection> {
+            Ok(if c.use_linear_projection {
+                Projection::Linear(Linear::load(&vp.pp(name), from, to, true)?)
+            } else {
+                Projection::Conv(Conv2d::load(&vp.pp(name), from, to, 1, 1, 0)?)
+            })
+        };
+        let blocks = (0..c.layers)
+            .map(|i| {
+                BasicTransformerBlock::load(
+                    &vp.pp("transformer_blocks").pp(i),
+                    inner,
+                    c.heads,
+                    c.head_dim,
+                    c.context_dim,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::load(&vp.pp("norm"), c.groups, c.channels, 1e-6)?,
+            proj_in: projection("proj_in", c.channels, inner)?,
+            blocks,
+            proj_out: projection("proj_out", inner, c.channels)?,
+        })
+    }
+
+    /// Applies the blocks to an NCHW map conditioned on [batch, tokens, context_dim].
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let size = x.size();
+        let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
+        let normed = self.norm.forward(x);
+        let to_tokens = |t: &Tensor| {
+            let inner = t.size()[1];
+            t.permute([0, 2, 3, 1]).reshape([b, h * w, inner])
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Linear(l) => l.forward(&to_tokens(&normed)),
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)),
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context);
+        }
+        let out = match &self.proj_out {
+            Projection::Linear(l) => l
+                .forward(&tokens)
+                .reshape([b, h, w, c])
+                .permute([0, 3, 1, 2]),
+            Projection::Conv(conv) => {
+                let inner = tokens.size()[2];
+                conv.forward(&tokens.reshape([b, h, w, inner]).permute([0, 3, 1, 2]))
+            }
+        };
+        out + x
+    }
+}

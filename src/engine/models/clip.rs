@@ -1,0 +1,276 @@
+//! CLIP text encoders: `CLIPTextModel` and `CLIPTextModelWithProjection` from transformers
+//! (`models/clip/modeling_clip.py`), keys as transformers saves them.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::loading::weights::{VarPath, Weights};
+use crate::engine::models::nn::{multi_head_attention, Embedding, LayerNorm, Linear};
+
+/// The activation of the MLP blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, as OpenAI's CLIP (SDXL's first encoder).
+    QuickGelu,
+    /// The exact (erf) GELU, as OpenCLIP's ViT-bigG (SDXL's second encoder).
+    Gelu,
+}
+
+/// Mirrors a transformers `CLIPTextConfig` (`text_encoder*/config.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    /// Token table size.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: i64,
+    /// Width of the transformer.
+    pub hidden_size: i64,
+    /// Width of the MLP.
+    pub intermediate_size: i64,
+    /// Number of transformer layers.
+    pub num_hidden_layers: i64,
+    /// Attention heads per layer.
+    pub num_attention_heads: i64,
+    /// Sequence length of the position table.
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: i64,
+    /// MLP activation.
+    #[serde(default = "default_activation")]
+    pub hidden_act: Activation,
+    /// Layer norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Width of the pooled projection (with-projection models only).
+    #[serde(default)]
+    pub projection_dim: Option<i64>,
+    /// The end-of-text token whose position is pooled (2 means the legacy argmax rule).
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+}
+
+fn default_vocab_size() -> i64 {
+    49408
+}
+fn default_max_positions() -> i64 {
+    77
+}
+fn default_activation() -> Activation {
+    Activation::QuickGelu
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_eos() -> i64 {
+    2
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    heads: i64,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn load(vp: &VarPath, c: &ClipTextConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let attn = vp.pp("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&vp.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            q_proj: Linear::load(&attn.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(&attn.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(&attn.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(&attn.pp("out_proj"), h, h, true)?,
+            layer_norm2: LayerNorm::load(&vp.pp("layer_norm2"), h, c.layer_norm_eps)?,
+            fc1: Linear::load(&vp.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?,
+            fc2: Linear::load(&vp.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?,
+            heads: c.num_attention_heads,
+            activation: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.layer_norm1.forward(x);
+        let attn = multi_head_attention(
+            &self.q_proj.forward(&h),
+            &self.k_proj.forward(&h),
+            &self.v_proj.forward(&h),
+            self.heads,
+            true,
+        );
+        let x = x + self.out_proj.forward(&attn);
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x));
+        let h = match self.activation {
+            Activation::QuickGelu => &h * (&h * 1.702).sigmoid(),
+            Activation::Gelu => h.gelu("none"),
+        };
+        x + self.fc2.forward(&h)
+    }
+}
+
+/// What a text encoder returns for a batch of token ids.
+pub struct TextEncoderOutput {
+    /// `hidden_states[-(skip + 2)]`: the output of the layer `skip + 1` before the last
+    /// (SDXL conditions on the penultimate layer, `skip = 0`).
+    pub hidden: Tensor,
+    /// The final-layer-normed state at the end-of-text token, projected when the model has
+    /// a projection ([batch, projection_dim]); `None` for models without one.
+    pub pooled: Option<Tensor>,
+}
+
+/// A CLIP text transformer, with or without the pooled text projection.
+pub struct ClipTextModel {
+    config: ClipTextConfig,
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+}
+
+impl ClipTextModel {
+    /// Loads a transformers text encoder folder (`config.json` + `model.safetensors`).
+    pub fn load_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
+        let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
+        let weights = Weights::open_component(dir, "model", device, kind)?;
+        let with_projection = weights.contains("text_projection.weight");
+        // transformers 4 saves `text_model.*`; transformers 5 saves CLIPTextModel unprefixed.
+        let root = weights.root();
+        let model = if weights.contains("text_model.embeddings.token_embedding.weight") {
+            Self::load_transformer(&root.pp("text_model"), &root, config, with_projection)?
+        } else {
+            Self::load_transformer(&root, &root, config, with_projection)?
+        };
+        weights.check_all_used(|k| k.ends_with("position_ids"))?;
+        Ok(model)
+    }
+
+    /// Loads from a key space holding `text_model.*`, and `text_projection.weight` when
+    /// `with_projection` (CLIPTextModelWithProjection).
+    pub fn load(vp: &VarPath, config: ClipTextConfig, with_projection: bool) -> Result<Self> {
+        Self::load_transformer(&vp.pp("text_model"), vp, config, with_projection)
+    }
+
+    /// Loads the transformer from `tm` and the projection from `vp.text_projection`.
+    fn load_transformer(
+        tm: &VarPath,
+        vp: &VarPath,
+        config: ClipTextConfig,
+        with_projection: bool,
+    ) -> Result<Self> {
+        let emb = tm.pp("embeddings");
+        let h = config.hidden_size;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| EncoderLayer::load(&tm.pp("encoder").pp("layers").pp(i), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let text_projection = if with_projection {
+            let dim = config.projection_dim.unwrap_or(h);
+            Some(Linear::load(&vp.pp("text_projection"), h, dim, false)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            token_embedding: Embedding::load(&emb.pp("token_embedding"), config.vocab_size, h)?,
+            position_embedding: Embedding::load(
+                &emb.pp("position_embedding"),
+                config.max_position_embeddings,
+                h,
+            )?,
+            layers,
+            final_layer_norm: LayerNorm::load(
+                &tm.pp("final_layer_norm"),
+                h,
+                config.layer_norm_eps,
+            )?,
+            text_projection,
+            config,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// Width of the pooled output, when the model has a projection.
+    pub fn projection_dim(&self) -> Option<i64> {
+        self.text_projection.as_ref().map(|_| {
+            self.config
+                .projection_dim
+                .unwrap_or(self.config.hidden_size)
+        })
+    }
+
+    /// Encodes [batch, seq] token ids. `skip` counts layers skipped from the penultimate
+    /// one (diffusers' `clip_skip`, 0 for none).
+    pub fn forward(&self, ids: &Tensor, skip: i64) -> Result<TextEncoderOutput> {
+        let n = self.config.num_hidden_layers;
+        if skip < 0 || skip + 2 > n + 1 {
+            return Err(EngineError::InvalidRequest(format!(
+                "`clip_skip` must be between 0 and {}, got {skip}",
+                n - 1
+            )));
+        }
+        let seq = ids.size()[1];
+        let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
+        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
+        // hidden_states[i] is the input of layer i; hidden_states[n] the last output.
+        let wanted = n + 1 - (skip + 2);
+        let mut hidden = if wanted == 0 {
+            Some(x.shallow_clone())
+        } else {
+            None
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x);
+            if i as i64 + 1 == wanted {
+                hidden = Some(x.shallow_clone());
+            }
+        }
+        let hidden = hidden.unwrap_or_else(|| x.shallow_clone());
+        let pooled = match &self.text_projection {
+            None => None,
+            Some(proj) => {
+                let last = self.final_layer_norm.forward(&x);
+                let eos = self.eos_positions(ids);
+                let batch = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
+                let pooled = last.index(&[Some(batch), Some(eos)]);
+                Some(proj.forward(&pooled))
+            }
+        };
+        Ok(TextEncoderOutput { hidden, pooled })
+    }
+
+    /// The last hidden state after the final layer norm (for component tests).
+    pub fn last_hidden_state(&self, ids: &Tensor) -> Tensor {
+        let seq = ids.size()[1];
+        let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
+        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
+        for layer in &self.layers {
+            x = layer.forward(&x);
+        }
+        self.final_layer_norm.forward(&x)
+    }
+
+    /// Index of the pooled token per sequence, as transformers chooses it.
+    fn eos_positions(&self, ids: &Tensor) -> Tensor {
+        if self.config.eos_token_id == 2 {
+            // Legacy configs: the highest id is the end-of-text token.
+            ids.argmax(-1, false)
+        } else {
+            // The first end-of-text token (padding may repeat it).
+            ids.eq(self.config.eos_token_id)
+                .to_kind(Kind::Int)
+                .argmax(-1, false)
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Model components. Module paths mirror the diffusers weight keys.
+
+pub mod attention;
+pub mod clip;
+pub mod nn;
+pub mod resnet;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;

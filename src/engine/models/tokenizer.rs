@@ -1,0 +1,263 @@
+//! The CLIP BPE tokenizer, configured as transformers' `CLIPTokenizer` configures the
+//! `tokenizers` library: NFC, whitespace runs to one space, lower-casing, CLIP's split
+//! pattern, byte-level symbols, `</w>` word ends, then BOS/EOS and padding to 77 tokens.
+
+use std::io::Read;
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+use tokenizers::Tokenizer;
+
+use crate::engine::error::{EngineError, Result};
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+/// CLIP's context length.
+pub const CLIP_MAX_LENGTH: usize = 77;
+
+/// A CLIP tokenizer that produces fixed-length id sequences, as diffusers requests them.
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    bos_id: i64,
+    eos_id: i64,
+    pad_id: i64,
+    max_length: usize,
+}
+
+fn tokenizer_error(path: &Path, message: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// GPT-2's reversible byte-to-unicode table, in CLIP's vocabulary order.
+fn byte_symbols() -> Vec<char> {
+    let mut bytes: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut chars = bytes.clone();
+    let mut extra = 0;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + extra);
+            extra += 1;
+        }
+    }
+    chars.into_iter().filter_map(char::from_u32).collect()
+}
+
+/// Reads a special-token entry that is either a string or `{"content": ...}`.
+fn token_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl ClipTokenizer {
+    /// Loads a diffusers `tokenizer/` folder: `tokenizer.json`, or `vocab.json` and
+    /// `merges.txt`; special tokens and the length from `tokenizer_config.json` and
+    /// `special_tokens_map.json` where present.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let mut settings = Map::new();
+        for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let path = dir.join(name);
+            if path.exists() {
+                let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let value: Value =
+                    serde_json::from_str(&text).map_err(|e| tokenizer_error(&path, e))?;
+                if let Value::Object(map) = value {
+                    settings.extend(map);
+                }
+            }
+        }
+        let pad = token_text(settings.get("pad_token")).unwrap_or_else(|| EOS.to_string());
+        let max_length = settings
+            .get("model_max_length")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 2 && n <= CLIP_MAX_LENGTH as u64)
+            .map(|n| n as usize)
+            .unwrap_or(CLIP_MAX_LENGTH);
+        let json_path = dir.join("tokenizer.json");
+        let inner = if json_path.exists() {
+            Tokenizer::from_file(&json_path).map_err(|e| tokenizer_error(&json_path, e))?
+        } else {
+            let vocab_path = dir.join("vocab.json");
+            let text = std::fs::read_to_string(&vocab_path).map_err(|source| EngineError::Io {
+                path: vocab_path.clone(),
+                source,
+            })?;
+            let vocab: Map<String, Value> =
+                serde_json::from_str(&text).map_err(|e| tokenizer_error(&vocab_path, e))?;
+            let merges_path = dir.join("merges.txt");
+            let merges =
+                std::fs::read_to_string(&merges_path).map_err(|source| EngineError::Io {
+                    path: merges_path.clone(),
+                    source,
+                })?;
+            let merges = merges
+                .lines()
+                .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+                .map(str::to_string)
+                .collect();
+            build(vocab, merges, &pad).map_err(|e| tokenizer_error(dir, e))?
+        };
+        Self::new(inner, &pad, max_length).map_err(|e| tokenizer_error(dir, e))
+    }
+
+    /// Builds the tokenizer from CLIP's BPE vocabulary file
+    /// (`bpe_simple_vocab_16e6.txt.gz`), for models that ship no tokenizer files.
+    pub fn from_bpe_gz(path: &Path, pad: &str) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .map_err(|e| tokenizer_error(path, e))?;
+        // The CLIP recipe: merges are lines 1..=48894 of the file.
+        let merges: Vec<String> = text
+            .split('\n')
+            .skip(1)
+            .take(49152 - 256 - 2)
+            .map(str::to_string)
+            .collect();
+        let symbols = byte_symbols();
+        let mut tokens: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
+        tokens.extend(symbols.iter().map(|c| format!("{c}</w>")));
+        tokens.extend(
+            merges
+                .iter()
+                .map(|m| m.split_whitespace().collect::<String>()),
+        );
+        tokens.push(BOS.to_string());
+        tokens.push(EOS.to_string());
+        let vocab: Map<String, Value> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, json!(i)))
+            .collect();
+        let inner = build(vocab, merges, pad).map_err(|e| tokenizer_error(path, e))?;
+        Self::new(inner, pad, CLIP_MAX_LENGTH).map_err(|e| tokenizer_error(path, e))
+    }
+
+    fn new(inner: Tokenizer, pad: &str, max_length: usize) -> std::result::Result<Self, String> {
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .map(i64::from)
+                .ok_or_else(|| format!("the vocabulary has no `{t}` token"))
+        };
+        Ok(Self {
+            bos_id: id(BOS)?,
+            eos_id: id(EOS)?,
+            pad_id: id(pad)?,
+            max_length,
+            inner,
+        })
+    }
+
+    /// The sequence length every encoding has.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Token ids of `text`: BOS, at most `max_length - 2` tokens, EOS, then padding, as
+    /// diffusers asks transformers for them (`padding="max_length", truncation=True`).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize prompt: {e}")))?;
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend(
+            encoding
+                .get_ids()
+                .iter()
+                .take(self.max_length - 2)
+                .map(|&i| i64::from(i)),
+        );
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+
+    /// Number of prompt tokens beyond what fits (dropped by truncation).
+    pub fn overflow(&self, text: &str) -> usize {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().len().saturating_sub(self.max_length - 2))
+            .unwrap_or(0)
+    }
+}
+
+/// A `tokenizers` pipeline as transformers' CLIPTokenizer builds it from vocab and merges.
+fn build(
+    vocab: Map<String, Value>,
+    merges: Vec<String>,
+    pad: &str,
+) -> std::result::Result<Tokenizer, String> {
+    let mut special = vec![BOS.to_string(), EOS.to_string()];
+    if !special.iter().any(|s| s == pad) {
+        special.push(pad.to_string());
+    }
+    let added: Vec<Value> = special
+        .iter()
+        .filter_map(|t| vocab.get(t).map(|id| (t, id.clone())))
+        .map(|(t, id)| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": EOS,
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    });
+    spec.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_symbols;
+
+    #[test]
+    fn byte_symbols_cover_every_byte_once() {
+        let symbols = byte_symbols();
+        assert_eq!(symbols.len(), 256);
+        let mut sorted = symbols.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256);
+        assert_eq!(symbols[0], '!');
+    }
+}

@@ -1,0 +1,676 @@
+//! `UNet2DConditionModel` as SDXL uses it (`models/unets/unet_2d_condition.py` and
+//! `unet_2d_blocks.py` in diffusers), with the `text_time` added embedding.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::loading::weights::{VarPath, Weights};
+use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
+use crate::engine::models::nn::{Conv2d, GroupNorm, Linear};
+use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+
+/// An integer or one integer per block, as diffusers configs write them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    /// The same value for every block.
+    One(i64),
+    /// One value per down block.
+    Many(Vec<i64>),
+}
+
+impl PerBlock {
+    /// The value for each of `n` blocks.
+    fn expand(&self, n: usize) -> Vec<i64> {
+        match self {
+            PerBlock::One(v) => vec![*v; n],
+            PerBlock::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Mirrors diffusers' `UNet2DConditionModel` config (`unet/config.json`); defaults are
+/// diffusers' defaults. Only what SDXL-family models use is supported; other values are
+/// refused when the model loads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    /// Latent channels in.
+    #[serde(default = "four")]
+    pub in_channels: i64,
+    /// Latent channels out.
+    #[serde(default = "four")]
+    pub out_channels: i64,
+    /// Channels of each resolution level.
+    pub block_out_channels: Vec<i64>,
+    /// Resnets per down block (up blocks have one more).
+    #[serde(default = "two")]
+    pub layers_per_block: i64,
+    /// `DownBlock2D` or `CrossAttnDownBlock2D` per level.
+    pub down_block_types: Vec<String>,
+    /// `UpBlock2D` or `CrossAttnUpBlock2D` per level.
+    pub up_block_types: Vec<String>,
+    /// `UNetMidBlock2DCrossAttn` (the only one SDXL uses).
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    /// Heads per level (diffusers' historical name for the head count).
+    #[serde(default)]
+    pub attention_head_dim: Option<PerBlock>,
+    /// Heads per level, when the config uses the newer name.
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    /// Transformer blocks per attention, per level.
+    #[serde(default)]
+    pub transformer_layers_per_block: Option<PerBlock>,
+    /// Transformer blocks per attention of each up block, when they differ.
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<Vec<i64>>>,
+    /// Width of the text conditioning.
+    pub cross_attention_dim: i64,
+    /// Linear rather than 1×1 convolution projections in the transformers.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// `text_time` for SDXL.
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    /// Width of each micro-conditioning value's sinusoidal embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    /// Input width of the added embedding (pooled text + 6 × addition_time_embed_dim).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
+    /// Group norm groups.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: i64,
+    /// Group norm epsilon of the resnets and the output norm.
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    /// Cosine first in the timestep embedding.
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    /// Frequency shift of the timestep embedding.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Padding of the down-sampling convolutions.
+    #[serde(default = "one")]
+    pub downsample_padding: i64,
+    /// Latent size the model was trained at.
+    #[serde(default)]
+    pub sample_size: Option<i64>,
+    /// Unsupported if set (LCM guidance embedding).
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    /// Unsupported if set.
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    /// Unsupported if set.
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// `default` only.
+    #[serde(default)]
+    pub resnet_time_scale_shift: Option<String>,
+    /// Activation of the blocks (`silu` only).
+    #[serde(default)]
+    pub act_fn: Option<String>,
+    /// Unsupported if true.
+    #[serde(default)]
+    pub center_input_sample: bool,
+}
+
+fn one() -> i64 {
+    1
+}
+fn two() -> i64 {
+    2
+}
+fn four() -> i64 {
+    4
+}
+fn thirty_two() -> i64 {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+/// Sinusoidal embedding of `timesteps` ([n] floats) into `dim` channels, as diffusers'
+/// `get_timestep_embedding`.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Tensor {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent =
+        Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
+    let freqs = exponent.exp();
+    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    let (sin, cos) = (args.sin(), args.cos());
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    };
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
+}
+
+/// `TimestepEmbedding`: linear, SiLU, linear.
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn load(vp: &VarPath, in_dim: i64, out_dim: i64) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::load(&vp.pp("linear_1"), in_dim, out_dim, true)?,
+            linear_2: Linear::load(&vp.pp("linear_2"), out_dim, out_dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    }
+}
+
+/// A down block: resnets, each optionally followed by a transformer, then a downsampler.
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+impl DownBlock {
+    /// Returns the block output and the states the up blocks concatenate.
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let mut h = x.shallow_clone();
+        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward(&h, Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context);
+            }
+            states.push(h.shallow_clone());
+        }
+        if let Some(down) = &self.downsampler {
+            h = down.forward(&h);
+            states.push(h.shallow_clone());
+        }
+        (h, states)
+    }
+}
+
+/// An up block: resnets over the concatenated skip states, transformers, an upsampler.
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+impl UpBlock {
+    fn forward(
+        &self,
+        x: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(i64, i64)>,
+    ) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            if let Some(skip) = skips.pop() {
+                h = Tensor::cat(&[h, skip], 1);
+            }
+            h = resnet.forward(&h, Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context);
+            }
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&h, upsample_size),
+            None => h,
+        }
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let mut h = self.resnets[0].forward(x, Some(temb));
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            h = attn.forward(&h, context);
+            h = resnet.forward(&h, Some(temb));
+        }
+        h
+    }
+}
+
+/// The SDXL added conditioning: pooled text embedding and six size/crop values per image.
+pub struct AddedCond<'a> {
+    /// [batch, projection_dim] pooled text embedding.
+    pub text_embeds: &'a Tensor,
+    /// [batch, 6]: original size (h, w), crop top-left (y, x), target size (h, w).
+    pub time_ids: &'a Tensor,
+}
+
+/// The SDXL denoising UNet.
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+fn unsupported(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::Config {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Loads a diffusers `unet/` folder.
+    pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config: UNetConfig = read_json(&config_path)?;
+        let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
+        let model = Self::load(&weights.root(), config, &config_path)?;
+        weights.check_all_used(|_| false)?;
+        Ok(model)
+    }
+
+    /// Checks that the config describes a UNet this implementation computes exactly.
+    fn validate(c: &UNetConfig, path: &Path) -> Result<()> {
+        let n = c.block_out_channels.len();
+        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+            return Err(unsupported(
+                path,
+                "block_out_channels, down_block_types and up_block_types must have the same non-zero length",
+            ));
+        }
+        if c.time_cond_proj_dim.is_some() {
+            return Err(unsupported(path, "time_cond_proj_dim is not supported"));
+        }
+        if c.class_embed_type.is_some() {
+            return Err(unsupported(path, "class_embed_type is not supported"));
+        }
+        if c.encoder_hid_dim_type.is_some() {
+            return Err(unsupported(path, "encoder_hid_dim_type is not supported"));
+        }
+        if c.center_input_sample {
+            return Err(unsupported(path, "center_input_sample is not supported"));
+        }
+        if let Some(shift) = &c.resnet_time_scale_shift {
+            if shift != "default" {
+                return Err(unsupported(
+                    path,
+                    format!("resnet_time_scale_shift `{shift}` is not supported"),
+                ));
+            }
+        }
+        if let Some(act) = &c.act_fn {
+            if act != "silu" {
+                return Err(unsupported(
+                    path,
+                    format!("act_fn `{act}` is not supported"),
+                ));
+            }
+        }
+        if let Some(mid) = &c.mid_block_type {
+            if mid != "UNetMidBlock2DCrossAttn" {
+                return Err(unsupported(
+                    path,
+                    format!("mid_block_type `{mid}` is not supported"),
+                ));
+            }
+        }
+        match c.addition_embed_type.as_deref() {
+            None | Some("text_time") => {}
+            Some(other) => {
+                return Err(unsupported(
+                    path,
+                    format!("addition_embed_type `{other}` is not supported"),
+                ))
+            }
+        }
+        for t in &c.down_block_types {
+            if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
+                return Err(unsupported(
+                    path,
+                    format!("down block type `{t}` is not supported"),
+                ));
+            }
+        }
+        for t in &c.up_block_types {
+            if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
+                return Err(unsupported(
+                    path,
+                    format!("up block type `{t}` is not supported"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the model from weights at `vp` (diffusers keys).
+    pub fn load(vp: &VarPath, config: UNetConfig, config_path: &Path) -> Result<Self> {
+        Self::validate(&config, config_path)?;
+        let c = &config;
+        let n = c.block_out_channels.len();
+        let channels = &c.block_out_channels;
+        // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
+        let heads = c
+            .num_attention_heads
+            .as_ref()
+            .or(c.attention_head_dim.as_ref())
+            .map(|h| h.expand(n))
+            .unwrap_or_else(|| vec![8; n]);
+        let layers = c
+            .transformer_layers_per_block
+            .as_ref()
+            .map(|t| t.expand(n))
+            .unwrap_or_else(|| vec![1; n]);
+        if heads.len() != n || layers.len() != n {
+            return Err(unsupported(
+                config_path,
+                "attention_head_dim and transformer_layers_per_block need one value per block",
+            ));
+        }
+        let groups = c.norm_num_groups;
+        let eps = c.norm_eps;
+        let time_dim = channels[0] * 4;
+        let resnet = |vp: VarPath, i: i64, o: i64| {
+            ResnetBlock2D::load(
+                &vp,
+                ResnetConfig {
+                    in_channels: i,
+                    out_channels: o,
+                    temb_channels: Some(time_dim),
+                    groups,
+                    eps,
+                },
+            )
+        };
+        let transformer = |vp: VarPath, ch: i64, heads: i64, layers: i64| {
+            if heads <= 0 || ch % heads != 0 {
+                return Err(unsupported(
+                    config_path,
+                    format!("{ch} channels cannot be split into {heads} heads"),
+                ));
+            }
+            Transformer2DModel::load(
+                &vp,
+                Transformer2DConfig {
+                    channels: ch,
+                    heads,
+                    head_dim: ch / heads,
+                    layers,
+                    context_dim: c.cross_attention_dim,
+                    groups,
+                    use_linear_projection: c.use_linear_projection,
+                },
+            )
+        };
+
+        // 1. time and added embeddings
+        let time_embedding =
+            TimestepEmbedding::load(&vp.pp("time_embedding"), channels[0], time_dim)?;
+        let add_embedding = match c.addition_embed_type.as_deref() {
+            Some("text_time") => {
+                let input = c.projection_class_embeddings_input_dim.ok_or_else(|| {
+                    unsupported(
+                        config_path,
+                        "text_time needs projection_class_embeddings_input_dim",
+                    )
+                })?;
+                if c.addition_time_embed_dim.is_none() {
+                    return Err(unsupported(
+                        config_path,
+                        "text_time needs addition_time_embed_dim",
+                    ));
+                }
+                Some(TimestepEmbedding::load(
+                    &vp.pp("add_embedding"),
+                    input,
+                    time_dim,
+                )?)
+            }
+            _ => None,
+        };
+
+        // 2. down blocks
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = channels[0];
+        for i in 0..n {
+            let in_ch = out_ch;
+            out_ch = channels[i];
+            let bp = vp.pp("down_blocks").pp(i);
+            let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..c.layers_per_block {
+                let from = if j == 0 { in_ch } else { out_ch };
+                resnets.push(resnet(bp.pp("resnets").pp(j), from, out_ch)?);
+                if cross {
+                    attentions.push(transformer(
+                        bp.pp("attentions").pp(j),
+                        out_ch,
+                        heads[i],
+                        layers[i],
+                    )?);
+                }
+            }
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::load(
+                    &bp.pp("downsamplers").pp(0),
+                    out_ch,
+                    c.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        // 3. mid block
+        let last = channels[n - 1];
+        let mp = vp.pp("mid_block");
+        let mid_block = MidBlock {
+            resnets: vec![
+                resnet(mp.pp("resnets").pp(0), last, last)?,
+                resnet(mp.pp("resnets").pp(1), last, last)?,
+            ],
+            attentions: vec![transformer(
+                mp.pp("attentions").pp(0),
+                last,
+                heads[n - 1],
+                layers[n - 1],
+            )?],
+        };
+
+        // 4. up blocks
+        let reversed: Vec<i64> = channels.iter().rev().copied().collect();
+        let reversed_heads: Vec<i64> = heads.iter().rev().copied().collect();
+        let reversed_layers: Vec<Vec<i64>> = match &c.reverse_transformer_layers_per_block {
+            Some(per_block) => per_block.clone(),
+            None => layers
+                .iter()
+                .rev()
+                .map(|&l| vec![l; (c.layers_per_block + 1) as usize])
+                .collect(),
+        };
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = reversed[0];
+        for i in 0..n {
+            let prev_out = out_ch;
+            out_ch = reversed[i];
+            let in_ch = reversed[(i + 1).min(n - 1)];
+            let bp = vp.pp("up_blocks").pp(i);
+            let cross = c.up_block_types[i] == "CrossAttnUpBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..=c.layers_per_block {
+                let skip_ch = if j == c.layers_per_block {
+                    in_ch
+                } else {
+                    out_ch
+                };
+                let res_in = if j == 0 { prev_out } else { out_ch };
+                resnets.push(resnet(bp.pp("resnets").pp(j), res_in + skip_ch, out_ch)?);
+                if cross {
+                    let depth = reversed_layers
+                        .get(i)
+                        .and_then(|l| l.get(j as usize))
+                        .copied()
+                        .ok_or_else(|| {
+                            unsupported(
+                                config_path,
+                                "reverse_transformer_layers_per_block is too short",
+                            )
+                        })?;
+                    attentions.push(transformer(
+                        bp.pp("attentions").pp(j),
+                        out_ch,
+                        reversed_heads[i],
+                        depth,
+                    )?);
+                }
+            }
+            let upsampler = if i + 1 < n {
+                Some(Upsample2D::load(&bp.pp("upsamplers").pp(0), out_ch)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        // 5. output
+        Ok(Self {
+            conv_in: Conv2d::load(&vp.pp("conv_in"), c.in_channels, channels[0], 3, 1, 1)?,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&vp.pp("conv_norm_out"), groups, channels[0], eps)?,
+            conv_out: Conv2d::load(&vp.pp("conv_out"), channels[0], c.out_channels, 3, 1, 1)?,
+            config,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Width of the pooled text embedding the added conditioning expects.
+    pub fn pooled_dim(&self) -> Option<i64> {
+        let input = self.config.projection_class_embeddings_input_dim?;
+        let per_value = self.config.addition_time_embed_dim?;
+        Some(input - 6 * per_value)
+    }
+
+    /// Predicts the noise (or v) for `sample` [batch, C, h, w] at `timestep` (a scalar
+    /// float tensor), conditioned on `context` [batch, tokens, cross_attention_dim].
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+    ) -> Tensor {
+        let c = &self.config;
+        let batch = sample.size()[0];
+        let dtype = sample.kind();
+
+        // 1. time
+        let timesteps = timestep.reshape([-1]).expand([batch], false);
+        let t_emb = timestep_embedding(
+            &timesteps,
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+        );
+        let mut emb = self.time_embedding.forward(&t_emb.to_kind(dtype));
+        if let (Some(add_embedding), Some(added), Some(dim)) =
+            (&self.add_embedding, added, c.addition_time_embed_dim)
+        {
+            let time_embeds = timestep_embedding(
+                &added.time_ids.reshape([-1]),
+                dim,
+                c.flip_sin_to_cos,
+                c.freq_shift,
+            )
+            .reshape([added.text_embeds.size()[0], -1]);
+            let add = Tensor::cat(
+                &[added.text_embeds.to_kind(dtype), time_embeds.to_kind(dtype)],
+                -1,
+            );
+            emb += add_embedding.forward(&add);
+        }
+
+        // 2. pre-process
+        let mut h = self.conv_in.forward(sample);
+
+        // 3. down; the skip states are consumed from the end by the up blocks
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            let (out, states) = block.forward(&h, &emb, context);
+            h = out;
+            skips.extend(states);
+        }
+
+        // 4. mid
+        h = self.mid_block.forward(&h, &emb, context);
+
+        // 5. up; diffusers' forward_upsample_size when the latent does not divide evenly
+        let factor = 1i64 << (self.up_blocks.len() - 1);
+        let size = sample.size();
+        let forward_upsample_size = size[2] % factor != 0 || size[3] % factor != 0;
+        for block in &self.up_blocks {
+            let mut taken = skips.split_off(skips.len().saturating_sub(block.resnets.len()));
+            let upsample_size = if forward_upsample_size {
+                skips.last().map(|s| {
+                    let s = s.size();
+                    (s[2], s[3])
+                })
+            } else {
+                None
+            };
+            h = block.forward(&h, &mut taken, &emb, context, upsample_size);
+        }
+
+        // 6. post-process
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&h).silu())
+    }
+}

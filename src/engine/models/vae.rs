@@ -1,0 +1,365 @@
+//! `AutoencoderKL` (`models/autoencoders/autoencoder_kl.py` and `vae.py` in diffusers):
+//! the encoder for image-to-image and the decoder that turns latents into pixels.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::loading::weights::{VarPath, Weights};
+use crate::engine::models::attention::Attention;
+use crate::engine::models::nn::{Conv2d, GroupNorm};
+use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+
+/// Mirrors diffusers' `AutoencoderKL` config (`vae/config.json`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Image channels.
+    #[serde(default = "three")]
+    pub in_channels: i64,
+    /// Image channels out.
+    #[serde(default = "three")]
+    pub out_channels: i64,
+    /// Channels per level; the scale factor is 2^(levels - 1).
+    pub block_out_channels: Vec<i64>,
+    /// Resnets per encoder level (decoder levels have one more).
+    #[serde(default = "one")]
+    pub layers_per_block: i64,
+    /// Latent channels.
+    #[serde(default = "four")]
+    pub latent_channels: i64,
+    /// Group norm groups.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: i64,
+    /// Latents are divided by this before decoding (0.13025 for SDXL).
+    #[serde(default = "scaling")]
+    pub scaling_factor: f64,
+    /// Optional shift subtracted before scaling (not used by SDXL).
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics (some VAEs).
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    /// Per-channel latent statistics (some VAEs).
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
+    /// Decode in float32 when the rest runs in float16 (the stock SDXL VAE overflows).
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    /// Whether quant_conv exists.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    /// Whether post_quant_conv exists.
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    /// Whether the mid blocks have attention.
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+fn one() -> i64 {
+    1
+}
+fn three() -> i64 {
+    3
+}
+fn four() -> i64 {
+    4
+}
+fn thirty_two() -> i64 {
+    32
+}
+fn scaling() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// Pixels per latent along each side.
+    pub fn scale_factor(&self) -> i64 {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+/// `UNetMidBlock2D` without time embedding: resnet, attention, resnet.
+struct VaeMidBlock {
+    resnet0: ResnetBlock2D,
+    attention: Option<(GroupNorm, Attention)>,
+    resnet1: ResnetBlock2D,
+}
+
+impl VaeMidBlock {
+    fn load(vp: &VarPath, channels: i64, groups: i64, attention: bool) -> Result<Self> {
+        let rc = ResnetConfig {
+            in_channels: channels,
+            out_channels: channels,
+            temb_channels: None,
+            groups,
+            eps: 1e-6,
+        };
+        let attention = if attention {
+            let ap = vp.pp("attentions").pp(0);
+            Some((
+                GroupNorm::load(&ap.pp("group_norm"), groups, channels, 1e-6)?,
+                Attention::load(&ap, channels, channels, 1, channels, true)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            resnet0: ResnetBlock2D::load(&vp.pp("resnets").pp(0), rc)?,
+            attention,
+            resnet1: ResnetBlock2D::load(&vp.pp("resnets").pp(1), rc)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = self.resnet0.forward(x, None);
+        if let Some((norm, attn)) = &self.attention {
+            let size = h.size();
+            let (b, c, height, width) = (size[0], size[1], size[2], size[3]);
+            let tokens = norm
+                .forward(&h)
+                .reshape([b, c, height * width])
+                .transpose(1, 2);
+            let out = attn
+                .forward(&tokens, None)
+                .transpose(1, 2)
+                .reshape([b, c, height, width]);
+            h = out + h;
+        }
+        self.resnet1.forward(&h, None)
+    }
+}
+
+struct Encoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
+    mid_block: VaeMidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+struct Decoder {
+    conv_in: Conv2d,
+    mid_block: VaeMidBlock,
+    up_blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+/// The SDXL variational autoencoder.
+pub struct AutoencoderKL {
+    config: VaeConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+}
+
+impl AutoencoderKL {
+    /// Loads a diffusers `vae/` folder.
+    pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config: VaeConfig = read_json(&dir.join("config.json"))?;
+        if config.block_out_channels.is_empty() {
+            return Err(EngineError::Config {
+                path: dir.join("config.json"),
+                message: "block_out_channels is empty".into(),
+            });
+        }
+        let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
+        let model = Self::load(&weights.root(), config)?;
+        weights.check_all_used(|_| false)?;
+        Ok(model)
+    }
+
+    /// Builds the model from weights at `vp` (diffusers keys).
+    pub fn load(vp: &VarPath, config: VaeConfig) -> Result<Self> {
+        let c = &config;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let groups = c.norm_num_groups;
+        let rc = |i: i64, o: i64| ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: None,
+            groups,
+            eps: 1e-6,
+        };
+        let latent2 = 2 * c.latent_channels;
+
+        let ep = vp.pp("encoder");
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = ch[0];
+        for i in 0..n {
+            let in_ch = out_ch;
+            out_ch = ch[i];
+            let bp = ep.pp("down_blocks").pp(i);
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock2D::load(
+                        &bp.pp("resnets").pp(j),
+                        rc(if j == 0 { in_ch } else { out_ch }, out_ch),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let down = if i + 1 < n {
+                Some(Downsample2D::load(&bp.pp("downsamplers").pp(0), out_ch, 0)?)
+            } else {
+                None
+            };
+            down_blocks.push((resnets, down));
+        }
+        let encoder = Encoder {
+            conv_in: Conv2d::load(&ep.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
+            down_blocks,
+            mid_block: VaeMidBlock::load(
+                &ep.pp("mid_block"),
+                ch[n - 1],
+                groups,
+                c.mid_block_add_attention,
+            )?,
+            conv_norm_out: GroupNorm::load(&ep.pp("conv_norm_out"), groups, ch[n - 1], 1e-6)?,
+            conv_out: Conv2d::load(&ep.pp("conv_out"), ch[n - 1], latent2, 3, 1, 1)?,
+        };
+
+        let dp = vp.pp("decoder");
+        let reversed: Vec<i64> = ch.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = reversed[0];
+        for i in 0..n {
+            let prev = out_ch;
+            out_ch = reversed[i];
+            let bp = dp.pp("up_blocks").pp(i);
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock2D::load(
+                        &bp.pp("resnets").pp(j),
+                        rc(if j == 0 { prev } else { out_ch }, out_ch),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let up = if i + 1 < n {
+                Some(Upsample2D::load(&bp.pp("upsamplers").pp(0), out_ch)?)
+            } else {
+                None
+            };
+            up_blocks.push((resnets, up));
+        }
+        let decoder = Decoder {
+            conv_in: Conv2d::load(&dp.pp("conv_in"), c.latent_channels, ch[n - 1], 3, 1, 1)?,
+            mid_block: VaeMidBlock::load(
+                &dp.pp("mid_block"),
+                ch[n - 1],
+                groups,
+                c.mid_block_add_attention,
+            )?,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&dp.pp("conv_norm_out"), groups, ch[0], 1e-6)?,
+            conv_out: Conv2d::load(&dp.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
+        };
+
+        let quant_conv = if c.use_quant_conv {
+            Some(Conv2d::load(
+                &vp.pp("quant_conv"),
+                latent2,
+                latent2,
+                1,
+                1,
+                0,
+            )?)
+        } else {
+            None
+        };
+        let post_quant_conv = if c.use_post_quant_conv {
+            Some(Conv2d::load(
+                &vp.pp("post_quant_conv"),
+                c.latent_channels,
+                c.latent_channels,
+                1,
+                1,
+                0,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            encoder,
+            decoder,
+            quant_conv,
+            post_quant_conv,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Encodes images in [-1, 1] (NCHW) into the latent distribution's mean and log-variance
+    /// (unscaled, as `AutoencoderKL.encode(...).latent_dist`).
+    pub fn encode(&self, image: &Tensor) -> (Tensor, Tensor) {
+        let e = &self.encoder;
+        let mut h = e.conv_in.forward(image);
+        for (resnets, down) in &e.down_blocks {
+            for r in resnets {
+                h = r.forward(&h, None);
+            }
+            if let Some(d) = down {
+                h = d.forward(&h);
+            }
+        }
+        h = e.mid_block.forward(&h);
+        h = e.conv_out.forward(&e.conv_norm_out.forward(&h).silu());
+        if let Some(q) = &self.quant_conv {
+            h = q.forward(&h);
+        }
+        let parts = h.chunk(2, 1);
+        let logvar = parts[1].clamp(-30.0, 20.0);
+        (parts[0].shallow_clone(), logvar)
+    }
+
+    /// Decodes unscaled latents into images in roughly [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let d = &self.decoder;
+        let mut z = latents.shallow_clone();
+        if let Some(p) = &self.post_quant_conv {
+            z = p.forward(&z);
+        }
+        let mut h = d.conv_in.forward(&z);
+        h = d.mid_block.forward(&h);
+        for (resnets, up) in &d.up_blocks {
+            for r in resnets {
+                h = r.forward(&h, None);
+            }
+            if let Some(u) = up {
+                h = u.forward(&h, None);
+            }
+        }
+        d.conv_out.forward(&d.conv_norm_out.forward(&h).silu())
+    }
+
+    /// Maps denoised latents to the VAE's input space, as the SDXL pipeline does before
+    /// decoding (latents_mean/std where configured, otherwise 1/scaling_factor and shift).
+    pub fn unscale_latents(&self, latents: &Tensor) -> Tensor {
+        let c = &self.config;
+        if let (Some(mean), Some(std)) = (&c.latents_mean, &c.latents_std) {
+            let view = |v: &Vec<f64>| {
+                Tensor::from_slice(v)
+                    .to_kind(latents.kind())
+                    .to_device(latents.device())
+                    .view([1, -1, 1, 1])
+            };
+            return latents * view(std) / c.scaling_factor + view(mean);
+        }
+        let mut z = latents / c.scaling_factor;
+        if let Some(shift) = c.shift_factor {
+            z += shift;
+        }
+        z
+    }
+}

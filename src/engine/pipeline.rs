@@ -1,0 +1,581 @@
+//! The SDXL text-to-image pipeline, following diffusers'
+//! `StableDiffusionXLPipeline.__call__` step by step.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::models::clip::ClipTextModel;
+use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::models::unet::{AddedCond, UNet2DConditionModel};
+use crate::engine::models::vae::AutoencoderKL;
+use crate::engine::schedulers::SchedulerConfig;
+
+/// libtorch's CPU generator is process-global: one job draws all its noise under this lock
+/// so that no other job's draws interleave (invariant 2).
+static NOISE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Where and in which precision the models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The device.
+    pub device: Device,
+    /// The floating-point kind of the weights and activations.
+    pub kind: Kind,
+}
+
+impl Placement {
+    /// CPU, float32: the configuration that matches diffusers bit for bit (nearly).
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        }
+    }
+
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N` and `float32`, `float16` or `bfloat16`.
+    pub fn parse(device: &str, dtype: &str) -> Result<Self> {
+        let device = match device {
+            "auto" => Device::cuda_if_available(),
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(index)) => Device::Cuda(index),
+                _ => {
+                    return Err(EngineError::Device(format!(
+                        "unknown device `{other}` (auto, cpu, cuda or cuda:N)"
+                    )))
+                }
+            },
+        };
+        if let Device::Cuda(index) = device {
+            let count = tch::Cuda::device_count() as usize;
+            if index >= count {
+                return Err(EngineError::Device(format!(
+                    "cuda:{index} is not available ({count} CUDA devices)"
+                )));
+            }
+        }
+        let kind = match dtype {
+            "float32" | "fp32" => Kind::Float,
+            "float16" | "fp16" | "half" => Kind::Half,
+            "bfloat16" | "bf16" => Kind::BFloat16,
+            other => {
+                return Err(EngineError::Device(format!(
+                    "unknown dtype `{other}` (float32, float16 or bfloat16)"
+                )))
+            }
+        };
+        if device == Device::Cpu && kind != Kind::Float {
+            return Err(EngineError::Device(
+                "half precision needs a CUDA device; use float32 on the CPU".into(),
+            ));
+        }
+        Ok(Self { device, kind })
+    }
+}
+
+/// `model_index.json` of a diffusers pipeline folder (the parts sdxld reads).
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(default = "yes")]
+    force_zeros_for_empty_prompt: bool,
+    #[serde(default)]
+    requires_aesthetics_score: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One text-to-image request, with diffusers' parameter names and defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Prompt for the first text encoder.
+    pub prompt: String,
+    /// Prompt for the second text encoder; the prompt when `None` or empty.
+    pub prompt_2: Option<String>,
+    /// Negative prompt. `None` means zero embeddings where the model forces zeros for an
+    /// empty prompt (SDXL does); `Some("")` is encoded.
+    pub negative_prompt: Option<String>,
+    /// Negative prompt for the second encoder; the negative prompt when `None` or empty.
+    pub negative_prompt_2: Option<String>,
+    /// Classifier-free guidance scale; guidance is off at 1 or below.
+    pub guidance_scale: f64,
+    /// Guidance rescale (arXiv:2305.08891 §3.4), 0 for none.
+    pub guidance_rescale: f64,
+    /// Layers skipped before the penultimate one for the prompt embeddings.
+    pub clip_skip: Option<i64>,
+    /// Image width in pixels (a multiple of 8).
+    pub width: i64,
+    /// Image height in pixels (a multiple of 8).
+    pub height: i64,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Seed of image 0; image i uses seed + i.
+    pub seed: u64,
+    /// Number of images.
+    pub num_images: usize,
+    /// Micro-conditioning original size (height, width); the image size when `None`.
+    pub original_size: Option<(i64, i64)>,
+    /// Micro-conditioning crop top-left (y, x).
+    pub crops_coords_top_left: (i64, i64),
+    /// Micro-conditioning target size (height, width); the image size when `None`.
+    pub target_size: Option<(i64, i64)>,
+    /// Negative micro-conditioning; the positive one unless original and target are set.
+    pub negative_original_size: Option<(i64, i64)>,
+    /// Negative crop top-left.
+    pub negative_crops_coords_top_left: (i64, i64),
+    /// Negative target size.
+    pub negative_target_size: Option<(i64, i64)>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            prompt_2: None,
+            negative_prompt: None,
+            negative_prompt_2: None,
+            guidance_scale: 5.0,
+            guidance_rescale: 0.0,
+            clip_skip: None,
+            width: 1024,
+            height: 1024,
+            steps: 30,
+            seed: 0,
+            num_images: 1,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0),
+            negative_target_size: None,
+        }
+    }
+}
+
+/// What the pipeline reports while it works.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress {
+    /// Text encoders are running.
+    EncodingPrompt,
+    /// Denoising step `step` of `total` finished (1-based).
+    Denoising {
+        /// Steps done.
+        step: usize,
+        /// Steps in all.
+        total: usize,
+    },
+    /// The VAE is decoding.
+    Decoding,
+}
+
+/// The result of a generation.
+pub struct GenerateOutput {
+    /// Final latents before decoding, float32 on the CPU, [N, C, H/f, W/f].
+    pub latents: Tensor,
+    /// 8-bit RGB images, [N, H, W, 3] uint8 on the CPU.
+    pub images: Tensor,
+}
+
+/// A loaded SDXL pipeline.
+pub struct SdxlPipeline {
+    dir: PathBuf,
+    placement: Placement,
+    tokenizer: Option<ClipTokenizer>,
+    text_encoder: Option<ClipTextModel>,
+    tokenizer_2: ClipTokenizer,
+    text_encoder_2: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    /// The VAE's kind: float32 when the model runs in float16 and the VAE forces upcasting.
+    vae_kind: Kind,
+    scheduler: SchedulerConfig,
+    force_zeros_for_empty_prompt: bool,
+    requires_aesthetics_score: bool,
+}
+
+impl SdxlPipeline {
+    /// Loads a diffusers SDXL pipeline folder.
+    pub fn load(dir: &Path, placement: Placement) -> Result<Self> {
+        let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
+        let (device, kind) = (placement.device, placement.kind);
+        let (tokenizer, text_encoder) = if dir.join("text_encoder").is_dir() {
+            (
+                Some(ClipTokenizer::from_dir(&dir.join("tokenizer"))?),
+                Some(ClipTextModel::load_dir(
+                    &dir.join("text_encoder"),
+                    device,
+                    kind,
+                )?),
+            )
+        } else {
+            (None, None)
+        };
+        let tokenizer_2 = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
+        let text_encoder_2 = ClipTextModel::load_dir(&dir.join("text_encoder_2"), device, kind)?;
+        let unet = UNet2DConditionModel::load_dir(&dir.join("unet"), device, kind)?;
+        let vae_config: crate::engine::models::vae::VaeConfig =
+            read_json(&dir.join("vae").join("config.json"))?;
+        let vae_kind = if kind == Kind::Half && vae_config.force_upcast {
+            Kind::Float
+        } else {
+            kind
+        };
+        let vae = AutoencoderKL::load_dir(&dir.join("vae"), device, vae_kind)?;
+        let scheduler =
+            SchedulerConfig::load(&dir.join("scheduler").join("scheduler_config.json"))?;
+
+        let pipeline = Self {
+            dir: dir.to_path_buf(),
+            placement,
+            tokenizer,
+            text_encoder,
+            tokenizer_2,
+            text_encoder_2,
+            unet,
+            vae,
+            vae_kind,
+            scheduler,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: index.requires_aesthetics_score,
+        };
+        pipeline.check_shapes()?;
+        Ok(pipeline)
+    }
+
+    /// Checks that the components fit together (text widths, pooled width).
+    fn check_shapes(&self) -> Result<()> {
+        let mismatch = |message: String| EngineError::Config {
+            path: self.dir.join("unet").join("config.json"),
+            message,
+        };
+        let text_width = self
+            .text_encoder
+            .as_ref()
+            .map_or(0, |t| t.config().hidden_size)
+            + self.text_encoder_2.config().hidden_size;
+        let cross = self.unet.config().cross_attention_dim;
+        if text_width != cross {
+            return Err(mismatch(format!(
+                "cross_attention_dim is {cross} but the text encoders give {text_width} features"
+            )));
+        }
+        let pooled = self.text_encoder_2.projection_dim().ok_or_else(|| {
+            mismatch("text_encoder_2 has no text_projection (not an SDXL text encoder)".into())
+        })?;
+        if self.requires_aesthetics_score {
+            return Err(mismatch(
+                "models with requires_aesthetics_score (refiners) run only as a refiner stage"
+                    .into(),
+            ));
+        }
+        if let Some(expected) = self.unet.pooled_dim() {
+            if expected != pooled {
+                return Err(mismatch(format!(
+                    "the added embedding expects a pooled width of {expected}, text_encoder_2 gives {pooled}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The folder the pipeline was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Device and kind.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// Pixels per latent along each side (2^(VAE levels - 1)).
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.vae.config().scale_factor()
+    }
+
+    /// The default image size: the UNet's sample size times the VAE scale factor.
+    pub fn default_size(&self) -> i64 {
+        self.unet.config().sample_size.unwrap_or(128) * self.vae_scale_factor()
+    }
+
+    /// The UNet (for component tests and benchmarks).
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The VAE (for component tests).
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    /// The first text encoder, absent in refiner-style pipelines.
+    pub fn text_encoder(&self) -> Option<&ClipTextModel> {
+        self.text_encoder.as_ref()
+    }
+
+    /// The second text encoder.
+    pub fn text_encoder_2(&self) -> &ClipTextModel {
+        &self.text_encoder_2
+    }
+
+    /// The model's default scheduler configuration.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Checks the parameters against this model before any work is done.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        for (name, value) in [("width", p.width), ("height", p.height)] {
+            if value <= 0 || value % 8 != 0 {
+                return bad(format!(
+                    "`{name}` must be a positive multiple of 8, got {value}"
+                ));
+            }
+        }
+        if p.steps == 0 {
+            return bad("`steps` must be at least 1, got 0".into());
+        }
+        if p.num_images == 0 {
+            return bad("`num_images` must be at least 1, got 0".into());
+        }
+        if !p.guidance_scale.is_finite() {
+            return bad("`guidance_scale` must be finite".into());
+        }
+        if !(0.0..=1.0).contains(&p.guidance_rescale) {
+            return bad(format!(
+                "`guidance_rescale` must be between 0 and 1, got {}",
+                p.guidance_rescale
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs both text encoders on one (prompt, prompt_2) pair: the concatenated hidden
+    /// states [1, 77, cross_dim] and the pooled embedding [1, projection_dim].
+    fn encode_pair(
+        &self,
+        prompt: &str,
+        prompt_2: &str,
+        clip_skip: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let device = self.placement.device;
+        let ids = |tok: &ClipTokenizer, text: &str| -> Result<Tensor> {
+            Ok(Tensor::from_slice(&tok.encode(text)?)
+                .unsqueeze(0)
+                .to_device(device))
+        };
+        let mut hidden = Vec::with_capacity(2);
+        if let (Some(tok), Some(enc)) = (&self.tokenizer, &self.text_encoder) {
+            hidden.push(enc.forward(&ids(tok, prompt)?, clip_skip)?.hidden);
+        }
+        let out = self
+            .text_encoder_2
+            .forward(&ids(&self.tokenizer_2, prompt_2)?, clip_skip)?;
+        hidden.push(out.hidden);
+        let pooled = out.pooled.ok_or_else(|| {
+            EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
+        })?;
+        Ok((Tensor::cat(&hidden, -1), pooled))
+    }
+
+    /// diffusers' `encode_prompt`: positive and (with guidance) negative embeddings.
+    #[allow(clippy::type_complexity)]
+    fn encode_prompt(
+        &self,
+        p: &GenerateParams,
+        cfg: bool,
+    ) -> Result<(Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+        let prompt_2 = p
+            .prompt_2
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&p.prompt);
+        let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, p.clip_skip.unwrap_or(0))?;
+        if !cfg {
+            return Ok((embeds, pooled, None));
+        }
+        let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            (embeds.zeros_like(), pooled.zeros_like())
+        } else {
+            let negative = p.negative_prompt.as_deref().unwrap_or("");
+            let negative_2 = p
+                .negative_prompt_2
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(negative);
+            // diffusers encodes negatives at the penultimate layer whatever clip_skip is.
+            self.encode_pair(negative, negative_2, 0)?
+        };
+        Ok((embeds, pooled, Some(negative)))
+    }
+
+    /// Initial noise for `n` images: image i is `randn([1, C, h, w])` from the CPU
+    /// generator seeded with seed + i, in float32 (invariant 2).
+    fn initial_noise(&self, p: &GenerateParams) -> Tensor {
+        let f = self.vae_scale_factor();
+        let channels = self.unet.config().in_channels;
+        let shape = [1, channels, p.height / f, p.width / f];
+        let _guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let noise: Vec<Tensor> = (0..p.num_images)
+            .map(|i| {
+                tch::manual_seed(p.seed.wrapping_add(i as u64) as i64);
+                Tensor::randn(shape, (Kind::Float, Device::Cpu))
+            })
+            .collect();
+        Tensor::cat(&noise, 0)
+    }
+
+    fn time_ids(&self, original: (i64, i64), crop: (i64, i64), target: (i64, i64)) -> Tensor {
+        let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
+        Tensor::from_slice(&values).unsqueeze(0)
+    }
+
+    /// Generates `p.num_images` images. `progress` is called as work advances; an error it
+    /// returns (such as [`EngineError::Cancelled`]) stops the job at that point.
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(Progress) -> Result<()>,
+    ) -> Result<GenerateOutput> {
+        self.validate(p)?;
+        let _no_grad = tch::no_grad_guard();
+        let device = self.placement.device;
+        let kind = self.placement.kind;
+        let n = p.num_images as i64;
+        let cfg = p.guidance_scale > 1.0;
+
+        // 1. prompt embeddings
+        progress(Progress::EncodingPrompt)?;
+        let (embeds, pooled, negative) = self.encode_prompt(p, cfg)?;
+
+        // 2. timesteps and initial latents
+        let mut scheduler = self.scheduler.build(p.steps)?;
+        let latents = self.initial_noise(p).to_device(device);
+        let mut latents = latents * scheduler.init_noise_sigma();
+
+        // 3. added conditioning
+        let size = (p.height, p.width);
+        let add_time_ids = self.time_ids(
+            p.original_size.unwrap_or(size),
+            p.crops_coords_top_left,
+            p.target_size.unwrap_or(size),
+        );
+        let negative_time_ids = match (p.negative_original_size, p.negative_target_size) {
+            (Some(original), Some(target)) => {
+                self.time_ids(original, p.negative_crops_coords_top_left, target)
+            }
+            _ => add_time_ids.shallow_clone(),
+        };
+        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
+        let (context, text_embeds, time_ids) = match &negative {
+            Some((neg_embeds, neg_pooled)) => (
+                Tensor::cat(&[repeat(neg_embeds), repeat(&embeds)], 0),
+                Tensor::cat(&[repeat(neg_pooled), repeat(&pooled)], 0),
+                Tensor::cat(
+                    &[
+                        negative_time_ids.repeat([n, 1]),
+                        add_time_ids.repeat([n, 1]),
+                    ],
+                    0,
+                ),
+            ),
+            None => (
+                repeat(&embeds),
+                repeat(&pooled),
+                add_time_ids.repeat([n, 1]),
+            ),
+        };
+        let context = context.to_device(device).to_kind(kind);
+        let text_embeds = text_embeds.to_device(device).to_kind(kind);
+        let time_ids = time_ids.to_device(device).to_kind(kind);
+        let added = AddedCond {
+            text_embeds: &text_embeds,
+            time_ids: &time_ids,
+        };
+
+        // 4. denoising loop
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)
+            } else {
+                latents.shallow_clone()
+            };
+            let model_input = scheduler.scale_model_input(&model_input, i).to_kind(kind);
+            let timestep = Tensor::from(t as f32).to_device(device);
+            let noise_pred = self
+                .unet
+                .forward(&model_input, &timestep, &context, Some(&added))
+                .to_kind(Kind::Float);
+            let noise_pred = if cfg {
+                let halves = noise_pred.chunk(2, 0);
+                let (uncond, text) = (&halves[0], &halves[1]);
+                let guided = uncond + (text - uncond) * p.guidance_scale;
+                if p.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, text, p.guidance_rescale)
+                } else {
+                    guided
+                }
+            } else {
+                noise_pred
+            };
+            latents = scheduler.step(&noise_pred, i, &latents);
+            progress(Progress::Denoising { step: i + 1, total })?;
+        }
+
+        // 5. decode
+        progress(Progress::Decoding)?;
+        let images = self.decode(&latents)?;
+        Ok(GenerateOutput {
+            latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
+            images,
+        })
+    }
+
+    /// Decodes latents into [N, H, W, 3] uint8 images, one image at a time to bound memory.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        let n = latents.size()[0];
+        let mut images = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let z = self
+                .vae
+                .unscale_latents(&latents.narrow(0, i, 1).to_kind(self.vae_kind));
+            let decoded = self
+                .vae
+                .decode(&z)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu);
+            images.push(to_uint8(&decoded));
+        }
+        Ok(Tensor::cat(&images, 0))
+    }
+}
+
+/// diffusers' `rescale_noise_cfg`.
+fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, rescale: f64) -> Tensor {
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std_text = text.std_dim(dims.as_slice(), true, true);
+    let std_cfg = guided.std_dim(dims.as_slice(), true, true);
+    let rescaled = guided * (std_text / std_cfg);
+    rescaled * rescale + guided * (1.0 - rescale)
+}
+
+/// VAE output in [-1, 1] (NCHW, float) to NHWC uint8, as diffusers' image processor:
+/// `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()`.
+pub fn to_uint8(decoded: &Tensor) -> Tensor {
+    (decoded / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1])
+        .g_mul_scalar(255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+}

@@ -1,0 +1,371 @@
+//! Noise schedulers. A [`SchedulerConfig`] (data, read from a model's
+//! `scheduler/scheduler_config.json` and overridden per request) builds a per-request
+//! stateful [`Scheduler`]; nothing in a scheduler is global.
+
+pub mod euler;
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+
+/// How betas grow over the training timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    /// Evenly spaced betas.
+    Linear,
+    /// Evenly spaced square roots of betas (Stable Diffusion).
+    ScaledLinear,
+    /// The Glide cosine schedule.
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredcosCapV2,
+}
+
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    /// The added noise (SDXL base).
+    Epsilon,
+    /// The velocity (v-prediction models).
+    VPrediction,
+    /// The clean sample.
+    Sample,
+}
+
+/// How inference timesteps are placed over the training range (Table 2 of
+/// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    /// Evenly spaced from 0 to the last training step.
+    Linspace,
+    /// Multiples of the step ratio, plus `steps_offset` (SDXL).
+    Leading,
+    /// Evenly spaced back from the last training step.
+    Trailing,
+}
+
+/// The last sigma of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalSigmasType {
+    /// End at sigma 0.
+    Zero,
+    /// End at the smallest training sigma.
+    SigmaMin,
+}
+
+/// Which scheduler algorithm a config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerKind {
+    /// `EulerDiscreteScheduler`.
+    Euler,
+}
+
+impl SchedulerKind {
+    /// The diffusers class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+        }
+    }
+
+    /// Parses a diffusers class name.
+    pub fn from_class_name(name: &str) -> Option<Self> {
+        match name {
+            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
+            _ => None,
+        }
+    }
+}
+
+/// Mirrors a diffusers scheduler config; defaults are diffusers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SchedulerConfig {
+    /// The diffusers class that wrote the config.
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// Training timesteps.
+    #[serde(default = "thousand")]
+    pub num_train_timesteps: i64,
+    /// First beta.
+    #[serde(default = "beta_start")]
+    pub beta_start: f64,
+    /// Last beta.
+    #[serde(default = "beta_end")]
+    pub beta_end: f64,
+    /// Beta schedule.
+    #[serde(default = "beta_schedule")]
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas (rare).
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// What the model predicts.
+    #[serde(default = "prediction_type")]
+    pub prediction_type: PredictionType,
+    /// Timestep placement.
+    #[serde(default = "timestep_spacing")]
+    pub timestep_spacing: TimestepSpacing,
+    /// Added to leading timesteps.
+    #[serde(default)]
+    pub steps_offset: i64,
+    /// Sigma interpolation (`linear` only).
+    #[serde(default)]
+    pub interpolation_type: Option<String>,
+    /// Karras sigmas.
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    /// Exponential sigmas.
+    #[serde(default)]
+    pub use_exponential_sigmas: Option<bool>,
+    /// Beta sigmas.
+    #[serde(default)]
+    pub use_beta_sigmas: Option<bool>,
+    /// Final sigma.
+    #[serde(default = "final_sigmas_type")]
+    pub final_sigmas_type: FinalSigmasType,
+    /// Rescale betas to zero terminal SNR.
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+    /// `discrete` only.
+    #[serde(default)]
+    pub timestep_type: Option<String>,
+}
+
+fn thousand() -> i64 {
+    1000
+}
+fn beta_start() -> f64 {
+    0.0001
+}
+fn beta_end() -> f64 {
+    0.02
+}
+fn beta_schedule() -> BetaSchedule {
+    BetaSchedule::Linear
+}
+fn prediction_type() -> PredictionType {
+    PredictionType::Epsilon
+}
+fn timestep_spacing() -> TimestepSpacing {
+    TimestepSpacing::Linspace
+}
+fn final_sigmas_type() -> FinalSigmasType {
+    FinalSigmasType::Zero
+}
+
+/// A stateful scheduler for one generation.
+pub trait Scheduler: Send {
+    /// The UNet timestep of each step.
+    fn timesteps(&self) -> &[f64];
+    /// The standard deviation of the initial noise.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scales the UNet input at `step`.
+    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor;
+    /// Advances `sample` by one step given the model output.
+    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor;
+}
+
+impl SchedulerConfig {
+    /// Reads a `scheduler_config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let config: Self = read_json(path)?;
+        config.kind().map_err(|message| EngineError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The algorithm this config names.
+    pub fn kind(&self) -> std::result::Result<SchedulerKind, String> {
+        match &self.class_name {
+            None => Ok(SchedulerKind::Euler),
+            Some(name) => SchedulerKind::from_class_name(name)
+                .ok_or_else(|| format!("scheduler `{name}` is not supported")),
+        }
+    }
+
+    /// Builds a scheduler for `steps` inference steps.
+    pub fn build(&self, steps: usize) -> Result<Box<dyn Scheduler>> {
+        if steps == 0 {
+            return Err(EngineError::InvalidRequest(
+                "`steps` must be at least 1".into(),
+            ));
+        }
+        match self.kind().map_err(EngineError::InvalidRequest)? {
+            SchedulerKind::Euler => Ok(Box::new(euler::EulerDiscrete::new(self, steps)?)),
+        }
+    }
+
+    /// The training betas, as diffusers computes them (float32).
+    pub fn betas(&self) -> Result<Tensor> {
+        let n = self.num_train_timesteps;
+        let betas = if let Some(trained) = &self.trained_betas {
+            Tensor::from_slice(trained).to_kind(Kind::Float)
+        } else {
+            match self.beta_schedule {
+                BetaSchedule::Linear => Tensor::linspace(
+                    self.beta_start,
+                    self.beta_end,
+                    n,
+                    (Kind::Float, tch::Device::Cpu),
+                ),
+                BetaSchedule::ScaledLinear => Tensor::linspace(
+                    self.beta_start.sqrt(),
+                    self.beta_end.sqrt(),
+                    n,
+                    (Kind::Float, tch::Device::Cpu),
+                )
+                .pow_tensor_scalar(2),
+                BetaSchedule::SquaredcosCapV2 => {
+                    let alpha_bar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                            .cos()
+                            .powi(2)
+                    };
+                    let betas: Vec<f64> = (0..n)
+                        .map(|i| {
+                            let t1 = i as f64 / n as f64;
+                            let t2 = (i + 1) as f64 / n as f64;
+                            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999)
+                        })
+                        .collect();
+                    Tensor::from_slice(&betas).to_kind(Kind::Float)
+                }
+            }
+        };
+        Ok(if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        })
+    }
+
+    /// Cumulative products of the alphas (float32), as diffusers computes them.
+    pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
+        let alphas = -self.betas()? + 1.0;
+        let mut cumprod: Vec<f32> = Vec::try_from(alphas.cumprod(0, Kind::Float))?;
+        if self.rescale_betas_zero_snr {
+            // Close to 0 without being 0, so the first sigma is finite.
+            if let Some(last) = cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        Ok(cumprod)
+    }
+}
+
+/// Rescales betas to zero terminal SNR (Algorithm 1 of arXiv:2305.08891).
+fn rescale_zero_terminal_snr(betas: &Tensor) -> Tensor {
+    let alphas = -betas + 1.0;
+    let mut sqrt_bar = alphas.cumprod(0, Kind::Float).sqrt();
+    let first = sqrt_bar.get(0).copy();
+    let last = sqrt_bar.get(-1).copy();
+    sqrt_bar -= &last;
+    sqrt_bar *= &first / (&first - &last);
+    let bar = sqrt_bar.pow_tensor_scalar(2);
+    let n = bar.size()[0];
+    let ratios = bar.narrow(0, 1, n - 1) / bar.narrow(0, 0, n - 1);
+    let alphas = Tensor::cat(&[bar.narrow(0, 0, 1), ratios], 0);
+    -alphas + 1.0
+}
+
+/// Inference timesteps for `steps` steps under `config`'s spacing (float32 values, in
+/// decreasing order), as diffusers' discrete schedulers place them.
+pub fn spaced_timesteps(config: &SchedulerConfig, steps: usize) -> Vec<f64> {
+    let train = config.num_train_timesteps;
+    let n = steps as i64;
+    match config.timestep_spacing {
+        TimestepSpacing::Linspace => {
+            let last = (train - 1) as f64;
+            (0..n)
+                .map(|i| {
+                    let v = if n == 1 {
+                        0.0
+                    } else {
+                        last * i as f64 / (n - 1) as f64
+                    };
+                    v as f32 as f64
+                })
+                .rev()
+                .collect()
+        }
+        TimestepSpacing::Leading => {
+            let ratio = train / n;
+            (0..n)
+                .rev()
+                .map(|i| ((i * ratio) as f32 + config.steps_offset as f32) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => {
+            // numpy: arange(train, 0, -ratio).round() - 1, with arange's length rule.
+            let ratio = train as f64 / n as f64;
+            let len = (train as f64 / ratio).ceil() as i64;
+            (0..len)
+                .map(|i| {
+                    let t = train as f64 - i as f64 * ratio;
+                    ((t.round_ties_even() as f32) - 1.0) as f64
+                })
+                .collect()
+        }
+    }
+}
+
+/// numpy's `interp` on the integer grid 0..len.
+pub fn interp(x: f64, table: &[f32]) -> f64 {
+    if table.is_empty() {
+        return 0.0;
+    }
+    if x <= 0.0 {
+        return table[0] as f64;
+    }
+    let last = table.len() - 1;
+    if x >= last as f64 {
+        return table[last] as f64;
+    }
+    let i = x.floor() as usize;
+    let frac = x - i as f64;
+    let (a, b) = (table[i] as f64, table[i + 1] as f64);
+    // numpy: slope * (x - xp[j]) + fp[j]
+    (b - a) * frac + a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sdxl() -> SchedulerConfig {
+        serde_json::from_str(
+            r#"{"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+                "timestep_spacing": "leading"}"#,
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn leading_spacing_matches_diffusers() {
+        assert_eq!(spaced_timesteps(&sdxl(), 4), vec![751.0, 501.0, 251.0, 1.0]);
+    }
+
+    #[test]
+    fn trailing_spacing_matches_diffusers() {
+        let mut c = sdxl();
+        c.timestep_spacing = TimestepSpacing::Trailing;
+        assert_eq!(spaced_timesteps(&c, 3), vec![999.0, 666.0, 332.0]);
+        assert_eq!(spaced_timesteps(&c, 7)[4..], [428.0, 285.0, 142.0]);
+        assert_eq!(spaced_timesteps(&c, 30).len(), 30);
+    }
+
+    #[test]
+    fn linspace_spacing_matches_diffusers() {
+        let mut c = sdxl();
+        c.timestep_spacing = TimestepSpacing::Linspace;
+        assert_eq!(spaced_timesteps(&c, 3), vec![999.0, 499.5, 0.0]);
+    }
+}

@@ -1,0 +1,224 @@
+//! The `sdxld` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use sdxld::engine::demo::write_demo_model;
+use sdxld::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
+use sdxld::output::{numbered_path, png_bytes, write_latents};
+
+#[derive(Parser)]
+#[command(
+    name = "sdxld",
+    version,
+    about = "Stable Diffusion XL image generation on libtorch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a diffusers SDXL pipeline folder.
+    Generate(GenerateArgs),
+    /// Write the built-in random-weight demo pipeline (diffusers layout).
+    DemoModel {
+        /// Folder to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Time end-to-end generation (median of several runs) and print JSON.
+    Bench {
+        #[command(flatten)]
+        generate: GenerateArgs,
+        /// Timed runs after one warm-up run.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// CPU threads (0 keeps libtorch's default).
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GenerateArgs {
+    /// A diffusers SDXL pipeline folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// The prompt for the second text encoder (default: the prompt).
+    #[arg(long)]
+    prompt_2: Option<String>,
+    /// The negative prompt. Without it SDXL uses zero negative embeddings.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// The negative prompt for the second text encoder (default: the negative prompt).
+    #[arg(long)]
+    negative_prompt_2: Option<String>,
+    /// Seed of the first image; image i uses seed + i. Random when absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    /// Guidance rescale in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    guidance_rescale: f64,
+    /// Image width in pixels, a multiple of 8 (default: the model's).
+    #[arg(long)]
+    width: Option<i64>,
+    /// Image height in pixels, a multiple of 8 (default: the model's).
+    #[arg(long)]
+    height: Option<i64>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// float32, float16 or bfloat16 (half precision needs CUDA).
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    /// Output PNG; further images get -1, -2, ... before the extension.
+    #[arg(long, default_value = "out.png")]
+    output: PathBuf,
+    /// Also write the final latents (before decoding) as safetensors.
+    #[arg(long)]
+    latents_out: Option<PathBuf>,
+}
+
+impl GenerateArgs {
+    fn params(&self, pipeline: &SdxlPipeline) -> GenerateParams {
+        let size = pipeline.default_size();
+        GenerateParams {
+            prompt: self.prompt.clone(),
+            prompt_2: self.prompt_2.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            negative_prompt_2: self.negative_prompt_2.clone(),
+            guidance_scale: self.guidance,
+            guidance_rescale: self.guidance_rescale,
+            width: self.width.unwrap_or(size),
+            height: self.height.unwrap_or(size),
+            steps: self.steps,
+            seed: self.seed.unwrap_or_else(random_seed),
+            num_images: self.num_images,
+            ..GenerateParams::default()
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<SdxlPipeline> {
+        let placement = Placement::parse(&self.device, &self.dtype)?;
+        SdxlPipeline::load(&self.model, placement)
+            .with_context(|| format!("loading {}", self.model.display()))
+    }
+}
+
+/// A seed from the clock and process id, for requests that name none.
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (nanos ^ (u64::from(std::process::id()) << 32)) % (1 << 53)
+}
+
+fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let pipeline = args.load()?;
+    let params = args.params(&pipeline);
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(params.steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let mut report = |p: Progress| {
+        if let Some(bar) = &bar {
+            match p {
+                Progress::EncodingPrompt => bar.set_message("encoding"),
+                Progress::Denoising { step, .. } => {
+                    bar.set_message("denoising");
+                    bar.set_position(step as u64);
+                }
+                Progress::Decoding => bar.set_message("decoding"),
+            }
+        }
+        Ok(())
+    };
+    let out = pipeline.generate(&params, &mut report)?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if let Some(path) = &args.latents_out {
+        write_latents(path, &out.latents).with_context(|| format!("writing {}", path.display()))?;
+    }
+    for i in 0..params.num_images {
+        let path = numbered_path(&args.output, i);
+        let png = png_bytes(&out.images.get(i as i64))?;
+        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {} (seed {})", path.display(), params.seed + i as u64);
+    }
+    Ok(())
+}
+
+fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if threads > 0 {
+        tch::set_num_threads(threads);
+        tch::set_num_interop_threads(threads);
+    }
+    let pipeline = args.load()?;
+    let mut params = args.params(&pipeline);
+    params.seed = args.seed.unwrap_or(0);
+    let mut none = |_: Progress| Ok(());
+    pipeline.generate(&params, &mut none)?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        pipeline.generate(&params, &mut none)?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"median_s": median, "runs_s": times, "threads": threads})
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => generate(&args),
+        Command::DemoModel { output, seed } => {
+            write_demo_model(&output, seed)?;
+            println!("wrote the demo model to {}", output.display());
+            Ok(())
+        }
+        Command::Bench {
+            generate,
+            runs,
+            threads,
+        } => bench(&generate, runs, threads),
+    }
+}
