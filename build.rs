@@ -30,6 +30,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
     let Some(lib_dir) = torch_lib_dir() else {
         println!("cargo:warning=torch not found: the binary will need LD_LIBRARY_PATH");
         return;

@@ -194,9 +194,9 @@ impl AutoencoderKL {
         let ep = vp.pp("encoder");
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &level_ch) in ch.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = level_ch;
             let bp = ep.pp("down_blocks").pp(i);
             let resnets = (0..c.layers_per_block)
                 .map(|j| {
@@ -230,9 +230,9 @@ impl AutoencoderKL {
         let reversed: Vec<i64> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(n);
         let mut out_ch = reversed[0];
-        for i in 0..n {
+        for (i, &level_ch) in reversed.iter().enumerate() {
             let prev = out_ch;
-            out_ch = reversed[i];
+            out_ch = level_ch;
             let bp = dp.pp("up_blocks").pp(i);
             let resnets = (0..=c.layers_per_block)
                 .map(|j| {

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: the same tiny SDXL pipeline, prompt, seed and settings through
+diffusers and through `sdxld bench`, one CPU thread each, median of N runs each.
+
+Prints both medians and the ratio diffusers / sdxld (above 1 means sdxld is faster).
+With --cuda it also runs both on the GPU in float32 and prints the largest latent
+difference (a check to run by hand on a GPU machine).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def time_diffusers(model, args, device="cpu"):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def once():
+        gen = [torch.Generator("cpu").manual_seed(args.seed)]
+        return pipe(
+            prompt=args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            width=args.width,
+            height=args.height,
+            generator=gen,
+            output_type="np",
+        ).images
+
+    once()
+    times = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        once()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def sdxld_command(args, model, sub, device="cpu"):
+    return [
+        args.sdxld, sub, "--model", model, "--prompt", args.prompt,
+        "--steps", str(args.steps), "--guidance", str(args.guidance),
+        "--width", str(args.width), "--height", str(args.height),
+        "--seed", str(args.seed), "--device", device,
+    ]
+
+
+def time_sdxld(model, args):
+    cmd = sdxld_command(args, model, "bench") + ["--runs", str(args.runs), "--threads", "1"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["median_s"], result["runs_s"]
+
+
+def cuda_check(model, args):
+    """Largest |sdxld - diffusers| of the final latents on CUDA, float32."""
+    import tempfile
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        width=args.width, height=args.height,
+        generator=[torch.Generator("cpu").manual_seed(args.seed)], output_type="latent",
+    ).images.float().cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/l.safetensors"
+        cmd = sdxld_command(args, model, "generate", "cuda") + ["--output", f"{tmp}/o.png", "--latents-out", path]
+        subprocess.run(cmd, check=True, capture_output=True)
+        ours = load_file(path)["latents"]
+    diff = (ours - latents).abs().max().item()
+    print(f"cuda float32: max |sdxld - diffusers| = {diff:.3e} (relative {diff / latents.abs().max().item():.3e})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a diffusers SDXL folder")
+    p.add_argument("--sdxld", required=True, help="the sdxld binary")
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    p.add_argument("--cuda", action="store_true", help="also compare on CUDA (float32)")
+    args = p.parse_args()
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    base, base_runs = time_diffusers(args.model, args)
+    ours, our_runs = time_sdxld(args.model, args)
+    print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
+    print(f"  diffusers {base * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in base_runs]}")
+    print(f"  sdxld     {ours * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in our_runs]}")
+    print(f"  speed-up (diffusers / sdxld): {base / ours:.2f}x   target >= 1.25x")
+    if args.cuda:
+        cuda_check(args.model, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
