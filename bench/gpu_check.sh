@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks, run by hand on a CUDA machine that has PyTorch but no Rust:
+#   .gpu/sdxld         the release binary built here
+#   .gpu/tiny2         a tiny fixture pipeline (from tests/fixtures/make_fixtures.py)
+#   .gpu/whl           wheels missing there (diffusers, importlib_metadata)
+# Prints: float32 CUDA parity against diffusers on CUDA, the CPU speed ratio, and
+# float16/bfloat16 generations on the demo model (finite, non-constant, timed).
+set -uo pipefail
+out="${OUT:-/tmp/gpu-check}"
+mkdir -p "$out"
+torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
+export LD_LIBRARY_PATH="$torch_lib:${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi -L
+sdxld=.gpu/sdxld
+ldd "$sdxld" | grep -E "libtorch_cuda|not found"
+
+for config in tiny2; do
+  python3 bench/e2e.py --model ".gpu/$config" --sdxld "$sdxld" --runs 5 --cuda
+done
+
+"$sdxld" demo-model --output /tmp/demo >/dev/null
+for dtype in float32 float16 bfloat16; do
+  start=$(date +%s.%N)
+  "$sdxld" generate --model /tmp/demo --device cuda --dtype "$dtype" --steps 30 \
+    --width 1024 --height 1024 --seed 1 --prompt "a lighthouse" \
+    --output "$out/demo-$dtype.png" --latents-out "/tmp/latents-$dtype.safetensors" || echo "FAILED $dtype"
+  end=$(date +%s.%N)
+  python3 - "$dtype" "$start" "$end" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file
+dtype, start, end = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+lat = load_file(f"/tmp/latents-{dtype}.safetensors")["latents"]
+ref = load_file("/tmp/latents-float32.safetensors")["latents"]
+import os
+img = np.asarray(Image.open(os.path.join(os.environ.get("OUT", "/tmp/gpu-check"), f"demo-{dtype}.png"))).astype(float)
+print(f"{dtype}: process wall {end - start:.2f} s, latents finite={bool(lat.isfinite().all())}, "
+      f"latent std={lat.std().item():.3f}, image std={img.std():.1f}, max|{dtype}-float32|/max = {((lat - ref).abs().max() / ref.abs().max()).item():.3e}")
+PY
+done
