@@ -23,10 +23,35 @@ fn torch_lib_dir() -> Option<PathBuf> {
         return None;
     }
     let dir = String::from_utf8(output.stdout).ok()?;
-    Some(PathBuf::from(dir.trim()))
+    // Resolve links (a checkout's .venv) so the rpath names the real installation.
+    let dir = PathBuf::from(dir.trim());
+    Some(std::fs::canonicalize(&dir).unwrap_or(dir))
+}
+
+/// Compiles proto/ with protox (no system protoc), generates the tonic services and writes
+/// the encoded descriptor set for reflection and JSON.
+fn compile_protos() {
+    println!("cargo:rerun-if-changed=proto");
+    let files = ["sdxld/v1/generation.proto", "sdxld/v1/models.proto"];
+    let fds = match protox::compile(files, ["proto"]) {
+        Ok(fds) => fds,
+        Err(e) => panic!("proto/ does not compile: {e}"),
+    };
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let descriptor_path = out_dir.join("sdxld_descriptor.bin");
+    {
+        use prost::Message;
+        std::fs::write(&descriptor_path, fds.encode_to_vec()).expect("write the descriptor set");
+    }
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .expect("generate the gRPC code");
 }
 
 fn main() {
+    compile_protos();
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");

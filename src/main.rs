@@ -24,6 +24,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the gRPC API (on the built-in demo model unless a model is configured).
+    Serve {
+        /// A configuration file (TOML) overriding config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (host:port), overriding `server.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Default model: a name under `models.base_roots` or a diffusers folder.
+        #[arg(long)]
+        model: Option<String>,
+    },
     /// Generate images from a diffusers SDXL pipeline folder.
     Generate(GenerateArgs),
     /// Write the built-in random-weight demo pipeline (diffusers layout).
@@ -149,7 +161,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut report = |p: Progress| {
+    let mut report = |p: Progress<'_>| {
         if let Some(bar) = &bar {
             match p {
                 Progress::EncodingPrompt => bar.set_message("encoding"),
@@ -157,7 +169,7 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
                     bar.set_message("denoising");
                     bar.set_position(step as u64);
                 }
-                Progress::Decoding => bar.set_message("decoding"),
+                Progress::Decoding { .. } => bar.set_message("decoding"),
             }
         }
         Ok(())
@@ -189,7 +201,7 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     let pipeline = args.load()?;
     let mut params = args.params(&pipeline);
     params.seed = args.seed.unwrap_or(0);
-    let mut none = |_: Progress| Ok(());
+    let mut none = |_: Progress<'_>| Ok(());
     pipeline.generate(&params, &mut none)?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
@@ -206,9 +218,37 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    model: Option<String>,
+) -> anyhow::Result<()> {
+    let mut settings = sdxld::config::Settings::load(config.as_deref())?;
+    if let Some(listen) = listen {
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("--listen must be host:port with an IP address, got {listen:?}");
+        }
+        settings.server.listen = listen;
+    }
+    let _telemetry = sdxld::telemetry::init_telemetry(
+        &settings.telemetry.log_format,
+        &settings.telemetry.log_level,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(sdxld::server::serve(settings, model.as_deref()))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            model,
+        } => serve(config, listen, model),
         Command::Generate(args) => generate(&args),
         Command::DemoModel { output, seed } => {
             write_demo_model(&output, seed)?;

@@ -62,3 +62,141 @@ mod tests {
         assert_eq!(numbered_path(Path::new("out"), 1), Path::new("out-1"));
     }
 }
+
+/// How images are encoded for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// PNG, optionally with metadata chunks.
+    Png,
+    /// JPEG at a quality in [1, 100].
+    Jpeg,
+    /// Lossy WebP at a quality in [1, 100].
+    Webp,
+    /// The latents as safetensors bytes.
+    Latents,
+}
+
+impl OutputFormat {
+    /// The MIME type of the encoding.
+    pub fn mime_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Jpeg => "image/jpeg",
+            OutputFormat::Webp => "image/webp",
+            OutputFormat::Latents => "application/vnd.safetensors",
+        }
+    }
+}
+
+/// Text chunks embedded in PNG output.
+#[derive(Debug, Clone, Default)]
+pub struct PngMetadata {
+    /// A1111's `parameters` text.
+    pub parameters: String,
+    /// The resolved request as proto3 JSON (chunk `sdxld`).
+    pub request_json: String,
+}
+
+/// The iTXt keyword of the resolved-request chunk.
+pub const REQUEST_CHUNK: &str = "sdxld";
+
+/// Encodes an [H, W, 3] uint8 image.
+pub fn encode_image(
+    image: &Tensor,
+    format: OutputFormat,
+    quality: u8,
+    metadata: Option<&PngMetadata>,
+) -> Result<Vec<u8>> {
+    let size = image.size();
+    let (height, width) = (size[0] as u32, size[1] as u32);
+    let pixels: Vec<u8> = Vec::try_from(image.to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
+    let fail =
+        |what: &str, e: String| EngineError::InvalidRequest(format!("cannot encode {what}: {e}"));
+    match format {
+        OutputFormat::Png => {
+            let mut out = Vec::new();
+            {
+                let mut encoder = png::Encoder::new(&mut out, width, height);
+                encoder.set_color(png::ColorType::Rgb);
+                encoder.set_depth(png::BitDepth::Eight);
+                if let Some(meta) = metadata {
+                    encoder
+                        .add_itxt_chunk("parameters".into(), meta.parameters.clone())
+                        .map_err(|e| fail("PNG", e.to_string()))?;
+                    encoder
+                        .add_itxt_chunk(REQUEST_CHUNK.into(), meta.request_json.clone())
+                        .map_err(|e| fail("PNG", e.to_string()))?;
+                }
+                let mut writer = encoder
+                    .write_header()
+                    .map_err(|e| fail("PNG", e.to_string()))?;
+                writer
+                    .write_image_data(&pixels)
+                    .map_err(|e| fail("PNG", e.to_string()))?;
+                writer.finish().map_err(|e| fail("PNG", e.to_string()))?;
+            }
+            Ok(out)
+        }
+        OutputFormat::Jpeg => {
+            let mut out = Cursor::new(Vec::new());
+            let encoder =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            image::ImageEncoder::write_image(
+                encoder,
+                &pixels,
+                width,
+                height,
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| fail("JPEG", e.to_string()))?;
+            Ok(out.into_inner())
+        }
+        OutputFormat::Webp => {
+            let encoder = webp::Encoder::from_rgb(&pixels, width, height);
+            Ok(encoder.encode(f32::from(quality.clamp(1, 100))).to_vec())
+        }
+        OutputFormat::Latents => Err(EngineError::InvalidRequest(
+            "latents are encoded with encode_latents".into(),
+        )),
+    }
+}
+
+/// One image's latents [C, h, w] as safetensors bytes: one float32 tensor `latents` of
+/// shape [1, C, h, w].
+pub fn encode_latents(latents: &Tensor) -> Result<Vec<u8>> {
+    let tensor = latents.to_kind(Kind::Float).unsqueeze(0).contiguous();
+    let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
+    let values: Vec<f32> = Vec::try_from(tensor.flatten(0, -1))?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)
+        .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+    safetensors::tensor::serialize([("latents", view)], None)
+        .map_err(|e| EngineError::InvalidRequest(e.to_string()))
+}
+
+/// A cheap RGB preview of SDXL latents [C, h, w] at latent resolution: a fixed linear map
+/// from the four latent channels to RGB (the approximation preview tools use for SDXL).
+/// `None` for latents that do not have four channels.
+pub fn latent_preview(latents: &Tensor) -> Option<Tensor> {
+    if latents.size().first() != Some(&4) {
+        return None;
+    }
+    let factors = Tensor::from_slice(&[
+        0.3651f32, 0.4232, 0.4341, -0.2533, -0.0042, 0.1068, 0.1076, 0.1111, -0.0362, -0.3165,
+        -0.2492, -0.2188,
+    ])
+    .reshape([4, 3]);
+    let bias = Tensor::from_slice(&[0.1084f32, -0.0175, -0.0011]);
+    let rgb = latents
+        .to_kind(Kind::Float)
+        .to_device(tch::Device::Cpu)
+        .permute([1, 2, 0])
+        .matmul(&factors)
+        + bias;
+    Some(
+        ((rgb + 1.0) * 127.5)
+            .clamp(0.0, 255.0)
+            .round()
+            .to_kind(Kind::Uint8),
+    )
+}

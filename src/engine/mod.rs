@@ -6,4 +6,5 @@ pub mod error;
 pub mod loading;
 pub mod models;
 pub mod pipeline;
+pub mod registry;
 pub mod schedulers;

@@ -131,6 +131,8 @@ pub struct GenerateParams {
     pub negative_crops_coords_top_left: (i64, i64),
     /// Negative target size.
     pub negative_target_size: Option<(i64, i64)>,
+    /// Changes to the model's scheduler configuration.
+    pub scheduler_overrides: SchedulerOverrides,
 }
 
 impl Default for GenerateParams {
@@ -154,24 +156,68 @@ impl Default for GenerateParams {
             negative_original_size: None,
             negative_crops_coords_top_left: (0, 0),
             negative_target_size: None,
+            scheduler_overrides: SchedulerOverrides::default(),
         }
     }
 }
 
 /// What the pipeline reports while it works.
-#[derive(Debug, Clone, Copy)]
-pub enum Progress {
+#[derive(Debug)]
+pub enum Progress<'a> {
     /// Text encoders are running.
     EncodingPrompt,
-    /// Denoising step `step` of `total` finished (1-based).
+    /// Denoising step `step` of `total` finished (1-based); `latents` are the current ones.
     Denoising {
         /// Steps done.
         step: usize,
         /// Steps in all.
         total: usize,
+        /// The latents after this step.
+        latents: &'a Tensor,
     },
-    /// The VAE is decoding.
-    Decoding,
+    /// The VAE is decoding image `index`.
+    Decoding {
+        /// The image.
+        index: usize,
+    },
+}
+
+/// Request-level changes to the model's scheduler configuration.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchedulerOverrides {
+    /// Timestep spacing.
+    pub timestep_spacing: Option<crate::engine::schedulers::TimestepSpacing>,
+    /// Offset added to leading timesteps.
+    pub steps_offset: Option<i64>,
+    /// The last sigma.
+    pub final_sigmas_type: Option<crate::engine::schedulers::FinalSigmasType>,
+    /// Zero terminal SNR.
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// What the model predicts.
+    pub prediction_type: Option<crate::engine::schedulers::PredictionType>,
+}
+
+impl SchedulerOverrides {
+    /// The model's configuration with these overrides applied.
+    pub fn apply(&self, base: &SchedulerConfig) -> SchedulerConfig {
+        let mut config = base.clone();
+        if let Some(v) = self.timestep_spacing {
+            config.timestep_spacing = v;
+        }
+        if let Some(v) = self.steps_offset {
+            config.steps_offset = v;
+        }
+        if let Some(v) = self.final_sigmas_type {
+            config.final_sigmas_type = v;
+        }
+        if let Some(v) = self.rescale_betas_zero_snr {
+            config.rescale_betas_zero_snr = v;
+        }
+        if let Some(v) = self.prediction_type {
+            config.prediction_type = v;
+        }
+        config
+    }
 }
 
 /// The result of a generation.
@@ -442,8 +488,27 @@ impl SdxlPipeline {
     pub fn generate(
         &self,
         p: &GenerateParams,
-        progress: &mut dyn FnMut(Progress) -> Result<()>,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<GenerateOutput> {
+        let latents = self.denoise(p, progress)?;
+        let mut images = Vec::with_capacity(p.num_images);
+        for i in 0..p.num_images {
+            progress(Progress::Decoding { index: i })?;
+            images.push(self.decode_image(&latents.get(i as i64))?);
+        }
+        Ok(GenerateOutput {
+            latents,
+            images: Tensor::stack(&images, 0),
+        })
+    }
+
+    /// Runs the text encoders and the denoising loop: the final latents, float32 on the
+    /// CPU, [N, C, H/f, W/f].
+    pub fn denoise(
+        &self,
+        p: &GenerateParams,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Tensor> {
         self.validate(p)?;
         let _no_grad = tch::no_grad_guard();
         let device = self.placement.device;
@@ -456,7 +521,10 @@ impl SdxlPipeline {
         let (embeds, pooled, negative) = self.encode_prompt(p, cfg)?;
 
         // 2. timesteps and initial latents
-        let mut scheduler = self.scheduler.build(p.steps)?;
+        let mut scheduler = p
+            .scheduler_overrides
+            .apply(&self.scheduler)
+            .build(p.steps)?;
         let latents = self.initial_noise(p).to_device(device);
         let mut latents = latents * scheduler.init_noise_sigma();
 
@@ -528,35 +596,40 @@ impl SdxlPipeline {
                 noise_pred
             };
             latents = scheduler.step(&noise_pred, i, &latents);
-            progress(Progress::Denoising { step: i + 1, total })?;
+            progress(Progress::Denoising {
+                step: i + 1,
+                total,
+                latents: &latents,
+            })?;
         }
-
-        // 5. decode
-        progress(Progress::Decoding)?;
-        let images = self.decode(&latents)?;
-        Ok(GenerateOutput {
-            latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
-            images,
-        })
+        Ok(latents.to_kind(Kind::Float).to_device(Device::Cpu))
     }
 
-    /// Decodes latents into [N, H, W, 3] uint8 images, one image at a time to bound memory.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    /// Decodes one image's latents [C, h, w] into a [H, W, 3] uint8 image on the CPU.
+    pub fn decode_image(&self, latents: &Tensor) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
-        let n = latents.size()[0];
-        let mut images = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let z = self
-                .vae
-                .unscale_latents(&latents.narrow(0, i, 1).to_kind(self.vae_kind));
-            let decoded = self
-                .vae
-                .decode(&z)
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu);
-            images.push(to_uint8(&decoded));
-        }
-        Ok(Tensor::cat(&images, 0))
+        let z = latents
+            .unsqueeze(0)
+            .to_device(self.placement.device)
+            .to_kind(self.vae_kind);
+        let z = self.vae.unscale_latents(&z);
+        let decoded = self
+            .vae
+            .decode(&z)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        Ok(to_uint8(&decoded).get(0))
+    }
+
+    /// Tokens of `prompt` beyond what the tokenizers keep (0 when it fits).
+    pub fn prompt_overflow(&self, prompt: &str) -> usize {
+        let first = self.tokenizer.as_ref().map_or(0, |t| t.overflow(prompt));
+        first.max(self.tokenizer_2.overflow(prompt))
+    }
+
+    /// The number of latent channels.
+    pub fn latent_channels(&self) -> i64 {
+        self.unet.config().in_channels
     }
 }
 

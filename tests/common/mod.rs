@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod server;
+
 use tch::{Kind, Tensor};
 
 /// The repository root.

@@ -1,0 +1,172 @@
+//! `sdxld.v1.ModelService`: what the model roots hold and what the server can do.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::api::status::ApiError;
+use crate::api::validate::{scheduler_options, scheduler_supported};
+use crate::api::ApiState;
+use crate::engine::registry::{ModelEntry, RegistryError};
+use crate::proto::v1 as pb;
+use crate::proto::v1::model_service_server::ModelService;
+
+/// The model service.
+pub struct Models {
+    state: Arc<ApiState>,
+}
+
+impl Models {
+    /// A service over `state`.
+    pub fn new(state: Arc<ApiState>) -> Self {
+        Self { state }
+    }
+
+    fn info(&self, model: &ModelEntry) -> pb::ModelInfo {
+        let resident = self
+            .state
+            .resident
+            .lock()
+            .map(|r| r.contains(&model.path))
+            .unwrap_or(false);
+        pb::ModelInfo {
+            name: model.name.clone(),
+            kind: pb::ModelKind::Base as i32,
+            format: pb::ModelFormat::Diffusers as i32,
+            size_bytes: model.size_bytes,
+            sha256: self.state.registry.sha256(model),
+            resident,
+            is_default: model.name == self.state.registry.default_model().name,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ModelService for Models {
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let kind = request.into_inner().kind;
+        let kind = pb::ModelKind::try_from(kind).map_err(|_| {
+            ApiError::invalid("kind", &format!("`kind` has an unknown enum value {kind}"))
+                .into_status(Default::default())
+        })?;
+        let models = if matches!(kind, pb::ModelKind::Unspecified | pb::ModelKind::Base) {
+            let registry = self.state.registry.clone();
+            let list = tokio::task::spawn_blocking(move || registry.list())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            list.iter().map(|m| self.info(m)).collect()
+        } else {
+            Vec::new()
+        };
+        self.state
+            .metrics
+            .rpc_finished("ListModels", tonic::Code::Ok);
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<pb::LoadModelRequest>,
+    ) -> Result<Response<pb::LoadModelResponse>, Status> {
+        let name = request.into_inner().name;
+        let status = match self.state.registry.resolve(&name) {
+            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
+                "name",
+                &format!("`name` is not a valid model name ({reason})"),
+            ),
+            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
+            Ok(_) => ApiError::Unimplemented(
+                "name".into(),
+                "explicit loading comes with the model cache; models load on first use".into(),
+            ),
+        };
+        Err(status.into_status(Default::default()))
+    }
+
+    async fn unload_model(
+        &self,
+        request: Request<pb::UnloadModelRequest>,
+    ) -> Result<Response<pb::UnloadModelResponse>, Status> {
+        let name = request.into_inner().name;
+        let status = match self.state.registry.resolve(&name) {
+            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
+                "name",
+                &format!("`name` is not a valid model name ({reason})"),
+            ),
+            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
+            Ok(_) => ApiError::Unimplemented(
+                "name".into(),
+                "unloading comes with the model cache and its memory budget".into(),
+            ),
+        };
+        Err(status.into_status(Default::default()))
+    }
+
+    async fn get_capabilities(
+        &self,
+        _request: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
+        let settings = &self.state.settings;
+        let schedulers = (1..=10)
+            .filter_map(|v| pb::Scheduler::try_from(v).ok())
+            .map(|s| pb::SchedulerCapability {
+                scheduler: s as i32,
+                supported: scheduler_supported(s),
+                options: scheduler_options(s),
+                sigma_schedules: vec![pb::SigmaSchedule::Default as i32],
+            })
+            .collect();
+        let features = [
+            ("prompt", true),
+            ("prompt_2", true),
+            ("negative_prompt", true),
+            ("negative_prompt_2", true),
+            ("guidance_scale", true),
+            ("guidance_rescale", true),
+            ("clip_skip", true),
+            ("micro_conditioning", true),
+            ("seed", true),
+            ("num_images", true),
+            ("model", true),
+            ("output", true),
+            ("client_job_id", true),
+            ("scheduler_options.sigma_schedule", false),
+            ("vae", false),
+            ("refiner", false),
+            ("loras", false),
+            ("controlnets", false),
+            ("init_image", false),
+            ("post_processing", false),
+        ]
+        .into_iter()
+        .map(|(field, supported)| pb::FeatureSupport {
+            field: field.to_string(),
+            supported,
+        })
+        .collect();
+        self.state
+            .metrics
+            .rpc_finished("GetCapabilities", tonic::Code::Ok);
+        Ok(Response::new(pb::GetCapabilitiesResponse {
+            schedulers,
+            limits: Some(pb::Limits {
+                max_width: settings.limits.max_width,
+                max_height: settings.limits.max_height,
+                max_steps: settings.limits.max_steps,
+                max_num_images: settings.limits.max_num_images,
+                max_request_bytes: settings.server.max_request_bytes as u64,
+                max_queued_jobs: settings.jobs.max_queued as u32,
+                max_prompt_chars: settings.limits.max_prompt_chars,
+            }),
+            device: self.state.device.clone(),
+            dtype: self.state.dtype.clone(),
+            device_memory_budget_bytes: 0,
+            host_memory_budget_bytes: 0,
+            features,
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}

@@ -1,0 +1,123 @@
+//! The one place where errors become gRPC statuses (with google.rpc details).
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::engine::error::EngineError;
+use crate::jobs::{JobError, StopReason};
+
+/// Errors of the API layer, each mapped to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Fields that break the contract: (proto field path, description).
+    #[error("invalid request: {}", .0.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join("; "))]
+    InvalidArgument(Vec<(String, String)>),
+    /// A valid request for a feature this server does not implement yet.
+    #[error("`{0}`: {1}")]
+    Unimplemented(String, String),
+    /// A model name no root holds.
+    #[error("model `{0}` not found")]
+    ModelNotFound(String),
+    /// The jobs layer refused or stopped the job.
+    #[error(transparent)]
+    Job(#[from] JobError),
+}
+
+impl ApiError {
+    /// One invalid field.
+    pub fn invalid(field: &str, description: &str) -> Self {
+        ApiError::InvalidArgument(vec![(field.to_string(), description.to_string())])
+    }
+
+    /// A stable snake_case name (metrics label, ErrorInfo reason).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::InvalidArgument(_) => "invalid_argument",
+            ApiError::Unimplemented(..) => "unimplemented",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::Job(e) => e.error_type(),
+        }
+    }
+
+    /// The wire status.
+    pub fn into_status(self, retry_after: Duration) -> Status {
+        let message = self.to_string();
+        match self {
+            ApiError::InvalidArgument(violations) => {
+                let mut details = ErrorDetails::new();
+                for (field, description) in violations {
+                    details.add_bad_request_violation(field, description);
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::Unimplemented(field, _) => Status::with_error_details(
+                Code::Unimplemented,
+                message,
+                ErrorDetails::with_error_info(
+                    "FEATURE_NOT_IMPLEMENTED",
+                    "sdxld",
+                    [("field".to_string(), field)],
+                ),
+            ),
+            ApiError::ModelNotFound(name) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_error_info(
+                    "MODEL_NOT_FOUND",
+                    "sdxld",
+                    [("model".to_string(), name)],
+                ),
+            ),
+            ApiError::Job(job) => job_status(job, message, retry_after),
+        }
+    }
+}
+
+fn job_status(error: JobError, message: String, retry_after: Duration) -> Status {
+    match error {
+        JobError::QueueFull(_) => Status::with_error_details(
+            Code::ResourceExhausted,
+            message,
+            ErrorDetails::with_retry_info(Some(retry_after)),
+        ),
+        JobError::ShuttingDown | JobError::Stopped(StopReason::ShuttingDown) => {
+            Status::unavailable(message)
+        }
+        JobError::Stopped(StopReason::Cancelled | StopReason::ClientGone) => {
+            Status::cancelled("the job was cancelled")
+        }
+        JobError::Stopped(StopReason::DeadlineExceeded) => {
+            Status::deadline_exceeded("the deadline passed before the job finished")
+        }
+        JobError::DuplicateClientJobId(_) => {
+            let mut details = ErrorDetails::new();
+            details.add_bad_request_violation("spec.client_job_id", message.clone());
+            Status::with_error_details(Code::InvalidArgument, message, details)
+        }
+        JobError::Engine(engine) => engine_status(engine),
+    }
+}
+
+fn engine_status(error: EngineError) -> Status {
+    let reason = error.error_type().to_uppercase();
+    let message = error.to_string();
+    let code = match &error {
+        EngineError::InvalidRequest(_) => Code::InvalidArgument,
+        EngineError::Cancelled => Code::Cancelled,
+        EngineError::Io { .. }
+        | EngineError::Config { .. }
+        | EngineError::WeightFile { .. }
+        | EngineError::MissingTensor { .. }
+        | EngineError::UnknownTensor { .. }
+        | EngineError::ShapeMismatch { .. }
+        | EngineError::Tokenizer { .. } => Code::FailedPrecondition,
+        EngineError::Device(_) | EngineError::Torch(_) => Code::Internal,
+    };
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, "sdxld", []),
+    )
+}

@@ -1,0 +1,249 @@
+//! Configuration: `config/default.toml` (compiled in), an optional file, and
+//! `SDXLD__SECTION__KEY` environment overrides. A bad value stops startup with a message
+//! naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The built-in defaults, every key documented.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// gRPC address.
+    pub listen: String,
+    /// Largest request in bytes.
+    pub max_request_bytes: usize,
+    /// Largest response in bytes.
+    pub max_response_bytes: usize,
+    /// Drain period after SIGTERM, in seconds.
+    pub shutdown_grace_seconds: u64,
+    /// Prometheus endpoint address, "" for none.
+    pub metrics_listen: String,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSettings {
+    /// Jobs queued or running at once.
+    pub max_queued: usize,
+    /// RetryInfo delay in milliseconds.
+    pub retry_after_ms: u64,
+    /// Events buffered per stream.
+    pub stream_buffer: usize,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest width.
+    pub max_width: u32,
+    /// Largest height.
+    pub max_height: u32,
+    /// Most steps.
+    pub max_steps: u32,
+    /// Most images per request.
+    pub max_num_images: u32,
+    /// Longest prompt in characters.
+    pub max_prompt_chars: u32,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Device name.
+    pub device: String,
+    /// Dtype name.
+    pub dtype: String,
+    /// Default model name or folder; "" for the demo model.
+    pub default_model: String,
+    /// Demo model folder; "" for the cache.
+    pub demo_model_dir: String,
+    /// Warm-up before ready.
+    pub warmup: bool,
+}
+
+/// `[models]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Base model roots.
+    pub base_roots: Vec<PathBuf>,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// text or json.
+    pub log_format: String,
+    /// EnvFilter directives.
+    pub log_level: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[jobs]`.
+    pub jobs: JobSettings,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[engine]`.
+    pub engine: EngineSettings,
+    /// `[models]`.
+    pub models: ModelSettings,
+    /// `[telemetry]`.
+    pub telemetry: TelemetrySettings,
+}
+
+/// A configuration error, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Loads the defaults, then `file`, then `SDXLD__*` variables, and checks the values.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "file `{}` does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SDXLD")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("models.base_roots"),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Checks values the types alone do not.
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("`{key}` {why}")));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "server.listen",
+                format!(
+                    "must be host:port with an IP address, got {:?}",
+                    self.server.listen
+                ),
+            );
+        }
+        if !self.server.metrics_listen.is_empty()
+            && self.server.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            return bad(
+                "server.metrics_listen",
+                format!(
+                    "must be host:port or \"\", got {:?}",
+                    self.server.metrics_listen
+                ),
+            );
+        }
+        if self.server.max_request_bytes < 1024 {
+            return bad("server.max_request_bytes", "must be at least 1024".into());
+        }
+        if self.jobs.max_queued == 0 {
+            return bad("jobs.max_queued", "must be at least 1".into());
+        }
+        if self.jobs.stream_buffer == 0 {
+            return bad("jobs.stream_buffer", "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("limits.max_width", self.limits.max_width),
+            ("limits.max_height", self.limits.max_height),
+        ] {
+            if value < 64 || value % 8 != 0 {
+                return bad(
+                    key,
+                    format!("must be a multiple of 8 of at least 64, got {value}"),
+                );
+            }
+        }
+        if self.limits.max_steps == 0 || self.limits.max_num_images == 0 {
+            return bad(
+                "limits.max_steps",
+                "and limits.max_num_images must be at least 1".into(),
+            );
+        }
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return bad(
+                "telemetry.log_format",
+                format!("must be text or json, got {:?}", self.telemetry.log_format),
+            );
+        }
+        if !matches!(
+            self.engine.dtype.as_str(),
+            "auto" | "float32" | "float16" | "bfloat16"
+        ) {
+            return bad(
+                "engine.dtype",
+                format!(
+                    "must be auto, float32, float16 or bfloat16, got {:?}",
+                    self.engine.dtype
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load() {
+        let s = Settings::load(None).expect("defaults are valid");
+        assert_eq!(s.jobs.max_queued, 16);
+        assert_eq!(s.server.listen, "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn a_bad_file_value_names_the_key() {
+        let dir = std::env::temp_dir().join(format!("sdxld-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[jobs]\nmax_queued = \"many\"\n").expect("write");
+        let err = Settings::load(Some(&path))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("max_queued"), "{err}");
+        std::fs::write(&path, "[server]\nlisten = \"nowhere\"\n").expect("write");
+        let err = Settings::load(Some(&path))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("server.listen"), "{err}");
+        std::fs::write(&path, "[server]\nlisen = \"127.0.0.1:1\"\n").expect("write");
+        let err = Settings::load(Some(&path))
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+}

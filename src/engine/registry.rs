@@ -1,0 +1,291 @@
+//! Model names to folders: configured roots resolve names; no name can reach a file
+//! outside its root (invariant 4).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use crate::engine::error::read_json;
+
+/// Why a name did not resolve.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The name is malformed (empty, absolute, `..`, NUL, backslash, too long).
+    #[error("invalid model name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// No root holds the name.
+    #[error("model `{0}` not found")]
+    NotFound(String),
+}
+
+/// A resolved base model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelEntry {
+    /// Its name (path under its root, "/"-separated), or "demo" for the built-in model.
+    pub name: String,
+    /// The diffusers folder.
+    pub path: PathBuf,
+    /// Default image side in pixels (UNet sample size × VAE scale factor).
+    pub default_size: u32,
+    /// Total size of its files.
+    pub size_bytes: u64,
+}
+
+/// A cached hash: total size, newest modification time, SHA-256.
+type HashEntry = (u64, Option<SystemTime>, String);
+
+/// The base model roots and the default model.
+pub struct Registry {
+    roots: Vec<PathBuf>,
+    default: ModelEntry,
+    hashes: Mutex<HashMap<PathBuf, HashEntry>>,
+}
+
+/// Checks a client-supplied model name.
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
+    let invalid = |reason| {
+        Err(RegistryError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.trim().is_empty() {
+        return invalid("empty");
+    }
+    if name.len() > 512 {
+        return invalid("longer than 512 bytes");
+    }
+    if name.contains('\0') {
+        return invalid("contains NUL");
+    }
+    if name.contains('\\') {
+        return invalid("contains a backslash");
+    }
+    if name.starts_with('/') {
+        return invalid("absolute");
+    }
+    if name.contains('%') {
+        return invalid("contains %");
+    }
+    for component in Path::new(name).components() {
+        match component {
+            Component::Normal(_) => {}
+            _ => return invalid("has `.`, `..` or root components"),
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => total += dir_size(&entry.path()),
+                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+fn files_sorted(path: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => files_sorted(&entry.path(), out),
+                Ok(t) if t.is_file() => out.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Reads a diffusers folder's default image size from its UNet and VAE configs.
+fn default_size(dir: &Path) -> Option<u32> {
+    let unet: serde_json::Value = read_json(&dir.join("unet/config.json")).ok()?;
+    let vae: serde_json::Value = read_json(&dir.join("vae/config.json")).ok()?;
+    let sample = unet.get("sample_size")?.as_u64()?;
+    let levels = vae.get("block_out_channels")?.as_array()?.len() as u32;
+    Some(sample as u32 * (1 << levels.saturating_sub(1)))
+}
+
+impl ModelEntry {
+    /// Describes the diffusers folder `path` under `name`, if it is one.
+    pub fn from_folder(name: &str, path: &Path) -> Option<Self> {
+        if !path.join("model_index.json").is_file() {
+            return None;
+        }
+        Some(Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            default_size: default_size(path).unwrap_or(1024),
+            size_bytes: dir_size(path),
+        })
+    }
+}
+
+impl Registry {
+    /// A registry over `roots` with `default` as the default model.
+    pub fn new(roots: Vec<PathBuf>, default: ModelEntry) -> Self {
+        Self {
+            roots,
+            default,
+            hashes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The default model.
+    pub fn default_model(&self) -> &ModelEntry {
+        &self.default
+    }
+
+    /// Resolves a client-supplied name ("" = the default model).
+    pub fn resolve(&self, name: &str) -> Result<ModelEntry, RegistryError> {
+        if name.is_empty() || name == self.default.name {
+            return Ok(self.default.clone());
+        }
+        check_name(name)?;
+        for root in &self.roots {
+            let Ok(root) = root.canonicalize() else {
+                continue;
+            };
+            let candidate = root.join(name);
+            // Symlinks may not lead outside the root.
+            let Ok(real) = candidate.canonicalize() else {
+                continue;
+            };
+            if !real.starts_with(&root) {
+                continue;
+            }
+            if let Some(entry) = ModelEntry::from_folder(name, &real) {
+                return Ok(entry);
+            }
+        }
+        Err(RegistryError::NotFound(name.to_string()))
+    }
+
+    /// Every base model under the roots (folders holding model_index.json, up to three
+    /// levels deep), plus the default.
+    pub fn list(&self) -> Vec<ModelEntry> {
+        let mut found = vec![self.default.clone()];
+        for root in &self.roots {
+            let Ok(root) = root.canonicalize() else {
+                continue;
+            };
+            let mut stack = vec![(root.clone(), 0)];
+            while let Some((dir, depth)) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let Ok(real) = entry.path().canonicalize() else {
+                        continue;
+                    };
+                    if !real.starts_with(&root) || !real.is_dir() {
+                        continue;
+                    }
+                    let Ok(relative) = entry.path().strip_prefix(&root).map(Path::to_path_buf)
+                    else {
+                        continue;
+                    };
+                    let name = relative.to_string_lossy().replace('\\', "/");
+                    if let Some(model) = ModelEntry::from_folder(&name, &real) {
+                        if model.name != self.default.name {
+                            found.push(model);
+                        }
+                    } else if depth < 2 {
+                        stack.push((real, depth + 1));
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        found.dedup_by(|a, b| a.name == b.name);
+        found
+    }
+
+    /// SHA-256 (hex) of a model's files in path order, cached by total size and newest
+    /// modification time.
+    pub fn sha256(&self, model: &ModelEntry) -> String {
+        let mut files = Vec::new();
+        files_sorted(&model.path, &mut files);
+        let newest = files
+            .iter()
+            .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
+            .max();
+        let size: u64 = files
+            .iter()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        if let Ok(cache) = self.hashes.lock() {
+            if let Some((s, t, hash)) = cache.get(&model.path) {
+                if *s == size && *t == newest {
+                    return hash.clone();
+                }
+            }
+        }
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        for file in &files {
+            if let Ok(relative) = file.strip_prefix(&model.path) {
+                hasher.update(relative.to_string_lossy().as_bytes());
+            }
+            if let Ok(mut f) = std::fs::File::open(file) {
+                while let Ok(n) = f.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
+                }
+            }
+        }
+        let hash: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if let Ok(mut cache) = self.hashes.lock() {
+            cache.insert(model.path.clone(), (size, newest, hash.clone()));
+        }
+        hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn names_that_leave_a_root_are_refused() {
+        for bad in [
+            "../x",
+            "..",
+            "/etc/passwd",
+            "a/../../b",
+            "a\0b",
+            "  ",
+            "%2e%2e/x",
+            "a\\..\\b",
+            "./a",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["..my_model", "model..1", "sdxl/base-1.0", "a b"] {
+            assert!(check_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The worker thread: owns the device and the loaded pipelines, takes jobs from the
+//! queue in order and runs them, checking for stop requests between denoising steps.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tch::Tensor;
+
+use crate::engine::error::EngineError;
+use crate::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
+use crate::engine::registry::ModelEntry;
+use crate::jobs::{Job, JobError, JobEvent, JobQueue, Outcome, Stage, StopReason};
+use crate::output::{encode_image, encode_latents, latent_preview, OutputFormat, PngMetadata};
+use crate::proto::v1 as pb;
+use crate::telemetry::Metrics;
+
+/// The loaded pipelines, by folder. Lives on the worker thread only (tensors are not
+/// shared across threads), hence `Rc`.
+pub struct Engine {
+    placement: Placement,
+    pipelines: HashMap<PathBuf, Rc<SdxlPipeline>>,
+    /// The folders loaded, shared with the models RPC.
+    resident: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+fn stage_pb(stage: Stage) -> i32 {
+    (match stage {
+        Stage::Queued => pb::Stage::Queued,
+        Stage::LoadingModels => pb::Stage::LoadingModels,
+        Stage::EncodingPrompt => pb::Stage::EncodingPrompt,
+        Stage::Denoising => pb::Stage::Denoising,
+        Stage::Decoding => pb::Stage::Decoding,
+        Stage::PostProcessing => pb::Stage::PostProcessing,
+    }) as i32
+}
+
+impl Engine {
+    /// An engine with nothing loaded; `resident` mirrors what it loads.
+    pub fn new(placement: Placement, resident: Arc<Mutex<HashSet<PathBuf>>>) -> Self {
+        Self {
+            placement,
+            pipelines: HashMap::new(),
+            resident,
+        }
+    }
+
+    /// Device and precision.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// The pipeline of `model`, loading it on first use.
+    pub fn pipeline(&mut self, model: &ModelEntry) -> Result<Rc<SdxlPipeline>, EngineError> {
+        if let Some(p) = self.pipelines.get(&model.path) {
+            return Ok(p.clone());
+        }
+        let pipeline = Rc::new(SdxlPipeline::load(&model.path, self.placement)?);
+        self.pipelines.insert(model.path.clone(), pipeline.clone());
+        if let Ok(mut resident) = self.resident.lock() {
+            resident.insert(model.path.clone());
+        }
+        Ok(pipeline)
+    }
+
+    /// Whether `model` is loaded.
+    pub fn is_resident(&self, model: &ModelEntry) -> bool {
+        self.pipelines.contains_key(&model.path)
+    }
+
+    /// Loads `model` and runs one small denoising step, so the first request does not pay
+    /// for lazy initialisation.
+    pub fn warm_up(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        let pipeline = self.pipeline(model)?;
+        let params = GenerateParams {
+            prompt: "warm-up".into(),
+            width: 64,
+            height: 64,
+            steps: 1,
+            ..GenerateParams::default()
+        };
+        let _latents = pipeline.denoise(&params, &mut |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+/// Timing of the stages of one job.
+struct StageClock {
+    current: Option<(Stage, Instant)>,
+    timings: Vec<pb::StageTiming>,
+    metrics: Arc<Metrics>,
+}
+
+impl StageClock {
+    fn enter(&mut self, stage: Stage) {
+        if self.current.map(|(s, _)| s) == Some(stage) {
+            return;
+        }
+        self.close();
+        self.current = Some((stage, Instant::now()));
+    }
+
+    fn close(&mut self) {
+        if let Some((stage, start)) = self.current.take() {
+            let elapsed = start.elapsed();
+            self.metrics.observe_stage(stage, elapsed);
+            match self.timings.iter_mut().find(|t| t.stage == stage_pb(stage)) {
+                Some(t) => t.duration_ms += elapsed.as_secs_f64() * 1000.0,
+                None => self.timings.push(pb::StageTiming {
+                    stage: stage_pb(stage),
+                    duration_ms: elapsed.as_secs_f64() * 1000.0,
+                }),
+            }
+        }
+    }
+}
+
+/// Runs jobs until the queue is closed. Call on a dedicated OS thread.
+pub fn run_worker(queue: Arc<JobQueue>, mut engine: Engine, metrics: Arc<Metrics>) {
+    while let Some(job) = queue.next_job() {
+        metrics.set_queue_depth(queue.depth());
+        let outcome = match run_job(&mut engine, &job, &metrics) {
+            Ok(()) => Outcome::Completed,
+            Err(err) => {
+                let outcome = match err {
+                    JobError::Stopped(_) => Outcome::Stopped,
+                    _ => Outcome::Failed,
+                };
+                metrics.job_failed(err.error_type());
+                if let JobError::Engine(e) = &err {
+                    tracing::warn!(job = %job.id, error = %e, "job failed");
+                }
+                let _ = job.events.blocking_send(JobEvent::Failed(err));
+                outcome
+            }
+        };
+        queue.finish(&job, outcome);
+        drop(job);
+        metrics.set_queue_depth(queue.depth());
+    }
+}
+
+fn check(job: &Job) -> Result<(), JobError> {
+    if let Some(reason) = job.control.stopped() {
+        return Err(JobError::Stopped(reason));
+    }
+    if job.events.is_closed() {
+        return Err(JobError::Stopped(StopReason::ClientGone));
+    }
+    Ok(())
+}
+
+fn send(job: &Job, event: JobEvent) -> Result<(), JobError> {
+    job.events
+        .blocking_send(event)
+        .map_err(|_| JobError::Stopped(StopReason::ClientGone))
+}
+
+fn progress(stage: Stage, step: usize, total: usize, image_index: usize) -> pb::JobProgress {
+    pb::JobProgress {
+        stage: stage_pb(stage),
+        step: step as u32,
+        total_steps: total as u32,
+        image_index: image_index as u32,
+        preview: None,
+    }
+}
+
+fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(), JobError> {
+    let span = tracing::info_span!("job", job.id = %job.id, model = %job.spec.model.name);
+    let _enter = span.enter();
+    let spec = &job.spec;
+    let mut clock = StageClock {
+        current: Some((Stage::Queued, job.admitted_at)),
+        timings: Vec::new(),
+        metrics: metrics.clone(),
+    };
+    check(job)?;
+
+    clock.enter(Stage::LoadingModels);
+    if !engine.is_resident(&spec.model) {
+        send(
+            job,
+            JobEvent::Progress(progress(Stage::LoadingModels, 0, 0, 0)),
+        )?;
+    }
+    let pipeline = engine.pipeline(&spec.model)?;
+    check(job)?;
+
+    // Images are denoised one at a time, each with its own seed, so that an image is
+    // the same whatever batch it was part of (the PNG metadata reproduces it exactly),
+    // and each is sent as soon as it is ready.
+    let preview_every = spec.output.preview_every as usize;
+    let (width, height) = (spec.params.width as u32, spec.params.height as u32);
+    let count = spec.params.num_images;
+    for i in 0..count {
+        check(job)?;
+        let seed = spec.params.seed + i as u64;
+        let params = GenerateParams {
+            seed,
+            num_images: 1,
+            ..spec.params.clone()
+        };
+        let mut last_step = Instant::now();
+        let mut step_error: Option<JobError> = None;
+        let mut on_progress = |p: Progress<'_>| -> Result<(), EngineError> {
+            let result = match p {
+                Progress::EncodingPrompt => {
+                    clock.enter(Stage::EncodingPrompt);
+                    send(
+                        job,
+                        JobEvent::Progress(progress(Stage::EncodingPrompt, 0, 0, i)),
+                    )
+                }
+                Progress::Denoising {
+                    step,
+                    total,
+                    latents,
+                } => {
+                    if step == 1 {
+                        clock.enter(Stage::Denoising);
+                        last_step = clock.current.map(|(_, t)| t).unwrap_or(last_step);
+                    }
+                    metrics.observe_step(last_step.elapsed());
+                    last_step = Instant::now();
+                    let mut event = progress(Stage::Denoising, step, total, i);
+                    if preview_every > 0 && (step % preview_every == 0 || step == total) {
+                        event.preview = preview(&latents.get(0));
+                    }
+                    check(job).and_then(|()| send(job, JobEvent::Progress(event)))
+                }
+                Progress::Decoding { .. } => Ok(()),
+            };
+            result.map_err(|e| {
+                step_error = Some(e);
+                EngineError::Cancelled
+            })
+        };
+        let latents = match pipeline.denoise(&params, &mut on_progress) {
+            Ok(latents) => latents,
+            Err(EngineError::Cancelled) => {
+                return Err(step_error.unwrap_or(JobError::Stopped(StopReason::Cancelled)))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        check(job)?;
+        let image_latents = latents.get(0);
+        let (data, mime) = if spec.output.format == OutputFormat::Latents {
+            clock.enter(Stage::PostProcessing);
+            (
+                encode_latents(&image_latents)?,
+                OutputFormat::Latents.mime_type(),
+            )
+        } else {
+            clock.enter(Stage::Decoding);
+            send(job, JobEvent::Progress(progress(Stage::Decoding, 0, 0, i)))?;
+            let image = pipeline.decode_image(&image_latents)?;
+            clock.enter(Stage::PostProcessing);
+            let metadata = (spec.output.format == OutputFormat::Png && spec.output.embed_metadata)
+                .then(|| png_metadata(spec, seed));
+            let data = encode_image(
+                &image,
+                spec.output.format,
+                spec.output.quality,
+                metadata.as_ref(),
+            )?;
+            (data, spec.output.format.mime_type())
+        };
+        metrics.image_produced();
+        send(
+            job,
+            JobEvent::Image(pb::GeneratedImage {
+                index: i as u32,
+                seed,
+                data,
+                mime_type: mime.to_string(),
+                width,
+                height,
+                ready_after_ms: job.admitted_at.elapsed().as_secs_f64() * 1000.0,
+            }),
+        )?;
+    }
+    clock.close();
+
+    let mut warnings = Vec::new();
+    if let Some(w) = prompt_warning(&pipeline, spec) {
+        warnings.push(w);
+    }
+    send(
+        job,
+        JobEvent::Completed(pb::JobCompleted {
+            job_id: job.id.clone(),
+            stage_timings: std::mem::take(&mut clock.timings),
+            total_ms: job.admitted_at.elapsed().as_secs_f64() * 1000.0,
+            peak_device_memory_bytes: 0,
+            models: vec![pb::ModelUsage {
+                name: spec.model.name.clone(),
+                kind: pb::ModelKind::Base as i32,
+                sha256: spec.model_sha256.clone(),
+                weight: 0.0,
+            }],
+            warnings,
+        }),
+    )
+}
+
+/// A warning when a prompt is longer than CLIP's 77 tokens.
+fn prompt_warning(pipeline: &SdxlPipeline, spec: &crate::jobs::JobSpec) -> Option<String> {
+    let dropped = pipeline.prompt_overflow(&spec.params.prompt);
+    (dropped > 0)
+        .then(|| format!("the prompt is {dropped} tokens longer than CLIP's 77 and was truncated"))
+}
+
+fn preview(latents: &Tensor) -> Option<pb::Preview> {
+    let rgb = latent_preview(latents)?;
+    let size = rgb.size();
+    let data = encode_image(&rgb, OutputFormat::Png, 0, None).ok()?;
+    Some(pb::Preview {
+        data,
+        mime_type: "image/png".into(),
+        width: size[1] as u32,
+        height: size[0] as u32,
+    })
+}
+
+/// The A1111 `parameters` text and the resolved request of image `seed`.
+fn png_metadata(spec: &crate::jobs::JobSpec, seed: u64) -> PngMetadata {
+    let p = &spec.params;
+    let mut text = p.prompt.clone();
+    if let Some(negative) = &p.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {negative}"));
+    }
+    let hash = &spec.model_sha256;
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}, Version: sdxld {}",
+        p.steps,
+        spec.sampler_name,
+        p.guidance_scale,
+        seed,
+        p.width,
+        p.height,
+        &hash[..hash.len().min(10)],
+        spec.model.name,
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if p.guidance_rescale > 0.0 {
+        text.push_str(&format!(", CFG rescale: {}", p.guidance_rescale));
+    }
+    let mut resolved = spec.resolved.clone();
+    resolved.seed = Some(seed);
+    resolved.num_images = 1;
+    resolved.client_job_id.clear();
+    PngMetadata {
+        parameters: text,
+        request_json: crate::proto::spec_to_json(&resolved),
+    }
+}

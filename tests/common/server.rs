@@ -1,0 +1,182 @@
+//! A real `sdxld serve` process on loopback, for the service tests.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sdxld::proto::v1 as pb;
+use sdxld::proto::v1::generation_service_client::GenerationServiceClient;
+use sdxld::proto::v1::model_service_client::ModelServiceClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// A running server; killed when dropped.
+pub struct TestServer {
+    /// The process.
+    pub child: Child,
+    /// host:port of the gRPC server.
+    pub addr: String,
+    /// host:port of the metrics endpoint.
+    pub metrics_addr: Option<String>,
+}
+
+impl TestServer {
+    /// Starts `sdxld serve` on 127.0.0.1:0 with extra `SDXLD__*` settings and waits until
+    /// it is ready.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdxld"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SDXLD__SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("SDXLD__ENGINE__DEVICE", "cpu")
+            .env("SDXLD__SERVER__SHUTDOWN_GRACE_SECONDS", "20")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn sdxld serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        let mut metrics_addr = None;
+        let start = Instant::now();
+        while addr.is_none() {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120).saturating_sub(start.elapsed()))
+                .expect("the server did not start");
+            if let Some(a) = line.strip_prefix("sdxld listening on ") {
+                addr = Some(a.trim().to_string());
+            }
+            if let Some(m) = line.strip_prefix("sdxld metrics on http://") {
+                metrics_addr = Some(m.trim_end_matches("/metrics").to_string());
+            }
+        }
+        let server = Self {
+            child,
+            addr: addr.unwrap_or_default(),
+            metrics_addr,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A generation client.
+    pub async fn generation(&self) -> GenerationServiceClient<Channel> {
+        GenerationServiceClient::new(self.channel().await).max_decoding_message_size(256 << 20)
+    }
+
+    /// A models client.
+    pub async fn models(&self) -> ModelServiceClient<Channel> {
+        ModelServiceClient::new(self.channel().await)
+    }
+
+    /// The health status of `service`.
+    pub async fn health(&self, service: &str) -> ServingStatus {
+        let mut client = HealthClient::new(self.channel().await);
+        let response = client
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .expect("health check");
+        ServingStatus::try_from(response.into_inner().status).unwrap_or(ServingStatus::Unknown)
+    }
+
+    async fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr))
+                .expect("uri")
+                .connect()
+                .await
+            {
+                let mut client = HealthClient::new(channel);
+                if let Ok(r) = client
+                    .check(HealthCheckRequest {
+                        service: "sdxld.v1.GenerationService".into(),
+                    })
+                    .await
+                {
+                    if r.into_inner().status == ServingStatus::Serving as i32 {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the server did not become ready");
+    }
+
+    /// The metrics text.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let Some(addr) = &self.metrics_addr else {
+            return String::new();
+        };
+        let mut stream = std::net::TcpStream::connect(addr).expect("metrics connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small, quick request on the demo model.
+pub fn quick_spec(seed: u64) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: "a red apple on a table".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        seed: Some(seed),
+        ..Default::default()
+    }
+}
+
+/// A request that runs for a while (many steps), for cancel and deadline tests.
+pub fn slow_spec(seed: u64) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: "a long job".into(),
+        width: 256,
+        height: 256,
+        steps: 150,
+        seed: Some(seed),
+        ..Default::default()
+    }
+}

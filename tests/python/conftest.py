@@ -1,0 +1,90 @@
+"""Fixtures: the sdxld binary serving the demo model on loopback, and Python stubs
+generated from proto/ with grpcio-tools at test time."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory):
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("stubs")
+    include = Path(protoc.__file__).parent / "_proto"
+    protos = [str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto")]
+    args = ["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *protos]
+    assert protoc.main(args) == 0, args
+    local = ROOT / "tests" / "python" / "protos"
+    args = ["protoc", f"-I{local}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", "health.proto", "rpc_status.proto"]
+    assert protoc.main(args) == 0, args
+    sys.path.insert(0, str(out))
+    import health_pb2
+    import health_pb2_grpc
+    import rpc_status_pb2
+    from sdxld.v1 import generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc
+
+    class Stubs:
+        pass
+
+    s = Stubs()
+    s.gen, s.gen_grpc, s.models, s.models_grpc = generation_pb2, generation_pb2_grpc, models_pb2, models_pb2_grpc
+    s.health, s.health_grpc, s.rpc = health_pb2, health_pb2_grpc, rpc_status_pb2
+    return s
+
+
+class Server:
+    def __init__(self):
+        binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
+        env = dict(os.environ, SDXLD__SERVER__METRICS_LISTEN="", SDXLD__ENGINE__DEVICE="cpu")
+        self.process = subprocess.Popen(
+            [binary, "serve", "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        self.address = None
+        deadline = time.time() + 120
+        for line in self.process.stdout:
+            if line.startswith("sdxld listening on "):
+                self.address = line.split()[-1]
+                break
+            if time.time() > deadline:
+                break
+        assert self.address, "the server did not start"
+        # Keep reading stdout so the server never blocks on it.
+        threading.Thread(target=lambda: [None for _ in self.process.stdout], daemon=True).start()
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(stubs):
+    s = Server()
+    channel = grpc.insecure_channel(s.address)
+    health = stubs.health_grpc.HealthStub(channel)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            reply = health.Check(stubs.health.HealthCheckRequest(service="sdxld.v1.GenerationService"), timeout=2)
+            if reply.status == stubs.health.HealthCheckResponse.SERVING:
+                break
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    yield s
+    s.stop()
