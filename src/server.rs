@@ -334,7 +334,8 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         .add_service(generation)
         .add_service(models)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY small event messages wait for delayed ACKs (~40 ms).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await
