@@ -230,15 +230,21 @@ fn serve(
         }
         settings.server.listen = listen;
     }
-    let _telemetry = sdxld::telemetry::init_telemetry(
-        &settings.telemetry.log_format,
-        &settings.telemetry.log_level,
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(sdxld::server::serve(settings, model.as_deref()))
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        sdxld::telemetry::init_telemetry(
+            &settings.telemetry.log_format,
+            &settings.telemetry.log_level,
+        )
+    };
+    let result = runtime.block_on(sdxld::server::serve(settings, model.as_deref()));
+    drop(telemetry);
+    result
 }
 
 fn main() -> anyhow::Result<()> {

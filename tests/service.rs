@@ -107,7 +107,7 @@ async fn a_batch_streams_accepted_progress_images_completed_in_order() {
         })
         .collect();
     let expected: Vec<(u32, u32, u32, bool)> = (0..3)
-        .flat_map(|i| (1..=3).map(move |s| (i, s, 3, true)))
+        .flat_map(|i| (0..=3).map(move |s| (i, s, 3, s > 0)))
         .collect();
     assert_eq!(steps, expected);
     let images: Vec<&pb::GeneratedImage> = events
@@ -268,7 +268,7 @@ async fn cancel_by_rpc_stops_within_a_step_and_the_next_job_runs() {
     let mut last_step = 0;
     while let Some(Ok(message)) = stream.next().await {
         if let Some(Event::Progress(p)) = message.event {
-            if p.stage == pb::Stage::Denoising as i32 {
+            if p.stage == pb::Stage::Denoising as i32 && p.step >= 1 {
                 last_step = p.step;
                 break;
             }

@@ -166,7 +166,8 @@ impl Default for GenerateParams {
 pub enum Progress<'a> {
     /// Text encoders are running.
     EncodingPrompt,
-    /// Denoising step `step` of `total` finished (1-based); `latents` are the current ones.
+    /// Denoising step `step` of `total` finished (0 when the loop starts); `latents` are
+    /// the current ones.
     Denoising {
         /// Steps done.
         step: usize,
@@ -568,9 +569,14 @@ impl SdxlPipeline {
             time_ids: &time_ids,
         };
 
-        // 4. denoising loop
+        // 4. denoising loop (step 0 marks its start)
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
+        progress(Progress::Denoising {
+            step: 0,
+            total,
+            latents: &latents,
+        })?;
         for (i, &t) in timesteps.iter().enumerate() {
             let model_input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)

@@ -219,14 +219,15 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
                     total,
                     latents,
                 } => {
-                    if step == 1 {
+                    if step == 0 {
                         clock.enter(Stage::Denoising);
-                        last_step = clock.current.map(|(_, t)| t).unwrap_or(last_step);
+                    } else {
+                        metrics.observe_step(last_step.elapsed());
                     }
-                    metrics.observe_step(last_step.elapsed());
                     last_step = Instant::now();
                     let mut event = progress(Stage::Denoising, step, total, i);
-                    if preview_every > 0 && (step % preview_every == 0 || step == total) {
+                    if preview_every > 0 && step > 0 && (step % preview_every == 0 || step == total)
+                    {
                         event.preview = preview(&latents.get(0));
                     }
                     check(job).and_then(|()| send(job, JobEvent::Progress(event)))
