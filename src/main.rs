@@ -8,7 +8,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use sdxld::engine::demo::write_demo_model;
-use sdxld::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
+use sdxld::engine::pipeline::{
+    GenerateParams, Placement, Progress, SchedulerOverrides, SdxlPipeline,
+};
+use sdxld::engine::schedulers::SchedulerKind;
 use sdxld::output::{numbered_path, png_bytes, write_latents};
 
 #[derive(Parser)]
@@ -110,12 +113,68 @@ struct GenerateArgs {
     /// Also write the final latents (before decoding) as safetensors.
     #[arg(long)]
     latents_out: Option<PathBuf>,
+    /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral (the model's own
+    /// when absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// A diffusers scheduler config key, e.g. use_karras_sigmas=true or
+    /// timestep_spacing=trailing (repeatable).
+    #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
+    scheduler_config: Vec<String>,
+}
+
+/// A scheduler by CLI name or A1111 sampler name, with the config keys the name implies.
+fn parse_scheduler(
+    name: &str,
+) -> anyhow::Result<(SchedulerKind, Vec<(&'static str, serde_json::Value)>)> {
+    let karras = [("use_karras_sigmas", serde_json::Value::Bool(true))];
+    Ok(match name {
+        "euler" | "Euler" => (SchedulerKind::Euler, vec![]),
+        "euler-ancestral" | "Euler a" => (SchedulerKind::EulerAncestral, vec![]),
+        "heun" | "Heun" => (SchedulerKind::Heun, vec![]),
+        "kdpm2" | "DPM2" => (SchedulerKind::Kdpm2, vec![]),
+        "kdpm2-ancestral" | "DPM2 a" => (SchedulerKind::Kdpm2Ancestral, vec![]),
+        "DPM2 Karras" => (SchedulerKind::Kdpm2, karras.to_vec()),
+        "DPM2 a Karras" => (SchedulerKind::Kdpm2Ancestral, karras.to_vec()),
+        "Euler Karras" => (SchedulerKind::Euler, karras.to_vec()),
+        "Heun Karras" => (SchedulerKind::Heun, karras.to_vec()),
+        "dpm-solver-multistep" | "ddim" | "dpm-solver-singlestep" | "lms" | "unipc" | "DPM++ 2M"
+        | "DPM++ 2M Karras" | "DPM++ 2M SDE" | "DPM++ 2M SDE Karras" | "DDIM" | "LMS" | "LMS Karras"
+        | "UniPC" | "DPM++ SDE" | "DPM++ SDE Karras" => {
+            bail!("scheduler {name:?} is not implemented yet")
+        }
+        other => bail!(
+            "unknown scheduler {other:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, or an A1111 name)"
+        ),
+    })
+}
+
+/// `KEY=VALUE` with VALUE as JSON where it parses (true, 1.5) and a string otherwise.
+fn parse_config_pair(pair: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let Some((key, value)) = pair.split_once('=') else {
+        bail!("--scheduler-config takes KEY=VALUE, got {pair:?}");
+    };
+    let value = serde_json::from_str(value)
+        .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    Ok((key.trim().to_string(), value))
 }
 
 impl GenerateArgs {
-    fn params(&self, pipeline: &SdxlPipeline) -> GenerateParams {
+    fn params(&self, pipeline: &SdxlPipeline) -> anyhow::Result<GenerateParams> {
         let size = pipeline.default_size();
-        GenerateParams {
+        let mut overrides = SchedulerOverrides::default();
+        if let Some(name) = &self.scheduler {
+            let (kind, keys) = parse_scheduler(name)?;
+            overrides.class = Some(kind);
+            for (k, v) in keys {
+                overrides.set(k, v);
+            }
+        }
+        for pair in &self.scheduler_config {
+            let (k, v) = parse_config_pair(pair)?;
+            overrides.set(&k, v);
+        }
+        Ok(GenerateParams {
             prompt: self.prompt.clone(),
             prompt_2: self.prompt_2.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -127,8 +186,9 @@ impl GenerateArgs {
             steps: self.steps,
             seed: self.seed.unwrap_or_else(random_seed),
             num_images: self.num_images,
+            scheduler_overrides: overrides,
             ..GenerateParams::default()
-        }
+        })
     }
 
     fn load(&self) -> anyhow::Result<SdxlPipeline> {
@@ -149,7 +209,7 @@ fn random_seed() -> u64 {
 
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let pipeline = args.load()?;
-    let params = args.params(&pipeline);
+    let params = args.params(&pipeline)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(params.steps as u64);
         bar.set_style(
@@ -199,7 +259,7 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
         tch::set_num_interop_threads(threads);
     }
     let pipeline = args.load()?;
-    let mut params = args.params(&pipeline);
+    let mut params = args.params(&pipeline)?;
     params.seed = args.seed.unwrap_or(0);
     let mut none = |_: Progress<'_>| Ok(());
     pipeline.generate(&params, &mut none)?;

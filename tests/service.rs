@@ -361,7 +361,7 @@ async fn deadlines_apply_while_running_and_while_queued() {
     let start = Instant::now();
     let (_, status) = collect(&mut client, req).await;
     assert_eq!(status.expect_err("deadline").code(), Code::DeadlineExceeded);
-    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(start.elapsed() < Duration::from_secs(30));
 
     // Queued behind a long job: it expires in the queue.
     let mut blocker = server.generation().await;
@@ -538,7 +538,8 @@ async fn models_and_capabilities() {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
-    let mut server = TestServer::start(&[]).await;
+    // A long grace period: the suite runs many servers at once on few cores.
+    let mut server = TestServer::start(&[("SDXLD__SERVER__SHUTDOWN_GRACE_SECONDS", "300")]).await;
     let mut client = server.generation().await;
     let mut spec = slow_spec(12);
     spec.steps = 40;
@@ -576,7 +577,7 @@ async fn sigterm_drains_in_flight_jobs_and_exits_zero() {
         if let Some(status) = server.child.try_wait().expect("wait") {
             break status;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "did not exit");
+        assert!(start.elapsed() < Duration::from_secs(60), "did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status}");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::status::ApiError;
-use crate::api::validate::{scheduler_options, scheduler_supported};
+use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
 use crate::api::ApiState;
 use crate::engine::registry::{ModelEntry, RegistryError};
 use crate::proto::v1 as pb;
@@ -116,7 +116,7 @@ impl ModelService for Models {
                 scheduler: s as i32,
                 supported: scheduler_supported(s),
                 options: scheduler_options(s),
-                sigma_schedules: vec![pb::SigmaSchedule::Default as i32],
+                sigma_schedules: sigma_schedules(s).into_iter().map(|v| v as i32).collect(),
             })
             .collect();
         let features = [
@@ -133,7 +133,7 @@ impl ModelService for Models {
             ("model", true),
             ("output", true),
             ("client_job_id", true),
-            ("scheduler_options.sigma_schedule", false),
+            ("scheduler_options.sigma_schedule", true),
             ("vae", false),
             ("refiner", false),
             ("loras", false),

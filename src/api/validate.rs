@@ -10,7 +10,7 @@ use crate::api::status::ApiError;
 use crate::config::Limits;
 use crate::engine::pipeline::{GenerateParams, SchedulerOverrides};
 use crate::engine::registry::{check_name, Registry, RegistryError};
-use crate::engine::schedulers::{FinalSigmasType, PredictionType, TimestepSpacing};
+use crate::engine::schedulers::SchedulerKind;
 use crate::jobs::{JobSpec, OutputSpec};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
@@ -279,51 +279,70 @@ fn check_model_name(name: &str, field: &str, violations: &mut Violations) {
     }
 }
 
-/// Which SchedulerOptions fields each scheduler family has.
+/// Which SchedulerOptions fields each scheduler has (the diffusers class's config keys).
 fn option_applies(scheduler: pb::Scheduler, option: &str) -> bool {
     use pb::Scheduler as S;
-    let common = matches!(
-        option,
-        "sigma_schedule"
-            | "timestep_spacing"
-            | "steps_offset"
-            | "rescale_betas_zero_snr"
-            | "prediction_type"
-    );
+    if matches!(option, "sigma_schedule" | "prediction_type") {
+        return true;
+    }
+    let keys: &[&str] = match scheduler {
+        S::Unspecified | S::Euler => &[
+            "timestep_spacing",
+            "steps_offset",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+        ],
+        S::EulerAncestral => &["timestep_spacing", "steps_offset", "rescale_betas_zero_snr"],
+        S::Heun | S::Kdpm2 | S::Kdpm2Ancestral | S::Lms => &["timestep_spacing", "steps_offset"],
+        S::Ddim => &[
+            "timestep_spacing",
+            "steps_offset",
+            "eta",
+            "rescale_betas_zero_snr",
+        ],
+        S::DpmSolverMultistep => &[
+            "timestep_spacing",
+            "steps_offset",
+            "solver_order",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "euler_at_final",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+        ],
+        S::DpmSolverSinglestep => &[
+            "solver_order",
+            "algorithm_type",
+            "solver_type",
+            "lower_order_final",
+            "final_sigmas_type",
+        ],
+        S::Unipc => &[
+            "timestep_spacing",
+            "steps_offset",
+            "solver_order",
+            "solver_type",
+            "lower_order_final",
+            "final_sigmas_type",
+            "rescale_betas_zero_snr",
+        ],
+    };
+    keys.contains(&option)
+}
+
+/// The sigma schedules a scheduler accepts (DEFAULT for all; Karras, exponential and beta
+/// where the diffusers class has them).
+pub fn sigma_schedules(scheduler: pb::Scheduler) -> Vec<pb::SigmaSchedule> {
+    use pb::Scheduler as S;
     match scheduler {
-        S::Unspecified | S::Euler => common || option == "final_sigmas_type",
-        S::EulerAncestral | S::Kdpm2 | S::Kdpm2Ancestral | S::Heun | S::Lms => common,
-        S::Ddim => common || option == "eta",
-        S::DpmSolverMultistep => {
-            common
-                || matches!(
-                    option,
-                    "solver_order"
-                        | "algorithm_type"
-                        | "solver_type"
-                        | "lower_order_final"
-                        | "euler_at_final"
-                        | "final_sigmas_type"
-                )
-        }
-        S::DpmSolverSinglestep => {
-            common
-                || matches!(
-                    option,
-                    "solver_order"
-                        | "algorithm_type"
-                        | "solver_type"
-                        | "lower_order_final"
-                        | "final_sigmas_type"
-                )
-        }
-        S::Unipc => {
-            common
-                || matches!(
-                    option,
-                    "solver_order" | "solver_type" | "lower_order_final" | "final_sigmas_type"
-                )
-        }
+        S::EulerAncestral | S::Ddim => vec![pb::SigmaSchedule::Default],
+        _ => vec![
+            pb::SigmaSchedule::Default,
+            pb::SigmaSchedule::Karras,
+            pb::SigmaSchedule::Exponential,
+            pb::SigmaSchedule::Beta,
+        ],
     }
 }
 
@@ -377,7 +396,31 @@ pub fn scheduler_options(scheduler: pb::Scheduler) -> Vec<String> {
 
 /// Whether this server implements a scheduler.
 pub fn scheduler_supported(scheduler: pb::Scheduler) -> bool {
-    matches!(scheduler, pb::Scheduler::Unspecified | pb::Scheduler::Euler)
+    scheduler_kind(scheduler).is_some() || scheduler == pb::Scheduler::Unspecified
+}
+
+/// The engine's scheduler for a contract scheduler, where implemented.
+pub fn scheduler_kind(scheduler: pb::Scheduler) -> Option<SchedulerKind> {
+    use pb::Scheduler as S;
+    Some(match scheduler {
+        S::Euler => SchedulerKind::Euler,
+        S::EulerAncestral => SchedulerKind::EulerAncestral,
+        S::Heun => SchedulerKind::Heun,
+        S::Kdpm2 => SchedulerKind::Kdpm2,
+        S::Kdpm2Ancestral => SchedulerKind::Kdpm2Ancestral,
+        _ => return None,
+    })
+}
+
+/// The contract scheduler of an engine scheduler.
+pub fn scheduler_pb(kind: SchedulerKind) -> pb::Scheduler {
+    match kind {
+        SchedulerKind::Euler => pb::Scheduler::Euler,
+        SchedulerKind::EulerAncestral => pb::Scheduler::EulerAncestral,
+        SchedulerKind::Heun => pb::Scheduler::Heun,
+        SchedulerKind::Kdpm2 => pb::Scheduler::Kdpm2,
+        SchedulerKind::Kdpm2Ancestral => pb::Scheduler::Kdpm2Ancestral,
+    }
 }
 
 fn check_scheduler_options(
@@ -449,6 +492,17 @@ fn finite(value: f32, field: &str, violations: &mut Violations) {
     if !value.is_finite() {
         violations.add(field, "must be a finite number");
     }
+}
+
+/// A1111's name for a scheduler and sigma schedule ("Euler a", "DPM2 Karras").
+fn sampler_name(kind: SchedulerKind, options: &pb::SchedulerOptions) -> String {
+    let suffix = match pb::SigmaSchedule::try_from(options.sigma_schedule) {
+        Ok(pb::SigmaSchedule::Karras) => " Karras",
+        Ok(pb::SigmaSchedule::Exponential) => " Exponential",
+        Ok(pb::SigmaSchedule::Beta) => " Beta",
+        _ => "",
+    };
+    format!("{}{suffix}", kind.a1111_name())
 }
 
 /// Validates a request and resolves it into a job. `seed` is used when the request has
@@ -784,15 +838,6 @@ pub fn to_job_spec(
             ),
         );
     }
-    if matches!(
-        pb::SigmaSchedule::try_from(options.sigma_schedule),
-        Ok(pb::SigmaSchedule::Karras | pb::SigmaSchedule::Exponential | pb::SigmaSchedule::Beta)
-    ) {
-        return unimplemented(
-            "spec.scheduler_options.sigma_schedule",
-            "Karras, exponential and beta sigmas are not implemented yet",
-        );
-    }
     if !spec.vae.is_empty() {
         return unimplemented("spec.vae", "custom VAEs are not implemented yet");
     }
@@ -830,26 +875,43 @@ pub fn to_job_spec(
             .map_or((0, 0), |p| (i64::from(p.y), i64::from(p.x)))
     };
     let micro = spec.micro_conditioning.unwrap_or_default();
-    let overrides = SchedulerOverrides {
-        timestep_spacing: match pb::TimestepSpacing::try_from(options.timestep_spacing) {
-            Ok(pb::TimestepSpacing::Leading) => Some(TimestepSpacing::Leading),
-            Ok(pb::TimestepSpacing::Trailing) => Some(TimestepSpacing::Trailing),
-            Ok(pb::TimestepSpacing::Linspace) => Some(TimestepSpacing::Linspace),
-            _ => None,
-        },
-        steps_offset: options.steps_offset.map(i64::from),
-        final_sigmas_type: match pb::FinalSigmasType::try_from(options.final_sigmas_type) {
-            Ok(pb::FinalSigmasType::Zero) => Some(FinalSigmasType::Zero),
-            Ok(pb::FinalSigmasType::SigmaMin) => Some(FinalSigmasType::SigmaMin),
-            _ => None,
-        },
-        rescale_betas_zero_snr: options.rescale_betas_zero_snr,
-        prediction_type: match pb::PredictionType::try_from(options.prediction_type) {
-            Ok(pb::PredictionType::Epsilon) => Some(PredictionType::Epsilon),
-            Ok(pb::PredictionType::VPrediction) => Some(PredictionType::VPrediction),
-            _ => None,
-        },
+    let mut overrides = SchedulerOverrides {
+        class: scheduler_kind(scheduler),
+        ..SchedulerOverrides::default()
     };
+    match pb::SigmaSchedule::try_from(options.sigma_schedule) {
+        Ok(pb::SigmaSchedule::Default) => {
+            overrides.set("use_karras_sigmas", false);
+            overrides.set("use_exponential_sigmas", false);
+            overrides.set("use_beta_sigmas", false);
+        }
+        Ok(pb::SigmaSchedule::Karras) => overrides.set("use_karras_sigmas", true),
+        Ok(pb::SigmaSchedule::Exponential) => overrides.set("use_exponential_sigmas", true),
+        Ok(pb::SigmaSchedule::Beta) => overrides.set("use_beta_sigmas", true),
+        _ => {}
+    }
+    match pb::TimestepSpacing::try_from(options.timestep_spacing) {
+        Ok(pb::TimestepSpacing::Leading) => overrides.set("timestep_spacing", "leading"),
+        Ok(pb::TimestepSpacing::Trailing) => overrides.set("timestep_spacing", "trailing"),
+        Ok(pb::TimestepSpacing::Linspace) => overrides.set("timestep_spacing", "linspace"),
+        _ => {}
+    }
+    if let Some(offset) = options.steps_offset {
+        overrides.set("steps_offset", offset);
+    }
+    match pb::FinalSigmasType::try_from(options.final_sigmas_type) {
+        Ok(pb::FinalSigmasType::Zero) => overrides.set("final_sigmas_type", "zero"),
+        Ok(pb::FinalSigmasType::SigmaMin) => overrides.set("final_sigmas_type", "sigma_min"),
+        _ => {}
+    }
+    if let Some(rescale) = options.rescale_betas_zero_snr {
+        overrides.set("rescale_betas_zero_snr", rescale);
+    }
+    match pb::PredictionType::try_from(options.prediction_type) {
+        Ok(pb::PredictionType::Epsilon) => overrides.set("prediction_type", "epsilon"),
+        Ok(pb::PredictionType::VPrediction) => overrides.set("prediction_type", "v_prediction"),
+        _ => {}
+    }
     let params = GenerateParams {
         prompt: spec.prompt.clone(),
         prompt_2: spec.prompt_2.clone(),
@@ -903,7 +965,10 @@ pub fn to_job_spec(
             preview_every: output.preview_every_n_steps,
         },
         resolved: spec,
-        sampler_name: "Euler".into(),
+        sampler_name: sampler_name(
+            scheduler_kind(scheduler).unwrap_or(SchedulerKind::Euler),
+            &options,
+        ),
         client_job_id,
     })
 }

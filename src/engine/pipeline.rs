@@ -183,41 +183,43 @@ pub enum Progress<'a> {
     },
 }
 
-/// Request-level changes to the model's scheduler configuration.
+/// Request-level changes to the model's scheduler configuration: another scheduler
+/// class and diffusers config keys, as `XScheduler.from_config(config, **keys)` applies
+/// them (keys the model's config shares with the new class carry over).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SchedulerOverrides {
-    /// Timestep spacing.
-    pub timestep_spacing: Option<crate::engine::schedulers::TimestepSpacing>,
-    /// Offset added to leading timesteps.
-    pub steps_offset: Option<i64>,
-    /// The last sigma.
-    pub final_sigmas_type: Option<crate::engine::schedulers::FinalSigmasType>,
-    /// Zero terminal SNR.
-    pub rescale_betas_zero_snr: Option<bool>,
-    /// What the model predicts.
-    pub prediction_type: Option<crate::engine::schedulers::PredictionType>,
+    /// Another scheduler class.
+    pub class: Option<crate::engine::schedulers::SchedulerKind>,
+    /// diffusers config keys and their values.
+    pub keys: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl SchedulerOverrides {
+    /// Sets a diffusers config key.
+    pub fn set(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.keys.insert(key.to_string(), value.into());
+    }
+
     /// The model's configuration with these overrides applied.
-    pub fn apply(&self, base: &SchedulerConfig) -> SchedulerConfig {
-        let mut config = base.clone();
-        if let Some(v) = self.timestep_spacing {
-            config.timestep_spacing = v;
+    pub fn apply(&self, base: &SchedulerConfig) -> Result<SchedulerConfig> {
+        if self.class.is_none() && self.keys.is_empty() {
+            return Ok(base.clone());
         }
-        if let Some(v) = self.steps_offset {
-            config.steps_offset = v;
+        let invalid = |m: String| EngineError::InvalidRequest(m);
+        let mut value = serde_json::to_value(base).map_err(|e| invalid(e.to_string()))?;
+        let map = value
+            .as_object_mut()
+            .ok_or_else(|| invalid("scheduler config is not an object".into()))?;
+        if let Some(class) = self.class {
+            map.insert("_class_name".into(), class.class_name().into());
         }
-        if let Some(v) = self.final_sigmas_type {
-            config.final_sigmas_type = v;
+        for (key, v) in &self.keys {
+            if !crate::engine::schedulers::CONFIG_KEYS.contains(&key.as_str()) {
+                return Err(invalid(format!("unknown scheduler config key `{key}`")));
+            }
+            map.insert(key.clone(), v.clone());
         }
-        if let Some(v) = self.rescale_betas_zero_snr {
-            config.rescale_betas_zero_snr = v;
-        }
-        if let Some(v) = self.prediction_type {
-            config.prediction_type = v;
-        }
-        config
+        serde_json::from_value(value).map_err(|e| invalid(format!("scheduler config: {e}")))
     }
 }
 
@@ -464,12 +466,11 @@ impl SdxlPipeline {
     }
 
     /// Initial noise for `n` images: image i is `randn([1, C, h, w])` from the CPU
-    /// generator seeded with seed + i, in float32 (invariant 2).
+    /// generator seeded with seed + i, in float32 (invariant 2). Call with NOISE_LOCK held.
     fn initial_noise(&self, p: &GenerateParams) -> Tensor {
         let f = self.vae_scale_factor();
         let channels = self.unet.config().in_channels;
         let shape = [1, channels, p.height / f, p.width / f];
-        let _guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let noise: Vec<Tensor> = (0..p.num_images)
             .map(|i| {
                 tch::manual_seed(p.seed.wrapping_add(i as u64) as i64);
@@ -516,17 +517,34 @@ impl SdxlPipeline {
         let kind = self.placement.kind;
         let n = p.num_images as i64;
         let cfg = p.guidance_scale > 1.0;
+        let mut scheduler = p
+            .scheduler_overrides
+            .apply(&self.scheduler)?
+            .build(p.steps)?;
+        if scheduler.is_stochastic() && p.num_images > 1 {
+            // diffusers draws image i's step noise from its own generator (seed + i); one
+            // process-wide generator reproduces that image by image.
+            let mut all = Vec::with_capacity(p.num_images);
+            for i in 0..p.num_images {
+                let single = GenerateParams {
+                    seed: p.seed.wrapping_add(i as u64),
+                    num_images: 1,
+                    ..p.clone()
+                };
+                all.push(self.denoise(&single, progress)?);
+            }
+            return Ok(Tensor::cat(&all, 0));
+        }
 
         // 1. prompt embeddings
         progress(Progress::EncodingPrompt)?;
         let (embeds, pooled, negative) = self.encode_prompt(p, cfg)?;
 
-        // 2. timesteps and initial latents
-        let mut scheduler = p
-            .scheduler_overrides
-            .apply(&self.scheduler)
-            .build(p.steps)?;
+        // 2. initial latents; a stochastic scheduler keeps drawing from the same generator,
+        // so the lock is held until the loop ends.
+        let noise_guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let latents = self.initial_noise(p).to_device(device);
+        let noise_guard = scheduler.is_stochastic().then_some(noise_guard);
         let mut latents = latents * scheduler.init_noise_sigma();
 
         // 3. added conditioning
@@ -569,9 +587,12 @@ impl SdxlPipeline {
             time_ids: &time_ids,
         };
 
-        // 4. denoising loop (step 0 marks its start)
+        // 4. denoising loop (step 0 marks its start); progress counts scheduler steps, not
+        // UNet calls (second-order schedulers call it twice per step)
         let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
+        let total = p.steps;
+        let mut done = 0;
+        let mut draw = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
         progress(Progress::Denoising {
             step: 0,
             total,
@@ -601,13 +622,17 @@ impl SdxlPipeline {
             } else {
                 noise_pred
             };
-            latents = scheduler.step(&noise_pred, i, &latents);
-            progress(Progress::Denoising {
-                step: i + 1,
-                total,
-                latents: &latents,
-            })?;
+            latents = scheduler.step(&noise_pred, i, &latents, &mut draw);
+            if scheduler.completes_step(i) {
+                done += 1;
+                progress(Progress::Denoising {
+                    step: done.min(total),
+                    total,
+                    latents: &latents,
+                })?;
+            }
         }
+        drop(noise_guard);
         Ok(latents.to_kind(Kind::Float).to_device(Device::Cpu))
     }
 

@@ -4,9 +4,10 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    interp, spaced_timesteps, FinalSigmasType, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing,
+    init_noise_sigma, predict_original, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 
 /// Euler's method over the model's sigma schedule.
@@ -23,18 +24,9 @@ impl EulerDiscrete {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         let unsupported = |what: &str| {
             Err(EngineError::InvalidRequest(format!(
-                "scheduler option `{what}` is not supported by this engine yet"
+                "scheduler option `{what}` is not supported by this engine"
             )))
         };
-        if config.use_karras_sigmas == Some(true) {
-            return unsupported("use_karras_sigmas");
-        }
-        if config.use_exponential_sigmas == Some(true) {
-            return unsupported("use_exponential_sigmas");
-        }
-        if config.use_beta_sigmas == Some(true) {
-            return unsupported("use_beta_sigmas");
-        }
         if config
             .interpolation_type
             .as_deref()
@@ -49,30 +41,18 @@ impl EulerDiscrete {
         {
             return unsupported("timestep_type");
         }
-        let cumprod = config.alphas_cumprod()?;
-        let table: Vec<f32> = {
-            let ac = Tensor::from_slice(&cumprod);
-            Vec::try_from(((-&ac + 1.0) / &ac).pow_tensor_scalar(0.5))?
-        };
-        let timesteps = spaced_timesteps(config, steps);
-        let mut sigmas: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| interp(t, &table) as f32)
-            .collect();
-        let last = match config.final_sigmas_type {
+        let training = TrainingSigmas::new(config)?;
+        let s = schedule(config, &training, steps, false, true);
+        let mut sigmas: Vec<f32> = s.sigmas.iter().map(|&v| v as f32).collect();
+        sigmas.push(match config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => table.first().copied().unwrap_or(0.0),
-        };
-        sigmas.push(last);
+            FinalSigmasType::SigmaMin => training.sigmas.first().copied().unwrap_or(0.0),
+        });
         let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
-        let init_noise_sigma = match config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
         Ok(Self {
-            timesteps,
+            timesteps: s.timesteps.iter().map(|&t| t as f32 as f64).collect(),
             sigmas,
-            init_noise_sigma: init_noise_sigma as f64,
+            init_noise_sigma: init_noise_sigma(config.timestep_spacing, max_sigma.into()),
             prediction_type: config.prediction_type,
         })
     }
@@ -87,24 +67,23 @@ impl Scheduler for EulerDiscrete {
         self.init_noise_sigma
     }
 
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor {
-        let sigma = self.sigmas[step];
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
+        let sigma = self.sigmas[index];
         sample / ((sigma * sigma + 1.0).sqrt() as f64)
     }
 
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor {
-        let sigma = self.sigmas[step] as f64;
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseSource<'_>,
+    ) -> Tensor {
+        let sigma = f64::from(self.sigmas[index]);
         let model_output = model_output.to_kind(tch::Kind::Float);
-        let pred_original = match self.prediction_type {
-            PredictionType::Epsilon => sample - &model_output * sigma,
-            PredictionType::VPrediction => {
-                let denom = sigma * sigma + 1.0;
-                &model_output * (-sigma / denom.sqrt()) + sample / denom
-            }
-            PredictionType::Sample => model_output.shallow_clone(),
-        };
+        let pred_original = predict_original(self.prediction_type, &model_output, sample, sigma);
         let derivative = (sample - pred_original) / sigma;
-        let dt = self.sigmas[step + 1] as f64 - sigma;
+        let dt = f64::from(self.sigmas[index + 1]) - sigma;
         sample + derivative * dt
     }
 }

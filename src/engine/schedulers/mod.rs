@@ -3,16 +3,20 @@
 //! stateful [`Scheduler`]; nothing in a scheduler is global.
 
 pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod kdpm2;
+pub mod sigmas;
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::engine::error::{read_json, EngineError, Result};
 
 /// How betas grow over the training timesteps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BetaSchedule {
     /// Evenly spaced betas.
@@ -25,7 +29,7 @@ pub enum BetaSchedule {
 }
 
 /// What the UNet predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     /// The added noise (SDXL base).
@@ -38,7 +42,7 @@ pub enum PredictionType {
 
 /// How inference timesteps are placed over the training range (Table 2 of
 /// "Common Diffusion Noise Schedules and Sample Steps are Flawed").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     /// Evenly spaced from 0 to the last training step.
@@ -50,7 +54,7 @@ pub enum TimestepSpacing {
 }
 
 /// The last sigma of the schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalSigmasType {
     /// End at sigma 0.
@@ -64,27 +68,77 @@ pub enum FinalSigmasType {
 pub enum SchedulerKind {
     /// `EulerDiscreteScheduler`.
     Euler,
+    /// `EulerAncestralDiscreteScheduler`.
+    EulerAncestral,
+    /// `HeunDiscreteScheduler`.
+    Heun,
+    /// `KDPM2DiscreteScheduler`.
+    Kdpm2,
+    /// `KDPM2AncestralDiscreteScheduler`.
+    Kdpm2Ancestral,
 }
 
 impl SchedulerKind {
+    /// Every implemented scheduler.
+    pub const ALL: [SchedulerKind; 5] = [
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Heun,
+        SchedulerKind::Kdpm2,
+        SchedulerKind::Kdpm2Ancestral,
+    ];
+
     /// The diffusers class name.
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
+            SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
         }
     }
 
     /// Parses a diffusers class name.
     pub fn from_class_name(name: &str) -> Option<Self> {
-        match name {
-            "EulerDiscreteScheduler" => Some(SchedulerKind::Euler),
-            _ => None,
+        Self::ALL.into_iter().find(|k| k.class_name() == name)
+    }
+
+    /// The A1111 sampler name (without schedule suffix).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Euler => "Euler",
+            SchedulerKind::EulerAncestral => "Euler a",
+            SchedulerKind::Heun => "Heun",
+            SchedulerKind::Kdpm2 => "DPM2",
+            SchedulerKind::Kdpm2Ancestral => "DPM2 a",
         }
     }
 }
 
+/// The diffusers config keys sdxld reads (and accepts as overrides).
+pub const CONFIG_KEYS: [&str; 17] = [
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "interpolation_type",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "final_sigmas_type",
+    "rescale_betas_zero_snr",
+    "timestep_type",
+    "sigma_min",
+    "sigma_max",
+];
+
 /// Mirrors a diffusers scheduler config; defaults are diffusers' defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SchedulerConfig {
     /// The diffusers class that wrote the config.
     #[serde(rename = "_class_name", default)]
@@ -134,6 +188,12 @@ pub struct SchedulerConfig {
     /// `discrete` only.
     #[serde(default)]
     pub timestep_type: Option<String>,
+    /// Smallest sigma of respaced schedules (Euler); the schedule's own when absent.
+    #[serde(default)]
+    pub sigma_min: Option<f64>,
+    /// Largest sigma of respaced schedules (Euler); the schedule's own when absent.
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
 }
 
 fn thousand() -> i64 {
@@ -158,16 +218,64 @@ fn final_sigmas_type() -> FinalSigmasType {
     FinalSigmasType::Zero
 }
 
-/// A stateful scheduler for one generation.
+/// Draws standard normal noise of a shape, from the job's generator (invariant 2).
+pub type NoiseSource<'a> = dyn FnMut(&[i64]) -> Tensor + 'a;
+
+/// A stateful scheduler for one generation. The pipeline calls the UNet once per entry of
+/// [`Scheduler::timesteps`] (second-order schedulers list some timesteps twice).
 pub trait Scheduler: Send {
-    /// The UNet timestep of each step.
+    /// The UNet timestep of each call.
     fn timesteps(&self) -> &[f64];
     /// The standard deviation of the initial noise.
     fn init_noise_sigma(&self) -> f64;
-    /// Scales the UNet input at `step`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor;
-    /// Advances `sample` by one step given the model output.
-    fn step(&mut self, model_output: &Tensor, step: usize, sample: &Tensor) -> Tensor;
+    /// Scales the UNet input of call `index`.
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor;
+    /// Advances `sample` given the model output of call `index`; stochastic schedulers
+    /// draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource<'_>,
+    ) -> Tensor;
+    /// Whether call `index` completed a scheduler step (false for the first half of a
+    /// second-order step). Progress counts completed steps.
+    fn completes_step(&self, index: usize) -> bool {
+        let _ = index;
+        true
+    }
+    /// Whether `step` draws noise.
+    fn is_stochastic(&self) -> bool {
+        false
+    }
+}
+
+/// The clean-sample prediction from a model output at noise level `sigma` (k-diffusion
+/// parameterisation), as the discrete sigma schedulers compute it.
+pub fn predict_original(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Tensor {
+    match prediction {
+        PredictionType::Epsilon => sample - model_output * sigma,
+        PredictionType::VPrediction => {
+            let denom = sigma * sigma + 1.0;
+            model_output * (-sigma / denom.sqrt()) + sample / denom
+        }
+        PredictionType::Sample => model_output.shallow_clone(),
+    }
+}
+
+/// diffusers' `init_noise_sigma` of the sigma schedulers.
+pub fn init_noise_sigma(spacing: TimestepSpacing, max_sigma: f64) -> f64 {
+    let max_sigma = max_sigma as f32;
+    (match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }) as f64
 }
 
 impl SchedulerConfig {
@@ -197,9 +305,35 @@ impl SchedulerConfig {
                 "`steps` must be at least 1".into(),
             ));
         }
-        match self.kind().map_err(EngineError::InvalidRequest)? {
-            SchedulerKind::Euler => Ok(Box::new(euler::EulerDiscrete::new(self, steps)?)),
+        Ok(match self.kind().map_err(EngineError::InvalidRequest)? {
+            SchedulerKind::Euler => Box::new(euler::EulerDiscrete::new(self, steps)?),
+            SchedulerKind::EulerAncestral => {
+                Box::new(euler_ancestral::EulerAncestral::new(self, steps)?)
+            }
+            SchedulerKind::Heun => Box::new(heun::Heun::new(self, steps)?),
+            SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(self, steps, false)?),
+            SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::new(self, steps, true)?),
+        })
+    }
+
+    /// The sigma respacing the config asks for.
+    pub fn sigma_spacing(&self) -> sigmas::SigmaSpacing {
+        if self.use_karras_sigmas == Some(true) {
+            sigmas::SigmaSpacing::Karras
+        } else if self.use_exponential_sigmas == Some(true) {
+            sigmas::SigmaSpacing::Exponential
+        } else if self.use_beta_sigmas == Some(true) {
+            sigmas::SigmaSpacing::Beta
+        } else {
+            sigmas::SigmaSpacing::Default
         }
+    }
+
+    /// Sets the sigma respacing.
+    pub fn set_sigma_spacing(&mut self, spacing: sigmas::SigmaSpacing) {
+        self.use_karras_sigmas = Some(spacing == sigmas::SigmaSpacing::Karras);
+        self.use_exponential_sigmas = Some(spacing == sigmas::SigmaSpacing::Exponential);
+        self.use_beta_sigmas = Some(spacing == sigmas::SigmaSpacing::Beta);
     }
 
     /// The training betas, as diffusers computes them (float32).
