@@ -113,8 +113,9 @@ struct GenerateArgs {
     /// Also write the final latents (before decoding) as safetensors.
     #[arg(long)]
     latents_out: Option<PathBuf>,
-    /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral (the model's own
-    /// when absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
+    /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim,
+    /// dpm-solver-multistep (the
+    /// model's own when absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
     #[arg(long)]
     scheduler: Option<String>,
     /// A diffusers scheduler config key, e.g. use_karras_sigmas=true or
@@ -138,13 +139,21 @@ fn parse_scheduler(
         "DPM2 a Karras" => (SchedulerKind::Kdpm2Ancestral, karras.to_vec()),
         "Euler Karras" => (SchedulerKind::Euler, karras.to_vec()),
         "Heun Karras" => (SchedulerKind::Heun, karras.to_vec()),
-        "dpm-solver-multistep" | "ddim" | "dpm-solver-singlestep" | "lms" | "unipc" | "DPM++ 2M"
-        | "DPM++ 2M Karras" | "DPM++ 2M SDE" | "DPM++ 2M SDE Karras" | "DDIM" | "LMS" | "LMS Karras"
-        | "UniPC" | "DPM++ SDE" | "DPM++ SDE Karras" => {
+        "lms" | "LMS" => (SchedulerKind::Lms, vec![]),
+        "LMS Karras" => (SchedulerKind::Lms, karras.to_vec()),
+        "ddim" | "DDIM" => (SchedulerKind::Ddim, vec![]),
+        "dpm-solver-multistep" | "DPM++ 2M" => (SchedulerKind::DpmSolverMultistep, vec![]),
+        "DPM++ 2M Karras" => (SchedulerKind::DpmSolverMultistep, karras.to_vec()),
+        "DPM++ 2M SDE" => (SchedulerKind::DpmSolverMultistep, vec![("algorithm_type", "sde-dpmsolver++".into())]),
+        "DPM++ 2M SDE Karras" => (
+            SchedulerKind::DpmSolverMultistep,
+            vec![("algorithm_type", "sde-dpmsolver++".into()), ("use_karras_sigmas", true.into())],
+        ),
+        "dpm-solver-singlestep" | "unipc" | "UniPC" | "DPM++ SDE" | "DPM++ SDE Karras" => {
             bail!("scheduler {name:?} is not implemented yet")
         }
         other => bail!(
-            "unknown scheduler {other:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, or an A1111 name)"
+            "unknown scheduler {other:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, or an A1111 name)"
         ),
     })
 }

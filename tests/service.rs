@@ -478,7 +478,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     );
 
     let mut spec = quick_spec(1);
-    spec.scheduler = pb::Scheduler::Ddim as i32;
+    spec.scheduler = pb::Scheduler::DpmSolverSinglestep as i32;
     let status = client
         .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
         .await

@@ -408,6 +408,9 @@ pub fn scheduler_kind(scheduler: pb::Scheduler) -> Option<SchedulerKind> {
         S::Heun => SchedulerKind::Heun,
         S::Kdpm2 => SchedulerKind::Kdpm2,
         S::Kdpm2Ancestral => SchedulerKind::Kdpm2Ancestral,
+        S::Lms => SchedulerKind::Lms,
+        S::Ddim => SchedulerKind::Ddim,
+        S::DpmSolverMultistep => SchedulerKind::DpmSolverMultistep,
         _ => return None,
     })
 }
@@ -420,6 +423,9 @@ pub fn scheduler_pb(kind: SchedulerKind) -> pb::Scheduler {
         SchedulerKind::Heun => pb::Scheduler::Heun,
         SchedulerKind::Kdpm2 => pb::Scheduler::Kdpm2,
         SchedulerKind::Kdpm2Ancestral => pb::Scheduler::Kdpm2Ancestral,
+        SchedulerKind::Lms => pb::Scheduler::Lms,
+        SchedulerKind::Ddim => pb::Scheduler::Ddim,
+        SchedulerKind::DpmSolverMultistep => pb::Scheduler::DpmSolverMultistep,
     }
 }
 
@@ -906,6 +912,30 @@ pub fn to_job_spec(
     }
     if let Some(rescale) = options.rescale_betas_zero_snr {
         overrides.set("rescale_betas_zero_snr", rescale);
+    }
+    if let Some(eta) = options.eta {
+        overrides.set("eta", f64::from(eta));
+    }
+    if let Some(order) = options.solver_order {
+        overrides.set("solver_order", order);
+    }
+    match pb::AlgorithmType::try_from(options.algorithm_type) {
+        Ok(pb::AlgorithmType::DpmsolverPlusPlus) => overrides.set("algorithm_type", "dpmsolver++"),
+        Ok(pb::AlgorithmType::SdeDpmsolverPlusPlus) => {
+            overrides.set("algorithm_type", "sde-dpmsolver++")
+        }
+        _ => {}
+    }
+    match pb::SolverType::try_from(options.solver_type) {
+        Ok(pb::SolverType::Midpoint) => overrides.set("solver_type", "midpoint"),
+        Ok(pb::SolverType::Heun) => overrides.set("solver_type", "heun"),
+        _ => {}
+    }
+    if let Some(v) = options.lower_order_final {
+        overrides.set("lower_order_final", v);
+    }
+    if let Some(v) = options.euler_at_final {
+        overrides.set("euler_at_final", v);
     }
     match pb::PredictionType::try_from(options.prediction_type) {
         Ok(pb::PredictionType::Epsilon) => overrides.set("prediction_type", "epsilon"),

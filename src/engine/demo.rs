@@ -172,7 +172,9 @@ pub fn write_demo_model(out: &Path, seed: u64) -> Result<()> {
             "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000, "prediction_type": "epsilon",
             "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
-            "use_karras_sigmas": false, "final_sigmas_type": "zero"
+            "use_karras_sigmas": false, "final_sigmas_type": "zero",
+            "clip_sample": false, "set_alpha_to_one": false, "sample_max_value": 1.0,
+            "skip_prk_steps": true
         }),
     )?;
     write_tokenizer(&out.join("tokenizer"), "<|endoftext|>")?;

@@ -2,10 +2,13 @@
 //! `scheduler/scheduler_config.json` and overridden per request) builds a per-request
 //! stateful [`Scheduler`]; nothing in a scheduler is global.
 
+pub mod ddim;
+pub mod dpm_multistep;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod kdpm2;
+pub mod lms;
 pub mod sigmas;
 
 use std::path::Path;
@@ -76,16 +79,25 @@ pub enum SchedulerKind {
     Kdpm2,
     /// `KDPM2AncestralDiscreteScheduler`.
     Kdpm2Ancestral,
+    /// `LMSDiscreteScheduler`.
+    Lms,
+    /// `DDIMScheduler`.
+    Ddim,
+    /// `DPMSolverMultistepScheduler`.
+    DpmSolverMultistep,
 }
 
 impl SchedulerKind {
     /// Every implemented scheduler.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 8] = [
+        SchedulerKind::DpmSolverMultistep,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Heun,
         SchedulerKind::Kdpm2,
         SchedulerKind::Kdpm2Ancestral,
+        SchedulerKind::Lms,
+        SchedulerKind::Ddim,
     ];
 
     /// The diffusers class name.
@@ -96,6 +108,9 @@ impl SchedulerKind {
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
             SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
         }
     }
 
@@ -112,12 +127,24 @@ impl SchedulerKind {
             SchedulerKind::Heun => "Heun",
             SchedulerKind::Kdpm2 => "DPM2",
             SchedulerKind::Kdpm2Ancestral => "DPM2 a",
+            SchedulerKind::Lms => "LMS",
+            SchedulerKind::Ddim => "DDIM",
+            SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
         }
     }
 }
 
 /// The diffusers config keys sdxld reads (and accepts as overrides).
-pub const CONFIG_KEYS: [&str; 17] = [
+pub const CONFIG_KEYS: [&str; 26] = [
+    "solver_order",
+    "algorithm_type",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "clip_sample",
+    "clip_sample_range",
+    "set_alpha_to_one",
+    "eta",
     "num_train_timesteps",
     "beta_start",
     "beta_end",
@@ -194,6 +221,33 @@ pub struct SchedulerConfig {
     /// Largest sigma of respaced schedules (Euler); the schedule's own when absent.
     #[serde(default)]
     pub sigma_max: Option<f64>,
+    /// Clip the predicted clean sample (DDIM; its default is true).
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    /// The clipping range (default 1).
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    /// DDIM: the final alpha is 1 (its default) rather than the first training alpha.
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    /// DDIM's eta (a call argument in diffusers, carried here per request; default 0).
+    #[serde(default)]
+    pub eta: Option<f64>,
+    /// Multistep order (DPM-Solver, UniPC; default 2).
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    /// dpmsolver++ (default) or sde-dpmsolver++.
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    /// midpoint (default) or heun.
+    #[serde(default)]
+    pub solver_type: Option<String>,
+    /// Lower-order steps at the end of short schedules (default true).
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    /// A first-order last step (default false).
+    #[serde(default)]
+    pub euler_at_final: Option<bool>,
 }
 
 fn thousand() -> i64 {
@@ -313,6 +367,11 @@ impl SchedulerConfig {
             SchedulerKind::Heun => Box::new(heun::Heun::new(self, steps)?),
             SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(self, steps, false)?),
             SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::new(self, steps, true)?),
+            SchedulerKind::Lms => Box::new(lms::Lms::new(self, steps)?),
+            SchedulerKind::Ddim => Box::new(ddim::Ddim::new(self, steps)?),
+            SchedulerKind::DpmSolverMultistep => {
+                Box::new(dpm_multistep::DpmMultistep::new(self, steps)?)
+            }
         })
     }
 
