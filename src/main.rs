@@ -114,7 +114,7 @@ struct GenerateArgs {
     #[arg(long)]
     latents_out: Option<PathBuf>,
     /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim,
-    /// dpm-solver-multistep (the
+    /// dpm-solver-multistep, dpm-solver-singlestep, unipc (the
     /// model's own when absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
     #[arg(long)]
     scheduler: Option<String>,
@@ -149,11 +149,11 @@ fn parse_scheduler(
             SchedulerKind::DpmSolverMultistep,
             vec![("algorithm_type", "sde-dpmsolver++".into()), ("use_karras_sigmas", true.into())],
         ),
-        "dpm-solver-singlestep" | "unipc" | "UniPC" | "DPM++ SDE" | "DPM++ SDE Karras" => {
-            bail!("scheduler {name:?} is not implemented yet")
-        }
+        "unipc" | "UniPC" => (SchedulerKind::UniPc, vec![]),
+        "dpm-solver-singlestep" | "DPM++ SDE" => (SchedulerKind::DpmSolverSinglestep, vec![]),
+        "DPM++ SDE Karras" => (SchedulerKind::DpmSolverSinglestep, karras.to_vec()),
         other => bail!(
-            "unknown scheduler {other:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, or an A1111 name)"
+            "unknown scheduler {other:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, dpm-solver-singlestep, unipc, or an A1111 name)"
         ),
     })
 }

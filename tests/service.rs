@@ -478,13 +478,21 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     );
 
     let mut spec = quick_spec(1);
-    spec.scheduler = pb::Scheduler::DpmSolverSinglestep as i32;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(64, 64)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("png");
+    spec.init_image = Some(pb::InitImage {
+        image: png.into_inner(),
+        strength: Some(0.5),
+        ..Default::default()
+    });
     let status = client
         .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
         .await
         .expect_err("unimplemented");
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("spec.scheduler"));
+    assert!(status.message().contains("spec.init_image"));
 
     // The server keeps serving.
     client

@@ -113,7 +113,9 @@ fn engine_status(error: EngineError) -> Status {
         | EngineError::UnknownTensor { .. }
         | EngineError::ShapeMismatch { .. }
         | EngineError::Tokenizer { .. } => Code::FailedPrecondition,
-        EngineError::Device(_) | EngineError::Torch(_) => Code::Internal,
+        EngineError::Device(_) | EngineError::Torch(_) | EngineError::NonFinite(_) => {
+            Code::Internal
+        }
     };
     Status::with_error_details(
         code,

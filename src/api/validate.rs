@@ -411,7 +411,9 @@ pub fn scheduler_kind(scheduler: pb::Scheduler) -> Option<SchedulerKind> {
         S::Lms => SchedulerKind::Lms,
         S::Ddim => SchedulerKind::Ddim,
         S::DpmSolverMultistep => SchedulerKind::DpmSolverMultistep,
-        _ => return None,
+        S::Unipc => SchedulerKind::UniPc,
+        S::DpmSolverSinglestep => SchedulerKind::DpmSolverSinglestep,
+        S::Unspecified => return None,
     })
 }
 
@@ -426,6 +428,8 @@ pub fn scheduler_pb(kind: SchedulerKind) -> pb::Scheduler {
         SchedulerKind::Lms => pb::Scheduler::Lms,
         SchedulerKind::Ddim => pb::Scheduler::Ddim,
         SchedulerKind::DpmSolverMultistep => pb::Scheduler::DpmSolverMultistep,
+        SchedulerKind::UniPc => pb::Scheduler::Unipc,
+        SchedulerKind::DpmSolverSinglestep => pb::Scheduler::DpmSolverSinglestep,
     }
 }
 
@@ -929,6 +933,8 @@ pub fn to_job_spec(
     match pb::SolverType::try_from(options.solver_type) {
         Ok(pb::SolverType::Midpoint) => overrides.set("solver_type", "midpoint"),
         Ok(pb::SolverType::Heun) => overrides.set("solver_type", "heun"),
+        Ok(pb::SolverType::Bh1) => overrides.set("solver_type", "bh1"),
+        Ok(pb::SolverType::Bh2) => overrides.set("solver_type", "bh2"),
         _ => {}
     }
     if let Some(v) = options.lower_order_final {

@@ -74,6 +74,10 @@ pub enum EngineError {
     /// The job was cancelled between two steps.
     #[error("cancelled")]
     Cancelled,
+    /// Denoising produced NaN or infinite latents (some scheduler settings do, in
+    /// diffusers too; a non-finite image is never returned).
+    #[error("denoising produced non-finite latents: {0}")]
+    NonFinite(String),
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -93,6 +97,7 @@ impl EngineError {
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::Device(_) => "device",
             EngineError::Cancelled => "cancelled",
+            EngineError::NonFinite(_) => "non_finite_latents",
             EngineError::Torch(_) => "torch",
         }
     }

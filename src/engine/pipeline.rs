@@ -633,7 +633,14 @@ impl SdxlPipeline {
             }
         }
         drop(noise_guard);
-        Ok(latents.to_kind(Kind::Float).to_device(Device::Cpu))
+        let latents = latents.to_kind(Kind::Float).to_device(Device::Cpu);
+        if latents.isfinite().all().int64_value(&[]) == 0 {
+            return Err(EngineError::NonFinite(format!(
+                "try another scheduler configuration (scheduler {:?}, {} steps)",
+                p.scheduler_overrides.class, p.steps
+            )));
+        }
+        Ok(latents)
     }
 
     /// Decodes one image's latents [C, h, w] into a [H, W, 3] uint8 image on the CPU.

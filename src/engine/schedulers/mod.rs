@@ -4,12 +4,14 @@
 
 pub mod ddim;
 pub mod dpm_multistep;
+pub mod dpm_singlestep;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod kdpm2;
 pub mod lms;
 pub mod sigmas;
+pub mod unipc;
 
 use std::path::Path;
 
@@ -85,11 +87,17 @@ pub enum SchedulerKind {
     Ddim,
     /// `DPMSolverMultistepScheduler`.
     DpmSolverMultistep,
+    /// `UniPCMultistepScheduler`.
+    UniPc,
+    /// `DPMSolverSinglestepScheduler`.
+    DpmSolverSinglestep,
 }
 
 impl SchedulerKind {
     /// Every implemented scheduler.
-    pub const ALL: [SchedulerKind; 8] = [
+    pub const ALL: [SchedulerKind; 10] = [
+        SchedulerKind::DpmSolverSinglestep,
+        SchedulerKind::UniPc,
         SchedulerKind::DpmSolverMultistep,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
@@ -111,6 +119,8 @@ impl SchedulerKind {
             SchedulerKind::Lms => "LMSDiscreteScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
         }
     }
 
@@ -130,6 +140,8 @@ impl SchedulerKind {
             SchedulerKind::Lms => "LMS",
             SchedulerKind::Ddim => "DDIM",
             SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
+            SchedulerKind::UniPc => "UniPC",
+            SchedulerKind::DpmSolverSinglestep => "DPM++ SDE",
         }
     }
 }
@@ -371,6 +383,10 @@ impl SchedulerConfig {
             SchedulerKind::Ddim => Box::new(ddim::Ddim::new(self, steps)?),
             SchedulerKind::DpmSolverMultistep => {
                 Box::new(dpm_multistep::DpmMultistep::new(self, steps)?)
+            }
+            SchedulerKind::UniPc => Box::new(unipc::UniPc::new(self, steps)?),
+            SchedulerKind::DpmSolverSinglestep => {
+                Box::new(dpm_singlestep::DpmSinglestep::new(self, steps)?)
             }
         })
     }
