@@ -118,6 +118,12 @@ struct GenerateArgs {
     /// model's own when absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
     #[arg(long)]
     scheduler: Option<String>,
+    /// Image to image: an init image (PNG, JPEG or WebP; its size is the output size).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// Image to image: the fraction of the schedule that runs, in (0, 1].
+    #[arg(long, default_value_t = 0.8)]
+    strength: f64,
     /// A diffusers scheduler config key, e.g. use_karras_sigmas=true or
     /// timestep_spacing=trailing (repeatable).
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
@@ -183,15 +189,30 @@ impl GenerateArgs {
             let (k, v) = parse_config_pair(pair)?;
             overrides.set(&k, v);
         }
+        let init_image = match &self.init_image {
+            Some(path) => {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                Some(sdxld::engine::pipeline::InitImage::decode(
+                    &bytes,
+                    self.strength,
+                )?)
+            }
+            None => None,
+        };
+        let (default_w, default_h) = init_image
+            .as_ref()
+            .map_or((size, size), |i| (i.width, i.height));
         Ok(GenerateParams {
+            init_image,
             prompt: self.prompt.clone(),
             prompt_2: self.prompt_2.clone(),
             negative_prompt: self.negative_prompt.clone(),
             negative_prompt_2: self.negative_prompt_2.clone(),
             guidance_scale: self.guidance,
             guidance_rescale: self.guidance_rescale,
-            width: self.width.unwrap_or(size),
-            height: self.height.unwrap_or(size),
+            width: self.width.unwrap_or(default_w),
+            height: self.height.unwrap_or(default_h),
             steps: self.steps,
             seed: self.seed.unwrap_or_else(random_seed),
             num_images: self.num_images,

@@ -482,9 +482,11 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     image::RgbImage::new(64, 64)
         .write_to(&mut png, image::ImageFormat::Png)
         .expect("png");
+    let png = png.into_inner();
     spec.init_image = Some(pb::InitImage {
-        image: png.into_inner(),
+        image: png.clone(),
         strength: Some(0.5),
+        mask: png,
         ..Default::default()
     });
     let status = client
@@ -492,7 +494,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         .await
         .expect_err("unimplemented");
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("spec.init_image"));
+    assert!(status.message().contains("spec.init_image.mask"));
 
     // The server keeps serving.
     client

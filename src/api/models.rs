@@ -138,7 +138,9 @@ impl ModelService for Models {
             ("refiner", false),
             ("loras", false),
             ("controlnets", false),
-            ("init_image", false),
+            ("init_image", true),
+            ("init_image.mask", false),
+            ("init_image.denoising_start", false),
             ("post_processing", false),
         ]
         .into_iter()

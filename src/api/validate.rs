@@ -668,16 +668,31 @@ pub fn to_job_spec(
         }
     }
     let default_size = model.as_ref().map_or(1024, |m| m.default_size);
-    let width = if spec.width == 0 {
-        default_size
-    } else {
-        spec.width
+    // Image to image: the init image's size is the output size unless one is given.
+    let init_size = spec.init_image.as_ref().and_then(|i| {
+        image::ImageReader::new(std::io::Cursor::new(&i.image))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok())
+    });
+    let width = match (spec.width, init_size) {
+        (0, Some((w, _))) => w,
+        (0, None) => default_size,
+        (w, _) => w,
     };
-    let height = if spec.height == 0 {
-        default_size
-    } else {
-        spec.height
+    let height = match (spec.height, init_size) {
+        (0, Some((_, h))) => h,
+        (0, None) => default_size,
+        (h, _) => h,
     };
+    if let Some((w, h)) = init_size {
+        if (w, h) != (width, height) {
+            v.add(
+                "spec.init_image.image",
+                format!("is {w}x{h} but the requested size is {width}x{height} (leave width and height at 0 to use the image's)"),
+            );
+        }
+    }
     for (field, value, max) in [
         ("spec.width", width, limits.max_width),
         ("spec.height", height, limits.max_height),
@@ -860,10 +875,17 @@ pub fn to_job_spec(
     if !spec.controlnets.is_empty() {
         return unimplemented("spec.controlnets", "ControlNet is not implemented yet");
     }
-    if spec.init_image.is_some() {
+    if spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty()) {
+        return unimplemented("spec.init_image.mask", "inpainting is not implemented yet");
+    }
+    if spec
+        .init_image
+        .as_ref()
+        .is_some_and(|i| i.denoising_start.is_some())
+    {
         return unimplemented(
-            "spec.init_image",
-            "image to image and inpainting are not implemented yet",
+            "spec.init_image.denoising_start",
+            "denoising_start is not implemented yet",
         );
     }
     if !spec.post_processing.is_empty() {
@@ -948,7 +970,28 @@ pub fn to_job_spec(
         Ok(pb::PredictionType::VPrediction) => overrides.set("prediction_type", "v_prediction"),
         _ => {}
     }
+    let init_image = match &spec.init_image {
+        Some(init) => {
+            let strength = f64::from(init.strength.unwrap_or(0.8));
+            if (f64::from(steps) * strength) < 1.0 {
+                return Err(ApiError::invalid(
+                    "spec.init_image.strength",
+                    &format!("`spec.init_image.strength` {strength} x {steps} steps leaves no step to run"),
+                ));
+            }
+            Some(
+                crate::engine::pipeline::InitImage::decode(&init.image, strength).map_err(|e| {
+                    ApiError::invalid(
+                        "spec.init_image.image",
+                        &format!("`spec.init_image.image` {e}"),
+                    )
+                })?,
+            )
+        }
+        None => None,
+    };
     let params = GenerateParams {
+        init_image,
         prompt: spec.prompt.clone(),
         prompt_2: spec.prompt_2.clone(),
         negative_prompt: spec.negative_prompt.clone(),

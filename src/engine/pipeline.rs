@@ -133,6 +133,49 @@ pub struct GenerateParams {
     pub negative_target_size: Option<(i64, i64)>,
     /// Changes to the model's scheduler configuration.
     pub scheduler_overrides: SchedulerOverrides,
+    /// Image to image: the init image (its size is the output size) and the strength.
+    pub init_image: Option<InitImage>,
+}
+
+/// An init image for image to image, 8-bit RGB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    /// Width in pixels.
+    pub width: i64,
+    /// Height in pixels.
+    pub height: i64,
+    /// Row-major RGB bytes.
+    pub pixels: Vec<u8>,
+    /// How much of the schedule runs, in (0, 1]: 1 ignores the image's content.
+    pub strength: f64,
+}
+
+impl InitImage {
+    /// Decodes PNG, JPEG or WebP bytes.
+    pub fn decode(bytes: &[u8], strength: f64) -> Result<Self> {
+        let image = image::load_from_memory(bytes)
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!("the init image does not decode: {e}"))
+            })?
+            .to_rgb8();
+        let (width, height) = image.dimensions();
+        Ok(Self {
+            width: i64::from(width),
+            height: i64::from(height),
+            pixels: image.into_raw(),
+            strength,
+        })
+    }
+
+    /// [1, 3, H, W] float32 in [-1, 1], as diffusers' image processor normalises.
+    fn to_tensor(&self) -> Tensor {
+        let t = Tensor::from_slice(&self.pixels)
+            .reshape([self.height, self.width, 3])
+            .permute([2, 0, 1])
+            .unsqueeze(0)
+            .to_kind(Kind::Float);
+        (t / 255.0) * 2.0 - 1.0
+    }
 }
 
 impl Default for GenerateParams {
@@ -157,6 +200,7 @@ impl Default for GenerateParams {
             negative_crops_coords_top_left: (0, 0),
             negative_target_size: None,
             scheduler_overrides: SchedulerOverrides::default(),
+            init_image: None,
         }
     }
 }
@@ -394,6 +438,26 @@ impl SdxlPipeline {
         if p.num_images == 0 {
             return bad("`num_images` must be at least 1, got 0".into());
         }
+        if let Some(init) = &p.init_image {
+            if init.width != p.width || init.height != p.height {
+                return bad(format!(
+                    "the init image is {}x{} but the requested size is {}x{}",
+                    init.width, init.height, p.width, p.height
+                ));
+            }
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return bad(format!(
+                    "`strength` must be in (0, 1], got {}",
+                    init.strength
+                ));
+            }
+            if (p.steps as f64 * init.strength) < 1.0 {
+                return bad(format!(
+                    "`strength` {} leaves no step of {} to run (steps x strength must be at least 1)",
+                    init.strength, p.steps
+                ));
+            }
+        }
         if !p.guidance_scale.is_finite() {
             return bad("`guidance_scale` must be finite".into());
         }
@@ -480,6 +544,38 @@ impl SdxlPipeline {
         Tensor::cat(&noise, 0)
     }
 
+    /// Image to image (StableDiffusionXLImg2ImgPipeline's get_timesteps and
+    /// prepare_latents): the VAE latents of the init image, sampled and noised to the
+    /// first timestep that `strength` keeps, and the index of that timestep. Draws from
+    /// the generator (call with NOISE_LOCK held): the latent sample first, then the noise.
+    fn image_latents(
+        &self,
+        init: &InitImage,
+        p: &GenerateParams,
+        scheduler: &dyn crate::engine::schedulers::Scheduler,
+    ) -> Result<(Tensor, usize)> {
+        let keep = ((p.steps as f64 * init.strength) as usize).min(p.steps);
+        let t_start = p.steps - keep;
+        let start = t_start * scheduler.order();
+        let image = init
+            .to_tensor()
+            .to_device(self.placement.device)
+            .to_kind(self.vae_kind);
+        let (mean, logvar) = self.vae.encode(&image);
+        tch::manual_seed(p.seed as i64);
+        let shape = mean.size();
+        let eps = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let device = self.placement.device;
+        let std = (logvar.to_kind(Kind::Float) * 0.5).exp();
+        let sample = mean.to_kind(Kind::Float) + std * eps.to_device(device);
+        let latents = self.vae.scale_latents(&sample);
+        Ok((
+            scheduler.add_noise(&latents, &noise.to_device(device), start),
+            start,
+        ))
+    }
+
     fn time_ids(&self, original: (i64, i64), crop: (i64, i64), target: (i64, i64)) -> Tensor {
         let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
         Tensor::from_slice(&values).unsqueeze(0)
@@ -521,9 +617,10 @@ impl SdxlPipeline {
             .scheduler_overrides
             .apply(&self.scheduler)?
             .build(p.steps)?;
-        if scheduler.is_stochastic() && p.num_images > 1 {
-            // diffusers draws image i's step noise from its own generator (seed + i); one
-            // process-wide generator reproduces that image by image.
+        if (scheduler.is_stochastic() || p.init_image.is_some()) && p.num_images > 1 {
+            // diffusers draws image i's noise (VAE sample, added noise, step noise) from its
+            // own generator (seed + i); one process-wide generator reproduces that image by
+            // image.
             let mut all = Vec::with_capacity(p.num_images);
             for i in 0..p.num_images {
                 let single = GenerateParams {
@@ -543,9 +640,14 @@ impl SdxlPipeline {
         // 2. initial latents; a stochastic scheduler keeps drawing from the same generator,
         // so the lock is held until the loop ends.
         let noise_guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let latents = self.initial_noise(p).to_device(device);
+        let (mut latents, start) = match &p.init_image {
+            None => {
+                let noise = self.initial_noise(p).to_device(device);
+                (noise * scheduler.init_noise_sigma(), 0)
+            }
+            Some(init) => self.image_latents(init, p, scheduler.as_ref())?,
+        };
         let noise_guard = scheduler.is_stochastic().then_some(noise_guard);
-        let mut latents = latents * scheduler.init_noise_sigma();
 
         // 3. added conditioning
         let size = (p.height, p.width);
@@ -590,7 +692,7 @@ impl SdxlPipeline {
         // 4. denoising loop (step 0 marks its start); progress counts scheduler steps, not
         // UNet calls (second-order schedulers call it twice per step)
         let timesteps = scheduler.timesteps().to_vec();
-        let total = p.steps;
+        let total = p.steps - start / scheduler.order();
         let mut done = 0;
         let mut draw = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
         progress(Progress::Denoising {
@@ -598,7 +700,7 @@ impl SdxlPipeline {
             total,
             latents: &latents,
         })?;
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start) {
             let model_input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)
             } else {

@@ -343,6 +343,25 @@ impl AutoencoderKL {
         d.conv_out.forward(&d.conv_norm_out.forward(&h).silu())
     }
 
+    /// Maps encoder samples to the denoiser's latent space (the inverse of
+    /// [`AutoencoderKL::unscale_latents`]), as the image-to-image pipelines do.
+    pub fn scale_latents(&self, sample: &Tensor) -> Tensor {
+        let c = &self.config;
+        if let (Some(mean), Some(std)) = (&c.latents_mean, &c.latents_std) {
+            let view = |v: &Vec<f64>| {
+                Tensor::from_slice(v)
+                    .to_kind(sample.kind())
+                    .to_device(sample.device())
+                    .view([1, -1, 1, 1])
+            };
+            return (sample - view(mean)) * c.scaling_factor / view(std);
+        }
+        match c.shift_factor {
+            Some(shift) => (sample - shift) * c.scaling_factor,
+            None => sample * c.scaling_factor,
+        }
+    }
+
     /// Maps denoised latents to the VAE's input space, as the SDXL pipeline does before
     /// decoding (latents_mean/std where configured, otherwise 1/scaling_factor and shift).
     pub fn unscale_latents(&self, latents: &Tensor) -> Tensor {

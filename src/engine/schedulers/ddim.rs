@@ -78,6 +78,11 @@ impl Ddim {
 }
 
 impl Scheduler for Ddim {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        let alpha = self.alpha(self.timesteps[index] as i64);
+        original * f64::from(alpha.sqrt()) + noise * f64::from((1.0 - alpha).sqrt())
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

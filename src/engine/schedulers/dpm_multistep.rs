@@ -7,8 +7,8 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
 use crate::engine::schedulers::{
-    BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing,
+    add_noise_vp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig, TimestepSpacing,
 };
 
 /// dpmsolver++ or sde-dpmsolver++.
@@ -288,6 +288,10 @@ impl DpmMultistep {
 }
 
 impl Scheduler for DpmMultistep {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_vp(original, noise, self.sigmas[index])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -8,7 +8,8 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::dpm_multistep::{Algorithm, SolverType};
 use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
 use crate::engine::schedulers::{
-    interp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    add_noise_vp, interp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 
 /// DPM-Solver++ singlestep sampling.
@@ -259,6 +260,10 @@ impl DpmSinglestep {
 }
 
 impl Scheduler for DpmSinglestep {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_vp(original, noise, self.sigmas[index])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

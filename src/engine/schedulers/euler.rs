@@ -6,8 +6,8 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    init_noise_sigma, predict_original, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, FinalSigmasType, NoiseSource,
+    PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// Euler's method over the model's sigma schedule.
@@ -59,6 +59,10 @@ impl EulerDiscrete {
 }
 
 impl Scheduler for EulerDiscrete {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_sigma(original, noise, f64::from(self.sigmas[index]))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

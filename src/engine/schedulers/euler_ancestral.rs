@@ -7,8 +7,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::TrainingSigmas;
 use crate::engine::schedulers::{
-    init_noise_sigma, interp, predict_original, spaced_timesteps, NoiseSource, PredictionType,
-    Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, interp, predict_original, spaced_timesteps, NoiseSource,
+    PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// Ancestral Euler sampling.
@@ -40,6 +40,10 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_sigma(original, noise, f64::from(self.sigmas[index]))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -7,7 +7,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 
 /// Heun sampling.
@@ -58,6 +59,14 @@ impl Heun {
 }
 
 impl Scheduler for Heun {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_sigma(original, noise, f64::from(self.sigmas[index]))
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

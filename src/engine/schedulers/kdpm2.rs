@@ -9,7 +9,8 @@ use crate::engine::error::Result;
 use crate::engine::schedulers::heun::interleave;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 
 /// KDPM2 (optionally ancestral) sampling.
@@ -107,6 +108,14 @@ impl Kdpm2 {
 }
 
 impl Scheduler for Kdpm2 {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_sigma(original, noise, f64::from(self.sigmas[index]))
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

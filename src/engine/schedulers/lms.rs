@@ -9,7 +9,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 
 const ORDER: usize = 4;
@@ -78,6 +79,10 @@ impl Lms {
 }
 
 impl Scheduler for Lms {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_sigma(original, noise, f64::from(self.sigmas[index]))
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

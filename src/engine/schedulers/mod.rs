@@ -315,6 +315,23 @@ pub trait Scheduler: Send {
     fn is_stochastic(&self) -> bool {
         false
     }
+    /// UNet calls per step (2 for Heun and KDPM2).
+    fn order(&self) -> usize {
+        1
+    }
+    /// Noises clean latents to the level of call `index` (image to image starts there).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor;
+}
+
+/// `add_noise` of the k-diffusion sigma schedulers: x + noise * sigma.
+pub fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f64) -> Tensor {
+    original + noise * sigma
+}
+
+/// `add_noise` of the VP schedulers (DPM-Solver, UniPC) at k-diffusion sigma `sigma`.
+pub fn add_noise_vp(original: &Tensor, noise: &Tensor, sigma: f64) -> Tensor {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    original * alpha + noise * (sigma * alpha)
 }
 
 /// The clean-sample prediction from a model output at noise level `sigma` (k-diffusion

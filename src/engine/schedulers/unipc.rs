@@ -6,7 +6,7 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
 use crate::engine::schedulers::{
-    interp, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    add_noise_vp, interp, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
     TimestepSpacing,
 };
 
@@ -278,6 +278,10 @@ impl UniPc {
 }
 
 impl Scheduler for UniPc {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
+        add_noise_vp(original, noise, self.sigmas[index])
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
