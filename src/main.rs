@@ -121,6 +121,9 @@ struct GenerateArgs {
     /// Image to image: an init image (PNG, JPEG or WebP; its size is the output size).
     #[arg(long)]
     init_image: Option<PathBuf>,
+    /// Inpainting: a mask of the init image's size (white repaints).
+    #[arg(long)]
+    mask: Option<PathBuf>,
     /// Image to image: the fraction of the schedule that runs, in (0, 1].
     #[arg(long, default_value_t = 0.8)]
     strength: f64,
@@ -193,10 +196,15 @@ impl GenerateArgs {
             Some(path) => {
                 let bytes =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                Some(sdxld::engine::pipeline::InitImage::decode(
-                    &bytes,
-                    self.strength,
-                )?)
+                let image = sdxld::engine::pipeline::InitImage::decode(&bytes, self.strength)?;
+                match &self.mask {
+                    Some(mask) => {
+                        let mask = std::fs::read(mask)
+                            .with_context(|| format!("reading {}", mask.display()))?;
+                        Some(image.with_mask(&mask)?)
+                    }
+                    None => Some(image),
+                }
             }
             None => None,
         };

@@ -487,6 +487,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         image: png.clone(),
         strength: Some(0.5),
         mask: png,
+        mask_blur: 4,
         ..Default::default()
     });
     let status = client
@@ -494,7 +495,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         .await
         .expect_err("unimplemented");
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("spec.init_image.mask"));
+    assert!(status.message().contains("spec.init_image.mask_blur"));
 
     // The server keeps serving.
     client

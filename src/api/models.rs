@@ -139,7 +139,8 @@ impl ModelService for Models {
             ("loras", false),
             ("controlnets", false),
             ("init_image", true),
-            ("init_image.mask", false),
+            ("init_image.mask", true),
+            ("init_image.mask_blur", false),
             ("init_image.denoising_start", false),
             ("post_processing", false),
         ]

@@ -15,6 +15,12 @@ use crate::jobs::{JobSpec, OutputSpec};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
+/// The float a client meant: proto floats are f32, and 0.7f32 widened is 0.69999998,
+/// which truncates differently (int(steps * strength)) than the 0.7 diffusers gets.
+fn decimal(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
 /// Seeds are below 2^53 so that JSON clients (JavaScript, C# doubles) keep them exact.
 pub const MAX_SEED: u64 = (1 << 53) - 1;
 
@@ -875,8 +881,11 @@ pub fn to_job_spec(
     if !spec.controlnets.is_empty() {
         return unimplemented("spec.controlnets", "ControlNet is not implemented yet");
     }
-    if spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty()) {
-        return unimplemented("spec.init_image.mask", "inpainting is not implemented yet");
+    if spec.init_image.as_ref().is_some_and(|i| i.mask_blur > 0) {
+        return unimplemented(
+            "spec.init_image.mask_blur",
+            "mask blur is not implemented yet",
+        );
     }
     if spec
         .init_image
@@ -940,7 +949,7 @@ pub fn to_job_spec(
         overrides.set("rescale_betas_zero_snr", rescale);
     }
     if let Some(eta) = options.eta {
-        overrides.set("eta", f64::from(eta));
+        overrides.set("eta", decimal(eta));
     }
     if let Some(order) = options.solver_order {
         overrides.set("solver_order", order);
@@ -972,32 +981,42 @@ pub fn to_job_spec(
     }
     let init_image = match &spec.init_image {
         Some(init) => {
-            let strength = f64::from(init.strength.unwrap_or(0.8));
+            let strength = decimal(init.strength.unwrap_or(0.8));
             if (f64::from(steps) * strength) < 1.0 {
                 return Err(ApiError::invalid(
                     "spec.init_image.strength",
                     &format!("`spec.init_image.strength` {strength} x {steps} steps leaves no step to run"),
                 ));
             }
-            Some(
+            let image =
                 crate::engine::pipeline::InitImage::decode(&init.image, strength).map_err(|e| {
                     ApiError::invalid(
                         "spec.init_image.image",
                         &format!("`spec.init_image.image` {e}"),
                     )
-                })?,
-            )
+                })?;
+            if init.mask.is_empty() {
+                Some(image)
+            } else {
+                Some(image.with_mask(&init.mask).map_err(|e| {
+                    ApiError::invalid(
+                        "spec.init_image.mask",
+                        &format!("`spec.init_image.mask` {e}"),
+                    )
+                })?)
+            }
         }
         None => None,
     };
     let params = GenerateParams {
+        batch_first_seed: None,
         init_image,
         prompt: spec.prompt.clone(),
         prompt_2: spec.prompt_2.clone(),
         negative_prompt: spec.negative_prompt.clone(),
         negative_prompt_2: spec.negative_prompt_2.clone(),
-        guidance_scale: f64::from(guidance),
-        guidance_rescale: f64::from(spec.guidance_rescale),
+        guidance_scale: decimal(guidance),
+        guidance_rescale: decimal(spec.guidance_rescale),
         clip_skip: (spec.clip_skip > 0).then_some(i64::from(spec.clip_skip)),
         width: i64::from(width),
         height: i64::from(height),

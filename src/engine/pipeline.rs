@@ -135,6 +135,10 @@ pub struct GenerateParams {
     pub scheduler_overrides: SchedulerOverrides,
     /// Image to image: the init image (its size is the output size) and the strength.
     pub init_image: Option<InitImage>,
+    /// Set for images after the first of a batch: the batch's first seed. diffusers'
+    /// inpainting encodes the (single) init image with the first image's generator only,
+    /// so later images share those latent samples.
+    pub batch_first_seed: Option<u64>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -148,6 +152,8 @@ pub struct InitImage {
     pub pixels: Vec<u8>,
     /// How much of the schedule runs, in (0, 1]: 1 ignores the image's content.
     pub strength: f64,
+    /// Inpainting: luminance of the mask, same size, row-major (128 and above repaint).
+    pub mask: Option<Vec<u8>>,
 }
 
 impl InitImage {
@@ -164,7 +170,42 @@ impl InitImage {
             height: i64::from(height),
             pixels: image.into_raw(),
             strength,
+            mask: None,
         })
+    }
+
+    /// Adds an inpainting mask (PNG, JPEG or WebP; white repaints), which must have the
+    /// image's size. Luminance as PIL's `convert("L")` computes it.
+    pub fn with_mask(mut self, bytes: &[u8]) -> Result<Self> {
+        let mask = image::load_from_memory(bytes)
+            .map_err(|e| EngineError::InvalidRequest(format!("the mask does not decode: {e}")))?
+            .to_rgb8();
+        let (w, h) = mask.dimensions();
+        if (i64::from(w), i64::from(h)) != (self.width, self.height) {
+            return Err(EngineError::InvalidRequest(format!(
+                "the mask is {w}x{h} but the image is {}x{}",
+                self.width, self.height
+            )));
+        }
+        let luma = mask
+            .pixels()
+            .map(|p| {
+                let [r, g, b] = p.0.map(u32::from);
+                ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+            })
+            .collect();
+        self.mask = Some(luma);
+        Ok(self)
+    }
+
+    /// The binarised mask [1, 1, H, W] (1 = repaint), as diffusers' mask processor makes it.
+    fn mask_tensor(&self) -> Option<Tensor> {
+        let mask = self.mask.as_ref()?;
+        let t = Tensor::from_slice(mask)
+            .reshape([1, 1, self.height, self.width])
+            .to_kind(Kind::Float)
+            / 255.0;
+        Some(t.ge(0.5).to_kind(Kind::Float))
     }
 
     /// [1, 3, H, W] float32 in [-1, 1], as diffusers' image processor normalises.
@@ -201,6 +242,7 @@ impl Default for GenerateParams {
             negative_target_size: None,
             scheduler_overrides: SchedulerOverrides::default(),
             init_image: None,
+            batch_first_seed: None,
         }
     }
 }
@@ -265,6 +307,20 @@ impl SchedulerOverrides {
         }
         serde_json::from_value(value).map_err(|e| invalid(format!("scheduler config: {e}")))
     }
+}
+
+/// What the inpainting loop needs besides the latents.
+struct Inpaint {
+    /// The UNet takes [latents, mask, masked image latents].
+    nine_channels: bool,
+    /// [1, 1, h, w] at latent resolution, 1 = repaint.
+    mask: Tensor,
+    /// Latents of the image with the repainted area blacked out.
+    masked_latents: Tensor,
+    /// Latents of the image (4-channel blending).
+    image_latents: Tensor,
+    /// The noise the initial latents got, re-applied at each level when blending.
+    noise: Tensor,
 }
 
 /// The result of a generation.
@@ -533,7 +589,7 @@ impl SdxlPipeline {
     /// generator seeded with seed + i, in float32 (invariant 2). Call with NOISE_LOCK held.
     fn initial_noise(&self, p: &GenerateParams) -> Tensor {
         let f = self.vae_scale_factor();
-        let channels = self.unet.config().in_channels;
+        let channels = self.vae.config().latent_channels;
         let shape = [1, channels, p.height / f, p.width / f];
         let noise: Vec<Tensor> = (0..p.num_images)
             .map(|i| {
@@ -574,6 +630,85 @@ impl SdxlPipeline {
             scheduler.add_noise(&latents, &noise.to_device(device), start),
             start,
         ))
+    }
+
+    /// A VAE sample of `image` ([1, 3, H, W] in [-1, 1]) in the denoiser's latent space,
+    /// drawing its noise from the generator.
+    fn encode_sample(&self, image: &Tensor) -> Tensor {
+        let device = self.placement.device;
+        let image = image.to_device(device).to_kind(self.vae_kind);
+        let (mean, logvar) = self.vae.encode(&image);
+        let eps =
+            Tensor::randn(mean.size().as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+        let sample = mean.to_kind(Kind::Float) + (logvar.to_kind(Kind::Float) * 0.5).exp() * eps;
+        self.vae.scale_latents(&sample)
+    }
+
+    /// Inpainting (StableDiffusionXLInpaintPipeline's prepare_latents and
+    /// prepare_mask_latents), drawing in diffusers' order: the image's latent sample (when
+    /// needed), the noise, then the masked image's latent sample.
+    fn inpaint_latents(
+        &self,
+        init: &InitImage,
+        p: &GenerateParams,
+        scheduler: &dyn crate::engine::schedulers::Scheduler,
+    ) -> Result<(Tensor, usize, Inpaint)> {
+        let device = self.placement.device;
+        let in_channels = self.unet.config().in_channels;
+        let latent_channels = self.vae.config().latent_channels;
+        let nine_channels = in_channels == 2 * latent_channels + 1;
+        if !nine_channels && in_channels != latent_channels {
+            return Err(EngineError::InvalidRequest(format!(
+                "a UNet with {in_channels} input channels cannot inpaint"
+            )));
+        }
+        let keep = ((p.steps as f64 * init.strength) as usize).min(p.steps);
+        let start = (p.steps - keep) * scheduler.order();
+        let strength_max = init.strength >= 1.0;
+        let image = init.to_tensor();
+        let mask = init
+            .mask_tensor()
+            .ok_or_else(|| EngineError::InvalidRequest("inpainting needs a mask".into()))?;
+        let masked_image = &image * mask.lt(0.5).to_kind(Kind::Float);
+        let f = self.vae_scale_factor();
+        let (h, w) = (p.height / f, p.width / f);
+        let need_image = !nine_channels || !strength_max;
+        let draw_noise = || {
+            Tensor::randn([1, latent_channels, h, w], (Kind::Float, Device::Cpu)).to_device(device)
+        };
+        let (image_latents, noise, masked_latents) = match p.batch_first_seed {
+            None => {
+                tch::manual_seed(p.seed as i64);
+                let image_latents = need_image.then(|| self.encode_sample(&image));
+                let noise = draw_noise();
+                (image_latents, noise, self.encode_sample(&masked_image))
+            }
+            Some(first) => {
+                // The latent samples come from the first image's generator; this image's
+                // generator starts with the noise.
+                tch::manual_seed(first as i64);
+                let image_latents = need_image.then(|| self.encode_sample(&image));
+                let _first_noise = draw_noise();
+                let masked_latents = self.encode_sample(&masked_image);
+                tch::manual_seed(p.seed as i64);
+                (image_latents, draw_noise(), masked_latents)
+            }
+        };
+        let latents = match (&image_latents, strength_max) {
+            (Some(image_latents), false) => scheduler.add_noise(image_latents, &noise, start),
+            _ => &noise * scheduler.init_noise_sigma(),
+        };
+        let mask = mask
+            .upsample_nearest2d([h, w], None, None)
+            .to_device(device);
+        let state = Inpaint {
+            nine_channels,
+            mask,
+            masked_latents,
+            image_latents: image_latents.unwrap_or_else(|| noise.zeros_like()),
+            noise,
+        };
+        Ok((latents, start, state))
     }
 
     fn time_ids(&self, original: (i64, i64), crop: (i64, i64), target: (i64, i64)) -> Tensor {
@@ -626,6 +761,7 @@ impl SdxlPipeline {
                 let single = GenerateParams {
                     seed: p.seed.wrapping_add(i as u64),
                     num_images: 1,
+                    batch_first_seed: (i > 0).then_some(p.batch_first_seed.unwrap_or(p.seed)),
                     ..p.clone()
                 };
                 all.push(self.denoise(&single, progress)?);
@@ -640,12 +776,30 @@ impl SdxlPipeline {
         // 2. initial latents; a stochastic scheduler keeps drawing from the same generator,
         // so the lock is held until the loop ends.
         let noise_guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inpaint: Option<Inpaint> = None;
         let (mut latents, start) = match &p.init_image {
             None => {
+                if self.unet.config().in_channels != self.vae.config().latent_channels {
+                    return Err(EngineError::InvalidRequest(
+                        "this is an inpainting model: it needs an init image and a mask".into(),
+                    ));
+                }
                 let noise = self.initial_noise(p).to_device(device);
                 (noise * scheduler.init_noise_sigma(), 0)
             }
-            Some(init) => self.image_latents(init, p, scheduler.as_ref())?,
+            Some(init) if init.mask.is_some() => {
+                let (latents, start, state) = self.inpaint_latents(init, p, scheduler.as_ref())?;
+                inpaint = Some(state);
+                (latents, start)
+            }
+            Some(init) => {
+                if self.unet.config().in_channels != self.vae.config().latent_channels {
+                    return Err(EngineError::InvalidRequest(
+                        "this is an inpainting model: it needs a mask with the init image".into(),
+                    ));
+                }
+                self.image_latents(init, p, scheduler.as_ref())?
+            }
         };
         let noise_guard = scheduler.is_stochastic().then_some(noise_guard);
 
@@ -706,7 +860,23 @@ impl SdxlPipeline {
             } else {
                 latents.shallow_clone()
             };
-            let model_input = scheduler.scale_model_input(&model_input, i).to_kind(kind);
+            let mut model_input = scheduler.scale_model_input(&model_input, i);
+            if let Some(state) = inpaint.as_ref().filter(|s| s.nine_channels) {
+                // 9-channel inpainting UNets also see the mask and the masked image.
+                let (mask, masked) = if cfg {
+                    (
+                        Tensor::cat(&[&state.mask, &state.mask], 0),
+                        Tensor::cat(&[&state.masked_latents, &state.masked_latents], 0),
+                    )
+                } else {
+                    (
+                        state.mask.shallow_clone(),
+                        state.masked_latents.shallow_clone(),
+                    )
+                };
+                model_input = Tensor::cat(&[model_input, mask, masked], 1);
+            }
+            let model_input = model_input.to_kind(kind);
             let timestep = Tensor::from(t as f32).to_device(device);
             let noise_pred = self
                 .unet
@@ -725,6 +895,15 @@ impl SdxlPipeline {
                 noise_pred
             };
             latents = scheduler.step(&noise_pred, i, &latents, &mut draw);
+            if let Some(state) = inpaint.as_ref().filter(|s| !s.nine_channels) {
+                // 4-channel UNets: keep the unmasked area on the image's noised trajectory.
+                let proper = if i + 1 < timesteps.len() {
+                    scheduler.add_noise(&state.image_latents, &state.noise, i + 1)
+                } else {
+                    state.image_latents.shallow_clone()
+                };
+                latents = (-&state.mask + 1.0) * proper + &state.mask * &latents;
+            }
             if scheduler.completes_step(i) {
                 done += 1;
                 progress(Progress::Denoising {
@@ -765,6 +944,11 @@ impl SdxlPipeline {
     pub fn prompt_overflow(&self, prompt: &str) -> usize {
         let first = self.tokenizer.as_ref().map_or(0, |t| t.overflow(prompt));
         first.max(self.tokenizer_2.overflow(prompt))
+    }
+
+    /// Whether the UNet is an inpainting UNet (latents, mask and masked image in).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config().in_channels != self.vae.config().latent_channels
     }
 
     /// The number of latent channels.

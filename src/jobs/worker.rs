@@ -74,11 +74,22 @@ impl Engine {
     /// for lazy initialisation.
     pub fn warm_up(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
         let pipeline = self.pipeline(model)?;
+        // Inpainting models cannot run text to image: warm them up on a blank image.
+        let init_image = pipeline
+            .is_inpainting()
+            .then(|| crate::engine::pipeline::InitImage {
+                width: 64,
+                height: 64,
+                pixels: vec![127; 64 * 64 * 3],
+                strength: 1.0,
+                mask: Some(vec![255; 64 * 64]),
+            });
         let params = GenerateParams {
             prompt: "warm-up".into(),
             width: 64,
             height: 64,
             steps: 1,
+            init_image,
             ..GenerateParams::default()
         };
         let _latents = pipeline.denoise(&params, &mut |_| Ok(()))?;

@@ -1,0 +1,145 @@
+//! Inpainting equals diffusers' StableDiffusionXLInpaintPipeline, for the base 4-channel
+//! UNet (latent blending) and a 9-channel inpainting UNet, on both tiny configurations,
+//! and over gRPC.
+
+mod common;
+
+use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::pipeline::{
+    GenerateParams, InitImage, Placement, SchedulerOverrides, SdxlPipeline,
+};
+use sdxld::engine::schedulers::SchedulerKind;
+use serde_json::Value;
+
+fn cases(config: &str) -> Vec<Value> {
+    let path = fixtures().join(config).join("inpaint.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("inpaint.json")).expect("json")
+}
+
+#[test]
+fn inpainting_matches_diffusers() {
+    let mut failures = Vec::new();
+    for config in CONFIGS {
+        let dir = fixtures().join(config);
+        let base = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("load");
+        let nine = SdxlPipeline::load(&dir.join("inpaint_pipeline"), Placement::cpu())
+            .expect("load 9-channel");
+        let image = std::fs::read(dir.join("init.png")).expect("init.png");
+        let mask = std::fs::read(dir.join("mask.png")).expect("mask.png");
+        let reference = read_tensors(&dir.join("inpaint.safetensors"));
+        let cases = cases(config);
+        assert!(cases.len() >= 6);
+        for case in cases {
+            let name = case["name"].as_str().expect("name");
+            let pipe = if case["pipeline"] == "inpaint_pipeline" {
+                &nine
+            } else {
+                &base
+            };
+            let mut overrides = SchedulerOverrides {
+                class: SchedulerKind::from_class_name(case["scheduler"].as_str().expect("class")),
+                ..SchedulerOverrides::default()
+            };
+            for (k, v) in case["options"].as_object().expect("options") {
+                overrides.set(k, v.clone());
+            }
+            let init = InitImage::decode(&image, case["strength"].as_f64().expect("strength"))
+                .and_then(|i| i.with_mask(&mask))
+                .expect("init image and mask");
+            let params = GenerateParams {
+                prompt: case["prompt"].as_str().expect("prompt").into(),
+                seed: case["seed"].as_u64().expect("seed"),
+                steps: case["steps"].as_u64().expect("steps") as usize,
+                num_images: case["num_images"].as_u64().expect("n") as usize,
+                guidance_scale: 5.0,
+                width: 64,
+                height: 64,
+                scheduler_overrides: overrides,
+                init_image: Some(init),
+                ..GenerateParams::default()
+            };
+            let out = pipe
+                .generate(&params, &mut |_| Ok(()))
+                .unwrap_or_else(|e| panic!("{config} {name}: {e}"));
+            let what = format!(
+                "{config} {name} ({} {}, strength {})",
+                case["pipeline"], case["scheduler"], case["strength"]
+            );
+            let err = common::relative_error(&out.latents, &reference[&format!("{name}.latents")]);
+            if err.is_nan() || err >= 1e-3 {
+                failures.push(format!("{what}: latents relative error {err:e}"));
+                continue;
+            }
+            assert_images_match(
+                &format!("{what} images"),
+                &out.images,
+                &reference[&format!("{name}.images")],
+            );
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn an_inpainting_model_needs_a_mask() {
+    let dir = fixtures().join("tiny2");
+    let nine = SdxlPipeline::load(&dir.join("inpaint_pipeline"), Placement::cpu()).expect("load");
+    let params = GenerateParams {
+        prompt: "x".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..GenerateParams::default()
+    };
+    let err = nine
+        .generate(&params, &mut |_| Ok(()))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("mask"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inpainting_over_grpc_matches_diffusers() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+
+    let dir = fixtures().join("tiny3");
+    let pipeline = dir.join("inpaint_pipeline");
+    let server = TestServer::start(&[(
+        "SDXLD__ENGINE__DEFAULT_MODEL",
+        pipeline.to_str().expect("utf-8"),
+    )])
+    .await;
+    let mut client = server.generation().await;
+    let reference = read_tensors(&dir.join("inpaint.safetensors"));
+    // Case 5: the 9-channel UNet with DPM-Solver++ at strength 0.7, 10 steps, seed 31.
+    let case = &cases("tiny3")[5];
+    assert_eq!(case["pipeline"], "inpaint_pipeline");
+    let spec = pb::GenerationSpec {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        seed: Some(31),
+        steps: 10,
+        scheduler: pb::Scheduler::DpmSolverMultistep as i32,
+        init_image: Some(pb::InitImage {
+            image: std::fs::read(dir.join("init.png")).expect("init.png"),
+            mask: std::fs::read(dir.join("mask.png")).expect("mask.png"),
+            strength: Some(0.7),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let response = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
+        .expect("inpaint")
+        .into_inner();
+    let rgb = image::load_from_memory(&response.images[0].data)
+        .expect("png")
+        .to_rgb8();
+    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    assert_images_match(
+        "gRPC inpainting",
+        &got,
+        &reference["inpaint_5.images"].get(0),
+    );
+}
