@@ -5,10 +5,10 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
+use crate::engine::schedulers::sigmas::{predict_x0_vp, vp_schedule, TrainingSigmas};
 use crate::engine::schedulers::{
     add_noise_vp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig, TimestepSpacing,
+    SchedulerConfig,
 };
 
 /// dpmsolver++ or sde-dpmsolver++.
@@ -44,16 +44,7 @@ pub struct DpmMultistep {
     lower_order_nums: usize,
 }
 
-/// alpha_t and sigma_t (VP) of a k-diffusion sigma.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-fn lambda(sigma: f64) -> (f64, f64, f64) {
-    let (alpha, sigma_t) = alpha_sigma(sigma);
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
-}
+use crate::engine::schedulers::sigmas::vp_lambda as lambda;
 
 impl DpmMultistep {
     /// `set_timesteps(steps)` of a scheduler built from `config`.
@@ -82,93 +73,29 @@ impl DpmMultistep {
             return invalid("solver_order must be 1, 2 or 3");
         }
         let training = TrainingSigmas::new(config)?;
-        let train = config.num_train_timesteps;
-        let n = steps as i64;
-        // lambda_min_clipped is -inf by default: the whole range.
-        let last = train;
-        let mut timesteps: Vec<f64> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let mut v: Vec<f64> = linspace(0.0, (last - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(|x| x.round_ties_even())
-                    .collect();
-                v.reverse();
-                v.pop();
-                v
-            }
-            TimestepSpacing::Leading => {
-                let ratio = last / (n + 1);
-                let mut v: Vec<f64> = (0..=n)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect();
-                v.pop();
-                v
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = train as f64 / n as f64;
-                let len = (last as f64 / ratio).ceil() as i64;
-                (0..len)
-                    .map(|i| (last as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
-        };
-        let table: Vec<f64> = training.sigmas.iter().map(|&s| f64::from(s)).collect();
-        // Respaced schedules start from all training sigmas, largest first.
-        let (max, min) = (
-            table.last().copied().unwrap_or(1.0),
-            table.first().copied().unwrap_or(1.0),
+        let table = &training.sigmas;
+        // Respaced schedules span all training sigmas.
+        let bounds = (
+            table.last().copied().map_or(1.0, f64::from),
+            table.first().copied().map_or(1.0, f64::from),
         );
-        let count = timesteps.len();
-        let mut sigmas: Vec<f64> = match config.sigma_spacing() {
-            SigmaSpacing::Default => timesteps
-                .iter()
-                .map(|&t| crate::engine::schedulers::interp(t, &training.sigmas))
-                .collect(),
-            SigmaSpacing::Karras => {
-                let rho = 7.0;
-                let (min_inv, max_inv) = (min.powf(1.0 / rho), max.powf(1.0 / rho));
-                let s: Vec<f64> = linspace(0.0, 1.0, count)
-                    .into_iter()
-                    .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-                    .collect();
-                timesteps = s
-                    .iter()
-                    .map(|&v| {
-                        let t = training.sigma_to_t(v);
-                        if config.beta_schedule == BetaSchedule::SquaredcosCapV2 {
-                            t
-                        } else {
-                            t.round_ties_even()
-                        }
-                    })
-                    .collect();
-                s
-            }
-            SigmaSpacing::Exponential => {
-                let s: Vec<f64> = linspace(max.ln(), min.ln(), count)
-                    .into_iter()
-                    .map(f64::exp)
-                    .collect();
-                timesteps = s.iter().map(|&v| training.sigma_to_t(v)).collect();
-                s
-            }
-            SigmaSpacing::Beta => {
-                let s: Vec<f64> = linspace(0.0, 1.0, count)
-                    .into_iter()
-                    .map(|t| min + beta_ppf(1.0 - t, 0.6, 0.6) * (max - min))
-                    .collect();
-                timesteps = s.iter().map(|&v| training.sigma_to_t(v)).collect();
-                s
-            }
-        };
+        let min = bounds.1;
+        let schedule = vp_schedule(
+            config,
+            &training,
+            steps,
+            config.timestep_spacing,
+            bounds,
+            config.beta_schedule != BetaSchedule::SquaredcosCapV2,
+        );
+        let timesteps = schedule.timesteps;
+        let mut sigmas = schedule.sigmas;
         sigmas.push(match config.final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
             FinalSigmasType::SigmaMin => min,
         });
-        // diffusers keeps sigmas in float32 and timesteps as int64.
+        // diffusers keeps sigmas in float32.
         let sigmas = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
-        let timesteps = timesteps.into_iter().map(|t| t.trunc()).collect();
         Ok(Self {
             timesteps,
             sigmas,
@@ -186,12 +113,12 @@ impl DpmMultistep {
 
     /// The data prediction x0 (dpmsolver++ works on x0).
     fn convert(&self, model_output: &Tensor, sample: &Tensor, index: usize) -> Tensor {
-        let (alpha, sigma) = alpha_sigma(self.sigmas[index]);
-        match self.prediction_type {
-            PredictionType::Epsilon => (sample - model_output * sigma) / alpha,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample * alpha - model_output * sigma,
-        }
+        predict_x0_vp(
+            self.prediction_type,
+            model_output,
+            sample,
+            self.sigmas[index],
+        )
     }
 
     fn first_order(

@@ -6,10 +6,10 @@ use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::dpm_multistep::{Algorithm, SolverType};
-use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
+use crate::engine::schedulers::sigmas::{predict_x0_vp, vp_schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_vp, interp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig,
+    add_noise_vp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
+    SchedulerConfig, TimestepSpacing,
 };
 
 /// DPM-Solver++ singlestep sampling.
@@ -25,11 +25,7 @@ pub struct DpmSinglestep {
     group_sample: Option<Tensor>,
 }
 
-fn lambda(sigma: f64) -> (f64, f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let sigma_t = sigma * alpha;
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
-}
+use crate::engine::schedulers::sigmas::vp_lambda as lambda;
 
 /// diffusers' `get_order_list`.
 fn order_list(steps: usize, order: usize, lower_order_final: bool, final_zero: bool) -> Vec<usize> {
@@ -104,60 +100,22 @@ impl DpmSinglestep {
             return invalid("solver_order must be 1, 2 or 3".into());
         }
         let training = TrainingSigmas::new(config)?;
-        let train = config.num_train_timesteps;
-        let mut timesteps: Vec<f64> = {
-            let mut v: Vec<f64> = linspace(0.0, (train - 1) as f64, steps + 1)
-                .into_iter()
-                .map(|x| x.round_ties_even())
-                .collect();
-            v.reverse();
-            v.pop();
-            v
-        };
-        let table: Vec<f64> = training.sigmas.iter().map(|&s| f64::from(s)).collect();
+        let table = &training.sigmas;
         let (max, min) = (
-            table.last().copied().unwrap_or(1.0),
-            table.first().copied().unwrap_or(1.0),
+            table.last().copied().map_or(1.0, f64::from),
+            table.first().copied().map_or(1.0, f64::from),
         );
-        let count = timesteps.len();
-        let spacing = config.sigma_spacing();
-        let mut sigmas: Vec<f64> = match spacing {
-            SigmaSpacing::Default => timesteps
-                .iter()
-                .map(|&t| interp(t, &training.sigmas))
-                .collect(),
-            SigmaSpacing::Karras => {
-                let rho = 7.0;
-                let (min_inv, max_inv) = (min.powf(1.0 / rho), max.powf(1.0 / rho));
-                linspace(0.0, 1.0, count)
-                    .into_iter()
-                    .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-                    .collect()
-            }
-            SigmaSpacing::Exponential => linspace(max.ln(), min.ln(), count)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
-            SigmaSpacing::Beta => linspace(0.0, 1.0, count)
-                .into_iter()
-                .map(|t| min + beta_ppf(1.0 - t, 0.6, 0.6) * (max - min))
-                .collect(),
-        };
-        if spacing != SigmaSpacing::Default {
-            timesteps = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = training.sigma_to_t(s);
-                    if spacing == SigmaSpacing::Karras
-                        && config.beta_schedule != BetaSchedule::SquaredcosCapV2
-                    {
-                        t.round_ties_even()
-                    } else {
-                        t
-                    }
-                })
-                .collect();
-        }
+        // Singlestep places timesteps by linspace only.
+        let schedule = vp_schedule(
+            config,
+            &training,
+            steps,
+            TimestepSpacing::Linspace,
+            (max, min),
+            config.beta_schedule != BetaSchedule::SquaredcosCapV2,
+        );
+        let timesteps = schedule.timesteps;
+        let mut sigmas = schedule.sigmas;
         let final_zero = config.final_sigmas_type == FinalSigmasType::Zero;
         sigmas.push(if final_zero { 0.0 } else { min });
         // diffusers switches lower_order_final on for uneven step counts and a zero end.
@@ -166,7 +124,7 @@ impl DpmSinglestep {
             lower_order_final = true;
         }
         Ok(Self {
-            timesteps: timesteps.into_iter().map(|t| t.trunc()).collect(),
+            timesteps,
             sigmas: sigmas.into_iter().map(|s| f64::from(s as f32)).collect(),
             prediction_type: config.prediction_type,
             algorithm,
@@ -284,16 +242,12 @@ impl Scheduler for DpmSinglestep {
         noise: &mut NoiseSource<'_>,
     ) -> Tensor {
         let model_output = model_output.to_kind(tch::Kind::Float);
-        let (alpha, sigma_t) = {
-            let s = self.sigmas[index];
-            let a = 1.0 / (s * s + 1.0).sqrt();
-            (a, s * a)
-        };
-        let converted = match self.prediction_type {
-            PredictionType::Epsilon => (sample - &model_output * sigma_t) / alpha,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample * alpha - &model_output * sigma_t,
-        };
+        let converted = predict_x0_vp(
+            self.prediction_type,
+            &model_output,
+            sample,
+            self.sigmas[index],
+        );
         self.model_outputs.rotate_left(1);
         if let Some(slot) = self.model_outputs.last_mut() {
             *slot = Some(converted);

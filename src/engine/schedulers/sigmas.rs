@@ -91,31 +91,7 @@ pub fn schedule(
         sigma_max = config.sigma_max.unwrap_or(sigma_max);
         sigma_min = config.sigma_min.unwrap_or(sigma_min);
     }
-    let respaced: Option<Vec<f64>> = match spacing {
-        SigmaSpacing::Default => None,
-        SigmaSpacing::Karras => {
-            let rho = 7.0;
-            let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-            Some(
-                linspace(0.0, 1.0, steps)
-                    .into_iter()
-                    .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-                    .collect(),
-            )
-        }
-        SigmaSpacing::Exponential => Some(
-            linspace(sigma_max.ln(), sigma_min.ln(), steps)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
-        ),
-        SigmaSpacing::Beta => Some(
-            linspace(0.0, 1.0, steps)
-                .into_iter()
-                .map(|t| sigma_min + beta_ppf(1.0 - t, 0.6, 0.6) * (sigma_max - sigma_min))
-                .collect(),
-        ),
-    };
+    let respaced = respaced(spacing, sigma_max, sigma_min, steps);
     match respaced {
         None => SigmaSchedule { timesteps, sigmas },
         Some(sigmas) => {
@@ -132,6 +108,122 @@ pub fn schedule(
                 .collect();
             SigmaSchedule { timesteps, sigmas }
         }
+    }
+}
+
+/// `count` sigmas from `max` down to `min` under a respacing (`None` for the default).
+pub fn respaced(spacing: SigmaSpacing, max: f64, min: f64, count: usize) -> Option<Vec<f64>> {
+    Some(match spacing {
+        SigmaSpacing::Default => return None,
+        SigmaSpacing::Karras => {
+            let rho = 7.0;
+            let (min_inv, max_inv) = (min.powf(1.0 / rho), max.powf(1.0 / rho));
+            linspace(0.0, 1.0, count)
+                .into_iter()
+                .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+                .collect()
+        }
+        SigmaSpacing::Exponential => linspace(max.ln(), min.ln(), count)
+            .into_iter()
+            .map(f64::exp)
+            .collect(),
+        SigmaSpacing::Beta => linspace(0.0, 1.0, count)
+            .into_iter()
+            .map(|t| min + beta_ppf(1.0 - t, 0.6, 0.6) * (max - min))
+            .collect(),
+    })
+}
+
+/// The schedule of the VP solvers (DPM-Solver multistep and singlestep, UniPC): integer
+/// timesteps from `spacing` over `steps + 1` points with the last dropped, sigmas
+/// interpolated, or respaced between `max` and `min` with their timesteps recovered
+/// (rounded for Karras when `round_karras`). Timesteps are truncated to integers, as
+/// diffusers stores them in int64.
+pub fn vp_schedule(
+    config: &SchedulerConfig,
+    training: &TrainingSigmas,
+    steps: usize,
+    spacing: crate::engine::schedulers::TimestepSpacing,
+    (max, min): (f64, f64),
+    round_karras: bool,
+) -> SigmaSchedule {
+    use crate::engine::schedulers::TimestepSpacing;
+    let train = config.num_train_timesteps;
+    let n = steps as i64;
+    let timesteps: Vec<f64> = match spacing {
+        TimestepSpacing::Linspace => {
+            let mut v: Vec<f64> = linspace(0.0, (train - 1) as f64, steps + 1)
+                .into_iter()
+                .map(|x| x.round_ties_even())
+                .collect();
+            v.reverse();
+            v.pop();
+            v
+        }
+        TimestepSpacing::Leading => {
+            let ratio = train / (n + 1);
+            let mut v: Vec<f64> = (0..=n)
+                .rev()
+                .map(|i| (i * ratio + config.steps_offset) as f64)
+                .collect();
+            v.pop();
+            v
+        }
+        TimestepSpacing::Trailing => {
+            let ratio = train as f64 / n as f64;
+            let len = (train as f64 / ratio).ceil() as i64;
+            (0..len)
+                .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                .collect()
+        }
+    };
+    let sigma_spacing = config.sigma_spacing();
+    match respaced(sigma_spacing, max, min, timesteps.len()) {
+        None => SigmaSchedule {
+            sigmas: timesteps
+                .iter()
+                .map(|&t| interp(t, &training.sigmas))
+                .collect(),
+            timesteps,
+        },
+        Some(sigmas) => SigmaSchedule {
+            timesteps: sigmas
+                .iter()
+                .map(|&s| {
+                    let t = training.sigma_to_t(s);
+                    if round_karras && sigma_spacing == SigmaSpacing::Karras {
+                        t.round_ties_even()
+                    } else {
+                        t
+                    }
+                    .trunc()
+                })
+                .collect(),
+            sigmas,
+        },
+    }
+}
+
+/// alpha_t, sigma_t and lambda_t = ln(alpha_t / sigma_t) of a k-diffusion sigma (VP form).
+pub fn vp_lambda(sigma: f64) -> (f64, f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    let sigma_t = sigma * alpha;
+    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
+}
+
+/// The data prediction x0 of the VP solvers at k-diffusion sigma `sigma`.
+pub fn predict_x0_vp(
+    prediction: crate::engine::schedulers::PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f64,
+) -> Tensor {
+    use crate::engine::schedulers::PredictionType;
+    let (alpha, sigma_t, _) = vp_lambda(sigma);
+    match prediction {
+        PredictionType::Epsilon => (sample - model_output * sigma_t) / alpha,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => sample * alpha - model_output * sigma_t,
     }
 }
 

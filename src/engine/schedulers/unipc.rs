@@ -4,10 +4,9 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::sigmas::{beta_ppf, linspace, SigmaSpacing, TrainingSigmas};
+use crate::engine::schedulers::sigmas::{predict_x0_vp, vp_schedule, SigmaSpacing, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_vp, interp, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing,
+    add_noise_vp, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// UniPC sampling.
@@ -24,11 +23,7 @@ pub struct UniPc {
     last_sample: Option<Tensor>,
 }
 
-fn lambda(sigma: f64) -> (f64, f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let sigma_t = sigma * alpha;
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
-}
+use crate::engine::schedulers::sigmas::vp_lambda as lambda;
 
 /// Solves the small dense system `a x = b` (Gaussian elimination, partial pivoting).
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
@@ -91,89 +86,34 @@ impl UniPc {
             ));
         }
         let training = TrainingSigmas::new(config)?;
-        let train = config.num_train_timesteps;
-        let n = steps as i64;
-        let mut timesteps: Vec<f64> = match config.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let mut v: Vec<f64> = linspace(0.0, (train - 1) as f64, steps + 1)
-                    .into_iter()
-                    .map(|x| x.round_ties_even())
-                    .collect();
-                v.reverse();
-                v.pop();
-                v
-            }
-            TimestepSpacing::Leading => {
-                let ratio = train / (n + 1);
-                let mut v: Vec<f64> = (0..=n)
-                    .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect();
-                v.pop();
-                v
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = train as f64 / n as f64;
-                let len = (train as f64 / ratio).ceil() as i64;
-                (0..len)
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
-        };
-        let table: Vec<f64> = training.sigmas.iter().map(|&s| f64::from(s)).collect();
+        let table = &training.sigmas;
         let max = config
             .sigma_max
-            .unwrap_or_else(|| table.last().copied().unwrap_or(1.0));
+            .unwrap_or_else(|| table.last().copied().map_or(1.0, f64::from));
         let min = config
             .sigma_min
-            .unwrap_or_else(|| table.first().copied().unwrap_or(1.0));
-        let count = timesteps.len();
+            .unwrap_or_else(|| table.first().copied().map_or(1.0, f64::from));
         let spacing = config.sigma_spacing();
-        let mut sigmas: Vec<f64> = match spacing {
-            SigmaSpacing::Default => timesteps
-                .iter()
-                .map(|&t| interp(t, &training.sigmas))
-                .collect(),
-            SigmaSpacing::Karras => {
-                let rho = 7.0;
-                let (min_inv, max_inv) = (min.powf(1.0 / rho), max.powf(1.0 / rho));
-                linspace(0.0, 1.0, count)
-                    .into_iter()
-                    .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-                    .collect()
-            }
-            SigmaSpacing::Exponential => linspace(max.ln(), min.ln(), count)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
-            SigmaSpacing::Beta => linspace(0.0, 1.0, count)
-                .into_iter()
-                .map(|t| min + beta_ppf(1.0 - t, 0.6, 0.6) * (max - min))
-                .collect(),
-        };
-        if spacing != SigmaSpacing::Default {
-            timesteps = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = training.sigma_to_t(s);
-                    if spacing == SigmaSpacing::Karras {
-                        t.round_ties_even()
-                    } else {
-                        t
-                    }
-                })
-                .collect();
-        }
+        let schedule = vp_schedule(
+            config,
+            &training,
+            steps,
+            config.timestep_spacing,
+            (max, min),
+            true,
+        );
+        let timesteps = schedule.timesteps;
+        let mut sigmas = schedule.sigmas;
         let last = match (config.final_sigmas_type, spacing) {
             (FinalSigmasType::Zero, _) => 0.0,
             (FinalSigmasType::SigmaMin, SigmaSpacing::Default) => {
-                table.first().copied().unwrap_or(0.0)
+                table.first().copied().map_or(0.0, f64::from)
             }
             (FinalSigmasType::SigmaMin, _) => sigmas.last().copied().unwrap_or(0.0),
         };
         sigmas.push(last);
         Ok(Self {
-            timesteps: timesteps.into_iter().map(|t| t.trunc()).collect(),
+            timesteps,
             sigmas: sigmas.into_iter().map(|s| f64::from(s as f32)).collect(),
             prediction_type: config.prediction_type,
             bh2,
@@ -302,14 +242,12 @@ impl Scheduler for UniPc {
         _noise: &mut NoiseSource<'_>,
     ) -> Tensor {
         let model_output = model_output.to_kind(tch::Kind::Float);
-        let sigma = self.sigmas[index];
-        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let sigma_t = sigma * alpha;
-        let converted = match self.prediction_type {
-            PredictionType::Epsilon => (sample - &model_output * sigma_t) / alpha,
-            PredictionType::Sample => model_output.shallow_clone(),
-            PredictionType::VPrediction => sample * alpha - &model_output * sigma_t,
-        };
+        let converted = predict_x0_vp(
+            self.prediction_type,
+            &model_output,
+            sample,
+            self.sigmas[index],
+        );
         let sample = match (&self.last_sample, index > 0) {
             (Some(last), true) => self.correct(&converted, last, index, self.this_order),
             _ => sample.shallow_clone(),
