@@ -22,6 +22,20 @@ impl Models {
         Self { state }
     }
 
+    /// Load and unload: the name is checked (INVALID_ARGUMENT, NOT_FOUND), then the
+    /// operation is UNIMPLEMENTED until the model cache exists.
+    fn not_before_cache(&self, name: &str, why: &str) -> Status {
+        let error = match self.state.registry.resolve(name) {
+            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
+                "name",
+                &format!("`name` is not a valid model name ({reason})"),
+            ),
+            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
+            Ok(_) => ApiError::Unimplemented("name".into(), why.into()),
+        };
+        error.into_status(Default::default())
+    }
+
     fn info(&self, model: &ModelEntry) -> pb::ModelInfo {
         let resident = self
             .state
@@ -71,38 +85,20 @@ impl ModelService for Models {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
-        let name = request.into_inner().name;
-        let status = match self.state.registry.resolve(&name) {
-            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
-                "name",
-                &format!("`name` is not a valid model name ({reason})"),
-            ),
-            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
-            Ok(_) => ApiError::Unimplemented(
-                "name".into(),
-                "explicit loading comes with the model cache; models load on first use".into(),
-            ),
-        };
-        Err(status.into_status(Default::default()))
+        Err(self.not_before_cache(
+            &request.into_inner().name,
+            "explicit loading comes with the model cache; models load on first use",
+        ))
     }
 
     async fn unload_model(
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        let name = request.into_inner().name;
-        let status = match self.state.registry.resolve(&name) {
-            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
-                "name",
-                &format!("`name` is not a valid model name ({reason})"),
-            ),
-            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
-            Ok(_) => ApiError::Unimplemented(
-                "name".into(),
-                "unloading comes with the model cache and its memory budget".into(),
-            ),
-        };
-        Err(status.into_status(Default::default()))
+        Err(self.not_before_cache(
+            &request.into_inner().name,
+            "unloading comes with the model cache and its memory budget",
+        ))
     }
 
     async fn get_capabilities(

@@ -99,24 +99,10 @@ fn text_encoder_config(
 
 fn write_tokenizer(dir: &Path, pad: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let symbols: Vec<String> = {
-        // GPT-2's byte-to-unicode table, as CLIP orders its vocabulary.
-        let mut bytes: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
-        let mut chars = bytes.clone();
-        let mut extra = 0;
-        for b in 0..256u32 {
-            if !bytes.contains(&b) {
-                bytes.push(b);
-                chars.push(256 + extra);
-                extra += 1;
-            }
-        }
-        chars
-            .into_iter()
-            .filter_map(char::from_u32)
-            .map(|c| c.to_string())
-            .collect()
-    };
+    let symbols: Vec<String> = crate::engine::models::tokenizer::byte_symbols()
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
     let mut vocab = serde_json::Map::new();
     for (i, s) in symbols.iter().enumerate() {
         vocab.insert(s.clone(), json!(i));

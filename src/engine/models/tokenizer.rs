@@ -32,7 +32,7 @@ fn tokenizer_error(path: &Path, message: impl std::fmt::Display) -> EngineError 
 }
 
 /// GPT-2's reversible byte-to-unicode table, in CLIP's vocabulary order.
-fn byte_symbols() -> Vec<char> {
+pub(crate) fn byte_symbols() -> Vec<char> {
     let mut bytes: Vec<u32> = (u32::from('!')..=u32::from('~'))
         .chain(u32::from('¡')..=u32::from('¬'))
         .chain(u32::from('®')..=u32::from('ÿ'))
