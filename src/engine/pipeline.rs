@@ -613,21 +613,11 @@ impl SdxlPipeline {
         let keep = ((p.steps as f64 * init.strength) as usize).min(p.steps);
         let t_start = p.steps - keep;
         let start = t_start * scheduler.order();
-        let image = init
-            .to_tensor()
-            .to_device(self.placement.device)
-            .to_kind(self.vae_kind);
-        let (mean, logvar) = self.vae.encode(&image);
         tch::manual_seed(p.seed as i64);
-        let shape = mean.size();
-        let eps = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
-        let noise = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
-        let device = self.placement.device;
-        let std = (logvar.to_kind(Kind::Float) * 0.5).exp();
-        let sample = mean.to_kind(Kind::Float) + std * eps.to_device(device);
-        let latents = self.vae.scale_latents(&sample);
+        let latents = self.encode_sample(&init.to_tensor());
+        let noise = Tensor::randn(latents.size().as_slice(), (Kind::Float, Device::Cpu));
         Ok((
-            scheduler.add_noise(&latents, &noise.to_device(device), start),
+            scheduler.add_noise(&latents, &noise.to_device(self.placement.device), start),
             start,
         ))
     }
