@@ -76,6 +76,21 @@ pub struct EngineSettings {
 pub struct ModelSettings {
     /// Base model roots.
     pub base_roots: Vec<PathBuf>,
+    /// Refiner model roots.
+    pub refiner_roots: Vec<PathBuf>,
+    /// VAE roots.
+    pub vae_roots: Vec<PathBuf>,
+}
+
+impl ModelSettings {
+    /// The roots of every kind.
+    pub fn roots(&self) -> crate::engine::registry::ModelRoots {
+        crate::engine::registry::ModelRoots {
+            base: self.base_roots.clone(),
+            refiner: self.refiner_roots.clone(),
+            vae: self.vae_roots.clone(),
+        }
+    }
 }
 
 /// `[telemetry]`.
@@ -133,7 +148,9 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("models.base_roots"),
+                .with_list_parse_key("models.base_roots")
+                .with_list_parse_key("models.refiner_roots")
+                .with_list_parse_key("models.vae_roots"),
         );
         let settings: Settings = builder
             .build()

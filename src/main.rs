@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use sdxld::engine::demo::write_demo_model;
 use sdxld::engine::pipeline::{
-    GenerateParams, Placement, Progress, SchedulerOverrides, SdxlPipeline,
+    GenerateParams, Placement, Progress, RefinerMode, RefinerParams, SchedulerOverrides,
+    SdxlPipeline,
 };
 use sdxld::engine::schedulers::SchedulerKind;
 use sdxld::output::{numbered_path, png_bytes, write_latents};
@@ -131,6 +132,40 @@ struct GenerateArgs {
     /// timestep_spacing=trailing (repeatable).
     #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
     scheduler_config: Vec<String>,
+    /// Image to image: start at this fraction of the schedule without adding noise
+    /// (diffusers' denoising_start), in (0, 1); overrides --strength.
+    #[arg(long)]
+    denoising_start: Option<f64>,
+    /// Aesthetic-score conditioning for refiner-style models (requires_aesthetics_score).
+    #[arg(long, default_value_t = 6.0)]
+    aesthetic_score: f64,
+    /// Negative aesthetic-score conditioning.
+    #[arg(long, default_value_t = 2.5)]
+    negative_aesthetic_score: f64,
+    /// A refiner pipeline folder to run after the model (the SDXL refiner or any SDXL
+    /// pipeline); it decodes the images.
+    #[arg(long)]
+    refiner: Option<PathBuf>,
+    /// How the refiner takes over: ensemble (the base runs the first
+    /// --high-noise-fraction of the schedule) or img2img (the refiner re-noises the base's
+    /// result by --refiner-strength).
+    #[arg(long, default_value = "ensemble")]
+    refiner_mode: String,
+    /// Ensemble of experts: the fraction of the schedule the base runs, in (0, 1).
+    #[arg(long, default_value_t = 0.8)]
+    high_noise_fraction: f64,
+    /// Refiner img2img: strength in (0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    refiner_strength: f64,
+    /// Refiner steps (default: --steps).
+    #[arg(long)]
+    refiner_steps: Option<usize>,
+    /// Refiner guidance scale (default: --guidance).
+    #[arg(long)]
+    refiner_guidance: Option<f64>,
+    /// Refiner scheduler (same names as --scheduler; default: the refiner's own).
+    #[arg(long)]
+    refiner_scheduler: Option<String>,
 }
 
 /// A scheduler by CLI name or A1111 sampler name, with the config keys the name implies.
@@ -177,17 +212,46 @@ fn parse_config_pair(pair: &str) -> anyhow::Result<(String, serde_json::Value)> 
     Ok((key.trim().to_string(), value))
 }
 
+/// The overrides a CLI scheduler name implies.
+fn named_scheduler(name: Option<&str>) -> anyhow::Result<SchedulerOverrides> {
+    let mut overrides = SchedulerOverrides::default();
+    if let Some(name) = name {
+        let (kind, keys) = parse_scheduler(name)?;
+        overrides.class = Some(kind);
+        for (k, v) in keys {
+            overrides.set(k, v);
+        }
+    }
+    Ok(overrides)
+}
+
 impl GenerateArgs {
+    /// The refiner stage the flags ask for, if any.
+    fn refiner_params(&self, base: &GenerateParams) -> anyhow::Result<Option<RefinerParams>> {
+        if self.refiner.is_none() {
+            return Ok(None);
+        }
+        let mode = match self.refiner_mode.as_str() {
+            "ensemble" => RefinerMode::EnsembleOfExperts {
+                high_noise_fraction: self.high_noise_fraction,
+            },
+            "img2img" => RefinerMode::Img2Img {
+                strength: self.refiner_strength,
+            },
+            other => bail!("--refiner-mode must be ensemble or img2img, got `{other}`"),
+        };
+        let mut params = RefinerParams::new(mode, base);
+        params.steps = self.refiner_steps.unwrap_or(base.steps);
+        params.guidance_scale = self.refiner_guidance.unwrap_or(base.guidance_scale);
+        params.scheduler_overrides = named_scheduler(self.refiner_scheduler.as_deref())?;
+        params.aesthetic_score = self.aesthetic_score;
+        params.negative_aesthetic_score = self.negative_aesthetic_score;
+        Ok(Some(params))
+    }
+
     fn params(&self, pipeline: &SdxlPipeline) -> anyhow::Result<GenerateParams> {
         let size = pipeline.default_size();
-        let mut overrides = SchedulerOverrides::default();
-        if let Some(name) = &self.scheduler {
-            let (kind, keys) = parse_scheduler(name)?;
-            overrides.class = Some(kind);
-            for (k, v) in keys {
-                overrides.set(k, v);
-            }
-        }
+        let mut overrides = named_scheduler(self.scheduler.as_deref())?;
         for pair in &self.scheduler_config {
             let (k, v) = parse_config_pair(pair)?;
             overrides.set(&k, v);
@@ -196,7 +260,8 @@ impl GenerateArgs {
             Some(path) => {
                 let bytes =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                let image = sdxld::engine::pipeline::InitImage::decode(&bytes, self.strength)?;
+                let mut image = sdxld::engine::pipeline::InitImage::decode(&bytes, self.strength)?;
+                image.denoising_start = self.denoising_start;
                 match &self.mask {
                     Some(mask) => {
                         let mask = std::fs::read(mask)
@@ -225,6 +290,8 @@ impl GenerateArgs {
             seed: self.seed.unwrap_or_else(random_seed),
             num_images: self.num_images,
             scheduler_overrides: overrides,
+            aesthetic_score: self.aesthetic_score,
+            negative_aesthetic_score: self.negative_aesthetic_score,
             ..GenerateParams::default()
         })
     }
@@ -263,8 +330,14 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         if let Some(bar) = &bar {
             match p {
                 Progress::EncodingPrompt => bar.set_message("encoding"),
-                Progress::Denoising { step, .. } => {
-                    bar.set_message("denoising");
+                Progress::Denoising {
+                    step,
+                    total,
+                    refining,
+                    ..
+                } => {
+                    bar.set_message(if refining { "refining" } else { "denoising" });
+                    bar.set_length(total as u64);
                     bar.set_position(step as u64);
                 }
                 Progress::Decoding { .. } => bar.set_message("decoding"),
@@ -272,7 +345,20 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let out = pipeline.generate(&params, &mut report)?;
+    let out = match (&args.refiner, args.refiner_params(&params)?) {
+        (Some(dir), Some(stage)) => {
+            let refiner = SdxlPipeline::load(dir, pipeline.placement())
+                .with_context(|| format!("loading {}", dir.display()))?;
+            sdxld::engine::refiner::generate_refined(
+                &pipeline,
+                &refiner,
+                &params,
+                &stage,
+                &mut report,
+            )?
+        }
+        _ => pipeline.generate(&params, &mut report)?,
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }

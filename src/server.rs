@@ -18,7 +18,7 @@ use crate::api::models::Models;
 use crate::api::ApiState;
 use crate::config::Settings;
 use crate::engine::pipeline::Placement;
-use crate::engine::registry::{ModelEntry, Registry};
+use crate::engine::registry::{ModelEntry, ModelKind, Registry};
 use crate::jobs::worker::{run_worker, Engine};
 use crate::jobs::{JobQueue, StopReason};
 use crate::proto::v1::generation_service_server::GenerationServiceServer;
@@ -94,9 +94,10 @@ fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result<Mod
             .ok_or_else(|| anyhow!("`{wanted}` has no model_index.json"));
     }
     let registry = Registry::new(
-        settings.models.base_roots.clone(),
+        settings.models.roots(),
         ModelEntry {
             name: String::new(),
+            kind: ModelKind::Base,
             path: PathBuf::new(),
             default_size: 1024,
             size_bytes: 0,
@@ -144,10 +145,7 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
 pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()> {
     let placement = placement(&settings)?;
     let default = default_model(&settings, model)?;
-    let registry = Arc::new(Registry::new(
-        settings.models.base_roots.clone(),
-        default.clone(),
-    ));
+    let registry = Arc::new(Registry::new(settings.models.roots(), default.clone()));
     let metrics = Metrics::new();
     let queue = JobQueue::new(settings.jobs.max_queued);
     let resident = Arc::new(Mutex::new(HashSet::new()));

@@ -265,6 +265,38 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
             vec!["spec.post_processing[0]"],
         ),
         (
+            "denoising_start at 1, aesthetic scores outside [0, 10]",
+            with(&|s| {
+                s.init_image = Some(pb::InitImage {
+                    image: png(64, 64),
+                    denoising_start: Some(1.0),
+                    ..Default::default()
+                });
+                s.micro_conditioning = Some(pb::MicroConditioning {
+                    aesthetic_score: Some(11.0),
+                    negative_aesthetic_score: Some(-1.0),
+                    ..Default::default()
+                });
+            }),
+            vec![
+                "spec.init_image.denoising_start",
+                "spec.micro_conditioning.aesthetic_score",
+                "spec.micro_conditioning.negative_aesthetic_score",
+            ],
+        ),
+        (
+            "denoising_start with a mask",
+            with(&|s| {
+                s.init_image = Some(pb::InitImage {
+                    image: png(64, 64),
+                    mask: png(64, 64),
+                    denoising_start: Some(0.5),
+                    ..Default::default()
+                })
+            }),
+            vec!["spec.init_image.denoising_start"],
+        ),
+        (
             "refiner without a mode, bad fraction",
             with(&|s| {
                 s.refiner = Some(pb::RefinerStage {

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::api::status::ApiError;
 use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
 use crate::api::ApiState;
-use crate::engine::registry::{ModelEntry, RegistryError};
+use crate::engine::registry::{ModelEntry, ModelKind, RegistryError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::model_service_server::ModelService;
 
@@ -45,13 +45,22 @@ impl Models {
             .unwrap_or(false);
         pb::ModelInfo {
             name: model.name.clone(),
-            kind: pb::ModelKind::Base as i32,
+            kind: kind_pb(model.kind) as i32,
             format: pb::ModelFormat::Diffusers as i32,
             size_bytes: model.size_bytes,
             sha256: self.state.registry.sha256(model),
             resident,
-            is_default: model.name == self.state.registry.default_model().name,
+            is_default: model.kind == ModelKind::Base
+                && model.name == self.state.registry.default_model().name,
         }
+    }
+}
+
+fn kind_pb(kind: ModelKind) -> pb::ModelKind {
+    match kind {
+        ModelKind::Base => pb::ModelKind::Base,
+        ModelKind::Refiner => pb::ModelKind::Refiner,
+        ModelKind::Vae => pb::ModelKind::Vae,
     }
 }
 
@@ -66,15 +75,15 @@ impl ModelService for Models {
             ApiError::invalid("kind", &format!("`kind` has an unknown enum value {kind}"))
                 .into_status(Default::default())
         })?;
-        let models = if matches!(kind, pb::ModelKind::Unspecified | pb::ModelKind::Base) {
-            let registry = self.state.registry.clone();
-            let list = tokio::task::spawn_blocking(move || registry.list())
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            list.iter().map(|m| self.info(m)).collect()
-        } else {
-            Vec::new()
-        };
+        let registry = self.state.registry.clone();
+        let list = tokio::task::spawn_blocking(move || registry.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let models = list
+            .iter()
+            .filter(|m| kind == pb::ModelKind::Unspecified || kind_pb(m.kind) == kind)
+            .map(|m| self.info(m))
+            .collect();
         self.state
             .metrics
             .rpc_finished("ListModels", tonic::Code::Ok);
@@ -131,13 +140,14 @@ impl ModelService for Models {
             ("client_job_id", true),
             ("scheduler_options.sigma_schedule", true),
             ("vae", false),
-            ("refiner", false),
+            ("refiner", true),
             ("loras", false),
             ("controlnets", false),
             ("init_image", true),
             ("init_image.mask", true),
             ("init_image.mask_blur", false),
-            ("init_image.denoising_start", false),
+            ("init_image.denoising_start", true),
+            ("micro_conditioning.aesthetic_score", true),
             ("post_processing", false),
         ]
         .into_iter()

@@ -112,7 +112,8 @@ fn engine_status(error: EngineError) -> Status {
         | EngineError::MissingTensor { .. }
         | EngineError::UnknownTensor { .. }
         | EngineError::ShapeMismatch { .. }
-        | EngineError::Tokenizer { .. } => Code::FailedPrecondition,
+        | EngineError::Tokenizer { .. }
+        | EngineError::Incompatible(_) => Code::FailedPrecondition,
         EngineError::Device(_) | EngineError::Torch(_) | EngineError::NonFinite(_) => {
             Code::Internal
         }

@@ -8,10 +8,10 @@ use validator::{Validate, ValidationErrors, ValidationErrorsKind};
 
 use crate::api::status::ApiError;
 use crate::config::Limits;
-use crate::engine::pipeline::{GenerateParams, SchedulerOverrides};
-use crate::engine::registry::{check_name, Registry, RegistryError};
+use crate::engine::pipeline::{GenerateParams, RefinerMode, RefinerParams, SchedulerOverrides};
+use crate::engine::registry::{check_name, ModelKind, Registry, RegistryError};
 use crate::engine::schedulers::SchedulerKind;
-use crate::jobs::{JobSpec, OutputSpec};
+use crate::jobs::{JobSpec, OutputSpec, RefinerJob};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
@@ -54,6 +54,10 @@ struct MicroConditioningInput {
     negative_crop_top_left: Option<PointInput>,
     #[validate(nested)]
     negative_target_size: Option<SizeInput>,
+    #[validate(range(min = 0.0, max = 10.0, message = "must be between 0 and 10"))]
+    aesthetic_score: Option<f32>,
+    #[validate(range(min = 0.0, max = 10.0, message = "must be between 0 and 10"))]
+    negative_aesthetic_score: Option<f32>,
 }
 
 #[derive(Validate)]
@@ -126,7 +130,11 @@ struct InitImageInput {
     strength: Option<f32>,
     #[validate(range(max = 64, message = "must be at most 64"))]
     mask_blur: u32,
-    #[validate(range(min = 0.0, exclusive_max = 1.0, message = "must be in [0, 1)"))]
+    #[validate(range(
+        exclusive_min = 0.0,
+        exclusive_max = 1.0,
+        message = "must be strictly between 0 and 1"
+    ))]
     denoising_start: Option<f32>,
 }
 
@@ -521,6 +529,77 @@ fn sampler_name(kind: SchedulerKind, options: &pb::SchedulerOptions) -> String {
     format!("{}{suffix}", kind.a1111_name())
 }
 
+/// The scheduler class and diffusers config keys a request's scheduler and options set.
+fn scheduler_overrides(
+    scheduler: pb::Scheduler,
+    options: &pb::SchedulerOptions,
+) -> SchedulerOverrides {
+    let mut overrides = SchedulerOverrides {
+        class: scheduler_kind(scheduler),
+        ..SchedulerOverrides::default()
+    };
+    match pb::SigmaSchedule::try_from(options.sigma_schedule) {
+        Ok(pb::SigmaSchedule::Default) => {
+            overrides.set("use_karras_sigmas", false);
+            overrides.set("use_exponential_sigmas", false);
+            overrides.set("use_beta_sigmas", false);
+        }
+        Ok(pb::SigmaSchedule::Karras) => overrides.set("use_karras_sigmas", true),
+        Ok(pb::SigmaSchedule::Exponential) => overrides.set("use_exponential_sigmas", true),
+        Ok(pb::SigmaSchedule::Beta) => overrides.set("use_beta_sigmas", true),
+        _ => {}
+    }
+    match pb::TimestepSpacing::try_from(options.timestep_spacing) {
+        Ok(pb::TimestepSpacing::Leading) => overrides.set("timestep_spacing", "leading"),
+        Ok(pb::TimestepSpacing::Trailing) => overrides.set("timestep_spacing", "trailing"),
+        Ok(pb::TimestepSpacing::Linspace) => overrides.set("timestep_spacing", "linspace"),
+        _ => {}
+    }
+    if let Some(offset) = options.steps_offset {
+        overrides.set("steps_offset", offset);
+    }
+    match pb::FinalSigmasType::try_from(options.final_sigmas_type) {
+        Ok(pb::FinalSigmasType::Zero) => overrides.set("final_sigmas_type", "zero"),
+        Ok(pb::FinalSigmasType::SigmaMin) => overrides.set("final_sigmas_type", "sigma_min"),
+        _ => {}
+    }
+    if let Some(rescale) = options.rescale_betas_zero_snr {
+        overrides.set("rescale_betas_zero_snr", rescale);
+    }
+    if let Some(eta) = options.eta {
+        overrides.set("eta", decimal(eta));
+    }
+    if let Some(order) = options.solver_order {
+        overrides.set("solver_order", order);
+    }
+    match pb::AlgorithmType::try_from(options.algorithm_type) {
+        Ok(pb::AlgorithmType::DpmsolverPlusPlus) => overrides.set("algorithm_type", "dpmsolver++"),
+        Ok(pb::AlgorithmType::SdeDpmsolverPlusPlus) => {
+            overrides.set("algorithm_type", "sde-dpmsolver++")
+        }
+        _ => {}
+    }
+    match pb::SolverType::try_from(options.solver_type) {
+        Ok(pb::SolverType::Midpoint) => overrides.set("solver_type", "midpoint"),
+        Ok(pb::SolverType::Heun) => overrides.set("solver_type", "heun"),
+        Ok(pb::SolverType::Bh1) => overrides.set("solver_type", "bh1"),
+        Ok(pb::SolverType::Bh2) => overrides.set("solver_type", "bh2"),
+        _ => {}
+    }
+    if let Some(v) = options.lower_order_final {
+        overrides.set("lower_order_final", v);
+    }
+    if let Some(v) = options.euler_at_final {
+        overrides.set("euler_at_final", v);
+    }
+    match pb::PredictionType::try_from(options.prediction_type) {
+        Ok(pb::PredictionType::Epsilon) => overrides.set("prediction_type", "epsilon"),
+        Ok(pb::PredictionType::VPrediction) => overrides.set("prediction_type", "v_prediction"),
+        _ => {}
+    }
+    overrides
+}
+
 /// Validates a request and resolves it into a job. `seed` is used when the request has
 /// none. Every violated field is reported at once.
 pub fn to_job_spec(
@@ -551,6 +630,8 @@ pub fn to_job_spec(
                 negative_original_size: size_input(&m.negative_original_size),
                 negative_crop_top_left: point_input(&m.negative_crop_top_left),
                 negative_target_size: size_input(&m.negative_target_size),
+                aesthetic_score: m.aesthetic_score,
+                negative_aesthetic_score: m.negative_aesthetic_score,
             }),
         scheduler_options: options_input(&spec.scheduler_options.unwrap_or_default()),
         refiner: spec.refiner.as_ref().map(|r| RefinerInput {
@@ -814,6 +895,12 @@ pub fn to_job_spec(
         }
     }
     if let Some(init) = &spec.init_image {
+        if init.denoising_start.is_some() && !init.mask.is_empty() {
+            v.add(
+                "spec.init_image.denoising_start",
+                "does not apply to inpainting (a mask is set)",
+            );
+        }
         let image_size = check_image(&init.image, "spec.init_image.image", max_pixels, &mut v);
         let mask_size = check_image(&init.mask, "spec.init_image.mask", max_pixels, &mut v);
         if let (Some(a), Some(b)) = (image_size, mask_size) {
@@ -857,6 +944,7 @@ pub fn to_job_spec(
     }
 
     // 3. a valid request naming what this server cannot do yet
+    let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
     let unimplemented =
         |field: &str, what: &str| Err(ApiError::Unimplemented(field.to_string(), what.to_string()));
     let scheduler = scheduler.unwrap_or(pb::Scheduler::Unspecified);
@@ -872,8 +960,11 @@ pub fn to_job_spec(
     if !spec.vae.is_empty() {
         return unimplemented("spec.vae", "custom VAEs are not implemented yet");
     }
-    if spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty()) {
-        return unimplemented("spec.refiner", "the refiner stage is not implemented yet");
+    if refiner_named && spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty()) {
+        return unimplemented(
+            "spec.refiner",
+            "the refiner stage after inpainting is not implemented yet",
+        );
     }
     if !spec.loras.is_empty() {
         return unimplemented("spec.loras", "LoRA adapters are not implemented yet");
@@ -887,21 +978,18 @@ pub fn to_job_spec(
             "mask blur is not implemented yet",
         );
     }
-    if spec
-        .init_image
-        .as_ref()
-        .is_some_and(|i| i.denoising_start.is_some())
-    {
-        return unimplemented(
-            "spec.init_image.denoising_start",
-            "denoising_start is not implemented yet",
-        );
-    }
     if !spec.post_processing.is_empty() {
         return unimplemented("spec.post_processing", "upscaling is not implemented yet");
     }
     let Some(model) = model else {
         return Err(ApiError::ModelNotFound(spec.model.clone()));
+    };
+    let refiner_model = match spec.refiner.as_ref().filter(|r| !r.model.is_empty()) {
+        Some(r) => match registry.resolve_kind(ModelKind::Refiner, &r.model) {
+            Ok(m) => Some(m),
+            Err(_) => return Err(ApiError::ModelNotFound(r.model.clone())),
+        },
+        None => None,
     };
 
     // 4. the resolved job
@@ -916,73 +1004,11 @@ pub fn to_job_spec(
             .map_or((0, 0), |p| (i64::from(p.y), i64::from(p.x)))
     };
     let micro = spec.micro_conditioning.unwrap_or_default();
-    let mut overrides = SchedulerOverrides {
-        class: scheduler_kind(scheduler),
-        ..SchedulerOverrides::default()
-    };
-    match pb::SigmaSchedule::try_from(options.sigma_schedule) {
-        Ok(pb::SigmaSchedule::Default) => {
-            overrides.set("use_karras_sigmas", false);
-            overrides.set("use_exponential_sigmas", false);
-            overrides.set("use_beta_sigmas", false);
-        }
-        Ok(pb::SigmaSchedule::Karras) => overrides.set("use_karras_sigmas", true),
-        Ok(pb::SigmaSchedule::Exponential) => overrides.set("use_exponential_sigmas", true),
-        Ok(pb::SigmaSchedule::Beta) => overrides.set("use_beta_sigmas", true),
-        _ => {}
-    }
-    match pb::TimestepSpacing::try_from(options.timestep_spacing) {
-        Ok(pb::TimestepSpacing::Leading) => overrides.set("timestep_spacing", "leading"),
-        Ok(pb::TimestepSpacing::Trailing) => overrides.set("timestep_spacing", "trailing"),
-        Ok(pb::TimestepSpacing::Linspace) => overrides.set("timestep_spacing", "linspace"),
-        _ => {}
-    }
-    if let Some(offset) = options.steps_offset {
-        overrides.set("steps_offset", offset);
-    }
-    match pb::FinalSigmasType::try_from(options.final_sigmas_type) {
-        Ok(pb::FinalSigmasType::Zero) => overrides.set("final_sigmas_type", "zero"),
-        Ok(pb::FinalSigmasType::SigmaMin) => overrides.set("final_sigmas_type", "sigma_min"),
-        _ => {}
-    }
-    if let Some(rescale) = options.rescale_betas_zero_snr {
-        overrides.set("rescale_betas_zero_snr", rescale);
-    }
-    if let Some(eta) = options.eta {
-        overrides.set("eta", decimal(eta));
-    }
-    if let Some(order) = options.solver_order {
-        overrides.set("solver_order", order);
-    }
-    match pb::AlgorithmType::try_from(options.algorithm_type) {
-        Ok(pb::AlgorithmType::DpmsolverPlusPlus) => overrides.set("algorithm_type", "dpmsolver++"),
-        Ok(pb::AlgorithmType::SdeDpmsolverPlusPlus) => {
-            overrides.set("algorithm_type", "sde-dpmsolver++")
-        }
-        _ => {}
-    }
-    match pb::SolverType::try_from(options.solver_type) {
-        Ok(pb::SolverType::Midpoint) => overrides.set("solver_type", "midpoint"),
-        Ok(pb::SolverType::Heun) => overrides.set("solver_type", "heun"),
-        Ok(pb::SolverType::Bh1) => overrides.set("solver_type", "bh1"),
-        Ok(pb::SolverType::Bh2) => overrides.set("solver_type", "bh2"),
-        _ => {}
-    }
-    if let Some(v) = options.lower_order_final {
-        overrides.set("lower_order_final", v);
-    }
-    if let Some(v) = options.euler_at_final {
-        overrides.set("euler_at_final", v);
-    }
-    match pb::PredictionType::try_from(options.prediction_type) {
-        Ok(pb::PredictionType::Epsilon) => overrides.set("prediction_type", "epsilon"),
-        Ok(pb::PredictionType::VPrediction) => overrides.set("prediction_type", "v_prediction"),
-        _ => {}
-    }
+    let overrides = scheduler_overrides(scheduler, &options);
     let init_image = match &spec.init_image {
         Some(init) => {
             let strength = decimal(init.strength.unwrap_or(0.8));
-            if (f64::from(steps) * strength) < 1.0 {
+            if init.denoising_start.is_none() && (f64::from(steps) * strength) < 1.0 {
                 return Err(ApiError::invalid(
                     "spec.init_image.strength",
                     &format!("`spec.init_image.strength` {strength} x {steps} steps leaves no step to run"),
@@ -995,6 +1021,10 @@ pub fn to_job_spec(
                         &format!("`spec.init_image.image` {e}"),
                     )
                 })?;
+            let image = crate::engine::pipeline::InitImage {
+                denoising_start: init.denoising_start.map(decimal),
+                ..image
+            };
             if init.mask.is_empty() {
                 Some(image)
             } else {
@@ -1030,6 +1060,49 @@ pub fn to_job_spec(
         negative_crops_coords_top_left: point(&micro.negative_crop_top_left),
         negative_target_size: pair(&micro.negative_target_size),
         scheduler_overrides: overrides,
+        denoising_end: None,
+        aesthetic_score: micro.aesthetic_score.map_or(6.0, decimal),
+        negative_aesthetic_score: micro.negative_aesthetic_score.map_or(2.5, decimal),
+    };
+    let refiner = match (refiner_model, &spec.refiner) {
+        (Some(model), Some(r)) => {
+            let mode = match pb::RefinerMode::try_from(r.mode) {
+                Ok(pb::RefinerMode::Img2img) => RefinerMode::Img2Img {
+                    strength: decimal(r.strength.unwrap_or(0.3)),
+                },
+                _ => RefinerMode::EnsembleOfExperts {
+                    high_noise_fraction: decimal(r.high_noise_fraction.unwrap_or(0.8)),
+                },
+            };
+            let refiner_scheduler = pb::Scheduler::try_from(r.scheduler).unwrap_or_default();
+            let refiner_options = r.scheduler_options.unwrap_or_default();
+            let steps = if r.steps == 0 {
+                params.steps
+            } else {
+                r.steps as usize
+            };
+            if let RefinerMode::Img2Img { strength } = mode {
+                if (steps as f64 * strength) < 1.0 {
+                    return Err(ApiError::invalid(
+                        "spec.refiner.strength",
+                        &format!("`spec.refiner.strength` {strength} x {steps} steps leaves no step to run"),
+                    ));
+                }
+            }
+            Some(RefinerJob {
+                sha256: registry.sha256(&model),
+                model,
+                params: RefinerParams {
+                    mode,
+                    steps,
+                    guidance_scale: r.guidance_scale.map_or(params.guidance_scale, decimal),
+                    scheduler_overrides: scheduler_overrides(refiner_scheduler, &refiner_options),
+                    aesthetic_score: r.aesthetic_score.map_or(6.0, decimal),
+                    negative_aesthetic_score: r.negative_aesthetic_score.map_or(2.5, decimal),
+                },
+            })
+        }
+        _ => None,
     };
     let format = match format.unwrap_or(pb::ImageFormat::Unspecified) {
         pb::ImageFormat::Unspecified | pb::ImageFormat::Png => OutputFormat::Png,
@@ -1068,5 +1141,6 @@ pub fn to_job_spec(
             &options,
         ),
         client_job_id,
+        refiner,
     })
 }

@@ -68,6 +68,9 @@ pub enum EngineError {
     /// A generation parameter is out of range for this model.
     #[error("{0}")]
     InvalidRequest(String),
+    /// Models or a request that cannot work together (a refiner as the base model, ...).
+    #[error("{0}")]
+    Incompatible(String),
     /// The requested device or dtype is not available here.
     #[error("device: {0}")]
     Device(String),
@@ -95,6 +98,7 @@ impl EngineError {
             EngineError::ShapeMismatch { .. } => "shape_mismatch",
             EngineError::Tokenizer { .. } => "tokenizer",
             EngineError::InvalidRequest(_) => "invalid_request",
+            EngineError::Incompatible(_) => "incompatible_models",
             EngineError::Device(_) => "device",
             EngineError::Cancelled => "cancelled",
             EngineError::NonFinite(_) => "non_finite_latents",

@@ -2,7 +2,6 @@
 //! `StableDiffusionXLPipeline.__call__` step by step.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -12,11 +11,13 @@ use crate::engine::models::clip::ClipTextModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::models::unet::{AddedCond, UNet2DConditionModel};
 use crate::engine::models::vae::AutoencoderKL;
-use crate::engine::schedulers::SchedulerConfig;
+use crate::engine::noise::NoiseStream;
+use crate::engine::schedulers::{Scheduler, SchedulerConfig};
 
-/// libtorch's CPU generator is process-global: one job draws all its noise under this lock
-/// so that no other job's draws interleave (invariant 2).
-static NOISE_LOCK: Mutex<()> = Mutex::new(());
+pub use crate::engine::request::{
+    Entry, GenerateOutput, GenerateParams, InitImage, Progress, RefinerMode, RefinerParams,
+    SchedulerOverrides,
+};
 
 /// Where and in which precision the models run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,224 +92,6 @@ fn yes() -> bool {
     true
 }
 
-/// One text-to-image request, with diffusers' parameter names and defaults.
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    /// Prompt for the first text encoder.
-    pub prompt: String,
-    /// Prompt for the second text encoder; the prompt when `None` or empty.
-    pub prompt_2: Option<String>,
-    /// Negative prompt. `None` means zero embeddings where the model forces zeros for an
-    /// empty prompt (SDXL does); `Some("")` is encoded.
-    pub negative_prompt: Option<String>,
-    /// Negative prompt for the second encoder; the negative prompt when `None` or empty.
-    pub negative_prompt_2: Option<String>,
-    /// Classifier-free guidance scale; guidance is off at 1 or below.
-    pub guidance_scale: f64,
-    /// Guidance rescale (arXiv:2305.08891 §3.4), 0 for none.
-    pub guidance_rescale: f64,
-    /// Layers skipped before the penultimate one for the prompt embeddings.
-    pub clip_skip: Option<i64>,
-    /// Image width in pixels (a multiple of 8).
-    pub width: i64,
-    /// Image height in pixels (a multiple of 8).
-    pub height: i64,
-    /// Denoising steps.
-    pub steps: usize,
-    /// Seed of image 0; image i uses seed + i.
-    pub seed: u64,
-    /// Number of images.
-    pub num_images: usize,
-    /// Micro-conditioning original size (height, width); the image size when `None`.
-    pub original_size: Option<(i64, i64)>,
-    /// Micro-conditioning crop top-left (y, x).
-    pub crops_coords_top_left: (i64, i64),
-    /// Micro-conditioning target size (height, width); the image size when `None`.
-    pub target_size: Option<(i64, i64)>,
-    /// Negative micro-conditioning; the positive one unless original and target are set.
-    pub negative_original_size: Option<(i64, i64)>,
-    /// Negative crop top-left.
-    pub negative_crops_coords_top_left: (i64, i64),
-    /// Negative target size.
-    pub negative_target_size: Option<(i64, i64)>,
-    /// Changes to the model's scheduler configuration.
-    pub scheduler_overrides: SchedulerOverrides,
-    /// Image to image: the init image (its size is the output size) and the strength.
-    pub init_image: Option<InitImage>,
-    /// Set for images after the first of a batch: the batch's first seed. diffusers'
-    /// inpainting encodes the (single) init image with the first image's generator only,
-    /// so later images share those latent samples.
-    pub batch_first_seed: Option<u64>,
-}
-
-/// An init image for image to image, 8-bit RGB.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InitImage {
-    /// Width in pixels.
-    pub width: i64,
-    /// Height in pixels.
-    pub height: i64,
-    /// Row-major RGB bytes.
-    pub pixels: Vec<u8>,
-    /// How much of the schedule runs, in (0, 1]: 1 ignores the image's content.
-    pub strength: f64,
-    /// Inpainting: luminance of the mask, same size, row-major (128 and above repaint).
-    pub mask: Option<Vec<u8>>,
-}
-
-impl InitImage {
-    /// Decodes PNG, JPEG or WebP bytes.
-    pub fn decode(bytes: &[u8], strength: f64) -> Result<Self> {
-        let image = image::load_from_memory(bytes)
-            .map_err(|e| {
-                EngineError::InvalidRequest(format!("the init image does not decode: {e}"))
-            })?
-            .to_rgb8();
-        let (width, height) = image.dimensions();
-        Ok(Self {
-            width: i64::from(width),
-            height: i64::from(height),
-            pixels: image.into_raw(),
-            strength,
-            mask: None,
-        })
-    }
-
-    /// Adds an inpainting mask (PNG, JPEG or WebP; white repaints), which must have the
-    /// image's size. Luminance as PIL's `convert("L")` computes it.
-    pub fn with_mask(mut self, bytes: &[u8]) -> Result<Self> {
-        let mask = image::load_from_memory(bytes)
-            .map_err(|e| EngineError::InvalidRequest(format!("the mask does not decode: {e}")))?
-            .to_rgb8();
-        let (w, h) = mask.dimensions();
-        if (i64::from(w), i64::from(h)) != (self.width, self.height) {
-            return Err(EngineError::InvalidRequest(format!(
-                "the mask is {w}x{h} but the image is {}x{}",
-                self.width, self.height
-            )));
-        }
-        let luma = mask
-            .pixels()
-            .map(|p| {
-                let [r, g, b] = p.0.map(u32::from);
-                ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
-            })
-            .collect();
-        self.mask = Some(luma);
-        Ok(self)
-    }
-
-    /// The binarised mask [1, 1, H, W] (1 = repaint), as diffusers' mask processor makes it.
-    fn mask_tensor(&self) -> Option<Tensor> {
-        let mask = self.mask.as_ref()?;
-        let t = Tensor::from_slice(mask)
-            .reshape([1, 1, self.height, self.width])
-            .to_kind(Kind::Float)
-            / 255.0;
-        Some(t.ge(0.5).to_kind(Kind::Float))
-    }
-
-    /// [1, 3, H, W] float32 in [-1, 1], as diffusers' image processor normalises.
-    fn to_tensor(&self) -> Tensor {
-        let t = Tensor::from_slice(&self.pixels)
-            .reshape([self.height, self.width, 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Float);
-        (t / 255.0) * 2.0 - 1.0
-    }
-}
-
-impl Default for GenerateParams {
-    fn default() -> Self {
-        Self {
-            prompt: String::new(),
-            prompt_2: None,
-            negative_prompt: None,
-            negative_prompt_2: None,
-            guidance_scale: 5.0,
-            guidance_rescale: 0.0,
-            clip_skip: None,
-            width: 1024,
-            height: 1024,
-            steps: 30,
-            seed: 0,
-            num_images: 1,
-            original_size: None,
-            crops_coords_top_left: (0, 0),
-            target_size: None,
-            negative_original_size: None,
-            negative_crops_coords_top_left: (0, 0),
-            negative_target_size: None,
-            scheduler_overrides: SchedulerOverrides::default(),
-            init_image: None,
-            batch_first_seed: None,
-        }
-    }
-}
-
-/// What the pipeline reports while it works.
-#[derive(Debug)]
-pub enum Progress<'a> {
-    /// Text encoders are running.
-    EncodingPrompt,
-    /// Denoising step `step` of `total` finished (0 when the loop starts); `latents` are
-    /// the current ones.
-    Denoising {
-        /// Steps done.
-        step: usize,
-        /// Steps in all.
-        total: usize,
-        /// The latents after this step.
-        latents: &'a Tensor,
-    },
-    /// The VAE is decoding image `index`.
-    Decoding {
-        /// The image.
-        index: usize,
-    },
-}
-
-/// Request-level changes to the model's scheduler configuration: another scheduler
-/// class and diffusers config keys, as `XScheduler.from_config(config, **keys)` applies
-/// them (keys the model's config shares with the new class carry over).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SchedulerOverrides {
-    /// Another scheduler class.
-    pub class: Option<crate::engine::schedulers::SchedulerKind>,
-    /// diffusers config keys and their values.
-    pub keys: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-impl SchedulerOverrides {
-    /// Sets a diffusers config key.
-    pub fn set(&mut self, key: &str, value: impl Into<serde_json::Value>) {
-        self.keys.insert(key.to_string(), value.into());
-    }
-
-    /// The model's configuration with these overrides applied.
-    pub fn apply(&self, base: &SchedulerConfig) -> Result<SchedulerConfig> {
-        if self.class.is_none() && self.keys.is_empty() {
-            return Ok(base.clone());
-        }
-        let invalid = |m: String| EngineError::InvalidRequest(m);
-        let mut value = serde_json::to_value(base).map_err(|e| invalid(e.to_string()))?;
-        let map = value
-            .as_object_mut()
-            .ok_or_else(|| invalid("scheduler config is not an object".into()))?;
-        if let Some(class) = self.class {
-            map.insert("_class_name".into(), class.class_name().into());
-        }
-        for (key, v) in &self.keys {
-            if !crate::engine::schedulers::CONFIG_KEYS.contains(&key.as_str()) {
-                return Err(invalid(format!("unknown scheduler config key `{key}`")));
-            }
-            map.insert(key.clone(), v.clone());
-        }
-        serde_json::from_value(value).map_err(|e| invalid(format!("scheduler config: {e}")))
-    }
-}
-
 /// What the inpainting loop needs besides the latents.
 struct Inpaint {
     /// The UNet takes [latents, mask, masked image latents].
@@ -321,14 +104,6 @@ struct Inpaint {
     image_latents: Tensor,
     /// The noise the initial latents got, re-applied at each level when blending.
     noise: Tensor,
-}
-
-/// The result of a generation.
-pub struct GenerateOutput {
-    /// Final latents before decoding, float32 on the CPU, [N, C, H/f, W/f].
-    pub latents: Tensor,
-    /// 8-bit RGB images, [N, H, W, 3] uint8 on the CPU.
-    pub images: Tensor,
 }
 
 /// A loaded SDXL pipeline.
@@ -417,13 +192,10 @@ impl SdxlPipeline {
         let pooled = self.text_encoder_2.projection_dim().ok_or_else(|| {
             mismatch("text_encoder_2 has no text_projection (not an SDXL text encoder)".into())
         })?;
-        if self.requires_aesthetics_score {
-            return Err(mismatch(
-                "models with requires_aesthetics_score (refiners) run only as a refiner stage"
-                    .into(),
-            ));
-        }
-        if let Some(expected) = self.unet.pooled_dim() {
+        // Refiners condition on five micro-conditioning values (no target size), the base
+        // on six.
+        let time_values = if self.requires_aesthetics_score { 5 } else { 6 };
+        if let Some(expected) = self.unet.pooled_dim(time_values) {
             if expected != pooled {
                 return Err(mismatch(format!(
                     "the added embedding expects a pooled width of {expected}, text_encoder_2 gives {pooled}"
@@ -480,6 +252,11 @@ impl SdxlPipeline {
 
     /// Checks the parameters against this model before any work is done.
     pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        self.check(p, false)
+    }
+
+    /// [`Self::validate`] for a stage that may start from an earlier stage's latents.
+    fn check(&self, p: &GenerateParams, handoff: bool) -> Result<()> {
         let bad = |m: String| Err(EngineError::InvalidRequest(m));
         for (name, value) in [("width", p.width), ("height", p.height)] {
             if value <= 0 || value % 8 != 0 {
@@ -494,6 +271,10 @@ impl SdxlPipeline {
         if p.num_images == 0 {
             return bad("`num_images` must be at least 1, got 0".into());
         }
+        let fraction_ok = |f: f64| f > 0.0 && f < 1.0;
+        if let Some(end) = p.denoising_end.filter(|f| !fraction_ok(*f)) {
+            return bad(format!("`denoising_end` must be in (0, 1), got {end}"));
+        }
         if let Some(init) = &p.init_image {
             if init.width != p.width || init.height != p.height {
                 return bad(format!(
@@ -507,12 +288,32 @@ impl SdxlPipeline {
                     init.strength
                 ));
             }
-            if (p.steps as f64 * init.strength) < 1.0 {
-                return bad(format!(
-                    "`strength` {} leaves no step of {} to run (steps x strength must be at least 1)",
-                    init.strength, p.steps
-                ));
+            match init.denoising_start {
+                Some(start) if !fraction_ok(start) => {
+                    return bad(format!("`denoising_start` must be in (0, 1), got {start}"))
+                }
+                Some(_) if init.mask.is_some() => {
+                    return bad("`denoising_start` does not apply to inpainting".into())
+                }
+                Some(start) if p.denoising_end.is_some_and(|end| start >= end) => {
+                    return bad(format!(
+                        "`denoising_start` {start} must be below `denoising_end`"
+                    ))
+                }
+                Some(_) => {}
+                None if (p.steps as f64 * init.strength) < 1.0 => {
+                    return bad(format!(
+                        "`strength` {} leaves no step of {} to run (steps x strength must be at least 1)",
+                        init.strength, p.steps
+                    ))
+                }
+                None => {}
             }
+        } else if self.requires_aesthetics_score && !handoff {
+            return Err(EngineError::Incompatible(format!(
+                "`{}` is a refiner (requires_aesthetics_score): it runs as a refiner stage or on an init image, not from noise",
+                self.dir.display()
+            )));
         }
         if !p.guidance_scale.is_finite() {
             return bad("`guidance_scale` must be finite".into());
@@ -526,7 +327,7 @@ impl SdxlPipeline {
         Ok(())
     }
 
-    /// Runs both text encoders on one (prompt, prompt_2) pair: the concatenated hidden
+    /// Runs the text encoders on one (prompt, prompt_2) pair: the concatenated hidden
     /// states [1, 77, cross_dim] and the pooled embedding [1, projection_dim].
     fn encode_pair(
         &self,
@@ -541,12 +342,18 @@ impl SdxlPipeline {
                 .to_device(device))
         };
         let mut hidden = Vec::with_capacity(2);
-        if let (Some(tok), Some(enc)) = (&self.tokenizer, &self.text_encoder) {
-            hidden.push(enc.forward(&ids(tok, prompt)?, clip_skip)?.hidden);
-        }
+        let second_text = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(enc)) => {
+                hidden.push(enc.forward(&ids(tok, prompt)?, clip_skip)?.hidden);
+                prompt_2
+            }
+            // diffusers pairs the prompts with the encoders present: a pipeline with only
+            // the second encoder (the refiner) gives it the first prompt.
+            _ => prompt,
+        };
         let out = self
             .text_encoder_2
-            .forward(&ids(&self.tokenizer_2, prompt_2)?, clip_skip)?;
+            .forward(&ids(&self.tokenizer_2, second_text)?, clip_skip)?;
         hidden.push(out.hidden);
         let pooled = out.pooled.ok_or_else(|| {
             EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
@@ -586,50 +393,95 @@ impl SdxlPipeline {
     }
 
     /// Initial noise for `n` images: image i is `randn([1, C, h, w])` from the CPU
-    /// generator seeded with seed + i, in float32 (invariant 2). Call with NOISE_LOCK held.
-    fn initial_noise(&self, p: &GenerateParams) -> Tensor {
+    /// generator seeded with seed + i, in float32 (invariant 2).
+    fn initial_noise(&self, p: &GenerateParams, noise: &mut NoiseStream) -> Tensor {
         let f = self.vae_scale_factor();
         let channels = self.vae.config().latent_channels;
         let shape = [1, channels, p.height / f, p.width / f];
-        let noise: Vec<Tensor> = (0..p.num_images)
+        let draws: Vec<Tensor> = (0..p.num_images)
             .map(|i| {
-                tch::manual_seed(p.seed.wrapping_add(i as u64) as i64);
-                Tensor::randn(shape, (Kind::Float, Device::Cpu))
+                noise.seed(p.seed.wrapping_add(i as u64));
+                noise.randn(&shape)
             })
             .collect();
-        Tensor::cat(&noise, 0)
+        Tensor::cat(&draws, 0)
     }
 
-    /// Image to image (StableDiffusionXLImg2ImgPipeline's get_timesteps and
-    /// prepare_latents): the VAE latents of the init image, sampled and noised to the
-    /// first timestep that `strength` keeps, and the index of that timestep. Draws from
-    /// the generator (call with NOISE_LOCK held): the latent sample first, then the noise.
+    /// The index of the first timestep an image-based start runs: diffusers'
+    /// `get_timesteps` of the img2img and inpainting pipelines.
+    fn entry_index(
+        &self,
+        scheduler: &dyn Scheduler,
+        train_steps: i64,
+        steps: usize,
+        entry: Entry,
+    ) -> Result<usize> {
+        let timesteps = scheduler.timesteps();
+        match entry {
+            Entry::Strength(strength) => {
+                let keep = ((steps as f64 * strength) as usize).min(steps);
+                if keep == 0 {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "`strength` {strength} leaves no step of {steps} to run"
+                    )));
+                }
+                Ok((steps - keep) * scheduler.order())
+            }
+            Entry::DenoisingStart(fraction) => {
+                let cutoff = discrete_cutoff(train_steps, fraction);
+                let mut remaining = timesteps.iter().filter(|&&t| t < cutoff).count();
+                // A second-order scheduler must not start between its two evaluations.
+                if scheduler.order() == 2 && remaining % 2 == 0 {
+                    remaining += 1;
+                }
+                let remaining = remaining.min(timesteps.len());
+                if remaining == 0 {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "`denoising_start` {fraction} leaves no step of {steps} to run"
+                    )));
+                }
+                Ok(timesteps.len() - remaining)
+            }
+        }
+    }
+
+    /// Image to image (StableDiffusionXLImg2ImgPipeline's prepare_latents): the VAE
+    /// latents of the init image (or latents from an earlier stage), noised to timestep
+    /// `start` unless the start is a `denoising_start`. Draws the latent sample first,
+    /// then the noise.
     fn image_latents(
         &self,
-        init: &InitImage,
-        p: &GenerateParams,
-        scheduler: &dyn crate::engine::schedulers::Scheduler,
-    ) -> Result<(Tensor, usize)> {
-        let keep = ((p.steps as f64 * init.strength) as usize).min(p.steps);
-        let t_start = p.steps - keep;
-        let start = t_start * scheduler.order();
-        tch::manual_seed(p.seed as i64);
-        let latents = self.encode_sample(&init.to_tensor());
-        let noise = Tensor::randn(latents.size().as_slice(), (Kind::Float, Device::Cpu));
-        Ok((
-            scheduler.add_noise(&latents, &noise.to_device(self.placement.device), start),
-            start,
-        ))
+        image: Option<&InitImage>,
+        latents: Option<&Tensor>,
+        add_noise: bool,
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<Tensor> {
+        let device = self.placement.device;
+        let latents = match (image, latents) {
+            (_, Some(latents)) => latents.to_device(device).to_kind(Kind::Float),
+            (Some(image), None) => self.encode_sample(&image.to_tensor(), noise),
+            (None, None) => {
+                return Err(EngineError::InvalidRequest(
+                    "image to image needs an image or latents".into(),
+                ))
+            }
+        };
+        if !add_noise {
+            return Ok(latents);
+        }
+        let draw = noise.randn(latents.size().as_slice()).to_device(device);
+        Ok(scheduler.add_noise(&latents, &draw, start))
     }
 
     /// A VAE sample of `image` ([1, 3, H, W] in [-1, 1]) in the denoiser's latent space,
     /// drawing its noise from the generator.
-    fn encode_sample(&self, image: &Tensor) -> Tensor {
+    fn encode_sample(&self, image: &Tensor, noise: &mut NoiseStream) -> Tensor {
         let device = self.placement.device;
         let image = image.to_device(device).to_kind(self.vae_kind);
         let (mean, logvar) = self.vae.encode(&image);
-        let eps =
-            Tensor::randn(mean.size().as_slice(), (Kind::Float, Device::Cpu)).to_device(device);
+        let eps = noise.randn(mean.size().as_slice()).to_device(device);
         let sample = mean.to_kind(Kind::Float) + (logvar.to_kind(Kind::Float) * 0.5).exp() * eps;
         self.vae.scale_latents(&sample)
     }
@@ -641,8 +493,10 @@ impl SdxlPipeline {
         &self,
         init: &InitImage,
         p: &GenerateParams,
-        scheduler: &dyn crate::engine::schedulers::Scheduler,
-    ) -> Result<(Tensor, usize, Inpaint)> {
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<(Tensor, Inpaint)> {
         let device = self.placement.device;
         let in_channels = self.unet.config().in_channels;
         let latent_channels = self.vae.config().latent_channels;
@@ -652,8 +506,6 @@ impl SdxlPipeline {
                 "a UNet with {in_channels} input channels cannot inpaint"
             )));
         }
-        let keep = ((p.steps as f64 * init.strength) as usize).min(p.steps);
-        let start = (p.steps - keep) * scheduler.order();
         let strength_max = init.strength >= 1.0;
         let image = init.to_tensor();
         let mask = init
@@ -663,30 +515,36 @@ impl SdxlPipeline {
         let f = self.vae_scale_factor();
         let (h, w) = (p.height / f, p.width / f);
         let need_image = !nine_channels || !strength_max;
-        let draw_noise = || {
-            Tensor::randn([1, latent_channels, h, w], (Kind::Float, Device::Cpu)).to_device(device)
-        };
-        let (image_latents, noise, masked_latents) = match p.batch_first_seed {
+        let shape = [1, latent_channels, h, w];
+        let (image_latents, initial, masked_latents) = match p.batch_first_seed {
             None => {
-                tch::manual_seed(p.seed as i64);
-                let image_latents = need_image.then(|| self.encode_sample(&image));
-                let noise = draw_noise();
-                (image_latents, noise, self.encode_sample(&masked_image))
+                noise.seed(p.seed);
+                let image_latents = need_image.then(|| self.encode_sample(&image, noise));
+                let initial = noise.randn(&shape).to_device(device);
+                (
+                    image_latents,
+                    initial,
+                    self.encode_sample(&masked_image, noise),
+                )
             }
             Some(first) => {
                 // The latent samples come from the first image's generator; this image's
                 // generator starts with the noise.
-                tch::manual_seed(first as i64);
-                let image_latents = need_image.then(|| self.encode_sample(&image));
-                let _first_noise = draw_noise();
-                let masked_latents = self.encode_sample(&masked_image);
-                tch::manual_seed(p.seed as i64);
-                (image_latents, draw_noise(), masked_latents)
+                noise.seed(first);
+                let image_latents = need_image.then(|| self.encode_sample(&image, noise));
+                let _first_noise = noise.randn(&shape);
+                let masked_latents = self.encode_sample(&masked_image, noise);
+                noise.seed(p.seed);
+                (
+                    image_latents,
+                    noise.randn(&shape).to_device(device),
+                    masked_latents,
+                )
             }
         };
         let latents = match (&image_latents, strength_max) {
-            (Some(image_latents), false) => scheduler.add_noise(image_latents, &noise, start),
-            _ => &noise * scheduler.init_noise_sigma(),
+            (Some(image_latents), false) => scheduler.add_noise(image_latents, &initial, start),
+            _ => &initial * scheduler.init_noise_sigma(),
         };
         let mask = mask
             .upsample_nearest2d([h, w], None, None)
@@ -695,15 +553,64 @@ impl SdxlPipeline {
             nine_channels,
             mask,
             masked_latents,
-            image_latents: image_latents.unwrap_or_else(|| noise.zeros_like()),
-            noise,
+            image_latents: image_latents.unwrap_or_else(|| initial.zeros_like()),
+            noise: initial,
         };
-        Ok((latents, start, state))
+        Ok((latents, state))
     }
 
-    fn time_ids(&self, original: (i64, i64), crop: (i64, i64), target: (i64, i64)) -> Tensor {
-        let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
-        Tensor::from_slice(&values).unsqueeze(0)
+    /// The micro-conditioning (positive, negative) time ids. Text to image uses the
+    /// negative sizes only when both are given; image-based starts default each negative
+    /// to its positive, and models with `requires_aesthetics_score` take an aesthetic
+    /// score in place of the target size, as diffusers' img2img pipeline does.
+    fn time_ids(&self, p: &GenerateParams, image_based: bool) -> (Tensor, Tensor) {
+        let ids = |values: [f64; 6]| Tensor::from_slice(&values.map(|v| v as f32)).unsqueeze(0);
+        let ids5 = |values: [f64; 5]| Tensor::from_slice(&values.map(|v| v as f32)).unsqueeze(0);
+        let size = (p.height, p.width);
+        let original = p.original_size.unwrap_or(size);
+        let target = p.target_size.unwrap_or(size);
+        let crop = p.crops_coords_top_left;
+        let f = |v: i64| v as f64;
+        let positive = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(f);
+        if !image_based {
+            let negative = match (p.negative_original_size, p.negative_target_size) {
+                (Some(o), Some(t)) => {
+                    let c = p.negative_crops_coords_top_left;
+                    [o.0, o.1, c.0, c.1, t.0, t.1].map(f)
+                }
+                _ => positive,
+            };
+            return (ids(positive), ids(negative));
+        }
+        let negative_original = p.negative_original_size.unwrap_or(original);
+        let negative_target = p.negative_target_size.unwrap_or(target);
+        if self.requires_aesthetics_score {
+            let c = p.negative_crops_coords_top_left;
+            (
+                ids5([
+                    f(original.0),
+                    f(original.1),
+                    f(crop.0),
+                    f(crop.1),
+                    p.aesthetic_score,
+                ]),
+                ids5([
+                    f(negative_original.0),
+                    f(negative_original.1),
+                    f(c.0),
+                    f(c.1),
+                    p.negative_aesthetic_score,
+                ]),
+            )
+        } else {
+            // diffusers' img2img and inpainting pipelines pair the negative sizes with
+            // the positive crop.
+            let (o, t) = (negative_original, negative_target);
+            (
+                ids(positive),
+                ids([o.0, o.1, crop.0, crop.1, t.0, t.1].map(f)),
+            )
+        }
     }
 
     /// Generates `p.num_images` images. `progress` is called as work advances; an error it
@@ -714,13 +621,23 @@ impl SdxlPipeline {
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<GenerateOutput> {
         let latents = self.denoise(p, progress)?;
-        let mut images = Vec::with_capacity(p.num_images);
-        for i in 0..p.num_images {
-            progress(Progress::Decoding { index: i })?;
-            images.push(self.decode_image(&latents.get(i as i64))?);
+        self.decode_all(&latents, progress)
+    }
+
+    /// Decodes every image of `latents` [N, C, h, w].
+    pub fn decode_all(
+        &self,
+        latents: &Tensor,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<GenerateOutput> {
+        let n = latents.size()[0];
+        let mut images = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            progress(Progress::Decoding { index: i as usize })?;
+            images.push(self.decode_image(&latents.get(i))?);
         }
         Ok(GenerateOutput {
-            latents,
+            latents: latents.shallow_clone(),
             images: Tensor::stack(&images, 0),
         })
     }
@@ -733,16 +650,32 @@ impl SdxlPipeline {
         progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
     ) -> Result<Tensor> {
         self.validate(p)?;
+        let mut noise = NoiseStream::lock();
+        self.denoise_with(p, None, &mut noise, progress)
+    }
+
+    /// Denoises with the generator already held: from `p`'s init image or noise, or (a
+    /// refiner stage) from `handoff` latents of one image entered at `entry`, continuing
+    /// the generator where the previous stage left it.
+    pub(crate) fn denoise_with(
+        &self,
+        p: &GenerateParams,
+        handoff: Option<(&Tensor, Entry)>,
+        noise: &mut NoiseStream,
+        progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.check(p, handoff.is_some())?;
         let _no_grad = tch::no_grad_guard();
         let device = self.placement.device;
         let kind = self.placement.kind;
         let n = p.num_images as i64;
         let cfg = p.guidance_scale > 1.0;
-        let mut scheduler = p
-            .scheduler_overrides
-            .apply(&self.scheduler)?
-            .build(p.steps)?;
-        if (scheduler.is_stochastic() || p.init_image.is_some()) && p.num_images > 1 {
+        let config = p.scheduler_overrides.apply(&self.scheduler)?;
+        let mut scheduler = config.build(p.steps)?;
+        if handoff.is_none()
+            && (scheduler.is_stochastic() || p.init_image.is_some())
+            && p.num_images > 1
+        {
             // diffusers draws image i's noise (VAE sample, added noise, step noise) from its
             // own generator (seed + i); one process-wide generator reproduces that image by
             // image.
@@ -754,58 +687,98 @@ impl SdxlPipeline {
                     batch_first_seed: (i > 0).then_some(p.batch_first_seed.unwrap_or(p.seed)),
                     ..p.clone()
                 };
-                all.push(self.denoise(&single, progress)?);
+                all.push(self.denoise_with(&single, None, noise, progress)?);
             }
             return Ok(Tensor::cat(&all, 0));
+        }
+        if handoff.is_some() && p.num_images != 1 {
+            return Err(EngineError::InvalidRequest(
+                "a refiner stage takes one image at a time".into(),
+            ));
         }
 
         // 1. prompt embeddings
         progress(Progress::EncodingPrompt)?;
         let (embeds, pooled, negative) = self.encode_prompt(p, cfg)?;
 
-        // 2. initial latents; a stochastic scheduler keeps drawing from the same generator,
-        // so the lock is held until the loop ends.
-        let noise_guard = NOISE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // 2. where the schedule is entered, and the initial latents
+        let entry = match (&handoff, &p.init_image) {
+            (Some((_, entry)), _) => Some(*entry),
+            (None, Some(init)) => Some(init.entry()),
+            (None, None) => None,
+        };
+        let start = match entry {
+            Some(entry) => self.entry_index(
+                scheduler.as_ref(),
+                config.num_train_timesteps,
+                p.steps,
+                entry,
+            )?,
+            None => 0,
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let end = match p.denoising_end {
+            Some(fraction) => {
+                let cutoff = discrete_cutoff(config.num_train_timesteps, fraction);
+                start + timesteps[start..].iter().filter(|&&t| t >= cutoff).count()
+            }
+            None => timesteps.len(),
+        };
+        if end <= start {
+            return Err(EngineError::InvalidRequest(format!(
+                "`denoising_end` {:?} leaves no step of {} to run",
+                p.denoising_end, p.steps
+            )));
+        }
+        let image_based = entry.is_some();
+        let add_noise = matches!(entry, Some(Entry::Strength(_)));
+        let unet_takes_latents_only =
+            self.unet.config().in_channels == self.vae.config().latent_channels;
         let mut inpaint: Option<Inpaint> = None;
-        let (mut latents, start) = match &p.init_image {
-            None => {
-                if self.unet.config().in_channels != self.vae.config().latent_channels {
+        let mut latents = match (&handoff, &p.init_image) {
+            (Some((latents, _)), _) => self.image_latents(
+                None,
+                Some(latents),
+                add_noise,
+                scheduler.as_ref(),
+                start,
+                noise,
+            )?,
+            (None, None) => {
+                if !unet_takes_latents_only {
                     return Err(EngineError::InvalidRequest(
                         "this is an inpainting model: it needs an init image and a mask".into(),
                     ));
                 }
-                let noise = self.initial_noise(p).to_device(device);
-                (noise * scheduler.init_noise_sigma(), 0)
+                let initial = self.initial_noise(p, noise).to_device(device);
+                initial * scheduler.init_noise_sigma()
             }
-            Some(init) if init.mask.is_some() => {
-                let (latents, start, state) = self.inpaint_latents(init, p, scheduler.as_ref())?;
+            (None, Some(init)) if init.mask.is_some() => {
+                let (latents, state) =
+                    self.inpaint_latents(init, p, scheduler.as_ref(), start, noise)?;
                 inpaint = Some(state);
-                (latents, start)
+                latents
             }
-            Some(init) => {
-                if self.unet.config().in_channels != self.vae.config().latent_channels {
+            (None, Some(init)) => {
+                if !unet_takes_latents_only {
                     return Err(EngineError::InvalidRequest(
                         "this is an inpainting model: it needs a mask with the init image".into(),
                     ));
                 }
-                self.image_latents(init, p, scheduler.as_ref())?
+                noise.seed(p.seed);
+                self.image_latents(
+                    Some(init),
+                    None,
+                    add_noise,
+                    scheduler.as_ref(),
+                    start,
+                    noise,
+                )?
             }
         };
-        let noise_guard = scheduler.is_stochastic().then_some(noise_guard);
 
         // 3. added conditioning
-        let size = (p.height, p.width);
-        let add_time_ids = self.time_ids(
-            p.original_size.unwrap_or(size),
-            p.crops_coords_top_left,
-            p.target_size.unwrap_or(size),
-        );
-        let negative_time_ids = match (p.negative_original_size, p.negative_target_size) {
-            (Some(original), Some(target)) => {
-                self.time_ids(original, p.negative_crops_coords_top_left, target)
-            }
-            _ => add_time_ids.shallow_clone(),
-        };
+        let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
         let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
         let (context, text_embeds, time_ids) = match &negative {
             Some((neg_embeds, neg_pooled)) => (
@@ -835,16 +808,17 @@ impl SdxlPipeline {
 
         // 4. denoising loop (step 0 marks its start); progress counts scheduler steps, not
         // UNet calls (second-order schedulers call it twice per step)
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = p.steps - start / scheduler.order();
+        let total = (end - start).div_ceil(scheduler.order());
+        let refining = handoff.is_some();
         let mut done = 0;
-        let mut draw = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let mut draw = |shape: &[i64]| noise.randn(shape);
         progress(Progress::Denoising {
             step: 0,
             total,
             latents: &latents,
+            refining,
         })?;
-        for (i, &t) in timesteps.iter().enumerate().skip(start) {
+        for (i, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let model_input = if cfg {
                 Tensor::cat(&[&latents, &latents], 0)
             } else {
@@ -894,16 +868,16 @@ impl SdxlPipeline {
                 };
                 latents = (-&state.mask + 1.0) * proper + &state.mask * &latents;
             }
-            if scheduler.completes_step(i) {
+            if scheduler.completes_step(i) || i + 1 == end {
                 done += 1;
                 progress(Progress::Denoising {
                     step: done.min(total),
                     total,
                     latents: &latents,
+                    refining,
                 })?;
             }
         }
-        drop(noise_guard);
         let latents = latents.to_kind(Kind::Float).to_device(Device::Cpu);
         if latents.isfinite().all().int64_value(&[]) == 0 {
             return Err(EngineError::NonFinite(format!(
@@ -936,6 +910,11 @@ impl SdxlPipeline {
         first.max(self.tokenizer_2.overflow(prompt))
     }
 
+    /// Whether the model conditions on aesthetic scores (an SDXL refiner).
+    pub fn requires_aesthetics_score(&self) -> bool {
+        self.requires_aesthetics_score
+    }
+
     /// Whether the UNet is an inpainting UNet (latents, mask and masked image in).
     pub fn is_inpainting(&self) -> bool {
         self.unet.config().in_channels != self.vae.config().latent_channels
@@ -945,6 +924,14 @@ impl SdxlPipeline {
     pub fn latent_channels(&self) -> i64 {
         self.unet.config().in_channels
     }
+}
+
+/// diffusers' `discrete_timestep_cutoff` for a fraction of the schedule: timesteps at or
+/// above it belong to the first `fraction`.
+fn discrete_cutoff(train_steps: i64, fraction: f64) -> f64 {
+    let train = train_steps as f64;
+    // Python's round() rounds halves to even.
+    (train - fraction * train).round_ties_even()
 }
 
 /// diffusers' `rescale_noise_cfg`.

@@ -27,11 +27,73 @@ pub enum RegistryError {
     NotFound(String),
 }
 
-/// A resolved base model.
+/// What a model is for; each kind has its own roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModelKind {
+    /// A text-to-image SDXL pipeline (diffusers folder).
+    Base,
+    /// An SDXL refiner pipeline (diffusers folder, second text encoder only).
+    Refiner,
+    /// A VAE (diffusers AutoencoderKL folder).
+    Vae,
+}
+
+impl ModelKind {
+    /// Every kind with roots, in listing order.
+    pub const ALL: [ModelKind; 3] = [ModelKind::Base, ModelKind::Refiner, ModelKind::Vae];
+
+    /// The configuration key of this kind's roots.
+    pub fn roots_key(self) -> &'static str {
+        match self {
+            ModelKind::Base => "models.base_roots",
+            ModelKind::Refiner => "models.refiner_roots",
+            ModelKind::Vae => "models.vae_roots",
+        }
+    }
+
+    /// Whether `path` holds a model of this kind.
+    fn holds(self, path: &Path) -> bool {
+        match self {
+            ModelKind::Base | ModelKind::Refiner => path.join("model_index.json").is_file(),
+            ModelKind::Vae => {
+                path.join("config.json").is_file()
+                    && read_json::<serde_json::Value>(&path.join("config.json"))
+                        .ok()
+                        .and_then(|c| c.get("_class_name")?.as_str().map(str::to_string))
+                        .is_some_and(|c| c == "AutoencoderKL")
+            }
+        }
+    }
+}
+
+/// The model roots of each kind.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRoots {
+    /// Base pipelines.
+    pub base: Vec<PathBuf>,
+    /// Refiner pipelines.
+    pub refiner: Vec<PathBuf>,
+    /// VAEs.
+    pub vae: Vec<PathBuf>,
+}
+
+impl ModelRoots {
+    fn of(&self, kind: ModelKind) -> &[PathBuf] {
+        match kind {
+            ModelKind::Base => &self.base,
+            ModelKind::Refiner => &self.refiner,
+            ModelKind::Vae => &self.vae,
+        }
+    }
+}
+
+/// A resolved model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelEntry {
     /// Its name (path under its root, "/"-separated), or "demo" for the built-in model.
     pub name: String,
+    /// What it is.
+    pub kind: ModelKind,
     /// The diffusers folder.
     pub path: PathBuf,
     /// Default image side in pixels (UNet sample size × VAE scale factor).
@@ -43,9 +105,9 @@ pub struct ModelEntry {
 /// A cached hash: total size, newest modification time, SHA-256.
 type HashEntry = (u64, Option<SystemTime>, String);
 
-/// The base model roots and the default model.
+/// The model roots and the default model.
 pub struct Registry {
-    roots: Vec<PathBuf>,
+    roots: ModelRoots,
     default: ModelEntry,
     hashes: Mutex<HashMap<PathBuf, HashEntry>>,
 }
@@ -123,13 +185,19 @@ fn default_size(dir: &Path) -> Option<u32> {
 }
 
 impl ModelEntry {
-    /// Describes the diffusers folder `path` under `name`, if it is one.
+    /// Describes the diffusers pipeline folder `path` under `name`, if it is one.
     pub fn from_folder(name: &str, path: &Path) -> Option<Self> {
-        if !path.join("model_index.json").is_file() {
+        Self::of_kind(ModelKind::Base, name, path)
+    }
+
+    /// Describes `path` as a model of `kind` under `name`, if it holds one.
+    pub fn of_kind(kind: ModelKind, name: &str, path: &Path) -> Option<Self> {
+        if !kind.holds(path) {
             return None;
         }
         Some(Self {
             name: name.to_string(),
+            kind,
             path: path.to_path_buf(),
             default_size: default_size(path).unwrap_or(1024),
             size_bytes: dir_size(path),
@@ -138,8 +206,8 @@ impl ModelEntry {
 }
 
 impl Registry {
-    /// A registry over `roots` with `default` as the default model.
-    pub fn new(roots: Vec<PathBuf>, default: ModelEntry) -> Self {
+    /// A registry over `roots` with `default` as the default base model.
+    pub fn new(roots: ModelRoots, default: ModelEntry) -> Self {
         Self {
             roots,
             default,
@@ -152,13 +220,18 @@ impl Registry {
         &self.default
     }
 
-    /// Resolves a client-supplied name ("" = the default model).
+    /// Resolves a client-supplied base model name ("" = the default model).
     pub fn resolve(&self, name: &str) -> Result<ModelEntry, RegistryError> {
         if name.is_empty() || name == self.default.name {
             return Ok(self.default.clone());
         }
+        self.resolve_kind(ModelKind::Base, name)
+    }
+
+    /// Resolves a client-supplied name under the roots of `kind`.
+    pub fn resolve_kind(&self, kind: ModelKind, name: &str) -> Result<ModelEntry, RegistryError> {
         check_name(name)?;
-        for root in &self.roots {
+        for root in self.roots.of(kind) {
             let Ok(root) = root.canonicalize() else {
                 continue;
             };
@@ -170,18 +243,27 @@ impl Registry {
             if !real.starts_with(&root) {
                 continue;
             }
-            if let Some(entry) = ModelEntry::from_folder(name, &real) {
+            if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
                 return Ok(entry);
             }
         }
         Err(RegistryError::NotFound(name.to_string()))
     }
 
-    /// Every base model under the roots (folders holding model_index.json, up to three
-    /// levels deep), plus the default.
+    /// Every model under the roots (up to three levels deep), sorted by kind and name,
+    /// with the default base model.
     pub fn list(&self) -> Vec<ModelEntry> {
         let mut found = vec![self.default.clone()];
-        for root in &self.roots {
+        for kind in ModelKind::ALL {
+            self.list_kind(kind, &mut found);
+        }
+        found.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        found.dedup_by(|a, b| a.kind == b.kind && a.name == b.name);
+        found
+    }
+
+    fn list_kind(&self, kind: ModelKind, found: &mut Vec<ModelEntry>) {
+        for root in self.roots.of(kind) {
             let Ok(root) = root.canonicalize() else {
                 continue;
             };
@@ -202,8 +284,8 @@ impl Registry {
                         continue;
                     };
                     let name = relative.to_string_lossy().replace('\\', "/");
-                    if let Some(model) = ModelEntry::from_folder(&name, &real) {
-                        if model.name != self.default.name {
+                    if let Some(model) = ModelEntry::of_kind(kind, &name, &real) {
+                        if kind != ModelKind::Base || model.name != self.default.name {
                             found.push(model);
                         }
                     } else if depth < 2 {
@@ -212,9 +294,6 @@ impl Registry {
                 }
             }
         }
-        found.sort_by(|a, b| a.name.cmp(&b.name));
-        found.dedup_by(|a, b| a.name == b.name);
-        found
     }
 
     /// SHA-256 (hex) of a model's files in path order, cached by total size and newest

@@ -27,6 +27,8 @@ pub enum Stage {
     EncodingPrompt,
     /// Base denoising.
     Denoising,
+    /// Refiner denoising.
+    Refining,
     /// VAE decoding.
     Decoding,
     /// Post-processing (encoding the outputs).
@@ -39,6 +41,7 @@ impl Stage {
         match self {
             Stage::Queued => "queued",
             Stage::LoadingModels => "loading_models",
+            Stage::Refining => "refining",
             Stage::EncodingPrompt => "encoding_prompt",
             Stage::Denoising => "denoising",
             Stage::Decoding => "decoding",
@@ -153,6 +156,19 @@ pub struct JobSpec {
     pub sampler_name: String,
     /// The client's job id.
     pub client_job_id: Option<String>,
+    /// The refiner stage, if any.
+    pub refiner: Option<RefinerJob>,
+}
+
+/// The refiner stage of a job.
+#[derive(Debug, Clone)]
+pub struct RefinerJob {
+    /// The refiner model.
+    pub model: ModelEntry,
+    /// SHA-256 of its files.
+    pub sha256: String,
+    /// Its parameters.
+    pub params: crate::engine::pipeline::RefinerParams,
 }
 
 /// What a job reports.

@@ -32,6 +32,7 @@ fn stage_pb(stage: Stage) -> i32 {
         Stage::LoadingModels => pb::Stage::LoadingModels,
         Stage::EncodingPrompt => pb::Stage::EncodingPrompt,
         Stage::Denoising => pb::Stage::Denoising,
+        Stage::Refining => pb::Stage::Refining,
         Stage::Decoding => pb::Stage::Decoding,
         Stage::PostProcessing => pb::Stage::PostProcessing,
     }) as i32
@@ -83,6 +84,7 @@ impl Engine {
                 pixels: vec![127; 64 * 64 * 3],
                 strength: 1.0,
                 mask: Some(vec![255; 64 * 64]),
+                denoising_start: None,
             });
         let params = GenerateParams {
             prompt: "warm-up".into(),
@@ -191,13 +193,18 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     check(job)?;
 
     clock.enter(Stage::LoadingModels);
-    if !engine.is_resident(&spec.model) {
+    let refiner_model = spec.refiner.as_ref().map(|r| &r.model);
+    if !engine.is_resident(&spec.model) || refiner_model.is_some_and(|m| !engine.is_resident(m)) {
         send(
             job,
             JobEvent::Progress(progress(Stage::LoadingModels, 0, 0, 0)),
         )?;
     }
     let pipeline = engine.pipeline(&spec.model)?;
+    let refiner = match refiner_model {
+        Some(model) => Some(engine.pipeline(model)?),
+        None => None,
+    };
     check(job)?;
 
     // Images are denoised one at a time, each with its own seed, so that an image is
@@ -229,14 +236,20 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
                     step,
                     total,
                     latents,
+                    refining,
                 } => {
+                    let stage = if refining {
+                        Stage::Refining
+                    } else {
+                        Stage::Denoising
+                    };
                     if step == 0 {
-                        clock.enter(Stage::Denoising);
+                        clock.enter(stage);
                     } else {
                         metrics.observe_step(last_step.elapsed());
                     }
                     last_step = Instant::now();
-                    let mut event = progress(Stage::Denoising, step, total, i);
+                    let mut event = progress(stage, step, total, i);
                     if preview_every > 0 && step > 0 && (step % preview_every == 0 || step == total)
                     {
                         event.preview = preview(&latents.get(0));
@@ -250,7 +263,17 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
                 EngineError::Cancelled
             })
         };
-        let latents = match pipeline.denoise(&params, &mut on_progress) {
+        let denoised = match (&refiner, &spec.refiner) {
+            (Some(refiner), Some(stage)) => crate::engine::refiner::denoise_refined(
+                &pipeline,
+                refiner,
+                &params,
+                &stage.params,
+                &mut on_progress,
+            ),
+            _ => pipeline.denoise(&params, &mut on_progress),
+        };
+        let latents = match denoised {
             Ok(latents) => latents,
             Err(EngineError::Cancelled) => {
                 return Err(step_error.unwrap_or(JobError::Stopped(StopReason::Cancelled)))
@@ -268,7 +291,9 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
         } else {
             clock.enter(Stage::Decoding);
             send(job, JobEvent::Progress(progress(Stage::Decoding, 0, 0, i)))?;
-            let image = pipeline.decode_image(&image_latents)?;
+            // The refiner pipeline decodes with its VAE, as diffusers' recipe does.
+            let decoder = refiner.as_ref().unwrap_or(&pipeline);
+            let image = decoder.decode_image(&image_latents)?;
             clock.enter(Stage::PostProcessing);
             let metadata = (spec.output.format == OutputFormat::Png && spec.output.embed_metadata)
                 .then(|| png_metadata(spec, seed));
@@ -307,15 +332,29 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             stage_timings: std::mem::take(&mut clock.timings),
             total_ms: job.admitted_at.elapsed().as_secs_f64() * 1000.0,
             peak_device_memory_bytes: 0,
-            models: vec![pb::ModelUsage {
-                name: spec.model.name.clone(),
-                kind: pb::ModelKind::Base as i32,
-                sha256: spec.model_sha256.clone(),
-                weight: 0.0,
-            }],
+            models: models_used(spec),
             warnings,
         }),
     )
+}
+
+/// The models a job used, with their hashes.
+fn models_used(spec: &crate::jobs::JobSpec) -> Vec<pb::ModelUsage> {
+    let mut models = vec![pb::ModelUsage {
+        name: spec.model.name.clone(),
+        kind: pb::ModelKind::Base as i32,
+        sha256: spec.model_sha256.clone(),
+        weight: 0.0,
+    }];
+    if let Some(refiner) = &spec.refiner {
+        models.push(pb::ModelUsage {
+            name: refiner.model.name.clone(),
+            kind: pb::ModelKind::Refiner as i32,
+            sha256: refiner.sha256.clone(),
+            weight: 0.0,
+        });
+    }
+    models
 }
 
 /// A warning when a prompt is longer than CLIP's 77 tokens.
@@ -359,6 +398,22 @@ fn png_metadata(spec: &crate::jobs::JobSpec, seed: u64) -> PngMetadata {
     ));
     if p.guidance_rescale > 0.0 {
         text.push_str(&format!(", CFG rescale: {}", p.guidance_rescale));
+    }
+    if let Some(refiner) = &spec.refiner {
+        let hash = &refiner.sha256;
+        text.push_str(&format!(
+            ", Refiner: {} [{}]",
+            refiner.model.name,
+            &hash[..hash.len().min(10)]
+        ));
+        match refiner.params.mode {
+            crate::engine::pipeline::RefinerMode::EnsembleOfExperts {
+                high_noise_fraction,
+            } => text.push_str(&format!(", Refiner switch at: {high_noise_fraction}")),
+            crate::engine::pipeline::RefinerMode::Img2Img { strength } => {
+                text.push_str(&format!(", Refiner strength: {strength}"))
+            }
+        }
     }
     let mut resolved = spec.resolved.clone();
     resolved.seed = Some(seed);

@@ -592,11 +592,12 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// Width of the pooled text embedding the added conditioning expects.
-    pub fn pooled_dim(&self) -> Option<i64> {
+    /// Width of the pooled text embedding the added conditioning expects, given the
+    /// number of micro-conditioning values (6 for SDXL, 5 for its refiner).
+    pub fn pooled_dim(&self, time_values: i64) -> Option<i64> {
         let input = self.config.projection_class_embeddings_input_dim?;
         let per_value = self.config.addition_time_embed_dim?;
-        Some(input - 6 * per_value)
+        Some(input - time_values * per_value)
     }
 
     /// Predicts the noise (or v) for `sample` [batch, C, h, w] at `timestep` (a scalar

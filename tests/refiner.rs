@@ -1,0 +1,442 @@
+//! The refiner stage equals diffusers' two-pipeline recipe (base with
+//! `output_type="latent"`, then StableDiffusionXLImg2ImgPipeline on a tiny refiner with
+//! only the second text encoder and aesthetic-score conditioning), in both modes, with
+//! first-order, second-order, multistep and stochastic schedulers; a refiner-style model
+//! run alone on a picture; and the base's img2img entered at `denoising_start`. Over the
+//! engine, the CLI and gRPC.
+
+mod common;
+
+use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::pipeline::{
+    GenerateOutput, GenerateParams, InitImage, Placement, RefinerMode, RefinerParams,
+    SchedulerOverrides, SdxlPipeline,
+};
+use sdxld::engine::refiner::generate_refined;
+use sdxld::engine::schedulers::SchedulerKind;
+use serde_json::Value;
+
+fn cases(config: &str) -> Vec<Value> {
+    let path = fixtures().join(config).join("refiner.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("refiner.json")).expect("json")
+}
+
+fn scheduler(class: &str) -> SchedulerOverrides {
+    SchedulerOverrides {
+        class: SchedulerKind::from_class_name(class),
+        ..SchedulerOverrides::default()
+    }
+}
+
+fn base_params(case: &Value) -> GenerateParams {
+    GenerateParams {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        prompt_2: case["prompt_2"].as_str().map(str::to_string),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        seed: case["seed"].as_u64().expect("seed"),
+        steps: case["steps"].as_u64().expect("steps") as usize,
+        num_images: case["n"].as_u64().expect("n") as usize,
+        guidance_scale: 5.0,
+        width: 64,
+        height: 64,
+        scheduler_overrides: scheduler(case["scheduler"].as_str().expect("scheduler")),
+        aesthetic_score: case["aesthetic_score"].as_f64().unwrap_or(6.0),
+        negative_aesthetic_score: case["negative_aesthetic_score"].as_f64().unwrap_or(2.5),
+        ..GenerateParams::default()
+    }
+}
+
+fn refiner_params(case: &Value, base: &GenerateParams) -> RefinerParams {
+    let mode = match case["kind"].as_str() {
+        Some("ensemble") => RefinerMode::EnsembleOfExperts {
+            high_noise_fraction: case["fraction"].as_f64().expect("fraction"),
+        },
+        _ => RefinerMode::Img2Img {
+            strength: case["strength"].as_f64().expect("strength"),
+        },
+    };
+    let mut r = RefinerParams::new(mode, base);
+    r.steps = case["refiner_steps"]
+        .as_u64()
+        .map_or(base.steps, |s| s as usize);
+    r.guidance_scale = case["refiner_guidance"].as_f64().unwrap_or(5.0);
+    let class = case["refiner_scheduler"]
+        .as_str()
+        .or(case["scheduler"].as_str())
+        .expect("scheduler");
+    r.scheduler_overrides = scheduler(class);
+    r.aesthetic_score = base.aesthetic_score;
+    r.negative_aesthetic_score = base.negative_aesthetic_score;
+    r
+}
+
+fn run(
+    base: &SdxlPipeline,
+    refiner: &SdxlPipeline,
+    case: &Value,
+    picture: &[u8],
+) -> GenerateOutput {
+    let mut p = base_params(case);
+    let name = case["name"].as_str().expect("name");
+    let result = match case["kind"].as_str().expect("kind") {
+        "ensemble" | "img2img" => {
+            let r = refiner_params(case, &p);
+            generate_refined(base, refiner, &p, &r, &mut |_| Ok(()))
+        }
+        "refiner_on_image" => {
+            let strength = case["strength"].as_f64().expect("strength");
+            p.init_image = Some(InitImage::decode(picture, strength).expect("picture"));
+            refiner.generate(&p, &mut |_| Ok(()))
+        }
+        "denoising_start" => {
+            let mut init = InitImage::decode(picture, 0.3).expect("picture");
+            init.denoising_start = case["fraction"].as_f64();
+            p.init_image = Some(init);
+            base.generate(&p, &mut |_| Ok(()))
+        }
+        other => panic!("unknown case kind {other}"),
+    };
+    result.unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn refiner_stage_matches_diffusers() {
+    for config in CONFIGS {
+        let dir = fixtures().join(config);
+        let base = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("base");
+        let refiner = SdxlPipeline::load(&dir.join("refiner"), Placement::cpu()).expect("refiner");
+        assert!(refiner.requires_aesthetics_score() && refiner.text_encoder().is_none());
+        let picture = std::fs::read(dir.join("init.png")).expect("init.png");
+        let reference = read_tensors(&dir.join("refiner.safetensors"));
+        let cases = cases(config);
+        assert!(cases.len() >= 8);
+        for case in &cases {
+            let name = case["name"].as_str().expect("name");
+            let out = run(&base, &refiner, case, &picture);
+            let what = format!("{config} {name} ({} {})", case["kind"], case["scheduler"]);
+            assert_close(
+                &format!("{what} latents"),
+                &out.latents,
+                &reference[&format!("{name}.latents")],
+            );
+            assert_images_match(
+                &format!("{what} images"),
+                &out.images,
+                &reference[&format!("{name}.images")],
+            );
+        }
+    }
+}
+
+#[test]
+fn a_refiner_does_not_run_from_noise_and_bad_fractions_are_refused() {
+    use sdxld::engine::error::EngineError;
+
+    let dir = fixtures().join("tiny2");
+    let base = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("base");
+    let refiner = SdxlPipeline::load(&dir.join("refiner"), Placement::cpu()).expect("refiner");
+    let p = GenerateParams {
+        prompt: "x".into(),
+        steps: 4,
+        width: 64,
+        height: 64,
+        ..GenerateParams::default()
+    };
+    let err = refiner
+        .generate(&p, &mut |_| Ok(()))
+        .err()
+        .expect("refused");
+    assert!(matches!(err, EngineError::Incompatible(_)), "{err}");
+
+    for fraction in [0.0, 1.0, -0.5, f64::NAN] {
+        let r = RefinerParams::new(
+            RefinerMode::EnsembleOfExperts {
+                high_noise_fraction: fraction,
+            },
+            &p,
+        );
+        let err = generate_refined(&base, &refiner, &p, &r, &mut |_| Ok(()))
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains("high_noise_fraction"),
+            "{fraction}: {err}"
+        );
+    }
+    let r = RefinerParams::new(RefinerMode::Img2Img { strength: 0.1 }, &p);
+    let err = generate_refined(&base, &refiner, &p, &r, &mut |_| Ok(()))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("strength"), "{err}");
+}
+
+#[test]
+fn refiner_over_the_cli_matches_diffusers() {
+    let dir = fixtures().join("tiny3");
+    let case = &cases("tiny3")[0];
+    assert_eq!(case["kind"], "ensemble");
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("refined.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+        .args([
+            "generate", "--device", "cpu", "--width", "64", "--height", "64",
+        ])
+        .arg("--model")
+        .arg(dir.join("pipeline"))
+        .arg("--refiner")
+        .arg(dir.join("refiner"))
+        .args([
+            "--prompt",
+            case["prompt"].as_str().expect("prompt"),
+            "--prompt-2",
+            case["prompt_2"].as_str().expect("prompt_2"),
+            "--seed",
+            "41",
+            "--steps",
+            "10",
+            "--scheduler",
+            "euler",
+            "--refiner-scheduler",
+            "euler",
+            "--refiner-mode",
+            "ensemble",
+            "--high-noise-fraction",
+            "0.7",
+        ])
+        .arg("--output")
+        .arg(&png)
+        .status()
+        .expect("sdxld runs");
+    assert!(status.success());
+    let rgb = image::open(&png).expect("png").to_rgb8();
+    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let reference = read_tensors(&dir.join("refiner.safetensors"));
+    assert_images_match(
+        "CLI ensemble refiner",
+        &got,
+        &reference["refiner_0.images"].get(0),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+    use sdxld::proto::v1::generate_response::Event;
+    use tokio_stream::StreamExt;
+
+    let dir = fixtures().join("tiny2");
+    let server = TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            dir.join("pipeline").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__MODELS__REFINER_ROOTS", dir.to_str().expect("utf-8")),
+        ("SDXLD__MODELS__BASE_ROOTS", dir.to_str().expect("utf-8")),
+    ])
+    .await;
+    let mut client = server.generation().await;
+    let reference = read_tensors(&dir.join("refiner.safetensors"));
+    let cases = cases("tiny2");
+
+    // Case 4: img2img mode, Euler base 8 steps, DPM-Solver++ refiner 10 steps at strength
+    // 0.3 and guidance 7.5, two images.
+    let case = &cases[4];
+    assert_eq!(case["kind"], "img2img");
+    let spec = pb::GenerationSpec {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        prompt_2: case["prompt_2"].as_str().map(str::to_string),
+        seed: Some(41),
+        steps: 8,
+        num_images: 2,
+        width: 64,
+        height: 64,
+        scheduler: pb::Scheduler::Euler as i32,
+        refiner: Some(pb::RefinerStage {
+            model: "refiner".into(),
+            mode: pb::RefinerMode::Img2img as i32,
+            strength: Some(0.3),
+            steps: 10,
+            scheduler: pb::Scheduler::DpmSolverMultistep as i32,
+            guidance_scale: Some(7.5),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client
+        .generate(pb::GenerateRequest { spec: Some(spec) })
+        .await
+        .expect("refined")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(message) = stream.next().await {
+        events.extend(message.expect("no error").event);
+    }
+    let refining: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress(p) if p.stage == pb::Stage::Refining as i32 && p.image_index == 0 => {
+                Some((p.step, p.total_steps))
+            }
+            _ => None,
+        })
+        .collect();
+    // int(10 x 0.3) = 3 refiner steps, step 0 marking the start.
+    assert_eq!(refining, vec![(0, 3), (1, 3), (2, 3), (3, 3)]);
+    let images: Vec<&pb::GeneratedImage> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Image(i) => Some(i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(images.len(), 2);
+    for (i, image) in images.iter().enumerate() {
+        let rgb = image::load_from_memory(&image.data).expect("png").to_rgb8();
+        let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+        assert_images_match(
+            &format!("gRPC refiner image {i}"),
+            &got,
+            &reference["refiner_4.images"].get(i as i64),
+        );
+    }
+    let Some(Event::Completed(completed)) = events.last() else {
+        panic!("no completed event");
+    };
+    let kinds: Vec<(String, i32)> = completed
+        .models
+        .iter()
+        .map(|m| (m.name.clone(), m.kind))
+        .collect();
+    assert_eq!(
+        kinds[1],
+        ("refiner".to_string(), pb::ModelKind::Refiner as i32)
+    );
+    assert_eq!(completed.models[1].sha256.len(), 64);
+    let listed = server
+        .models()
+        .await
+        .list_models(pb::ListModelsRequest {
+            kind: pb::ModelKind::Refiner as i32,
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .models;
+    let refiner = listed
+        .iter()
+        .find(|m| m.name == "refiner")
+        .expect("the refiner is listed");
+    assert!(refiner.resident && refiner.kind == pb::ModelKind::Refiner as i32);
+    assert_eq!(refiner.sha256, completed.models[1].sha256);
+
+    // Case 6: the base's img2img entered at denoising_start 0.5 (DPM-Solver++, 10 steps).
+    let case = &cases[6];
+    assert_eq!(case["kind"], "denoising_start");
+    let spec = pb::GenerationSpec {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        prompt_2: case["prompt_2"].as_str().map(str::to_string),
+        seed: Some(41),
+        steps: 10,
+        scheduler: pb::Scheduler::DpmSolverMultistep as i32,
+        init_image: Some(pb::InitImage {
+            image: std::fs::read(dir.join("init.png")).expect("init.png"),
+            denoising_start: Some(0.5),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let response = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
+        .expect("denoising_start")
+        .into_inner();
+    let rgb = image::load_from_memory(&response.images[0].data)
+        .expect("png")
+        .to_rgb8();
+    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    assert_images_match(
+        "gRPC denoising_start",
+        &got,
+        &reference["refiner_6.images"].get(0),
+    );
+
+    // Case 5: the refiner alone on the picture at strength 0.6 with aesthetic scores 7.5
+    // and 1.5 (micro-conditioning).
+    let case = &cases[5];
+    assert_eq!(case["kind"], "refiner_on_image");
+    let spec = pb::GenerationSpec {
+        model: "refiner".into(),
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        prompt_2: case["prompt_2"].as_str().map(str::to_string),
+        seed: Some(41),
+        steps: 8,
+        scheduler: pb::Scheduler::Euler as i32,
+        micro_conditioning: Some(pb::MicroConditioning {
+            aesthetic_score: Some(7.5),
+            negative_aesthetic_score: Some(1.5),
+            ..Default::default()
+        }),
+        init_image: Some(pb::InitImage {
+            image: std::fs::read(dir.join("init.png")).expect("init.png"),
+            strength: Some(0.6),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let response = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
+        .expect("refiner on a picture")
+        .into_inner();
+    let rgb = image::load_from_memory(&response.images[0].data)
+        .expect("png")
+        .to_rgb8();
+    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    assert_images_match(
+        "gRPC aesthetic scores",
+        &got,
+        &reference["refiner_5.images"].get(0),
+    );
+
+    // Any SDXL pipeline may refine; a refiner cannot be the base of text to image; a
+    // refiner name no refiner root holds is NOT_FOUND.
+    let mut spec = pb::GenerationSpec {
+        prompt: "x".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        refiner: Some(pb::RefinerStage {
+            model: "pipeline".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .expect("a base pipeline as refiner");
+    spec.refiner = None;
+    spec.model = "refiner".into();
+    let status = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .expect_err("a refiner as base");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    spec.model = String::new();
+    spec.refiner = Some(pb::RefinerStage {
+        model: "absent".into(),
+        mode: pb::RefinerMode::EnsembleOfExperts as i32,
+        ..Default::default()
+    });
+    let status = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
+        .expect_err("not found");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
