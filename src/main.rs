@@ -166,6 +166,10 @@ struct GenerateArgs {
     /// Refiner scheduler (same names as --scheduler; default: the refiner's own).
     #[arg(long)]
     refiner_scheduler: Option<String>,
+    /// A VAE folder (diffusers AutoencoderKL, e.g. sdxl-vae-fp16-fix) replacing the
+    /// models' own for encoding and decoding.
+    #[arg(long)]
+    vae: Option<PathBuf>,
 }
 
 /// A scheduler by CLI name or A1111 sampler name, with the config keys the name implies.
@@ -298,8 +302,19 @@ impl GenerateArgs {
 
     fn load(&self) -> anyhow::Result<SdxlPipeline> {
         let placement = Placement::parse(&self.device, &self.dtype)?;
-        SdxlPipeline::load(&self.model, placement)
-            .with_context(|| format!("loading {}", self.model.display()))
+        let pipeline = SdxlPipeline::load(&self.model, placement)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        self.swap_vae(pipeline)
+    }
+
+    /// `pipeline` with the --vae VAE, if one is given.
+    fn swap_vae(&self, pipeline: SdxlPipeline) -> anyhow::Result<SdxlPipeline> {
+        let Some(dir) = &self.vae else {
+            return Ok(pipeline);
+        };
+        let vae = sdxld::engine::codec::VaeCodec::load(dir, pipeline.placement())
+            .with_context(|| format!("loading {}", dir.display()))?;
+        Ok(pipeline.with_vae(std::rc::Rc::new(vae))?)
     }
 }
 
@@ -349,6 +364,10 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         (Some(dir), Some(stage)) => {
             let refiner = SdxlPipeline::load(dir, pipeline.placement())
                 .with_context(|| format!("loading {}", dir.display()))?;
+            let refiner = match args.vae {
+                Some(_) => refiner.with_vae(pipeline.vae_codec().clone())?,
+                None => refiner,
+            };
             sdxld::engine::refiner::generate_refined(
                 &pipeline,
                 &refiner,

@@ -139,7 +139,7 @@ impl ModelService for Models {
             ("output", true),
             ("client_job_id", true),
             ("scheduler_options.sigma_schedule", true),
-            ("vae", false),
+            ("vae", true),
             ("refiner", true),
             ("loras", false),
             ("controlnets", false),

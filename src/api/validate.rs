@@ -11,7 +11,7 @@ use crate::config::Limits;
 use crate::engine::pipeline::{GenerateParams, RefinerMode, RefinerParams, SchedulerOverrides};
 use crate::engine::registry::{check_name, ModelKind, Registry, RegistryError};
 use crate::engine::schedulers::SchedulerKind;
-use crate::jobs::{JobSpec, OutputSpec, RefinerJob};
+use crate::jobs::{JobSpec, OutputSpec, RefinerJob, VaeJob};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
@@ -957,9 +957,6 @@ pub fn to_job_spec(
             ),
         );
     }
-    if !spec.vae.is_empty() {
-        return unimplemented("spec.vae", "custom VAEs are not implemented yet");
-    }
     if refiner_named && spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty()) {
         return unimplemented(
             "spec.refiner",
@@ -983,6 +980,16 @@ pub fn to_job_spec(
     }
     let Some(model) = model else {
         return Err(ApiError::ModelNotFound(spec.model.clone()));
+    };
+    let vae = match spec.vae.as_str() {
+        "" => None,
+        name => match registry.resolve_kind(ModelKind::Vae, name) {
+            Ok(model) => Some(VaeJob {
+                sha256: registry.sha256(&model),
+                model,
+            }),
+            Err(_) => return Err(ApiError::ModelNotFound(name.to_string())),
+        },
     };
     let refiner_model = match spec.refiner.as_ref().filter(|r| !r.model.is_empty()) {
         Some(r) => match registry.resolve_kind(ModelKind::Refiner, &r.model) {
@@ -1142,5 +1149,6 @@ pub fn to_job_spec(
         ),
         client_job_id,
         refiner,
+        vae,
     })
 }

@@ -2,10 +2,12 @@
 //! `StableDiffusionXLPipeline.__call__` step by step.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::codec::VaeCodec;
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::models::clip::ClipTextModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
@@ -110,14 +112,12 @@ struct Inpaint {
 pub struct SdxlPipeline {
     dir: PathBuf,
     placement: Placement,
-    tokenizer: Option<ClipTokenizer>,
-    text_encoder: Option<ClipTextModel>,
-    tokenizer_2: ClipTokenizer,
-    text_encoder_2: ClipTextModel,
-    unet: UNet2DConditionModel,
-    vae: AutoencoderKL,
-    /// The VAE's kind: float32 when the model runs in float16 and the VAE forces upcasting.
-    vae_kind: Kind,
+    tokenizer: Option<Rc<ClipTokenizer>>,
+    text_encoder: Option<Rc<ClipTextModel>>,
+    tokenizer_2: Rc<ClipTokenizer>,
+    text_encoder_2: Rc<ClipTextModel>,
+    unet: Rc<UNet2DConditionModel>,
+    vae: Rc<VaeCodec>,
     scheduler: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
     requires_aesthetics_score: bool,
@@ -130,27 +130,28 @@ impl SdxlPipeline {
         let (device, kind) = (placement.device, placement.kind);
         let (tokenizer, text_encoder) = if dir.join("text_encoder").is_dir() {
             (
-                Some(ClipTokenizer::from_dir(&dir.join("tokenizer"))?),
-                Some(ClipTextModel::load_dir(
+                Some(Rc::new(ClipTokenizer::from_dir(&dir.join("tokenizer"))?)),
+                Some(Rc::new(ClipTextModel::load_dir(
                     &dir.join("text_encoder"),
                     device,
                     kind,
-                )?),
+                )?)),
             )
         } else {
             (None, None)
         };
-        let tokenizer_2 = ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?;
-        let text_encoder_2 = ClipTextModel::load_dir(&dir.join("text_encoder_2"), device, kind)?;
-        let unet = UNet2DConditionModel::load_dir(&dir.join("unet"), device, kind)?;
-        let vae_config: crate::engine::models::vae::VaeConfig =
-            read_json(&dir.join("vae").join("config.json"))?;
-        let vae_kind = if kind == Kind::Half && vae_config.force_upcast {
-            Kind::Float
-        } else {
-            kind
-        };
-        let vae = AutoencoderKL::load_dir(&dir.join("vae"), device, vae_kind)?;
+        let tokenizer_2 = Rc::new(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
+        let text_encoder_2 = Rc::new(ClipTextModel::load_dir(
+            &dir.join("text_encoder_2"),
+            device,
+            kind,
+        )?);
+        let unet = Rc::new(UNet2DConditionModel::load_dir(
+            &dir.join("unet"),
+            device,
+            kind,
+        )?);
+        let vae = Rc::new(VaeCodec::load(&dir.join("vae"), placement)?);
         let scheduler =
             SchedulerConfig::load(&dir.join("scheduler").join("scheduler_config.json"))?;
 
@@ -163,7 +164,6 @@ impl SdxlPipeline {
             text_encoder_2,
             unet,
             vae,
-            vae_kind,
             scheduler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             requires_aesthetics_score: index.requires_aesthetics_score,
@@ -217,7 +217,7 @@ impl SdxlPipeline {
 
     /// Pixels per latent along each side (2^(VAE levels - 1)).
     pub fn vae_scale_factor(&self) -> i64 {
-        self.vae.config().scale_factor()
+        self.vae.scale_factor()
     }
 
     /// The default image size: the UNet's sample size times the VAE scale factor.
@@ -232,12 +232,47 @@ impl SdxlPipeline {
 
     /// The VAE (for component tests).
     pub fn vae(&self) -> &AutoencoderKL {
+        self.vae.model()
+    }
+
+    /// The VAE that encodes and decodes.
+    pub fn vae_codec(&self) -> &Rc<VaeCodec> {
         &self.vae
+    }
+
+    /// This pipeline with another VAE (same latent space), sharing everything else.
+    pub fn with_vae(&self, vae: Rc<VaeCodec>) -> Result<Self> {
+        if vae.latent_channels() != self.vae.latent_channels()
+            || vae.scale_factor() != self.vae.scale_factor()
+        {
+            return Err(EngineError::Incompatible(format!(
+                "the VAE `{}` ({} latent channels, scale factor {}) does not fit `{}` ({} channels, scale factor {})",
+                vae.dir().display(),
+                vae.latent_channels(),
+                vae.scale_factor(),
+                self.dir.display(),
+                self.vae.latent_channels(),
+                self.vae.scale_factor()
+            )));
+        }
+        Ok(Self {
+            dir: self.dir.clone(),
+            placement: self.placement,
+            tokenizer: self.tokenizer.clone(),
+            text_encoder: self.text_encoder.clone(),
+            tokenizer_2: self.tokenizer_2.clone(),
+            text_encoder_2: self.text_encoder_2.clone(),
+            unet: self.unet.clone(),
+            vae,
+            scheduler: self.scheduler.clone(),
+            force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: self.requires_aesthetics_score,
+        })
     }
 
     /// The first text encoder, absent in refiner-style pipelines.
     pub fn text_encoder(&self) -> Option<&ClipTextModel> {
-        self.text_encoder.as_ref()
+        self.text_encoder.as_deref()
     }
 
     /// The second text encoder.
@@ -396,7 +431,7 @@ impl SdxlPipeline {
     /// generator seeded with seed + i, in float32 (invariant 2).
     fn initial_noise(&self, p: &GenerateParams, noise: &mut NoiseStream) -> Tensor {
         let f = self.vae_scale_factor();
-        let channels = self.vae.config().latent_channels;
+        let channels = self.vae.latent_channels();
         let shape = [1, channels, p.height / f, p.width / f];
         let draws: Vec<Tensor> = (0..p.num_images)
             .map(|i| {
@@ -478,12 +513,7 @@ impl SdxlPipeline {
     /// A VAE sample of `image` ([1, 3, H, W] in [-1, 1]) in the denoiser's latent space,
     /// drawing its noise from the generator.
     fn encode_sample(&self, image: &Tensor, noise: &mut NoiseStream) -> Tensor {
-        let device = self.placement.device;
-        let image = image.to_device(device).to_kind(self.vae_kind);
-        let (mean, logvar) = self.vae.encode(&image);
-        let eps = noise.randn(mean.size().as_slice()).to_device(device);
-        let sample = mean.to_kind(Kind::Float) + (logvar.to_kind(Kind::Float) * 0.5).exp() * eps;
-        self.vae.scale_latents(&sample)
+        self.vae.encode_sample(image, noise)
     }
 
     /// Inpainting (StableDiffusionXLInpaintPipeline's prepare_latents and
@@ -499,7 +529,7 @@ impl SdxlPipeline {
     ) -> Result<(Tensor, Inpaint)> {
         let device = self.placement.device;
         let in_channels = self.unet.config().in_channels;
-        let latent_channels = self.vae.config().latent_channels;
+        let latent_channels = self.vae.latent_channels();
         let nine_channels = in_channels == 2 * latent_channels + 1;
         if !nine_channels && in_channels != latent_channels {
             return Err(EngineError::InvalidRequest(format!(
@@ -732,8 +762,7 @@ impl SdxlPipeline {
         }
         let image_based = entry.is_some();
         let add_noise = matches!(entry, Some(Entry::Strength(_)));
-        let unet_takes_latents_only =
-            self.unet.config().in_channels == self.vae.config().latent_channels;
+        let unet_takes_latents_only = self.unet.config().in_channels == self.vae.latent_channels();
         let mut inpaint: Option<Inpaint> = None;
         let mut latents = match (&handoff, &p.init_image) {
             (Some((latents, _)), _) => self.image_latents(
@@ -890,18 +919,7 @@ impl SdxlPipeline {
 
     /// Decodes one image's latents [C, h, w] into a [H, W, 3] uint8 image on the CPU.
     pub fn decode_image(&self, latents: &Tensor) -> Result<Tensor> {
-        let _no_grad = tch::no_grad_guard();
-        let z = latents
-            .unsqueeze(0)
-            .to_device(self.placement.device)
-            .to_kind(self.vae_kind);
-        let z = self.vae.unscale_latents(&z);
-        let decoded = self
-            .vae
-            .decode(&z)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu);
-        Ok(to_uint8(&decoded).get(0))
+        Ok(self.vae.decode(latents)?.image)
     }
 
     /// Tokens of `prompt` beyond what the tokenizers keep (0 when it fits).
@@ -917,7 +935,7 @@ impl SdxlPipeline {
 
     /// Whether the UNet is an inpainting UNet (latents, mask and masked image in).
     pub fn is_inpainting(&self) -> bool {
-        self.unet.config().in_channels != self.vae.config().latent_channels
+        self.unet.config().in_channels != self.vae.latent_channels()
     }
 
     /// The number of latent channels.
@@ -943,13 +961,4 @@ fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, rescale: f64) -> Tensor {
     rescaled * rescale + guided * (1.0 - rescale)
 }
 
-/// VAE output in [-1, 1] (NCHW, float) to NHWC uint8, as diffusers' image processor:
-/// `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()`.
-pub fn to_uint8(decoded: &Tensor) -> Tensor {
-    (decoded / 2.0 + 0.5)
-        .clamp(0.0, 1.0)
-        .permute([0, 2, 3, 1])
-        .g_mul_scalar(255.0)
-        .round()
-        .to_kind(Kind::Uint8)
-}
+pub use crate::engine::codec::to_uint8;

@@ -158,6 +158,17 @@ pub struct JobSpec {
     pub client_job_id: Option<String>,
     /// The refiner stage, if any.
     pub refiner: Option<RefinerJob>,
+    /// A VAE replacing the models' own, if any.
+    pub vae: Option<VaeJob>,
+}
+
+/// The VAE a job uses in place of the models' own.
+#[derive(Debug, Clone)]
+pub struct VaeJob {
+    /// The VAE model.
+    pub model: ModelEntry,
+    /// SHA-256 of its files.
+    pub sha256: String,
 }
 
 /// The refiner stage of a job.

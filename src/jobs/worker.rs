@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tch::Tensor;
 
+use crate::engine::codec::VaeCodec;
 use crate::engine::error::EngineError;
 use crate::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
 use crate::engine::registry::ModelEntry;
@@ -22,6 +23,7 @@ use crate::telemetry::Metrics;
 pub struct Engine {
     placement: Placement,
     pipelines: HashMap<PathBuf, Rc<SdxlPipeline>>,
+    vaes: HashMap<PathBuf, Rc<VaeCodec>>,
     /// The folders loaded, shared with the models RPC.
     resident: Arc<Mutex<HashSet<PathBuf>>>,
 }
@@ -44,6 +46,7 @@ impl Engine {
         Self {
             placement,
             pipelines: HashMap::new(),
+            vaes: HashMap::new(),
             resident,
         }
     }
@@ -66,9 +69,22 @@ impl Engine {
         Ok(pipeline)
     }
 
+    /// The VAE `model`, loading it on first use.
+    pub fn vae(&mut self, model: &ModelEntry) -> Result<Rc<VaeCodec>, EngineError> {
+        if let Some(v) = self.vaes.get(&model.path) {
+            return Ok(v.clone());
+        }
+        let vae = Rc::new(VaeCodec::load(&model.path, self.placement)?);
+        self.vaes.insert(model.path.clone(), vae.clone());
+        if let Ok(mut resident) = self.resident.lock() {
+            resident.insert(model.path.clone());
+        }
+        Ok(vae)
+    }
+
     /// Whether `model` is loaded.
     pub fn is_resident(&self, model: &ModelEntry) -> bool {
-        self.pipelines.contains_key(&model.path)
+        self.pipelines.contains_key(&model.path) || self.vaes.contains_key(&model.path)
     }
 
     /// Loads `model` and runs one small denoising step, so the first request does not pay
@@ -194,18 +210,32 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
 
     clock.enter(Stage::LoadingModels);
     let refiner_model = spec.refiner.as_ref().map(|r| &r.model);
-    if !engine.is_resident(&spec.model) || refiner_model.is_some_and(|m| !engine.is_resident(m)) {
+    let vae_model = spec.vae.as_ref().map(|v| &v.model);
+    if [Some(&spec.model), refiner_model, vae_model]
+        .into_iter()
+        .flatten()
+        .any(|m| !engine.is_resident(m))
+    {
         send(
             job,
             JobEvent::Progress(progress(Stage::LoadingModels, 0, 0, 0)),
         )?;
     }
-    let pipeline = engine.pipeline(&spec.model)?;
-    let refiner = match refiner_model {
+    let mut pipeline = engine.pipeline(&spec.model)?;
+    let mut refiner = match refiner_model {
         Some(model) => Some(engine.pipeline(model)?),
         None => None,
     };
+    if let Some(model) = vae_model {
+        // The request's VAE replaces the models' own for encoding and decoding.
+        let vae = engine.vae(model)?;
+        pipeline = Rc::new(pipeline.with_vae(vae.clone())?);
+        if let Some(r) = refiner.take() {
+            refiner = Some(Rc::new(r.with_vae(vae)?));
+        }
+    }
     check(job)?;
+    let mut warnings = Vec::new();
 
     // Images are denoised one at a time, each with its own seed, so that an image is
     // the same whatever batch it was part of (the PNG metadata reproduces it exactly),
@@ -293,7 +323,13 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             send(job, JobEvent::Progress(progress(Stage::Decoding, 0, 0, i)))?;
             // The refiner pipeline decodes with its VAE, as diffusers' recipe does.
             let decoder = refiner.as_ref().unwrap_or(&pipeline);
-            let image = decoder.decode_image(&image_latents)?;
+            let decoded = decoder.vae_codec().decode(&image_latents)?;
+            if decoded.redone_in_float32 {
+                warnings.push(format!(
+                    "image {i}: the VAE's half-precision decode was not finite; it was decoded again in float32"
+                ));
+            }
+            let image = decoded.image;
             clock.enter(Stage::PostProcessing);
             let metadata = (spec.output.format == OutputFormat::Png && spec.output.embed_metadata)
                 .then(|| png_metadata(spec, seed));
@@ -321,7 +357,6 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     }
     clock.close();
 
-    let mut warnings = Vec::new();
     if let Some(w) = prompt_warning(&pipeline, spec) {
         warnings.push(w);
     }
@@ -351,6 +386,14 @@ fn models_used(spec: &crate::jobs::JobSpec) -> Vec<pb::ModelUsage> {
             name: refiner.model.name.clone(),
             kind: pb::ModelKind::Refiner as i32,
             sha256: refiner.sha256.clone(),
+            weight: 0.0,
+        });
+    }
+    if let Some(vae) = &spec.vae {
+        models.push(pb::ModelUsage {
+            name: vae.model.name.clone(),
+            kind: pb::ModelKind::Vae as i32,
+            sha256: vae.sha256.clone(),
             weight: 0.0,
         });
     }
@@ -398,6 +441,13 @@ fn png_metadata(spec: &crate::jobs::JobSpec, seed: u64) -> PngMetadata {
     ));
     if p.guidance_rescale > 0.0 {
         text.push_str(&format!(", CFG rescale: {}", p.guidance_rescale));
+    }
+    if let Some(vae) = &spec.vae {
+        text.push_str(&format!(
+            ", VAE hash: {}, VAE: {}",
+            &vae.sha256[..vae.sha256.len().min(10)],
+            vae.model.name
+        ));
     }
     if let Some(refiner) = &spec.refiner {
         let hash = &refiner.sha256;

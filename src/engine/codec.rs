@@ -1,0 +1,129 @@
+//! A VAE at its placement: images to denoiser latents and back, as diffusers' SDXL
+//! pipelines use it (the model's own VAE or one chosen per request).
+
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
+use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::Placement;
+
+/// A decoded image.
+pub struct Decoded {
+    /// [H, W, 3] uint8 on the CPU.
+    pub image: Tensor,
+    /// The half-precision decode was not finite and was redone in float32.
+    pub redone_in_float32: bool,
+}
+
+/// A loaded VAE.
+pub struct VaeCodec {
+    dir: PathBuf,
+    model: AutoencoderKL,
+    /// float32 when the placement is float16 and the VAE's config forces upcasting
+    /// (the stock SDXL VAE overflows in float16).
+    kind: Kind,
+    device: Device,
+    /// A float32 copy, loaded the first time a half-precision decode is not finite.
+    float32: OnceCell<AutoencoderKL>,
+}
+
+impl VaeCodec {
+    /// Loads a diffusers AutoencoderKL folder.
+    pub fn load(dir: &Path, placement: Placement) -> Result<Self> {
+        let config: VaeConfig = read_json(&dir.join("config.json"))?;
+        let kind = if placement.kind == Kind::Half && config.force_upcast {
+            Kind::Float
+        } else {
+            placement.kind
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            model: AutoencoderKL::load_dir(dir, placement.device, kind)?,
+            kind,
+            device: placement.device,
+            float32: OnceCell::new(),
+        })
+    }
+
+    /// The folder it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model.
+    pub fn model(&self) -> &AutoencoderKL {
+        &self.model
+    }
+
+    /// Pixels per latent along each side.
+    pub fn scale_factor(&self) -> i64 {
+        self.model.config().scale_factor()
+    }
+
+    /// Latent channels.
+    pub fn latent_channels(&self) -> i64 {
+        self.model.config().latent_channels
+    }
+
+    /// A sample of `image` ([1, 3, H, W] in [-1, 1]) in the denoiser's latent space,
+    /// float32, drawing its noise from the generator.
+    pub fn encode_sample(&self, image: &Tensor, noise: &mut NoiseStream) -> Tensor {
+        let image = image.to_device(self.device).to_kind(self.kind);
+        let (mean, logvar) = self.model.encode(&image);
+        let eps = noise.randn(mean.size().as_slice()).to_device(self.device);
+        let sample = mean.to_kind(Kind::Float) + (logvar.to_kind(Kind::Float) * 0.5).exp() * eps;
+        self.model.scale_latents(&sample)
+    }
+
+    /// Decodes one image's denoiser latents [C, h, w]. A non-finite half-precision decode
+    /// is redone in float32; a non-finite image is never returned.
+    pub fn decode(&self, latents: &Tensor) -> Result<Decoded> {
+        let _no_grad = tch::no_grad_guard();
+        let run = |model: &AutoencoderKL, kind: Kind| {
+            let z = latents.unsqueeze(0).to_device(self.device).to_kind(kind);
+            model
+                .decode(&model.unscale_latents(&z))
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+        };
+        let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) != 0;
+        let mut decoded = run(&self.model, self.kind);
+        let mut redone_in_float32 = false;
+        if !finite(&decoded) && self.kind != Kind::Float {
+            let float32 = match self.float32.get() {
+                Some(model) => model,
+                None => {
+                    let model = AutoencoderKL::load_dir(&self.dir, self.device, Kind::Float)?;
+                    self.float32.get_or_init(|| model)
+                }
+            };
+            decoded = run(float32, Kind::Float);
+            redone_in_float32 = true;
+        }
+        if !finite(&decoded) {
+            return Err(EngineError::NonFinite(format!(
+                "the VAE `{}` decoded non-finite pixels",
+                self.dir.display()
+            )));
+        }
+        Ok(Decoded {
+            image: to_uint8(&decoded).get(0),
+            redone_in_float32,
+        })
+    }
+}
+
+/// VAE output in [-1, 1] (NCHW, float) to NHWC uint8, as diffusers' image processor:
+/// `(x / 2 + 0.5).clamp(0, 1)`, then `(x * 255).round()`.
+pub fn to_uint8(decoded: &Tensor) -> Tensor {
+    (decoded / 2.0 + 0.5)
+        .clamp(0.0, 1.0)
+        .permute([0, 2, 3, 1])
+        .g_mul_scalar(255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+}

@@ -1,0 +1,199 @@
+//! A VAE chosen per request equals diffusers' pipelines with that VAE swapped in: it
+//! decodes text-to-image latents and encodes the init image of image to image. Over the
+//! engine, the CLI and gRPC; a VAE of another latent space is refused.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::codec::VaeCodec;
+use sdxld::engine::error::EngineError;
+use sdxld::engine::pipeline::{GenerateParams, InitImage, Placement, SdxlPipeline};
+use serde_json::Value;
+
+fn cases(config: &str) -> Vec<Value> {
+    let path = fixtures().join(config).join("vae.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("vae.json")).expect("json")
+}
+
+fn params(case: &Value, picture: &[u8]) -> GenerateParams {
+    let init_image = (case["kind"] == "img2img").then(|| {
+        InitImage::decode(picture, case["strength"].as_f64().expect("strength")).expect("init")
+    });
+    GenerateParams {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        seed: case["seed"].as_u64().expect("seed"),
+        steps: case["steps"].as_u64().expect("steps") as usize,
+        width: 64,
+        height: 64,
+        init_image,
+        ..GenerateParams::default()
+    }
+}
+
+#[test]
+fn a_swapped_vae_matches_diffusers() {
+    for config in CONFIGS {
+        let dir = fixtures().join(config);
+        let base = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("load");
+        let vae = VaeCodec::load(&dir.join("vae_alt"), Placement::cpu()).expect("vae");
+        let pipe = base.with_vae(Rc::new(vae)).expect("same latent space");
+        let picture = std::fs::read(dir.join("init.png")).expect("init.png");
+        let reference = read_tensors(&dir.join("vae.safetensors"));
+        for case in cases(config) {
+            let name = case["name"].as_str().expect("name");
+            let out = pipe
+                .generate(&params(&case, &picture), &mut |_| Ok(()))
+                .unwrap_or_else(|e| panic!("{config} {name}: {e}"));
+            let what = format!("{config} {name} ({})", case["kind"]);
+            assert_close(
+                &format!("{what} latents"),
+                &out.latents,
+                &reference[&format!("{name}.latents")],
+            );
+            assert_images_match(
+                &format!("{what} images"),
+                &out.images,
+                &reference[&format!("{name}.images")],
+            );
+            // The model's own VAE gives another image: the swap is not a no-op.
+            let own = base
+                .generate(&params(&case, &picture), &mut |_| Ok(()))
+                .expect("own VAE");
+            let diff = (own.images.to_kind(tch::Kind::Int) - out.images.to_kind(tch::Kind::Int))
+                .abs()
+                .max()
+                .int64_value(&[]);
+            assert!(diff > 2, "{what}: the swapped VAE changed nothing");
+        }
+    }
+}
+
+#[test]
+fn a_vae_of_another_latent_space_is_refused() {
+    let tiny2 =
+        SdxlPipeline::load(&fixtures().join("tiny2/pipeline"), Placement::cpu()).expect("load");
+    // tiny3's VAE has a scale factor of 4, tiny2's 8.
+    let other = VaeCodec::load(&fixtures().join("tiny3/vae_alt"), Placement::cpu()).expect("vae");
+    let err = tiny2.with_vae(Rc::new(other)).err().expect("refused");
+    assert!(matches!(err, EngineError::Incompatible(_)), "{err}");
+}
+
+#[test]
+fn vae_over_the_cli_matches_diffusers() {
+    let dir = fixtures().join("tiny3");
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("vae.png");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+        .args([
+            "generate", "--device", "cpu", "--width", "64", "--height", "64",
+        ])
+        .args(["--prompt", "a lighthouse", "--seed", "51", "--steps", "6"])
+        .arg("--model")
+        .arg(dir.join("pipeline"))
+        .arg("--vae")
+        .arg(dir.join("vae_alt"))
+        .arg("--output")
+        .arg(&png)
+        .status()
+        .expect("sdxld runs");
+    assert!(status.success());
+    let rgb = image::open(&png).expect("png").to_rgb8();
+    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let reference = read_tensors(&dir.join("vae.safetensors"));
+    assert_images_match("CLI --vae", &got, &reference["vae_0.images"].get(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vae_over_grpc_matches_diffusers() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+
+    let dir = fixtures().join("tiny2");
+    let server = TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            dir.join("pipeline").to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__VAE_ROOTS",
+            fixtures().to_str().expect("utf-8"),
+        ),
+    ])
+    .await;
+    let mut client = server.generation().await;
+    let reference = read_tensors(&dir.join("vae.safetensors"));
+    let picture = std::fs::read(dir.join("init.png")).expect("init.png");
+    for (k, init_image) in [
+        None,
+        Some(pb::InitImage {
+            image: picture,
+            strength: Some(0.6),
+            ..Default::default()
+        }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = pb::GenerationSpec {
+            prompt: "a lighthouse".into(),
+            seed: Some(51),
+            steps: 6,
+            width: 64,
+            height: 64,
+            vae: "tiny2/vae_alt".into(),
+            init_image,
+            ..Default::default()
+        };
+        let response = client
+            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+            .await
+            .expect("generated")
+            .into_inner();
+        let rgb = image::load_from_memory(&response.images[0].data)
+            .expect("png")
+            .to_rgb8();
+        let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+        assert_images_match(
+            &format!("gRPC vae_{k}"),
+            &got,
+            &reference[&format!("vae_{k}.images")].get(0),
+        );
+        let completed = response.completed.expect("completed");
+        assert!(completed
+            .models
+            .iter()
+            .any(|m| m.name == "tiny2/vae_alt" && m.kind == pb::ModelKind::Vae as i32));
+    }
+
+    let mut spec = pb::GenerationSpec {
+        prompt: "x".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        vae: "tiny3/vae_alt".into(),
+        ..Default::default()
+    };
+    let status = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .expect_err("another latent space");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    spec.vae = "absent".into();
+    let status = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(spec.clone()),
+        })
+        .await
+        .expect_err("absent");
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    spec.vae = "../tiny2/vae_alt".into();
+    let status = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
+        .expect_err("traversal");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}
