@@ -50,8 +50,41 @@ fn compile_protos() {
         .expect("generate the gRPC code");
 }
 
+/// Copies CLIP's BPE vocabulary (`bpe_simple_vocab_16e6.txt.gz`, from the open_clip_torch
+/// package the setup installs) into OUT_DIR, to be embedded: single-file checkpoints
+/// carry no tokenizer files. An empty file when the package is absent (the loader then
+/// says so).
+fn embed_clip_vocabulary() {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
+    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".to_string());
+    let found = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.util, os; s = importlib.util.find_spec('open_clip'); \
+             print(os.path.join(s.submodule_search_locations[0], 'bpe_simple_vocab_16e6.txt.gz'))",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|p| PathBuf::from(p.trim()))
+        .filter(|p| p.is_file());
+    let bytes = match &found {
+        Some(path) => {
+            println!("cargo:rerun-if-changed={}", path.display());
+            std::fs::read(path).expect("read the CLIP vocabulary")
+        }
+        None => {
+            println!("cargo:warning=open_clip's CLIP vocabulary not found: single-file checkpoints will not load");
+            Vec::new()
+        }
+    };
+    std::fs::write(out_dir.join("clip_bpe_vocab.txt.gz"), bytes).expect("write the vocabulary");
+}
+
 fn main() {
     compile_protos();
+    embed_clip_vocabulary();
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");

@@ -18,7 +18,7 @@ use crate::api::models::Models;
 use crate::api::ApiState;
 use crate::config::Settings;
 use crate::engine::pipeline::Placement;
-use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
 use crate::jobs::worker::{run_worker, Engine};
 use crate::jobs::{JobQueue, StopReason};
 use crate::proto::v1::generation_service_server::GenerationServiceServer;
@@ -85,19 +85,21 @@ fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result<Mod
             .ok_or_else(|| anyhow!("{} is not a diffusers folder", dir.display()));
     }
     let path = Path::new(&wanted);
-    if path.is_dir() {
+    if path.is_dir() || path.is_file() {
         let name = path
-            .file_name()
+            .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "default".into());
-        return ModelEntry::from_folder(&name, path)
-            .ok_or_else(|| anyhow!("`{wanted}` has no model_index.json"));
+        return ModelEntry::from_folder(&name, path).ok_or_else(|| {
+            anyhow!("`{wanted}` is neither a diffusers folder nor a single-file SDXL checkpoint")
+        });
     }
     let registry = Registry::new(
         settings.models.roots(),
         ModelEntry {
             name: String::new(),
             kind: ModelKind::Base,
+            format: ModelFormat::Diffusers,
             path: PathBuf::new(),
             default_size: 1024,
             size_bytes: 0,

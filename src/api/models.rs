@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::api::status::ApiError;
 use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
 use crate::api::ApiState;
-use crate::engine::registry::{ModelEntry, ModelKind, RegistryError};
+use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, RegistryError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::model_service_server::ModelService;
 
@@ -31,6 +31,7 @@ impl Models {
                 &format!("`name` is not a valid model name ({reason})"),
             ),
             Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
+            Err(RegistryError::Pickle { name, file }) => ApiError::PickleModel { name, file },
             Ok(_) => ApiError::Unimplemented("name".into(), why.into()),
         };
         error.into_status(Default::default())
@@ -46,7 +47,10 @@ impl Models {
         pb::ModelInfo {
             name: model.name.clone(),
             kind: kind_pb(model.kind) as i32,
-            format: pb::ModelFormat::Diffusers as i32,
+            format: match model.format {
+                ModelFormat::Diffusers => pb::ModelFormat::Diffusers,
+                ModelFormat::SingleFile => pb::ModelFormat::Safetensors,
+            } as i32,
             size_bytes: model.size_bytes,
             sha256: self.state.registry.sha256(model),
             resident,

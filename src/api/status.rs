@@ -20,6 +20,14 @@ pub enum ApiError {
     /// A model name no root holds.
     #[error("model `{0}` not found")]
     ModelNotFound(String),
+    /// A model stored in a pickle-based format, never loaded at request time.
+    #[error("model `{name}` is a pickle file ({file}): convert it to safetensors first")]
+    PickleModel {
+        /// The name.
+        name: String,
+        /// The file under its root.
+        file: String,
+    },
     /// The jobs layer refused or stopped the job.
     #[error(transparent)]
     Job(#[from] JobError),
@@ -37,6 +45,7 @@ impl ApiError {
             ApiError::InvalidArgument(_) => "invalid_argument",
             ApiError::Unimplemented(..) => "unimplemented",
             ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::PickleModel { .. } => "pickle_model",
             ApiError::Job(e) => e.error_type(),
         }
     }
@@ -66,6 +75,15 @@ impl ApiError {
                 message,
                 ErrorDetails::with_error_info(
                     "MODEL_NOT_FOUND",
+                    "sdxld",
+                    [("model".to_string(), name)],
+                ),
+            ),
+            ApiError::PickleModel { name, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(
+                    "PICKLE_NOT_LOADED",
                     "sdxld",
                     [("model".to_string(), name)],
                 ),

@@ -737,6 +737,7 @@ pub fn to_job_spec(
 
     // The model decides default sizes, so resolve it first.
     let mut model = None;
+    let mut model_error = None;
     if spec.model.is_empty() {
         model = Some(registry.default_model().clone());
     } else if let Err(RegistryError::InvalidName { reason, .. }) = check_name(&spec.model) {
@@ -752,6 +753,9 @@ pub fn to_job_spec(
                 "spec.model",
                 format!("is not a valid model name ({reason})"),
             ),
+            Err(RegistryError::Pickle { name, file }) => {
+                model_error = Some(ApiError::PickleModel { name, file })
+            }
         }
     }
     let default_size = model.as_ref().map_or(1024, |m| m.default_size);
@@ -977,6 +981,9 @@ pub fn to_job_spec(
     }
     if !spec.post_processing.is_empty() {
         return unimplemented("spec.post_processing", "upscaling is not implemented yet");
+    }
+    if let Some(error) = model_error {
+        return Err(error);
     }
     let Some(model) = model else {
         return Err(ApiError::ModelNotFound(spec.model.clone()));

@@ -19,9 +19,52 @@ pub struct Decoded {
     pub redone_in_float32: bool,
 }
 
+/// Where a VAE's weights come from (a float32 copy is reloaded from there when needed).
+#[derive(Debug, Clone)]
+pub enum VaeSource {
+    /// A diffusers AutoencoderKL folder.
+    Folder(PathBuf),
+    /// The VAE inside a single-file checkpoint.
+    SingleFile {
+        /// The checkpoint.
+        file: PathBuf,
+        /// Its component configs.
+        configs: Box<crate::engine::loading::single_file::Configs>,
+    },
+}
+
+impl VaeSource {
+    fn path(&self) -> &Path {
+        match self {
+            VaeSource::Folder(dir) => dir,
+            VaeSource::SingleFile { file, .. } => file,
+        }
+    }
+
+    fn config(&self) -> Result<VaeConfig> {
+        match self {
+            VaeSource::Folder(dir) => read_json(&dir.join("config.json")),
+            VaeSource::SingleFile { file, configs } => serde_json::from_value(configs.vae.clone())
+                .map_err(|e| EngineError::Config {
+                    path: crate::engine::loading::single_file::config_path(file, "vae"),
+                    message: e.to_string(),
+                }),
+        }
+    }
+
+    fn load(&self, device: Device, kind: Kind) -> Result<AutoencoderKL> {
+        match self {
+            VaeSource::Folder(dir) => AutoencoderKL::load_dir(dir, device, kind),
+            VaeSource::SingleFile { file, configs } => {
+                crate::engine::loading::single_file::load_vae(file, configs, device, kind)
+            }
+        }
+    }
+}
+
 /// A loaded VAE.
 pub struct VaeCodec {
-    dir: PathBuf,
+    source: VaeSource,
     model: AutoencoderKL,
     /// float32 when the placement is float16 and the VAE's config forces upcasting
     /// (the stock SDXL VAE overflows in float16).
@@ -34,24 +77,29 @@ pub struct VaeCodec {
 impl VaeCodec {
     /// Loads a diffusers AutoencoderKL folder.
     pub fn load(dir: &Path, placement: Placement) -> Result<Self> {
-        let config: VaeConfig = read_json(&dir.join("config.json"))?;
+        Self::from_source(VaeSource::Folder(dir.to_path_buf()), placement)
+    }
+
+    /// Loads a VAE from `source`.
+    pub fn from_source(source: VaeSource, placement: Placement) -> Result<Self> {
+        let config = source.config()?;
         let kind = if placement.kind == Kind::Half && config.force_upcast {
             Kind::Float
         } else {
             placement.kind
         };
         Ok(Self {
-            dir: dir.to_path_buf(),
-            model: AutoencoderKL::load_dir(dir, placement.device, kind)?,
+            model: source.load(placement.device, kind)?,
+            source,
             kind,
             device: placement.device,
             float32: OnceCell::new(),
         })
     }
 
-    /// The folder it was loaded from.
+    /// The folder or file it was loaded from.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.source.path()
     }
 
     /// The model.
@@ -97,7 +145,7 @@ impl VaeCodec {
             let float32 = match self.float32.get() {
                 Some(model) => model,
                 None => {
-                    let model = AutoencoderKL::load_dir(&self.dir, self.device, Kind::Float)?;
+                    let model = self.source.load(self.device, Kind::Float)?;
                     self.float32.get_or_init(|| model)
                 }
             };
@@ -107,7 +155,7 @@ impl VaeCodec {
         if !finite(&decoded) {
             return Err(EngineError::NonFinite(format!(
                 "the VAE `{}` decoded non-finite pixels",
-                self.dir.display()
+                self.dir().display()
             )));
         }
         Ok(Decoded {

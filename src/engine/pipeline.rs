@@ -126,6 +126,9 @@ pub struct SdxlPipeline {
 impl SdxlPipeline {
     /// Loads a diffusers SDXL pipeline folder.
     pub fn load(dir: &Path, placement: Placement) -> Result<Self> {
+        if dir.is_file() {
+            return Self::load_single_file(dir, placement);
+        }
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let (device, kind) = (placement.device, placement.kind);
         let (tokenizer, text_encoder) = if dir.join("text_encoder").is_dir() {
@@ -167,6 +170,54 @@ impl SdxlPipeline {
             scheduler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             requires_aesthetics_score: index.requires_aesthetics_score,
+        };
+        pipeline.check_shapes()?;
+        Ok(pipeline)
+    }
+
+    /// Loads a single-file SDXL checkpoint (`*.safetensors` in the original layout), with
+    /// the configs its metadata carries or the stock SDXL base configs, and the CLIP
+    /// tokenizers built from the vocabulary built into sdxld.
+    pub fn load_single_file(file: &Path, placement: Placement) -> Result<Self> {
+        use crate::engine::loading::single_file::{self as single, Configs};
+        let (device, kind) = (placement.device, placement.kind);
+        let (names, metadata) = crate::engine::loading::weights::read_header(file)?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        if !single::is_sdxl_checkpoint(&names) {
+            return Err(EngineError::Incompatible(format!(
+                "`{}` is not a single-file SDXL base checkpoint (it lacks the UNet, VAE or one of the two text encoders)",
+                file.display()
+            )));
+        }
+        let configs = Configs::from_metadata(file, &metadata)?;
+        let (text_encoder, text_encoder_2) =
+            single::load_text_encoders(file, &configs, device, kind)?;
+        let unet = single::load_unet(file, &configs, device, kind)?;
+        let vae = VaeCodec::from_source(
+            crate::engine::codec::VaeSource::SingleFile {
+                file: file.to_path_buf(),
+                configs: Box::new(configs.clone()),
+            },
+            placement,
+        )?;
+        let scheduler: SchedulerConfig = serde_json::from_value(configs.scheduler.clone())
+            .map_err(|e| EngineError::Config {
+                path: single::config_path(file, "scheduler"),
+                message: e.to_string(),
+            })?;
+        let pipeline = Self {
+            dir: file.to_path_buf(),
+            placement,
+            // SDXL's tokenizers: the second pads with "!".
+            tokenizer: Some(Rc::new(ClipTokenizer::builtin("<|endoftext|>")?)),
+            text_encoder: Some(Rc::new(text_encoder)),
+            tokenizer_2: Rc::new(ClipTokenizer::builtin("!")?),
+            text_encoder_2: Rc::new(text_encoder_2),
+            unet: Rc::new(unet),
+            vae: Rc::new(vae),
+            scheduler,
+            force_zeros_for_empty_prompt: true,
+            requires_aesthetics_score: false,
         };
         pipeline.check_shapes()?;
         Ok(pipeline)

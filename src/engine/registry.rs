@@ -25,6 +25,27 @@ pub enum RegistryError {
     /// No root holds the name.
     #[error("model `{0}` not found")]
     NotFound(String),
+    /// The name is a pickle-based file, which is never loaded at request time.
+    #[error("model `{name}` is a pickle file ({file}); convert it to safetensors first")]
+    Pickle {
+        /// The name.
+        name: String,
+        /// The file's name under its root.
+        file: String,
+    },
+}
+
+/// Extensions of pickle-based weight files.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// Whether `path` is a single-file SDXL checkpoint (judged by its header's names).
+fn is_single_file_checkpoint(path: &Path) -> bool {
+    path.is_file()
+        && path.extension().is_some_and(|e| e == "safetensors")
+        && crate::engine::loading::weights::read_header(path).is_ok_and(|(names, _)| {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            crate::engine::loading::single_file::is_sdxl_checkpoint(&names)
+        })
 }
 
 /// What a model is for; each kind has its own roots.
@@ -54,7 +75,10 @@ impl ModelKind {
     /// Whether `path` holds a model of this kind.
     fn holds(self, path: &Path) -> bool {
         match self {
-            ModelKind::Base | ModelKind::Refiner => path.join("model_index.json").is_file(),
+            ModelKind::Base => {
+                path.join("model_index.json").is_file() || is_single_file_checkpoint(path)
+            }
+            ModelKind::Refiner => path.join("model_index.json").is_file(),
             ModelKind::Vae => {
                 path.join("config.json").is_file()
                     && read_json::<serde_json::Value>(&path.join("config.json"))
@@ -87,6 +111,15 @@ impl ModelRoots {
     }
 }
 
+/// How a model is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A diffusers folder.
+    Diffusers,
+    /// One `.safetensors` file (a single-file checkpoint).
+    SingleFile,
+}
+
 /// A resolved model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelEntry {
@@ -94,6 +127,8 @@ pub struct ModelEntry {
     pub name: String,
     /// What it is.
     pub kind: ModelKind,
+    /// How it is stored.
+    pub format: ModelFormat,
     /// The diffusers folder.
     pub path: PathBuf,
     /// Default image side in pixels (UNet sample size × VAE scale factor).
@@ -175,10 +210,19 @@ fn files_sorted(path: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Reads a diffusers folder's default image size from its UNet and VAE configs.
+/// Reads a model's default image size from its UNet and VAE configs.
 fn default_size(dir: &Path) -> Option<u32> {
-    let unet: serde_json::Value = read_json(&dir.join("unet/config.json")).ok()?;
-    let vae: serde_json::Value = read_json(&dir.join("vae/config.json")).ok()?;
+    let (unet, vae): (serde_json::Value, serde_json::Value) = if dir.is_file() {
+        let (_, metadata) = crate::engine::loading::weights::read_header(dir).ok()?;
+        let configs =
+            crate::engine::loading::single_file::Configs::from_metadata(dir, &metadata).ok()?;
+        (configs.unet, configs.vae)
+    } else {
+        (
+            read_json(&dir.join("unet/config.json")).ok()?,
+            read_json(&dir.join("vae/config.json")).ok()?,
+        )
+    };
     let sample = unet.get("sample_size")?.as_u64()?;
     let levels = vae.get("block_out_channels")?.as_array()?.len() as u32;
     Some(sample as u32 * (1 << levels.saturating_sub(1)))
@@ -195,12 +239,22 @@ impl ModelEntry {
         if !kind.holds(path) {
             return None;
         }
+        let file = path.is_file();
         Some(Self {
             name: name.to_string(),
             kind,
+            format: if file {
+                ModelFormat::SingleFile
+            } else {
+                ModelFormat::Diffusers
+            },
             path: path.to_path_buf(),
             default_size: default_size(path).unwrap_or(1024),
-            size_bytes: dir_size(path),
+            size_bytes: if file {
+                path.metadata().map(|m| m.len()).unwrap_or(0)
+            } else {
+                dir_size(path)
+            },
         })
     }
 }
@@ -235,16 +289,33 @@ impl Registry {
             let Ok(root) = root.canonicalize() else {
                 continue;
             };
-            let candidate = root.join(name);
             // Symlinks may not lead outside the root.
-            let Ok(real) = candidate.canonicalize() else {
-                continue;
+            let inside = |candidate: PathBuf| {
+                candidate
+                    .canonicalize()
+                    .ok()
+                    .filter(|real| real.starts_with(&root))
             };
-            if !real.starts_with(&root) {
-                continue;
+            if let Some(real) = inside(root.join(name)) {
+                if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
+                    return Ok(entry);
+                }
             }
-            if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
-                return Ok(entry);
+            if kind == ModelKind::Base {
+                if let Some(real) = inside(root.join(format!("{name}.safetensors"))) {
+                    if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
+                        return Ok(entry);
+                    }
+                }
+                for extension in PICKLE_EXTENSIONS {
+                    let file = format!("{name}.{extension}");
+                    if inside(root.join(&file)).is_some_and(|p| p.is_file()) {
+                        return Err(RegistryError::Pickle {
+                            name: name.to_string(),
+                            file,
+                        });
+                    }
+                }
             }
         }
         Err(RegistryError::NotFound(name.to_string()))
@@ -276,19 +347,29 @@ impl Registry {
                     let Ok(real) = entry.path().canonicalize() else {
                         continue;
                     };
-                    if !real.starts_with(&root) || !real.is_dir() {
+                    if !real.starts_with(&root) {
+                        continue;
+                    }
+                    if real.is_file()
+                        && !(kind == ModelKind::Base && is_single_file_checkpoint(&real))
+                    {
                         continue;
                     }
                     let Ok(relative) = entry.path().strip_prefix(&root).map(Path::to_path_buf)
                     else {
                         continue;
                     };
+                    let relative = if real.is_file() {
+                        relative.with_extension("")
+                    } else {
+                        relative
+                    };
                     let name = relative.to_string_lossy().replace('\\', "/");
                     if let Some(model) = ModelEntry::of_kind(kind, &name, &real) {
                         if kind != ModelKind::Base || model.name != self.default.name {
                             found.push(model);
                         }
-                    } else if depth < 2 {
+                    } else if depth < 2 && real.is_dir() {
                         stack.push((real, depth + 1));
                     }
                 }
@@ -300,7 +381,11 @@ impl Registry {
     /// modification time.
     pub fn sha256(&self, model: &ModelEntry) -> String {
         let mut files = Vec::new();
-        files_sorted(&model.path, &mut files);
+        if model.path.is_file() {
+            files.push(model.path.clone());
+        } else {
+            files_sorted(&model.path, &mut files);
+        }
         let newest = files
             .iter()
             .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())

@@ -1,3 +1,4 @@
-//! Reading weights from disk.
+//! Reading weights from disk: diffusers folders and single-file checkpoints.
 
+pub mod single_file;
 pub mod weights;

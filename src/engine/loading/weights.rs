@@ -16,12 +16,73 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 
+/// How a stored tensor becomes the tensor a model asks for (single-file checkpoints
+/// store some weights in another layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// As stored.
+    Identity,
+    /// A matrix transposed (OpenCLIP's text_projection).
+    Transpose,
+    /// Part `index` of `count` equal parts along dimension 0 (a fused q/k/v projection).
+    Chunk {
+        /// Which part.
+        index: i64,
+        /// How many parts.
+        count: i64,
+    },
+    /// Trailing size-1 dimensions dropped (1x1 convolutions stored for linear layers).
+    DropUnitDims,
+}
+
+impl Transform {
+    fn shape(self, raw: &[i64]) -> Vec<i64> {
+        match self {
+            Transform::Identity => raw.to_vec(),
+            Transform::Transpose if raw.len() == 2 => vec![raw[1], raw[0]],
+            Transform::Transpose => raw.to_vec(),
+            Transform::Chunk { count, .. } => {
+                let mut shape = raw.to_vec();
+                if let Some(first) = shape.first_mut() {
+                    *first /= count.max(1);
+                }
+                shape
+            }
+            Transform::DropUnitDims => {
+                let mut shape = raw.to_vec();
+                while shape.len() > 2 && shape.last() == Some(&1) {
+                    shape.pop();
+                }
+                shape
+            }
+        }
+    }
+
+    fn apply(self, tensor: Tensor) -> Tensor {
+        match self {
+            Transform::Identity | Transform::DropUnitDims => tensor,
+            Transform::Transpose => tensor.transpose(0, 1).contiguous(),
+            Transform::Chunk { index, count } => {
+                let part = tensor.size()[0] / count.max(1);
+                tensor.narrow(0, index * part, part).contiguous()
+            }
+        }
+    }
+}
+
 /// One tensor's place in a mapped file.
 #[derive(Debug, Clone)]
 struct TensorEntry {
     file: usize,
     dtype: Dtype,
+    /// The shape the model sees (after the transform).
     shape: Vec<i64>,
+    /// The shape stored in the file.
+    stored_shape: Vec<i64>,
+    /// How the stored tensor becomes the model's.
+    transform: Transform,
+    /// The name in the file.
+    stored_name: String,
     /// Byte range inside the mapped file (header included in the offset).
     start: usize,
     end: usize,
@@ -43,6 +104,25 @@ pub struct Weights {
     kind: Kind,
     /// Seed of the random mode, with what it drew.
     random: Option<(u64, Mutex<BTreeMap<String, Tensor>>)>,
+}
+
+/// The tensor names and the `__metadata__` strings of a safetensors file (header only).
+pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let file = File::open(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: read-only mapping of a model file that is not modified while served.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e})"),
+    })?;
+    let names = metadata.tensors().into_keys().collect();
+    Ok((names, metadata.metadata().clone().unwrap_or_default()))
 }
 
 /// splitmix64: a tiny deterministic generator, independent of libtorch's global one.
@@ -97,6 +177,19 @@ impl Weights {
     /// Maps `paths` and validates their headers. Floating-point tensors are converted to
     /// `kind` and placed on `device` when the model asks for them.
     pub fn open(paths: &[PathBuf], device: Device, kind: Kind) -> Result<Self> {
+        Self::open_renamed(paths, device, kind, &|name| {
+            vec![(name.to_string(), Transform::Identity)]
+        })
+    }
+
+    /// Maps `paths` and exposes each stored tensor under the names (and transforms)
+    /// `rename` gives it; tensors it gives no name are not part of this set.
+    pub fn open_renamed(
+        paths: &[PathBuf],
+        device: Device,
+        kind: Kind,
+        rename: &dyn Fn(&str) -> Vec<(String, Transform)>,
+    ) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
@@ -121,16 +214,22 @@ impl Weights {
                     continue;
                 }
                 let (start, end) = info.data_offsets;
-                entries.insert(
-                    name.clone(),
-                    TensorEntry {
-                        file: index,
-                        dtype: info.dtype,
-                        shape: info.shape.iter().map(|&d| d as i64).collect(),
-                        start: data_start + start,
-                        end: data_start + end,
-                    },
-                );
+                let stored_shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+                for (key, transform) in rename(&name) {
+                    entries.insert(
+                        key,
+                        TensorEntry {
+                            file: index,
+                            dtype: info.dtype,
+                            shape: transform.shape(&stored_shape),
+                            stored_shape: stored_shape.clone(),
+                            transform,
+                            stored_name: name.clone(),
+                            start: data_start + start,
+                            end: data_start + end,
+                        },
+                    );
+                }
             }
             files.push(MappedFile {
                 path: path.clone(),
@@ -282,7 +381,7 @@ impl Weights {
         if entry.shape != shape {
             return Err(EngineError::ShapeMismatch {
                 path: path.clone(),
-                name: key.to_string(),
+                name: entry.stored_name.clone(),
                 expected: shape.to_vec(),
                 actual: entry.shape.clone(),
             });
@@ -292,7 +391,8 @@ impl Weights {
             message: format!("tensor `{key}` has unsupported dtype {:?}", entry.dtype),
         })?;
         let bytes = &self.files[entry.file].mmap[entry.start..entry.end];
-        let tensor = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
+        let tensor = Tensor::f_from_data_size(bytes, &entry.stored_shape, kind)?;
+        let tensor = entry.transform.apply(tensor).f_reshape(&entry.shape)?;
         let target = if kind.is_floating_point() {
             self.kind
         } else {
@@ -319,7 +419,7 @@ impl Weights {
             let entry = &self.entries[*name];
             return Err(EngineError::UnknownTensor {
                 path: self.files[entry.file].path.clone(),
-                name: name.to_string(),
+                name: entry.stored_name.clone(),
             });
         }
         Ok(())

@@ -115,12 +115,32 @@ impl ClipTokenizer {
     /// Builds the tokenizer from CLIP's BPE vocabulary file
     /// (`bpe_simple_vocab_16e6.txt.gz`), for models that ship no tokenizer files.
     pub fn from_bpe_gz(path: &Path, pad: &str) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_bpe_gz_bytes(&bytes, path, pad)
+    }
+
+    /// The tokenizer from the CLIP BPE vocabulary built into sdxld (for single-file
+    /// checkpoints, which carry no tokenizer files).
+    pub fn builtin(pad: &str) -> Result<Self> {
+        const VOCABULARY: &[u8] =
+            include_bytes!(concat!(env!("OUT_DIR"), "/clip_bpe_vocab.txt.gz"));
+        let source = Path::new("<built-in CLIP vocabulary>");
+        if VOCABULARY.is_empty() {
+            return Err(tokenizer_error(
+                source,
+                "sdxld was built without open_clip's bpe_simple_vocab_16e6.txt.gz",
+            ));
+        }
+        Self::from_bpe_gz_bytes(VOCABULARY, source, pad)
+    }
+
+    /// [`Self::from_bpe_gz`] from the file's bytes; `path` names it in errors.
+    pub fn from_bpe_gz_bytes(bytes: &[u8], path: &Path, pad: &str) -> Result<Self> {
         let mut text = String::new();
-        flate2::read::GzDecoder::new(file)
+        flate2::read::GzDecoder::new(bytes)
             .read_to_string(&mut text)
             .map_err(|e| tokenizer_error(path, e))?;
         // The CLIP recipe: merges are lines 1..=48894 of the file.

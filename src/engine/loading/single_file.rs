@@ -1,0 +1,573 @@
+//! Single-file SDXL checkpoints (the layout model sites share: `model.diffusion_model.*`,
+//! `first_stage_model.*`, `conditioner.embedders.0.transformer.*`,
+//! `conditioner.embedders.1.model.*`), read through the same modules as diffusers
+//! folders: each stored name is given its diffusers key, and the few weights stored in
+//! another layout are transformed as they load (OpenCLIP's fused q/k/v split, its
+//! text_projection transposed, the VAE's 1x1 attention convolutions as linears), as
+//! diffusers' `loaders/single_file_utils.py` converts them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::{Device, Kind};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::loading::weights::{Transform, Weights};
+use crate::engine::models::clip::ClipTextModel;
+use crate::engine::models::unet::UNet2DConditionModel;
+use crate::engine::models::vae::AutoencoderKL;
+
+/// The UNet's prefix.
+pub const UNET: &str = "model.diffusion_model.";
+/// The VAE's prefix.
+pub const VAE: &str = "first_stage_model.";
+/// The first text encoder's prefix (transformers CLIP layout).
+pub const TEXT_ENCODER: &str = "conditioner.embedders.0.transformer.";
+/// The second text encoder's prefix (OpenCLIP layout).
+pub const TEXT_ENCODER_2: &str = "conditioner.embedders.1.model.";
+
+/// The metadata key under which a file may carry its diffusers configs (a JSON object
+/// with `unet`, `vae`, `text_encoder`, `text_encoder_2` and `scheduler`).
+pub const CONFIGS_KEY: &str = "sdxld.configs";
+
+/// The diffusers configs of a single-file checkpoint's components.
+#[derive(Debug, Clone)]
+pub struct Configs {
+    /// UNet2DConditionModel config.
+    pub unet: Value,
+    /// AutoencoderKL config.
+    pub vae: Value,
+    /// CLIPTextModel config.
+    pub text_encoder: Value,
+    /// CLIPTextModelWithProjection config.
+    pub text_encoder_2: Value,
+    /// Scheduler config.
+    pub scheduler: Value,
+}
+
+impl Configs {
+    /// The configs `metadata` carries, or stabilityai's SDXL base 1.0 configs.
+    pub fn from_metadata(path: &Path, metadata: &HashMap<String, String>) -> Result<Self> {
+        let bad = |message: String| EngineError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let all: Value = match metadata.get(CONFIGS_KEY) {
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| bad(format!("`{CONFIGS_KEY}`: {e}")))?
+            }
+            None => serde_json::from_str(SDXL_BASE_CONFIGS)
+                .map_err(|e| bad(format!("built-in SDXL configs: {e}")))?,
+        };
+        let part = |name: &str| {
+            all.get(name)
+                .cloned()
+                .ok_or_else(|| bad(format!("`{CONFIGS_KEY}` has no `{name}` config")))
+        };
+        Ok(Self {
+            unet: part("unet")?,
+            vae: part("vae")?,
+            text_encoder: part("text_encoder")?,
+            text_encoder_2: part("text_encoder_2")?,
+            scheduler: part("scheduler")?,
+        })
+    }
+
+    /// The UNet's layers per block (a single number in SDXL-family models).
+    pub fn layers_per_block(&self, path: &Path) -> Result<usize> {
+        self.unet
+            .get("layers_per_block")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| EngineError::Config {
+                path: path.to_path_buf(),
+                message: "the UNet config needs one integer layers_per_block".into(),
+            })
+    }
+
+    /// The number of VAE levels.
+    pub fn vae_levels(&self, path: &Path) -> Result<usize> {
+        self.vae
+            .get("block_out_channels")
+            .and_then(Value::as_array)
+            .map(Vec::len)
+            .filter(|n| *n > 0)
+            .ok_or_else(|| EngineError::Config {
+                path: path.to_path_buf(),
+                message: "the VAE config needs block_out_channels".into(),
+            })
+    }
+}
+
+/// Whether `path` looks like a single-file SDXL checkpoint (by its tensor names).
+pub fn is_sdxl_checkpoint(names: &[&str]) -> bool {
+    [UNET, VAE, TEXT_ENCODER, TEXT_ENCODER_2]
+        .iter()
+        .all(|prefix| names.iter().any(|n| n.starts_with(prefix)))
+}
+
+fn one(key: String) -> Vec<(String, Transform)> {
+    vec![(key, Transform::Identity)]
+}
+
+/// The diffusers key of a ResNet block's weight (`in_layers.0.weight` → `norm1.weight`).
+fn unet_resnet(rest: &str) -> Option<String> {
+    const NAMES: [(&str, &str); 6] = [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("skip_connection.", "conv_shortcut."),
+    ];
+    NAMES
+        .iter()
+        .find_map(|(old, new)| rest.strip_prefix(old).map(|p| format!("{new}{p}")))
+}
+
+/// The diffusers UNet key of a stored UNet name (prefix removed), as diffusers'
+/// `convert_ldm_unet_checkpoint` maps it. Names it does not know keep their stored name,
+/// so that the loader reports them as unknown.
+pub fn unet_keys(name: &str, layers_per_block: usize) -> Vec<(String, Transform)> {
+    one(unet_key(name, layers_per_block).unwrap_or_else(|| format!("{UNET}{name}")))
+}
+
+fn unet_key(name: &str, lpb: usize) -> Option<String> {
+    const FIXED: [(&str, &str); 7] = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+    ];
+    if let Some(key) = FIXED
+        .iter()
+        .find_map(|(old, new)| name.strip_prefix(old).map(|p| format!("{new}{p}")))
+    {
+        return Some(key);
+    }
+    let parts: Vec<&str> = name.splitn(4, '.').collect();
+    let [block, index, sub, rest] = parts.as_slice() else {
+        return None;
+    };
+    let per_block = lpb + 1;
+    match *block {
+        "input_blocks" => {
+            let i: usize = index.parse().ok().filter(|i| *i > 0)?;
+            let (b, l) = ((i - 1) / per_block, (i - 1) % per_block);
+            match (*sub, rest.strip_prefix("op.")) {
+                ("0", Some(param)) => Some(format!("down_blocks.{b}.downsamplers.0.conv.{param}")),
+                ("0", None) => Some(format!(
+                    "down_blocks.{b}.resnets.{l}.{}",
+                    unet_resnet(rest)?
+                )),
+                ("1", _) => Some(format!("down_blocks.{b}.attentions.{l}.{rest}")),
+                _ => None,
+            }
+        }
+        "middle_block" => {
+            let tail = format!("{sub}.{rest}");
+            match *index {
+                "0" => Some(format!("mid_block.resnets.0.{}", unet_resnet(&tail)?)),
+                "1" => Some(format!("mid_block.attentions.0.{tail}")),
+                "2" => Some(format!("mid_block.resnets.1.{}", unet_resnet(&tail)?)),
+                _ => None,
+            }
+        }
+        "output_blocks" => {
+            let i: usize = index.parse().ok()?;
+            let (b, l) = (i / per_block, i % per_block);
+            match (*sub, rest.strip_prefix("conv.")) {
+                ("0", _) => Some(format!("up_blocks.{b}.resnets.{l}.{}", unet_resnet(rest)?)),
+                ("1" | "2", Some(param)) => {
+                    Some(format!("up_blocks.{b}.upsamplers.0.conv.{param}"))
+                }
+                ("1", None) => Some(format!("up_blocks.{b}.attentions.{l}.{rest}")),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The diffusers AutoencoderKL key of a stored VAE name (prefix removed), as diffusers'
+/// `convert_ldm_vae_checkpoint` maps it; decoder levels are stored in reverse order.
+pub fn vae_keys(name: &str, levels: usize) -> Vec<(String, Transform)> {
+    match vae_key(name, levels) {
+        Some((key, transform)) => vec![(key, transform)],
+        None => one(format!("{VAE}{name}")),
+    }
+}
+
+fn vae_key(name: &str, levels: usize) -> Option<(String, Transform)> {
+    let plain = |key: String| Some((key, Transform::Identity));
+    let resnet = |rest: &str| rest.replacen("nin_shortcut.", "conv_shortcut.", 1);
+    if name.starts_with("quant_conv.") || name.starts_with("post_quant_conv.") {
+        return plain(name.to_string());
+    }
+    let (coder, rest) = name.split_once('.')?;
+    if coder != "encoder" && coder != "decoder" {
+        return None;
+    }
+    if let Some(p) = rest.strip_prefix("norm_out.") {
+        return plain(format!("{coder}.conv_norm_out.{p}"));
+    }
+    if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        return plain(name.to_string());
+    }
+    if let Some(mid) = rest.strip_prefix("mid.") {
+        if let Some(attn) = mid.strip_prefix("attn_1.") {
+            const NAMES: [(&str, &str); 5] = [
+                ("norm.", "group_norm."),
+                ("q.", "to_q."),
+                ("k.", "to_k."),
+                ("v.", "to_v."),
+                ("proj_out.", "to_out.0."),
+            ];
+            let key = NAMES
+                .iter()
+                .find_map(|(old, new)| attn.strip_prefix(old).map(|p| format!("{new}{p}")))?;
+            return Some((
+                format!("{coder}.mid_block.attentions.0.{key}"),
+                Transform::DropUnitDims,
+            ));
+        }
+        let (block, tail) = mid.split_once('.')?;
+        let index = match block {
+            "block_1" => 0,
+            "block_2" => 1,
+            _ => return None,
+        };
+        return plain(format!(
+            "{coder}.mid_block.resnets.{index}.{}",
+            resnet(tail)
+        ));
+    }
+    let parts: Vec<&str> = rest.splitn(4, '.').collect();
+    let [level_kind, level, what, tail] = parts.as_slice() else {
+        return None;
+    };
+    let level: usize = level.parse().ok()?;
+    let (blocks, sampler, level) = match (coder, *level_kind) {
+        ("encoder", "down") => ("down_blocks", "downsamplers", level),
+        ("decoder", "up") => ("up_blocks", "upsamplers", levels.checked_sub(level + 1)?),
+        _ => return None,
+    };
+    match *what {
+        "block" => {
+            let (j, p) = tail.split_once('.')?;
+            plain(format!(
+                "{coder}.{blocks}.{level}.resnets.{j}.{}",
+                resnet(p)
+            ))
+        }
+        "downsample" | "upsample" => plain(format!("{coder}.{blocks}.{level}.{sampler}.0.{tail}")),
+        _ => None,
+    }
+}
+
+/// The first text encoder's keys: transformers' own names (position ids dropped).
+pub fn text_encoder_keys(name: &str) -> Vec<(String, Transform)> {
+    if name.ends_with("position_ids") {
+        return Vec::new();
+    }
+    one(name.to_string())
+}
+
+/// The second text encoder's keys from OpenCLIP names (prefix removed), as diffusers'
+/// `convert_open_clip_checkpoint` maps them.
+pub fn open_clip_keys(name: &str) -> Vec<(String, Transform)> {
+    match name {
+        "positional_embedding" => {
+            return one("text_model.embeddings.position_embedding.weight".into())
+        }
+        "token_embedding.weight" => {
+            return one("text_model.embeddings.token_embedding.weight".into())
+        }
+        "text_projection" => return vec![("text_projection.weight".into(), Transform::Transpose)],
+        "logit_scale" => return Vec::new(),
+        _ => {}
+    }
+    if let Some(p) = name.strip_prefix("ln_final.") {
+        return one(format!("text_model.final_layer_norm.{p}"));
+    }
+    let Some(block) = name.strip_prefix("transformer.resblocks.") else {
+        return one(format!("{TEXT_ENCODER_2}{name}"));
+    };
+    let Some((layer, rest)) = block.split_once('.') else {
+        return one(format!("{TEXT_ENCODER_2}{name}"));
+    };
+    let layer_key = |module: &str| format!("text_model.encoder.layers.{layer}.{module}");
+    for (param, fused) in [
+        ("weight", "attn.in_proj_weight"),
+        ("bias", "attn.in_proj_bias"),
+    ] {
+        if rest == fused {
+            return ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .enumerate()
+                .map(|(i, proj)| {
+                    (
+                        layer_key(&format!("self_attn.{proj}.{param}")),
+                        Transform::Chunk {
+                            index: i as i64,
+                            count: 3,
+                        },
+                    )
+                })
+                .collect();
+        }
+    }
+    const NAMES: [(&str, &str); 5] = [
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+        ("mlp.c_proj.", "mlp.fc2."),
+        ("attn.out_proj.", "self_attn.out_proj."),
+    ];
+    match NAMES
+        .iter()
+        .find_map(|(old, new)| rest.strip_prefix(old).map(|p| format!("{new}{p}")))
+    {
+        Some(module) => one(layer_key(&module)),
+        None => one(format!("{TEXT_ENCODER_2}{name}")),
+    }
+}
+
+/// A renaming for one component: names under `prefix` pass through `keys`; others are
+/// not part of the component.
+pub fn component<'a>(
+    prefix: &'static str,
+    keys: impl Fn(&str) -> Vec<(String, Transform)> + 'a,
+) -> impl Fn(&str) -> Vec<(String, Transform)> + 'a {
+    move |name: &str| match name.strip_prefix(prefix) {
+        Some(rest) => keys(rest),
+        None => Vec::new(),
+    }
+}
+
+/// The path a config error names for a component of the file.
+pub fn config_path(file: &Path, component: &str) -> PathBuf {
+    PathBuf::from(format!("{}#{component}", file.display()))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(file: &Path, component: &str, value: &Value) -> Result<T> {
+    serde_json::from_value(value.clone()).map_err(|e| EngineError::Config {
+        path: config_path(file, component),
+        message: e.to_string(),
+    })
+}
+
+fn open(
+    file: &Path,
+    device: Device,
+    kind: Kind,
+    rename: &dyn Fn(&str) -> Vec<(String, Transform)>,
+) -> Result<Weights> {
+    Weights::open_renamed(&[file.to_path_buf()], device, kind, rename)
+}
+
+/// The UNet of a single-file checkpoint.
+pub fn load_unet(
+    file: &Path,
+    configs: &Configs,
+    device: Device,
+    kind: Kind,
+) -> Result<UNet2DConditionModel> {
+    let lpb = configs.layers_per_block(file)?;
+    let weights = open(file, device, kind, &component(UNET, |n| unet_keys(n, lpb)))?;
+    let model = UNet2DConditionModel::load(
+        &weights.root(),
+        typed(file, "unet", &configs.unet)?,
+        &config_path(file, "unet"),
+    )?;
+    weights.check_all_used(|_| false)?;
+    Ok(model)
+}
+
+/// The VAE of a single-file checkpoint.
+pub fn load_vae(
+    file: &Path,
+    configs: &Configs,
+    device: Device,
+    kind: Kind,
+) -> Result<AutoencoderKL> {
+    let levels = configs.vae_levels(file)?;
+    let weights = open(file, device, kind, &component(VAE, |n| vae_keys(n, levels)))?;
+    let model = AutoencoderKL::load(&weights.root(), typed(file, "vae", &configs.vae)?)?;
+    weights.check_all_used(|_| false)?;
+    Ok(model)
+}
+
+/// The two text encoders of a single-file checkpoint.
+pub fn load_text_encoders(
+    file: &Path,
+    configs: &Configs,
+    device: Device,
+    kind: Kind,
+) -> Result<(ClipTextModel, ClipTextModel)> {
+    let weights = open(
+        file,
+        device,
+        kind,
+        &component(TEXT_ENCODER, text_encoder_keys),
+    )?;
+    let first = ClipTextModel::load(
+        &weights.root(),
+        typed(file, "text_encoder", &configs.text_encoder)?,
+        false,
+    )?;
+    weights.check_all_used(|_| false)?;
+    let weights = open(
+        file,
+        device,
+        kind,
+        &component(TEXT_ENCODER_2, open_clip_keys),
+    )?;
+    let second = ClipTextModel::load(
+        &weights.root(),
+        typed(file, "text_encoder_2", &configs.text_encoder_2)?,
+        true,
+    )?;
+    weights.check_all_used(|_| false)?;
+    Ok((first, second))
+}
+
+/// stabilityai/stable-diffusion-xl-base-1.0's configs, for checkpoints that carry none.
+const SDXL_BASE_CONFIGS: &str = r#"{
+  "unet": {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": true
+  },
+  "vae": {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "force_upcast": true, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+  },
+  "text_encoder": {
+    "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "projection_dim": 768, "vocab_size": 49408,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1
+  },
+  "text_encoder_2": {
+    "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 20,
+    "num_hidden_layers": 32, "projection_dim": 1280, "vocab_size": 49408,
+    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1
+  },
+  "scheduler": {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false
+  }
+}"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unet_names_follow_diffusers_conversion() {
+        let cases = [
+            ("time_embed.0.weight", "time_embedding.linear_1.weight"),
+            ("input_blocks.0.0.bias", "conv_in.bias"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.4.1.proj_in.weight",
+                "down_blocks.1.attentions.0.proj_in.weight",
+            ),
+            (
+                "input_blocks.5.0.skip_connection.bias",
+                "down_blocks.1.resnets.1.conv_shortcut.bias",
+            ),
+            (
+                "middle_block.2.out_layers.3.weight",
+                "mid_block.resnets.1.conv2.weight",
+            ),
+            (
+                "middle_block.1.transformer_blocks.0.norm1.weight",
+                "mid_block.attentions.0.transformer_blocks.0.norm1.weight",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.2.2.conv.bias",
+                "up_blocks.0.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.4.1.norm.weight",
+                "up_blocks.1.attentions.1.norm.weight",
+            ),
+            ("label_emb.0.2.weight", "add_embedding.linear_2.weight"),
+            ("out.2.weight", "conv_out.weight"),
+        ];
+        for (stored, expected) in cases {
+            assert_eq!(unet_key(stored, 2).as_deref(), Some(expected), "{stored}");
+        }
+        assert_eq!(
+            unet_keys("nonsense.weight", 2)[0].0,
+            "model.diffusion_model.nonsense.weight"
+        );
+    }
+
+    #[test]
+    fn vae_and_open_clip_names_follow_diffusers_conversion() {
+        assert_eq!(
+            vae_key("decoder.up.0.block.1.nin_shortcut.weight", 4)
+                .map(|k| k.0)
+                .as_deref(),
+            Some("decoder.up_blocks.3.resnets.1.conv_shortcut.weight")
+        );
+        assert_eq!(
+            vae_key("encoder.mid.attn_1.q.weight", 4),
+            Some((
+                "encoder.mid_block.attentions.0.to_q.weight".into(),
+                Transform::DropUnitDims
+            ))
+        );
+        assert_eq!(
+            vae_key("encoder.down.2.downsample.conv.bias", 4)
+                .map(|k| k.0)
+                .as_deref(),
+            Some("encoder.down_blocks.2.downsamplers.0.conv.bias")
+        );
+        let qkv = open_clip_keys("transformer.resblocks.7.attn.in_proj_weight");
+        assert_eq!(qkv.len(), 3);
+        assert_eq!(
+            qkv[2].0,
+            "text_model.encoder.layers.7.self_attn.v_proj.weight"
+        );
+        assert_eq!(qkv[2].1, Transform::Chunk { index: 2, count: 3 });
+        assert_eq!(
+            open_clip_keys("text_projection"),
+            vec![("text_projection.weight".to_string(), Transform::Transpose)]
+        );
+        assert!(open_clip_keys("logit_scale").is_empty());
+    }
+}
