@@ -390,8 +390,20 @@ impl Weights {
             path: path.clone(),
             message: format!("tensor `{key}` has unsupported dtype {:?}", entry.dtype),
         })?;
-        let bytes = &self.files[entry.file].mmap[entry.start..entry.end];
-        let tensor = Tensor::f_from_data_size(bytes, &entry.stored_shape, kind)?;
+        let mapped = &self.files[entry.file].mmap;
+        let tensor =
+            Tensor::f_from_data_size(&mapped[entry.start..entry.end], &entry.stored_shape, kind)?;
+        // The tensor owns a copy now: drop the mapped pages from this process (they stay in
+        // the page cache), so that loading holds about one copy of the weights, not two.
+        // SAFETY: the mapping is private and read-only; a dropped page is read again from
+        // the file if it is touched later.
+        let _ = unsafe {
+            mapped.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                entry.start,
+                entry.end - entry.start,
+            )
+        };
         let tensor = entry.transform.apply(tensor).f_reshape(&entry.shape)?;
         let target = if kind.is_floating_point() {
             self.kind
