@@ -82,9 +82,53 @@ fn embed_clip_vocabulary() {
     std::fs::write(out_dir.join("clip_bpe_vocab.txt.gz"), bytes).expect("write the vocabulary");
 }
 
+/// Compiles the CUDA allocator shim (csrc/cuda_memory.cpp) against the headers of the
+/// torch wheel (libtorch's and the CUDA runtime's, both in the virtual environment).
+/// Without them the shim is left out and its Rust side reports no statistics.
+fn compile_cuda_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
+    let Some(torch_dir) = lib_dir.parent() else {
+        return;
+    };
+    let include = torch_dir.join("include");
+    // A complete set of CUDA runtime headers next to torch/: triton's (a dependency of the
+    // CUDA wheel), or the nvidia packages'.
+    let cuda_include = torch_dir.parent().and_then(|site| {
+        [
+            "triton/backends/nvidia/include",
+            "nvidia/cu13/include",
+            "nvidia/cuda_runtime/include",
+        ]
+        .iter()
+        .map(|p| site.join(p))
+        .find(|p| p.join("cuda_runtime.h").is_file() && p.join("crt/host_config.h").is_file())
+    });
+    let (true, Some(cuda_include)) = (
+        include.join("c10/cuda/CUDACachingAllocator.h").is_file(),
+        cuda_include,
+    ) else {
+        println!("cargo:warning=CUDA headers not found: built without GPU memory statistics");
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/cuda_memory.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(cuda_include)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("sdxld_cuda_memory");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=sdxld_cuda_shim");
+}
+
 fn main() {
     compile_protos();
     embed_clip_vocabulary();
+    println!("cargo:rustc-check-cfg=cfg(sdxld_cuda_shim)");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
@@ -101,4 +145,5 @@ fn main() {
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    compile_cuda_shim(&lib_dir);
 }

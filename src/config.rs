@@ -24,6 +24,9 @@ pub struct ServerSettings {
     pub shutdown_grace_seconds: u64,
     /// Prometheus endpoint address, "" for none.
     pub metrics_listen: String,
+    /// Token the admin RPCs (LoadModel, UnloadModel) require as `authorization: Bearer
+    /// <token>`; "" leaves them open.
+    pub admin_token: String,
 }
 
 /// `[jobs]`.
@@ -68,6 +71,11 @@ pub struct EngineSettings {
     pub demo_model_dir: String,
     /// Warm-up before ready.
     pub warmup: bool,
+    /// Bytes of model weights plus a job's estimated activations allowed on the device at
+    /// once; 0 for no limit.
+    pub memory_budget_bytes: u64,
+    /// Fraction of the CUDA device's memory libtorch's allocator may use; 0 for all.
+    pub cuda_memory_fraction: f64,
 }
 
 /// `[models]`.
@@ -225,6 +233,13 @@ impl Settings {
                     "must be auto, float32, float16 or bfloat16, got {:?}",
                     self.engine.dtype
                 ),
+            );
+        }
+        let fraction = self.engine.cuda_memory_fraction;
+        if !(0.0..=1.0).contains(&fraction) {
+            return bad(
+                "engine.cuda_memory_fraction",
+                format!("must be between 0 and 1, got {fraction}"),
             );
         }
         Ok(())

@@ -406,6 +406,8 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     params.seed = args.seed.unwrap_or(0);
     let mut none = |_: Progress<'_>| Ok(());
     pipeline.generate(&params, &mut none)?;
+    let device = pipeline.placement().device;
+    sdxld::engine::cuda::reset_peak(device);
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
@@ -416,7 +418,12 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     let median = times[times.len() / 2];
     println!(
         "{}",
-        serde_json::json!({"median_s": median, "runs_s": times, "threads": threads})
+        serde_json::json!({
+            "median_s": median,
+            "runs_s": times,
+            "threads": threads,
+            "peak_device_memory_bytes": sdxld::engine::cuda::memory(device).map(|m| m.peak),
+        })
     );
     Ok(())
 }

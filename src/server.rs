@@ -177,10 +177,17 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         let resident = resident.clone();
         let default = default.clone();
         let warmup = settings.engine.warmup;
+        let budget = Some(settings.engine.memory_budget_bytes).filter(|b| *b > 0);
+        let fraction = settings.engine.cuda_memory_fraction;
         std::thread::Builder::new()
             .name("sdxld-engine".into())
             .spawn(move || {
-                let mut engine = Engine::new(placement, resident);
+                if fraction > 0.0
+                    && !crate::engine::cuda::set_memory_fraction(placement.device, fraction)
+                {
+                    tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");
+                }
+                let mut engine = Engine::new(placement, budget, resident);
                 let result = if warmup {
                     engine.warm_up(&default)
                 } else {

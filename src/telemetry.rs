@@ -110,6 +110,9 @@ pub struct Metrics {
     step_seconds: Histogram,
     stage_seconds: Family<StageLabel, Histogram>,
     images: Counter,
+    resident_bytes: Gauge,
+    component_loads: Counter,
+    evictions: Counter,
 }
 
 impl Metrics {
@@ -155,7 +158,28 @@ impl Metrics {
         );
         let images = Counter::default();
         registry.register("sdxld_images_produced", "Images produced", images.clone());
+        let resident_bytes = Gauge::default();
+        registry.register(
+            "sdxld_model_cache_resident_bytes",
+            "Bytes of model components resident on the device",
+            resident_bytes.clone(),
+        );
+        let component_loads = Counter::default();
+        registry.register(
+            "sdxld_model_component_loads",
+            "Model components (text encoders, UNets, VAEs) loaded from disk",
+            component_loads.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "sdxld_model_evictions",
+            "Models evicted to stay within the memory budget",
+            evictions.clone(),
+        );
         Arc::new(Self {
+            resident_bytes,
+            component_loads,
+            evictions,
             registry,
             requests,
             failures,
@@ -164,6 +188,17 @@ impl Metrics {
             stage_seconds,
             images,
         })
+    }
+
+    /// Publishes the model cache's state (counters advance to the cache's totals).
+    pub fn set_cache(&self, stats: crate::engine::cache::CacheStats) {
+        self.resident_bytes.set(stats.resident_bytes as i64);
+        let loads = self.component_loads.get();
+        self.component_loads
+            .inc_by(stats.component_loads.saturating_sub(loads));
+        let evictions = self.evictions.get();
+        self.evictions
+            .inc_by(stats.evictions.saturating_sub(evictions));
     }
 
     /// Counts one finished RPC.

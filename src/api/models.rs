@@ -8,6 +8,7 @@ use crate::api::status::ApiError;
 use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
 use crate::api::ApiState;
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, RegistryError};
+use crate::jobs::{AdminOp, AdminRequest, JobError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::model_service_server::ModelService;
 
@@ -22,19 +23,82 @@ impl Models {
         Self { state }
     }
 
-    /// Load and unload: the name is checked (INVALID_ARGUMENT, NOT_FOUND), then the
-    /// operation is UNIMPLEMENTED until the model cache exists.
-    fn not_before_cache(&self, name: &str, why: &str) -> Status {
-        let error = match self.state.registry.resolve(name) {
-            Err(RegistryError::InvalidName { reason, .. }) => ApiError::invalid(
+    /// Resolves the model an admin request names.
+    fn resolve(&self, name: &str, kind: i32) -> Result<ModelEntry, ApiError> {
+        let kind = match pb::ModelKind::try_from(kind) {
+            Ok(pb::ModelKind::Unspecified | pb::ModelKind::Base) => ModelKind::Base,
+            Ok(pb::ModelKind::Refiner) => ModelKind::Refiner,
+            Ok(pb::ModelKind::Vae) => ModelKind::Vae,
+            Ok(other) => {
+                return Err(ApiError::Unimplemented(
+                    "kind".into(),
+                    format!("{} models cannot be loaded yet", other.as_str_name()),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "kind",
+                    &format!("`kind` has an unknown enum value {kind}"),
+                ))
+            }
+        };
+        let registry = &self.state.registry;
+        let resolved = if kind == ModelKind::Base {
+            registry.resolve(name)
+        } else {
+            registry.resolve_kind(kind, name)
+        };
+        resolved.map_err(|e| match e {
+            RegistryError::InvalidName { reason, .. } => ApiError::invalid(
                 "name",
                 &format!("`name` is not a valid model name ({reason})"),
             ),
-            Err(RegistryError::NotFound(n)) => ApiError::ModelNotFound(n),
-            Err(RegistryError::Pickle { name, file }) => ApiError::PickleModel { name, file },
-            Ok(_) => ApiError::Unimplemented("name".into(), why.into()),
-        };
-        error.into_status(Default::default())
+            RegistryError::NotFound(n) => ApiError::ModelNotFound(n),
+            RegistryError::Pickle { name, file } => ApiError::PickleModel { name, file },
+        })
+    }
+
+    /// Checks the admin token, when one is configured.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let token = &self.state.settings.server.admin_token;
+        if token.is_empty() {
+            return Ok(());
+        }
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented == Some(token.as_str()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "this RPC needs the admin token (authorization: Bearer <token>)",
+            ))
+        }
+    }
+
+    /// Runs a load or unload on the worker thread, between jobs.
+    async fn admin(&self, op: AdminOp, name: &str, kind: i32) -> Result<pb::ModelInfo, Status> {
+        let status = |e: ApiError| e.into_status(Default::default());
+        if name.is_empty() {
+            return Err(status(ApiError::invalid("name", "`name` is required")));
+        }
+        let model = self.resolve(name, kind).map_err(status)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.state
+            .queue
+            .submit_admin(AdminRequest {
+                op,
+                model: model.clone(),
+                reply,
+            })
+            .map_err(|e| status(ApiError::Job(e)))?;
+        match answer.await {
+            Ok(Ok(_)) => Ok(self.info(&model)),
+            Ok(Err(e)) => Err(status(ApiError::Job(JobError::Engine(e)))),
+            Err(_) => Err(Status::unavailable("the engine stopped")),
+        }
     }
 
     fn info(&self, model: &ModelEntry) -> pb::ModelInfo {
@@ -98,20 +162,38 @@ impl ModelService for Models {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
-        Err(self.not_before_cache(
-            &request.into_inner().name,
-            "explicit loading comes with the model cache; models load on first use",
-        ))
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let result = self.admin(AdminOp::Load, &request.name, request.kind).await;
+        self.state.metrics.rpc_finished(
+            "LoadModel",
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        Ok(Response::new(pb::LoadModelResponse {
+            model: Some(result?),
+        }))
     }
 
     async fn unload_model(
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        Err(self.not_before_cache(
-            &request.into_inner().name,
-            "unloading comes with the model cache and its memory budget",
-        ))
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let result = self
+            .admin(AdminOp::Unload, &request.name, request.kind)
+            .await;
+        self.state.metrics.rpc_finished(
+            "UnloadModel",
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        Ok(Response::new(pb::UnloadModelResponse {
+            model: Some(result?),
+        }))
     }
 
     async fn get_capabilities(
@@ -176,7 +258,7 @@ impl ModelService for Models {
             }),
             device: self.state.device.clone(),
             dtype: self.state.dtype.clone(),
-            device_memory_budget_bytes: 0,
+            device_memory_budget_bytes: settings.engine.memory_budget_bytes,
             host_memory_budget_bytes: 0,
             features,
             server_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -131,10 +131,19 @@ fn engine_status(error: EngineError) -> Status {
         | EngineError::UnknownTensor { .. }
         | EngineError::ShapeMismatch { .. }
         | EngineError::Tokenizer { .. }
-        | EngineError::Incompatible(_) => Code::FailedPrecondition,
-        EngineError::Device(_) | EngineError::Torch(_) | EngineError::NonFinite(_) => {
-            Code::Internal
-        }
+        | EngineError::Incompatible(_)
+        | EngineError::MemoryBudget(_) => Code::FailedPrecondition,
+        EngineError::Torch(_) if error.is_out_of_memory() => Code::ResourceExhausted,
+        EngineError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
+        EngineError::Device(_)
+        | EngineError::Torch(_)
+        | EngineError::NonFinite(_)
+        | EngineError::Internal(_) => Code::Internal,
+    };
+    let reason = if error.is_out_of_memory() {
+        "DEVICE_OUT_OF_MEMORY".to_string()
+    } else {
+        reason
     };
     Status::with_error_details(
         code,

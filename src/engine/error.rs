@@ -71,6 +71,15 @@ pub enum EngineError {
     /// Models or a request that cannot work together (a refiner as the base model, ...).
     #[error("{0}")]
     Incompatible(String),
+    /// A job that cannot fit the memory budget even with every other model evicted.
+    #[error("memory budget: {0}")]
+    MemoryBudget(String),
+    /// The device ran out of memory (after the engine's own recovery).
+    #[error("device out of memory: {0}")]
+    DeviceOutOfMemory(String),
+    /// An unexpected failure inside libtorch or the engine (the process keeps serving).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The requested device or dtype is not available here.
     #[error("device: {0}")]
     Device(String),
@@ -99,10 +108,45 @@ impl EngineError {
             EngineError::Tokenizer { .. } => "tokenizer",
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::Incompatible(_) => "incompatible_models",
+            EngineError::MemoryBudget(_) => "memory_budget",
+            EngineError::DeviceOutOfMemory(_) => "device_out_of_memory",
+            EngineError::Internal(_) => "internal",
             EngineError::Device(_) => "device",
             EngineError::Cancelled => "cancelled",
             EngineError::NonFinite(_) => "non_finite_latents",
             EngineError::Torch(_) => "torch",
+        }
+    }
+}
+
+impl EngineError {
+    /// Whether this is the device running out of memory (as libtorch reports it).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            EngineError::DeviceOutOfMemory(_) => true,
+            EngineError::Torch(e) => e.to_string().contains("out of memory"),
+            _ => false,
+        }
+    }
+
+    /// Runs `work`, turning a panic (libtorch raises through panics in tch's infallible
+    /// calls) into an error: out of memory into [`EngineError::DeviceOutOfMemory`],
+    /// anything else into [`EngineError::Internal`].
+    pub fn catch<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+            Ok(result) => result,
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".into());
+                if message.contains("out of memory") {
+                    Err(EngineError::DeviceOutOfMemory(message))
+                } else {
+                    Err(EngineError::Internal(message))
+                }
+            }
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The engine: models, schedulers and pipelines on libtorch. Everything here blocks;
 //! callers on async runtimes run it on a dedicated thread.
 
+pub mod cache;
 pub mod codec;
+pub mod components;
+pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod loading;

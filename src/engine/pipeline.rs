@@ -8,6 +8,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::codec::VaeCodec;
+use crate::engine::components::{shared, ComponentFiles, ComponentStore, Fresh};
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::models::clip::ClipTextModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
@@ -126,35 +127,49 @@ pub struct SdxlPipeline {
 impl SdxlPipeline {
     /// Loads a diffusers SDXL pipeline folder.
     pub fn load(dir: &Path, placement: Placement) -> Result<Self> {
+        Self::load_with(dir, placement, &mut Fresh)
+    }
+
+    /// Loads a diffusers folder or a single-file checkpoint, taking its components from
+    /// `store` (which may share them with pipelines already loaded).
+    pub fn load_with(
+        dir: &Path,
+        placement: Placement,
+        store: &mut dyn ComponentStore,
+    ) -> Result<Self> {
         if dir.is_file() {
-            return Self::load_single_file(dir, placement);
+            return Self::load_single_file(dir, placement, store);
         }
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let (device, kind) = (placement.device, placement.kind);
         let (tokenizer, text_encoder) = if dir.join("text_encoder").is_dir() {
+            let folder = dir.join("text_encoder");
             (
                 Some(Rc::new(ClipTokenizer::from_dir(&dir.join("tokenizer"))?)),
-                Some(Rc::new(ClipTextModel::load_dir(
-                    &dir.join("text_encoder"),
-                    device,
-                    kind,
-                )?)),
+                Some(shared(
+                    store,
+                    &ComponentFiles::folder("text_encoder", &folder),
+                    || ClipTextModel::load_dir(&folder, device, kind),
+                )?),
             )
         } else {
             (None, None)
         };
         let tokenizer_2 = Rc::new(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
-        let text_encoder_2 = Rc::new(ClipTextModel::load_dir(
-            &dir.join("text_encoder_2"),
-            device,
-            kind,
-        )?);
-        let unet = Rc::new(UNet2DConditionModel::load_dir(
-            &dir.join("unet"),
-            device,
-            kind,
-        )?);
-        let vae = Rc::new(VaeCodec::load(&dir.join("vae"), placement)?);
+        let folder = dir.join("text_encoder_2");
+        let text_encoder_2 = shared(
+            store,
+            &ComponentFiles::folder("text_encoder_2", &folder),
+            || ClipTextModel::load_dir(&folder, device, kind),
+        )?;
+        let folder = dir.join("unet");
+        let unet = shared(store, &ComponentFiles::folder("unet", &folder), || {
+            UNet2DConditionModel::load_dir(&folder, device, kind)
+        })?;
+        let folder = dir.join("vae");
+        let vae = shared(store, &ComponentFiles::folder("vae", &folder), || {
+            VaeCodec::load(&folder, placement)
+        })?;
         let scheduler =
             SchedulerConfig::load(&dir.join("scheduler").join("scheduler_config.json"))?;
 
@@ -175,10 +190,32 @@ impl SdxlPipeline {
         Ok(pipeline)
     }
 
+    /// The components a model folder or single-file checkpoint loads, without loading it.
+    pub fn component_files(path: &Path) -> Vec<ComponentFiles> {
+        use crate::engine::loading::single_file as single;
+        if path.is_file() {
+            return vec![
+                ComponentFiles::in_file("text_encoder", path, single::TEXT_ENCODER),
+                ComponentFiles::in_file("text_encoder_2", path, single::TEXT_ENCODER_2),
+                ComponentFiles::in_file("unet", path, single::UNET),
+                ComponentFiles::in_file("vae", path, single::VAE),
+            ];
+        }
+        ["text_encoder", "text_encoder_2", "unet", "vae"]
+            .into_iter()
+            .filter(|role| path.join(role).is_dir())
+            .map(|role| ComponentFiles::folder(role, &path.join(role)))
+            .collect()
+    }
+
     /// Loads a single-file SDXL checkpoint (`*.safetensors` in the original layout), with
     /// the configs its metadata carries or the stock SDXL base configs, and the CLIP
     /// tokenizers built from the vocabulary built into sdxld.
-    pub fn load_single_file(file: &Path, placement: Placement) -> Result<Self> {
+    fn load_single_file(
+        file: &Path,
+        placement: Placement,
+        store: &mut dyn ComponentStore,
+    ) -> Result<Self> {
         use crate::engine::loading::single_file::{self as single, Configs};
         let (device, kind) = (placement.device, placement.kind);
         let (names, metadata) = crate::engine::loading::weights::read_header(file)?;
@@ -190,15 +227,33 @@ impl SdxlPipeline {
             )));
         }
         let configs = Configs::from_metadata(file, &metadata)?;
-        let (text_encoder, text_encoder_2) =
-            single::load_text_encoders(file, &configs, device, kind)?;
-        let unet = single::load_unet(file, &configs, device, kind)?;
-        let vae = VaeCodec::from_source(
-            crate::engine::codec::VaeSource::SingleFile {
-                file: file.to_path_buf(),
-                configs: Box::new(configs.clone()),
+        let text_encoder = shared(
+            store,
+            &ComponentFiles::in_file("text_encoder", file, single::TEXT_ENCODER),
+            || single::load_text_encoder(file, &configs, device, kind),
+        )?;
+        let text_encoder_2 = shared(
+            store,
+            &ComponentFiles::in_file("text_encoder_2", file, single::TEXT_ENCODER_2),
+            || single::load_text_encoder_2(file, &configs, device, kind),
+        )?;
+        let unet = shared(
+            store,
+            &ComponentFiles::in_file("unet", file, single::UNET),
+            || single::load_unet(file, &configs, device, kind),
+        )?;
+        let vae = shared(
+            store,
+            &ComponentFiles::in_file("vae", file, single::VAE),
+            || {
+                VaeCodec::from_source(
+                    crate::engine::codec::VaeSource::SingleFile {
+                        file: file.to_path_buf(),
+                        configs: Box::new(configs.clone()),
+                    },
+                    placement,
+                )
             },
-            placement,
         )?;
         let scheduler: SchedulerConfig = serde_json::from_value(configs.scheduler.clone())
             .map_err(|e| EngineError::Config {
@@ -210,11 +265,11 @@ impl SdxlPipeline {
             placement,
             // SDXL's tokenizers: the second pads with "!".
             tokenizer: Some(Rc::new(ClipTokenizer::builtin("<|endoftext|>")?)),
-            text_encoder: Some(Rc::new(text_encoder)),
+            text_encoder: Some(text_encoder),
             tokenizer_2: Rc::new(ClipTokenizer::builtin("!")?),
-            text_encoder_2: Rc::new(text_encoder_2),
-            unet: Rc::new(unet),
-            vae: Rc::new(vae),
+            text_encoder_2,
+            unet,
+            vae,
             scheduler,
             force_zeros_for_empty_prompt: true,
             requires_aesthetics_score: false,

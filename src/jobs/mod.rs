@@ -224,9 +224,38 @@ pub struct JobCounters {
     pub failed: AtomicU64,
 }
 
+/// An administrative request for the worker (load or unload a model), answered before
+/// the next job starts.
+pub struct AdminRequest {
+    /// What to do.
+    pub op: AdminOp,
+    /// The model.
+    pub model: ModelEntry,
+    /// The answer: for a load, success; for an unload, whether it was resident.
+    pub reply: tokio::sync::oneshot::Sender<Result<bool, EngineError>>,
+}
+
+/// What an admin request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminOp {
+    /// Load the model (making room within the memory budget).
+    Load,
+    /// Drop the model from the cache.
+    Unload,
+}
+
+/// Work for the worker thread.
+pub enum Work {
+    /// A generation.
+    Job(Box<Job>),
+    /// A load or unload.
+    Admin(AdminRequest),
+}
+
 /// The queue shared by the RPC handlers and the worker thread.
 pub struct JobQueue {
     queue: Mutex<VecDeque<Job>>,
+    admin: Mutex<VecDeque<AdminRequest>>,
     wakeup: Condvar,
     admission: Arc<Semaphore>,
     capacity: usize,
@@ -262,6 +291,7 @@ impl JobQueue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             queue: Mutex::new(VecDeque::new()),
+            admin: Mutex::new(VecDeque::new()),
             wakeup: Condvar::new(),
             admission: Arc::new(Semaphore::new(capacity)),
             capacity,
@@ -406,11 +436,15 @@ impl JobQueue {
     }
 
     /// Blocks the worker until a job is queued or the queue is closed.
-    pub fn next_job(&self) -> Option<Job> {
+    pub fn next_work(&self) -> Option<Work> {
         let mut queue = lock(&self.queue);
         loop {
+            // Admin requests go first: they are quick next to a generation.
+            if let Some(request) = lock(&self.admin).pop_front() {
+                return Some(Work::Admin(request));
+            }
             if let Some(job) = queue.pop_front() {
-                return Some(job);
+                return Some(Work::Job(Box::new(job)));
             }
             if self.closed.load(Ordering::SeqCst) {
                 return None;
@@ -421,6 +455,17 @@ impl JobQueue {
                 .map(|(q, _)| q)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+    }
+
+    /// Queues an admin request for the worker.
+    pub fn submit_admin(&self, request: AdminRequest) -> Result<(), JobError> {
+        if !self.accepting() {
+            return Err(JobError::ShuttingDown);
+        }
+        let _queue = lock(&self.queue);
+        lock(&self.admin).push_back(request);
+        self.wakeup.notify_all();
+        Ok(())
     }
 
     /// Ends the worker loop once the queue is empty.

@@ -1,7 +1,7 @@
 //! The worker thread: owns the device and the loaded pipelines, takes jobs from the
 //! queue in order and runs them, checking for stop requests between denoising steps.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -9,22 +9,21 @@ use std::time::Instant;
 
 use tch::Tensor;
 
+use crate::engine::cache::{activation_estimate, ModelCache, ModelPath};
 use crate::engine::codec::VaeCodec;
 use crate::engine::error::EngineError;
 use crate::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
-use crate::engine::registry::ModelEntry;
-use crate::jobs::{Job, JobError, JobEvent, JobQueue, Outcome, Stage, StopReason};
+use crate::engine::registry::{ModelEntry, ModelKind};
+use crate::jobs::{AdminOp, Job, JobError, JobEvent, JobQueue, Outcome, Stage, StopReason, Work};
 use crate::output::{encode_image, encode_latents, latent_preview, OutputFormat, PngMetadata};
 use crate::proto::v1 as pb;
 use crate::telemetry::Metrics;
 
-/// The loaded pipelines, by folder. Lives on the worker thread only (tensors are not
-/// shared across threads), hence `Rc`.
+/// The model cache, on the worker thread only (tensors are not shared across threads),
+/// mirrored into the set of resident paths the models RPC reads.
 pub struct Engine {
-    placement: Placement,
-    pipelines: HashMap<PathBuf, Rc<SdxlPipeline>>,
-    vaes: HashMap<PathBuf, Rc<VaeCodec>>,
-    /// The folders loaded, shared with the models RPC.
+    cache: ModelCache,
+    /// The paths loaded, shared with the models RPC.
     resident: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
@@ -41,55 +40,105 @@ fn stage_pb(stage: Stage) -> i32 {
 }
 
 impl Engine {
-    /// An engine with nothing loaded; `resident` mirrors what it loads.
-    pub fn new(placement: Placement, resident: Arc<Mutex<HashSet<PathBuf>>>) -> Self {
+    /// An engine with nothing loaded and at most `budget` bytes of models and
+    /// activations on the device; `resident` mirrors what it holds.
+    pub fn new(
+        placement: Placement,
+        budget: Option<u64>,
+        resident: Arc<Mutex<HashSet<PathBuf>>>,
+    ) -> Self {
         Self {
-            placement,
-            pipelines: HashMap::new(),
-            vaes: HashMap::new(),
+            cache: ModelCache::new(placement, budget),
             resident,
         }
     }
 
     /// Device and precision.
     pub fn placement(&self) -> Placement {
-        self.placement
+        self.cache.placement()
+    }
+
+    /// What the cache holds.
+    pub fn stats(&self) -> crate::engine::cache::CacheStats {
+        self.cache.stats()
+    }
+
+    fn publish(&self) {
+        if let Ok(mut resident) = self.resident.lock() {
+            *resident = self.cache.resident_paths().into_iter().collect();
+        }
+    }
+
+    /// Makes room for a job using `models` and `params`, evicting what it does not use.
+    pub fn make_room(
+        &mut self,
+        models: &[ModelPath<'_>],
+        params: &GenerateParams,
+    ) -> Result<(), EngineError> {
+        let element = self.placement().kind.elt_size_in_bytes() as u64;
+        let activations = models
+            .iter()
+            .find_map(|m| match m {
+                ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
+                ModelPath::Vae(_) => None,
+            })
+            .unwrap_or(0);
+        let result = self.cache.make_room(models, activations);
+        self.publish();
+        result
     }
 
     /// The pipeline of `model`, loading it on first use.
     pub fn pipeline(&mut self, model: &ModelEntry) -> Result<Rc<SdxlPipeline>, EngineError> {
-        if let Some(p) = self.pipelines.get(&model.path) {
-            return Ok(p.clone());
-        }
-        let pipeline = Rc::new(SdxlPipeline::load(&model.path, self.placement)?);
-        self.pipelines.insert(model.path.clone(), pipeline.clone());
-        if let Ok(mut resident) = self.resident.lock() {
-            resident.insert(model.path.clone());
-        }
-        Ok(pipeline)
+        let pipeline = self.cache.pipeline(&model.path);
+        self.publish();
+        pipeline
     }
 
     /// The VAE `model`, loading it on first use.
     pub fn vae(&mut self, model: &ModelEntry) -> Result<Rc<VaeCodec>, EngineError> {
-        if let Some(v) = self.vaes.get(&model.path) {
-            return Ok(v.clone());
-        }
-        let vae = Rc::new(VaeCodec::load(&model.path, self.placement)?);
-        self.vaes.insert(model.path.clone(), vae.clone());
-        if let Ok(mut resident) = self.resident.lock() {
-            resident.insert(model.path.clone());
-        }
-        Ok(vae)
+        let vae = self.cache.vae(&model.path);
+        self.publish();
+        vae
     }
 
     /// Whether `model` is loaded.
     pub fn is_resident(&self, model: &ModelEntry) -> bool {
-        self.pipelines.contains_key(&model.path) || self.vaes.contains_key(&model.path)
+        self.cache.is_resident(&model.path)
+    }
+
+    /// Loads `model` (an admin request), making room for it.
+    pub fn load(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        let path = match model.kind {
+            ModelKind::Vae => ModelPath::Vae(&model.path),
+            _ => ModelPath::Pipeline(&model.path),
+        };
+        self.cache.make_room(&[path], 0)?;
+        match model.kind {
+            ModelKind::Vae => self.vae(model).map(|_| ()),
+            _ => self.pipeline(model).map(|_| ()),
+        }
+    }
+
+    /// After the device ran out of memory: evicts every model the job does not use and
+    /// returns the allocator's free blocks to the driver.
+    pub fn free_memory(&mut self, keep: &[PathBuf]) {
+        self.cache.evict_all_except(keep);
+        crate::engine::cuda::empty_cache(self.placement().device);
+        self.publish();
+    }
+
+    /// Unloads `model`; whether it was loaded.
+    pub fn unload(&mut self, model: &ModelEntry) -> bool {
+        let was = self.cache.unload(&model.path);
+        self.publish();
+        was
     }
 
     /// Loads `model` and runs one small denoising step, so the first request does not pay
     /// for lazy initialisation.
     pub fn warm_up(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        self.load(model)?;
         let pipeline = self.pipeline(model)?;
         // Inpainting models cannot run text to image: warm them up on a blank image.
         let init_image = pipeline
@@ -148,7 +197,23 @@ impl StageClock {
 
 /// Runs jobs until the queue is closed. Call on a dedicated OS thread.
 pub fn run_worker(queue: Arc<JobQueue>, mut engine: Engine, metrics: Arc<Metrics>) {
-    while let Some(job) = queue.next_job() {
+    metrics.set_cache(engine.stats());
+    while let Some(work) = queue.next_work() {
+        let job = match work {
+            Work::Job(job) => *job,
+            Work::Admin(request) => {
+                let result = match request.op {
+                    AdminOp::Load => engine.load(&request.model).map(|()| true),
+                    AdminOp::Unload => Ok(engine.unload(&request.model)),
+                };
+                if let Err(e) = &result {
+                    tracing::warn!(model = %request.model.name, error = %e, "admin load failed");
+                }
+                let _ = request.reply.send(result);
+                metrics.set_cache(engine.stats());
+                continue;
+            }
+        };
         metrics.set_queue_depth(queue.depth());
         let outcome = match run_job(&mut engine, &job, &metrics) {
             Ok(()) => Outcome::Completed,
@@ -167,6 +232,7 @@ pub fn run_worker(queue: Arc<JobQueue>, mut engine: Engine, metrics: Arc<Metrics
         };
         queue.finish(&job, outcome);
         drop(job);
+        metrics.set_cache(engine.stats());
         metrics.set_queue_depth(queue.depth());
     }
 }
@@ -209,6 +275,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     check(job)?;
 
     clock.enter(Stage::LoadingModels);
+    crate::engine::cuda::reset_peak(engine.placement().device);
     let refiner_model = spec.refiner.as_ref().map(|r| &r.model);
     let vae_model = spec.vae.as_ref().map(|v| &v.model);
     if [Some(&spec.model), refiner_model, vae_model]
@@ -221,6 +288,10 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             JobEvent::Progress(progress(Stage::LoadingModels, 0, 0, 0)),
         )?;
     }
+    let mut models = vec![ModelPath::Pipeline(&spec.model.path)];
+    models.extend(refiner_model.map(|m| ModelPath::Pipeline(&m.path)));
+    models.extend(vae_model.map(|m| ModelPath::Vae(&m.path)));
+    engine.make_room(&models, &spec.params)?;
     let mut pipeline = engine.pipeline(&spec.model)?;
     let mut refiner = match refiner_model {
         Some(model) => Some(engine.pipeline(model)?),
@@ -293,16 +364,35 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
                 EngineError::Cancelled
             })
         };
-        let denoised = match (&refiner, &spec.refiner) {
-            (Some(refiner), Some(stage)) => crate::engine::refiner::denoise_refined(
-                &pipeline,
-                refiner,
-                &params,
-                &stage.params,
-                &mut on_progress,
-            ),
-            _ => pipeline.denoise(&params, &mut on_progress),
+        let denoise = |on_progress: &mut dyn FnMut(Progress<'_>) -> Result<(), EngineError>| {
+            EngineError::catch(|| match (&refiner, &spec.refiner) {
+                (Some(refiner), Some(stage)) => crate::engine::refiner::denoise_refined(
+                    &pipeline,
+                    refiner,
+                    &params,
+                    &stage.params,
+                    on_progress,
+                ),
+                _ => pipeline.denoise(&params, on_progress),
+            })
         };
+        let mut denoised = denoise(&mut on_progress);
+        if denoised
+            .as_ref()
+            .err()
+            .is_some_and(EngineError::is_out_of_memory)
+        {
+            // The job's tensors are gone with the failed attempt: free what other models
+            // hold and try once more.
+            tracing::warn!(job = %job.id, "device out of memory; evicting idle models and retrying once");
+            let keep: Vec<PathBuf> = [Some(&spec.model), refiner_model, vae_model]
+                .into_iter()
+                .flatten()
+                .map(|m| m.path.clone())
+                .collect();
+            engine.free_memory(&keep);
+            denoised = denoise(&mut on_progress);
+        }
         let latents = match denoised {
             Ok(latents) => latents,
             Err(EngineError::Cancelled) => {
@@ -323,7 +413,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             send(job, JobEvent::Progress(progress(Stage::Decoding, 0, 0, i)))?;
             // The refiner pipeline decodes with its VAE, as diffusers' recipe does.
             let decoder = refiner.as_ref().unwrap_or(&pipeline);
-            let decoded = decoder.vae_codec().decode(&image_latents)?;
+            let decoded = EngineError::catch(|| decoder.vae_codec().decode(&image_latents))?;
             if decoded.redone_in_float32 {
                 warnings.push(format!(
                     "image {i}: the VAE's half-precision decode was not finite; it was decoded again in float32"
@@ -366,7 +456,8 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             job_id: job.id.clone(),
             stage_timings: std::mem::take(&mut clock.timings),
             total_ms: job.admitted_at.elapsed().as_secs_f64() * 1000.0,
-            peak_device_memory_bytes: 0,
+            peak_device_memory_bytes: crate::engine::cuda::memory(engine.placement().device)
+                .map_or(0, |m| m.peak),
             models: models_used(spec),
             warnings,
         }),

@@ -402,38 +402,48 @@ pub fn load_vae(
     Ok(model)
 }
 
-/// The two text encoders of a single-file checkpoint.
-pub fn load_text_encoders(
+/// The first text encoder of a single-file checkpoint.
+pub fn load_text_encoder(
     file: &Path,
     configs: &Configs,
     device: Device,
     kind: Kind,
-) -> Result<(ClipTextModel, ClipTextModel)> {
+) -> Result<ClipTextModel> {
     let weights = open(
         file,
         device,
         kind,
         &component(TEXT_ENCODER, text_encoder_keys),
     )?;
-    let first = ClipTextModel::load(
+    let model = ClipTextModel::load(
         &weights.root(),
         typed(file, "text_encoder", &configs.text_encoder)?,
         false,
     )?;
     weights.check_all_used(|_| false)?;
+    Ok(model)
+}
+
+/// The second text encoder of a single-file checkpoint.
+pub fn load_text_encoder_2(
+    file: &Path,
+    configs: &Configs,
+    device: Device,
+    kind: Kind,
+) -> Result<ClipTextModel> {
     let weights = open(
         file,
         device,
         kind,
         &component(TEXT_ENCODER_2, open_clip_keys),
     )?;
-    let second = ClipTextModel::load(
+    let model = ClipTextModel::load(
         &weights.root(),
         typed(file, "text_encoder_2", &configs.text_encoder_2)?,
         true,
     )?;
     weights.check_all_used(|_| false)?;
-    Ok((first, second))
+    Ok(model)
 }
 
 /// stabilityai/stable-diffusion-xl-base-1.0's configs, for checkpoints that carry none.

@@ -125,6 +125,37 @@ pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)
     Ok((names, metadata.metadata().clone().unwrap_or_default()))
 }
 
+/// Bytes the tensors of a safetensors file (those under `prefix`, when given) take once
+/// loaded with floating-point tensors converted to `kind` (header only).
+pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64> {
+    let file = File::open(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: read-only mapping of a model file that is not modified while served.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e})"),
+    })?;
+    let mut total = 0u64;
+    for (name, info) in metadata.tensors() {
+        if prefix.is_some_and(|p| !name.starts_with(p)) {
+            continue;
+        }
+        let count: u64 = info.shape.iter().map(|&d| d as u64).product();
+        let size = match kind_of(info.dtype) {
+            Some(k) if k.is_floating_point() => kind.elt_size_in_bytes() as u64,
+            _ => (info.dtype.bitsize() / 8) as u64,
+        };
+        total += count * size;
+    }
+    Ok(total)
+}
+
 /// splitmix64: a tiny deterministic generator, independent of libtorch's global one.
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);

@@ -1,0 +1,96 @@
+//! libtorch's CUDA caching allocator, which tch does not expose: emptying its cache and
+//! reading its statistics, through a small C++ shim (csrc/cuda_memory.cpp). On the CPU,
+//! or in a build without the CUDA headers, there is nothing to report.
+
+use tch::Device;
+
+#[cfg(sdxld_cuda_shim)]
+extern "C" {
+    fn sdxld_cuda_empty_cache() -> i32;
+    fn sdxld_cuda_memory(
+        device: i32,
+        allocated: *mut i64,
+        peak: *mut i64,
+        reserved: *mut i64,
+    ) -> i32;
+    fn sdxld_cuda_reset_peak(device: i32) -> i32;
+    fn sdxld_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
+}
+
+/// The caching allocator's view of one device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by tensors now.
+    pub allocated: u64,
+    /// Most bytes held by tensors since the last reset.
+    pub peak: u64,
+    /// Bytes the cache holds from the driver (allocated plus cached).
+    pub reserved: u64,
+}
+
+fn cuda_index(device: Device) -> Option<i32> {
+    match device {
+        Device::Cuda(index) if tch::Cuda::is_available() => Some(index as i32),
+        _ => None,
+    }
+}
+
+/// The allocator's statistics for `device` (None on the CPU).
+pub fn memory(device: Device) -> Option<MemoryStats> {
+    let _index = cuda_index(device)?;
+    #[cfg(sdxld_cuda_shim)]
+    {
+        let (mut allocated, mut peak, mut reserved) = (0i64, 0i64, 0i64);
+        // SAFETY: the shim writes three integers through valid pointers and catches every
+        // C++ exception.
+        let status = unsafe { sdxld_cuda_memory(_index, &mut allocated, &mut peak, &mut reserved) };
+        if status == 0 {
+            return Some(MemoryStats {
+                allocated: allocated.max(0) as u64,
+                peak: peak.max(0) as u64,
+                reserved: reserved.max(0) as u64,
+            });
+        }
+    }
+    None
+}
+
+/// Starts a new peak measurement on `device`.
+pub fn reset_peak(device: Device) {
+    let Some(_index) = cuda_index(device) else {
+        return;
+    };
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        sdxld_cuda_reset_peak(_index);
+    }
+}
+
+/// Returns the cache's unused blocks to the driver (after an out-of-memory, or once
+/// models were evicted).
+pub fn empty_cache(device: Device) {
+    if cuda_index(device).is_none() {
+        return;
+    }
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        sdxld_cuda_empty_cache();
+    }
+}
+
+/// Caps libtorch's allocator on `device` at `fraction` of the device's memory (as
+/// `torch.cuda.set_per_process_memory_fraction`). Whether the cap is in place.
+pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
+    let Some(_index) = cuda_index(device) else {
+        return false;
+    };
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        return sdxld_cuda_set_memory_fraction(_index, fraction) == 0;
+    }
+    #[allow(unreachable_code)]
+    false
+}

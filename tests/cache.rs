@@ -1,0 +1,222 @@
+//! The model cache on the CPU with a byte budget small enough that eviction happens:
+//! least-recently-used eviction and residency in ListModels, identical images for A, B,
+//! A, a job that can never fit, admin LoadModel/UnloadModel with the admin token,
+//! single-flight loading under 20 concurrent requests, and components shared by content
+//! (the refiner's second text encoder and VAE are the base's).
+
+mod common;
+
+use std::path::Path;
+
+use common::fixtures;
+use common::server::TestServer;
+use sdxld::engine::cache::ModelCache;
+use sdxld::engine::pipeline::Placement;
+use sdxld::proto::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Bytes of the float32 tensors of every safetensors file under `dir`.
+fn weights_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            total += weights_bytes(&path);
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            total += sdxld::engine::loading::weights::loaded_bytes(&path, None, tch::Kind::Float)
+                .expect("header");
+        }
+    }
+    total
+}
+
+fn metric(server: &TestServer, name: &str) -> f64 {
+    let text = server.metrics();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn spec(model: &str, seed: u64) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        model: model.into(),
+        prompt: "a lighthouse".into(),
+        seed: Some(seed),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn components_are_shared_by_content() {
+    let dir = fixtures().join("tiny2");
+    let mut cache = ModelCache::new(Placement::cpu(), None);
+    cache.pipeline(&dir.join("pipeline")).expect("base");
+    let base = cache.stats();
+    assert_eq!(base.component_loads, 4);
+    cache.pipeline(&dir.join("refiner")).expect("refiner");
+    let both = cache.stats();
+    // The refiner brings only its UNet: its text_encoder_2 and VAE are the base's.
+    assert_eq!(both.component_loads, 5);
+    let refiner_unet = weights_bytes(&dir.join("refiner/unet"));
+    assert_eq!(both.resident_bytes, base.resident_bytes + refiner_unet);
+    // Unloading the base keeps what the refiner shares.
+    assert!(cache.unload(&dir.join("pipeline")));
+    let refiner_only = weights_bytes(&dir.join("refiner"));
+    assert_eq!(cache.stats().resident_bytes, refiner_only);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_budget_admin_and_single_flight() {
+    let root = tempfile::tempdir().expect("tempdir");
+    for (name, seed) in [("a", "1"), ("b", "2"), ("c", "3")] {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+            .args(["demo-model", "--seed", seed, "--output"])
+            .arg(root.path().join(name))
+            .status()
+            .expect("demo-model");
+        assert!(status.success());
+    }
+    let size = weights_bytes(&root.path().join("a"));
+    let budget = (size * 5 / 2).to_string();
+    let server = TestServer::start(&[
+        (
+            "SDXLD__MODELS__BASE_ROOTS",
+            root.path().to_str().expect("utf-8"),
+        ),
+        ("SDXLD__ENGINE__DEFAULT_MODEL", "a"),
+        ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget),
+        ("SDXLD__SERVER__ADMIN_TOKEN", "s3cret"),
+        ("SDXLD__JOBS__MAX_QUEUED", "32"),
+    ])
+    .await;
+    let mut client = server.generation().await;
+    let mut models = server.models().await;
+    let generate = |spec: pb::GenerationSpec| {
+        let mut client = client.clone();
+        async move {
+            client
+                .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+                .await
+        }
+    };
+    let resident = |models: &mut sdxld::proto::v1::model_service_client::ModelServiceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut models = models.clone();
+        async move {
+            let list = models
+                .list_models(pb::ListModelsRequest::default())
+                .await
+                .expect("list")
+                .into_inner()
+                .models;
+            let mut names: Vec<String> = list
+                .into_iter()
+                .filter(|m| m.resident)
+                .map(|m| m.name)
+                .collect();
+            names.sort();
+            names
+        }
+    };
+
+    let first_a = generate(spec("a", 5)).await.expect("a").into_inner();
+    generate(spec("b", 5)).await.expect("b");
+    assert_eq!(resident(&mut models).await, ["a", "b"]);
+    generate(spec("c", 5)).await.expect("c");
+    // a was used least recently.
+    assert_eq!(resident(&mut models).await, ["b", "c"]);
+    let again_a = generate(spec("a", 5)).await.expect("a again").into_inner();
+    assert_eq!(resident(&mut models).await, ["a", "c"]);
+    assert_eq!(
+        first_a.images[0].data, again_a.images[0].data,
+        "A, B, A differ"
+    );
+    assert!(metric(&server, "sdxld_model_evictions_total") >= 2.0);
+
+    // A job that cannot fit even alone.
+    let mut huge = spec("a", 5);
+    huge.width = 2048;
+    huge.height = 2048;
+    let status = generate(huge).await.expect_err("never fits");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").reason,
+        "MEMORY_BUDGET"
+    );
+
+    // Admin RPCs need the token.
+    let load = |name: &str, token: Option<&str>| {
+        let mut request = tonic::Request::new(pb::LoadModelRequest {
+            name: name.into(),
+            kind: pb::ModelKind::Base as i32,
+        });
+        if let Some(token) = token {
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("metadata"),
+            );
+        }
+        request
+    };
+    let status = models
+        .load_model(load("b", None))
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = models
+        .load_model(load("b", Some("wrong")))
+        .await
+        .expect_err("wrong token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let loaded = models
+        .load_model(load("b", Some("s3cret")))
+        .await
+        .expect("load")
+        .into_inner()
+        .model
+        .expect("model");
+    assert!(loaded.resident && loaded.name == "b");
+    assert_eq!(resident(&mut models).await, ["a", "b"]);
+    let status = models
+        .load_model(load("absent", Some("s3cret")))
+        .await
+        .expect_err("absent");
+    assert_eq!(status.code(), Code::NotFound);
+    let mut unload = tonic::Request::new(pb::UnloadModelRequest {
+        name: "b".into(),
+        kind: pb::ModelKind::Base as i32,
+    });
+    unload
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().expect("metadata"));
+    let unloaded = models
+        .unload_model(unload)
+        .await
+        .expect("unload")
+        .into_inner()
+        .model
+        .expect("model");
+    assert!(!unloaded.resident);
+    assert_eq!(resident(&mut models).await, ["a"]);
+
+    // Single flight: 20 concurrent requests for a cold model load its components once.
+    let loads_before = metric(&server, "sdxld_model_component_loads_total");
+    let requests: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(generate(spec("c", i))))
+        .collect();
+    for request in requests {
+        request.await.expect("join").expect("generated");
+    }
+    let loads_after = metric(&server, "sdxld_model_component_loads_total");
+    assert_eq!(
+        loads_after - loads_before,
+        4.0,
+        "c's four components load once"
+    );
+    let _ = &mut client;
+}
