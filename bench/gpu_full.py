@@ -144,6 +144,7 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--prompt", default="a photograph of a lighthouse at dusk")
+    parser.add_argument("--write-only", action="store_true", help="only write the model")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(torch.cuda.get_device_name(0), f"torch {torch.__version__}", flush=True)
@@ -151,6 +152,8 @@ def main():
         start = time.perf_counter()
         params = write_model(args.model, args.vocab, dtype)
         print(f"wrote the random full-size SDXL base ({params / 1e9:.2f} B UNet parameters) in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.write_only:
+        return 0
 
     cmd = [args.sdxld, "bench", "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
            "--prompt", args.prompt, "--steps", str(args.steps), "--guidance", "5", "--width", "1024",
@@ -162,8 +165,10 @@ def main():
         sdxld = None
     else:
         sdxld = json.loads(run.stdout.strip().splitlines()[-1])
+        allocator = sdxld.get("peak_device_memory_bytes")
+        allocator = f"{allocator / 2**30:.2f} GiB" if allocator else "n/a"
         print(f"sdxld {args.dtype}: median {sdxld['median_s']:.3f} s, runs {[round(t, 3) for t in sdxld['runs_s']]}, "
-              f"nvidia-smi peak {sdxld_memory.peak / 1024:.2f} GiB", flush=True)
+              f"allocator peak {allocator}, nvidia-smi peak {sdxld_memory.peak / 1024:.2f} GiB", flush=True)
 
     with GpuMemoryWatch() as diffusers_memory:
         median, times, peak, finite = time_diffusers(args.model, args, dtype)

@@ -51,6 +51,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Send one GenerationSpec (JSON, as the PNG metadata holds it) to a running server
+    /// and print the outcome as JSON (status, images, the completed event's figures).
+    Request {
+        /// The server (host:port).
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        server: String,
+        /// The GenerationSpec as JSON, or @FILE.
+        #[arg(long)]
+        spec: String,
+        /// Write the images here as image-N.<ext>.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
     /// Time end-to-end generation (median of several runs) and print JSON.
     Bench {
         #[command(flatten)]
@@ -476,5 +489,67 @@ fn main() -> anyhow::Result<()> {
             runs,
             threads,
         } => bench(&generate, runs, threads),
+        Command::Request {
+            server,
+            spec,
+            output_dir,
+        } => request(&server, &spec, output_dir.as_deref()),
     }
+}
+
+/// `sdxld request`: one GenerateImages call.
+fn request(server: &str, spec: &str, output_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use sdxld::proto::v1 as pb;
+    use tonic_types::StatusExt;
+    let json = match spec.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => spec.to_string(),
+    };
+    let spec = sdxld::proto::spec_from_json(&json).map_err(|e| anyhow::anyhow!("--spec: {e}"))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut client = pb::generation_service_client::GenerationServiceClient::connect(format!(
+            "http://{server}"
+        ))
+        .await
+        .with_context(|| format!("connecting to {server}"))?
+        .max_decoding_message_size(1 << 30);
+        let started = Instant::now();
+        let result = client
+            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+            .await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let report = match result {
+            Ok(response) => {
+                let response = response.into_inner();
+                if let Some(dir) = output_dir {
+                    std::fs::create_dir_all(dir)?;
+                    for image in &response.images {
+                        let ext = image.mime_type.rsplit('/').next().unwrap_or("bin");
+                        std::fs::write(
+                            dir.join(format!("image-{}.{ext}", image.index)),
+                            &image.data,
+                        )?;
+                    }
+                }
+                let completed = response.completed.unwrap_or_default();
+                serde_json::json!({
+                    "code": "OK",
+                    "seconds": elapsed,
+                    "images": response.images.len(),
+                    "peak_device_memory_bytes": completed.peak_device_memory_bytes,
+                    "total_ms": completed.total_ms,
+                    "warnings": completed.warnings,
+                })
+            }
+            Err(status) => serde_json::json!({
+                "code": format!("{:?}", status.code()),
+                "seconds": elapsed,
+                "message": status.message(),
+                "reason": status.get_details_error_info().map(|i| i.reason),
+            }),
+        };
+        println!("{report}");
+        anyhow::Ok(())
+    })
 }

@@ -153,3 +153,32 @@ fn bad_arguments_fail_with_a_message() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_sends_a_spec_to_a_server() {
+    let server = common::server::TestServer::start(&[]).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let run = |spec: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_sdxld"))
+            .args(["request", "--server", &server.addr, "--spec", spec])
+            .arg("--output-dir")
+            .arg(out.path())
+            .output()
+            .expect("sdxld request runs");
+        assert!(output.status.success(), "{output:?}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("a JSON line");
+        report
+    };
+    let ok = run(
+        r#"{"prompt": "a lighthouse", "steps": 1, "width": 64, "height": 64, "seed": 3, "numImages": 2}"#,
+    );
+    assert_eq!(ok["code"], "OK", "{ok}");
+    assert_eq!(ok["images"], 2);
+    assert!(out.path().join("image-1.png").is_file());
+    let bad = run(r#"{"prompt": "x", "width": 65}"#);
+    assert_eq!(bad["code"], "InvalidArgument", "{bad}");
+    assert!(bad["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("spec.width")));
+}

@@ -118,9 +118,23 @@ fn job_status(error: JobError, message: String, retry_after: Duration) -> Status
     }
 }
 
+/// The first line of an error, at most 512 bytes: libtorch's messages carry C++
+/// backtraces that would not fit in a gRPC status header (the full text is logged).
+fn concise(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    if line.len() <= 512 {
+        return line.to_string();
+    }
+    let mut end = 512;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
 fn engine_status(error: EngineError) -> Status {
     let reason = error.error_type().to_uppercase();
-    let message = error.to_string();
+    let message = concise(&error.to_string());
     let code = match &error {
         EngineError::InvalidRequest(_) => Code::InvalidArgument,
         EngineError::Cancelled => Code::Cancelled,
@@ -150,4 +164,24 @@ fn engine_status(error: EngineError) -> Status {
         message,
         ErrorDetails::with_error_info(reason, "sdxld", []),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtorch_messages_are_cut_to_one_short_line() {
+        let long = format!(
+            "CUDA out of memory. Tried to allocate 4.00 GiB {}\nException raised from malloc at ...\nframe #0: ...",
+            "x".repeat(2000)
+        );
+        let status = engine_status(EngineError::DeviceOutOfMemory(long));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().len() < 600 && !status.message().contains('\n'));
+        assert_eq!(
+            status.get_details_error_info().expect("ErrorInfo").reason,
+            "DEVICE_OUT_OF_MEMORY"
+        );
+    }
 }

@@ -86,6 +86,8 @@ pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
     let Some(_index) = cuda_index(device) else {
         return false;
     };
+    // The allocator sets up its devices lazily, on the first allocation.
+    let _first = tch::Tensor::zeros([1], (tch::Kind::Float, device));
     #[cfg(sdxld_cuda_shim)]
     // SAFETY: a call into libtorch that catches its exceptions.
     unsafe {
