@@ -51,6 +51,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a pickle-based PyTorch checkpoint (.ckpt, .pt, .pth, .bin) to safetensors,
+    /// offline: the server never reads pickle.
+    Convert {
+        /// The checkpoint (the zip format torch.save writes).
+        input: PathBuf,
+        /// The safetensors file to write.
+        output: PathBuf,
+    },
     /// Send one GenerationSpec (JSON, as the PNG metadata holds it) to a running server
     /// and print the outcome as JSON (status, images, the completed event's figures).
     Request {
@@ -494,6 +502,12 @@ fn main() -> anyhow::Result<()> {
             spec,
             output_dir,
         } => request(&server, &spec, output_dir.as_deref()),
+        Command::Convert { input, output } => {
+            let count = sdxld::convert::convert(&input, &output)
+                .with_context(|| format!("converting {}", input.display()))?;
+            println!("wrote {count} tensors to {}", output.display());
+            Ok(())
+        }
     }
 }
 

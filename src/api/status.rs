@@ -21,7 +21,7 @@ pub enum ApiError {
     #[error("model `{0}` not found")]
     ModelNotFound(String),
     /// A model stored in a pickle-based format, never loaded at request time.
-    #[error("model `{name}` is a pickle file ({file}): convert it to safetensors first")]
+    #[error("model `{name}` is a pickle file ({file}): convert it with `sdxld convert IN OUT.safetensors` first")]
     PickleModel {
         /// The name.
         name: String,

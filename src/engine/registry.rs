@@ -26,7 +26,7 @@ pub enum RegistryError {
     #[error("model `{0}` not found")]
     NotFound(String),
     /// The name is a pickle-based file, which is never loaded at request time.
-    #[error("model `{name}` is a pickle file ({file}); convert it to safetensors first")]
+    #[error("model `{name}` is a pickle file ({file}); convert it with `sdxld convert` first")]
     Pickle {
         /// The name.
         name: String,

@@ -1,0 +1,67 @@
+//! `sdxld convert`: a Lightning-style `.ckpt` (torch.save's zip with a pickle, written by
+//! the fixture script from the single-file checkpoint plus a non-contiguous and a half
+//! tensor) becomes a safetensors file with exactly the same tensors and dtypes. Files that
+//! are not such archives are refused.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixtures, read_tensors};
+use sdxld::engine::pipeline::{Placement, SdxlPipeline};
+use tch::{Kind, Tensor};
+
+#[test]
+fn a_pickle_checkpoint_converts_to_the_same_tensors() {
+    let dir = fixtures().join("tiny2");
+    let out = tempfile::tempdir().expect("tempdir");
+    let converted = out.path().join("converted.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_sdxld"))
+        .arg("convert")
+        .arg(dir.join("tiny2-pickle.ckpt"))
+        .arg(&converted)
+        .output()
+        .expect("sdxld convert runs");
+    assert!(output.status.success(), "{output:?}");
+    let original = read_tensors(&dir.join("single_file/tiny2-single.safetensors"));
+    let got = read_tensors(&converted);
+    assert_eq!(got.len(), original.len() + 2);
+    for (name, tensor) in &original {
+        assert!(got[name].equal(tensor), "{name} differs");
+        assert_eq!(got[name].kind(), tensor.kind(), "{name}");
+    }
+    let transposed = Tensor::arange(12, (Kind::Float, tch::Device::Cpu))
+        .reshape([3, 4])
+        .tr();
+    assert!(got["extra.transposed"].equal(&transposed));
+    assert_eq!(got["extra.half"].kind(), Kind::Half);
+
+    // A .ckpt carries no configs: the converted file gets the stock SDXL ones, which
+    // this tiny model does not fit; the loader says which tensor, in which file.
+    let err = SdxlPipeline::load(&converted, Placement::cpu())
+        .err()
+        .expect("stock SDXL shapes");
+    let message = err.to_string();
+    assert!(
+        message.contains("converted.safetensors") && message.contains("conditioner.embedders"),
+        "{message}"
+    );
+}
+
+#[test]
+fn files_that_are_not_torch_archives_are_refused() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let not_zip = out.path().join("legacy.ckpt");
+    std::fs::write(&not_zip, b"\x80\x02}q\x00.").expect("write");
+    let err =
+        sdxld::convert::convert(&not_zip, &out.path().join("x.safetensors")).expect_err("refused");
+    assert!(err.to_string().contains("legacy.ckpt"), "{err}");
+    // A safetensors file is not a pickle archive either.
+    let err = sdxld::convert::convert(
+        &fixtures().join("tiny2/single_file/tiny2-single.safetensors"),
+        &out.path().join("y.safetensors"),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("zip"), "{err}");
+    assert!(!out.path().join("x.safetensors").exists());
+}
