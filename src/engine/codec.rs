@@ -130,13 +130,22 @@ impl VaeCodec {
     /// Decodes one image's denoiser latents [C, h, w]. A non-finite half-precision decode
     /// is redone in float32; a non-finite image is never returned.
     pub fn decode(&self, latents: &Tensor) -> Result<Decoded> {
+        self.decode_with(latents, false)
+    }
+
+    /// [`Self::decode`], tile by tile when `tiled` (diffusers' `enable_tiling()`): the
+    /// memory of one tile, for images larger than the VAE's sample size.
+    pub fn decode_with(&self, latents: &Tensor, tiled: bool) -> Result<Decoded> {
         let _no_grad = tch::no_grad_guard();
         let run = |model: &AutoencoderKL, kind: Kind| {
             let z = latents.unsqueeze(0).to_device(self.device).to_kind(kind);
-            model
-                .decode(&model.unscale_latents(&z))
-                .to_kind(Kind::Float)
-                .to_device(Device::Cpu)
+            let z = model.unscale_latents(&z);
+            let decoded = if tiled {
+                model.decode_tiled(&z)
+            } else {
+                model.decode(&z)
+            };
+            decoded.to_kind(Kind::Float).to_device(Device::Cpu)
         };
         let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) != 0;
         let mut decoded = run(&self.model, self.kind);

@@ -385,12 +385,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             // The job's tensors are gone with the failed attempt: free what other models
             // hold and try once more.
             tracing::warn!(job = %job.id, "device out of memory; evicting idle models and retrying once");
-            let keep: Vec<PathBuf> = [Some(&spec.model), refiner_model, vae_model]
-                .into_iter()
-                .flatten()
-                .map(|m| m.path.clone())
-                .collect();
-            engine.free_memory(&keep);
+            engine.free_memory(&keep_paths(spec));
             denoised = denoise(&mut on_progress);
         }
         let latents = match denoised {
@@ -413,7 +408,18 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             send(job, JobEvent::Progress(progress(Stage::Decoding, 0, 0, i)))?;
             // The refiner pipeline decodes with its VAE, as diffusers' recipe does.
             let decoder = refiner.as_ref().unwrap_or(&pipeline);
-            let decoded = EngineError::catch(|| decoder.vae_codec().decode(&image_latents))?;
+            let decode = |tiled| {
+                EngineError::catch(|| decoder.vae_codec().decode_with(&image_latents, tiled))
+            };
+            let decoded = match decode(false) {
+                Err(e) if e.is_out_of_memory() => {
+                    // Free what other models hold and decode tile by tile.
+                    tracing::warn!(job = %job.id, "device out of memory while decoding; retrying with VAE tiling");
+                    engine.free_memory(&keep_paths(spec));
+                    decode(true)?
+                }
+                other => other?,
+            };
             if decoded.redone_in_float32 {
                 warnings.push(format!(
                     "image {i}: the VAE's half-precision decode was not finite; it was decoded again in float32"
@@ -462,6 +468,14 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             warnings,
         }),
     )
+}
+
+/// The models a job uses, which a memory recovery keeps.
+fn keep_paths(spec: &crate::jobs::JobSpec) -> Vec<PathBuf> {
+    let mut paths = vec![spec.model.path.clone()];
+    paths.extend(spec.refiner.as_ref().map(|r| r.model.path.clone()));
+    paths.extend(spec.vae.as_ref().map(|v| v.model.path.clone()));
+    paths
 }
 
 /// The models a job used, with their hashes.

@@ -15,6 +15,9 @@ use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, U
 /// Mirrors diffusers' `AutoencoderKL` config (`vae/config.json`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct VaeConfig {
+    /// Image side the VAE was trained at: the tile size of tiled decoding.
+    #[serde(default)]
+    pub sample_size: Option<i64>,
     /// Image channels.
     #[serde(default = "three")]
     pub in_channels: i64,
@@ -343,6 +346,58 @@ impl AutoencoderKL {
         d.conv_out.forward(&d.conv_norm_out.forward(&h).silu())
     }
 
+    /// Decodes unscaled latents tile by tile when they are larger than one tile, as
+    /// diffusers' `AutoencoderKL.tiled_decode` does (tiles of the VAE's sample size,
+    /// overlapping by a quarter, blended linearly): peak memory stays that of one tile.
+    pub fn decode_tiled(&self, latents: &Tensor) -> Tensor {
+        let Some(sample) = self.config.sample_size.filter(|s| *s > 0) else {
+            return self.decode(latents);
+        };
+        let levels = self.config.block_out_channels.len().max(1) as u32;
+        let tile = sample / 2i64.pow(levels - 1);
+        let size = latents.size();
+        let (h, w) = (size[2], size[3]);
+        if tile <= 0 || (h <= tile && w <= tile) {
+            return self.decode(latents);
+        }
+        let overlap = ((tile as f64 * 0.75) as i64).max(1);
+        let blend = (sample as f64 * 0.25) as i64;
+        let row_limit = sample - blend;
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for i in (0..h).step_by(overlap as usize) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(overlap as usize) {
+                let part = latents
+                    .narrow(2, i, tile.min(h - i))
+                    .narrow(3, j, tile.min(w - j));
+                row.push(self.decode(&part));
+            }
+            rows.push(row);
+        }
+        // Blend each tile with the (already blended) tiles above and to its left, in place.
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                let current = rows[i][j].shallow_clone();
+                if i > 0 {
+                    blend_into(&rows[i - 1][j], &current, blend, 2);
+                }
+                if j > 0 {
+                    blend_into(&rows[i][j - 1], &current, blend, 3);
+                }
+            }
+        }
+        let crop = |t: &Tensor| {
+            let s = t.size();
+            t.narrow(2, 0, row_limit.min(s[2]))
+                .narrow(3, 0, row_limit.min(s[3]))
+        };
+        let result_rows: Vec<Tensor> = rows
+            .iter()
+            .map(|row| Tensor::cat(&row.iter().map(crop).collect::<Vec<_>>(), 3))
+            .collect();
+        Tensor::cat(&result_rows, 2)
+    }
+
     /// Maps encoder samples to the denoiser's latent space (the inverse of
     /// [`AutoencoderKL::unscale_latents`]), as the image-to-image pipelines do.
     pub fn scale_latents(&self, sample: &Tensor) -> Tensor {
@@ -381,4 +436,33 @@ impl AutoencoderKL {
         }
         z
     }
+}
+
+/// diffusers' `blend_v` (dim 2) and `blend_h` (dim 3): the first `extent` rows (columns)
+/// of `b` become a linear mix of the last ones of `a` and their own, in place.
+fn blend_into(a: &Tensor, b: &Tensor, extent: i64, dim: i64) {
+    let extent = extent
+        .min(a.size()[dim as usize])
+        .min(b.size()[dim as usize]);
+    if extent <= 0 {
+        return;
+    }
+    // The weights are computed in double precision and rounded once, as Python does.
+    let mut shape = vec![1i64; 4];
+    shape[dim as usize] = extent;
+    let weights = |f: &dyn Fn(f64) -> f64| {
+        let values: Vec<f32> = (0..extent)
+            .map(|y| f(y as f64 / extent as f64) as f32)
+            .collect();
+        Tensor::from_slice(&values)
+            .view(shape.as_slice())
+            .to_kind(b.kind())
+            .to_device(b.device())
+    };
+    let (keep_a, keep_b) = (weights(&|t| 1.0 - t), weights(&|t| t));
+    let a_len = a.size()[dim as usize];
+    let from_a = a.narrow(dim, a_len - extent, extent);
+    let mut head = b.narrow(dim, 0, extent);
+    let mixed = &from_a * &keep_a + &head * &keep_b;
+    head.copy_(&mixed);
 }
