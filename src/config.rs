@@ -76,6 +76,8 @@ pub struct EngineSettings {
     pub memory_budget_bytes: u64,
     /// Fraction of the CUDA device's memory libtorch's allocator may use; 0 for all.
     pub cuda_memory_fraction: f64,
+    /// Bytes of evicted model components kept in host memory; 0 drops them.
+    pub host_memory_budget_bytes: u64,
 }
 
 /// `[models]`.
@@ -88,6 +90,12 @@ pub struct ModelSettings {
     pub refiner_roots: Vec<PathBuf>,
     /// VAE roots.
     pub vae_roots: Vec<PathBuf>,
+    /// LoRA roots.
+    pub lora_roots: Vec<PathBuf>,
+    /// ControlNet roots.
+    pub controlnet_roots: Vec<PathBuf>,
+    /// Upscaler roots.
+    pub upscaler_roots: Vec<PathBuf>,
 }
 
 impl ModelSettings {
@@ -97,6 +105,9 @@ impl ModelSettings {
             base: self.base_roots.clone(),
             refiner: self.refiner_roots.clone(),
             vae: self.vae_roots.clone(),
+            lora: self.lora_roots.clone(),
+            controlnet: self.controlnet_roots.clone(),
+            upscaler: self.upscaler_roots.clone(),
         }
     }
 }
@@ -158,7 +169,10 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("models.base_roots")
                 .with_list_parse_key("models.refiner_roots")
-                .with_list_parse_key("models.vae_roots"),
+                .with_list_parse_key("models.vae_roots")
+                .with_list_parse_key("models.lora_roots")
+                .with_list_parse_key("models.controlnet_roots")
+                .with_list_parse_key("models.upscaler_roots"),
         );
         let settings: Settings = builder
             .build()

@@ -179,6 +179,7 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         let warmup = settings.engine.warmup;
         let budget = Some(settings.engine.memory_budget_bytes).filter(|b| *b > 0);
         let fraction = settings.engine.cuda_memory_fraction;
+        let host_budget = settings.engine.host_memory_budget_bytes;
         std::thread::Builder::new()
             .name("sdxld-engine".into())
             .spawn(move || {
@@ -187,7 +188,7 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
                 {
                     tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");
                 }
-                let mut engine = Engine::new(placement, budget, resident);
+                let mut engine = Engine::new(placement, budget, host_budget, resident);
                 let result = if warmup {
                     engine.warm_up(&default)
                 } else {

@@ -111,6 +111,7 @@ pub struct Metrics {
     stage_seconds: Family<StageLabel, Histogram>,
     images: Counter,
     resident_bytes: Gauge,
+    host_bytes: Gauge,
     component_loads: Counter,
     evictions: Counter,
 }
@@ -164,6 +165,12 @@ impl Metrics {
             "Bytes of model components resident on the device",
             resident_bytes.clone(),
         );
+        let host_bytes = Gauge::default();
+        registry.register(
+            "sdxld_model_cache_host_bytes",
+            "Bytes of evicted model components parked in host memory",
+            host_bytes.clone(),
+        );
         let component_loads = Counter::default();
         registry.register(
             "sdxld_model_component_loads",
@@ -178,6 +185,7 @@ impl Metrics {
         );
         Arc::new(Self {
             resident_bytes,
+            host_bytes,
             component_loads,
             evictions,
             registry,
@@ -193,6 +201,7 @@ impl Metrics {
     /// Publishes the model cache's state (counters advance to the cache's totals).
     pub fn set_cache(&self, stats: crate::engine::cache::CacheStats) {
         self.resident_bytes.set(stats.resident_bytes as i64);
+        self.host_bytes.set(stats.host_bytes as i64);
         let loads = self.component_loads.get();
         self.component_loads
             .inc_by(stats.component_loads.saturating_sub(loads));

@@ -220,3 +220,52 @@ async fn eviction_budget_admin_and_single_flight() {
     );
     let _ = &mut client;
 }
+
+#[test]
+fn evicted_components_wait_on_the_host_and_come_back_unchanged() {
+    use sdxld::engine::cache::ModelPath;
+    use sdxld::engine::pipeline::GenerateParams;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
+        sdxld::engine::demo::write_demo_model(&root.path().join(name), seed).expect("demo");
+    }
+    let size = weights_bytes(&root.path().join("a"));
+    let mut cache =
+        ModelCache::with_host_budget(Placement::cpu(), Some(size * 5 / 2), size * 5 / 2);
+    let p = GenerateParams {
+        prompt: "a lighthouse".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: 4,
+        ..GenerateParams::default()
+    };
+    let run = |cache: &mut ModelCache, name: &str| {
+        let path = root.path().join(name);
+        cache
+            .make_room(&[ModelPath::Pipeline(&path)], 0)
+            .expect("room");
+        let pipeline = cache.pipeline(&path).expect("load");
+        pipeline.denoise(&p, &mut |_| Ok(())).expect("denoise")
+    };
+    let first_a = run(&mut cache, "a");
+    let _ = run(&mut cache, "b");
+    let _ = run(&mut cache, "c");
+    // a was evicted from the "device" and parked on the host.
+    let stats = cache.stats();
+    assert_eq!(stats.component_loads, 12);
+    assert_eq!(stats.host_bytes, size);
+    assert!(!cache.is_resident(&root.path().join("a")));
+    let again_a = run(&mut cache, "a");
+    let stats = cache.stats();
+    assert_eq!(
+        stats.component_loads, 12,
+        "a came back from the host, not from disk"
+    );
+    assert_eq!(stats.host_reloads, 4);
+    assert!(first_a.equal(&again_a));
+    // b went to the host in its turn.
+    assert_eq!(stats.host_bytes, size);
+    assert!(stats.resident_bytes <= size * 5 / 2);
+}

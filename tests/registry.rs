@@ -19,7 +19,8 @@ fn registry(base: &Path, refiner: &Path) -> Registry {
         ModelRoots {
             base: vec![base.to_path_buf()],
             refiner: vec![refiner.to_path_buf()],
-            vae: Vec::new(),
+            lora: vec![base.join("loras")],
+            ..ModelRoots::default()
         },
         default,
     )
@@ -47,6 +48,8 @@ fn names_resolve_only_inside_their_roots() {
     std::os::unix::fs::symlink(fixtures().join("tiny2/pipeline"), base.join("linked"))
         .expect("symlink");
     std::fs::write(base.join("old.ckpt"), b"not read").expect("write");
+    std::fs::create_dir_all(base.join("loras/styles")).expect("mkdir");
+    std::fs::write(base.join("loras/styles/ink.safetensors"), b"").expect("write");
     std::os::unix::fs::symlink(fixtures().join("tiny2/refiner"), refiner.join("r"))
         .expect("symlink");
     let registry = registry(&base, &refiner);

@@ -129,6 +129,9 @@ fn kind_pb(kind: ModelKind) -> pb::ModelKind {
         ModelKind::Base => pb::ModelKind::Base,
         ModelKind::Refiner => pb::ModelKind::Refiner,
         ModelKind::Vae => pb::ModelKind::Vae,
+        ModelKind::Lora => pb::ModelKind::Lora,
+        ModelKind::ControlNet => pb::ModelKind::Controlnet,
+        ModelKind::Upscaler => pb::ModelKind::Upscaler,
     }
 }
 
@@ -259,7 +262,7 @@ impl ModelService for Models {
             device: self.state.device.clone(),
             dtype: self.state.dtype.clone(),
             device_memory_budget_bytes: settings.engine.memory_budget_bytes,
-            host_memory_budget_bytes: 0,
+            host_memory_budget_bytes: settings.engine.host_memory_budget_bytes,
             features,
             server_version: env!("CARGO_PKG_VERSION").to_string(),
         }))

@@ -3,9 +3,10 @@
 //! recently used models that the job at hand does not need.
 //!
 //! Components are reference-counted: a component lives while a resident pipeline (or a
-//! running job) holds it, so evicting a model frees exactly the components no other
-//! resident model shares. Evicted components are dropped; loading them again maps their
-//! files again (from the page cache when the host has room).
+//! running job) holds it, so evicting a model releases exactly the components no other
+//! resident model shares. Those are parked on the host while the host budget allows
+//! (their parameters moved in place, so bringing them back is a copy, not a load), and
+//! dropped otherwise.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::rc::{Rc, Weak};
 use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
 
 use crate::engine::codec::VaeCodec;
 use crate::engine::components::{shared, ComponentFiles, ComponentStore};
@@ -25,12 +27,21 @@ use crate::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 struct Live {
     component: Weak<dyn Any>,
     bytes: u64,
+    /// Handles to its parameters, to move it between the device and the host.
+    params: Vec<Tensor>,
 }
 
-/// A resident model and when it was last used.
+/// A component parked on the host after the models using it were evicted.
+struct Parked {
+    component: Rc<dyn Any>,
+    parked_at: u64,
+}
+
+/// A resident model, when it was last used, and the components it holds.
 struct Resident<T> {
     model: Rc<T>,
     last_used: u64,
+    components: Vec<String>,
 }
 
 /// A file's content hash, valid while its size and modification time hold.
@@ -41,8 +52,12 @@ type FileHash = (u64, Option<SystemTime>, String);
 pub struct CacheStats {
     /// Bytes of the components resident at the placement.
     pub resident_bytes: u64,
+    /// Bytes of the components parked on the host.
+    pub host_bytes: u64,
     /// Components loaded from disk since start.
     pub component_loads: u64,
+    /// Components brought back from the host instead of from disk since start.
+    pub host_reloads: u64,
     /// Models evicted since start.
     pub evictions: u64,
 }
@@ -52,7 +67,10 @@ pub struct ModelCache {
     placement: Placement,
     /// Most bytes of components at the placement; `None` for no limit.
     budget: Option<u64>,
+    /// Most bytes of evicted components kept on the host; 0 drops them.
+    host_budget: u64,
     components: HashMap<String, Live>,
+    parked: HashMap<String, Parked>,
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     file_hashes: HashMap<PathBuf, FileHash>,
@@ -60,9 +78,11 @@ pub struct ModelCache {
     stats: CacheStats,
 }
 
-/// The store a model loads through: shares live components and counts new ones.
+/// The store a model loads through: shares live components, brings parked ones back to
+/// the device, counts new ones, and notes which it handed out.
 struct Store<'a> {
     cache: &'a mut ModelCache,
+    handed_out: Vec<String>,
 }
 
 impl ComponentStore for Store<'_> {
@@ -72,6 +92,14 @@ impl ComponentStore for Store<'_> {
         load: &mut dyn FnMut() -> Result<Rc<dyn Any>>,
     ) -> Result<Rc<dyn Any>> {
         let (key, bytes) = self.cache.identify(files)?;
+        self.handed_out.push(key.clone());
+        if let Some(parked) = self.cache.parked.remove(&key) {
+            if let Some(live) = self.cache.components.get_mut(&key) {
+                move_params(&mut live.params, self.cache.placement.device);
+            }
+            self.cache.stats.host_reloads += 1;
+            return Ok(parked.component);
+        }
         if let Some(live) = self
             .cache
             .components
@@ -80,26 +108,47 @@ impl ComponentStore for Store<'_> {
         {
             return Ok(live);
         }
-        let component = load()?;
+        let (component, params) = crate::engine::loading::weights::recording(load)?;
         self.cache.stats.component_loads += 1;
         self.cache.components.insert(
             key,
             Live {
                 component: Rc::downgrade(&component),
                 bytes,
+                params,
             },
         );
         Ok(component)
     }
 }
 
+/// Moves parameters to `device` in place: every module holding them follows.
+fn move_params(params: &mut [Tensor], device: Device) {
+    let _no_grad = tch::no_grad_guard();
+    for p in params.iter_mut() {
+        if p.device() != device {
+            let moved = p.to_device(device);
+            p.set_data(&moved);
+        }
+    }
+}
+
 impl ModelCache {
-    /// An empty cache for `placement` with at most `budget` bytes of components there.
+    /// An empty cache for `placement` with at most `budget` bytes of components there,
+    /// dropping what it evicts.
     pub fn new(placement: Placement, budget: Option<u64>) -> Self {
+        Self::with_host_budget(placement, budget, 0)
+    }
+
+    /// An empty cache that parks up to `host_budget` bytes of evicted components on the
+    /// host.
+    pub fn with_host_budget(placement: Placement, budget: Option<u64>, host_budget: u64) -> Self {
         Self {
             placement,
             budget,
+            host_budget,
             components: HashMap::new(),
+            parked: HashMap::new(),
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
             file_hashes: HashMap::new(),
@@ -118,10 +167,11 @@ impl ModelCache {
         self.budget
     }
 
-    /// Counters and the bytes resident now.
+    /// Counters and the bytes held now.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             resident_bytes: self.resident_bytes(),
+            host_bytes: self.parked_bytes(),
             ..self.stats
         }
     }
@@ -140,10 +190,19 @@ impl ModelCache {
             .collect()
     }
 
+    /// Bytes of the components on the device (alive and not parked).
     fn resident_bytes(&self) -> u64 {
         self.components
-            .values()
-            .filter(|l| l.component.strong_count() > 0)
+            .iter()
+            .filter(|(k, l)| l.component.strong_count() > 0 && !self.parked.contains_key(*k))
+            .map(|(_, l)| l.bytes)
+            .sum()
+    }
+
+    fn parked_bytes(&self) -> u64 {
+        self.parked
+            .keys()
+            .filter_map(|k| self.components.get(k))
             .map(|l| l.bytes)
             .sum()
     }
@@ -151,6 +210,63 @@ impl ModelCache {
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
+    }
+
+    /// Evicts a model: the components no other resident model holds are parked on the
+    /// host while the host budget allows (the longest parked dropped first), else dropped.
+    fn evict(&mut self, path: &Path) {
+        let keys = match (self.pipelines.get(path), self.vaes.get(path)) {
+            (Some(r), _) => r.components.clone(),
+            (None, Some(r)) => r.components.clone(),
+            (None, None) => return,
+        };
+        // Hold the components while the model goes, to see which nothing else holds.
+        let held: Vec<(String, Rc<dyn Any>)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let component = self.components.get(&k)?.component.upgrade()?;
+                Some((k, component))
+            })
+            .collect();
+        self.pipelines.remove(path);
+        self.vaes.remove(path);
+        self.stats.evictions += 1;
+        let now = self.tick();
+        for (key, component) in held {
+            let unused = Rc::strong_count(&component) == 1;
+            let Some(live) = self.components.get_mut(&key) else {
+                continue;
+            };
+            if self.host_budget > 0
+                && unused
+                && live.bytes <= self.host_budget
+                && !self.parked.contains_key(&key)
+            {
+                move_params(&mut live.params, Device::Cpu);
+                self.parked.insert(
+                    key,
+                    Parked {
+                        component,
+                        parked_at: now,
+                    },
+                );
+            }
+        }
+        while self.parked_bytes() > self.host_budget {
+            let Some(oldest) = self
+                .parked
+                .iter()
+                .min_by_key(|(_, p)| p.parked_at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.parked.remove(&oldest);
+        }
+        // Forget the parameter handles of components nothing holds any more, so that
+        // their memory goes.
+        self.components
+            .retain(|_, l| l.component.strong_count() > 0);
     }
 
     /// SHA-256 of a file, computed once per size and modification time.
@@ -234,10 +350,11 @@ impl ModelCache {
                     continue;
                 }
                 total += bytes;
-                let live = self
-                    .components
-                    .get(&key)
-                    .is_some_and(|l| l.component.strong_count() > 0);
+                let live = !self.parked.contains_key(&key)
+                    && self
+                        .components
+                        .get(&key)
+                        .is_some_and(|l| l.component.strong_count() > 0);
                 if !live {
                     missing += bytes;
                 }
@@ -265,24 +382,15 @@ impl ModelCache {
             let victim = self
                 .pipelines
                 .iter()
-                .map(|(p, r)| (r.last_used, p.clone(), true))
-                .chain(
-                    self.vaes
-                        .iter()
-                        .map(|(p, r)| (r.last_used, p.clone(), false)),
-                )
-                .filter(|(_, p, _)| !keep.contains(p))
+                .map(|(p, r)| (r.last_used, p.clone()))
+                .chain(self.vaes.iter().map(|(p, r)| (r.last_used, p.clone())))
+                .filter(|(_, p)| !keep.contains(p))
                 .min();
-            let Some((_, path, is_pipeline)) = victim else {
+            let Some((_, path)) = victim else {
                 break;
             };
             tracing::info!(model = %path.display(), "evicting a model to stay within the memory budget");
-            if is_pipeline {
-                self.pipelines.remove(&path);
-            } else {
-                self.vaes.remove(&path);
-            }
-            self.stats.evictions += 1;
+            self.evict(&path);
         }
         Ok(())
     }
@@ -295,16 +403,18 @@ impl ModelCache {
             return Ok(r.model.clone());
         }
         let placement = self.placement;
-        let pipeline = Rc::new(SdxlPipeline::load_with(
-            path,
-            placement,
-            &mut Store { cache: self },
-        )?);
+        let mut store = Store {
+            cache: self,
+            handed_out: Vec::new(),
+        };
+        let pipeline = Rc::new(SdxlPipeline::load_with(path, placement, &mut store)?);
+        let components = store.handed_out;
         self.pipelines.insert(
             path.to_path_buf(),
             Resident {
                 model: pipeline.clone(),
                 last_used: now,
+                components,
             },
         );
         Ok(pipeline)
@@ -319,14 +429,18 @@ impl ModelCache {
         }
         let placement = self.placement;
         let files = ComponentFiles::folder("vae", path);
-        let vae = shared(&mut Store { cache: self }, &files, || {
-            VaeCodec::load(path, placement)
-        })?;
+        let mut store = Store {
+            cache: self,
+            handed_out: Vec::new(),
+        };
+        let vae = shared(&mut store, &files, || VaeCodec::load(path, placement))?;
+        let components = store.handed_out;
         self.vaes.insert(
             path.to_path_buf(),
             Resident {
                 model: vae.clone(),
                 last_used: now,
+                components,
             },
         );
         Ok(vae)
@@ -334,16 +448,22 @@ impl ModelCache {
 
     /// Evicts every model but those at `keep` (after the device ran out of memory).
     pub fn evict_all_except(&mut self, keep: &[PathBuf]) {
-        let before = self.pipelines.len() + self.vaes.len();
-        self.pipelines.retain(|p, _| keep.contains(p));
-        self.vaes.retain(|p, _| keep.contains(p));
-        self.stats.evictions += (before - self.pipelines.len() - self.vaes.len()) as u64;
+        let victims: Vec<PathBuf> = self
+            .resident_paths()
+            .into_iter()
+            .filter(|p| !keep.contains(p))
+            .collect();
+        for path in victims {
+            self.evict(&path);
+        }
     }
 
-    /// Drops the model at `path` from the cache (its components go unless another
-    /// resident model shares them). Whether it was resident.
+    /// Evicts the model at `path` (its components go unless another resident model
+    /// shares them, or the host keeps them). Whether it was resident.
     pub fn unload(&mut self, path: &Path) -> bool {
-        self.pipelines.remove(path).is_some() | self.vaes.remove(path).is_some()
+        let was = self.is_resident(path);
+        self.evict(path);
+        was
     }
 }
 

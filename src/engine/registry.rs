@@ -57,11 +57,33 @@ pub enum ModelKind {
     Refiner,
     /// A VAE (diffusers AutoencoderKL folder).
     Vae,
+    /// A LoRA adapter (`.safetensors` file).
+    Lora,
+    /// A ControlNet (diffusers ControlNetModel folder).
+    ControlNet,
+    /// A super-resolution upscaler (`.safetensors` file).
+    Upscaler,
 }
 
 impl ModelKind {
     /// Every kind with roots, in listing order.
-    pub const ALL: [ModelKind; 3] = [ModelKind::Base, ModelKind::Refiner, ModelKind::Vae];
+    pub const ALL: [ModelKind; 6] = [
+        ModelKind::Base,
+        ModelKind::Refiner,
+        ModelKind::Vae,
+        ModelKind::Lora,
+        ModelKind::ControlNet,
+        ModelKind::Upscaler,
+    ];
+
+    /// Whether models of this kind may be single `.safetensors` files (named without the
+    /// extension).
+    fn takes_files(self) -> bool {
+        matches!(
+            self,
+            ModelKind::Base | ModelKind::Lora | ModelKind::Upscaler
+        )
+    }
 
     /// The configuration key of this kind's roots.
     pub fn roots_key(self) -> &'static str {
@@ -69,6 +91,9 @@ impl ModelKind {
             ModelKind::Base => "models.base_roots",
             ModelKind::Refiner => "models.refiner_roots",
             ModelKind::Vae => "models.vae_roots",
+            ModelKind::Lora => "models.lora_roots",
+            ModelKind::ControlNet => "models.controlnet_roots",
+            ModelKind::Upscaler => "models.upscaler_roots",
         }
     }
 
@@ -79,15 +104,19 @@ impl ModelKind {
                 path.join("model_index.json").is_file() || is_single_file_checkpoint(path)
             }
             ModelKind::Refiner => path.join("model_index.json").is_file(),
-            ModelKind::Vae => {
-                path.join("config.json").is_file()
-                    && read_json::<serde_json::Value>(&path.join("config.json"))
-                        .ok()
-                        .and_then(|c| c.get("_class_name")?.as_str().map(str::to_string))
-                        .is_some_and(|c| c == "AutoencoderKL")
+            ModelKind::Vae => class_name(path).is_some_and(|c| c == "AutoencoderKL"),
+            ModelKind::ControlNet => class_name(path).is_some_and(|c| c == "ControlNetModel"),
+            ModelKind::Lora | ModelKind::Upscaler => {
+                path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
         }
     }
+}
+
+/// The `_class_name` of a diffusers component folder's config.
+fn class_name(path: &Path) -> Option<String> {
+    let config: serde_json::Value = read_json(&path.join("config.json")).ok()?;
+    config.get("_class_name")?.as_str().map(str::to_string)
 }
 
 /// The model roots of each kind.
@@ -99,6 +128,12 @@ pub struct ModelRoots {
     pub refiner: Vec<PathBuf>,
     /// VAEs.
     pub vae: Vec<PathBuf>,
+    /// LoRA adapters.
+    pub lora: Vec<PathBuf>,
+    /// ControlNets.
+    pub controlnet: Vec<PathBuf>,
+    /// Upscalers.
+    pub upscaler: Vec<PathBuf>,
 }
 
 impl ModelRoots {
@@ -107,6 +142,9 @@ impl ModelRoots {
             ModelKind::Base => &self.base,
             ModelKind::Refiner => &self.refiner,
             ModelKind::Vae => &self.vae,
+            ModelKind::Lora => &self.lora,
+            ModelKind::ControlNet => &self.controlnet,
+            ModelKind::Upscaler => &self.upscaler,
         }
     }
 }
@@ -301,7 +339,7 @@ impl Registry {
                     return Ok(entry);
                 }
             }
-            if kind == ModelKind::Base {
+            if kind.takes_files() {
                 if let Some(real) = inside(root.join(format!("{name}.safetensors"))) {
                     if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
                         return Ok(entry);
@@ -350,9 +388,7 @@ impl Registry {
                     if !real.starts_with(&root) {
                         continue;
                     }
-                    if real.is_file()
-                        && !(kind == ModelKind::Base && is_single_file_checkpoint(&real))
-                    {
+                    if real.is_file() && !(kind.takes_files() && kind.holds(&real)) {
                         continue;
                     }
                     let Ok(relative) = entry.path().strip_prefix(&root).map(Path::to_path_buf)

@@ -40,15 +40,17 @@ fn stage_pb(stage: Stage) -> i32 {
 }
 
 impl Engine {
-    /// An engine with nothing loaded and at most `budget` bytes of models and
-    /// activations on the device; `resident` mirrors what it holds.
+    /// An engine with nothing loaded, at most `budget` bytes of models and activations on
+    /// the device and `host_budget` bytes of evicted components on the host; `resident`
+    /// mirrors what it holds.
     pub fn new(
         placement: Placement,
         budget: Option<u64>,
+        host_budget: u64,
         resident: Arc<Mutex<HashSet<PathBuf>>>,
     ) -> Self {
         Self {
-            cache: ModelCache::new(placement, budget),
+            cache: ModelCache::with_host_budget(placement, budget, host_budget),
             resident,
         }
     }

@@ -156,6 +156,21 @@ pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64
     Ok(total)
 }
 
+thread_local! {
+    /// Tensors loaded while [`recording`] runs on this thread.
+    static RECORDED: std::cell::RefCell<Option<Vec<Tensor>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `load` and returns, with its result, handles to every tensor it read from weight
+/// files: the parameters of the module it built (moving them with `set_data` moves the
+/// module).
+pub fn recording<T>(load: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tensor>)> {
+    let outer = RECORDED.with(|r| r.borrow_mut().replace(Vec::new()));
+    let result = load();
+    let recorded = RECORDED.with(|r| std::mem::replace(&mut *r.borrow_mut(), outer));
+    Ok((result?, recorded.unwrap_or_default()))
+}
+
 /// splitmix64: a tiny deterministic generator, independent of libtorch's global one.
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -442,6 +457,11 @@ impl Weights {
             kind
         };
         let tensor = tensor.f_to_device(self.device)?.f_to_kind(target)?;
+        RECORDED.with(|r| {
+            if let Some(recorded) = r.borrow_mut().as_mut() {
+                recorded.push(tensor.shallow_clone());
+            }
+        });
         if let Ok(mut used) = self.used.lock() {
             used.insert(key.to_string());
         }
