@@ -128,8 +128,7 @@ async fn img2img_over_grpc_matches_diffusers() {
     let expected = &reference["img2img_2.images"];
     for (i, image) in response.images.iter().enumerate() {
         assert_eq!((image.width, image.height), (64, 64));
-        let rgb = image::load_from_memory(&image.data).expect("png").to_rgb8();
-        let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+        let got = common::decoded_image(&image.data);
         assert_images_match(
             &format!("gRPC img2img image {i}"),
             &got,

@@ -133,10 +133,7 @@ async fn inpainting_over_grpc_matches_diffusers() {
         .await
         .expect("inpaint")
         .into_inner();
-    let rgb = image::load_from_memory(&response.images[0].data)
-        .expect("png")
-        .to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC inpainting",
         &got,

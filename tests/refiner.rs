@@ -208,8 +208,7 @@ fn refiner_over_the_cli_matches_diffusers() {
         .status()
         .expect("sdxld runs");
     assert!(status.success());
-    let rgb = image::open(&png).expect("png").to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let got = common::image_file(&png);
     let reference = read_tensors(&dir.join("refiner.safetensors"));
     assert_images_match(
         "CLI ensemble refiner",
@@ -292,8 +291,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         .collect();
     assert_eq!(images.len(), 2);
     for (i, image) in images.iter().enumerate() {
-        let rgb = image::load_from_memory(&image.data).expect("png").to_rgb8();
-        let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+        let got = common::decoded_image(&image.data);
         assert_images_match(
             &format!("gRPC refiner image {i}"),
             &got,
@@ -351,10 +349,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         .await
         .expect("denoising_start")
         .into_inner();
-    let rgb = image::load_from_memory(&response.images[0].data)
-        .expect("png")
-        .to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC denoising_start",
         &got,
@@ -389,10 +384,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         .await
         .expect("refiner on a picture")
         .into_inner();
-    let rgb = image::load_from_memory(&response.images[0].data)
-        .expect("png")
-        .to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC aesthetic scores",
         &got,

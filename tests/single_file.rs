@@ -122,8 +122,7 @@ async fn a_single_file_over_grpc_and_the_cli() {
         .status()
         .expect("sdxld runs");
     assert!(status.success());
-    let rgb = image::open(&png).expect("png").to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([p.height, p.width, 3]);
+    let got = common::image_file(&png);
     assert_images_match("CLI single file", &got, &reference["images"].get(0));
 
     let server = TestServer::start(&[(
@@ -147,10 +146,7 @@ async fn a_single_file_over_grpc_and_the_cli() {
         .await
         .expect("generated")
         .into_inner();
-    let rgb = image::load_from_memory(&response.images[0].data)
-        .expect("png")
-        .to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([p.height, p.width, 3]);
+    let got = common::decoded_image(&response.images[0].data);
     assert_images_match("gRPC single file", &got, &reference["images"].get(0));
     let listed = server
         .models()

@@ -99,8 +99,7 @@ fn vae_over_the_cli_matches_diffusers() {
         .status()
         .expect("sdxld runs");
     assert!(status.success());
-    let rgb = image::open(&png).expect("png").to_rgb8();
-    let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+    let got = common::image_file(&png);
     let reference = read_tensors(&dir.join("vae.safetensors"));
     assert_images_match("CLI --vae", &got, &reference["vae_0.images"].get(0));
 }
@@ -151,10 +150,7 @@ async fn vae_over_grpc_matches_diffusers() {
             .await
             .expect("generated")
             .into_inner();
-        let rgb = image::load_from_memory(&response.images[0].data)
-            .expect("png")
-            .to_rgb8();
-        let got = tch::Tensor::from_slice(rgb.as_raw()).reshape([64, 64, 3]);
+        let got = common::decoded_image(&response.images[0].data);
         assert_images_match(
             &format!("gRPC vae_{k}"),
             &got,

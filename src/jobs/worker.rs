@@ -307,6 +307,8 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             refiner = Some(Rc::new(r.with_vae(vae)?));
         }
     }
+    // Loads and evictions are visible before the job reports anything further.
+    metrics.set_cache(engine.stats());
     check(job)?;
     let mut warnings = Vec::new();
 

@@ -78,3 +78,15 @@ pub fn assert_images_match(what: &str, actual: &Tensor, expected: &Tensor) {
         .int64_value(&[]);
     assert!(diff <= 2, "{what}: a channel differs by {diff} (> 2)");
 }
+
+/// An encoded image (PNG, JPEG, WebP) as a [H, W, 3] uint8 tensor.
+pub fn decoded_image(bytes: &[u8]) -> Tensor {
+    let rgb = image::load_from_memory(bytes).expect("an image").to_rgb8();
+    let (w, h) = rgb.dimensions();
+    Tensor::from_slice(rgb.as_raw()).reshape([i64::from(h), i64::from(w), 3])
+}
+
+/// An image file as a [H, W, 3] uint8 tensor.
+pub fn image_file(path: &Path) -> Tensor {
+    decoded_image(&std::fs::read(path).expect("the image file"))
+}

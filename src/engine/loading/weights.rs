@@ -106,8 +106,9 @@ pub struct Weights {
     random: Option<(u64, Mutex<BTreeMap<String, Tensor>>)>,
 }
 
-/// The tensor names and the `__metadata__` strings of a safetensors file (header only).
-pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+/// Maps a safetensors file and parses its header: the mapping, the header's length and
+/// the header.
+fn mapped_header(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metadata)> {
     let file = File::open(path).map_err(|source| EngineError::Io {
         path: path.to_path_buf(),
         source,
@@ -117,10 +118,17 @@ pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)
         path: path.to_path_buf(),
         source,
     })?;
-    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
-        path: path.to_path_buf(),
-        message: format!("not a valid safetensors file ({e})"),
-    })?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
+            path: path.to_path_buf(),
+            message: format!("not a valid safetensors file ({e})"),
+        })?;
+    Ok((mmap, header_len, metadata))
+}
+
+/// The tensor names and the `__metadata__` strings of a safetensors file (header only).
+pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
+    let (_, _, metadata) = mapped_header(path)?;
     let names = metadata.tensors().into_keys().collect();
     Ok((names, metadata.metadata().clone().unwrap_or_default()))
 }
@@ -128,19 +136,7 @@ pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)
 /// Bytes the tensors of a safetensors file (those under `prefix`, when given) take once
 /// loaded with floating-point tensors converted to `kind` (header only).
 pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64> {
-    let file = File::open(path).map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // SAFETY: read-only mapping of a model file that is not modified while served.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let (_, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
-        path: path.to_path_buf(),
-        message: format!("not a valid safetensors file ({e})"),
-    })?;
+    let (_, _, metadata) = mapped_header(path)?;
     let mut total = 0u64;
     for (name, info) in metadata.tensors() {
         if prefix.is_some_and(|p| !name.starts_with(p)) {
@@ -239,21 +235,7 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
-            let file = File::open(path).map_err(|source| EngineError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            // SAFETY: the file is opened read-only and the mapping lives as long as the
-            // tensors are read from it; model files are not modified while served.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| EngineError::WeightFile {
-                    path: path.clone(),
-                    message: format!("not a valid safetensors file ({e})"),
-                })?;
+            let (mmap, header_len, metadata) = mapped_header(path)?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 if name == "__metadata__" {
