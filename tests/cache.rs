@@ -93,7 +93,7 @@ async fn eviction_budget_admin_and_single_flight() {
         ("SDXLD__JOBS__MAX_QUEUED", "32"),
     ])
     .await;
-    let mut client = server.generation().await;
+    let client = server.generation().await;
     let mut models = server.models().await;
     let generate = |spec: pb::GenerationSpec| {
         let mut client = client.clone();
@@ -218,7 +218,6 @@ async fn eviction_budget_admin_and_single_flight() {
         4.0,
         "c's four components load once"
     );
-    let _ = &mut client;
 }
 
 #[test]

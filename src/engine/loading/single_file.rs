@@ -402,48 +402,62 @@ pub fn load_vae(
     Ok(model)
 }
 
-/// The first text encoder of a single-file checkpoint.
+/// A CLIP text encoder stored under `prefix`, its names mapped by `keys`.
+#[allow(clippy::too_many_arguments)]
+fn load_clip(
+    file: &Path,
+    device: Device,
+    kind: Kind,
+    prefix: &'static str,
+    keys: fn(&str) -> Vec<(String, Transform)>,
+    name: &str,
+    config: &Value,
+    with_projection: bool,
+) -> Result<ClipTextModel> {
+    let weights = open(file, device, kind, &component(prefix, keys))?;
+    let model = ClipTextModel::load(&weights.root(), typed(file, name, config)?, with_projection)?;
+    weights.check_all_used(|_| false)?;
+    Ok(model)
+}
+
+/// The first text encoder of a single-file checkpoint (transformers' layout).
 pub fn load_text_encoder(
     file: &Path,
     configs: &Configs,
     device: Device,
     kind: Kind,
 ) -> Result<ClipTextModel> {
-    let weights = open(
+    let config = &configs.text_encoder;
+    load_clip(
         file,
         device,
         kind,
-        &component(TEXT_ENCODER, text_encoder_keys),
-    )?;
-    let model = ClipTextModel::load(
-        &weights.root(),
-        typed(file, "text_encoder", &configs.text_encoder)?,
+        TEXT_ENCODER,
+        text_encoder_keys,
+        "text_encoder",
+        config,
         false,
-    )?;
-    weights.check_all_used(|_| false)?;
-    Ok(model)
+    )
 }
 
-/// The second text encoder of a single-file checkpoint.
+/// The second text encoder of a single-file checkpoint (OpenCLIP's layout).
 pub fn load_text_encoder_2(
     file: &Path,
     configs: &Configs,
     device: Device,
     kind: Kind,
 ) -> Result<ClipTextModel> {
-    let weights = open(
+    let config = &configs.text_encoder_2;
+    load_clip(
         file,
         device,
         kind,
-        &component(TEXT_ENCODER_2, open_clip_keys),
-    )?;
-    let model = ClipTextModel::load(
-        &weights.root(),
-        typed(file, "text_encoder_2", &configs.text_encoder_2)?,
+        TEXT_ENCODER_2,
+        open_clip_keys,
+        "text_encoder_2",
+        config,
         true,
-    )?;
-    weights.check_all_used(|_| false)?;
-    Ok(model)
+    )
 }
 
 /// stabilityai/stable-diffusion-xl-base-1.0's configs, for checkpoints that carry none.
