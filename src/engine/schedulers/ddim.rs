@@ -87,14 +87,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,

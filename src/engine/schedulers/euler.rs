@@ -6,8 +6,8 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_sigma, init_noise_sigma, predict_original, FinalSigmasType, NoiseSource,
-    PredictionType, Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, scale_by_sigma, FinalSigmasType,
+    NoiseSource, PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// Euler's method over the model's sigma schedule.
@@ -72,8 +72,7 @@ impl Scheduler for EulerDiscrete {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        let sigma = self.sigmas[index];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(

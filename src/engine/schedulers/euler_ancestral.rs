@@ -7,8 +7,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::TrainingSigmas;
 use crate::engine::schedulers::{
-    add_noise_sigma, init_noise_sigma, interp, predict_original, spaced_timesteps, NoiseSource,
-    PredictionType, Scheduler, SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, interp, predict_original, scale_by_sigma, spaced_timesteps,
+    NoiseSource, PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// Ancestral Euler sampling.
@@ -53,8 +53,7 @@ impl Scheduler for EulerAncestral {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        let sigma = self.sigmas[index];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(

@@ -7,8 +7,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, scale_by_sigma, NoiseSource,
+    PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// Heun sampling.
@@ -76,8 +76,7 @@ impl Scheduler for Heun {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        let sigma = self.sigmas[index];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(

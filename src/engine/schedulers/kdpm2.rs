@@ -9,8 +9,8 @@ use crate::engine::error::Result;
 use crate::engine::schedulers::heun::interleave;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, scale_by_sigma, NoiseSource,
+    PredictionType, Scheduler, SchedulerConfig,
 };
 
 /// KDPM2 (optionally ancestral) sampling.
@@ -130,7 +130,7 @@ impl Scheduler for Kdpm2 {
             (Some(_), false) => self.sigmas_interpol[index],
             (Some(_), true) => self.sigmas_interpol[index - 1],
         };
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, sigma)
     }
 
     fn step(

@@ -9,8 +9,8 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::schedulers::sigmas::{schedule, TrainingSigmas};
 use crate::engine::schedulers::{
-    add_noise_sigma, init_noise_sigma, predict_original, NoiseSource, PredictionType, Scheduler,
-    SchedulerConfig,
+    add_noise_sigma, init_noise_sigma, predict_original, scale_by_sigma, NoiseSource,
+    PredictionType, Scheduler, SchedulerConfig,
 };
 
 const ORDER: usize = 4;
@@ -92,8 +92,7 @@ impl Scheduler for Lms {
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
-        let sigma = self.sigmas[index];
-        sample / ((sigma * sigma + 1.0).sqrt() as f64)
+        scale_by_sigma(sample, self.sigmas[index])
     }
 
     fn step(

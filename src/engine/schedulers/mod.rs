@@ -292,10 +292,16 @@ pub type NoiseSource<'a> = dyn FnMut(&[i64]) -> Tensor + 'a;
 pub trait Scheduler: Send {
     /// The UNet timestep of each call.
     fn timesteps(&self) -> &[f64];
-    /// The standard deviation of the initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the UNet input of call `index`.
-    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor;
+    /// The standard deviation of the initial noise (1 for the VP schedulers: DDIM,
+    /// DPM-Solver, UniPC).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the UNet input of call `index` (unscaled for the VP schedulers).
+    fn scale_model_input(&self, sample: &Tensor, index: usize) -> Tensor {
+        let _ = index;
+        sample.shallow_clone()
+    }
     /// Advances `sample` given the model output of call `index`; stochastic schedulers
     /// draw from `noise`.
     fn step(
@@ -321,6 +327,12 @@ pub trait Scheduler: Send {
     }
     /// Noises clean latents to the level of call `index` (image to image starts there).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor;
+}
+
+/// `scale_model_input` of the k-diffusion sigma schedulers: x / sqrt(sigma^2 + 1), the
+/// root taken in float32 as diffusers' sigma tensors do.
+pub fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Tensor {
+    sample / f64::from((sigma * sigma + 1.0).sqrt())
 }
 
 /// `add_noise` of the k-diffusion sigma schedulers: x + noise * sigma.
