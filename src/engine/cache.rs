@@ -10,7 +10,6 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::time::SystemTime;
@@ -22,6 +21,7 @@ use crate::engine::codec::VaeCodec;
 use crate::engine::components::{shared, ComponentFiles, ComponentStore};
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
+use crate::engine::registry::{hash_file, hex};
 
 /// A loaded component, known by its content.
 struct Live {
@@ -281,27 +281,12 @@ impl ModelCache {
                 return Ok(hash.clone());
             }
         }
-        let mut file = std::fs::File::open(path).map_err(|source| EngineError::Io {
+        let mut hasher = Sha256::new();
+        hash_file(&mut hasher, path).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buffer).map_err(|source| EngineError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-        let hash: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = hex(&hasher.finalize());
         self.file_hashes
             .insert(path.to_path_buf(), (size, modified, hash.clone()));
         Ok(hash)
@@ -326,11 +311,7 @@ impl ModelCache {
                 )?;
             }
         }
-        let key = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let key = hex(&hasher.finalize());
         Ok((key, bytes))
     }
 

@@ -220,6 +220,24 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
+/// Feeds a file's bytes to `hasher`.
+pub fn hash_file(hasher: &mut Sha256, path: &Path) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn dir_size(path: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(path) {
@@ -439,25 +457,14 @@ impl Registry {
             }
         }
         let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 20];
         for file in &files {
             if let Ok(relative) = file.strip_prefix(&model.path) {
                 hasher.update(relative.to_string_lossy().as_bytes());
             }
-            if let Ok(mut f) = std::fs::File::open(file) {
-                while let Ok(n) = f.read(&mut buffer) {
-                    if n == 0 {
-                        break;
-                    }
-                    hasher.update(&buffer[..n]);
-                }
-            }
+            // An unreadable file hashes as empty: the listing still answers.
+            let _ = hash_file(&mut hasher, file);
         }
-        let hash: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = hex(&hasher.finalize());
         if let Ok(mut cache) = self.hashes.lock() {
             cache.insert(model.path.clone(), (size, newest, hash.clone()));
         }
