@@ -78,6 +78,8 @@ pub struct EngineSettings {
     pub cuda_memory_fraction: f64,
     /// Bytes of evicted model components kept in host memory; 0 drops them.
     pub host_memory_budget_bytes: u64,
+    /// How LoRA adapters are applied.
+    pub lora_mode: crate::engine::lora::LoraMode,
 }
 
 /// `[models]`.

@@ -8,10 +8,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use sdxld::engine::demo::write_demo_model;
+use sdxld::engine::loading::lora::LoraWeights;
+use sdxld::engine::lora::{JobLora, LoraMode};
 use sdxld::engine::pipeline::{
     GenerateParams, Placement, Progress, RefinerMode, RefinerParams, SchedulerOverrides,
     SdxlPipeline,
 };
+use sdxld::engine::registry::{ModelEntry, ModelKind, ModelRoots, Registry};
 use sdxld::engine::schedulers::SchedulerKind;
 use sdxld::output::{numbered_path, png_bytes, write_latents};
 
@@ -77,6 +80,19 @@ enum Command {
         #[command(flatten)]
         generate: GenerateArgs,
         /// Timed runs after one warm-up run.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// CPU threads (0 keeps libtorch's default).
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
+    },
+    /// Times LoRA adapters in each mode: the time per denoising step with no adapter, the
+    /// first --lora and all of them, and the cost of switching between those two sets, as
+    /// ratios to a step without adapters; one JSON line per mode.
+    BenchLora {
+        #[command(flatten)]
+        generate: GenerateArgs,
+        /// Timed runs of each measurement after a warm-up.
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// CPU threads (0 keeps libtorch's default).
@@ -191,6 +207,17 @@ struct GenerateArgs {
     /// models' own for encoding and decoding.
     #[arg(long)]
     vae: Option<PathBuf>,
+    /// A LoRA adapter from --lora-dir by name (its path there without .safetensors) and
+    /// weight in [-2, 2], e.g. style:0.8 (repeatable; applied together).
+    #[arg(long = "lora", value_name = "NAME:WEIGHT")]
+    loras: Vec<String>,
+    /// The folder --lora names resolve in.
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
+    /// How LoRA adapters are applied: merge (into the weights, for this run) or forward
+    /// (extra low-rank products in each layer's forward pass).
+    #[arg(long, default_value = "merge")]
+    lora_mode: String,
 }
 
 /// A scheduler by CLI name or A1111 sampler name, with the config keys the name implies.
@@ -328,6 +355,50 @@ impl GenerateArgs {
         self.swap_vae(pipeline)
     }
 
+    /// The --lora adapters, loaded for `pipeline`'s placement.
+    fn loras(&self, pipeline: &SdxlPipeline) -> anyhow::Result<Vec<JobLora>> {
+        if self.loras.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(dir) = &self.lora_dir else {
+            bail!("--lora needs --lora-dir, the folder its names resolve in");
+        };
+        let registry = Registry::new(
+            ModelRoots {
+                lora: vec![dir.clone()],
+                ..ModelRoots::default()
+            },
+            ModelEntry::of_kind(ModelKind::Base, "model", &self.model)
+                .context("--model is not a model")?,
+        );
+        let placement = pipeline.placement();
+        let mut loras = Vec::with_capacity(self.loras.len());
+        for arg in &self.loras {
+            let (name, weight) = match arg.rsplit_once(':') {
+                Some((name, weight)) => {
+                    let weight: f64 = weight
+                        .parse()
+                        .with_context(|| format!("--lora {arg:?}: the weight is not a number"))?;
+                    (name, weight)
+                }
+                None => (arg.as_str(), 1.0),
+            };
+            if !(-2.0..=2.0).contains(&weight) {
+                bail!("--lora {arg:?}: the weight must be between -2 and 2");
+            }
+            let model = registry
+                .resolve_kind(ModelKind::Lora, name)
+                .map_err(|e| anyhow::anyhow!("--lora {arg:?}: {e}"))?;
+            let weights = LoraWeights::load(&model.path, name, placement.device, placement.kind)?;
+            loras.push(JobLora {
+                name: name.to_string(),
+                weights: std::rc::Rc::new(weights),
+                strength: weight,
+            });
+        }
+        Ok(loras)
+    }
+
     /// `pipeline` with the --vae VAE, if one is given.
     fn swap_vae(&self, pipeline: SdxlPipeline) -> anyhow::Result<SdxlPipeline> {
         let Some(dir) = &self.vae else {
@@ -351,6 +422,8 @@ fn random_seed() -> u64 {
 fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let pipeline = args.load()?;
     let params = args.params(&pipeline)?;
+    let mode: LoraMode = args.lora_mode.parse().map_err(anyhow::Error::msg)?;
+    let _adapters = sdxld::engine::lora::apply(&pipeline, &args.loras(&pipeline)?, mode)?;
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(params.steps as u64);
         bar.set_style(
@@ -449,6 +522,95 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn bench_lora(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
+    if runs == 0 || args.steps < 2 {
+        bail!("--runs must be at least 1 and --steps at least 2");
+    }
+    if threads > 0 {
+        tch::set_num_threads(threads);
+        tch::set_num_interop_threads(threads);
+    }
+    let pipeline = args.load()?;
+    let mut params = args.params(&pipeline)?;
+    params.seed = args.seed.unwrap_or(0);
+    let loras = args.loras(&pipeline)?;
+    if loras.len() < 2 {
+        bail!("give at least two --lora adapters (one, then all of them, are timed)");
+    }
+    let device = pipeline.placement().device;
+    let sync = || {
+        if let tch::Device::Cuda(index) = device {
+            tch::Cuda::synchronize(index as i64);
+        }
+    };
+    // The denoising loop alone: a run of --steps steps less a run of one step (prompt
+    // encoding and set-up cancel out), per step.
+    let denoise = |steps: usize| -> anyhow::Result<f64> {
+        let p = GenerateParams {
+            steps,
+            ..params.clone()
+        };
+        let start = Instant::now();
+        let latents = pipeline.denoise(&p, &mut |_| Ok(()))?;
+        let _ = latents.sum(tch::Kind::Float).double_value(&[]);
+        sync();
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let per_step = || -> anyhow::Result<f64> {
+        denoise(args.steps)?;
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let long = denoise(args.steps)?;
+            let short = denoise(1)?;
+            times.push((long - short) / (args.steps - 1) as f64);
+        }
+        Ok(median(times))
+    };
+    let (one, all) = (&loras[..1], &loras[..]);
+    per_step()?;
+    for mode in [LoraMode::Merge, LoraMode::Forward] {
+        let mut steps = Vec::new();
+        for set in [&loras[..0], one, all] {
+            let applied = sdxld::engine::lora::apply(&pipeline, set, mode)?;
+            steps.push(per_step()?);
+            drop(applied);
+        }
+        // Switching: the adapters of one request off, the next request's on.
+        let mut switches = Vec::with_capacity(2 * runs);
+        let mut current = Some(sdxld::engine::lora::apply(&pipeline, one, mode)?);
+        for i in 0..=2 * runs {
+            let next = if i % 2 == 0 { all } else { one };
+            let start = Instant::now();
+            drop(current.take());
+            current = Some(sdxld::engine::lora::apply(&pipeline, next, mode)?);
+            sync();
+            if i > 0 {
+                switches.push(start.elapsed().as_secs_f64());
+            }
+        }
+        drop(current);
+        let switch = median(switches);
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": format!("{mode:?}").to_lowercase(),
+                "loras": loras.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+                "step_s": { "none": steps[0], "one": steps[1], "all": steps[2] },
+                "step_ratio_one": steps[1] / steps[0],
+                "step_ratio_all": steps[2] / steps[0],
+                "switch_s": switch,
+                "switch_over_step": switch / steps[0],
+            })
+        );
+    }
+    Ok(())
+}
+
 fn serve(
     config: Option<PathBuf>,
     listen: Option<String>,
@@ -497,6 +659,11 @@ fn main() -> anyhow::Result<()> {
             runs,
             threads,
         } => bench(&generate, runs, threads),
+        Command::BenchLora {
+            generate,
+            runs,
+            threads,
+        } => bench_lora(&generate, runs, threads),
         Command::Request {
             server,
             spec,

@@ -180,6 +180,7 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         let budget = Some(settings.engine.memory_budget_bytes).filter(|b| *b > 0);
         let fraction = settings.engine.cuda_memory_fraction;
         let host_budget = settings.engine.host_memory_budget_bytes;
+        let lora_mode = settings.engine.lora_mode;
         std::thread::Builder::new()
             .name("sdxld-engine".into())
             .spawn(move || {
@@ -188,7 +189,8 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
                 {
                     tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");
                 }
-                let mut engine = Engine::new(placement, budget, host_budget, resident);
+                let mut engine =
+                    Engine::new(placement, budget, host_budget, resident).with_lora_mode(lora_mode);
                 let result = if warmup {
                     engine.warm_up(&default)
                 } else {

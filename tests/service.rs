@@ -469,10 +469,30 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     let status = client
         .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
         .await
+        .expect_err("no such LoRA");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").metadata["model"],
+        "style"
+    );
+
+    let mut spec = quick_spec(1);
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(64, 64)
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("png");
+    spec.controlnets = vec![pb::ControlNetUnit {
+        model: "canny".into(),
+        image: png.into_inner(),
+        ..Default::default()
+    }];
+    let status = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+        .await
         .expect_err("unimplemented");
     assert_eq!(status.code(), Code::Unimplemented);
     assert!(
-        status.message().contains("spec.loras"),
+        status.message().contains("spec.controlnets"),
         "{}",
         status.message()
     );
@@ -544,7 +564,11 @@ async fn models_and_capabilities() {
     assert!(caps
         .features
         .iter()
-        .any(|f| f.field == "loras" && !f.supported));
+        .any(|f| f.field == "loras" && f.supported));
+    assert!(caps
+        .features
+        .iter()
+        .any(|f| f.field == "controlnets" && !f.supported));
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::api::status::ApiError;
 use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
 use crate::api::ApiState;
+use crate::engine::loading::lora::{LoraFormat, LoraLayout, LoraTarget};
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, RegistryError};
 use crate::jobs::{AdminOp, AdminRequest, JobError};
 use crate::proto::v1 as pb;
@@ -29,6 +30,7 @@ impl Models {
             Ok(pb::ModelKind::Unspecified | pb::ModelKind::Base) => ModelKind::Base,
             Ok(pb::ModelKind::Refiner) => ModelKind::Refiner,
             Ok(pb::ModelKind::Vae) => ModelKind::Vae,
+            Ok(pb::ModelKind::Lora) => ModelKind::Lora,
             Ok(other) => {
                 return Err(ApiError::Unimplemented(
                     "kind".into(),
@@ -120,7 +122,34 @@ impl Models {
             resident,
             is_default: model.kind == ModelKind::Base
                 && model.name == self.state.registry.default_model().name,
+            lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
         }
+    }
+}
+
+/// What a LoRA file's header says; an unreadable file lists with an unspecified format.
+fn lora_info(model: &ModelEntry) -> pb::LoraInfo {
+    let Ok(layout) = LoraLayout::read(&model.path, &model.name) else {
+        return pb::LoraInfo::default();
+    };
+    pb::LoraInfo {
+        format: match layout.format {
+            LoraFormat::Kohya => pb::LoraFormat::Kohya,
+            LoraFormat::Peft => pb::LoraFormat::Peft,
+        } as i32,
+        rank: layout.rank().max(0) as u32,
+        targets: layout
+            .targets()
+            .into_iter()
+            .map(|t| {
+                (match t {
+                    LoraTarget::Unet => pb::LoraTarget::Unet,
+                    LoraTarget::TextEncoder => pb::LoraTarget::TextEncoder,
+                    LoraTarget::TextEncoder2 => pb::LoraTarget::TextEncoder2,
+                }) as i32
+            })
+            .collect(),
+        layers: layout.modules.len() as u32,
     }
 }
 
@@ -230,7 +259,7 @@ impl ModelService for Models {
             ("scheduler_options.sigma_schedule", true),
             ("vae", true),
             ("refiner", true),
-            ("loras", false),
+            ("loras", true),
             ("controlnets", false),
             ("init_image", true),
             ("init_image.mask", true),

@@ -146,6 +146,7 @@ fn engine_status(error: EngineError) -> Status {
         | EngineError::ShapeMismatch { .. }
         | EngineError::Tokenizer { .. }
         | EngineError::Incompatible(_)
+        | EngineError::Lora { .. }
         | EngineError::MemoryBudget(_) => Code::FailedPrecondition,
         EngineError::Torch(_) if error.is_out_of_memory() => Code::ResourceExhausted,
         EngineError::DeviceOutOfMemory(_) => Code::ResourceExhausted,
@@ -159,10 +160,16 @@ fn engine_status(error: EngineError) -> Status {
     } else {
         reason
     };
+    let metadata: std::collections::HashMap<String, String> = match &error {
+        EngineError::Lora { lora, key, .. } => {
+            [("lora".into(), lora.clone()), ("key".into(), key.clone())].into()
+        }
+        _ => Default::default(),
+    };
     Status::with_error_details(
         code,
         message,
-        ErrorDetails::with_error_info(reason, "sdxld", []),
+        ErrorDetails::with_error_info(reason, "sdxld", metadata),
     )
 }
 

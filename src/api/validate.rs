@@ -11,7 +11,7 @@ use crate::config::Limits;
 use crate::engine::pipeline::{GenerateParams, RefinerMode, RefinerParams, SchedulerOverrides};
 use crate::engine::registry::{check_name, ModelKind, Registry, RegistryError};
 use crate::engine::schedulers::SchedulerKind;
-use crate::jobs::{JobSpec, OutputSpec, RefinerJob, VaeJob};
+use crate::jobs::{JobSpec, LoraJob, OutputSpec, RefinerJob, VaeJob};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
@@ -23,6 +23,8 @@ fn decimal(value: f32) -> f64 {
 
 /// Seeds are below 2^53 so that JSON clients (JavaScript, C# doubles) keep them exact.
 pub const MAX_SEED: u64 = (1 << 53) - 1;
+/// Most LoRA adapters in one request.
+pub const MAX_LORAS: usize = 16;
 
 #[derive(Validate)]
 struct SizeInput {
@@ -856,9 +858,24 @@ pub fn to_job_spec(
             );
         }
     }
+    if spec.loras.len() > MAX_LORAS {
+        v.add(
+            "spec.loras",
+            format!("has {} adapters; at most {MAX_LORAS}", spec.loras.len()),
+        );
+    }
     for (i, lora) in spec.loras.iter().enumerate() {
         if !lora.name.is_empty() {
             check_model_name(&lora.name, &format!("spec.loras[{i}].name"), &mut v);
+            if spec.loras[..i].iter().any(|l| l.name == lora.name) {
+                v.add(
+                    format!("spec.loras[{i}].name"),
+                    format!(
+                        "names `{}` a second time (give one adapter one weight)",
+                        lora.name
+                    ),
+                );
+            }
         }
         if let Some(w) = lora.weight {
             finite(w, &format!("spec.loras[{i}].weight"), &mut v);
@@ -967,9 +984,6 @@ pub fn to_job_spec(
             "the refiner stage after inpainting is not implemented yet",
         );
     }
-    if !spec.loras.is_empty() {
-        return unimplemented("spec.loras", "LoRA adapters are not implemented yet");
-    }
     if !spec.controlnets.is_empty() {
         return unimplemented("spec.controlnets", "ControlNet is not implemented yet");
     }
@@ -998,6 +1012,17 @@ pub fn to_job_spec(
             Err(_) => return Err(ApiError::ModelNotFound(name.to_string())),
         },
     };
+    let mut loras = Vec::with_capacity(spec.loras.len());
+    for lora in &spec.loras {
+        let model = registry
+            .resolve_kind(ModelKind::Lora, &lora.name)
+            .map_err(|_| ApiError::ModelNotFound(lora.name.clone()))?;
+        loras.push(LoraJob {
+            sha256: registry.sha256(&model),
+            model,
+            weight: lora.weight.unwrap_or(1.0),
+        });
+    }
     let refiner_model = match spec.refiner.as_ref().filter(|r| !r.model.is_empty()) {
         Some(r) => match registry.resolve_kind(ModelKind::Refiner, &r.model) {
             Ok(m) => Some(m),
@@ -1157,5 +1182,6 @@ pub fn to_job_spec(
         client_job_id,
         refiner,
         vae,
+        loras,
     })
 }

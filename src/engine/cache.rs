@@ -20,6 +20,7 @@ use tch::{Device, Tensor};
 use crate::engine::codec::VaeCodec;
 use crate::engine::components::{shared, ComponentFiles, ComponentStore};
 use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::loading::lora::LoraWeights;
 use crate::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use crate::engine::registry::{hash_file, hex};
 
@@ -42,6 +43,14 @@ struct Resident<T> {
     model: Rc<T>,
     last_used: u64,
     components: Vec<String>,
+}
+
+/// A LoRA adapter at the placement.
+struct ResidentLora {
+    weights: Rc<LoraWeights>,
+    last_used: u64,
+    /// The files with this content it was asked for by.
+    paths: Vec<PathBuf>,
 }
 
 /// A file's content hash, valid while its size and modification time hold.
@@ -73,6 +82,8 @@ pub struct ModelCache {
     parked: HashMap<String, Parked>,
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
+    /// LoRA adapters by content hash.
+    loras: HashMap<String, ResidentLora>,
     file_hashes: HashMap<PathBuf, FileHash>,
     clock: u64,
     stats: CacheStats,
@@ -151,6 +162,7 @@ impl ModelCache {
             parked: HashMap::new(),
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
+            loras: HashMap::new(),
             file_hashes: HashMap::new(),
             clock: 0,
             stats: CacheStats::default(),
@@ -178,7 +190,12 @@ impl ModelCache {
 
     /// Whether the model at `path` is loaded.
     pub fn is_resident(&self, path: &Path) -> bool {
-        self.pipelines.contains_key(path) || self.vaes.contains_key(path)
+        self.pipelines.contains_key(path)
+            || self.vaes.contains_key(path)
+            || self
+                .loras
+                .values()
+                .any(|l| l.paths.iter().any(|p| p == path))
     }
 
     /// The paths of the models loaded.
@@ -186,17 +203,20 @@ impl ModelCache {
         self.pipelines
             .keys()
             .chain(self.vaes.keys())
+            .chain(self.loras.values().flat_map(|l| l.paths.iter()))
             .cloned()
             .collect()
     }
 
-    /// Bytes of the components on the device (alive and not parked).
+    /// Bytes of the components and LoRA adapters on the device (alive and not parked).
     fn resident_bytes(&self) -> u64 {
-        self.components
+        let components: u64 = self
+            .components
             .iter()
             .filter(|(k, l)| l.component.strong_count() > 0 && !self.parked.contains_key(*k))
             .map(|(_, l)| l.bytes)
-            .sum()
+            .sum();
+        components + self.loras.values().map(|l| l.weights.bytes).sum::<u64>()
     }
 
     fn parked_bytes(&self) -> u64 {
@@ -324,6 +344,19 @@ impl ModelCache {
             let files = match model {
                 ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
+                ModelPath::Lora(path) => {
+                    let hash = self.file_hash(path)?;
+                    let bytes = crate::engine::loading::weights::loaded_bytes(
+                        path,
+                        None,
+                        self.placement.kind,
+                    )?;
+                    total += bytes;
+                    if !self.loras.contains_key(&hash) {
+                        missing += bytes;
+                    }
+                    continue;
+                }
             };
             for f in files {
                 let (key, bytes) = self.identify(&f)?;
@@ -359,19 +392,38 @@ impl ModelCache {
             )));
         }
         let keep: Vec<PathBuf> = models.iter().map(|m| m.path().to_path_buf()).collect();
+        let mut keep_loras = Vec::new();
+        for model in models {
+            if let ModelPath::Lora(path) = model {
+                keep_loras.push(self.file_hash(path)?);
+            }
+        }
         while self.resident_bytes() + missing + activations > budget {
-            let victim = self
+            let model = self
                 .pipelines
                 .iter()
                 .map(|(p, r)| (r.last_used, p.clone()))
                 .chain(self.vaes.iter().map(|(p, r)| (r.last_used, p.clone())))
                 .filter(|(_, p)| !keep.contains(p))
                 .min();
-            let Some((_, path)) = victim else {
-                break;
-            };
-            tracing::info!(model = %path.display(), "evicting a model to stay within the memory budget");
-            self.evict(&path);
+            let lora = self
+                .loras
+                .iter()
+                .filter(|(hash, _)| !keep_loras.contains(hash))
+                .map(|(hash, l)| (l.last_used, hash.clone()))
+                .min();
+            match (model, lora) {
+                (Some((used, path)), lora) if lora.as_ref().is_none_or(|(l, _)| used < *l) => {
+                    tracing::info!(model = %path.display(), "evicting a model to stay within the memory budget");
+                    self.evict(&path);
+                }
+                (_, Some((_, hash))) => {
+                    tracing::info!(lora = %hash, "evicting a LoRA to stay within the memory budget");
+                    self.loras.remove(&hash);
+                    self.stats.evictions += 1;
+                }
+                _ => break,
+            }
         }
         Ok(())
     }
@@ -427,6 +479,43 @@ impl ModelCache {
         Ok(vae)
     }
 
+    /// The LoRA adapter at `path` (named `name` in errors), loading it on first use; files
+    /// with the same content share one copy.
+    pub fn lora(&mut self, path: &Path, name: &str) -> Result<Rc<LoraWeights>> {
+        let now = self.tick();
+        let hash = self.file_hash(path)?;
+        if let Some(resident) = self.loras.get_mut(&hash) {
+            resident.last_used = now;
+            if !resident.paths.iter().any(|p| p == path) {
+                resident.paths.push(path.to_path_buf());
+            }
+            return Ok(resident.weights.clone());
+        }
+        let placement = self.placement;
+        let weights = Rc::new(LoraWeights::load(
+            path,
+            name,
+            placement.device,
+            placement.kind,
+        )?);
+        self.stats.component_loads += 1;
+        self.loras.insert(
+            hash,
+            ResidentLora {
+                weights: weights.clone(),
+                last_used: now,
+                paths: vec![path.to_path_buf()],
+            },
+        );
+        Ok(weights)
+    }
+
+    /// Whether a LoRA with the content of the file at `path` is loaded.
+    pub fn is_lora_resident(&mut self, path: &Path) -> bool {
+        self.file_hash(path)
+            .is_ok_and(|hash| self.loras.contains_key(&hash))
+    }
+
     /// Evicts every model but those at `keep` (after the device ran out of memory).
     pub fn evict_all_except(&mut self, keep: &[PathBuf]) {
         let victims: Vec<PathBuf> = self
@@ -437,6 +526,8 @@ impl ModelCache {
         for path in victims {
             self.evict(&path);
         }
+        // The running job holds its own adapters.
+        self.loras.retain(|_, l| Rc::strong_count(&l.weights) > 1);
     }
 
     /// Evicts the model at `path` (its components go unless another resident model
@@ -444,6 +535,7 @@ impl ModelCache {
     pub fn unload(&mut self, path: &Path) -> bool {
         let was = self.is_resident(path);
         self.evict(path);
+        self.loras.retain(|_, l| !l.paths.iter().any(|p| p == path));
         was
     }
 }
@@ -455,12 +547,14 @@ pub enum ModelPath<'a> {
     Pipeline(&'a Path),
     /// A VAE folder.
     Vae(&'a Path),
+    /// A LoRA adapter file.
+    Lora(&'a Path),
 }
 
 impl ModelPath<'_> {
     fn path(&self) -> &Path {
         match self {
-            ModelPath::Pipeline(p) | ModelPath::Vae(p) => p,
+            ModelPath::Pipeline(p) | ModelPath::Vae(p) | ModelPath::Lora(p) => p,
         }
     }
 }

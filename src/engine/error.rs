@@ -71,6 +71,17 @@ pub enum EngineError {
     /// Models or a request that cannot work together (a refiner as the base model, ...).
     #[error("{0}")]
     Incompatible(String),
+    /// A LoRA that is not in a known format, or that does not fit the model it is
+    /// applied to (another architecture, a key that names no layer).
+    #[error("LoRA `{lora}`: key `{key}` {message}")]
+    Lora {
+        /// The LoRA's name.
+        lora: String,
+        /// The first key that did not fit.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A job that cannot fit the memory budget even with every other model evicted.
     #[error("memory budget: {0}")]
     MemoryBudget(String),
@@ -108,6 +119,7 @@ impl EngineError {
             EngineError::Tokenizer { .. } => "tokenizer",
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::Incompatible(_) => "incompatible_models",
+            EngineError::Lora { .. } => "lora_incompatible",
             EngineError::MemoryBudget(_) => "memory_budget",
             EngineError::DeviceOutOfMemory(_) => "device_out_of_memory",
             EngineError::Internal(_) => "internal",

@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod loading;
+pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipeline;

@@ -160,6 +160,19 @@ pub struct JobSpec {
     pub refiner: Option<RefinerJob>,
     /// A VAE replacing the models' own, if any.
     pub vae: Option<VaeJob>,
+    /// LoRA adapters, in request order.
+    pub loras: Vec<LoraJob>,
+}
+
+/// A LoRA adapter of a job.
+#[derive(Debug, Clone)]
+pub struct LoraJob {
+    /// The LoRA file.
+    pub model: ModelEntry,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// The request's weight, in [-2, 2].
+    pub weight: f32,
 }
 
 /// The VAE a job uses in place of the models' own.

@@ -12,6 +12,8 @@ use tch::Tensor;
 use crate::engine::cache::{activation_estimate, ModelCache, ModelPath};
 use crate::engine::codec::VaeCodec;
 use crate::engine::error::EngineError;
+use crate::engine::loading::lora::LoraWeights;
+use crate::engine::lora::{JobLora, LoraMode};
 use crate::engine::pipeline::{GenerateParams, Placement, Progress, SdxlPipeline};
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::jobs::{AdminOp, Job, JobError, JobEvent, JobQueue, Outcome, Stage, StopReason, Work};
@@ -25,6 +27,8 @@ pub struct Engine {
     cache: ModelCache,
     /// The paths loaded, shared with the models RPC.
     resident: Arc<Mutex<HashSet<PathBuf>>>,
+    /// How LoRA adapters are applied.
+    lora_mode: LoraMode,
 }
 
 fn stage_pb(stage: Stage) -> i32 {
@@ -52,6 +56,15 @@ impl Engine {
         Self {
             cache: ModelCache::with_host_budget(placement, budget, host_budget),
             resident,
+            lora_mode: LoraMode::default(),
+        }
+    }
+
+    /// This engine applying LoRA adapters the `mode` way.
+    pub fn with_lora_mode(self, mode: LoraMode) -> Self {
+        Self {
+            lora_mode: mode,
+            ..self
         }
     }
 
@@ -82,7 +95,7 @@ impl Engine {
             .iter()
             .find_map(|m| match m {
                 ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
-                ModelPath::Vae(_) => None,
+                ModelPath::Vae(_) | ModelPath::Lora(_) => None,
             })
             .unwrap_or(0);
         let result = self.cache.make_room(models, activations);
@@ -104,6 +117,13 @@ impl Engine {
         vae
     }
 
+    /// The LoRA adapter `model`, loading it on first use.
+    pub fn lora(&mut self, model: &ModelEntry) -> Result<Rc<LoraWeights>, EngineError> {
+        let lora = self.cache.lora(&model.path, &model.name);
+        self.publish();
+        lora
+    }
+
     /// Whether `model` is loaded.
     pub fn is_resident(&self, model: &ModelEntry) -> bool {
         self.cache.is_resident(&model.path)
@@ -113,11 +133,13 @@ impl Engine {
     pub fn load(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
         let path = match model.kind {
             ModelKind::Vae => ModelPath::Vae(&model.path),
+            ModelKind::Lora => ModelPath::Lora(&model.path),
             _ => ModelPath::Pipeline(&model.path),
         };
         self.cache.make_room(&[path], 0)?;
         match model.kind {
             ModelKind::Vae => self.vae(model).map(|_| ()),
+            ModelKind::Lora => self.lora(model).map(|_| ()),
             _ => self.pipeline(model).map(|_| ()),
         }
     }
@@ -283,6 +305,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     if [Some(&spec.model), refiner_model, vae_model]
         .into_iter()
         .flatten()
+        .chain(spec.loras.iter().map(|l| &l.model))
         .any(|m| !engine.is_resident(m))
     {
         send(
@@ -293,6 +316,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     let mut models = vec![ModelPath::Pipeline(&spec.model.path)];
     models.extend(refiner_model.map(|m| ModelPath::Pipeline(&m.path)));
     models.extend(vae_model.map(|m| ModelPath::Vae(&m.path)));
+    models.extend(spec.loras.iter().map(|l| ModelPath::Lora(&l.model.path)));
     engine.make_room(&models, &spec.params)?;
     let mut pipeline = engine.pipeline(&spec.model)?;
     let mut refiner = match refiner_model {
@@ -307,6 +331,18 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
             refiner = Some(Rc::new(r.with_vae(vae)?));
         }
     }
+    let mut loras = Vec::with_capacity(spec.loras.len());
+    for lora in &spec.loras {
+        loras.push(JobLora {
+            name: lora.model.name.clone(),
+            weights: engine.lora(&lora.model)?,
+            strength: f64::from(lora.weight),
+        });
+    }
+    // On the base model's components for the whole job; taken off when this goes out of
+    // scope, however the job ends.
+    let _adapters =
+        EngineError::catch(|| crate::engine::lora::apply(&pipeline, &loras, engine.lora_mode))?;
     // Loads and evictions are visible before the job reports anything further.
     metrics.set_cache(engine.stats());
     check(job)?;
@@ -506,6 +542,12 @@ fn models_used(spec: &crate::jobs::JobSpec) -> Vec<pb::ModelUsage> {
             weight: 0.0,
         });
     }
+    models.extend(spec.loras.iter().map(|lora| pb::ModelUsage {
+        name: lora.model.name.clone(),
+        kind: pb::ModelKind::Lora as i32,
+        sha256: lora.sha256.clone(),
+        weight: lora.weight,
+    }));
     models
 }
 
@@ -532,6 +574,10 @@ fn preview(latents: &Tensor) -> Option<pb::Preview> {
 fn png_metadata(spec: &crate::jobs::JobSpec, seed: u64) -> PngMetadata {
     let p = &spec.params;
     let mut text = p.prompt.clone();
+    // A1111 writes the LoRAs a prompt used into the prompt itself.
+    for lora in &spec.loras {
+        text.push_str(&format!(" <lora:{}:{}>", lora.model.name, lora.weight));
+    }
     if let Some(negative) = &p.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
@@ -557,6 +603,14 @@ fn png_metadata(spec: &crate::jobs::JobSpec, seed: u64) -> PngMetadata {
             &vae.sha256[..vae.sha256.len().min(10)],
             vae.model.name
         ));
+    }
+    if !spec.loras.is_empty() {
+        let hashes: Vec<String> = spec
+            .loras
+            .iter()
+            .map(|l| format!("{}: {}", l.model.name, &l.sha256[..l.sha256.len().min(12)]))
+            .collect();
+        text.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
     }
     if let Some(refiner) = &spec.refiner {
         let hash = &refiner.sha256;

@@ -193,6 +193,70 @@ fn unet_key(name: &str, lpb: usize) -> Option<String> {
     }
 }
 
+/// The names a diffusers UNet module (`down_blocks.1.attentions.0.proj_in`) has in the
+/// sgm layout (`input_blocks.4.1.proj_in`): the inverse of [`unet_keys`] for modules. An
+/// upsampler has two candidates (its index depends on whether its block has attentions).
+pub fn unet_sgm_names(key: &str, layers_per_block: usize) -> Vec<String> {
+    const FIXED: [(&str, &str); 6] = [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+        ("conv_out", "out.2"),
+    ];
+    if let Some((_, sgm)) = FIXED.iter().find(|(k, _)| *k == key) {
+        return vec![sgm.to_string()];
+    }
+    const RESNET: [(&str, &str); 4] = [
+        ("conv1", "in_layers.2"),
+        ("conv2", "out_layers.3"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("conv_shortcut", "skip_connection"),
+    ];
+    let resnet = |rest: &str| RESNET.iter().find(|(k, _)| *k == rest).map(|(_, v)| *v);
+    let per_block = layers_per_block + 1;
+    let parts: Vec<&str> = key.splitn(5, '.').collect();
+    let index = |s: &str| s.parse::<usize>().ok();
+    let names = match parts.as_slice() {
+        ["down_blocks", b, "resnets", l, rest] => index(b)
+            .zip(index(l))
+            .zip(resnet(rest))
+            .map(|((b, l), r)| vec![format!("input_blocks.{}.0.{r}", 1 + b * per_block + l)]),
+        ["down_blocks", b, "attentions", l, rest] => index(b)
+            .zip(index(l))
+            .map(|(b, l)| vec![format!("input_blocks.{}.1.{rest}", 1 + b * per_block + l)]),
+        ["down_blocks", b, "downsamplers", "0", "conv"] => index(b).map(|b| {
+            vec![format!(
+                "input_blocks.{}.0.op",
+                1 + b * per_block + layers_per_block
+            )]
+        }),
+        ["mid_block", "resnets", l, rest @ ..] => index(l)
+            .zip(resnet(&rest.join(".")))
+            .map(|(l, r)| vec![format!("middle_block.{}.{r}", 2 * l)]),
+        ["mid_block", "attentions", "0", rest @ ..] => {
+            Some(vec![format!("middle_block.1.{}", rest.join("."))])
+        }
+        ["up_blocks", b, "resnets", l, rest] => index(b)
+            .zip(index(l))
+            .zip(resnet(rest))
+            .map(|((b, l), r)| vec![format!("output_blocks.{}.0.{r}", b * per_block + l)]),
+        ["up_blocks", b, "attentions", l, rest] => index(b)
+            .zip(index(l))
+            .map(|(b, l)| vec![format!("output_blocks.{}.1.{rest}", b * per_block + l)]),
+        ["up_blocks", b, "upsamplers", "0", "conv"] => index(b).map(|b| {
+            let i = b * per_block + layers_per_block;
+            vec![
+                format!("output_blocks.{i}.1.conv"),
+                format!("output_blocks.{i}.2.conv"),
+            ]
+        }),
+        _ => None,
+    };
+    names.unwrap_or_default()
+}
+
 /// The diffusers AutoencoderKL key of a stored VAE name (prefix removed), as diffusers'
 /// `convert_ldm_vae_checkpoint` maps it; decoder levels are stored in reverse order.
 pub fn vae_keys(name: &str, levels: usize) -> Vec<(String, Transform)> {
@@ -506,6 +570,39 @@ const SDXL_BASE_CONFIGS: &str = r#"{
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sgm_module_names_map_back_to_their_diffusers_keys() {
+        for key in [
+            "conv_in",
+            "time_embedding.linear_1",
+            "add_embedding.linear_2",
+            "down_blocks.0.resnets.0.conv1",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "down_blocks.1.downsamplers.0.conv",
+            "down_blocks.2.resnets.0.conv_shortcut",
+            "mid_block.resnets.1.time_emb_proj",
+            "mid_block.attentions.0.proj_out",
+            "up_blocks.0.resnets.1.conv2",
+            "up_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj",
+            "up_blocks.0.upsamplers.0.conv",
+            "conv_out",
+        ] {
+            // Keys valid with one and with two layers per block.
+            for lpb in [1, 2] {
+                let names = unet_sgm_names(key, lpb);
+                assert!(!names.is_empty(), "{key}");
+                for name in names {
+                    let back = unet_key(&format!("{name}.weight"), lpb);
+                    assert_eq!(
+                        back.as_deref(),
+                        Some(format!("{key}.weight").as_str()),
+                        "{name}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn unet_names_follow_diffusers_conversion() {

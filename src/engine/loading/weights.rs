@@ -133,6 +133,38 @@ pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)
     Ok((names, metadata.metadata().clone().unwrap_or_default()))
 }
 
+/// Tensor names with their shapes.
+pub type Shapes = Vec<(String, Vec<i64>)>;
+
+/// The tensor names with their shapes, in name order, and the `__metadata__` strings of
+/// a safetensors file (header only).
+pub fn read_shapes(path: &Path) -> Result<(Shapes, HashMap<String, String>)> {
+    let (_, _, metadata) = mapped_header(path)?;
+    let mut shapes: Shapes = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.shape.iter().map(|&d| d as i64).collect()))
+        .collect();
+    shapes.sort();
+    Ok((shapes, metadata.metadata().clone().unwrap_or_default()))
+}
+
+/// Every tensor of a safetensors file, floating-point ones converted to `kind`, on
+/// `device`.
+pub fn read_all(path: &Path, device: Device, kind: Kind) -> Result<HashMap<String, Tensor>> {
+    let weights = Weights::open(&[path.to_path_buf()], device, kind)?;
+    let mut names: Vec<(String, Vec<i64>)> = weights
+        .entries
+        .iter()
+        .map(|(k, e)| (k.clone(), e.shape.clone()))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|(name, shape)| Ok((name.clone(), weights.load(&name, &shape)?)))
+        .collect()
+}
+
 /// Bytes the tensors of a safetensors file (those under `prefix`, when given) take once
 /// loaded with floating-point tensors converted to `kind` (header only).
 pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64> {
@@ -503,6 +535,11 @@ impl<'a> VarPath<'a> {
             weights: self.weights,
             prefix,
         }
+    }
+
+    /// The key of this position (`down_blocks.1.attentions.0`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn key(&self, name: &str) -> String {

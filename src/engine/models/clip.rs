@@ -8,7 +8,9 @@ use tch::{Kind, Tensor};
 
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::loading::weights::{VarPath, Weights};
-use crate::engine::models::nn::{multi_head_attention, Embedding, LayerNorm, Linear};
+use crate::engine::models::nn::{
+    collect_layers, multi_head_attention, Embedding, LayerNorm, LayerTable, Linear,
+};
 
 /// The activation of the MLP blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,6 +137,8 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
+    /// Its linear layers, for LoRA adapters, keyed without `text_model.`.
+    adaptable: LayerTable,
 }
 
 impl ClipTextModel {
@@ -167,6 +171,24 @@ impl ClipTextModel {
         config: ClipTextConfig,
         with_projection: bool,
     ) -> Result<Self> {
+        let (mut model, layers) = collect_layers(|| Self::build(tm, vp, config, with_projection))?;
+        // transformers 4 names the modules `text_model.encoder...`, transformers 5
+        // `encoder...`: adapters name them either way.
+        model.adaptable = layers.without_prefix("text_model.");
+        Ok(model)
+    }
+
+    /// The linear layers, by module key (`encoder.layers.0.self_attn.q_proj`).
+    pub fn adaptable_layers(&self) -> &LayerTable {
+        &self.adaptable
+    }
+
+    fn build(
+        tm: &VarPath,
+        vp: &VarPath,
+        config: ClipTextConfig,
+        with_projection: bool,
+    ) -> Result<Self> {
         let emb = tm.pp("embeddings");
         let h = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
@@ -193,6 +215,7 @@ impl ClipTextModel {
             )?,
             text_projection,
             config,
+            adaptable: LayerTable::default(),
         })
     }
 

@@ -1,22 +1,142 @@
 //! The small layers every model is built from, loaded from diffusers keys.
+//!
+//! Linear and convolution layers are adaptable: a model built inside [`collect_layers`]
+//! lists them by key, with a handle on their weight (to merge a LoRA into it) and a slot
+//! of low-rank paths their forward pass adds (to apply one without touching the weight).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::loading::weights::VarPath;
 
+/// A low-rank path added to a layer's output: `scale * up(down(x))`.
+#[derive(Debug)]
+pub struct LowRankPath {
+    /// [rank, in] for a linear layer; [rank, in, k, k] for a convolution.
+    pub down: Tensor,
+    /// [out, rank] for a linear layer; [out, rank, 1, 1] for a convolution.
+    pub up: Tensor,
+    /// Strength (the adapter's alpha over its rank, times the request's weight).
+    pub scale: f64,
+}
+
+/// The low-rank paths a layer adds in its forward pass, in order; shared between the
+/// layer and its entry in the model's [`LayerTable`].
+pub type LowRankSlot = Rc<RefCell<Vec<LowRankPath>>>;
+
+/// How an adaptable layer applies its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Geometry {
+    /// `torch.nn.Linear`: weight [out, in].
+    Linear,
+    /// `torch.nn.Conv2d`: weight [out, in, k, k].
+    Conv {
+        /// Stride.
+        stride: i64,
+        /// Padding.
+        padding: i64,
+    },
+}
+
+/// A layer a LoRA can adapt.
+#[derive(Debug)]
+pub struct AdaptableLayer {
+    /// A handle on the layer's weight tensor (`set_data` on it changes the layer).
+    pub weight: Tensor,
+    /// Its kind.
+    pub geometry: Geometry,
+    /// Its low-rank paths.
+    pub paths: LowRankSlot,
+}
+
+/// The adaptable layers of a model, by the key of their module (`down_blocks.1.
+/// attentions.0.transformer_blocks.0.attn1.to_q`).
+#[derive(Debug, Default)]
+pub struct LayerTable {
+    layers: BTreeMap<String, AdaptableLayer>,
+}
+
+impl LayerTable {
+    /// The layer with module key `key`.
+    pub fn get(&self, key: &str) -> Option<&AdaptableLayer> {
+        self.layers.get(key)
+    }
+
+    /// The layer with module key `key`, with its key.
+    pub fn entry(&self, key: &str) -> Option<(&String, &AdaptableLayer)> {
+        self.layers.get_key_value(key)
+    }
+
+    /// Every layer, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &AdaptableLayer)> {
+        self.layers.iter()
+    }
+
+    /// The table with `prefix` removed from the keys that start with it.
+    pub fn without_prefix(self, prefix: &str) -> Self {
+        Self {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|(k, v)| match k.strip_prefix(prefix) {
+                    Some(rest) => (rest.to_string(), v),
+                    None => (k, v),
+                })
+                .collect(),
+        }
+    }
+}
+
+thread_local! {
+    /// Layers built while [`collect_layers`] runs on this thread.
+    static COLLECTED: RefCell<Option<LayerTable>> = const { RefCell::new(None) };
+}
+
+/// Runs `build` and returns, with its result, the adaptable layers it built.
+pub fn collect_layers<T>(build: impl FnOnce() -> Result<T>) -> Result<(T, LayerTable)> {
+    let outer = COLLECTED.with(|c| c.borrow_mut().replace(LayerTable::default()));
+    let result = build();
+    let collected = COLLECTED.with(|c| std::mem::replace(&mut *c.borrow_mut(), outer));
+    Ok((result?, collected.unwrap_or_default()))
+}
+
+/// A new slot for the layer at `vp`, listed when layers are being collected.
+fn adaptable(vp: &VarPath, weight: &Tensor, geometry: Geometry) -> LowRankSlot {
+    let paths = LowRankSlot::default();
+    COLLECTED.with(|c| {
+        if let Some(table) = c.borrow_mut().as_mut() {
+            table.layers.insert(
+                vp.prefix().to_string(),
+                AdaptableLayer {
+                    weight: weight.shallow_clone(),
+                    geometry,
+                    paths: paths.clone(),
+                },
+            );
+        }
+    });
+    paths
+}
+
 /// `torch.nn.Linear`.
 #[derive(Debug)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    low_rank: LowRankSlot,
 }
 
 impl Linear {
     /// Loads `weight` [out, in] and, when `bias`, `bias` [out].
     pub fn load(vp: &VarPath, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weight = vp.get("weight", &[out_dim, in_dim])?;
         Ok(Self {
-            weight: vp.get("weight", &[out_dim, in_dim])?,
+            low_rank: adaptable(vp, &weight, Geometry::Linear),
+            weight,
             bias: if bias {
                 Some(vp.get("bias", &[out_dim])?)
             } else {
@@ -27,7 +147,13 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        self.low_rank.borrow().iter().fold(y, |y, p| {
+            y + x
+                .linear::<&Tensor>(&p.down, None)
+                .linear::<&Tensor>(&p.up, None)
+                * p.scale
+        })
     }
 }
 
@@ -38,6 +164,7 @@ pub struct Conv2d {
     bias: Tensor,
     stride: i64,
     padding: i64,
+    low_rank: LowRankSlot,
 }
 
 impl Conv2d {
@@ -50,8 +177,10 @@ impl Conv2d {
         stride: i64,
         padding: i64,
     ) -> Result<Self> {
+        let weight = vp.get("weight", &[out_channels, in_channels, kernel, kernel])?;
         Ok(Self {
-            weight: vp.get("weight", &[out_channels, in_channels, kernel, kernel])?,
+            low_rank: adaptable(vp, &weight, Geometry::Conv { stride, padding }),
+            weight,
             bias: vp.get("bias", &[out_channels])?,
             stride,
             padding,
@@ -60,14 +189,13 @@ impl Conv2d {
 
     /// Applies the convolution to an NCHW tensor.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
-            &self.weight,
-            Some(&self.bias),
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            1,
-        )
+        let (stride, padding) = ([self.stride, self.stride], [self.padding, self.padding]);
+        let y = x.conv2d(&self.weight, Some(&self.bias), stride, padding, [1, 1], 1);
+        // LoCon: a k x k convolution to the rank, then a 1 x 1 one back up.
+        self.low_rank.borrow().iter().fold(y, |y, p| {
+            let down = x.conv2d::<&Tensor>(&p.down, None, stride, padding, [1, 1], 1);
+            y + down.conv2d::<&Tensor>(&p.up, None, [1, 1], [0, 0], [1, 1], 1) * p.scale
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::loading::weights::{VarPath, Weights};
 use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
-use crate::engine::models::nn::{Conv2d, GroupNorm, Linear};
+use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable, Linear};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
 /// An integer or one integer per block, as diffusers configs write them.
@@ -280,6 +280,8 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Its linear and convolution layers, for LoRA adapters.
+    adaptable: LayerTable,
 }
 
 fn unsupported(path: &Path, message: impl Into<String>) -> EngineError {
@@ -375,6 +377,17 @@ impl UNet2DConditionModel {
 
     /// Builds the model from weights at `vp` (diffusers keys).
     pub fn load(vp: &VarPath, config: UNetConfig, config_path: &Path) -> Result<Self> {
+        let (mut model, layers) = collect_layers(|| Self::build(vp, config, config_path))?;
+        model.adaptable = layers;
+        Ok(model)
+    }
+
+    /// The linear and convolution layers, by module key.
+    pub fn adaptable_layers(&self) -> &LayerTable {
+        &self.adaptable
+    }
+
+    fn build(vp: &VarPath, config: UNetConfig, config_path: &Path) -> Result<Self> {
         Self::validate(&config, config_path)?;
         let c = &config;
         let n = c.block_out_channels.len();
@@ -584,6 +597,7 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::load(&vp.pp("conv_norm_out"), groups, channels[0], eps)?,
             conv_out: Conv2d::load(&vp.pp("conv_out"), channels[0], c.out_channels, 3, 1, 1)?,
             config,
+            adaptable: LayerTable::default(),
         })
     }
 

@@ -1,0 +1,517 @@
+//! LoRA adapters equal diffusers' load_lora_weights + set_adapters: PEFT and kohya-ss files
+//! (LoCon convolutions, sgm UNet names, alphas), weights, stacking, text-encoder-only and
+//! UNet-only adapters, on both tiny pipelines and in both application modes; over the
+//! engine, the CLI and gRPC. No request sees another's adapters, and adapters that do not
+//! fit are refused without leaving anything applied.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::error::EngineError;
+use sdxld::engine::loading::lora::LoraWeights;
+use sdxld::engine::lora::{apply, JobLora, LoraMode};
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
+use sdxld::proto::v1 as pb;
+use serde_json::Value;
+use tch::Tensor;
+
+fn cases(config: &str) -> Vec<Value> {
+    let path = fixtures().join(config).join("lora.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("lora.json")).expect("json")
+}
+
+fn params(case: &Value) -> GenerateParams {
+    GenerateParams {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: Some(case["negative_prompt"].as_str().expect("negative").into()),
+        seed: case["seed"].as_u64().expect("seed"),
+        steps: case["steps"].as_u64().expect("steps") as usize,
+        guidance_scale: case["guidance"].as_f64().expect("guidance"),
+        width: 64,
+        height: 64,
+        ..GenerateParams::default()
+    }
+}
+
+/// (name, weight) of each adapter of a case.
+fn adapters(case: &Value) -> Vec<(String, f64)> {
+    case["loras"]
+        .as_array()
+        .expect("loras")
+        .iter()
+        .map(|l| {
+            (
+                l[0].as_str().expect("name").to_string(),
+                l[1].as_f64().expect("weight"),
+            )
+        })
+        .collect()
+}
+
+fn load(config: &str, name: &str) -> Rc<LoraWeights> {
+    let path = fixtures()
+        .join(config)
+        .join("lora")
+        .join(format!("{name}.safetensors"));
+    Rc::new(LoraWeights::load(&path, name, tch::Device::Cpu, tch::Kind::Float).expect("lora"))
+}
+
+fn job_loras(config: &str, list: &[(String, f64)]) -> Vec<JobLora> {
+    list.iter()
+        .map(|(name, weight)| JobLora {
+            name: name.clone(),
+            weights: load(config, name),
+            strength: *weight,
+        })
+        .collect()
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.equal(b)
+}
+
+#[test]
+fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
+    for config in CONFIGS {
+        let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
+            .expect("load");
+        let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
+        let all = cases(config);
+        let plain_case = all.iter().find(|c| c["name"] == "plain").expect("plain");
+        let before = pipe
+            .generate(&params(plain_case), &mut |_| Ok(()))
+            .expect("plain");
+        assert_close(
+            &format!("{config} plain"),
+            &before.latents,
+            &reference["plain.latents"],
+        );
+        for mode in [LoraMode::Merge, LoraMode::Forward] {
+            for case in all.iter().filter(|c| c["name"] != "plain") {
+                let name = case["name"].as_str().expect("name");
+                let what = format!("{config} {name} ({mode:?})");
+                let loras = job_loras(config, &adapters(case));
+                let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(applied.layers() > 0, "{what}: nothing adapted");
+                let out = pipe
+                    .generate(&params(case), &mut |_| Ok(()))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                drop(applied);
+                assert_close(
+                    &format!("{what} latents"),
+                    &out.latents,
+                    &reference[&format!("{name}.latents")],
+                );
+                assert_images_match(
+                    &format!("{what} images"),
+                    &out.images,
+                    &reference[&format!("{name}.images")],
+                );
+                // The adapter matters: its image is not the plain one.
+                assert!(
+                    !same_bits(&out.latents, &before.latents),
+                    "{what}: no effect"
+                );
+            }
+            // Taken off bit for bit: the plain request is what it was before any adapter.
+            let after = pipe
+                .generate(&params(plain_case), &mut |_| Ok(()))
+                .expect("plain again");
+            assert!(
+                same_bits(&after.latents, &before.latents)
+                    && same_bits(&after.images, &before.images),
+                "{config} ({mode:?}): an adapter left a trace"
+            );
+        }
+    }
+}
+
+#[test]
+fn adapters_that_do_not_fit_are_refused_and_leave_nothing_applied() {
+    let config = "tiny2";
+    let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
+        .expect("load");
+    let plain_case = cases(config)
+        .into_iter()
+        .find(|c| c["name"] == "plain")
+        .expect("plain");
+    let before = pipe
+        .generate(&params(&plain_case), &mut |_| Ok(()))
+        .expect("plain");
+    for mode in [LoraMode::Merge, LoraMode::Forward] {
+        for (name, key) in [
+            // Its last text-encoder pair has SD1.5's width; the ones before it fit.
+            (
+                "wrong_shapes",
+                "lora_te1_encoder_layers_2_self_attn_v_proj.lora_down.weight",
+            ),
+            (
+                "no_such_layer",
+                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight",
+            ),
+        ] {
+            // A good adapter first: it must not stay applied either.
+            let mut loras = job_loras(config, &[("style_peft".into(), 1.0)]);
+            loras.extend(job_loras(config, &[(name.into(), 1.0)]));
+            let err = apply(&pipe, &loras, mode).err().expect("refused");
+            match &err {
+                EngineError::Lora { lora, key: k, .. } => {
+                    assert_eq!((lora.as_str(), k.as_str()), (name, key), "{err}");
+                }
+                other => panic!("{name}: {other}"),
+            }
+        }
+        let after = pipe
+            .generate(&params(&plain_case), &mut |_| Ok(()))
+            .expect("plain again");
+        assert!(
+            same_bits(&after.latents, &before.latents),
+            "({mode:?}): a refused adapter left a trace"
+        );
+    }
+}
+
+#[test]
+fn loras_over_the_cli_match_diffusers() {
+    let config = "tiny3";
+    let dir = fixtures().join(config);
+    let reference = read_tensors(&dir.join("lora.safetensors"));
+    let out = tempfile::tempdir().expect("tempdir");
+    for mode in ["merge", "forward"] {
+        let png = out.path().join(format!("{mode}.png"));
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+            .args([
+                "generate", "--device", "cpu", "--width", "64", "--height", "64",
+            ])
+            .args([
+                "--prompt",
+                "a knight in shining armour",
+                "--negative-prompt",
+                "blurry",
+            ])
+            .args(["--seed", "61", "--steps", "4", "--guidance", "5"])
+            .args(["--lora", "char_kohya:0.8", "--lora", "style_peft:-0.5"])
+            .args(["--lora-mode", mode])
+            .arg("--lora-dir")
+            .arg(dir.join("lora"))
+            .arg("--model")
+            .arg(dir.join("pipeline"))
+            .arg("--output")
+            .arg(&png)
+            .output()
+            .expect("sdxld runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_images_match(
+            &format!("CLI --lora ({mode})"),
+            &common::image_file(&png),
+            &reference["stacked.images"].get(0),
+        );
+    }
+    // A weight out of range and an unknown name are refused before anything loads.
+    for (arg, expected) in [
+        ("style_peft:2.5", "between -2 and 2"),
+        ("absent:1", "not found"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+            .args([
+                "generate", "--device", "cpu", "--prompt", "x", "--steps", "1",
+            ])
+            .args(["--lora", arg])
+            .arg("--lora-dir")
+            .arg(dir.join("lora"))
+            .arg("--model")
+            .arg(dir.join("pipeline"))
+            .arg("--output")
+            .arg(out.path().join("x.png"))
+            .output()
+            .expect("sdxld runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{arg}: {stderr}"
+        );
+    }
+}
+
+/// The A1111 `parameters` text of a PNG.
+fn png_parameters(bytes: &[u8]) -> String {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("png");
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .and_then(|c| c.get_text().ok())
+        .expect("a parameters chunk")
+}
+
+fn lora(name: &str, weight: f32) -> pb::LoraAdapter {
+    pb::LoraAdapter {
+        name: name.into(),
+        weight: Some(weight),
+    }
+}
+
+fn grpc_spec(case: &Value, loras: Vec<pb::LoraAdapter>) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: Some(case["negative_prompt"].as_str().expect("negative").into()),
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        guidance_scale: Some(case["guidance"].as_f64().expect("guidance") as f32),
+        width: 64,
+        height: 64,
+        loras,
+        ..Default::default()
+    }
+}
+
+fn case_loras(case: &Value) -> Vec<pb::LoraAdapter> {
+    adapters(case)
+        .into_iter()
+        .map(|(name, weight)| lora(&name, weight as f32))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
+    use common::server::TestServer;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    let config = "tiny2";
+    let dir = fixtures().join(config);
+    let reference = read_tensors(&dir.join("lora.safetensors"));
+    let all = cases(config);
+    let case = |name: &str| {
+        all.iter()
+            .find(|c| c["name"] == name)
+            .expect("case")
+            .clone()
+    };
+    for mode in ["merge", "forward"] {
+        let server = TestServer::start(&[
+            (
+                "SDXLD__ENGINE__DEFAULT_MODEL",
+                dir.join("pipeline").to_str().expect("utf-8"),
+            ),
+            (
+                "SDXLD__MODELS__LORA_ROOTS",
+                dir.join("lora").to_str().expect("utf-8"),
+            ),
+            ("SDXLD__ENGINE__LORA_MODE", mode),
+        ])
+        .await;
+        let client = server.generation().await;
+        let run = |spec: pb::GenerationSpec| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+                    .await
+            }
+        };
+        let plain = case("plain");
+        let first = run(grpc_spec(&plain, vec![]))
+            .await
+            .expect("plain")
+            .into_inner();
+        let plain_bytes = first.images[0].data.clone();
+
+        // Stacked, mixed formats, one negative weight.
+        let stacked = case("stacked");
+        let response = run(grpc_spec(&stacked, case_loras(&stacked)))
+            .await
+            .expect("stacked")
+            .into_inner();
+        assert_images_match(
+            &format!("gRPC stacked ({mode})"),
+            &common::decoded_image(&response.images[0].data),
+            &reference["stacked.images"].get(0),
+        );
+        let used = response.completed.expect("completed").models;
+        for (name, weight) in [("char_kohya", 0.8f32), ("style_peft", -0.5)] {
+            let usage = used
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} not reported: {used:?}"));
+            assert_eq!(usage.kind, pb::ModelKind::Lora as i32);
+            assert_eq!((usage.weight, usage.sha256.len()), (weight, 64));
+        }
+        let text = png_parameters(&response.images[0].data);
+        assert!(
+            text.contains("<lora:char_kohya:0.8> <lora:style_peft:-0.5>")
+                && text.contains("Lora hashes: \"char_kohya: "),
+            "PNG parameters lack the LoRAs: {text}"
+        );
+
+        // Plain again: the same bytes.
+        let again = run(grpc_spec(&plain, vec![]))
+            .await
+            .expect("plain")
+            .into_inner();
+        assert_eq!(
+            again.images[0].data, plain_bytes,
+            "({mode}) the LoRAs leaked"
+        );
+
+        // Concurrent requests with different sets each get their own.
+        let names = ["peft_full", "te_only", "unet_only", "plain"];
+        let requests = names.map(|name| {
+            let c = case(name);
+            tokio::spawn(run(grpc_spec(&c, case_loras(&c))))
+        });
+        for (name, request) in names.into_iter().zip(requests) {
+            let response = request.await.expect("joined").expect(name).into_inner();
+            assert_images_match(
+                &format!("gRPC concurrent {name} ({mode})"),
+                &common::decoded_image(&response.images[0].data),
+                &reference[&format!("{name}.images")].get(0),
+            );
+            if name == "plain" {
+                assert_eq!(
+                    response.images[0].data, plain_bytes,
+                    "({mode}) concurrent leak"
+                );
+            }
+        }
+
+        // Errors name what is wrong; nothing stays applied; the server keeps serving.
+        let status = run(grpc_spec(&plain, vec![lora("absent", 1.0)]))
+            .await
+            .expect_err("unknown");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let status = run(grpc_spec(&plain, vec![lora("style_peft", 2.5)]))
+            .await
+            .expect_err("weight");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let fields: Vec<String> = status
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, ["spec.loras[0].weight"]);
+        for bad in ["wrong_shapes", "no_such_layer"] {
+            let status = run(grpc_spec(
+                &plain,
+                vec![lora("style_peft", 1.0), lora(bad, 1.0)],
+            ))
+            .await
+            .expect_err(bad);
+            assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+            let info = status.get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, "LORA_INCOMPATIBLE");
+            assert_eq!(info.metadata["lora"], bad);
+            assert!(
+                status.message().contains(&info.metadata["key"]),
+                "{}",
+                status.message()
+            );
+        }
+        let last = run(grpc_spec(&plain, vec![]))
+            .await
+            .expect("plain")
+            .into_inner();
+        assert_eq!(
+            last.images[0].data, plain_bytes,
+            "({mode}) a refused LoRA leaked"
+        );
+
+        // The models RPC describes the adapters.
+        let list = server
+            .models()
+            .await
+            .list_models(pb::ListModelsRequest {
+                kind: pb::ModelKind::Lora as i32,
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .models;
+        let info = |name: &str| {
+            list.iter()
+                .find(|m| m.name == name)
+                .and_then(|m| m.lora.clone())
+                .unwrap_or_else(|| panic!("{name} not listed"))
+        };
+        use pb::LoraTarget::{TextEncoder, TextEncoder2, Unet};
+        for (name, format, rank, targets) in [
+            (
+                "style_peft",
+                pb::LoraFormat::Peft,
+                4,
+                vec![Unet, TextEncoder, TextEncoder2],
+            ),
+            (
+                "char_kohya",
+                pb::LoraFormat::Kohya,
+                4,
+                vec![Unet, TextEncoder, TextEncoder2],
+            ),
+            (
+                "te_only_peft",
+                pb::LoraFormat::Peft,
+                3,
+                vec![TextEncoder, TextEncoder2],
+            ),
+            ("unet_only_peft", pb::LoraFormat::Peft, 3, vec![Unet]),
+        ] {
+            let got = info(name);
+            assert_eq!(got.format, format as i32, "{name}");
+            assert_eq!(got.rank, rank, "{name}");
+            let targets: Vec<i32> = targets.into_iter().map(|t| t as i32).collect();
+            assert_eq!(got.targets, targets, "{name}");
+        }
+        let resident = list
+            .iter()
+            .find(|m| m.name == "style_peft")
+            .expect("listed");
+        assert!(resident.resident && resident.sha256.len() == 64);
+    }
+}
+
+#[test]
+fn loras_are_cached_by_content_within_the_budget() {
+    use sdxld::engine::cache::{ModelCache, ModelPath};
+    use sdxld::engine::loading::weights::loaded_bytes;
+
+    let dir = fixtures().join("tiny2").join("lora");
+    let (a, b) = (
+        dir.join("style_peft.safetensors"),
+        dir.join("unet_only_peft.safetensors"),
+    );
+    let copy = tempfile::tempdir().expect("tempdir");
+    let a_again = copy.path().join("same_style.safetensors");
+    std::fs::copy(&a, &a_again).expect("copy");
+    let bytes = |p: &std::path::Path| loaded_bytes(p, None, tch::Kind::Float).expect("bytes");
+    // Room for either adapter, not both.
+    let budget = bytes(&a) + bytes(&b) - 1;
+    let mut cache = ModelCache::new(Placement::cpu(), Some(budget));
+    cache.make_room(&[ModelPath::Lora(&a)], 0).expect("room");
+    let first = cache.lora(&a, "style_peft").expect("load");
+    assert_eq!(cache.stats().resident_bytes, bytes(&a));
+    // The same content under another name is the same copy, not a second load.
+    let shared = cache.lora(&a_again, "same_style").expect("load");
+    assert!(Rc::ptr_eq(&first, &shared));
+    assert_eq!(cache.stats().component_loads, 1);
+    drop((first, shared));
+    cache.make_room(&[ModelPath::Lora(&b)], 0).expect("room");
+    assert!(
+        !cache.is_lora_resident(&a),
+        "the least recently used LoRA stays"
+    );
+    cache.lora(&b, "unet_only_peft").expect("load");
+    assert!(cache.is_lora_resident(&b));
+    assert_eq!(cache.stats().evictions, 1);
+    assert_eq!(cache.stats().resident_bytes, bytes(&b));
+}
