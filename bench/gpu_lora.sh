@@ -36,7 +36,7 @@ for mode in merge forward; do
 done
 
 python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --write-only
-python3 bench/gpu_lora.py --sdxld "$sdxld" --steps 10 --runs 3
+python3 bench/gpu_lora.py --sdxld "$sdxld" --steps 20 --runs 5
 for mode in merge forward; do
   start=$(date +%s.%N)
   "$sdxld" generate --model /tmp/sdxl-random --device cuda --dtype bfloat16 --lora-dir /tmp/sdxl-loras \

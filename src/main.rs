@@ -561,36 +561,42 @@ fn bench_lora(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<
         sync();
         Ok(start.elapsed().as_secs_f64())
     };
-    let per_step = || -> anyhow::Result<f64> {
-        denoise(args.steps)?;
-        let mut times = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let long = denoise(args.steps)?;
-            let short = denoise(1)?;
-            times.push((long - short) / (args.steps - 1) as f64);
-        }
-        Ok(median(times))
-    };
+    // One step's time for each adapter set, the sets taking turns so that drifting clocks
+    // weigh on all of them alike.
     let (one, all) = (&loras[..1], &loras[..]);
-    per_step()?;
-    for mode in [LoraMode::Merge, LoraMode::Forward] {
-        let mut steps = Vec::new();
-        for set in [&loras[..0], one, all] {
-            let applied = sdxld::engine::lora::apply(&pipeline, set, mode)?;
-            steps.push(per_step()?);
-            drop(applied);
+    let sets = [&loras[..0], one, all];
+    let per_step = |mode: LoraMode| -> anyhow::Result<Vec<f64>> {
+        let mut samples = vec![Vec::with_capacity(runs); sets.len()];
+        for run in 0..=runs {
+            for (set, times) in sets.iter().zip(samples.iter_mut()) {
+                let _applied = sdxld::engine::lora::apply(&pipeline, set, mode)?;
+                sync();
+                let long = denoise(args.steps)?;
+                let short = denoise(1)?;
+                // The first round warms up.
+                if run > 0 {
+                    times.push((long - short) / (args.steps - 1) as f64);
+                }
+            }
         }
+        Ok(samples.into_iter().map(median).collect())
+    };
+    for mode in [LoraMode::Merge, LoraMode::Forward] {
+        let steps = per_step(mode)?;
         // Switching: the adapters of one request off, the next request's on.
-        let mut switches = Vec::with_capacity(2 * runs);
+        let (mut switches, mut restores) = (Vec::new(), Vec::new());
         let mut current = Some(sdxld::engine::lora::apply(&pipeline, one, mode)?);
         for i in 0..=2 * runs {
             let next = if i % 2 == 0 { all } else { one };
             let start = Instant::now();
             drop(current.take());
+            sync();
+            let restored = start.elapsed().as_secs_f64();
             current = Some(sdxld::engine::lora::apply(&pipeline, next, mode)?);
             sync();
             if i > 0 {
                 switches.push(start.elapsed().as_secs_f64());
+                restores.push(restored);
             }
         }
         drop(current);
@@ -604,6 +610,7 @@ fn bench_lora(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<
                 "step_ratio_one": steps[1] / steps[0],
                 "step_ratio_all": steps[2] / steps[0],
                 "switch_s": switch,
+                "restore_s": median(restores),
                 "switch_over_step": switch / steps[0],
             })
         );

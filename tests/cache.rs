@@ -6,30 +6,14 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::fixtures;
 use common::server::TestServer;
+use common::weights_bytes;
 use sdxld::engine::cache::ModelCache;
 use sdxld::engine::pipeline::Placement;
 use sdxld::proto::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
-
-/// Bytes of the float32 tensors of every safetensors file under `dir`.
-fn weights_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            total += weights_bytes(&path);
-        } else if path.extension().is_some_and(|e| e == "safetensors") {
-            total += sdxld::engine::loading::weights::loaded_bytes(&path, None, tch::Kind::Float)
-                .expect("header");
-        }
-    }
-    total
-}
 
 fn metric(server: &TestServer, name: &str) -> f64 {
     let text = server.metrics();

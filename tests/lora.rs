@@ -515,3 +515,56 @@ fn loras_are_cached_by_content_within_the_budget() {
     assert_eq!(cache.stats().evictions, 1);
     assert_eq!(cache.stats().resident_bytes, bytes(&b));
 }
+
+#[test]
+fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() {
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
+
+    use sdxld::engine::cache::{activation_estimate, ModelPath};
+    use sdxld::engine::lora::merged_bytes;
+    use sdxld::jobs::worker::Engine;
+
+    let pipeline = fixtures().join("tiny2/pipeline");
+    let lora = fixtures().join("tiny2/lora/char_kohya.safetensors");
+    let params = GenerateParams {
+        width: 64,
+        height: 64,
+        ..GenerateParams::default()
+    };
+    let weights = common::weights_bytes(&pipeline) + common::weights_bytes(&lora);
+    let activations = activation_estimate(&pipeline, &params, 4);
+    let copies = merged_bytes(&[(lora.as_path(), "char_kohya")], 4).expect("header");
+    assert!(copies > 0);
+    let models = [ModelPath::Pipeline(&pipeline), ModelPath::Lora(&lora)];
+    let room = |budget: u64, mode: LoraMode| {
+        Engine::new(
+            Placement::cpu(),
+            Some(budget),
+            0,
+            Arc::new(Mutex::new(HashSet::new())),
+        )
+        .with_lora_mode(mode)
+        .make_room(&models, &params, copies)
+    };
+    let roomy = weights + activations + copies;
+    let tight = weights + activations + copies / 2;
+    assert_eq!(room(roomy, LoraMode::Auto).expect("fits"), LoraMode::Merge);
+    assert_eq!(
+        room(tight, LoraMode::Auto).expect("fits"),
+        LoraMode::Forward
+    );
+    assert_eq!(
+        room(tight, LoraMode::Forward).expect("fits"),
+        LoraMode::Forward
+    );
+    assert!(matches!(
+        room(tight, LoraMode::Merge),
+        Err(EngineError::MemoryBudget(_))
+    ));
+    // Not even the weights fit: refused whatever the mode.
+    assert!(matches!(
+        room(weights, LoraMode::Auto),
+        Err(EngineError::MemoryBudget(_))
+    ));
+}

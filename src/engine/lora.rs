@@ -2,7 +2,7 @@
 //!
 //! Two ways of applying them, chosen per engine ([`LoraMode`]):
 //! - merge: each adapted layer's weight is replaced, for the job, by a new tensor holding
-//!   `W + Σ weight·scale·(up @ down)` (computed in float32); the layer's pristine tensor is
+//!   `W + Σ weight·scale·(up @ down)` (fused multiply-adds); the layer's pristine tensor is
 //!   kept aside and put back when the job ends, so the weights are restored bit for bit
 //!   without a copy and denoising steps cost what they cost without adapters;
 //! - forward: the layers add `weight·scale·up(down(x))` to their output, as PEFT does;
@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loading::lora::{LoraPair, LoraTarget, LoraWeights, ModuleName};
@@ -26,8 +26,10 @@ use crate::engine::pipeline::SdxlPipeline;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LoraMode {
-    /// Merged into the weights for the job (no cost per step).
+    /// Merge when the merged copies fit the memory budget, else forward.
     #[default]
+    Auto,
+    /// Merged into the weights for the job (no cost per step).
     Merge,
     /// Extra low-rank products in the forward pass (no copy of any weight).
     Forward,
@@ -38,12 +40,18 @@ impl std::str::FromStr for LoraMode {
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "auto" => Ok(LoraMode::Auto),
             "merge" => Ok(LoraMode::Merge),
             "forward" => Ok(LoraMode::Forward),
-            other => Err(format!("`{other}` is not a LoRA mode (merge, forward)")),
+            other => Err(format!(
+                "`{other}` is not a LoRA mode (auto, merge, forward)"
+            )),
         }
     }
 }
+
+/// Most weight elements merged in one stacked operation (the stack is a transient copy).
+const MERGE_CHUNK_ELEMENTS: i64 = 64 << 20;
 
 /// An adapter a job asks for.
 pub struct JobLora {
@@ -88,8 +96,7 @@ struct Matched<'a> {
     target: LoraTarget,
     key: &'a str,
     layer: &'a AdaptableLayer,
-    down: Tensor,
-    up: Tensor,
+    pair: &'a LoraPair,
     scale: f64,
 }
 
@@ -97,20 +104,24 @@ struct Matched<'a> {
 struct Names<'a> {
     table: &'a LayerTable,
     /// kohya-ss flattened names (diffusers and sgm layouts) to module keys.
-    flat: HashMap<String, &'a str>,
+    flat: &'a HashMap<String, String>,
 }
 
 impl<'a> Names<'a> {
+    /// The names of `table`'s layers (kept with the table after the first use).
     fn new(table: &'a LayerTable, unet_layers_per_block: Option<usize>) -> Self {
-        let mut flat = HashMap::new();
-        for (key, _) in table.iter() {
-            flat.insert(key.replace('.', "_"), key.as_str());
-            if let Some(lpb) = unet_layers_per_block {
-                for sgm in unet_sgm_names(key, lpb) {
-                    flat.insert(sgm.replace('.', "_"), key.as_str());
+        let flat = table.aliases(|table| {
+            let mut flat = HashMap::new();
+            for (key, _) in table.iter() {
+                flat.insert(key.replace('.', "_"), key.clone());
+                if let Some(lpb) = unet_layers_per_block {
+                    for sgm in unet_sgm_names(key, lpb) {
+                        flat.insert(sgm.replace('.', "_"), key.clone());
+                    }
                 }
             }
-        }
+            flat
+        });
         Self { table, flat }
     }
 
@@ -119,7 +130,7 @@ impl<'a> Names<'a> {
             ModuleName::Key(key) => key.strip_prefix("text_model.").unwrap_or(key),
             ModuleName::Flat(flat) => {
                 let flat = flat.strip_prefix("text_model_").unwrap_or(flat);
-                self.flat.get(flat)?
+                self.flat.get(flat)?.as_str()
             }
         };
         let (key, layer) = self.table.entry(key)?;
@@ -127,46 +138,55 @@ impl<'a> Names<'a> {
     }
 }
 
-/// The down and up matrices of `pair` shaped for `layer`, or why they do not fit.
-fn fit(pair: &LoraPair, layer: &AdaptableLayer) -> std::result::Result<(Tensor, Tensor), String> {
+/// Why `pair` does not fit `layer`, if it does not.
+fn check_fit(pair: &LoraPair, layer: &AdaptableLayer) -> std::result::Result<(), String> {
     let weight = layer.weight.size();
     let (down, up) = (&pair.module.down_shape, &pair.module.up_shape);
-    let rank = pair.module.rank();
     let (out, input) = (weight[0], weight[1]);
-    let kernel: Vec<i64> = weight[2..].to_vec();
+    let kernel = &weight[2..];
     let unit_kernel = kernel.iter().all(|&k| k == 1);
     let fits = match layer.geometry {
         Geometry::Linear => down[1] == input && up[0] == out && down[2..].iter().all(|&d| d == 1),
         Geometry::Conv { .. } => {
             down[1] == input
                 && up[0] == out
-                && (down[2..] == kernel[..] || (down.len() == 2 && unit_kernel))
+                && (down[2..] == *kernel || (down.len() == 2 && unit_kernel))
         }
     };
-    if !fits {
-        return Err(format!(
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
             "has down {down:?} and up {up:?}, which do not fit a layer with weight {weight:?} (made for another architecture?)"
-        ));
+        ))
     }
-    Ok(match layer.geometry {
+}
+
+/// The low-rank path of `pair` shaped for `layer`'s forward pass.
+fn low_rank_path(pair: &LoraPair, layer: &AdaptableLayer, scale: f64) -> LowRankPath {
+    let weight = layer.weight.size();
+    let rank = pair.module.rank();
+    let (out, input) = (weight[0], weight[1]);
+    let (down, up) = match layer.geometry {
         Geometry::Linear => (
             pair.down.reshape([rank, input]),
             pair.up.reshape([out, rank]),
         ),
         Geometry::Conv { .. } => {
             let mut down_shape = vec![rank, input];
-            down_shape.extend(&kernel);
+            down_shape.extend(&weight[2..]);
             (
                 pair.down.reshape(down_shape),
                 pair.up.reshape([out, rank, 1, 1]),
             )
         }
-    })
+    };
+    LowRankPath { down, up, scale }
 }
 
 /// Matches every pair of every adapter to a layer of `pipeline`; the first that does not
 /// fit is an error naming its adapter and key.
-fn match_all<'a>(pipeline: &'a SdxlPipeline, loras: &[JobLora]) -> Result<Vec<Matched<'a>>> {
+fn match_all<'a>(pipeline: &'a SdxlPipeline, loras: &'a [JobLora]) -> Result<Vec<Matched<'a>>> {
     let unet = pipeline.unet();
     let lpb = usize::try_from(unet.config().layers_per_block).ok();
     let unet_names = Names::new(unet.adaptable_layers(), lpb);
@@ -195,18 +215,34 @@ fn match_all<'a>(pipeline: &'a SdxlPipeline, loras: &[JobLora]) -> Result<Vec<Ma
                     pair.module.target.name()
                 ))
             })?;
-            let (down, up) = fit(pair, layer).map_err(error)?;
+            check_fit(pair, layer).map_err(error)?;
             matched.push(Matched {
                 target: pair.module.target,
                 key,
                 layer,
-                down,
-                up,
+                pair,
                 scale: pair.scale * lora.strength,
             });
         }
     }
     Ok(matched)
+}
+
+/// Bytes the merged copies of the layers the LoRA files at `paths` adapt take while a
+/// job runs, at `element_bytes` per weight, with the transient stack of one merge chunk
+/// (read from the files' headers; a layer adapted by several files counts once).
+pub fn merged_bytes(paths: &[(&std::path::Path, &str)], element_bytes: u64) -> Result<u64> {
+    let mut layers = std::collections::HashMap::new();
+    for (path, name) in paths {
+        let layout = crate::engine::loading::lora::LoraLayout::read(path, name)?;
+        for module in layout.modules {
+            let weight: i64 = module.up_shape[0] * module.down_shape[1..].iter().product::<i64>();
+            layers.insert((module.target, module.module), weight.max(0) as u64);
+        }
+    }
+    let total: u64 = layers.values().sum();
+    let transient = (2 * MERGE_CHUNK_ELEMENTS as u64).min(2 * total);
+    Ok((total + transient) * element_bytes)
 }
 
 /// Puts `loras` on `pipeline` (shared components included) until the result is dropped.
@@ -224,44 +260,70 @@ pub fn apply(pipeline: &SdxlPipeline, loras: &[JobLora], mode: LoraMode) -> Resu
                 if paths.is_empty() {
                     applied.slots.push(m.layer.paths.clone());
                 }
-                paths.push(LowRankPath {
-                    down: m.down,
-                    up: m.up,
-                    scale: m.scale,
-                });
+                paths.push(low_rank_path(m.pair, m.layer, m.scale));
             }
         }
-        LoraMode::Merge => {
-            // Several adapters on one layer: one merged tensor with all their deltas.
-            let mut by_layer: BTreeMap<(LoraTarget, &str), Vec<Matched<'_>>> = BTreeMap::new();
-            for m in matched {
-                by_layer.entry((m.target, m.key)).or_default().push(m);
+        // Without a budget to decide by, merging is the faster way.
+        LoraMode::Merge | LoraMode::Auto => merge(matched, &mut applied),
+    }
+    Ok(applied)
+}
+
+/// Layers merged together: same weight shape, same adapter ranks and scales, in order.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct MergeGroup {
+    shape: Vec<i64>,
+    /// (rank, scale bits) of each adapter.
+    adapters: Vec<(i64, u64)>,
+}
+
+/// Merges the matched pairs into new weight tensors, recording what to restore.
+///
+/// Layers of one [`MergeGroup`] are merged a chunk at a time: one stacked fused
+/// multiply-add per adapter, W + scale·(up @ down), accumulated by the BLAS and rounded
+/// once to the weight's precision. That is a few hundred kernels for a whole SDXL UNet
+/// rather than one per layer and adapter, so that switching sets costs less than a step.
+/// Out of place: the pristine tensors are never written.
+fn merge(matched: Vec<Matched<'_>>, applied: &mut AppliedLoras) {
+    let mut by_layer: BTreeMap<(LoraTarget, &str), Vec<Matched<'_>>> = BTreeMap::new();
+    for m in matched {
+        by_layer.entry((m.target, m.key)).or_default().push(m);
+    }
+    let mut groups: BTreeMap<MergeGroup, Vec<&[Matched<'_>]>> = BTreeMap::new();
+    for deltas in by_layer.values() {
+        let group = MergeGroup {
+            shape: deltas[0].layer.weight.size(),
+            adapters: deltas
+                .iter()
+                .map(|d| (d.pair.module.rank(), d.scale.to_bits()))
+                .collect(),
+        };
+        groups.entry(group).or_default().push(deltas.as_slice());
+    }
+    for (group, layers) in &groups {
+        let shape = &group.shape;
+        let elements: i64 = shape.iter().product();
+        let per_chunk = (MERGE_CHUNK_ELEMENTS / elements.max(1)).max(1) as usize;
+        for chunk in layers.chunks(per_chunk) {
+            let weights: Vec<&Tensor> = chunk.iter().map(|d| &d[0].layer.weight).collect();
+            let mut sum = Tensor::stack(&weights, 0).reshape([chunk.len() as i64, shape[0], -1]);
+            for (j, (_, scale)) in group.adapters.iter().enumerate() {
+                let ups: Vec<&Tensor> = chunk.iter().map(|d| &d[j].pair.up_bmm).collect();
+                let downs: Vec<&Tensor> = chunk.iter().map(|d| &d[j].pair.down_bmm).collect();
+                sum = sum.baddbmm(
+                    &Tensor::cat(&ups, 0),
+                    &Tensor::cat(&downs, 0),
+                    1.0,
+                    f64::from_bits(*scale),
+                );
             }
-            for deltas in by_layer.values() {
-                let layer = deltas[0].layer;
-                let weight = &layer.weight;
-                let shape = weight.size();
-                let delta = deltas
-                    .iter()
-                    .map(|d| {
-                        let rank = d.down.size()[0];
-                        d.up.to_kind(Kind::Float)
-                            .reshape([shape[0], rank])
-                            .matmul(&d.down.to_kind(Kind::Float).reshape([rank, -1]))
-                            * d.scale
-                    })
-                    .reduce(|sum, d| sum + d);
-                let Some(delta) = delta else {
-                    continue;
-                };
-                // Out of place: `to_kind` of a float32 weight is the weight itself.
-                let merged = (weight.to_kind(Kind::Float) + delta.reshape(shape.as_slice()))
-                    .to_kind(weight.kind());
+            for (i, deltas) in chunk.iter().enumerate() {
+                let weight = &deltas[0].layer.weight;
+                let merged = sum.get(i as i64).reshape(shape.as_slice());
                 let pristine = weight.detach();
                 weight.shallow_clone().set_data(&merged);
                 applied.merged.push((weight.shallow_clone(), pristine));
             }
         }
     }
-    Ok(applied)
 }

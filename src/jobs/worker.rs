@@ -84,12 +84,15 @@ impl Engine {
         }
     }
 
-    /// Makes room for a job using `models` and `params`, evicting what it does not use.
+    /// Makes room for a job using `models` and `params`, evicting what it does not use,
+    /// and says how its LoRA adapters are applied: merging them takes `lora_copies` more
+    /// bytes while the job runs, which the auto mode spends only if the budget has them.
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
         params: &GenerateParams,
-    ) -> Result<(), EngineError> {
+        lora_copies: u64,
+    ) -> Result<LoraMode, EngineError> {
         let element = self.placement().kind.elt_size_in_bytes() as u64;
         let activations = models
             .iter()
@@ -98,7 +101,29 @@ impl Engine {
                 ModelPath::Vae(_) | ModelPath::Lora(_) => None,
             })
             .unwrap_or(0);
-        let result = self.cache.make_room(models, activations);
+        let result = match self.lora_mode {
+            LoraMode::Forward => self
+                .cache
+                .make_room(models, activations)
+                .map(|()| LoraMode::Forward),
+            LoraMode::Merge => self
+                .cache
+                .make_room(models, activations + lora_copies)
+                .map(|()| LoraMode::Merge),
+            LoraMode::Auto => match self.cache.make_room(models, activations + lora_copies) {
+                Ok(()) => Ok(LoraMode::Merge),
+                Err(EngineError::MemoryBudget(_)) if lora_copies > 0 => {
+                    tracing::info!(
+                        lora_copies,
+                        "merged LoRA weights would not fit the memory budget; applying them in the forward pass"
+                    );
+                    self.cache
+                        .make_room(models, activations)
+                        .map(|()| LoraMode::Forward)
+                }
+                Err(e) => Err(e),
+            },
+        };
         self.publish();
         result
     }
@@ -317,7 +342,16 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     models.extend(refiner_model.map(|m| ModelPath::Pipeline(&m.path)));
     models.extend(vae_model.map(|m| ModelPath::Vae(&m.path)));
     models.extend(spec.loras.iter().map(|l| ModelPath::Lora(&l.model.path)));
-    engine.make_room(&models, &spec.params)?;
+    let lora_files: Vec<_> = spec
+        .loras
+        .iter()
+        .map(|l| (l.model.path.as_path(), l.model.name.as_str()))
+        .collect();
+    let lora_copies = crate::engine::lora::merged_bytes(
+        &lora_files,
+        engine.placement().kind.elt_size_in_bytes() as u64,
+    )?;
+    let lora_mode = engine.make_room(&models, &spec.params, lora_copies)?;
     let mut pipeline = engine.pipeline(&spec.model)?;
     let mut refiner = match refiner_model {
         Some(model) => Some(engine.pipeline(model)?),
@@ -342,7 +376,7 @@ fn run_job(engine: &mut Engine, job: &Job, metrics: &Arc<Metrics>) -> Result<(),
     // On the base model's components for the whole job; taken off when this goes out of
     // scope, however the job ends.
     let _adapters =
-        EngineError::catch(|| crate::engine::lora::apply(&pipeline, &loras, engine.lora_mode))?;
+        EngineError::catch(|| crate::engine::lora::apply(&pipeline, &loras, lora_mode))?;
     // Loads and evictions are visible before the job reports anything further.
     metrics.set_cache(engine.stats());
     check(job)?;

@@ -90,3 +90,20 @@ pub fn decoded_image(bytes: &[u8]) -> Tensor {
 pub fn image_file(path: &Path) -> Tensor {
     decoded_image(&std::fs::read(path).expect("the image file"))
 }
+
+/// Bytes of the float32 tensors of every safetensors file under `dir` (or of the file).
+#[allow(dead_code)]
+pub fn weights_bytes(dir: &Path) -> u64 {
+    if dir.is_file() {
+        return sdxld::engine::loading::weights::loaded_bytes(dir, None, tch::Kind::Float)
+            .expect("header");
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() || path.extension().is_some_and(|e| e == "safetensors") {
+            total += weights_bytes(&path);
+        }
+    }
+    total
+}

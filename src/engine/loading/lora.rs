@@ -51,7 +51,7 @@ impl LoraTarget {
 }
 
 /// How a file names the module an adapter pair applies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ModuleName {
     /// A module key, as PEFT writes it (`down_blocks.1.attentions.0.proj_in`).
     Key(String),
@@ -372,6 +372,10 @@ pub struct LoraPair {
     pub down: Tensor,
     /// The up (B) matrix.
     pub up: Tensor,
+    /// The up matrix as a batch of one [1, out, rank] (a view).
+    pub up_bmm: Tensor,
+    /// The down matrix as a batch of one [1, rank, in·k·k] (a view).
+    pub down_bmm: Tensor,
     /// Its scale at weight 1: alpha / rank (alpha / sqrt(rank) for rsLoRA), 1 without an
     /// alpha.
     pub scale: f64,
@@ -421,7 +425,10 @@ impl LoraWeights {
                 return Err(lora_error(lora, &module.down_key, "has a non-finite alpha"));
             }
             bytes += ((down.numel() + up.numel()) * kind.elt_size_in_bytes()) as u64;
+            let rank = module.rank();
             pairs.push(LoraPair {
+                up_bmm: up.f_reshape([1, module.up_shape[0], rank])?,
+                down_bmm: down.f_reshape([1, rank, -1])?,
                 module,
                 down,
                 up,

@@ -58,6 +58,8 @@ pub struct AdaptableLayer {
 #[derive(Debug, Default)]
 pub struct LayerTable {
     layers: BTreeMap<String, AdaptableLayer>,
+    /// Other names of the layers (alias to key), built once by whoever needs them.
+    aliases: std::cell::OnceCell<std::collections::HashMap<String, String>>,
 }
 
 impl LayerTable {
@@ -76,9 +78,18 @@ impl LayerTable {
         self.layers.iter()
     }
 
+    /// Other names of the layers, built by `build` on first use.
+    pub fn aliases(
+        &self,
+        build: impl FnOnce(&Self) -> std::collections::HashMap<String, String>,
+    ) -> &std::collections::HashMap<String, String> {
+        self.aliases.get_or_init(|| build(self))
+    }
+
     /// The table with `prefix` removed from the keys that start with it.
     pub fn without_prefix(self, prefix: &str) -> Self {
         Self {
+            aliases: std::cell::OnceCell::new(),
             layers: self
                 .layers
                 .into_iter()
