@@ -487,10 +487,12 @@ fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
-    if runs == 0 {
-        bail!("--runs must be at least 1");
-    }
+/// The pipeline and parameters a benchmark runs, on `threads` CPU threads (0: libtorch's
+/// default), with a fixed seed.
+fn bench_setup(
+    args: &GenerateArgs,
+    threads: i32,
+) -> anyhow::Result<(SdxlPipeline, GenerateParams)> {
     if threads > 0 {
         tch::set_num_threads(threads);
         tch::set_num_interop_threads(threads);
@@ -498,6 +500,16 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
     let pipeline = args.load()?;
     let mut params = args.params(&pipeline)?;
     params.seed = args.seed.unwrap_or(0);
+    Ok((pipeline, params))
+}
+
+fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let (pipeline, params) = bench_setup(args, threads)?;
+    let mode: LoraMode = args.lora_mode.parse().map_err(anyhow::Error::msg)?;
+    let _adapters = sdxld::engine::lora::apply(&pipeline, &args.loras(&pipeline)?, mode)?;
     let mut none = |_: Progress<'_>| Ok(());
     pipeline.generate(&params, &mut none)?;
     let device = pipeline.placement().device;
@@ -531,13 +543,7 @@ fn bench_lora(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<
     if runs == 0 || args.steps < 2 {
         bail!("--runs must be at least 1 and --steps at least 2");
     }
-    if threads > 0 {
-        tch::set_num_threads(threads);
-        tch::set_num_interop_threads(threads);
-    }
-    let pipeline = args.load()?;
-    let mut params = args.params(&pipeline)?;
-    params.seed = args.seed.unwrap_or(0);
+    let (pipeline, params) = bench_setup(args, threads)?;
     let loras = args.loras(&pipeline)?;
     if loras.len() < 2 {
         bail!("give at least two --lora adapters (one, then all of them, are timed)");
