@@ -79,12 +79,8 @@ enum Command {
     Bench {
         #[command(flatten)]
         generate: GenerateArgs,
-        /// Timed runs after one warm-up run.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// CPU threads (0 keeps libtorch's default).
-        #[arg(long, default_value_t = 1)]
-        threads: i32,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
     /// Times LoRA adapters in each mode: the time per denoising step with no adapter, the
     /// first --lora and all of them, and the cost of switching between those two sets, as
@@ -92,13 +88,20 @@ enum Command {
     BenchLora {
         #[command(flatten)]
         generate: GenerateArgs,
-        /// Timed runs of each measurement after a warm-up.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// CPU threads (0 keeps libtorch's default).
-        #[arg(long, default_value_t = 1)]
-        threads: i32,
+        #[command(flatten)]
+        timing: TimingArgs,
     },
+}
+
+/// How a benchmark runs.
+#[derive(Args, Clone, Copy)]
+struct TimingArgs {
+    /// Timed runs (of each measurement) after a warm-up.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// CPU threads (0 keeps libtorch's default).
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
 }
 
 #[derive(Args, Clone)]
@@ -667,16 +670,10 @@ fn main() -> anyhow::Result<()> {
             println!("wrote the demo model to {}", output.display());
             Ok(())
         }
-        Command::Bench {
-            generate,
-            runs,
-            threads,
-        } => bench(&generate, runs, threads),
-        Command::BenchLora {
-            generate,
-            runs,
-            threads,
-        } => bench_lora(&generate, runs, threads),
+        Command::Bench { generate, timing } => bench(&generate, timing.runs, timing.threads),
+        Command::BenchLora { generate, timing } => {
+            bench_lora(&generate, timing.runs, timing.threads)
+        }
         Command::Request {
             server,
             spec,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::pipeline::{
     GenerateParams, InitImage, Placement, SchedulerOverrides, SdxlPipeline,
 };
@@ -57,16 +57,7 @@ fn img2img_matches_diffusers() {
                 "{config} {name} ({} strength {})",
                 case["scheduler"], case["strength"]
             );
-            assert_close(
-                &format!("{what} latents"),
-                &out.latents,
-                &reference[&format!("{name}.latents")],
-            );
-            assert_images_match(
-                &format!("{what} images"),
-                &out.images,
-                &reference[&format!("{name}.images")],
-            );
+            common::assert_matches_case(&what, &out, &reference, name);
         }
     }
 }

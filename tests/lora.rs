@@ -99,16 +99,7 @@ fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
                     .generate(&params(case), &mut |_| Ok(()))
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 drop(applied);
-                assert_close(
-                    &format!("{what} latents"),
-                    &out.latents,
-                    &reference[&format!("{name}.latents")],
-                );
-                assert_images_match(
-                    &format!("{what} images"),
-                    &out.images,
-                    &reference[&format!("{name}.images")],
-                );
+                common::assert_matches_case(&what, &out, &reference, name);
                 // The adapter matters: its image is not the plain one.
                 assert!(
                     !same_bits(&out.latents, &before.latents),
@@ -428,16 +419,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
         );
 
         // The models RPC describes the adapters.
-        let list = server
-            .models()
-            .await
-            .list_models(pb::ListModelsRequest {
-                kind: pb::ModelKind::Lora as i32,
-            })
-            .await
-            .expect("list")
-            .into_inner()
-            .models;
+        let list = server.list_models(pb::ModelKind::Lora).await;
         let info = |name: &str| {
             list.iter()
                 .find(|m| m.name == name)

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::pipeline::{
     GenerateOutput, GenerateParams, InitImage, Placement, RefinerMode, RefinerParams,
     SchedulerOverrides, SdxlPipeline,
@@ -114,16 +114,7 @@ fn refiner_stage_matches_diffusers() {
             let name = case["name"].as_str().expect("name");
             let out = run(&base, &refiner, case, &picture);
             let what = format!("{config} {name} ({} {})", case["kind"], case["scheduler"]);
-            assert_close(
-                &format!("{what} latents"),
-                &out.latents,
-                &reference[&format!("{name}.latents")],
-            );
-            assert_images_match(
-                &format!("{what} images"),
-                &out.images,
-                &reference[&format!("{name}.images")],
-            );
+            common::assert_matches_case(&what, &out, &reference, name);
         }
     }
 }
@@ -311,16 +302,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         ("refiner".to_string(), pb::ModelKind::Refiner as i32)
     );
     assert_eq!(completed.models[1].sha256.len(), 64);
-    let listed = server
-        .models()
-        .await
-        .list_models(pb::ListModelsRequest {
-            kind: pb::ModelKind::Refiner as i32,
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .models;
+    let listed = server.list_models(pb::ModelKind::Refiner).await;
     let refiner = listed
         .iter()
         .find(|m| m.name == "refiner")

@@ -148,16 +148,7 @@ async fn a_single_file_over_grpc_and_the_cli() {
         .into_inner();
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match("gRPC single file", &got, &reference["images"].get(0));
-    let listed = server
-        .models()
-        .await
-        .list_models(pb::ListModelsRequest {
-            kind: pb::ModelKind::Base as i32,
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .models;
+    let listed = server.list_models(pb::ModelKind::Base).await;
     let entry = listed
         .iter()
         .find(|m| m.name == "tiny3-single")

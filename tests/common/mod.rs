@@ -107,3 +107,24 @@ pub fn weights_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+/// Asserts that `output` equals the reference case `name`: its latents (`<name>.latents`)
+/// within the latent tolerance and its images (`<name>.images`) within 2 per channel.
+#[allow(dead_code)]
+pub fn assert_matches_case(
+    what: &str,
+    output: &sdxld::engine::pipeline::GenerateOutput,
+    reference: &HashMap<String, Tensor>,
+    name: &str,
+) {
+    assert_close(
+        &format!("{what} latents"),
+        &output.latents,
+        &reference[&format!("{name}.latents")],
+    );
+    assert_images_match(
+        &format!("{what} images"),
+        &output.images,
+        &reference[&format!("{name}.images")],
+    );
+}

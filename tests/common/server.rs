@@ -88,6 +88,18 @@ impl TestServer {
         ModelServiceClient::new(self.channel().await)
     }
 
+    /// The models of `kind` the server lists.
+    #[allow(dead_code)]
+    pub async fn list_models(&self, kind: pb::ModelKind) -> Vec<pb::ModelInfo> {
+        self.models()
+            .await
+            .list_models(pb::ListModelsRequest { kind: kind as i32 })
+            .await
+            .expect("list")
+            .into_inner()
+            .models
+    }
+
     /// The health status of `service`.
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut client = HealthClient::new(self.channel().await);
