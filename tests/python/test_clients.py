@@ -3,6 +3,7 @@
 
 import io
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ from google.protobuf import json_format
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+BINARY = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
 
 
 def spec(stubs, **kw):
@@ -59,6 +61,53 @@ def test_python_client_health_models_generate_and_errors(stubs, server):
         gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, width=65, steps=999)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sorted(bad_request_fields(stubs, caught.value)) == ["spec.steps", "spec.width"]
+
+
+def write_demo_lora(path: Path, model: Path):
+    """A diffusers/PEFT LoRA (rank 2, lora_alpha 4 in diffusers' metadata) on every to_q
+    and to_v layer of the demo model's UNet, shaped from its weight file."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    with safe_open(str(model / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.endswith(("to_q.weight", "to_v.weight")):
+                out, inp = f.get_slice(key).get_shape()
+                module = key[: -len(".weight")]
+                tensors[f"unet.{module}.lora_A.weight"] = torch.randn(2, inp, generator=gen) / inp**0.5
+                tensors[f"unet.{module}.lora_B.weight"] = torch.randn(out, 2, generator=gen)
+    assert tensors
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4})})
+
+
+def test_python_client_loras(stubs, server, tmp_path):
+    model = tmp_path / "demo"
+    subprocess.run([BINARY, "demo-model", "--output", str(model)], check=True, capture_output=True)
+    write_demo_lora(server.lora_root / "sharp.safetensors", model)
+    channel = grpc.insecure_channel(server.address)
+    models = stubs.models_grpc.ModelServiceStub(channel)
+    listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_LORA)).models
+    (info,) = [m for m in listed if m.name == "sharp"]
+    assert info.lora.format == stubs.models.LORA_FORMAT_PEFT and info.lora.rank == 2
+    assert list(info.lora.targets) == [stubs.models.LORA_TARGET_UNET]
+
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data
+    adapted = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, loras=[stubs.gen.LoraAdapter(name="sharp", weight=1.5)])))
+    assert adapted.images[0].data != plain
+    (usage,) = [m for m in adapted.completed.models if m.kind == stubs.gen.MODEL_KIND_LORA]
+    assert (usage.name, usage.weight, len(usage.sha256)) == ("sharp", 1.5, 64)
+    # Nothing stays applied.
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data == plain
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, loras=[stubs.gen.LoraAdapter(name="sharp", weight=3.0)])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.loras[0].weight"]
 
 
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
