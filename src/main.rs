@@ -524,11 +524,10 @@ fn bench(args: &GenerateArgs, runs: usize, threads: i32) -> anyhow::Result<()> {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
     println!(
         "{}",
         serde_json::json!({
-            "median_s": median,
+            "median_s": median(times.clone()),
             "runs_s": times,
             "threads": threads,
             "peak_device_memory_bytes": sdxld::engine::cuda::memory(device).map(|m| m.peak),

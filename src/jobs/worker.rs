@@ -552,36 +552,32 @@ fn keep_paths(spec: &crate::jobs::JobSpec) -> Vec<PathBuf> {
     paths
 }
 
-/// The models a job used, with their hashes.
+/// The models a job used, with their hashes (and the LoRAs' weights).
 fn models_used(spec: &crate::jobs::JobSpec) -> Vec<pb::ModelUsage> {
-    let mut models = vec![pb::ModelUsage {
-        name: spec.model.name.clone(),
-        kind: pb::ModelKind::Base as i32,
-        sha256: spec.model_sha256.clone(),
-        weight: 0.0,
-    }];
-    if let Some(refiner) = &spec.refiner {
-        models.push(pb::ModelUsage {
-            name: refiner.model.name.clone(),
-            kind: pb::ModelKind::Refiner as i32,
-            sha256: refiner.sha256.clone(),
-            weight: 0.0,
-        });
+    let usage =
+        |model: &ModelEntry, kind: pb::ModelKind, sha256: &str, weight: f32| pb::ModelUsage {
+            name: model.name.clone(),
+            kind: kind as i32,
+            sha256: sha256.to_string(),
+            weight,
+        };
+    let mut models = vec![usage(
+        &spec.model,
+        pb::ModelKind::Base,
+        &spec.model_sha256,
+        0.0,
+    )];
+    if let Some(r) = &spec.refiner {
+        models.push(usage(&r.model, pb::ModelKind::Refiner, &r.sha256, 0.0));
     }
-    if let Some(vae) = &spec.vae {
-        models.push(pb::ModelUsage {
-            name: vae.model.name.clone(),
-            kind: pb::ModelKind::Vae as i32,
-            sha256: vae.sha256.clone(),
-            weight: 0.0,
-        });
+    if let Some(v) = &spec.vae {
+        models.push(usage(&v.model, pb::ModelKind::Vae, &v.sha256, 0.0));
     }
-    models.extend(spec.loras.iter().map(|lora| pb::ModelUsage {
-        name: lora.model.name.clone(),
-        kind: pb::ModelKind::Lora as i32,
-        sha256: lora.sha256.clone(),
-        weight: lora.weight,
-    }));
+    models.extend(
+        spec.loras
+            .iter()
+            .map(|l| usage(&l.model, pb::ModelKind::Lora, &l.sha256, l.weight)),
+    );
     models
 }
 

@@ -128,9 +128,8 @@ fn mapped_header(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metad
 
 /// The tensor names and the `__metadata__` strings of a safetensors file (header only).
 pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
-    let (_, _, metadata) = mapped_header(path)?;
-    let names = metadata.tensors().into_keys().collect();
-    Ok((names, metadata.metadata().clone().unwrap_or_default()))
+    let (shapes, metadata) = read_shapes(path)?;
+    Ok((shapes.into_iter().map(|(name, _)| name).collect(), metadata))
 }
 
 /// Tensor names with their shapes.
