@@ -1,7 +1,8 @@
 //! Service-layer benchmark: a 1-step 64x64 generation on the demo model through the gRPC
 //! server with 1, 4 and 16 concurrent clients (requests per second, p50/p99 time to the
 //! first event and to completion), against the same generation through the CLI path
-//! (the pipeline called in-process), so the difference is what the service adds.
+//! (the shared job runner called in-process), so the difference is what the service
+//! adds.
 //!
 //! Run with `cargo bench --bench service` (after `source scripts/setup`).
 
@@ -9,9 +10,17 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
+use sdxld::api::validate::{to_job_spec, Context};
+use sdxld::engine::device::Placement;
+use sdxld::engine::registry::{ModelEntry, ModelRoots, Registry};
+use sdxld::engine::request::BatchMode;
+use sdxld::jobs::engine::Engine;
+use sdxld::jobs::events::{FinishedImage, StepProgress};
+use sdxld::jobs::runner::{run_job, JobSink, RunOptions};
+use sdxld::jobs::StopReason;
 use sdxld::proto::v1 as pb;
 use sdxld::proto::v1::generation_service_client::GenerationServiceClient;
+use sdxld::telemetry::Metrics;
 use tokio_stream::StreamExt;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -20,6 +29,21 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
+}
+
+/// Encodes each image as the server does, and keeps nothing.
+struct Encoding;
+
+impl JobSink for Encoding {
+    fn stopped(&mut self) -> Option<StopReason> {
+        None
+    }
+
+    fn progress(&mut self, _: StepProgress) {}
+
+    fn image(&mut self, image: FinishedImage) {
+        let _png = sdxld::jobs::encode::encode(&image).expect("png");
+    }
 }
 
 fn spec(seed: u64) -> pb::GenerationSpec {
@@ -65,34 +89,48 @@ fn main() {
     let demo = cache.path().join("demo");
     sdxld::engine::demo::write_demo_model(&demo, 0).expect("demo model");
 
-    // The CLI path: the pipeline called directly, decode included (as the service does).
-    let pipeline = SdxlPipeline::load(&demo, Placement::cpu()).expect("load");
-    let params = GenerateParams {
-        prompt: "a red apple".into(),
-        width: 64,
-        height: 64,
-        steps: 1,
-        ..GenerateParams::default()
+    // The CLI path: the same request validated and run by the shared job runner
+    // in-process, each image encoded as PNG (as the service does).
+    let registry = Registry::new(
+        ModelRoots::default(),
+        ModelEntry::from_folder("demo", &demo).expect("the demo model"),
+    );
+    let settings = sdxld::config::Settings::load(None).expect("default settings");
+    let mut engine = Engine::local(Placement::cpu());
+    let metrics = Metrics::new();
+    let mut run = |seed: u64| {
+        let context = Context {
+            limits: &settings.limits,
+            registry: &registry,
+            drawn_seed: 0,
+        };
+        let job = to_job_spec(Some(spec(seed)), &context).expect("valid");
+        let options = RunOptions {
+            batch: BatchMode::PerImage,
+            keep_latents: false,
+        };
+        run_job(
+            &mut engine,
+            &job,
+            options,
+            &mut Encoding,
+            &metrics,
+            Instant::now(),
+        )
+        .expect("generate");
     };
-    for _ in 0..3 {
-        pipeline
-            .generate(&params, &mut |_| Ok(()))
-            .expect("warm-up");
+    for seed in 0..3 {
+        run(seed);
     }
     let mut direct = Vec::new();
     for i in 0..30 {
-        let p = GenerateParams {
-            seed: i,
-            ..params.clone()
-        };
         let start = Instant::now();
-        let out = pipeline.generate(&p, &mut |_| Ok(())).expect("generate");
-        let _png = sdxld::output::png_bytes(&out.images.get(0)).expect("png");
+        run(i);
         direct.push(start.elapsed().as_secs_f64());
     }
     direct.sort_by(f64::total_cmp);
     let direct_p50 = percentile(&direct, 0.5);
-    drop(pipeline);
+    drop(engine);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_sdxld"))
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -132,7 +170,7 @@ fn main() {
         }
         let _ = client_run(addr.clone(), 5, 0).await;
         println!(
-            "CLI path (pipeline in-process, PNG encoded): p50 {:.2} ms",
+            "CLI path (job runner in-process, PNG encoded): p50 {:.2} ms",
             direct_p50 * 1000.0
         );
         println!(

@@ -121,111 +121,165 @@ fn reduce(callable: Value, args: Value) -> Value {
 
 /// Runs the pickle program `data`; returns the value STOP leaves.
 fn unpickle(data: &[u8], path: &Path) -> Result<Value> {
-    let mut stack: Vec<Value> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    let mut pos = 0usize;
-    let truncated = || bad(path, "the pickle is truncated");
-    let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
-        let end = pos
+    Machine {
+        data,
+        path,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+}
+
+/// The pickle machine: a stack, a memo and the program.
+struct Machine<'a> {
+    data: &'a [u8],
+    path: &'a Path,
+    pos: usize,
+    stack: Vec<Value>,
+    memo: HashMap<u32, Value>,
+}
+
+impl<'a> Machine<'a> {
+    fn truncated(&self) -> EngineError {
+        bad(self.path, "the pickle is truncated")
+    }
+
+    /// The next `n` bytes of the program.
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let data = self.data;
+        let end = self
+            .pos
             .checked_add(n)
             .filter(|e| *e <= data.len())
-            .ok_or_else(truncated)?;
-        let bytes = &data[*pos..end];
-        *pos = end;
+            .ok_or_else(|| self.truncated())?;
+        let bytes = &data[self.pos..end];
+        self.pos = end;
         Ok(bytes)
-    };
-    let u32_at = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let pop = |stack: &mut Vec<Value>| {
-        stack
+    }
+
+    fn take_u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn take_u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn pop(&mut self) -> Result<Value> {
+        self.stack
             .pop()
-            .ok_or_else(|| bad(path, "pickle stack underflow"))
-    };
-    let pop_mark = |stack: &mut Vec<Value>| -> Result<Vec<Value>> {
-        let mark = stack
+            .ok_or_else(|| bad(self.path, "pickle stack underflow"))
+    }
+
+    /// The items above the topmost MARK, which goes too.
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let mark = self
+            .stack
             .iter()
             .rposition(|v| matches!(v, Value::Mark))
-            .ok_or_else(|| bad(path, "pickle MARK missing"))?;
-        let items = stack.split_off(mark + 1);
-        stack.pop();
+            .ok_or_else(|| bad(self.path, "pickle MARK missing"))?;
+        let items = self.stack.split_off(mark + 1);
+        self.stack.pop();
         Ok(items)
-    };
-    loop {
-        let op = *take(&mut pos, 1)?.first().ok_or_else(truncated)?;
-        match op {
-            0x80 => {
-                take(&mut pos, 1)?;
+    }
+
+    fn run(mut self) -> Result<Value> {
+        loop {
+            let op = self.take_u8()?;
+            if op == b'.' {
+                return self.pop();
             }
-            0x95 => {
-                take(&mut pos, 8)?;
+            let known =
+                self.literal(op)? || self.collection(op)? || self.object(op)? || self.memo(op)?;
+            if !known {
+                let at = self.pos - 1;
+                return Err(bad(
+                    self.path,
+                    format!("unsupported pickle opcode 0x{op:02x} at byte {at}"),
+                ));
             }
-            b'.' => return pop(&mut stack),
-            b'(' => stack.push(Value::Mark),
-            b'}' => stack.push(Value::Dict(Vec::new())),
-            b']' => stack.push(Value::List(Vec::new())),
-            b')' => stack.push(Value::Tuple(Vec::new())),
-            b'N' => stack.push(Value::None),
-            0x88 | 0x89 => stack.push(Value::Scalar),
-            b'K' => stack.push(Value::Int(i64::from(take(&mut pos, 1)?[0]))),
+        }
+    }
+
+    /// Framing, marks, constants, numbers and strings.
+    fn literal(&mut self, op: u8) -> Result<bool> {
+        let value = match op {
+            0x80 => return self.take(1).map(|_| true),
+            0x95 => return self.take(8).map(|_| true),
+            b'(' => Value::Mark,
+            b'N' => Value::None,
+            0x88 | 0x89 => Value::Scalar,
+            b'K' => Value::Int(i64::from(self.take_u8()?)),
             b'M' => {
-                let b = take(&mut pos, 2)?;
-                stack.push(Value::Int(i64::from(u16::from_le_bytes([b[0], b[1]]))));
+                let b = self.take(2)?;
+                Value::Int(i64::from(u16::from_le_bytes([b[0], b[1]])))
             }
-            b'J' => {
-                let b = take(&mut pos, 4)?;
-                stack.push(Value::Int(i64::from(i32::from_le_bytes([
-                    b[0], b[1], b[2], b[3],
-                ]))));
-            }
+            b'J' => Value::Int(i64::from(self.take_u32()? as i32)),
             0x8a => {
-                let n = usize::from(take(&mut pos, 1)?[0]);
-                let b = take(&mut pos, n)?;
+                let n = usize::from(self.take_u8()?);
+                let b = self.take(n)?;
                 if n > 8 {
-                    return Err(bad(path, "pickle integer wider than 64 bits"));
+                    return Err(bad(self.path, "pickle integer wider than 64 bits"));
                 }
-                let mut bytes = [if b.last().is_some_and(|x| x & 0x80 != 0) {
+                let sign = if b.last().is_some_and(|x| x & 0x80 != 0) {
                     0xff
                 } else {
                     0
-                }; 8];
+                };
+                let mut bytes = [sign; 8];
                 bytes[..n].copy_from_slice(b);
-                stack.push(Value::Int(i64::from_le_bytes(bytes)));
+                Value::Int(i64::from_le_bytes(bytes))
             }
             b'G' => {
-                take(&mut pos, 8)?;
-                stack.push(Value::Scalar);
+                self.take(8)?;
+                Value::Scalar
             }
             b'X' | 0x8c | b'U' | b'T' | b'B' | b'C' => {
                 let n = match op {
-                    b'X' | b'T' | b'B' => u32_at(take(&mut pos, 4)?) as usize,
-                    _ => usize::from(take(&mut pos, 1)?[0]),
+                    b'X' | b'T' | b'B' => self.take_u32()? as usize,
+                    _ => usize::from(self.take_u8()?),
                 };
-                let bytes = take(&mut pos, n)?.to_vec();
-                stack.push(match op {
+                let bytes = self.take(n)?;
+                match op {
                     b'B' | b'C' => Value::Scalar,
-                    _ => Value::Str(String::from_utf8_lossy(&bytes).into_owned()),
-                });
+                    _ => Value::Str(String::from_utf8_lossy(bytes).into_owned()),
+                }
             }
+            _ => return Ok(false),
+        };
+        self.stack.push(value);
+        Ok(true)
+    }
+
+    /// Tuples, lists and dicts.
+    fn collection(&mut self, op: u8) -> Result<bool> {
+        match op {
+            b'}' => self.stack.push(Value::Dict(Vec::new())),
+            b']' => self.stack.push(Value::List(Vec::new())),
+            b')' => self.stack.push(Value::Tuple(Vec::new())),
             b't' => {
-                let items = pop_mark(&mut stack)?;
-                stack.push(Value::Tuple(items));
+                let items = self.pop_mark()?;
+                self.stack.push(Value::Tuple(items));
             }
             0x85..=0x87 => {
                 let n = usize::from(op - 0x84);
-                if stack.len() < n {
-                    return Err(bad(path, "pickle stack underflow"));
+                if self.stack.len() < n {
+                    return Err(bad(self.path, "pickle stack underflow"));
                 }
-                let items = stack.split_off(stack.len() - n);
-                stack.push(Value::Tuple(items));
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Value::Tuple(items));
             }
             b's' | b'u' => {
                 let items = if op == b's' {
-                    let v = pop(&mut stack)?;
-                    let k = pop(&mut stack)?;
+                    let v = self.pop()?;
+                    let k = self.pop()?;
                     vec![k, v]
                 } else {
-                    pop_mark(&mut stack)?
+                    self.pop_mark()?
                 };
-                if let Some(Value::Dict(entries)) = stack.last_mut() {
+                if let Some(Value::Dict(entries)) = self.stack.last_mut() {
                     let mut it = items.into_iter();
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         entries.push((k, v));
@@ -234,94 +288,98 @@ fn unpickle(data: &[u8], path: &Path) -> Result<Value> {
             }
             b'a' | b'e' => {
                 let items = if op == b'a' {
-                    vec![pop(&mut stack)?]
+                    vec![self.pop()?]
                 } else {
-                    pop_mark(&mut stack)?
+                    self.pop_mark()?
                 };
-                if let Some(Value::List(list)) = stack.last_mut() {
+                if let Some(Value::List(list)) = self.stack.last_mut() {
                     list.extend(items);
                 }
             }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Globals, calls of the few constructors torch.save uses, object state and
+    /// persistent ids (storages).
+    fn object(&mut self, op: u8) -> Result<bool> {
+        match op {
             b'c' => {
-                let rest = &data[pos..];
+                let rest = &self.data[self.pos..];
                 let mut lines = rest.splitn(3, |b| *b == b'\n');
-                let module = lines.next().ok_or_else(truncated)?;
-                let name = lines.next().ok_or_else(truncated)?;
-                pos += module.len() + name.len() + 2;
-                stack.push(Value::Global(format!(
+                let module = lines.next().ok_or_else(|| self.truncated())?;
+                let name = lines.next().ok_or_else(|| self.truncated())?;
+                self.pos += module.len() + name.len() + 2;
+                self.stack.push(Value::Global(format!(
                     "{}.{}",
                     String::from_utf8_lossy(module),
                     String::from_utf8_lossy(name)
                 )));
             }
             0x93 => {
-                let name = pop(&mut stack)?;
-                let module = pop(&mut stack)?;
+                let name = self.pop()?;
+                let module = self.pop()?;
                 match (module, name) {
-                    (Value::Str(m), Value::Str(n)) => stack.push(Value::Global(format!("{m}.{n}"))),
-                    _ => return Err(bad(path, "pickle STACK_GLOBAL without names")),
+                    (Value::Str(m), Value::Str(n)) => {
+                        self.stack.push(Value::Global(format!("{m}.{n}")))
+                    }
+                    _ => return Err(bad(self.path, "pickle STACK_GLOBAL without names")),
                 }
             }
             b'R' | 0x81 => {
-                let args = pop(&mut stack)?;
-                let callable = pop(&mut stack)?;
-                stack.push(reduce(callable, args));
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                self.stack.push(reduce(callable, args));
             }
             b'b' => {
                 // BUILD sets an object's state: nothing of it is needed here.
-                pop(&mut stack)?;
+                self.pop()?;
             }
             b'Q' => {
-                let pid = pop(&mut stack)?;
-                let storage = match &pid {
-                    Value::Tuple(t) => match (t.first(), t.get(1), t.get(2)) {
-                        (
-                            Some(Value::Str(tag)),
-                            Some(Value::Global(kind)),
-                            Some(Value::Str(key)),
-                        ) if tag == "storage" => {
-                            storage_kind(kind).map(|k| Value::Storage(k, key.clone()))
-                        }
-                        _ => None,
-                    },
-                    _ => None,
-                };
-                stack.push(storage.unwrap_or(Value::Opaque));
+                let pid = self.pop()?;
+                self.stack.push(persistent(&pid));
             }
-            b'q' => {
-                let key = u32::from(take(&mut pos, 1)?[0]);
-                memo.insert(key, stack.last().cloned().ok_or_else(truncated)?);
-            }
-            b'r' => {
-                let key = u32_at(take(&mut pos, 4)?);
-                memo.insert(key, stack.last().cloned().ok_or_else(truncated)?);
-            }
-            0x94 => {
-                let key = memo.len() as u32;
-                memo.insert(key, stack.last().cloned().ok_or_else(truncated)?);
-            }
-            b'h' | b'j' => {
-                let key = if op == b'h' {
-                    u32::from(take(&mut pos, 1)?[0])
-                } else {
-                    u32_at(take(&mut pos, 4)?)
-                };
-                stack.push(
-                    memo.get(&key)
-                        .cloned()
-                        .ok_or_else(|| bad(path, "pickle memo key missing"))?,
-                );
-            }
-            other => {
-                return Err(bad(
-                    path,
-                    format!(
-                        "unsupported pickle opcode 0x{other:02x} at byte {}",
-                        pos - 1
-                    ),
-                ))
-            }
+            _ => return Ok(false),
         }
+        Ok(true)
+    }
+
+    /// The memo.
+    fn memo(&mut self, op: u8) -> Result<bool> {
+        let key = match op {
+            b'q' | b'h' => u32::from(self.take_u8()?),
+            b'r' | b'j' => self.take_u32()?,
+            0x94 => self.memo.len() as u32,
+            _ => return Ok(false),
+        };
+        if matches!(op, b'h' | b'j') {
+            let value = self
+                .memo
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| bad(self.path, "pickle memo key missing"))?;
+            self.stack.push(value);
+        } else {
+            let top = self.stack.last().cloned().ok_or_else(|| self.truncated())?;
+            self.memo.insert(key, top);
+        }
+        Ok(true)
+    }
+}
+
+/// A persistent id: torch.save's `("storage", kind, key, ...)` tuples name storages.
+fn persistent(pid: &Value) -> Value {
+    let Value::Tuple(t) = pid else {
+        return Value::Opaque;
+    };
+    match (t.first(), t.get(1), t.get(2)) {
+        (Some(Value::Str(tag)), Some(Value::Global(kind)), Some(Value::Str(key)))
+            if tag == "storage" =>
+        {
+            storage_kind(kind).map_or(Value::Opaque, |k| Value::Storage(k, key.clone()))
+        }
+        _ => Value::Opaque,
     }
 }
 

@@ -1,4 +1,5 @@
-//! Encoding results for clients: PNG images and safetensors latents.
+//! Encoding results for clients: PNG (with metadata chunks), JPEG and WebP images,
+//! safetensors latents, and latent previews.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -6,20 +7,6 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-
-/// One [H, W, 3] uint8 image as PNG bytes.
-pub fn png_bytes(image: &Tensor) -> Result<Vec<u8>> {
-    let size = image.size();
-    let (height, width) = (size[0] as u32, size[1] as u32);
-    let pixels: Vec<u8> = Vec::try_from(image.to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
-    let buffer = image::RgbImage::from_raw(width, height, pixels)
-        .ok_or_else(|| EngineError::InvalidRequest("image buffer has the wrong size".into()))?;
-    let mut out = Cursor::new(Vec::new());
-    buffer
-        .write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| EngineError::InvalidRequest(format!("cannot encode PNG: {e}")))?;
-    Ok(out.into_inner())
-}
 
 /// The path of image `index` for an output path: `out.png`, `out-1.png`, `out-2.png`, ...
 pub fn numbered_path(path: &Path, index: usize) -> PathBuf {
@@ -100,16 +87,15 @@ pub struct PngMetadata {
 /// The iTXt keyword of the resolved-request chunk.
 pub const REQUEST_CHUNK: &str = "sdxld";
 
-/// Encodes an [H, W, 3] uint8 image.
-pub fn encode_image(
-    image: &Tensor,
+/// Encodes an 8-bit RGB image (`width * height * 3` bytes, row-major).
+pub fn encode_rgb(
+    pixels: &[u8],
+    width: u32,
+    height: u32,
     format: OutputFormat,
     quality: u8,
     metadata: Option<&PngMetadata>,
 ) -> Result<Vec<u8>> {
-    let size = image.size();
-    let (height, width) = (size[0] as u32, size[1] as u32);
-    let pixels: Vec<u8> = Vec::try_from(image.to_kind(Kind::Uint8).contiguous().flatten(0, -1))?;
     let fail =
         |what: &str, e: String| EngineError::InvalidRequest(format!("cannot encode {what}: {e}"));
     match format {
@@ -131,7 +117,7 @@ pub fn encode_image(
                     .write_header()
                     .map_err(|e| fail("PNG", e.to_string()))?;
                 writer
-                    .write_image_data(&pixels)
+                    .write_image_data(pixels)
                     .map_err(|e| fail("PNG", e.to_string()))?;
                 writer.finish().map_err(|e| fail("PNG", e.to_string()))?;
             }
@@ -143,7 +129,7 @@ pub fn encode_image(
                 image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
             image::ImageEncoder::write_image(
                 encoder,
-                &pixels,
+                pixels,
                 width,
                 height,
                 image::ExtendedColorType::Rgb8,
@@ -152,7 +138,7 @@ pub fn encode_image(
             Ok(out.into_inner())
         }
         OutputFormat::Webp => {
-            let encoder = webp::Encoder::from_rgb(&pixels, width, height);
+            let encoder = webp::Encoder::from_rgb(pixels, width, height);
             Ok(encoder.encode(f32::from(quality.clamp(1, 100))).to_vec())
         }
         OutputFormat::Latents => Err(EngineError::InvalidRequest(

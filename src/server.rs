@@ -1,4 +1,4 @@
-//! `sdxld serve`: the worker thread, the gRPC server with its middleware, health,
+//! `sdxld serve`: the engine thread, the gRPC server with its middleware, health,
 //! reflection, metrics, and a graceful drain on SIGTERM.
 
 use std::collections::HashSet;
@@ -10,16 +10,21 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use tonic::codegen::http;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::admission::AdmissionLayer;
 use crate::api::generation::Generation;
 use crate::api::models::Models;
+use crate::api::rpc_metrics::RpcMetricsLayer;
 use crate::api::ApiState;
 use crate::config::Settings;
-use crate::engine::pipeline::Placement;
+use crate::engine::device::{self, Placement};
+use crate::engine::error::EngineError;
+use crate::engine::hashes::FileHashes;
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
-use crate::jobs::worker::{run_worker, Engine};
+use crate::jobs::engine::Engine;
+use crate::jobs::worker::run_worker;
 use crate::jobs::{JobQueue, StopReason};
 use crate::proto::v1::generation_service_server::GenerationServiceServer;
 use crate::proto::v1::model_service_server::ModelServiceServer;
@@ -57,9 +62,27 @@ pub fn placement(settings: &Settings) -> anyhow::Result<Placement> {
         .map_err(|e| anyhow!("configuration: `engine.device`/`engine.dtype`: {e}"))
 }
 
+/// The built-in demo model, written to `dir` on first use.
+fn demo_model(dir: &Path) -> anyhow::Result<ModelEntry> {
+    if !dir.join("model_index.json").is_file() {
+        tracing::info!(dir = %dir.display(), "writing the built-in demo model");
+        let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+        crate::engine::demo::write_demo_model(&tmp, 0)?;
+        // Another process may have written it meanwhile: theirs is identical.
+        if std::fs::rename(&tmp, dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.join("model_index.json").is_file() {
+                return Err(anyhow!("cannot write the demo model to {}", dir.display()));
+            }
+        }
+    }
+    ModelEntry::from_folder("demo", dir)
+        .ok_or_else(|| anyhow!("{} is not a diffusers folder", dir.display()))
+}
+
 /// The default model: `--model` or `engine.default_model` (a name under a root or a
 /// folder), else the built-in demo model, written on first use.
-fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result<ModelEntry> {
+pub fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result<ModelEntry> {
     let wanted = model
         .map(str::to_string)
         .unwrap_or_else(|| settings.engine.default_model.clone());
@@ -69,43 +92,23 @@ fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result<Mod
         } else {
             PathBuf::from(&settings.engine.demo_model_dir)
         };
-        if !dir.join("model_index.json").is_file() {
-            tracing::info!(dir = %dir.display(), "writing the built-in demo model");
-            let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-            crate::engine::demo::write_demo_model(&tmp, 0)?;
-            // Another process may have written it meanwhile: theirs is identical.
-            if std::fs::rename(&tmp, &dir).is_err() {
-                let _ = std::fs::remove_dir_all(&tmp);
-                if !dir.join("model_index.json").is_file() {
-                    return Err(anyhow!("cannot write the demo model to {}", dir.display()));
-                }
-            }
-        }
-        return ModelEntry::from_folder("demo", &dir)
-            .ok_or_else(|| anyhow!("{} is not a diffusers folder", dir.display()));
+        return demo_model(&dir);
     }
     let path = Path::new(&wanted);
     if path.is_dir() || path.is_file() {
-        let name = path
-            .file_stem()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "default".into());
-        return ModelEntry::from_folder(&name, path).ok_or_else(|| {
+        return ModelEntry::from_path(path).ok_or_else(|| {
             anyhow!("`{wanted}` is neither a diffusers folder nor a single-file SDXL checkpoint")
         });
     }
-    let registry = Registry::new(
-        settings.models.roots(),
-        ModelEntry {
-            name: String::new(),
-            kind: ModelKind::Base,
-            format: ModelFormat::Diffusers,
-            path: PathBuf::new(),
-            default_size: 1024,
-            size_bytes: 0,
-        },
-    );
-    registry
+    let placeholder = ModelEntry {
+        name: String::new(),
+        kind: ModelKind::Base,
+        format: ModelFormat::Diffusers,
+        path: PathBuf::new(),
+        size_bytes: 0,
+        pipeline: None,
+    };
+    Registry::new(settings.models.roots(), placeholder)
         .resolve(&wanted)
         .map_err(|e| anyhow!("configuration: `engine.default_model`: {e}"))
 }
@@ -143,24 +146,163 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// How the engine's start-up went: the default model loaded and warmed up, or why not.
+type Readiness = tokio::sync::oneshot::Receiver<Result<(), EngineError>>;
+
+/// Starts the engine thread: it loads (and warms up) the default model, reports the
+/// outcome through the returned channel, then runs the worker loop.
+fn start_engine(
+    settings: &Settings,
+    placement: Placement,
+    default: ModelEntry,
+    state: &ApiState,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(std::thread::JoinHandle<()>, Readiness)> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let queue = state.queue.clone();
+    let hashes = state.hashes.clone();
+    let resident = state.resident.clone();
+    let engine = settings.engine.clone();
+    let handle = std::thread::Builder::new()
+        .name("sdxld-engine".into())
+        .spawn(move || {
+            let fraction = engine.cuda_memory_fraction;
+            if fraction > 0.0 && !device::set_memory_fraction(placement.device, fraction) {
+                tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");
+            }
+            let budget = Some(engine.memory_budget_bytes).filter(|b| *b > 0);
+            let host_budget = engine.host_memory_budget_bytes;
+            let mut worker = Engine::new(placement, budget, host_budget, hashes, resident)
+                .with_lora_mode(engine.lora_mode);
+            let result = if engine.warmup {
+                worker.warm_up(&default)
+            } else {
+                worker.load(&default)
+            };
+            let ok = result.is_ok();
+            let _ = ready_tx.send(result);
+            if ok {
+                run_worker(queue, worker, metrics);
+            }
+        })
+        .context("starting the engine thread")?;
+    Ok((handle, ready_rx))
+}
+
+/// Marks the server ready once the engine reports its warm-up done; a failed warm-up is
+/// sent to `fatal`.
+fn report_readiness(
+    ready: Readiness,
+    health: HealthReporter,
+    fatal: tokio::sync::mpsc::Sender<String>,
+) {
+    tokio::spawn(async move {
+        let message = match ready.await {
+            Ok(Ok(())) => {
+                health
+                    .set_service_status(READINESS_SERVICE, ServingStatus::Serving)
+                    .await;
+                tracing::info!("ready");
+                return;
+            }
+            Ok(Err(e)) => format!("loading the default model failed: {e}"),
+            Err(_) => "the engine thread ended during start-up".to_string(),
+        };
+        let _ = fatal.send(message).await;
+    });
+}
+
+/// Serves `/metrics` when an address is configured.
+async fn start_metrics_endpoint(settings: &Settings, metrics: &Arc<Metrics>) {
+    let address = &settings.server.metrics_listen;
+    if address.is_empty() {
+        return;
+    }
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => {
+            if let Ok(a) = listener.local_addr() {
+                println!("sdxld metrics on http://{a}/metrics");
+            }
+            tokio::spawn(crate::telemetry::serve_metrics(listener, metrics.clone()));
+        }
+        Err(e) => tracing::warn!(%address, error = %e, "metrics endpoint disabled"),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT after draining (in-flight jobs get `grace` to finish,
+/// then are stopped), or at once on a fatal start-up error, which goes to `fatal_slot`.
+async fn drain_on_signal(
+    queue: Arc<JobQueue>,
+    health: HealthReporter,
+    grace: Duration,
+    mut fatal: tokio::sync::mpsc::Receiver<String>,
+    fatal_slot: Arc<Mutex<Option<String>>>,
+) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+        Some(message) = fatal.recv() => {
+            tracing::error!(%message, "stopping");
+            if let Ok(mut slot) = fatal_slot.lock() {
+                *slot = Some(message);
+            }
+            queue.stop_accepting();
+            return;
+        }
+    }
+    health
+        .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
+        .await;
+    queue.stop_accepting();
+    let start = Instant::now();
+    while queue.in_flight() > 0 && start.elapsed() < grace {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if queue.in_flight() > 0 {
+        tracing::warn!(jobs = queue.in_flight(), "grace period over: aborting jobs");
+        queue.stop_all(StopReason::ShuttingDown);
+        let abort_start = Instant::now();
+        while queue.in_flight() > 0 && abort_start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Let the final statuses reach their clients.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// The shared state of the services.
+fn api_state(
+    settings: &Settings,
+    placement: Placement,
+    default: ModelEntry,
+    metrics: &Arc<Metrics>,
+) -> Arc<ApiState> {
+    Arc::new(ApiState {
+        queue: JobQueue::new(settings.jobs.max_queued, metrics.clone()),
+        registry: Arc::new(Registry::new(settings.models.roots(), default)),
+        hashes: FileHashes::new(),
+        settings: settings.clone(),
+        device: placement.device_name(),
+        dtype: placement.dtype_name().to_string(),
+        resident: Arc::new(Mutex::new(HashSet::new())),
+    })
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains.
 pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()> {
     let placement = placement(&settings)?;
     let default = default_model(&settings, model)?;
-    let registry = Arc::new(Registry::new(settings.models.roots(), default.clone()));
     let metrics = Metrics::new();
-    let queue = JobQueue::new(settings.jobs.max_queued);
-    let resident = Arc::new(Mutex::new(HashSet::new()));
-    let device = match placement.device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    };
-    let dtype = match placement.kind {
-        tch::Kind::Half => "float16",
-        tch::Kind::BFloat16 => "bfloat16",
-        _ => "float32",
-    }
-    .to_string();
+    let state = api_state(&settings, placement, default.clone(), &metrics);
+    let queue = state.queue.clone();
 
     // Health: live now, ready after the default model is loaded and warmed up.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -168,60 +310,23 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
     health
         .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
         .await;
+    let (worker, ready) = start_engine(
+        &settings,
+        placement,
+        default.clone(),
+        &state,
+        metrics.clone(),
+    )?;
 
-    // The worker thread owns the device.
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let worker = {
-        let queue = queue.clone();
-        let metrics = metrics.clone();
-        let resident = resident.clone();
-        let default = default.clone();
-        let warmup = settings.engine.warmup;
-        let budget = Some(settings.engine.memory_budget_bytes).filter(|b| *b > 0);
-        let fraction = settings.engine.cuda_memory_fraction;
-        let host_budget = settings.engine.host_memory_budget_bytes;
-        let lora_mode = settings.engine.lora_mode;
-        std::thread::Builder::new()
-            .name("sdxld-engine".into())
-            .spawn(move || {
-                if fraction > 0.0
-                    && !crate::engine::cuda::set_memory_fraction(placement.device, fraction)
-                {
-                    tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");
-                }
-                let mut engine =
-                    Engine::new(placement, budget, host_budget, resident).with_lora_mode(lora_mode);
-                let result = if warmup {
-                    engine.warm_up(&default)
-                } else {
-                    engine.pipeline(&default).map(|_| ())
-                };
-                let ok = result.is_ok();
-                let _ = ready_tx.send(result);
-                if ok {
-                    run_worker(queue, engine, metrics);
-                }
-            })
-            .context("starting the engine thread")?
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-
-    let state = Arc::new(ApiState {
-        queue: queue.clone(),
-        registry,
-        settings: settings.clone(),
-        metrics: metrics.clone(),
-        device,
-        dtype,
-        resident,
-    });
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection_builder()
         .build_v1()
         .context("building reflection")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection_builder()
         .build_v1alpha()
         .context("building reflection")?;
     let generation = GenerationServiceServer::new(Generation::new(state.clone()))
@@ -239,104 +344,24 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         .await
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
-    if !settings.server.metrics_listen.is_empty() {
-        match tokio::net::TcpListener::bind(&settings.server.metrics_listen).await {
-            Ok(l) => {
-                if let Ok(a) = l.local_addr() {
-                    println!("sdxld metrics on http://{a}/metrics");
-                }
-                tokio::spawn(crate::telemetry::serve_metrics(l, metrics.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(address = %settings.server.metrics_listen, error = %e, "metrics endpoint disabled")
-            }
-        }
-    }
+    start_metrics_endpoint(&settings, &metrics).await;
     println!("sdxld listening on {local}");
     tracing::info!(address = %local, model = %default.name, device = %state.device, dtype = %state.dtype, "listening");
 
     // Readiness once the warm-up is done; a failed warm-up stops the server.
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
-    {
-        let health = health.clone();
-        tokio::spawn(async move {
-            match ready_rx.await {
-                Ok(Ok(())) => {
-                    health
-                        .set_service_status(READINESS_SERVICE, ServingStatus::Serving)
-                        .await;
-                    tracing::info!("ready");
-                }
-                Ok(Err(e)) => {
-                    let _ = fatal_tx
-                        .send(format!("loading the default model failed: {e}"))
-                        .await;
-                }
-                Err(_) => {
-                    let _ = fatal_tx
-                        .send("the engine thread ended during start-up".into())
-                        .await;
-                }
-            }
-        });
-    }
-
-    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
-    let drain_queue = queue.clone();
-    let drain_health = health.clone();
+    let (fatal_tx, fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
+    report_readiness(ready, health.clone(), fatal_tx);
     let fatal = Arc::new(Mutex::new(None::<String>));
-    let fatal_slot = fatal.clone();
-    let shutdown = async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
-            Some(message) = fatal_rx.recv() => {
-                tracing::error!(%message, "stopping");
-                if let Ok(mut slot) = fatal_slot.lock() {
-                    *slot = Some(message);
-                }
-                drain_queue.stop_accepting();
-                return;
-            }
-        }
-        drain_health
-            .set_service_status(READINESS_SERVICE, ServingStatus::NotServing)
-            .await;
-        drain_queue.stop_accepting();
-        let start = Instant::now();
-        while drain_queue.in_flight() > 0 && start.elapsed() < grace {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if drain_queue.in_flight() > 0 {
-            tracing::warn!(
-                jobs = drain_queue.in_flight(),
-                "grace period over: aborting jobs"
-            );
-            drain_queue.stop_all(StopReason::ShuttingDown);
-            let abort_start = Instant::now();
-            while drain_queue.in_flight() > 0 && abort_start.elapsed() < Duration::from_secs(10) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        // Let the final statuses reach their clients.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
+    let shutdown = drain_on_signal(queue.clone(), health, grace, fatal_rx, fatal.clone());
 
     Server::builder()
         .trace_fn(rpc_span)
+        // Outermost: every call is counted, those refused by admission included.
+        .layer(RpcMetricsLayer::new(metrics.clone()))
         .layer(AdmissionLayer::new(
             queue.clone(),
             Duration::from_millis(settings.jobs.retry_after_ms),
-            metrics.clone(),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -354,11 +379,12 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
     queue.close();
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     let counters = &queue.counters;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
-        admitted = counters.admitted.load(std::sync::atomic::Ordering::SeqCst),
-        completed = counters.completed.load(std::sync::atomic::Ordering::SeqCst),
-        stopped = counters.stopped.load(std::sync::atomic::Ordering::SeqCst),
-        failed = counters.failed.load(std::sync::atomic::Ordering::SeqCst),
+        admitted = count(&counters.admitted),
+        completed = count(&counters.completed),
+        stopped = count(&counters.stopped),
+        failed = count(&counters.failed),
         "stopped"
     );
     let fatal = fatal.lock().ok().and_then(|f| f.clone());

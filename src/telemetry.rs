@@ -14,8 +14,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::jobs::Stage;
-
 /// Keeps the trace exporter alive; flushes it when dropped.
 pub struct TelemetryGuard {
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
@@ -92,6 +90,11 @@ struct MethodCode {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -105,6 +108,7 @@ struct StageLabel {
 pub struct Metrics {
     registry: Registry,
     requests: Family<MethodCode, Counter>,
+    rpc_seconds: Family<Method, Histogram>,
     failures: Family<Reason, Counter>,
     queue_depth: Gauge,
     step_seconds: Histogram,
@@ -125,6 +129,16 @@ impl Metrics {
             "sdxld_rpc_requests",
             "RPCs by method and status code",
             requests.clone(),
+        );
+        let rpc_seconds = Family::<Method, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ])
+        });
+        registry.register(
+            "sdxld_rpc_duration_seconds",
+            "RPC durations by method, until the final status",
+            rpc_seconds.clone(),
         );
         let failures = Family::<Reason, Counter>::default();
         registry.register(
@@ -190,6 +204,7 @@ impl Metrics {
             evictions,
             registry,
             requests,
+            rpc_seconds,
             failures,
             queue_depth,
             step_seconds,
@@ -210,14 +225,19 @@ impl Metrics {
             .inc_by(stats.evictions.saturating_sub(evictions));
     }
 
-    /// Counts one finished RPC.
-    pub fn rpc_finished(&self, method: &str, code: tonic::Code) {
+    /// Counts one finished RPC and its duration.
+    pub fn rpc_finished(&self, method: &str, code: tonic::Code, duration: Duration) {
         self.requests
             .get_or_create(&MethodCode {
                 method: method.to_string(),
                 code: format!("{code:?}"),
             })
             .inc();
+        self.rpc_seconds
+            .get_or_create(&Method {
+                method: method.to_string(),
+            })
+            .observe(duration.as_secs_f64());
     }
 
     /// Counts a failed or stopped job.
@@ -239,11 +259,11 @@ impl Metrics {
         self.step_seconds.observe(duration.as_secs_f64());
     }
 
-    /// Records one stage.
-    pub fn observe_stage(&self, stage: Stage, duration: Duration) {
+    /// Records one stage (by its label: `denoising`, `decoding`, ...).
+    pub fn observe_stage(&self, stage: &str, duration: Duration) {
         self.stage_seconds
             .get_or_create(&StageLabel {
-                stage: stage.label().to_string(),
+                stage: stage.to_string(),
             })
             .observe(duration.as_secs_f64());
     }

@@ -344,6 +344,47 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
             ],
         ),
         (
+            "a sigma schedule DDIM does not offer",
+            with(&|s| {
+                s.scheduler = pb::Scheduler::Ddim as i32;
+                s.scheduler_options =
+                    opts(&|o| o.sigma_schedule = pb::SigmaSchedule::Karras as i32);
+            }),
+            vec!["spec.scheduler_options.sigma_schedule"],
+        ),
+        (
+            "a sigma schedule the refiner's Euler ancestral does not offer",
+            with(&|s| {
+                s.refiner = Some(pb::RefinerStage {
+                    scheduler: pb::Scheduler::EulerAncestral as i32,
+                    scheduler_options: opts(&|o| o.sigma_schedule = pb::SigmaSchedule::Beta as i32),
+                    ..Default::default()
+                })
+            }),
+            vec!["spec.refiner.scheduler_options.sigma_schedule"],
+        ),
+        (
+            "a solver type of UniPC on DPM-Solver",
+            with(&|s| {
+                s.scheduler = pb::Scheduler::DpmSolverMultistep as i32;
+                s.scheduler_options = opts(&|o| o.solver_type = pb::SolverType::Bh2 as i32);
+            }),
+            vec!["spec.scheduler_options.solver_type"],
+        ),
+        (
+            "the last image's seed beyond 2^53",
+            with(&|s| {
+                s.seed = Some((1 << 53) - 1);
+                s.num_images = 2;
+            }),
+            vec!["spec.seed"],
+        ),
+        (
+            "clip skip deeper than the model's text encoders (4 layers)",
+            with(&|s| s.clip_skip = 4),
+            vec!["spec.clip_skip"],
+        ),
+        (
             "several fields at once",
             with(&|s| {
                 s.width = 63;
@@ -412,4 +453,236 @@ async fn every_bad_field_is_named_and_the_server_keeps_serving() {
         .await
         .expect("the server still serves");
     assert_eq!(response.into_inner().images.len(), 1);
+}
+
+/// Every float field of the contract, set to `value` in an otherwise valid request.
+fn float_fields(value: f32) -> Vec<(&'static str, pb::GenerationSpec)> {
+    let base = quick_spec(1);
+    let with = |f: &dyn Fn(&mut pb::GenerationSpec)| {
+        let mut s = base.clone();
+        f(&mut s);
+        s
+    };
+    let refiner = |f: &dyn Fn(&mut pb::RefinerStage)| {
+        let mut r = pb::RefinerStage::default();
+        f(&mut r);
+        Some(r)
+    };
+    let unit = |f: &dyn Fn(&mut pb::ControlNetUnit)| {
+        let mut u = pb::ControlNetUnit {
+            model: "canny".into(),
+            image: png(64, 64),
+            ..Default::default()
+        };
+        f(&mut u);
+        vec![u]
+    };
+    let init = |f: &dyn Fn(&mut pb::InitImage)| {
+        let mut i = pb::InitImage {
+            image: png(64, 64),
+            ..Default::default()
+        };
+        f(&mut i);
+        Some(i)
+    };
+    vec![
+        (
+            "spec.guidance_scale",
+            with(&|s| s.guidance_scale = Some(value)),
+        ),
+        (
+            "spec.guidance_rescale",
+            with(&|s| s.guidance_rescale = value),
+        ),
+        (
+            "spec.micro_conditioning.aesthetic_score",
+            with(&|s| {
+                s.micro_conditioning = Some(pb::MicroConditioning {
+                    aesthetic_score: Some(value),
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "spec.micro_conditioning.negative_aesthetic_score",
+            with(&|s| {
+                s.micro_conditioning = Some(pb::MicroConditioning {
+                    negative_aesthetic_score: Some(value),
+                    ..Default::default()
+                })
+            }),
+        ),
+        (
+            "spec.scheduler_options.eta",
+            with(&|s| {
+                s.scheduler = pb::Scheduler::Ddim as i32;
+                s.scheduler_options = Some(pb::SchedulerOptions {
+                    eta: Some(value),
+                    ..Default::default()
+                });
+            }),
+        ),
+        (
+            "spec.refiner.high_noise_fraction",
+            with(&|s| s.refiner = refiner(&|r| r.high_noise_fraction = Some(value))),
+        ),
+        (
+            "spec.refiner.strength",
+            with(&|s| s.refiner = refiner(&|r| r.strength = Some(value))),
+        ),
+        (
+            "spec.refiner.guidance_scale",
+            with(&|s| s.refiner = refiner(&|r| r.guidance_scale = Some(value))),
+        ),
+        (
+            "spec.refiner.aesthetic_score",
+            with(&|s| s.refiner = refiner(&|r| r.aesthetic_score = Some(value))),
+        ),
+        (
+            "spec.refiner.negative_aesthetic_score",
+            with(&|s| s.refiner = refiner(&|r| r.negative_aesthetic_score = Some(value))),
+        ),
+        (
+            "spec.refiner.scheduler_options.eta",
+            with(&|s| {
+                s.refiner = refiner(&|r| {
+                    r.scheduler = pb::Scheduler::Ddim as i32;
+                    r.scheduler_options = Some(pb::SchedulerOptions {
+                        eta: Some(value),
+                        ..Default::default()
+                    });
+                })
+            }),
+        ),
+        (
+            "spec.loras[0].weight",
+            with(&|s| {
+                s.loras = vec![pb::LoraAdapter {
+                    name: "style".into(),
+                    weight: Some(value),
+                }]
+            }),
+        ),
+        (
+            "spec.controlnets[0].conditioning_scale",
+            with(&|s| s.controlnets = unit(&|u| u.conditioning_scale = Some(value))),
+        ),
+        (
+            "spec.controlnets[0].guidance_start",
+            with(&|s| s.controlnets = unit(&|u| u.guidance_start = value)),
+        ),
+        (
+            "spec.controlnets[0].guidance_end",
+            with(&|s| s.controlnets = unit(&|u| u.guidance_end = Some(value))),
+        ),
+        (
+            "spec.init_image.strength",
+            with(&|s| s.init_image = init(&|i| i.strength = Some(value))),
+        ),
+        (
+            "spec.init_image.denoising_start",
+            with(&|s| s.init_image = init(&|i| i.denoising_start = Some(value))),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn nan_and_infinities_are_refused_in_every_float_field() {
+    let server = TestServer::start(&[]).await;
+    let mut client = server.generation().await;
+    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let fields = float_fields(value);
+        assert_eq!(fields.len(), 17, "every float field of the contract");
+        for (field, spec) in fields {
+            let status = client
+                .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+                .await
+                .expect_err(field);
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{field} = {value}: {status:?}"
+            );
+            let violations = status
+                .get_details_bad_request()
+                .unwrap_or_else(|| panic!("{field}: no BadRequest"))
+                .field_violations;
+            assert!(
+                violations.iter().any(|v| v.field == field),
+                "{field} = {value}: {violations:?}"
+            );
+        }
+    }
+    client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(quick_spec(5)),
+        })
+        .await
+        .expect("the server still serves");
+}
+
+#[tokio::test]
+async fn clip_skip_is_checked_against_the_model_before_the_stream_starts() {
+    use tokio_stream::StreamExt;
+    let server = TestServer::start(&[]).await;
+    let mut client = server.generation().await;
+    // The demo model's text encoders have 4 layers: clip_skip 3 reads their embeddings.
+    let mut deepest = quick_spec(2);
+    deepest.clip_skip = 3;
+    let images = server
+        .images(deepest.clone())
+        .await
+        .expect("clip_skip 3 runs")
+        .images;
+    assert_eq!(images.len(), 1);
+    deepest.clip_skip = 4;
+    let status = match client
+        .generate(pb::GenerateRequest {
+            spec: Some(deepest),
+        })
+        .await
+    {
+        Err(status) => status,
+        Ok(stream) => {
+            let first = stream.into_inner().next().await;
+            panic!("a stream started: {first:?}");
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let violations = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations;
+    assert_eq!(violations.len(), 1);
+    assert_eq!(violations[0].field, "spec.clip_skip");
+    assert!(
+        violations[0].description.contains("at most 3"),
+        "{violations:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_last_seed_of_a_batch_stays_below_2_pow_53_and_replays() {
+    let server = TestServer::start(&[]).await;
+    let mut spec = quick_spec((1 << 53) - 2);
+    spec.num_images = 2;
+    let response = server
+        .images(spec)
+        .await
+        .expect("the last seed is 2^53 - 1");
+    let last = &response.images[1];
+    assert_eq!(last.seed, (1 << 53) - 1);
+    // Its metadata replays it.
+    let decoder = png::Decoder::new(std::io::Cursor::new(&last.data));
+    let reader = decoder.read_info().expect("png");
+    let json = reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "sdxld")
+        .and_then(|c| c.get_text().ok())
+        .expect("sdxld chunk");
+    let replay = sdxld::proto::spec_from_json(&json).expect("a GenerationSpec");
+    let again = server.images(replay).await.expect("the replay is valid");
+    assert_eq!(again.images[0].data, last.data);
 }

@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::fixtures;
 use common::server::TestServer;
 use common::weights_bytes;
 use sdxld::engine::cache::ModelCache;
-use sdxld::engine::pipeline::Placement;
+use sdxld::engine::device::Placement;
 use sdxld::proto::v1 as pb;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -57,12 +59,10 @@ fn components_are_shared_by_content() {
 async fn eviction_budget_admin_and_single_flight() {
     let root = tempfile::tempdir().expect("tempdir");
     for (name, seed) in [("a", "1"), ("b", "2"), ("c", "3")] {
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-            .args(["demo-model", "--seed", seed, "--output"])
-            .arg(root.path().join(name))
-            .status()
-            .expect("demo-model");
-        assert!(status.success());
+        common::cli::sdxld("demo-model")
+            .args(["--seed", seed])
+            .flag("--output", root.path().join(name))
+            .succeeds();
     }
     let size = weights_bytes(&root.path().join("a"));
     let budget = (size * 5 / 2).to_string();
@@ -230,7 +230,7 @@ fn evicted_components_wait_on_the_host_and_come_back_unchanged() {
             .make_room(&[ModelPath::Pipeline(&path)], 0)
             .expect("room");
         let pipeline = cache.pipeline(&path).expect("load");
-        pipeline.denoise(&p, &mut |_| Ok(())).expect("denoise")
+        pipeline.denoise_all(&p, &mut |_| {}).expect("denoise")
     };
     let first_a = run(&mut cache, "a");
     let _ = run(&mut cache, "b");
@@ -251,4 +251,116 @@ fn evicted_components_wait_on_the_host_and_come_back_unchanged() {
     // b went to the host in its turn.
     assert_eq!(stats.host_bytes, size);
     assert!(stats.resident_bytes <= size * 5 / 2);
+}
+
+/// A 2 GiB kohya-style LoRA (one low-rank pair of zeros, as a sparse file) whose key names
+/// no layer: loading it takes seconds of hashing and reading before it is refused.
+fn write_large_lora(path: &std::path::Path) {
+    use std::io::Write;
+    let half: u64 = 1 << 30;
+    let elements = half / 4;
+    let header = format!(
+        "{{\"lora_unet_big.lora_down.weight\":{{\"dtype\":\"F32\",\"shape\":[1,{elements}],\"data_offsets\":[0,{half}]}},\
+         \"lora_unet_big.lora_up.weight\":{{\"dtype\":\"F32\",\"shape\":[{elements},1],\"data_offsets\":[{half},{}]}}}}",
+        2 * half
+    );
+    let padded = format!("{header:<width$}", width = header.len().div_ceil(8) * 8);
+    let mut file = std::fs::File::create(path).expect("create");
+    file.write_all(&(padded.len() as u64).to_le_bytes())
+        .expect("write");
+    file.write_all(padded.as_bytes()).expect("write");
+    file.set_len(8 + padded.len() as u64 + 2 * half)
+        .expect("sparse data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    write_large_lora(&root.path().join("big.safetensors"));
+    let server = TestServer::start(&[(
+        "SDXLD__MODELS__LORA_ROOTS",
+        root.path().to_str().expect("utf-8"),
+    )])
+    .await;
+    let mut client = server.generation().await;
+    let mut spec = spec("", 1);
+    spec.loras = vec![pb::LoraAdapter {
+        name: "big".into(),
+        weight: Some(1.0),
+    }];
+    let mut stream = client
+        .generate(pb::GenerateRequest { spec: Some(spec) })
+        .await
+        .expect("admitted: validation reads no weights")
+        .into_inner();
+    let _accepted = stream.next().await;
+    let job = tokio::spawn(async move {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return status,
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    });
+    let mut health = HealthClient::new(server.channel().await);
+    let mut models = server.models().await;
+    let (mut slowest_health, mut slowest_list, mut answered) = (Duration::ZERO, Duration::ZERO, 0);
+    while !job.is_finished() {
+        let start = Instant::now();
+        health
+            .check(HealthCheckRequest {
+                service: "sdxld.v1.GenerationService".into(),
+            })
+            .await
+            .expect("health");
+        let health_took = start.elapsed();
+        let start = Instant::now();
+        let listed = models
+            .list_models(pb::ListModelsRequest {
+                kind: pb::ModelKind::Lora as i32,
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .models;
+        let list_took = start.elapsed();
+        if job.is_finished() {
+            break;
+        }
+        assert_eq!(listed.len(), 1);
+        slowest_health = slowest_health.max(health_took);
+        slowest_list = slowest_list.max(list_took);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = job.await.expect("the job's stream");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        answered >= 5,
+        "only {answered} checks while the LoRA loaded"
+    );
+    for (what, slowest) in [
+        ("a health check", slowest_health),
+        ("a listing", slowest_list),
+    ] {
+        assert!(
+            slowest < Duration::from_millis(50),
+            "{what} took {slowest:?} while a model was hashed and loaded"
+        );
+    }
+    // Once hashed, the listing shows the hash the job computed.
+    let start = Instant::now();
+    loop {
+        let listed = server.list_models(pb::ModelKind::Lora).await;
+        if listed[0].sha256.len() == 64 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never hashed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

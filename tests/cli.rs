@@ -3,31 +3,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
+use common::cli::sdxld;
 use common::{assert_close, assert_images_match, fixtures, read_tensors};
 use tch::{Kind, Tensor};
 
-fn sdxld() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sdxld"))
-}
-
 fn read_png(path: &Path) -> Tensor {
-    let image = image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8();
-    let (w, h) = image.dimensions();
-    Tensor::from_slice(image.as_raw()).reshape([h as i64, w as i64, 3])
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run sdxld");
-    assert!(
-        out.status.success(),
-        "sdxld failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::image_file(path)
 }
 
 #[test]
@@ -36,29 +18,23 @@ fn generate_writes_the_image_and_latents_diffusers_makes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("castle.png");
     let latents = dir.path().join("latents.safetensors");
-    run_ok(
-        sdxld()
-            .arg("generate")
-            .arg("--model")
-            .arg(fixtures().join("tiny3/pipeline"))
-            .args(["--prompt", "a castle on a hill, oil painting"])
-            .args(["--prompt-2", "highly detailed, golden hour"])
-            .args(["--negative-prompt", "blurry, low quality"])
-            .args(["--seed", "7", "--steps", "3", "--guidance", "7.5"])
-            .args([
-                "--guidance-rescale",
-                "0.7",
-                "--width",
-                "96",
-                "--height",
-                "64",
-            ])
-            .args(["--device", "cpu"])
-            .arg("--output")
-            .arg(&png)
-            .arg("--latents-out")
-            .arg(&latents),
-    );
+    sdxld("generate")
+        .flag("--model", fixtures().join("tiny3/pipeline"))
+        .args(["--prompt", "a castle on a hill, oil painting"])
+        .args(["--prompt-2", "highly detailed, golden hour"])
+        .args(["--negative-prompt", "blurry, low quality"])
+        .args(["--seed", "7", "--steps", "3", "--guidance", "7.5"])
+        .args([
+            "--guidance-rescale",
+            "0.7",
+            "--width",
+            "96",
+            "--height",
+            "64",
+        ])
+        .flag("--output", &png)
+        .flag("--latents-out", &latents)
+        .succeeds();
     let reference = read_tensors(&fixtures().join("tiny3/case_1.safetensors"));
     let written = read_tensors(&latents);
     assert_eq!(written.len(), 1, "one tensor named `latents`");
@@ -73,20 +49,14 @@ fn a_batch_writes_numbered_files_with_seed_plus_i() {
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("cat.png");
     let latents = dir.path().join("l.safetensors");
-    let stdout = run_ok(
-        sdxld()
-            .arg("generate")
-            .arg("--model")
-            .arg(fixtures().join("tiny2/pipeline"))
-            .args(["--prompt", "a cat", "--negative-prompt", ""])
-            .args(["--seed", "1234", "--steps", "2", "--guidance", "4"])
-            .args(["--width", "64", "--height", "64", "--num-images", "3"])
-            .args(["--device", "cpu"])
-            .arg("--output")
-            .arg(&png)
-            .arg("--latents-out")
-            .arg(&latents),
-    );
+    let stdout = sdxld("generate")
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .args(["--prompt", "a cat", "--negative-prompt", ""])
+        .args(["--seed", "1234", "--steps", "2", "--guidance", "4"])
+        .args(["--width", "64", "--height", "64", "--num-images", "3"])
+        .flag("--output", &png)
+        .flag("--latents-out", &latents)
+        .succeeds();
     let reference = read_tensors(&fixtures().join("tiny2/case_2.safetensors"));
     let written = read_tensors(&latents);
     assert_eq!(written["latents"].size(), vec![3, 4, 8, 8]);
@@ -102,8 +72,8 @@ fn a_batch_writes_numbered_files_with_seed_plus_i() {
 fn the_demo_model_is_deterministic_and_generates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    run_ok(sdxld().arg("demo-model").arg("--output").arg(&a));
-    run_ok(sdxld().arg("demo-model").arg("--output").arg(&b));
+    sdxld("demo-model").flag("--output", &a).succeeds();
+    sdxld("demo-model").flag("--output", &b).succeeds();
     for file in [
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",
@@ -118,18 +88,14 @@ fn the_demo_model_is_deterministic_and_generates() {
         assert!(x == y, "{file} differs between two writes");
     }
     let png = dir.path().join("demo.png");
-    run_ok(
-        sdxld()
-            .arg("generate")
-            .arg("--model")
-            .arg(&a)
-            .args(["--prompt", "a red apple", "--steps", "2", "--seed", "3"])
-            .args(["--width", "64", "--height", "48", "--device", "cpu"])
-            .arg("--output")
-            .arg(&png),
-    );
+    sdxld("generate")
+        .flag("--model", &a)
+        .args(["--prompt", "a red apple", "--steps", "2", "--seed", "3"])
+        .args(["--width", "80", "--height", "64"])
+        .flag("--output", &png)
+        .succeeds();
     let image = read_png(&png);
-    assert_eq!(image.size(), vec![48, 64, 3]);
+    assert_eq!(image.size(), vec![64, 80, 3]);
     // Random weights still give a picture, not a constant.
     let std = image.to_kind(Kind::Float).std(true).double_value(&[]);
     assert!(std > 1.0, "flat image (std {std})");
@@ -137,19 +103,14 @@ fn the_demo_model_is_deterministic_and_generates() {
 
 #[test]
 fn bad_arguments_fail_with_a_message() {
-    let out = sdxld()
-        .arg("generate")
-        .arg("--model")
-        .arg(fixtures().join("tiny2/pipeline"))
-        .args([
-            "--width", "65", "--height", "64", "--steps", "1", "--device", "cpu",
-        ])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = sdxld("generate")
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .args(["--width", "65", "--height", "64", "--steps", "1"])
+        .fails();
+    // The flag, the field of the request it sets, the rule and the value.
     assert!(
-        stderr.contains("`width` must be a positive multiple of 8, got 65"),
+        stderr.contains("--width: `spec.width` must be a multiple of 8")
+            && stderr.contains("got 65"),
         "{stderr}"
     );
 }
@@ -159,16 +120,11 @@ async fn request_sends_a_spec_to_a_server() {
     let server = common::server::TestServer::start(&[]).await;
     let out = tempfile::tempdir().expect("tempdir");
     let run = |spec: &str| {
-        let output = Command::new(env!("CARGO_BIN_EXE_sdxld"))
-            .args(["request", "--server", &server.addr, "--spec", spec])
-            .arg("--output-dir")
-            .arg(out.path())
-            .output()
-            .expect("sdxld request runs");
-        assert!(output.status.success(), "{output:?}");
-        let report: serde_json::Value =
-            serde_json::from_slice(&output.stdout).expect("a JSON line");
-        report
+        let stdout = sdxld("request")
+            .args(["--server", &server.addr, "--spec", spec])
+            .flag("--output-dir", out.path())
+            .succeeds();
+        serde_json::from_str::<serde_json::Value>(&stdout).expect("a JSON line")
     };
     let ok = run(
         r#"{"prompt": "a lighthouse", "steps": 1, "width": 64, "height": 64, "seed": 3, "numImages": 2}"#,
@@ -181,4 +137,59 @@ async fn request_sends_a_spec_to_a_server() {
     assert!(bad["message"]
         .as_str()
         .is_some_and(|m| m.contains("spec.width")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_and_the_server_write_the_same_png_for_the_same_spec() {
+    use sdxld::proto::v1 as pb;
+
+    let model = fixtures().join("tiny2/pipeline");
+    let server = common::server::TestServer::start(&[(
+        "SDXLD__ENGINE__DEFAULT_MODEL",
+        model.to_str().expect("utf-8"),
+    )])
+    .await;
+    // Two images, a stochastic scheduler, a negative prompt, guidance rescale.
+    let spec = pb::GenerationSpec {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: Some("blurry".into()),
+        guidance_scale: Some(6.5),
+        guidance_rescale: 0.5,
+        steps: 3,
+        seed: Some(11),
+        width: 72,
+        height: 64,
+        num_images: 2,
+        scheduler: pb::Scheduler::EulerAncestral as i32,
+        ..Default::default()
+    };
+    let served = server
+        .images(spec)
+        .await
+        .expect("the server generates")
+        .images;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let png = dir.path().join("lighthouse.png");
+    sdxld("generate")
+        .flag("--model", &model)
+        .args([
+            "--prompt",
+            "a lighthouse at dusk",
+            "--negative-prompt",
+            "blurry",
+        ])
+        .args(["--guidance", "6.5", "--guidance-rescale", "0.5"])
+        .args([
+            "--steps", "3", "--seed", "11", "--width", "72", "--height", "64",
+        ])
+        .args(["--num-images", "2", "--scheduler", "euler-ancestral"])
+        .flag("--output", &png)
+        .succeeds();
+    for (i, name) in ["lighthouse.png", "lighthouse-1.png"].iter().enumerate() {
+        let written = std::fs::read(dir.path().join(name)).expect(name);
+        assert!(
+            written == served[i].data,
+            "{name}: the CLI's PNG differs from the server's image {i}"
+        );
+    }
 }

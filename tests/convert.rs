@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{fixtures, read_tensors};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use tch::{Kind, Tensor};
@@ -16,13 +14,10 @@ fn a_pickle_checkpoint_converts_to_the_same_tensors() {
     let dir = fixtures().join("tiny2");
     let out = tempfile::tempdir().expect("tempdir");
     let converted = out.path().join("converted.safetensors");
-    let output = Command::new(env!("CARGO_BIN_EXE_sdxld"))
-        .arg("convert")
+    common::cli::sdxld("convert")
         .arg(dir.join("tiny2-pickle.ckpt"))
         .arg(&converted)
-        .output()
-        .expect("sdxld convert runs");
-    assert!(output.status.success(), "{output:?}");
+        .succeeds();
     let original = read_tensors(&dir.join("single_file/tiny2-single.safetensors"));
     let got = read_tensors(&converted);
     assert_eq!(got.len(), original.len() + 2);

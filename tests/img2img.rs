@@ -4,38 +4,14 @@
 
 mod common;
 
-use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
-use sdxld::engine::pipeline::{
-    GenerateParams, InitImage, Placement, SchedulerOverrides, SdxlPipeline,
-};
-use sdxld::engine::schedulers::SchedulerKind;
-use serde_json::Value;
+use common::{assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 
-fn cases(config: &str) -> Vec<Value> {
-    let path = fixtures().join(config).join("img2img.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("img2img.json")).expect("json")
-}
-
-fn params(case: &Value, init: &[u8]) -> GenerateParams {
-    let mut overrides = SchedulerOverrides {
-        class: SchedulerKind::from_class_name(case["scheduler"].as_str().expect("class")),
-        ..SchedulerOverrides::default()
-    };
-    for (k, v) in case["options"].as_object().expect("options") {
-        overrides.set(k, v.clone());
-    }
-    let strength = case["strength"].as_f64().expect("strength");
+fn params(case: &Case, init: &[u8]) -> GenerateParams {
+    let strength = case.float("strength");
     GenerateParams {
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        seed: case["seed"].as_u64().expect("seed"),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        num_images: case["num_images"].as_u64().expect("n") as usize,
-        guidance_scale: 5.0,
-        width: 64,
-        height: 64,
-        scheduler_overrides: overrides,
-        init_image: Some(InitImage::decode(init, strength).expect("init image")),
-        ..GenerateParams::default()
+        init_image: Some(common::init_image(init, strength).expect("init image")),
+        ..case.params()
     }
 }
 
@@ -46,12 +22,12 @@ fn img2img_matches_diffusers() {
         let pipe = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("load");
         let init = std::fs::read(dir.join("init.png")).expect("init.png");
         let reference = read_tensors(&dir.join("img2img.safetensors"));
-        let cases = cases(config);
+        let cases = cases(config, "img2img");
         assert!(cases.len() >= 7);
         for case in cases {
-            let name = case["name"].as_str().expect("name");
+            let name = case.name();
             let out = pipe
-                .generate(&params(&case, &init), &mut |_| Ok(()))
+                .generate(&params(&case, &init))
                 .unwrap_or_else(|e| panic!("{config} {name}: {e}"));
             let what = format!(
                 "{config} {name} ({} strength {})",
@@ -72,10 +48,10 @@ fn strength_that_runs_no_step_is_refused() {
         steps: 4,
         width: 64,
         height: 64,
-        init_image: Some(InitImage::decode(&init, 0.1).expect("init")),
+        init_image: Some(common::init_image(&init, 0.1).expect("init")),
         ..GenerateParams::default()
     };
-    let err = pipe.generate(&p, &mut |_| Ok(())).err().expect("refused");
+    let err = pipe.generate(&p).err().expect("refused");
     assert!(err.to_string().contains("strength"), "{err}");
 }
 
@@ -91,11 +67,10 @@ async fn img2img_over_grpc_matches_diffusers() {
         pipeline.to_str().expect("utf-8"),
     )])
     .await;
-    let mut client = server.generation().await;
     let init = std::fs::read(dir.join("init.png")).expect("init.png");
     let reference = read_tensors(&dir.join("img2img.safetensors"));
     // Case 2: Euler ancestral, strength 0.5, 8 steps, two images (seeds 21, 22).
-    let case = &cases("tiny2")[2];
+    let case = &cases("tiny2", "img2img")[2];
     assert_eq!(case["scheduler"], "EulerAncestralDiscreteScheduler");
     let spec = pb::GenerationSpec {
         prompt: case["prompt"].as_str().expect("prompt").into(),
@@ -110,11 +85,7 @@ async fn img2img_over_grpc_matches_diffusers() {
         }),
         ..Default::default()
     };
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("img2img")
-        .into_inner();
+    let response = server.images(spec).await.expect("img2img");
     assert_eq!(response.images.len(), 2);
     let expected = &reference["img2img_2.images"];
     for (i, image) in response.images.iter().enumerate() {

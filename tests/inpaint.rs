@@ -4,17 +4,8 @@
 
 mod common;
 
-use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
-use sdxld::engine::pipeline::{
-    GenerateParams, InitImage, Placement, SchedulerOverrides, SdxlPipeline,
-};
-use sdxld::engine::schedulers::SchedulerKind;
-use serde_json::Value;
-
-fn cases(config: &str) -> Vec<Value> {
-    let path = fixtures().join(config).join("inpaint.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("inpaint.json")).expect("json")
-}
+use common::{assert_images_match, cases, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 
 #[test]
 fn inpainting_matches_diffusers() {
@@ -27,39 +18,24 @@ fn inpainting_matches_diffusers() {
         let image = std::fs::read(dir.join("init.png")).expect("init.png");
         let mask = std::fs::read(dir.join("mask.png")).expect("mask.png");
         let reference = read_tensors(&dir.join("inpaint.safetensors"));
-        let cases = cases(config);
+        let cases = cases(config, "inpaint");
         assert!(cases.len() >= 6);
         for case in cases {
-            let name = case["name"].as_str().expect("name");
+            let name = case.name();
             let pipe = if case["pipeline"] == "inpaint_pipeline" {
                 &nine
             } else {
                 &base
             };
-            let mut overrides = SchedulerOverrides {
-                class: SchedulerKind::from_class_name(case["scheduler"].as_str().expect("class")),
-                ..SchedulerOverrides::default()
-            };
-            for (k, v) in case["options"].as_object().expect("options") {
-                overrides.set(k, v.clone());
-            }
-            let init = InitImage::decode(&image, case["strength"].as_f64().expect("strength"))
-                .and_then(|i| i.with_mask(&mask))
+            let init = common::init_image(&image, case.float("strength"))
+                .and_then(|i| common::with_mask(i, &mask))
                 .expect("init image and mask");
             let params = GenerateParams {
-                prompt: case["prompt"].as_str().expect("prompt").into(),
-                seed: case["seed"].as_u64().expect("seed"),
-                steps: case["steps"].as_u64().expect("steps") as usize,
-                num_images: case["num_images"].as_u64().expect("n") as usize,
-                guidance_scale: 5.0,
-                width: 64,
-                height: 64,
-                scheduler_overrides: overrides,
                 init_image: Some(init),
-                ..GenerateParams::default()
+                ..case.params()
             };
             let out = pipe
-                .generate(&params, &mut |_| Ok(()))
+                .generate(&params)
                 .unwrap_or_else(|e| panic!("{config} {name}: {e}"));
             let what = format!(
                 "{config} {name} ({} {}, strength {})",
@@ -91,10 +67,7 @@ fn an_inpainting_model_needs_a_mask() {
         height: 64,
         ..GenerateParams::default()
     };
-    let err = nine
-        .generate(&params, &mut |_| Ok(()))
-        .err()
-        .expect("refused");
+    let err = nine.generate(&params).err().expect("refused");
     assert!(err.to_string().contains("mask"), "{err}");
 }
 
@@ -110,10 +83,9 @@ async fn inpainting_over_grpc_matches_diffusers() {
         pipeline.to_str().expect("utf-8"),
     )])
     .await;
-    let mut client = server.generation().await;
     let reference = read_tensors(&dir.join("inpaint.safetensors"));
     // Case 5: the 9-channel UNet with DPM-Solver++ at strength 0.7, 10 steps, seed 31.
-    let case = &cases("tiny3")[5];
+    let case = &cases("tiny3", "inpaint")[5];
     assert_eq!(case["pipeline"], "inpaint_pipeline");
     let spec = pb::GenerationSpec {
         prompt: case["prompt"].as_str().expect("prompt").into(),
@@ -128,11 +100,7 @@ async fn inpainting_over_grpc_matches_diffusers() {
         }),
         ..Default::default()
     };
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("inpaint")
-        .into_inner();
+    let response = server.images(spec).await.expect("inpaint");
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC inpainting",

@@ -8,35 +8,17 @@ mod common;
 
 use std::rc::Rc;
 
-use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use common::cli::sdxld;
+use common::{assert_close, assert_images_match, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::error::EngineError;
 use sdxld::engine::loading::lora::LoraWeights;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use sdxld::proto::v1 as pb;
-use serde_json::Value;
 use tch::Tensor;
 
-fn cases(config: &str) -> Vec<Value> {
-    let path = fixtures().join(config).join("lora.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("lora.json")).expect("json")
-}
-
-fn params(case: &Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        negative_prompt: Some(case["negative_prompt"].as_str().expect("negative").into()),
-        seed: case["seed"].as_u64().expect("seed"),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        guidance_scale: case["guidance"].as_f64().expect("guidance"),
-        width: 64,
-        height: 64,
-        ..GenerateParams::default()
-    }
-}
-
 /// (name, weight) of each adapter of a case.
-fn adapters(case: &Value) -> Vec<(String, f64)> {
+fn adapters(case: &Case) -> Vec<(String, f64)> {
     case["loras"]
         .as_array()
         .expect("loras")
@@ -78,11 +60,9 @@ fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
         let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
             .expect("load");
         let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
-        let all = cases(config);
+        let all = common::cases(config, "lora");
         let plain_case = all.iter().find(|c| c["name"] == "plain").expect("plain");
-        let before = pipe
-            .generate(&params(plain_case), &mut |_| Ok(()))
-            .expect("plain");
+        let before = pipe.generate(&plain_case.params()).expect("plain");
         assert_close(
             &format!("{config} plain"),
             &before.latents,
@@ -96,7 +76,7 @@ fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
                 let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert!(applied.layers() > 0, "{what}: nothing adapted");
                 let out = pipe
-                    .generate(&params(case), &mut |_| Ok(()))
+                    .generate(&case.params())
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 drop(applied);
                 common::assert_matches_case(&what, &out, &reference, name);
@@ -107,9 +87,7 @@ fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
                 );
             }
             // Taken off bit for bit: the plain request is what it was before any adapter.
-            let after = pipe
-                .generate(&params(plain_case), &mut |_| Ok(()))
-                .expect("plain again");
+            let after = pipe.generate(&plain_case.params()).expect("plain again");
             assert!(
                 same_bits(&after.latents, &before.latents)
                     && same_bits(&after.images, &before.images),
@@ -124,13 +102,11 @@ fn adapters_that_do_not_fit_are_refused_and_leave_nothing_applied() {
     let config = "tiny2";
     let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
         .expect("load");
-    let plain_case = cases(config)
+    let plain_case = common::cases(config, "lora")
         .into_iter()
         .find(|c| c["name"] == "plain")
         .expect("plain");
-    let before = pipe
-        .generate(&params(&plain_case), &mut |_| Ok(()))
-        .expect("plain");
+    let before = pipe.generate(&plain_case.params()).expect("plain");
     for mode in [LoraMode::Merge, LoraMode::Forward] {
         for (name, key) in [
             // Its last text-encoder pair has SD1.5's width; the ones before it fit.
@@ -154,9 +130,7 @@ fn adapters_that_do_not_fit_are_refused_and_leave_nothing_applied() {
                 other => panic!("{name}: {other}"),
             }
         }
-        let after = pipe
-            .generate(&params(&plain_case), &mut |_| Ok(()))
-            .expect("plain again");
+        let after = pipe.generate(&plain_case.params()).expect("plain again");
         assert!(
             same_bits(&after.latents, &before.latents),
             "({mode:?}): a refused adapter left a trace"
@@ -172,32 +146,17 @@ fn loras_over_the_cli_match_diffusers() {
     let out = tempfile::tempdir().expect("tempdir");
     for mode in ["merge", "forward"] {
         let png = out.path().join(format!("{mode}.png"));
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-            .args([
-                "generate", "--device", "cpu", "--width", "64", "--height", "64",
-            ])
-            .args([
-                "--prompt",
-                "a knight in shining armour",
-                "--negative-prompt",
-                "blurry",
-            ])
+        sdxld("generate")
+            .args(["--width", "64", "--height", "64"])
+            .args(["--prompt", "a knight in shining armour"])
+            .args(["--negative-prompt", "blurry"])
             .args(["--seed", "61", "--steps", "4", "--guidance", "5"])
             .args(["--lora", "char_kohya:0.8", "--lora", "style_peft:-0.5"])
             .args(["--lora-mode", mode])
-            .arg("--lora-dir")
-            .arg(dir.join("lora"))
-            .arg("--model")
-            .arg(dir.join("pipeline"))
-            .arg("--output")
-            .arg(&png)
-            .output()
-            .expect("sdxld runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+            .flag("--lora-dir", dir.join("lora"))
+            .flag("--model", dir.join("pipeline"))
+            .flag("--output", &png)
+            .succeeds();
         assert_images_match(
             &format!("CLI --lora ({mode})"),
             &common::image_file(&png),
@@ -209,24 +168,13 @@ fn loras_over_the_cli_match_diffusers() {
         ("style_peft:2.5", "between -2 and 2"),
         ("absent:1", "not found"),
     ] {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-            .args([
-                "generate", "--device", "cpu", "--prompt", "x", "--steps", "1",
-            ])
-            .args(["--lora", arg])
-            .arg("--lora-dir")
-            .arg(dir.join("lora"))
-            .arg("--model")
-            .arg(dir.join("pipeline"))
-            .arg("--output")
-            .arg(out.path().join("x.png"))
-            .output()
-            .expect("sdxld runs");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            !output.status.success() && stderr.contains(expected),
-            "{arg}: {stderr}"
-        );
+        let stderr = sdxld("generate")
+            .args(["--prompt", "x", "--steps", "1", "--lora", arg])
+            .flag("--lora-dir", dir.join("lora"))
+            .flag("--model", dir.join("pipeline"))
+            .flag("--output", out.path().join("x.png"))
+            .fails();
+        assert!(stderr.contains(expected), "{arg}: {stderr}");
     }
 }
 
@@ -251,7 +199,7 @@ fn lora(name: &str, weight: f32) -> pb::LoraAdapter {
     }
 }
 
-fn grpc_spec(case: &Value, loras: Vec<pb::LoraAdapter>) -> pb::GenerationSpec {
+fn grpc_spec(case: &Case, loras: Vec<pb::LoraAdapter>) -> pb::GenerationSpec {
     pb::GenerationSpec {
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: Some(case["negative_prompt"].as_str().expect("negative").into()),
@@ -265,7 +213,7 @@ fn grpc_spec(case: &Value, loras: Vec<pb::LoraAdapter>) -> pb::GenerationSpec {
     }
 }
 
-fn case_loras(case: &Value) -> Vec<pb::LoraAdapter> {
+fn case_loras(case: &Case) -> Vec<pb::LoraAdapter> {
     adapters(case)
         .into_iter()
         .map(|(name, weight)| lora(&name, weight as f32))
@@ -281,7 +229,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
     let config = "tiny2";
     let dir = fixtures().join(config);
     let reference = read_tensors(&dir.join("lora.safetensors"));
-    let all = cases(config);
+    let all = common::cases(config, "lora");
     let case = |name: &str| {
         all.iter()
             .find(|c| c["name"] == name)
@@ -465,7 +413,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
 #[test]
 fn loras_are_cached_by_content_within_the_budget() {
     use sdxld::engine::cache::{ModelCache, ModelPath};
-    use sdxld::engine::loading::weights::loaded_bytes;
+    use sdxld::engine::weights::loaded_bytes;
 
     let dir = fixtures().join("tiny2").join("lora");
     let (a, b) = (
@@ -504,8 +452,9 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
     use std::sync::{Arc, Mutex};
 
     use sdxld::engine::cache::{activation_estimate, ModelPath};
+    use sdxld::engine::hashes::FileHashes;
     use sdxld::engine::lora::merged_bytes;
-    use sdxld::jobs::worker::Engine;
+    use sdxld::jobs::engine::Engine;
 
     let pipeline = fixtures().join("tiny2/pipeline");
     let lora = fixtures().join("tiny2/lora/char_kohya.safetensors");
@@ -524,6 +473,7 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
             Placement::cpu(),
             Some(budget),
             0,
+            FileHashes::new(),
             Arc::new(Mutex::new(HashSet::new())),
         )
         .with_lora_mode(mode)

@@ -6,7 +6,6 @@ mod common;
 use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::models::unet::AddedCond;
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
-use serde_json::Value;
 use tch::Tensor;
 
 fn load(config: &str) -> SdxlPipeline {
@@ -100,39 +99,17 @@ fn vae_decode_and_encode_match_diffusers() {
 }
 
 /// The pipeline parameters of a fixture case.
-pub fn case_params(case: &Value) -> GenerateParams {
-    let text = |k: &str| case.get(k).and_then(Value::as_str).map(str::to_string);
-    GenerateParams {
-        prompt: text("prompt").unwrap_or_default(),
-        prompt_2: text("prompt_2"),
-        negative_prompt: text("negative_prompt"),
-        guidance_scale: case["guidance"].as_f64().expect("guidance"),
-        guidance_rescale: case
-            .get("guidance_rescale")
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0),
-        width: case["width"].as_i64().expect("width"),
-        height: case["height"].as_i64().expect("height"),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        seed: case["seed"].as_u64().expect("seed"),
-        num_images: case["num_images"].as_u64().expect("num_images") as usize,
-        ..GenerateParams::default()
-    }
-}
-
 #[test]
 fn generations_match_diffusers() {
     for config in CONFIGS {
         let pipe = load(config);
         let dir = fixtures().join(config);
-        let cases: Vec<Value> =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases"))
-                .expect("json");
+        let cases = common::cases(config, "cases");
         assert!(cases.len() >= 5);
         for (i, case) in cases.iter().enumerate() {
-            let params = case_params(case);
+            let params = case.params();
             let r = read_tensors(&dir.join(format!("case_{i}.safetensors")));
-            let out = pipe.generate(&params, &mut |_| Ok(())).expect("generate");
+            let out = pipe.generate(&params).expect("generate");
             let what = format!(
                 "{config} case {i} ({}x{}, {} images)",
                 params.width, params.height, params.num_images
@@ -155,15 +132,9 @@ fn absent_and_empty_negative_prompts_differ() {
         seed: 5,
         ..GenerateParams::default()
     };
-    let absent = pipe
-        .generate(&params, &mut |_| Ok(()))
-        .expect("generate")
-        .latents;
+    let absent = pipe.generate(&params).expect("generate").latents;
     params.negative_prompt = Some(String::new());
-    let empty = pipe
-        .generate(&params, &mut |_| Ok(()))
-        .expect("generate")
-        .latents;
+    let empty = pipe.generate(&params).expect("generate").latents;
     assert!(common::relative_error(&absent, &empty) > 1e-3);
 }
 
@@ -179,19 +150,13 @@ fn image_i_of_a_batch_uses_seed_plus_i() {
         num_images: 2,
         ..GenerateParams::default()
     };
-    let batch = pipe
-        .generate(&params, &mut |_| Ok(()))
-        .expect("batch")
-        .latents;
+    let batch = pipe.generate(&params).expect("batch").latents;
     let single = GenerateParams {
         seed: 11,
         num_images: 1,
         ..params
     };
-    let second = pipe
-        .generate(&single, &mut |_| Ok(()))
-        .expect("single")
-        .latents;
+    let second = pipe.generate(&single).expect("single").latents;
     assert_close(
         "image 1 of seed 10 vs seed 11",
         &batch.get(1).unsqueeze(0),

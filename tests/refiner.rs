@@ -7,46 +7,14 @@
 
 mod common;
 
-use common::{assert_images_match, fixtures, read_tensors, CONFIGS};
+use common::cli::sdxld;
+use common::{assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::pipeline::{
-    GenerateOutput, GenerateParams, InitImage, Placement, RefinerMode, RefinerParams,
-    SchedulerOverrides, SdxlPipeline,
+    GenerateOutput, GenerateParams, Placement, RefinerMode, RefinerParams, SdxlPipeline,
 };
 use sdxld::engine::refiner::generate_refined;
-use sdxld::engine::schedulers::SchedulerKind;
-use serde_json::Value;
 
-fn cases(config: &str) -> Vec<Value> {
-    let path = fixtures().join(config).join("refiner.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("refiner.json")).expect("json")
-}
-
-fn scheduler(class: &str) -> SchedulerOverrides {
-    SchedulerOverrides {
-        class: SchedulerKind::from_class_name(class),
-        ..SchedulerOverrides::default()
-    }
-}
-
-fn base_params(case: &Value) -> GenerateParams {
-    GenerateParams {
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        prompt_2: case["prompt_2"].as_str().map(str::to_string),
-        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
-        seed: case["seed"].as_u64().expect("seed"),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        num_images: case["n"].as_u64().expect("n") as usize,
-        guidance_scale: 5.0,
-        width: 64,
-        height: 64,
-        scheduler_overrides: scheduler(case["scheduler"].as_str().expect("scheduler")),
-        aesthetic_score: case["aesthetic_score"].as_f64().unwrap_or(6.0),
-        negative_aesthetic_score: case["negative_aesthetic_score"].as_f64().unwrap_or(2.5),
-        ..GenerateParams::default()
-    }
-}
-
-fn refiner_params(case: &Value, base: &GenerateParams) -> RefinerParams {
+fn refiner_params(case: &Case, base: &GenerateParams) -> RefinerParams {
     let mode = match case["kind"].as_str() {
         Some("ensemble") => RefinerMode::EnsembleOfExperts {
             high_noise_fraction: case["fraction"].as_f64().expect("fraction"),
@@ -60,39 +28,35 @@ fn refiner_params(case: &Value, base: &GenerateParams) -> RefinerParams {
         .as_u64()
         .map_or(base.steps, |s| s as usize);
     r.guidance_scale = case["refiner_guidance"].as_f64().unwrap_or(5.0);
-    let class = case["refiner_scheduler"]
-        .as_str()
-        .or(case["scheduler"].as_str())
-        .expect("scheduler");
-    r.scheduler_overrides = scheduler(class);
+    let key = if case["refiner_scheduler"].is_string() {
+        "refiner_scheduler"
+    } else {
+        "scheduler"
+    };
+    r.scheduler_overrides = case.scheduler(key);
     r.aesthetic_score = base.aesthetic_score;
     r.negative_aesthetic_score = base.negative_aesthetic_score;
     r
 }
 
-fn run(
-    base: &SdxlPipeline,
-    refiner: &SdxlPipeline,
-    case: &Value,
-    picture: &[u8],
-) -> GenerateOutput {
-    let mut p = base_params(case);
+fn run(base: &SdxlPipeline, refiner: &SdxlPipeline, case: &Case, picture: &[u8]) -> GenerateOutput {
+    let mut p = case.params();
     let name = case["name"].as_str().expect("name");
     let result = match case["kind"].as_str().expect("kind") {
         "ensemble" | "img2img" => {
             let r = refiner_params(case, &p);
-            generate_refined(base, refiner, &p, &r, &mut |_| Ok(()))
+            generate_refined(base, refiner, &p, &r)
         }
         "refiner_on_image" => {
             let strength = case["strength"].as_f64().expect("strength");
-            p.init_image = Some(InitImage::decode(picture, strength).expect("picture"));
-            refiner.generate(&p, &mut |_| Ok(()))
+            p.init_image = Some(common::init_image(picture, strength).expect("picture"));
+            refiner.generate(&p)
         }
         "denoising_start" => {
-            let mut init = InitImage::decode(picture, 0.3).expect("picture");
+            let mut init = common::init_image(picture, 0.3).expect("picture");
             init.denoising_start = case["fraction"].as_f64();
             p.init_image = Some(init);
-            base.generate(&p, &mut |_| Ok(()))
+            base.generate(&p)
         }
         other => panic!("unknown case kind {other}"),
     };
@@ -108,7 +72,7 @@ fn refiner_stage_matches_diffusers() {
         assert!(refiner.requires_aesthetics_score() && refiner.text_encoder().is_none());
         let picture = std::fs::read(dir.join("init.png")).expect("init.png");
         let reference = read_tensors(&dir.join("refiner.safetensors"));
-        let cases = cases(config);
+        let cases = cases(config, "refiner");
         assert!(cases.len() >= 8);
         for case in &cases {
             let name = case["name"].as_str().expect("name");
@@ -133,10 +97,7 @@ fn a_refiner_does_not_run_from_noise_and_bad_fractions_are_refused() {
         height: 64,
         ..GenerateParams::default()
     };
-    let err = refiner
-        .generate(&p, &mut |_| Ok(()))
-        .err()
-        .expect("refused");
+    let err = refiner.generate(&p).err().expect("refused");
     assert!(matches!(err, EngineError::Incompatible(_)), "{err}");
 
     for fraction in [0.0, 1.0, -0.5, f64::NAN] {
@@ -146,7 +107,7 @@ fn a_refiner_does_not_run_from_noise_and_bad_fractions_are_refused() {
             },
             &p,
         );
-        let err = generate_refined(&base, &refiner, &p, &r, &mut |_| Ok(()))
+        let err = generate_refined(&base, &refiner, &p, &r)
             .err()
             .expect("refused");
         assert!(
@@ -155,7 +116,7 @@ fn a_refiner_does_not_run_from_noise_and_bad_fractions_are_refused() {
         );
     }
     let r = RefinerParams::new(RefinerMode::Img2Img { strength: 0.1 }, &p);
-    let err = generate_refined(&base, &refiner, &p, &r, &mut |_| Ok(()))
+    let err = generate_refined(&base, &refiner, &p, &r)
         .err()
         .expect("refused");
     assert!(err.to_string().contains("strength"), "{err}");
@@ -164,41 +125,25 @@ fn a_refiner_does_not_run_from_noise_and_bad_fractions_are_refused() {
 #[test]
 fn refiner_over_the_cli_matches_diffusers() {
     let dir = fixtures().join("tiny3");
-    let case = &cases("tiny3")[0];
+    let case = &cases("tiny3", "refiner")[0];
     assert_eq!(case["kind"], "ensemble");
     let out = tempfile::tempdir().expect("tempdir");
     let png = out.path().join("refined.png");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-        .args([
-            "generate", "--device", "cpu", "--width", "64", "--height", "64",
-        ])
-        .arg("--model")
-        .arg(dir.join("pipeline"))
-        .arg("--refiner")
-        .arg(dir.join("refiner"))
+    sdxld("generate")
+        .args(["--width", "64", "--height", "64"])
+        .flag("--model", dir.join("pipeline"))
+        .flag("--refiner", dir.join("refiner"))
         .args([
             "--prompt",
-            case["prompt"].as_str().expect("prompt"),
+            case.text("prompt"),
             "--prompt-2",
-            case["prompt_2"].as_str().expect("prompt_2"),
-            "--seed",
-            "41",
-            "--steps",
-            "10",
-            "--scheduler",
-            "euler",
-            "--refiner-scheduler",
-            "euler",
-            "--refiner-mode",
-            "ensemble",
-            "--high-noise-fraction",
-            "0.7",
+            case.text("prompt_2"),
         ])
-        .arg("--output")
-        .arg(&png)
-        .status()
-        .expect("sdxld runs");
-    assert!(status.success());
+        .args(["--seed", "41", "--steps", "10", "--scheduler", "euler"])
+        .args(["--refiner-scheduler", "euler", "--refiner-mode", "ensemble"])
+        .args(["--high-noise-fraction", "0.7"])
+        .flag("--output", &png)
+        .succeeds();
     let got = common::image_file(&png);
     let reference = read_tensors(&dir.join("refiner.safetensors"));
     assert_images_match(
@@ -227,7 +172,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
     .await;
     let mut client = server.generation().await;
     let reference = read_tensors(&dir.join("refiner.safetensors"));
-    let cases = cases("tiny2");
+    let cases = cases("tiny2", "refiner");
 
     // Case 4: img2img mode, Euler base 8 steps, DPM-Solver++ refiner 10 steps at strength
     // 0.3 and guidance 7.5, two images.
@@ -326,11 +271,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         }),
         ..Default::default()
     };
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("denoising_start")
-        .into_inner();
+    let response = server.images(spec).await.expect("denoising_start");
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC denoising_start",
@@ -361,11 +302,7 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         }),
         ..Default::default()
     };
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("refiner on a picture")
-        .into_inner();
+    let response = server.images(spec).await.expect("refiner on a picture");
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC aesthetic scores",

@@ -112,35 +112,94 @@ fn names_resolve_only_inside_their_roots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pickle_checkpoint_is_refused_before_anything_is_read() {
+async fn pickle_files_of_every_kind_are_refused_before_anything_is_read() {
     use common::server::TestServer;
     use sdxld::proto::v1 as pb;
     use tonic_types::StatusExt;
 
     let root = tempfile::tempdir().expect("tempdir");
-    std::fs::write(root.path().join("legacy.ckpt"), b"\x80\x04 pickle").expect("write");
-    let server = TestServer::start(&[(
-        "SDXLD__MODELS__BASE_ROOTS",
-        root.path().to_str().expect("utf-8"),
-    )])
-    .await;
+    let mut env = Vec::new();
+    for (kind, file) in [
+        ("base", "legacy.ckpt"),
+        ("lora", "legacy_lora.pt"),
+        ("vae", "legacy_vae.pth"),
+        ("refiner", "legacy_refiner.bin"),
+    ] {
+        let dir = root.path().join(kind);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join(file), b"\x80\x04 pickle").expect("write");
+        let key = format!("SDXLD__MODELS__{}_ROOTS", kind.to_uppercase());
+        env.push((key, dir.to_str().expect("utf-8").to_string()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = TestServer::start(&env).await;
     let mut client = server.generation().await;
-    let spec = pb::GenerationSpec {
-        model: "legacy".into(),
+    let quick = pb::GenerationSpec {
         prompt: "x".into(),
         steps: 1,
         width: 64,
         height: 64,
         ..Default::default()
     };
-    let status = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+    let cases = [
+        (
+            "legacy",
+            pb::GenerationSpec {
+                model: "legacy".into(),
+                ..quick.clone()
+            },
+        ),
+        (
+            "legacy_lora",
+            pb::GenerationSpec {
+                loras: vec![pb::LoraAdapter {
+                    name: "legacy_lora".into(),
+                    weight: Some(0.5),
+                }],
+                ..quick.clone()
+            },
+        ),
+        (
+            "legacy_vae",
+            pb::GenerationSpec {
+                vae: "legacy_vae".into(),
+                ..quick.clone()
+            },
+        ),
+        (
+            "legacy_refiner",
+            pb::GenerationSpec {
+                refiner: Some(pb::RefinerStage {
+                    model: "legacy_refiner".into(),
+                    mode: pb::RefinerMode::EnsembleOfExperts as i32,
+                    ..Default::default()
+                }),
+                ..quick.clone()
+            },
+        ),
+    ];
+    for (name, spec) in cases {
+        let status = client
+            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+            .await
+            .expect_err(name);
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{name}: {status:?}"
+        );
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "PICKLE_NOT_LOADED", "{name}");
+        assert_eq!(info.metadata["model"], name);
+        assert!(
+            status.message().contains("sdxld convert"),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    // The server keeps serving.
+    client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(quick) })
         .await
-        .expect_err("refused");
-    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert_eq!(
-        status.get_details_error_info().expect("ErrorInfo").reason,
-        "PICKLE_NOT_LOADED"
-    );
-    assert!(status.message().contains("convert"), "{}", status.message());
+        .expect("still serving");
 }

@@ -7,7 +7,6 @@ mod common;
 use common::{fixtures, read_tensors, relative_error, CONFIGS};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SchedulerOverrides, SdxlPipeline};
 use sdxld::engine::schedulers::SchedulerKind;
-use serde_json::Value;
 
 #[test]
 fn schedulers_match_diffusers() {
@@ -16,33 +15,15 @@ fn schedulers_match_diffusers() {
     for config in CONFIGS {
         let dir = fixtures().join(config);
         let pipe = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("load");
-        let cases: Vec<Value> = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("schedulers.json")).expect("cases"),
-        )
-        .expect("json");
         let reference = read_tensors(&dir.join("schedulers.safetensors"));
-        for case in cases {
-            let name = case["name"].as_str().expect("name").to_string();
-            let class = case["scheduler"].as_str().expect("class");
-            let mut overrides = SchedulerOverrides {
-                class: Some(SchedulerKind::from_class_name(class).expect("implemented class")),
-                ..SchedulerOverrides::default()
-            };
-            for (key, value) in case["options"].as_object().expect("options") {
-                overrides.set(key, value.clone());
-            }
-            let params = GenerateParams {
-                prompt: case["prompt"].as_str().expect("prompt").into(),
-                seed: case["seed"].as_u64().expect("seed"),
-                steps: case["steps"].as_u64().expect("steps") as usize,
-                guidance_scale: case["guidance"].as_f64().expect("guidance"),
-                width: case["width"].as_i64().expect("width"),
-                height: case["height"].as_i64().expect("height"),
-                num_images: case["num_images"].as_u64().expect("n") as usize,
-                scheduler_overrides: overrides,
-                ..GenerateParams::default()
-            };
-            let latents = pipe.denoise(&params, &mut |_| Ok(())).expect("denoise");
+        for case in common::cases(config, "schedulers") {
+            let name = case.name().to_string();
+            let params = case.params();
+            assert!(
+                params.scheduler_overrides.class.is_some(),
+                "{name}: an implemented class"
+            );
+            let latents = pipe.denoise_all(&params, &mut |_| {}).expect("denoise");
             let err = relative_error(&latents, &reference[&name]);
             checked += 1;
             if err.is_nan() || err >= 1e-3 {
@@ -81,12 +62,7 @@ fn progress_counts_scheduler_steps_for_second_order_schedulers() {
         };
         let mut steps = Vec::new();
         let _latents = pipe
-            .denoise(&params, &mut |p| {
-                if let sdxld::engine::pipeline::Progress::Denoising { step, total, .. } = p {
-                    steps.push((step, total));
-                }
-                Ok(())
-            })
+            .denoise_all(&params, &mut |s| steps.push((s.step, s.total)))
             .expect("denoise");
         assert_eq!(
             steps,

@@ -36,27 +36,6 @@ fn decode_rgb(bytes: &[u8]) -> image::RgbImage {
     image::load_from_memory(bytes).expect("decode").to_rgb8()
 }
 
-/// Collects a whole stream: events, then the final status (Ok if completed).
-async fn collect(
-    client: &mut sdxld::proto::v1::generation_service_client::GenerationServiceClient<
-        tonic::transport::Channel,
-    >,
-    req: tonic::Request<pb::GenerateRequest>,
-) -> (Vec<Event>, Result<(), tonic::Status>) {
-    let mut stream = match client.generate(req).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return (Vec::new(), Err(status)),
-    };
-    let mut events = Vec::new();
-    loop {
-        match stream.next().await {
-            Some(Ok(message)) => events.extend(message.event),
-            Some(Err(status)) => return (events, Err(status)),
-            None => return (events, Ok(())),
-        }
-    }
-}
-
 #[tokio::test]
 async fn health_reports_live_and_ready() {
     let server = TestServer::start(&[]).await;
@@ -70,7 +49,6 @@ async fn health_reports_live_and_ready() {
 #[tokio::test]
 async fn a_batch_streams_accepted_progress_images_completed_in_order() {
     let server = TestServer::start(&[]).await;
-    let mut client = server.generation().await;
     let mut spec = quick_spec(40);
     spec.num_images = 3;
     spec.steps = 3;
@@ -78,7 +56,7 @@ async fn a_batch_streams_accepted_progress_images_completed_in_order() {
         preview_every_n_steps: 1,
         ..Default::default()
     });
-    let (events, status) = collect(&mut client, tonic::Request::new(request(spec))).await;
+    let (events, status) = server.stream(tonic::Request::new(request(spec))).await;
     status.expect("the job completes");
     let Some(Event::Accepted(accepted)) = events.first() else {
         panic!("first event is not accepted: {:?}", events.first());
@@ -137,10 +115,11 @@ async fn a_batch_streams_accepted_progress_images_completed_in_order() {
 #[tokio::test]
 async fn the_unary_rpc_returns_what_the_stream_returns() {
     let server = TestServer::start(&[]).await;
-    let mut client = server.generation().await;
     let mut spec = quick_spec(7);
     spec.num_images = 2;
-    let (events, status) = collect(&mut client, tonic::Request::new(request(spec.clone()))).await;
+    let (events, status) = server
+        .stream(tonic::Request::new(request(spec.clone())))
+        .await;
     status.expect("stream");
     let streamed: Vec<Vec<u8>> = events
         .iter()
@@ -149,11 +128,7 @@ async fn the_unary_rpc_returns_what_the_stream_returns() {
             _ => None,
         })
         .collect();
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("unary")
-        .into_inner();
+    let response = server.images(spec).await.expect("unary");
     assert_eq!(response.accepted.expect("accepted").seeds, vec![7, 8]);
     assert!(response.completed.is_some());
     let unary: Vec<Vec<u8>> = response.images.into_iter().map(|i| i.data).collect();
@@ -163,17 +138,12 @@ async fn the_unary_rpc_returns_what_the_stream_returns() {
 #[tokio::test]
 async fn png_metadata_round_trips_to_the_same_image() {
     let server = TestServer::start(&[]).await;
-    let mut client = server.generation().await;
     // No seed: the server draws one, and the metadata must pin it.
     let mut spec = quick_spec(0);
     spec.seed = None;
     spec.num_images = 2;
     spec.negative_prompt = Some("blurry".into());
-    let first = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("generate")
-        .into_inner();
+    let first = server.images(spec).await.expect("generate");
     let image = &first.images[1];
     let chunks = png_text_chunks(&image.data);
     let parameters = &chunks
@@ -199,13 +169,7 @@ async fn png_metadata_round_trips_to_the_same_image() {
     let resolved = sdxld::proto::spec_from_json(json).expect("the chunk is a GenerationSpec");
     assert_eq!(resolved.seed, Some(image.seed));
     assert_eq!(resolved.num_images, 1);
-    let again = client
-        .generate_images(pb::GenerateImagesRequest {
-            spec: Some(resolved),
-        })
-        .await
-        .expect("regenerate")
-        .into_inner();
+    let again = server.images(resolved).await.expect("regenerate");
     assert_eq!(decode_rgb(&again.images[0].data), decode_rgb(&image.data));
     assert_eq!(
         again.images[0].data, image.data,
@@ -216,7 +180,6 @@ async fn png_metadata_round_trips_to_the_same_image() {
 #[tokio::test]
 async fn other_output_formats() {
     let server = TestServer::start(&[]).await;
-    let mut client = server.generation().await;
     for (format, mime) in [
         (pb::ImageFormat::Jpeg, "image/jpeg"),
         (pb::ImageFormat::Webp, "image/webp"),
@@ -231,11 +194,7 @@ async fn other_output_formats() {
             quality: 80,
             ..Default::default()
         });
-        let response = client
-            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-            .await
-            .expect("generate")
-            .into_inner();
+        let response = server.images(spec).await.expect("generate");
         let image = &response.images[0];
         assert_eq!(image.mime_type, mime);
         match format {
@@ -359,7 +318,7 @@ async fn deadlines_apply_while_running_and_while_queued() {
     let mut req = tonic::Request::new(request(slow_spec(9)));
     req.set_timeout(Duration::from_millis(1500));
     let start = Instant::now();
-    let (_, status) = collect(&mut client, req).await;
+    let (_, status) = server.stream(req).await;
     assert_eq!(status.expect_err("deadline").code(), Code::DeadlineExceeded);
     assert!(start.elapsed() < Duration::from_secs(30));
 
@@ -375,7 +334,7 @@ async fn deadlines_apply_while_running_and_while_queued() {
     let _accepted = long.next().await;
     let mut req = tonic::Request::new(request(quick_spec(11)));
     req.set_timeout(Duration::from_millis(300));
-    let (events, status) = collect(&mut client, req).await;
+    let (events, status) = server.stream(req).await;
     assert_eq!(status.expect_err("deadline").code(), Code::DeadlineExceeded);
     assert!(!events.iter().any(|e| matches!(e, Event::Image(_))));
     let _ = client

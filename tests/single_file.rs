@@ -5,10 +5,10 @@
 
 mod common;
 
+use common::cli::sdxld;
 use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::error::EngineError;
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
-use serde_json::Value;
 
 fn single_file(config: &str) -> std::path::PathBuf {
     fixtures()
@@ -18,22 +18,9 @@ fn single_file(config: &str) -> std::path::PathBuf {
 }
 
 /// The first end-to-end case of a configuration, as GenerateParams.
+/// Case 0 of `config`'s generations and the name of its reference.
 fn case_params(config: &str) -> (GenerateParams, String) {
-    let path = fixtures().join(config).join("cases.json");
-    let cases: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("json");
-    let case = &cases[0];
-    let p = GenerateParams {
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        seed: case["seed"].as_u64().expect("seed"),
-        width: case["width"].as_i64().expect("width"),
-        height: case["height"].as_i64().expect("height"),
-        guidance_scale: case["guidance"].as_f64().expect("guidance"),
-        num_images: case["num_images"].as_u64().unwrap_or(1) as usize,
-        ..GenerateParams::default()
-    };
-    (p, "case_0".into())
+    (common::cases(config, "cases")[0].params(), "case_0".into())
 }
 
 #[test]
@@ -43,10 +30,8 @@ fn a_single_file_gives_what_the_folder_gives() {
         let folder = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("folder");
         let file = SdxlPipeline::load(&single_file(config), Placement::cpu()).expect("file");
         let (p, case) = case_params(config);
-        let from_folder = folder
-            .generate(&p, &mut |_| Ok(()))
-            .expect("folder generates");
-        let from_file = file.generate(&p, &mut |_| Ok(())).expect("file generates");
+        let from_folder = folder.generate(&p).expect("folder generates");
+        let from_file = file.generate(&p).expect("file generates");
         assert!(
             from_folder.latents.equal(&from_file.latents),
             "{config}: latents differ between folder and single file"
@@ -99,29 +84,15 @@ async fn a_single_file_over_grpc_and_the_cli() {
 
     let out = tempfile::tempdir().expect("tempdir");
     let png = out.path().join("single.png");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-        .args(["generate", "--device", "cpu"])
-        .arg("--model")
-        .arg(single_file("tiny3"))
-        .args(["--prompt", &p.prompt])
-        .args([
-            "--steps",
-            &p.steps.to_string(),
-            "--seed",
-            &p.seed.to_string(),
-        ])
-        .args([
-            "--width",
-            &p.width.to_string(),
-            "--height",
-            &p.height.to_string(),
-        ])
+    let (steps, seed) = (p.steps.to_string(), p.seed.to_string());
+    let (width, height) = (p.width.to_string(), p.height.to_string());
+    sdxld("generate")
+        .flag("--model", single_file("tiny3"))
+        .args(["--prompt", &p.prompt, "--steps", &steps, "--seed", &seed])
+        .args(["--width", &width, "--height", &height])
         .args(["--guidance", &p.guidance_scale.to_string()])
-        .arg("--output")
-        .arg(&png)
-        .status()
-        .expect("sdxld runs");
-    assert!(status.success());
+        .flag("--output", &png)
+        .succeeds();
     let got = common::image_file(&png);
     assert_images_match("CLI single file", &got, &reference["images"].get(0));
 
@@ -130,7 +101,6 @@ async fn a_single_file_over_grpc_and_the_cli() {
         dir.join("single_file").to_str().expect("utf-8"),
     )])
     .await;
-    let mut client = server.generation().await;
     let spec = pb::GenerationSpec {
         model: "tiny3-single".into(),
         prompt: p.prompt.clone(),
@@ -141,11 +111,7 @@ async fn a_single_file_over_grpc_and_the_cli() {
         guidance_scale: Some(p.guidance_scale as f32),
         ..Default::default()
     };
-    let response = client
-        .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-        .await
-        .expect("generated")
-        .into_inner();
+    let response = server.images(spec).await.expect("generated");
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match("gRPC single file", &got, &reference["images"].get(0));
     let listed = server.list_models(pb::ModelKind::Base).await;

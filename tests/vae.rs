@@ -6,29 +6,18 @@ mod common;
 
 use std::rc::Rc;
 
-use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
+use common::cli::sdxld;
+use common::{assert_close, assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::codec::VaeCodec;
 use sdxld::engine::error::EngineError;
-use sdxld::engine::pipeline::{GenerateParams, InitImage, Placement, SdxlPipeline};
-use serde_json::Value;
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 
-fn cases(config: &str) -> Vec<Value> {
-    let path = fixtures().join(config).join("vae.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("vae.json")).expect("json")
-}
-
-fn params(case: &Value, picture: &[u8]) -> GenerateParams {
-    let init_image = (case["kind"] == "img2img").then(|| {
-        InitImage::decode(picture, case["strength"].as_f64().expect("strength")).expect("init")
-    });
+fn params(case: &Case, picture: &[u8]) -> GenerateParams {
+    let init_image = (case["kind"] == "img2img")
+        .then(|| common::init_image(picture, case.float("strength")).expect("init"));
     GenerateParams {
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        seed: case["seed"].as_u64().expect("seed"),
-        steps: case["steps"].as_u64().expect("steps") as usize,
-        width: 64,
-        height: 64,
         init_image,
-        ..GenerateParams::default()
+        ..case.params()
     }
 }
 
@@ -41,17 +30,15 @@ fn a_swapped_vae_matches_diffusers() {
         let pipe = base.with_vae(Rc::new(vae)).expect("same latent space");
         let picture = std::fs::read(dir.join("init.png")).expect("init.png");
         let reference = read_tensors(&dir.join("vae.safetensors"));
-        for case in cases(config) {
-            let name = case["name"].as_str().expect("name");
+        for case in cases(config, "vae") {
+            let name = case.name();
             let out = pipe
-                .generate(&params(&case, &picture), &mut |_| Ok(()))
+                .generate(&params(&case, &picture))
                 .unwrap_or_else(|e| panic!("{config} {name}: {e}"));
             let what = format!("{config} {name} ({})", case["kind"]);
             common::assert_matches_case(&what, &out, &reference, name);
             // The model's own VAE gives another image: the swap is not a no-op.
-            let own = base
-                .generate(&params(&case, &picture), &mut |_| Ok(()))
-                .expect("own VAE");
+            let own = base.generate(&params(&case, &picture)).expect("own VAE");
             let diff = (own.images.to_kind(tch::Kind::Int) - out.images.to_kind(tch::Kind::Int))
                 .abs()
                 .max()
@@ -76,20 +63,13 @@ fn vae_over_the_cli_matches_diffusers() {
     let dir = fixtures().join("tiny3");
     let out = tempfile::tempdir().expect("tempdir");
     let png = out.path().join("vae.png");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
-        .args([
-            "generate", "--device", "cpu", "--width", "64", "--height", "64",
-        ])
+    sdxld("generate")
+        .args(["--width", "64", "--height", "64"])
         .args(["--prompt", "a lighthouse", "--seed", "51", "--steps", "6"])
-        .arg("--model")
-        .arg(dir.join("pipeline"))
-        .arg("--vae")
-        .arg(dir.join("vae_alt"))
-        .arg("--output")
-        .arg(&png)
-        .status()
-        .expect("sdxld runs");
-    assert!(status.success());
+        .flag("--model", dir.join("pipeline"))
+        .flag("--vae", dir.join("vae_alt"))
+        .flag("--output", &png)
+        .succeeds();
     let got = common::image_file(&png);
     let reference = read_tensors(&dir.join("vae.safetensors"));
     assert_images_match("CLI --vae", &got, &reference["vae_0.images"].get(0));
@@ -136,11 +116,7 @@ async fn vae_over_grpc_matches_diffusers() {
             init_image,
             ..Default::default()
         };
-        let response = client
-            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-            .await
-            .expect("generated")
-            .into_inner();
+        let response = server.images(spec).await.expect("generated");
         let got = common::decoded_image(&response.images[0].data);
         assert_images_match(
             &format!("gRPC vae_{k}"),

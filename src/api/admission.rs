@@ -1,25 +1,24 @@
 //! Global admission as tower middleware: generation RPCs take a place in the job bound
 //! before anything else runs, across all connections; beyond it they are answered
-//! RESOURCE_EXHAUSTED with RetryInfo at once.
+//! RESOURCE_EXHAUSTED with RetryInfo at once (and counted by the RPC metrics layer).
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::OwnedSemaphorePermit;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
 use crate::api::status::ApiError;
-use crate::jobs::JobQueue;
+use crate::jobs::{JobQueue, QueuePlace};
 
 /// A place in the job bound, handed to the RPC handler through request extensions.
 #[derive(Clone)]
-pub struct AdmissionPermit(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub struct AdmissionPermit(Arc<Mutex<Option<QueuePlace>>>);
 
 impl AdmissionPermit {
-    /// Takes the permit out (once).
-    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+    /// Takes the place out (once).
+    pub fn take(&self) -> Option<QueuePlace> {
         self.0.lock().ok().and_then(|mut p| p.take())
     }
 }
@@ -35,21 +34,12 @@ const JOB_PATHS: [&str; 2] = [
 pub struct AdmissionLayer {
     queue: Arc<JobQueue>,
     retry_after: Duration,
-    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl AdmissionLayer {
     /// Admits into `queue`; refusals suggest retrying after `retry_after`.
-    pub fn new(
-        queue: Arc<JobQueue>,
-        retry_after: Duration,
-        metrics: Arc<crate::telemetry::Metrics>,
-    ) -> Self {
-        Self {
-            queue,
-            retry_after,
-            metrics,
-        }
+    pub fn new(queue: Arc<JobQueue>, retry_after: Duration) -> Self {
+        Self { queue, retry_after }
     }
 }
 
@@ -96,10 +86,7 @@ where
                         .insert(AdmissionPermit(Arc::new(Mutex::new(Some(permit)))));
                 }
                 Err(e) => {
-                    let error = ApiError::Job(e);
-                    let method = path.rsplit('/').next().unwrap_or_default().to_string();
-                    let status = error.into_status(self.layer.retry_after);
-                    self.layer.metrics.rpc_finished(&method, status.code());
+                    let status = ApiError::Job(e).into_status(self.layer.retry_after);
                     let response = status.into_http();
                     return Box::pin(async move { Ok(response) });
                 }

@@ -1,6 +1,6 @@
-//! `sdxld.v1.GenerationService`: admission permit, validation, queueing, then the job's
-//! events forwarded to the client until it completes, fails, is cancelled or the
-//! deadline passes.
+//! `sdxld.v1.GenerationService`: admission place, validation (on the blocking pool),
+//! queueing, then the job's events, converted to the contract's messages, until it
+//! completes, fails, is cancelled or its deadline passes.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,10 +10,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::api::admission::AdmissionPermit;
+use crate::api::convert;
 use crate::api::status::ApiError;
-use crate::api::validate::to_job_spec;
+use crate::api::validate::{to_job_spec, Context, MAX_SEED};
 use crate::api::ApiState;
 use crate::jobs::{Admitted, JobError, JobEvent, StopReason};
 use crate::proto::v1 as pb;
@@ -35,14 +37,12 @@ impl Generation {
         Duration::from_millis(self.state.settings.jobs.retry_after_ms)
     }
 
-    fn status(&self, method: &str, error: ApiError) -> Status {
-        let status = error.into_status(self.retry_after());
-        self.state.metrics.rpc_finished(method, status.code());
-        status
+    fn status(&self, error: ApiError) -> Status {
+        error.into_status(self.retry_after())
     }
 
     /// Admission, validation and queueing: the accepted event and the job's events.
-    fn start<T>(
+    async fn start<T>(
         &self,
         mut request: Request<T>,
         spec: fn(T) -> Option<pb::GenerationSpec>,
@@ -51,8 +51,8 @@ impl Generation {
         if !queue.accepting() {
             return Err(JobError::ShuttingDown.into());
         }
-        // The admission layer normally took the permit; direct callers take one here.
-        let permit = match request
+        // The admission layer normally took the place; direct callers take one here.
+        let place = match request
             .extensions_mut()
             .remove::<AdmissionPermit>()
             .and_then(|p| p.take())
@@ -62,18 +62,22 @@ impl Generation {
         };
         let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
         let spec = spec(request.into_inner());
-        let job = to_job_spec(
-            spec,
-            &self.state.settings.limits,
-            &self.state.registry,
-            random_seed(),
-        )?;
+        let state = self.state.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let ctx = Context {
+                limits: &state.settings.limits,
+                registry: &state.registry,
+                drawn_seed: random_seed(),
+            };
+            to_job_spec(spec, &ctx)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("validation did not finish: {e}")))??;
         let seeds: Vec<u64> = (0..job.params.num_images as u64)
             .map(|i| job.params.seed + i)
             .collect();
         let client_job_id = job.client_job_id.clone().unwrap_or_default();
-        let admitted = queue.submit(job, permit, self.state.settings.jobs.stream_buffer)?;
-        self.state.metrics.set_queue_depth(queue.depth());
+        let admitted = queue.submit(job, place, self.state.settings.jobs.stream_buffer)?;
         let accepted = pb::JobAccepted {
             job_id: admitted.id.clone(),
             client_job_id,
@@ -102,7 +106,7 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 }
 
 /// A seed for requests that name none (below 2^53).
-fn random_seed() -> u64 {
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(
@@ -111,13 +115,7 @@ fn random_seed() -> u64 {
             .map(|d| d.as_nanos())
             .unwrap_or(0),
     );
-    hasher.finish() & crate::api::validate::MAX_SEED
-}
-
-/// What ended a forwarded job.
-enum Ending {
-    Completed,
-    Failed(JobError),
+    hasher.finish() & MAX_SEED
 }
 
 /// Waits for the next job event, stopping the job when the deadline passes or the client
@@ -137,19 +135,67 @@ async fn next_event(
     tokio::select! {
         event = admitted.events.recv() => event,
         () = sleep => {
-            state.queue.cancel(&admitted.id, "", StopReason::DeadlineExceeded);
-            admitted.control.stop(StopReason::DeadlineExceeded);
+            stop(admitted, state, StopReason::DeadlineExceeded);
             Some(JobEvent::Failed(JobError::Stopped(StopReason::DeadlineExceeded)))
         }
         () = closed => {
-            state.queue.cancel(&admitted.id, "", StopReason::ClientGone);
-            admitted.control.stop(StopReason::ClientGone);
+            stop(admitted, state, StopReason::ClientGone);
             None
         }
     }
 }
 
+fn stop(admitted: &Admitted, state: &ApiState, reason: StopReason) {
+    state.queue.cancel(&admitted.id, "", reason);
+    admitted.control.stop(reason);
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+
+/// Forwards a job's events to a streaming client until the job ends or the client
+/// leaves.
+async fn relay(
+    mut admitted: Admitted,
+    accepted: pb::JobAccepted,
+    deadline: Option<Instant>,
+    tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    state: Arc<ApiState>,
+    retry_after: Duration,
+) {
+    let message = |event| pb::GenerateResponse { event: Some(event) };
+    if tx
+        .send(Ok(message(Event::Accepted(accepted))))
+        .await
+        .is_err()
+    {
+        stop(&admitted, &state, StopReason::ClientGone);
+        return;
+    }
+    loop {
+        let closed_tx = tx.clone();
+        let closed = async move { closed_tx.closed().await };
+        let event = match next_event(&mut admitted, deadline, closed, &state).await {
+            Some(JobEvent::Progress(p)) => Event::Progress(convert::progress(p)),
+            Some(JobEvent::Image(i)) => Event::Image(convert::image(i)),
+            Some(JobEvent::Completed(report)) => {
+                let completed = convert::completed(&admitted.id, report);
+                let _ = tx.send(Ok(message(Event::Completed(completed)))).await;
+                return;
+            }
+            Some(JobEvent::Failed(e)) => {
+                let _ = tx
+                    .send(Err(ApiError::Job(e).into_status(retry_after)))
+                    .await;
+                return;
+            }
+            None => return,
+        };
+        if tx.send(Ok(message(event))).await.is_err() {
+            stop(&admitted, &state, StopReason::ClientGone);
+            return;
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl GenerationService for Generation {
@@ -159,66 +205,21 @@ impl GenerationService for Generation {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (accepted, mut admitted, deadline) = self
+        let (accepted, admitted, deadline) = self
             .start(request, |r| r.spec)
-            .map_err(|e| self.status("Generate", e))?;
+            .await
+            .map_err(|e| self.status(e))?;
         let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let state = self.state.clone();
-        let retry_after = self.retry_after();
-        tokio::spawn(async move {
-            let accepted = pb::GenerateResponse {
-                event: Some(Event::Accepted(accepted)),
-            };
-            if tx.send(Ok(accepted)).await.is_err() {
-                state.queue.cancel(&admitted.id, "", StopReason::ClientGone);
-                return;
-            }
-            let ending = loop {
-                let closed_tx = tx.clone();
-                let Some(event) = next_event(
-                    &mut admitted,
-                    deadline,
-                    async move { closed_tx.closed().await },
-                    &state,
-                )
-                .await
-                else {
-                    break Ending::Failed(JobError::Stopped(StopReason::ClientGone));
-                };
-                let message = match event {
-                    JobEvent::Progress(p) => Event::Progress(p),
-                    JobEvent::Image(i) => Event::Image(i),
-                    JobEvent::Completed(c) => {
-                        let _ = tx
-                            .send(Ok(pb::GenerateResponse {
-                                event: Some(Event::Completed(c)),
-                            }))
-                            .await;
-                        break Ending::Completed;
-                    }
-                    JobEvent::Failed(e) => break Ending::Failed(e),
-                };
-                if tx
-                    .send(Ok(pb::GenerateResponse {
-                        event: Some(message),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    state.queue.cancel(&admitted.id, "", StopReason::ClientGone);
-                    admitted.control.stop(StopReason::ClientGone);
-                    break Ending::Failed(JobError::Stopped(StopReason::ClientGone));
-                }
-            };
-            match ending {
-                Ending::Completed => state.metrics.rpc_finished("Generate", tonic::Code::Ok),
-                Ending::Failed(e) => {
-                    let status = ApiError::Job(e).into_status(retry_after);
-                    state.metrics.rpc_finished("Generate", status.code());
-                    let _ = tx.send(Err(status)).await;
-                }
-            }
-        });
+        let task = relay(
+            admitted,
+            accepted,
+            deadline,
+            tx,
+            self.state.clone(),
+            self.retry_after(),
+        );
+        // The relay continues the RPC's span.
+        tokio::spawn(task.instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -228,44 +229,39 @@ impl GenerationService for Generation {
     ) -> Result<Response<pb::GenerateImagesResponse>, Status> {
         let (accepted, mut admitted, deadline) = self
             .start(request, |r| r.spec)
-            .map_err(|e| self.status("GenerateImages", e))?;
+            .await
+            .map_err(|e| self.status(e))?;
         let mut response = pb::GenerateImagesResponse {
             accepted: Some(accepted),
             images: Vec::new(),
             completed: None,
         };
         // If the client leaves, tonic drops this future: the guard stops the job.
-        let guard = StopOnDrop {
+        let mut guard = StopOnDrop {
             state: self.state.clone(),
             id: admitted.id.clone(),
             control: admitted.control.clone(),
             armed: true,
         };
-        let mut guard = guard;
         loop {
             let event =
                 next_event(&mut admitted, deadline, std::future::pending(), &self.state).await;
             match event {
                 Some(JobEvent::Progress(_)) => {}
-                Some(JobEvent::Image(image)) => response.images.push(image),
-                Some(JobEvent::Completed(completed)) => {
-                    response.completed = Some(completed);
+                Some(JobEvent::Image(image)) => response.images.push(convert::image(image)),
+                Some(JobEvent::Completed(report)) => {
+                    response.completed = Some(convert::completed(&admitted.id, report));
                     guard.armed = false;
-                    self.state
-                        .metrics
-                        .rpc_finished("GenerateImages", tonic::Code::Ok);
                     return Ok(Response::new(response));
                 }
                 Some(JobEvent::Failed(e)) => {
                     guard.armed = false;
-                    return Err(self.status("GenerateImages", ApiError::Job(e)));
+                    return Err(self.status(ApiError::Job(e)));
                 }
                 None => {
                     guard.armed = false;
-                    return Err(self.status(
-                        "GenerateImages",
-                        ApiError::Job(JobError::Stopped(StopReason::ClientGone)),
-                    ));
+                    let gone = JobError::Stopped(StopReason::ClientGone);
+                    return Err(self.status(ApiError::Job(gone)));
                 }
             }
         }
@@ -277,19 +273,16 @@ impl GenerationService for Generation {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let request = request.into_inner();
         if request.job_id.is_empty() && request.client_job_id.is_empty() {
-            return Err(self.status(
-                "CancelJob",
-                ApiError::invalid("job_id", "one of `job_id` and `client_job_id` is required"),
-            ));
+            return Err(self.status(ApiError::invalid(
+                "job_id",
+                "one of `job_id` and `client_job_id` is required",
+            )));
         }
         let result = self.state.queue.cancel(
             &request.job_id,
             &request.client_job_id,
             StopReason::Cancelled,
         );
-        self.state
-            .metrics
-            .rpc_finished("CancelJob", tonic::Code::Ok);
         let (job_id, cancelled) = result.unwrap_or((request.job_id, false));
         Ok(Response::new(pb::CancelJobResponse { job_id, cancelled }))
     }

@@ -1,25 +1,36 @@
-//! The gRPC API: services, proto-to-domain validation, admission and the status mapping.
+//! The gRPC API: services, proto-to-domain validation and domain-to-proto conversion (the
+//! only place proto types exist), admission, RPC metrics and the status mapping.
 
 pub mod admission;
+pub mod convert;
 pub mod generation;
 pub mod models;
+pub mod rpc_metrics;
 pub mod status;
 pub mod validate;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::engine::hashes::FileHashes;
+use crate::engine::registry::Registry;
+use crate::jobs::JobQueue;
 
 /// Shared by the services.
 pub struct ApiState {
     /// The job queue.
-    pub queue: std::sync::Arc<crate::jobs::JobQueue>,
+    pub queue: Arc<JobQueue>,
     /// Model names.
-    pub registry: std::sync::Arc<crate::engine::registry::Registry>,
+    pub registry: Arc<Registry>,
+    /// The process's file hashes (listings read them, never compute them).
+    pub hashes: Arc<FileHashes>,
     /// Configuration.
     pub settings: crate::config::Settings,
-    /// Metrics.
-    pub metrics: std::sync::Arc<crate::telemetry::Metrics>,
-    /// Device and dtype names.
+    /// Device name (`cpu`, `cuda:0`).
     pub device: String,
     /// Compute dtype name.
     pub dtype: String,
     /// Which models are loaded (folder paths), reported by the worker.
-    pub resident: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>>,
+    pub resident: Arc<Mutex<HashSet<PathBuf>>>,
 }

@@ -4,11 +4,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::api::convert;
 use crate::api::status::ApiError;
-use crate::api::validate::{scheduler_options, scheduler_supported, sigma_schedules};
+use crate::api::validate::scheduler_kind;
 use crate::api::ApiState;
 use crate::engine::loading::lora::{LoraFormat, LoraLayout, LoraTarget};
-use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, RegistryError};
+use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
 use crate::jobs::{AdminOp, AdminRequest, JobError};
 use crate::proto::v1 as pb;
 use crate::proto::v1::model_service_server::ModelService;
@@ -25,7 +26,7 @@ impl Models {
     }
 
     /// Resolves the model an admin request names.
-    fn resolve(&self, name: &str, kind: i32) -> Result<ModelEntry, ApiError> {
+    fn resolve(registry: &Registry, name: &str, kind: i32) -> Result<ModelEntry, ApiError> {
         let kind = match pb::ModelKind::try_from(kind) {
             Ok(pb::ModelKind::Unspecified | pb::ModelKind::Base) => ModelKind::Base,
             Ok(pb::ModelKind::Refiner) => ModelKind::Refiner,
@@ -44,20 +45,12 @@ impl Models {
                 ))
             }
         };
-        let registry = &self.state.registry;
         let resolved = if kind == ModelKind::Base {
             registry.resolve(name)
         } else {
             registry.resolve_kind(kind, name)
         };
-        resolved.map_err(|e| match e {
-            RegistryError::InvalidName { reason, .. } => ApiError::invalid(
-                "name",
-                &format!("`name` is not a valid model name ({reason})"),
-            ),
-            RegistryError::NotFound(n) => ApiError::ModelNotFound(n),
-            RegistryError::Pickle { name, file } => ApiError::PickleModel { name, file },
-        })
+        Ok(resolved?)
     }
 
     /// Checks the admin token, when one is configured.
@@ -86,7 +79,11 @@ impl Models {
         if name.is_empty() {
             return Err(status(ApiError::invalid("name", "`name` is required")));
         }
-        let model = self.resolve(name, kind).map_err(status)?;
+        let (registry, name) = (self.state.registry.clone(), name.to_string());
+        let model = tokio::task::spawn_blocking(move || Self::resolve(&registry, &name, kind))
+            .await
+            .map_err(|e| status(ApiError::Internal(e.to_string())))?
+            .map_err(status)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.state
             .queue
@@ -97,33 +94,39 @@ impl Models {
             })
             .map_err(|e| status(ApiError::Job(e)))?;
         match answer.await {
-            Ok(Ok(_)) => Ok(self.info(&model)),
+            Ok(Ok(_)) => {
+                let state = self.state.clone();
+                tokio::task::spawn_blocking(move || info(&state, &model))
+                    .await
+                    .map_err(|e| status(ApiError::Internal(e.to_string())))
+            }
             Ok(Err(e)) => Err(status(ApiError::Job(JobError::Engine(e)))),
             Err(_) => Err(Status::unavailable("the engine stopped")),
         }
     }
+}
 
-    fn info(&self, model: &ModelEntry) -> pb::ModelInfo {
-        let resident = self
-            .state
-            .resident
-            .lock()
-            .map(|r| r.contains(&model.path))
-            .unwrap_or(false);
-        pb::ModelInfo {
-            name: model.name.clone(),
-            kind: kind_pb(model.kind) as i32,
-            format: match model.format {
-                ModelFormat::Diffusers => pb::ModelFormat::Diffusers,
-                ModelFormat::SingleFile => pb::ModelFormat::Safetensors,
-            } as i32,
-            size_bytes: model.size_bytes,
-            sha256: self.state.registry.sha256(model),
-            resident,
-            is_default: model.kind == ModelKind::Base
-                && model.name == self.state.registry.default_model().name,
-            lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
-        }
+/// What the listing says of `model`: its hash only once known (the background thread
+/// computes it; listing never hashes).
+fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
+    let resident = state
+        .resident
+        .lock()
+        .map(|r| r.contains(&model.path))
+        .unwrap_or(false);
+    pb::ModelInfo {
+        name: model.name.clone(),
+        kind: convert::model_kind(model.kind) as i32,
+        format: match model.format {
+            ModelFormat::Diffusers => pb::ModelFormat::Diffusers,
+            ModelFormat::SingleFile => pb::ModelFormat::Safetensors,
+        } as i32,
+        size_bytes: model.size_bytes,
+        sha256: state.hashes.known_model(model).unwrap_or_default(),
+        resident,
+        is_default: model.kind == ModelKind::Base
+            && model.name == state.registry.default_model().name,
+        lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
     }
 }
 
@@ -153,17 +156,6 @@ fn lora_info(model: &ModelEntry) -> pb::LoraInfo {
     }
 }
 
-fn kind_pb(kind: ModelKind) -> pb::ModelKind {
-    match kind {
-        ModelKind::Base => pb::ModelKind::Base,
-        ModelKind::Refiner => pb::ModelKind::Refiner,
-        ModelKind::Vae => pb::ModelKind::Vae,
-        ModelKind::Lora => pb::ModelKind::Lora,
-        ModelKind::ControlNet => pb::ModelKind::Controlnet,
-        ModelKind::Upscaler => pb::ModelKind::Upscaler,
-    }
-}
-
 #[tonic::async_trait]
 impl ModelService for Models {
     async fn list_models(
@@ -175,18 +167,20 @@ impl ModelService for Models {
             ApiError::invalid("kind", &format!("`kind` has an unknown enum value {kind}"))
                 .into_status(Default::default())
         })?;
-        let registry = self.state.registry.clone();
-        let list = tokio::task::spawn_blocking(move || registry.list())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let models = list
-            .iter()
-            .filter(|m| kind == pb::ModelKind::Unspecified || kind_pb(m.kind) == kind)
-            .map(|m| self.info(m))
-            .collect();
-        self.state
-            .metrics
-            .rpc_finished("ListModels", tonic::Code::Ok);
+        let state = self.state.clone();
+        let models = tokio::task::spawn_blocking(move || {
+            state
+                .registry
+                .list()
+                .iter()
+                .filter(|m| {
+                    kind == pb::ModelKind::Unspecified || convert::model_kind(m.kind) == kind
+                })
+                .map(|m| info(&state, m))
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
@@ -196,16 +190,10 @@ impl ModelService for Models {
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        let result = self.admin(AdminOp::Load, &request.name, request.kind).await;
-        self.state.metrics.rpc_finished(
-            "LoadModel",
-            result
-                .as_ref()
-                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
-        );
-        Ok(Response::new(pb::LoadModelResponse {
-            model: Some(result?),
-        }))
+        let model = self
+            .admin(AdminOp::Load, &request.name, request.kind)
+            .await?;
+        Ok(Response::new(pb::LoadModelResponse { model: Some(model) }))
     }
 
     async fn unload_model(
@@ -214,17 +202,11 @@ impl ModelService for Models {
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        let result = self
+        let model = self
             .admin(AdminOp::Unload, &request.name, request.kind)
-            .await;
-        self.state.metrics.rpc_finished(
-            "UnloadModel",
-            result
-                .as_ref()
-                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
-        );
+            .await?;
         Ok(Response::new(pb::UnloadModelResponse {
-            model: Some(result?),
+            model: Some(model),
         }))
     }
 
@@ -235,11 +217,20 @@ impl ModelService for Models {
         let settings = &self.state.settings;
         let schedulers = (1..=10)
             .filter_map(|v| pb::Scheduler::try_from(v).ok())
-            .map(|s| pb::SchedulerCapability {
+            .filter_map(|s| Some((s, scheduler_kind(s)?)))
+            .map(|(s, kind)| pb::SchedulerCapability {
                 scheduler: s as i32,
-                supported: scheduler_supported(s),
-                options: scheduler_options(s),
-                sigma_schedules: sigma_schedules(s).into_iter().map(|v| v as i32).collect(),
+                supported: true,
+                options: kind
+                    .options()
+                    .iter()
+                    .map(|o| o.name().to_string())
+                    .collect(),
+                sigma_schedules: kind
+                    .sigma_schedules()
+                    .iter()
+                    .map(|&spacing| convert::sigma_schedule(spacing) as i32)
+                    .collect(),
             })
             .collect();
         let features = [
@@ -274,9 +265,6 @@ impl ModelService for Models {
             supported,
         })
         .collect();
-        self.state
-            .metrics
-            .rpc_finished("GetCapabilities", tonic::Code::Ok);
         Ok(Response::new(pb::GetCapabilitiesResponse {
             schedulers,
             limits: Some(pb::Limits {

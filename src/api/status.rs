@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::engine::error::EngineError;
+use crate::engine::registry::RegistryError;
 use crate::jobs::{JobError, StopReason};
 
 /// Errors of the API layer, each mapped to one status code.
@@ -21,7 +22,7 @@ pub enum ApiError {
     #[error("model `{0}` not found")]
     ModelNotFound(String),
     /// A model stored in a pickle-based format, never loaded at request time.
-    #[error("model `{name}` is a pickle file ({file}): convert it with `sdxld convert IN OUT.safetensors` first")]
+    #[error("model `{name}` is a pickle file ({file}), which is never loaded at request time: convert it with `sdxld convert IN OUT.safetensors` first")]
     PickleModel {
         /// The name.
         name: String,
@@ -31,6 +32,22 @@ pub enum ApiError {
     /// The jobs layer refused or stopped the job.
     #[error(transparent)]
     Job(#[from] JobError),
+    /// A failure of the server itself (a task that did not finish).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::InvalidName { name, reason } => ApiError::invalid(
+                "name",
+                &format!("`name` {name:?} is not a valid model name ({reason})"),
+            ),
+            RegistryError::NotFound(name) => ApiError::ModelNotFound(name),
+            RegistryError::Pickle { name, file } => ApiError::PickleModel { name, file },
+        }
+    }
 }
 
 impl ApiError {
@@ -47,6 +64,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PickleModel { .. } => "pickle_model",
             ApiError::Job(e) => e.error_type(),
+            ApiError::Internal(_) => "internal",
         }
     }
 
@@ -89,6 +107,15 @@ impl ApiError {
                 ),
             ),
             ApiError::Job(job) => job_status(job, message, retry_after),
+            ApiError::Internal(_) => Status::with_error_details(
+                Code::Internal,
+                message,
+                ErrorDetails::with_error_info(
+                    "INTERNAL",
+                    "sdxld",
+                    std::collections::HashMap::<String, String>::new(),
+                ),
+            ),
         }
     }
 }

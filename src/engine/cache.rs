@@ -12,17 +12,18 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
 
 use crate::engine::codec::VaeCodec;
 use crate::engine::components::{shared, ComponentFiles, ComponentStore};
+use crate::engine::device::Placement;
 use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::loading::lora::LoraWeights;
-use crate::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
-use crate::engine::registry::{hash_file, hex};
+use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 
 /// A loaded component, known by its content.
 struct Live {
@@ -53,9 +54,6 @@ struct ResidentLora {
     paths: Vec<PathBuf>,
 }
 
-/// A file's content hash, valid while its size and modification time hold.
-type FileHash = (u64, Option<SystemTime>, String);
-
 /// What the cache holds and what loading costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
@@ -84,7 +82,8 @@ pub struct ModelCache {
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     /// LoRA adapters by content hash.
     loras: HashMap<String, ResidentLora>,
-    file_hashes: HashMap<PathBuf, FileHash>,
+    /// The process's file hashes (components are known by their files' content).
+    hashes: Arc<FileHashes>,
     clock: u64,
     stats: CacheStats,
 }
@@ -119,7 +118,7 @@ impl ComponentStore for Store<'_> {
         {
             return Ok(live);
         }
-        let (component, params) = crate::engine::loading::weights::recording(load)?;
+        let (component, params) = crate::engine::weights::recording(load)?;
         self.cache.stats.component_loads += 1;
         self.cache.components.insert(
             key,
@@ -163,10 +162,20 @@ impl ModelCache {
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
             loras: HashMap::new(),
-            file_hashes: HashMap::new(),
+            hashes: FileHashes::new(),
             clock: 0,
             stats: CacheStats::default(),
         }
+    }
+
+    /// This cache sharing the process's file hashes.
+    pub fn with_hashes(self, hashes: Arc<FileHashes>) -> Self {
+        Self { hashes, ..self }
+    }
+
+    /// The file hashes it computes and reads.
+    pub fn hashes(&self) -> &Arc<FileHashes> {
+        &self.hashes
     }
 
     /// Device and precision.
@@ -289,27 +298,12 @@ impl ModelCache {
             .retain(|_, l| l.component.strong_count() > 0);
     }
 
-    /// SHA-256 of a file, computed once per size and modification time.
+    /// SHA-256 of a file, computed once per version.
     fn file_hash(&mut self, path: &Path) -> Result<String> {
-        let meta = path.metadata().map_err(|source| EngineError::Io {
+        self.hashes.file(path).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        let (size, modified) = (meta.len(), meta.modified().ok());
-        if let Some((s, m, hash)) = self.file_hashes.get(path) {
-            if *s == size && *m == modified {
-                return Ok(hash.clone());
-            }
-        }
-        let mut hasher = Sha256::new();
-        hash_file(&mut hasher, path).map_err(|source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let hash = hex(&hasher.finalize());
-        self.file_hashes
-            .insert(path.to_path_buf(), (size, modified, hash.clone()));
-        Ok(hash)
+        })
     }
 
     /// A component's identity (role, prefix and the content of its files) and the bytes
@@ -324,11 +318,8 @@ impl ModelCache {
             hasher.update(name.unwrap_or_default().as_bytes());
             hasher.update(self.file_hash(path)?.as_bytes());
             if path.extension().is_some_and(|e| e == "safetensors") {
-                bytes += crate::engine::loading::weights::loaded_bytes(
-                    path,
-                    files.prefix,
-                    self.placement.kind,
-                )?;
+                bytes +=
+                    crate::engine::weights::loaded_bytes(path, files.prefix, self.placement.kind)?;
             }
         }
         let key = hex(&hasher.finalize());
@@ -346,11 +337,8 @@ impl ModelCache {
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
-                    let bytes = crate::engine::loading::weights::loaded_bytes(
-                        path,
-                        None,
-                        self.placement.kind,
-                    )?;
+                    let bytes =
+                        crate::engine::weights::loaded_bytes(path, None, self.placement.kind)?;
                     total += bytes;
                     if !self.loras.contains_key(&hash) {
                         missing += bytes;
@@ -567,13 +555,17 @@ fn first_channels(path: &Path) -> (u64, u64) {
             .and_then(serde_json::Value::as_u64)
     };
     if path.is_file() {
-        let configs = crate::engine::loading::weights::read_header(path)
+        let configs = crate::engine::weights::read_header(path)
             .ok()
             .and_then(|(_, m)| {
                 crate::engine::loading::single_file::Configs::from_metadata(path, &m).ok()
             });
+        let first = |channels: &[i64]| channels.first().map(|&c| c.max(0) as u64);
         return configs.map_or((320, 128), |c| {
-            (first(&c.unet).unwrap_or(320), first(&c.vae).unwrap_or(128))
+            (
+                first(&c.unet.block_out_channels).unwrap_or(320),
+                first(&c.vae.block_out_channels).unwrap_or(128),
+            )
         });
     }
     let read = |sub: &str| read_json::<serde_json::Value>(&path.join(sub).join("config.json")).ok();

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::device::Placement;
 use crate::engine::error::{read_json, EngineError, Result};
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::Placement;
 
 /// A decoded image.
 pub struct Decoded {
@@ -44,11 +44,7 @@ impl VaeSource {
     fn config(&self) -> Result<VaeConfig> {
         match self {
             VaeSource::Folder(dir) => read_json(&dir.join("config.json")),
-            VaeSource::SingleFile { file, configs } => serde_json::from_value(configs.vae.clone())
-                .map_err(|e| EngineError::Config {
-                    path: crate::engine::loading::single_file::config_path(file, "vae"),
-                    message: e.to_string(),
-                }),
+            VaeSource::SingleFile { configs, .. } => Ok(configs.vae.clone()),
         }
     }
 

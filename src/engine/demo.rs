@@ -9,10 +9,10 @@ use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loading::weights::Weights;
 use crate::engine::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
+use crate::engine::weights::Weights;
 
 /// Byte-level symbols only (no merges), plus CLIP's two special tokens.
 const VOCAB_SIZE: i64 = 514;

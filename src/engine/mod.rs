@@ -4,9 +4,10 @@
 pub mod cache;
 pub mod codec;
 pub mod components;
-pub mod cuda;
 pub mod demo;
+pub mod device;
 pub mod error;
+pub mod hashes;
 pub mod loading;
 pub mod lora;
 pub mod models;
@@ -16,3 +17,4 @@ pub mod refiner;
 pub mod registry;
 pub mod request;
 pub mod schedulers;
+pub mod weights;

@@ -2,18 +2,16 @@
 //! refiner), as diffusers' two-pipeline recipe does with `output_type="latent"` and one
 //! generator per image passed to both pipelines.
 
-use tch::Tensor;
-
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::SdxlPipeline;
+use crate::engine::pipeline::{go_on, to_the_end, SdxlPipeline, Start};
 use crate::engine::request::{
-    Entry, GenerateOutput, GenerateParams, Progress, RefinerMode, RefinerParams,
+    batch_runs, BatchMode, Entry, GenerateOutput, GenerateParams, RefinerMode, RefinerParams,
 };
 
 /// The refiner's request: the base request's prompts and micro-conditioning with the
 /// refiner's steps, guidance, scheduler and aesthetic scores.
-fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParams {
+pub fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParams {
     GenerateParams {
         steps: r.steps,
         guidance_scale: r.guidance_scale,
@@ -24,6 +22,20 @@ fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParams {
         denoising_end: None,
         batch_first_seed: None,
         ..base.clone()
+    }
+}
+
+/// How the base hands over: where it stops (`denoising_end`) and where the refiner
+/// enters the schedule.
+pub fn handoff(mode: RefinerMode) -> (Option<f64>, Entry) {
+    match mode {
+        RefinerMode::EnsembleOfExperts {
+            high_noise_fraction,
+        } => (
+            Some(high_noise_fraction),
+            Entry::DenoisingStart(high_noise_fraction),
+        ),
+        RefinerMode::Img2Img { strength } => (None, Entry::Strength(strength)),
     }
 }
 
@@ -76,58 +88,40 @@ pub fn validate(
     }
 }
 
-/// Runs the base and then the refiner for every image: the refined latents, float32 on
-/// the CPU, [N, C, h, w]. Image i's generator (seed + i) is used by both stages in turn.
-pub fn denoise_refined(
-    base: &SdxlPipeline,
-    refiner: &SdxlPipeline,
-    p: &GenerateParams,
-    r: &RefinerParams,
-    progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
-) -> Result<Tensor> {
-    validate(base, refiner, p, r)?;
-    let (denoising_end, entry) = match r.mode {
-        RefinerMode::EnsembleOfExperts {
-            high_noise_fraction,
-        } => (
-            Some(high_noise_fraction),
-            Entry::DenoisingStart(high_noise_fraction),
-        ),
-        RefinerMode::Img2Img { strength } => (None, Entry::Strength(strength)),
-    };
-    let mut refined = Vec::with_capacity(p.num_images);
-    for i in 0..p.num_images {
-        let single = GenerateParams {
-            seed: p.seed.wrapping_add(i as u64),
-            num_images: 1,
-            batch_first_seed: (i > 0).then_some(p.seed),
-            ..p.clone()
-        };
-        let mut noise = NoiseStream::lock();
-        let base_params = GenerateParams {
-            denoising_end,
-            ..single.clone()
-        };
-        let handoff = base.denoise_with(&base_params, None, &mut noise, progress)?;
-        let stage = refiner_params(&single, r);
-        refined.push(refiner.denoise_with(
-            &stage,
-            Some((&handoff, entry)),
-            &mut noise,
-            progress,
-        )?);
-    }
-    Ok(Tensor::cat(&refined, 0))
-}
-
-/// [`denoise_refined`] and the refiner's VAE decode, as the refiner pipeline decodes.
+/// Runs the base and then the refiner for every image, and the refiner's VAE decode, as
+/// diffusers' two-pipeline recipe does: image i's generator (seed + i) is used by both
+/// stages in turn.
 pub fn generate_refined(
     base: &SdxlPipeline,
     refiner: &SdxlPipeline,
     p: &GenerateParams,
     r: &RefinerParams,
-    progress: &mut dyn FnMut(Progress<'_>) -> Result<()>,
 ) -> Result<GenerateOutput> {
-    let latents = denoise_refined(base, refiner, p, r, progress)?;
-    refiner.decode_all(&latents, progress)
+    validate(base, refiner, p, r)?;
+    let (denoising_end, entry) = handoff(r.mode);
+    let base_params = GenerateParams {
+        denoising_end,
+        ..p.clone()
+    };
+    let base_prompt = base.encode_prompt(&base_params)?;
+    let refiner_prompt = refiner.encode_prompt(&refiner_params(p, r))?;
+    let mut refined = Vec::with_capacity(p.num_images);
+    for run in batch_runs(&base_params, true, BatchMode::Together) {
+        let mut noise = NoiseStream::lock();
+        let latents =
+            to_the_end(base.denoise(&run, &base_prompt, Start::Request, &mut noise, &mut go_on)?);
+        let from = Start::Handoff {
+            latents: &latents,
+            entry,
+        };
+        let stage = refiner_params(&run, r);
+        refined.push(to_the_end(refiner.denoise(
+            &stage,
+            &refiner_prompt,
+            from,
+            &mut noise,
+            &mut go_on,
+        )?));
+    }
+    refiner.decode_all(&tch::Tensor::cat(&refined, 0))
 }

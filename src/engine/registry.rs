@@ -1,15 +1,12 @@
 //! Model names to folders: configured roots resolve names; no name can reach a file
 //! outside its root (invariant 4).
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
-use std::time::SystemTime;
-
-use sha2::{Digest, Sha256};
 
 use crate::engine::error::read_json;
+use crate::engine::loading::single_file::Configs;
+use crate::engine::models::clip::ClipTextConfig;
+use crate::engine::schedulers::SchedulerKind;
 
 /// Why a name did not resolve.
 #[derive(Debug, thiserror::Error)]
@@ -35,14 +32,31 @@ pub enum RegistryError {
     },
 }
 
+impl RegistryError {
+    /// Why a malformed name is refused (the whole message for other errors).
+    pub fn reason(&self) -> String {
+        match self {
+            RegistryError::InvalidName { reason, .. } => reason.to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Extensions of pickle-based weight files.
 const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "pt", "pth", "bin"];
+
+/// Whether `path` has the extension of a pickle-based weight file.
+fn is_pickle(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e))
+}
 
 /// Whether `path` is a single-file SDXL checkpoint (judged by its header's names).
 fn is_single_file_checkpoint(path: &Path) -> bool {
     path.is_file()
         && path.extension().is_some_and(|e| e == "safetensors")
-        && crate::engine::loading::weights::read_header(path).is_ok_and(|(names, _)| {
+        && crate::engine::weights::read_header(path).is_ok_and(|(names, _)| {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             crate::engine::loading::single_file::is_sdxl_checkpoint(&names)
         })
@@ -167,22 +181,18 @@ pub struct ModelEntry {
     pub kind: ModelKind,
     /// How it is stored.
     pub format: ModelFormat,
-    /// The diffusers folder.
+    /// The folder or file.
     pub path: PathBuf,
-    /// Default image side in pixels (UNet sample size × VAE scale factor).
-    pub default_size: u32,
     /// Total size of its files.
     pub size_bytes: u64,
+    /// For pipelines (base and refiner models): what their configs say.
+    pub pipeline: Option<PipelineFacts>,
 }
-
-/// A cached hash: total size, newest modification time, SHA-256.
-type HashEntry = (u64, Option<SystemTime>, String);
 
 /// The model roots and the default model.
 pub struct Registry {
     roots: ModelRoots,
     default: ModelEntry,
-    hashes: Mutex<HashMap<PathBuf, HashEntry>>,
 }
 
 /// Checks a client-supplied model name.
@@ -220,24 +230,6 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-/// Feeds a file's bytes to `hasher`.
-pub fn hash_file(hasher: &mut Sha256, path: &Path) -> std::io::Result<()> {
-    let mut file = std::fs::File::open(path)?;
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buffer[..n]);
-    }
-}
-
-/// Lower-case hex of a digest.
-pub fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn dir_size(path: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(path) {
@@ -266,28 +258,61 @@ fn files_sorted(path: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Reads a model's default image size from its UNet and VAE configs.
-fn default_size(dir: &Path) -> Option<u32> {
-    let (unet, vae): (serde_json::Value, serde_json::Value) = if dir.is_file() {
-        let (_, metadata) = crate::engine::loading::weights::read_header(dir).ok()?;
-        let configs =
-            crate::engine::loading::single_file::Configs::from_metadata(dir, &metadata).ok()?;
-        (configs.unet, configs.vae)
-    } else {
-        (
-            read_json(&dir.join("unet/config.json")).ok()?,
-            read_json(&dir.join("vae/config.json")).ok()?,
-        )
-    };
-    let sample = unet.get("sample_size")?.as_u64()?;
-    let levels = vae.get("block_out_channels")?.as_array()?.len() as u32;
-    Some(sample as u32 * (1 << levels.saturating_sub(1)))
+/// What validation needs to know of a pipeline before it is loaded, read from its
+/// configs: its default image size, the depth of its text encoders and its scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineFacts {
+    /// Default image side in pixels (UNet sample size × VAE scale factor).
+    pub default_size: u32,
+    /// Layers of its shallowest text encoder.
+    pub text_encoder_layers: u32,
+    /// Its scheduler, where sdxld implements it.
+    pub scheduler: Option<SchedulerKind>,
+}
+
+impl PipelineFacts {
+    /// Reads the configs of a pipeline folder or single-file checkpoint.
+    fn read(path: &Path) -> Option<Self> {
+        let configs = if path.is_file() {
+            let (_, metadata) = crate::engine::weights::read_header(path).ok()?;
+            Configs::from_metadata(path, &metadata).ok()?
+        } else {
+            let read_clip =
+                |sub: &str| read_json::<ClipTextConfig>(&path.join(sub).join("config.json"));
+            let text_encoder_2 = read_clip("text_encoder_2").ok()?;
+            Configs {
+                unet: read_json(&path.join("unet/config.json")).ok()?,
+                vae: read_json(&path.join("vae/config.json")).ok()?,
+                // A refiner has only the second encoder.
+                text_encoder: read_clip("text_encoder").unwrap_or_else(|_| text_encoder_2.clone()),
+                text_encoder_2,
+                scheduler: read_json(&path.join("scheduler/scheduler_config.json")).ok()?,
+            }
+        };
+        let sample = configs.unet.sample_size.unwrap_or(128).max(0) as u32;
+        let layers = configs
+            .text_encoder
+            .num_hidden_layers
+            .min(configs.text_encoder_2.num_hidden_layers);
+        Some(Self {
+            default_size: sample * configs.vae.scale_factor() as u32,
+            text_encoder_layers: layers.max(0) as u32,
+            scheduler: configs.scheduler.kind().ok(),
+        })
+    }
 }
 
 impl ModelEntry {
     /// Describes the diffusers pipeline folder `path` under `name`, if it is one.
     pub fn from_folder(name: &str, path: &Path) -> Option<Self> {
         Self::of_kind(ModelKind::Base, name, path)
+    }
+
+    /// Describes the pipeline at `path` (a folder or single file) named by its file name
+    /// without extension, as a model given by path is named.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        let name = path.file_stem()?.to_string_lossy().into_owned();
+        Self::from_folder(&name, path)
     }
 
     /// Describes `path` as a model of `kind` under `name`, if it holds one.
@@ -305,24 +330,38 @@ impl ModelEntry {
                 ModelFormat::Diffusers
             },
             path: path.to_path_buf(),
-            default_size: default_size(path).unwrap_or(1024),
             size_bytes: if file {
                 path.metadata().map(|m| m.len()).unwrap_or(0)
             } else {
                 dir_size(path)
             },
+            pipeline: matches!(kind, ModelKind::Base | ModelKind::Refiner)
+                .then(|| PipelineFacts::read(path))
+                .flatten(),
         })
+    }
+
+    /// Default image side in pixels (1024 where the configs do not say).
+    pub fn default_size(&self) -> u32 {
+        self.pipeline.as_ref().map_or(1024, |p| p.default_size)
+    }
+
+    /// Its files, in path order.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if self.path.is_file() {
+            files.push(self.path.clone());
+        } else {
+            files_sorted(&self.path, &mut files);
+        }
+        files
     }
 }
 
 impl Registry {
     /// A registry over `roots` with `default` as the default base model.
     pub fn new(roots: ModelRoots, default: ModelEntry) -> Self {
-        Self {
-            roots,
-            default,
-            hashes: Mutex::new(HashMap::new()),
-        }
+        Self { roots, default }
     }
 
     /// The default model.
@@ -356,6 +395,12 @@ impl Registry {
                 if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
                     return Ok(entry);
                 }
+                if real.is_file() && is_pickle(&real) {
+                    return Err(RegistryError::Pickle {
+                        name: name.to_string(),
+                        file: name.to_string(),
+                    });
+                }
             }
             if kind.takes_files() {
                 if let Some(real) = inside(root.join(format!("{name}.safetensors"))) {
@@ -363,14 +408,15 @@ impl Registry {
                         return Ok(entry);
                     }
                 }
-                for extension in PICKLE_EXTENSIONS {
-                    let file = format!("{name}.{extension}");
-                    if inside(root.join(&file)).is_some_and(|p| p.is_file()) {
-                        return Err(RegistryError::Pickle {
-                            name: name.to_string(),
-                            file,
-                        });
-                    }
+            }
+            // Every kind may have been downloaded as a pickle file: say what to do with it.
+            for extension in PICKLE_EXTENSIONS {
+                let file = format!("{name}.{extension}");
+                if inside(root.join(&file)).is_some_and(|p| p.is_file()) {
+                    return Err(RegistryError::Pickle {
+                        name: name.to_string(),
+                        file,
+                    });
                 }
             }
         }
@@ -429,46 +475,6 @@ impl Registry {
                 }
             }
         }
-    }
-
-    /// SHA-256 (hex) of a model's files in path order, cached by total size and newest
-    /// modification time.
-    pub fn sha256(&self, model: &ModelEntry) -> String {
-        let mut files = Vec::new();
-        if model.path.is_file() {
-            files.push(model.path.clone());
-        } else {
-            files_sorted(&model.path, &mut files);
-        }
-        let newest = files
-            .iter()
-            .filter_map(|f| f.metadata().and_then(|m| m.modified()).ok())
-            .max();
-        let size: u64 = files
-            .iter()
-            .filter_map(|f| f.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        if let Ok(cache) = self.hashes.lock() {
-            if let Some((s, t, hash)) = cache.get(&model.path) {
-                if *s == size && *t == newest {
-                    return hash.clone();
-                }
-            }
-        }
-        let mut hasher = Sha256::new();
-        for file in &files {
-            if let Ok(relative) = file.strip_prefix(&model.path) {
-                hasher.update(relative.to_string_lossy().as_bytes());
-            }
-            // An unreadable file hashes as empty: the listing still answers.
-            let _ = hash_file(&mut hasher, file);
-        }
-        let hash = hex(&hasher.finalize());
-        if let Ok(mut cache) = self.hashes.lock() {
-            cache.insert(model.path.clone(), (size, newest, hash.clone()));
-        }
-        hash
     }
 }
 

@@ -3,8 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::SchedulerConfig;
+pub use crate::engine::schedulers::SchedulerOverrides;
 
 /// One generation request for one pipeline, with diffusers' parameter names and defaults.
 #[derive(Debug, Clone)]
@@ -101,46 +100,31 @@ impl InitImage {
         }
     }
 
-    /// Decodes PNG, JPEG or WebP bytes.
-    pub fn decode(bytes: &[u8], strength: f64) -> Result<Self> {
-        let image = image::load_from_memory(bytes)
-            .map_err(|e| {
-                EngineError::InvalidRequest(format!("the init image does not decode: {e}"))
-            })?
-            .to_rgb8();
-        let (width, height) = image.dimensions();
-        Ok(Self {
+    /// An init image of `width` x `height` RGB `pixels` (row-major), entering the
+    /// schedule at `strength`.
+    pub fn new(width: u32, height: u32, pixels: Vec<u8>, strength: f64) -> Self {
+        Self {
             width: i64::from(width),
             height: i64::from(height),
-            pixels: image.into_raw(),
+            pixels,
             strength,
             mask: None,
             denoising_start: None,
-        })
+        }
     }
 
-    /// Adds an inpainting mask (PNG, JPEG or WebP; white repaints), which must have the
-    /// image's size. Luminance as PIL's `convert("L")` computes it.
-    pub fn with_mask(mut self, bytes: &[u8]) -> Result<Self> {
-        let mask = image::load_from_memory(bytes)
-            .map_err(|e| EngineError::InvalidRequest(format!("the mask does not decode: {e}")))?
-            .to_rgb8();
-        let (w, h) = mask.dimensions();
-        if (i64::from(w), i64::from(h)) != (self.width, self.height) {
-            return Err(EngineError::InvalidRequest(format!(
-                "the mask is {w}x{h} but the image is {}x{}",
-                self.width, self.height
-            )));
-        }
-        let luma = mask
-            .pixels()
+    /// Adds an inpainting mask from RGB pixels of the image's size (white repaints), as
+    /// the luminance PIL's `convert("L")` computes.
+    pub fn with_mask_rgb(mut self, rgb: &[u8]) -> Self {
+        let luma = rgb
+            .chunks_exact(3)
             .map(|p| {
-                let [r, g, b] = p.0.map(u32::from);
+                let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);
                 ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
             })
             .collect();
         self.mask = Some(luma);
-        Ok(self)
+        self
     }
 
     /// The binarised mask [1, 1, H, W] (1 = repaint), as diffusers' mask processor makes it.
@@ -195,68 +179,41 @@ impl Default for GenerateParams {
     }
 }
 
-/// What the pipeline reports while it works.
-#[derive(Debug)]
-pub enum Progress<'a> {
-    /// Text encoders are running.
-    EncodingPrompt,
-    /// Denoising step `step` of `total` finished (0 when the loop starts); `latents` are
-    /// the current ones.
-    Denoising {
-        /// Steps done.
-        step: usize,
-        /// Steps in all.
-        total: usize,
-        /// The latents after this step.
-        latents: &'a Tensor,
-        /// Whether the refiner stage is denoising.
-        refining: bool,
-    },
-    /// The VAE is decoding image `index`.
-    Decoding {
-        /// The image.
-        index: usize,
-    },
+/// How the images of one request are split into denoising runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchMode {
+    /// As one call of diffusers' pipeline with one generator per image: images that draw
+    /// no noise of their own share each UNet call; the others run one at a time, an
+    /// inpainting image after the first taking the init image's latent samples from the
+    /// first image's generator.
+    Together,
+    /// One run per image, each as if it were image 0 of a request with its seed: an image
+    /// is the same whatever batch it was part of, so its metadata replays it exactly.
+    PerImage,
 }
 
-/// Request-level changes to the model's scheduler configuration: another scheduler
-/// class and diffusers config keys, as `XScheduler.from_config(config, **keys)` applies
-/// them (keys the model's config shares with the new class carry over).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SchedulerOverrides {
-    /// Another scheduler class.
-    pub class: Option<crate::engine::schedulers::SchedulerKind>,
-    /// diffusers config keys and their values.
-    pub keys: std::collections::BTreeMap<String, serde_json::Value>,
-}
-
-impl SchedulerOverrides {
-    /// Sets a diffusers config key.
-    pub fn set(&mut self, key: &str, value: impl Into<serde_json::Value>) {
-        self.keys.insert(key.to_string(), value.into());
+/// The denoising runs of `p`: image i has seed `p.seed + i`. `own_generators` says whether
+/// its images draw noise of their own (a stochastic scheduler, an init image), which
+/// keeps them in runs of one image.
+pub fn batch_runs(
+    p: &GenerateParams,
+    own_generators: bool,
+    mode: BatchMode,
+) -> Vec<GenerateParams> {
+    if mode == BatchMode::Together && !own_generators {
+        return vec![p.clone()];
     }
-
-    /// The model's configuration with these overrides applied.
-    pub fn apply(&self, base: &SchedulerConfig) -> Result<SchedulerConfig> {
-        if self.class.is_none() && self.keys.is_empty() {
-            return Ok(base.clone());
-        }
-        let invalid = |m: String| EngineError::InvalidRequest(m);
-        let mut value = serde_json::to_value(base).map_err(|e| invalid(e.to_string()))?;
-        let map = value
-            .as_object_mut()
-            .ok_or_else(|| invalid("scheduler config is not an object".into()))?;
-        if let Some(class) = self.class {
-            map.insert("_class_name".into(), class.class_name().into());
-        }
-        for (key, v) in &self.keys {
-            if !crate::engine::schedulers::CONFIG_KEYS.contains(&key.as_str()) {
-                return Err(invalid(format!("unknown scheduler config key `{key}`")));
-            }
-            map.insert(key.clone(), v.clone());
-        }
-        serde_json::from_value(value).map_err(|e| invalid(format!("scheduler config: {e}")))
-    }
+    (0..p.num_images)
+        .map(|i| GenerateParams {
+            seed: p.seed.wrapping_add(i as u64),
+            num_images: 1,
+            batch_first_seed: match mode {
+                BatchMode::Together => (i > 0).then_some(p.batch_first_seed.unwrap_or(p.seed)),
+                BatchMode::PerImage => None,
+            },
+            ..p.clone()
+        })
+        .collect()
 }
 
 /// The result of a generation.

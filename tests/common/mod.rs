@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod cli;
 pub mod server;
 
 use tch::{Kind, Tensor};
@@ -36,6 +37,100 @@ pub fn fixtures() -> PathBuf {
         PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
     })
     .clone()
+}
+
+/// One reference case the fixture script recorded in `<config>/<file>.json`: the
+/// request diffusers ran, under its parameter names.
+#[derive(Clone)]
+pub struct Case(serde_json::Value);
+
+impl std::ops::Deref for Case {
+    type Target = serde_json::Value;
+
+    fn deref(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+/// The cases of `<config>/<file>.json`.
+pub fn cases(config: &str, file: &str) -> Vec<Case> {
+    let path = fixtures().join(config).join(format!("{file}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let all: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a JSON list");
+    all.into_iter().map(Case).collect()
+}
+
+impl Case {
+    /// Its name (the prefix of its tensors in the reference file).
+    pub fn name(&self) -> &str {
+        self.text("name")
+    }
+
+    /// A string the case must have.
+    pub fn text(&self, key: &str) -> &str {
+        self[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("case without `{key}`"))
+    }
+
+    /// A number the case must have.
+    pub fn float(&self, key: &str) -> f64 {
+        self[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("case without `{key}`"))
+    }
+
+    /// A whole number the case must have.
+    pub fn int(&self, key: &str) -> u64 {
+        self[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("case without `{key}`"))
+    }
+
+    /// The scheduler class named by `key` (none: the model's own) with the case's
+    /// `options` as diffusers config keys.
+    pub fn scheduler(&self, key: &str) -> sdxld::engine::request::SchedulerOverrides {
+        let mut overrides = sdxld::engine::request::SchedulerOverrides {
+            class: self[key]
+                .as_str()
+                .and_then(sdxld::engine::schedulers::SchedulerKind::from_class_name),
+            ..Default::default()
+        };
+        if let Some(options) = self["options"].as_object() {
+            for (k, v) in options {
+                overrides.set(k, v.clone());
+            }
+        }
+        overrides
+    }
+
+    /// The request every case describes: prompts, seed, steps, images (`num_images` or
+    /// `n`), guidance (`guidance`, else 5) and its rescale, size (else 64×64), scheduler
+    /// and options, aesthetic scores.
+    pub fn params(&self) -> sdxld::engine::request::GenerateParams {
+        let number = |key: &str, default: f64| self[key].as_f64().unwrap_or(default);
+        let size = |key: &str| self[key].as_i64().unwrap_or(64);
+        let optional = |key: &str| self[key].as_str().map(str::to_string);
+        sdxld::engine::request::GenerateParams {
+            prompt: self.text("prompt").into(),
+            prompt_2: optional("prompt_2"),
+            negative_prompt: optional("negative_prompt"),
+            seed: self.int("seed"),
+            steps: self.int("steps") as usize,
+            num_images: self["num_images"]
+                .as_u64()
+                .or(self["n"].as_u64())
+                .unwrap_or(1) as usize,
+            guidance_scale: number("guidance", 5.0),
+            guidance_rescale: number("guidance_rescale", 0.0),
+            width: size("width"),
+            height: size("height"),
+            scheduler_overrides: self.scheduler("scheduler"),
+            aesthetic_score: number("aesthetic_score", 6.0),
+            negative_aesthetic_score: number("negative_aesthetic_score", 2.5),
+            ..Default::default()
+        }
+    }
 }
 
 /// The tiny configurations the fixtures hold.
@@ -86,6 +181,29 @@ pub fn decoded_image(bytes: &[u8]) -> Tensor {
     Tensor::from_slice(rgb.as_raw()).reshape([i64::from(h), i64::from(w), 3])
 }
 
+/// An engine init image from encoded bytes (PNG, JPEG, WebP) at `strength`.
+pub fn init_image(
+    bytes: &[u8],
+    strength: f64,
+) -> Result<sdxld::engine::request::InitImage, image::ImageError> {
+    let rgb = image::load_from_memory(bytes)?.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    Ok(sdxld::engine::request::InitImage::new(
+        w,
+        h,
+        rgb.into_raw(),
+        strength,
+    ))
+}
+
+/// `init` with the inpainting mask in encoded `mask` bytes.
+pub fn with_mask(
+    init: sdxld::engine::request::InitImage,
+    mask: &[u8],
+) -> Result<sdxld::engine::request::InitImage, image::ImageError> {
+    Ok(init.with_mask_rgb(&image::load_from_memory(mask)?.to_rgb8().into_raw()))
+}
+
 /// An image file as a [H, W, 3] uint8 tensor.
 pub fn image_file(path: &Path) -> Tensor {
     decoded_image(&std::fs::read(path).expect("the image file"))
@@ -95,8 +213,7 @@ pub fn image_file(path: &Path) -> Tensor {
 #[allow(dead_code)]
 pub fn weights_bytes(dir: &Path) -> u64 {
     if dir.is_file() {
-        return sdxld::engine::loading::weights::loaded_bytes(dir, None, tch::Kind::Float)
-            .expect("header");
+        return sdxld::engine::weights::loaded_bytes(dir, None, tch::Kind::Float).expect("header");
     }
     let mut total = 0;
     for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {

@@ -88,6 +88,41 @@ impl TestServer {
         ModelServiceClient::new(self.channel().await)
     }
 
+    /// A GenerateImages call of `spec`, on a connection of its own.
+    #[allow(dead_code)]
+    pub async fn images(
+        &self,
+        spec: pb::GenerationSpec,
+    ) -> Result<pb::GenerateImagesResponse, tonic::Status> {
+        self.generation()
+            .await
+            .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A Generate stream of `request` to its end: its events and its final status (Ok
+    /// when it completed).
+    #[allow(dead_code)]
+    pub async fn stream(
+        &self,
+        request: tonic::Request<pb::GenerateRequest>,
+    ) -> (Vec<pb::generate_response::Event>, Result<(), tonic::Status>) {
+        use tokio_stream::StreamExt;
+        let mut stream = match self.generation().await.generate(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return (Vec::new(), Err(status)),
+        };
+        let mut events = Vec::new();
+        loop {
+            match stream.next().await {
+                Some(Ok(message)) => events.extend(message.event),
+                Some(Err(status)) => return (events, Err(status)),
+                None => return (events, Ok(())),
+            }
+        }
+    }
+
     /// The models of `kind` the server lists.
     #[allow(dead_code)]
     pub async fn list_models(&self, kind: pb::ModelKind) -> Vec<pb::ModelInfo> {

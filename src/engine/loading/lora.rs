@@ -17,7 +17,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loading::weights::{read_all, read_shapes};
+use crate::engine::weights::{read_all, read_shapes};
 
 /// The layout of a LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,10 +13,11 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::loading::weights::{Transform, Weights};
-use crate::engine::models::clip::ClipTextModel;
-use crate::engine::models::unet::UNet2DConditionModel;
-use crate::engine::models::vae::AutoencoderKL;
+use crate::engine::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
+use crate::engine::schedulers::SchedulerConfig;
+use crate::engine::weights::{Transform, Weights};
 
 /// The UNet's prefix.
 pub const UNET: &str = "model.diffusion_model.";
@@ -32,71 +33,71 @@ pub const TEXT_ENCODER_2: &str = "conditioner.embedders.1.model.";
 pub const CONFIGS_KEY: &str = "sdxld.configs";
 
 /// The diffusers configs of a single-file checkpoint's components.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Configs {
     /// UNet2DConditionModel config.
-    pub unet: Value,
+    pub unet: UNetConfig,
     /// AutoencoderKL config.
-    pub vae: Value,
+    pub vae: VaeConfig,
     /// CLIPTextModel config.
-    pub text_encoder: Value,
+    pub text_encoder: ClipTextConfig,
     /// CLIPTextModelWithProjection config.
-    pub text_encoder_2: Value,
+    pub text_encoder_2: ClipTextConfig,
     /// Scheduler config.
-    pub scheduler: Value,
+    pub scheduler: SchedulerConfig,
 }
 
 impl Configs {
-    /// The configs `metadata` carries, or stabilityai's SDXL base 1.0 configs.
+    /// stabilityai/stable-diffusion-xl-base-1.0's configs, for checkpoints that carry none.
+    pub fn sdxl_base() -> Self {
+        Self {
+            unet: UNetConfig::sdxl_base(),
+            vae: VaeConfig::sdxl(),
+            text_encoder: ClipTextConfig::sdxl_text_encoder(),
+            text_encoder_2: ClipTextConfig::sdxl_text_encoder_2(),
+            scheduler: SchedulerConfig::sdxl_base(),
+        }
+    }
+
+    /// The configs `metadata` carries (a JSON object under [`CONFIGS_KEY`]), or SDXL base
+    /// 1.0's.
     pub fn from_metadata(path: &Path, metadata: &HashMap<String, String>) -> Result<Self> {
-        let bad = |message: String| EngineError::Config {
+        let Some(text) = metadata.get(CONFIGS_KEY) else {
+            return Ok(Self::sdxl_base());
+        };
+        let all: Value = serde_json::from_str(text).map_err(|e| EngineError::Config {
             path: path.to_path_buf(),
-            message,
-        };
-        let all: Value = match metadata.get(CONFIGS_KEY) {
-            Some(text) => {
-                serde_json::from_str(text).map_err(|e| bad(format!("`{CONFIGS_KEY}`: {e}")))?
-            }
-            None => serde_json::from_str(SDXL_BASE_CONFIGS)
-                .map_err(|e| bad(format!("built-in SDXL configs: {e}")))?,
-        };
-        let part = |name: &str| {
-            all.get(name)
-                .cloned()
-                .ok_or_else(|| bad(format!("`{CONFIGS_KEY}` has no `{name}` config")))
+            message: format!("`{CONFIGS_KEY}`: {e}"),
+        })?;
+        let part = |name: &str| -> Result<&Value> {
+            all.get(name).ok_or_else(|| EngineError::Config {
+                path: path.to_path_buf(),
+                message: format!("`{CONFIGS_KEY}` has no `{name}` config"),
+            })
         };
         Ok(Self {
-            unet: part("unet")?,
-            vae: part("vae")?,
-            text_encoder: part("text_encoder")?,
-            text_encoder_2: part("text_encoder_2")?,
-            scheduler: part("scheduler")?,
+            unet: typed(path, "unet", part("unet")?)?,
+            vae: typed(path, "vae", part("vae")?)?,
+            text_encoder: typed(path, "text_encoder", part("text_encoder")?)?,
+            text_encoder_2: typed(path, "text_encoder_2", part("text_encoder_2")?)?,
+            scheduler: typed(path, "scheduler", part("scheduler")?)?,
         })
     }
 
     /// The UNet's layers per block (a single number in SDXL-family models).
-    pub fn layers_per_block(&self, path: &Path) -> Result<usize> {
-        self.unet
-            .get("layers_per_block")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .ok_or_else(|| EngineError::Config {
-                path: path.to_path_buf(),
-                message: "the UNet config needs one integer layers_per_block".into(),
-            })
+    pub fn layers_per_block(&self) -> usize {
+        self.unet.layers_per_block.max(0) as usize
     }
 
     /// The number of VAE levels.
     pub fn vae_levels(&self, path: &Path) -> Result<usize> {
-        self.vae
-            .get("block_out_channels")
-            .and_then(Value::as_array)
-            .map(Vec::len)
-            .filter(|n| *n > 0)
-            .ok_or_else(|| EngineError::Config {
-                path: path.to_path_buf(),
+        match self.vae.block_out_channels.len() {
+            0 => Err(EngineError::Config {
+                path: config_path(path, "vae"),
                 message: "the VAE config needs block_out_channels".into(),
-            })
+            }),
+            n => Ok(n),
+        }
     }
 }
 
@@ -419,7 +420,7 @@ pub fn config_path(file: &Path, component: &str) -> PathBuf {
 }
 
 fn typed<T: serde::de::DeserializeOwned>(file: &Path, component: &str, value: &Value) -> Result<T> {
-    serde_json::from_value(value.clone()).map_err(|e| EngineError::Config {
+    T::deserialize(value).map_err(|e| EngineError::Config {
         path: config_path(file, component),
         message: e.to_string(),
     })
@@ -441,11 +442,11 @@ pub fn load_unet(
     device: Device,
     kind: Kind,
 ) -> Result<UNet2DConditionModel> {
-    let lpb = configs.layers_per_block(file)?;
+    let lpb = configs.layers_per_block();
     let weights = open(file, device, kind, &component(UNET, |n| unet_keys(n, lpb)))?;
     let model = UNet2DConditionModel::load(
         &weights.root(),
-        typed(file, "unet", &configs.unet)?,
+        configs.unet.clone(),
         &config_path(file, "unet"),
     )?;
     weights.check_all_used(|_| false)?;
@@ -461,25 +462,23 @@ pub fn load_vae(
 ) -> Result<AutoencoderKL> {
     let levels = configs.vae_levels(file)?;
     let weights = open(file, device, kind, &component(VAE, |n| vae_keys(n, levels)))?;
-    let model = AutoencoderKL::load(&weights.root(), typed(file, "vae", &configs.vae)?)?;
+    let model = AutoencoderKL::load(&weights.root(), configs.vae.clone())?;
     weights.check_all_used(|_| false)?;
     Ok(model)
 }
 
 /// A CLIP text encoder stored under `prefix`, its names mapped by `keys`.
-#[allow(clippy::too_many_arguments)]
 fn load_clip(
     file: &Path,
     device: Device,
     kind: Kind,
     prefix: &'static str,
     keys: fn(&str) -> Vec<(String, Transform)>,
-    name: &str,
-    config: &Value,
+    config: &ClipTextConfig,
     with_projection: bool,
 ) -> Result<ClipTextModel> {
     let weights = open(file, device, kind, &component(prefix, keys))?;
-    let model = ClipTextModel::load(&weights.root(), typed(file, name, config)?, with_projection)?;
+    let model = ClipTextModel::load(&weights.root(), config.clone(), with_projection)?;
     weights.check_all_used(|_| false)?;
     Ok(model)
 }
@@ -498,7 +497,6 @@ pub fn load_text_encoder(
         kind,
         TEXT_ENCODER,
         text_encoder_keys,
-        "text_encoder",
         config,
         false,
     )
@@ -518,54 +516,10 @@ pub fn load_text_encoder_2(
         kind,
         TEXT_ENCODER_2,
         open_clip_keys,
-        "text_encoder_2",
         config,
         true,
     )
 }
-
-/// stabilityai/stable-diffusion-xl-base-1.0's configs, for checkpoints that carry none.
-const SDXL_BASE_CONFIGS: &str = r#"{
-  "unet": {
-    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280], "center_input_sample": false,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
-    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": true
-  },
-  "vae": {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "force_upcast": true, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-    "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-  },
-  "text_encoder": {
-    "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 12,
-    "num_hidden_layers": 12, "projection_dim": 768, "vocab_size": 49408,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1
-  },
-  "text_encoder_2": {
-    "hidden_act": "gelu", "hidden_size": 1280, "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "num_attention_heads": 20,
-    "num_hidden_layers": 32, "projection_dim": 1280, "vocab_size": 49408,
-    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1
-  },
-  "scheduler": {
-    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear",
-    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
-    "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false
-  }
-}"#;
 
 #[cfg(test)]
 mod tests {

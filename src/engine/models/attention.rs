@@ -5,8 +5,8 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::loading::weights::VarPath;
 use crate::engine::models::nn::{multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::engine::weights::VarPath;
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v` and `to_out.0`.
 pub struct Attention {

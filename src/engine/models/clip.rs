@@ -7,10 +7,10 @@ use serde::Deserialize;
 use tch::{Kind, Tensor};
 
 use crate::engine::error::{read_json, EngineError, Result};
-use crate::engine::loading::weights::{VarPath, Weights};
 use crate::engine::models::nn::{
     collect_layers, multi_head_attention, Embedding, LayerNorm, LayerTable, Linear,
 };
+use crate::engine::weights::{VarPath, Weights};
 
 /// The activation of the MLP blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -23,7 +23,7 @@ pub enum Activation {
 }
 
 /// Mirrors a transformers `CLIPTextConfig` (`text_encoder*/config.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ClipTextConfig {
     /// Token table size.
     #[serde(default = "default_vocab_size")]
@@ -51,6 +51,42 @@ pub struct ClipTextConfig {
     /// The end-of-text token whose position is pooled (2 means the legacy argmax rule).
     #[serde(default = "default_eos")]
     pub eos_token_id: i64,
+}
+
+impl ClipTextConfig {
+    /// stabilityai/stable-diffusion-xl-base-1.0's `text_encoder/config.json` (OpenAI's
+    /// CLIP ViT-L/14 text model).
+    pub fn sdxl_text_encoder() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(768),
+            eos_token_id: 2,
+        }
+    }
+
+    /// stabilityai/stable-diffusion-xl-base-1.0's `text_encoder_2/config.json` (OpenCLIP's
+    /// ViT-bigG/14 text model with its projection).
+    pub fn sdxl_text_encoder_2() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            max_position_embeddings: 77,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(1280),
+            eos_token_id: 2,
+        }
+    }
 }
 
 fn default_vocab_size() -> i64 {

@@ -6,4 +6,5 @@ pub mod nn;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
+pub mod unet_blocks;
 pub mod vae;

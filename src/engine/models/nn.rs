@@ -11,7 +11,7 @@ use std::rc::Rc;
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::loading::weights::VarPath;
+use crate::engine::weights::VarPath;
 
 /// A low-rank path added to a layer's output: `scale * up(down(x))`.
 #[derive(Debug)]

@@ -4,8 +4,8 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::loading::weights::VarPath;
 use crate::engine::models::nn::{Conv2d, GroupNorm, Linear};
+use crate::engine::weights::VarPath;
 
 /// A residual block with an optional time-embedding projection.
 pub struct ResnetBlock2D {

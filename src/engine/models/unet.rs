@@ -1,5 +1,6 @@
-//! `UNet2DConditionModel` as SDXL uses it (`models/unets/unet_2d_condition.py` and
-//! `unet_2d_blocks.py` in diffusers), with the `text_time` added embedding.
+//! `UNet2DConditionModel` as SDXL uses it (`models/unets/unet_2d_condition.py` in
+//! diffusers), with the `text_time` added embedding, made of the blocks in
+//! [`crate::engine::models::unet_blocks`].
 
 use std::path::Path;
 
@@ -7,13 +8,15 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{read_json, EngineError, Result};
-use crate::engine::loading::weights::{VarPath, Weights};
-use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
-use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable, Linear};
-use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
+use crate::engine::models::unet_blocks::{
+    timestep_embedding, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock,
+    TimestepEmbedding, UpBlock, UpBlockShape,
+};
+use crate::engine::weights::{VarPath, Weights};
 
 /// An integer or one integer per block, as diffusers configs write them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
     /// The same value for every block.
@@ -35,7 +38,7 @@ impl PerBlock {
 /// Mirrors diffusers' `UNet2DConditionModel` config (`unet/config.json`); defaults are
 /// diffusers' defaults. Only what SDXL-family models use is supported; other values are
 /// refused when the model loads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct UNetConfig {
     /// Latent channels in.
     #[serde(default = "four")]
@@ -119,6 +122,47 @@ pub struct UNetConfig {
     pub center_input_sample: bool,
 }
 
+impl UNetConfig {
+    /// stabilityai/stable-diffusion-xl-base-1.0's `unet/config.json`.
+    pub fn sdxl_base() -> Self {
+        let text = |names: [&str; 3]| names.map(str::to_string).to_vec();
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![320, 640, 1280],
+            layers_per_block: 2,
+            down_block_types: text([
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ]),
+            up_block_types: text(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
+            mid_block_type: None,
+            attention_head_dim: Some(PerBlock::Many(vec![5, 10, 20])),
+            num_attention_heads: None,
+            transformer_layers_per_block: Some(PerBlock::Many(vec![1, 2, 10])),
+            reverse_transformer_layers_per_block: None,
+            cross_attention_dim: 2048,
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            downsample_padding: 1,
+            sample_size: Some(128),
+            time_cond_proj_dim: None,
+            class_embed_type: None,
+            encoder_hid_dim_type: None,
+            resnet_time_scale_shift: None,
+            act_fn: Some("silu".into()),
+            center_input_sample: false,
+        }
+    }
+}
+
 fn one() -> i64 {
     1
 }
@@ -136,129 +180,6 @@ fn norm_eps() -> f64 {
 }
 fn yes() -> bool {
     true
-}
-
-/// Sinusoidal embedding of `timesteps` ([n] floats) into `dim` channels, as diffusers'
-/// `get_timestep_embedding`.
-pub fn timestep_embedding(
-    timesteps: &Tensor,
-    dim: i64,
-    flip_sin_to_cos: bool,
-    shift: f64,
-) -> Tensor {
-    let half = dim / 2;
-    let device = timesteps.device();
-    let exponent =
-        Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
-    let freqs = exponent.exp();
-    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    let (sin, cos) = (args.sin(), args.cos());
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], -1)
-    } else {
-        Tensor::cat(&[sin, cos], -1)
-    };
-    if dim % 2 == 1 {
-        emb.constant_pad_nd([0, 1, 0, 0])
-    } else {
-        emb
-    }
-}
-
-/// `TimestepEmbedding`: linear, SiLU, linear.
-struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl TimestepEmbedding {
-    fn load(vp: &VarPath, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self {
-            linear_1: Linear::load(&vp.pp("linear_1"), in_dim, out_dim, true)?,
-            linear_2: Linear::load(&vp.pp("linear_2"), out_dim, out_dim, true)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(x).silu())
-    }
-}
-
-/// A down block: resnets, each optionally followed by a transformer, then a downsampler.
-struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    downsampler: Option<Downsample2D>,
-}
-
-impl DownBlock {
-    /// Returns the block output and the states the up blocks concatenate.
-    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
-        let mut h = x.shallow_clone();
-        let mut states = Vec::with_capacity(self.resnets.len() + 1);
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb));
-            if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context);
-            }
-            states.push(h.shallow_clone());
-        }
-        if let Some(down) = &self.downsampler {
-            h = down.forward(&h);
-            states.push(h.shallow_clone());
-        }
-        (h, states)
-    }
-}
-
-/// An up block: resnets over the concatenated skip states, transformers, an upsampler.
-struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-    upsampler: Option<Upsample2D>,
-}
-
-impl UpBlock {
-    fn forward(
-        &self,
-        x: &Tensor,
-        skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        context: &Tensor,
-        upsample_size: Option<(i64, i64)>,
-    ) -> Tensor {
-        let mut h = x.shallow_clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            if let Some(skip) = skips.pop() {
-                h = Tensor::cat(&[h, skip], 1);
-            }
-            h = resnet.forward(&h, Some(temb));
-            if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context);
-            }
-        }
-        match &self.upsampler {
-            Some(up) => up.forward(&h, upsample_size),
-            None => h,
-        }
-    }
-}
-
-/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
-struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2DModel>,
-}
-
-impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
-        let mut h = self.resnets[0].forward(x, Some(temb));
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context);
-            h = resnet.forward(&h, Some(temb));
-        }
-        h
-    }
 }
 
 /// The SDXL added conditioning: pooled text embedding and six size/crop values per image.
@@ -390,203 +311,51 @@ impl UNet2DConditionModel {
     fn build(vp: &VarPath, config: UNetConfig, config_path: &Path) -> Result<Self> {
         Self::validate(&config, config_path)?;
         let c = &config;
-        let n = c.block_out_channels.len();
         let channels = &c.block_out_channels;
-        // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim`.
-        let heads = c
-            .num_attention_heads
-            .as_ref()
-            .or(c.attention_head_dim.as_ref())
-            .map(|h| h.expand(n))
-            .unwrap_or_else(|| vec![8; n]);
-        let layers = c
-            .transformer_layers_per_block
-            .as_ref()
-            .map(|t| t.expand(n))
-            .unwrap_or_else(|| vec![1; n]);
-        if heads.len() != n || layers.len() != n {
-            return Err(unsupported(
-                config_path,
-                "attention_head_dim and transformer_layers_per_block need one value per block",
-            ));
-        }
-        let groups = c.norm_num_groups;
-        let eps = c.norm_eps;
+        let (heads, depths) = Self::attention_sizes(c, config_path)?;
         let time_dim = channels[0] * 4;
-        let resnet = |vp: VarPath, i: i64, o: i64| {
-            ResnetBlock2D::load(
-                &vp,
-                ResnetConfig {
-                    in_channels: i,
-                    out_channels: o,
-                    temb_channels: Some(time_dim),
-                    groups,
-                    eps,
-                },
-            )
+        let settings = BlockSettings {
+            temb_channels: time_dim,
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            cross_attention_dim: c.cross_attention_dim,
+            use_linear_projection: c.use_linear_projection,
+            config_path,
         };
-        let transformer = |vp: VarPath, ch: i64, heads: i64, layers: i64| {
-            if heads <= 0 || ch % heads != 0 {
-                return Err(unsupported(
-                    config_path,
-                    format!("{ch} channels cannot be split into {heads} heads"),
-                ));
-            }
-            Transformer2DModel::load(
-                &vp,
-                Transformer2DConfig {
-                    channels: ch,
-                    heads,
-                    head_dim: ch / heads,
-                    layers,
-                    context_dim: c.cross_attention_dim,
-                    groups,
-                    use_linear_projection: c.use_linear_projection,
-                },
-            )
-        };
+        let n = channels.len();
 
         // 1. time and added embeddings
         let time_embedding =
             TimestepEmbedding::load(&vp.pp("time_embedding"), channels[0], time_dim)?;
-        let add_embedding = match c.addition_embed_type.as_deref() {
-            Some("text_time") => {
-                let input = c.projection_class_embeddings_input_dim.ok_or_else(|| {
-                    unsupported(
-                        config_path,
-                        "text_time needs projection_class_embeddings_input_dim",
-                    )
-                })?;
-                if c.addition_time_embed_dim.is_none() {
-                    return Err(unsupported(
-                        config_path,
-                        "text_time needs addition_time_embed_dim",
-                    ));
-                }
-                Some(TimestepEmbedding::load(
-                    &vp.pp("add_embedding"),
-                    input,
-                    time_dim,
-                )?)
-            }
-            _ => None,
-        };
+        let add_embedding = Self::add_embedding(vp, c, time_dim, config_path)?;
 
         // 2. down blocks
         let mut down_blocks = Vec::with_capacity(n);
-        let mut out_ch = channels[0];
-        for i in 0..n {
-            let in_ch = out_ch;
-            out_ch = channels[i];
-            let bp = vp.pp("down_blocks").pp(i);
-            let cross = c.down_block_types[i] == "CrossAttnDownBlock2D";
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..c.layers_per_block {
-                let from = if j == 0 { in_ch } else { out_ch };
-                resnets.push(resnet(bp.pp("resnets").pp(j), from, out_ch)?);
-                if cross {
-                    attentions.push(transformer(
-                        bp.pp("attentions").pp(j),
-                        out_ch,
-                        heads[i],
-                        layers[i],
-                    )?);
-                }
-            }
-            let downsampler = if i + 1 < n {
-                Some(Downsample2D::load(
-                    &bp.pp("downsamplers").pp(0),
-                    out_ch,
-                    c.downsample_padding,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
+        for (i, shape) in Self::down_shapes(c, &heads, &depths).iter().enumerate() {
+            down_blocks.push(DownBlock::load(
+                &vp.pp("down_blocks").pp(i),
+                &settings,
+                shape,
+            )?);
         }
 
         // 3. mid block
-        let last = channels[n - 1];
-        let mp = vp.pp("mid_block");
-        let mid_block = MidBlock {
-            resnets: vec![
-                resnet(mp.pp("resnets").pp(0), last, last)?,
-                resnet(mp.pp("resnets").pp(1), last, last)?,
-            ],
-            attentions: vec![transformer(
-                mp.pp("attentions").pp(0),
-                last,
-                heads[n - 1],
-                layers[n - 1],
-            )?],
-        };
+        let mid_block = MidBlock::load(
+            &vp.pp("mid_block"),
+            &settings,
+            channels[n - 1],
+            heads[n - 1],
+            depths[n - 1],
+        )?;
 
         // 4. up blocks
-        let reversed: Vec<i64> = channels.iter().rev().copied().collect();
-        let reversed_heads: Vec<i64> = heads.iter().rev().copied().collect();
-        let reversed_layers: Vec<Vec<i64>> = match &c.reverse_transformer_layers_per_block {
-            Some(per_block) => per_block.clone(),
-            None => layers
-                .iter()
-                .rev()
-                .map(|&l| vec![l; (c.layers_per_block + 1) as usize])
-                .collect(),
-        };
         let mut up_blocks = Vec::with_capacity(n);
-        let mut out_ch = reversed[0];
-        for i in 0..n {
-            let prev_out = out_ch;
-            out_ch = reversed[i];
-            let in_ch = reversed[(i + 1).min(n - 1)];
-            let bp = vp.pp("up_blocks").pp(i);
-            let cross = c.up_block_types[i] == "CrossAttnUpBlock2D";
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..=c.layers_per_block {
-                let skip_ch = if j == c.layers_per_block {
-                    in_ch
-                } else {
-                    out_ch
-                };
-                let res_in = if j == 0 { prev_out } else { out_ch };
-                resnets.push(resnet(bp.pp("resnets").pp(j), res_in + skip_ch, out_ch)?);
-                if cross {
-                    let depth = reversed_layers
-                        .get(i)
-                        .and_then(|l| l.get(j as usize))
-                        .copied()
-                        .ok_or_else(|| {
-                            unsupported(
-                                config_path,
-                                "reverse_transformer_layers_per_block is too short",
-                            )
-                        })?;
-                    attentions.push(transformer(
-                        bp.pp("attentions").pp(j),
-                        out_ch,
-                        reversed_heads[i],
-                        depth,
-                    )?);
-                }
-            }
-            let upsampler = if i + 1 < n {
-                Some(Upsample2D::load(&bp.pp("upsamplers").pp(0), out_ch)?)
-            } else {
-                None
-            };
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsampler,
-            });
+        for (i, shape) in Self::up_shapes(c, &heads, &depths).iter().enumerate() {
+            up_blocks.push(UpBlock::load(&vp.pp("up_blocks").pp(i), &settings, shape)?);
         }
 
         // 5. output
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Self {
             conv_in: Conv2d::load(&vp.pp("conv_in"), c.in_channels, channels[0], 3, 1, 1)?,
             time_embedding,
@@ -599,6 +368,107 @@ impl UNet2DConditionModel {
             config,
             adaptable: LayerTable::default(),
         })
+    }
+
+    /// Heads and transformer depth per level. diffusers: `num_attention_heads =
+    /// num_attention_heads or attention_head_dim`.
+    fn attention_sizes(c: &UNetConfig, config_path: &Path) -> Result<(Vec<i64>, Vec<i64>)> {
+        let n = c.block_out_channels.len();
+        let heads = c
+            .num_attention_heads
+            .as_ref()
+            .or(c.attention_head_dim.as_ref())
+            .map(|h| h.expand(n))
+            .unwrap_or_else(|| vec![8; n]);
+        let depths = c
+            .transformer_layers_per_block
+            .as_ref()
+            .map(|t| t.expand(n))
+            .unwrap_or_else(|| vec![1; n]);
+        if heads.len() != n || depths.len() != n {
+            return Err(unsupported(
+                config_path,
+                "attention_head_dim and transformer_layers_per_block need one value per block",
+            ));
+        }
+        Ok((heads, depths))
+    }
+
+    /// The `text_time` added embedding, when the config has one.
+    fn add_embedding(
+        vp: &VarPath,
+        c: &UNetConfig,
+        time_dim: i64,
+        config_path: &Path,
+    ) -> Result<Option<TimestepEmbedding>> {
+        if c.addition_embed_type.as_deref() != Some("text_time") {
+            return Ok(None);
+        }
+        let input = c.projection_class_embeddings_input_dim.ok_or_else(|| {
+            unsupported(
+                config_path,
+                "text_time needs projection_class_embeddings_input_dim",
+            )
+        })?;
+        if c.addition_time_embed_dim.is_none() {
+            return Err(unsupported(
+                config_path,
+                "text_time needs addition_time_embed_dim",
+            ));
+        }
+        Ok(Some(TimestepEmbedding::load(
+            &vp.pp("add_embedding"),
+            input,
+            time_dim,
+        )?))
+    }
+
+    /// The down blocks' shapes.
+    pub fn down_shapes(c: &UNetConfig, heads: &[i64], depths: &[i64]) -> Vec<DownBlockShape> {
+        let channels = &c.block_out_channels;
+        let n = channels.len();
+        (0..n)
+            .map(|i| DownBlockShape {
+                in_channels: if i == 0 { channels[0] } else { channels[i - 1] },
+                out_channels: channels[i],
+                layers: c.layers_per_block,
+                attention: (c.down_block_types[i] == "CrossAttnDownBlock2D").then(|| {
+                    CrossAttention {
+                        heads: heads[i],
+                        depths: vec![depths[i]; c.layers_per_block.max(0) as usize],
+                    }
+                }),
+                downsample_padding: (i + 1 < n).then_some(c.downsample_padding),
+            })
+            .collect()
+    }
+
+    /// The up blocks' shapes (their levels in reverse).
+    fn up_shapes(c: &UNetConfig, heads: &[i64], depths: &[i64]) -> Vec<UpBlockShape> {
+        let reversed: Vec<i64> = c.block_out_channels.iter().rev().copied().collect();
+        let n = reversed.len();
+        let layers = c.layers_per_block + 1;
+        let reversed_depths: Vec<Vec<i64>> = match &c.reverse_transformer_layers_per_block {
+            Some(per_block) => per_block.clone(),
+            None => depths
+                .iter()
+                .rev()
+                .map(|&d| vec![d; layers.max(0) as usize])
+                .collect(),
+        };
+        (0..n)
+            .map(|i| UpBlockShape {
+                prev_out_channels: if i == 0 { reversed[0] } else { reversed[i - 1] },
+                out_channels: reversed[i],
+                last_skip_channels: reversed[(i + 1).min(n - 1)],
+                layers,
+                attention: (c.up_block_types[i] == "CrossAttnUpBlock2D").then(|| CrossAttention {
+                    heads: heads[n - 1 - i],
+                    depths: reversed_depths.get(i).cloned().unwrap_or_default(),
+                }),
+                upsample: i + 1 < n,
+            })
+            .collect()
     }
 
     /// The model's configuration.
@@ -672,7 +542,7 @@ impl UNet2DConditionModel {
         let size = sample.size();
         let forward_upsample_size = size[2] % factor != 0 || size[3] % factor != 0;
         for block in &self.up_blocks {
-            let mut taken = skips.split_off(skips.len().saturating_sub(block.resnets.len()));
+            let mut taken = skips.split_off(skips.len().saturating_sub(block.layers()));
             let upsample_size = if forward_upsample_size {
                 skips.last().map(|s| {
                     let s = s.size();

@@ -7,13 +7,13 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{read_json, EngineError, Result};
-use crate::engine::loading::weights::{VarPath, Weights};
 use crate::engine::models::attention::Attention;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::weights::{VarPath, Weights};
 
 /// Mirrors diffusers' `AutoencoderKL` config (`vae/config.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
     /// Image side the VAE was trained at: the tile size of tiled decoding.
     #[serde(default)]
@@ -81,6 +81,27 @@ fn yes() -> bool {
 }
 
 impl VaeConfig {
+    /// stabilityai/stable-diffusion-xl-base-1.0's `vae/config.json`.
+    pub fn sdxl() -> Self {
+        Self {
+            sample_size: Some(1024),
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.13025,
+            shift_factor: None,
+            latents_mean: None,
+            latents_std: None,
+            force_upcast: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> i64 {
         1 << (self.block_out_channels.len().saturating_sub(1))

@@ -1,0 +1,193 @@
+//! Checks shared by the converters: violations with their proto paths, ranges that NaN
+//! and infinities never pass, enums, model names.
+
+use crate::api::status::ApiError;
+use crate::engine::registry::check_name;
+
+/// Seeds are below 2^53 so that JSON clients (JavaScript, C# doubles) keep them exact.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+/// The bad fields of a request: (proto field path, description naming the field).
+#[derive(Debug, Default)]
+pub struct Violations(pub Vec<(String, String)>);
+
+impl Violations {
+    /// Records a bad field; `description` follows the field's name ("must be ...").
+    pub fn add(&mut self, field: impl Into<String>, description: impl AsRef<str>) {
+        let field = field.into();
+        let description = format!("`{field}` {}", description.as_ref());
+        self.0.push((field, description));
+    }
+
+    /// INVALID_ARGUMENT naming every bad field, if there is one.
+    pub fn into_result(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::InvalidArgument(self.0))
+        }
+    }
+}
+
+/// The float a client meant: proto floats are f32, and 0.7f32 widened is 0.69999998,
+/// which truncates differently (int(steps * strength)) than the 0.7 diffusers gets.
+pub fn decimal(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
+/// One end of a range.
+#[derive(Debug, Clone, Copy)]
+pub enum Bound {
+    /// The value itself is in range.
+    Inclusive(f64),
+    /// The value itself is out of range.
+    Exclusive(f64),
+}
+
+/// A range of floats.
+#[derive(Debug, Clone, Copy)]
+pub struct Range(pub Bound, pub Bound);
+
+impl Range {
+    /// [min, max].
+    pub const fn closed(min: f64, max: f64) -> Self {
+        Self(Bound::Inclusive(min), Bound::Inclusive(max))
+    }
+
+    /// (min, max).
+    pub const fn open(min: f64, max: f64) -> Self {
+        Self(Bound::Exclusive(min), Bound::Exclusive(max))
+    }
+
+    /// (min, max].
+    pub const fn open_closed(min: f64, max: f64) -> Self {
+        Self(Bound::Exclusive(min), Bound::Inclusive(max))
+    }
+
+    /// [min, max).
+    pub const fn closed_open(min: f64, max: f64) -> Self {
+        Self(Bound::Inclusive(min), Bound::Exclusive(max))
+    }
+
+    /// Whether `value` is in range: NaN and infinities never are.
+    pub fn contains(self, value: f64) -> bool {
+        let above = match self.0 {
+            Bound::Inclusive(min) => value >= min,
+            Bound::Exclusive(min) => value > min,
+        };
+        let below = match self.1 {
+            Bound::Inclusive(max) => value <= max,
+            Bound::Exclusive(max) => value < max,
+        };
+        value.is_finite() && above && below
+    }
+
+    fn describe(self) -> String {
+        match (self.0, self.1) {
+            (Bound::Inclusive(a), Bound::Inclusive(b)) => format!("between {a} and {b}"),
+            (Bound::Exclusive(a), Bound::Exclusive(b)) => format!("strictly between {a} and {b}"),
+            (Bound::Exclusive(a), Bound::Inclusive(b)) => format!("in ({a}, {b}]"),
+            (Bound::Inclusive(a), Bound::Exclusive(b)) => format!("in [{a}, {b})"),
+        }
+    }
+}
+
+/// A float field in `range`, as the decimal the client wrote; `None` (and a violation)
+/// when it is out of range, NaN or infinite.
+pub fn float(v: &mut Violations, field: &str, value: f32, range: Range) -> Option<f64> {
+    if range.contains(f64::from(value)) {
+        return Some(decimal(value));
+    }
+    let finite = if value.is_finite() {
+        ""
+    } else {
+        "a finite number "
+    };
+    v.add(
+        field,
+        format!("must be {finite}{}, got {value}", range.describe()),
+    );
+    None
+}
+
+/// An optional float field: its value, or `default` when it is absent (or bad, with a
+/// violation).
+pub fn optional_float(
+    v: &mut Violations,
+    field: &str,
+    value: Option<f32>,
+    range: Range,
+    default: f64,
+) -> f64 {
+    value
+        .and_then(|x| float(v, field, x, range))
+        .unwrap_or(default)
+}
+
+/// An integer field at most `max`.
+pub fn at_most(v: &mut Violations, field: &str, value: u32, max: u32) {
+    if value > max {
+        v.add(field, format!("must be at most {max}, got {value}"));
+    }
+}
+
+/// An enum field's value, or a violation for a number the contract does not define.
+pub fn enum_value<E: TryFrom<i32>>(v: &mut Violations, field: &str, value: i32) -> Option<E> {
+    match E::try_from(value) {
+        Ok(e) => Some(e),
+        Err(_) => {
+            v.add(field, format!("has an unknown enum value {value}"));
+            None
+        }
+    }
+}
+
+/// Whether `name` may name a model; a violation when it may not.
+pub fn model_name(v: &mut Violations, field: &str, name: &str) -> bool {
+    match check_name(name) {
+        Ok(()) => true,
+        Err(e) => {
+            v.add(field, format!("is not a valid model name ({})", e.reason()));
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_range_holds_nan_or_infinities() {
+        for range in [
+            Range::closed(0.0, 1.0),
+            Range::open(0.0, 1.0),
+            Range::closed(-2.0, 2.0),
+            Range::closed_open(0.0, 1.0),
+        ] {
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                assert!(!range.contains(bad), "{range:?} holds {bad}");
+            }
+        }
+        assert!(Range::closed(0.0, 1.0).contains(1.0));
+        assert!(!Range::open_closed(0.0, 1.0).contains(0.0));
+    }
+
+    #[test]
+    fn violations_name_the_field_and_the_value() {
+        let mut v = Violations::default();
+        assert_eq!(
+            float(&mut v, "spec.eta", f32::NAN, Range::closed(0.0, 1.0)),
+            None
+        );
+        assert_eq!(
+            float(&mut v, "spec.x", 0.7, Range::closed(0.0, 1.0)),
+            Some(0.7)
+        );
+        assert_eq!(v.0.len(), 1);
+        assert_eq!(v.0[0].0, "spec.eta");
+        assert!(v.0[0]
+            .1
+            .starts_with("`spec.eta` must be a finite number between 0 and 1"));
+    }
+}

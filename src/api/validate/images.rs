@@ -1,0 +1,143 @@
+//! Image inputs: each decoded once, its size read from the header and checked against
+//! the pixel limit before any pixel is decoded.
+
+use std::io::Cursor;
+
+use crate::api::validate::fields::{at_most, optional_float, Range, Violations};
+use crate::engine::request::InitImage;
+use crate::proto::v1 as pb;
+
+/// An image's pixels, 8-bit RGB.
+pub struct Decoded {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Row-major RGB bytes.
+    pub rgb: Vec<u8>,
+}
+
+fn reader(bytes: &[u8], max_pixels: u64) -> Result<image::ImageReader<Cursor<&[u8]>>, String> {
+    let mut reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    // Room for the largest allowed image in any pixel format the decoders produce.
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).max(64 << 20));
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// The size of the image `bytes` hold, read from its header; a violation when it does
+/// not decode or has more than `max_pixels` pixels.
+pub fn probe(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) -> Option<(u32, u32)> {
+    let decoder =
+        match reader(bytes, max_pixels).and_then(|r| r.into_decoder().map_err(|e| e.to_string())) {
+            Ok(decoder) => decoder,
+            Err(e) => {
+                v.add(field, format!("is not a decodable image ({e})"));
+                return None;
+            }
+        };
+    check_size(
+        image::ImageDecoder::dimensions(&decoder),
+        field,
+        max_pixels,
+        v,
+    )
+}
+
+fn check_size(
+    size: (u32, u32),
+    field: &str,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<(u32, u32)> {
+    let (w, h) = size;
+    if u64::from(w) * u64::from(h) > max_pixels {
+        v.add(
+            field,
+            format!("is {w}x{h}, larger than the {max_pixels}-pixel limit"),
+        );
+        return None;
+    }
+    Some(size)
+}
+
+/// Decodes `bytes` (PNG, JPEG or WebP) into RGB; a violation when it does not decode or
+/// is larger than `max_pixels`.
+pub fn decode(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) -> Option<Decoded> {
+    let decoded = reader(bytes, max_pixels)
+        .and_then(|r| r.into_decoder().map_err(|e| e.to_string()))
+        .map(|decoder| (image::ImageDecoder::dimensions(&decoder), decoder));
+    let (size, decoder) = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            v.add(field, format!("is not a decodable image ({e})"));
+            return None;
+        }
+    };
+    check_size(size, field, max_pixels, v)?;
+    match image::DynamicImage::from_decoder(decoder) {
+        Ok(image) => Some(Decoded {
+            width: size.0,
+            height: size.1,
+            rgb: image.to_rgb8().into_raw(),
+        }),
+        Err(e) => {
+            v.add(field, format!("is not a decodable image ({e})"));
+            None
+        }
+    }
+}
+
+/// `spec.init_image`: the image, its strength or denoising start, and the mask.
+pub fn init_image(init: &pb::InitImage, max_pixels: u64, v: &mut Violations) -> Option<InitImage> {
+    let strength = optional_float(
+        v,
+        "spec.init_image.strength",
+        init.strength,
+        Range::open_closed(0.0, 1.0),
+        0.8,
+    );
+    at_most(v, "spec.init_image.mask_blur", init.mask_blur, 64);
+    let denoising_start = init.denoising_start.and_then(|d| {
+        crate::api::validate::fields::float(
+            v,
+            "spec.init_image.denoising_start",
+            d,
+            Range::open(0.0, 1.0),
+        )
+    });
+    if init.denoising_start.is_some() && !init.mask.is_empty() {
+        v.add(
+            "spec.init_image.denoising_start",
+            "does not apply to inpainting (a mask is set)",
+        );
+    }
+    if init.image.is_empty() {
+        v.add("spec.init_image.image", "is required");
+        return None;
+    }
+    let image = decode(&init.image, "spec.init_image.image", max_pixels, v);
+    let mask = (!init.mask.is_empty())
+        .then(|| decode(&init.mask, "spec.init_image.mask", max_pixels, v))
+        .flatten();
+    let image = image?;
+    let mut result = InitImage::new(image.width, image.height, image.rgb, strength);
+    result.denoising_start = denoising_start;
+    match mask {
+        Some(mask) if (mask.width, mask.height) != (image.width, image.height) => {
+            v.add(
+                "spec.init_image.mask",
+                format!(
+                    "is {}x{} but the image is {}x{}",
+                    mask.width, mask.height, image.width, image.height
+                ),
+            );
+            None
+        }
+        Some(mask) => Some(result.with_mask_rgb(&mask.rgb)),
+        None => Some(result),
+    }
+}

@@ -1,0 +1,262 @@
+//! Proto to domain: every rule of the contract, every bad field reported at once with its
+//! proto path (`spec.loras[1].weight`). One converter per message checks and converts in
+//! a single pass; this orchestrator puts their results together. Runs on the blocking
+//! pool: it decodes images and reads model configs.
+
+mod adapters;
+mod fields;
+mod images;
+mod model;
+mod output;
+mod refiner;
+mod sampling;
+
+pub use adapters::MAX_LORAS;
+pub use fields::MAX_SEED;
+pub use sampling::scheduler_kind;
+
+use crate::api::convert::replay_specs;
+use crate::api::status::ApiError;
+use crate::config::Limits;
+use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::engine::request::{GenerateParams, InitImage};
+use crate::engine::schedulers::options::a1111_name;
+use crate::engine::schedulers::{SchedulerKind, SchedulerOptions};
+use crate::jobs::JobSpec;
+use crate::output::OutputFormat;
+use crate::proto::v1 as pb;
+use fields::{model_name, Violations};
+
+/// What validation reads besides the request.
+pub struct Context<'a> {
+    /// The configured limits.
+    pub limits: &'a Limits,
+    /// Model names.
+    pub registry: &'a Registry,
+    /// The seed of a request that names none.
+    pub drawn_seed: u64,
+}
+
+/// Errors that count only for a request whose fields are all valid: features this
+/// server does not implement yet, then names no root holds (or pickle files), each in
+/// field order.
+#[derive(Default)]
+pub struct Deferred {
+    unimplemented: Vec<ApiError>,
+    missing: Vec<ApiError>,
+}
+
+impl Deferred {
+    /// A feature the request asks for that this server does not implement yet.
+    pub fn unimplemented(&mut self, error: ApiError) {
+        self.unimplemented.push(error);
+    }
+
+    /// A model the request names that cannot be used.
+    pub fn missing(&mut self, error: ApiError) {
+        self.missing.push(error);
+    }
+
+    fn into_result(self) -> Result<(), ApiError> {
+        match self.unimplemented.into_iter().chain(self.missing).next() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Validates a request and resolves it into a job.
+pub fn to_job_spec(
+    spec: Option<pb::GenerationSpec>,
+    ctx: &Context<'_>,
+) -> Result<JobSpec, ApiError> {
+    let Some(spec) = spec else {
+        return Err(ApiError::invalid("spec", "`spec` is required"));
+    };
+    let mut v = Violations::default();
+    let mut deferred = Deferred::default();
+    let parts = check(&spec, ctx, &mut v, &mut deferred);
+    v.into_result()?;
+    deferred.into_result()?;
+    assemble(spec, parts)
+}
+
+/// A request's parts, each converted by its converter.
+struct Parts {
+    model: Option<ModelEntry>,
+    model_scheduler: Option<SchedulerKind>,
+    init: Option<InitImage>,
+    size: (u32, u32),
+    guidance: (f64, f64),
+    counts: (u32, u32, u64),
+    scheduler: (Option<SchedulerKind>, SchedulerOptions),
+    micro: sampling::Micro,
+    clip_skip: Option<i64>,
+    vae: Option<ModelEntry>,
+    loras: Vec<crate::jobs::LoraJob>,
+    refiner: Option<crate::jobs::RefinerJob>,
+    output: crate::jobs::OutputSpec,
+    client_job_id: Option<String>,
+}
+
+/// Every converter, each adding the violations and deferred errors it finds.
+fn check(
+    spec: &pb::GenerationSpec,
+    ctx: &Context<'_>,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Parts {
+    let (limits, registry) = (ctx.limits, ctx.registry);
+    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
+    // 1. the model and the init image, which decide the default size
+    let model = model::base(spec, registry, v, deferred);
+    let init = spec
+        .init_image
+        .as_ref()
+        .and_then(|i| images::init_image(i, max_pixels, v));
+    let init_size = init.as_ref().map(|i| (i.width as u32, i.height as u32));
+    let size = model::size(spec, model.as_ref(), init_size, limits, v);
+    // 2. sampling
+    sampling::prompts(spec, limits, v);
+    let guidance = sampling::guidance(spec, v);
+    let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
+    let model_scheduler = model.as_ref().and_then(|m| m.pipeline.as_ref()?.scheduler);
+    let options = spec.scheduler_options.as_ref();
+    let scheduler = sampling::scheduler("spec", spec.scheduler, options, model_scheduler, v);
+    let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);
+    if let Some(init) = init.as_ref().filter(|i| i.denoising_start.is_none()) {
+        if (f64::from(counts.0) * init.strength) < 1.0 {
+            let steps = counts.0;
+            v.add(
+                "spec.init_image.strength",
+                format!("{} x {steps} steps leaves no step to run", init.strength),
+            );
+        }
+    }
+    // 3. adapters, the refiner, the output
+    let vae = match spec.vae.as_str() {
+        "" => None,
+        name if model_name(v, "spec.vae", name) => {
+            model::named(registry, ModelKind::Vae, name, "spec.vae", v, deferred)
+        }
+        _ => None,
+    };
+    let loras = adapters::loras(&spec.loras, registry, v, deferred);
+    adapters::controlnets(&spec.controlnets, max_pixels, v, deferred);
+    let base = refiner::BaseDefaults {
+        steps: counts.0,
+        guidance_scale: guidance.0,
+    };
+    let refiner = spec
+        .refiner
+        .as_ref()
+        .and_then(|r| refiner::refiner(r, &base, registry, limits, v, deferred));
+    let encoders: Vec<_> = model
+        .iter()
+        .chain(refiner.as_ref().map(|r| &r.model))
+        .collect();
+    let clip_skip = model::clip_skip(spec, &encoders, v);
+    let output = output::output(spec.output.as_ref(), v);
+    output::post_processing(&spec.post_processing, v, deferred);
+    let client_job_id = output::client_job_id(&spec.client_job_id, v);
+    unimplemented_combinations(spec, deferred);
+    Parts {
+        model,
+        model_scheduler,
+        init,
+        size,
+        guidance,
+        counts,
+        scheduler,
+        micro,
+        clip_skip,
+        vae,
+        loras,
+        refiner,
+        output,
+        client_job_id,
+    }
+}
+
+/// Valid combinations this server cannot run yet.
+fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred) {
+    let Some(init) = &spec.init_image else {
+        return;
+    };
+    let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
+    if refiner_named && !init.mask.is_empty() {
+        deferred.unimplemented(ApiError::Unimplemented(
+            "spec.refiner".into(),
+            "the refiner stage after inpainting is not implemented yet".into(),
+        ));
+    }
+    if init.mask_blur > 0 {
+        deferred.unimplemented(ApiError::Unimplemented(
+            "spec.init_image.mask_blur".into(),
+            "mask blur is not implemented yet".into(),
+        ));
+    }
+}
+
+/// The job of a valid request.
+fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError> {
+    let Some(model) = parts.model else {
+        return Err(ApiError::ModelNotFound(spec.model));
+    };
+    let ((width, height), (steps, num_images, seed)) = (parts.size, parts.counts);
+    let (scheduler, options) = parts.scheduler;
+    let runs = scheduler
+        .or(parts.model_scheduler)
+        .unwrap_or(SchedulerKind::Euler);
+    let replay = if parts.output.format == OutputFormat::Png && parts.output.embed_metadata {
+        let resolved = pb::GenerationSpec {
+            width,
+            height,
+            steps,
+            guidance_scale: Some(spec.guidance_scale.unwrap_or(5.0)),
+            model: model.name.clone(),
+            ..spec.clone()
+        };
+        replay_specs(&resolved, seed, num_images)
+    } else {
+        Vec::new()
+    };
+    let micro = parts.micro;
+    let params = GenerateParams {
+        prompt: spec.prompt,
+        prompt_2: spec.prompt_2,
+        negative_prompt: spec.negative_prompt,
+        negative_prompt_2: spec.negative_prompt_2,
+        guidance_scale: parts.guidance.0,
+        guidance_rescale: parts.guidance.1,
+        clip_skip: parts.clip_skip,
+        width: i64::from(width),
+        height: i64::from(height),
+        steps: steps as usize,
+        seed,
+        num_images: num_images as usize,
+        original_size: micro.original_size,
+        crops_coords_top_left: micro.crop_top_left,
+        target_size: micro.target_size,
+        negative_original_size: micro.negative_original_size,
+        negative_crops_coords_top_left: micro.negative_crop_top_left,
+        negative_target_size: micro.negative_target_size,
+        scheduler_overrides: options.overrides(scheduler),
+        init_image: parts.init,
+        batch_first_seed: None,
+        denoising_end: None,
+        aesthetic_score: micro.aesthetic_score,
+        negative_aesthetic_score: micro.negative_aesthetic_score,
+    };
+    Ok(JobSpec {
+        params,
+        model,
+        vae: parts.vae,
+        loras: parts.loras,
+        refiner: parts.refiner,
+        output: parts.output,
+        sampler_name: a1111_name(runs, &options),
+        replay,
+        client_job_id: parts.client_job_id,
+    })
+}

@@ -1,0 +1,131 @@
+//! The base model, the image size (which defaults to the model's or the init image's),
+//! and `clip_skip`, bounded by the depth of the text encoders that will see it.
+
+use crate::api::status::ApiError;
+use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::Deferred;
+use crate::config::Limits;
+use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::proto::v1 as pb;
+
+/// `spec.model`: the model, when it resolves; a name no root holds (or a pickle file) is
+/// deferred until the request is otherwise valid.
+pub fn base(
+    spec: &pb::GenerationSpec,
+    registry: &Registry,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<ModelEntry> {
+    if spec.model.is_empty() {
+        return Some(registry.default_model().clone());
+    }
+    if !model_name(v, "spec.model", &spec.model) {
+        return None;
+    }
+    named(
+        registry,
+        ModelKind::Base,
+        &spec.model,
+        "spec.model",
+        v,
+        deferred,
+    )
+}
+
+/// A model of `kind` by name: resolved, or a deferred NOT_FOUND / FAILED_PRECONDITION.
+pub fn named(
+    registry: &Registry,
+    kind: ModelKind,
+    name: &str,
+    field: &str,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<ModelEntry> {
+    let resolved = if kind == ModelKind::Base {
+        registry.resolve(name)
+    } else {
+        registry.resolve_kind(kind, name)
+    };
+    match resolved {
+        Ok(model) => Some(model),
+        Err(e) => {
+            match ApiError::from(e) {
+                ApiError::InvalidArgument(_) => {
+                    v.add(field, "is not a valid model name");
+                }
+                error => deferred.missing(error),
+            }
+            None
+        }
+    }
+}
+
+/// `spec.width` and `spec.height`: the model's default size, or the init image's.
+pub fn size(
+    spec: &pb::GenerationSpec,
+    model: Option<&ModelEntry>,
+    init_size: Option<(u32, u32)>,
+    limits: &Limits,
+    v: &mut Violations,
+) -> (u32, u32) {
+    let default_size = model.map_or(1024, ModelEntry::default_size);
+    let pick = |asked: u32, from_image: Option<u32>| match (asked, from_image) {
+        (0, Some(size)) => size,
+        (0, None) => default_size,
+        (asked, _) => asked,
+    };
+    let width = pick(spec.width, init_size.map(|s| s.0));
+    let height = pick(spec.height, init_size.map(|s| s.1));
+    if let Some((w, h)) = init_size {
+        if (w, h) != (width, height) {
+            v.add(
+                "spec.init_image.image",
+                format!("is {w}x{h} but the requested size is {width}x{height} (leave width and height at 0 to use the image's)"),
+            );
+        }
+    }
+    for (field, value, max) in [
+        ("spec.width", width, limits.max_width),
+        ("spec.height", height, limits.max_height),
+    ] {
+        if value % 8 != 0 || value < 64 || value > max {
+            v.add(
+                field,
+                format!("must be a multiple of 8 between 64 and {max}, got {value}"),
+            );
+        }
+    }
+    (width, height)
+}
+
+/// `spec.clip_skip`: as diffusers reads `hidden_states[-(clip_skip + 2)]` of every text
+/// encoder that sees the prompt, at most the shallowest one's depth less one (11 for
+/// SDXL). `models` are the pipelines that encode it (the base, and a refiner).
+pub fn clip_skip(
+    spec: &pb::GenerationSpec,
+    models: &[&ModelEntry],
+    v: &mut Violations,
+) -> Option<i64> {
+    if spec.clip_skip == 0 {
+        return None;
+    }
+    let layers = models
+        .iter()
+        .filter_map(|m| m.pipeline.as_ref())
+        .map(|p| p.text_encoder_layers)
+        .min();
+    // Without readable configs the text encoders refuse it themselves.
+    let max = layers.map_or(u32::MAX, |l| l.saturating_sub(1));
+    if spec.clip_skip > max {
+        v.add(
+            "spec.clip_skip",
+            format!(
+                "must be at most {max} (the text encoders have {} layers), got {}",
+                max + 1,
+                spec.clip_skip
+            ),
+        );
+        return None;
+    }
+    Some(i64::from(spec.clip_skip))
+}

@@ -1,0 +1,423 @@
+//! The flags of `generate` and `bench`, the `GenerationSpec` they mean (as a client
+//! would send it: only what a flag sets), and the flag each spec field comes from (for
+//! error messages).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sdxld::api::convert;
+use sdxld::engine::schedulers::options::{from_sampler_name, AlgorithmType};
+use sdxld::engine::schedulers::sigmas::SigmaSpacing;
+use sdxld::proto::v1 as pb;
+
+/// What to generate, and where the models are.
+#[derive(Args, Clone)]
+pub struct GenerateArgs {
+    /// A diffusers SDXL pipeline folder or a single-file SDXL checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// The prompt for the second text encoder (default: the prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+    /// The negative prompt. Without it SDXL uses zero negative embeddings.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// The negative prompt for the second text encoder (default: the negative prompt).
+    #[arg(long)]
+    pub negative_prompt_2: Option<String>,
+    /// Seed of the first image; image i uses seed + i. Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Denoising steps (default 30).
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale, off at 1 or below (default 5).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Guidance rescale in [0, 1] (default 0).
+    #[arg(long)]
+    pub guidance_rescale: Option<f32>,
+    /// Image width in pixels, a multiple of 8 (default: the model's, or the init image's).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Image height in pixels, a multiple of 8 (default: the model's, or the init image's).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Number of images (default 1).
+    #[arg(long)]
+    pub num_images: Option<u32>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// float32, float16 or bfloat16 (half precision needs CUDA).
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
+    /// Output PNG; further images get -1, -2, ... before the extension.
+    #[arg(long, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Also write the final latents (before decoding) as safetensors.
+    #[arg(long)]
+    pub latents_out: Option<PathBuf>,
+    /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim,
+    /// dpm-solver-multistep, dpm-solver-singlestep, unipc (the model's own when absent),
+    /// or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// A scheduler option as its diffusers config key, e.g. use_karras_sigmas=true or
+    /// timestep_spacing=trailing (repeatable; the keys the contract's SchedulerOptions
+    /// has).
+    #[arg(long = "scheduler-config", value_name = "KEY=VALUE")]
+    pub scheduler_config: Vec<String>,
+    /// Image to image: an init image (PNG, JPEG or WebP; its size is the output size).
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting: a mask of the init image's size (white repaints).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Image to image: the fraction of the schedule that runs, in (0, 1] (default 0.8).
+    #[arg(long)]
+    pub strength: Option<f32>,
+    /// Image to image: start at this fraction of the schedule without adding noise
+    /// (diffusers' denoising_start), in (0, 1); overrides --strength.
+    #[arg(long)]
+    pub denoising_start: Option<f32>,
+    /// Aesthetic-score conditioning for refiner-style models (requires_aesthetics_score;
+    /// default 6).
+    #[arg(long)]
+    pub aesthetic_score: Option<f32>,
+    /// Negative aesthetic-score conditioning (default 2.5).
+    #[arg(long)]
+    pub negative_aesthetic_score: Option<f32>,
+    /// A refiner pipeline folder to run after the model (the SDXL refiner or any SDXL
+    /// pipeline); it decodes the images.
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// How the refiner takes over: ensemble (the base runs the first
+    /// --high-noise-fraction of the schedule) or img2img (the refiner re-noises the base's
+    /// result by --refiner-strength).
+    #[arg(long, default_value = "ensemble")]
+    pub refiner_mode: String,
+    /// Ensemble of experts: the fraction of the schedule the base runs, in (0, 1)
+    /// (default 0.8).
+    #[arg(long)]
+    pub high_noise_fraction: Option<f32>,
+    /// Refiner img2img: strength in (0, 1] (default 0.3).
+    #[arg(long)]
+    pub refiner_strength: Option<f32>,
+    /// Refiner steps (default: --steps).
+    #[arg(long)]
+    pub refiner_steps: Option<u32>,
+    /// Refiner guidance scale (default: --guidance).
+    #[arg(long)]
+    pub refiner_guidance: Option<f32>,
+    /// Refiner scheduler (same names as --scheduler; default: the refiner's own).
+    #[arg(long)]
+    pub refiner_scheduler: Option<String>,
+    /// A VAE folder (diffusers AutoencoderKL, e.g. sdxl-vae-fp16-fix) replacing the
+    /// models' own for encoding and decoding.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// A LoRA adapter from --lora-dir by name (its path there without .safetensors) and
+    /// weight in [-2, 2], e.g. style:0.8 (repeatable; applied together).
+    #[arg(long = "lora", value_name = "NAME:WEIGHT")]
+    pub loras: Vec<String>,
+    /// How a batch is denoised: per-image (each image as if it were image 0 of a request
+    /// with its seed, as the server does, so that its PNG metadata replays it exactly) or
+    /// together (as one call of diffusers' pipeline: images that draw no noise of their own
+    /// share each UNet call; inpainting images take the init image's latent samples from
+    /// the first image's generator).
+    #[arg(long, value_enum, default_value_t = Batch::PerImage)]
+    pub batch: Batch,
+    /// The folder --lora names resolve in.
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// How LoRA adapters are applied: merge (into the weights, for this run) or forward
+    /// (extra low-rank products in each layer's forward pass).
+    #[arg(long, default_value = "merge")]
+    pub lora_mode: String,
+}
+
+/// `--batch`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Batch {
+    /// One denoising run per image.
+    PerImage,
+    /// As diffusers batches.
+    Together,
+}
+
+impl Batch {
+    /// The runner's option.
+    pub fn mode(self) -> sdxld::engine::request::BatchMode {
+        match self {
+            Batch::PerImage => sdxld::engine::request::BatchMode::PerImage,
+            Batch::Together => sdxld::engine::request::BatchMode::Together,
+        }
+    }
+}
+
+/// The flag a spec field comes from, where there is one.
+pub fn flag_of(field: &str) -> Option<&'static str> {
+    let flags = [
+        ("spec.width", "--width"),
+        ("spec.height", "--height"),
+        ("spec.steps", "--steps"),
+        ("spec.num_images", "--num-images"),
+        ("spec.seed", "--seed"),
+        ("spec.guidance_scale", "--guidance"),
+        ("spec.guidance_rescale", "--guidance-rescale"),
+        ("spec.init_image.image", "--init-image"),
+        ("spec.init_image.mask", "--mask"),
+        ("spec.init_image.strength", "--strength"),
+        ("spec.init_image.denoising_start", "--denoising-start"),
+        (
+            "spec.micro_conditioning.aesthetic_score",
+            "--aesthetic-score",
+        ),
+        (
+            "spec.micro_conditioning.negative_aesthetic_score",
+            "--negative-aesthetic-score",
+        ),
+        ("spec.refiner.high_noise_fraction", "--high-noise-fraction"),
+        ("spec.refiner.strength", "--refiner-strength"),
+        ("spec.refiner.steps", "--refiner-steps"),
+        ("spec.refiner.guidance_scale", "--refiner-guidance"),
+        ("spec.vae", "--vae"),
+    ];
+    if let Some((_, flag)) = flags.iter().find(|(f, _)| *f == field) {
+        return Some(flag);
+    }
+    if field.starts_with("spec.loras") {
+        return Some("--lora");
+    }
+    if field.starts_with("spec.refiner.scheduler") {
+        return Some("--refiner-scheduler");
+    }
+    if field.starts_with("spec.scheduler") {
+        return Some("--scheduler/--scheduler-config");
+    }
+    None
+}
+
+/// A scheduler name (`euler`, "DPM++ 2M Karras", ...) as the contract's scheduler and
+/// options.
+fn named_scheduler(name: &str, options: &mut pb::SchedulerOptions) -> anyhow::Result<i32> {
+    let Some((kind, named)) = from_sampler_name(name) else {
+        bail!(
+            "unknown scheduler {name:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, dpm-solver-singlestep, unipc, or an A1111 name such as \"DPM++ 2M Karras\")"
+        );
+    };
+    if let Some(spacing) = named.sigma_schedule {
+        options.sigma_schedule = convert::sigma_schedule(spacing) as i32;
+    }
+    if named.algorithm_type == Some(AlgorithmType::SdeDpmSolverPlusPlus) {
+        options.algorithm_type = pb::AlgorithmType::SdeDpmsolverPlusPlus as i32;
+    }
+    Ok(convert::scheduler(kind) as i32)
+}
+
+/// `KEY=VALUE` (a diffusers config key the contract's SchedulerOptions has) into
+/// `options`.
+fn config_pair(pair: &str, options: &mut pb::SchedulerOptions) -> anyhow::Result<()> {
+    let Some((key, value)) = pair.split_once('=') else {
+        bail!("--scheduler-config takes KEY=VALUE, got {pair:?}");
+    };
+    let (key, value) = (key.trim(), value.trim());
+    let flag = || {
+        value
+            .parse::<bool>()
+            .with_context(|| format!("--scheduler-config {key}: not true or false"))
+    };
+    let number = || {
+        value
+            .parse::<u32>()
+            .with_context(|| format!("--scheduler-config {key}: not a whole number"))
+    };
+    let spacing = |s: SigmaSpacing| convert::sigma_schedule(s) as i32;
+    match key {
+        "use_karras_sigmas" if flag()? => options.sigma_schedule = spacing(SigmaSpacing::Karras),
+        "use_exponential_sigmas" if flag()? => {
+            options.sigma_schedule = spacing(SigmaSpacing::Exponential)
+        }
+        "use_beta_sigmas" if flag()? => options.sigma_schedule = spacing(SigmaSpacing::Beta),
+        "use_karras_sigmas" | "use_exponential_sigmas" | "use_beta_sigmas" => {
+            options.sigma_schedule = spacing(SigmaSpacing::Default)
+        }
+        "timestep_spacing" => {
+            options.timestep_spacing = match value {
+                "leading" => pb::TimestepSpacing::Leading,
+                "trailing" => pb::TimestepSpacing::Trailing,
+                "linspace" => pb::TimestepSpacing::Linspace,
+                _ => bail!("--scheduler-config timestep_spacing: leading, trailing or linspace"),
+            } as i32
+        }
+        "steps_offset" => options.steps_offset = Some(number()?),
+        "solver_order" => options.solver_order = Some(number()?),
+        "algorithm_type" => {
+            options.algorithm_type = match value {
+                "dpmsolver++" => pb::AlgorithmType::DpmsolverPlusPlus,
+                "sde-dpmsolver++" => pb::AlgorithmType::SdeDpmsolverPlusPlus,
+                _ => bail!("--scheduler-config algorithm_type: dpmsolver++ or sde-dpmsolver++"),
+            } as i32
+        }
+        "solver_type" => {
+            options.solver_type = match value {
+                "midpoint" => pb::SolverType::Midpoint,
+                "heun" => pb::SolverType::Heun,
+                "bh1" => pb::SolverType::Bh1,
+                "bh2" => pb::SolverType::Bh2,
+                _ => bail!("--scheduler-config solver_type: midpoint, heun, bh1 or bh2"),
+            } as i32
+        }
+        "lower_order_final" => options.lower_order_final = Some(flag()?),
+        "euler_at_final" => options.euler_at_final = Some(flag()?),
+        "final_sigmas_type" => {
+            options.final_sigmas_type = match value {
+                "zero" => pb::FinalSigmasType::Zero,
+                "sigma_min" => pb::FinalSigmasType::SigmaMin,
+                _ => bail!("--scheduler-config final_sigmas_type: zero or sigma_min"),
+            } as i32
+        }
+        "eta" => options.eta = Some(value.parse().context("--scheduler-config eta: not a number")?),
+        "rescale_betas_zero_snr" => options.rescale_betas_zero_snr = Some(flag()?),
+        "prediction_type" => {
+            options.prediction_type = match value {
+                "epsilon" => pb::PredictionType::Epsilon,
+                "v_prediction" => pb::PredictionType::VPrediction,
+                _ => bail!("--scheduler-config prediction_type: epsilon or v_prediction"),
+            } as i32
+        }
+        other => bail!(
+            "--scheduler-config: `{other}` is not a scheduler option a request can set (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, timestep_spacing, steps_offset, solver_order, algorithm_type, solver_type, lower_order_final, euler_at_final, final_sigmas_type, eta, rescale_betas_zero_snr, prediction_type)"
+        ),
+    }
+    Ok(())
+}
+
+/// A message only when something in it is set, as a client leaves it out otherwise.
+fn present<M: Default + PartialEq>(message: M) -> Option<M> {
+    (message != M::default()).then_some(message)
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `--lora NAME:WEIGHT`.
+fn lora(arg: &str) -> anyhow::Result<pb::LoraAdapter> {
+    let (name, weight) = match arg.rsplit_once(':') {
+        Some((name, weight)) => {
+            let weight: f32 = weight
+                .parse()
+                .with_context(|| format!("--lora {arg:?}: the weight is not a number"))?;
+            (name, Some(weight))
+        }
+        None => (arg, None),
+    };
+    Ok(pb::LoraAdapter {
+        name: name.to_string(),
+        weight,
+    })
+}
+
+/// The refiner stage the flags ask for.
+fn refiner(args: &GenerateArgs, path: &Path) -> anyhow::Result<pb::RefinerStage> {
+    let mut options = pb::SchedulerOptions::default();
+    let scheduler = match &args.refiner_scheduler {
+        Some(name) => named_scheduler(name, &mut options)?,
+        None => 0,
+    };
+    let mode = match args.refiner_mode.as_str() {
+        "ensemble" => pb::RefinerMode::EnsembleOfExperts,
+        "img2img" => pb::RefinerMode::Img2img,
+        other => bail!("--refiner-mode must be ensemble or img2img, got `{other}`"),
+    };
+    Ok(pb::RefinerStage {
+        model: file_name(path)?,
+        mode: mode as i32,
+        high_noise_fraction: args.high_noise_fraction,
+        strength: args.refiner_strength,
+        steps: args.refiner_steps.unwrap_or(0),
+        scheduler,
+        scheduler_options: present(options),
+        guidance_scale: args.refiner_guidance,
+        aesthetic_score: args.aesthetic_score,
+        negative_aesthetic_score: args.negative_aesthetic_score,
+    })
+}
+
+fn file_name(path: &Path) -> anyhow::Result<String> {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("{} names no folder", path.display()))
+}
+
+/// The request the flags mean (the model itself is the registry's default model).
+pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
+    let mut options = pb::SchedulerOptions::default();
+    let scheduler = match &args.scheduler {
+        Some(name) => named_scheduler(name, &mut options)?,
+        None => 0,
+    };
+    for pair in &args.scheduler_config {
+        config_pair(pair, &mut options)?;
+    }
+    let init_image = match &args.init_image {
+        Some(path) => Some(pb::InitImage {
+            image: read(path)?,
+            strength: args.strength,
+            mask: args
+                .mask
+                .as_deref()
+                .map(read)
+                .transpose()?
+                .unwrap_or_default(),
+            mask_blur: 0,
+            denoising_start: args.denoising_start,
+        }),
+        None if args.mask.is_some() => bail!("--mask needs --init-image"),
+        None => None,
+    };
+    Ok(pb::GenerationSpec {
+        prompt: args.prompt.clone(),
+        prompt_2: args.prompt_2.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        negative_prompt_2: args.negative_prompt_2.clone(),
+        guidance_scale: args.guidance,
+        guidance_rescale: args.guidance_rescale.unwrap_or(0.0),
+        micro_conditioning: present(pb::MicroConditioning {
+            aesthetic_score: args.aesthetic_score,
+            negative_aesthetic_score: args.negative_aesthetic_score,
+            ..Default::default()
+        }),
+        width: args.width.unwrap_or(0),
+        height: args.height.unwrap_or(0),
+        steps: args.steps.unwrap_or(0),
+        scheduler,
+        scheduler_options: present(options),
+        seed: args.seed,
+        num_images: args.num_images.unwrap_or(0),
+        vae: args
+            .vae
+            .as_deref()
+            .map(file_name)
+            .transpose()?
+            .unwrap_or_default(),
+        refiner: args
+            .refiner
+            .as_deref()
+            .map(|r| refiner(args, r))
+            .transpose()?,
+        loras: args
+            .loras
+            .iter()
+            .map(|l| lora(l))
+            .collect::<anyhow::Result<_>>()?,
+        init_image,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,128 @@
+//! The subcommands. `generate` and `bench` turn their flags into the same
+//! `GenerationSpec` a client sends, validate it with the server's code against a local
+//! registry and run it through the server's job runner.
+
+mod args;
+mod bench;
+mod convert;
+mod demo;
+mod generate;
+mod request;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The command line.
+#[derive(Parser)]
+#[command(
+    name = "sdxld",
+    version,
+    about = "Stable Diffusion XL image generation on libtorch"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (on the built-in demo model unless a model is configured).
+    Serve {
+        /// A configuration file (TOML) overriding config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (host:port), overriding `server.listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Default model: a name under `models.base_roots` or a diffusers folder.
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Generate images from a diffusers SDXL pipeline folder or single-file checkpoint.
+    Generate(args::GenerateArgs),
+    /// Write the built-in random-weight demo pipeline (diffusers layout).
+    DemoModel {
+        /// Folder to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Convert a pickle-based PyTorch checkpoint (.ckpt, .pt, .pth, .bin) to safetensors,
+    /// offline: the server never reads pickle.
+    Convert {
+        /// The checkpoint (the zip format torch.save writes).
+        input: PathBuf,
+        /// The safetensors file to write.
+        output: PathBuf,
+    },
+    /// Send one GenerationSpec (JSON, as the PNG metadata holds it) to a running server
+    /// and print the outcome as JSON (status, images, the completed event's figures).
+    Request(request::RequestArgs),
+    /// Time end-to-end generation (median of several runs) and print JSON.
+    Bench {
+        #[command(flatten)]
+        generate: args::GenerateArgs,
+        #[command(flatten)]
+        timing: bench::TimingArgs,
+    },
+    /// Times LoRA adapters in each mode: the time per denoising step with no adapter, the
+    /// first --lora and all of them, and the cost of switching between those two sets, as
+    /// ratios to a step without adapters; one JSON line per mode.
+    BenchLora {
+        #[command(flatten)]
+        generate: args::GenerateArgs,
+        #[command(flatten)]
+        timing: bench::TimingArgs,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            model,
+        } => serve(config, listen, model),
+        Command::Generate(args) => generate::generate(&args),
+        Command::DemoModel { output, seed } => demo::demo_model(&output, seed),
+        Command::Convert { input, output } => convert::convert(&input, &output),
+        Command::Request(args) => request::request(&args),
+        Command::Bench { generate, timing } => bench::bench(&generate, timing),
+        Command::BenchLora { generate, timing } => bench::bench_lora(&generate, timing),
+    }
+}
+
+/// `sdxld serve`.
+fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    model: Option<String>,
+) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    let mut settings = sdxld::config::Settings::load(config.as_deref())?;
+    if let Some(listen) = listen {
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!("--listen must be host:port with an IP address, got {listen:?}");
+        }
+        settings.server.listen = listen;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        sdxld::telemetry::init_telemetry(
+            &settings.telemetry.log_format,
+            &settings.telemetry.log_level,
+        )
+    };
+    let result = runtime.block_on(sdxld::server::serve(settings, model.as_deref()));
+    drop(telemetry);
+    result
+}

@@ -1,0 +1,178 @@
+//! The device the engine runs on: where and in which precision the models run, and
+//! libtorch's CUDA caching allocator, which tch does not expose (emptying its cache and
+//! reading its statistics) through a small C++ shim (csrc/cuda_memory.cpp). On the CPU,
+//! or in a build without the CUDA headers, the allocator has nothing to report.
+
+use tch::{Device, Kind};
+
+use crate::engine::error::{EngineError, Result};
+
+/// Where and in which precision the models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The device.
+    pub device: Device,
+    /// The floating-point kind of the weights and activations.
+    pub kind: Kind,
+}
+
+impl Placement {
+    /// CPU, float32: the configuration that matches diffusers bit for bit (nearly).
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            kind: Kind::Float,
+        }
+    }
+
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N` and `float32`, `float16` or `bfloat16`.
+    pub fn parse(device: &str, dtype: &str) -> Result<Self> {
+        let device = match device {
+            "auto" => Device::cuda_if_available(),
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(index)) => Device::Cuda(index),
+                _ => {
+                    return Err(EngineError::Device(format!(
+                        "unknown device `{other}` (auto, cpu, cuda or cuda:N)"
+                    )))
+                }
+            },
+        };
+        if let Device::Cuda(index) = device {
+            let count = tch::Cuda::device_count() as usize;
+            if index >= count {
+                return Err(EngineError::Device(format!(
+                    "cuda:{index} is not available ({count} CUDA devices)"
+                )));
+            }
+        }
+        let kind = match dtype {
+            "float32" | "fp32" => Kind::Float,
+            "float16" | "fp16" | "half" => Kind::Half,
+            "bfloat16" | "bf16" => Kind::BFloat16,
+            other => {
+                return Err(EngineError::Device(format!(
+                    "unknown dtype `{other}` (float32, float16 or bfloat16)"
+                )))
+            }
+        };
+        if device == Device::Cpu && kind != Kind::Float {
+            return Err(EngineError::Device(
+                "half precision needs a CUDA device; use float32 on the CPU".into(),
+            ));
+        }
+        Ok(Self { device, kind })
+    }
+
+    /// The device as configuration names it (`cpu`, `cuda:0`).
+    pub fn device_name(&self) -> String {
+        match self.device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_string(),
+        }
+    }
+
+    /// The dtype as configuration names it.
+    pub fn dtype_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Half => "float16",
+            Kind::BFloat16 => "bfloat16",
+            _ => "float32",
+        }
+    }
+}
+
+#[cfg(sdxld_cuda_shim)]
+extern "C" {
+    fn sdxld_cuda_empty_cache() -> i32;
+    fn sdxld_cuda_memory(
+        device: i32,
+        allocated: *mut i64,
+        peak: *mut i64,
+        reserved: *mut i64,
+    ) -> i32;
+    fn sdxld_cuda_reset_peak(device: i32) -> i32;
+    fn sdxld_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
+}
+
+/// The caching allocator's view of one device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by tensors now.
+    pub allocated: u64,
+    /// Most bytes held by tensors since the last reset.
+    pub peak: u64,
+    /// Bytes the cache holds from the driver (allocated plus cached).
+    pub reserved: u64,
+}
+
+fn cuda_index(device: Device) -> Option<i32> {
+    match device {
+        Device::Cuda(index) if tch::Cuda::is_available() => Some(index as i32),
+        _ => None,
+    }
+}
+
+/// The allocator's statistics for `device` (None on the CPU).
+pub fn memory(device: Device) -> Option<MemoryStats> {
+    let _index = cuda_index(device)?;
+    #[cfg(sdxld_cuda_shim)]
+    {
+        let (mut allocated, mut peak, mut reserved) = (0i64, 0i64, 0i64);
+        // SAFETY: the shim writes three integers through valid pointers and catches every
+        // C++ exception.
+        let status = unsafe { sdxld_cuda_memory(_index, &mut allocated, &mut peak, &mut reserved) };
+        if status == 0 {
+            return Some(MemoryStats {
+                allocated: allocated.max(0) as u64,
+                peak: peak.max(0) as u64,
+                reserved: reserved.max(0) as u64,
+            });
+        }
+    }
+    None
+}
+
+/// Starts a new peak measurement on `device`.
+pub fn reset_peak(device: Device) {
+    let Some(_index) = cuda_index(device) else {
+        return;
+    };
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        sdxld_cuda_reset_peak(_index);
+    }
+}
+
+/// Returns the cache's unused blocks to the driver (after an out-of-memory, or once
+/// models were evicted).
+pub fn empty_cache(device: Device) {
+    if cuda_index(device).is_none() {
+        return;
+    }
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        sdxld_cuda_empty_cache();
+    }
+}
+
+/// Caps libtorch's allocator on `device` at `fraction` of the device's memory (as
+/// `torch.cuda.set_per_process_memory_fraction`). Whether the cap is in place.
+pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
+    let Some(_index) = cuda_index(device) else {
+        return false;
+    };
+    // The allocator sets up its devices lazily, on the first allocation.
+    let _first = tch::Tensor::zeros([1], (tch::Kind::Float, device));
+    #[cfg(sdxld_cuda_shim)]
+    // SAFETY: a call into libtorch that catches its exceptions.
+    unsafe {
+        return sdxld_cuda_set_memory_fraction(_index, fraction) == 0;
+    }
+    #[allow(unreachable_code)]
+    false
+}

@@ -1,0 +1,336 @@
+//! The UNet's building blocks as diffusers defines them (`unet_2d_blocks.py`,
+//! `embeddings.py`): the timestep embeddings and the down, mid and up blocks, each
+//! loading itself from its weight path. The UNet and (later) the ControlNet, which
+//! shares the UNet's encoder, are made of them.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
+use crate::engine::models::nn::Linear;
+use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::weights::VarPath;
+
+/// Sinusoidal embedding of `timesteps` ([n] floats) into `dim` channels, as diffusers'
+/// `get_timestep_embedding`.
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Tensor {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent =
+        Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
+    let freqs = exponent.exp();
+    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    let (sin, cos) = (args.sin(), args.cos());
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    };
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
+}
+
+/// `TimestepEmbedding`: linear, SiLU, linear.
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    /// Loads the embedding at `vp`.
+    pub fn load(vp: &VarPath, in_dim: i64, out_dim: i64) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::load(&vp.pp("linear_1"), in_dim, out_dim, true)?,
+            linear_2: Linear::load(&vp.pp("linear_2"), out_dim, out_dim, true)?,
+        })
+    }
+
+    /// Embeds `x`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    }
+}
+
+/// What every block of one model shares (from its config).
+#[derive(Debug, Clone)]
+pub struct BlockSettings<'a> {
+    /// Width of the time embedding the resnets take.
+    pub temb_channels: i64,
+    /// Group norm groups.
+    pub groups: i64,
+    /// Group norm epsilon of the resnets.
+    pub eps: f64,
+    /// Width of the text conditioning.
+    pub cross_attention_dim: i64,
+    /// Linear rather than 1×1 convolution projections in the transformers.
+    pub use_linear_projection: bool,
+    /// The config the blocks come from, named in errors.
+    pub config_path: &'a Path,
+}
+
+impl BlockSettings<'_> {
+    fn resnet(&self, vp: &VarPath, in_channels: i64, out_channels: i64) -> Result<ResnetBlock2D> {
+        ResnetBlock2D::load(
+            vp,
+            ResnetConfig {
+                in_channels,
+                out_channels,
+                temb_channels: Some(self.temb_channels),
+                groups: self.groups,
+                eps: self.eps,
+            },
+        )
+    }
+
+    fn transformer(
+        &self,
+        vp: &VarPath,
+        channels: i64,
+        heads: i64,
+        depth: i64,
+    ) -> Result<Transformer2DModel> {
+        if heads <= 0 || channels % heads != 0 {
+            return Err(EngineError::Config {
+                path: self.config_path.to_path_buf(),
+                message: format!("{channels} channels cannot be split into {heads} heads"),
+            });
+        }
+        Transformer2DModel::load(
+            vp,
+            Transformer2DConfig {
+                channels,
+                heads,
+                head_dim: channels / heads,
+                layers: depth,
+                context_dim: self.cross_attention_dim,
+                groups: self.groups,
+                use_linear_projection: self.use_linear_projection,
+            },
+        )
+    }
+}
+
+/// The transformers of a cross-attention block: heads, and transformer blocks per
+/// attention (one entry per resnet of the block).
+#[derive(Debug, Clone)]
+pub struct CrossAttention {
+    /// Attention heads.
+    pub heads: i64,
+    /// Transformer blocks of each attention.
+    pub depths: Vec<i64>,
+}
+
+/// A down block (`DownBlock2D`, or `CrossAttnDownBlock2D` with transformers): resnets,
+/// each optionally followed by a transformer, then a downsampler.
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+}
+
+/// The shape of one down block.
+#[derive(Debug, Clone)]
+pub struct DownBlockShape {
+    /// Channels in.
+    pub in_channels: i64,
+    /// Channels out.
+    pub out_channels: i64,
+    /// Resnets.
+    pub layers: i64,
+    /// Its transformers, for a cross-attention block.
+    pub attention: Option<CrossAttention>,
+    /// The downsampler's padding, unless it is the last block.
+    pub downsample_padding: Option<i64>,
+}
+
+impl DownBlock {
+    /// Loads `down_blocks.{i}` at `vp`.
+    pub fn load(vp: &VarPath, s: &BlockSettings<'_>, shape: &DownBlockShape) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..shape.layers {
+            let from = if j == 0 {
+                shape.in_channels
+            } else {
+                shape.out_channels
+            };
+            resnets.push(s.resnet(&vp.pp("resnets").pp(j), from, shape.out_channels)?);
+            if let Some(a) = &shape.attention {
+                let depth = a.depths.get(j as usize).copied().unwrap_or(1);
+                let vp = vp.pp("attentions").pp(j);
+                attentions.push(s.transformer(&vp, shape.out_channels, a.heads, depth)?);
+            }
+        }
+        let downsampler = match shape.downsample_padding {
+            Some(padding) => Some(Downsample2D::load(
+                &vp.pp("downsamplers").pp(0),
+                shape.out_channels,
+                padding,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Returns the block output and the states the up blocks concatenate.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let mut h = x.shallow_clone();
+        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward(&h, Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context);
+            }
+            states.push(h.shallow_clone());
+        }
+        if let Some(down) = &self.downsampler {
+            h = down.forward(&h);
+            states.push(h.shallow_clone());
+        }
+        (h, states)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) pairs.
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    /// Loads `mid_block` at `vp`: `channels` wide, one transformer of `heads` heads and
+    /// `depth` blocks.
+    pub fn load(
+        vp: &VarPath,
+        s: &BlockSettings<'_>,
+        channels: i64,
+        heads: i64,
+        depth: i64,
+    ) -> Result<Self> {
+        Ok(Self {
+            resnets: vec![
+                s.resnet(&vp.pp("resnets").pp(0), channels, channels)?,
+                s.resnet(&vp.pp("resnets").pp(1), channels, channels)?,
+            ],
+            attentions: vec![s.transformer(&vp.pp("attentions").pp(0), channels, heads, depth)?],
+        })
+    }
+
+    /// The block's output.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let mut h = self.resnets[0].forward(x, Some(temb));
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            h = attn.forward(&h, context);
+            h = resnet.forward(&h, Some(temb));
+        }
+        h
+    }
+}
+
+/// An up block (`UpBlock2D`, or `CrossAttnUpBlock2D` with transformers): resnets over the
+/// concatenated skip states, transformers, an upsampler.
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+}
+
+/// The shape of one up block.
+#[derive(Debug, Clone)]
+pub struct UpBlockShape {
+    /// Channels of the previous block's output.
+    pub prev_out_channels: i64,
+    /// Channels out.
+    pub out_channels: i64,
+    /// Channels of the skip state its last resnet takes (the next-deeper level's width).
+    pub last_skip_channels: i64,
+    /// Resnets.
+    pub layers: i64,
+    /// Its transformers, for a cross-attention block.
+    pub attention: Option<CrossAttention>,
+    /// Whether it ends with an upsampler (all but the last block).
+    pub upsample: bool,
+}
+
+impl UpBlock {
+    /// Loads `up_blocks.{i}` at `vp`.
+    pub fn load(vp: &VarPath, s: &BlockSettings<'_>, shape: &UpBlockShape) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        let out = shape.out_channels;
+        for j in 0..shape.layers {
+            let skip = if j + 1 == shape.layers {
+                shape.last_skip_channels
+            } else {
+                out
+            };
+            let from = if j == 0 { shape.prev_out_channels } else { out };
+            resnets.push(s.resnet(&vp.pp("resnets").pp(j), from + skip, out)?);
+            if let Some(a) = &shape.attention {
+                let depth =
+                    a.depths
+                        .get(j as usize)
+                        .copied()
+                        .ok_or_else(|| EngineError::Config {
+                            path: s.config_path.to_path_buf(),
+                            message: "reverse_transformer_layers_per_block is too short".into(),
+                        })?;
+                attentions.push(s.transformer(&vp.pp("attentions").pp(j), out, a.heads, depth)?);
+            }
+        }
+        let upsampler = if shape.upsample {
+            Some(Upsample2D::load(&vp.pp("upsamplers").pp(0), out)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    /// Resnets (one skip state consumed by each).
+    pub fn layers(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// The block's output, consuming skip states from the end of `skips`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(i64, i64)>,
+    ) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            if let Some(skip) = skips.pop() {
+                h = Tensor::cat(&[h, skip], 1);
+            }
+            h = resnet.forward(&h, Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context);
+            }
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&h, upsample_size),
+            None => h,
+        }
+    }
+}

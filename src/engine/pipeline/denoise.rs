@@ -1,0 +1,371 @@
+//! The denoising loop of diffusers' SDXL pipelines (`StableDiffusionXLPipeline.__call__`
+//! and its img2img and inpainting variants): from the prompt embeddings and the initial
+//! latents to the final latents, one scheduler step at a time.
+
+use std::ops::ControlFlow;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::models::unet::AddedCond;
+use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::latents::Inpaint;
+use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
+use crate::engine::schedulers::Scheduler;
+
+/// A denoising step that finished (step 0 marks the start of the loop).
+pub struct Step<'a> {
+    /// Scheduler steps done (second-order schedulers call the UNet twice per step).
+    pub step: usize,
+    /// Scheduler steps in all.
+    pub total: usize,
+    /// The latents after this step.
+    pub latents: &'a Tensor,
+}
+
+/// The part of the schedule one run covers.
+struct Schedule {
+    scheduler: Box<dyn Scheduler>,
+    timesteps: Vec<f64>,
+    /// Index of the first timestep run.
+    start: usize,
+    /// Index past the last timestep run.
+    end: usize,
+}
+
+/// The UNet's conditioning for every call of one run, guided batch first half negative.
+struct Conditioning {
+    context: Tensor,
+    text_embeds: Tensor,
+    time_ids: Tensor,
+    guided: bool,
+}
+
+impl SdxlPipeline {
+    /// Checks the parameters against this model before any work is done.
+    pub fn validate(&self, p: &GenerateParams) -> Result<()> {
+        self.check(p, false)
+    }
+
+    /// [`Self::validate`] for a stage that may start from an earlier stage's latents.
+    pub(super) fn check(&self, p: &GenerateParams, handoff: bool) -> Result<()> {
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        for (name, value) in [("width", p.width), ("height", p.height)] {
+            if value <= 0 || value % 8 != 0 {
+                return bad(format!(
+                    "`{name}` must be a positive multiple of 8, got {value}"
+                ));
+            }
+        }
+        if p.steps == 0 {
+            return bad("`steps` must be at least 1, got 0".into());
+        }
+        if p.num_images == 0 {
+            return bad("`num_images` must be at least 1, got 0".into());
+        }
+        let fraction_ok = |f: f64| f > 0.0 && f < 1.0;
+        if let Some(end) = p.denoising_end.filter(|f| !fraction_ok(*f)) {
+            return bad(format!("`denoising_end` must be in (0, 1), got {end}"));
+        }
+        if let Some(init) = &p.init_image {
+            if init.width != p.width || init.height != p.height {
+                return bad(format!(
+                    "the init image is {}x{} but the requested size is {}x{}",
+                    init.width, init.height, p.width, p.height
+                ));
+            }
+            let pixels = (init.width * init.height) as usize;
+            if init.pixels.len() != pixels * 3
+                || init.mask.as_ref().is_some_and(|m| m.len() != pixels)
+            {
+                return bad("the init image's or mask's pixels do not match its size".into());
+            }
+            if !(init.strength > 0.0 && init.strength <= 1.0) {
+                return bad(format!(
+                    "`strength` must be in (0, 1], got {}",
+                    init.strength
+                ));
+            }
+            match init.denoising_start {
+                Some(start) if !fraction_ok(start) => {
+                    return bad(format!("`denoising_start` must be in (0, 1), got {start}"))
+                }
+                Some(_) if init.mask.is_some() => {
+                    return bad("`denoising_start` does not apply to inpainting".into())
+                }
+                Some(start) if p.denoising_end.is_some_and(|end| start >= end) => {
+                    return bad(format!(
+                        "`denoising_start` {start} must be below `denoising_end`"
+                    ))
+                }
+                Some(_) => {}
+                None if (p.steps as f64 * init.strength) < 1.0 => {
+                    return bad(format!(
+                        "`strength` {} leaves no step of {} to run (steps x strength must be at least 1)",
+                        init.strength, p.steps
+                    ))
+                }
+                None => {}
+            }
+        } else if self.requires_aesthetics_score && !handoff {
+            return Err(EngineError::Incompatible(format!(
+                "`{}` is a refiner (requires_aesthetics_score): it runs as a refiner stage or on an init image, not from noise",
+                self.dir.display()
+            )));
+        }
+        if !p.guidance_scale.is_finite() {
+            return bad("`guidance_scale` must be finite".into());
+        }
+        if !(0.0..=1.0).contains(&p.guidance_rescale) {
+            return bad(format!(
+                "`guidance_rescale` must be between 0 and 1, got {}",
+                p.guidance_rescale
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the images of `p` draw noise from generators of their own (a stochastic
+    /// scheduler, or an init image's latent samples), so that each must be denoised in a
+    /// run of its own to match diffusers.
+    pub fn needs_own_generators(&self, p: &GenerateParams) -> Result<bool> {
+        if p.init_image.is_some() {
+            return Ok(true);
+        }
+        let config = p.scheduler_overrides.apply(&self.scheduler)?;
+        Ok(config.build(p.steps)?.is_stochastic())
+    }
+
+    /// One denoising run: the images of `p` (several only where they draw no noise of
+    /// their own: see [`crate::engine::request::batch_runs`]) from `from`, with the
+    /// generator held by the caller. `on_step` is called after every step; when it breaks,
+    /// the run stops there and its value is returned. The final latents are float32 on
+    /// the CPU, [N, C, H/f, W/f].
+    pub fn denoise<B>(
+        &self,
+        p: &GenerateParams,
+        prompt: &PromptEmbeds,
+        from: Start<'_>,
+        noise: &mut NoiseStream,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
+    ) -> Result<ControlFlow<B, Tensor>> {
+        let handoff = matches!(from, Start::Handoff { .. });
+        self.check(p, handoff)?;
+        if p.num_images > 1 && (handoff || self.needs_own_generators(p)?) {
+            return Err(EngineError::InvalidRequest(
+                "images that draw noise of their own are denoised one run each".into(),
+            ));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let schedule = self.schedule(p, &from)?;
+        let (latents, inpaint) =
+            self.initial_latents(p, &from, schedule.scheduler.as_ref(), schedule.start, noise)?;
+        let conditioning = self.conditioning(p, prompt, from.entry(p).is_some());
+        let total = (schedule.end - schedule.start).div_ceil(schedule.scheduler.order());
+        if let ControlFlow::Break(b) = on_step(Step {
+            step: 0,
+            total,
+            latents: &latents,
+        }) {
+            return Ok(ControlFlow::Break(b));
+        }
+        let latents =
+            match self.run_loop(p, schedule, latents, inpaint, &conditioning, noise, on_step) {
+                ControlFlow::Continue(latents) => latents,
+                ControlFlow::Break(b) => return Ok(ControlFlow::Break(b)),
+            };
+        let latents = latents.to_kind(Kind::Float).to_device(Device::Cpu);
+        if latents.isfinite().all().int64_value(&[]) == 0 {
+            return Err(EngineError::NonFinite(format!(
+                "try another scheduler configuration (scheduler {:?}, {} steps)",
+                p.scheduler_overrides.class, p.steps
+            )));
+        }
+        Ok(ControlFlow::Continue(latents))
+    }
+
+    /// The scheduler for `p` and the timesteps a run from `from` covers: diffusers'
+    /// `get_timesteps` for image-based starts, `denoising_end` cutting the tail.
+    fn schedule(&self, p: &GenerateParams, from: &Start<'_>) -> Result<Schedule> {
+        let config = p.scheduler_overrides.apply(&self.scheduler)?;
+        let scheduler = config.build(p.steps)?;
+        let start = match from.entry(p) {
+            Some(entry) => self.entry_index(
+                scheduler.as_ref(),
+                config.num_train_timesteps,
+                p.steps,
+                entry,
+            )?,
+            None => 0,
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let end = match p.denoising_end {
+            Some(fraction) => {
+                let cutoff = discrete_cutoff(config.num_train_timesteps, fraction);
+                start + timesteps[start..].iter().filter(|&&t| t >= cutoff).count()
+            }
+            None => timesteps.len(),
+        };
+        if end <= start {
+            return Err(EngineError::InvalidRequest(format!(
+                "`denoising_end` {:?} leaves no step of {} to run",
+                p.denoising_end, p.steps
+            )));
+        }
+        Ok(Schedule {
+            scheduler,
+            timesteps,
+            start,
+            end,
+        })
+    }
+
+    /// The prompt embeddings and micro-conditioning of every image of `p`, at the
+    /// placement.
+    fn conditioning(
+        &self,
+        p: &GenerateParams,
+        prompt: &PromptEmbeds,
+        image_based: bool,
+    ) -> Conditioning {
+        let n = p.num_images as i64;
+        let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
+        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
+        let (context, text_embeds, time_ids) = match &prompt.negative {
+            Some((neg_embeds, neg_pooled)) => (
+                Tensor::cat(&[repeat(neg_embeds), repeat(&prompt.embeds)], 0),
+                Tensor::cat(&[repeat(neg_pooled), repeat(&prompt.pooled)], 0),
+                Tensor::cat(
+                    &[
+                        negative_time_ids.repeat([n, 1]),
+                        add_time_ids.repeat([n, 1]),
+                    ],
+                    0,
+                ),
+            ),
+            None => (
+                repeat(&prompt.embeds),
+                repeat(&prompt.pooled),
+                add_time_ids.repeat([n, 1]),
+            ),
+        };
+        let place = |t: Tensor| {
+            t.to_device(self.placement.device)
+                .to_kind(self.placement.kind)
+        };
+        Conditioning {
+            context: place(context),
+            text_embeds: place(text_embeds),
+            time_ids: place(time_ids),
+            guided: prompt.negative.is_some(),
+        }
+    }
+
+    /// The loop over the schedule's timesteps; progress counts scheduler steps, not UNet
+    /// calls.
+    #[allow(clippy::too_many_arguments)]
+    fn run_loop<B>(
+        &self,
+        p: &GenerateParams,
+        mut schedule: Schedule,
+        mut latents: Tensor,
+        inpaint: Option<Inpaint>,
+        conditioning: &Conditioning,
+        noise: &mut NoiseStream,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
+    ) -> ControlFlow<B, Tensor> {
+        let (start, end) = (schedule.start, schedule.end);
+        let total = (end - start).div_ceil(schedule.scheduler.order());
+        let mut done = 0;
+        let mut draw = |shape: &[i64]| noise.randn(shape);
+        for (i, &t) in schedule.timesteps.iter().enumerate().take(end).skip(start) {
+            let scheduler = schedule.scheduler.as_mut();
+            let noise_pred =
+                self.predict_noise(p, scheduler, i, t, &latents, inpaint.as_ref(), conditioning);
+            latents = scheduler.step(&noise_pred, i, &latents, &mut draw);
+            if let Some(state) = inpaint.as_ref().filter(|s| !s.nine_channels) {
+                // 4-channel UNets: keep the unmasked area on the image's noised trajectory.
+                let proper = if i + 1 < schedule.timesteps.len() {
+                    scheduler.add_noise(&state.image_latents, &state.noise, i + 1)
+                } else {
+                    state.image_latents.shallow_clone()
+                };
+                latents = (-&state.mask + 1.0) * proper + &state.mask * &latents;
+            }
+            if scheduler.completes_step(i) || i + 1 == end {
+                done += 1;
+                on_step(Step {
+                    step: done.min(total),
+                    total,
+                    latents: &latents,
+                })?;
+            }
+        }
+        ControlFlow::Continue(latents)
+    }
+
+    /// The guided noise prediction of UNet call `index` at timestep `t`.
+    #[allow(clippy::too_many_arguments)]
+    fn predict_noise(
+        &self,
+        p: &GenerateParams,
+        scheduler: &dyn Scheduler,
+        index: usize,
+        t: f64,
+        latents: &Tensor,
+        inpaint: Option<&Inpaint>,
+        c: &Conditioning,
+    ) -> Tensor {
+        let doubled = |t: &Tensor| {
+            if c.guided {
+                Tensor::cat(&[t, t], 0)
+            } else {
+                t.shallow_clone()
+            }
+        };
+        let mut model_input = scheduler.scale_model_input(&doubled(latents), index);
+        if let Some(state) = inpaint.filter(|s| s.nine_channels) {
+            // 9-channel inpainting UNets also see the mask and the masked image.
+            let (mask, masked) = (doubled(&state.mask), doubled(&state.masked_latents));
+            model_input = Tensor::cat(&[model_input, mask, masked], 1);
+        }
+        let model_input = model_input.to_kind(self.placement.kind);
+        let timestep = Tensor::from(t as f32).to_device(self.placement.device);
+        let added = AddedCond {
+            text_embeds: &c.text_embeds,
+            time_ids: &c.time_ids,
+        };
+        let noise_pred = self
+            .unet
+            .forward(&model_input, &timestep, &c.context, Some(&added))
+            .to_kind(Kind::Float);
+        if !c.guided {
+            return noise_pred;
+        }
+        let halves = noise_pred.chunk(2, 0);
+        let (uncond, text) = (&halves[0], &halves[1]);
+        let guided = uncond + (text - uncond) * p.guidance_scale;
+        if p.guidance_rescale > 0.0 {
+            rescale_noise_cfg(&guided, text, p.guidance_rescale)
+        } else {
+            guided
+        }
+    }
+}
+
+/// diffusers' `discrete_timestep_cutoff` for a fraction of the schedule: timesteps at or
+/// above it belong to the first `fraction`.
+pub(super) fn discrete_cutoff(train_steps: i64, fraction: f64) -> f64 {
+    let train = train_steps as f64;
+    // Python's round() rounds halves to even.
+    (train - fraction * train).round_ties_even()
+}
+
+/// diffusers' `rescale_noise_cfg`.
+fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, rescale: f64) -> Tensor {
+    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
+    let std_text = text.std_dim(dims.as_slice(), true, true);
+    let std_cfg = guided.std_dim(dims.as_slice(), true, true);
+    let rescaled = guided * (std_text / std_cfg);
+    rescaled * rescale + guided * (1.0 - rescale)
+}

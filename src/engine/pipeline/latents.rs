@@ -1,0 +1,237 @@
+//! The latents a denoising run starts from: noise (text to image), the init image's VAE
+//! latents noised to the entry timestep (image to image, a refiner hand-off), or the
+//! inpainting latents with their mask, drawn from the job's generator in diffusers' order.
+
+use tch::{Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::{
+    discrete_cutoff, Entry, GenerateParams, InitImage, SdxlPipeline, Start,
+};
+use crate::engine::schedulers::Scheduler;
+
+/// What the inpainting loop needs besides the latents.
+pub(super) struct Inpaint {
+    /// The UNet takes [latents, mask, masked image latents].
+    pub nine_channels: bool,
+    /// [1, 1, h, w] at latent resolution, 1 = repaint.
+    pub mask: Tensor,
+    /// Latents of the image with the repainted area blacked out.
+    pub masked_latents: Tensor,
+    /// Latents of the image (4-channel blending).
+    pub image_latents: Tensor,
+    /// The noise the initial latents got, re-applied at each level when blending.
+    pub noise: Tensor,
+}
+
+impl SdxlPipeline {
+    /// The latents the loop starts from at timestep index `start` (see [`Start`]), and the
+    /// inpainting state when `p` inpaints.
+    pub(super) fn initial_latents(
+        &self,
+        p: &GenerateParams,
+        from: &Start<'_>,
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<(Tensor, Option<Inpaint>)> {
+        let add_noise = matches!(from.entry(p), Some(Entry::Strength(_)));
+        let takes_latents_only = !self.is_inpainting();
+        match (from, &p.init_image) {
+            (Start::Handoff { latents, .. }, _) => {
+                let latents =
+                    self.image_latents(None, Some(latents), add_noise, scheduler, start, noise)?;
+                Ok((latents, None))
+            }
+            (Start::Request, None) => {
+                if !takes_latents_only {
+                    return Err(EngineError::InvalidRequest(
+                        "this is an inpainting model: it needs an init image and a mask".into(),
+                    ));
+                }
+                let initial = self
+                    .initial_noise(p, noise)
+                    .to_device(self.placement.device);
+                Ok((initial * scheduler.init_noise_sigma(), None))
+            }
+            (Start::Request, Some(init)) if init.mask.is_some() => {
+                let (latents, state) = self.inpaint_latents(init, p, scheduler, start, noise)?;
+                Ok((latents, Some(state)))
+            }
+            (Start::Request, Some(init)) => {
+                if !takes_latents_only {
+                    return Err(EngineError::InvalidRequest(
+                        "this is an inpainting model: it needs a mask with the init image".into(),
+                    ));
+                }
+                noise.seed(p.seed);
+                let latents =
+                    self.image_latents(Some(init), None, add_noise, scheduler, start, noise)?;
+                Ok((latents, None))
+            }
+        }
+    }
+
+    /// Initial noise for `n` images: image i is `randn([1, C, h, w])` from the CPU
+    /// generator seeded with seed + i, in float32 (invariant 2).
+    pub(super) fn initial_noise(&self, p: &GenerateParams, noise: &mut NoiseStream) -> Tensor {
+        let f = self.vae_scale_factor();
+        let channels = self.vae.latent_channels();
+        let shape = [1, channels, p.height / f, p.width / f];
+        let draws: Vec<Tensor> = (0..p.num_images)
+            .map(|i| {
+                noise.seed(p.seed.wrapping_add(i as u64));
+                noise.randn(&shape)
+            })
+            .collect();
+        Tensor::cat(&draws, 0)
+    }
+
+    /// The index of the first timestep an image-based start runs: diffusers'
+    /// `get_timesteps` of the img2img and inpainting pipelines.
+    pub(super) fn entry_index(
+        &self,
+        scheduler: &dyn Scheduler,
+        train_steps: i64,
+        steps: usize,
+        entry: Entry,
+    ) -> Result<usize> {
+        let timesteps = scheduler.timesteps();
+        match entry {
+            Entry::Strength(strength) => {
+                let keep = ((steps as f64 * strength) as usize).min(steps);
+                if keep == 0 {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "`strength` {strength} leaves no step of {steps} to run"
+                    )));
+                }
+                Ok((steps - keep) * scheduler.order())
+            }
+            Entry::DenoisingStart(fraction) => {
+                let cutoff = discrete_cutoff(train_steps, fraction);
+                let mut remaining = timesteps.iter().filter(|&&t| t < cutoff).count();
+                // A second-order scheduler must not start between its two evaluations.
+                if scheduler.order() == 2 && remaining % 2 == 0 {
+                    remaining += 1;
+                }
+                let remaining = remaining.min(timesteps.len());
+                if remaining == 0 {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "`denoising_start` {fraction} leaves no step of {steps} to run"
+                    )));
+                }
+                Ok(timesteps.len() - remaining)
+            }
+        }
+    }
+
+    /// Image to image (StableDiffusionXLImg2ImgPipeline's prepare_latents): the VAE
+    /// latents of the init image (or latents from an earlier stage), noised to timestep
+    /// `start` unless the start is a `denoising_start`. Draws the latent sample first,
+    /// then the noise.
+    pub(super) fn image_latents(
+        &self,
+        image: Option<&InitImage>,
+        latents: Option<&Tensor>,
+        add_noise: bool,
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<Tensor> {
+        let device = self.placement.device;
+        let latents = match (image, latents) {
+            (_, Some(latents)) => latents.to_device(device).to_kind(Kind::Float),
+            (Some(image), None) => self.encode_sample(&image.to_tensor(), noise),
+            (None, None) => {
+                return Err(EngineError::InvalidRequest(
+                    "image to image needs an image or latents".into(),
+                ))
+            }
+        };
+        if !add_noise {
+            return Ok(latents);
+        }
+        let draw = noise.randn(latents.size().as_slice()).to_device(device);
+        Ok(scheduler.add_noise(&latents, &draw, start))
+    }
+
+    /// A VAE sample of `image` ([1, 3, H, W] in [-1, 1]) in the denoiser's latent space,
+    /// drawing its noise from the generator.
+    fn encode_sample(&self, image: &Tensor, noise: &mut NoiseStream) -> Tensor {
+        self.vae.encode_sample(image, noise)
+    }
+
+    /// Inpainting (StableDiffusionXLInpaintPipeline's prepare_latents and
+    /// prepare_mask_latents), drawing in diffusers' order: the image's latent sample (when
+    /// needed), the noise, then the masked image's latent sample.
+    pub(super) fn inpaint_latents(
+        &self,
+        init: &InitImage,
+        p: &GenerateParams,
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<(Tensor, Inpaint)> {
+        let device = self.placement.device;
+        let in_channels = self.unet.config().in_channels;
+        let latent_channels = self.vae.latent_channels();
+        let nine_channels = in_channels == 2 * latent_channels + 1;
+        if !nine_channels && in_channels != latent_channels {
+            return Err(EngineError::InvalidRequest(format!(
+                "a UNet with {in_channels} input channels cannot inpaint"
+            )));
+        }
+        let strength_max = init.strength >= 1.0;
+        let image = init.to_tensor();
+        let mask = init
+            .mask_tensor()
+            .ok_or_else(|| EngineError::InvalidRequest("inpainting needs a mask".into()))?;
+        let masked_image = &image * mask.lt(0.5).to_kind(Kind::Float);
+        let f = self.vae_scale_factor();
+        let (h, w) = (p.height / f, p.width / f);
+        let need_image = !nine_channels || !strength_max;
+        let shape = [1, latent_channels, h, w];
+        let (image_latents, initial, masked_latents) = match p.batch_first_seed {
+            None => {
+                noise.seed(p.seed);
+                let image_latents = need_image.then(|| self.encode_sample(&image, noise));
+                let initial = noise.randn(&shape).to_device(device);
+                (
+                    image_latents,
+                    initial,
+                    self.encode_sample(&masked_image, noise),
+                )
+            }
+            Some(first) => {
+                // The latent samples come from the first image's generator; this image's
+                // generator starts with the noise.
+                noise.seed(first);
+                let image_latents = need_image.then(|| self.encode_sample(&image, noise));
+                let _first_noise = noise.randn(&shape);
+                let masked_latents = self.encode_sample(&masked_image, noise);
+                noise.seed(p.seed);
+                (
+                    image_latents,
+                    noise.randn(&shape).to_device(device),
+                    masked_latents,
+                )
+            }
+        };
+        let latents = match (&image_latents, strength_max) {
+            (Some(image_latents), false) => scheduler.add_noise(image_latents, &initial, start),
+            _ => &initial * scheduler.init_noise_sigma(),
+        };
+        let mask = mask
+            .upsample_nearest2d([h, w], None, None)
+            .to_device(device);
+        let state = Inpaint {
+            nine_channels,
+            mask,
+            masked_latents,
+            image_latents: image_latents.unwrap_or_else(|| initial.zeros_like()),
+            noise: initial,
+        };
+        Ok((latents, state))
+    }
+}

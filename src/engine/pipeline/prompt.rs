@@ -1,0 +1,162 @@
+//! The conditioning of a request: diffusers' `encode_prompt` for the SDXL pipelines and
+//! SDXL's micro-conditioning time ids.
+
+use tch::Tensor;
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
+
+/// The text conditioning of one request on one pipeline, computed once and used for
+/// every image of the request.
+pub struct PromptEmbeds {
+    /// [1, 77, cross_attention_dim] hidden states of the prompt.
+    pub embeds: Tensor,
+    /// [1, projection_dim] pooled embedding of the prompt.
+    pub pooled: Tensor,
+    /// The negative pair, with classifier-free guidance only.
+    pub negative: Option<(Tensor, Tensor)>,
+}
+
+impl SdxlPipeline {
+    /// diffusers' `encode_prompt`: positive and (with guidance, `guidance_scale` above 1)
+    /// negative embeddings.
+    pub fn encode_prompt(&self, p: &GenerateParams) -> Result<PromptEmbeds> {
+        let _no_grad = tch::no_grad_guard();
+        let prompt_2 = p
+            .prompt_2
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&p.prompt);
+        let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, p.clip_skip.unwrap_or(0))?;
+        if p.guidance_scale <= 1.0 {
+            return Ok(PromptEmbeds {
+                embeds,
+                pooled,
+                negative: None,
+            });
+        }
+        let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            (embeds.zeros_like(), pooled.zeros_like())
+        } else {
+            let negative = p.negative_prompt.as_deref().unwrap_or("");
+            let negative_2 = p
+                .negative_prompt_2
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(negative);
+            // diffusers encodes negatives at the penultimate layer whatever clip_skip is.
+            self.encode_pair(negative, negative_2, 0)?
+        };
+        Ok(PromptEmbeds {
+            embeds,
+            pooled,
+            negative: Some(negative),
+        })
+    }
+
+    /// Runs the text encoders on one (prompt, prompt_2) pair: the concatenated hidden
+    /// states [1, 77, cross_dim] and the pooled embedding [1, projection_dim].
+    fn encode_pair(
+        &self,
+        prompt: &str,
+        prompt_2: &str,
+        clip_skip: i64,
+    ) -> Result<(Tensor, Tensor)> {
+        let device = self.placement.device;
+        let ids = |tok: &ClipTokenizer, text: &str| -> Result<Tensor> {
+            Ok(Tensor::from_slice(&tok.encode(text)?)
+                .unsqueeze(0)
+                .to_device(device))
+        };
+        let mut hidden = Vec::with_capacity(2);
+        let second_text = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(enc)) => {
+                hidden.push(enc.forward(&ids(tok, prompt)?, clip_skip)?.hidden);
+                prompt_2
+            }
+            // diffusers pairs the prompts with the encoders present: a pipeline with only
+            // the second encoder (the refiner) gives it the first prompt.
+            _ => prompt,
+        };
+        let out = self
+            .text_encoder_2
+            .forward(&ids(&self.tokenizer_2, second_text)?, clip_skip)?;
+        hidden.push(out.hidden);
+        let pooled = out.pooled.ok_or_else(|| {
+            EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
+        })?;
+        Ok((Tensor::cat(&hidden, -1), pooled))
+    }
+
+    /// Tokens of `prompt` beyond what the tokenizers keep (0 when it fits).
+    pub fn prompt_overflow(&self, prompt: &str) -> usize {
+        let first = self.tokenizer.as_ref().map_or(0, |t| t.overflow(prompt));
+        first.max(self.tokenizer_2.overflow(prompt))
+    }
+
+    /// The deepest `clip_skip` the text encoders take: their shallowest depth less one
+    /// (diffusers reads `hidden_states[-(clip_skip + 2)]` of each encoder).
+    pub fn max_clip_skip(&self) -> i64 {
+        let second = self.text_encoder_2.config().num_hidden_layers;
+        let first = self
+            .text_encoder
+            .as_ref()
+            .map_or(second, |t| t.config().num_hidden_layers);
+        first.min(second) - 1
+    }
+
+    /// The micro-conditioning (positive, negative) time ids. Text to image uses the
+    /// negative sizes only when both are given; image-based starts default each negative
+    /// to its positive, and models with `requires_aesthetics_score` take an aesthetic
+    /// score in place of the target size, as diffusers' img2img pipeline does.
+    pub(super) fn time_ids(&self, p: &GenerateParams, image_based: bool) -> (Tensor, Tensor) {
+        let ids = |values: [f64; 6]| Tensor::from_slice(&values.map(|v| v as f32)).unsqueeze(0);
+        let ids5 = |values: [f64; 5]| Tensor::from_slice(&values.map(|v| v as f32)).unsqueeze(0);
+        let size = (p.height, p.width);
+        let original = p.original_size.unwrap_or(size);
+        let target = p.target_size.unwrap_or(size);
+        let crop = p.crops_coords_top_left;
+        let f = |v: i64| v as f64;
+        let positive = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(f);
+        if !image_based {
+            let negative = match (p.negative_original_size, p.negative_target_size) {
+                (Some(o), Some(t)) => {
+                    let c = p.negative_crops_coords_top_left;
+                    [o.0, o.1, c.0, c.1, t.0, t.1].map(f)
+                }
+                _ => positive,
+            };
+            return (ids(positive), ids(negative));
+        }
+        let negative_original = p.negative_original_size.unwrap_or(original);
+        let negative_target = p.negative_target_size.unwrap_or(target);
+        if self.requires_aesthetics_score {
+            let c = p.negative_crops_coords_top_left;
+            (
+                ids5([
+                    f(original.0),
+                    f(original.1),
+                    f(crop.0),
+                    f(crop.1),
+                    p.aesthetic_score,
+                ]),
+                ids5([
+                    f(negative_original.0),
+                    f(negative_original.1),
+                    f(c.0),
+                    f(c.1),
+                    p.negative_aesthetic_score,
+                ]),
+            )
+        } else {
+            // diffusers' img2img and inpainting pipelines pair the negative sizes with
+            // the positive crop.
+            let (o, t) = (negative_original, negative_target);
+            (
+                ids(positive),
+                ids([o.0, o.1, crop.0, crop.1, t.0, t.1].map(f)),
+            )
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The engine as the jobs layer holds it: the model cache on the thread that owns the
+//! device, mirrored into the set of resident paths the models RPC reads, and the way
+//! LoRA adapters are applied.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use crate::engine::cache::{activation_estimate, CacheStats, ModelCache, ModelPath};
+use crate::engine::codec::VaeCodec;
+use crate::engine::device::{self, Placement};
+use crate::engine::error::EngineError;
+use crate::engine::hashes::FileHashes;
+use crate::engine::loading::lora::LoraWeights;
+use crate::engine::lora::LoraMode;
+use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
+use crate::engine::registry::{ModelEntry, ModelKind};
+
+/// The model cache, on the engine thread only (tensors are not shared across threads).
+pub struct Engine {
+    cache: ModelCache,
+    /// The paths loaded, shared with the models RPC.
+    resident: Arc<Mutex<HashSet<PathBuf>>>,
+    /// How LoRA adapters are applied.
+    lora_mode: LoraMode,
+}
+
+/// How a model loads into the cache.
+pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
+    match model.kind {
+        ModelKind::Vae => ModelPath::Vae(&model.path),
+        ModelKind::Lora => ModelPath::Lora(&model.path),
+        _ => ModelPath::Pipeline(&model.path),
+    }
+}
+
+impl Engine {
+    /// An engine with nothing loaded, at most `budget` bytes of models and activations on
+    /// the device and `host_budget` bytes of evicted components on the host, hashing
+    /// files into `hashes`; `resident` mirrors what it holds.
+    pub fn new(
+        placement: Placement,
+        budget: Option<u64>,
+        host_budget: u64,
+        hashes: Arc<FileHashes>,
+        resident: Arc<Mutex<HashSet<PathBuf>>>,
+    ) -> Self {
+        Self {
+            cache: ModelCache::with_host_budget(placement, budget, host_budget).with_hashes(hashes),
+            resident,
+            lora_mode: LoraMode::default(),
+        }
+    }
+
+    /// An engine for one process's own use (the CLI): no budget, nothing shared.
+    pub fn local(placement: Placement) -> Self {
+        Self::new(
+            placement,
+            None,
+            0,
+            FileHashes::new(),
+            Arc::new(Mutex::new(HashSet::new())),
+        )
+    }
+
+    /// This engine applying LoRA adapters the `mode` way.
+    pub fn with_lora_mode(self, mode: LoraMode) -> Self {
+        Self {
+            lora_mode: mode,
+            ..self
+        }
+    }
+
+    /// Device and precision.
+    pub fn placement(&self) -> Placement {
+        self.cache.placement()
+    }
+
+    /// What the cache holds.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The file hashes the cache computes.
+    pub fn hashes(&self) -> &Arc<FileHashes> {
+        self.cache.hashes()
+    }
+
+    fn publish(&self) {
+        if let Ok(mut resident) = self.resident.lock() {
+            *resident = self.cache.resident_paths().into_iter().collect();
+        }
+    }
+
+    /// Makes room for a job using `models` and `params`, evicting what it does not use,
+    /// and says how its LoRA adapters are applied: merging them takes `lora_copies` more
+    /// bytes while the job runs, which the auto mode spends only if the budget has them.
+    pub fn make_room(
+        &mut self,
+        models: &[ModelPath<'_>],
+        params: &GenerateParams,
+        lora_copies: u64,
+    ) -> Result<LoraMode, EngineError> {
+        let element = self.placement().kind.elt_size_in_bytes() as u64;
+        let activations = models
+            .iter()
+            .find_map(|m| match m {
+                ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
+                ModelPath::Vae(_) | ModelPath::Lora(_) => None,
+            })
+            .unwrap_or(0);
+        let result = match self.lora_mode {
+            LoraMode::Forward => self
+                .cache
+                .make_room(models, activations)
+                .map(|()| LoraMode::Forward),
+            LoraMode::Merge => self
+                .cache
+                .make_room(models, activations + lora_copies)
+                .map(|()| LoraMode::Merge),
+            LoraMode::Auto => match self.cache.make_room(models, activations + lora_copies) {
+                Ok(()) => Ok(LoraMode::Merge),
+                Err(EngineError::MemoryBudget(_)) if lora_copies > 0 => {
+                    tracing::info!(
+                        lora_copies,
+                        "merged LoRA weights would not fit the memory budget; applying them in the forward pass"
+                    );
+                    self.cache
+                        .make_room(models, activations)
+                        .map(|()| LoraMode::Forward)
+                }
+                Err(e) => Err(e),
+            },
+        };
+        self.publish();
+        result
+    }
+
+    /// The pipeline of `model`, loading it on first use.
+    pub fn pipeline(&mut self, model: &ModelEntry) -> Result<Rc<SdxlPipeline>, EngineError> {
+        let pipeline = self.cache.pipeline(&model.path);
+        self.publish();
+        pipeline
+    }
+
+    /// The VAE `model`, loading it on first use.
+    pub fn vae(&mut self, model: &ModelEntry) -> Result<Rc<VaeCodec>, EngineError> {
+        let vae = self.cache.vae(&model.path);
+        self.publish();
+        vae
+    }
+
+    /// The LoRA adapter `model`, loading it on first use.
+    pub fn lora(&mut self, model: &ModelEntry) -> Result<Rc<LoraWeights>, EngineError> {
+        let lora = self.cache.lora(&model.path, &model.name);
+        self.publish();
+        lora
+    }
+
+    /// Whether `model` is loaded.
+    pub fn is_resident(&self, model: &ModelEntry) -> bool {
+        self.cache.is_resident(&model.path)
+    }
+
+    /// Loads `model` (an admin request), making room for it.
+    pub fn load(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        self.cache.make_room(&[model_path(model)], 0)?;
+        match model.kind {
+            ModelKind::Vae => self.vae(model).map(|_| ()),
+            ModelKind::Lora => self.lora(model).map(|_| ()),
+            _ => self.pipeline(model).map(|_| ()),
+        }?;
+        // The cache hashed the files it loaded; the rest (configs, tokenizers) now.
+        let _ = self.hashes().model(model);
+        Ok(())
+    }
+
+    /// After the device ran out of memory: evicts every model the job does not use and
+    /// returns the allocator's free blocks to the driver.
+    pub fn free_memory(&mut self, keep: &[PathBuf]) {
+        self.cache.evict_all_except(keep);
+        device::empty_cache(self.placement().device);
+        self.publish();
+    }
+
+    /// Unloads `model`; whether it was loaded.
+    pub fn unload(&mut self, model: &ModelEntry) -> bool {
+        let was = self.cache.unload(&model.path);
+        self.publish();
+        was
+    }
+
+    /// Loads `model` and runs one small denoising step, so the first request does not pay
+    /// for lazy initialisation.
+    pub fn warm_up(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        self.load(model)?;
+        let pipeline = self.pipeline(model)?;
+        // Inpainting models cannot run text to image: warm them up on a blank image.
+        let init_image = pipeline.is_inpainting().then(|| InitImage {
+            width: 64,
+            height: 64,
+            pixels: vec![127; 64 * 64 * 3],
+            strength: 1.0,
+            mask: Some(vec![255; 64 * 64]),
+            denoising_start: None,
+        });
+        let params = GenerateParams {
+            prompt: "warm-up".into(),
+            width: 64,
+            height: 64,
+            steps: 1,
+            init_image,
+            ..GenerateParams::default()
+        };
+        let _latents = pipeline.denoise_all(&params, &mut |_| {})?;
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! The load-models stage: the job's pipelines, VAE and LoRA adapters in the cache (made
+//! room for within the budget), the adapters applied, and the models' hashes.
+
+use std::rc::Rc;
+
+use crate::engine::device;
+use crate::engine::error::EngineError;
+use crate::engine::hashes::FileHashes;
+use crate::engine::lora::{self, JobLora};
+use crate::engine::refiner;
+use crate::engine::registry::{ModelEntry, ModelKind};
+use crate::jobs::engine::model_path;
+use crate::jobs::events::{ModelUsed, Stage, StepProgress};
+use crate::jobs::runner::{JobRun, Loaded};
+use crate::jobs::{JobError, JobSpec};
+use crate::output::{OutputFormat, PngMetadata};
+
+impl JobRun<'_> {
+    /// Loads what the job uses and applies its adapters, for as long as it runs.
+    pub(crate) fn load_models(&mut self) -> Result<(), JobError> {
+        let spec = self.spec;
+        let _span = tracing::info_span!(
+            "stage",
+            otel.name = "loading_models",
+            model = %spec.model.name,
+            loras = spec.loras.len(),
+        )
+        .entered();
+        let engine = &mut *self.engine;
+        device::reset_peak(engine.placement().device);
+        if spec.models().any(|m| !engine.is_resident(m)) {
+            self.sink.progress(StepProgress {
+                stage: Stage::LoadingModels,
+                step: 0,
+                total: 0,
+                image_index: 0,
+                preview: None,
+            });
+        }
+        let lora_files: Vec<_> = spec
+            .loras
+            .iter()
+            .map(|l| (l.model.path.as_path(), l.model.name.as_str()))
+            .collect();
+        let element = engine.placement().kind.elt_size_in_bytes() as u64;
+        let lora_copies = lora::merged_bytes(&lora_files, element)?;
+        let paths: Vec<_> = spec.models().map(model_path).collect();
+        let lora_mode = engine.make_room(&paths, &spec.params, lora_copies)?;
+        let mut base = engine.pipeline(&spec.model)?;
+        let mut refined = match &spec.refiner {
+            Some(job) => Some(engine.pipeline(&job.model)?),
+            None => None,
+        };
+        if let Some(model) = &spec.vae {
+            // The request's VAE replaces the models' own for encoding and decoding.
+            let vae = engine.vae(model)?;
+            base = Rc::new(base.with_vae(vae.clone())?);
+            if let Some(r) = refined.take() {
+                refined = Some(Rc::new(r.with_vae(vae)?));
+            }
+        }
+        match (&refined, &spec.refiner) {
+            (Some(r), Some(job)) => refiner::validate(&base, r, &spec.params, &job.params)?,
+            _ => base.validate(&spec.params)?,
+        }
+        let mut loras = Vec::with_capacity(spec.loras.len());
+        for job in &spec.loras {
+            loras.push(JobLora {
+                name: job.model.name.clone(),
+                weights: engine.lora(&job.model)?,
+                strength: f64::from(job.weight),
+            });
+        }
+        let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
+        self.report.models = models_used(spec, engine.hashes());
+        // Loads and evictions are visible before the job reports anything further.
+        self.metrics.set_cache(engine.stats());
+        self.loaded = Some(Loaded {
+            base,
+            refiner: refined,
+            _adapters: adapters,
+        });
+        Ok(())
+    }
+
+    /// The PNG metadata of image `index`, when the request embeds it.
+    pub(crate) fn png_metadata(&self, index: usize, seed: u64) -> Option<PngMetadata> {
+        let output = &self.spec.output;
+        (output.format == OutputFormat::Png && output.embed_metadata).then(|| {
+            crate::jobs::metadata::png_metadata(self.spec, &self.report.models, index, seed)
+        })
+    }
+}
+
+/// The models a job uses with their hashes (the LoRAs with their weights), base first.
+fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
+    let used = |model: &ModelEntry, kind: ModelKind, weight: f32| ModelUsed {
+        name: model.name.clone(),
+        kind,
+        sha256: hashes.model(model),
+        weight,
+    };
+    let mut models = vec![used(&spec.model, ModelKind::Base, 0.0)];
+    models.extend(
+        spec.refiner
+            .iter()
+            .map(|r| used(&r.model, ModelKind::Refiner, 0.0)),
+    );
+    models.extend(spec.vae.iter().map(|v| used(v, ModelKind::Vae, 0.0)));
+    models.extend(
+        spec.loras
+            .iter()
+            .map(|l| used(&l.model, ModelKind::Lora, l.weight)),
+    );
+    models
+}

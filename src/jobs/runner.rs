@@ -1,0 +1,514 @@
+//! The job runner, shared by the server's worker and the CLI. A job is an ordered list of
+//! stages ([`JobStage`]): load models, encode prompts, then for each denoising run of
+//! the batch: denoise, [refine], decode and encode. Each stage reports through a
+//! [`JobSink`], which also says, after every step, whether the job goes on.
+
+use std::ops::ControlFlow;
+use std::rc::Rc;
+use std::time::Instant;
+
+use tch::Tensor;
+
+use crate::engine::device;
+use crate::engine::error::EngineError;
+use crate::engine::lora::AppliedLoras;
+use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::{PromptEmbeds, SdxlPipeline, Start, Step};
+use crate::engine::refiner;
+use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
+use crate::jobs::clock::StageClock;
+use crate::jobs::engine::Engine;
+use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage, StepProgress};
+use crate::jobs::{JobError, JobSpec, StopReason};
+use crate::output::{latent_preview, OutputFormat};
+use crate::telemetry::Metrics;
+
+/// Where a running job's progress and images go.
+pub trait JobSink {
+    /// Why the job must stop, if it must (asked between steps and stages).
+    fn stopped(&mut self) -> Option<StopReason>;
+    /// A stage started or a step finished.
+    fn progress(&mut self, progress: StepProgress);
+    /// An image is finished (the sink encodes and delivers it).
+    fn image(&mut self, image: FinishedImage);
+}
+
+/// How the runner runs a job.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// How the images of a batch are split into denoising runs.
+    pub batch: BatchMode,
+    /// Hand out each image's final latents with it.
+    pub keep_latents: bool,
+}
+
+/// The stages of a job, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStage {
+    /// Load the models (and apply the LoRA adapters).
+    LoadModels,
+    /// Run the text encoders, once for all images.
+    EncodePrompts,
+    /// The base model's denoising of one run.
+    Denoise,
+    /// The refiner's denoising of the same run, on the same generator.
+    Refine,
+    /// The VAE decode of each image.
+    Decode,
+    /// Each image handed out for encoding.
+    Encode,
+}
+
+impl JobStage {
+    /// The stage progress events and timings name.
+    pub fn reported_as(self) -> Stage {
+        match self {
+            JobStage::LoadModels => Stage::LoadingModels,
+            JobStage::EncodePrompts => Stage::EncodingPrompt,
+            JobStage::Denoise => Stage::Denoising,
+            JobStage::Refine => Stage::Refining,
+            JobStage::Decode => Stage::Decoding,
+            JobStage::Encode => Stage::PostProcessing,
+        }
+    }
+
+    /// Whether the stage runs once per denoising run (rather than once per job).
+    fn per_run(self) -> bool {
+        !matches!(self, JobStage::LoadModels | JobStage::EncodePrompts)
+    }
+
+    /// Whether the stage draws from the run's generator.
+    fn draws_noise(self) -> bool {
+        matches!(self, JobStage::Denoise | JobStage::Refine)
+    }
+}
+
+/// The stages `spec` runs.
+pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
+    let mut stages = vec![
+        JobStage::LoadModels,
+        JobStage::EncodePrompts,
+        JobStage::Denoise,
+    ];
+    if spec.refiner.is_some() {
+        stages.push(JobStage::Refine);
+    }
+    if spec.output.format != OutputFormat::Latents {
+        stages.push(JobStage::Decode);
+    }
+    stages.push(JobStage::Encode);
+    stages
+}
+
+/// The models of a job, loaded, with its adapters applied for as long as it runs.
+pub(crate) struct Loaded {
+    pub base: Rc<SdxlPipeline>,
+    pub refiner: Option<Rc<SdxlPipeline>>,
+    pub _adapters: AppliedLoras,
+}
+
+/// The text conditioning of each pipeline.
+struct Prompts {
+    base: PromptEmbeds,
+    refiner: Option<PromptEmbeds>,
+}
+
+/// One denoising run of the batch on its way through the stages.
+struct Run {
+    params: GenerateParams,
+    /// Index of its first image in the request.
+    first_index: usize,
+    /// Latents [N, C, h, w] after the noise stages.
+    latents: Option<Tensor>,
+    /// Decoded images after the decode stage.
+    images: Vec<RgbImage>,
+}
+
+/// A job on its way through its stages.
+pub(crate) struct JobRun<'a> {
+    pub engine: &'a mut Engine,
+    pub spec: &'a JobSpec,
+    pub sink: &'a mut dyn JobSink,
+    pub metrics: &'a Metrics,
+    pub clock: StageClock,
+    pub options: RunOptions,
+    pub admitted_at: Instant,
+    pub report: JobReport,
+    pub loaded: Option<Loaded>,
+    prompts: Option<Prompts>,
+}
+
+/// Runs `spec` on `engine`: its report, or why it did not complete. The caller's span
+/// (the job's) is the parent of one span per stage.
+pub fn run_job(
+    engine: &mut Engine,
+    spec: &JobSpec,
+    options: RunOptions,
+    sink: &mut dyn JobSink,
+    metrics: &Metrics,
+    admitted_at: Instant,
+) -> Result<JobReport, JobError> {
+    let mut job = JobRun {
+        clock: StageClock::starting_at(Stage::Queued, admitted_at),
+        options,
+        engine,
+        spec,
+        sink,
+        metrics,
+        admitted_at,
+        report: JobReport::default(),
+        loaded: None,
+        prompts: None,
+    };
+    job.check()?;
+    let stages = plan(spec);
+    for stage in stages.iter().filter(|s| !s.per_run()) {
+        job.run_stage(*stage)?;
+    }
+    let per_run: Vec<JobStage> = stages.into_iter().filter(|s| s.per_run()).collect();
+    for run in job.runs(options.batch)? {
+        job.run_through(run, &per_run)?;
+    }
+    Ok(job.finish())
+}
+
+impl JobRun<'_> {
+    /// Stops the job if its sink says so.
+    fn check(&mut self) -> Result<(), JobError> {
+        match self.sink.stopped() {
+            Some(reason) => Err(JobError::Stopped(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn loaded(&self) -> Result<&Loaded, JobError> {
+        self.loaded.as_ref().ok_or_else(|| {
+            EngineError::Internal("a stage ran before the models loaded".into()).into()
+        })
+    }
+
+    /// A job-level stage.
+    fn run_stage(&mut self, stage: JobStage) -> Result<(), JobError> {
+        self.check()?;
+        self.clock.enter(stage.reported_as(), self.metrics);
+        match stage {
+            JobStage::LoadModels => self.load_models(),
+            JobStage::EncodePrompts => self.encode_prompts(),
+            _ => Err(EngineError::Internal(format!("{stage:?} runs per image")).into()),
+        }
+    }
+
+    /// The denoising runs of the batch.
+    fn runs(&self, mode: BatchMode) -> Result<Vec<Run>, JobError> {
+        let p = &self.spec.params;
+        let own = self.spec.refiner.is_some() || self.loaded()?.base.needs_own_generators(p)?;
+        let mut first_index = 0;
+        Ok(batch_runs(p, own, mode)
+            .into_iter()
+            .map(|params| {
+                let run = Run {
+                    first_index,
+                    latents: None,
+                    images: Vec::new(),
+                    params,
+                };
+                first_index += run.params.num_images;
+                run
+            })
+            .collect())
+    }
+
+    /// Takes one run through the per-run stages.
+    fn run_through(&mut self, mut run: Run, stages: &[JobStage]) -> Result<(), JobError> {
+        self.check()?;
+        let noise_stages: Vec<JobStage> =
+            stages.iter().copied().filter(|s| s.draws_noise()).collect();
+        self.noise_stages(&mut run, &noise_stages)?;
+        for stage in stages.iter().filter(|s| !s.draws_noise()) {
+            self.check()?;
+            match stage {
+                JobStage::Decode => self.decode(&mut run)?,
+                JobStage::Encode => self.encode(&mut run)?,
+                other => {
+                    return Err(
+                        EngineError::Internal(format!("{other:?} is not a run stage")).into(),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stages that draw from the run's generator, under one hold of it (the refiner
+    /// continues where the base left it). Out of device memory, they are retried once
+    /// after evicting every model the job does not use.
+    fn noise_stages(&mut self, run: &mut Run, stages: &[JobStage]) -> Result<(), JobError> {
+        match self.try_noise_stages(run, stages) {
+            Err(JobError::Engine(e)) if e.is_out_of_memory() => {
+                tracing::warn!("device out of memory; evicting idle models and retrying once");
+                let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
+                self.engine.free_memory(&keep);
+                self.try_noise_stages(run, stages)
+            }
+            other => other,
+        }
+    }
+
+    fn try_noise_stages(&mut self, run: &mut Run, stages: &[JobStage]) -> Result<(), JobError> {
+        let mut noise = NoiseStream::lock();
+        run.latents = None;
+        for &stage in stages {
+            self.check()?;
+            let latents = self.denoise_stage(stage, run, &mut noise)?;
+            run.latents = Some(latents);
+        }
+        Ok(())
+    }
+
+    /// One denoising stage of a run: its latents, or the reason it was stopped.
+    fn denoise_stage(
+        &mut self,
+        stage: JobStage,
+        run: &Run,
+        noise: &mut NoiseStream,
+    ) -> Result<Tensor, JobError> {
+        let reported = stage.reported_as();
+        self.clock.enter(reported, self.metrics);
+        let _span = tracing::info_span!(
+            "stage",
+            otel.name = reported.label(),
+            image = run.first_index,
+            steps = run.params.steps,
+            width = run.params.width,
+            height = run.params.height,
+            scheduler = %self.spec.sampler_name,
+        )
+        .entered();
+        let base_params = self.stage_params(&run.params);
+        let refine = self.spec.refiner.as_ref().map(|job| {
+            let (_, entry) = refiner::handoff(job.params.mode);
+            (refiner::refiner_params(&run.params, &job.params), entry)
+        });
+        let loaded = self.loaded.as_ref().ok_or_else(|| {
+            EngineError::Internal("denoising before the models loaded".to_string())
+        })?;
+        let prompts = self.prompts.as_ref().ok_or_else(|| {
+            EngineError::Internal("denoising before the prompts were encoded".to_string())
+        })?;
+        let preview_every = self.spec.output.preview_every as usize;
+        let image_index = run.first_index as u32;
+        let (sink, metrics) = (&mut *self.sink, self.metrics);
+        let mut last_step = Instant::now();
+        let mut on_step = |step: Step<'_>| -> ControlFlow<StopReason> {
+            if step.step > 0 {
+                metrics.observe_step(last_step.elapsed());
+            }
+            last_step = Instant::now();
+            let wants_preview = preview_every > 0
+                && step.step > 0
+                && (step.step.is_multiple_of(preview_every) || step.step == step.total);
+            sink.progress(StepProgress {
+                stage: reported,
+                step: step.step as u32,
+                total: step.total as u32,
+                image_index,
+                preview: wants_preview.then(|| preview(step.latents)).flatten(),
+            });
+            match sink.stopped() {
+                Some(reason) => ControlFlow::Break(reason),
+                None => ControlFlow::Continue(()),
+            }
+        };
+        let flow = match (
+            stage,
+            &run.latents,
+            &loaded.refiner,
+            &prompts.refiner,
+            refine,
+        ) {
+            (JobStage::Denoise, ..) => EngineError::catch(|| {
+                loaded.base.denoise(
+                    &base_params,
+                    &prompts.base,
+                    Start::Request,
+                    noise,
+                    &mut on_step,
+                )
+            })?,
+            (JobStage::Refine, Some(latents), Some(refiner), Some(prompt), Some((p, entry))) => {
+                let from = Start::Handoff { latents, entry };
+                EngineError::catch(|| refiner.denoise(&p, prompt, from, noise, &mut on_step))?
+            }
+            _ => return Err(EngineError::Internal(format!("{stage:?} cannot run here")).into()),
+        };
+        match flow {
+            ControlFlow::Continue(latents) => Ok(latents),
+            ControlFlow::Break(reason) => Err(JobError::Stopped(reason)),
+        }
+    }
+
+    /// The base's parameters for a run: with a refiner in ensemble mode, the base stops
+    /// at the high-noise fraction.
+    fn stage_params(&self, run: &GenerateParams) -> GenerateParams {
+        match &self.spec.refiner {
+            Some(job) => GenerateParams {
+                denoising_end: refiner::handoff(job.params.mode).0,
+                ..run.clone()
+            },
+            None => run.clone(),
+        }
+    }
+
+    /// Decodes each image of the run, with the refiner's VAE when there is a refiner (as
+    /// diffusers' recipe decodes); out of device memory, tile by tile.
+    fn decode(&mut self, run: &mut Run) -> Result<(), JobError> {
+        let latents = run
+            .latents
+            .take()
+            .ok_or_else(|| EngineError::Internal("decoding before denoising".into()))?;
+        let loaded = self.loaded()?;
+        let decoder = loaded
+            .refiner
+            .clone()
+            .unwrap_or_else(|| loaded.base.clone());
+        for i in 0..latents.size()[0] {
+            self.check()?;
+            let index = run.first_index + i as usize;
+            self.clock.enter(Stage::Decoding, self.metrics);
+            let _span =
+                tracing::info_span!("stage", otel.name = "decoding", image = index).entered();
+            self.sink.progress(StepProgress {
+                stage: Stage::Decoding,
+                step: 0,
+                total: 0,
+                image_index: index as u32,
+                preview: None,
+            });
+            let image_latents = latents.get(i);
+            let decode = |tiled| {
+                EngineError::catch(|| decoder.vae_codec().decode_with(&image_latents, tiled))
+            };
+            let decoded = match decode(false) {
+                Err(e) if e.is_out_of_memory() => {
+                    tracing::warn!("device out of memory while decoding; retrying with VAE tiling");
+                    let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
+                    self.engine.free_memory(&keep);
+                    decode(true)?
+                }
+                other => other?,
+            };
+            if decoded.redone_in_float32 {
+                self.report.warnings.push(format!(
+                    "image {index}: the VAE's half-precision decode was not finite; it was decoded again in float32"
+                ));
+            }
+            run.images.push(rgb(&decoded.image)?);
+        }
+        run.latents = Some(latents);
+        Ok(())
+    }
+
+    /// Hands each image of the run to the sink for encoding.
+    fn encode(&mut self, run: &mut Run) -> Result<(), JobError> {
+        let count = run.params.num_images;
+        let latents = run.latents.take();
+        let mut images = std::mem::take(&mut run.images).into_iter();
+        for i in 0..count {
+            let index = run.first_index + i;
+            let seed = self.spec.params.seed + index as u64;
+            let content = match self.spec.output.format {
+                OutputFormat::Latents => {
+                    let latents = latents
+                        .as_ref()
+                        .ok_or_else(|| EngineError::Internal("no latents to encode".to_string()))?;
+                    ImageContent::Latents(latents.get(i as i64))
+                }
+                _ => ImageContent::Rgb(images.next().ok_or_else(|| {
+                    EngineError::Internal("no decoded image to encode".to_string())
+                })?),
+            };
+            let metadata = self.png_metadata(index, seed);
+            let kept = latents
+                .as_ref()
+                .filter(|_| self.options.keep_latents)
+                .map(|l| l.get(i as i64));
+            self.metrics.image_produced();
+            self.sink.image(FinishedImage {
+                index: index as u32,
+                seed,
+                width: self.spec.params.width as u32,
+                height: self.spec.params.height as u32,
+                content,
+                format: self.spec.output.format,
+                quality: self.spec.output.quality,
+                metadata,
+                latents: kept,
+            });
+        }
+        Ok(())
+    }
+
+    /// The report, once every image was handed out.
+    fn finish(mut self) -> JobReport {
+        self.clock.close(self.metrics);
+        if let Some(loaded) = &self.loaded {
+            let dropped = loaded.base.prompt_overflow(&self.spec.params.prompt);
+            if dropped > 0 {
+                self.report.warnings.push(format!(
+                    "the prompt is {dropped} tokens longer than CLIP's 77 and was truncated"
+                ));
+            }
+        }
+        let mut report = std::mem::take(&mut self.report);
+        for (stage, elapsed) in self.clock.take_timings() {
+            report.add_time(stage, elapsed);
+        }
+        report.total = self.admitted_at.elapsed();
+        report.peak_device_memory_bytes =
+            device::memory(self.engine.placement().device).map_or(0, |m| m.peak);
+        report
+    }
+
+    /// The base's and the refiner's prompt embeddings.
+    fn encode_prompts(&mut self) -> Result<(), JobError> {
+        let _span = tracing::info_span!("stage", otel.name = "encoding_prompt").entered();
+        self.sink.progress(StepProgress {
+            stage: Stage::EncodingPrompt,
+            step: 0,
+            total: 0,
+            image_index: 0,
+            preview: None,
+        });
+        let loaded = self.loaded()?;
+        let base_params = self.stage_params(&self.spec.params);
+        let base = EngineError::catch(|| loaded.base.encode_prompt(&base_params))?;
+        let refined = match (&loaded.refiner, &self.spec.refiner) {
+            (Some(pipeline), Some(job)) => {
+                let p = refiner::refiner_params(&self.spec.params, &job.params);
+                Some(EngineError::catch(|| pipeline.encode_prompt(&p))?)
+            }
+            _ => None,
+        };
+        self.prompts = Some(Prompts {
+            base,
+            refiner: refined,
+        });
+        Ok(())
+    }
+}
+
+/// An [H, W, 3] uint8 tensor as an RGB image.
+fn rgb(image: &Tensor) -> Result<RgbImage, EngineError> {
+    let size = image.size();
+    let pixels = Vec::<u8>::try_from(image.contiguous().flatten(0, -1))?;
+    Ok(RgbImage {
+        width: size[1] as u32,
+        height: size[0] as u32,
+        pixels,
+    })
+}
+
+/// A latent-space preview of the first image of `latents` [N, C, h, w].
+fn preview(latents: &Tensor) -> Option<RgbImage> {
+    rgb(&latent_preview(&latents.get(0))?).ok()
+}

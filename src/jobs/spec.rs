@@ -1,0 +1,70 @@
+//! A validated job in domain terms: everything the runner needs, nothing of the wire.
+
+use crate::engine::pipeline::{GenerateParams, RefinerParams};
+use crate::engine::registry::ModelEntry;
+use crate::output::OutputFormat;
+
+/// Output options of a job.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    /// Encoding.
+    pub format: OutputFormat,
+    /// JPEG/WebP quality.
+    pub quality: u8,
+    /// PNG metadata chunks.
+    pub embed_metadata: bool,
+    /// Preview every n denoising steps (0: none).
+    pub preview_every: u32,
+}
+
+/// A LoRA adapter of a job.
+#[derive(Debug, Clone)]
+pub struct LoraJob {
+    /// The LoRA file.
+    pub model: ModelEntry,
+    /// The request's weight, in [-2, 2].
+    pub weight: f32,
+}
+
+/// The refiner stage of a job.
+#[derive(Debug, Clone)]
+pub struct RefinerJob {
+    /// The refiner model.
+    pub model: ModelEntry,
+    /// Its parameters.
+    pub params: RefinerParams,
+}
+
+/// A validated job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Pipeline parameters, fully resolved (seed, size, steps).
+    pub params: GenerateParams,
+    /// The base model.
+    pub model: ModelEntry,
+    /// A VAE replacing the models' own, if any.
+    pub vae: Option<ModelEntry>,
+    /// LoRA adapters, in request order.
+    pub loras: Vec<LoraJob>,
+    /// The refiner stage, if any.
+    pub refiner: Option<RefinerJob>,
+    /// Output options.
+    pub output: OutputSpec,
+    /// The scheduler's A1111 sampler name, for the PNG parameters.
+    pub sampler_name: String,
+    /// For each image, the resolved request that replays it (proto3 JSON, as the PNG's
+    /// `sdxld` chunk records it); empty when no metadata is embedded.
+    pub replay: Vec<String>,
+    /// The client's job id.
+    pub client_job_id: Option<String>,
+}
+
+impl JobSpec {
+    /// Every model the job uses, base first: which the cache keeps during the job.
+    pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
+        std::iter::once(&self.model)
+            .chain(self.refiner.as_ref().map(|r| &r.model))
+            .chain(self.vae.as_ref())
+            .chain(self.loras.iter().map(|l| &l.model))
+    }
+}
