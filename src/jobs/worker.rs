@@ -3,6 +3,7 @@
 
 use std::sync::{mpsc, Arc};
 
+use crate::engine::error::EngineError;
 use crate::engine::request::BatchMode;
 use crate::jobs::emit::{forward, Emit, Forwarded, ServerSink};
 use crate::jobs::engine::Engine;
@@ -79,14 +80,19 @@ fn run_one(engine: &mut Engine, job: &Job, metrics: &Metrics) -> Outcome {
             batch: BatchMode::PerImage,
             keep_latents: false,
         };
-        let result = run_job(
-            engine,
-            &job.spec,
-            options,
-            &mut sink,
-            metrics,
-            job.admitted_at,
-        );
+        // A panic anywhere in the job (libtorch raises through panics) fails this job only.
+        let result = EngineError::catch(|| {
+            let admitted_at = job.admitted_at;
+            Ok(run_job(
+                engine,
+                &job.spec,
+                options,
+                &mut sink,
+                metrics,
+                admitted_at,
+            ))
+        })
+        .unwrap_or_else(|e| Err(e.into()));
         let ended = ending(&result);
         if let Err(JobError::Engine(e)) = &result {
             tracing::warn!(job = %job.id, error = %e, "job failed");
