@@ -164,7 +164,6 @@ fn engine_status(error: EngineError) -> Status {
     let message = concise(&error.to_string());
     let code = match &error {
         EngineError::InvalidRequest(_) => Code::InvalidArgument,
-        EngineError::Cancelled => Code::Cancelled,
         EngineError::Io { .. }
         | EngineError::Config { .. }
         | EngineError::WeightFile { .. }

@@ -94,9 +94,6 @@ pub enum EngineError {
     /// The requested device or dtype is not available here.
     #[error("device: {0}")]
     Device(String),
-    /// The job was cancelled between two steps.
-    #[error("cancelled")]
-    Cancelled,
     /// Denoising produced NaN or infinite latents (some scheduler settings do, in
     /// diffusers too; a non-finite image is never returned).
     #[error("denoising produced non-finite latents: {0}")]
@@ -124,7 +121,6 @@ impl EngineError {
             EngineError::DeviceOutOfMemory(_) => "device_out_of_memory",
             EngineError::Internal(_) => "internal",
             EngineError::Device(_) => "device",
-            EngineError::Cancelled => "cancelled",
             EngineError::NonFinite(_) => "non_finite_latents",
             EngineError::Torch(_) => "torch",
         }
