@@ -22,6 +22,8 @@ pub struct ServerSettings {
     pub max_response_bytes: usize,
     /// Drain period after SIGTERM, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Seconds a client may take no event before its job is stopped.
+    pub stalled_client_timeout_seconds: u64,
     /// Prometheus endpoint address, "" for none.
     pub metrics_listen: String,
     /// Token the admin RPCs (LoadModel, UnloadModel) require as `authorization: Bearer
@@ -209,6 +211,12 @@ impl Settings {
         }
         if self.server.max_request_bytes < 1024 {
             return bad("server.max_request_bytes", "must be at least 1024".into());
+        }
+        if self.server.stalled_client_timeout_seconds == 0 {
+            return bad(
+                "server.stalled_client_timeout_seconds",
+                "must be at least 1".into(),
+            );
         }
         if self.jobs.max_queued == 0 {
             return bad("jobs.max_queued", "must be at least 1".into());

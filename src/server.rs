@@ -15,8 +15,10 @@ use tonic_health::ServingStatus;
 
 use crate::api::admission::AdmissionLayer;
 use crate::api::generation::Generation;
+use crate::api::guard::CallGuardLayer;
 use crate::api::models::Models;
 use crate::api::rpc_metrics::RpcMetricsLayer;
+use crate::api::status::Redactor;
 use crate::api::ApiState;
 use crate::config::Settings;
 use crate::engine::device::{self, Placement};
@@ -29,6 +31,9 @@ use crate::jobs::{JobQueue, StopReason};
 use crate::proto::v1::generation_service_server::GenerationServiceServer;
 use crate::proto::v1::model_service_server::ModelServiceServer;
 use crate::telemetry::Metrics;
+
+/// The HTTP/2 header list a call may send, in bytes.
+const MAX_HEADER_LIST_BYTES: u32 = 256 << 10;
 
 /// The gRPC service name whose health means "ready for generations".
 pub const READINESS_SERVICE: &str = "sdxld.v1.GenerationService";
@@ -163,6 +168,7 @@ fn start_engine(
     let hashes = state.hashes.clone();
     let resident = state.resident.clone();
     let engine = settings.engine.clone();
+    let stall = Duration::from_secs(settings.server.stalled_client_timeout_seconds);
     let handle = std::thread::Builder::new()
         .name("sdxld-engine".into())
         .spawn(move || {
@@ -182,7 +188,7 @@ fn start_engine(
             let ok = result.is_ok();
             let _ = ready_tx.send(result);
             if ok {
-                run_worker(queue, worker, metrics);
+                run_worker(queue, worker, metrics, stall);
             }
         })
         .context("starting the engine thread")?;
@@ -285,9 +291,12 @@ fn api_state(
     default: ModelEntry,
     metrics: &Arc<Metrics>,
 ) -> Arc<ApiState> {
+    let roots = settings.models.roots();
+    let redactor = Redactor::new(&roots.all(), (&default.path, &default.name));
     Arc::new(ApiState {
         queue: JobQueue::new(settings.jobs.max_queued, metrics.clone()),
-        registry: Arc::new(Registry::new(settings.models.roots(), default)),
+        registry: Arc::new(Registry::new(roots, default)),
+        redactor,
         hashes: FileHashes::new(),
         settings: settings.clone(),
         device: placement.device_name(),
@@ -357,8 +366,13 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
 
     Server::builder()
         .trace_fn(rpc_span)
+        // Headers up to this size are decoded (a larger list fails its call alone, with
+        // 431/REFUSED_STREAM); below it, one huge header value would make h2 close the
+        // whole connection to keep its HPACK state (GOAWAY COMPRESSION_ERROR).
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         // Outermost: every call is counted, those refused by admission included.
         .layer(RpcMetricsLayer::new(metrics.clone()))
+        .layer(CallGuardLayer)
         .layer(AdmissionLayer::new(
             queue.clone(),
             Duration::from_millis(settings.jobs.retry_after_ms),

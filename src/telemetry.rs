@@ -100,6 +100,11 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabel {
     stage: String,
 }
@@ -110,6 +115,8 @@ pub struct Metrics {
     requests: Family<MethodCode, Counter>,
     rpc_seconds: Family<Method, Histogram>,
     failures: Family<Reason, Counter>,
+    jobs_started: Counter,
+    jobs_ended: Family<OutcomeLabel, Counter>,
     queue_depth: Gauge,
     step_seconds: Histogram,
     stage_seconds: Family<StageLabel, Histogram>,
@@ -145,6 +152,14 @@ impl Metrics {
             "sdxld_job_failures",
             "Jobs that failed or stopped, by reason",
             failures.clone(),
+        );
+        let jobs_started = Counter::default();
+        registry.register("sdxld_jobs_started", "Jobs admitted", jobs_started.clone());
+        let jobs_ended = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "sdxld_jobs_ended",
+            "Jobs ended, by outcome (completed, cancelled, dropped, deadline, shutdown, failed); at a quiet moment their sum is sdxld_jobs_started",
+            jobs_ended.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -206,6 +221,8 @@ impl Metrics {
             requests,
             rpc_seconds,
             failures,
+            jobs_started,
+            jobs_ended,
             queue_depth,
             step_seconds,
             stage_seconds,
@@ -240,13 +257,25 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// Counts a failed or stopped job.
-    pub fn job_failed(&self, reason: &str) {
-        self.failures
-            .get_or_create(&Reason {
-                reason: reason.to_string(),
+    /// Counts an admitted job.
+    pub fn job_started(&self) {
+        self.jobs_started.inc();
+    }
+
+    /// Counts a job's end by outcome, and a failed or stopped one by its reason.
+    pub fn job_ended(&self, outcome: &str, reason: Option<&str>) {
+        self.jobs_ended
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
             })
             .inc();
+        if let Some(reason) = reason {
+            self.failures
+                .get_or_create(&Reason {
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
     }
 
     /// Sets the queue depth.

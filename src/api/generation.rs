@@ -13,10 +13,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::api::admission::AdmissionPermit;
+use crate::api::caller::caller;
 use crate::api::convert;
 use crate::api::status::ApiError;
 use crate::api::validate::{to_job_spec, Context, MAX_SEED};
 use crate::api::ApiState;
+use crate::jobs::queue::{Caller, Cancelled};
 use crate::jobs::{Admitted, JobError, JobEvent, StopReason};
 use crate::proto::v1 as pb;
 use crate::proto::v1::generate_response::Event;
@@ -33,12 +35,8 @@ impl Generation {
         Self { state }
     }
 
-    fn retry_after(&self) -> Duration {
-        Duration::from_millis(self.state.settings.jobs.retry_after_ms)
-    }
-
     fn status(&self, error: ApiError) -> Status {
-        error.into_status(self.retry_after())
+        self.state.status(error)
     }
 
     /// Admission, validation and queueing: the accepted event and the job's events.
@@ -60,7 +58,10 @@ impl Generation {
             Some(p) => p,
             None => queue.try_admit()?,
         };
-        let deadline = grpc_timeout(request.metadata()).map(|d| Instant::now() + d);
+        // A deadline too far to represent is no deadline.
+        let deadline =
+            grpc_timeout(request.metadata())?.and_then(|d| Instant::now().checked_add(d));
+        let owner = caller(&request);
         let spec = spec(request.into_inner());
         let state = self.state.clone();
         let job = tokio::task::spawn_blocking(move || {
@@ -77,7 +78,8 @@ impl Generation {
             .map(|i| job.params.seed + i)
             .collect();
         let client_job_id = job.client_job_id.clone().unwrap_or_default();
-        let admitted = queue.submit(job, place, self.state.settings.jobs.stream_buffer)?;
+        let buffer = self.state.settings.jobs.stream_buffer;
+        let admitted = queue.submit(job, &owner, place, buffer)?;
         let accepted = pb::JobAccepted {
             job_id: admitted.id.clone(),
             client_job_id,
@@ -89,20 +91,36 @@ impl Generation {
     }
 }
 
-/// The client's `grpc-timeout` header ("<digits><H|M|S|m|u|n>").
-fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+/// The client's `grpc-timeout` header as the gRPC spec defines it: one to eight digits
+/// and a unit (`H`, `M`, `S`, `m`, `u`, `n`). A malformed one is INVALID_ARGUMENT.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let malformed = || {
+        ApiError::invalid(
+            "grpc-timeout",
+            "`grpc-timeout` must be 1 to 8 digits and a unit (H, M, S, m, u or n)",
+        )
+    };
+    let value = value.to_str().map_err(|_| malformed())?;
+    let Some(unit) = value.chars().last() else {
+        return Err(malformed());
+    };
+    let digits = &value[..value.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(malformed());
+    }
+    let n: u64 = digits.parse().map_err(|_| malformed())?;
+    Ok(Some(match unit {
+        'H' => Duration::from_secs(n * 3600),
+        'M' => Duration::from_secs(n * 60),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return Err(malformed()),
+    }))
 }
 
 /// A seed for requests that name none (below 2^53).
@@ -146,7 +164,7 @@ async fn next_event(
 }
 
 fn stop(admitted: &Admitted, state: &ApiState, reason: StopReason) {
-    state.queue.cancel(&admitted.id, "", reason);
+    state.queue.cancel(&admitted.id, "", reason, Caller::Server);
     admitted.control.stop(reason);
 }
 
@@ -160,7 +178,6 @@ async fn relay(
     deadline: Option<Instant>,
     tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
     state: Arc<ApiState>,
-    retry_after: Duration,
 ) {
     let message = |event| pb::GenerateResponse { event: Some(event) };
     if tx
@@ -183,9 +200,7 @@ async fn relay(
                 return;
             }
             Some(JobEvent::Failed(e)) => {
-                let _ = tx
-                    .send(Err(ApiError::Job(e).into_status(retry_after)))
-                    .await;
+                let _ = tx.send(Err(state.status(ApiError::Job(e)))).await;
                 return;
             }
             None => return,
@@ -210,14 +225,7 @@ impl GenerationService for Generation {
             .await
             .map_err(|e| self.status(e))?;
         let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let task = relay(
-            admitted,
-            accepted,
-            deadline,
-            tx,
-            self.state.clone(),
-            self.retry_after(),
-        );
+        let task = relay(admitted, accepted, deadline, tx, self.state.clone());
         // The relay continues the RPC's span.
         tokio::spawn(task.instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -271,6 +279,7 @@ impl GenerationService for Generation {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let owner = caller(&request);
         let request = request.into_inner();
         if request.job_id.is_empty() && request.client_job_id.is_empty() {
             return Err(self.status(ApiError::invalid(
@@ -278,12 +287,24 @@ impl GenerationService for Generation {
                 "one of `job_id` and `client_job_id` is required",
             )));
         }
-        let result = self.state.queue.cancel(
+        let found = self.state.queue.cancel(
             &request.job_id,
             &request.client_job_id,
             StopReason::Cancelled,
+            Caller::Client(&owner),
         );
-        let (job_id, cancelled) = result.unwrap_or((request.job_id, false));
+        let (job_id, cancelled) = match found {
+            Cancelled::Stopped(id) => (id, true),
+            Cancelled::Finished(id) => (id, false),
+            Cancelled::Unknown => {
+                let id = if request.job_id.is_empty() {
+                    request.client_job_id
+                } else {
+                    request.job_id
+                };
+                return Err(self.status(ApiError::JobNotFound(id)));
+            }
+        };
         Ok(Response::new(pb::CancelJobResponse { job_id, cancelled }))
     }
 }
@@ -300,9 +321,8 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if self.armed {
             self.control.stop(StopReason::ClientGone);
-            self.state
-                .queue
-                .cancel(&self.id, "", StopReason::ClientGone);
+            let gone = StopReason::ClientGone;
+            self.state.queue.cancel(&self.id, "", gone, Caller::Server);
         }
     }
 }

@@ -2,8 +2,10 @@
 //! only place proto types exist), admission, RPC metrics and the status mapping.
 
 pub mod admission;
+pub mod caller;
 pub mod convert;
 pub mod generation;
+pub mod guard;
 pub mod models;
 pub mod rpc_metrics;
 pub mod status;
@@ -33,4 +35,14 @@ pub struct ApiState {
     pub dtype: String,
     /// Which models are loaded (folder paths), reported by the worker.
     pub resident: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Server paths kept out of status messages.
+    pub redactor: status::Redactor,
+}
+
+impl ApiState {
+    /// The status of `error`, as clients see it (no server paths).
+    pub fn status(&self, error: status::ApiError) -> tonic::Status {
+        let retry_after = std::time::Duration::from_millis(self.settings.jobs.retry_after_ms);
+        self.redactor.apply(error.into_status(retry_after))
+    }
 }

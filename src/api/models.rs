@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::api::caller::{bearer_token, same_secret};
 use crate::api::convert;
 use crate::api::status::ApiError;
 use crate::api::validate::scheduler_kind;
@@ -59,17 +60,11 @@ impl Models {
         if token.is_empty() {
             return Ok(());
         }
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented == Some(token.as_str()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
+        match bearer_token(request.metadata()) {
+            Some(presented) if same_secret(presented, token) => Ok(()),
+            _ => Err(Status::unauthenticated(
                 "this RPC needs the admin token (authorization: Bearer <token>)",
-            ))
+            )),
         }
     }
 

@@ -13,8 +13,11 @@ use crate::jobs::{JobError, StopReason};
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Fields that break the contract: (proto field path, description).
-    #[error("invalid request: {}", .0.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>().join("; "))]
+    #[error("invalid request: {}", summary(.0))]
     InvalidArgument(Vec<(String, String)>),
+    /// A job id or client job id no job of the caller's has.
+    #[error("no job of yours has the id {0:?}")]
+    JobNotFound(String),
     /// A valid request for a feature this server does not implement yet.
     #[error("`{0}`: {1}")]
     Unimplemented(String, String),
@@ -35,6 +38,54 @@ pub enum ApiError {
     /// A failure of the server itself (a task that did not finish).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Most field violations a status lists; one more says how many were left out, so that
+/// the status (message and details) stays far below the 16 KiB clients accept.
+const MAX_VIOLATIONS: usize = 20;
+/// Longest description a violation keeps.
+const MAX_DESCRIPTION: usize = 200;
+/// Longest status message.
+const MAX_MESSAGE: usize = 1024;
+
+/// `text` cut at a character boundary to at most `max` bytes.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The violations a status lists: the first ones, each cut short, and a count of the rest.
+fn listed(violations: &[(String, String)]) -> Vec<(String, String)> {
+    let mut listed: Vec<(String, String)> = violations
+        .iter()
+        .take(MAX_VIOLATIONS)
+        .map(|(field, description)| {
+            (
+                cut(field, MAX_DESCRIPTION),
+                cut(description, MAX_DESCRIPTION),
+            )
+        })
+        .collect();
+    if violations.len() > MAX_VIOLATIONS {
+        let more = violations.len() - MAX_VIOLATIONS;
+        listed.push((
+            "spec".into(),
+            format!("`spec` has {more} more invalid fields"),
+        ));
+    }
+    listed
+}
+
+/// The status message of a list of violations.
+fn summary(violations: &[(String, String)]) -> String {
+    let descriptions: Vec<String> = listed(violations).into_iter().map(|(_, d)| d).collect();
+    cut(&descriptions.join("; "), MAX_MESSAGE)
 }
 
 impl From<RegistryError> for ApiError {
@@ -60,6 +111,7 @@ impl ApiError {
     pub fn error_type(&self) -> &'static str {
         match self {
             ApiError::InvalidArgument(_) => "invalid_argument",
+            ApiError::JobNotFound(_) => "job_not_found",
             ApiError::Unimplemented(..) => "unimplemented",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PickleModel { .. } => "pickle_model",
@@ -74,11 +126,16 @@ impl ApiError {
         match self {
             ApiError::InvalidArgument(violations) => {
                 let mut details = ErrorDetails::new();
-                for (field, description) in violations {
+                for (field, description) in listed(&violations) {
                     details.add_bad_request_violation(field, description);
                 }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
+            ApiError::JobNotFound(id) => Status::with_error_details(
+                Code::NotFound,
+                message,
+                ErrorDetails::with_error_info("JOB_NOT_FOUND", "sdxld", [("job".to_string(), id)]),
+            ),
             ApiError::Unimplemented(field, _) => Status::with_error_details(
                 Code::Unimplemented,
                 message,
@@ -197,6 +254,60 @@ fn engine_status(error: EngineError) -> Status {
         message,
         ErrorDetails::with_error_info(reason, "sdxld", metadata),
     )
+}
+
+/// Server paths in status messages, replaced by what clients know them by: a path
+/// under a model root by the path under the root (`sdxl/unet/config.json`). Full paths
+/// stay in the server's log.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    /// (prefix, replacement), longest prefix first.
+    prefixes: Vec<(String, String)>,
+}
+
+impl Redactor {
+    /// Redacts the model `roots` and the default model's own path (by its `name`).
+    pub fn new(roots: &[std::path::PathBuf], default: (&std::path::Path, &str)) -> Self {
+        let mut prefixes = Vec::new();
+        let forms = |path: &std::path::Path| {
+            let mut forms = vec![path.to_string_lossy().into_owned()];
+            if let Ok(real) = path.canonicalize() {
+                forms.push(real.to_string_lossy().into_owned());
+            }
+            forms
+        };
+        for root in roots {
+            for form in forms(root) {
+                prefixes.push((format!("{}/", form.trim_end_matches('/')), String::new()));
+            }
+        }
+        for form in forms(default.0) {
+            prefixes.push((
+                form.trim_end_matches('/').to_string(),
+                default.1.to_string(),
+            ));
+        }
+        prefixes.retain(|(p, _)| p.len() > 1);
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        Self { prefixes }
+    }
+
+    /// `status` with every known server path in its message replaced.
+    pub fn apply(&self, status: Status) -> Status {
+        let message = status.message();
+        if !self
+            .prefixes
+            .iter()
+            .any(|(p, _)| message.contains(p.as_str()))
+        {
+            return status;
+        }
+        let mut redacted = message.to_string();
+        for (prefix, replacement) in &self.prefixes {
+            redacted = redacted.replace(prefix.as_str(), replacement);
+        }
+        Status::with_details(status.code(), redacted, status.details().to_vec().into())
+    }
 }
 
 #[cfg(test)]

@@ -24,11 +24,11 @@ pub struct JobControl {
 }
 
 impl JobControl {
-    /// Asks the job to stop; the first reason wins.
-    pub fn stop(&self, reason: StopReason) {
-        let _ = self
-            .stop
-            .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+    /// Asks the job to stop; the first reason wins. Whether this call stopped it.
+    pub fn stop(&self, reason: StopReason) -> bool {
+        self.stop
+            .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Why the job must stop, if it must.

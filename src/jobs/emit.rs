@@ -1,42 +1,53 @@
 //! The server's side of a running job: a sink the runner reports to without ever
-//! waiting, and a thread beside the engine thread that encodes images and previews and
-//! forwards every event to the job's client in order, so that encoding one image
-//! overlaps the denoising of the next.
+//! waiting, and a thread of the job's own that encodes images and previews and forwards
+//! every event to the job's client in order, so that encoding one image overlaps the
+//! denoising of the next and no client, however slow, holds the engine thread.
+//!
+//! What waits for a slow client is bounded: progress events coalesce (the latest waits
+//! in place of the one before), images and the final event wait in order (at most the
+//! request's images). A client that takes nothing for the stall timeout has its job
+//! stopped and counted as dropped. The job's end is counted when its last event is
+//! delivered (or given up), and only then is its admission place freed.
 
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::jobs::encode::{encode, encode_preview};
 use crate::jobs::events::{
     FinishedImage, ImageEvent, JobEvent, JobReport, ProgressEvent, Stage, StepProgress,
 };
 use crate::jobs::runner::JobSink;
-use crate::jobs::{JobControl, JobError, StopReason};
+use crate::jobs::{Job, JobControl, JobError, JobQueue, Outcome, StopReason};
 use crate::telemetry::Metrics;
 
-/// What the runner hands the emitter thread, in order.
+/// How often a thread with events its client has not taken looks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// What the runner hands the job's thread, in order.
 pub enum Emit {
     /// A progress event (its preview still raw).
     Progress(StepProgress),
     /// A finished image to encode.
     Image(FinishedImage),
-    /// The job's report, after its last image.
-    Completed(JobReport),
-    /// Why the job ended early.
-    Failed(JobError),
+    /// The job itself with how its run ended, after its last image.
+    End(Box<Job>, Result<JobReport, JobError>),
 }
 
-/// The sink of a server job: hands everything to the emitter thread.
-pub struct ServerSink<'a> {
-    /// To the emitter thread.
+/// The sink of a server job: hands everything to the job's thread.
+pub struct ServerSink {
+    /// To the job's thread.
     pub emit: mpsc::Sender<Emit>,
-    /// The job's stop flag.
-    pub control: &'a JobControl,
+    /// The job's stop flag (its thread raises it for a stalled client).
+    pub control: Arc<JobControl>,
     /// The client's channel, watched for the client leaving.
-    pub events: &'a tokio::sync::mpsc::Sender<JobEvent>,
+    pub events: tokio::sync::mpsc::Sender<JobEvent>,
 }
 
-impl JobSink for ServerSink<'_> {
+impl JobSink for ServerSink {
     fn stopped(&mut self) -> Option<StopReason> {
         if let Some(reason) = self.control.stopped() {
             return Some(reason);
@@ -49,7 +60,7 @@ impl JobSink for ServerSink<'_> {
     }
 
     fn progress(&mut self, progress: StepProgress) {
-        // A closed channel means the emitter stopped forwarding: `stopped` says why.
+        // A closed channel means the job's thread gave up its client: `stopped` says why.
         let _ = self.emit.send(Emit::Progress(progress));
     }
 
@@ -58,29 +69,118 @@ impl JobSink for ServerSink<'_> {
     }
 }
 
-/// How forwarding ended.
-pub enum Forwarded {
-    /// Every event reached the client's channel.
-    All,
-    /// The client left.
-    ClientGone,
-    /// An image could not be encoded (the client was told): the error's type.
-    Failed(&'static str),
+/// The job's thread: what it needs from the server.
+pub struct Forwarder {
+    /// The client's channel.
+    pub events: tokio::sync::mpsc::Sender<JobEvent>,
+    /// The job's stop flag.
+    pub control: Arc<JobControl>,
+    /// Where the job's end is counted.
+    pub queue: Arc<JobQueue>,
+    /// Stage timings.
+    pub metrics: Arc<Metrics>,
+    /// The job's span (parent of the encoding spans).
+    pub span: tracing::Span,
+    /// When the job was admitted.
+    pub admitted_at: Instant,
+    /// How long a client may take nothing before its job is stopped.
+    pub stall_timeout: Duration,
 }
 
-/// The emitter thread's loop: encodes and forwards what `items` brings until the runner
-/// is done, the client leaves or an image fails to encode. Encoding time is the
-/// post-processing stage of the report.
-pub fn forward(
-    items: mpsc::Receiver<Emit>,
-    events: &tokio::sync::mpsc::Sender<JobEvent>,
-    control: &JobControl,
-    admitted_at: Instant,
-    metrics: &Metrics,
-    span: &tracing::Span,
-) -> Forwarded {
-    let mut encoding = Duration::ZERO;
-    for item in items {
+/// The events waiting for the client, in order.
+#[derive(Default)]
+struct Backlog {
+    events: VecDeque<JobEvent>,
+    /// Time spent encoding (the post-processing stage).
+    encoding: Duration,
+    /// The job, once its run ended, and how it ended.
+    end: Option<(Box<Job>, Outcome)>,
+    /// A failure is queued: nothing after it reaches the client.
+    failed: bool,
+}
+
+impl Backlog {
+    /// Queues `event`; a progress event replaces one the client has not taken yet.
+    fn push(&mut self, event: JobEvent) {
+        if self.failed {
+            return;
+        }
+        self.failed = matches!(event, JobEvent::Failed(_));
+        if matches!(event, JobEvent::Progress(_))
+            && matches!(self.events.back(), Some(JobEvent::Progress(_)))
+        {
+            self.events.pop_back();
+        }
+        self.events.push_back(event);
+    }
+}
+
+impl Forwarder {
+    /// Forwards what `items` brings until the job's last event reached its client (or
+    /// the client left or stalled), then counts the job's end.
+    pub fn run(self, items: mpsc::Receiver<Emit>) {
+        let mut backlog = Backlog::default();
+        let mut open = true;
+        let mut last_taken = Instant::now();
+        let gone = loop {
+            // One item at a time, each offered to the client at once: progress coalesces
+            // only while the client takes nothing.
+            if open {
+                open = self.take(&items, &mut backlog);
+            }
+            match self.deliver(&mut backlog) {
+                Delivery::Gone => break Some(StopReason::ClientGone),
+                Delivery::Some => last_taken = Instant::now(),
+                Delivery::None if backlog.events.is_empty() => last_taken = Instant::now(),
+                Delivery::None if last_taken.elapsed() > self.stall_timeout => {
+                    tracing::warn!(parent: &self.span, "the client took no event for the stall timeout: stopping its job");
+                    break Some(StopReason::ClientGone);
+                }
+                Delivery::None => {}
+            }
+            if !open && backlog.events.is_empty() {
+                break None;
+            }
+            if !open {
+                std::thread::sleep(POLL);
+            }
+        };
+        if gone.is_some() {
+            self.control.stop(StopReason::ClientGone);
+            // The run stops at its next step; its end still comes through `items`.
+            while open {
+                open = self.take(&items, &mut backlog);
+            }
+        }
+        if let Some((job, outcome)) = backlog.end.take() {
+            let outcome = match (gone, outcome) {
+                (Some(reason), Outcome::Completed) => Outcome::Stopped(reason),
+                (_, outcome) => outcome,
+            };
+            self.queue.finish(&job, outcome);
+        }
+    }
+
+    /// Takes one item the runner sent (waiting for it when there is nothing to deliver,
+    /// a moment otherwise); false once the runner is done.
+    fn take(&self, items: &mpsc::Receiver<Emit>, backlog: &mut Backlog) -> bool {
+        let item = if backlog.events.is_empty() {
+            items.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            items.recv_timeout(POLL)
+        };
+        match item {
+            Ok(item) => {
+                self.accept(item, backlog);
+                true
+            }
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => false,
+        }
+    }
+
+    /// Encodes what needs it and queues it.
+    fn accept(&self, item: Emit, backlog: &mut Backlog) {
         let event = match item {
             Emit::Progress(p) => JobEvent::Progress(ProgressEvent {
                 stage: p.stage,
@@ -89,47 +189,89 @@ pub fn forward(
                 image_index: p.image_index,
                 preview: p.preview.as_ref().and_then(encode_preview),
             }),
-            Emit::Image(image) => {
-                let _span = tracing::info_span!(
-                    parent: span,
-                    "stage",
-                    otel.name = "post_processing",
-                    image = image.index,
-                )
-                .entered();
-                let start = Instant::now();
-                let encoded = encode(&image);
-                let elapsed = start.elapsed();
-                encoding += elapsed;
-                metrics.observe_stage(Stage::PostProcessing.label(), elapsed);
-                match encoded {
-                    Ok(encoded) => JobEvent::Image(ImageEvent {
-                        index: image.index,
-                        seed: image.seed,
-                        image: encoded,
-                        ready_after: admitted_at.elapsed(),
-                    }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "an image could not be encoded");
-                        // The runner stops at its next check; what it sends after is
-                        // dropped with this thread's end.
-                        control.stop(StopReason::ClientGone);
-                        let error_type = e.error_type();
-                        let _ = events.blocking_send(JobEvent::Failed(JobError::Engine(e)));
-                        return Forwarded::Failed(error_type);
-                    }
+            Emit::Image(image) => match self.encode(&image, backlog) {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(parent: &self.span, error = %e, "an image could not be encoded");
+                    // The run stops at its next step; its own ending is not delivered.
+                    self.control.stop(StopReason::Cancelled);
+                    JobEvent::Failed(e)
                 }
+            },
+            Emit::End(job, result) => {
+                let (outcome, event) = match result {
+                    Ok(mut report) => {
+                        report.add_time(Stage::PostProcessing, backlog.encoding);
+                        (Outcome::Completed, JobEvent::Completed(report))
+                    }
+                    Err(e @ JobError::Stopped(reason)) => {
+                        (Outcome::Stopped(reason), JobEvent::Failed(e))
+                    }
+                    Err(e) => (Outcome::Failed(e.error_type()), JobEvent::Failed(e)),
+                };
+                let outcome = if backlog.failed {
+                    Outcome::Failed("encoding")
+                } else {
+                    backlog.push(event);
+                    outcome
+                };
+                backlog.end = Some((job, outcome));
+                return;
             }
-            Emit::Completed(mut report) => {
-                report.add_time(Stage::PostProcessing, encoding);
-                JobEvent::Completed(report)
-            }
-            Emit::Failed(error) => JobEvent::Failed(error),
         };
-        if events.blocking_send(event).is_err() {
-            control.stop(StopReason::ClientGone);
-            return Forwarded::ClientGone;
-        }
+        backlog.push(event);
     }
-    Forwarded::All
+
+    fn encode(&self, image: &FinishedImage, backlog: &mut Backlog) -> Result<JobEvent, JobError> {
+        let _span = tracing::info_span!(
+            parent: &self.span,
+            "stage",
+            otel.name = "post_processing",
+            image = image.index,
+        )
+        .entered();
+        let start = Instant::now();
+        let encoded = encode(image);
+        let elapsed = start.elapsed();
+        backlog.encoding += elapsed;
+        self.metrics
+            .observe_stage(Stage::PostProcessing.label(), elapsed);
+        Ok(JobEvent::Image(ImageEvent {
+            index: image.index,
+            seed: image.seed,
+            image: encoded?,
+            ready_after: self.admitted_at.elapsed(),
+        }))
+    }
+
+    /// Hands the client what its channel has room for, in order; after a failure,
+    /// nothing more.
+    fn deliver(&self, backlog: &mut Backlog) -> Delivery {
+        let mut delivered = Delivery::None;
+        while let Some(event) = backlog.events.pop_front() {
+            let last = matches!(event, JobEvent::Failed(_));
+            match self.events.try_send(event) {
+                Ok(()) => delivered = Delivery::Some,
+                Err(TrySendError::Full(event)) => {
+                    backlog.events.push_front(event);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return Delivery::Gone,
+            }
+            if last {
+                backlog.events.clear();
+            }
+        }
+        delivered
+    }
+}
+
+/// What one delivery round did.
+enum Delivery {
+    /// The client took nothing (its channel is full, or there was nothing).
+    None,
+    /// The client took events.
+    Some,
+    /// The client left.
+    Gone,
 }

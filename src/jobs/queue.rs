@@ -1,8 +1,10 @@
 //! The queue shared by the RPC handlers and the worker thread: a global admission bound
-//! (places, not connections), a FIFO of jobs, admin requests, cancellation by job id or
-//! client job id, and the lifecycle counters.
+//! (places, not connections), a FIFO of jobs, admin requests, the jobs in flight with
+//! their owners (a job can be found and cancelled only by its caller), and the one place
+//! where a job's end is counted.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +15,9 @@ use crate::engine::error::EngineError;
 use crate::engine::registry::ModelEntry;
 use crate::jobs::{JobControl, JobError, JobEvent, JobSpec, StopReason};
 use crate::telemetry::Metrics;
+
+/// How many finished jobs are remembered (so that cancelling one answers "finished").
+const REMEMBERED: usize = 1024;
 
 /// A place in the admission bound. Dropping it frees the place and updates the queue
 /// depth gauge, whichever path frees it (a refused request, a cancelled queued job, a
@@ -48,8 +53,10 @@ impl Depth {
 
 /// A job in the queue.
 pub struct Job {
-    /// The server's id.
+    /// The server's id: 128 random bits.
     pub id: String,
+    /// Who submitted it (see [`JobQueue::cancel`]).
+    pub owner: String,
     /// What to do.
     pub spec: JobSpec,
     /// Where events go.
@@ -64,7 +71,7 @@ pub struct Job {
     _place: QueuePlace,
 }
 
-/// Counters of the job lifecycle (started = completed + cancelled + failed, once idle).
+/// Counters of the job lifecycle (admitted = completed + stopped + failed, once idle).
 #[derive(Debug, Default)]
 pub struct JobCounters {
     /// Jobs admitted.
@@ -105,17 +112,52 @@ pub enum Work {
     Admin(AdminRequest),
 }
 
+/// Who asks for a job by id.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// The server itself (deadlines, departed clients, shutdown): any job.
+    Server,
+    /// A client: only its own jobs.
+    Client(&'a str),
+}
+
+/// What a cancel found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The job was queued or running and is stopped now.
+    Stopped(String),
+    /// The caller's job had finished already.
+    Finished(String),
+    /// No job of the caller's has that id.
+    Unknown,
+}
+
+/// A job in flight, as lookups see it.
+struct Tracked {
+    owner: String,
+    control: Arc<JobControl>,
+}
+
+/// The jobs in flight and those finished lately, by id.
+#[derive(Default)]
+struct Ledger {
+    in_flight: HashMap<String, Tracked>,
+    /// (owner, client job id) -> job id.
+    client_ids: HashMap<(String, String), String>,
+    /// (job id, owner, client job id) of the last jobs to finish, oldest first.
+    finished: VecDeque<(String, String, Option<String>)>,
+}
+
 /// The queue shared by the RPC handlers and the worker thread.
 pub struct JobQueue {
     queue: Mutex<VecDeque<Job>>,
     admin: Mutex<VecDeque<AdminRequest>>,
     wakeup: Condvar,
     depth: Arc<Depth>,
-    in_flight: Mutex<HashMap<String, Arc<JobControl>>>,
-    client_ids: Mutex<HashMap<String, String>>,
+    ledger: Mutex<Ledger>,
     accepting: AtomicBool,
     closed: AtomicBool,
-    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
     /// Lifecycle counters.
     pub counters: JobCounters,
 }
@@ -124,6 +166,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another thread panicked while holding it; the data
     // (queues and maps) stays consistent for our uses.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A new job id: "job-" and 128 random bits in hex.
+fn new_job_id() -> String {
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // Without the kernel's generator, the process's random hasher keys still make
+        // ids no client can guess from its own.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in bytes.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(Instant::now().elapsed().as_nanos());
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("job-{hex}")
 }
 
 /// A job handed out at admission: its id, its queue position and the events to forward.
@@ -139,7 +199,7 @@ pub struct Admitted {
 }
 
 impl JobQueue {
-    /// A queue admitting at most `capacity` jobs at once, its depth shown in `metrics`.
+    /// A queue admitting at most `capacity` jobs at once, counting into `metrics`.
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             queue: Mutex::new(VecDeque::new()),
@@ -148,13 +208,12 @@ impl JobQueue {
             depth: Arc::new(Depth {
                 admission: Arc::new(Semaphore::new(capacity)),
                 capacity,
-                metrics,
+                metrics: metrics.clone(),
             }),
-            in_flight: Mutex::new(HashMap::new()),
-            client_ids: Mutex::new(HashMap::new()),
+            ledger: Mutex::new(Ledger::default()),
             accepting: AtomicBool::new(true),
             closed: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
+            metrics,
             counters: JobCounters::default(),
         })
     }
@@ -196,33 +255,35 @@ impl JobQueue {
         self.accepting.store(false, Ordering::SeqCst);
     }
 
-    /// Enqueues a job holding `place`, as a child of the current span.
+    /// Enqueues `owner`'s job holding `place`, as a child of the current span.
     pub fn submit(
         &self,
         spec: JobSpec,
+        owner: &str,
         place: QueuePlace,
         buffer: usize,
     ) -> Result<Admitted, JobError> {
-        let id = format!(
-            "job-{:x}-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
-            self.next_id.fetch_add(1, Ordering::SeqCst)
-        );
-        if let Some(client_id) = &spec.client_job_id {
-            let mut ids = lock(&self.client_ids);
-            if ids.contains_key(client_id) {
-                return Err(JobError::DuplicateClientJobId(client_id.clone()));
-            }
-            ids.insert(client_id.clone(), id.clone());
-        }
+        let id = new_job_id();
         let control = Arc::new(JobControl::default());
-        lock(&self.in_flight).insert(id.clone(), control.clone());
+        {
+            let mut ledger = lock(&self.ledger);
+            if let Some(client_id) = &spec.client_job_id {
+                let key = (owner.to_string(), client_id.clone());
+                if ledger.client_ids.contains_key(&key) {
+                    return Err(JobError::DuplicateClientJobId(client_id.clone()));
+                }
+                ledger.client_ids.insert(key, id.clone());
+            }
+            let tracked = Tracked {
+                owner: owner.to_string(),
+                control: control.clone(),
+            };
+            ledger.in_flight.insert(id.clone(), tracked);
+        }
         let (tx, rx) = mpsc::channel(buffer);
         let job = Job {
             id: id.clone(),
+            owner: owner.to_string(),
             spec,
             events: tx,
             control: control.clone(),
@@ -236,6 +297,7 @@ impl JobQueue {
             queue.len() - 1
         };
         self.counters.admitted.fetch_add(1, Ordering::SeqCst);
+        self.metrics.job_started();
         self.depth.publish();
         self.wakeup.notify_one();
         Ok(Admitted {
@@ -246,27 +308,64 @@ impl JobQueue {
         })
     }
 
-    /// Stops a job by server or client id. Returns the job id and whether it was in
-    /// flight. A queued job leaves the queue at once and frees its place.
+    /// Stops a job by server id or by the caller's client job id. A client finds only
+    /// its own jobs; a stranger's look unknown. A queued job leaves the queue at once and
+    /// frees its place.
     pub fn cancel(
         &self,
         job_id: &str,
         client_job_id: &str,
         reason: StopReason,
-    ) -> Option<(String, bool)> {
-        let id = if !job_id.is_empty() {
-            job_id.to_string()
-        } else {
-            lock(&self.client_ids).get(client_job_id)?.clone()
-        };
-        let control = lock(&self.in_flight).get(&id).cloned();
-        match control {
-            Some(control) => {
-                control.stop(reason);
-                self.remove_queued(&id, reason);
-                Some((id, true))
+        caller: Caller<'_>,
+    ) -> Cancelled {
+        let control = {
+            let ledger = lock(&self.ledger);
+            let id = match (job_id, caller) {
+                ("", Caller::Client(owner)) => ledger
+                    .client_ids
+                    .get(&(owner.to_string(), client_job_id.to_string()))
+                    .cloned(),
+                ("", Caller::Server) => None,
+                (id, _) => Some(id.to_string()),
+            };
+            let owns = |owner: &str| match caller {
+                Caller::Server => true,
+                Caller::Client(caller) => caller == owner,
+            };
+            let tracked = id
+                .as_ref()
+                .and_then(|id| ledger.in_flight.get(id))
+                .filter(|t| owns(&t.owner));
+            match (id, tracked) {
+                (Some(id), Some(tracked)) => Some((id, tracked.control.clone())),
+                (id, None) => {
+                    let finished = ledger.finished.iter().find(|(done, owner, client)| {
+                        owns(owner)
+                            && match &id {
+                                Some(id) => done == id,
+                                None => client.as_deref() == Some(client_job_id),
+                            }
+                    });
+                    return match finished {
+                        Some((done, ..)) => Cancelled::Finished(done.clone()),
+                        None => Cancelled::Unknown,
+                    };
+                }
+                (None, Some(_)) => None,
             }
-            None => None,
+        };
+        match control {
+            Some((id, control)) => {
+                let first = control.stop(reason);
+                self.remove_queued(&id, reason);
+                // A job already stopping (cancelled before, past its deadline) is over.
+                if first {
+                    Cancelled::Stopped(id)
+                } else {
+                    Cancelled::Finished(id)
+                }
+            }
+            None => Cancelled::Unknown,
         }
     }
 
@@ -281,21 +380,21 @@ impl JobQueue {
             let _ = job
                 .events
                 .try_send(JobEvent::Failed(JobError::Stopped(reason)));
-            self.finish(&job, Outcome::Stopped);
+            self.finish(&job, Outcome::Stopped(reason));
         }
     }
 
     /// Stops every job (after the shutdown grace period).
     pub fn stop_all(&self, reason: StopReason) {
-        let ids: Vec<String> = lock(&self.in_flight).keys().cloned().collect();
+        let ids: Vec<String> = lock(&self.ledger).in_flight.keys().cloned().collect();
         for id in ids {
-            self.cancel(&id, "", reason);
+            self.cancel(&id, "", reason, Caller::Server);
         }
     }
 
-    /// Jobs in flight (queued or running).
+    /// Jobs in flight (queued, running, or delivering their last events).
     pub fn in_flight(&self) -> usize {
-        lock(&self.in_flight).len()
+        lock(&self.ledger).in_flight.len()
     }
 
     /// Blocks the worker until a job is queued or the queue is closed.
@@ -337,18 +436,35 @@ impl JobQueue {
         self.wakeup.notify_all();
     }
 
-    /// Records a finished job and forgets its ids.
+    /// Records how a job ended (the one place a job's end is counted, exactly once) and
+    /// forgets its ids but for a short memory of finished jobs.
     pub fn finish(&self, job: &Job, outcome: Outcome) {
-        lock(&self.in_flight).remove(&job.id);
-        if let Some(client_id) = &job.spec.client_job_id {
-            lock(&self.client_ids).remove(client_id);
+        {
+            let mut ledger = lock(&self.ledger);
+            if ledger.in_flight.remove(&job.id).is_none() {
+                return;
+            }
+            if let Some(client_id) = &job.spec.client_job_id {
+                ledger
+                    .client_ids
+                    .remove(&(job.owner.clone(), client_id.clone()));
+            }
+            ledger.finished.push_back((
+                job.id.clone(),
+                job.owner.clone(),
+                job.spec.client_job_id.clone(),
+            ));
+            while ledger.finished.len() > REMEMBERED {
+                ledger.finished.pop_front();
+            }
         }
         let counter = match outcome {
             Outcome::Completed => &self.counters.completed,
-            Outcome::Stopped => &self.counters.stopped,
-            Outcome::Failed => &self.counters.failed,
+            Outcome::Stopped(_) => &self.counters.stopped,
+            Outcome::Failed(_) => &self.counters.failed,
         };
         counter.fetch_add(1, Ordering::SeqCst);
+        self.metrics.job_ended(outcome.label(), outcome.reason());
     }
 }
 
@@ -357,8 +473,31 @@ impl JobQueue {
 pub enum Outcome {
     /// All images delivered.
     Completed,
-    /// Stopped by cancel, deadline, disconnect or shutdown.
-    Stopped,
-    /// An error.
-    Failed,
+    /// Stopped by cancel, deadline, a departed or stalled client, or shutdown.
+    Stopped(StopReason),
+    /// An error, by its type.
+    Failed(&'static str),
+}
+
+impl Outcome {
+    /// The outcome label of the jobs-ended counter.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Stopped(StopReason::Cancelled) => "cancelled",
+            Outcome::Stopped(StopReason::ClientGone) => "dropped",
+            Outcome::Stopped(StopReason::DeadlineExceeded) => "deadline",
+            Outcome::Stopped(StopReason::ShuttingDown) => "shutdown",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+
+    /// Why it did not complete (the failures counter's reason).
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Outcome::Completed => None,
+            Outcome::Stopped(reason) => Some(JobError::Stopped(reason).error_type()),
+            Outcome::Failed(reason) => Some(reason),
+        }
+    }
 }

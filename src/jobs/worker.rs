@@ -17,10 +17,7 @@ pub fn run_worker(queue: Arc<JobQueue>, mut engine: Engine, metrics: Arc<Metrics
     while let Some(work) = queue.next_work() {
         match work {
             Work::Admin(request) => admin(&mut engine, request),
-            Work::Job(job) => {
-                let outcome = run_one(&mut engine, &job, &metrics);
-                queue.finish(&job, outcome);
-            }
+            Work::Job(job) => run_one(&mut engine, job, &queue, &metrics, stall_timeout),
         }
         metrics.set_cache(engine.stats());
     }
@@ -38,8 +35,14 @@ fn admin(engine: &mut Engine, request: AdminRequest) {
     let _ = request.reply.send(result);
 }
 
-/// Runs one job, its events forwarded by the emitter thread; how it ended.
-fn run_one(engine: &mut Engine, job: &Job, metrics: &Metrics) -> Outcome {
+/// Runs one job; its thread delivers the events and counts its end.
+fn run_one(
+    engine: &mut Engine,
+    job: Box<Job>,
+    queue: &Arc<JobQueue>,
+    metrics: &Arc<Metrics>,
+    stall_timeout: Duration,
+) {
     // The job's span continues the trace of the request that submitted it.
     let span = tracing::info_span!(
         parent: &job.span,

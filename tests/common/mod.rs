@@ -7,6 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod cli;
+pub mod raw;
 pub mod server;
 
 use tch::{Kind, Tensor};

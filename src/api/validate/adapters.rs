@@ -14,6 +14,8 @@ use crate::proto::v1 as pb;
 
 /// Most LoRA adapters in one request.
 pub const MAX_LORAS: usize = 16;
+/// Most ControlNet units in one request.
+pub const MAX_CONTROLNETS: usize = 8;
 
 /// `spec.loras`: each named once, with a weight in [-2, 2] (default 1).
 pub fn loras(
@@ -22,13 +24,16 @@ pub fn loras(
     v: &mut Violations,
     deferred: &mut Deferred,
 ) -> Vec<LoraJob> {
+    // The count first: nothing is done per item of an oversized list.
     if loras.len() > MAX_LORAS {
         v.add(
             "spec.loras",
             format!("has {} adapters; at most {MAX_LORAS}", loras.len()),
         );
+        return Vec::new();
     }
     let mut jobs = Vec::with_capacity(loras.len());
+    let mut seen = std::collections::HashSet::new();
     for (i, lora) in loras.iter().enumerate() {
         let field = format!("spec.loras[{i}]");
         let weight = optional_float(
@@ -46,7 +51,7 @@ pub fn loras(
         if !model_name(v, &name_field, &lora.name) {
             continue;
         }
-        if loras[..i].iter().any(|l| l.name == lora.name) {
+        if !seen.insert(lora.name.as_str()) {
             v.add(
                 name_field,
                 format!(
@@ -81,6 +86,13 @@ pub fn controlnets(
     v: &mut Violations,
     deferred: &mut Deferred,
 ) {
+    if units.len() > MAX_CONTROLNETS {
+        v.add(
+            "spec.controlnets",
+            format!("has {} units; at most {MAX_CONTROLNETS}", units.len()),
+        );
+        return;
+    }
     for (i, unit) in units.iter().enumerate() {
         let p = format!("spec.controlnets[{i}]");
         if unit.model.is_empty() {

@@ -8,6 +8,9 @@ use crate::jobs::OutputSpec;
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
+/// Most post-processing steps in one request.
+pub const MAX_POST_PROCESSING: usize = 8;
+
 /// `spec.output`.
 pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
     let default = pb::OutputOptions::default();
@@ -47,6 +50,13 @@ pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
 
 /// `spec.post_processing`.
 pub fn post_processing(steps: &[pb::PostProcessStep], v: &mut Violations, deferred: &mut Deferred) {
+    if steps.len() > MAX_POST_PROCESSING {
+        v.add(
+            "spec.post_processing",
+            format!("has {} steps; at most {MAX_POST_PROCESSING}", steps.len()),
+        );
+        return;
+    }
     for (i, step) in steps.iter().enumerate() {
         let p = format!("spec.post_processing[{i}]");
         let Some(pb::post_process_step::Step::Upscale(u)) = &step.step else {

@@ -151,6 +151,14 @@ pub struct ModelRoots {
 }
 
 impl ModelRoots {
+    /// Every root of every kind.
+    pub fn all(&self) -> Vec<PathBuf> {
+        ModelKind::ALL
+            .iter()
+            .flat_map(|kind| self.of(*kind).iter().cloned())
+            .collect()
+    }
+
     fn of(&self, kind: ModelKind) -> &[PathBuf] {
         match kind {
             ModelKind::Base => &self.base,
