@@ -413,10 +413,7 @@ fn collect(value: &Value, prefix: &str, out: &mut BTreeMap<String, TensorRef>) {
 /// Converts the PyTorch checkpoint `input` to the safetensors file `output`; returns the
 /// number of tensors written.
 pub fn convert(input: &Path, output: &Path) -> Result<usize> {
-    let file = std::fs::File::open(input).map_err(|source| EngineError::Io {
-        path: input.to_path_buf(),
-        source,
-    })?;
+    let file = crate::engine::files::open_model_file(input)?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| {
         bad(
             input,

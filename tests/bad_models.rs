@@ -148,3 +148,174 @@ fn the_command_line_reports_the_broken_file() {
         "{stderr}"
     );
 }
+
+/// Sets `key` of the JSON config at `path` to `value`.
+fn set_config(path: &Path, key: &str, value: serde_json::Value) {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    config[key] = value;
+    std::fs::write(path, config.to_string()).expect("write");
+}
+
+#[test]
+fn every_impossible_config_value_is_refused_naming_its_file_and_key() {
+    use serde_json::json;
+    let cases = [
+        ("text_encoder/config.json", "num_attention_heads", json!(0)),
+        ("text_encoder/config.json", "hidden_size", json!(30)),
+        ("text_encoder_2/config.json", "num_hidden_layers", json!(0)),
+        ("text_encoder_2/config.json", "layer_norm_eps", json!(-1.0)),
+        (
+            "text_encoder_2/config.json",
+            "eos_token_id",
+            json!(1_000_000),
+        ),
+        ("unet/config.json", "norm_num_groups", json!(0)),
+        ("unet/config.json", "norm_num_groups", json!(7)),
+        ("unet/config.json", "block_out_channels", json!([32, 0])),
+        ("unet/config.json", "layers_per_block", json!(0)),
+        ("unet/config.json", "cross_attention_dim", json!(0)),
+        ("unet/config.json", "attention_head_dim", json!([2, 3])),
+        (
+            "unet/config.json",
+            "transformer_layers_per_block",
+            json!([1, 0]),
+        ),
+        (
+            "unet/config.json",
+            "down_block_types",
+            json!(["DownBlock2D"]),
+        ),
+        (
+            "unet/config.json",
+            "up_block_types",
+            json!(["Up", "UpBlock2D"]),
+        ),
+        ("unet/config.json", "norm_eps", json!(0.0)),
+        ("unet/config.json", "sample_size", json!(0)),
+        ("unet/config.json", "act_fn", json!("gelu")),
+        ("unet/config.json", "attention_type", json!("gated")),
+        ("unet/config.json", "conv_in_kernel", json!(5)),
+        ("unet/config.json", "time_embedding_type", json!("fourier")),
+        ("unet/config.json", "addition_time_embed_dim", json!(null)),
+        ("vae/config.json", "latent_channels", json!(0)),
+        ("vae/config.json", "block_out_channels", json!([])),
+        ("vae/config.json", "block_out_channels", json!(vec![8; 70])),
+        ("vae/config.json", "scaling_factor", json!(0)),
+        (
+            "vae/config.json",
+            "latents_std",
+            json!([1.0, 0.0, 1.0, 1.0]),
+        ),
+        ("vae/config.json", "latents_mean", json!([0.0])),
+        ("vae/config.json", "act_fn", json!("relu")),
+        (
+            "vae/config.json",
+            "up_block_types",
+            json!(["AttnUpDecoderBlock2D"]),
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            json!(0),
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            json!(1_000_000_000),
+        ),
+        ("scheduler/scheduler_config.json", "beta_end", json!(1.5)),
+        (
+            "scheduler/scheduler_config.json",
+            "trained_betas",
+            json!([0.1]),
+        ),
+        ("scheduler/scheduler_config.json", "solver_order", json!(7)),
+        (
+            "scheduler/scheduler_config.json",
+            "timestep_type",
+            json!("continuous"),
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            "_class_name",
+            json!("FooScheduler"),
+        ),
+    ];
+    for (file, key, value) in cases {
+        let (_tmp, dir) = copy_pipeline();
+        set_config(&dir.join(file), key, value.clone());
+        let err = load_err(&dir);
+        let text = err.to_string();
+        assert!(
+            matches!(err, EngineError::Config { .. }),
+            "{file} {key}={value}: {err:?}"
+        );
+        assert!(
+            text.contains(file) && text.contains(&format!("`{key}`")),
+            "{file} {key}={value}: {text}"
+        );
+    }
+}
+
+#[test]
+fn single_file_configs_are_checked_as_folders_are() {
+    use sdxld::engine::loading::single_file::{Configs, CONFIGS_KEY};
+    let mut configs = serde_json::json!({
+        "unet": serde_json::from_str::<serde_json::Value>(
+            &std::fs::read_to_string(common::fixtures().join("tiny2/pipeline/unet/config.json")).expect("read")
+        ).expect("json"),
+    });
+    for (part, folder) in [
+        ("vae", "vae/config.json"),
+        ("text_encoder", "text_encoder/config.json"),
+        ("text_encoder_2", "text_encoder_2/config.json"),
+        ("scheduler", "scheduler/scheduler_config.json"),
+    ] {
+        let path = common::fixtures().join("tiny2/pipeline").join(folder);
+        configs[part] =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    }
+    let file = Path::new("model.safetensors");
+    let metadata = |configs: &serde_json::Value| {
+        std::collections::HashMap::from([(CONFIGS_KEY.to_string(), configs.to_string())])
+    };
+    Configs::from_metadata(file, &metadata(&configs)).expect("the fixture's configs");
+    configs["text_encoder_2"]["num_attention_heads"] = 0.into();
+    let err = Configs::from_metadata(file, &metadata(&configs)).expect_err("zero heads");
+    let text = err.to_string();
+    assert!(
+        text.contains("model.safetensors#text_encoder_2") && text.contains("`num_attention_heads`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_text_encoder_shorter_than_its_tokenizer_is_refused() {
+    // Consistent weights and config, but fewer positions (or token ids) than the
+    // tokenizer gives: every prompt would index past the table.
+    for (key, tensor, rows) in [
+        ("max_position_embeddings", "position_embedding", 10),
+        ("vocab_size", "token_embedding", 100),
+    ] {
+        let (_tmp, dir) = copy_pipeline();
+        let config = dir.join("text_encoder_2/config.json");
+        set_config(&config, key, rows.into());
+        // The legacy pooling rule, which needs no end-of-text id in the table.
+        set_config(&config, "eos_token_id", 2.into());
+        rewrite(&dir.join("text_encoder_2/model.safetensors"), |tensors| {
+            for (name, t) in tensors.iter_mut() {
+                if name.ends_with(&format!("{tensor}.weight")) {
+                    *t = t.narrow(0, 0, rows);
+                }
+            }
+        });
+        let err = load_err(&dir);
+        let text = err.to_string();
+        assert!(matches!(err, EngineError::Config { .. }), "{key}: {err:?}");
+        assert!(
+            text.contains("text_encoder_2/config.json") && text.contains(&format!("`{key}`")),
+            "{text}"
+        );
+    }
+}

@@ -32,6 +32,14 @@ pub enum ApiError {
         /// The file under its root.
         file: String,
     },
+    /// A model with a file that leads outside every model root.
+    #[error("model `{name}` has `{file}` leading outside the model roots; it is not served")]
+    ModelOutsideRoots {
+        /// The name.
+        name: String,
+        /// The file, relative to the model.
+        file: String,
+    },
     /// The jobs layer refused or stopped the job.
     #[error(transparent)]
     Job(#[from] JobError),
@@ -97,6 +105,9 @@ impl From<RegistryError> for ApiError {
             ),
             RegistryError::NotFound(name) => ApiError::ModelNotFound(name),
             RegistryError::Pickle { name, file } => ApiError::PickleModel { name, file },
+            RegistryError::OutsideRoots { name, file } => {
+                ApiError::ModelOutsideRoots { name, file }
+            }
         }
     }
 }
@@ -115,6 +126,7 @@ impl ApiError {
             ApiError::Unimplemented(..) => "unimplemented",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PickleModel { .. } => "pickle_model",
+            ApiError::ModelOutsideRoots { .. } => "model_outside_roots",
             ApiError::Job(e) => e.error_type(),
             ApiError::Internal(_) => "internal",
         }
@@ -159,6 +171,15 @@ impl ApiError {
                 message,
                 ErrorDetails::with_error_info(
                     "PICKLE_NOT_LOADED",
+                    "sdxld",
+                    [("model".to_string(), name)],
+                ),
+            ),
+            ApiError::ModelOutsideRoots { name, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(
+                    "MODEL_OUTSIDE_ROOTS",
                     "sdxld",
                     [("model".to_string(), name)],
                 ),

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::device::Placement;
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::files::read_json;
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 use crate::engine::noise::NoiseStream;
 

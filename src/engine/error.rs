@@ -161,15 +161,3 @@ impl EngineError {
 
 /// Result of engine operations.
 pub type Result<T> = std::result::Result<T, EngineError>;
-
-/// Reads a JSON config file into `T`, naming the file in any error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Config {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
-}

@@ -47,7 +47,7 @@ pub fn hex(digest: &[u8]) -> String {
 
 /// SHA-256 of a file's bytes.
 fn hash_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = crate::engine::files::open_regular(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {

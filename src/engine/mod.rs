@@ -4,9 +4,11 @@
 pub mod cache;
 pub mod codec;
 pub mod components;
+pub mod config_check;
 pub mod demo;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod hashes;
 pub mod loading;
 pub mod lora;

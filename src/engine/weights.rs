@@ -6,7 +6,6 @@
 //! [`Weights::check_all_used`], so a file that belongs to another architecture is refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -109,10 +108,7 @@ pub struct Weights {
 /// Maps a safetensors file and parses its header: the mapping, the header's length and
 /// the header.
 fn mapped_header(path: &Path) -> Result<(Mmap, usize, safetensors::tensor::Metadata)> {
-    let file = File::open(path).map_err(|source| EngineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = crate::engine::files::open_model_file(path)?;
     // SAFETY: read-only mapping of a model file that is not modified while served.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|source| EngineError::Io {
         path: path.to_path_buf(),
@@ -366,7 +362,7 @@ impl Weights {
             struct Index {
                 weight_map: BTreeMap<String, String>,
             }
-            let index: Index = crate::engine::error::read_json(&index_path)?;
+            let index: Index = crate::engine::files::read_json(&index_path)?;
             let mut shards: Vec<String> = index.weight_map.into_values().collect();
             shards.sort();
             shards.dedup();

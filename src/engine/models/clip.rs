@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
+use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{
     collect_layers, multi_head_attention, Embedding, LayerNorm, LayerTable, Linear,
 };
@@ -51,6 +52,33 @@ pub struct ClipTextConfig {
     /// The end-of-text token whose position is pooled (2 means the legacy argmax rule).
     #[serde(default = "default_eos")]
     pub eos_token_id: i64,
+}
+
+impl CheckedConfig for ClipTextConfig {
+    fn check(&self, check: &mut ConfigCheck) {
+        check.positive("vocab_size", self.vocab_size);
+        check.positive("hidden_size", self.hidden_size);
+        check.positive("intermediate_size", self.intermediate_size);
+        check.positive("num_hidden_layers", self.num_hidden_layers);
+        check.positive("num_attention_heads", self.num_attention_heads);
+        check.divisible(
+            "hidden_size",
+            self.hidden_size,
+            "num_attention_heads",
+            self.num_attention_heads,
+        );
+        check.positive("max_position_embeddings", self.max_position_embeddings);
+        check.positive_number("layer_norm_eps", self.layer_norm_eps);
+        if let Some(width) = self.projection_dim {
+            check.positive("projection_dim", width);
+        }
+        if !(0..self.vocab_size.max(0)).contains(&self.eos_token_id) {
+            check.problem(
+                "eos_token_id",
+                format_args!("is {}, outside the vocabulary", self.eos_token_id),
+            );
+        }
+    }
 }
 
 impl ClipTextConfig {
@@ -180,7 +208,7 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Loads a transformers text encoder folder (`config.json` + `model.safetensors`).
     pub fn load_dir(dir: &Path, device: tch::Device, kind: Kind) -> Result<Self> {
-        let config: ClipTextConfig = read_json(&dir.join("config.json"))?;
+        let config: ClipTextConfig = read_config(&dir.join("config.json"))?;
         let weights = Weights::open_component(dir, "model", device, kind)?;
         let with_projection = weights.contains("text_projection.weight");
         // transformers 4 saves `text_model.*`; transformers 5 saves CLIPTextModel unprefixed.

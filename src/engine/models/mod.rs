@@ -7,4 +7,5 @@ pub mod resnet;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_config;
 pub mod vae;

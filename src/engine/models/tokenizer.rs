@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::files::{read_bytes, read_text};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
@@ -67,10 +68,7 @@ impl ClipTokenizer {
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = dir.join(name);
             if path.exists() {
-                let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = read_text(&path)?;
                 let value: Value =
                     serde_json::from_str(&text).map_err(|e| tokenizer_error(&path, e))?;
                 if let Value::Object(map) = value {
@@ -87,21 +85,15 @@ impl ClipTokenizer {
             .unwrap_or(CLIP_MAX_LENGTH);
         let json_path = dir.join("tokenizer.json");
         let inner = if json_path.exists() {
-            Tokenizer::from_file(&json_path).map_err(|e| tokenizer_error(&json_path, e))?
+            Tokenizer::from_bytes(read_bytes(&json_path)?)
+                .map_err(|e| tokenizer_error(&json_path, e))?
         } else {
             let vocab_path = dir.join("vocab.json");
-            let text = std::fs::read_to_string(&vocab_path).map_err(|source| EngineError::Io {
-                path: vocab_path.clone(),
-                source,
-            })?;
+            let text = read_text(&vocab_path)?;
             let vocab: Map<String, Value> =
                 serde_json::from_str(&text).map_err(|e| tokenizer_error(&vocab_path, e))?;
             let merges_path = dir.join("merges.txt");
-            let merges =
-                std::fs::read_to_string(&merges_path).map_err(|source| EngineError::Io {
-                    path: merges_path.clone(),
-                    source,
-                })?;
+            let merges = read_text(&merges_path)?;
             let merges = merges
                 .lines()
                 .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -115,10 +107,7 @@ impl ClipTokenizer {
     /// Builds the tokenizer from CLIP's BPE vocabulary file
     /// (`bpe_simple_vocab_16e6.txt.gz`), for models that ship no tokenizer files.
     pub fn from_bpe_gz(path: &Path, pad: &str) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bytes(path)?;
         Self::from_bpe_gz_bytes(&bytes, path, pad)
     }
 
@@ -188,6 +177,17 @@ impl ClipTokenizer {
     /// The sequence length every encoding has.
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// One more than the largest token id it can produce.
+    pub fn id_bound(&self) -> i64 {
+        let largest = self
+            .inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, i64::from);
+        largest.max(self.bos_id).max(self.eos_id).max(self.pad_id) + 1
     }
 
     /// Token ids of `text`: BOS, at most `max_length - 2` tokens, EOS, then padding, as

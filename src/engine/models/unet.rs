@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::config_check::{check_config, read_config};
+use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
 use crate::engine::models::unet_blocks::{
     timestep_embedding, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock,
@@ -15,172 +15,7 @@ use crate::engine::models::unet_blocks::{
 };
 use crate::engine::weights::{VarPath, Weights};
 
-/// An integer or one integer per block, as diffusers configs write them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum PerBlock {
-    /// The same value for every block.
-    One(i64),
-    /// One value per down block.
-    Many(Vec<i64>),
-}
-
-impl PerBlock {
-    /// The value for each of `n` blocks.
-    fn expand(&self, n: usize) -> Vec<i64> {
-        match self {
-            PerBlock::One(v) => vec![*v; n],
-            PerBlock::Many(v) => v.clone(),
-        }
-    }
-}
-
-/// Mirrors diffusers' `UNet2DConditionModel` config (`unet/config.json`); defaults are
-/// diffusers' defaults. Only what SDXL-family models use is supported; other values are
-/// refused when the model loads.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct UNetConfig {
-    /// Latent channels in.
-    #[serde(default = "four")]
-    pub in_channels: i64,
-    /// Latent channels out.
-    #[serde(default = "four")]
-    pub out_channels: i64,
-    /// Channels of each resolution level.
-    pub block_out_channels: Vec<i64>,
-    /// Resnets per down block (up blocks have one more).
-    #[serde(default = "two")]
-    pub layers_per_block: i64,
-    /// `DownBlock2D` or `CrossAttnDownBlock2D` per level.
-    pub down_block_types: Vec<String>,
-    /// `UpBlock2D` or `CrossAttnUpBlock2D` per level.
-    pub up_block_types: Vec<String>,
-    /// `UNetMidBlock2DCrossAttn` (the only one SDXL uses).
-    #[serde(default)]
-    pub mid_block_type: Option<String>,
-    /// Heads per level (diffusers' historical name for the head count).
-    #[serde(default)]
-    pub attention_head_dim: Option<PerBlock>,
-    /// Heads per level, when the config uses the newer name.
-    #[serde(default)]
-    pub num_attention_heads: Option<PerBlock>,
-    /// Transformer blocks per attention, per level.
-    #[serde(default)]
-    pub transformer_layers_per_block: Option<PerBlock>,
-    /// Transformer blocks per attention of each up block, when they differ.
-    #[serde(default)]
-    pub reverse_transformer_layers_per_block: Option<Vec<Vec<i64>>>,
-    /// Width of the text conditioning.
-    pub cross_attention_dim: i64,
-    /// Linear rather than 1×1 convolution projections in the transformers.
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    /// `text_time` for SDXL.
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
-    /// Width of each micro-conditioning value's sinusoidal embedding.
-    #[serde(default)]
-    pub addition_time_embed_dim: Option<i64>,
-    /// Input width of the added embedding (pooled text + 6 × addition_time_embed_dim).
-    #[serde(default)]
-    pub projection_class_embeddings_input_dim: Option<i64>,
-    /// Group norm groups.
-    #[serde(default = "thirty_two")]
-    pub norm_num_groups: i64,
-    /// Group norm epsilon of the resnets and the output norm.
-    #[serde(default = "norm_eps")]
-    pub norm_eps: f64,
-    /// Cosine first in the timestep embedding.
-    #[serde(default = "yes")]
-    pub flip_sin_to_cos: bool,
-    /// Frequency shift of the timestep embedding.
-    #[serde(default)]
-    pub freq_shift: f64,
-    /// Padding of the down-sampling convolutions.
-    #[serde(default = "one")]
-    pub downsample_padding: i64,
-    /// Latent size the model was trained at.
-    #[serde(default)]
-    pub sample_size: Option<i64>,
-    /// Unsupported if set (LCM guidance embedding).
-    #[serde(default)]
-    pub time_cond_proj_dim: Option<i64>,
-    /// Unsupported if set.
-    #[serde(default)]
-    pub class_embed_type: Option<String>,
-    /// Unsupported if set.
-    #[serde(default)]
-    pub encoder_hid_dim_type: Option<String>,
-    /// `default` only.
-    #[serde(default)]
-    pub resnet_time_scale_shift: Option<String>,
-    /// Activation of the blocks (`silu` only).
-    #[serde(default)]
-    pub act_fn: Option<String>,
-    /// Unsupported if true.
-    #[serde(default)]
-    pub center_input_sample: bool,
-}
-
-impl UNetConfig {
-    /// stabilityai/stable-diffusion-xl-base-1.0's `unet/config.json`.
-    pub fn sdxl_base() -> Self {
-        let text = |names: [&str; 3]| names.map(str::to_string).to_vec();
-        Self {
-            in_channels: 4,
-            out_channels: 4,
-            block_out_channels: vec![320, 640, 1280],
-            layers_per_block: 2,
-            down_block_types: text([
-                "DownBlock2D",
-                "CrossAttnDownBlock2D",
-                "CrossAttnDownBlock2D",
-            ]),
-            up_block_types: text(["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]),
-            mid_block_type: None,
-            attention_head_dim: Some(PerBlock::Many(vec![5, 10, 20])),
-            num_attention_heads: None,
-            transformer_layers_per_block: Some(PerBlock::Many(vec![1, 2, 10])),
-            reverse_transformer_layers_per_block: None,
-            cross_attention_dim: 2048,
-            use_linear_projection: true,
-            addition_embed_type: Some("text_time".into()),
-            addition_time_embed_dim: Some(256),
-            projection_class_embeddings_input_dim: Some(2816),
-            norm_num_groups: 32,
-            norm_eps: 1e-5,
-            flip_sin_to_cos: true,
-            freq_shift: 0.0,
-            downsample_padding: 1,
-            sample_size: Some(128),
-            time_cond_proj_dim: None,
-            class_embed_type: None,
-            encoder_hid_dim_type: None,
-            resnet_time_scale_shift: None,
-            act_fn: Some("silu".into()),
-            center_input_sample: false,
-        }
-    }
-}
-
-fn one() -> i64 {
-    1
-}
-fn two() -> i64 {
-    2
-}
-fn four() -> i64 {
-    4
-}
-fn thirty_two() -> i64 {
-    32
-}
-fn norm_eps() -> f64 {
-    1e-5
-}
-fn yes() -> bool {
-    true
-}
+pub use crate::engine::models::unet_config::{PerBlock, UNetConfig};
 
 /// The SDXL added conditioning: pooled text embedding and six size/crop values per image.
 pub struct AddedCond<'a> {
@@ -216,84 +51,11 @@ impl UNet2DConditionModel {
     /// Loads a diffusers `unet/` folder.
     pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config: UNetConfig = read_json(&config_path)?;
+        let config: UNetConfig = read_config(&config_path)?;
         let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
         let model = Self::load(&weights.root(), config, &config_path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)
-    }
-
-    /// Checks that the config describes a UNet this implementation computes exactly.
-    fn validate(c: &UNetConfig, path: &Path) -> Result<()> {
-        let n = c.block_out_channels.len();
-        if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
-            return Err(unsupported(
-                path,
-                "block_out_channels, down_block_types and up_block_types must have the same non-zero length",
-            ));
-        }
-        if c.time_cond_proj_dim.is_some() {
-            return Err(unsupported(path, "time_cond_proj_dim is not supported"));
-        }
-        if c.class_embed_type.is_some() {
-            return Err(unsupported(path, "class_embed_type is not supported"));
-        }
-        if c.encoder_hid_dim_type.is_some() {
-            return Err(unsupported(path, "encoder_hid_dim_type is not supported"));
-        }
-        if c.center_input_sample {
-            return Err(unsupported(path, "center_input_sample is not supported"));
-        }
-        if let Some(shift) = &c.resnet_time_scale_shift {
-            if shift != "default" {
-                return Err(unsupported(
-                    path,
-                    format!("resnet_time_scale_shift `{shift}` is not supported"),
-                ));
-            }
-        }
-        if let Some(act) = &c.act_fn {
-            if act != "silu" {
-                return Err(unsupported(
-                    path,
-                    format!("act_fn `{act}` is not supported"),
-                ));
-            }
-        }
-        if let Some(mid) = &c.mid_block_type {
-            if mid != "UNetMidBlock2DCrossAttn" {
-                return Err(unsupported(
-                    path,
-                    format!("mid_block_type `{mid}` is not supported"),
-                ));
-            }
-        }
-        match c.addition_embed_type.as_deref() {
-            None | Some("text_time") => {}
-            Some(other) => {
-                return Err(unsupported(
-                    path,
-                    format!("addition_embed_type `{other}` is not supported"),
-                ))
-            }
-        }
-        for t in &c.down_block_types {
-            if t != "DownBlock2D" && t != "CrossAttnDownBlock2D" {
-                return Err(unsupported(
-                    path,
-                    format!("down block type `{t}` is not supported"),
-                ));
-            }
-        }
-        for t in &c.up_block_types {
-            if t != "UpBlock2D" && t != "CrossAttnUpBlock2D" {
-                return Err(unsupported(
-                    path,
-                    format!("up block type `{t}` is not supported"),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Builds the model from weights at `vp` (diffusers keys).
@@ -309,10 +71,10 @@ impl UNet2DConditionModel {
     }
 
     fn build(vp: &VarPath, config: UNetConfig, config_path: &Path) -> Result<Self> {
-        Self::validate(&config, config_path)?;
+        check_config(&config, config_path)?;
         let c = &config;
         let channels = &c.block_out_channels;
-        let (heads, depths) = Self::attention_sizes(c, config_path)?;
+        let (heads, depths) = c.attention_sizes();
         let time_dim = channels[0] * 4;
         let settings = BlockSettings {
             temb_channels: time_dim,
@@ -368,30 +130,6 @@ impl UNet2DConditionModel {
             config,
             adaptable: LayerTable::default(),
         })
-    }
-
-    /// Heads and transformer depth per level. diffusers: `num_attention_heads =
-    /// num_attention_heads or attention_head_dim`.
-    fn attention_sizes(c: &UNetConfig, config_path: &Path) -> Result<(Vec<i64>, Vec<i64>)> {
-        let n = c.block_out_channels.len();
-        let heads = c
-            .num_attention_heads
-            .as_ref()
-            .or(c.attention_head_dim.as_ref())
-            .map(|h| h.expand(n))
-            .unwrap_or_else(|| vec![8; n]);
-        let depths = c
-            .transformer_layers_per_block
-            .as_ref()
-            .map(|t| t.expand(n))
-            .unwrap_or_else(|| vec![1; n]);
-        if heads.len() != n || depths.len() != n {
-            return Err(unsupported(
-                config_path,
-                "attention_head_dim and transformer_layers_per_block need one value per block",
-            ));
-        }
-        Ok((heads, depths))
     }
 
     /// The `text_time` added embedding, when the config has one.

@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
+use crate::engine::error::Result;
 use crate::engine::models::attention::Attention;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -104,7 +105,60 @@ impl VaeConfig {
 
     /// Pixels per latent along each side.
     pub fn scale_factor(&self) -> i64 {
-        1 << (self.block_out_channels.len().saturating_sub(1))
+        1 << (self.block_out_channels.len().clamp(1, MAX_LEVELS) - 1)
+    }
+}
+
+/// The most levels a VAE may have (a scale factor of 128; SDXL's has 4 levels, 8×).
+const MAX_LEVELS: usize = 8;
+
+impl CheckedConfig for VaeConfig {
+    const FIXED: &'static [(&'static str, &'static [&'static str])] = &[
+        ("act_fn", &["\"silu\""]),
+        ("down_block_types", &["\"DownEncoderBlock2D\""]),
+        ("up_block_types", &["\"UpDecoderBlock2D\""]),
+        ("mid_block_type", &["\"UNetMidBlock2D\"", "null"]),
+    ];
+
+    fn check(&self, check: &mut ConfigCheck) {
+        check.positive("in_channels", self.in_channels);
+        check.positive("out_channels", self.out_channels);
+        check.positive("latent_channels", self.latent_channels);
+        check.positive("layers_per_block", self.layers_per_block);
+        check.positive("norm_num_groups", self.norm_num_groups);
+        let levels = self.block_out_channels.len();
+        if levels == 0 || levels > MAX_LEVELS {
+            check.problem(
+                "block_out_channels",
+                format_args!("has {levels} levels; sdxld takes 1 to {MAX_LEVELS}"),
+            );
+        }
+        check.all_positive("block_out_channels", &self.block_out_channels);
+        for &width in &self.block_out_channels {
+            check.divisible(
+                "block_out_channels",
+                width,
+                "norm_num_groups",
+                self.norm_num_groups,
+            );
+        }
+        check.positive_number("scaling_factor", self.scaling_factor);
+        if let Some(shift) = self.shift_factor {
+            check.finite("shift_factor", shift);
+        }
+        if let Some(size) = self.sample_size {
+            check.positive("sample_size", size);
+        }
+        let channels = self.latent_channels.max(0) as usize;
+        if let Some(mean) = &self.latents_mean {
+            check.length("latents_mean", mean.len(), channels, "latent_channels");
+            mean.iter().for_each(|&m| check.finite("latents_mean", m));
+        }
+        if let Some(std) = &self.latents_std {
+            check.length("latents_std", std.len(), channels, "latent_channels");
+            std.iter()
+                .for_each(|&s| check.positive_number("latents_std", s));
+        }
     }
 }
 
@@ -187,13 +241,7 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Loads a diffusers `vae/` folder.
     pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let config: VaeConfig = read_json(&dir.join("config.json"))?;
-        if config.block_out_channels.is_empty() {
-            return Err(EngineError::Config {
-                path: dir.join("config.json"),
-                message: "block_out_channels is empty".into(),
-            });
-        }
+        let config: VaeConfig = read_config(&dir.join("config.json"))?;
         let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
         let model = Self::load(&weights.root(), config)?;
         weights.check_all_used(|_| false)?;

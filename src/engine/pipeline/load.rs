@@ -7,7 +7,8 @@ use std::rc::Rc;
 use crate::engine::codec::{VaeCodec, VaeSource};
 use crate::engine::components::{shared, ComponentFiles, ComponentStore, Fresh};
 use crate::engine::device::Placement;
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::error::{EngineError, Result};
+use crate::engine::files::read_json;
 use crate::engine::loading::single_file::{self as single, Configs};
 use crate::engine::models::clip::ClipTextModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
@@ -161,6 +162,7 @@ impl SdxlPipeline {
             path: self.dir.join("unet").join("config.json"),
             message,
         };
+        self.check_tokenizers()?;
         let text_width = self
             .text_encoder
             .as_ref()
@@ -183,6 +185,51 @@ impl SdxlPipeline {
                 return Err(mismatch(format!(
                     "the added embedding expects a pooled width of {expected}, text_encoder_2 gives {pooled}"
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that each text encoder has a position for every token its tokenizer gives
+    /// and an embedding for every id.
+    fn check_tokenizers(&self) -> Result<()> {
+        let pairs = [
+            (
+                "text_encoder",
+                self.tokenizer.as_deref(),
+                self.text_encoder.as_deref(),
+            ),
+            (
+                "text_encoder_2",
+                Some(&*self.tokenizer_2),
+                Some(&*self.text_encoder_2),
+            ),
+        ];
+        for (name, tokenizer, encoder) in pairs {
+            let (Some(tokenizer), Some(encoder)) = (tokenizer, encoder) else {
+                continue;
+            };
+            let config = encoder.config();
+            let path = self.dir.join(name).join("config.json");
+            let length = tokenizer.max_length() as i64;
+            if config.max_position_embeddings < length {
+                return Err(EngineError::Config {
+                    path,
+                    message: format!(
+                        "`max_position_embeddings` is {}, fewer than the {length} tokens its tokenizer gives",
+                        config.max_position_embeddings
+                    ),
+                });
+            }
+            if config.vocab_size < tokenizer.id_bound() {
+                return Err(EngineError::Config {
+                    path,
+                    message: format!(
+                        "`vocab_size` is {}, but its tokenizer gives ids up to {}",
+                        config.vocab_size,
+                        tokenizer.id_bound() - 1
+                    ),
+                });
             }
         }
         Ok(())

@@ -1,12 +1,17 @@
 //! Model names to folders: configured roots resolve names; no name can reach a file
-//! outside its root (invariant 4).
+//! outside its root (invariant 4), and no file of a model leads outside every root.
+//! A root may be a plain tree of models or a Hugging Face hub cache.
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::engine::error::read_json;
-use crate::engine::loading::single_file::Configs;
-use crate::engine::models::clip::ClipTextConfig;
-use crate::engine::schedulers::SchedulerKind;
+use crate::engine::files::read_json;
+
+mod facts;
+mod files;
+mod hub;
+
+pub use facts::PipelineFacts;
+pub use files::{model_files, Escape, ModelFile};
 
 /// Why a name did not resolve.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +27,14 @@ pub enum RegistryError {
     /// No root holds the name.
     #[error("model `{0}` not found")]
     NotFound(String),
+    /// A file of the model leads outside every model root.
+    #[error("model `{name}` has `{file}` leading outside the model roots")]
+    OutsideRoots {
+        /// The name.
+        name: String,
+        /// The file, relative to the model.
+        file: String,
+    },
     /// The name is a pickle-based file, which is never loaded at request time.
     #[error("model `{name}` is a pickle file ({file}); convert it with `sdxld convert` first")]
     Pickle {
@@ -238,78 +251,6 @@ pub fn check_name(name: &str) -> Result<(), RegistryError> {
     Ok(())
 }
 
-fn dir_size(path: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for entry in entries.flatten() {
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => total += dir_size(&entry.path()),
-                Ok(t) if t.is_file() => total += entry.metadata().map(|m| m.len()).unwrap_or(0),
-                _ => {}
-            }
-        }
-    }
-    total
-}
-
-fn files_sorted(path: &Path, out: &mut Vec<PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(path) {
-        let mut entries: Vec<_> = entries.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => files_sorted(&entry.path(), out),
-                Ok(t) if t.is_file() => out.push(entry.path()),
-                _ => {}
-            }
-        }
-    }
-}
-
-/// What validation needs to know of a pipeline before it is loaded, read from its
-/// configs: its default image size, the depth of its text encoders and its scheduler.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PipelineFacts {
-    /// Default image side in pixels (UNet sample size × VAE scale factor).
-    pub default_size: u32,
-    /// Layers of its shallowest text encoder.
-    pub text_encoder_layers: u32,
-    /// Its scheduler, where sdxld implements it.
-    pub scheduler: Option<SchedulerKind>,
-}
-
-impl PipelineFacts {
-    /// Reads the configs of a pipeline folder or single-file checkpoint.
-    fn read(path: &Path) -> Option<Self> {
-        let configs = if path.is_file() {
-            let (_, metadata) = crate::engine::weights::read_header(path).ok()?;
-            Configs::from_metadata(path, &metadata).ok()?
-        } else {
-            let read_clip =
-                |sub: &str| read_json::<ClipTextConfig>(&path.join(sub).join("config.json"));
-            let text_encoder_2 = read_clip("text_encoder_2").ok()?;
-            Configs {
-                unet: read_json(&path.join("unet/config.json")).ok()?,
-                vae: read_json(&path.join("vae/config.json")).ok()?,
-                // A refiner has only the second encoder.
-                text_encoder: read_clip("text_encoder").unwrap_or_else(|_| text_encoder_2.clone()),
-                text_encoder_2,
-                scheduler: read_json(&path.join("scheduler/scheduler_config.json")).ok()?,
-            }
-        };
-        let sample = configs.unet.sample_size.unwrap_or(128).max(0) as u32;
-        let layers = configs
-            .text_encoder
-            .num_hidden_layers
-            .min(configs.text_encoder_2.num_hidden_layers);
-        Some(Self {
-            default_size: sample * configs.vae.scale_factor() as u32,
-            text_encoder_layers: layers.max(0) as u32,
-            scheduler: configs.scheduler.kind().ok(),
-        })
-    }
-}
-
 impl ModelEntry {
     /// Describes the diffusers pipeline folder `path` under `name`, if it is one.
     pub fn from_folder(name: &str, path: &Path) -> Option<Self> {
@@ -323,13 +264,30 @@ impl ModelEntry {
         Self::from_folder(&name, path)
     }
 
-    /// Describes `path` as a model of `kind` under `name`, if it holds one.
+    /// Describes `path` as a model of `kind` under `name`, if it holds one; its symlinks
+    /// are followed wherever they lead (a model the operator named by path).
     pub fn of_kind(kind: ModelKind, name: &str, path: &Path) -> Option<Self> {
+        Self::within(kind, name, path, None).ok().flatten()
+    }
+
+    /// [`Self::of_kind`] for a model under the roots: a file leading outside `bounds` is
+    /// an [`Escape`].
+    fn within(
+        kind: ModelKind,
+        name: &str,
+        path: &Path,
+        bounds: Option<&[PathBuf]>,
+    ) -> Result<Option<Self>, Escape> {
         if !kind.holds(path) {
-            return None;
+            return Ok(None);
         }
         let file = path.is_file();
-        Some(Self {
+        let size_bytes = if file {
+            path.metadata().map(|m| m.len()).unwrap_or(0)
+        } else {
+            model_files(path, bounds)?.iter().map(|f| f.size).sum()
+        };
+        Ok(Some(Self {
             name: name.to_string(),
             kind,
             format: if file {
@@ -338,15 +296,11 @@ impl ModelEntry {
                 ModelFormat::Diffusers
             },
             path: path.to_path_buf(),
-            size_bytes: if file {
-                path.metadata().map(|m| m.len()).unwrap_or(0)
-            } else {
-                dir_size(path)
-            },
+            size_bytes,
             pipeline: matches!(kind, ModelKind::Base | ModelKind::Refiner)
                 .then(|| PipelineFacts::read(path))
                 .flatten(),
-        })
+        }))
     }
 
     /// Default image side in pixels (1024 where the configs do not say).
@@ -354,16 +308,24 @@ impl ModelEntry {
         self.pipeline.as_ref().map_or(1024, |p| p.default_size)
     }
 
-    /// Its files, in path order.
+    /// Its files, in path order (through the model folder's symlinks).
     pub fn files(&self) -> Vec<PathBuf> {
-        let mut files = Vec::new();
         if self.path.is_file() {
-            files.push(self.path.clone());
-        } else {
-            files_sorted(&self.path, &mut files);
+            return vec![self.path.clone()];
         }
-        files
+        model_files(&self.path, None)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| f.path)
+            .collect()
     }
+}
+
+/// Where a name may lead under one root: the path as named, and the hub cache's snapshot.
+fn candidates(root: &Path, name: &str) -> impl Iterator<Item = PathBuf> {
+    [Some(root.join(name)), hub::resolve(root, name)]
+        .into_iter()
+        .flatten()
 }
 
 impl Registry {
@@ -377,6 +339,15 @@ impl Registry {
         &self.default
     }
 
+    /// Every root of every kind, canonical: where a model's files may lead.
+    fn bounds(&self) -> Vec<PathBuf> {
+        self.roots
+            .all()
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .collect()
+    }
+
     /// Resolves a client-supplied base model name ("" = the default model).
     pub fn resolve(&self, name: &str) -> Result<ModelEntry, RegistryError> {
         if name.is_empty() || name == self.default.name {
@@ -388,99 +359,186 @@ impl Registry {
     /// Resolves a client-supplied name under the roots of `kind`.
     pub fn resolve_kind(&self, kind: ModelKind, name: &str) -> Result<ModelEntry, RegistryError> {
         check_name(name)?;
+        let bounds = self.bounds();
         for root in self.roots.of(kind) {
             let Ok(root) = root.canonicalize() else {
                 continue;
             };
-            // Symlinks may not lead outside the root.
-            let inside = |candidate: PathBuf| {
-                candidate
-                    .canonicalize()
-                    .ok()
-                    .filter(|real| real.starts_with(&root))
-            };
-            if let Some(real) = inside(root.join(name)) {
-                if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
-                    return Ok(entry);
-                }
-                if real.is_file() && is_pickle(&real) {
-                    return Err(RegistryError::Pickle {
-                        name: name.to_string(),
-                        file: name.to_string(),
-                    });
-                }
-            }
-            if kind.takes_files() {
-                if let Some(real) = inside(root.join(format!("{name}.safetensors"))) {
-                    if let Some(entry) = ModelEntry::of_kind(kind, name, &real) {
-                        return Ok(entry);
-                    }
-                }
-            }
-            // Every kind may have been downloaded as a pickle file: say what to do with it.
-            for extension in PICKLE_EXTENSIONS {
-                let file = format!("{name}.{extension}");
-                if inside(root.join(&file)).is_some_and(|p| p.is_file()) {
-                    return Err(RegistryError::Pickle {
-                        name: name.to_string(),
-                        file,
-                    });
-                }
+            if let Some(found) = self.resolve_in(kind, name, &root, &bounds) {
+                return found;
             }
         }
         Err(RegistryError::NotFound(name.to_string()))
     }
 
-    /// Every model under the roots (up to three levels deep), sorted by kind and name,
-    /// with the default base model.
+    /// What `name` is under one root, if anything.
+    fn resolve_in(
+        &self,
+        kind: ModelKind,
+        name: &str,
+        root: &Path,
+        bounds: &[PathBuf],
+    ) -> Option<Result<ModelEntry, RegistryError>> {
+        // The model itself may not lead outside its own root. Its path stays as named
+        // (a hub cache's file links to a blob without the file's extension).
+        let inside = |candidate: PathBuf| {
+            let real = candidate.canonicalize().ok()?;
+            real.starts_with(root).then_some(candidate)
+        };
+        let escaped = |e: Escape| RegistryError::OutsideRoots {
+            name: name.to_string(),
+            file: e.file,
+        };
+        let mut files: Vec<String> = vec![name.to_string()];
+        if kind.takes_files() {
+            files.push(format!("{name}.safetensors"));
+        }
+        for file in &files {
+            for real in candidates(root, file).filter_map(inside) {
+                match ModelEntry::within(kind, name, &real, Some(bounds)) {
+                    Ok(Some(entry)) => return Some(Ok(entry)),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(escaped(e))),
+                }
+            }
+        }
+        // Every kind may have been downloaded as a pickle file: say what to do with it.
+        let pickles = std::iter::once(name.to_string())
+            .filter(|n| is_pickle(Path::new(n)))
+            .chain(PICKLE_EXTENSIONS.iter().map(|e| format!("{name}.{e}")));
+        for file in pickles {
+            if candidates(root, &file)
+                .filter_map(inside)
+                .any(|p| p.is_file())
+            {
+                return Some(Err(RegistryError::Pickle {
+                    name: name.to_string(),
+                    file,
+                }));
+            }
+        }
+        None
+    }
+
+    /// Every model under the roots (up to three levels deep, and every repository of a
+    /// hub cache), sorted by kind and name, with the default base model.
     pub fn list(&self) -> Vec<ModelEntry> {
         let mut found = vec![self.default.clone()];
+        let bounds = self.bounds();
         for kind in ModelKind::ALL {
-            self.list_kind(kind, &mut found);
+            for root in self.roots.of(kind) {
+                if let Ok(root) = root.canonicalize() {
+                    self.list_root(kind, &root, &bounds, &mut found);
+                }
+            }
         }
         found.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         found.dedup_by(|a, b| a.kind == b.kind && a.name == b.name);
         found
     }
 
-    fn list_kind(&self, kind: ModelKind, found: &mut Vec<ModelEntry>) {
-        for root in self.roots.of(kind) {
-            let Ok(root) = root.canonicalize() else {
+    fn list_root(
+        &self,
+        kind: ModelKind,
+        root: &Path,
+        bounds: &[PathBuf],
+        found: &mut Vec<ModelEntry>,
+    ) {
+        let mut stack = vec![(root.to_path_buf(), 0)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
-            let mut stack = vec![(root.clone(), 0)];
-            while let Some((dir, depth)) = stack.pop() {
-                let Ok(entries) = std::fs::read_dir(&dir) else {
+            for entry in entries.flatten() {
+                let Ok(real) = entry.path().canonicalize() else {
                     continue;
                 };
-                for entry in entries.flatten() {
-                    let Ok(real) = entry.path().canonicalize() else {
-                        continue;
-                    };
-                    if !real.starts_with(&root) {
-                        continue;
-                    }
-                    if real.is_file() && !(kind.takes_files() && kind.holds(&real)) {
-                        continue;
-                    }
-                    let Ok(relative) = entry.path().strip_prefix(&root).map(Path::to_path_buf)
-                    else {
-                        continue;
-                    };
-                    let relative = if real.is_file() {
-                        relative.with_extension("")
-                    } else {
-                        relative
-                    };
-                    let name = relative.to_string_lossy().replace('\\', "/");
-                    if let Some(model) = ModelEntry::of_kind(kind, &name, &real) {
-                        if kind != ModelKind::Base || model.name != self.default.name {
-                            found.push(model);
-                        }
-                    } else if depth < 2 && real.is_dir() {
-                        stack.push((real, depth + 1));
-                    }
+                if !real.starts_with(root) {
+                    continue;
                 }
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(repo) = hub::repo_name(&file_name).filter(|_| depth == 0) {
+                    self.list_repo(kind, &repo, &real, bounds, found);
+                    continue;
+                }
+                if real.is_file() && !(kind.takes_files() && kind.holds(&real)) {
+                    continue;
+                }
+                let Ok(relative) = entry.path().strip_prefix(root).map(Path::to_path_buf) else {
+                    continue;
+                };
+                let relative = if real.is_file() {
+                    relative.with_extension("")
+                } else {
+                    relative
+                };
+                let name = relative.to_string_lossy().replace('\\', "/");
+                if !self.found(kind, &name, &real, bounds, found) && depth < 2 && real.is_dir() {
+                    stack.push((real, depth + 1));
+                }
+            }
+        }
+    }
+
+    /// Lists a hub cache repository: its snapshot, or the models one level inside it.
+    fn list_repo(
+        &self,
+        kind: ModelKind,
+        repo: &str,
+        folder: &Path,
+        bounds: &[PathBuf],
+        found: &mut Vec<ModelEntry>,
+    ) {
+        let Some(snapshot) = hub::snapshot(folder) else {
+            return;
+        };
+        if self.found(kind, repo, &snapshot, bounds, found) {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&snapshot) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let stem = if path.is_file() {
+                path.with_extension("")
+            } else {
+                path.clone()
+            };
+            let Some(sub) = stem.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            if path.is_dir() || kind.takes_files() {
+                self.found(kind, &format!("{repo}/{sub}"), &path, bounds, found);
+            }
+        }
+    }
+
+    /// Adds the model of `kind` at `path` to `found` if it holds one; whether it does.
+    /// A model leading outside the roots is left out (resolving it says why).
+    fn found(
+        &self,
+        kind: ModelKind,
+        name: &str,
+        path: &Path,
+        bounds: &[PathBuf],
+        found: &mut Vec<ModelEntry>,
+    ) -> bool {
+        match ModelEntry::within(kind, name, path, Some(bounds)) {
+            Ok(Some(model)) => {
+                if kind != ModelKind::Base || model.name != self.default.name {
+                    found.push(model);
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(escape) => {
+                tracing::warn!(
+                    model = name,
+                    file = escape.file,
+                    "a model file leads outside the model roots: not listed"
+                );
+                true
             }
         }
     }

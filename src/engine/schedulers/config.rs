@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::engine::error::{read_json, EngineError, Result};
+use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
+use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas;
 use crate::engine::schedulers::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerKind, TimestepSpacing,
@@ -184,14 +185,9 @@ impl SchedulerConfig {
         }
     }
 
-    /// Reads a `scheduler_config.json`.
+    /// Reads a `scheduler_config.json` and checks its values.
     pub fn load(path: &Path) -> Result<Self> {
-        let config: Self = read_json(path)?;
-        config.kind().map_err(|message| EngineError::Config {
-            path: path.to_path_buf(),
-            message,
-        })?;
-        Ok(config)
+        read_config(path)
     }
 
     /// The algorithm this config names.
@@ -278,6 +274,80 @@ impl SchedulerConfig {
             }
         }
         Ok(cumprod)
+    }
+}
+
+/// The most training timesteps a config may name (1000 for SDXL): the schedule's tables
+/// are this long.
+const MAX_TRAIN_TIMESTEPS: i64 = 100_000;
+
+/// Names sdxld's schedulers take for the string-valued keys.
+const ALGORITHM_TYPES: [&str; 2] = ["dpmsolver++", "sde-dpmsolver++"];
+const SOLVER_TYPES: [&str; 4] = ["midpoint", "heun", "bh1", "bh2"];
+
+impl SchedulerConfig {
+    fn check_betas(&self, check: &mut ConfigCheck) {
+        let beta = |check: &mut ConfigCheck, key: &str, value: f64| {
+            if !(0.0..1.0).contains(&value) {
+                check.problem(key, format_args!("is {value}; a beta lies in [0, 1)"));
+            }
+        };
+        beta(check, "beta_start", self.beta_start);
+        beta(check, "beta_end", self.beta_end);
+        if let Some(trained) = &self.trained_betas {
+            let steps = self.num_train_timesteps.max(0) as usize;
+            check.length("trained_betas", trained.len(), steps, "num_train_timesteps");
+            if let Some(&bad) = trained.iter().find(|b| !(0.0..1.0).contains(*b)) {
+                beta(check, "trained_betas", bad);
+            }
+        }
+    }
+}
+
+impl CheckedConfig for SchedulerConfig {
+    fn check(&self, check: &mut ConfigCheck) {
+        if let Err(message) = self.kind() {
+            check.problem("_class_name", message);
+        }
+        let steps = self.num_train_timesteps;
+        if !(1..=MAX_TRAIN_TIMESTEPS).contains(&steps) {
+            check.problem(
+                "num_train_timesteps",
+                format_args!("is {steps}; it must lie in 1..={MAX_TRAIN_TIMESTEPS}"),
+            );
+        }
+        self.check_betas(check);
+        check.not_negative("steps_offset", self.steps_offset);
+        for (key, value) in [("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)] {
+            value.inspect(|&v| check.positive_number(key, v));
+        }
+        if let Some(range) = self.clip_sample_range {
+            check.positive_number("clip_sample_range", range);
+        }
+        if let Some(eta) = self.eta.filter(|e| !(e.is_finite() && *e >= 0.0)) {
+            check.problem(
+                "eta",
+                format_args!("is {eta}; it must be a finite number ≥ 0"),
+            );
+        }
+        if let Some(order) = self.solver_order.filter(|o| !(1..=3).contains(o)) {
+            check.problem(
+                "solver_order",
+                format_args!("is {order}; it must be 1, 2 or 3"),
+            );
+        }
+        if let Some(algorithm) = &self.algorithm_type {
+            check.one_of("algorithm_type", algorithm, &ALGORITHM_TYPES);
+        }
+        if let Some(solver) = &self.solver_type {
+            check.one_of("solver_type", solver, &SOLVER_TYPES);
+        }
+        if let Some(interpolation) = &self.interpolation_type {
+            check.one_of("interpolation_type", interpolation, &["linear"]);
+        }
+        if let Some(timestep_type) = &self.timestep_type {
+            check.one_of("timestep_type", timestep_type, &["discrete"]);
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{Device, Kind};
 
+use crate::engine::config_check::{config_from_value, CheckedConfig};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -111,11 +112,13 @@ pub fn config_path(file: &Path, component: &str) -> PathBuf {
     PathBuf::from(format!("{}#{component}", file.display()))
 }
 
-fn typed<T: serde::de::DeserializeOwned>(file: &Path, component: &str, value: &Value) -> Result<T> {
-    T::deserialize(value).map_err(|e| EngineError::Config {
-        path: config_path(file, component),
-        message: e.to_string(),
-    })
+/// The config of `component`, read and checked.
+fn typed<T: serde::de::DeserializeOwned + CheckedConfig>(
+    file: &Path,
+    component: &str,
+    value: &Value,
+) -> Result<T> {
+    config_from_value(&config_path(file, component), value)
 }
 
 fn open(

@@ -1,0 +1,52 @@
+//! What a pipeline's configs say that requests are checked against before it loads.
+
+use std::path::Path;
+
+use crate::engine::config_check::read_config;
+use crate::engine::loading::single_file::Configs;
+use crate::engine::models::clip::ClipTextConfig;
+use crate::engine::schedulers::SchedulerKind;
+
+/// What validation needs to know of a pipeline before it is loaded, read from its
+/// configs: its default image size, the depth of its text encoders and its scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineFacts {
+    /// Default image side in pixels (UNet sample size × VAE scale factor).
+    pub default_size: u32,
+    /// Layers of its shallowest text encoder.
+    pub text_encoder_layers: u32,
+    /// Its scheduler, where sdxld implements it.
+    pub scheduler: Option<SchedulerKind>,
+}
+
+impl PipelineFacts {
+    /// Reads the configs of a pipeline folder or single-file checkpoint.
+    pub(super) fn read(path: &Path) -> Option<Self> {
+        let configs = if path.is_file() {
+            let (_, metadata) = crate::engine::weights::read_header(path).ok()?;
+            Configs::from_metadata(path, &metadata).ok()?
+        } else {
+            let read_clip =
+                |sub: &str| read_config::<ClipTextConfig>(&path.join(sub).join("config.json"));
+            let text_encoder_2 = read_clip("text_encoder_2").ok()?;
+            Configs {
+                unet: read_config(&path.join("unet/config.json")).ok()?,
+                vae: read_config(&path.join("vae/config.json")).ok()?,
+                // A refiner has only the second encoder.
+                text_encoder: read_clip("text_encoder").unwrap_or_else(|_| text_encoder_2.clone()),
+                text_encoder_2,
+                scheduler: read_config(&path.join("scheduler/scheduler_config.json")).ok()?,
+            }
+        };
+        let sample = configs.unet.sample_size.unwrap_or(128).max(0) as u32;
+        let layers = configs
+            .text_encoder
+            .num_hidden_layers
+            .min(configs.text_encoder_2.num_hidden_layers);
+        Some(Self {
+            default_size: sample * configs.vae.scale_factor() as u32,
+            text_encoder_layers: layers.max(0) as u32,
+            scheduler: configs.scheduler.kind().ok(),
+        })
+    }
+}
