@@ -431,7 +431,8 @@ pub fn convert(input: &Path, output: &Path) -> Result<usize> {
         let mut entry = archive
             .by_name(name)
             .map_err(|e| bad(input, format!("`{name}`: {e}")))?;
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        // The declared size is the archive's word, not a promise: reserve at most 64 MiB.
+        let mut bytes = Vec::with_capacity(entry.size().min(64 << 20) as usize);
         entry
             .read_to_end(&mut bytes)
             .map_err(|e| bad(input, format!("`{name}`: {e}")))?;
