@@ -176,3 +176,16 @@ pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
     #[allow(unreachable_code)]
     false
 }
+
+/// Hands the host memory a job freed back to the system. libtorch's CPU tensors come
+/// from glibc's malloc, which keeps freed memory in its arenas for reuse (and, after a
+/// large tensor is freed, raises its mmap threshold so that later large tensors are kept
+/// too): without this, one large job leaves the process hundreds of MiB larger for good.
+/// Called between jobs, where its few milliseconds delay no step.
+pub fn release_freed_host_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
