@@ -149,14 +149,6 @@ fn the_command_line_reports_the_broken_file() {
     );
 }
 
-/// Sets `key` of the JSON config at `path` to `value`.
-fn set_config(path: &Path, key: &str, value: serde_json::Value) {
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
-    config[key] = value;
-    std::fs::write(path, config.to_string()).expect("write");
-}
-
 #[test]
 fn every_impossible_config_value_is_refused_naming_its_file_and_key() {
     use serde_json::json;
@@ -244,7 +236,7 @@ fn every_impossible_config_value_is_refused_naming_its_file_and_key() {
     ];
     for (file, key, value) in cases {
         let (_tmp, dir) = copy_pipeline();
-        set_config(&dir.join(file), key, value.clone());
+        common::set_config(&dir.join(file), key, value.clone());
         let err = load_err(&dir);
         let text = err.to_string();
         assert!(
@@ -300,9 +292,9 @@ fn a_text_encoder_shorter_than_its_tokenizer_is_refused() {
     ] {
         let (_tmp, dir) = copy_pipeline();
         let config = dir.join("text_encoder_2/config.json");
-        set_config(&config, key, rows.into());
+        common::set_config(&config, key, rows.into());
         // The legacy pooling rule, which needs no end-of-text id in the table.
-        set_config(&config, "eos_token_id", 2.into());
+        common::set_config(&config, "eos_token_id", 2.into());
         rewrite(&dir.join("text_encoder_2/model.safetensors"), |tensors| {
             for (name, t) in tensors.iter_mut() {
                 if name.ends_with(&format!("{tensor}.weight")) {

@@ -309,23 +309,23 @@ async fn oversized_headers_and_messages_fail_their_own_call_only() {
     assert!(completed);
 }
 
+/// A server whose base root holds `broken`, the demo model with garbage UNet weights.
+async fn with_broken_model() -> (tempfile::TempDir, TestServer) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let broken = root.path().join("broken");
+    common::cli::sdxld("demo-model")
+        .flag("--output", &broken)
+        .succeeds();
+    let weights = broken.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::write(weights, b"garbage").expect("write");
+    let base_roots = root.path().to_str().expect("utf-8");
+    let server = TestServer::start(&[("SDXLD__MODELS__BASE_ROOTS", base_roots)]).await;
+    (root, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_name_model_files_without_server_paths() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let demo = root.path().join("broken");
-    common::cli::sdxld("demo-model")
-        .flag("--output", &demo)
-        .succeeds();
-    std::fs::write(
-        demo.join("unet/diffusion_pytorch_model.safetensors"),
-        b"garbage",
-    )
-    .expect("write");
-    let server = TestServer::start(&[(
-        "SDXLD__MODELS__BASE_ROOTS",
-        root.path().to_str().expect("utf-8"),
-    )])
-    .await;
+    let (root, server) = with_broken_model().await;
     let mut spec = quick_spec(8);
     spec.model = "broken".into();
     let status = server.images(spec).await.expect_err("a broken model");
@@ -347,21 +347,7 @@ async fn statuses_name_model_files_without_server_paths() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_jobs_end_is_counted_once() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let broken = root.path().join("broken");
-    common::cli::sdxld("demo-model")
-        .flag("--output", &broken)
-        .succeeds();
-    std::fs::write(
-        broken.join("unet/diffusion_pytorch_model.safetensors"),
-        b"garbage",
-    )
-    .expect("write");
-    let server = TestServer::start(&[(
-        "SDXLD__MODELS__BASE_ROOTS",
-        root.path().to_str().expect("utf-8"),
-    )])
-    .await;
+    let (_root, server) = with_broken_model().await;
     let mut client = server.generation().await;
     // Two completed.
     for seed in 0..2 {

@@ -246,14 +246,6 @@ async fn special_files_in_a_model_folder_hold_up_no_request() {
         .expect("generated");
 }
 
-/// Sets `key` of the JSON config at `path` to `value`.
-fn set_config(path: &Path, key: &str, value: serde_json::Value) {
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
-    config[key] = value;
-    std::fs::write(path, config.to_string()).expect("write");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impossible_configs_are_refused_naming_their_file_and_key() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -275,7 +267,7 @@ async fn impossible_configs_are_refused_naming_their_file_and_key() {
     ];
     for (name, file, key, value) in cases {
         demo_model(&root.path().join(name));
-        set_config(&root.path().join(name).join(file), key, value.into());
+        common::set_config(&root.path().join(name).join(file), key, value.into());
     }
     let server = start(&[root_env("SDXLD__MODELS__BASE_ROOTS", root.path())]).await;
     for (name, file, key, _) in cases {

@@ -246,3 +246,11 @@ pub fn assert_matches_case(
         &reference[&format!("{name}.images")],
     );
 }
+
+/// Sets `key` of the JSON config at `path` to `value`.
+pub fn set_config(path: &Path, key: &str, value: serde_json::Value) {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    config[key] = value;
+    std::fs::write(path, config.to_string()).expect("write");
+}

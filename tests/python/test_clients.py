@@ -110,6 +110,26 @@ def test_python_client_loras(stubs, server, tmp_path):
     assert bad_request_fields(stubs, caught.value) == ["spec.loras[0].weight"]
 
 
+def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
+    """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
+    still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    nan = float("nan")
+    many = [stubs.gen.LoraAdapter(name=f"lora-{i}", weight=nan) for i in range(3000)]
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, loras=many)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert bad_request_fields(stubs, caught.value) == ["spec.loras"]
+    # Sixteen bad entries and every scalar field bad: at most 20 listed, one counts the rest.
+    request = spec(stubs, loras=[stubs.gen.LoraAdapter(name="../x" * 100, weight=nan) for _ in range(16)])
+    request.width, request.height, request.steps, request.guidance_scale = 7, 9, 100000, nan
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=request))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = bad_request_fields(stubs, caught.value)
+    assert len(fields) == 21 and fields[-1] == "spec", fields
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
