@@ -302,6 +302,7 @@ fn api_state(
         device: placement.device_name(),
         dtype: placement.dtype_name().to_string(),
         resident: Arc::new(Mutex::new(HashSet::new())),
+        preprocess_slots: crate::api::preprocess::slots(),
     })
 }
 

@@ -275,6 +275,16 @@ impl GenerationService for Generation {
         }
     }
 
+    async fn preprocess(
+        &self,
+        request: Request<pb::PreprocessRequest>,
+    ) -> Result<Response<pb::PreprocessResponse>, Status> {
+        crate::api::preprocess::preprocess(self.state.clone(), request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| self.status(e))
+    }
+
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod generation;
 pub mod guard;
 pub mod models;
+pub mod preprocess;
 pub mod rpc_metrics;
 pub mod status;
 pub mod validate;
@@ -37,6 +38,8 @@ pub struct ApiState {
     pub resident: Arc<Mutex<HashSet<PathBuf>>>,
     /// Server paths kept out of status messages.
     pub redactor: status::Redactor,
+    /// Turns for the Preprocess RPC.
+    pub preprocess_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {

@@ -271,6 +271,10 @@ impl ModelService for Models {
                 max_queued_jobs: settings.jobs.max_queued as u32,
                 max_prompt_chars: settings.limits.max_prompt_chars,
             }),
+            preprocessors: crate::api::validate::preprocessor::IMPLEMENTED
+                .iter()
+                .map(|&p| p as i32)
+                .collect(),
             device: self.state.device.clone(),
             dtype: self.state.dtype.clone(),
             device_memory_budget_bytes: settings.engine.memory_budget_bytes,

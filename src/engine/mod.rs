@@ -15,6 +15,7 @@ pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod preprocess;
 pub mod refiner;
 pub mod registry;
 pub mod request;

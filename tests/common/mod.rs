@@ -20,24 +20,35 @@ pub fn repo() -> PathBuf {
 /// The fixture folder written by `tests/fixtures/make_fixtures.py` (built when missing).
 pub fn fixtures() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        if let Ok(dir) = std::env::var("SDXLD_FIXTURES") {
-            return PathBuf::from(dir);
-        }
-        let python = repo().join(".venv/bin/python");
-        let output = Command::new(&python)
-            .arg(repo().join("tests/fixtures/make_fixtures.py"))
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/test)", python.display()));
-        assert!(
-            output.status.success(),
-            "fixture script failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
-    })
-    .clone()
+    DIR.get_or_init(|| built_by("make_fixtures.py", "SDXLD_FIXTURES"))
+        .clone()
+}
+
+/// The fixture folder written by `tests/fixtures/make_preprocess_fixtures.py` (built when
+/// missing).
+pub fn preprocess_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_preprocess_fixtures.py", "SDXLD_PREPROCESS_FIXTURES"))
+        .clone()
+}
+
+/// The folder `$env` names, else the one the fixture script `script` prints.
+fn built_by(script: &str, env: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var(env) {
+        return PathBuf::from(dir);
+    }
+    let python = repo().join(".venv/bin/python");
+    let output = Command::new(&python)
+        .arg(repo().join("tests/fixtures").join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/test)", python.display()));
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
 }
 
 /// One reference case the fixture script recorded in `<config>/<file>.json`: the

@@ -2,11 +2,10 @@
 //! feature itself answers UNIMPLEMENTED until it lands).
 
 use crate::api::status::ApiError;
-use crate::api::validate::fields::{
-    at_most, enum_value, float, model_name, optional_float, Range, Violations,
-};
+use crate::api::validate::fields::{float, model_name, optional_float, Range, Violations};
 use crate::api::validate::images::probe;
 use crate::api::validate::model::named;
+use crate::api::validate::preprocessor::preprocessor;
 use crate::api::validate::Deferred;
 use crate::engine::registry::{ModelKind, Registry};
 use crate::jobs::LoraJob;
@@ -105,25 +104,15 @@ pub fn controlnets(
         } else {
             probe(&unit.image, &format!("{p}.image"), max_pixels, v);
         }
-        enum_value::<pb::Preprocessor>(v, &format!("{p}.preprocessor"), unit.preprocessor);
-        if let Some(params) = &unit.preprocessor_params {
-            let pp = format!("{p}.preprocessor_params");
-            for (name, value) in [
-                ("low_threshold", params.low_threshold),
-                ("high_threshold", params.high_threshold),
-            ] {
-                if let Some(value) = value {
-                    at_most(v, &format!("{pp}.{name}"), value, 255);
-                }
-            }
-            let resolution = params.detect_resolution;
-            if resolution != 0 && !(64..=2048).contains(&resolution) {
-                v.add(
-                    format!("{pp}.detect_resolution"),
-                    format!("must be 0 or between 64 and 2048, got {resolution}"),
-                );
-            }
-        }
+        // The unit's own UNIMPLEMENTED covers the preprocessors too, until it lands.
+        let mut unit_deferred = Deferred::default();
+        preprocessor(
+            &format!("{p}."),
+            unit.preprocessor,
+            unit.preprocessor_params.as_ref(),
+            v,
+            &mut unit_deferred,
+        );
         if let Some(scale) = unit.conditioning_scale {
             float(
                 v,

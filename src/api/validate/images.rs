@@ -67,6 +67,22 @@ fn check_size(
 /// Decodes `bytes` (PNG, JPEG or WebP) into RGB; a violation when it does not decode or
 /// is larger than `max_pixels`.
 pub fn decode(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) -> Option<Decoded> {
+    let image = decode_image(bytes, field, max_pixels, v)?;
+    Some(Decoded {
+        width: image.width(),
+        height: image.height(),
+        rgb: image.to_rgb8().into_raw(),
+    })
+}
+
+/// Decodes `bytes` (PNG, JPEG or WebP) as stored (grey, alpha and 16-bit kept); a
+/// violation when it does not decode or is larger than `max_pixels`.
+pub fn decode_image(
+    bytes: &[u8],
+    field: &str,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<image::DynamicImage> {
     let decoded = reader(bytes, max_pixels)
         .and_then(|r| r.into_decoder().map_err(|e| e.to_string()))
         .map(|decoder| (image::ImageDecoder::dimensions(&decoder), decoder));
@@ -79,11 +95,7 @@ pub fn decode(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) ->
     };
     check_size(size, field, max_pixels, v)?;
     match image::DynamicImage::from_decoder(decoder) {
-        Ok(image) => Some(Decoded {
-            width: size.0,
-            height: size.1,
-            rgb: image.to_rgb8().into_raw(),
-        }),
+        Ok(image) => Some(image),
         Err(e) => {
             v.add(field, format!("is not a decodable image ({e})"));
             None

@@ -8,6 +8,7 @@ mod fields;
 mod images;
 mod model;
 mod output;
+pub mod preprocessor;
 mod refiner;
 mod sampling;
 

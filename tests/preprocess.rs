@@ -1,0 +1,194 @@
+//! Preprocessors against the implementations users know: Canny equals OpenCV's
+//! `cv2.Canny` byte for byte on the image controlnet_aux hands it.
+
+mod common;
+
+use sdxld::engine::preprocess::{canny::canny, hwc3};
+
+#[test]
+fn canny_equals_opencv_on_every_image_and_threshold() {
+    let root = common::preprocess_fixtures();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("canny.json")).expect("read"))
+            .expect("json");
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    let mut edges_seen = 0;
+    for case in &cases {
+        let image = image::open(root.join(case["image"].as_str().expect("image"))).expect("png");
+        let expected = image::open(root.join(case["expected"].as_str().expect("expected")))
+            .expect("png")
+            .to_luma8();
+        let (low, high) = (
+            case["low"].as_u64().expect("low"),
+            case["high"].as_u64().expect("high"),
+        );
+        let actual = canny(&hwc3(&image), low as u32, high as u32);
+        assert_eq!(actual.dimensions(), expected.dimensions(), "{case}");
+        let differing = actual
+            .iter()
+            .zip(expected.iter())
+            .filter(|(a, e)| a != e)
+            .count();
+        assert_eq!(differing, 0, "{case}: {differing} pixels differ");
+        edges_seen += usize::from(expected.contains(&255));
+    }
+    // The cases exercise edges, not only empty maps.
+    assert!(
+        edges_seen * 2 > cases.len(),
+        "{edges_seen} of {} cases have edges",
+        cases.len()
+    );
+}
+
+mod over_grpc {
+    use super::common;
+    use super::common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    fn request(image: Vec<u8>, preprocessor: pb::Preprocessor) -> pb::PreprocessRequest {
+        pb::PreprocessRequest {
+            image,
+            preprocessor: preprocessor as i32,
+            preprocessor_params: None,
+        }
+    }
+
+    async fn preprocess(
+        server: &TestServer,
+        request: pb::PreprocessRequest,
+    ) -> Result<pb::PreprocessResponse, tonic::Status> {
+        server
+            .generation()
+            .await
+            .preprocess(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    fn fields(status: &tonic::Status) -> Vec<String> {
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        bad.field_violations.into_iter().map(|f| f.field).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_preprocess_rpc_returns_opencvs_canny_and_names_what_it_refuses() {
+        let root = common::preprocess_fixtures();
+        let server = TestServer::start(&[]).await;
+        let png = std::fs::read(root.join("images/photo_160x120.png")).expect("read");
+        for (low, high) in [(100, 200), (10, 30)] {
+            let mut canny = request(png.clone(), pb::Preprocessor::Canny);
+            canny.preprocessor_params = Some(pb::PreprocessorParams {
+                low_threshold: Some(low),
+                high_threshold: Some(high),
+                detect_resolution: 0,
+            });
+            let map = preprocess(&server, canny).await.expect("a control map");
+            assert_eq!((map.width, map.height), (160, 120));
+            let map = image::load_from_memory(&map.control_map)
+                .expect("png")
+                .to_rgb8();
+            let expected = image::open(root.join(format!("canny/photo_160x120_{low}_{high}.png")))
+                .expect("png")
+                .to_rgb8();
+            assert_eq!(map, expected, "thresholds {low} {high}");
+        }
+        // No preprocessing: the image itself.
+        let plain = preprocess(&server, request(png.clone(), pb::Preprocessor::None))
+            .await
+            .expect("the image");
+        let original = image::load_from_memory(&png).expect("png").to_rgb8();
+        assert_eq!(
+            image::load_from_memory(&plain.control_map)
+                .expect("png")
+                .to_rgb8(),
+            original
+        );
+
+        let invalid = [
+            (request(Vec::new(), pb::Preprocessor::Canny), "image"),
+            (
+                request(b"not an image".to_vec(), pb::Preprocessor::Canny),
+                "image",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor: 99,
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        low_threshold: Some(201),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.low_threshold",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        high_threshold: Some(256),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.high_threshold",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        detect_resolution: 32,
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.detect_resolution",
+            ),
+        ];
+        for (request, field) in invalid {
+            let status = preprocess(&server, request).await.expect_err(field);
+            assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+            assert_eq!(fields(&status), [field], "{status:?}");
+        }
+        let unimplemented = [
+            (
+                request(png.clone(), pb::Preprocessor::Depth),
+                "preprocessor",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        detect_resolution: 512,
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.detect_resolution",
+            ),
+        ];
+        for (request, field) in unimplemented {
+            let status = preprocess(&server, request).await.expect_err(field);
+            assert_eq!(status.code(), Code::Unimplemented, "{field}: {status:?}");
+            assert!(status.message().contains(field), "{status:?}");
+        }
+        let capabilities = server
+            .models()
+            .await
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await
+            .expect("capabilities")
+            .into_inner();
+        assert_eq!(
+            capabilities.preprocessors,
+            [
+                pb::Preprocessor::None as i32,
+                pb::Preprocessor::Canny as i32
+            ]
+        );
+    }
+}
