@@ -168,7 +168,8 @@ impl ConfigCheck {
         }
     }
 
-    fn finish(self, path: &Path) -> Result<()> {
+    /// The problems found, as one error naming `path`.
+    pub fn finish(self, path: &Path) -> Result<()> {
         if self.problems.is_empty() {
             return Ok(());
         }

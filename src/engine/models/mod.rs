@@ -2,6 +2,8 @@
 
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
+pub mod embeddings;
 pub mod nn;
 pub mod resnet;
 pub mod tokenizer;

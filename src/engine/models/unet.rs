@@ -7,30 +7,30 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::config_check::{check_config, read_config};
-use crate::engine::error::{EngineError, Result};
+use crate::engine::error::Result;
+use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
 use crate::engine::models::unet_blocks::{
-    timestep_embedding, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock,
-    TimestepEmbedding, UpBlock, UpBlockShape,
+    BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock, UpBlockShape,
 };
 use crate::engine::weights::{VarPath, Weights};
 
-pub use crate::engine::models::unet_config::{PerBlock, UNetConfig};
+pub use crate::engine::models::embeddings::AddedCond;
 
-/// The SDXL added conditioning: pooled text embedding and six size/crop values per image.
-pub struct AddedCond<'a> {
-    /// [batch, projection_dim] pooled text embedding.
-    pub text_embeds: &'a Tensor,
-    /// [batch, 6]: original size (h, w), crop top-left (y, x), target size (h, w).
-    pub time_ids: &'a Tensor,
+/// What ControlNets add to a UNet: one residual per skip state and one for the mid block.
+pub struct ControlResiduals {
+    /// Added to the skip states, in the order the down blocks produce them.
+    pub down: Vec<Tensor>,
+    /// Added to the mid block's output.
+    pub mid: Tensor,
 }
+pub use crate::engine::models::unet_config::{PerBlock, UNetConfig};
 
 /// The SDXL denoising UNet.
 pub struct UNet2DConditionModel {
     config: UNetConfig,
     conv_in: Conv2d,
-    time_embedding: TimestepEmbedding,
-    add_embedding: Option<TimestepEmbedding>,
+    embeddings: TimeEmbeddings,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -38,13 +38,6 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// Its linear and convolution layers, for LoRA adapters.
     adaptable: LayerTable,
-}
-
-fn unsupported(path: &Path, message: impl Into<String>) -> EngineError {
-    EngineError::Config {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
 }
 
 impl UNet2DConditionModel {
@@ -75,21 +68,11 @@ impl UNet2DConditionModel {
         let c = &config;
         let channels = &c.block_out_channels;
         let (heads, depths) = c.attention_sizes();
-        let time_dim = channels[0] * 4;
-        let settings = BlockSettings {
-            temb_channels: time_dim,
-            groups: c.norm_num_groups,
-            eps: c.norm_eps,
-            cross_attention_dim: c.cross_attention_dim,
-            use_linear_projection: c.use_linear_projection,
-            config_path,
-        };
+        let settings = BlockSettings::of(c, config_path);
         let n = channels.len();
 
         // 1. time and added embeddings
-        let time_embedding =
-            TimestepEmbedding::load(&vp.pp("time_embedding"), channels[0], time_dim)?;
-        let add_embedding = Self::add_embedding(vp, c, time_dim, config_path)?;
+        let embeddings = TimeEmbeddings::load(vp, c, config_path)?;
 
         // 2. down blocks
         let mut down_blocks = Vec::with_capacity(n);
@@ -120,8 +103,7 @@ impl UNet2DConditionModel {
         let (groups, eps) = (c.norm_num_groups, c.norm_eps);
         Ok(Self {
             conv_in: Conv2d::load(&vp.pp("conv_in"), c.in_channels, channels[0], 3, 1, 1)?,
-            time_embedding,
-            add_embedding,
+            embeddings,
             down_blocks,
             mid_block,
             up_blocks,
@@ -130,35 +112,6 @@ impl UNet2DConditionModel {
             config,
             adaptable: LayerTable::default(),
         })
-    }
-
-    /// The `text_time` added embedding, when the config has one.
-    fn add_embedding(
-        vp: &VarPath,
-        c: &UNetConfig,
-        time_dim: i64,
-        config_path: &Path,
-    ) -> Result<Option<TimestepEmbedding>> {
-        if c.addition_embed_type.as_deref() != Some("text_time") {
-            return Ok(None);
-        }
-        let input = c.projection_class_embeddings_input_dim.ok_or_else(|| {
-            unsupported(
-                config_path,
-                "text_time needs projection_class_embeddings_input_dim",
-            )
-        })?;
-        if c.addition_time_embed_dim.is_none() {
-            return Err(unsupported(
-                config_path,
-                "text_time needs addition_time_embed_dim",
-            ));
-        }
-        Ok(Some(TimestepEmbedding::load(
-            &vp.pp("add_embedding"),
-            input,
-            time_dim,
-        )?))
     }
 
     /// The down blocks' shapes.
@@ -231,35 +184,25 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedCond>,
     ) -> Tensor {
-        let c = &self.config;
+        self.forward_controlled(sample, timestep, context, added, None)
+    }
+
+    /// [`Self::forward`] with ControlNet residuals added to the skip states and to the mid
+    /// block's output, as diffusers adds `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`.
+    pub fn forward_controlled(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        control: Option<&ControlResiduals>,
+    ) -> Tensor {
         let batch = sample.size()[0];
         let dtype = sample.kind();
 
         // 1. time
-        let timesteps = timestep.reshape([-1]).expand([batch], false);
-        let t_emb = timestep_embedding(
-            &timesteps,
-            c.block_out_channels[0],
-            c.flip_sin_to_cos,
-            c.freq_shift,
-        );
-        let mut emb = self.time_embedding.forward(&t_emb.to_kind(dtype));
-        if let (Some(add_embedding), Some(added), Some(dim)) =
-            (&self.add_embedding, added, c.addition_time_embed_dim)
-        {
-            let time_embeds = timestep_embedding(
-                &added.time_ids.reshape([-1]),
-                dim,
-                c.flip_sin_to_cos,
-                c.freq_shift,
-            )
-            .reshape([added.text_embeds.size()[0], -1]);
-            let add = Tensor::cat(
-                &[added.text_embeds.to_kind(dtype), time_embeds.to_kind(dtype)],
-                -1,
-            );
-            emb += add_embedding.forward(&add);
-        }
+        let emb = self.embeddings.forward(timestep, batch, dtype, added);
 
         // 2. pre-process
         let mut h = self.conv_in.forward(sample);
@@ -272,8 +215,17 @@ impl UNet2DConditionModel {
             skips.extend(states);
         }
 
+        if let Some(control) = control {
+            for (skip, residual) in skips.iter_mut().zip(&control.down) {
+                *skip = &*skip + residual;
+            }
+        }
+
         // 4. mid
         h = self.mid_block.forward(&h, &emb, context);
+        if let Some(control) = control {
+            h += &control.mid;
+        }
 
         // 5. up; diffusers' forward_upsample_size when the latent does not divide evenly
         let factor = 1i64 << (self.up_blocks.len() - 1);

@@ -1,65 +1,16 @@
-//! The UNet's building blocks as diffusers defines them (`unet_2d_blocks.py`,
-//! `embeddings.py`): the timestep embeddings and the down, mid and up blocks, each
-//! loading itself from its weight path. The UNet and (later) the ControlNet, which
-//! shares the UNet's encoder, are made of them.
+//! The UNet's building blocks as diffusers defines them (`unet_2d_blocks.py`): the down,
+//! mid and up blocks, each loading itself from its weight path. The UNet and the
+//! ControlNet, which shares the UNet's encoder, are made of them.
 
 use std::path::Path;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
-use crate::engine::models::nn::Linear;
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::weights::VarPath;
-
-/// Sinusoidal embedding of `timesteps` ([n] floats) into `dim` channels, as diffusers'
-/// `get_timestep_embedding`.
-pub fn timestep_embedding(
-    timesteps: &Tensor,
-    dim: i64,
-    flip_sin_to_cos: bool,
-    shift: f64,
-) -> Tensor {
-    let half = dim / 2;
-    let device = timesteps.device();
-    let exponent =
-        Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln())) / (half as f64 - shift);
-    let freqs = exponent.exp();
-    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
-    let (sin, cos) = (args.sin(), args.cos());
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], -1)
-    } else {
-        Tensor::cat(&[sin, cos], -1)
-    };
-    if dim % 2 == 1 {
-        emb.constant_pad_nd([0, 1, 0, 0])
-    } else {
-        emb
-    }
-}
-
-/// `TimestepEmbedding`: linear, SiLU, linear.
-pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl TimestepEmbedding {
-    /// Loads the embedding at `vp`.
-    pub fn load(vp: &VarPath, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self {
-            linear_1: Linear::load(&vp.pp("linear_1"), in_dim, out_dim, true)?,
-            linear_2: Linear::load(&vp.pp("linear_2"), out_dim, out_dim, true)?,
-        })
-    }
-
-    /// Embeds `x`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(x).silu())
-    }
-}
 
 /// What every block of one model shares (from its config).
 #[derive(Debug, Clone)]
@@ -78,7 +29,20 @@ pub struct BlockSettings<'a> {
     pub config_path: &'a Path,
 }
 
-impl BlockSettings<'_> {
+impl<'a> BlockSettings<'a> {
+    /// The settings of the model `c` describes (its time embedding is four times its first
+    /// level's width).
+    pub fn of(c: &UNetConfig, config_path: &'a Path) -> Self {
+        Self {
+            temb_channels: c.block_out_channels.first().copied().unwrap_or(0) * 4,
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+            cross_attention_dim: c.cross_attention_dim,
+            use_linear_projection: c.use_linear_projection,
+            config_path,
+        }
+    }
+
     fn resnet(&self, vp: &VarPath, in_channels: i64, out_channels: i64) -> Result<ResnetBlock2D> {
         ResnetBlock2D::load(
             vp,
@@ -227,6 +191,15 @@ impl MidBlock {
                 s.resnet(&vp.pp("resnets").pp(1), channels, channels)?,
             ],
             attentions: vec![s.transformer(&vp.pp("attentions").pp(0), channels, heads, depth)?],
+        })
+    }
+
+    /// Loads a `UNetMidBlock2D` without attention at `vp` (one resnet), as small
+    /// ControlNets have.
+    pub fn load_plain(vp: &VarPath, s: &BlockSettings<'_>, channels: i64) -> Result<Self> {
+        Ok(Self {
+            resnets: vec![s.resnet(&vp.pp("resnets").pp(0), channels, channels)?],
+            attentions: Vec::new(),
         })
     }
 

@@ -1,0 +1,128 @@
+//! ControlNets against diffusers: tiny random-weight ControlNets of both pipelines, one
+//! copied from the UNet's encoder and one with a config of its own (blocks without
+//! attention, a mid block of one resnet, BGR, other heads and depths, pooled residuals),
+//! give diffusers' residuals at scale 1 and in guess mode, and the UNet adds them as
+//! diffusers does.
+
+mod common;
+
+use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative_error};
+use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
+use sdxld::engine::models::unet::{AddedCond, UNet2DConditionModel};
+use tch::{Device, Kind};
+
+#[test]
+fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
+    for config in ["tiny2", "tiny3"] {
+        let unet = UNet2DConditionModel::load_dir(
+            &fixtures().join(config).join("pipeline/unet"),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .expect("unet");
+        for kind in ["from_unet", "own"] {
+            let what = format!("{config}/{kind}");
+            let root = controlnet_fixtures().join(config);
+            let model = ControlNetModel::load_dir(&root.join(kind), Device::Cpu, Kind::Float)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let r = read_tensors(&root.join(format!("{kind}.safetensors")));
+            let added = AddedCond {
+                text_embeds: &r["text_embeds"],
+                time_ids: &r["time_ids"],
+            };
+            let timestep = r["timestep"].reshape([]);
+            let run = |image: &tch::Tensor, scale: ControlScale| {
+                model.forward(
+                    &r["sample"],
+                    &timestep,
+                    &r["encoder_hidden_states"],
+                    Some(&added),
+                    image,
+                    scale,
+                )
+            };
+            for (tag, scale, guess_mode) in [("scale1", 1.0, false), ("guess05", 0.5, true)] {
+                let residuals = run(&r["image"], ControlScale { scale, guess_mode });
+                let count = r
+                    .keys()
+                    .filter(|k| k.starts_with(&format!("{tag}.down.")))
+                    .count();
+                assert_eq!(residuals.down.len(), count, "{what}");
+                for (i, down) in residuals.down.iter().enumerate() {
+                    assert_close(
+                        &format!("{what} {tag} down {i}"),
+                        down,
+                        &r[&format!("{tag}.down.{i}")],
+                    );
+                }
+                assert_close(
+                    &format!("{what} {tag} mid"),
+                    &residuals.mid,
+                    &r[&format!("{tag}.mid")],
+                );
+            }
+            let residuals = run(
+                &r["image"],
+                ControlScale {
+                    scale: 1.0,
+                    guess_mode: false,
+                },
+            );
+            let out = unet.forward_controlled(
+                &r["sample"],
+                &timestep,
+                &r["encoder_hidden_states"],
+                Some(&added),
+                Some(&residuals),
+            );
+            assert_close(&format!("{what} controlled unet"), &out, &r["unet.out"]);
+            // The control image matters: another one gives other residuals.
+            let other = run(
+                &r["image"].zeros_like(),
+                ControlScale {
+                    scale: 1.0,
+                    guess_mode: false,
+                },
+            );
+            let moved = relative_error(&other.down[0], &residuals.down[0]);
+            assert!(
+                moved > 1e-2,
+                "{what}: the control image moved the residuals by {moved:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn impossible_controlnet_configs_are_refused_naming_the_key() {
+    let source = controlnet_fixtures().join("tiny2/own");
+    let cases = [
+        (
+            "controlnet_conditioning_channel_order",
+            serde_json::json!("xyz"),
+        ),
+        ("conditioning_embedding_out_channels", serde_json::json!([])),
+        ("conditioning_channels", serde_json::json!(0)),
+        (
+            "mid_block_type",
+            serde_json::json!("UNetMidBlock2DSimpleCrossAttn"),
+        ),
+        ("norm_num_groups", serde_json::json!(5)),
+        ("conv_in_kernel", serde_json::json!(5)),
+    ];
+    for (key, value) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for file in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            std::fs::copy(source.join(file), dir.path().join(file)).expect("copy");
+        }
+        common::set_config(&dir.path().join("config.json"), key, value.clone());
+        let error = match ControlNetModel::load_dir(dir.path(), Device::Cpu, Kind::Float) {
+            Ok(_) => panic!("{key}={value} loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            error.contains("config.json") && error.contains(&format!("`{key}`")),
+            "{key}={value}: {error}"
+        );
+    }
+}
