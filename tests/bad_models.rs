@@ -311,3 +311,25 @@ fn a_text_encoder_shorter_than_its_tokenizer_is_refused() {
         );
     }
 }
+
+#[test]
+fn scheduler_names_the_schedulers_take_are_accepted_at_load() {
+    // UniPC reads diffusers' other solver names as bh2; DPM-Solver++ its SDE variant.
+    for (class, key, value) in [
+        ("UniPCMultistepScheduler", "solver_type", "logrho"),
+        ("UniPCMultistepScheduler", "solver_type", "bh1"),
+        (
+            "DPMSolverMultistepScheduler",
+            "algorithm_type",
+            "sde-dpmsolver++",
+        ),
+    ] {
+        let (_tmp, dir) = copy_pipeline();
+        let config = dir.join("scheduler/scheduler_config.json");
+        common::set_config(&config, "_class_name", class.into());
+        common::set_config(&config, key, value.into());
+        if let Err(e) = SdxlPipeline::load(&dir, Placement::cpu()) {
+            panic!("{class} {key}={value}: {e}");
+        }
+    }
+}

@@ -286,18 +286,13 @@ async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
         root.path().to_str().expect("utf-8"),
     )])
     .await;
-    let mut client = server.generation().await;
     let mut spec = spec("", 1);
     spec.loras = vec![pb::LoraAdapter {
         name: "big".into(),
         weight: Some(1.0),
     }];
-    let mut stream = client
-        .generate(pb::GenerateRequest { spec: Some(spec) })
-        .await
-        .expect("admitted: validation reads no weights")
-        .into_inner();
-    let _accepted = stream.next().await;
+    // Admitted: validation reads no weights.
+    let mut stream = server.admitted(spec).await;
     let job = tokio::spawn(async move {
         loop {
             match stream.next().await {

@@ -362,13 +362,7 @@ async fn every_jobs_end_is_counted_once() {
     for (i, id) in ["running", "queued", "dropped"].into_iter().enumerate() {
         let mut spec = slow_spec(10 + i as u64);
         spec.client_job_id = id.into();
-        let mut stream = client
-            .generate(pb::GenerateRequest { spec: Some(spec) })
-            .await
-            .expect("admitted")
-            .into_inner();
-        let _accepted = stream.next().await;
-        streams.push(stream);
+        streams.push(server.admitted(spec).await);
     }
     drop(streams.pop());
     for id in ["queued", "running"] {

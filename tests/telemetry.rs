@@ -56,14 +56,7 @@ async fn calls_refused_before_a_handler_runs_are_counted_with_their_code() {
     // A full queue: refused by the admission layer, before the service.
     let mut blocker = slow_spec(2);
     blocker.client_job_id = "blocker".into();
-    let mut stream = client
-        .generate(pb::GenerateRequest {
-            spec: Some(blocker),
-        })
-        .await
-        .expect("admitted")
-        .into_inner();
-    let _accepted = stream.next().await;
+    let mut stream = server.admitted(blocker).await;
     let full = client
         .generate_images(pb::GenerateImagesRequest {
             spec: Some(quick_spec(3)),
@@ -113,13 +106,7 @@ async fn cancelling_a_queued_job_updates_the_queue_depth_at_once() {
     for (i, id) in ["running", "queued"].into_iter().enumerate() {
         let mut spec = slow_spec(i as u64);
         spec.client_job_id = id.into();
-        let mut stream = client
-            .generate(pb::GenerateRequest { spec: Some(spec) })
-            .await
-            .expect("admitted")
-            .into_inner();
-        let _accepted = stream.next().await;
-        running.push(stream);
+        running.push(server.admitted(spec).await);
     }
     let depth = || metric(&server, "sdxld_queue_depth_jobs");
     eventually("two jobs in the gauge", || depth() == 2.0).await;

@@ -96,6 +96,11 @@ impl ConfigCheck {
         }
     }
 
+    /// Records a problem whose text names its key.
+    pub fn message(&mut self, text: impl Into<String>) {
+        self.problems.push(text.into());
+    }
+
     /// `value` must be at least 1.
     pub fn positive(&mut self, key: &str, value: i64) {
         if value < 1 {

@@ -123,6 +123,25 @@ impl TestServer {
         }
     }
 
+    /// A Generate of `spec` on a connection of its own, admitted: the open stream, its
+    /// accepted event taken.
+    #[allow(dead_code)]
+    pub async fn admitted(
+        &self,
+        spec: pb::GenerationSpec,
+    ) -> tonic::Streaming<pb::GenerateResponse> {
+        use tokio_stream::StreamExt;
+        let mut stream = self
+            .generation()
+            .await
+            .generate(pb::GenerateRequest { spec: Some(spec) })
+            .await
+            .expect("admitted")
+            .into_inner();
+        let _accepted = stream.next().await;
+        stream
+    }
+
     /// The models of `kind` the server lists.
     #[allow(dead_code)]
     pub async fn list_models(&self, kind: pb::ModelKind) -> Vec<pb::ModelInfo> {

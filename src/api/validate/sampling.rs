@@ -7,6 +7,7 @@ use crate::api::validate::fields::{
 use crate::config::Limits;
 use crate::engine::schedulers::options::{AlgorithmType, SolverType};
 use crate::engine::schedulers::sigmas::SigmaSpacing;
+use crate::engine::schedulers::solver::SOLVER_ORDERS;
 use crate::engine::schedulers::{
     FinalSigmasType, PredictionType, SchedulerKind, SchedulerOptions, TimestepSpacing,
 };
@@ -180,7 +181,10 @@ fn options_of(
     if let Some(offset) = o.steps_offset {
         at_most(v, &at("steps_offset"), offset, 10);
     }
-    if let Some(order) = o.solver_order.filter(|order| !(1..=3).contains(order)) {
+    if let Some(order) = o
+        .solver_order
+        .filter(|&order| !SOLVER_ORDERS.contains(&(order as usize)))
+    {
         v.add(
             at("solver_order"),
             format!("must be between 1 and 3, got {order}"),

@@ -16,7 +16,7 @@ use crate::engine::files::read_json;
 use crate::engine::models::embeddings::{AddedCond, TimeEmbeddings};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::models::unet::{ControlResiduals, UNet2DConditionModel};
-use crate::engine::models::unet_blocks::{BlockSettings, DownBlock, MidBlock};
+use crate::engine::models::unet_blocks::{encode, BlockSettings, DownBlock, MidBlock};
 use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::weights::{VarPath, Weights};
 
@@ -297,14 +297,9 @@ impl ControlNetModel {
         let emb = self
             .embeddings
             .forward(timestep, sample.size()[0], sample.kind(), added);
-        let mut h = self.conv_in.forward(sample) + self.cond_embedding.forward(&image);
-        let mut states = vec![h.shallow_clone()];
-        for block in &self.down_blocks {
-            let (out, block_states) = block.forward(&h, &emb, context);
-            h = out;
-            states.extend(block_states);
-        }
-        h = self.mid_block.forward(&h, &emb, context);
+        let h = self.conv_in.forward(sample) + self.cond_embedding.forward(&image);
+        let (h, states) = encode(&self.down_blocks, h, &emb, context);
+        let h = self.mid_block.forward(&h, &emb, context);
         let down: Vec<Tensor> = states
             .iter()
             .zip(&self.controlnet_down_blocks)

@@ -11,7 +11,8 @@ use crate::engine::error::Result;
 use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
 use crate::engine::models::unet_blocks::{
-    BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock, UpBlockShape,
+    encode, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock,
+    UpBlockShape,
 };
 use crate::engine::weights::{VarPath, Weights};
 
@@ -205,15 +206,10 @@ impl UNet2DConditionModel {
         let emb = self.embeddings.forward(timestep, batch, dtype, added);
 
         // 2. pre-process
-        let mut h = self.conv_in.forward(sample);
+        let h = self.conv_in.forward(sample);
 
         // 3. down; the skip states are consumed from the end by the up blocks
-        let mut skips = vec![h.shallow_clone()];
-        for block in &self.down_blocks {
-            let (out, states) = block.forward(&h, &emb, context);
-            h = out;
-            skips.extend(states);
-        }
+        let (mut h, mut skips) = encode(&self.down_blocks, h, &emb, context);
 
         if let Some(control) = control {
             for (skip, residual) in skips.iter_mut().zip(&control.down) {

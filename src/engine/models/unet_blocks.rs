@@ -102,6 +102,23 @@ pub struct DownBlock {
     downsampler: Option<Downsample2D>,
 }
 
+/// Runs the down blocks from `h` (the `conv_in` output): the deepest output, and every
+/// skip state in the order the blocks produce them (`h` itself first).
+pub fn encode(
+    blocks: &[DownBlock],
+    h: Tensor,
+    temb: &Tensor,
+    context: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let mut states = vec![h.shallow_clone()];
+    let h = blocks.iter().fold(h, |h, block| {
+        let (out, block_states) = block.forward(&h, temb, context);
+        states.extend(block_states);
+        out
+    });
+    (h, states)
+}
+
 /// The shape of one down block.
 #[derive(Debug, Clone)]
 pub struct DownBlockShape {

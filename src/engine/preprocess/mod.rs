@@ -25,7 +25,7 @@ impl Preprocessor {
         let rgb = hwc3(image);
         match self {
             Preprocessor::None => rgb,
-            Preprocessor::Canny { low, high } => gray_to_rgb(&canny::canny(&rgb, low, high)),
+            Preprocessor::Canny { low, high } => gray_to_rgb(canny::canny(&rgb, low, high)),
         }
     }
 }
@@ -49,6 +49,6 @@ pub fn hwc3(image: &DynamicImage) -> RgbImage {
 }
 
 /// Three equal channels of a grey map.
-fn gray_to_rgb(gray: &GrayImage) -> RgbImage {
-    DynamicImage::ImageLuma8(gray.clone()).to_rgb8()
+fn gray_to_rgb(gray: GrayImage) -> RgbImage {
+    DynamicImage::ImageLuma8(gray).to_rgb8()
 }

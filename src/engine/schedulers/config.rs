@@ -9,6 +9,9 @@ use tch::{Kind, Tensor};
 use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas;
+use crate::engine::schedulers::solver::{
+    AlgorithmType, SolverType, SOLVER_ORDERS, UNIPC_BH2_ALIASES,
+};
 use crate::engine::schedulers::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerKind, TimestepSpacing,
 };
@@ -190,6 +193,24 @@ impl SchedulerConfig {
         read_config(path)
     }
 
+    /// The multistep solvers' order (2 when the config names none).
+    pub fn order(&self) -> std::result::Result<usize, String> {
+        let order = self.solver_order.unwrap_or(2);
+        if SOLVER_ORDERS.contains(&order) {
+            Ok(order)
+        } else {
+            Err(format!("`solver_order` is {order}; it must be 1, 2 or 3"))
+        }
+    }
+
+    /// DPM-Solver's algorithm (dpmsolver++ when the config names none).
+    pub fn algorithm(&self) -> std::result::Result<AlgorithmType, String> {
+        let name = self.algorithm_type.as_deref().unwrap_or("dpmsolver++");
+        AlgorithmType::from_name(name).ok_or_else(|| {
+            format!("`algorithm_type` `{name}` is not supported (dpmsolver++, sde-dpmsolver++)")
+        })
+    }
+
     /// The algorithm this config names.
     pub fn kind(&self) -> std::result::Result<SchedulerKind, String> {
         match &self.class_name {
@@ -281,10 +302,6 @@ impl SchedulerConfig {
 /// are this long.
 const MAX_TRAIN_TIMESTEPS: i64 = 100_000;
 
-/// Names sdxld's schedulers take for the string-valued keys.
-const ALGORITHM_TYPES: [&str; 2] = ["dpmsolver++", "sde-dpmsolver++"];
-const SOLVER_TYPES: [&str; 4] = ["midpoint", "heun", "bh1", "bh2"];
-
 impl SchedulerConfig {
     fn check_betas(&self, check: &mut ConfigCheck) {
         let beta = |check: &mut ConfigCheck, key: &str, value: f64| {
@@ -330,17 +347,19 @@ impl CheckedConfig for SchedulerConfig {
                 format_args!("is {eta}; it must be a finite number ≥ 0"),
             );
         }
-        if let Some(order) = self.solver_order.filter(|o| !(1..=3).contains(o)) {
+        if let Err(message) = self.order() {
+            check.message(message);
+        }
+        if let Err(message) = self.algorithm() {
+            check.message(message);
+        }
+        let known_solver =
+            |s: &str| SolverType::from_name(s).is_some() || UNIPC_BH2_ALIASES.contains(&s);
+        if let Some(solver) = self.solver_type.as_deref().filter(|s| !known_solver(s)) {
             check.problem(
-                "solver_order",
-                format_args!("is {order}; it must be 1, 2 or 3"),
+                "solver_type",
+                format_args!("{solver:?} is not a solver type sdxld knows"),
             );
-        }
-        if let Some(algorithm) = &self.algorithm_type {
-            check.one_of("algorithm_type", algorithm, &ALGORITHM_TYPES);
-        }
-        if let Some(solver) = &self.solver_type {
-            check.one_of("solver_type", solver, &SOLVER_TYPES);
         }
         if let Some(interpolation) = &self.interpolation_type {
             check.one_of("interpolation_type", interpolation, &["linear"]);

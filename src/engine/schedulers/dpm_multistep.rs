@@ -12,21 +12,31 @@ use crate::engine::schedulers::{
 };
 
 /// dpmsolver++ or sde-dpmsolver++.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Deterministic DPM-Solver++.
-    DpmSolverPlusPlus,
-    /// Stochastic DPM-Solver++ (SDE).
-    SdeDpmSolverPlusPlus,
-}
+pub use crate::engine::schedulers::solver::AlgorithmType as Algorithm;
 
-/// The second-order formula.
+/// DPM-Solver's second-order formula.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SolverType {
     /// Midpoint.
     Midpoint,
     /// Heun.
     Heun,
+}
+
+/// DPM-Solver's settings from `config`: algorithm, second-order formula and order.
+pub(super) fn dpm_settings(config: &SchedulerConfig) -> Result<(Algorithm, SolverType, usize)> {
+    let invalid = EngineError::InvalidRequest;
+    let algorithm = config.algorithm().map_err(invalid)?;
+    let solver_type = match config.solver_type.as_deref().unwrap_or("midpoint") {
+        "midpoint" => SolverType::Midpoint,
+        "heun" => SolverType::Heun,
+        other => {
+            return Err(invalid(format!(
+                "`solver_type` `{other}` is not supported (midpoint, heun)"
+            )))
+        }
+    };
+    Ok((algorithm, solver_type, config.order().map_err(invalid)?))
 }
 
 /// DPM-Solver++ multistep sampling.
@@ -49,29 +59,7 @@ use crate::engine::schedulers::sigmas::vp_lambda as lambda;
 impl DpmMultistep {
     /// `set_timesteps(steps)` of a scheduler built from `config`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let invalid = |m: &str| Err(EngineError::InvalidRequest(m.to_string()));
-        let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
-            "dpmsolver++" => Algorithm::DpmSolverPlusPlus,
-            "sde-dpmsolver++" => Algorithm::SdeDpmSolverPlusPlus,
-            other => {
-                return invalid(&format!(
-                    "algorithm_type `{other}` is not supported (dpmsolver++, sde-dpmsolver++)"
-                ))
-            }
-        };
-        let solver_type = match config.solver_type.as_deref().unwrap_or("midpoint") {
-            "midpoint" => SolverType::Midpoint,
-            "heun" => SolverType::Heun,
-            other => {
-                return invalid(&format!(
-                    "solver_type `{other}` is not supported (midpoint, heun)"
-                ))
-            }
-        };
-        let order = config.solver_order.unwrap_or(2);
-        if !(1..=3).contains(&order) {
-            return invalid("solver_order must be 1, 2 or 3");
-        }
+        let (algorithm, solver_type, order) = dpm_settings(config)?;
         let training = TrainingSigmas::new(config)?;
         let table = &training.sigmas;
         // Respaced schedules span all training sigmas.

@@ -4,8 +4,8 @@
 
 use tch::Tensor;
 
-use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::dpm_multistep::{Algorithm, SolverType};
+use crate::engine::error::Result;
+use crate::engine::schedulers::dpm_multistep::{dpm_settings, Algorithm, SolverType};
 use crate::engine::schedulers::sigmas::{predict_x0_vp, vp_schedule, TrainingSigmas};
 use crate::engine::schedulers::{
     add_noise_vp, BetaSchedule, FinalSigmasType, NoiseSource, PredictionType, Scheduler,
@@ -76,29 +76,7 @@ fn order_list(steps: usize, order: usize, lower_order_final: bool, final_zero: b
 impl DpmSinglestep {
     /// `set_timesteps(steps)` of a scheduler built from `config`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
-        let algorithm = match config.algorithm_type.as_deref().unwrap_or("dpmsolver++") {
-            "dpmsolver++" => Algorithm::DpmSolverPlusPlus,
-            "sde-dpmsolver++" => Algorithm::SdeDpmSolverPlusPlus,
-            other => {
-                return invalid(format!(
-                    "algorithm_type `{other}` is not supported (dpmsolver++, sde-dpmsolver++)"
-                ))
-            }
-        };
-        let solver_type = match config.solver_type.as_deref().unwrap_or("midpoint") {
-            "midpoint" => SolverType::Midpoint,
-            "heun" => SolverType::Heun,
-            other => {
-                return invalid(format!(
-                    "solver_type `{other}` is not supported (midpoint, heun)"
-                ))
-            }
-        };
-        let order = config.solver_order.unwrap_or(2);
-        if !(1..=3).contains(&order) {
-            return invalid("solver_order must be 1, 2 or 3".into());
-        }
+        let (algorithm, solver_type, order) = dpm_settings(config)?;
         let training = TrainingSigmas::new(config)?;
         let table = &training.sigmas;
         let (max, min) = (

@@ -13,6 +13,7 @@ pub mod kdpm2;
 pub mod lms;
 pub mod options;
 pub mod sigmas;
+pub mod solver;
 pub mod unipc;
 
 use serde::{Deserialize, Serialize};

@@ -4,29 +4,8 @@
 
 use crate::engine::schedulers::config::SchedulerOverrides;
 use crate::engine::schedulers::sigmas::SigmaSpacing;
+pub use crate::engine::schedulers::solver::{AlgorithmType, SolverType};
 use crate::engine::schedulers::{FinalSigmasType, PredictionType, SchedulerKind, TimestepSpacing};
-
-/// DPM-Solver's algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AlgorithmType {
-    /// `dpmsolver++`.
-    DpmSolverPlusPlus,
-    /// `sde-dpmsolver++`.
-    SdeDpmSolverPlusPlus,
-}
-
-/// The second-order update of the multistep solvers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SolverType {
-    /// DPM-Solver's midpoint update.
-    Midpoint,
-    /// DPM-Solver's Heun update.
-    Heun,
-    /// UniPC's B(h) = h.
-    Bh1,
-    /// UniPC's B(h) = e^h - 1.
-    Bh2,
-}
 
 /// One option of [`SchedulerOptions`], named as the contract names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,20 +266,10 @@ impl SchedulerOptions {
             o.set("solver_order", order);
         }
         if let Some(algorithm) = self.algorithm_type {
-            let name = match algorithm {
-                AlgorithmType::DpmSolverPlusPlus => "dpmsolver++",
-                AlgorithmType::SdeDpmSolverPlusPlus => "sde-dpmsolver++",
-            };
-            o.set("algorithm_type", name);
+            o.set("algorithm_type", algorithm.name());
         }
         if let Some(solver) = self.solver_type {
-            let name = match solver {
-                SolverType::Midpoint => "midpoint",
-                SolverType::Heun => "heun",
-                SolverType::Bh1 => "bh1",
-                SolverType::Bh2 => "bh2",
-            };
-            o.set("solver_type", name);
+            o.set("solver_type", solver.name());
         }
         if let Some(v) = self.lower_order_final {
             o.set("lower_order_final", v);

@@ -5,6 +5,7 @@ use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::schedulers::sigmas::{predict_x0_vp, vp_schedule, SigmaSpacing, TrainingSigmas};
+use crate::engine::schedulers::solver::UNIPC_BH2_ALIASES;
 use crate::engine::schedulers::{
     add_noise_vp, FinalSigmasType, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
 };
@@ -71,20 +72,15 @@ impl UniPc {
     /// `set_timesteps(steps)` of a scheduler built from `config`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
         let bh2 = match config.solver_type.as_deref().unwrap_or("bh2") {
-            "bh2" | "midpoint" | "heun" | "logrho" => true,
             "bh1" => false,
+            name if name == "bh2" || UNIPC_BH2_ALIASES.contains(&name) => true,
             other => {
                 return Err(EngineError::InvalidRequest(format!(
-                    "solver_type `{other}` is not supported by UniPC (bh1, bh2)"
+                    "`solver_type` `{other}` is not supported by UniPC (bh1, bh2)"
                 )))
             }
         };
-        let order = config.solver_order.unwrap_or(2);
-        if !(1..=3).contains(&order) {
-            return Err(EngineError::InvalidRequest(
-                "solver_order must be 1, 2 or 3".into(),
-            ));
-        }
+        let order = config.order().map_err(EngineError::InvalidRequest)?;
         let training = TrainingSigmas::new(config)?;
         let table = &training.sigmas;
         let max = config
