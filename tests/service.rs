@@ -448,12 +448,11 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     let status = client
         .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
         .await
-        .expect_err("unimplemented");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(
-        status.message().contains("spec.controlnets"),
-        "{}",
-        status.message()
+        .expect_err("no such ControlNet");
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").metadata["model"],
+        "canny"
     );
 
     let mut spec = quick_spec(1);
@@ -527,7 +526,7 @@ async fn models_and_capabilities() {
     assert!(caps
         .features
         .iter()
-        .any(|f| f.field == "controlnets" && !f.supported));
+        .any(|f| f.field == "controlnets" && f.supported));
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 use crate::engine::registry::ModelKind;
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::SchedulerKind;
-use crate::jobs::events::{EncodedImage, ImageEvent, JobReport, ModelUsed, ProgressEvent, Stage};
+use crate::jobs::events::{
+    ControlMapEvent, EncodedImage, ImageEvent, JobReport, ModelUsed, ProgressEvent, Stage,
+};
 use crate::proto::v1 as pb;
 
 /// The contract's stage.
@@ -15,6 +17,7 @@ pub fn stage(stage: Stage) -> pb::Stage {
         Stage::EncodingPrompt => pb::Stage::EncodingPrompt,
         Stage::Denoising => pb::Stage::Denoising,
         Stage::Refining => pb::Stage::Refining,
+        Stage::Preprocessing => pb::Stage::Preprocessing,
         Stage::Decoding => pb::Stage::Decoding,
         Stage::PostProcessing => pb::Stage::PostProcessing,
     }
@@ -79,6 +82,17 @@ pub fn progress(p: ProgressEvent) -> pb::JobProgress {
         total_steps: p.total,
         image_index: p.image_index,
         preview: p.preview.map(preview),
+    }
+}
+
+/// A control map event.
+pub fn control_map(c: ControlMapEvent) -> pb::ControlMapImage {
+    pb::ControlMapImage {
+        unit_index: c.unit_index,
+        data: c.image.data,
+        mime_type: c.image.mime_type.to_string(),
+        width: c.image.width,
+        height: c.image.height,
     }
 }
 

@@ -194,6 +194,7 @@ async fn relay(
         let event = match next_event(&mut admitted, deadline, closed, &state).await {
             Some(JobEvent::Progress(p)) => Event::Progress(convert::progress(p)),
             Some(JobEvent::Image(i)) => Event::Image(convert::image(i)),
+            Some(JobEvent::ControlMap(c)) => Event::ControlMap(convert::control_map(c)),
             Some(JobEvent::Completed(report)) => {
                 let completed = convert::completed(&admitted.id, report);
                 let _ = tx.send(Ok(message(Event::Completed(completed)))).await;
@@ -243,6 +244,7 @@ impl GenerationService for Generation {
             accepted: Some(accepted),
             images: Vec::new(),
             completed: None,
+            control_maps: Vec::new(),
         };
         // If the client leaves, tonic drops this future: the guard stops the job.
         let mut guard = StopOnDrop {
@@ -257,6 +259,9 @@ impl GenerationService for Generation {
             match event {
                 Some(JobEvent::Progress(_)) => {}
                 Some(JobEvent::Image(image)) => response.images.push(convert::image(image)),
+                Some(JobEvent::ControlMap(map)) => {
+                    response.control_maps.push(convert::control_map(map))
+                }
                 Some(JobEvent::Completed(report)) => {
                     response.completed = Some(convert::completed(&admitted.id, report));
                     guard.armed = false;

@@ -33,6 +33,7 @@ impl Models {
             Ok(pb::ModelKind::Refiner) => ModelKind::Refiner,
             Ok(pb::ModelKind::Vae) => ModelKind::Vae,
             Ok(pb::ModelKind::Lora) => ModelKind::Lora,
+            Ok(pb::ModelKind::Controlnet) => ModelKind::ControlNet,
             Ok(other) => {
                 return Err(ApiError::Unimplemented(
                     "kind".into(),
@@ -122,6 +123,29 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
         is_default: model.kind == ModelKind::Base
             && model.name == state.registry.default_model().name,
         lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
+        controlnet: (model.kind == ModelKind::ControlNet).then(|| controlnet_info(model)),
+    }
+}
+
+/// What a ControlNet's config says; an unreadable config lists as unknown.
+fn controlnet_info(model: &ModelEntry) -> pb::ControlNetInfo {
+    let config: Option<serde_json::Value> =
+        crate::engine::files::read_json(&model.path.join("config.json")).ok();
+    let class = config
+        .as_ref()
+        .and_then(|c| c.get("_class_name")?.as_str().map(str::to_string));
+    let width = config
+        .as_ref()
+        .and_then(|c| c.get("cross_attention_dim")?.as_i64());
+    pb::ControlNetInfo {
+        union: class.as_deref() == Some("ControlNetUnionModel"),
+        base: match width {
+            Some(2048) => "sdxl",
+            Some(768) => "sd1",
+            Some(1024) => "sd2",
+            _ => "unknown",
+        }
+        .to_string(),
     }
 }
 
@@ -246,7 +270,10 @@ impl ModelService for Models {
             ("vae", true),
             ("refiner", true),
             ("loras", true),
-            ("controlnets", false),
+            ("controlnets", true),
+            ("controlnets.resize_mode", true),
+            ("controlnets.control_mode", true),
+            ("output.return_control_maps", true),
             ("init_image", true),
             ("init_image.mask", true),
             ("init_image.mask_blur", false),

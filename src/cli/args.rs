@@ -125,6 +125,12 @@ pub struct GenerateArgs {
     /// weight in [-2, 2], e.g. style:0.8 (repeatable; applied together).
     #[arg(long = "lora", value_name = "NAME:WEIGHT")]
     pub loras: Vec<String>,
+    /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional
+    /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
+    /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny, low, high;
+    /// repeatable, the units' residuals are summed).
+    #[arg(long = "controlnet", value_name = "FOLDER,IMAGE[,KEY=VALUE...]")]
+    pub controlnets: Vec<String>,
     /// How a batch is denoised: per-image (each image as if it were image 0 of a request
     /// with its seed, as the server does, so that its PNG metadata replays it exactly) or
     /// together (as one call of diffusers' pipeline: images that draw no noise of their own
@@ -193,6 +199,9 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     }
     if field.starts_with("spec.loras") {
         return Some("--lora");
+    }
+    if field.starts_with("spec.controlnets") {
+        return Some("--controlnet");
     }
     if field.starts_with("spec.refiner.scheduler") {
         return Some("--refiner-scheduler");
@@ -416,6 +425,11 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .loras
             .iter()
             .map(|l| lora(l))
+            .collect::<anyhow::Result<_>>()?,
+        controlnets: args
+            .controlnets
+            .iter()
+            .map(|c| Ok(crate::cli::controlnet::parse(c)?.unit))
             .collect::<anyhow::Result<_>>()?,
         init_image,
         ..Default::default()

@@ -49,6 +49,10 @@ impl GenerateArgs {
         if let Some(refiner) = &self.refiner {
             roots.refiner.push(root_and_name(refiner)?.0);
         }
+        for unit in &self.controlnets {
+            let folder = crate::cli::controlnet::parse(unit)?.folder;
+            roots.controlnet.push(root_and_name(&folder)?.0);
+        }
         match (&self.lora_dir, self.loras.is_empty()) {
             (Some(dir), _) => roots.lora.push(dir.clone()),
             (None, false) => bail!("--lora needs --lora-dir, the folder its names resolve in"),

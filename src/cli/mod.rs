@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod controlnet;
 mod convert;
 mod demo;
 mod generate;

@@ -24,6 +24,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::files::read_json;
 use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::loading::lora::LoraWeights;
+use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 
 /// A loaded component, known by its content.
@@ -81,6 +82,7 @@ pub struct ModelCache {
     parked: HashMap<String, Parked>,
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
+    controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
     /// LoRA adapters by content hash.
     loras: HashMap<String, ResidentLora>,
     /// The process's file hashes (components are known by their files' content).
@@ -162,6 +164,7 @@ impl ModelCache {
             parked: HashMap::new(),
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
+            controlnets: HashMap::new(),
             loras: HashMap::new(),
             hashes: FileHashes::new(),
             clock: 0,
@@ -202,6 +205,7 @@ impl ModelCache {
     pub fn is_resident(&self, path: &Path) -> bool {
         self.pipelines.contains_key(path)
             || self.vaes.contains_key(path)
+            || self.controlnets.contains_key(path)
             || self
                 .loras
                 .values()
@@ -213,6 +217,7 @@ impl ModelCache {
         self.pipelines
             .keys()
             .chain(self.vaes.keys())
+            .chain(self.controlnets.keys())
             .chain(self.loras.values().flat_map(|l| l.paths.iter()))
             .cloned()
             .collect()
@@ -245,10 +250,15 @@ impl ModelCache {
     /// Evicts a model: the components no other resident model holds are parked on the
     /// host while the host budget allows (the longest parked dropped first), else dropped.
     fn evict(&mut self, path: &Path) {
-        let keys = match (self.pipelines.get(path), self.vaes.get(path)) {
-            (Some(r), _) => r.components.clone(),
-            (None, Some(r)) => r.components.clone(),
-            (None, None) => return,
+        let keys = match (
+            self.pipelines.get(path),
+            self.vaes.get(path),
+            self.controlnets.get(path),
+        ) {
+            (Some(r), ..) => r.components.clone(),
+            (None, Some(r), _) => r.components.clone(),
+            (None, None, Some(r)) => r.components.clone(),
+            (None, None, None) => return,
         };
         // Hold the components while the model goes, to see which nothing else holds.
         let held: Vec<(String, Rc<dyn Any>)> = keys
@@ -260,6 +270,7 @@ impl ModelCache {
             .collect();
         self.pipelines.remove(path);
         self.vaes.remove(path);
+        self.controlnets.remove(path);
         self.stats.evictions += 1;
         let now = self.tick();
         for (key, component) in held {
@@ -336,6 +347,7 @@ impl ModelCache {
             let files = match model {
                 ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
+                ModelPath::ControlNet(path) => vec![ComponentFiles::folder("controlnet", path)],
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
                     let bytes =
@@ -393,6 +405,11 @@ impl ModelCache {
                 .iter()
                 .map(|(p, r)| (r.last_used, p.clone()))
                 .chain(self.vaes.iter().map(|(p, r)| (r.last_used, p.clone())))
+                .chain(
+                    self.controlnets
+                        .iter()
+                        .map(|(p, r)| (r.last_used, p.clone())),
+                )
                 .filter(|(_, p)| !keep.contains(p))
                 .min();
             let lora = self
@@ -468,6 +485,34 @@ impl ModelCache {
         Ok(vae)
     }
 
+    /// The ControlNet folder at `path`, loading it on first use.
+    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlNetModel>> {
+        let now = self.tick();
+        if let Some(r) = self.controlnets.get_mut(path) {
+            r.last_used = now;
+            return Ok(r.model.clone());
+        }
+        let placement = self.placement;
+        let files = ComponentFiles::folder("controlnet", path);
+        let mut store = Store {
+            cache: self,
+            handed_out: Vec::new(),
+        };
+        let model = shared(&mut store, &files, || {
+            ControlNetModel::load_dir(path, placement.device, placement.kind)
+        })?;
+        let components = store.handed_out;
+        self.controlnets.insert(
+            path.to_path_buf(),
+            Resident {
+                model: model.clone(),
+                last_used: now,
+                components,
+            },
+        );
+        Ok(model)
+    }
+
     /// The LoRA adapter at `path` (named `name` in errors), loading it on first use; files
     /// with the same content share one copy.
     pub fn lora(&mut self, path: &Path, name: &str) -> Result<Rc<LoraWeights>> {
@@ -536,6 +581,8 @@ pub enum ModelPath<'a> {
     Pipeline(&'a Path),
     /// A VAE folder.
     Vae(&'a Path),
+    /// A ControlNet folder.
+    ControlNet(&'a Path),
     /// A LoRA adapter file.
     Lora(&'a Path),
 }
@@ -543,7 +590,10 @@ pub enum ModelPath<'a> {
 impl ModelPath<'_> {
     fn path(&self) -> &Path {
         match self {
-            ModelPath::Pipeline(p) | ModelPath::Vae(p) | ModelPath::Lora(p) => p,
+            ModelPath::Pipeline(p)
+            | ModelPath::Vae(p)
+            | ModelPath::ControlNet(p)
+            | ModelPath::Lora(p) => p,
         }
     }
 }

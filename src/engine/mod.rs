@@ -5,6 +5,7 @@ pub mod cache;
 pub mod codec;
 pub mod components;
 pub mod config_check;
+pub mod control;
 pub mod demo;
 pub mod device;
 pub mod error;

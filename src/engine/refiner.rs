@@ -108,8 +108,14 @@ pub fn generate_refined(
     let mut refined = Vec::with_capacity(p.num_images);
     for run in batch_runs(&base_params, true, BatchMode::Together) {
         let mut noise = NoiseStream::lock();
-        let latents =
-            to_the_end(base.denoise(&run, &base_prompt, Start::Request, &mut noise, &mut go_on)?);
+        let latents = to_the_end(base.denoise(
+            &run,
+            &base_prompt,
+            Start::Request,
+            &[],
+            &mut noise,
+            &mut go_on,
+        )?);
         let from = Start::Handoff {
             latents: &latents,
             entry,
@@ -119,6 +125,7 @@ pub fn generate_refined(
             &stage,
             &refiner_prompt,
             from,
+            &[],
             &mut noise,
             &mut go_on,
         )?));

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::engine::error::EngineError;
 use crate::jobs::encode::{encode, encode_preview};
 use crate::jobs::events::{
-    FinishedImage, ImageEvent, JobEvent, JobReport, ProgressEvent, Stage, StepProgress,
+    ControlMapEvent, FinishedImage, ImageEvent, JobEvent, JobReport, ProgressEvent, RgbImage,
+    Stage, StepProgress,
 };
 use crate::jobs::runner::JobSink;
 use crate::jobs::{Job, JobControl, JobError, JobQueue, Outcome, StopReason};
@@ -33,6 +35,8 @@ pub enum Emit {
     Progress(StepProgress),
     /// A finished image to encode.
     Image(FinishedImage),
+    /// A ControlNet unit's control map to encode.
+    ControlMap(u32, RgbImage),
     /// The job itself with how its run ended, after its last image.
     End(Box<Job>, Result<JobReport, JobError>),
 }
@@ -66,6 +70,10 @@ impl JobSink for ServerSink {
 
     fn image(&mut self, image: FinishedImage) {
         let _ = self.emit.send(Emit::Image(image));
+    }
+
+    fn control_map(&mut self, unit_index: u32, map: RgbImage) {
+        let _ = self.emit.send(Emit::ControlMap(unit_index, map));
     }
 }
 
@@ -189,6 +197,16 @@ impl Forwarder {
                 image_index: p.image_index,
                 preview: p.preview.as_ref().and_then(encode_preview),
             }),
+            Emit::ControlMap(unit_index, map) => match encode_preview(&map) {
+                Some(image) => JobEvent::ControlMap(ControlMapEvent { unit_index, image }),
+                None => {
+                    tracing::warn!(parent: &self.span, "a control map could not be encoded");
+                    self.control.stop(StopReason::Cancelled);
+                    JobEvent::Failed(JobError::Engine(EngineError::Internal(
+                        "a control map could not be encoded".into(),
+                    )))
+                }
+            },
             Emit::Image(image) => match self.encode(&image, backlog) {
                 Ok(event) => event,
                 Err(e) => {

@@ -14,6 +14,7 @@ use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::lora::LoraMode;
+use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
 use crate::engine::registry::{ModelEntry, ModelKind};
 
@@ -31,6 +32,7 @@ pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
     match model.kind {
         ModelKind::Vae => ModelPath::Vae(&model.path),
         ModelKind::Lora => ModelPath::Lora(&model.path),
+        ModelKind::ControlNet => ModelPath::ControlNet(&model.path),
         _ => ModelPath::Pipeline(&model.path),
     }
 }
@@ -107,7 +109,7 @@ impl Engine {
             .iter()
             .find_map(|m| match m {
                 ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
-                ModelPath::Vae(_) | ModelPath::Lora(_) => None,
+                ModelPath::Vae(_) | ModelPath::ControlNet(_) | ModelPath::Lora(_) => None,
             })
             .unwrap_or(0);
         let result = match self.lora_mode {
@@ -151,6 +153,13 @@ impl Engine {
         vae
     }
 
+    /// The ControlNet `model`, loading it on first use.
+    pub fn controlnet(&mut self, model: &ModelEntry) -> Result<Rc<ControlNetModel>, EngineError> {
+        let controlnet = self.cache.controlnet(&model.path);
+        self.publish();
+        controlnet
+    }
+
     /// The LoRA adapter `model`, loading it on first use.
     pub fn lora(&mut self, model: &ModelEntry) -> Result<Rc<LoraWeights>, EngineError> {
         let lora = self.cache.lora(&model.path, &model.name);
@@ -169,6 +178,7 @@ impl Engine {
         match model.kind {
             ModelKind::Vae => self.vae(model).map(|_| ()),
             ModelKind::Lora => self.lora(model).map(|_| ()),
+            ModelKind::ControlNet => self.controlnet(model).map(|_| ()),
             _ => self.pipeline(model).map(|_| ()),
         }?;
         // The cache hashed the files it loaded; the rest (configs, tokenizers) now.

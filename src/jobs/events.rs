@@ -15,6 +15,8 @@ pub enum Stage {
     Queued,
     /// Loading models.
     LoadingModels,
+    /// Turning conditioning images into control maps.
+    Preprocessing,
     /// Text encoders.
     EncodingPrompt,
     /// Base denoising.
@@ -33,6 +35,7 @@ impl Stage {
         match self {
             Stage::Queued => "queued",
             Stage::LoadingModels => "loading_models",
+            Stage::Preprocessing => "preprocessing",
             Stage::EncodingPrompt => "encoding_prompt",
             Stage::Denoising => "denoising",
             Stage::Refining => "refining",
@@ -139,6 +142,15 @@ pub struct ImageEvent {
     pub ready_after: Duration,
 }
 
+/// A ControlNet unit's control map, encoded.
+#[derive(Debug)]
+pub struct ControlMapEvent {
+    /// The unit's index.
+    pub unit_index: u32,
+    /// The PNG.
+    pub image: EncodedImage,
+}
+
 /// A model a job used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelUsed {
@@ -184,6 +196,8 @@ pub enum JobEvent {
     Progress(ProgressEvent),
     /// One finished image.
     Image(ImageEvent),
+    /// A ControlNet unit's control map.
+    ControlMap(ControlMapEvent),
     /// The job finished.
     Completed(JobReport),
     /// The job failed or was stopped.

@@ -7,9 +7,11 @@ use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
 use crate::engine::lora::{self, JobLora};
+use crate::engine::models::controlnet::ControlNetModel;
+use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
-use crate::jobs::engine::model_path;
+use crate::jobs::engine::{model_path, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Loaded};
 use crate::jobs::{JobError, JobSpec};
@@ -71,6 +73,7 @@ impl JobRun<'_> {
                 strength: f64::from(job.weight),
             });
         }
+        let controlnets = load_controlnets(engine, spec, &base)?;
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -78,6 +81,7 @@ impl JobRun<'_> {
         self.loaded = Some(Loaded {
             base,
             refiner: refined,
+            controlnets,
             _adapters: adapters,
         });
         Ok(())
@@ -90,6 +94,27 @@ impl JobRun<'_> {
             crate::jobs::metadata::png_metadata(self.spec, &self.report.models, index, seed)
         })
     }
+}
+
+/// The ControlNet of each unit, each checked against the base model it controls.
+fn load_controlnets(
+    engine: &mut Engine,
+    spec: &JobSpec,
+    base: &SdxlPipeline,
+) -> Result<Vec<Rc<ControlNetModel>>, JobError> {
+    let mut controlnets = Vec::with_capacity(spec.controlnets.len());
+    for (i, unit) in spec.controlnets.iter().enumerate() {
+        let model = engine.controlnet(&unit.model)?;
+        if let Some(why) = base.control_mismatch(&model) {
+            return Err(EngineError::Incompatible(format!(
+                "the ControlNet `{}` (spec.controlnets[{i}].model) cannot control the base model `{}`: {why}",
+                unit.model.name, spec.model.name
+            ))
+            .into());
+        }
+        controlnets.push(model);
+    }
+    Ok(controlnets)
 }
 
 /// The models a job uses with their hashes (the LoRAs with their weights), base first.
@@ -111,6 +136,11 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
         spec.loras
             .iter()
             .map(|l| used(&l.model, ModelKind::Lora, l.weight)),
+    );
+    models.extend(
+        spec.controlnets
+            .iter()
+            .map(|c| used(&c.model, ModelKind::ControlNet, c.unit.scale as f32)),
     );
     models
 }

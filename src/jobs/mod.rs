@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 mod load;
 pub mod metadata;
+mod preprocess;
 pub mod queue;
 pub mod runner;
 pub mod spec;
@@ -23,4 +24,4 @@ pub use events::{JobEvent, Stage};
 pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
-pub use spec::{JobSpec, LoraJob, OutputSpec, RefinerJob};
+pub use spec::{ConditioningImage, ControlNetJob, JobSpec, LoraJob, OutputSpec, RefinerJob};

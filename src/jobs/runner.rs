@@ -1,6 +1,6 @@
 //! The job runner, shared by the server's worker and the CLI. A job is an ordered list of
-//! stages ([`JobStage`]): load models, encode prompts, then for each denoising run of
-//! the batch: denoise, [refine], decode and encode. Each stage reports through a
+//! stages ([`JobStage`]): load models, [preprocess control images], encode prompts, then
+//! for each denoising run of the batch: denoise, [refine], decode and encode. Each stage reports through a
 //! [`JobSink`], which also says, after every step, whether the job goes on.
 
 use std::ops::ControlFlow;
@@ -12,8 +12,9 @@ use tch::Tensor;
 use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::lora::AppliedLoras;
+use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::{PromptEmbeds, SdxlPipeline, Start, Step};
+use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
 use crate::jobs::clock::StageClock;
@@ -31,6 +32,10 @@ pub trait JobSink {
     fn progress(&mut self, progress: StepProgress);
     /// An image is finished (the sink encodes and delivers it).
     fn image(&mut self, image: FinishedImage);
+    /// A ControlNet unit's control map, when the job hands them out.
+    fn control_map(&mut self, unit_index: u32, map: RgbImage) {
+        let _ = (unit_index, map);
+    }
 }
 
 /// How the runner runs a job.
@@ -47,6 +52,8 @@ pub struct RunOptions {
 pub enum JobStage {
     /// Load the models (and apply the LoRA adapters).
     LoadModels,
+    /// Turn the ControlNet units' images into control maps at the output size.
+    Preprocess,
     /// Run the text encoders, once for all images.
     EncodePrompts,
     /// The base model's denoising of one run.
@@ -64,6 +71,7 @@ impl JobStage {
     pub fn reported_as(self) -> Stage {
         match self {
             JobStage::LoadModels => Stage::LoadingModels,
+            JobStage::Preprocess => Stage::Preprocessing,
             JobStage::EncodePrompts => Stage::EncodingPrompt,
             JobStage::Denoise => Stage::Denoising,
             JobStage::Refine => Stage::Refining,
@@ -74,7 +82,10 @@ impl JobStage {
 
     /// Whether the stage runs once per denoising run (rather than once per job).
     fn per_run(self) -> bool {
-        !matches!(self, JobStage::LoadModels | JobStage::EncodePrompts)
+        !matches!(
+            self,
+            JobStage::LoadModels | JobStage::Preprocess | JobStage::EncodePrompts
+        )
     }
 
     /// Whether the stage draws from the run's generator.
@@ -85,11 +96,11 @@ impl JobStage {
 
 /// The stages `spec` runs.
 pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
-    let mut stages = vec![
-        JobStage::LoadModels,
-        JobStage::EncodePrompts,
-        JobStage::Denoise,
-    ];
+    let mut stages = vec![JobStage::LoadModels];
+    if !spec.controlnets.is_empty() {
+        stages.push(JobStage::Preprocess);
+    }
+    stages.extend([JobStage::EncodePrompts, JobStage::Denoise]);
     if spec.refiner.is_some() {
         stages.push(JobStage::Refine);
     }
@@ -104,6 +115,8 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
 pub(crate) struct Loaded {
     pub base: Rc<SdxlPipeline>,
     pub refiner: Option<Rc<SdxlPipeline>>,
+    /// The ControlNet of each unit, in unit order.
+    pub controlnets: Vec<Rc<ControlNetModel>>,
     pub _adapters: AppliedLoras,
 }
 
@@ -135,6 +148,9 @@ pub(crate) struct JobRun<'a> {
     pub admitted_at: Instant,
     pub report: JobReport,
     pub loaded: Option<Loaded>,
+    /// Each unit's control map at the output size after the preprocess stage: [1, 3, H, W]
+    /// float32 in [0, 1] on the CPU.
+    pub control_maps: Vec<Tensor>,
     prompts: Option<Prompts>,
 }
 
@@ -158,6 +174,7 @@ pub fn run_job(
         admitted_at,
         report: JobReport::default(),
         loaded: None,
+        control_maps: Vec::new(),
         prompts: None,
     };
     job.check()?;
@@ -193,6 +210,7 @@ impl JobRun<'_> {
         self.clock.enter(stage.reported_as(), self.metrics);
         match stage {
             JobStage::LoadModels => self.load_models(),
+            JobStage::Preprocess => self.preprocess(),
             JobStage::EncodePrompts => self.encode_prompts(),
             _ => Err(EngineError::Internal(format!("{stage:?} runs per image")).into()),
         }
@@ -295,6 +313,17 @@ impl JobRun<'_> {
         let prompts = self.prompts.as_ref().ok_or_else(|| {
             EngineError::Internal("denoising before the prompts were encoded".to_string())
         })?;
+        let controls: Vec<Control<'_>> = loaded
+            .controlnets
+            .iter()
+            .zip(&self.control_maps)
+            .zip(&self.spec.controlnets)
+            .map(|((model, map), job)| Control {
+                model,
+                map,
+                unit: &job.unit,
+            })
+            .collect();
         let preview_every = self.spec.output.preview_every as usize;
         let image_index = run.first_index as u32;
         let (sink, metrics) = (&mut *self.sink, self.metrics);
@@ -331,13 +360,14 @@ impl JobRun<'_> {
                     &base_params,
                     &prompts.base,
                     Start::Request,
+                    &controls,
                     noise,
                     &mut on_step,
                 )
             })?,
             (JobStage::Refine, Some(latents), Some(refiner), Some(prompt), Some((p, entry))) => {
                 let from = Start::Handoff { latents, entry };
-                EngineError::catch(|| refiner.denoise(&p, prompt, from, noise, &mut on_step))?
+                EngineError::catch(|| refiner.denoise(&p, prompt, from, &[], noise, &mut on_step))?
             }
             _ => return Err(EngineError::Internal(format!("{stage:?} cannot run here")).into()),
         };

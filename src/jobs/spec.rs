@@ -1,6 +1,12 @@
 //! A validated job in domain terms: everything the runner needs, nothing of the wire.
 
+use std::sync::Arc;
+
+use image::DynamicImage;
+
+use crate::engine::control::{ControlUnit, ResizeMode};
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
+use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::ModelEntry;
 use crate::output::OutputFormat;
 
@@ -15,6 +21,8 @@ pub struct OutputSpec {
     pub embed_metadata: bool,
     /// Preview every n denoising steps (0: none).
     pub preview_every: u32,
+    /// Hand out each ControlNet unit's control map.
+    pub return_control_maps: bool,
 }
 
 /// A LoRA adapter of a job.
@@ -24,6 +32,31 @@ pub struct LoraJob {
     pub model: ModelEntry,
     /// The request's weight, in [-2, 2].
     pub weight: f32,
+}
+
+/// A decoded conditioning image (shared, not copied, when a spec is).
+#[derive(Clone)]
+pub struct ConditioningImage(pub Arc<DynamicImage>);
+
+impl std::fmt::Debug for ConditioningImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{} image", self.0.width(), self.0.height())
+    }
+}
+
+/// A ControlNet unit of a job.
+#[derive(Debug, Clone)]
+pub struct ControlNetJob {
+    /// The ControlNet.
+    pub model: ModelEntry,
+    /// The conditioning image, as the client sent it.
+    pub image: ConditioningImage,
+    /// How the image becomes a control map.
+    pub preprocessor: Preprocessor,
+    /// How the control map is fitted to the output size.
+    pub resize: ResizeMode,
+    /// Scale, window and mode.
+    pub unit: ControlUnit,
 }
 
 /// The refiner stage of a job.
@@ -46,6 +79,8 @@ pub struct JobSpec {
     pub vae: Option<ModelEntry>,
     /// LoRA adapters, in request order.
     pub loras: Vec<LoraJob>,
+    /// ControlNet units, in request order.
+    pub controlnets: Vec<ControlNetJob>,
     /// The refiner stage, if any.
     pub refiner: Option<RefinerJob>,
     /// Output options.
@@ -66,5 +101,6 @@ impl JobSpec {
             .chain(self.refiner.as_ref().map(|r| &r.model))
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
+            .chain(self.controlnets.iter().map(|c| &c.model))
     }
 }

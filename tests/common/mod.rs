@@ -74,8 +74,17 @@ impl std::ops::Deref for Case {
 
 /// The cases of `<config>/<file>.json`.
 pub fn cases(config: &str, file: &str) -> Vec<Case> {
-    let path = fixtures().join(config).join(format!("{file}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    cases_at(&fixtures().join(config).join(format!("{file}.json")))
+}
+
+/// The ControlNet pipeline cases of `<config>/cases.json` in the ControlNet fixtures.
+pub fn controlnet_cases(config: &str) -> Vec<Case> {
+    cases_at(&controlnet_fixtures().join(config).join("cases.json"))
+}
+
+/// The cases of a JSON list file.
+fn cases_at(path: &Path) -> Vec<Case> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let all: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a JSON list");
     all.into_iter().map(Case).collect()
 }

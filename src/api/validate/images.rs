@@ -28,25 +28,6 @@ fn reader(bytes: &[u8], max_pixels: u64) -> Result<image::ImageReader<Cursor<&[u
     Ok(reader)
 }
 
-/// The size of the image `bytes` hold, read from its header; a violation when it does
-/// not decode or has more than `max_pixels` pixels.
-pub fn probe(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) -> Option<(u32, u32)> {
-    let decoder =
-        match reader(bytes, max_pixels).and_then(|r| r.into_decoder().map_err(|e| e.to_string())) {
-            Ok(decoder) => decoder,
-            Err(e) => {
-                v.add(field, format!("is not a decodable image ({e})"));
-                return None;
-            }
-        };
-    check_size(
-        image::ImageDecoder::dimensions(&decoder),
-        field,
-        max_pixels,
-        v,
-    )
-}
-
 fn check_size(
     size: (u32, u32),
     field: &str,

@@ -95,6 +95,7 @@ struct Parts {
     clip_skip: Option<i64>,
     vae: Option<ModelEntry>,
     loras: Vec<crate::jobs::LoraJob>,
+    controlnets: Vec<crate::jobs::ControlNetJob>,
     refiner: Option<crate::jobs::RefinerJob>,
     output: crate::jobs::OutputSpec,
     client_job_id: Option<String>,
@@ -143,7 +144,7 @@ fn check(
         _ => None,
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
-    adapters::controlnets(&spec.controlnets, max_pixels, v, deferred);
+    let controlnets = adapters::controlnets(&spec.controlnets, registry, max_pixels, v, deferred);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,
@@ -173,6 +174,7 @@ fn check(
         clip_skip,
         vae,
         loras,
+        controlnets,
         refiner,
         output,
         client_job_id,
@@ -254,6 +256,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         model,
         vae: parts.vae,
         loras: parts.loras,
+        controlnets: parts.controlnets,
         refiner: parts.refiner,
         output: parts.output,
         sampler_name: a1111_name(runs, &options),

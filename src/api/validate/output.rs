@@ -45,6 +45,7 @@ pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
         },
         embed_metadata: o.embed_metadata.unwrap_or(true),
         preview_every: o.preview_every_n_steps,
+        return_control_maps: o.return_control_maps,
     }
 }
 

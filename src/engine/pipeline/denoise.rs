@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::control::{Control, ControlContext, Controls};
 use crate::engine::pipeline::latents::Inpaint;
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
 use crate::engine::schedulers::Scheduler;
@@ -34,11 +35,13 @@ struct Schedule {
 }
 
 /// The UNet's conditioning for every call of one run, guided batch first half negative.
-struct Conditioning {
+struct Conditioning<'a> {
     context: Tensor,
     text_embeds: Tensor,
     time_ids: Tensor,
     guided: bool,
+    /// The ControlNet units.
+    controls: Controls<'a>,
 }
 
 impl SdxlPipeline {
@@ -138,19 +141,21 @@ impl SdxlPipeline {
 
     /// One denoising run: the images of `p` (several only where they draw no noise of
     /// their own: see [`crate::engine::request::batch_runs`]) from `from`, with the
-    /// generator held by the caller. `on_step` is called after every step; when it breaks,
-    /// the run stops there and its value is returned. The final latents are float32 on
-    /// the CPU, [N, C, H/f, W/f].
+    /// generator held by the caller, under the ControlNet units `controls`. `on_step` is
+    /// called after every step; when it breaks, the run stops there and its value is
+    /// returned. The final latents are float32 on the CPU, [N, C, H/f, W/f].
     pub fn denoise<B>(
         &self,
         p: &GenerateParams,
         prompt: &PromptEmbeds,
         from: Start<'_>,
+        controls: &[Control<'_>],
         noise: &mut NoiseStream,
         on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
     ) -> Result<ControlFlow<B, Tensor>> {
         let handoff = matches!(from, Start::Handoff { .. });
         self.check(p, handoff)?;
+        self.check_controls(p, controls)?;
         if p.num_images > 1 && (handoff || self.needs_own_generators(p)?) {
             return Err(EngineError::InvalidRequest(
                 "images that draw noise of their own are denoised one run each".into(),
@@ -160,7 +165,17 @@ impl SdxlPipeline {
         let schedule = self.schedule(p, &from)?;
         let (latents, inpaint) =
             self.initial_latents(p, &from, schedule.scheduler.as_ref(), schedule.start, noise)?;
-        let conditioning = self.conditioning(p, prompt, from.entry(p).is_some());
+        // diffusers counts a unit's window over the schedule from the run's entry on (the
+        // part `denoising_end` cuts off included).
+        let calls = (schedule.start, schedule.timesteps.len() - schedule.start);
+        let controls = Controls::prepare(
+            controls,
+            p.num_images as i64,
+            prompt.negative.is_some(),
+            self.placement,
+            calls,
+        );
+        let conditioning = self.conditioning(p, prompt, from.entry(p).is_some(), controls);
         let total = (schedule.end - schedule.start).div_ceil(schedule.scheduler.order());
         if let ControlFlow::Break(b) = on_step(Step {
             step: 0,
@@ -222,12 +237,13 @@ impl SdxlPipeline {
 
     /// The prompt embeddings and micro-conditioning of every image of `p`, at the
     /// placement.
-    fn conditioning(
+    fn conditioning<'a>(
         &self,
         p: &GenerateParams,
         prompt: &PromptEmbeds,
         image_based: bool,
-    ) -> Conditioning {
+        controls: Controls<'a>,
+    ) -> Conditioning<'a> {
         let n = p.num_images as i64;
         let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
         let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
@@ -258,6 +274,7 @@ impl SdxlPipeline {
             text_embeds: place(text_embeds),
             time_ids: place(time_ids),
             guided: prompt.negative.is_some(),
+            controls,
         }
     }
 
@@ -323,21 +340,38 @@ impl SdxlPipeline {
                 t.shallow_clone()
             }
         };
-        let mut model_input = scheduler.scale_model_input(&doubled(latents), index);
+        let mut model_input = scheduler
+            .scale_model_input(&doubled(latents), index)
+            .to_kind(self.placement.kind);
+        let timestep = Tensor::from(t as f32).to_device(self.placement.device);
+        let control = ControlContext {
+            context: &c.context,
+            text_embeds: &c.text_embeds,
+            time_ids: &c.time_ids,
+            guided: c.guided,
+        };
+        let residuals = c
+            .controls
+            .residuals(index, &model_input, &timestep, &control);
         if let Some(state) = inpaint.filter(|s| s.nine_channels) {
             // 9-channel inpainting UNets also see the mask and the masked image.
             let (mask, masked) = (doubled(&state.mask), doubled(&state.masked_latents));
             model_input = Tensor::cat(&[model_input, mask, masked], 1);
         }
         let model_input = model_input.to_kind(self.placement.kind);
-        let timestep = Tensor::from(t as f32).to_device(self.placement.device);
         let added = AddedCond {
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
         };
         let noise_pred = self
             .unet
-            .forward(&model_input, &timestep, &c.context, Some(&added))
+            .forward_controlled(
+                &model_input,
+                &timestep,
+                &c.context,
+                Some(&added),
+                residuals.as_ref(),
+            )
             .to_kind(Kind::Float);
         if !c.guided {
             return noise_pred;

@@ -2,6 +2,7 @@
 //! and inpainting variants): loading ([`load`]), the conditioning ([`prompt`]), the
 //! initial latents ([`latents`]) and the denoising loop ([`denoise`]).
 
+mod control;
 mod denoise;
 mod latents;
 mod load;
@@ -31,6 +32,7 @@ pub use crate::engine::request::{
     Entry, GenerateOutput, GenerateParams, InitImage, RefinerMode, RefinerParams,
     SchedulerOverrides,
 };
+pub use control::Control;
 use denoise::discrete_cutoff;
 pub use denoise::Step;
 pub use prompt::PromptEmbeds;
@@ -156,7 +158,17 @@ impl SdxlPipeline {
     /// Generates `p.num_images` images as one call of diffusers' pipeline does (with one
     /// generator per image): the final latents and the decoded images.
     pub fn generate(&self, p: &GenerateParams) -> Result<GenerateOutput> {
-        let latents = self.denoise_all(p, &mut |_| {})?;
+        self.generate_controlled(p, &[])
+    }
+
+    /// [`Self::generate`] under the ControlNet units `controls` (diffusers'
+    /// `StableDiffusionXLControlNet*` pipelines).
+    pub fn generate_controlled(
+        &self,
+        p: &GenerateParams,
+        controls: &[Control<'_>],
+    ) -> Result<GenerateOutput> {
+        let latents = self.denoise_all_controlled(p, controls, &mut |_| {})?;
         self.decode_all(&latents)
     }
 
@@ -165,6 +177,16 @@ impl SdxlPipeline {
     pub fn denoise_all(
         &self,
         p: &GenerateParams,
+        on_step: &mut dyn FnMut(Step<'_>),
+    ) -> Result<Tensor> {
+        self.denoise_all_controlled(p, &[], on_step)
+    }
+
+    /// [`Self::denoise_all`] under the ControlNet units `controls`.
+    pub fn denoise_all_controlled(
+        &self,
+        p: &GenerateParams,
+        controls: &[Control<'_>],
         on_step: &mut dyn FnMut(Step<'_>),
     ) -> Result<Tensor> {
         self.validate(p)?;
@@ -180,6 +202,7 @@ impl SdxlPipeline {
                 &run,
                 &prompt,
                 Start::Request,
+                controls,
                 &mut noise,
                 &mut observe,
             )?));

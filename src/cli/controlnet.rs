@@ -1,0 +1,89 @@
+//! `--controlnet FOLDER,IMAGE[,KEY=VALUE...]`: a ControlNet unit from the command line,
+//! as the contract's `ControlNetUnit`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use sdxld::proto::v1 as pb;
+
+/// The keys a `--controlnet` value may carry after the folder and the image.
+pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
+preprocessor (none|canny), low, high";
+
+/// A parsed `--controlnet` value: the ControlNet folder and the unit.
+pub struct ControlNetArg {
+    /// The ControlNet folder (its parent becomes a ControlNet root).
+    pub folder: PathBuf,
+    /// The unit, naming the folder by its name.
+    pub unit: pb::ControlNetUnit,
+}
+
+/// Parses `FOLDER,IMAGE[,KEY=VALUE...]`, reading the image.
+pub fn parse(arg: &str) -> anyhow::Result<ControlNetArg> {
+    let mut parts = arg.split(',');
+    let (Some(folder), Some(image)) = (parts.next(), parts.next()) else {
+        bail!("--controlnet {arg:?}: expected FOLDER,IMAGE[,KEY=VALUE...] (keys: {KEYS})");
+    };
+    let folder = PathBuf::from(folder);
+    let image_path = Path::new(image);
+    let mut unit = pb::ControlNetUnit {
+        model: folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .with_context(|| format!("--controlnet {arg:?}: {folder:?} names no folder"))?,
+        image: std::fs::read(image_path)
+            .with_context(|| format!("reading {}", image_path.display()))?,
+        ..Default::default()
+    };
+    for pair in parts {
+        set(&mut unit, pair).with_context(|| format!("--controlnet {arg:?}"))?;
+    }
+    Ok(ControlNetArg { folder, unit })
+}
+
+/// Applies one `KEY=VALUE` to `unit`.
+fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
+    let Some((key, value)) = pair.split_once('=') else {
+        bail!("`{pair}` is not KEY=VALUE (keys: {KEYS})");
+    };
+    let number = || -> anyhow::Result<f32> {
+        value
+            .parse()
+            .with_context(|| format!("{key}: `{value}` is not a number"))
+    };
+    let whole = || -> anyhow::Result<u32> {
+        value
+            .parse()
+            .with_context(|| format!("{key}: `{value}` is not a whole number"))
+    };
+    match key {
+        "scale" => unit.conditioning_scale = Some(number()?),
+        "start" => unit.guidance_start = number()?,
+        "end" => unit.guidance_end = Some(number()?),
+        "mode" => unit.control_mode = named(key, value, &[("balanced", 1), ("guess", 2)])?,
+        "resize" => unit.resize_mode = named(key, value, &[("just", 1), ("crop", 2), ("fill", 3)])?,
+        "preprocessor" => {
+            unit.preprocessor = named(key, value, &[("none", 1), ("canny", 2)])?;
+        }
+        "low" => unit_params(unit).low_threshold = Some(whole()?),
+        "high" => unit_params(unit).high_threshold = Some(whole()?),
+        other => bail!("unknown key `{other}` (keys: {KEYS})"),
+    }
+    Ok(())
+}
+
+fn unit_params(unit: &mut pb::ControlNetUnit) -> &mut pb::PreprocessorParams {
+    unit.preprocessor_params
+        .get_or_insert_with(Default::default)
+}
+
+/// The enum value `value` names among `names`.
+fn named(key: &str, value: &str, names: &[(&str, i32)]) -> anyhow::Result<i32> {
+    match names.iter().find(|(name, _)| *name == value) {
+        Some((_, number)) => Ok(*number),
+        None => {
+            let known: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+            bail!("{key} must be one of {}, got `{value}`", known.join(", "))
+        }
+    }
+}

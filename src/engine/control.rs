@@ -1,0 +1,220 @@
+//! ControlNet units in domain terms: how a unit's control map is fitted to the output
+//! size (A1111's three resize modes, as diffusers' image processor implements them), and
+//! when and how strongly its residuals join the UNet (diffusers' `controlnet_keep`).
+
+use image::imageops::{self, FilterType};
+use image::RgbImage;
+use tch::{Kind, Tensor};
+
+use crate::engine::models::controlnet::ControlNetConfig;
+use crate::engine::models::unet_config::UNetConfig;
+
+/// How a unit's residuals enter the guided batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ControlMode {
+    /// The ControlNet sees both halves of the guided batch (diffusers' default).
+    #[default]
+    Balanced,
+    /// diffusers' guess mode: the ControlNet sees only the conditional half, its residuals
+    /// scaled from 0.1 (shallowest) to 1 (mid block); the unconditional half gets none.
+    Guess,
+}
+
+/// How a control map of another size becomes one of the output size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResizeMode {
+    /// Stretch to the output size (diffusers' behaviour).
+    #[default]
+    JustResize,
+    /// Scale to cover the output, keep the aspect ratio, crop the overflow evenly.
+    CropAndResize,
+    /// Scale to fit inside the output, keep the aspect ratio, and fill the bands by
+    /// stretching the map's edge rows or columns.
+    ResizeAndFill,
+}
+
+/// One ControlNet unit's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlUnit {
+    /// Conditioning scale, in [0, 2].
+    pub scale: f64,
+    /// Fraction of the model calls at which the unit starts, in [0, 1).
+    pub guidance_start: f64,
+    /// Fraction of the model calls at which the unit ends, in (0, 1], above the start.
+    pub guidance_end: f64,
+    /// How the residuals enter the guided batch.
+    pub mode: ControlMode,
+}
+
+impl Default for ControlUnit {
+    fn default() -> Self {
+        Self {
+            scale: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+            mode: ControlMode::Balanced,
+        }
+    }
+}
+
+impl ControlUnit {
+    /// The scale of model call `index` of the `count` calls a run makes: the unit's scale
+    /// inside its window, 0 outside, exactly as diffusers' `controlnet_keep` decides.
+    pub fn scale_at(&self, index: usize, count: usize) -> f64 {
+        let (i, n) = (index as f64, count as f64);
+        let outside = i / n < self.guidance_start || (i + 1.0) / n > self.guidance_end;
+        if outside {
+            0.0
+        } else {
+            self.scale
+        }
+    }
+}
+
+/// `map` at `width` x `height`, the `mode` way; the map itself when it has that size.
+/// Resampling is Lanczos (a = 3), the filter diffusers' image processor uses.
+pub fn fit(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
+    if map.dimensions() == (width, height) {
+        return map.clone();
+    }
+    let resize = |w: u32, h: u32| {
+        let (w, h) = (w.max(1), h.max(1));
+        if (w, h) == map.dimensions() {
+            map.clone()
+        } else {
+            imageops::resize(map, w, h, FilterType::Lanczos3)
+        }
+    };
+    let (src_w, src_h) = (u64::from(map.width()), u64::from(map.height()));
+    let (w, h) = (u64::from(width), u64::from(height));
+    // Aspect ratios compared exactly: w / h < src_w / src_h.
+    let wider_source = w * src_h < src_w * h;
+    match mode {
+        ResizeMode::JustResize => resize(width, height),
+        ResizeMode::CropAndResize => {
+            let (scaled_w, scaled_h) = if wider_source {
+                (src_w * h / src_h, h)
+            } else {
+                (w, src_h * w / src_w)
+            };
+            let scaled = resize(scaled_w as u32, scaled_h as u32);
+            centred(&scaled, width, height)
+        }
+        ResizeMode::ResizeAndFill => {
+            let (scaled_w, scaled_h) = if wider_source {
+                (w, src_h * w / src_w)
+            } else {
+                (src_w * h / src_h, h)
+            };
+            let scaled = resize(scaled_w as u32, scaled_h as u32);
+            filled(&scaled, width, height)
+        }
+    }
+}
+
+/// `image` pasted centred on a black canvas of `width` x `height` (PIL's paste at
+/// `(width / 2 - w / 2, height / 2 - h / 2)`), clipped where it overflows.
+fn centred(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let mut canvas = RgbImage::new(width, height);
+    let x = i64::from(width / 2) - i64::from(image.width() / 2);
+    let y = i64::from(height / 2) - i64::from(image.height() / 2);
+    imageops::replace(&mut canvas, image, x, y);
+    canvas
+}
+
+/// `image` (fitting inside) centred on `width` x `height`, the bands beside it filled by
+/// repeating its nearest edge row or column, as diffusers' `_resize_and_fill` does.
+fn filled(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let mut canvas = centred(image, width, height);
+    let x0 = (width / 2).saturating_sub(image.width() / 2);
+    let y0 = (height / 2).saturating_sub(image.height() / 2);
+    let (w, h) = image.dimensions();
+    for y in 0..height {
+        for x in 0..width {
+            let inside = (x0..x0 + w).contains(&x) && (y0..y0 + h).contains(&y);
+            if !inside {
+                let sx = x.saturating_sub(x0).min(w - 1);
+                let sy = y.saturating_sub(y0).min(h - 1);
+                canvas.put_pixel(x, y, *image.get_pixel(sx, sy));
+            }
+        }
+    }
+    canvas
+}
+
+/// A control map as the ControlNet takes it: [1, 3, H, W] float32 in [0, 1] on the CPU.
+pub fn map_tensor(map: &RgbImage) -> Tensor {
+    let (w, h) = map.dimensions();
+    Tensor::from_slice(map.as_raw())
+        .reshape([i64::from(h), i64::from(w), 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
+        / 255.0
+}
+
+/// What a ControlNet must share with the pipeline it controls.
+pub struct ControlledModel<'a> {
+    /// The base UNet.
+    pub unet: &'a UNetConfig,
+    /// Pixels per latent.
+    pub vae_factor: i64,
+    /// Channels of the latents (the ControlNet sees them without an inpainting UNet's
+    /// mask channels).
+    pub latent_channels: i64,
+}
+
+/// Why `controlnet` cannot control `model` (residuals of other shapes, another text
+/// conditioning, another control image scale), if it cannot.
+pub fn mismatch(model: &ControlledModel<'_>, controlnet: &ControlNetConfig) -> Option<String> {
+    let (encoder, unet) = (&controlnet.encoder, model.unet);
+    let debug = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    let checks = [
+        (
+            "block_out_channels",
+            debug(&encoder.block_out_channels),
+            debug(&unet.block_out_channels),
+        ),
+        (
+            "layers_per_block",
+            debug(&encoder.layers_per_block),
+            debug(&unet.layers_per_block),
+        ),
+        (
+            "cross_attention_dim",
+            debug(&encoder.cross_attention_dim),
+            debug(&unet.cross_attention_dim),
+        ),
+        (
+            "addition_embed_type",
+            debug(&encoder.addition_embed_type),
+            debug(&unet.addition_embed_type),
+        ),
+        (
+            "projection_class_embeddings_input_dim",
+            debug(&encoder.projection_class_embeddings_input_dim),
+            debug(&unet.projection_class_embeddings_input_dim),
+        ),
+        (
+            "addition_time_embed_dim",
+            debug(&encoder.addition_time_embed_dim),
+            debug(&unet.addition_time_embed_dim),
+        ),
+        (
+            "in_channels",
+            debug(&encoder.in_channels),
+            debug(&model.latent_channels),
+        ),
+        (
+            "control image scale",
+            debug(&controlnet.control.downscale()),
+            debug(&model.vae_factor),
+        ),
+    ];
+    checks
+        .into_iter()
+        .find(|(_, ours, theirs)| ours != theirs)
+        .map(|(key, ours, theirs)| {
+            format!("its {key} is {ours} where the base model's is {theirs}")
+        })
+}

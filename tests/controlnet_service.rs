@@ -1,0 +1,475 @@
+//! ControlNet over the service and the CLI: requests equal diffusers' ControlNet
+//! pipelines (two units summed, a window under a second-order scheduler, guess mode,
+//! image to image, inpainting, a LoRA), control maps come back as the job used them,
+//! Canny runs in the server as the Preprocess RPC does, and bad units are refused by
+//! field or by model without leaving anything behind.
+
+mod common;
+
+use std::path::Path;
+
+use common::cli::sdxld;
+use common::server::TestServer;
+use common::{
+    assert_images_match, controlnet_cases, controlnet_fixtures, decoded_image, fixtures,
+    read_tensors, Case,
+};
+use sdxld::proto::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// A ControlNet root holding the fixtures' ControlNets under names of their own: two for
+/// the tiny2 pipeline, one of the tiny3 layout and one of the SD 1.5 layout.
+fn controlnet_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cn = controlnet_fixtures();
+    for (from, name) in [
+        (cn.join("tiny2/from_unet"), "canny_xl"),
+        (cn.join("tiny2/own"), "small_xl"),
+        (cn.join("tiny3/from_unet"), "wide_xl"),
+        (cn.join("sd15"), "sd15_canny"),
+    ] {
+        let to = root.path().join(name);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for entry in std::fs::read_dir(&from).expect("read_dir").flatten() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    root
+}
+
+async fn server(root: &Path) -> TestServer {
+    let pipeline = fixtures().join("tiny2/pipeline");
+    TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipeline.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__CONTROLNET_ROOTS",
+            root.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__LORA_ROOTS",
+            fixtures().join("tiny2/lora").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__LIMITS__MAX_WIDTH", "256"),
+        ("SDXLD__LIMITS__MAX_HEIGHT", "256"),
+    ])
+    .await
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The fixture case `name` of tiny2.
+fn case(name: &str) -> Case {
+    controlnet_cases("tiny2")
+        .into_iter()
+        .find(|c| c.name() == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The request diffusers' case `case` describes, its ControlNets by their names here.
+fn spec_of(case: &Case) -> pb::GenerationSpec {
+    let scheduler = match case["scheduler"].as_str() {
+        Some("HeunDiscreteScheduler") => pb::Scheduler::Heun,
+        _ => pb::Scheduler::Euler,
+    };
+    let units = case["units"].as_array().expect("units");
+    let controlnets = units
+        .iter()
+        .map(|u| pb::ControlNetUnit {
+            model: match u["model"].as_str() {
+                Some("from_unet") => "canny_xl".into(),
+                _ => "small_xl".into(),
+            },
+            image: read(
+                &controlnet_fixtures()
+                    .join("tiny2")
+                    .join(u["image"].as_str().expect("image")),
+            ),
+            conditioning_scale: u["scale"].as_f64().map(|s| s as f32),
+            guidance_start: u["start"].as_f64().unwrap_or(0.0) as f32,
+            guidance_end: u["end"].as_f64().map(|e| e as f32),
+            control_mode: if u["guess"].as_bool().unwrap_or(false) {
+                pb::ControlMode::Guess as i32
+            } else {
+                0
+            },
+            ..Default::default()
+        })
+        .collect();
+    let kind = case["kind"].as_str().unwrap_or("txt2img");
+    let init_image = (kind != "txt2img").then(|| pb::InitImage {
+        image: read(&fixtures().join("tiny2/init.png")),
+        strength: Some(case.float("strength") as f32),
+        mask: if kind == "inpaint" {
+            read(&fixtures().join("tiny2/mask.png"))
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    });
+    let loras = case["loras"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|l| pb::LoraAdapter {
+                    name: l[0].as_str().expect("name").into(),
+                    weight: l[1].as_f64().map(|w| w as f32),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::GenerationSpec {
+        prompt: case.text("prompt").into(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        seed: Some(case.int("seed")),
+        steps: case.int("steps") as u32,
+        guidance_scale: Some(case.float("guidance") as f32),
+        width: case["width"].as_u64().unwrap_or(64) as u32,
+        height: case["height"].as_u64().unwrap_or(64) as u32,
+        num_images: case["num_images"].as_u64().unwrap_or(1) as u32,
+        scheduler: scheduler as i32,
+        controlnets,
+        init_image,
+        loras,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controlnet_requests_over_grpc_equal_diffusers() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let reference = read_tensors(&controlnet_fixtures().join("tiny2/cases.safetensors"));
+    for name in [
+        "two_units",
+        "window_heun",
+        "guess",
+        "img2img",
+        "inpaint",
+        "lora",
+        "tall",
+    ] {
+        let case = case(name);
+        let mut spec = spec_of(&case);
+        spec.output = Some(pb::OutputOptions {
+            return_control_maps: true,
+            ..Default::default()
+        });
+        let response = server
+            .images(spec.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = &reference[&format!("{name}.images")];
+        assert_eq!(response.images.len() as i64, expected.size()[0], "{name}");
+        for (i, image) in response.images.iter().enumerate() {
+            let what = format!("gRPC {name} image {i}");
+            assert_images_match(&what, &decoded_image(&image.data), &expected.get(i as i64));
+        }
+        // The maps were given at the output size: they come back as they were sent.
+        assert_eq!(
+            response.control_maps.len(),
+            spec.controlnets.len(),
+            "{name}"
+        );
+        for (i, map) in response.control_maps.iter().enumerate() {
+            assert_eq!(map.unit_index as usize, i);
+            assert!(
+                decoded_image(&map.data).equal(&decoded_image(&spec.controlnets[i].image)),
+                "{name}: control map {i} differs from the image sent"
+            );
+        }
+        let completed = response.completed.expect("completed");
+        let controlnets: Vec<_> = completed
+            .models
+            .iter()
+            .filter(|m| m.kind == pb::ModelKind::Controlnet as i32)
+            .collect();
+        assert_eq!(controlnets.len(), spec.controlnets.len(), "{name}");
+        for (used, unit) in controlnets.iter().zip(&spec.controlnets) {
+            assert_eq!(used.name, unit.model);
+            assert_eq!(used.sha256.len(), 64, "{name}: {used:?}");
+            assert_eq!(used.weight, unit.conditioning_scale.unwrap_or(1.0));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_reports_preprocessing_and_maps_before_images() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let mut spec = spec_of(&case("two_units"));
+    spec.output = Some(pb::OutputOptions {
+        return_control_maps: true,
+        ..Default::default()
+    });
+    let (events, end) = server
+        .stream(tonic::Request::new(pb::GenerateRequest {
+            spec: Some(spec),
+        }))
+        .await;
+    end.expect("completed");
+    use pb::generate_response::Event;
+    let position = |pick: &dyn Fn(&Event) -> bool| events.iter().position(pick).expect("event");
+    let preprocessing = position(
+        &|e| matches!(e, Event::Progress(p) if p.stage == pb::Stage::Preprocessing as i32),
+    );
+    let first_map = position(&|e| matches!(e, Event::ControlMap(_)));
+    let first_image = position(&|e| matches!(e, Event::Image(_)));
+    let denoising =
+        position(&|e| matches!(e, Event::Progress(p) if p.stage == pb::Stage::Denoising as i32));
+    assert!(
+        preprocessing < denoising && first_map < first_image,
+        "{events:?}"
+    );
+    let maps = events
+        .iter()
+        .filter(|e| matches!(e, Event::ControlMap(_)))
+        .count();
+    assert_eq!(maps, 2);
+}
+
+/// A unit with the Canny preprocessor uses the map the Preprocess RPC returns: the same
+/// bytes come back, and the image equals one made from that map sent as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canny_in_a_unit_equals_the_preprocess_rpc() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let photo = read(&fixtures().join("tiny2/init.png"));
+    let params = pb::PreprocessorParams {
+        low_threshold: Some(60),
+        high_threshold: Some(140),
+        ..Default::default()
+    };
+    let preview = server
+        .generation()
+        .await
+        .preprocess(pb::PreprocessRequest {
+            image: photo.clone(),
+            preprocessor: pb::Preprocessor::Canny as i32,
+            preprocessor_params: Some(params),
+        })
+        .await
+        .expect("preprocess")
+        .into_inner();
+    let mut spec = spec_of(&case("one_unit"));
+    spec.num_images = 1;
+    spec.controlnets[0].image = photo;
+    spec.controlnets[0].preprocessor = pb::Preprocessor::Canny as i32;
+    spec.controlnets[0].preprocessor_params = Some(params);
+    spec.output = Some(pb::OutputOptions {
+        return_control_maps: true,
+        embed_metadata: Some(false),
+        ..Default::default()
+    });
+    let in_server = server.images(spec.clone()).await.expect("canny unit");
+    let map = decoded_image(&in_server.control_maps[0].data);
+    assert!(
+        map.equal(&decoded_image(&preview.control_map)),
+        "the maps differ"
+    );
+    spec.controlnets[0].image = preview.control_map;
+    spec.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
+    let given = server.images(spec).await.expect("map unit");
+    assert_eq!(in_server.images[0].data, given.images[0].data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_units_are_refused_and_leave_nothing_behind() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let mut plain = spec_of(&case("one_unit"));
+    plain.controlnets.clear();
+    plain.num_images = 1;
+    plain.output = Some(pb::OutputOptions {
+        embed_metadata: Some(false),
+        ..Default::default()
+    });
+    let before = server.images(plain.clone()).await.expect("plain");
+    let with_unit = |model: &str, image: Vec<u8>| {
+        let mut spec = spec_of(&case("one_unit"));
+        spec.controlnets[0].model = model.into();
+        spec.controlnets[0].image = image;
+        spec
+    };
+    let map = read(&controlnet_fixtures().join("tiny2/control_a.png"));
+
+    let status = server
+        .images(with_unit("no_such_cn", map.clone()))
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["model"], "no_such_cn");
+
+    for (model, why) in [
+        ("wide_xl", "block_out_channels"),
+        ("sd15_canny", "cross_attention_dim"),
+    ] {
+        let status = server
+            .images(with_unit(model, map.clone()))
+            .await
+            .expect_err(model);
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{model}: {status:?}"
+        );
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "INCOMPATIBLE_MODELS", "{model}");
+        let message = status.message();
+        assert!(
+            message.contains(model) && message.contains("pipeline"),
+            "{message}"
+        );
+        assert!(message.contains(why), "{model}: {message}");
+        assert!(message.contains("spec.controlnets[0].model"), "{message}");
+    }
+
+    let mut huge = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(600, 500)
+        .write_to(&mut huge, image::ImageFormat::Png)
+        .expect("png");
+    let status = server
+        .images(with_unit("canny_xl", huge.into_inner()))
+        .await
+        .expect_err("huge");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<_> = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["spec.controlnets[0].image"]);
+
+    let mut bad_modes = with_unit("canny_xl", map);
+    bad_modes.controlnets[0].resize_mode = 9;
+    bad_modes.controlnets[0].control_mode = -1;
+    let status = server.images(bad_modes).await.expect_err("modes");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<_> = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.controlnets[0].control_mode",
+            "spec.controlnets[0].resize_mode"
+        ]
+    );
+
+    let after = server.images(plain).await.expect("plain again");
+    assert_eq!(
+        before.images[0].data, after.images[0].data,
+        "a unit left a trace"
+    );
+
+    let listed = server.list_models(pb::ModelKind::Controlnet).await;
+    let base_of = |name: &str| {
+        listed
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.controlnet.as_ref())
+            .map(|c| (c.base.clone(), c.union))
+    };
+    assert_eq!(base_of("canny_xl"), Some(("unknown".to_string(), false)));
+    assert_eq!(base_of("sd15_canny"), Some(("sd1".to_string(), false)));
+    assert_eq!(listed.len(), 4);
+}
+
+#[test]
+fn controlnet_over_the_cli_equals_diffusers() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let dir = fixtures().join("tiny2");
+    let cn = controlnet_fixtures().join("tiny2");
+    let reference = read_tensors(&cn.join("cases.safetensors"));
+    let unit = |folder: &str, image: &str, settings: &str| {
+        let mut arg = format!("{},{}", cn.join(folder).display(), cn.join(image).display());
+        if !settings.is_empty() {
+            arg.push(',');
+            arg.push_str(settings);
+        }
+        arg
+    };
+    let png = out.path().join("inpaint.png");
+    sdxld("generate")
+        .args([
+            "--prompt",
+            "a house by a lake",
+            "--seed",
+            "42",
+            "--steps",
+            "8",
+        ])
+        .args([
+            "--guidance",
+            "5",
+            "--scheduler",
+            "euler",
+            "--strength",
+            "0.75",
+        ])
+        .flag("--init-image", dir.join("init.png"))
+        .flag("--mask", dir.join("mask.png"))
+        .flag("--controlnet", unit("own", "control_b.png", "scale=0.9"))
+        .flag("--model", dir.join("pipeline"))
+        .flag("--output", &png)
+        .succeeds();
+    assert_images_match(
+        "CLI inpaint with a ControlNet",
+        &common::image_file(&png),
+        &reference["inpaint.images"].get(0),
+    );
+    let png = out.path().join("two.png");
+    sdxld("generate")
+        .args([
+            "--prompt",
+            "a house by a lake",
+            "--negative-prompt",
+            "blurry",
+        ])
+        .args([
+            "--seed",
+            "42",
+            "--steps",
+            "6",
+            "--guidance",
+            "5",
+            "--scheduler",
+            "euler",
+        ])
+        .args(["--width", "64", "--height", "64"])
+        .flag(
+            "--controlnet",
+            unit("from_unet", "control_a.png", "scale=0.8"),
+        )
+        .flag(
+            "--controlnet",
+            unit("own", "control_b.png", "scale=0.6,end=0.5"),
+        )
+        .flag("--model", dir.join("pipeline"))
+        .flag("--output", &png)
+        .succeeds();
+    assert_images_match(
+        "CLI two units",
+        &common::image_file(&png),
+        &reference["two_units.images"].get(0),
+    );
+    let stderr = sdxld("generate")
+        .args(["--prompt", "x", "--steps", "1"])
+        .flag("--controlnet", unit("own", "control_b.png", "scale=3"))
+        .flag("--model", dir.join("pipeline"))
+        .flag("--output", out.path().join("x.png"))
+        .fails();
+    assert!(stderr.contains("--controlnet"), "{stderr}");
+}
