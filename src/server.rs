@@ -112,6 +112,7 @@ pub fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result
         path: PathBuf::new(),
         size_bytes: 0,
         pipeline: None,
+        controlnet: None,
     };
     Registry::new(settings.models.roots(), placeholder)
         .resolve(&wanted)

@@ -126,3 +126,63 @@ fn impossible_controlnet_configs_are_refused_naming_the_key() {
         );
     }
 }
+
+/// A tiny ControlNetUnionModel per pipeline (one and two fusion layers): the residuals
+/// for one condition (scaled after), two conditions with their own scales (scaled inside
+/// the fusion) and one in guess mode equal diffusers'.
+#[test]
+fn union_controlnet_residuals_equal_diffusers() {
+    use sdxld::engine::models::controlnet::UnionCondition;
+    for config in ["tiny2", "tiny3"] {
+        let root = controlnet_fixtures().join(config);
+        let model = ControlNetModel::load_dir(&root.join("union"), Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{config}: {e}"));
+        assert!(model.is_union());
+        assert_eq!(model.control_types(), 8);
+        let r = read_tensors(&root.join("union.safetensors"));
+        let added = AddedCond {
+            text_embeds: &r["text_embeds"],
+            time_ids: &r["time_ids"],
+        };
+        let timestep = r["timestep"].reshape([]);
+        let condition = |image: &str, control_type: i64, scale: f64| UnionCondition {
+            image: &r[image],
+            control_type,
+            scale,
+        };
+        let runs = [
+            ("single", vec![condition("image_a", 3, 0.6)], false),
+            (
+                "multi",
+                vec![condition("image_a", 1, 0.7), condition("image_b", 6, 1.2)],
+                false,
+            ),
+            ("guess", vec![condition("image_b", 0, 0.5)], true),
+        ];
+        for (tag, conditions, guess) in runs {
+            let what = format!("{config} union {tag}");
+            let residuals = model
+                .forward_union(
+                    &r["sample"],
+                    &timestep,
+                    &r["encoder_hidden_states"],
+                    Some(&added),
+                    &conditions,
+                    guess,
+                )
+                .expect("a union model");
+            for (i, down) in residuals.down.iter().enumerate() {
+                assert_close(
+                    &format!("{what} down {i}"),
+                    down,
+                    &r[&format!("{tag}.down.{i}")],
+                );
+            }
+            assert_close(
+                &format!("{what} mid"),
+                &residuals.mid,
+                &r[&format!("{tag}.mid")],
+            );
+        }
+    }
+}

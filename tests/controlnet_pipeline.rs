@@ -10,7 +10,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use common::{controlnet_cases, controlnet_fixtures, fixtures, read_tensors, Case};
-use sdxld::engine::control::{map_tensor, ControlMode, ControlUnit};
+use sdxld::engine::control::{map_tensor, ControlCondition, ControlMode, ControlType, ControlUnit};
 use sdxld::engine::loading::lora::LoraWeights;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
 use sdxld::engine::models::controlnet::ControlNetModel;
@@ -20,7 +20,8 @@ use tch::{Device, Kind, Tensor};
 /// A case's units: their ControlNets, maps and settings.
 struct Units {
     models: Vec<ControlNetModel>,
-    maps: Vec<Tensor>,
+    /// Per unit: its map, or a union unit's map per condition.
+    maps: Vec<Vec<Tensor>>,
     settings: Vec<ControlUnit>,
 }
 
@@ -40,7 +41,13 @@ impl Units {
                 .collect(),
             maps: units
                 .iter()
-                .map(|u| map_file(&root.join(u["image"].as_str().expect("image"))))
+                .map(|u| match u["images"].as_array() {
+                    Some(images) => images
+                        .iter()
+                        .map(|i| map_file(&root.join(i.as_str().expect("image"))))
+                        .collect(),
+                    None => vec![map_file(&root.join(u["image"].as_str().expect("image")))],
+                })
                 .collect(),
             settings: units
                 .iter()
@@ -53,6 +60,7 @@ impl Units {
                     } else {
                         ControlMode::Balanced
                     },
+                    conditions: union_conditions(u),
                 })
                 .collect(),
         }
@@ -62,11 +70,38 @@ impl Units {
         (0..self.models.len())
             .map(|i| Control {
                 model: &self.models[i],
-                map: &self.maps[i],
+                maps: &self.maps[i],
                 unit: &self.settings[i],
             })
             .collect()
     }
+}
+
+/// A union unit's conditions: `types` (model slots) with `scales` (else the unit's).
+fn union_conditions(u: &serde_json::Value) -> Vec<ControlCondition> {
+    let Some(types) = u["types"].as_array() else {
+        return Vec::new();
+    };
+    let all = [
+        ControlType::OpenPose,
+        ControlType::Depth,
+        ControlType::HedScribble,
+        ControlType::CannyLineart,
+        ControlType::Normal,
+        ControlType::Segment,
+        ControlType::Tile,
+        ControlType::Repaint,
+    ];
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ControlCondition {
+            control_type: all[t.as_u64().expect("type") as usize],
+            scale: u["scales"][i]
+                .as_f64()
+                .unwrap_or(u["scale"].as_f64().unwrap_or(1.0)),
+        })
+        .collect()
 }
 
 fn map_file(path: &Path) -> Tensor {
@@ -152,7 +187,9 @@ fn the_control_map_and_the_window_change_the_image() {
         (&a.latents - &b.latents).abs().max().double_value(&[]) > 1e-2
     };
     assert!(differs(&controlled, &plain), "the ControlNet has no effect");
-    units.maps[0] = map_file(&controlnet_fixtures().join(config).join("control_b.png"));
+    units.maps[0] = vec![map_file(
+        &controlnet_fixtures().join(config).join("control_b.png"),
+    )];
     let other_map = generate(&pipe, &p, &units);
     assert!(
         differs(&controlled, &other_map),

@@ -28,6 +28,8 @@ fn controlnet_root() -> tempfile::TempDir {
         (cn.join("tiny2/own"), "small_xl"),
         (cn.join("tiny3/from_unet"), "wide_xl"),
         (cn.join("sd15"), "sd15_canny"),
+        (cn.join("tiny2/union"), "union_xl"),
+        (cn.join("tiny2/union"), "union6_xl"),
     ] {
         let to = root.path().join(name);
         std::fs::create_dir_all(&to).expect("mkdir");
@@ -35,6 +37,12 @@ fn controlnet_root() -> tempfile::TempDir {
             std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
         }
     }
+    // A union model's config claiming six types: validation reads it before any load.
+    common::set_config(
+        &root.path().join("union6_xl/config.json"),
+        "num_control_type",
+        serde_json::json!(6),
+    );
     root
 }
 
@@ -71,6 +79,52 @@ fn case(name: &str) -> Case {
         .unwrap_or_else(|| panic!("no case {name}"))
 }
 
+/// The unit a case's unit describes, its ControlNet by its name here.
+fn unit_of(u: &serde_json::Value) -> pb::ControlNetUnit {
+    let dir = controlnet_fixtures().join("tiny2");
+    let image = |name: &serde_json::Value| read(&dir.join(name.as_str().expect("image")));
+    // ControlType values are the model's slots plus one.
+    let control_type = |i: usize| u["types"][i].as_i64().map_or(0, |t| t as i32 + 1);
+    let images = u["images"].as_array();
+    let more_conditions = images
+        .map(|images| {
+            images
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(i, name)| pb::UnionCondition {
+                    image: image(name),
+                    control_type: control_type(i),
+                    conditioning_scale: u["scales"][i].as_f64().map(|s| s as f32),
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pb::ControlNetUnit {
+        model: match u["model"].as_str() {
+            Some("from_unet") => "canny_xl".into(),
+            Some("union") => "union_xl".into(),
+            _ => "small_xl".into(),
+        },
+        image: image(images.map_or(&u["image"], |i| &i[0])),
+        conditioning_scale: u["scales"][0]
+            .as_f64()
+            .or(u["scale"].as_f64())
+            .map(|s| s as f32),
+        guidance_start: u["start"].as_f64().unwrap_or(0.0) as f32,
+        guidance_end: u["end"].as_f64().map(|e| e as f32),
+        control_mode: if u["guess"].as_bool().unwrap_or(false) {
+            pb::ControlMode::Guess as i32
+        } else {
+            0
+        },
+        control_type: control_type(0),
+        more_conditions,
+        ..Default::default()
+    }
+}
+
 /// The request diffusers' case `case` describes, its ControlNets by their names here.
 fn spec_of(case: &Case) -> pb::GenerationSpec {
     let scheduler = match case["scheduler"].as_str() {
@@ -78,29 +132,7 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
         _ => pb::Scheduler::Euler,
     };
     let units = case["units"].as_array().expect("units");
-    let controlnets = units
-        .iter()
-        .map(|u| pb::ControlNetUnit {
-            model: match u["model"].as_str() {
-                Some("from_unet") => "canny_xl".into(),
-                _ => "small_xl".into(),
-            },
-            image: read(
-                &controlnet_fixtures()
-                    .join("tiny2")
-                    .join(u["image"].as_str().expect("image")),
-            ),
-            conditioning_scale: u["scale"].as_f64().map(|s| s as f32),
-            guidance_start: u["start"].as_f64().unwrap_or(0.0) as f32,
-            guidance_end: u["end"].as_f64().map(|e| e as f32),
-            control_mode: if u["guess"].as_bool().unwrap_or(false) {
-                pb::ControlMode::Guess as i32
-            } else {
-                0
-            },
-            ..Default::default()
-        })
-        .collect();
+    let controlnets = units.iter().map(unit_of).collect();
     let kind = case["kind"].as_str().unwrap_or("txt2img");
     let init_image = (kind != "txt2img").then(|| pb::InitImage {
         image: read(&fixtures().join("tiny2/init.png")),
@@ -153,6 +185,8 @@ async fn controlnet_requests_over_grpc_equal_diffusers() {
         "inpaint",
         "lora",
         "tall",
+        "union_two",
+        "union_img2img",
     ] {
         let case = case(name);
         let mut spec = spec_of(&case);
@@ -171,16 +205,24 @@ async fn controlnet_requests_over_grpc_equal_diffusers() {
             assert_images_match(&what, &decoded_image(&image.data), &expected.get(i as i64));
         }
         // The maps were given at the output size: they come back as they were sent.
-        assert_eq!(
-            response.control_maps.len(),
-            spec.controlnets.len(),
-            "{name}"
-        );
-        for (i, map) in response.control_maps.iter().enumerate() {
-            assert_eq!(map.unit_index as usize, i);
+        let sent: Vec<(u32, u32, &[u8])> = spec
+            .controlnets
+            .iter()
+            .enumerate()
+            .flat_map(|(i, unit)| {
+                let more = unit.more_conditions.iter().map(|c| c.image.as_slice());
+                std::iter::once(unit.image.as_slice())
+                    .chain(more)
+                    .enumerate()
+                    .map(move |(j, image)| (i as u32, j as u32, image))
+            })
+            .collect();
+        assert_eq!(response.control_maps.len(), sent.len(), "{name}");
+        for (map, (unit, condition, image)) in response.control_maps.iter().zip(sent) {
+            assert_eq!((map.unit_index, map.condition_index), (unit, condition));
             assert!(
-                decoded_image(&map.data).equal(&decoded_image(&spec.controlnets[i].image)),
-                "{name}: control map {i} differs from the image sent"
+                decoded_image(&map.data).equal(&decoded_image(image)),
+                "{name}: control map {unit}/{condition} differs from the image sent"
             );
         }
         let completed = response.completed.expect("completed");
@@ -368,6 +410,28 @@ async fn bad_units_are_refused_and_leave_nothing_behind() {
         ]
     );
 
+    // Union fields: on a plain ControlNet, missing on a union model, beyond its types.
+    let cases = [
+        ("canny_xl", 4, vec!["spec.controlnets[0].control_type"]),
+        ("union_xl", 0, vec!["spec.controlnets[0].control_type"]),
+        ("union6_xl", 7, vec!["spec.controlnets[0].control_type"]),
+    ];
+    for (model, control_type, expected) in cases {
+        let map = read(&controlnet_fixtures().join("tiny2/control_a.png"));
+        let mut spec = with_unit(model, map);
+        spec.controlnets[0].control_type = control_type;
+        let status = server.images(spec).await.expect_err(model);
+        assert_eq!(status.code(), Code::InvalidArgument, "{model}: {status:?}");
+        let fields: Vec<_> = status
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(fields, expected, "{model}");
+    }
+
     let after = server.images(plain).await.expect("plain again");
     assert_eq!(
         before.images[0].data, after.images[0].data,
@@ -384,7 +448,16 @@ async fn bad_units_are_refused_and_leave_nothing_behind() {
     };
     assert_eq!(base_of("canny_xl"), Some(("unknown".to_string(), false)));
     assert_eq!(base_of("sd15_canny"), Some(("sd1".to_string(), false)));
-    assert_eq!(listed.len(), 4);
+    assert_eq!(base_of("union_xl"), Some(("unknown".to_string(), true)));
+    let types = |name: &str| {
+        listed
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.controlnet.as_ref())
+            .map(|c| c.control_types)
+    };
+    assert_eq!((types("union_xl"), types("union6_xl")), (Some(8), Some(6)));
+    assert_eq!(listed.len(), 6);
 }
 
 #[test]

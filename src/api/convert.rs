@@ -89,6 +89,7 @@ pub fn progress(p: ProgressEvent) -> pb::JobProgress {
 pub fn control_map(c: ControlMapEvent) -> pb::ControlMapImage {
     pb::ControlMapImage {
         unit_index: c.unit_index,
+        condition_index: c.condition_index,
         data: c.image.data,
         mime_type: c.image.mime_type.to_string(),
         width: c.image.width,

@@ -129,16 +129,11 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
 
 /// What a ControlNet's config says; an unreadable config lists as unknown.
 fn controlnet_info(model: &ModelEntry) -> pb::ControlNetInfo {
-    let config: Option<serde_json::Value> =
-        crate::engine::files::read_json(&model.path.join("config.json")).ok();
-    let class = config
-        .as_ref()
-        .and_then(|c| c.get("_class_name")?.as_str().map(str::to_string));
-    let width = config
-        .as_ref()
-        .and_then(|c| c.get("cross_attention_dim")?.as_i64());
+    let facts = model.controlnet.as_ref();
+    let width = facts.and_then(|f| f.cross_attention_dim);
     pb::ControlNetInfo {
-        union: class.as_deref() == Some("ControlNetUnionModel"),
+        union: facts.is_some_and(|f| f.union_types.is_some()),
+        control_types: facts.and_then(|f| f.union_types).unwrap_or(0) as u32,
         base: match width {
             Some(2048) => "sdxl",
             Some(768) => "sd1",

@@ -21,14 +21,14 @@ use crate::cli::args::GenerateArgs;
 pub struct TimingArgs {
     /// Timed runs (of each measurement) after a warm-up.
     #[arg(long, default_value_t = 5)]
-    runs: usize,
+    pub(crate) runs: usize,
     /// CPU threads (0 keeps libtorch's default).
     #[arg(long, default_value_t = 1)]
-    threads: i32,
+    pub(crate) threads: i32,
 }
 
 impl TimingArgs {
-    fn set_threads(self) {
+    pub(crate) fn set_threads(self) {
         if self.threads > 0 {
             tch::set_num_threads(self.threads);
             tch::set_num_interop_threads(self.threads);
@@ -49,13 +49,13 @@ impl JobSink for Discard {
     fn image(&mut self, _: FinishedImage) {}
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The flags with seed 0 unless one is given: benchmarks repeat the same work.
-fn seeded(args: &GenerateArgs) -> GenerateArgs {
+pub(crate) fn seeded(args: &GenerateArgs) -> GenerateArgs {
     GenerateArgs {
         seed: Some(args.seed.unwrap_or(0)),
         ..args.clone()

@@ -4,6 +4,7 @@
 
 mod args;
 mod bench;
+mod bench_controlnet;
 mod controlnet;
 mod convert;
 mod demo;
@@ -78,6 +79,14 @@ enum Command {
         #[command(flatten)]
         timing: bench::TimingArgs,
     },
+    /// Times ControlNet units: the time per denoising step with no unit, the first
+    /// --controlnet and all of them, as ratios to a step without; one JSON line.
+    BenchControlnet {
+        #[command(flatten)]
+        generate: args::GenerateArgs,
+        #[command(flatten)]
+        timing: bench::TimingArgs,
+    },
 }
 
 /// Runs a parsed command line.
@@ -94,6 +103,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Request(args) => request::request(&args),
         Command::Bench { generate, timing } => bench::bench(&generate, timing),
         Command::BenchLora { generate, timing } => bench::bench_lora(&generate, timing),
+        Command::BenchControlnet { generate, timing } => {
+            bench_controlnet::bench_controlnet(&generate, timing)
+        }
     }
 }
 

@@ -33,8 +33,46 @@ pub enum ResizeMode {
     ResizeAndFill,
 }
 
-/// One ControlNet unit's settings.
+/// A control type of ControlNet Union models, in the order they were trained with (the
+/// index is the model's `control_type` slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlType {
+    /// OpenPose skeletons.
+    OpenPose,
+    /// Depth maps.
+    Depth,
+    /// HED, PiDiNet, scribbles, TEED.
+    HedScribble,
+    /// Canny edges, line art, anime line art, MLSD.
+    CannyLineart,
+    /// Surface normals.
+    Normal,
+    /// Segmentation.
+    Segment,
+    /// Tile ("promax" models).
+    Tile,
+    /// Repaint / inpainting ("promax" models).
+    Repaint,
+}
+
+impl ControlType {
+    /// The model's slot for this type.
+    pub fn index(self) -> i64 {
+        self as i64
+    }
+}
+
+/// One condition of a unit of a union model.
 #[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlCondition {
+    /// What its map shows.
+    pub control_type: ControlType,
+    /// Its scale, in [0, 2].
+    pub scale: f64,
+}
+
+/// One ControlNet unit's settings.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ControlUnit {
     /// Conditioning scale, in [0, 2].
     pub scale: f64,
@@ -44,6 +82,9 @@ pub struct ControlUnit {
     pub guidance_end: f64,
     /// How the residuals enter the guided batch.
     pub mode: ControlMode,
+    /// A union model's conditions, one per control map in order; empty for other
+    /// ControlNets.
+    pub conditions: Vec<ControlCondition>,
 }
 
 impl Default for ControlUnit {
@@ -53,6 +94,7 @@ impl Default for ControlUnit {
             guidance_start: 0.0,
             guidance_end: 1.0,
             mode: ControlMode::Balanced,
+            conditions: Vec::new(),
         }
     }
 }
@@ -61,13 +103,18 @@ impl ControlUnit {
     /// The scale of model call `index` of the `count` calls a run makes: the unit's scale
     /// inside its window, 0 outside, exactly as diffusers' `controlnet_keep` decides.
     pub fn scale_at(&self, index: usize, count: usize) -> f64 {
-        let (i, n) = (index as f64, count as f64);
-        let outside = i / n < self.guidance_start || (i + 1.0) / n > self.guidance_end;
-        if outside {
-            0.0
-        } else {
+        if self.in_window(index, count) {
             self.scale
+        } else {
+            0.0
         }
+    }
+
+    /// Whether model call `index` of `count` lies in the unit's window (diffusers'
+    /// `controlnet_keep` is 1).
+    pub fn in_window(&self, index: usize, count: usize) -> bool {
+        let (i, n) = (index as f64, count as f64);
+        !(i / n < self.guidance_start || (i + 1.0) / n > self.guidance_end)
     }
 }
 

@@ -215,6 +215,7 @@ mod tests {
             path: path.to_path_buf(),
             size_bytes: 0,
             pipeline: None,
+            controlnet: None,
         }
     }
 

@@ -35,8 +35,8 @@ pub enum Emit {
     Progress(StepProgress),
     /// A finished image to encode.
     Image(FinishedImage),
-    /// A ControlNet unit's control map to encode.
-    ControlMap(u32, RgbImage),
+    /// A ControlNet unit's control map to encode: unit, condition, map.
+    ControlMap(u32, u32, RgbImage),
     /// The job itself with how its run ended, after its last image.
     End(Box<Job>, Result<JobReport, JobError>),
 }
@@ -72,8 +72,10 @@ impl JobSink for ServerSink {
         let _ = self.emit.send(Emit::Image(image));
     }
 
-    fn control_map(&mut self, unit_index: u32, map: RgbImage) {
-        let _ = self.emit.send(Emit::ControlMap(unit_index, map));
+    fn control_map(&mut self, unit_index: u32, condition_index: u32, map: RgbImage) {
+        let _ = self
+            .emit
+            .send(Emit::ControlMap(unit_index, condition_index, map));
     }
 }
 
@@ -197,8 +199,12 @@ impl Forwarder {
                 image_index: p.image_index,
                 preview: p.preview.as_ref().and_then(encode_preview),
             }),
-            Emit::ControlMap(unit_index, map) => match encode_preview(&map) {
-                Some(image) => JobEvent::ControlMap(ControlMapEvent { unit_index, image }),
+            Emit::ControlMap(unit_index, condition_index, map) => match encode_preview(&map) {
+                Some(image) => JobEvent::ControlMap(ControlMapEvent {
+                    unit_index,
+                    condition_index,
+                    image,
+                }),
                 None => {
                     tracing::warn!(parent: &self.span, "a control map could not be encoded");
                     self.control.stop(StopReason::Cancelled);

@@ -147,6 +147,8 @@ pub struct ImageEvent {
 pub struct ControlMapEvent {
     /// The unit's index.
     pub unit_index: u32,
+    /// The condition's index within a union unit (0: the unit's own image).
+    pub condition_index: u32,
     /// The PNG.
     pub image: EncodedImage,
 }

@@ -24,4 +24,6 @@ pub use events::{JobEvent, Stage};
 pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
-pub use spec::{ConditioningImage, ControlNetJob, JobSpec, LoraJob, OutputSpec, RefinerJob};
+pub use spec::{
+    ConditioningImage, ControlInput, ControlNetJob, JobSpec, LoraJob, OutputSpec, RefinerJob,
+};

@@ -1,4 +1,4 @@
-//! The preprocess stage: each ControlNet unit's image through its preprocessor, then
+//! The preprocess stage: each ControlNet unit's images through their preprocessors, then
 //! fitted to the output size by the unit's resize mode; once per job, before the
 //! prompts are encoded.
 
@@ -9,7 +9,7 @@ use crate::jobs::runner::JobRun;
 use crate::jobs::JobError;
 
 impl JobRun<'_> {
-    /// Computes every unit's control map, reporting one step per unit.
+    /// Computes every unit's control maps, reporting one step per map.
     pub(crate) fn preprocess(&mut self) -> Result<(), JobError> {
         let units = &self.spec.controlnets;
         let _span = tracing::info_span!("stage", otel.name = "preprocessing", units = units.len())
@@ -18,31 +18,36 @@ impl JobRun<'_> {
         let (Ok(width), Ok(height)) = (u32::try_from(width), u32::try_from(height)) else {
             return Err(EngineError::Internal(format!("output size {width}x{height}")).into());
         };
-        let total = units.len() as u32;
+        let total = units.iter().map(|u| u.inputs.len()).sum::<usize>() as u32;
+        let mut done = 0;
         let mut maps = Vec::with_capacity(units.len());
         for (i, unit) in units.iter().enumerate() {
-            if let Some(reason) = self.sink.stopped() {
-                return Err(JobError::Stopped(reason));
+            let mut unit_maps = Vec::with_capacity(unit.inputs.len());
+            for (j, input) in unit.inputs.iter().enumerate() {
+                if let Some(reason) = self.sink.stopped() {
+                    return Err(JobError::Stopped(reason));
+                }
+                self.sink.progress(StepProgress {
+                    stage: Stage::Preprocessing,
+                    step: done,
+                    total,
+                    image_index: 0,
+                    preview: None,
+                });
+                let map = input.preprocessor.run(&input.image.0);
+                let fitted = fit(&map, width, height, unit.resize);
+                unit_maps.push(map_tensor(&fitted));
+                if self.spec.output.return_control_maps {
+                    let image = RgbImage {
+                        width,
+                        height,
+                        pixels: fitted.into_raw(),
+                    };
+                    self.sink.control_map(i as u32, j as u32, image);
+                }
+                done += 1;
             }
-            self.sink.progress(StepProgress {
-                stage: Stage::Preprocessing,
-                step: i as u32,
-                total,
-                image_index: 0,
-                preview: None,
-            });
-            let map = unit.preprocessor.run(&unit.image.0);
-            let fitted = fit(&map, width, height, unit.resize);
-            let tensor = map_tensor(&fitted);
-            if self.spec.output.return_control_maps {
-                let image = RgbImage {
-                    width,
-                    height,
-                    pixels: fitted.into_raw(),
-                };
-                self.sink.control_map(i as u32, image);
-            }
-            maps.push(tensor);
+            maps.push(unit_maps);
         }
         self.sink.progress(StepProgress {
             stage: Stage::Preprocessing,

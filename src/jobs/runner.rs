@@ -32,9 +32,10 @@ pub trait JobSink {
     fn progress(&mut self, progress: StepProgress);
     /// An image is finished (the sink encodes and delivers it).
     fn image(&mut self, image: FinishedImage);
-    /// A ControlNet unit's control map, when the job hands them out.
-    fn control_map(&mut self, unit_index: u32, map: RgbImage) {
-        let _ = (unit_index, map);
+    /// A ControlNet unit's control map (of condition `condition_index` of a union unit),
+    /// when the job hands them out.
+    fn control_map(&mut self, unit_index: u32, condition_index: u32, map: RgbImage) {
+        let _ = (unit_index, condition_index, map);
     }
 }
 
@@ -148,9 +149,9 @@ pub(crate) struct JobRun<'a> {
     pub admitted_at: Instant,
     pub report: JobReport,
     pub loaded: Option<Loaded>,
-    /// Each unit's control map at the output size after the preprocess stage: [1, 3, H, W]
-    /// float32 in [0, 1] on the CPU.
-    pub control_maps: Vec<Tensor>,
+    /// Each unit's control maps at the output size after the preprocess stage: [1, 3, H,
+    /// W] float32 in [0, 1] on the CPU.
+    pub control_maps: Vec<Vec<Tensor>>,
     prompts: Option<Prompts>,
 }
 
@@ -318,9 +319,9 @@ impl JobRun<'_> {
             .iter()
             .zip(&self.control_maps)
             .zip(&self.spec.controlnets)
-            .map(|((model, map), job)| Control {
+            .map(|((model, maps), job)| Control {
                 model,
-                map,
+                maps,
                 unit: &job.unit,
             })
             .collect();

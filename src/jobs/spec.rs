@@ -44,15 +44,22 @@ impl std::fmt::Debug for ConditioningImage {
     }
 }
 
+/// A conditioning image of a ControlNet unit and its preprocessor.
+#[derive(Debug, Clone)]
+pub struct ControlInput {
+    /// The image, as the client sent it.
+    pub image: ConditioningImage,
+    /// How it becomes a control map.
+    pub preprocessor: Preprocessor,
+}
+
 /// A ControlNet unit of a job.
 #[derive(Debug, Clone)]
 pub struct ControlNetJob {
     /// The ControlNet.
     pub model: ModelEntry,
-    /// The conditioning image, as the client sent it.
-    pub image: ConditioningImage,
-    /// How the image becomes a control map.
-    pub preprocessor: Preprocessor,
+    /// Its images: one, or a union unit's one per condition.
+    pub inputs: Vec<ControlInput>,
     /// How the control map is fitted to the output size.
     pub resize: ResizeMode,
     /// Scale, window and mode.

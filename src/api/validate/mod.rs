@@ -4,6 +4,7 @@
 //! pool: it decodes images and reads model configs.
 
 mod adapters;
+mod controlnet;
 mod fields;
 mod images;
 mod model;
@@ -144,7 +145,7 @@ fn check(
         _ => None,
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
-    let controlnets = adapters::controlnets(&spec.controlnets, registry, max_pixels, v, deferred);
+    let controlnets = controlnet::controlnets(&spec.controlnets, registry, max_pixels, v, deferred);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,

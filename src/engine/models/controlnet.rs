@@ -13,6 +13,8 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::config_check::{config_from_value, ConfigCheck};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::files::read_json;
+pub use crate::engine::models::controlnet_union::EmbeddedCondition;
+use crate::engine::models::controlnet_union::{UnionFusion, UnionKeys};
 use crate::engine::models::embeddings::{AddedCond, TimeEmbeddings};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::models::unet::{ControlResiduals, UNet2DConditionModel};
@@ -27,6 +29,8 @@ pub struct ControlNetConfig {
     pub encoder: UNetConfig,
     /// The keys only ControlNets have.
     pub control: ControlKeys,
+    /// The keys of a union model (`_class_name` `ControlNetUnionModel`).
+    pub union: Option<UnionKeys>,
 }
 
 /// The config keys only ControlNets have, with diffusers' defaults.
@@ -70,12 +74,34 @@ impl ControlNetConfig {
 
     /// The config `value` (read from `path`), checked.
     pub fn from_value(path: &Path, value: &Value) -> Result<Self> {
-        let control = ControlKeys::deserialize(value).map_err(|e| EngineError::Config {
+        let bad = |e: serde_json::Error| EngineError::Config {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
+        };
+        let control = ControlKeys::deserialize(value).map_err(bad)?;
+        let is_union =
+            value.get("_class_name").and_then(Value::as_str) == Some("ControlNetUnionModel");
+        let union = if is_union {
+            Some(UnionKeys::deserialize(value).map_err(bad)?)
+        } else {
+            None
+        };
         let mut check = ConfigCheck::default();
         control.check(&mut check);
+        if let Some(keys) = &union {
+            let width = value
+                .get("block_out_channels")
+                .and_then(|c| c.get(0))
+                .and_then(Value::as_i64)
+                .unwrap_or(320);
+            keys.check(&mut check, width);
+            if control.controlnet_conditioning_channel_order != "rgb" {
+                check.problem(
+                    "controlnet_conditioning_channel_order",
+                    "must be rgb for a union model",
+                );
+            }
+        }
         check.finish(path)?;
         // The encoder is checked as a UNet's, with up blocks that mirror its down blocks
         // and the mid block checked above.
@@ -97,6 +123,7 @@ impl ControlNetConfig {
         Ok(Self {
             encoder: config_from_value(path, &encoder)?,
             control,
+            union,
         })
     }
 }
@@ -201,6 +228,18 @@ pub struct ControlNetModel {
     mid_block: MidBlock,
     controlnet_down_blocks: Vec<Conv2d>,
     controlnet_mid_block: Conv2d,
+    /// A union model's fusion.
+    union: Option<UnionFusion>,
+}
+
+/// A condition of a union model's call.
+pub struct UnionCondition<'a> {
+    /// The control image, as [`ControlNetModel::forward`] takes it.
+    pub image: &'a Tensor,
+    /// Its control type's index.
+    pub control_type: i64,
+    /// Its scale.
+    pub scale: f64,
 }
 
 impl ControlNetModel {
@@ -249,7 +288,12 @@ impl ControlNetModel {
             let n = channels.len();
             MidBlock::load(&mid, &settings, last, heads[n - 1], depths[n - 1])?
         };
+        let union = match &config.union {
+            Some(keys) => Some(UnionFusion::load(vp, keys, c)?),
+            None => None,
+        };
         Ok(Self {
+            union,
             embeddings: TimeEmbeddings::load(vp, c, config_path)?,
             conv_in: Conv2d::load(&vp.pp("conv_in"), c.in_channels, channels[0], 3, 1, 1)?,
             cond_embedding: ConditioningEmbedding::load(
@@ -289,17 +333,121 @@ impl ControlNetModel {
         image: &Tensor,
         scale: ControlScale,
     ) -> ControlResiduals {
-        let image = if self.config.control.controlnet_conditioning_channel_order == "bgr" {
-            image.flip([1])
+        let embedded = self.embed(image);
+        self.forward_embedded(sample, timestep, context, added, &embedded, scale)
+    }
+
+    /// The conditioning embedding of a control image (in its channel order): what
+    /// [`Self::forward_embedded`] adds after `conv_in`. It depends on the image only, so a
+    /// run computes it once for all its steps.
+    pub fn embed(&self, image: &Tensor) -> Tensor {
+        if self.config.control.controlnet_conditioning_channel_order == "bgr" {
+            self.cond_embedding.forward(&image.flip([1]))
         } else {
-            image.shallow_clone()
-        };
+            self.cond_embedding.forward(image)
+        }
+    }
+
+    /// [`Self::forward`] with the control image already through [`Self::embed`].
+    pub fn forward_embedded(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        embedded: &Tensor,
+        scale: ControlScale,
+    ) -> ControlResiduals {
         let emb = self
             .embeddings
             .forward(timestep, sample.size()[0], sample.kind(), added);
-        let h = self.conv_in.forward(sample) + self.cond_embedding.forward(&image);
-        let (h, states) = encode(&self.down_blocks, h, &emb, context);
-        let h = self.mid_block.forward(&h, &emb, context);
+        let h = self.conv_in.forward(sample) + embedded;
+        self.residuals(h, &emb, context, scale)
+    }
+
+    /// Whether this is a union model (its calls go through [`Self::forward_union`]).
+    pub fn is_union(&self) -> bool {
+        self.union.is_some()
+    }
+
+    /// Control types a union model knows (0 for other ControlNets).
+    pub fn control_types(&self) -> i64 {
+        self.union.as_ref().map_or(0, UnionFusion::types)
+    }
+
+    /// A union model's residuals for `conditions` (at least one), as diffusers'
+    /// `ControlNetUnionModel.forward` computes them: with one condition its scale applies
+    /// to the residuals; with several, each condition's scale applies inside the fusion
+    /// and the residuals are not scaled again. `guess_mode` as in [`Self::forward`].
+    pub fn forward_union(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        conditions: &[UnionCondition<'_>],
+        guess_mode: bool,
+    ) -> Option<ControlResiduals> {
+        let embedded: Vec<Tensor> = conditions.iter().map(|c| self.embed(c.image)).collect();
+        let conditions: Vec<EmbeddedCondition<'_>> = conditions
+            .iter()
+            .zip(&embedded)
+            .map(|(c, embedded)| EmbeddedCondition {
+                embedded,
+                control_type: c.control_type,
+                scale: c.scale,
+            })
+            .collect();
+        self.forward_union_embedded(sample, timestep, context, added, &conditions, guess_mode)
+    }
+
+    /// [`Self::forward_union`] with the conditions' images already through
+    /// [`Self::embed`].
+    pub fn forward_union_embedded(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        conditions: &[EmbeddedCondition<'_>],
+        guess_mode: bool,
+    ) -> Option<ControlResiduals> {
+        let fusion = self.union.as_ref()?;
+        let batch = sample.size()[0];
+        let types: Vec<i64> = conditions.iter().map(|c| c.control_type).collect();
+        let type_embedding = fusion.type_embedding(&types, batch, sample.kind());
+        let emb = self.embeddings.forward_with(
+            timestep,
+            batch,
+            sample.kind(),
+            Some(type_embedding),
+            added,
+        );
+        let h = self.conv_in.forward(sample);
+        let single = conditions.len() == 1;
+        let h = &h + fusion.fuse(&h, conditions, !single);
+        let scale = ControlScale {
+            scale: if single {
+                conditions.first()?.scale
+            } else {
+                1.0
+            },
+            guess_mode,
+        };
+        Some(self.residuals(h, &emb, context, scale))
+    }
+
+    /// The encoder from the conditioned `h` on: the 1×1 convolutions of every skip state
+    /// and of the mid block's output, scaled.
+    fn residuals(
+        &self,
+        h: Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+        scale: ControlScale,
+    ) -> ControlResiduals {
+        let (h, states) = encode(&self.down_blocks, h, emb, context);
+        let h = self.mid_block.forward(&h, emb, context);
         let down: Vec<Tensor> = states
             .iter()
             .zip(&self.controlnet_down_blocks)

@@ -119,6 +119,19 @@ impl TimeEmbeddings {
         kind: Kind,
         added: Option<&AddedCond>,
     ) -> Tensor {
+        self.forward_with(timestep, batch, kind, None, added)
+    }
+
+    /// [`Self::forward`] with `extra` [batch, time_dim] added to the time embedding before
+    /// the added conditioning (a union ControlNet's control-type embedding).
+    pub fn forward_with(
+        &self,
+        timestep: &Tensor,
+        batch: i64,
+        kind: Kind,
+        extra: Option<Tensor>,
+        added: Option<&AddedCond>,
+    ) -> Tensor {
         let timesteps = timestep.reshape([-1]).expand([batch], false);
         let sinusoid = timestep_embedding(
             &timesteps,
@@ -127,6 +140,9 @@ impl TimeEmbeddings {
             self.freq_shift,
         );
         let mut emb = self.time.forward(&sinusoid.to_kind(kind));
+        if let Some(extra) = extra {
+            emb += extra;
+        }
         if let (Some(embedding), Some(added)) = (&self.added, added) {
             let time_embeds = timestep_embedding(
                 &added.time_ids.reshape([-1]),

@@ -8,7 +8,7 @@ use tch::Tensor;
 use crate::engine::control::{mismatch, ControlMode, ControlUnit, ControlledModel};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::controlnet::{ControlNetModel, ControlScale};
+use crate::engine::models::controlnet::{ControlNetModel, ControlScale, EmbeddedCondition};
 use crate::engine::models::embeddings::AddedCond;
 use crate::engine::models::unet::ControlResiduals;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
@@ -18,21 +18,23 @@ use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 pub struct Control<'a> {
     /// The ControlNet.
     pub model: &'a ControlNetModel,
-    /// The control map at the output size: [1, 3, H, W] float32 in [0, 1] on the CPU.
-    pub map: &'a Tensor,
-    /// Scale, window and mode.
+    /// The control maps at the output size, each [1, 3, H, W] float32 in [0, 1] on the
+    /// CPU: one, or for a union model one per condition of the unit.
+    pub maps: &'a [Tensor],
+    /// Scale, window, mode and a union model's conditions.
     pub unit: &'a ControlUnit,
 }
 
 /// A unit prepared for one run.
 struct Prepared<'a> {
     model: &'a ControlNetModel,
-    unit: ControlUnit,
+    unit: &'a ControlUnit,
     /// Guess mode: the conditional half only (also forced by `global_pool_conditions`, as
     /// diffusers forces it).
     guess: bool,
-    /// The map repeated for the run's images, doubled when the unit sees both halves.
-    image: Tensor,
+    /// The maps repeated for the run's images (doubled when the unit sees both halves),
+    /// through the ControlNet's conditioning embedding once for all steps.
+    embedded: Vec<Tensor>,
 }
 
 /// The units of one run.
@@ -69,15 +71,18 @@ impl<'a> Controls<'a> {
                 let guess = c.unit.mode == ControlMode::Guess
                     || c.model.config().control.global_pool_conditions;
                 let copies = if guided && !guess { 2 * images } else { images };
-                Prepared {
-                    model: c.model,
-                    unit: *c.unit,
-                    guess,
-                    image: c
-                        .map
+                let embed = |map: &Tensor| {
+                    let image = map
                         .repeat([copies, 1, 1, 1])
                         .to_device(placement.device)
-                        .to_kind(placement.kind),
+                        .to_kind(placement.kind);
+                    c.model.embed(&image)
+                };
+                Prepared {
+                    model: c.model,
+                    unit: c.unit,
+                    guess,
+                    embedded: c.maps.iter().map(embed).collect(),
                 }
             })
             .collect();
@@ -90,8 +95,10 @@ impl<'a> Controls<'a> {
 
     /// The summed residuals of model call `index` (an index into the schedule) for
     /// `model_input` (the scaled latents, doubled when guided, without an inpainting
-    /// UNet's extra channels); `None` when no unit acts at this call. A unit whose scale
-    /// is 0 at this call is skipped: its residuals would be zeros.
+    /// UNet's extra channels); `None` when no unit acts at this call. A unit whose
+    /// residuals would be zeros at this call (scale 0, or outside its window) is not run;
+    /// a union unit of several conditions always runs: diffusers scales its conditions
+    /// inside the fusion, so its residuals are not zeros at scale 0.
     pub fn residuals(
         &self,
         index: usize,
@@ -102,11 +109,25 @@ impl<'a> Controls<'a> {
         let call = index.checked_sub(self.first_call)?;
         let mut sum: Option<ControlResiduals> = None;
         for unit in &self.units {
-            let scale = unit.unit.scale_at(call, self.calls);
-            if scale == 0.0 {
+            let keep = if unit.unit.in_window(call, self.calls) {
+                1.0
+            } else {
+                0.0
+            };
+            let scales: Vec<f64> = if unit.unit.conditions.is_empty() {
+                vec![unit.unit.scale * keep]
+            } else {
+                unit.unit
+                    .conditions
+                    .iter()
+                    .map(|c| c.scale * keep)
+                    .collect()
+            };
+            let fused_scales = unit.model.is_union() && scales.len() > 1;
+            if !fused_scales && scales.iter().all(|s| *s == 0.0) {
                 continue;
             }
-            let residuals = unit.forward(model_input, timestep, c, scale);
+            let residuals = unit.forward(model_input, timestep, c, &scales)?;
             sum = Some(match sum {
                 None => residuals,
                 Some(acc) => add(acc, residuals),
@@ -116,52 +137,89 @@ impl<'a> Controls<'a> {
     }
 }
 
+/// What one ControlNet call takes besides its images.
+struct CallInputs<'t> {
+    sample: Tensor,
+    context: Tensor,
+    text_embeds: Tensor,
+    time_ids: Tensor,
+    timestep: &'t Tensor,
+}
+
 impl Prepared<'_> {
+    /// The unit's residuals for the guided batch, its maps at `scales`.
     fn forward(
         &self,
         model_input: &Tensor,
         timestep: &Tensor,
         c: &ControlContext<'_>,
-        scale: f64,
-    ) -> ControlResiduals {
-        let scale = ControlScale {
-            scale,
-            guess_mode: self.guess,
-        };
-        if !(self.guess && c.guided) {
-            let added = AddedCond {
-                text_embeds: c.text_embeds,
-                time_ids: c.time_ids,
-            };
-            return self.model.forward(
-                model_input,
-                timestep,
-                c.context,
-                Some(&added),
-                &self.image,
-                scale,
-            );
-        }
+        scales: &[f64],
+    ) -> Option<ControlResiduals> {
+        let half = self.guess && c.guided;
         // Guess mode under guidance: the conditional half only, zeros for the other.
-        let cond = |t: &Tensor| t.chunk(2, 0)[1].shallow_clone();
-        let (text_embeds, time_ids) = (cond(c.text_embeds), cond(c.time_ids));
-        let added = AddedCond {
-            text_embeds: &text_embeds,
-            time_ids: &time_ids,
+        let part = |t: &Tensor| {
+            if half {
+                t.chunk(2, 0)[1].shallow_clone()
+            } else {
+                t.shallow_clone()
+            }
         };
-        let half = self.model.forward(
-            &cond(model_input),
+        let inputs = CallInputs {
+            sample: part(model_input),
+            context: part(c.context),
+            text_embeds: part(c.text_embeds),
+            time_ids: part(c.time_ids),
             timestep,
-            &cond(c.context),
-            Some(&added),
-            &self.image,
-            scale,
-        );
-        let pad = |t: Tensor| Tensor::cat(&[t.zeros_like(), t], 0);
-        ControlResiduals {
-            down: half.down.into_iter().map(pad).collect(),
-            mid: pad(half.mid),
+        };
+        let residuals = self.call(&inputs, scales)?;
+        if !half {
+            return Some(residuals);
         }
+        let pad = |t: Tensor| Tensor::cat(&[t.zeros_like(), t], 0);
+        Some(ControlResiduals {
+            down: residuals.down.into_iter().map(pad).collect(),
+            mid: pad(residuals.mid),
+        })
+    }
+
+    fn call(&self, inputs: &CallInputs<'_>, scales: &[f64]) -> Option<ControlResiduals> {
+        let added = AddedCond {
+            text_embeds: &inputs.text_embeds,
+            time_ids: &inputs.time_ids,
+        };
+        if !self.model.is_union() {
+            let scale = ControlScale {
+                scale: *scales.first()?,
+                guess_mode: self.guess,
+            };
+            return Some(self.model.forward_embedded(
+                &inputs.sample,
+                inputs.timestep,
+                &inputs.context,
+                Some(&added),
+                self.embedded.first()?,
+                scale,
+            ));
+        }
+        let conditions: Vec<EmbeddedCondition<'_>> = self
+            .embedded
+            .iter()
+            .zip(&self.unit.conditions)
+            .zip(scales)
+            .map(|((embedded, condition), &scale)| EmbeddedCondition {
+                embedded,
+                control_type: condition.control_type.index(),
+                scale,
+            })
+            .collect();
+        self.model.forward_union_embedded(
+            &inputs.sample,
+            inputs.timestep,
+            &inputs.context,
+            Some(&added),
+            &conditions,
+            self.guess,
+        )
     }
 }
 
@@ -207,15 +265,20 @@ impl SdxlPipeline {
                     "ControlNet unit {i}: {m}"
                 )))
             };
-            if control.map.size() != [1, 3, p.height, p.width] {
-                return bad(format!(
-                    "the control map is {:?}, not [1, 3, {}, {}]",
-                    control.map.size(),
-                    p.height,
-                    p.width
-                ));
+            for map in control.maps {
+                if map.size() != [1, 3, p.height, p.width] {
+                    return bad(format!(
+                        "a control map is {:?}, not [1, 3, {}, {}]",
+                        map.size(),
+                        p.height,
+                        p.width
+                    ));
+                }
             }
             let unit = control.unit;
+            if let Some(why) = union_mismatch(control) {
+                return bad(why);
+            }
             if !(0.0..=2.0).contains(&unit.scale) {
                 return bad(format!("the scale must be in [0, 2], got {}", unit.scale));
             }
@@ -231,4 +294,38 @@ impl SdxlPipeline {
         }
         Ok(())
     }
+}
+
+/// Why a unit's maps and conditions do not fit its ControlNet, if they do not: a union
+/// model takes one condition per map, each of a type it knows; another ControlNet one map
+/// and no conditions.
+fn union_mismatch(control: &Control<'_>) -> Option<String> {
+    let (model, unit) = (control.model, control.unit);
+    if !model.is_union() {
+        return match (control.maps.len(), unit.conditions.is_empty()) {
+            (1, true) => None,
+            (_, false) => Some("control types apply to union models only".into()),
+            (n, true) => Some(format!("{n} control maps for a ControlNet that takes one")),
+        };
+    }
+    if unit.conditions.is_empty() {
+        return Some("a union model needs a control type for its image".into());
+    }
+    if unit.conditions.len() != control.maps.len() {
+        return Some(format!(
+            "{} conditions for {} control maps",
+            unit.conditions.len(),
+            control.maps.len()
+        ));
+    }
+    let known = model.control_types();
+    unit.conditions
+        .iter()
+        .find(|c| c.control_type.index() >= known)
+        .map(|c| {
+            format!(
+                "control type {:?} is not one of the model's {known}",
+                c.control_type
+            )
+        })
 }

@@ -19,6 +19,35 @@ pub struct PipelineFacts {
     pub scheduler: Option<SchedulerKind>,
 }
 
+/// What a ControlNet's config says: whether it is a union model and of which base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlNetFacts {
+    /// For a union model, the control types it knows.
+    pub union_types: Option<i64>,
+    /// Width of its text conditioning (2048 for SDXL).
+    pub cross_attention_dim: Option<i64>,
+}
+
+impl ControlNetFacts {
+    /// Reads a ControlNet folder's `config.json`.
+    pub(super) fn read(path: &Path) -> Option<Self> {
+        let config: serde_json::Value =
+            crate::engine::files::read_json(&path.join("config.json")).ok()?;
+        let union = config.get("_class_name")?.as_str()? == "ControlNetUnionModel";
+        Some(Self {
+            union_types: union.then(|| {
+                config
+                    .get("num_control_type")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(6)
+            }),
+            cross_attention_dim: config
+                .get("cross_attention_dim")
+                .and_then(serde_json::Value::as_i64),
+        })
+    }
+}
+
 impl PipelineFacts {
     /// Reads the configs of a pipeline folder or single-file checkpoint.
     pub(super) fn read(path: &Path) -> Option<Self> {

@@ -10,7 +10,7 @@ mod facts;
 mod files;
 mod hub;
 
-pub use facts::PipelineFacts;
+pub use facts::{ControlNetFacts, PipelineFacts};
 pub use files::{model_files, Escape, ModelFile};
 
 /// Why a name did not resolve.
@@ -132,7 +132,8 @@ impl ModelKind {
             }
             ModelKind::Refiner => path.join("model_index.json").is_file(),
             ModelKind::Vae => class_name(path).is_some_and(|c| c == "AutoencoderKL"),
-            ModelKind::ControlNet => class_name(path).is_some_and(|c| c == "ControlNetModel"),
+            ModelKind::ControlNet => class_name(path)
+                .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel"),
             ModelKind::Lora | ModelKind::Upscaler => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
@@ -208,6 +209,8 @@ pub struct ModelEntry {
     pub size_bytes: u64,
     /// For pipelines (base and refiner models): what their configs say.
     pub pipeline: Option<PipelineFacts>,
+    /// For ControlNets: what their config says.
+    pub controlnet: Option<ControlNetFacts>,
 }
 
 /// The model roots and the default model.
@@ -299,6 +302,9 @@ impl ModelEntry {
             size_bytes,
             pipeline: matches!(kind, ModelKind::Base | ModelKind::Refiner)
                 .then(|| PipelineFacts::read(path))
+                .flatten(),
+            controlnet: (kind == ModelKind::ControlNet)
+                .then(|| ControlNetFacts::read(path))
                 .flatten(),
         }))
     }

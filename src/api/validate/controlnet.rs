@@ -1,0 +1,342 @@
+//! ControlNet units: model, images (a union unit's more conditions too), preprocessors,
+//! scale, window, resize and control modes, and the control types a union model takes.
+
+use std::sync::Arc;
+
+use crate::api::validate::fields::{
+    enum_value, float, model_name, optional_float, Range, Violations,
+};
+use crate::api::validate::images::decode_image;
+use crate::api::validate::model::named;
+use crate::api::validate::preprocessor::preprocessor;
+use crate::api::validate::Deferred;
+use crate::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit, ResizeMode};
+use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::jobs::{ConditioningImage, ControlInput, ControlNetJob};
+use crate::proto::v1 as pb;
+
+/// Most ControlNet units in one request.
+pub const MAX_CONTROLNETS: usize = 8;
+/// Most conditions of a union unit besides its own image.
+pub const MAX_MORE_CONDITIONS: usize = 7;
+
+/// What the checks of one unit share.
+struct Check<'a> {
+    /// The unit's field path, `spec.controlnets[i]`.
+    p: String,
+    registry: &'a Registry,
+    max_pixels: u64,
+}
+
+/// `spec.controlnets`: every field of every unit checked, each image decoded.
+pub fn controlnets(
+    units: &[pb::ControlNetUnit],
+    registry: &Registry,
+    max_pixels: u64,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Vec<ControlNetJob> {
+    if units.len() > MAX_CONTROLNETS {
+        v.add(
+            "spec.controlnets",
+            format!("has {} units; at most {MAX_CONTROLNETS}", units.len()),
+        );
+        return Vec::new();
+    }
+    units
+        .iter()
+        .enumerate()
+        .filter_map(|(i, unit)| {
+            let check = Check {
+                p: format!("spec.controlnets[{i}]"),
+                registry,
+                max_pixels,
+            };
+            check.unit(unit, v, deferred)
+        })
+        .collect()
+}
+
+impl Check<'_> {
+    /// One unit; the job's unit when every field is valid.
+    fn unit(
+        &self,
+        unit: &pb::ControlNetUnit,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<ControlNetJob> {
+        let p = &self.p;
+        if unit.more_conditions.len() > MAX_MORE_CONDITIONS {
+            v.add(
+                format!("{p}.more_conditions"),
+                format!(
+                    "has {} conditions; at most {MAX_MORE_CONDITIONS}",
+                    unit.more_conditions.len()
+                ),
+            );
+            return None;
+        }
+        let model = self.model(unit, v, deferred);
+        let first = self.input(
+            "",
+            &unit.image,
+            unit.preprocessor,
+            unit.preprocessor_params.as_ref(),
+            v,
+            deferred,
+        );
+        let settings = unit_settings(p, unit, v);
+        let resize = enum_value::<pb::ResizeMode>(v, &format!("{p}.resize_mode"), unit.resize_mode)
+            .map(|mode| match mode {
+                pb::ResizeMode::Unspecified | pb::ResizeMode::JustResize => ResizeMode::JustResize,
+                pb::ResizeMode::CropAndResize => ResizeMode::CropAndResize,
+                pb::ResizeMode::ResizeAndFill => ResizeMode::ResizeAndFill,
+            });
+        let mut inputs = vec![first];
+        let mut conditions = Vec::new();
+        let unit_scale = unit.conditioning_scale.map_or(1.0, f64::from);
+        conditions.push(
+            control_type(&format!("{p}.control_type"), unit.control_type, v).map(|t| {
+                t.map(|control_type| ControlCondition {
+                    control_type,
+                    scale: unit_scale,
+                })
+            }),
+        );
+        for (j, more) in unit.more_conditions.iter().enumerate() {
+            let (input, condition) = self.more(j, more, unit_scale, v, deferred);
+            inputs.push(input);
+            conditions.push(condition);
+        }
+        let conditions = self.fit_model(model.as_ref(), unit, conditions, v);
+        let mut settings = settings?;
+        settings.conditions = conditions?;
+        Some(ControlNetJob {
+            model: model?,
+            inputs: inputs.into_iter().collect::<Option<_>>()?,
+            resize: resize?,
+            unit: settings,
+        })
+    }
+
+    /// The unit's ControlNet.
+    fn model(
+        &self,
+        unit: &pb::ControlNetUnit,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<ModelEntry> {
+        let field = format!("{}.model", self.p);
+        if unit.model.is_empty() {
+            v.add(&field, "is required");
+            return None;
+        }
+        if !model_name(v, &field, &unit.model) {
+            return None;
+        }
+        named(
+            self.registry,
+            ModelKind::ControlNet,
+            &unit.model,
+            &field,
+            v,
+            deferred,
+        )
+    }
+
+    /// An image and its preprocessor, under `{unit}{sub}.`.
+    fn input(
+        &self,
+        sub: &str,
+        image: &[u8],
+        kind: i32,
+        params: Option<&pb::PreprocessorParams>,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<ControlInput> {
+        let prefix = format!("{}{sub}.", self.p);
+        let field = format!("{prefix}image");
+        let decoded = if image.is_empty() {
+            v.add(&field, "is required");
+            None
+        } else {
+            decode_image(image, &field, self.max_pixels, v)
+        };
+        let preprocessor = preprocessor(&prefix, kind, params, v, deferred);
+        Some(ControlInput {
+            image: ConditioningImage(Arc::new(decoded?)),
+            preprocessor: preprocessor?,
+        })
+    }
+
+    /// `more_conditions[j]`: its input and its condition (`None` where invalid).
+    #[allow(clippy::type_complexity)]
+    fn more(
+        &self,
+        j: usize,
+        more: &pb::UnionCondition,
+        unit_scale: f64,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> (Option<ControlInput>, Option<Option<ControlCondition>>) {
+        let sub = format!(".more_conditions[{j}]");
+        let input = self.input(
+            &sub,
+            &more.image,
+            more.preprocessor,
+            more.preprocessor_params.as_ref(),
+            v,
+            deferred,
+        );
+        let field = format!("{}{sub}", self.p);
+        let scale = optional_float(
+            v,
+            &format!("{field}.conditioning_scale"),
+            more.conditioning_scale,
+            Range::closed(0.0, 2.0),
+            unit_scale,
+        );
+        let condition = match control_type(&format!("{field}.control_type"), more.control_type, v) {
+            Some(Some(control_type)) => Some(Some(ControlCondition {
+                control_type,
+                scale,
+            })),
+            Some(None) => {
+                v.add(format!("{field}.control_type"), "is required");
+                None
+            }
+            None => None,
+        };
+        (input, condition)
+    }
+
+    /// The conditions as the unit's model takes them: a union model's control types (each
+    /// one it knows), none for another ControlNet. `conditions` holds the unit's own
+    /// (`Some(None)`: unspecified) and then those of `more_conditions`.
+    fn fit_model(
+        &self,
+        model: Option<&ModelEntry>,
+        unit: &pb::ControlNetUnit,
+        conditions: Vec<Option<Option<ControlCondition>>>,
+        v: &mut Violations,
+    ) -> Option<Vec<ControlCondition>> {
+        let p = &self.p;
+        let union_types = model
+            .and_then(|m| m.controlnet.as_ref())
+            .and_then(|f| f.union_types);
+        let own_type = unit.control_type != 0;
+        match union_types {
+            None if model.is_some_and(|m| m.controlnet.is_some()) => {
+                if own_type {
+                    v.add(
+                        format!("{p}.control_type"),
+                        format!("applies to union models only; `{}` is not one", unit.model),
+                    );
+                }
+                if !unit.more_conditions.is_empty() {
+                    v.add(
+                        format!("{p}.more_conditions"),
+                        format!("apply to union models only; `{}` is not one", unit.model),
+                    );
+                }
+                (!own_type && unit.more_conditions.is_empty()).then(Vec::new)
+            }
+            Some(known) => {
+                if !own_type {
+                    v.add(
+                        format!("{p}.control_type"),
+                        format!("is required: `{}` is a union model", unit.model),
+                    );
+                    return None;
+                }
+                let valid: Vec<Option<ControlCondition>> =
+                    conditions.into_iter().collect::<Option<_>>()?;
+                let conditions: Vec<ControlCondition> = valid.into_iter().collect::<Option<_>>()?;
+                for (j, c) in conditions.iter().enumerate() {
+                    if c.control_type.index() >= known {
+                        let field = match j {
+                            0 => format!("{p}.control_type"),
+                            j => format!("{p}.more_conditions[{}].control_type", j - 1),
+                        };
+                        v.add(
+                            field,
+                            format!(
+                                "{:?} is not one of the {known} types `{}` knows",
+                                c.control_type, unit.model
+                            ),
+                        );
+                    }
+                }
+                Some(conditions)
+            }
+            // Unknown or unreadable: the engine checks when it loads the model.
+            None => {
+                let valid: Vec<Option<ControlCondition>> =
+                    conditions.into_iter().collect::<Option<_>>()?;
+                Some(valid.into_iter().flatten().collect())
+            }
+        }
+    }
+}
+
+/// A control type field: `Some(None)` unspecified, `None` invalid.
+fn control_type(field: &str, value: i32, v: &mut Violations) -> Option<Option<ControlType>> {
+    let kind = enum_value::<pb::ControlType>(v, field, value)?;
+    Some(match kind {
+        pb::ControlType::Unspecified => None,
+        pb::ControlType::Openpose => Some(ControlType::OpenPose),
+        pb::ControlType::Depth => Some(ControlType::Depth),
+        pb::ControlType::HedScribble => Some(ControlType::HedScribble),
+        pb::ControlType::CannyLineart => Some(ControlType::CannyLineart),
+        pb::ControlType::Normal => Some(ControlType::Normal),
+        pb::ControlType::Segment => Some(ControlType::Segment),
+        pb::ControlType::Tile => Some(ControlType::Tile),
+        pb::ControlType::Repaint => Some(ControlType::Repaint),
+    })
+}
+
+/// A unit's scale, window and mode.
+fn unit_settings(p: &str, unit: &pb::ControlNetUnit, v: &mut Violations) -> Option<ControlUnit> {
+    let scale = optional_float(
+        v,
+        &format!("{p}.conditioning_scale"),
+        unit.conditioning_scale,
+        Range::closed(0.0, 2.0),
+        1.0,
+    );
+    let start = float(
+        v,
+        &format!("{p}.guidance_start"),
+        unit.guidance_start,
+        Range::closed_open(0.0, 1.0),
+    );
+    let end = optional_float(
+        v,
+        &format!("{p}.guidance_end"),
+        unit.guidance_end,
+        Range::open_closed(0.0, 1.0),
+        1.0,
+    );
+    let window = match start {
+        Some(start) if start >= end => {
+            v.add(
+                format!("{p}.guidance_end"),
+                format!("must be greater than guidance_start ({start} >= {end})"),
+            );
+            None
+        }
+        other => other,
+    };
+    let mode = enum_value::<pb::ControlMode>(v, &format!("{p}.control_mode"), unit.control_mode)
+        .map(|mode| match mode {
+            pb::ControlMode::Unspecified | pb::ControlMode::Balanced => ControlMode::Balanced,
+            pb::ControlMode::Guess => ControlMode::Guess,
+        });
+    Some(ControlUnit {
+        scale,
+        guidance_start: window?,
+        guidance_end: end,
+        mode: mode?,
+        conditions: Vec::new(),
+    })
+}
