@@ -186,3 +186,82 @@ fn union_controlnet_residuals_equal_diffusers() {
         }
     }
 }
+
+/// Single-file ControlNets in diffusers key names load with their config inferred from
+/// the shapes (a full one with three transformer layers in its second block, a "small"
+/// one without attention and with convolutional projections, a union model) and give
+/// diffusers' residuals; a file in the original ControlNet layout is refused naming its
+/// key; the registry lists the files by name.
+#[test]
+fn single_file_controlnets_are_inferred_from_their_shapes() {
+    use sdxld::engine::models::controlnet::UnionCondition;
+    use sdxld::engine::registry::{ModelKind, ModelRoots, Registry};
+    let root = controlnet_fixtures();
+    for name in ["full_xl", "small_xl", "union_xl"] {
+        let file = root.join("single").join(format!("{name}.safetensors"));
+        let model = ControlNetModel::load_file(&file, Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let r = read_tensors(&root.join("single_io").join(format!("{name}.safetensors")));
+        let added = AddedCond {
+            text_embeds: &r["text_embeds"],
+            time_ids: &r["time_ids"],
+        };
+        let timestep = r["timestep"].reshape([]);
+        let (sample, context) = (&r["sample"], &r["encoder_hidden_states"]);
+        let residuals = if name == "union_xl" {
+            assert!(model.is_union());
+            let condition = UnionCondition {
+                image: &r["image"],
+                control_type: 2,
+                scale: 0.9,
+            };
+            model
+                .forward_union(
+                    sample,
+                    &timestep,
+                    context,
+                    Some(&added),
+                    &[condition],
+                    false,
+                )
+                .expect("union")
+        } else {
+            let scale = ControlScale {
+                scale: 0.9,
+                guess_mode: false,
+            };
+            model.forward(sample, &timestep, context, Some(&added), &r["image"], scale)
+        };
+        for (i, down) in residuals.down.iter().enumerate() {
+            assert_close(&format!("{name} down {i}"), down, &r[&format!("down.{i}")]);
+        }
+        assert_close(&format!("{name} mid"), &residuals.mid, &r["mid"]);
+    }
+    let ldm = root.join("single/ldm_layout.safetensors");
+    let err = ControlNetModel::load_file(&ldm, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("control_model.input_blocks.0.0.weight"),
+        "{err}"
+    );
+    let roots = ModelRoots {
+        controlnet: vec![root.join("single")],
+        ..Default::default()
+    };
+    let registry = Registry::new(roots, fixtures_default_model());
+    let mut names: Vec<String> = registry
+        .list()
+        .into_iter()
+        .filter(|m| m.kind == ModelKind::ControlNet)
+        .map(|m| m.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["full_xl", "ldm_layout", "small_xl", "union_xl"]);
+}
+
+fn fixtures_default_model() -> sdxld::engine::registry::ModelEntry {
+    let path = fixtures().join("tiny2/pipeline");
+    sdxld::engine::registry::ModelEntry::from_path(&path).expect("the tiny2 pipeline")
+}

@@ -347,7 +347,7 @@ impl ModelCache {
             let files = match model {
                 ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
-                ModelPath::ControlNet(path) => vec![ComponentFiles::folder("controlnet", path)],
+                ModelPath::ControlNet(path) => vec![controlnet_files(path)],
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
                     let bytes =
@@ -493,13 +493,13 @@ impl ModelCache {
             return Ok(r.model.clone());
         }
         let placement = self.placement;
-        let files = ComponentFiles::folder("controlnet", path);
+        let files = controlnet_files(path);
         let mut store = Store {
             cache: self,
             handed_out: Vec::new(),
         };
         let model = shared(&mut store, &files, || {
-            ControlNetModel::load_dir(path, placement.device, placement.kind)
+            ControlNetModel::load_path(path, placement.device, placement.kind)
         })?;
         let components = store.handed_out;
         self.controlnets.insert(
@@ -595,6 +595,19 @@ impl ModelPath<'_> {
             | ModelPath::ControlNet(p)
             | ModelPath::Lora(p) => p,
         }
+    }
+}
+
+/// The files of a ControlNet folder or single file.
+fn controlnet_files(path: &Path) -> ComponentFiles {
+    if path.is_file() {
+        ComponentFiles {
+            role: "controlnet",
+            paths: vec![path.to_path_buf()],
+            prefix: None,
+        }
+    } else {
+        ComponentFiles::folder("controlnet", path)
     }
 }
 

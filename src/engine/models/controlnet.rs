@@ -253,6 +253,32 @@ impl ControlNetModel {
         Ok(model)
     }
 
+    /// Loads a ControlNet folder, or a single `.safetensors` file in diffusers key names
+    /// (its config inferred from the tensor shapes).
+    pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_dir(path, device, kind)
+        } else {
+            Self::load_file(path, device, kind)
+        }
+    }
+
+    /// Loads a single-file ControlNet (see [`crate::engine::models::controlnet_file`]).
+    pub fn load_file(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = Self::file_config(path)?;
+        let weights = Weights::open(&[path.to_path_buf()], device, kind)?;
+        let model = Self::load(&weights.root(), config, path)?;
+        weights.check_all_used(|_| false)?;
+        Ok(model)
+    }
+
+    /// The config of a single-file ControlNet, inferred from its tensor shapes and checked.
+    pub fn file_config(path: &Path) -> Result<ControlNetConfig> {
+        let (shapes, _) = crate::engine::weights::read_shapes(path)?;
+        let value = crate::engine::models::controlnet_file::infer_config(path, &shapes)?;
+        ControlNetConfig::from_value(path, &value)
+    }
+
     /// Builds the model from weights at `vp` (diffusers keys).
     pub fn load(vp: &VarPath, config: ControlNetConfig, config_path: &Path) -> Result<Self> {
         let c = &config.encoder;

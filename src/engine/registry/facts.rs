@@ -29,10 +29,14 @@ pub struct ControlNetFacts {
 }
 
 impl ControlNetFacts {
-    /// Reads a ControlNet folder's `config.json`.
+    /// Reads a ControlNet folder's `config.json`, or infers a single file's.
     pub(super) fn read(path: &Path) -> Option<Self> {
-        let config: serde_json::Value =
-            crate::engine::files::read_json(&path.join("config.json")).ok()?;
+        let config: serde_json::Value = if path.is_file() {
+            let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
+            crate::engine::models::controlnet_file::infer_config(path, &shapes).ok()?
+        } else {
+            crate::engine::files::read_json(&path.join("config.json")).ok()?
+        };
         let union = config.get("_class_name")?.as_str()? == "ControlNetUnionModel";
         Some(Self {
             union_types: union.then(|| {

@@ -108,7 +108,7 @@ impl ModelKind {
     fn takes_files(self) -> bool {
         matches!(
             self,
-            ModelKind::Base | ModelKind::Lora | ModelKind::Upscaler
+            ModelKind::Base | ModelKind::Lora | ModelKind::ControlNet | ModelKind::Upscaler
         )
     }
 
@@ -132,8 +132,13 @@ impl ModelKind {
             }
             ModelKind::Refiner => path.join("model_index.json").is_file(),
             ModelKind::Vae => class_name(path).is_some_and(|c| c == "AutoencoderKL"),
-            ModelKind::ControlNet => class_name(path)
-                .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel"),
+            // Folders by their class; any `.safetensors` file (a layout that is not a
+            // ControlNet's is refused, naming the key, when it is used).
+            ModelKind::ControlNet => {
+                class_name(path)
+                    .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
+                    || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
+            }
             ModelKind::Lora | ModelKind::Upscaler => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
