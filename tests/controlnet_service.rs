@@ -225,6 +225,18 @@ async fn controlnet_requests_over_grpc_equal_diffusers() {
                 "{name}: control map {unit}/{condition} differs from the image sent"
             );
         }
+        if name == "two_units" {
+            // A1111's parameters name each unit as sd-webui-controlnet writes them.
+            let text = png_parameters(&response.images[0].data);
+            assert!(
+                text.contains(
+                    ", ControlNet 0: \"Module: none, Model: canny_xl [",
+                ) && text.contains("Weight: 0.8, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1, Control Mode: Balanced\"")
+                    && text.contains(", ControlNet 1: \"Module: none, Model: small_xl [")
+                    && text.contains("Guidance End: 0.5"),
+                "{text}"
+            );
+        }
         let completed = response.completed.expect("completed");
         let controlnets: Vec<_> = completed
             .models
@@ -545,4 +557,18 @@ fn controlnet_over_the_cli_equals_diffusers() {
         .flag("--output", out.path().join("x.png"))
         .fails();
     assert!(stderr.contains("--controlnet"), "{stderr}");
+}
+
+/// The A1111 `parameters` text of a PNG.
+fn png_parameters(bytes: &[u8]) -> String {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("png");
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .and_then(|c| c.get_text().ok())
+        .expect("a parameters chunk")
 }

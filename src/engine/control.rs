@@ -2,12 +2,13 @@
 //! size (A1111's three resize modes, as diffusers' image processor implements them), and
 //! when and how strongly its residuals join the UNet (diffusers' `controlnet_keep`).
 
-use image::imageops::{self, FilterType};
+use image::imageops;
 use image::RgbImage;
 use tch::{Kind, Tensor};
 
 use crate::engine::models::controlnet::ControlNetConfig;
 use crate::engine::models::unet_config::UNetConfig;
+use crate::engine::resample::{lanczos_resize, resize_box, Filter};
 
 /// How a unit's residuals enter the guided batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,33 +119,26 @@ impl ControlUnit {
     }
 }
 
-/// `map` at `width` x `height`, the `mode` way; the map itself when it has that size.
-/// Resampling is Lanczos (a = 3), the filter diffusers' image processor uses.
+/// `map` at `width` x `height`, the `mode` way, as diffusers' image processor computes it
+/// (Pillow's Lanczos resampling, bit for bit); the map itself when it has that size.
 pub fn fit(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImage {
     if map.dimensions() == (width, height) {
         return map.clone();
     }
-    let resize = |w: u32, h: u32| {
-        let (w, h) = (w.max(1), h.max(1));
-        if (w, h) == map.dimensions() {
-            map.clone()
-        } else {
-            imageops::resize(map, w, h, FilterType::Lanczos3)
-        }
-    };
     let (src_w, src_h) = (u64::from(map.width()), u64::from(map.height()));
     let (w, h) = (u64::from(width), u64::from(height));
     // Aspect ratios compared exactly: w / h < src_w / src_h.
     let wider_source = w * src_h < src_w * h;
+    let taller_source = w * src_h > src_w * h;
     match mode {
-        ResizeMode::JustResize => resize(width, height),
+        ResizeMode::JustResize => lanczos_resize(map, width, height),
         ResizeMode::CropAndResize => {
-            let (scaled_w, scaled_h) = if wider_source {
-                (src_w * h / src_h, h)
-            } else {
+            let (scaled_w, scaled_h) = if taller_source {
                 (w, src_h * w / src_w)
+            } else {
+                (src_w * h / src_h, h)
             };
-            let scaled = resize(scaled_w as u32, scaled_h as u32);
+            let scaled = lanczos_resize(map, scaled_w as u32, scaled_h as u32);
             centred(&scaled, width, height)
         }
         ResizeMode::ResizeAndFill => {
@@ -153,8 +147,8 @@ pub fn fit(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
             } else {
                 (src_w * h / src_h, h)
             };
-            let scaled = resize(scaled_w as u32, scaled_h as u32);
-            filled(&scaled, width, height)
+            let scaled = lanczos_resize(map, scaled_w as u32, scaled_h as u32);
+            filled(&scaled, width, height, (wider_source, taller_source))
         }
     }
 }
@@ -169,21 +163,52 @@ fn centred(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     canvas
 }
 
-/// `image` (fitting inside) centred on `width` x `height`, the bands beside it filled by
-/// repeating its nearest edge row or column, as diffusers' `_resize_and_fill` does.
-fn filled(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+/// `image` (fitting inside) centred on `width` x `height`, the bands beside it filled
+/// with its edge rows or columns stretched across them, as diffusers' `_resize_and_fill`
+/// does (Pillow's default bicubic resize of an empty box at the edge, which weighs the
+/// nearest lines).
+fn filled(image: &RgbImage, width: u32, height: u32, (wider, taller): (bool, bool)) -> RgbImage {
     let mut canvas = centred(image, width, height);
-    let x0 = (width / 2).saturating_sub(image.width() / 2);
-    let y0 = (height / 2).saturating_sub(image.height() / 2);
-    let (w, h) = image.dimensions();
-    for y in 0..height {
-        for x in 0..width {
-            let inside = (x0..x0 + w).contains(&x) && (y0..y0 + h).contains(&y);
-            if !inside {
-                let sx = x.saturating_sub(x0).min(w - 1);
-                let sy = y.saturating_sub(y0).min(h - 1);
-                canvas.put_pixel(x, y, *image.get_pixel(sx, sy));
-            }
+    let (w, h) = (f64::from(image.width()), f64::from(image.height()));
+    if wider {
+        let band = (height / 2).saturating_sub(image.height() / 2);
+        if band > 0 {
+            let top = resize_box(
+                Filter::Bicubic,
+                image,
+                width,
+                band,
+                [0.0, 0.0, f64::from(width), 0.0],
+            );
+            let bottom = resize_box(
+                Filter::Bicubic,
+                image,
+                width,
+                band,
+                [0.0, h, f64::from(width), h],
+            );
+            imageops::replace(&mut canvas, &top, 0, 0);
+            imageops::replace(&mut canvas, &bottom, 0, i64::from(band + image.height()));
+        }
+    } else if taller {
+        let band = (width / 2).saturating_sub(image.width() / 2);
+        if band > 0 {
+            let left = resize_box(
+                Filter::Bicubic,
+                image,
+                band,
+                height,
+                [0.0, 0.0, 0.0, f64::from(height)],
+            );
+            let right = resize_box(
+                Filter::Bicubic,
+                image,
+                band,
+                height,
+                [w, 0.0, w, f64::from(height)],
+            );
+            imageops::replace(&mut canvas, &left, 0, 0);
+            imageops::replace(&mut canvas, &right, i64::from(band + image.width()), 0);
         }
     }
     canvas

@@ -20,5 +20,6 @@ pub mod preprocess;
 pub mod refiner;
 pub mod registry;
 pub mod request;
+pub mod resample;
 pub mod schedulers;
 pub mod weights;

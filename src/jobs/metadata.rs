@@ -1,10 +1,12 @@
 //! What a PNG says about how it was made: A1111's `parameters` text (which image tools
 //! read) and the resolved request that replays it exactly.
 
+use crate::engine::control::{ControlMode, ResizeMode};
+use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::ModelKind;
 use crate::engine::request::RefinerMode;
 use crate::jobs::events::ModelUsed;
-use crate::jobs::JobSpec;
+use crate::jobs::{ControlNetJob, JobSpec};
 use crate::output::PngMetadata;
 
 /// The first `n` characters of a hash (A1111 shows short hashes).
@@ -74,6 +76,13 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             .collect();
         text.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
     }
+    for (i, unit) in spec.controlnets.iter().enumerate() {
+        let hash = hash_of(models, ModelKind::ControlNet, &unit.model.name);
+        text.push_str(&format!(
+            ", ControlNet {i}: \"{}\"",
+            controlnet_entry(unit, hash)
+        ));
+    }
     if let Some(refiner) = &spec.refiner {
         let hash = hash_of(models, ModelKind::Refiner, &refiner.model.name);
         text.push_str(&format!(
@@ -91,4 +100,41 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
         }
     }
     text
+}
+
+/// A ControlNet unit as sd-webui-controlnet writes it into `parameters`.
+fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
+    let settings = &unit.unit;
+    let module = match unit.inputs.first().map(|i| i.preprocessor) {
+        Some(Preprocessor::Canny { low, high }) => {
+            format!("canny, Threshold A: {low}, Threshold B: {high}")
+        }
+        _ => "none".to_string(),
+    };
+    let resize = match unit.resize {
+        ResizeMode::JustResize => "Just Resize",
+        ResizeMode::CropAndResize => "Crop and Resize",
+        ResizeMode::ResizeAndFill => "Resize and Fill",
+    };
+    let mode = match settings.mode {
+        ControlMode::Balanced => "Balanced",
+        ControlMode::Guess => "Guess Mode",
+    };
+    let mut entry = format!(
+        "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {resize}, Guidance Start: {}, Guidance End: {}, Control Mode: {mode}",
+        unit.model.name,
+        short(hash, 8),
+        settings.scale,
+        settings.guidance_start,
+        settings.guidance_end,
+    );
+    if !settings.conditions.is_empty() {
+        let types: Vec<String> = settings
+            .conditions
+            .iter()
+            .map(|c| format!("{:?} {}", c.control_type, c.scale))
+            .collect();
+        entry.push_str(&format!(", Union: {}", types.join(" + ")));
+    }
+    entry
 }
