@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::cli::sdxld;
-use common::server::TestServer;
+use common::server::{violated_fields, TestServer};
 use common::{
     assert_images_match, controlnet_cases, controlnet_fixtures, decoded_image, fixtures,
     read_tensors, Case,
@@ -393,13 +393,7 @@ async fn bad_units_are_refused_and_leave_nothing_behind() {
         .await
         .expect_err("huge");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<_> = status
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = violated_fields(&status);
     assert_eq!(fields, ["spec.controlnets[0].image"]);
 
     let mut bad_modes = with_unit("canny_xl", map);
@@ -407,13 +401,7 @@ async fn bad_units_are_refused_and_leave_nothing_behind() {
     bad_modes.controlnets[0].control_mode = -1;
     let status = server.images(bad_modes).await.expect_err("modes");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<_> = status
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = violated_fields(&status);
     assert_eq!(
         fields,
         [
@@ -434,13 +422,7 @@ async fn bad_units_are_refused_and_leave_nothing_behind() {
         spec.controlnets[0].control_type = control_type;
         let status = server.images(spec).await.expect_err(model);
         assert_eq!(status.code(), Code::InvalidArgument, "{model}: {status:?}");
-        let fields: Vec<_> = status
-            .get_details_bad_request()
-            .expect("BadRequest")
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
+        let fields = violated_fields(&status);
         assert_eq!(fields, expected, "{model}");
     }
 

@@ -222,7 +222,7 @@ fn case_loras(case: &Case) -> Vec<pb::LoraAdapter> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
-    use common::server::TestServer;
+    use common::server::{violated_fields, TestServer};
     use tonic::Code;
     use tonic_types::StatusExt;
 
@@ -332,13 +332,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
             .await
             .expect_err("weight");
         assert_eq!(status.code(), Code::InvalidArgument);
-        let fields: Vec<String> = status
-            .get_details_bad_request()
-            .expect("BadRequest")
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
+        let fields = violated_fields(&status);
         assert_eq!(fields, ["spec.loras[0].weight"]);
         for bad in ["wrong_shapes", "no_such_layer"] {
             let status = run(grpc_spec(

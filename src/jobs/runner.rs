@@ -314,17 +314,7 @@ impl JobRun<'_> {
         let prompts = self.prompts.as_ref().ok_or_else(|| {
             EngineError::Internal("denoising before the prompts were encoded".to_string())
         })?;
-        let controls: Vec<Control<'_>> = loaded
-            .controlnets
-            .iter()
-            .zip(&self.control_maps)
-            .zip(&self.spec.controlnets)
-            .map(|((model, maps), job)| Control {
-                model,
-                maps,
-                unit: &job.unit,
-            })
-            .collect();
+        let controls = controls(loaded, &self.control_maps, self.spec);
         let preview_every = self.spec.output.preview_every as usize;
         let image_index = run.first_index as u32;
         let (sink, metrics) = (&mut *self.sink, self.metrics);
@@ -526,6 +516,25 @@ impl JobRun<'_> {
         });
         Ok(())
     }
+}
+
+/// The job's ControlNet units as the base's denoising takes them.
+fn controls<'a>(
+    loaded: &'a Loaded,
+    maps: &'a [Vec<Tensor>],
+    spec: &'a JobSpec,
+) -> Vec<Control<'a>> {
+    loaded
+        .controlnets
+        .iter()
+        .zip(maps)
+        .zip(&spec.controlnets)
+        .map(|((model, maps), job)| Control {
+            model,
+            maps,
+            unit: &job.unit,
+        })
+        .collect()
 }
 
 /// An [H, W, 3] uint8 tensor as an RGB image.

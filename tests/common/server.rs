@@ -246,3 +246,16 @@ pub fn slow_spec(seed: u64) -> pb::GenerationSpec {
         ..Default::default()
     }
 }
+
+/// The fields a status's BadRequest details name, in order.
+#[allow(dead_code)]
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .expect("BadRequest details")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

@@ -45,58 +45,19 @@ pub fn infer_config(path: &Path, shapes: &[(String, Vec<i64>)]) -> Result<Value>
             .copied()
             .ok_or_else(|| refuse(key, "has too few dimensions"))
     };
-    let blocks = count(&map, "down_blocks.");
-    if blocks == 0 {
-        return Err(refuse("down_blocks.0.resnets.0.conv1.weight", "is missing"));
-    }
-    let layers = count(&map, "down_blocks.0.resnets.");
-    let mut widths = Vec::new();
-    let mut types = Vec::new();
-    let mut depths = Vec::new();
-    let mut linear = true;
-    let mut cross = None;
-    for i in 0..blocks {
-        widths.push(dim(&format!("down_blocks.{i}.resnets.0.conv2.weight"), 0)?);
-        let attention = format!("down_blocks.{i}.attentions.0.");
-        if let Some(proj) = map.get(&format!("{attention}proj_in.weight")) {
-            types.push("CrossAttnDownBlock2D");
-            depths.push(count(&map, &format!("{attention}transformer_blocks.")));
-            linear = proj.len() == 2;
-            cross = Some(dim(
-                &format!("{attention}transformer_blocks.0.attn2.to_k.weight"),
-                1,
-            )?);
-        } else {
-            types.push("DownBlock2D");
-            depths.push(1);
-        }
-    }
-    let mid_attention = map.contains_key("mid_block.attentions.0.proj_in.weight");
-    if mid_attention {
-        let mid_depth = count(&map, "mid_block.attentions.0.transformer_blocks.");
-        if Some(&mid_depth) != depths.last() {
-            return Err(refuse(
-                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
-                "gives the mid block another transformer depth than the last down block",
-            ));
-        }
-        cross = cross.or(Some(dim(
-            "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
-            1,
-        )?));
-    }
+    let encoder = encoder_blocks(&map, &refuse)?;
     let mut config = json!({
         "_class_name": "ControlNetModel",
         "in_channels": dim("conv_in.weight", 1)?,
         "conditioning_channels": dim("controlnet_cond_embedding.conv_in.weight", 1)?,
-        "block_out_channels": widths,
-        "layers_per_block": layers,
-        "down_block_types": types,
-        "mid_block_type": if mid_attention { "UNetMidBlock2DCrossAttn" } else { "UNetMidBlock2D" },
-        "transformer_layers_per_block": depths,
-        "attention_head_dim": widths.iter().map(|w| (w / HEAD_WIDTH).max(1)).collect::<Vec<_>>(),
-        "use_linear_projection": linear,
-        "cross_attention_dim": cross.unwrap_or(2048),
+        "block_out_channels": encoder.widths,
+        "layers_per_block": encoder.layers,
+        "down_block_types": encoder.types,
+        "mid_block_type": if encoder.mid_attention { "UNetMidBlock2DCrossAttn" } else { "UNetMidBlock2D" },
+        "transformer_layers_per_block": encoder.depths,
+        "attention_head_dim": encoder.widths.iter().map(|w| (w / HEAD_WIDTH).max(1)).collect::<Vec<_>>(),
+        "use_linear_projection": encoder.linear,
+        "cross_attention_dim": encoder.cross.unwrap_or(2048),
         "conditioning_embedding_out_channels": embedding_widths(&map),
         "norm_num_groups": 32,
     });
@@ -121,6 +82,80 @@ pub fn infer_config(path: &Path, shapes: &[(String, Vec<i64>)]) -> Result<Value>
         union_keys(&mut config, &map, table);
     }
     Ok(config)
+}
+
+/// What the down and mid blocks' shapes say.
+struct EncoderBlocks {
+    widths: Vec<i64>,
+    layers: i64,
+    types: Vec<&'static str>,
+    depths: Vec<i64>,
+    linear: bool,
+    cross: Option<i64>,
+    mid_attention: bool,
+}
+
+/// The encoder's blocks from their tensors; `refuse` names a key that does not fit.
+fn encoder_blocks(
+    map: &ShapeMap,
+    refuse: &dyn Fn(&str, &str) -> EngineError,
+) -> Result<EncoderBlocks> {
+    let dim = |key: &str, axis: usize| -> Result<i64> {
+        map.get(key)
+            .ok_or_else(|| refuse(key, "is missing"))?
+            .get(axis)
+            .copied()
+            .ok_or_else(|| refuse(key, "has too few dimensions"))
+    };
+    let blocks = count(map, "down_blocks.");
+    if blocks == 0 {
+        return Err(refuse("down_blocks.0.resnets.0.conv1.weight", "is missing"));
+    }
+    let layers = count(map, "down_blocks.0.resnets.");
+    let mut widths = Vec::new();
+    let mut types = Vec::new();
+    let mut depths = Vec::new();
+    let mut linear = true;
+    let mut cross = None;
+    for i in 0..blocks {
+        widths.push(dim(&format!("down_blocks.{i}.resnets.0.conv2.weight"), 0)?);
+        let attention = format!("down_blocks.{i}.attentions.0.");
+        if let Some(proj) = map.get(&format!("{attention}proj_in.weight")) {
+            types.push("CrossAttnDownBlock2D");
+            depths.push(count(map, &format!("{attention}transformer_blocks.")));
+            linear = proj.len() == 2;
+            cross = Some(dim(
+                &format!("{attention}transformer_blocks.0.attn2.to_k.weight"),
+                1,
+            )?);
+        } else {
+            types.push("DownBlock2D");
+            depths.push(1);
+        }
+    }
+    let mid_attention = map.contains_key("mid_block.attentions.0.proj_in.weight");
+    if mid_attention {
+        let mid_depth = count(map, "mid_block.attentions.0.transformer_blocks.");
+        if Some(&mid_depth) != depths.last() {
+            return Err(refuse(
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                "gives the mid block another transformer depth than the last down block",
+            ));
+        }
+        cross = cross.or(Some(dim(
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            1,
+        )?));
+    }
+    Ok(EncoderBlocks {
+        widths,
+        layers,
+        types,
+        depths,
+        linear,
+        cross,
+        mid_attention,
+    })
 }
 
 /// The union keys a union model's shapes give (its fusion's heads cannot be seen: the
