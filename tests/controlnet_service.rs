@@ -532,6 +532,34 @@ fn controlnet_over_the_cli_equals_diffusers() {
         &common::image_file(&png),
         &reference["two_units.images"].get(0),
     );
+    let png = out.path().join("union.png");
+    sdxld("generate")
+        .args([
+            "--prompt",
+            "a house by a lake",
+            "--seed",
+            "42",
+            "--steps",
+            "6",
+        ])
+        .args(["--guidance", "5", "--scheduler", "euler"])
+        .args(["--width", "64", "--height", "64"])
+        .flag(
+            "--controlnet",
+            unit(
+                "union",
+                "control_a.png",
+                "type=canny,scale=0.8,start=0.1,end=0.9",
+            ),
+        )
+        .flag("--model", dir.join("pipeline"))
+        .flag("--output", &png)
+        .succeeds();
+    assert_images_match(
+        "CLI union unit",
+        &common::image_file(&png),
+        &reference["union_one.images"].get(0),
+    );
     let stderr = sdxld("generate")
         .args(["--prompt", "x", "--steps", "1"])
         .flag("--controlnet", unit("own", "control_b.png", "scale=3"))

@@ -127,7 +127,8 @@ pub struct GenerateArgs {
     pub loras: Vec<String>,
     /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional
     /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
-    /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny, low, high;
+    /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny, low, high, and
+    /// for union models type=openpose|depth|hed|canny|normal|segment|tile|repaint;
     /// repeatable, the units' residuals are summed).
     #[arg(long = "controlnet", value_name = "FOLDER,IMAGE[,KEY=VALUE...]")]
     pub controlnets: Vec<String>,

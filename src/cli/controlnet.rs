@@ -8,7 +8,19 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny), low, high";
+preprocessor (none|canny), low, high, type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+
+/// A union model's control types by their CLI names (the contract's `ControlType`).
+const CONTROL_TYPES: [(&str, i32); 8] = [
+    ("openpose", 1),
+    ("depth", 2),
+    ("hed", 3),
+    ("canny", 4),
+    ("normal", 5),
+    ("segment", 6),
+    ("tile", 7),
+    ("repaint", 8),
+];
 
 /// A parsed `--controlnet` value: the ControlNet folder and the unit.
 pub struct ControlNetArg {
@@ -65,6 +77,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "preprocessor" => {
             unit.preprocessor = named(key, value, &[("none", 1), ("canny", 2)])?;
         }
+        "type" => unit.control_type = named(key, value, &CONTROL_TYPES)?,
         "low" => unit_params(unit).low_threshold = Some(whole()?),
         "high" => unit_params(unit).high_threshold = Some(whole()?),
         other => bail!("unknown key `{other}` (keys: {KEYS})"),
