@@ -122,3 +122,89 @@ async fn a_single_file_over_grpc_and_the_cli() {
     assert_eq!(entry.format, pb::ModelFormat::Safetensors as i32);
     assert!(entry.resident);
 }
+
+/// Single files of non-stock shapes with no configs in their metadata (an SSD-1B-like
+/// UNet with shallower up-block layers, a Vega-like one with convolutional projections,
+/// text encoders of other widths and depths, VAEs of other levels): every config value the
+/// tensors determine is inferred, so the file gives the folder's latents bit for bit; the
+/// inferred configs equal the folder's where the tensors decide them.
+#[test]
+fn single_files_of_other_shapes_are_inferred_from_their_tensors() {
+    use sdxld::engine::loading::single_file::Configs;
+    for name in ["distilled3", "vega2"] {
+        let dir = common::single_file_fixtures().join(name);
+        let file = dir.join(format!("{name}.safetensors"));
+        let (shapes, metadata) = sdxld::engine::weights::read_shapes(&file).expect("header");
+        assert!(
+            !metadata.contains_key("sdxld.configs"),
+            "{name}: the file carries configs"
+        );
+        let inferred = Configs::infer(&file, &shapes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let folder = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("folder");
+        let unet = folder.unet().config();
+        assert_eq!(
+            inferred.unet.block_out_channels, unet.block_out_channels,
+            "{name}"
+        );
+        assert_eq!(
+            inferred.unet.down_block_types, unet.down_block_types,
+            "{name}"
+        );
+        assert_eq!(inferred.unet.up_block_types, unet.up_block_types, "{name}");
+        assert_eq!(
+            inferred.unet.layers_per_block, unet.layers_per_block,
+            "{name}"
+        );
+        assert_eq!(
+            inferred.unet.use_linear_projection, unet.use_linear_projection,
+            "{name}"
+        );
+        assert_eq!(
+            inferred.unet.projection_class_embeddings_input_dim,
+            unet.projection_class_embeddings_input_dim,
+            "{name}"
+        );
+        let te2 = folder.text_encoder_2().config();
+        assert_eq!(
+            (
+                inferred.text_encoder_2.num_hidden_layers,
+                inferred.text_encoder_2.hidden_size,
+                inferred.text_encoder_2.projection_dim
+            ),
+            (te2.num_hidden_layers, te2.hidden_size, te2.projection_dim),
+            "{name}"
+        );
+        let from_file =
+            SdxlPipeline::load(&file, Placement::cpu()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let p = GenerateParams {
+            prompt: "a castle on a hill".into(),
+            negative_prompt: Some("blurry".into()),
+            steps: 3,
+            width: 64,
+            height: 64,
+            seed: 5,
+            ..GenerateParams::default()
+        };
+        let a = folder.generate(&p).expect("folder generates");
+        let b = from_file.generate(&p).expect("file generates");
+        assert!(
+            a.latents.equal(&b.latents) && a.images.equal(&b.images),
+            "{name}: the file differs from the folder"
+        );
+    }
+}
+
+/// A stock SDXL base checkpoint's tensor layout (names and shapes only) infers to
+/// stabilityai/stable-diffusion-xl-base-1.0's configs exactly: inference changes nothing
+/// for the files that worked before it.
+#[test]
+fn the_stock_layout_infers_to_the_stock_configs() {
+    use sdxld::engine::loading::single_file::Configs;
+    let path = common::single_file_fixtures().join("stock_shapes.json");
+    let text = std::fs::read_to_string(&path).expect("stock_shapes.json");
+    let map: std::collections::BTreeMap<String, Vec<i64>> =
+        serde_json::from_str(&text).expect("shapes");
+    let shapes: Vec<(String, Vec<i64>)> = map.into_iter().collect();
+    let inferred = Configs::infer(&path, &shapes).expect("stock shapes infer");
+    assert_eq!(inferred, Configs::sdxl_base());
+}

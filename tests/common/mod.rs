@@ -40,6 +40,14 @@ pub fn controlnet_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_single_file_fixtures.py` (built
+/// when missing).
+pub fn single_file_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_single_file_fixtures.py", "SDXLD_SINGLE_FILE_FIXTURES"))
+        .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {

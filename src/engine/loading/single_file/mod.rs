@@ -19,6 +19,7 @@ use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 use crate::engine::schedulers::SchedulerConfig;
 
+mod infer;
 mod keys;
 
 use crate::engine::weights::{Transform, Weights};
@@ -58,11 +59,13 @@ impl Configs {
         }
     }
 
-    /// The configs `metadata` carries (a JSON object under [`CONFIGS_KEY`]), or SDXL base
-    /// 1.0's.
+    /// The configs `metadata` carries (a JSON object under [`CONFIGS_KEY`]), or, as real
+    /// checkpoints carry none, the ones the file's tensor shapes give (see
+    /// [`Self::infer`]).
     pub fn from_metadata(path: &Path, metadata: &HashMap<String, String>) -> Result<Self> {
         let Some(text) = metadata.get(CONFIGS_KEY) else {
-            return Ok(Self::sdxl_base());
+            let (shapes, _) = crate::engine::weights::read_shapes(path)?;
+            return Self::infer(path, &shapes);
         };
         let all: Value = serde_json::from_str(text).map_err(|e| EngineError::Config {
             path: path.to_path_buf(),
