@@ -227,7 +227,7 @@ async fn controlnet_requests_over_grpc_equal_diffusers() {
         }
         if name == "two_units" {
             // A1111's parameters name each unit as sd-webui-controlnet writes them.
-            let text = png_parameters(&response.images[0].data);
+            let text = common::png_parameters(&response.images[0].data);
             assert!(
                 text.contains(
                     ", ControlNet 0: \"Module: none, Model: canny_xl [",
@@ -567,18 +567,4 @@ fn controlnet_over_the_cli_equals_diffusers() {
         .flag("--output", out.path().join("x.png"))
         .fails();
     assert!(stderr.contains("--controlnet"), "{stderr}");
-}
-
-/// The A1111 `parameters` text of a PNG.
-fn png_parameters(bytes: &[u8]) -> String {
-    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .expect("png");
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "parameters")
-        .and_then(|c| c.get_text().ok())
-        .expect("a parameters chunk")
 }

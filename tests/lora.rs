@@ -178,20 +178,6 @@ fn loras_over_the_cli_match_diffusers() {
     }
 }
 
-/// The A1111 `parameters` text of a PNG.
-fn png_parameters(bytes: &[u8]) -> String {
-    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .expect("png");
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "parameters")
-        .and_then(|c| c.get_text().ok())
-        .expect("a parameters chunk")
-}
-
 fn lora(name: &str, weight: f32) -> pb::LoraAdapter {
     pb::LoraAdapter {
         name: name.into(),
@@ -285,7 +271,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
             assert_eq!(usage.kind, pb::ModelKind::Lora as i32);
             assert_eq!((usage.weight, usage.sha256.len()), (weight, 64));
         }
-        let text = png_parameters(&response.images[0].data);
+        let text = common::png_parameters(&response.images[0].data);
         assert!(
             text.contains("<lora:char_kohya:0.8> <lora:style_peft:-0.5>")
                 && text.contains("Lora hashes: \"char_kohya: "),

@@ -131,6 +131,21 @@ pub fn read_header(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)
 /// Tensor names with their shapes.
 pub type Shapes = Vec<(String, Vec<i64>)>;
 
+/// How many numbered children `prefix` has among `names` (`prefix0.`, `prefix1.`, ...: the
+/// largest index present, plus one).
+pub fn numbered_children<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> i64 {
+    names
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
 /// The tensor names with their shapes, in name order, and the `__metadata__` strings of
 /// a safetensors file (header only).
 pub fn read_shapes(path: &Path) -> Result<(Shapes, HashMap<String, String>)> {

@@ -290,3 +290,17 @@ pub fn set_config(path: &Path, key: &str, value: serde_json::Value) {
     config[key] = value;
     std::fs::write(path, config.to_string()).expect("write");
 }
+
+/// The A1111 `parameters` text of a PNG.
+pub fn png_parameters(bytes: &[u8]) -> String {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("png");
+    reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "parameters")
+        .and_then(|c| c.get_text().ok())
+        .expect("a parameters chunk")
+}

@@ -192,17 +192,7 @@ fn embedding_widths(map: &ShapeMap) -> Vec<i64> {
         .collect()
 }
 
-/// How many numbered children `prefix` has (`prefix0.`, `prefix1.`, ... up to the
-/// largest index present, plus one).
+/// How many numbered children `prefix` has.
 fn count(map: &ShapeMap, prefix: &str) -> i64 {
-    map.keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<i64>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |m| m + 1)
+    crate::engine::weights::numbered_children(map.keys().map(String::as_str), prefix)
 }

@@ -68,17 +68,7 @@ impl<'a> Shapes<'a> {
 
     /// How many numbered children `prefix` has.
     fn count(&self, prefix: &str) -> i64 {
-        self.map
-            .keys()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<i64>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |m| m + 1)
+        crate::engine::weights::numbered_children(self.map.keys().copied(), prefix)
     }
 }
 
