@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::api::admission::AdmissionPermit;
 use crate::api::caller::caller;
 use crate::api::convert;
+use crate::api::guard::CallArrival;
 use crate::api::status::ApiError;
 use crate::api::validate::{to_job_spec, Context, MAX_SEED};
 use crate::api::ApiState;
@@ -58,9 +59,12 @@ impl Generation {
             Some(p) => p,
             None => queue.try_admit()?,
         };
-        // A deadline too far to represent is no deadline.
-        let deadline =
-            grpc_timeout(request.metadata())?.and_then(|d| Instant::now().checked_add(d));
+        // Counted from the call's arrival; a deadline too far to represent is no deadline.
+        let arrival = request
+            .extensions()
+            .get::<CallArrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        let deadline = grpc_timeout(request.metadata())?.and_then(|d| arrival.checked_add(d));
         let owner = caller(&request);
         let spec = spec(request.into_inner());
         let state = self.state.clone();
@@ -157,9 +161,21 @@ async fn next_event(
             Some(JobEvent::Failed(JobError::Stopped(StopReason::DeadlineExceeded)))
         }
         () = closed => {
-            stop(admitted, state, StopReason::ClientGone);
+            stop(admitted, state, departure(deadline));
             None
         }
+    }
+}
+
+/// gRPC clients give up at their own deadline, which passes a transit time before the
+/// server's: a client leaving this close to its deadline left because of it.
+const DEADLINE_SLACK: Duration = Duration::from_millis(250);
+
+/// Why the job of a client that left stops: its deadline, or the client itself.
+fn departure(deadline: Option<Instant>) -> StopReason {
+    match deadline {
+        Some(d) if Instant::now() + DEADLINE_SLACK >= d => StopReason::DeadlineExceeded,
+        _ => StopReason::ClientGone,
     }
 }
 
@@ -185,7 +201,7 @@ async fn relay(
         .await
         .is_err()
     {
-        stop(&admitted, &state, StopReason::ClientGone);
+        stop(&admitted, &state, departure(deadline));
         return;
     }
     loop {
@@ -207,7 +223,7 @@ async fn relay(
             None => return,
         };
         if tx.send(Ok(message(event))).await.is_err() {
-            stop(&admitted, &state, StopReason::ClientGone);
+            stop(&admitted, &state, departure(deadline));
             return;
         }
     }
@@ -251,6 +267,7 @@ impl GenerationService for Generation {
             state: self.state.clone(),
             id: admitted.id.clone(),
             control: admitted.control.clone(),
+            deadline,
             armed: true,
         };
         loop {
@@ -329,15 +346,18 @@ struct StopOnDrop {
     state: Arc<ApiState>,
     id: String,
     control: Arc<crate::jobs::JobControl>,
+    deadline: Option<Instant>,
     armed: bool,
 }
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.control.stop(StopReason::ClientGone);
-            let gone = StopReason::ClientGone;
-            self.state.queue.cancel(&self.id, "", gone, Caller::Server);
+            let reason = departure(self.deadline);
+            self.control.stop(reason);
+            self.state
+                .queue
+                .cancel(&self.id, "", reason, Caller::Server);
         }
     }
 }

@@ -1,16 +1,23 @@
 //! Per-call guards as a tower layer: a panic while handling a call becomes INTERNAL for
 //! that call alone (never a reset stream, never the process), and a request message over
 //! the size limit is RESOURCE_EXHAUSTED, as gRPC's status-code guidance says (tonic
-//! answers OUT_OF_RANGE; sdxld itself never does).
+//! answers OUT_OF_RANGE; sdxld itself never does); each call is stamped with its arrival.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::codegen::http;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
+
+/// When a call arrived, stamped before tonic starts the `grpc-timeout` timer around the
+/// handler: a deadline counted from here passes no later than tonic's, so the handler
+/// answers DEADLINE_EXCEEDED itself instead of being dropped as if its client had left.
+#[derive(Clone, Copy, Debug)]
+pub struct CallArrival(pub Instant);
 
 /// The layer.
 #[derive(Clone, Copy, Default)]
@@ -128,7 +135,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(CallArrival(Instant::now()));
         let inner = &mut self.inner;
         match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
             Ok(future) => Box::pin(Guarded {
