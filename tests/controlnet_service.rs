@@ -287,49 +287,72 @@ async fn the_stream_reports_preprocessing_and_maps_before_images() {
     assert_eq!(maps, 2);
 }
 
-/// A unit with the Canny preprocessor uses the map the Preprocess RPC returns: the same
-/// bytes come back, and the image equals one made from that map sent as it is.
+/// A unit with the Canny preprocessor uses the map the Preprocess RPC returns: at the
+/// image's size the same bytes come back; at a detection resolution the map has that
+/// size; either way the image equals one made from that map sent as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canny_in_a_unit_equals_the_preprocess_rpc() {
     let root = controlnet_root();
     let server = server(root.path()).await;
     let photo = read(&fixtures().join("tiny2/init.png"));
-    let params = pb::PreprocessorParams {
-        low_threshold: Some(60),
-        high_threshold: Some(140),
-        ..Default::default()
-    };
-    let preview = server
-        .generation()
-        .await
-        .preprocess(pb::PreprocessRequest {
-            image: photo.clone(),
-            preprocessor: pb::Preprocessor::Canny as i32,
-            preprocessor_params: Some(params),
-        })
-        .await
-        .expect("preprocess")
-        .into_inner();
-    let mut spec = spec_of(&case("one_unit"));
-    spec.num_images = 1;
-    spec.controlnets[0].image = photo;
-    spec.controlnets[0].preprocessor = pb::Preprocessor::Canny as i32;
-    spec.controlnets[0].preprocessor_params = Some(params);
-    spec.output = Some(pb::OutputOptions {
-        return_control_maps: true,
-        embed_metadata: Some(false),
-        ..Default::default()
-    });
-    let in_server = server.images(spec.clone()).await.expect("canny unit");
-    let map = decoded_image(&in_server.control_maps[0].data);
-    assert!(
-        map.equal(&decoded_image(&preview.control_map)),
-        "the maps differ"
-    );
-    spec.controlnets[0].image = preview.control_map;
-    spec.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
-    let given = server.images(spec).await.expect("map unit");
-    assert_eq!(in_server.images[0].data, given.images[0].data);
+    for detect_resolution in [0, 128] {
+        let params = pb::PreprocessorParams {
+            low_threshold: Some(60),
+            high_threshold: Some(140),
+            detect_resolution,
+        };
+        let preview = server
+            .generation()
+            .await
+            .preprocess(pb::PreprocessRequest {
+                image: photo.clone(),
+                preprocessor: pb::Preprocessor::Canny as i32,
+                preprocessor_params: Some(params),
+            })
+            .await
+            .expect("preprocess")
+            .into_inner();
+        let mut spec = spec_of(&case("one_unit"));
+        spec.num_images = 1;
+        spec.controlnets[0].image = photo.clone();
+        spec.controlnets[0].preprocessor = pb::Preprocessor::Canny as i32;
+        spec.controlnets[0].preprocessor_params = Some(params);
+        spec.output = Some(pb::OutputOptions {
+            return_control_maps: true,
+            embed_metadata: Some(false),
+            ..Default::default()
+        });
+        let in_server = server.images(spec.clone()).await.expect("canny unit");
+        if detect_resolution > 0 {
+            // sd-webui-controlnet's parameters name the preprocessor's resolution.
+            let mut with_metadata = spec.clone();
+            with_metadata.output = None;
+            let response = server.images(with_metadata).await.expect("canny unit");
+            let text = common::png_parameters(&response.images[0].data);
+            let module = "Module: canny, Threshold A: 60, Threshold B: 140, Processor Res: 128,";
+            assert!(text.contains(module), "{text}");
+        }
+        let used = &in_server.control_maps[0];
+        assert_eq!((used.width, used.height), (spec.width, spec.height));
+        if detect_resolution == 0 {
+            let map = decoded_image(&used.data);
+            assert!(
+                map.equal(&decoded_image(&preview.control_map)),
+                "the maps differ"
+            );
+        } else {
+            let short = preview.width.min(preview.height);
+            assert_eq!(
+                short, detect_resolution,
+                "{}x{}",
+                preview.width, preview.height
+            );
+        }
+        spec.controlnets[0].image = preview.control_map;
+        spec.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
+        let given = server.images(spec).await.expect("map unit");
+        assert_eq!(in_server.images[0].data, given.images[0].data);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,50 @@
 //! Preprocessors against the implementations users know: Canny equals OpenCV's
-//! `cv2.Canny` byte for byte on the image controlnet_aux hands it.
+//! `cv2.Canny` byte for byte on the image controlnet_aux hands it, at the image's size
+//! and after controlnet_aux's `resize_image` to a detection resolution.
 
 mod common;
 
-use sdxld::engine::preprocess::{canny::canny, hwc3};
+use sdxld::engine::preprocess::{
+    canny::canny, hwc3, resize_for_detection, Preprocessing, Preprocessor,
+};
+
+/// Pixels of `actual` that differ from `expected` (sizes equal).
+fn differing(actual: &[u8], expected: &[u8]) -> usize {
+    actual.iter().zip(expected).filter(|(a, e)| a != e).count()
+}
+
+#[test]
+fn detection_resizing_equals_controlnet_aux_with_opencv() {
+    let root = common::preprocess_fixtures();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("detect.json")).expect("read"))
+            .expect("json");
+    assert!(cases.len() >= 15, "{} cases", cases.len());
+    let open = |key: &str, case: &serde_json::Value| {
+        image::open(root.join(case[key].as_str().expect(key))).expect("png")
+    };
+    for case in &cases {
+        let image = open("image", case);
+        let resolution = case["resolution"].as_u64().expect("resolution") as u32;
+        let expected = open("resized", case).to_rgb8();
+        let resized = resize_for_detection(&hwc3(&image), resolution);
+        assert_eq!(resized.dimensions(), expected.dimensions(), "{case}");
+        let off = differing(resized.as_raw(), expected.as_raw());
+        assert_eq!(off, 0, "{case}: {off} values differ");
+        // The unit's whole preprocessing: the map at the detection size.
+        let canny = Preprocessing {
+            preprocessor: Preprocessor::Canny {
+                low: 100,
+                high: 200,
+            },
+            detect_resolution: Some(resolution),
+        };
+        let map = canny.run(&image);
+        let expected = open("canny", case).to_rgb8();
+        let off = differing(map.as_raw(), expected.as_raw());
+        assert_eq!(off, 0, "{case}: {off} map values differ");
+    }
+}
 
 #[test]
 fn canny_equals_opencv_on_every_image_and_threshold() {
@@ -94,6 +135,28 @@ mod over_grpc {
                 .to_rgb8();
             assert_eq!(map, expected, "thresholds {low} {high}");
         }
+        // At a detection resolution: controlnet_aux's resize_image first; the map at that
+        // size. Without a preprocessor the resolution changes nothing.
+        let at = |preprocessor| pb::PreprocessRequest {
+            preprocessor_params: Some(pb::PreprocessorParams {
+                detect_resolution: 64,
+                ..Default::default()
+            }),
+            ..request(png.clone(), preprocessor)
+        };
+        let map = preprocess(&server, at(pb::Preprocessor::Canny))
+            .await
+            .expect("a control map");
+        assert_eq!((map.width, map.height), (64, 64));
+        let expected = image::open(root.join("detect/photo_160x120_64_canny.png"))
+            .expect("png")
+            .to_rgb8();
+        let decoded = image::load_from_memory(&map.control_map).expect("png");
+        assert_eq!(decoded.to_rgb8(), expected);
+        let plain = preprocess(&server, at(pb::Preprocessor::None))
+            .await
+            .expect("the image");
+        assert_eq!((plain.width, plain.height), (160, 120));
         // No preprocessing: the image itself.
         let plain = preprocess(&server, request(png.clone(), pb::Preprocessor::None))
             .await
@@ -106,7 +169,19 @@ mod over_grpc {
             original
         );
 
+        // A column 9 pixels tall at 2048: 2048x18432 for detection, over the image limit.
+        let column = std::fs::read(root.join("images/column_1x9.png")).expect("read");
         let invalid = [
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        detect_resolution: 2048,
+                        ..Default::default()
+                    }),
+                    ..request(column, pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.detect_resolution",
+            ),
             (request(Vec::new(), pb::Preprocessor::Canny), "image"),
             (
                 request(b"not an image".to_vec(), pb::Preprocessor::Canny),
@@ -155,22 +230,10 @@ mod over_grpc {
             assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
             assert_eq!(fields(&status), [field], "{status:?}");
         }
-        let unimplemented = [
-            (
-                request(png.clone(), pb::Preprocessor::Depth),
-                "preprocessor",
-            ),
-            (
-                pb::PreprocessRequest {
-                    preprocessor_params: Some(pb::PreprocessorParams {
-                        detect_resolution: 512,
-                        ..Default::default()
-                    }),
-                    ..request(png.clone(), pb::Preprocessor::Canny)
-                },
-                "preprocessor_params.detect_resolution",
-            ),
-        ];
+        let unimplemented = [(
+            request(png.clone(), pb::Preprocessor::Depth),
+            "preprocessor",
+        )];
         for (request, field) in unimplemented {
             let status = preprocess(&server, request).await.expect_err(field);
             assert_eq!(status.code(), Code::Unimplemented, "{field}: {status:?}");

@@ -33,7 +33,7 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
             .inputs
             .iter()
             .map(|input| {
-                let map = input.preprocessor.run(&input.image.0);
+                let map = input.preprocessing.run(&input.image.0);
                 map_tensor(&fit(&map, width, height, unit.resize))
             })
             .collect();

@@ -8,7 +8,7 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny), low, high, type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -80,6 +80,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "type" => unit.control_type = named(key, value, &CONTROL_TYPES)?,
         "low" => unit_params(unit).low_threshold = Some(whole()?),
         "high" => unit_params(unit).high_threshold = Some(whole()?),
+        "resolution" => unit_params(unit).detect_resolution = whole()?,
         other => bail!("unknown key `{other}` (keys: {KEYS})"),
     }
     Ok(())

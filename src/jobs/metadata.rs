@@ -105,12 +105,17 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
 /// A ControlNet unit as sd-webui-controlnet writes it into `parameters`.
 fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let settings = &unit.unit;
-    let module = match unit.inputs.first().map(|i| i.preprocessor) {
+    let first = unit.inputs.first().map(|i| i.preprocessing);
+    let mut module = match first.map(|p| p.preprocessor) {
         Some(Preprocessor::Canny { low, high }) => {
             format!("canny, Threshold A: {low}, Threshold B: {high}")
         }
         _ => "none".to_string(),
     };
+    let detector = first.filter(|p| p.preprocessor != Preprocessor::None);
+    if let Some(resolution) = detector.and_then(|p| p.detect_resolution) {
+        module.push_str(&format!(", Processor Res: {resolution}"));
+    }
     let resize = match unit.resize {
         ResizeMode::JustResize => "Just Resize",
         ResizeMode::CropAndResize => "Crop and Resize",

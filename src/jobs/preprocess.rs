@@ -34,7 +34,7 @@ impl JobRun<'_> {
                     image_index: 0,
                     preview: None,
                 });
-                let map = input.preprocessor.run(&input.image.0);
+                let map = input.preprocessing.run(&input.image.0);
                 let fitted = fit(&map, width, height, unit.resize);
                 unit_maps.push(map_tensor(&fitted));
                 if self.spec.output.return_control_maps {

@@ -6,7 +6,7 @@ use image::DynamicImage;
 
 use crate::engine::control::{ControlUnit, ResizeMode};
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
-use crate::engine::preprocess::Preprocessor;
+use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
 use crate::output::OutputFormat;
 
@@ -50,7 +50,7 @@ pub struct ControlInput {
     /// The image, as the client sent it.
     pub image: ConditioningImage,
     /// How it becomes a control map.
-    pub preprocessor: Preprocessor,
+    pub preprocessing: Preprocessing,
 }
 
 /// A ControlNet unit of a job.

@@ -8,7 +8,7 @@ use crate::api::validate::fields::{
 };
 use crate::api::validate::images::decode_image;
 use crate::api::validate::model::named;
-use crate::api::validate::preprocessor::preprocessor;
+use crate::api::validate::preprocessor::{preprocessor, Subject};
 use crate::api::validate::Deferred;
 use crate::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit, ResizeMode};
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
@@ -162,10 +162,14 @@ impl Check<'_> {
         } else {
             decode_image(image, &field, self.max_pixels, v)
         };
-        let preprocessor = preprocessor(&prefix, kind, params, v, deferred);
+        let subject = Subject {
+            image: decoded.as_ref(),
+            max_pixels: self.max_pixels,
+        };
+        let preprocessing = preprocessor(&prefix, kind, params, subject, v, deferred);
         Some(ControlInput {
             image: ConditioningImage(Arc::new(decoded?)),
-            preprocessor: preprocessor?,
+            preprocessing: preprocessing?,
         })
     }
 

@@ -7,7 +7,7 @@ use crate::api::validate::fields::{at_most, enum_value, Violations};
 use crate::api::validate::images::decode_image;
 use crate::api::validate::Deferred;
 use crate::config::Limits;
-use crate::engine::preprocess::Preprocessor;
+use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
 use crate::proto::v1 as pb;
 
 /// Canny's thresholds when the request names none (controlnet_aux's defaults).
@@ -16,15 +16,23 @@ const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 /// The preprocessors implemented, as the capabilities list them.
 pub const IMPLEMENTED: [pb::Preprocessor; 2] = [pb::Preprocessor::None, pb::Preprocessor::Canny];
 
+/// What a preprocessor is checked against: its image (when it decoded) and the most
+/// pixels an image may have.
+pub struct Subject<'a> {
+    pub image: Option<&'a image::DynamicImage>,
+    pub max_pixels: u64,
+}
+
 /// Checks `preprocessor` and `params` (fields under `prefix`, which ends with a dot or
-/// is empty); the domain preprocessor when all is valid and implemented.
+/// is empty) for `subject`; the domain preprocessing when all is valid and implemented.
 pub fn preprocessor(
     prefix: &str,
     preprocessor: i32,
     params: Option<&pb::PreprocessorParams>,
+    subject: Subject,
     v: &mut Violations,
     deferred: &mut Deferred,
-) -> Option<Preprocessor> {
+) -> Option<Preprocessing> {
     let field = format!("{prefix}preprocessor");
     let kind = enum_value::<pb::Preprocessor>(v, &field, preprocessor);
     let default = pb::PreprocessorParams::default();
@@ -40,19 +48,8 @@ pub fn preprocessor(
             format!("must be at most high_threshold ({low} > {high})"),
         );
     }
-    let resolution = params.detect_resolution;
-    if resolution != 0 && !(64..=2048).contains(&resolution) {
-        v.add(
-            format!("{p}.detect_resolution"),
-            format!("must be 0 or between 64 and 2048, got {resolution}"),
-        );
-    } else if resolution != 0 {
-        deferred.unimplemented(ApiError::Unimplemented(
-            format!("{p}.detect_resolution"),
-            "resizing for detection is not implemented yet; 0 detects at the image size".into(),
-        ));
-    }
-    match kind? {
+    let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
+    let preprocessor = match kind? {
         pb::Preprocessor::Unspecified | pb::Preprocessor::None => Some(Preprocessor::None),
         pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
         other => {
@@ -65,14 +62,55 @@ pub fn preprocessor(
             ));
             None
         }
+    }?;
+    Some(Preprocessing {
+        preprocessor,
+        detect_resolution: detect_resolution?,
+    })
+}
+
+/// `detect_resolution` (under `p`): 0 or 64 to 2048, and no larger an image for
+/// detection than an input image may be.
+fn detect_resolution(
+    p: &str,
+    resolution: u32,
+    subject: Subject,
+    v: &mut Violations,
+) -> Option<Option<u32>> {
+    let field = format!("{p}.detect_resolution");
+    if resolution == 0 {
+        return Some(None);
     }
+    if !(64..=2048).contains(&resolution) {
+        v.add(
+            field,
+            format!("must be 0 or between 64 and 2048, got {resolution}"),
+        );
+        return None;
+    }
+    if let Some(image) = subject.image {
+        let (w, h) = detection_size(image.width(), image.height(), resolution);
+        if w.saturating_mul(h) > subject.max_pixels {
+            let max = subject.max_pixels;
+            v.add(
+                field,
+                format!(
+                    "would resize the {}x{} image to {w}x{h} for detection, more than {max} pixels",
+                    image.width(),
+                    image.height()
+                ),
+            );
+            return None;
+        }
+    }
+    Some(Some(resolution))
 }
 
 /// A Preprocess request, checked: its image and preprocessor.
 pub fn preprocess_request(
     request: &pb::PreprocessRequest,
     limits: &Limits,
-) -> Result<(image::DynamicImage, Preprocessor), ApiError> {
+) -> Result<(image::DynamicImage, Preprocessing), ApiError> {
     let mut v = Violations::default();
     let mut deferred = Deferred::default();
     let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
@@ -82,10 +120,15 @@ pub fn preprocess_request(
     } else {
         decode_image(&request.image, "image", max_pixels, &mut v)
     };
+    let subject = Subject {
+        image: image.as_ref(),
+        max_pixels,
+    };
     let preprocessor = preprocessor(
         "",
         request.preprocessor,
         request.preprocessor_params.as_ref(),
+        subject,
         &mut v,
         &mut deferred,
     );

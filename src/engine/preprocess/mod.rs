@@ -1,9 +1,62 @@
 //! Preprocessors: how a conditioning image becomes a ControlNet's control map, as
-//! controlnet_aux computes them (its `HWC3` input rule, then the detector).
+//! controlnet_aux computes them (its `HWC3` input rule, its `resize_image` to the
+//! detection resolution, then the detector).
 
 pub mod canny;
+pub mod cv_resize;
 
 use image::{DynamicImage, GrayImage, RgbImage};
+
+use cv_resize::Interpolation;
+
+/// A preprocessor and the resolution its detector runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preprocessing {
+    /// The detector and its parameters.
+    pub preprocessor: Preprocessor,
+    /// The short side the image is resized to before detection (controlnet_aux's
+    /// `detect_resolution`); `None`: the image's own size. The image taken as the map
+    /// as it is (no preprocessor) is never resized here.
+    pub detect_resolution: Option<u32>,
+}
+
+impl Preprocessing {
+    /// The control map of `image` (three channels, as ControlNets take them), at the
+    /// detection size.
+    pub fn run(self, image: &DynamicImage) -> RgbImage {
+        let rgb = hwc3(image);
+        match (self.preprocessor, self.detect_resolution) {
+            (Preprocessor::None, _) => rgb,
+            (detector, None) => detector.detect(&rgb),
+            (detector, Some(resolution)) => {
+                detector.detect(&resize_for_detection(&rgb, resolution))
+            }
+        }
+    }
+}
+
+/// The size controlnet_aux's `resize_image` gives a `width`×`height` image for
+/// `resolution`: the short side scaled to it, each side rounded (half to even) to a
+/// multiple of 64.
+pub fn detection_size(width: u32, height: u32, resolution: u32) -> (u64, u64) {
+    let (w, h) = (f64::from(width), f64::from(height));
+    let k = f64::from(resolution) / w.min(h);
+    let side = |s: f64| ((s * k / 64.0).round_ties_even() as u64) * 64;
+    (side(w), side(h))
+}
+
+/// controlnet_aux's `resize_image`: OpenCV's Lanczos4 where the image grows, its area
+/// averaging where it does not.
+pub fn resize_for_detection(image: &RgbImage, resolution: u32) -> RgbImage {
+    let (width, height) = detection_size(image.width(), image.height(), resolution);
+    let grows = f64::from(resolution) > f64::from(image.width().min(image.height()));
+    let interpolation = if grows {
+        Interpolation::Lanczos4
+    } else {
+        Interpolation::Area
+    };
+    cv_resize::resize(image, width as u32, height as u32, interpolation)
+}
 
 /// A preprocessor with its parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,12 +73,11 @@ pub enum Preprocessor {
 }
 
 impl Preprocessor {
-    /// The control map of `image` (three channels, as ControlNets take them).
-    pub fn run(self, image: &DynamicImage) -> RgbImage {
-        let rgb = hwc3(image);
+    /// The detector's map of an RGB image.
+    fn detect(self, rgb: &RgbImage) -> RgbImage {
         match self {
-            Preprocessor::None => rgb,
-            Preprocessor::Canny { low, high } => gray_to_rgb(canny::canny(&rgb, low, high)),
+            Preprocessor::None => rgb.clone(),
+            Preprocessor::Canny { low, high } => gray_to_rgb(canny::canny(rgb, low, high)),
         }
     }
 }

@@ -1,0 +1,326 @@
+//! OpenCV's `cv2.resize` on 8-bit RGB for the two filters controlnet_aux's
+//! `resize_image` picks: `INTER_AREA` to shrink and `INTER_LANCZOS4` to enlarge, with
+//! OpenCV's arithmetic (fixed-point taps of 11 fractional bits for Lanczos and for
+//! area's bilinear stand-in, float32 overlap weights for true area averaging), so
+//! detection runs on the bytes controlnet_aux hands its detectors.
+
+use image::RgbImage;
+
+/// Colour channels.
+const CN: usize = 3;
+/// Fractional bits of OpenCV's fixed-point resize coefficients.
+const COEF_BITS: u32 = 11;
+const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
+
+/// A filter of `cv2.resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interpolation {
+    /// `INTER_AREA`: pixel-area averaging when no axis grows.
+    Area,
+    /// `INTER_LANCZOS4`: an 8×8 Lanczos window.
+    Lanczos4,
+}
+
+/// `cv2.resize(image, (width, height), interpolation)`.
+pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
+    let source = Plane::of(image);
+    let (dw, dh) = (width as usize, height as usize);
+    // OpenCV's scales: the inverse of the inverse, as doubles.
+    let inv_x = dw as f64 / source.width as f64;
+    let inv_y = dh as f64 / source.height as f64;
+    let (scale_x, scale_y) = (1.0 / inv_x, 1.0 / inv_y);
+    let pixels = match interpolation {
+        Interpolation::Area if scale_x >= 1.0 && scale_y >= 1.0 => {
+            let integer = |s: f64| (s - s.round_ties_even()).abs() < f64::EPSILON;
+            if integer(scale_x) && integer(scale_y) {
+                let (sx, sy) = (scale_x.round() as usize, scale_y.round() as usize);
+                area_integer(&source, dw, dh, sx, sy)
+            } else {
+                area_weighted(&source, dw, dh, scale_x, scale_y)
+            }
+        }
+        Interpolation::Area => {
+            let x = linear_taps(Some(source.width), dw, scale_x, inv_x);
+            let y = linear_taps(None, dh, scale_y, inv_y);
+            separable(&source, dw, &x, &y, vertical_linear)
+        }
+        Interpolation::Lanczos4 => {
+            let x = lanczos_taps(dw, scale_x);
+            let y = lanczos_taps(dh, scale_y);
+            separable(&source, dw, &x, &y, vertical_lanczos)
+        }
+    };
+    RgbImage::from_raw(width, height, pixels).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+/// An interleaved 8-bit RGB image.
+struct Plane<'a> {
+    width: usize,
+    height: usize,
+    pixels: &'a [u8],
+}
+
+impl<'a> Plane<'a> {
+    fn of(image: &'a RgbImage) -> Self {
+        Self {
+            width: image.width() as usize,
+            height: image.height() as usize,
+            pixels: image.as_raw(),
+        }
+    }
+
+    fn row(&self, y: usize) -> &'a [u8] {
+        let stride = self.width * CN;
+        &self.pixels[y * stride..(y + 1) * stride]
+    }
+}
+
+/// `cvRound` of a float to 8 bits: half to even, saturated.
+fn saturate(value: f32) -> u8 {
+    value.round_ties_even().clamp(0.0, 255.0) as u8
+}
+
+/// Integer factors (`resizeAreaFast_`): block sums; 2×2 blocks as `(sum + 2) >> 2`, others
+/// as the sum times the float reciprocal of the block's area, rounded.
+fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(dw * dh * CN);
+    let reciprocal = 1.0f32 / (sx * sy) as f32;
+    for y in 0..dh {
+        let rows: Vec<&[u8]> = (0..sy).map(|k| source.row(y * sy + k)).collect();
+        for x in 0..dw {
+            for c in 0..CN {
+                let sum: i32 = rows
+                    .iter()
+                    .flat_map(|row| (0..sx).map(move |k| i32::from(row[(x * sx + k) * CN + c])))
+                    .sum();
+                out.push(if sx == 2 && sy == 2 {
+                    ((sum + 2) >> 2) as u8
+                } else {
+                    saturate(sum as f32 * reciprocal)
+                });
+            }
+        }
+    }
+    out
+}
+
+/// One source pixel's weight in one destination pixel (`DecimateAlpha`).
+struct Overlap {
+    source: usize,
+    destination: usize,
+    weight: f32,
+}
+
+/// `computeResizeAreaTab`: the source cells each destination cell covers, weighted by
+/// the covered fraction of the destination cell.
+fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Overlap> {
+    let mut table = Vec::with_capacity(source * 2);
+    for d in 0..destination {
+        let start = d as f64 * scale;
+        let end = start + scale;
+        let cell = scale.min(source as f64 - start);
+        let last = (end.floor() as usize).min(source - 1);
+        let first = (start.ceil() as usize).min(last);
+        let mut push = |source, weight: f64| {
+            table.push(Overlap {
+                source,
+                destination: d,
+                weight: weight as f32,
+            })
+        };
+        if first as f64 - start > 1e-3 {
+            push(first - 1, (first as f64 - start) / cell);
+        }
+        for s in first..last {
+            push(s, 1.0 / cell);
+        }
+        if end - last as f64 > 1e-3 {
+            push(last, (end - last as f64).min(1.0).min(cell) / cell);
+        }
+    }
+    table
+}
+
+/// Non-integer shrinking (`ResizeArea_Invoker`): each source row weighted along x into a
+/// float buffer, the buffers weighted along y, both in OpenCV's order of float sums.
+fn area_weighted(source: &Plane, dw: usize, dh: usize, sx: f64, sy: f64) -> Vec<u8> {
+    let xs = overlaps(source.width, dw, sx);
+    let ys = overlaps(source.height, dh, sy);
+    let width = dw * CN;
+    let mut out = vec![0u8; width * dh];
+    let mut sums = vec![0f32; width];
+    let mut buffer = vec![0f32; width];
+    let mut current = 0;
+    for y in &ys {
+        let row = source.row(y.source);
+        buffer.iter_mut().for_each(|b| *b = 0.0);
+        for x in &xs {
+            for c in 0..CN {
+                let value = f32::from(row[x.source * CN + c]);
+                buffer[x.destination * CN + c] += value * x.weight;
+            }
+        }
+        if y.destination != current {
+            let line = &mut out[current * width..(current + 1) * width];
+            for ((o, s), b) in line.iter_mut().zip(sums.iter_mut()).zip(&buffer) {
+                *o = saturate(*s);
+                *s = y.weight * b;
+            }
+            current = y.destination;
+        } else {
+            for (s, b) in sums.iter_mut().zip(&buffer) {
+                *s += y.weight * b;
+            }
+        }
+    }
+    let line = &mut out[current * width..(current + 1) * width];
+    for (o, s) in line.iter_mut().zip(&sums) {
+        *o = saturate(*s);
+    }
+    out
+}
+
+/// A destination pixel's first source index (unclamped) and fixed-point coefficients.
+struct Taps {
+    start: Vec<i64>,
+    coefficients: Vec<Vec<i32>>,
+}
+
+fn fixed(weights: &[f32]) -> Vec<i32> {
+    weights
+        .iter()
+        .map(|w| (w * COEF_SCALE).round_ties_even() as i32)
+        .collect()
+}
+
+/// Area's bilinear stand-in where an axis grows: OpenCV's area-mode coefficients. Along
+/// x (`source` given) a start past the last pixel takes it whole, as OpenCV clamps there;
+/// along y only the rows are clamped.
+fn linear_taps(source: Option<usize>, destination: usize, scale: f64, inverse: f64) -> Taps {
+    let mut taps = Taps {
+        start: Vec::with_capacity(destination),
+        coefficients: Vec::with_capacity(destination),
+    };
+    for d in 0..destination {
+        let mut s = (d as f64 * scale).floor() as i64;
+        let f = ((d + 1) as f64 - (s + 1) as f64 * inverse) as f32;
+        let mut f = if f <= 0.0 { 0.0 } else { f - f.floor() };
+        if let Some(last) = source.map(|n| n as i64 - 1).filter(|last| s >= *last) {
+            (s, f) = (last, 0.0);
+        }
+        taps.start.push(s);
+        taps.coefficients.push(fixed(&[1.0 - f, f]));
+    }
+    taps
+}
+
+/// Lanczos4 taps: pixel centres aligned, eight source pixels from three before.
+fn lanczos_taps(destination: usize, scale: f64) -> Taps {
+    let mut taps = Taps {
+        start: Vec::with_capacity(destination),
+        coefficients: Vec::with_capacity(destination),
+    };
+    for d in 0..destination {
+        let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+        let s = f.floor();
+        taps.start.push(s as i64 - 3);
+        taps.coefficients.push(fixed(&lanczos4(f - s)));
+    }
+    taps
+}
+
+/// `interpolateLanczos4`: sin(πx/4)·sin(πx)/(πx/4)² through OpenCV's angle-sum table,
+/// normalised to sum to one in float32.
+fn lanczos4(x: f32) -> [f32; 8] {
+    const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
+    const CS: [[f64; 2]; 8] = [
+        [1.0, 0.0],
+        [-S45, -S45],
+        [0.0, 1.0],
+        [S45, -S45],
+        [-1.0, 0.0],
+        [S45, S45],
+        [0.0, -1.0],
+        [-S45, S45],
+    ];
+    let quarter = std::f64::consts::PI * 0.25;
+    let y0 = f64::from(-(x + 3.0)) * quarter;
+    let (s0, c0) = (y0.sin(), y0.cos());
+    let mut coefficients = [0f32; 8];
+    let mut sum = 0f32;
+    for (i, (c, cs)) in coefficients.iter_mut().zip(CS).enumerate() {
+        let offset = x + 3.0 - i as f32;
+        *c = if offset.abs() >= 1e-6 {
+            let y = f64::from(-offset) * quarter;
+            ((cs[0] * s0 + cs[1] * c0) / (y * y)) as f32
+        } else {
+            1e30
+        };
+        sum += *c;
+    }
+    let reciprocal = 1.0 / sum;
+    coefficients.map(|c| c * reciprocal)
+}
+
+/// Sums of a destination row's source rows times their fixed-point coefficients.
+type Vertical = fn(&[&[i32]], &[i32]) -> Vec<u8>;
+
+/// Horizontal taps into integer rows (replicated borders), then the vertical pass.
+fn separable(source: &Plane, dw: usize, x: &Taps, y: &Taps, vertical: Vertical) -> Vec<u8> {
+    let clamp = |i: i64, n: usize| i.clamp(0, n as i64 - 1) as usize;
+    let horizontal = |row: &[u8]| -> Vec<i32> {
+        let mut out = Vec::with_capacity(dw * CN);
+        for (start, coefficients) in x.start.iter().zip(&x.coefficients) {
+            for c in 0..CN {
+                let sum = coefficients.iter().enumerate().map(|(k, w)| {
+                    let s = clamp(start + k as i64, source.width);
+                    i32::from(row[s * CN + c]) * w
+                });
+                out.push(sum.sum());
+            }
+        }
+        out
+    };
+    let source_rows =
+        |start: i64, taps: usize| (0..taps).map(move |k| clamp(start + k as i64, source.height));
+    let mut rows: Vec<Vec<i32>> = vec![Vec::new(); source.height];
+    for (start, coefficients) in y.start.iter().zip(&y.coefficients) {
+        for s in source_rows(*start, coefficients.len()) {
+            if rows[s].is_empty() {
+                rows[s] = horizontal(source.row(s));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(dw * y.start.len() * CN);
+    for (start, coefficients) in y.start.iter().zip(&y.coefficients) {
+        let taps: Vec<&[i32]> = source_rows(*start, coefficients.len())
+            .map(|s| rows[s].as_slice())
+            .collect();
+        out.extend(vertical(&taps, coefficients));
+    }
+    out
+}
+
+/// `VResizeLanczos4` with `FixedPtCast`: the integer sum, rounded off 22 bits.
+fn vertical_lanczos(rows: &[&[i32]], coefficients: &[i32]) -> Vec<u8> {
+    (0..rows[0].len())
+        .map(|i| {
+            let sum: i64 = rows
+                .iter()
+                .zip(coefficients)
+                .map(|(r, w)| i64::from(r[i]) * i64::from(*w))
+                .sum();
+            ((sum + (1 << (2 * COEF_BITS - 1))) >> (2 * COEF_BITS)).clamp(0, 255) as u8
+        })
+        .collect()
+}
+
+/// `VResizeLinear` for 8 bits: OpenCV's shifts that keep the products in 32 bits.
+fn vertical_linear(rows: &[&[i32]], coefficients: &[i32]) -> Vec<u8> {
+    let (b0, b1) = (coefficients[0], coefficients[1]);
+    rows[0]
+        .iter()
+        .zip(rows[1])
+        .map(|(s0, s1)| ((((b0 * (s0 >> 4)) >> 16) + ((b1 * (s1 >> 4)) >> 16) + 2) >> 2) as u8)
+        .collect()
+}
