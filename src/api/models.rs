@@ -124,6 +124,26 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
             && model.name == state.registry.default_model().name,
         lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
         controlnet: (model.kind == ModelKind::ControlNet).then(|| controlnet_info(model)),
+        upscaler: (model.kind == ModelKind::Upscaler).then(|| upscaler_info(model)),
+    }
+}
+
+/// What an upscaler's tensors show; a file of no served layout lists with its error.
+fn upscaler_info(model: &ModelEntry) -> pb::UpscalerInfo {
+    match crate::engine::upscale::layout::read(&model.path) {
+        Ok(architecture) => pb::UpscalerInfo {
+            architecture: architecture.name().to_string(),
+            scale: architecture.scale().max(0) as u32,
+            tags: architecture.tags(),
+            error: String::new(),
+        },
+        // Named as clients know the file, not by its server path.
+        Err(e) => pb::UpscalerInfo {
+            error: e
+                .to_string()
+                .replace(&*model.path.to_string_lossy(), &model.name),
+            ..Default::default()
+        },
     }
 }
 

@@ -22,4 +22,5 @@ pub mod registry;
 pub mod request;
 pub mod resample;
 pub mod schedulers;
+pub mod upscale;
 pub mod weights;

@@ -48,6 +48,14 @@ pub fn single_file_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_upscaler_fixtures.py` (built when
+/// missing).
+pub fn upscaler_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_upscaler_fixtures.py", "SDXLD_UPSCALER_FIXTURES"))
+        .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {

@@ -1,0 +1,307 @@
+//! Which super-resolution network a weight file holds, read from its tensor names and
+//! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
+//! `model.N` layout, BasicSR's and BSRGAN's) and SRVGGNetCompact. Every stored name is
+//! mapped to one canonical (BasicSR) name; a name that fits no layout is refused.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::weights::{numbered_children, Shapes};
+
+/// An upscaler's architecture and its hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// RRDBNet: residual-in-residual dense blocks, nearest ×2 upsampling rounds.
+    Rrdb {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// RRDB blocks (`num_block`).
+        blocks: i64,
+        /// Dense-block growth (`num_grow_ch`).
+        growth: i64,
+        /// Nearest ×2 upsampling rounds.
+        upsamplings: i64,
+        /// Pixel-unshuffle factor of the input (Real-ESRGAN x2: 2), or 1.
+        unshuffle: i64,
+    },
+    /// SRVGGNetCompact: PReLU convolutions, then a pixel shuffle plus the nearest-upsampled
+    /// input.
+    Compact {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// Body convolutions after the first (`num_conv`).
+        convs: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+    },
+}
+
+impl Architecture {
+    /// The factor the network enlarges by.
+    pub fn scale(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb {
+                upsamplings,
+                unshuffle,
+                ..
+            } => (1 << upsamplings) / unshuffle,
+            Architecture::Compact { scale, .. } => scale,
+        }
+    }
+
+    /// The architecture's name as users know it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Rrdb { .. } => "ESRGAN",
+            Architecture::Compact { .. } => "RealESRGAN Compact",
+        }
+    }
+
+    /// spandrel's tags: feature width, blocks or convolutions, `unshuffle`.
+    pub fn tags(&self) -> Vec<String> {
+        match *self {
+            Architecture::Rrdb {
+                features,
+                blocks,
+                unshuffle,
+                ..
+            } => {
+                let mut tags = vec![format!("{features}nf"), format!("{blocks}nb")];
+                if unshuffle > 1 {
+                    tags.push("unshuffle".into());
+                }
+                tags
+            }
+            Architecture::Compact {
+                features, convs, ..
+            } => vec![format!("{features}nf"), format!("{convs}nc")],
+        }
+    }
+}
+
+/// The architecture of the upscaler file at `path` (its header only).
+pub fn read(path: &Path) -> Result<Architecture> {
+    let (shapes, _) = crate::engine::weights::read_shapes(path)?;
+    Ok(detect(path, &shapes)?.architecture)
+}
+
+/// A weight file's architecture and the canonical name of each stored tensor it uses.
+#[derive(Debug)]
+pub struct Layout {
+    pub architecture: Architecture,
+    pub names: HashMap<String, String>,
+}
+
+/// The layout of `shapes` (read from `path`, named in errors).
+pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
+    let unwrapped = unwrap(shapes);
+    let has = |name: &str| unwrapped.iter().any(|(_, n, _)| *n == name);
+    let unknown = |name: &str| EngineError::UnknownTensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+    };
+    let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
+        unwrapped
+            .iter()
+            .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
+            .collect()
+    } else {
+        let canonical = rrdb_names(&unwrapped);
+        let mut names = HashMap::new();
+        for ((stored, _, _), name) in unwrapped.iter().zip(canonical) {
+            names.insert(stored.to_string(), name.ok_or_else(|| unknown(stored))?);
+        }
+        names
+    };
+    let shape = |name: &str| {
+        names
+            .iter()
+            .find(|(_, n)| *n == name)
+            .and_then(|(stored, _)| shapes.iter().find(|(s, _)| s == stored))
+            .map(|(_, shape)| shape.as_slice())
+    };
+    let architecture = if has("body.0.weight") && has("body.1.weight") {
+        compact(&names, &shape)
+    } else {
+        rrdb(&names, &shape)
+    };
+    let architecture = architecture.ok_or_else(|| {
+        let first = shapes.first().map_or("(no tensors)", |(n, _)| n.as_str());
+        unknown(first)
+    })?;
+    Ok(Layout {
+        architecture,
+        names,
+    })
+}
+
+/// The tensors under `params_ema.` (preferred) or `params.` with the prefix removed, as
+/// (stored name, unwrapped name, shape); all of them when neither wraps any.
+fn unwrap(shapes: &Shapes) -> Vec<(&str, &str, &[i64])> {
+    for prefix in ["params_ema.", "params."] {
+        let inner: Vec<_> = shapes
+            .iter()
+            .filter_map(|(n, s)| Some((n.as_str(), n.strip_prefix(prefix)?, s.as_slice())))
+            .collect();
+        if !inner.is_empty() {
+            return inner;
+        }
+    }
+    shapes
+        .iter()
+        .map(|(n, s)| (n.as_str(), n.as_str(), s.as_slice()))
+        .collect()
+}
+
+/// BasicSR names for RRDBNet tensors in any of the three layouts (`None`: no fit).
+fn rrdb_names(unwrapped: &[(&str, &str, &[i64])]) -> Vec<Option<String>> {
+    // The old layout numbers the top-level modules: 0 conv_first, 1 the trunk, then
+    // upsampling convolutions, conv_hr and conv_last in order.
+    let mut top: Vec<i64> = unwrapped
+        .iter()
+        .filter_map(|(_, n, _)| {
+            n.strip_prefix("model.")?
+                .strip_suffix(".weight")?
+                .parse()
+                .ok()
+        })
+        .filter(|i| *i >= 2)
+        .collect();
+    top.sort_unstable();
+    let top_name = |index: i64| -> Option<String> {
+        let position = top.iter().position(|i| *i == index)?;
+        let count = top.len();
+        Some(match count - position {
+            1 => "conv_last".to_string(),
+            2 => "conv_hr".to_string(),
+            _ => format!("conv_up{}", position + 1),
+        })
+    };
+    let trunk_blocks = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "model.1.sub.");
+    unwrapped
+        .iter()
+        .map(|(_, name, _)| {
+            let (stem, param) = name.rsplit_once('.')?;
+            if param != "weight" && param != "bias" {
+                return None;
+            }
+            let stem = rrdb_stem(stem, &top_name, trunk_blocks)?;
+            Some(format!("{stem}.{param}"))
+        })
+        .collect()
+}
+
+/// The BasicSR module name of one module name of any RRDBNet layout.
+fn rrdb_stem(stem: &str, top_name: &dyn Fn(i64) -> Option<String>, trunk: i64) -> Option<String> {
+    const SAME: [&str; 4] = ["conv_first", "conv_body", "conv_hr", "conv_last"];
+    if SAME.contains(&stem) {
+        return Some(stem.to_string());
+    }
+    let renamed = match stem {
+        "model.0" => Some("conv_first"),
+        "trunk_conv" => Some("conv_body"),
+        "HRconv" => Some("conv_hr"),
+        _ => None,
+    };
+    if let Some(name) = renamed {
+        return Some(name.to_string());
+    }
+    for prefix in ["upconv", "conv_up"] {
+        if let Some(n) = stem
+            .strip_prefix(prefix)
+            .filter(|n| n.parse::<u32>().is_ok())
+        {
+            return Some(format!("conv_up{n}"));
+        }
+    }
+    if let Some(dense) = dense_conv(stem) {
+        return Some(dense);
+    }
+    if let Some(index) = stem
+        .strip_prefix("model.1.sub.")
+        .and_then(|i| i.parse::<i64>().ok())
+    {
+        return (index == trunk - 1).then(|| "conv_body".to_string());
+    }
+    top_name(stem.strip_prefix("model.")?.parse().ok()?)
+}
+
+/// `body.B.rdbR.convC` from any layout's name of a dense-block convolution.
+fn dense_conv(stem: &str) -> Option<String> {
+    let parts: Vec<&str> = stem.split('.').collect();
+    let (block, rdb, conv) = match parts.as_slice() {
+        ["body", b, r, c] => (*b, r.strip_prefix("rdb")?, *c),
+        ["RRDB_trunk", b, r, c] => (*b, r.strip_prefix("RDB")?, *c),
+        ["model", "1", "sub", b, r, c, "0"] => (*b, r.strip_prefix("RDB")?, *c),
+        _ => return None,
+    };
+    let conv = conv.strip_prefix("conv")?;
+    let numbers = [block, rdb, conv];
+    numbers
+        .iter()
+        .all(|n| n.parse::<u32>().is_ok())
+        .then(|| format!("body.{block}.rdb{rdb}.conv{conv}"))
+}
+
+type ShapeOf<'a> = dyn Fn(&str) -> Option<&'a [i64]> + 'a;
+
+fn rrdb(names: &HashMap<String, String>, shape: &ShapeOf) -> Option<Architecture> {
+    let first = shape("conv_first.weight")?;
+    let last = shape("conv_last.weight")?;
+    let (features, in_channels, channels) = (first[0], first[1], last[0]);
+    let blocks = numbered_children(names.values().map(String::as_str), "body.");
+    let growth = shape("body.0.rdb1.conv1.weight")?[0];
+    let upsamplings = count_ups(names);
+    if (1..=upsamplings).any(|n| shape(&format!("conv_up{n}.weight")).is_none()) {
+        return None;
+    }
+    // Real-ESRGAN x2 (and x1) feed a pixel-unshuffled image: 4 or 16 times the channels.
+    let unshuffle = match in_channels / channels.max(1) {
+        4 if in_channels == channels * 4 => 2,
+        16 if in_channels == channels * 16 => 4,
+        _ if in_channels == channels => 1,
+        _ => return None,
+    };
+    let enlarges = (1i64 << upsamplings.min(4)) % unshuffle == 0;
+    (enlarges && blocks > 0 && upsamplings <= 4).then_some(Architecture::Rrdb {
+        channels,
+        features,
+        blocks,
+        growth,
+        upsamplings,
+        unshuffle,
+    })
+}
+
+/// How many `conv_upN` modules there are (they must be numbered 1..=N).
+fn count_ups(names: &HashMap<String, String>) -> i64 {
+    names
+        .values()
+        .filter(|n| n.starts_with("conv_up") && n.ends_with(".weight"))
+        .count() as i64
+}
+
+fn compact(names: &HashMap<String, String>, shape: &ShapeOf) -> Option<Architecture> {
+    let highest = numbered_children(names.values().map(String::as_str), "body.") - 1;
+    let first = shape("body.0.weight")?;
+    let (features, in_channels) = (first[0], first[1]);
+    let shuffled = shape(&format!("body.{highest}.bias"))?[0];
+    // spandrel's rule: the output channels are the input's, or 3, 4 or 1, whichever
+    // leaves a square factor.
+    let (scale, channels) = [in_channels, 3, 4, 1].into_iter().find_map(|c| {
+        let square = shuffled % c == 0 && shuffled / c > 0;
+        let root = ((shuffled / c.max(1)) as f64).sqrt().round() as i64;
+        (square && root * root == shuffled / c).then_some((root, c))
+    })?;
+    (channels == in_channels && highest >= 2 && highest % 2 == 0).then_some(Architecture::Compact {
+        channels,
+        features,
+        convs: (highest - 2) / 2,
+        scale,
+    })
+}

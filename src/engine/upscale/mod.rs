@@ -1,0 +1,122 @@
+//! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet and SRVGGNetCompact) loaded
+//! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
+//! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
+//! rounded to 8 bits).
+
+pub mod layout;
+pub mod nets;
+pub mod tiles;
+
+use std::path::Path;
+
+use image::RgbImage;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::weights::{read_shapes, Transform, Weights};
+use layout::Architecture;
+use nets::Network;
+use tiles::Tiling;
+
+/// A loaded upscaler.
+pub struct Upscaler {
+    architecture: Architecture,
+    network: Network,
+    device: Device,
+    kind: Kind,
+}
+
+impl Upscaler {
+    /// Loads the upscaler in `path` onto `device` in `kind`; a file of no known layout is
+    /// refused naming the first tensor that did not fit.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (shapes, _) = read_shapes(path)?;
+        let layout = layout::detect(path, &shapes)?;
+        let channels = match layout.architecture {
+            Architecture::Rrdb { channels, .. } | Architecture::Compact { channels, .. } => {
+                channels
+            }
+        };
+        if channels != 3 {
+            return Err(EngineError::WeightFile {
+                path: path.to_path_buf(),
+                message: format!("a {channels}-channel upscaler; only RGB upscalers are served"),
+            });
+        }
+        let names = layout.names;
+        let rename = move |stored: &str| match names.get(stored) {
+            Some(name) => vec![(name.clone(), Transform::Identity)],
+            None => Vec::new(),
+        };
+        let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
+        let network = Network::load(&weights.root(), layout.architecture)?;
+        weights.check_all_used(|_| false)?;
+        Ok(Self {
+            architecture: layout.architecture,
+            network,
+            device,
+            kind,
+        })
+    }
+
+    /// The architecture and its hyperparameters.
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    /// The factor the network enlarges by.
+    pub fn scale(&self) -> i64 {
+        self.architecture.scale()
+    }
+
+    /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped).
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let input = image.to_device(self.device).to_kind(self.kind);
+        self.network.forward(&input).to_kind(Kind::Float)
+    }
+
+    /// `image` enlarged by the network's factor, tile by tile; `on_tile(done, total)` runs
+    /// before each tile and after the last, and stops the run with its error.
+    pub fn upscale(
+        &self,
+        image: &RgbImage,
+        tiling: Tiling,
+        on_tile: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<RgbImage> {
+        let _no_grad = tch::no_grad_guard();
+        let input = to_tensor(image).to_device(self.device);
+        let mut network = |tile: &Tensor| Ok(self.forward(tile));
+        let output = tiles::run(&input, self.scale(), tiling, &mut network, on_tile)?;
+        to_image(&output)
+    }
+}
+
+/// An 8-bit RGB image as a 1×3×H×W float tensor in [0, 1].
+pub fn to_tensor(image: &RgbImage) -> Tensor {
+    let (width, height) = (i64::from(image.width()), i64::from(image.height()));
+    Tensor::from_slice(image.as_raw())
+        .view([height, width, 3])
+        .permute([2, 0, 1])
+        .unsqueeze(0)
+        .to_kind(Kind::Float)
+        / 255.0
+}
+
+/// A 1×3×H×W tensor in [0, 1] as 8-bit RGB: clamped, times 255, rounded half to even.
+pub fn to_image(output: &Tensor) -> Result<RgbImage> {
+    let size = output.size();
+    let (height, width) = (size[2], size[3]);
+    let bytes = (output.clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .squeeze_dim(0)
+        .permute([1, 2, 0])
+        .contiguous()
+        .to_device(Device::Cpu);
+    let count = (width * height * 3) as usize;
+    let mut pixels = vec![0u8; count];
+    bytes.copy_data(&mut pixels, count);
+    RgbImage::from_raw(width as u32, height as u32, pixels)
+        .ok_or_else(|| EngineError::Internal(format!("an upscaled image of {width}x{height}")))
+}

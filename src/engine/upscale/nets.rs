@@ -1,0 +1,209 @@
+//! The two super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
+//! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`),
+//! on NCHW images in [0, 1].
+
+use tch::Tensor;
+
+use crate::engine::error::Result;
+use crate::engine::models::nn::Conv2d;
+use crate::engine::upscale::layout::Architecture;
+use crate::engine::weights::VarPath;
+
+/// ESRGAN's LeakyReLU slope.
+const RRDB_SLOPE: f64 = 0.2;
+/// The dense and RRDB residual scaling.
+const RESIDUAL: f64 = 0.2;
+
+fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
+    Conv2d::load(&vp.pp(name), input, output, 3, 1, 1)
+}
+
+/// LeakyReLU with ESRGAN's slope: torch's own kernel (its backward with the input as the
+/// gradient computes `x > 0 ? x : x * slope`), since tch exposes no slope argument.
+fn leaky(x: &Tensor) -> Tensor {
+    x.leaky_relu_backward(x, RRDB_SLOPE, false)
+}
+
+/// A residual dense block: five convolutions over the concatenated earlier outputs.
+struct DenseBlock {
+    convs: Vec<Conv2d>,
+}
+
+impl DenseBlock {
+    fn load(vp: &VarPath, features: i64, growth: i64) -> Result<Self> {
+        let convs = (0..5)
+            .map(|i| {
+                let output = if i == 4 { features } else { growth };
+                conv3(vp, &format!("conv{}", i + 1), features + i * growth, output)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { convs })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut outputs = vec![x.shallow_clone()];
+        for conv in &self.convs[..4] {
+            let y = conv.forward(&Tensor::cat(&outputs, 1));
+            outputs.push(leaky(&y));
+        }
+        self.convs[4].forward(&Tensor::cat(&outputs, 1)) * RESIDUAL + x
+    }
+}
+
+/// RRDBNet.
+pub struct Rrdb {
+    conv_first: Conv2d,
+    body: Vec<[DenseBlock; 3]>,
+    conv_body: Conv2d,
+    ups: Vec<Conv2d>,
+    conv_hr: Conv2d,
+    conv_last: Conv2d,
+    unshuffle: i64,
+    upsamplings: i64,
+}
+
+impl Rrdb {
+    fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
+        let Architecture::Rrdb {
+            channels,
+            features,
+            blocks,
+            growth,
+            upsamplings,
+            unshuffle,
+        } = architecture
+        else {
+            unreachable!("an RRDBNet architecture");
+        };
+        let input = channels * unshuffle * unshuffle;
+        let body = (0..blocks)
+            .map(|b| {
+                let block = vp.pp("body").pp(b);
+                let dense =
+                    |r: i64| DenseBlock::load(&block.pp(format!("rdb{r}")), features, growth);
+                Ok([dense(1)?, dense(2)?, dense(3)?])
+            })
+            .collect::<Result<_>>()?;
+        let ups = (1..=upsamplings)
+            .map(|n| conv3(vp, &format!("conv_up{n}"), features, features))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            conv_first: conv3(vp, "conv_first", input, features)?,
+            body,
+            conv_body: conv3(vp, "conv_body", features, features)?,
+            ups,
+            conv_hr: conv3(vp, "conv_hr", features, features)?,
+            conv_last: conv3(vp, "conv_last", features, channels)?,
+            unshuffle,
+            upsamplings,
+        })
+    }
+
+    fn forward(&self, image: &Tensor) -> Tensor {
+        let (height, width) = (image.size()[2], image.size()[3]);
+        let x = if self.unshuffle > 1 {
+            let s = self.unshuffle;
+            let pad = |n: i64| (s - n % s) % s;
+            let (ph, pw) = (pad(height), pad(width));
+            // Reflection needs more pixels than it pads; a one-pixel side is replicated.
+            let padded = if ph == 0 && pw == 0 {
+                image.shallow_clone()
+            } else if height > ph && width > pw {
+                image.reflection_pad2d([0, pw, 0, ph])
+            } else {
+                image.replication_pad2d([0, pw, 0, ph])
+            };
+            padded.pixel_unshuffle(s)
+        } else {
+            image.shallow_clone()
+        };
+        let features = self.conv_first.forward(&x);
+        let mut trunk = features.shallow_clone();
+        for block in &self.body {
+            let out = block
+                .iter()
+                .fold(trunk.shallow_clone(), |y, d| d.forward(&y));
+            trunk = out * RESIDUAL + trunk;
+        }
+        let mut y = features + self.conv_body.forward(&trunk);
+        for up in &self.ups {
+            let size = y.size();
+            let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
+            y = leaky(&up.forward(&upsampled));
+        }
+        let y = self.conv_last.forward(&leaky(&self.conv_hr.forward(&y)));
+        let scale = (1 << self.upsamplings) / self.unshuffle;
+        y.narrow(2, 0, height * scale).narrow(3, 0, width * scale)
+    }
+}
+
+/// SRVGGNetCompact.
+pub struct Compact {
+    convs: Vec<Conv2d>,
+    prelus: Vec<Tensor>,
+    scale: i64,
+}
+
+impl Compact {
+    fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
+        let Architecture::Compact {
+            channels,
+            features,
+            convs,
+            scale,
+        } = architecture
+        else {
+            unreachable!("a Compact architecture");
+        };
+        let body = vp.pp("body");
+        let mut layers = vec![conv3(&body, "0", channels, features)?];
+        let mut prelus = vec![body.pp(1).get("weight", &[features])?];
+        for i in 0..convs {
+            layers.push(conv3(&body, &(2 + 2 * i).to_string(), features, features)?);
+            prelus.push(body.pp(3 + 2 * i).get("weight", &[features])?);
+        }
+        let last = (2 + 2 * convs).to_string();
+        layers.push(conv3(&body, &last, features, channels * scale * scale)?);
+        Ok(Self {
+            convs: layers,
+            prelus,
+            scale,
+        })
+    }
+
+    fn forward(&self, image: &Tensor) -> Tensor {
+        let mut y = image.shallow_clone();
+        for (conv, prelu) in self.convs.iter().zip(&self.prelus) {
+            y = conv.forward(&y).prelu(prelu);
+        }
+        let last = self.convs.last().map(|c| c.forward(&y)).unwrap_or(y);
+        let size = image.size();
+        let (h, w, s) = (size[2], size[3], self.scale);
+        let base = image.upsample_nearest2d([h * s, w * s], s as f64, s as f64);
+        last.pixel_shuffle(s) + base
+    }
+}
+
+/// A loaded super-resolution network.
+pub enum Network {
+    Rrdb(Rrdb),
+    Compact(Compact),
+}
+
+impl Network {
+    /// Loads `architecture` from `vp` (canonical names).
+    pub fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
+        Ok(match architecture {
+            Architecture::Rrdb { .. } => Network::Rrdb(Rrdb::load(vp, architecture)?),
+            Architecture::Compact { .. } => Network::Compact(Compact::load(vp, architecture)?),
+        })
+    }
+
+    /// The network on an NCHW batch in [0, 1] (no clamping).
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        match self {
+            Network::Rrdb(n) => n.forward(image),
+            Network::Compact(n) => n.forward(image),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Upscalers against spandrel (the loader A1111 and ComfyUI use) on random weights in
+//! every published key layout: the same architecture, scale and sizes detected, the
+//! same output on whole images, Real-ESRGAN's tiling reproduced, blended overlapping
+//! tiles equal to the whole image where they have the network's context, unknown
+//! layouts refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use sdxld::engine::error::EngineError;
+use sdxld::engine::upscale::layout::Architecture;
+use sdxld::engine::upscale::tiles::{self, Tiling};
+use sdxld::engine::upscale::{to_tensor, Upscaler};
+use tch::{Device, Kind, Tensor};
+
+fn cases() -> (PathBuf, Vec<serde_json::Value>) {
+    let root = common::upscaler_fixtures();
+    let text = std::fs::read_to_string(root.join("cases.json")).expect("cases.json");
+    (root, serde_json::from_str(&text).expect("json"))
+}
+
+fn load(path: &Path) -> Upscaler {
+    Upscaler::load(path, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+/// The input as the server decodes it: grey to RGB, alpha composited over white.
+fn input(path: &Path) -> image::RgbImage {
+    sdxld::engine::preprocess::hwc3(&image::open(path).expect("png"))
+}
+
+/// The largest difference between two images of one size, in 8-bit levels, and how many
+/// values differ.
+fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let pairs = a.as_raw().iter().zip(b.as_raw());
+    let largest = pairs
+        .clone()
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0);
+    (largest, pairs.filter(|(x, y)| x != y).count())
+}
+
+#[test]
+fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
+    let (root, models) = cases();
+    assert_eq!(models.len(), 6);
+    for model in &models {
+        let upscaler = load(&root.join(model["model"].as_str().expect("model")));
+        let architecture = upscaler.architecture();
+        let id = match architecture {
+            Architecture::Rrdb { .. } => "ESRGAN",
+            Architecture::Compact { .. } => "Compact",
+        };
+        assert_eq!(id, model["architecture"], "{model}");
+        assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
+        let expected: Vec<String> = serde_json::from_value(model["tags"].clone()).expect("tags");
+        assert_eq!(architecture.tags(), expected);
+        for case in model["cases"].as_array().expect("cases") {
+            let file = |key: &str| root.join(case[key].as_str().expect(key));
+            let image = input(&file("image"));
+            let raw = Tensor::read_safetensors(file("raw")).expect("raw");
+            let reference = &raw[0].1;
+            let output = upscaler.forward(&to_tensor(&image));
+            assert_eq!(output.size(), reference.size(), "{case}");
+            let largest = f64::try_from((&output - reference).abs().max()).expect("max");
+            let range = f64::try_from(reference.abs().max()).expect("max");
+            assert!(largest <= 1e-3 * range, "{case}: {largest} of {range}");
+            // The same 8-bit image (a rounding boundary may fall either way).
+            let whole = Tiling {
+                tile: 0,
+                pad: 0,
+                overlap: 0,
+            };
+            let upscaled = upscaler
+                .upscale(&image, whole, &mut |_, _| Ok(()))
+                .expect("upscale");
+            let expected = image::open(file("whole")).expect("png").to_rgb8();
+            let (largest, _) = difference(&upscaled, &expected);
+            assert!(largest <= 1, "{case}: {largest} levels");
+        }
+    }
+}
+
+#[test]
+fn tiles_follow_real_esrgan() {
+    let (root, models) = cases();
+    for model in &models {
+        let upscaler = load(&root.join(model["model"].as_str().expect("model")));
+        for case in model["cases"].as_array().expect("cases") {
+            let file = |key: &str| root.join(case[key].as_str().expect(key));
+            let image = input(&file("image"));
+            let tile = case["tile"].as_i64().expect("tile");
+            let pad = case["tile_pad"].as_i64().expect("tile_pad");
+            let mut reported = Vec::new();
+            let tiling = Tiling {
+                tile,
+                pad,
+                overlap: 0,
+            };
+            let tiled = upscaler
+                .upscale(&image, tiling, &mut |done, total| {
+                    reported.push((done, total));
+                    Ok(())
+                })
+                .expect("tiled");
+            let expected = image::open(file("tiled")).expect("png").to_rgb8();
+            let (largest, _) = difference(&tiled, &expected);
+            assert!(largest <= 1, "{case}: {largest} levels");
+            // Progress before each tile and after the last.
+            let (w, h) = (i64::from(image.width()), i64::from(image.height()));
+            let count = (((w + tile - 1) / tile) * ((h + tile - 1) / tile)) as usize;
+            let steps: Vec<_> = (0..=count).map(|i| (i, count)).collect();
+            assert_eq!(reported, steps, "{case}");
+        }
+    }
+}
+
+/// Where each tile has as much context as the network can see (SRVGGNetCompact with four
+/// 3x3 convolutions: 4 pixels), tiles blended over any overlap give the whole image's
+/// output: the blend weights sum to one and every tile lands in its place.
+#[test]
+fn with_enough_context_blended_tiles_equal_the_whole_image() {
+    let (root, models) = cases();
+    let model = models
+        .iter()
+        .find(|m| m["model"] == "models/compact_x2.safetensors")
+        .expect("compact_x2");
+    let upscaler = load(&root.join(model["model"].as_str().expect("model")));
+    let mut network = |tile: &Tensor| Ok::<_, EngineError>(upscaler.forward(tile));
+    for case in model["cases"].as_array().expect("cases") {
+        let file = |key: &str| root.join(case[key].as_str().expect(key));
+        let image = to_tensor(&input(&file("image")));
+        let raw = Tensor::read_safetensors(file("raw")).expect("raw");
+        let whole = &raw[0].1;
+        for (tile, overlap) in [(5, 2), (4, 1), (7, 3), (6, 0)] {
+            let tiling = Tiling {
+                tile,
+                pad: 4,
+                overlap,
+            };
+            let tiled =
+                tiles::run(&image, 2, tiling, &mut network, &mut |_, _| Ok(())).expect("tiled");
+            let largest = f64::try_from((&tiled - whole).abs().max()).expect("max");
+            assert!(largest < 1e-4, "{case} {tiling:?}: {largest}");
+        }
+        // With too little context the tiles differ from the whole image.
+        let short = Tiling {
+            tile: 5,
+            pad: 1,
+            overlap: 2,
+        };
+        let tiled = tiles::run(&image, 2, short, &mut network, &mut |_, _| Ok(())).expect("tiled");
+        let largest = f64::try_from((&tiled - whole).abs().max()).expect("max");
+        assert!(largest > 1e-3, "{case}: {largest}");
+    }
+}
+
+#[test]
+fn a_run_stops_between_tiles_when_asked() {
+    let (root, models) = cases();
+    let upscaler = load(&root.join(models[0]["model"].as_str().expect("model")));
+    let image = input(&root.join("images/odd_21x13.png"));
+    let tiling = Tiling {
+        tile: 8,
+        pad: 2,
+        overlap: 0,
+    };
+    let mut ran = 0;
+    let stopped = upscaler.upscale(&image, tiling, &mut |done, _| {
+        ran = done;
+        if done == 2 {
+            Err(EngineError::InvalidRequest("stop".into()))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(stopped.is_err());
+    assert_eq!(ran, 2);
+}
+
+#[test]
+fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tensors =
+        Tensor::read_safetensors(root.join("models/rrdb_x4_old.safetensors")).expect("read");
+    // ESRGAN+ adds 1x1 convolutions to the dense blocks: not served.
+    tensors.push((
+        "model.1.sub.0.RDB1.conv1x1.weight".into(),
+        Tensor::zeros([32, 8, 1, 1], (Kind::Float, Device::Cpu)),
+    ));
+    let plus = dir.path().join("plus.safetensors");
+    Tensor::write_safetensors(&tensors, &plus).expect("write");
+    let error = Upscaler::load(&plus, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("model.1.sub.0.RDB1.conv1x1.weight"),
+        "{error}"
+    );
+    let other = dir.path().join("other.safetensors");
+    let tensors = [(
+        "encoder.weight",
+        Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)),
+    )];
+    Tensor::write_safetensors(&tensors, &other).expect("write");
+    let error = Upscaler::load(&other, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("encoder.weight"), "{error}");
+}
+
+#[test]
+fn params_ema_is_preferred_over_params() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = root.join("models/rrdb_x4_basicsr.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).expect("read");
+    // A params copy of other shapes beside params_ema: ignored.
+    let params: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.replace("params_ema.", "params."),
+                t.narrow(0, 0, 1).copy(),
+            )
+        })
+        .collect();
+    tensors.extend(params);
+    let both = dir.path().join("both.safetensors");
+    Tensor::write_safetensors(&tensors, &both).expect("write");
+    let image = to_tensor(&input(&root.join("images/grey_16x12.png")));
+    let expected = load(&path).forward(&image);
+    let actual = load(&both).forward(&image);
+    assert!(actual.equal(&expected));
+}
+
+/// ListModels shows each upscaler's architecture, scale and tags; a file of no served
+/// layout lists with the tensor that did not fit, named without the server's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_shows_each_upscalers_architecture_and_scale() {
+    use sdxld::proto::v1 as pb;
+    let (root, models) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for model in &models {
+        let file = model["model"].as_str().expect("model");
+        let name = Path::new(file).file_name().expect("name");
+        std::fs::copy(root.join(file), dir.path().join(name)).expect("copy");
+    }
+    let foreign = [(
+        "encoder.weight",
+        Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)),
+    )];
+    Tensor::write_safetensors(&foreign, dir.path().join("foreign.safetensors")).expect("write");
+    let roots = dir.path().to_str().expect("utf-8");
+    let server =
+        common::server::TestServer::start(&[("SDXLD__MODELS__UPSCALER_ROOTS", roots)]).await;
+    let listed = server.list_models(pb::ModelKind::Upscaler).await;
+    assert_eq!(listed.len(), models.len() + 1);
+    for model in &models {
+        let file = Path::new(model["model"].as_str().expect("model"));
+        let stem = file.file_stem().expect("stem").to_str().expect("utf-8");
+        let info = listed
+            .iter()
+            .find(|m| m.name.starts_with(stem))
+            .unwrap_or_else(|| panic!("{stem} not listed: {listed:?}"));
+        let upscaler = info.upscaler.as_ref().expect("upscaler info");
+        let architecture = match model["architecture"].as_str() {
+            Some("Compact") => "RealESRGAN Compact",
+            other => other.expect("architecture"),
+        };
+        assert_eq!(upscaler.architecture, architecture);
+        assert_eq!(
+            i64::from(upscaler.scale),
+            model["scale"].as_i64().expect("scale")
+        );
+        let tags: Vec<String> = serde_json::from_value(model["tags"].clone()).expect("tags");
+        assert_eq!(upscaler.tags, tags);
+    }
+    let foreign = listed
+        .iter()
+        .find(|m| m.name.starts_with("foreign"))
+        .and_then(|m| m.upscaler.clone())
+        .expect("foreign listed");
+    assert_eq!(foreign.architecture, "");
+    assert!(foreign.error.contains("encoder.weight"), "{foreign:?}");
+    assert!(!foreign.error.contains(roots), "{foreign:?}");
+}
