@@ -113,6 +113,7 @@ pub fn default_model(settings: &Settings, model: Option<&str>) -> anyhow::Result
         size_bytes: 0,
         pipeline: None,
         controlnet: None,
+        upscaler: None,
     };
     Registry::new(settings.models.roots(), placeholder)
         .resolve(&wanted)

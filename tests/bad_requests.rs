@@ -247,13 +247,14 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
             vec!["spec.init_image.image"],
         ),
         (
-            "upscale factor 3",
+            "upscale factor 9",
             with(&|s| {
                 s.post_processing = vec![pb::PostProcessStep {
                     step: Some(pb::post_process_step::Step::Upscale(pb::UpscaleStep {
                         model: "x4".into(),
-                        factor: 3,
+                        factor: 9,
                         tile_size: 0,
+                        tile_overlap: None,
                     })),
                 }]
             }),

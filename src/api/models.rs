@@ -294,7 +294,7 @@ impl ModelService for Models {
             ("init_image.mask_blur", false),
             ("init_image.denoising_start", true),
             ("micro_conditioning.aesthetic_score", true),
-            ("post_processing", false),
+            ("post_processing", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

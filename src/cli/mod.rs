@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod bench_controlnet;
+mod bench_upscale;
 mod controlnet;
 mod convert;
 mod demo;
@@ -87,6 +88,9 @@ enum Command {
         #[command(flatten)]
         timing: bench::TimingArgs,
     },
+    /// Times an upscaler on a square image of random pixels, tiled as the
+    /// post-processing step runs it; one JSON line of run times.
+    BenchUpscale(bench_upscale::BenchUpscaleArgs),
 }
 
 /// Runs a parsed command line.
@@ -106,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::BenchControlnet { generate, timing } => {
             bench_controlnet::bench_controlnet(&generate, timing)
         }
+        Command::BenchUpscale(args) => bench_upscale::bench_upscale(&args),
     }
 }
 

@@ -216,6 +216,7 @@ mod tests {
             size_bytes: 0,
             pipeline: None,
             controlnet: None,
+            upscaler: None,
         }
     }
 

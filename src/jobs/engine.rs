@@ -17,6 +17,7 @@ use crate::engine::lora::LoraMode;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
 use crate::engine::registry::{ModelEntry, ModelKind};
+use crate::engine::upscale::Upscaler;
 
 /// The model cache, on the engine thread only (tensors are not shared across threads).
 pub struct Engine {
@@ -33,6 +34,7 @@ pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
         ModelKind::Vae => ModelPath::Vae(&model.path),
         ModelKind::Lora => ModelPath::Lora(&model.path),
         ModelKind::ControlNet => ModelPath::ControlNet(&model.path),
+        ModelKind::Upscaler => ModelPath::Upscaler(&model.path),
         _ => ModelPath::Pipeline(&model.path),
     }
 }
@@ -109,7 +111,10 @@ impl Engine {
             .iter()
             .find_map(|m| match m {
                 ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
-                ModelPath::Vae(_) | ModelPath::ControlNet(_) | ModelPath::Lora(_) => None,
+                ModelPath::Vae(_)
+                | ModelPath::ControlNet(_)
+                | ModelPath::Lora(_)
+                | ModelPath::Upscaler(_) => None,
             })
             .unwrap_or(0);
         let result = match self.lora_mode {
@@ -158,6 +163,13 @@ impl Engine {
         let controlnet = self.cache.controlnet(&model.path);
         self.publish();
         controlnet
+    }
+
+    /// The upscaler `model`, loading it on first use.
+    pub fn upscaler(&mut self, model: &ModelEntry) -> Result<Rc<Upscaler>, EngineError> {
+        let upscaler = self.cache.upscaler(&model.path);
+        self.publish();
+        upscaler
     }
 
     /// The LoRA adapter `model`, loading it on first use.

@@ -1,4 +1,5 @@
-//! The load-models stage: the job's pipelines, VAE and LoRA adapters in the cache (made
+//! The load-models stage: the job's pipelines, VAE, LoRA adapters, ControlNets and
+//! upscalers in the cache (made
 //! room for within the budget), the adapters applied, and the models' hashes.
 
 use std::rc::Rc;
@@ -74,6 +75,11 @@ impl JobRun<'_> {
             });
         }
         let controlnets = load_controlnets(engine, spec, &base)?;
+        let upscalers = spec
+            .post_processing
+            .iter()
+            .map(|step| engine.upscaler(step.model()))
+            .collect::<Result<Vec<_>, _>>()?;
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -82,6 +88,7 @@ impl JobRun<'_> {
             base,
             refiner: refined,
             controlnets,
+            upscalers,
             _adapters: adapters,
         });
         Ok(())
@@ -141,6 +148,11 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
         spec.controlnets
             .iter()
             .map(|c| used(&c.model, ModelKind::ControlNet, c.unit.scale as f32)),
+    );
+    models.extend(
+        spec.post_processing
+            .iter()
+            .map(|s| used(s.model(), ModelKind::Upscaler, 0.0)),
     );
     models
 }

@@ -6,7 +6,7 @@ use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::ModelKind;
 use crate::engine::request::RefinerMode;
 use crate::jobs::events::ModelUsed;
-use crate::jobs::{ControlNetJob, JobSpec};
+use crate::jobs::{ControlNetJob, JobSpec, PostStep};
 use crate::output::PngMetadata;
 
 /// The first `n` characters of a hash (A1111 shows short hashes).
@@ -99,7 +99,29 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             }
         }
     }
+    text.push_str(&postprocess_entries(spec));
     text
+}
+
+/// The post-processing steps as A1111's extras tab writes them (`Postprocess upscale by`,
+/// `Postprocess upscaler`), numbered from the second step on.
+fn postprocess_entries(spec: &JobSpec) -> String {
+    spec.post_processing
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            let PostStep::Upscale(job) = step;
+            let n = if i == 0 {
+                String::new()
+            } else {
+                format!(" {}", i + 1)
+            };
+            format!(
+                ", Postprocess upscale by{n}: {}, Postprocess upscaler{n}: {}",
+                job.factor, job.model.name
+            )
+        })
+        .collect()
 }
 
 /// A ControlNet unit as sd-webui-controlnet writes it into `parameters`.

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 mod load;
 pub mod metadata;
+mod postprocess;
 mod preprocess;
 pub mod queue;
 pub mod runner;
@@ -25,5 +26,6 @@ pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
 pub use spec::{
-    ConditioningImage, ControlInput, ControlNetJob, JobSpec, LoraJob, OutputSpec, RefinerJob,
+    ConditioningImage, ControlInput, ControlNetJob, JobSpec, LoraJob, OutputSpec, PostStep,
+    RefinerJob, UpscaleJob,
 };

@@ -17,6 +17,7 @@ use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
+use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage, StepProgress};
@@ -63,6 +64,8 @@ pub enum JobStage {
     Refine,
     /// The VAE decode of each image.
     Decode,
+    /// The post-processing steps on each image.
+    PostProcess,
     /// Each image handed out for encoding.
     Encode,
 }
@@ -77,6 +80,7 @@ impl JobStage {
             JobStage::Denoise => Stage::Denoising,
             JobStage::Refine => Stage::Refining,
             JobStage::Decode => Stage::Decoding,
+            JobStage::PostProcess => Stage::PostProcessing,
             JobStage::Encode => Stage::PostProcessing,
         }
     }
@@ -108,6 +112,9 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
     if spec.output.format != OutputFormat::Latents {
         stages.push(JobStage::Decode);
     }
+    if !spec.post_processing.is_empty() {
+        stages.push(JobStage::PostProcess);
+    }
     stages.push(JobStage::Encode);
     stages
 }
@@ -118,6 +125,8 @@ pub(crate) struct Loaded {
     pub refiner: Option<Rc<SdxlPipeline>>,
     /// The ControlNet of each unit, in unit order.
     pub controlnets: Vec<Rc<ControlNetModel>>,
+    /// The upscaler of each post-processing step, in step order.
+    pub upscalers: Vec<Rc<Upscaler>>,
     pub _adapters: AppliedLoras,
 }
 
@@ -247,6 +256,10 @@ impl JobRun<'_> {
             self.check()?;
             match stage {
                 JobStage::Decode => self.decode(&mut run)?,
+                JobStage::PostProcess => {
+                    let first = run.first_index;
+                    self.post_process(&mut run.images, first)?
+                }
                 JobStage::Encode => self.encode(&mut run)?,
                 other => {
                     return Err(
@@ -437,6 +450,10 @@ impl JobRun<'_> {
         for i in 0..count {
             let index = run.first_index + i;
             let seed = self.spec.params.seed + index as u64;
+            let mut size = (
+                self.spec.params.width as u32,
+                self.spec.params.height as u32,
+            );
             let content = match self.spec.output.format {
                 OutputFormat::Latents => {
                     let latents = latents
@@ -444,9 +461,14 @@ impl JobRun<'_> {
                         .ok_or_else(|| EngineError::Internal("no latents to encode".to_string()))?;
                     ImageContent::Latents(latents.get(i as i64))
                 }
-                _ => ImageContent::Rgb(images.next().ok_or_else(|| {
-                    EngineError::Internal("no decoded image to encode".to_string())
-                })?),
+                _ => {
+                    let image = images.next().ok_or_else(|| {
+                        EngineError::Internal("no decoded image to encode".to_string())
+                    })?;
+                    // Post-processing may have resized it.
+                    size = (image.width, image.height);
+                    ImageContent::Rgb(image)
+                }
             };
             let metadata = self.png_metadata(index, seed);
             let kept = latents
@@ -457,8 +479,8 @@ impl JobRun<'_> {
             self.sink.image(FinishedImage {
                 index: index as u32,
                 seed,
-                width: self.spec.params.width as u32,
-                height: self.spec.params.height as u32,
+                width: size.0,
+                height: size.1,
                 content,
                 format: self.spec.output.format,
                 quality: self.spec.output.quality,

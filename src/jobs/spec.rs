@@ -8,6 +8,7 @@ use crate::engine::control::{ControlUnit, ResizeMode};
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
+use crate::engine::upscale::tiles::Tiling;
 use crate::output::OutputFormat;
 
 /// Output options of a job.
@@ -75,6 +76,34 @@ pub struct RefinerJob {
     pub params: RefinerParams,
 }
 
+/// A super-resolution step: the upscaler, the factor (at most its native scale; below
+/// it, its output is resized down) and how the image is tiled.
+#[derive(Debug, Clone)]
+pub struct UpscaleJob {
+    /// The upscaler file.
+    pub model: ModelEntry,
+    /// The factor the step enlarges by.
+    pub factor: u32,
+    /// Tiles, their context and overlap.
+    pub tiling: Tiling,
+}
+
+/// A post-processing step, run on every image in order before it is encoded.
+#[derive(Debug, Clone)]
+pub enum PostStep {
+    /// Upscale with a super-resolution model.
+    Upscale(UpscaleJob),
+}
+
+impl PostStep {
+    /// The model the step uses.
+    pub fn model(&self) -> &ModelEntry {
+        match self {
+            PostStep::Upscale(u) => &u.model,
+        }
+    }
+}
+
 /// A validated job.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -92,6 +121,8 @@ pub struct JobSpec {
     pub refiner: Option<RefinerJob>,
     /// Output options.
     pub output: OutputSpec,
+    /// Post-processing steps, in request order.
+    pub post_processing: Vec<PostStep>,
     /// The scheduler's A1111 sampler name, for the PNG parameters.
     pub sampler_name: String,
     /// For each image, the resolved request that replays it (proto3 JSON, as the PNG's
@@ -109,5 +140,6 @@ impl JobSpec {
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
             .chain(self.controlnets.iter().map(|c| &c.model))
+            .chain(self.post_processing.iter().map(PostStep::model))
     }
 }

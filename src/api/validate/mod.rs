@@ -9,6 +9,7 @@ mod fields;
 mod images;
 mod model;
 mod output;
+mod postprocess;
 pub mod preprocessor;
 mod refiner;
 mod sampling;
@@ -99,6 +100,7 @@ struct Parts {
     controlnets: Vec<crate::jobs::ControlNetJob>,
     refiner: Option<crate::jobs::RefinerJob>,
     output: crate::jobs::OutputSpec,
+    post_processing: Vec<crate::jobs::PostStep>,
     client_job_id: Option<String>,
 }
 
@@ -160,7 +162,13 @@ fn check(
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
     let output = output::output(spec.output.as_ref(), v);
-    output::post_processing(&spec.post_processing, v, deferred);
+    let frame = postprocess::Frame {
+        registry,
+        size,
+        max_pixels,
+        format: output.format,
+    };
+    let post_processing = postprocess::post_processing(&spec.post_processing, &frame, v, deferred);
     let client_job_id = output::client_job_id(&spec.client_job_id, v);
     unimplemented_combinations(spec, deferred);
     Parts {
@@ -178,6 +186,7 @@ fn check(
         controlnets,
         refiner,
         output,
+        post_processing,
         client_job_id,
     }
 }
@@ -260,6 +269,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         controlnets: parts.controlnets,
         refiner: parts.refiner,
         output: parts.output,
+        post_processing: parts.post_processing,
         sampler_name: a1111_name(runs, &options),
         replay,
         client_job_id: parts.client_job_id,

@@ -1,15 +1,9 @@
-//! What comes out: the encoding and previews, post-processing steps (checked in full; the
-//! feature answers UNIMPLEMENTED until it lands) and the client's job id.
+//! What comes out: the encoding and previews, and the client's job id.
 
-use crate::api::status::ApiError;
-use crate::api::validate::fields::{at_most, enum_value, model_name, Violations};
-use crate::api::validate::Deferred;
+use crate::api::validate::fields::{at_most, enum_value, Violations};
 use crate::jobs::OutputSpec;
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
-
-/// Most post-processing steps in one request.
-pub const MAX_POST_PROCESSING: usize = 8;
 
 /// `spec.output`.
 pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
@@ -46,47 +40,6 @@ pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
         embed_metadata: o.embed_metadata.unwrap_or(true),
         preview_every: o.preview_every_n_steps,
         return_control_maps: o.return_control_maps,
-    }
-}
-
-/// `spec.post_processing`.
-pub fn post_processing(steps: &[pb::PostProcessStep], v: &mut Violations, deferred: &mut Deferred) {
-    if steps.len() > MAX_POST_PROCESSING {
-        v.add(
-            "spec.post_processing",
-            format!("has {} steps; at most {MAX_POST_PROCESSING}", steps.len()),
-        );
-        return;
-    }
-    for (i, step) in steps.iter().enumerate() {
-        let p = format!("spec.post_processing[{i}]");
-        let Some(pb::post_process_step::Step::Upscale(u)) = &step.step else {
-            v.add(p, "names no step");
-            continue;
-        };
-        if u.model.is_empty() {
-            v.add(format!("{p}.upscale.model"), "is required");
-        } else {
-            model_name(v, &format!("{p}.upscale.model"), &u.model);
-        }
-        if !matches!(u.factor, 2 | 4) {
-            v.add(
-                format!("{p}.upscale.factor"),
-                format!("must be 2 or 4, got {}", u.factor),
-            );
-        }
-        if u.tile_size != 0 && !(64..=2048).contains(&u.tile_size) {
-            v.add(
-                format!("{p}.upscale.tile_size"),
-                format!("must be 0 or between 64 and 2048, got {}", u.tile_size),
-            );
-        }
-    }
-    if !steps.is_empty() {
-        deferred.unimplemented(ApiError::Unimplemented(
-            "spec.post_processing".into(),
-            "upscaling is not implemented yet".into(),
-        ));
     }
 }
 

@@ -52,6 +52,23 @@ impl ControlNetFacts {
     }
 }
 
+/// What an upscaler file's tensors show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpscalerFacts {
+    /// The factor the network enlarges by.
+    pub scale: u32,
+}
+
+impl UpscalerFacts {
+    /// Reads the file's header; `None` when it fits no served layout.
+    pub(super) fn read(path: &Path) -> Option<Self> {
+        let architecture = crate::engine::upscale::layout::read(path).ok()?;
+        Some(Self {
+            scale: architecture.scale().max(0) as u32,
+        })
+    }
+}
+
 impl PipelineFacts {
     /// Reads the configs of a pipeline folder or single-file checkpoint.
     pub(super) fn read(path: &Path) -> Option<Self> {

@@ -10,7 +10,7 @@ mod facts;
 mod files;
 mod hub;
 
-pub use facts::{ControlNetFacts, PipelineFacts};
+pub use facts::{ControlNetFacts, PipelineFacts, UpscalerFacts};
 pub use files::{model_files, Escape, ModelFile};
 
 /// Why a name did not resolve.
@@ -216,6 +216,8 @@ pub struct ModelEntry {
     pub pipeline: Option<PipelineFacts>,
     /// For ControlNets: what their config says.
     pub controlnet: Option<ControlNetFacts>,
+    /// For upscalers: what their tensors show (`None` for a file of no served layout).
+    pub upscaler: Option<UpscalerFacts>,
 }
 
 /// The model roots and the default model.
@@ -310,6 +312,9 @@ impl ModelEntry {
                 .flatten(),
             controlnet: (kind == ModelKind::ControlNet)
                 .then(|| ControlNetFacts::read(path))
+                .flatten(),
+            upscaler: (kind == ModelKind::Upscaler)
+                .then(|| UpscalerFacts::read(path))
                 .flatten(),
         }))
     }

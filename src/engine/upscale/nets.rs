@@ -27,6 +27,7 @@ fn leaky(x: &Tensor) -> Tensor {
 /// A residual dense block: five convolutions over the concatenated earlier outputs.
 struct DenseBlock {
     convs: Vec<Conv2d>,
+    growth: i64,
 }
 
 impl DenseBlock {
@@ -37,16 +38,27 @@ impl DenseBlock {
                 conv3(vp, &format!("conv{}", i + 1), features + i * growth, output)
             })
             .collect::<Result<_>>()?;
-        Ok(Self { convs })
+        Ok(Self { convs, growth })
     }
 
+    /// The concatenations live in one buffer that each activation is written into once
+    /// (the reference concatenates anew for every convolution: same values).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut outputs = vec![x.shallow_clone()];
-        for conv in &self.convs[..4] {
-            let y = conv.forward(&Tensor::cat(&outputs, 1));
-            outputs.push(leaky(&y));
+        let size = x.size();
+        let features = size[1];
+        let width = features + 4 * self.growth;
+        let buffer = Tensor::empty([size[0], width, size[2], size[3]], (x.kind(), x.device()));
+        buffer.narrow(1, 0, features).copy_(x);
+        for (i, conv) in self.convs[..4].iter().enumerate() {
+            let start = features + i as i64 * self.growth;
+            let y = conv.forward(&buffer.narrow(1, 0, start));
+            let slot = buffer.narrow(1, start, self.growth);
+            let _ = y.leaky_relu_backward_grad_input(&slot, &y, RRDB_SLOPE, false);
         }
-        self.convs[4].forward(&Tensor::cat(&outputs, 1)) * RESIDUAL + x
+        let mut y = self.convs[4].forward(&buffer);
+        let _ = y.g_mul_scalar_(RESIDUAL);
+        let _ = y.g_add_(x);
+        y
     }
 }
 
@@ -123,7 +135,10 @@ impl Rrdb {
             let out = block
                 .iter()
                 .fold(trunk.shallow_clone(), |y, d| d.forward(&y));
-            trunk = out * RESIDUAL + trunk;
+            let mut out = out;
+            let _ = out.g_mul_scalar_(RESIDUAL);
+            let _ = out.g_add_(&trunk);
+            trunk = out;
         }
         let mut y = features + self.conv_body.forward(&trunk);
         for up in &self.ups {

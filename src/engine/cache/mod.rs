@@ -1,4 +1,4 @@
-//! The model cache: pipelines and VAEs by path, their components shared by content hash,
+//! The model cache: pipelines, VAEs, ControlNets and upscalers by path, their components shared by content hash,
 //! and the bytes they hold at the placement kept under a budget by evicting the least
 //! recently used models that the job at hand does not need.
 //!
@@ -21,11 +21,18 @@ use crate::engine::codec::VaeCodec;
 use crate::engine::components::{shared, ComponentFiles, ComponentStore};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
-use crate::engine::files::read_json;
 use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::models::controlnet::ControlNetModel;
-use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
+use crate::engine::pipeline::SdxlPipeline;
+use crate::engine::upscale::Upscaler;
+
+mod paths;
+mod sizes;
+
+pub use paths::ModelPath;
+use paths::{controlnet_files, upscaler_files};
+pub use sizes::activation_estimate;
 
 /// A loaded component, known by its content.
 struct Live {
@@ -83,6 +90,7 @@ pub struct ModelCache {
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
+    upscalers: HashMap<PathBuf, Resident<Upscaler>>,
     /// LoRA adapters by content hash.
     loras: HashMap<String, ResidentLora>,
     /// The process's file hashes (components are known by their files' content).
@@ -165,6 +173,7 @@ impl ModelCache {
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
             controlnets: HashMap::new(),
+            upscalers: HashMap::new(),
             loras: HashMap::new(),
             hashes: FileHashes::new(),
             clock: 0,
@@ -203,9 +212,7 @@ impl ModelCache {
 
     /// Whether the model at `path` is loaded.
     pub fn is_resident(&self, path: &Path) -> bool {
-        self.pipelines.contains_key(path)
-            || self.vaes.contains_key(path)
-            || self.controlnets.contains_key(path)
+        self.resident_components(path).is_some()
             || self
                 .loras
                 .values()
@@ -218,6 +225,7 @@ impl ModelCache {
             .keys()
             .chain(self.vaes.keys())
             .chain(self.controlnets.keys())
+            .chain(self.upscalers.keys())
             .chain(self.loras.values().flat_map(|l| l.paths.iter()))
             .cloned()
             .collect()
@@ -242,6 +250,30 @@ impl ModelCache {
             .sum()
     }
 
+    /// The components of the model loaded from `path`, if one is.
+    fn resident_components(&self, path: &Path) -> Option<Vec<String>> {
+        let pipeline = self.pipelines.get(path).map(|r| &r.components);
+        pipeline
+            .or_else(|| self.vaes.get(path).map(|r| &r.components))
+            .or_else(|| self.controlnets.get(path).map(|r| &r.components))
+            .or_else(|| self.upscalers.get(path).map(|r| &r.components))
+            .cloned()
+    }
+
+    /// When each loaded model was last used, by path.
+    fn last_uses(&self) -> Vec<(u64, PathBuf)> {
+        fn uses<T>(
+            models: &HashMap<PathBuf, Resident<T>>,
+        ) -> impl Iterator<Item = (u64, PathBuf)> + '_ {
+            models.iter().map(|(p, r)| (r.last_used, p.clone()))
+        }
+        uses(&self.pipelines)
+            .chain(uses(&self.vaes))
+            .chain(uses(&self.controlnets))
+            .chain(uses(&self.upscalers))
+            .collect()
+    }
+
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
@@ -250,15 +282,8 @@ impl ModelCache {
     /// Evicts a model: the components no other resident model holds are parked on the
     /// host while the host budget allows (the longest parked dropped first), else dropped.
     fn evict(&mut self, path: &Path) {
-        let keys = match (
-            self.pipelines.get(path),
-            self.vaes.get(path),
-            self.controlnets.get(path),
-        ) {
-            (Some(r), ..) => r.components.clone(),
-            (None, Some(r), _) => r.components.clone(),
-            (None, None, Some(r)) => r.components.clone(),
-            (None, None, None) => return,
+        let Some(keys) = self.resident_components(path) else {
+            return;
         };
         // Hold the components while the model goes, to see which nothing else holds.
         let held: Vec<(String, Rc<dyn Any>)> = keys
@@ -271,6 +296,7 @@ impl ModelCache {
         self.pipelines.remove(path);
         self.vaes.remove(path);
         self.controlnets.remove(path);
+        self.upscalers.remove(path);
         self.stats.evictions += 1;
         let now = self.tick();
         for (key, component) in held {
@@ -348,6 +374,7 @@ impl ModelCache {
                 ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
                 ModelPath::ControlNet(path) => vec![controlnet_files(path)],
+                ModelPath::Upscaler(path) => vec![upscaler_files(path)],
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
                     let bytes =
@@ -401,15 +428,8 @@ impl ModelCache {
         }
         while self.resident_bytes() + missing + activations > budget {
             let model = self
-                .pipelines
-                .iter()
-                .map(|(p, r)| (r.last_used, p.clone()))
-                .chain(self.vaes.iter().map(|(p, r)| (r.last_used, p.clone())))
-                .chain(
-                    self.controlnets
-                        .iter()
-                        .map(|(p, r)| (r.last_used, p.clone())),
-                )
+                .last_uses()
+                .into_iter()
                 .filter(|(_, p)| !keep.contains(p))
                 .min();
             let lora = self
@@ -434,10 +454,16 @@ impl ModelCache {
         Ok(())
     }
 
-    /// The pipeline at `path`, loading it (and sharing components) on first use.
-    pub fn pipeline(&mut self, path: &Path) -> Result<Rc<SdxlPipeline>> {
+    /// The model at `path` in the map `models` picks, loading it through a store on first
+    /// use (its components shared with every other model that has them).
+    fn resident_or_load<T>(
+        &mut self,
+        models: fn(&mut Self) -> &mut HashMap<PathBuf, Resident<T>>,
+        path: &Path,
+        load: impl FnOnce(&mut Store<'_>, Placement) -> Result<Rc<T>>,
+    ) -> Result<Rc<T>> {
         let now = self.tick();
-        if let Some(r) = self.pipelines.get_mut(path) {
+        if let Some(r) = models(self).get_mut(path) {
             r.last_used = now;
             return Ok(r.model.clone());
         }
@@ -446,63 +472,9 @@ impl ModelCache {
             cache: self,
             handed_out: Vec::new(),
         };
-        let pipeline = Rc::new(SdxlPipeline::load_with(path, placement, &mut store)?);
+        let model = load(&mut store, placement)?;
         let components = store.handed_out;
-        self.pipelines.insert(
-            path.to_path_buf(),
-            Resident {
-                model: pipeline.clone(),
-                last_used: now,
-                components,
-            },
-        );
-        Ok(pipeline)
-    }
-
-    /// The VAE folder at `path`, loading it on first use.
-    pub fn vae(&mut self, path: &Path) -> Result<Rc<VaeCodec>> {
-        let now = self.tick();
-        if let Some(r) = self.vaes.get_mut(path) {
-            r.last_used = now;
-            return Ok(r.model.clone());
-        }
-        let placement = self.placement;
-        let files = ComponentFiles::folder("vae", path);
-        let mut store = Store {
-            cache: self,
-            handed_out: Vec::new(),
-        };
-        let vae = shared(&mut store, &files, || VaeCodec::load(path, placement))?;
-        let components = store.handed_out;
-        self.vaes.insert(
-            path.to_path_buf(),
-            Resident {
-                model: vae.clone(),
-                last_used: now,
-                components,
-            },
-        );
-        Ok(vae)
-    }
-
-    /// The ControlNet folder at `path`, loading it on first use.
-    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlNetModel>> {
-        let now = self.tick();
-        if let Some(r) = self.controlnets.get_mut(path) {
-            r.last_used = now;
-            return Ok(r.model.clone());
-        }
-        let placement = self.placement;
-        let files = controlnet_files(path);
-        let mut store = Store {
-            cache: self,
-            handed_out: Vec::new(),
-        };
-        let model = shared(&mut store, &files, || {
-            ControlNetModel::load_path(path, placement.device, placement.kind)
-        })?;
-        let components = store.handed_out;
-        self.controlnets.insert(
+        models(self).insert(
             path.to_path_buf(),
             Resident {
                 model: model.clone(),
@@ -511,6 +483,53 @@ impl ModelCache {
             },
         );
         Ok(model)
+    }
+
+    /// The pipeline at `path`, loading it (and sharing components) on first use.
+    pub fn pipeline(&mut self, path: &Path) -> Result<Rc<SdxlPipeline>> {
+        self.resident_or_load(
+            |c| &mut c.pipelines,
+            path,
+            |store, placement| Ok(Rc::new(SdxlPipeline::load_with(path, placement, store)?)),
+        )
+    }
+
+    /// The VAE folder at `path`, loading it on first use.
+    pub fn vae(&mut self, path: &Path) -> Result<Rc<VaeCodec>> {
+        let files = ComponentFiles::folder("vae", path);
+        self.resident_or_load(
+            |c| &mut c.vaes,
+            path,
+            |store, placement| shared(store, &files, || VaeCodec::load(path, placement)),
+        )
+    }
+
+    /// The ControlNet folder or file at `path`, loading it on first use.
+    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlNetModel>> {
+        let files = controlnet_files(path);
+        self.resident_or_load(
+            |c| &mut c.controlnets,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    ControlNetModel::load_path(path, placement.device, placement.kind)
+                })
+            },
+        )
+    }
+
+    /// The upscaler file at `path`, loading it on first use.
+    pub fn upscaler(&mut self, path: &Path) -> Result<Rc<Upscaler>> {
+        let files = upscaler_files(path);
+        self.resident_or_load(
+            |c| &mut c.upscalers,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    Upscaler::load(path, placement.device, placement.kind)
+                })
+            },
+        )
     }
 
     /// The LoRA adapter at `path` (named `name` in errors), loading it on first use; files
@@ -572,82 +591,4 @@ impl ModelCache {
         self.loras.retain(|_, l| !l.paths.iter().any(|p| p == path));
         was
     }
-}
-
-/// A model a job uses, by kind of loading.
-#[derive(Debug, Clone, Copy)]
-pub enum ModelPath<'a> {
-    /// A pipeline (folder or single file).
-    Pipeline(&'a Path),
-    /// A VAE folder.
-    Vae(&'a Path),
-    /// A ControlNet folder.
-    ControlNet(&'a Path),
-    /// A LoRA adapter file.
-    Lora(&'a Path),
-}
-
-impl ModelPath<'_> {
-    fn path(&self) -> &Path {
-        match self {
-            ModelPath::Pipeline(p)
-            | ModelPath::Vae(p)
-            | ModelPath::ControlNet(p)
-            | ModelPath::Lora(p) => p,
-        }
-    }
-}
-
-/// The files of a ControlNet folder or single file.
-fn controlnet_files(path: &Path) -> ComponentFiles {
-    if path.is_file() {
-        ComponentFiles {
-            role: "controlnet",
-            paths: vec![path.to_path_buf()],
-            prefix: None,
-        }
-    } else {
-        ComponentFiles::folder("controlnet", path)
-    }
-}
-
-/// Channels of the first UNet and VAE levels of a model (SDXL's when unreadable).
-fn first_channels(path: &Path) -> (u64, u64) {
-    let first = |v: &serde_json::Value| {
-        v.get("block_out_channels")
-            .and_then(|c| c.get(0))
-            .and_then(serde_json::Value::as_u64)
-    };
-    if path.is_file() {
-        let configs = crate::engine::weights::read_header(path)
-            .ok()
-            .and_then(|(_, m)| {
-                crate::engine::loading::single_file::Configs::from_metadata(path, &m).ok()
-            });
-        let first = |channels: &[i64]| channels.first().map(|&c| c.max(0) as u64);
-        return configs.map_or((320, 128), |c| {
-            (
-                first(&c.unet.block_out_channels).unwrap_or(320),
-                first(&c.vae.block_out_channels).unwrap_or(128),
-            )
-        });
-    }
-    let read = |sub: &str| read_json::<serde_json::Value>(&path.join(sub).join("config.json")).ok();
-    (
-        read("unet").as_ref().and_then(first).unwrap_or(320),
-        read("vae").as_ref().and_then(first).unwrap_or(128),
-    )
-}
-
-/// A rough estimate of the bytes a generation needs beyond the weights: the UNet's
-/// widest activations at latent resolution for the guided batch, and the VAE decoder's
-/// full-resolution activations, a few tensors of each alive at once.
-pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64) -> u64 {
-    let (unet_channels, vae_channels) = first_channels(model);
-    let pixels = (p.width.max(0) as u64) * (p.height.max(0) as u64);
-    let latent_pixels = pixels / 64;
-    let batch = if p.guidance_scale > 1.0 { 2 } else { 1 };
-    let unet = 8 * batch * latent_pixels * unet_channels * 4 * element_bytes;
-    let vae = 4 * pixels * vae_channels * element_bytes;
-    unet + vae
 }

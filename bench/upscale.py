@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Upscaler benchmark: a full-size RRDBNet x4 (RealESRGAN_x4plus's shape: 64 features,
+23 blocks, growth 32) with random weights, one image enlarged by spandrel (the loader
+A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`, same
+weights, same tiling, same threads, each in its own process.
+
+Prints output megapixels per second for both, the ratio sdxld / spandrel (above 1 means
+sdxld is faster) and each process's peak resident memory, tiled and whole.
+Usage: bench/upscale.py --sdxld target/release/sdxld [--size 512] [--tile 256] [--threads 2]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def write_model(path: Path):
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+    from make_upscaler_fixtures import basicsr_names, randomise
+
+    model = ESRGAN(num_filters=64, num_blocks=23, scale=4)
+    randomise(model, 0)
+    state = basicsr_names({k: v.contiguous() for k, v in model.state_dict().items()})
+    save_file({f"params_ema.{k}": v for k, v in state.items()}, str(path))
+
+
+def spandrel_child(args):
+    """Runs in its own process: times spandrel and prints JSON."""
+    import spandrel
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+    from make_upscaler_fixtures import tile_process
+
+    torch.set_num_threads(args.threads)
+    state = load_file(args.model)
+    state = {"params_ema": {k.removeprefix("params_ema."): v for k, v in state.items()}}
+    model = spandrel.ModelLoader().load_from_state_dict(state).model.eval()
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, args.size, args.size), dtype=np.float32))
+    times = []
+    with torch.no_grad():
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            if args.tile > 0:
+                out = tile_process(model, image, 4, args.tile, 10)
+            else:
+                out = model(image)
+            (out.clamp(0, 1) * 255).round().to(torch.uint8)
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": times}))
+
+
+def run(cmd):
+    """A child's output (JSON on its last line) and its own peak resident memory in MiB."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed with {child.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sdxld", required=True)
+    parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--spandrel-child", action="store_true")
+    parser.add_argument("--model")
+    args = parser.parse_args()
+    if args.spandrel_child:
+        return spandrel_child(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "x4.safetensors"
+        write_model(model)
+        megapixels = (args.size * 4) ** 2 / 1e6
+        rows = []
+        for tile in (args.tile, 0):
+            common = ["--size", str(args.size), "--tile", str(tile), "--threads", str(args.threads), "--runs", str(args.runs)]
+            spandrel, spandrel_peak = run([sys.executable, __file__, "--spandrel-child", "--model", str(model), "--sdxld", args.sdxld] + common)
+            sdxld, sdxld_peak = run([args.sdxld, "bench-upscale", "--model", str(model)] + common)
+            s, d = statistics.median(spandrel["seconds"]), statistics.median(sdxld["seconds"])
+            label = f"tile {tile}" if tile else "whole image"
+            rows.append(
+                f"{args.size}² -> {args.size * 4}² x4 RRDBNet (64nf 23nb), {label}, {args.threads} threads: "
+                f"spandrel {megapixels / s:.3f} MP/s ({s:.2f} s, peak RSS {spandrel_peak:.0f} MiB), "
+                f"sdxld {megapixels / d:.3f} MP/s ({d:.2f} s, peak RSS {sdxld_peak:.0f} MiB), ratio {s / d:.2f}"
+            )
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+//! `spec.post_processing`: each step's model, factor and tiling, checked against the
+//! upscaler's native scale and the size each step makes.
+
+use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::model::named;
+use crate::api::validate::Deferred;
+use crate::engine::registry::{ModelKind, Registry};
+use crate::engine::upscale::tiles::Tiling;
+use crate::jobs::{PostStep, UpscaleJob};
+use crate::output::OutputFormat;
+use crate::proto::v1 as pb;
+
+/// Most post-processing steps in one request.
+pub const MAX_POST_PROCESSING: usize = 8;
+/// Tile side when the request names none.
+const DEFAULT_TILE: u32 = 512;
+/// Context pixels around each tile (RealESRGANer's default `tile_pad`).
+pub const TILE_PAD: u32 = 10;
+
+/// What the steps are checked against.
+pub struct Frame<'a> {
+    pub registry: &'a Registry,
+    /// The generated images' size.
+    pub size: (u32, u32),
+    /// Most pixels a step may make.
+    pub max_pixels: u64,
+    pub format: OutputFormat,
+}
+
+/// `spec.post_processing`: the job's steps when every field is valid.
+pub fn post_processing(
+    steps: &[pb::PostProcessStep],
+    frame: &Frame,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Vec<PostStep> {
+    if steps.len() > MAX_POST_PROCESSING {
+        v.add(
+            "spec.post_processing",
+            format!("has {} steps; at most {MAX_POST_PROCESSING}", steps.len()),
+        );
+        return Vec::new();
+    }
+    if !steps.is_empty() && frame.format == OutputFormat::Latents {
+        v.add(
+            "spec.post_processing",
+            "applies to images; latents output has none",
+        );
+        return Vec::new();
+    }
+    let mut size = (u64::from(frame.size.0), u64::from(frame.size.1));
+    let mut checked = Vec::with_capacity(steps.len());
+    for (i, step) in steps.iter().enumerate() {
+        let p = format!("spec.post_processing[{i}]");
+        let Some(pb::post_process_step::Step::Upscale(u)) = &step.step else {
+            v.add(p, "names no step");
+            continue;
+        };
+        if let Some(job) = upscale(&format!("{p}.upscale"), u, frame, &mut size, v, deferred) {
+            checked.push(PostStep::Upscale(job));
+        }
+    }
+    checked
+}
+
+/// One upscale step (fields under `p`); `size` becomes the size it makes.
+fn upscale(
+    p: &str,
+    u: &pb::UpscaleStep,
+    frame: &Frame,
+    size: &mut (u64, u64),
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<UpscaleJob> {
+    let field = format!("{p}.model");
+    let model = if u.model.is_empty() {
+        v.add(&field, "is required");
+        None
+    } else if model_name(v, &field, &u.model) {
+        named(
+            frame.registry,
+            ModelKind::Upscaler,
+            &u.model,
+            &field,
+            v,
+            deferred,
+        )
+    } else {
+        None
+    };
+    // A file of no served layout has no native scale: its load says why.
+    let native = model.as_ref().and_then(|m| m.upscaler).map(|f| f.scale);
+    let factor = match (u.factor, native) {
+        (0, native) => native.unwrap_or(1),
+        (f, Some(n)) if f > n => {
+            v.add(
+                format!("{p}.factor"),
+                format!("must be at most the model's native scale {n}, got {f}"),
+            );
+            return None;
+        }
+        (f, _) if f > 8 => {
+            v.add(format!("{p}.factor"), format!("must be at most 8, got {f}"));
+            return None;
+        }
+        (f, _) => f,
+    };
+    *size = (size.0 * u64::from(factor), size.1 * u64::from(factor));
+    if size.0 * size.1 > frame.max_pixels {
+        v.add(
+            format!("{p}.factor"),
+            format!(
+                "would make {}x{} images, more than {} pixels",
+                size.0, size.1, frame.max_pixels
+            ),
+        );
+        return None;
+    }
+    let tiling = tiling(p, u, v)?;
+    Some(UpscaleJob {
+        model: model?,
+        factor,
+        tiling,
+    })
+}
+
+/// `tile_size` and `tile_overlap`.
+fn tiling(p: &str, u: &pb::UpscaleStep, v: &mut Violations) -> Option<Tiling> {
+    let tile = match u.tile_size {
+        0 => DEFAULT_TILE,
+        t if (64..=2048).contains(&t) => t,
+        t => {
+            v.add(
+                format!("{p}.tile_size"),
+                format!("must be 0 or between 64 and 2048, got {t}"),
+            );
+            return None;
+        }
+    };
+    let overlap = u.tile_overlap.unwrap_or(tile / 16);
+    if overlap * 2 >= tile {
+        v.add(
+            format!("{p}.tile_overlap"),
+            format!("must be below half the tile size ({tile}), got {overlap}"),
+        );
+        return None;
+    }
+    Some(Tiling {
+        tile: i64::from(tile),
+        pad: i64::from(TILE_PAD),
+        overlap: i64::from(overlap),
+    })
+}

@@ -1,0 +1,73 @@
+//! `sdxld bench-upscale`: how fast an upscaler enlarges a square image of random pixels,
+//! tile by tile as the post-processing step runs it; one JSON line of run times.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use sdxld::engine::device::Placement;
+use sdxld::engine::upscale::tiles::Tiling;
+use sdxld::engine::upscale::Upscaler;
+
+use crate::cli::bench::TimingArgs;
+
+/// The command's flags.
+#[derive(clap::Args)]
+pub struct BenchUpscaleArgs {
+    /// The upscaler file (safetensors, any served layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Input side in pixels.
+    #[arg(long, default_value_t = 512)]
+    size: u32,
+    /// Tile side in input pixels; 0: the whole image at once.
+    #[arg(long, default_value_t = 512)]
+    tile: i64,
+    /// Input pixels neighbouring tiles share (blended).
+    #[arg(long, default_value_t = 0)]
+    overlap: i64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// float32, float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    dtype: String,
+    #[command(flatten)]
+    timing: TimingArgs,
+}
+
+/// Times `runs` upscales after a warm-up; prints `{"seconds": [...]}`.
+pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
+    if args.timing.runs == 0 || args.size == 0 {
+        bail!("--runs and --size must be at least 1");
+    }
+    args.timing.set_threads();
+    let placement = Placement::parse(&args.device, &args.dtype)?;
+    let upscaler = Upscaler::load(&args.model, placement.device, placement.kind)?;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let pixels: Vec<u8> = (0..args.size as usize * args.size as usize * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    let image = image::RgbImage::from_raw(args.size, args.size, pixels)
+        .ok_or_else(|| anyhow::anyhow!("an image of {0}x{0}", args.size))?;
+    let tiling = Tiling {
+        tile: args.tile,
+        pad: 10,
+        overlap: args.overlap,
+    };
+    let once = || upscaler.upscale(&image, tiling, &mut |_, _| Ok(()));
+    once()?;
+    let mut seconds = Vec::with_capacity(args.timing.runs);
+    for _ in 0..args.timing.runs {
+        let start = Instant::now();
+        once()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    println!("{}", serde_json::json!({ "seconds": seconds }));
+    Ok(())
+}

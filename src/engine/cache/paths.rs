@@ -1,0 +1,54 @@
+//! What the cache loads a job's models as, and the files each kind is made of.
+
+use std::path::Path;
+
+use crate::engine::components::ComponentFiles;
+
+/// A model a job uses, by kind of loading.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelPath<'a> {
+    /// A pipeline (folder or single file).
+    Pipeline(&'a Path),
+    /// A VAE folder.
+    Vae(&'a Path),
+    /// A ControlNet folder.
+    ControlNet(&'a Path),
+    /// A LoRA adapter file.
+    Lora(&'a Path),
+    /// An upscaler file.
+    Upscaler(&'a Path),
+}
+
+impl ModelPath<'_> {
+    pub(super) fn path(&self) -> &Path {
+        match self {
+            ModelPath::Pipeline(p)
+            | ModelPath::Vae(p)
+            | ModelPath::ControlNet(p)
+            | ModelPath::Lora(p)
+            | ModelPath::Upscaler(p) => p,
+        }
+    }
+}
+
+/// The files of a ControlNet folder or single file.
+pub(super) fn controlnet_files(path: &Path) -> ComponentFiles {
+    if path.is_file() {
+        ComponentFiles {
+            role: "controlnet",
+            paths: vec![path.to_path_buf()],
+            prefix: None,
+        }
+    } else {
+        ComponentFiles::folder("controlnet", path)
+    }
+}
+
+/// An upscaler's one file.
+pub(super) fn upscaler_files(path: &Path) -> ComponentFiles {
+    ComponentFiles {
+        role: "upscaler",
+        paths: vec![path.to_path_buf()],
+        prefix: None,
+    }
+}

@@ -1,0 +1,236 @@
+//! Upscaling as a post-processing step of a generation, over gRPC: each image enlarged
+//! exactly as the engine's upscaler (and Pillow's Lanczos below the native scale) does
+//! it, steps chained in order, tiles reported as progress, the step in the PNG parameters
+//! and in `completed.models`; bad steps refused naming their field, the server serving on.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::server::{quick_spec, TestServer};
+use sdxld::engine::resample::lanczos_resize;
+use sdxld::engine::upscale::tiles::Tiling;
+use sdxld::engine::upscale::Upscaler;
+use sdxld::proto::v1 as pb;
+use tch::{Device, Kind, Tensor};
+use tonic::Code;
+
+/// A server on the demo model whose upscaler root holds the fixture upscalers and a
+/// foreign file.
+async fn server() -> (tempfile::TempDir, TestServer) {
+    let fixtures = common::upscaler_fixtures().join("models");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["compact_x2", "rrdb_x4_old"] {
+        let file = format!("{name}.safetensors");
+        std::fs::copy(fixtures.join(&file), dir.path().join(&file)).expect("copy");
+    }
+    let foreign = [(
+        "encoder.weight",
+        Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)),
+    )];
+    Tensor::write_safetensors(&foreign, dir.path().join("foreign.safetensors")).expect("write");
+    let roots = dir.path().to_str().expect("utf-8").to_string();
+    let server = TestServer::start(&[("SDXLD__MODELS__UPSCALER_ROOTS", &roots)]).await;
+    (dir, server)
+}
+
+/// The listed name of the upscaler whose file starts with `stem`.
+async fn name_of(server: &TestServer, stem: &str) -> String {
+    let listed = server.list_models(pb::ModelKind::Upscaler).await;
+    listed
+        .into_iter()
+        .find(|m| m.name.starts_with(stem))
+        .map(|m| m.name)
+        .unwrap_or_else(|| panic!("{stem} is not listed"))
+}
+
+fn step(model: &str, factor: u32, tile_size: u32) -> pb::PostProcessStep {
+    pb::PostProcessStep {
+        step: Some(pb::post_process_step::Step::Upscale(pb::UpscaleStep {
+            model: model.into(),
+            factor,
+            tile_size,
+            tile_overlap: None,
+        })),
+    }
+}
+
+fn decoded(png: &[u8]) -> image::RgbImage {
+    image::load_from_memory(png).expect("png").to_rgb8()
+}
+
+fn upscaler(dir: &Path, file: &str) -> Upscaler {
+    let path: PathBuf = dir.join(file);
+    Upscaler::load(&path, Device::Cpu, Kind::Float).expect("upscaler")
+}
+
+/// The tiling a step of `tile` pixels runs with: 10 pixels of context, tile / 16 overlap.
+fn tiling(tile: i64) -> Tiling {
+    Tiling {
+        tile,
+        pad: 10,
+        overlap: tile / 16,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upscale_steps_enlarge_each_image_as_the_engine_does() {
+    let (dir, server) = server().await;
+    let compact = name_of(&server, "compact_x2").await;
+    let rrdb = name_of(&server, "rrdb_x4_old").await;
+    let mut spec = quick_spec(5);
+    spec.num_images = 2;
+    spec.output = Some(pb::OutputOptions {
+        embed_metadata: Some(false),
+        ..Default::default()
+    });
+    let plain = server.images(spec.clone()).await.expect("plain");
+    // Native x2 with one 64-pixel tile per image, then the x4 model at factor 2: its
+    // output resized down with Pillow's Lanczos.
+    spec.post_processing = vec![step(&compact, 0, 64), step(&rrdb, 2, 64)];
+    let upscaled = server.images(spec.clone()).await.expect("upscaled");
+    let (x2, x4) = (
+        upscaler(dir.path(), "compact_x2.safetensors"),
+        upscaler(dir.path(), "rrdb_x4_old.safetensors"),
+    );
+    for (before, after) in plain.images.iter().zip(&upscaled.images) {
+        assert_eq!((after.width, after.height), (256, 256));
+        let source = decoded(&before.data);
+        let first = x2
+            .upscale(&source, tiling(64), &mut |_, _| Ok(()))
+            .expect("x2");
+        let second = x4
+            .upscale(&first, tiling(64), &mut |_, _| Ok(()))
+            .expect("x4");
+        let expected = lanczos_resize(&second, 256, 256);
+        assert_eq!(decoded(&after.data), expected, "image {}", after.index);
+    }
+    let completed = upscaled.completed.expect("completed");
+    let used: Vec<_> = completed
+        .models
+        .iter()
+        .filter(|m| m.kind == pb::ModelKind::Upscaler as i32)
+        .collect();
+    assert_eq!(used.len(), 2);
+    assert!(used.iter().all(|m| m.sha256.len() == 64), "{used:?}");
+    assert_eq!(
+        (used[0].name.as_str(), used[1].name.as_str()),
+        (compact.as_str(), rrdb.as_str())
+    );
+
+    // A1111's extras parameters in the PNG; tiles as post-processing progress.
+    spec.output = None;
+    spec.num_images = 1;
+    let request = tonic::Request::new(pb::GenerateRequest {
+        spec: Some(spec.clone()),
+    });
+    let (events, end) = server.stream(request).await;
+    end.expect("completed");
+    let image = events
+        .iter()
+        .find_map(|e| match e {
+            pb::generate_response::Event::Image(i) => Some(i.clone()),
+            _ => None,
+        })
+        .expect("an image");
+    let text = common::png_parameters(&image.data);
+    let expected = format!(
+        ", Postprocess upscale by: 2, Postprocess upscaler: {compact}, Postprocess upscale by 2: 2, Postprocess upscaler 2: {rrdb}"
+    );
+    assert!(text.contains(&expected), "{text}");
+    let tiles: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            pb::generate_response::Event::Progress(p)
+                if p.stage == pb::Stage::PostProcessing as i32 && p.total_steps > 0 =>
+            {
+                Some((p.step, p.total_steps))
+            }
+            _ => None,
+        })
+        .collect();
+    // One 64-pixel tile of the 64-pixel image, then 3x3 tiles (stride 60) of the 128.
+    assert_eq!(
+        tiles,
+        [
+            (0, 1),
+            (1, 1),
+            (0, 9),
+            (1, 9),
+            (2, 9),
+            (3, 9),
+            (4, 9),
+            (5, 9),
+            (6, 9),
+            (7, 9),
+            (8, 9),
+            (9, 9)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_steps_are_refused_naming_their_field_and_the_server_serves_on() {
+    let (_dir, server) = server().await;
+    let compact = name_of(&server, "compact_x2").await;
+    let foreign = name_of(&server, "foreign").await;
+    let with = |steps: Vec<pb::PostProcessStep>, format: pb::ImageFormat| {
+        let mut spec = quick_spec(2);
+        spec.post_processing = steps;
+        spec.output = Some(pb::OutputOptions {
+            format: format as i32,
+            ..Default::default()
+        });
+        spec
+    };
+    let png = pb::ImageFormat::Png;
+    let invalid = [
+        (
+            with(vec![step(&compact, 4, 0)], png),
+            "spec.post_processing[0].upscale.factor",
+        ),
+        (
+            with(vec![step(&compact, 0, 32)], png),
+            "spec.post_processing[0].upscale.tile_size",
+        ),
+        (
+            with(
+                vec![step(&compact, 0, 0)],
+                pb::ImageFormat::LatentsSafetensors,
+            ),
+            "spec.post_processing",
+        ),
+    ];
+    for (spec, field) in invalid {
+        let status = server.images(spec).await.expect_err(field);
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(
+            common::server::violated_fields(&status),
+            [field],
+            "{status:?}"
+        );
+    }
+    let mut overlapping = with(vec![step(&compact, 0, 64)], png);
+    if let Some(pb::post_process_step::Step::Upscale(u)) = &mut overlapping.post_processing[0].step
+    {
+        u.tile_overlap = Some(32);
+    }
+    let status = server.images(overlapping).await.expect_err("overlap");
+    assert_eq!(
+        common::server::violated_fields(&status),
+        ["spec.post_processing[0].upscale.tile_overlap"]
+    );
+    let status = server
+        .images(with(vec![step("nowhere", 0, 0)], png))
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = server
+        .images(with(vec![step(&foreign, 0, 0)], png))
+        .await
+        .expect_err("foreign");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("encoder.weight"), "{status:?}");
+    let fine = server.images(quick_spec(2)).await.expect("a plain request");
+    assert_eq!(fine.images.len(), 1);
+}
