@@ -7,6 +7,7 @@ weights, same tiling, same threads, each in its own process.
 Prints output megapixels per second for both, the ratio sdxld / spandrel (above 1 means
 sdxld is faster) and each process's peak resident memory, tiled and whole.
 Usage: bench/upscale.py --sdxld target/release/sdxld [--size 512] [--tile 256] [--threads 2]
+[--tiled-only]
 """
 
 import argparse
@@ -81,6 +82,7 @@ def main():
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--tiled-only", action="store_true", help="skip the whole-image run (memory grows with the image)")
     parser.add_argument("--spandrel-child", action="store_true")
     parser.add_argument("--model")
     args = parser.parse_args()
@@ -91,7 +93,7 @@ def main():
         write_model(model)
         megapixels = (args.size * 4) ** 2 / 1e6
         rows = []
-        for tile in (args.tile, 0):
+        for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
             common = ["--size", str(args.size), "--tile", str(tile), "--threads", str(args.threads), "--runs", str(args.runs)]
             spandrel, spandrel_peak = run([sys.executable, __file__, "--spandrel-child", "--model", str(model), "--sdxld", args.sdxld] + common)
             sdxld, sdxld_peak = run([args.sdxld, "bench-upscale", "--model", str(model)] + common)

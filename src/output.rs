@@ -109,9 +109,12 @@ pub fn encode_rgb(
                     encoder
                         .add_itxt_chunk("parameters".into(), meta.parameters.clone())
                         .map_err(|e| fail("PNG", e.to_string()))?;
-                    encoder
-                        .add_itxt_chunk(REQUEST_CHUNK.into(), meta.request_json.clone())
-                        .map_err(|e| fail("PNG", e.to_string()))?;
+                    // An upscaled client image has no request that replays it.
+                    if !meta.request_json.is_empty() {
+                        encoder
+                            .add_itxt_chunk(REQUEST_CHUNK.into(), meta.request_json.clone())
+                            .map_err(|e| fail("PNG", e.to_string()))?;
+                    }
                 }
                 let mut writer = encoder
                     .write_header()

@@ -234,3 +234,197 @@ async fn bad_steps_are_refused_naming_their_field_and_the_server_serves_on() {
     let fine = server.images(quick_spec(2)).await.expect("a plain request");
     assert_eq!(fine.images.len(), 1);
 }
+
+/// An Upscale call of `request` to its end: its events and its final status.
+async fn upscale_call(
+    server: &TestServer,
+    request: pb::UpscaleRequest,
+) -> (Vec<pb::generate_response::Event>, Result<(), tonic::Status>) {
+    use tokio_stream::StreamExt;
+    let mut stream = match server.generation().await.upscale(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut events = Vec::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(message)) => events.extend(message.event),
+            Some(Err(status)) => return (events, Err(status)),
+            None => return (events, Ok(())),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
+    use pb::generate_response::Event;
+    let (dir, server) = server().await;
+    let compact = name_of(&server, "compact_x2").await;
+    let png =
+        std::fs::read(common::upscaler_fixtures().join("images/rgba_14x10.png")).expect("read");
+    let step = |factor| pb::UpscaleStep {
+        model: compact.clone(),
+        factor,
+        tile_size: 64,
+        tile_overlap: Some(0),
+    };
+    let request = pb::UpscaleRequest {
+        image: png.clone(),
+        upscale: Some(step(0)),
+        output: None,
+        client_job_id: "up-1".into(),
+    };
+    let (events, end) = upscale_call(&server, request.clone()).await;
+    end.expect("completed");
+    let Some(Event::Accepted(accepted)) = events.first() else {
+        panic!("not accepted first: {events:?}");
+    };
+    assert_eq!(accepted.client_job_id, "up-1");
+    let tiles: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress(p) if p.stage == pb::Stage::PostProcessing as i32 => {
+                Some((p.step, p.total_steps))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tiles, [(0, 1), (1, 1)]);
+    let image = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Image(i) => Some(i.clone()),
+            _ => None,
+        })
+        .expect("an image");
+    assert_eq!((image.width, image.height), (28, 20));
+    // The alpha channel composited over white, then the engine's upscaler.
+    let source = sdxld::engine::preprocess::hwc3(&image::load_from_memory(&png).expect("png"));
+    let expected = upscaler(dir.path(), "compact_x2.safetensors")
+        .upscale(
+            &source,
+            Tiling {
+                tile: 64,
+                pad: 10,
+                overlap: 0,
+            },
+            &mut |_, _| Ok(()),
+        )
+        .expect("upscale");
+    assert_eq!(decoded(&image.data), expected);
+    let text = common::png_parameters(&image.data);
+    assert!(
+        text.starts_with(&format!(
+            "Postprocess upscale by: 2, Postprocess upscaler: {compact}"
+        )),
+        "{text}"
+    );
+    let Some(Event::Completed(completed)) = events.last() else {
+        panic!("not completed last");
+    };
+    assert_eq!(completed.models.len(), 1);
+    assert_eq!(completed.models[0].sha256.len(), 64);
+
+    // Bad requests are refused naming the field, before admission.
+    let invalid = [
+        (
+            pb::UpscaleRequest {
+                image: Vec::new(),
+                ..request.clone()
+            },
+            "image",
+        ),
+        (
+            pb::UpscaleRequest {
+                upscale: None,
+                ..request.clone()
+            },
+            "upscale",
+        ),
+        (
+            pb::UpscaleRequest {
+                upscale: Some(step(4)),
+                ..request.clone()
+            },
+            "upscale.factor",
+        ),
+        (
+            pb::UpscaleRequest {
+                output: Some(pb::OutputOptions {
+                    format: pb::ImageFormat::LatentsSafetensors as i32,
+                    ..Default::default()
+                }),
+                ..request.clone()
+            },
+            "output.format",
+        ),
+    ];
+    for (bad, field) in invalid {
+        let (events, end) = upscale_call(&server, bad).await;
+        let status = end.expect_err(field);
+        assert!(events.is_empty(), "{field}: {events:?}");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(common::server::violated_fields(&status), [field]);
+    }
+    let mut unknown = request.clone();
+    unknown.upscale = Some(pb::UpscaleStep {
+        model: "nowhere".into(),
+        ..step(0)
+    });
+    let (_, end) = upscale_call(&server, unknown).await;
+    assert_eq!(end.expect_err("unknown").code(), Code::NotFound);
+
+    // Queued behind a long generation, it is cancelled by its client job id.
+    let mut slow = common::server::slow_spec(1);
+    slow.client_job_id = "slow".into();
+    let _running = server.admitted(slow).await;
+    let queued = tokio::spawn({
+        let request = pb::UpscaleRequest {
+            client_job_id: "queued-up".into(),
+            ..request
+        };
+        let server_addr = server.addr.clone();
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{server_addr}"))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect");
+            let mut client = pb::generation_service_client::GenerationServiceClient::new(channel);
+            let mut stream = client
+                .upscale(request)
+                .await
+                .expect("admitted")
+                .into_inner();
+            use tokio_stream::StreamExt;
+            let mut last = Ok(());
+            while let Some(item) = stream.next().await {
+                if let Err(status) = item {
+                    last = Err(status);
+                }
+            }
+            last
+        }
+    });
+    let mut client = server.generation().await;
+    let cancel = |id: &str| pb::CancelJobRequest {
+        client_job_id: id.into(),
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match client.cancel_job(cancel("queued-up")).await {
+            Ok(r) => {
+                assert!(r.into_inner().cancelled);
+                break;
+            }
+            Err(_) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("never admitted: {e:?}"),
+        }
+    }
+    let status = queued.await.expect("joined").expect_err("cancelled");
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    client.cancel_job(cancel("slow")).await.expect("cancelled");
+}

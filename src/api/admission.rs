@@ -24,9 +24,10 @@ impl AdmissionPermit {
 }
 
 /// Paths of the RPCs that create jobs.
-const JOB_PATHS: [&str; 2] = [
+const JOB_PATHS: [&str; 3] = [
     "/sdxld.v1.GenerationService/Generate",
     "/sdxld.v1.GenerationService/GenerateImages",
+    "/sdxld.v1.GenerationService/Upscale",
 ];
 
 /// The admission layer.

@@ -17,10 +17,10 @@ use crate::api::caller::caller;
 use crate::api::convert;
 use crate::api::guard::CallArrival;
 use crate::api::status::ApiError;
-use crate::api::validate::{to_job_spec, Context, MAX_SEED};
+use crate::api::validate::{to_job_spec, to_upscale_spec, Context, MAX_SEED};
 use crate::api::ApiState;
 use crate::jobs::queue::{Caller, Cancelled};
-use crate::jobs::{Admitted, JobError, JobEvent, StopReason};
+use crate::jobs::{Admitted, JobError, JobEvent, JobWork, StopReason};
 use crate::proto::v1 as pb;
 use crate::proto::v1::generate_response::Event;
 use crate::proto::v1::generation_service_server::GenerationService;
@@ -40,11 +40,12 @@ impl Generation {
         self.state.status(error)
     }
 
-    /// Admission, validation and queueing: the accepted event and the job's events.
-    async fn start<T>(
+    /// Admission, validation (`convert`, on the blocking pool) and queueing: the accepted
+    /// event and the job's events.
+    async fn start<T: Send + 'static>(
         &self,
         mut request: Request<T>,
-        spec: fn(T) -> Option<pb::GenerationSpec>,
+        convert: fn(T, &Context) -> Result<JobWork, ApiError>,
     ) -> Result<(pb::JobAccepted, Admitted, Option<Instant>), ApiError> {
         let queue = &self.state.queue;
         if !queue.accepting() {
@@ -66,7 +67,7 @@ impl Generation {
             .map_or_else(Instant::now, |a| a.0);
         let deadline = grpc_timeout(request.metadata())?.and_then(|d| arrival.checked_add(d));
         let owner = caller(&request);
-        let spec = spec(request.into_inner());
+        let message = request.into_inner();
         let state = self.state.clone();
         let job = tokio::task::spawn_blocking(move || {
             let ctx = Context {
@@ -74,14 +75,17 @@ impl Generation {
                 registry: &state.registry,
                 drawn_seed: random_seed(),
             };
-            to_job_spec(spec, &ctx)
+            convert(message, &ctx)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("validation did not finish: {e}")))??;
-        let seeds: Vec<u64> = (0..job.params.num_images as u64)
-            .map(|i| job.params.seed + i)
-            .collect();
-        let client_job_id = job.client_job_id.clone().unwrap_or_default();
+        let seeds: Vec<u64> = match &job {
+            JobWork::Generate(spec) => (0..spec.params.num_images as u64)
+                .map(|i| spec.params.seed + i)
+                .collect(),
+            JobWork::Upscale(_) => Vec::new(),
+        };
+        let client_job_id = job.client_job_id().cloned().unwrap_or_default();
         let buffer = self.state.settings.jobs.stream_buffer;
         let admitted = queue.submit(job, &owner, place, buffer)?;
         let accepted = pb::JobAccepted {
@@ -93,6 +97,16 @@ impl Generation {
         tracing::info!(job = %admitted.id, position = admitted.queue_position, "job accepted");
         Ok((accepted, admitted, deadline))
     }
+}
+
+/// A generation request's job.
+fn generation(spec: Option<pb::GenerationSpec>, ctx: &Context) -> Result<JobWork, ApiError> {
+    Ok(JobWork::Generate(Box::new(to_job_spec(spec, ctx)?)))
+}
+
+/// An upscale request's job.
+fn upscale_job(request: pb::UpscaleRequest, ctx: &Context) -> Result<JobWork, ApiError> {
+    Ok(JobWork::Upscale(Box::new(to_upscale_spec(request, ctx)?)))
 }
 
 /// The client's `grpc-timeout` header as the gRPC spec defines it: one to eight digits
@@ -238,7 +252,7 @@ impl GenerationService for Generation {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let (accepted, admitted, deadline) = self
-            .start(request, |r| r.spec)
+            .start(request, |r, ctx| generation(r.spec, ctx))
             .await
             .map_err(|e| self.status(e))?;
         let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
@@ -248,12 +262,28 @@ impl GenerationService for Generation {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type UpscaleStream = EventStream;
+
+    async fn upscale(
+        &self,
+        request: Request<pb::UpscaleRequest>,
+    ) -> Result<Response<Self::UpscaleStream>, Status> {
+        let (accepted, admitted, deadline) = self
+            .start(request, upscale_job)
+            .await
+            .map_err(|e| self.status(e))?;
+        let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
+        let task = relay(admitted, accepted, deadline, tx, self.state.clone());
+        tokio::spawn(task.instrument(tracing::Span::current()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn generate_images(
         &self,
         request: Request<pb::GenerateImagesRequest>,
     ) -> Result<Response<pb::GenerateImagesResponse>, Status> {
         let (accepted, mut admitted, deadline) = self
-            .start(request, |r| r.spec)
+            .start(request, |r, ctx| generation(r.spec, ctx))
             .await
             .map_err(|e| self.status(e))?;
         let mut response = pb::GenerateImagesResponse {

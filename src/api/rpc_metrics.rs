@@ -14,9 +14,11 @@ use tower::{Layer, Service};
 use crate::telemetry::Metrics;
 
 /// The methods counted by name; anything else counts as `other` (labels stay few).
-const METHODS: [&str; 10] = [
+const METHODS: [&str; 12] = [
     "Generate",
     "GenerateImages",
+    "Upscale",
+    "Preprocess",
     "CancelJob",
     "ListModels",
     "LoadModel",

@@ -17,6 +17,7 @@ mod preprocess;
 pub mod queue;
 pub mod runner;
 pub mod spec;
+mod upscale_job;
 pub mod worker;
 
 pub use control::{JobControl, StopReason};
@@ -26,6 +27,6 @@ pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
 pub use spec::{
-    ConditioningImage, ControlInput, ControlNetJob, JobSpec, LoraJob, OutputSpec, PostStep,
-    RefinerJob, UpscaleJob,
+    ConditioningImage, ControlInput, ControlNetJob, JobSpec, JobWork, LoraJob, OutputSpec,
+    PostStep, RefinerJob, UpscaleJob, UpscaleSpec,
 };

@@ -10,6 +10,7 @@ use crate::engine::error::EngineError;
 use crate::engine::resample::lanczos_resize;
 use crate::engine::upscale::tiles::Tiling;
 use crate::engine::upscale::Upscaler;
+use crate::jobs::engine::Engine;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, JobSink};
 use crate::jobs::{JobError, PostStep, StopReason, UpscaleJob};
@@ -42,8 +43,7 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    /// One upscale step on one image, retried with halved tiles while the device runs out
-    /// of memory.
+    /// One upscale step on one image.
     fn upscale(
         &mut self,
         image: &RgbImage,
@@ -51,35 +51,60 @@ impl JobRun<'_> {
         upscaler: &Upscaler,
         index: u32,
     ) -> Result<RgbImage, JobError> {
-        let input = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
-            .ok_or_else(|| EngineError::Internal("an image of the wrong size".into()))?;
-        let mut tiling = job.tiling;
-        let upscaled = loop {
-            match tiled(&mut *self.sink, upscaler, &input, tiling, index) {
-                Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {
-                    tiling = halved(tiling);
-                    tracing::warn!(
-                        tile = tiling.tile,
-                        "device out of memory while upscaling; retrying with smaller tiles"
-                    );
-                    let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
-                    self.engine.free_memory(&keep);
-                }
-                other => break other?,
-            }
+        let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
+        let target = Target {
+            sink: &mut *self.sink,
+            index,
+            keep: &keep,
         };
-        let (width, height) = (image.width * job.factor, image.height * job.factor);
-        let resized = if upscaled.dimensions() == (width, height) {
-            upscaled
-        } else {
-            lanczos_resize(&upscaled, width, height)
-        };
-        Ok(RgbImage {
-            width,
-            height,
-            pixels: resized.into_raw(),
-        })
+        upscale_image(self.engine, target, upscaler, job, image)
     }
+}
+
+/// Where an upscale reports to: the job's sink, the image's index, and the models to
+/// keep when memory is freed.
+pub(crate) struct Target<'a> {
+    pub sink: &'a mut dyn JobSink,
+    pub index: u32,
+    pub keep: &'a [std::path::PathBuf],
+}
+
+/// `image` through `job`'s upscaler, tile by tile, retried with halved tiles while the
+/// device runs out of memory; resized down with Lanczos below the model's own factor.
+pub(crate) fn upscale_image(
+    engine: &mut Engine,
+    target: Target<'_>,
+    upscaler: &Upscaler,
+    job: &UpscaleJob,
+    image: &RgbImage,
+) -> Result<RgbImage, JobError> {
+    let input = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
+        .ok_or_else(|| EngineError::Internal("an image of the wrong size".into()))?;
+    let mut tiling = job.tiling;
+    let upscaled = loop {
+        match tiled(&mut *target.sink, upscaler, &input, tiling, target.index) {
+            Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {
+                tiling = halved(tiling);
+                tracing::warn!(
+                    tile = tiling.tile,
+                    "device out of memory while upscaling; retrying with smaller tiles"
+                );
+                engine.free_memory(target.keep);
+            }
+            other => break other?,
+        }
+    };
+    let (width, height) = (image.width * job.factor, image.height * job.factor);
+    let resized = if upscaled.dimensions() == (width, height) {
+        upscaled
+    } else {
+        lanczos_resize(&upscaled, width, height)
+    };
+    Ok(RgbImage {
+        width,
+        height,
+        pixels: resized.into_raw(),
+    })
 }
 
 /// Half the tile and overlap (the overlap kept below half the tile).

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::error::EngineError;
 use crate::engine::registry::ModelEntry;
-use crate::jobs::{JobControl, JobError, JobEvent, JobSpec, StopReason};
+use crate::jobs::{JobControl, JobError, JobEvent, JobWork, StopReason};
 use crate::telemetry::Metrics;
 
 /// How many finished jobs are remembered (so that cancelling one answers "finished").
@@ -58,7 +58,7 @@ pub struct Job {
     /// Who submitted it (see [`JobQueue::cancel`]).
     pub owner: String,
     /// What to do.
-    pub spec: JobSpec,
+    pub work: JobWork,
     /// Where events go.
     pub events: mpsc::Sender<JobEvent>,
     /// Stop requests.
@@ -258,7 +258,7 @@ impl JobQueue {
     /// Enqueues `owner`'s job holding `place`, as a child of the current span.
     pub fn submit(
         &self,
-        spec: JobSpec,
+        work: JobWork,
         owner: &str,
         place: QueuePlace,
         buffer: usize,
@@ -267,7 +267,7 @@ impl JobQueue {
         let control = Arc::new(JobControl::default());
         {
             let mut ledger = lock(&self.ledger);
-            if let Some(client_id) = &spec.client_job_id {
+            if let Some(client_id) = work.client_job_id() {
                 let key = (owner.to_string(), client_id.clone());
                 if ledger.client_ids.contains_key(&key) {
                     return Err(JobError::DuplicateClientJobId(client_id.clone()));
@@ -284,7 +284,7 @@ impl JobQueue {
         let job = Job {
             id: id.clone(),
             owner: owner.to_string(),
-            spec,
+            work,
             events: tx,
             control: control.clone(),
             admitted_at: Instant::now(),
@@ -444,7 +444,7 @@ impl JobQueue {
             if ledger.in_flight.remove(&job.id).is_none() {
                 return;
             }
-            if let Some(client_id) = &job.spec.client_job_id {
+            if let Some(client_id) = job.work.client_job_id() {
                 ledger
                     .client_ids
                     .remove(&(job.owner.clone(), client_id.clone()));
@@ -452,7 +452,7 @@ impl JobQueue {
             ledger.finished.push_back((
                 job.id.clone(),
                 job.owner.clone(),
-                job.spec.client_job_id.clone(),
+                job.work.client_job_id().cloned(),
             ));
             while ledger.finished.len() > REMEMBERED {
                 ledger.finished.pop_front();

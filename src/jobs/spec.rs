@@ -104,6 +104,54 @@ impl PostStep {
     }
 }
 
+/// An upscale job: one image through one upscale step, then encoded.
+#[derive(Debug, Clone)]
+pub struct UpscaleSpec {
+    /// The image, as the client sent it.
+    pub image: ConditioningImage,
+    /// The upscaler, factor and tiling.
+    pub step: UpscaleJob,
+    /// How the result is encoded.
+    pub output: OutputSpec,
+    /// The client's job id.
+    pub client_job_id: Option<String>,
+}
+
+/// What a queued job does.
+#[derive(Debug, Clone)]
+pub enum JobWork {
+    /// A generation.
+    Generate(Box<JobSpec>),
+    /// An upscale of a client's image.
+    Upscale(Box<UpscaleSpec>),
+}
+
+impl JobWork {
+    /// The client's job id.
+    pub fn client_job_id(&self) -> Option<&String> {
+        match self {
+            JobWork::Generate(spec) => spec.client_job_id.as_ref(),
+            JobWork::Upscale(spec) => spec.client_job_id.as_ref(),
+        }
+    }
+
+    /// The model that names the job in logs and spans (the base model, or the upscaler).
+    pub fn main_model(&self) -> &ModelEntry {
+        match self {
+            JobWork::Generate(spec) => &spec.model,
+            JobWork::Upscale(spec) => &spec.step.model,
+        }
+    }
+
+    /// How many images it makes.
+    pub fn images(&self) -> usize {
+        match self {
+            JobWork::Generate(spec) => spec.params.num_images,
+            JobWork::Upscale(_) => 1,
+        }
+    }
+}
+
 /// A validated job.
 #[derive(Debug, Clone)]
 pub struct JobSpec {

@@ -11,7 +11,10 @@ use crate::engine::request::BatchMode;
 use crate::jobs::emit::{Emit, Forwarder, ServerSink};
 use crate::jobs::engine::Engine;
 use crate::jobs::runner::{run_job, RunOptions};
-use crate::jobs::{AdminOp, AdminRequest, Job, JobError, JobEvent, JobQueue, Outcome, Work};
+use crate::jobs::upscale_job::run_upscale;
+use crate::jobs::{
+    AdminOp, AdminRequest, Job, JobError, JobEvent, JobQueue, JobWork, Outcome, Work,
+};
 use crate::telemetry::Metrics;
 
 /// Runs work until the queue is closed. Call on a dedicated OS thread. A client that
@@ -59,8 +62,8 @@ fn run_one(
         "job",
         otel.name = "sdxld.job",
         job.id = %job.id,
-        model = %job.spec.model.name,
-        images = job.spec.params.num_images,
+        model = %job.work.main_model().name,
+        images = job.work.images(),
     );
     let _entered = span.enter();
     let (tx, rx) = mpsc::channel();
@@ -95,14 +98,12 @@ fn run_one(
     // A panic anywhere in the job (libtorch raises through panics) fails this job only.
     let result = EngineError::catch(|| {
         let admitted_at = job.admitted_at;
-        Ok(run_job(
-            engine,
-            &job.spec,
-            options,
-            &mut sink,
-            metrics,
-            admitted_at,
-        ))
+        Ok(match &job.work {
+            JobWork::Generate(spec) => {
+                run_job(engine, spec, options, &mut sink, metrics, admitted_at)
+            }
+            JobWork::Upscale(spec) => run_upscale(engine, spec, &mut sink, metrics, admitted_at),
+        })
     })
     .unwrap_or_else(|e| Err(e.into()));
     if let Err(JobError::Engine(e)) = &result {

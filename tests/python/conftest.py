@@ -42,11 +42,18 @@ def stubs(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, lora_root: Path):
+    def __init__(self, lora_root: Path, upscaler_root: Path):
         binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
         # The LoRA root starts empty; tests write adapters into it (names resolve per request).
         self.lora_root = lora_root
-        env = dict(os.environ, SDXLD__SERVER__METRICS_LISTEN="", SDXLD__ENGINE__DEVICE="cpu", SDXLD__MODELS__LORA_ROOTS=str(lora_root))
+        self.upscaler_root = upscaler_root
+        env = dict(
+            os.environ,
+            SDXLD__SERVER__METRICS_LISTEN="",
+            SDXLD__ENGINE__DEVICE="cpu",
+            SDXLD__MODELS__LORA_ROOTS=str(lora_root),
+            SDXLD__MODELS__UPSCALER_ROOTS=str(upscaler_root),
+        )
         self.process = subprocess.Popen(
             [binary, "serve", "--listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE,
@@ -76,7 +83,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(stubs, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("loras"))
+    s = Server(tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("upscalers"))
     channel = grpc.insecure_channel(s.address)
     health = stubs.health_grpc.HealthStub(channel)
     deadline = time.time() + 120

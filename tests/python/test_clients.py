@@ -110,6 +110,36 @@ def test_python_client_loras(stubs, server, tmp_path):
     assert bad_request_fields(stubs, caught.value) == ["spec.loras[0].weight"]
 
 
+def test_python_client_upscales_as_spandrel_does(stubs, server):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    model = Compact(num_feat=8, num_conv=2, upscale=2).eval()
+    state = {f"params.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(server.upscaler_root / "compact.safetensors"))
+    pixels = np.random.default_rng(1).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    step = stubs.gen.UpscaleStep(model="compact", tile_overlap=0)
+    events = list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step)))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "accepted" and kinds[-1] == "completed" and kinds.count("image") == 1
+    image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)
+    expected = (expected[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    assert image.shape == (26, 42, 3)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+    with pytest.raises(grpc.RpcError) as caught:
+        list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=stubs.gen.UpscaleStep(model="compact", factor=4))))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["upscale.factor"]
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""

@@ -10,6 +10,8 @@ mod images;
 mod model;
 mod output;
 mod postprocess;
+
+pub use postprocess::to_upscale_spec;
 pub mod preprocessor;
 mod refiner;
 mod sampling;
@@ -161,7 +163,7 @@ fn check(
         .chain(refiner.as_ref().map(|r| &r.model))
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
-    let output = output::output(spec.output.as_ref(), v);
+    let output = output::output(spec.output.as_ref(), "spec.", v);
     let frame = postprocess::Frame {
         registry,
         size,
@@ -169,7 +171,7 @@ fn check(
         format: output.format,
     };
     let post_processing = postprocess::post_processing(&spec.post_processing, &frame, v, deferred);
-    let client_job_id = output::client_job_id(&spec.client_job_id, v);
+    let client_job_id = output::client_job_id(&spec.client_job_id, "spec.", v);
     unimplemented_combinations(spec, deferred);
     Parts {
         model,

@@ -5,13 +5,13 @@ use crate::jobs::OutputSpec;
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
-/// `spec.output`.
-pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
+/// `output` under `prefix` (`spec.` in a generation, empty in an upscale request).
+pub fn output(o: Option<&pb::OutputOptions>, prefix: &str, v: &mut Violations) -> OutputSpec {
     let default = pb::OutputOptions::default();
     let o = o.unwrap_or(&default);
     if o.quality > 100 {
         v.add(
-            "spec.output.quality",
+            format!("{prefix}output.quality"),
             format!(
                 "must be between 1 and 100 (0 for the default), got {}",
                 o.quality
@@ -20,11 +20,11 @@ pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
     }
     at_most(
         v,
-        "spec.output.preview_every_n_steps",
+        &format!("{prefix}output.preview_every_n_steps"),
         o.preview_every_n_steps,
         1000,
     );
-    let format = match enum_value(v, "spec.output.format", o.format) {
+    let format = match enum_value(v, &format!("{prefix}output.format"), o.format) {
         Some(pb::ImageFormat::Jpeg) => OutputFormat::Jpeg,
         Some(pb::ImageFormat::Webp) => OutputFormat::Webp,
         Some(pb::ImageFormat::LatentsSafetensors) => OutputFormat::Latents,
@@ -43,12 +43,12 @@ pub fn output(o: Option<&pb::OutputOptions>, v: &mut Violations) -> OutputSpec {
     }
 }
 
-/// `spec.client_job_id`: at most 128 characters; empty for none.
-pub fn client_job_id(id: &str, v: &mut Violations) -> Option<String> {
+/// `client_job_id` under `prefix`: at most 128 characters; empty for none.
+pub fn client_job_id(id: &str, prefix: &str, v: &mut Violations) -> Option<String> {
     let n = id.chars().count();
     if n > 128 {
         v.add(
-            "spec.client_job_id",
+            format!("{prefix}client_job_id"),
             format!("must be at most 128 characters, got {n} characters"),
         );
     }

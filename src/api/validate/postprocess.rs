@@ -1,12 +1,17 @@
-//! `spec.post_processing`: each step's model, factor and tiling, checked against the
-//! upscaler's native scale and the size each step makes.
+//! `spec.post_processing` and the Upscale RPC's request: each step's model, factor and
+//! tiling, checked against the upscaler's native scale and the size each step makes.
 
+use std::sync::Arc;
+
+use crate::api::status::ApiError;
 use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::images::decode_image;
 use crate::api::validate::model::named;
-use crate::api::validate::Deferred;
+use crate::api::validate::output::{client_job_id, output};
+use crate::api::validate::{Context, Deferred};
 use crate::engine::registry::{ModelKind, Registry};
 use crate::engine::upscale::tiles::Tiling;
-use crate::jobs::{PostStep, UpscaleJob};
+use crate::jobs::{ConditioningImage, PostStep, UpscaleJob, UpscaleSpec};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
@@ -150,4 +155,53 @@ fn tiling(p: &str, u: &pb::UpscaleStep, v: &mut Violations) -> Option<Tiling> {
         pad: i64::from(TILE_PAD),
         overlap: i64::from(overlap),
     })
+}
+
+/// An Upscale request, checked: the image decoded and the step resolved.
+pub fn to_upscale_spec(
+    request: pb::UpscaleRequest,
+    ctx: &Context,
+) -> Result<UpscaleSpec, ApiError> {
+    let mut v = Violations::default();
+    let mut deferred = Deferred::default();
+    let limits = ctx.limits;
+    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
+    let image = if request.image.is_empty() {
+        v.add("image", "is required");
+        None
+    } else {
+        decode_image(&request.image, "image", max_pixels, &mut v)
+    };
+    let output = output(request.output.as_ref(), "", &mut v);
+    if output.format == OutputFormat::Latents {
+        v.add("output.format", "must be an image format for an upscale");
+    }
+    let client_job_id = client_job_id(&request.client_job_id, "", &mut v);
+    let frame = Frame {
+        registry: ctx.registry,
+        size: image.as_ref().map_or((0, 0), |i| (i.width(), i.height())),
+        max_pixels,
+        format: output.format,
+    };
+    let mut size = (u64::from(frame.size.0), u64::from(frame.size.1));
+    let step = match &request.upscale {
+        Some(u) => upscale("upscale", u, &frame, &mut size, &mut v, &mut deferred),
+        None => {
+            v.add("upscale", "is required");
+            None
+        }
+    };
+    v.into_result()?;
+    deferred.into_result()?;
+    match (image, step) {
+        (Some(image), Some(step)) => Ok(UpscaleSpec {
+            image: ConditioningImage(Arc::new(image)),
+            step,
+            output,
+            client_job_id,
+        }),
+        _ => Err(ApiError::Internal(
+            "a valid request without its parts".into(),
+        )),
+    }
 }

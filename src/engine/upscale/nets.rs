@@ -18,10 +18,13 @@ fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
     Conv2d::load(&vp.pp(name), input, output, 3, 1, 1)
 }
 
-/// LeakyReLU with ESRGAN's slope: torch's own kernel (its backward with the input as the
-/// gradient computes `x > 0 ? x : x * slope`), since tch exposes no slope argument.
-fn leaky(x: &Tensor) -> Tensor {
-    x.leaky_relu_backward(x, RRDB_SLOPE, false)
+/// LeakyReLU with ESRGAN's slope, written over `x` as the reference's in-place LeakyReLU
+/// does (the full-resolution features are a tile's largest tensors): torch's own kernel,
+/// its backward with the input as the gradient (`x > 0 ? x : x * slope`), since tch's
+/// `leaky_relu` takes no slope.
+fn leaky_in_place(x: Tensor) -> Tensor {
+    let _ = x.leaky_relu_backward_grad_input(&x, &x, RRDB_SLOPE, false);
+    x
 }
 
 /// A residual dense block: five convolutions over the concatenated earlier outputs.
@@ -144,9 +147,11 @@ impl Rrdb {
         for up in &self.ups {
             let size = y.size();
             let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
-            y = leaky(&up.forward(&upsampled));
+            y = leaky_in_place(up.forward(&upsampled));
         }
-        let y = self.conv_last.forward(&leaky(&self.conv_hr.forward(&y)));
+        let y = self
+            .conv_last
+            .forward(&leaky_in_place(self.conv_hr.forward(&y)));
         let scale = (1 << self.upsamplings) / self.unshuffle;
         y.narrow(2, 0, height * scale).narrow(3, 0, width * scale)
     }
