@@ -239,7 +239,7 @@ async fn bad_steps_are_refused_naming_their_field_and_the_server_serves_on() {
 async fn upscale_call(
     server: &TestServer,
     request: pb::UpscaleRequest,
-) -> (Vec<pb::generate_response::Event>, Result<(), tonic::Status>) {
+) -> (Vec<pb::upscale_response::Event>, Result<(), tonic::Status>) {
     use tokio_stream::StreamExt;
     let mut stream = match server.generation().await.upscale(request).await {
         Ok(r) => r.into_inner(),
@@ -257,7 +257,7 @@ async fn upscale_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
-    use pb::generate_response::Event;
+    use pb::upscale_response::Event;
     let (dir, server) = server().await;
     let compact = name_of(&server, "compact_x2").await;
     let png =

@@ -200,23 +200,41 @@ fn stop(admitted: &Admitted, state: &ApiState, reason: StopReason) {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
 
-/// Forwards a job's events to a streaming client until the job ends or the client
-/// leaves.
-async fn relay(
+/// A stream's message of each job event (`None`: the stream has no such event).
+type Wrap<M> = fn(Event) -> Option<M>;
+
+fn generate_message(event: Event) -> Option<pb::GenerateResponse> {
+    Some(pb::GenerateResponse { event: Some(event) })
+}
+
+fn upscale_message(event: Event) -> Option<pb::UpscaleResponse> {
+    use pb::upscale_response::Event as Up;
+    let event = match event {
+        Event::Accepted(a) => Up::Accepted(a),
+        Event::Progress(p) => Up::Progress(p),
+        Event::Image(i) => Up::Image(i),
+        Event::Completed(c) => Up::Completed(c),
+        Event::ControlMap(_) => return None,
+    };
+    Some(pb::UpscaleResponse { event: Some(event) })
+}
+
+/// Forwards a job's events to a streaming client, each as `wrap` makes it, until the job
+/// ends or the client leaves.
+async fn relay<M: Send + 'static>(
     mut admitted: Admitted,
     accepted: pb::JobAccepted,
     deadline: Option<Instant>,
-    tx: mpsc::Sender<Result<pb::GenerateResponse, Status>>,
+    tx: mpsc::Sender<Result<M, Status>>,
     state: Arc<ApiState>,
+    wrap: Wrap<M>,
 ) {
-    let message = |event| pb::GenerateResponse { event: Some(event) };
-    if tx
-        .send(Ok(message(Event::Accepted(accepted))))
-        .await
-        .is_err()
-    {
-        stop(&admitted, &state, departure(deadline));
-        return;
+    let send = |event| wrap(event).map(Ok);
+    if let Some(message) = send(Event::Accepted(accepted)) {
+        if tx.send(message).await.is_err() {
+            stop(&admitted, &state, departure(deadline));
+            return;
+        }
     }
     loop {
         let closed_tx = tx.clone();
@@ -227,7 +245,9 @@ async fn relay(
             Some(JobEvent::ControlMap(c)) => Event::ControlMap(convert::control_map(c)),
             Some(JobEvent::Completed(report)) => {
                 let completed = convert::completed(&admitted.id, report);
-                let _ = tx.send(Ok(message(Event::Completed(completed)))).await;
+                if let Some(message) = send(Event::Completed(completed)) {
+                    let _ = tx.send(message).await;
+                }
                 return;
             }
             Some(JobEvent::Failed(e)) => {
@@ -236,7 +256,10 @@ async fn relay(
             }
             None => return,
         };
-        if tx.send(Ok(message(event))).await.is_err() {
+        let Some(message) = send(event) else {
+            continue;
+        };
+        if tx.send(message).await.is_err() {
             stop(&admitted, &state, departure(deadline));
             return;
         }
@@ -256,13 +279,20 @@ impl GenerationService for Generation {
             .await
             .map_err(|e| self.status(e))?;
         let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let task = relay(admitted, accepted, deadline, tx, self.state.clone());
+        let task = relay(
+            admitted,
+            accepted,
+            deadline,
+            tx,
+            self.state.clone(),
+            generate_message,
+        );
         // The relay continues the RPC's span.
         tokio::spawn(task.instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type UpscaleStream = EventStream;
+    type UpscaleStream = Pin<Box<dyn Stream<Item = Result<pb::UpscaleResponse, Status>> + Send>>;
 
     async fn upscale(
         &self,
@@ -273,7 +303,14 @@ impl GenerationService for Generation {
             .await
             .map_err(|e| self.status(e))?;
         let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let task = relay(admitted, accepted, deadline, tx, self.state.clone());
+        let task = relay(
+            admitted,
+            accepted,
+            deadline,
+            tx,
+            self.state.clone(),
+            upscale_message,
+        );
         tokio::spawn(task.instrument(tracing::Span::current()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
