@@ -304,7 +304,7 @@ async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
     });
     let mut health = HealthClient::new(server.channel().await);
     let mut models = server.models().await;
-    let (mut slowest_health, mut slowest_list, mut answered) = (Duration::ZERO, Duration::ZERO, 0);
+    let (mut health_times, mut list_times) = (Vec::new(), Vec::new());
     while !job.is_finished() {
         let start = Instant::now();
         health
@@ -328,24 +328,26 @@ async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
             break;
         }
         assert_eq!(listed.len(), 1);
-        slowest_health = slowest_health.max(health_took);
-        slowest_list = slowest_list.max(list_took);
-        answered += 1;
+        health_times.push(health_took);
+        list_times.push(list_took);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = job.await.expect("the job's stream");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let answered = health_times.len();
     assert!(
         answered >= 5,
         "only {answered} checks while the LoRA loaded"
     );
-    for (what, slowest) in [
-        ("a health check", slowest_health),
-        ("a listing", slowest_list),
-    ] {
+    // Typical calls answer at once; a call held up by the hashing or the load would wait
+    // for it (seconds). The slowest bound leaves room for the scheduling hiccups of two
+    // loaded cores, which are no blocking.
+    for (what, mut times) in [("health checks", health_times), ("listings", list_times)] {
+        times.sort();
+        let (median, slowest) = (times[times.len() / 2], times[times.len() - 1]);
         assert!(
-            slowest < Duration::from_millis(50),
-            "{what} took {slowest:?} while a model was hashed and loaded"
+            median < Duration::from_millis(50) && slowest < Duration::from_millis(1000),
+            "{what} took {median:?} (median) and {slowest:?} (slowest) while a model was hashed and loaded"
         );
     }
     // Once hashed, the listing shows the hash the job computed.
