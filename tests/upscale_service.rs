@@ -240,19 +240,9 @@ async fn upscale_call(
     server: &TestServer,
     request: pb::UpscaleRequest,
 ) -> (Vec<pb::upscale_response::Event>, Result<(), tonic::Status>) {
-    use tokio_stream::StreamExt;
-    let mut stream = match server.generation().await.upscale(request).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return (Vec::new(), Err(status)),
-    };
-    let mut events = Vec::new();
-    loop {
-        match stream.next().await {
-            Some(Ok(message)) => events.extend(message.event),
-            Some(Err(status)) => return (events, Err(status)),
-            None => return (events, Ok(())),
-        }
-    }
+    let started = server.generation().await.upscale(request).await;
+    let (messages, end) = common::server::drain(started).await;
+    (messages.into_iter().filter_map(|m| m.event).collect(), end)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

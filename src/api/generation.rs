@@ -36,6 +36,19 @@ impl Generation {
         Self { state }
     }
 
+    /// The stream of an admitted job's events, each as `wrap` makes it; the relay
+    /// continues the RPC's span.
+    fn stream<M: Send + 'static>(
+        &self,
+        (accepted, admitted, deadline): (pb::JobAccepted, Admitted, Option<Instant>),
+        wrap: Wrap<M>,
+    ) -> Response<Events<M>> {
+        let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
+        let task = relay(admitted, accepted, deadline, tx, self.state.clone(), wrap);
+        tokio::spawn(task.instrument(tracing::Span::current()));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+
     fn status(&self, error: ApiError) -> Status {
         self.state.status(error)
     }
@@ -198,7 +211,9 @@ fn stop(admitted: &Admitted, state: &ApiState, reason: StopReason) {
     admitted.control.stop(reason);
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send>>;
+/// A stream of a job's events as messages `M`.
+type Events<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+type EventStream = Events<pb::GenerateResponse>;
 
 /// A stream's message of each job event (`None`: the stream has no such event).
 type Wrap<M> = fn(Event) -> Option<M>;
@@ -274,45 +289,24 @@ impl GenerationService for Generation {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (accepted, admitted, deadline) = self
+        let started = self
             .start(request, |r, ctx| generation(r.spec, ctx))
             .await
             .map_err(|e| self.status(e))?;
-        let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let task = relay(
-            admitted,
-            accepted,
-            deadline,
-            tx,
-            self.state.clone(),
-            generate_message,
-        );
-        // The relay continues the RPC's span.
-        tokio::spawn(task.instrument(tracing::Span::current()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.stream(started, generate_message))
     }
 
-    type UpscaleStream = Pin<Box<dyn Stream<Item = Result<pb::UpscaleResponse, Status>> + Send>>;
+    type UpscaleStream = Events<pb::UpscaleResponse>;
 
     async fn upscale(
         &self,
         request: Request<pb::UpscaleRequest>,
     ) -> Result<Response<Self::UpscaleStream>, Status> {
-        let (accepted, admitted, deadline) = self
+        let started = self
             .start(request, upscale_job)
             .await
             .map_err(|e| self.status(e))?;
-        let (tx, rx) = mpsc::channel(self.state.settings.jobs.stream_buffer);
-        let task = relay(
-            admitted,
-            accepted,
-            deadline,
-            tx,
-            self.state.clone(),
-            upscale_message,
-        );
-        tokio::spawn(task.instrument(tracing::Span::current()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.stream(started, upscale_message))
     }
 
     async fn generate_images(

@@ -108,19 +108,9 @@ impl TestServer {
         &self,
         request: tonic::Request<pb::GenerateRequest>,
     ) -> (Vec<pb::generate_response::Event>, Result<(), tonic::Status>) {
-        use tokio_stream::StreamExt;
-        let mut stream = match self.generation().await.generate(request).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => return (Vec::new(), Err(status)),
-        };
-        let mut events = Vec::new();
-        loop {
-            match stream.next().await {
-                Some(Ok(message)) => events.extend(message.event),
-                Some(Err(status)) => return (events, Err(status)),
-                None => return (events, Ok(())),
-            }
-        }
+        let started = self.generation().await.generate(request).await;
+        let (messages, end) = drain(started).await;
+        (messages.into_iter().filter_map(|m| m.event).collect(), end)
     }
 
     /// A Generate of `spec` on a connection of its own, admitted: the open stream, its
@@ -258,4 +248,24 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .into_iter()
         .map(|v| v.field)
         .collect()
+}
+
+/// Every message of a server stream (or the call's refusal), and how it ended.
+#[allow(dead_code)]
+pub async fn drain<M>(
+    started: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+) -> (Vec<M>, Result<(), tonic::Status>) {
+    use tokio_stream::StreamExt;
+    let mut stream = match started {
+        Ok(r) => r.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut messages = Vec::new();
+    loop {
+        match stream.next().await {
+            Some(Ok(message)) => messages.push(message),
+            Some(Err(status)) => return (messages, Err(status)),
+            None => return (messages, Ok(())),
+        }
+    }
 }
