@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::api::validate::fields::{
     enum_value, float, model_name, optional_float, Range, Violations,
 };
-use crate::api::validate::images::decode_image;
+use crate::api::validate::images::required_image;
 use crate::api::validate::model::named;
 use crate::api::validate::preprocessor::{preprocessor, Subject};
 use crate::api::validate::Deferred;
@@ -156,12 +156,7 @@ impl Check<'_> {
     ) -> Option<ControlInput> {
         let prefix = format!("{}{sub}.", self.p);
         let field = format!("{prefix}image");
-        let decoded = if image.is_empty() {
-            v.add(&field, "is required");
-            None
-        } else {
-            decode_image(image, &field, self.max_pixels, v)
-        };
+        let decoded = required_image(image, &field, self.max_pixels, v);
         let subject = Subject {
             image: decoded.as_ref(),
             max_pixels: self.max_pixels,

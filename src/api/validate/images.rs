@@ -56,6 +56,25 @@ pub fn decode(bytes: &[u8], field: &str, max_pixels: u64, v: &mut Violations) ->
     })
 }
 
+/// The most pixels an image in a request may have: four times the largest output.
+pub fn max_image_pixels(limits: &crate::config::Limits) -> u64 {
+    u64::from(limits.max_width) * u64::from(limits.max_height) * 4
+}
+
+/// A required image field: "is required" when empty, else [`decode_image`].
+pub fn required_image(
+    bytes: &[u8],
+    field: &str,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<image::DynamicImage> {
+    if bytes.is_empty() {
+        v.add(field, "is required");
+        return None;
+    }
+    decode_image(bytes, field, max_pixels, v)
+}
+
 /// Decodes `bytes` (PNG, JPEG or WebP) as stored (grey, alpha and 16-bit kept); a
 /// violation when it does not decode or is larger than `max_pixels`.
 pub fn decode_image(

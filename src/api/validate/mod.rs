@@ -114,7 +114,7 @@ fn check(
     deferred: &mut Deferred,
 ) -> Parts {
     let (limits, registry) = (ctx.limits, ctx.registry);
-    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
+    let max_pixels = images::max_image_pixels(limits);
     // 1. the model and the init image, which decide the default size
     let model = model::base(spec, registry, v, deferred);
     let init = spec

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::api::status::ApiError;
 use crate::api::validate::fields::{model_name, Violations};
-use crate::api::validate::images::decode_image;
+use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::model::named;
 use crate::api::validate::output::{client_job_id, output};
 use crate::api::validate::{Context, Deferred};
@@ -165,13 +165,8 @@ pub fn to_upscale_spec(
     let mut v = Violations::default();
     let mut deferred = Deferred::default();
     let limits = ctx.limits;
-    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
-    let image = if request.image.is_empty() {
-        v.add("image", "is required");
-        None
-    } else {
-        decode_image(&request.image, "image", max_pixels, &mut v)
-    };
+    let max_pixels = max_image_pixels(limits);
+    let image = required_image(&request.image, "image", max_pixels, &mut v);
     let output = output(request.output.as_ref(), "", &mut v);
     if output.format == OutputFormat::Latents {
         v.add("output.format", "must be an image format for an upscale");

@@ -4,7 +4,7 @@
 
 use crate::api::status::ApiError;
 use crate::api::validate::fields::{at_most, enum_value, Violations};
-use crate::api::validate::images::decode_image;
+use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
@@ -113,13 +113,8 @@ pub fn preprocess_request(
 ) -> Result<(image::DynamicImage, Preprocessing), ApiError> {
     let mut v = Violations::default();
     let mut deferred = Deferred::default();
-    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height) * 4;
-    let image = if request.image.is_empty() {
-        v.add("image", "is required");
-        None
-    } else {
-        decode_image(&request.image, "image", max_pixels, &mut v)
-    };
+    let max_pixels = max_image_pixels(limits);
+    let image = required_image(&request.image, "image", max_pixels, &mut v);
     let subject = Subject {
         image: image.as_ref(),
         max_pixels,
