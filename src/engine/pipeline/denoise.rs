@@ -153,7 +153,7 @@ impl SdxlPipeline {
         noise: &mut NoiseStream,
         on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
     ) -> Result<ControlFlow<B, Tensor>> {
-        let handoff = matches!(from, Start::Handoff { .. });
+        let handoff = from.continues();
         self.check(p, handoff)?;
         self.check_controls(p, controls)?;
         if p.num_images > 1 && (handoff || self.needs_own_generators(p)?) {

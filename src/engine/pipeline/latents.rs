@@ -44,6 +44,11 @@ impl SdxlPipeline {
                     self.image_latents(None, Some(latents), add_noise, scheduler, start, noise)?;
                 Ok((latents, None))
             }
+            (Start::Image { image, .. }, _) => {
+                let latents =
+                    self.image_latents(Some(image), None, add_noise, scheduler, start, noise)?;
+                Ok((latents, None))
+            }
             (Start::Request, None) => {
                 if !takes_latents_only {
                     return Err(EngineError::InvalidRequest(
@@ -66,8 +71,9 @@ impl SdxlPipeline {
                     ));
                 }
                 noise.seed(p.seed);
+                let image = init.to_tensor();
                 let latents =
-                    self.image_latents(Some(init), None, add_noise, scheduler, start, noise)?;
+                    self.image_latents(Some(&image), None, add_noise, scheduler, start, noise)?;
                 Ok((latents, None))
             }
         }
@@ -127,12 +133,13 @@ impl SdxlPipeline {
     }
 
     /// Image to image (StableDiffusionXLImg2ImgPipeline's prepare_latents): the VAE
-    /// latents of the init image (or latents from an earlier stage), noised to timestep
+    /// latents of an image ([1, 3, H, W] in [-1, 1]; or latents from an earlier stage),
+    /// noised to timestep
     /// `start` unless the start is a `denoising_start`. Draws the latent sample first,
     /// then the noise.
     pub(super) fn image_latents(
         &self,
-        image: Option<&InitImage>,
+        image: Option<&Tensor>,
         latents: Option<&Tensor>,
         add_noise: bool,
         scheduler: &dyn Scheduler,
@@ -142,7 +149,7 @@ impl SdxlPipeline {
         let device = self.placement.device;
         let latents = match (image, latents) {
             (_, Some(latents)) => latents.to_device(device).to_kind(Kind::Float),
-            (Some(image), None) => self.encode_sample(&image.to_tensor(), noise),
+            (Some(image), None) => self.encode_sample(image, noise),
             (None, None) => {
                 return Err(EngineError::InvalidRequest(
                     "image to image needs an image or latents".into(),

@@ -55,20 +55,34 @@ pub enum Start<'a> {
     /// From the request: noise, or its init image (and mask) at its strength or
     /// `denoising_start`.
     Request,
-    /// From an earlier stage's latents of one image (a refiner taking over).
+    /// From an earlier stage's latents of one image (a refiner taking over, a hires pass
+    /// on enlarged latents).
     Handoff {
         /// [1, C, h, w] latents.
         latents: &'a Tensor,
         /// Where the schedule is entered.
         entry: Entry,
     },
+    /// From an earlier stage's image, encoded with the VAE on the run's generator as it
+    /// stands (a hires pass on an upscaled image; the generator is not seeded again).
+    Image {
+        /// [1, 3, H, W] float32 in [-1, 1].
+        image: &'a Tensor,
+        /// Where the schedule is entered.
+        entry: Entry,
+    },
 }
 
 impl Start<'_> {
+    /// Whether the run continues an earlier stage of the same image.
+    fn continues(&self) -> bool {
+        !matches!(self, Start::Request)
+    }
+
     /// Where an image-based start enters the schedule (`None` from noise).
     fn entry(&self, p: &GenerateParams) -> Option<Entry> {
         match self {
-            Start::Handoff { entry, .. } => Some(*entry),
+            Start::Handoff { entry, .. } | Start::Image { entry, .. } => Some(*entry),
             Start::Request => p.init_image.as_ref().map(InitImage::entry),
         }
     }
