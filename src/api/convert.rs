@@ -20,6 +20,8 @@ pub fn stage(stage: Stage) -> pb::Stage {
         Stage::Preprocessing => pb::Stage::Preprocessing,
         Stage::Decoding => pb::Stage::Decoding,
         Stage::PostProcessing => pb::Stage::PostProcessing,
+        Stage::HiresUpscaling => pb::Stage::HiresUpscaling,
+        Stage::HiresDenoising => pb::Stage::HiresDenoising,
     }
 }
 

@@ -295,6 +295,7 @@ impl ModelService for Models {
             ("init_image.denoising_start", true),
             ("micro_conditioning.aesthetic_score", true),
             ("post_processing", true),
+            ("hires", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

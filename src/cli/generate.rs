@@ -116,7 +116,10 @@ impl JobSink for FileSink<'_> {
     fn progress(&mut self, progress: StepProgress) {
         let Some(bar) = &self.bar else { return };
         bar.set_message(progress.stage.label());
-        if matches!(progress.stage, Stage::Denoising | Stage::Refining) {
+        if matches!(
+            progress.stage,
+            Stage::Denoising | Stage::Refining | Stage::HiresDenoising
+        ) {
             bar.set_length(u64::from(progress.total));
             bar.set_position(u64::from(progress.step));
         }

@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod files;
 pub mod hashes;
+pub mod hires;
 pub mod loading;
 pub mod lora;
 pub mod models;

@@ -27,6 +27,10 @@ pub enum Stage {
     Decoding,
     /// Post-processing (encoding the outputs).
     PostProcessing,
+    /// A hires pass enlarging the first pass's result.
+    HiresUpscaling,
+    /// A hires pass's denoising at the final size.
+    HiresDenoising,
 }
 
 impl Stage {
@@ -41,6 +45,8 @@ impl Stage {
             Stage::Refining => "refining",
             Stage::Decoding => "decoding",
             Stage::PostProcessing => "post_processing",
+            Stage::HiresUpscaling => "hires_upscaling",
+            Stage::HiresDenoising => "hires_denoising",
         }
     }
 }
@@ -54,6 +60,19 @@ pub struct RgbImage {
     pub height: u32,
     /// `width * height * 3` bytes.
     pub pixels: Vec<u8>,
+}
+
+impl RgbImage {
+    /// An [H, W, 3] uint8 tensor as an RGB image.
+    pub fn from_hwc(image: &tch::Tensor) -> Result<Self, crate::engine::error::EngineError> {
+        let size = image.size();
+        let pixels = Vec::<u8>::try_from(image.contiguous().flatten(0, -1))?;
+        Ok(Self {
+            width: size[1] as u32,
+            height: size[0] as u32,
+            pixels,
+        })
+    }
 }
 
 /// An image encoded for a client.

@@ -48,7 +48,7 @@ impl JobRun<'_> {
         let element = engine.placement().kind.elt_size_in_bytes() as u64;
         let lora_copies = lora::merged_bytes(&lora_files, element)?;
         let paths: Vec<_> = spec.models().map(model_path).collect();
-        let lora_mode = engine.make_room(&paths, &spec.params, lora_copies)?;
+        let lora_mode = engine.make_room(&paths, &spec.largest_pass(), lora_copies)?;
         let mut base = engine.pipeline(&spec.model)?;
         let mut refined = match &spec.refiner {
             Some(job) => Some(engine.pipeline(&job.model)?),
@@ -66,6 +66,9 @@ impl JobRun<'_> {
             (Some(r), Some(job)) => refiner::validate(&base, r, &spec.params, &job.params)?,
             _ => base.validate(&spec.params)?,
         }
+        if spec.hires.is_some() {
+            base.validate(&spec.largest_pass())?;
+        }
         let mut loras = Vec::with_capacity(spec.loras.len());
         for job in &spec.loras {
             loras.push(JobLora {
@@ -80,6 +83,10 @@ impl JobRun<'_> {
             .iter()
             .map(|step| engine.upscaler(step.model()))
             .collect::<Result<Vec<_>, _>>()?;
+        let hires_upscaler = match spec.hires.as_ref().and_then(|h| h.upscaler.as_ref()) {
+            Some(model) => Some(engine.upscaler(model)?),
+            None => None,
+        };
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -89,6 +96,7 @@ impl JobRun<'_> {
             refiner: refined,
             controlnets,
             upscalers,
+            hires_upscaler,
             _adapters: adapters,
         });
         Ok(())
@@ -149,6 +157,8 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
             .iter()
             .map(|c| used(&c.model, ModelKind::ControlNet, c.unit.scale as f32)),
     );
+    let hires_upscaler = spec.hires.as_ref().and_then(|h| h.upscaler.as_ref());
+    models.extend(hires_upscaler.map(|m| used(m, ModelKind::Upscaler, 0.0)));
     models.extend(
         spec.post_processing
             .iter()

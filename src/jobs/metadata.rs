@@ -2,6 +2,7 @@
 //! read) and the resolved request that replays it exactly.
 
 use crate::engine::control::{ControlMode, ResizeMode};
+use crate::engine::hires::Enlarge;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::ModelKind;
 use crate::engine::request::RefinerMode;
@@ -99,8 +100,31 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             }
         }
     }
+    text.push_str(&hires_entries(spec));
     text.push_str(&postprocess_entries(spec));
     text
+}
+
+/// The hires pass as A1111 writes it (`Hires upscale` or `Hires resize`, `Hires steps`,
+/// `Hires upscaler`, `Denoising strength`, and its guidance and sampler).
+fn hires_entries(spec: &JobSpec) -> String {
+    let Some(hires) = &spec.hires else {
+        return String::new();
+    };
+    let h = &hires.params;
+    let size = match hires.scale {
+        Some(scale) => format!("Hires upscale: {scale}"),
+        None => format!("Hires resize: {}x{}", h.width, h.height),
+    };
+    let upscaler = match (&hires.upscaler, h.enlarge) {
+        (Some(model), _) => model.name.clone(),
+        (None, Enlarge::Latent(mode)) => mode.a1111_name().to_string(),
+        (None, Enlarge::Model(_)) => String::new(),
+    };
+    format!(
+        ", Denoising strength: {}, {size}, Hires steps: {}, Hires upscaler: {upscaler}, Hires CFG Scale: {}, Hires sampler: {}",
+        h.strength, h.steps, h.guidance_scale, hires.sampler_name
+    )
 }
 
 /// The post-processing steps as A1111's extras tab writes them (`Postprocess upscale by`,

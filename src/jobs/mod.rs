@@ -10,6 +10,8 @@ pub mod encode;
 pub mod engine;
 pub mod error;
 pub mod events;
+mod hires;
+mod images;
 mod load;
 pub mod metadata;
 mod postprocess;
@@ -27,6 +29,6 @@ pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
 pub use spec::{
-    ConditioningImage, ControlInput, ControlNetJob, JobSpec, JobWork, LoraJob, OutputSpec,
-    PostStep, RefinerJob, UpscaleJob, UpscaleSpec,
+    ConditioningImage, ControlInput, ControlNetJob, HiresJob, JobSpec, JobWork, LoraJob,
+    OutputSpec, PostStep, RefinerJob, UpscaleJob, UpscaleSpec,
 };

@@ -54,35 +54,61 @@ impl JobRun<'_> {
         let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
         let target = Target {
             sink: &mut *self.sink,
+            stage: Stage::PostProcessing,
             index,
             keep: &keep,
         };
-        upscale_image(self.engine, target, upscaler, job, image)
+        let input = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
+            .ok_or_else(|| EngineError::Internal("an image of the wrong size".into()))?;
+        let output = upscale_image(self.engine, target, upscaler, job, &input)?;
+        let (width, height) = output.dimensions();
+        Ok(RgbImage {
+            width,
+            height,
+            pixels: output.into_raw(),
+        })
     }
 }
 
-/// Where an upscale reports to: the job's sink, the image's index, and the models to
-/// keep when memory is freed.
+/// Where an upscale reports to: the job's sink, the stage and image its tiles count for,
+/// and the models to keep when memory is freed.
 pub(crate) struct Target<'a> {
     pub sink: &'a mut dyn JobSink,
+    pub stage: Stage,
     pub index: u32,
     pub keep: &'a [std::path::PathBuf],
 }
 
-/// `image` through `job`'s upscaler, tile by tile, retried with halved tiles while the
-/// device runs out of memory; resized down with Lanczos below the model's own factor.
+/// `input` through `job`'s upscaler ([`model_pass`]), resized down with Lanczos below
+/// the model's own factor.
 pub(crate) fn upscale_image(
     engine: &mut Engine,
-    target: Target<'_>,
+    mut target: Target<'_>,
     upscaler: &Upscaler,
     job: &UpscaleJob,
-    image: &RgbImage,
-) -> Result<RgbImage, JobError> {
-    let input = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
-        .ok_or_else(|| EngineError::Internal("an image of the wrong size".into()))?;
-    let mut tiling = job.tiling;
-    let upscaled = loop {
-        match tiled(&mut *target.sink, upscaler, &input, tiling, target.index) {
+    input: &image::RgbImage,
+) -> Result<image::RgbImage, JobError> {
+    let upscaled = model_pass(engine, &mut target, upscaler, job.tiling, input)?;
+    let (width, height) = (input.width() * job.factor, input.height() * job.factor);
+    Ok(if upscaled.dimensions() == (width, height) {
+        upscaled
+    } else {
+        lanczos_resize(&upscaled, width, height)
+    })
+}
+
+/// One pass of `upscaler` over `input`, tile by tile, retried with halved tiles while
+/// the device runs out of memory.
+pub(crate) fn model_pass(
+    engine: &mut Engine,
+    target: &mut Target<'_>,
+    upscaler: &Upscaler,
+    tiling: Tiling,
+    input: &image::RgbImage,
+) -> Result<image::RgbImage, JobError> {
+    let mut tiling = tiling;
+    loop {
+        match tiled(target, upscaler, input, tiling) {
             Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {
                 tiling = halved(tiling);
                 tracing::warn!(
@@ -91,20 +117,9 @@ pub(crate) fn upscale_image(
                 );
                 engine.free_memory(target.keep);
             }
-            other => break other?,
+            other => return other,
         }
-    };
-    let (width, height) = (image.width * job.factor, image.height * job.factor);
-    let resized = if upscaled.dimensions() == (width, height) {
-        upscaled
-    } else {
-        lanczos_resize(&upscaled, width, height)
-    };
-    Ok(RgbImage {
-        width,
-        height,
-        pixels: resized.into_raw(),
-    })
+    }
 }
 
 /// Half the tile and overlap (the overlap kept below half the tile).
@@ -117,16 +132,17 @@ fn halved(tiling: Tiling) -> Tiling {
     }
 }
 
-/// The upscaler over `input` tile by tile, each tile reported to `sink`, stopping when
-/// the sink says so.
+/// The upscaler over `input` tile by tile, each tile reported to the target's sink,
+/// stopping when the sink says so.
 fn tiled(
-    sink: &mut dyn JobSink,
+    target: &mut Target<'_>,
     upscaler: &Upscaler,
     input: &image::RgbImage,
     tiling: Tiling,
-    index: u32,
 ) -> Result<image::RgbImage, JobError> {
     let mut stopped: Option<StopReason> = None;
+    let (stage, index) = (target.stage, target.index);
+    let sink = &mut *target.sink;
     let result = EngineError::catch(|| {
         upscaler.upscale(input, tiling, &mut |done, total| {
             if let Some(reason) = sink.stopped() {
@@ -134,7 +150,7 @@ fn tiled(
                 return Err(EngineError::Internal("stopped between tiles".into()));
             }
             sink.progress(StepProgress {
-                stage: Stage::PostProcessing,
+                stage,
                 step: done as u32,
                 total: total as u32,
                 image_index: index,

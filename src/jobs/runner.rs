@@ -20,7 +20,7 @@ use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
 use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
 use crate::jobs::engine::Engine;
-use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage, StepProgress};
+use crate::jobs::events::{FinishedImage, JobReport, RgbImage, Stage, StepProgress};
 use crate::jobs::{JobError, JobSpec, StopReason};
 use crate::output::{latent_preview, OutputFormat};
 use crate::telemetry::Metrics;
@@ -62,6 +62,9 @@ pub enum JobStage {
     Denoise,
     /// The refiner's denoising of the same run, on the same generator.
     Refine,
+    /// The hires pass: the run's result enlarged and denoised again at the final size, on
+    /// the same generator.
+    Hires,
     /// The VAE decode of each image.
     Decode,
     /// The post-processing steps on each image.
@@ -79,6 +82,7 @@ impl JobStage {
             JobStage::EncodePrompts => Stage::EncodingPrompt,
             JobStage::Denoise => Stage::Denoising,
             JobStage::Refine => Stage::Refining,
+            JobStage::Hires => Stage::HiresDenoising,
             JobStage::Decode => Stage::Decoding,
             JobStage::PostProcess => Stage::PostProcessing,
             JobStage::Encode => Stage::PostProcessing,
@@ -95,7 +99,7 @@ impl JobStage {
 
     /// Whether the stage draws from the run's generator.
     fn draws_noise(self) -> bool {
-        matches!(self, JobStage::Denoise | JobStage::Refine)
+        matches!(self, JobStage::Denoise | JobStage::Refine | JobStage::Hires)
     }
 }
 
@@ -108,6 +112,9 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
     stages.extend([JobStage::EncodePrompts, JobStage::Denoise]);
     if spec.refiner.is_some() {
         stages.push(JobStage::Refine);
+    }
+    if spec.hires.is_some() {
+        stages.push(JobStage::Hires);
     }
     if spec.output.format != OutputFormat::Latents {
         stages.push(JobStage::Decode);
@@ -127,24 +134,28 @@ pub(crate) struct Loaded {
     pub controlnets: Vec<Rc<ControlNetModel>>,
     /// The upscaler of each post-processing step, in step order.
     pub upscalers: Vec<Rc<Upscaler>>,
+    /// The hires pass's upscaler model.
+    pub hires_upscaler: Option<Rc<Upscaler>>,
     pub _adapters: AppliedLoras,
 }
 
-/// The text conditioning of each pipeline.
-struct Prompts {
-    base: PromptEmbeds,
-    refiner: Option<PromptEmbeds>,
+/// The text conditioning of each pipeline (and of the hires pass, whose guidance may
+/// differ).
+pub(crate) struct Prompts {
+    pub base: PromptEmbeds,
+    pub refiner: Option<PromptEmbeds>,
+    pub hires: Option<PromptEmbeds>,
 }
 
 /// One denoising run of the batch on its way through the stages.
-struct Run {
-    params: GenerateParams,
+pub(crate) struct Run {
+    pub params: GenerateParams,
     /// Index of its first image in the request.
-    first_index: usize,
+    pub first_index: usize,
     /// Latents [N, C, h, w] after the noise stages.
-    latents: Option<Tensor>,
+    pub latents: Option<Tensor>,
     /// Decoded images after the decode stage.
-    images: Vec<RgbImage>,
+    pub images: Vec<RgbImage>,
 }
 
 /// A job on its way through its stages.
@@ -161,7 +172,7 @@ pub(crate) struct JobRun<'a> {
     /// Each unit's control maps at the output size after the preprocess stage: [1, 3, H,
     /// W] float32 in [0, 1] on the CPU.
     pub control_maps: Vec<Vec<Tensor>>,
-    prompts: Option<Prompts>,
+    pub prompts: Option<Prompts>,
 }
 
 /// Runs `spec` on `engine`: its report, or why it did not complete. The caller's span
@@ -201,14 +212,14 @@ pub fn run_job(
 
 impl JobRun<'_> {
     /// Stops the job if its sink says so.
-    fn check(&mut self) -> Result<(), JobError> {
+    pub(crate) fn check(&mut self) -> Result<(), JobError> {
         match self.sink.stopped() {
             Some(reason) => Err(JobError::Stopped(reason)),
             None => Ok(()),
         }
     }
 
-    fn loaded(&self) -> Result<&Loaded, JobError> {
+    pub(crate) fn loaded(&self) -> Result<&Loaded, JobError> {
         self.loaded.as_ref().ok_or_else(|| {
             EngineError::Internal("a stage ran before the models loaded".into()).into()
         })
@@ -229,7 +240,8 @@ impl JobRun<'_> {
     /// The denoising runs of the batch.
     fn runs(&self, mode: BatchMode) -> Result<Vec<Run>, JobError> {
         let p = &self.spec.params;
-        let own = self.spec.refiner.is_some() || self.loaded()?.base.needs_own_generators(p)?;
+        let continued = self.spec.refiner.is_some() || self.spec.hires.is_some();
+        let own = continued || self.loaded()?.base.needs_own_generators(p)?;
         let mut first_index = 0;
         Ok(batch_runs(p, own, mode)
             .into_iter()
@@ -291,7 +303,10 @@ impl JobRun<'_> {
         run.latents = None;
         for &stage in stages {
             self.check()?;
-            let latents = self.denoise_stage(stage, run, &mut noise)?;
+            let latents = match stage {
+                JobStage::Hires => self.hires_pass(run, &mut noise)?,
+                _ => self.denoise_stage(stage, run, &mut noise)?,
+            };
             run.latents = Some(latents);
         }
         Ok(())
@@ -328,30 +343,9 @@ impl JobRun<'_> {
             EngineError::Internal("denoising before the prompts were encoded".to_string())
         })?;
         let controls = controls(loaded, &self.control_maps, self.spec);
-        let preview_every = self.spec.output.preview_every as usize;
-        let image_index = run.first_index as u32;
-        let (sink, metrics) = (&mut *self.sink, self.metrics);
-        let mut last_step = Instant::now();
-        let mut on_step = |step: Step<'_>| -> ControlFlow<StopReason> {
-            if step.step > 0 {
-                metrics.observe_step(last_step.elapsed());
-            }
-            last_step = Instant::now();
-            let wants_preview = preview_every > 0
-                && step.step > 0
-                && (step.step.is_multiple_of(preview_every) || step.step == step.total);
-            sink.progress(StepProgress {
-                stage: reported,
-                step: step.step as u32,
-                total: step.total as u32,
-                image_index,
-                preview: wants_preview.then(|| preview(step.latents)).flatten(),
-            });
-            match sink.stopped() {
-                Some(reason) => ControlFlow::Break(reason),
-                None => ControlFlow::Continue(()),
-            }
-        };
+        let mut on_step = StepObserver::new(self.spec, reported, run.first_index, self.metrics);
+        let sink = &mut *self.sink;
+        let mut on_step = |step: Step<'_>| on_step.observe(step, sink);
         let flow = match (
             stage,
             &run.latents,
@@ -391,104 +385,6 @@ impl JobRun<'_> {
             },
             None => run.clone(),
         }
-    }
-
-    /// Decodes each image of the run, with the refiner's VAE when there is a refiner (as
-    /// diffusers' recipe decodes); out of device memory, tile by tile.
-    fn decode(&mut self, run: &mut Run) -> Result<(), JobError> {
-        let latents = run
-            .latents
-            .take()
-            .ok_or_else(|| EngineError::Internal("decoding before denoising".into()))?;
-        let loaded = self.loaded()?;
-        let decoder = loaded
-            .refiner
-            .clone()
-            .unwrap_or_else(|| loaded.base.clone());
-        for i in 0..latents.size()[0] {
-            self.check()?;
-            let index = run.first_index + i as usize;
-            self.clock.enter(Stage::Decoding, self.metrics);
-            let _span =
-                tracing::info_span!("stage", otel.name = "decoding", image = index).entered();
-            self.sink.progress(StepProgress {
-                stage: Stage::Decoding,
-                step: 0,
-                total: 0,
-                image_index: index as u32,
-                preview: None,
-            });
-            let image_latents = latents.get(i);
-            let decode = |tiled| {
-                EngineError::catch(|| decoder.vae_codec().decode_with(&image_latents, tiled))
-            };
-            let decoded = match decode(false) {
-                Err(e) if e.is_out_of_memory() => {
-                    tracing::warn!("device out of memory while decoding; retrying with VAE tiling");
-                    let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
-                    self.engine.free_memory(&keep);
-                    decode(true)?
-                }
-                other => other?,
-            };
-            if decoded.redone_in_float32 {
-                self.report.warnings.push(format!(
-                    "image {index}: the VAE's half-precision decode was not finite; it was decoded again in float32"
-                ));
-            }
-            run.images.push(rgb(&decoded.image)?);
-        }
-        run.latents = Some(latents);
-        Ok(())
-    }
-
-    /// Hands each image of the run to the sink for encoding.
-    fn encode(&mut self, run: &mut Run) -> Result<(), JobError> {
-        let count = run.params.num_images;
-        let latents = run.latents.take();
-        let mut images = std::mem::take(&mut run.images).into_iter();
-        for i in 0..count {
-            let index = run.first_index + i;
-            let seed = self.spec.params.seed + index as u64;
-            let mut size = (
-                self.spec.params.width as u32,
-                self.spec.params.height as u32,
-            );
-            let content = match self.spec.output.format {
-                OutputFormat::Latents => {
-                    let latents = latents
-                        .as_ref()
-                        .ok_or_else(|| EngineError::Internal("no latents to encode".to_string()))?;
-                    ImageContent::Latents(latents.get(i as i64))
-                }
-                _ => {
-                    let image = images.next().ok_or_else(|| {
-                        EngineError::Internal("no decoded image to encode".to_string())
-                    })?;
-                    // Post-processing may have resized it.
-                    size = (image.width, image.height);
-                    ImageContent::Rgb(image)
-                }
-            };
-            let metadata = self.png_metadata(index, seed);
-            let kept = latents
-                .as_ref()
-                .filter(|_| self.options.keep_latents)
-                .map(|l| l.get(i as i64));
-            self.metrics.image_produced();
-            self.sink.image(FinishedImage {
-                index: index as u32,
-                seed,
-                width: size.0,
-                height: size.1,
-                content,
-                format: self.spec.output.format,
-                quality: self.spec.output.quality,
-                metadata,
-                latents: kept,
-            });
-        }
-        Ok(())
     }
 
     /// The report, once every image was handed out.
@@ -532,9 +428,17 @@ impl JobRun<'_> {
             }
             _ => None,
         };
+        let hires = match &self.spec.hires {
+            Some(h) => {
+                let p = crate::engine::hires::second_pass_params(&base_params, &h.params);
+                Some(EngineError::catch(|| loaded.base.encode_prompt(&p))?)
+            }
+            None => None,
+        };
         self.prompts = Some(Prompts {
             base,
             refiner: refined,
+            hires,
         });
         Ok(())
     }
@@ -559,18 +463,51 @@ fn controls<'a>(
         .collect()
 }
 
-/// An [H, W, 3] uint8 tensor as an RGB image.
-fn rgb(image: &Tensor) -> Result<RgbImage, EngineError> {
-    let size = image.size();
-    let pixels = Vec::<u8>::try_from(image.contiguous().flatten(0, -1))?;
-    Ok(RgbImage {
-        width: size[1] as u32,
-        height: size[0] as u32,
-        pixels,
-    })
+/// Reports each denoising step of a run (with its preview every `preview_every` steps
+/// and the step time) and says whether the job goes on.
+pub(crate) struct StepObserver<'m> {
+    stage: Stage,
+    image_index: u32,
+    preview_every: usize,
+    metrics: &'m Metrics,
+    last_step: Instant,
+}
+
+impl<'m> StepObserver<'m> {
+    pub fn new(spec: &JobSpec, stage: Stage, image_index: usize, metrics: &'m Metrics) -> Self {
+        Self {
+            stage,
+            image_index: image_index as u32,
+            preview_every: spec.output.preview_every as usize,
+            metrics,
+            last_step: Instant::now(),
+        }
+    }
+
+    pub fn observe(&mut self, step: Step<'_>, sink: &mut dyn JobSink) -> ControlFlow<StopReason> {
+        if step.step > 0 {
+            self.metrics.observe_step(self.last_step.elapsed());
+        }
+        self.last_step = Instant::now();
+        let every = self.preview_every;
+        let wants_preview = every > 0
+            && step.step > 0
+            && (step.step.is_multiple_of(every) || step.step == step.total);
+        sink.progress(StepProgress {
+            stage: self.stage,
+            step: step.step as u32,
+            total: step.total as u32,
+            image_index: self.image_index,
+            preview: wants_preview.then(|| preview(step.latents)).flatten(),
+        });
+        match sink.stopped() {
+            Some(reason) => ControlFlow::Break(reason),
+            None => ControlFlow::Continue(()),
+        }
+    }
 }
 
 /// A latent-space preview of the first image of `latents` [N, C, h, w].
 fn preview(latents: &Tensor) -> Option<RgbImage> {
-    rgb(&latent_preview(&latents.get(0))?).ok()
+    RgbImage::from_hwc(&latent_preview(&latents.get(0))?).ok()
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use image::DynamicImage;
 
 use crate::engine::control::{ControlUnit, ResizeMode};
+use crate::engine::hires::HiresParams;
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
@@ -74,6 +75,19 @@ pub struct RefinerJob {
     pub model: ModelEntry,
     /// Its parameters.
     pub params: RefinerParams,
+}
+
+/// The hires pass of a job (A1111's "Hires. fix").
+#[derive(Debug, Clone)]
+pub struct HiresJob {
+    /// Its final size, steps, strength, guidance, scheduler and enlargement.
+    pub params: HiresParams,
+    /// The upscaler model, when the decoded image is enlarged by one.
+    pub upscaler: Option<ModelEntry>,
+    /// The factor the request asked for, or `None` for an explicit final size.
+    pub scale: Option<f64>,
+    /// The second pass's scheduler as A1111 names it, for the PNG parameters.
+    pub sampler_name: String,
 }
 
 /// A super-resolution step: the upscaler, the factor (at most its native scale; below
@@ -171,6 +185,8 @@ pub struct JobSpec {
     pub output: OutputSpec,
     /// Post-processing steps, in request order.
     pub post_processing: Vec<PostStep>,
+    /// The hires pass, if any.
+    pub hires: Option<HiresJob>,
     /// The scheduler's A1111 sampler name, for the PNG parameters.
     pub sampler_name: String,
     /// For each image, the resolved request that replays it (proto3 JSON, as the PNG's
@@ -188,6 +204,24 @@ impl JobSpec {
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
             .chain(self.controlnets.iter().map(|c| &c.model))
+            .chain(self.hires.as_ref().and_then(|h| h.upscaler.as_ref()))
             .chain(self.post_processing.iter().map(PostStep::model))
+    }
+
+    /// The size the denoising ends at (the hires pass's, when there is one), in pixels.
+    pub fn denoised_size(&self) -> (i64, i64) {
+        match &self.hires {
+            Some(h) => (h.params.width, h.params.height),
+            None => (self.params.width, self.params.height),
+        }
+    }
+
+    /// The parameters of the job's largest denoising pass, which its memory estimate
+    /// counts.
+    pub fn largest_pass(&self) -> GenerateParams {
+        match &self.hires {
+            Some(h) => crate::engine::hires::second_pass_params(&self.params, &h.params),
+            None => self.params.clone(),
+        }
     }
 }

@@ -39,20 +39,21 @@ pub fn run_upscale(
     let image = {
         let _span =
             tracing::info_span!("stage", otel.name = "post_processing", image = 0).entered();
-        let rgb = hwc3(&spec.image.0);
-        let (width, height) = rgb.dimensions();
-        let input = RgbImage {
-            width,
-            height,
-            pixels: rgb.into_raw(),
-        };
+        let input = hwc3(&spec.image.0);
         let keep = [spec.step.model.path.clone()];
         let target = Target {
             sink: &mut *sink,
+            stage: Stage::PostProcessing,
             index: 0,
             keep: &keep,
         };
-        upscale_image(engine, target, &upscaler, &spec.step, &input)?
+        let output = upscale_image(engine, target, &upscaler, &spec.step, &input)?;
+        let (width, height) = output.dimensions();
+        RgbImage {
+            width,
+            height,
+            pixels: output.into_raw(),
+        }
     };
     metrics.image_produced();
     sink.image(finished(spec, image));

@@ -56,6 +56,14 @@ pub fn upscaler_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_hires_fixtures.py` (built when
+/// missing).
+pub fn hires_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_hires_fixtures.py", "SDXLD_HIRES_FIXTURES"))
+        .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {
@@ -99,7 +107,7 @@ pub fn controlnet_cases(config: &str) -> Vec<Case> {
 }
 
 /// The cases of a JSON list file.
-fn cases_at(path: &Path) -> Vec<Case> {
+pub fn cases_at(path: &Path) -> Vec<Case> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let all: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a JSON list");
     all.into_iter().map(Case).collect()

@@ -6,6 +6,7 @@
 mod adapters;
 mod controlnet;
 mod fields;
+mod hires;
 mod images;
 mod model;
 mod output;
@@ -103,6 +104,7 @@ struct Parts {
     refiner: Option<crate::jobs::RefinerJob>,
     output: crate::jobs::OutputSpec,
     post_processing: Vec<crate::jobs::PostStep>,
+    hires: Option<crate::jobs::HiresJob>,
     client_job_id: Option<String>,
 }
 
@@ -164,9 +166,23 @@ fn check(
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
     let output = output::output(spec.output.as_ref(), "spec.", v);
+    let first = hires::FirstPass {
+        size,
+        steps: counts.0,
+        guidance_scale: guidance.0,
+        scheduler: &scheduler,
+        model_scheduler,
+    };
+    let hires = spec
+        .hires
+        .as_ref()
+        .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
+    let denoised = hires
+        .as_ref()
+        .map_or(size, |h| (h.params.width as u32, h.params.height as u32));
     let frame = postprocess::Frame {
         registry,
-        size,
+        size: denoised,
         max_pixels,
         format: output.format,
     };
@@ -189,16 +205,24 @@ fn check(
         refiner,
         output,
         post_processing,
+        hires,
         client_job_id,
     }
 }
 
 /// Valid combinations this server cannot run yet.
 fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred) {
+    let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
+    if spec.hires.is_some() && (refiner_named || spec.init_image.is_some()) {
+        deferred.unimplemented(ApiError::Unimplemented(
+            "spec.hires".into(),
+            "a hires pass after image to image or with a refiner stage is not implemented yet"
+                .into(),
+        ));
+    }
     let Some(init) = &spec.init_image else {
         return;
     };
-    let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
     if refiner_named && !init.mask.is_empty() {
         deferred.unimplemented(ApiError::Unimplemented(
             "spec.refiner".into(),
@@ -272,6 +296,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         refiner: parts.refiner,
         output: parts.output,
         post_processing: parts.post_processing,
+        hires: parts.hires,
         sampler_name: a1111_name(runs, &options),
         replay,
         client_job_id: parts.client_job_id,

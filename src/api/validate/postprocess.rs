@@ -121,7 +121,7 @@ fn upscale(
         );
         return None;
     }
-    let tiling = tiling(p, u, v)?;
+    let tiling = tiling(p, u.tile_size, u.tile_overlap, v)?;
     Some(UpscaleJob {
         model: model?,
         factor,
@@ -129,9 +129,14 @@ fn upscale(
     })
 }
 
-/// `tile_size` and `tile_overlap`.
-fn tiling(p: &str, u: &pb::UpscaleStep, v: &mut Violations) -> Option<Tiling> {
-    let tile = match u.tile_size {
+/// `tile_size` and `tile_overlap` of the message at `p`.
+pub fn tiling(
+    p: &str,
+    tile_size: u32,
+    tile_overlap: Option<u32>,
+    v: &mut Violations,
+) -> Option<Tiling> {
+    let tile = match tile_size {
         0 => DEFAULT_TILE,
         t if (64..=2048).contains(&t) => t,
         t => {
@@ -142,7 +147,7 @@ fn tiling(p: &str, u: &pb::UpscaleStep, v: &mut Violations) -> Option<Tiling> {
             return None;
         }
     };
-    let overlap = u.tile_overlap.unwrap_or(tile / 16);
+    let overlap = tile_overlap.unwrap_or(tile / 16);
     if overlap * 2 >= tile {
         v.add(
             format!("{p}.tile_overlap"),

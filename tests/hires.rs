@@ -1,0 +1,445 @@
+//! The hires pass (A1111's "Hires. fix") equals diffusers' two-pipeline recipe on the
+//! tiny pipelines: latents interpolated (nearest, nearest-exact, bilinear, bicubic) or
+//! the image through an upscaler model (one pass, or a larger one and Pillow's Lanczos
+//! down), then image to image at the final size with the generator continuing (a
+//! stochastic second pass shows it), another scheduler, guidance on or off, scales that
+//! round to whole latents. Over the engine and over gRPC, with progress, sizes, metadata
+//! and refused requests.
+
+mod common;
+
+use common::server::{drain, violated_fields, TestServer};
+use common::{assert_close, assert_images_match, hires_fixtures, read_tensors, Case, CONFIGS};
+use sdxld::engine::hires::{generate_hires, Enlarge, HiresParams, LatentInterpolation};
+use sdxld::engine::pipeline::{Placement, SdxlPipeline};
+use sdxld::engine::upscale::tiles::Tiling;
+use sdxld::engine::upscale::Upscaler;
+use sdxld::proto::v1 as pb;
+use sdxld::proto::v1::generate_response::Event;
+use tch::{Device, Kind};
+use tonic::Code;
+
+fn cases(config: &str) -> Vec<Case> {
+    let cases = common::cases_at(&hires_fixtures().join(config).join("cases.json"));
+    assert!(!cases.is_empty(), "{config} has hires cases");
+    cases
+}
+
+fn hires_params(case: &Case) -> HiresParams {
+    let enlarge = match case["hires_latent"].as_str() {
+        Some(mode) => Enlarge::Latent(match mode {
+            "nearest" => LatentInterpolation::Nearest,
+            "nearest-exact" => LatentInterpolation::NearestExact,
+            "bilinear" => LatentInterpolation::Bilinear,
+            "bicubic" => LatentInterpolation::Bicubic,
+            other => panic!("unknown interpolation {other}"),
+        }),
+        None => Enlarge::Model(Tiling {
+            tile: 512,
+            pad: 10,
+            overlap: 32,
+        }),
+    };
+    let key = if case["hires_scheduler"].is_string() {
+        "hires_scheduler"
+    } else {
+        "scheduler"
+    };
+    HiresParams {
+        width: case.int("final_width") as i64,
+        height: case.int("final_height") as i64,
+        steps: case.int("hires_steps") as usize,
+        strength: case.float("hires_strength"),
+        guidance_scale: case["hires_guidance"].as_f64().unwrap_or(5.0),
+        scheduler_overrides: case.scheduler(key),
+        enlarge,
+    }
+}
+
+fn upscaler(case: &Case) -> Option<Upscaler> {
+    let name = case["hires_upscaler"].as_str()?;
+    let path = hires_fixtures()
+        .join("upscalers")
+        .join(format!("{name}.safetensors"));
+    Some(Upscaler::load(&path, Device::Cpu, Kind::Float).expect("upscaler"))
+}
+
+#[test]
+fn hires_pass_matches_diffusers_two_pipeline_recipe() {
+    let pipelines = common::fixtures();
+    for config in CONFIGS {
+        let base = SdxlPipeline::load(&pipelines.join(config).join("pipeline"), Placement::cpu())
+            .expect("base");
+        let reference = read_tensors(&hires_fixtures().join(config).join("cases.safetensors"));
+        for case in cases(config) {
+            let what = format!("{config} {}", case.name());
+            let h = hires_params(&case);
+            let p = case.params();
+            let out = generate_hires(&base, upscaler(&case).as_ref(), &p, &h)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let name = case.name();
+            assert_close(
+                &format!("{what} latents"),
+                &out.latents,
+                &reference[&format!("{name}.latents")],
+            );
+            assert_images_match(
+                &format!("{what} images"),
+                &out.images,
+                &reference[&format!("{name}.images")],
+            );
+        }
+    }
+}
+
+/// A server on the tiny2 pipeline whose upscaler root holds the hires fixtures' models.
+async fn server() -> TestServer {
+    let pipeline = common::fixtures().join("tiny2").join("pipeline");
+    let upscalers = hires_fixtures().join("upscalers");
+    TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipeline.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__UPSCALER_ROOTS",
+            upscalers.to_str().expect("utf-8"),
+        ),
+    ])
+    .await
+}
+
+/// The request of a tiny2 case over gRPC (Euler first pass at 64x64, guidance 5).
+fn spec_of(case: &Case, hires: pb::HiresPass) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: case.text("prompt").into(),
+        seed: Some(case.int("seed")),
+        steps: case.int("steps") as u32,
+        num_images: case.int("n") as u32,
+        width: 64,
+        height: 64,
+        hires: Some(hires),
+        ..Default::default()
+    }
+}
+
+/// The images of a finished stream, checked against a case's reference.
+fn check_images(what: &str, events: &[Event], reference: &tch::Tensor, size: (u32, u32)) {
+    let images: Vec<&pb::GeneratedImage> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Image(i) => Some(i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(images.len() as i64, reference.size()[0], "{what}: images");
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!((image.width, image.height), size, "{what}: size");
+        let got = common::decoded_image(&image.data);
+        assert_images_match(&format!("{what} image {i}"), &got, &reference.get(i as i64));
+    }
+}
+
+/// (step, total) of the progress events of `stage` for image 0.
+fn progress(events: &[Event], stage: pb::Stage) -> Vec<(u32, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress(p) if p.stage == stage as i32 && p.image_index == 0 => {
+                Some((p.step, p.total_steps))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
+    let server = server().await;
+    let mut client = server.generation().await;
+    let reference = read_tensors(&hires_fixtures().join("tiny2").join("cases.safetensors"));
+    let cases = cases("tiny2");
+    let upscaler = server
+        .list_models(pb::ModelKind::Upscaler)
+        .await
+        .into_iter()
+        .find(|m| m.name.starts_with("hires_rrdb_x2"))
+        .expect("the upscaler is listed")
+        .name;
+
+    // Case 0: bilinear latents at scale 1.5, DPM-Solver++ at strength 0.6 of 5 steps and
+    // guidance 7, two images.
+    let case = &cases[0];
+    let hires = pb::HiresPass {
+        scale: Some(1.5),
+        latent_upscale: pb::LatentUpscale::Bilinear as i32,
+        steps: 5,
+        strength: Some(0.6),
+        scheduler: pb::Scheduler::DpmSolverMultistep as i32,
+        guidance_scale: Some(7.0),
+        ..Default::default()
+    };
+    let request = pb::GenerateRequest {
+        spec: Some(spec_of(case, hires)),
+    };
+    let (messages, end) = drain(client.generate(request).await).await;
+    end.expect("the latent hires job completes");
+    let events: Vec<Event> = messages.into_iter().filter_map(|m| m.event).collect();
+    check_images(
+        "latent hires",
+        &events,
+        &reference["hires_0.images"],
+        (96, 96),
+    );
+    assert_eq!(progress(&events, pb::Stage::HiresUpscaling), vec![(0, 0)]);
+
+    // Case 2: the RRDB x2 upscaler at scale 2, then Euler ancestral at strength 0.7 of 4
+    // steps, two images.
+    let case = &cases[2];
+    let hires = pb::HiresPass {
+        scale: Some(2.0),
+        upscaler: upscaler.clone(),
+        tile_size: 64,
+        tile_overlap: Some(0),
+        steps: 4,
+        strength: Some(0.7),
+        scheduler: pb::Scheduler::EulerAncestral as i32,
+        ..Default::default()
+    };
+    let request = pb::GenerateRequest {
+        spec: Some(spec_of(case, hires)),
+    };
+    let (messages, end) = drain(client.generate(request).await).await;
+    end.expect("the hires job completes");
+    let events: Vec<Event> = messages.into_iter().filter_map(|m| m.event).collect();
+    check_images(
+        "upscaler hires",
+        &events,
+        &reference["hires_2.images"],
+        (128, 128),
+    );
+    // A 64-pixel image in 64-pixel tiles is one tile; int(4 x 0.7) = 2 steps.
+    assert_eq!(
+        progress(&events, pb::Stage::HiresUpscaling),
+        vec![(0, 1), (1, 1)]
+    );
+    assert_eq!(
+        progress(&events, pb::Stage::HiresDenoising),
+        vec![(0, 2), (1, 2), (2, 2)]
+    );
+    let Some(Event::Completed(completed)) = events.last() else {
+        panic!("no completed event");
+    };
+    let used = completed
+        .models
+        .iter()
+        .find(|m| m.name == upscaler)
+        .expect("the upscaler is among the models used");
+    assert_eq!(used.kind, pb::ModelKind::Upscaler as i32);
+    assert_eq!(used.sha256.len(), 64);
+    let timed: Vec<i32> = completed.stage_timings.iter().map(|t| t.stage).collect();
+    for stage in [pb::Stage::HiresUpscaling, pb::Stage::HiresDenoising] {
+        assert!(timed.contains(&(stage as i32)), "{stage:?} is timed");
+    }
+    let Some(Event::Image(first)) = events.iter().find(|e| matches!(e, Event::Image(_))) else {
+        panic!("no image");
+    };
+    let text = common::png_parameters(&first.data);
+    for entry in [
+        "Size: 64x64".to_string(),
+        "Denoising strength: 0.7".to_string(),
+        "Hires upscale: 2".to_string(),
+        "Hires steps: 4".to_string(),
+        format!("Hires upscaler: {upscaler}"),
+        "Hires sampler: Euler a".to_string(),
+    ] {
+        assert!(text.contains(&entry), "the PNG parameters hold `{entry}`");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hires_passes_are_refused_naming_the_field() {
+    let server = server().await;
+    let mut client = server.generation().await;
+    let quick = |hires: pb::HiresPass| pb::GenerationSpec {
+        prompt: "a field".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        seed: Some(1),
+        hires: Some(hires),
+        ..Default::default()
+    };
+    let invalid = [
+        (
+            pb::HiresPass {
+                scale: Some(4.5),
+                ..Default::default()
+            },
+            "spec.hires.scale",
+        ),
+        (
+            pb::HiresPass {
+                scale: Some(f32::NAN),
+                ..Default::default()
+            },
+            "spec.hires.scale",
+        ),
+        (
+            pb::HiresPass {
+                width: 128,
+                ..Default::default()
+            },
+            "spec.hires.width",
+        ),
+        (
+            pb::HiresPass {
+                width: 100,
+                height: 128,
+                ..Default::default()
+            },
+            "spec.hires.width",
+        ),
+        (
+            pb::HiresPass {
+                width: 128,
+                height: 56,
+                ..Default::default()
+            },
+            "spec.hires.height",
+        ),
+        (
+            pb::HiresPass {
+                strength: Some(0.0),
+                ..Default::default()
+            },
+            "spec.hires.strength",
+        ),
+        (
+            pb::HiresPass {
+                steps: 2,
+                strength: Some(0.2),
+                ..Default::default()
+            },
+            "spec.hires.strength",
+        ),
+        (
+            pb::HiresPass {
+                guidance_scale: Some(f32::INFINITY),
+                ..Default::default()
+            },
+            "spec.hires.guidance_scale",
+        ),
+        (
+            pb::HiresPass {
+                latent_upscale: pb::LatentUpscale::Nearest as i32,
+                upscaler: "hires_rrdb_x2".into(),
+                ..Default::default()
+            },
+            "spec.hires.upscaler",
+        ),
+        (
+            pb::HiresPass {
+                latent_upscale: 99,
+                ..Default::default()
+            },
+            "spec.hires.latent_upscale",
+        ),
+        (
+            pb::HiresPass {
+                scheduler_options: Some(pb::SchedulerOptions::default()),
+                ..Default::default()
+            },
+            "spec.hires.scheduler_options",
+        ),
+        (
+            pb::HiresPass {
+                steps: 100_000,
+                ..Default::default()
+            },
+            "spec.hires.steps",
+        ),
+        (
+            pb::HiresPass {
+                upscaler: "hires_rrdb_x2".into(),
+                tile_size: 16,
+                ..Default::default()
+            },
+            "spec.hires.tile_size",
+        ),
+    ];
+    for (hires, field) in invalid {
+        let request = pb::GenerateImagesRequest {
+            spec: Some(quick(hires.clone())),
+        };
+        let status = client
+            .generate_images(request)
+            .await
+            .expect_err(&format!("{hires:?} is refused"));
+        assert_eq!(status.code(), Code::InvalidArgument, "{hires:?}");
+        assert_eq!(
+            violated_fields(&status),
+            vec![field.to_string()],
+            "{hires:?}"
+        );
+    }
+    // A final size over the limits, from the scale.
+    let mut big = quick(pb::HiresPass {
+        scale: Some(4.0),
+        ..Default::default()
+    });
+    big.width = 1024;
+    big.height = 1024;
+    let status = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(big) })
+        .await
+        .expect_err("4096 pixels wide is refused");
+    assert_eq!(
+        violated_fields(&status),
+        vec!["spec.hires.scale".to_string()]
+    );
+    // An unknown upscaler; a hires pass after image to image.
+    let unknown = quick(pb::HiresPass {
+        upscaler: "no_such_upscaler".into(),
+        ..Default::default()
+    });
+    let status = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(unknown),
+        })
+        .await
+        .expect_err("unknown upscaler");
+    assert_eq!(status.code(), Code::NotFound);
+    let mut png = Vec::new();
+    image::RgbImage::new(64, 64)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    let mut after_img2img = quick(pb::HiresPass::default());
+    after_img2img.init_image = Some(pb::InitImage {
+        image: png,
+        strength: Some(0.5),
+        ..Default::default()
+    });
+    let status = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(after_img2img),
+        })
+        .await
+        .expect_err("img2img with hires");
+    assert_eq!(status.code(), Code::Unimplemented);
+    // The server serves on: the default pass (scale 2, bilinear latents, strength 0.7).
+    let done = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(quick(pb::HiresPass::default())),
+        })
+        .await
+        .expect("a default hires pass")
+        .into_inner();
+    assert_eq!(
+        done.images
+            .iter()
+            .map(|i| (i.width, i.height))
+            .collect::<Vec<_>>(),
+        vec![(128, 128)]
+    );
+}
