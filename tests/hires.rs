@@ -12,7 +12,7 @@ use common::server::{drain, violated_fields, TestServer};
 use common::{assert_close, assert_images_match, hires_fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::hires::{generate_hires, Enlarge, HiresParams, LatentInterpolation};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
-use sdxld::engine::upscale::tiles::Tiling;
+use sdxld::engine::upscale::tiles::TilePlan;
 use sdxld::engine::upscale::Upscaler;
 use sdxld::proto::v1 as pb;
 use sdxld::proto::v1::generate_response::Event;
@@ -34,10 +34,10 @@ fn hires_params(case: &Case) -> HiresParams {
             "bicubic" => LatentInterpolation::Bicubic,
             other => panic!("unknown interpolation {other}"),
         }),
-        None => Enlarge::Model(Tiling {
-            tile: 512,
+        None => Enlarge::Model(TilePlan {
+            side: None,
             pad: 10,
-            overlap: 32,
+            overlap: None,
         }),
     };
     let key = if case["hires_scheduler"].is_string() {

@@ -418,3 +418,84 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
     assert_eq!(status.code(), Code::Cancelled, "{status:?}");
     client.cancel_job(cancel("slow")).await.expect("cancelled");
 }
+
+/// The tile progress of an upscale of `png` by the Compact x2 model with the tile size
+/// left to the server, and the image.
+async fn unsized_tiles(server: &TestServer, png: &[u8]) -> (Vec<(u32, u32)>, image::RgbImage) {
+    use pb::upscale_response::Event;
+    let request = pb::UpscaleRequest {
+        image: png.to_vec(),
+        upscale: Some(pb::UpscaleStep {
+            model: name_of(server, "compact_x2").await,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (events, end) = upscale_call(server, request).await;
+    end.expect("completed");
+    let tiles = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress(p) if p.stage == pb::Stage::PostProcessing as i32 => {
+                Some((p.step, p.total_steps))
+            }
+            _ => None,
+        })
+        .collect();
+    let image = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Image(i) => Some(decoded(&i.data)),
+            _ => None,
+        })
+        .expect("an image");
+    (tiles, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
+    let mut png = Vec::new();
+    let source = image::RgbImage::from_fn(200, 150, |x, y| {
+        image::Rgb([
+            (x * 7 % 256) as u8,
+            (y * 5 % 256) as u8,
+            ((x + y) % 256) as u8,
+        ])
+    });
+    source
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    // No budget: one 512-pixel tile.
+    let (dir, unbounded) = server().await;
+    let (tiles, whole) = unsized_tiles(&unbounded, &png).await;
+    assert_eq!(tiles, [(0, 1), (1, 1)]);
+    let resident: f64 = unbounded
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("sdxld_model_cache_resident_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the resident bytes gauge");
+    drop(unbounded);
+    // A budget leaving about 3 MB beside the resident models: the Compact x2 model takes
+    // 204 bytes per pixel in float32 at its peak, so a 64-pixel tile with its 10 pixels
+    // of context (84² pixels, 1.4 MB) fits and a 128-pixel one (148², 4.5 MB) does not:
+    // a 4×3 grid with 4 pixels of overlap.
+    let roots = dir.path().to_str().expect("utf-8").to_string();
+    let budget = (resident as u64 + 3_000_000).to_string();
+    let bounded = TestServer::start(&[
+        ("SDXLD__MODELS__UPSCALER_ROOTS", &roots),
+        ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget),
+    ])
+    .await;
+    let (tiles, tiled) = unsized_tiles(&bounded, &png).await;
+    assert_eq!(tiles.len(), 13, "{tiles:?}");
+    assert_eq!(tiles.last(), Some(&(12, 12)));
+    // Each tile has more context than the network sees: the same image.
+    let most = whole
+        .as_raw()
+        .iter()
+        .zip(tiled.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(most <= Some(1), "blended tiles differ by {most:?}");
+}

@@ -15,7 +15,7 @@ use crate::engine::request::{
     batch_runs, BatchMode, Entry, GenerateOutput, GenerateParams, InitImage, SchedulerOverrides,
 };
 use crate::engine::resample::lanczos_resize;
-use crate::engine::upscale::tiles::Tiling;
+use crate::engine::upscale::tiles::TilePlan;
 use crate::engine::upscale::Upscaler;
 
 /// Most upscaler passes an enlargement takes (A1111's `Upscaler.upscale`).
@@ -53,7 +53,7 @@ pub enum Enlarge {
     /// The latents, interpolated.
     Latent(LatentInterpolation),
     /// The decoded image, through an upscaler model tiled so.
-    Model(Tiling),
+    Model(TilePlan),
 }
 
 /// The second pass of a hires generation.
@@ -177,7 +177,8 @@ pub fn generate_hires(
         )?);
         let run_second = second_pass_params(&run, h);
         let enlarged = match (h.enlarge, upscaler) {
-            (Enlarge::Model(tiling), Some(upscaler)) => {
+            (Enlarge::Model(plan), Some(upscaler)) => {
+                let tiling = plan.tiling(None, upscaler.bytes_per_pixel());
                 let decoded = base.decode_image(&latents.get(0))?;
                 let image = rgb_image(&decoded)?;
                 let (w, hh) = (h.width as u32, h.height as u32);

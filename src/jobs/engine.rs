@@ -86,6 +86,13 @@ impl Engine {
         self.cache.stats()
     }
 
+    /// Device bytes the memory budget leaves beside the resident models (`None`: no
+    /// budget).
+    pub fn free_bytes(&self) -> Option<u64> {
+        let resident = self.cache.stats().resident_bytes;
+        self.cache.budget().map(|b| b.saturating_sub(resident))
+    }
+
     /// The file hashes the cache computes.
     pub fn hashes(&self) -> &Arc<FileHashes> {
         self.cache.hashes()

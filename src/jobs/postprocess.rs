@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use crate::engine::error::EngineError;
 use crate::engine::resample::lanczos_resize;
-use crate::engine::upscale::tiles::Tiling;
+use crate::engine::upscale::tiles::{TilePlan, Tiling};
 use crate::engine::upscale::Upscaler;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
@@ -97,16 +97,17 @@ pub(crate) fn upscale_image(
     })
 }
 
-/// One pass of `upscaler` over `input`, tile by tile, retried with halved tiles while
-/// the device runs out of memory.
+/// One pass of `upscaler` over `input`, tile by tile (tiles fitted to the device
+/// memory the budget leaves free unless the request sized them), retried with halved
+/// tiles while the device runs out of memory.
 pub(crate) fn model_pass(
     engine: &mut Engine,
     target: &mut Target<'_>,
     upscaler: &Upscaler,
-    tiling: Tiling,
+    plan: TilePlan,
     input: &image::RgbImage,
 ) -> Result<image::RgbImage, JobError> {
-    let mut tiling = tiling;
+    let mut tiling = plan.tiling(engine.free_bytes(), upscaler.bytes_per_pixel());
     loop {
         match tiled(target, upscaler, input, tiling) {
             Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {

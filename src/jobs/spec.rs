@@ -9,7 +9,7 @@ use crate::engine::hires::HiresParams;
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
-use crate::engine::upscale::tiles::Tiling;
+use crate::engine::upscale::tiles::TilePlan;
 use crate::output::OutputFormat;
 
 /// Output options of a job.
@@ -99,7 +99,7 @@ pub struct UpscaleJob {
     /// The factor the step enlarges by.
     pub factor: u32,
     /// Tiles, their context and overlap.
-    pub tiling: Tiling,
+    pub tiling: TilePlan,
 }
 
 /// A post-processing step, run on every image in order before it is encoded.

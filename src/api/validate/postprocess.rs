@@ -10,15 +10,13 @@ use crate::api::validate::model::named;
 use crate::api::validate::output::{client_job_id, output};
 use crate::api::validate::{Context, Deferred};
 use crate::engine::registry::{ModelKind, Registry};
-use crate::engine::upscale::tiles::Tiling;
+use crate::engine::upscale::tiles::{TilePlan, MAX_TILE};
 use crate::jobs::{ConditioningImage, PostStep, UpscaleJob, UpscaleSpec};
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 
 /// Most post-processing steps in one request.
 pub const MAX_POST_PROCESSING: usize = 8;
-/// Tile side when the request names none.
-const DEFAULT_TILE: u32 = 512;
 /// Context pixels around each tile (RealESRGANer's default `tile_pad`).
 pub const TILE_PAD: u32 = 10;
 
@@ -135,30 +133,31 @@ pub fn tiling(
     tile_size: u32,
     tile_overlap: Option<u32>,
     v: &mut Violations,
-) -> Option<Tiling> {
-    let tile = match tile_size {
-        0 => DEFAULT_TILE,
-        t if (64..=2048).contains(&t) => t,
+) -> Option<TilePlan> {
+    let side = match tile_size {
+        0 => None,
+        t if (64..=MAX_TILE as u32).contains(&t) => Some(t),
         t => {
             v.add(
                 format!("{p}.tile_size"),
-                format!("must be 0 or between 64 and 2048, got {t}"),
+                format!("must be 0 or between 64 and {MAX_TILE}, got {t}"),
             );
             return None;
         }
     };
-    let overlap = tile_overlap.unwrap_or(tile / 16);
-    if overlap * 2 >= tile {
+    // A fitted tile is not known yet: the overlap is kept below half of it when it runs.
+    let bound = side.unwrap_or(MAX_TILE as u32);
+    if let Some(overlap) = tile_overlap.filter(|o| o * 2 >= bound) {
         v.add(
             format!("{p}.tile_overlap"),
-            format!("must be below half the tile size ({tile}), got {overlap}"),
+            format!("must be below half the tile size ({bound}), got {overlap}"),
         );
         return None;
     }
-    Some(Tiling {
-        tile: i64::from(tile),
+    Some(TilePlan {
+        side: side.map(i64::from),
         pad: i64::from(TILE_PAD),
-        overlap: i64::from(overlap),
+        overlap: tile_overlap.map(i64::from),
     })
 }
 

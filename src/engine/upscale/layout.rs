@@ -42,6 +42,30 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// Floats alive at the network's peak per input pixel (a rough bound for choosing
+    /// tiles): the images in and out, and the widest stage, the body at the input's
+    /// resolution (RRDBNet's dense block holds its input and four growths) or the
+    /// upsampled features at the output's.
+    pub fn peak_floats_per_pixel(&self) -> u64 {
+        let out = (self.scale() * self.scale()) as u64;
+        let (body, upsampled) = match *self {
+            Architecture::Rrdb {
+                features,
+                growth,
+                unshuffle,
+                ..
+            } => {
+                let dense = (4 * features + 4 * growth) as u64;
+                (
+                    dense.div_ceil((unshuffle * unshuffle) as u64),
+                    3 * features as u64 * out,
+                )
+            }
+            Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
+        };
+        3 + 3 * out + body.max(upsampled)
+    }
+
     /// The factor the network enlarges by.
     pub fn scale(&self) -> i64 {
         match *self {

@@ -69,6 +69,11 @@ impl Upscaler {
         self.architecture.scale()
     }
 
+    /// Bytes of activations per input pixel at the network's peak (for fitting tiles).
+    pub fn bytes_per_pixel(&self) -> u64 {
+        self.architecture.peak_floats_per_pixel() * self.kind.elt_size_in_bytes() as u64
+    }
+
     /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped).
     pub fn forward(&self, image: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();

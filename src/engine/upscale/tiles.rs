@@ -17,6 +17,55 @@ pub struct Tiling {
     pub overlap: i64,
 }
 
+/// The tile side when a request leaves it to the server and no memory budget bounds it.
+pub const DEFAULT_TILE: i64 = 512;
+/// Fitted tile sides are multiples of this, up to [`MAX_TILE`].
+const TILE_STEP: i64 = 64;
+/// The largest tile side.
+pub const MAX_TILE: i64 = 2048;
+
+/// How a request asks for tiles: a side, or the largest side whose activations fit in
+/// the device memory the budget leaves free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TilePlan {
+    /// The side asked for; `None`: fitted to the free memory.
+    pub side: Option<i64>,
+    /// Context pixels around each tile.
+    pub pad: i64,
+    /// The overlap asked for; `None`: a sixteenth of the side.
+    pub overlap: Option<i64>,
+}
+
+impl TilePlan {
+    /// The tiling for an upscaler whose activations take `bytes_per_pixel` per input
+    /// pixel with `free` bytes of device memory left (`None`: no budget): the side asked
+    /// for, else the largest multiple of 64 up to 2048 whose padded tile fits (64 if none
+    /// does; [`DEFAULT_TILE`] without a budget). The overlap stays below half the side.
+    pub fn tiling(self, free: Option<u64>, bytes_per_pixel: u64) -> Tiling {
+        let tile = match (self.side, free) {
+            (Some(side), _) => side,
+            (None, None) => DEFAULT_TILE,
+            (None, Some(free)) => {
+                let fits = |side: i64| {
+                    let padded = (side + 2 * self.pad) as u64;
+                    padded * padded * bytes_per_pixel.max(1) <= free
+                };
+                (1..=MAX_TILE / TILE_STEP)
+                    .rev()
+                    .map(|k| k * TILE_STEP)
+                    .find(|&side| fits(side))
+                    .unwrap_or(TILE_STEP)
+            }
+        };
+        let overlap = self.overlap.unwrap_or(tile / 16).min((tile - 1) / 2);
+        Tiling {
+            tile,
+            pad: self.pad,
+            overlap,
+        }
+    }
+}
+
 /// One tile: its rectangle in the input, `[x0, x1) × [y0, y1)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tile {
@@ -127,7 +176,38 @@ pub fn run<E>(
 
 #[cfg(test)]
 mod tests {
-    use super::{ramp, Tiling};
+    use super::{ramp, TilePlan, Tiling, DEFAULT_TILE, MAX_TILE};
+
+    #[test]
+    fn a_fitted_tile_is_the_largest_whose_padded_activations_fit() {
+        let plan = TilePlan {
+            side: None,
+            pad: 10,
+            overlap: None,
+        };
+        let per_pixel = 1000;
+        for free in [1u64 << 20, 100 << 20, 1 << 30, 64 << 30] {
+            let tiling = plan.tiling(Some(free), per_pixel);
+            let used = |side: i64| ((side + 20) * (side + 20)) as u64 * per_pixel;
+            assert_eq!(tiling.tile % 64, 0);
+            assert!((64..=MAX_TILE).contains(&tiling.tile));
+            // It fits (unless nothing does) and the next size up does not (unless capped).
+            assert!(used(tiling.tile) <= free || tiling.tile == 64, "{free}");
+            assert!(
+                used(tiling.tile + 64) > free || tiling.tile == MAX_TILE,
+                "{free}"
+            );
+            assert_eq!(tiling.overlap, tiling.tile / 16);
+        }
+        assert_eq!(plan.tiling(None, per_pixel).tile, DEFAULT_TILE);
+        let asked = TilePlan {
+            side: Some(128),
+            pad: 10,
+            overlap: Some(100),
+        };
+        let tiling = asked.tiling(Some(1), per_pixel);
+        assert_eq!((tiling.tile, tiling.overlap), (128, 63));
+    }
 
     #[test]
     fn neighbours_ramps_cross_fade_to_one_over_their_overlap() {
