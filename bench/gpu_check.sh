@@ -38,3 +38,12 @@ print(f"{dtype}: process wall {end - start:.2f} s, latents finite={bool(lat.isfi
       f"latent std={lat.std().item():.3f}, image std={img.std():.1f}, max|{dtype}-float32|/max = {((lat - ref).abs().max() / ref.abs().max()).item():.3e}")
 PY
 done
+
+# The upscaler on CUDA in bfloat16: 1024² -> 4096² RRDBNet x4 against spandrel (its wheel
+# under .gpu/whl), same weights and tiling.
+if python3 -c "import spandrel" 2>/dev/null; then
+  python3 bench/upscale.py --sdxld "$sdxld" --size 1024 --tile 512 --runs 3 --tiled-only \
+    --device cuda --dtype bfloat16
+else
+  echo "spandrel is not importable: put its wheel (and einops's) under .gpu/whl for the upscale figure"
+fi

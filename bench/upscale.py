@@ -5,9 +5,12 @@ A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`,
 weights, same tiling, same threads, each in its own process.
 
 Prints output megapixels per second for both, the ratio sdxld / spandrel (above 1 means
-sdxld is faster) and each process's peak resident memory, tiled and whole.
+sdxld is faster) and each process's peak resident memory, tiled and whole. With
+`--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
+input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
+peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--size 512] [--tile 256] [--threads 2]
-[--tiled-only]
+[--tiled-only] [--device cuda --dtype bfloat16]
 """
 
 import argparse
@@ -48,20 +51,27 @@ def spandrel_child(args):
     torch.set_num_threads(args.threads)
     state = load_file(args.model)
     state = {"params_ema": {k.removeprefix("params_ema."): v for k, v in state.items()}}
-    model = spandrel.ModelLoader().load_from_state_dict(state).model.eval()
+    dtype = getattr(torch, args.dtype)
+    model = spandrel.ModelLoader().load_from_state_dict(state).model.eval().to(args.device, dtype)
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((1, 3, args.size, args.size), dtype=np.float32))
+    image = image.to(args.device, dtype)
+    cuda = args.device.startswith("cuda")
     times = []
     with torch.no_grad():
-        for _ in range(args.runs):
+        for _ in range(args.runs + (1 if cuda else 0)):
             start = time.perf_counter()
             if args.tile > 0:
                 out = tile_process(model, image, 4, args.tile, 10)
             else:
                 out = model(image)
-            (out.clamp(0, 1) * 255).round().to(torch.uint8)
+            out = (out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    print(json.dumps({"seconds": times}))
+    times = times[1:] if cuda else times
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0
+    print(json.dumps({"seconds": times, "device_peak_mib": peak}))
 
 
 def run(cmd):
@@ -85,6 +95,8 @@ def main():
     parser.add_argument("--tiled-only", action="store_true", help="skip the whole-image run (memory grows with the image)")
     parser.add_argument("--spandrel-child", action="store_true")
     parser.add_argument("--model")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     if args.spandrel_child:
         return spandrel_child(args)
@@ -94,15 +106,19 @@ def main():
         megapixels = (args.size * 4) ** 2 / 1e6
         rows = []
         for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
-            common = ["--size", str(args.size), "--tile", str(tile), "--threads", str(args.threads), "--runs", str(args.runs)]
+            common = ["--size", str(args.size), "--tile", str(tile), "--threads", str(args.threads), "--runs", str(args.runs), "--device", args.device, "--dtype", args.dtype]
             spandrel, spandrel_peak = run([sys.executable, __file__, "--spandrel-child", "--model", str(model), "--sdxld", args.sdxld] + common)
             sdxld, sdxld_peak = run([args.sdxld, "bench-upscale", "--model", str(model)] + common)
             s, d = statistics.median(spandrel["seconds"]), statistics.median(sdxld["seconds"])
             label = f"tile {tile}" if tile else "whole image"
+            where = f"{args.threads} threads" if args.device == "cpu" else f"{args.device} {args.dtype}"
+            device = ""
+            if args.device != "cpu":
+                device = f", device peak spandrel {spandrel.get('device_peak_mib', 0):.0f} / sdxld {sdxld.get('device_peak_mib', 0):.0f} MiB"
             rows.append(
-                f"{args.size}² -> {args.size * 4}² x4 RRDBNet (64nf 23nb), {label}, {args.threads} threads: "
+                f"{args.size}² -> {args.size * 4}² x4 RRDBNet (64nf 23nb), {label}, {where}: "
                 f"spandrel {megapixels / s:.3f} MP/s ({s:.2f} s, peak RSS {spandrel_peak:.0f} MiB), "
-                f"sdxld {megapixels / d:.3f} MP/s ({d:.2f} s, peak RSS {sdxld_peak:.0f} MiB), ratio {s / d:.2f}"
+                f"sdxld {megapixels / d:.3f} MP/s ({d:.2f} s, peak RSS {sdxld_peak:.0f} MiB), ratio {s / d:.2f}{device}"
             )
         print("\n".join(rows))
 

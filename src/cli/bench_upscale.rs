@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
-use sdxld::engine::device::Placement;
+use sdxld::engine::device::{self, Placement};
 use sdxld::engine::upscale::tiles::Tiling;
 use sdxld::engine::upscale::Upscaler;
 
@@ -36,7 +36,8 @@ pub struct BenchUpscaleArgs {
     timing: TimingArgs,
 }
 
-/// Times `runs` upscales after a warm-up; prints `{"seconds": [...]}`.
+/// Times `runs` upscales after a warm-up; prints `{"seconds": [...], "device_peak_mib": M}`
+/// (the allocator's peak over the timed runs; 0 on the CPU).
 pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
     if args.timing.runs == 0 || args.size == 0 {
         bail!("--runs and --size must be at least 1");
@@ -62,12 +63,18 @@ pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
     };
     let once = || upscaler.upscale(&image, tiling, &mut |_, _| Ok(()));
     once()?;
+    device::reset_peak(placement.device);
     let mut seconds = Vec::with_capacity(args.timing.runs);
     for _ in 0..args.timing.runs {
         let start = Instant::now();
         once()?;
         seconds.push(start.elapsed().as_secs_f64());
     }
-    println!("{}", serde_json::json!({ "seconds": seconds }));
+    let peak = device::memory(placement.device).map_or(0, |m| m.peak);
+    let peak_mib = peak as f64 / f64::from(1 << 20);
+    println!(
+        "{}",
+        serde_json::json!({ "seconds": seconds, "device_peak_mib": peak_mib })
+    );
     Ok(())
 }
