@@ -26,9 +26,38 @@ pub struct ServerSettings {
     pub stalled_client_timeout_seconds: u64,
     /// Prometheus endpoint address, "" for none.
     pub metrics_listen: String,
-    /// Token the admin RPCs (LoadModel, UnloadModel) require as `authorization: Bearer
-    /// <token>`; "" leaves them open.
-    pub admin_token: String,
+    /// A plaintext address serving only the health service (for kubelet probes when
+    /// TLS is on); "" for none.
+    pub health_listen: String,
+    /// Bearer tokens, each `name:role:secret` (role `generate` or `admin`).
+    pub tokens: Vec<String>,
+    /// A file of tokens, one `name:role:secret` per line (# comments); "" for none.
+    pub tokens_file: String,
+    /// Without tokens, let every client call the admin RPCs.
+    pub allow_unauthenticated_admin: bool,
+    /// `[server.tls]`.
+    pub tls: TlsSettings,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain; "" (with `key`) serves plaintext.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// PEM CA bundle that client certificates must chain to; "" for none.
+    pub client_ca: String,
+    /// `none`, `optional` or `required` client certificates.
+    pub client_auth: String,
+}
+
+impl TlsSettings {
+    /// Whether the server speaks TLS.
+    pub fn enabled(&self) -> bool {
+        !self.cert.is_empty()
+    }
 }
 
 /// `[jobs]`.
@@ -176,7 +205,8 @@ impl Settings {
                 .with_list_parse_key("models.vae_roots")
                 .with_list_parse_key("models.lora_roots")
                 .with_list_parse_key("models.controlnet_roots")
-                .with_list_parse_key("models.upscaler_roots"),
+                .with_list_parse_key("models.upscaler_roots")
+                .with_list_parse_key("server.tokens"),
         );
         let settings: Settings = builder
             .build()
@@ -209,6 +239,7 @@ impl Settings {
                 ),
             );
         }
+        self.check_security()?;
         if self.server.max_request_bytes < 1024 {
             return bad("server.max_request_bytes", "must be at least 1024".into());
         }
@@ -264,6 +295,40 @@ impl Settings {
             return bad(
                 "engine.cuda_memory_fraction",
                 format!("must be between 0 and 1, got {fraction}"),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// `server.tls.*` and `server.health_listen`.
+    fn check_security(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("`{key}` {why}")));
+        let tls = &self.server.tls;
+        if tls.cert.is_empty() != tls.key.is_empty() {
+            return bad("server.tls.key", "and server.tls.cert must be set together");
+        }
+        if !matches!(tls.client_auth.as_str(), "none" | "optional" | "required") {
+            return bad(
+                "server.tls.client_auth",
+                &format!(
+                    "must be none, optional or required, got {:?}",
+                    tls.client_auth
+                ),
+            );
+        }
+        if tls.client_auth != "none" && (tls.client_ca.is_empty() || !tls.enabled()) {
+            return bad(
+                "server.tls.client_auth",
+                "needs server.tls.client_ca and a server certificate",
+            );
+        }
+        let health = &self.server.health_listen;
+        if !health.is_empty() && health.parse::<SocketAddr>().is_err() {
+            return bad(
+                "server.health_listen",
+                &format!("must be host:port or \"\", got {health:?}"),
             );
         }
         Ok(())

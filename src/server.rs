@@ -14,11 +14,13 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::admission::AdmissionLayer;
+use crate::api::auth::{Access, AccessLayer};
 use crate::api::generation::Generation;
 use crate::api::guard::CallGuardLayer;
 use crate::api::models::Models;
 use crate::api::rpc_metrics::RpcMetricsLayer;
 use crate::api::status::Redactor;
+use crate::api::tls::server_tls;
 use crate::api::ApiState;
 use crate::config::Settings;
 use crate::engine::device::{self, Placement};
@@ -145,6 +147,7 @@ fn rpc_span(request: &http::Request<()>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        enduser.id = tracing::field::Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|p| {
         p.extract(&HeaderExtractor(request.headers()))
@@ -218,6 +221,42 @@ fn report_readiness(
         };
         let _ = fatal.send(message).await;
     });
+}
+
+/// Serves the health service alone, in plaintext, when `server.health_listen` is set
+/// (kubelet probes speak neither TLS nor tokens).
+async fn start_health_endpoint<S>(settings: &Settings, health: S) -> anyhow::Result<()>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let address = &settings.server.health_listen;
+    if address.is_empty() {
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("configuration: `server.health_listen`: binding {address}"))?;
+    println!("sdxld health on {}", listener.local_addr()?);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        let served = Server::builder()
+            .add_service(health)
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the health endpoint stopped");
+        }
+    });
+    Ok(())
 }
 
 /// Serves `/metrics` when an address is configured.
@@ -311,6 +350,8 @@ fn api_state(
 /// Runs the server until SIGTERM or SIGINT, then drains.
 pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()> {
     let placement = placement(&settings)?;
+    let access = Access::from_settings(&settings.server)?;
+    let tls = server_tls(&settings.server.tls)?;
     let default = default_model(&settings, model)?;
     let metrics = Metrics::new();
     let state = api_state(&settings, placement, default.clone(), &metrics);
@@ -357,8 +398,10 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         .with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     start_metrics_endpoint(&settings, &metrics).await;
+    start_health_endpoint(&settings, health_service.clone()).await?;
     println!("sdxld listening on {local}");
-    tracing::info!(address = %local, model = %default.name, device = %state.device, dtype = %state.dtype, "listening");
+    tracing::info!(address = %local, model = %default.name, device = %state.device, dtype = %state.dtype, tls = tls.is_some(), client_auth = %settings.server.tls.client_auth, "listening");
+    tracing::info!(access = %access.describe(), "access");
 
     // Readiness once the warm-up is done; a failed warm-up stops the server.
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
@@ -367,7 +410,11 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
     let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
     let shutdown = drain_on_signal(queue.clone(), health, grace, fatal_rx, fatal.clone());
 
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    builder
         .trace_fn(rpc_span)
         // Headers up to this size are decoded (a larger list fails its call alone, with
         // 431/REFUSED_STREAM); below it, one huge header value would make h2 close the
@@ -376,6 +423,8 @@ pub async fn serve(settings: Settings, model: Option<&str>) -> anyhow::Result<()
         // Outermost: every call is counted, those refused by admission included.
         .layer(RpcMetricsLayer::new(metrics.clone()))
         .layer(CallGuardLayer)
+        // Before admission: a call that may not run takes no place.
+        .layer(AccessLayer::new(access))
         .layer(AdmissionLayer::new(
             queue.clone(),
             Duration::from_millis(settings.jobs.retry_after_ms),

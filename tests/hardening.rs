@@ -412,7 +412,7 @@ async fn every_jobs_end_is_counted_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_token_takes_the_bearer_scheme_in_any_case() {
-    let server = TestServer::start(&[("SDXLD__SERVER__ADMIN_TOKEN", "s3cret")]).await;
+    let server = TestServer::start(&[("SDXLD__SERVER__TOKENS", "ops:admin:s3cret")]).await;
     let mut models = server.models().await;
     for (header, ok) in [
         ("bearer s3cret", true),

@@ -2,6 +2,7 @@
 //! only place proto types exist), admission, RPC metrics and the status mapping.
 
 pub mod admission;
+pub mod auth;
 pub mod caller;
 pub mod convert;
 pub mod generation;
@@ -10,6 +11,7 @@ pub mod models;
 pub mod preprocess;
 pub mod rpc_metrics;
 pub mod status;
+pub mod tls;
 pub mod validate;
 
 use std::collections::HashSet;

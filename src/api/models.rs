@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::api::caller::{bearer_token, same_secret};
 use crate::api::convert;
 use crate::api::status::ApiError;
 use crate::api::validate::scheduler_kind;
@@ -53,20 +52,6 @@ impl Models {
             registry.resolve_kind(kind, name)
         };
         Ok(resolved?)
-    }
-
-    /// Checks the admin token, when one is configured.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let token = &self.state.settings.server.admin_token;
-        if token.is_empty() {
-            return Ok(());
-        }
-        match bearer_token(request.metadata()) {
-            Some(presented) if same_secret(presented, token) => Ok(()),
-            _ => Err(Status::unauthenticated(
-                "this RPC needs the admin token (authorization: Bearer <token>)",
-            )),
-        }
     }
 
     /// Runs a load or unload on the worker thread, between jobs.
@@ -222,7 +207,6 @@ impl ModelService for Models {
         &self,
         request: Request<pb::LoadModelRequest>,
     ) -> Result<Response<pb::LoadModelResponse>, Status> {
-        self.authorize(&request)?;
         let request = request.into_inner();
         let model = self
             .admin(AdminOp::Load, &request.name, request.kind)
@@ -234,7 +218,6 @@ impl ModelService for Models {
         &self,
         request: Request<pb::UnloadModelRequest>,
     ) -> Result<Response<pb::UnloadModelResponse>, Status> {
-        self.authorize(&request)?;
         let request = request.into_inner();
         let model = self
             .admin(AdminOp::Unload, &request.name, request.kind)

@@ -20,6 +20,8 @@ pub struct TestServer {
     pub addr: String,
     /// host:port of the metrics endpoint.
     pub metrics_addr: Option<String>,
+    /// host:port of the plaintext health endpoint, when one is configured.
+    pub health_addr: Option<String>,
 }
 
 impl TestServer {
@@ -48,6 +50,7 @@ impl TestServer {
         });
         let mut addr = None;
         let mut metrics_addr = None;
+        let mut health_addr = None;
         let start = Instant::now();
         while addr.is_none() {
             let line = rx
@@ -59,11 +62,15 @@ impl TestServer {
             if let Some(m) = line.strip_prefix("sdxld metrics on http://") {
                 metrics_addr = Some(m.trim_end_matches("/metrics").to_string());
             }
+            if let Some(h) = line.strip_prefix("sdxld health on ") {
+                health_addr = Some(h.trim().to_string());
+            }
         }
         let server = Self {
             child,
             addr: addr.unwrap_or_default(),
             metrics_addr,
+            health_addr,
         };
         server.wait_ready().await;
         server
@@ -156,10 +163,13 @@ impl TestServer {
         ServingStatus::try_from(response.into_inner().status).unwrap_or(ServingStatus::Unknown)
     }
 
+    /// Waits for readiness through the plaintext health endpoint when there is one (a TLS
+    /// server's), else the gRPC address.
     async fn wait_ready(&self) {
         let start = Instant::now();
+        let addr = self.health_addr.as_ref().unwrap_or(&self.addr);
         while start.elapsed() < Duration::from_secs(120) {
-            if let Ok(channel) = Channel::from_shared(format!("http://{}", self.addr))
+            if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))
                 .expect("uri")
                 .connect()
                 .await

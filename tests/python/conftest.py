@@ -42,7 +42,7 @@ def stubs(tmp_path_factory):
 
 
 class Server:
-    def __init__(self, lora_root: Path, upscaler_root: Path):
+    def __init__(self, lora_root: Path, upscaler_root: Path, extra_env=None):
         binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
         # The LoRA root starts empty; tests write adapters into it (names resolve per request).
         self.lora_root = lora_root
@@ -53,6 +53,7 @@ class Server:
             SDXLD__ENGINE__DEVICE="cpu",
             SDXLD__MODELS__LORA_ROOTS=str(lora_root),
             SDXLD__MODELS__UPSCALER_ROOTS=str(upscaler_root),
+            **(extra_env or {}),
         )
         self.process = subprocess.Popen(
             [binary, "serve", "--listen", "127.0.0.1:0"],
@@ -62,8 +63,11 @@ class Server:
             env=env,
         )
         self.address = None
+        self.health_address = None
         deadline = time.time() + 120
         for line in self.process.stdout:
+            if line.startswith("sdxld health on "):
+                self.health_address = line.split()[-1]
             if line.startswith("sdxld listening on "):
                 self.address = line.split()[-1]
                 break
@@ -81,11 +85,9 @@ class Server:
             self.process.kill()
 
 
-@pytest.fixture(scope="session")
-def server(stubs, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("upscalers"))
-    channel = grpc.insecure_channel(s.address)
-    health = stubs.health_grpc.HealthStub(channel)
+def wait_ready(stubs, address: str):
+    """Polls the plaintext health service at `address` until generations are served."""
+    health = stubs.health_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -95,5 +97,38 @@ def server(stubs, tmp_path_factory):
         except grpc.RpcError:
             pass
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def server(stubs, tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("upscalers"))
+    wait_ready(stubs, s.address)
     yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_server(stubs, tmp_path_factory):
+    """sdxld with TLS, required client certificates (trustme's CA), a `generate` token
+    and a plaintext health port; yields (server, CA, client certificate, token)."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    client_cert = ca.issue_cert("python-client@example.com")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(folder / "server.pem"))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    env = dict(
+        SDXLD__SERVER__TLS__CERT=str(folder / "server.pem"),
+        SDXLD__SERVER__TLS__KEY=str(folder / "server.pem"),
+        SDXLD__SERVER__TLS__CLIENT_CA=str(folder / "ca.pem"),
+        SDXLD__SERVER__TLS__CLIENT_AUTH="required",
+        SDXLD__SERVER__HEALTH_LISTEN="127.0.0.1:0",
+        SDXLD__SERVER__TOKENS="py:generate:py-s3cret",
+    )
+    s = Server(tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("upscalers"), env)
+    assert s.health_address, "no plaintext health port"
+    wait_ready(stubs, s.health_address)
+    yield s, ca, client_cert, "py-s3cret", folder
     s.stop()

