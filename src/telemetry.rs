@@ -27,6 +27,38 @@ impl Drop for TelemetryGuard {
     }
 }
 
+/// TLS for an `https://` OTLP endpoint: the platform's roots plus the CA of
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`, and the client certificate and key of
+/// `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` / `_CLIENT_KEY` (the OTLP exporter spec's
+/// variables).
+fn otlp_tls() -> Option<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let endpoint =
+        var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
+    if !endpoint.starts_with("https://") {
+        return None;
+    }
+    let read = |name: &str| {
+        let path = var(name)?;
+        std::fs::read(&path)
+            .map_err(|e| eprintln!("{name}: cannot read {path}: {e}"))
+            .ok()
+    };
+    let mut tls = ClientTlsConfig::new().with_native_roots();
+    if let Some(ca) = read("OTEL_EXPORTER_OTLP_CERTIFICATE") {
+        tls = tls.ca_certificate(Certificate::from_pem(ca));
+    }
+    let client = (
+        read("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+        read("OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+    );
+    if let (Some(cert), Some(key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Some(tls)
+}
+
 /// Installs the global subscriber: text or JSON logs, plus OTLP spans when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. h2, hyper, tower and tonic log at warn so the
 /// exporter does not trace itself.
@@ -41,8 +73,12 @@ pub fn init_telemetry(format: &str, level: &str) -> TelemetryGuard {
         .ok()
         .filter(|e| !e.is_empty())
         .and_then(|_| {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
+            use opentelemetry_otlp::WithTonicConfig;
+            let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(tls) = otlp_tls() {
+                builder = builder.with_tls_config(tls);
+            }
+            let exporter = builder
                 .build()
                 .map_err(|e| eprintln!("OTLP exporter disabled: {e}"))
                 .ok()?;

@@ -311,13 +311,7 @@ async fn oversized_headers_and_messages_fail_their_own_call_only() {
 
 /// A server whose base root holds `broken`, the demo model with garbage UNet weights.
 async fn with_broken_model() -> (tempfile::TempDir, TestServer) {
-    let root = tempfile::tempdir().expect("tempdir");
-    let broken = root.path().join("broken");
-    common::cli::sdxld("demo-model")
-        .flag("--output", &broken)
-        .succeeds();
-    let weights = broken.join("unet/diffusion_pytorch_model.safetensors");
-    std::fs::write(weights, b"garbage").expect("write");
+    let root = common::broken_model_root();
     let base_roots = root.path().to_str().expect("utf-8");
     let server = TestServer::start(&[("SDXLD__MODELS__BASE_ROOTS", base_roots)]).await;
     (root, server)

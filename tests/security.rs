@@ -8,51 +8,14 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::certs::{write, Ca};
 use common::server::{quick_spec, slow_spec, TestServer};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use sdxld::proto::v1 as pb;
 use sdxld::proto::v1::generation_service_client::GenerationServiceClient;
 use sdxld::proto::v1::model_service_client::ModelServiceClient;
 use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
-
-/// A certificate authority that signs server and client certificates.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let pem = params.self_signed(&key).expect("self-signed").pem();
-        Self {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// A (certificate, key) pair in PEM for `names` (subject alternative names) and `cn`.
-    fn sign(&self, cn: &str, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let sans: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(sans).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.issuer).expect("signed");
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Writes `text` to `dir/name` and returns the path as a string.
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    path.to_str().expect("utf-8").to_string()
-}
 
 /// A TLS server whose clients must (`required`) or may (`optional`) present a
 /// certificate of `ca`, with a plaintext health port.

@@ -225,3 +225,113 @@ async fn a_jobs_spans_are_children_of_the_rpc_that_continues_the_callers_trace()
         denoising.attributes
     );
 }
+
+/// The string value of a span's attribute `key`.
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    let value = span
+        .attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .clone()?;
+    match value.value? {
+        Value::StringValue(s) => Some(s),
+        Value::IntValue(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_a_tls_collector_with_identity_stages_failures_and_a_flush_on_sigterm() {
+    use common::certs::{write, Ca};
+    use tonic::transport::{Identity, ServerTlsConfig};
+
+    // A collector behind TLS, its CA given to the exporter as the OTLP spec's variable.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("collector CA");
+    let (cert, key) = ca.sign("collector", &["localhost"]);
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem);
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .expect("tls")
+        .add_service(TraceServiceServer::new(collector.clone()));
+    tokio::spawn(
+        server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let root = common::broken_model_root();
+    let endpoint = format!("https://localhost:{port}");
+    let mut sdxld = TestServer::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_path.as_str()),
+        // No periodic export: what arrives was flushed at shutdown.
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ("SDXLD__SERVER__TOKENS", "alice:generate:a-secret"),
+        (
+            "SDXLD__MODELS__BASE_ROOTS",
+            root.path().to_str().expect("utf-8"),
+        ),
+    ])
+    .await;
+    let (done, failed) = (
+        "5bf92f3577b34da6a3ce929d0e0e4736",
+        "6bf92f3577b34da6a3ce929d0e0e4736",
+    );
+    let mut client = sdxld.generation().await;
+    for (trace, model) in [(done, ""), (failed, "broken")] {
+        let mut spec = quick_spec(3);
+        spec.model = model.into();
+        let mut request = tonic::Request::new(pb::GenerateImagesRequest { spec: Some(spec) });
+        let metadata = request.metadata_mut();
+        let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+        metadata.insert("traceparent", traceparent.parse().expect("ascii"));
+        metadata.insert("authorization", "Bearer a-secret".parse().expect("ascii"));
+        let result = client.generate_images(request).await;
+        assert_eq!(result.is_ok(), model.is_empty(), "{model}: {result:?}");
+    }
+    assert!(
+        collector.spans.lock().expect("spans").is_empty(),
+        "nothing exported yet"
+    );
+    sdxld.terminate();
+    let exit = tokio::task::spawn_blocking(move || sdxld.child.wait())
+        .await
+        .expect("join")
+        .expect("exit");
+    assert!(exit.success(), "{exit:?}");
+
+    let spans = collector.spans.lock().expect("spans").clone();
+    let named = |trace: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == name && hex(&s.trace_id) == trace)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} span in trace {trace}"))
+    };
+    let rpc = named(done, "sdxld.v1.GenerationService/GenerateImages");
+    assert_eq!(
+        attribute(&rpc, "enduser.id").as_deref(),
+        Some("token:alice")
+    );
+    assert_eq!(
+        attribute(&rpc, "rpc.method").as_deref(),
+        Some("GenerateImages")
+    );
+    let job = named(done, "sdxld.job");
+    assert_eq!(hex(&job.parent_span_id), hex(&rpc.span_id));
+    let denoising = named(done, "denoising");
+    assert_eq!(hex(&denoising.parent_span_id), hex(&job.span_id));
+    for (key, value) in [("steps", "2"), ("width", "64"), ("height", "64")] {
+        assert_eq!(attribute(&denoising, key).as_deref(), Some(value), "{key}");
+    }
+    let broken = named(failed, "sdxld.job");
+    let status = broken.status.expect("a status");
+    assert_eq!(status.code, 2, "ERROR: {status:?}");
+    assert!(status.message.contains("broken"), "{}", status.message);
+}

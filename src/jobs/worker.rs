@@ -64,6 +64,8 @@ fn run_one(
         job.id = %job.id,
         model = %job.work.main_model().name,
         images = job.work.images(),
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
     );
     let _entered = span.enter();
     let (tx, rx) = mpsc::channel();
@@ -108,6 +110,8 @@ fn run_one(
     .unwrap_or_else(|e| Err(e.into()));
     if let Err(JobError::Engine(e)) = &result {
         tracing::warn!(job = %job.id, error = %e, "job failed");
+        span.record("otel.status_description", e.to_string());
+        span.record("otel.status_code", "ERROR");
     }
     drop(sink);
     let _ = tx.send(Emit::End(job, result));

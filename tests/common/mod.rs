@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod certs;
 pub mod cli;
 pub mod raw;
 pub mod server;
@@ -15,6 +16,19 @@ use tch::{Kind, Tensor};
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A base-model root holding `broken`: the demo model with a UNet weight file of
+/// garbage, which validates but fails when a job loads it.
+pub fn broken_model_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    let broken = root.path().join("broken");
+    cli::sdxld("demo-model")
+        .flag("--output", &broken)
+        .succeeds();
+    let weights = broken.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::write(weights, b"garbage").expect("write");
+    root
 }
 
 /// The fixture folder written by `tests/fixtures/make_fixtures.py` (built when missing).
