@@ -146,6 +146,31 @@ async fn optional_client_certificates_are_verified_when_sent() {
         Ok(channel) => generate(channel).await.is_err(),
     };
     assert!(refused, "a certificate of another CA is refused");
+
+    // `sdxld health`, as a container's health check runs it: the plaintext health port,
+    // the TLS port with the CA, and a port nobody serves.
+    let health = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdxld"))
+            .arg("health")
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+        )
+    };
+    let plain = server.health_addr.clone().expect("a health port");
+    let (ok, out) = health(&["--server", &plain]);
+    assert!(ok && out.contains("SERVING"), "{out}");
+    let port = server.addr.rsplit(':').next().expect("port");
+    let tls_addr = format!("localhost:{port}");
+    let ca_path = dir.path().join("ca.pem");
+    let ca_path = ca_path.to_str().expect("utf-8");
+    let (ok, out) = health(&["--server", &tls_addr, "--tls-ca", ca_path, "--service", ""]);
+    assert!(ok, "{out}");
+    let (ok, _) = health(&["--server", "127.0.0.1:9", "--timeout", "2"]);
+    assert!(!ok, "nobody serves there");
 }
 
 /// `request` with `authorization: Bearer <token>`.

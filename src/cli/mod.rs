@@ -10,6 +10,7 @@ mod controlnet;
 mod convert;
 mod demo;
 mod generate;
+mod health;
 mod request;
 
 use std::path::PathBuf;
@@ -91,6 +92,9 @@ enum Command {
     /// Times an upscaler on a square image of random pixels, tiled as the
     /// post-processing step runs it; one JSON line of run times.
     BenchUpscale(bench_upscale::BenchUpscaleArgs),
+    /// Check a server's gRPC health service: exit 0 when SERVING (container health
+    /// checks, scripts).
+    Health(health::HealthArgs),
 }
 
 /// Runs a parsed command line.
@@ -111,6 +115,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bench_controlnet::bench_controlnet(&generate, timing)
         }
         Command::BenchUpscale(args) => bench_upscale::bench_upscale(&args),
+        Command::Health(args) => health::health(&args),
     }
 }
 
