@@ -95,6 +95,13 @@ enum Command {
     /// Check a server's gRPC health service: exit 0 when SERVING (container health
     /// checks, scripts).
     Health(health::HealthArgs),
+    /// Check a configuration (the defaults, the file, the SDXLD__* variables) as `serve`
+    /// loads it, without serving: exit 0 when it is valid, else the key at fault.
+    CheckConfig {
+        /// A configuration file (TOML) overriding config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Runs a parsed command line.
@@ -116,6 +123,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::BenchUpscale(args) => bench_upscale::bench_upscale(&args),
         Command::Health(args) => health::health(&args),
+        Command::CheckConfig { config } => {
+            let settings = sdxld::config::Settings::load(config.as_deref())?;
+            println!(
+                "configuration valid: listen {}, tls {}, {} tokens",
+                settings.server.listen,
+                settings.server.tls.enabled(),
+                settings.server.tokens.len()
+            );
+            Ok(())
+        }
     }
 }
 
