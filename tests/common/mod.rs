@@ -70,6 +70,14 @@ pub fn upscaler_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_detector_fixtures.py` (built when
+/// missing).
+pub fn detector_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_detector_fixtures.py", "SDXLD_DETECTOR_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_hires_fixtures.py` (built when
 /// missing).
 pub fn hires_fixtures() -> PathBuf {

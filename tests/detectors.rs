@@ -1,0 +1,92 @@
+//! Preprocessor networks against their reference implementations (controlnet_aux
+//! 0.0.10) on random weights built by `tests/fixtures/make_detector_fixtures.py`: the
+//! same inputs through both, outputs within 1e-3 relative at several sizes (odd ones
+//! change the size as the reference's strided stages do), the whole detector's 8-bit
+//! map, and files of another network refused naming the tensor that is missing.
+
+mod common;
+
+use common::{assert_close, detector_fixtures, read_tensors};
+use sdxld::engine::error::EngineError;
+use sdxld::engine::preprocess::lineart::LineartGenerator;
+use tch::{Device, Kind};
+
+const LINEART: [&str; 2] = ["lineart_3", "lineart_2"];
+
+#[test]
+fn the_lineart_generator_equals_controlnet_aux() {
+    let root = detector_fixtures().join("lineart");
+    for name in LINEART {
+        let network = LineartGenerator::load(
+            &root.join(format!("{name}.safetensors")),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
+        let cases = io.keys().filter(|k| k.starts_with("input.")).count();
+        assert_eq!(cases, 3, "{name}: three input sizes");
+        for k in 0..cases {
+            let got = network.forward(&io[&format!("input.{k}")]);
+            assert_close(
+                &format!("{name} input {k}"),
+                &got,
+                &io[&format!("output.{k}")],
+            );
+        }
+    }
+}
+
+#[test]
+fn the_lineart_detectors_map_equals_controlnet_aux() {
+    let root = detector_fixtures();
+    let photo = image::open(root.join("images/photo.png"))
+        .expect("photo")
+        .to_rgb8();
+    for name in LINEART {
+        let network = LineartGenerator::load(
+            &root.join(format!("lineart/{name}.safetensors")),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .expect("load");
+        let map = network.detect(&photo).expect("detect");
+        let expected = image::open(root.join(format!("lineart/{name}_map.png")))
+            .expect("map")
+            .to_rgb8();
+        assert_eq!(map.dimensions(), expected.dimensions());
+        // Truncation to 8 bits may flip a level where float sums differ in the last bit.
+        let mut off = 0;
+        for (got, want) in map.pixels().zip(expected.pixels()) {
+            let diff = got[0].abs_diff(want[0]);
+            assert!(diff <= 1, "{name}: a pixel differs by {diff}");
+            off += usize::from(diff > 0);
+        }
+        assert!(off * 1000 <= map.len(), "{name}: {off} pixels differ");
+        assert!(
+            expected.pixels().all(|p| p[0] == p[1] && p[1] == p[2]),
+            "a grey map"
+        );
+    }
+}
+
+#[test]
+fn a_file_of_another_network_is_refused_naming_the_missing_tensor() {
+    let root = detector_fixtures().join("lineart");
+    let other = common::hires_fixtures().join("upscalers/hires_compact_x4.safetensors");
+    match LineartGenerator::load(&other, Device::Cpu, Kind::Float) {
+        Err(EngineError::MissingTensor { name, .. }) => assert_eq!(name, "model0.1.weight"),
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("an upscaler loaded as a line-art network"),
+    }
+    // A truncated file names itself.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes = std::fs::read(root.join("lineart_2.safetensors")).expect("read");
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
+    let error = LineartGenerator::load(&truncated, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("truncated.safetensors"), "{error}");
+}
