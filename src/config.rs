@@ -129,6 +129,8 @@ pub struct ModelSettings {
     pub controlnet_roots: Vec<PathBuf>,
     /// Upscaler roots.
     pub upscaler_roots: Vec<PathBuf>,
+    /// Preprocessor network roots.
+    pub preprocessor_roots: Vec<PathBuf>,
 }
 
 impl ModelSettings {
@@ -141,6 +143,7 @@ impl ModelSettings {
             lora: self.lora_roots.clone(),
             controlnet: self.controlnet_roots.clone(),
             upscaler: self.upscaler_roots.clone(),
+            preprocessor: self.preprocessor_roots.clone(),
         }
     }
 }
@@ -206,6 +209,7 @@ impl Settings {
                 .with_list_parse_key("models.lora_roots")
                 .with_list_parse_key("models.controlnet_roots")
                 .with_list_parse_key("models.upscaler_roots")
+                .with_list_parse_key("models.preprocessor_roots")
                 .with_list_parse_key("server.tokens"),
         );
         let settings: Settings = builder

@@ -90,3 +90,63 @@ fn a_file_of_another_network_is_refused_naming_the_missing_tensor() {
         .to_string();
     assert!(error.contains("truncated.safetensors"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preprocessor_networks_are_listed_loaded_and_refused_by_what_they_hold() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lineart = detector_fixtures().join("lineart/lineart_3.safetensors");
+    std::fs::copy(&lineart, dir.path().join("lineart_realistic.safetensors")).expect("copy");
+    let foreign = common::hires_fixtures().join("upscalers/hires_compact_x4.safetensors");
+    std::fs::copy(&foreign, dir.path().join("not_a_detector.safetensors")).expect("copy");
+    let roots = dir.path().to_str().expect("utf-8");
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", roots),
+        ("SDXLD__SERVER__ALLOW_UNAUTHENTICATED_ADMIN", "true"),
+    ])
+    .await;
+    let listed = server.list_models(pb::ModelKind::Preprocessor).await;
+    let info = |name: &str| {
+        listed
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.preprocessor.clone())
+            .unwrap_or_else(|| panic!("{name} is not listed"))
+    };
+    assert_eq!(info("lineart_realistic").network, "lineart");
+    let foreign_info = info("not_a_detector");
+    assert!(foreign_info.network.is_empty());
+    assert!(
+        foreign_info.error.contains("not_a_detector") && foreign_info.error.contains("body.0"),
+        "{}",
+        foreign_info.error
+    );
+    assert!(!foreign_info.error.contains(roots), "no server path");
+    let mut models = server.models().await;
+    let load = |name: &str| pb::LoadModelRequest {
+        name: name.into(),
+        kind: pb::ModelKind::Preprocessor as i32,
+    };
+    let loaded = models
+        .load_model(load("lineart_realistic"))
+        .await
+        .expect("loads")
+        .into_inner()
+        .model
+        .expect("model");
+    assert!(loaded.resident);
+    let status = models
+        .load_model(load("not_a_detector"))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("body.0"), "{}", status.message());
+    // The server serves on.
+    server
+        .images(common::server::quick_spec(1))
+        .await
+        .expect("a generation");
+}

@@ -34,6 +34,7 @@ pub fn model_kind(kind: ModelKind) -> pb::ModelKind {
         ModelKind::Lora => pb::ModelKind::Lora,
         ModelKind::ControlNet => pb::ModelKind::Controlnet,
         ModelKind::Upscaler => pb::ModelKind::Upscaler,
+        ModelKind::Preprocessor => pb::ModelKind::Preprocessor,
     }
 }
 

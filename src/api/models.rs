@@ -33,12 +33,8 @@ impl Models {
             Ok(pb::ModelKind::Vae) => ModelKind::Vae,
             Ok(pb::ModelKind::Lora) => ModelKind::Lora,
             Ok(pb::ModelKind::Controlnet) => ModelKind::ControlNet,
-            Ok(other) => {
-                return Err(ApiError::Unimplemented(
-                    "kind".into(),
-                    format!("{} models cannot be loaded yet", other.as_str_name()),
-                ))
-            }
+            Ok(pb::ModelKind::Upscaler) => ModelKind::Upscaler,
+            Ok(pb::ModelKind::Preprocessor) => ModelKind::Preprocessor,
             Err(_) => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -110,6 +106,23 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
         lora: (model.kind == ModelKind::Lora).then(|| lora_info(model)),
         controlnet: (model.kind == ModelKind::ControlNet).then(|| controlnet_info(model)),
         upscaler: (model.kind == ModelKind::Upscaler).then(|| upscaler_info(model)),
+        preprocessor: (model.kind == ModelKind::Preprocessor).then(|| preprocessor_info(model)),
+    }
+}
+
+/// Which network a preprocessor file holds; a file of none lists with its error.
+fn preprocessor_info(model: &ModelEntry) -> pb::PreprocessorModelInfo {
+    match crate::engine::preprocess::detector::network_of(&model.path) {
+        Ok(network) => pb::PreprocessorModelInfo {
+            network: network.name().to_string(),
+            error: String::new(),
+        },
+        Err(e) => pb::PreprocessorModelInfo {
+            network: String::new(),
+            error: e
+                .to_string()
+                .replace(&*model.path.to_string_lossy(), &model.name),
+        },
     }
 }
 

@@ -16,6 +16,7 @@ use crate::engine::loading::lora::LoraWeights;
 use crate::engine::lora::LoraMode;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
+use crate::engine::preprocess::detector::Detector;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::upscale::Upscaler;
 
@@ -35,6 +36,7 @@ pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
         ModelKind::Lora => ModelPath::Lora(&model.path),
         ModelKind::ControlNet => ModelPath::ControlNet(&model.path),
         ModelKind::Upscaler => ModelPath::Upscaler(&model.path),
+        ModelKind::Preprocessor => ModelPath::Detector(&model.path),
         _ => ModelPath::Pipeline(&model.path),
     }
 }
@@ -121,7 +123,8 @@ impl Engine {
                 ModelPath::Vae(_)
                 | ModelPath::ControlNet(_)
                 | ModelPath::Lora(_)
-                | ModelPath::Upscaler(_) => None,
+                | ModelPath::Upscaler(_)
+                | ModelPath::Detector(_) => None,
             })
             .unwrap_or(0);
         let result = match self.lora_mode {
@@ -172,6 +175,13 @@ impl Engine {
         controlnet
     }
 
+    /// The preprocessor network `model`, loading it on first use.
+    pub fn detector(&mut self, model: &ModelEntry) -> Result<Rc<Detector>, EngineError> {
+        let detector = self.cache.detector(&model.path);
+        self.publish();
+        detector
+    }
+
     /// The upscaler `model`, loading it on first use.
     pub fn upscaler(&mut self, model: &ModelEntry) -> Result<Rc<Upscaler>, EngineError> {
         let upscaler = self.cache.upscaler(&model.path);
@@ -198,7 +208,9 @@ impl Engine {
             ModelKind::Vae => self.vae(model).map(|_| ()),
             ModelKind::Lora => self.lora(model).map(|_| ()),
             ModelKind::ControlNet => self.controlnet(model).map(|_| ()),
-            _ => self.pipeline(model).map(|_| ()),
+            ModelKind::Upscaler => self.upscaler(model).map(|_| ()),
+            ModelKind::Preprocessor => self.detector(model).map(|_| ()),
+            ModelKind::Base | ModelKind::Refiner => self.pipeline(model).map(|_| ()),
         }?;
         // The cache hashed the files it loaded; the rest (configs, tokenizers) now.
         let _ = self.hashes().model(model);

@@ -25,13 +25,14 @@ use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::SdxlPipeline;
+use crate::engine::preprocess::detector::Detector;
 use crate::engine::upscale::Upscaler;
 
 mod paths;
 mod sizes;
 
 pub use paths::ModelPath;
-use paths::{controlnet_files, upscaler_files};
+use paths::{controlnet_files, detector_files, upscaler_files};
 pub use sizes::activation_estimate;
 
 /// A loaded component, known by its content.
@@ -91,6 +92,7 @@ pub struct ModelCache {
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
     upscalers: HashMap<PathBuf, Resident<Upscaler>>,
+    detectors: HashMap<PathBuf, Resident<Detector>>,
     /// LoRA adapters by content hash.
     loras: HashMap<String, ResidentLora>,
     /// The process's file hashes (components are known by their files' content).
@@ -174,6 +176,7 @@ impl ModelCache {
             vaes: HashMap::new(),
             controlnets: HashMap::new(),
             upscalers: HashMap::new(),
+            detectors: HashMap::new(),
             loras: HashMap::new(),
             hashes: FileHashes::new(),
             clock: 0,
@@ -226,6 +229,7 @@ impl ModelCache {
             .chain(self.vaes.keys())
             .chain(self.controlnets.keys())
             .chain(self.upscalers.keys())
+            .chain(self.detectors.keys())
             .chain(self.loras.values().flat_map(|l| l.paths.iter()))
             .cloned()
             .collect()
@@ -257,6 +261,7 @@ impl ModelCache {
             .or_else(|| self.vaes.get(path).map(|r| &r.components))
             .or_else(|| self.controlnets.get(path).map(|r| &r.components))
             .or_else(|| self.upscalers.get(path).map(|r| &r.components))
+            .or_else(|| self.detectors.get(path).map(|r| &r.components))
             .cloned()
     }
 
@@ -271,6 +276,7 @@ impl ModelCache {
             .chain(uses(&self.vaes))
             .chain(uses(&self.controlnets))
             .chain(uses(&self.upscalers))
+            .chain(uses(&self.detectors))
             .collect()
     }
 
@@ -297,6 +303,7 @@ impl ModelCache {
         self.vaes.remove(path);
         self.controlnets.remove(path);
         self.upscalers.remove(path);
+        self.detectors.remove(path);
         self.stats.evictions += 1;
         let now = self.tick();
         for (key, component) in held {
@@ -375,6 +382,7 @@ impl ModelCache {
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
                 ModelPath::ControlNet(path) => vec![controlnet_files(path)],
                 ModelPath::Upscaler(path) => vec![upscaler_files(path)],
+                ModelPath::Detector(path) => vec![detector_files(path)],
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
                     let bytes =
@@ -527,6 +535,20 @@ impl ModelCache {
             |store, placement| {
                 shared(store, &files, || {
                     Upscaler::load(path, placement.device, placement.kind)
+                })
+            },
+        )
+    }
+
+    /// The preprocessor network at `path`, loading it on first use.
+    pub fn detector(&mut self, path: &Path) -> Result<Rc<Detector>> {
+        let files = detector_files(path);
+        self.resident_or_load(
+            |c| &mut c.detectors,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    Detector::load(path, placement.device, placement.kind)
                 })
             },
         )

@@ -17,6 +17,8 @@ pub enum ModelPath<'a> {
     Lora(&'a Path),
     /// An upscaler file.
     Upscaler(&'a Path),
+    /// A preprocessor network file.
+    Detector(&'a Path),
 }
 
 impl ModelPath<'_> {
@@ -26,7 +28,8 @@ impl ModelPath<'_> {
             | ModelPath::Vae(p)
             | ModelPath::ControlNet(p)
             | ModelPath::Lora(p)
-            | ModelPath::Upscaler(p) => p,
+            | ModelPath::Upscaler(p)
+            | ModelPath::Detector(p) => p,
         }
     }
 }
@@ -48,6 +51,15 @@ pub(super) fn controlnet_files(path: &Path) -> ComponentFiles {
 pub(super) fn upscaler_files(path: &Path) -> ComponentFiles {
     ComponentFiles {
         role: "upscaler",
+        paths: vec![path.to_path_buf()],
+        prefix: None,
+    }
+}
+
+/// A preprocessor network's one file.
+pub(super) fn detector_files(path: &Path) -> ComponentFiles {
+    ComponentFiles {
+        role: "detector",
         paths: vec![path.to_path_buf()],
         prefix: None,
     }

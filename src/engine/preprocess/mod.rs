@@ -4,6 +4,7 @@
 
 pub mod canny;
 pub mod cv_resize;
+pub mod detector;
 pub mod lineart;
 
 use image::{DynamicImage, GrayImage, RgbImage};

@@ -90,17 +90,20 @@ pub enum ModelKind {
     ControlNet,
     /// A super-resolution upscaler (`.safetensors` file).
     Upscaler,
+    /// A preprocessor network (detector; `.safetensors` file).
+    Preprocessor,
 }
 
 impl ModelKind {
     /// Every kind with roots, in listing order.
-    pub const ALL: [ModelKind; 6] = [
+    pub const ALL: [ModelKind; 7] = [
         ModelKind::Base,
         ModelKind::Refiner,
         ModelKind::Vae,
         ModelKind::Lora,
         ModelKind::ControlNet,
         ModelKind::Upscaler,
+        ModelKind::Preprocessor,
     ];
 
     /// Whether models of this kind may be single `.safetensors` files (named without the
@@ -108,7 +111,11 @@ impl ModelKind {
     fn takes_files(self) -> bool {
         matches!(
             self,
-            ModelKind::Base | ModelKind::Lora | ModelKind::ControlNet | ModelKind::Upscaler
+            ModelKind::Base
+                | ModelKind::Lora
+                | ModelKind::ControlNet
+                | ModelKind::Upscaler
+                | ModelKind::Preprocessor
         )
     }
 
@@ -121,6 +128,7 @@ impl ModelKind {
             ModelKind::Lora => "models.lora_roots",
             ModelKind::ControlNet => "models.controlnet_roots",
             ModelKind::Upscaler => "models.upscaler_roots",
+            ModelKind::Preprocessor => "models.preprocessor_roots",
         }
     }
 
@@ -139,7 +147,7 @@ impl ModelKind {
                     .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
                     || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
-            ModelKind::Lora | ModelKind::Upscaler => {
+            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Preprocessor => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
         }
@@ -167,6 +175,8 @@ pub struct ModelRoots {
     pub controlnet: Vec<PathBuf>,
     /// Upscalers.
     pub upscaler: Vec<PathBuf>,
+    /// Preprocessor networks.
+    pub preprocessor: Vec<PathBuf>,
 }
 
 impl ModelRoots {
@@ -186,6 +196,7 @@ impl ModelRoots {
             ModelKind::Lora => &self.lora,
             ModelKind::ControlNet => &self.controlnet,
             ModelKind::Upscaler => &self.upscaler,
+            ModelKind::Preprocessor => &self.preprocessor,
         }
     }
 }

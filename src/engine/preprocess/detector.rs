@@ -1,0 +1,68 @@
+//! Preprocessor networks (detectors) loaded from their weight files under
+//! `models.preprocessor_roots`: which network a file holds, read from its tensor names as
+//! the reference implementations name them, and the loaded network.
+
+use std::path::Path;
+
+use tch::{Device, Kind};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::lineart::LineartGenerator;
+use crate::engine::weights::read_shapes;
+
+/// A network a detector file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectorNetwork {
+    /// controlnet_aux's line-art generator (realistic or coarse weights).
+    Lineart,
+}
+
+impl DetectorNetwork {
+    /// Its name in listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectorNetwork::Lineart => "lineart",
+        }
+    }
+}
+
+/// The network the file at `path` holds; a file of no served network is refused naming
+/// its first tensor.
+pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
+    let (shapes, _) = read_shapes(path)?;
+    let has = |key: &str| shapes.iter().any(|(name, _)| name == key);
+    if has("model0.1.weight") && has("model4.1.weight") {
+        return Ok(DetectorNetwork::Lineart);
+    }
+    let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
+    Err(EngineError::WeightFile {
+        path: path.to_path_buf(),
+        message: format!(
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart)"
+        ),
+    })
+}
+
+/// A loaded detector.
+pub enum Detector {
+    /// The line-art generator.
+    Lineart(LineartGenerator),
+}
+
+impl Detector {
+    /// Loads the network the file at `path` holds onto `device` in `kind`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        match network_of(path)? {
+            DetectorNetwork::Lineart => Ok(Detector::Lineart(LineartGenerator::load(
+                path, device, kind,
+            )?)),
+        }
+    }
+
+    /// The network it is.
+    pub fn network(&self) -> DetectorNetwork {
+        match self {
+            Detector::Lineart(_) => DetectorNetwork::Lineart,
+        }
+    }
+}
