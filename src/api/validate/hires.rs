@@ -152,21 +152,23 @@ fn final_size(
         .into_iter()
         .filter(|&(_, value, least, max)| value % 8 != 0 || value < least || value > max)
         .collect();
-    for (field, value, least, max) in &bad {
-        let rule = format!("a multiple of 8 between the first pass's {least} and {max}");
-        match scale {
-            Some(scale) => v.add(
-                format!("{P}.scale"),
-                format!("{scale} makes a {field} of {value}; it must be {rule}"),
-            ),
-            None => v.add(
-                format!("{P}.{field}"),
-                format!("must be {rule}, got {value}"),
-            ),
+    let rule = |least, max| format!("a multiple of 8 between the first pass's {least} and {max}");
+    match scale {
+        // One violation, on the one field the client sent.
+        Some(scale) => {
+            if let Some((field, value, least, max)) = bad.first() {
+                let why = format!(
+                    "{scale} makes a {field} of {value}; it must be {}",
+                    rule(least, max)
+                );
+                v.add(format!("{P}.scale"), why);
+            }
         }
-        if scale.is_some() {
-            // One violation for the field the client sent.
-            break;
+        None => {
+            for (field, value, least, max) in &bad {
+                let why = format!("must be {}, got {value}", rule(least, max));
+                v.add(format!("{P}.{field}"), why);
+            }
         }
     }
     bad.is_empty().then_some((width, height, scale))
