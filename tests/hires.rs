@@ -442,4 +442,50 @@ async fn bad_hires_passes_are_refused_naming_the_field() {
             .collect::<Vec<_>>(),
         vec![(128, 128)]
     );
+    // Latents output comes at the final size; post-processing follows the second pass.
+    let mut latents = quick(pb::HiresPass::default());
+    latents.output = Some(pb::OutputOptions {
+        format: pb::ImageFormat::LatentsSafetensors as i32,
+        ..Default::default()
+    });
+    let done = client
+        .generate_images(pb::GenerateImagesRequest {
+            spec: Some(latents),
+        })
+        .await
+        .expect("latents")
+        .into_inner();
+    let image = &done.images[0];
+    assert_eq!((image.width, image.height), (128, 128));
+    let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
+    let shape = tensors.tensor("latents").expect("latents").shape().to_vec();
+    assert_eq!(shape, [1, 4, 16, 16], "tiny2's VAE scale factor is 8");
+    let upscaler = server
+        .list_models(pb::ModelKind::Upscaler)
+        .await
+        .into_iter()
+        .find(|m| m.name.starts_with("hires_compact_x4"))
+        .expect("listed")
+        .name;
+    let mut post = quick(pb::HiresPass {
+        scale: Some(1.5),
+        ..Default::default()
+    });
+    post.post_processing = vec![pb::PostProcessStep {
+        step: Some(pb::post_process_step::Step::Upscale(pb::UpscaleStep {
+            model: upscaler,
+            factor: 2,
+            ..Default::default()
+        })),
+    }];
+    let done = client
+        .generate_images(pb::GenerateImagesRequest { spec: Some(post) })
+        .await
+        .expect("hires then post-processing")
+        .into_inner();
+    assert_eq!(
+        (done.images[0].width, done.images[0].height),
+        (192, 192),
+        "96 after the hires pass, then x2"
+    );
 }
