@@ -150,3 +150,54 @@ async fn preprocessor_networks_are_listed_loaded_and_refused_by_what_they_hold()
         .await
         .expect("a generation");
 }
+
+const LINEART_ANIME: [&str; 2] = ["lineart_anime_8", "lineart_anime_6"];
+
+#[test]
+fn the_anime_lineart_unet_equals_controlnet_aux() {
+    use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
+    use sdxld::engine::preprocess::lineart_anime::LineartAnimeUnet;
+    let root = detector_fixtures().join("lineart_anime");
+    for (name, levels) in LINEART_ANIME.into_iter().zip([8, 6]) {
+        let path = root.join(format!("{name}.safetensors"));
+        assert_eq!(
+            network_of(&path).expect("known"),
+            DetectorNetwork::LineartAnime
+        );
+        let network = LineartAnimeUnet::load(&path, Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(network.depth(), levels, "{name}");
+        let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
+        for k in 0..2 {
+            let got = network.forward(&io[&format!("input.{k}")]);
+            assert_close(
+                &format!("{name} input {k}"),
+                &got,
+                &io[&format!("output.{k}")],
+            );
+        }
+    }
+    // The whole detector at its network's size; other sizes are refused, not guessed.
+    let network = LineartAnimeUnet::load(
+        &root.join("lineart_anime_8.safetensors"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .expect("load");
+    let photo = image::open(detector_fixtures().join("images/photo256.png"))
+        .expect("photo")
+        .to_rgb8();
+    let map = network.detect(&photo).expect("detect");
+    let expected = image::open(root.join("lineart_anime_8_map.png"))
+        .expect("map")
+        .to_rgb8();
+    let mut off = 0;
+    for (got, want) in map.pixels().zip(expected.pixels()) {
+        let diff = got[0].abs_diff(want[0]);
+        assert!(diff <= 1, "a pixel differs by {diff}");
+        off += usize::from(diff > 0);
+    }
+    assert!(off * 1000 <= map.len(), "{off} pixels differ");
+    let small = image::RgbImage::new(200, 256);
+    assert!(network.detect(&small).is_err(), "200 is no multiple of 256");
+}

@@ -8,6 +8,7 @@ use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::lineart::LineartGenerator;
+use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
 use crate::engine::weights::read_shapes;
 
 /// A network a detector file holds.
@@ -15,6 +16,8 @@ use crate::engine::weights::read_shapes;
 pub enum DetectorNetwork {
     /// controlnet_aux's line-art generator (realistic or coarse weights).
     Lineart,
+    /// controlnet_aux's anime line-art U-Net.
+    LineartAnime,
 }
 
 impl DetectorNetwork {
@@ -22,6 +25,7 @@ impl DetectorNetwork {
     pub fn name(self) -> &'static str {
         match self {
             DetectorNetwork::Lineart => "lineart",
+            DetectorNetwork::LineartAnime => "lineart_anime",
         }
     }
 }
@@ -30,15 +34,22 @@ impl DetectorNetwork {
 /// its first tensor.
 pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     let (shapes, _) = read_shapes(path)?;
-    let has = |key: &str| shapes.iter().any(|(name, _)| name == key);
+    let has = |key: &str| {
+        shapes
+            .iter()
+            .any(|(name, _)| name.trim_start_matches("module.") == key)
+    };
     if has("model0.1.weight") && has("model4.1.weight") {
         return Ok(DetectorNetwork::Lineart);
+    }
+    if has("model.model.0.weight") && has("model.model.1.model.1.weight") {
+        return Ok(DetectorNetwork::LineartAnime);
     }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime)"
         ),
     })
 }
@@ -47,6 +58,8 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
 pub enum Detector {
     /// The line-art generator.
     Lineart(LineartGenerator),
+    /// The anime line-art U-Net.
+    LineartAnime(LineartAnimeUnet),
 }
 
 impl Detector {
@@ -56,6 +69,9 @@ impl Detector {
             DetectorNetwork::Lineart => Ok(Detector::Lineart(LineartGenerator::load(
                 path, device, kind,
             )?)),
+            DetectorNetwork::LineartAnime => Ok(Detector::LineartAnime(LineartAnimeUnet::load(
+                path, device, kind,
+            )?)),
         }
     }
 
@@ -63,6 +79,7 @@ impl Detector {
     pub fn network(&self) -> DetectorNetwork {
         match self {
             Detector::Lineart(_) => DetectorNetwork::Lineart,
+            Detector::LineartAnime(_) => DetectorNetwork::LineartAnime,
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod canny;
 pub mod cv_resize;
 pub mod detector;
 pub mod lineart;
+pub mod lineart_anime;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 

@@ -1,0 +1,206 @@
+//! controlnet_aux's anime line-art detector (`lineart_anime.UnetGenerator`, the network
+//! of its `netG.pth`): a pix2pix U-Net of nested skip-connection blocks, each a 4×4
+//! stride-2 convolution down and a 4×4 stride-2 transposed convolution up around the
+//! next block, instance norms without affine parameters, LeakyReLU(0.2) down and ReLU up,
+//! tanh out. The depth, widths and channels are read from the weights.
+
+use std::path::Path;
+
+use image::{GrayImage, RgbImage};
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::weights::{read_shapes, Weights};
+
+/// torch.nn.InstanceNorm2d's epsilon.
+const EPS: f64 = 1e-5;
+/// The slope of the downward LeakyReLUs.
+const SLOPE: f64 = 0.2;
+
+/// One 4×4 stride-2 (transposed) convolution.
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv {
+    fn down(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, Some(&self.bias), [2, 2], [1, 1], [1, 1], 1)
+    }
+
+    fn up(&self, x: &Tensor) -> Tensor {
+        x.conv_transpose2d(
+            &self.weight,
+            Some(&self.bias),
+            [2, 2],
+            [1, 1],
+            [0, 0],
+            1,
+            [1, 1],
+        )
+    }
+}
+
+fn instance_norm(x: &Tensor) -> Tensor {
+    x.instance_norm::<&Tensor>(None, None, None, None, true, 0.1, EPS, false)
+}
+
+/// A block's convolutions; block 0 is the outermost.
+struct Block {
+    down: Conv,
+    up: Conv,
+}
+
+/// The anime line-art U-Net.
+pub struct LineartAnimeUnet {
+    blocks: Vec<Block>,
+    device: Device,
+    kind: Kind,
+}
+
+/// The key prefix of block `depth`: the outermost block's Sequential holds its submodule
+/// at index 1, every other block's at index 3.
+fn prefix(depth: usize) -> String {
+    let mut p = "model.model.".to_string();
+    if depth > 0 {
+        p.push_str("1.model.");
+        for _ in 1..depth {
+            p.push_str("3.model.");
+        }
+    }
+    p
+}
+
+impl LineartAnimeUnet {
+    /// Loads the U-Net from a safetensors file of its state dict (`module.` prefixes, as
+    /// some published files have, removed).
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (shapes, _) = read_shapes(path)?;
+        let shape = |key: &str| {
+            let found = shapes
+                .iter()
+                .find(|(name, _)| name.trim_start_matches("module.") == key);
+            found
+                .map(|(_, s)| s.clone())
+                .ok_or_else(|| EngineError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: key.to_string(),
+                })
+        };
+        // Blocks until one has no further submodule; the innermost holds its
+        // convolutions at 1 and 3.
+        let mut depth = 1;
+        while shape(&format!("{}3.model.1.weight", prefix(depth))).is_ok() {
+            depth += 1;
+        }
+        let depth = depth + 1;
+        let rename = |stored: &str| {
+            let name = stored.trim_start_matches("module.").to_string();
+            vec![(name, crate::engine::weights::Transform::Identity)]
+        };
+        let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
+        let vp = weights.root();
+        let mut blocks = Vec::with_capacity(depth);
+        for d in 0..depth {
+            let p = prefix(d);
+            let (down, up) = match d {
+                0 => (format!("{p}0"), format!("{p}3")),
+                d if d == depth - 1 => (format!("{p}1"), format!("{p}3")),
+                _ => (format!("{p}1"), format!("{p}5")),
+            };
+            let (down_shape, up_shape) = (
+                shape(&format!("{down}.weight"))?,
+                shape(&format!("{up}.weight"))?,
+            );
+            let conv = |name: &str, s: &[i64], bias: i64| -> Result<Conv> {
+                let at = vp.pp(name);
+                Ok(Conv {
+                    weight: at.get("weight", s)?,
+                    bias: at.get("bias", &[bias])?,
+                })
+            };
+            blocks.push(Block {
+                down: conv(&down, &down_shape, down_shape[0])?,
+                up: conv(&up, &up_shape, up_shape[1])?,
+            });
+        }
+        weights.check_all_used(|_| false)?;
+        Ok(Self {
+            blocks,
+            device,
+            kind,
+        })
+    }
+
+    /// How many times the network halves the image: its sides must be multiples of
+    /// 2^depth.
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `d` and everything inside it on `x`, with its skip concatenation. The
+    /// reference's downward LeakyReLU runs in place on the block's input before the
+    /// concatenation reads it, so the skip carries LeakyReLU(x), not x.
+    fn block(&self, d: usize, x: &Tensor) -> Tensor {
+        let block = &self.blocks[d];
+        let innermost = d == self.blocks.len() - 1;
+        let x = x.maximum(&(x * SLOPE));
+        let down = block.down.down(&x);
+        let inner = if innermost {
+            down
+        } else {
+            self.block(d + 1, &instance_norm(&down))
+        };
+        let up = instance_norm(&block.up.up(&inner.relu()));
+        Tensor::cat(&[&x, &up], 1)
+    }
+
+    /// The network on an NCHW batch in [-1, 1] whose sides are multiples of 2^depth:
+    /// [N, out, H, W] in (-1, 1), float32.
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let x = image.to_device(self.device).to_kind(self.kind);
+        let outer = &self.blocks[0];
+        let down = outer.down.down(&x);
+        let inner = if self.blocks.len() > 1 {
+            self.block(1, &down)
+        } else {
+            down
+        };
+        outer
+            .up
+            .up(&inner.relu())
+            .tanh()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+    }
+
+    /// controlnet_aux's `LineartAnimeDetector` on an RGB image whose sides are multiples
+    /// of 256 (its own network size; others need its bicubic resizes, not served yet):
+    /// pixels to [-1, 1], the first output channel back to [0, 255] truncated to 8 bits,
+    /// inverted.
+    pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
+        let (width, height) = image.dimensions();
+        let side = 1u32 << self.depth();
+        if width % side != 0 || height % side != 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "the anime line-art network takes sides that are multiples of {side}, got {width}x{height}"
+            )));
+        }
+        let input = Tensor::from_slice(image.as_raw())
+            .view([i64::from(height), i64::from(width), 3])
+            .permute([2, 0, 1])
+            .unsqueeze(0)
+            .to_kind(Kind::Float)
+            / 127.5
+            - 1.0;
+        let line = self.forward(&input).get(0).get(0) * 127.5 + 127.5;
+        let bytes = line.clamp(0.0, 255.0).to_kind(Kind::Uint8);
+        let inverted = Vec::<u8>::try_from(bytes.contiguous().view(-1))?
+            .into_iter()
+            .map(|v| 255 - v)
+            .collect();
+        GrayImage::from_raw(width, height, inverted)
+            .ok_or_else(|| EngineError::Internal("a line map of the wrong size".into()))
+    }
+}
