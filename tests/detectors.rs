@@ -67,6 +67,22 @@ fn the_lineart_detectors_map_equals_controlnet_aux() {
             expected.pixels().all(|p| p[0] == p[1] && p[1] == p[2]),
             "a grey map"
         );
+        // Sides that are no multiples of 4: the network's 52×36 map fitted back to 50×34
+        // with OpenCV's INTER_LINEAR, then inverted.
+        let odd = image::open(root.join("images/photo_odd.png"))
+            .expect("photo")
+            .to_rgb8();
+        let map = network.detect(&odd).expect("detect");
+        let expected = image::open(root.join(format!("lineart/{name}_map_odd.png")))
+            .expect("map")
+            .to_rgb8();
+        assert_eq!(map.dimensions(), (50, 34));
+        let most = map
+            .pixels()
+            .zip(expected.pixels())
+            .map(|(g, w)| g[0].abs_diff(w[0]))
+            .max();
+        assert!(most <= Some(1), "{name} odd: differs by {most:?}");
     }
 }
 

@@ -14,6 +14,30 @@ fn differing(actual: &[u8], expected: &[u8]) -> usize {
 }
 
 #[test]
+fn bilinear_resizing_equals_opencv() {
+    use sdxld::engine::preprocess::cv_resize::{resize, Interpolation};
+    let root = common::preprocess_fixtures();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("linear.json")).expect("read"))
+            .expect("json");
+    assert_eq!(cases.len(), 20);
+    for case in &cases {
+        let image = image::open(root.join(case["image"].as_str().expect("image"))).expect("png");
+        let expected = image::open(root.join(case["expected"].as_str().expect("expected")))
+            .expect("png")
+            .to_rgb8();
+        let (w, h) = (
+            case["width"].as_u64().expect("w"),
+            case["height"].as_u64().expect("h"),
+        );
+        let got = resize(&hwc3(&image), w as u32, h as u32, Interpolation::Linear);
+        assert_eq!(got.dimensions(), expected.dimensions(), "{case}");
+        let off = differing(got.as_raw(), expected.as_raw());
+        assert_eq!(off, 0, "{case}: {off} values differ");
+    }
+}
+
+#[test]
 fn detection_resizing_equals_controlnet_aux_with_opencv() {
     let root = common::preprocess_fixtures();
     let cases: Vec<serde_json::Value> =

@@ -1,8 +1,9 @@
-//! OpenCV's `cv2.resize` on 8-bit RGB for the two filters controlnet_aux's
-//! `resize_image` picks: `INTER_AREA` to shrink and `INTER_LANCZOS4` to enlarge, with
-//! OpenCV's arithmetic (fixed-point taps of 11 fractional bits for Lanczos and for
-//! area's bilinear stand-in, float32 overlap weights for true area averaging), so
-//! detection runs on the bytes controlnet_aux hands its detectors.
+//! OpenCV's `cv2.resize` on 8-bit RGB for the filters controlnet_aux uses:
+//! `INTER_AREA` to shrink and `INTER_LANCZOS4` to enlarge (its `resize_image`), and
+//! `INTER_LINEAR` (its detectors' maps back to the image size), with OpenCV's arithmetic
+//! (fixed-point taps of 11 fractional bits for Lanczos, bilinear and area's bilinear
+//! stand-in, float32 overlap weights for true area averaging), so detection runs on the
+//! bytes controlnet_aux hands its detectors.
 
 use image::RgbImage;
 
@@ -19,6 +20,8 @@ pub enum Interpolation {
     Area,
     /// `INTER_LANCZOS4`: an 8×8 Lanczos window.
     Lanczos4,
+    /// `INTER_LINEAR`: bilinear, pixel centres aligned.
+    Linear,
 }
 
 /// `cv2.resize(image, (width, height), interpolation)`.
@@ -42,6 +45,11 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpol
         Interpolation::Area => {
             let x = linear_taps(Some(source.width), dw, scale_x, inv_x);
             let y = linear_taps(None, dh, scale_y, inv_y);
+            separable(&source, dw, &x, &y, vertical_linear)
+        }
+        Interpolation::Linear => {
+            let x = bilinear_taps(Some(source.width), dw, scale_x);
+            let y = bilinear_taps(None, dh, scale_y);
             separable(&source, dw, &x, &y, vertical_linear)
         }
         Interpolation::Lanczos4 => {
@@ -207,6 +215,32 @@ fn linear_taps(source: Option<usize>, destination: usize, scale: f64, inverse: f
         let mut f = if f <= 0.0 { 0.0 } else { f - f.floor() };
         if let Some(last) = source.map(|n| n as i64 - 1).filter(|last| s >= *last) {
             (s, f) = (last, 0.0);
+        }
+        taps.start.push(s);
+        taps.coefficients.push(fixed(&[1.0 - f, f]));
+    }
+    taps
+}
+
+/// `INTER_LINEAR` taps: pixel centres aligned; along x (`source` given) a start before
+/// the first pixel or at the last takes that pixel whole, as OpenCV clamps there; along y
+/// only the rows are clamped.
+fn bilinear_taps(source: Option<usize>, destination: usize, scale: f64) -> Taps {
+    let mut taps = Taps {
+        start: Vec::with_capacity(destination),
+        coefficients: Vec::with_capacity(destination),
+    };
+    for d in 0..destination {
+        let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+        let floor = f.floor();
+        let (mut s, mut f) = (floor as i64, f - floor);
+        if let Some(last) = source.map(|n| n as i64 - 1) {
+            if s < 0 {
+                (s, f) = (0, 0.0);
+            }
+            if s >= last {
+                (s, f) = (last, 0.0);
+            }
         }
         taps.start.push(s);
         taps.coefficients.push(fixed(&[1.0 - f, f]));

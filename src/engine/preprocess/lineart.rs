@@ -7,10 +7,11 @@
 
 use std::path::Path;
 
-use image::{GrayImage, RgbImage};
+use image::{DynamicImage, GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::weights::{numbered_children, read_shapes, VarPath, Weights};
 
 /// torch.nn.InstanceNorm2d's epsilon.
@@ -161,8 +162,9 @@ impl LineartGenerator {
     }
 
     /// controlnet_aux's `LineartDetector` on an RGB image at the detection size: the
-    /// network's first channel times 255, clipped and truncated to 8 bits, inverted
-    /// (dark lines on white, as the line-art ControlNets take them).
+    /// network's first channel times 255, clipped and truncated to 8 bits, fitted back to
+    /// the image's size with OpenCV's `INTER_LINEAR` where the network's strides changed
+    /// it, inverted (dark lines on white, as the line-art ControlNets take them).
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let input = Tensor::from_slice(image.as_raw())
@@ -174,11 +176,17 @@ impl LineartGenerator {
         let line = self.forward(&input).get(0).get(0);
         let size = line.size();
         let bytes = (line * 255.0).clamp(0.0, 255.0).to_kind(Kind::Uint8);
-        let inverted = Vec::<u8>::try_from(bytes.contiguous().view(-1))?
-            .into_iter()
-            .map(|v| 255 - v)
-            .collect();
-        GrayImage::from_raw(size[1] as u32, size[0] as u32, inverted)
-            .ok_or_else(|| EngineError::Internal("a line map of the wrong size".into()))
+        let raw = Vec::<u8>::try_from(bytes.contiguous().view(-1))?;
+        let map = GrayImage::from_raw(size[1] as u32, size[0] as u32, raw)
+            .ok_or_else(|| EngineError::Internal("a line map of the wrong size".into()))?;
+        let mut map = if map.dimensions() == (width, height) {
+            map
+        } else {
+            let rgb = DynamicImage::ImageLuma8(map).to_rgb8();
+            let fitted = resize(&rgb, width, height, Interpolation::Linear);
+            GrayImage::from_fn(width, height, |x, y| Luma([fitted.get_pixel(x, y)[0]]))
+        };
+        map.iter_mut().for_each(|v| *v = 255 - *v);
+        Ok(map)
     }
 }
