@@ -15,7 +15,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 use tower::{Layer, Service};
 
-use crate::api::caller::{bearer_token, same_secret, Caller};
+use crate::api::caller::{bearer, same_secret, Caller};
 use crate::config::{ConfigError, ServerSettings};
 
 /// What a token allows.
@@ -96,8 +96,10 @@ impl Access {
                 _ => Ok(None),
             };
         }
-        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
-        let token = bearer_token(&metadata)
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer)
             .and_then(|presented| self.matching(presented))
             .ok_or_else(|| {
                 Status::unauthenticated(

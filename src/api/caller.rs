@@ -9,7 +9,11 @@ use tonic::Request;
 /// The token of an `authorization: Bearer <token>` header (the scheme in any case, as
 /// RFC 6750 allows).
 pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+    bearer(metadata.get("authorization")?.to_str().ok()?)
+}
+
+/// The token of an `authorization` header's value `Bearer <token>`.
+pub fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
