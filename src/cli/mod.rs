@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod bench_controlnet;
+mod bench_detector;
 mod bench_upscale;
 mod controlnet;
 mod convert;
@@ -92,6 +93,9 @@ enum Command {
     /// Times an upscaler on a square image of random pixels, tiled as the
     /// post-processing step runs it; one JSON line of run times.
     BenchUpscale(bench_upscale::BenchUpscaleArgs),
+    /// Times a preprocessor network on a square image of random pixels, its
+    /// post-processing included; one JSON line of run times.
+    BenchDetector(bench_detector::BenchDetectorArgs),
     /// Check a server's gRPC health service: exit 0 when SERVING (container health
     /// checks, scripts).
     Health(health::HealthArgs),
@@ -122,6 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bench_controlnet::bench_controlnet(&generate, timing)
         }
         Command::BenchUpscale(args) => bench_upscale::bench_upscale(&args),
+        Command::BenchDetector(args) => bench_detector::bench_detector(&args),
         Command::Health(args) => health::health(&args),
         Command::CheckConfig { config } => {
             let settings = sdxld::config::Settings::load(config.as_deref())?;

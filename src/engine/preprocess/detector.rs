@@ -75,6 +75,16 @@ impl Detector {
         }
     }
 
+    /// The 8-bit map of an RGB image at the detection size (see each network's
+    /// `detect`), as three equal channels.
+    pub fn detect(&self, image: &image::RgbImage) -> Result<image::RgbImage> {
+        let map = match self {
+            Detector::Lineart(network) => network.detect(image)?,
+            Detector::LineartAnime(network) => network.detect(image)?,
+        };
+        Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
+    }
+
     /// The network it is.
     pub fn network(&self) -> DetectorNetwork {
         match self {

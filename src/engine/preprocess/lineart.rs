@@ -66,8 +66,9 @@ impl Conv {
 
 /// Instance norm (no affine parameters, statistics of the input) then ReLU.
 fn norm_relu(x: &Tensor) -> Tensor {
-    x.instance_norm::<&Tensor>(None, None, None, None, true, 0.1, EPS, false)
-        .relu()
+    let mut y = x.instance_norm::<&Tensor>(None, None, None, None, true, 0.1, EPS, false);
+    let _ = y.relu_();
+    y
 }
 
 /// `ReflectionPad2d(pad)`.

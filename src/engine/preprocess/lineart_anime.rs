@@ -140,18 +140,22 @@ impl LineartAnimeUnet {
 
     /// Block `d` and everything inside it on `x`, with its skip concatenation. The
     /// reference's downward LeakyReLU runs in place on the block's input before the
-    /// concatenation reads it, so the skip carries LeakyReLU(x), not x.
-    fn block(&self, d: usize, x: &Tensor) -> Tensor {
+    /// concatenation reads it, so the skip carries LeakyReLU(x), not x (the same after
+    /// the parent's ReLU).
+    fn block(&self, d: usize, x: Tensor) -> Tensor {
         let block = &self.blocks[d];
         let innermost = d == self.blocks.len() - 1;
-        let x = x.maximum(&(x * SLOPE));
+        // In place, as the reference: torch's LeakyReLU kernel through its backward with
+        // the input as the gradient (tch's `leaky_relu` takes no slope).
+        let _ = x.leaky_relu_backward_grad_input(&x, &x, SLOPE, false);
         let down = block.down.down(&x);
-        let inner = if innermost {
+        let mut inner = if innermost {
             down
         } else {
-            self.block(d + 1, &instance_norm(&down))
+            self.block(d + 1, instance_norm(&down))
         };
-        let up = instance_norm(&block.up.up(&inner.relu()));
+        let _ = inner.relu_();
+        let up = instance_norm(&block.up.up(&inner));
         Tensor::cat(&[&x, &up], 1)
     }
 
@@ -162,14 +166,15 @@ impl LineartAnimeUnet {
         let x = image.to_device(self.device).to_kind(self.kind);
         let outer = &self.blocks[0];
         let down = outer.down.down(&x);
-        let inner = if self.blocks.len() > 1 {
-            self.block(1, &down)
+        let mut inner = if self.blocks.len() > 1 {
+            self.block(1, down)
         } else {
             down
         };
+        let _ = inner.relu_();
         outer
             .up
-            .up(&inner.relu())
+            .up(&inner)
             .tanh()
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
+generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, at their
+published sizes), one square image of random pixels turned into the 8-bit map by
+controlnet_aux's detector and by `sdxld bench-detector`, same weights, same threads, each
+in its own process.
+
+Prints seconds per map for both, the ratio reference / sdxld (above 1 means sdxld is
+faster) and each process's peak resident memory.
+Usage: bench/preprocess.py --sdxld target/release/sdxld [--size 1024] [--threads 1] [--runs 2]
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+
+
+def build(kind: str):
+    if kind == "lineart":
+        from controlnet_aux.lineart import Generator
+
+        return Generator(3, 1, 3)
+    from controlnet_aux.lineart_anime import UnetGenerator
+
+    norm = functools.partial(torch.nn.InstanceNorm2d, affine=False, track_running_stats=False)
+    return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
+
+
+def write_model(kind: str, path: Path):
+    from make_detector_fixtures import randomise
+    from safetensors.torch import save_file
+
+    model = build(kind)
+    randomise(model, 0, gain=0.25 if kind == "lineart_anime" else 1.0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def reference_child(args):
+    """Runs in its own process: times controlnet_aux's detector, prints JSON."""
+    from controlnet_aux.lineart import LineartDetector
+    from controlnet_aux.lineart_anime import LineartAnimeDetector
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(args.threads)
+    model = build(args.kind)
+    model.load_state_dict(load_file(args.model))
+    model.eval()
+    detector = LineartDetector(model, model) if args.kind == "lineart" else LineartAnimeDetector(model)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    call()
+    times = []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": times}))
+
+
+def run(cmd):
+    """A child's JSON (its last line) and its peak resident memory in MiB."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[0]} failed")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sdxld", required=True)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--kinds", default="lineart,lineart_anime")
+    parser.add_argument("--reference-child", action="store_true")
+    parser.add_argument("--kind")
+    parser.add_argument("--model")
+    args = parser.parse_args()
+    if args.reference_child:
+        return reference_child(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.kinds.split(","):
+            model = Path(tmp) / f"{kind}.safetensors"
+            write_model(kind, model)
+            common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
+            reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
+            sdxld, sdxld_peak = run([args.sdxld, "bench-detector", "--model", str(model)] + common)
+            r, d = statistics.median(reference["seconds"]), statistics.median(sdxld["seconds"])
+            print(
+                f"{kind} {args.size}², {args.threads} thread(s): controlnet_aux {r:.2f} s (peak RSS {reference_peak:.0f} MiB), "
+                f"sdxld {d:.2f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
