@@ -36,6 +36,40 @@ impl TimingArgs {
     }
 }
 
+/// A `size`×`size` image of xorshift noise from `seed` (the same pixels every run).
+pub(crate) fn noise_image(size: u32, seed: u64) -> anyhow::Result<image::RgbImage> {
+    let mut state = seed;
+    let pixels: Vec<u8> = (0..size as usize * size as usize * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    image::RgbImage::from_raw(size, size, pixels)
+        .ok_or_else(|| anyhow::anyhow!("an image of {size}x{size}"))
+}
+
+/// `once` run once to warm up, then timed `runs` times: the seconds of each run and the
+/// device allocator's peak over them in MiB (0 on the CPU).
+pub(crate) fn timed_runs<T>(
+    runs: usize,
+    device: tch::Device,
+    once: impl Fn() -> sdxld::engine::error::Result<T>,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    once()?;
+    device::reset_peak(device);
+    let mut seconds = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        once()?;
+        seconds.push(start.elapsed().as_secs_f64());
+    }
+    let peak = device::memory(device).map_or(0, |m| m.peak);
+    Ok((seconds, peak as f64 / f64::from(1 << 20)))
+}
+
 /// A sink that keeps nothing.
 struct Discard;
 

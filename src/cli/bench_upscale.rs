@@ -2,14 +2,13 @@
 //! tile by tile as the post-processing step runs it; one JSON line of run times.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::bail;
-use sdxld::engine::device::{self, Placement};
+use sdxld::engine::device::Placement;
 use sdxld::engine::upscale::tiles::Tiling;
 use sdxld::engine::upscale::Upscaler;
 
-use crate::cli::bench::TimingArgs;
+use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 
 /// The command's flags.
 #[derive(clap::Args)]
@@ -45,33 +44,14 @@ pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
     args.timing.set_threads();
     let placement = Placement::parse(&args.device, &args.dtype)?;
     let upscaler = Upscaler::load(&args.model, placement.device, placement.kind)?;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let pixels: Vec<u8> = (0..args.size as usize * args.size as usize * 3)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 56) as u8
-        })
-        .collect();
-    let image = image::RgbImage::from_raw(args.size, args.size, pixels)
-        .ok_or_else(|| anyhow::anyhow!("an image of {0}x{0}", args.size))?;
+    let image = noise_image(args.size, 0x2545_f491_4f6c_dd1d)?;
     let tiling = Tiling {
         tile: args.tile,
         pad: 10,
         overlap: args.overlap,
     };
     let once = || upscaler.upscale(&image, tiling, &mut |_, _| Ok(()));
-    once()?;
-    device::reset_peak(placement.device);
-    let mut seconds = Vec::with_capacity(args.timing.runs);
-    for _ in 0..args.timing.runs {
-        let start = Instant::now();
-        once()?;
-        seconds.push(start.elapsed().as_secs_f64());
-    }
-    let peak = device::memory(placement.device).map_or(0, |m| m.peak);
-    let peak_mib = peak as f64 / f64::from(1 << 20);
+    let (seconds, peak_mib) = timed_runs(args.timing.runs, placement.device, once)?;
     println!(
         "{}",
         serde_json::json!({ "seconds": seconds, "device_peak_mib": peak_mib })
