@@ -193,27 +193,34 @@ fn the_anime_lineart_unet_equals_controlnet_aux() {
             );
         }
     }
-    // The whole detector at its network's size; other sizes are refused, not guessed.
+    // The whole detector: at its network's size, and at sizes it resizes to 256 and back
+    // with bicubic (64×64 as resize_image hands it, 50×34 as a unit without a detect
+    // resolution may).
     let network = LineartAnimeUnet::load(
         &root.join("lineart_anime_8.safetensors"),
         Device::Cpu,
         Kind::Float,
     )
     .expect("load");
-    let photo = image::open(detector_fixtures().join("images/photo256.png"))
-        .expect("photo")
-        .to_rgb8();
-    let map = network.detect(&photo).expect("detect");
-    let expected = image::open(root.join("lineart_anime_8_map.png"))
-        .expect("map")
-        .to_rgb8();
-    let mut off = 0;
-    for (got, want) in map.pixels().zip(expected.pixels()) {
-        let diff = got[0].abs_diff(want[0]);
-        assert!(diff <= 1, "a pixel differs by {diff}");
-        off += usize::from(diff > 0);
+    for (photo, map) in [
+        ("photo256.png", "lineart_anime_8_map.png"),
+        ("photo.png", "lineart_anime_8_map64.png"),
+        ("photo_odd.png", "lineart_anime_8_map_odd.png"),
+    ] {
+        let photo = image::open(detector_fixtures().join("images").join(photo))
+            .expect("photo")
+            .to_rgb8();
+        let got = network.detect(&photo).expect("detect");
+        let expected = image::open(root.join(map)).expect("map").to_rgb8();
+        assert_eq!(got.dimensions(), expected.dimensions(), "{map}");
+        let mut off = 0;
+        for (got, want) in got.pixels().zip(expected.pixels()) {
+            let diff = got[0].abs_diff(want[0]);
+            assert!(diff <= 1, "{map}: a pixel differs by {diff}");
+            off += usize::from(diff > 0);
+        }
+        // Float sums in another order flip a truncation now and then (OpenCV's IPP bicubic
+        // and the network alike); at most one pixel in a hundred, by one level.
+        assert!(off * 100 <= got.len(), "{map}: {off} pixels differ");
     }
-    assert!(off * 1000 <= map.len(), "{off} pixels differ");
-    let small = image::RgbImage::new(200, 256);
-    assert!(network.detect(&small).is_err(), "200 is no multiple of 256");
 }

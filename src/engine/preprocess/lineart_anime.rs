@@ -10,7 +10,11 @@ use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::cv_resize::{resize, resize_plane_cubic, Interpolation};
 use crate::engine::weights::{read_shapes, Weights};
+
+/// The multiple controlnet_aux resizes the detector's input to.
+const NETWORK_SIDE: u32 = 256;
 
 /// torch.nn.InstanceNorm2d's epsilon.
 const EPS: f64 = 1e-5;
@@ -180,30 +184,41 @@ impl LineartAnimeUnet {
             .to_device(Device::Cpu)
     }
 
-    /// controlnet_aux's `LineartAnimeDetector` on an RGB image whose sides are multiples
-    /// of 256 (its own network size; others need its bicubic resizes, not served yet):
-    /// pixels to [-1, 1], the first output channel back to [0, 255] truncated to 8 bits,
-    /// inverted.
+    /// controlnet_aux's `LineartAnimeDetector` on an RGB image at the detection size:
+    /// resized with OpenCV's bicubic to the next multiples of 256 (or of the network's
+    /// own stride, if deeper), pixels to [-1, 1], the first output channel back to [0,
+    /// 255], that plane resized back with bicubic, truncated to 8 bits and inverted.
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
-        let side = 1u32 << self.depth();
-        if width % side != 0 || height % side != 0 {
-            return Err(EngineError::InvalidRequest(format!(
-                "the anime line-art network takes sides that are multiples of {side}, got {width}x{height}"
-            )));
-        }
-        let input = Tensor::from_slice(image.as_raw())
-            .view([i64::from(height), i64::from(width), 3])
+        let stride = 1u32.checked_shl(self.depth() as u32).ok_or_else(|| {
+            EngineError::Internal(format!("a U-Net {} levels deep", self.depth()))
+        })?;
+        let side = NETWORK_SIDE.max(stride);
+        let (wn, hn) = (width.div_ceil(side) * side, height.div_ceil(side) * side);
+        let sized = if (wn, hn) == (width, height) {
+            image.clone()
+        } else {
+            resize(image, wn, hn, Interpolation::Cubic)
+        };
+        let input = Tensor::from_slice(sized.as_raw())
+            .view([i64::from(hn), i64::from(wn), 3])
             .permute([2, 0, 1])
             .unsqueeze(0)
             .to_kind(Kind::Float)
             / 127.5
             - 1.0;
         let line = self.forward(&input).get(0).get(0) * 127.5 + 127.5;
-        let bytes = line.clamp(0.0, 255.0).to_kind(Kind::Uint8);
-        let inverted = Vec::<u8>::try_from(bytes.contiguous().view(-1))?
+        let line = Vec::<f32>::try_from(line.to_kind(Kind::Float).contiguous().view(-1))?;
+        let fitted = if (wn, hn) == (width, height) {
+            line
+        } else {
+            let (w, h) = (width as usize, height as usize);
+            resize_plane_cubic(&line, (wn as usize, hn as usize), w, h)
+        };
+        // numpy's clip, then astype(uint8): truncation.
+        let inverted = fitted
             .into_iter()
-            .map(|v| 255 - v)
+            .map(|v| 255 - v.clamp(0.0, 255.0) as u8)
             .collect();
         GrayImage::from_raw(width, height, inverted)
             .ok_or_else(|| EngineError::Internal("a line map of the wrong size".into()))
