@@ -49,7 +49,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 sdxld \
     && useradd --system --uid 10001 --gid sdxld --home-dir /var/lib/sdxld --shell /usr/sbin/nologin sdxld \
-    && mkdir -p /models/base /models/refiner /models/vae /models/lora /models/controlnet /models/upscaler /var/lib/sdxld \
+    && mkdir -p /models/base /models/refiner /models/vae /models/lora /models/controlnet /models/upscaler /models/preprocessor /var/lib/sdxld \
     && chown -R sdxld:sdxld /var/lib/sdxld
 COPY --from=builder /out/ /
 # Writes go only to the data folder (the demo model, caches) and /tmp: the root
@@ -66,6 +66,7 @@ ENV SDXLD_CACHE=/var/lib/sdxld/cache \
     SDXLD__MODELS__LORA_ROOTS=/models/lora \
     SDXLD__MODELS__CONTROLNET_ROOTS=/models/controlnet \
     SDXLD__MODELS__UPSCALER_ROOTS=/models/upscaler \
+    SDXLD__MODELS__PREPROCESSOR_ROOTS=/models/preprocessor \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/models", "/var/lib/sdxld"]

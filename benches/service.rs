@@ -102,6 +102,7 @@ fn main() {
         let context = Context {
             limits: &settings.limits,
             registry: &registry,
+            preprocessing: &settings.preprocessing,
             drawn_seed: 0,
         };
         let job = to_job_spec(Some(spec(seed)), &context).expect("valid");

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine::preprocess::detector::DetectorNetwork;
+
 /// The built-in defaults, every key documented.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -148,6 +150,35 @@ impl ModelSettings {
     }
 }
 
+/// `[preprocessing]`: the default detector of each network preprocessor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessingSettings {
+    /// The line-art generator's model name; "" for none.
+    pub lineart_model: String,
+    /// The anime line-art U-Net's model name; "" for none.
+    pub lineart_anime_model: String,
+}
+
+impl PreprocessingSettings {
+    /// The configuration key and model name of the default detector of `network`.
+    pub fn default_detector(&self, network: DetectorNetwork) -> (&'static str, &str) {
+        match network {
+            DetectorNetwork::Lineart => ("preprocessing.lineart_model", &self.lineart_model),
+            DetectorNetwork::LineartAnime => (
+                "preprocessing.lineart_anime_model",
+                &self.lineart_anime_model,
+            ),
+        }
+    }
+
+    /// Every default, with its key.
+    fn all(&self) -> [(&'static str, &str); 2] {
+        [DetectorNetwork::Lineart, DetectorNetwork::LineartAnime]
+            .map(|network| self.default_detector(network))
+    }
+}
+
 /// `[telemetry]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +203,8 @@ pub struct Settings {
     pub engine: EngineSettings,
     /// `[models]`.
     pub models: ModelSettings,
+    /// `[preprocessing]`.
+    pub preprocessing: PreprocessingSettings,
     /// `[telemetry]`.
     pub telemetry: TelemetrySettings,
 }
@@ -293,6 +326,12 @@ impl Settings {
                     self.engine.dtype
                 ),
             );
+        }
+        for (key, name) in self.preprocessing.all() {
+            let checked = crate::engine::registry::check_name(name);
+            if let (false, Err(e)) = (name.is_empty(), checked) {
+                return bad(key, format!("is not a model name: {e}"));
+            }
         }
         let fraction = self.engine.cuda_memory_fraction;
         if !(0.0..=1.0).contains(&fraction) {

@@ -300,6 +300,7 @@ async fn canny_in_a_unit_equals_the_preprocess_rpc() {
             low_threshold: Some(60),
             high_threshold: Some(140),
             detect_resolution,
+            ..Default::default()
         };
         let preview = server
             .generation()
@@ -307,7 +308,7 @@ async fn canny_in_a_unit_equals_the_preprocess_rpc() {
             .preprocess(pb::PreprocessRequest {
                 image: photo.clone(),
                 preprocessor: pb::Preprocessor::Canny as i32,
-                preprocessor_params: Some(params),
+                preprocessor_params: Some(params.clone()),
             })
             .await
             .expect("preprocess")

@@ -225,6 +225,7 @@ fn with_context(run: impl FnOnce(&Context<'_>)) {
     run(&Context {
         limits: &settings.limits,
         registry: &registry,
+        preprocessing: &settings.preprocessing,
         drawn_seed: 7,
     });
 }

@@ -13,24 +13,73 @@ fn differing(actual: &[u8], expected: &[u8]) -> usize {
     actual.iter().zip(expected).filter(|(a, e)| a != e).count()
 }
 
+/// A resize case of the fixtures' `{name}.json`: the case, its input image through
+/// `HWC3`, the size asked for and OpenCV's result.
+fn resize_cases(
+    name: &str,
+) -> Vec<(
+    serde_json::Value,
+    image::RgbImage,
+    (u32, u32),
+    image::RgbImage,
+)> {
+    let root = common::preprocess_fixtures();
+    let path = root.join(format!("{name}.json"));
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    assert_eq!(cases.len(), 20);
+    cases
+        .into_iter()
+        .map(|case| {
+            let open =
+                |key: &str| image::open(root.join(case[key].as_str().expect("path"))).expect("png");
+            let (image, expected) = (hwc3(&open("image")), open("expected").to_rgb8());
+            let side = |key: &str| case[key].as_u64().expect("side") as u32;
+            let size = (side("width"), side("height"));
+            (case, image, size, expected)
+        })
+        .collect()
+}
+
+#[test]
+fn bicubic_resizing_equals_opencv_within_a_level() {
+    use sdxld::engine::preprocess::cv_resize::{resize, resize_plane_cubic, Interpolation};
+    let (mut off, mut total) = (0, 0);
+    for (case, image, (w, h), expected) in resize_cases("cubic") {
+        let got = resize(&image, w, h, Interpolation::Cubic);
+        assert_eq!(got.dimensions(), expected.dimensions(), "{case}");
+        for (g, e) in got.as_raw().iter().zip(expected.as_raw()) {
+            assert!(g.abs_diff(*e) <= 1, "{case}: {g} against {e}");
+            off += usize::from(g != e);
+        }
+        total += got.as_raw().len();
+    }
+    // IPP's float32 sums differ from these in the last bit now and then.
+    assert!(off * 10_000 <= total, "{off} of {total} values differ");
+    let planes =
+        common::read_tensors(&common::preprocess_fixtures().join("cubic_float.safetensors"));
+    for k in 0..4 {
+        let input = &planes[&format!("input.{k}")];
+        let expected = &planes[&format!("output.{k}")];
+        let (h, w) = (input.size()[0] as usize, input.size()[1] as usize);
+        let (dh, dw) = (expected.size()[0] as usize, expected.size()[1] as usize);
+        let values = Vec::<f32>::try_from(input.contiguous().view(-1)).expect("floats");
+        let got = resize_plane_cubic(&values, (w, h), dw, dh);
+        let want = Vec::<f32>::try_from(expected.contiguous().view(-1)).expect("floats");
+        let most = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        assert!(most < 1e-3, "plane {k}: differs by {most}");
+    }
+}
+
 #[test]
 fn bilinear_resizing_equals_opencv() {
     use sdxld::engine::preprocess::cv_resize::{resize, Interpolation};
-    let root = common::preprocess_fixtures();
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(root.join("linear.json")).expect("read"))
-            .expect("json");
-    assert_eq!(cases.len(), 20);
-    for case in &cases {
-        let image = image::open(root.join(case["image"].as_str().expect("image"))).expect("png");
-        let expected = image::open(root.join(case["expected"].as_str().expect("expected")))
-            .expect("png")
-            .to_rgb8();
-        let (w, h) = (
-            case["width"].as_u64().expect("w"),
-            case["height"].as_u64().expect("h"),
-        );
-        let got = resize(&hwc3(&image), w as u32, h as u32, Interpolation::Linear);
+    for (case, image, (w, h), expected) in resize_cases("linear") {
+        let got = resize(&image, w, h, Interpolation::Linear);
         assert_eq!(got.dimensions(), expected.dimensions(), "{case}");
         let off = differing(got.as_raw(), expected.as_raw());
         assert_eq!(off, 0, "{case}: {off} values differ");
@@ -63,7 +112,7 @@ fn detection_resizing_equals_controlnet_aux_with_opencv() {
             },
             detect_resolution: Some(resolution),
         };
-        let map = canny.run(&image);
+        let map = canny.run(&image, None).expect("canny");
         let expected = open("canny", case).to_rgb8();
         let off = differing(map.as_raw(), expected.as_raw());
         assert_eq!(off, 0, "{case}: {off} map values differ");
@@ -147,7 +196,7 @@ mod over_grpc {
             canny.preprocessor_params = Some(pb::PreprocessorParams {
                 low_threshold: Some(low),
                 high_threshold: Some(high),
-                detect_resolution: 0,
+                ..Default::default()
             });
             let map = preprocess(&server, canny).await.expect("a control map");
             assert_eq!((map.width, map.height), (160, 120));
@@ -274,8 +323,17 @@ mod over_grpc {
             capabilities.preprocessors,
             [
                 pb::Preprocessor::None as i32,
-                pb::Preprocessor::Canny as i32
+                pb::Preprocessor::Canny as i32,
+                pb::Preprocessor::Lineart as i32,
+                pb::Preprocessor::LineartAnime as i32,
             ]
         );
+        // No detectors here: the network preprocessors are listed, not ready.
+        let ready: Vec<bool> = capabilities
+            .preprocessor_support
+            .iter()
+            .map(|s| s.ready)
+            .collect();
+        assert_eq!(ready, [true, true, false, false]);
     }
 }

@@ -86,6 +86,7 @@ impl Generation {
             let ctx = Context {
                 limits: &state.settings.limits,
                 registry: &state.registry,
+                preprocessing: &state.settings.preprocessing,
                 drawn_seed: random_seed(),
             };
             convert(message, &ctx)
@@ -96,7 +97,7 @@ impl Generation {
             JobWork::Generate(spec) => (0..spec.params.num_images as u64)
                 .map(|i| spec.params.seed + i)
                 .collect(),
-            JobWork::Upscale(_) => Vec::new(),
+            JobWork::Upscale(_) | JobWork::Preprocess(_) => Vec::new(),
         };
         let client_job_id = job.client_job_id().cloned().unwrap_or_default();
         let buffer = self.state.settings.jobs.stream_buffer;
@@ -111,6 +112,56 @@ impl Generation {
         Ok((accepted, admitted, deadline))
     }
 }
+
+impl Generation {
+    /// Every event of an admitted job gathered for a unary answer: its images, control
+    /// maps and completed event, or its error as a status.
+    async fn collect(
+        &self,
+        (_, mut admitted, deadline): (pb::JobAccepted, Admitted, Option<Instant>),
+    ) -> Result<Collected, Status> {
+        let (mut images, mut control_maps) = (Vec::new(), Vec::new());
+        // If the client leaves, tonic drops this future: the guard stops the job.
+        let mut guard = StopOnDrop {
+            state: self.state.clone(),
+            id: admitted.id.clone(),
+            control: admitted.control.clone(),
+            deadline,
+            armed: true,
+        };
+        loop {
+            let event =
+                next_event(&mut admitted, deadline, std::future::pending(), &self.state).await;
+            let error = match event {
+                Some(JobEvent::Progress(_)) => continue,
+                Some(JobEvent::Image(image)) => {
+                    images.push(convert::image(image));
+                    continue;
+                }
+                Some(JobEvent::ControlMap(map)) => {
+                    control_maps.push(convert::control_map(map));
+                    continue;
+                }
+                Some(JobEvent::Completed(report)) => {
+                    guard.armed = false;
+                    let completed = convert::completed(&admitted.id, report);
+                    return Ok((images, control_maps, completed));
+                }
+                Some(JobEvent::Failed(e)) => e,
+                None => JobError::Stopped(StopReason::ClientGone),
+            };
+            guard.armed = false;
+            return Err(self.status(ApiError::Job(error)));
+        }
+    }
+}
+
+/// A unary job's images, control maps and completed event.
+type Collected = (
+    Vec<pb::GeneratedImage>,
+    Vec<pb::ControlMapImage>,
+    pb::JobCompleted,
+);
 
 /// A generation request's job.
 fn generation(spec: Option<pb::GenerationSpec>, ctx: &Context) -> Result<JobWork, ApiError> {
@@ -313,59 +364,44 @@ impl GenerationService for Generation {
         &self,
         request: Request<pb::GenerateImagesRequest>,
     ) -> Result<Response<pb::GenerateImagesResponse>, Status> {
-        let (accepted, mut admitted, deadline) = self
+        let started = self
             .start(request, |r, ctx| generation(r.spec, ctx))
             .await
             .map_err(|e| self.status(e))?;
-        let mut response = pb::GenerateImagesResponse {
+        let accepted = started.0.clone();
+        let (images, control_maps, completed) = self.collect(started).await?;
+        Ok(Response::new(pb::GenerateImagesResponse {
             accepted: Some(accepted),
-            images: Vec::new(),
-            completed: None,
-            control_maps: Vec::new(),
-        };
-        // If the client leaves, tonic drops this future: the guard stops the job.
-        let mut guard = StopOnDrop {
-            state: self.state.clone(),
-            id: admitted.id.clone(),
-            control: admitted.control.clone(),
-            deadline,
-            armed: true,
-        };
-        loop {
-            let event =
-                next_event(&mut admitted, deadline, std::future::pending(), &self.state).await;
-            match event {
-                Some(JobEvent::Progress(_)) => {}
-                Some(JobEvent::Image(image)) => response.images.push(convert::image(image)),
-                Some(JobEvent::ControlMap(map)) => {
-                    response.control_maps.push(convert::control_map(map))
-                }
-                Some(JobEvent::Completed(report)) => {
-                    response.completed = Some(convert::completed(&admitted.id, report));
-                    guard.armed = false;
-                    return Ok(Response::new(response));
-                }
-                Some(JobEvent::Failed(e)) => {
-                    guard.armed = false;
-                    return Err(self.status(ApiError::Job(e)));
-                }
-                None => {
-                    guard.armed = false;
-                    let gone = JobError::Stopped(StopReason::ClientGone);
-                    return Err(self.status(ApiError::Job(gone)));
-                }
-            }
-        }
+            images,
+            completed: Some(completed),
+            control_maps,
+        }))
     }
 
     async fn preprocess(
         &self,
         request: Request<pb::PreprocessRequest>,
     ) -> Result<Response<pb::PreprocessResponse>, Status> {
-        crate::api::preprocess::preprocess(self.state.clone(), request.into_inner())
+        use crate::api::preprocess;
+        if !preprocess::runs_network(request.get_ref().preprocessor) {
+            return preprocess::preprocess(self.state.clone(), request.into_inner())
+                .await
+                .map(Response::new)
+                .map_err(|e| self.status(e));
+        }
+        let started = self
+            .start(request, preprocess::preprocess_job)
             .await
-            .map(Response::new)
-            .map_err(|e| self.status(e))
+            .map_err(|e| self.status(e))?;
+        let (images, _, _) = self.collect(started).await?;
+        let map = images.into_iter().next().ok_or_else(|| {
+            self.status(ApiError::Internal("a preprocessing without its map".into()))
+        })?;
+        Ok(Response::new(pb::PreprocessResponse {
+            control_map: map.data,
+            width: map.width,
+            height: map.height,
+        }))
     }
 
     async fn cancel_job(

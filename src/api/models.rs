@@ -314,6 +314,12 @@ impl ModelService for Models {
                 .iter()
                 .map(|&p| p as i32)
                 .collect(),
+            preprocessor_support: {
+                let state = self.state.clone();
+                tokio::task::spawn_blocking(move || preprocessor_support(&state))
+                    .await
+                    .map_err(|e| self.state.status(ApiError::Internal(e.to_string())))?
+            },
             device: self.state.device.clone(),
             dtype: self.state.dtype.clone(),
             device_memory_budget_bytes: settings.engine.memory_budget_bytes,
@@ -322,4 +328,35 @@ impl ModelService for Models {
             server_version: env!("CARGO_PKG_VERSION").to_string(),
         }))
     }
+}
+
+/// Each implemented preprocessor and whether a request naming no detector runs.
+fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
+    use crate::api::validate::detector::Detectors;
+    use crate::api::validate::preprocessor::{domain, IMPLEMENTED};
+    let detectors = Detectors {
+        registry: &state.registry,
+        defaults: &state.settings.preprocessing,
+    };
+    IMPLEMENTED
+        .iter()
+        .map(|&kind| {
+            let network = domain(kind, (0, 0)).and_then(|p| p.network());
+            let mut support = pb::PreprocessorSupport {
+                preprocessor: kind as i32,
+                ready: true,
+                ..Default::default()
+            };
+            if let Some(network) = network {
+                let (key, name) = state.settings.preprocessing.default_detector(network);
+                support.config_key = key.to_string();
+                support.default_model = name.to_string();
+                if let Err(e) = detectors.default_for(network) {
+                    support.ready = false;
+                    support.reason = state.status(e).message().to_string();
+                }
+            }
+            support
+        })
+        .collect()
 }

@@ -1,13 +1,18 @@
-//! The Preprocess RPC: a control map without a generation, computed on the blocking pool
-//! beside the jobs, at most one per CPU core at a time.
+//! The Preprocess RPC: a control map without a generation. Preprocessors without a
+//! network run on the blocking pool beside the jobs, at most one per CPU core at a
+//! time; those that run one are jobs on the engine (their detector cached under the
+//! budget), queued like any other.
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
 use crate::api::status::ApiError;
-use crate::api::validate::preprocessor::preprocess_request;
+use crate::api::validate::detector::Detectors;
+use crate::api::validate::preprocessor::{domain, preprocess_request};
+use crate::api::validate::Context;
 use crate::api::ApiState;
+use crate::jobs::{ConditioningImage, JobError, JobWork, PreprocessSpec};
 use crate::output::{encode_rgb, OutputFormat};
 use crate::proto::v1 as pb;
 
@@ -17,7 +22,34 @@ pub fn slots() -> Arc<Semaphore> {
     Arc::new(Semaphore::new(cores))
 }
 
-/// Checks the request, computes the control map and encodes it as PNG.
+/// Whether the wire preprocessor `kind` runs a network (and so is a job on the engine).
+pub fn runs_network(kind: i32) -> bool {
+    pb::Preprocessor::try_from(kind)
+        .ok()
+        .and_then(|kind| domain(kind, (0, 0)))
+        .and_then(|p| p.network())
+        .is_some()
+}
+
+/// The job of a request whose preprocessor runs a network.
+pub fn preprocess_job(request: pb::PreprocessRequest, ctx: &Context) -> Result<JobWork, ApiError> {
+    let detectors = Detectors {
+        registry: ctx.registry,
+        defaults: ctx.preprocessing,
+    };
+    let (image, checked) = preprocess_request(&request, ctx.limits, detectors)?;
+    let detector = checked
+        .detector
+        .ok_or_else(|| ApiError::Internal("a network preprocessor without its detector".into()))?;
+    Ok(JobWork::Preprocess(Box::new(PreprocessSpec {
+        image: ConditioningImage(Arc::new(image)),
+        preprocessing: checked.preprocessing,
+        detector,
+    })))
+}
+
+/// Checks a request whose preprocessor runs no network, computes its control map on
+/// the blocking pool and encodes it as PNG.
 pub async fn preprocess(
     state: Arc<ApiState>,
     request: pb::PreprocessRequest,
@@ -29,8 +61,15 @@ pub async fn preprocess(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        let (image, preprocessor) = preprocess_request(&request, &state.settings.limits)?;
-        let map = preprocessor.run(&image);
+        let detectors = Detectors {
+            registry: &state.registry,
+            defaults: &state.settings.preprocessing,
+        };
+        let (image, checked) = preprocess_request(&request, &state.settings.limits, detectors)?;
+        let map = checked
+            .preprocessing
+            .run(&image, None)
+            .map_err(|e| ApiError::Job(JobError::Engine(e)))?;
         let (width, height) = map.dimensions();
         let png = encode_rgb(map.as_raw(), width, height, OutputFormat::Png, 100, None)
             .map_err(|e| ApiError::Internal(e.to_string()))?;

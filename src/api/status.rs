@@ -40,12 +40,46 @@ pub enum ApiError {
         /// The file, relative to the model.
         file: String,
     },
+    /// A network preprocessor's default detector is not configured or not installed.
+    #[error("{}", missing_detector(key, name))]
+    PreprocessorModelMissing {
+        /// The configuration key of the default.
+        key: &'static str,
+        /// The model name it holds ("" for none).
+        name: String,
+    },
+    /// A network preprocessor's default detector holds another network.
+    #[error(
+        "`{key}` names `{name}`, which holds the {holds} network; this preprocessor runs {runs}"
+    )]
+    PreprocessorModelMismatch {
+        /// The configuration key of the default.
+        key: &'static str,
+        /// The model name it holds.
+        name: String,
+        /// The network the file holds.
+        holds: &'static str,
+        /// The network the preprocessor runs.
+        runs: &'static str,
+    },
     /// The jobs layer refused or stopped the job.
     #[error(transparent)]
     Job(#[from] JobError),
     /// A failure of the server itself (a task that did not finish).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a missing default detector's status says: the key, and the file it expects.
+fn missing_detector(key: &str, name: &str) -> String {
+    if name.is_empty() {
+        return format!(
+            "this preprocessor has no default detector (`{key}` is empty): name one in preprocessor_params.model"
+        );
+    }
+    format!(
+        "this preprocessor's detector `{name}` (`{key}`) is not installed: expected `{name}.safetensors` under models.preprocessor_roots (convert the published `.pth` with `sdxld convert`)"
+    )
 }
 
 /// Most field violations a status lists; one more says how many were left out, so that
@@ -127,6 +161,8 @@ impl ApiError {
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::PickleModel { .. } => "pickle_model",
             ApiError::ModelOutsideRoots { .. } => "model_outside_roots",
+            ApiError::PreprocessorModelMissing { .. } => "preprocessor_model_missing",
+            ApiError::PreprocessorModelMismatch { .. } => "preprocessor_model_mismatch",
             ApiError::Job(e) => e.error_type(),
             ApiError::Internal(_) => "internal",
         }
@@ -182,6 +218,38 @@ impl ApiError {
                     "MODEL_OUTSIDE_ROOTS",
                     "sdxld",
                     [("model".to_string(), name)],
+                ),
+            ),
+            ApiError::PreprocessorModelMissing { key, name } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(
+                    "PREPROCESSOR_MODEL_MISSING",
+                    "sdxld",
+                    [
+                        ("config_key".to_string(), key.to_string()),
+                        (
+                            "expected_file".to_string(),
+                            if name.is_empty() {
+                                String::new()
+                            } else {
+                                format!("{name}.safetensors")
+                            },
+                        ),
+                        ("model".to_string(), name),
+                    ],
+                ),
+            ),
+            ApiError::PreprocessorModelMismatch { key, name, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(
+                    "PREPROCESSOR_MODEL_MISMATCH",
+                    "sdxld",
+                    [
+                        ("config_key".to_string(), key.to_string()),
+                        ("model".to_string(), name),
+                    ],
                 ),
             ),
             ApiError::Job(job) => job_status(job, message, retry_after),

@@ -29,14 +29,17 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
     let mut maps = Vec::new();
     for unit in &job.controlnets {
         models.push(engine.controlnet(&unit.model)?);
-        let unit_maps: Vec<tch::Tensor> = unit
-            .inputs
-            .iter()
-            .map(|input| {
-                let map = input.preprocessing.run(&input.image.0);
-                map_tensor(&fit(&map, width, height, unit.resize))
-            })
-            .collect();
+        let mut unit_maps = Vec::with_capacity(unit.inputs.len());
+        for input in &unit.inputs {
+            let detector = match &input.detector {
+                Some(model) => Some(engine.detector(model)?),
+                None => None,
+            };
+            let map = input
+                .preprocessing
+                .run(&input.image.0, detector.as_deref())?;
+            unit_maps.push(map_tensor(&fit(&map, width, height, unit.resize)));
+        }
         maps.push(unit_maps);
     }
     let controls: Vec<Control<'_>> = job

@@ -8,7 +8,8 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny|lineart|lineart_anime), detector (a preprocessor network's \
+.safetensors file), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -28,6 +29,8 @@ pub struct ControlNetArg {
     pub folder: PathBuf,
     /// The unit, naming the folder by its name.
     pub unit: pb::ControlNetUnit,
+    /// The preprocessor network's file (its folder becomes a preprocessor root).
+    pub detector: Option<PathBuf>,
 }
 
 /// Parses `FOLDER,IMAGE[,KEY=VALUE...]`, reading the image.
@@ -47,10 +50,23 @@ pub fn parse(arg: &str) -> anyhow::Result<ControlNetArg> {
             .with_context(|| format!("reading {}", image_path.display()))?,
         ..Default::default()
     };
+    let mut detector = None;
     for pair in parts {
+        if let Some(file) = pair.strip_prefix("detector=") {
+            let file = PathBuf::from(file);
+            let name = file.file_stem().map(|n| n.to_string_lossy().into_owned());
+            unit_params(&mut unit).model =
+                name.with_context(|| format!("--controlnet {arg:?}: {file:?} names no file"))?;
+            detector = Some(file);
+            continue;
+        }
         set(&mut unit, pair).with_context(|| format!("--controlnet {arg:?}"))?;
     }
-    Ok(ControlNetArg { folder, unit })
+    Ok(ControlNetArg {
+        folder,
+        unit,
+        detector,
+    })
 }
 
 /// Applies one `KEY=VALUE` to `unit`.
@@ -75,7 +91,13 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "mode" => unit.control_mode = named(key, value, &[("balanced", 1), ("guess", 2)])?,
         "resize" => unit.resize_mode = named(key, value, &[("just", 1), ("crop", 2), ("fill", 3)])?,
         "preprocessor" => {
-            unit.preprocessor = named(key, value, &[("none", 1), ("canny", 2)])?;
+            let names = [
+                ("none", 1),
+                ("canny", 2),
+                ("lineart", 8),
+                ("lineart_anime", 9),
+            ];
+            unit.preprocessor = named(key, value, &names)?;
         }
         "type" => unit.control_type = named(key, value, &CONTROL_TYPES)?,
         "low" => unit_params(unit).low_threshold = Some(whole()?),

@@ -50,8 +50,11 @@ impl GenerateArgs {
             roots.refiner.push(root_and_name(refiner)?.0);
         }
         for unit in &self.controlnets {
-            let folder = crate::cli::controlnet::parse(unit)?.folder;
-            roots.controlnet.push(root_and_name(&folder)?.0);
+            let parsed = crate::cli::controlnet::parse(unit)?;
+            roots.controlnet.push(root_and_name(&parsed.folder)?.0);
+            if let Some(file) = &parsed.detector {
+                roots.preprocessor.push(root_and_name(file)?.0);
+            }
         }
         match (&self.lora_dir, self.loras.is_empty()) {
             (Some(dir), _) => roots.lora.push(dir.clone()),
@@ -69,6 +72,7 @@ impl GenerateArgs {
         let context = Validation {
             limits: &settings.limits,
             registry: &registry,
+            preprocessing: &settings.preprocessing,
             drawn_seed: sdxld::api::generation::random_seed(),
         };
         to_job_spec(Some(spec), &context).map_err(explain)

@@ -1,6 +1,6 @@
-//! The load-models stage: the job's pipelines, VAE, LoRA adapters, ControlNets and
-//! upscalers in the cache (made
-//! room for within the budget), the adapters applied, and the models' hashes.
+//! The load-models stage: the job's pipelines, VAE, LoRA adapters, ControlNets, their
+//! preprocessors' detectors and upscalers in the cache (made room for within the
+//! budget), the adapters applied, and the models' hashes.
 
 use std::rc::Rc;
 
@@ -10,6 +10,7 @@ use crate::engine::hashes::FileHashes;
 use crate::engine::lora::{self, JobLora};
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::SdxlPipeline;
+use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::jobs::engine::{model_path, Engine};
@@ -87,6 +88,7 @@ impl JobRun<'_> {
             Some(model) => Some(engine.upscaler(model)?),
             None => None,
         };
+        let detectors = load_detectors(engine, spec)?;
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -97,6 +99,7 @@ impl JobRun<'_> {
             controlnets,
             upscalers,
             hires_upscaler,
+            detectors,
             _adapters: adapters,
         });
         Ok(())
@@ -132,6 +135,25 @@ fn load_controlnets(
     Ok(controlnets)
 }
 
+/// Each unit input's detector (`None` for a preprocessor without a network), by unit.
+fn load_detectors(
+    engine: &mut Engine,
+    spec: &JobSpec,
+) -> Result<Vec<Vec<Option<Rc<Detector>>>>, JobError> {
+    let mut detectors = Vec::with_capacity(spec.controlnets.len());
+    for unit in &spec.controlnets {
+        let mut unit_detectors = Vec::with_capacity(unit.inputs.len());
+        for input in &unit.inputs {
+            unit_detectors.push(match &input.detector {
+                Some(model) => Some(engine.detector(model)?),
+                None => None,
+            });
+        }
+        detectors.push(unit_detectors);
+    }
+    Ok(detectors)
+}
+
 /// The models a job uses with their hashes (the LoRAs with their weights), base first.
 fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
     let used = |model: &ModelEntry, kind: ModelKind, weight: f32| ModelUsed {
@@ -156,6 +178,10 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
         spec.controlnets
             .iter()
             .map(|c| used(&c.model, ModelKind::ControlNet, c.unit.scale as f32)),
+    );
+    models.extend(
+        spec.detectors()
+            .map(|m| used(m, ModelKind::Preprocessor, 0.0)),
     );
     let hires_upscaler = spec.hires.as_ref().and_then(|h| h.upscaler.as_ref());
     models.extend(hires_upscaler.map(|m| used(m, ModelKind::Upscaler, 0.0)));

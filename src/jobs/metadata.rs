@@ -156,7 +156,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Canny { low, high }) => {
             format!("canny, Threshold A: {low}, Threshold B: {high}")
         }
-        _ => "none".to_string(),
+        Some(Preprocessor::Lineart) => "lineart_realistic".to_string(),
+        Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
+        Some(Preprocessor::None) | None => "none".to_string(),
     };
     let detector = first.filter(|p| p.preprocessor != Preprocessor::None);
     if let Some(resolution) = detector.and_then(|p| p.detect_resolution) {

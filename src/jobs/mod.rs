@@ -16,8 +16,10 @@ mod load;
 pub mod metadata;
 mod postprocess;
 mod preprocess;
+mod preprocess_job;
 pub mod queue;
 pub mod runner;
+mod single;
 pub mod spec;
 mod upscale_job;
 pub mod worker;
@@ -30,5 +32,5 @@ pub use queue::{
 };
 pub use spec::{
     ConditioningImage, ControlInput, ControlNetJob, HiresJob, JobSpec, JobWork, LoraJob,
-    OutputSpec, PostStep, RefinerJob, UpscaleJob, UpscaleSpec,
+    OutputSpec, PostStep, PreprocessSpec, RefinerJob, UpscaleJob, UpscaleSpec,
 };

@@ -34,7 +34,11 @@ impl JobRun<'_> {
                     image_index: 0,
                     preview: None,
                 });
-                let map = input.preprocessing.run(&input.image.0);
+                let detector = self
+                    .loaded
+                    .as_ref()
+                    .and_then(|l| l.detectors.get(i)?.get(j)?.as_deref());
+                let map = input.preprocessing.run(&input.image.0, detector)?;
                 let fitted = fit(&map, width, height, unit.resize);
                 unit_maps.push(map_tensor(&fitted));
                 if self.spec.output.return_control_maps {

@@ -15,6 +15,7 @@ use crate::engine::lora::AppliedLoras;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
+use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
 use crate::engine::upscale::Upscaler;
@@ -136,6 +137,8 @@ pub(crate) struct Loaded {
     pub upscalers: Vec<Rc<Upscaler>>,
     /// The hires pass's upscaler model.
     pub hires_upscaler: Option<Rc<Upscaler>>,
+    /// Each unit input's detector, by unit.
+    pub detectors: Vec<Vec<Option<Rc<Detector>>>>,
     pub _adapters: AppliedLoras,
 }
 

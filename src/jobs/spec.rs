@@ -53,6 +53,8 @@ pub struct ControlInput {
     pub image: ConditioningImage,
     /// How it becomes a control map.
     pub preprocessing: Preprocessing,
+    /// The detector file of a preprocessor that runs a network.
+    pub detector: Option<ModelEntry>,
 }
 
 /// A ControlNet unit of a job.
@@ -131,6 +133,17 @@ pub struct UpscaleSpec {
     pub client_job_id: Option<String>,
 }
 
+/// A preprocessing job: a client's image through a preprocessor that runs a network.
+#[derive(Debug, Clone)]
+pub struct PreprocessSpec {
+    /// The image, as the client sent it.
+    pub image: ConditioningImage,
+    /// The preprocessor and its detection resolution.
+    pub preprocessing: Preprocessing,
+    /// The detector file.
+    pub detector: ModelEntry,
+}
+
 /// What a queued job does.
 #[derive(Debug, Clone)]
 pub enum JobWork {
@@ -138,6 +151,8 @@ pub enum JobWork {
     Generate(Box<JobSpec>),
     /// An upscale of a client's image.
     Upscale(Box<UpscaleSpec>),
+    /// A control map of a client's image.
+    Preprocess(Box<PreprocessSpec>),
 }
 
 impl JobWork {
@@ -146,14 +161,17 @@ impl JobWork {
         match self {
             JobWork::Generate(spec) => spec.client_job_id.as_ref(),
             JobWork::Upscale(spec) => spec.client_job_id.as_ref(),
+            JobWork::Preprocess(_) => None,
         }
     }
 
-    /// The model that names the job in logs and spans (the base model, or the upscaler).
+    /// The model that names the job in logs and spans (the base model, the upscaler,
+    /// the detector).
     pub fn main_model(&self) -> &ModelEntry {
         match self {
             JobWork::Generate(spec) => &spec.model,
             JobWork::Upscale(spec) => &spec.step.model,
+            JobWork::Preprocess(spec) => &spec.detector,
         }
     }
 
@@ -161,7 +179,7 @@ impl JobWork {
     pub fn images(&self) -> usize {
         match self {
             JobWork::Generate(spec) => spec.params.num_images,
-            JobWork::Upscale(_) => 1,
+            JobWork::Upscale(_) | JobWork::Preprocess(_) => 1,
         }
     }
 }
@@ -204,8 +222,16 @@ impl JobSpec {
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
             .chain(self.controlnets.iter().map(|c| &c.model))
+            .chain(self.detectors())
             .chain(self.hires.as_ref().and_then(|h| h.upscaler.as_ref()))
             .chain(self.post_processing.iter().map(PostStep::model))
+    }
+
+    /// The detectors of the units' preprocessors, in unit and input order.
+    pub fn detectors(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.controlnets
+            .iter()
+            .flat_map(|c| c.inputs.iter().filter_map(|i| i.detector.as_ref()))
     }
 
     /// The size the denoising ends at (the hires pass's, when there is one), in pixels.

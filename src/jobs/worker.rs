@@ -10,6 +10,7 @@ use crate::engine::error::EngineError;
 use crate::engine::request::BatchMode;
 use crate::jobs::emit::{Emit, Forwarder, ServerSink};
 use crate::jobs::engine::Engine;
+use crate::jobs::preprocess_job::run_preprocess;
 use crate::jobs::runner::{run_job, RunOptions};
 use crate::jobs::upscale_job::run_upscale;
 use crate::jobs::{
@@ -105,6 +106,9 @@ fn run_one(
                 run_job(engine, spec, options, &mut sink, metrics, admitted_at)
             }
             JobWork::Upscale(spec) => run_upscale(engine, spec, &mut sink, metrics, admitted_at),
+            JobWork::Preprocess(spec) => {
+                run_preprocess(engine, spec, &mut sink, metrics, admitted_at)
+            }
         })
     })
     .unwrap_or_else(|e| Err(e.into()));

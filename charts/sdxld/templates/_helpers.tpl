@@ -68,7 +68,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* sdxld's config.toml: the values' `config` under the keys the chart sets. */}}
 {{- define "sdxld.config" -}}
 {{- $roots := dict -}}
-{{- range $kind := list "base" "refiner" "vae" "lora" "controlnet" "upscaler" }}
+{{- range $kind := list "base" "refiner" "vae" "lora" "controlnet" "upscaler" "preprocessor" }}
 {{- $_ := set $roots (printf "%s_roots" $kind) (list (printf "/models/%s" $kind)) }}
 {{- end }}
 {{- $server := dict

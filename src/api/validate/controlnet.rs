@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::api::validate::detector::Detectors;
 use crate::api::validate::fields::{
     enum_value, float, model_name, optional_float, Range, Violations,
 };
@@ -25,13 +26,14 @@ struct Check<'a> {
     /// The unit's field path, `spec.controlnets[i]`.
     p: String,
     registry: &'a Registry,
+    detectors: Detectors<'a>,
     max_pixels: u64,
 }
 
 /// `spec.controlnets`: every field of every unit checked, each image decoded.
 pub fn controlnets(
     units: &[pb::ControlNetUnit],
-    registry: &Registry,
+    detectors: Detectors,
     max_pixels: u64,
     v: &mut Violations,
     deferred: &mut Deferred,
@@ -49,7 +51,8 @@ pub fn controlnets(
         .filter_map(|(i, unit)| {
             let check = Check {
                 p: format!("spec.controlnets[{i}]"),
-                registry,
+                registry: detectors.registry,
+                detectors,
                 max_pixels,
             };
             check.unit(unit, v, deferred)
@@ -160,11 +163,14 @@ impl Check<'_> {
         let subject = Subject {
             image: decoded.as_ref(),
             max_pixels: self.max_pixels,
+            detectors: self.detectors,
         };
-        let preprocessing = preprocessor(&prefix, kind, params, subject, v, deferred);
+        let checked = preprocessor(&prefix, kind, params, subject, v, deferred);
+        let checked = checked?;
         Some(ControlInput {
             image: ConditioningImage(Arc::new(decoded?)),
-            preprocessing: preprocessing?,
+            preprocessing: checked.preprocessing,
+            detector: checked.detector,
         })
     }
 
@@ -195,13 +201,17 @@ impl Check<'_> {
             Range::closed(0.0, 2.0),
             unit_scale,
         );
-        let condition = match control_type(&format!("{field}.control_type"), more.control_type, v) {
+        let given = control_type(&format!("{field}.control_type"), more.control_type, v);
+        let condition = match given.map(|t| t.or_else(|| implied_type(more.preprocessor))) {
             Some(Some(control_type)) => Some(Some(ControlCondition {
                 control_type,
                 scale,
             })),
             Some(None) => {
-                v.add(format!("{field}.control_type"), "is required");
+                v.add(
+                    format!("{field}.control_type"),
+                    "is required (no preprocessor implies one)",
+                );
                 None
             }
             None => None,
@@ -241,15 +251,25 @@ impl Check<'_> {
                 (!own_type && unit.more_conditions.is_empty()).then(Vec::new)
             }
             Some(known) => {
-                if !own_type {
+                let implied = implied_type(unit.preprocessor);
+                if !own_type && implied.is_none() {
                     v.add(
                         format!("{p}.control_type"),
-                        format!("is required: `{}` is a union model", unit.model),
+                        format!(
+                            "is required: `{}` is a union model (and no preprocessor implies a type)",
+                            unit.model
+                        ),
                     );
                     return None;
                 }
-                let valid: Vec<Option<ControlCondition>> =
+                let mut valid: Vec<Option<ControlCondition>> =
                     conditions.into_iter().collect::<Option<_>>()?;
+                if let (Some(own @ None), Some(control_type)) = (valid.first_mut(), implied) {
+                    *own = Some(ControlCondition {
+                        control_type,
+                        scale: unit.conditioning_scale.map_or(1.0, f64::from),
+                    });
+                }
                 let conditions: Vec<ControlCondition> = valid.into_iter().collect::<Option<_>>()?;
                 for (j, c) in conditions.iter().enumerate() {
                     if c.control_type.index() >= known {
@@ -292,6 +312,22 @@ fn control_type(field: &str, value: i32, v: &mut Violations) -> Option<Option<Co
         pb::ControlType::Tile => Some(ControlType::Tile),
         pb::ControlType::Repaint => Some(ControlType::Repaint),
     })
+}
+
+/// The union control type a preprocessor's map shows (xinsir's grouping: Canny and
+/// every line art share one type), if it implies one.
+fn implied_type(preprocessor: i32) -> Option<ControlType> {
+    match pb::Preprocessor::try_from(preprocessor).ok()? {
+        pb::Preprocessor::Canny | pb::Preprocessor::Lineart | pb::Preprocessor::LineartAnime => {
+            Some(ControlType::CannyLineart)
+        }
+        pb::Preprocessor::Depth => Some(ControlType::Depth),
+        pb::Preprocessor::Openpose => Some(ControlType::OpenPose),
+        pb::Preprocessor::Scribble => Some(ControlType::HedScribble),
+        pb::Preprocessor::Normal => Some(ControlType::Normal),
+        pb::Preprocessor::Segmentation => Some(ControlType::Segment),
+        pb::Preprocessor::Unspecified | pb::Preprocessor::None => None,
+    }
 }
 
 /// A unit's scale, window and mode.

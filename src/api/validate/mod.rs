@@ -5,6 +5,7 @@
 
 mod adapters;
 mod controlnet;
+pub mod detector;
 mod fields;
 mod hires;
 mod images;
@@ -39,6 +40,8 @@ pub struct Context<'a> {
     pub limits: &'a Limits,
     /// Model names.
     pub registry: &'a Registry,
+    /// The default detectors of the network preprocessors.
+    pub preprocessing: &'a crate::config::PreprocessingSettings,
     /// The seed of a request that names none.
     pub drawn_seed: u64,
 }
@@ -151,7 +154,12 @@ fn check(
         _ => None,
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
-    let controlnets = controlnet::controlnets(&spec.controlnets, registry, max_pixels, v, deferred);
+    let detectors = detector::Detectors {
+        registry,
+        defaults: ctx.preprocessing,
+    };
+    let controlnets =
+        controlnet::controlnets(&spec.controlnets, detectors, max_pixels, v, deferred);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,

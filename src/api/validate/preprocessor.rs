@@ -1,30 +1,61 @@
 //! A preprocessor and its parameters, as a ControlNet unit and the Preprocess RPC name
-//! them: every field checked, then the preprocessors not implemented yet deferred as
-//! UNIMPLEMENTED naming the field.
+//! them: every field checked, the detector of a network preprocessor resolved, then the
+//! preprocessors not implemented yet deferred as UNIMPLEMENTED naming the field.
 
 use crate::api::status::ApiError;
+use crate::api::validate::detector::Detectors;
 use crate::api::validate::fields::{at_most, enum_value, Violations};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
+use crate::engine::registry::ModelEntry;
 use crate::proto::v1 as pb;
 
 /// Canny's thresholds when the request names none (controlnet_aux's defaults).
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 2] = [pb::Preprocessor::None, pb::Preprocessor::Canny];
+pub const IMPLEMENTED: [pb::Preprocessor; 4] = [
+    pb::Preprocessor::None,
+    pb::Preprocessor::Canny,
+    pb::Preprocessor::Lineart,
+    pb::Preprocessor::LineartAnime,
+];
 
-/// What a preprocessor is checked against: its image (when it decoded) and the most
-/// pixels an image may have.
+/// What a preprocessor is checked against: its image (when it decoded), the most
+/// pixels an image may have, and where its detector comes from.
 pub struct Subject<'a> {
     pub image: Option<&'a image::DynamicImage>,
     pub max_pixels: u64,
+    pub detectors: Detectors<'a>,
+}
+
+/// A checked preprocessor: what it does, and the detector file it runs, if any.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub preprocessing: Preprocessing,
+    pub detector: Option<ModelEntry>,
+}
+
+/// The domain preprocessor of an implemented wire one, with its parameters.
+pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preprocessor> {
+    match kind {
+        pb::Preprocessor::Unspecified | pb::Preprocessor::None => Some(Preprocessor::None),
+        pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
+        pb::Preprocessor::Lineart => Some(Preprocessor::Lineart),
+        pb::Preprocessor::LineartAnime => Some(Preprocessor::LineartAnime),
+        pb::Preprocessor::Depth
+        | pb::Preprocessor::Openpose
+        | pb::Preprocessor::Scribble
+        | pb::Preprocessor::Normal
+        | pb::Preprocessor::Segmentation => None,
+    }
 }
 
 /// Checks `preprocessor` and `params` (fields under `prefix`, which ends with a dot or
-/// is empty) for `subject`; the domain preprocessing when all is valid and implemented.
+/// is empty) for `subject`; the domain preprocessing and its detector when all is valid
+/// and implemented.
 pub fn preprocessor(
     prefix: &str,
     preprocessor: i32,
@@ -32,7 +63,7 @@ pub fn preprocessor(
     subject: Subject,
     v: &mut Violations,
     deferred: &mut Deferred,
-) -> Option<Preprocessing> {
+) -> Option<Checked> {
     let field = format!("{prefix}preprocessor");
     let kind = enum_value::<pb::Preprocessor>(v, &field, preprocessor);
     let default = pb::PreprocessorParams::default();
@@ -48,24 +79,42 @@ pub fn preprocessor(
             format!("must be at most high_threshold ({low} > {high})"),
         );
     }
+    let detectors = subject.detectors;
     let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
-    let preprocessor = match kind? {
-        pb::Preprocessor::Unspecified | pb::Preprocessor::None => Some(Preprocessor::None),
-        pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
-        other => {
-            deferred.unimplemented(ApiError::Unimplemented(
-                field,
-                format!(
-                    "the {} preprocessor is not implemented yet",
-                    other.as_str_name()
-                ),
-            ));
-            None
+    let kind = kind?;
+    let Some(preprocessor) = domain(kind, (low, high)) else {
+        deferred.unimplemented(ApiError::Unimplemented(
+            field,
+            format!(
+                "the {} preprocessor is not implemented yet",
+                kind.as_str_name()
+            ),
+        ));
+        return None;
+    };
+    let model_field = format!("{p}.model");
+    let detector = match preprocessor.network() {
+        Some(network) => {
+            Some(detectors.resolve(network, &params.model, &model_field, v, deferred)?)
         }
-    }?;
-    Some(Preprocessing {
-        preprocessor,
-        detect_resolution: detect_resolution?,
+        None if !params.model.is_empty() => {
+            v.add(
+                model_field,
+                format!(
+                    "applies to preprocessors that run a network; {} runs none",
+                    kind.as_str_name()
+                ),
+            );
+            return None;
+        }
+        None => None,
+    };
+    Some(Checked {
+        preprocessing: Preprocessing {
+            preprocessor,
+            detect_resolution: detect_resolution?,
+        },
+        detector,
     })
 }
 
@@ -110,7 +159,8 @@ fn detect_resolution(
 pub fn preprocess_request(
     request: &pb::PreprocessRequest,
     limits: &Limits,
-) -> Result<(image::DynamicImage, Preprocessing), ApiError> {
+    detectors: Detectors,
+) -> Result<(image::DynamicImage, Checked), ApiError> {
     let mut v = Violations::default();
     let mut deferred = Deferred::default();
     let max_pixels = max_image_pixels(limits);
@@ -118,6 +168,7 @@ pub fn preprocess_request(
     let subject = Subject {
         image: image.as_ref(),
         max_pixels,
+        detectors,
     };
     let preprocessor = preprocessor(
         "",

@@ -10,7 +10,9 @@ pub mod lineart_anime;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
+use crate::engine::error::{EngineError, Result};
 use cv_resize::Interpolation;
+use detector::{Detector, DetectorNetwork};
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,14 +27,14 @@ pub struct Preprocessing {
 
 impl Preprocessing {
     /// The control map of `image` (three channels, as ControlNets take them), at the
-    /// detection size.
-    pub fn run(self, image: &DynamicImage) -> RgbImage {
+    /// detection size; `detector` is the network of a preprocessor that runs one.
+    pub fn run(self, image: &DynamicImage, detector: Option<&Detector>) -> Result<RgbImage> {
         let rgb = hwc3(image);
         match (self.preprocessor, self.detect_resolution) {
-            (Preprocessor::None, _) => rgb,
-            (detector, None) => detector.detect(&rgb),
-            (detector, Some(resolution)) => {
-                detector.detect(&resize_for_detection(&rgb, resolution))
+            (Preprocessor::None, _) => Ok(rgb),
+            (preprocessor, None) => preprocessor.detect(&rgb, detector),
+            (preprocessor, Some(resolution)) => {
+                preprocessor.detect(&resize_for_detection(&rgb, resolution), detector)
             }
         }
     }
@@ -73,14 +75,34 @@ pub enum Preprocessor {
         /// Above: always an edge.
         high: u32,
     },
+    /// Line art from controlnet_aux's line-art generator (realistic or coarse weights).
+    Lineart,
+    /// Line art from controlnet_aux's anime line-art U-Net.
+    LineartAnime,
 }
 
 impl Preprocessor {
-    /// The detector's map of an RGB image.
-    fn detect(self, rgb: &RgbImage) -> RgbImage {
+    /// The network it runs, if any.
+    pub fn network(self) -> Option<DetectorNetwork> {
         match self {
-            Preprocessor::None => rgb.clone(),
-            Preprocessor::Canny { low, high } => gray_to_rgb(canny::canny(rgb, low, high)),
+            Preprocessor::None | Preprocessor::Canny { .. } => None,
+            Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
+            Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
+        }
+    }
+
+    /// The detector's map of an RGB image.
+    fn detect(self, rgb: &RgbImage, detector: Option<&Detector>) -> Result<RgbImage> {
+        match (self, self.network()) {
+            (Preprocessor::None, _) => Ok(rgb.clone()),
+            (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
+            (_, network) => match detector {
+                Some(detector) if Some(detector.network()) == network => detector.detect(rgb),
+                other => Err(EngineError::Internal(format!(
+                    "the {self:?} preprocessor was handed {:?}",
+                    other.map(Detector::network)
+                ))),
+            },
         }
     }
 }

@@ -1,0 +1,102 @@
+//! The detector a network preprocessor runs: the model a request names in
+//! `preprocessor_params.model`, else the configured default, each checked to hold the
+//! network the preprocessor runs.
+
+use crate::api::status::ApiError;
+use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::model::named;
+use crate::api::validate::Deferred;
+use crate::config::PreprocessingSettings;
+use crate::engine::error::EngineError;
+use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
+use crate::engine::registry::{ModelEntry, ModelKind, Registry, RegistryError};
+use crate::jobs::JobError;
+
+/// Where detectors come from: the model roots and the configured defaults.
+#[derive(Clone, Copy)]
+pub struct Detectors<'a> {
+    pub registry: &'a Registry,
+    pub defaults: &'a PreprocessingSettings,
+}
+
+impl Detectors<'_> {
+    /// The detector for `network`: `requested` (the `field` a request set) or the
+    /// default. A requested file of another network is a violation of `field`; a
+    /// default not installed or of another network, a deferred FAILED_PRECONDITION.
+    pub fn resolve(
+        self,
+        network: DetectorNetwork,
+        requested: &str,
+        field: &str,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<ModelEntry> {
+        if requested.is_empty() {
+            return self
+                .default_for(network)
+                .map_err(|e| deferred.missing(e))
+                .ok();
+        }
+        if !model_name(v, field, requested) {
+            return None;
+        }
+        let model = named(
+            self.registry,
+            ModelKind::Preprocessor,
+            requested,
+            field,
+            v,
+            deferred,
+        )?;
+        match network_of(&model.path) {
+            Ok(held) if held == network => Some(model),
+            Ok(held) => {
+                v.add(
+                    field,
+                    format!(
+                        "`{requested}` holds the {} network; this preprocessor runs {}",
+                        held.name(),
+                        network.name()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                deferred.missing(unreadable(e));
+                None
+            }
+        }
+    }
+
+    /// The configured default detector of `network`, installed and holding it.
+    pub fn default_for(self, network: DetectorNetwork) -> Result<ModelEntry, ApiError> {
+        let (key, name) = self.defaults.default_detector(network);
+        let missing = || ApiError::PreprocessorModelMissing {
+            key,
+            name: name.to_string(),
+        };
+        if name.is_empty() {
+            return Err(missing());
+        }
+        let model = match self.registry.resolve_kind(ModelKind::Preprocessor, name) {
+            Ok(model) => model,
+            Err(RegistryError::NotFound(_)) => return Err(missing()),
+            Err(e) => return Err(e.into()),
+        };
+        match network_of(&model.path) {
+            Ok(held) if held == network => Ok(model),
+            Ok(held) => Err(ApiError::PreprocessorModelMismatch {
+                key,
+                name: name.to_string(),
+                holds: held.name(),
+                runs: network.name(),
+            }),
+            Err(e) => Err(unreadable(e)),
+        }
+    }
+}
+
+/// A detector file that cannot be read, as the engine would report it on loading.
+fn unreadable(error: EngineError) -> ApiError {
+    ApiError::Job(JobError::Engine(error))
+}

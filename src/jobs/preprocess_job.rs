@@ -1,0 +1,63 @@
+//! A preprocessing job (the Preprocess RPC for a preprocessor that runs a network): the
+//! detector loaded into the cache, the client's image through it, the control map handed
+//! out as a PNG, with the progress, stop checks, timings and report of every job.
+
+use std::time::Instant;
+
+use crate::engine::registry::ModelKind;
+use crate::jobs::clock::StageClock;
+use crate::jobs::engine::Engine;
+use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage};
+use crate::jobs::runner::JobSink;
+use crate::jobs::single::{load, progress, report, stop_check};
+use crate::jobs::{JobError, PreprocessSpec};
+use crate::output::OutputFormat;
+use crate::telemetry::Metrics;
+
+/// Runs the preprocessing job `spec`: its report, or why it did not complete.
+pub fn run_preprocess(
+    engine: &mut Engine,
+    spec: &PreprocessSpec,
+    sink: &mut dyn JobSink,
+    metrics: &Metrics,
+    admitted_at: Instant,
+) -> Result<JobReport, JobError> {
+    let mut clock = StageClock::starting_at(Stage::Queued, admitted_at);
+    stop_check(sink)?;
+    clock.enter(Stage::LoadingModels, metrics);
+    let detector = load(engine, sink, &spec.detector, Engine::detector)?;
+    metrics.set_cache(engine.stats());
+    stop_check(sink)?;
+    clock.enter(Stage::Preprocessing, metrics);
+    let map = {
+        let _span = tracing::info_span!("stage", otel.name = "preprocessing", units = 1).entered();
+        sink.progress(progress(Stage::Preprocessing, 0, 1));
+        let map = spec.preprocessing.run(&spec.image.0, Some(&detector))?;
+        sink.progress(progress(Stage::Preprocessing, 1, 1));
+        map
+    };
+    let (width, height) = map.dimensions();
+    sink.image(FinishedImage {
+        index: 0,
+        seed: 0,
+        width,
+        height,
+        content: ImageContent::Rgb(RgbImage {
+            width,
+            height,
+            pixels: map.into_raw(),
+        }),
+        format: OutputFormat::Png,
+        quality: 100,
+        metadata: None,
+        latents: None,
+    });
+    clock.close(metrics);
+    Ok(report(
+        engine,
+        &mut clock,
+        &spec.detector,
+        ModelKind::Preprocessor,
+        admitted_at,
+    ))
+}

@@ -1,0 +1,394 @@
+//! Preprocessor networks in the server: the Preprocess RPC and ControlNet units run the
+//! detector a request names or the configured default (loaded into the cache as a
+//! model), their maps equal to controlnet_aux's, the images equal to diffusers' given
+//! the reference's map; a missing default, a file of another network, a corrupt file
+//! and an unknown name are each refused naming the key, field or file, and the server
+//! serves on.
+
+mod common;
+
+use std::path::Path;
+
+use common::server::{violated_fields, TestServer};
+use common::{
+    assert_images_match, controlnet_fixtures, decoded_image, detector_fixtures, fixtures,
+};
+use sdxld::proto::v1 as pb;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// A folder of detectors under the names the config defaults use (`sk_model`, `netG`),
+/// an anime U-Net under another name, and a truncated file.
+fn detector_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixtures = detector_fixtures();
+    for (from, to) in [
+        ("lineart/lineart_3.safetensors", "sk_model.safetensors"),
+        (
+            "lineart_anime/lineart_anime_6.safetensors",
+            "netG.safetensors",
+        ),
+        (
+            "lineart_anime/lineart_anime_6.safetensors",
+            "anime.safetensors",
+        ),
+    ] {
+        std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
+    }
+    let bytes = std::fs::read(fixtures.join("lineart/lineart_2.safetensors")).expect("read");
+    std::fs::write(
+        dir.path().join("broken.safetensors"),
+        &bytes[..bytes.len() / 3],
+    )
+    .expect("write");
+    dir
+}
+
+/// A ControlNet root with the tiny2 ControlNet and union model.
+fn controlnet_root() -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    for (from, name) in [("tiny2/from_unet", "lines_xl"), ("tiny2/union", "union_xl")] {
+        let to = root.path().join(name);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for entry in std::fs::read_dir(controlnet_fixtures().join(from))
+            .expect("dir")
+            .flatten()
+        {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    root
+}
+
+async fn server(detectors: &Path, controlnets: &Path, extra: &[(&str, &str)]) -> TestServer {
+    let pipeline = fixtures().join("tiny2/pipeline");
+    let mut env = vec![
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipeline.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__PREPROCESSOR_ROOTS",
+            detectors.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__CONTROLNET_ROOTS",
+            controlnets.to_str().expect("utf-8"),
+        ),
+    ];
+    env.extend_from_slice(extra);
+    TestServer::start(&env).await
+}
+
+fn photo() -> Vec<u8> {
+    std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo")
+}
+
+fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest {
+    pb::PreprocessRequest {
+        image: photo(),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: Some(pb::PreprocessorParams {
+            detect_resolution: 64,
+            model: model.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn preprocess(
+    server: &TestServer,
+    request: pb::PreprocessRequest,
+) -> Result<pb::PreprocessResponse, tonic::Status> {
+    let mut client = server.generation().await;
+    client
+        .preprocess(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn capabilities(server: &TestServer) -> pb::GetCapabilitiesResponse {
+    server
+        .models()
+        .await
+        .get_capabilities(pb::GetCapabilitiesRequest {})
+        .await
+        .expect("capabilities")
+        .into_inner()
+}
+
+/// Asserts that an 8-bit map is the reference's within one level on at most one pixel
+/// in a hundred.
+fn assert_map(what: &str, png: &[u8], reference: &Path) {
+    let got = image::load_from_memory(png).expect("png").to_rgb8();
+    let want = image::open(reference).expect("reference").to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+    let mut off = 0;
+    for (g, w) in got.as_raw().iter().zip(want.as_raw()) {
+        assert!(g.abs_diff(*w) <= 1, "{what}: {g} against {w}");
+        off += usize::from(g != w);
+    }
+    assert!(
+        off * 100 <= got.as_raw().len(),
+        "{what}: {off} values differ"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let server = server(detectors.path(), controlnets.path(), &[]).await;
+    let fixtures = detector_fixtures();
+    let lineart = fixtures.join("controlnet/lineart_map.png");
+    for model in ["", "sk_model"] {
+        let map = preprocess(&server, request(pb::Preprocessor::Lineart, model))
+            .await
+            .unwrap_or_else(|e| panic!("lineart {model:?}: {e}"));
+        assert_eq!((map.width, map.height), (64, 64));
+        assert_map("lineart", &map.control_map, &lineart);
+    }
+    let anime = fixtures.join("controlnet/lineart_anime_map.png");
+    for model in ["", "anime"] {
+        let map = preprocess(&server, request(pb::Preprocessor::LineartAnime, model))
+            .await
+            .unwrap_or_else(|e| panic!("anime {model:?}: {e}"));
+        assert_map("anime", &map.control_map, &anime);
+    }
+    // The detectors stayed in the cache as models.
+    let listed = server.list_models(pb::ModelKind::Preprocessor).await;
+    let resident = |name: &str| listed.iter().any(|m| m.name == name && m.resident);
+    assert!(resident("sk_model") && resident("netG") && resident("anime"));
+    let ready: Vec<(i32, bool)> = capabilities(&server)
+        .await
+        .preprocessor_support
+        .iter()
+        .map(|s| (s.preprocessor, s.ready))
+        .collect();
+    for kind in [
+        pb::Preprocessor::Canny,
+        pb::Preprocessor::Lineart,
+        pb::Preprocessor::LineartAnime,
+    ] {
+        assert!(
+            ready.contains(&(kind as i32, true)),
+            "{kind:?} in {ready:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let server = server(detectors.path(), controlnets.path(), &[]).await;
+    let reference = common::read_tensors(&detector_fixtures().join("controlnet/cases.safetensors"));
+    for (case, model, preprocessor) in [
+        ("lineart", "lines_xl", pb::Preprocessor::Lineart),
+        ("lineart_anime", "lines_xl", pb::Preprocessor::LineartAnime),
+        // A union model's control type follows from the preprocessor.
+        ("lineart_union", "union_xl", pb::Preprocessor::Lineart),
+    ] {
+        let spec = pb::GenerationSpec {
+            prompt: "a house by a lake".into(),
+            seed: Some(42),
+            steps: 4,
+            guidance_scale: Some(5.0),
+            width: 64,
+            height: 64,
+            scheduler: pb::Scheduler::Euler as i32,
+            controlnets: vec![pb::ControlNetUnit {
+                model: model.into(),
+                image: photo(),
+                preprocessor: preprocessor as i32,
+                preprocessor_params: Some(pb::PreprocessorParams {
+                    detect_resolution: 64,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            output: Some(pb::OutputOptions {
+                return_control_maps: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let response = server
+            .images(spec)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let expected = reference[&format!("{case}.images")].get(0);
+        assert_images_match(case, &decoded_image(&response.images[0].data), &expected);
+        let map = detector_fixtures().join(format!("controlnet/{case}_map.png"));
+        assert_map(case, &response.control_maps[0].data, &map);
+        let completed = response.completed.expect("completed");
+        let detector = completed
+            .models
+            .iter()
+            .find(|m| m.kind == pb::ModelKind::Preprocessor as i32)
+            .unwrap_or_else(|| panic!("{case}: no detector in {:?}", completed.models));
+        let default = if preprocessor == pb::Preprocessor::Lineart {
+            "sk_model"
+        } else {
+            "netG"
+        };
+        assert_eq!(detector.name, default);
+        assert!(
+            completed
+                .stage_timings
+                .iter()
+                .any(|t| t.stage == pb::Stage::Preprocessing as i32),
+            "{case}: a preprocessing timing"
+        );
+    }
+}
+
+/// The ErrorInfo reason and metadata of a status.
+fn reason(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    (info.reason, info.metadata)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let empty = tempfile::tempdir().expect("tempdir");
+    // No detectors at all: the defaults are missing.
+    let bare = server(empty.path(), controlnets.path(), &[]).await;
+    let status = preprocess(&bare, request(pb::Preprocessor::Lineart, ""))
+        .await
+        .expect_err("no detector");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let (why, metadata) = reason(&status);
+    assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
+    assert_eq!(metadata["config_key"], "preprocessing.lineart_model");
+    assert_eq!(metadata["expected_file"], "sk_model.safetensors");
+    assert!(
+        status.message().contains("sk_model.safetensors"),
+        "{}",
+        status.message()
+    );
+    // A unit of a generation says the same before it is admitted.
+    let unit_spec = pb::GenerationSpec {
+        steps: 2,
+        width: 64,
+        height: 64,
+        controlnets: vec![pb::ControlNetUnit {
+            model: "lines_xl".into(),
+            image: photo(),
+            preprocessor: pb::Preprocessor::LineartAnime as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let status = bare.images(unit_spec).await.expect_err("no detector");
+    assert_eq!(reason(&status).0, "PREPROCESSOR_MODEL_MISSING");
+    assert_eq!(
+        reason(&status).1["config_key"],
+        "preprocessing.lineart_anime_model"
+    );
+    let support = capabilities(&bare).await.preprocessor_support;
+    let lineart = support
+        .iter()
+        .find(|s| s.preprocessor == pb::Preprocessor::Lineart as i32)
+        .expect("lineart listed");
+    assert!(!lineart.ready && lineart.config_key == "preprocessing.lineart_model");
+    assert!(
+        lineart.reason.contains("sk_model.safetensors"),
+        "{}",
+        lineart.reason
+    );
+
+    // The default names an anime U-Net for line art; requests name wrong, broken and
+    // unknown files.
+    let server = server(
+        detectors.path(),
+        controlnets.path(),
+        &[("SDXLD__PREPROCESSING__LINEART_MODEL", "anime")],
+    )
+    .await;
+    let status = preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+        .await
+        .expect_err("wrong default");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status).0, "PREPROCESSOR_MODEL_MISMATCH");
+    assert!(
+        status.message().contains("lineart_anime"),
+        "{}",
+        status.message()
+    );
+    let status = preprocess(&server, request(pb::Preprocessor::LineartAnime, "sk_model"))
+        .await
+        .expect_err("wrong file");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&status), ["preprocessor_params.model"]);
+    let status = preprocess(&server, request(pb::Preprocessor::Lineart, "broken"))
+        .await
+        .expect_err("broken file");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("broken"), "{}", status.message());
+    assert!(
+        !status
+            .message()
+            .contains(&*detectors.path().to_string_lossy()),
+        "no server path"
+    );
+    let status = preprocess(&server, request(pb::Preprocessor::Lineart, "nowhere"))
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = preprocess(&server, request(pb::Preprocessor::Canny, "sk_model"))
+        .await
+        .expect_err("canny runs no network");
+    assert_eq!(violated_fields(&status), ["preprocessor_params.model"]);
+    // The server serves on, the anime default included.
+    preprocess(&server, request(pb::Preprocessor::LineartAnime, ""))
+        .await
+        .expect("the anime default");
+    server
+        .images(common::server::quick_spec(1))
+        .await
+        .expect("a generation");
+}
+
+/// The CLI runs a line-art unit with the detector file it names, as the server does.
+#[test]
+fn the_cli_runs_a_line_art_unit_with_the_named_detector() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let reference = common::read_tensors(&detector_fixtures().join("controlnet/cases.safetensors"));
+    let unit = format!(
+        "{},{},preprocessor=lineart,resolution=64,detector={}",
+        controlnet_fixtures().join("tiny2/from_unet").display(),
+        detector_fixtures().join("images/photo.png").display(),
+        detector_fixtures()
+            .join("lineart/lineart_3.safetensors")
+            .display(),
+    );
+    let png = out.path().join("lineart.png");
+    common::cli::sdxld("generate")
+        .args([
+            "--prompt",
+            "a house by a lake",
+            "--seed",
+            "42",
+            "--steps",
+            "4",
+        ])
+        .args([
+            "--guidance",
+            "5",
+            "--scheduler",
+            "euler",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .flag("--controlnet", unit)
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .flag("--output", &png)
+        .succeeds();
+    assert_images_match(
+        "CLI line-art unit",
+        &common::image_file(&png),
+        &reference["lineart.images"].get(0),
+    );
+}
