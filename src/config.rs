@@ -158,6 +158,8 @@ pub struct PreprocessingSettings {
     pub lineart_model: String,
     /// The anime line-art U-Net's model name; "" for none.
     pub lineart_anime_model: String,
+    /// The depth model's name (a Depth Anything folder); "" for none.
+    pub depth_model: String,
 }
 
 impl PreprocessingSettings {
@@ -169,13 +171,18 @@ impl PreprocessingSettings {
                 "preprocessing.lineart_anime_model",
                 &self.lineart_anime_model,
             ),
+            DetectorNetwork::DepthAnything => ("preprocessing.depth_model", &self.depth_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 2] {
-        [DetectorNetwork::Lineart, DetectorNetwork::LineartAnime]
-            .map(|network| self.default_detector(network))
+    fn all(&self) -> [(&'static str, &str); 3] {
+        [
+            DetectorNetwork::Lineart,
+            DetectorNetwork::LineartAnime,
+            DetectorNetwork::DepthAnything,
+        ]
+        .map(|network| self.default_detector(network))
     }
 }
 

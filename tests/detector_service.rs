@@ -35,6 +35,15 @@ fn detector_root() -> tempfile::TempDir {
     ] {
         std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
     }
+    // A Depth Anything folder under the default's name, a repository path.
+    let depth = dir.path().join("depth-anything/Depth-Anything-V2-Small-hf");
+    std::fs::create_dir_all(&depth).expect("mkdir");
+    for entry in std::fs::read_dir(fixtures.join("depth/small"))
+        .expect("dir")
+        .flatten()
+    {
+        std::fs::copy(entry.path(), depth.join(entry.file_name())).expect("copy");
+    }
     let bytes = std::fs::read(fixtures.join("lineart/lineart_2.safetensors")).expect("read");
     std::fs::write(
         dir.path().join("broken.safetensors"),
@@ -43,6 +52,9 @@ fn detector_root() -> tempfile::TempDir {
     .expect("write");
     dir
 }
+
+/// The depth preprocessor's default detector name.
+const DEPTH_MODEL: &str = "depth-anything/Depth-Anything-V2-Small-hf";
 
 /// A ControlNet root with the tiny2 ControlNet and union model.
 fn controlnet_root() -> tempfile::TempDir {
@@ -154,10 +166,27 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
             .unwrap_or_else(|e| panic!("anime {model:?}: {e}"));
         assert_map("anime", &map.control_map, &anime);
     }
-    // The detectors stayed in the cache as models.
+    let map = preprocess(&server, request(pb::Preprocessor::Depth, ""))
+        .await
+        .unwrap_or_else(|e| panic!("depth: {e}"));
+    assert_map(
+        "depth",
+        &map.control_map,
+        &fixtures.join("depth/small_map.png"),
+    );
+    // The detectors stayed in the cache as models, listed with their networks.
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let resident = |name: &str| listed.iter().any(|m| m.name == name && m.resident);
     assert!(resident("sk_model") && resident("netG") && resident("anime"));
+    let depth = listed
+        .iter()
+        .find(|m| m.name == DEPTH_MODEL)
+        .expect("the depth folder listed");
+    assert!(depth.resident);
+    assert_eq!(
+        depth.preprocessor.as_ref().map(|p| p.network.as_str()),
+        Some("depth_anything")
+    );
     let ready: Vec<(i32, bool)> = capabilities(&server)
         .await
         .preprocessor_support
@@ -166,6 +195,7 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         .collect();
     for kind in [
         pb::Preprocessor::Canny,
+        pb::Preprocessor::Depth,
         pb::Preprocessor::Lineart,
         pb::Preprocessor::LineartAnime,
     ] {
@@ -186,6 +216,8 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         ("lineart_anime", "lines_xl", pb::Preprocessor::LineartAnime),
         // A union model's control type follows from the preprocessor.
         ("lineart_union", "union_xl", pb::Preprocessor::Lineart),
+        ("depth", "lines_xl", pb::Preprocessor::Depth),
+        ("depth_union", "union_xl", pb::Preprocessor::Depth),
     ] {
         let spec = pb::GenerationSpec {
             prompt: "a house by a lake".into(),
@@ -225,10 +257,10 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             .iter()
             .find(|m| m.kind == pb::ModelKind::Preprocessor as i32)
             .unwrap_or_else(|| panic!("{case}: no detector in {:?}", completed.models));
-        let default = if preprocessor == pb::Preprocessor::Lineart {
-            "sk_model"
-        } else {
-            "netG"
+        let default = match preprocessor {
+            pb::Preprocessor::Lineart => "sk_model",
+            pb::Preprocessor::Depth => DEPTH_MODEL,
+            _ => "netG",
         };
         assert_eq!(detector.name, default);
         assert!(
@@ -291,6 +323,16 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         .find(|s| s.preprocessor == pb::Preprocessor::Lineart as i32)
         .expect("lineart listed");
     assert!(!lineart.ready && lineart.config_key == "preprocessing.lineart_model");
+    let status = preprocess(&bare, request(pb::Preprocessor::Depth, ""))
+        .await
+        .expect_err("no depth model");
+    let (why, metadata) = reason(&status);
+    assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
+    assert_eq!(metadata["config_key"], "preprocessing.depth_model");
+    assert!(
+        metadata["expected_file"].contains("Depth-Anything-V2-Small-hf/ with config.json"),
+        "{metadata:?}"
+    );
     assert!(
         lineart.reason.contains("sk_model.safetensors"),
         "{}",

@@ -304,7 +304,7 @@ mod over_grpc {
             assert_eq!(fields(&status), [field], "{status:?}");
         }
         let unimplemented = [(
-            request(png.clone(), pb::Preprocessor::Depth),
+            request(png.clone(), pb::Preprocessor::Openpose),
             "preprocessor",
         )];
         for (request, field) in unimplemented {
@@ -324,6 +324,7 @@ mod over_grpc {
             [
                 pb::Preprocessor::None as i32,
                 pb::Preprocessor::Canny as i32,
+                pb::Preprocessor::Depth as i32,
                 pb::Preprocessor::Lineart as i32,
                 pb::Preprocessor::LineartAnime as i32,
             ]
@@ -334,6 +335,6 @@ mod over_grpc {
             .iter()
             .map(|s| s.ready)
             .collect();
-        assert_eq!(ready, [true, true, false, false]);
+        assert_eq!(ready, [true, true, false, false, false]);
     }
 }

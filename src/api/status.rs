@@ -41,12 +41,14 @@ pub enum ApiError {
         file: String,
     },
     /// A network preprocessor's default detector is not configured or not installed.
-    #[error("{}", missing_detector(key, name))]
+    #[error("{}", missing_detector(key, name, expected))]
     PreprocessorModelMissing {
         /// The configuration key of the default.
         key: &'static str,
         /// The model name it holds ("" for none).
         name: String,
+        /// What the server looks for under the preprocessor roots.
+        expected: String,
     },
     /// A network preprocessor's default detector holds another network.
     #[error(
@@ -71,14 +73,14 @@ pub enum ApiError {
 }
 
 /// What a missing default detector's status says: the key, and the file it expects.
-fn missing_detector(key: &str, name: &str) -> String {
+fn missing_detector(key: &str, name: &str, expected: &str) -> String {
     if name.is_empty() {
         return format!(
             "this preprocessor has no default detector (`{key}` is empty): name one in preprocessor_params.model"
         );
     }
     format!(
-        "this preprocessor's detector `{name}` (`{key}`) is not installed: expected `{name}.safetensors` under models.preprocessor_roots (convert the published `.pth` with `sdxld convert`)"
+        "this preprocessor's detector `{name}` (`{key}`) is not installed: expected `{expected}` under models.preprocessor_roots (weights published as `.pth` convert with `sdxld convert`)"
     )
 }
 
@@ -220,7 +222,11 @@ impl ApiError {
                     [("model".to_string(), name)],
                 ),
             ),
-            ApiError::PreprocessorModelMissing { key, name } => Status::with_error_details(
+            ApiError::PreprocessorModelMissing {
+                key,
+                name,
+                expected,
+            } => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,
                 ErrorDetails::with_error_info(
@@ -228,14 +234,7 @@ impl ApiError {
                     "sdxld",
                     [
                         ("config_key".to_string(), key.to_string()),
-                        (
-                            "expected_file".to_string(),
-                            if name.is_empty() {
-                                String::new()
-                            } else {
-                                format!("{name}.safetensors")
-                            },
-                        ),
+                        ("expected_file".to_string(), expected),
                         ("model".to_string(), name),
                     ],
                 ),

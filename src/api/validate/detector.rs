@@ -74,6 +74,11 @@ impl Detectors<'_> {
         let missing = || ApiError::PreprocessorModelMissing {
             key,
             name: name.to_string(),
+            expected: if name.is_empty() {
+                String::new()
+            } else {
+                network.expected_files(name)
+            },
         };
         if name.is_empty() {
             return Err(missing());

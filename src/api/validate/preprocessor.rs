@@ -16,9 +16,10 @@ use crate::proto::v1 as pb;
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 4] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 5] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
+    pb::Preprocessor::Depth,
     pb::Preprocessor::Lineart,
     pb::Preprocessor::LineartAnime,
 ];
@@ -45,8 +46,8 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
         pb::Preprocessor::Lineart => Some(Preprocessor::Lineart),
         pb::Preprocessor::LineartAnime => Some(Preprocessor::LineartAnime),
-        pb::Preprocessor::Depth
-        | pb::Preprocessor::Openpose
+        pb::Preprocessor::Depth => Some(Preprocessor::Depth),
+        pb::Preprocessor::Openpose
         | pb::Preprocessor::Scribble
         | pb::Preprocessor::Normal
         | pb::Preprocessor::Segmentation => None,

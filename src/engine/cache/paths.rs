@@ -56,8 +56,11 @@ pub(super) fn upscaler_files(path: &Path) -> ComponentFiles {
     }
 }
 
-/// A preprocessor network's one file.
+/// A preprocessor network's one file, or its model folder's files.
 pub(super) fn detector_files(path: &Path) -> ComponentFiles {
+    if path.is_dir() {
+        return ComponentFiles::folder("detector", path);
+    }
     ComponentFiles {
         role: "detector",
         paths: vec![path.to_path_buf()],

@@ -1,12 +1,14 @@
-//! Preprocessor networks (detectors) loaded from their weight files under
-//! `models.preprocessor_roots`: which network a file holds, read from its tensor names as
-//! the reference implementations name them, and the loaded network.
+//! Preprocessor networks (detectors) loaded from under `models.preprocessor_roots`:
+//! which network a weight file holds, read from its tensor names as the reference
+//! implementations name them (a model folder by its `config.json`), and the loaded
+//! network.
 
 use std::path::Path;
 
 use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::depth::DepthDetector;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
 use crate::engine::weights::read_shapes;
@@ -18,6 +20,8 @@ pub enum DetectorNetwork {
     Lineart,
     /// controlnet_aux's anime line-art U-Net.
     LineartAnime,
+    /// transformers' Depth Anything (V1 or V2; a model folder).
+    DepthAnything,
 }
 
 impl DetectorNetwork {
@@ -26,13 +30,48 @@ impl DetectorNetwork {
         match self {
             DetectorNetwork::Lineart => "lineart",
             DetectorNetwork::LineartAnime => "lineart_anime",
+            DetectorNetwork::DepthAnything => "depth_anything",
+        }
+    }
+
+    /// What a detector of this network named `name` is under a preprocessor root.
+    pub fn expected_files(self, name: &str) -> String {
+        match self {
+            DetectorNetwork::Lineart | DetectorNetwork::LineartAnime => {
+                format!("{name}.safetensors")
+            }
+            DetectorNetwork::DepthAnything => {
+                format!("{name}/ with config.json and model.safetensors")
+            }
         }
     }
 }
 
-/// The network the file at `path` holds; a file of no served network is refused naming
-/// its first tensor.
+/// The `model_type` of a model folder's `config.json`.
+fn model_type(dir: &Path) -> Result<String> {
+    let config: serde_json::Value = crate::engine::files::read_json(&dir.join("config.json"))?;
+    Ok(config
+        .get("model_type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The network the file (or model folder) at `path` holds; a file of no served network
+/// is refused naming its first tensor, a folder naming its model type.
 pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
+    if path.is_dir() {
+        let kind = model_type(path)?;
+        return match kind.as_str() {
+            "depth_anything" => Ok(DetectorNetwork::DepthAnything),
+            other => Err(EngineError::WeightFile {
+                path: path.join("config.json"),
+                message: format!(
+                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything"
+                ),
+            }),
+        };
+    }
     let (shapes, _) = read_shapes(path)?;
     let has = |key: &str| {
         shapes
@@ -60,6 +99,8 @@ pub enum Detector {
     Lineart(LineartGenerator),
     /// The anime line-art U-Net.
     LineartAnime(LineartAnimeUnet),
+    /// Depth Anything with its processor.
+    Depth(Box<DepthDetector>),
 }
 
 impl Detector {
@@ -72,6 +113,9 @@ impl Detector {
             DetectorNetwork::LineartAnime => Ok(Detector::LineartAnime(LineartAnimeUnet::load(
                 path, device, kind,
             )?)),
+            DetectorNetwork::DepthAnything => Ok(Detector::Depth(Box::new(DepthDetector::load(
+                path, device, kind,
+            )?))),
         }
     }
 
@@ -81,6 +125,7 @@ impl Detector {
         let map = match self {
             Detector::Lineart(network) => network.detect(image)?,
             Detector::LineartAnime(network) => network.detect(image)?,
+            Detector::Depth(network) => network.detect(image)?,
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -90,6 +135,7 @@ impl Detector {
         match self {
             Detector::Lineart(_) => DetectorNetwork::Lineart,
             Detector::LineartAnime(_) => DetectorNetwork::LineartAnime,
+            Detector::Depth(_) => DetectorNetwork::DepthAnything,
         }
     }
 }

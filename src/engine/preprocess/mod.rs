@@ -4,7 +4,10 @@
 
 pub mod canny;
 pub mod cv_resize;
+pub mod depth;
+pub mod depth_anything;
 pub mod detector;
+pub mod dinov2;
 pub mod lineart;
 pub mod lineart_anime;
 
@@ -79,6 +82,8 @@ pub enum Preprocessor {
     Lineart,
     /// Line art from controlnet_aux's anime line-art U-Net.
     LineartAnime,
+    /// Depth from a Depth Anything model.
+    Depth,
 }
 
 impl Preprocessor {
@@ -88,6 +93,7 @@ impl Preprocessor {
             Preprocessor::None | Preprocessor::Canny { .. } => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
+            Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
         }
     }
 

@@ -147,11 +147,22 @@ impl ModelKind {
                     .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
                     || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
-            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Preprocessor => {
+            ModelKind::Lora | ModelKind::Upscaler => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
+            }
+            // Weight files, and model folders of a served type (Depth Anything).
+            ModelKind::Preprocessor => {
+                (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
+                    || model_type(path).is_some_and(|t| t == "depth_anything")
             }
         }
     }
+}
+
+/// The `model_type` of a transformers model folder's config.
+fn model_type(path: &Path) -> Option<String> {
+    let config: serde_json::Value = read_json(&path.join("config.json")).ok()?;
+    config.get("model_type")?.as_str().map(str::to_string)
 }
 
 /// The `_class_name` of a diffusers component folder's config.
