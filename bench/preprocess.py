@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, at their
-published sizes), one square image of random pixels turned into the 8-bit map by
-controlnet_aux's detector and by `sdxld bench-detector`, same weights, same threads, each
-in its own process.
+published sizes) and Depth Anything V2 Small's shape in transformers, one square image of
+random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
+transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
+and by `sdxld bench-detector`, same weights, same threads, each in its own process.
 
 Prints seconds per map for both, the ratio reference / sdxld (above 1 means sdxld is
 faster) and each process's peak resident memory.
@@ -38,9 +39,47 @@ def build(kind: str):
     return UnetGenerator(3, 1, 8, 64, norm_layer=norm, use_dropout=False)
 
 
+def write_depth(folder: Path):
+    """Depth Anything V2 Small's configuration with random weights, as a model folder."""
+    from make_detector_fixtures import randomise
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    backbone = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14,
+                            out_indices=[3, 6, 9, 12], reshape_hidden_states=False, apply_layernorm=True)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=384,
+                                 neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64, head_hidden_size=32)
+    model = DepthAnythingForDepthEstimation(config).eval()
+    randomise(model, 0, gain=0.5)
+    model.save_pretrained(folder)
+    DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(folder)
+
+
+def depth_child(args, image):
+    """transformers' depth estimation as the depth preprocessor runs it."""
+    from transformers import DepthAnythingForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    model = DepthAnythingForDepthEstimation.from_pretrained(args.model).eval()
+    processor = DPTImageProcessorPil.from_pretrained(args.model)
+
+    def call():
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        depth = processor.post_process_depth_estimation(outputs, target_sizes=[image.shape[:2]])[0]["predicted_depth"].numpy()
+        depth = (depth - depth.min()) / (depth.max() - depth.min()) * 255.0
+        return depth.clip(0, 255).astype(np.uint8)
+
+    return call
+
+
 def write_model(kind: str, path: Path):
     from make_detector_fixtures import randomise
     from safetensors.torch import save_file
+
+    if kind == "depth":
+        return write_depth(path)
 
     model = build(kind)
     randomise(model, 0, gain=0.25 if kind == "lineart_anime" else 1.0)
@@ -54,13 +93,16 @@ def reference_child(args):
     from safetensors.torch import load_file
 
     torch.set_num_threads(args.threads)
-    model = build(args.kind)
-    model.load_state_dict(load_file(args.model))
-    model.eval()
-    detector = LineartDetector(model, model) if args.kind == "lineart" else LineartAnimeDetector(model)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    if args.kind == "depth":
+        call = depth_child(args, image)
+    else:
+        model = build(args.kind)
+        model.load_state_dict(load_file(args.model))
+        model.eval()
+        detector = LineartDetector(model, model) if args.kind == "lineart" else LineartAnimeDetector(model)
+        call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
     for _ in range(args.runs):
@@ -86,7 +128,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -95,14 +137,14 @@ def main():
         return reference_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            model = Path(tmp) / f"{kind}.safetensors"
+            model = Path(tmp) / (kind if kind == "depth" else f"{kind}.safetensors")
             write_model(kind, model)
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
             sdxld, sdxld_peak = run([args.sdxld, "bench-detector", "--model", str(model)] + common)
             r, d = statistics.median(reference["seconds"]), statistics.median(sdxld["seconds"])
             print(
-                f"{kind} {args.size}², {args.threads} thread(s): controlnet_aux {r:.2f} s (peak RSS {reference_peak:.0f} MiB), "
+                f"{kind} {args.size}², {args.threads} thread(s): reference {r:.2f} s (peak RSS {reference_peak:.0f} MiB), "
                 f"sdxld {d:.2f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
             )
 

@@ -160,6 +160,8 @@ pub struct PreprocessingSettings {
     pub lineart_anime_model: String,
     /// The depth model's name (a Depth Anything folder); "" for none.
     pub depth_model: String,
+    /// The HED edge network's model name; "" for none.
+    pub hed_model: String,
 }
 
 impl PreprocessingSettings {
@@ -172,15 +174,17 @@ impl PreprocessingSettings {
                 &self.lineart_anime_model,
             ),
             DetectorNetwork::DepthAnything => ("preprocessing.depth_model", &self.depth_model),
+            DetectorNetwork::Hed => ("preprocessing.hed_model", &self.hed_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 3] {
+    fn all(&self) -> [(&'static str, &str); 4] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
             DetectorNetwork::DepthAnything,
+            DetectorNetwork::Hed,
         ]
         .map(|network| self.default_detector(network))
     }

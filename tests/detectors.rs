@@ -224,3 +224,111 @@ fn the_anime_lineart_unet_equals_controlnet_aux() {
         assert!(off * 100 <= got.len(), "{map}: {off} pixels differ");
     }
 }
+
+const HED: [&str; 2] = ["full", "narrow"];
+
+#[test]
+fn the_hed_network_and_its_soft_edges_equal_controlnet_aux() {
+    use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
+    use sdxld::engine::preprocess::hed::Hed;
+    let root = detector_fixtures();
+    for name in HED {
+        let path = root.join(format!("hed/{name}.safetensors"));
+        assert_eq!(network_of(&path).expect("known"), DetectorNetwork::Hed);
+        let network =
+            Hed::load(&path, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&root.join(format!("hed/{name}.io.safetensors")));
+        for k in 0..3 {
+            let got = network.forward(&io[&format!("input.{k}")]);
+            assert_eq!(got.len(), 5, "{name}: five side outputs");
+            for (j, edges) in got.iter().enumerate() {
+                assert_close(
+                    &format!("{name} input {k} side {j}"),
+                    edges,
+                    &io[&format!("output.{k}.{j}")],
+                );
+            }
+        }
+        for (photo, map) in [("photo.png", "map"), ("photo_odd.png", "map_odd")] {
+            let photo = image::open(root.join("images").join(photo))
+                .expect("photo")
+                .to_rgb8();
+            let got = network.detect(&photo).expect("detect");
+            let want = image::open(root.join(format!("hed/{name}_{map}.png")))
+                .expect("map")
+                .to_luma8();
+            assert_eq!(got.dimensions(), want.dimensions(), "{name} {map}");
+            let mut off = 0;
+            for (g, w) in got.iter().zip(want.iter()) {
+                assert!(g.abs_diff(*w) <= 1, "{name} {map}: {g} against {w}");
+                off += usize::from(g != w);
+            }
+            assert!(off * 100 <= got.len(), "{name} {map}: {off} pixels differ");
+            let distinct: std::collections::HashSet<u8> = got.iter().copied().collect();
+            assert!(
+                distinct.len() > 32,
+                "{name} {map}: soft edges, not a saturated map"
+            );
+        }
+    }
+}
+
+#[test]
+fn scribbles_equal_controlnet_aux() {
+    use sdxld::engine::preprocess::detector::Detector;
+    use sdxld::engine::preprocess::scribble::scribble;
+    use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+    let root = detector_fixtures();
+    let compare = |what: &str, got: &image::GrayImage, want: &image::GrayImage| {
+        assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+        let off = got.iter().zip(want.iter()).filter(|(g, w)| g != w).count();
+        // The float blur before the thinning may round differently in its last bits from
+        // OpenCV's vectorised one; a flipped maximum would move a stroke's edge (none
+        // does on these images).
+        assert!(off * 400 <= got.len(), "{what}: {off} pixels differ");
+        assert!(
+            got.iter().all(|&v| v == 0 || v == 255),
+            "{what}: black and white"
+        );
+        assert!(got.contains(&255), "{what}: some strokes");
+    };
+    for name in HED {
+        // The post-processing alone, on the reference's soft edges.
+        for suffix in ["", "_odd"] {
+            let soft = image::open(root.join(format!("hed/{name}_map{suffix}.png")))
+                .expect("soft")
+                .to_luma8();
+            let want = image::open(root.join(format!("hed/{name}_scribble{suffix}.png")))
+                .expect("scribble")
+                .to_luma8();
+            compare(
+                &format!("{name}{suffix} post-processing"),
+                &scribble(&soft),
+                &want,
+            );
+        }
+        // The whole preprocessor.
+        let detector = Detector::load(
+            &root.join(format!("hed/{name}.safetensors")),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .expect("load");
+        let photo = image::open(root.join("images/photo.png")).expect("photo");
+        let preprocessing = Preprocessing {
+            preprocessor: Preprocessor::Scribble,
+            detect_resolution: Some(64),
+        };
+        let map = preprocessing
+            .run(&photo, Some(&detector))
+            .expect("scribble");
+        let want = image::open(root.join(format!("hed/{name}_scribble.png")))
+            .expect("scribble")
+            .to_luma8();
+        compare(
+            &format!("{name} scribble"),
+            &image::DynamicImage::ImageRgb8(map).to_luma8(),
+            &want,
+        );
+    }
+}

@@ -56,23 +56,41 @@ fn bicubic_resizing_equals_opencv_within_a_level() {
     }
     // IPP's float32 sums differ from these in the last bit now and then.
     assert!(off * 10_000 <= total, "{off} of {total} values differ");
-    let planes =
-        common::read_tensors(&common::preprocess_fixtures().join("cubic_float.safetensors"));
-    for k in 0..4 {
+    assert_planes("cubic_float", 4, resize_plane_cubic, 1e-3);
+}
+
+/// A resize of one-channel float planes: (plane, its (width, height), width, height).
+type PlaneResize = fn(&[f32], (usize, usize), usize, usize) -> Vec<f32>;
+
+/// Asserts `resize` turns each input plane of the fixtures' `{file}.safetensors` into its
+/// output within `tolerance`.
+fn assert_planes(file: &str, count: usize, resize: PlaneResize, tolerance: f32) {
+    let path = common::preprocess_fixtures().join(format!("{file}.safetensors"));
+    let planes = common::read_tensors(&path);
+    for k in 0..count {
         let input = &planes[&format!("input.{k}")];
         let expected = &planes[&format!("output.{k}")];
         let (h, w) = (input.size()[0] as usize, input.size()[1] as usize);
         let (dh, dw) = (expected.size()[0] as usize, expected.size()[1] as usize);
         let values = Vec::<f32>::try_from(input.contiguous().view(-1)).expect("floats");
-        let got = resize_plane_cubic(&values, (w, h), dw, dh);
+        let got = resize(&values, (w, h), dw, dh);
         let want = Vec::<f32>::try_from(expected.contiguous().view(-1)).expect("floats");
         let most = got
             .iter()
             .zip(&want)
             .map(|(g, w)| (g - w).abs())
             .fold(0f32, f32::max);
-        assert!(most < 1e-3, "plane {k}: differs by {most}");
+        assert!(
+            most < tolerance,
+            "{file} {k} ({w}x{h} to {dw}x{dh}): differs by {most}"
+        );
     }
+}
+
+#[test]
+fn float_bilinear_resizing_equals_opencv() {
+    use sdxld::engine::preprocess::cv_resize::resize_plane_linear;
+    assert_planes("linear_float", 5, resize_plane_linear, 1e-5);
 }
 
 #[test]
@@ -325,8 +343,10 @@ mod over_grpc {
                 pb::Preprocessor::None as i32,
                 pb::Preprocessor::Canny as i32,
                 pb::Preprocessor::Depth as i32,
+                pb::Preprocessor::Scribble as i32,
                 pb::Preprocessor::Lineart as i32,
                 pb::Preprocessor::LineartAnime as i32,
+                pb::Preprocessor::Softedge as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -335,6 +355,6 @@ mod over_grpc {
             .iter()
             .map(|s| s.ready)
             .collect();
-        assert_eq!(ready, [true, true, false, false, false]);
+        assert_eq!(ready, [true, true, false, false, false, false, false]);
     }
 }

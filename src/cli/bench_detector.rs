@@ -13,7 +13,7 @@ use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 /// The command's flags.
 #[derive(clap::Args)]
 pub struct BenchDetectorArgs {
-    /// The detector file (safetensors, any served network).
+    /// The detector file (safetensors, any served network) or model folder.
     #[arg(long)]
     model: PathBuf,
     /// Image side in pixels.

@@ -8,7 +8,7 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|lineart|lineart_anime), detector (a preprocessor network's \
+preprocessor (none|canny|depth|scribble|lineart|lineart_anime|softedge), detector (a preprocessor network's \
 .safetensors file or model folder), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
@@ -96,6 +96,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("canny", 2),
                 ("lineart", 8),
                 ("lineart_anime", 9),
+                ("softedge", 10),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }

@@ -44,15 +44,19 @@ def stubs(tmp_path_factory):
 class Server:
     def __init__(self, lora_root: Path, upscaler_root: Path, extra_env=None):
         binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
-        # The LoRA root starts empty; tests write adapters into it (names resolve per request).
+        # The LoRA, upscaler and preprocessor roots start empty; tests write models into
+        # them (names resolve per request).
         self.lora_root = lora_root
         self.upscaler_root = upscaler_root
+        self.preprocessor_root = lora_root.parent / f"{lora_root.name}-preprocessors"
+        self.preprocessor_root.mkdir()
         env = dict(
             os.environ,
             SDXLD__SERVER__METRICS_LISTEN="",
             SDXLD__ENGINE__DEVICE="cpu",
             SDXLD__MODELS__LORA_ROOTS=str(lora_root),
             SDXLD__MODELS__UPSCALER_ROOTS=str(upscaler_root),
+            SDXLD__MODELS__PREPROCESSOR_ROOTS=str(self.preprocessor_root),
             **(extra_env or {}),
         )
         self.process = subprocess.Popen(

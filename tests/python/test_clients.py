@@ -140,6 +140,50 @@ def test_python_client_upscales_as_spandrel_does(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["upscale.factor"]
 
 
+def error_info(stubs, error):
+    """The ErrorInfo inside grpc-status-details-bin: (reason, metadata)."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in stubs.rpc.Status.FromString(value).details:
+                if detail.type_url.endswith("google.rpc.ErrorInfo"):
+                    info = stubs.rpc.ErrorInfo.FromString(detail.value)
+                    return info.reason, dict(info.metadata)
+    return None, {}
+
+
+def test_python_client_line_art_as_controlnet_aux_draws_it(stubs, server):
+    """The default line-art detector missing, then installed: the map equals
+    controlnet_aux's LineartDetector with the same weights."""
+    import numpy as np
+    import torch
+    from controlnet_aux.lineart import Generator, LineartDetector
+    from safetensors.torch import save_file
+
+    pixels = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=64)
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_LINEART, preprocessor_params=params)
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    reason, metadata = error_info(stubs, caught.value)
+    assert reason == "PREPROCESSOR_MODEL_MISSING"
+    assert metadata["config_key"] == "preprocessing.lineart_model"
+    assert metadata["expected_file"] == "sk_model.safetensors"
+
+    torch.manual_seed(0)
+    model = Generator(3, 1, 2).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(server.preprocessor_root / "sk_model.safetensors"))
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L")).astype(int)
+    expected = LineartDetector(model, model)(pixels, detect_resolution=64, image_resolution=64, output_type="np")
+    assert (reply.width, reply.height) == (64, 64)
+    difference = np.abs(got - expected[:, :, 0].astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() <= 0.01
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""

@@ -323,7 +323,7 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         }
         pb::Preprocessor::Depth => Some(ControlType::Depth),
         pb::Preprocessor::Openpose => Some(ControlType::OpenPose),
-        pb::Preprocessor::Scribble => Some(ControlType::HedScribble),
+        pb::Preprocessor::Scribble | pb::Preprocessor::Softedge => Some(ControlType::HedScribble),
         pb::Preprocessor::Normal => Some(ControlType::Normal),
         pb::Preprocessor::Segmentation => Some(ControlType::Segment),
         pb::Preprocessor::Unspecified | pb::Preprocessor::None => None,

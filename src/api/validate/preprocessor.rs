@@ -16,12 +16,14 @@ use crate::proto::v1 as pb;
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 5] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 7] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
+    pb::Preprocessor::Scribble,
     pb::Preprocessor::Lineart,
     pb::Preprocessor::LineartAnime,
+    pb::Preprocessor::Softedge,
 ];
 
 /// What a preprocessor is checked against: its image (when it decoded), the most
@@ -47,10 +49,11 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Lineart => Some(Preprocessor::Lineart),
         pb::Preprocessor::LineartAnime => Some(Preprocessor::LineartAnime),
         pb::Preprocessor::Depth => Some(Preprocessor::Depth),
-        pb::Preprocessor::Openpose
-        | pb::Preprocessor::Scribble
-        | pb::Preprocessor::Normal
-        | pb::Preprocessor::Segmentation => None,
+        pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge),
+        pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
+        pb::Preprocessor::Openpose | pb::Preprocessor::Normal | pb::Preprocessor::Segmentation => {
+            None
+        }
     }
 }
 

@@ -235,30 +235,39 @@ fn linear_taps(source: Option<usize>, destination: usize, scale: f64, inverse: f
     taps
 }
 
-/// `INTER_LINEAR` taps: pixel centres aligned; along x (`source` given) a start before
-/// the first pixel or at the last takes that pixel whole, as OpenCV clamps there; along y
+/// `INTER_LINEAR` positions: each destination pixel's first source pixel and the weight
+/// of the second, pixel centres aligned; along x (`source` given) a start before the
+/// first pixel or at the last takes that pixel whole, as OpenCV clamps there; along y
 /// only the rows are clamped.
+fn linear_positions(source: Option<usize>, destination: usize, scale: f64) -> Vec<(i64, f32)> {
+    (0..destination)
+        .map(|d| {
+            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let floor = f.floor();
+            let (mut s, mut f) = (floor as i64, f - floor);
+            if let Some(last) = source.map(|n| n as i64 - 1) {
+                if s < 0 {
+                    (s, f) = (0, 0.0);
+                }
+                if s >= last {
+                    (s, f) = (last, 0.0);
+                }
+            }
+            (s, f)
+        })
+        .collect()
+}
+
+/// `INTER_LINEAR` taps for 8 bits: the positions' weights in fixed point.
 fn bilinear_taps(source: Option<usize>, destination: usize, scale: f64) -> Taps {
-    let mut taps = Taps {
-        start: Vec::with_capacity(destination),
-        coefficients: Vec::with_capacity(destination),
-    };
-    for d in 0..destination {
-        let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
-        let floor = f.floor();
-        let (mut s, mut f) = (floor as i64, f - floor);
-        if let Some(last) = source.map(|n| n as i64 - 1) {
-            if s < 0 {
-                (s, f) = (0, 0.0);
-            }
-            if s >= last {
-                (s, f) = (last, 0.0);
-            }
-        }
-        taps.start.push(s);
-        taps.coefficients.push(fixed(&[1.0 - f, f]));
+    let (start, coefficients) = linear_positions(source, destination, scale)
+        .into_iter()
+        .map(|(s, f)| (s, fixed(&[1.0 - f, f])))
+        .unzip();
+    Taps {
+        start,
+        coefficients,
     }
-    taps
 }
 
 /// Lanczos4 taps: pixel centres aligned, eight source pixels from three before.
@@ -449,6 +458,46 @@ fn cubic(
                 sum += row[i] * w;
             }
             out.push(sum);
+        }
+    }
+    out
+}
+
+/// `cv2.resize(plane, (width, height), INTER_LINEAR)` of a one-channel float32 plane of
+/// `size` (width, height): float weights, each row along x, then the rows along y.
+pub fn resize_plane_linear(
+    plane: &[f32],
+    (width, height): (usize, usize),
+    dw: usize,
+    dh: usize,
+) -> Vec<f32> {
+    let xs = linear_positions(Some(width), dw, 1.0 / (dw as f64 / width as f64));
+    let ys = linear_positions(None, dh, 1.0 / (dh as f64 / height as f64));
+    let horizontal = |y: usize| -> Vec<f32> {
+        let row = &plane[y * width..(y + 1) * width];
+        xs.iter()
+            .map(|&(s, f)| {
+                let s = s as usize;
+                if f == 0.0 {
+                    row[s]
+                } else {
+                    row[s] * (1.0 - f) + row[s + 1] * f
+                }
+            })
+            .collect()
+    };
+    let clamp = |i: i64| i.clamp(0, height as i64 - 1) as usize;
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; height];
+    let mut out = Vec::with_capacity(dw * dh);
+    for &(s, f) in &ys {
+        let (a, b) = (clamp(s), clamp(s + 1));
+        for r in [a, b] {
+            if rows[r].is_none() {
+                rows[r] = Some(horizontal(r));
+            }
+        }
+        if let (Some(top), Some(bottom)) = (&rows[a], &rows[b]) {
+            out.extend(top.iter().zip(bottom).map(|(t, u)| t * (1.0 - f) + u * f));
         }
     }
     out

@@ -9,6 +9,7 @@ use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth::DepthDetector;
+use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
 use crate::engine::weights::read_shapes;
@@ -22,6 +23,8 @@ pub enum DetectorNetwork {
     LineartAnime,
     /// transformers' Depth Anything (V1 or V2; a model folder).
     DepthAnything,
+    /// controlnet_aux's HED edge network.
+    Hed,
 }
 
 impl DetectorNetwork {
@@ -31,13 +34,14 @@ impl DetectorNetwork {
             DetectorNetwork::Lineart => "lineart",
             DetectorNetwork::LineartAnime => "lineart_anime",
             DetectorNetwork::DepthAnything => "depth_anything",
+            DetectorNetwork::Hed => "hed",
         }
     }
 
     /// What a detector of this network named `name` is under a preprocessor root.
     pub fn expected_files(self, name: &str) -> String {
         match self {
-            DetectorNetwork::Lineart | DetectorNetwork::LineartAnime => {
+            DetectorNetwork::Lineart | DetectorNetwork::LineartAnime | DetectorNetwork::Hed => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything => {
@@ -84,11 +88,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if has("model.model.0.weight") && has("model.model.1.model.1.weight") {
         return Ok(DetectorNetwork::LineartAnime);
     }
+    if has("norm") && has("block1.convs.0.weight") && has("block1.projection.weight") {
+        return Ok(DetectorNetwork::Hed);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed; depth_anything as a model folder)"
         ),
     })
 }
@@ -101,6 +108,8 @@ pub enum Detector {
     LineartAnime(LineartAnimeUnet),
     /// Depth Anything with its processor.
     Depth(Box<DepthDetector>),
+    /// The HED edge network.
+    Hed(Hed),
 }
 
 impl Detector {
@@ -116,6 +125,7 @@ impl Detector {
             DetectorNetwork::DepthAnything => Ok(Detector::Depth(Box::new(DepthDetector::load(
                 path, device, kind,
             )?))),
+            DetectorNetwork::Hed => Ok(Detector::Hed(Hed::load(path, device, kind)?)),
         }
     }
 
@@ -126,6 +136,7 @@ impl Detector {
             Detector::Lineart(network) => network.detect(image)?,
             Detector::LineartAnime(network) => network.detect(image)?,
             Detector::Depth(network) => network.detect(image)?,
+            Detector::Hed(network) => network.detect(image)?,
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -136,6 +147,7 @@ impl Detector {
             Detector::Lineart(_) => DetectorNetwork::Lineart,
             Detector::LineartAnime(_) => DetectorNetwork::LineartAnime,
             Detector::Depth(_) => DetectorNetwork::DepthAnything,
+            Detector::Hed(_) => DetectorNetwork::Hed,
         }
     }
 }

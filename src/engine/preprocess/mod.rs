@@ -8,8 +8,10 @@ pub mod depth;
 pub mod depth_anything;
 pub mod detector;
 pub mod dinov2;
+pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod scribble;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
@@ -84,6 +86,10 @@ pub enum Preprocessor {
     LineartAnime,
     /// Depth from a Depth Anything model.
     Depth,
+    /// Soft edges from controlnet_aux's HED network.
+    SoftEdge,
+    /// Scribbles: HED's soft edges thinned, spread and thresholded.
+    Scribble,
 }
 
 impl Preprocessor {
@@ -94,6 +100,7 @@ impl Preprocessor {
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
+            Preprocessor::SoftEdge | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
         }
     }
 
@@ -103,7 +110,14 @@ impl Preprocessor {
             (Preprocessor::None, _) => Ok(rgb.clone()),
             (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
             (_, network) => match detector {
-                Some(detector) if Some(detector.network()) == network => detector.detect(rgb),
+                Some(detector) if Some(detector.network()) == network => {
+                    let map = detector.detect(rgb)?;
+                    if self != Preprocessor::Scribble {
+                        return Ok(map);
+                    }
+                    let soft = DynamicImage::ImageRgb8(map).to_luma8();
+                    Ok(gray_to_rgb(scribble::scribble(&soft)))
+                }
                 other => Err(EngineError::Internal(format!(
                     "the {self:?} preprocessor was handed {:?}",
                     other.map(Detector::network)
