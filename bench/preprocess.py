@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
-generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, at their
-published sizes) and Depth Anything V2 Small's shape in transformers, one square image of
+generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
+of its ControlNetHED.pth, at their published sizes) and Depth Anything V2 Small's shape in transformers, one square image of
 random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
 and by `sdxld bench-detector`, same weights, same threads, each in its own process.
@@ -29,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
+    if kind == "hed":
+        from controlnet_aux.hed import ControlNetHED_Apache2
+
+        return ControlNetHED_Apache2()
     if kind == "lineart":
         from controlnet_aux.lineart import Generator
 
@@ -101,7 +105,14 @@ def reference_child(args):
         model = build(args.kind)
         model.load_state_dict(load_file(args.model))
         model.eval()
-        detector = LineartDetector(model, model) if args.kind == "lineart" else LineartAnimeDetector(model)
+        if args.kind == "hed":
+            from controlnet_aux.hed import HEDdetector
+
+            detector = HEDdetector(model)
+        elif args.kind == "lineart":
+            detector = LineartDetector(model, model)
+        else:
+            detector = LineartAnimeDetector(model)
         call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
@@ -128,7 +139,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

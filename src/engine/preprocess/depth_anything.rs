@@ -93,7 +93,11 @@ impl Residual {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.conv2.forward(&self.conv1.forward(&x.relu()).relu()) + x
+        let mut h = self.conv1.forward(&x.relu());
+        let _ = h.relu_();
+        let mut out = self.conv2.forward(&h);
+        out += x;
+        out
     }
 }
 

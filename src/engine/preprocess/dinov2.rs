@@ -90,7 +90,8 @@ pub fn current_names(stored: &str) -> Vec<(String, Transform)> {
 /// One pre-norm transformer block.
 struct Block {
     norm1: LayerNorm,
-    qkv: [Linear; 3],
+    /// The query, key and value projections as one [3D, D] matrix (one matmul, not three).
+    qkv: (Tensor, Option<Tensor>),
     out: Linear,
     scale1: Tensor,
     norm2: LayerNorm,
@@ -113,7 +114,20 @@ impl Block {
         let d = c.hidden_size;
         let hidden = (d as f64 * c.mlp_ratio) as i64;
         let attention = vp.pp("attention");
-        let linear = |name: &str| Linear::load(&attention.pp(name), d, d, c.qkv_bias);
+        let parts = ["q_proj", "k_proj", "v_proj"];
+        let weights = parts
+            .iter()
+            .map(|p| attention.pp(p).get("weight", &[d, d]))
+            .collect::<Result<Vec<_>>>()?;
+        let biases = if c.qkv_bias {
+            let biases = parts
+                .iter()
+                .map(|p| attention.pp(p).get("bias", &[d]))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0))
+        } else {
+            None
+        };
         let mlp = if c.use_swiglu_ffn {
             let inner = (hidden * 2 / 3 + 7) / 8 * 8;
             let mlp = vp.pp("mlp");
@@ -130,7 +144,7 @@ impl Block {
         };
         Ok(Self {
             norm1: LayerNorm::load(&vp.pp("norm1"), d, c.layer_norm_eps)?,
-            qkv: [linear("q_proj")?, linear("k_proj")?, linear("v_proj")?],
+            qkv: (Tensor::cat(&weights, 0), biases),
             out: Linear::load(&attention.pp("o_proj"), d, d, true)?,
             scale1: vp.get("layer_scale1.lambda1", &[d])?,
             norm2: LayerNorm::load(&vp.pp("norm2"), d, c.layer_norm_eps)?,
@@ -142,23 +156,27 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let h = self.norm1.forward(x);
-        let [q, k, v] = &self.qkv;
-        let attended = multi_head_attention(
-            &q.forward(&h),
-            &k.forward(&h),
-            &v.forward(&h),
-            self.heads,
-            false,
-        );
-        let x = x + self.out.forward(&attended) * &self.scale1;
+        let (weight, bias) = &self.qkv;
+        let qkv = h.linear(weight, bias.as_ref()).chunk(3, -1);
+        let attended = multi_head_attention(&qkv[0], &qkv[1], &qkv[2], self.heads, false);
+        // Residual sums and activations in place: fewer full-size temporaries per block.
+        let mut x = self.out.forward(&attended) * &self.scale1 + x;
         let h = self.norm2.forward(&x);
-        let h = match &self.mlp {
-            Mlp::Gelu(fc1, fc2) => fc2.forward(&fc1.forward(&h).gelu("none")),
+        let mut h = match &self.mlp {
+            Mlp::Gelu(fc1, fc2) => {
+                let mut inner = fc1.forward(&h);
+                let _ = inner.gelu_("none");
+                fc2.forward(&inner)
+            }
             Mlp::SwiGlu { gate, up, down } => {
-                down.forward(&(gate.forward(&h).silu() * up.forward(&h)))
+                let mut gated = gate.forward(&h);
+                let _ = gated.silu_();
+                down.forward(&(gated * up.forward(&h)))
             }
         };
-        x + h * &self.scale2
+        h *= &self.scale2;
+        x += h;
+        x
     }
 }
 
