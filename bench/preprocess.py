@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
-of its ControlNetHED.pth, at their published sizes) and Depth Anything V2 Small's shape in transformers, one square image of
+of its ControlNetHED.pth, at their published sizes), Depth Anything V2 Small's and
+upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
 and by `sdxld bench-detector`, same weights, same threads, each in its own process.
@@ -59,6 +60,39 @@ def write_depth(folder: Path):
     DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(folder)
 
 
+def write_segmentation(folder: Path):
+    """openmmlab/upernet-convnext-small's configuration with random weights."""
+    from make_detector_fixtures import randomise
+    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
+    from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+    backbone = ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 27, 3], out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=backbone, hidden_size=512, num_labels=150)).eval()
+    randomise(model, 0)
+    model.save_pretrained(folder)
+    SegformerImageProcessorPil(size={"height": 512, "width": 512}).save_pretrained(folder)
+
+
+def segmentation_child(args, image):
+    """transformers' semantic segmentation as the segmentation preprocessor runs it."""
+    from controlnet_aux.util import ade_palette
+    from transformers import UperNetForSemanticSegmentation
+    from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+    model = UperNetForSemanticSegmentation.from_pretrained(args.model).eval()
+    processor = SegformerImageProcessorPil.from_pretrained(args.model)
+    palette = np.array(ade_palette(), dtype=np.uint8)
+
+    def call():
+        inputs = processor(images=image, return_tensors="pt")
+        with torch.no_grad():
+            outputs = model(**inputs)
+        classes = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].numpy()
+        return palette[classes]
+
+    return call
+
+
 def depth_child(args, image):
     """transformers' depth estimation as the depth preprocessor runs it."""
     from transformers import DepthAnythingForDepthEstimation
@@ -84,6 +118,8 @@ def write_model(kind: str, path: Path):
 
     if kind == "depth":
         return write_depth(path)
+    if kind == "segmentation":
+        return write_segmentation(path)
 
     model = build(kind)
     randomise(model, 0, gain=0.25 if kind == "lineart_anime" else 1.0)
@@ -101,6 +137,8 @@ def reference_child(args):
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     if args.kind == "depth":
         call = depth_child(args, image)
+    elif args.kind == "segmentation":
+        call = segmentation_child(args, image)
     else:
         model = build(args.kind)
         model.load_state_dict(load_file(args.model))
@@ -139,7 +177,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -148,7 +186,8 @@ def main():
         return reference_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            model = Path(tmp) / (kind if kind == "depth" else f"{kind}.safetensors")
+            folder = kind in ("depth", "segmentation")
+            model = Path(tmp) / (kind if folder else f"{kind}.safetensors")
             write_model(kind, model)
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)

@@ -162,6 +162,8 @@ pub struct PreprocessingSettings {
     pub depth_model: String,
     /// The HED edge network's model name; "" for none.
     pub hed_model: String,
+    /// The segmentation model's name (a UperNet folder); "" for none.
+    pub segmentation_model: String,
 }
 
 impl PreprocessingSettings {
@@ -175,16 +177,20 @@ impl PreprocessingSettings {
             ),
             DetectorNetwork::DepthAnything => ("preprocessing.depth_model", &self.depth_model),
             DetectorNetwork::Hed => ("preprocessing.hed_model", &self.hed_model),
+            DetectorNetwork::UperNet => {
+                ("preprocessing.segmentation_model", &self.segmentation_model)
+            }
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 4] {
+    fn all(&self) -> [(&'static str, &str); 5] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
             DetectorNetwork::DepthAnything,
             DetectorNetwork::Hed,
+            DetectorNetwork::UperNet,
         ]
         .map(|network| self.default_detector(network))
     }

@@ -344,6 +344,7 @@ mod over_grpc {
                 pb::Preprocessor::Canny as i32,
                 pb::Preprocessor::Depth as i32,
                 pb::Preprocessor::Scribble as i32,
+                pb::Preprocessor::Segmentation as i32,
                 pb::Preprocessor::Lineart as i32,
                 pb::Preprocessor::LineartAnime as i32,
                 pb::Preprocessor::Softedge as i32,
@@ -355,6 +356,9 @@ mod over_grpc {
             .iter()
             .map(|s| s.ready)
             .collect();
-        assert_eq!(ready, [true, true, false, false, false, false, false]);
+        assert_eq!(
+            ready,
+            [true, true, false, false, false, false, false, false]
+        );
     }
 }

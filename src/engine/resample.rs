@@ -16,6 +16,8 @@ pub enum Filter {
     Lanczos,
     /// Bicubic, a = -0.5 (`Image.BICUBIC`, `resize`'s default).
     Bicubic,
+    /// Triangle (`Image.BILINEAR`).
+    Bilinear,
 }
 
 impl Filter {
@@ -24,6 +26,7 @@ impl Filter {
         match self {
             Filter::Lanczos => 3.0,
             Filter::Bicubic => 2.0,
+            Filter::Bilinear => 1.0,
         }
     }
 
@@ -31,6 +34,7 @@ impl Filter {
         match self {
             Filter::Lanczos => lanczos(x),
             Filter::Bicubic => bicubic(x),
+            Filter::Bilinear => (1.0 - x.abs()).max(0.0),
         }
     }
 }

@@ -16,11 +16,12 @@ use crate::proto::v1 as pb;
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 7] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 8] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
     pb::Preprocessor::Scribble,
+    pb::Preprocessor::Segmentation,
     pb::Preprocessor::Lineart,
     pb::Preprocessor::LineartAnime,
     pb::Preprocessor::Softedge,
@@ -51,9 +52,8 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Depth => Some(Preprocessor::Depth),
         pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge),
         pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
-        pb::Preprocessor::Openpose | pb::Preprocessor::Normal | pb::Preprocessor::Segmentation => {
-            None
-        }
+        pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
+        pb::Preprocessor::Openpose | pb::Preprocessor::Normal => None,
     }
 }
 

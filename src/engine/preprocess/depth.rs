@@ -14,7 +14,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth_anything::DepthAnything;
-use crate::engine::resample::{resize_box, Filter};
+use crate::engine::preprocess::processor::{normalised, read_config};
+use crate::engine::resample::Filter;
 
 /// The `preprocessor_config.json` values the detector uses, with the published
 /// checkpoints' values as defaults.
@@ -87,12 +88,8 @@ impl DepthDetector {
     /// values when it has none).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let network = DepthAnything::load(dir, device, kind)?;
+        let processor: DepthProcessor = read_config(dir)?;
         let config = dir.join("preprocessor_config.json");
-        let processor = if config.is_file() {
-            crate::engine::files::read_json(&config)?
-        } else {
-            DepthProcessor::default()
-        };
         if processor.ensure_multiple_of % network.patch_size() != 0 {
             return Err(EngineError::InvalidRequest(format!(
                 "{}: ensure_multiple_of {} is no multiple of the patch size {}",
@@ -112,27 +109,9 @@ impl DepthDetector {
     /// The processor's normalised input [1, 3, h, w] for an RGB image.
     pub fn input(&self, image: &RgbImage) -> Tensor {
         let (h, w) = self.processor.network_size(image.width(), image.height());
-        let resized = resize_box(
-            Filter::Bicubic,
-            image,
-            w as u32,
-            h as u32,
-            [
-                0.0,
-                0.0,
-                f64::from(image.width()),
-                f64::from(image.height()),
-            ],
-        );
-        let mean = Tensor::from_slice(&self.processor.image_mean).view([1, 3, 1, 1]);
-        let std = Tensor::from_slice(&self.processor.image_std).view([1, 3, 1, 1]);
-        let pixels = Tensor::from_slice(resized.as_raw())
-            .view([h, w, 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Double)
-            * self.processor.rescale_factor;
-        (pixels.to_kind(Kind::Float) - mean) / std
+        let p = &self.processor;
+        let statistics = (p.image_mean, p.image_std);
+        normalised(image, (w, h), Filter::Bicubic, p.rescale_factor, statistics)
     }
 
     /// The 8-bit depth map of an RGB image, at its size.

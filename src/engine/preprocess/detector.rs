@@ -12,6 +12,7 @@ use crate::engine::preprocess::depth::DepthDetector;
 use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
+use crate::engine::preprocess::segment::SegmentDetector;
 use crate::engine::weights::read_shapes;
 
 /// A network a detector file holds.
@@ -25,6 +26,8 @@ pub enum DetectorNetwork {
     DepthAnything,
     /// controlnet_aux's HED edge network.
     Hed,
+    /// transformers' UperNet segmentation (a model folder).
+    UperNet,
 }
 
 impl DetectorNetwork {
@@ -35,6 +38,7 @@ impl DetectorNetwork {
             DetectorNetwork::LineartAnime => "lineart_anime",
             DetectorNetwork::DepthAnything => "depth_anything",
             DetectorNetwork::Hed => "hed",
+            DetectorNetwork::UperNet => "upernet",
         }
     }
 
@@ -44,7 +48,7 @@ impl DetectorNetwork {
             DetectorNetwork::Lineart | DetectorNetwork::LineartAnime | DetectorNetwork::Hed => {
                 format!("{name}.safetensors")
             }
-            DetectorNetwork::DepthAnything => {
+            DetectorNetwork::DepthAnything | DetectorNetwork::UperNet => {
                 format!("{name}/ with config.json and model.safetensors")
             }
         }
@@ -68,10 +72,11 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
         let kind = model_type(path)?;
         return match kind.as_str() {
             "depth_anything" => Ok(DetectorNetwork::DepthAnything),
+            "upernet" => Ok(DetectorNetwork::UperNet),
             other => Err(EngineError::WeightFile {
                 path: path.join("config.json"),
                 message: format!(
-                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything"
+                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything and upernet"
                 ),
             }),
         };
@@ -110,6 +115,8 @@ pub enum Detector {
     Depth(Box<DepthDetector>),
     /// The HED edge network.
     Hed(Hed),
+    /// UperNet with its processor.
+    Segment(Box<SegmentDetector>),
 }
 
 impl Detector {
@@ -126,17 +133,21 @@ impl Detector {
                 path, device, kind,
             )?))),
             DetectorNetwork::Hed => Ok(Detector::Hed(Hed::load(path, device, kind)?)),
+            DetectorNetwork::UperNet => Ok(Detector::Segment(Box::new(SegmentDetector::load(
+                path, device, kind,
+            )?))),
         }
     }
 
     /// The 8-bit map of an RGB image at the detection size (see each network's
-    /// `detect`), as three equal channels.
+    /// `detect`): three equal channels, or the segmentation's colours.
     pub fn detect(&self, image: &image::RgbImage) -> Result<image::RgbImage> {
         let map = match self {
             Detector::Lineart(network) => network.detect(image)?,
             Detector::LineartAnime(network) => network.detect(image)?,
             Detector::Depth(network) => network.detect(image)?,
             Detector::Hed(network) => network.detect(image)?,
+            Detector::Segment(network) => return network.detect(image),
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -148,6 +159,7 @@ impl Detector {
             Detector::LineartAnime(_) => DetectorNetwork::LineartAnime,
             Detector::Depth(_) => DetectorNetwork::DepthAnything,
             Detector::Hed(_) => DetectorNetwork::Hed,
+            Detector::Segment(_) => DetectorNetwork::UperNet,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! controlnet_aux computes them (its `HWC3` input rule, its `resize_image` to the
 //! detection resolution, then the detector).
 
+pub mod ade20k;
 pub mod canny;
 pub mod cv_resize;
 pub mod depth;
@@ -11,7 +12,10 @@ pub mod dinov2;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod processor;
 pub mod scribble;
+pub mod segment;
+pub mod upernet;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
@@ -90,6 +94,8 @@ pub enum Preprocessor {
     SoftEdge,
     /// Scribbles: HED's soft edges thinned, spread and thresholded.
     Scribble,
+    /// ADE20K segmentation from a UperNet model.
+    Segmentation,
 }
 
 impl Preprocessor {
@@ -101,6 +107,7 @@ impl Preprocessor {
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
             Preprocessor::SoftEdge | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
+            Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
         }
     }
 

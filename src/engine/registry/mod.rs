@@ -150,10 +150,10 @@ impl ModelKind {
             ModelKind::Lora | ModelKind::Upscaler => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
-            // Weight files, and model folders of a served type (Depth Anything).
+            // Weight files, and model folders of a served type (Depth Anything, UperNet).
             ModelKind::Preprocessor => {
                 (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
-                    || model_type(path).is_some_and(|t| t == "depth_anything")
+                    || model_type(path).is_some_and(|t| t == "depth_anything" || t == "upernet")
             }
         }
     }
