@@ -332,3 +332,31 @@ fn scribbles_equal_controlnet_aux() {
         );
     }
 }
+
+#[test]
+fn the_openpose_body_network_equals_controlnet_aux() {
+    use sdxld::engine::preprocess::openpose::BodyPose;
+    let root = detector_fixtures().join("openpose");
+    for name in ["wide", "narrow"] {
+        let network = BodyPose::load(
+            &root.join(format!("{name}.safetensors")),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
+        for k in 0..3 {
+            let (pafs, heatmaps) = network.forward(&io[&format!("input.{k}")]);
+            assert_close(
+                &format!("{name} input {k} affinities"),
+                &pafs,
+                &io[&format!("pafs.{k}")],
+            );
+            assert_close(
+                &format!("{name} input {k} heatmaps"),
+                &heatmaps,
+                &io[&format!("heatmaps.{k}")],
+            );
+        }
+    }
+}

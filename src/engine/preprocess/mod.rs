@@ -12,6 +12,7 @@ pub mod dinov2;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod openpose;
 pub mod processor;
 pub mod scribble;
 pub mod segment;

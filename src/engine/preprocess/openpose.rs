@@ -1,0 +1,174 @@
+//! controlnet_aux's OpenPose body network (`open_pose.model.bodypose_model`, the network
+//! of its `body_pose_model.pth`): VGG-19's first ten convolutions and two CPM
+//! convolutions, then six stages of two branches (part affinity fields and part
+//! heatmaps), each stage after the first reading both branches' previous outputs beside
+//! the shared features. Every convolution is followed by a ReLU but each branch's last
+//! one, except the last stage's heatmap branch, which the reference's list of layers
+//! without ReLU misses and so rectifies. Widths, kernels and stage count are read from
+//! the weights, stored under the published flat names (`conv1_1.weight`) or the module's
+//! (`model0.conv1_1.weight`).
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::weights::{read_shapes, Transform, Weights};
+
+/// The layers of the shared trunk, in order (`None`: a 2×2 max pool).
+const TRUNK: [Option<&str>; 15] = [
+    Some("conv1_1"),
+    Some("conv1_2"),
+    None,
+    Some("conv2_1"),
+    Some("conv2_2"),
+    None,
+    Some("conv3_1"),
+    Some("conv3_2"),
+    Some("conv3_3"),
+    Some("conv3_4"),
+    None,
+    Some("conv4_1"),
+    Some("conv4_2"),
+    Some("conv4_3_CPM"),
+    Some("conv4_4_CPM"),
+];
+
+/// A convolution with "same" padding and whether a ReLU follows it.
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    relu: bool,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let pad = self.weight.size()[2] / 2;
+        let mut y = x.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1],
+            [pad, pad],
+            [1, 1],
+            1,
+        );
+        if self.relu {
+            let _ = y.relu_();
+        }
+        y
+    }
+}
+
+/// The flat name of a stored tensor (the module's `modelN_M.` prefix dropped).
+fn flat_name(stored: &str) -> String {
+    match stored.split_once('.') {
+        Some((head, rest))
+            if head.starts_with("model")
+                && head[5..].chars().all(|c| c.is_ascii_digit() || c == '_') =>
+        {
+            rest.to_string()
+        }
+        _ => stored.to_string(),
+    }
+}
+
+/// The body pose network.
+pub struct BodyPose {
+    trunk: Vec<Option<Conv>>,
+    /// Per stage: (affinity branch, heatmap branch).
+    stages: Vec<(Vec<Conv>, Vec<Conv>)>,
+    device: Device,
+    kind: Kind,
+}
+
+impl BodyPose {
+    /// Loads the network from its state dict at `path`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (shapes, _) = read_shapes(path)?;
+        let shape = |name: &str| {
+            shapes
+                .iter()
+                .find(|(stored, _)| flat_name(stored) == name)
+                .map(|(_, s)| s.clone())
+        };
+        let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &|name| {
+            vec![(flat_name(name), Transform::Identity)]
+        })?;
+        let vp = weights.root();
+        let conv = |name: &str, relu: bool| -> Result<Conv> {
+            let s = shape(&format!("{name}.weight")).ok_or_else(|| EngineError::MissingTensor {
+                path: path.to_path_buf(),
+                name: format!("{name}.weight"),
+            })?;
+            Ok(Conv {
+                weight: vp.get(&format!("{name}.weight"), &s)?,
+                bias: vp.get(&format!("{name}.bias"), &s[..1])?,
+                relu,
+            })
+        };
+        let trunk = TRUNK
+            .iter()
+            .map(|layer| layer.map(|name| conv(name, true)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let stage_count = (2..)
+            .take_while(|s| shape(&format!("Mconv1_stage{s}_L1.weight")).is_some())
+            .count()
+            + 1;
+        let mut stages = Vec::with_capacity(stage_count);
+        for stage in 1..=stage_count {
+            let branch = |l: u8| -> Result<Vec<Conv>> {
+                let names: Vec<String> = if stage == 1 {
+                    (1..=5).map(|i| format!("conv5_{i}_CPM_L{l}")).collect()
+                } else {
+                    (1..=7)
+                        .map(|i| format!("Mconv{i}_stage{stage}_L{l}"))
+                        .collect()
+                };
+                let last = names.len() - 1;
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| {
+                        // The reference rectifies every output but the branches' last, and
+                        // lists the final stage's affinity layer twice instead of its heatmap.
+                        let final_heatmap = stage == stage_count && l == 2;
+                        conv(name, i != last || final_heatmap)
+                    })
+                    .collect()
+            };
+            stages.push((branch(1)?, branch(2)?));
+        }
+        let network = Self {
+            trunk,
+            stages,
+            device,
+            kind,
+        };
+        weights.check_all_used(|_| false)?;
+        Ok(network)
+    }
+
+    /// The last stage's part affinity fields [N, 38, h/8, w/8] and heatmaps [N, 19, h/8,
+    /// w/8] (float32) of pixels [N, 3, h, w] scaled as the reference scales them
+    /// (value / 256 - 0.5).
+    pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+        let _no_grad = tch::no_grad_guard();
+        let mut features = pixels.to_device(self.device).to_kind(self.kind);
+        for layer in &self.trunk {
+            features = match layer {
+                Some(conv) => conv.forward(&features),
+                None => features.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+            };
+        }
+        let run = |branch: &[Conv], x: &Tensor| {
+            branch.iter().fold(x.shallow_clone(), |h, c| c.forward(&h))
+        };
+        let mut input = features.shallow_clone();
+        let mut out = (features.shallow_clone(), features.shallow_clone());
+        for (affinity, heatmap) in &self.stages {
+            out = (run(affinity, &input), run(heatmap, &input));
+            input = Tensor::cat(&[&out.0, &out.1, &features], 1);
+        }
+        (out.0.to_kind(Kind::Float), out.1.to_kind(Kind::Float))
+    }
+}
