@@ -360,3 +360,44 @@ fn the_openpose_body_network_equals_controlnet_aux() {
         }
     }
 }
+
+#[test]
+fn openpose_decoding_finds_the_people_controlnet_aux_finds() {
+    use sdxld::engine::preprocess::pose_decode::{decode, PoseMaps};
+    let io = read_tensors(&detector_fixtures().join("openpose/decode.safetensors"));
+    let floats = |name: &str| Vec::<f64>::try_from(io[name].contiguous().view(-1)).expect("f64");
+    let size = io["heatmaps"].size();
+    let (heatmaps, affinities) = (floats("heatmaps"), floats("pafs"));
+    let maps = PoseMaps {
+        width: size[1] as usize,
+        height: size[0] as usize,
+        heatmaps: &heatmaps,
+        affinities: &affinities,
+    };
+    let (candidates, people) = decode(&maps);
+    let expected = floats("candidate");
+    assert_eq!(candidates.len() * 4, expected.len(), "every part candidate");
+    for (c, want) in candidates.iter().zip(expected.chunks(4)) {
+        assert_eq!(
+            [c.x, c.y, c.score, c.id as f64],
+            [want[0], want[1], want[2], want[3]]
+        );
+    }
+    let expected = floats("subset");
+    assert_eq!(people.len() * 20, expected.len(), "the same people");
+    assert_eq!(people.len(), 4);
+    for (person, want) in people.iter().zip(expected.chunks(20)) {
+        assert_eq!(
+            person.parts.as_slice(),
+            &want[..18],
+            "the same candidates per part"
+        );
+        assert!(
+            (person.score - want[18]).abs() < 1e-9,
+            "{} against {}",
+            person.score,
+            want[18]
+        );
+        assert_eq!(person.count, want[19]);
+    }
+}

@@ -13,6 +13,7 @@ pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod openpose;
+pub mod pose_decode;
 pub mod processor;
 pub mod scribble;
 pub mod segment;
