@@ -61,37 +61,45 @@ fn gaussian(taps: usize) -> Vec<f64> {
     kernel
 }
 
-/// A separable pass along both axes: `row` (in, pixel) sums, rows first.
+/// A separable filter: `kernel` along the rows, then along the columns, each output a
+/// sum from zero of `product(value, tap)` over the taps in order.
 fn separable<T: Copy + Default + std::ops::Add<Output = T>>(
     values: &[T],
-    (width, height): (usize, usize),
+    size: (usize, usize),
     kernel: &[T],
     product: impl Fn(T, T) -> T,
 ) -> Vec<T> {
+    let rows = along(values, size, true, kernel, &product);
+    along(&rows, size, false, kernel, &product)
+}
+
+/// One pass of [`separable`] along x (`horizontal`) or y.
+fn along<T: Copy + Default + std::ops::Add<Output = T>>(
+    values: &[T],
+    (width, height): (usize, usize),
+    horizontal: bool,
+    kernel: &[T],
+    product: &impl Fn(T, T) -> T,
+) -> Vec<T> {
     let half = (kernel.len() / 2) as i64;
-    let mut rows = vec![T::default(); values.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let mut sum = T::default();
-            for (k, &w) in kernel.iter().enumerate() {
-                let sx = reflect(x as i64 + k as i64 - half, width);
-                sum = sum + product(values[y * width + sx], w);
-            }
-            rows[y * width + x] = sum;
-        }
-    }
-    let mut out = vec![T::default(); values.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let mut sum = T::default();
-            for (k, &w) in kernel.iter().enumerate() {
-                let sy = reflect(y as i64 + k as i64 - half, height);
-                sum = sum + product(rows[sy * width + x], w);
-            }
-            out[y * width + x] = sum;
-        }
-    }
-    out
+    let (len, step) = if horizontal {
+        (width, 1)
+    } else {
+        (height, width)
+    };
+    (0..values.len())
+        .map(|i| {
+            let position = if horizontal { i % width } else { i / width };
+            let start = i - position * step;
+            kernel
+                .iter()
+                .enumerate()
+                .fold(T::default(), |sum, (k, &w)| {
+                    let source = reflect(position as i64 + k as i64 - half, len);
+                    sum + product(values[start + source * step], w)
+                })
+        })
+        .collect()
 }
 
 /// `cv2.GaussianBlur` of a float32 plane (σ 3), its kernel in float32.
