@@ -10,7 +10,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use common::{controlnet_cases, controlnet_fixtures, fixtures, read_tensors, Case};
-use sdxld::engine::control::{map_tensor, ControlCondition, ControlMode, ControlType, ControlUnit};
+use sdxld::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit};
 use sdxld::engine::loading::lora::LoraWeights;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
 use sdxld::engine::models::controlnet::ControlNetModel;
@@ -106,7 +106,7 @@ fn union_conditions(u: &serde_json::Value) -> Vec<ControlCondition> {
 
 fn map_file(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).expect("control map");
-    map_tensor(&image::load_from_memory(&bytes).expect("png").to_rgb8())
+    sdxld::engine::pixels::unit_range(&image::load_from_memory(&bytes).expect("png").to_rgb8())
 }
 
 /// The request of a case, with its init image and mask for image to image and inpainting.

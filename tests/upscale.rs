@@ -9,9 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use sdxld::engine::error::EngineError;
+use sdxld::engine::pixels::unit_range as to_tensor;
 use sdxld::engine::upscale::layout::Architecture;
 use sdxld::engine::upscale::tiles::{self, Tiling};
-use sdxld::engine::upscale::{to_tensor, Upscaler};
+use sdxld::engine::upscale::Upscaler;
 use tch::{Device, Kind, Tensor};
 
 fn cases() -> (PathBuf, Vec<serde_json::Value>) {

@@ -4,8 +4,9 @@
 use std::time::Instant;
 
 use anyhow::bail;
-use sdxld::engine::control::{fit, map_tensor};
+use sdxld::engine::control::fit;
 use sdxld::engine::pipeline::Control;
+use sdxld::engine::pixels::unit_range;
 use sdxld::engine::request::GenerateParams;
 
 use crate::cli::args::GenerateArgs;
@@ -38,7 +39,7 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
             let map = input
                 .preprocessing
                 .run(&input.image.0, detector.as_deref())?;
-            unit_maps.push(map_tensor(&fit(&map, width, height, unit.resize)));
+            unit_maps.push(unit_range(&fit(&map, width, height, unit.resize)));
         }
         maps.push(unit_maps);
     }

@@ -4,7 +4,6 @@
 
 use image::imageops;
 use image::RgbImage;
-use tch::{Kind, Tensor};
 
 use crate::engine::models::controlnet::ControlNetConfig;
 use crate::engine::models::unet_config::UNetConfig;
@@ -212,17 +211,6 @@ fn filled(image: &RgbImage, width: u32, height: u32, (wider, taller): (bool, boo
         }
     }
     canvas
-}
-
-/// A control map as the ControlNet takes it: [1, 3, H, W] float32 in [0, 1] on the CPU.
-pub fn map_tensor(map: &RgbImage) -> Tensor {
-    let (w, h) = map.dimensions();
-    Tensor::from_slice(map.as_raw())
-        .reshape([i64::from(h), i64::from(w), 3])
-        .permute([2, 0, 1])
-        .unsqueeze(0)
-        .to_kind(Kind::Float)
-        / 255.0
 }
 
 /// What a ControlNet must share with the pipeline it controls.

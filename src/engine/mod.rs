@@ -17,6 +17,7 @@ pub mod lora;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod pixels;
 pub mod preprocess;
 pub mod refiner;
 pub mod registry;

@@ -2,8 +2,9 @@
 //! fitted to the output size by the unit's resize mode; once per job, before the
 //! prompts are encoded.
 
-use crate::engine::control::{fit, map_tensor};
+use crate::engine::control::fit;
 use crate::engine::error::EngineError;
+use crate::engine::pixels::unit_range;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::runner::JobRun;
 use crate::jobs::JobError;
@@ -40,7 +41,7 @@ impl JobRun<'_> {
                     .and_then(|l| l.detectors.get(i)?.get(j)?.as_deref());
                 let map = input.preprocessing.run(&input.image.0, detector)?;
                 let fitted = fit(&map, width, height, unit.resize);
-                unit_maps.push(map_tensor(&fitted));
+                unit_maps.push(unit_range(&fitted));
                 if self.spec.output.return_control_maps {
                     let image = RgbImage {
                         width,

@@ -12,6 +12,7 @@ use image::GrayImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::cv_resize::resize_plane_linear;
 use crate::engine::weights::{numbered_children, read_shapes, VarPath, Weights};
 
@@ -131,11 +132,7 @@ impl Hed {
     pub fn detect(&self, image: &image::RgbImage) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let (w, h) = (width as usize, height as usize);
-        let pixels = Tensor::from_slice(image.as_raw())
-            .view([i64::from(height), i64::from(width), 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Float);
+        let pixels = channels_first(image).to_kind(Kind::Float);
         let mut sum = vec![0f32; w * h];
         let projections = self.forward(&pixels);
         for edges in &projections {

@@ -11,6 +11,7 @@ use image::{DynamicImage, GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::pixels::unit_range;
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::weights::{numbered_children, read_shapes, VarPath, Weights};
 
@@ -168,13 +169,7 @@ impl LineartGenerator {
     /// it, inverted (dark lines on white, as the line-art ControlNets take them).
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
-        let input = Tensor::from_slice(image.as_raw())
-            .view([i64::from(height), i64::from(width), 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Float)
-            / 255.0;
-        let line = self.forward(&input).get(0).get(0);
+        let line = self.forward(&unit_range(image)).get(0).get(0);
         let size = line.size();
         let bytes = (line * 255.0).clamp(0.0, 255.0).to_kind(Kind::Uint8);
         let raw = Vec::<u8>::try_from(bytes.contiguous().view(-1))?;

@@ -10,6 +10,7 @@ use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::cv_resize::{resize, resize_plane_cubic, Interpolation};
 use crate::engine::weights::{read_shapes, Weights};
 
@@ -200,13 +201,7 @@ impl LineartAnimeUnet {
         } else {
             resize(image, wn, hn, Interpolation::Cubic)
         };
-        let input = Tensor::from_slice(sized.as_raw())
-            .view([i64::from(hn), i64::from(wn), 3])
-            .permute([2, 0, 1])
-            .unsqueeze(0)
-            .to_kind(Kind::Float)
-            / 127.5
-            - 1.0;
+        let input = channels_first(&sized).to_kind(Kind::Float) / 127.5 - 1.0;
         let line = self.forward(&input).get(0).get(0) * 127.5 + 127.5;
         let line = Vec::<f32>::try_from(line.to_kind(Kind::Float).contiguous().view(-1))?;
         let fitted = if (wn, hn) == (width, height) {

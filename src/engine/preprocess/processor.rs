@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use tch::{Kind, Tensor};
 
 use crate::engine::error::Result;
+use crate::engine::pixels::channels_first;
 use crate::engine::resample::{resize_box, Filter};
 
 /// The folder's `preprocessor_config.json`, or `T`'s defaults when it has none.
@@ -39,11 +40,6 @@ pub fn normalised(
     let resized = resize_box(filter, image, width as u32, height as u32, whole);
     let mean = Tensor::from_slice(&mean).view([1, 3, 1, 1]);
     let std = Tensor::from_slice(&std).view([1, 3, 1, 1]);
-    let pixels = Tensor::from_slice(resized.as_raw())
-        .view([height, width, 3])
-        .permute([2, 0, 1])
-        .unsqueeze(0)
-        .to_kind(Kind::Double)
-        * rescale;
+    let pixels = channels_first(&resized).to_kind(Kind::Double) * rescale;
     (pixels.to_kind(Kind::Float) - mean) / std
 }

@@ -13,6 +13,7 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::pixels::unit_range;
 use crate::engine::weights::{read_shapes, Transform, Weights};
 use layout::Architecture;
 use nets::Network;
@@ -90,22 +91,11 @@ impl Upscaler {
         on_tile: &mut dyn FnMut(usize, usize) -> Result<()>,
     ) -> Result<RgbImage> {
         let _no_grad = tch::no_grad_guard();
-        let input = to_tensor(image).to_device(self.device);
+        let input = unit_range(image).to_device(self.device);
         let mut network = |tile: &Tensor| Ok(self.forward(tile));
         let output = tiles::run(&input, self.scale(), tiling, &mut network, on_tile)?;
         to_image(&output)
     }
-}
-
-/// An 8-bit RGB image as a 1×3×H×W float tensor in [0, 1].
-pub fn to_tensor(image: &RgbImage) -> Tensor {
-    let (width, height) = (i64::from(image.width()), i64::from(image.height()));
-    Tensor::from_slice(image.as_raw())
-        .view([height, width, 3])
-        .permute([2, 0, 1])
-        .unsqueeze(0)
-        .to_kind(Kind::Float)
-        / 255.0
 }
 
 /// A 1×3×H×W tensor in [0, 1] as 8-bit RGB: clamped, times 255, rounded half to even.
