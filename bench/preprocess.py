@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
-of its ControlNetHED.pth, at their published sizes), Depth Anything V2 Small's and
+of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, at their
+published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
@@ -30,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
+    if kind == "openpose":
+        from controlnet_aux.open_pose.model import bodypose_model
+
+        return bodypose_model()
     if kind == "hed":
         from controlnet_aux.hed import ControlNetHED_Apache2
 
@@ -123,7 +128,11 @@ def write_model(kind: str, path: Path):
 
     model = build(kind)
     randomise(model, 0, gain=0.25 if kind == "lineart_anime" else 1.0)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    state = model.state_dict()
+    if kind == "openpose":
+        # The published file's flat names (`conv1_1.weight`).
+        state = {k.split(".", 1)[1]: v for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
 def reference_child(args):
@@ -141,9 +150,21 @@ def reference_child(args):
         call = segmentation_child(args, image)
     else:
         model = build(args.kind)
-        model.load_state_dict(load_file(args.model))
+        state = load_file(args.model)
+        if args.kind == "openpose":
+            from controlnet_aux.open_pose.util import transfer
+
+            state = transfer(model, state)
+        model.load_state_dict(state)
         model.eval()
-        if args.kind == "hed":
+        if args.kind == "openpose":
+            from controlnet_aux.open_pose import OpenposeDetector
+            from controlnet_aux.open_pose.body import Body
+
+            body = Body.__new__(Body)
+            body.model = model
+            detector = OpenposeDetector(body)
+        elif args.kind == "hed":
             from controlnet_aux.hed import HEDdetector
 
             detector = HEDdetector(model)
@@ -177,7 +198,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation,openpose")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

@@ -164,6 +164,8 @@ pub struct PreprocessingSettings {
     pub hed_model: String,
     /// The segmentation model's name (a UperNet folder); "" for none.
     pub segmentation_model: String,
+    /// The OpenPose body network's model name; "" for none.
+    pub openpose_model: String,
 }
 
 impl PreprocessingSettings {
@@ -180,17 +182,19 @@ impl PreprocessingSettings {
             DetectorNetwork::UperNet => {
                 ("preprocessing.segmentation_model", &self.segmentation_model)
             }
+            DetectorNetwork::OpenPose => ("preprocessing.openpose_model", &self.openpose_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 5] {
+    fn all(&self) -> [(&'static str, &str); 6] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
             DetectorNetwork::DepthAnything,
             DetectorNetwork::Hed,
             DetectorNetwork::UperNet,
+            DetectorNetwork::OpenPose,
         ]
         .map(|network| self.default_detector(network))
     }

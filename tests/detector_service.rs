@@ -34,6 +34,7 @@ fn detector_root() -> tempfile::TempDir {
             "anime.safetensors",
         ),
         ("hed/narrow.safetensors", "ControlNetHED.safetensors"),
+        ("openpose/narrow.safetensors", "body_pose_model.safetensors"),
     ] {
         std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
     }
@@ -145,7 +146,10 @@ fn assert_map(what: &str, png: &[u8], reference: &Path) {
     let want = image::open(reference).expect("reference").to_rgb8();
     assert_eq!(got.dimensions(), want.dimensions(), "{what}");
     // Black-and-white scribbles and palette colours differ by whole values where they do.
-    let most = if what.starts_with("scribble") || what.starts_with("segmentation") {
+    let most = if ["scribble", "segmentation", "openpose"]
+        .iter()
+        .any(|kind| what.starts_with(kind))
+    {
         255
     } else {
         1
@@ -205,6 +209,18 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         &map.control_map,
         &fixtures.join("segment/small_map.png"),
     );
+    let map = preprocess(&server, request(pb::Preprocessor::Openpose, ""))
+        .await
+        .unwrap_or_else(|e| panic!("openpose: {e}"));
+    assert_eq!(
+        image::load_from_memory(&map.control_map)
+            .expect("png")
+            .to_rgb8(),
+        image::open(fixtures.join("controlnet/openpose_map.png"))
+            .expect("reference")
+            .to_rgb8(),
+        "the random network's skeletons, pixel for pixel"
+    );
     // The detectors stayed in the cache as models, listed with their networks.
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let resident = |name: &str| listed.iter().any(|m| m.name == name && m.resident);
@@ -232,6 +248,7 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         pb::Preprocessor::Softedge,
         pb::Preprocessor::Scribble,
         pb::Preprocessor::Segmentation,
+        pb::Preprocessor::Openpose,
     ] {
         assert!(
             ready.contains(&(kind as i32, true)),
@@ -255,6 +272,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         ("softedge", "lines_xl", pb::Preprocessor::Softedge),
         ("scribble", "union_xl", pb::Preprocessor::Scribble),
         ("segmentation", "union_xl", pb::Preprocessor::Segmentation),
+        ("openpose", "union_xl", pb::Preprocessor::Openpose),
     ] {
         let spec = pb::GenerationSpec {
             prompt: "a house by a lake".into(),
@@ -299,6 +317,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             pb::Preprocessor::Depth => DEPTH_MODEL,
             pb::Preprocessor::Softedge | pb::Preprocessor::Scribble => "ControlNetHED",
             pb::Preprocessor::Segmentation => SEGMENT_MODEL,
+            pb::Preprocessor::Openpose => "body_pose_model",
             _ => "netG",
         };
         assert_eq!(detector.name, default);

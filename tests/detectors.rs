@@ -401,3 +401,108 @@ fn openpose_decoding_finds_the_people_controlnet_aux_finds() {
         assert_eq!(person.count, want[19]);
     }
 }
+
+#[test]
+fn opencv_limbs_and_joints_are_drawn_pixel_for_pixel() {
+    use sdxld::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
+    let io = read_tensors(&detector_fixtures().join("openpose/draw.safetensors"));
+    let ints = |name: &str| Vec::<i32>::try_from(io[name].contiguous().view(-1)).expect("i32");
+    let (limbs, polygons, joints) = (ints("limbs"), ints("polygons"), ints("joints"));
+    let mut canvas = image::RgbImage::new(120, 90);
+    let colour = |c: &[i32]| [c[0] as u8, c[1] as u8, c[2] as u8];
+    for (limb, expected) in limbs.chunks(7).zip(polygons.chunks(800)) {
+        let polygon = ellipse_polygon((limb[0], limb[1]), (limb[2], 4), limb[3]);
+        let want: Vec<(i32, i32)> = expected
+            .chunks(2)
+            .take_while(|p| p[0] != -99999)
+            .map(|p| (p[0], p[1]))
+            .collect();
+        assert_eq!(polygon, want, "ellipse2Poly of {limb:?}");
+        fill_convex_polygon(&mut canvas, &polygon, colour(&limb[4..]));
+    }
+    for joint in joints.chunks(6) {
+        fill_circle(
+            &mut canvas,
+            (joint[0], joint[1]),
+            joint[2],
+            colour(&joint[3..]),
+        );
+    }
+    let want = Vec::<u8>::try_from(io["canvas"].contiguous().view(-1)).expect("u8");
+    let differing = canvas
+        .as_raw()
+        .chunks(3)
+        .zip(want.chunks(3))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "pixels unlike OpenCV's");
+}
+
+#[test]
+fn the_openpose_pipeline_draws_the_people_controlnet_aux_draws() {
+    use sdxld::engine::preprocess::pose::{draw_people, network_input, pose_maps};
+    use sdxld::engine::preprocess::pose_decode::{decode, PoseMaps};
+    let root = detector_fixtures().join("openpose");
+    for case in ["landscape", "small", "portrait"] {
+        let image = image::open(root.join(format!("pipeline_{case}.png")))
+            .expect("image")
+            .to_rgb8();
+        let io = read_tensors(&root.join(format!("pipeline_{case}.safetensors")));
+        let (input, geometry) = network_input(&image).expect("input");
+        assert_eq!(
+            input.size(),
+            io["input"].size(),
+            "{case}: the network's input size"
+        );
+        let most = (&input - &io["input"]).abs().max().double_value(&[]);
+        assert_eq!(most, 0.0, "{case}: the network's input");
+        let maps = pose_maps(&io["pafs"], &io["heatmaps"], geometry).expect("maps");
+        let smoothed =
+            Vec::<f64>::try_from(io["smoothed_input"].contiguous().view(-1)).expect("f64");
+        let heatmaps: Vec<f64> = maps
+            .heatmaps
+            .chunks(19)
+            .flat_map(|pixel| pixel[..18].iter().copied())
+            .collect();
+        assert_eq!(
+            heatmaps.len(),
+            smoothed.len(),
+            "{case}: heatmaps at the image size"
+        );
+        let off = heatmaps
+            .iter()
+            .zip(&smoothed)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(off, 0, "{case}: heatmap values unlike the reference's");
+        let (width, height) = geometry.image;
+        let (candidates, people) = decode(&PoseMaps {
+            width,
+            height,
+            heatmaps: &maps.heatmaps,
+            affinities: &maps.affinities,
+        });
+        let subset = Vec::<f64>::try_from(io["subset"].contiguous().view(-1)).expect("f64");
+        assert_eq!(people.len() * 20, subset.len(), "{case}: the same people");
+        for (person, want) in people.iter().zip(subset.chunks(20)) {
+            assert_eq!(
+                person.parts.as_slice(),
+                &want[..18],
+                "{case}: the same parts"
+            );
+        }
+        let map = draw_people(&candidates, &people, width, height);
+        let want = image::open(root.join(format!("pipeline_{case}_map.png")))
+            .expect("map")
+            .to_rgb8();
+        let differing = map
+            .pixels()
+            .zip(want.pixels())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            differing, 0,
+            "{case}: pose map pixels unlike controlnet_aux's"
+        );
+    }
+}

@@ -88,6 +88,13 @@ fn assert_planes(file: &str, count: usize, resize: PlaneResize, tolerance: f32) 
 }
 
 #[test]
+fn float_lanczos_and_area_resizing_equal_opencv_bit_for_bit() {
+    use sdxld::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
+    assert_planes("lanczos_float", 6, resize_plane_lanczos4, f32::MIN_POSITIVE);
+    assert_planes("area_float", 5, resize_plane_area, f32::MIN_POSITIVE);
+}
+
+#[test]
 fn float_bilinear_resizing_equals_opencv() {
     use sdxld::engine::preprocess::cv_resize::resize_plane_linear;
     assert_planes("linear_float", 5, resize_plane_linear, 1e-5);
@@ -322,7 +329,7 @@ mod over_grpc {
             assert_eq!(fields(&status), [field], "{status:?}");
         }
         let unimplemented = [(
-            request(png.clone(), pb::Preprocessor::Openpose),
+            request(png.clone(), pb::Preprocessor::Normal),
             "preprocessor",
         )];
         for (request, field) in unimplemented {
@@ -343,6 +350,7 @@ mod over_grpc {
                 pb::Preprocessor::None as i32,
                 pb::Preprocessor::Canny as i32,
                 pb::Preprocessor::Depth as i32,
+                pb::Preprocessor::Openpose as i32,
                 pb::Preprocessor::Scribble as i32,
                 pb::Preprocessor::Segmentation as i32,
                 pb::Preprocessor::Lineart as i32,
@@ -358,7 +366,7 @@ mod over_grpc {
             .collect();
         assert_eq!(
             ready,
-            [true, true, false, false, false, false, false, false]
+            [true, true, false, false, false, false, false, false, false]
         );
     }
 }

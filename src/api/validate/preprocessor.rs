@@ -16,10 +16,11 @@ use crate::proto::v1 as pb;
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 8] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 9] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
+    pb::Preprocessor::Openpose,
     pb::Preprocessor::Scribble,
     pb::Preprocessor::Segmentation,
     pb::Preprocessor::Lineart,
@@ -53,7 +54,8 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge),
         pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
         pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
-        pb::Preprocessor::Openpose | pb::Preprocessor::Normal => None,
+        pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
+        pb::Preprocessor::Normal => None,
     }
 }
 

@@ -126,15 +126,15 @@ fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> V
 }
 
 /// One source pixel's weight in one destination pixel (`DecimateAlpha`).
-struct Overlap {
-    source: usize,
-    destination: usize,
-    weight: f32,
+pub(super) struct Overlap {
+    pub(super) source: usize,
+    pub(super) destination: usize,
+    pub(super) weight: f32,
 }
 
 /// `computeResizeAreaTab`: the source cells each destination cell covers, weighted by
 /// the covered fraction of the destination cell.
-fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Overlap> {
+pub(super) fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Overlap> {
     let mut table = Vec::with_capacity(source * 2);
     for d in 0..destination {
         let start = d as f64 * scale;
@@ -287,7 +287,7 @@ fn lanczos_taps(destination: usize, scale: f64) -> Taps {
 
 /// `interpolateLanczos4`: sin(πx/4)·sin(πx)/(πx/4)² through OpenCV's angle-sum table,
 /// normalised to sum to one in float32.
-fn lanczos4(x: f32) -> [f32; 8] {
+pub(super) fn lanczos4(x: f32) -> [f32; 8] {
     const S45: f64 = std::f64::consts::FRAC_1_SQRT_2;
     const CS: [[f64; 2]; 8] = [
         [1.0, 0.0],

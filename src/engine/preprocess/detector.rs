@@ -12,6 +12,8 @@ use crate::engine::preprocess::depth::DepthDetector;
 use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
+use crate::engine::preprocess::openpose;
+use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
 use crate::engine::weights::read_shapes;
 
@@ -28,6 +30,8 @@ pub enum DetectorNetwork {
     Hed,
     /// transformers' UperNet segmentation (a model folder).
     UperNet,
+    /// controlnet_aux's OpenPose body network.
+    OpenPose,
 }
 
 impl DetectorNetwork {
@@ -39,13 +43,17 @@ impl DetectorNetwork {
             DetectorNetwork::DepthAnything => "depth_anything",
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
+            DetectorNetwork::OpenPose => "openpose",
         }
     }
 
     /// What a detector of this network named `name` is under a preprocessor root.
     pub fn expected_files(self, name: &str) -> String {
         match self {
-            DetectorNetwork::Lineart | DetectorNetwork::LineartAnime | DetectorNetwork::Hed => {
+            DetectorNetwork::Lineart
+            | DetectorNetwork::LineartAnime
+            | DetectorNetwork::Hed
+            | DetectorNetwork::OpenPose => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything | DetectorNetwork::UperNet => {
@@ -96,11 +104,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if has("norm") && has("block1.convs.0.weight") && has("block1.projection.weight") {
         return Ok(DetectorNetwork::Hed);
     }
+    if openpose::is_body_pose(shapes.iter().map(|(name, _)| name.as_str())) {
+        return Ok(DetectorNetwork::OpenPose);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose; depth_anything as a model folder)"
         ),
     })
 }
@@ -117,6 +128,8 @@ pub enum Detector {
     Hed(Hed),
     /// UperNet with its processor.
     Segment(Box<SegmentDetector>),
+    /// The OpenPose body network with its decoding and drawing.
+    OpenPose(OpenPoseDetector),
 }
 
 impl Detector {
@@ -136,6 +149,9 @@ impl Detector {
             DetectorNetwork::UperNet => Ok(Detector::Segment(Box::new(SegmentDetector::load(
                 path, device, kind,
             )?))),
+            DetectorNetwork::OpenPose => Ok(Detector::OpenPose(OpenPoseDetector::load(
+                path, device, kind,
+            )?)),
         }
     }
 
@@ -148,6 +164,7 @@ impl Detector {
             Detector::Depth(network) => network.detect(image)?,
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
+            Detector::OpenPose(network) => return network.detect(image),
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -160,6 +177,7 @@ impl Detector {
             Detector::Depth(_) => DetectorNetwork::DepthAnything,
             Detector::Hed(_) => DetectorNetwork::Hed,
             Detector::Segment(_) => DetectorNetwork::UperNet,
+            Detector::OpenPose(_) => DetectorNetwork::OpenPose,
         }
     }
 }

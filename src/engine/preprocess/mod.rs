@@ -4,6 +4,7 @@
 
 pub mod ade20k;
 pub mod canny;
+pub mod cv_plane;
 pub mod cv_resize;
 pub mod depth;
 pub mod depth_anything;
@@ -13,7 +14,9 @@ pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod openpose;
+pub mod pose;
 pub mod pose_decode;
+pub mod pose_draw;
 pub mod processor;
 pub mod scribble;
 pub mod segment;
@@ -98,6 +101,8 @@ pub enum Preprocessor {
     Scribble,
     /// ADE20K segmentation from a UperNet model.
     Segmentation,
+    /// OpenPose body skeletons.
+    OpenPose,
 }
 
 impl Preprocessor {
@@ -110,6 +115,7 @@ impl Preprocessor {
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
             Preprocessor::SoftEdge | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
+            Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
         }
     }
 

@@ -72,6 +72,18 @@ fn flat_name(stored: &str) -> String {
     }
 }
 
+/// Whether tensors of these names are the body network's (flat or module names).
+pub fn is_body_pose<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    let (mut first, mut last) = (false, false);
+    names.all(|name| {
+        let flat = flat_name(name.trim_start_matches("module."));
+        first |= flat == "conv1_1.weight";
+        last |= flat == "conv5_5_CPM_L1.weight";
+        !(first && last)
+    });
+    first && last
+}
+
 /// The body pose network.
 pub struct BodyPose {
     trunk: Vec<Option<Conv>>,

@@ -121,27 +121,40 @@ fn gaussian_filter(plane: &[f64], width: usize, height: usize) -> Vec<f64> {
         let m = p.rem_euclid(period);
         (if m < n { m } else { period - 1 - m }) as usize
     };
-    // scipy's symmetric correlation: the centre, then each pair of mirrored taps from
-    // the outermost in.
-    let pass = |get: &dyn Fn(i64) -> f64| {
-        let mut total = get(0) * weights[radius as usize];
-        for j in (1..=radius).rev() {
-            total += (get(-j) + get(j)) * weights[(radius - j) as usize];
-        }
-        total
-    };
+    let r = radius as usize;
+    // scipy's symmetric correlation per pixel: the centre, then each pair of mirrored taps
+    // from the outermost in; run tap by tap over whole lines, which keeps that order.
     let mut columns = vec![0.0; plane.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let at = |d: i64| plane[reflect(y as i64 + d, height) * width + x];
-            columns[y * width + x] = pass(&at);
+    for (y, out) in columns.chunks_exact_mut(width).enumerate() {
+        let row = |d: i64| {
+            let s = reflect(y as i64 + d, height);
+            &plane[s * width..(s + 1) * width]
+        };
+        for (o, v) in out.iter_mut().zip(row(0)) {
+            *o = v * weights[r];
+        }
+        for j in (1..=radius).rev() {
+            let w = weights[r - j as usize];
+            for ((o, a), b) in out.iter_mut().zip(row(-j)).zip(row(j)) {
+                *o += (a + b) * w;
+            }
         }
     }
     let mut out = vec![0.0; plane.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let at = |d: i64| columns[y * width + reflect(x as i64 + d, width)];
-            out[y * width + x] = pass(&at);
+    let mut padded = vec![0.0; width + 2 * r];
+    for (line, result) in columns.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = line[reflect(i as i64 - radius, width)];
+        }
+        for (o, v) in result.iter_mut().zip(&padded[r..]) {
+            *o = v * weights[r];
+        }
+        for j in (1..=r).rev() {
+            let w = weights[r - j];
+            let (left, right) = (&padded[r - j..], &padded[r + j..]);
+            for ((o, a), b) in result.iter_mut().zip(left).zip(right) {
+                *o += (a + b) * w;
+            }
         }
     }
     out

@@ -1,0 +1,258 @@
+//! controlnet_aux's OpenPose preprocessor with the body model (`OpenposeDetector` as its
+//! defaults run it: body on, hands and face off): the image (as BGR) scaled to the
+//! 368-pixel box at half scale and padded to multiples of 8 with grey, the network's
+//! maps enlarged ×8, cropped and resized back to the image with OpenCV's filters, the
+//! people decoded from them, and their skeletons drawn as `draw_bodypose` draws them.
+
+use std::path::Path;
+
+use image::RgbImage;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
+use crate::engine::preprocess::cv_resize::{resize, Interpolation};
+use crate::engine::preprocess::openpose::BodyPose;
+use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, PARTS};
+use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
+
+/// The network's input box (pixels of the image's height) and the one scale searched.
+const BOX_SIZE: f64 = 368.0;
+const SCALE: f64 = 0.5;
+/// The network's output stride and the grey the input is padded with.
+const STRIDE: usize = 8;
+const PAD_VALUE: u8 = 128;
+
+/// The limbs `draw_bodypose` draws (1-based parts) and the colours of limbs and joints.
+const DRAWN_LIMBS: [[usize; 2]; 17] = [
+    [2, 3],
+    [2, 6],
+    [3, 4],
+    [4, 5],
+    [6, 7],
+    [7, 8],
+    [2, 9],
+    [9, 10],
+    [10, 11],
+    [2, 12],
+    [12, 13],
+    [13, 14],
+    [2, 1],
+    [1, 15],
+    [15, 17],
+    [1, 16],
+    [16, 18],
+];
+const COLOURS: [[u8; 3]; PARTS] = [
+    [255, 0, 0],
+    [255, 85, 0],
+    [255, 170, 0],
+    [255, 255, 0],
+    [170, 255, 0],
+    [85, 255, 0],
+    [0, 255, 0],
+    [0, 255, 85],
+    [0, 255, 170],
+    [0, 255, 255],
+    [0, 170, 255],
+    [0, 85, 255],
+    [0, 0, 255],
+    [85, 0, 255],
+    [170, 0, 255],
+    [255, 0, 255],
+    [255, 0, 170],
+    [255, 0, 85],
+];
+/// Limbs are ellipses this many pixels across either side of the joint-to-joint axis.
+const STICK_WIDTH: i32 = 4;
+const JOINT_RADIUS: i32 = 4;
+
+/// The OpenPose body preprocessor.
+pub struct OpenPoseDetector {
+    network: BodyPose,
+}
+
+/// Sizes (width, height) along the way: the image, the scaled image, the padded input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoseGeometry {
+    pub image: (usize, usize),
+    pub scaled: (usize, usize),
+    pub padded: (usize, usize),
+}
+
+impl OpenPoseDetector {
+    /// Loads the body network at `path`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        Ok(Self {
+            network: BodyPose::load(path, device, kind)?,
+        })
+    }
+
+    /// The pose map of an RGB image at its own size: the skeletons on black.
+    pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
+        let (input, geometry) = network_input(image)?;
+        let (affinities, heatmaps) = self.network.forward(&input);
+        let maps = pose_maps(&affinities, &heatmaps, geometry)?;
+        let (width, height) = geometry.image;
+        let (candidates, people) = decode(&PoseMaps {
+            width,
+            height,
+            heatmaps: &maps.heatmaps,
+            affinities: &maps.affinities,
+        });
+        Ok(draw_people(&candidates, &people, width, height))
+    }
+}
+
+/// `smart_resize_k`/`smart_resize`'s choice: area averaging where the sides' sum
+/// shrinks, Lanczos4 otherwise.
+fn shrinks(from: (usize, usize), to: (usize, usize)) -> bool {
+    ((to.0 + to.1) as f64) / ((from.0 + from.1) as f64) < 1.0
+}
+
+/// The network's input [1, 3, h, w] (BGR, value / 256 - 0.5) and the sizes it came from.
+pub fn network_input(image: &RgbImage) -> Result<(Tensor, PoseGeometry)> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let scale = SCALE * BOX_SIZE / height as f64;
+    let scaled = (
+        (width as f64 * scale) as usize,
+        (height as f64 * scale) as usize,
+    );
+    if scaled.0 == 0 || scaled.1 == 0 {
+        return Err(EngineError::InvalidRequest(format!(
+            "a {width}x{height} image is too narrow for pose detection (it scales to {}x{})",
+            scaled.0, scaled.1
+        )));
+    }
+    let interpolation = if shrinks((width, height), scaled) {
+        Interpolation::Area
+    } else {
+        Interpolation::Lanczos4
+    };
+    let resized = if scaled == (width, height) {
+        image.clone()
+    } else {
+        resize(image, scaled.0 as u32, scaled.1 as u32, interpolation)
+    };
+    let padded = (
+        scaled.0.div_ceil(STRIDE) * STRIDE,
+        scaled.1.div_ceil(STRIDE) * STRIDE,
+    );
+    let (pw, ph) = padded;
+    let mut values = vec![f32::from(PAD_VALUE) / 256.0 - 0.5; 3 * pw * ph];
+    for (x, y, pixel) in resized.enumerate_pixels() {
+        for (c, value) in pixel.0.iter().rev().enumerate() {
+            values[(c * ph + y as usize) * pw + x as usize] = f32::from(*value) / 256.0 - 0.5;
+        }
+    }
+    let tensor = Tensor::from_slice(&values).view([1, 3, ph as i64, pw as i64]);
+    let geometry = PoseGeometry {
+        image: (width, height),
+        scaled,
+        padded,
+    };
+    Ok((tensor, geometry))
+}
+
+/// Heatmaps and affinity fields at the image's size, channel-last in double precision.
+pub struct PoseMapsOwned {
+    pub heatmaps: Vec<f64>,
+    pub affinities: Vec<f64>,
+}
+
+/// The network's outputs ([1, C, h/8, w/8]) brought to the image as `Body.__call__`
+/// does: each channel enlarged ×8 with Lanczos4, the padding cropped, resized to the
+/// image.
+pub fn pose_maps(
+    affinities: &Tensor,
+    heatmaps: &Tensor,
+    geometry: PoseGeometry,
+) -> Result<PoseMapsOwned> {
+    Ok(PoseMapsOwned {
+        heatmaps: channels_to_image(heatmaps, geometry)?,
+        affinities: channels_to_image(affinities, geometry)?,
+    })
+}
+
+fn channels_to_image(maps: &Tensor, geometry: PoseGeometry) -> Result<Vec<f64>> {
+    let size = maps.size();
+    let (pw, ph) = geometry.padded;
+    let (gw, gh) = (pw / STRIDE, ph / STRIDE);
+    if size.len() != 4 || size[2] as usize != gh || size[3] as usize != gw {
+        return Err(EngineError::Internal(format!(
+            "pose maps of shape {size:?} for a {pw}x{ph} input"
+        )));
+    }
+    let channels = size[1] as usize;
+    let values = Vec::<f32>::try_from(maps.to_kind(Kind::Float).contiguous().view(-1))?;
+    let (sw, sh) = geometry.scaled;
+    let (width, height) = geometry.image;
+    let mut out = vec![0f64; width * height * channels];
+    for (c, plane) in values.chunks_exact(gw * gh).enumerate() {
+        let enlarged = resize_plane_lanczos4(plane, (gw, gh), pw, ph);
+        let cropped: Vec<f32> = enlarged
+            .chunks_exact(pw)
+            .take(sh)
+            .flat_map(|row| row[..sw].iter().copied())
+            .collect();
+        let fitted = if shrinks((sw, sh), (width, height)) {
+            resize_plane_area(&cropped, (sw, sh), width, height)
+        } else {
+            resize_plane_lanczos4(&cropped, (sw, sh), width, height)
+        };
+        for (i, value) in fitted.into_iter().enumerate() {
+            out[i * channels + c] = f64::from(value);
+        }
+    }
+    Ok(out)
+}
+
+/// The people's skeletons on a black `width`×`height` canvas, as `draw_bodypose` draws
+/// them from keypoints normalised by the image's size.
+pub fn draw_people(
+    candidates: &[Candidate],
+    people: &[Person],
+    width: usize,
+    height: usize,
+) -> RgbImage {
+    let mut canvas = RgbImage::new(width as u32, height as u32);
+    let (w, h) = (width as f64, height as f64);
+    for person in people {
+        // Normalised and scaled back, as the reference's round trip rounds them.
+        let keypoints: Vec<Option<(f64, f64)>> = person
+            .parts
+            .iter()
+            .map(|&index| {
+                (index >= 0.0)
+                    .then(|| candidates.get(index as usize))
+                    .flatten()
+                    .map(|c| (c.x / w * w, c.y / h * h))
+            })
+            .collect();
+        for ([a, b], colour) in DRAWN_LIMBS.iter().zip(COLOURS) {
+            if let (Some(p), Some(q)) = (keypoints[a - 1], keypoints[b - 1]) {
+                draw_limb(&mut canvas, p, q, colour);
+            }
+        }
+        for (keypoint, colour) in keypoints.iter().zip(COLOURS) {
+            if let Some((x, y)) = keypoint {
+                fill_circle(&mut canvas, (*x as i32, *y as i32), JOINT_RADIUS, colour);
+            }
+        }
+    }
+    canvas
+}
+
+/// One limb: an ellipse between its joints, filled at 60 % of its colour.
+fn draw_limb(canvas: &mut RgbImage, (x1, y1): (f64, f64), (x2, y2): (f64, f64), colour: [u8; 3]) {
+    let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+    let length = ((y1 - y2).powf(2.0) + (x1 - x2).powf(2.0)).powf(0.5);
+    let angle = (y1 - y2).atan2(x1 - x2) * (180.0 / std::f64::consts::PI);
+    let polygon = ellipse_polygon(
+        (mx as i32, my as i32),
+        ((length / 2.0) as i32, STICK_WIDTH),
+        angle as i32,
+    );
+    let dimmed = colour.map(|c| (f64::from(c) * 0.6) as u8);
+    fill_convex_polygon(canvas, &polygon, dimmed);
+}
