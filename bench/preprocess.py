@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
-of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, at their
-published sizes), Depth Anything V2 Small's and
+of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, the NormalBAE network of its
+scannet.pt, at their published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
@@ -31,6 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
+    if kind == "normal":
+        import types
+
+        from controlnet_aux.normalbae.nets.NNET import NNET
+
+        args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7)
+        return NNET(args)
     if kind == "openpose":
         from controlnet_aux.open_pose.model import bodypose_model
 
@@ -157,7 +164,11 @@ def reference_child(args):
             state = transfer(model, state)
         model.load_state_dict(state)
         model.eval()
-        if args.kind == "openpose":
+        if args.kind == "normal":
+            from controlnet_aux.normalbae import NormalBaeDetector
+
+            detector = NormalBaeDetector(model)
+        elif args.kind == "openpose":
             from controlnet_aux.open_pose import OpenposeDetector
             from controlnet_aux.open_pose.body import Body
 
@@ -198,7 +209,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation,openpose")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation,openpose,normal")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

@@ -166,6 +166,8 @@ pub struct PreprocessingSettings {
     pub segmentation_model: String,
     /// The OpenPose body network's model name; "" for none.
     pub openpose_model: String,
+    /// The NormalBAE network's model name; "" for none.
+    pub normal_model: String,
 }
 
 impl PreprocessingSettings {
@@ -183,11 +185,12 @@ impl PreprocessingSettings {
                 ("preprocessing.segmentation_model", &self.segmentation_model)
             }
             DetectorNetwork::OpenPose => ("preprocessing.openpose_model", &self.openpose_model),
+            DetectorNetwork::NormalBae => ("preprocessing.normal_model", &self.normal_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 6] {
+    fn all(&self) -> [(&'static str, &str); 7] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -195,6 +198,7 @@ impl PreprocessingSettings {
             DetectorNetwork::Hed,
             DetectorNetwork::UperNet,
             DetectorNetwork::OpenPose,
+            DetectorNetwork::NormalBae,
         ]
         .map(|network| self.default_detector(network))
     }

@@ -35,6 +35,7 @@ fn detector_root() -> tempfile::TempDir {
         ),
         ("hed/narrow.safetensors", "ControlNetHED.safetensors"),
         ("openpose/narrow.safetensors", "body_pose_model.safetensors"),
+        ("normal/narrow.safetensors", "scannet.safetensors"),
     ] {
         std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
     }
@@ -221,6 +222,14 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
             .to_rgb8(),
         "the random network's skeletons, pixel for pixel"
     );
+    let map = preprocess(&server, request(pb::Preprocessor::Normal, ""))
+        .await
+        .unwrap_or_else(|e| panic!("normal: {e}"));
+    assert_map(
+        "normal",
+        &map.control_map,
+        &fixtures.join("normal/narrow_map.png"),
+    );
     // The detectors stayed in the cache as models, listed with their networks.
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let resident = |name: &str| listed.iter().any(|m| m.name == name && m.resident);
@@ -249,6 +258,7 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         pb::Preprocessor::Scribble,
         pb::Preprocessor::Segmentation,
         pb::Preprocessor::Openpose,
+        pb::Preprocessor::Normal,
     ] {
         assert!(
             ready.contains(&(kind as i32, true)),
@@ -273,6 +283,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         ("scribble", "union_xl", pb::Preprocessor::Scribble),
         ("segmentation", "union_xl", pb::Preprocessor::Segmentation),
         ("openpose", "union_xl", pb::Preprocessor::Openpose),
+        ("normal", "union_xl", pb::Preprocessor::Normal),
     ] {
         let spec = pb::GenerationSpec {
             prompt: "a house by a lake".into(),
@@ -318,6 +329,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             pb::Preprocessor::Softedge | pb::Preprocessor::Scribble => "ControlNetHED",
             pb::Preprocessor::Segmentation => SEGMENT_MODEL,
             pb::Preprocessor::Openpose => "body_pose_model",
+            pb::Preprocessor::Normal => "scannet",
             _ => "netG",
         };
         assert_eq!(detector.name, default);
@@ -439,6 +451,27 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         .await
         .expect_err("canny runs no network");
     assert_eq!(violated_fields(&status), ["preprocessor_params.model"]);
+    // Normals need sides that are multiples of 8: a 50×34 image at its own size is
+    // refused before admission; with a detect resolution it runs.
+    let odd = std::fs::read(detector_fixtures().join("images/photo_odd.png")).expect("odd");
+    let mut normal = request(pb::Preprocessor::Normal, "");
+    normal.image = odd;
+    if let Some(params) = normal.preprocessor_params.as_mut() {
+        params.detect_resolution = 0;
+    }
+    let status = preprocess(&server, normal.clone())
+        .await
+        .expect_err("odd sides");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
+    if let Some(params) = normal.preprocessor_params.as_mut() {
+        params.detect_resolution = 64;
+    }
+    let map = preprocess(&server, normal).await.expect("normals at 64");
+    assert_eq!((map.width, map.height), (64, 64));
     // The server serves on, the anime default included.
     preprocess(&server, request(pb::Preprocessor::LineartAnime, ""))
         .await

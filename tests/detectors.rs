@@ -506,3 +506,45 @@ fn the_openpose_pipeline_draws_the_people_controlnet_aux_draws() {
         );
     }
 }
+
+#[test]
+fn the_normal_bae_network_and_its_map_equal_controlnet_aux() {
+    use sdxld::engine::preprocess::normal_bae::{NormalBae, NormalDetector};
+    let root = detector_fixtures().join("normal");
+    for name in ["wide", "narrow"] {
+        let path = root.join(format!("{name}.safetensors"));
+        let network = NormalBae::load(&path, Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
+        for k in 0..3 {
+            let (coarse, fine) = network.forward(&io[&format!("input.{k}")]);
+            assert_close(
+                &format!("{name} {k} coarse"),
+                &coarse,
+                &io[&format!("coarse.{k}")],
+            );
+            assert_close(
+                &format!("{name} {k} normals"),
+                &fine,
+                &io[&format!("output.{k}")],
+            );
+        }
+        let detector = NormalDetector::load(&path, Device::Cpu, Kind::Float).expect("detector");
+        let photo = image::open(detector_fixtures().join("images/photo.png"))
+            .expect("photo")
+            .to_rgb8();
+        let map = detector.detect(&photo).expect("map");
+        let want = image::open(root.join(format!("{name}_map.png")))
+            .expect("map")
+            .to_rgb8();
+        let (mut off, mut most) = (0, 0);
+        for (g, w) in map.as_raw().iter().zip(want.as_raw()) {
+            most = most.max(g.abs_diff(*w));
+            off += usize::from(g != w);
+        }
+        assert!(
+            most <= 1 && off * 100 <= want.as_raw().len(),
+            "{name}: {off} values differ, by up to {most}"
+        );
+    }
+}

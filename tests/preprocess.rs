@@ -328,15 +328,6 @@ mod over_grpc {
             assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
             assert_eq!(fields(&status), [field], "{status:?}");
         }
-        let unimplemented = [(
-            request(png.clone(), pb::Preprocessor::Normal),
-            "preprocessor",
-        )];
-        for (request, field) in unimplemented {
-            let status = preprocess(&server, request).await.expect_err(field);
-            assert_eq!(status.code(), Code::Unimplemented, "{field}: {status:?}");
-            assert!(status.message().contains(field), "{status:?}");
-        }
         let capabilities = server
             .models()
             .await
@@ -352,6 +343,7 @@ mod over_grpc {
                 pb::Preprocessor::Depth as i32,
                 pb::Preprocessor::Openpose as i32,
                 pb::Preprocessor::Scribble as i32,
+                pb::Preprocessor::Normal as i32,
                 pb::Preprocessor::Segmentation as i32,
                 pb::Preprocessor::Lineart as i32,
                 pb::Preprocessor::LineartAnime as i32,
@@ -366,7 +358,7 @@ mod over_grpc {
             .collect();
         assert_eq!(
             ready,
-            [true, true, false, false, false, false, false, false, false]
+            [true, true, false, false, false, false, false, false, false, false]
         );
     }
 }

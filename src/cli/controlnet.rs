@@ -8,7 +8,7 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|scribble|segmentation|lineart|lineart_anime|softedge), detector (a preprocessor network's \
+preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge), detector (a preprocessor network's \
 .safetensors file or model folder), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
@@ -97,6 +97,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("depth", 3),
                 ("openpose", 4),
                 ("scribble", 5),
+                ("normal", 6),
                 ("segmentation", 7),
                 ("lineart", 8),
                 ("lineart_anime", 9),

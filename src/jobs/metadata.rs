@@ -163,6 +163,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Scribble) => "scribble_hed".to_string(),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),
+        Some(Preprocessor::Normal) => "normal_bae".to_string(),
         Some(Preprocessor::None) | None => "none".to_string(),
     };
     let detector = first.filter(|p| p.preprocessor != Preprocessor::None);

@@ -16,12 +16,13 @@ use crate::proto::v1 as pb;
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 9] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 10] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
     pb::Preprocessor::Openpose,
     pb::Preprocessor::Scribble,
+    pb::Preprocessor::Normal,
     pb::Preprocessor::Segmentation,
     pb::Preprocessor::Lineart,
     pb::Preprocessor::LineartAnime,
@@ -55,7 +56,7 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
         pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
         pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
-        pb::Preprocessor::Normal => None,
+        pb::Preprocessor::Normal => Some(Preprocessor::Normal),
     }
 }
 
@@ -86,6 +87,7 @@ pub fn preprocessor(
         );
     }
     let detectors = subject.detectors;
+    let image_size = subject.image.map(|i| (i.width(), i.height()));
     let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
     let kind = kind?;
     let Some(preprocessor) = domain(kind, (low, high)) else {
@@ -98,6 +100,9 @@ pub fn preprocessor(
         ));
         return None;
     };
+    if preprocessor == Preprocessor::Normal && detect_resolution == Some(None) {
+        normal_sides(&p, image_size, v);
+    }
     let model_field = format!("{p}.model");
     let detector = match preprocessor.network() {
         Some(network) => {
@@ -122,6 +127,20 @@ pub fn preprocessor(
         },
         detector,
     })
+}
+
+/// The normal network's sides (multiples of 8) for an image detected at its own size;
+/// a detect resolution always makes them (multiples of 64).
+fn normal_sides(p: &str, image_size: Option<(u32, u32)>, v: &mut Violations) {
+    let multiple = crate::engine::preprocess::normal_bae::SIDE_MULTIPLE;
+    if let Some((w, h)) = image_size.filter(|(w, h)| w % multiple != 0 || h % multiple != 0) {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!(
+                "the normal preprocessor needs sides that are multiples of {multiple}; the image is {w}x{h}: set a detect_resolution (its sizes are multiples of 64)"
+            ),
+        );
+    }
 }
 
 /// `detect_resolution` (under `p`): 0 or 64 to 2048, and no larger an image for

@@ -12,6 +12,7 @@ use crate::engine::preprocess::depth::DepthDetector;
 use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
+use crate::engine::preprocess::normal_bae::{self, NormalDetector};
 use crate::engine::preprocess::openpose;
 use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
@@ -32,6 +33,8 @@ pub enum DetectorNetwork {
     UperNet,
     /// controlnet_aux's OpenPose body network.
     OpenPose,
+    /// controlnet_aux's NormalBAE surface-normal network.
+    NormalBae,
 }
 
 impl DetectorNetwork {
@@ -44,6 +47,7 @@ impl DetectorNetwork {
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
+            DetectorNetwork::NormalBae => "normal_bae",
         }
     }
 
@@ -53,7 +57,8 @@ impl DetectorNetwork {
             DetectorNetwork::Lineart
             | DetectorNetwork::LineartAnime
             | DetectorNetwork::Hed
-            | DetectorNetwork::OpenPose => {
+            | DetectorNetwork::OpenPose
+            | DetectorNetwork::NormalBae => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything | DetectorNetwork::UperNet => {
@@ -107,11 +112,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if openpose::is_body_pose(shapes.iter().map(|(name, _)| name.as_str())) {
         return Ok(DetectorNetwork::OpenPose);
     }
+    if normal_bae::is_normal_bae(shapes.iter().map(|(name, _)| name.as_str())) {
+        return Ok(DetectorNetwork::NormalBae);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae; depth_anything as a model folder)"
         ),
     })
 }
@@ -130,6 +138,8 @@ pub enum Detector {
     Segment(Box<SegmentDetector>),
     /// The OpenPose body network with its decoding and drawing.
     OpenPose(OpenPoseDetector),
+    /// The NormalBAE network.
+    Normal(NormalDetector),
 }
 
 impl Detector {
@@ -152,6 +162,9 @@ impl Detector {
             DetectorNetwork::OpenPose => Ok(Detector::OpenPose(OpenPoseDetector::load(
                 path, device, kind,
             )?)),
+            DetectorNetwork::NormalBae => {
+                Ok(Detector::Normal(NormalDetector::load(path, device, kind)?))
+            }
         }
     }
 
@@ -165,6 +178,7 @@ impl Detector {
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
+            Detector::Normal(network) => return network.detect(image),
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -178,6 +192,7 @@ impl Detector {
             Detector::Hed(_) => DetectorNetwork::Hed,
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,
+            Detector::Normal(_) => DetectorNetwork::NormalBae,
         }
     }
 }

@@ -10,9 +10,11 @@ pub mod depth;
 pub mod depth_anything;
 pub mod detector;
 pub mod dinov2;
+pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod normal_bae;
 pub mod openpose;
 pub mod pose;
 pub mod pose_decode;
@@ -103,6 +105,8 @@ pub enum Preprocessor {
     Segmentation,
     /// OpenPose body skeletons.
     OpenPose,
+    /// Surface normals from controlnet_aux's NormalBAE network.
+    Normal,
 }
 
 impl Preprocessor {
@@ -116,6 +120,7 @@ impl Preprocessor {
             Preprocessor::SoftEdge | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
             Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
+            Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
         }
     }
 
