@@ -72,6 +72,22 @@ def write_depth(folder: Path):
     DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(folder)
 
 
+def write_dpt(folder: Path):
+    """Intel/dpt-large's configuration (ViT-L/16 at 384², readout projected) with random
+    weights, as a model folder with its processor config."""
+    from make_detector_fixtures import randomise
+    from transformers import DPTConfig, DPTForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384,
+                       backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
+    model = DPTForDepthEstimation(config).eval()
+    randomise(model, 0, gain=0.5)
+    model.save_pretrained(folder)
+    DPTImageProcessorPil(size={"height": 384, "width": 384}, keep_aspect_ratio=False, ensure_multiple_of=1,
+                         image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+
+
 def write_segmentation(folder: Path):
     """openmmlab/upernet-convnext-small's configuration with random weights."""
     from make_detector_fixtures import randomise
@@ -107,10 +123,10 @@ def segmentation_child(args, image):
 
 def depth_child(args, image):
     """transformers' depth estimation as the depth preprocessor runs it."""
-    from transformers import DepthAnythingForDepthEstimation
+    from transformers import AutoModelForDepthEstimation
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
-    model = DepthAnythingForDepthEstimation.from_pretrained(args.model).eval()
+    model = AutoModelForDepthEstimation.from_pretrained(args.model).eval()
     processor = DPTImageProcessorPil.from_pretrained(args.model)
 
     def call():
@@ -130,6 +146,8 @@ def write_model(kind: str, path: Path):
 
     if kind == "depth":
         return write_depth(path)
+    if kind == "dpt":
+        return write_dpt(path)
     if kind == "segmentation":
         return write_segmentation(path)
 
@@ -151,7 +169,7 @@ def reference_child(args):
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    if args.kind == "depth":
+    if args.kind in ("depth", "dpt"):
         call = depth_child(args, image)
     elif args.kind == "segmentation":
         call = segmentation_child(args, image)
@@ -209,7 +227,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,hed,segmentation,openpose,normal")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -218,7 +236,7 @@ def main():
         return reference_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            folder = kind in ("depth", "segmentation")
+            folder = kind in ("depth", "dpt", "segmentation")
             model = Path(tmp) / (kind if folder else f"{kind}.safetensors")
             write_model(kind, model)
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]

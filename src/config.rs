@@ -179,7 +179,9 @@ impl PreprocessingSettings {
                 "preprocessing.lineart_anime_model",
                 &self.lineart_anime_model,
             ),
-            DetectorNetwork::DepthAnything => ("preprocessing.depth_model", &self.depth_model),
+            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt => {
+                ("preprocessing.depth_model", &self.depth_model)
+            }
             DetectorNetwork::Hed => ("preprocessing.hed_model", &self.hed_model),
             DetectorNetwork::UperNet => {
                 ("preprocessing.segmentation_model", &self.segmentation_model)

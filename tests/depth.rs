@@ -1,9 +1,12 @@
-//! Depth Anything against transformers on random weights built by
-//! `tests/fixtures/make_detector_fixtures.py`: two configurations (a V2-like model stored
-//! under the published checkpoints' tensor names; a SwiGLU, metric-depth model reading
-//! other layers) at square and oblong patch grids, the stored position grid and others,
-//! within 1e-3; the processor's input equal to `DPTImageProcessorPil`'s; the whole
-//! detector's 8-bit map within one level of the reference's.
+//! Depth Anything and DPT against transformers on random weights built by
+//! `tests/fixtures/make_detector_fixtures.py`: two Depth Anything configurations (a
+//! V2-like model stored under the published checkpoints' tensor names; a SwiGLU,
+//! metric-depth model reading other layers) at square and oblong patch grids, and two DPT
+//! ones (readout projected as Intel/dpt-large, its processor config in the old style;
+//! readout added with batch norms in the fusion) at square grids, odd ones included, the
+//! stored position grid and others, within 1e-3; the processor's input equal to
+//! `DPTImageProcessorPil`'s; the whole detector's 8-bit map within one level of the
+//! reference's.
 
 mod common;
 
@@ -12,22 +15,27 @@ use sdxld::engine::preprocess::depth::DepthDetector;
 use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use tch::{Device, Kind};
 
-const MODELS: [&str; 2] = ["small", "swiglu"];
+/// (fixture folder, model, network).
+const MODELS: [(&str, &str, DetectorNetwork); 4] = [
+    ("depth", "small", DetectorNetwork::DepthAnything),
+    ("depth", "swiglu", DetectorNetwork::DepthAnything),
+    ("dpt", "project", DetectorNetwork::Dpt),
+    ("dpt", "add", DetectorNetwork::Dpt),
+];
 
-fn load(name: &str) -> DepthDetector {
-    let dir = detector_fixtures().join("depth").join(name);
-    assert_eq!(
-        network_of(&dir).expect("a served folder"),
-        DetectorNetwork::DepthAnything
-    );
-    DepthDetector::load(&dir, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{name}: {e}"))
+fn load(family: &str, name: &str, network: DetectorNetwork) -> DepthDetector {
+    let dir = detector_fixtures().join(family).join(name);
+    assert_eq!(network_of(&dir).expect("a served folder"), network);
+    let dpt = network == DetectorNetwork::Dpt;
+    DepthDetector::load(&dir, dpt, Device::Cpu, Kind::Float)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
 fn depth_anything_equals_transformers() {
-    for name in MODELS {
-        let detector = load(name);
-        let io = read_tensors(&detector_fixtures().join(format!("depth/{name}.io.safetensors")));
+    for (family, name, network) in MODELS {
+        let detector = load(family, name, network);
+        let io = read_tensors(&detector_fixtures().join(format!("{family}/{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert!(cases >= 2, "{name}: several sizes");
         for k in 0..cases {
@@ -44,14 +52,14 @@ fn depth_anything_equals_transformers() {
 #[test]
 fn the_depth_detector_equals_transformers_processor_and_post_processing() {
     let root = detector_fixtures();
-    for name in MODELS {
-        let detector = load(name);
+    for (family, name, network) in MODELS {
+        let detector = load(family, name, network);
         for suffix in ["", "_odd"] {
             let photo = image::open(root.join(format!("images/photo{suffix}.png")))
                 .expect("photo")
                 .to_rgb8();
             let pixels =
-                read_tensors(&root.join(format!("depth/{name}_pixels{suffix}.safetensors")));
+                read_tensors(&root.join(format!("{family}/{name}_pixels{suffix}.safetensors")));
             let expected = &pixels["pixels"];
             let input = detector.input(&photo);
             assert_eq!(
@@ -62,7 +70,7 @@ fn the_depth_detector_equals_transformers_processor_and_post_processing() {
             let most = (&input - expected).abs().max().double_value(&[]);
             assert!(most < 1e-5, "{name}{suffix}: the input differs by {most}");
             let map = detector.detect(&photo).expect("detect");
-            let want = image::open(root.join(format!("depth/{name}_map{suffix}.png")))
+            let want = image::open(root.join(format!("{family}/{name}_map{suffix}.png")))
                 .expect("map")
                 .to_luma8();
             assert_eq!(map.dimensions(), want.dimensions(), "{name}{suffix}");
@@ -87,10 +95,43 @@ fn the_depth_detector_equals_transformers_processor_and_post_processing() {
 #[test]
 fn a_folder_of_another_model_type_is_refused_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "dpt"}"#).expect("write");
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "glpn"}"#).expect("write");
     let error = network_of(dir.path()).expect_err("refused").to_string();
     assert!(
-        error.contains("dpt") && error.contains("config.json"),
+        error.contains("glpn") && error.contains("config.json"),
         "{error}"
     );
+}
+
+#[test]
+fn dpt_hybrid_and_non_square_dpt_processors_are_refused_naming_them() {
+    let root = detector_fixtures().join("dpt/project");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&root).expect("dir").flatten() {
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
+    }
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let hybrid = original.replace(r#""is_hybrid": false"#, r#""is_hybrid": true"#);
+    assert_ne!(hybrid, original, "the config names is_hybrid");
+    std::fs::write(&config, hybrid).expect("write");
+    let error = DepthDetector::load(dir.path(), true, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("DPT-Hybrid") && error.contains("config.json"),
+        "{error}"
+    );
+    std::fs::write(&config, original).expect("write");
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        r#"{"size": {"height": 64, "width": 96}}"#,
+    )
+    .expect("write");
+    let error = DepthDetector::load(dir.path(), true, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("not square"), "{error}");
 }

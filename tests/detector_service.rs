@@ -43,6 +43,7 @@ fn detector_root() -> tempfile::TempDir {
     for (from, name) in [
         ("depth/small", DEPTH_MODEL),
         ("segment/small", SEGMENT_MODEL),
+        ("dpt/project", "Intel/dpt-large"),
     ] {
         let to = dir.path().join(name);
         std::fs::create_dir_all(&to).expect("mkdir");
@@ -194,6 +195,15 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         &map.control_map,
         &fixtures.join("depth/small_map.png"),
     );
+    // A DPT folder named in the request serves the depth preprocessor too.
+    let map = preprocess(&server, request(pb::Preprocessor::Depth, "Intel/dpt-large"))
+        .await
+        .unwrap_or_else(|e| panic!("dpt: {e}"));
+    assert_map(
+        "depth dpt",
+        &map.control_map,
+        &fixtures.join("dpt/project_map.png"),
+    );
     let map = preprocess(&server, request(pb::Preprocessor::Softedge, ""))
         .await
         .unwrap_or_else(|e| panic!("softedge: {e}"));
@@ -242,6 +252,14 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
     assert_eq!(
         depth.preprocessor.as_ref().map(|p| p.network.as_str()),
         Some("depth_anything")
+    );
+    let dpt = listed
+        .iter()
+        .find(|m| m.name == "Intel/dpt-large")
+        .expect("the DPT folder listed");
+    assert_eq!(
+        dpt.preprocessor.as_ref().map(|p| p.network.as_str()),
+        Some("dpt")
     );
     let ready: Vec<(i32, bool)> = capabilities(&server)
         .await

@@ -49,14 +49,14 @@ impl Detectors<'_> {
             deferred,
         )?;
         match network_of(&model.path) {
-            Ok(held) if held == network => Some(model),
+            Ok(held) if network.accepts(held) => Some(model),
             Ok(held) => {
                 v.add(
                     field,
                     format!(
                         "`{requested}` holds the {} network; this preprocessor runs {}",
                         held.name(),
-                        network.name()
+                        network.described()
                     ),
                 );
                 None
@@ -89,12 +89,12 @@ impl Detectors<'_> {
             Err(e) => return Err(e.into()),
         };
         match network_of(&model.path) {
-            Ok(held) if held == network => Ok(model),
+            Ok(held) if network.accepts(held) => Ok(model),
             Ok(held) => Err(ApiError::PreprocessorModelMismatch {
                 key,
                 name: name.to_string(),
                 holds: held.name(),
-                runs: network.name(),
+                runs: network.described(),
             }),
             Err(e) => Err(unreadable(e)),
         }

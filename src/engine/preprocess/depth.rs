@@ -1,8 +1,8 @@
-//! The depth detector: a Depth Anything model folder run as transformers' Pillow image
-//! processor prepares its input (`DPTImageProcessorPil`: the size its
+//! The depth detector: a Depth Anything or DPT model folder run as transformers' Pillow
+//! image processor prepares its input (`DPTImageProcessorPil`: the size its
 //! `preprocessor_config.json` asks for, keeping the aspect ratio by scaling as little as
-//! possible, sides rounded to the patch multiple; Pillow's bicubic; rescaled and
-//! normalised), its depth resized back to the image with bicubic as
+//! possible if it says so, sides rounded to a multiple; Pillow's bicubic or bilinear;
+//! rescaled and normalised), its depth resized back to the image with bicubic as
 //! `post_process_depth_estimation` does, then min-max scaled to 8 bits (near is white), as
 //! the depth preprocessors of controlnet_aux and the web UIs write it.
 
@@ -14,13 +14,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth_anything::DepthAnything;
+use crate::engine::preprocess::dpt::Dpt;
 use crate::engine::preprocess::processor::{normalised, read_config};
 use crate::engine::resample::Filter;
 
-/// The `preprocessor_config.json` values the detector uses, with the published
-/// checkpoints' values as defaults.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+/// The processor values the detector uses.
+#[derive(Debug, Clone)]
 pub struct DepthProcessor {
     pub size: ProcessorSize,
     pub keep_aspect_ratio: bool,
@@ -28,6 +27,7 @@ pub struct DepthProcessor {
     pub rescale_factor: f64,
     pub image_mean: [f32; 3],
     pub image_std: [f32; 3],
+    pub filter: Filter,
 }
 
 /// `size` of a processor config.
@@ -37,8 +37,31 @@ pub struct ProcessorSize {
     pub width: i64,
 }
 
-impl Default for DepthProcessor {
-    fn default() -> Self {
+/// `size` as configs write it: one side for a square, or both.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Square(i64),
+    Sides(ProcessorSize),
+}
+
+/// A `preprocessor_config.json` as written: what it leaves out takes the model family's
+/// defaults (the processor classes' own, which differ between Depth Anything's
+/// published configs and DPTImageProcessor's).
+#[derive(Debug, Clone, Default, Deserialize)]
+struct ProcessorFile {
+    size: Option<SizeSpec>,
+    keep_aspect_ratio: Option<bool>,
+    ensure_multiple_of: Option<i64>,
+    rescale_factor: Option<f64>,
+    image_mean: Option<[f32; 3]>,
+    image_std: Option<[f32; 3]>,
+    resample: Option<u32>,
+}
+
+impl DepthProcessor {
+    /// Depth Anything's published processor values.
+    fn depth_anything() -> Self {
         Self {
             size: ProcessorSize {
                 height: 518,
@@ -49,11 +72,62 @@ impl Default for DepthProcessor {
             rescale_factor: 1.0 / 255.0,
             image_mean: [0.485, 0.456, 0.406],
             image_std: [0.229, 0.224, 0.225],
+            filter: Filter::Bicubic,
         }
     }
-}
 
-impl DepthProcessor {
+    /// DPTImageProcessor's defaults.
+    fn dpt() -> Self {
+        Self {
+            size: ProcessorSize {
+                height: 384,
+                width: 384,
+            },
+            keep_aspect_ratio: false,
+            ensure_multiple_of: 1,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+            ..Self::depth_anything()
+        }
+    }
+
+    /// The folder's `preprocessor_config.json` over `defaults`.
+    fn read(dir: &Path, defaults: Self) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let file: ProcessorFile = read_config(dir)?;
+        let filter = match file.resample {
+            None => defaults.filter,
+            Some(2) => Filter::Bilinear,
+            Some(3) => Filter::Bicubic,
+            Some(other) => {
+                return Err(EngineError::WeightFile {
+                    path,
+                    message: format!(
+                        "resample {other}: sdxld resizes with Pillow's bilinear (2) or bicubic (3)"
+                    ),
+                })
+            }
+        };
+        Ok(Self {
+            size: match file.size {
+                None => defaults.size,
+                Some(SizeSpec::Square(side)) => ProcessorSize {
+                    height: side,
+                    width: side,
+                },
+                Some(SizeSpec::Sides(sides)) => sides,
+            },
+            keep_aspect_ratio: file.keep_aspect_ratio.unwrap_or(defaults.keep_aspect_ratio),
+            ensure_multiple_of: file
+                .ensure_multiple_of
+                .unwrap_or(defaults.ensure_multiple_of),
+            rescale_factor: file.rescale_factor.unwrap_or(defaults.rescale_factor),
+            image_mean: file.image_mean.unwrap_or(defaults.image_mean),
+            image_std: file.image_std.unwrap_or(defaults.image_std),
+            filter,
+        })
+    }
+
     /// transformers' `get_resize_output_image_size` for a `width`×`height` image: the
     /// network's input size (height, width), each side at least one multiple.
     pub fn network_size(&self, width: u32, height: u32) -> (i64, i64) {
@@ -77,32 +151,61 @@ impl DepthProcessor {
     }
 }
 
-/// A Depth Anything model with its processor.
+/// A depth network: Depth Anything or DPT.
+pub enum DepthNetwork {
+    DepthAnything(DepthAnything),
+    Dpt(Dpt),
+}
+
+impl DepthNetwork {
+    /// The predicted depth [N, H, W] of normalised pixels.
+    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        match self {
+            Self::DepthAnything(n) => n.forward(pixels),
+            Self::Dpt(n) => n.forward(pixels),
+        }
+    }
+}
+
+/// A depth model with its processor.
 pub struct DepthDetector {
-    network: DepthAnything,
+    network: DepthNetwork,
     processor: DepthProcessor,
 }
 
 impl DepthDetector {
-    /// Loads the model folder at `dir` and its `preprocessor_config.json` (the published
-    /// values when it has none).
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let network = DepthAnything::load(dir, device, kind)?;
-        let processor: DepthProcessor = read_config(dir)?;
-        let config = dir.join("preprocessor_config.json");
-        if processor.ensure_multiple_of % network.patch_size() != 0 {
-            return Err(EngineError::InvalidRequest(format!(
-                "{}: ensure_multiple_of {} is no multiple of the patch size {}",
-                config.display(),
-                processor.ensure_multiple_of,
-                network.patch_size()
-            )));
-        }
+    /// Loads the model folder at `dir` (`dpt` selects DPT, else Depth Anything) and its
+    /// `preprocessor_config.json` (the family's defaults where it is silent).
+    pub fn load(dir: &Path, dpt: bool, device: Device, kind: Kind) -> Result<Self> {
+        let (network, processor) = if dpt {
+            let processor = DepthProcessor::read(dir, DepthProcessor::dpt())?;
+            let square =
+                processor.size.height == processor.size.width && !processor.keep_aspect_ratio;
+            if !square {
+                return Err(EngineError::WeightFile {
+                    path: dir.join("preprocessor_config.json"),
+                    message: "asks for inputs that are not square, which transformers' DPT with a ViT backbone cannot take".into(),
+                });
+            }
+            (DepthNetwork::Dpt(Dpt::load(dir, device, kind)?), processor)
+        } else {
+            let network = DepthAnything::load(dir, device, kind)?;
+            let processor = DepthProcessor::read(dir, DepthProcessor::depth_anything())?;
+            if processor.ensure_multiple_of % network.patch_size() != 0 {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{}: ensure_multiple_of {} is no multiple of the patch size {}",
+                    dir.join("preprocessor_config.json").display(),
+                    processor.ensure_multiple_of,
+                    network.patch_size()
+                )));
+            }
+            (DepthNetwork::DepthAnything(network), processor)
+        };
         Ok(Self { network, processor })
     }
 
     /// The network.
-    pub fn network(&self) -> &DepthAnything {
+    pub fn network(&self) -> &DepthNetwork {
         &self.network
     }
 
@@ -111,7 +214,7 @@ impl DepthDetector {
         let (h, w) = self.processor.network_size(image.width(), image.height());
         let p = &self.processor;
         let statistics = (p.image_mean, p.image_std);
-        normalised(image, (w, h), Filter::Bicubic, p.rescale_factor, statistics)
+        normalised(image, (w, h), p.filter, p.rescale_factor, statistics)
     }
 
     /// The 8-bit depth map of an RGB image, at its size.

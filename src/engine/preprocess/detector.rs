@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::preprocess::depth::DepthDetector;
+use crate::engine::preprocess::depth::{DepthDetector, DepthNetwork};
 use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
@@ -27,6 +27,8 @@ pub enum DetectorNetwork {
     LineartAnime,
     /// transformers' Depth Anything (V1 or V2; a model folder).
     DepthAnything,
+    /// transformers' DPT depth estimation with a ViT backbone (a model folder).
+    Dpt,
     /// controlnet_aux's HED edge network.
     Hed,
     /// transformers' UperNet segmentation (a model folder).
@@ -38,12 +40,27 @@ pub enum DetectorNetwork {
 }
 
 impl DetectorNetwork {
+    /// Whether a detector holding `held` serves a preprocessor that runs this network
+    /// (a depth preprocessor takes Depth Anything or DPT).
+    pub fn accepts(self, held: DetectorNetwork) -> bool {
+        held == self || (self == DetectorNetwork::DepthAnything && held == DetectorNetwork::Dpt)
+    }
+
+    /// What it is called where a preprocessor names the networks it takes.
+    pub fn described(self) -> &'static str {
+        match self {
+            DetectorNetwork::DepthAnything => "depth_anything or dpt",
+            other => other.name(),
+        }
+    }
+
     /// Its name in listings.
     pub fn name(self) -> &'static str {
         match self {
             DetectorNetwork::Lineart => "lineart",
             DetectorNetwork::LineartAnime => "lineart_anime",
             DetectorNetwork::DepthAnything => "depth_anything",
+            DetectorNetwork::Dpt => "dpt",
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
@@ -61,7 +78,7 @@ impl DetectorNetwork {
             | DetectorNetwork::NormalBae => {
                 format!("{name}.safetensors")
             }
-            DetectorNetwork::DepthAnything | DetectorNetwork::UperNet => {
+            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::UperNet => {
                 format!("{name}/ with config.json and model.safetensors")
             }
         }
@@ -85,11 +102,12 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
         let kind = model_type(path)?;
         return match kind.as_str() {
             "depth_anything" => Ok(DetectorNetwork::DepthAnything),
+            "dpt" => Ok(DetectorNetwork::Dpt),
             "upernet" => Ok(DetectorNetwork::UperNet),
             other => Err(EngineError::WeightFile {
                 path: path.join("config.json"),
                 message: format!(
-                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything and upernet"
+                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything, dpt and upernet"
                 ),
             }),
         };
@@ -152,9 +170,11 @@ impl Detector {
             DetectorNetwork::LineartAnime => Ok(Detector::LineartAnime(LineartAnimeUnet::load(
                 path, device, kind,
             )?)),
-            DetectorNetwork::DepthAnything => Ok(Detector::Depth(Box::new(DepthDetector::load(
-                path, device, kind,
-            )?))),
+            network @ (DetectorNetwork::DepthAnything | DetectorNetwork::Dpt) => {
+                let dpt = network == DetectorNetwork::Dpt;
+                let detector = DepthDetector::load(path, dpt, device, kind)?;
+                Ok(Detector::Depth(Box::new(detector)))
+            }
             DetectorNetwork::Hed => Ok(Detector::Hed(Hed::load(path, device, kind)?)),
             DetectorNetwork::UperNet => Ok(Detector::Segment(Box::new(SegmentDetector::load(
                 path, device, kind,
@@ -188,7 +208,10 @@ impl Detector {
         match self {
             Detector::Lineart(_) => DetectorNetwork::Lineart,
             Detector::LineartAnime(_) => DetectorNetwork::LineartAnime,
-            Detector::Depth(_) => DetectorNetwork::DepthAnything,
+            Detector::Depth(detector) => match detector.network() {
+                DepthNetwork::DepthAnything(_) => DetectorNetwork::DepthAnything,
+                DepthNetwork::Dpt(_) => DetectorNetwork::Dpt,
+            },
             Detector::Hed(_) => DetectorNetwork::Hed,
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,

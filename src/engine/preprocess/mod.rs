@@ -10,6 +10,7 @@ pub mod depth;
 pub mod depth_anything;
 pub mod detector;
 pub mod dinov2;
+pub mod dpt;
 pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
@@ -130,7 +131,7 @@ impl Preprocessor {
             (Preprocessor::None, _) => Ok(rgb.clone()),
             (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
             (_, network) => match detector {
-                Some(detector) if Some(detector.network()) == network => {
+                Some(detector) if network.is_some_and(|n| n.accepts(detector.network())) => {
                     let map = detector.detect(rgb)?;
                     if self != Preprocessor::Scribble {
                         return Ok(map);

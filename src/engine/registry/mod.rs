@@ -153,7 +153,8 @@ impl ModelKind {
             // Weight files, and model folders of a served type (Depth Anything, UperNet).
             ModelKind::Preprocessor => {
                 (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
-                    || model_type(path).is_some_and(|t| t == "depth_anything" || t == "upernet")
+                    || model_type(path)
+                        .is_some_and(|t| ["depth_anything", "dpt", "upernet"].contains(&t.as_str()))
             }
         }
     }

@@ -1,0 +1,493 @@
+//! DPT depth estimation with a ViT backbone, as transformers' `DPTForDepthEstimation`
+//! runs it (Intel/dpt-large and models shaped like it): patches and a class token with
+//! position embeddings resized to the grid, pre-norm ViT layers whose chosen outputs are
+//! reassembled into a pyramid (the class token ignored, added or projected in, 1×1
+//! projections, transposed or strided convolutions), fused from the coarsest level up
+//! (each doubled; a finer level that does not match is resized to it), and a head that
+//! doubles once more to one channel of ReLU depth. DPT-Hybrid (a BiT backbone) and
+//! backbone-config models are refused by name. transformers' ViT DPT takes square grids
+//! only, as must inputs here.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::models::nn::{multi_head_attention, Conv2d, LayerNorm, Linear};
+use crate::engine::preprocess::efficientnet::{FoldedConv, ShapeMap};
+use crate::engine::weights::{read_shapes, VarPath, Weights};
+
+/// DPTConfig's values, with its defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DptConfig {
+    hidden_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    intermediate_size: i64,
+    layer_norm_eps: f64,
+    patch_size: i64,
+    is_hybrid: bool,
+    backbone_config: Option<serde_json::Value>,
+    backbone_out_indices: Vec<i64>,
+    readout_type: String,
+    reassemble_factors: Vec<f64>,
+    neck_hidden_sizes: Vec<i64>,
+    fusion_hidden_size: i64,
+    head_in_index: i64,
+    use_batch_norm_in_fusion_residual: bool,
+}
+
+impl Default for DptConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            layer_norm_eps: 1e-12,
+            patch_size: 16,
+            is_hybrid: false,
+            backbone_config: None,
+            backbone_out_indices: vec![2, 5, 8, 11],
+            readout_type: "project".into(),
+            reassemble_factors: vec![4.0, 2.0, 1.0, 0.5],
+            neck_hidden_sizes: vec![96, 192, 384, 768],
+            fusion_hidden_size: 256,
+            head_in_index: -1,
+            use_batch_norm_in_fusion_residual: false,
+        }
+    }
+}
+
+/// BatchNorm2d's epsilon in the fusion units.
+const BN_EPS: f64 = 1e-5;
+
+/// How the class token reaches the patch tokens.
+enum Readout {
+    Ignore,
+    Add,
+    Project(Linear),
+}
+
+/// One pre-norm ViT layer.
+struct Layer {
+    norm1: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    norm2: LayerNorm,
+    up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn load(vp: &VarPath, c: &DptConfig) -> Result<Self> {
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        let attention = vp.pp("attention");
+        Ok(Self {
+            norm1: LayerNorm::load(&vp.pp("layernorm_before"), d, c.layer_norm_eps)?,
+            query: Linear::load(&attention.pp("attention.query"), d, d, true)?,
+            key: Linear::load(&attention.pp("attention.key"), d, d, true)?,
+            value: Linear::load(&attention.pp("attention.value"), d, d, true)?,
+            out: Linear::load(&attention.pp("output.dense"), d, d, true)?,
+            norm2: LayerNorm::load(&vp.pp("layernorm_after"), d, c.layer_norm_eps)?,
+            up: Linear::load(&vp.pp("intermediate.dense"), d, i, true)?,
+            down: Linear::load(&vp.pp("output.dense"), i, d, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
+        let h = self.norm1.forward(x);
+        let (q, k, v) = (
+            self.query.forward(&h),
+            self.key.forward(&h),
+            self.value.forward(&h),
+        );
+        let x = self
+            .out
+            .forward(&multi_head_attention(&q, &k, &v, heads, false))
+            + x;
+        let h = self.up.forward(&self.norm2.forward(&x)).gelu("none");
+        self.down.forward(&h) + x
+    }
+}
+
+/// How a reassembled level reaches its resolution.
+enum Resize {
+    Up(Tensor, Tensor, i64),
+    Same,
+    Down(Conv2d),
+}
+
+/// A pre-activation residual unit, batch norms (if any) folded into its convolutions.
+struct Residual {
+    conv1: FoldedOrPlain,
+    conv2: FoldedOrPlain,
+}
+
+enum FoldedOrPlain {
+    Folded(FoldedConv),
+    Plain(Tensor, Option<Tensor>),
+}
+
+impl FoldedOrPlain {
+    fn load(vp: &VarPath, shapes: &ShapeMap, conv: &str, norm: Option<&str>) -> Result<Self> {
+        let width = shapes
+            .get(&format!("{}.{conv}.weight", vp.prefix()))
+            .map(|s| s[0])
+            .ok_or_else(|| EngineError::Internal(format!("no `{}.{conv}.weight`", vp.prefix())))?;
+        match norm {
+            Some(norm) => Ok(Self::Folded(FoldedConv::load(
+                vp, shapes, conv, norm, 1, BN_EPS,
+            )?)),
+            None => {
+                let weight = vp.get(&format!("{conv}.weight"), &[width, width, 3, 3])?;
+                let bias = if vp.contains(&format!("{conv}.bias")) {
+                    Some(vp.get(&format!("{conv}.bias"), &[width])?)
+                } else {
+                    None
+                };
+                Ok(Self::Plain(weight, bias))
+            }
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Self::Folded(conv) => conv.forward(x),
+            Self::Plain(weight, bias) => x.conv2d(weight, bias.as_ref(), [1, 1], [1, 1], [1, 1], 1),
+        }
+    }
+}
+
+impl Residual {
+    fn load(vp: &VarPath, shapes: &ShapeMap, norms: bool) -> Result<Self> {
+        let (n1, n2) = if norms {
+            (Some("batch_norm1"), Some("batch_norm2"))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            conv1: FoldedOrPlain::load(vp, shapes, "convolution1", n1)?,
+            conv2: FoldedOrPlain::load(vp, shapes, "convolution2", n2)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.conv1.forward(&x.relu()).relu();
+        self.conv2.forward(&h) + x
+    }
+}
+
+struct Fusion {
+    projection: Conv2d,
+    residual1: Residual,
+    residual2: Residual,
+}
+
+/// Doubled with bilinear interpolation, corners aligned.
+fn double(x: &Tensor) -> Tensor {
+    let s = x.size();
+    x.upsample_bilinear2d([s[2] * 2, s[3] * 2], true, None, None)
+}
+
+/// DPT with a ViT backbone: embeddings, layers, neck and head.
+pub struct Dpt {
+    patches: Conv2d,
+    class_token: Tensor,
+    positions: Tensor,
+    layers: Vec<Layer>,
+    read: Vec<usize>,
+    heads: i64,
+    readouts: Vec<Readout>,
+    reassemble: Vec<(Conv2d, Resize)>,
+    neck_convs: Vec<Tensor>,
+    fusion: Vec<Fusion>,
+    head: Vec<Conv2d>,
+    head_projection: Option<Conv2d>,
+    head_in: usize,
+    patch_size: i64,
+    device: Device,
+    kind: Kind,
+}
+
+impl Dpt {
+    /// Loads the model folder at `dir` (`config.json`, `model.safetensors`).
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config: DptConfig = crate::engine::files::read_json(&dir.join("config.json"))?;
+        let refuse = |why: &str| EngineError::WeightFile {
+            path: dir.join("config.json"),
+            message: format!(
+                "{why}; sdxld serves DPT models with a ViT backbone (as Intel/dpt-large)"
+            ),
+        };
+        if config.is_hybrid {
+            return Err(refuse("a DPT-Hybrid model (BiT backbone)"));
+        }
+        if config
+            .backbone_config
+            .as_ref()
+            .is_some_and(|b| !b.is_null())
+        {
+            return Err(refuse("a DPT model on another backbone (backbone_config)"));
+        }
+        let file = dir.join("model.safetensors");
+        let (stored, _) = read_shapes(&file)?;
+        let shapes: ShapeMap = stored.into_iter().collect();
+        let weights = Weights::open(&[file], device, kind)?;
+        let network = Self::build(&weights.root(), &config, &shapes, device, kind)?;
+        // The final layer norm and pooler serve classification, not depth.
+        weights.check_all_used(|name| {
+            name.starts_with("dpt.layernorm.")
+                || name.starts_with("dpt.pooler.")
+                || name.ends_with("num_batches_tracked")
+        })?;
+        Ok(network)
+    }
+
+    fn build(
+        vp: &VarPath,
+        c: &DptConfig,
+        shapes: &ShapeMap,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let (d, p) = (c.hidden_size, c.patch_size);
+        let levels = c.neck_hidden_sizes.len();
+        let mut read: Vec<usize> = c.backbone_out_indices.iter().map(|&i| i as usize).collect();
+        read.sort_unstable();
+        read.dedup();
+        let valid = read.len() == levels
+            && c.reassemble_factors.len() == levels
+            && read.iter().all(|&i| (i as i64) < c.num_hidden_layers);
+        if !valid {
+            return Err(EngineError::InvalidRequest(format!(
+                "DPT config: backbone_out_indices {:?} do not fit {} layers and {levels} neck levels",
+                c.backbone_out_indices, c.num_hidden_layers
+            )));
+        }
+        let embeddings = vp.pp("dpt.embeddings");
+        let table = shapes
+            .get("dpt.embeddings.position_embeddings")
+            .cloned()
+            .unwrap_or_default();
+        let neck = vp.pp("neck");
+        let readouts = (0..levels)
+            .map(|i| match c.readout_type.as_str() {
+                "ignore" => Ok(Readout::Ignore),
+                "add" => Ok(Readout::Add),
+                "project" => Ok(Readout::Project(Linear::load(
+                    &neck.pp(format!("reassemble_stage.readout_projects.{i}.0")),
+                    2 * d,
+                    d,
+                    true,
+                )?)),
+                other => Err(EngineError::InvalidRequest(format!(
+                    "DPT config: unknown readout_type `{other}`"
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fused = c.fusion_hidden_size;
+        let head = vp.pp("head");
+        let head_projection = if shapes.contains_key("head.projection.weight") {
+            Some(Conv2d::load(&head.pp("projection"), fused, fused, 3, 1, 1)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            patches: Conv2d::load(&embeddings.pp("patch_embeddings.projection"), 3, d, p, p, 0)?,
+            class_token: embeddings.get("cls_token", &[1, 1, d])?,
+            positions: embeddings.get("position_embeddings", &table)?,
+            layers: (0..c.num_hidden_layers)
+                .map(|i| Layer::load(&vp.pp(format!("dpt.encoder.layer.{i}")), c))
+                .collect::<Result<_>>()?,
+            read,
+            heads: c.num_attention_heads,
+            readouts,
+            reassemble: Self::reassemble(&neck, c)?,
+            neck_convs: c
+                .neck_hidden_sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| neck.get(&format!("convs.{i}.weight"), &[fused, w, 3, 3]))
+                .collect::<Result<_>>()?,
+            fusion: (0..levels)
+                .map(|i| {
+                    let layer = neck.pp(format!("fusion_stage.layers.{i}"));
+                    let norms = c.use_batch_norm_in_fusion_residual;
+                    Ok(Fusion {
+                        projection: Conv2d::load(&layer.pp("projection"), fused, fused, 1, 1, 0)?,
+                        residual1: Residual::load(&layer.pp("residual_layer1"), shapes, norms)?,
+                        residual2: Residual::load(&layer.pp("residual_layer2"), shapes, norms)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            head: vec![
+                Conv2d::load(&head.pp("head.0"), fused, fused / 2, 3, 1, 1)?,
+                Conv2d::load(&head.pp("head.2"), fused / 2, 32, 3, 1, 1)?,
+                Conv2d::load(&head.pp("head.4"), 32, 1, 1, 1, 0)?,
+            ],
+            head_projection,
+            head_in: usize::try_from(c.head_in_index.rem_euclid(levels as i64)).unwrap_or(0),
+            patch_size: p,
+            device,
+            kind,
+        })
+    }
+
+    fn reassemble(neck: &VarPath, c: &DptConfig) -> Result<Vec<(Conv2d, Resize)>> {
+        c.neck_hidden_sizes
+            .iter()
+            .zip(&c.reassemble_factors)
+            .enumerate()
+            .map(|(i, (&width, &factor))| {
+                let layer = neck.pp(format!("reassemble_stage.layers.{i}"));
+                let projection =
+                    Conv2d::load(&layer.pp("projection"), c.hidden_size, width, 1, 1, 0)?;
+                let r = layer.pp("resize");
+                let resize = if factor > 1.0 {
+                    let f = factor as i64;
+                    Resize::Up(
+                        r.get("weight", &[width, width, f, f])?,
+                        r.get("bias", &[width])?,
+                        f,
+                    )
+                } else if factor == 1.0 {
+                    Resize::Same
+                } else {
+                    Resize::Down(Conv2d::load(&r, width, width, 3, (1.0 / factor) as i64, 1)?)
+                };
+                Ok((projection, resize))
+            })
+            .collect()
+    }
+
+    /// The patch size: input sides must be multiples of it.
+    pub fn patch_size(&self) -> i64 {
+        self.patch_size
+    }
+
+    /// The tokens [N, 1 + rows × columns, D] of pixels, with the position table's grid
+    /// resized to the input's (bilinear, corners not aligned).
+    fn embed(&self, pixels: &Tensor) -> (Tensor, (i64, i64)) {
+        let patches = self.patches.forward(pixels);
+        let (n, d, rows, columns) = {
+            let s = patches.size();
+            (s[0], s[1], s[2], s[3])
+        };
+        let tokens = patches.flatten(2, 3).transpose(1, 2);
+        let table = self.positions.size()[1] - 1;
+        let side = (table as f64).sqrt() as i64;
+        let grid = self
+            .positions
+            .narrow(1, 1, table)
+            .reshape([1, side, side, d])
+            .permute([0, 3, 1, 2])
+            .upsample_bilinear2d([rows, columns], false, None, None)
+            .permute([0, 2, 3, 1])
+            .reshape([1, rows * columns, d]);
+        let positions = Tensor::cat(&[self.positions.narrow(1, 0, 1), grid], 1);
+        let class = self.class_token.expand([n, 1, d], false);
+        (
+            Tensor::cat(&[class, tokens], 1) + positions,
+            (rows, columns),
+        )
+    }
+
+    /// The predicted depth [N, H, W] (float32) of normalised pixels [N, 3, H, W] with
+    /// square sides that are multiples of the patch size.
+    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        let _no_grad = tch::no_grad_guard();
+        let pixels = pixels.to_device(self.device).to_kind(self.kind);
+        let (mut x, (rows, columns)) = self.embed(&pixels);
+        let mut kept = Vec::with_capacity(self.read.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            if kept.len() == self.read.len() {
+                break;
+            }
+            x = layer.forward(&x, self.heads);
+            if self.read.contains(&i) {
+                kept.push(x.shallow_clone());
+            }
+        }
+        let features: Vec<Tensor> = kept
+            .iter()
+            .zip(&self.readouts)
+            .zip(&self.reassemble)
+            .zip(&self.neck_convs)
+            .map(|(((t, readout), (projection, resize)), conv)| {
+                let grid = read_out(t, readout, rows, columns);
+                let x = projection.forward(&grid);
+                let x = match resize {
+                    Resize::Up(w, b, f) => {
+                        x.conv_transpose2d(w, Some(b), [*f, *f], [0, 0], [0, 0], 1, [1, 1])
+                    }
+                    Resize::Same => x,
+                    Resize::Down(conv) => conv.forward(&x),
+                };
+                x.conv2d::<&Tensor>(conv, None, [1, 1], [1, 1], [1, 1], 1)
+            })
+            .collect();
+        let fused = self.fuse(features);
+        let mut x = fused[self.head_in].shallow_clone();
+        if let Some(projection) = &self.head_projection {
+            x = projection.forward(&x).relu();
+        }
+        let x = double(&self.head[0].forward(&x));
+        let x = self.head[1].forward(&x).relu();
+        self.head[2]
+            .forward(&x)
+            .relu()
+            .squeeze_dim(1)
+            .to_kind(Kind::Float)
+    }
+
+    /// The fusion stage: from the coarsest level up, each level (resized to the fused
+    /// map when their sizes differ) through a residual unit into it, then doubled.
+    fn fuse(&self, features: Vec<Tensor>) -> Vec<Tensor> {
+        let mut fused: Vec<Tensor> = Vec::with_capacity(features.len());
+        for (hidden, layer) in features.iter().rev().zip(&self.fusion) {
+            let x = match fused.last() {
+                None => hidden.shallow_clone(),
+                Some(previous) => {
+                    let residual = if previous.size() != hidden.size() {
+                        let s = previous.size();
+                        hidden.upsample_bilinear2d([s[2], s[3]], false, None, None)
+                    } else {
+                        hidden.shallow_clone()
+                    };
+                    previous + layer.residual1.forward(&residual)
+                }
+            };
+            let x = double(&layer.residual2.forward(&x));
+            fused.push(layer.projection.forward(&x));
+        }
+        fused
+    }
+}
+
+/// A layer's patch tokens as a [N, D, rows, columns] map, the class token ignored, added
+/// or projected in.
+fn read_out(tokens: &Tensor, readout: &Readout, rows: i64, columns: i64) -> Tensor {
+    let s = tokens.size();
+    let (n, d) = (s[0], s[2]);
+    let class = tokens.narrow(1, 0, 1);
+    let patches = tokens.narrow(1, 1, rows * columns);
+    let patches = match readout {
+        Readout::Ignore => patches,
+        Readout::Add => patches + &class,
+        Readout::Project(linear) => {
+            let expanded = class.expand([n, rows * columns, d], false);
+            linear
+                .forward(&Tensor::cat(&[&patches, &expanded], 2))
+                .gelu("none")
+        }
+    };
+    patches
+        .reshape([n, rows, columns, d])
+        .permute([0, 3, 1, 2])
+        .contiguous()
+}
