@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::preprocess::dinov2::{current_names, Backbone, BackboneConfig};
+use crate::engine::preprocess::reassemble::{resized_like, ReassembleLevel};
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
 /// DepthAnythingConfig's values, with its defaults.
@@ -71,13 +72,6 @@ impl DepthAnythingConfig {
     }
 }
 
-/// How a reassembled level reaches its resolution.
-enum Resize {
-    Up(Tensor, Tensor, i64),
-    Same,
-    Down(Conv2d),
-}
-
 /// A pre-activation residual unit.
 struct Residual {
     conv1: Conv2d,
@@ -110,8 +104,7 @@ struct Fusion {
 /// Depth Anything: backbone, neck and head.
 pub struct DepthAnything {
     backbone: Backbone,
-    reassemble: Vec<(Conv2d, Resize)>,
-    neck_convs: Vec<Tensor>,
+    levels: Vec<ReassembleLevel>,
     fusion: Vec<Fusion>,
     head: [Conv2d; 3],
     head_in: usize,
@@ -154,47 +147,16 @@ impl DepthAnything {
     ) -> Result<Self> {
         let levels = c.neck_hidden_sizes.len();
         let fused = c.fusion_hidden_size;
-        let mut reassemble = Vec::with_capacity(levels);
-        let mut neck_convs = Vec::with_capacity(levels);
-        for (i, (&width, &factor)) in c
+        let neck = vp.pp("neck");
+        let levels_loaded = c
             .neck_hidden_sizes
             .iter()
             .zip(&c.reassemble_factors)
             .enumerate()
-        {
-            let layer = vp.pp(format!("neck.reassemble_stage.layers.{i}"));
-            let projection = Conv2d::load(
-                &layer.pp("projection"),
-                c.reassemble_hidden_size,
-                width,
-                1,
-                1,
-                0,
-            )?;
-            let resize = if factor > 1.0 {
-                let f = factor as i64;
-                let r = layer.pp("resize");
-                Resize::Up(
-                    r.get("weight", &[width, width, f, f])?,
-                    r.get("bias", &[width])?,
-                    f,
-                )
-            } else if factor == 1.0 {
-                Resize::Same
-            } else {
-                let stride = (1.0 / factor) as i64;
-                Resize::Down(Conv2d::load(
-                    &layer.pp("resize"),
-                    width,
-                    width,
-                    3,
-                    stride,
-                    1,
-                )?)
-            };
-            reassemble.push((projection, resize));
-            neck_convs.push(vp.get(&format!("neck.convs.{i}.weight"), &[fused, width, 3, 3])?);
-        }
+            .map(|(i, (&width, &factor))| {
+                ReassembleLevel::load(&neck, i, (c.reassemble_hidden_size, width, fused), factor)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let fusion = (0..levels)
             .map(|i| {
                 let layer = vp.pp(format!("neck.fusion_stage.layers.{i}"));
@@ -223,8 +185,7 @@ impl DepthAnything {
                 c.out_indices()?,
                 positions,
             )?,
-            reassemble,
-            neck_convs,
+            levels: levels_loaded,
             fusion,
             head: [
                 Conv2d::load(&head.pp("conv1"), fused, fused / 2, 3, 1, 1)?,
@@ -252,23 +213,14 @@ impl DepthAnything {
         let (tokens, (rows, columns)) = self.backbone.forward(&pixels);
         let features: Vec<Tensor> = tokens
             .iter()
-            .zip(&self.reassemble)
-            .zip(&self.neck_convs)
-            .map(|((t, (projection, resize)), conv)| {
+            .zip(&self.levels)
+            .map(|(t, level)| {
                 let (n, d) = (t.size()[0], t.size()[2]);
                 let grid = t
                     .narrow(1, 1, rows * columns)
                     .reshape([n, rows, columns, d])
                     .permute([0, 3, 1, 2]);
-                let x = projection.forward(&grid.contiguous());
-                let x = match resize {
-                    Resize::Up(w, b, f) => {
-                        x.conv_transpose2d(w, Some(b), [*f, *f], [0, 0], [0, 0], 1, [1, 1])
-                    }
-                    Resize::Same => x,
-                    Resize::Down(conv) => conv.forward(&x),
-                };
-                x.conv2d::<&Tensor>(conv, None, [1, 1], [1, 1], [1, 1], 1)
+                level.forward(&grid.contiguous())
             })
             .collect();
         let fused = self.fuse(features);
@@ -292,13 +244,7 @@ impl DepthAnything {
             let mut x = match fused.last() {
                 None => hidden.shallow_clone(),
                 Some(previous) => {
-                    let residual = if previous.size() != hidden.size() {
-                        let s = previous.size();
-                        hidden.upsample_bilinear2d([s[2], s[3]], false, None, None)
-                    } else {
-                        hidden.shallow_clone()
-                    };
-                    previous + layer.residual1.forward(&residual)
+                    previous + layer.residual1.forward(&resized_like(hidden, previous))
                 }
             };
             x = layer.residual2.forward(&x);

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{multi_head_attention, Conv2d, LayerNorm, Linear};
 use crate::engine::preprocess::efficientnet::{FoldedConv, ShapeMap};
+use crate::engine::preprocess::reassemble::{resized_like, ReassembleLevel};
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
 /// DPTConfig's values, with its defaults.
@@ -115,13 +116,6 @@ impl Layer {
     }
 }
 
-/// How a reassembled level reaches its resolution.
-enum Resize {
-    Up(Tensor, Tensor, i64),
-    Same,
-    Down(Conv2d),
-}
-
 /// A pre-activation residual unit, batch norms (if any) folded into its convolutions.
 struct Residual {
     conv1: FoldedOrPlain,
@@ -203,8 +197,7 @@ pub struct Dpt {
     read: Vec<usize>,
     heads: i64,
     readouts: Vec<Readout>,
-    reassemble: Vec<(Conv2d, Resize)>,
-    neck_convs: Vec<Tensor>,
+    levels: Vec<ReassembleLevel>,
     fusion: Vec<Fusion>,
     head: Vec<Conv2d>,
     head_projection: Option<Conv2d>,
@@ -307,12 +300,14 @@ impl Dpt {
             read,
             heads: c.num_attention_heads,
             readouts,
-            reassemble: Self::reassemble(&neck, c)?,
-            neck_convs: c
+            levels: c
                 .neck_hidden_sizes
                 .iter()
+                .zip(&c.reassemble_factors)
                 .enumerate()
-                .map(|(i, &w)| neck.get(&format!("convs.{i}.weight"), &[fused, w, 3, 3]))
+                .map(|(i, (&width, &factor))| {
+                    ReassembleLevel::load(&neck, i, (d, width, fused), factor)
+                })
                 .collect::<Result<_>>()?,
             fusion: (0..levels)
                 .map(|i| {
@@ -336,33 +331,6 @@ impl Dpt {
             device,
             kind,
         })
-    }
-
-    fn reassemble(neck: &VarPath, c: &DptConfig) -> Result<Vec<(Conv2d, Resize)>> {
-        c.neck_hidden_sizes
-            .iter()
-            .zip(&c.reassemble_factors)
-            .enumerate()
-            .map(|(i, (&width, &factor))| {
-                let layer = neck.pp(format!("reassemble_stage.layers.{i}"));
-                let projection =
-                    Conv2d::load(&layer.pp("projection"), c.hidden_size, width, 1, 1, 0)?;
-                let r = layer.pp("resize");
-                let resize = if factor > 1.0 {
-                    let f = factor as i64;
-                    Resize::Up(
-                        r.get("weight", &[width, width, f, f])?,
-                        r.get("bias", &[width])?,
-                        f,
-                    )
-                } else if factor == 1.0 {
-                    Resize::Same
-                } else {
-                    Resize::Down(Conv2d::load(&r, width, width, 3, (1.0 / factor) as i64, 1)?)
-                };
-                Ok((projection, resize))
-            })
-            .collect()
     }
 
     /// The patch size: input sides must be multiples of it.
@@ -416,20 +384,8 @@ impl Dpt {
         let features: Vec<Tensor> = kept
             .iter()
             .zip(&self.readouts)
-            .zip(&self.reassemble)
-            .zip(&self.neck_convs)
-            .map(|(((t, readout), (projection, resize)), conv)| {
-                let grid = read_out(t, readout, rows, columns);
-                let x = projection.forward(&grid);
-                let x = match resize {
-                    Resize::Up(w, b, f) => {
-                        x.conv_transpose2d(w, Some(b), [*f, *f], [0, 0], [0, 0], 1, [1, 1])
-                    }
-                    Resize::Same => x,
-                    Resize::Down(conv) => conv.forward(&x),
-                };
-                x.conv2d::<&Tensor>(conv, None, [1, 1], [1, 1], [1, 1], 1)
-            })
+            .zip(&self.levels)
+            .map(|((t, readout), level)| level.forward(&read_out(t, readout, rows, columns)))
             .collect();
         let fused = self.fuse(features);
         let mut x = fused[self.head_in].shallow_clone();
@@ -453,13 +409,7 @@ impl Dpt {
             let x = match fused.last() {
                 None => hidden.shallow_clone(),
                 Some(previous) => {
-                    let residual = if previous.size() != hidden.size() {
-                        let s = previous.size();
-                        hidden.upsample_bilinear2d([s[2], s[3]], false, None, None)
-                    } else {
-                        hidden.shallow_clone()
-                    };
-                    previous + layer.residual1.forward(&residual)
+                    previous + layer.residual1.forward(&resized_like(hidden, previous))
                 }
             };
             let x = double(&layer.residual2.forward(&x));

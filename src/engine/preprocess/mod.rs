@@ -21,6 +21,7 @@ pub mod pose;
 pub mod pose_decode;
 pub mod pose_draw;
 pub mod processor;
+pub mod reassemble;
 pub mod scribble;
 pub mod segment;
 pub mod upernet;

@@ -13,7 +13,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::preprocess::openpose::BodyPose;
-use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, PARTS};
+use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, LIMBS, PARTS};
 use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
 
 /// The network's input box (pixels of the image's height) and the one scale searched.
@@ -23,26 +23,9 @@ const SCALE: f64 = 0.5;
 const STRIDE: usize = 8;
 const PAD_VALUE: u8 = 128;
 
-/// The limbs `draw_bodypose` draws (1-based parts) and the colours of limbs and joints.
-const DRAWN_LIMBS: [[usize; 2]; 17] = [
-    [2, 3],
-    [2, 6],
-    [3, 4],
-    [4, 5],
-    [6, 7],
-    [7, 8],
-    [2, 9],
-    [9, 10],
-    [10, 11],
-    [2, 12],
-    [12, 13],
-    [13, 14],
-    [2, 1],
-    [1, 15],
-    [15, 17],
-    [1, 16],
-    [16, 18],
-];
+/// How many of the decoding's limbs `draw_bodypose` draws (not the ear-to-shoulder
+/// pairs), and the colours of limbs and joints.
+const DRAWN_LIMBS: usize = 17;
 const COLOURS: [[u8; 3]; PARTS] = [
     [255, 0, 0],
     [255, 85, 0],
@@ -229,7 +212,7 @@ pub fn draw_people(
                     .map(|c| (c.x / w * w, c.y / h * h))
             })
             .collect();
-        for ([a, b], colour) in DRAWN_LIMBS.iter().zip(COLOURS) {
+        for ([a, b], colour) in LIMBS.iter().take(DRAWN_LIMBS).zip(COLOURS) {
             if let (Some(p), Some(q)) = (keypoints[a - 1], keypoints[b - 1]) {
                 draw_limb(&mut canvas, p, q, colour);
             }

@@ -14,7 +14,7 @@ const HEATMAPS: usize = 19;
 const AFFINITIES: usize = 38;
 
 /// The limbs as pairs of parts (1-based, as the reference lists them).
-const LIMBS: [[usize; 2]; 19] = [
+pub const LIMBS: [[usize; 2]; 19] = [
     [2, 3],
     [2, 6],
     [3, 4],
