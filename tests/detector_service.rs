@@ -543,3 +543,38 @@ fn the_cli_runs_a_line_art_unit_with_the_named_detector() {
         &reference["lineart.images"].get(0),
     );
 }
+
+/// A detector's activations count against the memory budget with its weights: a budget
+/// that holds the line-art generator and a 64×64 map refuses the same image detected at
+/// 1024 (about 800 MB of full-resolution features) before running it, and serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detector_activations_count_against_the_memory_budget() {
+    let detectors = detector_root();
+    let weights = std::fs::metadata(detectors.path().join("sk_model.safetensors"))
+        .expect("detector")
+        .len();
+    let budget = (weights + 32_000_000).to_string();
+    let server = TestServer::start(&[
+        (
+            "SDXLD__MODELS__PREPROCESSOR_ROOTS",
+            detectors.path().to_str().expect("utf-8"),
+        ),
+        ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget),
+    ])
+    .await;
+    preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+        .await
+        .expect("a 64x64 map fits");
+    let mut large = request(pb::Preprocessor::Lineart, "");
+    if let Some(params) = large.preprocessor_params.as_mut() {
+        params.detect_resolution = 1024;
+    }
+    let Err(status) = preprocess(&server, large).await else {
+        panic!("a 1024x1024 detection ran within a budget that cannot hold it");
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(reason(&status).0, "MEMORY_BUDGET");
+    preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+        .await
+        .expect("the server serves on");
+}

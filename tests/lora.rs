@@ -457,7 +457,7 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
             Arc::new(Mutex::new(HashSet::new())),
         )
         .with_lora_mode(mode)
-        .make_room(&models, &params, copies)
+        .make_room(&models, &params, 0, copies)
     };
     let roomy = weights + activations + copies;
     let tight = weights + activations + copies / 2;

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use crate::engine::cache::{activation_estimate, CacheStats, ModelCache, ModelPath};
+use crate::engine::cache::{
+    activation_estimate, detector_activation_estimate, CacheStats, ModelCache, ModelPath,
+};
 use crate::engine::codec::VaeCodec;
 use crate::engine::device::{self, Placement};
 use crate::engine::error::EngineError;
@@ -16,7 +18,9 @@ use crate::engine::loading::lora::LoraWeights;
 use crate::engine::lora::LoraMode;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
+use crate::engine::preprocess::detector::network_of;
 use crate::engine::preprocess::detector::Detector;
+use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::upscale::Upscaler;
 
@@ -106,17 +110,37 @@ impl Engine {
         }
     }
 
+    /// The bytes running `detector` for `preprocessing` on a `width`×`height` image
+    /// takes beyond its weights (by the network its file holds).
+    pub fn detector_activations(
+        &self,
+        detector: &ModelEntry,
+        preprocessing: Preprocessing,
+        (width, height): (u32, u32),
+    ) -> u64 {
+        let element = self.placement().kind.elt_size_in_bytes() as u64;
+        let network = network_of(&detector.path)
+            .ok()
+            .or(preprocessing.preprocessor.network());
+        network.map_or(0, |n| {
+            detector_activation_estimate(n, preprocessing.detection_pixels(width, height), element)
+        })
+    }
+
     /// Makes room for a job using `models` and `params`, evicting what it does not use,
     /// and says how its LoRA adapters are applied: merging them takes `lora_copies` more
     /// bytes while the job runs, which the auto mode spends only if the budget has them.
+    /// Its detectors run before the denoising, so `detector_activations` (their largest
+    /// need) counts where it exceeds the generation's.
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
         params: &GenerateParams,
+        detector_activations: u64,
         lora_copies: u64,
     ) -> Result<LoraMode, EngineError> {
         let element = self.placement().kind.elt_size_in_bytes() as u64;
-        let activations = models
+        let generation = models
             .iter()
             .find_map(|m| match m {
                 ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
@@ -127,6 +151,7 @@ impl Engine {
                 | ModelPath::Detector(_) => None,
             })
             .unwrap_or(0);
+        let activations = generation.max(detector_activations);
         let result = match self.lora_mode {
             LoraMode::Forward => self
                 .cache

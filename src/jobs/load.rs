@@ -49,7 +49,19 @@ impl JobRun<'_> {
         let element = engine.placement().kind.elt_size_in_bytes() as u64;
         let lora_copies = lora::merged_bytes(&lora_files, element)?;
         let paths: Vec<_> = spec.models().map(model_path).collect();
-        let lora_mode = engine.make_room(&paths, &spec.largest_pass(), lora_copies)?;
+        let detectors = spec
+            .controlnets
+            .iter()
+            .flat_map(|unit| &unit.inputs)
+            .filter_map(|input| {
+                let image = &input.image.0;
+                let size = (image.width(), image.height());
+                let detector = input.detector.as_ref()?;
+                Some(engine.detector_activations(detector, input.preprocessing, size))
+            })
+            .max()
+            .unwrap_or(0);
+        let lora_mode = engine.make_room(&paths, &spec.largest_pass(), detectors, lora_copies)?;
         let mut base = engine.pipeline(&spec.model)?;
         let mut refined = match &spec.refiner {
             Some(job) => Some(engine.pipeline(&job.model)?),

@@ -25,7 +25,18 @@ pub fn run_preprocess(
     let mut clock = StageClock::starting_at(Stage::Queued, admitted_at);
     stop_check(sink)?;
     clock.enter(Stage::LoadingModels, metrics);
-    let detector = load(engine, sink, &spec.detector, Engine::detector)?;
+    let image = &spec.image.0;
+    let activations = engine.detector_activations(
+        &spec.detector,
+        spec.preprocessing,
+        (image.width(), image.height()),
+    );
+    let detector = load(
+        engine,
+        sink,
+        (&spec.detector, activations),
+        Engine::detector,
+    )?;
     metrics.set_cache(engine.stats());
     stop_check(sink)?;
     clock.enter(Stage::Preprocessing, metrics);

@@ -18,12 +18,12 @@ pub(crate) fn stop_check(sink: &mut dyn JobSink) -> Result<(), JobError> {
     sink.stopped().map_or(Ok(()), |r| Err(JobError::Stopped(r)))
 }
 
-/// The job's model in the cache, room made for it within the budget, through `get`
-/// (the engine's accessor for the model's kind).
+/// The job's model in the cache, room made for it and `activations` bytes within the
+/// budget, through `get` (the engine's accessor for the model's kind).
 pub(crate) fn load<T>(
     engine: &mut Engine,
     sink: &mut dyn JobSink,
-    model: &ModelEntry,
+    (model, activations): (&ModelEntry, u64),
     get: fn(&mut Engine, &ModelEntry) -> Result<Rc<T>, EngineError>,
 ) -> Result<Rc<T>, JobError> {
     let _span =
@@ -32,7 +32,7 @@ pub(crate) fn load<T>(
     if !engine.is_resident(model) {
         sink.progress(progress(Stage::LoadingModels, 0, 0));
     }
-    engine.make_room(&[model_path(model)], &Default::default(), 0)?;
+    engine.make_room(&[model_path(model)], &Default::default(), activations, 0)?;
     Ok(get(engine, model)?)
 }
 

@@ -27,7 +27,8 @@ pub fn run_upscale(
     let mut clock = StageClock::starting_at(Stage::Queued, admitted_at);
     stop_check(sink)?;
     clock.enter(Stage::LoadingModels, metrics);
-    let upscaler = load(engine, sink, &spec.step.model, Engine::upscaler)?;
+    // The upscaler's tiles are sized to the budget as it runs.
+    let upscaler = load(engine, sink, (&spec.step.model, 0), Engine::upscaler)?;
     metrics.set_cache(engine.stats());
     stop_check(sink)?;
     clock.enter(Stage::PostProcessing, metrics);

@@ -33,7 +33,7 @@ mod sizes;
 
 pub use paths::ModelPath;
 use paths::{controlnet_files, detector_files, upscaler_files};
-pub use sizes::activation_estimate;
+pub use sizes::{activation_estimate, detector_activation_estimate};
 
 /// A loaded component, known by its content.
 struct Live {

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use crate::engine::files::read_json;
 use crate::engine::pipeline::GenerateParams;
+use crate::engine::preprocess::detector::DetectorNetwork;
 
 /// Channels of the first UNet and VAE levels of a model (SDXL's when unreadable).
 fn first_channels(path: &Path) -> (u64, u64) {
@@ -44,4 +45,33 @@ pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64)
     let unet = 8 * batch * latent_pixels * unet_channels * 4 * element_bytes;
     let vae = 4 * pixels * vae_channels * element_bytes;
     unet + vae
+}
+
+/// A rough estimate of the bytes a detector needs beyond its weights on an image of
+/// `pixels` (at the detection size): the elements alive at its peak, a fixed part where
+/// the network runs at its processor's size and a part per image pixel (a few tensors of
+/// its widest full-resolution level, or the maps it brings back to the image).
+pub fn detector_activation_estimate(
+    network: DetectorNetwork,
+    pixels: u64,
+    element_bytes: u64,
+) -> u64 {
+    let (fixed, per_pixel): (u64, u64) = match network {
+        // Three 64-channel tensors at full resolution.
+        DetectorNetwork::Lineart | DetectorNetwork::Hed => (0, 192),
+        // 128 channels at half resolution, three alive.
+        DetectorNetwork::LineartAnime => (0, 96),
+        // The 57 heatmaps and fields at the image's size, in float and double precision.
+        DetectorNetwork::OpenPose => (0, 57 * 3),
+        // The full-resolution refinement: 132 channels in, 128 wide, a few alive.
+        DetectorNetwork::NormalBae => (0, 600),
+        // The head at the 518² input (64 channels, three alive); the depth resized back.
+        DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
+        // The head at the 384² input (128 channels, three alive); the depth resized back.
+        DetectorNetwork::Dpt => (384 * 384 * 384, 3),
+        // 512-channel features at a quarter of 512², six alive; 150 class logits resized
+        // to the image, twice.
+        DetectorNetwork::UperNet => (128 * 128 * 512 * 6, 300),
+    };
+    (fixed + per_pixel * pixels) * element_bytes
 }

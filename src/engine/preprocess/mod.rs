@@ -58,6 +58,19 @@ impl Preprocessing {
     }
 }
 
+impl Preprocessing {
+    /// The pixels the detector sees in a `width`×`height` image.
+    pub fn detection_pixels(self, width: u32, height: u32) -> u64 {
+        match self.detect_resolution {
+            Some(resolution) => {
+                let (w, h) = detection_size(width, height, resolution);
+                w * h
+            }
+            None => u64::from(width) * u64::from(height),
+        }
+    }
+}
+
 /// The size controlnet_aux's `resize_image` gives a `width`×`height` image for
 /// `resolution`: the short side scaled to it, each side rounded (half to even) to a
 /// multiple of 64.
