@@ -546,7 +546,9 @@ fn the_cli_runs_a_line_art_unit_with_the_named_detector() {
 
 /// A detector's activations count against the memory budget with its weights: a budget
 /// that holds the line-art generator and a 64×64 map refuses the same image detected at
-/// 1024 (about 800 MB of full-resolution features) before running it, and serves on.
+/// 1024 (about 800 MB of full-resolution features), and OpenPose on a strip that its
+/// network would see 184 pixels high and 5888 wide, before running them, and serves on;
+/// a strip its network would see larger than any image may be is INVALID_ARGUMENT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detector_activations_count_against_the_memory_budget() {
     let detectors = detector_root();
@@ -574,6 +576,33 @@ async fn detector_activations_count_against_the_memory_budget() {
     };
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(reason(&status).0, "MEMORY_BUDGET");
+    // OpenPose scales an image to a height of 184 for its network: a 512×16 strip makes
+    // a 5888×184 input, over this budget; a 4096×8 one a 94208×184 input, more pixels
+    // than any image may have, which validation refuses.
+    let strip = |width: u32, height: u32| {
+        let mut png = Vec::new();
+        image::DynamicImage::new_rgb8(width, height)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        let mut pose = request(pb::Preprocessor::Openpose, "");
+        pose.image = png;
+        if let Some(params) = pose.preprocessor_params.as_mut() {
+            params.detect_resolution = 0;
+        }
+        pose
+    };
+    let Err(status) = preprocess(&server, strip(512, 16)).await else {
+        panic!("a 5888x184 pose network input ran within the budget");
+    };
+    assert_eq!(reason(&status).0, "MEMORY_BUDGET", "{status:?}");
+    let Err(status) = preprocess(&server, strip(4096, 8)).await else {
+        panic!("a 94208x184 pose network input was admitted");
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
     preprocess(&server, request(pb::Preprocessor::Lineart, ""))
         .await
         .expect("the server serves on");

@@ -123,7 +123,7 @@ impl Engine {
             .ok()
             .or(preprocessing.preprocessor.network());
         network.map_or(0, |n| {
-            detector_activation_estimate(n, preprocessing.detection_pixels(width, height), element)
+            detector_activation_estimate(n, preprocessing.detected_size(width, height), element)
         })
     }
 

@@ -88,6 +88,7 @@ pub fn preprocessor(
     }
     let detectors = subject.detectors;
     let image_size = subject.image.map(|i| (i.width(), i.height()));
+    let max_pixels = subject.max_pixels;
     let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
     let kind = kind?;
     let Some(preprocessor) = domain(kind, (low, high)) else {
@@ -102,6 +103,11 @@ pub fn preprocessor(
     };
     if preprocessor == Preprocessor::Normal && detect_resolution == Some(None) {
         normal_sides(&p, image_size, v);
+    }
+    if let (Preprocessor::OpenPose, Some(resolution), Some(size)) =
+        (preprocessor, detect_resolution, image_size)
+    {
+        pose_input(&p, size, resolution, max_pixels, v);
     }
     let model_field = format!("{p}.model");
     let detector = match preprocessor.network() {
@@ -127,6 +133,26 @@ pub fn preprocessor(
         },
         detector,
     })
+}
+
+/// OpenPose's network input (the detected image scaled to a height of 184) within the
+/// pixels an image may have: a long strip would make a far larger one.
+fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v: &mut Violations) {
+    let preprocessing = Preprocessing {
+        preprocessor: Preprocessor::OpenPose,
+        detect_resolution: resolution,
+    };
+    let (dw, dh) = preprocessing.detected_size(w, h);
+    let clamp = |side: u64| u32::try_from(side).unwrap_or(u32::MAX);
+    let (nw, nh) = crate::engine::preprocess::pose::network_size(clamp(dw), clamp(dh));
+    if (nw as u64).saturating_mul(nh as u64) > max {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!(
+                "the pose network would see the {dw}x{dh} image as {nw}x{nh}, more than {max} pixels: crop the image nearer to square"
+            ),
+        );
+    }
 }
 
 /// The normal network's sides (multiples of 8) for an image detected at its own size;

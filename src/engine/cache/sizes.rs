@@ -47,22 +47,26 @@ pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64)
     unet + vae
 }
 
-/// A rough estimate of the bytes a detector needs beyond its weights on an image of
-/// `pixels` (at the detection size): the elements alive at its peak, a fixed part where
-/// the network runs at its processor's size and a part per image pixel (a few tensors of
-/// its widest full-resolution level, or the maps it brings back to the image).
+/// A rough estimate of the bytes a detector needs beyond its weights on a
+/// `width`×`height` image (at the detection size): the elements alive at its peak, a
+/// fixed part where the network runs at its processor's size and a part per image pixel
+/// (a few tensors of its widest full-resolution level, or the maps it brings back to the
+/// image).
 pub fn detector_activation_estimate(
     network: DetectorNetwork,
-    pixels: u64,
+    (width, height): (u64, u64),
     element_bytes: u64,
 ) -> u64 {
+    let pixels = width * height;
     let (fixed, per_pixel): (u64, u64) = match network {
         // Three 64-channel tensors at full resolution.
         DetectorNetwork::Lineart | DetectorNetwork::Hed => (0, 192),
         // 128 channels at half resolution, three alive.
         DetectorNetwork::LineartAnime => (0, 96),
-        // The 57 heatmaps and fields at the image's size, in float and double precision.
-        DetectorNetwork::OpenPose => (0, 57 * 3),
+        // The network's 64-channel first level on the image scaled to a height of 184
+        // (three tensors alive), and the 57 heatmaps and fields at the image's size in
+        // float and double precision.
+        DetectorNetwork::OpenPose => (192 * 184 * 184 * width / height.max(1), 57 * 3),
         // The full-resolution refinement: 132 channels in, 128 wide, a few alive.
         DetectorNetwork::NormalBae => (0, 600),
         // The head at the 518² input (64 channels, three alive); the depth resized back.

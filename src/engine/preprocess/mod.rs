@@ -59,14 +59,11 @@ impl Preprocessing {
 }
 
 impl Preprocessing {
-    /// The pixels the detector sees in a `width`×`height` image.
-    pub fn detection_pixels(self, width: u32, height: u32) -> u64 {
+    /// The size (width, height) the detector sees a `width`×`height` image at.
+    pub fn detected_size(self, width: u32, height: u32) -> (u64, u64) {
         match self.detect_resolution {
-            Some(resolution) => {
-                let (w, h) = detection_size(width, height, resolution);
-                w * h
-            }
-            None => u64::from(width) * u64::from(height),
+            Some(resolution) => detection_size(width, height, resolution),
+            None => (u64::from(width), u64::from(height)),
         }
     }
 }

@@ -50,6 +50,16 @@ const COLOURS: [[u8; 3]; PARTS] = [
 const STICK_WIDTH: i32 = 4;
 const JOINT_RADIUS: i32 = 4;
 
+/// The size (width, height) of the network's input for a `width`×`height` image: the
+/// image scaled to a height of 184 (before its padding to multiples of 8).
+pub fn network_size(width: u32, height: u32) -> (usize, usize) {
+    let scale = SCALE * BOX_SIZE / f64::from(height.max(1));
+    (
+        (f64::from(width) * scale) as usize,
+        (f64::from(height) * scale) as usize,
+    )
+}
+
 /// The OpenPose body preprocessor.
 pub struct OpenPoseDetector {
     network: BodyPose,
@@ -96,11 +106,7 @@ fn shrinks(from: (usize, usize), to: (usize, usize)) -> bool {
 /// The network's input [1, 3, h, w] (BGR, value / 256 - 0.5) and the sizes it came from.
 pub fn network_input(image: &RgbImage) -> Result<(Tensor, PoseGeometry)> {
     let (width, height) = (image.width() as usize, image.height() as usize);
-    let scale = SCALE * BOX_SIZE / height as f64;
-    let scaled = (
-        (width as f64 * scale) as usize,
-        (height as f64 * scale) as usize,
-    );
+    let scaled = network_size(image.width(), image.height());
     if scaled.0 == 0 || scaled.1 == 0 {
         return Err(EngineError::InvalidRequest(format!(
             "a {width}x{height} image is too narrow for pose detection (it scales to {}x{})",
