@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{assert_close, detector_fixtures, read_tensors};
+use common::{assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::depth::DepthDetector;
 use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use tch::{Device, Kind};
@@ -38,14 +38,7 @@ fn depth_anything_equals_transformers() {
         let io = read_tensors(&detector_fixtures().join(format!("{family}/{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert!(cases >= 2, "{name}: several sizes");
-        for k in 0..cases {
-            let got = detector.network().forward(&io[&format!("input.{k}")]);
-            assert_close(
-                &format!("{name} input {k}"),
-                &got,
-                &io[&format!("output.{k}")],
-            );
-        }
+        assert_io_cases(name, &io, cases, |x| detector.network().forward(x));
     }
 }
 

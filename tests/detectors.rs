@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_close, detector_fixtures, read_tensors};
+use common::{assert_close, assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::error::EngineError;
 use sdxld::engine::preprocess::lineart::LineartGenerator;
 use tch::{Device, Kind};
@@ -26,14 +26,7 @@ fn the_lineart_generator_equals_controlnet_aux() {
         let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert_eq!(cases, 3, "{name}: three input sizes");
-        for k in 0..cases {
-            let got = network.forward(&io[&format!("input.{k}")]);
-            assert_close(
-                &format!("{name} input {k}"),
-                &got,
-                &io[&format!("output.{k}")],
-            );
-        }
+        assert_io_cases(name, &io, cases, |x| network.forward(x));
     }
 }
 
@@ -184,14 +177,7 @@ fn the_anime_lineart_unet_equals_controlnet_aux() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(network.depth(), levels, "{name}");
         let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
-        for k in 0..2 {
-            let got = network.forward(&io[&format!("input.{k}")]);
-            assert_close(
-                &format!("{name} input {k}"),
-                &got,
-                &io[&format!("output.{k}")],
-            );
-        }
+        assert_io_cases(name, &io, 2, |x| network.forward(x));
     }
     // The whole detector: at its network's size, and at sizes it resizes to 256 and back
     // with bicubic (64×64 as resize_image hands it, 50×34 as a unit without a detect

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{assert_close, detector_fixtures, read_tensors};
+use common::{assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::ade20k::ADE20K;
 use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use sdxld::engine::preprocess::segment::SegmentDetector;
@@ -27,14 +27,7 @@ fn upernet_equals_transformers() {
     for name in MODELS {
         let detector = load(name);
         let io = read_tensors(&detector_fixtures().join(format!("segment/{name}.io.safetensors")));
-        for k in 0..3 {
-            let got = detector.network().forward(&io[&format!("input.{k}")]);
-            assert_close(
-                &format!("{name} input {k}"),
-                &got,
-                &io[&format!("output.{k}")],
-            );
-        }
+        assert_io_cases(name, &io, 3, |x| detector.network().forward(x));
     }
 }
 

@@ -235,6 +235,24 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
     assert!(err < 1e-3, "{what}: relative error {err:e} exceeds 1e-3");
 }
 
+/// Asserts that `forward` turns each of the first `cases` inputs of `io` (`input.{k}`)
+/// into its `output.{k}` within [`assert_close`]'s tolerance.
+pub fn assert_io_cases(
+    what: &str,
+    io: &HashMap<String, Tensor>,
+    cases: usize,
+    forward: impl Fn(&Tensor) -> Tensor,
+) {
+    for k in 0..cases {
+        let got = forward(&io[&format!("input.{k}")]);
+        assert_close(
+            &format!("{what} input {k}"),
+            &got,
+            &io[&format!("output.{k}")],
+        );
+    }
+}
+
 /// Asserts 8-bit image parity (no channel off by more than 2).
 pub fn assert_images_match(what: &str, actual: &Tensor, expected: &Tensor) {
     assert_eq!(
