@@ -82,11 +82,11 @@ fn embed_clip_vocabulary() {
     std::fs::write(out_dir.join("clip_bpe_vocab.txt.gz"), bytes).expect("write the vocabulary");
 }
 
-/// Compiles the CUDA allocator shim (csrc/cuda_memory.cpp) against the headers of the
-/// torch wheel (libtorch's and the CUDA runtime's, both in the virtual environment).
-/// Without them the shim is left out and its Rust side reports no statistics.
+/// Compiles the CUDA shim (csrc/: the allocator's statistics, timing events) against the
+/// headers of the torch wheel (libtorch's and the CUDA runtime's, both in the virtual
+/// environment). Without them the shim is left out and its Rust side reports nothing.
 fn compile_cuda_shim(lib_dir: &std::path::Path) {
-    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     let Some(torch_dir) = lib_dir.parent() else {
         return;
     };
@@ -113,6 +113,7 @@ fn compile_cuda_shim(lib_dir: &std::path::Path) {
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_memory.cpp")
+        .file("csrc/cuda_events.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(cuda_include)

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Full-size SDXL on a GPU: writes the stabilityai SDXL base architecture with random
 weights (no download: the configs are below), then times diffusers (eager, SDPA) and
-`sdxld bench` on it: 1024x1024, 30 steps, CFG 5, batch 1, one dtype, median of N runs
-after a warm-up, both end to end from prompt to 8-bit image. Also prints diffusers'
-peak allocated GPU memory and each process's peak GPU memory as nvidia-smi sees it.
+`sdxld bench` on it, both end to end from prompt to 8-bit image, CFG 5, one dtype,
+median of N runs after a warm-up, for each size and batch asked (batch 1 runs --steps
+steps, larger batches --batch-steps, as throughput is quoted at 20). For each it prints
+the times, images per second, the allocators' peaks, and with --profile the stages of
+one more run of each side, timed by CUDA events (sdxld's from its shim, diffusers' from
+module hooks): text encoders, each UNet call by level and layer type, VAE decode,
+image encoding, side by side, written as folded stacks under --out for flame graphs.
 
   python3 bench/gpu_full.py --sdxld PATH --vocab DIR [--dtype bfloat16] [--runs 3]
+      [--sizes 1024,768] [--batches 1,4] [--profile] [--out DIR]
 """
 
 import argparse
@@ -108,19 +113,93 @@ class GpuMemoryWatch:
         self._thread.join()
 
 
-def time_diffusers(model: Path, args, dtype):
+class HookProfiler:
+    """Stages of diffusers' pipeline timed by CUDA events from module hooks, named as
+    sdxld's profile names them (paths joined by `;`), without syncs inside the loop."""
+
+    def __init__(self, pipe):
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        self.stack, self.spans, self.enabled = [], [], False
+        self.handles = []
+        unet = pipe.unet
+        named = [(unet, "unet"), (unet.time_embedding, "time_embedding"), (unet.mid_block, "mid"), (unet.conv_out, "conv_out")]
+        named += [(b, f"down{i}") for i, b in enumerate(unet.down_blocks)]
+        named += [(b, f"up{i}") for i, b in enumerate(unet.up_blocks)]
+        kinds = {ResnetBlock2D: "resnet", Downsample2D: "downsample", Upsample2D: "upsample", Transformer2DModel: "transformer"}
+        for model in (unet, pipe.vae):
+            for module in model.modules():
+                for kind, name in kinds.items():
+                    if isinstance(module, kind):
+                        named.append((module, name))
+                if isinstance(module, BasicTransformerBlock):
+                    named += [(module.attn1, "self_attention"), (module.attn2, "cross_attention"), (module.ff, "feed_forward")]
+        for module, name in named:
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self.push(name)))
+            self.handles.append(module.register_forward_hook(lambda m, a, o: self.pop()))
+        for obj, attr, name in [(pipe, "encode_prompt", "text_encoders"), (pipe.vae, "decode", "vae_decode"), (pipe.scheduler, "step", "scheduler")]:
+            original = getattr(obj, attr)
+
+            def wrapped(*args, _original=original, _name=name, **kwargs):
+                self.push(_name)
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.pop()
+
+            setattr(obj, attr, wrapped)
+
+    def push(self, name):
+        if self.enabled:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.stack.append((name, event))
+
+    def pop(self):
+        if self.enabled and self.stack:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            name, start = self.stack.pop()
+            self.spans.append((";".join([n for n, _ in self.stack] + [name]), start, end))
+
+    def stages(self):
+        """Per path: count, total_ms, self_ms (after a synchronize)."""
+        torch.cuda.synchronize()
+        stages = {}
+        for path, start, end in self.spans:
+            entry = stages.setdefault(path, {"count": 0, "total_ms": 0.0})
+            entry["count"] += 1
+            entry["total_ms"] += start.elapsed_time(end)
+        for path, entry in stages.items():
+            inner = sum(e["total_ms"] for p, e in stages.items() if p.startswith(path + ";") and ";" not in p[len(path) + 1:])
+            entry["self_ms"] = max(0.0, entry["total_ms"] - inner)
+        return stages
+
+
+def diffusers_pipe(model: Path, dtype):
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def time_diffusers(pipe, args, size, batch, steps, profile):
+    """Median seconds, runs, allocator peak, finite, images/s, and with `profile` the
+    stages of one more run (its PNG encoding included)."""
+    import io
 
     def once():
         return pipe(
-            prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=5.0, width=1024, height=1024,
-            generator=[torch.Generator("cpu").manual_seed(1)], output_type="np",
+            prompt=args.prompt, num_inference_steps=steps, guidance_scale=5.0, width=size, height=size,
+            num_images_per_prompt=batch, generator=[torch.Generator("cpu").manual_seed(1 + i) for i in range(batch)],
+            output_type="np",
         ).images
 
     once()
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.runs):
@@ -130,9 +209,81 @@ def time_diffusers(model: Path, args, dtype):
         times.append(time.perf_counter() - start)
     finite = bool(torch.from_numpy(images).isfinite().all())
     peak = torch.cuda.max_memory_allocated()
-    del pipe
-    torch.cuda.empty_cache()
-    return statistics.median(times), times, peak, finite
+    stages = None
+    if profile:
+        from PIL import Image
+
+        profile.spans, profile.stack, profile.enabled = [], [], True
+        images = once()
+        profile.push("image_encode")
+        for image in images:
+            Image.fromarray((image * 255).round().astype("uint8")).save(io.BytesIO(), format="PNG", compress_level=1)
+        profile.pop()
+        profile.enabled = False
+        stages = profile.stages()
+    median = statistics.median(times)
+    return dict(median_s=median, runs_s=times, peak=peak, finite=finite, images_per_s=batch / median, stages=stages)
+
+
+def time_sdxld(args, size, batch, steps, folded):
+    cmd = [args.sdxld, "bench", "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
+           "--prompt", args.prompt, "--steps", str(steps), "--guidance", "5", "--width", str(size),
+           "--height", str(size), "--seed", "1", "--runs", str(args.runs), "--threads", "0",
+           "--num-images", str(batch), "--batch", "together"]
+    if folded:
+        cmd += ["--profile", str(folded)]
+    with GpuMemoryWatch() as watch:
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        print("sdxld bench failed:", run.stderr[-2000:], flush=True)
+        return None
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result["smi_peak_gib"] = watch.peak / 1024
+    result["images_per_s"] = batch / result["median_s"]
+    return result
+
+
+def per_run(stages, name):
+    entry = (stages or {}).get(name)
+    return entry["total_ms"] if entry else None
+
+
+def print_stages(sdxld, diffusers, steps):
+    """Side by side: the outer stages, the UNet per step by level, and the UNet's time
+    per layer type (summed over levels), in ms; sdxld's paths lose `denoise_step;`."""
+    ours = {p.removeprefix("denoise_step;"): e for p, e in (sdxld or {}).items() if p != "denoise_step"}
+    theirs = diffusers or {}
+    unet_levels = sorted({p for p in set(ours) | set(theirs) if p.startswith("unet;") and p.count(";") == 1})
+    rows = [(name, 1) for name in ["text_encoders", "unet", "scheduler", "vae_decode", "image_encode"]]
+    rows += [(p, steps) for p in unet_levels]
+
+    def by_kind(stages):
+        totals = {}
+        for path, entry in stages.items():
+            parts = path.split(";")
+            if parts[0] == "unet" and len(parts) >= 3:
+                key = ";".join(parts[2:])
+                totals[key] = totals.get(key, 0.0) + entry["self_ms"]
+        return totals
+
+    print(f"{'stage':<42}{'sdxld ms':>12}{'diffusers ms':>14}{'ratio':>8}")
+    for name, per in rows:
+        a, b = per_run(ours, name), per_run(theirs, name)
+        fa = f"{a / per:12.2f}" if a is not None else f"{'-':>12}"
+        fb = f"{b / per:14.2f}" if b is not None else f"{'-':>14}"
+        ratio = f"{b / a:8.2f}" if a and b else f"{'':>8}"
+        print(f"{name + (' (per step)' if per > 1 else ''):<42}{fa}{fb}{ratio}", flush=True)
+    kinds_a, kinds_b = by_kind(ours), by_kind(theirs)
+    print("UNet time per step by layer type (own time, all levels):")
+    for key in sorted(set(kinds_a) | set(kinds_b), key=lambda k: -kinds_a.get(k, 0.0)):
+        a, b = kinds_a.get(key), kinds_b.get(key)
+        print(f"  {key:<40}{(a or 0) / steps:12.2f}{(b or 0) / steps:14.2f}{(b / a if a and b else 0):8.2f}", flush=True)
+
+
+def write_folded(stages, path):
+    with open(path, "w") as f:
+        for stage, entry in sorted(stages.items()):
+            f.write(f"{stage} {round(entry['self_ms'] * 1000)}\n")
 
 
 def main():
@@ -143,10 +294,16 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-steps", type=int, default=20)
+    parser.add_argument("--sizes", default="1024")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default="/tmp/gpu-full", type=Path)
     parser.add_argument("--prompt", default="a photograph of a lighthouse at dusk")
     parser.add_argument("--write-only", action="store_true", help="only write the model")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(0), f"torch {torch.__version__}", flush=True)
     if not (args.model / "model_index.json").exists():
         start = time.perf_counter()
@@ -155,28 +312,37 @@ def main():
     if args.write_only:
         return 0
 
-    cmd = [args.sdxld, "bench", "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
-           "--prompt", args.prompt, "--steps", str(args.steps), "--guidance", "5", "--width", "1024",
-           "--height", "1024", "--seed", "1", "--runs", str(args.runs), "--threads", "0"]
-    with GpuMemoryWatch() as sdxld_memory:
-        run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        print("sdxld bench failed:", run.stderr[-2000:], flush=True)
-        sdxld = None
-    else:
-        sdxld = json.loads(run.stdout.strip().splitlines()[-1])
-        allocator = sdxld.get("peak_device_memory_bytes")
-        allocator = f"{allocator / 2**30:.2f} GiB" if allocator else "n/a"
-        print(f"sdxld {args.dtype}: median {sdxld['median_s']:.3f} s, runs {[round(t, 3) for t in sdxld['runs_s']]}, "
-              f"allocator peak {allocator}, nvidia-smi peak {sdxld_memory.peak / 1024:.2f} GiB", flush=True)
-
-    with GpuMemoryWatch() as diffusers_memory:
-        median, times, peak, finite = time_diffusers(args.model, args, dtype)
-    print(f"diffusers {args.dtype} (eager, SDPA): median {median:.3f} s, runs {[round(t, 3) for t in times]}, "
-          f"max_memory_allocated {peak / 2**30:.2f} GiB, nvidia-smi peak {diffusers_memory.peak / 1024:.2f} GiB, finite={finite}", flush=True)
-    if sdxld:
-        print(f"ratio diffusers / sdxld = {median / sdxld['median_s']:.2f}x (target >= 1.6x); "
-              f"sdxld end to end {sdxld['median_s']:.3f} s (target <= 1.2 s on an H100)", flush=True)
+    configs = [(int(size), int(batch)) for size in args.sizes.split(",") for batch in args.batches.split(",")]
+    results = {}
+    for size, batch in configs:
+        steps = args.steps if batch == 1 else args.batch_steps
+        folded = args.out / f"sdxld-{size}-b{batch}.folded" if args.profile else None
+        results[(size, batch, "sdxld")] = time_sdxld(args, size, batch, steps, folded)
+    pipe = diffusers_pipe(args.model, dtype)
+    profiler = HookProfiler(pipe) if args.profile else None
+    for size, batch in configs:
+        steps = args.steps if batch == 1 else args.batch_steps
+        theirs = time_diffusers(pipe, args, size, batch, steps, profiler)
+        ours = results[(size, batch, "sdxld")]
+        label = f"{size}x{size} batch {batch}, {steps} steps, {args.dtype}"
+        print(f"== {label}", flush=True)
+        print(f"diffusers (eager, SDPA): median {theirs['median_s']:.3f} s, runs {[round(t, 3) for t in theirs['runs_s']]}, "
+              f"{theirs['images_per_s']:.2f} images/s, max_memory_allocated {theirs['peak'] / 2**30:.2f} GiB, finite={theirs['finite']}", flush=True)
+        if ours:
+            peak = ours.get("peak_device_memory_bytes")
+            print(f"sdxld: median {ours['median_s']:.3f} s, runs {[round(t, 3) for t in ours['runs_s']]}, "
+                  f"{ours['images_per_s']:.2f} images/s, allocator peak {peak / 2**30 if peak else float('nan'):.2f} GiB, "
+                  f"nvidia-smi peak {ours['smi_peak_gib']:.2f} GiB", flush=True)
+            print(f"ratio diffusers / sdxld = {theirs['median_s'] / ours['median_s']:.2f}x", flush=True)
+        if args.profile:
+            write_folded(theirs["stages"], args.out / f"diffusers-{size}-b{batch}.folded")
+            print_stages(ours.get("profile") if ours else None, theirs["stages"], steps)
+            for name, entry in sorted(((ours or {}).get("profile") or {}).items()):
+                if "peak_memory_bytes" in entry:
+                    print(f"  sdxld peak during {name}: {entry['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+    if (1024, 1, "sdxld") in results and results[(1024, 1, "sdxld")]:
+        print(f"targets: end to end <= 1.2 s at 1024x1024/{args.steps} steps/batch 1, >= 1.6x diffusers, allocator peak <= 8.5 GiB; "
+              f">= 1.7 images/s at 20 steps batched", flush=True)
     return 0
 
 

@@ -193,3 +193,83 @@ async fn the_cli_and_the_server_write_the_same_png_for_the_same_spec() {
         );
     }
 }
+
+#[test]
+fn bench_profiles_every_stage_once_per_run_of_it() {
+    // tiny2: a CrossAttnDownBlock2D of 2 attentions × 2 layers, a mid block of 2
+    // layers, a CrossAttnUpBlock2D of 3 attentions × 2 layers; guidance batches both
+    // halves into one UNet call per step.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folded = dir.path().join("profile.folded");
+    let steps = 3;
+    let out = sdxld("bench")
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .args([
+            "--prompt",
+            "a lighthouse",
+            "--steps",
+            "3",
+            "--guidance",
+            "5",
+        ])
+        .args(["--width", "64", "--height", "64", "--runs", "1"])
+        .flag("--profile", &folded)
+        .succeeds();
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert!(report["median_s"].as_f64().is_some_and(|s| s > 0.0));
+    let profile = report["profile"].as_object().expect("a profile");
+    let count = |path: &str| {
+        profile
+            .get(path)
+            .and_then(|s| s["count"].as_u64())
+            .unwrap_or_else(|| panic!("no stage {path} in {:?}", profile.keys()))
+    };
+    for (path, expected) in [
+        ("text_encoders", 1),
+        ("denoise_step", steps),
+        ("denoise_step;unet", steps),
+        ("denoise_step;scheduler", steps),
+        ("denoise_step;unet;down0;resnet", 2 * steps),
+        ("denoise_step;unet;down1;transformer", 2 * steps),
+        (
+            "denoise_step;unet;down1;transformer;self_attention",
+            4 * steps,
+        ),
+        (
+            "denoise_step;unet;mid;transformer;cross_attention",
+            2 * steps,
+        ),
+        ("denoise_step;unet;up0;transformer;feed_forward", 6 * steps),
+        ("denoise_step;unet;up0;upsample", steps),
+        ("vae_decode", 1),
+        ("image_encode", 1),
+    ] {
+        assert_eq!(count(path), expected, "{path}");
+    }
+    // A stage holds the stages inside it: their times add up to no more than its own.
+    for (path, stage) in profile {
+        let total = stage["total_ms"].as_f64().expect("total");
+        let inner: f64 = profile
+            .iter()
+            .filter(|(p, _)| {
+                p.strip_prefix(path.as_str())
+                    .is_some_and(|rest| rest.starts_with(';') && !rest[1..].contains(';'))
+            })
+            .map(|(_, s)| s["total_ms"].as_f64().expect("total"))
+            .sum();
+        assert!(
+            inner <= total * 1.0001 + 1e-3,
+            "{path}: {inner} ms inside {total} ms"
+        );
+        assert!(stage["self_ms"].as_f64().is_some_and(|s| s >= 0.0));
+    }
+    // The folded stacks name the same stages, with their own time in microseconds.
+    let written = std::fs::read_to_string(&folded).expect("the folded stacks");
+    let mut paths = Vec::new();
+    for line in written.lines() {
+        let (path, micros) = line.rsplit_once(' ').expect("`path micros`");
+        micros.parse::<u64>().expect("whole microseconds");
+        paths.push(path.to_string());
+    }
+    assert_eq!(paths, profile.keys().cloned().collect::<Vec<_>>());
+}

@@ -2,13 +2,16 @@
 //! decoded but not encoded, as diffusers' `output_type="np"`) and `sdxld bench-lora`
 //! (denoising steps with LoRA adapter sets applied in each mode).
 
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
 use sdxld::engine::device;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
+use sdxld::engine::profile;
 use sdxld::engine::request::GenerateParams;
+use sdxld::jobs::encode::encode;
 use sdxld::jobs::events::{FinishedImage, StepProgress};
 use sdxld::jobs::runner::{run_job, JobSink, RunOptions};
 use sdxld::jobs::StopReason;
@@ -83,6 +86,23 @@ impl JobSink for Discard {
     fn image(&mut self, _: FinishedImage) {}
 }
 
+/// A sink that encodes each image as the server would, and keeps nothing.
+struct EncodeAndDiscard;
+
+impl JobSink for EncodeAndDiscard {
+    fn stopped(&mut self) -> Option<StopReason> {
+        None
+    }
+
+    fn progress(&mut self, _: StepProgress) {}
+
+    fn image(&mut self, image: FinishedImage) {
+        if let Err(e) = encode(&image) {
+            eprintln!("encoding an image failed: {e}");
+        }
+    }
+}
+
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -96,8 +116,13 @@ pub(crate) fn seeded(args: &GenerateArgs) -> GenerateArgs {
     }
 }
 
-/// `sdxld bench`: the median time of `runs` jobs after a warm-up one.
-pub fn bench(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Result<()> {
+/// `sdxld bench`: the median time of `runs` jobs after a warm-up one, and with
+/// `profile`, the stages of one more run.
+pub fn bench(
+    args: &GenerateArgs,
+    timing: TimingArgs,
+    profile: Option<&Path>,
+) -> anyhow::Result<()> {
     if timing.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -127,15 +152,30 @@ pub fn bench(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Result<()> {
         times.push(start.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    println!(
-        "{}",
-        serde_json::json!({
-            "median_s": median(times.clone()),
-            "runs_s": times,
-            "threads": timing.threads,
-            "peak_device_memory_bytes": device::memory(placement.device).map(|m| m.peak),
-        })
-    );
+    let peak = device::memory(placement.device).map(|m| m.peak);
+    let mut report = serde_json::json!({
+        "median_s": median(times.clone()),
+        "runs_s": times,
+        "threads": timing.threads,
+        "peak_device_memory_bytes": peak,
+    });
+    if let Some(folded_path) = profile {
+        let (outcome, stages) = profile::record(placement.device, || {
+            run_job(
+                &mut engine,
+                &job,
+                options,
+                &mut EncodeAndDiscard,
+                &metrics,
+                Instant::now(),
+            )
+        });
+        outcome?;
+        std::fs::write(folded_path, stages.folded())
+            .with_context(|| format!("writing {}", folded_path.display()))?;
+        report["profile"] = serde_json::to_value(&stages.stages)?;
+    }
+    println!("{report}");
     Ok(())
 }
 

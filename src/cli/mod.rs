@@ -72,6 +72,11 @@ enum Command {
         generate: args::GenerateArgs,
         #[command(flatten)]
         timing: bench::TimingArgs,
+        /// After the timed runs, one more with each stage timed (text encoders, each
+        /// denoising step, UNet levels and layers, VAE decode, image encoding): printed
+        /// under `profile`, and written to this file as folded stacks for flame graphs.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
     },
     /// Times LoRA adapters in each mode: the time per denoising step with no adapter, the
     /// first --lora and all of them, and the cost of switching between those two sets, as
@@ -120,7 +125,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DemoModel { output, seed } => demo::demo_model(&output, seed),
         Command::Convert { input, output } => convert::convert(&input, &output),
         Command::Request(args) => request::request(&args),
-        Command::Bench { generate, timing } => bench::bench(&generate, timing),
+        Command::Bench {
+            generate,
+            timing,
+            profile,
+        } => bench::bench(&generate, timing, profile.as_deref()),
         Command::BenchLora { generate, timing } => bench::bench_lora(&generate, timing),
         Command::BenchControlnet { generate, timing } => {
             bench_controlnet::bench_controlnet(&generate, timing)

@@ -11,6 +11,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::files::read_json;
 use crate::engine::models::vae::{AutoencoderKL, VaeConfig};
 use crate::engine::noise::NoiseStream;
+use crate::engine::profile;
 
 /// A decoded image.
 pub struct Decoded {
@@ -134,6 +135,7 @@ impl VaeCodec {
     /// memory of one tile, for images larger than the VAE's sample size.
     pub fn decode_with(&self, latents: &Tensor, tiled: bool) -> Result<Decoded> {
         let _no_grad = tch::no_grad_guard();
+        let _stage = profile::span("vae_decode");
         let run = |model: &AutoencoderKL, kind: Kind| {
             let z = latents.unsqueeze(0).to_device(self.device).to_kind(kind);
             let z = model.unscale_latents(&z);

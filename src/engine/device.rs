@@ -1,7 +1,8 @@
-//! The device the engine runs on: where and in which precision the models run, and
-//! libtorch's CUDA caching allocator, which tch does not expose (emptying its cache and
-//! reading its statistics) through a small C++ shim (csrc/cuda_memory.cpp). On the CPU,
-//! or in a build without the CUDA headers, the allocator has nothing to report.
+//! The device the engine runs on: where and in which precision the models run, and what
+//! tch does not expose of libtorch's CUDA runtime, through a small C++ shim (csrc/): the
+//! caching allocator (emptying its cache, reading its statistics) and timing events. On
+//! the CPU, or in a build without the CUDA headers, the allocator has nothing to report
+//! and there are no events.
 
 use tch::{Device, Kind};
 
@@ -95,6 +96,13 @@ extern "C" {
     ) -> i32;
     fn sdxld_cuda_reset_peak(device: i32) -> i32;
     fn sdxld_cuda_set_memory_fraction(device: i32, fraction: f64) -> i32;
+    fn sdxld_cuda_event_record(device: i32) -> *mut std::ffi::c_void;
+    fn sdxld_cuda_event_elapsed_ms(
+        start: *mut std::ffi::c_void,
+        end: *mut std::ffi::c_void,
+        ms: *mut f64,
+    ) -> i32;
+    fn sdxld_cuda_event_free(event: *mut std::ffi::c_void);
 }
 
 /// The caching allocator's view of one device.
@@ -175,6 +183,53 @@ pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
     }
     #[allow(unreachable_code)]
     false
+}
+
+/// Waits until `device` has finished the work queued on it (nothing on the CPU).
+pub fn synchronize(device: Device) {
+    if let Some(index) = cuda_index(device) {
+        tch::Cuda::synchronize(i64::from(index));
+    }
+}
+
+/// A timing event recorded on a CUDA device's current stream.
+pub struct DeviceEvent(std::ptr::NonNull<std::ffi::c_void>);
+
+impl DeviceEvent {
+    /// An event recorded now on `device`'s stream; None on the CPU or without the shim.
+    pub fn record(device: Device) -> Option<Self> {
+        let _index = cuda_index(device)?;
+        #[cfg(sdxld_cuda_shim)]
+        // SAFETY: the shim returns a new event or null, catching every C++ exception.
+        unsafe {
+            return std::ptr::NonNull::new(sdxld_cuda_event_record(_index)).map(Self);
+        }
+        #[allow(unreachable_code)]
+        None
+    }
+
+    /// Milliseconds from this event to `later`, once the device has reached `later`.
+    pub fn elapsed_ms(&self, later: &DeviceEvent) -> Option<f64> {
+        let mut _ms = 0.0;
+        #[cfg(sdxld_cuda_shim)]
+        // SAFETY: both pointers are live events from the shim; it catches exceptions.
+        unsafe {
+            if sdxld_cuda_event_elapsed_ms(self.0.as_ptr(), later.0.as_ptr(), &mut _ms) == 0 {
+                return Some(_ms);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for DeviceEvent {
+    fn drop(&mut self) {
+        #[cfg(sdxld_cuda_shim)]
+        // SAFETY: the event came from the shim and is freed once.
+        unsafe {
+            sdxld_cuda_event_free(self.0.as_ptr());
+        }
+    }
 }
 
 /// Hands the host memory a job freed back to the system. libtorch's CPU tensors come

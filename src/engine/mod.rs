@@ -19,6 +19,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod pixels;
 pub mod preprocess;
+pub mod profile;
 pub mod refiner;
 pub mod registry;
 pub mod request;

@@ -1,11 +1,13 @@
 //! Encoding finished images and previews for clients (off the device thread).
 
 use crate::engine::error::EngineError;
+use crate::engine::profile;
 use crate::jobs::events::{EncodedImage, FinishedImage, ImageContent, RgbImage};
 use crate::output::{encode_latents, encode_rgb, OutputFormat};
 
 /// Encodes a finished image in its requested format.
 pub fn encode(image: &FinishedImage) -> Result<EncodedImage, EngineError> {
+    let _stage = profile::span("image_encode");
     match &image.content {
         ImageContent::Latents(latents) => Ok(EncodedImage {
             data: encode_latents(latents)?,

@@ -6,6 +6,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v` and `to_out.0`.
@@ -97,8 +98,15 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
-        let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
+        let x = {
+            let _stage = profile::span("self_attention");
+            self.attn1.forward(&self.norm1.forward(x), None) + x
+        };
+        let x = {
+            let _stage = profile::span("cross_attention");
+            self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x
+        };
+        let _stage = profile::span("feed_forward");
         self.ff.forward(&self.norm3.forward(&x)) + &x
     }
 }
@@ -168,6 +176,7 @@ impl Transformer2DModel {
 
     /// Applies the blocks to an NCHW map conditioned on [batch, tokens, context_dim].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+        let _stage = profile::span("transformer");
         let size = x.size();
         let (b, c, h, w) = (size[0], size[1], size[2], size[3]);
         let normed = self.norm.forward(x);

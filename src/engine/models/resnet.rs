@@ -5,6 +5,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm, Linear};
+use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
 /// A residual block with an optional time-embedding projection.
@@ -68,6 +69,7 @@ impl ResnetBlock2D {
 
     /// `ResnetBlock2D.forward` with `time_embedding_norm="default"`, output scale 1.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
+        let _stage = profile::span("resnet");
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
@@ -98,6 +100,7 @@ impl Downsample2D {
 
     /// Halves height and width.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let _stage = profile::span("downsample");
         if self.pad_asymmetric {
             self.conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
         } else {
@@ -122,6 +125,7 @@ impl Upsample2D {
     /// Doubles height and width, or resizes to `size` (diffusers' `upsample_size`, used
     /// when the latent is not divisible by the UNet's overall downsampling factor).
     pub fn forward(&self, x: &Tensor, size: Option<(i64, i64)>) -> Tensor {
+        let _stage = profile::span("upsample");
         let up = match size {
             Some((h, w)) => x.upsample_nearest2d([h, w], None, None),
             None => {

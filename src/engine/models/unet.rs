@@ -14,6 +14,7 @@ use crate::engine::models::unet_blocks::{
     encode, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock,
     UpBlockShape,
 };
+use crate::engine::profile;
 use crate::engine::weights::{VarPath, Weights};
 
 pub use crate::engine::models::embeddings::AddedCond;
@@ -203,7 +204,10 @@ impl UNet2DConditionModel {
         let dtype = sample.kind();
 
         // 1. time
-        let emb = self.embeddings.forward(timestep, batch, dtype, added);
+        let emb = {
+            let _stage = profile::span("time_embedding");
+            self.embeddings.forward(timestep, batch, dtype, added)
+        };
 
         // 2. pre-process
         let h = self.conv_in.forward(sample);
@@ -218,7 +222,10 @@ impl UNet2DConditionModel {
         }
 
         // 4. mid
-        h = self.mid_block.forward(&h, &emb, context);
+        h = {
+            let _stage = profile::span("mid");
+            self.mid_block.forward(&h, &emb, context)
+        };
         if let Some(control) = control {
             h += &control.mid;
         }
@@ -227,7 +234,8 @@ impl UNet2DConditionModel {
         let factor = 1i64 << (self.up_blocks.len() - 1);
         let size = sample.size();
         let forward_upsample_size = size[2] % factor != 0 || size[3] % factor != 0;
-        for block in &self.up_blocks {
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let _stage = profile::span_numbered("up", i);
             let mut taken = skips.split_off(skips.len().saturating_sub(block.layers()));
             let upsample_size = if forward_upsample_size {
                 skips.last().map(|s| {
@@ -241,6 +249,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
+        let _stage = profile::span("conv_out");
         self.conv_out
             .forward(&self.conv_norm_out.forward(&h).silu())
     }

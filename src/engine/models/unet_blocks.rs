@@ -10,6 +10,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::models::unet_config::UNetConfig;
+use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
 /// What every block of one model shares (from its config).
@@ -111,7 +112,8 @@ pub fn encode(
     context: &Tensor,
 ) -> (Tensor, Vec<Tensor>) {
     let mut states = vec![h.shallow_clone()];
-    let h = blocks.iter().fold(h, |h, block| {
+    let h = blocks.iter().enumerate().fold(h, |h, (i, block)| {
+        let _stage = profile::span_numbered("down", i);
         let (out, block_states) = block.forward(&h, temb, context);
         states.extend(block_states);
         out

@@ -12,6 +12,7 @@ use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::control::{Control, ControlContext, Controls};
 use crate::engine::pipeline::latents::Inpaint;
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
+use crate::engine::profile;
 use crate::engine::schedulers::Scheduler;
 
 /// A denoising step that finished (step 0 marks the start of the loop).
@@ -295,11 +296,26 @@ impl SdxlPipeline {
         let total = (end - start).div_ceil(schedule.scheduler.order());
         let mut done = 0;
         let mut draw = |shape: &[i64]| noise.randn(shape);
-        for (i, &t) in schedule.timesteps.iter().enumerate().take(end).skip(start) {
+        // Every timestep on the device at once: a host value copied per step would make
+        // the host wait for the device at every step.
+        let timesteps: Vec<f32> = schedule.timesteps.iter().map(|&t| t as f32).collect();
+        let timesteps = Tensor::from_slice(&timesteps).to_device(self.placement.device);
+        for i in start..end {
+            let step_stage = profile::span("denoise_step");
             let scheduler = schedule.scheduler.as_mut();
-            let noise_pred =
-                self.predict_noise(p, scheduler, i, t, &latents, inpaint.as_ref(), conditioning);
-            latents = scheduler.step(&noise_pred, i, &latents, &mut draw);
+            let timestep = timesteps.get(i as i64);
+            let noise_pred = self.predict_noise(
+                p,
+                scheduler,
+                (i, &timestep),
+                &latents,
+                inpaint.as_ref(),
+                conditioning,
+            );
+            latents = {
+                let _stage = profile::span("scheduler");
+                scheduler.step(&noise_pred, i, &latents, &mut draw)
+            };
             if let Some(state) = inpaint.as_ref().filter(|s| !s.nine_channels) {
                 // 4-channel UNets: keep the unmasked area on the image's noised trajectory.
                 let proper = if i + 1 < schedule.timesteps.len() {
@@ -309,6 +325,7 @@ impl SdxlPipeline {
                 };
                 latents = (-&state.mask + 1.0) * proper + &state.mask * &latents;
             }
+            drop(step_stage);
             if scheduler.completes_step(i) || i + 1 == end {
                 done += 1;
                 on_step(Step {
@@ -321,14 +338,13 @@ impl SdxlPipeline {
         ControlFlow::Continue(latents)
     }
 
-    /// The guided noise prediction of UNet call `index` at timestep `t`.
-    #[allow(clippy::too_many_arguments)]
+    /// The guided noise prediction of UNet call `index` at `timestep` (a scalar on the
+    /// device).
     fn predict_noise(
         &self,
         p: &GenerateParams,
         scheduler: &dyn Scheduler,
-        index: usize,
-        t: f64,
+        (index, timestep): (usize, &Tensor),
         latents: &Tensor,
         inpaint: Option<&Inpaint>,
         c: &Conditioning,
@@ -343,16 +359,17 @@ impl SdxlPipeline {
         let mut model_input = scheduler
             .scale_model_input(&doubled(latents), index)
             .to_kind(self.placement.kind);
-        let timestep = Tensor::from(t as f32).to_device(self.placement.device);
         let control = ControlContext {
             context: &c.context,
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
             guided: c.guided,
         };
-        let residuals = c
-            .controls
-            .residuals(index, &model_input, &timestep, &control);
+        let residuals = {
+            let _stage = profile::span("controlnet");
+            c.controls
+                .residuals(index, &model_input, timestep, &control)
+        };
         if let Some(state) = inpaint.filter(|s| s.nine_channels) {
             // 9-channel inpainting UNets also see the mask and the masked image.
             let (mask, masked) = (doubled(&state.mask), doubled(&state.masked_latents));
@@ -363,11 +380,12 @@ impl SdxlPipeline {
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
         };
+        let _stage = profile::span("unet");
         let noise_pred = self
             .unet
             .forward_controlled(
                 &model_input,
-                &timestep,
+                timestep,
                 &c.context,
                 Some(&added),
                 residuals.as_ref(),

@@ -6,6 +6,7 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
+use crate::engine::profile;
 
 /// The text conditioning of one request on one pipeline, computed once and used for
 /// every image of the request.
@@ -23,6 +24,7 @@ impl SdxlPipeline {
     /// negative embeddings.
     pub fn encode_prompt(&self, p: &GenerateParams) -> Result<PromptEmbeds> {
         let _no_grad = tch::no_grad_guard();
+        let _stage = profile::span("text_encoders");
         let prompt_2 = p
             .prompt_2
             .as_deref()
