@@ -113,6 +113,12 @@ pub struct EngineSettings {
     pub host_memory_budget_bytes: u64,
     /// How LoRA adapters are applied.
     pub lora_mode: crate::engine::lora::LoraMode,
+    /// Denoisers' convolution weights channels-last.
+    pub channels_last: bool,
+    /// Denoisers' attention projections fused at load.
+    pub fused_projections: bool,
+    /// cuDNN benchmarks its convolution algorithms for each new shape.
+    pub cudnn_benchmark: bool,
 }
 
 /// `[models]`.

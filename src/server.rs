@@ -27,6 +27,7 @@ use crate::engine::device::{self, Placement};
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
+use crate::engine::weights::WeightLayout;
 use crate::jobs::engine::Engine;
 use crate::jobs::worker::run_worker;
 use crate::jobs::{JobQueue, StopReason};
@@ -65,7 +66,12 @@ pub fn placement(settings: &Settings) -> anyhow::Result<Placement> {
         "auto" => "float32",
         other => other,
     };
+    let layout = WeightLayout {
+        channels_last: settings.engine.channels_last,
+        fused_projections: settings.engine.fused_projections,
+    };
     Placement::parse(device, dtype)
+        .map(|placement| placement.with_layout(layout))
         .map_err(|e| anyhow!("configuration: `engine.device`/`engine.dtype`: {e}"))
 }
 
@@ -177,6 +183,9 @@ fn start_engine(
     let handle = std::thread::Builder::new()
         .name("sdxld-engine".into())
         .spawn(move || {
+            if engine.cudnn_benchmark {
+                tch::Cuda::cudnn_set_benchmark(true);
+            }
             let fraction = engine.cuda_memory_fraction;
             if fraction > 0.0 && !device::set_memory_fraction(placement.device, fraction) {
                 tracing::warn!(fraction, "engine.cuda_memory_fraction applies only on CUDA");

@@ -7,23 +7,31 @@
 mod common;
 
 use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative_error};
+use sdxld::engine::device::Placement;
 use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
 use sdxld::engine::models::unet::{AddedCond, UNet2DConditionModel};
-use tch::{Device, Kind};
+use sdxld::engine::weights::WeightLayout;
 
 #[test]
 fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
-    for config in ["tiny2", "tiny3"] {
+    // Also with channels-last convolutions and fused attention projections.
+    let laid_out = Placement::cpu().with_layout(WeightLayout {
+        channels_last: true,
+        fused_projections: true,
+    });
+    for (config, placement) in [("tiny2", Placement::cpu()), ("tiny3", Placement::cpu())]
+        .into_iter()
+        .chain([("tiny2", laid_out), ("tiny3", laid_out)])
+    {
         let unet = UNet2DConditionModel::load_dir(
             &fixtures().join(config).join("pipeline/unet"),
-            Device::Cpu,
-            Kind::Float,
+            placement,
         )
         .expect("unet");
         for kind in ["from_unet", "own"] {
-            let what = format!("{config}/{kind}");
+            let what = format!("{config}/{kind} {:?}", placement.layout);
             let root = controlnet_fixtures().join(config);
-            let model = ControlNetModel::load_dir(&root.join(kind), Device::Cpu, Kind::Float)
+            let model = ControlNetModel::load_dir(&root.join(kind), placement)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let r = read_tensors(&root.join(format!("{kind}.safetensors")));
             let added = AddedCond {
@@ -116,7 +124,7 @@ fn impossible_controlnet_configs_are_refused_naming_the_key() {
             std::fs::copy(source.join(file), dir.path().join(file)).expect("copy");
         }
         common::set_config(&dir.path().join("config.json"), key, value.clone());
-        let error = match ControlNetModel::load_dir(dir.path(), Device::Cpu, Kind::Float) {
+        let error = match ControlNetModel::load_dir(dir.path(), Placement::cpu()) {
             Ok(_) => panic!("{key}={value} loaded"),
             Err(e) => e.to_string(),
         };
@@ -135,7 +143,7 @@ fn union_controlnet_residuals_equal_diffusers() {
     use sdxld::engine::models::controlnet::UnionCondition;
     for config in ["tiny2", "tiny3"] {
         let root = controlnet_fixtures().join(config);
-        let model = ControlNetModel::load_dir(&root.join("union"), Device::Cpu, Kind::Float)
+        let model = ControlNetModel::load_dir(&root.join("union"), Placement::cpu())
             .unwrap_or_else(|e| panic!("{config}: {e}"));
         assert!(model.is_union());
         assert_eq!(model.control_types(), 8);
@@ -199,7 +207,7 @@ fn single_file_controlnets_are_inferred_from_their_shapes() {
     let root = controlnet_fixtures();
     for name in ["full_xl", "small_xl", "union_xl"] {
         let file = root.join("single").join(format!("{name}.safetensors"));
-        let model = ControlNetModel::load_file(&file, Device::Cpu, Kind::Float)
+        let model = ControlNetModel::load_file(&file, Placement::cpu())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let r = read_tensors(&root.join("single_io").join(format!("{name}.safetensors")));
         let added = AddedCond {
@@ -238,7 +246,7 @@ fn single_file_controlnets_are_inferred_from_their_shapes() {
         assert_close(&format!("{name} mid"), &residuals.mid, &r["mid"]);
     }
     let ldm = root.join("single/ldm_layout.safetensors");
-    let err = ControlNetModel::load_file(&ldm, Device::Cpu, Kind::Float)
+    let err = ControlNetModel::load_file(&ldm, Placement::cpu())
         .err()
         .expect("refused");
     assert!(

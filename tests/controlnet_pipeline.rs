@@ -36,7 +36,7 @@ impl Units {
                 .iter()
                 .map(|u| {
                     let dir = root.join(u["model"].as_str().expect("model"));
-                    ControlNetModel::load_dir(&dir, Device::Cpu, Kind::Float).expect("controlnet")
+                    ControlNetModel::load_dir(&dir, Placement::cpu()).expect("controlnet")
                 })
                 .collect(),
             maps: units

@@ -148,6 +148,16 @@ pub struct GenerateArgs {
     /// (extra low-rank products in each layer's forward pass).
     #[arg(long, default_value = "merge")]
     pub lora_mode: String,
+    /// Store the UNet's and ControlNets' convolution weights channels-last (NHWC in
+    /// memory; `engine.channels_last`).
+    #[arg(long)]
+    pub channels_last: bool,
+    /// Fuse the attention projections at load (`engine.fused_projections`).
+    #[arg(long)]
+    pub fused_projections: bool,
+    /// Let cuDNN time its convolution algorithms per shape (`engine.cudnn_benchmark`).
+    #[arg(long)]
+    pub cudnn_benchmark: bool,
 }
 
 /// `--batch`.

@@ -12,6 +12,7 @@ use sdxld::api::status::ApiError;
 use sdxld::api::validate::{to_job_spec, Context as Validation};
 use sdxld::engine::device::Placement;
 use sdxld::engine::registry::{ModelEntry, ModelRoots, Registry};
+use sdxld::engine::weights::WeightLayout;
 use sdxld::jobs::encode::encode;
 use sdxld::jobs::engine::Engine;
 use sdxld::jobs::events::{FinishedImage, Stage, StepProgress};
@@ -80,7 +81,13 @@ impl GenerateArgs {
 
     /// An engine on the --device and --dtype, applying adapters the --lora-mode way.
     pub fn engine(&self) -> anyhow::Result<Engine> {
-        let placement = Placement::parse(&self.device, &self.dtype)?;
+        let placement = Placement::parse(&self.device, &self.dtype)?.with_layout(WeightLayout {
+            channels_last: self.channels_last,
+            fused_projections: self.fused_projections,
+        });
+        if self.cudnn_benchmark {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         let mode = self.lora_mode.parse().map_err(anyhow::Error::msg)?;
         Ok(Engine::local(placement).with_lora_mode(mode))
     }

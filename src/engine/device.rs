@@ -7,14 +7,18 @@
 use tch::{Device, Kind};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::weights::WeightLayout;
 
-/// Where and in which precision the models run.
+/// Where and in which precision the models run, and how the denoisers (UNets and
+/// ControlNets) lay out their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     /// The device.
     pub device: Device,
     /// The floating-point kind of the weights and activations.
     pub kind: Kind,
+    /// The denoisers' weight layout.
+    pub layout: WeightLayout,
 }
 
 impl Placement {
@@ -23,7 +27,13 @@ impl Placement {
         Self {
             device: Device::Cpu,
             kind: Kind::Float,
+            layout: WeightLayout::default(),
         }
+    }
+
+    /// The same placement with the denoisers' weights laid out as `layout` says.
+    pub fn with_layout(self, layout: WeightLayout) -> Self {
+        Self { layout, ..self }
     }
 
     /// Parses `auto`, `cpu`, `cuda` or `cuda:N` and `float32`, `float16` or `bfloat16`.
@@ -64,7 +74,11 @@ impl Placement {
                 "half precision needs a CUDA device; use float32 on the CPU".into(),
             ));
         }
-        Ok(Self { device, kind })
+        Ok(Self {
+            device,
+            kind,
+            layout: WeightLayout::default(),
+        })
     }
 
     /// The device as configuration names it (`cpu`, `cuda:0`).

@@ -19,7 +19,10 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::loading::lora::{LoraPair, LoraTarget, LoraWeights, ModuleName};
 use crate::engine::loading::single_file::unet_sgm_names;
-use crate::engine::models::nn::{AdaptableLayer, Geometry, LayerTable, LowRankPath, LowRankSlot};
+use crate::engine::models::nn::{
+    is_channels_last, to_channels_last, AdaptableLayer, Geometry, LayerTable, LowRankPath,
+    LowRankSlot,
+};
 use crate::engine::pipeline::SdxlPipeline;
 
 /// How adapters are applied.
@@ -63,11 +66,22 @@ pub struct JobLora {
     pub strength: f64,
 }
 
+/// A layer merged for a job, and how to put it back.
+struct MergedLayer {
+    /// The handle of the tensor holding the layer's weight.
+    tensor: Tensor,
+    /// Its rows of that tensor (a part of a fused layer): the merge wrote into them.
+    /// Otherwise the handle was given a new tensor.
+    rows: Option<(i64, i64)>,
+    /// The weight before the merge: the tensor itself, or a copy of its rows.
+    pristine: Tensor,
+}
+
 /// Adapters on a pipeline: dropping this takes them off.
 #[derive(Default)]
 pub struct AppliedLoras {
-    /// Merged layers: the handle of the layer's weight and its pristine tensor.
-    merged: Vec<(Tensor, Tensor)>,
+    /// Merged layers.
+    merged: Vec<MergedLayer>,
     /// Layers given low-rank paths.
     slots: Vec<LowRankSlot>,
 }
@@ -82,8 +96,13 @@ impl AppliedLoras {
 impl Drop for AppliedLoras {
     fn drop(&mut self) {
         let _no_grad = tch::no_grad_guard();
-        for (weight, pristine) in self.merged.drain(..).rev() {
-            weight.shallow_clone().set_data(&pristine);
+        for layer in self.merged.drain(..).rev() {
+            match layer.rows {
+                Some((start, count)) => {
+                    layer.tensor.narrow(0, start, count).copy_(&layer.pristine);
+                }
+                None => layer.tensor.shallow_clone().set_data(&layer.pristine),
+            }
         }
         for slot in self.slots.drain(..) {
             slot.borrow_mut().clear();
@@ -140,7 +159,7 @@ impl<'a> Names<'a> {
 
 /// Why `pair` does not fit `layer`, if it does not.
 fn check_fit(pair: &LoraPair, layer: &AdaptableLayer) -> std::result::Result<(), String> {
-    let weight = layer.weight.size();
+    let weight = layer.weight().size();
     let (down, up) = (&pair.module.down_shape, &pair.module.up_shape);
     let (out, input) = (weight[0], weight[1]);
     let kernel = &weight[2..];
@@ -164,7 +183,7 @@ fn check_fit(pair: &LoraPair, layer: &AdaptableLayer) -> std::result::Result<(),
 
 /// The low-rank path of `pair` shaped for `layer`'s forward pass.
 fn low_rank_path(pair: &LoraPair, layer: &AdaptableLayer, scale: f64) -> LowRankPath {
-    let weight = layer.weight.size();
+    let weight = layer.weight().size();
     let rank = pair.module.rank();
     let (out, input) = (weight[0], weight[1]);
     let (down, up) = match layer.geometry {
@@ -269,6 +288,39 @@ pub fn apply(pipeline: &SdxlPipeline, loras: &[JobLora], mode: LoraMode) -> Resu
     Ok(applied)
 }
 
+/// Gives `layer` the weight `merged`: rows of a fused layer are written in place (their
+/// pristine contents copied aside), any other layer's handle takes the new tensor (in
+/// the layer's memory format).
+fn put_merged(layer: &AdaptableLayer, merged: &Tensor) -> MergedLayer {
+    let tensor = layer.tensor.shallow_clone();
+    match layer.rows {
+        Some((start, count)) => {
+            let mut rows = tensor.narrow(0, start, count);
+            let pristine = rows.copy();
+            rows.copy_(merged);
+            MergedLayer {
+                tensor,
+                rows: layer.rows,
+                pristine,
+            }
+        }
+        None => {
+            let pristine = tensor.detach();
+            let merged = if is_channels_last(&pristine) {
+                to_channels_last(merged)
+            } else {
+                merged.shallow_clone()
+            };
+            tensor.shallow_clone().set_data(&merged);
+            MergedLayer {
+                tensor,
+                rows: None,
+                pristine,
+            }
+        }
+    }
+}
+
 /// Layers merged together: same weight shape, same adapter ranks and scales, in order.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct MergeGroup {
@@ -292,7 +344,7 @@ fn merge(matched: Vec<Matched<'_>>, applied: &mut AppliedLoras) {
     let mut groups: BTreeMap<MergeGroup, Vec<&[Matched<'_>]>> = BTreeMap::new();
     for deltas in by_layer.values() {
         let group = MergeGroup {
-            shape: deltas[0].layer.weight.size(),
+            shape: deltas[0].layer.weight().size(),
             adapters: deltas
                 .iter()
                 .map(|d| (d.pair.module.rank(), d.scale.to_bits()))
@@ -305,7 +357,7 @@ fn merge(matched: Vec<Matched<'_>>, applied: &mut AppliedLoras) {
         let elements: i64 = shape.iter().product();
         let per_chunk = (MERGE_CHUNK_ELEMENTS / elements.max(1)).max(1) as usize;
         for chunk in layers.chunks(per_chunk) {
-            let weights: Vec<&Tensor> = chunk.iter().map(|d| &d[0].layer.weight).collect();
+            let weights: Vec<Tensor> = chunk.iter().map(|d| d[0].layer.weight()).collect();
             let mut sum = Tensor::stack(&weights, 0).reshape([chunk.len() as i64, shape[0], -1]);
             for (j, (_, scale)) in group.adapters.iter().enumerate() {
                 let ups: Vec<&Tensor> = chunk.iter().map(|d| &d[j].pair.up_bmm).collect();
@@ -318,11 +370,8 @@ fn merge(matched: Vec<Matched<'_>>, applied: &mut AppliedLoras) {
                 );
             }
             for (i, deltas) in chunk.iter().enumerate() {
-                let weight = &deltas[0].layer.weight;
                 let merged = sum.get(i as i64).reshape(shape.as_slice());
-                let pristine = weight.detach();
-                weight.shallow_clone().set_data(&merged);
-                applied.merged.push((weight.shallow_clone(), pristine));
+                applied.merged.push(put_merged(deltas[0].layer, &merged));
             }
         }
     }

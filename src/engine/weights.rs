@@ -93,6 +93,18 @@ struct MappedFile {
     mmap: Mmap,
 }
 
+/// How a model's layers lay out their weights once loaded: choices for speed on a device,
+/// each computing what the plain layout computes (up to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WeightLayout {
+    /// Convolution weights in channels-last order (NHWC in memory), so that convolutions
+    /// take and give channels-last activations (the order tensor cores work in).
+    pub channels_last: bool,
+    /// Attention projections fused at load: self-attention's q, k and v as one linear
+    /// layer, cross-attention's k and v as one (fewer, larger matrix products).
+    pub fused_projections: bool,
+}
+
 /// The weights of one model component, mapped from one or more safetensors files, or
 /// drawn at random (for the built-in demo model) and recorded for saving.
 pub struct Weights {
@@ -101,6 +113,7 @@ pub struct Weights {
     used: Mutex<HashSet<String>>,
     device: Device,
     kind: Kind,
+    layout: WeightLayout,
     /// Seed of the random mode, with what it drew.
     random: Option<(u64, Mutex<BTreeMap<String, Tensor>>)>,
 }
@@ -312,6 +325,7 @@ impl Weights {
             used: Mutex::new(HashSet::new()),
             device,
             kind,
+            layout: WeightLayout::default(),
             random: None,
         })
     }
@@ -325,8 +339,15 @@ impl Weights {
             used: Mutex::new(HashSet::new()),
             device: Device::Cpu,
             kind: Kind::Float,
+            layout: WeightLayout::default(),
             random: Some((seed, Mutex::new(BTreeMap::new()))),
         }
+    }
+
+    /// The same weights, loaded into layers laid out as `layout` says.
+    pub fn with_layout(mut self, layout: WeightLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     /// The tensors drawn in random mode, by key.
@@ -578,5 +599,10 @@ impl<'a> VarPath<'a> {
     /// The floating-point kind of the weights.
     pub fn kind(&self) -> Kind {
         self.weights.kind
+    }
+
+    /// How the layers lay out their weights.
+    pub fn layout(&self) -> WeightLayout {
+        self.weights.layout
     }
 }

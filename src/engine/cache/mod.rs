@@ -520,7 +520,7 @@ impl ModelCache {
             path,
             |store, placement| {
                 shared(store, &files, || {
-                    ControlNetModel::load_path(path, placement.device, placement.kind)
+                    ControlNetModel::load_path(path, placement)
                 })
             },
         )

@@ -5,15 +5,26 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::models::nn::{multi_head_attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::engine::models::nn::{
+    multi_head_attention, Conv2d, FusedLinear, GroupNorm, LayerNorm, Linear,
+};
 use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
+/// How an attention layer projects its queries, keys and values.
+enum Projections {
+    /// `to_q`, `to_k` and `to_v` apart.
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// Self-attention's three as one layer.
+    FusedQkv(FusedLinear<3>),
+    /// Cross-attention's `to_k` and `to_v` as one layer (they read the context), `to_q`
+    /// apart.
+    FusedKv { q: Linear, kv: FusedLinear<2> },
+}
+
 /// Multi-head attention with `to_q`, `to_k`, `to_v` and `to_out.0`.
 pub struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: i64,
 }
@@ -31,9 +42,45 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: Linear::load(&vp.pp("to_q"), query_dim, inner, qkv_bias)?,
-            to_k: Linear::load(&vp.pp("to_k"), context_dim, inner, qkv_bias)?,
-            to_v: Linear::load(&vp.pp("to_v"), context_dim, inner, qkv_bias)?,
+            projections: Projections::Separate {
+                q: Linear::load(&vp.pp("to_q"), query_dim, inner, qkv_bias)?,
+                k: Linear::load(&vp.pp("to_k"), context_dim, inner, qkv_bias)?,
+                v: Linear::load(&vp.pp("to_v"), context_dim, inner, qkv_bias)?,
+            },
+            to_out: Linear::load(&vp.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// Loads a transformer block's attention without biases on its projections: its
+    /// self-attention when `context_dim` is `None`, else its cross-attention. Fused as the
+    /// weights' layout asks; the self-attention is then always called without a context.
+    fn load_in_block(
+        vp: &VarPath,
+        query_dim: i64,
+        context_dim: Option<i64>,
+        heads: i64,
+        head_dim: i64,
+    ) -> Result<Self> {
+        if !vp.layout().fused_projections {
+            let context_dim = context_dim.unwrap_or(query_dim);
+            return Self::load(vp, query_dim, context_dim, heads, head_dim, false);
+        }
+        let inner = heads * head_dim;
+        let projections = match context_dim {
+            None => Projections::FusedQkv(FusedLinear::load(
+                &[vp.pp("to_q"), vp.pp("to_k"), vp.pp("to_v")],
+                query_dim,
+                inner,
+                false,
+            )?),
+            Some(context_dim) => Projections::FusedKv {
+                q: Linear::load(&vp.pp("to_q"), query_dim, inner, false)?,
+                kv: FusedLinear::load(&[vp.pp("to_k"), vp.pp("to_v")], context_dim, inner, false)?,
+            },
+        };
+        Ok(Self {
+            projections,
             to_out: Linear::load(&vp.pp("to_out").pp(0), inner, query_dim, true)?,
             heads,
         })
@@ -42,14 +89,21 @@ impl Attention {
     /// Attends [batch, tokens, query_dim] to `context` (itself when `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
         let context = context.unwrap_or(x);
-        let out = multi_head_attention(
-            &self.to_q.forward(x),
-            &self.to_k.forward(context),
-            &self.to_v.forward(context),
-            self.heads,
-            false,
-        );
-        self.to_out.forward(&out)
+        let (q, k, v) = match &self.projections {
+            Projections::Separate { q, k, v } => {
+                (q.forward(x), k.forward(context), v.forward(context))
+            }
+            Projections::FusedQkv(qkv) => {
+                let [q, k, v] = qkv.forward(x);
+                (q, k, v)
+            }
+            Projections::FusedKv { q, kv } => {
+                let [k, v] = kv.forward(context);
+                (q.forward(x), k, v)
+            }
+        };
+        self.to_out
+            .forward(&multi_head_attention(&q, &k, &v, self.heads, false))
     }
 }
 
@@ -89,9 +143,15 @@ impl BasicTransformerBlock {
     fn load(vp: &VarPath, dim: i64, heads: i64, head_dim: i64, context_dim: i64) -> Result<Self> {
         Ok(Self {
             norm1: LayerNorm::load(&vp.pp("norm1"), dim, 1e-5)?,
-            attn1: Attention::load(&vp.pp("attn1"), dim, dim, heads, head_dim, false)?,
+            attn1: Attention::load_in_block(&vp.pp("attn1"), dim, None, heads, head_dim)?,
             norm2: LayerNorm::load(&vp.pp("norm2"), dim, 1e-5)?,
-            attn2: Attention::load(&vp.pp("attn2"), dim, context_dim, heads, head_dim, false)?,
+            attn2: Attention::load_in_block(
+                &vp.pp("attn2"),
+                dim,
+                Some(context_dim),
+                heads,
+                head_dim,
+            )?,
             norm3: LayerNorm::load(&vp.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::load(&vp.pp("ff"), dim)?,
         })

@@ -8,9 +8,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::engine::config_check::{config_from_value, ConfigCheck};
+use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::files::read_json;
 pub use crate::engine::models::controlnet_union::EmbeddedCondition;
@@ -244,10 +245,16 @@ pub struct UnionCondition<'a> {
 
 impl ControlNetModel {
     /// Loads a diffusers ControlNet folder (`config.json` and its weights).
-    pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = ControlNetConfig::read(&config_path)?;
-        let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
+        let weights = Weights::open_component(
+            dir,
+            "diffusion_pytorch_model",
+            placement.device,
+            placement.kind,
+        )?
+        .with_layout(placement.layout);
         let model = Self::load(&weights.root(), config, &config_path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)
@@ -255,18 +262,19 @@ impl ControlNetModel {
 
     /// Loads a ControlNet folder, or a single `.safetensors` file in diffusers key names
     /// (its config inferred from the tensor shapes).
-    pub fn load_path(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load_path(path: &Path, placement: Placement) -> Result<Self> {
         if path.is_dir() {
-            Self::load_dir(path, device, kind)
+            Self::load_dir(path, placement)
         } else {
-            Self::load_file(path, device, kind)
+            Self::load_file(path, placement)
         }
     }
 
     /// Loads a single-file ControlNet (see [`crate::engine::models::controlnet_file`]).
-    pub fn load_file(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load_file(path: &Path, placement: Placement) -> Result<Self> {
         let config = Self::file_config(path)?;
-        let weights = Weights::open(&[path.to_path_buf()], device, kind)?;
+        let weights = Weights::open(&[path.to_path_buf()], placement.device, placement.kind)?
+            .with_layout(placement.layout);
         let model = Self::load(&weights.root(), config, path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)

@@ -45,12 +45,26 @@ pub enum Geometry {
 /// A layer a LoRA can adapt.
 #[derive(Debug)]
 pub struct AdaptableLayer {
-    /// A handle on the layer's weight tensor (`set_data` on it changes the layer).
-    pub weight: Tensor,
+    /// A handle on the tensor holding the layer's weight (`set_data` on it changes the
+    /// layer, unless the layer is `rows` of it).
+    pub tensor: Tensor,
+    /// Where the layer is part of a fused one: its rows of `tensor` (start, count), which
+    /// a change must write into.
+    pub rows: Option<(i64, i64)>,
     /// Its kind.
     pub geometry: Geometry,
     /// Its low-rank paths.
     pub paths: LowRankSlot,
+}
+
+impl AdaptableLayer {
+    /// The layer's weight: the tensor, or a view of its rows.
+    pub fn weight(&self) -> Tensor {
+        match self.rows {
+            Some((start, count)) => self.tensor.narrow(0, start, count),
+            None => self.tensor.shallow_clone(),
+        }
+    }
 }
 
 /// The adaptable layers of a model, by the key of their module (`down_blocks.1.
@@ -115,15 +129,22 @@ pub fn collect_layers<T>(build: impl FnOnce() -> Result<T>) -> Result<(T, LayerT
     Ok((result?, collected.unwrap_or_default()))
 }
 
-/// A new slot for the layer at `vp`, listed when layers are being collected.
-fn adaptable(vp: &VarPath, weight: &Tensor, geometry: Geometry) -> LowRankSlot {
+/// A new slot for the layer at `vp` (`rows` of `tensor` when it is part of a fused
+/// layer), listed when layers are being collected.
+fn adaptable(
+    vp: &VarPath,
+    tensor: &Tensor,
+    rows: Option<(i64, i64)>,
+    geometry: Geometry,
+) -> LowRankSlot {
     let paths = LowRankSlot::default();
     COLLECTED.with(|c| {
         if let Some(table) = c.borrow_mut().as_mut() {
             table.layers.insert(
                 vp.prefix().to_string(),
                 AdaptableLayer {
-                    weight: weight.shallow_clone(),
+                    tensor: tensor.shallow_clone(),
+                    rows,
                     geometry,
                     paths: paths.clone(),
                 },
@@ -131,6 +152,36 @@ fn adaptable(vp: &VarPath, weight: &Tensor, geometry: Geometry) -> LowRankSlot {
         }
     });
     paths
+}
+
+/// `y` plus the low-rank paths of `slot` applied to the linear layer's input `x`.
+fn add_low_rank(y: Tensor, x: &Tensor, slot: &LowRankSlot) -> Tensor {
+    slot.borrow().iter().fold(y, |y, p| {
+        y + x
+            .linear::<&Tensor>(&p.down, None)
+            .linear::<&Tensor>(&p.up, None)
+            * p.scale
+    })
+}
+
+/// Gives `loaded` (a tensor the weights returned) the contents of `replacement`, in place:
+/// whoever holds the loaded tensors (moving a model between device and host) then holds
+/// the replacement, and the loaded contents are freed.
+fn replace_loaded(loaded: &Tensor, replacement: &Tensor) {
+    let _no_grad = tch::no_grad_guard();
+    loaded.shallow_clone().set_data(replacement);
+}
+
+/// `t` (NCHW) with its elements stored in channels-last order (NHWC in memory), as
+/// `t.to(memory_format=torch.channels_last)` makes it.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Whether a 4-D tensor is stored channels-last (and not also plain NCHW).
+pub fn is_channels_last(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    size.len() == 4 && size[1] > 1 && stride[1] == 1 && !t.is_contiguous()
 }
 
 /// `torch.nn.Linear`.
@@ -146,7 +197,7 @@ impl Linear {
     pub fn load(vp: &VarPath, in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
         let weight = vp.get("weight", &[out_dim, in_dim])?;
         Ok(Self {
-            low_rank: adaptable(vp, &weight, Geometry::Linear),
+            low_rank: adaptable(vp, &weight, None, Geometry::Linear),
             weight,
             bias: if bias {
                 Some(vp.get("bias", &[out_dim])?)
@@ -158,14 +209,77 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
-        self.low_rank.borrow().iter().fold(y, |y, p| {
-            y + x
-                .linear::<&Tensor>(&p.down, None)
-                .linear::<&Tensor>(&p.up, None)
-                * p.scale
+        add_low_rank(
+            x.linear(&self.weight, self.bias.as_ref()),
+            x,
+            &self.low_rank,
+        )
+    }
+}
+
+/// Linear layers of the same input and width fused into one: their weights stacked into
+/// one matrix, so that one product replaces several. Each part stays adaptable under its
+/// own key, as rows of the fused weight.
+#[derive(Debug)]
+pub struct FusedLinear<const N: usize> {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Each part's width of the output.
+    width: i64,
+    /// Each part's low-rank paths.
+    parts: [LowRankSlot; N],
+}
+
+impl<const N: usize> FusedLinear<N> {
+    /// Loads the layers at `paths`, each `weight` [out_dim, in_dim] (and `bias` [out_dim]
+    /// when `bias`), fused.
+    pub fn load(paths: &[VarPath; N], in_dim: i64, out_dim: i64, bias: bool) -> Result<Self> {
+        let weights = paths
+            .iter()
+            .map(|vp| vp.get("weight", &[out_dim, in_dim]))
+            .collect::<Result<Vec<_>>>()?;
+        let weight = fuse(&weights, in_dim);
+        let bias = if bias {
+            let biases = paths
+                .iter()
+                .map(|vp| vp.get("bias", &[out_dim]))
+                .collect::<Result<Vec<_>>>()?;
+            Some(fuse(&biases, 0))
+        } else {
+            None
+        };
+        let parts = std::array::from_fn(|i| {
+            let rows = Some((i as i64 * out_dim, out_dim));
+            adaptable(&paths[i], &weight, rows, Geometry::Linear)
+        });
+        Ok(Self {
+            weight,
+            bias,
+            width: out_dim,
+            parts,
         })
     }
+
+    /// Applies every part to the last dimension of `x`: their outputs, in order.
+    pub fn forward(&self, x: &Tensor) -> [Tensor; N] {
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        std::array::from_fn(|i| {
+            let part = y.narrow(-1, i as i64 * self.width, self.width);
+            add_low_rank(part, x, &self.parts[i])
+        })
+    }
+}
+
+/// The loaded tensors `parts` concatenated along their first dimension, held by the first
+/// one (the others emptied to [0, `width`] or [0]).
+fn fuse(parts: &[Tensor], width: i64) -> Tensor {
+    let fused = Tensor::cat(parts, 0);
+    replace_loaded(&parts[0], &fused);
+    for part in &parts[1..] {
+        let empty: &[i64] = if width > 0 { &[0, width] } else { &[0] };
+        replace_loaded(part, &Tensor::empty(empty, (part.kind(), part.device())));
+    }
+    parts[0].shallow_clone()
 }
 
 /// `torch.nn.Conv2d` with a square kernel and bias.
@@ -189,8 +303,11 @@ impl Conv2d {
         padding: i64,
     ) -> Result<Self> {
         let weight = vp.get("weight", &[out_channels, in_channels, kernel, kernel])?;
+        if vp.layout().channels_last {
+            replace_loaded(&weight, &to_channels_last(&weight));
+        }
         Ok(Self {
-            low_rank: adaptable(vp, &weight, Geometry::Conv { stride, padding }),
+            low_rank: adaptable(vp, &weight, None, Geometry::Conv { stride, padding }),
             weight,
             bias: vp.get("bias", &[out_channels])?,
             stride,

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::config_check::{check_config, read_config};
+use crate::engine::device::Placement;
 use crate::engine::error::Result;
 use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
@@ -44,10 +45,16 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     /// Loads a diffusers `unet/` folder.
-    pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNetConfig = read_config(&config_path)?;
-        let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
+        let weights = Weights::open_component(
+            dir,
+            "diffusion_pytorch_model",
+            placement.device,
+            placement.kind,
+        )?
+        .with_layout(placement.layout);
         let model = Self::load(&weights.root(), config, &config_path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)
@@ -250,7 +257,9 @@ impl UNet2DConditionModel {
 
         // 6. post-process
         let _stage = profile::span("conv_out");
+        // Contiguous whatever the convolutions' memory format (channels-last weights).
         self.conv_out
             .forward(&self.conv_norm_out.forward(&h).silu())
+            .contiguous()
     }
 }

@@ -56,7 +56,7 @@ impl SdxlPipeline {
         )?;
         let folder = dir.join("unet");
         let unet = shared(store, &ComponentFiles::folder("unet", &folder), || {
-            UNet2DConditionModel::load_dir(&folder, device, kind)
+            UNet2DConditionModel::load_dir(&folder, placement)
         })?;
         let folder = dir.join("vae");
         let vae = shared(store, &ComponentFiles::folder("vae", &folder), || {
@@ -129,7 +129,7 @@ impl SdxlPipeline {
             || single::load_text_encoder_2(file, &configs, device, kind),
         )?;
         let unet = shared(store, &in_file("unet", single::UNET), || {
-            single::load_unet(file, &configs, device, kind)
+            single::load_unet(file, &configs, placement)
         })?;
         let vae = shared(store, &in_file("vae", single::VAE), || {
             let source = VaeSource::SingleFile {

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::engine::config_check::{config_from_value, CheckedConfig};
+use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::engine::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -137,11 +138,12 @@ fn open(
 pub fn load_unet(
     file: &Path,
     configs: &Configs,
-    device: Device,
-    kind: Kind,
+    placement: Placement,
 ) -> Result<UNet2DConditionModel> {
     let lpb = configs.layers_per_block();
-    let weights = open(file, device, kind, &component(UNET, |n| unet_keys(n, lpb)))?;
+    let rename = component(UNET, |n| unet_keys(n, lpb));
+    let weights =
+        open(file, placement.device, placement.kind, &rename)?.with_layout(placement.layout);
     let model = UNet2DConditionModel::load(
         &weights.root(),
         configs.unet.clone(),

@@ -1,0 +1,145 @@
+//! Weight layouts (channels-last convolutions, fused attention projections) compute what
+//! the plain layout computes: the UNet and whole generations equal diffusers' on both tiny
+//! pipelines, LoRA adapters in both modes included (their attention adapters land on rows
+//! of the fused projections, their LoCon adapters on channels-last convolutions), and
+//! taking adapters off leaves the weights as they were, bit for bit.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::{assert_close, fixtures, read_tensors, CONFIGS};
+use sdxld::engine::loading::lora::LoraWeights;
+use sdxld::engine::lora::{apply, JobLora, LoraMode};
+use sdxld::engine::models::nn::is_channels_last;
+use sdxld::engine::models::unet::AddedCond;
+use sdxld::engine::pipeline::{Placement, SdxlPipeline};
+use sdxld::engine::weights::WeightLayout;
+
+const LAYOUTS: [WeightLayout; 3] = [
+    WeightLayout {
+        channels_last: true,
+        fused_projections: false,
+    },
+    WeightLayout {
+        channels_last: false,
+        fused_projections: true,
+    },
+    WeightLayout {
+        channels_last: true,
+        fused_projections: true,
+    },
+];
+
+fn load(config: &str, layout: WeightLayout) -> SdxlPipeline {
+    let placement = Placement::cpu().with_layout(layout);
+    SdxlPipeline::load(&fixtures().join(config).join("pipeline"), placement)
+        .unwrap_or_else(|e| panic!("{config}: {e}"))
+}
+
+/// The layout is in place: self-attention's q/k/v and cross-attention's k/v are rows of
+/// one tensor, cross-attention's q is not, convolutions are channels-last.
+fn assert_laid_out(what: &str, pipe: &SdxlPipeline, layout: WeightLayout) {
+    let layers = pipe.unet().adaptable_layers();
+    let mut seen = [0usize; 3];
+    for (key, layer) in layers.iter() {
+        let fused = layer.rows.is_some();
+        if key.ends_with("attn1.to_q") || key.ends_with("attn1.to_v") || key.ends_with("attn2.to_k")
+        {
+            assert_eq!(fused, layout.fused_projections, "{what}: {key}");
+            seen[0] += 1;
+        } else if key.ends_with("attn2.to_q") || key.ends_with("proj_in") {
+            assert!(!fused, "{what}: {key}");
+            seen[1] += 1;
+        } else if key == "conv_in" || key.ends_with("conv1") {
+            assert_eq!(
+                is_channels_last(&layer.tensor),
+                layout.channels_last,
+                "{what}: {key}"
+            );
+            seen[2] += 1;
+        }
+    }
+    assert!(seen.iter().all(|&n| n > 0), "{what}: layers {seen:?}");
+}
+
+#[test]
+fn the_unet_in_every_layout_matches_diffusers() {
+    let _guard = tch::no_grad_guard();
+    for config in CONFIGS {
+        let r = read_tensors(&fixtures().join(config).join("components.safetensors"));
+        for layout in LAYOUTS {
+            let what = format!("{config} {layout:?}");
+            let pipe = load(config, layout);
+            assert_laid_out(&what, &pipe, layout);
+            for tag in ["square", "odd"] {
+                let get = |k: &str| &r[&format!("unet.{tag}.{k}")];
+                let added = AddedCond {
+                    text_embeds: get("text_embeds"),
+                    time_ids: get("time_ids"),
+                };
+                let out = pipe.unet().forward(
+                    get("sample"),
+                    &get("timestep").reshape([]),
+                    get("encoder_hidden_states"),
+                    Some(&added),
+                );
+                assert!(out.is_contiguous(), "{what} {tag}: output not contiguous");
+                assert_close(&format!("{what} unet {tag}"), &out, get("out"));
+            }
+        }
+    }
+}
+
+fn job_loras(config: &str, case: &common::Case) -> Vec<JobLora> {
+    let list = case["loras"].as_array().expect("loras");
+    list.iter()
+        .map(|l| {
+            let name = l[0].as_str().expect("name");
+            let path = fixtures()
+                .join(config)
+                .join("lora")
+                .join(format!("{name}.safetensors"));
+            JobLora {
+                name: name.to_string(),
+                weights: Rc::new(
+                    LoraWeights::load(&path, name, tch::Device::Cpu, tch::Kind::Float)
+                        .expect("lora"),
+                ),
+                strength: l[1].as_f64().expect("weight"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn generations_and_loras_in_the_laid_out_pipeline_match_diffusers_and_leave_no_trace() {
+    let layout = LAYOUTS[2];
+    for config in CONFIGS {
+        let pipe = load(config, layout);
+        let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
+        let cases = common::cases(config, "lora");
+        let plain = cases.iter().find(|c| c["name"] == "plain").expect("plain");
+        let before = pipe.generate(&plain.params()).expect("plain");
+        common::assert_matches_case(&format!("{config} plain"), &before, &reference, "plain");
+        for mode in [LoraMode::Merge, LoraMode::Forward] {
+            for case in cases.iter().filter(|c| c["name"] != "plain") {
+                let name = case["name"].as_str().expect("name");
+                let what = format!("{config} {name} ({mode:?})");
+                let loras = job_loras(config, case);
+                let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(applied.layers() > 0, "{what}: nothing adapted");
+                let out = pipe
+                    .generate(&case.params())
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                drop(applied);
+                common::assert_matches_case(&what, &out, &reference, name);
+            }
+            let after = pipe.generate(&plain.params()).expect("plain again");
+            assert!(
+                after.latents.equal(&before.latents) && after.images.equal(&before.images),
+                "{config} ({mode:?}): an adapter left a trace"
+            );
+        }
+    }
+}
