@@ -63,7 +63,8 @@ def time_sdxld(model, args):
 
 
 def cuda_check(model, args):
-    """Largest |sdxld - diffusers| of the final latents on CUDA, float32."""
+    """Largest |sdxld - diffusers| of the final latents on CUDA, float32, for sdxld in
+    the plain layout and with each set of --cuda-flags."""
     import tempfile
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
@@ -75,13 +76,15 @@ def cuda_check(model, args):
         width=args.width, height=args.height,
         generator=[torch.Generator("cpu").manual_seed(args.seed)], output_type="latent",
     ).images.float().cpu()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/l.safetensors"
-        cmd = sdxld_command(args, model, "generate", "cuda") + ["--output", f"{tmp}/o.png", "--latents-out", path]
-        subprocess.run(cmd, check=True, capture_output=True)
-        ours = load_file(path)["latents"]
-    diff = (ours - latents).abs().max().item()
-    print(f"cuda float32: max |sdxld - diffusers| = {diff:.3e} (relative {diff / latents.abs().max().item():.3e})")
+    for flags in [""] + [f for f in args.cuda_flags.split(";") if f]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/l.safetensors"
+            cmd = sdxld_command(args, model, "generate", "cuda") + flags.split() + ["--output", f"{tmp}/o.png", "--latents-out", path]
+            subprocess.run(cmd, check=True, capture_output=True)
+            ours = load_file(path)["latents"]
+        diff = (ours - latents).abs().max().item()
+        print(f"cuda float32 {flags or '(plain layout)'}: max |sdxld - diffusers| = {diff:.3e} "
+              f"(relative {diff / latents.abs().max().item():.3e}, target <= 1e-3)")
 
 
 def main():
@@ -96,7 +99,12 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
     p.add_argument("--cuda", action="store_true", help="also compare on CUDA (float32)")
+    p.add_argument("--cuda-only", action="store_true", help="only the CUDA comparison")
+    p.add_argument("--cuda-flags", default="", help="FLAGS;FLAGS...: sdxld flags compared on CUDA too")
     args = p.parse_args()
+    if args.cuda_only:
+        cuda_check(args.model, args)
+        return 0
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)

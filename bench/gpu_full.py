@@ -225,8 +225,8 @@ def time_diffusers(pipe, args, size, batch, steps, profile):
     return dict(median_s=median, runs_s=times, peak=peak, finite=finite, images_per_s=batch / median, stages=stages)
 
 
-def time_sdxld(args, size, batch, steps, folded):
-    cmd = [args.sdxld, "bench", "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
+def time_sdxld(args, size, batch, steps, folded, flags=()):
+    cmd = [args.sdxld, "bench", *flags, "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
            "--prompt", args.prompt, "--steps", str(steps), "--guidance", "5", "--width", str(size),
            "--height", str(size), "--seed", "1", "--runs", str(args.runs), "--threads", "0",
            "--num-images", str(batch), "--batch", "together"]
@@ -248,11 +248,13 @@ def per_run(stages, name):
     return entry["total_ms"] if entry else None
 
 
-def print_stages(sdxld, diffusers, steps):
+def print_stages(sdxld, diffusers, steps, labels=("sdxld ms", "diffusers ms")):
     """Side by side: the outer stages, the UNet per step by level, and the UNet's time
     per layer type (summed over levels), in ms; sdxld's paths lose `denoise_step;`."""
-    ours = {p.removeprefix("denoise_step;"): e for p, e in (sdxld or {}).items() if p != "denoise_step"}
-    theirs = diffusers or {}
+    def normal(stages):
+        return {p.removeprefix("denoise_step;"): e for p, e in (stages or {}).items() if p != "denoise_step"}
+
+    ours, theirs = normal(sdxld), normal(diffusers)
     unet_levels = sorted({p for p in set(ours) | set(theirs) if p.startswith("unet;") and p.count(";") == 1})
     rows = [(name, 1) for name in ["text_encoders", "unet", "scheduler", "vae_decode", "image_encode"]]
     rows += [(p, steps) for p in unet_levels]
@@ -266,7 +268,7 @@ def print_stages(sdxld, diffusers, steps):
                 totals[key] = totals.get(key, 0.0) + entry["self_ms"]
         return totals
 
-    print(f"{'stage':<42}{'sdxld ms':>12}{'diffusers ms':>14}{'ratio':>8}")
+    print(f"{'stage':<42}{labels[0]:>12}{labels[1]:>14}{'ratio':>8}")
     for name, per in rows:
         a, b = per_run(ours, name), per_run(theirs, name)
         fa = f"{a / per:12.2f}" if a is not None else f"{'-':>12}"
@@ -298,6 +300,9 @@ def main():
     parser.add_argument("--sizes", default="1024")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", default="",
+                        help="NAME=FLAGS;... sdxld bench flags timed at the first size and batch "
+                             "against the plain run (e.g. 'cl=--channels-last;fused=--fused-projections')")
     parser.add_argument("--out", default="/tmp/gpu-full", type=Path)
     parser.add_argument("--prompt", default="a photograph of a lighthouse at dusk")
     parser.add_argument("--write-only", action="store_true", help="only write the model")
@@ -318,6 +323,20 @@ def main():
         steps = args.steps if batch == 1 else args.batch_steps
         folded = args.out / f"sdxld-{size}-b{batch}.folded" if args.profile else None
         results[(size, batch, "sdxld")] = time_sdxld(args, size, batch, steps, folded)
+    size, batch = configs[0]
+    steps = args.steps if batch == 1 else args.batch_steps
+    for variant in filter(None, args.variants.split(";")):
+        name, _, flags = variant.partition("=")
+        folded = args.out / f"sdxld-{size}-b{batch}-{name}.folded" if args.profile else None
+        run = time_sdxld(args, size, batch, steps, folded, flags.split())
+        plain = results[(size, batch, "sdxld")]
+        if run and plain:
+            peak = run.get("peak_device_memory_bytes") or 0
+            print(f"sdxld variant {name} ({flags}) at {size}x{size} batch {batch}: median {run['median_s']:.3f} s "
+                  f"against {plain['median_s']:.3f} s plain ({plain['median_s'] / run['median_s']:.3f}x), "
+                  f"allocator peak {peak / 2**30:.2f} GiB", flush=True)
+            if args.profile:
+                print_stages(run.get("profile"), plain.get("profile"), steps, (name, "plain"))
     pipe = diffusers_pipe(args.model, dtype)
     profiler = HookProfiler(pipe) if args.profile else None
     for size, batch in configs:
