@@ -125,7 +125,9 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Tensor {
         let projected = self.proj.forward(x);
         let halves = projected.chunk(2, -1);
-        self.out.forward(&(&halves[0] * halves[1].gelu("none")))
+        let mut gate = halves[1].gelu("none");
+        gate *= &halves[0];
+        self.out.forward(&gate)
     }
 }
 

@@ -70,14 +70,23 @@ impl ResnetBlock2D {
     /// `ResnetBlock2D.forward` with `time_embedding_norm="default"`, output scale 1.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let _stage = profile::span("resnet");
-        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
+        // In place where a fresh tensor is overwritten, so that fewer full-size
+        // activations are alive at once (the same values).
+        let mut h = self.conv1.forward(&self.norm1.forward(x).silu_());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        let mut h = self.conv2.forward(&self.norm2.forward(&h).silu_());
         match &self.conv_shortcut {
-            Some(shortcut) => shortcut.forward(x) + h,
-            None => x + h,
+            Some(shortcut) => {
+                let mut out = shortcut.forward(x);
+                out += &h;
+                out
+            }
+            None => {
+                h += x;
+                h
+            }
         }
     }
 }
