@@ -4,7 +4,7 @@
 //! the CPU, or in a build without the CUDA headers, the allocator has nothing to report
 //! and there are no events.
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::WeightLayout;
@@ -197,6 +197,18 @@ pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
     }
     #[allow(unreachable_code)]
     false
+}
+
+/// `t`, a host tensor, copied to `device` without making the host wait for the device:
+/// through pinned memory, the copy queued on the stream (libtorch's pinned allocator keeps
+/// the buffer until the copy has run). On the CPU, `t` itself.
+pub fn upload(t: &Tensor, device: Device) -> Tensor {
+    if cuda_index(device).is_none() {
+        return t.to_device(device);
+    }
+    t.f_pin_memory(device)
+        .and_then(|pinned| pinned.f_to_device_(device, pinned.kind(), true, false))
+        .unwrap_or_else(|_| t.to_device(device))
 }
 
 /// Waits until `device` has finished the work queued on it (nothing on the CPU).

@@ -178,13 +178,13 @@ impl UnionFusion {
     /// as timesteps), added to the time embedding: [batch, time_dim].
     pub fn type_embedding(&self, present: &[i64], batch: i64, kind: Kind) -> Tensor {
         let device = self.task_embedding.device();
-        let mut hot = vec![0f32; self.types as usize];
-        for &t in present {
-            if let Some(slot) = usize::try_from(t).ok().and_then(|t| hot.get_mut(t)) {
-                *slot = 1.0;
-            }
+        // Filled on the device: a vector copied from the host would make the host wait
+        // for the device at every step.
+        let hot = Tensor::zeros([self.types], (Kind::Float, device));
+        for &t in present.iter().filter(|&&t| (0..self.types).contains(&t)) {
+            let _ = hot.narrow(0, t, 1).fill_(1.0);
         }
-        let hot = Tensor::from_slice(&hot).to_device(device).repeat([batch]);
+        let hot = hot.repeat([batch]);
         let sinusoid = timestep_embedding(
             &hot,
             self.type_channels,

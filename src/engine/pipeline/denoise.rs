@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::device;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
@@ -295,7 +296,10 @@ impl SdxlPipeline {
         let (start, end) = (schedule.start, schedule.end);
         let total = (end - start).div_ceil(schedule.scheduler.order());
         let mut done = 0;
-        let mut draw = |shape: &[i64]| noise.randn(shape);
+        // A stochastic scheduler's noise, drawn on the host, goes to the device without
+        // making the host wait (the schedulers' own move is then a no-op).
+        let target = self.placement.device;
+        let mut draw = |shape: &[i64]| device::upload(&noise.randn(shape), target);
         // Every timestep on the device at once: a host value copied per step would make
         // the host wait for the device at every step.
         let timesteps: Vec<f32> = schedule.timesteps.iter().map(|&t| t as f32).collect();
