@@ -7,15 +7,13 @@
 mod common;
 
 use std::path::Path;
-use std::rc::Rc;
 
 use common::{controlnet_cases, controlnet_fixtures, fixtures, read_tensors, Case};
 use sdxld::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit};
-use sdxld::engine::loading::lora::LoraWeights;
-use sdxld::engine::lora::{apply, JobLora, LoraMode};
+use sdxld::engine::lora::{apply, LoraMode};
 use sdxld::engine::models::controlnet::ControlNetModel;
 use sdxld::engine::pipeline::{Control, GenerateOutput, GenerateParams, Placement, SdxlPipeline};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 /// A case's units: their ControlNets, maps and settings.
 struct Units {
@@ -126,28 +124,6 @@ fn params(config: &str, case: &Case) -> GenerateParams {
     p
 }
 
-fn loras(config: &str, case: &Case) -> Vec<JobLora> {
-    let Some(list) = case["loras"].as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .map(|l| {
-            let name = l[0].as_str().expect("name");
-            let path = fixtures()
-                .join(config)
-                .join("lora")
-                .join(format!("{name}.safetensors"));
-            JobLora {
-                name: name.into(),
-                weights: Rc::new(
-                    LoraWeights::load(&path, name, Device::Cpu, Kind::Float).expect("lora"),
-                ),
-                strength: l[1].as_f64().expect("weight"),
-            }
-        })
-        .collect()
-}
-
 fn generate(pipe: &SdxlPipeline, p: &GenerateParams, units: &Units) -> GenerateOutput {
     pipe.generate_controlled(p, &units.controls())
         .unwrap_or_else(|e| panic!("generate: {e}"))
@@ -162,7 +138,8 @@ fn controlnet_pipelines_equal_diffusers() {
         for case in controlnet_cases(config) {
             let what = format!("{config} {}", case.name());
             let units = Units::of(config, &case);
-            let applied = apply(&pipe, &loras(config, &case), LoraMode::Merge).expect("lora");
+            let applied =
+                apply(&pipe, &common::case_loras(config, &case), LoraMode::Merge).expect("lora");
             let out = generate(&pipe, &params(config, &case), &units);
             drop(applied);
             common::assert_matches_case(&what, &out, &reference, case.name());

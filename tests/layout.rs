@@ -6,13 +6,9 @@
 
 mod common;
 
-use std::rc::Rc;
-
 use common::{assert_close, fixtures, read_tensors, CONFIGS};
-use sdxld::engine::loading::lora::LoraWeights;
-use sdxld::engine::lora::{apply, JobLora, LoraMode};
+use sdxld::engine::lora::{apply, LoraMode};
 use sdxld::engine::models::nn::is_channels_last;
-use sdxld::engine::models::unet::AddedCond;
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use sdxld::engine::weights::WeightLayout;
 
@@ -73,43 +69,12 @@ fn the_unet_in_every_layout_matches_diffusers() {
             let pipe = load(config, layout);
             assert_laid_out(&what, &pipe, layout);
             for tag in ["square", "odd"] {
-                let get = |k: &str| &r[&format!("unet.{tag}.{k}")];
-                let added = AddedCond {
-                    text_embeds: get("text_embeds"),
-                    time_ids: get("time_ids"),
-                };
-                let out = pipe.unet().forward(
-                    get("sample"),
-                    &get("timestep").reshape([]),
-                    get("encoder_hidden_states"),
-                    Some(&added),
-                );
+                let (out, expected) = common::unet_on_fixture(pipe.unet(), &r, tag);
                 assert!(out.is_contiguous(), "{what} {tag}: output not contiguous");
-                assert_close(&format!("{what} unet {tag}"), &out, get("out"));
+                assert_close(&format!("{what} unet {tag}"), &out, expected);
             }
         }
     }
-}
-
-fn job_loras(config: &str, case: &common::Case) -> Vec<JobLora> {
-    let list = case["loras"].as_array().expect("loras");
-    list.iter()
-        .map(|l| {
-            let name = l[0].as_str().expect("name");
-            let path = fixtures()
-                .join(config)
-                .join("lora")
-                .join(format!("{name}.safetensors"));
-            JobLora {
-                name: name.to_string(),
-                weights: Rc::new(
-                    LoraWeights::load(&path, name, tch::Device::Cpu, tch::Kind::Float)
-                        .expect("lora"),
-                ),
-                strength: l[1].as_f64().expect("weight"),
-            }
-        })
-        .collect()
 }
 
 #[test]
@@ -126,7 +91,7 @@ fn generations_and_loras_in_the_laid_out_pipeline_match_diffusers_and_leave_no_t
             for case in cases.iter().filter(|c| c["name"] != "plain") {
                 let name = case["name"].as_str().expect("name");
                 let what = format!("{config} {name} ({mode:?})");
-                let loras = job_loras(config, case);
+                let loras = common::case_loras(config, case);
                 let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert!(applied.layers() > 0, "{what}: nothing adapted");
                 let out = pipe

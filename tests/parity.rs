@@ -4,7 +4,6 @@
 mod common;
 
 use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
-use sdxld::engine::models::unet::AddedCond;
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use tch::Tensor;
 
@@ -68,18 +67,8 @@ fn unet_matches_diffusers_including_odd_latent_sizes() {
         let pipe = load(config);
         let r = read_tensors(&fixtures().join(config).join("components.safetensors"));
         for tag in ["square", "odd"] {
-            let get = |k: &str| &r[&format!("unet.{tag}.{k}")];
-            let added = AddedCond {
-                text_embeds: get("text_embeds"),
-                time_ids: get("time_ids"),
-            };
-            let out = pipe.unet().forward(
-                get("sample"),
-                &get("timestep").reshape([]),
-                get("encoder_hidden_states"),
-                Some(&added),
-            );
-            assert_close(&format!("{config} unet {tag}"), &out, get("out"));
+            let (out, expected) = common::unet_on_fixture(pipe.unet(), &r, tag);
+            assert_close(&format!("{config} unet {tag}"), &out, expected);
         }
     }
 }

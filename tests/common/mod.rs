@@ -360,3 +360,53 @@ pub fn png_parameters(bytes: &[u8]) -> String {
         .and_then(|c| c.get_text().ok())
         .expect("a parameters chunk")
 }
+
+/// The adapters a fixture case of `config` lists under `loras` ([name, weight] pairs;
+/// none when it lists none), read from the fixture's `lora/` folder.
+pub fn case_loras(config: &str, case: &Case) -> Vec<sdxld::engine::lora::JobLora> {
+    let Some(list) = case["loras"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|l| {
+            let name = l[0].as_str().expect("name");
+            let path = fixtures()
+                .join(config)
+                .join("lora")
+                .join(format!("{name}.safetensors"));
+            let weights = sdxld::engine::loading::lora::LoraWeights::load(
+                &path,
+                name,
+                tch::Device::Cpu,
+                Kind::Float,
+            )
+            .expect("lora");
+            sdxld::engine::lora::JobLora {
+                name: name.into(),
+                weights: std::rc::Rc::new(weights),
+                strength: l[1].as_f64().expect("weight"),
+            }
+        })
+        .collect()
+}
+
+/// The UNet's output on the components fixture's `unet.<tag>.*` inputs (`r`), and the
+/// output diffusers gave.
+pub fn unet_on_fixture<'a>(
+    unet: &sdxld::engine::models::unet::UNet2DConditionModel,
+    r: &'a HashMap<String, Tensor>,
+    tag: &str,
+) -> (Tensor, &'a Tensor) {
+    let get = |k: &str| &r[&format!("unet.{tag}.{k}")];
+    let added = sdxld::engine::models::unet::AddedCond {
+        text_embeds: get("text_embeds"),
+        time_ids: get("time_ids"),
+    };
+    let out = unet.forward(
+        get("sample"),
+        &get("timestep").reshape([]),
+        get("encoder_hidden_states"),
+        Some(&added),
+    );
+    (out, get("out"))
+}
