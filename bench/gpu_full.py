@@ -275,6 +275,11 @@ def print_stages(sdxld, diffusers, steps, labels=("sdxld ms", "diffusers ms")):
         fb = f"{b / per:14.2f}" if b is not None else f"{'-':>14}"
         ratio = f"{b / a:8.2f}" if a and b else f"{'':>8}"
         print(f"{name + (' (per step)' if per > 1 else ''):<42}{fa}{fb}{ratio}", flush=True)
+    step = ours.get("unet")
+    if step:
+        print(f"sdxld UNet call: {step['total_ms'] / step['count']:.2f} ms on the device, "
+              f"{step.get('host_ms', 0.0) / step['count']:.2f} ms of host time issuing it "
+              f"(near the device time: launch-bound, CUDA graphs would pay)", flush=True)
     kinds_a, kinds_b = by_kind(ours), by_kind(theirs)
     print("UNet time per step by layer type (own time, all levels):")
     for key in sorted(set(kinds_a) | set(kinds_b), key=lambda k: -kinds_a.get(k, 0.0)):

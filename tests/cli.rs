@@ -246,6 +246,13 @@ fn bench_profiles_every_stage_once_per_run_of_it() {
     ] {
         assert_eq!(count(path), expected, "{path}");
     }
+    // On the CPU the host does the work itself: its time is the stage's time.
+    let unet = &profile["denoise_step;unet"];
+    let (host, total) = (unet["host_ms"].as_f64(), unet["total_ms"].as_f64());
+    assert!(
+        matches!((host, total), (Some(h), Some(t)) if t > 0.0 && (h - t).abs() <= 0.1 * t),
+        "host {host:?} ms against {total:?} ms"
+    );
     // A stage holds the stages inside it: their times add up to no more than its own.
     for (path, stage) in profile {
         let total = stage["total_ms"].as_f64().expect("total");

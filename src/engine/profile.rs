@@ -63,6 +63,8 @@ struct FinishedSpan {
     path: Vec<StageName>,
     start: Mark,
     end: Mark,
+    /// Host milliseconds between its opening and closing (issuing its work, on CUDA).
+    host_ms: f64,
     /// The device allocator's peak during an outermost stage.
     peak_bytes: Option<u64>,
 }
@@ -76,6 +78,7 @@ pub struct Span {
     /// Its place in the recording's open stages.
     depth: usize,
     start: Option<Mark>,
+    opened: Instant,
 }
 
 impl Drop for Span {
@@ -95,6 +98,7 @@ impl Drop for Span {
                     path,
                     start,
                     end,
+                    host_ms: self.opened.elapsed().as_secs_f64() * 1e3,
                     peak_bytes,
                 });
             }
@@ -113,6 +117,7 @@ fn open(name: StageName) -> Option<Span> {
             Span {
                 depth: recording.open.len() - 1,
                 start: Some(Mark::now(recording.device)),
+                opened: Instant::now(),
             }
         })
     })
@@ -141,6 +146,10 @@ pub struct StageTimes {
     pub min_ms: f64,
     /// Its longest run.
     pub max_ms: f64,
+    /// Milliseconds the host spent in it. On CUDA, where the host only queues work, a
+    /// denoising step whose host time is well below its device time keeps the device
+    /// busy; one whose host time is near it is bound by launching kernels.
+    pub host_ms: f64,
     /// For outermost stages on a CUDA device: the most bytes the allocator held while it
     /// ran.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,6 +193,7 @@ impl Profile {
             path,
             start,
             end,
+            host_ms,
             peak_bytes,
         } in spans
         {
@@ -194,8 +204,10 @@ impl Profile {
                 self_ms: 0.0,
                 min_ms: f64::INFINITY,
                 max_ms: 0.0,
+                host_ms: 0.0,
                 peak_memory_bytes: None,
             });
+            times.host_ms += host_ms;
             times.peak_memory_bytes = times.peak_memory_bytes.max(*peak_bytes);
             times.count += 1;
             times.total_ms += ms;
