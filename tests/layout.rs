@@ -1,6 +1,6 @@
 //! Weight layouts (channels-last convolutions, fused attention projections) compute what
-//! the plain layout computes: the UNet and whole generations equal diffusers' on both tiny
-//! pipelines, LoRA adapters in both modes included (their attention adapters land on rows
+//! the plain layout computes: the UNet, the VAE and whole generations equal diffusers' on
+//! both tiny pipelines, LoRA adapters in both modes included (their attention adapters land on rows
 //! of the fused projections, their LoCon adapters on channels-last convolutions), and
 //! taking adapters off leaves the weights as they were, bit for bit.
 
@@ -74,6 +74,25 @@ fn the_unet_in_every_layout_matches_diffusers() {
                 assert_close(&format!("{what} unet {tag}"), &out, expected);
             }
         }
+    }
+}
+
+#[test]
+fn the_vae_with_channels_last_convolutions_matches_diffusers() {
+    let _guard = tch::no_grad_guard();
+    for config in CONFIGS {
+        let r = read_tensors(&fixtures().join(config).join("components.safetensors"));
+        let pipe = load(config, LAYOUTS[0]);
+        assert!(
+            pipe.vae().is_channels_last(),
+            "{config}: VAE not channels-last"
+        );
+        let decoded = pipe.vae().decode(&r["vae.latents"]);
+        assert_close(&format!("{config} vae decode"), &decoded, &r["vae.decoded"]);
+        let (mean, logvar) = pipe.vae().encode(&r["vae.image"]);
+        assert_close(&format!("{config} vae mean"), &mean, &r["vae.mean"]);
+        assert_close(&format!("{config} vae logvar"), &logvar, &r["vae.logvar"]);
+        assert!(decoded.is_contiguous() && mean.is_contiguous() && logvar.is_contiguous());
     }
 }
 

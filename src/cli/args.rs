@@ -148,7 +148,7 @@ pub struct GenerateArgs {
     /// (extra low-rank products in each layer's forward pass).
     #[arg(long, default_value = "merge")]
     pub lora_mode: String,
-    /// Store the UNet's and ControlNets' convolution weights channels-last (NHWC in
+    /// Store the UNet's, ControlNets' and VAE's convolution weights channels-last (NHWC in
     /// memory; `engine.channels_last`).
     #[arg(long)]
     pub channels_last: bool,

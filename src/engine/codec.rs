@@ -50,11 +50,11 @@ impl VaeSource {
         }
     }
 
-    fn load(&self, device: Device, kind: Kind) -> Result<AutoencoderKL> {
+    fn load(&self, placement: Placement) -> Result<AutoencoderKL> {
         match self {
-            VaeSource::Folder(dir) => AutoencoderKL::load_dir(dir, device, kind),
+            VaeSource::Folder(dir) => AutoencoderKL::load_dir(dir, placement),
             VaeSource::SingleFile { file, configs } => {
-                crate::engine::loading::single_file::load_vae(file, configs, device, kind)
+                crate::engine::loading::single_file::load_vae(file, configs, placement)
             }
         }
     }
@@ -68,6 +68,7 @@ pub struct VaeCodec {
     /// (the stock SDXL VAE overflows in float16).
     kind: Kind,
     device: Device,
+    placement: Placement,
     /// A float32 copy, loaded the first time a half-precision decode is not finite.
     float32: OnceCell<AutoencoderKL>,
 }
@@ -87,10 +88,11 @@ impl VaeCodec {
             placement.kind
         };
         Ok(Self {
-            model: source.load(placement.device, kind)?,
+            model: source.load(Placement { kind, ..placement })?,
             source,
             kind,
             device: placement.device,
+            placement,
             float32: OnceCell::new(),
         })
     }
@@ -153,7 +155,11 @@ impl VaeCodec {
             let float32 = match self.float32.get() {
                 Some(model) => model,
                 None => {
-                    let model = self.source.load(self.device, Kind::Float)?;
+                    let float32 = Placement {
+                        kind: Kind::Float,
+                        ..self.placement
+                    };
+                    let model = self.source.load(float32)?;
                     self.float32.get_or_init(|| model)
                 }
             };

@@ -9,15 +9,15 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::WeightLayout;
 
-/// Where and in which precision the models run, and how the denoisers (UNets and
-/// ControlNets) lay out their weights.
+/// Where and in which precision the models run, and how the UNets, ControlNets and VAEs
+/// lay out their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     /// The device.
     pub device: Device,
     /// The floating-point kind of the weights and activations.
     pub kind: Kind,
-    /// The denoisers' weight layout.
+    /// The UNets', ControlNets' and VAEs' weight layout.
     pub layout: WeightLayout,
 }
 
@@ -31,7 +31,7 @@ impl Placement {
         }
     }
 
-    /// The same placement with the denoisers' weights laid out as `layout` says.
+    /// The same placement with weights laid out as `layout` says.
     pub fn with_layout(self, layout: WeightLayout) -> Self {
         Self { layout, ..self }
     }

@@ -315,6 +315,11 @@ impl Conv2d {
         })
     }
 
+    /// Its weight [out, in, k, k].
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Applies the convolution to an NCHW tensor.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (stride, padding) = ([self.stride, self.stride], [self.padding, self.padding]);

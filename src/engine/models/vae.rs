@@ -4,12 +4,13 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
+use crate::engine::device::Placement;
 use crate::engine::error::Result;
 use crate::engine::models::attention::Attention;
-use crate::engine::models::nn::{Conv2d, GroupNorm};
+use crate::engine::models::nn::{is_channels_last, Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::weights::{VarPath, Weights};
 
@@ -240,9 +241,15 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     /// Loads a diffusers `vae/` folder.
-    pub fn load_dir(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+    pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config: VaeConfig = read_config(&dir.join("config.json"))?;
-        let weights = Weights::open_component(dir, "diffusion_pytorch_model", device, kind)?;
+        let weights = Weights::open_component(
+            dir,
+            "diffusion_pytorch_model",
+            placement.device,
+            placement.kind,
+        )?
+        .with_layout(placement.layout);
         let model = Self::load(&weights.root(), config)?;
         weights.check_all_used(|_| false)?;
         Ok(model)
@@ -372,6 +379,11 @@ impl AutoencoderKL {
         &self.config
     }
 
+    /// Whether its convolutions hold their weights channels-last.
+    pub fn is_channels_last(&self) -> bool {
+        is_channels_last(self.decoder.conv_in.weight())
+    }
+
     /// Encodes images in [-1, 1] (NCHW) into the latent distribution's mean and log-variance
     /// (unscaled, as `AutoencoderKL.encode(...).latent_dist`).
     pub fn encode(&self, image: &Tensor) -> (Tensor, Tensor) {
@@ -390,9 +402,10 @@ impl AutoencoderKL {
         if let Some(q) = &self.quant_conv {
             h = q.forward(&h);
         }
+        // Contiguous whatever the convolutions' memory format (channels-last weights).
         let parts = h.chunk(2, 1);
-        let logvar = parts[1].clamp(-30.0, 20.0);
-        (parts[0].shallow_clone(), logvar)
+        let logvar = parts[1].clamp(-30.0, 20.0).contiguous();
+        (parts[0].contiguous(), logvar)
     }
 
     /// Decodes unscaled latents into images in roughly [-1, 1].
@@ -412,7 +425,9 @@ impl AutoencoderKL {
                 h = u.forward(&h, None);
             }
         }
-        d.conv_out.forward(&d.conv_norm_out.forward(&h).silu())
+        d.conv_out
+            .forward(&d.conv_norm_out.forward(&h).silu())
+            .contiguous()
     }
 
     /// Decodes unscaled latents tile by tile when they are larger than one tile, as

@@ -154,14 +154,11 @@ pub fn load_unet(
 }
 
 /// The VAE of a single-file checkpoint.
-pub fn load_vae(
-    file: &Path,
-    configs: &Configs,
-    device: Device,
-    kind: Kind,
-) -> Result<AutoencoderKL> {
+pub fn load_vae(file: &Path, configs: &Configs, placement: Placement) -> Result<AutoencoderKL> {
     let levels = configs.vae_levels(file)?;
-    let weights = open(file, device, kind, &component(VAE, |n| vae_keys(n, levels)))?;
+    let rename = component(VAE, |n| vae_keys(n, levels));
+    let weights =
+        open(file, placement.device, placement.kind, &rename)?.with_layout(placement.layout);
     let model = AutoencoderKL::load(&weights.root(), configs.vae.clone())?;
     weights.check_all_used(|_| false)?;
     Ok(model)
