@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU speed checks in one call, on a CUDA machine that has PyTorch but no Rust (the
 # .gpu/ layout of bench/gpu_check.sh: .gpu/sdxld, .gpu/tiny2, .gpu/clip_vocab, .gpu/whl):
-#   1. float32 on CUDA, tiny2: sdxld's latents against diffusers' in the plain layout and
-#      with channels-last convolutions and fused projections;
+#   1. float32 on CUDA, tiny2: sdxld's latents against diffusers' in the plain layout,
+#      with channels-last convolutions and fused projections, and with CUDA graphs (the
+#      third and fourth UNet calls replayed);
 #   2. the random full-size SDXL base in bfloat16: sdxld and diffusers (eager, SDPA) at
 #      1024² and 768², batch 1 (30 steps) and batch 4 (20 steps), times, images per
 #      second, allocator peaks and per-stage profiles side by side (folded stacks for
-#      flame graphs under $OUT), then the layout variants at 1024² batch 1 against plain.
+#      flame graphs under $OUT), then the variants (CUDA graphs, each layout option,
+#      cuDNN autotuning, all of them) at 1024² batch 1 against plain (a variant's profile
+#      run is eager: graphs step aside while a profile records).
 # SIZES, BATCHES, RUNS and VARIANTS narrow or widen it to fit the device time at hand.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-speed}"
@@ -17,9 +20,9 @@ sdxld=.gpu/sdxld
 ldd "$sdxld" | grep -E "libtorch_cuda|not found"
 
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only \
-  --cuda-flags "--channels-last --fused-projections"
+  --cuda-flags "--channels-last --fused-projections;--cuda-graphs;--cuda-graphs --channels-last --fused-projections"
 
-variants="${VARIANTS-cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--channels-last --fused-projections --cudnn-benchmark}"
+variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark}"
 python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --dtype bfloat16 \
   --sizes "${SIZES:-1024,768}" --batches "${BATCHES:-1,4}" --runs "${RUNS:-3}" \
   --profile --out "$out" --variants "$variants"

@@ -119,6 +119,8 @@ pub struct EngineSettings {
     pub fused_projections: bool,
     /// cuDNN benchmarks its convolution algorithms for each new shape.
     pub cudnn_benchmark: bool,
+    /// The UNet's plain calls replayed as CUDA graphs.
+    pub cuda_graphs: bool,
 }
 
 /// `[models]`.

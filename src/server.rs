@@ -71,7 +71,11 @@ pub fn placement(settings: &Settings) -> anyhow::Result<Placement> {
         fused_projections: settings.engine.fused_projections,
     };
     Placement::parse(device, dtype)
-        .map(|placement| placement.with_layout(layout))
+        .map(|placement| {
+            placement
+                .with_layout(layout)
+                .with_cuda_graphs(settings.engine.cuda_graphs)
+        })
         .map_err(|e| anyhow!("configuration: `engine.device`/`engine.dtype`: {e}"))
 }
 

@@ -14,7 +14,24 @@ fn read_png(path: &Path) -> Tensor {
 
 #[test]
 fn generate_writes_the_image_and_latents_diffusers_makes() {
-    // tiny3 case 1: non-square, prompt_2, a negative prompt and guidance rescale.
+    generates_case_1(&[]);
+}
+
+#[test]
+fn the_speed_options_leave_the_image_as_diffusers_makes_it() {
+    // Weight layouts change how the weights sit, not what they compute; CUDA graphs and
+    // cuDNN's autotuning apply on CUDA only.
+    generates_case_1(&[
+        "--channels-last",
+        "--fused-projections",
+        "--cuda-graphs",
+        "--cudnn-benchmark",
+    ]);
+}
+
+/// `sdxld generate` with `extra` flags on tiny3 case 1 (non-square, prompt_2, a negative
+/// prompt and guidance rescale) writes diffusers' image and latents.
+fn generates_case_1(extra: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");
     let png = dir.path().join("castle.png");
     let latents = dir.path().join("latents.safetensors");
@@ -34,6 +51,7 @@ fn generate_writes_the_image_and_latents_diffusers_makes() {
         ])
         .flag("--output", &png)
         .flag("--latents-out", &latents)
+        .args(extra)
         .succeeds();
     let reference = read_tensors(&fixtures().join("tiny3/case_1.safetensors"));
     let written = read_tensors(&latents);

@@ -480,3 +480,26 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
         Err(EngineError::MemoryBudget(_))
     ));
 }
+
+#[test]
+fn the_pipeline_counts_the_adapter_sets_on_it_until_they_come_off() {
+    // CUDA graphs replay the UNet only while no set is on: they read the weights in place.
+    let pipe =
+        SdxlPipeline::load(&fixtures().join("tiny2/pipeline"), Placement::cpu()).expect("load");
+    let case = common::cases("tiny2", "lora")
+        .into_iter()
+        .find(|c| c["name"] != "plain")
+        .expect("an adapter case");
+    let loras = job_loras("tiny2", &adapters(&case));
+    assert_eq!(pipe.adapted().get(), 0);
+    let merged = apply(&pipe, &loras, LoraMode::Merge).expect("merge");
+    let forward = apply(&pipe, &loras[..1], LoraMode::Forward).expect("forward");
+    assert_eq!(pipe.adapted().get(), 2);
+    drop(forward);
+    assert_eq!(pipe.adapted().get(), 1);
+    drop(merged);
+    assert_eq!(pipe.adapted().get(), 0);
+    let none = apply(&pipe, &[], LoraMode::Merge).expect("no adapters");
+    assert_eq!(pipe.adapted().get(), 0, "an empty set adapts nothing");
+    drop(none);
+}

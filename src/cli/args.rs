@@ -158,6 +158,9 @@ pub struct GenerateArgs {
     /// Let cuDNN time its convolution algorithms per shape (`engine.cudnn_benchmark`).
     #[arg(long)]
     pub cudnn_benchmark: bool,
+    /// Replay the UNet's calls as CUDA graphs (`engine.cuda_graphs`).
+    #[arg(long)]
+    pub cuda_graphs: bool,
 }
 
 /// `--batch`.

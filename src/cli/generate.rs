@@ -81,10 +81,12 @@ impl GenerateArgs {
 
     /// An engine on the --device and --dtype, applying adapters the --lora-mode way.
     pub fn engine(&self) -> anyhow::Result<Engine> {
-        let placement = Placement::parse(&self.device, &self.dtype)?.with_layout(WeightLayout {
-            channels_last: self.channels_last,
-            fused_projections: self.fused_projections,
-        });
+        let placement = Placement::parse(&self.device, &self.dtype)?
+            .with_layout(WeightLayout {
+                channels_last: self.channels_last,
+                fused_projections: self.fused_projections,
+            })
+            .with_cuda_graphs(self.cuda_graphs);
         if self.cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }

@@ -19,6 +19,8 @@ pub struct Placement {
     pub kind: Kind,
     /// The UNets', ControlNets' and VAEs' weight layout.
     pub layout: WeightLayout,
+    /// On CUDA, the UNet's plain calls replayed as CUDA graphs.
+    pub cuda_graphs: bool,
 }
 
 impl Placement {
@@ -28,12 +30,21 @@ impl Placement {
             device: Device::Cpu,
             kind: Kind::Float,
             layout: WeightLayout::default(),
+            cuda_graphs: false,
         }
     }
 
     /// The same placement with weights laid out as `layout` says.
     pub fn with_layout(self, layout: WeightLayout) -> Self {
         Self { layout, ..self }
+    }
+
+    /// The same placement with the UNet's plain calls replayed as CUDA graphs (on CUDA).
+    pub fn with_cuda_graphs(self, cuda_graphs: bool) -> Self {
+        Self {
+            cuda_graphs,
+            ..self
+        }
     }
 
     /// Parses `auto`, `cpu`, `cuda` or `cuda:N` and `float32`, `float16` or `bfloat16`.
@@ -78,6 +89,7 @@ impl Placement {
             device,
             kind,
             layout: WeightLayout::default(),
+            cuda_graphs: false,
         })
     }
 
@@ -117,6 +129,10 @@ extern "C" {
         ms: *mut f64,
     ) -> i32;
     fn sdxld_cuda_event_free(event: *mut std::ffi::c_void);
+    fn sdxld_cuda_graph_begin(device: i32) -> *mut std::ffi::c_void;
+    fn sdxld_cuda_graph_end(graph: *mut std::ffi::c_void) -> i32;
+    fn sdxld_cuda_graph_replay(graph: *mut std::ffi::c_void) -> i32;
+    fn sdxld_cuda_graph_free(graph: *mut std::ffi::c_void);
 }
 
 /// The caching allocator's view of one device.
@@ -254,6 +270,60 @@ impl Drop for DeviceEvent {
         // SAFETY: the event came from the shim and is freed once.
         unsafe {
             sdxld_cuda_event_free(self.0.as_ptr());
+        }
+    }
+}
+
+/// Kernels queued on a CUDA device, captured once and replayed as one launch (a CUDA
+/// graph). The graph keeps the memory of the tensors made while it was captured.
+pub struct CudaGraph(std::ptr::NonNull<std::ffi::c_void>);
+
+impl CudaGraph {
+    /// Captures what `record` queues on `device` from this thread: the graph, and what
+    /// `record` returned (tensors in the graph's memory, written only when it is
+    /// replayed). None on the CPU, without the shim, or when the capture failed (an
+    /// operation that cannot be captured, a panic in `record`).
+    pub fn capture<T>(device: Device, record: impl FnOnce() -> T) -> Option<(Self, T)> {
+        let _index = cuda_index(device)?;
+        #[cfg(sdxld_cuda_shim)]
+        {
+            // SAFETY: the shim returns a new graph or null, catching every C++ exception.
+            let graph = Self(std::ptr::NonNull::new(unsafe {
+                sdxld_cuda_graph_begin(_index)
+            })?);
+            let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(record));
+            // SAFETY: a live graph from the shim, its capture open.
+            let ended = unsafe { sdxld_cuda_graph_end(graph.0.as_ptr()) } == 0;
+            match recorded {
+                Ok(value) if ended => Some((graph, value)),
+                _ => None,
+            }
+        }
+        #[cfg(not(sdxld_cuda_shim))]
+        {
+            drop(record);
+            None
+        }
+    }
+
+    /// Queues the captured kernels on the current stream; whether that worked.
+    pub fn replay(&self) -> bool {
+        #[cfg(sdxld_cuda_shim)]
+        // SAFETY: a live, captured graph from the shim.
+        unsafe {
+            return sdxld_cuda_graph_replay(self.0.as_ptr()) == 0;
+        }
+        #[allow(unreachable_code)]
+        false
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        #[cfg(sdxld_cuda_shim)]
+        // SAFETY: the graph came from the shim and is freed once.
+        unsafe {
+            sdxld_cuda_graph_free(self.0.as_ptr());
         }
     }
 }

@@ -80,6 +80,8 @@ struct MergedLayer {
 /// Adapters on a pipeline: dropping this takes them off.
 #[derive(Default)]
 pub struct AppliedLoras {
+    /// The pipeline's count of adapter sets on it, this one included.
+    adapted: Option<Rc<std::cell::Cell<usize>>>,
     /// Merged layers.
     merged: Vec<MergedLayer>,
     /// Layers given low-rank paths.
@@ -96,6 +98,9 @@ impl AppliedLoras {
 impl Drop for AppliedLoras {
     fn drop(&mut self) {
         let _no_grad = tch::no_grad_guard();
+        if let Some(adapted) = self.adapted.take() {
+            adapted.set(adapted.get().saturating_sub(1));
+        }
         for layer in self.merged.drain(..).rev() {
             match layer.rows {
                 Some((start, count)) => {
@@ -272,6 +277,9 @@ pub fn apply(pipeline: &SdxlPipeline, loras: &[JobLora], mode: LoraMode) -> Resu
         return Ok(applied);
     }
     let matched = match_all(pipeline, loras)?;
+    let adapted = pipeline.adapted();
+    adapted.set(adapted.get() + 1);
+    applied.adapted = Some(adapted);
     match mode {
         LoraMode::Forward => {
             for m in matched {

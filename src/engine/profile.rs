@@ -123,6 +123,11 @@ fn open(name: StageName) -> Option<Span> {
     })
 }
 
+/// Whether a profile is being recorded on this thread.
+pub fn recording() -> bool {
+    RECORDING.with(|r| r.borrow().is_some())
+}
+
 /// Opens stage `name` when a profile is being recorded on this thread.
 pub fn span(name: &'static str) -> Option<Span> {
     open(StageName(name, None))

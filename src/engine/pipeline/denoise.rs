@@ -385,16 +385,25 @@ impl SdxlPipeline {
             time_ids: &c.time_ids,
         };
         let _stage = profile::span("unet");
-        let noise_pred = self
-            .unet
-            .forward_controlled(
+        let noise_pred = if residuals.is_none() && self.replays_unet_graphs() {
+            self.unet_graphs.call(
+                &self.unet,
+                self.placement.device,
+                &model_input,
+                timestep,
+                &c.context,
+                &added,
+            )
+        } else {
+            self.unet.forward_controlled(
                 &model_input,
                 timestep,
                 &c.context,
                 Some(&added),
                 residuals.as_ref(),
             )
-            .to_kind(Kind::Float);
+        }
+        .to_kind(Kind::Float);
         if !c.guided {
             return noise_pred;
         }
@@ -406,6 +415,17 @@ impl SdxlPipeline {
         } else {
             guided
         }
+    }
+}
+
+impl SdxlPipeline {
+    /// Whether the UNet's plain calls go through CUDA graphs now: asked for, on CUDA, with
+    /// no LoRA adapters on the pipeline and no profile being recorded.
+    fn replays_unet_graphs(&self) -> bool {
+        self.placement.cuda_graphs
+            && self.placement.device.is_cuda()
+            && self.adapted.get() == 0
+            && !profile::recording()
     }
 }
 

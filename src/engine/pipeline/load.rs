@@ -77,6 +77,8 @@ impl SdxlPipeline {
             scheduler,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             requires_aesthetics_score: index.requires_aesthetics_score,
+            unet_graphs: Default::default(),
+            adapted: Default::default(),
         };
         pipeline.check_shapes()?;
         Ok(pipeline)
@@ -151,6 +153,8 @@ impl SdxlPipeline {
             scheduler: configs.scheduler.clone(),
             force_zeros_for_empty_prompt: true,
             requires_aesthetics_score: false,
+            unet_graphs: Default::default(),
+            adapted: Default::default(),
         };
         pipeline.check_shapes()?;
         Ok(pipeline)
@@ -262,6 +266,8 @@ impl SdxlPipeline {
             scheduler: self.scheduler.clone(),
             force_zeros_for_empty_prompt: self.force_zeros_for_empty_prompt,
             requires_aesthetics_score: self.requires_aesthetics_score,
+            unet_graphs: self.unet_graphs.clone(),
+            adapted: self.adapted.clone(),
         })
     }
 }

@@ -4,10 +4,12 @@
 
 mod control;
 mod denoise;
+mod graphs;
 mod latents;
 mod load;
 mod prompt;
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -101,6 +103,10 @@ pub struct SdxlPipeline {
     scheduler: SchedulerConfig,
     force_zeros_for_empty_prompt: bool,
     requires_aesthetics_score: bool,
+    /// The UNet's calls captured as CUDA graphs (shared by the copies with another VAE).
+    unet_graphs: Rc<graphs::UnetGraphs>,
+    /// How many sets of LoRA adapters are on the pipeline now.
+    adapted: Rc<Cell<usize>>,
 }
 
 impl SdxlPipeline {
@@ -112,6 +118,11 @@ impl SdxlPipeline {
     /// Device and kind.
     pub fn placement(&self) -> Placement {
         self.placement
+    }
+
+    /// The count of LoRA adapter sets on the pipeline, shared with whoever applies one.
+    pub fn adapted(&self) -> Rc<Cell<usize>> {
+        self.adapted.clone()
     }
 
     /// Pixels per latent along each side (2^(VAE levels - 1)).
