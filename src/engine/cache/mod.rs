@@ -601,6 +601,10 @@ impl ModelCache {
         for path in victims {
             self.evict(&path);
         }
+        // The kept pipelines' CUDA graphs hold activations of calls no longer running.
+        for resident in self.pipelines.values() {
+            resident.model.release_graphs();
+        }
         // The running job holds its own adapters.
         self.loras.retain(|_, l| Rc::strong_count(&l.weights) > 1);
     }

@@ -45,6 +45,11 @@ pub(super) struct UnetGraphs {
 }
 
 impl UnetGraphs {
+    /// Frees every captured call (the buckets start over).
+    pub(super) fn release(&self) {
+        self.buckets.borrow_mut().clear();
+    }
+
     /// `unet`'s prediction for the inputs, through the bucket's graph where it has one.
     pub(super) fn call(
         &self,

@@ -120,6 +120,12 @@ impl SdxlPipeline {
         self.placement
     }
 
+    /// Frees the UNet calls captured as CUDA graphs (and the activations they keep); later
+    /// calls capture again.
+    pub fn release_graphs(&self) {
+        self.unet_graphs.release();
+    }
+
     /// The count of LoRA adapter sets on the pipeline, shared with whoever applies one.
     pub fn adapted(&self) -> Rc<Cell<usize>> {
         self.adapted.clone()
