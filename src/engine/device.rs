@@ -215,15 +215,14 @@ pub fn set_memory_fraction(device: Device, fraction: f64) -> bool {
     false
 }
 
-/// `t`, a host tensor, copied to `device` without making the host wait for the device:
-/// through pinned memory, the copy queued on the stream (libtorch's pinned allocator keeps
-/// the buffer until the copy has run). On the CPU, `t` itself.
+/// `t`, a host tensor, copied to `device` without making the host wait for the device: an
+/// asynchronous copy, for which the driver stages pageable memory at once (a blocking copy
+/// would first wait for the stream's queued work). On the CPU, `t` itself.
 pub fn upload(t: &Tensor, device: Device) -> Tensor {
     if cuda_index(device).is_none() {
         return t.to_device(device);
     }
-    t.f_pin_memory(device)
-        .and_then(|pinned| pinned.f_to_device_(device, pinned.kind(), true, false))
+    t.f_to_device_(device, t.kind(), true, false)
         .unwrap_or_else(|_| t.to_device(device))
 }
 

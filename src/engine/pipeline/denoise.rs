@@ -303,7 +303,7 @@ impl SdxlPipeline {
         // Every timestep on the device at once: a host value copied per step would make
         // the host wait for the device at every step.
         let timesteps: Vec<f32> = schedule.timesteps.iter().map(|&t| t as f32).collect();
-        let timesteps = Tensor::from_slice(&timesteps).to_device(self.placement.device);
+        let timesteps = device::upload(&Tensor::from_slice(&timesteps), target);
         for i in start..end {
             let step_stage = profile::span("denoise_step");
             let scheduler = schedule.scheduler.as_mut();
