@@ -115,15 +115,16 @@ class GpuMemoryWatch:
 
 class HookProfiler:
     """Stages of diffusers' pipeline timed by CUDA events from module hooks, named as
-    sdxld's profile names them (paths joined by `;`), without syncs inside the loop."""
+    sdxld's profile names them (paths joined by `;`), without syncs inside the loop. The
+    hooks are attached only for the profiled run (they cost time in Python)."""
 
     def __init__(self, pipe):
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-        self.stack, self.spans, self.enabled = [], [], False
-        self.handles = []
+        self.pipe, self.stack, self.spans, self.enabled = pipe, [], [], False
+        self.handles, self.originals = [], []
         unet = pipe.unet
         named = [(unet, "unet"), (unet.time_embedding, "time_embedding"), (unet.mid_block, "mid"), (unet.conv_out, "conv_out")]
         named += [(b, f"down{i}") for i, b in enumerate(unet.down_blocks)]
@@ -136,9 +137,13 @@ class HookProfiler:
                         named.append((module, name))
                 if isinstance(module, BasicTransformerBlock):
                     named += [(module.attn1, "self_attention"), (module.attn2, "cross_attention"), (module.ff, "feed_forward")]
-        for module, name in named:
+        self.named = named
+
+    def attach(self):
+        for module, name in self.named:
             self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self.push(name)))
             self.handles.append(module.register_forward_hook(lambda m, a, o: self.pop()))
+        pipe = self.pipe
         for obj, attr, name in [(pipe, "encode_prompt", "text_encoders"), (pipe.vae, "decode", "vae_decode"), (pipe.scheduler, "step", "scheduler")]:
             original = getattr(obj, attr)
 
@@ -149,7 +154,19 @@ class HookProfiler:
                 finally:
                     self.pop()
 
+            self.originals.append((obj, attr, original))
             setattr(obj, attr, wrapped)
+        self.spans, self.stack, self.enabled = [], [], True
+
+    def detach(self):
+        self.enabled = False
+        for handle in self.handles:
+            handle.remove()
+        for obj, attr, original in self.originals:
+            # The originals are bound methods found on the class: drop the instance's wrapper.
+            if attr in vars(obj):
+                delattr(obj, attr)
+        self.handles, self.originals = [], []
 
     def push(self, name):
         if self.enabled:
@@ -213,13 +230,13 @@ def time_diffusers(pipe, args, size, batch, steps, profile):
     if profile:
         from PIL import Image
 
-        profile.spans, profile.stack, profile.enabled = [], [], True
+        profile.attach()
         images = once()
         profile.push("image_encode")
         for image in images:
-            Image.fromarray((image * 255).round().astype("uint8")).save(io.BytesIO(), format="PNG", compress_level=1)
+            Image.fromarray((image * 255).round().astype("uint8")).save(io.BytesIO(), format="PNG")
         profile.pop()
-        profile.enabled = False
+        profile.detach()
         stages = profile.stages()
     median = statistics.median(times)
     return dict(median_s=median, runs_s=times, peak=peak, finite=finite, images_per_s=batch / median, stages=stages)
