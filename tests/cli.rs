@@ -264,6 +264,10 @@ fn bench_profiles_every_stage_once_per_run_of_it() {
     ] {
         assert_eq!(count(path), expected, "{path}");
     }
+    assert!(
+        !profile.contains_key("denoise_step;controlnet"),
+        "a ControlNet stage without units"
+    );
     // On the CPU the host does the work itself: its time is the stage's time.
     let unet = &profile["denoise_step;unet"];
     let (host, total) = (unet["host_ms"].as_f64(), unet["total_ms"].as_f64());

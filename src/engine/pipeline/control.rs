@@ -93,6 +93,11 @@ impl<'a> Controls<'a> {
         }
     }
 
+    /// Whether there is no unit.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
     /// The summed residuals of model call `index` (an index into the schedule) for
     /// `model_input` (the scaled latents, doubled when guided, without an inpainting
     /// UNet's extra channels); `None` when no unit acts at this call. A unit whose

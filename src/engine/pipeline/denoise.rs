@@ -370,7 +370,7 @@ impl SdxlPipeline {
             guided: c.guided,
         };
         let residuals = {
-            let _stage = profile::span("controlnet");
+            let _stage = (!c.controls.is_empty()).then(|| profile::span("controlnet"));
             c.controls
                 .residuals(index, &model_input, timestep, &control)
         };
