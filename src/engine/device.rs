@@ -7,7 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::weights::WeightLayout;
+use crate::engine::weights::{WeightLayout, Weights};
 
 /// Where and in which precision the models run, and how the UNets, ControlNets and VAEs
 /// lay out their weights.
@@ -37,6 +37,12 @@ impl Placement {
     /// The same placement with weights laid out as `layout` says.
     pub fn with_layout(self, layout: WeightLayout) -> Self {
         Self { layout, ..self }
+    }
+
+    /// The weights of the model component in `dir` (`stem.safetensors` or its shards),
+    /// loaded at this placement and laid out as it says.
+    pub fn open_component(&self, dir: &std::path::Path, stem: &str) -> Result<Weights> {
+        Ok(Weights::open_component(dir, stem, self.device, self.kind)?.with_layout(self.layout))
     }
 
     /// The same placement with the UNet's plain calls replayed as CUDA graphs (on CUDA).

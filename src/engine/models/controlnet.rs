@@ -248,13 +248,7 @@ impl ControlNetModel {
     pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config = ControlNetConfig::read(&config_path)?;
-        let weights = Weights::open_component(
-            dir,
-            "diffusion_pytorch_model",
-            placement.device,
-            placement.kind,
-        )?
-        .with_layout(placement.layout);
+        let weights = placement.open_component(dir, "diffusion_pytorch_model")?;
         let model = Self::load(&weights.root(), config, &config_path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)

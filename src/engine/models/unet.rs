@@ -16,7 +16,7 @@ use crate::engine::models::unet_blocks::{
     UpBlockShape,
 };
 use crate::engine::profile;
-use crate::engine::weights::{VarPath, Weights};
+use crate::engine::weights::VarPath;
 
 pub use crate::engine::models::embeddings::AddedCond;
 
@@ -48,13 +48,7 @@ impl UNet2DConditionModel {
     pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNetConfig = read_config(&config_path)?;
-        let weights = Weights::open_component(
-            dir,
-            "diffusion_pytorch_model",
-            placement.device,
-            placement.kind,
-        )?
-        .with_layout(placement.layout);
+        let weights = placement.open_component(dir, "diffusion_pytorch_model")?;
         let model = Self::load(&weights.root(), config, &config_path)?;
         weights.check_all_used(|_| false)?;
         Ok(model)

@@ -12,7 +12,7 @@ use crate::engine::error::Result;
 use crate::engine::models::attention::Attention;
 use crate::engine::models::nn::{is_channels_last, Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
-use crate::engine::weights::{VarPath, Weights};
+use crate::engine::weights::VarPath;
 
 /// Mirrors diffusers' `AutoencoderKL` config (`vae/config.json`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -243,13 +243,7 @@ impl AutoencoderKL {
     /// Loads a diffusers `vae/` folder.
     pub fn load_dir(dir: &Path, placement: Placement) -> Result<Self> {
         let config: VaeConfig = read_config(&dir.join("config.json"))?;
-        let weights = Weights::open_component(
-            dir,
-            "diffusion_pytorch_model",
-            placement.device,
-            placement.kind,
-        )?
-        .with_layout(placement.layout);
+        let weights = placement.open_component(dir, "diffusion_pytorch_model")?;
         let model = Self::load(&weights.root(), config)?;
         weights.check_all_used(|_| false)?;
         Ok(model)
