@@ -274,6 +274,7 @@ def print_stages(sdxld, diffusers, steps, labels=("sdxld ms", "diffusers ms")):
     ours, theirs = normal(sdxld), normal(diffusers)
     unet_levels = sorted({p for p in set(ours) | set(theirs) if p.startswith("unet;") and p.count(";") == 1})
     rows = [(name, 1) for name in ["text_encoders", "unet", "scheduler", "vae_decode", "image_encode"]]
+    # (text encoders, VAE decode and image encoding once per run; UNet and scheduler over all steps)
     rows += [(p, steps) for p in unet_levels]
 
     def by_kind(stages):
@@ -293,10 +294,11 @@ def print_stages(sdxld, diffusers, steps, labels=("sdxld ms", "diffusers ms")):
         ratio = f"{b / a:8.2f}" if a and b else f"{'':>8}"
         print(f"{name + (' (per step)' if per > 1 else ''):<42}{fa}{fb}{ratio}", flush=True)
     step = ours.get("unet")
-    if step:
-        print(f"sdxld UNet call: {step['total_ms'] / step['count']:.2f} ms on the device, "
-              f"{step.get('host_ms', 0.0) / step['count']:.2f} ms of host time issuing it "
-              f"(near the device time: launch-bound, CUDA graphs would pay)", flush=True)
+    if step and step["total_ms"] > 0:
+        device_ms, host_ms = step["total_ms"] / step["count"], step.get("host_ms", 0.0) / step["count"]
+        verdict = "launch-bound: CUDA graphs would pay" if host_ms > 0.8 * device_ms else "device-bound"
+        print(f"{labels[0]} UNet call: {device_ms:.2f} ms on the device, {host_ms:.2f} ms of host time "
+              f"queueing it ({verdict}; host times include the profile's own event records)", flush=True)
     kinds_a, kinds_b = by_kind(ours), by_kind(theirs)
     print("UNet time per step by layer type (own time, all levels):")
     for key in sorted(set(kinds_a) | set(kinds_b), key=lambda k: -kinds_a.get(k, 0.0)):
