@@ -427,7 +427,6 @@ fn opencv_limbs_and_joints_are_drawn_pixel_for_pixel() {
 #[test]
 fn the_openpose_pipeline_draws_the_people_controlnet_aux_draws() {
     use sdxld::engine::preprocess::pose::{draw_people, network_input, pose_maps};
-    use sdxld::engine::preprocess::pose_decode::{decode, PoseMaps};
     let root = detector_fixtures().join("openpose");
     for case in ["landscape", "small", "portrait"] {
         let image = image::open(root.join(format!("pipeline_{case}.png")))
@@ -462,12 +461,7 @@ fn the_openpose_pipeline_draws_the_people_controlnet_aux_draws() {
             .count();
         assert_eq!(off, 0, "{case}: heatmap values unlike the reference's");
         let (width, height) = geometry.image;
-        let (candidates, people) = decode(&PoseMaps {
-            width,
-            height,
-            heatmaps: &maps.heatmaps,
-            affinities: &maps.affinities,
-        });
+        let (candidates, people) = maps.decode();
         let subset = Vec::<f64>::try_from(io["subset"].contiguous().view(-1)).expect("f64");
         assert_eq!(people.len() * 20, subset.len(), "{case}: the same people");
         for (person, want) in people.iter().zip(subset.chunks(20)) {

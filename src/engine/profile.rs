@@ -171,11 +171,6 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// The stage at `path`.
-    pub fn stage(&self, path: &str) -> Option<&StageTimes> {
-        self.stages.get(path)
-    }
-
     /// The profile as folded stacks: a line `path microseconds` per stage, with the time
     /// spent in the stage itself (what flame graph tools take).
     pub fn folded(&self) -> String {

@@ -86,14 +86,8 @@ impl OpenPoseDetector {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
-        let (width, height) = geometry.image;
-        let (candidates, people) = decode(&PoseMaps {
-            width,
-            height,
-            heatmaps: &maps.heatmaps,
-            affinities: &maps.affinities,
-        });
-        Ok(draw_people(&candidates, &people, width, height))
+        let (candidates, people) = maps.decode();
+        Ok(draw_people(&candidates, &people, maps.width, maps.height))
     }
 }
 
@@ -147,6 +141,21 @@ pub fn network_input(image: &RgbImage) -> Result<(Tensor, PoseGeometry)> {
 pub struct PoseMapsOwned {
     pub heatmaps: Vec<f64>,
     pub affinities: Vec<f64>,
+    /// The image's size.
+    pub width: usize,
+    pub height: usize,
+}
+
+impl PoseMapsOwned {
+    /// The body parts found in the maps and the people they make.
+    pub fn decode(&self) -> (Vec<Candidate>, Vec<Person>) {
+        decode(&PoseMaps {
+            width: self.width,
+            height: self.height,
+            heatmaps: &self.heatmaps,
+            affinities: &self.affinities,
+        })
+    }
 }
 
 /// The network's outputs ([1, C, h/8, w/8]) brought to the image as `Body.__call__`
@@ -157,9 +166,12 @@ pub fn pose_maps(
     heatmaps: &Tensor,
     geometry: PoseGeometry,
 ) -> Result<PoseMapsOwned> {
+    let (width, height) = geometry.image;
     Ok(PoseMapsOwned {
         heatmaps: channels_to_image(heatmaps, geometry)?,
         affinities: channels_to_image(affinities, geometry)?,
+        width,
+        height,
     })
 }
 
