@@ -8,8 +8,10 @@
 #      1024² and 768², batch 1 (30 steps) and batch 4 (20 steps), times, images per
 #      second, allocator peaks and per-stage profiles side by side (folded stacks for
 #      flame graphs under $OUT), then the variants (CUDA graphs, each layout option,
-#      cuDNN autotuning, all of them) at 1024² batch 1 against plain (a variant's profile
-#      run is eager: graphs step aside while a profile records).
+#      cuDNN autotuning, all of them, a memory budget that holds the weights but not the
+#      activations beside them so that the text encoders go to the host once the prompts
+#      are encoded) at 1024² batch 1 against plain (a variant's profile run is eager:
+#      graphs step aside while a profile records).
 # SIZES, BATCHES, RUNS and VARIANTS narrow or widen it to fit the device time at hand.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-speed}"
@@ -22,7 +24,7 @@ ldd "$sdxld" | grep -E "libtorch_cuda|not found"
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only \
   --cuda-flags "--channels-last --fused-projections;--cuda-graphs;--cuda-graphs --channels-last --fused-projections"
 
-variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark}"
+variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;offload=--memory-budget @TIGHT_BUDGET@}"
 python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --dtype bfloat16 \
   --sizes "${SIZES:-1024,768}" --batches "${BATCHES:-1,4}" --runs "${RUNS:-3}" \
   --profile --out "$out" --variants "$variants"

@@ -96,7 +96,7 @@ fn main() {
         ModelEntry::from_folder("demo", &demo).expect("the demo model"),
     );
     let settings = sdxld::config::Settings::load(None).expect("default settings");
-    let mut engine = Engine::local(Placement::cpu());
+    let mut engine = Engine::local(Placement::cpu(), None);
     let metrics = Metrics::new();
     let mut run = |seed: u64| {
         let context = Context {

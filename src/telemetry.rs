@@ -161,6 +161,7 @@ pub struct Metrics {
     host_bytes: Gauge,
     component_loads: Counter,
     evictions: Counter,
+    text_encoder_offloads: Counter,
 }
 
 impl Metrics {
@@ -233,7 +234,7 @@ impl Metrics {
         let host_bytes = Gauge::default();
         registry.register(
             "sdxld_model_cache_host_bytes",
-            "Bytes of evicted model components parked in host memory",
+            "Bytes of model components in host memory: evicted ones parked, and text encoders offloaded for a job",
             host_bytes.clone(),
         );
         let component_loads = Counter::default();
@@ -248,8 +249,15 @@ impl Metrics {
             "Models evicted to stay within the memory budget",
             evictions.clone(),
         );
+        let text_encoder_offloads = Counter::default();
+        registry.register(
+            "sdxld_text_encoder_offloads",
+            "Text encoders moved to the host once a job's prompts were encoded, so that the job fits the memory budget",
+            text_encoder_offloads.clone(),
+        );
         Arc::new(Self {
             resident_bytes,
+            text_encoder_offloads,
             host_bytes,
             component_loads,
             evictions,
@@ -276,6 +284,9 @@ impl Metrics {
         let evictions = self.evictions.get();
         self.evictions
             .inc_by(stats.evictions.saturating_sub(evictions));
+        let offloads = self.text_encoder_offloads.get();
+        self.text_encoder_offloads
+            .inc_by(stats.text_encoder_offloads.saturating_sub(offloads));
     }
 
     /// Counts one finished RPC and its duration.

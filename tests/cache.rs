@@ -2,7 +2,8 @@
 //! least-recently-used eviction and residency in ListModels, identical images for A, B,
 //! A, a job that can never fit, admin LoadModel/UnloadModel with the admin token,
 //! single-flight loading under 20 concurrent requests, and components shared by content
-//! (the refiner's second text encoder and VAE are the base's).
+//! (the refiner's second text encoder and VAE are the base's), and text encoders moved to
+//! the host for a job that fits the budget only without them.
 
 mod common;
 
@@ -349,5 +350,171 @@ async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
         }
         assert!(start.elapsed() < Duration::from_secs(60), "never hashed");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The bytes of a pipeline folder's two text encoders.
+fn text_encoder_bytes(model: &std::path::Path) -> u64 {
+    weights_bytes(&model.join("text_encoder")) + weights_bytes(&model.join("text_encoder_2"))
+}
+
+#[test]
+fn text_encoders_leave_the_device_only_for_a_job_that_fits_no_other_way() {
+    use sdxld::engine::cache::{Activations, Fit, ModelPath};
+    use sdxld::engine::error::EngineError;
+    use sdxld::engine::pipeline::GenerateParams;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        sdxld::engine::demo::write_demo_model(&root.path().join(name), seed).expect("demo");
+    }
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    let (weights, encoders) = (weights_bytes(&a), text_encoder_bytes(&a));
+    assert!(encoders > 0);
+    // Encoding takes little beside the weights; the denoising more than the encoders weigh.
+    let needs = Activations {
+        encoding: 1000,
+        denoising: encoders + 4000,
+    };
+    let models = [ModelPath::Pipeline(&a)];
+    let fit = |budget: u64, needs: Activations| {
+        ModelCache::new(Placement::cpu(), Some(budget)).make_room_for(&models, needs)
+    };
+    assert_eq!(
+        fit(weights + needs.denoising, needs).expect("roomy"),
+        Fit::Resident
+    );
+    let tight = weights - encoders + needs.denoising;
+    assert_eq!(
+        fit(tight, needs).expect("tight"),
+        Fit::TextEncodersOffloaded
+    );
+    let refused = fit(tight - 1, needs).expect_err("too tight");
+    assert!(
+        matches!(&refused, EngineError::MemoryBudget(m) if m.contains("text encoders on the host")),
+        "{refused}"
+    );
+    // Encoding itself must fit with every weight on the device.
+    let heavy_encoding = Activations {
+        encoding: needs.denoising - encoders + 1,
+        ..needs
+    };
+    assert!(matches!(
+        fit(tight, heavy_encoding),
+        Err(EngineError::MemoryBudget(_))
+    ));
+
+    let p = GenerateParams {
+        prompt: "a lighthouse".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: 4,
+        ..GenerateParams::default()
+    };
+    let reference = {
+        let mut roomy = ModelCache::new(Placement::cpu(), None);
+        let pipeline = roomy.pipeline(&a).expect("load");
+        pipeline.denoise_all(&p, &mut |_| {}).expect("denoise")
+    };
+    let mut cache = ModelCache::new(Placement::cpu(), Some(tight));
+    for round in 1..=2u64 {
+        assert_eq!(
+            cache.make_room_for(&models, needs).expect("room"),
+            Fit::TextEncodersOffloaded
+        );
+        let pipeline = cache.pipeline(&a).expect("pipeline");
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.resident_bytes, stats.host_bytes),
+            (weights, 0),
+            "round {round}: every weight on the device for encoding"
+        );
+        let latents = pipeline.denoise_all(&p, &mut |_| {}).expect("denoise");
+        assert!(latents.equal(&reference), "round {round}: latents differ");
+        assert_eq!(cache.offload_text_encoders(&[&a]), encoders);
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.resident_bytes, stats.host_bytes),
+            (weights - encoders, encoders)
+        );
+        assert_eq!(stats.text_encoder_offloads, 2 * round);
+        assert_eq!(stats.component_loads, 4, "brought back, not loaded again");
+        assert!(cache.is_resident(&a));
+    }
+    // Evicted for another model, nothing of it stays on the host (no host budget).
+    cache
+        .make_room_for(&[ModelPath::Pipeline(&b)], needs)
+        .expect("room for b");
+    cache.pipeline(&b).expect("b");
+    let stats = cache.stats();
+    assert!(!cache.is_resident(&a));
+    assert_eq!(
+        (stats.resident_bytes, stats.host_bytes),
+        (weights_bytes(&b), 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_that_holds_a_job_only_without_its_text_encoders_still_serves_it() {
+    use sdxld::engine::cache::{activation_estimate, text_encoding_estimate};
+    use sdxld::engine::pipeline::GenerateParams;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let model = root.path().join("a");
+    sdxld::engine::demo::write_demo_model(&model, 1).expect("demo");
+    let mut request = spec("a", 7);
+    (request.width, request.height) = (256, 256);
+    let params = GenerateParams {
+        width: 256,
+        height: 256,
+        ..GenerateParams::default()
+    };
+    let (weights, encoders) = (weights_bytes(&model), text_encoder_bytes(&model));
+    let activations = activation_estimate(&model, &params, 4);
+    let budget = weights - encoders + activations;
+    assert!(weights + text_encoding_estimate(&model, 4) <= budget);
+    assert!(budget < weights + activations);
+    let roots = root.path().to_str().expect("utf-8");
+    async fn generate(server: &TestServer, request: pb::GenerationSpec) -> Vec<u8> {
+        let mut client = server.generation().await;
+        let response = client
+            .generate_images(pb::GenerateImagesRequest {
+                spec: Some(request),
+            })
+            .await;
+        response.expect("generated").into_inner().images[0]
+            .data
+            .clone()
+    }
+    let reference = {
+        let server = TestServer::start(&[
+            ("SDXLD__MODELS__BASE_ROOTS", roots),
+            ("SDXLD__ENGINE__DEFAULT_MODEL", "a"),
+        ])
+        .await;
+        common::decoded_image(&generate(&server, request.clone()).await)
+    };
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__BASE_ROOTS", roots),
+        ("SDXLD__ENGINE__DEFAULT_MODEL", "a"),
+        ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget.to_string()),
+    ])
+    .await;
+    for round in 1..=2 {
+        let image = common::decoded_image(&generate(&server, request.clone()).await);
+        assert!(image.equal(&reference), "round {round}: the image differs");
+        assert_eq!(
+            metric(&server, "sdxld_model_cache_host_bytes"),
+            encoders as f64
+        );
+        assert_eq!(
+            metric(&server, "sdxld_model_cache_resident_bytes"),
+            (weights - encoders) as f64
+        );
+        assert_eq!(
+            metric(&server, "sdxld_text_encoder_offloads_total"),
+            f64::from(2 * round)
+        );
     }
 }

@@ -458,6 +458,7 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
         )
         .with_lora_mode(mode)
         .make_room(&models, &params, 0, copies)
+        .map(|room| room.lora_mode)
     };
     let roomy = weights + activations + copies;
     let tight = weights + activations + copies / 2;

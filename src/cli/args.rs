@@ -161,6 +161,11 @@ pub struct GenerateArgs {
     /// Replay the UNet's calls as CUDA graphs (`engine.cuda_graphs`).
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// Bytes of weights plus estimated activations allowed on the device
+    /// (`engine.memory_budget_bytes`; 0 for no limit). A job that fits only without its
+    /// text encoders moves them to the host once its prompts are encoded.
+    #[arg(long, default_value_t = 0)]
+    pub memory_budget: u64,
 }
 
 /// `--batch`.

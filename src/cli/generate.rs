@@ -91,7 +91,8 @@ impl GenerateArgs {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let mode = self.lora_mode.parse().map_err(anyhow::Error::msg)?;
-        Ok(Engine::local(placement).with_lora_mode(mode))
+        let budget = Some(self.memory_budget).filter(|b| *b > 0);
+        Ok(Engine::local(placement, budget).with_lora_mode(mode))
     }
 }
 

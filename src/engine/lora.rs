@@ -106,7 +106,12 @@ impl Drop for AppliedLoras {
                 Some((start, count)) => {
                     layer.tensor.narrow(0, start, count).copy_(&layer.pristine);
                 }
-                None => layer.tensor.shallow_clone().set_data(&layer.pristine),
+                // Where the layer is now: the cache may have moved it to the host while
+                // the job ran (offloaded text encoders).
+                None => layer
+                    .tensor
+                    .shallow_clone()
+                    .set_data(&layer.pristine.to_device(layer.tensor.device())),
             }
         }
         for slot in self.slots.drain(..) {

@@ -8,7 +8,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::cache::{
-    activation_estimate, detector_activation_estimate, CacheStats, ModelCache, ModelPath,
+    activation_estimate, detector_activation_estimate, text_encoding_estimate, Activations,
+    CacheStats, Fit, ModelCache, ModelPath,
 };
 use crate::engine::codec::VaeCodec;
 use crate::engine::device::{self, Placement};
@@ -31,6 +32,15 @@ pub struct Engine {
     resident: Arc<Mutex<HashSet<PathBuf>>>,
     /// How LoRA adapters are applied.
     lora_mode: LoraMode,
+}
+
+/// How a job fits the memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// How its LoRA adapters are applied.
+    pub lora_mode: LoraMode,
+    /// Whether its text encoders must leave the device once its prompts are encoded.
+    pub fit: Fit,
 }
 
 /// How a model loads into the cache.
@@ -63,11 +73,12 @@ impl Engine {
         }
     }
 
-    /// An engine for one process's own use (the CLI): no budget, nothing shared.
-    pub fn local(placement: Placement) -> Self {
+    /// An engine for one process's own use (the CLI): at most `budget` bytes on the
+    /// device, nothing kept on the host, nothing shared.
+    pub fn local(placement: Placement, budget: Option<u64>) -> Self {
         Self::new(
             placement,
-            None,
+            budget,
             0,
             FileHashes::new(),
             Arc::new(Mutex::new(HashSet::new())),
@@ -130,53 +141,63 @@ impl Engine {
     /// Makes room for a job using `models` and `params`, evicting what it does not use,
     /// and says how its LoRA adapters are applied: merging them takes `lora_copies` more
     /// bytes while the job runs, which the auto mode spends only if the budget has them.
-    /// Its detectors run before the denoising, so `detector_activations` (their largest
-    /// need) counts where it exceeds the generation's.
+    /// Its detectors run before its prompts are encoded, so `detector_activations` (their
+    /// largest need) counts until then; a job that fits only without its text encoders
+    /// from the denoising on is told so.
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
         params: &GenerateParams,
         detector_activations: u64,
         lora_copies: u64,
-    ) -> Result<LoraMode, EngineError> {
+    ) -> Result<Room, EngineError> {
         let element = self.placement().kind.elt_size_in_bytes() as u64;
-        let generation = models
-            .iter()
-            .find_map(|m| match m {
-                ModelPath::Pipeline(path) => Some(activation_estimate(path, params, element)),
-                ModelPath::Vae(_)
-                | ModelPath::ControlNet(_)
-                | ModelPath::Lora(_)
-                | ModelPath::Upscaler(_)
-                | ModelPath::Detector(_) => None,
-            })
-            .unwrap_or(0);
-        let activations = generation.max(detector_activations);
+        let pipeline = models.iter().find_map(|m| match m {
+            ModelPath::Pipeline(path) => Some(*path),
+            ModelPath::Vae(_)
+            | ModelPath::ControlNet(_)
+            | ModelPath::Lora(_)
+            | ModelPath::Upscaler(_)
+            | ModelPath::Detector(_) => None,
+        });
+        let generation = pipeline.map_or(0, |p| activation_estimate(p, params, element));
+        let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
+        let needs = |copies: u64| Activations {
+            encoding: detector_activations.max(encoding) + copies,
+            denoising: generation + copies,
+        };
+        let room = |cache: &mut ModelCache, lora_mode: LoraMode, copies: u64| {
+            cache
+                .make_room_for(models, needs(copies))
+                .map(|fit| Room { lora_mode, fit })
+        };
         let result = match self.lora_mode {
-            LoraMode::Forward => self
-                .cache
-                .make_room(models, activations)
-                .map(|()| LoraMode::Forward),
-            LoraMode::Merge => self
-                .cache
-                .make_room(models, activations + lora_copies)
-                .map(|()| LoraMode::Merge),
-            LoraMode::Auto => match self.cache.make_room(models, activations + lora_copies) {
-                Ok(()) => Ok(LoraMode::Merge),
+            LoraMode::Forward => room(&mut self.cache, LoraMode::Forward, 0),
+            LoraMode::Merge => room(&mut self.cache, LoraMode::Merge, lora_copies),
+            LoraMode::Auto => match room(&mut self.cache, LoraMode::Merge, lora_copies) {
                 Err(EngineError::MemoryBudget(_)) if lora_copies > 0 => {
                     tracing::info!(
                         lora_copies,
                         "merged LoRA weights would not fit the memory budget; applying them in the forward pass"
                     );
-                    self.cache
-                        .make_room(models, activations)
-                        .map(|()| LoraMode::Forward)
+                    room(&mut self.cache, LoraMode::Forward, 0)
                 }
-                Err(e) => Err(e),
+                other => other,
             },
         };
         self.publish();
         result
+    }
+
+    /// Moves the text encoders of the pipelines at `paths` to the host once a job that
+    /// fits only without them has encoded its prompts.
+    pub fn offload_text_encoders(&mut self, paths: &[&std::path::Path]) {
+        let bytes = self.cache.offload_text_encoders(paths);
+        tracing::info!(
+            bytes,
+            "text encoders moved to the host to keep the job within the memory budget"
+        );
+        self.publish();
     }
 
     /// The pipeline of `model`, loading it on first use.

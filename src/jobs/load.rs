@@ -4,6 +4,7 @@
 
 use std::rc::Rc;
 
+use crate::engine::cache::Fit;
 use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
@@ -61,7 +62,7 @@ impl JobRun<'_> {
             })
             .max()
             .unwrap_or(0);
-        let lora_mode = engine.make_room(&paths, &spec.largest_pass(), detectors, lora_copies)?;
+        let room = engine.make_room(&paths, &spec.largest_pass(), detectors, lora_copies)?;
         let mut base = engine.pipeline(&spec.model)?;
         let mut refined = match &spec.refiner {
             Some(job) => Some(engine.pipeline(&job.model)?),
@@ -101,7 +102,7 @@ impl JobRun<'_> {
             None => None,
         };
         let detectors = load_detectors(engine, spec)?;
-        let adapters = EngineError::catch(|| lora::apply(&base, &loras, lora_mode))?;
+        let adapters = EngineError::catch(|| lora::apply(&base, &loras, room.lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
         self.metrics.set_cache(engine.stats());
@@ -112,6 +113,7 @@ impl JobRun<'_> {
             upscalers,
             hires_upscaler,
             detectors,
+            offload_text_encoders: room.fit == Fit::TextEncodersOffloaded,
             _adapters: adapters,
         });
         Ok(())

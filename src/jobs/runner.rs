@@ -139,6 +139,9 @@ pub(crate) struct Loaded {
     pub hires_upscaler: Option<Rc<Upscaler>>,
     /// Each unit input's detector, by unit.
     pub detectors: Vec<Vec<Option<Rc<Detector>>>>,
+    /// The job fits the memory budget only with its text encoders on the host once its
+    /// prompts are encoded.
+    pub offload_text_encoders: bool,
     pub _adapters: AppliedLoras,
 }
 
@@ -443,6 +446,12 @@ impl JobRun<'_> {
             refiner: refined,
             hires,
         });
+        if self.loaded()?.offload_text_encoders {
+            let mut paths = vec![self.spec.model.path.as_path()];
+            paths.extend(self.spec.refiner.as_ref().map(|r| r.model.path.as_path()));
+            self.engine.offload_text_encoders(&paths);
+            self.metrics.set_cache(self.engine.stats());
+        }
         Ok(())
     }
 }

@@ -6,10 +6,12 @@
 //! running job) holds it, so evicting a model releases exactly the components no other
 //! resident model shares. Those are parked on the host while the host budget allows
 //! (their parameters moved in place, so bringing them back is a copy, not a load), and
-//! dropped otherwise.
+//! dropped otherwise. A job that fits the budget only without its text encoders moves
+//! them to the host once its prompts are encoded (offloaded: their models stay resident,
+//! and the next use brings them back).
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -28,16 +30,21 @@ use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::upscale::Upscaler;
 
+mod budget;
+mod offload;
 mod paths;
 mod sizes;
 
+pub use budget::{Activations, Fit};
 pub use paths::ModelPath;
 use paths::{controlnet_files, detector_files, upscaler_files};
-pub use sizes::{activation_estimate, detector_activation_estimate};
+pub use sizes::{activation_estimate, detector_activation_estimate, text_encoding_estimate};
 
 /// A loaded component, known by its content.
 struct Live {
     component: Weak<dyn Any>,
+    /// What it is (`unet`, `text_encoder`, ...).
+    role: &'static str,
     bytes: u64,
     /// Handles to its parameters, to move it between the device and the host.
     params: Vec<Tensor>,
@@ -69,7 +76,7 @@ struct ResidentLora {
 pub struct CacheStats {
     /// Bytes of the components resident at the placement.
     pub resident_bytes: u64,
-    /// Bytes of the components parked on the host.
+    /// Bytes of the components on the host: parked, or offloaded for a job.
     pub host_bytes: u64,
     /// Components loaded from disk since start.
     pub component_loads: u64,
@@ -77,6 +84,8 @@ pub struct CacheStats {
     pub host_reloads: u64,
     /// Models evicted since start.
     pub evictions: u64,
+    /// Text encoders offloaded to the host to fit a job since start.
+    pub text_encoder_offloads: u64,
 }
 
 /// Pipelines and VAEs by path, sharing components by content.
@@ -88,6 +97,8 @@ pub struct ModelCache {
     host_budget: u64,
     components: HashMap<String, Live>,
     parked: HashMap<String, Parked>,
+    /// Components of resident models moved to the host for the job at hand.
+    offloaded: HashSet<String>,
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
@@ -129,6 +140,7 @@ impl ComponentStore for Store<'_> {
             .get(&key)
             .and_then(|l| l.component.upgrade())
         {
+            self.cache.bring_back(std::slice::from_ref(&key));
             return Ok(live);
         }
         let (component, params) = crate::engine::weights::recording(load)?;
@@ -137,6 +149,7 @@ impl ComponentStore for Store<'_> {
             key,
             Live {
                 component: Rc::downgrade(&component),
+                role: files.role,
                 bytes,
                 params,
             },
@@ -172,6 +185,7 @@ impl ModelCache {
             host_budget,
             components: HashMap::new(),
             parked: HashMap::new(),
+            offloaded: HashSet::new(),
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
             controlnets: HashMap::new(),
@@ -208,7 +222,7 @@ impl ModelCache {
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             resident_bytes: self.resident_bytes(),
-            host_bytes: self.parked_bytes(),
+            host_bytes: self.parked_bytes() + self.offloaded_bytes(),
             ..self.stats
         }
     }
@@ -235,15 +249,26 @@ impl ModelCache {
             .collect()
     }
 
-    /// Bytes of the components and LoRA adapters on the device (alive and not parked).
+    /// Bytes of the components and LoRA adapters on the device.
     fn resident_bytes(&self) -> u64 {
         let components: u64 = self
             .components
             .iter()
-            .filter(|(k, l)| l.component.strong_count() > 0 && !self.parked.contains_key(*k))
+            .filter(|(k, _)| self.is_on_device(k))
             .map(|(_, l)| l.bytes)
             .sum();
         components + self.loras.values().map(|l| l.weights.bytes).sum::<u64>()
+    }
+
+    /// Whether the component `key` is loaded and at the placement (not parked or
+    /// offloaded).
+    fn is_on_device(&self, key: &str) -> bool {
+        !self.parked.contains_key(key)
+            && !self.offloaded.contains(key)
+            && self
+                .components
+                .get(key)
+                .is_some_and(|l| l.component.strong_count() > 0)
     }
 
     fn parked_bytes(&self) -> u64 {
@@ -308,6 +333,10 @@ impl ModelCache {
         let now = self.tick();
         for (key, component) in held {
             let unused = Rc::strong_count(&component) == 1;
+            if unused {
+                // Parked below or dropped: no longer lent to a resident model.
+                self.offloaded.remove(&key);
+            }
             let Some(live) = self.components.get_mut(&key) else {
                 continue;
             };
@@ -371,97 +400,6 @@ impl ModelCache {
         Ok((key, bytes))
     }
 
-    /// Bytes of the components of `paths` (pipelines or VAE folders) that are not loaded.
-    fn missing_bytes(&mut self, models: &[ModelPath<'_>]) -> Result<(u64, u64)> {
-        let mut missing = 0;
-        let mut total = 0;
-        let mut seen = std::collections::HashSet::new();
-        for model in models {
-            let files = match model {
-                ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
-                ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
-                ModelPath::ControlNet(path) => vec![controlnet_files(path)],
-                ModelPath::Upscaler(path) => vec![upscaler_files(path)],
-                ModelPath::Detector(path) => vec![detector_files(path)],
-                ModelPath::Lora(path) => {
-                    let hash = self.file_hash(path)?;
-                    let bytes =
-                        crate::engine::weights::loaded_bytes(path, None, self.placement.kind)?;
-                    total += bytes;
-                    if !self.loras.contains_key(&hash) {
-                        missing += bytes;
-                    }
-                    continue;
-                }
-            };
-            for f in files {
-                let (key, bytes) = self.identify(&f)?;
-                if !seen.insert(key.clone()) {
-                    continue;
-                }
-                total += bytes;
-                let live = !self.parked.contains_key(&key)
-                    && self
-                        .components
-                        .get(&key)
-                        .is_some_and(|l| l.component.strong_count() > 0);
-                if !live {
-                    missing += bytes;
-                }
-            }
-        }
-        Ok((missing, total))
-    }
-
-    /// Makes room for a job that uses `models` and needs `activations` bytes while it
-    /// runs: evicts the least recently used models it does not use until the missing
-    /// components fit. A job that cannot fit even in an empty cache is refused.
-    pub fn make_room(&mut self, models: &[ModelPath<'_>], activations: u64) -> Result<()> {
-        let Some(budget) = self.budget else {
-            return Ok(());
-        };
-        let (missing, total) = self.missing_bytes(models)?;
-        if total + activations > budget {
-            return Err(EngineError::MemoryBudget(format!(
-                "the job needs {} bytes ({total} of weights, about {activations} while it runs) but the budget is {budget}",
-                total + activations
-            )));
-        }
-        let keep: Vec<PathBuf> = models.iter().map(|m| m.path().to_path_buf()).collect();
-        let mut keep_loras = Vec::new();
-        for model in models {
-            if let ModelPath::Lora(path) = model {
-                keep_loras.push(self.file_hash(path)?);
-            }
-        }
-        while self.resident_bytes() + missing + activations > budget {
-            let model = self
-                .last_uses()
-                .into_iter()
-                .filter(|(_, p)| !keep.contains(p))
-                .min();
-            let lora = self
-                .loras
-                .iter()
-                .filter(|(hash, _)| !keep_loras.contains(hash))
-                .map(|(hash, l)| (l.last_used, hash.clone()))
-                .min();
-            match (model, lora) {
-                (Some((used, path)), lora) if lora.as_ref().is_none_or(|(l, _)| used < *l) => {
-                    tracing::info!(model = %path.display(), "evicting a model to stay within the memory budget");
-                    self.evict(&path);
-                }
-                (_, Some((_, hash))) => {
-                    tracing::info!(lora = %hash, "evicting a LoRA to stay within the memory budget");
-                    self.loras.remove(&hash);
-                    self.stats.evictions += 1;
-                }
-                _ => break,
-            }
-        }
-        Ok(())
-    }
-
     /// The model at `path` in the map `models` picks, loading it through a store on first
     /// use (its components shared with every other model that has them).
     fn resident_or_load<T>(
@@ -473,7 +411,9 @@ impl ModelCache {
         let now = self.tick();
         if let Some(r) = models(self).get_mut(path) {
             r.last_used = now;
-            return Ok(r.model.clone());
+            let (model, components) = (r.model.clone(), r.components.clone());
+            self.bring_back(&components);
+            return Ok(model);
         }
         let placement = self.placement;
         let mut store = Store {

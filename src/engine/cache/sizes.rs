@@ -47,6 +47,32 @@ pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64)
     unet + vae
 }
 
+/// A rough estimate of the bytes encoding a prompt pair takes beyond the weights: the
+/// widest text encoder's residual stream, attention projections and MLP for two
+/// sequences of its full length, and their attention maps.
+pub fn text_encoding_estimate(model: &Path, element_bytes: u64) -> u64 {
+    // SDXL's OpenCLIP ViT-bigG: hidden size, MLP size, heads, tokens.
+    let sdxl = (1280, 5120, 20, 77);
+    let read = |sub: &str| {
+        let config = read_json::<serde_json::Value>(&model.join(sub).join("config.json")).ok()?;
+        let field = |name: &str| config.get(name).and_then(serde_json::Value::as_u64);
+        Some((
+            field("hidden_size")?,
+            field("intermediate_size")?,
+            field("num_attention_heads")?,
+            field("max_position_embeddings")?,
+        ))
+    };
+    let (hidden, mlp, heads, tokens) = if model.is_file() {
+        sdxl
+    } else {
+        read("text_encoder_2")
+            .or_else(|| read("text_encoder"))
+            .unwrap_or(sdxl)
+    };
+    2 * (tokens * (4 * hidden + 2 * mlp) + heads * tokens * tokens) * element_bytes
+}
+
 /// A rough estimate of the bytes a detector needs beyond its weights on a
 /// `width`×`height` image (at the detection size): the elements alive at its peak, a
 /// fixed part where the network runs at its processor's size and a part per image pixel
