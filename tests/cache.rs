@@ -195,10 +195,21 @@ async fn eviction_budget_admin_and_single_flight() {
     );
 }
 
+/// A two-step 64×64 generation.
+fn small_job() -> sdxld::engine::pipeline::GenerateParams {
+    sdxld::engine::pipeline::GenerateParams {
+        prompt: "a lighthouse".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: 4,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn evicted_components_wait_on_the_host_and_come_back_unchanged() {
     use sdxld::engine::cache::ModelPath;
-    use sdxld::engine::pipeline::GenerateParams;
 
     let root = tempfile::tempdir().expect("tempdir");
     for (name, seed) in [("a", 1), ("b", 2), ("c", 3)] {
@@ -207,14 +218,7 @@ fn evicted_components_wait_on_the_host_and_come_back_unchanged() {
     let size = weights_bytes(&root.path().join("a"));
     let mut cache =
         ModelCache::with_host_budget(Placement::cpu(), Some(size * 5 / 2), size * 5 / 2);
-    let p = GenerateParams {
-        prompt: "a lighthouse".into(),
-        steps: 2,
-        width: 64,
-        height: 64,
-        seed: 4,
-        ..GenerateParams::default()
-    };
+    let p = small_job();
     let run = |cache: &mut ModelCache, name: &str| {
         let path = root.path().join(name);
         cache
@@ -362,7 +366,6 @@ fn text_encoder_bytes(model: &std::path::Path) -> u64 {
 fn text_encoders_leave_the_device_only_for_a_job_that_fits_no_other_way() {
     use sdxld::engine::cache::{Activations, Fit, ModelPath};
     use sdxld::engine::error::EngineError;
-    use sdxld::engine::pipeline::GenerateParams;
 
     let root = tempfile::tempdir().expect("tempdir");
     for (name, seed) in [("a", 1), ("b", 2)] {
@@ -404,14 +407,7 @@ fn text_encoders_leave_the_device_only_for_a_job_that_fits_no_other_way() {
         Err(EngineError::MemoryBudget(_))
     ));
 
-    let p = GenerateParams {
-        prompt: "a lighthouse".into(),
-        steps: 2,
-        width: 64,
-        height: 64,
-        seed: 4,
-        ..GenerateParams::default()
-    };
+    let p = small_job();
     let reference = {
         let mut roomy = ModelCache::new(Placement::cpu(), None);
         let pipeline = roomy.pipeline(&a).expect("load");
