@@ -7,7 +7,6 @@
 mod common;
 
 use common::{assert_close, fixtures, read_tensors, CONFIGS};
-use sdxld::engine::lora::{apply, LoraMode};
 use sdxld::engine::models::nn::is_channels_last;
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use sdxld::engine::weights::WeightLayout;
@@ -100,30 +99,6 @@ fn the_vae_with_channels_last_convolutions_matches_diffusers() {
 fn generations_and_loras_in_the_laid_out_pipeline_match_diffusers_and_leave_no_trace() {
     let layout = LAYOUTS[2];
     for config in CONFIGS {
-        let pipe = load(config, layout);
-        let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
-        let cases = common::cases(config, "lora");
-        let plain = cases.iter().find(|c| c["name"] == "plain").expect("plain");
-        let before = pipe.generate(&plain.params()).expect("plain");
-        common::assert_matches_case(&format!("{config} plain"), &before, &reference, "plain");
-        for mode in [LoraMode::Merge, LoraMode::Forward] {
-            for case in cases.iter().filter(|c| c["name"] != "plain") {
-                let name = case["name"].as_str().expect("name");
-                let what = format!("{config} {name} ({mode:?})");
-                let loras = common::case_loras(config, case);
-                let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert!(applied.layers() > 0, "{what}: nothing adapted");
-                let out = pipe
-                    .generate(&case.params())
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-                drop(applied);
-                common::assert_matches_case(&what, &out, &reference, name);
-            }
-            let after = pipe.generate(&plain.params()).expect("plain again");
-            assert!(
-                after.latents.equal(&before.latents) && after.images.equal(&before.images),
-                "{config} ({mode:?}): an adapter left a trace"
-            );
-        }
+        common::assert_lora_cases_match_and_leave_no_trace(&load(config, layout), config);
     }
 }

@@ -9,7 +9,7 @@ mod common;
 use std::rc::Rc;
 
 use common::cli::sdxld;
-use common::{assert_close, assert_images_match, fixtures, read_tensors, Case, CONFIGS};
+use common::{assert_images_match, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::error::EngineError;
 use sdxld::engine::loading::lora::LoraWeights;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
@@ -59,41 +59,7 @@ fn loras_match_diffusers_in_both_modes_and_leave_no_trace() {
     for config in CONFIGS {
         let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
             .expect("load");
-        let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
-        let all = common::cases(config, "lora");
-        let plain_case = all.iter().find(|c| c["name"] == "plain").expect("plain");
-        let before = pipe.generate(&plain_case.params()).expect("plain");
-        assert_close(
-            &format!("{config} plain"),
-            &before.latents,
-            &reference["plain.latents"],
-        );
-        for mode in [LoraMode::Merge, LoraMode::Forward] {
-            for case in all.iter().filter(|c| c["name"] != "plain") {
-                let name = case["name"].as_str().expect("name");
-                let what = format!("{config} {name} ({mode:?})");
-                let loras = job_loras(config, &adapters(case));
-                let applied = apply(&pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert!(applied.layers() > 0, "{what}: nothing adapted");
-                let out = pipe
-                    .generate(&case.params())
-                    .unwrap_or_else(|e| panic!("{what}: {e}"));
-                drop(applied);
-                common::assert_matches_case(&what, &out, &reference, name);
-                // The adapter matters: its image is not the plain one.
-                assert!(
-                    !same_bits(&out.latents, &before.latents),
-                    "{what}: no effect"
-                );
-            }
-            // Taken off bit for bit: the plain request is what it was before any adapter.
-            let after = pipe.generate(&plain_case.params()).expect("plain again");
-            assert!(
-                same_bits(&after.latents, &before.latents)
-                    && same_bits(&after.images, &before.images),
-                "{config} ({mode:?}): an adapter left a trace"
-            );
-        }
+        common::assert_lora_cases_match_and_leave_no_trace(&pipe, config);
     }
 }
 

@@ -410,3 +410,44 @@ pub fn unet_on_fixture<'a>(
     );
     (out, get("out"))
 }
+
+/// Runs `config`'s LoRA fixture cases through `pipe` in both modes: the plain request and
+/// each adapter case equal diffusers', each adapter changes the latents, and once the
+/// adapters come off the plain request is what it was before, bit for bit.
+pub fn assert_lora_cases_match_and_leave_no_trace(
+    pipe: &sdxld::engine::pipeline::SdxlPipeline,
+    config: &str,
+) {
+    use sdxld::engine::lora::{apply, LoraMode};
+    let reference = read_tensors(&fixtures().join(config).join("lora.safetensors"));
+    let cases = cases(config, "lora");
+    let plain = cases.iter().find(|c| c["name"] == "plain").expect("plain");
+    let before = pipe.generate(&plain.params()).expect("plain");
+    assert_matches_case(&format!("{config} plain"), &before, &reference, "plain");
+    let same_bits = |a: &Tensor, b: &Tensor| a.size() == b.size() && a.equal(b);
+    for mode in [LoraMode::Merge, LoraMode::Forward] {
+        for case in cases.iter().filter(|c| c["name"] != "plain") {
+            let name = case["name"].as_str().expect("name");
+            let what = format!("{config} {name} ({mode:?})");
+            let loras = case_loras(config, case);
+            let applied = apply(pipe, &loras, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(applied.layers() > 0, "{what}: nothing adapted");
+            let out = pipe
+                .generate(&case.params())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            drop(applied);
+            assert_matches_case(&what, &out, &reference, name);
+            // The adapter matters: its image is not the plain one.
+            assert!(
+                !same_bits(&out.latents, &before.latents),
+                "{what}: no effect"
+            );
+        }
+        // Taken off bit for bit: the plain request is what it was before any adapter.
+        let after = pipe.generate(&plain.params()).expect("plain again");
+        assert!(
+            same_bits(&after.latents, &before.latents) && same_bits(&after.images, &before.images),
+            "{config} ({mode:?}): an adapter left a trace"
+        );
+    }
+}
