@@ -10,11 +10,16 @@ module hooks): text encoders, each UNet call by level and layer type, VAE decode
 image encoding, side by side, written as folded stacks under --out for flame graphs.
 
   python3 bench/gpu_full.py --sdxld PATH --vocab DIR [--dtype bfloat16] [--runs 3]
-      [--sizes 1024,768] [--batches 1,4] [--profile] [--out DIR]
+      [--sizes 1024,768] [--batches 1,4] [--profile] [--out DIR] [--device cuda]
+
+`--device cpu` runs the same script on the CPU (host clock instead of CUDA events, no
+allocator peaks): a dry run of every path of the script before GPU time is spent, e.g.
+on a fixture pipeline with `--model DIR --sizes 256 --steps 2 --runs 1`.
 """
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,12 +65,58 @@ TE1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_at
 TE2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280)
 
 
+class HostMark:
+    """A host clock reading with CUDA events' interface, for --device cpu (the CPU's
+    operations have finished when they return)."""
+
+    def __init__(self):
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1e3
+
+
+class Accelerator:
+    """The few device calls the script makes, on CUDA or (for a dry run) the CPU."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.cuda = name == "cuda"
+
+    def describe(self):
+        return torch.cuda.get_device_name(0) if self.cuda else "CPU (dry run)"
+
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def empty_cache(self):
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self):
+        return torch.cuda.max_memory_allocated() if self.cuda else 0
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else HostMark()
+
+
+DEVICE = Accelerator("cuda")
+
+
 def write_model(out: Path, vocab: Path, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE.name):
         common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, layer_norm_eps=1e-5)
         te1 = CLIPTextModel(CLIPTextConfig(**common, **TE1))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **TE2))
@@ -83,7 +134,7 @@ def write_model(out: Path, vocab: Path, dtype):
     pipe.save_pretrained(out, safe_serialization=True)
     params = sum(p.numel() for p in unet.parameters())
     del pipe, unet, vae, te1, te2
-    torch.cuda.empty_cache()
+    DEVICE.empty_cache()
     return params
 
 
@@ -105,12 +156,14 @@ class GpuMemoryWatch:
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 class HookProfiler:
@@ -170,20 +223,20 @@ class HookProfiler:
 
     def push(self, name):
         if self.enabled:
-            event = torch.cuda.Event(enable_timing=True)
+            event = DEVICE.event()
             event.record()
             self.stack.append((name, event))
 
     def pop(self):
         if self.enabled and self.stack:
-            end = torch.cuda.Event(enable_timing=True)
+            end = DEVICE.event()
             end.record()
             name, start = self.stack.pop()
             self.spans.append((";".join([n for n, _ in self.stack] + [name]), start, end))
 
     def stages(self):
         """Per path: count, total_ms, self_ms (after a synchronize)."""
-        torch.cuda.synchronize()
+        DEVICE.synchronize()
         stages = {}
         for path, start, end in self.spans:
             entry = stages.setdefault(path, {"count": 0, "total_ms": 0.0})
@@ -198,7 +251,7 @@ class HookProfiler:
 def diffusers_pipe(model: Path, dtype):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to("cuda")
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to(DEVICE.name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -216,16 +269,16 @@ def time_diffusers(pipe, args, size, batch, steps, profile):
         ).images
 
     once()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    DEVICE.synchronize()
+    DEVICE.reset_peak()
     times = []
     for _ in range(args.runs):
         start = time.perf_counter()
         images = once()
-        torch.cuda.synchronize()
+        DEVICE.synchronize()
         times.append(time.perf_counter() - start)
     finite = bool(torch.from_numpy(images).isfinite().all())
-    peak = torch.cuda.max_memory_allocated()
+    peak = DEVICE.peak()
     stages = None
     if profile:
         from PIL import Image
@@ -243,7 +296,7 @@ def time_diffusers(pipe, args, size, batch, steps, profile):
 
 
 def time_sdxld(args, size, batch, steps, folded, flags=()):
-    cmd = [args.sdxld, "bench", *flags, "--model", str(args.model), "--device", "cuda", "--dtype", args.dtype,
+    cmd = [args.sdxld, "bench", *flags, "--model", str(args.model), "--device", DEVICE.name, "--dtype", args.dtype,
            "--prompt", args.prompt, "--steps", str(steps), "--guidance", "5", "--width", str(size),
            "--height", str(size), "--seed", "1", "--runs", str(args.runs), "--threads", "0",
            "--num-images", str(batch), "--batch", "together"]
@@ -294,7 +347,7 @@ def print_stages(sdxld, diffusers, steps, labels=("sdxld ms", "diffusers ms")):
         ratio = f"{b / a:8.2f}" if a and b else f"{'':>8}"
         print(f"{name + (' (per step)' if per > 1 else ''):<42}{fa}{fb}{ratio}", flush=True)
     step = ours.get("unet")
-    if step and step["total_ms"] > 0:
+    if step and step["total_ms"] > 0 and DEVICE.cuda:
         device_ms, host_ms = step["total_ms"] / step["count"], step.get("host_ms", 0.0) / step["count"]
         verdict = "launch-bound: CUDA graphs would pay" if host_ms > 0.8 * device_ms else "device-bound"
         print(f"{labels[0]} UNet call: {device_ms:.2f} ms on the device, {host_ms:.2f} ms of host time "
@@ -325,7 +378,8 @@ def main():
     parser.add_argument("--sdxld", required=True)
     parser.add_argument("--vocab", required=True, type=Path)
     parser.add_argument("--model", default="/tmp/sdxl-random", type=Path)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-steps", type=int, default=20)
@@ -340,9 +394,11 @@ def main():
     parser.add_argument("--prompt", default="a photograph of a lighthouse at dusk")
     parser.add_argument("--write-only", action="store_true", help="only write the model")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = Accelerator(args.device)
     dtype = getattr(torch, args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(torch.cuda.get_device_name(0), f"torch {torch.__version__}", flush=True)
+    print(DEVICE.describe(), f"torch {torch.__version__}", flush=True)
     if not (args.model / "model_index.json").exists():
         start = time.perf_counter()
         params = write_model(args.model, args.vocab, dtype)

@@ -12,19 +12,24 @@
 #      activations beside them so that the text encoders go to the host once the prompts
 #      are encoded) at 1024² batch 1 against plain (a variant's profile run is eager:
 #      graphs step aside while a profile records).
-# SIZES, BATCHES, RUNS and VARIANTS narrow or widen it to fit the device time at hand.
+# SIZES, BATCHES, RUNS, STEPS and VARIANTS narrow or widen it to fit the device time at
+# hand. A dry run of the whole script on the CPU, before GPU time is spent (the tiny2
+# pipeline in float32 stands in for the full-size model; CUDA-only options are no-ops):
+#   DEVICE=cpu MODEL=.gpu/tiny2 DTYPE=float32 SIZES=256 BATCHES=1,2 RUNS=1 STEPS=2 bench/gpu_speed.sh
 set -uo pipefail
 out="${OUT:-/tmp/gpu-speed}"
+device="${DEVICE:-cuda}"
 mkdir -p "$out"
 source "$(dirname "$0")/gpu_env.sh"
-nvidia-smi -L
+[ "$device" = cuda ] && nvidia-smi -L
 sdxld=.gpu/sdxld
 ldd "$sdxld" | grep -E "libtorch_cuda|not found"
 
-python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only \
+python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
   --cuda-flags "--channels-last --fused-projections;--cuda-graphs;--cuda-graphs --channels-last --fused-projections"
 
 variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;offload=--memory-budget @TIGHT_BUDGET@}"
-python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --dtype bfloat16 \
-  --sizes "${SIZES:-1024,768}" --batches "${BATCHES:-1,4}" --runs "${RUNS:-3}" \
+python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --device "$device" \
+  --model "${MODEL:-/tmp/sdxl-random}" --dtype "${DTYPE:-bfloat16}" --sizes "${SIZES:-1024,768}" \
+  --batches "${BATCHES:-1,4}" --runs "${RUNS:-3}" --steps "${STEPS:-30}" --batch-steps "${STEPS:-20}" \
   --profile --out "$out" --variants "$variants"
