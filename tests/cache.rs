@@ -2,8 +2,9 @@
 //! least-recently-used eviction and residency in ListModels, identical images for A, B,
 //! A, a job that can never fit, admin LoadModel/UnloadModel with the admin token,
 //! single-flight loading under 20 concurrent requests, and components shared by content
-//! (the refiner's second text encoder and VAE are the base's), and text encoders moved to
-//! the host for a job that fits the budget only without them.
+//! (the refiner's second text encoder and VAE are the base's), text encoders moved to the
+//! host for a job that fits the budget only without them, and the images that share a
+//! denoising run counted in its estimate.
 
 mod common;
 
@@ -513,4 +514,59 @@ async fn a_budget_that_holds_a_job_only_without_its_text_encoders_still_serves_i
             f64::from(2 * round)
         );
     }
+}
+
+#[test]
+fn a_budget_counts_the_images_that_share_a_denoising_run() {
+    use sdxld::engine::cache::{activation_estimate, text_encoding_estimate};
+    use sdxld::engine::pipeline::GenerateParams;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let model = root.path().join("a");
+    sdxld::engine::demo::write_demo_model(&model, 1).expect("demo");
+    let one = GenerateParams {
+        width: 256,
+        height: 256,
+        guidance_scale: 5.0,
+        ..GenerateParams::default()
+    };
+    let two = GenerateParams {
+        num_images: 2,
+        ..one.clone()
+    };
+    let (weights, encoders) = (weights_bytes(&model), text_encoder_bytes(&model));
+    let (one_image, two_images) = (
+        activation_estimate(&model, &one, 4),
+        activation_estimate(&model, &two, 4),
+    );
+    // The budget holds one image's run; two images in one run do not fit even with the
+    // text encoders on the host.
+    let budget = weights + one_image;
+    assert!(text_encoding_estimate(&model, 4) <= one_image);
+    assert!(weights - encoders + two_images > budget);
+    let generate = |batch: &str, out: &std::path::Path| {
+        common::cli::sdxld("generate")
+            .flag("--model", &model)
+            .args([
+                "--prompt",
+                "a lighthouse",
+                "--steps",
+                "1",
+                "--guidance",
+                "5",
+            ])
+            .args(["--width", "256", "--height", "256", "--num-images", "2"])
+            .flag("--memory-budget", budget.to_string())
+            .flag("--batch", batch)
+            .flag("--output", out)
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    generate("per-image", &dir.path().join("p.png")).succeeds();
+    assert!(dir.path().join("p-1.png").exists());
+    let refused = generate("together", &dir.path().join("t.png")).fails();
+    assert!(
+        refused.contains(&format!("but the budget is {budget}")),
+        "{refused}"
+    );
+    assert!(!dir.path().join("t.png").exists());
 }

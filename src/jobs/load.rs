@@ -62,7 +62,8 @@ impl JobRun<'_> {
             })
             .max()
             .unwrap_or(0);
-        let room = engine.make_room(&paths, &spec.largest_pass(), detectors, lora_copies)?;
+        let largest_run = spec.largest_run(self.options.batch);
+        let room = engine.make_room(&paths, &largest_run, detectors, lora_copies)?;
         let mut base = engine.pipeline(&spec.model)?;
         let mut refined = match &spec.refiner {
             Some(job) => Some(engine.pipeline(&job.model)?),

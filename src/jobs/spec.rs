@@ -9,6 +9,7 @@ use crate::engine::hires::HiresParams;
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
+use crate::engine::request::BatchMode;
 use crate::engine::upscale::tiles::TilePlan;
 use crate::output::OutputFormat;
 
@@ -248,6 +249,22 @@ impl JobSpec {
         match &self.hires {
             Some(h) => crate::engine::hires::second_pass_params(&self.params, &h.params),
             None => self.params.clone(),
+        }
+    }
+
+    /// The largest pass's parameters as one denoising run of the job under `mode` takes
+    /// them through the UNet at most: `num_images` is the images sharing a run (see
+    /// [`crate::engine::request::batch_runs`]). Before the models load, a scheduler's
+    /// drawing of noise is unknown, so `Together` counts every image of a job that only
+    /// such a scheduler would split (an upper bound).
+    pub fn largest_run(&self, mode: BatchMode) -> GenerateParams {
+        let split = mode == BatchMode::PerImage
+            || self.params.init_image.is_some()
+            || self.refiner.is_some()
+            || self.hires.is_some();
+        GenerateParams {
+            num_images: if split { 1 } else { self.params.num_images },
+            ..self.largest_pass()
         }
     }
 }

@@ -35,16 +35,22 @@ fn first_channels(path: &Path) -> (u64, u64) {
 }
 
 /// A rough estimate of the bytes a generation needs beyond the weights: the UNet's
-/// widest activations at latent resolution for the guided batch, and the VAE decoder's
-/// full-resolution activations, a few tensors of each alive at once.
+/// widest activations at latent resolution for the guided batch of a run of
+/// `p.num_images` images, and the VAE decoder's full-resolution activations for one image
+/// (images are decoded one at a time), a few tensors of each alive at once.
 pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64) -> u64 {
     let (unet_channels, vae_channels) = first_channels(model);
     let pixels = (p.width.max(0) as u64) * (p.height.max(0) as u64);
     let latent_pixels = pixels / 64;
-    let batch = if p.guidance_scale > 1.0 { 2 } else { 1 };
-    let unet = 8 * batch * latent_pixels * unet_channels * 4 * element_bytes;
-    let vae = 4 * pixels * vae_channels * element_bytes;
-    unet + vae
+    let guided = if p.guidance_scale > 1.0 { 2 } else { 1 };
+    let batch = guided * p.num_images.max(1) as u64;
+    let unet = [batch, latent_pixels, unet_channels, 4, element_bytes]
+        .into_iter()
+        .fold(8u64, u64::saturating_mul);
+    let vae = [pixels, vae_channels, element_bytes]
+        .into_iter()
+        .fold(4u64, u64::saturating_mul);
+    unet.saturating_add(vae)
 }
 
 /// A rough estimate of the bytes encoding a prompt pair takes beyond the weights: the
