@@ -48,6 +48,58 @@ mod tests {
         );
         assert_eq!(numbered_path(Path::new("out"), 1), Path::new("out-1"));
     }
+
+    #[test]
+    fn png_keeps_every_pixel_and_both_metadata_chunks() {
+        use super::{encode_rgb, OutputFormat, PngMetadata, REQUEST_CHUNK};
+
+        // Odd sizes, a gradient and noise: every filter and run length the encoder meets.
+        for (width, height) in [(1, 1), (37, 5), (64, 48), (300, 200)] {
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(width * height);
+            let pixels: Vec<u8> = (0..width * height * 3)
+                .map(|i| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    if (i / 3 / width) % 2 == 0 {
+                        (i % 251) as u8
+                    } else {
+                        (state >> 56) as u8
+                    }
+                })
+                .collect();
+            let meta = PngMetadata {
+                parameters: "a lighthouse\nSteps: 2".into(),
+                request_json: "{\"prompt\":\"a lighthouse\"}".into(),
+            };
+            let png = encode_rgb(&pixels, width, height, OutputFormat::Png, 100, Some(&meta))
+                .expect("encode");
+            let mut reader = png::Decoder::new(std::io::Cursor::new(png))
+                .read_info()
+                .expect("a PNG");
+            let mut decoded = vec![0; reader.output_buffer_size().expect("size")];
+            let frame = reader.next_frame(&mut decoded).expect("frame");
+            assert_eq!((frame.width, frame.height), (width, height));
+            assert_eq!(frame.color_type, png::ColorType::Rgb);
+            assert!(
+                decoded[..frame.buffer_size()] == pixels[..],
+                "{width}x{height}"
+            );
+            let texts: Vec<_> = reader
+                .info()
+                .utf8_text
+                .iter()
+                .map(|c| (c.keyword.clone(), c.get_text().expect("text")))
+                .collect();
+            assert_eq!(
+                texts,
+                [
+                    ("parameters".to_string(), meta.parameters.clone()),
+                    (REQUEST_CHUNK.to_string(), meta.request_json.clone())
+                ]
+            );
+        }
+    }
 }
 
 /// How images are encoded for a client.
@@ -105,6 +157,10 @@ pub fn encode_rgb(
                 let mut encoder = png::Encoder::new(&mut out, width, height);
                 encoder.set_color(png::ColorType::Rgb);
                 encoder.set_depth(png::BitDepth::Eight);
+                // fdeflate: on 1024² photographs about 35 times faster than the zlib-like
+                // default, with files within a few per cent of its size (`cargo bench
+                // --bench encode`).
+                encoder.set_compression(png::Compression::Fast);
                 if let Some(meta) = metadata {
                     encoder
                         .add_itxt_chunk("parameters".into(), meta.parameters.clone())
