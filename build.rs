@@ -82,10 +82,10 @@ fn embed_clip_vocabulary() {
     std::fs::write(out_dir.join("clip_bpe_vocab.txt.gz"), bytes).expect("write the vocabulary");
 }
 
-/// Compiles the CUDA shim (csrc/: the allocator's statistics, timing events, graphs)
-/// against the headers of the torch wheel (libtorch's and the CUDA runtime's, both in the
-/// virtual environment). Without them the shim is left out and its Rust side reports
-/// nothing.
+/// Compiles the CUDA shim (csrc/: the allocator's statistics, timing events, graphs, the
+/// attention backends' order) against the headers of the torch wheel (libtorch's and the
+/// CUDA runtime's, both in the virtual environment). Without them the shim is left out and
+/// its Rust side reports nothing.
 fn compile_cuda_shim(lib_dir: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc");
     let Some(torch_dir) = lib_dir.parent() else {
@@ -116,6 +116,7 @@ fn compile_cuda_shim(lib_dir: &std::path::Path) {
         .file("csrc/cuda_memory.cpp")
         .file("csrc/cuda_events.cpp")
         .file("csrc/cuda_graphs.cpp")
+        .file("csrc/attention.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(cuda_include)

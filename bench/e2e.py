@@ -63,15 +63,16 @@ def time_sdxld(model, args):
 
 
 def cuda_check(model, args):
-    """Largest |sdxld - diffusers| of the final latents on CUDA (or --check-device),
-    float32, for sdxld in the plain layout and with each set of --cuda-flags; a failed
-    sdxld run is reported and the next one tried."""
+    """Largest |sdxld - diffusers| of the final latents on CUDA (or --check-device), in
+    --check-dtype (float32: within 1e-3 relative; half precision: each set of flags near
+    the plain layout's own rounding difference), for sdxld in the plain layout and with
+    each set of --cuda-flags; a failed sdxld run is reported and the next one tried."""
     import tempfile
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    device = args.check_device
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32).to(device)
+    device, dtype = args.check_device, args.check_dtype
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(
         prompt=args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -81,15 +82,17 @@ def cuda_check(model, args):
     for flags in [""] + [f for f in args.cuda_flags.split(";") if f]:
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/l.safetensors"
-            cmd = sdxld_command(args, model, "generate", device) + flags.split() + ["--output", f"{tmp}/o.png", "--latents-out", path]
+            cmd = sdxld_command(args, model, "generate", device) + ["--dtype", dtype] + flags.split()
+            cmd += ["--output", f"{tmp}/o.png", "--latents-out", path]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode != 0:
-                print(f"{device} float32 {flags or '(plain layout)'}: sdxld failed: {run.stderr[-2000:]}", flush=True)
+                print(f"{device} {dtype} {flags or '(plain layout)'}: sdxld failed: {run.stderr[-2000:]}", flush=True)
                 continue
-            ours = load_file(path)["latents"]
+            ours = load_file(path)["latents"].float()
         diff = (ours - latents).abs().max().item()
-        print(f"{device} float32 {flags or '(plain layout)'}: max |sdxld - diffusers| = {diff:.3e} "
-              f"(relative {diff / latents.abs().max().item():.3e}, target <= 1e-3)")
+        target = "target <= 1e-3" if dtype == "float32" else "near the plain layout's"
+        print(f"{device} {dtype} {flags or '(plain layout)'}: max |sdxld - diffusers| = {diff:.3e} "
+              f"(relative {diff / latents.abs().max().item():.3e}, {target}), finite={bool(ours.isfinite().all())}", flush=True)
 
 
 def main():
@@ -107,6 +110,7 @@ def main():
     p.add_argument("--cuda-only", action="store_true", help="only the CUDA comparison")
     p.add_argument("--cuda-flags", default="", help="FLAGS;FLAGS...: sdxld flags compared on CUDA too")
     p.add_argument("--check-device", default="cuda", help="where the CUDA comparison runs (cpu: a dry run)")
+    p.add_argument("--check-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args()
     if args.cuda_only:
         cuda_check(args.model, args)

@@ -3,12 +3,13 @@
 # .gpu/ layout of bench/gpu_check.sh: .gpu/sdxld, .gpu/tiny2, .gpu/clip_vocab, .gpu/whl):
 #   1. float32 on CUDA, tiny2: sdxld's latents against diffusers' in the plain layout,
 #      with channels-last convolutions and fused projections, and with CUDA graphs (the
-#      third and fourth UNet calls replayed);
+#      third and fourth UNet calls replayed); then in bfloat16, the plain run and cuDNN's
+#      and the memory-efficient attention kernels against diffusers' bfloat16 latents;
 #   2. the random full-size SDXL base in bfloat16: sdxld and diffusers (eager, SDPA) at
 #      1024² and 768², batch 1 (30 steps) and batch 4 (20 steps), times, images per
 #      second, allocator peaks and per-stage profiles side by side (folded stacks for
 #      flame graphs under $OUT), then the variants (CUDA graphs, each layout option,
-#      cuDNN autotuning, all of them, a memory budget that holds the weights but not the
+#      cuDNN autotuning, all of them, cuDNN's attention kernel first, a memory budget that holds the weights but not the
 #      activations beside them so that the text encoders go to the host once the prompts
 #      are encoded) at 1024² batch 1 against plain (a variant's profile run is eager:
 #      graphs step aside while a profile records).
@@ -27,8 +28,10 @@ ldd "$sdxld" | grep -E "libtorch_cuda|not found"
 
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
   --cuda-flags "--channels-last --fused-projections;--cuda-graphs;--cuda-graphs --channels-last --fused-projections"
+python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
+  --check-dtype "${DTYPE:-bfloat16}" --cuda-flags "--attention-backend cudnn;--attention-backend efficient"
 
-variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;offload=--memory-budget @TIGHT_BUDGET@}"
+variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;cudnn-attn=--attention-backend cudnn;offload=--memory-budget @TIGHT_BUDGET@}"
 python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --device "$device" \
   --model "${MODEL:-/tmp/sdxl-random}" --dtype "${DTYPE:-bfloat16}" --sizes "${SIZES:-1024,768}" \
   --batches "${BATCHES:-1,4}" --runs "${RUNS:-3}" --steps "${STEPS:-30}" --batch-steps "${STEPS:-20}" \

@@ -121,6 +121,8 @@ pub struct EngineSettings {
     pub cudnn_benchmark: bool,
     /// The UNet's plain calls replayed as CUDA graphs.
     pub cuda_graphs: bool,
+    /// The fused attention kernel tried first on CUDA.
+    pub attention_backend: crate::engine::sdpa::AttentionBackend,
 }
 
 /// `[models]`.

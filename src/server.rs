@@ -27,6 +27,7 @@ use crate::engine::device::{self, Placement};
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
+use crate::engine::sdpa::{self, AttentionBackend};
 use crate::engine::weights::WeightLayout;
 use crate::jobs::engine::Engine;
 use crate::jobs::worker::run_worker;
@@ -189,6 +190,13 @@ fn start_engine(
         .spawn(move || {
             if engine.cudnn_benchmark {
                 tch::Cuda::cudnn_set_benchmark(true);
+            }
+            let attention = engine.attention_backend;
+            if !sdpa::set_attention_backend(attention) && attention != AttentionBackend::Flash {
+                tracing::warn!(
+                    ?attention,
+                    "engine.attention_backend: this build cannot set it"
+                );
             }
             let fraction = engine.cuda_memory_fraction;
             if fraction > 0.0 && !device::set_memory_fraction(placement.device, fraction) {

@@ -161,6 +161,10 @@ pub struct GenerateArgs {
     /// Replay the UNet's calls as CUDA graphs (`engine.cuda_graphs`).
     #[arg(long)]
     pub cuda_graphs: bool,
+    /// The fused attention kernel tried first on CUDA: flash, cudnn or efficient
+    /// (`engine.attention_backend`).
+    #[arg(long, default_value = "flash")]
+    pub attention_backend: String,
     /// Bytes of weights plus estimated activations allowed on the device
     /// (`engine.memory_budget_bytes`; 0 for no limit). A job that fits only without its
     /// text encoders moves them to the host once its prompts are encoded.

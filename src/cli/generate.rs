@@ -90,6 +90,8 @@ impl GenerateArgs {
         if self.cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        let attention = self.attention_backend.parse().map_err(anyhow::Error::msg)?;
+        sdxld::engine::sdpa::set_attention_backend(attention);
         let mode = self.lora_mode.parse().map_err(anyhow::Error::msg)?;
         let budget = Some(self.memory_budget).filter(|b| *b > 0);
         Ok(Engine::local(placement, budget).with_lora_mode(mode))

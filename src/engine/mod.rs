@@ -25,5 +25,6 @@ pub mod registry;
 pub mod request;
 pub mod resample;
 pub mod schedulers;
+pub mod sdpa;
 pub mod upscale;
 pub mod weights;
