@@ -8,6 +8,7 @@ the times, images per second, the allocators' peaks, and with --profile the stag
 one more run of each side, timed by CUDA events (sdxld's from its shim, diffusers' from
 module hooks): text encoders, each UNet call by level and layer type, VAE decode,
 image encoding, side by side, written as folded stacks under --out for flame graphs.
+The first size and batch comes first, then the --variants against it, then the rest.
 
   python3 bench/gpu_full.py --sdxld PATH --vocab DIR [--dtype bfloat16] [--runs 3]
       [--sizes 1024,768] [--batches 1,4] [--profile] [--out DIR] [--device cuda]
@@ -138,25 +139,32 @@ def write_model(out: Path, vocab: Path, dtype):
     return params
 
 
+def smi_used_mib():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+    try:
+        return int(out.split()[0])
+    except (ValueError, IndexError):
+        return 0
+
+
 class GpuMemoryWatch:
-    """Polls nvidia-smi's memory.used (MiB) while a block runs; keeps the peak."""
+    """Polls nvidia-smi's memory.used (MiB) while a block runs; keeps the peak above what
+    was in use when it began (this script's own diffusers pipeline)."""
 
     def __init__(self):
         self.peak = 0
+        self._base = 0
         self._stop = threading.Event()
 
     def _poll(self):
         while not self._stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
-            try:
-                self.peak = max(self.peak, int(out.split()[0]))
-            except (ValueError, IndexError):
-                pass
+            self.peak = max(self.peak, smi_used_mib() - self._base)
             time.sleep(0.05)
 
     def __enter__(self):
         self._thread = threading.Thread(target=self._poll, daemon=True)
         if shutil.which("nvidia-smi"):
+            self._base = smi_used_mib()
             self._thread.start()
         return self
 
@@ -365,6 +373,50 @@ def write_folded(stages, path):
             f.write(f"{stage} {round(entry['self_ms'] * 1000)}\n")
 
 
+def compare(pipe, profiler, args, size, batch):
+    """sdxld and diffusers at one size and batch, side by side; sdxld's result."""
+    steps = args.steps if batch == 1 else args.batch_steps
+    folded = args.out / f"sdxld-{size}-b{batch}.folded" if args.profile else None
+    ours = time_sdxld(args, size, batch, steps, folded)
+    theirs = time_diffusers(pipe, args, size, batch, steps, profiler)
+    print(f"== {size}x{size} batch {batch}, {steps} steps, {args.dtype}", flush=True)
+    print(f"diffusers (eager, SDPA): median {theirs['median_s']:.3f} s, runs {[round(t, 3) for t in theirs['runs_s']]}, "
+          f"{theirs['images_per_s']:.2f} images/s, max_memory_allocated {theirs['peak'] / 2**30:.2f} GiB, finite={theirs['finite']}", flush=True)
+    if ours:
+        peak = ours.get("peak_device_memory_bytes")
+        print(f"sdxld: median {ours['median_s']:.3f} s, runs {[round(t, 3) for t in ours['runs_s']]}, "
+              f"{ours['images_per_s']:.2f} images/s, allocator peak {peak / 2**30 if peak else float('nan'):.2f} GiB, "
+              f"nvidia-smi peak {ours['smi_peak_gib']:.2f} GiB above the baseline", flush=True)
+        print(f"ratio diffusers / sdxld = {theirs['median_s'] / ours['median_s']:.2f}x", flush=True)
+    if args.profile:
+        write_folded(theirs["stages"], args.out / f"diffusers-{size}-b{batch}.folded")
+        print_stages(ours.get("profile") if ours else None, theirs["stages"], steps)
+        for name, entry in sorted(((ours or {}).get("profile") or {}).items()):
+            if "peak_memory_bytes" in entry:
+                print(f"  sdxld peak during {name}: {entry['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+    if (size, batch) == (1024, 1):
+        print(f"targets: end to end <= 1.2 s at 1024x1024/{args.steps} steps/batch 1, >= 1.6x diffusers, allocator peak <= 8.5 GiB; "
+              f">= 1.7 images/s at 20 steps batched", flush=True)
+    return ours
+
+
+def run_variants(args, plain, size, batch):
+    """Each --variants entry's sdxld flags at one size and batch against the plain run."""
+    steps = args.steps if batch == 1 else args.batch_steps
+    for variant in filter(None, args.variants.split(";")):
+        name, _, flags = variant.partition("=")
+        flags = flags.replace("@TIGHT_BUDGET@", str(tight_budget(args.model)))
+        folded = args.out / f"sdxld-{size}-b{batch}-{name}.folded" if args.profile else None
+        run = time_sdxld(args, size, batch, steps, folded, flags.split())
+        if run and plain:
+            peak = run.get("peak_device_memory_bytes") or 0
+            print(f"sdxld variant {name} ({flags}) at {size}x{size} batch {batch}: median {run['median_s']:.3f} s "
+                  f"against {plain['median_s']:.3f} s plain ({plain['median_s'] / run['median_s']:.3f}x), "
+                  f"allocator peak {peak / 2**30:.2f} GiB", flush=True)
+            if args.profile:
+                print_stages(run.get("profile"), plain.get("profile"), steps, (name, "plain"))
+
+
 def tight_budget(model: Path):
     """A memory budget that holds every weight of the model but not a 1024² job's
     activations beside them: sdxld then moves the text encoders to the host once the
@@ -407,51 +459,14 @@ def main():
         return 0
 
     configs = [(int(size), int(batch)) for size in args.sizes.split(",") for batch in args.batches.split(",")]
-    results = {}
-    for size, batch in configs:
-        steps = args.steps if batch == 1 else args.batch_steps
-        folded = args.out / f"sdxld-{size}-b{batch}.folded" if args.profile else None
-        results[(size, batch, "sdxld")] = time_sdxld(args, size, batch, steps, folded)
-    size, batch = configs[0]
-    steps = args.steps if batch == 1 else args.batch_steps
-    for variant in filter(None, args.variants.split(";")):
-        name, _, flags = variant.partition("=")
-        flags = flags.replace("@TIGHT_BUDGET@", str(tight_budget(args.model)))
-        folded = args.out / f"sdxld-{size}-b{batch}-{name}.folded" if args.profile else None
-        run = time_sdxld(args, size, batch, steps, folded, flags.split())
-        plain = results[(size, batch, "sdxld")]
-        if run and plain:
-            peak = run.get("peak_device_memory_bytes") or 0
-            print(f"sdxld variant {name} ({flags}) at {size}x{size} batch {batch}: median {run['median_s']:.3f} s "
-                  f"against {plain['median_s']:.3f} s plain ({plain['median_s'] / run['median_s']:.3f}x), "
-                  f"allocator peak {peak / 2**30:.2f} GiB", flush=True)
-            if args.profile:
-                print_stages(run.get("profile"), plain.get("profile"), steps, (name, "plain"))
     pipe = diffusers_pipe(args.model, dtype)
     profiler = HookProfiler(pipe) if args.profile else None
-    for size, batch in configs:
-        steps = args.steps if batch == 1 else args.batch_steps
-        theirs = time_diffusers(pipe, args, size, batch, steps, profiler)
-        ours = results[(size, batch, "sdxld")]
-        label = f"{size}x{size} batch {batch}, {steps} steps, {args.dtype}"
-        print(f"== {label}", flush=True)
-        print(f"diffusers (eager, SDPA): median {theirs['median_s']:.3f} s, runs {[round(t, 3) for t in theirs['runs_s']]}, "
-              f"{theirs['images_per_s']:.2f} images/s, max_memory_allocated {theirs['peak'] / 2**30:.2f} GiB, finite={theirs['finite']}", flush=True)
-        if ours:
-            peak = ours.get("peak_device_memory_bytes")
-            print(f"sdxld: median {ours['median_s']:.3f} s, runs {[round(t, 3) for t in ours['runs_s']]}, "
-                  f"{ours['images_per_s']:.2f} images/s, allocator peak {peak / 2**30 if peak else float('nan'):.2f} GiB, "
-                  f"nvidia-smi peak {ours['smi_peak_gib']:.2f} GiB", flush=True)
-            print(f"ratio diffusers / sdxld = {theirs['median_s'] / ours['median_s']:.2f}x", flush=True)
-        if args.profile:
-            write_folded(theirs["stages"], args.out / f"diffusers-{size}-b{batch}.folded")
-            print_stages(ours.get("profile") if ours else None, theirs["stages"], steps)
-            for name, entry in sorted(((ours or {}).get("profile") or {}).items()):
-                if "peak_memory_bytes" in entry:
-                    print(f"  sdxld peak during {name}: {entry['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
-    if (1024, 1, "sdxld") in results and results[(1024, 1, "sdxld")]:
-        print(f"targets: end to end <= 1.2 s at 1024x1024/{args.steps} steps/batch 1, >= 1.6x diffusers, allocator peak <= 8.5 GiB; "
-              f">= 1.7 images/s at 20 steps batched", flush=True)
+    # The first size and batch (1024² batch 1: the targets), then the variants against it,
+    # then the other sizes and batches: what matters most comes first if time runs out.
+    first = compare(pipe, profiler, args, *configs[0])
+    run_variants(args, first, *configs[0])
+    for size, batch in configs[1:]:
+        compare(pipe, profiler, args, size, batch)
     return 0
 
 
