@@ -570,3 +570,81 @@ fn a_budget_counts_the_images_that_share_a_denoising_run() {
     );
     assert!(!dir.path().join("t.png").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_that_holds_one_tile_of_the_decode_decodes_tile_by_tile() {
+    use sdxld::engine::cache::{generation_estimate, text_encoding_estimate, ModelPath};
+    use sdxld::engine::pipeline::GenerateParams;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let model = root.path().join("a");
+    sdxld::engine::demo::write_demo_model(&model, 1).expect("demo");
+    // The demo VAE tiles at 256 pixels: a 512² image is nine tiles.
+    let mut request = spec("a", 5);
+    (request.width, request.height, request.steps) = (512, 512, 1);
+    request.guidance_scale = Some(5.0);
+    let params = GenerateParams {
+        prompt: request.prompt.clone(),
+        width: 512,
+        height: 512,
+        steps: 1,
+        seed: 5,
+        guidance_scale: 5.0,
+        ..GenerateParams::default()
+    };
+    let (weights, encoders) = (weights_bytes(&model), text_encoder_bytes(&model));
+    let estimate = generation_estimate(&model, &params, 4);
+    let tiled_budget = weights + estimate.tiled();
+    // Neither the whole decode nor moving the text encoders away fits this budget.
+    assert!(weights - encoders + estimate.whole() > tiled_budget);
+    assert!(text_encoding_estimate(&model, 4) <= estimate.tiled());
+
+    // What the engine makes of the same request, decoded whole and tile by tile.
+    let (whole, tiled) = {
+        let mut cache = ModelCache::new(Placement::cpu(), None);
+        cache
+            .make_room(&[ModelPath::Pipeline(&model)], 0)
+            .expect("room");
+        let pipeline = cache.pipeline(&model).expect("load");
+        let latents = pipeline.denoise_all(&params, &mut |_| {}).expect("denoise");
+        let decode = |tiled| {
+            let decoded = pipeline.vae_codec().decode_with(&latents.get(0), tiled);
+            decoded.expect("decode").image
+        };
+        (decode(false), decode(true))
+    };
+    assert!(!whole.equal(&tiled), "tiling changed nothing");
+
+    let roots = root.path().to_str().expect("utf-8");
+    for (budget, expected, tiles) in [
+        (tiled_budget, &tiled, true),
+        (weights + estimate.whole(), &whole, false),
+    ] {
+        let server = TestServer::start(&[
+            ("SDXLD__MODELS__BASE_ROOTS", roots),
+            ("SDXLD__ENGINE__DEFAULT_MODEL", "a"),
+            ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget.to_string()),
+        ])
+        .await;
+        let mut client = server.generation().await;
+        let response = client
+            .generate_images(pb::GenerateImagesRequest {
+                spec: Some(request.clone()),
+            })
+            .await
+            .expect("generated")
+            .into_inner();
+        let image = common::decoded_image(&response.images[0].data);
+        assert!(
+            image.equal(expected),
+            "budget {budget}: not the engine's {} decode",
+            if tiles { "tiled" } else { "whole" }
+        );
+        let warnings = response.completed.expect("completed").warnings;
+        assert_eq!(
+            warnings.iter().any(|w| w.contains("tile by tile")),
+            tiles,
+            "budget {budget}: {warnings:?}"
+        );
+    }
+}

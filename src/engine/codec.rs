@@ -133,6 +133,13 @@ impl VaeCodec {
         self.decode_with(latents, false)
     }
 
+    /// Whether a tiled decode of `latents` [C, h, w] runs tile by tile (rather than whole,
+    /// as it does for latents that fit one tile).
+    pub fn tiles(&self, latents: &Tensor) -> bool {
+        let size = latents.size();
+        size.len() == 3 && self.model.tile_if_tiled(size[1], size[2]).is_some()
+    }
+
     /// [`Self::decode`], tile by tile when `tiled` (diffusers' `enable_tiling()`): the
     /// memory of one tile, for images larger than the VAE's sample size.
     pub fn decode_with(&self, latents: &Tensor, tiled: bool) -> Result<Decoded> {

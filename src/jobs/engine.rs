@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::cache::{
-    activation_estimate, detector_activation_estimate, text_encoding_estimate, Activations,
-    CacheStats, Fit, ModelCache, ModelPath,
+    detector_activation_estimate, generation_estimate, text_encoding_estimate, Activations,
+    CacheStats, Fit, GenerationEstimate, ModelCache, ModelPath,
 };
 use crate::engine::codec::VaeCodec;
 use crate::engine::device::{self, Placement};
@@ -41,6 +41,9 @@ pub struct Room {
     pub lora_mode: LoraMode,
     /// Whether its text encoders must leave the device once its prompts are encoded.
     pub fit: Fit,
+    /// Whether its images are decoded tile by tile (the budget holds one tile's
+    /// activations, not a whole image's).
+    pub tiled_decode: bool,
 }
 
 /// How a model loads into the cache.
@@ -139,11 +142,14 @@ impl Engine {
     }
 
     /// Makes room for a job using `models` and `params`, evicting what it does not use,
-    /// and says how its LoRA adapters are applied: merging them takes `lora_copies` more
-    /// bytes while the job runs, which the auto mode spends only if the budget has them.
-    /// Its detectors run before its prompts are encoded, so `detector_activations` (their
-    /// largest need) counts until then; a job that fits only without its text encoders
-    /// from the denoising on is told so.
+    /// and says how its LoRA adapters are applied and its images decoded: merging the
+    /// adapters takes `lora_copies` more bytes while the job runs, which the auto mode
+    /// spends only if the budget has them; a job whose whole decode does not fit decodes
+    /// tile by tile if that fits (preferred last: tiles are blended, so the image
+    /// differs a little). Its detectors run before its prompts are encoded, so
+    /// `detector_activations` (their largest need) counts until then; a job that fits
+    /// only without its text encoders from the denoising on is told so. Refused, the
+    /// error of the last (smallest) way tried.
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
@@ -160,33 +166,78 @@ impl Engine {
             | ModelPath::Upscaler(_)
             | ModelPath::Detector(_) => None,
         });
-        let generation = pipeline.map_or(0, |p| activation_estimate(p, params, element));
-        let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
-        let needs = |copies: u64| Activations {
-            encoding: detector_activations.max(encoding) + copies,
-            denoising: generation + copies,
-        };
-        let room = |cache: &mut ModelCache, lora_mode: LoraMode, copies: u64| {
-            cache
-                .make_room_for(models, needs(copies))
-                .map(|fit| Room { lora_mode, fit })
-        };
-        let result = match self.lora_mode {
-            LoraMode::Forward => room(&mut self.cache, LoraMode::Forward, 0),
-            LoraMode::Merge => room(&mut self.cache, LoraMode::Merge, lora_copies),
-            LoraMode::Auto => match room(&mut self.cache, LoraMode::Merge, lora_copies) {
-                Err(EngineError::MemoryBudget(_)) if lora_copies > 0 => {
-                    tracing::info!(
-                        lora_copies,
-                        "merged LoRA weights would not fit the memory budget; applying them in the forward pass"
-                    );
-                    room(&mut self.cache, LoraMode::Forward, 0)
-                }
-                other => other,
+        let generation = pipeline.map_or(
+            GenerationEstimate {
+                denoising: 0,
+                decoding: 0,
+                tiled_decoding: 0,
             },
-        };
+            |p| generation_estimate(p, params, element),
+        );
+        let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
+        let mut result = Err(EngineError::Internal("no way to fit the job".into()));
+        for (lora_mode, tiled_decode) in self.ways_to_fit(lora_copies, generation) {
+            let copies = if lora_mode == LoraMode::Merge {
+                lora_copies
+            } else {
+                0
+            };
+            let decoding = if tiled_decode {
+                generation.tiled()
+            } else {
+                generation.whole()
+            };
+            let needs = Activations {
+                encoding: detector_activations.max(encoding) + copies,
+                denoising: decoding + copies,
+            };
+            result = self.cache.make_room_for(models, needs).map(|fit| Room {
+                lora_mode,
+                fit,
+                tiled_decode,
+            });
+            match &result {
+                Err(EngineError::MemoryBudget(_)) => continue,
+                _ => break,
+            }
+        }
+        if let Ok(room) = &result {
+            if room.lora_mode == LoraMode::Forward && self.lora_mode == LoraMode::Auto {
+                tracing::info!(
+                    lora_copies,
+                    "merged LoRA weights would not fit the memory budget; applying them in the forward pass"
+                );
+            }
+            if room.tiled_decode {
+                tracing::info!(
+                    "a whole decode would not fit the memory budget; decoding tile by tile"
+                );
+            }
+        }
         self.publish();
         result
+    }
+
+    /// The ways a job may fit, in the order they are tried: (LoRA mode, tiled decode).
+    fn ways_to_fit(
+        &self,
+        lora_copies: u64,
+        generation: GenerationEstimate,
+    ) -> Vec<(LoraMode, bool)> {
+        let modes = match self.lora_mode {
+            LoraMode::Auto if lora_copies > 0 => vec![LoraMode::Merge, LoraMode::Forward],
+            LoraMode::Auto | LoraMode::Merge => vec![LoraMode::Merge],
+            LoraMode::Forward => vec![LoraMode::Forward],
+        };
+        let decodes: &[bool] = if generation.tiled() < generation.whole() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        decodes
+            .iter()
+            .flat_map(|&tiled| modes.iter().map(move |&mode| (mode, tiled)))
+            .collect()
     }
 
     /// Moves the text encoders of the pipelines at `paths` to the host once a job that

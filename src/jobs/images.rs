@@ -44,8 +44,8 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    /// One image's latents [C, h, w] through `decoder`'s VAE; out of device memory, tile
-    /// by tile.
+    /// One image's latents [C, h, w] through `decoder`'s VAE: tile by tile where the job
+    /// fits the memory budget only so, or after running out of device memory.
     pub(crate) fn vae_decode(
         &mut self,
         decoder: &SdxlPipeline,
@@ -53,8 +53,14 @@ impl JobRun<'_> {
         index: usize,
     ) -> Result<RgbImage, JobError> {
         let decode = |tiled| EngineError::catch(|| decoder.vae_codec().decode_with(latents, tiled));
-        let decoded = match decode(false) {
-            Err(e) if e.is_out_of_memory() => {
+        let budget_tiles = self.loaded()?.tiled_decode;
+        if budget_tiles && decoder.vae_codec().tiles(latents) {
+            self.report.warnings.push(format!(
+                "image {index}: decoded tile by tile (VAE tiling), as a whole decode would not fit the memory budget"
+            ));
+        }
+        let decoded = match decode(budget_tiles) {
+            Err(e) if e.is_out_of_memory() && !budget_tiles => {
                 tracing::warn!("device out of memory while decoding; retrying with VAE tiling");
                 let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
                 self.engine.free_memory(&keep);

@@ -115,6 +115,7 @@ impl JobRun<'_> {
             hires_upscaler,
             detectors,
             offload_text_encoders: room.fit == Fit::TextEncodersOffloaded,
+            tiled_decode: room.tiled_decode,
             _adapters: adapters,
         });
         Ok(())

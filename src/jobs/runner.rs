@@ -142,6 +142,8 @@ pub(crate) struct Loaded {
     /// The job fits the memory budget only with its text encoders on the host once its
     /// prompts are encoded.
     pub offload_text_encoders: bool,
+    /// The job fits the memory budget only with its images decoded tile by tile.
+    pub tiled_decode: bool,
     pub _adapters: AppliedLoras,
 }
 

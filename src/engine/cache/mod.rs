@@ -38,7 +38,10 @@ mod sizes;
 pub use budget::{Activations, Fit};
 pub use paths::ModelPath;
 use paths::{controlnet_files, detector_files, upscaler_files};
-pub use sizes::{activation_estimate, detector_activation_estimate, text_encoding_estimate};
+pub use sizes::{
+    activation_estimate, detector_activation_estimate, generation_estimate, text_encoding_estimate,
+    GenerationEstimate,
+};
 
 /// A loaded component, known by its content.
 struct Live {

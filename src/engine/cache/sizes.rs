@@ -6,13 +6,27 @@ use crate::engine::files::read_json;
 use crate::engine::pipeline::GenerateParams;
 use crate::engine::preprocess::detector::DetectorNetwork;
 
-/// Channels of the first UNet and VAE levels of a model (SDXL's when unreadable).
-fn first_channels(path: &Path) -> (u64, u64) {
-    let first = |v: &serde_json::Value| {
-        v.get("block_out_channels")
-            .and_then(|c| c.get(0))
-            .and_then(serde_json::Value::as_u64)
-    };
+/// What the estimates read of a model's configs (SDXL's values where unreadable).
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    /// Channels of the UNet's first level.
+    unet_channels: u64,
+    /// Channels of the VAE's first level.
+    vae_channels: u64,
+    /// The VAE's levels (its latents are 2^(levels - 1) times smaller than the image).
+    vae_levels: u32,
+    /// The image size the VAE tiles at (its `sample_size`), if any.
+    vae_sample_size: Option<u64>,
+}
+
+const SDXL: Shape = Shape {
+    unet_channels: 320,
+    vae_channels: 128,
+    vae_levels: 4,
+    vae_sample_size: Some(1024),
+};
+
+fn shape(path: &Path) -> Shape {
     if path.is_file() {
         let configs = crate::engine::weights::read_header(path)
             .ok()
@@ -20,37 +34,128 @@ fn first_channels(path: &Path) -> (u64, u64) {
                 crate::engine::loading::single_file::Configs::from_metadata(path, &m).ok()
             });
         let first = |channels: &[i64]| channels.first().map(|&c| c.max(0) as u64);
-        return configs.map_or((320, 128), |c| {
-            (
-                first(&c.unet.block_out_channels).unwrap_or(320),
-                first(&c.vae.block_out_channels).unwrap_or(128),
-            )
+        return configs.map_or(SDXL, |c| Shape {
+            unet_channels: first(&c.unet.block_out_channels).unwrap_or(SDXL.unet_channels),
+            vae_channels: first(&c.vae.block_out_channels).unwrap_or(SDXL.vae_channels),
+            vae_levels: c.vae.block_out_channels.len().max(1) as u32,
+            vae_sample_size: c.vae.sample_size.and_then(|s| u64::try_from(s).ok()),
         });
     }
     let read = |sub: &str| read_json::<serde_json::Value>(&path.join(sub).join("config.json")).ok();
-    (
-        read("unet").as_ref().and_then(first).unwrap_or(320),
-        read("vae").as_ref().and_then(first).unwrap_or(128),
-    )
+    let channels = |v: &serde_json::Value| {
+        v.get("block_out_channels")
+            .and_then(serde_json::Value::as_array)
+            .cloned()
+    };
+    let first = |v: &serde_json::Value| channels(v)?.first()?.as_u64();
+    let (unet, vae) = (read("unet"), read("vae"));
+    let Some(vae) = vae else {
+        return Shape {
+            unet_channels: unet.as_ref().and_then(first).unwrap_or(SDXL.unet_channels),
+            ..SDXL
+        };
+    };
+    Shape {
+        unet_channels: unet.as_ref().and_then(first).unwrap_or(SDXL.unet_channels),
+        vae_channels: first(&vae).unwrap_or(SDXL.vae_channels),
+        vae_levels: channels(&vae).map_or(SDXL.vae_levels, |c| c.len().max(1) as u32),
+        vae_sample_size: vae.get("sample_size").and_then(serde_json::Value::as_u64),
+    }
 }
 
-/// A rough estimate of the bytes a generation needs beyond the weights: the UNet's
-/// widest activations at latent resolution for the guided batch of a run of
-/// `p.num_images` images, and the VAE decoder's full-resolution activations for one image
-/// (images are decoded one at a time), a few tensors of each alive at once.
-pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64) -> u64 {
-    let (unet_channels, vae_channels) = first_channels(model);
-    let pixels = (p.width.max(0) as u64) * (p.height.max(0) as u64);
+/// Rough estimates of the bytes a generation needs beyond the weights, a few tensors of
+/// each stage's widest level alive at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationEstimate {
+    /// The UNet's activations at latent resolution for the guided batch of a run of
+    /// `num_images` images.
+    pub denoising: u64,
+    /// The VAE decoder's at full resolution for one image (images are decoded one at a
+    /// time).
+    pub decoding: u64,
+    /// The VAE decoder's tile by tile (diffusers' tiled decode: one tile's activations
+    /// and every decoded tile kept for blending); `decoding` where the image fits one
+    /// tile.
+    pub tiled_decoding: u64,
+}
+
+impl GenerationEstimate {
+    /// With each image decoded whole.
+    pub fn whole(&self) -> u64 {
+        self.denoising.saturating_add(self.decoding)
+    }
+
+    /// With each image decoded tile by tile.
+    pub fn tiled(&self) -> u64 {
+        self.denoising.saturating_add(self.tiled_decoding)
+    }
+}
+
+fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |a, &b| a.saturating_mul(b))
+}
+
+/// The decoder's activations tile by tile, as `AutoencoderKL::decode_tiled` runs: tiles
+/// of `sample_size` pixels every three quarters of a tile.
+fn tiled_decoding(shape: Shape, (width, height): (u64, u64), element_bytes: u64) -> Option<u64> {
+    let factor = 1u64 << shape.vae_levels.saturating_sub(1).min(16);
+    let tile = shape.vae_sample_size? / factor;
+    let stride = (tile * 3 / 4).max(1);
+    let tile_pixels = tile * factor;
+    if tile == 0 || (width <= tile_pixels && height <= tile_pixels) {
+        return None;
+    }
+    let (latent_w, latent_h) = (width / factor, height / factor);
+    let tiles = latent_w.div_ceil(stride) * latent_h.div_ceil(stride);
+    let one_tile = product(&[
+        4,
+        width.min(tile_pixels),
+        height.min(tile_pixels),
+        shape.vae_channels,
+        element_bytes,
+    ]);
+    let kept = product(&[
+        3,
+        element_bytes,
+        product(&[tiles, tile_pixels, tile_pixels]).saturating_add(2 * width * height),
+    ]);
+    Some(one_tile.saturating_add(kept))
+}
+
+/// The activation estimates of a generation with `p` on `model`.
+pub fn generation_estimate(
+    model: &Path,
+    p: &GenerateParams,
+    element_bytes: u64,
+) -> GenerationEstimate {
+    let shape = shape(model);
+    let (width, height) = (p.width.max(0) as u64, p.height.max(0) as u64);
+    let pixels = width * height;
     let latent_pixels = pixels / 64;
     let guided = if p.guidance_scale > 1.0 { 2 } else { 1 };
     let batch = guided * p.num_images.max(1) as u64;
-    let unet = [batch, latent_pixels, unet_channels, 4, element_bytes]
-        .into_iter()
-        .fold(8u64, u64::saturating_mul);
-    let vae = [pixels, vae_channels, element_bytes]
-        .into_iter()
-        .fold(4u64, u64::saturating_mul);
-    unet.saturating_add(vae)
+    let denoising = product(&[
+        8,
+        batch,
+        latent_pixels,
+        shape.unet_channels,
+        4,
+        element_bytes,
+    ]);
+    let decoding = product(&[4, pixels, shape.vae_channels, element_bytes]);
+    let tiled_decoding = tiled_decoding(shape, (width, height), element_bytes)
+        .map_or(decoding, |tiled| tiled.min(decoding));
+    GenerationEstimate {
+        denoising,
+        decoding,
+        tiled_decoding,
+    }
+}
+
+/// A rough estimate of the bytes a generation needs beyond the weights with its images
+/// decoded whole (see [`generation_estimate`]).
+pub fn activation_estimate(model: &Path, p: &GenerateParams, element_bytes: u64) -> u64 {
+    generation_estimate(model, p, element_bytes).whole()
 }
 
 /// A rough estimate of the bytes encoding a prompt pair takes beyond the weights: the

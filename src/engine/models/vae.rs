@@ -424,20 +424,24 @@ impl AutoencoderKL {
             .contiguous()
     }
 
+    /// The latent tile size [`Self::decode_tiled`] decodes `h`×`w` latents in, or None
+    /// where it decodes them whole (they fit one tile, or the VAE has no sample size).
+    pub fn tile_if_tiled(&self, h: i64, w: i64) -> Option<i64> {
+        let sample = self.config.sample_size.filter(|s| *s > 0)?;
+        let levels = self.config.block_out_channels.len().clamp(1, 16) as u32;
+        let tile = sample / 2i64.pow(levels - 1);
+        (tile > 0 && (h > tile || w > tile)).then_some(tile)
+    }
+
     /// Decodes unscaled latents tile by tile when they are larger than one tile, as
     /// diffusers' `AutoencoderKL.tiled_decode` does (tiles of the VAE's sample size,
     /// overlapping by a quarter, blended linearly): peak memory stays that of one tile.
     pub fn decode_tiled(&self, latents: &Tensor) -> Tensor {
-        let Some(sample) = self.config.sample_size.filter(|s| *s > 0) else {
-            return self.decode(latents);
-        };
-        let levels = self.config.block_out_channels.len().max(1) as u32;
-        let tile = sample / 2i64.pow(levels - 1);
         let size = latents.size();
         let (h, w) = (size[2], size[3]);
-        if tile <= 0 || (h <= tile && w <= tile) {
+        let (Some(sample), Some(tile)) = (self.config.sample_size, self.tile_if_tiled(h, w)) else {
             return self.decode(latents);
-        }
+        };
         let overlap = ((tile as f64 * 0.75) as i64).max(1);
         let blend = (sample as f64 * 0.25) as i64;
         let row_limit = sample - blend;
