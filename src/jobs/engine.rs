@@ -166,14 +166,9 @@ impl Engine {
             | ModelPath::Upscaler(_)
             | ModelPath::Detector(_) => None,
         });
-        let generation = pipeline.map_or(
-            GenerationEstimate {
-                denoising: 0,
-                decoding: 0,
-                tiled_decoding: 0,
-            },
-            |p| generation_estimate(p, params, element),
-        );
+        let generation = pipeline.map_or_else(GenerationEstimate::default, |p| {
+            generation_estimate(p, params, element)
+        });
         let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
         let mut result = Err(EngineError::Internal("no way to fit the job".into()));
         for (lora_mode, tiled_decode) in self.ways_to_fit(lora_copies, generation) {

@@ -65,7 +65,7 @@ fn shape(path: &Path) -> Shape {
 
 /// Rough estimates of the bytes a generation needs beyond the weights, a few tensors of
 /// each stage's widest level alive at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GenerationEstimate {
     /// The UNet's activations at latent resolution for the guided batch of a run of
     /// `num_images` images.
