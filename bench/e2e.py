@@ -79,6 +79,10 @@ def cuda_check(model, args):
         width=args.width, height=args.height,
         generator=[torch.Generator("cpu").manual_seed(args.seed)], output_type="latent",
     ).images.float().cpu()
+    import numpy as np
+    from PIL import Image
+
+    plain_image = None
     for flags in [""] + [f for f in args.cuda_flags.split(";") if f]:
         with tempfile.TemporaryDirectory() as tmp:
             path = f"{tmp}/l.safetensors"
@@ -89,10 +93,14 @@ def cuda_check(model, args):
                 print(f"{device} {dtype} {flags or '(plain layout)'}: sdxld failed: {run.stderr[-2000:]}", flush=True)
                 continue
             ours = load_file(path)["latents"].float()
+            image = np.asarray(Image.open(f"{tmp}/o.png")).astype(int)
+        plain_image = image if plain_image is None else plain_image
+        levels = int(np.abs(image - plain_image).max())
         diff = (ours - latents).abs().max().item()
         target = "target <= 1e-3" if dtype == "float32" else "near the plain layout's"
         print(f"{device} {dtype} {flags or '(plain layout)'}: max |sdxld - diffusers| = {diff:.3e} "
-              f"(relative {diff / latents.abs().max().item():.3e}, {target}), finite={bool(ours.isfinite().all())}", flush=True)
+              f"(relative {diff / latents.abs().max().item():.3e}, {target}), finite={bool(ours.isfinite().all())}, "
+              f"image within {levels} levels of the plain layout's", flush=True)
 
 
 def main():

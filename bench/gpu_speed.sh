@@ -4,12 +4,13 @@
 #   1. float32 on CUDA, tiny2: sdxld's latents against diffusers' in the plain layout,
 #      with channels-last convolutions and fused projections, and with CUDA graphs (the
 #      third and fourth UNet calls replayed); then in bfloat16, the plain run and cuDNN's
-#      and the memory-efficient attention kernels against diffusers' bfloat16 latents;
+#      and the memory-efficient attention kernels and the VAE decoded in bands against
+#      diffusers' bfloat16 latents;
 #   2. the random full-size SDXL base in bfloat16: sdxld and diffusers (eager, SDPA) at
 #      1024² batch 1 (30 steps): times, allocator peaks and per-stage profiles side by
 #      side (folded stacks for flame graphs); then the variants at 1024² batch 1 against
 #      plain (CUDA graphs, each layout option, cuDNN autotuning, all of them, cuDNN's
-#      attention kernel first, a memory budget that holds the weights but not the
+#      attention kernel first, the VAE decoded in bands of 128 rows, a memory budget that holds the weights but not the
 #      activations beside them so that the text encoders go to the host once the
 #      prompts are encoded; a variant's profile run is eager: graphs step aside while a
 #      profile records); then 1024² batch 4 (20 steps, images per second) and 768².
@@ -37,9 +38,9 @@ ldd "$sdxld" | grep -E "libtorch_cuda|not found"
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
   --cuda-flags "--channels-last --fused-projections;--cuda-graphs;--cuda-graphs --channels-last --fused-projections"
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
-  --check-dtype "${DTYPE:-bfloat16}" --cuda-flags "--attention-backend cudnn;--attention-backend efficient"
+  --check-dtype "${DTYPE:-bfloat16}" --cuda-flags "--attention-backend cudnn;--attention-backend efficient;--vae-band-rows 16"
 
-variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;cudnn-attn=--attention-backend cudnn;offload=--memory-budget @TIGHT_BUDGET@}"
+variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;cudnn-attn=--attention-backend cudnn;bands=--vae-band-rows 128;offload=--memory-budget @TIGHT_BUDGET@}"
 left=$(( ${DEADLINE_S:-570} - (SECONDS - started) ))
 [ "$left" -gt 0 ] || { echo "no time left for the full-size model"; exit 1; }
 timeout -s INT "$left" python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --device "$device" \

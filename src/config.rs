@@ -123,6 +123,9 @@ pub struct EngineSettings {
     pub cuda_graphs: bool,
     /// The fused attention kernel tried first on CUDA.
     pub attention_backend: crate::engine::sdpa::AttentionBackend,
+    /// The VAE decoder's layers on more rows than this run that many rows at a time; 0:
+    /// whole.
+    pub vae_band_rows: u32,
 }
 
 /// `[models]`.

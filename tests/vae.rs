@@ -193,3 +193,61 @@ fn tiled_decoding_matches_diffusers() {
         assert!(diff > 2, "{config}: tiling changed nothing");
     }
 }
+
+#[test]
+fn decoding_in_bands_equals_decoding_whole() {
+    use sdxld::engine::weights::WeightLayout;
+
+    for config in CONFIGS {
+        let dir = fixtures().join(config).join("pipeline");
+        let latents =
+            &read_tensors(&fixtures().join(config).join("tiled_decode.safetensors"))["latents"];
+        for channels_last in [false, true] {
+            let placement = Placement::cpu().with_layout(WeightLayout {
+                channels_last,
+                fused_projections: false,
+            });
+            let pipe = SdxlPipeline::load(&dir, placement).expect("load");
+            let vae = pipe.vae();
+            let z = vae.unscale_latents(latents);
+            let whole = tch::no_grad(|| vae.decode(&z));
+            let height = whole.size()[2];
+            // Bands of one row, uneven bands, and bands that leave only the top level whole.
+            for rows in [1, 5, 16, height / 2 + 3, height - 1] {
+                let banded = tch::no_grad(|| vae.decode_in_bands(&z, Some(rows)));
+                assert_close(
+                    &format!("{config} channels_last={channels_last} bands of {rows} rows"),
+                    &banded,
+                    &whole,
+                );
+                assert!(
+                    !banded.equal(&whole) || rows >= height,
+                    "{config}: bands of {rows} rows ran as the whole"
+                );
+            }
+            // Two samples, each normalised with its own statistics.
+            let pair = tch::Tensor::cat(&[&z, &z.flip([3])], 0);
+            assert_close(
+                &format!("{config} channels_last={channels_last} two samples in bands"),
+                &tch::no_grad(|| vae.decode_in_bands(&pair, Some(5))),
+                &tch::no_grad(|| vae.decode(&pair)),
+            );
+            // Through the codec, as the engine decodes, tiled too.
+            let banded =
+                SdxlPipeline::load(&dir, placement.with_vae_band_rows(Some(7))).expect("load");
+            for tiled in [false, true] {
+                let image = |p: &SdxlPipeline| {
+                    p.vae_codec()
+                        .decode_with(&latents.get(0), tiled)
+                        .expect("decode")
+                        .image
+                };
+                assert_images_match(
+                    &format!("{config} codec in bands, tiled={tiled}"),
+                    &image(&banded),
+                    &image(&pipe),
+                );
+            }
+        }
+    }
+}

@@ -165,6 +165,10 @@ pub struct GenerateArgs {
     /// (`engine.attention_backend`).
     #[arg(long, default_value = "flash")]
     pub attention_backend: String,
+    /// Run the VAE decoder's layers on more rows than this that many rows at a time
+    /// (`engine.vae_band_rows`; 0: whole).
+    #[arg(long, default_value_t = 0)]
+    pub vae_band_rows: u32,
     /// Bytes of weights plus estimated activations allowed on the device
     /// (`engine.memory_budget_bytes`; 0 for no limit). A job that fits only without its
     /// text encoders moves them to the host once its prompts are encoded.

@@ -148,10 +148,11 @@ impl VaeCodec {
         let run = |model: &AutoencoderKL, kind: Kind| {
             let z = latents.unsqueeze(0).to_device(self.device).to_kind(kind);
             let z = model.unscale_latents(&z);
+            let bands = self.placement.vae_band_rows;
             let decoded = if tiled {
-                model.decode_tiled(&z)
+                model.decode_tiled_in_bands(&z, bands)
             } else {
-                model.decode(&z)
+                model.decode_in_bands(&z, bands)
             };
             decoded.to_kind(Kind::Float).to_device(Device::Cpu)
         };

@@ -21,6 +21,8 @@ pub struct Placement {
     pub layout: WeightLayout,
     /// On CUDA, the UNet's plain calls replayed as CUDA graphs.
     pub cuda_graphs: bool,
+    /// The VAE decoder's layers on more rows than this run that many rows at a time.
+    pub vae_band_rows: Option<i64>,
 }
 
 impl Placement {
@@ -31,6 +33,7 @@ impl Placement {
             kind: Kind::Float,
             layout: WeightLayout::default(),
             cuda_graphs: false,
+            vae_band_rows: None,
         }
     }
 
@@ -49,6 +52,15 @@ impl Placement {
     pub fn with_cuda_graphs(self, cuda_graphs: bool) -> Self {
         Self {
             cuda_graphs,
+            ..self
+        }
+    }
+
+    /// The same placement with the VAE decoder's large layers run `rows` rows at a time
+    /// (None or 0: whole).
+    pub fn with_vae_band_rows(self, rows: Option<i64>) -> Self {
+        Self {
+            vae_band_rows: rows.filter(|r| *r > 0),
             ..self
         }
     }
@@ -96,6 +108,7 @@ impl Placement {
             kind,
             layout: WeightLayout::default(),
             cuda_graphs: false,
+            vae_band_rows: None,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Model components. Module paths mirror the diffusers weight keys.
 
 pub mod attention;
+pub mod bands;
 pub mod clip;
 pub mod controlnet;
 pub mod controlnet_file;

@@ -322,7 +322,17 @@ impl Conv2d {
 
     /// Applies the convolution to an NCHW tensor.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (stride, padding) = ([self.stride, self.stride], [self.padding, self.padding]);
+        self.apply(x, [self.padding, self.padding])
+    }
+
+    /// Applies the convolution with its columns padded but not its rows: to a band of
+    /// rows that carries its own halo (see [`crate::engine::models::bands`]).
+    pub fn forward_unpadded_rows(&self, x: &Tensor) -> Tensor {
+        self.apply(x, [0, self.padding])
+    }
+
+    fn apply(&self, x: &Tensor, padding: [i64; 2]) -> Tensor {
+        let stride = [self.stride, self.stride];
         let y = x.conv2d(&self.weight, Some(&self.bias), stride, padding, [1, 1], 1);
         // LoCon: a k x k convolution to the rank, then a 1 x 1 one back up.
         self.low_rank.borrow().iter().fold(y, |y, p| {
@@ -355,6 +365,26 @@ impl GroupNorm {
             bias: vp.get("bias", &[channels])?,
             eps,
         })
+    }
+
+    /// Its number of groups.
+    pub fn groups(&self) -> i64 {
+        self.groups
+    }
+
+    /// Its epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// Its per-channel scale.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Its per-channel shift.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 
     /// Normalises an N, C, ... tensor.

@@ -4,6 +4,7 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
+use crate::engine::models::bands;
 use crate::engine::models::nn::{Conv2d, GroupNorm, Linear};
 use crate::engine::profile;
 use crate::engine::weights::VarPath;
@@ -91,6 +92,28 @@ impl ResnetBlock2D {
     }
 }
 
+impl ResnetBlock2D {
+    /// [`Self::forward`] without a time embedding (the VAE's blocks), its group norms and
+    /// 3×3 convolutions run `rows` rows at a time (see [`crate::engine::models::bands`]).
+    pub fn forward_in_bands(&self, x: &Tensor, rows: i64) -> Tensor {
+        let _stage = profile::span("resnet");
+        let first = bands::norm_silu_conv(&self.norm1, &self.conv1, x, rows);
+        let mut h = bands::norm_silu_conv(&self.norm2, &self.conv2, &first, rows);
+        drop(first);
+        match &self.conv_shortcut {
+            Some(shortcut) => {
+                let mut out = shortcut.forward(x);
+                out += &h;
+                out
+            }
+            None => {
+                h += x;
+                h
+            }
+        }
+    }
+}
+
 /// A strided 3×3 convolution that halves the spatial size.
 pub struct Downsample2D {
     conv: Conv2d,
@@ -143,5 +166,11 @@ impl Upsample2D {
             }
         };
         self.conv.forward(&up)
+    }
+
+    /// [`Self::forward`] doubling the size, `rows` output rows at a time.
+    pub fn forward_in_bands(&self, x: &Tensor, rows: i64) -> Tensor {
+        let _stage = profile::span("upsample");
+        bands::upsample_conv(&self.conv, x, rows)
     }
 }

@@ -10,6 +10,7 @@ use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
 use crate::engine::device::Placement;
 use crate::engine::error::Result;
 use crate::engine::models::attention::Attention;
+use crate::engine::models::bands;
 use crate::engine::models::nn::{is_channels_last, Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::weights::VarPath;
@@ -404,6 +405,13 @@ impl AutoencoderKL {
 
     /// Decodes unscaled latents into images in roughly [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Tensor {
+        self.decode_in_bands(latents, None)
+    }
+
+    /// [`Self::decode`], with the layers working on more than `band_rows` rows run that
+    /// many rows at a time (the same image up to rounding, fewer full-size temporaries:
+    /// see [`crate::engine::models::bands`]).
+    pub fn decode_in_bands(&self, latents: &Tensor, band_rows: Option<i64>) -> Tensor {
         let d = &self.decoder;
         let mut z = latents.shallow_clone();
         if let Some(p) = &self.post_quant_conv {
@@ -411,17 +419,27 @@ impl AutoencoderKL {
         }
         let mut h = d.conv_in.forward(&z);
         h = d.mid_block.forward(&h);
+        // Rows of the tensor a layer works on, when it is banded.
+        let banded = |rows_out: i64| band_rows.filter(|&rows| rows_out > rows);
         for (resnets, up) in &d.up_blocks {
             for r in resnets {
-                h = r.forward(&h, None);
+                h = match banded(h.size()[2]) {
+                    Some(rows) => r.forward_in_bands(&h, rows),
+                    None => r.forward(&h, None),
+                };
             }
             if let Some(u) = up {
-                h = u.forward(&h, None);
+                h = match banded(2 * h.size()[2]) {
+                    Some(rows) => u.forward_in_bands(&h, rows),
+                    None => u.forward(&h, None),
+                };
             }
         }
-        d.conv_out
-            .forward(&d.conv_norm_out.forward(&h).silu())
-            .contiguous()
+        let out = match banded(h.size()[2]) {
+            Some(rows) => bands::norm_silu_conv(&d.conv_norm_out, &d.conv_out, &h, rows),
+            None => d.conv_out.forward(&d.conv_norm_out.forward(&h).silu()),
+        };
+        out.contiguous()
     }
 
     /// The latent tile size [`Self::decode_tiled`] decodes `h`×`w` latents in, or None
@@ -437,10 +455,15 @@ impl AutoencoderKL {
     /// diffusers' `AutoencoderKL.tiled_decode` does (tiles of the VAE's sample size,
     /// overlapping by a quarter, blended linearly): peak memory stays that of one tile.
     pub fn decode_tiled(&self, latents: &Tensor) -> Tensor {
+        self.decode_tiled_in_bands(latents, None)
+    }
+
+    /// [`Self::decode_tiled`], each tile decoded as [`Self::decode_in_bands`] does.
+    pub fn decode_tiled_in_bands(&self, latents: &Tensor, band_rows: Option<i64>) -> Tensor {
         let size = latents.size();
         let (h, w) = (size[2], size[3]);
         let (Some(sample), Some(tile)) = (self.config.sample_size, self.tile_if_tiled(h, w)) else {
-            return self.decode(latents);
+            return self.decode_in_bands(latents, band_rows);
         };
         let overlap = ((tile as f64 * 0.75) as i64).max(1);
         let blend = (sample as f64 * 0.25) as i64;
@@ -452,7 +475,7 @@ impl AutoencoderKL {
                 let part = latents
                     .narrow(2, i, tile.min(h - i))
                     .narrow(3, j, tile.min(w - j));
-                row.push(self.decode(&part));
+                row.push(self.decode_in_bands(&part, band_rows));
             }
             rows.push(row);
         }
