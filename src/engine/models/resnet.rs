@@ -71,13 +71,24 @@ impl ResnetBlock2D {
     /// `ResnetBlock2D.forward` with `time_embedding_norm="default"`, output scale 1.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let _stage = profile::span("resnet");
-        // In place where a fresh tensor is overwritten, so that fewer full-size
-        // activations are alive at once (the same values).
-        let mut h = self.conv1.forward(&self.norm1.forward(x).silu_());
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
-        }
-        let mut h = self.conv2.forward(&self.norm2.forward(&h).silu_());
+        // In place where a fresh tensor is overwritten, and the first convolution's output
+        // dropped before the shortcut runs, so that fewer full-size activations are alive
+        // at once (the same values).
+        let h = {
+            let mut h = self.conv1.forward(&self.norm1.forward(x).silu_());
+            if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+                h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+            }
+            self.conv2.forward(&self.norm2.forward(&h).silu_())
+        };
+        self.add_input(x, h)
+    }
+}
+
+impl ResnetBlock2D {
+    /// The block's output: `h` plus its input `x` (through the shortcut convolution when
+    /// the channels change).
+    fn add_input(&self, x: &Tensor, mut h: Tensor) -> Tensor {
         match &self.conv_shortcut {
             Some(shortcut) => {
                 let mut out = shortcut.forward(x);
@@ -90,27 +101,15 @@ impl ResnetBlock2D {
             }
         }
     }
-}
 
-impl ResnetBlock2D {
     /// [`Self::forward`] without a time embedding (the VAE's blocks), its group norms and
     /// 3×3 convolutions run `rows` rows at a time (see [`crate::engine::models::bands`]).
     pub fn forward_in_bands(&self, x: &Tensor, rows: i64) -> Tensor {
         let _stage = profile::span("resnet");
         let first = bands::norm_silu_conv(&self.norm1, &self.conv1, x, rows);
-        let mut h = bands::norm_silu_conv(&self.norm2, &self.conv2, &first, rows);
+        let h = bands::norm_silu_conv(&self.norm2, &self.conv2, &first, rows);
         drop(first);
-        match &self.conv_shortcut {
-            Some(shortcut) => {
-                let mut out = shortcut.forward(x);
-                out += &h;
-                out
-            }
-            None => {
-                h += x;
-                h
-            }
-        }
+        self.add_input(x, h)
     }
 }
 
