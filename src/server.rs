@@ -76,7 +76,7 @@ pub fn placement(settings: &Settings) -> anyhow::Result<Placement> {
             placement
                 .with_layout(layout)
                 .with_cuda_graphs(settings.engine.cuda_graphs)
-                .with_vae_band_rows(Some(i64::from(settings.engine.vae_band_rows)))
+                .with_vae_band_rows(settings.engine.vae_band_rows)
         })
         .map_err(|e| anyhow!("configuration: `engine.device`/`engine.dtype`: {e}"))
 }

@@ -87,7 +87,7 @@ impl GenerateArgs {
                 fused_projections: self.fused_projections,
             })
             .with_cuda_graphs(self.cuda_graphs)
-            .with_vae_band_rows(Some(i64::from(self.vae_band_rows)));
+            .with_vae_band_rows(self.vae_band_rows);
         if self.cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }

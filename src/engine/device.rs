@@ -57,10 +57,10 @@ impl Placement {
     }
 
     /// The same placement with the VAE decoder's large layers run `rows` rows at a time
-    /// (None or 0: whole).
-    pub fn with_vae_band_rows(self, rows: Option<i64>) -> Self {
+    /// (0: whole).
+    pub fn with_vae_band_rows(self, rows: u32) -> Self {
         Self {
-            vae_band_rows: rows.filter(|r| *r > 0),
+            vae_band_rows: (rows > 0).then_some(i64::from(rows)),
             ..self
         }
     }

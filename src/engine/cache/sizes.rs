@@ -49,17 +49,18 @@ fn shape(path: &Path) -> Shape {
     };
     let first = |v: &serde_json::Value| channels(v)?.first()?.as_u64();
     let (unet, vae) = (read("unet"), read("vae"));
-    let Some(vae) = vae else {
-        return Shape {
-            unet_channels: unet.as_ref().and_then(first).unwrap_or(SDXL.unet_channels),
+    let unet_channels = unet.as_ref().and_then(first).unwrap_or(SDXL.unet_channels);
+    match vae {
+        Some(vae) => Shape {
+            unet_channels,
+            vae_channels: first(&vae).unwrap_or(SDXL.vae_channels),
+            vae_levels: channels(&vae).map_or(SDXL.vae_levels, |c| c.len().max(1) as u32),
+            vae_sample_size: vae.get("sample_size").and_then(serde_json::Value::as_u64),
+        },
+        None => Shape {
+            unet_channels,
             ..SDXL
-        };
-    };
-    Shape {
-        unet_channels: unet.as_ref().and_then(first).unwrap_or(SDXL.unet_channels),
-        vae_channels: first(&vae).unwrap_or(SDXL.vae_channels),
-        vae_levels: channels(&vae).map_or(SDXL.vae_levels, |c| c.len().max(1) as u32),
-        vae_sample_size: vae.get("sample_size").and_then(serde_json::Value::as_u64),
+        },
     }
 }
 
