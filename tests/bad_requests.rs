@@ -687,3 +687,77 @@ async fn the_last_seed_of_a_batch_stays_below_2_pow_53_and_replays() {
     let again = server.images(replay).await.expect("the replay is valid");
     assert_eq!(again.images[0].data, last.data);
 }
+
+/// A `denoising_start` that leaves no timestep below it is refused before admission,
+/// naming the field; every other one runs. The demo model's Euler schedule is leading
+/// with offset 1: 2 steps are timesteps 501 and 1, so 0.998 (cutoff 2) keeps one and
+/// 0.999 (cutoff 1) none; Heun, second order, always keeps one (diffusers' rule).
+#[tokio::test]
+async fn a_denoising_start_that_leaves_no_step_is_refused_before_admission() {
+    let server = TestServer::start(&[]).await;
+    let spec = |scheduler: pb::Scheduler, options, steps, start| pb::GenerationSpec {
+        steps,
+        scheduler: scheduler as i32,
+        scheduler_options: options,
+        init_image: Some(pb::InitImage {
+            image: png(64, 64),
+            denoising_start: Some(start),
+            ..Default::default()
+        }),
+        ..quick_spec(3)
+    };
+    let plain = || None;
+    let euler = |steps, start| spec(pb::Scheduler::Euler, plain(), steps, start);
+    assert_eq!(
+        server.refused_or_completed("0.998", euler(2, 0.998)).await,
+        Ok(())
+    );
+    let refused = server
+        .refused_or_completed("0.999", euler(2, 0.999))
+        .await
+        .expect_err("0.999 of 2 Euler steps leaves none");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "spec.init_image.denoising_start");
+    assert!(
+        refused[0].1.contains("0.999 leaves no step of 2 to run"),
+        "{refused:?}"
+    );
+    let heun = spec(pb::Scheduler::Heun, plain(), 2, 0.999);
+    assert_eq!(server.refused_or_completed("Heun", heun).await, Ok(()));
+
+    // The rule over schedules of other spacings and sigma placements: refused before
+    // admission or run to the end, never admitted and then failed.
+    let trailing = Some(pb::SchedulerOptions {
+        timestep_spacing: pb::TimestepSpacing::Trailing as i32,
+        ..Default::default()
+    });
+    let karras = Some(pb::SchedulerOptions {
+        sigma_schedule: pb::SigmaSchedule::Karras as i32,
+        ..Default::default()
+    });
+    let schedules = [
+        (pb::Scheduler::Euler, plain()),
+        (pb::Scheduler::Euler, trailing),
+        (pb::Scheduler::DpmSolverMultistep, karras),
+        (pb::Scheduler::Ddim, trailing),
+        (pb::Scheduler::Heun, plain()),
+    ];
+    let (mut ran, mut refused) = (0, 0);
+    for (scheduler, options) in schedules {
+        for steps in [1, 3] {
+            for start in [0.3, 0.9, 0.99, 0.999, 0.9999] {
+                let what = format!("{scheduler:?} {options:?} {steps} steps from {start}");
+                let spec = spec(scheduler, options, steps, start);
+                match server.refused_or_completed(&what, spec).await {
+                    Ok(()) => ran += 1,
+                    Err(fields) => {
+                        assert_eq!(fields.len(), 1, "{what}: {fields:?}");
+                        assert_eq!(fields[0].0, "spec.init_image.denoising_start", "{what}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+}

@@ -100,11 +100,32 @@ async fn inpainting_over_grpc_matches_diffusers() {
         }),
         ..Default::default()
     };
-    let response = server.images(spec).await.expect("inpaint");
+    let response = server.images(spec.clone()).await.expect("inpaint");
     let got = common::decoded_image(&response.images[0].data);
     assert_images_match(
         "gRPC inpainting",
         &got,
         &reference["inpaint_5.images"].get(0),
     );
+
+    // Without a mask, or without an init image, the model has no input for its extra
+    // channels: refused before admission, naming what is missing.
+    let mut unmasked = spec.clone();
+    if let Some(init) = unmasked.init_image.as_mut() {
+        init.mask.clear();
+    }
+    let text_only = pb::GenerationSpec {
+        init_image: None,
+        ..spec.clone()
+    };
+    for (what, spec, field) in [
+        ("no mask", unmasked, "spec.init_image.mask"),
+        ("no init image", text_only, "spec.init_image"),
+    ] {
+        let refused = server.refused_or_completed(what, spec).await;
+        let refused = refused.expect_err(what);
+        assert_eq!(refused.len(), 1, "{what}: {refused:?}");
+        assert_eq!(refused[0].0, field, "{what}");
+        assert!(refused[0].1.contains("inpainting model"), "{refused:?}");
+    }
 }

@@ -351,3 +351,90 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         .expect_err("not found");
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
+
+/// A high-noise fraction that leaves the base or the refiner no timestep is refused
+/// before admission, naming `spec.refiner.high_noise_fraction`; every other one runs.
+/// Both tiny2 schedules are Euler, leading, offset 1: 2 steps are timesteps 501 and 1,
+/// so 0.001 (cutoff 999) leaves the base none and 0.999 (cutoff 1) the refiner none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fractions_that_leave_a_stage_no_step_are_refused_before_admission() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+
+    let dir = fixtures().join("tiny2");
+    let server = TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            dir.join("pipeline").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__MODELS__REFINER_ROOTS", dir.to_str().expect("utf-8")),
+    ])
+    .await;
+    let spec = |steps, fraction, scheduler: pb::Scheduler, refiner_steps| pb::GenerationSpec {
+        prompt: "x".into(),
+        steps,
+        width: 64,
+        height: 64,
+        seed: Some(5),
+        refiner: Some(pb::RefinerStage {
+            model: "refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(fraction),
+            scheduler: scheduler as i32,
+            steps: refiner_steps,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let euler = pb::Scheduler::Euler;
+    let field = "spec.refiner.high_noise_fraction";
+    for (fraction, stage) in [(0.001, "the base model"), (0.999, "the refiner")] {
+        let refused = server
+            .refused_or_completed("fraction", spec(2, fraction, euler, 0))
+            .await
+            .expect_err("no step");
+        let expected = format!("{fraction} leaves {stage} no step of 2 to run");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, field);
+        assert!(refused[0].1.contains(&expected), "{refused:?}");
+    }
+    let ran = server
+        .refused_or_completed("0.5", spec(2, 0.5, euler, 0))
+        .await;
+    assert_eq!(ran, Ok(()));
+    // The base entered at 0.9 by an image cannot stop at 0.5.
+    let mut late = spec(2, 0.5, euler, 0);
+    late.init_image = Some(pb::InitImage {
+        image: std::fs::read(dir.join("init.png")).expect("init.png"),
+        denoising_start: Some(0.9),
+        ..Default::default()
+    });
+    let refused = server.refused_or_completed("late", late).await;
+    let fields: Vec<String> = refused
+        .expect_err("late")
+        .into_iter()
+        .map(|f| f.0)
+        .collect();
+    assert_eq!(fields, vec![field]);
+
+    // The rule over other step counts and a second-order refiner: refused before
+    // admission or run to the end, never admitted and then failed.
+    let (mut ran, mut refused) = (0, 0);
+    for scheduler in [euler, pb::Scheduler::Heun] {
+        for (steps, refiner_steps) in [(1, 0), (3, 2)] {
+            for fraction in [0.001, 0.3, 0.8, 0.99, 0.999] {
+                let what = format!("{scheduler:?} {steps}/{refiner_steps} at {fraction}");
+                let spec = spec(steps, fraction, scheduler, refiner_steps);
+                match server.refused_or_completed(&what, spec).await {
+                    Ok(()) => ran += 1,
+                    Err(fields) => {
+                        assert_eq!(fields.len(), 1, "{what}: {fields:?}");
+                        assert_eq!(fields[0].0, field, "{what}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+}

@@ -109,7 +109,7 @@ pub enum Work {
     /// A generation.
     Job(Box<Job>),
     /// A load or unload.
-    Admin(AdminRequest),
+    Admin(Box<AdminRequest>),
 }
 
 /// Who asks for a job by id.
@@ -403,7 +403,7 @@ impl JobQueue {
         loop {
             // Admin requests go first: they are quick next to a generation.
             if let Some(request) = lock(&self.admin).pop_front() {
-                return Some(Work::Admin(request));
+                return Some(Work::Admin(Box::new(request)));
             }
             if let Some(job) = queue.pop_front() {
                 return Some(Work::Job(Box::new(job)));

@@ -29,7 +29,7 @@ pub fn run_worker(
     metrics.set_cache(engine.stats());
     while let Some(work) = queue.next_work() {
         match work {
-            Work::Admin(request) => admin(&mut engine, request),
+            Work::Admin(request) => admin(&mut engine, *request),
             Work::Job(job) => run_one(&mut engine, job, &queue, &metrics, stall_timeout),
         }
         metrics.set_cache(engine.stats());

@@ -120,6 +120,38 @@ impl TestServer {
         (messages.into_iter().filter_map(|m| m.event).collect(), end)
     }
 
+    /// A Generate of `spec` that is either refused before its stream starts (the
+    /// BadRequest's fields and descriptions) or runs to completion (`Ok`); a job admitted
+    /// and then failed panics, naming `what`.
+    #[allow(dead_code)]
+    pub async fn refused_or_completed(
+        &self,
+        what: &str,
+        spec: pb::GenerationSpec,
+    ) -> Result<(), Vec<(String, String)>> {
+        use tonic_types::StatusExt;
+        let request = tonic::Request::new(pb::GenerateRequest { spec: Some(spec) });
+        match self.stream(request).await {
+            (_, Ok(())) => Ok(()),
+            (events, Err(status)) => {
+                assert!(events.is_empty(), "{what}: admitted, then {status:?}");
+                assert_eq!(
+                    status.code(),
+                    tonic::Code::InvalidArgument,
+                    "{what}: {status:?}"
+                );
+                let violations = status
+                    .get_details_bad_request()
+                    .unwrap_or_else(|| panic!("{what}: no BadRequest in {status:?}"))
+                    .field_violations;
+                Err(violations
+                    .into_iter()
+                    .map(|v| (v.field, v.description))
+                    .collect())
+            }
+        }
+    }
+
     /// A Generate of `spec` on a connection of its own, admitted: the open stream, its
     /// accepted event taken.
     #[allow(dead_code)]

@@ -17,6 +17,7 @@ pub use postprocess::to_upscale_spec;
 pub mod preprocessor;
 mod refiner;
 mod sampling;
+mod window;
 
 pub use adapters::MAX_LORAS;
 pub use fields::MAX_SEED;
@@ -128,6 +129,7 @@ fn check(
         .and_then(|i| images::init_image(i, max_pixels, v));
     let init_size = init.as_ref().map(|i| (i.width as u32, i.height as u32));
     let size = model::size(spec, model.as_ref(), init_size, limits, v);
+    model::inpainting_inputs(spec, model.as_ref(), v);
     // 2. sampling
     sampling::prompts(spec, limits, v);
     let guidance = sampling::guidance(spec, v);
@@ -173,6 +175,14 @@ fn check(
         .chain(refiner.as_ref().map(|r| &r.model))
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
+    let base_run = window::BaseRun {
+        model: model.as_ref(),
+        steps: counts.0 as usize,
+        overrides: scheduler.1.overrides(scheduler.0),
+        init: init.as_ref(),
+        max_steps: limits.max_steps,
+    };
+    window::empty_windows(&base_run, refiner.as_ref(), v);
     let output = output::output(spec.output.as_ref(), "spec.", v);
     let first = hires::FirstPass {
         size,

@@ -32,6 +32,27 @@ pub fn base(
     )
 }
 
+/// An inpainting model (its UNet takes a mask and the masked image beside the latents)
+/// runs only on an init image with a mask.
+pub fn inpainting_inputs(
+    spec: &pb::GenerationSpec,
+    model: Option<&ModelEntry>,
+    v: &mut Violations,
+) {
+    let Some(model) = model.filter(|m| m.pipeline.as_ref().is_some_and(|f| f.inpainting)) else {
+        return;
+    };
+    let why = format!(
+        "is required: `{}` is an inpainting model (its UNet takes a mask and the masked image)",
+        model.name
+    );
+    match &spec.init_image {
+        None => v.add("spec.init_image", why),
+        Some(init) if init.mask.is_empty() => v.add("spec.init_image.mask", why),
+        Some(_) => {}
+    }
+}
+
 /// A model of `kind` by name: resolved, or a deferred NOT_FOUND / FAILED_PRECONDITION.
 pub fn named(
     registry: &Registry,

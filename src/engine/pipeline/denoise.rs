@@ -12,6 +12,7 @@ use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::control::{Control, ControlContext, Controls};
 use crate::engine::pipeline::latents::Inpaint;
+use crate::engine::pipeline::window::{window, Window};
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
 use crate::engine::profile;
 use crate::engine::schedulers::Scheduler;
@@ -201,34 +202,19 @@ impl SdxlPipeline {
         Ok(ControlFlow::Continue(latents))
     }
 
-    /// The scheduler for `p` and the timesteps a run from `from` covers: diffusers'
-    /// `get_timesteps` for image-based starts, `denoising_end` cutting the tail.
+    /// The scheduler for `p` and the timesteps a run from `from` covers.
     fn schedule(&self, p: &GenerateParams, from: &Start<'_>) -> Result<Schedule> {
         let config = p.scheduler_overrides.apply(&self.scheduler)?;
         let scheduler = config.build(p.steps)?;
-        let start = match from.entry(p) {
-            Some(entry) => self.entry_index(
-                scheduler.as_ref(),
-                config.num_train_timesteps,
-                p.steps,
-                entry,
-            )?,
-            None => 0,
-        };
+        let Window { start, end } = window(
+            scheduler.as_ref(),
+            config.num_train_timesteps,
+            p.steps,
+            from.entry(p),
+            p.denoising_end,
+        )
+        .map_err(|empty| EngineError::InvalidRequest(empty.describe(p.steps)))?;
         let timesteps = scheduler.timesteps().to_vec();
-        let end = match p.denoising_end {
-            Some(fraction) => {
-                let cutoff = discrete_cutoff(config.num_train_timesteps, fraction);
-                start + timesteps[start..].iter().filter(|&&t| t >= cutoff).count()
-            }
-            None => timesteps.len(),
-        };
-        if end <= start {
-            return Err(EngineError::InvalidRequest(format!(
-                "`denoising_end` {:?} leaves no step of {} to run",
-                p.denoising_end, p.steps
-            )));
-        }
         Ok(Schedule {
             scheduler,
             timesteps,
@@ -427,14 +413,6 @@ impl SdxlPipeline {
             && self.adapted.get() == 0
             && !profile::recording()
     }
-}
-
-/// diffusers' `discrete_timestep_cutoff` for a fraction of the schedule: timesteps at or
-/// above it belong to the first `fraction`.
-pub(super) fn discrete_cutoff(train_steps: i64, fraction: f64) -> f64 {
-    let train = train_steps as f64;
-    // Python's round() rounds halves to even.
-    (train - fraction * train).round_ties_even()
 }
 
 /// diffusers' `rescale_noise_cfg`.

@@ -6,9 +6,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::{
-    discrete_cutoff, Entry, GenerateParams, InitImage, SdxlPipeline, Start,
-};
+use crate::engine::pipeline::{Entry, GenerateParams, InitImage, SdxlPipeline, Start};
 use crate::engine::schedulers::Scheduler;
 
 /// What the inpainting loop needs besides the latents.
@@ -92,44 +90,6 @@ impl SdxlPipeline {
             })
             .collect();
         Tensor::cat(&draws, 0)
-    }
-
-    /// The index of the first timestep an image-based start runs: diffusers'
-    /// `get_timesteps` of the img2img and inpainting pipelines.
-    pub(super) fn entry_index(
-        &self,
-        scheduler: &dyn Scheduler,
-        train_steps: i64,
-        steps: usize,
-        entry: Entry,
-    ) -> Result<usize> {
-        let timesteps = scheduler.timesteps();
-        match entry {
-            Entry::Strength(strength) => {
-                let keep = ((steps as f64 * strength) as usize).min(steps);
-                if keep == 0 {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "`strength` {strength} leaves no step of {steps} to run"
-                    )));
-                }
-                Ok((steps - keep) * scheduler.order())
-            }
-            Entry::DenoisingStart(fraction) => {
-                let cutoff = discrete_cutoff(train_steps, fraction);
-                let mut remaining = timesteps.iter().filter(|&&t| t < cutoff).count();
-                // A second-order scheduler must not start between its two evaluations.
-                if scheduler.order() == 2 && remaining % 2 == 0 {
-                    remaining += 1;
-                }
-                let remaining = remaining.min(timesteps.len());
-                if remaining == 0 {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "`denoising_start` {fraction} leaves no step of {steps} to run"
-                    )));
-                }
-                Ok(timesteps.len() - remaining)
-            }
-        }
     }
 
     /// Image to image (StableDiffusionXLImg2ImgPipeline's prepare_latents): the VAE

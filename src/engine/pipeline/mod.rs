@@ -8,6 +8,7 @@ mod graphs;
 mod latents;
 mod load;
 mod prompt;
+pub mod window;
 
 use std::cell::Cell;
 use std::convert::Infallible;
@@ -35,7 +36,6 @@ pub use crate::engine::request::{
     SchedulerOverrides,
 };
 pub use control::Control;
-use denoise::discrete_cutoff;
 pub use denoise::Step;
 pub use prompt::PromptEmbeds;
 

@@ -5,11 +5,11 @@ use std::path::Path;
 use crate::engine::config_check::read_config;
 use crate::engine::loading::single_file::Configs;
 use crate::engine::models::clip::ClipTextConfig;
-use crate::engine::schedulers::SchedulerKind;
+use crate::engine::schedulers::{SchedulerConfig, SchedulerKind};
 
 /// What validation needs to know of a pipeline before it is loaded, read from its
 /// configs: its default image size, the depth of its text encoders and its scheduler.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PipelineFacts {
     /// Default image side in pixels (UNet sample size × VAE scale factor).
     pub default_size: u32,
@@ -17,6 +17,11 @@ pub struct PipelineFacts {
     pub text_encoder_layers: u32,
     /// Its scheduler, where sdxld implements it.
     pub scheduler: Option<SchedulerKind>,
+    /// Its scheduler config, which places a request's timesteps.
+    pub scheduler_config: SchedulerConfig,
+    /// Its UNet takes more than latents (an inpainting UNet: latents, mask and masked
+    /// image latents), so it runs only with an init image and a mask.
+    pub inpainting: bool,
 }
 
 /// What a ControlNet's config says: whether it is a union model and of which base.
@@ -97,6 +102,8 @@ impl PipelineFacts {
             default_size: sample * configs.vae.scale_factor() as u32,
             text_encoder_layers: layers.max(0) as u32,
             scheduler: configs.scheduler.kind().ok(),
+            scheduler_config: configs.scheduler,
+            inpainting: configs.unet.in_channels != configs.vae.latent_channels,
         })
     }
 }

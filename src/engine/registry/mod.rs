@@ -223,7 +223,7 @@ pub enum ModelFormat {
 }
 
 /// A resolved model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
     /// Its name (path under its root, "/"-separated), or "demo" for the built-in model.
     pub name: String,

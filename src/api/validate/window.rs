@@ -1,0 +1,89 @@
+//! Requests whose denoising windows hold no step: a `denoising_start` past the last
+//! timestep, a high-noise fraction that leaves the base or the refiner nothing to run.
+//! Where a window falls depends on the model's scheduler config and the request's
+//! scheduler, so the schedule is placed here as the run will place it.
+
+use crate::api::validate::fields::Violations;
+use crate::engine::pipeline::window::{planned_window, EmptyWindow};
+use crate::engine::registry::ModelEntry;
+use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
+use crate::jobs::RefinerJob;
+
+/// The base's run as the request asks for it.
+pub struct BaseRun<'a> {
+    pub model: Option<&'a ModelEntry>,
+    pub steps: usize,
+    pub overrides: SchedulerOverrides,
+    pub init: Option<&'a InitImage>,
+    /// The steps limit: a run over it is refused by its own rule, and not placed.
+    pub max_steps: u32,
+}
+
+const HIGH_NOISE_FRACTION: &str = "spec.refiner.high_noise_fraction";
+
+/// Adds a violation for each run of the job that would cover no timestep.
+pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut Violations) {
+    let handoff = refiner.and_then(|r| match r.params.mode {
+        RefinerMode::EnsembleOfExperts {
+            high_noise_fraction,
+        } => Some(high_noise_fraction),
+        RefinerMode::Img2Img { .. } => None,
+    });
+    // A strength that leaves no step is refused without the schedule, by its own rule.
+    let start = base.init.and_then(|i| i.denoising_start);
+    let placeable = |steps: usize| steps <= base.max_steps as usize;
+    if (start.is_some() || handoff.is_some()) && placeable(base.steps) {
+        let entry = start.map(Entry::DenoisingStart);
+        match (
+            planned(base.model, &base.overrides, base.steps, entry, handoff),
+            start,
+        ) {
+            (Err(EmptyWindow::Entry(_)), Some(start)) => v.add(
+                "spec.init_image.denoising_start",
+                format!("{start} leaves no step of {} to run", base.steps),
+            ),
+            (Err(_), _) => v.add(
+                HIGH_NOISE_FRACTION,
+                format!(
+                    "{} leaves the base model no step of {} to run",
+                    handoff.unwrap_or(1.0),
+                    base.steps
+                ),
+            ),
+            (Ok(()), _) => {}
+        }
+    }
+    let (Some(refiner), Some(handoff)) = (refiner, handoff) else {
+        return;
+    };
+    let steps = refiner.params.steps;
+    if !placeable(steps) {
+        return;
+    }
+    let entry = Some(Entry::DenoisingStart(handoff));
+    let overrides = &refiner.params.scheduler_overrides;
+    if planned(Some(&refiner.model), overrides, steps, entry, None).is_err() {
+        v.add(
+            HIGH_NOISE_FRACTION,
+            format!("{handoff} leaves the refiner no step of {steps} to run"),
+        );
+    }
+}
+
+/// Whether the run's window holds a step; `Ok` where the model's scheduler is unknown
+/// (the run then decides).
+fn planned(
+    model: Option<&ModelEntry>,
+    overrides: &SchedulerOverrides,
+    steps: usize,
+    entry: Option<Entry>,
+    end: Option<f64>,
+) -> Result<(), EmptyWindow> {
+    let Some(facts) = model.and_then(|m| m.pipeline.as_ref()) else {
+        return Ok(());
+    };
+    let Ok(config) = overrides.apply(&facts.scheduler_config) else {
+        return Ok(());
+    };
+    planned_window(&config, steps, entry, end).map(|_| ())
+}
