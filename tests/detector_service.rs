@@ -603,6 +603,15 @@ async fn detector_activations_count_against_the_memory_budget() {
         violated_fields(&status),
         ["preprocessor_params.detect_resolution"]
     );
+    // A 1x400 strip scales to less than a pixel's width: refused the same way.
+    let Err(status) = preprocess(&server, strip(1, 400)).await else {
+        panic!("a pose network input no pixel wide was admitted");
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
     preprocess(&server, request(pb::Preprocessor::Lineart, ""))
         .await
         .expect("the server serves on");

@@ -136,7 +136,8 @@ pub fn preprocessor(
 }
 
 /// OpenPose's network input (the detected image scaled to a height of 184) within the
-/// pixels an image may have: a long strip would make a far larger one.
+/// pixels an image may have (a long strip would make a far larger one), and at least a
+/// pixel wide (a tall one would make none).
 fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v: &mut Violations) {
     let preprocessing = Preprocessing {
         preprocessor: Preprocessor::OpenPose,
@@ -150,6 +151,13 @@ fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v:
             format!("{p}.detect_resolution"),
             format!(
                 "the pose network would see the {dw}x{dh} image as {nw}x{nh}, more than {max} pixels: crop the image nearer to square"
+            ),
+        );
+    } else if nw == 0 || nh == 0 {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!(
+                "the pose network would see the {dw}x{dh} image as {nw}x{nh}, no pixel wide: crop the image nearer to square"
             ),
         );
     }
