@@ -152,6 +152,28 @@ impl TestServer {
         }
     }
 
+    /// Runs each case: every one either completes or is refused before admission naming
+    /// `field` alone; at least one of each happens.
+    #[allow(dead_code)]
+    pub async fn completed_or_refused_naming(
+        &self,
+        field: &str,
+        cases: Vec<(String, pb::GenerationSpec)>,
+    ) {
+        let (mut ran, mut refused) = (0, 0);
+        for (what, spec) in cases {
+            match self.refused_or_completed(&what, spec).await {
+                Ok(()) => ran += 1,
+                Err(fields) => {
+                    assert_eq!(fields.len(), 1, "{what}: {fields:?}");
+                    assert_eq!(fields[0].0, field, "{what}");
+                    refused += 1;
+                }
+            }
+        }
+        assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+    }
+
     /// A Generate of `spec` on a connection of its own, admitted: the open stream, its
     /// accepted event taken.
     #[allow(dead_code)]
