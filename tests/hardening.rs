@@ -317,26 +317,65 @@ async fn with_broken_model() -> (tempfile::TempDir, TestServer) {
     (root, server)
 }
 
+/// Statuses name model files by their path under the root, in the message and in the
+/// rich status (google.rpc.Status, which repeats the message and which grpcurl, grpc-go
+/// and C#'s `GetRpcStatus()` show instead): a broken base model's generation, its
+/// LoadModel, and a garbage LoRA file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statuses_name_model_files_without_server_paths() {
-    let (root, server) = with_broken_model().await;
-    let mut spec = quick_spec(8);
-    spec.model = "broken".into();
-    let status = server.images(spec).await.expect_err("a broken model");
-    let message = status.message();
-    assert!(
-        message.contains("broken/unet/diffusion_pytorch_model.safetensors"),
-        "{message}"
-    );
-    let root_path = root.path().canonicalize().expect("canonical");
-    assert!(
-        !message.contains(root_path.to_str().expect("utf-8")),
-        "{message}"
-    );
-    assert!(
-        !message.contains(root.path().to_str().expect("utf-8")),
-        "{message}"
-    );
+    use prost::Message;
+    let root = common::broken_model_root();
+    std::fs::write(root.path().join("junk.safetensors"), [0xff; 64]).expect("junk");
+    let root_str = root.path().to_str().expect("utf-8");
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__BASE_ROOTS", root_str),
+        ("SDXLD__MODELS__LORA_ROOTS", root_str),
+        ("SDXLD__SERVER__ALLOW_UNAUTHENTICATED_ADMIN", "true"),
+    ])
+    .await;
+    let mut broken = quick_spec(8);
+    broken.model = "broken".into();
+    let generation = server.images(broken).await.expect_err("a broken model");
+    let mut junk = quick_spec(8);
+    junk.loras = vec![pb::LoraAdapter {
+        name: "junk".into(),
+        weight: Some(1.0),
+    }];
+    let lora = server.images(junk).await.expect_err("a garbage LoRA");
+    let load = server
+        .models()
+        .await
+        .load_model(pb::LoadModelRequest {
+            name: "broken".into(),
+            kind: pb::ModelKind::Base as i32,
+        })
+        .await
+        .expect_err("a broken model");
+    let real = root.path().canonicalize().expect("canonical");
+    let forms = [root_str, real.to_str().expect("utf-8")];
+    for (what, status, file) in [
+        (
+            "generation",
+            generation,
+            "broken/unet/diffusion_pytorch_model.safetensors",
+        ),
+        ("LoRA", lora, "junk.safetensors"),
+        (
+            "LoadModel",
+            load,
+            "broken/unet/diffusion_pytorch_model.safetensors",
+        ),
+    ] {
+        let message = status.message();
+        assert!(message.contains(file), "{what}: {message}");
+        let rich = tonic_types::pb::Status::decode(status.details()).expect("a rich status");
+        assert_eq!(rich.message, message, "{what}");
+        let details = String::from_utf8_lossy(status.details()).into_owned();
+        for form in forms {
+            assert!(!message.contains(form), "{what}: {message}");
+            assert!(!details.contains(form), "{what}: {details}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

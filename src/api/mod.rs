@@ -9,6 +9,7 @@ pub mod generation;
 pub mod guard;
 pub mod models;
 pub mod preprocess;
+pub mod redact;
 pub mod rpc_metrics;
 pub mod status;
 pub mod tls;
@@ -39,7 +40,7 @@ pub struct ApiState {
     /// Which models are loaded (folder paths), reported by the worker.
     pub resident: Arc<Mutex<HashSet<PathBuf>>>,
     /// Server paths kept out of status messages.
-    pub redactor: status::Redactor,
+    pub redactor: redact::Redactor,
     /// Turns for the Preprocess RPC.
     pub preprocess_slots: Arc<tokio::sync::Semaphore>,
 }

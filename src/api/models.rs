@@ -52,7 +52,7 @@ impl Models {
 
     /// Runs a load or unload on the worker thread, between jobs.
     async fn admin(&self, op: AdminOp, name: &str, kind: i32) -> Result<pb::ModelInfo, Status> {
-        let status = |e: ApiError| e.into_status(Default::default());
+        let status = |e: ApiError| self.state.status(e);
         if name.is_empty() {
             return Err(status(ApiError::invalid("name", "`name` is required")));
         }

@@ -344,60 +344,6 @@ fn engine_status(error: EngineError) -> Status {
     )
 }
 
-/// Server paths in status messages, replaced by what clients know them by: a path
-/// under a model root by the path under the root (`sdxl/unet/config.json`). Full paths
-/// stay in the server's log.
-#[derive(Debug, Clone, Default)]
-pub struct Redactor {
-    /// (prefix, replacement), longest prefix first.
-    prefixes: Vec<(String, String)>,
-}
-
-impl Redactor {
-    /// Redacts the model `roots` and the default model's own path (by its `name`).
-    pub fn new(roots: &[std::path::PathBuf], default: (&std::path::Path, &str)) -> Self {
-        let mut prefixes = Vec::new();
-        let forms = |path: &std::path::Path| {
-            let mut forms = vec![path.to_string_lossy().into_owned()];
-            if let Ok(real) = path.canonicalize() {
-                forms.push(real.to_string_lossy().into_owned());
-            }
-            forms
-        };
-        for root in roots {
-            for form in forms(root) {
-                prefixes.push((format!("{}/", form.trim_end_matches('/')), String::new()));
-            }
-        }
-        for form in forms(default.0) {
-            prefixes.push((
-                form.trim_end_matches('/').to_string(),
-                default.1.to_string(),
-            ));
-        }
-        prefixes.retain(|(p, _)| p.len() > 1);
-        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-        Self { prefixes }
-    }
-
-    /// `status` with every known server path in its message replaced.
-    pub fn apply(&self, status: Status) -> Status {
-        let message = status.message();
-        if !self
-            .prefixes
-            .iter()
-            .any(|(p, _)| message.contains(p.as_str()))
-        {
-            return status;
-        }
-        let mut redacted = message.to_string();
-        for (prefix, replacement) in &self.prefixes {
-            redacted = redacted.replace(prefix.as_str(), replacement);
-        }
-        Status::with_details(status.code(), redacted, status.details().to_vec().into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
