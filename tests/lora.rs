@@ -470,3 +470,93 @@ fn the_pipeline_counts_the_adapter_sets_on_it_until_they_come_off() {
     assert_eq!(pipe.adapted().get(), 0, "an empty set adapts nothing");
     drop(none);
 }
+
+/// A job with adapters that stops mid-run (cancelled, its client gone, past its
+/// deadline) leaves nothing applied: the next plain request gets the same bytes as the
+/// one before, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
+    use common::server::TestServer;
+    use pb::generate_response::Event;
+    use tokio_stream::StreamExt;
+
+    let dir = fixtures().join("tiny2");
+    let all = common::cases("tiny2", "lora");
+    let case = |name: &str| all.iter().find(|c| c["name"] == name).expect("case");
+    let (plain, stacked) = (case("plain"), case("stacked"));
+    for mode in ["merge", "forward"] {
+        let server = TestServer::start(&[
+            (
+                "SDXLD__ENGINE__DEFAULT_MODEL",
+                dir.join("pipeline").to_str().expect("utf-8"),
+            ),
+            (
+                "SDXLD__MODELS__LORA_ROOTS",
+                dir.join("lora").to_str().expect("utf-8"),
+            ),
+            ("SDXLD__ENGINE__LORA_MODE", mode),
+        ])
+        .await;
+        let before = plain_image(&server, plain).await;
+        for stop in ["cancel", "drop", "deadline"] {
+            let mut long = grpc_spec(stacked, case_loras(stacked));
+            (long.steps, long.width, long.height) = (150, 512, 512);
+            long.client_job_id = format!("{mode}-{stop}");
+            let mut request = tonic::Request::new(pb::GenerateRequest {
+                spec: Some(long.clone()),
+            });
+            if stop == "deadline" {
+                request.set_timeout(std::time::Duration::from_secs(6));
+            }
+            let mut stream = server
+                .generation()
+                .await
+                .generate(request)
+                .await
+                .expect("admitted")
+                .into_inner();
+            // Wait for a denoising step with the adapters on.
+            while let Some(message) = stream.next().await {
+                match message.map(|m| m.event) {
+                    Ok(Some(Event::Progress(p)))
+                        if p.stage == pb::Stage::Denoising as i32 && p.step >= 2 =>
+                    {
+                        break
+                    }
+                    Ok(_) => {}
+                    Err(status) => panic!("{mode} {stop}: {status:?}"),
+                }
+            }
+            match stop {
+                "cancel" => {
+                    let request = pb::CancelJobRequest {
+                        client_job_id: long.client_job_id.clone(),
+                        ..Default::default()
+                    };
+                    let answer = server.generation().await.cancel_job(request).await;
+                    assert!(answer.expect("cancel").into_inner().cancelled, "{mode}");
+                    let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
+                    assert_eq!(end.expect_err("cancelled").code(), tonic::Code::Cancelled);
+                }
+                "drop" => drop(stream),
+                _ => {
+                    let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
+                    let code = end.expect_err("past its deadline").code();
+                    assert_eq!(code, tonic::Code::DeadlineExceeded, "{mode}");
+                }
+            }
+            let after = plain_image(&server, plain).await;
+            assert!(
+                after == before,
+                "({mode}) adapters outlived a job stopped by {stop}"
+            );
+        }
+    }
+}
+
+async fn plain_image(server: &common::server::TestServer, plain: &Case) -> Vec<u8> {
+    let spec = grpc_spec(plain, vec![]);
+    server.images(spec).await.expect("plain").images[0]
+        .data
+        .clone()
+}
