@@ -286,6 +286,17 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
             ],
         ),
         (
+            "mask blur without a mask",
+            with(&|s| {
+                s.init_image = Some(pb::InitImage {
+                    image: png(64, 64),
+                    mask_blur: 4,
+                    ..Default::default()
+                })
+            }),
+            vec!["spec.init_image.mask_blur"],
+        ),
+        (
             "denoising_start with a mask",
             with(&|s| {
                 s.init_image = Some(pb::InitImage {

@@ -1,6 +1,7 @@
 //! Inpainting equals diffusers' StableDiffusionXLInpaintPipeline, for the base 4-channel
 //! UNet (latent blending) and a 9-channel inpainting UNet, on both tiny configurations,
-//! and over gRPC.
+//! and over gRPC; a mask blur equals Pillow's Gaussian blur, as diffusers'
+//! `mask_processor.blur` applies it.
 
 mod common;
 
@@ -108,6 +109,35 @@ async fn inpainting_over_grpc_matches_diffusers() {
         &reference["inpaint_5.images"].get(0),
     );
 
+    // A mask blur of 4 gives the image of the mask blurred first (Pillow's Gaussian blur,
+    // equal to it byte for byte by `mask_blur_equals_pillows_gaussian_blur`), not the
+    // sharp mask's.
+    let mut blurred = spec.clone();
+    if let Some(init) = blurred.init_image.as_mut() {
+        init.mask_blur = 4;
+    }
+    let with_blur = server.images(blurred).await.expect("mask blur");
+    let mask = image::load_from_memory(&std::fs::read(dir.join("mask.png")).expect("mask"))
+        .expect("mask")
+        .to_rgb8();
+    let (w, h) = mask.dimensions();
+    let mut pixels = mask.into_raw();
+    sdxld::engine::blur::gaussian_blur(&mut pixels, w as usize, h as usize, 3, 4.0);
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_raw(w, h, pixels)
+        .expect("size")
+        .write_to(&mut png, image::ImageFormat::Png)
+        .expect("png");
+    let mut preblurred = spec.clone();
+    if let Some(init) = preblurred.init_image.as_mut() {
+        init.mask = png.into_inner();
+    }
+    let reference = server.images(preblurred).await.expect("a blurred mask");
+    let pixels =
+        |r: &sdxld::proto::v1::GenerateImagesResponse| common::decoded_image(&r.images[0].data);
+    assert!(pixels(&with_blur).equal(&pixels(&reference)), "mask_blur");
+    assert!(!pixels(&with_blur).equal(&got), "the blur changed nothing");
+
     // Without a mask, or without an init image, the model has no input for its extra
     // channels: refused before admission, naming what is missing.
     let mut unmasked = spec.clone();
@@ -128,4 +158,50 @@ async fn inpainting_over_grpc_matches_diffusers() {
         assert_eq!(refused[0].0, field, "{what}");
         assert!(refused[0].1.contains("inpainting model"), "{refused:?}");
     }
+}
+
+/// `mask_blur` blurs as Pillow's `GaussianBlur` (diffusers' `mask_processor.blur`) byte
+/// for byte, on masks, colour images, noise and images smaller than the radius, and the
+/// mask the pipeline reads is the blurred image's `convert("L")`.
+#[test]
+fn mask_blur_equals_pillows_gaussian_blur() {
+    use sdxld::engine::blur::gaussian_blur;
+    use sdxld::engine::request::InitImage;
+
+    let root = common::preprocess_fixtures();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root.join("blur.json")).expect("read"))
+            .expect("json");
+    assert_eq!(cases.len(), 56);
+    let mut failures = Vec::new();
+    for case in &cases {
+        let open =
+            |key: &str| image::open(root.join(case[key].as_str().expect("path"))).expect("png");
+        let radius = case["radius"].as_f64().expect("radius") as f32;
+        let input = open("image").to_rgb8();
+        let (width, height) = input.dimensions();
+        let mut blurred = input.clone().into_raw();
+        gaussian_blur(&mut blurred, width as usize, height as usize, 3, radius);
+        let expected = open("expected").to_rgb8().into_raw();
+        let name = case["expected"].as_str().expect("name");
+        let off = blurred
+            .iter()
+            .zip(&expected)
+            .filter(|(a, b)| a != b)
+            .count();
+        if off > 0 {
+            failures.push(format!("{name}: {off} of {} bytes differ", expected.len()));
+        }
+        if radius.fract() == 0.0 {
+            let init = InitImage::new(width, height, input.clone().into_raw(), 1.0);
+            let mask = init
+                .with_blurred_mask_rgb(input.as_raw(), radius as u32)
+                .mask;
+            let expected_l = open("expected_l").to_luma8().into_raw();
+            if mask.as_deref() != Some(expected_l.as_slice()) {
+                failures.push(format!("{name}: the mask's luminance differs"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

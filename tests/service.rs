@@ -462,10 +462,13 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         .expect("png");
     let png = png.into_inner();
     spec.init_image = Some(pb::InitImage {
-        image: png.clone(),
+        image: png,
         strength: Some(0.5),
-        mask: png,
-        mask_blur: 4,
+        ..Default::default()
+    });
+    spec.hires = Some(pb::HiresPass {
+        scale: Some(2.0),
+        latent_upscale: pb::LatentUpscale::Bilinear as i32,
         ..Default::default()
     });
     let status = client
@@ -473,7 +476,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         .await
         .expect_err("unimplemented");
     assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("spec.init_image.mask_blur"));
+    assert!(status.message().contains("spec.hires"));
 
     // The server keeps serving.
     client

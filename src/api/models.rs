@@ -287,7 +287,7 @@ impl ModelService for Models {
             ("output.return_control_maps", true),
             ("init_image", true),
             ("init_image.mask", true),
-            ("init_image.mask_blur", false),
+            ("init_image.mask_blur", true),
             ("init_image.denoising_start", true),
             ("micro_conditioning.aesthetic_score", true),
             ("post_processing", true),

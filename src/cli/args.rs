@@ -78,6 +78,10 @@ pub struct GenerateArgs {
     /// Inpainting: a mask of the init image's size (white repaints).
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask first with a Gaussian of this radius in pixels, as
+    /// diffusers' `mask_processor.blur` does (0 to 64; default 0).
+    #[arg(long, default_value_t = 0)]
+    pub mask_blur: u32,
     /// Image to image: the fraction of the schedule that runs, in (0, 1] (default 0.8).
     #[arg(long)]
     pub strength: Option<f32>,
@@ -207,6 +211,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.guidance_rescale", "--guidance-rescale"),
         ("spec.init_image.image", "--init-image"),
         ("spec.init_image.mask", "--mask"),
+        ("spec.init_image.mask_blur", "--mask-blur"),
         ("spec.init_image.strength", "--strength"),
         ("spec.init_image.denoising_start", "--denoising-start"),
         (
@@ -414,7 +419,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
                 .map(read)
                 .transpose()?
                 .unwrap_or_default(),
-            mask_blur: 0,
+            mask_blur: args.mask_blur,
             denoising_start: args.denoising_start,
         }),
         None if args.mask.is_some() => bail!("--mask needs --init-image"),

@@ -1,6 +1,7 @@
 //! The engine: models, schedulers and pipelines on libtorch. Everything here blocks;
 //! callers on async runtimes run it on a dedicated thread.
 
+pub mod blur;
 pub mod cache;
 pub mod codec;
 pub mod components;

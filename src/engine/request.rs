@@ -115,15 +115,27 @@ impl InitImage {
 
     /// Adds an inpainting mask from RGB pixels of the image's size (white repaints), as
     /// the luminance PIL's `convert("L")` computes.
-    pub fn with_mask_rgb(mut self, rgb: &[u8]) -> Self {
-        let luma = rgb
-            .chunks_exact(3)
-            .map(|p| {
-                let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);
-                ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
-            })
-            .collect();
-        self.mask = Some(luma);
+    pub fn with_mask_rgb(self, rgb: &[u8]) -> Self {
+        self.with_blurred_mask_rgb(rgb, 0)
+    }
+
+    /// Adds an inpainting mask from RGB pixels of the image's size, first blurred as
+    /// diffusers' `mask_processor.blur(mask, blur)` does (Pillow's Gaussian blur of
+    /// that standard deviation; 0: none), then its luminance.
+    pub fn with_blurred_mask_rgb(mut self, rgb: &[u8], blur: u32) -> Self {
+        let (width, height) = (self.width as usize, self.height as usize);
+        let grey = rgb.chunks_exact(3).all(|p| p[0] == p[1] && p[1] == p[2]);
+        let mask = if grey {
+            // A grey mask blurs the same in each channel: once is enough.
+            let mut plane: Vec<u8> = rgb.iter().step_by(3).copied().collect();
+            crate::engine::blur::gaussian_blur(&mut plane, width, height, 1, blur as f32);
+            plane
+        } else {
+            let mut rgb = rgb.to_vec();
+            crate::engine::blur::gaussian_blur(&mut rgb, width, height, 3, blur as f32);
+            luminance(&rgb)
+        };
+        self.mask = Some(mask);
         self
     }
 
@@ -146,6 +158,16 @@ impl InitImage {
             .to_kind(Kind::Float);
         (t / 255.0) * 2.0 - 1.0
     }
+}
+
+/// PIL's `convert("L")` of RGB pixels.
+fn luminance(rgb: &[u8]) -> Vec<u8> {
+    rgb.chunks_exact(3)
+        .map(|p| {
+            let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);
+            ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+        })
+        .collect()
 }
 
 impl Default for GenerateParams {

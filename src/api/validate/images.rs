@@ -113,6 +113,12 @@ pub fn init_image(init: &pb::InitImage, max_pixels: u64, v: &mut Violations) -> 
         0.8,
     );
     at_most(v, "spec.init_image.mask_blur", init.mask_blur, 64);
+    if init.mask_blur > 0 && init.mask.is_empty() {
+        v.add(
+            "spec.init_image.mask_blur",
+            "applies to a mask; none is set",
+        );
+    }
     let denoising_start = init.denoising_start.and_then(|d| {
         crate::api::validate::fields::float(
             v,
@@ -149,7 +155,7 @@ pub fn init_image(init: &pb::InitImage, max_pixels: u64, v: &mut Violations) -> 
             );
             None
         }
-        Some(mask) => Some(result.with_mask_rgb(&mask.rgb)),
+        Some(mask) => Some(result.with_blurred_mask_rgb(&mask.rgb, init.mask_blur)),
         None => Some(result),
     }
 }

@@ -247,12 +247,6 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "the refiner stage after inpainting is not implemented yet".into(),
         ));
     }
-    if init.mask_blur > 0 {
-        deferred.unimplemented(ApiError::Unimplemented(
-            "spec.init_image.mask_blur".into(),
-            "mask blur is not implemented yet".into(),
-        ));
-    }
 }
 
 /// The job of a valid request.
