@@ -174,7 +174,7 @@ fn case_loras(case: &Case) -> Vec<pb::LoraAdapter> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
-    use common::server::{violated_fields, TestServer};
+    use common::server::violated_fields;
     use tonic::Code;
     use tonic_types::StatusExt;
 
@@ -189,18 +189,7 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
             .clone()
     };
     for mode in ["merge", "forward"] {
-        let server = TestServer::start(&[
-            (
-                "SDXLD__ENGINE__DEFAULT_MODEL",
-                dir.join("pipeline").to_str().expect("utf-8"),
-            ),
-            (
-                "SDXLD__MODELS__LORA_ROOTS",
-                dir.join("lora").to_str().expect("utf-8"),
-            ),
-            ("SDXLD__ENGINE__LORA_MODE", mode),
-        ])
-        .await;
+        let server = lora_server(&dir, mode).await;
         let client = server.generation().await;
         let run = |spec: pb::GenerationSpec| {
             let mut client = client.clone();
@@ -476,7 +465,6 @@ fn the_pipeline_counts_the_adapter_sets_on_it_until_they_come_off() {
 /// one before, in both modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
-    use common::server::TestServer;
     use pb::generate_response::Event;
     use tokio_stream::StreamExt;
 
@@ -485,18 +473,7 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
     let case = |name: &str| all.iter().find(|c| c["name"] == name).expect("case");
     let (plain, stacked) = (case("plain"), case("stacked"));
     for mode in ["merge", "forward"] {
-        let server = TestServer::start(&[
-            (
-                "SDXLD__ENGINE__DEFAULT_MODEL",
-                dir.join("pipeline").to_str().expect("utf-8"),
-            ),
-            (
-                "SDXLD__MODELS__LORA_ROOTS",
-                dir.join("lora").to_str().expect("utf-8"),
-            ),
-            ("SDXLD__ENGINE__LORA_MODE", mode),
-        ])
-        .await;
+        let server = lora_server(&dir, mode).await;
         let before = plain_image(&server, plain).await;
         for stop in ["cancel", "drop", "deadline"] {
             let mut long = grpc_spec(stacked, case_loras(stacked));
@@ -559,4 +536,20 @@ async fn plain_image(server: &common::server::TestServer, plain: &Case) -> Vec<u
     server.images(spec).await.expect("plain").images[0]
         .data
         .clone()
+}
+
+/// A server on `dir`'s pipeline with its LoRA folder, in LoRA `mode`.
+async fn lora_server(dir: &std::path::Path, mode: &str) -> common::server::TestServer {
+    common::server::TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            dir.join("pipeline").to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__LORA_ROOTS",
+            dir.join("lora").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__ENGINE__LORA_MODE", mode),
+    ])
+    .await
 }
