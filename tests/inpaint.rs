@@ -136,6 +136,11 @@ async fn inpainting_over_grpc_matches_diffusers() {
     let pixels =
         |r: &sdxld::proto::v1::GenerateImagesResponse| common::decoded_image(&r.images[0].data);
     assert!(pixels(&with_blur).equal(&pixels(&reference)), "mask_blur");
+    let parameters = common::png_parameters(&with_blur.images[0].data);
+    assert!(
+        parameters.contains(", Denoising strength: 0.7, Mask blur: 4"),
+        "{parameters}"
+    );
     assert!(!pixels(&with_blur).equal(&got), "the blur changed nothing");
 
     // Without a mask, or without an init image, the model has no input for its extra

@@ -58,6 +58,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     if p.guidance_rescale > 0.0 {
         text.push_str(&format!(", CFG rescale: {}", p.guidance_rescale));
     }
+    text.push_str(&init_image_entries(spec));
     if let Some(vae) = &spec.vae {
         let hash = hash_of(models, ModelKind::Vae, &vae.name);
         text.push_str(&format!(
@@ -102,6 +103,22 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     }
     text.push_str(&hires_entries(spec));
     text.push_str(&postprocess_entries(spec));
+    text
+}
+
+/// Image to image and inpainting as A1111 writes them: `Denoising strength` (its hires
+/// pass writes its own) and, with a mask, `Mask blur`.
+fn init_image_entries(spec: &JobSpec) -> String {
+    let Some(init) = &spec.params.init_image else {
+        return String::new();
+    };
+    let mut text = String::new();
+    if init.denoising_start.is_none() && spec.hires.is_none() {
+        text.push_str(&format!(", Denoising strength: {}", init.strength));
+    }
+    if init.mask.is_some() {
+        text.push_str(&format!(", Mask blur: {}", spec.mask_blur));
+    }
     text
 }
 

@@ -208,6 +208,8 @@ pub struct JobSpec {
     pub hires: Option<HiresJob>,
     /// The scheduler's A1111 sampler name, for the PNG parameters.
     pub sampler_name: String,
+    /// The blur the init image's mask had (already applied), for the PNG parameters.
+    pub mask_blur: u32,
     /// For each image, the resolved request that replays it (proto3 JSON, as the PNG's
     /// `sdxld` chunk records it); empty when no metadata is embedded.
     pub replay: Vec<String>,

@@ -310,6 +310,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         post_processing: parts.post_processing,
         hires: parts.hires,
         sampler_name: a1111_name(runs, &options),
+        mask_blur: spec.init_image.as_ref().map_or(0, |i| i.mask_blur),
         replay,
         client_job_id: parts.client_job_id,
     })
