@@ -74,7 +74,10 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
         for case in cases(config) {
             let what = format!("{config} {}", case.name());
             let h = hires_params(&case);
-            let p = case.params();
+            let mut p = case.params();
+            if let Some(strength) = case["init_strength"].as_f64() {
+                p.init_image = Some(init_image(config, strength));
+            }
             let out = generate_hires(&base, upscaler(&case).as_ref(), &p, &h)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let name = case.name();
@@ -90,6 +93,14 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
             );
         }
     }
+}
+
+/// The pipeline fixtures' init image, entering at `strength`.
+fn init_image(config: &str, strength: f64) -> sdxld::engine::request::InitImage {
+    let path = common::fixtures().join(config).join("init.png");
+    let image = image::open(path).expect("init.png").to_rgb8();
+    let (width, height) = image.dimensions();
+    sdxld::engine::request::InitImage::new(width, height, image.into_raw(), strength)
 }
 
 /// A server on the tiny2 pipeline whose upscaler root holds the hires fixtures' models.
@@ -255,6 +266,37 @@ async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
     ] {
         assert!(text.contains(&entry), "the PNG parameters hold `{entry}`");
     }
+
+    // Case 4: after image to image (Euler ancestral at strength 0.6 of 6 steps on the
+    // init image), bilinear latents at scale 2, Euler at strength 0.5 of 4 steps.
+    let case = &cases[4];
+    assert_eq!(case["init_strength"], 0.6);
+    let hires = pb::HiresPass {
+        scale: Some(2.0),
+        latent_upscale: pb::LatentUpscale::Bilinear as i32,
+        steps: 4,
+        strength: Some(0.5),
+        scheduler: pb::Scheduler::Euler as i32,
+        ..Default::default()
+    };
+    let mut spec = spec_of(case, hires);
+    spec.scheduler = pb::Scheduler::EulerAncestral as i32;
+    let init = common::fixtures().join("tiny2").join("init.png");
+    spec.init_image = Some(pb::InitImage {
+        image: std::fs::read(init).expect("init.png"),
+        strength: Some(0.6),
+        ..Default::default()
+    });
+    let request = pb::GenerateRequest { spec: Some(spec) };
+    let (messages, end) = drain(client.generate(request).await).await;
+    end.expect("hires after image to image completes");
+    let events: Vec<Event> = messages.into_iter().filter_map(|m| m.event).collect();
+    check_images(
+        "hires after image to image",
+        &events,
+        &reference["hires_4.images"],
+        (128, 128),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,7 +440,7 @@ async fn bad_hires_passes_are_refused_naming_the_field() {
         violated_fields(&status),
         vec!["spec.hires.scale".to_string()]
     );
-    // An unknown upscaler; a hires pass after image to image.
+    // An unknown upscaler; a hires pass after inpainting.
     let unknown = quick(pb::HiresPass {
         upscaler: "no_such_upscaler".into(),
         ..Default::default()
@@ -414,18 +456,19 @@ async fn bad_hires_passes_are_refused_naming_the_field() {
     image::RgbImage::new(64, 64)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .expect("png");
-    let mut after_img2img = quick(pb::HiresPass::default());
-    after_img2img.init_image = Some(pb::InitImage {
-        image: png,
+    let mut after_inpainting = quick(pb::HiresPass::default());
+    after_inpainting.init_image = Some(pb::InitImage {
+        image: png.clone(),
         strength: Some(0.5),
+        mask: png,
         ..Default::default()
     });
     let status = client
         .generate_images(pb::GenerateImagesRequest {
-            spec: Some(after_img2img),
+            spec: Some(after_inpainting),
         })
         .await
-        .expect_err("img2img with hires");
+        .expect_err("inpainting with hires");
     assert_eq!(status.code(), Code::Unimplemented);
     // The server serves on: the default pass (scale 2, bilinear latents, strength 0.7).
     let done = client

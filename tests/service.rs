@@ -462,8 +462,9 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
         .expect("png");
     let png = png.into_inner();
     spec.init_image = Some(pb::InitImage {
-        image: png,
+        image: png.clone(),
         strength: Some(0.5),
+        mask: png,
         ..Default::default()
     });
     spec.hires = Some(pb::HiresPass {

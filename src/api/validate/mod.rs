@@ -231,11 +231,11 @@ fn check(
 /// Valid combinations this server cannot run yet.
 fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred) {
     let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
-    if spec.hires.is_some() && (refiner_named || spec.init_image.is_some()) {
+    let inpainting = spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty());
+    if spec.hires.is_some() && (refiner_named || inpainting) {
         deferred.unimplemented(ApiError::Unimplemented(
             "spec.hires".into(),
-            "a hires pass after image to image or with a refiner stage is not implemented yet"
-                .into(),
+            "a hires pass after inpainting or with a refiner stage is not implemented yet".into(),
         ));
     }
     let Some(init) = &spec.init_image else {
