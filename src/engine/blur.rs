@@ -15,38 +15,48 @@ pub fn gaussian_blur(pixels: &mut [u8], width: usize, height: usize, channels: u
         return;
     }
     let box_radius = box_radius(radius, PASSES);
-    let stride = width * channels;
-    let mut line = Vec::new();
-    let mut out = Vec::new();
+    let mut plane = vec![0u8; width * height];
+    let mut transposed = vec![0u8; width * height];
     for channel in 0..channels {
-        for y in 0..height {
-            let row = (0..width).map(|x| y * stride + x * channels + channel);
-            blur_line(pixels, row, box_radius, &mut line, &mut out);
+        for (value, pixel) in plane.iter_mut().zip(pixels.chunks_exact(channels)) {
+            *value = pixel[channel];
         }
-        for x in 0..width {
-            let column = (0..height).map(|y| y * stride + x * channels + channel);
-            blur_line(pixels, column, box_radius, &mut line, &mut out);
+        // As Pillow: rows, then the transposed image's rows (cache-friendly columns).
+        blur_rows(&mut plane, width, box_radius);
+        transpose(&plane, width, height, &mut transposed);
+        blur_rows(&mut transposed, height, box_radius);
+        transpose(&transposed, height, width, &mut plane);
+        for (value, pixel) in plane.iter().zip(pixels.chunks_exact_mut(channels)) {
+            pixel[channel] = *value;
         }
     }
 }
 
-/// `PASSES` box blurs of the pixels at `indices`, written back.
-fn blur_line(
-    pixels: &mut [u8],
-    indices: impl Iterator<Item = usize> + Clone,
-    radius: f32,
-    line: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) {
-    line.clear();
-    line.extend(indices.clone().map(|i| pixels[i]));
-    out.resize(line.len(), 0);
-    for _ in 0..PASSES {
-        box_blur_line(line, out, radius);
-        std::mem::swap(line, out);
+/// `PASSES` box blurs of each row (`width` bytes) of `plane`.
+fn blur_rows(plane: &mut [u8], width: usize, radius: f32) {
+    let mut line = vec![0u8; width];
+    let mut out = vec![0u8; width];
+    for row in plane.chunks_exact_mut(width) {
+        line.copy_from_slice(row);
+        for _ in 0..PASSES {
+            box_blur_line(&line, &mut out, radius);
+            std::mem::swap(&mut line, &mut out);
+        }
+        row.copy_from_slice(&line);
     }
-    for (i, value) in indices.zip(line.iter()) {
-        pixels[i] = *value;
+}
+
+/// `input` (`height` rows of `width`) transposed into `output`, in cache-sized blocks.
+fn transpose(input: &[u8], width: usize, height: usize, output: &mut [u8]) {
+    const BLOCK: usize = 64;
+    for y0 in (0..height).step_by(BLOCK) {
+        for x0 in (0..width).step_by(BLOCK) {
+            for y in y0..(y0 + BLOCK).min(height) {
+                for x in x0..(x0 + BLOCK).min(width) {
+                    output[x * height + y] = input[y * width + x];
+                }
+            }
+        }
     }
 }
 
@@ -69,16 +79,40 @@ fn box_blur_line(input: &[u8], output: &mut [u8], float_radius: f32) {
     let radius = float_radius as usize;
     let ww = (16_777_216.0f32 / (float_radius * 2.0 + 1.0)) as u32;
     let fw = ((1u32 << 24) - (radius as u32 * 2 + 1) * ww) / 2;
-    let last = input.len() - 1;
-    let at = |i: isize| u32::from(input[i.clamp(0, last as isize) as usize]);
-    let radius = radius as isize;
-    // The window sum for pixel -1: pixels -radius-1 ..= radius-1, edges repeated.
-    let mut acc: u32 = (-radius - 1..radius).map(at).sum();
-    for (x, out) in output.iter_mut().enumerate() {
+    let (n, r) = (input.len(), radius);
+    let at = |i: isize| u32::from(input[i.clamp(0, n as isize - 1) as usize]);
+    // The window sum for pixel -1: pixels -r-1 ..= r-1, edges repeated.
+    let mut acc: u32 = (-(r as isize) - 1..r as isize).map(at).sum();
+    let step = |acc: &mut u32, gone: u32, added: u32, far: u32| {
+        *acc = *acc + added - gone;
+        let bulk = *acc * ww + (gone + far) * fw;
+        ((bulk + (1 << 23)) >> 24) as u8
+    };
+    // Pixels whose window reaches past an end read the border pixel; the others (x from
+    // r + 1 to n - r - 2) index the line directly.
+    let inner = (r + 1)..n.saturating_sub(r + 1).max(r + 1);
+    let clamped = |x: usize| {
         let x = x as isize;
-        acc = acc + at(x + radius) - at(x - radius - 1);
-        let bulk = acc * ww + (at(x - radius - 1) + at(x + radius + 1)) * fw;
-        *out = ((bulk + (1 << 23)) >> 24) as u8;
+        let r = r as isize;
+        (at(x - r - 1), at(x + r), at(x + r + 1))
+    };
+    let head = inner.start.min(n);
+    for (x, out) in output.iter_mut().enumerate().take(head) {
+        let (gone, added, far) = clamped(x);
+        *out = step(&mut acc, gone, added, far);
+    }
+    if !inner.is_empty() {
+        let gone = &input[inner.start - r - 1..];
+        let added = &input[inner.start + r..];
+        let far = &input[inner.start + r + 1..];
+        let out = &mut output[inner.clone()];
+        for (o, ((g, a), f)) in out.iter_mut().zip(gone.iter().zip(added).zip(far)) {
+            *o = step(&mut acc, u32::from(*g), u32::from(*a), u32::from(*f));
+        }
+    }
+    for (x, out) in output.iter_mut().enumerate().skip(inner.end.max(head)) {
+        let (gone, added, far) = clamped(x);
+        *out = step(&mut acc, gone, added, far);
     }
 }
 
