@@ -134,7 +134,9 @@ fn check(
     sampling::prompts(spec, limits, v);
     let guidance = sampling::guidance(spec, v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
-    let model_scheduler = model.as_ref().and_then(|m| m.pipeline.as_ref()?.scheduler);
+    let model_scheduler = model
+        .as_ref()
+        .and_then(|m| m.pipeline.as_ref()?.scheduler());
     let options = spec.scheduler_options.as_ref();
     let scheduler = sampling::scheduler("spec", spec.scheduler, options, model_scheduler, v);
     let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);

@@ -96,7 +96,7 @@ pub fn refiner(
     let model_default = model
         .as_ref()
         .and_then(|m| m.pipeline.as_ref())
-        .and_then(|f| f.scheduler);
+        .and_then(|f| f.scheduler());
     let (kind, options) = scheduler(
         p,
         r.scheduler,

@@ -4,7 +4,7 @@
 //! scheduler, so the schedule is placed here as the run will place it.
 
 use crate::api::validate::fields::Violations;
-use crate::engine::pipeline::window::{planned_window, EmptyWindow};
+use crate::engine::pipeline::window::{check_planned_window, EmptyWindow};
 use crate::engine::registry::ModelEntry;
 use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
 use crate::jobs::RefinerJob;
@@ -85,5 +85,5 @@ fn planned(
     let Ok(config) = overrides.apply(&facts.scheduler_config) else {
         return Ok(());
     };
-    planned_window(&config, steps, entry, end).map(|_| ())
+    check_planned_window(&config, steps, entry, end)
 }

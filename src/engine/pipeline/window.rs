@@ -2,7 +2,6 @@
 //! image-based start, `denoising_end` cutting the tail. Request validation asks the same
 //! question before a job is admitted, so a window that holds no step is refused up front.
 
-use crate::engine::error::Result;
 use crate::engine::request::Entry;
 use crate::engine::schedulers::{Scheduler, SchedulerConfig};
 
@@ -45,7 +44,7 @@ pub fn window(
     steps: usize,
     entry: Option<Entry>,
     denoising_end: Option<f64>,
-) -> std::result::Result<Window, EmptyWindow> {
+) -> Result<Window, EmptyWindow> {
     let timesteps = scheduler.timesteps();
     let start = match entry {
         Some(entry) => entry_index(scheduler, train_steps, steps, entry)?,
@@ -64,26 +63,19 @@ pub fn window(
     Ok(Window { start, end })
 }
 
-/// The window a run under `config` would cover, its scheduler built as the run builds it;
-/// `Ok(None)` where the scheduler cannot be built (the run reports that itself).
-pub fn planned_window(
+/// Whether a run under `config` would cover a timestep, its scheduler built as the run
+/// builds it; `Ok` where the scheduler cannot be built (the run reports that itself).
+pub fn check_planned_window(
     config: &SchedulerConfig,
     steps: usize,
     entry: Option<Entry>,
     denoising_end: Option<f64>,
-) -> std::result::Result<Option<Window>, EmptyWindow> {
-    let scheduler: Result<Box<dyn Scheduler>> = config.build(steps);
-    match scheduler {
-        Ok(scheduler) => window(
-            scheduler.as_ref(),
-            config.num_train_timesteps,
-            steps,
-            entry,
-            denoising_end,
-        )
-        .map(Some),
-        Err(_) => Ok(None),
-    }
+) -> Result<(), EmptyWindow> {
+    let Ok(scheduler) = config.build(steps) else {
+        return Ok(());
+    };
+    let train_steps = config.num_train_timesteps;
+    window(scheduler.as_ref(), train_steps, steps, entry, denoising_end).map(|_| ())
 }
 
 /// The index of the first timestep an image-based start runs: diffusers' `get_timesteps`
@@ -93,7 +85,7 @@ fn entry_index(
     train_steps: i64,
     steps: usize,
     entry: Entry,
-) -> std::result::Result<usize, EmptyWindow> {
+) -> Result<usize, EmptyWindow> {
     let timesteps = scheduler.timesteps();
     match entry {
         Entry::Strength(strength) => {

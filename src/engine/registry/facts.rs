@@ -15,9 +15,7 @@ pub struct PipelineFacts {
     pub default_size: u32,
     /// Layers of its shallowest text encoder.
     pub text_encoder_layers: u32,
-    /// Its scheduler, where sdxld implements it.
-    pub scheduler: Option<SchedulerKind>,
-    /// Its scheduler config, which places a request's timesteps.
+    /// Its scheduler config, which names its scheduler and places a request's timesteps.
     pub scheduler_config: SchedulerConfig,
     /// Its UNet takes more than latents (an inpainting UNet: latents, mask and masked
     /// image latents), so it runs only with an init image and a mask.
@@ -75,6 +73,11 @@ impl UpscalerFacts {
 }
 
 impl PipelineFacts {
+    /// Its scheduler, where sdxld implements it.
+    pub fn scheduler(&self) -> Option<SchedulerKind> {
+        self.scheduler_config.kind().ok()
+    }
+
     /// Reads the configs of a pipeline folder or single-file checkpoint.
     pub(super) fn read(path: &Path) -> Option<Self> {
         let configs = if path.is_file() {
@@ -101,7 +104,6 @@ impl PipelineFacts {
         Some(Self {
             default_size: sample * configs.vae.scale_factor() as u32,
             text_encoder_layers: layers.max(0) as u32,
-            scheduler: configs.scheduler.kind().ok(),
             scheduler_config: configs.scheduler,
             inpainting: configs.unet.in_channels != configs.vae.latent_channels,
         })
