@@ -2,8 +2,9 @@
 //! `output_type="latent"`, then StableDiffusionXLImg2ImgPipeline on a tiny refiner with
 //! only the second text encoder and aesthetic-score conditioning), in both modes, with
 //! first-order, second-order, multistep and stochastic schedulers; a refiner-style model
-//! run alone on a picture; and the base's img2img entered at `denoising_start`. Over the
-//! engine, the CLI and gRPC.
+//! run alone on a picture; the base's img2img entered at `denoising_start`; and the
+//! refiner after inpainting (diffusers' inpainting pipelines for both stages, on the
+//! 4-channel base and a 9-channel inpainting UNet). Over the engine, the CLI and gRPC.
 
 mod common;
 
@@ -16,7 +17,7 @@ use sdxld::engine::refiner::generate_refined;
 
 fn refiner_params(case: &Case, base: &GenerateParams) -> RefinerParams {
     let mode = match case["kind"].as_str() {
-        Some("ensemble") => RefinerMode::EnsembleOfExperts {
+        Some("ensemble" | "inpaint_ensemble") => RefinerMode::EnsembleOfExperts {
             high_noise_fraction: case["fraction"].as_f64().expect("fraction"),
         },
         _ => RefinerMode::Img2Img {
@@ -39,12 +40,53 @@ fn refiner_params(case: &Case, base: &GenerateParams) -> RefinerParams {
     r
 }
 
-fn run(base: &SdxlPipeline, refiner: &SdxlPipeline, case: &Case, picture: &[u8]) -> GenerateOutput {
+/// The pipelines and pictures of one configuration's refiner cases.
+struct Setup {
+    base: SdxlPipeline,
+    /// The 9-channel inpainting pipeline.
+    inpainter: SdxlPipeline,
+    refiner: SdxlPipeline,
+    picture: Vec<u8>,
+    mask: Vec<u8>,
+}
+
+impl Setup {
+    fn load(config: &str) -> Self {
+        let dir = fixtures().join(config);
+        let load = |name: &str| {
+            SdxlPipeline::load(&dir.join(name), Placement::cpu())
+                .unwrap_or_else(|e| panic!("{config} {name}: {e}"))
+        };
+        let read = |name: &str| std::fs::read(dir.join(name)).expect("a fixture picture");
+        Self {
+            base: load("pipeline"),
+            inpainter: load("inpaint_pipeline"),
+            refiner: load("refiner"),
+            picture: read("init.png"),
+            mask: read("mask.png"),
+        }
+    }
+}
+
+fn run(setup: &Setup, case: &Case) -> GenerateOutput {
+    let (base, refiner, picture) = (&setup.base, &setup.refiner, &setup.picture);
     let mut p = case.params();
     let name = case["name"].as_str().expect("name");
     let result = match case["kind"].as_str().expect("kind") {
         "ensemble" | "img2img" => {
             let r = refiner_params(case, &p);
+            generate_refined(base, refiner, &p, &r)
+        }
+        "inpaint_ensemble" | "inpaint_img2img" => {
+            let init = common::init_image(picture, case.float("inpaint_strength"))
+                .and_then(|i| common::with_mask(i, &setup.mask))
+                .expect("init image and mask");
+            p.init_image = Some(init);
+            let r = refiner_params(case, &p);
+            let base = match case.text("base") {
+                "inpaint_pipeline" => &setup.inpainter,
+                _ => base,
+            };
             generate_refined(base, refiner, &p, &r)
         }
         "refiner_on_image" => {
@@ -67,16 +109,15 @@ fn run(base: &SdxlPipeline, refiner: &SdxlPipeline, case: &Case, picture: &[u8])
 fn refiner_stage_matches_diffusers() {
     for config in CONFIGS {
         let dir = fixtures().join(config);
-        let base = SdxlPipeline::load(&dir.join("pipeline"), Placement::cpu()).expect("base");
-        let refiner = SdxlPipeline::load(&dir.join("refiner"), Placement::cpu()).expect("refiner");
+        let setup = Setup::load(config);
+        let refiner = &setup.refiner;
         assert!(refiner.requires_aesthetics_score() && refiner.text_encoder().is_none());
-        let picture = std::fs::read(dir.join("init.png")).expect("init.png");
         let reference = read_tensors(&dir.join("refiner.safetensors"));
         let cases = cases(config, "refiner");
-        assert!(cases.len() >= 8);
+        assert!(cases.len() >= 13);
         for case in &cases {
             let name = case["name"].as_str().expect("name");
-            let out = run(&base, &refiner, case, &picture);
+            let out = run(&setup, case);
             let what = format!("{config} {name} ({} {})", case["kind"], case["scheduler"]);
             common::assert_matches_case(&what, &out, &reference, name);
         }
@@ -352,6 +393,104 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
 
+/// The refiner after inpainting over gRPC equals diffusers' recipe (both stages
+/// StableDiffusionXLInpaintPipeline) in every case of the fixtures: the 4-channel base
+/// and a 9-channel inpainting base, handing over in ensemble mode (Euler, Heun, DPM++) or
+/// to a refiner at a strength (after a stochastic scheduler; strength 1). The server runs every image as image 0 of its seed (so its metadata replays it); the
+/// recipe's second image takes the init image's latent samples from the first image's
+/// generator, so the first image is compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
+    use common::server::TestServer;
+    use sdxld::proto::v1 as pb;
+    use tonic_types::StatusExt;
+
+    let dir = fixtures().join("tiny2");
+    let roots = dir.to_str().expect("utf-8");
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__BASE_ROOTS", roots),
+        ("SDXLD__MODELS__REFINER_ROOTS", roots),
+    ])
+    .await;
+    let reference = read_tensors(&dir.join("refiner.safetensors"));
+    let cases = cases("tiny2", "refiner");
+    let scheduler = |name: &str| match name {
+        "EulerDiscreteScheduler" => pb::Scheduler::Euler,
+        "EulerAncestralDiscreteScheduler" => pb::Scheduler::EulerAncestral,
+        "DPMSolverMultistepScheduler" => pb::Scheduler::DpmSolverMultistep,
+        "HeunDiscreteScheduler" => pb::Scheduler::Heun,
+        other => panic!("no case uses {other} here"),
+    } as i32;
+    let inpainting: Vec<usize> = (0..cases.len())
+        .filter(|&i| cases[i].text("kind").starts_with("inpaint_"))
+        .collect();
+    assert_eq!(inpainting.len(), 5);
+    let mut last = None;
+    for index in inpainting {
+        let case = &cases[index];
+        let ensemble = case.text("kind") == "inpaint_ensemble";
+        let refiner_scheduler = case["refiner_scheduler"]
+            .as_str()
+            .unwrap_or(case.text("scheduler"));
+        let spec = pb::GenerationSpec {
+            model: case.text("base").into(),
+            prompt: case.text("prompt").into(),
+            prompt_2: Some(case.text("prompt_2").into()),
+            seed: Some(41),
+            steps: case.float("steps") as u32,
+            num_images: 1,
+            scheduler: scheduler(case.text("scheduler")),
+            init_image: Some(pb::InitImage {
+                image: std::fs::read(dir.join("init.png")).expect("init.png"),
+                mask: std::fs::read(dir.join("mask.png")).expect("mask.png"),
+                strength: Some(case.float("inpaint_strength") as f32),
+                ..Default::default()
+            }),
+            refiner: Some(pb::RefinerStage {
+                model: "refiner".into(),
+                mode: if ensemble {
+                    pb::RefinerMode::EnsembleOfExperts
+                } else {
+                    pb::RefinerMode::Img2img
+                } as i32,
+                high_noise_fraction: case["fraction"].as_f64().map(|f| f as f32),
+                strength: case["strength"].as_f64().map(|s| s as f32),
+                steps: case["refiner_steps"].as_u64().unwrap_or(0) as u32,
+                scheduler: scheduler(refiner_scheduler),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = case.name();
+        let spec_of_case = spec.clone();
+        let response = server
+            .images(spec)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert_images_match(
+            &format!("gRPC {name}"),
+            &common::decoded_image(&response.images[0].data),
+            &reference[&format!("{name}.images")].get(0),
+        );
+        last = Some(spec_of_case);
+    }
+
+    // A refiner that is an inpainting model has no masked image to take from a hand-off
+    // (diffusers' pipeline fails on it too): refused, naming both models.
+    let mut spec = last.expect("a case ran");
+    if let Some(refiner) = spec.refiner.as_mut() {
+        refiner.model = "inpaint_pipeline".into();
+    }
+    let status = server
+        .images(spec)
+        .await
+        .expect_err("an inpainting refiner");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "INCOMPATIBLE_MODELS");
+    assert!(status.message().contains("inpainting model"), "{status:?}");
+}
+
 /// A high-noise fraction that leaves the base or the refiner no timestep is refused
 /// before admission, naming `spec.refiner.high_noise_fraction`; every other one runs.
 /// Both tiny2 schedules are Euler, leading, offset 1: 2 steps are timesteps 501 and 1,
@@ -425,6 +564,29 @@ async fn fractions_that_leave_a_stage_no_step_are_refused_before_admission() {
             for fraction in [0.001, 0.3, 0.8, 0.99, 0.999] {
                 let what = format!("{scheduler:?} {steps}/{refiner_steps} at {fraction}");
                 cases.push((what, spec(steps, fraction, scheduler, refiner_steps)));
+            }
+        }
+    }
+    server.completed_or_refused_naming(field, cases).await;
+
+    // A base entered by an image at a strength starts late (4 Euler steps are 751, 501,
+    // 251 and 1; strength 0.25 runs the last alone), so a fraction may leave it nothing:
+    // image to image and inpainting alike.
+    let picture = std::fs::read(dir.join("init.png")).expect("init.png");
+    let mask = std::fs::read(dir.join("mask.png")).expect("mask.png");
+    let mut cases = Vec::new();
+    for strength in [0.25, 0.5, 0.75, 1.0] {
+        for fraction in [0.3, 0.6, 0.9] {
+            for masked in [false, true] {
+                let mut entered = spec(4, fraction, euler, 0);
+                entered.init_image = Some(pb::InitImage {
+                    image: picture.clone(),
+                    mask: if masked { mask.clone() } else { Vec::new() },
+                    strength: Some(strength),
+                    ..Default::default()
+                });
+                let what = format!("strength {strength} at {fraction}, mask {masked}");
+                cases.push((what, entered));
             }
         }
     }

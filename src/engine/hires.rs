@@ -221,7 +221,11 @@ impl Enlarged {
     /// Where the second pass starts from it.
     pub fn start(&self, entry: Entry) -> Start<'_> {
         match self {
-            Enlarged::Latents(latents) => Start::Handoff { latents, entry },
+            Enlarged::Latents(latents) => Start::Handoff {
+                latents,
+                entry,
+                mask: None,
+            },
             Enlarged::Image(image) => Start::Image { image, entry },
         }
     }

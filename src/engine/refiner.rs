@@ -1,12 +1,14 @@
 //! The SDXL refiner stage: the base pipeline's latents handed to a second pipeline (the
 //! refiner), as diffusers' two-pipeline recipe does with `output_type="latent"` and one
-//! generator per image passed to both pipelines.
+//! generator per image passed to both pipelines. After inpainting, the refiner inpaints
+//! too (diffusers' inpainting pipeline given the base's latents and the same mask).
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{go_on, to_the_end, SdxlPipeline, Start};
 use crate::engine::request::{
-    batch_runs, BatchMode, Entry, GenerateOutput, GenerateParams, RefinerMode, RefinerParams,
+    batch_runs, BatchMode, Entry, GenerateOutput, GenerateParams, InitImage, RefinerMode,
+    RefinerParams,
 };
 
 /// The refiner's request: the base request's prompts and micro-conditioning with the
@@ -23,6 +25,12 @@ pub fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParam
         batch_first_seed: None,
         ..base.clone()
     }
+}
+
+/// The inpainting mask the refiner keeps to when the base inpaints (diffusers' recipe
+/// passes the refiner's inpainting pipeline the base's latents and the same mask).
+pub fn handoff_mask(base: &GenerateParams) -> Option<tch::Tensor> {
+    base.init_image.as_ref().and_then(InitImage::mask_tensor)
 }
 
 /// How the base hands over: where it stops (`denoising_end`) and where the refiner
@@ -47,11 +55,6 @@ pub fn validate(
     r: &RefinerParams,
 ) -> Result<()> {
     base.validate(p)?;
-    if p.init_image.as_ref().is_some_and(|i| i.mask.is_some()) {
-        return Err(EngineError::InvalidRequest(
-            "the refiner stage does not follow inpainting".into(),
-        ));
-    }
     if p.denoising_end.is_some() {
         return Err(EngineError::InvalidRequest(
             "`denoising_end` is set by the refiner's high-noise fraction".into(),
@@ -64,6 +67,12 @@ pub fn validate(
             "the refiner `{}` has another latent space than the base `{}`",
             refiner.dir().display(),
             base.dir().display()
+        )));
+    }
+    if refiner.is_inpainting() {
+        return Err(EngineError::Incompatible(format!(
+            "the refiner `{}` is an inpainting model: it needs a masked image, which a hand-off does not have",
+            refiner.dir().display()
         )));
     }
     match r.mode {
@@ -103,6 +112,7 @@ pub fn generate_refined(
         denoising_end,
         ..p.clone()
     };
+    let mask = handoff_mask(p);
     let base_prompt = base.encode_prompt(&base_params)?;
     let refiner_prompt = refiner.encode_prompt(&refiner_params(p, r))?;
     let mut refined = Vec::with_capacity(p.num_images);
@@ -119,6 +129,7 @@ pub fn generate_refined(
         let from = Start::Handoff {
             latents: &latents,
             entry,
+            mask: mask.as_ref(),
         };
         let stage = refiner_params(&run, r);
         refined.push(to_the_end(refiner.denoise(

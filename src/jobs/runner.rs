@@ -372,7 +372,12 @@ impl JobRun<'_> {
                 )
             })?,
             (JobStage::Refine, Some(latents), Some(refiner), Some(prompt), Some((p, entry))) => {
-                let from = Start::Handoff { latents, entry };
+                let mask = refiner::handoff_mask(&run.params);
+                let from = Start::Handoff {
+                    latents,
+                    entry,
+                    mask: mask.as_ref(),
+                };
                 EngineError::catch(|| refiner.denoise(&p, prompt, from, &[], noise, &mut on_step))?
             }
             _ => return Err(EngineError::Internal(format!("{stage:?} cannot run here")).into()),

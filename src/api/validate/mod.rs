@@ -240,15 +240,6 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "a hires pass after inpainting or with a refiner stage is not implemented yet".into(),
         ));
     }
-    let Some(init) = &spec.init_image else {
-        return;
-    };
-    if refiner_named && !init.mask.is_empty() {
-        deferred.unimplemented(ApiError::Unimplemented(
-            "spec.refiner".into(),
-            "the refiner stage after inpainting is not implemented yet".into(),
-        ));
-    }
 }
 
 /// The job of a valid request.

@@ -29,28 +29,33 @@ pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut V
         } => Some(high_noise_fraction),
         RefinerMode::Img2Img { .. } => None,
     });
-    // A strength that leaves no step is refused without the schedule, by its own rule.
     let start = base.init.and_then(|i| i.denoising_start);
     let placeable = |steps: usize| steps <= base.max_steps as usize;
     if (start.is_some() || handoff.is_some()) && placeable(base.steps) {
-        let entry = start.map(Entry::DenoisingStart);
-        match (
-            planned(base.model, &base.overrides, base.steps, entry, handoff),
-            start,
-        ) {
-            (Err(EmptyWindow::Entry(_)), Some(start)) => v.add(
+        let entry = base.init.map(InitImage::entry);
+        match planned(base.model, &base.overrides, base.steps, entry, handoff) {
+            Err(EmptyWindow::Entry(Entry::DenoisingStart(start))) => v.add(
                 "spec.init_image.denoising_start",
                 format!("{start} leaves no step of {} to run", base.steps),
             ),
-            (Err(_), _) => v.add(
-                HIGH_NOISE_FRACTION,
-                format!(
-                    "{} leaves the base model no step of {} to run",
-                    handoff.unwrap_or(1.0),
-                    base.steps
-                ),
-            ),
-            (Ok(()), _) => {}
+            // A strength that leaves no step is refused without the schedule, by its own
+            // rule.
+            Err(EmptyWindow::Entry(Entry::Strength(_))) => {}
+            Err(EmptyWindow::End(_)) => {
+                let after = match entry {
+                    Some(Entry::Strength(s)) => format!(" entered at strength {s}"),
+                    _ => String::new(),
+                };
+                v.add(
+                    HIGH_NOISE_FRACTION,
+                    format!(
+                        "{} leaves the base model{after} no step of {} to run",
+                        handoff.unwrap_or(1.0),
+                        base.steps
+                    ),
+                )
+            }
+            Ok(()) => {}
         }
     }
     let (Some(refiner), Some(handoff)) = (refiner, handoff) else {

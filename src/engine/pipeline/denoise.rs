@@ -306,9 +306,10 @@ impl SdxlPipeline {
                 let _stage = profile::span("scheduler");
                 scheduler.step(&noise_pred, i, &latents, &mut draw)
             };
-            if let Some(state) = inpaint.as_ref().filter(|s| !s.nine_channels) {
-                // 4-channel UNets: keep the unmasked area on the image's noised trajectory.
-                let proper = if i + 1 < schedule.timesteps.len() {
+            if let Some(state) = inpaint.as_ref().filter(|s| s.masked_latents.is_none()) {
+                // 4-channel UNets: keep the unmasked area on the image's noised trajectory;
+                // after the run's last step (a `denoising_end` one included) on the image.
+                let proper = if i + 1 < end {
                     scheduler.add_noise(&state.image_latents, &state.noise, i + 1)
                 } else {
                     state.image_latents.shallow_clone()
@@ -360,9 +361,11 @@ impl SdxlPipeline {
             c.controls
                 .residuals(index, &model_input, timestep, &control)
         };
-        if let Some(state) = inpaint.filter(|s| s.nine_channels) {
+        if let Some((state, masked)) =
+            inpaint.and_then(|s| s.masked_latents.as_ref().map(|m| (s, m)))
+        {
             // 9-channel inpainting UNets also see the mask and the masked image.
-            let (mask, masked) = (doubled(&state.mask), doubled(&state.masked_latents));
+            let (mask, masked) = (doubled(&state.mask), doubled(masked));
             model_input = Tensor::cat(&[model_input, mask, masked], 1);
         }
         let model_input = model_input.to_kind(self.placement.kind);

@@ -11,12 +11,12 @@ use crate::engine::schedulers::Scheduler;
 
 /// What the inpainting loop needs besides the latents.
 pub(super) struct Inpaint {
-    /// The UNet takes [latents, mask, masked image latents].
-    pub nine_channels: bool,
     /// [1, 1, h, w] at latent resolution, 1 = repaint.
     pub mask: Tensor,
-    /// Latents of the image with the repainted area blacked out.
-    pub masked_latents: Tensor,
+    /// Latents of the image with the repainted area blacked out, for a 9-channel UNet
+    /// (which takes [latents, mask, masked image latents]); `None` for a 4-channel UNet,
+    /// whose latents are blended with the image's instead.
+    pub masked_latents: Option<Tensor>,
     /// Latents of the image (4-channel blending).
     pub image_latents: Tensor,
     /// The noise the initial latents got, re-applied at each level when blending.
@@ -37,6 +37,18 @@ impl SdxlPipeline {
         let add_noise = matches!(from.entry(p), Some(Entry::Strength(_)));
         let takes_latents_only = !self.is_inpainting();
         match (from, &p.init_image) {
+            (
+                Start::Handoff {
+                    latents,
+                    entry,
+                    mask: Some(mask),
+                },
+                _,
+            ) => {
+                let (latents, state) =
+                    self.handoff_inpaint_latents(latents, mask, *entry, scheduler, start, noise)?;
+                Ok((latents, Some(state)))
+            }
             (Start::Handoff { latents, .. }, _) => {
                 let latents =
                     self.image_latents(None, Some(latents), add_noise, scheduler, start, noise)?;
@@ -193,11 +205,49 @@ impl SdxlPipeline {
             .upsample_nearest2d([h, w], None, None)
             .to_device(device);
         let state = Inpaint {
-            nine_channels,
             mask,
-            masked_latents,
+            masked_latents: nine_channels.then_some(masked_latents),
             image_latents: image_latents.unwrap_or_else(|| initial.zeros_like()),
             noise: initial,
+        };
+        Ok((latents, state))
+    }
+    /// Inpainting that continues an earlier stage's latents (diffusers'
+    /// StableDiffusionXLInpaintPipeline given latents as its image, as a refiner after
+    /// inpainting runs): those latents are both the start and the image the unmasked area
+    /// keeps to. A noise is drawn either way; it noises the start only at a strength
+    /// (pure noise at strength 1), not at a `denoising_start`.
+    fn handoff_inpaint_latents(
+        &self,
+        handed: &Tensor,
+        mask: &Tensor,
+        entry: Entry,
+        scheduler: &dyn Scheduler,
+        start: usize,
+        noise: &mut NoiseStream,
+    ) -> Result<(Tensor, Inpaint)> {
+        if self.is_inpainting() {
+            return Err(EngineError::InvalidRequest(
+                "an inpainting UNet cannot continue from latents: it needs the masked image".into(),
+            ));
+        }
+        let device = self.placement.device;
+        let image_latents = handed.to_device(device).to_kind(Kind::Float);
+        let size = image_latents.size();
+        let drawn = noise.randn(&size).to_device(device);
+        let latents = match entry {
+            Entry::DenoisingStart(_) => image_latents.shallow_clone(),
+            Entry::Strength(strength) if strength >= 1.0 => &drawn * scheduler.init_noise_sigma(),
+            Entry::Strength(_) => scheduler.add_noise(&image_latents, &drawn, start),
+        };
+        let mask = mask
+            .upsample_nearest2d([size[2], size[3]], None, None)
+            .to_device(device);
+        let state = Inpaint {
+            mask,
+            masked_latents: None,
+            image_latents,
+            noise: drawn,
         };
         Ok((latents, state))
     }

@@ -64,6 +64,10 @@ pub enum Start<'a> {
         latents: &'a Tensor,
         /// Where the schedule is entered.
         entry: Entry,
+        /// The inpainting mask [1, 1, H, W] (1 = repaint) of the request the latents come
+        /// from: outside it the run keeps to the handed-over latents, as diffusers'
+        /// inpainting pipeline does when given latents (a refiner after inpainting).
+        mask: Option<&'a Tensor>,
     },
     /// From an earlier stage's image, encoded with the VAE on the run's generator as it
     /// stands (a hires pass on an upscaled image; the generator is not seeded again).
@@ -181,9 +185,9 @@ impl SdxlPipeline {
         self.unet.config().in_channels != self.vae.latent_channels()
     }
 
-    /// The number of latent channels.
+    /// The number of latent channels (the VAE's; an inpainting UNet takes more).
     pub fn latent_channels(&self) -> i64 {
-        self.unet.config().in_channels
+        self.vae.latent_channels()
     }
 
     /// Generates `p.num_images` images as one call of diffusers' pipeline does (with one
