@@ -3,8 +3,8 @@
 //! the image through an upscaler model (one pass, or a larger one and Pillow's Lanczos
 //! down), then image to image at the final size with the generator continuing (a
 //! stochastic second pass shows it), another scheduler, guidance on or off, scales that
-//! round to whole latents. Over the engine and over gRPC, with progress, sizes, metadata
-//! and refused requests.
+//! round to whole latents; a refiner stage after the hires pass. Over the engine and over
+//! gRPC, with progress, sizes, metadata and refused requests.
 
 mod common;
 
@@ -71,7 +71,11 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
         let base = SdxlPipeline::load(&pipelines.join(config).join("pipeline"), Placement::cpu())
             .expect("base");
         let reference = read_tensors(&hires_fixtures().join(config).join("cases.safetensors"));
-        for case in cases(config) {
+        // Cases with a refiner are composed by the stage runner: see the gRPC test.
+        for case in cases(config)
+            .into_iter()
+            .filter(|c| !c["refiner_mode"].is_string())
+        {
             let what = format!("{config} {}", case.name());
             let h = hires_params(&case);
             let mut p = case.params();
@@ -297,6 +301,166 @@ async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
         &reference["hires_4.images"],
         (128, 128),
     );
+}
+
+/// The wire scheduler of a diffusers class name the hires cases use.
+fn wire_scheduler(class: &str) -> i32 {
+    (match class {
+        "EulerDiscreteScheduler" => pb::Scheduler::Euler,
+        "EulerAncestralDiscreteScheduler" => pb::Scheduler::EulerAncestral,
+        "DPMSolverMultistepScheduler" => pb::Scheduler::DpmSolverMultistep,
+        "HeunDiscreteScheduler" => pb::Scheduler::Heun,
+        other => panic!("no hires case uses {other}"),
+    }) as i32
+}
+
+/// The request of a hires case with a refiner stage, on `config`'s pipeline and refiner
+/// under a server whose base and refiner roots are the pipeline fixtures.
+fn refined_spec_of(config: &str, case: &Case, upscaler: &str) -> pb::GenerationSpec {
+    let scheduler = case.text("scheduler");
+    let hires_scheduler = case["hires_scheduler"].as_str().unwrap_or(scheduler);
+    let latent = |mode: &str| match mode {
+        "nearest" => pb::LatentUpscale::Nearest,
+        "bilinear" => pb::LatentUpscale::Bilinear,
+        other => panic!("no refined case uses {other}"),
+    } as i32;
+    let ensemble = case.text("refiner_mode") == "ensemble";
+    pb::GenerationSpec {
+        model: format!("{config}/pipeline"),
+        prompt: case.text("prompt").into(),
+        seed: Some(case.int("seed")),
+        steps: case.int("steps") as u32,
+        num_images: case.int("n") as u32,
+        width: case["width"].as_u64().unwrap_or(64) as u32,
+        height: case["height"].as_u64().unwrap_or(64) as u32,
+        scheduler: wire_scheduler(scheduler),
+        hires: Some(pb::HiresPass {
+            width: case.int("final_width") as u32,
+            height: case.int("final_height") as u32,
+            latent_upscale: case["hires_latent"].as_str().map_or(0, latent),
+            upscaler: case["hires_upscaler"]
+                .as_str()
+                .map_or(String::new(), |_| upscaler.to_string()),
+            steps: case.int("hires_steps") as u32,
+            strength: Some(case.float("hires_strength") as f32),
+            scheduler: wire_scheduler(hires_scheduler),
+            ..Default::default()
+        }),
+        refiner: Some(pb::RefinerStage {
+            model: format!("{config}/refiner"),
+            mode: if ensemble {
+                pb::RefinerMode::EnsembleOfExperts
+            } else {
+                pb::RefinerMode::Img2img
+            } as i32,
+            high_noise_fraction: case["refiner_fraction"].as_f64().map(|f| f as f32),
+            strength: case["refiner_strength"].as_f64().map(|s| s as f32),
+            steps: case.int("refiner_steps") as u32,
+            scheduler: wire_scheduler(
+                case["refiner_scheduler"]
+                    .as_str()
+                    .unwrap_or(hires_scheduler),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// With a refiner stage the hires pass hands over to it, as A1111 runs its refiner in
+/// the second pass by default: diffusers' recipe with the hires pass's img2img pipeline
+/// stopping at the high-noise fraction (or running fully before a refiner at a
+/// strength) and the refiner continuing its latents at the final size, on both tiny
+/// pipelines (latents and an upscaler enlarging; a second-order
+/// refiner; two images). Progress runs denoising, hires upscaling, hires denoising, then
+/// refining; the PNG parameters name both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
+    let roots = common::fixtures();
+    let roots = roots.to_str().expect("utf-8");
+    let upscalers = hires_fixtures().join("upscalers");
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__BASE_ROOTS", roots),
+        ("SDXLD__MODELS__REFINER_ROOTS", roots),
+        (
+            "SDXLD__MODELS__UPSCALER_ROOTS",
+            upscalers.to_str().expect("utf-8"),
+        ),
+    ])
+    .await;
+    let upscaler = server
+        .list_models(pb::ModelKind::Upscaler)
+        .await
+        .into_iter()
+        .find(|m| m.name.starts_with("hires_rrdb_x2"))
+        .expect("the upscaler is listed")
+        .name;
+    let mut client = server.generation().await;
+    let mut ran = 0;
+    for config in CONFIGS {
+        let reference = read_tensors(&hires_fixtures().join(config).join("cases.safetensors"));
+        for case in cases(config)
+            .iter()
+            .filter(|c| c["refiner_mode"].is_string())
+        {
+            let what = format!("{config} {}", case.name());
+            let request = pb::GenerateRequest {
+                spec: Some(refined_spec_of(config, case, &upscaler)),
+            };
+            let (messages, end) = drain(client.generate(request).await).await;
+            end.unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            let events: Vec<Event> = messages.into_iter().filter_map(|m| m.event).collect();
+            let size = (
+                case.int("final_width") as u32,
+                case.int("final_height") as u32,
+            );
+            let images = &reference[&format!("{}.images", case.name())];
+            check_images(&what, &events, images, size);
+            let stages: Vec<i32> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Progress(p) if p.image_index == 0 && p.step == 0 => Some(p.stage),
+                    _ => None,
+                })
+                .collect();
+            let expected = [
+                pb::Stage::Denoising,
+                pb::Stage::HiresUpscaling,
+                pb::Stage::HiresDenoising,
+                pb::Stage::Refining,
+            ];
+            let position = |stage: pb::Stage| stages.iter().position(|&s| s == stage as i32);
+            let order: Vec<Option<usize>> = expected.iter().map(|&s| position(s)).collect();
+            assert!(
+                order.iter().all(Option::is_some) && order.windows(2).all(|w| w[0] < w[1]),
+                "{what}: stages {stages:?}"
+            );
+            let Some(Event::Image(first)) = events.iter().find(|e| matches!(e, Event::Image(_)))
+            else {
+                panic!("{what}: no image");
+            };
+            let text = common::png_parameters(&first.data);
+            for entry in ["Hires steps: ", "Refiner: "] {
+                assert!(text.contains(entry), "{what}: `{entry}` in {text}");
+            }
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 3);
+
+    // A high-noise fraction below the hires pass's entry leaves it nothing to run: 6
+    // Euler steps at strength 0.5 enter at 499, so 0.3 (cutoff 700) is refused.
+    let case = &cases("tiny2")[5];
+    let mut spec = refined_spec_of("tiny2", case, &upscaler);
+    if let (Some(hires), Some(refiner)) = (spec.hires.as_mut(), spec.refiner.as_mut()) {
+        hires.strength = Some(0.5);
+        refiner.high_noise_fraction = Some(0.3);
+    }
+    let refused = server.refused_or_completed("late hand-off", spec).await;
+    let refused = refused.expect_err("no step before the hand-off");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "spec.refiner.high_noise_fraction");
+    assert!(refused[0].1.contains("hires pass"), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! The hires stage of a run: the first pass's latents enlarged (interpolated, or decoded
 //! and run through the upscaler model tile by tile, as A1111's Hires. fix does), then
 //! denoised again at the final size as image to image, on the run's generator as it
-//! stands after the first pass (diffusers' two-pipeline recipe).
+//! stands after the first pass (diffusers' two-pipeline recipe). With a refiner stage the
+//! hires pass is the one that hands over to it.
 
 use std::ops::ControlFlow;
 
@@ -12,7 +13,7 @@ use crate::engine::hires::{
     enlarge_image, enlarge_latents, entry, image_tensor, second_pass_params, Enlarge, Enlarged,
 };
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::Step;
+use crate::engine::pipeline::{GenerateParams, Step};
 use crate::jobs::events::{Stage, StepProgress};
 use crate::jobs::postprocess::{model_pass, Target};
 use crate::jobs::runner::{JobRun, Run, StepObserver};
@@ -39,7 +40,10 @@ impl JobRun<'_> {
         };
         self.check()?;
         self.clock.enter(Stage::HiresDenoising, self.metrics);
-        let params = second_pass_params(&run.params, &job.params);
+        let params = GenerateParams {
+            denoising_end: self.handoff_end(),
+            ..second_pass_params(&run.params, &job.params)
+        };
         let _span = tracing::info_span!(
             "stage",
             otel.name = "hires_denoising",

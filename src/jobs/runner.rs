@@ -61,11 +61,12 @@ pub enum JobStage {
     EncodePrompts,
     /// The base model's denoising of one run.
     Denoise,
-    /// The refiner's denoising of the same run, on the same generator.
-    Refine,
     /// The hires pass: the run's result enlarged and denoised again at the final size, on
     /// the same generator.
     Hires,
+    /// The refiner's denoising of the run's last pass (the hires pass when there is one),
+    /// on the same generator.
+    Refine,
     /// The VAE decode of each image.
     Decode,
     /// The post-processing steps on each image.
@@ -111,11 +112,11 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
         stages.push(JobStage::Preprocess);
     }
     stages.extend([JobStage::EncodePrompts, JobStage::Denoise]);
-    if spec.refiner.is_some() {
-        stages.push(JobStage::Refine);
-    }
     if spec.hires.is_some() {
         stages.push(JobStage::Hires);
+    }
+    if spec.refiner.is_some() {
+        stages.push(JobStage::Refine);
     }
     if spec.output.format != OutputFormat::Latents {
         stages.push(JobStage::Decode);
@@ -340,9 +341,10 @@ impl JobRun<'_> {
         )
         .entered();
         let base_params = self.stage_params(&run.params);
+        let last_pass = self.last_pass_params(&run.params);
         let refine = self.spec.refiner.as_ref().map(|job| {
             let (_, entry) = refiner::handoff(job.params.mode);
-            (refiner::refiner_params(&run.params, &job.params), entry)
+            (refiner::refiner_params(&last_pass, &job.params), entry)
         });
         let loaded = self.loaded.as_ref().ok_or_else(|| {
             EngineError::Internal("denoising before the models loaded".to_string())
@@ -372,7 +374,7 @@ impl JobRun<'_> {
                 )
             })?,
             (JobStage::Refine, Some(latents), Some(refiner), Some(prompt), Some((p, entry))) => {
-                let mask = refiner::handoff_mask(&run.params);
+                let mask = refiner::handoff_mask(&last_pass);
                 let from = Start::Handoff {
                     latents,
                     entry,
@@ -388,14 +390,27 @@ impl JobRun<'_> {
         }
     }
 
-    /// The base's parameters for a run: with a refiner in ensemble mode, the base stops
-    /// at the high-noise fraction.
+    /// The base's first-pass parameters for a run: it hands over to a refiner (stopping
+    /// at the high-noise fraction in ensemble mode) unless a hires pass follows it.
     fn stage_params(&self, run: &GenerateParams) -> GenerateParams {
-        match &self.spec.refiner {
-            Some(job) => GenerateParams {
-                denoising_end: refiner::handoff(job.params.mode).0,
-                ..run.clone()
-            },
+        GenerateParams {
+            denoising_end: self.handoff_end().filter(|_| self.spec.hires.is_none()),
+            ..run.clone()
+        }
+    }
+
+    /// Where the pass that hands over to the refiner stops: the high-noise fraction in
+    /// ensemble mode.
+    pub(crate) fn handoff_end(&self) -> Option<f64> {
+        let job = self.spec.refiner.as_ref()?;
+        refiner::handoff(job.params.mode).0
+    }
+
+    /// The parameters of a run's last pass, the one the refiner continues: the hires
+    /// pass's when there is one.
+    fn last_pass_params(&self, run: &GenerateParams) -> GenerateParams {
+        match &self.spec.hires {
+            Some(h) => crate::engine::hires::second_pass_params(run, &h.params),
             None => run.clone(),
         }
     }

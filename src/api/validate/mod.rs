@@ -184,7 +184,6 @@ fn check(
         init: init.as_ref(),
         max_steps: limits.max_steps,
     };
-    window::empty_windows(&base_run, refiner.as_ref(), v);
     let output = output::output(spec.output.as_ref(), "spec.", v);
     let first = hires::FirstPass {
         size,
@@ -197,6 +196,8 @@ fn check(
         .hires
         .as_ref()
         .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
+    let hires_pass = hires.as_ref().map(|h| &h.params);
+    window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     let denoised = hires
         .as_ref()
         .map_or(size, |h| (h.params.width as u32, h.params.height as u32));
@@ -232,12 +233,11 @@ fn check(
 
 /// Valid combinations this server cannot run yet.
 fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred) {
-    let refiner_named = spec.refiner.as_ref().is_some_and(|r| !r.model.is_empty());
     let inpainting = spec.init_image.as_ref().is_some_and(|i| !i.mask.is_empty());
-    if spec.hires.is_some() && (refiner_named || inpainting) {
+    if spec.hires.is_some() && inpainting {
         deferred.unimplemented(ApiError::Unimplemented(
             "spec.hires".into(),
-            "a hires pass after inpainting or with a refiner stage is not implemented yet".into(),
+            "a hires pass after inpainting is not implemented yet".into(),
         ));
     }
 }

@@ -1,9 +1,11 @@
 //! Requests whose denoising windows hold no step: a `denoising_start` past the last
-//! timestep, a high-noise fraction that leaves the base or the refiner nothing to run.
+//! timestep, a high-noise fraction that leaves the pass handing over (the base's, or the
+//! hires pass) or the refiner nothing to run.
 //! Where a window falls depends on the model's scheduler config and the request's
 //! scheduler, so the schedule is placed here as the run will place it.
 
 use crate::api::validate::fields::Violations;
+use crate::engine::hires::{entry as hires_entry, HiresParams};
 use crate::engine::pipeline::window::{check_planned_window, EmptyWindow};
 use crate::engine::registry::ModelEntry;
 use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
@@ -22,7 +24,12 @@ pub struct BaseRun<'a> {
 const HIGH_NOISE_FRACTION: &str = "spec.refiner.high_noise_fraction";
 
 /// Adds a violation for each run of the job that would cover no timestep.
-pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut Violations) {
+pub fn empty_windows(
+    base: &BaseRun<'_>,
+    hires: Option<&HiresParams>,
+    refiner: Option<&RefinerJob>,
+    v: &mut Violations,
+) {
     let handoff = refiner.and_then(|r| match r.params.mode {
         RefinerMode::EnsembleOfExperts {
             high_noise_fraction,
@@ -31,9 +38,11 @@ pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut V
     });
     let start = base.init.and_then(|i| i.denoising_start);
     let placeable = |steps: usize| steps <= base.max_steps as usize;
-    if (start.is_some() || handoff.is_some()) && placeable(base.steps) {
+    // The first pass hands over unless a hires pass follows it.
+    let base_end = handoff.filter(|_| hires.is_none());
+    if (start.is_some() || base_end.is_some()) && placeable(base.steps) {
         let entry = base.init.map(InitImage::entry);
-        match planned(base.model, &base.overrides, base.steps, entry, handoff) {
+        match planned(base.model, &base.overrides, base.steps, entry, base_end) {
             Err(EmptyWindow::Entry(Entry::DenoisingStart(start))) => v.add(
                 "spec.init_image.denoising_start",
                 format!("{start} leaves no step of {} to run", base.steps),
@@ -50,7 +59,7 @@ pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut V
                     HIGH_NOISE_FRACTION,
                     format!(
                         "{} leaves the base model{after} no step of {} to run",
-                        handoff.unwrap_or(1.0),
+                        base_end.unwrap_or(1.0),
                         base.steps
                     ),
                 )
@@ -61,6 +70,26 @@ pub fn empty_windows(base: &BaseRun<'_>, refiner: Option<&RefinerJob>, v: &mut V
     let (Some(refiner), Some(handoff)) = (refiner, handoff) else {
         return;
     };
+    if let Some(h) = hires.filter(|h| placeable(h.steps)) {
+        let entry = Some(hires_entry(h));
+        // A strength that leaves no step is the hires pass's own rule.
+        let run = planned(
+            base.model,
+            &h.scheduler_overrides,
+            h.steps,
+            entry,
+            Some(handoff),
+        );
+        if let Err(EmptyWindow::End(_)) = run {
+            v.add(
+                HIGH_NOISE_FRACTION,
+                format!(
+                    "{handoff} leaves the hires pass entered at strength {} no step of {} to run",
+                    h.strength, h.steps
+                ),
+            );
+        }
+    }
     let steps = refiner.params.steps;
     if !placeable(steps) {
         return;
