@@ -107,6 +107,17 @@ fn init_image(config: &str, strength: f64) -> sdxld::engine::request::InitImage 
     sdxld::engine::request::InitImage::new(width, height, image.into_raw(), strength)
 }
 
+/// The name the server lists the hires fixtures' upscaler `stem` under.
+async fn listed_upscaler(server: &TestServer, stem: &str) -> String {
+    server
+        .list_models(pb::ModelKind::Upscaler)
+        .await
+        .into_iter()
+        .find(|m| m.name.starts_with(stem))
+        .expect("the upscaler is listed")
+        .name
+}
+
 /// A server on the tiny2 pipeline whose upscaler root holds the hires fixtures' models.
 async fn server() -> TestServer {
     let pipeline = common::fixtures().join("tiny2").join("pipeline");
@@ -174,13 +185,7 @@ async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
     let mut client = server.generation().await;
     let reference = read_tensors(&hires_fixtures().join("tiny2").join("cases.safetensors"));
     let cases = cases("tiny2");
-    let upscaler = server
-        .list_models(pb::ModelKind::Upscaler)
-        .await
-        .into_iter()
-        .find(|m| m.name.starts_with("hires_rrdb_x2"))
-        .expect("the upscaler is listed")
-        .name;
+    let upscaler = listed_upscaler(&server, "hires_rrdb_x2").await;
 
     // Case 0: bilinear latents at scale 1.5, DPM-Solver++ at strength 0.6 of 5 steps and
     // guidance 7, two images.
@@ -388,13 +393,7 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
         ),
     ])
     .await;
-    let upscaler = server
-        .list_models(pb::ModelKind::Upscaler)
-        .await
-        .into_iter()
-        .find(|m| m.name.starts_with("hires_rrdb_x2"))
-        .expect("the upscaler is listed")
-        .name;
+    let upscaler = listed_upscaler(&server, "hires_rrdb_x2").await;
     let mut client = server.generation().await;
     let mut ran = 0;
     for config in CONFIGS {
@@ -667,13 +666,7 @@ async fn bad_hires_passes_are_refused_naming_the_field() {
     let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
     let shape = tensors.tensor("latents").expect("latents").shape().to_vec();
     assert_eq!(shape, [1, 4, 16, 16], "tiny2's VAE scale factor is 8");
-    let upscaler = server
-        .list_models(pb::ModelKind::Upscaler)
-        .await
-        .into_iter()
-        .find(|m| m.name.starts_with("hires_compact_x4"))
-        .expect("listed")
-        .name;
+    let upscaler = listed_upscaler(&server, "hires_compact_x4").await;
     let mut post = quick(pb::HiresPass {
         scale: Some(1.5),
         ..Default::default()

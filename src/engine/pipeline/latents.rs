@@ -212,6 +212,7 @@ impl SdxlPipeline {
         };
         Ok((latents, state))
     }
+
     /// Inpainting that continues an earlier stage's latents (diffusers'
     /// StableDiffusionXLInpaintPipeline given latents as its image, as a refiner after
     /// inpainting runs): those latents are both the start and the image the unmasked area
