@@ -1,7 +1,8 @@
 //! The job runner, shared by the server's worker and the CLI. A job is an ordered list of
 //! stages ([`JobStage`]): load models, [preprocess control images], encode prompts, then
-//! for each denoising run of the batch: denoise, [refine], decode and encode. Each stage reports through a
-//! [`JobSink`], which also says, after every step, whether the job goes on.
+//! for each denoising run of the batch: denoise, [hires pass], [refine], decode,
+//! [post-process] and encode. Each stage reports through a [`JobSink`], which also says,
+//! after every step, whether the job goes on.
 
 use std::ops::ControlFlow;
 use std::rc::Rc;
