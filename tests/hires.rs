@@ -308,6 +308,78 @@ async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
     );
 }
 
+/// `sdxld generate` with the --hires-* flags equals the recipe: the RRDB upscaler case
+/// (two images, each its own file) and the hires pass handing over to a refiner; a bad
+/// flag is named in the error.
+#[test]
+fn hires_over_the_cli_matches_the_recipe() {
+    use common::cli::sdxld;
+
+    let pipelines = common::fixtures().join("tiny2");
+    let reference = read_tensors(&hires_fixtures().join("tiny2").join("cases.safetensors"));
+    let cases = cases("tiny2");
+    let out = tempfile::tempdir().expect("tempdir");
+    let upscaler = hires_fixtures().join("upscalers/hires_rrdb_x2.safetensors");
+    let first_pass = |case: &Case, png: &std::path::Path| {
+        sdxld("generate")
+            .flag("--model", pipelines.join("pipeline"))
+            .args([
+                "--prompt",
+                case.text("prompt"),
+                "--width",
+                "64",
+                "--height",
+                "64",
+            ])
+            .args(["--seed", &case.int("seed").to_string()])
+            .args(["--steps", &case.int("steps").to_string()])
+            .args(["--num-images", &case.int("n").to_string()])
+            .flag("--output", png)
+    };
+
+    // Case 2: Euler 5 steps, the RRDB x2 upscaler at scale 2, Euler ancestral at 0.7 of 4.
+    let case = &cases[2];
+    let png = out.path().join("upscaled.png");
+    first_pass(case, &png)
+        .args(["--scheduler", "euler", "--hires-scale", "2"])
+        .flag("--hires-upscaler", &upscaler)
+        .args(["--hires-steps", "4", "--hires-strength", "0.7"])
+        .args(["--hires-scheduler", "euler-ancestral"])
+        .succeeds();
+    let images = &reference["hires_2.images"];
+    for (i, file) in ["upscaled.png", "upscaled-1.png"].iter().enumerate() {
+        let got = common::image_file(&out.path().join(file));
+        assert_images_match(&format!("CLI hires image {i}"), &got, &images.get(i as i64));
+    }
+    let text = common::png_parameters(&std::fs::read(&png).expect("png"));
+    assert!(text.contains("Hires upscaler: hires_rrdb_x2"), "{text}");
+
+    // Case 5: bilinear latents at 1.5, Euler at 0.6 of 6 stopping at 0.8, an Euler
+    // refiner of 6 steps from there.
+    let case = &cases[5];
+    assert_eq!(case["refiner_mode"], "ensemble");
+    let png = out.path().join("refined.png");
+    first_pass(case, &png)
+        .args(["--scheduler", "euler", "--hires-scale", "1.5"])
+        .args(["--hires-latent", "bilinear", "--hires-steps", "6"])
+        .args(["--hires-strength", "0.6"])
+        .flag("--refiner", pipelines.join("refiner"))
+        .args(["--high-noise-fraction", "0.8", "--refiner-steps", "6"])
+        .args(["--refiner-scheduler", "euler"])
+        .succeeds();
+    let got = common::image_file(&png);
+    assert_images_match(
+        "CLI hires then refiner",
+        &got,
+        &reference["hires_5.images"].get(0),
+    );
+
+    let message = first_pass(case, &png)
+        .args(["--hires-size", "100x128"])
+        .fails();
+    assert!(message.contains("--hires-size"), "{message}");
+}
+
 /// The wire scheduler of a diffusers class name the hires cases use.
 fn wire_scheduler(class: &str) -> i32 {
     (match class {

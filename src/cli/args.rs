@@ -11,6 +11,8 @@ use sdxld::engine::schedulers::options::{from_sampler_name, AlgorithmType};
 use sdxld::engine::schedulers::sigmas::SigmaSpacing;
 use sdxld::proto::v1 as pb;
 
+use crate::cli::hires::HiresArgs;
+
 /// What to generate, and where the models are.
 #[derive(Args, Clone)]
 pub struct GenerateArgs {
@@ -178,6 +180,9 @@ pub struct GenerateArgs {
     /// text encoders moves them to the host once its prompts are encoded.
     #[arg(long, default_value_t = 0)]
     pub memory_budget: u64,
+    /// The hires pass.
+    #[command(flatten)]
+    pub hires: HiresArgs,
 }
 
 /// `--batch`.
@@ -201,6 +206,9 @@ impl Batch {
 
 /// The flag a spec field comes from, where there is one.
 pub fn flag_of(field: &str) -> Option<&'static str> {
+    if let Some(flag) = crate::cli::hires::flag_of(field) {
+        return Some(flag);
+    }
     let flags = [
         ("spec.width", "--width"),
         ("spec.height", "--height"),
@@ -466,6 +474,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .map(|c| Ok(crate::cli::controlnet::parse(c)?.unit))
             .collect::<anyhow::Result<_>>()?,
         init_image,
+        hires: args.hires.pass(named_scheduler)?,
         ..Default::default()
     })
 }

@@ -35,7 +35,7 @@ fn root_and_name(path: &Path) -> anyhow::Result<(PathBuf, String)> {
 
 impl GenerateArgs {
     /// The registry the flags describe: the model as the default base model, the VAE's
-    /// and the refiner's folders and the LoRA folder as roots.
+    /// and the refiner's folders, the hires upscaler's and the LoRA folder as roots.
     fn registry(&self) -> anyhow::Result<Registry> {
         let model = ModelEntry::from_path(&self.model).ok_or_else(|| {
             anyhow!(
@@ -49,6 +49,9 @@ impl GenerateArgs {
         }
         if let Some(refiner) = &self.refiner {
             roots.refiner.push(root_and_name(refiner)?.0);
+        }
+        if let Some(upscaler) = &self.hires.hires_upscaler {
+            roots.upscaler.push(root_and_name(upscaler)?.0);
         }
         for unit in &self.controlnets {
             let parsed = crate::cli::controlnet::parse(unit)?;

@@ -12,6 +12,7 @@ mod convert;
 mod demo;
 mod generate;
 mod health;
+mod hires;
 mod request;
 
 use std::path::PathBuf;

@@ -1,0 +1,138 @@
+//! The hires pass flags of `generate` (A1111's "Hires. fix"): the `HiresPass` they mean,
+//! and the flag each of its fields comes from.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+use sdxld::proto::v1 as pb;
+
+/// A hires pass after the first: the result enlarged and denoised again at the final size.
+#[derive(Args, Clone, Default)]
+pub struct HiresArgs {
+    /// Run a hires pass enlarging each side by this factor, in [1, 4] (2 when only other
+    /// --hires-* flags are given).
+    #[arg(long)]
+    pub hires_scale: Option<f32>,
+    /// Or to this final size, WIDTHxHEIGHT (multiples of 8).
+    #[arg(long, value_name = "WxH")]
+    pub hires_size: Option<String>,
+    /// Enlarge in latent space: nearest, nearest-exact, bilinear (the default) or bicubic.
+    #[arg(long)]
+    pub hires_latent: Option<String>,
+    /// Or with this upscaler model (a `.safetensors` file: ESRGAN, Real-ESRGAN, SwinIR,
+    /// ...), tiled, then Lanczos to the final size.
+    #[arg(long)]
+    pub hires_upscaler: Option<PathBuf>,
+    /// The upscaler's tile side in pixels (0: fitted to the free device memory).
+    #[arg(long, default_value_t = 0)]
+    pub hires_tile: u32,
+    /// The hires pass's schedule (default: --steps), of which strength x steps run.
+    #[arg(long)]
+    pub hires_steps: Option<u32>,
+    /// Its denoising strength, in (0, 1] (default 0.7).
+    #[arg(long)]
+    pub hires_strength: Option<f32>,
+    /// Its scheduler (same names as --scheduler; default: the first pass's).
+    #[arg(long)]
+    pub hires_scheduler: Option<String>,
+    /// Its guidance scale (default: --guidance).
+    #[arg(long)]
+    pub hires_guidance: Option<f32>,
+}
+
+impl HiresArgs {
+    /// Whether any flag asks for a hires pass.
+    fn wanted(&self) -> bool {
+        self.hires_scale.is_some()
+            || self.hires_size.is_some()
+            || self.hires_latent.is_some()
+            || self.hires_upscaler.is_some()
+            || self.hires_steps.is_some()
+            || self.hires_strength.is_some()
+            || self.hires_scheduler.is_some()
+            || self.hires_guidance.is_some()
+    }
+
+    /// The hires pass the flags mean (none without a --hires-* flag); `scheduler` turns a
+    /// scheduler name into the wire enum and its options.
+    pub fn pass(
+        &self,
+        scheduler: impl Fn(&str, &mut pb::SchedulerOptions) -> anyhow::Result<i32>,
+    ) -> anyhow::Result<Option<pb::HiresPass>> {
+        if !self.wanted() {
+            return Ok(None);
+        }
+        let (width, height) = match &self.hires_size {
+            Some(size) => parse_size(size)?,
+            None => (0, 0),
+        };
+        let mut options = pb::SchedulerOptions::default();
+        let scheduler = match &self.hires_scheduler {
+            Some(name) => scheduler(name, &mut options)?,
+            None => 0,
+        };
+        let upscaler = match &self.hires_upscaler {
+            Some(path) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| anyhow::anyhow!("{} names no file", path.display()))?,
+            None => String::new(),
+        };
+        Ok(Some(pb::HiresPass {
+            scale: self.hires_scale,
+            width,
+            height,
+            latent_upscale: self.hires_latent.as_deref().map_or(Ok(0), latent_upscale)?,
+            upscaler,
+            tile_size: self.hires_tile,
+            steps: self.hires_steps.unwrap_or(0),
+            strength: self.hires_strength,
+            scheduler,
+            scheduler_options: (options != pb::SchedulerOptions::default()).then_some(options),
+            guidance_scale: self.hires_guidance,
+            ..Default::default()
+        }))
+    }
+}
+
+/// `WIDTHxHEIGHT`.
+fn parse_size(size: &str) -> anyhow::Result<(u32, u32)> {
+    let parsed = size
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some(size) => Ok(size),
+        None => bail!("--hires-size must be WIDTHxHEIGHT, got `{size}`"),
+    }
+}
+
+/// `--hires-latent`'s interpolation.
+fn latent_upscale(mode: &str) -> anyhow::Result<i32> {
+    Ok(match mode {
+        "nearest" => pb::LatentUpscale::Nearest,
+        "nearest-exact" => pb::LatentUpscale::NearestExact,
+        "bilinear" => pb::LatentUpscale::Bilinear,
+        "bicubic" => pb::LatentUpscale::Bicubic,
+        other => bail!(
+            "--hires-latent must be nearest, nearest-exact, bilinear or bicubic, got `{other}`"
+        ),
+    } as i32)
+}
+
+/// The flag a `spec.hires` field comes from.
+pub fn flag_of(field: &str) -> Option<&'static str> {
+    let field = field.strip_prefix("spec.hires")?;
+    Some(match field.trim_start_matches('.') {
+        "scale" => "--hires-scale",
+        "width" | "height" => "--hires-size",
+        "latent_upscale" => "--hires-latent",
+        "upscaler" => "--hires-upscaler",
+        "tile_size" => "--hires-tile",
+        "steps" => "--hires-steps",
+        "strength" => "--hires-strength",
+        "guidance_scale" => "--hires-guidance",
+        f if f.starts_with("scheduler") => "--hires-scheduler",
+        _ => "--hires-*",
+    })
+}
