@@ -9,7 +9,9 @@
 mod common;
 
 use common::server::{drain, violated_fields, TestServer};
-use common::{assert_close, assert_images_match, hires_fixtures, read_tensors, Case, CONFIGS};
+use common::{
+    assert_close, assert_images_match, hires_fixtures, read_tensors, wire_scheduler, Case, CONFIGS,
+};
 use sdxld::engine::hires::{generate_hires, Enlarge, HiresParams, LatentInterpolation};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use sdxld::engine::upscale::tiles::TilePlan;
@@ -378,17 +380,6 @@ fn hires_over_the_cli_matches_the_recipe() {
         .args(["--hires-size", "100x128"])
         .fails();
     assert!(message.contains("--hires-size"), "{message}");
-}
-
-/// The wire scheduler of a diffusers class name the hires cases use.
-fn wire_scheduler(class: &str) -> i32 {
-    (match class {
-        "EulerDiscreteScheduler" => pb::Scheduler::Euler,
-        "EulerAncestralDiscreteScheduler" => pb::Scheduler::EulerAncestral,
-        "DPMSolverMultistepScheduler" => pb::Scheduler::DpmSolverMultistep,
-        "HeunDiscreteScheduler" => pb::Scheduler::Heun,
-        other => panic!("no hires case uses {other}"),
-    }) as i32
 }
 
 /// The request of a hires case with a refiner stage, on `config`'s pipeline and refiner

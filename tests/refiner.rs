@@ -414,13 +414,6 @@ async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
     .await;
     let reference = read_tensors(&dir.join("refiner.safetensors"));
     let cases = cases("tiny2", "refiner");
-    let scheduler = |name: &str| match name {
-        "EulerDiscreteScheduler" => pb::Scheduler::Euler,
-        "EulerAncestralDiscreteScheduler" => pb::Scheduler::EulerAncestral,
-        "DPMSolverMultistepScheduler" => pb::Scheduler::DpmSolverMultistep,
-        "HeunDiscreteScheduler" => pb::Scheduler::Heun,
-        other => panic!("no case uses {other} here"),
-    } as i32;
     let inpainting: Vec<usize> = (0..cases.len())
         .filter(|&i| cases[i].text("kind").starts_with("inpaint_"))
         .collect();
@@ -439,7 +432,7 @@ async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
             seed: Some(41),
             steps: case.float("steps") as u32,
             num_images: 1,
-            scheduler: scheduler(case.text("scheduler")),
+            scheduler: common::wire_scheduler(case.text("scheduler")),
             init_image: Some(pb::InitImage {
                 image: std::fs::read(dir.join("init.png")).expect("init.png"),
                 mask: std::fs::read(dir.join("mask.png")).expect("mask.png"),
@@ -456,7 +449,7 @@ async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
                 high_noise_fraction: case["fraction"].as_f64().map(|f| f as f32),
                 strength: case["strength"].as_f64().map(|s| s as f32),
                 steps: case["refiner_steps"].as_u64().unwrap_or(0) as u32,
-                scheduler: scheduler(refiner_scheduler),
+                scheduler: common::wire_scheduler(refiner_scheduler),
                 ..Default::default()
             }),
             ..Default::default()

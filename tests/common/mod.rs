@@ -118,6 +118,14 @@ impl std::ops::Deref for Case {
     }
 }
 
+/// The wire scheduler of a diffusers scheduler class name, as the API converts it.
+#[allow(dead_code)]
+pub fn wire_scheduler(class: &str) -> i32 {
+    let kind = sdxld::engine::schedulers::SchedulerKind::from_class_name(class)
+        .unwrap_or_else(|| panic!("no scheduler class {class}"));
+    sdxld::api::convert::scheduler(kind) as i32
+}
+
 /// The cases of `<config>/<file>.json`.
 pub fn cases(config: &str, file: &str) -> Vec<Case> {
     cases_at(&fixtures().join(config).join(format!("{file}.json")))
