@@ -401,6 +401,38 @@ fn refiner(args: &GenerateArgs, path: &Path) -> anyhow::Result<pb::RefinerStage>
     })
 }
 
+/// The hires pass the --hires-* flags ask for (none without one).
+fn hires(h: &HiresArgs) -> anyhow::Result<Option<pb::HiresPass>> {
+    if !h.wanted() {
+        return Ok(None);
+    }
+    let (width, height) = h.size()?;
+    let mut options = pb::SchedulerOptions::default();
+    let scheduler = match &h.hires_scheduler {
+        Some(name) => named_scheduler(name, &mut options)?,
+        None => 0,
+    };
+    Ok(Some(pb::HiresPass {
+        scale: h.hires_scale,
+        width,
+        height,
+        latent_upscale: h.latent_upscale()?,
+        upscaler: h
+            .hires_upscaler
+            .as_deref()
+            .map(file_name)
+            .transpose()?
+            .unwrap_or_default(),
+        tile_size: h.hires_tile,
+        steps: h.hires_steps.unwrap_or(0),
+        strength: h.hires_strength,
+        scheduler,
+        scheduler_options: present(options),
+        guidance_scale: h.hires_guidance,
+        ..Default::default()
+    }))
+}
+
 fn file_name(path: &Path) -> anyhow::Result<String> {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -474,7 +506,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .map(|c| Ok(crate::cli::controlnet::parse(c)?.unit))
             .collect::<anyhow::Result<_>>()?,
         init_image,
-        hires: args.hires.pass(named_scheduler)?,
+        hires: hires(&args.hires)?,
         ..Default::default()
     })
 }

@@ -1,5 +1,5 @@
-//! The hires pass flags of `generate` (A1111's "Hires. fix"): the `HiresPass` they mean,
-//! and the flag each of its fields comes from.
+//! The hires pass flags of `generate` (A1111's "Hires. fix"), their parsing, and the flag
+//! each `HiresPass` field comes from.
 
 use std::path::PathBuf;
 
@@ -43,7 +43,7 @@ pub struct HiresArgs {
 
 impl HiresArgs {
     /// Whether any flag asks for a hires pass.
-    fn wanted(&self) -> bool {
+    pub fn wanted(&self) -> bool {
         self.hires_scale.is_some()
             || self.hires_size.is_some()
             || self.hires_latent.is_some()
@@ -54,45 +54,14 @@ impl HiresArgs {
             || self.hires_guidance.is_some()
     }
 
-    /// The hires pass the flags mean (none without a --hires-* flag); `scheduler` turns a
-    /// scheduler name into the wire enum and its options.
-    pub fn pass(
-        &self,
-        scheduler: impl Fn(&str, &mut pb::SchedulerOptions) -> anyhow::Result<i32>,
-    ) -> anyhow::Result<Option<pb::HiresPass>> {
-        if !self.wanted() {
-            return Ok(None);
-        }
-        let (width, height) = match &self.hires_size {
-            Some(size) => parse_size(size)?,
-            None => (0, 0),
-        };
-        let mut options = pb::SchedulerOptions::default();
-        let scheduler = match &self.hires_scheduler {
-            Some(name) => scheduler(name, &mut options)?,
-            None => 0,
-        };
-        let upscaler = match &self.hires_upscaler {
-            Some(path) => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| anyhow::anyhow!("{} names no file", path.display()))?,
-            None => String::new(),
-        };
-        Ok(Some(pb::HiresPass {
-            scale: self.hires_scale,
-            width,
-            height,
-            latent_upscale: self.hires_latent.as_deref().map_or(Ok(0), latent_upscale)?,
-            upscaler,
-            tile_size: self.hires_tile,
-            steps: self.hires_steps.unwrap_or(0),
-            strength: self.hires_strength,
-            scheduler,
-            scheduler_options: (options != pb::SchedulerOptions::default()).then_some(options),
-            guidance_scale: self.hires_guidance,
-            ..Default::default()
-        }))
+    /// `--hires-size` as (width, height); (0, 0), the scale's, when absent.
+    pub fn size(&self) -> anyhow::Result<(u32, u32)> {
+        self.hires_size.as_deref().map_or(Ok((0, 0)), parse_size)
+    }
+
+    /// `--hires-latent` as the wire interpolation (0, unspecified, when absent).
+    pub fn latent_upscale(&self) -> anyhow::Result<i32> {
+        self.hires_latent.as_deref().map_or(Ok(0), latent_upscale)
     }
 }
 
