@@ -67,6 +67,7 @@ ENV SDXLD_CACHE=/var/lib/sdxld/cache \
     SDXLD__MODELS__CONTROLNET_ROOTS=/models/controlnet \
     SDXLD__MODELS__UPSCALER_ROOTS=/models/upscaler \
     SDXLD__MODELS__PREPROCESSOR_ROOTS=/models/preprocessor \
+    SDXLD__MODELS__EMBEDDING_ROOTS=/models/embeddings \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/models", "/var/lib/sdxld"]

@@ -146,6 +146,8 @@ pub struct ModelSettings {
     pub upscaler_roots: Vec<PathBuf>,
     /// Preprocessor network roots.
     pub preprocessor_roots: Vec<PathBuf>,
+    /// Textual inversion embedding roots.
+    pub embedding_roots: Vec<PathBuf>,
 }
 
 impl ModelSettings {
@@ -159,6 +161,7 @@ impl ModelSettings {
             controlnet: self.controlnet_roots.clone(),
             upscaler: self.upscaler_roots.clone(),
             preprocessor: self.preprocessor_roots.clone(),
+            embedding: self.embedding_roots.clone(),
         }
     }
 }
@@ -283,6 +286,7 @@ impl Settings {
                 .with_list_parse_key("models.controlnet_roots")
                 .with_list_parse_key("models.upscaler_roots")
                 .with_list_parse_key("models.preprocessor_roots")
+                .with_list_parse_key("models.embedding_roots")
                 .with_list_parse_key("server.tokens"),
         );
         let settings: Settings = builder

@@ -35,6 +35,7 @@ pub fn model_kind(kind: ModelKind) -> pb::ModelKind {
         ModelKind::ControlNet => pb::ModelKind::Controlnet,
         ModelKind::Upscaler => pb::ModelKind::Upscaler,
         ModelKind::Preprocessor => pb::ModelKind::Preprocessor,
+        ModelKind::Embedding => pb::ModelKind::Embedding,
     }
 }
 

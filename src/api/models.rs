@@ -35,6 +35,7 @@ impl Models {
             Ok(pb::ModelKind::Controlnet) => ModelKind::ControlNet,
             Ok(pb::ModelKind::Upscaler) => ModelKind::Upscaler,
             Ok(pb::ModelKind::Preprocessor) => ModelKind::Preprocessor,
+            Ok(pb::ModelKind::Embedding) => ModelKind::Embedding,
             Err(_) => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -292,6 +293,7 @@ impl ModelService for Models {
             ("micro_conditioning.aesthetic_score", true),
             ("post_processing", true),
             ("hires", true),
+            ("embeddings", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

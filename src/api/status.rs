@@ -305,10 +305,17 @@ fn concise(message: &str) -> String {
 }
 
 fn engine_status(error: EngineError) -> Status {
+    if let EngineError::EmbeddingToken { index, message } = &error {
+        let mut details = ErrorDetails::new();
+        details.add_bad_request_violation(format!("spec.embeddings[{index}].token"), message);
+        return Status::with_error_details(Code::InvalidArgument, message.clone(), details);
+    }
     let reason = error.error_type().to_uppercase();
     let message = concise(&error.to_string());
     let code = match &error {
-        EngineError::InvalidRequest(_) => Code::InvalidArgument,
+        EngineError::InvalidRequest(_) | EngineError::EmbeddingToken { .. } => {
+            Code::InvalidArgument
+        }
         EngineError::Io { .. }
         | EngineError::Config { .. }
         | EngineError::WeightFile { .. }

@@ -131,6 +131,12 @@ pub struct GenerateArgs {
     /// weight in [-2, 2], e.g. style:0.8 (repeatable; applied together).
     #[arg(long = "lora", value_name = "NAME:WEIGHT")]
     pub loras: Vec<String>,
+    /// A textual inversion embedding (an SDXL `.safetensors` file with `clip_l` and
+    /// `clip_g` vectors) and the token that stands for it in the prompts (default: the
+    /// file's name without extension), e.g. ./embeddings/NegXL.safetensors or
+    /// ./neg.safetensors:negxl (repeatable).
+    #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
+    pub embeddings: Vec<String>,
     /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional
     /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
@@ -244,6 +250,9 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     }
     if field.starts_with("spec.controlnets") {
         return Some("--controlnet");
+    }
+    if field.starts_with("spec.embeddings") {
+        return Some("--embedding");
     }
     if field.starts_with("spec.refiner.scheduler") {
         return Some("--refiner-scheduler");
@@ -372,6 +381,30 @@ fn lora(arg: &str) -> anyhow::Result<pb::LoraAdapter> {
     Ok(pb::LoraAdapter {
         name: name.to_string(),
         weight,
+    })
+}
+
+/// `--embedding FILE[:TOKEN]`: the file and the token, if one is given.
+pub fn embedding_file(arg: &str) -> (PathBuf, Option<String>) {
+    match arg.rsplit_once(':') {
+        Some((file, token)) if !Path::new(arg).is_file() => {
+            (PathBuf::from(file), Some(token.to_string()))
+        }
+        _ => (PathBuf::from(arg), None),
+    }
+}
+
+/// The request's embedding of `--embedding FILE[:TOKEN]`, named by the file's stem in its
+/// folder (an embedding root).
+fn embedding(arg: &str) -> anyhow::Result<pb::TextualInversion> {
+    let (file, token) = embedding_file(arg);
+    let name = file
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .with_context(|| format!("--embedding {arg:?} names no file"))?;
+    Ok(pb::TextualInversion {
+        name,
+        token: token.unwrap_or_default(),
     })
 }
 
@@ -504,6 +537,11 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .controlnets
             .iter()
             .map(|c| Ok(crate::cli::controlnet::parse(c)?.unit))
+            .collect::<anyhow::Result<_>>()?,
+        embeddings: args
+            .embeddings
+            .iter()
+            .map(|e| embedding(e))
             .collect::<anyhow::Result<_>>()?,
         init_image,
         hires: hires(&args.hires)?,

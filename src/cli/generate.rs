@@ -35,7 +35,8 @@ fn root_and_name(path: &Path) -> anyhow::Result<(PathBuf, String)> {
 
 impl GenerateArgs {
     /// The registry the flags describe: the model as the default base model, the VAE's
-    /// and the refiner's folders, the hires upscaler's and the LoRA folder as roots.
+    /// and the refiner's folders, the hires upscaler's, the embeddings' and the LoRA folder
+    /// as roots.
     fn registry(&self) -> anyhow::Result<Registry> {
         let model = ModelEntry::from_path(&self.model).ok_or_else(|| {
             anyhow!(
@@ -59,6 +60,10 @@ impl GenerateArgs {
             if let Some(file) = &parsed.detector {
                 roots.preprocessor.push(root_and_name(file)?.0);
             }
+        }
+        for arg in &self.embeddings {
+            let (file, _) = crate::cli::args::embedding_file(arg);
+            roots.embedding.push(root_and_name(&file)?.0);
         }
         match (&self.lora_dir, self.loras.is_empty()) {
             (Some(dir), _) => roots.lora.push(dir.clone()),

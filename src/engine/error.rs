@@ -71,6 +71,14 @@ pub enum EngineError {
     /// Models or a request that cannot work together (a refiner as the base model, ...).
     #[error("{0}")]
     Incompatible(String),
+    /// A request's textual inversion token that the model's tokenizer cannot take.
+    #[error("{message}")]
+    EmbeddingToken {
+        /// The embedding's index in the request.
+        index: usize,
+        /// What is wrong with its token.
+        message: String,
+    },
     /// A LoRA that is not in a known format, or that does not fit the model it is
     /// applied to (another architecture, a key that names no layer).
     #[error("LoRA `{lora}`: key `{key}` {message}")]
@@ -116,6 +124,7 @@ impl EngineError {
             EngineError::Tokenizer { .. } => "tokenizer",
             EngineError::InvalidRequest(_) => "invalid_request",
             EngineError::Incompatible(_) => "incompatible_models",
+            EngineError::EmbeddingToken { .. } => "embedding_token",
             EngineError::Lora { .. } => "lora_incompatible",
             EngineError::MemoryBudget(_) => "memory_budget",
             EngineError::DeviceOutOfMemory(_) => "device_out_of_memory",

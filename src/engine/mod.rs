@@ -27,5 +27,6 @@ pub mod request;
 pub mod resample;
 pub mod schedulers;
 pub mod sdpa;
+pub mod textual_inversion;
 pub mod upscale;
 pub mod weights;

@@ -23,6 +23,7 @@ use crate::engine::preprocess::detector::network_of;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::{ModelEntry, ModelKind};
+use crate::engine::textual_inversion::Embedding;
 use crate::engine::upscale::Upscaler;
 
 /// The model cache, on the engine thread only (tensors are not shared across threads).
@@ -295,7 +296,11 @@ impl Engine {
 
     /// Loads `model` (an admin request), making room for it.
     pub fn load(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
-        self.cache.make_room(&[model_path(model)], 0)?;
+        // An embedding (kilobytes, read by each job that uses it) is not cached: loading
+        // it checks its file.
+        if model.kind != ModelKind::Embedding {
+            self.cache.make_room(&[model_path(model)], 0)?;
+        }
         match model.kind {
             ModelKind::Vae => self.vae(model).map(|_| ()),
             ModelKind::Lora => self.lora(model).map(|_| ()),
@@ -303,6 +308,10 @@ impl Engine {
             ModelKind::Upscaler => self.upscaler(model).map(|_| ()),
             ModelKind::Preprocessor => self.detector(model).map(|_| ()),
             ModelKind::Base | ModelKind::Refiner => self.pipeline(model).map(|_| ()),
+            ModelKind::Embedding => {
+                let stem = model.name.rsplit('/').next().unwrap_or_default();
+                Embedding::read(&model.path, 0, &model.name, stem).map(|_| ())
+            }
         }?;
         // The cache hashed the files it loaded; the rest (configs, tokenizers) now.
         let _ = self.hashes().model(model);

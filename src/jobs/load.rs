@@ -14,10 +14,11 @@ use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
+use crate::engine::textual_inversion::Embedding;
 use crate::jobs::engine::{model_path, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Loaded};
-use crate::jobs::{JobError, JobSpec};
+use crate::jobs::{EmbeddingJob, JobError, JobSpec};
 use crate::output::{OutputFormat, PngMetadata};
 
 impl JobRun<'_> {
@@ -103,6 +104,7 @@ impl JobRun<'_> {
             None => None,
         };
         let detectors = load_detectors(engine, spec)?;
+        let embeddings = read_embeddings(spec)?;
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, room.lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -116,6 +118,7 @@ impl JobRun<'_> {
             detectors,
             offload_text_encoders: room.fit == Fit::TextEncodersOffloaded,
             tiled_decode: room.tiled_decode,
+            embeddings,
             _adapters: adapters,
         });
         Ok(())
@@ -170,6 +173,20 @@ fn load_detectors(
     Ok(detectors)
 }
 
+/// The job's textual inversion embeddings, read from their files (kilobytes each; they
+/// are not cached).
+fn read_embeddings(spec: &JobSpec) -> Result<Vec<Embedding>, JobError> {
+    let read = |(index, job): (usize, &EmbeddingJob)| {
+        Embedding::read(&job.model.path, index, &job.model.name, &job.token)
+    };
+    Ok(spec
+        .embeddings
+        .iter()
+        .enumerate()
+        .map(read)
+        .collect::<Result<_, _>>()?)
+}
+
 /// The models a job uses with their hashes (the LoRAs with their weights), base first.
 fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
     let used = |model: &ModelEntry, kind: ModelKind, weight: f32| ModelUsed {
@@ -189,6 +206,11 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
         spec.loras
             .iter()
             .map(|l| used(&l.model, ModelKind::Lora, l.weight)),
+    );
+    models.extend(
+        spec.embeddings
+            .iter()
+            .map(|e| used(&e.model, ModelKind::Embedding, 0.0)),
     );
     models.extend(
         spec.controlnets

@@ -78,6 +78,17 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             .collect();
         text.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
     }
+    if !spec.embeddings.is_empty() {
+        let hashes: Vec<String> = spec
+            .embeddings
+            .iter()
+            .map(|e| {
+                let hash = hash_of(models, ModelKind::Embedding, &e.model.name);
+                format!("{}: {}", e.token, short(hash, 12))
+            })
+            .collect();
+        text.push_str(&format!(", TI hashes: \"{}\"", hashes.join(", ")));
+    }
     for (i, unit) in spec.controlnets.iter().enumerate() {
         let hash = hash_of(models, ModelKind::ControlNet, &unit.model.name);
         text.push_str(&format!(

@@ -31,6 +31,6 @@ pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
 pub use spec::{
-    ConditioningImage, ControlInput, ControlNetJob, HiresJob, JobSpec, JobWork, LoraJob,
-    OutputSpec, PostStep, PreprocessSpec, RefinerJob, UpscaleJob, UpscaleSpec,
+    ConditioningImage, ControlInput, ControlNetJob, EmbeddingJob, HiresJob, JobSpec, JobWork,
+    LoraJob, OutputSpec, PostStep, PreprocessSpec, RefinerJob, UpscaleJob, UpscaleSpec,
 };

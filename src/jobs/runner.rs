@@ -19,6 +19,7 @@ use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
+use crate::engine::textual_inversion::Embedding;
 use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
 use crate::jobs::engine::Engine;
@@ -146,6 +147,8 @@ pub(crate) struct Loaded {
     pub offload_text_encoders: bool,
     /// The job fits the memory budget only with its images decoded tile by tile.
     pub tiled_decode: bool,
+    /// The textual inversion embeddings, in request order.
+    pub embeddings: Vec<Embedding>,
     pub _adapters: AppliedLoras,
 }
 
@@ -419,14 +422,6 @@ impl JobRun<'_> {
     /// The report, once every image was handed out.
     fn finish(mut self) -> JobReport {
         self.clock.close(self.metrics);
-        if let Some(loaded) = &self.loaded {
-            let dropped = loaded.base.prompt_overflow(&self.spec.params.prompt);
-            if dropped > 0 {
-                self.report.warnings.push(format!(
-                    "the prompt is {dropped} tokens longer than CLIP's 77 and was truncated"
-                ));
-            }
-        }
         let mut report = std::mem::take(&mut self.report);
         for (stage, elapsed) in self.clock.take_timings() {
             report.add_time(stage, elapsed);
@@ -449,21 +444,35 @@ impl JobRun<'_> {
         });
         let loaded = self.loaded()?;
         let base_params = self.stage_params(&self.spec.params);
-        let base = EngineError::catch(|| loaded.base.encode_prompt(&base_params))?;
+        let tokens = EngineError::catch(|| loaded.base.prompt_tokens(&loaded.embeddings))?;
+        let base = EngineError::catch(|| loaded.base.encode_prompt_with(&base_params, &tokens))?;
         let refined = match (&loaded.refiner, &self.spec.refiner) {
             (Some(pipeline), Some(job)) => {
                 let p = refiner::refiner_params(&self.spec.params, &job.params);
-                Some(EngineError::catch(|| pipeline.encode_prompt(&p))?)
+                Some(EngineError::catch(|| {
+                    let tokens = pipeline.prompt_tokens(&loaded.embeddings)?;
+                    pipeline.encode_prompt_with(&p, &tokens)
+                })?)
             }
             _ => None,
         };
         let hires = match &self.spec.hires {
             Some(h) => {
                 let p = crate::engine::hires::second_pass_params(&base_params, &h.params);
-                Some(EngineError::catch(|| loaded.base.encode_prompt(&p))?)
+                Some(EngineError::catch(|| {
+                    loaded.base.encode_prompt_with(&p, &tokens)
+                })?)
             }
             None => None,
         };
+        let dropped = loaded
+            .base
+            .prompt_overflow(&self.spec.params.prompt, &tokens)?;
+        if dropped > 0 {
+            self.report.warnings.push(format!(
+                "the prompt is {dropped} tokens longer than CLIP's 77 and was truncated"
+            ));
+        }
         self.prompts = Some(Prompts {
             base,
             refiner: refined,

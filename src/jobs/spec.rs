@@ -37,6 +37,15 @@ pub struct LoraJob {
     pub weight: f32,
 }
 
+/// A textual inversion embedding of a job.
+#[derive(Debug, Clone)]
+pub struct EmbeddingJob {
+    /// The embedding file.
+    pub model: ModelEntry,
+    /// The token that stands for it in the prompts.
+    pub token: String,
+}
+
 /// A decoded conditioning image (shared, not copied, when a spec is).
 #[derive(Clone)]
 pub struct ConditioningImage(pub Arc<DynamicImage>);
@@ -196,6 +205,8 @@ pub struct JobSpec {
     pub vae: Option<ModelEntry>,
     /// LoRA adapters, in request order.
     pub loras: Vec<LoraJob>,
+    /// Textual inversion embeddings, in request order.
+    pub embeddings: Vec<EmbeddingJob>,
     /// ControlNet units, in request order.
     pub controlnets: Vec<ControlNetJob>,
     /// The refiner stage, if any.

@@ -6,6 +6,7 @@
 mod adapters;
 mod controlnet;
 pub mod detector;
+mod embeddings;
 mod fields;
 mod hires;
 mod images;
@@ -20,6 +21,7 @@ mod sampling;
 mod window;
 
 pub use adapters::MAX_LORAS;
+pub use embeddings::MAX_EMBEDDINGS;
 pub use fields::MAX_SEED;
 pub use sampling::scheduler_kind;
 
@@ -104,6 +106,7 @@ struct Parts {
     clip_skip: Option<i64>,
     vae: Option<ModelEntry>,
     loras: Vec<crate::jobs::LoraJob>,
+    embeddings: Vec<crate::jobs::EmbeddingJob>,
     controlnets: Vec<crate::jobs::ControlNetJob>,
     refiner: Option<crate::jobs::RefinerJob>,
     output: crate::jobs::OutputSpec,
@@ -158,6 +161,7 @@ fn check(
         _ => None,
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
+    let embeddings = embeddings::embeddings(&spec.embeddings, registry, v, deferred);
     let detectors = detector::Detectors {
         registry,
         defaults: ctx.preprocessing,
@@ -222,6 +226,7 @@ fn check(
         clip_skip,
         vae,
         loras,
+        embeddings,
         controlnets,
         refiner,
         output,
@@ -297,6 +302,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         model,
         vae: parts.vae,
         loras: parts.loras,
+        embeddings: parts.embeddings,
         controlnets: parts.controlnets,
         refiner: parts.refiner,
         output: parts.output,

@@ -193,6 +193,15 @@ pub struct TextEncoderOutput {
     pub pooled: Option<Tensor>,
 }
 
+/// Token vectors past the model's own table (textual inversion): the row of token id
+/// `first_id + i` is `rows[i]`.
+pub struct AddedRows {
+    /// The id of the first added token (the tokenizer's; ids below it are the model's).
+    pub first_id: i64,
+    /// [added tokens, hidden_size], on the model's device, in its kind.
+    pub rows: Tensor,
+}
+
 /// A CLIP text transformer, with or without the pooled text projection.
 pub struct ClipTextModel {
     config: ClipTextConfig,
@@ -283,6 +292,16 @@ impl ClipTextModel {
         })
     }
 
+    /// `vectors` [n, hidden_size] as the rows of the ids from `first_id` on, on the
+    /// model's device and in its kind.
+    pub fn added_rows(&self, first_id: i64, vectors: &Tensor) -> AddedRows {
+        let table = self.token_embedding.weight();
+        AddedRows {
+            first_id,
+            rows: vectors.to_device(table.device()).to_kind(table.kind()),
+        }
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
@@ -300,6 +319,16 @@ impl ClipTextModel {
     /// Encodes [batch, seq] token ids. `skip` counts layers skipped from the penultimate
     /// one (diffusers' `clip_skip`, 0 for none).
     pub fn forward(&self, ids: &Tensor, skip: i64) -> Result<TextEncoderOutput> {
+        self.forward_with(ids, skip, None)
+    }
+
+    /// [`Self::forward`] with `added` token vectors for the ids past the model's table.
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        skip: i64,
+        added: Option<&AddedRows>,
+    ) -> Result<TextEncoderOutput> {
         let n = self.config.num_hidden_layers;
         if skip < 0 || skip + 2 > n + 1 {
             return Err(EngineError::InvalidRequest(format!(
@@ -309,7 +338,7 @@ impl ClipTextModel {
         }
         let seq = ids.size()[1];
         let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
-        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
+        let mut x = self.embed_tokens(ids, added) + self.position_embedding.forward(&positions);
         // hidden_states[i] is the input of layer i; hidden_states[n] the last output.
         let wanted = n + 1 - (skip + 2);
         let mut hidden = if wanted == 0 {
@@ -335,6 +364,25 @@ impl ClipTextModel {
             }
         };
         Ok(TextEncoderOutput { hidden, pooled })
+    }
+
+    /// The token vectors of `ids`: the model's table, and `added`'s rows from its first id
+    /// on (as a table resized and filled by diffusers' `load_textual_inversion` gives them).
+    fn embed_tokens(&self, ids: &Tensor, added: Option<&AddedRows>) -> Tensor {
+        let Some(added) = added else {
+            return self.token_embedding.forward(ids);
+        };
+        let is_added = ids.ge(added.first_id);
+        let own = self
+            .token_embedding
+            .forward(&ids.clamp_max(added.first_id - 1));
+        let last = added.rows.size()[0] - 1;
+        let offsets = (ids - added.first_id).clamp(0, last);
+        let extra = added
+            .rows
+            .index_select(0, &offsets.flatten(0, -1))
+            .view_as(&own);
+        extra.where_self(&is_added.unsqueeze(-1), &own)
     }
 
     /// The last hidden state after the final layer norm (for component tests).

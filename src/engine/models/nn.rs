@@ -445,6 +445,11 @@ impl Embedding {
         })
     }
 
+    /// The [count, dim] table.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// Looks up `ids`.
     pub fn forward(&self, ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.weight, ids, -1, false, false)

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
-use tokenizers::Tokenizer;
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::files::{read_bytes, read_text};
@@ -17,6 +17,7 @@ const EOS: &str = "<|endoftext|>";
 pub const CLIP_MAX_LENGTH: usize = 77;
 
 /// A CLIP tokenizer that produces fixed-length id sequences, as diffusers requests them.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     bos_id: i64,
@@ -209,6 +210,41 @@ impl ClipTokenizer {
         ids.push(self.eos_id);
         ids.resize(self.max_length, self.pad_id);
         Ok(ids)
+    }
+
+    /// Whether `token` is one of its tokens (a vocabulary entry or an added token), as
+    /// transformers' `token in tokenizer.get_vocab()` asks.
+    pub fn knows(&self, token: &str) -> bool {
+        self.inner.token_to_id(token).is_some()
+    }
+
+    /// A copy that also has `tokens`, added as transformers' `add_tokens` adds words
+    /// (matched in the normalized text before the BPE, so case-insensitively, anywhere
+    /// in a word), in order: the copy and each token's id.
+    pub fn with_added_tokens(&self, tokens: &[String]) -> Result<(Self, Vec<i64>)> {
+        let mut copy = self.clone();
+        copy.inner
+            .add_tokens(tokens.iter().map(|t| AddedToken::from(t.as_str(), false)))
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot add tokens: {e}")))?;
+        let ids = tokens
+            .iter()
+            .map(|t| {
+                copy.inner.token_to_id(t).map(i64::from).ok_or_else(|| {
+                    EngineError::Internal(format!("the added token `{t}` has no id"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((copy, ids))
+    }
+
+    /// The tokens of `text` as strings, untruncated, as transformers' `tokenize` gives
+    /// them: BPE pieces, and for an added token the normalized text it matched.
+    pub fn pieces(&self, text: &str) -> Result<Vec<String>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize prompt: {e}")))?;
+        Ok(encoding.get_tokens().to_vec())
     }
 
     /// Number of prompt tokens beyond what fits (dropped by truncation).

@@ -4,9 +4,11 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::models::clip::{ClipTextModel, TextEncoderOutput};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::profile;
+use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 
 /// The text conditioning of one request on one pipeline, computed once and used for
 /// every image of the request.
@@ -19,10 +21,43 @@ pub struct PromptEmbeds {
     pub negative: Option<(Tensor, Tensor)>,
 }
 
+/// A job's textual inversion embeddings for one pipeline's text encoders (absent for an
+/// encoder the pipeline does not have).
+#[derive(Default)]
+pub struct PromptTokens {
+    first: Option<EncoderTokens>,
+    second: Option<EncoderTokens>,
+}
+
 impl SdxlPipeline {
+    /// The tokens of `embeddings` for this pipeline's text encoders.
+    pub fn prompt_tokens(&self, embeddings: &[Embedding]) -> Result<PromptTokens> {
+        if embeddings.is_empty() {
+            return Ok(PromptTokens::default());
+        }
+        let first = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(enc)) => Some(EncoderTokens::new(tok, enc, 0, embeddings)?),
+            _ => None,
+        };
+        let second = EncoderTokens::new(&self.tokenizer_2, &self.text_encoder_2, 1, embeddings)?;
+        Ok(PromptTokens {
+            first,
+            second: Some(second),
+        })
+    }
+
     /// diffusers' `encode_prompt`: positive and (with guidance, `guidance_scale` above 1)
     /// negative embeddings.
     pub fn encode_prompt(&self, p: &GenerateParams) -> Result<PromptEmbeds> {
+        self.encode_prompt_with(p, &PromptTokens::default())
+    }
+
+    /// [`Self::encode_prompt`] with a job's textual inversion `tokens`.
+    pub fn encode_prompt_with(
+        &self,
+        p: &GenerateParams,
+        tokens: &PromptTokens,
+    ) -> Result<PromptEmbeds> {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("text_encoders");
         let prompt_2 = p
@@ -30,7 +65,8 @@ impl SdxlPipeline {
             .as_deref()
             .filter(|s| !s.is_empty())
             .unwrap_or(&p.prompt);
-        let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, p.clip_skip.unwrap_or(0))?;
+        let clip_skip = p.clip_skip.unwrap_or(0);
+        let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, clip_skip, tokens)?;
         if p.guidance_scale <= 1.0 {
             return Ok(PromptEmbeds {
                 embeds,
@@ -48,7 +84,7 @@ impl SdxlPipeline {
                 .filter(|s| !s.is_empty())
                 .unwrap_or(negative);
             // diffusers encodes negatives at the penultimate layer whatever clip_skip is.
-            self.encode_pair(negative, negative_2, 0)?
+            self.encode_pair(negative, negative_2, 0, tokens)?
         };
         Ok(PromptEmbeds {
             embeds,
@@ -64,26 +100,26 @@ impl SdxlPipeline {
         prompt: &str,
         prompt_2: &str,
         clip_skip: i64,
+        tokens: &PromptTokens,
     ) -> Result<(Tensor, Tensor)> {
-        let device = self.placement.device;
-        let ids = |tok: &ClipTokenizer, text: &str| -> Result<Tensor> {
-            Ok(Tensor::from_slice(&tok.encode(text)?)
-                .unsqueeze(0)
-                .to_device(device))
-        };
         let mut hidden = Vec::with_capacity(2);
         let second_text = match (&self.tokenizer, &self.text_encoder) {
             (Some(tok), Some(enc)) => {
-                hidden.push(enc.forward(&ids(tok, prompt)?, clip_skip)?.hidden);
+                let out = self.encode_text(tok, enc, tokens.first.as_ref(), prompt, clip_skip)?;
+                hidden.push(out.hidden);
                 prompt_2
             }
             // diffusers pairs the prompts with the encoders present: a pipeline with only
             // the second encoder (the refiner) gives it the first prompt.
             _ => prompt,
         };
-        let out = self
-            .text_encoder_2
-            .forward(&ids(&self.tokenizer_2, second_text)?, clip_skip)?;
+        let out = self.encode_text(
+            &self.tokenizer_2,
+            &self.text_encoder_2,
+            tokens.second.as_ref(),
+            second_text,
+            clip_skip,
+        )?;
         hidden.push(out.hidden);
         let pooled = out.pooled.ok_or_else(|| {
             EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
@@ -91,10 +127,37 @@ impl SdxlPipeline {
         Ok((Tensor::cat(&hidden, -1), pooled))
     }
 
-    /// Tokens of `prompt` beyond what the tokenizers keep (0 when it fits).
-    pub fn prompt_overflow(&self, prompt: &str) -> usize {
-        let first = self.tokenizer.as_ref().map_or(0, |t| t.overflow(prompt));
-        first.max(self.tokenizer_2.overflow(prompt))
+    /// One text encoder on `text`, with the job's tokens for it when it has embeddings.
+    fn encode_text(
+        &self,
+        tokenizer: &ClipTokenizer,
+        encoder: &ClipTextModel,
+        tokens: Option<&EncoderTokens>,
+        text: &str,
+        clip_skip: i64,
+    ) -> Result<TextEncoderOutput> {
+        let ids = match tokens {
+            Some(t) => t.ids(text)?,
+            None => tokenizer.encode(text)?,
+        };
+        let ids = Tensor::from_slice(&ids)
+            .unsqueeze(0)
+            .to_device(self.placement.device);
+        encoder.forward_with(&ids, clip_skip, tokens.map(EncoderTokens::added))
+    }
+
+    /// Tokens of `prompt` beyond what the tokenizers keep (0 when it fits), after the
+    /// expansion of `tokens`' multi-vector tokens.
+    pub fn prompt_overflow(&self, prompt: &str, tokens: &PromptTokens) -> Result<usize> {
+        let count = |tok: &ClipTokenizer, added: Option<&EncoderTokens>| match added {
+            Some(t) => t.overflow(prompt),
+            None => Ok(tok.overflow(prompt)),
+        };
+        let first = match &self.tokenizer {
+            Some(t) => count(t, tokens.first.as_ref())?,
+            None => 0,
+        };
+        Ok(first.max(count(&self.tokenizer_2, tokens.second.as_ref())?))
     }
 
     /// The deepest `clip_skip` the text encoders take: their shallowest depth less one

@@ -92,11 +92,13 @@ pub enum ModelKind {
     Upscaler,
     /// A preprocessor network (detector; `.safetensors` file).
     Preprocessor,
+    /// A textual inversion embedding (`.safetensors` file).
+    Embedding,
 }
 
 impl ModelKind {
     /// Every kind with roots, in listing order.
-    pub const ALL: [ModelKind; 7] = [
+    pub const ALL: [ModelKind; 8] = [
         ModelKind::Base,
         ModelKind::Refiner,
         ModelKind::Vae,
@@ -104,6 +106,7 @@ impl ModelKind {
         ModelKind::ControlNet,
         ModelKind::Upscaler,
         ModelKind::Preprocessor,
+        ModelKind::Embedding,
     ];
 
     /// Whether models of this kind may be single `.safetensors` files (named without the
@@ -116,6 +119,7 @@ impl ModelKind {
                 | ModelKind::ControlNet
                 | ModelKind::Upscaler
                 | ModelKind::Preprocessor
+                | ModelKind::Embedding
         )
     }
 
@@ -129,6 +133,7 @@ impl ModelKind {
             ModelKind::ControlNet => "models.controlnet_roots",
             ModelKind::Upscaler => "models.upscaler_roots",
             ModelKind::Preprocessor => "models.preprocessor_roots",
+            ModelKind::Embedding => "models.embedding_roots",
         }
     }
 
@@ -147,7 +152,7 @@ impl ModelKind {
                     .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
                     || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
-            ModelKind::Lora | ModelKind::Upscaler => {
+            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
             // Weight files, and model folders of a served type (Depth Anything, UperNet).
@@ -189,6 +194,8 @@ pub struct ModelRoots {
     pub upscaler: Vec<PathBuf>,
     /// Preprocessor networks.
     pub preprocessor: Vec<PathBuf>,
+    /// Textual inversion embeddings.
+    pub embedding: Vec<PathBuf>,
 }
 
 impl ModelRoots {
@@ -209,6 +216,7 @@ impl ModelRoots {
             ModelKind::ControlNet => &self.controlnet,
             ModelKind::Upscaler => &self.upscaler,
             ModelKind::Preprocessor => &self.preprocessor,
+            ModelKind::Embedding => &self.embedding,
         }
     }
 }
