@@ -204,6 +204,13 @@ async fn bad_embeddings_are_refused_naming_the_field() {
     // A LoRA file among the embeddings, and an embedding of another width.
     let lora = fixtures().join("tiny2/lora/style_peft.safetensors");
     std::fs::copy(&lora, extra.path().join("not_an_embedding.safetensors")).expect("copy");
+    let nan = Tensor::from_slice(&[f32::NAN; 32]).view([1, 32]);
+    let fine = Tensor::zeros([1, 32], (tch::Kind::Float, tch::Device::Cpu));
+    Tensor::write_safetensors(
+        &[("clip_l", &nan), ("clip_g", &fine)],
+        extra.path().join("nan_vectors.safetensors"),
+    )
+    .expect("write");
     let server = server(extra.path()).await;
     let spec = |embeddings: Vec<(&str, &str)>| pb::GenerationSpec {
         prompt: "lighthouse_style".into(),
@@ -266,6 +273,7 @@ async fn bad_embeddings_are_refused_naming_the_field() {
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     for (name, says) in [
         ("not_an_embedding", "not an SDXL textual inversion"),
+        ("nan_vectors", "NaN or infinite"),
         ("tiny3/embeddings/NegXL", "48 wide"),
     ] {
         let status = server.images(spec(vec![(name, "")])).await.expect_err(name);

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
@@ -36,7 +37,7 @@ pub struct Embedding {
 
 impl Embedding {
     /// Reads the embedding file at `path`: `clip_l` and `clip_g` tensors of 1 to
-    /// [`MAX_VECTORS`] vectors (a 1-d tensor is one vector), nothing else.
+    /// [`MAX_VECTORS`] finite vectors (a 1-d tensor is one vector), nothing else.
     pub fn read(path: &Path, index: usize, name: &str, token: &str) -> Result<Self> {
         let mut tensors = read_all(path, Device::Cpu, Kind::Float)?;
         let incompatible = |what: String| {
@@ -70,6 +71,11 @@ impl Embedding {
                     "`{key}` has {count} vectors; 1 to {MAX_VECTORS} fit a prompt"
                 )));
             }
+            if !bool::try_from(tensor.isfinite().all()).unwrap_or(false) {
+                return Err(incompatible(format!(
+                    "`{key}` holds NaN or infinite values"
+                )));
+            }
             *slot = Some(tensor);
         }
         if vectors.iter().all(Option::is_none) {
@@ -94,7 +100,7 @@ impl Embedding {
 /// One text encoder's view of a job's embeddings: its tokenizer with their tokens and
 /// the vectors at their ids.
 pub struct EncoderTokens {
-    tokenizer: ClipTokenizer,
+    tokenizer: Arc<ClipTokenizer>,
     added: AddedRows,
     /// Each token of several vectors and the words it expands to (`t t_1 t_2`).
     expansions: HashMap<String, String>,

@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use tokenizers::{AddedToken, Tokenizer};
@@ -17,13 +18,23 @@ const EOS: &str = "<|endoftext|>";
 pub const CLIP_MAX_LENGTH: usize = 77;
 
 /// A CLIP tokenizer that produces fixed-length id sequences, as diffusers requests them.
-#[derive(Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
     bos_id: i64,
     eos_id: i64,
     pad_id: i64,
     max_length: usize,
+    /// The last copy with added tokens, for the next job with the same ones (copying
+    /// CLIP's vocabulary takes milliseconds; jobs tend to repeat their embeddings).
+    last_extended: Mutex<Option<AddedTokens>>,
+}
+
+/// A copy of a tokenizer with added tokens, and their ids.
+#[derive(Clone)]
+struct AddedTokens {
+    tokens: Vec<String>,
+    tokenizer: Arc<ClipTokenizer>,
+    ids: Vec<i64>,
 }
 
 fn tokenizer_error(path: &Path, message: impl std::fmt::Display) -> EngineError {
@@ -172,6 +183,7 @@ impl ClipTokenizer {
             pad_id: id(pad)?,
             max_length,
             inner,
+            last_extended: Mutex::new(None),
         })
     }
 
@@ -221,20 +233,37 @@ impl ClipTokenizer {
     /// A copy that also has `tokens`, added as transformers' `add_tokens` adds words
     /// (matched in the normalized text before the BPE, so case-insensitively, anywhere
     /// in a word), in order: the copy and each token's id.
-    pub fn with_added_tokens(&self, tokens: &[String]) -> Result<(Self, Vec<i64>)> {
-        let mut copy = self.clone();
-        copy.inner
+    pub fn with_added_tokens(&self, tokens: &[String]) -> Result<(Arc<Self>, Vec<i64>)> {
+        let mut last = self
+            .last_extended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(added) = last.as_ref().filter(|a| a.tokens == tokens) {
+            return Ok((added.tokenizer.clone(), added.ids.clone()));
+        }
+        let mut inner = self.inner.clone();
+        inner
             .add_tokens(tokens.iter().map(|t| AddedToken::from(t.as_str(), false)))
             .map_err(|e| EngineError::InvalidRequest(format!("cannot add tokens: {e}")))?;
         let ids = tokens
             .iter()
             .map(|t| {
-                copy.inner.token_to_id(t).map(i64::from).ok_or_else(|| {
+                inner.token_to_id(t).map(i64::from).ok_or_else(|| {
                     EngineError::Internal(format!("the added token `{t}` has no id"))
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((copy, ids))
+        let tokenizer = Arc::new(Self {
+            inner,
+            last_extended: Mutex::new(None),
+            ..*self
+        });
+        *last = Some(AddedTokens {
+            tokens: tokens.to_vec(),
+            tokenizer: tokenizer.clone(),
+            ids: ids.clone(),
+        });
+        Ok((tokenizer, ids))
     }
 
     /// The tokens of `text` as strings, untruncated, as transformers' `tokenize` gives
