@@ -4,7 +4,7 @@
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
 use crate::engine::preprocess::Preprocessor;
-use crate::engine::registry::ModelKind;
+use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::RefinerMode;
 use crate::jobs::events::ModelUsed;
 use crate::jobs::{ControlNetJob, JobSpec, PostStep};
@@ -21,6 +21,23 @@ fn hash_of<'a>(models: &'a [ModelUsed], kind: ModelKind, name: &str) -> &'a str 
         .iter()
         .find(|m| m.kind == kind && m.name == name)
         .map_or("", |m| m.sha256.as_str())
+}
+
+/// A1111's `, <label>: "name: hash, ..."` entry (12 hex digits each), or nothing for no
+/// models.
+fn hashes_entry<'a>(
+    label: &str,
+    kind: ModelKind,
+    named: impl Iterator<Item = (&'a str, &'a ModelEntry)>,
+    models: &[ModelUsed],
+) -> String {
+    let hashes: Vec<String> = named
+        .map(|(name, model)| format!("{name}: {}", short(hash_of(models, kind, &model.name), 12)))
+        .collect();
+    if hashes.is_empty() {
+        return String::new();
+    }
+    format!(", {label}: \"{}\"", hashes.join(", "))
 }
 
 /// The metadata of image `index` (seed `seed`) of `spec`, which used `models`.
@@ -67,28 +84,15 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             vae.name
         ));
     }
-    if !spec.loras.is_empty() {
-        let hashes: Vec<String> = spec
-            .loras
-            .iter()
-            .map(|l| {
-                let hash = hash_of(models, ModelKind::Lora, &l.model.name);
-                format!("{}: {}", l.model.name, short(hash, 12))
-            })
-            .collect();
-        text.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
-    }
-    if !spec.embeddings.is_empty() {
-        let hashes: Vec<String> = spec
-            .embeddings
-            .iter()
-            .map(|e| {
-                let hash = hash_of(models, ModelKind::Embedding, &e.model.name);
-                format!("{}: {}", e.token, short(hash, 12))
-            })
-            .collect();
-        text.push_str(&format!(", TI hashes: \"{}\"", hashes.join(", ")));
-    }
+    let loras = spec.loras.iter().map(|l| (l.model.name.as_str(), &l.model));
+    text.push_str(&hashes_entry("Lora hashes", ModelKind::Lora, loras, models));
+    let embeddings = spec.embeddings.iter().map(|e| (e.token.as_str(), &e.model));
+    text.push_str(&hashes_entry(
+        "TI hashes",
+        ModelKind::Embedding,
+        embeddings,
+        models,
+    ));
     for (i, unit) in spec.controlnets.iter().enumerate() {
         let hash = hash_of(models, ModelKind::ControlNet, &unit.model.name);
         text.push_str(&format!(
