@@ -44,12 +44,14 @@ def stubs(tmp_path_factory):
 class Server:
     def __init__(self, lora_root: Path, upscaler_root: Path, extra_env=None):
         binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
-        # The LoRA, upscaler and preprocessor roots start empty; tests write models into
-        # them (names resolve per request).
+        # The LoRA, upscaler, preprocessor and embedding roots start empty; tests write
+        # models into them (names resolve per request).
         self.lora_root = lora_root
         self.upscaler_root = upscaler_root
         self.preprocessor_root = lora_root.parent / f"{lora_root.name}-preprocessors"
         self.preprocessor_root.mkdir()
+        self.embedding_root = lora_root.parent / f"{lora_root.name}-embeddings"
+        self.embedding_root.mkdir()
         env = dict(
             os.environ,
             SDXLD__SERVER__METRICS_LISTEN="",
@@ -57,6 +59,7 @@ class Server:
             SDXLD__MODELS__LORA_ROOTS=str(lora_root),
             SDXLD__MODELS__UPSCALER_ROOTS=str(upscaler_root),
             SDXLD__MODELS__PREPROCESSOR_ROOTS=str(self.preprocessor_root),
+            SDXLD__MODELS__EMBEDDING_ROOTS=str(self.embedding_root),
             **(extra_env or {}),
         )
         self.process = subprocess.Popen(

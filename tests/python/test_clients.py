@@ -204,6 +204,54 @@ def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     assert len(fields) == 21 and fields[-1] == "spec", fields
 
 
+def write_demo_embedding(path: Path, model: Path):
+    """An SDXL textual inversion of two vectors per encoder for the demo model, at the
+    spread of each encoder's own token table."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for key, encoder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        with safe_open(str(model / encoder / "model.safetensors"), "pt") as f:
+            (name,) = [k for k in f.keys() if k.endswith("token_embedding.weight")]
+            table = f.get_tensor(name)
+        tensors[key] = table.mean(0) + 2.0 * table.std(0) * torch.randn(2, table.shape[1], generator=gen)
+    save_file(tensors, str(path))
+
+
+def test_python_client_embeddings_replay_from_the_png(stubs, server, tmp_path):
+    model = tmp_path / "demo"
+    subprocess.run([BINARY, "demo-model", "--output", str(model)], check=True, capture_output=True)
+    write_demo_embedding(server.embedding_root / "neg_demo.safetensors", model)
+    channel = grpc.insecure_channel(server.address)
+    models = stubs.models_grpc.ModelServiceStub(channel)
+    listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_EMBEDDING)).models
+    assert [m.name for m in listed] == ["neg_demo"]
+
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, negative_prompt="neg_demo"))).images[0].data
+    embedded = gen.GenerateImages(
+        stubs.gen.GenerateImagesRequest(spec=spec(stubs, negative_prompt="neg_demo", embeddings=[stubs.gen.TextualInversion(name="neg_demo")]))
+    )
+    image = embedded.images[0].data
+    assert image != plain
+    (usage,) = [m for m in embedded.completed.models if m.kind == stubs.gen.MODEL_KIND_EMBEDDING]
+    assert (usage.name, len(usage.sha256)) == ("neg_demo", 64)
+    png = Image.open(io.BytesIO(image))
+    assert f'TI hashes: "neg_demo: {usage.sha256[:12]}"' in png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert [e.name for e in resolved.embeddings] == ["neg_demo"]
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == image
+    # Nothing stays: the plain request gives its image again.
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, negative_prompt="neg_demo"))).images[0].data == plain
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, embeddings=[stubs.gen.TextualInversion(name="neg_demo", token="glow")])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.embeddings[0].token"]
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
