@@ -315,6 +315,16 @@ async fn bad_embeddings_are_refused_naming_the_field() {
         .images(spec(vec![(style, "")]))
         .await
         .expect("a good embedding after the bad ones");
+    // Named with its extension, its token is still the file's stem.
+    let named = format!("{style}.safetensors");
+    let status = server
+        .images(spec(vec![(&named, ""), (neg, "lighthouse_style")]))
+        .await
+        .expect_err("the stem twice");
+    assert_eq!(
+        violated_fields(&status),
+        vec!["spec.embeddings[1].token".to_string()]
+    );
 }
 
 /// The engine refuses a token the model's own tokenizer has (the API checks CLIP's

@@ -23,6 +23,13 @@ pub const MAX_VECTORS: i64 = 75;
 /// The file keys of SDXL's two encoders' vectors, as A1111 and model sites store them.
 const KEYS: [&str; 2] = ["clip_l", "clip_g"];
 
+/// The token an embedding named `name` has by default (A1111's rule): its file's name
+/// without folders and extension.
+pub fn default_token(name: &str) -> &str {
+    let file = name.rsplit('/').next().unwrap_or_default();
+    file.strip_suffix(".safetensors").unwrap_or(file)
+}
+
 /// One embedding file's vectors and the token a request gave it.
 pub struct Embedding {
     /// Its index in the request (errors about its token name it).

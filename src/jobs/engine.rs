@@ -23,7 +23,7 @@ use crate::engine::preprocess::detector::network_of;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::{ModelEntry, ModelKind};
-use crate::engine::textual_inversion::Embedding;
+use crate::engine::textual_inversion::{default_token, Embedding};
 use crate::engine::upscale::Upscaler;
 
 /// The model cache, on the engine thread only (tensors are not shared across threads).
@@ -309,8 +309,8 @@ impl Engine {
             ModelKind::Preprocessor => self.detector(model).map(|_| ()),
             ModelKind::Base | ModelKind::Refiner => self.pipeline(model).map(|_| ()),
             ModelKind::Embedding => {
-                let stem = model.name.rsplit('/').next().unwrap_or_default();
-                Embedding::read(&model.path, 0, &model.name, stem).map(|_| ())
+                let token = default_token(&model.name);
+                Embedding::read(&model.path, 0, &model.name, token).map(|_| ())
             }
         }?;
         // The cache hashed the files it loaded; the rest (configs, tokenizers) now.

@@ -7,6 +7,7 @@ use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::registry::{ModelKind, Registry};
+use crate::engine::textual_inversion::default_token;
 use crate::jobs::EmbeddingJob;
 use crate::proto::v1 as pb;
 
@@ -47,7 +48,7 @@ pub fn embeddings(
             continue;
         }
         let token = match embedding.token.as_str() {
-            "" => embedding.name.rsplit('/').next().unwrap_or_default(),
+            "" => default_token(&embedding.name),
             token => token,
         };
         let token_field = format!("{field}.token");
