@@ -286,13 +286,32 @@ async fn bad_embeddings_are_refused_naming_the_field() {
             "{name}: the message shows a server path: {status:?}"
         );
     }
-    // Listed as embeddings; loading one checks its file; the server still serves.
-    let listed: Vec<String> = server
-        .list_models(pb::ModelKind::Embedding)
-        .await
-        .into_iter()
-        .map(|m| m.name)
-        .collect();
+    // Listed as embeddings with their vectors (or why they are none); loading one checks
+    // its file; the server still serves.
+    let infos = server.list_models(pb::ModelKind::Embedding).await;
+    let info = |name: &str| {
+        let model = infos.iter().find(|m| m.name == name).expect(name);
+        model.embedding.clone().expect("embedding info")
+    };
+    let style_info = info(style);
+    let widths = (
+        style_info.vectors,
+        style_info.width,
+        style_info.vectors_2,
+        style_info.width_2,
+    );
+    assert_eq!(widths, (3, 32, 3, 32));
+    assert!(style_info.error.is_empty());
+    let foreign = info("not_an_embedding").error;
+    assert!(
+        foreign.contains("not an SDXL textual inversion"),
+        "{foreign}"
+    );
+    assert!(
+        !foreign.contains(extra.path().to_str().expect("utf-8")),
+        "{foreign}"
+    );
+    let listed: Vec<String> = infos.into_iter().map(|m| m.name).collect();
     assert!(
         listed.contains(&style.to_string()) && listed.contains(&"not_an_embedding".to_string()),
         "{listed:?}"

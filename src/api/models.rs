@@ -108,6 +108,31 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
         controlnet: (model.kind == ModelKind::ControlNet).then(|| controlnet_info(model)),
         upscaler: (model.kind == ModelKind::Upscaler).then(|| upscaler_info(model)),
         preprocessor: (model.kind == ModelKind::Preprocessor).then(|| preprocessor_info(model)),
+        embedding: (model.kind == ModelKind::Embedding).then(|| embedding_info(model)),
+    }
+}
+
+/// An embedding's vectors per text encoder; a file that is not one lists with its error.
+fn embedding_info(model: &ModelEntry) -> pb::EmbeddingInfo {
+    match crate::engine::textual_inversion::vector_shapes(&model.path, &model.name) {
+        Ok([first, second]) => {
+            let (vectors, width) = first.unwrap_or_default();
+            let (vectors_2, width_2) = second.unwrap_or_default();
+            let count = |n: i64| n.max(0) as u32;
+            pb::EmbeddingInfo {
+                vectors: count(vectors),
+                width: count(width),
+                vectors_2: count(vectors_2),
+                width_2: count(width_2),
+                error: String::new(),
+            }
+        }
+        Err(e) => pb::EmbeddingInfo {
+            error: e
+                .to_string()
+                .replace(&*model.path.to_string_lossy(), &model.name),
+            ..Default::default()
+        },
     }
 }
 

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::clip::{AddedRows, ClipTextModel};
 use crate::engine::models::tokenizer::ClipTokenizer;
-use crate::engine::weights::read_all;
+use crate::engine::weights::{read_all, read_shapes};
 
 /// Most vectors one embedding may hold: a CLIP prompt has room for 75 tokens.
 pub const MAX_VECTORS: i64 = 75;
@@ -42,53 +42,78 @@ pub struct Embedding {
     vectors: [Option<Tensor>; 2],
 }
 
-impl Embedding {
-    /// Reads the embedding file at `path`: `clip_l` and `clip_g` tensors of 1 to
-    /// [`MAX_VECTORS`] finite vectors (a 1-d tensor is one vector), nothing else.
-    pub fn read(path: &Path, index: usize, name: &str, token: &str) -> Result<Self> {
-        let mut tensors = read_all(path, Device::Cpu, Kind::Float)?;
-        let incompatible = |what: String| {
-            EngineError::Incompatible(format!(
-                "the embedding `{name}` is not an SDXL textual inversion: {what}"
-            ))
-        };
-        if let Some(other) = tensors.keys().find(|k| !KEYS.contains(&k.as_str())) {
+/// What an embedding file holds for each text encoder: (vectors, width), `None` where it
+/// has no vectors for that encoder.
+pub type VectorShapes = [Option<(i64, i64)>; 2];
+
+/// The vector counts and widths of the embedding file at `path` (its header only), or
+/// why it is not an SDXL embedding.
+pub fn vector_shapes(path: &Path, name: &str) -> Result<VectorShapes> {
+    check_shapes(name, &read_shapes(path)?.0)
+}
+
+/// `clip_l` and `clip_g` tensors of 1 to [`MAX_VECTORS`] vectors (a 1-d tensor is one
+/// vector), nothing else.
+fn check_shapes(name: &str, shapes: &[(String, Vec<i64>)]) -> Result<VectorShapes> {
+    let incompatible = |what: String| {
+        EngineError::Incompatible(format!(
+            "the embedding `{name}` is not an SDXL textual inversion: {what}"
+        ))
+    };
+    let mut found = [None, None];
+    for (key, shape) in shapes {
+        let Some(slot) = KEYS.iter().position(|k| k == key) else {
             return Err(incompatible(format!(
-                "it holds `{other}`; SDXL embeddings hold `clip_l` and `clip_g`"
+                "it holds `{key}`; SDXL embeddings hold `clip_l` and `clip_g`"
+            )));
+        };
+        let (count, width) = match shape.as_slice() {
+            [width] => (1, *width),
+            [count, width] => (*count, *width),
+            _ => {
+                return Err(incompatible(format!(
+                    "`{key}` has shape {shape:?}, not [vectors, width]"
+                )))
+            }
+        };
+        if !(1..=MAX_VECTORS).contains(&count) {
+            return Err(incompatible(format!(
+                "`{key}` has {count} vectors; 1 to {MAX_VECTORS} fit a prompt"
             )));
         }
+        found[slot] = Some((count, width));
+    }
+    if found.iter().all(Option::is_none) {
+        return Err(incompatible(
+            "it holds neither `clip_l` nor `clip_g`".into(),
+        ));
+    }
+    Ok(found)
+}
+
+impl Embedding {
+    /// Reads the embedding file at `path`: shapes as [`vector_shapes`] checks them, and
+    /// finite values.
+    pub fn read(path: &Path, index: usize, name: &str, token: &str) -> Result<Self> {
+        let mut tensors = read_all(path, Device::Cpu, Kind::Float)?;
+        let shapes: Vec<(String, Vec<i64>)> =
+            tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
+        check_shapes(name, &shapes)?;
         let mut vectors = [None, None];
         for (slot, key) in vectors.iter_mut().zip(KEYS) {
             let Some(tensor) = tensors.remove(key) else {
                 continue;
             };
-            let tensor = match tensor.dim() {
-                1 => tensor.unsqueeze(0),
-                2 => tensor,
-                _ => {
-                    return Err(incompatible(format!(
-                        "`{key}` has shape {:?}, not [vectors, width]",
-                        tensor.size()
-                    )))
-                }
-            };
-            let count = tensor.size()[0];
-            if !(1..=MAX_VECTORS).contains(&count) {
-                return Err(incompatible(format!(
-                    "`{key}` has {count} vectors; 1 to {MAX_VECTORS} fit a prompt"
-                )));
-            }
             if !bool::try_from(tensor.isfinite().all()).unwrap_or(false) {
-                return Err(incompatible(format!(
-                    "`{key}` holds NaN or infinite values"
+                return Err(EngineError::Incompatible(format!(
+                    "the embedding `{name}` is not an SDXL textual inversion: `{key}` holds NaN or infinite values"
                 )));
             }
-            *slot = Some(tensor);
-        }
-        if vectors.iter().all(Option::is_none) {
-            return Err(incompatible(
-                "it holds neither `clip_l` nor `clip_g`".into(),
-            ));
+            *slot = Some(if tensor.dim() == 1 {
+                tensor.unsqueeze(0)
+            } else {
+                tensor
+            });
         }
         Ok(Self {
             index,

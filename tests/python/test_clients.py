@@ -229,6 +229,7 @@ def test_python_client_embeddings_replay_from_the_png(stubs, server, tmp_path):
     models = stubs.models_grpc.ModelServiceStub(channel)
     listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_EMBEDDING)).models
     assert [m.name for m in listed] == ["neg_demo"]
+    assert (listed[0].embedding.vectors, listed[0].embedding.vectors_2, listed[0].embedding.error) == (2, 2, "")
 
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
     plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, negative_prompt="neg_demo"))).images[0].data
