@@ -112,6 +112,13 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
     }
 }
 
+/// A model's listing error, naming it as clients know it rather than by its server path.
+fn listed_error(error: &impl std::fmt::Display, model: &ModelEntry) -> String {
+    error
+        .to_string()
+        .replace(&*model.path.to_string_lossy(), &model.name)
+}
+
 /// An embedding's vectors per text encoder; a file that is not one lists with its error.
 fn embedding_info(model: &ModelEntry) -> pb::EmbeddingInfo {
     match crate::engine::textual_inversion::vector_shapes(&model.path, &model.name) {
@@ -128,9 +135,7 @@ fn embedding_info(model: &ModelEntry) -> pb::EmbeddingInfo {
             }
         }
         Err(e) => pb::EmbeddingInfo {
-            error: e
-                .to_string()
-                .replace(&*model.path.to_string_lossy(), &model.name),
+            error: listed_error(&e, model),
             ..Default::default()
         },
     }
@@ -145,9 +150,7 @@ fn preprocessor_info(model: &ModelEntry) -> pb::PreprocessorModelInfo {
         },
         Err(e) => pb::PreprocessorModelInfo {
             network: String::new(),
-            error: e
-                .to_string()
-                .replace(&*model.path.to_string_lossy(), &model.name),
+            error: listed_error(&e, model),
         },
     }
 }
@@ -161,11 +164,8 @@ fn upscaler_info(model: &ModelEntry) -> pb::UpscalerInfo {
             tags: architecture.tags(),
             error: String::new(),
         },
-        // Named as clients know the file, not by its server path.
         Err(e) => pb::UpscalerInfo {
-            error: e
-                .to_string()
-                .replace(&*model.path.to_string_lossy(), &model.name),
+            error: listed_error(&e, model),
             ..Default::default()
         },
     }
