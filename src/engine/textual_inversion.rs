@@ -47,21 +47,17 @@ pub struct Embedding {
 pub type VectorShapes = [Option<(i64, i64)>; 2];
 
 /// The vector counts and widths of the embedding file at `path` (its header only), or
-/// why it is not an SDXL embedding.
+/// why it is not an SDXL embedding: it holds `clip_l` and `clip_g` tensors of 1 to
+/// [`MAX_VECTORS`] vectors (a 1-d tensor is one vector), nothing else.
 pub fn vector_shapes(path: &Path, name: &str) -> Result<VectorShapes> {
-    check_shapes(name, &read_shapes(path)?.0)
-}
-
-/// `clip_l` and `clip_g` tensors of 1 to [`MAX_VECTORS`] vectors (a 1-d tensor is one
-/// vector), nothing else.
-fn check_shapes(name: &str, shapes: &[(String, Vec<i64>)]) -> Result<VectorShapes> {
+    let (shapes, _) = read_shapes(path)?;
     let incompatible = |what: String| {
         EngineError::Incompatible(format!(
             "the embedding `{name}` is not an SDXL textual inversion: {what}"
         ))
     };
     let mut found = [None, None];
-    for (key, shape) in shapes {
+    for (key, shape) in &shapes {
         let Some(slot) = KEYS.iter().position(|k| k == key) else {
             return Err(incompatible(format!(
                 "it holds `{key}`; SDXL embeddings hold `clip_l` and `clip_g`"
@@ -92,13 +88,11 @@ fn check_shapes(name: &str, shapes: &[(String, Vec<i64>)]) -> Result<VectorShape
 }
 
 impl Embedding {
-    /// Reads the embedding file at `path`: shapes as [`vector_shapes`] checks them, and
-    /// finite values.
+    /// Reads the embedding file at `path`: shapes as [`vector_shapes`] checks them (from
+    /// the header, before any tensor is read), and finite values.
     pub fn read(path: &Path, index: usize, name: &str, token: &str) -> Result<Self> {
+        vector_shapes(path, name)?;
         let mut tensors = read_all(path, Device::Cpu, Kind::Float)?;
-        let shapes: Vec<(String, Vec<i64>)> =
-            tensors.iter().map(|(k, t)| (k.clone(), t.size())).collect();
-        check_shapes(name, &shapes)?;
         let mut vectors = [None, None];
         for (slot, key) in vectors.iter_mut().zip(KEYS) {
             let Some(tensor) = tensors.remove(key) else {
@@ -190,6 +184,9 @@ impl EncoderTokens {
     /// replaced everywhere in the text by its expansion.
     pub fn expand(&self, prompt: &str) -> Result<String> {
         let mut expanded = prompt.to_string();
+        if self.expansions.is_empty() {
+            return Ok(expanded);
+        }
         let mut seen = HashSet::new();
         for piece in self.tokenizer.pieces(prompt)? {
             if let Some(words) = self.expansions.get(&piece) {

@@ -30,7 +30,6 @@ pub struct ClipTokenizer {
 }
 
 /// A copy of a tokenizer with added tokens, and their ids.
-#[derive(Clone)]
 struct AddedTokens {
     tokens: Vec<String>,
     tokenizer: Arc<ClipTokenizer>,
