@@ -8,6 +8,7 @@ mod common;
 
 use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative_error};
 use sdxld::engine::device::Placement;
+use sdxld::engine::models::attention::Context;
 use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
 use sdxld::engine::models::unet::{AddedCond, UNet2DConditionModel};
 use sdxld::engine::weights::WeightLayout;
@@ -79,7 +80,7 @@ fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
             let out = unet.forward_controlled(
                 &r["sample"],
                 &timestep,
-                &r["encoder_hidden_states"],
+                &Context::text(&r["encoder_hidden_states"]),
                 Some(&added),
                 Some(&residuals),
             );

@@ -13,6 +13,7 @@ pub mod error;
 pub mod files;
 pub mod hashes;
 pub mod hires;
+pub mod ip_adapter;
 pub mod loading;
 pub mod lora;
 pub mod models;

@@ -94,6 +94,14 @@ pub fn embedding_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_ip_adapter_fixtures.py` (built when
+/// missing).
+pub fn ip_adapter_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_ip_adapter_fixtures.py", "SDXLD_IP_ADAPTER_FIXTURES"))
+        .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {

@@ -88,6 +88,18 @@ impl Attention {
 
     /// Attends [batch, tokens, query_dim] to `context` (itself when `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
+        self.forward_with_images(x, context, &[])
+    }
+
+    /// [`Self::forward`], also attending to image prompts' keys and values, each weighted
+    /// by its scale and added before the output projection (diffusers'
+    /// `IPAdapterAttnProcessor2_0`).
+    pub fn forward_with_images(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        images: &[ImageKv],
+    ) -> Tensor {
         let context = context.unwrap_or(x);
         let (q, k, v) = match &self.projections {
             Projections::Separate { q, k, v } => {
@@ -102,8 +114,54 @@ impl Attention {
                 (q.forward(x), k, v)
             }
         };
-        self.to_out
-            .forward(&multi_head_attention(&q, &k, &v, self.heads, false))
+        let mut attended = multi_head_attention(&q, &k, &v, self.heads, false);
+        for image in images {
+            let extra = multi_head_attention(&q, &image.key, &image.value, self.heads, false);
+            attended += extra * image.scale;
+        }
+        self.to_out.forward(&attended)
+    }
+}
+
+/// One image prompt's keys and values for one cross-attention layer (an IP-Adapter's
+/// `to_k_ip` and `to_v_ip` of its image tokens), for the whole guided batch.
+pub struct ImageKv {
+    /// [batch, image tokens, inner].
+    pub key: Tensor,
+    /// [batch, image tokens, inner].
+    pub value: Tensor,
+    /// The adapter's weight.
+    pub scale: f64,
+}
+
+/// The image prompts' keys and values of every cross-attention layer, by the layer's slot
+/// (diffusers' attention-processor order: down blocks, up blocks, mid block).
+pub struct ImageKeys {
+    /// Per slot, one entry per image prompt.
+    pub layers: Vec<Vec<ImageKv>>,
+}
+
+/// What the cross-attention layers of a UNet attend to: the prompts' tokens and, with
+/// image prompts, their keys and values per layer.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    /// [batch, tokens, cross_attention_dim].
+    pub text: &'a Tensor,
+    /// Image prompts (IP-Adapters), when the request has any.
+    pub images: Option<&'a ImageKeys>,
+}
+
+impl<'a> Context<'a> {
+    /// The prompts' tokens alone.
+    pub fn text(text: &'a Tensor) -> Self {
+        Self { text, images: None }
+    }
+
+    /// The image prompts of the layer in `slot`.
+    fn images_at(&self, slot: usize) -> &'a [ImageKv] {
+        self.images
+            .and_then(|keys| keys.layers.get(slot))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -139,11 +197,21 @@ struct BasicTransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// Its cross-attention's place in diffusers' processor order.
+    slot: usize,
 }
 
 impl BasicTransformerBlock {
-    fn load(vp: &VarPath, dim: i64, heads: i64, head_dim: i64, context_dim: i64) -> Result<Self> {
+    fn load(
+        vp: &VarPath,
+        dim: i64,
+        heads: i64,
+        head_dim: i64,
+        context_dim: i64,
+        slot: usize,
+    ) -> Result<Self> {
         Ok(Self {
+            slot,
             norm1: LayerNorm::load(&vp.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::load_in_block(&vp.pp("attn1"), dim, None, heads, head_dim)?,
             norm2: LayerNorm::load(&vp.pp("norm2"), dim, 1e-5)?,
@@ -159,14 +227,18 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, context: &Context) -> Tensor {
         let x = {
             let _stage = profile::span("self_attention");
             self.attn1.forward(&self.norm1.forward(x), None) + x
         };
         let x = {
             let _stage = profile::span("cross_attention");
-            self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x
+            let normed = self.norm2.forward(&x);
+            let images = context.images_at(self.slot);
+            self.attn2
+                .forward_with_images(&normed, Some(context.text), images)
+                + &x
         };
         let _stage = profile::span("feed_forward");
         self.ff.forward(&self.norm3.forward(&x)) + &x
@@ -196,6 +268,8 @@ pub struct Transformer2DConfig {
     pub groups: i64,
     /// Linear (SDXL) rather than 1×1 convolution projections.
     pub use_linear_projection: bool,
+    /// The cross-attention slot of its first block (the others follow).
+    pub first_slot: usize,
 }
 
 /// A stack of transformer blocks applied to a feature map, with a residual.
@@ -225,6 +299,7 @@ impl Transformer2DModel {
                     c.heads,
                     c.head_dim,
                     c.context_dim,
+                    c.first_slot + i as usize,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -236,8 +311,8 @@ impl Transformer2DModel {
         })
     }
 
-    /// Applies the blocks to an NCHW map conditioned on [batch, tokens, context_dim].
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+    /// Applies the blocks to an NCHW map conditioned on `context`.
+    pub fn forward(&self, x: &Tensor, context: &Context) -> Tensor {
         let _stage = profile::span("transformer");
         let size = x.size();
         let (b, c, h, w) = (size[0], size[1], size[2], size[3]);

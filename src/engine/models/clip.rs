@@ -133,7 +133,23 @@ fn default_eos() -> i64 {
     2
 }
 
-struct EncoderLayer {
+/// The shape of a CLIP transformer layer (text and vision models share it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerShape {
+    /// Width of the transformer.
+    pub hidden: i64,
+    /// Width of the MLP.
+    pub intermediate: i64,
+    /// Attention heads.
+    pub heads: i64,
+    /// Layer norm epsilon.
+    pub eps: f64,
+    /// MLP activation.
+    pub activation: Activation,
+}
+
+/// transformers' `CLIPEncoderLayer`: pre-norm self-attention and MLP, each with a residual.
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -147,31 +163,33 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vp: &VarPath, c: &ClipTextConfig) -> Result<Self> {
-        let h = c.hidden_size;
+    /// Loads `encoder.layers.<i>` at `vp`.
+    pub(crate) fn load(vp: &VarPath, shape: LayerShape) -> Result<Self> {
+        let h = shape.hidden;
         let attn = vp.pp("self_attn");
         Ok(Self {
-            layer_norm1: LayerNorm::load(&vp.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            layer_norm1: LayerNorm::load(&vp.pp("layer_norm1"), h, shape.eps)?,
             q_proj: Linear::load(&attn.pp("q_proj"), h, h, true)?,
             k_proj: Linear::load(&attn.pp("k_proj"), h, h, true)?,
             v_proj: Linear::load(&attn.pp("v_proj"), h, h, true)?,
             out_proj: Linear::load(&attn.pp("out_proj"), h, h, true)?,
-            layer_norm2: LayerNorm::load(&vp.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::load(&vp.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?,
-            fc2: Linear::load(&vp.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?,
-            heads: c.num_attention_heads,
-            activation: c.hidden_act,
+            layer_norm2: LayerNorm::load(&vp.pp("layer_norm2"), h, shape.eps)?,
+            fc1: Linear::load(&vp.pp("mlp").pp("fc1"), h, shape.intermediate, true)?,
+            fc2: Linear::load(&vp.pp("mlp").pp("fc2"), shape.intermediate, h, true)?,
+            heads: shape.heads,
+            activation: shape.activation,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// The layer on [batch, tokens, hidden]; `causal` masks later tokens (text models).
+    pub(crate) fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
         let h = self.layer_norm1.forward(x);
         let attn = multi_head_attention(
             &self.q_proj.forward(&h),
             &self.k_proj.forward(&h),
             &self.v_proj.forward(&h),
             self.heads,
-            true,
+            causal,
         );
         let x = x + self.out_proj.forward(&attn);
         let h = self.fc1.forward(&self.layer_norm2.forward(&x));
@@ -180,6 +198,18 @@ impl EncoderLayer {
             Activation::Gelu => h.gelu("none"),
         };
         x + self.fc2.forward(&h)
+    }
+}
+
+impl ClipTextConfig {
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            activation: self.hidden_act,
+        }
     }
 }
 
@@ -265,7 +295,7 @@ impl ClipTextModel {
         let emb = tm.pp("embeddings");
         let h = config.hidden_size;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&tm.pp("encoder").pp("layers").pp(i), &config))
+            .map(|i| EncoderLayer::load(&tm.pp("encoder").pp("layers").pp(i), config.layer_shape()))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if with_projection {
             let dim = config.projection_dim.unwrap_or(h);
@@ -347,7 +377,7 @@ impl ClipTextModel {
             None
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x);
+            x = layer.forward(&x, true);
             if i as i64 + 1 == wanted {
                 hidden = Some(x.shallow_clone());
             }
@@ -391,7 +421,7 @@ impl ClipTextModel {
         let positions = Tensor::arange(seq, (Kind::Int64, ids.device())).unsqueeze(0);
         let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
         for layer in &self.layers {
-            x = layer.forward(&x);
+            x = layer.forward(&x, true);
         }
         self.final_layer_norm.forward(&x)
     }

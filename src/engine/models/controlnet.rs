@@ -14,6 +14,7 @@ use crate::engine::config_check::{config_from_value, ConfigCheck};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::files::read_json;
+use crate::engine::models::attention::Context;
 pub use crate::engine::models::controlnet_union::EmbeddedCondition;
 use crate::engine::models::controlnet_union::{UnionFusion, UnionKeys};
 use crate::engine::models::embeddings::{AddedCond, TimeEmbeddings};
@@ -474,8 +475,10 @@ impl ControlNetModel {
         context: &Tensor,
         scale: ControlScale,
     ) -> ControlResiduals {
-        let (h, states) = encode(&self.down_blocks, h, emb, context);
-        let h = self.mid_block.forward(&h, emb, context);
+        // ControlNets attend to the prompts only (diffusers passes them no image prompts).
+        let context = Context::text(context);
+        let (h, states) = encode(&self.down_blocks, h, emb, &context);
+        let h = self.mid_block.forward(&h, emb, &context);
         let down: Vec<Tensor> = states
             .iter()
             .zip(&self.controlnet_down_blocks)

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod bands;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod controlnet_file;
 pub mod controlnet_union;

@@ -9,6 +9,7 @@ use tch::Tensor;
 use crate::engine::config_check::{check_config, read_config};
 use crate::engine::device::Placement;
 use crate::engine::error::Result;
+use crate::engine::models::attention::Context;
 use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
 use crate::engine::models::unet_blocks::{
@@ -41,6 +42,9 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// Its linear and convolution layers, for LoRA adapters.
     adaptable: LayerTable,
+    /// The inner width of each cross-attention layer, by slot (diffusers' attention
+    /// processor order).
+    cross_attention_widths: Vec<i64>,
 }
 
 impl UNet2DConditionModel {
@@ -87,7 +91,14 @@ impl UNet2DConditionModel {
             )?);
         }
 
-        // 3. mid block
+        // 3. up blocks, loaded before the mid block: cross-attention slots follow
+        // diffusers' processor order (down, up, mid)
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, shape) in Self::up_shapes(c, &heads, &depths).iter().enumerate() {
+            up_blocks.push(UpBlock::load(&vp.pp("up_blocks").pp(i), &settings, shape)?);
+        }
+
+        // 4. mid block
         let mid_block = MidBlock::load(
             &vp.pp("mid_block"),
             &settings,
@@ -95,12 +106,6 @@ impl UNet2DConditionModel {
             heads[n - 1],
             depths[n - 1],
         )?;
-
-        // 4. up blocks
-        let mut up_blocks = Vec::with_capacity(n);
-        for (i, shape) in Self::up_shapes(c, &heads, &depths).iter().enumerate() {
-            up_blocks.push(UpBlock::load(&vp.pp("up_blocks").pp(i), &settings, shape)?);
-        }
 
         // 5. output
         let (groups, eps) = (c.norm_num_groups, c.norm_eps);
@@ -112,6 +117,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: GroupNorm::load(&vp.pp("conv_norm_out"), groups, channels[0], eps)?,
             conv_out: Conv2d::load(&vp.pp("conv_out"), channels[0], c.out_channels, 3, 1, 1)?,
+            cross_attention_widths: settings.cross_attention_widths(),
             config,
             adaptable: LayerTable::default(),
         })
@@ -170,6 +176,12 @@ impl UNet2DConditionModel {
         &self.config
     }
 
+    /// The inner width of each cross-attention layer, in diffusers' attention-processor
+    /// order (down blocks, up blocks, mid block): the layers image prompts address.
+    pub fn cross_attention_widths(&self) -> &[i64] {
+        &self.cross_attention_widths
+    }
+
     /// Width of the pooled text embedding the added conditioning expects, given the
     /// number of micro-conditioning values (6 for SDXL, 5 for its refiner).
     pub fn pooled_dim(&self, time_values: i64) -> Option<i64> {
@@ -187,17 +199,17 @@ impl UNet2DConditionModel {
         context: &Tensor,
         added: Option<&AddedCond>,
     ) -> Tensor {
-        self.forward_controlled(sample, timestep, context, added, None)
+        self.forward_controlled(sample, timestep, &Context::text(context), added, None)
     }
 
-    /// [`Self::forward`] with ControlNet residuals added to the skip states and to the mid
-    /// block's output, as diffusers adds `down_block_additional_residuals` and
-    /// `mid_block_additional_residual`.
+    /// [`Self::forward`] with image prompts in `context`, and ControlNet residuals added
+    /// to the skip states and to the mid block's output, as diffusers adds
+    /// `down_block_additional_residuals` and `mid_block_additional_residual`.
     pub fn forward_controlled(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        context: &Tensor,
+        context: &Context,
         added: Option<&AddedCond>,
         control: Option<&ControlResiduals>,
     ) -> Tensor {

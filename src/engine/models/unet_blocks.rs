@@ -2,12 +2,13 @@
 //! mid and up blocks, each loading itself from its weight path. The UNet and the
 //! ControlNet, which shares the UNet's encoder, are made of them.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::attention::{Transformer2DConfig, Transformer2DModel};
+use crate::engine::models::attention::{Context, Transformer2DConfig, Transformer2DModel};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::profile;
@@ -28,6 +29,9 @@ pub struct BlockSettings<'a> {
     pub use_linear_projection: bool,
     /// The config the blocks come from, named in errors.
     pub config_path: &'a Path,
+    /// The inner width of each cross-attention layer loaded so far, in load order (the
+    /// slots image prompts address them by).
+    cross_attention_widths: RefCell<Vec<i64>>,
 }
 
 impl<'a> BlockSettings<'a> {
@@ -41,7 +45,13 @@ impl<'a> BlockSettings<'a> {
             cross_attention_dim: c.cross_attention_dim,
             use_linear_projection: c.use_linear_projection,
             config_path,
+            cross_attention_widths: RefCell::default(),
         }
+    }
+
+    /// The inner width of every cross-attention layer loaded with these settings, by slot.
+    pub fn cross_attention_widths(&self) -> Vec<i64> {
+        self.cross_attention_widths.borrow().clone()
     }
 
     fn resnet(&self, vp: &VarPath, in_channels: i64, out_channels: i64) -> Result<ResnetBlock2D> {
@@ -70,9 +80,16 @@ impl<'a> BlockSettings<'a> {
                 message: format!("{channels} channels cannot be split into {heads} heads"),
             });
         }
+        let first_slot = {
+            let mut widths = self.cross_attention_widths.borrow_mut();
+            let first = widths.len();
+            widths.extend(std::iter::repeat_n(channels, depth.max(0) as usize));
+            first
+        };
         Transformer2DModel::load(
             vp,
             Transformer2DConfig {
+                first_slot,
                 channels,
                 heads,
                 head_dim: channels / heads,
@@ -109,7 +126,7 @@ pub fn encode(
     blocks: &[DownBlock],
     h: Tensor,
     temb: &Tensor,
-    context: &Tensor,
+    context: &Context,
 ) -> (Tensor, Vec<Tensor>) {
     let mut states = vec![h.shallow_clone()];
     let h = blocks.iter().enumerate().fold(h, |h, (i, block)| {
@@ -170,7 +187,7 @@ impl DownBlock {
     }
 
     /// Returns the block output and the states the up blocks concatenate.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Context) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -223,7 +240,7 @@ impl MidBlock {
     }
 
     /// The block's output.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Context) -> Tensor {
         let mut h = self.resnets[0].forward(x, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, context);
@@ -307,7 +324,7 @@ impl UpBlock {
         x: &Tensor,
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
-        context: &Tensor,
+        context: &Context,
         upsample_size: Option<(i64, i64)>,
     ) -> Tensor {
         let mut h = x.shallow_clone();

@@ -8,6 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::device;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::ip_adapter::layer_keys;
+use crate::engine::models::attention::{Context, ImageKeys};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::control::{Control, ControlContext, Controls};
@@ -43,6 +45,8 @@ struct Conditioning<'a> {
     text_embeds: Tensor,
     time_ids: Tensor,
     guided: bool,
+    /// The image prompts' keys and values per cross-attention layer, when there are any.
+    images: Option<ImageKeys>,
     /// The ControlNet units.
     controls: Controls<'a>,
 }
@@ -257,11 +261,15 @@ impl SdxlPipeline {
             t.to_device(self.placement.device)
                 .to_kind(self.placement.kind)
         };
+        let guided = prompt.negative.is_some();
+        let images = (!prompt.images.is_empty())
+            .then(|| layer_keys(&prompt.images, n, guided, self.placement.kind));
         Conditioning {
             context: place(context),
             text_embeds: place(text_embeds),
             time_ids: place(time_ids),
-            guided: prompt.negative.is_some(),
+            guided,
+            images,
             controls,
         }
     }
@@ -374,7 +382,9 @@ impl SdxlPipeline {
             time_ids: &c.time_ids,
         };
         let _stage = profile::span("unet");
-        let noise_pred = if residuals.is_none() && self.replays_unet_graphs() {
+        // Graphs hold the inputs they were captured with: image prompts' keys are not.
+        let plain = residuals.is_none() && c.images.is_none();
+        let noise_pred = if plain && self.replays_unet_graphs() {
             self.unet_graphs.call(
                 &self.unet,
                 self.placement.device,
@@ -384,10 +394,14 @@ impl SdxlPipeline {
                 &added,
             )
         } else {
+            let context = Context {
+                text: &c.context,
+                images: c.images.as_ref(),
+            };
             self.unet.forward_controlled(
                 &model_input,
                 timestep,
-                &c.context,
+                &context,
                 Some(&added),
                 residuals.as_ref(),
             )

@@ -4,14 +4,15 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::ip_adapter::ImagePrompt;
 use crate::engine::models::clip::{ClipTextModel, TextEncoderOutput};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::profile;
 use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 
-/// The text conditioning of one request on one pipeline, computed once and used for
-/// every image of the request.
+/// The conditioning of one request on one pipeline (its prompts' embeddings and its
+/// image prompts), computed once and used for every image of the request.
 pub struct PromptEmbeds {
     /// [1, 77, cross_attention_dim] hidden states of the prompt.
     pub embeds: Tensor,
@@ -19,6 +20,8 @@ pub struct PromptEmbeds {
     pub pooled: Tensor,
     /// The negative pair, with classifier-free guidance only.
     pub negative: Option<(Tensor, Tensor)>,
+    /// IP-Adapter image prompts (the job adds them once encoded).
+    pub images: Vec<ImagePrompt>,
 }
 
 /// A job's textual inversion embeddings for one pipeline's text encoders (absent for an
@@ -72,6 +75,7 @@ impl SdxlPipeline {
                 embeds,
                 pooled,
                 negative: None,
+                images: Vec::new(),
             });
         }
         let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
@@ -90,6 +94,7 @@ impl SdxlPipeline {
             embeds,
             pooled,
             negative: Some(negative),
+            images: Vec::new(),
         })
     }
 

@@ -1,0 +1,292 @@
+//! IP-Adapters: images as prompts. An adapter file (tencent-ailab's layout, as shared for
+//! SDXL: `image_proj.*` and `ip_adapter.<n>.to_k_ip/to_v_ip.weight`) holds a projection
+//! from a CLIP image encoder's output to a few tokens, and for every cross-attention layer
+//! of the UNet a key and a value projection of those tokens. Each layer then attends to
+//! the image tokens beside the prompt's and adds the result, times the adapter's scale,
+//! as diffusers' `IPAdapterAttnProcessor2_0` does. Nothing on the UNet changes: the keys
+//! and values travel with the request ([`ImageKeys`]).
+
+pub mod pixels;
+pub mod projection;
+
+use std::path::Path;
+
+use image::RgbImage;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::error::{EngineError, Result};
+use crate::engine::models::attention::{ImageKeys, ImageKv};
+use crate::engine::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
+use crate::engine::models::nn::Linear;
+use crate::engine::weights::{numbered_children, read_shapes, Shapes, Weights};
+
+use projection::ImageProjection;
+pub use projection::ProjectionShape;
+
+/// One cross-attention layer's projections of the image tokens.
+struct LayerProjections {
+    key: Linear,
+    value: Linear,
+}
+
+/// An IP-Adapter's weights.
+pub struct IpAdapter {
+    device: Device,
+    shape: ProjectionShape,
+    projection: ImageProjection,
+    /// The inner width of each layer it projects for, by slot.
+    widths: Vec<i64>,
+    layers: Vec<LayerProjections>,
+}
+
+/// Why a file is not an IP-Adapter this implementation runs, if it is not, from its
+/// tensor names and shapes: its projection's shape and its layers' widths otherwise.
+pub fn adapter_shape(shapes: &Shapes) -> std::result::Result<(ProjectionShape, Vec<i64>), String> {
+    let shape_of = |name: &str| {
+        shapes
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.as_slice())
+    };
+    let has = |name: &str| shape_of(name).is_some();
+    let projection = if let Some(&[out, embed]) = shape_of("image_proj.proj.weight") {
+        if out % 4 != 0 {
+            return Err(format!(
+                "`image_proj.proj.weight` has {out} rows, not four tokens' worth"
+            ));
+        }
+        ProjectionShape::Plain {
+            embed,
+            cross: out / 4,
+        }
+    } else if let Some(&[1, queries, hidden]) = shape_of("image_proj.latents") {
+        let (Some(&[_, embed]), Some(&[cross, _]), Some(&[ff_inner, _])) = (
+            shape_of("image_proj.proj_in.weight"),
+            shape_of("image_proj.proj_out.weight"),
+            shape_of("image_proj.layers.0.1.1.weight"),
+        ) else {
+            return Err("its resampler lacks `proj_in`, `proj_out` or a feed-forward".into());
+        };
+        if hidden % 64 != 0 {
+            return Err(format!(
+                "its resampler is {hidden} wide, not a multiple of its 64-wide heads"
+            ));
+        }
+        let depth = numbered_children(shapes.iter().map(|(n, _)| n.as_str()), "image_proj.layers.");
+        ProjectionShape::Resampler {
+            embed,
+            hidden,
+            cross,
+            queries,
+            depth,
+            ff_inner,
+        }
+    } else if has("image_proj.perceiver_resampler.proj_in.weight") || has("image_proj.norm.weight")
+    {
+        return Err("it is a FaceID adapter, which reads InsightFace face embeddings rather than images; FaceID adapters are not supported".into());
+    } else if has("image_proj.proj.3.weight") {
+        return Err("it is a Full Face adapter (257 tokens of the encoder's hidden states); Full Face adapters are not supported".into());
+    } else {
+        return Err("it has no `image_proj.proj.weight` or `image_proj.latents`: not an IP-Adapter in the shared (tencent-ailab) layout".into());
+    };
+    let mut widths = Vec::new();
+    loop {
+        let id = 2 * widths.len() + 1;
+        let key = shape_of(&format!("ip_adapter.{id}.to_k_ip.weight"));
+        let value = shape_of(&format!("ip_adapter.{id}.to_v_ip.weight"));
+        match (key, value) {
+            (Some(&[inner, cross]), Some(v))
+                if cross == projection.cross() && v == [inner, cross] =>
+            {
+                widths.push(inner)
+            }
+            (None, None) => break,
+            _ => {
+                return Err(format!(
+                "`ip_adapter.{id}` does not hold a key and a value projection from {}-wide tokens",
+                projection.cross()
+            ))
+            }
+        }
+    }
+    if widths.is_empty() {
+        return Err("it has no `ip_adapter.1.to_k_ip.weight`: no attention layers".into());
+    }
+    Ok((projection, widths))
+}
+
+impl IpAdapter {
+    /// Loads an adapter file onto `device` in `kind`.
+    pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let incompatible = |why: String| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            EngineError::Incompatible(format!("`{name}` is not an IP-Adapter sdxld runs: {why}"))
+        };
+        let (shapes, _) = read_shapes(path)?;
+        let (shape, widths) = adapter_shape(&shapes).map_err(incompatible)?;
+        let weights = Weights::open(&[path.to_path_buf()], device, kind)?;
+        let root = weights.root();
+        let projection = ImageProjection::load(&root.pp("image_proj"), shape)?;
+        let cross = shape.cross();
+        let layers = widths
+            .iter()
+            .enumerate()
+            .map(|(slot, &inner)| {
+                let vp = root.pp("ip_adapter").pp(2 * slot + 1);
+                Ok(LayerProjections {
+                    key: Linear::load(&vp.pp("to_k_ip"), cross, inner, false)?,
+                    value: Linear::load(&vp.pp("to_v_ip"), cross, inner, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        weights.check_all_used(|_| false)?;
+        Ok(Self {
+            device,
+            shape,
+            projection,
+            widths,
+            layers,
+        })
+    }
+
+    /// Its projection's shape.
+    pub fn shape(&self) -> ProjectionShape {
+        self.shape
+    }
+
+    /// Why it cannot condition a UNet with these cross-attention layers (inner widths by
+    /// slot) and text width, if it cannot.
+    pub fn misfit_unet(&self, widths: &[i64], cross_attention_dim: i64) -> Option<String> {
+        if self.shape.cross() != cross_attention_dim {
+            return Some(format!(
+                "its image tokens are {} wide, the UNet's cross-attention reads {cross_attention_dim}",
+                self.shape.cross()
+            ));
+        }
+        (self.widths != widths).then(|| {
+            format!(
+                "it has {} attention layers of widths {:?}, the UNet {} of widths {widths:?}",
+                self.widths.len(),
+                self.widths,
+                widths.len()
+            )
+        })
+    }
+
+    /// Why it cannot read this image encoder's output, if it cannot.
+    pub fn misfit_encoder(&self, encoder: &ClipVisionConfig) -> Option<String> {
+        let (what, width) = if self.shape.reads_hidden_states() {
+            ("hidden states", encoder.hidden_size)
+        } else {
+            ("image embeddings", encoder.projection_dim)
+        };
+        (self.shape.embed() != width).then(|| {
+            format!(
+                "it reads {}-wide {what}, the image encoder's are {width} wide",
+                self.shape.embed()
+            )
+        })
+    }
+
+    /// The image tokens of `images` (the encoder's input, [images, 3, size, size]) and of
+    /// the negative image diffusers pairs them with (zero image embeddings; for
+    /// resamplers, the hidden states of an all-zero input), each [1, images × tokens,
+    /// cross] in the encoder's kind.
+    pub fn image_tokens(&self, encoder: &ClipVisionModel, pixels: &Tensor) -> (Tensor, Tensor) {
+        let images = pixels.size()[0];
+        let read = |pixels: &Tensor| {
+            let out = encoder.forward(pixels);
+            if self.shape.reads_hidden_states() {
+                out.penultimate
+            } else {
+                out.image_embeds
+            }
+        };
+        let positive = read(pixels);
+        let negative = if self.shape.reads_hidden_states() {
+            read(&pixels.narrow(0, 0, 1).zeros_like()).repeat([images, 1, 1])
+        } else {
+            positive.zeros_like()
+        };
+        let flat = |t: Tensor| t.reshape([1, -1, self.shape.cross()]);
+        (
+            flat(self.projection.forward(&positive)),
+            flat(self.projection.forward(&negative)),
+        )
+    }
+}
+
+/// One adapter's image prompt of a request, encoded.
+pub struct ImagePrompt {
+    /// The adapter.
+    pub adapter: std::rc::Rc<IpAdapter>,
+    /// [1, image tokens, cross].
+    pub tokens: Tensor,
+    /// The negative image's tokens, the same shape.
+    pub negative: Tensor,
+    /// Its weight in every layer.
+    pub scale: f64,
+}
+
+impl ImagePrompt {
+    /// Encodes `images` (composited RGB) with `encoder` for `adapter`.
+    pub fn encode(
+        adapter: std::rc::Rc<IpAdapter>,
+        encoder: &ClipVisionModel,
+        images: &[RgbImage],
+        scale: f64,
+    ) -> Self {
+        let _guard = tch::no_grad_guard();
+        let size = encoder.config().image_size;
+        let device = adapter.device;
+        let pixels: Vec<Tensor> = images
+            .iter()
+            .map(|image| pixels::clip_pixels(image, size, device))
+            .collect();
+        let (tokens, negative) = adapter.image_tokens(encoder, &Tensor::cat(&pixels, 0));
+        Self {
+            adapter,
+            tokens,
+            negative,
+            scale,
+        }
+    }
+}
+
+/// The keys and values of `prompts` for every layer, for `copies` images, the negative
+/// half first when `guided`, in `kind` (what the UNet's cross-attention layers add).
+pub fn layer_keys(prompts: &[ImagePrompt], copies: i64, guided: bool, kind: Kind) -> ImageKeys {
+    let _guard = tch::no_grad_guard();
+    let batches: Vec<Tensor> = prompts
+        .iter()
+        .map(|p| {
+            let positive = p.tokens.repeat([copies, 1, 1]);
+            let tokens = if guided {
+                Tensor::cat(&[p.negative.repeat([copies, 1, 1]), positive], 0)
+            } else {
+                positive
+            };
+            tokens.to_kind(kind)
+        })
+        .collect();
+    let slots = prompts.first().map_or(0, |p| p.adapter.layers.len());
+    let layers = (0..slots)
+        .map(|slot| {
+            prompts
+                .iter()
+                .zip(&batches)
+                // diffusers skips an adapter of scale 0.
+                .filter(|(p, _)| p.scale != 0.0)
+                .filter_map(|(p, tokens)| {
+                    let layer = p.adapter.layers.get(slot)?;
+                    Some(ImageKv {
+                        key: layer.key.forward(tokens).to_kind(kind),
+                        value: layer.value.forward(tokens).to_kind(kind),
+                        scale: p.scale,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    ImageKeys { layers }
+}
