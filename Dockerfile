@@ -68,6 +68,8 @@ ENV SDXLD_CACHE=/var/lib/sdxld/cache \
     SDXLD__MODELS__UPSCALER_ROOTS=/models/upscaler \
     SDXLD__MODELS__PREPROCESSOR_ROOTS=/models/preprocessor \
     SDXLD__MODELS__EMBEDDING_ROOTS=/models/embeddings \
+    SDXLD__MODELS__IP_ADAPTER_ROOTS=/models/ip-adapter \
+    SDXLD__MODELS__IMAGE_ENCODER_ROOTS=/models/image-encoder \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 VOLUME ["/models", "/var/lib/sdxld"]

@@ -148,6 +148,10 @@ pub struct ModelSettings {
     pub preprocessor_roots: Vec<PathBuf>,
     /// Textual inversion embedding roots.
     pub embedding_roots: Vec<PathBuf>,
+    /// IP-Adapter roots.
+    pub ip_adapter_roots: Vec<PathBuf>,
+    /// CLIP image encoder roots.
+    pub image_encoder_roots: Vec<PathBuf>,
 }
 
 impl ModelSettings {
@@ -162,6 +166,8 @@ impl ModelSettings {
             upscaler: self.upscaler_roots.clone(),
             preprocessor: self.preprocessor_roots.clone(),
             embedding: self.embedding_roots.clone(),
+            ip_adapter: self.ip_adapter_roots.clone(),
+            image_encoder: self.image_encoder_roots.clone(),
         }
     }
 }
@@ -287,6 +293,8 @@ impl Settings {
                 .with_list_parse_key("models.upscaler_roots")
                 .with_list_parse_key("models.preprocessor_roots")
                 .with_list_parse_key("models.embedding_roots")
+                .with_list_parse_key("models.ip_adapter_roots")
+                .with_list_parse_key("models.image_encoder_roots")
                 .with_list_parse_key("server.tokens"),
         );
         let settings: Settings = builder

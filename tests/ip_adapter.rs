@@ -94,7 +94,10 @@ fn image_prompts(config: &str, case: &Case) -> Vec<ImagePrompt> {
     let model = encoder(case.text("encoder"));
     adapters(config, case)
         .into_iter()
-        .map(|(adapter, images, scale)| ImagePrompt::encode(adapter, &model, &images, scale))
+        .map(|(adapter, images, scale)| {
+            let images: Vec<_> = images.iter().collect();
+            ImagePrompt::encode(adapter, &model, &images, scale)
+        })
         .collect()
 }
 

@@ -36,6 +36,8 @@ pub fn model_kind(kind: ModelKind) -> pb::ModelKind {
         ModelKind::Upscaler => pb::ModelKind::Upscaler,
         ModelKind::Preprocessor => pb::ModelKind::Preprocessor,
         ModelKind::Embedding => pb::ModelKind::Embedding,
+        ModelKind::IpAdapter => pb::ModelKind::IpAdapter,
+        ModelKind::ImageEncoder => pb::ModelKind::ImageEncoder,
     }
 }
 

@@ -36,6 +36,8 @@ impl Models {
             Ok(pb::ModelKind::Upscaler) => ModelKind::Upscaler,
             Ok(pb::ModelKind::Preprocessor) => ModelKind::Preprocessor,
             Ok(pb::ModelKind::Embedding) => ModelKind::Embedding,
+            Ok(pb::ModelKind::IpAdapter) => ModelKind::IpAdapter,
+            Ok(pb::ModelKind::ImageEncoder) => ModelKind::ImageEncoder,
             Err(_) => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -109,6 +111,8 @@ fn info(state: &ApiState, model: &ModelEntry) -> pb::ModelInfo {
         upscaler: (model.kind == ModelKind::Upscaler).then(|| upscaler_info(model)),
         preprocessor: (model.kind == ModelKind::Preprocessor).then(|| preprocessor_info(model)),
         embedding: (model.kind == ModelKind::Embedding).then(|| embedding_info(model)),
+        ip_adapter: (model.kind == ModelKind::IpAdapter).then(|| ip_adapter_info(model)),
+        image_encoder: (model.kind == ModelKind::ImageEncoder).then(|| image_encoder_info(model)),
     }
 }
 
@@ -117,6 +121,59 @@ fn listed_error(error: &impl std::fmt::Display, model: &ModelEntry) -> String {
     error
         .to_string()
         .replace(&*model.path.to_string_lossy(), &model.name)
+}
+
+/// An IP-Adapter's kind and widths from its header; a file that is not one lists with
+/// its error.
+fn ip_adapter_info(model: &ModelEntry) -> pb::IpAdapterInfo {
+    use crate::engine::ip_adapter::{adapter_shape, ProjectionShape};
+    let shapes =
+        crate::engine::weights::read_shapes(&model.path).map_err(|e| listed_error(&e, model));
+    match shapes.and_then(|(shapes, _)| adapter_shape(&shapes)) {
+        Ok((shape, widths)) => {
+            let width = |n: i64| n.max(0) as u32;
+            pb::IpAdapterInfo {
+                kind: match shape {
+                    ProjectionShape::Plain { .. } => "plain",
+                    ProjectionShape::Resampler { .. } => "plus",
+                }
+                .into(),
+                tokens: width(shape.tokens()),
+                reads_width: width(shape.embed()),
+                cross_attention_dim: width(shape.cross()),
+                layers: widths.len() as u32,
+                error: String::new(),
+            }
+        }
+        Err(error) => pb::IpAdapterInfo {
+            error,
+            ..Default::default()
+        },
+    }
+}
+
+/// An image encoder's input size and widths from its config.
+fn image_encoder_info(model: &ModelEntry) -> pb::ImageEncoderInfo {
+    use crate::engine::config_check::{check_config, read_config};
+    use crate::engine::models::clip_vision::ClipVisionConfig;
+    let path = model.path.join("config.json");
+    let config =
+        read_config::<ClipVisionConfig>(&path).and_then(|c| check_config(&c, &path).map(|_| c));
+    match config {
+        Ok(c) => {
+            let width = |n: i64| n.max(0) as u32;
+            pb::ImageEncoderInfo {
+                image_size: width(c.image_size),
+                hidden_size: width(c.hidden_size),
+                projection_dim: width(c.projection_dim),
+                error: String::new(),
+            }
+        }
+        Err(e) => pb::ImageEncoderInfo {
+            error: listed_error(&e, model),
+            ..Default::default()
+        },
+    }
 }
 
 /// An embedding's vectors per text encoder; a file that is not one lists with its error.
@@ -319,6 +376,7 @@ impl ModelService for Models {
             ("post_processing", true),
             ("hires", true),
             ("embeddings", true),
+            ("ip_adapters", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

@@ -15,8 +15,10 @@ use crate::engine::codec::VaeCodec;
 use crate::engine::device::{self, Placement};
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
+use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::lora::LoraMode;
+use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
 use crate::engine::preprocess::detector::network_of;
@@ -55,6 +57,8 @@ pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
         ModelKind::ControlNet => ModelPath::ControlNet(&model.path),
         ModelKind::Upscaler => ModelPath::Upscaler(&model.path),
         ModelKind::Preprocessor => ModelPath::Detector(&model.path),
+        ModelKind::IpAdapter => ModelPath::IpAdapter(&model.path),
+        ModelKind::ImageEncoder => ModelPath::ImageEncoder(&model.path),
         _ => ModelPath::Pipeline(&model.path),
     }
 }
@@ -165,7 +169,9 @@ impl Engine {
             | ModelPath::ControlNet(_)
             | ModelPath::Lora(_)
             | ModelPath::Upscaler(_)
-            | ModelPath::Detector(_) => None,
+            | ModelPath::Detector(_)
+            | ModelPath::IpAdapter(_)
+            | ModelPath::ImageEncoder(_) => None,
         });
         let generation = pipeline.map_or_else(GenerationEstimate::default, |p| {
             generation_estimate(p, params, element)
@@ -282,6 +288,23 @@ impl Engine {
         upscaler
     }
 
+    /// The IP-Adapter `model`, loading it on first use.
+    pub fn ip_adapter(&mut self, model: &ModelEntry) -> Result<Rc<IpAdapter>, EngineError> {
+        let adapter = self.cache.ip_adapter(&model.path);
+        self.publish();
+        adapter
+    }
+
+    /// The CLIP image encoder `model`, loading it on first use.
+    pub fn image_encoder(
+        &mut self,
+        model: &ModelEntry,
+    ) -> Result<Rc<ClipVisionModel>, EngineError> {
+        let encoder = self.cache.image_encoder(&model.path);
+        self.publish();
+        encoder
+    }
+
     /// The LoRA adapter `model`, loading it on first use.
     pub fn lora(&mut self, model: &ModelEntry) -> Result<Rc<LoraWeights>, EngineError> {
         let lora = self.cache.lora(&model.path, &model.name);
@@ -307,6 +330,8 @@ impl Engine {
             ModelKind::ControlNet => self.controlnet(model).map(|_| ()),
             ModelKind::Upscaler => self.upscaler(model).map(|_| ()),
             ModelKind::Preprocessor => self.detector(model).map(|_| ()),
+            ModelKind::IpAdapter => self.ip_adapter(model).map(|_| ()),
+            ModelKind::ImageEncoder => self.image_encoder(model).map(|_| ()),
             ModelKind::Base | ModelKind::Refiner => self.pipeline(model).map(|_| ()),
             ModelKind::Embedding => {
                 let token = default_token(&model.name);

@@ -1,5 +1,5 @@
-//! The load-models stage: the job's pipelines, VAE, LoRA adapters, ControlNets, their
-//! preprocessors' detectors and upscalers in the cache (made room for within the
+//! The load-models stage: the job's pipelines, VAE, LoRA adapters, IP-Adapters and their
+//! image encoders, ControlNets, their preprocessors' detectors and upscalers in the cache (made room for within the
 //! budget), the adapters applied, and the models' hashes.
 
 use std::rc::Rc;
@@ -17,7 +17,7 @@ use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::textual_inversion::Embedding;
 use crate::jobs::engine::{model_path, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
-use crate::jobs::runner::{JobRun, Loaded};
+use crate::jobs::runner::{JobRun, Loaded, LoadedImagePrompt};
 use crate::jobs::{EmbeddingJob, JobError, JobSpec};
 use crate::output::{OutputFormat, PngMetadata};
 
@@ -105,6 +105,7 @@ impl JobRun<'_> {
         };
         let detectors = load_detectors(engine, spec)?;
         let embeddings = read_embeddings(spec)?;
+        let ip_adapters = load_ip_adapters(engine, spec, &base)?;
         let adapters = EngineError::catch(|| lora::apply(&base, &loras, room.lora_mode))?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
@@ -119,6 +120,7 @@ impl JobRun<'_> {
             offload_text_encoders: room.fit == Fit::TextEncodersOffloaded,
             tiled_decode: room.tiled_decode,
             embeddings,
+            ip_adapters,
             _adapters: adapters,
         });
         Ok(())
@@ -173,6 +175,35 @@ fn load_detectors(
     Ok(detectors)
 }
 
+/// Each image prompt's adapter and image encoder, checked against the base UNet and
+/// each other.
+fn load_ip_adapters(
+    engine: &mut Engine,
+    spec: &JobSpec,
+    base: &SdxlPipeline,
+) -> Result<Vec<LoadedImagePrompt>, JobError> {
+    let unet = base.unet();
+    let mut loaded = Vec::with_capacity(spec.ip_adapters.len());
+    for (i, prompt) in spec.ip_adapters.iter().enumerate() {
+        let adapter = engine.ip_adapter(&prompt.adapter)?;
+        let encoder = engine.image_encoder(&prompt.encoder)?;
+        let (name, field) = (&prompt.adapter.name, format!("spec.ip_adapters[{i}]"));
+        let misfit = adapter
+            .misfit_unet(unet.cross_attention_widths(), unet.config().cross_attention_dim)
+            .map(|why| format!("the IP-Adapter `{name}` ({field}.adapter) cannot condition the base model `{}`: {why}", spec.model.name))
+            .or_else(|| {
+                adapter.misfit_encoder(encoder.config()).map(|why| {
+                    format!("the IP-Adapter `{name}` ({field}.adapter) cannot read the image encoder `{}` ({field}.image_encoder): {why}", prompt.encoder.name)
+                })
+            });
+        if let Some(message) = misfit {
+            return Err(EngineError::Incompatible(message).into());
+        }
+        loaded.push(LoadedImagePrompt { adapter, encoder });
+    }
+    Ok(loaded)
+}
+
 /// The job's textual inversion embeddings, read from their files (kilobytes each; they
 /// are not cached).
 fn read_embeddings(spec: &JobSpec) -> Result<Vec<Embedding>, JobError> {
@@ -217,6 +248,14 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
             .iter()
             .map(|c| used(&c.model, ModelKind::ControlNet, c.unit.scale as f32)),
     );
+    for prompt in &spec.ip_adapters {
+        models.push(used(
+            &prompt.adapter,
+            ModelKind::IpAdapter,
+            prompt.scale as f32,
+        ));
+        models.push(used(&prompt.encoder, ModelKind::ImageEncoder, 0.0));
+    }
     models.extend(
         spec.detectors()
             .map(|m| used(m, ModelKind::Preprocessor, 0.0)),

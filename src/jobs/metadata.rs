@@ -100,6 +100,20 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             controlnet_entry(unit, hash)
         ));
     }
+    // A1111's ControlNet extension runs IP-Adapters as ControlNet units.
+    for (i, prompt) in spec.ip_adapters.iter().enumerate() {
+        let hash = hash_of(models, ModelKind::IpAdapter, &prompt.adapter.name);
+        let encoder_hash = hash_of(models, ModelKind::ImageEncoder, &prompt.encoder.name);
+        text.push_str(&format!(
+            ", ControlNet {}: \"Module: ip-adapter_clip, Model: {} [{}], Weight: {}, Image Encoder: {} [{}]\"",
+            spec.controlnets.len() + i,
+            prompt.adapter.name,
+            short(hash, 8),
+            prompt.scale,
+            prompt.encoder.name,
+            short(encoder_hash, 8),
+        ));
+    }
     if let Some(refiner) = &spec.refiner {
         let hash = hash_of(models, ModelKind::Refiner, &refiner.model.name);
         text.push_str(&format!(

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 mod hires;
+mod image_prompts;
 mod images;
 mod load;
 pub mod metadata;
@@ -31,6 +32,7 @@ pub use queue::{
     AdminOp, AdminRequest, Admitted, Job, JobCounters, JobQueue, Outcome, QueuePlace, Work,
 };
 pub use spec::{
-    ConditioningImage, ControlInput, ControlNetJob, EmbeddingJob, HiresJob, JobSpec, JobWork,
-    LoraJob, OutputSpec, PostStep, PreprocessSpec, RefinerJob, UpscaleJob, UpscaleSpec,
+    ConditioningImage, ControlInput, ControlNetJob, EmbeddingJob, HiresJob, IpAdapterJob, JobSpec,
+    JobWork, LoraJob, OutputSpec, PostStep, PreprocessSpec, PromptImage, RefinerJob, UpscaleJob,
+    UpscaleSpec,
 };

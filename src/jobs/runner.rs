@@ -12,7 +12,9 @@ use tch::Tensor;
 
 use crate::engine::device;
 use crate::engine::error::EngineError;
+use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::lora::AppliedLoras;
+use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
@@ -149,7 +151,15 @@ pub(crate) struct Loaded {
     pub tiled_decode: bool,
     /// The textual inversion embeddings, in request order.
     pub embeddings: Vec<Embedding>,
+    /// Each image prompt's adapter and image encoder, in request order.
+    pub ip_adapters: Vec<LoadedImagePrompt>,
     pub _adapters: AppliedLoras,
+}
+
+/// An image prompt's IP-Adapter and image encoder, loaded.
+pub(crate) struct LoadedImagePrompt {
+    pub adapter: Rc<IpAdapter>,
+    pub encoder: Rc<ClipVisionModel>,
 }
 
 /// The text conditioning of each pipeline (and of the hires pass, whose guidance may
@@ -456,7 +466,7 @@ impl JobRun<'_> {
             }
             _ => None,
         };
-        let hires = match &self.spec.hires {
+        let mut hires = match &self.spec.hires {
             Some(h) => {
                 let p = crate::engine::hires::second_pass_params(&base_params, &h.params);
                 Some(EngineError::catch(|| {
@@ -465,6 +475,11 @@ impl JobRun<'_> {
             }
             None => None,
         };
+        let mut base = base;
+        base.images = self.encode_image_prompts()?;
+        if let Some(hires) = hires.as_mut() {
+            hires.images = base.images.clone();
+        }
         let dropped = loaded
             .base
             .prompt_overflow(&self.spec.params.prompt, &tokens)?;

@@ -46,6 +46,29 @@ pub struct EmbeddingJob {
     pub token: String,
 }
 
+/// An IP-Adapter image prompt of a job.
+#[derive(Debug, Clone)]
+pub struct IpAdapterJob {
+    /// The adapter file.
+    pub adapter: ModelEntry,
+    /// The CLIP image encoder folder it reads.
+    pub encoder: ModelEntry,
+    /// Its images, transparency composited onto white.
+    pub images: Vec<PromptImage>,
+    /// Its weight, in [0, 2].
+    pub scale: f64,
+}
+
+/// An image prompt's RGB pixels (shared, not copied, when a spec is).
+#[derive(Clone)]
+pub struct PromptImage(pub Arc<image::RgbImage>);
+
+impl std::fmt::Debug for PromptImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{} image", self.0.width(), self.0.height())
+    }
+}
+
 /// A decoded conditioning image (shared, not copied, when a spec is).
 #[derive(Clone)]
 pub struct ConditioningImage(pub Arc<DynamicImage>);
@@ -207,6 +230,8 @@ pub struct JobSpec {
     pub loras: Vec<LoraJob>,
     /// Textual inversion embeddings, in request order.
     pub embeddings: Vec<EmbeddingJob>,
+    /// IP-Adapter image prompts, in request order.
+    pub ip_adapters: Vec<IpAdapterJob>,
     /// ControlNet units, in request order.
     pub controlnets: Vec<ControlNetJob>,
     /// The refiner stage, if any.
@@ -235,6 +260,11 @@ impl JobSpec {
             .chain(self.refiner.as_ref().map(|r| &r.model))
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
+            .chain(
+                self.ip_adapters
+                    .iter()
+                    .flat_map(|p| [&p.adapter, &p.encoder]),
+            )
             .chain(self.controlnets.iter().map(|c| &c.model))
             .chain(self.detectors())
             .chain(self.hires.as_ref().and_then(|h| h.upscaler.as_ref()))

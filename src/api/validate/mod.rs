@@ -10,6 +10,7 @@ mod embeddings;
 mod fields;
 mod hires;
 mod images;
+mod ip_adapters;
 mod model;
 mod output;
 mod postprocess;
@@ -23,6 +24,7 @@ mod window;
 pub use adapters::MAX_LORAS;
 pub use embeddings::MAX_EMBEDDINGS;
 pub use fields::MAX_SEED;
+pub use ip_adapters::{MAX_IP_ADAPTERS, MAX_PROMPT_IMAGES};
 pub use sampling::scheduler_kind;
 
 use crate::api::convert::replay_specs;
@@ -107,6 +109,7 @@ struct Parts {
     vae: Option<ModelEntry>,
     loras: Vec<crate::jobs::LoraJob>,
     embeddings: Vec<crate::jobs::EmbeddingJob>,
+    ip_adapters: Vec<crate::jobs::IpAdapterJob>,
     controlnets: Vec<crate::jobs::ControlNetJob>,
     refiner: Option<crate::jobs::RefinerJob>,
     output: crate::jobs::OutputSpec,
@@ -162,6 +165,8 @@ fn check(
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
     let embeddings = embeddings::embeddings(&spec.embeddings, registry, v, deferred);
+    let ip_adapters =
+        ip_adapters::ip_adapters(&spec.ip_adapters, registry, max_pixels, v, deferred);
     let detectors = detector::Detectors {
         registry,
         defaults: ctx.preprocessing,
@@ -227,6 +232,7 @@ fn check(
         vae,
         loras,
         embeddings,
+        ip_adapters,
         controlnets,
         refiner,
         output,
@@ -303,6 +309,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         vae: parts.vae,
         loras: parts.loras,
         embeddings: parts.embeddings,
+        ip_adapters: parts.ip_adapters,
         controlnets: parts.controlnets,
         refiner: parts.refiner,
         output: parts.output,

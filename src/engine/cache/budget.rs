@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::paths::{controlnet_files, detector_files, upscaler_files};
+use super::paths::{controlnet_files, detector_files, ip_adapter_files, upscaler_files};
 use super::{ModelCache, ModelPath};
 use crate::engine::components::ComponentFiles;
 use crate::engine::error::{EngineError, Result};
@@ -75,6 +75,10 @@ impl ModelCache {
                 ModelPath::ControlNet(path) => vec![controlnet_files(path)],
                 ModelPath::Upscaler(path) => vec![upscaler_files(path)],
                 ModelPath::Detector(path) => vec![detector_files(path)],
+                ModelPath::IpAdapter(path) => vec![ip_adapter_files(path)],
+                ModelPath::ImageEncoder(path) => {
+                    vec![ComponentFiles::folder("image_encoder", path)]
+                }
                 ModelPath::Lora(path) => {
                     let hash = self.file_hash(path)?;
                     let bytes =

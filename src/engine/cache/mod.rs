@@ -1,4 +1,5 @@
-//! The model cache: pipelines, VAEs, ControlNets and upscalers by path, their components shared by content hash,
+//! The model cache: pipelines, VAEs, ControlNets, upscalers, detectors, IP-Adapters and
+//! image encoders by path, their components shared by content hash,
 //! and the bytes they hold at the placement kept under a budget by evicting the least
 //! recently used models that the job at hand does not need.
 //!
@@ -24,7 +25,9 @@ use crate::engine::components::{shared, ComponentFiles, ComponentStore};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::hashes::{hex, FileHashes};
+use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::loading::lora::LoraWeights;
+use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::controlnet::ControlNetModel;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::preprocess::detector::Detector;
@@ -37,7 +40,7 @@ mod sizes;
 
 pub use budget::{Activations, Fit};
 pub use paths::ModelPath;
-use paths::{controlnet_files, detector_files, upscaler_files};
+use paths::{controlnet_files, detector_files, ip_adapter_files, upscaler_files};
 pub use sizes::{
     activation_estimate, detector_activation_estimate, generation_estimate, text_encoding_estimate,
     GenerationEstimate,
@@ -107,6 +110,8 @@ pub struct ModelCache {
     controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
     upscalers: HashMap<PathBuf, Resident<Upscaler>>,
     detectors: HashMap<PathBuf, Resident<Detector>>,
+    ip_adapters: HashMap<PathBuf, Resident<IpAdapter>>,
+    image_encoders: HashMap<PathBuf, Resident<ClipVisionModel>>,
     /// LoRA adapters by content hash.
     loras: HashMap<String, ResidentLora>,
     /// The process's file hashes (components are known by their files' content).
@@ -194,6 +199,8 @@ impl ModelCache {
             controlnets: HashMap::new(),
             upscalers: HashMap::new(),
             detectors: HashMap::new(),
+            ip_adapters: HashMap::new(),
+            image_encoders: HashMap::new(),
             loras: HashMap::new(),
             hashes: FileHashes::new(),
             clock: 0,
@@ -247,6 +254,8 @@ impl ModelCache {
             .chain(self.controlnets.keys())
             .chain(self.upscalers.keys())
             .chain(self.detectors.keys())
+            .chain(self.ip_adapters.keys())
+            .chain(self.image_encoders.keys())
             .chain(self.loras.values().flat_map(|l| l.paths.iter()))
             .cloned()
             .collect()
@@ -290,6 +299,8 @@ impl ModelCache {
             .or_else(|| self.controlnets.get(path).map(|r| &r.components))
             .or_else(|| self.upscalers.get(path).map(|r| &r.components))
             .or_else(|| self.detectors.get(path).map(|r| &r.components))
+            .or_else(|| self.ip_adapters.get(path).map(|r| &r.components))
+            .or_else(|| self.image_encoders.get(path).map(|r| &r.components))
             .cloned()
     }
 
@@ -305,6 +316,8 @@ impl ModelCache {
             .chain(uses(&self.controlnets))
             .chain(uses(&self.upscalers))
             .chain(uses(&self.detectors))
+            .chain(uses(&self.ip_adapters))
+            .chain(uses(&self.image_encoders))
             .collect()
     }
 
@@ -332,6 +345,8 @@ impl ModelCache {
         self.controlnets.remove(path);
         self.upscalers.remove(path);
         self.detectors.remove(path);
+        self.ip_adapters.remove(path);
+        self.image_encoders.remove(path);
         self.stats.evictions += 1;
         let now = self.tick();
         for (key, component) in held {
@@ -492,6 +507,34 @@ impl ModelCache {
             |store, placement| {
                 shared(store, &files, || {
                     Detector::load(path, placement.device, placement.kind)
+                })
+            },
+        )
+    }
+
+    /// The IP-Adapter file at `path`, loading it on first use.
+    pub fn ip_adapter(&mut self, path: &Path) -> Result<Rc<IpAdapter>> {
+        let files = ip_adapter_files(path);
+        self.resident_or_load(
+            |c| &mut c.ip_adapters,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    IpAdapter::load(path, placement.device, placement.kind)
+                })
+            },
+        )
+    }
+
+    /// The CLIP image encoder folder at `path`, loading it on first use.
+    pub fn image_encoder(&mut self, path: &Path) -> Result<Rc<ClipVisionModel>> {
+        let files = ComponentFiles::folder("image_encoder", path);
+        self.resident_or_load(
+            |c| &mut c.image_encoders,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    ClipVisionModel::load_dir(path, placement.device, placement.kind)
                 })
             },
         )

@@ -19,6 +19,10 @@ pub enum ModelPath<'a> {
     Upscaler(&'a Path),
     /// A preprocessor network file.
     Detector(&'a Path),
+    /// An IP-Adapter file.
+    IpAdapter(&'a Path),
+    /// A CLIP image encoder folder.
+    ImageEncoder(&'a Path),
 }
 
 impl ModelPath<'_> {
@@ -29,7 +33,9 @@ impl ModelPath<'_> {
             | ModelPath::ControlNet(p)
             | ModelPath::Lora(p)
             | ModelPath::Upscaler(p)
-            | ModelPath::Detector(p) => p,
+            | ModelPath::Detector(p)
+            | ModelPath::IpAdapter(p)
+            | ModelPath::ImageEncoder(p) => p,
         }
     }
 }
@@ -63,6 +69,15 @@ pub(super) fn detector_files(path: &Path) -> ComponentFiles {
     }
     ComponentFiles {
         role: "detector",
+        paths: vec![path.to_path_buf()],
+        prefix: None,
+    }
+}
+
+/// An IP-Adapter's one file.
+pub(super) fn ip_adapter_files(path: &Path) -> ComponentFiles {
+    ComponentFiles {
+        role: "ip_adapter",
         paths: vec![path.to_path_buf()],
         prefix: None,
     }

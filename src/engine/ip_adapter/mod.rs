@@ -228,12 +228,23 @@ pub struct ImagePrompt {
     pub scale: f64,
 }
 
+impl Clone for ImagePrompt {
+    fn clone(&self) -> Self {
+        Self {
+            adapter: self.adapter.clone(),
+            tokens: self.tokens.shallow_clone(),
+            negative: self.negative.shallow_clone(),
+            scale: self.scale,
+        }
+    }
+}
+
 impl ImagePrompt {
     /// Encodes `images` (composited RGB) with `encoder` for `adapter`.
     pub fn encode(
         adapter: std::rc::Rc<IpAdapter>,
         encoder: &ClipVisionModel,
-        images: &[RgbImage],
+        images: &[&RgbImage],
         scale: f64,
     ) -> Self {
         let _guard = tch::no_grad_guard();

@@ -94,11 +94,15 @@ pub enum ModelKind {
     Preprocessor,
     /// A textual inversion embedding (`.safetensors` file).
     Embedding,
+    /// An IP-Adapter (`.safetensors` file).
+    IpAdapter,
+    /// A CLIP image encoder (transformers CLIPVisionModelWithProjection folder).
+    ImageEncoder,
 }
 
 impl ModelKind {
     /// Every kind with roots, in listing order.
-    pub const ALL: [ModelKind; 8] = [
+    pub const ALL: [ModelKind; 10] = [
         ModelKind::Base,
         ModelKind::Refiner,
         ModelKind::Vae,
@@ -107,6 +111,8 @@ impl ModelKind {
         ModelKind::Upscaler,
         ModelKind::Preprocessor,
         ModelKind::Embedding,
+        ModelKind::IpAdapter,
+        ModelKind::ImageEncoder,
     ];
 
     /// Whether models of this kind may be single `.safetensors` files (named without the
@@ -120,6 +126,7 @@ impl ModelKind {
                 | ModelKind::Upscaler
                 | ModelKind::Preprocessor
                 | ModelKind::Embedding
+                | ModelKind::IpAdapter
         )
     }
 
@@ -134,6 +141,8 @@ impl ModelKind {
             ModelKind::Upscaler => "models.upscaler_roots",
             ModelKind::Preprocessor => "models.preprocessor_roots",
             ModelKind::Embedding => "models.embedding_roots",
+            ModelKind::IpAdapter => "models.ip_adapter_roots",
+            ModelKind::ImageEncoder => "models.image_encoder_roots",
         }
     }
 
@@ -152,9 +161,10 @@ impl ModelKind {
                     .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
                     || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
-            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding => {
+            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding | ModelKind::IpAdapter => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
             }
+            ModelKind::ImageEncoder => model_type(path).is_some_and(|t| t == "clip_vision_model"),
             // Weight files, and model folders of a served type (Depth Anything, UperNet).
             ModelKind::Preprocessor => {
                 (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
@@ -196,6 +206,10 @@ pub struct ModelRoots {
     pub preprocessor: Vec<PathBuf>,
     /// Textual inversion embeddings.
     pub embedding: Vec<PathBuf>,
+    /// IP-Adapters.
+    pub ip_adapter: Vec<PathBuf>,
+    /// CLIP image encoders (of IP-Adapters).
+    pub image_encoder: Vec<PathBuf>,
 }
 
 impl ModelRoots {
@@ -217,6 +231,8 @@ impl ModelRoots {
             ModelKind::Upscaler => &self.upscaler,
             ModelKind::Preprocessor => &self.preprocessor,
             ModelKind::Embedding => &self.embedding,
+            ModelKind::IpAdapter => &self.ip_adapter,
+            ModelKind::ImageEncoder => &self.image_encoder,
         }
     }
 }

@@ -1,0 +1,119 @@
+//! IP-Adapter image prompts: the adapter, its image encoder, its images and its scale.
+
+use std::sync::Arc;
+
+use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
+use crate::api::validate::images::required_image;
+use crate::api::validate::model::named;
+use crate::api::validate::Deferred;
+use crate::engine::ip_adapter::pixels::composite_over_white;
+use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::jobs::{IpAdapterJob, PromptImage};
+use crate::proto::v1 as pb;
+
+/// Most image prompts in one request.
+pub const MAX_IP_ADAPTERS: usize = 4;
+
+/// Most images of one image prompt.
+pub const MAX_PROMPT_IMAGES: usize = 4;
+
+/// `spec.ip_adapters`: each a known adapter and image encoder, 1 to 4 decodable images
+/// and a scale in [0, 2].
+pub fn ip_adapters(
+    prompts: &[pb::ImagePrompt],
+    registry: &Registry,
+    max_pixels: u64,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Vec<IpAdapterJob> {
+    if prompts.len() > MAX_IP_ADAPTERS {
+        v.add(
+            "spec.ip_adapters",
+            format!(
+                "has {} image prompts; at most {MAX_IP_ADAPTERS}",
+                prompts.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut jobs = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let field = format!("spec.ip_adapters[{i}]");
+        let mut model = |kind, name: &str, field: String| {
+            if name.is_empty() {
+                v.add(field, "is required");
+                return None;
+            }
+            if !model_name(v, &field, name) {
+                return None;
+            }
+            named(registry, kind, name, &field, v, deferred)
+        };
+        let adapter = model(
+            ModelKind::IpAdapter,
+            &prompt.adapter,
+            format!("{field}.adapter"),
+        );
+        let encoder = model(
+            ModelKind::ImageEncoder,
+            &prompt.image_encoder,
+            format!("{field}.image_encoder"),
+        );
+        let images = prompt_images(&prompt.images, &field, max_pixels, v);
+        let scale = optional_float(
+            v,
+            &format!("{field}.scale"),
+            prompt.scale,
+            Range::closed(0.0, 2.0),
+            1.0,
+        );
+        if let (Some(adapter), Some(encoder), Some(images)) = (adapter, encoder, images) {
+            jobs.push(job(adapter, encoder, images, scale));
+        }
+    }
+    jobs
+}
+
+fn job(
+    adapter: ModelEntry,
+    encoder: ModelEntry,
+    images: Vec<PromptImage>,
+    scale: f64,
+) -> IpAdapterJob {
+    IpAdapterJob {
+        adapter,
+        encoder,
+        images,
+        scale,
+    }
+}
+
+/// An image prompt's images, decoded and composited onto white.
+fn prompt_images(
+    images: &[Vec<u8>],
+    field: &str,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<Vec<PromptImage>> {
+    let field = format!("{field}.images");
+    if images.is_empty() {
+        v.add(field, "is required (1 to 4 images)");
+        return None;
+    }
+    if images.len() > MAX_PROMPT_IMAGES {
+        v.add(
+            field,
+            format!("has {} images; at most {MAX_PROMPT_IMAGES}", images.len()),
+        );
+        return None;
+    }
+    let decoded: Vec<Option<PromptImage>> = images
+        .iter()
+        .enumerate()
+        .map(|(j, bytes)| {
+            let image = required_image(bytes, &format!("{field}[{j}]"), max_pixels, v)?;
+            Some(PromptImage(Arc::new(composite_over_white(&image))))
+        })
+        .collect();
+    decoded.into_iter().collect()
+}

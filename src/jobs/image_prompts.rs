@@ -1,0 +1,32 @@
+//! The image prompts of a job, encoded once (in the encode-prompts stage) for every run.
+
+use crate::engine::error::EngineError;
+use crate::engine::ip_adapter::ImagePrompt;
+use crate::jobs::runner::JobRun;
+use crate::jobs::JobError;
+
+impl JobRun<'_> {
+    /// Each image prompt's tokens: its images through its image encoder and adapter.
+    pub(crate) fn encode_image_prompts(&self) -> Result<Vec<ImagePrompt>, JobError> {
+        let loaded = self.loaded()?;
+        let _span = (!self.spec.ip_adapters.is_empty()).then(|| {
+            tracing::info_span!("image_prompts", count = self.spec.ip_adapters.len()).entered()
+        });
+        self.spec
+            .ip_adapters
+            .iter()
+            .zip(&loaded.ip_adapters)
+            .map(|(job, models)| {
+                let images: Vec<_> = job.images.iter().map(|i| &*i.0).collect();
+                Ok(EngineError::catch(|| {
+                    Ok(ImagePrompt::encode(
+                        models.adapter.clone(),
+                        &models.encoder,
+                        &images,
+                        job.scale,
+                    ))
+                })?)
+            })
+            .collect()
+    }
+}

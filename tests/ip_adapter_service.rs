@@ -1,0 +1,435 @@
+//! IP-Adapter image prompts over gRPC against diffusers
+//! (`tests/fixtures/make_ip_adapter_fixtures.py`): images within two levels and latents
+//! within 1e-3 on both tiny pipelines, the models used and the PNG parameters, scale 0
+//! equal to no adapter, nothing left behind for the next request; bad image prompts
+//! refused naming the field, adapters that do not fit refused naming both models, and
+//! the listing of adapters and image encoders.
+
+mod common;
+
+use common::server::{violated_fields, TestServer};
+use common::{assert_close, assert_images_match, fixtures, ip_adapter_fixtures, read_tensors};
+use sdxld::proto::v1 as pb;
+use serde_json::Value;
+use tch::Tensor;
+
+fn cases(config: &str) -> Vec<Value> {
+    let path = ip_adapter_fixtures().join(config).join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("json")
+}
+
+/// A server over the pipeline fixtures, with the fixtures' adapters (and `extra`) as
+/// IP-Adapter roots and their encoders as image encoder roots.
+async fn server(extra: &std::path::Path) -> TestServer {
+    let pipelines = fixtures();
+    let root = ip_adapter_fixtures();
+    let adapters = format!("{},{}", root.display(), extra.display());
+    TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__BASE_ROOTS",
+            pipelines.to_str().expect("utf-8"),
+        ),
+        ("SDXLD__MODELS__IP_ADAPTER_ROOTS", &adapters),
+        (
+            "SDXLD__MODELS__IMAGE_ENCODER_ROOTS",
+            root.join("encoders").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__SERVER__ALLOW_UNAUTHENTICATED_ADMIN", "true"),
+    ])
+    .await
+}
+
+fn image_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(
+        ip_adapter_fixtures()
+            .join("images")
+            .join(format!("{name}.png")),
+    )
+    .expect("png")
+}
+
+/// The request of a recorded case on `config`.
+fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
+    let encoder = case["encoder"].as_str().expect("encoder");
+    let ip_adapters = case["adapters"]
+        .as_array()
+        .expect("adapters")
+        .iter()
+        .map(|a| pb::ImagePrompt {
+            adapter: format!("{config}/ip_adapters/{}", a[0].as_str().expect("name")),
+            image_encoder: encoder.into(),
+            images: a[1]
+                .as_array()
+                .expect("images")
+                .iter()
+                .map(|i| image_bytes(i.as_str().expect("image")))
+                .collect(),
+            scale: Some(a[2].as_f64().expect("scale") as f32),
+        })
+        .collect();
+    pb::GenerationSpec {
+        model: format!("{config}/pipeline"),
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        num_images: case["n"].as_u64().expect("n") as u32,
+        guidance_scale: case["guidance"].as_f64().map(|g| g as f32),
+        width: 64,
+        height: 64,
+        scheduler: pb::Scheduler::Euler as i32,
+        ip_adapters,
+        ..Default::default()
+    }
+}
+
+fn with_format(mut spec: pb::GenerationSpec, format: pb::ImageFormat) -> pb::GenerationSpec {
+    spec.output = Some(pb::OutputOptions {
+        format: format as i32,
+        ..Default::default()
+    });
+    spec
+}
+
+fn latents_of(image: &pb::GeneratedImage) -> Tensor {
+    let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
+    let view = tensors.tensor("latents").expect("latents");
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_slice(&values).view(shape.as_slice())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_prompts_match_diffusers_and_leave_nothing_behind() {
+    let extra = tempfile::tempdir().expect("tempdir");
+    let server = server(extra.path()).await;
+    let first = &cases("tiny2")[0];
+    let plain = pb::GenerationSpec {
+        ip_adapters: Vec::new(),
+        ..spec_of("tiny2", first)
+    };
+    let before = server.images(plain.clone()).await.expect("plain").images;
+    for config in ["tiny2", "tiny3"] {
+        let reference = read_tensors(&ip_adapter_fixtures().join(config).join("cases.safetensors"));
+        for case in cases(config) {
+            let key = case["name"].as_str().expect("name");
+            let name = format!("{config} {key}");
+            let spec = spec_of(config, &case);
+            let done = server
+                .images(spec.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let images = &reference[&format!("{key}.images")];
+            assert_eq!(done.images.len() as i64, images.size()[0], "{name}: images");
+            for (i, image) in done.images.iter().enumerate() {
+                let got = common::decoded_image(&image.data);
+                assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
+            }
+            let latents = server
+                .images(with_format(spec, pb::ImageFormat::LatentsSafetensors))
+                .await
+                .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
+            let expected = &reference[&format!("{key}.latents")];
+            for (i, image) in latents.images.iter().enumerate() {
+                let got = latents_of(image);
+                assert_close(
+                    &format!("{name} latents {i}"),
+                    &got.get(0),
+                    &expected.get(i as i64),
+                );
+            }
+        }
+    }
+
+    // The first case's models and parameters.
+    let done = server
+        .images(spec_of("tiny2", first))
+        .await
+        .expect("case 0");
+    let used: Vec<(String, i32, f32)> = done
+        .completed
+        .as_ref()
+        .expect("completed")
+        .models
+        .iter()
+        .filter(|m| !m.sha256.is_empty())
+        .map(|m| (m.name.clone(), m.kind, m.weight))
+        .collect();
+    assert!(
+        used.contains(&(
+            "tiny2/ip_adapters/ip_basic".into(),
+            pb::ModelKind::IpAdapter as i32,
+            0.8
+        )),
+        "{used:?}"
+    );
+    assert!(
+        used.contains(&("vision_g".into(), pb::ModelKind::ImageEncoder as i32, 0.0)),
+        "{used:?}"
+    );
+    let parameters = common::png_parameters(&done.images[0].data);
+    assert!(
+        parameters.contains(
+            "ControlNet 0: \"Module: ip-adapter_clip, Model: tiny2/ip_adapters/ip_basic ["
+        ) && parameters.contains("Weight: 0.8, Image Encoder: vision_g ["),
+        "{parameters}"
+    );
+    // The image prompt moves the image; at scale 0 it is the plain image; the plain
+    // request after every image prompt gives the bytes it gave before any.
+    let with = common::decoded_image(&done.images[0].data);
+    let without = common::decoded_image(&before[0].data);
+    let moved = (with.to_kind(tch::Kind::Int) - without.to_kind(tch::Kind::Int))
+        .abs()
+        .max()
+        .int64_value(&[]);
+    assert!(
+        moved > 20,
+        "the image prompt moves the image by {moved} levels only"
+    );
+    let mut zero = spec_of("tiny2", first);
+    zero.ip_adapters[0].scale = Some(0.0);
+    let zero = server.images(zero).await.expect("scale 0").images;
+    assert_eq!(
+        common::decoded_image(&zero[0].data),
+        without,
+        "scale 0 differs from no adapter"
+    );
+    let after = server.images(plain).await.expect("plain again").images;
+    assert_eq!(
+        before[0].data, after[0].data,
+        "the image prompts left something behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_image_prompts_are_refused_naming_the_field() {
+    let extra = tempfile::tempdir().expect("tempdir");
+    let lora = fixtures().join("tiny2/lora/style_peft.safetensors");
+    std::fs::copy(&lora, extra.path().join("not_an_adapter.safetensors")).expect("copy");
+    let server = server(extra.path()).await;
+    let good = || pb::ImagePrompt {
+        adapter: "tiny2/ip_adapters/ip_basic".into(),
+        image_encoder: "vision_g".into(),
+        images: vec![image_bytes("lighthouse")],
+        scale: None,
+    };
+    let spec = |prompts: Vec<pb::ImagePrompt>| pb::GenerationSpec {
+        prompt: "a lighthouse".into(),
+        steps: 1,
+        width: 64,
+        height: 64,
+        ip_adapters: prompts,
+        ..Default::default()
+    };
+    let refused: Vec<(pb::ImagePrompt, &str)> = vec![
+        (
+            pb::ImagePrompt {
+                adapter: String::new(),
+                ..good()
+            },
+            "spec.ip_adapters[0].adapter",
+        ),
+        (
+            pb::ImagePrompt {
+                adapter: "../x".into(),
+                ..good()
+            },
+            "spec.ip_adapters[0].adapter",
+        ),
+        (
+            pb::ImagePrompt {
+                image_encoder: String::new(),
+                ..good()
+            },
+            "spec.ip_adapters[0].image_encoder",
+        ),
+        (
+            pb::ImagePrompt {
+                images: vec![],
+                ..good()
+            },
+            "spec.ip_adapters[0].images",
+        ),
+        (
+            pb::ImagePrompt {
+                images: vec![image_bytes("sail"); 5],
+                ..good()
+            },
+            "spec.ip_adapters[0].images",
+        ),
+        (
+            pb::ImagePrompt {
+                images: vec![image_bytes("sail"), b"not an image".to_vec()],
+                ..good()
+            },
+            "spec.ip_adapters[0].images[1]",
+        ),
+        (
+            pb::ImagePrompt {
+                scale: Some(f32::NAN),
+                ..good()
+            },
+            "spec.ip_adapters[0].scale",
+        ),
+        (
+            pb::ImagePrompt {
+                scale: Some(2.5),
+                ..good()
+            },
+            "spec.ip_adapters[0].scale",
+        ),
+        (
+            pb::ImagePrompt {
+                scale: Some(-0.1),
+                ..good()
+            },
+            "spec.ip_adapters[0].scale",
+        ),
+    ];
+    for (prompt, field) in refused {
+        let what = field.to_string();
+        let status = server.images(spec(vec![prompt])).await.expect_err(&what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        assert_eq!(violated_fields(&status), vec![field.to_string()], "{what}");
+    }
+    let status = server
+        .images(spec(vec![good(); 5]))
+        .await
+        .expect_err("5 prompts");
+    assert_eq!(
+        violated_fields(&status),
+        vec!["spec.ip_adapters".to_string()]
+    );
+    for prompt in [
+        pb::ImagePrompt {
+            adapter: "tiny2/ip_adapters/absent".into(),
+            ..good()
+        },
+        pb::ImagePrompt {
+            image_encoder: "absent".into(),
+            ..good()
+        },
+    ] {
+        let status = server
+            .images(spec(vec![prompt]))
+            .await
+            .expect_err("unknown");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    }
+    // Adapters that do not fit: another encoder, another UNet, a file that is not one.
+    let misfits = [
+        (
+            pb::ImagePrompt {
+                image_encoder: "vision_h".into(),
+                ..good()
+            },
+            "image encoder `vision_h`",
+        ),
+        (
+            pb::ImagePrompt {
+                adapter: "tiny3/ip_adapters/ip_basic".into(),
+                ..good()
+            },
+            "cannot condition the base model",
+        ),
+        (
+            pb::ImagePrompt {
+                adapter: "not_an_adapter".into(),
+                ..good()
+            },
+            "not an IP-Adapter",
+        ),
+    ];
+    for (prompt, says) in misfits {
+        let status = server.images(spec(vec![prompt])).await.expect_err(says);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(says), "{says}: {status:?}");
+        assert!(
+            !status
+                .message()
+                .contains(extra.path().to_str().expect("utf-8")),
+            "the message shows a server path: {status:?}"
+        );
+    }
+    // Listed with what they read and what they are; loadable; the server still serves.
+    let adapters = server.list_models(pb::ModelKind::IpAdapter).await;
+    let info = |name: &str| {
+        let model = adapters.iter().find(|m| m.name == name).expect(name);
+        model.ip_adapter.clone().expect("ip_adapter info")
+    };
+    let basic = info("tiny2/ip_adapters/ip_basic");
+    assert_eq!(
+        (
+            basic.kind.as_str(),
+            basic.tokens,
+            basic.reads_width,
+            basic.cross_attention_dim,
+            basic.layers
+        ),
+        ("plain", 4, 24, 64, 12)
+    );
+    let plus = info("tiny3/ip_adapters/ip_plus");
+    assert_eq!(
+        (
+            plus.kind.as_str(),
+            plus.tokens,
+            plus.reads_width,
+            plus.cross_attention_dim
+        ),
+        ("plus", 5, 48, 96)
+    );
+    let foreign = info("not_an_adapter").error;
+    assert!(foreign.contains("not an IP-Adapter"), "{foreign}");
+    assert!(
+        !foreign.contains(extra.path().to_str().expect("utf-8")),
+        "{foreign}"
+    );
+    let encoders = server.list_models(pb::ModelKind::ImageEncoder).await;
+    let vision_h = encoders
+        .iter()
+        .find(|m| m.name == "vision_h")
+        .expect("vision_h");
+    let encoder_info = vision_h.image_encoder.clone().expect("image_encoder info");
+    assert_eq!(
+        (
+            encoder_info.image_size,
+            encoder_info.hidden_size,
+            encoder_info.projection_dim
+        ),
+        (64, 48, 40)
+    );
+    let mut models = server.models().await;
+    for (name, kind) in [
+        ("tiny2/ip_adapters/ip_plus", pb::ModelKind::IpAdapter),
+        ("vision_h", pb::ModelKind::ImageEncoder),
+    ] {
+        let loaded = models
+            .load_model(pb::LoadModelRequest {
+                name: name.into(),
+                kind: kind as i32,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+            .into_inner();
+        assert!(
+            loaded.model.is_some_and(|m| m.resident),
+            "{name} is resident after loading"
+        );
+    }
+    server
+        .images(spec(vec![good()]))
+        .await
+        .expect("a good image prompt after the bad ones");
+}
