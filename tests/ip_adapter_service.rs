@@ -1,6 +1,7 @@
 //! IP-Adapter image prompts over gRPC against diffusers
 //! (`tests/fixtures/make_ip_adapter_fixtures.py`): images within two levels and latents
-//! within 1e-3 on both tiny pipelines, the models used and the PNG parameters, scale 0
+//! within 1e-3 on both tiny pipelines (text to image, image to image, beside a ControlNet,
+//! with a hires pass), the models used and the PNG parameters, scale 0
 //! equal to no adapter, nothing left behind for the next request; bad image prompts
 //! refused naming the field, adapters that do not fit refused naming both models, and
 //! the listing of adapters and image encoders.
@@ -8,7 +9,10 @@
 mod common;
 
 use common::server::{violated_fields, TestServer};
-use common::{assert_close, assert_images_match, fixtures, ip_adapter_fixtures, read_tensors};
+use common::{
+    assert_close, assert_images_match, controlnet_fixtures, fixtures, ip_adapter_fixtures,
+    read_tensors,
+};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 use tch::Tensor;
@@ -31,6 +35,14 @@ async fn server(extra: &std::path::Path) -> TestServer {
         ),
         (
             "SDXLD__MODELS__BASE_ROOTS",
+            pipelines.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__CONTROLNET_ROOTS",
+            controlnet_fixtures().to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__REFINER_ROOTS",
             pipelines.to_str().expect("utf-8"),
         ),
         ("SDXLD__MODELS__IP_ADAPTER_ROOTS", &adapters),
@@ -71,8 +83,32 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
             scale: Some(a[2].as_f64().expect("scale") as f32),
         })
         .collect();
+    let init_image = (case["kind"] == "img2img").then(|| pb::InitImage {
+        image: std::fs::read(fixtures().join(config).join("init.png")).expect("init.png"),
+        strength: case["strength"].as_f64().map(|s| s as f32),
+        ..Default::default()
+    });
+    let controlnets = match case["kind"].as_str() {
+        Some("controlnet") => vec![pb::ControlNetUnit {
+            model: format!("{config}/from_unet"),
+            image: std::fs::read(controlnet_fixtures().join(config).join("control_a.png"))
+                .expect("control_a.png"),
+            conditioning_scale: case["conditioning_scale"].as_f64().map(|s| s as f32),
+            ..Default::default()
+        }],
+        _ => Vec::new(),
+    };
+    let hires = (case["kind"] == "hires").then(|| pb::HiresPass {
+        scale: case["hires_scale"].as_f64().map(|s| s as f32),
+        steps: case["hires_steps"].as_u64().expect("hires_steps") as u32,
+        strength: case["hires_strength"].as_f64().map(|s| s as f32),
+        ..Default::default()
+    });
     pb::GenerationSpec {
         model: format!("{config}/pipeline"),
+        init_image,
+        hires,
+        controlnets,
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
         seed: case["seed"].as_u64(),
@@ -432,4 +468,22 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
         .images(spec(vec![good()]))
         .await
         .expect("a good image prompt after the bad ones");
+}
+
+/// The refiner (another UNet, which no adapter fits) runs without the image prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_prompts_leave_the_refiner_alone() {
+    let extra = tempfile::tempdir().expect("tempdir");
+    let server = server(extra.path()).await;
+    let refined = pb::GenerationSpec {
+        refiner: Some(pb::RefinerStage {
+            model: "tiny2/refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(0.5),
+            ..Default::default()
+        }),
+        ..spec_of("tiny2", &cases("tiny2")[0])
+    };
+    let done = server.images(refined).await.expect("with a refiner");
+    assert_eq!(done.images.len(), 1);
 }
