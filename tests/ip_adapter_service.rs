@@ -487,3 +487,50 @@ async fn image_prompts_leave_the_refiner_alone() {
     let done = server.images(refined).await.expect("with a refiner");
     assert_eq!(done.images.len(), 1);
 }
+
+/// `sdxld generate --ip-adapter FILE,ENCODER,IMAGE,scale=S` runs the recorded first case;
+/// a scale out of range is refused naming the flag.
+#[test]
+fn image_prompts_over_the_cli_match_diffusers() {
+    use common::cli::sdxld;
+
+    let case = &cases("tiny2")[0];
+    assert_eq!(case["adapters"][0][0], "ip_basic");
+    let root = ip_adapter_fixtures();
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("prompted.png");
+    let run = |scale: &str| {
+        let prompt = format!(
+            "{},{},{},scale={scale}",
+            root.join("tiny2/ip_adapters/ip_basic.safetensors")
+                .display(),
+            root.join("encoders/vision_g").display(),
+            root.join("images/lighthouse.png").display(),
+        );
+        sdxld("generate")
+            .flag("--model", fixtures().join("tiny2/pipeline"))
+            .flag("--ip-adapter", prompt)
+            .args(["--prompt", case["prompt"].as_str().expect("prompt")])
+            .args([
+                "--negative-prompt",
+                case["negative_prompt"].as_str().expect("negative"),
+            ])
+            .args(["--width", "64", "--height", "64", "--scheduler", "euler"])
+            .args([
+                "--seed",
+                &case["seed"].to_string(),
+                "--steps",
+                &case["steps"].to_string(),
+            ])
+            .flag("--output", &png)
+    };
+    run("0.8").succeeds();
+    let reference = read_tensors(&root.join("tiny2/cases.safetensors"));
+    let got = common::image_file(&png);
+    assert_images_match("CLI image prompt", &got, &reference["ip_0.images"].get(0));
+    let message = run("3").fails();
+    assert!(
+        message.contains("--ip-adapter") && message.contains("scale"),
+        "{message}"
+    );
+}

@@ -137,6 +137,14 @@ pub struct GenerateArgs {
     /// ./neg.safetensors:negxl (repeatable).
     #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
     pub embeddings: Vec<String>,
+    /// An IP-Adapter image prompt: the adapter file, its CLIP image encoder folder, 1 to 4
+    /// images and an optional scale in [0, 2], e.g.
+    /// ./ip-adapter_sdxl.safetensors,./image_encoder,style.png,scale=0.7 (repeatable).
+    #[arg(
+        long = "ip-adapter",
+        value_name = "FILE,ENCODER,IMAGE[,IMAGE...][,scale=S]"
+    )]
+    pub ip_adapters: Vec<String>,
     /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional
     /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
@@ -253,6 +261,9 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     }
     if field.starts_with("spec.embeddings") {
         return Some("--embedding");
+    }
+    if field.starts_with("spec.ip_adapters") {
+        return Some("--ip-adapter");
     }
     if field.starts_with("spec.refiner.scheduler") {
         return Some("--refiner-scheduler");
@@ -542,6 +553,11 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .embeddings
             .iter()
             .map(|e| embedding(e))
+            .collect::<anyhow::Result<_>>()?,
+        ip_adapters: args
+            .ip_adapters
+            .iter()
+            .map(|a| Ok(crate::cli::ip_adapter::parse(a)?.prompt))
             .collect::<anyhow::Result<_>>()?,
         init_image,
         hires: hires(&args.hires)?,

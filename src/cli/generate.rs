@@ -35,8 +35,8 @@ fn root_and_name(path: &Path) -> anyhow::Result<(PathBuf, String)> {
 
 impl GenerateArgs {
     /// The registry the flags describe: the model as the default base model, the VAE's
-    /// and the refiner's folders, the hires upscaler's, the embeddings' and the LoRA folder
-    /// as roots.
+    /// and the refiner's folders, the hires upscaler's, the embeddings', the IP-Adapters'
+    /// and their image encoders', and the LoRA folder as roots.
     fn registry(&self) -> anyhow::Result<Registry> {
         let model = ModelEntry::from_path(&self.model).ok_or_else(|| {
             anyhow!(
@@ -64,6 +64,11 @@ impl GenerateArgs {
         for arg in &self.embeddings {
             let (file, _) = crate::cli::args::embedding_file(arg);
             roots.embedding.push(root_and_name(&file)?.0);
+        }
+        for arg in &self.ip_adapters {
+            let parsed = crate::cli::ip_adapter::parse(arg)?;
+            roots.ip_adapter.push(root_and_name(&parsed.adapter)?.0);
+            roots.image_encoder.push(root_and_name(&parsed.encoder)?.0);
         }
         match (&self.lora_dir, self.loras.is_empty()) {
             (Some(dir), _) => roots.lora.push(dir.clone()),

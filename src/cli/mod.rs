@@ -13,6 +13,7 @@ mod demo;
 mod generate;
 mod health;
 mod hires;
+mod ip_adapter;
 mod request;
 
 use std::path::PathBuf;
