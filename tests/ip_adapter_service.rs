@@ -426,6 +426,12 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
         ),
         ("plus", 5, 48, 96)
     );
+    // The encoders' weights under the same root are not adapters.
+    assert!(
+        adapters.iter().all(|m| !m.name.starts_with("encoders/")),
+        "{:?}",
+        adapters.iter().map(|m| &m.name).collect::<Vec<_>>()
+    );
     let foreign = info("not_an_adapter").error;
     assert!(foreign.contains("not an IP-Adapter"), "{foreign}");
     assert!(

@@ -253,6 +253,64 @@ def test_python_client_embeddings_replay_from_the_png(stubs, server, tmp_path):
     assert bad_request_fields(stubs, caught.value) == ["spec.embeddings[0].token"]
 
 
+def write_demo_ip_adapter(root: Path, model: Path):
+    """A CLIP image encoder (`encoder/`) and a plain IP-Adapter for the demo model's UNet
+    (`style.safetensors`), random weights, as make_ip_adapter_fixtures.py writes them."""
+    import sys
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_ip_adapter_fixtures import write_adapter
+
+    torch.manual_seed(3)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    encoder = CLIPVisionModelWithProjection(config).eval()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    encoder.save_pretrained(root / "encoder")
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    write_adapter(root / "style.safetensors", "basic", encoder, unet, seed=4)
+
+
+def test_python_client_image_prompt_replays_from_the_png(stubs, server, tmp_path):
+    model = tmp_path / "demo"
+    subprocess.run([BINARY, "demo-model", "--output", str(model)], check=True, capture_output=True)
+    write_demo_ip_adapter(server.ip_adapter_root, model)
+    channel = grpc.insecure_channel(server.address)
+    models = stubs.models_grpc.ModelServiceStub(channel)
+    (adapter,) = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_IP_ADAPTER)).models
+    (encoder,) = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_IMAGE_ENCODER)).models
+    assert (adapter.name, adapter.ip_adapter.kind, adapter.ip_adapter.reads_width) == ("style", "plain", 16)
+    assert (encoder.name, encoder.image_encoder.projection_dim) == ("encoder", 16)
+
+    picture = io.BytesIO()
+    Image.new("RGBA", (40, 24), (200, 30, 60, 128)).save(picture, "PNG")
+    prompt = stubs.gen.ImagePrompt(adapter="style", image_encoder="encoder", images=[picture.getvalue()], scale=1.5)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data
+    prompted = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, ip_adapters=[prompt])))
+    image = prompted.images[0].data
+    assert image != plain
+    used = {(m.name, m.kind) for m in prompted.completed.models if len(m.sha256) == 64}
+    assert {("style", stubs.gen.MODEL_KIND_IP_ADAPTER), ("encoder", stubs.gen.MODEL_KIND_IMAGE_ENCODER)} <= used
+    png = Image.open(io.BytesIO(image))
+    assert "Module: ip-adapter_clip, Model: style [" in png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.ip_adapters[0].images == [picture.getvalue()]
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == image
+    # Nothing stays: the plain request gives its image again.
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data == plain
+    prompt.scale = float("nan")
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, ip_adapters=[prompt])))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.ip_adapters[0].scale"]
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)

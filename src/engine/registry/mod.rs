@@ -161,8 +161,15 @@ impl ModelKind {
                     .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
                     || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
-            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding | ModelKind::IpAdapter => {
+            ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
+            }
+            // Not the weights of a model folder (h94/IP-Adapter keeps its image encoders,
+            // `image_encoder/model.safetensors`, beside the adapters).
+            ModelKind::IpAdapter => {
+                path.is_file()
+                    && path.extension().is_some_and(|e| e == "safetensors")
+                    && !path.with_file_name("config.json").is_file()
             }
             ModelKind::ImageEncoder => model_type(path).is_some_and(|t| t == "clip_vision_model"),
             // Weight files, and model folders of a served type (Depth Anything, UperNet).
