@@ -85,26 +85,6 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     }
 }
 
-fn with_format(mut spec: pb::GenerationSpec, format: pb::ImageFormat) -> pb::GenerationSpec {
-    spec.output = Some(pb::OutputOptions {
-        format: format as i32,
-        ..Default::default()
-    });
-    spec
-}
-
-fn latents_of(image: &pb::GeneratedImage) -> Tensor {
-    let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
-    let view = tensors.tensor("latents").expect("latents");
-    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Tensor::from_slice(&values).view(shape.as_slice())
-}
-
 /// The largest channel difference between two decoded images.
 fn image_difference(a: &Tensor, b: &Tensor) -> i64 {
     (a.to_kind(tch::Kind::Int) - b.to_kind(tch::Kind::Int))
@@ -134,7 +114,7 @@ async fn embeddings_match_diffusers_and_leave_nothing_behind() {
             let name = format!("{config} {}", case["name"].as_str().expect("name"));
             let spec = spec_of(config, &case);
             let done = server
-                .images(with_format(spec.clone(), pb::ImageFormat::Png))
+                .images(common::with_format(spec.clone(), pb::ImageFormat::Png))
                 .await
                 .unwrap_or_else(|e| panic!("{name}: {e:?}"));
             let images = &reference[&format!("{}.images", case["name"].as_str().expect("name"))];
@@ -144,12 +124,15 @@ async fn embeddings_match_diffusers_and_leave_nothing_behind() {
                 assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
             }
             let latents = server
-                .images(with_format(spec, pb::ImageFormat::LatentsSafetensors))
+                .images(common::with_format(
+                    spec,
+                    pb::ImageFormat::LatentsSafetensors,
+                ))
                 .await
                 .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
             let expected = &reference[&format!("{}.latents", case["name"].as_str().expect("name"))];
             for (i, image) in latents.images.iter().enumerate() {
-                let got = latents_of(image);
+                let got = common::latents_of(image);
                 assert_close(
                     &format!("{name} latents {i}"),
                     &got.get(0),

@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use common::{assert_close, cases_at, fixtures, read_tensors, Case};
 use sdxld::engine::ip_adapter::pixels::{clip_pixels, composite_over_white};
-use sdxld::engine::ip_adapter::{ImagePrompt, IpAdapter};
+use sdxld::engine::ip_adapter::{ImagePrompt, IpAdapter, PromptLayers};
 use sdxld::engine::models::clip_vision::ClipVisionModel;
 use sdxld::engine::noise::NoiseStream;
 use sdxld::engine::pipeline::{Placement, SdxlPipeline, Start};
@@ -68,8 +68,11 @@ fn image_encoders_see_the_pixels_and_give_the_embeddings_transformers_gives() {
     }
 }
 
-/// A case's adapters: (adapter, images, scale).
-fn adapters(config: &str, case: &Case) -> Vec<(Rc<IpAdapter>, Vec<image::RgbImage>, f64)> {
+/// A case's adapter: the adapter, its images, scale and layers.
+type CaseAdapter = (Rc<IpAdapter>, Vec<image::RgbImage>, f64, PromptLayers);
+
+/// A case's adapters.
+fn adapters(config: &str, case: &Case) -> Vec<CaseAdapter> {
     let folder = ip_fixtures().join(config).join("ip_adapters");
     case["adapters"]
         .as_array()
@@ -85,7 +88,16 @@ fn adapters(config: &str, case: &Case) -> Vec<(Rc<IpAdapter>, Vec<image::RgbImag
                 .iter()
                 .map(|i| image(i.as_str().expect("image")))
                 .collect();
-            (Rc::new(adapter), images, a[2].as_f64().expect("scale"))
+            let layers = match a[3].as_str() {
+                Some("style") => PromptLayers::Style,
+                _ => PromptLayers::All,
+            };
+            (
+                Rc::new(adapter),
+                images,
+                a[2].as_f64().expect("scale"),
+                layers,
+            )
         })
         .collect()
 }
@@ -94,9 +106,9 @@ fn image_prompts(config: &str, case: &Case) -> Vec<ImagePrompt> {
     let model = encoder(case.text("encoder"));
     adapters(config, case)
         .into_iter()
-        .map(|(adapter, images, scale)| {
+        .map(|(adapter, images, scale, layers)| {
             let images: Vec<_> = images.iter().collect();
-            ImagePrompt::encode(adapter, &model, &images, scale)
+            ImagePrompt::encode(adapter, &model, &images, scale, layers)
         })
         .collect()
 }

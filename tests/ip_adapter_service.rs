@@ -15,7 +15,6 @@ use common::{
 };
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
-use tch::Tensor;
 
 fn cases(config: &str) -> Vec<Value> {
     let path = ip_adapter_fixtures().join(config).join("cases.json");
@@ -81,6 +80,10 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
                 .map(|i| image_bytes(i.as_str().expect("image")))
                 .collect(),
             scale: Some(a[2].as_f64().expect("scale") as f32),
+            layers: match a[3].as_str() {
+                Some("style") => pb::ImagePromptLayers::Style as i32,
+                _ => 0,
+            },
         })
         .collect();
     let init_image = (case["kind"] == "img2img").then(|| pb::InitImage {
@@ -123,26 +126,6 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     }
 }
 
-fn with_format(mut spec: pb::GenerationSpec, format: pb::ImageFormat) -> pb::GenerationSpec {
-    spec.output = Some(pb::OutputOptions {
-        format: format as i32,
-        ..Default::default()
-    });
-    spec
-}
-
-fn latents_of(image: &pb::GeneratedImage) -> Tensor {
-    let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
-    let view = tensors.tensor("latents").expect("latents");
-    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Tensor::from_slice(&values).view(shape.as_slice())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_prompts_match_diffusers_and_leave_nothing_behind() {
     let extra = tempfile::tempdir().expect("tempdir");
@@ -170,12 +153,15 @@ async fn image_prompts_match_diffusers_and_leave_nothing_behind() {
                 assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
             }
             let latents = server
-                .images(with_format(spec, pb::ImageFormat::LatentsSafetensors))
+                .images(common::with_format(
+                    spec,
+                    pb::ImageFormat::LatentsSafetensors,
+                ))
                 .await
                 .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
             let expected = &reference[&format!("{key}.latents")];
             for (i, image) in latents.images.iter().enumerate() {
-                let got = latents_of(image);
+                let got = common::latents_of(image);
                 assert_close(
                     &format!("{name} latents {i}"),
                     &got.get(0),
@@ -256,6 +242,7 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
         image_encoder: "vision_g".into(),
         images: vec![image_bytes("lighthouse")],
         scale: None,
+        layers: 0,
     };
     let spec = |prompts: Vec<pb::ImagePrompt>| pb::GenerationSpec {
         prompt: "a lighthouse".into(),
@@ -328,6 +315,21 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
                 ..good()
             },
             "spec.ip_adapters[0].scale",
+        ),
+        // tiny2's UNet has two levels: no `down_blocks.2`.
+        (
+            pb::ImagePrompt {
+                layers: pb::ImagePromptLayers::Composition as i32,
+                ..good()
+            },
+            "spec.ip_adapters[0].layers",
+        ),
+        (
+            pb::ImagePrompt {
+                layers: 9,
+                ..good()
+            },
+            "spec.ip_adapters[0].layers",
         ),
     ];
     for (prompt, field) in refused {

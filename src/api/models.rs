@@ -377,6 +377,7 @@ impl ModelService for Models {
             ("hires", true),
             ("embeddings", true),
             ("ip_adapters", true),
+            ("ip_adapters.layers", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

@@ -24,6 +24,7 @@ impl JobRun<'_> {
                         &models.encoder,
                         &images,
                         job.scale,
+                        job.layers,
                     ))
                 })?)
             })

@@ -189,7 +189,7 @@ fn load_ip_adapters(
         let encoder = engine.image_encoder(&prompt.encoder)?;
         let (name, field) = (&prompt.adapter.name, format!("spec.ip_adapters[{i}]"));
         let misfit = adapter
-            .misfit_unet(unet.cross_attention_widths(), unet.config().cross_attention_dim)
+            .misfit_unet(unet.cross_attention_layers(), unet.config().cross_attention_dim)
             .map(|why| format!("the IP-Adapter `{name}` ({field}.adapter) cannot condition the base model `{}`: {why}", spec.model.name))
             .or_else(|| {
                 adapter.misfit_encoder(encoder.config()).map(|why| {
@@ -198,6 +198,20 @@ fn load_ip_adapters(
             });
         if let Some(message) = misfit {
             return Err(EngineError::Incompatible(message).into());
+        }
+        // The API checks the layers against the model's config; this is the loaded UNet.
+        let layers = unet.cross_attention_layers();
+        let missing = prompt
+            .layers
+            .attentions()
+            .into_iter()
+            .flatten()
+            .find(|a| !layers.iter().any(|l| l.attention == **a));
+        if let Some(attention) = missing {
+            return Err(EngineError::InvalidRequest(format!(
+                "{field}.layers needs `{attention}`, which the base model's UNet does not have"
+            ))
+            .into());
         }
         loaded.push(LoadedImagePrompt { adapter, encoder });
     }

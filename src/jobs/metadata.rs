@@ -103,9 +103,13 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     // A1111's ControlNet extension runs IP-Adapters as ControlNet units.
     for (i, prompt) in spec.ip_adapters.iter().enumerate() {
         let hash = hash_of(models, ModelKind::IpAdapter, &prompt.adapter.name);
+        let layers = match prompt.layers.attentions() {
+            Some(only) => format!(", Layers: {}", only.join(" + ")),
+            None => String::new(),
+        };
         let encoder_hash = hash_of(models, ModelKind::ImageEncoder, &prompt.encoder.name);
         text.push_str(&format!(
-            ", ControlNet {}: \"Module: ip-adapter_clip, Model: {} [{}], Weight: {}, Image Encoder: {} [{}]\"",
+            ", ControlNet {}: \"Module: ip-adapter_clip, Model: {} [{}], Weight: {}, Image Encoder: {} [{}]{layers}\"",
             spec.controlnets.len() + i,
             prompt.adapter.name,
             short(hash, 8),

@@ -57,6 +57,8 @@ pub struct IpAdapterJob {
     pub images: Vec<PromptImage>,
     /// Its weight, in [0, 2].
     pub scale: f64,
+    /// The layers it acts in.
+    pub layers: crate::engine::ip_adapter::PromptLayers,
 }
 
 /// An image prompt's RGB pixels (shared, not copied, when a spec is).

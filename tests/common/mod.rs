@@ -291,6 +291,31 @@ pub fn assert_images_match(what: &str, actual: &Tensor, expected: &Tensor) {
     assert!(diff <= 2, "{what}: a channel differs by {diff} (> 2)");
 }
 
+/// `spec` with its output in `format`.
+pub fn with_format(
+    mut spec: sdxld::proto::v1::GenerationSpec,
+    format: sdxld::proto::v1::ImageFormat,
+) -> sdxld::proto::v1::GenerationSpec {
+    spec.output = Some(sdxld::proto::v1::OutputOptions {
+        format: format as i32,
+        ..Default::default()
+    });
+    spec
+}
+
+/// The `latents` tensor of an image delivered as `IMAGE_FORMAT_LATENTS_SAFETENSORS`.
+pub fn latents_of(image: &sdxld::proto::v1::GeneratedImage) -> Tensor {
+    let tensors = safetensors::SafeTensors::deserialize(&image.data).expect("safetensors");
+    let view = tensors.tensor("latents").expect("latents");
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_slice(&values).view(shape.as_slice())
+}
+
 /// An encoded image (PNG, JPEG, WebP) as a [H, W, 3] uint8 tensor.
 pub fn decoded_image(bytes: &[u8]) -> Tensor {
     let rgb = image::load_from_memory(bytes).expect("an image").to_rgb8();

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::api::validate::fields::enum_value;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
 use crate::api::validate::images::required_image;
 use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::engine::ip_adapter::pixels::composite_over_white;
+use crate::engine::ip_adapter::PromptLayers;
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
 use crate::jobs::{IpAdapterJob, PromptImage};
 use crate::proto::v1 as pb;
@@ -21,6 +23,7 @@ pub const MAX_PROMPT_IMAGES: usize = 4;
 /// and a scale in [0, 2].
 pub fn ip_adapters(
     prompts: &[pb::ImagePrompt],
+    base: Option<&ModelEntry>,
     registry: &Registry,
     max_pixels: u64,
     v: &mut Violations,
@@ -67,25 +70,51 @@ pub fn ip_adapters(
             Range::closed(0.0, 2.0),
             1.0,
         );
-        if let (Some(adapter), Some(encoder), Some(images)) = (adapter, encoder, images) {
-            jobs.push(job(adapter, encoder, images, scale));
+        let layers = layers(prompt.layers, base, &format!("{field}.layers"), v);
+        if let (Some(adapter), Some(encoder), Some(images), Some(layers)) =
+            (adapter, encoder, images, layers)
+        {
+            jobs.push(IpAdapterJob {
+                adapter,
+                encoder,
+                images,
+                scale,
+                layers,
+            });
         }
     }
     jobs
 }
 
-fn job(
-    adapter: ModelEntry,
-    encoder: ModelEntry,
-    images: Vec<PromptImage>,
-    scale: f64,
-) -> IpAdapterJob {
-    IpAdapterJob {
-        adapter,
-        encoder,
-        images,
-        scale,
+/// An image prompt's layers, each of which the base model's UNet must have.
+fn layers(
+    value: i32,
+    base: Option<&ModelEntry>,
+    field: &str,
+    v: &mut Violations,
+) -> Option<PromptLayers> {
+    let layers = match enum_value::<pb::ImagePromptLayers>(v, field, value)? {
+        pb::ImagePromptLayers::Unspecified | pb::ImagePromptLayers::All => PromptLayers::All,
+        pb::ImagePromptLayers::Style => PromptLayers::Style,
+        pb::ImagePromptLayers::Composition => PromptLayers::Composition,
+        pb::ImagePromptLayers::StyleAndComposition => PromptLayers::StyleAndComposition,
+    };
+    let known = base
+        .and_then(|m| m.pipeline.as_ref())
+        .map(|f| &f.attentions);
+    let missing = layers
+        .attentions()
+        .into_iter()
+        .flatten()
+        .find(|a| known.is_some_and(|k| !k.iter().any(|known| known == *a)));
+    if let Some(attention) = missing {
+        v.add(
+            field,
+            format!("needs `{attention}`, which the base model's UNet does not have (SDXL's has)"),
+        );
+        return None;
     }
+    Some(layers)
 }
 
 /// An image prompt's images, decoded and composited onto white.

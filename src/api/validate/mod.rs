@@ -165,8 +165,14 @@ fn check(
     };
     let loras = adapters::loras(&spec.loras, registry, v, deferred);
     let embeddings = embeddings::embeddings(&spec.embeddings, registry, v, deferred);
-    let ip_adapters =
-        ip_adapters::ip_adapters(&spec.ip_adapters, registry, max_pixels, v, deferred);
+    let ip_adapters = ip_adapters::ip_adapters(
+        &spec.ip_adapters,
+        model.as_ref(),
+        registry,
+        max_pixels,
+        v,
+        deferred,
+    );
     let detectors = detector::Detectors {
         registry,
         defaults: ctx.preprocessing,

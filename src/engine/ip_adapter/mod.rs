@@ -15,7 +15,7 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::attention::{ImageKeys, ImageKv};
+use crate::engine::models::attention::{CrossAttentionLayer, ImageKeys, ImageKv};
 use crate::engine::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::engine::models::nn::Linear;
 use crate::engine::weights::{numbered_children, read_shapes, Shapes, Weights};
@@ -154,9 +154,14 @@ impl IpAdapter {
         self.shape
     }
 
-    /// Why it cannot condition a UNet with these cross-attention layers (inner widths by
-    /// slot) and text width, if it cannot.
-    pub fn misfit_unet(&self, widths: &[i64], cross_attention_dim: i64) -> Option<String> {
+    /// Why it cannot condition a UNet with these cross-attention layers (by slot) and text
+    /// width, if it cannot.
+    pub fn misfit_unet(
+        &self,
+        layers: &[CrossAttentionLayer],
+        cross_attention_dim: i64,
+    ) -> Option<String> {
+        let widths: Vec<i64> = layers.iter().map(|l| l.width).collect();
         if self.shape.cross() != cross_attention_dim {
             return Some(format!(
                 "its image tokens are {} wide, the UNet's cross-attention reads {cross_attention_dim}",
@@ -216,6 +221,41 @@ impl IpAdapter {
     }
 }
 
+/// The attentions an image prompt acts in: all of them, or InstantStyle's layers of SDXL
+/// (diffusers' `set_ip_adapter_scale` with a per-block dict; InvokeAI's "style" and
+/// "composition" methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptLayers {
+    /// Every cross-attention layer.
+    #[default]
+    All,
+    /// `up_blocks.0.attentions.1` only: the image's style.
+    Style,
+    /// `down_blocks.2.attentions.1` only: the image's layout.
+    Composition,
+    /// Both.
+    StyleAndComposition,
+}
+
+impl PromptLayers {
+    /// The attentions it is limited to; `None` for all.
+    pub fn attentions(self) -> Option<&'static [&'static str]> {
+        const STYLE: &str = "up_blocks.0.attentions.1";
+        const COMPOSITION: &str = "down_blocks.2.attentions.1";
+        match self {
+            PromptLayers::All => None,
+            PromptLayers::Style => Some(&[STYLE]),
+            PromptLayers::Composition => Some(&[COMPOSITION]),
+            PromptLayers::StyleAndComposition => Some(&[COMPOSITION, STYLE]),
+        }
+    }
+
+    /// Whether it acts in the attention at `path`.
+    fn includes(self, path: &str) -> bool {
+        self.attentions().is_none_or(|only| only.contains(&path))
+    }
+}
+
 /// One adapter's image prompt of a request, encoded.
 pub struct ImagePrompt {
     /// The adapter.
@@ -224,8 +264,10 @@ pub struct ImagePrompt {
     pub tokens: Tensor,
     /// The negative image's tokens, the same shape.
     pub negative: Tensor,
-    /// Its weight in every layer.
+    /// Its weight in the layers it acts in.
     pub scale: f64,
+    /// The layers it acts in.
+    pub layers: PromptLayers,
 }
 
 impl Clone for ImagePrompt {
@@ -235,6 +277,7 @@ impl Clone for ImagePrompt {
             tokens: self.tokens.shallow_clone(),
             negative: self.negative.shallow_clone(),
             scale: self.scale,
+            layers: self.layers,
         }
     }
 }
@@ -246,6 +289,7 @@ impl ImagePrompt {
         encoder: &ClipVisionModel,
         images: &[&RgbImage],
         scale: f64,
+        layers: PromptLayers,
     ) -> Self {
         let _guard = tch::no_grad_guard();
         let size = encoder.config().image_size;
@@ -260,13 +304,21 @@ impl ImagePrompt {
             tokens,
             negative,
             scale,
+            layers,
         }
     }
 }
 
-/// The keys and values of `prompts` for every layer, for `copies` images, the negative
-/// half first when `guided`, in `kind` (what the UNet's cross-attention layers add).
-pub fn layer_keys(prompts: &[ImagePrompt], copies: i64, guided: bool, kind: Kind) -> ImageKeys {
+/// The keys and values of `prompts` for every layer of `unet_layers` (the UNet's, by
+/// slot) each acts in, for `copies` images, the negative half first when `guided`, in
+/// `kind` (what the UNet's cross-attention layers add).
+pub fn layer_keys(
+    prompts: &[ImagePrompt],
+    unet_layers: &[CrossAttentionLayer],
+    copies: i64,
+    guided: bool,
+    kind: Kind,
+) -> ImageKeys {
     let _guard = tch::no_grad_guard();
     let batches: Vec<Tensor> = prompts
         .iter()
@@ -280,14 +332,15 @@ pub fn layer_keys(prompts: &[ImagePrompt], copies: i64, guided: bool, kind: Kind
             tokens.to_kind(kind)
         })
         .collect();
-    let slots = prompts.first().map_or(0, |p| p.adapter.layers.len());
-    let layers = (0..slots)
-        .map(|slot| {
+    let layers = unet_layers
+        .iter()
+        .enumerate()
+        .map(|(slot, layer)| {
             prompts
                 .iter()
                 .zip(&batches)
-                // diffusers skips an adapter of scale 0.
-                .filter(|(p, _)| p.scale != 0.0)
+                // diffusers skips an adapter of scale 0 in a layer.
+                .filter(|(p, _)| p.scale != 0.0 && p.layers.includes(&layer.attention))
                 .filter_map(|(p, tokens)| {
                     let layer = p.adapter.layers.get(slot)?;
                     Some(ImageKv {

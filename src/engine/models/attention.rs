@@ -134,6 +134,16 @@ pub struct ImageKv {
     pub scale: f64,
 }
 
+/// A cross-attention layer of a UNet: the attention (`Transformer2DModel`) it belongs to
+/// and its inner width.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrossAttentionLayer {
+    /// The attention's module path (`up_blocks.0.attentions.1`).
+    pub attention: String,
+    /// Its queries' inner width.
+    pub width: i64,
+}
+
 /// The image prompts' keys and values of every cross-attention layer, by the layer's slot
 /// (diffusers' attention-processor order: down blocks, up blocks, mid block).
 pub struct ImageKeys {

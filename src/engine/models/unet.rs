@@ -9,7 +9,7 @@ use tch::Tensor;
 use crate::engine::config_check::{check_config, read_config};
 use crate::engine::device::Placement;
 use crate::engine::error::Result;
-use crate::engine::models::attention::Context;
+use crate::engine::models::attention::{Context, CrossAttentionLayer};
 use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
 use crate::engine::models::unet_blocks::{
@@ -42,9 +42,8 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     /// Its linear and convolution layers, for LoRA adapters.
     adaptable: LayerTable,
-    /// The inner width of each cross-attention layer, by slot (diffusers' attention
-    /// processor order).
-    cross_attention_widths: Vec<i64>,
+    /// Each cross-attention layer, by slot (diffusers' attention processor order).
+    cross_attention_layers: Vec<CrossAttentionLayer>,
 }
 
 impl UNet2DConditionModel {
@@ -117,7 +116,7 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out: GroupNorm::load(&vp.pp("conv_norm_out"), groups, channels[0], eps)?,
             conv_out: Conv2d::load(&vp.pp("conv_out"), channels[0], c.out_channels, 3, 1, 1)?,
-            cross_attention_widths: settings.cross_attention_widths(),
+            cross_attention_layers: settings.cross_attention_layers(),
             config,
             adaptable: LayerTable::default(),
         })
@@ -176,10 +175,10 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// The inner width of each cross-attention layer, in diffusers' attention-processor
-    /// order (down blocks, up blocks, mid block): the layers image prompts address.
-    pub fn cross_attention_widths(&self) -> &[i64] {
-        &self.cross_attention_widths
+    /// Each cross-attention layer, in diffusers' attention-processor order (down blocks,
+    /// up blocks, mid block): the layers image prompts address.
+    pub fn cross_attention_layers(&self) -> &[CrossAttentionLayer] {
+        &self.cross_attention_layers
     }
 
     /// Width of the pooled text embedding the added conditioning expects, given the

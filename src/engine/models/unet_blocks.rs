@@ -8,7 +8,9 @@ use std::path::Path;
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::attention::{Context, Transformer2DConfig, Transformer2DModel};
+use crate::engine::models::attention::{
+    Context, CrossAttentionLayer, Transformer2DConfig, Transformer2DModel,
+};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::profile;
@@ -29,9 +31,9 @@ pub struct BlockSettings<'a> {
     pub use_linear_projection: bool,
     /// The config the blocks come from, named in errors.
     pub config_path: &'a Path,
-    /// The inner width of each cross-attention layer loaded so far, in load order (the
-    /// slots image prompts address them by).
-    cross_attention_widths: RefCell<Vec<i64>>,
+    /// Each cross-attention layer loaded so far, in load order (the slots image prompts
+    /// address them by).
+    cross_attention_layers: RefCell<Vec<CrossAttentionLayer>>,
 }
 
 impl<'a> BlockSettings<'a> {
@@ -45,13 +47,13 @@ impl<'a> BlockSettings<'a> {
             cross_attention_dim: c.cross_attention_dim,
             use_linear_projection: c.use_linear_projection,
             config_path,
-            cross_attention_widths: RefCell::default(),
+            cross_attention_layers: RefCell::default(),
         }
     }
 
-    /// The inner width of every cross-attention layer loaded with these settings, by slot.
-    pub fn cross_attention_widths(&self) -> Vec<i64> {
-        self.cross_attention_widths.borrow().clone()
+    /// Every cross-attention layer loaded with these settings, by slot.
+    pub fn cross_attention_layers(&self) -> Vec<CrossAttentionLayer> {
+        self.cross_attention_layers.borrow().clone()
     }
 
     fn resnet(&self, vp: &VarPath, in_channels: i64, out_channels: i64) -> Result<ResnetBlock2D> {
@@ -81,9 +83,13 @@ impl<'a> BlockSettings<'a> {
             });
         }
         let first_slot = {
-            let mut widths = self.cross_attention_widths.borrow_mut();
-            let first = widths.len();
-            widths.extend(std::iter::repeat_n(channels, depth.max(0) as usize));
+            let mut layers = self.cross_attention_layers.borrow_mut();
+            let first = layers.len();
+            let layer = CrossAttentionLayer {
+                attention: vp.prefix().to_string(),
+                width: channels,
+            };
+            layers.extend(std::iter::repeat_n(layer, depth.max(0) as usize));
             first
         };
         Transformer2DModel::load(

@@ -114,6 +114,38 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
+    /// The module paths of the UNet's attentions (`Transformer2DModel`s), as its blocks
+    /// name them: `down_blocks.<i>.attentions.<j>`, `up_blocks.<i>.attentions.<j>`,
+    /// `mid_block.attentions.0`.
+    pub fn attention_paths(&self) -> Vec<String> {
+        let per_block = |types: &[String], kind: &str, section: &str, count: i64| {
+            types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_str() == kind)
+                .flat_map(|(i, _)| {
+                    (0..count.max(0)).map(move |j| format!("{section}.{i}.attentions.{j}"))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut paths = per_block(
+            &self.down_block_types,
+            "CrossAttnDownBlock2D",
+            "down_blocks",
+            self.layers_per_block,
+        );
+        paths.extend(per_block(
+            &self.up_block_types,
+            "CrossAttnUpBlock2D",
+            "up_blocks",
+            self.layers_per_block + 1,
+        ));
+        paths.push("mid_block.attentions.0".into());
+        paths
+    }
+}
+
+impl UNetConfig {
     /// stabilityai/stable-diffusion-xl-base-1.0's `unet/config.json`.
     pub fn sdxl_base() -> Self {
         let text = |names: [&str; 3]| names.map(str::to_string).to_vec();

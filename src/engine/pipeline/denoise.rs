@@ -262,8 +262,10 @@ impl SdxlPipeline {
                 .to_kind(self.placement.kind)
         };
         let guided = prompt.negative.is_some();
-        let images = (!prompt.images.is_empty())
-            .then(|| layer_keys(&prompt.images, n, guided, self.placement.kind));
+        let images = (!prompt.images.is_empty()).then(|| {
+            let layers = self.unet.cross_attention_layers();
+            layer_keys(&prompt.images, layers, n, guided, self.placement.kind)
+        });
         Conditioning {
             context: place(context),
             text_embeds: place(text_embeds),

@@ -20,6 +20,9 @@ pub struct PipelineFacts {
     /// Its UNet takes more than latents (an inpainting UNet: latents, mask and masked
     /// image latents), so it runs only with an init image and a mask.
     pub inpainting: bool,
+    /// Its UNet's attentions by module path (`up_blocks.0.attentions.1`), the layers an
+    /// image prompt may be limited to.
+    pub attentions: Vec<String>,
 }
 
 /// What a ControlNet's config says: whether it is a union model and of which base.
@@ -106,6 +109,7 @@ impl PipelineFacts {
             text_encoder_layers: layers.max(0) as u32,
             scheduler_config: configs.scheduler,
             inpainting: configs.unet.in_channels != configs.vae.latent_channels,
+            attentions: configs.unet.attention_paths(),
         })
     }
 }
