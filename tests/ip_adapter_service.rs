@@ -54,6 +54,19 @@ async fn server(extra: &std::path::Path) -> TestServer {
     .await
 }
 
+/// A `width`×`height` grey PNG.
+fn banner(width: u32, height: u32) -> Vec<u8> {
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(
+        width,
+        height,
+        image::Luma([90]),
+    ))
+    .write_to(&mut png, image::ImageFormat::Png)
+    .expect("png");
+    png.into_inner()
+}
+
 fn image_bytes(name: &str) -> Vec<u8> {
     std::fs::read(
         ip_adapter_fixtures()
@@ -315,6 +328,13 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
                 ..good()
             },
             "spec.ip_adapters[0].scale",
+        ),
+        (
+            pb::ImagePrompt {
+                images: vec![image_bytes("sail"), banner(1, 65)],
+                ..good()
+            },
+            "spec.ip_adapters[0].images[1]",
         ),
         // tiny2's UNet has two levels: no `down_blocks.2`.
         (

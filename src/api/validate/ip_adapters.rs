@@ -19,6 +19,11 @@ pub const MAX_IP_ADAPTERS: usize = 4;
 /// Most images of one image prompt.
 pub const MAX_PROMPT_IMAGES: usize = 4;
 
+/// The most an image prompt's long side may exceed its short side: the short side is
+/// resized to the encoder's input size before the centre is cropped, so the long side
+/// grows with it (a 1×16384 image would become 224×3670016 pixels).
+pub const MAX_ASPECT_RATIO: u32 = 64;
+
 /// `spec.ip_adapters`: each a known adapter and image encoder, 1 to 4 decodable images
 /// and a scale in [0, 2].
 pub fn ip_adapters(
@@ -140,7 +145,16 @@ fn prompt_images(
         .iter()
         .enumerate()
         .map(|(j, bytes)| {
-            let image = required_image(bytes, &format!("{field}[{j}]"), max_pixels, v)?;
+            let field = format!("{field}[{j}]");
+            let image = required_image(bytes, &field, max_pixels, v)?;
+            let (w, h) = (image.width(), image.height());
+            if w.max(h) > w.min(h).saturating_mul(MAX_ASPECT_RATIO) {
+                v.add(
+                    field,
+                    format!("is {w}x{h}; an image prompt's sides may differ at most {MAX_ASPECT_RATIO}-fold"),
+                );
+                return None;
+            }
             Some(PromptImage(Arc::new(composite_over_white(&image))))
         })
         .collect();
