@@ -18,7 +18,7 @@ use crate::engine::textual_inversion::Embedding;
 use crate::jobs::engine::{model_path, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Loaded, LoadedImagePrompt};
-use crate::jobs::{EmbeddingJob, JobError, JobSpec};
+use crate::jobs::{EmbeddingJob, IpAdapterJob, JobError, JobSpec};
 use crate::output::{OutputFormat, PngMetadata};
 
 impl JobRun<'_> {
@@ -182,40 +182,57 @@ fn load_ip_adapters(
     spec: &JobSpec,
     base: &SdxlPipeline,
 ) -> Result<Vec<LoadedImagePrompt>, JobError> {
-    let unet = base.unet();
     let mut loaded = Vec::with_capacity(spec.ip_adapters.len());
     for (i, prompt) in spec.ip_adapters.iter().enumerate() {
-        let adapter = engine.ip_adapter(&prompt.adapter)?;
-        let encoder = engine.image_encoder(&prompt.encoder)?;
-        let (name, field) = (&prompt.adapter.name, format!("spec.ip_adapters[{i}]"));
-        let misfit = adapter
-            .misfit_unet(unet.cross_attention_layers(), unet.config().cross_attention_dim)
-            .map(|why| format!("the IP-Adapter `{name}` ({field}.adapter) cannot condition the base model `{}`: {why}", spec.model.name))
-            .or_else(|| {
-                adapter.misfit_encoder(encoder.config()).map(|why| {
-                    format!("the IP-Adapter `{name}` ({field}.adapter) cannot read the image encoder `{}` ({field}.image_encoder): {why}", prompt.encoder.name)
-                })
-            });
-        if let Some(message) = misfit {
-            return Err(EngineError::Incompatible(message).into());
-        }
-        // The API checks the layers against the model's config; this is the loaded UNet.
-        let layers = unet.cross_attention_layers();
-        let missing = prompt
-            .layers
-            .attentions()
-            .into_iter()
-            .flatten()
-            .find(|a| !layers.iter().any(|l| l.attention == **a));
-        if let Some(attention) = missing {
-            return Err(EngineError::InvalidRequest(format!(
-                "{field}.layers needs `{attention}`, which the base model's UNet does not have"
-            ))
-            .into());
-        }
-        loaded.push(LoadedImagePrompt { adapter, encoder });
+        let models = LoadedImagePrompt {
+            adapter: engine.ip_adapter(&prompt.adapter)?,
+            encoder: engine.image_encoder(&prompt.encoder)?,
+        };
+        check_image_prompt(
+            &models,
+            prompt,
+            &format!("spec.ip_adapters[{i}]"),
+            spec,
+            base,
+        )?;
+        loaded.push(models);
     }
     Ok(loaded)
+}
+
+/// Whether an image prompt's adapter fits the base UNet and reads its encoder, and the
+/// UNet has the layers it is limited to.
+fn check_image_prompt(
+    models: &LoadedImagePrompt,
+    prompt: &IpAdapterJob,
+    field: &str,
+    spec: &JobSpec,
+    base: &SdxlPipeline,
+) -> Result<(), EngineError> {
+    let unet = base.unet();
+    let layers = unet.cross_attention_layers();
+    let adapter = format!("the IP-Adapter `{}` ({field}.adapter)", prompt.adapter.name);
+    if let Some(why) = models
+        .adapter
+        .misfit_unet(layers, unet.config().cross_attention_dim)
+    {
+        let model = &spec.model.name;
+        let message = format!("{adapter} cannot condition the base model `{model}`: {why}");
+        return Err(EngineError::Incompatible(message));
+    }
+    if let Some(why) = models.adapter.misfit_encoder(models.encoder.config()) {
+        let encoder = format!("`{}` ({field}.image_encoder)", prompt.encoder.name);
+        let message = format!("{adapter} cannot read the image encoder {encoder}: {why}");
+        return Err(EngineError::Incompatible(message));
+    }
+    // The API checks the layers against the model's config; this is the loaded UNet.
+    let mut wanted = prompt.layers.attentions().into_iter().flatten();
+    match wanted.find(|a| !layers.iter().any(|l| l.attention == **a)) {
+        Some(attention) => Err(EngineError::InvalidRequest(format!(
+            "{field}.layers needs `{attention}`, which the base model's UNet does not have"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The job's textual inversion embeddings, read from their files (kilobytes each; they

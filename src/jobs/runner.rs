@@ -455,7 +455,8 @@ impl JobRun<'_> {
         let loaded = self.loaded()?;
         let base_params = self.stage_params(&self.spec.params);
         let tokens = EngineError::catch(|| loaded.base.prompt_tokens(&loaded.embeddings))?;
-        let base = EngineError::catch(|| loaded.base.encode_prompt_with(&base_params, &tokens))?;
+        let mut base =
+            EngineError::catch(|| loaded.base.encode_prompt_with(&base_params, &tokens))?;
         let refined = match (&loaded.refiner, &self.spec.refiner) {
             (Some(pipeline), Some(job)) => {
                 let p = refiner::refiner_params(&self.spec.params, &job.params);
@@ -475,7 +476,7 @@ impl JobRun<'_> {
             }
             None => None,
         };
-        let mut base = base;
+        // Image prompts condition the base UNet's passes; the refiner's UNet fits none.
         base.images = self.encode_image_prompts()?;
         if let Some(hires) = hires.as_mut() {
             hires.images = base.images.clone();

@@ -39,8 +39,9 @@ pub struct IpAdapter {
     layers: Vec<LayerProjections>,
 }
 
-/// Why a file is not an IP-Adapter this implementation runs, if it is not, from its
-/// tensor names and shapes: its projection's shape and its layers' widths otherwise.
+/// An adapter file's projection shape and the inner width of each attention layer it
+/// projects for, from its tensor names and shapes; else why it is not an IP-Adapter
+/// sdxld runs.
 pub fn adapter_shape(shapes: &Shapes) -> std::result::Result<(ProjectionShape, Vec<i64>), String> {
     let shape_of = |name: &str| {
         shapes
@@ -168,14 +169,23 @@ impl IpAdapter {
                 self.shape.cross()
             ));
         }
-        (self.widths != widths).then(|| {
-            format!(
-                "it has {} attention layers of widths {:?}, the UNet {} of widths {widths:?}",
+        if self.widths.len() != widths.len() {
+            return Some(format!(
+                "it has {} cross-attention layers, the UNet {}",
                 self.widths.len(),
-                self.widths,
                 widths.len()
-            )
-        })
+            ));
+        }
+        let (slot, (ours, theirs)) = self
+            .widths
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .find(|(_, (a, b))| a != b)?;
+        Some(format!(
+            "its cross-attention layer {slot} is {ours} wide, the UNet's `{}` {theirs}",
+            layers[slot].attention
+        ))
     }
 
     /// Why it cannot read this image encoder's output, if it cannot.
