@@ -378,6 +378,7 @@ impl ModelService for Models {
             ("embeddings", true),
             ("ip_adapters", true),
             ("ip_adapters.layers", true),
+            ("freeu", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

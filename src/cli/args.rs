@@ -123,6 +123,10 @@ pub struct GenerateArgs {
     /// Refiner scheduler (same names as --scheduler; default: the refiner's own).
     #[arg(long)]
     pub refiner_scheduler: Option<String>,
+    /// FreeU on the base UNet: `default` for the published SDXL factors, or
+    /// B1,B2,S1,S2 (each in (0, 10]), e.g. 1.3,1.4,0.9,0.2.
+    #[arg(long, value_name = "default|B1,B2,S1,S2")]
+    pub freeu: Option<String>,
     /// A VAE folder (diffusers AutoencoderKL, e.g. sdxl-vae-fp16-fix) replacing the
     /// models' own for encoding and decoding.
     #[arg(long)]
@@ -265,6 +269,9 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     if field.starts_with("spec.ip_adapters") {
         return Some("--ip-adapter");
     }
+    if field.starts_with("spec.freeu") {
+        return Some("--freeu");
+    }
     if field.starts_with("spec.refiner.scheduler") {
         return Some("--refiner-scheduler");
     }
@@ -392,6 +399,27 @@ fn lora(arg: &str) -> anyhow::Result<pb::LoraAdapter> {
     Ok(pb::LoraAdapter {
         name: name.to_string(),
         weight,
+    })
+}
+
+/// `--freeu default|B1,B2,S1,S2`.
+fn freeu(arg: &str) -> anyhow::Result<pb::FreeU> {
+    if arg == "default" {
+        return Ok(pb::FreeU::default());
+    }
+    let factors = arg
+        .split(',')
+        .map(|f| f.trim().parse::<f32>())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--freeu {arg:?}: expected default or B1,B2,S1,S2"))?;
+    let [b1, b2, s1, s2] = factors[..] else {
+        bail!("--freeu {arg:?}: expected four factors B1,B2,S1,S2");
+    };
+    Ok(pb::FreeU {
+        b1: Some(b1),
+        b2: Some(b2),
+        s1: Some(s1),
+        s2: Some(s2),
     })
 }
 
@@ -561,6 +589,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             .collect::<anyhow::Result<_>>()?,
         init_image,
         hires: hires(&args.hires)?,
+        freeu: args.freeu.as_deref().map(freeu).transpose()?,
         ..Default::default()
     })
 }

@@ -23,6 +23,8 @@ pub fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParam
         init_image: None,
         denoising_end: None,
         batch_first_seed: None,
+        // FreeU's factors are the base UNet's.
+        freeu: None,
         ..base.clone()
     }
 }

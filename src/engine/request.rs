@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+pub use crate::engine::models::freeu::FreeU;
 pub use crate::engine::schedulers::SchedulerOverrides;
 
 /// One generation request for one pipeline, with diffusers' parameter names and defaults.
@@ -61,6 +62,8 @@ pub struct GenerateParams {
     pub aesthetic_score: f64,
     /// Negative aesthetic-score conditioning.
     pub negative_aesthetic_score: f64,
+    /// FreeU's factors for the UNet's first two up blocks (`enable_freeu`), if asked.
+    pub freeu: Option<FreeU>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -197,6 +200,7 @@ impl Default for GenerateParams {
             denoising_end: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            freeu: None,
         }
     }
 }

@@ -134,6 +134,12 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             }
         }
     }
+    if let Some(f) = spec.params.freeu {
+        text.push_str(&format!(
+            ", FreeU: \"b1 {}, b2 {}, s1 {}, s2 {}\"",
+            f.b1, f.b2, f.s1, f.s2
+        ));
+    }
     text.push_str(&hires_entries(spec));
     text.push_str(&postprocess_entries(spec));
     text

@@ -102,6 +102,14 @@ pub fn ip_adapter_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_freeu_fixtures.py` (built when
+/// missing).
+pub fn freeu_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_freeu_fixtures.py", "SDXLD_FREEU_FIXTURES"))
+        .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {

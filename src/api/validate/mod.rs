@@ -102,6 +102,7 @@ struct Parts {
     init: Option<InitImage>,
     size: (u32, u32),
     guidance: (f64, f64),
+    freeu: Option<crate::engine::request::FreeU>,
     counts: (u32, u32, u64),
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
     micro: sampling::Micro,
@@ -139,6 +140,7 @@ fn check(
     // 2. sampling
     sampling::prompts(spec, limits, v);
     let guidance = sampling::guidance(spec, v);
+    let freeu = sampling::freeu(spec.freeu.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
     let model_scheduler = model
         .as_ref()
@@ -231,6 +233,7 @@ fn check(
         init,
         size,
         guidance,
+        freeu,
         counts,
         scheduler,
         micro,
@@ -308,6 +311,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         denoising_end: None,
         aesthetic_score: micro.aesthetic_score,
         negative_aesthetic_score: micro.negative_aesthetic_score,
+        freeu: parts.freeu,
     };
     Ok(JobSpec {
         params,

@@ -5,6 +5,7 @@ use crate::api::validate::fields::{
     at_most, enum_value, float, optional_float, Range, Violations, MAX_SEED,
 };
 use crate::config::Limits;
+use crate::engine::request::FreeU;
 use crate::engine::schedulers::options::{AlgorithmType, SolverType};
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::solver::SOLVER_ORDERS;
@@ -93,6 +94,22 @@ pub fn guidance(spec: &pb::GenerationSpec, v: &mut Violations) -> (f64, f64) {
     )
     .unwrap_or(0.0);
     (scale, rescale)
+}
+
+/// `spec.freeu`: each factor in (0, 10], unset ones at the published SDXL values (0
+/// would turn FreeU off in diffusers, which enables it only when all four are non-zero).
+pub fn freeu(f: Option<&pb::FreeU>, v: &mut Violations) -> Option<FreeU> {
+    let f = f?;
+    let range = Range::open_closed(0.0, 10.0);
+    let mut factor = |name: &str, value: Option<f32>, default: f64| {
+        optional_float(v, &format!("spec.freeu.{name}"), value, range, default)
+    };
+    Some(FreeU {
+        b1: factor("b1", f.b1, 1.3),
+        b2: factor("b2", f.b2, 1.4),
+        s1: factor("s1", f.s1, 0.9),
+        s2: factor("s2", f.s2, 0.2),
+    })
 }
 
 /// The engine's scheduler for a contract scheduler (`None` for the model's own).

@@ -5,6 +5,7 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
+use crate::engine::models::freeu::FreeU;
 use crate::engine::models::nn::{
     multi_head_attention, Conv2d, FusedLinear, GroupNorm, LayerNorm, Linear,
 };
@@ -151,20 +152,27 @@ pub struct ImageKeys {
     pub layers: Vec<Vec<ImageKv>>,
 }
 
-/// What the cross-attention layers of a UNet attend to: the prompts' tokens and, with
-/// image prompts, their keys and values per layer.
+/// What a UNet call is conditioned on beside its sample and time: the prompts' tokens
+/// its cross-attention layers attend to, with image prompts their keys and values per
+/// layer, and FreeU's factors for its up blocks.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
     /// [batch, tokens, cross_attention_dim].
     pub text: &'a Tensor,
     /// Image prompts (IP-Adapters), when the request has any.
     pub images: Option<&'a ImageKeys>,
+    /// FreeU, when the request asks for it.
+    pub freeu: Option<FreeU>,
 }
 
 impl<'a> Context<'a> {
     /// The prompts' tokens alone.
     pub fn text(text: &'a Tensor) -> Self {
-        Self { text, images: None }
+        Self {
+            text,
+            images: None,
+            freeu: None,
+        }
     }
 
     /// The image prompts of the layer in `slot`.

@@ -8,6 +8,7 @@ pub mod controlnet;
 pub mod controlnet_file;
 pub mod controlnet_union;
 pub mod embeddings;
+pub mod freeu;
 pub mod nn;
 pub mod resnet;
 pub mod tokenizer;

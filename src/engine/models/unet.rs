@@ -257,7 +257,8 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            h = block.forward(&h, &mut taken, &emb, context, upsample_size);
+            let freeu = context.freeu.and_then(|f| f.stage(i));
+            h = block.forward(&h, &mut taken, &emb, context, upsample_size, freeu);
         }
 
         // 6. post-process

@@ -11,6 +11,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::models::attention::{
     Context, CrossAttentionLayer, Transformer2DConfig, Transformer2DModel,
 };
+use crate::engine::models::freeu::FreeUStage;
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::profile;
@@ -324,7 +325,8 @@ impl UpBlock {
         self.resnets.len()
     }
 
-    /// The block's output, consuming skip states from the end of `skips`.
+    /// The block's output, consuming skip states from the end of `skips`; with FreeU's
+    /// factors when given.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -332,11 +334,16 @@ impl UpBlock {
         temb: &Tensor,
         context: &Context,
         upsample_size: Option<(i64, i64)>,
+        freeu: Option<FreeUStage>,
     ) -> Tensor {
         let mut h = x.shallow_clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             if let Some(skip) = skips.pop() {
-                h = Tensor::cat(&[h, skip], 1);
+                let (backbone, skip) = match freeu {
+                    Some(stage) => stage.apply(&h, &skip),
+                    None => (h, skip),
+                };
+                h = Tensor::cat(&[backbone, skip], 1);
             }
             h = resnet.forward(&h, Some(temb));
             if let Some(attn) = self.attentions.get(i) {

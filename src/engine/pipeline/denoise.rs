@@ -384,8 +384,9 @@ impl SdxlPipeline {
             time_ids: &c.time_ids,
         };
         let _stage = profile::span("unet");
-        // Graphs hold the inputs they were captured with: image prompts' keys are not.
-        let plain = residuals.is_none() && c.images.is_none();
+        // Graphs hold the inputs they were captured with: image prompts' keys and FreeU's
+        // factors are not.
+        let plain = residuals.is_none() && c.images.is_none() && p.freeu.is_none();
         let noise_pred = if plain && self.replays_unet_graphs() {
             self.unet_graphs.call(
                 &self.unet,
@@ -399,6 +400,7 @@ impl SdxlPipeline {
             let context = Context {
                 text: &c.context,
                 images: c.images.as_ref(),
+                freeu: p.freeu,
             };
             self.unet.forward_controlled(
                 &model_input,
