@@ -6,7 +6,7 @@
 mod common;
 
 use common::server::{violated_fields, TestServer};
-use common::{assert_close, assert_images_match, embedding_fixtures, fixtures, read_tensors};
+use common::{assert_images_match, embedding_fixtures, fixtures, read_tensors};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 use tch::Tensor;
@@ -113,32 +113,10 @@ async fn embeddings_match_diffusers_and_leave_nothing_behind() {
         for case in cases(config) {
             let name = format!("{config} {}", case["name"].as_str().expect("name"));
             let spec = spec_of(config, &case);
-            let done = server
-                .images(common::with_format(spec.clone(), pb::ImageFormat::Png))
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            let images = &reference[&format!("{}.images", case["name"].as_str().expect("name"))];
-            assert_eq!(done.images.len() as i64, images.size()[0], "{name}: images");
-            for (i, image) in done.images.iter().enumerate() {
-                let got = common::decoded_image(&image.data);
-                assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
-            }
-            let latents = server
-                .images(common::with_format(
-                    spec,
-                    pb::ImageFormat::LatentsSafetensors,
-                ))
-                .await
-                .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
-            let expected = &reference[&format!("{}.latents", case["name"].as_str().expect("name"))];
-            for (i, image) in latents.images.iter().enumerate() {
-                let got = common::latents_of(image);
-                assert_close(
-                    &format!("{name} latents {i}"),
-                    &got.get(0),
-                    &expected.get(i as i64),
-                );
-            }
+            let key = case["name"].as_str().expect("name");
+            server
+                .assert_matches_case(&name, spec, &reference, key)
+                .await;
         }
     }
 

@@ -7,7 +7,7 @@
 mod common;
 
 use common::server::{violated_fields, TestServer};
-use common::{assert_close, assert_images_match, fixtures, freeu_fixtures, read_tensors};
+use common::{assert_images_match, fixtures, freeu_fixtures, read_tensors};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 
@@ -70,32 +70,9 @@ async fn freeu_matches_diffusers() {
             let key = case["name"].as_str().expect("name");
             let name = format!("{config} {key}");
             let spec = spec_of(config, &case);
-            let done = server
-                .images(spec.clone())
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
-            let images = &reference[&format!("{key}.images")];
-            assert_eq!(done.images.len() as i64, images.size()[0], "{name}: images");
-            for (i, image) in done.images.iter().enumerate() {
-                let got = common::decoded_image(&image.data);
-                assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
-            }
-            let latents = server
-                .images(common::with_format(
-                    spec,
-                    pb::ImageFormat::LatentsSafetensors,
-                ))
-                .await
-                .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
-            let expected = &reference[&format!("{key}.latents")];
-            for (i, image) in latents.images.iter().enumerate() {
-                let got = common::latents_of(image);
-                assert_close(
-                    &format!("{name} latents {i}"),
-                    &got.get(0),
-                    &expected.get(i as i64),
-                );
-            }
+            server
+                .assert_matches_case(&name, spec, &reference, key)
+                .await;
         }
     }
     // The published factors (unset ones) in the PNG parameters; without FreeU another image.

@@ -108,6 +108,45 @@ impl TestServer {
             .map(tonic::Response::into_inner)
     }
 
+    /// Runs `spec` as PNG images and as latents and asserts that they match the fixture
+    /// case `key` of `reference` (`<key>.images` within two levels, `<key>.latents` within
+    /// 1e-3).
+    #[allow(dead_code)]
+    pub async fn assert_matches_case(
+        &self,
+        name: &str,
+        spec: pb::GenerationSpec,
+        reference: &std::collections::HashMap<String, tch::Tensor>,
+        key: &str,
+    ) {
+        let done = self
+            .images(super::with_format(spec.clone(), pb::ImageFormat::Png))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let images = &reference[&format!("{key}.images")];
+        assert_eq!(done.images.len() as i64, images.size()[0], "{name}: images");
+        for (i, image) in done.images.iter().enumerate() {
+            let got = super::decoded_image(&image.data);
+            super::assert_images_match(&format!("{name} image {i}"), &got, &images.get(i as i64));
+        }
+        let latents = self
+            .images(super::with_format(
+                spec,
+                pb::ImageFormat::LatentsSafetensors,
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{name} latents: {e:?}"));
+        let expected = &reference[&format!("{key}.latents")];
+        for (i, image) in latents.images.iter().enumerate() {
+            let got = super::latents_of(image);
+            super::assert_close(
+                &format!("{name} latents {i}"),
+                &got.get(0),
+                &expected.get(i as i64),
+            );
+        }
+    }
+
     /// A Generate stream of `request` to its end: its events and its final status (Ok
     /// when it completed).
     #[allow(dead_code)]
