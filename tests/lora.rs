@@ -483,7 +483,9 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
                 spec: Some(long.clone()),
             });
             if stop == "deadline" {
-                request.set_timeout(std::time::Duration::from_secs(6));
+                // Long enough to reach step 2 while other tests load the two cores (6 s
+                // was not, once), far from the job's end (150 steps at 512², about 45 s).
+                request.set_timeout(std::time::Duration::from_secs(15));
             }
             let mut stream = server
                 .generation()
