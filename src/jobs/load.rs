@@ -1,6 +1,6 @@
 //! The load-models stage: the job's pipelines, VAE, LoRA adapters, IP-Adapters and their
-//! image encoders, ControlNets, their preprocessors' detectors and upscalers in the cache (made room for within the
-//! budget), the adapters applied, and the models' hashes.
+//! image encoders, ControlNets, their preprocessors' detectors and upscalers in the cache
+//! (made room for within the budget), the adapters applied, and the models' hashes.
 
 use std::rc::Rc;
 

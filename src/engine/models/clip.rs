@@ -57,16 +57,8 @@ pub struct ClipTextConfig {
 impl CheckedConfig for ClipTextConfig {
     fn check(&self, check: &mut ConfigCheck) {
         check.positive("vocab_size", self.vocab_size);
-        check.positive("hidden_size", self.hidden_size);
-        check.positive("intermediate_size", self.intermediate_size);
-        check.positive("num_hidden_layers", self.num_hidden_layers);
-        check.positive("num_attention_heads", self.num_attention_heads);
-        check.divisible(
-            "hidden_size",
-            self.hidden_size,
-            "num_attention_heads",
-            self.num_attention_heads,
-        );
+        self.layer_shape()
+            .check_widths(self.num_hidden_layers, check);
         check.positive("max_position_embeddings", self.max_position_embeddings);
         check.positive_number("layer_norm_eps", self.layer_norm_eps);
         if let Some(width) = self.projection_dim {
@@ -198,6 +190,22 @@ impl EncoderLayer {
             Activation::Gelu => h.gelu("none"),
         };
         x + self.fc2.forward(&h)
+    }
+}
+
+impl LayerShape {
+    /// Checks the widths, heads and `layers` of a CLIP config under transformers' keys.
+    pub(crate) fn check_widths(&self, layers: i64, check: &mut ConfigCheck) {
+        check.positive("hidden_size", self.hidden);
+        check.positive("intermediate_size", self.intermediate);
+        check.positive("num_hidden_layers", layers);
+        check.positive("num_attention_heads", self.heads);
+        check.divisible(
+            "hidden_size",
+            self.hidden,
+            "num_attention_heads",
+            self.heads,
+        );
     }
 }
 

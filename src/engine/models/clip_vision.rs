@@ -77,18 +77,22 @@ fn default_projection() -> i64 {
     512
 }
 
+impl ClipVisionConfig {
+    fn layer_shape(&self) -> LayerShape {
+        LayerShape {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            activation: self.hidden_act,
+        }
+    }
+}
+
 impl CheckedConfig for ClipVisionConfig {
     fn check(&self, check: &mut ConfigCheck) {
-        check.positive("hidden_size", self.hidden_size);
-        check.positive("intermediate_size", self.intermediate_size);
-        check.positive("num_hidden_layers", self.num_hidden_layers);
-        check.positive("num_attention_heads", self.num_attention_heads);
-        check.divisible(
-            "hidden_size",
-            self.hidden_size,
-            "num_attention_heads",
-            self.num_attention_heads,
-        );
+        self.layer_shape()
+            .check_widths(self.num_hidden_layers, check);
         check.positive("image_size", self.image_size);
         check.positive("patch_size", self.patch_size);
         check.divisible("image_size", self.image_size, "patch_size", self.patch_size);
@@ -144,13 +148,7 @@ impl ClipVisionModel {
         let tm = vp.pp("vision_model");
         let emb = tm.pp("embeddings");
         let grid = c.image_size / c.patch_size;
-        let shape = LayerShape {
-            hidden: h,
-            intermediate: c.intermediate_size,
-            heads: c.num_attention_heads,
-            eps: c.layer_norm_eps,
-            activation: c.hidden_act,
-        };
+        let shape = c.layer_shape();
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::load(&tm.pp("encoder").pp("layers").pp(i), shape))
             .collect::<Result<Vec<_>>>()?;
