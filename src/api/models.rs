@@ -354,6 +354,7 @@ impl ModelService for Models {
             ("guidance_scale", true),
             ("guidance_rescale", true),
             ("clip_skip", true),
+            ("prompt_syntax", true),
             ("micro_conditioning", true),
             ("seed", true),
             ("num_images", true),

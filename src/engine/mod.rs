@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod pixels;
 pub mod preprocess;
 pub mod profile;
+pub mod prompt_syntax;
 pub mod refiner;
 pub mod registry;
 pub mod request;

@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 pub use crate::engine::models::freeu::FreeU;
+pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
 
 /// One generation request for one pipeline, with diffusers' parameter names and defaults.
@@ -24,6 +25,8 @@ pub struct GenerateParams {
     pub guidance_rescale: f64,
     /// Layers skipped before the penultimate one for the prompt embeddings.
     pub clip_skip: Option<i64>,
+    /// How the prompts are read: plain, or compel's weighting syntax.
+    pub prompt_syntax: PromptSyntax,
     /// Image width in pixels (a multiple of 8).
     pub width: i64,
     /// Image height in pixels (a multiple of 8).
@@ -183,6 +186,7 @@ impl Default for GenerateParams {
             guidance_scale: 5.0,
             guidance_rescale: 0.0,
             clip_skip: None,
+            prompt_syntax: PromptSyntax::Plain,
             width: 1024,
             height: 1024,
             steps: 30,

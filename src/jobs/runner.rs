@@ -20,7 +20,7 @@ use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
-use crate::engine::request::{batch_runs, BatchMode, GenerateParams};
+use crate::engine::request::{batch_runs, BatchMode, GenerateParams, PromptSyntax};
 use crate::engine::textual_inversion::Embedding;
 use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
@@ -481,9 +481,13 @@ impl JobRun<'_> {
         if let Some(hires) = hires.as_mut() {
             hires.images = base.images.clone();
         }
-        let dropped = loaded
-            .base
-            .prompt_overflow(&self.spec.params.prompt, &tokens)?;
+        // Prompts in compel's syntax are encoded whole, in chunks.
+        let dropped = match self.spec.params.prompt_syntax {
+            PromptSyntax::Plain => loaded
+                .base
+                .prompt_overflow(&self.spec.params.prompt, &tokens)?,
+            PromptSyntax::Compel => 0,
+        };
         if dropped > 0 {
             self.report.warnings.push(format!(
                 "the prompt is {dropped} tokens longer than CLIP's 77 and was truncated"

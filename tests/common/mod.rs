@@ -110,6 +110,19 @@ pub fn freeu_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_prompt_syntax_fixtures.py` (built
+/// when missing).
+pub fn prompt_syntax_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        built_by(
+            "make_prompt_syntax_fixtures.py",
+            "SDXLD_PROMPT_SYNTAX_FIXTURES",
+        )
+    })
+    .clone()
+}
+
 /// The folder `$env` names, else the one the fixture script `script` prints.
 fn built_by(script: &str, env: &str) -> PathBuf {
     if let Ok(dir) = std::env::var(env) {

@@ -14,6 +14,7 @@ mod ip_adapters;
 mod model;
 mod output;
 mod postprocess;
+mod prompt_syntax;
 
 pub use postprocess::to_upscale_spec;
 pub mod preprocessor;
@@ -107,6 +108,7 @@ struct Parts {
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
     micro: sampling::Micro,
     clip_skip: Option<i64>,
+    prompt_syntax: crate::engine::request::PromptSyntax,
     vae: Option<ModelEntry>,
     loras: Vec<crate::jobs::LoraJob>,
     embeddings: Vec<crate::jobs::EmbeddingJob>,
@@ -194,6 +196,7 @@ fn check(
         .chain(refiner.as_ref().map(|r| &r.model))
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
+    let prompt_syntax = prompt_syntax::prompt_syntax(spec, v, deferred);
     let base_run = window::BaseRun {
         model: model.as_ref(),
         steps: counts.0 as usize,
@@ -238,6 +241,7 @@ fn check(
         scheduler,
         micro,
         clip_skip,
+        prompt_syntax,
         vae,
         loras,
         embeddings,
@@ -294,6 +298,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         guidance_scale: parts.guidance.0,
         guidance_rescale: parts.guidance.1,
         clip_skip: parts.clip_skip,
+        prompt_syntax: parts.prompt_syntax,
         width: i64::from(width),
         height: i64::from(height),
         steps: steps as usize,

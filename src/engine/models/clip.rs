@@ -9,7 +9,8 @@ use tch::{Kind, Tensor};
 use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{
-    collect_layers, multi_head_attention, Embedding, LayerNorm, LayerTable, Linear,
+    collect_layers, masked_attention, multi_head_attention, Embedding, LayerNorm, LayerTable,
+    Linear,
 };
 use crate::engine::weights::{VarPath, Weights};
 
@@ -140,6 +141,15 @@ pub(crate) struct LayerShape {
     pub activation: Activation,
 }
 
+/// The self-attention mask of a layer.
+#[derive(Clone, Copy)]
+enum Mask<'a> {
+    /// Causal (text) or none (vision).
+    Causal(bool),
+    /// [batch, 1, tokens, tokens], true where a query may attend a key.
+    Explicit(&'a Tensor),
+}
+
 /// transformers' `CLIPEncoderLayer`: pre-norm self-attention and MLP, each with a residual.
 pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
@@ -175,14 +185,21 @@ impl EncoderLayer {
 
     /// The layer on [batch, tokens, hidden]; `causal` masks later tokens (text models).
     pub(crate) fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
+        self.forward_masked(x, Mask::Causal(causal))
+    }
+
+    /// The layer with `mask` on its self-attention.
+    fn forward_masked(&self, x: &Tensor, mask: Mask<'_>) -> Tensor {
         let h = self.layer_norm1.forward(x);
-        let attn = multi_head_attention(
-            &self.q_proj.forward(&h),
-            &self.k_proj.forward(&h),
-            &self.v_proj.forward(&h),
-            self.heads,
-            causal,
+        let (q, k, v) = (
+            self.q_proj.forward(&h),
+            self.k_proj.forward(&h),
+            self.v_proj.forward(&h),
         );
+        let attn = match mask {
+            Mask::Causal(causal) => multi_head_attention(&q, &k, &v, self.heads, causal),
+            Mask::Explicit(allowed) => masked_attention(&q, &k, &v, self.heads, allowed),
+        };
         let x = x + self.out_proj.forward(&attn);
         let h = self.fc1.forward(&self.layer_norm2.forward(&x));
         let h = match self.activation {
@@ -421,6 +438,27 @@ impl ClipTextModel {
             .index_select(0, &offsets.flatten(0, -1))
             .view_as(&own);
         extra.where_self(&is_added.unsqueeze(-1), &own)
+    }
+
+    /// `hidden_states[-2]` (the penultimate layer's output, SDXL's conditioning) of
+    /// [batch, seq] `ids` with the attention mask transformers builds from `keep`
+    /// ([batch, seq], false for tokens no other token may attend): causal, and masked
+    /// keys excluded.
+    pub fn penultimate_masked(&self, ids: &Tensor, keep: &Tensor) -> Tensor {
+        let seq = ids.size()[1];
+        let device = ids.device();
+        let positions = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0);
+        let causal = Tensor::ones([seq, seq], (Kind::Bool, device)).tril(0);
+        let allowed = causal
+            .unsqueeze(0)
+            .logical_and(&keep.unsqueeze(1))
+            .unsqueeze(1);
+        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
+        let last = self.layers.len().saturating_sub(1);
+        for layer in &self.layers[..last] {
+            x = layer.forward_masked(&x, Mask::Explicit(&allowed));
+        }
+        x
     }
 
     /// The last hidden state after the final layer norm (for component tests).

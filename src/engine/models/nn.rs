@@ -483,3 +483,32 @@ pub fn multi_head_attention(
     );
     out.transpose(1, 2).reshape([batch, q_len, inner])
 }
+
+/// [`multi_head_attention`] with an explicit boolean mask ([batch or 1, 1, q, k], true
+/// where attention is allowed).
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    allowed: &Tensor,
+) -> Tensor {
+    let size = q.size();
+    let (batch, q_len, inner) = (size[0], size[1], size[2]);
+    let head_dim = inner / heads;
+    let split = |t: &Tensor| {
+        let len = t.size()[1];
+        t.view([batch, len, heads, head_dim]).transpose(1, 2)
+    };
+    let out = Tensor::scaled_dot_product_attention(
+        &split(q),
+        &split(k),
+        &split(v),
+        Some(allowed),
+        0.0,
+        false,
+        None,
+        false,
+    );
+    out.transpose(1, 2).reshape([batch, q_len, inner])
+}

@@ -275,6 +275,27 @@ impl ClipTokenizer {
         Ok(encoding.get_tokens().to_vec())
     }
 
+    /// Token ids of `text` without BOS, EOS, padding or truncation.
+    pub fn untruncated_ids(&self, text: &str) -> Result<Vec<i64>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::InvalidRequest(format!("cannot tokenize prompt: {e}")))?;
+        Ok(encoding.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// The vocabulary entry of `id` (`cat</w>`), as transformers' `convert_ids_to_tokens`.
+    pub fn token_text(&self, id: i64) -> Option<String> {
+        u32::try_from(id)
+            .ok()
+            .and_then(|id| self.inner.id_to_token(id))
+    }
+
+    /// The ids of the beginning-of-text, end-of-text and padding tokens.
+    pub fn special_ids(&self) -> (i64, i64, i64) {
+        (self.bos_id, self.eos_id, self.pad_id)
+    }
+
     /// Number of prompt tokens beyond what fits (dropped by truncation).
     pub fn overflow(&self, text: &str) -> usize {
         self.inner

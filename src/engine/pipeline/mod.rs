@@ -8,6 +8,7 @@ mod graphs;
 mod latents;
 mod load;
 mod prompt;
+mod weighted_prompt;
 pub mod window;
 
 use std::cell::Cell;

@@ -9,6 +9,7 @@ use crate::engine::models::clip::{ClipTextModel, TextEncoderOutput};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::profile;
+use crate::engine::prompt_syntax::PromptSyntax;
 use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 
 /// The conditioning of one request on one pipeline (its prompts' embeddings and its
@@ -30,6 +31,13 @@ pub struct PromptEmbeds {
 pub struct PromptTokens {
     first: Option<EncoderTokens>,
     second: Option<EncoderTokens>,
+}
+
+impl PromptTokens {
+    /// Whether the job has no embeddings for these encoders.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none() && self.second.is_none()
+    }
 }
 
 impl SdxlPipeline {
@@ -63,6 +71,14 @@ impl SdxlPipeline {
     ) -> Result<PromptEmbeds> {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("text_encoders");
+        if p.prompt_syntax == PromptSyntax::Compel {
+            if tokens.is_empty() {
+                return self.encode_weighted_prompt(p);
+            }
+            return Err(EngineError::InvalidRequest(
+                "textual inversion embeddings do not apply to prompts in compel's syntax".into(),
+            ));
+        }
         let prompt_2 = p
             .prompt_2
             .as_deref()

@@ -1,0 +1,431 @@
+//! PROMPT_SYNTAX_COMPEL against compel 2.5 (`tests/fixtures/make_prompt_syntax_fixtures.py`):
+//! the parse of handwritten and random prompts equal to compel's; the conditioning
+//! (weights above and below 1, long prompts in chunks split at sentence, phrase and word
+//! ends, blends, conjunctions, negatives padded to the positive's length) within 1e-3 of
+//! CompelForSDXL's on both tiny pipelines and the refiner; images over gRPC within two
+//! levels of diffusers given compel's embeddings; refusals naming the field.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::server::{violated_fields, TestServer};
+use common::{assert_close, fixtures, prompt_syntax_fixtures, read_tensors};
+use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
+use sdxld::engine::prompt_syntax::{parse_unchecked, Part, PromptSyntax};
+use sdxld::proto::v1 as pb;
+use serde_json::Value;
+use tch::Tensor;
+
+/// Our parse of `prompt` as the fixture records compel's: null where compel fails, swaps,
+/// names a LoRA or has a weight that is not finite.
+fn ours(prompt: &str) -> Value {
+    let Ok(parsed) = parse_unchecked(prompt) else {
+        return Value::Null;
+    };
+    let mut weights: Vec<f64> = Vec::new();
+    for (part, weight) in &parsed.parts {
+        weights.push(*weight);
+        match part {
+            Part::Fragments(list) => weights.extend(list.iter().map(|f| f.weight)),
+            Part::Blend {
+                prompts,
+                weights: w,
+                ..
+            } => {
+                weights.extend(w);
+                weights.extend(prompts.iter().flatten().map(|f| f.weight));
+            }
+        }
+    }
+    if weights.iter().any(|w| !w.is_finite()) {
+        return Value::Null;
+    }
+    parsed.describe()
+}
+
+#[test]
+fn prompts_parse_as_compel_parses_them() {
+    let path = prompt_syntax_fixtures().join("parser.json");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("parser.json")).expect("json");
+    assert!(cases.len() > 700, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in &cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let got = ours(prompt);
+        if got != case["parse"] {
+            failures.push(format!(
+                "{prompt:?}\n  compel: {}\n  sdxld:  {got}",
+                case["parse"]
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} prompts parse differently:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// The conditioning parameters of an embedding case.
+fn embed_params(case: &Value) -> GenerateParams {
+    let text = |key: &str| case[key].as_str().map(str::to_string);
+    GenerateParams {
+        prompt: text("prompt").expect("prompt"),
+        prompt_2: text("prompt_2"),
+        negative_prompt: text("negative_prompt"),
+        negative_prompt_2: text("negative_prompt_2"),
+        prompt_syntax: PromptSyntax::Compel,
+        ..Default::default()
+    }
+}
+
+fn embed_cases(config: &str) -> (Vec<Value>, HashMap<String, Tensor>) {
+    let folder = prompt_syntax_fixtures().join(config);
+    let cases = serde_json::from_str(
+        &std::fs::read_to_string(folder.join("embeds.json")).expect("embeds.json"),
+    )
+    .expect("json");
+    (cases, read_tensors(&folder.join("embeds.safetensors")))
+}
+
+fn assert_conditioning(
+    what: &str,
+    got: &PromptEmbeds,
+    reference: &HashMap<String, Tensor>,
+    key: &str,
+) {
+    let expected = |name: &str| &reference[&format!("{key}.{name}")];
+    assert_eq!(
+        got.embeds.size(),
+        expected("embeds").size(),
+        "{what} embeds shape"
+    );
+    assert_close(&format!("{what} embeds"), &got.embeds, expected("embeds"));
+    assert_close(&format!("{what} pooled"), &got.pooled, expected("pooled"));
+    let (negative, negative_pooled) = got.negative.as_ref().expect("guidance");
+    if reference.contains_key(&format!("{key}.negative_embeds")) {
+        let shape = expected("negative_embeds").size();
+        assert_eq!(negative.size(), shape, "{what} negative shape");
+        assert_close(
+            &format!("{what} negative"),
+            negative,
+            expected("negative_embeds"),
+        );
+        assert_close(
+            &format!("{what} negative pooled"),
+            negative_pooled,
+            expected("negative_pooled"),
+        );
+    } else {
+        // No negative prompt: SDXL's zeros, as long as the prompt's.
+        assert_eq!(
+            negative.size(),
+            got.embeds.size(),
+            "{what} zero negative shape"
+        );
+        assert_eq!(negative.abs().max().double_value(&[]), 0.0, "{what} zeros");
+    }
+}
+
+#[test]
+fn conditioning_matches_compel_for_sdxl() {
+    for config in ["tiny2", "tiny3"] {
+        let (cases, reference) = embed_cases(config);
+        let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
+            .expect("pipeline");
+        for (k, case) in cases.iter().enumerate() {
+            let got = pipe.encode_prompt(&embed_params(case)).expect("encode");
+            assert_conditioning(
+                &format!("{config} case {k}"),
+                &got,
+                &reference,
+                &format!("case_{k}"),
+            );
+        }
+        // The refiner's only encoder reads the first prompt, as diffusers pairs them.
+        let refiner_dir = fixtures().join(config).join("refiner");
+        if !refiner_dir.exists() {
+            continue;
+        }
+        let refiner = SdxlPipeline::load(&refiner_dir, Placement::cpu()).expect("refiner");
+        for (k, case) in cases.iter().take(3).enumerate() {
+            let params = GenerateParams {
+                negative_prompt: Some(case["negative_prompt"].as_str().unwrap_or("").into()),
+                ..embed_params(case)
+            };
+            let got = refiner.encode_prompt(&params).expect("encode");
+            assert_conditioning(
+                &format!("{config} refiner {k}"),
+                &got,
+                &reference,
+                &format!("refiner_{k}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn weights_move_the_conditioning_and_plain_prompts_stay_as_they_were() {
+    let pipe = SdxlPipeline::load(&fixtures().join("tiny2").join("pipeline"), Placement::cpu())
+        .expect("pipeline");
+    let encode = |prompt: &str, syntax: PromptSyntax| {
+        let params = GenerateParams {
+            prompt: prompt.into(),
+            negative_prompt: Some(String::new()),
+            prompt_syntax: syntax,
+            ..Default::default()
+        };
+        pipe.encode_prompt(&params).expect("encode")
+    };
+    // Without syntax, compel's encoding of a short prompt is diffusers' (one chunk).
+    let plain = encode("a red cat on a chair", PromptSyntax::Plain);
+    let compel = encode("a red cat on a chair", PromptSyntax::Compel);
+    assert_close("unweighted", &compel.embeds, &plain.embeds);
+    assert_close("unweighted pooled", &compel.pooled, &plain.pooled);
+    // Each weight changes the embeddings; `(red)1` is the unweighted prompt.
+    for weighted in [
+        "a (red)1.5 cat on a chair",
+        "a (red)0.5 cat on a chair",
+        "a red cat on a chair--",
+    ] {
+        let got = encode(weighted, PromptSyntax::Compel);
+        let diff = (&got.embeds - &plain.embeds).abs().max().double_value(&[]);
+        assert!(
+            diff > 1e-2,
+            "{weighted}: the weight changed the embeddings by {diff}"
+        );
+    }
+    let one = encode("a (red)1 cat on a chair", PromptSyntax::Compel);
+    assert_close("weight 1", &one.embeds, &plain.embeds);
+    // A plain prompt with syntax characters is read literally.
+    let literal = encode("a (red)1.5 cat on a chair", PromptSyntax::Plain);
+    assert_eq!(literal.embeds.size(), vec![1, 77, 64]);
+}
+
+async fn server() -> TestServer {
+    let pipelines = fixtures();
+    let root = pipelines.to_str().expect("utf-8");
+    TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
+        ),
+        ("SDXLD__MODELS__BASE_ROOTS", root),
+        ("SDXLD__MODELS__REFINER_ROOTS", root),
+    ])
+    .await
+}
+
+/// The request of a recorded pipeline case on `config`.
+fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
+    let text = |key: &str| case[key].as_str().map(str::to_string);
+    pb::GenerationSpec {
+        model: format!("{config}/pipeline"),
+        prompt: text("prompt").expect("prompt"),
+        prompt_2: text("prompt_2"),
+        negative_prompt: text("negative_prompt"),
+        prompt_syntax: pb::PromptSyntax::Compel as i32,
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        num_images: case["n"].as_u64().expect("n") as u32,
+        width: case["width"].as_u64().expect("width") as u32,
+        height: case["height"].as_u64().expect("height") as u32,
+        scheduler: pb::Scheduler::Euler as i32,
+        ..Default::default()
+    }
+}
+
+fn sdxld_chunk(png_bytes: &[u8]) -> pb::GenerationSpec {
+    let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .expect("png");
+    let json = reader
+        .info()
+        .utf8_text
+        .iter()
+        .find(|c| c.keyword == "sdxld")
+        .and_then(|c| c.get_text().ok())
+        .expect("sdxld chunk");
+    sdxld::proto::spec_from_json(&json).expect("a GenerationSpec")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_prompts_over_grpc_match_diffusers_given_compels_embeddings() {
+    let server = server().await;
+    for config in ["tiny2", "tiny3"] {
+        let folder = prompt_syntax_fixtures().join(config);
+        let reference = read_tensors(&folder.join("cases.safetensors"));
+        let cases: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(folder.join("cases.json")).expect("cases.json"),
+        )
+        .expect("json");
+        for case in cases {
+            let key = case["name"].as_str().expect("name");
+            server
+                .assert_matches_case(
+                    &format!("{config} {key}"),
+                    spec_of(config, &case),
+                    &reference,
+                    key,
+                )
+                .await;
+        }
+    }
+    // The long prompt is encoded whole: no truncation warning, unlike plain syntax; the
+    // PNG's request replays byte for byte.
+    let case = &serde_json::from_str::<Vec<Value>>(
+        &std::fs::read_to_string(prompt_syntax_fixtures().join("tiny2/cases.json")).expect("json"),
+    )
+    .expect("json")[0];
+    let spec = pb::GenerationSpec {
+        num_images: 1,
+        ..spec_of("tiny2", case)
+    };
+    let weighted = server.images(spec.clone()).await.expect("compel");
+    let warnings = &weighted.completed.as_ref().expect("completed").warnings;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let replay = sdxld_chunk(&weighted.images[0].data);
+    assert_eq!(replay.prompt_syntax, pb::PromptSyntax::Compel as i32);
+    let again = server.images(replay).await.expect("replay");
+    assert_eq!(again.images[0].data, weighted.images[0].data);
+    let plain = server
+        .images(pb::GenerationSpec {
+            prompt_syntax: pb::PromptSyntax::Plain as i32,
+            ..spec.clone()
+        })
+        .await
+        .expect("plain");
+    let warnings = &plain.completed.as_ref().expect("completed").warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("truncated")),
+        "{warnings:?}"
+    );
+    assert_ne!(plain.images[0].data, weighted.images[0].data);
+    // The refiner and a hires pass read the same syntax.
+    let refined = pb::GenerationSpec {
+        refiner: Some(pb::RefinerStage {
+            model: "tiny2/refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(0.5),
+            ..Default::default()
+        }),
+        ..spec.clone()
+    };
+    let done = server.images(refined).await.expect("refiner");
+    assert_eq!(done.images.len(), 1);
+    let hires = pb::GenerationSpec {
+        hires: Some(pb::HiresPass {
+            scale: Some(1.5),
+            ..Default::default()
+        }),
+        ..spec
+    };
+    let done = server.images(hires).await.expect("hires");
+    assert_eq!(done.images[0].width, 96);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_compel_cannot_read_are_refused_naming_them() {
+    let server = server().await;
+    let base = pb::GenerationSpec {
+        prompt: "a (red)1.2 boat".into(),
+        prompt_syntax: pb::PromptSyntax::Compel as i32,
+        steps: 1,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let refused = |spec: pb::GenerationSpec| {
+        let server = &server;
+        async move {
+            match server.images(spec).await {
+                Ok(_) => panic!("admitted"),
+                Err(status) => status,
+            }
+        }
+    };
+    let status = refused(pb::GenerationSpec {
+        prompt: r#"("a", "b").blend(heavy, 1)"#.into(),
+        prompt_2: Some("withLora(style, 0.5) a boat".into()),
+        negative_prompt: Some("a boat.swap(ship)".into()),
+        negative_prompt_2: Some("(fog)250".into()),
+        ..base.clone()
+    })
+    .await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut fields = violated_fields(&status);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "spec.negative_prompt",
+            "spec.negative_prompt_2",
+            "spec.prompt",
+            "spec.prompt_2"
+        ]
+    );
+    for (spec, field) in [
+        (
+            pb::GenerationSpec {
+                prompt: r#"("a", "b").blend(1, -1)"#.into(),
+                ..base.clone()
+            },
+            "spec.prompt",
+        ),
+        (
+            pb::GenerationSpec {
+                prompt: "(a b)0.5 c ".repeat(17),
+                ..base.clone()
+            },
+            "spec.prompt",
+        ),
+        (
+            pb::GenerationSpec {
+                clip_skip: 1,
+                ..base.clone()
+            },
+            "spec.clip_skip",
+        ),
+        (
+            pb::GenerationSpec {
+                prompt_syntax: 7,
+                ..base.clone()
+            },
+            "spec.prompt_syntax",
+        ),
+    ] {
+        let status = refused(spec).await;
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{field}: {status:?}"
+        );
+        assert_eq!(
+            violated_fields(&status),
+            vec![field.to_string()],
+            "{status:?}"
+        );
+    }
+    let status = refused(pb::GenerationSpec {
+        embeddings: vec![pb::TextualInversion {
+            name: "style".into(),
+            token: "<zq-style>".into(),
+        }],
+        ..base.clone()
+    })
+    .await;
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("spec.embeddings"), "{status:?}");
+    // The same text is a plain prompt without the syntax, and the server keeps serving.
+    let plain = pb::GenerationSpec {
+        prompt: r#"("a", "b").blend(heavy, 1) a boat.swap(ship)"#.into(),
+        prompt_syntax: pb::PromptSyntax::Unspecified as i32,
+        ..base.clone()
+    };
+    server.images(plain).await.expect("plain text");
+    server.images(base).await.expect("weighted");
+}
