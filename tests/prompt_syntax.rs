@@ -10,9 +10,10 @@ mod common;
 use std::collections::HashMap;
 
 use common::server::{violated_fields, TestServer};
-use common::{assert_close, fixtures, prompt_syntax_fixtures, read_tensors};
+use common::{assert_close, embedding_fixtures, fixtures, prompt_syntax_fixtures, read_tensors};
 use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
 use sdxld::engine::prompt_syntax::{parse_unchecked, Part, PromptSyntax};
+use sdxld::engine::textual_inversion::Embedding;
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 use tch::Tensor;
@@ -163,6 +164,50 @@ fn conditioning_matches_compel_for_sdxl() {
                 &got,
                 &reference,
                 &format!("refiner_{k}"),
+            );
+        }
+    }
+}
+
+/// Textual inversion tokens inside weighted fragments (a three-vector token expanded, a
+/// negative embedding weighted down), as compel's diffusers textual inversion manager
+/// reads them after `load_textual_inversion` on both encoders.
+#[test]
+fn textual_inversion_tokens_weigh_as_compel_weighs_them() {
+    for config in ["tiny2", "tiny3"] {
+        let folder = prompt_syntax_fixtures().join(config);
+        let cases: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(folder.join("ti.json")).expect("ti.json"),
+        )
+        .expect("json");
+        let reference = read_tensors(&folder.join("ti.safetensors"));
+        let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
+            .expect("pipeline");
+        for (k, case) in cases.iter().enumerate() {
+            let embeddings: Vec<Embedding> = case["embeddings"]
+                .as_array()
+                .expect("embeddings")
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let name = e[0].as_str().expect("name");
+                    let token = e[1].as_str().unwrap_or(name);
+                    let path = embedding_fixtures()
+                        .join(config)
+                        .join("embeddings")
+                        .join(format!("{name}.safetensors"));
+                    Embedding::read(&path, i, name, token).expect("embedding")
+                })
+                .collect();
+            let tokens = pipe.prompt_tokens(&embeddings).expect("tokens");
+            let got = pipe
+                .encode_prompt_with(&embed_params(case), &tokens)
+                .expect("encode");
+            assert_conditioning(
+                &format!("{config} ti {k}"),
+                &got,
+                &reference,
+                &format!("ti_{k}"),
             );
         }
     }
@@ -410,16 +455,6 @@ async fn prompts_compel_cannot_read_are_refused_naming_them() {
             "{status:?}"
         );
     }
-    let status = refused(pb::GenerationSpec {
-        embeddings: vec![pb::TextualInversion {
-            name: "style".into(),
-            token: "<zq-style>".into(),
-        }],
-        ..base.clone()
-    })
-    .await;
-    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
-    assert!(status.message().contains("spec.embeddings"), "{status:?}");
     // The same text is a plain prompt without the syntax, and the server keeps serving.
     let plain = pb::GenerationSpec {
         prompt: r#"("a", "b").blend(heavy, 1) a boat.swap(ship)"#.into(),

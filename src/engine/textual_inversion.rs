@@ -203,6 +203,17 @@ impl EncoderTokens {
         self.tokenizer.encode(&self.expand(prompt)?)
     }
 
+    /// The tokens of `text` after its expansion, without BOS, EOS, padding or
+    /// truncation.
+    pub fn untruncated_ids(&self, text: &str) -> Result<Vec<i64>> {
+        self.tokenizer.untruncated_ids(&self.expand(text)?)
+    }
+
+    /// The tokenizer with the embeddings' tokens.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
     /// Tokens of `prompt`, expanded, beyond what fits.
     pub fn overflow(&self, prompt: &str) -> Result<usize> {
         Ok(self.tokenizer.overflow(&self.expand(prompt)?))

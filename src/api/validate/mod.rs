@@ -196,7 +196,7 @@ fn check(
         .chain(refiner.as_ref().map(|r| &r.model))
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
-    let prompt_syntax = prompt_syntax::prompt_syntax(spec, v, deferred);
+    let prompt_syntax = prompt_syntax::prompt_syntax(spec, v);
     let base_run = window::BaseRun {
         model: model.as_ref(),
         steps: counts.0 as usize,

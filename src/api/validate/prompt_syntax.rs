@@ -1,18 +1,12 @@
 //! `spec.prompt_syntax`: compel's syntax parsed before admission, so a prompt it cannot
 //! read is refused naming its field.
 
-use crate::api::status::ApiError;
 use crate::api::validate::fields::{enum_value, Violations};
-use crate::api::validate::Deferred;
 use crate::engine::prompt_syntax::{self, PromptSyntax};
 use crate::proto::v1 as pb;
 
 /// The syntax, with every prompt it reads checked.
-pub fn prompt_syntax(
-    spec: &pb::GenerationSpec,
-    v: &mut Violations,
-    deferred: &mut Deferred,
-) -> PromptSyntax {
+pub fn prompt_syntax(spec: &pb::GenerationSpec, v: &mut Violations) -> PromptSyntax {
     let wire = enum_value::<pb::PromptSyntax>(v, "spec.prompt_syntax", spec.prompt_syntax);
     if wire != Some(pb::PromptSyntax::Compel) {
         return PromptSyntax::Plain;
@@ -32,13 +26,6 @@ pub fn prompt_syntax(
             "spec.clip_skip",
             "must be 0 with PROMPT_SYNTAX_COMPEL, which encodes at the penultimate layer",
         );
-    }
-    if !spec.embeddings.is_empty() {
-        deferred.unimplemented(ApiError::Unimplemented(
-            "spec.embeddings".into(),
-            "textual inversion embeddings in prompts of PROMPT_SYNTAX_COMPEL are not implemented yet"
-                .into(),
-        ));
     }
     PromptSyntax::Compel
 }

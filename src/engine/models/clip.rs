@@ -443,8 +443,13 @@ impl ClipTextModel {
     /// `hidden_states[-2]` (the penultimate layer's output, SDXL's conditioning) of
     /// [batch, seq] `ids` with the attention mask transformers builds from `keep`
     /// ([batch, seq], false for tokens no other token may attend): causal, and masked
-    /// keys excluded.
-    pub fn penultimate_masked(&self, ids: &Tensor, keep: &Tensor) -> Tensor {
+    /// keys excluded; `added` token vectors for the ids past the model's table.
+    pub fn penultimate_masked(
+        &self,
+        ids: &Tensor,
+        keep: &Tensor,
+        added: Option<&AddedRows>,
+    ) -> Tensor {
         let seq = ids.size()[1];
         let device = ids.device();
         let positions = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0);
@@ -453,7 +458,7 @@ impl ClipTextModel {
             .unsqueeze(0)
             .logical_and(&keep.unsqueeze(1))
             .unsqueeze(1);
-        let mut x = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions);
+        let mut x = self.embed_tokens(ids, added) + self.position_embedding.forward(&positions);
         let last = self.layers.len().saturating_sub(1);
         for layer in &self.layers[..last] {
             x = layer.forward_masked(&x, Mask::Explicit(&allowed));

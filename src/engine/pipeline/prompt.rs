@@ -29,15 +29,8 @@ pub struct PromptEmbeds {
 /// encoder the pipeline does not have).
 #[derive(Default)]
 pub struct PromptTokens {
-    first: Option<EncoderTokens>,
-    second: Option<EncoderTokens>,
-}
-
-impl PromptTokens {
-    /// Whether the job has no embeddings for these encoders.
-    pub fn is_empty(&self) -> bool {
-        self.first.is_none() && self.second.is_none()
-    }
+    pub(super) first: Option<EncoderTokens>,
+    pub(super) second: Option<EncoderTokens>,
 }
 
 impl SdxlPipeline {
@@ -72,12 +65,7 @@ impl SdxlPipeline {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("text_encoders");
         if p.prompt_syntax == PromptSyntax::Compel {
-            if tokens.is_empty() {
-                return self.encode_weighted_prompt(p);
-            }
-            return Err(EngineError::InvalidRequest(
-                "textual inversion embeddings do not apply to prompts in compel's syntax".into(),
-            ));
+            return self.encode_weighted_prompt(p, tokens);
         }
         let prompt_2 = p
             .prompt_2
@@ -149,7 +137,7 @@ impl SdxlPipeline {
     }
 
     /// One text encoder on `text`, with the job's tokens for it when it has embeddings.
-    fn encode_text(
+    pub(super) fn encode_text(
         &self,
         tokenizer: &ClipTokenizer,
         encoder: &ClipTextModel,

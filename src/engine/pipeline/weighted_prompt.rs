@@ -6,10 +6,8 @@
 
 use tch::Tensor;
 
-use super::prompt::PromptEmbeds;
+use super::prompt::{PromptEmbeds, PromptTokens};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::clip::ClipTextModel;
-use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
 use crate::engine::prompt_syntax::{self, WeightedPrompt};
@@ -21,8 +19,13 @@ struct Texts<'a> {
 }
 
 impl SdxlPipeline {
-    /// [`Self::encode_prompt`] for prompts in compel's syntax.
-    pub(super) fn encode_weighted_prompt(&self, p: &GenerateParams) -> Result<PromptEmbeds> {
+    /// [`Self::encode_prompt_with`] for prompts in compel's syntax (multi-vector tokens
+    /// expanded in each fragment, as compel's `DiffusersTextualInversionManager` does).
+    pub(super) fn encode_weighted_prompt(
+        &self,
+        p: &GenerateParams,
+        tokens: &PromptTokens,
+    ) -> Result<PromptEmbeds> {
         if p.clip_skip.unwrap_or(0) != 0 {
             return Err(EngineError::InvalidRequest(
                 "`clip_skip` does not apply to prompts in compel's syntax".into(),
@@ -30,10 +33,15 @@ impl SdxlPipeline {
         }
         let device = self.placement.device;
         let first = match (&self.tokenizer, &self.text_encoder) {
-            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, device)?),
+            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)?),
             _ => None,
         };
-        let second = WeightedEncoder::new(&self.tokenizer_2, &self.text_encoder_2, device)?;
+        let second = WeightedEncoder::new(
+            &self.tokenizer_2,
+            &self.text_encoder_2,
+            tokens.second.as_ref(),
+            device,
+        )?;
         let positive = pair(&p.prompt, p.prompt_2.as_deref());
         let guided = p.guidance_scale > 1.0;
         let zeros = p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
@@ -54,9 +62,9 @@ impl SdxlPipeline {
         let positive_embeds = joined
             .pop()
             .ok_or_else(|| EngineError::Internal("no prompt embeddings".into()))?;
-        let pooled = self.raw_pooled(&positive)?;
+        let pooled = self.raw_pooled(&positive, tokens)?;
         let negative = match (negative, negative_embeds) {
-            (Some(texts), Some(embeds)) => Some((embeds, self.raw_pooled(&texts)?)),
+            (Some(texts), Some(embeds)) => Some((embeds, self.raw_pooled(&texts, tokens)?)),
             _ if guided => Some((positive_embeds.zeros_like(), pooled.zeros_like())),
             _ => None,
         };
@@ -91,18 +99,22 @@ impl SdxlPipeline {
 
     /// The pooled embedding of the second encoder's raw text, truncated as diffusers
     /// tokenizes it (compel's `get_pooled_embeddings`).
-    fn raw_pooled(&self, texts: &Texts<'_>) -> Result<Tensor> {
+    fn raw_pooled(&self, texts: &Texts<'_>, tokens: &PromptTokens) -> Result<Tensor> {
         let text = if self.text_encoder.is_some() {
             texts.second
         } else {
             texts.first
         };
-        pooled(
+        let out = self.encode_text(
             &self.tokenizer_2,
             &self.text_encoder_2,
+            tokens.second.as_ref(),
             text,
-            self.placement.device,
-        )
+            0,
+        )?;
+        out.pooled.ok_or_else(|| {
+            EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
+        })
     }
 }
 
@@ -111,20 +123,6 @@ fn pair<'a>(text: &'a str, text_2: Option<&'a str>) -> Texts<'a> {
         first: text,
         second: text_2.filter(|s| !s.is_empty()).unwrap_or(text),
     }
-}
-
-fn pooled(
-    tokenizer: &ClipTokenizer,
-    encoder: &ClipTextModel,
-    text: &str,
-    device: tch::Device,
-) -> Result<Tensor> {
-    let ids = Tensor::from_slice(&tokenizer.encode(text)?)
-        .unsqueeze(0)
-        .to_device(device);
-    encoder.forward(&ids, 0)?.pooled.ok_or_else(|| {
-        EngineError::InvalidRequest("text_encoder_2 has no pooled projection".into())
-    })
 }
 
 /// Every encoder's embeddings padded with its empty chunks to the longest, then each

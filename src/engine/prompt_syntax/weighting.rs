@@ -13,6 +13,7 @@ use super::{Fragment, Part, WeightedPrompt};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::clip::ClipTextModel;
 use crate::engine::models::tokenizer::ClipTokenizer;
+use crate::engine::textual_inversion::EncoderTokens;
 
 /// Punctuation compel splits long prompts after: sentence ends first, then phrase ends.
 const SENTENCE_ENDS: &[&str] = &[".</w>"];
@@ -30,6 +31,9 @@ struct Chunked {
 pub struct WeightedEncoder<'a> {
     tokenizer: &'a ClipTokenizer,
     encoder: &'a ClipTextModel,
+    /// A job's textual inversion tokens for this encoder: its tokenizer (with their
+    /// tokens, multi-vector ones expanded) and their vectors.
+    tokens: Option<&'a EncoderTokens>,
     device: Device,
     /// compel's `empty_z`: the empty prompt's chunk [1, 77, width].
     empty: Tensor,
@@ -39,11 +43,14 @@ impl<'a> WeightedEncoder<'a> {
     pub fn new(
         tokenizer: &'a ClipTokenizer,
         encoder: &'a ClipTextModel,
+        tokens: Option<&'a EncoderTokens>,
         device: Device,
     ) -> Result<Self> {
+        let tokenizer = tokens.map_or(tokenizer, EncoderTokens::tokenizer);
         let mut this = Self {
             tokenizer,
             encoder,
+            tokens,
             device,
             empty: Tensor::new(),
         };
@@ -121,7 +128,10 @@ impl<'a> WeightedEncoder<'a> {
         };
         let per_fragment = fragments
             .iter()
-            .map(|f| self.tokenizer.untruncated_ids(&f.text))
+            .map(|f| match self.tokens {
+                Some(tokens) => tokens.untruncated_ids(&f.text),
+                None => self.tokenizer.untruncated_ids(&f.text),
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut ids = Vec::new();
         let mut weights = Vec::new();
@@ -231,7 +241,8 @@ impl<'a> WeightedEncoder<'a> {
     fn encode_chunk(&self, ids: &[i64], keep: &[bool]) -> Tensor {
         let ids = Tensor::from_slice(ids).unsqueeze(0).to_device(self.device);
         let keep = Tensor::from_slice(keep).unsqueeze(0).to_device(self.device);
-        self.encoder.penultimate_masked(&ids, &keep)
+        self.encoder
+            .penultimate_masked(&ids, &keep, self.tokens.map(EncoderTokens::added))
     }
 
     /// compel's `_get_token_ranges_for_fragments`: where each fragment's tokens lie in
