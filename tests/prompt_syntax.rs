@@ -464,3 +464,41 @@ async fn prompts_compel_cannot_read_are_refused_naming_them() {
     server.images(plain).await.expect("plain text");
     server.images(base).await.expect("weighted");
 }
+
+/// `sdxld generate --prompt-syntax compel` runs the tiny3 pipeline case; a prompt compel
+/// cannot read is refused naming its flag.
+#[test]
+fn compel_prompts_over_the_cli_match_diffusers() {
+    use common::cli::sdxld;
+
+    let folder = prompt_syntax_fixtures().join("tiny3");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("cases.json")).expect("json"))
+            .expect("json");
+    let case = &cases[0];
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("compel.png");
+    let run = |prompt: &str| {
+        sdxld("generate")
+            .flag("--model", fixtures().join("tiny3/pipeline"))
+            .args(["--prompt-syntax", "compel", "--prompt", prompt])
+            .args(["--prompt-2", case["prompt_2"].as_str().expect("prompt_2")])
+            .args(["--width", "64", "--height", "96", "--scheduler", "euler"])
+            .args([
+                "--seed",
+                &case["seed"].to_string(),
+                "--steps",
+                &case["steps"].to_string(),
+            ])
+            .flag("--output", &png)
+    };
+    run(case["prompt"].as_str().expect("prompt")).succeeds();
+    let reference = read_tensors(&folder.join("cases.safetensors"));
+    common::assert_images_match(
+        "CLI compel",
+        &common::image_file(&png),
+        &reference["compel_0.images"].get(0),
+    );
+    let message = run("a boat.swap(ship)").fails();
+    assert!(message.contains("--prompt"), "{message}");
+}

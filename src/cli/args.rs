@@ -31,6 +31,10 @@ pub struct GenerateArgs {
     /// The negative prompt for the second text encoder (default: the negative prompt).
     #[arg(long)]
     pub negative_prompt_2: Option<String>,
+    /// How the prompts are read: plain (diffusers, truncated to 75 tokens) or compel
+    /// (weights such as `(word)1.3` and `word++`, blends, long prompts in chunks).
+    #[arg(long, value_enum, default_value = "plain")]
+    pub prompt_syntax: PromptSyntaxArg,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -203,6 +207,15 @@ pub struct GenerateArgs {
     pub hires: HiresArgs,
 }
 
+/// `--prompt-syntax`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptSyntaxArg {
+    /// As diffusers reads prompts.
+    Plain,
+    /// compel's syntax.
+    Compel,
+}
+
 /// `--batch`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Batch {
@@ -253,6 +266,10 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.refiner.steps", "--refiner-steps"),
         ("spec.refiner.guidance_scale", "--refiner-guidance"),
         ("spec.vae", "--vae"),
+        ("spec.prompt", "--prompt"),
+        ("spec.prompt_2", "--prompt-2"),
+        ("spec.negative_prompt", "--negative-prompt"),
+        ("spec.negative_prompt_2", "--negative-prompt-2"),
     ];
     if let Some((_, flag)) = flags.iter().find(|(f, _)| *f == field) {
         return Some(flag);
@@ -590,6 +607,10 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         init_image,
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
+        prompt_syntax: match args.prompt_syntax {
+            PromptSyntaxArg::Plain => pb::PromptSyntax::Plain,
+            PromptSyntaxArg::Compel => pb::PromptSyntax::Compel,
+        } as i32,
         ..Default::default()
     })
 }

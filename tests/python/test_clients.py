@@ -311,6 +311,28 @@ def test_python_client_image_prompt_replays_from_the_png(stubs, server, tmp_path
     assert bad_request_fields(stubs, caught.value) == ["spec.ip_adapters[0].scale"]
 
 
+def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
+    """A compel prompt longer than CLIP's 77 tokens: no truncation warning, another image
+    than the plain reading, a PNG that replays it; grpcurl sees the refusal of a swap."""
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    text = "a (red apple)1.3 on a wooden table, " * 12 + "(soft light)0.6."
+    weighted = gen.GenerateImages(
+        stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text, prompt_syntax=stubs.gen.PROMPT_SYNTAX_COMPEL))
+    )
+    assert list(weighted.completed.warnings) == []
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text)))
+    assert any("truncated" in w for w in plain.completed.warnings)
+    assert plain.images[0].data != weighted.images[0].data
+    resolved = json_format.Parse(Image.open(io.BytesIO(weighted.images[0].data)).info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.prompt_syntax == stubs.gen.PROMPT_SYNTAX_COMPEL
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == weighted.images[0].data
+    body = json.dumps({"spec": {"prompt": "a boat.swap(ship)", "promptSyntax": "PROMPT_SYNTAX_COMPEL", "width": 64, "height": 64}})
+    bad = grpcurl("-d", body, server.address, "sdxld.v1.GenerationService/GenerateImages", check=False)
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "swap" in bad.stderr
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
