@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Weighted-prompt benchmark: the same tiny SDXL pipeline, seed and settings with a long
+prompt in compel's syntax (weights above and below 1, three 75-token chunks) and its
+negative, through diffusers given compel's CompelForSDXL embeddings (computed in every
+run, as a service would) and through `sdxld bench --prompt-syntax compel`, one CPU thread
+each, median of N runs each; and both with the plain prompt (truncated) for what the
+weighting adds.
+
+Prints the four medians, the ratio diffusers / sdxld with the weighted prompt (above 1
+means sdxld is faster) and what the weighting adds to a generation in each.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PROMPT = (
+    "a photograph of an old lighthouse on a rocky coast, waves crashing below. "
+    "the (evening sky)1.3 glows orange and purple, seagulls circle the tower. "
+    "a small red boat is moored in the harbour-- with fishing nets piled on its deck, "
+    "(mist)0.7 rolls in from the sea; warm light spills from the keeper's cottage. "
+    "highly detailed, sharp focus, 35mm film, golden hour, dramatic clouds, "
+    "(award winning)1.2 composition, rule of thirds, long exposure water, "
+    "(crisp reflections)1.1 on wet rocks, a (distant storm)0.8 over the horizon."
+)
+NEGATIVE = "(blurry)1.2, (low quality)0.5, watermark"
+
+
+def median_of(runs: int, once) -> float:
+    once()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_diffusers(args, weighted: bool) -> float:
+    from compel import CompelForSDXL
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    compel = CompelForSDXL(pipe)
+    common = dict(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
+        output_type="np",
+    )
+
+    def once():
+        generator = [torch.Generator("cpu").manual_seed(args.seed)]
+        if not weighted:
+            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, generator=generator, **common).images
+        cond = compel(PROMPT, negative_prompt=NEGATIVE)
+        return pipe(
+            prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled_embeds,
+            negative_prompt_embeds=cond.negative_embeds, negative_pooled_prompt_embeds=cond.negative_pooled_embeds,
+            generator=generator, **common,
+        ).images
+
+    return median_of(args.runs, once)
+
+
+def time_sdxld(args, weighted: bool) -> float:
+    cmd = [
+        args.sdxld, "bench", "--model", args.model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+        "--steps", str(args.steps), "--guidance", str(args.guidance),
+        "--width", str(args.width), "--height", str(args.height), "--seed", str(args.seed),
+        "--runs", str(args.runs), "--threads", "1",
+        "--prompt-syntax", "compel" if weighted else "plain",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["median_s"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a diffusers SDXL folder")
+    p.add_argument("--sdxld", required=True, help="the sdxld binary")
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
+    medians = {}
+    for weighted in (False, True):
+        medians[("diffusers", weighted)] = time_diffusers(args, weighted)
+        medians[("sdxld", weighted)] = time_sdxld(args, weighted)
+    print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
+    for who in ("diffusers", "sdxld"):
+        plain, weighted = medians[(who, False)], medians[(who, True)]
+        print(f"  {who:9} {plain * 1000:8.1f} ms plain (truncated), {weighted * 1000:8.1f} ms in compel's syntax (+{(weighted - plain) * 1000:.1f} ms)")
+    ratio = medians[("diffusers", True)] / medians[("sdxld", True)]
+    print(f"  speed-up with the weighted prompt (diffusers + compel / sdxld): {ratio:.2f}x   target >= 1.25x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
