@@ -31,10 +31,11 @@ pub struct GenerateArgs {
     /// The negative prompt for the second text encoder (default: the negative prompt).
     #[arg(long)]
     pub negative_prompt_2: Option<String>,
-    /// How the prompts are read: plain (diffusers, truncated to 75 tokens) or compel
-    /// (weights such as `(word)1.3` and `word++`, blends, long prompts in chunks).
-    #[arg(long, value_enum, default_value = "plain")]
-    pub prompt_syntax: PromptSyntaxArg,
+    /// How the prompts are read: plain (diffusers, truncated to 75 tokens; the default)
+    /// or compel (weights such as `(word)1.3` and `word++`, blends, long prompts in
+    /// chunks).
+    #[arg(long, value_enum)]
+    pub prompt_syntax: Option<PromptSyntaxArg>,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -608,8 +609,9 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
         prompt_syntax: match args.prompt_syntax {
-            PromptSyntaxArg::Plain => pb::PromptSyntax::Plain,
-            PromptSyntaxArg::Compel => pb::PromptSyntax::Compel,
+            None => pb::PromptSyntax::Unspecified,
+            Some(PromptSyntaxArg::Plain) => pb::PromptSyntax::Plain,
+            Some(PromptSyntaxArg::Compel) => pb::PromptSyntax::Compel,
         } as i32,
         ..Default::default()
     })
