@@ -464,24 +464,7 @@ pub fn multi_head_attention(
     heads: i64,
     causal: bool,
 ) -> Tensor {
-    let size = q.size();
-    let (batch, q_len, inner) = (size[0], size[1], size[2]);
-    let head_dim = inner / heads;
-    let split = |t: &Tensor| {
-        let len = t.size()[1];
-        t.view([batch, len, heads, head_dim]).transpose(1, 2)
-    };
-    let out = Tensor::scaled_dot_product_attention(
-        &split(q),
-        &split(k),
-        &split(v),
-        None::<Tensor>,
-        0.0,
-        causal,
-        None,
-        false,
-    );
-    out.transpose(1, 2).reshape([batch, q_len, inner])
+    attention(q, k, v, heads, None, causal)
 }
 
 /// [`multi_head_attention`] with an explicit boolean mask ([batch or 1, 1, q, k], true
@@ -492,6 +475,17 @@ pub fn masked_attention(
     v: &Tensor,
     heads: i64,
     allowed: &Tensor,
+) -> Tensor {
+    attention(q, k, v, heads, Some(allowed), false)
+}
+
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    mask: Option<&Tensor>,
+    causal: bool,
 ) -> Tensor {
     let size = q.size();
     let (batch, q_len, inner) = (size[0], size[1], size[2]);
@@ -504,9 +498,9 @@ pub fn masked_attention(
         &split(q),
         &split(k),
         &split(v),
-        Some(allowed),
+        mask,
         0.0,
-        false,
+        causal,
         None,
         false,
     );
