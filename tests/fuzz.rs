@@ -1,8 +1,8 @@
 //! Mutation fuzzing of the parsers that read untrusted bytes: safetensors headers and
 //! tensors (model and LoRA files), the zip archives and the pickle reader of `sdxld
-//! convert`, image sniffing
-//! and decoding, and request validation. Each target starts from its seed corpus
-//! (`tests/fuzz/corpus/<target>/`, and request specs built here) and runs mutated inputs;
+//! convert`, image sniffing and decoding, request validation and compel's prompt syntax.
+//! Each target starts from its seed corpus (`tests/fuzz/corpus/<target>/`, and request
+//! specs and prompts built here) and runs mutated inputs;
 //! errors are fine, a panic fails the test and leaves the input under
 //! `target/fuzz-failures/`. An abort (stack or allocation) ends the process: the input
 //! being run is always in `target/fuzz-failures/<target>.current`.
@@ -292,5 +292,23 @@ fn request_validation() {
                 let _ = to_job_spec(Some(spec), ctx);
             }
         });
+    });
+}
+
+/// Prompts in compel's syntax: every operator, escapes, quotes and nesting.
+#[test]
+fn compel_prompt_syntax() {
+    let seeds: Vec<Vec<u8>> = [
+        r#"a (red cat)1.2 on a (chair)0.5, "quoted words"1.1 dog++ mist--"#,
+        r#"("a (red)1.3 cat", "a dog").blend(0.7, 0.3, no_normalize)"#,
+        r#"("a cat on a chair", "snow").and(1, 0.5) tail"#,
+        r#"(a (b (c)1.1)0.9).attend(1.2) x.swap(y, s_start=0.1) withLora(s, 0.5)"#,
+        "\\(esc\\) \"a\\\"b\\tc\" a,b.c 1.5 (x)-0.5 ((( \"",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    fuzz("prompt_syntax", &seeds, |bytes| {
+        let _ = sdxld::engine::prompt_syntax::parse(&String::from_utf8_lossy(bytes));
     });
 }
