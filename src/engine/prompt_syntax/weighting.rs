@@ -40,6 +40,8 @@ pub struct WeightedEncoder<'a> {
 }
 
 impl<'a> WeightedEncoder<'a> {
+    /// The encoder with its tokenizer (the job's copy with its textual inversion tokens
+    /// when `tokens` is given), its empty prompt encoded once.
     pub fn new(
         tokenizer: &'a ClipTokenizer,
         encoder: &'a ClipTextModel,
@@ -62,6 +64,7 @@ impl<'a> WeightedEncoder<'a> {
         Ok(this)
     }
 
+    /// Tokens per chunk, BOS and EOS included (77 for CLIP).
     fn chunk_len(&self) -> usize {
         self.tokenizer.max_length()
     }
