@@ -2,6 +2,7 @@
 //! read is refused naming its field.
 
 use crate::api::validate::fields::{enum_value, Violations};
+use crate::api::validate::sampling::prompt_fields;
 use crate::engine::prompt_syntax::{self, PromptSyntax};
 use crate::proto::v1 as pb;
 
@@ -11,12 +12,7 @@ pub fn prompt_syntax(spec: &pb::GenerationSpec, v: &mut Violations) -> PromptSyn
     if wire != Some(pb::PromptSyntax::Compel) {
         return PromptSyntax::Plain;
     }
-    for (field, text) in [
-        ("spec.prompt", Some(&spec.prompt)),
-        ("spec.prompt_2", spec.prompt_2.as_ref()),
-        ("spec.negative_prompt", spec.negative_prompt.as_ref()),
-        ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
-    ] {
+    for (field, text) in prompt_fields(spec) {
         if let Some(Err(e)) = text.map(|t| prompt_syntax::parse(t)) {
             v.add(field, e.to_string());
         }

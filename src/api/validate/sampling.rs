@@ -19,15 +19,20 @@ pub const GUIDANCE: Range = Range::closed(0.0, 30.0);
 /// Aesthetic scores.
 pub const AESTHETIC: Range = Range::closed(0.0, 10.0);
 
-/// The prompts, each at most `limits.max_prompt_chars` characters.
-pub fn prompts(spec: &pb::GenerationSpec, limits: &Limits, v: &mut Violations) {
-    let max_chars = limits.max_prompt_chars as usize;
-    for (field, text) in [
+/// The four prompts by field path (`None`: not given).
+pub fn prompt_fields(spec: &pb::GenerationSpec) -> [(&'static str, Option<&String>); 4] {
+    [
         ("spec.prompt", Some(&spec.prompt)),
         ("spec.prompt_2", spec.prompt_2.as_ref()),
         ("spec.negative_prompt", spec.negative_prompt.as_ref()),
         ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
-    ] {
+    ]
+}
+
+/// The prompts, each at most `limits.max_prompt_chars` characters.
+pub fn prompts(spec: &pb::GenerationSpec, limits: &Limits, v: &mut Violations) {
+    let max_chars = limits.max_prompt_chars as usize;
+    for (field, text) in prompt_fields(spec) {
         let n = text.map_or(0, |t| t.chars().count());
         if n > max_chars {
             v.add(

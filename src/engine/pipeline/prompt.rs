@@ -33,6 +33,11 @@ pub struct PromptTokens {
     pub(super) second: Option<EncoderTokens>,
 }
 
+/// The second encoder's text: `text_2`, or `text` when it is absent or empty.
+pub(super) fn second_text<'a>(text: &'a str, text_2: Option<&'a str>) -> &'a str {
+    text_2.filter(|s| !s.is_empty()).unwrap_or(text)
+}
+
 impl SdxlPipeline {
     /// The tokens of `embeddings` for this pipeline's text encoders.
     pub fn prompt_tokens(&self, embeddings: &[Embedding]) -> Result<PromptTokens> {
@@ -67,11 +72,7 @@ impl SdxlPipeline {
         if p.prompt_syntax == PromptSyntax::Compel {
             return self.encode_weighted_prompt(p, tokens);
         }
-        let prompt_2 = p
-            .prompt_2
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .unwrap_or(&p.prompt);
+        let prompt_2 = second_text(&p.prompt, p.prompt_2.as_deref());
         let clip_skip = p.clip_skip.unwrap_or(0);
         let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, clip_skip, tokens)?;
         if p.guidance_scale <= 1.0 {
@@ -86,11 +87,7 @@ impl SdxlPipeline {
             (embeds.zeros_like(), pooled.zeros_like())
         } else {
             let negative = p.negative_prompt.as_deref().unwrap_or("");
-            let negative_2 = p
-                .negative_prompt_2
-                .as_deref()
-                .filter(|s| !s.is_empty())
-                .unwrap_or(negative);
+            let negative_2 = second_text(negative, p.negative_prompt_2.as_deref());
             // diffusers encodes negatives at the penultimate layer whatever clip_skip is.
             self.encode_pair(negative, negative_2, 0, tokens)?
         };

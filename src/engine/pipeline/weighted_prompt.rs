@@ -6,7 +6,7 @@
 
 use tch::Tensor;
 
-use super::prompt::{PromptEmbeds, PromptTokens};
+use super::prompt::{second_text, PromptEmbeds, PromptTokens};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
@@ -33,7 +33,7 @@ impl SdxlPipeline {
         }
         let device = self.placement.device;
         let first = match (&self.tokenizer, &self.text_encoder) {
-            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)?),
+            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)),
             _ => None,
         };
         let second = WeightedEncoder::new(
@@ -41,7 +41,7 @@ impl SdxlPipeline {
             &self.text_encoder_2,
             tokens.second.as_ref(),
             device,
-        )?;
+        );
         let positive = pair(&p.prompt, p.prompt_2.as_deref());
         let guided = p.guidance_scale > 1.0;
         let zeros = p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
@@ -121,7 +121,7 @@ impl SdxlPipeline {
 fn pair<'a>(text: &'a str, text_2: Option<&'a str>) -> Texts<'a> {
     Texts {
         first: text,
-        second: text_2.filter(|s| !s.is_empty()).unwrap_or(text),
+        second: second_text(text, text_2),
     }
 }
 

@@ -47,7 +47,7 @@ impl<'a> WeightedEncoder<'a> {
         encoder: &'a ClipTextModel,
         tokens: Option<&'a EncoderTokens>,
         device: Device,
-    ) -> Result<Self> {
+    ) -> Self {
         let tokenizer = tokens.map_or(tokenizer, EncoderTokens::tokenizer);
         let mut this = Self {
             tokenizer,
@@ -61,7 +61,7 @@ impl<'a> WeightedEncoder<'a> {
         ids.resize(this.chunk_len(), pad);
         let keep = vec![true; ids.len()];
         this.empty = this.encode_chunk(&ids, &keep);
-        Ok(this)
+        this
     }
 
     /// Tokens per chunk, BOS and EOS included (77 for CLIP).
@@ -147,7 +147,7 @@ impl<'a> WeightedEncoder<'a> {
         }
         let chunked = self.chunk(&ids, &weights);
         let mut embeddings = vec![self.weighted(&chunked, &chunked.keep)];
-        let mut lerp = vec![1.0f32];
+        let mut lerp = vec![1.0];
         let ranges = self.fragment_ranges(&chunked.ids, &per_fragment)?;
         for (range, fragment) in ranges.iter().zip(fragments) {
             // A fragment without tokens changes nothing when removed (compel fails on it).
@@ -164,9 +164,8 @@ impl<'a> WeightedEncoder<'a> {
             embeddings.push(self.weighted(&chunked, &keep));
             // tan((1 - w) π/2): 0 at w = 1, 1 at w = 0.5, towards infinity at 0.
             let w = fragment.weight.max(1e-5);
-            lerp.push(((1.0 - w) * PI / 2.0).tan() as f32);
+            lerp.push(((1.0 - w) * PI / 2.0).tan());
         }
-        let lerp: Vec<f64> = lerp.iter().map(|&w| f64::from(w)).collect();
         Ok(mix(&Tensor::stack(&embeddings, 1), &lerp, true))
     }
 
