@@ -25,6 +25,8 @@ pub fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParam
         batch_first_seed: None,
         // FreeU's factors are the base UNet's.
         freeu: None,
+        // Perturbed-attention guidance names the base UNet's layers.
+        pag: None,
         ..base.clone()
     }
 }

@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 pub use crate::engine::models::freeu::FreeU;
+pub use crate::engine::pag::{Pag, PagLayer};
 pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
 
@@ -67,6 +68,8 @@ pub struct GenerateParams {
     pub negative_aesthetic_score: f64,
     /// FreeU's factors for the UNet's first two up blocks (`enable_freeu`), if asked.
     pub freeu: Option<FreeU>,
+    /// Perturbed-attention guidance (diffusers' `StableDiffusionXLPAG*Pipeline`), if asked.
+    pub pag: Option<Pag>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -205,6 +208,7 @@ impl Default for GenerateParams {
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
             freeu: None,
+            pag: None,
         }
     }
 }

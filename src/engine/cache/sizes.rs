@@ -133,8 +133,9 @@ pub fn generation_estimate(
     let (width, height) = (p.width.max(0) as u64, p.height.max(0) as u64);
     let pixels = width * height;
     let latent_pixels = pixels / 64;
-    let guided = if p.guidance_scale > 1.0 { 2 } else { 1 };
-    let batch = guided * p.num_images.max(1) as u64;
+    // One part per guidance term: negative (classifier-free), prompt, perturbed (PAG).
+    let parts = 1 + u64::from(p.guidance_scale > 1.0) + u64::from(p.pag.is_some());
+    let batch = parts * p.num_images.max(1) as u64;
     let denoising = product(&[
         8,
         batch,

@@ -15,6 +15,7 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::guidance::BatchLayout;
 use crate::engine::models::attention::{CrossAttentionLayer, ImageKeys, ImageKv};
 use crate::engine::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::engine::models::nn::Linear;
@@ -320,13 +321,13 @@ impl ImagePrompt {
 }
 
 /// The keys and values of `prompts` for every layer of `unet_layers` (the UNet's, by
-/// slot) each acts in, for `copies` images, the negative half first when `guided`, in
-/// `kind` (what the UNet's cross-attention layers add).
+/// slot) each acts in, for `copies` images per part of `layout`, in `kind` (what the
+/// UNet's cross-attention layers add).
 pub fn layer_keys(
     prompts: &[ImagePrompt],
     unet_layers: &[CrossAttentionLayer],
     copies: i64,
-    guided: bool,
+    layout: BatchLayout,
     kind: Kind,
 ) -> ImageKeys {
     let _guard = tch::no_grad_guard();
@@ -334,12 +335,8 @@ pub fn layer_keys(
         .iter()
         .map(|p| {
             let positive = p.tokens.repeat([copies, 1, 1]);
-            let tokens = if guided {
-                Tensor::cat(&[p.negative.repeat([copies, 1, 1]), positive], 0)
-            } else {
-                positive
-            };
-            tokens.to_kind(kind)
+            let negative = p.negative.repeat([copies, 1, 1]);
+            layout.assemble(&negative, &positive).to_kind(kind)
         })
         .collect();
     let layers = unet_layers

@@ -122,6 +122,31 @@ impl Attention {
         }
         self.to_out.forward(&attended)
     }
+
+    /// Self-attention over a batch of `parts` equal parts whose last part is perturbed:
+    /// there each token attends to itself alone, so the attention is its value (diffusers'
+    /// `PAGCFGIdentitySelfAttnProcessor2_0` and `PAGIdentitySelfAttnProcessor2_0`).
+    pub fn forward_perturbed(&self, x: &Tensor, parts: i64) -> Tensor {
+        let chunks = x.chunk(parts, 0);
+        let Some((perturbed, original)) = chunks.split_last() else {
+            return self.forward(x, None);
+        };
+        let mut out = Vec::with_capacity(2);
+        if !original.is_empty() {
+            out.push(self.forward(&Tensor::cat(original, 0), None));
+        }
+        out.push(self.to_out.forward(&self.values(perturbed)));
+        Tensor::cat(&out, 0)
+    }
+
+    /// The values of the tokens `x` attends to.
+    fn values(&self, x: &Tensor) -> Tensor {
+        match &self.projections {
+            Projections::Separate { v, .. } => v.forward(x),
+            Projections::FusedQkv(qkv) => qkv.forward_part(2, x),
+            Projections::FusedKv { kv, .. } => kv.forward_part(1, x),
+        }
+    }
 }
 
 /// One image prompt's keys and values for one cross-attention layer (an IP-Adapter's
@@ -163,6 +188,18 @@ pub struct Context<'a> {
     pub images: Option<&'a ImageKeys>,
     /// FreeU, when the request asks for it.
     pub freeu: Option<FreeU>,
+    /// Perturbed-attention guidance, when the request asks for it.
+    pub perturbation: Option<Perturbation<'a>>,
+}
+
+/// Which self-attention layers perturb the last part of a UNet call's batch.
+#[derive(Clone, Copy)]
+pub struct Perturbation<'a> {
+    /// By cross-attention slot: whether the self-attention of that transformer block is
+    /// perturbed.
+    pub slots: &'a [bool],
+    /// The batch's equal parts; the last one is perturbed.
+    pub parts: i64,
 }
 
 impl<'a> Context<'a> {
@@ -172,7 +209,19 @@ impl<'a> Context<'a> {
             text,
             images: None,
             freeu: None,
+            perturbation: None,
         }
+    }
+
+    /// The batch's parts when the self-attention of the block in `slot` is perturbed.
+    fn perturbed_parts(&self, slot: usize) -> Option<i64> {
+        let perturbation = self.perturbation?;
+        perturbation
+            .slots
+            .get(slot)
+            .copied()
+            .unwrap_or(false)
+            .then_some(perturbation.parts)
     }
 
     /// The image prompts of the layer in `slot`.
@@ -248,7 +297,12 @@ impl BasicTransformerBlock {
     fn forward(&self, x: &Tensor, context: &Context) -> Tensor {
         let x = {
             let _stage = profile::span("self_attention");
-            self.attn1.forward(&self.norm1.forward(x), None) + x
+            let normed = self.norm1.forward(x);
+            let attended = match context.perturbed_parts(self.slot) {
+                Some(parts) => self.attn1.forward_perturbed(&normed, parts),
+                None => self.attn1.forward(&normed, None),
+            };
+            attended + x
         };
         let x = {
             let _stage = profile::span("cross_attention");

@@ -268,6 +268,17 @@ impl<const N: usize> FusedLinear<N> {
             add_low_rank(part, x, &self.parts[i])
         })
     }
+
+    /// Applies part `index` alone to the last dimension of `x`.
+    pub fn forward_part(&self, index: usize, x: &Tensor) -> Tensor {
+        let rows = |t: &Tensor| t.narrow(0, index as i64 * self.width, self.width);
+        let bias = self.bias.as_ref().map(rows);
+        add_low_rank(
+            x.linear(&rows(&self.weight), bias.as_ref()),
+            x,
+            &self.parts[index],
+        )
+    }
 }
 
 /// The loaded tensors `parts` concatenated along their first dimension, held by the first

@@ -16,6 +16,7 @@ use crate::engine::models::unet_blocks::{
     encode, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock,
     UpBlockShape,
 };
+use crate::engine::pag::self_attention_names;
 use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
@@ -44,6 +45,8 @@ pub struct UNet2DConditionModel {
     adaptable: LayerTable,
     /// Each cross-attention layer, by slot (diffusers' attention processor order).
     cross_attention_layers: Vec<CrossAttentionLayer>,
+    /// The self-attention layer beside each, by slot: its diffusers module name.
+    self_attention_names: Vec<String>,
 }
 
 impl UNet2DConditionModel {
@@ -117,6 +120,7 @@ impl UNet2DConditionModel {
             conv_norm_out: GroupNorm::load(&vp.pp("conv_norm_out"), groups, channels[0], eps)?,
             conv_out: Conv2d::load(&vp.pp("conv_out"), channels[0], c.out_channels, 3, 1, 1)?,
             cross_attention_layers: settings.cross_attention_layers(),
+            self_attention_names: Self::self_attention_names(c),
             config,
             adaptable: LayerTable::default(),
         })
@@ -140,6 +144,35 @@ impl UNet2DConditionModel {
                 downsample_padding: (i + 1 < n).then_some(c.downsample_padding),
             })
             .collect()
+    }
+
+    /// The names of its self-attention layers (diffusers' module names,
+    /// `<attention>.transformer_blocks.<j>.attn1`), in the order of the cross-attention
+    /// slots: down blocks, up blocks, mid block, as [`Self::build`] loads them.
+    pub fn self_attention_names(c: &UNetConfig) -> Vec<String> {
+        let (heads, depths) = c.attention_sizes();
+        let mut attentions: Vec<(String, usize)> = Vec::new();
+        let mut add = |section: String, layers: i64, attention: &Option<CrossAttention>| {
+            let Some(a) = attention else { return };
+            for j in 0..layers.max(0) {
+                let depth = a.depths.get(j as usize).copied().unwrap_or(1);
+                attentions.push((format!("{section}.attentions.{j}"), depth.max(0) as usize));
+            }
+        };
+        for (i, shape) in Self::down_shapes(c, &heads, &depths).iter().enumerate() {
+            add(format!("down_blocks.{i}"), shape.layers, &shape.attention);
+        }
+        for (i, shape) in Self::up_shapes(c, &heads, &depths).iter().enumerate() {
+            add(format!("up_blocks.{i}"), shape.layers, &shape.attention);
+        }
+        if let Some(&depth) = depths.last() {
+            attentions.push(("mid_block.attentions.0".into(), depth.max(0) as usize));
+        }
+        self_attention_names(
+            attentions
+                .iter()
+                .map(|(path, depth)| (path.as_str(), *depth)),
+        )
     }
 
     /// The up blocks' shapes (their levels in reverse).
@@ -179,6 +212,12 @@ impl UNet2DConditionModel {
     /// up blocks, mid block): the layers image prompts address.
     pub fn cross_attention_layers(&self) -> &[CrossAttentionLayer] {
         &self.cross_attention_layers
+    }
+
+    /// The self-attention layers' module names, by slot (as
+    /// [`Self::cross_attention_layers`]).
+    pub fn self_attentions(&self) -> &[String] {
+        &self.self_attention_names
     }
 
     /// Width of the pooled text embedding the added conditioning expects, given the

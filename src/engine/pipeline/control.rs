@@ -8,6 +8,7 @@ use tch::Tensor;
 use crate::engine::control::{mismatch, ControlMode, ControlUnit, ControlledModel};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::guidance::BatchLayout;
 use crate::engine::models::controlnet::{ControlNetModel, ControlScale, EmbeddedCondition};
 use crate::engine::models::embeddings::AddedCond;
 use crate::engine::models::unet::ControlResiduals;
@@ -51,26 +52,34 @@ pub(super) struct ControlContext<'t> {
     pub context: &'t Tensor,
     pub text_embeds: &'t Tensor,
     pub time_ids: &'t Tensor,
-    /// Whether the batch is doubled for guidance (negative half first).
-    pub guided: bool,
+    /// The batch's parts.
+    pub layout: BatchLayout,
 }
 
 impl<'a> Controls<'a> {
-    /// `controls` for a run of `images` images at `placement`; the run's first model
-    /// call is `first_call` of a schedule diffusers counts `calls` calls in.
+    /// `controls` for a run of `images` images per part of `layout` at `placement`; the
+    /// run's first model call is `first_call` of a schedule diffusers counts `calls` calls
+    /// in.
     pub fn prepare(
         controls: &[Control<'a>],
         images: i64,
-        guided: bool,
+        layout: BatchLayout,
         placement: Placement,
         (first_call, calls): (usize, usize),
     ) -> Self {
         let units = controls
             .iter()
             .map(|c| {
-                let guess = c.unit.mode == ControlMode::Guess
-                    || c.model.config().control.global_pool_conditions;
-                let copies = if guided && !guess { 2 * images } else { images };
+                // diffusers' PAG pipelines have no guess mode: their ControlNets see the
+                // whole batch (guess mode itself is refused with PAG).
+                let guess = !layout.perturbed
+                    && (c.unit.mode == ControlMode::Guess
+                        || c.model.config().control.global_pool_conditions);
+                let copies = if layout.negative && guess {
+                    images
+                } else {
+                    images * layout.parts()
+                };
                 let embed = |map: &Tensor| {
                     let image = map
                         .repeat([copies, 1, 1, 1])
@@ -160,7 +169,7 @@ impl Prepared<'_> {
         c: &ControlContext<'_>,
         scales: &[f64],
     ) -> Option<ControlResiduals> {
-        let half = self.guess && c.guided;
+        let half = self.guess && c.layout.negative;
         // Guess mode under guidance: the conditional half only, zeros for the other.
         let part = |t: &Tensor| {
             if half {
@@ -295,6 +304,9 @@ impl SdxlPipeline {
                     "the window [{}, {}] must lie in [0, 1] with its start below its end",
                     unit.guidance_start, unit.guidance_end
                 ));
+            }
+            if p.pag.is_some() && unit.mode == ControlMode::Guess {
+                return bad("guess mode does not combine with perturbed-attention guidance (diffusers' PAG pipelines have none)".into());
             }
         }
         Ok(())

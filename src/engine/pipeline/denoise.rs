@@ -8,8 +8,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::device;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::guidance::{BatchLayout, Guidance};
 use crate::engine::ip_adapter::layer_keys;
-use crate::engine::models::attention::{Context, ImageKeys};
+use crate::engine::models::attention::{Context, ImageKeys, Perturbation};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::control::{Control, ControlContext, Controls};
@@ -39,12 +40,15 @@ struct Schedule {
     end: usize,
 }
 
-/// The UNet's conditioning for every call of one run, guided batch first half negative.
+/// The UNet's conditioning for every call of one run, its batch laid out by `layout`.
 struct Conditioning<'a> {
     context: Tensor,
     text_embeds: Tensor,
     time_ids: Tensor,
-    guided: bool,
+    layout: BatchLayout,
+    /// With perturbed-attention guidance: by cross-attention slot, whether that block's
+    /// self-attention is perturbed.
+    perturbed_slots: Option<Vec<bool>>,
     /// The image prompts' keys and values per cross-attention layer, when there are any.
     images: Option<ImageKeys>,
     /// The ControlNet units.
@@ -132,7 +136,33 @@ impl SdxlPipeline {
                 p.guidance_rescale
             ));
         }
-        Ok(())
+        self.check_pag(p)
+    }
+
+    /// Perturbed-attention guidance's scales, and layers this UNet has.
+    fn check_pag(&self, p: &GenerateParams) -> Result<()> {
+        let Some(pag) = &p.pag else {
+            return Ok(());
+        };
+        let bad = |m: String| Err(EngineError::InvalidRequest(m));
+        if !(pag.scale.is_finite() && pag.scale > 0.0) {
+            return bad(format!("`pag_scale` must be above 0, got {}", pag.scale));
+        }
+        if !(pag.adaptive_scale.is_finite() && pag.adaptive_scale >= 0.0) {
+            return bad(format!(
+                "`pag_adaptive_scale` must be at least 0, got {}",
+                pag.adaptive_scale
+            ));
+        }
+        if pag.layers.is_empty() {
+            return bad("`pag_applied_layers` must name at least one layer".into());
+        }
+        match pag.unmatched(self.unet.self_attentions()) {
+            Some(layer) => bad(format!(
+                "the PAG layer `{layer}` finds no self-attention layer of this UNet"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Whether the images of `p` draw noise from generators of their own (a stochastic
@@ -175,14 +205,14 @@ impl SdxlPipeline {
         // diffusers counts a unit's window over the schedule from the run's entry on (the
         // part `denoising_end` cuts off included).
         let calls = (schedule.start, schedule.timesteps.len() - schedule.start);
-        let controls = Controls::prepare(
-            controls,
-            p.num_images as i64,
-            prompt.negative.is_some(),
-            self.placement,
-            calls,
-        );
-        let conditioning = self.conditioning(p, prompt, from.entry(p).is_some(), controls);
+        let layout = BatchLayout {
+            negative: prompt.negative.is_some(),
+            perturbed: p.pag.is_some(),
+        };
+        let controls =
+            Controls::prepare(controls, p.num_images as i64, layout, self.placement, calls);
+        let conditioning =
+            self.conditioning(p, prompt, from.entry(p).is_some(), (layout, controls));
         let total = (schedule.end - schedule.start).div_ceil(schedule.scheduler.order());
         if let ControlFlow::Break(b) = on_step(Step {
             step: 0,
@@ -228,49 +258,48 @@ impl SdxlPipeline {
     }
 
     /// The prompt embeddings and micro-conditioning of every image of `p`, at the
-    /// placement.
+    /// placement, laid out by `layout`.
     fn conditioning<'a>(
         &self,
         p: &GenerateParams,
         prompt: &PromptEmbeds,
         image_based: bool,
-        controls: Controls<'a>,
+        (layout, controls): (BatchLayout, Controls<'a>),
     ) -> Conditioning<'a> {
         let n = p.num_images as i64;
         let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
         let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
-        let (context, text_embeds, time_ids) = match &prompt.negative {
-            Some((neg_embeds, neg_pooled)) => (
-                Tensor::cat(&[repeat(neg_embeds), repeat(&prompt.embeds)], 0),
-                Tensor::cat(&[repeat(neg_pooled), repeat(&prompt.pooled)], 0),
-                Tensor::cat(
-                    &[
-                        negative_time_ids.repeat([n, 1]),
-                        add_time_ids.repeat([n, 1]),
-                    ],
-                    0,
-                ),
-            ),
-            None => (
-                repeat(&prompt.embeds),
-                repeat(&prompt.pooled),
-                add_time_ids.repeat([n, 1]),
-            ),
-        };
         let place = |t: Tensor| {
             t.to_device(self.placement.device)
                 .to_kind(self.placement.kind)
         };
-        let guided = prompt.negative.is_some();
-        let images = (!prompt.images.is_empty()).then(|| {
-            let layers = self.unet.cross_attention_layers();
-            layer_keys(&prompt.images, layers, n, guided, self.placement.kind)
+        let (embeds, pooled) = (repeat(&prompt.embeds), repeat(&prompt.pooled));
+        let time_ids = add_time_ids.repeat([n, 1]);
+        let (context, text_embeds, time_ids) = match &prompt.negative {
+            Some((neg_embeds, neg_pooled)) => (
+                layout.assemble(&repeat(neg_embeds), &embeds),
+                layout.assemble(&repeat(neg_pooled), &pooled),
+                layout.assemble(&negative_time_ids.repeat([n, 1]), &time_ids),
+            ),
+            None => (
+                layout.repeat(&embeds),
+                layout.repeat(&pooled),
+                layout.repeat(&time_ids),
+            ),
+        };
+        let layers = self.unet.cross_attention_layers();
+        let images = (!prompt.images.is_empty())
+            .then(|| layer_keys(&prompt.images, layers, n, layout, self.placement.kind));
+        let perturbed_slots = p.pag.as_ref().map(|pag| {
+            let names = self.unet.self_attentions();
+            names.iter().map(|name| pag.perturbs(name)).collect()
         });
         Conditioning {
             context: place(context),
             text_embeds: place(text_embeds),
             time_ids: place(time_ids),
-            guided,
+            layout,
+            perturbed_slots,
             images,
             controls,
         }
@@ -307,7 +336,7 @@ impl SdxlPipeline {
             let noise_pred = self.predict_noise(
                 p,
                 scheduler,
-                (i, &timestep),
+                (i, &timestep, schedule.timesteps[i]),
                 &latents,
                 inpaint.as_ref(),
                 conditioning,
@@ -340,31 +369,24 @@ impl SdxlPipeline {
     }
 
     /// The guided noise prediction of UNet call `index` at `timestep` (a scalar on the
-    /// device).
+    /// device; `time` on the host).
     fn predict_noise(
         &self,
         p: &GenerateParams,
         scheduler: &dyn Scheduler,
-        (index, timestep): (usize, &Tensor),
+        (index, timestep, time): (usize, &Tensor, f64),
         latents: &Tensor,
         inpaint: Option<&Inpaint>,
         c: &Conditioning,
     ) -> Tensor {
-        let doubled = |t: &Tensor| {
-            if c.guided {
-                Tensor::cat(&[t, t], 0)
-            } else {
-                t.shallow_clone()
-            }
-        };
         let mut model_input = scheduler
-            .scale_model_input(&doubled(latents), index)
+            .scale_model_input(&c.layout.repeat(latents), index)
             .to_kind(self.placement.kind);
         let control = ControlContext {
             context: &c.context,
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
-            guided: c.guided,
+            layout: c.layout,
         };
         let residuals = {
             let _stage = (!c.controls.is_empty()).then(|| profile::span("controlnet"));
@@ -375,7 +397,7 @@ impl SdxlPipeline {
             inpaint.and_then(|s| s.masked_latents.as_ref().map(|m| (s, m)))
         {
             // 9-channel inpainting UNets also see the mask and the masked image.
-            let (mask, masked) = (doubled(&state.mask), doubled(masked));
+            let (mask, masked) = (c.layout.repeat(&state.mask), c.layout.repeat(masked));
             model_input = Tensor::cat(&[model_input, mask, masked], 1);
         }
         let model_input = model_input.to_kind(self.placement.kind);
@@ -384,9 +406,12 @@ impl SdxlPipeline {
             time_ids: &c.time_ids,
         };
         let _stage = profile::span("unet");
-        // Graphs hold the inputs they were captured with: image prompts' keys and FreeU's
-        // factors are not.
-        let plain = residuals.is_none() && c.images.is_none() && p.freeu.is_none();
+        // Graphs hold the inputs they were captured with: image prompts' keys, FreeU's
+        // factors and perturbed layers are not.
+        let plain = residuals.is_none()
+            && c.images.is_none()
+            && p.freeu.is_none()
+            && c.perturbed_slots.is_none();
         let noise_pred = if plain && self.replays_unet_graphs() {
             self.unet_graphs.call(
                 &self.unet,
@@ -401,6 +426,10 @@ impl SdxlPipeline {
                 text: &c.context,
                 images: c.images.as_ref(),
                 freeu: p.freeu,
+                perturbation: c.perturbed_slots.as_deref().map(|slots| Perturbation {
+                    slots,
+                    parts: c.layout.parts(),
+                }),
             };
             self.unet.forward_controlled(
                 &model_input,
@@ -411,17 +440,13 @@ impl SdxlPipeline {
             )
         }
         .to_kind(Kind::Float);
-        if !c.guided {
-            return noise_pred;
-        }
-        let halves = noise_pred.chunk(2, 0);
-        let (uncond, text) = (&halves[0], &halves[1]);
-        let guided = uncond + (text - uncond) * p.guidance_scale;
-        if p.guidance_rescale > 0.0 {
-            rescale_noise_cfg(&guided, text, p.guidance_rescale)
-        } else {
-            guided
-        }
+        let guidance = Guidance {
+            layout: c.layout,
+            scale: p.guidance_scale,
+            rescale: p.guidance_rescale,
+            pag: p.pag.as_ref(),
+        };
+        guidance.combine(noise_pred, time)
     }
 }
 
@@ -434,13 +459,4 @@ impl SdxlPipeline {
             && self.adapted.get() == 0
             && !profile::recording()
     }
-}
-
-/// diffusers' `rescale_noise_cfg`.
-fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, rescale: f64) -> Tensor {
-    let dims: Vec<i64> = (1..guided.dim() as i64).collect();
-    let std_text = text.std_dim(dims.as_slice(), true, true);
-    let std_cfg = guided.std_dim(dims.as_slice(), true, true);
-    let rescaled = guided * (std_text / std_cfg);
-    rescaled * rescale + guided * (1.0 - rescale)
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use crate::engine::config_check::read_config;
 use crate::engine::loading::single_file::Configs;
 use crate::engine::models::clip::ClipTextConfig;
+use crate::engine::models::unet::UNet2DConditionModel;
 use crate::engine::schedulers::{SchedulerConfig, SchedulerKind};
 
 /// What validation needs to know of a pipeline before it is loaded, read from its
@@ -23,6 +24,10 @@ pub struct PipelineFacts {
     /// Its UNet's attentions by module path (`up_blocks.0.attentions.1`), the layers an
     /// image prompt may be limited to.
     pub attentions: Vec<String>,
+    /// Its UNet's self-attention layers by module name
+    /// (`mid_block.attentions.0.transformer_blocks.0.attn1`), the layers
+    /// perturbed-attention guidance may perturb.
+    pub self_attentions: Vec<String>,
 }
 
 /// What a ControlNet's config says: whether it is a union model and of which base.
@@ -110,6 +115,7 @@ impl PipelineFacts {
             scheduler_config: configs.scheduler,
             inpainting: configs.unet.in_channels != configs.vae.latent_channels,
             attentions: configs.unet.attention_paths(),
+            self_attentions: UNet2DConditionModel::self_attention_names(&configs.unet),
         })
     }
 }
