@@ -380,6 +380,7 @@ impl ModelService for Models {
             ("ip_adapters", true),
             ("ip_adapters.layers", true),
             ("freeu", true),
+            ("pag", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

@@ -12,6 +12,7 @@ use sdxld::engine::schedulers::sigmas::SigmaSpacing;
 use sdxld::proto::v1 as pb;
 
 use crate::cli::hires::HiresArgs;
+use crate::cli::pag::PagArgs;
 
 /// What to generate, and where the models are.
 #[derive(Args, Clone)]
@@ -206,6 +207,9 @@ pub struct GenerateArgs {
     /// The hires pass.
     #[command(flatten)]
     pub hires: HiresArgs,
+    /// Perturbed-attention guidance.
+    #[command(flatten)]
+    pub pag: PagArgs,
 }
 
 /// `--prompt-syntax`.
@@ -238,7 +242,7 @@ impl Batch {
 
 /// The flag a spec field comes from, where there is one.
 pub fn flag_of(field: &str) -> Option<&'static str> {
-    if let Some(flag) = crate::cli::hires::flag_of(field) {
+    if let Some(flag) = crate::cli::hires::flag_of(field).or(crate::cli::pag::flag_of(field)) {
         return Some(flag);
     }
     let flags = [
@@ -608,6 +612,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         init_image,
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
+        pag: crate::cli::pag::parse(&args.pag)?,
         prompt_syntax: match args.prompt_syntax {
             None => pb::PromptSyntax::Unspecified,
             Some(PromptSyntaxArg::Plain) => pb::PromptSyntax::Plain,

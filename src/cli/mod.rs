@@ -14,6 +14,7 @@ mod generate;
 mod health;
 mod hires;
 mod ip_adapter;
+mod pag;
 mod request;
 
 use std::path::PathBuf;

@@ -140,6 +140,15 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             f.b1, f.b2, f.s1, f.s2
         ));
     }
+    if let Some(pag) = &spec.params.pag {
+        let layers: Vec<String> = pag.layers.iter().map(ToString::to_string).collect();
+        text.push_str(&format!(
+            ", PAG: \"scale {}, adaptive scale {}, layers {}\"",
+            pag.scale,
+            pag.adaptive_scale,
+            layers.join(" ")
+        ));
+    }
     text.push_str(&hires_entries(spec));
     text.push_str(&postprocess_entries(spec));
     text

@@ -13,6 +13,7 @@ mod images;
 mod ip_adapters;
 mod model;
 mod output;
+mod pag;
 mod postprocess;
 mod prompt_syntax;
 
@@ -104,6 +105,7 @@ struct Parts {
     size: (u32, u32),
     guidance: (f64, f64),
     freeu: Option<crate::engine::request::FreeU>,
+    pag: Option<crate::engine::request::Pag>,
     counts: (u32, u32, u64),
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
     micro: sampling::Micro,
@@ -143,6 +145,7 @@ fn check(
     sampling::prompts(spec, limits, v);
     let guidance = sampling::guidance(spec, v);
     let freeu = sampling::freeu(spec.freeu.as_ref(), v);
+    let pag = pag::pag(spec, model.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
     let model_scheduler = model
         .as_ref()
@@ -237,6 +240,7 @@ fn check(
         size,
         guidance,
         freeu,
+        pag,
         counts,
         scheduler,
         micro,
@@ -317,6 +321,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         aesthetic_score: micro.aesthetic_score,
         negative_aesthetic_score: micro.negative_aesthetic_score,
         freeu: parts.freeu,
+        pag: parts.pag,
     };
     Ok(JobSpec {
         params,
