@@ -110,6 +110,14 @@ pub fn freeu_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
+/// missing).
+pub fn pag_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_pag_fixtures.py", "SDXLD_PAG_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_prompt_syntax_fixtures.py` (built
 /// when missing).
 pub fn prompt_syntax_fixtures() -> PathBuf {

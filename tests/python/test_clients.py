@@ -333,6 +333,25 @@ def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
     assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "swap" in bad.stderr
 
 
+def test_python_client_perturbed_attention_guidance_and_grpcurl_refusal(stubs, server):
+    """PAG moves the image, its PNG carries and replays it; grpcurl sees a layer the UNet
+    lacks refused naming it."""
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    guided = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, pag=stubs.gen.PerturbedAttentionGuidance(scale=4.0))))
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs)))
+    assert guided.images[0].data != plain.images[0].data
+    png = Image.open(io.BytesIO(guided.images[0].data))
+    assert 'PAG: "scale 4, adaptive scale 0, layers mid"' in png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.pag.scale == 4.0
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == guided.images[0].data
+    body = json.dumps({"spec": {"prompt": "a boat", "width": 64, "height": 64, "pag": {"layers": ["mid", "down_blocks.9"]}}})
+    bad = grpcurl("-d", body, server.address, "sdxld.v1.GenerationService/GenerateImages", check=False)
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr and "spec.pag.layers[1]" in bad.stderr
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
