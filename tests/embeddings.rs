@@ -85,14 +85,6 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     }
 }
 
-/// The largest channel difference between two decoded images.
-fn image_difference(a: &Tensor, b: &Tensor) -> i64 {
-    (a.to_kind(tch::Kind::Int) - b.to_kind(tch::Kind::Int))
-        .abs()
-        .max()
-        .int64_value(&[])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_match_diffusers_and_leave_nothing_behind() {
     let extra = tempfile::tempdir().expect("tempdir");
@@ -152,7 +144,7 @@ async fn embeddings_match_diffusers_and_leave_nothing_behind() {
         "the embeddings left something behind"
     );
     let without = common::decoded_image(&after[0].data);
-    let moved = image_difference(&with, &without);
+    let moved = common::image_difference(&with, &without);
     assert!(
         moved > 20,
         "the embeddings change the image by {moved} levels only"

@@ -197,10 +197,7 @@ async fn image_prompts_match_diffusers_and_leave_nothing_behind() {
     // request after every image prompt gives the bytes it gave before any.
     let with = common::decoded_image(&done.images[0].data);
     let without = common::decoded_image(&before[0].data);
-    let moved = (with.to_kind(tch::Kind::Int) - without.to_kind(tch::Kind::Int))
-        .abs()
-        .max()
-        .int64_value(&[]);
+    let moved = common::image_difference(&with, &without);
     assert!(
         moved > 20,
         "the image prompt moves the image by {moved} levels only"

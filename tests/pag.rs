@@ -152,14 +152,6 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     }
 }
 
-fn max_level_difference(a: &[u8], b: &[u8]) -> i64 {
-    (common::decoded_image(a).to_kind(tch::Kind::Int)
-        - common::decoded_image(b).to_kind(tch::Kind::Int))
-    .abs()
-    .max()
-    .int64_value(&[])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pag_matches_diffusers() {
     let root = controlnet_root();
@@ -191,7 +183,10 @@ async fn pag_matches_diffusers() {
         .await
         .expect("without")
         .images;
-    let moved = max_level_difference(&with[0].data, &without[0].data);
+    let moved = common::image_difference(
+        &common::decoded_image(&with[0].data),
+        &common::decoded_image(&without[0].data),
+    );
     assert!(moved > 10, "PAG moves the image by {moved} levels only");
 }
 

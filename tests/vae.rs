@@ -39,10 +39,7 @@ fn a_swapped_vae_matches_diffusers() {
             common::assert_matches_case(&what, &out, &reference, name);
             // The model's own VAE gives another image: the swap is not a no-op.
             let own = base.generate(&params(&case, &picture)).expect("own VAE");
-            let diff = (own.images.to_kind(tch::Kind::Int) - out.images.to_kind(tch::Kind::Int))
-                .abs()
-                .max()
-                .int64_value(&[]);
+            let diff = common::image_difference(&own.images, &out.images);
             assert!(diff > 2, "{what}: the swapped VAE changed nothing");
         }
     }
@@ -186,10 +183,7 @@ fn tiled_decoding_matches_diffusers() {
         );
         // Tiles are blended, so the result differs from decoding the whole at once.
         let whole = pipe.vae_codec().decode(&latents.get(0)).expect("whole");
-        let diff = (whole.image.to_kind(tch::Kind::Int) - tiled.image.to_kind(tch::Kind::Int))
-            .abs()
-            .max()
-            .int64_value(&[]);
+        let diff = common::image_difference(&whole.image, &tiled.image);
         assert!(diff > 2, "{config}: tiling changed nothing");
     }
 }

@@ -42,11 +42,6 @@ impl BatchLayout {
     pub fn repeat(self, t: &Tensor) -> Tensor {
         self.assemble(t, t)
     }
-
-    /// The positive part of a batch laid out this way.
-    pub fn positive(self, batch: &Tensor) -> Tensor {
-        batch.chunk(self.parts(), 0)[usize::from(self.negative)].shallow_clone()
-    }
 }
 
 /// How one prediction is made of a batch's parts.
@@ -129,7 +124,6 @@ mod tests {
             perturbed: true,
         };
         assert_eq!(values(&all.assemble(&neg, &pos)), [1.0, 2.0, 2.0]);
-        assert_eq!(values(&all.positive(&batch(&[1.0, 2.0, 3.0]))), [2.0]);
         let perturbed_only = BatchLayout {
             negative: false,
             perturbed: true,

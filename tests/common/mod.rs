@@ -306,6 +306,14 @@ pub fn assert_io_cases(
     }
 }
 
+/// The largest channel difference between two 8-bit images of one shape.
+pub fn image_difference(a: &Tensor, b: &Tensor) -> i64 {
+    (a.to_kind(Kind::Int) - b.to_kind(Kind::Int))
+        .abs()
+        .max()
+        .int64_value(&[])
+}
+
 /// Asserts 8-bit image parity (no channel off by more than 2).
 pub fn assert_images_match(what: &str, actual: &Tensor, expected: &Tensor) {
     assert_eq!(
@@ -313,10 +321,7 @@ pub fn assert_images_match(what: &str, actual: &Tensor, expected: &Tensor) {
         expected.size(),
         "{what}: image shapes differ"
     );
-    let diff = (actual.to_kind(Kind::Int) - expected.to_kind(Kind::Int))
-        .abs()
-        .max()
-        .int64_value(&[]);
+    let diff = image_difference(actual, expected);
     assert!(diff <= 2, "{what}: a channel differs by {diff} (> 2)");
 }
 
