@@ -14,6 +14,7 @@ pub mod files;
 pub mod guidance;
 pub mod hashes;
 pub mod hires;
+pub mod inpaint_area;
 pub mod ip_adapter;
 pub mod loading;
 pub mod lora;
