@@ -373,6 +373,7 @@ impl ModelService for Models {
             ("init_image.mask", true),
             ("init_image.mask_blur", true),
             ("init_image.denoising_start", true),
+            ("init_image.padding_mask_crop", true),
             ("micro_conditioning.aesthetic_score", true),
             ("post_processing", true),
             ("hires", true),

@@ -90,6 +90,10 @@ pub struct GenerateArgs {
     /// diffusers' `mask_processor.blur` does (0 to 64; default 0).
     #[arg(long, default_value_t = 0)]
     pub mask_blur: u32,
+    /// Inpainting: generate only the masked area, this many pixels around it, at --width
+    /// x --height, and put it back into the image (diffusers' `padding_mask_crop`).
+    #[arg(long, value_name = "PIXELS")]
+    pub padding_mask_crop: Option<u32>,
     /// Image to image: the fraction of the schedule that runs, in (0, 1] (default 0.8).
     #[arg(long)]
     pub strength: Option<f32>,
@@ -256,6 +260,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.init_image.image", "--init-image"),
         ("spec.init_image.mask", "--mask"),
         ("spec.init_image.mask_blur", "--mask-blur"),
+        ("spec.init_image.padding_mask_crop", "--padding-mask-crop"),
         ("spec.init_image.strength", "--strength"),
         ("spec.init_image.denoising_start", "--denoising-start"),
         (
@@ -555,6 +560,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
                 .unwrap_or_default(),
             mask_blur: args.mask_blur,
             denoising_start: args.denoising_start,
+            padding_mask_crop: args.padding_mask_crop,
         }),
         None if args.mask.is_some() => bail!("--mask needs --init-image"),
         None => None,

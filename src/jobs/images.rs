@@ -1,10 +1,12 @@
 //! The per-run stages that turn a run's latents into images handed out: the VAE decode
-//! (tile by tile when the device runs out of memory) and the hand-off of each image, or
-//! its latents, to the sink for encoding.
+//! (tile by tile when the device runs out of memory), the paste-back of a masked area
+//! into the original image, and the hand-off of each image, or its latents, to the sink
+//! for encoding.
 
 use tch::Tensor;
 
 use crate::engine::error::EngineError;
+use crate::engine::inpaint_area::paste_back;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::jobs::events::{FinishedImage, ImageContent, RgbImage, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Run};
@@ -74,6 +76,29 @@ impl JobRun<'_> {
             ));
         }
         Ok(RgbImage::from_hwc(&decoded.image)?)
+    }
+
+    /// Puts each image of the run (of the masked area only) back into the original image.
+    pub(crate) fn paste_back(&mut self, run: &mut Run) -> Result<(), JobError> {
+        let Some(back) = self.spec.paste_back.as_ref() else {
+            return Ok(());
+        };
+        for image in &mut run.images {
+            self.check()?;
+            let generated = image::RgbImage::from_raw(
+                image.width,
+                image.height,
+                std::mem::take(&mut image.pixels),
+            )
+            .ok_or_else(|| EngineError::Internal("a decoded image of the wrong size".into()))?;
+            let pasted = paste_back(back, &generated);
+            *image = RgbImage {
+                width: pasted.width(),
+                height: pasted.height(),
+                pixels: pasted.into_raw(),
+            };
+        }
+        Ok(())
     }
 
     /// Hands each image of the run to the sink for encoding.

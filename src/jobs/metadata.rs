@@ -167,6 +167,12 @@ fn init_image_entries(spec: &JobSpec) -> String {
     if init.mask.is_some() {
         text.push_str(&format!(", Mask blur: {}", spec.mask_blur));
     }
+    if let Some(back) = &spec.paste_back {
+        text.push_str(&format!(
+            ", Inpaint area: Only masked, Masked area padding: {}",
+            back.padding
+        ));
+    }
     text
 }
 

@@ -73,6 +73,8 @@ pub enum JobStage {
     Refine,
     /// The VAE decode of each image.
     Decode,
+    /// Each image of the masked area put back into the original image.
+    PasteBack,
     /// The post-processing steps on each image.
     PostProcess,
     /// Each image handed out for encoding.
@@ -89,7 +91,7 @@ impl JobStage {
             JobStage::Denoise => Stage::Denoising,
             JobStage::Refine => Stage::Refining,
             JobStage::Hires => Stage::HiresDenoising,
-            JobStage::Decode => Stage::Decoding,
+            JobStage::Decode | JobStage::PasteBack => Stage::Decoding,
             JobStage::PostProcess => Stage::PostProcessing,
             JobStage::Encode => Stage::PostProcessing,
         }
@@ -124,6 +126,9 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
     }
     if spec.output.format != OutputFormat::Latents {
         stages.push(JobStage::Decode);
+        if spec.paste_back.is_some() {
+            stages.push(JobStage::PasteBack);
+        }
     }
     if !spec.post_processing.is_empty() {
         stages.push(JobStage::PostProcess);
@@ -291,6 +296,7 @@ impl JobRun<'_> {
             self.check()?;
             match stage {
                 JobStage::Decode => self.decode(&mut run)?,
+                JobStage::PasteBack => self.paste_back(&mut run)?,
                 JobStage::PostProcess => {
                     let first = run.first_index;
                     self.post_process(&mut run.images, first)?

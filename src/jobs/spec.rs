@@ -244,6 +244,8 @@ pub struct JobSpec {
     pub post_processing: Vec<PostStep>,
     /// The hires pass, if any.
     pub hires: Option<HiresJob>,
+    /// Only the masked area generated: how each image goes back into the original.
+    pub paste_back: Option<crate::engine::inpaint_area::PasteBack>,
     /// The scheduler's A1111 sampler name, for the PNG parameters.
     pub sampler_name: String,
     /// The blur the init image's mask had (already applied), for the PNG parameters.

@@ -127,6 +127,15 @@ pub fn init_image(init: &pb::InitImage, max_pixels: u64, v: &mut Violations) -> 
             Range::open(0.0, 1.0),
         )
     });
+    if let Some(pad) = init.padding_mask_crop {
+        at_most(v, "spec.init_image.padding_mask_crop", pad, 4096);
+        if init.mask.is_empty() {
+            v.add(
+                "spec.init_image.padding_mask_crop",
+                "applies to a mask; none is set",
+            );
+        }
+    }
     if init.denoising_start.is_some() && !init.mask.is_empty() {
         v.add(
             "spec.init_image.denoising_start",

@@ -10,6 +10,7 @@ mod embeddings;
 mod fields;
 mod hires;
 mod images;
+mod inpaint_area;
 mod ip_adapters;
 mod model;
 mod output;
@@ -102,6 +103,7 @@ struct Parts {
     model: Option<ModelEntry>,
     model_scheduler: Option<SchedulerKind>,
     init: Option<InitImage>,
+    paste_back: Option<crate::engine::inpaint_area::PasteBack>,
     size: (u32, u32),
     guidance: (f64, f64),
     freeu: Option<crate::engine::request::FreeU>,
@@ -140,6 +142,7 @@ fn check(
         .and_then(|i| images::init_image(i, max_pixels, v));
     let init_size = init.as_ref().map(|i| (i.width as u32, i.height as u32));
     let size = model::size(spec, model.as_ref(), init_size, limits, v);
+    let (init, paste_back) = inpaint_area::masked_area(spec, init, size, v);
     model::inpainting_inputs(spec, model.as_ref(), v);
     // 2. sampling
     sampling::prompts(spec, limits, v);
@@ -237,6 +240,7 @@ fn check(
         model,
         model_scheduler,
         init,
+        paste_back,
         size,
         guidance,
         freeu,
@@ -267,6 +271,21 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "spec.hires".into(),
             "a hires pass after inpainting is not implemented yet".into(),
         ));
+    }
+    let masked_area = spec
+        .init_image
+        .as_ref()
+        .is_some_and(|i| i.padding_mask_crop.is_some());
+    for (field, set) in [
+        ("a refiner", spec.refiner.is_some()),
+        ("ControlNet units", !spec.controlnets.is_empty()),
+    ] {
+        if masked_area && set {
+            deferred.unimplemented(ApiError::Unimplemented(
+                "spec.init_image.padding_mask_crop".into(),
+                format!("inpainting only the masked area with {field} is not implemented yet"),
+            ));
+        }
     }
 }
 
@@ -335,6 +354,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         output: parts.output,
         post_processing: parts.post_processing,
         hires: parts.hires,
+        paste_back: parts.paste_back,
         sampler_name: a1111_name(runs, &options),
         mask_blur: spec.init_image.as_ref().map_or(0, |i| i.mask_blur),
         replay,

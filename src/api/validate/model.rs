@@ -81,7 +81,8 @@ pub fn named(
     }
 }
 
-/// `spec.width` and `spec.height`: the model's default size, or the init image's.
+/// `spec.width` and `spec.height`: the model's default size, or the init image's (rounded
+/// down to multiples of 8 when only its masked area is generated, at any size).
 pub fn size(
     spec: &pb::GenerationSpec,
     model: Option<&ModelEntry>,
@@ -90,14 +91,19 @@ pub fn size(
     v: &mut Violations,
 ) -> (u32, u32) {
     let default_size = model.map_or(1024, ModelEntry::default_size);
+    let masked_area = spec
+        .init_image
+        .as_ref()
+        .is_some_and(|i| i.padding_mask_crop.is_some());
     let pick = |asked: u32, from_image: Option<u32>| match (asked, from_image) {
+        (0, Some(size)) if masked_area => (size / 8 * 8).max(64),
         (0, Some(size)) => size,
         (0, None) => default_size,
         (asked, _) => asked,
     };
     let width = pick(spec.width, init_size.map(|s| s.0));
     let height = pick(spec.height, init_size.map(|s| s.1));
-    if let Some((w, h)) = init_size {
+    if let Some((w, h)) = init_size.filter(|_| !masked_area) {
         if (w, h) != (width, height) {
             v.add(
                 "spec.init_image.image",
