@@ -1,6 +1,7 @@
 //! Mutation fuzzing of the parsers that read untrusted bytes: safetensors headers and
 //! tensors (model and LoRA files), the zip archives and the pickle reader of `sdxld
-//! convert`, image sniffing and decoding, request validation and compel's prompt syntax.
+//! convert`, image sniffing and decoding, request validation, compel's prompt syntax and
+//! perturbed-attention guidance's layer patterns.
 //! Each target starts from its seed corpus (`tests/fuzz/corpus/<target>/`, and request
 //! specs and prompts built here) and runs mutated inputs;
 //! errors are fine, a panic fails the test and leaves the input under
@@ -310,5 +311,31 @@ fn compel_prompt_syntax() {
     .collect();
     fuzz("prompt_syntax", &seeds, |bytes| {
         let _ = sdxld::engine::prompt_syntax::parse(&String::from_utf8_lossy(bytes));
+    });
+}
+
+/// Perturbed-attention guidance's layer patterns, parsed and searched in SDXL's
+/// self-attention layer names.
+#[test]
+fn pag_layer_patterns() {
+    use sdxld::engine::models::unet::UNet2DConditionModel;
+    use sdxld::engine::models::unet_config::UNetConfig;
+    use sdxld::engine::request::PagLayer;
+
+    let names = UNet2DConditionModel::self_attention_names(&UNetConfig::sdxl_base());
+    let seeds: Vec<Vec<u8>> = [
+        "mid",
+        "up_blocks.0.attentions.(0|2).transformer_blocks.1",
+        "(?:down|up)_blocks.1$",
+        "^a*(b+)?c|d.e((f))",
+        "((((((((((a*)*)*)*)*)*)*)*)*)*)",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    fuzz("pag_layers", &seeds, |bytes| {
+        if let Ok(layer) = PagLayer::parse(&String::from_utf8_lossy(bytes)) {
+            let _ = names.iter().filter(|n| layer.matches(n)).count();
+        }
     });
 }

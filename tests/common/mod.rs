@@ -110,6 +110,14 @@ pub fn freeu_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_masked_area_fixtures.py` (built
+/// when missing).
+pub fn masked_area_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_masked_area_fixtures.py", "SDXLD_MASKED_AREA_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
 /// missing).
 pub fn pag_fixtures() -> PathBuf {

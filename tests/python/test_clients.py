@@ -352,6 +352,27 @@ def test_python_client_perturbed_attention_guidance_and_grpcurl_refusal(stubs, s
     assert "InvalidArgument" in bad.stderr and "spec.pag.layers[1]" in bad.stderr
 
 
+def test_python_client_inpaints_only_the_masked_area_of_an_odd_sized_image(stubs, server):
+    """A 100x76 photo with a masked box comes back 100x76, unchanged outside the mask."""
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    photo = Image.new("RGB", (100, 76), (40, 90, 160))
+    mask = Image.new("L", (100, 76), 0)
+    mask.paste(255, (60, 20, 84, 44))
+    encoded = []
+    for image in (photo, mask):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    init = stubs.gen.InitImage(image=encoded[0], mask=encoded[1], strength=0.9, padding_mask_crop=8)
+    done = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, init_image=init)))
+    result = Image.open(io.BytesIO(done.images[0].data)).convert("RGB")
+    assert result.size == (100, 76)
+    assert result.getpixel((5, 5)) == (40, 90, 160)
+    assert result.getpixel((72, 32)) != (40, 90, 160)
+    assert "Inpaint area: Only masked, Masked area padding: 8" in Image.open(io.BytesIO(done.images[0].data)).info["parameters"]
+
+
 def test_png_metadata_json_is_a_request_that_reproduces_the_image(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
