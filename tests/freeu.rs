@@ -17,22 +17,7 @@ fn cases(config: &str) -> Vec<Value> {
 }
 
 async fn server() -> TestServer {
-    let pipelines = fixtures();
-    TestServer::start(&[
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__BASE_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__REFINER_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
-    ])
-    .await
+    TestServer::with_pipelines(&[]).await
 }
 
 fn factor(case: &Value, name: &str) -> Option<f32> {

@@ -80,22 +80,7 @@ fn paste_back_matches_diffusers_apply_overlay_bit_for_bit() {
 }
 
 async fn server() -> TestServer {
-    let pipelines = fixtures();
-    TestServer::start(&[
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__BASE_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__REFINER_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
-    ])
-    .await
+    TestServer::with_pipelines(&[]).await
 }
 
 fn read(path: &Path) -> Vec<u8> {

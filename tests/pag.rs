@@ -42,34 +42,20 @@ fn controlnet_root() -> tempfile::TempDir {
 }
 
 async fn server(controlnets: &Path, fused: bool) -> TestServer {
-    let pipelines = fixtures();
-    TestServer::start(&[
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__BASE_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__REFINER_ROOTS",
-            pipelines.to_str().expect("utf-8"),
-        ),
+    let ip = ip_adapter_fixtures();
+    let encoders = ip.join("encoders");
+    TestServer::with_pipelines(&[
         (
             "SDXLD__MODELS__CONTROLNET_ROOTS",
             controlnets.to_str().expect("utf-8"),
         ),
         (
             "SDXLD__MODELS__IP_ADAPTER_ROOTS",
-            ip_adapter_fixtures().to_str().expect("utf-8"),
+            ip.to_str().expect("utf-8"),
         ),
         (
             "SDXLD__MODELS__IMAGE_ENCODER_ROOTS",
-            ip_adapter_fixtures()
-                .join("encoders")
-                .to_str()
-                .expect("utf-8"),
+            encoders.to_str().expect("utf-8"),
         ),
         (
             "SDXLD__ENGINE__FUSED_PROJECTIONS",

@@ -25,6 +25,25 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// [`Self::start`] serving the fixture pipelines: tiny2's by default, every pipeline
+    /// of the fixtures by name as a base or a refiner, and `extra` settings.
+    #[allow(dead_code)]
+    pub async fn with_pipelines(extra: &[(&str, &str)]) -> Self {
+        let pipelines = super::fixtures();
+        let default = pipelines.join("tiny2/pipeline");
+        let roots = pipelines.to_str().expect("utf-8");
+        let mut env = vec![
+            (
+                "SDXLD__ENGINE__DEFAULT_MODEL",
+                default.to_str().expect("utf-8"),
+            ),
+            ("SDXLD__MODELS__BASE_ROOTS", roots),
+            ("SDXLD__MODELS__REFINER_ROOTS", roots),
+        ];
+        env.extend_from_slice(extra);
+        Self::start(&env).await
+    }
+
     /// Starts `sdxld serve` on 127.0.0.1:0 with extra `SDXLD__*` settings and waits until
     /// it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
