@@ -8,6 +8,13 @@ use crate::engine::inpaint_area::{crop_init, crop_region, PasteBack};
 use crate::engine::request::InitImage;
 use crate::proto::v1 as pb;
 
+/// Whether the request generates only its init image's masked area.
+pub fn asked(spec: &pb::GenerationSpec) -> bool {
+    spec.init_image
+        .as_ref()
+        .is_some_and(|i| i.padding_mask_crop.is_some())
+}
+
 /// The init image the pipeline generates from (the masked area at `size` when asked)
 /// and, then, how its result goes back into the original image.
 pub fn masked_area(
@@ -32,6 +39,7 @@ pub fn masked_area(
         return (None, None);
     };
     let Some(original) = RgbImage::from_raw(dims.0, dims.1, init.pixels.clone()) else {
+        v.add("spec.init_image.image", "has fewer pixels than its size");
         return (None, None);
     };
     let back = PasteBack {

@@ -272,10 +272,7 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "a hires pass after inpainting is not implemented yet".into(),
         ));
     }
-    let masked_area = spec
-        .init_image
-        .as_ref()
-        .is_some_and(|i| i.padding_mask_crop.is_some());
+    let masked_area = inpaint_area::asked(spec);
     for (field, set) in [
         ("a refiner", spec.refiner.is_some()),
         ("ControlNet units", !spec.controlnets.is_empty()),

@@ -91,10 +91,7 @@ pub fn size(
     v: &mut Violations,
 ) -> (u32, u32) {
     let default_size = model.map_or(1024, ModelEntry::default_size);
-    let masked_area = spec
-        .init_image
-        .as_ref()
-        .is_some_and(|i| i.padding_mask_crop.is_some());
+    let masked_area = crate::api::validate::inpaint_area::asked(spec);
     let pick = |asked: u32, from_image: Option<u32>| match (asked, from_image) {
         (0, Some(size)) if masked_area => (size / 8 * 8).max(64),
         (0, Some(size)) => size,
