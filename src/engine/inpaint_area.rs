@@ -111,18 +111,38 @@ fn widened(mut a: i64, mut b: i64, diff: i64, size: i64) -> (i64, i64) {
     (a, b)
 }
 
-/// `init` (with its mask) cut to `region` and resized to `width` × `height` the "fill"
-/// way (Lanczos inside, the edge lines stretched over the bands), as the pipeline's image
-/// and mask processors prepare them.
-pub fn crop_init(init: &InitImage, region: CropRegion, (width, height): (u32, u32)) -> InitImage {
-    let image = rgb(init.width as u32, init.height as u32, init.pixels.clone());
-    let cropped = cut(&image, region);
-    let pixels = fit(&cropped, width, height, ResizeMode::ResizeAndFill).into_raw();
+/// `init` (its pixels as `original`, and its mask) cut to `region` and resized to
+/// `width` × `height` the "fill" way (Lanczos inside, the edge lines stretched over the
+/// bands), as the pipeline's image and mask processors prepare them.
+pub fn crop_init(
+    init: &InitImage,
+    original: &RgbImage,
+    region: CropRegion,
+    (width, height): (u32, u32),
+) -> InitImage {
+    let cropped = imageops::crop_imm(
+        original,
+        region.x1,
+        region.y1,
+        region.width(),
+        region.height(),
+    );
+    let pixels = fit(
+        &cropped.to_image(),
+        width,
+        height,
+        ResizeMode::ResizeAndFill,
+    )
+    .into_raw();
     let mask = init.mask.as_ref().map(|mask| {
         // The mask is resized as an RGB image of three equal channels: Pillow resamples
         // each channel alone, so each equals the luminance resized.
-        let grey = mask.iter().flat_map(|&l| [l, l, l]).collect();
-        let cropped = cut(&rgb(init.width as u32, init.height as u32, grey), region);
+        let stride = original.width() as usize;
+        let cropped = RgbImage::from_fn(region.width(), region.height(), |x, y| {
+            let at = (y + region.y1) as usize * stride + (x + region.x1) as usize;
+            let l = mask.get(at).copied().unwrap_or(0);
+            image::Rgb([l, l, l])
+        });
         let fitted = fit(&cropped, width, height, ResizeMode::ResizeAndFill);
         fitted.pixels().map(|p| p[0]).collect()
     });
@@ -130,17 +150,10 @@ pub fn crop_init(init: &InitImage, region: CropRegion, (width, height): (u32, u3
         width: i64::from(width),
         height: i64::from(height),
         pixels,
+        strength: init.strength,
         mask,
-        ..init.clone()
+        denoising_start: init.denoising_start,
     }
-}
-
-fn rgb(width: u32, height: u32, pixels: Vec<u8>) -> RgbImage {
-    RgbImage::from_raw(width, height, pixels).unwrap_or_else(|| RgbImage::new(width, height))
-}
-
-fn cut(image: &RgbImage, region: CropRegion) -> RgbImage {
-    imageops::crop_imm(image, region.x1, region.y1, region.width(), region.height()).to_image()
 }
 
 /// `generated` (of the cropped area, at the generation size) put back into the original

@@ -23,30 +23,36 @@ pub fn masked_area(
     size: (u32, u32),
     v: &mut Violations,
 ) -> (Option<InitImage>, Option<PasteBack>) {
-    let pad = spec.init_image.as_ref().and_then(|i| i.padding_mask_crop);
-    let (Some(pad), Some(init)) = (pad, init.as_ref()) else {
+    let Some(pad) = spec.init_image.as_ref().and_then(|i| i.padding_mask_crop) else {
         return (init, None);
     };
-    let Some(mask) = init.mask.as_ref() else {
+    // A padding without a mask was refused with the init image.
+    let Some(mut init) = init.filter(|i| i.mask.is_some()) else {
         return (None, None);
     };
     let dims = (init.width as u32, init.height as u32);
-    let Some(region) = crop_region(mask, dims, size, pad) else {
+    let region = init
+        .mask
+        .as_deref()
+        .and_then(|mask| crop_region(mask, dims, size, pad));
+    let Some(region) = region else {
         v.add(
             "spec.init_image.mask",
             "has no masked pixel: padding_mask_crop needs a masked area",
         );
         return (None, None);
     };
-    let Some(original) = RgbImage::from_raw(dims.0, dims.1, init.pixels.clone()) else {
+    let pixels = std::mem::take(&mut init.pixels);
+    let Some(original) = RgbImage::from_raw(dims.0, dims.1, pixels) else {
         v.add("spec.init_image.image", "has fewer pixels than its size");
         return (None, None);
     };
+    let cropped = crop_init(&init, &original, region, size);
     let back = PasteBack {
         original,
-        mask: mask.clone(),
+        mask: init.mask.take().unwrap_or_default(),
         region,
         padding: pad,
     };
-    (Some(crop_init(init, region, size)), Some(back))
+    (Some(cropped), Some(back))
 }
