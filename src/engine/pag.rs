@@ -37,9 +37,7 @@ impl Pag {
 
     /// The first layer that finds none of the self-attention layers `names`, if any.
     pub fn unmatched<'l>(&'l self, names: &[String]) -> Option<&'l PagLayer> {
-        self.layers
-            .iter()
-            .find(|layer| !names.iter().any(|name| layer.matches(name)))
+        self.layers.iter().find(|layer| !layer.finds_any(names))
     }
 }
 
@@ -89,6 +87,11 @@ impl PagLayer {
     /// Whether the pattern is found in the self-attention layer `name`.
     pub fn matches(&self, name: &str) -> bool {
         self.regex.is_match(name)
+    }
+
+    /// Whether the pattern is found in any of the self-attention layers `names`.
+    pub fn finds_any(&self, names: &[String]) -> bool {
+        names.iter().any(|name| self.matches(name))
     }
 
     /// The pattern as written.

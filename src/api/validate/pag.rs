@@ -63,7 +63,7 @@ fn layers(patterns: &[String], base: Option<&ModelEntry>, v: &mut Violations) ->
         let field = format!("spec.pag.layers[{i}]");
         match PagLayer::parse(pattern) {
             Err(why) => v.add(field, why),
-            Ok(layer) if known.is_some_and(|k| !k.iter().any(|n| layer.matches(n))) => v.add(
+            Ok(layer) if known.is_some_and(|names| !layer.finds_any(names)) => v.add(
                 field,
                 format!("{pattern:?} finds no self-attention layer of the base model's UNet"),
             ),

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::engine::files::read_json;
+use crate::engine::guidance::BatchLayout;
 use crate::engine::pipeline::GenerateParams;
 use crate::engine::preprocess::detector::DetectorNetwork;
 
@@ -133,9 +134,11 @@ pub fn generation_estimate(
     let (width, height) = (p.width.max(0) as u64, p.height.max(0) as u64);
     let pixels = width * height;
     let latent_pixels = pixels / 64;
-    // One part per guidance term: negative (classifier-free), prompt, perturbed (PAG).
-    let parts = 1 + u64::from(p.guidance_scale > 1.0) + u64::from(p.pag.is_some());
-    let batch = parts * p.num_images.max(1) as u64;
+    let layout = BatchLayout {
+        negative: p.guidance_scale > 1.0,
+        perturbed: p.pag.is_some(),
+    };
+    let batch = layout.parts() as u64 * p.num_images.max(1) as u64;
     let denoising = product(&[
         8,
         batch,
