@@ -52,7 +52,7 @@ impl Stage {
 }
 
 /// An 8-bit RGB image, row-major.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RgbImage {
     /// Width in pixels.
     pub width: u32,
@@ -72,6 +72,24 @@ impl RgbImage {
             height: size[0] as u32,
             pixels,
         })
+    }
+
+    /// The image as the `image` crate holds it.
+    pub fn into_image(self) -> Result<image::RgbImage, crate::engine::error::EngineError> {
+        image::RgbImage::from_raw(self.width, self.height, self.pixels).ok_or_else(|| {
+            crate::engine::error::EngineError::Internal("an image of the wrong size".into())
+        })
+    }
+}
+
+impl From<image::RgbImage> for RgbImage {
+    fn from(image: image::RgbImage) -> Self {
+        let (width, height) = image.dimensions();
+        Self {
+            width,
+            height,
+            pixels: image.into_raw(),
+        }
     }
 }
 

@@ -102,8 +102,7 @@ impl JobRun<'_> {
             .clone()
             .ok_or_else(|| EngineError::Internal("a hires pass without its upscaler".into()))?;
         let decoded = self.vae_decode(&base, &latents.get(0), index)?;
-        let image = image::RgbImage::from_raw(decoded.width, decoded.height, decoded.pixels)
-            .ok_or_else(|| EngineError::Internal("a decoded image of the wrong size".into()))?;
+        let image = decoded.into_image()?;
         let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
         let mut target = Target {
             sink: &mut *self.sink,

@@ -85,18 +85,8 @@ impl JobRun<'_> {
         };
         for image in &mut run.images {
             self.check()?;
-            let generated = image::RgbImage::from_raw(
-                image.width,
-                image.height,
-                std::mem::take(&mut image.pixels),
-            )
-            .ok_or_else(|| EngineError::Internal("a decoded image of the wrong size".into()))?;
-            let pasted = paste_back(back, &generated);
-            *image = RgbImage {
-                width: pasted.width(),
-                height: pasted.height(),
-                pixels: pasted.into_raw(),
-            };
+            let generated = std::mem::take(image).into_image()?;
+            *image = paste_back(back, &generated).into();
         }
         Ok(())
     }

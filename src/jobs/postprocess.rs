@@ -58,15 +58,9 @@ impl JobRun<'_> {
             index,
             keep: &keep,
         };
-        let input = image::RgbImage::from_raw(image.width, image.height, image.pixels.clone())
-            .ok_or_else(|| EngineError::Internal("an image of the wrong size".into()))?;
+        let input = image.clone().into_image()?;
         let output = upscale_image(self.engine, target, upscaler, job, &input)?;
-        let (width, height) = output.dimensions();
-        Ok(RgbImage {
-            width,
-            height,
-            pixels: output.into_raw(),
-        })
+        Ok(output.into())
     }
 }
 

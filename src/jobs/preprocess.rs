@@ -43,12 +43,8 @@ impl JobRun<'_> {
                 let fitted = fit(&map, width, height, unit.resize);
                 unit_maps.push(unit_range(&fitted));
                 if self.spec.output.return_control_maps {
-                    let image = RgbImage {
-                        width,
-                        height,
-                        pixels: fitted.into_raw(),
-                    };
-                    self.sink.control_map(i as u32, j as u32, image);
+                    self.sink
+                        .control_map(i as u32, j as u32, RgbImage::from(fitted));
                 }
                 done += 1;
             }

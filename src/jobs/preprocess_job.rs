@@ -53,11 +53,7 @@ pub fn run_preprocess(
         seed: 0,
         width,
         height,
-        content: ImageContent::Rgb(RgbImage {
-            width,
-            height,
-            pixels: map.into_raw(),
-        }),
+        content: ImageContent::Rgb(RgbImage::from(map)),
         format: OutputFormat::Png,
         quality: 100,
         metadata: None,

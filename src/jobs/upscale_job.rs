@@ -44,12 +44,7 @@ pub fn run_upscale(
             keep: &keep,
         };
         let output = upscale_image(engine, target, &upscaler, &spec.step, &input)?;
-        let (width, height) = output.dimensions();
-        RgbImage {
-            width,
-            height,
-            pixels: output.into_raw(),
-        }
+        RgbImage::from(output)
     };
     metrics.image_produced();
     sink.image(finished(spec, image));
