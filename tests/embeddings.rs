@@ -204,13 +204,9 @@ async fn bad_embeddings_are_refused_naming_the_field() {
     ];
     for (embeddings, field) in refused {
         let what = format!("{embeddings:?}");
-        let status = server.images(spec(embeddings)).await.expect_err(&what);
-        assert_eq!(
-            status.code(),
-            tonic::Code::InvalidArgument,
-            "{what}: {status:?}"
-        );
-        assert_eq!(violated_fields(&status), vec![field.to_string()], "{what}");
+        server
+            .assert_invalid(&what, spec(embeddings), &[field])
+            .await;
     }
     let many: Vec<(&str, &str)> = (0..17).map(|_| (style, "")).collect();
     let status = server.images(spec(many)).await.expect_err("17");

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::server::{violated_fields, TestServer};
+use common::server::TestServer;
 use common::{assert_images_match, fixtures, freeu_fixtures, read_tensors};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
@@ -65,25 +65,14 @@ async fn freeu_matches_diffusers() {
         freeu: Some(pb::FreeU::default()),
         ..spec_of("tiny2", &cases("tiny2")[0])
     };
-    let with = server.images(spec.clone()).await.expect("defaults").images;
-    let parameters = common::png_parameters(&with[0].data);
-    assert!(
-        parameters.contains("FreeU: \"b1 1.3, b2 1.4, s1 0.9, s2 0.2\""),
-        "{parameters}"
-    );
-    let without = server
-        .images(pb::GenerationSpec {
-            freeu: None,
-            ..spec
-        })
-        .await
-        .expect("without")
-        .images;
-    let moved = common::image_difference(
-        &common::decoded_image(&with[0].data),
-        &common::decoded_image(&without[0].data),
-    );
-    assert!(moved > 10, "FreeU moves the image by {moved} levels only");
+    let without = pb::GenerationSpec {
+        freeu: None,
+        ..spec.clone()
+    };
+    let entry = "FreeU: \"b1 1.3, b2 1.4, s1 0.9, s2 0.2\"";
+    server
+        .assert_entry_and_effect("FreeU", spec, without, entry)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,13 +116,7 @@ async fn freeu_factors_out_of_range_are_refused_and_the_refiner_runs_without() {
             "spec.freeu.s2",
         ),
     ] {
-        let status = server.images(spec(freeu)).await.expect_err(field);
-        assert_eq!(
-            status.code(),
-            tonic::Code::InvalidArgument,
-            "{field}: {status:?}"
-        );
-        assert_eq!(violated_fields(&status), vec![field.to_string()]);
+        server.assert_invalid(field, spec(freeu), &[field]).await;
     }
     let refined = pb::GenerationSpec {
         steps: 4,

@@ -326,14 +326,9 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
         ),
     ];
     for (prompt, field) in refused {
-        let what = field.to_string();
-        let status = server.images(spec(vec![prompt])).await.expect_err(&what);
-        assert_eq!(
-            status.code(),
-            tonic::Code::InvalidArgument,
-            "{what}: {status:?}"
-        );
-        assert_eq!(violated_fields(&status), vec![field.to_string()], "{what}");
+        server
+            .assert_invalid(field, spec(vec![prompt]), &[field])
+            .await;
     }
     let status = server
         .images(spec(vec![good(); 5]))

@@ -11,7 +11,7 @@ mod common;
 
 use std::path::Path;
 
-use common::server::{violated_fields, TestServer};
+use common::server::TestServer;
 use common::{fixtures, masked_area_fixtures, read_tensors};
 use image::RgbImage;
 use sdxld::engine::inpaint_area::{crop_region, paste_back, CropRegion, PasteBack};
@@ -183,13 +183,9 @@ async fn masked_area_refusals_name_their_fields() {
             "spec.init_image.mask",
         ),
     ] {
-        let status = server.images(with_init(init)).await.expect_err(field);
-        assert_eq!(
-            status.code(),
-            tonic::Code::InvalidArgument,
-            "{field}: {status:?}"
-        );
-        assert_eq!(violated_fields(&status), vec![field.to_string()]);
+        server
+            .assert_invalid(field, with_init(init), &[field])
+            .await;
     }
     let refined = pb::GenerationSpec {
         refiner: Some(pb::RefinerStage {

@@ -12,7 +12,7 @@ mod common;
 
 use std::path::Path;
 
-use common::server::{violated_fields, TestServer};
+use common::server::TestServer;
 use common::{
     assert_images_match, controlnet_fixtures, fixtures, ip_adapter_fixtures, pag_fixtures,
     read_tensors,
@@ -158,22 +158,14 @@ async fn pag_matches_diffusers() {
         pag: Some(pb::PerturbedAttentionGuidance::default()),
         ..spec_of("tiny2", &cases("tiny2")[0])
     };
-    let with = server.images(spec.clone()).await.expect("defaults").images;
-    let parameters = common::png_parameters(&with[0].data);
-    assert!(
-        parameters.contains("PAG: \"scale 3, adaptive scale 0, layers mid\""),
-        "{parameters}"
-    );
-    let without = server
-        .images(pb::GenerationSpec { pag: None, ..spec })
-        .await
-        .expect("without")
-        .images;
-    let moved = common::image_difference(
-        &common::decoded_image(&with[0].data),
-        &common::decoded_image(&without[0].data),
-    );
-    assert!(moved > 10, "PAG moves the image by {moved} levels only");
+    let without = pb::GenerationSpec {
+        pag: None,
+        ..spec.clone()
+    };
+    let entry = "PAG: \"scale 3, adaptive scale 0, layers mid\"";
+    server
+        .assert_entry_and_effect("PAG", spec, without, entry)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,14 +281,10 @@ async fn pag_refusals_name_their_fields_and_the_refiner_runs_without() {
         (layers(&["mid"; 17]), vec!["spec.pag.layers"]),
     ];
     for (pag, fields) in refusals {
-        let status = server
-            .images(refused_spec(pag.clone()))
-            .await
-            .expect_err("refused");
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{pag:?}");
-        let mut got = violated_fields(&status);
-        got.sort();
-        assert_eq!(got, fields, "{pag:?}");
+        let what = format!("{pag:?}");
+        server
+            .assert_invalid(&what, refused_spec(pag), &fields)
+            .await;
     }
     let guess = pb::GenerationSpec {
         controlnets: vec![pb::ControlNetUnit {
@@ -308,12 +296,9 @@ async fn pag_refusals_name_their_fields_and_the_refiner_runs_without() {
         model: "tiny3/pipeline".into(),
         ..refused_spec(pb::PerturbedAttentionGuidance::default())
     };
-    let status = server.images(guess).await.expect_err("guess mode");
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert_eq!(
-        violated_fields(&status),
-        ["spec.controlnets[0].control_mode"]
-    );
+    server
+        .assert_invalid("guess mode", guess, &["spec.controlnets[0].control_mode"])
+        .await;
     // The refiner has its own layers: PAG stays on the base, and the server serves on.
     let refined = pb::GenerationSpec {
         steps: 4,

@@ -127,6 +127,45 @@ impl TestServer {
             .map(tonic::Response::into_inner)
     }
 
+    /// Asserts that `spec` is refused before admission as INVALID_ARGUMENT naming exactly
+    /// `fields` (in any order); `what` names the case in failures.
+    #[allow(dead_code)]
+    pub async fn assert_invalid(&self, what: &str, spec: pb::GenerationSpec, fields: &[&str]) {
+        let status = self.images(spec).await.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        let mut got = violated_fields(&status);
+        got.sort();
+        let mut expected: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        expected.sort();
+        assert_eq!(got, expected, "{what}");
+    }
+
+    /// Asserts that `with` (a feature on) writes `entry` into its first PNG's parameters
+    /// and that its first image differs from `without`'s (the feature off) by more than 10
+    /// levels somewhere; `what` names the feature in failures.
+    #[allow(dead_code)]
+    pub async fn assert_entry_and_effect(
+        &self,
+        what: &str,
+        with: pb::GenerationSpec,
+        without: pb::GenerationSpec,
+        entry: &str,
+    ) {
+        let with = self.images(with).await.expect(what).images;
+        let parameters = super::png_parameters(&with[0].data);
+        assert!(parameters.contains(entry), "{what}: {parameters}");
+        let without = self.images(without).await.expect(what).images;
+        let moved = super::image_difference(
+            &super::decoded_image(&with[0].data),
+            &super::decoded_image(&without[0].data),
+        );
+        assert!(moved > 10, "{what} moves the image by {moved} levels only");
+    }
+
     /// Runs `spec` as PNG images and as latents and asserts that they match the fixture
     /// case `key` of `reference` (`<key>.images` within two levels, `<key>.latents` within
     /// 1e-3).
