@@ -4,15 +4,16 @@
 //! paste-back (`apply_overlay`) byte for byte with soft and hard masks; over gRPC the
 //! 100×76 results (images within two levels, latents of the cropped area within 1e-3) on
 //! the 4-channel tiny2 UNet (blurred mask, padding 6; 64×80, no blur, strength 1)
-//! and tiny3's 9-channel inpainting UNet; the PNG parameters; refusals naming their
-//! fields; the CLI flag.
+//! and tiny3's 9-channel inpainting UNet, with ControlNet units too (one or two units, a
+//! window; their maps cut and fitted equal to diffusers' byte for byte); the PNG
+//! parameters; refusals naming their fields; the CLI flag.
 
 mod common;
 
 use std::path::Path;
 
 use common::server::TestServer;
-use common::{fixtures, masked_area_fixtures, read_tensors};
+use common::{controlnet_fixtures, decoded_image, fixtures, masked_area_fixtures, read_tensors};
 use image::RgbImage;
 use sdxld::engine::inpaint_area::{crop_region, paste_back, CropRegion, PasteBack};
 use sdxld::proto::v1 as pb;
@@ -80,7 +81,12 @@ fn paste_back_matches_diffusers_apply_overlay_bit_for_bit() {
 }
 
 async fn server() -> TestServer {
-    TestServer::with_pipelines(&[]).await
+    let controlnets = controlnet_fixtures();
+    TestServer::with_pipelines(&[(
+        "SDXLD__MODELS__CONTROLNET_ROOTS",
+        controlnets.to_str().expect("utf-8"),
+    )])
+    .await
 }
 
 fn read(path: &Path) -> Vec<u8> {
@@ -107,8 +113,31 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
             padding_mask_crop: Some(number("padding")),
             ..Default::default()
         }),
+        controlnets: units_of(config, case),
         ..Default::default()
     }
+}
+
+/// A recorded case's ControlNet units (none for most cases).
+fn units_of(config: &str, case: &Value) -> Vec<pb::ControlNetUnit> {
+    let units = case["units"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    units
+        .iter()
+        .map(|unit| {
+            let number = |k: &str, default: f64| unit[k].as_f64().unwrap_or(default) as f32;
+            pb::ControlNetUnit {
+                model: format!("{config}/{}", unit["model"].as_str().expect("model")),
+                image: read(&masked_area_fixtures().join(unit["image"].as_str().expect("image"))),
+                conditioning_scale: Some(number("scale", 1.0)),
+                guidance_start: number("start", 0.0),
+                guidance_end: Some(number("end", 1.0)),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,12 +225,56 @@ async fn masked_area_refusals_name_their_fields() {
         }),
         ..spec_of("tiny2", case)
     };
+    let mut resized = spec_of("tiny2", &json(&root.join("tiny2/cases.json"))[2]);
+    resized.controlnets[0].resize_mode = pb::ResizeMode::CropAndResize as i32;
+    let field = "spec.controlnets[0].resize_mode";
+    server.assert_invalid(field, resized, &[field]).await;
     let status = server.images(refined).await.expect_err("refiner");
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
     assert!(status.message().contains("padding_mask_crop"), "{status:?}");
     // The server serves on.
     let done = server.images(spec_of("tiny2", case)).await.expect("after");
     assert_eq!(done.images.len(), 1);
+}
+
+/// The ControlNet cases' maps come back cut at the masked area and fitted as diffusers'
+/// control image processor makes them, byte for byte; the PNG parameters say how.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_area_control_maps_match_diffusers() {
+    let server = server().await;
+    let mut checked = 0;
+    for config in ["tiny2", "tiny3"] {
+        let dir = masked_area_fixtures().join(config);
+        let reference = read_tensors(&dir.join("cases.safetensors"));
+        for case in json(&dir.join("cases.json")) {
+            let key = case["name"].as_str().expect("name");
+            let Some(expected) = reference.get(&format!("{key}.control_maps")) else {
+                continue;
+            };
+            let mut spec = spec_of(config, &case);
+            spec.output = Some(pb::OutputOptions {
+                return_control_maps: true,
+                ..Default::default()
+            });
+            let done = server.images(spec).await.expect("control maps");
+            assert_eq!(done.control_maps.len() as i64, expected.size()[0], "{key}");
+            for (j, map) in done.control_maps.iter().enumerate() {
+                assert_eq!(map.unit_index, j as u32);
+                let got = decoded_image(&map.data);
+                assert!(
+                    got.equal(&expected.get(j as i64)),
+                    "{config} {key}: control map {j} differs from diffusers'"
+                );
+            }
+            let parameters = common::png_parameters(&done.images[0].data);
+            assert!(
+                parameters.contains("Resize Mode: Resize and Fill"),
+                "{parameters}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3, "the ControlNet cases");
 }
 
 /// `sdxld generate --padding-mask-crop` runs tiny2's first case; the flag without a mask

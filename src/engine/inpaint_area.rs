@@ -120,20 +120,7 @@ pub fn crop_init(
     region: CropRegion,
     (width, height): (u32, u32),
 ) -> InitImage {
-    let cropped = imageops::crop_imm(
-        original,
-        region.x1,
-        region.y1,
-        region.width(),
-        region.height(),
-    );
-    let pixels = fit(
-        &cropped.to_image(),
-        width,
-        height,
-        ResizeMode::ResizeAndFill,
-    )
-    .into_raw();
+    let pixels = crop_map(original, region, original.dimensions(), (width, height)).into_raw();
     let mask = init.mask.as_ref().map(|mask| {
         // The mask is resized as an RGB image of three equal channels: Pillow resamples
         // each channel alone, so each equals the luminance resized.
@@ -154,6 +141,33 @@ pub fn crop_init(
         mask,
         denoising_start: init.denoising_start,
     }
+}
+
+/// A control map of an `image`-sized picture cut to `region` (scaled to the map's own
+/// size when it has another) and resized to `width` × `height` the "fill" way, as
+/// diffusers' ControlNet inpainting pipeline prepares control images with the crop.
+pub fn crop_map(
+    map: &RgbImage,
+    region: CropRegion,
+    image: (u32, u32),
+    (width, height): (u32, u32),
+) -> RgbImage {
+    let (x1, x2) = scaled_span(region.x1, region.x2, image.0, map.width());
+    let (y1, y2) = scaled_span(region.y1, region.y2, image.1, map.height());
+    let cropped = imageops::crop_imm(map, x1, y1, x2 - x1, y2 - y1).to_image();
+    fit(&cropped, width, height, ResizeMode::ResizeAndFill)
+}
+
+/// `[a, b)` of a side `from` pixels long, as the same fraction of a side `to` pixels
+/// long (rounded to the nearest pixel, at least one pixel wide).
+fn scaled_span(a: u32, b: u32, from: u32, to: u32) -> (u32, u32) {
+    if from == to || from == 0 {
+        return (a.min(to), b.min(to));
+    }
+    let scale =
+        |v: u32| ((u64::from(v) * u64::from(to) + u64::from(from) / 2) / u64::from(from)) as u32;
+    let start = scale(a).min(to.saturating_sub(1));
+    (start, scale(b).clamp(start + 1, to.max(start + 1)))
 }
 
 /// `generated` (of the cropped area, at the generation size) put back into the original
@@ -263,6 +277,29 @@ mod tests {
             crop_region(&vec![0; 100 * 80], (100, 80), (64, 64), 8),
             None
         );
+    }
+
+    #[test]
+    fn maps_of_another_size_are_cut_at_the_same_fraction_of_the_picture() {
+        assert_eq!(scaled_span(38, 52, 100, 100), (38, 52));
+        assert_eq!(scaled_span(38, 52, 100, 200), (76, 104));
+        assert_eq!(scaled_span(25, 39, 76, 38), (13, 20));
+        // A region one pixel wide keeps a pixel on a much smaller map, inside it.
+        assert_eq!(scaled_span(99, 100, 100, 10), (9, 10));
+        assert_eq!(scaled_span(0, 1, 100, 10), (0, 1));
+        // The map of a picture cut at its own size is the picture's crop, fitted.
+        let map = RgbImage::from_fn(20, 10, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
+        let region = CropRegion {
+            x1: 4,
+            y1: 2,
+            x2: 12,
+            y2: 10,
+        };
+        let cut = crop_map(&map, region, (20, 10), (8, 8));
+        assert_eq!(cut, imageops::crop_imm(&map, 4, 2, 8, 8).to_image());
+        let twice = imageops::resize(&map, 40, 20, imageops::FilterType::Nearest);
+        let cut = crop_map(&twice, region, (20, 10), (16, 16));
+        assert_eq!(cut, imageops::crop_imm(&twice, 8, 4, 16, 16).to_image());
     }
 
     #[test]

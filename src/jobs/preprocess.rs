@@ -1,9 +1,13 @@
 //! The preprocess stage: each ControlNet unit's images through their preprocessors, then
-//! fitted to the output size by the unit's resize mode; once per job, before the
-//! prompts are encoded.
+//! fitted to the output size by the unit's resize mode (or, inpainting only the masked
+//! area, cut to that area as the init image was); once per job, before the prompts are
+//! encoded.
 
-use crate::engine::control::fit;
+use image::RgbImage as Picture;
+
+use crate::engine::control::{fit, ResizeMode};
 use crate::engine::error::EngineError;
+use crate::engine::inpaint_area::crop_map;
 use crate::engine::pixels::unit_range;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::runner::JobRun;
@@ -40,7 +44,7 @@ impl JobRun<'_> {
                     .as_ref()
                     .and_then(|l| l.detectors.get(i)?.get(j)?.as_deref());
                 let map = input.preprocessing.run(&input.image.0, detector)?;
-                let fitted = fit(&map, width, height, unit.resize);
+                let fitted = self.fitted(&map, (width, height), unit.resize);
                 unit_maps.push(unit_range(&fitted));
                 if self.spec.output.return_control_maps {
                     self.sink
@@ -59,5 +63,14 @@ impl JobRun<'_> {
         });
         self.control_maps = maps;
         Ok(())
+    }
+
+    /// A control map at the output size: cut to the masked area when only that area is
+    /// generated (its region found on the init image), else fitted the unit's way.
+    fn fitted(&self, map: &Picture, size: (u32, u32), resize: ResizeMode) -> Picture {
+        match &self.spec.paste_back {
+            Some(back) => crop_map(map, back.region, back.original.dimensions(), size),
+            None => fit(map, size.0, size.1, resize),
+        }
     }
 }

@@ -4,8 +4,10 @@
 use image::RgbImage;
 
 use crate::api::validate::fields::Violations;
+use crate::engine::control::ResizeMode;
 use crate::engine::inpaint_area::{crop_init, crop_region, PasteBack};
 use crate::engine::request::InitImage;
+use crate::jobs::ControlNetJob;
 use crate::proto::v1 as pb;
 
 /// Whether the request generates only its init image's masked area.
@@ -55,4 +57,26 @@ pub fn masked_area(
         padding: pad,
     };
     (Some(cropped), Some(back))
+}
+
+/// Inpainting only the masked area, each ControlNet unit's maps are cut to that area and
+/// fitted as the image is (diffusers' "fill"): a unit asking for another resize mode is
+/// refused naming it, and the units' resize mode reads what is done.
+pub fn control_maps(spec: &pb::GenerationSpec, units: &mut [ControlNetJob], v: &mut Violations) {
+    if !asked(spec) {
+        return;
+    }
+    let fill = pb::ResizeMode::ResizeAndFill as i32;
+    for (i, unit) in spec.controlnets.iter().enumerate() {
+        if ![pb::ResizeMode::Unspecified as i32, fill].contains(&unit.resize_mode) {
+            v.add(
+                format!("spec.controlnets[{i}].resize_mode"),
+                "must be unset or RESIZE_MODE_RESIZE_AND_FILL with padding_mask_crop: the \
+                 control map is cut to the masked area and fitted as the image is",
+            );
+        }
+    }
+    for unit in units {
+        unit.resize = ResizeMode::ResizeAndFill;
+    }
 }

@@ -187,8 +187,9 @@ fn check(
         registry,
         defaults: ctx.preprocessing,
     };
-    let controlnets =
+    let mut controlnets =
         controlnet::controlnets(&spec.controlnets, detectors, max_pixels, v, deferred);
+    inpaint_area::control_maps(spec, &mut controlnets, v);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,
@@ -272,17 +273,11 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "a hires pass after inpainting is not implemented yet".into(),
         ));
     }
-    let masked_area = inpaint_area::asked(spec);
-    for (field, set) in [
-        ("a refiner", spec.refiner.is_some()),
-        ("ControlNet units", !spec.controlnets.is_empty()),
-    ] {
-        if masked_area && set {
-            deferred.unimplemented(ApiError::Unimplemented(
-                "spec.init_image.padding_mask_crop".into(),
-                format!("inpainting only the masked area with {field} is not implemented yet"),
-            ));
-        }
+    if inpaint_area::asked(spec) && spec.refiner.is_some() {
+        deferred.unimplemented(ApiError::Unimplemented(
+            "spec.init_image.padding_mask_crop".into(),
+            "inpainting only the masked area with a refiner is not implemented yet".into(),
+        ));
     }
 }
 
