@@ -96,6 +96,7 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
                 Some("style") => pb::ImagePromptLayers::Style as i32,
                 _ => 0,
             },
+            masks: Vec::new(),
         })
         .collect();
     let init_image = (case["kind"] == "img2img").then(|| pb::InitImage {
@@ -229,6 +230,7 @@ async fn bad_image_prompts_are_refused_naming_the_field() {
         images: vec![image_bytes("lighthouse")],
         scale: None,
         layers: 0,
+        masks: Vec::new(),
     };
     let spec = |prompts: Vec<pb::ImagePrompt>| pb::GenerationSpec {
         prompt: "a lighthouse".into(),

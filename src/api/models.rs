@@ -380,6 +380,7 @@ impl ModelService for Models {
             ("embeddings", true),
             ("ip_adapters", true),
             ("ip_adapters.layers", true),
+            ("ip_adapters.masks", true),
             ("freeu", true),
             ("pag", true),
         ]

@@ -152,11 +152,12 @@ pub struct GenerateArgs {
     #[arg(long = "embedding", value_name = "FILE[:TOKEN]")]
     pub embeddings: Vec<String>,
     /// An IP-Adapter image prompt: the adapter file, its CLIP image encoder folder, 1 to 4
-    /// images and an optional scale in [0, 2], e.g.
-    /// ./ip-adapter_sdxl.safetensors,./image_encoder,style.png,scale=0.7 (repeatable).
+    /// images, optionally one mask per image (where it acts: white) and a scale in [0, 2],
+    /// e.g. ./ip-adapter_sdxl.safetensors,./image_encoder,style.png,scale=0.7 or
+    /// ...,face_a.png,face_b.png,mask=left.png,mask=right.png (repeatable).
     #[arg(
         long = "ip-adapter",
-        value_name = "FILE,ENCODER,IMAGE[,IMAGE...][,scale=S]"
+        value_name = "FILE,ENCODER,IMAGE[,IMAGE...][,mask=MASK...][,scale=S]"
     )]
     pub ip_adapters: Vec<String>,
     /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional

@@ -1,10 +1,14 @@
-//! `--ip-adapter FILE,ENCODER,IMAGE[,IMAGE...][,scale=S]`: an IP-Adapter image prompt from
-//! the command line, as the contract's `ImagePrompt`.
+//! `--ip-adapter FILE,ENCODER,IMAGE[,IMAGE...][,mask=MASK...][,scale=S]`: an IP-Adapter
+//! image prompt from the command line, as the contract's `ImagePrompt` (masks, one per
+//! image in order, make it regional).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use sdxld::proto::v1 as pb;
+
+/// The value's form.
+const USAGE: &str = "FILE,ENCODER_FOLDER,IMAGE[,IMAGE...][,mask=MASK...][,scale=S]";
 
 /// A parsed `--ip-adapter` value: the adapter file, the image encoder folder and the
 /// image prompt naming them.
@@ -24,11 +28,12 @@ fn name_of(path: &Path, arg: &str) -> anyhow::Result<String> {
         .with_context(|| format!("--ip-adapter {arg:?}: {path:?} names no file or folder"))
 }
 
-/// Parses `FILE,ENCODER,IMAGE[,IMAGE...][,scale=S]`, reading the images.
+/// Parses `FILE,ENCODER,IMAGE[,IMAGE...][,mask=MASK...][,scale=S]`, reading the images
+/// and masks.
 pub fn parse(arg: &str) -> anyhow::Result<IpAdapterArg> {
     let mut parts = arg.split(',');
     let (Some(adapter), Some(encoder)) = (parts.next(), parts.next()) else {
-        bail!("--ip-adapter {arg:?}: expected FILE,ENCODER_FOLDER,IMAGE[,IMAGE...][,scale=S]");
+        bail!("--ip-adapter {arg:?}: expected {USAGE}");
     };
     let (adapter, encoder) = (PathBuf::from(adapter), PathBuf::from(encoder));
     let mut prompt = pb::ImagePrompt {
@@ -45,13 +50,16 @@ pub fn parse(arg: &str) -> anyhow::Result<IpAdapterArg> {
                 format!("--ip-adapter {arg:?}: scale {scale:?} is not a number")
             })?;
             prompt.scale = Some(scale);
+        } else if let Some(mask) = part.strip_prefix("mask=") {
+            let mask = std::fs::read(mask).with_context(|| format!("reading {mask}"))?;
+            prompt.masks.push(mask);
         } else {
             let image = std::fs::read(part).with_context(|| format!("reading {part}"))?;
             prompt.images.push(image);
         }
     }
     if prompt.images.is_empty() {
-        bail!("--ip-adapter {arg:?}: no image (FILE,ENCODER_FOLDER,IMAGE[,IMAGE...][,scale=S])");
+        bail!("--ip-adapter {arg:?}: no image ({USAGE})");
     }
     Ok(IpAdapterArg {
         adapter,

@@ -170,7 +170,7 @@ impl InitImage {
 }
 
 /// PIL's `convert("L")` of RGB pixels.
-fn luminance(rgb: &[u8]) -> Vec<u8> {
+pub(crate) fn luminance(rgb: &[u8]) -> Vec<u8> {
     rgb.chunks_exact(3)
         .map(|p| {
             let [r, g, b] = [p[0], p[1], p[2]].map(u32::from);

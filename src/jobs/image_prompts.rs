@@ -25,7 +25,8 @@ impl JobRun<'_> {
                         &images,
                         job.scale,
                         job.layers,
-                    ))
+                    )
+                    .with_masks(job.masks.iter().map(|m| m.0.clone()).collect()))
                 })?)
             })
             .collect()

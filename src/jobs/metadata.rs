@@ -107,9 +107,13 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             Some(only) => format!(", Layers: {}", only.join(" + ")),
             None => String::new(),
         };
+        let masks = match prompt.masks.len() {
+            0 => String::new(),
+            n => format!(", Masks: {n}"),
+        };
         let encoder_hash = hash_of(models, ModelKind::ImageEncoder, &prompt.encoder.name);
         text.push_str(&format!(
-            ", ControlNet {}: \"Module: ip-adapter_clip, Model: {} [{}], Weight: {}, Image Encoder: {} [{}]{layers}\"",
+            ", ControlNet {}: \"Module: ip-adapter_clip, Model: {} [{}], Weight: {}, Image Encoder: {} [{}]{layers}{masks}\"",
             spec.controlnets.len() + i,
             prompt.adapter.name,
             short(hash, 8),

@@ -59,6 +59,8 @@ pub struct IpAdapterJob {
     pub scale: f64,
     /// The layers it acts in.
     pub layers: crate::engine::ip_adapter::PromptLayers,
+    /// Where each image acts (one RGB mask per image), or none: everywhere.
+    pub masks: Vec<PromptImage>,
 }
 
 /// An image prompt's RGB pixels (shared, not copied, when a spec is).

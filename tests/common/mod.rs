@@ -118,6 +118,14 @@ pub fn masked_area_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_ip_mask_fixtures.py` (built
+/// when missing).
+pub fn ip_mask_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_ip_mask_fixtures.py", "SDXLD_IP_MASK_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
 /// missing).
 pub fn pag_fixtures() -> PathBuf {

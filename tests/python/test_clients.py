@@ -304,6 +304,23 @@ def test_python_client_image_prompt_replays_from_the_png(stubs, server, tmp_path
     assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == image
     # Nothing stays: the plain request gives its image again.
     assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data == plain
+    # A mask makes the prompt regional: another image, replayed from its PNG too.
+    mask = io.BytesIO()
+    half = Image.new("L", (8, 8), 0)
+    half.paste(255, (0, 0, 4, 8))
+    half.save(mask, "PNG")
+    prompt.masks.append(mask.getvalue())
+    regional = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, ip_adapters=[prompt]))).images[0].data
+    assert regional not in (image, plain)
+    png = Image.open(io.BytesIO(regional))
+    assert "Masks: 1" in png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == regional
+    prompt.masks.append(mask.getvalue())
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, ip_adapters=[prompt])))
+    assert bad_request_fields(stubs, caught.value) == ["spec.ip_adapters[0].masks"]
+    del prompt.masks[:]
     prompt.scale = float("nan")
     with pytest.raises(grpc.RpcError) as caught:
         gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, ip_adapters=[prompt])))

@@ -1,10 +1,11 @@
-//! IP-Adapter image prompts: the adapter, its image encoder, its images and its scale.
+//! IP-Adapter image prompts: the adapter, its image encoder, its images, their masks, the
+//! scale and the layers.
 
 use std::sync::Arc;
 
 use crate::api::validate::fields::enum_value;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
-use crate::api::validate::images::required_image;
+use crate::api::validate::images::{decode, required_image};
 use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::engine::ip_adapter::pixels::composite_over_white;
@@ -76,8 +77,9 @@ pub fn ip_adapters(
             1.0,
         );
         let layers = layers(prompt.layers, base, &format!("{field}.layers"), v);
-        if let (Some(adapter), Some(encoder), Some(images), Some(layers)) =
-            (adapter, encoder, images, layers)
+        let masks = masks(prompt, &field, max_pixels, v);
+        if let (Some(adapter), Some(encoder), Some(images), Some(layers), Some(masks)) =
+            (adapter, encoder, images, layers, masks)
         {
             jobs.push(IpAdapterJob {
                 adapter,
@@ -85,6 +87,7 @@ pub fn ip_adapters(
                 images,
                 scale,
                 layers,
+                masks,
             });
         }
     }
@@ -156,6 +159,40 @@ fn prompt_images(
                 return None;
             }
             Some(PromptImage(Arc::new(composite_over_white(&image))))
+        })
+        .collect();
+    decoded.into_iter().collect()
+}
+
+/// An image prompt's masks: none, or one decodable mask per image.
+fn masks(
+    prompt: &pb::ImagePrompt,
+    field: &str,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<Vec<PromptImage>> {
+    let field = format!("{field}.masks");
+    let (masks, images) = (prompt.masks.len(), prompt.images.len());
+    if masks != 0 && masks != images {
+        v.add(
+            field,
+            format!("has {masks} masks for {images} images: one per image, or none"),
+        );
+        return None;
+    }
+    let decoded: Vec<Option<PromptImage>> = prompt
+        .masks
+        .iter()
+        .enumerate()
+        .map(|(j, bytes)| {
+            let field = format!("{field}[{j}]");
+            if bytes.is_empty() {
+                v.add(field, "is empty: a mask is required for each image");
+                return None;
+            }
+            let mask = decode(bytes, &field, max_pixels, v)?;
+            let rgb = image::RgbImage::from_raw(mask.width, mask.height, mask.rgb)?;
+            Some(PromptImage(Arc::new(rgb)))
         })
         .collect();
     decoded.into_iter().collect()

@@ -4,12 +4,17 @@
 //! of the UNet a key and a value projection of those tokens. Each layer then attends to
 //! the image tokens beside the prompt's and adds the result, times the adapter's scale,
 //! as diffusers' `IPAdapterAttnProcessor2_0` does. Nothing on the UNet changes: the keys
-//! and values travel with the request ([`ImageKeys`]).
+//! and values travel with the request ([`ImageKeys`]). A prompt with masks (one per
+//! image, diffusers' `ip_adapter_masks`) attends to each image alone and keeps its
+//! result only where the image's mask is white.
 
+pub mod mask;
 pub mod pixels;
 pub mod projection;
 
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
@@ -19,6 +24,7 @@ use crate::engine::guidance::BatchLayout;
 use crate::engine::models::attention::{CrossAttentionLayer, ImageKeys, ImageKv};
 use crate::engine::models::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::engine::models::nn::Linear;
+use crate::engine::models::region::RegionMask;
 use crate::engine::weights::{numbered_children, read_shapes, Shapes, Weights};
 
 use projection::ImageProjection;
@@ -270,15 +276,19 @@ impl PromptLayers {
 /// One adapter's image prompt of a request, encoded.
 pub struct ImagePrompt {
     /// The adapter.
-    pub adapter: std::rc::Rc<IpAdapter>,
-    /// [1, image tokens, cross].
+    pub adapter: Rc<IpAdapter>,
+    /// [1, image tokens, cross]: each image's tokens in turn.
     pub tokens: Tensor,
     /// The negative image's tokens, the same shape.
     pub negative: Tensor,
+    /// How many images the tokens are of.
+    pub images: i64,
     /// Its weight in the layers it acts in.
     pub scale: f64,
     /// The layers it acts in.
     pub layers: PromptLayers,
+    /// Where each image acts (any size; resized to the output's), or none: everywhere.
+    pub masks: Vec<Arc<RgbImage>>,
 }
 
 impl Clone for ImagePrompt {
@@ -287,8 +297,10 @@ impl Clone for ImagePrompt {
             adapter: self.adapter.clone(),
             tokens: self.tokens.shallow_clone(),
             negative: self.negative.shallow_clone(),
+            images: self.images,
             scale: self.scale,
             layers: self.layers,
+            masks: self.masks.clone(),
         }
     }
 }
@@ -296,7 +308,7 @@ impl Clone for ImagePrompt {
 impl ImagePrompt {
     /// Encodes `images` (composited RGB) with `encoder` for `adapter`.
     pub fn encode(
-        adapter: std::rc::Rc<IpAdapter>,
+        adapter: Rc<IpAdapter>,
         encoder: &ClipVisionModel,
         images: &[&RgbImage],
         scale: f64,
@@ -314,19 +326,64 @@ impl ImagePrompt {
             adapter,
             tokens,
             negative,
+            images: images.len() as i64,
             scale,
             layers,
+            masks: Vec::new(),
         }
+    }
+
+    /// The prompt acting only where each image's mask is white (one mask per image).
+    pub fn with_masks(self, masks: Vec<Arc<RgbImage>>) -> Self {
+        Self { masks, ..self }
+    }
+
+    /// Its images' key and value entries in one layer of the adapter, from the batch's
+    /// image tokens: all images attended together, or with masks each alone in its
+    /// region (`regions`, one per image).
+    fn layer_entries(
+        &self,
+        slot: usize,
+        tokens: &Tensor,
+        regions: &[Rc<RegionMask>],
+        kind: Kind,
+    ) -> Vec<ImageKv> {
+        let Some(layer) = self.adapter.layers.get(slot) else {
+            return Vec::new();
+        };
+        let key = layer.key.forward(tokens).to_kind(kind);
+        let value = layer.value.forward(tokens).to_kind(kind);
+        if regions.is_empty() {
+            let region = None;
+            let scale = self.scale;
+            return vec![ImageKv {
+                key,
+                value,
+                scale,
+                region,
+            }];
+        }
+        let per_image = key.size()[1] / self.images.max(1);
+        regions
+            .iter()
+            .enumerate()
+            .map(|(i, region)| ImageKv {
+                key: key.narrow(1, i as i64 * per_image, per_image),
+                value: value.narrow(1, i as i64 * per_image, per_image),
+                scale: self.scale,
+                region: Some(region.clone()),
+            })
+            .collect()
     }
 }
 
 /// The keys and values of `prompts` for every layer of `unet_layers` (the UNet's, by
-/// slot) each acts in, for `copies` images per part of `layout`, in `kind` (what the
-/// UNet's cross-attention layers add).
+/// slot) each acts in, for `copies` images per part of `layout` of a `size` (width,
+/// height) output, in `kind` (what the UNet's cross-attention layers add).
 pub fn layer_keys(
     prompts: &[ImagePrompt],
     unet_layers: &[CrossAttentionLayer],
-    copies: i64,
+    (copies, size): (i64, (u32, u32)),
     layout: BatchLayout,
     kind: Kind,
 ) -> ImageKeys {
@@ -339,23 +396,27 @@ pub fn layer_keys(
             layout.assemble(&negative, &positive).to_kind(kind)
         })
         .collect();
+    let regions: Vec<Vec<Rc<RegionMask>>> = prompts
+        .iter()
+        .map(|p| {
+            let device = p.tokens.device();
+            let region = |m: &Arc<RgbImage>| {
+                let full = mask::output_mask(m, size.0, size.1).to_device(device);
+                Rc::new(RegionMask::new(full))
+            };
+            p.masks.iter().map(region).collect()
+        })
+        .collect();
     let layers = unet_layers
         .iter()
         .enumerate()
         .map(|(slot, layer)| {
             prompts
                 .iter()
-                .zip(&batches)
+                .zip(batches.iter().zip(&regions))
                 // diffusers skips an adapter of scale 0 in a layer.
                 .filter(|(p, _)| p.scale != 0.0 && p.layers.includes(&layer.attention))
-                .filter_map(|(p, tokens)| {
-                    let layer = p.adapter.layers.get(slot)?;
-                    Some(ImageKv {
-                        key: layer.key.forward(tokens).to_kind(kind),
-                        value: layer.value.forward(tokens).to_kind(kind),
-                        scale: p.scale,
-                    })
-                })
+                .flat_map(|(p, (tokens, regions))| p.layer_entries(slot, tokens, regions, kind))
                 .collect()
         })
         .collect();

@@ -118,6 +118,10 @@ impl Attention {
         let mut attended = multi_head_attention(&q, &k, &v, self.heads, false);
         for image in images {
             let extra = multi_head_attention(&q, &image.key, &image.value, self.heads, false);
+            let extra = match &image.region {
+                Some(region) => extra * region.at(x.size()[1]).to_kind(q.kind()),
+                None => extra,
+            };
             attended += extra * image.scale;
         }
         self.to_out.forward(&attended)
@@ -158,6 +162,8 @@ pub struct ImageKv {
     pub value: Tensor,
     /// The adapter's weight.
     pub scale: f64,
+    /// Where the image acts, when its prompt has masks (diffusers' `ip_adapter_masks`).
+    pub region: Option<std::rc::Rc<crate::engine::models::region::RegionMask>>,
 }
 
 /// A cross-attention layer of a UNet: the attention (`Transformer2DModel`) it belongs to

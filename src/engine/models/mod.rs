@@ -10,6 +10,7 @@ pub mod controlnet_union;
 pub mod embeddings;
 pub mod freeu;
 pub mod nn;
+pub mod region;
 pub mod resnet;
 pub mod tokenizer;
 pub mod unet;

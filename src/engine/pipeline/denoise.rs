@@ -288,8 +288,16 @@ impl SdxlPipeline {
             ),
         };
         let layers = self.unet.cross_attention_layers();
-        let images = (!prompt.images.is_empty())
-            .then(|| layer_keys(&prompt.images, layers, n, layout, self.placement.kind));
+        let size = (p.width as u32, p.height as u32);
+        let images = (!prompt.images.is_empty()).then(|| {
+            layer_keys(
+                &prompt.images,
+                layers,
+                (n, size),
+                layout,
+                self.placement.kind,
+            )
+        });
         let perturbed_slots = p.pag.as_ref().map(|pag| {
             let names = self.unet.self_attentions();
             names.iter().map(|name| pag.perturbs(name)).collect()

@@ -1,0 +1,89 @@
+//! Regional image prompts (diffusers' `ip_adapter_masks`): an image acts in an attention
+//! layer only where its mask is white, the mask downsampled (bicubic) to as many
+//! positions as the layer has queries, as `IPAdapterMaskProcessor.downsample` does.
+
+use std::cell::RefCell;
+
+use tch::Tensor;
+
+/// One image's mask at the output size, and its downsamples by query count.
+pub struct RegionMask {
+    /// [1, height, width] float32, 0 or 1.
+    full: Tensor,
+    /// The layers' downsamples computed so far: (queries, [1, queries, 1]).
+    by_queries: RefCell<Vec<(i64, Tensor)>>,
+}
+
+impl RegionMask {
+    /// A mask at the output size, [1, height, width] float32.
+    pub fn new(full: Tensor) -> Self {
+        Self {
+            full,
+            by_queries: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The mask as a layer with `queries` positions reads it, [1, queries, 1] float32.
+    pub fn at(&self, queries: i64) -> Tensor {
+        let mut known = self.by_queries.borrow_mut();
+        if let Some((_, mask)) = known.iter().find(|(q, _)| *q == queries) {
+            return mask.shallow_clone();
+        }
+        let mask = downsample(&self.full, queries);
+        known.push((queries, mask.shallow_clone()));
+        mask
+    }
+}
+
+/// `mask` [1, H, W] as a layer of `queries` positions reads it, [1, queries, 1]: the
+/// layer's rows found from the mask's aspect ratio, bicubic interpolation to rows x
+/// (queries / rows), then zeros appended or the tail dropped when that grid holds
+/// another number of positions.
+pub fn downsample(mask: &Tensor, queries: i64) -> Tensor {
+    let size = mask.size();
+    let (h, w) = (size[1], size[2]);
+    let ratio = w as f64 / h as f64;
+    // diffusers divides by the truncated root; at least one row keeps that defined.
+    let root = ((queries as f64 / ratio).sqrt() as i64).max(1);
+    let rows = root + i64::from(queries % root != 0);
+    let columns = (queries / rows).max(1);
+    let grid = mask
+        .unsqueeze(0)
+        .upsample_bicubic2d([rows, columns], false, None, None)
+        .reshape([1, rows * columns]);
+    let fitted = if rows * columns < queries {
+        grid.constant_pad_nd([0, queries - rows * columns])
+    } else {
+        grid.narrow(1, 0, queries)
+    };
+    fitted.reshape([1, queries, 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn a_mask_of_the_layer_grid_keeps_its_halves() {
+        // Left half white, 8 wide and 12 high; a layer of 4 x 6 positions.
+        let full = Tensor::cat(
+            &[
+                Tensor::ones([1, 12, 4], (Kind::Float, tch::Device::Cpu)),
+                Tensor::zeros([1, 12, 4], (Kind::Float, tch::Device::Cpu)),
+            ],
+            2,
+        );
+        let down = downsample(&full, 24).reshape([6, 4]);
+        // The outer columns stay exactly white and black; bicubic overshoots between.
+        for row in 0..6 {
+            assert!((down.double_value(&[row, 0]) - 1.0).abs() < 1e-6);
+            assert!(down.double_value(&[row, 3]).abs() < 1e-6);
+        }
+        // A grid that misses positions is padded with zeros.
+        let white = Tensor::ones([1, 10, 10], (Kind::Float, tch::Device::Cpu));
+        let odd = RegionMask::new(white).at(7);
+        assert_eq!(odd.size(), [1, 7, 1]);
+        assert_eq!(odd.sum(Kind::Float).double_value(&[]), 6.0);
+    }
+}
