@@ -402,7 +402,7 @@ pub fn layer_keys(
             let device = p.tokens.device();
             let region = |m: &Arc<RgbImage>| {
                 let full = mask::output_mask(m, size.0, size.1).to_device(device);
-                Rc::new(RegionMask::new(full))
+                Rc::new(RegionMask::new(full, kind))
             };
             p.masks.iter().map(region).collect()
         })

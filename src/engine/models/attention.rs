@@ -119,7 +119,7 @@ impl Attention {
         for image in images {
             let extra = multi_head_attention(&q, &image.key, &image.value, self.heads, false);
             let extra = match &image.region {
-                Some(region) => extra * region.at(x.size()[1]).to_kind(q.kind()),
+                Some(region) => extra * region.at(x.size()[1]),
                 None => extra,
             };
             attended += extra * image.scale;

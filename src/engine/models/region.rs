@@ -4,32 +4,37 @@
 
 use std::cell::RefCell;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// One image's mask at the output size, and its downsamples by query count.
 pub struct RegionMask {
     /// [1, height, width] float32, 0 or 1.
     full: Tensor,
-    /// The layers' downsamples computed so far: (queries, [1, queries, 1]).
+    /// The kind the layers' results have.
+    kind: Kind,
+    /// The layers' downsamples computed so far: (queries, [1, queries, 1] in `kind`).
     by_queries: RefCell<Vec<(i64, Tensor)>>,
 }
 
 impl RegionMask {
-    /// A mask at the output size, [1, height, width] float32.
-    pub fn new(full: Tensor) -> Self {
+    /// A mask at the output size, [1, height, width] float32, for layers whose results
+    /// are in `kind`.
+    pub fn new(full: Tensor, kind: Kind) -> Self {
         Self {
             full,
+            kind,
             by_queries: RefCell::new(Vec::new()),
         }
     }
 
-    /// The mask as a layer with `queries` positions reads it, [1, queries, 1] float32.
+    /// The mask as a layer with `queries` positions reads it, [1, queries, 1]: computed
+    /// in float32, then in the results' kind (diffusers' order).
     pub fn at(&self, queries: i64) -> Tensor {
         let mut known = self.by_queries.borrow_mut();
         if let Some((_, mask)) = known.iter().find(|(q, _)| *q == queries) {
             return mask.shallow_clone();
         }
-        let mask = downsample(&self.full, queries);
+        let mask = downsample(&self.full, queries).to_kind(self.kind);
         known.push((queries, mask.shallow_clone()));
         mask
     }
@@ -62,7 +67,6 @@ pub fn downsample(mask: &Tensor, queries: i64) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
 
     #[test]
     fn a_mask_of_the_layer_grid_keeps_its_halves() {
@@ -82,7 +86,7 @@ mod tests {
         }
         // A grid that misses positions is padded with zeros.
         let white = Tensor::ones([1, 10, 10], (Kind::Float, tch::Device::Cpu));
-        let odd = RegionMask::new(white).at(7);
+        let odd = RegionMask::new(white, Kind::Float).at(7);
         assert_eq!(odd.size(), [1, 7, 1]);
         assert_eq!(odd.sum(Kind::Float).double_value(&[]), 6.0);
     }
