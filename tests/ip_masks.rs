@@ -4,9 +4,10 @@
 //! downsampled to layers' query counts as its `downsample` does; over gRPC images within
 //! two levels and latents within 1e-3 on both tiny pipelines (one image in half the
 //! picture, two subjects of one adapter in two halves at 64x96 with two images per
-//! prompt, a masked adapter beside an unmasked one, no guidance, InstantStyle's style
-//! layer); the masks matter and the PNG parameters say so; refusals name their fields;
-//! the CLI's `mask=`.
+//! prompt, a masked adapter beside an unmasked one, no guidance, inpainting only the
+//! masked area with the prompt's mask cut as the image is, InstantStyle's style layer);
+//! the masks matter and the PNG parameters say so; refusals name their fields; the CLI's
+//! `mask=`.
 
 mod common;
 
@@ -68,8 +69,17 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
             }
         })
         .collect();
+    let init = |name: &str| read(&fixtures().join(config).join(name));
+    let init_image = case["padding_mask_crop"].as_u64().map(|pad| pb::InitImage {
+        image: init("init.png"),
+        mask: init("mask.png"),
+        strength: case["strength"].as_f64().map(|s| s as f32),
+        padding_mask_crop: Some(pad as u32),
+        ..Default::default()
+    });
     pb::GenerationSpec {
         model: format!("{config}/pipeline"),
+        init_image,
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
         seed: case["seed"].as_u64(),
@@ -135,7 +145,7 @@ fn masks_are_prepared_and_downsampled_as_diffusers_does() {
             _ => panic!("unexpected key {key}"),
         }
     }
-    assert_eq!(compared.0, 7 * 4, "prepared masks");
+    assert_eq!(compared.0, 8 * 4, "prepared masks");
     assert!(compared.1 >= 28, "downsamples: {}", compared.1);
 }
 
@@ -183,24 +193,6 @@ async fn image_prompt_mask_refusals_name_their_fields() {
     server
         .assert_invalid("an empty mask", empty, &[field])
         .await;
-    // With only the masked area of an init image, masks are not implemented.
-    let init = |name: &str| read(&fixtures().join("tiny2").join(name));
-    let cropped = pb::GenerationSpec {
-        init_image: Some(pb::InitImage {
-            image: init("init.png"),
-            mask: init("mask.png"),
-            padding_mask_crop: Some(4),
-            ..Default::default()
-        }),
-        num_images: 1,
-        ..spec.clone()
-    };
-    let status = server.images(cropped).await.expect_err("masked area");
-    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
-    assert!(
-        status.message().contains("spec.ip_adapters[0].masks"),
-        "{status:?}"
-    );
     // The server serves on.
     let done = server.images(spec).await.expect("after the refusals");
     assert_eq!(done.images.len(), 2);

@@ -7,7 +7,6 @@ use image::RgbImage as Picture;
 
 use crate::engine::control::{fit, ResizeMode};
 use crate::engine::error::EngineError;
-use crate::engine::inpaint_area::crop_map;
 use crate::engine::pixels::unit_range;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::runner::JobRun;
@@ -66,11 +65,10 @@ impl JobRun<'_> {
     }
 
     /// A control map at the output size: cut to the masked area when only that area is
-    /// generated (its region found on the init image), else fitted the unit's way.
+    /// generated, else fitted the unit's way.
     fn fitted(&self, map: &Picture, size: (u32, u32), resize: ResizeMode) -> Picture {
-        match &self.spec.paste_back {
-            Some(back) => crop_map(map, back.region, back.original.dimensions(), size),
-            None => fit(map, size.0, size.1, resize),
-        }
+        self.spec
+            .masked_area_of(map)
+            .unwrap_or_else(|| fit(map, size.0, size.1, resize))
     }
 }

@@ -284,6 +284,22 @@ impl JobSpec {
             .flat_map(|c| c.inputs.iter().filter_map(|i| i.detector.as_ref()))
     }
 
+    /// A picture of the whole init image (a control map, an image prompt's mask) as the
+    /// generation sees it when only the masked area is generated: cut at the area's box
+    /// (scaled to the picture's size) and fitted to the generation size; `None` when the
+    /// whole image is generated.
+    pub fn masked_area_of(&self, picture: &image::RgbImage) -> Option<image::RgbImage> {
+        let back = self.paste_back.as_ref()?;
+        let size = (self.params.width as u32, self.params.height as u32);
+        let image = back.original.dimensions();
+        Some(crate::engine::inpaint_area::crop_map(
+            picture,
+            back.region,
+            image,
+            size,
+        ))
+    }
+
     /// The size the denoising ends at (the hires pass's, when there is one), in pixels.
     pub fn denoised_size(&self) -> (i64, i64) {
         match &self.hires {

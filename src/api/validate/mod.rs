@@ -279,13 +279,6 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "inpainting only the masked area with a refiner is not implemented yet".into(),
         ));
     }
-    let masked_prompt = spec.ip_adapters.iter().position(|p| !p.masks.is_empty());
-    if let Some(i) = masked_prompt.filter(|_| inpaint_area::asked(spec)) {
-        deferred.unimplemented(ApiError::Unimplemented(
-            format!("spec.ip_adapters[{i}].masks"),
-            "image prompt masks with init_image.padding_mask_crop are not implemented yet".into(),
-        ));
-    }
 }
 
 /// The job of a valid request.
