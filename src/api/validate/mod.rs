@@ -273,12 +273,6 @@ fn unimplemented_combinations(spec: &pb::GenerationSpec, deferred: &mut Deferred
             "a hires pass after inpainting is not implemented yet".into(),
         ));
     }
-    if inpaint_area::asked(spec) && spec.refiner.is_some() {
-        deferred.unimplemented(ApiError::Unimplemented(
-            "spec.init_image.padding_mask_crop".into(),
-            "inpainting only the masked area with a refiner is not implemented yet".into(),
-        ));
-    }
 }
 
 /// The job of a valid request.
