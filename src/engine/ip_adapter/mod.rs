@@ -353,9 +353,9 @@ impl ImagePrompt {
         };
         let key = layer.key.forward(tokens).to_kind(kind);
         let value = layer.value.forward(tokens).to_kind(kind);
+        let scale = self.scale;
         if regions.is_empty() {
             let region = None;
-            let scale = self.scale;
             return vec![ImageKv {
                 key,
                 value,
@@ -370,7 +370,7 @@ impl ImagePrompt {
             .map(|(i, region)| ImageKv {
                 key: key.narrow(1, i as i64 * per_image, per_image),
                 value: value.narrow(1, i as i64 * per_image, per_image),
-                scale: self.scale,
+                scale,
                 region: Some(region.clone()),
             })
             .collect()

@@ -2,6 +2,8 @@
 //! `BasicTransformerBlock` and the GEGLU `FeedForward` (`models/attention.py`), and
 //! `Transformer2DModel` (`models/transformers/transformer_2d.py`).
 
+use std::rc::Rc;
+
 use tch::Tensor;
 
 use crate::engine::error::Result;
@@ -9,6 +11,7 @@ use crate::engine::models::freeu::FreeU;
 use crate::engine::models::nn::{
     multi_head_attention, Conv2d, FusedLinear, GroupNorm, LayerNorm, Linear,
 };
+use crate::engine::models::region::RegionMask;
 use crate::engine::profile;
 use crate::engine::weights::VarPath;
 
@@ -163,7 +166,7 @@ pub struct ImageKv {
     /// The adapter's weight.
     pub scale: f64,
     /// Where the image acts, when its prompt has masks (diffusers' `ip_adapter_masks`).
-    pub region: Option<std::rc::Rc<crate::engine::models::region::RegionMask>>,
+    pub region: Option<Rc<RegionMask>>,
 }
 
 /// A cross-attention layer of a UNet: the attention (`Transformer2DModel`) it belongs to
