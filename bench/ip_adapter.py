@@ -4,7 +4,9 @@ and with an image prompt, through diffusers (`load_ip_adapter`, `ip_adapter_imag
 through `sdxld bench --ip-adapter`, one CPU thread each, median of N runs each.
 
 Prints the four medians, the ratio diffusers / sdxld with the image prompt (above 1 means
-sdxld is faster) and what the image prompt adds to a generation in each.
+sdxld is faster) and what the image prompt adds to a generation in each. With `--mask`
+the image prompt is regional (diffusers' `ip_adapter_masks` from `IPAdapterMaskProcessor`,
+sdxld's `mask=`).
 """
 
 import argparse
@@ -44,6 +46,11 @@ def time_diffusers(args, with_prompt: bool):
         pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
         pipe.set_ip_adapter_scale(args.scale)
         extra = dict(ip_adapter_image=Image.open(args.image))
+        if args.mask:
+            from diffusers.image_processor import IPAdapterMaskProcessor
+
+            mask = IPAdapterMaskProcessor().preprocess([Image.open(args.mask)], height=args.height, width=args.width)
+            extra["cross_attention_kwargs"] = {"ip_adapter_masks": [mask.reshape(1, 1, args.height, args.width)]}
 
     def once():
         return pipe(
@@ -63,7 +70,8 @@ def time_sdxld(args, with_prompt: bool):
         "--runs", str(args.runs), "--threads", "1",
     ]
     if with_prompt:
-        cmd += ["--ip-adapter", f"{args.adapter},{args.encoder},{args.image},scale={args.scale}"]
+        mask = f"mask={args.mask}," if args.mask else ""
+        cmd += ["--ip-adapter", f"{args.adapter},{args.encoder},{args.image},{mask}scale={args.scale}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["median_s"], result["runs_s"]
@@ -76,6 +84,7 @@ def main():
     p.add_argument("--encoder", required=True, help="the adapter's CLIP image encoder folder")
     p.add_argument("--image", required=True, help="the image prompt")
     p.add_argument("--sdxld", required=True, help="the sdxld binary")
+    p.add_argument("--mask", help="where the image prompt acts (a regional image prompt)")
     p.add_argument("--scale", type=float, default=0.8)
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)
@@ -92,10 +101,11 @@ def main():
     for with_prompt in (False, True):
         medians[("diffusers", with_prompt)] = time_diffusers(args, with_prompt)[0]
         medians[("sdxld", with_prompt)] = time_sdxld(args, with_prompt)[0]
-    print(f"model {args.model}, adapter {Path(args.adapter).name}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
+    regional = f", regional ({Path(args.mask).name})" if args.mask else ""
+    print(f"model {args.model}, adapter {Path(args.adapter).name}{regional}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     for who in ("diffusers", "sdxld"):
         plain, prompted = medians[(who, False)], medians[(who, True)]
-        print(f"  {who:9} {plain * 1000:8.1f} ms without, {prompted * 1000:8.1f} ms with the image prompt (+{(prompted - plain) * 1000:.1f} ms)")
+        print(f"  {who:9} {plain * 1000:8.1f} ms without, {prompted * 1000:8.1f} ms with the image prompt ({(prompted - plain) * 1000:+.1f} ms)")
     ratio = medians[("diffusers", True)] / medians[("sdxld", True)]
     print(f"  speed-up with the image prompt (diffusers / sdxld): {ratio:.2f}x   target >= 1.25x")
 
