@@ -4,8 +4,9 @@
 //! downsampled to layers' query counts as its `downsample` does; over gRPC images within
 //! two levels and latents within 1e-3 on both tiny pipelines (one image in half the
 //! picture, two subjects of one adapter in two halves at 64x96 with two images per
-//! prompt, a masked adapter beside an unmasked one, no guidance, inpainting only the
-//! masked area with the prompt's mask cut as the image is, InstantStyle's style layer);
+//! prompt, a masked adapter beside an unmasked one, no guidance, a hires pass with the
+//! masks prepared at its size, inpainting only the masked area with the prompt's mask cut
+//! as the image is, InstantStyle's style layer);
 //! the masks matter and the PNG parameters say so; refusals name their fields; the CLI's
 //! `mask=`.
 
@@ -77,9 +78,16 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
         padding_mask_crop: Some(pad as u32),
         ..Default::default()
     });
+    let hires = case["hires_scale"].as_f64().map(|scale| pb::HiresPass {
+        scale: Some(scale as f32),
+        steps: number("hires_steps"),
+        strength: case["hires_strength"].as_f64().map(|s| s as f32),
+        ..Default::default()
+    });
     pb::GenerationSpec {
         model: format!("{config}/pipeline"),
         init_image,
+        hires,
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
         seed: case["seed"].as_u64(),
