@@ -90,4 +90,19 @@ mod tests {
         assert_eq!(odd.size(), [1, 7, 1]);
         assert_eq!(odd.sum(Kind::Float).double_value(&[]), 6.0);
     }
+
+    #[test]
+    fn every_query_count_of_every_aspect_ratio_gets_one_value_per_query() {
+        let cpu = (Kind::Float, tch::Device::Cpu);
+        // Outputs from 64 times wider than high to 64 times higher than wide.
+        for (h, w) in [(8, 512), (40, 64), (64, 64), (96, 64), (512, 8), (1, 3)] {
+            let mask = Tensor::ones([1, h, w], cpu);
+            for queries in (1..=70).chain([127, 1000, 4096]) {
+                let down = downsample(&mask, queries);
+                assert_eq!(down.size(), [1, queries, 1], "{h}x{w}, {queries} queries");
+                let max = down.max().double_value(&[]);
+                assert!(max.is_finite() && max <= 1.0 + 1e-5, "{h}x{w}: {max}");
+            }
+        }
+    }
 }
