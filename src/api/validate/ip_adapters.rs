@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::api::validate::fields::enum_value;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
-use crate::api::validate::images::{decode, required_image};
+use crate::api::validate::images::required_image;
 use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::engine::ip_adapter::pixels::composite_over_white;
@@ -185,14 +185,8 @@ fn masks(
         .iter()
         .enumerate()
         .map(|(j, bytes)| {
-            let field = format!("{field}[{j}]");
-            if bytes.is_empty() {
-                v.add(field, "is empty: a mask is required for each image");
-                return None;
-            }
-            let mask = decode(bytes, &field, max_pixels, v)?;
-            let rgb = image::RgbImage::from_raw(mask.width, mask.height, mask.rgb)?;
-            Some(PromptImage(Arc::new(rgb)))
+            let mask = required_image(bytes, &format!("{field}[{j}]"), max_pixels, v)?;
+            Some(PromptImage(Arc::new(mask.to_rgb8())))
         })
         .collect();
     decoded.into_iter().collect()
