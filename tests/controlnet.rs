@@ -10,7 +10,7 @@ use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative
 use sdxld::engine::device::Placement;
 use sdxld::engine::models::attention::Context;
 use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
-use sdxld::engine::models::unet::{AddedCond, UNet2DConditionModel};
+use sdxld::engine::models::unet::{AddedCond, ControlAdditions, UNet2DConditionModel};
 use sdxld::engine::weights::WeightLayout;
 
 #[test]
@@ -77,12 +77,16 @@ fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
                     guess_mode: false,
                 },
             );
+            let first_down = residuals.down[0].shallow_clone();
             let out = unet.forward_controlled(
                 &r["sample"],
                 &timestep,
                 &Context::text(&r["encoder_hidden_states"]),
                 Some(&added),
-                Some(&residuals),
+                Some(&ControlAdditions {
+                    residuals: Some(residuals),
+                    features: Vec::new(),
+                }),
             );
             assert_close(&format!("{what} controlled unet"), &out, &r["unet.out"]);
             // The control image matters: another one gives other residuals.
@@ -93,7 +97,7 @@ fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
                     guess_mode: false,
                 },
             );
-            let moved = relative_error(&other.down[0], &residuals.down[0]);
+            let moved = relative_error(&other.down[0], &first_down);
             assert!(
                 moved > 1e-2,
                 "{what}: the control image moved the residuals by {moved:e}"

@@ -11,13 +11,13 @@ use std::path::Path;
 use common::{controlnet_cases, controlnet_fixtures, fixtures, read_tensors, Case};
 use sdxld::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit};
 use sdxld::engine::lora::{apply, LoraMode};
-use sdxld::engine::models::controlnet::ControlNetModel;
+use sdxld::engine::models::control_model::ControlModel;
 use sdxld::engine::pipeline::{Control, GenerateOutput, GenerateParams, Placement, SdxlPipeline};
 use tch::Tensor;
 
 /// A case's units: their ControlNets, maps and settings.
 struct Units {
-    models: Vec<ControlNetModel>,
+    models: Vec<ControlModel>,
     /// Per unit: its map, or a union unit's map per condition.
     maps: Vec<Vec<Tensor>>,
     settings: Vec<ControlUnit>,
@@ -34,7 +34,7 @@ impl Units {
                 .iter()
                 .map(|u| {
                     let dir = root.join(u["model"].as_str().expect("model"));
-                    ControlNetModel::load_dir(&dir, Placement::cpu()).expect("controlnet")
+                    ControlModel::load_path(&dir, Placement::cpu()).expect("controlnet")
                 })
                 .collect(),
             maps: units

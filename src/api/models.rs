@@ -232,16 +232,21 @@ fn upscaler_info(model: &ModelEntry) -> pb::UpscalerInfo {
 fn controlnet_info(model: &ModelEntry) -> pb::ControlNetInfo {
     let facts = model.controlnet.as_ref();
     let width = facts.and_then(|f| f.cross_attention_dim);
+    let adapter = facts.and_then(|f| f.adapter);
+    let base = match (adapter, width) {
+        (Some(a), _) if a.xl => "sdxl",
+        (Some(_), _) => "sd1",
+        (None, Some(2048)) => "sdxl",
+        (None, Some(768)) => "sd1",
+        (None, Some(1024)) => "sd2",
+        _ => "unknown",
+    };
     pb::ControlNetInfo {
         union: facts.is_some_and(|f| f.union_types.is_some()),
         control_types: facts.and_then(|f| f.union_types).unwrap_or(0) as u32,
-        base: match width {
-            Some(2048) => "sdxl",
-            Some(768) => "sd1",
-            Some(1024) => "sd2",
-            _ => "unknown",
-        }
-        .to_string(),
+        base: base.to_string(),
+        t2i_adapter: adapter.is_some(),
+        downscale_factor: adapter.map_or(0, |a| a.downscale_factor.max(0) as u32),
     }
 }
 

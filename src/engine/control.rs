@@ -6,6 +6,7 @@ use image::imageops;
 use image::RgbImage;
 
 use crate::engine::models::controlnet::ControlNetConfig;
+use crate::engine::models::t2i_adapter::T2IAdapterConfig;
 use crate::engine::models::unet_config::UNetConfig;
 use crate::engine::resample::{lanczos_resize, resize_box, Filter};
 
@@ -108,6 +109,15 @@ impl ControlUnit {
         } else {
             0.0
         }
+    }
+
+    /// Whether a T2I-Adapter unit acts at model call `index` of a run diffusers counts
+    /// `steps` steps in: `index < int(steps * guidance_end)`, the adapter pipeline's
+    /// `adapter_conditioning_factor` rule, and from `guidance_start` on (`index / steps`
+    /// not below it).
+    pub fn adapter_in_window(&self, index: usize, steps: usize) -> bool {
+        let (i, n) = (index as f64, steps as f64);
+        i / n >= self.guidance_start && index < (n * self.guidance_end) as usize
     }
 
     /// Whether model call `index` of `count` lies in the unit's window (diffusers'
@@ -222,6 +232,39 @@ pub struct ControlledModel<'a> {
     /// Channels of the latents (the ControlNet sees them without an inpainting UNet's
     /// mask channels).
     pub latent_channels: i64,
+}
+
+/// Why the T2I-Adapter of `adapter` cannot control `model`, if it cannot: each feature
+/// the UNet's down blocks take must have the width and size of the state it joins (in a
+/// block with attention, the state before its downsampler; in one without, its output),
+/// as diffusers adds them; a feature beyond them joins the mid block's output only where
+/// it fits, and others are left unused.
+pub fn adapter_mismatch(model: &ControlledModel<'_>, adapter: &T2IAdapterConfig) -> Option<String> {
+    let unet = model.unet;
+    let levels = unet.block_out_channels.len();
+    let mut factor = model.vae_factor;
+    let features = adapter.features();
+    for (i, feature) in features.iter().enumerate().take(levels) {
+        let attended =
+            unet.down_block_types.get(i).map(String::as_str) == Some("CrossAttnDownBlock2D");
+        let downsamples = i + 1 < levels;
+        let joins = if attended || !downsamples {
+            factor
+        } else {
+            factor * 2
+        };
+        let channels = unet.block_out_channels[i];
+        if (feature.channels, feature.factor) != (channels, joins) {
+            return Some(format!(
+                "its feature {i} has {} channels at 1/{} of the image size where the base model's down block {i} takes {channels} at 1/{joins}",
+                feature.channels, feature.factor
+            ));
+        }
+        if downsamples {
+            factor *= 2;
+        }
+    }
+    None
 }
 
 /// Why `controlnet` cannot control `model` (residuals of other shapes, another text

@@ -19,7 +19,7 @@ use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::lora::LoraMode;
 use crate::engine::models::clip_vision::ClipVisionModel;
-use crate::engine::models::controlnet::ControlNetModel;
+use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
 use crate::engine::preprocess::detector::network_of;
 use crate::engine::preprocess::detector::Detector;
@@ -268,7 +268,7 @@ impl Engine {
     }
 
     /// The ControlNet `model`, loading it on first use.
-    pub fn controlnet(&mut self, model: &ModelEntry) -> Result<Rc<ControlNetModel>, EngineError> {
+    pub fn controlnet(&mut self, model: &ModelEntry) -> Result<Rc<ControlModel>, EngineError> {
         let controlnet = self.cache.controlnet(&model.path);
         self.publish();
         controlnet

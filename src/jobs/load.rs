@@ -9,7 +9,7 @@ use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
 use crate::engine::lora::{self, JobLora};
-use crate::engine::models::controlnet::ControlNetModel;
+use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
@@ -140,7 +140,7 @@ fn load_controlnets(
     engine: &mut Engine,
     spec: &JobSpec,
     base: &SdxlPipeline,
-) -> Result<Vec<Rc<ControlNetModel>>, JobError> {
+) -> Result<Vec<Rc<ControlModel>>, JobError> {
     let mut controlnets = Vec::with_capacity(spec.controlnets.len());
     for (i, unit) in spec.controlnets.iter().enumerate() {
         let model = engine.controlnet(&unit.model)?;

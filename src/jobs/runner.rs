@@ -15,7 +15,7 @@ use crate::engine::error::EngineError;
 use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::lora::AppliedLoras;
 use crate::engine::models::clip_vision::ClipVisionModel;
-use crate::engine::models::controlnet::ControlNetModel;
+use crate::engine::models::control_model::ControlModel;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::preprocess::detector::Detector;
@@ -142,7 +142,7 @@ pub(crate) struct Loaded {
     pub base: Rc<SdxlPipeline>,
     pub refiner: Option<Rc<SdxlPipeline>>,
     /// The ControlNet of each unit, in unit order.
-    pub controlnets: Vec<Rc<ControlNetModel>>,
+    pub controlnets: Vec<Rc<ControlModel>>,
     /// The upscaler of each post-processing step, in step order.
     pub upscalers: Vec<Rc<Upscaler>>,
     /// The hires pass's upscaler model.

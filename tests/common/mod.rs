@@ -126,6 +126,14 @@ pub fn ip_mask_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_t2i_adapter_fixtures.py` (built
+/// when missing).
+pub fn t2i_adapter_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_t2i_adapter_fixtures.py", "SDXLD_T2I_ADAPTER_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
 /// missing).
 pub fn pag_fixtures() -> PathBuf {

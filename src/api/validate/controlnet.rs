@@ -60,6 +60,28 @@ pub fn controlnets(
         .collect()
 }
 
+/// The output size against each T2I-Adapter unit's downscale factor: its pixel unshuffle
+/// takes only sides that are multiples of it.
+pub fn adapter_sizes(units: &[ControlNetJob], (width, height): (u32, u32), v: &mut Violations) {
+    for (i, unit) in units.iter().enumerate() {
+        let Some(adapter) = unit.model.controlnet.as_ref().and_then(|f| f.adapter) else {
+            continue;
+        };
+        let factor = adapter.downscale_factor.max(1) as u32;
+        for (field, side) in [("spec.width", width), ("spec.height", height)] {
+            if side % factor != 0 {
+                v.add(
+                    field,
+                    format!(
+                        "{side} is not a multiple of {factor}, the downscale factor of the T2I-Adapter `{}` (spec.controlnets[{i}].model)",
+                        unit.model.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
 impl Check<'_> {
     /// One unit; the job's unit when every field is valid.
     fn unit(
@@ -112,6 +134,14 @@ impl Check<'_> {
             conditions.push(condition);
         }
         let conditions = self.fit_model(model.as_ref(), unit, conditions, v);
+        let adapter = model.as_ref().and_then(|m| m.controlnet.as_ref()?.adapter);
+        if adapter.is_some() && unit.control_mode == pb::ControlMode::Guess as i32 {
+            v.add(
+                format!("{p}.control_mode"),
+                format!("`{}` is a T2I-Adapter, which has no guess mode", unit.model),
+            );
+            return None;
+        }
         let mut settings = settings?;
         settings.conditions = conditions?;
         Some(ControlNetJob {

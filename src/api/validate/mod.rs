@@ -190,6 +190,7 @@ fn check(
     let mut controlnets =
         controlnet::controlnets(&spec.controlnets, detectors, max_pixels, v, deferred);
     inpaint_area::control_maps(spec, &mut controlnets, v);
+    controlnet::adapter_sizes(&controlnets, size, v);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,

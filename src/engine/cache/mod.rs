@@ -28,7 +28,7 @@ use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::models::clip_vision::ClipVisionModel;
-use crate::engine::models::controlnet::ControlNetModel;
+use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::engine::preprocess::detector::Detector;
 use crate::engine::upscale::Upscaler;
@@ -107,7 +107,7 @@ pub struct ModelCache {
     offloaded: HashSet<String>,
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
-    controlnets: HashMap<PathBuf, Resident<ControlNetModel>>,
+    controlnets: HashMap<PathBuf, Resident<ControlModel>>,
     upscalers: HashMap<PathBuf, Resident<Upscaler>>,
     detectors: HashMap<PathBuf, Resident<Detector>>,
     ip_adapters: HashMap<PathBuf, Resident<IpAdapter>>,
@@ -471,16 +471,12 @@ impl ModelCache {
     }
 
     /// The ControlNet folder or file at `path`, loading it on first use.
-    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlNetModel>> {
+    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlModel>> {
         let files = controlnet_files(path);
         self.resident_or_load(
             |c| &mut c.controlnets,
             path,
-            |store, placement| {
-                shared(store, &files, || {
-                    ControlNetModel::load_path(path, placement)
-                })
-            },
+            |store, placement| shared(store, &files, || ControlModel::load_path(path, placement)),
         )
     }
 

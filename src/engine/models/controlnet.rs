@@ -477,7 +477,7 @@ impl ControlNetModel {
     ) -> ControlResiduals {
         // ControlNets attend to the prompts only (diffusers passes them no image prompts).
         let context = Context::text(context);
-        let (h, states) = encode(&self.down_blocks, h, emb, &context);
+        let (h, states) = encode(&self.down_blocks, h, emb, &context, &[]);
         let h = self.mid_block.forward(&h, emb, &context);
         let down: Vec<Tensor> = states
             .iter()

@@ -29,6 +29,17 @@ pub struct ControlResiduals {
     /// Added to the mid block's output.
     pub mid: Tensor,
 }
+
+/// What control units add to one UNet call.
+#[derive(Default)]
+pub struct ControlAdditions {
+    /// ControlNets' residuals.
+    pub residuals: Option<ControlResiduals>,
+    /// T2I-Adapters' features (diffusers' `down_intrablock_additional_residuals`): one
+    /// per down block in order, added inside it, then the next one added to the mid
+    /// block's output where its shape is that output's.
+    pub features: Vec<Tensor>,
+}
 pub use crate::engine::models::unet_config::{PerBlock, UNetConfig};
 
 /// The SDXL denoising UNet.
@@ -240,17 +251,20 @@ impl UNet2DConditionModel {
         self.forward_controlled(sample, timestep, &Context::text(context), added, None)
     }
 
-    /// [`Self::forward`] with image prompts in `context`, and ControlNet residuals added
-    /// to the skip states and to the mid block's output, as diffusers adds
-    /// `down_block_additional_residuals` and `mid_block_additional_residual`.
+    /// [`Self::forward`] with image prompts in `context`, ControlNet residuals added to
+    /// the skip states and to the mid block's output, as diffusers adds
+    /// `down_block_additional_residuals` and `mid_block_additional_residual`, and
+    /// T2I-Adapter features added as it adds `down_intrablock_additional_residuals`.
     pub fn forward_controlled(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
         context: &Context,
         added: Option<&AddedCond>,
-        control: Option<&ControlResiduals>,
+        additions: Option<&ControlAdditions>,
     ) -> Tensor {
+        let features = additions.map_or(&[][..], |a| a.features.as_slice());
+        let control = additions.and_then(|a| a.residuals.as_ref());
         let batch = sample.size()[0];
         let dtype = sample.kind();
 
@@ -264,7 +278,7 @@ impl UNet2DConditionModel {
         let h = self.conv_in.forward(sample);
 
         // 3. down; the skip states are consumed from the end by the up blocks
-        let (mut h, mut skips) = encode(&self.down_blocks, h, &emb, context);
+        let (mut h, mut skips) = encode(&self.down_blocks, h, &emb, context, features);
 
         if let Some(control) = control {
             for (skip, residual) in skips.iter_mut().zip(&control.down) {
@@ -277,6 +291,12 @@ impl UNet2DConditionModel {
             let _stage = profile::span("mid");
             self.mid_block.forward(&h, &emb, context)
         };
+        if let Some(feature) = features
+            .get(self.down_blocks.len())
+            .filter(|f| f.size() == h.size())
+        {
+            h += feature;
+        }
         if let Some(control) = control {
             h += &control.mid;
         }

@@ -128,17 +128,20 @@ pub struct DownBlock {
 }
 
 /// Runs the down blocks from `h` (the `conv_in` output): the deepest output, and every
-/// skip state in the order the blocks produce them (`h` itself first).
+/// skip state in the order the blocks produce them (`h` itself first). `features` are
+/// T2I-Adapter features, one per block in order (see [`DownBlock::forward`]); blocks
+/// beyond them get none.
 pub fn encode(
     blocks: &[DownBlock],
     h: Tensor,
     temb: &Tensor,
     context: &Context,
+    features: &[Tensor],
 ) -> (Tensor, Vec<Tensor>) {
     let mut states = vec![h.shallow_clone()];
     let h = blocks.iter().enumerate().fold(h, |h, (i, block)| {
         let _stage = profile::span_numbered("down", i);
-        let (out, block_states) = block.forward(&h, temb, context);
+        let (out, block_states) = block.forward(&h, temb, context, features.get(i));
         states.extend(block_states);
         out
     });
@@ -193,20 +196,41 @@ impl DownBlock {
         })
     }
 
-    /// Returns the block output and the states the up blocks concatenate.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Context) -> (Tensor, Vec<Tensor>) {
+    /// Returns the block output and the states the up blocks concatenate. A T2I-Adapter
+    /// `feature` joins where diffusers adds it: in a block with attention, to the output
+    /// of its last resnet and transformer (before that state is kept and before the
+    /// downsampler); in one without, to the block's output, which is also its last state.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Context,
+        feature: Option<&Tensor>,
+    ) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        let attended = !self.attentions.is_empty();
+        let last = self.resnets.len().saturating_sub(1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb));
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context);
+            }
+            if let Some(feature) = feature.filter(|_| attended && i == last) {
+                h += feature;
             }
             states.push(h.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
             h = down.forward(&h);
             states.push(h.shallow_clone());
+        }
+        if let Some(feature) = feature.filter(|_| !attended) {
+            let joined = &h + feature;
+            h = joined;
+            if let Some(state) = states.last_mut() {
+                *state = h.shallow_clone();
+            }
         }
         (h, states)
     }

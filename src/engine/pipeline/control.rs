@@ -1,24 +1,31 @@
 //! ControlNet units in the denoising loop, as diffusers' `StableDiffusionXLControlNet*`
 //! pipelines run them: each unit's control map repeated for the batch (and doubled for
 //! guidance unless it runs in guess mode), its residuals scaled by its window over the
-//! model calls of the run, the residuals of all units summed in unit order.
+//! model calls of the run, the residuals of all units summed in unit order. Units of
+//! T2I-Adapters run as `StableDiffusionXLAdapterPipeline` runs them: once per run, their
+//! scaled features repeated for every image and part of the batch and handed to the
+//! UNet at the calls of their window.
 
 use tch::Tensor;
 
-use crate::engine::control::{mismatch, ControlMode, ControlUnit, ControlledModel};
+use crate::engine::control::{
+    adapter_mismatch, mismatch, ControlMode, ControlUnit, ControlledModel,
+};
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::guidance::BatchLayout;
+use crate::engine::models::control_model::ControlModel;
 use crate::engine::models::controlnet::{ControlNetModel, ControlScale, EmbeddedCondition};
 use crate::engine::models::embeddings::AddedCond;
-use crate::engine::models::unet::ControlResiduals;
+use crate::engine::models::t2i_adapter::T2IAdapter;
+use crate::engine::models::unet::{ControlAdditions, ControlResiduals};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 
 /// A ControlNet unit as a denoising run takes it.
 #[derive(Clone, Copy)]
 pub struct Control<'a> {
-    /// The ControlNet.
-    pub model: &'a ControlNetModel,
+    /// The ControlNet or T2I-Adapter.
+    pub model: &'a ControlModel,
     /// The control maps at the output size, each [1, 3, H, W] float32 in [0, 1] on the
     /// CPU: one, or for a union model one per condition of the unit.
     pub maps: &'a [Tensor],
@@ -26,7 +33,7 @@ pub struct Control<'a> {
     pub unit: &'a ControlUnit,
 }
 
-/// A unit prepared for one run.
+/// A ControlNet unit prepared for one run.
 struct Prepared<'a> {
     model: &'a ControlNetModel,
     unit: &'a ControlUnit,
@@ -38,13 +45,31 @@ struct Prepared<'a> {
     embedded: Vec<Tensor>,
 }
 
+/// A T2I-Adapter unit prepared for one run: its features times its scale, repeated for
+/// every image and part of the batch.
+struct PreparedAdapter<'a> {
+    unit: &'a ControlUnit,
+    features: Vec<Tensor>,
+}
+
+/// How diffusers counts a run's model calls for the units' windows.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ControlCounts {
+    /// Index of the run's first model call in the schedule.
+    pub first_call: usize,
+    /// Model calls a ControlNet's window is a fraction of (the schedule from the run's
+    /// entry on).
+    pub calls: usize,
+    /// Steps a T2I-Adapter's window is a fraction of (the adapter pipeline's
+    /// `num_inference_steps`).
+    pub adapter_steps: usize,
+}
+
 /// The units of one run.
 pub(super) struct Controls<'a> {
     units: Vec<Prepared<'a>>,
-    /// Index of the run's first model call in the schedule.
-    first_call: usize,
-    /// Model calls diffusers counts for the window (the schedule from the run's entry on).
-    calls: usize,
+    adapters: Vec<PreparedAdapter<'a>>,
+    counts: ControlCounts,
 }
 
 /// The text conditioning a ControlNet call sees.
@@ -57,73 +82,100 @@ pub(super) struct ControlContext<'t> {
 }
 
 impl<'a> Controls<'a> {
-    /// `controls` for a run of `images` images per part of `layout` at `placement`; the
-    /// run's first model call is `first_call` of a schedule diffusers counts `calls` calls
-    /// in.
+    /// `controls` for a run of `images` images per part of `layout` at `placement`,
+    /// whose model calls diffusers counts as `counts` says.
     pub fn prepare(
         controls: &[Control<'a>],
         images: i64,
         layout: BatchLayout,
         placement: Placement,
-        (first_call, calls): (usize, usize),
-    ) -> Self {
-        let units = controls
-            .iter()
-            .map(|c| {
-                // diffusers' PAG pipelines have no guess mode: their ControlNets see the
-                // whole batch (guess mode itself is refused with PAG).
-                let guess = !layout.perturbed
-                    && (c.unit.mode == ControlMode::Guess
-                        || c.model.config().control.global_pool_conditions);
-                let copies = if layout.negative && guess {
-                    images
-                } else {
-                    images * layout.parts()
-                };
-                let embed = |map: &Tensor| {
-                    let image = map
-                        .repeat([copies, 1, 1, 1])
-                        .to_device(placement.device)
-                        .to_kind(placement.kind);
-                    c.model.embed(&image)
-                };
-                Prepared {
-                    model: c.model,
-                    unit: c.unit,
-                    guess,
-                    embedded: c.maps.iter().map(embed).collect(),
+        counts: ControlCounts,
+    ) -> Result<Self> {
+        let mut units = Vec::new();
+        let mut adapters = Vec::new();
+        for c in controls {
+            match c.model {
+                ControlModel::ControlNet(model) => {
+                    units.push(prepare_controlnet(model, c, images, layout, placement));
                 }
-            })
-            .collect();
-        Self {
-            units,
-            first_call,
-            calls,
+                ControlModel::Adapter(adapter) => {
+                    let copies = images * layout.parts();
+                    let features = adapter_features(adapter, c, copies, placement)?;
+                    adapters.push(PreparedAdapter {
+                        unit: c.unit,
+                        features,
+                    });
+                }
+            }
         }
+        Ok(Self {
+            units,
+            adapters,
+            counts,
+        })
     }
 
     /// Whether there is no unit.
     pub fn is_empty(&self) -> bool {
-        self.units.is_empty()
+        self.units.is_empty() && self.adapters.is_empty()
     }
 
-    /// The summed residuals of model call `index` (an index into the schedule) for
+    /// What the units add to model call `index` (an index into the schedule) for
     /// `model_input` (the scaled latents, doubled when guided, without an inpainting
-    /// UNet's extra channels); `None` when no unit acts at this call. A unit whose
-    /// residuals would be zeros at this call (scale 0, or outside its window) is not run;
-    /// a union unit of several conditions always runs: diffusers scales its conditions
-    /// inside the fusion, so its residuals are not zeros at scale 0.
-    pub fn residuals(
+    /// UNet's extra channels); `None` when no unit acts at this call.
+    pub fn additions(
         &self,
         index: usize,
         model_input: &Tensor,
         timestep: &Tensor,
         c: &ControlContext<'_>,
+    ) -> Option<ControlAdditions> {
+        let call = index.checked_sub(self.counts.first_call)?;
+        let residuals = self.residuals(call, model_input, timestep, c);
+        let features = self.features(call);
+        (residuals.is_some() || !features.is_empty()).then_some(ControlAdditions {
+            residuals,
+            features,
+        })
+    }
+
+    /// The T2I-Adapter units' features at call `call` of the run, summed level by level
+    /// over the units whose window holds it (in unit order, as diffusers' `MultiAdapter`
+    /// sums them); empty when none does.
+    fn features(&self, call: usize) -> Vec<Tensor> {
+        let mut sum: Vec<Tensor> = Vec::new();
+        let acting = self.adapters.iter().filter(|a| {
+            a.unit.scale != 0.0 && a.unit.adapter_in_window(call, self.counts.adapter_steps)
+        });
+        for adapter in acting {
+            if sum.is_empty() {
+                sum = adapter.features.iter().map(Tensor::shallow_clone).collect();
+            } else {
+                sum = sum
+                    .iter()
+                    .zip(&adapter.features)
+                    .map(|(a, b)| a + b)
+                    .collect();
+            }
+        }
+        sum
+    }
+
+    /// The summed residuals of the ControlNet units at call `call` of the run; `None`
+    /// when none acts. A unit whose residuals would be zeros at this call (scale 0, or
+    /// outside its window) is not run; a union unit of several conditions always runs:
+    /// diffusers scales its conditions inside the fusion, so its residuals are not zeros
+    /// at scale 0.
+    fn residuals(
+        &self,
+        call: usize,
+        model_input: &Tensor,
+        timestep: &Tensor,
+        c: &ControlContext<'_>,
     ) -> Option<ControlResiduals> {
-        let call = index.checked_sub(self.first_call)?;
         let mut sum: Option<ControlResiduals> = None;
         for unit in &self.units {
-            let keep = if unit.unit.in_window(call, self.calls) {
+            let keep = if unit.unit.in_window(call, self.counts.calls) {
                 1.0
             } else {
                 0.0
@@ -149,6 +201,57 @@ impl<'a> Controls<'a> {
         }
         sum
     }
+}
+
+/// A ControlNet unit's maps through its conditioning embedding, repeated for the images
+/// of each part of `layout` it sees.
+fn prepare_controlnet<'a>(
+    model: &'a ControlNetModel,
+    c: &Control<'a>,
+    images: i64,
+    layout: BatchLayout,
+    placement: Placement,
+) -> Prepared<'a> {
+    // diffusers' PAG pipelines have no guess mode: their ControlNets see the whole batch
+    // (guess mode itself is refused with PAG).
+    let guess = !layout.perturbed
+        && (c.unit.mode == ControlMode::Guess || model.config().control.global_pool_conditions);
+    let copies = if layout.negative && guess {
+        images
+    } else {
+        images * layout.parts()
+    };
+    let embed = |map: &Tensor| {
+        let image = map
+            .repeat([copies, 1, 1, 1])
+            .to_device(placement.device)
+            .to_kind(placement.kind);
+        model.embed(&image)
+    };
+    Prepared {
+        model,
+        unit: c.unit,
+        guess,
+        embedded: c.maps.iter().map(embed).collect(),
+    }
+}
+
+/// A T2I-Adapter unit's features: its map through the adapter once, times the unit's
+/// scale, repeated `copies` times.
+fn adapter_features(
+    adapter: &T2IAdapter,
+    c: &Control<'_>,
+    copies: i64,
+    placement: Placement,
+) -> Result<Vec<Tensor>> {
+    let map = c.maps.first().ok_or_else(|| {
+        EngineError::InvalidRequest("a T2I-Adapter unit needs a control map".into())
+    })?;
+    let features = adapter.forward(&map.to_device(placement.device))?;
+    Ok(features
+        .into_iter()
+        .map(|f| (f * c.unit.scale).repeat([copies, 1, 1, 1]))
+        .collect())
 }
 
 /// What one ControlNet call takes besides its images.
@@ -252,13 +355,16 @@ fn add(acc: ControlResiduals, more: ControlResiduals) -> ControlResiduals {
 
 impl SdxlPipeline {
     /// Why `model` cannot control this pipeline, if it cannot.
-    pub fn control_mismatch(&self, model: &ControlNetModel) -> Option<String> {
+    pub fn control_mismatch(&self, model: &ControlModel) -> Option<String> {
         let controlled = ControlledModel {
             unet: self.unet.config(),
             vae_factor: self.vae_scale_factor(),
             latent_channels: self.vae.latent_channels(),
         };
-        mismatch(&controlled, model.config())
+        match model {
+            ControlModel::ControlNet(model) => mismatch(&controlled, model.config()),
+            ControlModel::Adapter(adapter) => adapter_mismatch(&controlled, adapter.config()),
+        }
     }
 
     /// Checks the units of a run of `p` before any work is done.
@@ -308,6 +414,13 @@ impl SdxlPipeline {
             if p.pag.is_some() && unit.mode == ControlMode::Guess {
                 return bad("guess mode does not combine with perturbed-attention guidance (diffusers' PAG pipelines have none)".into());
             }
+            if let Some(why) = control
+                .model
+                .adapter()
+                .and_then(|a| adapter_unit_problem(a, p, unit))
+            {
+                return bad(why);
+            }
         }
         Ok(())
     }
@@ -317,14 +430,14 @@ impl SdxlPipeline {
 /// model takes one condition per map, each of a type it knows; another ControlNet one map
 /// and no conditions.
 fn union_mismatch(control: &Control<'_>) -> Option<String> {
-    let (model, unit) = (control.model, control.unit);
-    if !model.is_union() {
+    let unit = control.unit;
+    let Some(model) = control.model.controlnet().filter(|m| m.is_union()) else {
         return match (control.maps.len(), unit.conditions.is_empty()) {
             (1, true) => None,
             (_, false) => Some("control types apply to union models only".into()),
             (n, true) => Some(format!("{n} control maps for a ControlNet that takes one")),
         };
-    }
+    };
     if unit.conditions.is_empty() {
         return Some("a union model needs a control type for its image".into());
     }
@@ -345,4 +458,23 @@ fn union_mismatch(control: &Control<'_>) -> Option<String> {
                 c.control_type
             )
         })
+}
+
+/// Why a T2I-Adapter unit cannot run in a run of `p`, if it cannot: the adapter has no
+/// guess mode, and its pixel unshuffle takes only sides that are multiples of its factor.
+fn adapter_unit_problem(
+    adapter: &T2IAdapter,
+    p: &GenerateParams,
+    unit: &ControlUnit,
+) -> Option<String> {
+    if unit.mode == ControlMode::Guess {
+        return Some("a T2I-Adapter has no guess mode".into());
+    }
+    let factor = adapter.config().downscale_factor;
+    (p.width % factor != 0 || p.height % factor != 0).then(|| {
+        format!(
+            "a T2I-Adapter of downscale factor {factor} takes sides that are multiples of {factor}, not {}x{}",
+            p.width, p.height
+        )
+    })
 }

@@ -13,7 +13,7 @@ use crate::engine::ip_adapter::layer_keys;
 use crate::engine::models::attention::{Context, ImageKeys, Perturbation};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::control::{Control, ControlContext, Controls};
+use crate::engine::pipeline::control::{Control, ControlContext, ControlCounts, Controls};
 use crate::engine::pipeline::latents::Inpaint;
 use crate::engine::pipeline::window::{window, Window};
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
@@ -202,15 +202,18 @@ impl SdxlPipeline {
         let schedule = self.schedule(p, &from)?;
         let (latents, inpaint) =
             self.initial_latents(p, &from, schedule.scheduler.as_ref(), schedule.start, noise)?;
-        // diffusers counts a unit's window over the schedule from the run's entry on (the
-        // part `denoising_end` cuts off included).
-        let calls = (schedule.start, schedule.timesteps.len() - schedule.start);
         let layout = BatchLayout {
             negative: prompt.negative.is_some(),
             perturbed: p.pag.is_some(),
         };
-        let controls =
-            Controls::prepare(controls, p.num_images as i64, layout, self.placement, calls);
+        let counts = control_counts(p, &schedule);
+        let controls = Controls::prepare(
+            controls,
+            p.num_images as i64,
+            layout,
+            self.placement,
+            counts,
+        )?;
         let conditioning =
             self.conditioning(p, prompt, from.entry(p).is_some(), (layout, controls));
         let total = (schedule.end - schedule.start).div_ceil(schedule.scheduler.order());
@@ -396,10 +399,10 @@ impl SdxlPipeline {
             time_ids: &c.time_ids,
             layout: c.layout,
         };
-        let residuals = {
+        let additions = {
             let _stage = (!c.controls.is_empty()).then(|| profile::span("controlnet"));
             c.controls
-                .residuals(index, &model_input, timestep, &control)
+                .additions(index, &model_input, timestep, &control)
         };
         if let Some((state, masked)) =
             inpaint.and_then(|s| s.masked_latents.as_ref().map(|m| (s, m)))
@@ -416,7 +419,7 @@ impl SdxlPipeline {
         let _stage = profile::span("unet");
         // Graphs hold the inputs they were captured with: image prompts' keys, FreeU's
         // factors and perturbed layers are not.
-        let plain = residuals.is_none()
+        let plain = additions.is_none()
             && c.images.is_none()
             && p.freeu.is_none()
             && c.perturbed_slots.is_none();
@@ -444,7 +447,7 @@ impl SdxlPipeline {
                 timestep,
                 &context,
                 Some(&added),
-                residuals.as_ref(),
+                additions.as_ref(),
             )
         }
         .to_kind(Kind::Float);
@@ -466,5 +469,22 @@ impl SdxlPipeline {
             && self.placement.device.is_cuda()
             && self.adapted.get() == 0
             && !profile::recording()
+    }
+}
+
+/// How diffusers counts the model calls of a run on `schedule` for the units' windows: a
+/// ControlNet's over the schedule from the run's entry on (the part `denoising_end` cuts
+/// off included); a T2I-Adapter's over the run's steps (`num_inference_steps`), or under
+/// `denoising_end` over the calls it keeps (the adapter pipeline's own count).
+fn control_counts(p: &GenerateParams, schedule: &Schedule) -> ControlCounts {
+    let from_entry = schedule.timesteps.len() - schedule.start;
+    ControlCounts {
+        first_call: schedule.start,
+        calls: from_entry,
+        adapter_steps: if p.denoising_end.is_some() {
+            schedule.end - schedule.start
+        } else {
+            from_entry.div_ceil(schedule.scheduler.order())
+        },
     }
 }

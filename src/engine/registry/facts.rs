@@ -30,18 +30,38 @@ pub struct PipelineFacts {
     pub self_attentions: Vec<String>,
 }
 
-/// What a ControlNet's config says: whether it is a union model and of which base.
+/// What a ControlNet's config says: whether it is a union model or a T2I-Adapter, and of
+/// which base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlNetFacts {
     /// For a union model, the control types it knows.
     pub union_types: Option<i64>,
     /// Width of its text conditioning (2048 for SDXL).
     pub cross_attention_dim: Option<i64>,
+    /// For a T2I-Adapter, what its config says.
+    pub adapter: Option<AdapterFacts>,
+}
+
+/// What a T2I-Adapter's config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterFacts {
+    /// Its pixel unshuffle's factor: output sides must be multiples of it.
+    pub downscale_factor: i64,
+    /// SDXL's layout (`full_adapter_xl`), rather than SD 1.5's.
+    pub xl: bool,
 }
 
 impl ControlNetFacts {
-    /// Reads a ControlNet folder's `config.json`, or infers a single file's.
+    /// Reads a ControlNet or T2I-Adapter folder's `config.json`, or infers a single
+    /// file's.
     pub(super) fn read(path: &Path) -> Option<Self> {
+        if let Some(adapter) = AdapterFacts::read(path) {
+            return Some(Self {
+                union_types: None,
+                cross_attention_dim: None,
+                adapter: Some(adapter),
+            });
+        }
         let config: serde_json::Value = if path.is_file() {
             let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
             crate::engine::models::controlnet_file::infer_config(path, &shapes).ok()?
@@ -59,6 +79,30 @@ impl ControlNetFacts {
             cross_attention_dim: config
                 .get("cross_attention_dim")
                 .and_then(serde_json::Value::as_i64),
+            adapter: None,
+        })
+    }
+}
+
+impl AdapterFacts {
+    /// The facts of the T2I-Adapter folder or single file at `path`; `None` when it is
+    /// not one, or its config cannot be read.
+    fn read(path: &Path) -> Option<Self> {
+        use crate::engine::models::t2i_adapter::{infer_config, is_adapter_file, T2IAdapterConfig};
+        let config = if path.is_file() {
+            let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
+            if !is_adapter_file(&shapes) {
+                return None;
+            }
+            infer_config(path, &shapes).ok()?
+        } else if crate::engine::models::control_model::is_adapter_dir(path) {
+            T2IAdapterConfig::read(&path.join("config.json")).ok()?
+        } else {
+            return None;
+        };
+        Some(Self {
+            downscale_factor: config.downscale_factor,
+            xl: config.adapter_type == "full_adapter_xl",
         })
     }
 }

@@ -86,7 +86,8 @@ pub enum ModelKind {
     Vae,
     /// A LoRA adapter (`.safetensors` file).
     Lora,
-    /// A ControlNet (diffusers ControlNetModel folder).
+    /// A ControlNet (diffusers ControlNetModel folder) or a T2I-Adapter (T2IAdapter
+    /// folder), or either as a single file.
     ControlNet,
     /// A super-resolution upscaler (`.safetensors` file).
     Upscaler,
@@ -157,9 +158,9 @@ impl ModelKind {
             // Folders by their class; any `.safetensors` file (a layout that is not a
             // ControlNet's is refused, naming the key, when it is used).
             ModelKind::ControlNet => {
-                class_name(path)
-                    .is_some_and(|c| c == "ControlNetModel" || c == "ControlNetUnionModel")
-                    || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
+                class_name(path).is_some_and(|c| {
+                    ["ControlNetModel", "ControlNetUnionModel", "T2IAdapter"].contains(&c.as_str())
+                }) || (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
             }
             ModelKind::Lora | ModelKind::Upscaler | ModelKind::Embedding => {
                 path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
