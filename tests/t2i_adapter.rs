@@ -2,9 +2,9 @@
 //! make_t2i_adapter_fixtures.py`): each layout's features equal `T2IAdapter.forward`'s,
 //! from folders and from single files; over gRPC, images equal
 //! StableDiffusionXLAdapterPipeline's (one adapter, two summed, a window under Euler and
-//! under Heun, two images, a grey adapter, the UNet's mid block joined or not) and the
-//! same features passed through diffusers' image-to-image, inpainting and ControlNet
-//! pipelines; adapters list as such, and bad units are refused by field or by model.
+//! under Heun, two images, a grey adapter, the UNet's mid block joined or not, the base
+//! of an ensemble of experts) and the same features passed through diffusers'
+//! image-to-image, inpainting and ControlNet pipelines; adapters list as such, and bad units are refused by field or by model.
 
 mod common;
 
@@ -138,6 +138,10 @@ async fn server(config: &str, root: &Path) -> TestServer {
             "SDXLD__MODELS__CONTROLNET_ROOTS",
             root.to_str().expect("utf-8"),
         ),
+        (
+            "SDXLD__MODELS__REFINER_ROOTS",
+            fixtures().join(config).to_str().expect("utf-8"),
+        ),
         ("SDXLD__LIMITS__MAX_WIDTH", "256"),
         ("SDXLD__LIMITS__MAX_HEIGHT", "256"),
     ])
@@ -191,6 +195,15 @@ fn spec_of(config: &str, case: &Case) -> pb::GenerationSpec {
             },
             ..Default::default()
         });
+    // The base of an ensemble of experts, the fixtures' refiner taking over.
+    let refiner = (kind == "ensemble").then(|| pb::RefinerStage {
+        model: "refiner".into(),
+        mode: pb::RefinerMode::EnsembleOfExperts as i32,
+        high_noise_fraction: Some(case.float("fraction") as f32),
+        steps: case.int("steps") as u32,
+        guidance_scale: Some(5.0),
+        ..Default::default()
+    });
     let scheduler = match case["scheduler"].as_str() {
         Some("HeunDiscreteScheduler") => pb::Scheduler::Heun,
         _ => pb::Scheduler::Euler,
@@ -207,6 +220,7 @@ fn spec_of(config: &str, case: &Case) -> pb::GenerationSpec {
         scheduler: scheduler as i32,
         controlnets,
         init_image,
+        refiner,
         ..Default::default()
     }
 }
