@@ -374,3 +374,36 @@ async fn adapters_list_as_such_and_bad_units_are_refused_by_field_or_model() {
     let controlnet = info("cn3");
     assert!(!controlnet.t2i_adapter && controlnet.downscale_factor == 0);
 }
+
+#[test]
+fn an_adapter_file_over_the_cli_equals_diffusers() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let root = t2i_adapter_fixtures();
+    let reference = read_tensors(&root.join("tiny2/cases.safetensors"));
+    let png = out.path().join("grey_heun.png");
+    let unit = format!(
+        "{},{},scale=1.2,end=0.8",
+        root.join("single/tiny2_grey.safetensors").display(),
+        root.join("tiny2/control_b.png").display()
+    );
+    common::cli::sdxld("generate")
+        .args([
+            "--prompt",
+            "a house by a lake",
+            "--seed",
+            "42",
+            "--steps",
+            "3",
+        ])
+        .args(["--guidance", "5", "--scheduler", "heun"])
+        .args(["--width", "64", "--height", "64"])
+        .flag("--controlnet", unit)
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .flag("--output", &png)
+        .succeeds();
+    assert_images_match(
+        "CLI grey adapter under Heun",
+        &common::image_file(&png),
+        &reference["grey_heun.images"].get(0),
+    );
+}
