@@ -407,3 +407,49 @@ fn an_adapter_file_over_the_cli_equals_diffusers() {
         &reference["grey_heun.images"].get(0),
     );
 }
+
+#[test]
+fn impossible_adapter_configs_are_refused_naming_the_key() {
+    use sdxld::engine::models::t2i_adapter::T2IAdapterConfig;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.json");
+    let base = serde_json::json!({
+        "_class_name": "T2IAdapter",
+        "in_channels": 3,
+        "channels": [32, 64, 64, 64],
+        "num_res_blocks": 2,
+        "downscale_factor": 16,
+        "adapter_type": "full_adapter_xl",
+    });
+    std::fs::write(&path, base.to_string()).expect("write");
+    T2IAdapterConfig::read(&path).expect("the base config is fine");
+    for (key, value) in [
+        ("in_channels", serde_json::json!(4)),
+        ("channels", serde_json::json!([])),
+        ("channels", serde_json::json!([32, 0, 64, 64])),
+        ("channels", serde_json::json!([32, 64, 64, 96])),
+        ("num_res_blocks", serde_json::json!(-1)),
+        ("downscale_factor", serde_json::json!(0)),
+        ("downscale_factor", serde_json::json!(1_i64 << 40)),
+        ("adapter_type", serde_json::json!("coadapter")),
+    ] {
+        let mut config = base.clone();
+        config[key] = value.clone();
+        std::fs::write(&path, config.to_string()).expect("write");
+        let err = T2IAdapterConfig::read(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{key} = {value} was accepted"))
+            .to_string();
+        assert!(err.contains(&format!("`{key}`")), "{key} = {value}: {err}");
+    }
+    // A light adapter's inner width is a quarter of each width.
+    let mut light = base.clone();
+    light["adapter_type"] = serde_json::json!("light_adapter");
+    light["channels"] = serde_json::json!([32, 2, 64]);
+    std::fs::write(&path, light.to_string()).expect("write");
+    let err = T2IAdapterConfig::read(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("`channels`"), "{err}");
+}

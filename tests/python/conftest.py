@@ -44,8 +44,8 @@ def stubs(tmp_path_factory):
 class Server:
     def __init__(self, lora_root: Path, upscaler_root: Path, extra_env=None):
         binary = os.environ.get("SDXLD_BIN", str(ROOT / "target" / "release" / "sdxld"))
-        # The LoRA, upscaler, preprocessor, embedding and IP-Adapter roots (the last also
-        # the image encoder root) start empty; tests write
+        # The LoRA, upscaler, preprocessor, embedding, IP-Adapter (also the image encoder
+        # root) and ControlNet roots start empty; tests write
         # models into them (names resolve per request).
         self.lora_root = lora_root
         self.upscaler_root = upscaler_root
@@ -55,6 +55,8 @@ class Server:
         self.embedding_root.mkdir()
         self.ip_adapter_root = lora_root.parent / f"{lora_root.name}-ip-adapters"
         self.ip_adapter_root.mkdir()
+        self.controlnet_root = lora_root.parent / f"{lora_root.name}-controlnets"
+        self.controlnet_root.mkdir()
         env = dict(
             os.environ,
             SDXLD__SERVER__METRICS_LISTEN="",
@@ -65,6 +67,7 @@ class Server:
             SDXLD__MODELS__EMBEDDING_ROOTS=str(self.embedding_root),
             SDXLD__MODELS__IP_ADAPTER_ROOTS=str(self.ip_adapter_root),
             SDXLD__MODELS__IMAGE_ENCODER_ROOTS=str(self.ip_adapter_root),
+            SDXLD__MODELS__CONTROLNET_ROOTS=str(self.controlnet_root),
             **(extra_env or {}),
         )
         self.process = subprocess.Popen(

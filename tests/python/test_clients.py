@@ -328,6 +328,55 @@ def test_python_client_image_prompt_replays_from_the_png(stubs, server, tmp_path
     assert bad_request_fields(stubs, caught.value) == ["spec.ip_adapters[0].scale"]
 
 
+def write_demo_t2i_adapter(folder: Path):
+    """A T2I-Adapter in SDXL's full_adapter_xl layout at the demo UNet's widths (32, 64,
+    128; its fourth feature joins the mid block), random weights."""
+    import torch
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(5)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 128, 128], num_res_blocks=2, downscale_factor=16, adapter_type="full_adapter_xl")
+    adapter.eval().save_pretrained(folder, safe_serialization=True)
+
+
+def test_python_client_t2i_adapter_unit_replays_from_the_png(stubs, server):
+    write_demo_t2i_adapter(server.controlnet_root / "sketch_t2i")
+    channel = grpc.insecure_channel(server.address)
+    models = stubs.models_grpc.ModelServiceStub(channel)
+    listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_CONTROLNET)).models
+    (adapter,) = [m for m in listed if m.name == "sketch_t2i"]
+    info = adapter.controlnet
+    assert (info.t2i_adapter, info.downscale_factor, info.base, info.union) == (True, 16, "sdxl", False)
+
+    edges = io.BytesIO()
+    sketch = Image.new("RGB", (64, 64))
+    sketch.paste((255, 255, 255), (12, 20, 52, 24))
+    sketch.paste((255, 255, 255), (30, 8, 34, 56))
+    sketch.save(edges, "PNG")
+    unit = stubs.gen.ControlNetUnit(model="sketch_t2i", image=edges.getvalue(), conditioning_scale=1.5, guidance_end=0.5)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data
+    adapted = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, controlnets=[unit])))
+    image = adapted.images[0].data
+    assert image != plain
+    assert any(m.name == "sketch_t2i" and m.kind == stubs.gen.MODEL_KIND_CONTROLNET for m in adapted.completed.models)
+    png = Image.open(io.BytesIO(image))
+    assert "ControlNet 0: \"Module: none, Model: sketch_t2i [" in png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == image
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data == plain
+    # No guess mode, and only sides that are multiples of the adapter's factor.
+    unit.control_mode = stubs.gen.CONTROL_MODE_GUESS
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, controlnets=[unit])))
+    assert bad_request_fields(stubs, caught.value) == ["spec.controlnets[0].control_mode"]
+    unit.control_mode = stubs.gen.CONTROL_MODE_UNSPECIFIED
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, controlnets=[unit], width=72)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.width"]
+
+
 def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
     """A compel prompt longer than CLIP's 77 tokens: no truncation warning, another image
     than the plain reading, a PNG that replays it; grpcurl sees the refusal of a swap."""

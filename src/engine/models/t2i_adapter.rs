@@ -54,6 +54,9 @@ fn full_adapter() -> String {
     "full_adapter".into()
 }
 
+/// The largest pixel unshuffle factor accepted (SDXL's adapters use 16, SD 1.5's 8).
+const MAX_DOWNSCALE: i64 = 64;
+
 /// The adapter layouts diffusers defines.
 const LAYOUTS: [&str; 3] = ["full_adapter", "full_adapter_xl", "light_adapter"];
 
@@ -73,7 +76,15 @@ impl CheckedConfig for T2IAdapterConfig {
         }
         check.all_positive("channels", &self.channels);
         check.not_negative("num_res_blocks", self.num_res_blocks);
-        check.positive("downscale_factor", self.downscale_factor);
+        if !(1..=MAX_DOWNSCALE).contains(&self.downscale_factor) {
+            check.problem(
+                "downscale_factor",
+                format!(
+                    "is {}; it must be in [1, {MAX_DOWNSCALE}]",
+                    self.downscale_factor
+                ),
+            );
+        }
         check.one_of("adapter_type", &self.adapter_type, &LAYOUTS);
         if self.adapter_type == "full_adapter_xl" {
             // Its blocks after the third take the width of the one before as their own.
