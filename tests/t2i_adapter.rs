@@ -4,7 +4,9 @@
 //! StableDiffusionXLAdapterPipeline's (one adapter, two summed, a window under Euler and
 //! under Heun, two images, a grey adapter, the UNet's mid block joined or not, the base
 //! of an ensemble of experts) and the same features passed through diffusers'
-//! image-to-image, inpainting and ControlNet pipelines; adapters list as such, and bad units are refused by field or by model.
+//! image-to-image, inpainting and ControlNet pipelines; units run beside PAG and
+//! masked-area inpainting; adapters list as such, and bad units are refused by field or
+//! by model.
 
 mod common;
 
@@ -341,6 +343,44 @@ async fn adapters_list_as_such_and_bad_units_are_refused_by_field_or_model() {
             "{message}"
         );
         assert!(message.contains("spec.controlnets[0].model"), "{message}");
+    }
+
+    // Beside perturbed-attention guidance (a third batch part) and inpainting only the
+    // masked area (the map cut to the area), an adapter unit runs and acts.
+    let pag = |units: bool| pb::GenerationSpec {
+        pag: Some(pb::PerturbedAttentionGuidance::default()),
+        ..if units {
+            with_unit("xl_t2i")
+        } else {
+            plain.clone()
+        }
+    };
+    let masked = |units: bool| pb::GenerationSpec {
+        init_image: Some(pb::InitImage {
+            image: read(&fixtures().join("tiny2/init.png")),
+            mask: read(&fixtures().join("tiny2/mask.png")),
+            padding_mask_crop: Some(4),
+            ..Default::default()
+        }),
+        ..if units {
+            with_unit("grey_t2i")
+        } else {
+            plain.clone()
+        }
+    };
+    for (what, with, without) in [
+        ("PAG", pag(true), pag(false)),
+        ("masked area", masked(true), masked(false)),
+    ] {
+        let with = server
+            .images(with)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let without = server.images(without).await.expect(what);
+        assert_ne!(
+            with.images[0].data, without.images[0].data,
+            "{what}: the adapter did nothing"
+        );
     }
 
     let after = server.images(plain).await.expect("plain again");
