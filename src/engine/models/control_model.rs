@@ -59,7 +59,7 @@ impl ControlModel {
 }
 
 /// Whether the model folder at `path` holds a T2I-Adapter (`_class_name` `T2IAdapter`).
-pub fn is_adapter_dir(path: &Path) -> bool {
+fn is_adapter_dir(path: &Path) -> bool {
     read_json::<serde_json::Value>(&path.join("config.json"))
         .ok()
         .and_then(|c| c.get("_class_name")?.as_str().map(|c| c == "T2IAdapter"))

@@ -226,8 +226,7 @@ impl DownBlock {
             states.push(h.shallow_clone());
         }
         if let Some(feature) = feature.filter(|_| !attended) {
-            let joined = &h + feature;
-            h = joined;
+            h = &h + feature;
             if let Some(state) = states.last_mut() {
                 *state = h.shallow_clone();
             }

@@ -53,22 +53,25 @@ pub struct AdapterFacts {
 
 impl ControlNetFacts {
     /// Reads a ControlNet or T2I-Adapter folder's `config.json`, or infers a single
-    /// file's.
+    /// file's (each read once).
     pub(super) fn read(path: &Path) -> Option<Self> {
-        if let Some(adapter) = AdapterFacts::read(path) {
-            return Some(Self {
-                union_types: None,
-                cross_attention_dim: None,
-                adapter: Some(adapter),
-            });
-        }
+        use crate::engine::models::t2i_adapter::{infer_config, is_adapter_file};
+        let config_path = path.join("config.json");
         let config: serde_json::Value = if path.is_file() {
             let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
+            if is_adapter_file(&shapes) {
+                return Some(Self::adapter(&infer_config(path, &shapes).ok()?));
+            }
             crate::engine::models::controlnet_file::infer_config(path, &shapes).ok()?
         } else {
-            crate::engine::files::read_json(&path.join("config.json")).ok()?
+            crate::engine::files::read_json(&config_path).ok()?
         };
-        let union = config.get("_class_name")?.as_str()? == "ControlNetUnionModel";
+        let class = config.get("_class_name")?.as_str()?;
+        if class == "T2IAdapter" {
+            let adapter = crate::engine::config_check::config_from_value(&config_path, &config);
+            return Some(Self::adapter(&adapter.ok()?));
+        }
+        let union = class == "ControlNetUnionModel";
         Some(Self {
             union_types: union.then(|| {
                 config
@@ -82,28 +85,17 @@ impl ControlNetFacts {
             adapter: None,
         })
     }
-}
 
-impl AdapterFacts {
-    /// The facts of the T2I-Adapter folder or single file at `path`; `None` when it is
-    /// not one, or its config cannot be read.
-    fn read(path: &Path) -> Option<Self> {
-        use crate::engine::models::t2i_adapter::{infer_config, is_adapter_file, T2IAdapterConfig};
-        let config = if path.is_file() {
-            let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
-            if !is_adapter_file(&shapes) {
-                return None;
-            }
-            infer_config(path, &shapes).ok()?
-        } else if crate::engine::models::control_model::is_adapter_dir(path) {
-            T2IAdapterConfig::read(&path.join("config.json")).ok()?
-        } else {
-            return None;
-        };
-        Some(Self {
-            downscale_factor: config.downscale_factor,
-            xl: config.adapter_type == "full_adapter_xl",
-        })
+    /// The facts of a T2I-Adapter of `config`.
+    fn adapter(config: &crate::engine::models::t2i_adapter::T2IAdapterConfig) -> Self {
+        Self {
+            union_types: None,
+            cross_attention_dim: None,
+            adapter: Some(AdapterFacts {
+                downscale_factor: config.downscale_factor,
+                xl: config.adapter_type == "full_adapter_xl",
+            }),
+        }
     }
 }
 
