@@ -17,7 +17,7 @@ use crate::engine::schedulers::{
 };
 
 /// The diffusers config keys sdxld reads (and accepts as overrides).
-pub const CONFIG_KEYS: [&str; 26] = [
+pub const CONFIG_KEYS: [&str; 28] = [
     "solver_order",
     "algorithm_type",
     "solver_type",
@@ -44,6 +44,8 @@ pub const CONFIG_KEYS: [&str; 26] = [
     "timestep_type",
     "sigma_min",
     "sigma_max",
+    "original_inference_steps",
+    "timestep_scaling",
 ];
 
 /// Mirrors a diffusers scheduler config; defaults are diffusers' defaults.
@@ -130,6 +132,12 @@ pub struct SchedulerConfig {
     /// A first-order last step (default false).
     #[serde(default)]
     pub euler_at_final: Option<bool>,
+    /// The distillation schedule's steps (LCM, TCD; default 50).
+    #[serde(default)]
+    pub original_inference_steps: Option<i64>,
+    /// The consistency boundary condition's timestep scale (LCM; default 10).
+    #[serde(default)]
+    pub timestep_scaling: Option<f64>,
 }
 
 fn thousand() -> i64 {
@@ -185,6 +193,8 @@ impl SchedulerConfig {
             solver_type: None,
             lower_order_final: None,
             euler_at_final: None,
+            original_inference_steps: None,
+            timestep_scaling: None,
         }
     }
 
@@ -284,17 +294,11 @@ impl SchedulerConfig {
         })
     }
 
-    /// Cumulative products of the alphas (float32), as diffusers computes them.
+    /// Cumulative products of the alphas (float32), as diffusers computes them (the last
+    /// is 0 under zero-SNR betas; the sigma schedulers replace it, see `TrainingSigmas`).
     pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
         let alphas = -self.betas()? + 1.0;
-        let mut cumprod: Vec<f32> = Vec::try_from(alphas.cumprod(0, Kind::Float))?;
-        if self.rescale_betas_zero_snr {
-            // Close to 0 without being 0, so the first sigma is finite.
-            if let Some(last) = cumprod.last_mut() {
-                *last = 2f32.powi(-24);
-            }
-        }
-        Ok(cumprod)
+        Ok(Vec::try_from(alphas.cumprod(0, Kind::Float))?)
     }
 }
 
@@ -340,6 +344,17 @@ impl CheckedConfig for SchedulerConfig {
         }
         if let Some(range) = self.clip_sample_range {
             check.positive_number("clip_sample_range", range);
+        }
+        if let Some(original) = self.original_inference_steps {
+            if !(1..=steps).contains(&original) {
+                check.problem(
+                    "original_inference_steps",
+                    format_args!("is {original}; it must lie in 1..={steps} (num_train_timesteps)"),
+                );
+            }
+        }
+        if let Some(scaling) = self.timestep_scaling {
+            check.positive_number("timestep_scaling", scaling);
         }
         if let Some(eta) = self.eta.filter(|e| !(e.is_finite() && *e >= 0.0)) {
             check.problem(

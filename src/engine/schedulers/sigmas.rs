@@ -32,7 +32,14 @@ pub struct TrainingSigmas {
 impl TrainingSigmas {
     /// The training sigmas of `config`.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        let cumprod = config.alphas_cumprod()?;
+        let mut cumprod = config.alphas_cumprod()?;
+        if config.rescale_betas_zero_snr {
+            // Close to 0 without being 0, so the first sigma is finite (diffusers' sigma
+            // schedulers; DDIM, LCM and TCD keep the 0).
+            if let Some(last) = cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
         let ac = Tensor::from_slice(&cumprod);
         let sigmas: Vec<f32> = Vec::try_from(((-&ac + 1.0) / &ac).pow_tensor_scalar(0.5))?;
         let log_sigmas = sigmas.iter().map(|s| s.ln()).collect();
