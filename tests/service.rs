@@ -513,7 +513,7 @@ async fn models_and_capabilities() {
         .await
         .expect("capabilities")
         .into_inner();
-    assert_eq!(caps.schedulers.len(), 10);
+    assert_eq!(caps.schedulers.len(), 12);
     let euler = caps
         .schedulers
         .iter()

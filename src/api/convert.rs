@@ -53,6 +53,8 @@ pub fn scheduler(kind: SchedulerKind) -> pb::Scheduler {
         SchedulerKind::Ddim => pb::Scheduler::Ddim,
         SchedulerKind::DpmSolverMultistep => pb::Scheduler::DpmSolverMultistep,
         SchedulerKind::UniPc => pb::Scheduler::Unipc,
+        SchedulerKind::Lcm => pb::Scheduler::Lcm,
+        SchedulerKind::Tcd => pb::Scheduler::Tcd,
         SchedulerKind::DpmSolverSinglestep => pb::Scheduler::DpmSolverSinglestep,
     }
 }

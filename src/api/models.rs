@@ -333,8 +333,8 @@ impl ModelService for Models {
         _request: Request<pb::GetCapabilitiesRequest>,
     ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
         let settings = &self.state.settings;
-        let schedulers = (1..=10)
-            .filter_map(|v| pb::Scheduler::try_from(v).ok())
+        let schedulers = (1..)
+            .map_while(|v| pb::Scheduler::try_from(v).ok())
             .filter_map(|s| Some((s, scheduler_kind(s)?)))
             .map(|(s, kind)| pb::SchedulerCapability {
                 scheduler: s as i32,

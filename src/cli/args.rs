@@ -314,7 +314,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
 fn named_scheduler(name: &str, options: &mut pb::SchedulerOptions) -> anyhow::Result<i32> {
     let Some((kind, named)) = from_sampler_name(name) else {
         bail!(
-            "unknown scheduler {name:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, dpm-solver-singlestep, unipc, or an A1111 name such as \"DPM++ 2M Karras\")"
+            "unknown scheduler {name:?} (euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim, dpm-solver-multistep, dpm-solver-singlestep, unipc, lcm, tcd, or an A1111 name such as \"DPM++ 2M Karras\")"
         );
     };
     if let Some(spacing) = named.sigma_schedule {
@@ -390,6 +390,7 @@ fn config_pair(pair: &str, options: &mut pb::SchedulerOptions) -> anyhow::Result
         }
         "eta" => options.eta = Some(value.parse().context("--scheduler-config eta: not a number")?),
         "rescale_betas_zero_snr" => options.rescale_betas_zero_snr = Some(flag()?),
+        "original_inference_steps" => options.original_inference_steps = Some(number()?),
         "prediction_type" => {
             options.prediction_type = match value {
                 "epsilon" => pb::PredictionType::Epsilon,
@@ -398,7 +399,7 @@ fn config_pair(pair: &str, options: &mut pb::SchedulerOptions) -> anyhow::Result
             } as i32
         }
         other => bail!(
-            "--scheduler-config: `{other}` is not a scheduler option a request can set (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, timestep_spacing, steps_offset, solver_order, algorithm_type, solver_type, lower_order_final, euler_at_final, final_sigmas_type, eta, rescale_betas_zero_snr, prediction_type)"
+            "--scheduler-config: `{other}` is not a scheduler option a request can set (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, timestep_spacing, steps_offset, solver_order, algorithm_type, solver_type, lower_order_final, euler_at_final, final_sigmas_type, eta, rescale_betas_zero_snr, prediction_type, original_inference_steps)"
         ),
     }
     Ok(())

@@ -134,6 +134,14 @@ pub fn t2i_adapter_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_consistency_fixtures.py` (built
+/// when missing).
+pub fn consistency_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_consistency_fixtures.py", "SDXLD_CONSISTENCY_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
 /// missing).
 pub fn pag_fixtures() -> PathBuf {

@@ -46,7 +46,7 @@ def test_python_client_health_models_generate_and_errors(stubs, server):
     listed = models.ListModels(stubs.models.ListModelsRequest())
     assert [m.name for m in listed.models if m.is_default] == ["demo"]
     caps = models.GetCapabilities(stubs.models.GetCapabilitiesRequest())
-    assert len(caps.schedulers) == 10
+    assert len(caps.schedulers) == 12
 
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
     events = list(gen.Generate(stubs.gen.GenerateRequest(spec=spec(stubs, num_images=2))))

@@ -226,6 +226,7 @@ fn check(
         .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
     let hires_pass = hires.as_ref().map(|h| &h.params);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
+    window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     let denoised = hires
         .as_ref()
         .map_or(size, |h| (h.params.width as u32, h.params.height as u32));

@@ -131,6 +131,8 @@ pub fn scheduler_kind(scheduler: pb::Scheduler) -> Option<SchedulerKind> {
         S::DpmSolverMultistep => SchedulerKind::DpmSolverMultistep,
         S::Unipc => SchedulerKind::UniPc,
         S::DpmSolverSinglestep => SchedulerKind::DpmSolverSinglestep,
+        S::Lcm => SchedulerKind::Lcm,
+        S::Tcd => SchedulerKind::Tcd,
         S::Unspecified => return None,
     })
 }
@@ -203,6 +205,14 @@ fn options_of(
     if let Some(offset) = o.steps_offset {
         at_most(v, &at("steps_offset"), offset, 10);
     }
+    if let Some(steps) = o.original_inference_steps {
+        if !(1..=1000).contains(&steps) {
+            v.add(
+                at("original_inference_steps"),
+                format!("must be between 1 and 1000, got {steps}"),
+            );
+        }
+    }
     if let Some(order) = o
         .solver_order
         .filter(|&order| !SOLVER_ORDERS.contains(&(order as usize)))
@@ -256,6 +266,7 @@ fn options_of(
             Some(P::VPrediction) => Some(PredictionType::VPrediction),
             Some(P::Unspecified) | None => None,
         },
+        original_inference_steps: o.original_inference_steps,
     }
 }
 

@@ -2,13 +2,16 @@
 //! timestep, a high-noise fraction that leaves the pass handing over (the base's, or the
 //! hires pass) or the refiner nothing to run.
 //! Where a window falls depends on the model's scheduler config and the request's
-//! scheduler, so the schedule is placed here as the run will place it.
+//! scheduler, so the schedule is placed here as the run will place it. Also runs of a
+//! consistency scheduler (LCM, TCD) asked for more steps than its schedule has.
 
 use crate::api::validate::fields::Violations;
 use crate::engine::hires::{entry as hires_entry, HiresParams};
 use crate::engine::pipeline::window::{check_planned_window, EmptyWindow};
 use crate::engine::registry::ModelEntry;
 use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
+use crate::engine::schedulers::lcm::DEFAULT_ORIGINAL_STEPS;
+use crate::engine::schedulers::SchedulerKind;
 use crate::jobs::RefinerJob;
 
 /// The base's run as the request asks for it.
@@ -101,6 +104,63 @@ pub fn empty_windows(
             HIGH_NOISE_FRACTION,
             format!("{handoff} leaves the refiner no step of {steps} to run"),
         );
+    }
+}
+
+/// Adds a violation for each run of a consistency scheduler (LCM, TCD) asked for more
+/// steps than the schedule its model was distilled on has (`original_inference_steps`:
+/// the request's option, else the model's config, else 50), whose timesteps its steps
+/// are taken from.
+pub fn consistency_steps(
+    base: &BaseRun<'_>,
+    hires: Option<&HiresParams>,
+    refiner: Option<&RefinerJob>,
+    v: &mut Violations,
+) {
+    let runs = [
+        Some(("spec.steps", base.model, &base.overrides, base.steps)),
+        hires.map(|h| {
+            (
+                "spec.hires.steps",
+                base.model,
+                &h.scheduler_overrides,
+                h.steps,
+            )
+        }),
+        refiner.map(|r| {
+            let p = &r.params;
+            (
+                "spec.refiner.steps",
+                Some(&r.model),
+                &p.scheduler_overrides,
+                p.steps,
+            )
+        }),
+    ];
+    for (field, model, overrides, steps) in runs.into_iter().flatten() {
+        let Some(facts) = model.and_then(|m| m.pipeline.as_ref()) else {
+            continue;
+        };
+        let Ok(config) = overrides.apply(&facts.scheduler_config) else {
+            continue;
+        };
+        let Ok(kind @ (SchedulerKind::Lcm | SchedulerKind::Tcd)) = config.kind() else {
+            continue;
+        };
+        let original = config
+            .original_inference_steps
+            .unwrap_or(DEFAULT_ORIGINAL_STEPS);
+        // A schedule no model has is refused by the option's own rule.
+        let schedule = 1..=config.num_train_timesteps;
+        if schedule.contains(&original) && steps as i64 > original {
+            v.add(
+                field,
+                format!(
+                    "{steps} steps exceed the {} schedule's original_inference_steps ({original}), whose timesteps they are taken from",
+                    kind.a1111_name()
+                ),
+            );
+        }
     }
 }
 

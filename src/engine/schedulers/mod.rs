@@ -10,10 +10,12 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod kdpm2;
+pub mod lcm;
 pub mod lms;
 pub mod options;
 pub mod sigmas;
 pub mod solver;
+pub mod tcd;
 pub mod unipc;
 
 use serde::{Deserialize, Serialize};
@@ -95,11 +97,15 @@ pub enum SchedulerKind {
     UniPc,
     /// `DPMSolverSinglestepScheduler`.
     DpmSolverSinglestep,
+    /// `LCMScheduler`.
+    Lcm,
+    /// `TCDScheduler`.
+    Tcd,
 }
 
 impl SchedulerKind {
     /// Every implemented scheduler.
-    pub const ALL: [SchedulerKind; 10] = [
+    pub const ALL: [SchedulerKind; 12] = [
         SchedulerKind::DpmSolverSinglestep,
         SchedulerKind::UniPc,
         SchedulerKind::DpmSolverMultistep,
@@ -110,6 +116,8 @@ impl SchedulerKind {
         SchedulerKind::Kdpm2Ancestral,
         SchedulerKind::Lms,
         SchedulerKind::Ddim,
+        SchedulerKind::Lcm,
+        SchedulerKind::Tcd,
     ];
 
     /// The diffusers class name.
@@ -125,6 +133,8 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::UniPc => "UniPCMultistepScheduler",
             SchedulerKind::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Tcd => "TCDScheduler",
         }
     }
 
@@ -146,6 +156,8 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverMultistep => "DPM++ 2M",
             SchedulerKind::UniPc => "UniPC",
             SchedulerKind::DpmSolverSinglestep => "DPM++ SDE",
+            SchedulerKind::Lcm => "LCM",
+            SchedulerKind::Tcd => "TCD",
         }
     }
 }
@@ -264,6 +276,8 @@ impl SchedulerConfig {
             SchedulerKind::DpmSolverSinglestep => {
                 Box::new(dpm_singlestep::DpmSinglestep::new(self, steps)?)
             }
+            SchedulerKind::Lcm => Box::new(lcm::Lcm::new(self, steps)?),
+            SchedulerKind::Tcd => Box::new(tcd::Tcd::new(self, steps)?),
         })
     }
 }

@@ -34,11 +34,13 @@ pub enum SchedulerOption {
     RescaleBetasZeroSnr,
     /// `prediction_type`.
     PredictionType,
+    /// `original_inference_steps`.
+    OriginalInferenceSteps,
 }
 
 impl SchedulerOption {
     /// Every option, in the contract's order.
-    pub const ALL: [SchedulerOption; 12] = [
+    pub const ALL: [SchedulerOption; 13] = [
         SchedulerOption::SigmaSchedule,
         SchedulerOption::TimestepSpacing,
         SchedulerOption::StepsOffset,
@@ -51,6 +53,7 @@ impl SchedulerOption {
         SchedulerOption::Eta,
         SchedulerOption::RescaleBetasZeroSnr,
         SchedulerOption::PredictionType,
+        SchedulerOption::OriginalInferenceSteps,
     ];
 
     /// The contract's field name.
@@ -68,6 +71,7 @@ impl SchedulerOption {
             SchedulerOption::Eta => "eta",
             SchedulerOption::RescaleBetasZeroSnr => "rescale_betas_zero_snr",
             SchedulerOption::PredictionType => "prediction_type",
+            SchedulerOption::OriginalInferenceSteps => "original_inference_steps",
         }
     }
 }
@@ -142,6 +146,18 @@ impl SchedulerKind {
                 O::RescaleBetasZeroSnr,
                 O::PredictionType,
             ],
+            // Their timesteps come from the distillation schedule: no spacing or offset.
+            SchedulerKind::Lcm => &[
+                O::OriginalInferenceSteps,
+                O::RescaleBetasZeroSnr,
+                O::PredictionType,
+            ],
+            SchedulerKind::Tcd => &[
+                O::OriginalInferenceSteps,
+                O::Eta,
+                O::RescaleBetasZeroSnr,
+                O::PredictionType,
+            ],
         }
     }
 
@@ -149,6 +165,7 @@ impl SchedulerKind {
     pub fn sigma_schedules(self) -> &'static [SigmaSpacing] {
         match self {
             SchedulerKind::EulerAncestral | SchedulerKind::Ddim => &[SigmaSpacing::Default],
+            SchedulerKind::Lcm | SchedulerKind::Tcd => &[],
             _ => &[
                 SigmaSpacing::Default,
                 SigmaSpacing::Karras,
@@ -191,12 +208,14 @@ pub struct SchedulerOptions {
     pub euler_at_final: Option<bool>,
     /// The last sigma.
     pub final_sigmas_type: Option<FinalSigmasType>,
-    /// DDIM's eta.
+    /// DDIM's eta, TCD's gamma.
     pub eta: Option<f64>,
     /// Rescale betas to zero terminal SNR.
     pub rescale_betas_zero_snr: Option<bool>,
     /// What the model predicts.
     pub prediction_type: Option<PredictionType>,
+    /// The distillation schedule's steps (LCM, TCD).
+    pub original_inference_steps: Option<u32>,
 }
 
 impl SchedulerOptions {
@@ -216,6 +235,7 @@ impl SchedulerOptions {
             self.eta.is_some(),
             self.rescale_betas_zero_snr.is_some(),
             self.prediction_type.is_some(),
+            self.original_inference_steps.is_some(),
         ];
         O::ALL
             .into_iter()
@@ -285,6 +305,9 @@ impl SchedulerOptions {
             };
             o.set("prediction_type", name);
         }
+        if let Some(steps) = self.original_inference_steps {
+            o.set("original_inference_steps", steps);
+        }
         o
     }
 }
@@ -326,6 +349,8 @@ pub fn from_sampler_name(name: &str) -> Option<(SchedulerKind, SchedulerOptions)
         ("dpm-solver-multistep", SchedulerKind::DpmSolverMultistep),
         ("dpm-solver-singlestep", SchedulerKind::DpmSolverSinglestep),
         ("unipc", SchedulerKind::UniPc),
+        ("lcm", SchedulerKind::Lcm),
+        ("tcd", SchedulerKind::Tcd),
     ];
     if let Some((_, kind)) = short.iter().find(|(n, _)| *n == name) {
         return Some((*kind, SchedulerOptions::default()));
