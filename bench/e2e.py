@@ -3,6 +3,8 @@
 diffusers and through `sdxld bench`, one CPU thread each, median of N runs each.
 
 Prints both medians and the ratio diffusers / sdxld (above 1 means sdxld is faster).
+--scheduler runs both with another scheduler (a diffusers class name, as
+`from_config(model config)` builds it; sdxld gets the same class by its short name).
 With --cuda it also runs both on the GPU in float32 and prints the largest latent
 difference (a check to run by hand on a GPU machine).
 """
@@ -22,6 +24,10 @@ def time_diffusers(model, args, device="cpu"):
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
 
     def once():
         gen = [torch.Generator("cpu").manual_seed(args.seed)]
@@ -52,7 +58,17 @@ def sdxld_command(args, model, sub, device="cpu"):
         "--steps", str(args.steps), "--guidance", str(args.guidance),
         "--width", str(args.width), "--height", str(args.height),
         "--seed", str(args.seed), "--device", device,
-    ]
+    ] + (["--scheduler", SHORT_NAMES[args.scheduler]] if args.scheduler else [])
+
+
+# sdxld's short names of the diffusers classes --scheduler may name.
+SHORT_NAMES = {
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler-ancestral",
+    "DPMSolverMultistepScheduler": "dpm-solver-multistep",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
+}
 
 
 def time_sdxld(model, args):
@@ -114,6 +130,7 @@ def main():
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
+    p.add_argument("--scheduler", choices=sorted(SHORT_NAMES), help="a diffusers scheduler class (default: the model's)")
     p.add_argument("--cuda", action="store_true", help="also compare on CUDA (float32)")
     p.add_argument("--cuda-only", action="store_true", help="only the CUDA comparison")
     p.add_argument("--cuda-flags", default="", help="FLAGS;FLAGS...: sdxld flags compared on CUDA too")
@@ -128,7 +145,8 @@ def main():
     torch.set_num_interop_threads(1)
     base, base_runs = time_diffusers(args.model, args)
     ours, our_runs = time_sdxld(args.model, args)
-    print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
+    scheduler = f", {args.scheduler}" if args.scheduler else ""
+    print(f"model {args.model}: {args.steps} steps{scheduler}, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     print(f"  diffusers {base * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in base_runs]}")
     print(f"  sdxld     {ours * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in our_runs]}")
     print(f"  speed-up (diffusers / sdxld): {base / ours:.2f}x   target >= 1.25x")
