@@ -685,16 +685,7 @@ async fn the_last_seed_of_a_batch_stays_below_2_pow_53_and_replays() {
     let last = &response.images[1];
     assert_eq!(last.seed, (1 << 53) - 1);
     // Its metadata replays it.
-    let decoder = png::Decoder::new(std::io::Cursor::new(&last.data));
-    let reader = decoder.read_info().expect("png");
-    let json = reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "sdxld")
-        .and_then(|c| c.get_text().ok())
-        .expect("sdxld chunk");
-    let replay = sdxld::proto::spec_from_json(&json).expect("a GenerationSpec");
+    let replay = common::png_spec(&last.data);
     let again = server.images(replay).await.expect("the replay is valid");
     assert_eq!(again.images[0].data, last.data);
 }

@@ -284,20 +284,6 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     }
 }
 
-fn sdxld_chunk(png_bytes: &[u8]) -> pb::GenerationSpec {
-    let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
-        .read_info()
-        .expect("png");
-    let json = reader
-        .info()
-        .utf8_text
-        .iter()
-        .find(|c| c.keyword == "sdxld")
-        .and_then(|c| c.get_text().ok())
-        .expect("sdxld chunk");
-    sdxld::proto::spec_from_json(&json).expect("a GenerationSpec")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_prompts_over_grpc_match_diffusers_given_compels_embeddings() {
     let server = server().await;
@@ -333,7 +319,7 @@ async fn weighted_prompts_over_grpc_match_diffusers_given_compels_embeddings() {
     let weighted = server.images(spec.clone()).await.expect("compel");
     let warnings = &weighted.completed.as_ref().expect("completed").warnings;
     assert!(warnings.is_empty(), "{warnings:?}");
-    let replay = sdxld_chunk(&weighted.images[0].data);
+    let replay = common::png_spec(&weighted.images[0].data);
     assert_eq!(replay.prompt_syntax, pb::PromptSyntax::Compel as i32);
     let again = server.images(replay).await.expect("replay");
     assert_eq!(again.images[0].data, weighted.images[0].data);

@@ -71,10 +71,14 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub latents_out: Option<PathBuf>,
     /// Scheduler: euler, euler-ancestral, heun, kdpm2, kdpm2-ancestral, lms, ddim,
-    /// dpm-solver-multistep, dpm-solver-singlestep, unipc (the model's own when absent),
-    /// or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
+    /// dpm-solver-multistep, dpm-solver-singlestep, unipc, lcm, tcd (the model's own when
+    /// absent), or an A1111 sampler name such as "Euler a" or "DPM2 Karras".
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// Custom timesteps, decreasing, comma-separated (diffusers' `timesteps`; e.g. Align
+    /// Your Steps' 999,845,730,587,443,310,193,116,53,13): they set the steps.
+    #[arg(long, value_delimiter = ',', value_name = "T,T,...")]
+    pub timesteps: Vec<u32>,
     /// A scheduler option as its diffusers config key, e.g. use_karras_sigmas=true or
     /// timestep_spacing=trailing (repeatable; the keys the contract's SchedulerOptions
     /// has).
@@ -254,6 +258,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.width", "--width"),
         ("spec.height", "--height"),
         ("spec.steps", "--steps"),
+        ("spec.timesteps", "--timesteps"),
         ("spec.num_images", "--num-images"),
         ("spec.seed", "--seed"),
         ("spec.guidance_scale", "--guidance"),
@@ -584,6 +589,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         steps: args.steps.unwrap_or(0),
         scheduler,
         scheduler_options: present(options),
+        timesteps: args.timesteps.clone(),
         seed: args.seed,
         num_images: args.num_images.unwrap_or(0),
         vae: args

@@ -134,11 +134,11 @@ pub fn t2i_adapter_fixtures() -> PathBuf {
         .clone()
 }
 
-/// The fixture folder written by `tests/fixtures/make_consistency_fixtures.py` (built
+/// The fixture folder written by `tests/fixtures/make_schedule_fixtures.py` (built
 /// when missing).
-pub fn consistency_fixtures() -> PathBuf {
+pub fn schedule_fixtures() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_consistency_fixtures.py", "SDXLD_CONSISTENCY_FIXTURES"))
+    DIR.get_or_init(|| built_by("make_schedule_fixtures.py", "SDXLD_SCHEDULE_FIXTURES"))
         .clone()
 }
 
@@ -464,6 +464,11 @@ pub fn set_config(path: &Path, key: &str, value: serde_json::Value) {
 
 /// The A1111 `parameters` text of a PNG.
 pub fn png_parameters(bytes: &[u8]) -> String {
+    png_text(bytes, "parameters")
+}
+
+/// The text of a PNG's `keyword` chunk.
+pub fn png_text(bytes: &[u8], keyword: &str) -> String {
     let reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
         .expect("png");
@@ -471,9 +476,14 @@ pub fn png_parameters(bytes: &[u8]) -> String {
         .info()
         .utf8_text
         .iter()
-        .find(|c| c.keyword == "parameters")
+        .find(|c| c.keyword == keyword)
         .and_then(|c| c.get_text().ok())
-        .expect("a parameters chunk")
+        .unwrap_or_else(|| panic!("a {keyword} chunk"))
+}
+
+/// The request a PNG's `sdxld` chunk holds, which replays it.
+pub fn png_spec(bytes: &[u8]) -> sdxld::proto::v1::GenerationSpec {
+    sdxld::proto::spec_from_json(&png_text(bytes, "sdxld")).expect("a GenerationSpec")
 }
 
 /// The adapters a fixture case of `config` lists under `loras` ([name, weight] pairs;

@@ -110,6 +110,7 @@ struct Parts {
     pag: Option<crate::engine::request::Pag>,
     counts: (u32, u32, u64),
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
+    base_overrides: crate::engine::request::SchedulerOverrides,
     micro: sampling::Micro,
     clip_skip: Option<i64>,
     prompt_syntax: crate::engine::request::PromptSyntax,
@@ -155,6 +156,7 @@ fn check(
         .and_then(|m| m.pipeline.as_ref()?.scheduler());
     let options = spec.scheduler_options.as_ref();
     let scheduler = sampling::scheduler("spec", spec.scheduler, options, model_scheduler, v);
+    let base_overrides = base_overrides(spec, &scheduler, model.as_ref(), limits, v);
     let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);
     if let Some(init) = init.as_ref().filter(|i| i.denoising_start.is_none()) {
         if (f64::from(counts.0) * init.strength) < 1.0 {
@@ -208,7 +210,7 @@ fn check(
     let base_run = window::BaseRun {
         model: model.as_ref(),
         steps: counts.0 as usize,
-        overrides: scheduler.1.overrides(scheduler.0),
+        overrides: base_overrides.clone(),
         init: init.as_ref(),
         max_steps: limits.max_steps,
     };
@@ -250,6 +252,7 @@ fn check(
         pag,
         counts,
         scheduler,
+        base_overrides,
         micro,
         clip_skip,
         prompt_syntax,
@@ -264,6 +267,30 @@ fn check(
         hires,
         client_job_id,
     }
+}
+
+/// The first pass's changes to the model's scheduler: the scheduler and options asked
+/// for, and custom timesteps (the hires pass and the refiner place their own).
+fn base_overrides(
+    spec: &pb::GenerationSpec,
+    (kind, options): &(Option<SchedulerKind>, SchedulerOptions),
+    model: Option<&ModelEntry>,
+    limits: &Limits,
+    v: &mut Violations,
+) -> crate::engine::request::SchedulerOverrides {
+    let mut overrides = options.overrides(*kind);
+    let config = model
+        .and_then(|m| m.pipeline.as_ref())
+        .and_then(|facts| overrides.apply(&facts.scheduler_config).ok());
+    let runs = config
+        .as_ref()
+        .and_then(|c| c.kind().ok())
+        .or(*kind)
+        .unwrap_or(SchedulerKind::Euler);
+    if let Some(custom) = sampling::custom_timesteps(spec, runs, config.as_ref(), limits, v) {
+        overrides.set("timesteps", custom);
+    }
+    overrides
 }
 
 /// Valid combinations this server cannot run yet.
@@ -321,7 +348,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         negative_original_size: micro.negative_original_size,
         negative_crops_coords_top_left: micro.negative_crop_top_left,
         negative_target_size: micro.negative_target_size,
-        scheduler_overrides: options.overrides(scheduler),
+        scheduler_overrides: parts.base_overrides,
         init_image: parts.init,
         batch_first_seed: None,
         denoising_end: None,

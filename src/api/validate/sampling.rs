@@ -10,7 +10,8 @@ use crate::engine::schedulers::options::{AlgorithmType, SolverType};
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::solver::SOLVER_ORDERS;
 use crate::engine::schedulers::{
-    FinalSigmasType, PredictionType, SchedulerKind, SchedulerOptions, TimestepSpacing,
+    FinalSigmasType, PredictionType, SchedulerConfig, SchedulerKind, SchedulerOptions,
+    TimestepSpacing,
 };
 use crate::proto::v1 as pb;
 
@@ -51,8 +52,14 @@ pub fn counts(
     drawn: u64,
     v: &mut Violations,
 ) -> (u32, u32, u64) {
-    let steps = if spec.steps == 0 { 30 } else { spec.steps };
-    if steps > limits.max_steps {
+    let custom = spec.timesteps.len() as u32;
+    let steps = match spec.steps {
+        // Custom timesteps count the steps (their own rule bounds them).
+        0 if custom > 0 => custom,
+        0 => 30,
+        steps => steps,
+    };
+    if steps > limits.max_steps && custom == 0 {
         v.add(
             "spec.steps",
             format!("must be between 1 and {}, got {steps}", limits.max_steps),
@@ -86,6 +93,64 @@ pub fn counts(
         None => drawn % (MAX_SEED - last + 1),
     };
     (steps, num_images, seed)
+}
+
+/// `spec.timesteps`: custom timesteps (`None` when there are none) for the scheduler
+/// that runs, `config` its configuration as the request leaves it (`None`: the model's
+/// scheduler is unknown here, and the run decides).
+pub fn custom_timesteps(
+    spec: &pb::GenerationSpec,
+    runs: SchedulerKind,
+    config: Option<&SchedulerConfig>,
+    limits: &Limits,
+    v: &mut Violations,
+) -> Option<Vec<i64>> {
+    let custom = &spec.timesteps;
+    if custom.is_empty() {
+        return None;
+    }
+    let field = "spec.timesteps";
+    let (n, max) = (custom.len(), limits.max_steps as usize);
+    if n > max {
+        v.add(field, format!("must hold at most {max} timesteps, got {n}"));
+    }
+    if spec.steps != 0 && spec.steps as usize != n {
+        v.add(
+            "spec.steps",
+            format!(
+                "must be 0 or the number of timesteps ({n}), got {}",
+                spec.steps
+            ),
+        );
+    }
+    let train = config.map_or(1000, |c| c.num_train_timesteps);
+    let outside = custom.iter().find(|&&t| i64::from(t) >= train);
+    if let Some(t) = outside {
+        v.add(
+            field,
+            format!("{t} is not a training timestep (0 to {})", train - 1),
+        );
+    } else if custom.windows(2).any(|w| w[1] >= w[0]) {
+        v.add(field, "must decrease strictly (the first is the noisiest)");
+    }
+    if !runs.takes_custom_timesteps() {
+        v.add(
+            field,
+            format!(
+                "scheduler {} does not take custom timesteps (Euler, Heun, DPM-Solver multistep and singlestep, LCM and TCD do)",
+                runs.class_name()
+            ),
+        );
+    } else if let Some(spacing) = config
+        .map(SchedulerConfig::sigma_spacing)
+        .filter(|&s| s != SigmaSpacing::Default)
+    {
+        v.add(
+            field,
+            format!("cannot be respaced to {spacing:?} sigmas (set sigma_schedule to the default)"),
+        );
+    }
+    Some(custom.iter().map(|&t| i64::from(t)).collect())
 }
 
 /// `guidance_scale` (default 5) and `guidance_rescale`.

@@ -147,6 +147,10 @@ pub fn consistency_steps(
         let Ok(kind @ (SchedulerKind::Lcm | SchedulerKind::Tcd)) = config.kind() else {
             continue;
         };
+        if config.timesteps.is_some() {
+            // Custom timesteps are not taken from the schedule.
+            continue;
+        }
         let original = config
             .original_inference_steps
             .unwrap_or(DEFAULT_ORIGINAL_STEPS);

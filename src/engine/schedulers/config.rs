@@ -17,7 +17,7 @@ use crate::engine::schedulers::{
 };
 
 /// The diffusers config keys sdxld reads (and accepts as overrides).
-pub const CONFIG_KEYS: [&str; 28] = [
+pub const CONFIG_KEYS: [&str; 29] = [
     "solver_order",
     "algorithm_type",
     "solver_type",
@@ -46,6 +46,7 @@ pub const CONFIG_KEYS: [&str; 28] = [
     "sigma_max",
     "original_inference_steps",
     "timestep_scaling",
+    "timesteps",
 ];
 
 /// Mirrors a diffusers scheduler config; defaults are diffusers' defaults.
@@ -138,6 +139,10 @@ pub struct SchedulerConfig {
     /// The consistency boundary condition's timestep scale (LCM; default 10).
     #[serde(default)]
     pub timestep_scaling: Option<f64>,
+    /// Custom inference timesteps, decreasing (`set_timesteps(timesteps=...)`, a call
+    /// argument in diffusers, carried here per request), in place of the spacing's.
+    #[serde(default)]
+    pub timesteps: Option<Vec<i64>>,
 }
 
 fn thousand() -> i64 {
@@ -195,6 +200,7 @@ impl SchedulerConfig {
             euler_at_final: None,
             original_inference_steps: None,
             timestep_scaling: None,
+            timesteps: None,
         }
     }
 

@@ -15,8 +15,12 @@ pub const DEFAULT_ORIGINAL_STEPS: i64 = 50;
 
 /// The inference timesteps of LCM and TCD for `steps` steps: `steps` of the distillation
 /// schedule's timesteps taken at evenly spaced indices from the top, as diffusers'
-/// `set_timesteps` picks them (numpy's `linspace(0, n, steps, endpoint=False)`, floored).
+/// `set_timesteps` picks them (numpy's `linspace(0, n, steps, endpoint=False)`, floored);
+/// a request's custom timesteps in their place.
 pub fn consistency_timesteps(config: &SchedulerConfig, steps: usize) -> Result<Vec<i64>> {
+    if let Some(custom) = &config.timesteps {
+        return Ok(custom.clone());
+    }
     let train = config.num_train_timesteps;
     let original = config
         .original_inference_steps

@@ -251,6 +251,21 @@ pub fn init_noise_sigma(spacing: TimestepSpacing, max_sigma: f64) -> f64 {
     }) as f64
 }
 
+impl SchedulerKind {
+    /// Whether its diffusers class's `set_timesteps` takes custom `timesteps`.
+    pub fn takes_custom_timesteps(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Euler
+                | SchedulerKind::Heun
+                | SchedulerKind::DpmSolverMultistep
+                | SchedulerKind::DpmSolverSinglestep
+                | SchedulerKind::Lcm
+                | SchedulerKind::Tcd
+        )
+    }
+}
+
 impl SchedulerConfig {
     /// Builds a scheduler for `steps` inference steps.
     pub fn build(&self, steps: usize) -> Result<Box<dyn Scheduler>> {
@@ -259,7 +274,12 @@ impl SchedulerConfig {
                 "`steps` must be at least 1".into(),
             ));
         }
-        Ok(match self.kind().map_err(EngineError::InvalidRequest)? {
+        let kind = self.kind().map_err(EngineError::InvalidRequest)?;
+        if let Some(custom) = &self.timesteps {
+            self.check_custom_timesteps(kind, custom, steps)
+                .map_err(EngineError::InvalidRequest)?;
+        }
+        Ok(match kind {
             SchedulerKind::Euler => Box::new(euler::EulerDiscrete::new(self, steps)?),
             SchedulerKind::EulerAncestral => {
                 Box::new(euler_ancestral::EulerAncestral::new(self, steps)?)
@@ -282,9 +302,51 @@ impl SchedulerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// Why `custom` timesteps cannot run `steps` steps of scheduler `kind`, as diffusers'
+    /// `set_timesteps(timesteps=...)` would refuse them (and, beyond diffusers, timesteps
+    /// that do not decrease or lie outside the training range).
+    fn check_custom_timesteps(
+        &self,
+        kind: SchedulerKind,
+        custom: &[i64],
+        steps: usize,
+    ) -> std::result::Result<(), String> {
+        if !kind.takes_custom_timesteps() {
+            return Err(format!(
+                "{} does not take custom timesteps",
+                kind.class_name()
+            ));
+        }
+        if self.sigma_spacing() != sigmas::SigmaSpacing::Default {
+            return Err(
+                "custom timesteps cannot be respaced (Karras, exponential or beta sigmas)".into(),
+            );
+        }
+        if custom.len() != steps {
+            return Err(format!(
+                "{} custom timesteps for {steps} steps",
+                custom.len()
+            ));
+        }
+        let train = self.num_train_timesteps;
+        if custom.iter().any(|t| !(0..train).contains(t)) || custom.windows(2).any(|w| w[1] >= w[0])
+        {
+            return Err(format!(
+                "custom timesteps must decrease strictly within 0..{train}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Inference timesteps for `steps` steps under `config`'s spacing (float32 values, in
-/// decreasing order), as diffusers' discrete schedulers place them.
+/// decreasing order), as diffusers' discrete schedulers place them; a request's custom
+/// timesteps in their place.
 pub fn spaced_timesteps(config: &SchedulerConfig, steps: usize) -> Vec<f64> {
+    if let Some(custom) = &config.timesteps {
+        return custom.iter().map(|&t| t as f32 as f64).collect();
+    }
     let train = config.num_train_timesteps;
     let n = steps as i64;
     match config.timestep_spacing {

@@ -158,6 +158,9 @@ pub fn vp_schedule(
     let train = config.num_train_timesteps;
     let n = steps as i64;
     let timesteps: Vec<f64> = match spacing {
+        _ if config.timesteps.is_some() => {
+            crate::engine::schedulers::spaced_timesteps(config, steps)
+        }
         TimestepSpacing::Linspace => {
             let mut v: Vec<f64> = linspace(0.0, (train - 1) as f64, steps + 1)
                 .into_iter()

@@ -1,22 +1,25 @@
-//! The consistency schedulers (LCM, TCD) against diffusers' LCMScheduler and TCDScheduler
-//! (`tests/fixtures/make_consistency_fixtures.py`): their timesteps for every recorded
-//! step count and distillation schedule; over gRPC, images within two levels and latents
-//! within 1e-3 on both tiny pipelines (guidance off and on, batches of two drawing step
-//! noise per image, one step, custom schedules, v-prediction with zero-SNR betas, TCD's
-//! gamma 0, between and 1, image to image, an ensemble with the refiner); the CLI's
-//! `--scheduler lcm`; refusals naming the field before admission; capabilities and PNG
-//! parameters.
+//! Where the timesteps come from: the consistency schedulers (LCM, TCD) against diffusers'
+//! LCMScheduler and TCDScheduler, and custom timesteps against diffusers' pipelines given
+//! `timesteps` (`tests/fixtures/make_schedule_fixtures.py`). Their timesteps for every
+//! recorded step count and distillation schedule; over gRPC, images within two levels and
+//! latents within 1e-3 on both tiny pipelines (guidance off and on, batches of two drawing
+//! step noise per image, one step, custom distillation schedules, v-prediction with
+//! zero-SNR betas, TCD's gamma 0, between and 1, image to image, an ensemble with the
+//! refiner; custom timesteps under Euler, Heun, DPM-Solver++ multistep and singlestep,
+//! LCM and TCD, entered at a strength and handed over to the refiner); the CLI's
+//! `--scheduler lcm` and `--timesteps`; refusals naming the field before admission;
+//! capabilities, PNG parameters and a replay from the PNG.
 
 mod common;
 
 use common::server::TestServer;
-use common::{assert_images_match, consistency_fixtures, fixtures, read_tensors};
+use common::{assert_images_match, fixtures, read_tensors, schedule_fixtures};
 use sdxld::engine::schedulers::{SchedulerConfig, SchedulerKind};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 
 fn cases(config: &str) -> Vec<Value> {
-    let path = consistency_fixtures().join(config).join("cases.json");
+    let path = schedule_fixtures().join(config).join("cases.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("json")
 }
 
@@ -61,6 +64,14 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
         guidance_scale: case["guidance"].as_f64().map(|g| g as f32),
         scheduler: wire_scheduler(case),
         scheduler_options,
+        timesteps: case["timesteps"]
+            .as_array()
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| t.as_u64().expect("timestep") as u32)
+                    .collect()
+            })
+            .unwrap_or_default(),
         ..Default::default()
     };
     let init = || fixtures().join(config).join("init.png");
@@ -89,7 +100,7 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
 
 #[test]
 fn consistency_timesteps_match_diffusers() {
-    let path = consistency_fixtures().join("timesteps.json");
+    let path = schedule_fixtures().join("timesteps.json");
     let recorded: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(path).expect("timesteps.json"))
             .expect("json");
@@ -114,15 +125,11 @@ fn consistency_timesteps_match_diffusers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consistency_schedulers_match_diffusers() {
+async fn schedules_match_diffusers() {
     let server = TestServer::with_pipelines(&[]).await;
     let mut checked = 0;
     for config in ["tiny2", "tiny3"] {
-        let reference = read_tensors(
-            &consistency_fixtures()
-                .join(config)
-                .join("cases.safetensors"),
-        );
+        let reference = read_tensors(&schedule_fixtures().join(config).join("cases.safetensors"));
         for case in cases(config) {
             let key = case["name"].as_str().expect("name");
             let name = format!("{config} {key} {}", case["scheduler"]);
@@ -132,7 +139,7 @@ async fn consistency_schedulers_match_diffusers() {
             checked += 1;
         }
     }
-    assert!(checked >= 15, "{checked} cases");
+    assert!(checked >= 25, "{checked} cases");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,7 +355,7 @@ fn lcm_over_the_cli_matches_diffusers() {
             .flag("--output", &png)
     };
     run(&case["steps"].to_string()).succeeds();
-    let reference = read_tensors(&consistency_fixtures().join("tiny3/cases.safetensors"));
+    let reference = read_tensors(&schedule_fixtures().join("tiny3/cases.safetensors"));
     assert_images_match(
         "CLI LCM",
         &common::image_file(&png),
@@ -356,4 +363,121 @@ fn lcm_over_the_cli_matches_diffusers() {
     );
     let message = run("51").fails();
     assert!(message.contains("--steps"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_timesteps_out_of_their_rules_are_refused_and_replay() {
+    let server = TestServer::with_pipelines(&[]).await;
+    let spec = |scheduler: pb::Scheduler, timesteps: &[u32]| pb::GenerationSpec {
+        prompt: "a boat".into(),
+        width: 64,
+        height: 64,
+        scheduler: scheduler as i32,
+        timesteps: timesteps.to_vec(),
+        ..Default::default()
+    };
+    let euler = |timesteps: &[u32]| spec(pb::Scheduler::Euler, timesteps);
+    let field = "spec.timesteps";
+    let refused = [
+        ("increasing", euler(&[500, 800]), vec![field]),
+        ("repeated", euler(&[800, 800, 200]), vec![field]),
+        ("beyond training", euler(&[1000, 500]), vec![field]),
+        (
+            "another count of steps",
+            pb::GenerationSpec {
+                steps: 5,
+                ..euler(&[999, 500])
+            },
+            vec!["spec.steps"],
+        ),
+        (
+            "Euler ancestral",
+            spec(pb::Scheduler::EulerAncestral, &[999, 500]),
+            vec![field],
+        ),
+        (
+            "UniPC",
+            spec(pb::Scheduler::Unipc, &[999, 500]),
+            vec![field],
+        ),
+        (
+            "Karras sigmas",
+            pb::GenerationSpec {
+                scheduler_options: Some(pb::SchedulerOptions {
+                    sigma_schedule: pb::SigmaSchedule::Karras as i32,
+                    ..Default::default()
+                }),
+                ..spec(pb::Scheduler::DpmSolverMultistep, &[999, 500])
+            },
+            vec![field],
+        ),
+        (
+            "more than the steps limit",
+            euler(&(0..151).rev().collect::<Vec<u32>>()),
+            vec![field],
+        ),
+    ];
+    for (what, spec, fields) in refused {
+        server.assert_invalid(what, spec, &fields).await;
+    }
+    // 52 custom LCM timesteps are not bound by the distillation schedule's 50; the PNG's
+    // JSON replays a custom schedule byte for byte.
+    let many: Vec<u32> = (0..52).map(|i| 999 - 19 * i).collect();
+    let done = server
+        .images(pb::GenerationSpec {
+            guidance_scale: Some(1.0),
+            ..spec(pb::Scheduler::Lcm, &many)
+        })
+        .await
+        .expect("52 custom LCM timesteps");
+    assert_eq!(done.images.len(), 1);
+    let first = server
+        .images(pb::GenerationSpec {
+            seed: Some(5),
+            ..euler(&[999, 845, 500, 13])
+        })
+        .await
+        .expect("custom Euler");
+    let replayed = common::png_spec(&first.images[0].data);
+    assert_eq!(replayed.timesteps, [999, 845, 500, 13]);
+    let again = server.images(replayed).await.expect("replay");
+    assert_eq!(again.images[0].data, first.images[0].data);
+}
+
+/// `sdxld generate --timesteps` runs a recorded custom schedule; timesteps that do not
+/// decrease are refused naming the flag.
+#[test]
+fn custom_timesteps_over_the_cli_match_diffusers() {
+    use common::cli::sdxld;
+
+    let case = &cases("tiny3")
+        .into_iter()
+        .find(|c| c["name"] == "custom_1")
+        .expect("custom_1");
+    assert_eq!(case["scheduler"], "EulerDiscreteScheduler");
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("custom.png");
+    let run = |timesteps: &str| {
+        sdxld("generate")
+            .flag("--model", fixtures().join("tiny3/pipeline"))
+            .args(["--prompt", case["prompt"].as_str().expect("prompt")])
+            .args(["--width", "64", "--height", "64", "--scheduler", "euler"])
+            .args(["--guidance", &case["guidance"].to_string()])
+            .args([
+                "--seed",
+                &case["seed"].to_string(),
+                "--timesteps",
+                timesteps,
+            ])
+            .flag("--output", &png)
+    };
+    run("999,500").succeeds();
+    let reference = read_tensors(&schedule_fixtures().join("tiny3/cases.safetensors"));
+    assert_images_match(
+        "CLI custom timesteps",
+        &common::image_file(&png),
+        &reference["custom_1.images"].get(0),
+    );
+    let message = run("500,999").fails();
+    assert!(message.contains("--timesteps"), "{message}");
 }
