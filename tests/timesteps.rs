@@ -200,6 +200,10 @@ async fn consistency_runs_are_named_and_listed() {
         assert!(listed.sigma_schedules.is_empty(), "{scheduler:?}");
     }
     assert_eq!(capabilities.schedulers.len(), SchedulerKind::ALL.len());
+    assert!(capabilities
+        .features
+        .iter()
+        .any(|f| f.field == "timesteps" && f.supported));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,6 +388,7 @@ impl ModelService for Models {
             ("ip_adapters.masks", true),
             ("freeu", true),
             ("pag", true),
+            ("timesteps", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {
