@@ -38,6 +38,7 @@ fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
             let added = AddedCond {
                 text_embeds: &r["text_embeds"],
                 time_ids: &r["time_ids"],
+                timestep_cond: None,
             };
             let timestep = r["timestep"].reshape([]);
             let run = |image: &tch::Tensor, scale: ControlScale| {
@@ -156,6 +157,7 @@ fn union_controlnet_residuals_equal_diffusers() {
         let added = AddedCond {
             text_embeds: &r["text_embeds"],
             time_ids: &r["time_ids"],
+            timestep_cond: None,
         };
         let timestep = r["timestep"].reshape([]);
         let condition = |image: &str, control_type: i64, scale: f64| UnionCondition {
@@ -218,6 +220,7 @@ fn single_file_controlnets_are_inferred_from_their_shapes() {
         let added = AddedCond {
             text_embeds: &r["text_embeds"],
             time_ids: &r["time_ids"],
+            timestep_cond: None,
         };
         let timestep = r["timestep"].reshape([]);
         let (sample, context) = (&r["sample"], &r["encoder_hidden_states"]);

@@ -6,7 +6,8 @@
 //! step noise per image, one step, custom distillation schedules, v-prediction with
 //! zero-SNR betas, TCD's gamma 0, between and 1, image to image, an ensemble with the
 //! refiner; custom timesteps under Euler, Heun, DPM-Solver++ multistep and singlestep,
-//! LCM and TCD, entered at a strength and handed over to the refiner); the CLI's
+//! LCM and TCD, entered at a strength and handed over to the refiner; a guidance-distilled
+//! LCM UNet, its guidance scale embedded and no classifier-free guidance); the CLI's
 //! `--scheduler lcm` and `--timesteps`; refusals naming the field before admission;
 //! capabilities, PNG parameters and a replay from the PNG.
 
@@ -52,8 +53,9 @@ fn options_of(case: &Value) -> pb::SchedulerOptions {
 fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     let number = |key: &str| case[key].as_u64().unwrap_or_else(|| panic!("{key}")) as u32;
     let scheduler_options = Some(options_of(case));
+    let pipeline = case["pipeline"].as_str().expect("pipeline");
     let mut spec = pb::GenerationSpec {
-        model: format!("{config}/pipeline"),
+        model: format!("{config}/{pipeline}"),
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: case["negative_prompt"].as_str().map(str::to_string),
         seed: case["seed"].as_u64(),
@@ -124,9 +126,16 @@ fn consistency_timesteps_match_diffusers() {
     }
 }
 
+/// The fixture pipelines and, as base models, the schedule fixtures' (a guidance-distilled
+/// tiny2 as `tiny2/lcm_pipeline`).
+async fn server() -> TestServer {
+    let roots = format!("{},{}", fixtures().display(), schedule_fixtures().display());
+    TestServer::with_pipelines(&[("SDXLD__MODELS__BASE_ROOTS", &roots)]).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schedules_match_diffusers() {
-    let server = TestServer::with_pipelines(&[]).await;
+    let server = server().await;
     let mut checked = 0;
     for config in ["tiny2", "tiny3"] {
         let reference = read_tensors(&schedule_fixtures().join(config).join("cases.safetensors"));
@@ -139,7 +148,7 @@ async fn schedules_match_diffusers() {
             checked += 1;
         }
     }
-    assert!(checked >= 25, "{checked} cases");
+    assert!(checked >= 29, "{checked} cases");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,6 +534,7 @@ pub fn unet_on_fixture<'a>(
     let added = sdxld::engine::models::unet::AddedCond {
         text_embeds: get("text_embeds"),
         time_ids: get("time_ids"),
+        timestep_cond: None,
     };
     let out = unet.forward(
         get("sample"),

@@ -16,6 +16,26 @@ pub struct AddedCond<'a> {
     pub text_embeds: &'a Tensor,
     /// [batch, 6]: original size (h, w), crop top-left (y, x), target size (h, w).
     pub time_ids: &'a Tensor,
+    /// [1 or batch, time_cond_proj_dim]: the guidance-scale embedding a guidance-distilled
+    /// UNet (LCM) adds to its time embedding (diffusers' `timestep_cond`).
+    pub timestep_cond: Option<&'a Tensor>,
+}
+
+/// diffusers' `get_guidance_scale_embedding` of one guidance weight `w` (the pipelines
+/// give `guidance_scale - 1`) in `dim` channels, float32: [1, dim].
+pub fn guidance_scale_embedding(w: f64, dim: i64) -> Tensor {
+    let options = (Kind::Float, tch::Device::Cpu);
+    let w = Tensor::from_slice(&[w as f32]) * 1000.0;
+    let half = dim / 2;
+    let step = Tensor::from(10000f32).log() / (half - 1) as f64;
+    let frequencies = (Tensor::arange(half, options) * -step).exp();
+    let emb = w.unsqueeze(1) * frequencies.unsqueeze(0);
+    let emb = Tensor::cat(&[emb.sin(), emb.cos()], 1);
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
 }
 
 /// Sinusoidal embedding of `timesteps` ([n] floats) into `dim` channels, as diffusers'
@@ -69,6 +89,8 @@ impl TimestepEmbedding {
 /// The time embedding and, for SDXL, the `text_time` embedding added to it.
 pub struct TimeEmbeddings {
     time: TimestepEmbedding,
+    /// A guidance-distilled model's projection of the guidance embedding (`cond_proj`).
+    cond_proj: Option<Linear>,
     added: Option<TimestepEmbedding>,
     /// Channels of the sinusoidal time embedding (the first level's width).
     channels: i64,
@@ -100,8 +122,20 @@ impl TimeEmbeddings {
             }
             _ => None,
         };
+        let cond_proj = c
+            .time_cond_proj_dim
+            .map(|dim| {
+                Linear::load(
+                    &vp.pp("time_embedding").pp("cond_proj"),
+                    dim,
+                    channels,
+                    false,
+                )
+            })
+            .transpose()?;
         Ok(Self {
             time: TimestepEmbedding::load(&vp.pp("time_embedding"), channels, time_dim)?,
+            cond_proj,
             added,
             channels,
             added_channels: c.addition_time_embed_dim.unwrap_or(0),
@@ -139,7 +173,11 @@ impl TimeEmbeddings {
             self.flip_sin_to_cos,
             self.freq_shift,
         );
-        let mut emb = self.time.forward(&sinusoid.to_kind(kind));
+        let mut sinusoid = sinusoid.to_kind(kind);
+        if let (Some(proj), Some(cond)) = (&self.cond_proj, added.and_then(|a| a.timestep_cond)) {
+            sinusoid += proj.forward(&cond.to_kind(kind));
+        }
+        let mut emb = self.time.forward(&sinusoid);
         if let Some(extra) = extra {
             emb += extra;
         }

@@ -231,6 +231,12 @@ impl UNet2DConditionModel {
         &self.self_attention_names
     }
 
+    /// Width of the guidance-scale embedding it takes, when it is guidance-distilled (an
+    /// LCM UNet: classifier-free guidance is then off and the scale an input).
+    pub fn time_cond_proj_dim(&self) -> Option<i64> {
+        self.config.time_cond_proj_dim
+    }
+
     /// Width of the pooled text embedding the added conditioning expects, given the
     /// number of micro-conditioning values (6 for SDXL, 5 for its refiner).
     pub fn pooled_dim(&self, time_values: i64) -> Option<i64> {

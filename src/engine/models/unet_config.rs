@@ -93,7 +93,7 @@ pub struct UNetConfig {
     /// Latent size the model was trained at.
     #[serde(default)]
     pub sample_size: Option<i64>,
-    /// Unsupported if set (LCM guidance embedding).
+    /// Width of the guidance-scale embedding a guidance-distilled (LCM) UNet takes.
     #[serde(default)]
     pub time_cond_proj_dim: Option<i64>,
     /// Unsupported if set.
@@ -260,8 +260,8 @@ impl UNetConfig {
             check.one_of("act_fn", act, &["silu"]);
         }
         let unsupported = "is set; sdxld does not support it";
-        if self.time_cond_proj_dim.is_some() {
-            check.problem("time_cond_proj_dim", unsupported);
+        if let Some(dim) = self.time_cond_proj_dim {
+            check.positive("time_cond_proj_dim", dim);
         }
         if self.class_embed_type.is_some() {
             check.problem("class_embed_type", unsupported);

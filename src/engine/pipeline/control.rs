@@ -303,6 +303,7 @@ impl Prepared<'_> {
         let added = AddedCond {
             text_embeds: &inputs.text_embeds,
             time_ids: &inputs.time_ids,
+            timestep_cond: None,
         };
         if !self.model.is_union() {
             let scale = ControlScale {

@@ -11,6 +11,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::guidance::{BatchLayout, Guidance};
 use crate::engine::ip_adapter::layer_keys;
 use crate::engine::models::attention::{Context, ImageKeys, Perturbation};
+use crate::engine::models::embeddings::guidance_scale_embedding;
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::control::{Control, ControlContext, ControlCounts, Controls};
@@ -53,6 +54,8 @@ struct Conditioning<'a> {
     images: Option<ImageKeys>,
     /// The ControlNet units.
     controls: Controls<'a>,
+    /// A guidance-distilled UNet's guidance-scale embedding ([1, dim]).
+    timestep_cond: Option<Tensor>,
 }
 
 impl SdxlPipeline {
@@ -305,6 +308,11 @@ impl SdxlPipeline {
             let names = self.unet.self_attentions();
             names.iter().map(|name| pag.perturbs(name)).collect()
         });
+        // diffusers embeds guidance_scale - 1 for a guidance-distilled UNet.
+        let timestep_cond = self
+            .unet
+            .time_cond_proj_dim()
+            .map(|dim| place(guidance_scale_embedding(p.guidance_scale - 1.0, dim)));
         Conditioning {
             context: place(context),
             text_embeds: place(text_embeds),
@@ -313,6 +321,7 @@ impl SdxlPipeline {
             perturbed_slots,
             images,
             controls,
+            timestep_cond,
         }
     }
 
@@ -415,14 +424,16 @@ impl SdxlPipeline {
         let added = AddedCond {
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
+            timestep_cond: c.timestep_cond.as_ref(),
         };
         let _stage = profile::span("unet");
         // Graphs hold the inputs they were captured with: image prompts' keys, FreeU's
-        // factors and perturbed layers are not.
+        // factors, perturbed layers and a guidance embedding are not.
         let plain = additions.is_none()
             && c.images.is_none()
             && p.freeu.is_none()
-            && c.perturbed_slots.is_none();
+            && c.perturbed_slots.is_none()
+            && c.timestep_cond.is_none();
         let noise_pred = if plain && self.replays_unet_graphs() {
             self.unet_graphs.call(
                 &self.unet,

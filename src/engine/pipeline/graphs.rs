@@ -118,6 +118,7 @@ fn capture(unet: &UNet2DConditionModel, device: Device, inputs: &[&Tensor; 5]) -
         let added = AddedCond {
             text_embeds: &held[3],
             time_ids: &held[4],
+            timestep_cond: None,
         };
         unet.forward(&held[0], &held[1], &held[2], Some(&added))
     })?;

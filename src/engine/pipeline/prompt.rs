@@ -55,8 +55,14 @@ impl SdxlPipeline {
         })
     }
 
-    /// diffusers' `encode_prompt`: positive and (with guidance, `guidance_scale` above 1)
-    /// negative embeddings.
+    /// Whether a pass at `guidance_scale` runs classifier-free guidance: above 1, unless
+    /// the UNet is guidance-distilled (diffusers' `do_classifier_free_guidance`).
+    pub fn classifier_free(&self, guidance_scale: f64) -> bool {
+        guidance_scale > 1.0 && self.unet.time_cond_proj_dim().is_none()
+    }
+
+    /// diffusers' `encode_prompt`: positive and (with classifier-free guidance) negative
+    /// embeddings.
     pub fn encode_prompt(&self, p: &GenerateParams) -> Result<PromptEmbeds> {
         self.encode_prompt_with(p, &PromptTokens::default())
     }
@@ -75,7 +81,7 @@ impl SdxlPipeline {
         let prompt_2 = second_text(&p.prompt, p.prompt_2.as_deref());
         let clip_skip = p.clip_skip.unwrap_or(0);
         let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, clip_skip, tokens)?;
-        if p.guidance_scale <= 1.0 {
+        if !self.classifier_free(p.guidance_scale) {
             return Ok(PromptEmbeds {
                 embeds,
                 pooled,

@@ -43,7 +43,7 @@ impl SdxlPipeline {
             device,
         );
         let positive = pair(&p.prompt, p.prompt_2.as_deref());
-        let guided = p.guidance_scale > 1.0;
+        let guided = self.classifier_free(p.guidance_scale);
         let zeros = p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
         let negative = (guided && !zeros).then(|| {
             let text = p.negative_prompt.as_deref().unwrap_or("");
