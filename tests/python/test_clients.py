@@ -471,6 +471,28 @@ def test_python_client_hires_pass_replays_from_its_png(stubs, server):
     assert again.images[0].data == image.data
 
 
+def test_python_client_few_step_lcm_with_custom_timesteps_replays_from_its_png(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    request = spec(stubs, steps=0, scheduler=stubs.gen.SCHEDULER_LCM, guidance_scale=1.0, timesteps=[999, 749, 499, 249])
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=request))
+    png = Image.open(io.BytesIO(first.images[0].data))
+    assert "Sampler: LCM" in png.info["parameters"], png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert list(resolved.timesteps) == [999, 749, 499, 249] and resolved.steps == 4
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    # More steps than LCM's distillation schedule, and timesteps UniPC does not take.
+    for bad, field in (
+        (spec(stubs, steps=51, scheduler=stubs.gen.SCHEDULER_LCM), "spec.steps"),
+        (spec(stubs, steps=0, scheduler=stubs.gen.SCHEDULER_UNIPC, timesteps=[999, 500]), "spec.timesteps"),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(stubs, caught.value) == [field]
+
+
 def test_python_client_over_mutual_tls_with_a_token(stubs, tls_server):
     server, ca, client, token, _ = tls_server
     port = server.address.rsplit(":", 1)[1]
