@@ -5,7 +5,8 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::schedulers::{
-    NoiseSource, PredictionType, Scheduler, SchedulerConfig, TimestepSpacing,
+    predict_clean_vp, predict_noise_vp, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+    TimestepSpacing,
 };
 
 /// DDIM sampling.
@@ -102,21 +103,10 @@ impl Scheduler for Ddim {
         let alpha_t = self.alpha(t);
         let alpha_prev = self.alpha(prev_t);
         let beta_t = 1.0 - alpha_t;
-        let (sqrt_alpha, sqrt_beta) = (f64::from(alpha_t.sqrt()), f64::from(beta_t.sqrt()));
-        let (mut pred_original, pred_epsilon) = match self.prediction_type {
-            PredictionType::Epsilon => (
-                (sample - &model_output * sqrt_beta) / sqrt_alpha,
-                model_output.shallow_clone(),
-            ),
-            PredictionType::Sample => {
-                let eps = (sample - &model_output * sqrt_alpha) / sqrt_beta;
-                (model_output.shallow_clone(), eps)
-            }
-            PredictionType::VPrediction => (
-                sample * sqrt_alpha - &model_output * sqrt_beta,
-                &model_output * sqrt_alpha + sample * sqrt_beta,
-            ),
-        };
+        let prediction = self.prediction_type;
+        let mut pred_original = predict_clean_vp(prediction, &model_output, sample, alpha_t);
+        let pred_epsilon =
+            predict_noise_vp(prediction, &model_output, sample, &pred_original, alpha_t);
         if let Some(range) = self.clip_sample {
             pred_original = pred_original.clamp(-range, range);
         }

@@ -7,11 +7,21 @@
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
+use crate::engine::schedulers::{
+    predict_clean_vp, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+};
 
 /// The schedule the consistency models were distilled on (`original_inference_steps`,
 /// default 50): timesteps k - 1, 2k - 1, ..., k = train // original steps.
 pub const DEFAULT_ORIGINAL_STEPS: i64 = 50;
+
+/// The steps of the schedule `config`'s model was distilled on, whose timesteps LCM and
+/// TCD take theirs from.
+pub fn distillation_steps(config: &SchedulerConfig) -> i64 {
+    config
+        .original_inference_steps
+        .unwrap_or(DEFAULT_ORIGINAL_STEPS)
+}
 
 /// The inference timesteps of LCM and TCD for `steps` steps: `steps` of the distillation
 /// schedule's timesteps taken at evenly spaced indices from the top, as diffusers'
@@ -22,9 +32,7 @@ pub fn consistency_timesteps(config: &SchedulerConfig, steps: usize) -> Result<V
         return Ok(custom.clone());
     }
     let train = config.num_train_timesteps;
-    let original = config
-        .original_inference_steps
-        .unwrap_or(DEFAULT_ORIGINAL_STEPS);
+    let original = distillation_steps(config);
     let invalid = |m: String| Err(EngineError::InvalidRequest(m));
     if !(1..=train).contains(&original) {
         return invalid(format!(
@@ -47,8 +55,8 @@ pub fn consistency_timesteps(config: &SchedulerConfig, steps: usize) -> Result<V
 
 /// The alphas and timesteps LCM and TCD step through.
 pub struct ConsistencySchedule {
-    /// The inference timesteps.
-    pub timesteps: Vec<i64>,
+    /// The inference timesteps (whole numbers, as the UNet is fed them).
+    pub timesteps: Vec<f64>,
     /// alphas_cumprod (float32).
     pub alphas_cumprod: Vec<f32>,
     /// The alpha before timestep 0 (1 with `set_alpha_to_one`, their default).
@@ -65,13 +73,16 @@ impl ConsistencySchedule {
             alphas_cumprod.first().copied().unwrap_or(1.0)
         };
         Ok(Self {
-            timesteps: consistency_timesteps(config, steps)?,
+            timesteps: consistency_timesteps(config, steps)?
+                .into_iter()
+                .map(|t| t as f64)
+                .collect(),
             alphas_cumprod,
             final_alpha_cumprod,
         })
     }
 
-    /// alphas_cumprod at `t` (the final alpha below 0).
+    /// alphas_cumprod at timestep `t` (the final alpha below 0).
     pub fn alpha(&self, t: i64) -> f32 {
         usize::try_from(t)
             .ok()
@@ -81,36 +92,24 @@ impl ConsistencySchedule {
 
     /// `add_noise` at call `index`: sqrt(alpha) x + sqrt(1 - alpha) noise.
     pub fn add_noise(&self, original: &Tensor, noise: &Tensor, index: usize) -> Tensor {
-        let alpha = self.alpha(self.timesteps[index]);
+        let alpha = self.alpha(self.timestep(index));
         original * f64::from(alpha.sqrt()) + noise * f64::from((1.0 - alpha).sqrt())
     }
 
-    /// The timesteps as the pipeline feeds them to the UNet.
-    pub fn timesteps_f64(&self) -> Vec<f64> {
-        self.timesteps.iter().map(|&t| t as f64).collect()
+    /// The timestep of call `index`, `None` past the last.
+    pub fn get(&self, index: usize) -> Option<i64> {
+        self.timesteps.get(index).map(|&t| t as i64)
     }
-}
 
-/// The clean-sample estimate of a VP model output at alpha `alpha_t`, with the scalar
-/// factors in float32 as diffusers' 0-d float32 tensors give them.
-pub fn predict_clean(
-    prediction: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    alpha_t: f32,
-) -> Tensor {
-    let (sqrt_alpha, sqrt_beta) = (f64::from(alpha_t.sqrt()), f64::from((1.0 - alpha_t).sqrt()));
-    match prediction {
-        PredictionType::Epsilon => (sample - model_output * sqrt_beta) / sqrt_alpha,
-        PredictionType::Sample => model_output.shallow_clone(),
-        PredictionType::VPrediction => sample * sqrt_alpha - model_output * sqrt_beta,
+    /// The timestep of call `index`.
+    pub fn timestep(&self, index: usize) -> i64 {
+        self.timesteps[index] as i64
     }
 }
 
 /// Latent consistency multistep sampling.
 pub struct Lcm {
     schedule: ConsistencySchedule,
-    timesteps: Vec<f64>,
     timestep_scaling: f32,
     prediction_type: PredictionType,
     clip_sample: Option<f64>,
@@ -119,10 +118,8 @@ pub struct Lcm {
 impl Lcm {
     /// `set_timesteps(steps)` of a scheduler built from `config`.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let schedule = ConsistencySchedule::new(config, steps)?;
         Ok(Self {
-            timesteps: schedule.timesteps_f64(),
-            schedule,
+            schedule: ConsistencySchedule::new(config, steps)?,
             timestep_scaling: config.timestep_scaling.unwrap_or(10.0) as f32,
             prediction_type: config.prediction_type,
             clip_sample: config
@@ -147,7 +144,7 @@ impl Scheduler for Lcm {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn step(
@@ -158,17 +155,16 @@ impl Scheduler for Lcm {
         noise: &mut NoiseSource<'_>,
     ) -> Tensor {
         let model_output = model_output.to_kind(tch::Kind::Float);
-        let steps = &self.schedule.timesteps;
-        let t = steps[index];
+        let t = self.schedule.timestep(index);
         let alpha_t = self.schedule.alpha(t);
-        let mut clean = predict_clean(self.prediction_type, &model_output, sample, alpha_t);
+        let mut clean = predict_clean_vp(self.prediction_type, &model_output, sample, alpha_t);
         if let Some(range) = self.clip_sample {
             clean = clean.clamp(-range, range);
         }
         let (c_skip, c_out) = self.boundary_scalings(t);
         let denoised = clean * f64::from(c_out) + sample * f64::from(c_skip);
-        match steps.get(index + 1) {
-            Some(&prev_t) => {
+        match self.schedule.get(index + 1) {
+            Some(prev_t) => {
                 let alpha_prev = self.schedule.alpha(prev_t);
                 let n = noise(&model_output.size()).to_device(model_output.device());
                 denoised * f64::from(alpha_prev.sqrt()) + n * f64::from((1.0 - alpha_prev).sqrt())
@@ -178,7 +174,7 @@ impl Scheduler for Lcm {
     }
 
     fn is_stochastic(&self) -> bool {
-        self.timesteps.len() > 1
+        self.schedule.timesteps.len() > 1
     }
 }
 

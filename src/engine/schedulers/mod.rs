@@ -242,6 +242,39 @@ pub fn predict_original(
     }
 }
 
+/// The clean-sample estimate of a VP model output at alpha `alpha_t` (DDIM, LCM, TCD),
+/// the scalar factors in float32 as diffusers' 0-d float32 tensors give them.
+pub fn predict_clean_vp(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha_t: f32,
+) -> Tensor {
+    let (sqrt_alpha, sqrt_beta) = (f64::from(alpha_t.sqrt()), f64::from((1.0 - alpha_t).sqrt()));
+    match prediction {
+        PredictionType::Epsilon => (sample - model_output * sqrt_beta) / sqrt_alpha,
+        PredictionType::Sample => model_output.shallow_clone(),
+        PredictionType::VPrediction => sample * sqrt_alpha - model_output * sqrt_beta,
+    }
+}
+
+/// The noise a VP model output at alpha `alpha_t` implies, given its (unclipped) clean
+/// estimate `clean` (DDIM, TCD).
+pub fn predict_noise_vp(
+    prediction: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    clean: &Tensor,
+    alpha_t: f32,
+) -> Tensor {
+    let (sqrt_alpha, sqrt_beta) = (f64::from(alpha_t.sqrt()), f64::from((1.0 - alpha_t).sqrt()));
+    match prediction {
+        PredictionType::Epsilon => model_output.shallow_clone(),
+        PredictionType::Sample => (sample - clean * sqrt_alpha) / sqrt_beta,
+        PredictionType::VPrediction => model_output * sqrt_alpha + sample * sqrt_beta,
+    }
+}
+
 /// diffusers' `init_noise_sigma` of the sigma schedulers.
 pub fn init_noise_sigma(spacing: TimestepSpacing, max_sigma: f64) -> f64 {
     let max_sigma = max_sigma as f32;
@@ -276,7 +309,7 @@ impl SchedulerConfig {
         }
         let kind = self.kind().map_err(EngineError::InvalidRequest)?;
         if let Some(custom) = &self.timesteps {
-            self.check_custom_timesteps(kind, custom, steps)
+            self.check_custom_timesteps(custom, steps)
                 .map_err(EngineError::InvalidRequest)?;
         }
         Ok(match kind {
@@ -303,18 +336,18 @@ impl SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// Why `custom` timesteps cannot run `steps` steps of scheduler `kind`, as diffusers'
-    /// `set_timesteps(timesteps=...)` would refuse them (and, beyond diffusers, timesteps
-    /// that do not decrease or lie outside the training range).
-    fn check_custom_timesteps(
+    /// Why `custom` timesteps cannot run `steps` steps of this config's scheduler, as
+    /// diffusers' `set_timesteps(timesteps=...)` would refuse them (and, beyond diffusers,
+    /// timesteps that do not decrease or lie outside the training range).
+    pub fn check_custom_timesteps(
         &self,
-        kind: SchedulerKind,
         custom: &[i64],
         steps: usize,
     ) -> std::result::Result<(), String> {
+        let kind = self.kind()?;
         if !kind.takes_custom_timesteps() {
             return Err(format!(
-                "{} does not take custom timesteps",
+                "scheduler {} does not take custom timesteps (Euler, Heun, DPM-Solver multistep and singlestep, LCM and TCD do)",
                 kind.class_name()
             ));
         }

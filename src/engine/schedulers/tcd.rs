@@ -7,13 +7,14 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::schedulers::lcm::{predict_clean, ConsistencySchedule};
-use crate::engine::schedulers::{NoiseSource, PredictionType, Scheduler, SchedulerConfig};
+use crate::engine::schedulers::lcm::ConsistencySchedule;
+use crate::engine::schedulers::{
+    predict_clean_vp, predict_noise_vp, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
+};
 
 /// Trajectory consistency sampling.
 pub struct Tcd {
     schedule: ConsistencySchedule,
-    timesteps: Vec<f64>,
     gamma: f64,
     prediction_type: PredictionType,
 }
@@ -22,10 +23,8 @@ impl Tcd {
     /// `set_timesteps(steps)` of a scheduler built from `config`; gamma is the config's
     /// `eta` (a call argument in diffusers, 0 unless the pipeline is given one).
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let schedule = ConsistencySchedule::new(config, steps)?;
         Ok(Self {
-            timesteps: schedule.timesteps_f64(),
-            schedule,
+            schedule: ConsistencySchedule::new(config, steps)?,
             gamma: config.eta.unwrap_or(0.0),
             prediction_type: config.prediction_type,
         })
@@ -44,7 +43,7 @@ impl Scheduler for Tcd {
     }
 
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn step(
@@ -55,24 +54,18 @@ impl Scheduler for Tcd {
         noise: &mut NoiseSource<'_>,
     ) -> Tensor {
         let model_output = model_output.to_kind(tch::Kind::Float);
-        let steps = &self.schedule.timesteps;
-        let t = steps[index];
-        let last = index + 1 >= steps.len();
-        let prev_t = if last { 0 } else { steps[index + 1] };
+        let t = self.schedule.timestep(index);
+        let next = self.schedule.get(index + 1);
+        let prev_t = next.unwrap_or(0);
         let alpha_t = self.schedule.alpha(t);
         let alpha_prev = self.schedule.alpha(prev_t);
         let alpha_s = self.schedule.alpha(self.intermediate(prev_t));
-        let clean = predict_clean(self.prediction_type, &model_output, sample, alpha_t);
-        let (sqrt_alpha_t, sqrt_beta_t) =
-            (f64::from(alpha_t.sqrt()), f64::from((1.0 - alpha_t).sqrt()));
-        let epsilon = match self.prediction_type {
-            PredictionType::Epsilon => model_output.shallow_clone(),
-            PredictionType::Sample => (sample - &clean * sqrt_alpha_t) / sqrt_beta_t,
-            PredictionType::VPrediction => &model_output * sqrt_alpha_t + sample * sqrt_beta_t,
-        };
+        let prediction = self.prediction_type;
+        let clean = predict_clean_vp(prediction, &model_output, sample, alpha_t);
+        let epsilon = predict_noise_vp(prediction, &model_output, sample, &clean, alpha_t);
         let noised =
             clean * f64::from(alpha_s.sqrt()) + epsilon * f64::from((1.0 - alpha_s).sqrt());
-        if self.gamma > 0.0 && !last {
+        if self.gamma > 0.0 && next.is_some() {
             let ratio = alpha_prev / alpha_s;
             let n = noise(&model_output.size()).to_device(model_output.device());
             noised * f64::from(ratio.sqrt()) + n * f64::from((1.0 - ratio).sqrt())
@@ -82,6 +75,6 @@ impl Scheduler for Tcd {
     }
 
     fn is_stochastic(&self) -> bool {
-        self.gamma > 0.0 && self.timesteps.len() > 1
+        self.gamma > 0.0 && self.schedule.timesteps.len() > 1
     }
 }
