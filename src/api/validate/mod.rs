@@ -279,15 +279,8 @@ fn base_overrides(
     v: &mut Violations,
 ) -> crate::engine::request::SchedulerOverrides {
     let mut overrides = options.overrides(*kind);
-    let config = model
-        .and_then(|m| m.pipeline.as_ref())
-        .and_then(|facts| overrides.apply(&facts.scheduler_config).ok());
-    let runs = config
-        .as_ref()
-        .and_then(|c| c.kind().ok())
-        .or(*kind)
-        .unwrap_or(SchedulerKind::Euler);
-    if let Some(custom) = sampling::custom_timesteps(spec, runs, config.as_ref(), limits, v) {
+    let config = window::run_config(model, &overrides);
+    if let Some(custom) = sampling::custom_timesteps(spec, config.as_ref(), limits, v) {
         overrides.set("timesteps", custom);
     }
     overrides

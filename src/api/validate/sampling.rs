@@ -95,20 +95,19 @@ pub fn counts(
     (steps, num_images, seed)
 }
 
-/// `spec.timesteps`: custom timesteps (`None` when there are none) for the scheduler
-/// that runs, `config` its configuration as the request leaves it (`None`: the model's
-/// scheduler is unknown here, and the run decides).
+/// `spec.timesteps`: custom timesteps (`None` when there are none), checked by the rule
+/// the scheduler of `config` (the model's, as the request changes it; `None`: unknown
+/// here, and the run decides) places them by.
 pub fn custom_timesteps(
     spec: &pb::GenerationSpec,
-    runs: SchedulerKind,
     config: Option<&SchedulerConfig>,
     limits: &Limits,
     v: &mut Violations,
 ) -> Option<Vec<i64>> {
-    let custom = &spec.timesteps;
-    if custom.is_empty() {
+    if spec.timesteps.is_empty() {
         return None;
     }
+    let custom: Vec<i64> = spec.timesteps.iter().map(|&t| i64::from(t)).collect();
     let field = "spec.timesteps";
     let (n, max) = (custom.len(), limits.max_steps as usize);
     if n > max {
@@ -123,34 +122,10 @@ pub fn custom_timesteps(
             ),
         );
     }
-    let train = config.map_or(1000, |c| c.num_train_timesteps);
-    let outside = custom.iter().find(|&&t| i64::from(t) >= train);
-    if let Some(t) = outside {
-        v.add(
-            field,
-            format!("{t} is not a training timestep (0 to {})", train - 1),
-        );
-    } else if custom.windows(2).any(|w| w[1] >= w[0]) {
-        v.add(field, "must decrease strictly (the first is the noisiest)");
+    if let Some(Err(problem)) = config.map(|c| c.check_custom_timesteps(&custom, n)) {
+        v.add(field, problem);
     }
-    if !runs.takes_custom_timesteps() {
-        v.add(
-            field,
-            format!(
-                "scheduler {} does not take custom timesteps (Euler, Heun, DPM-Solver multistep and singlestep, LCM and TCD do)",
-                runs.class_name()
-            ),
-        );
-    } else if let Some(spacing) = config
-        .map(SchedulerConfig::sigma_spacing)
-        .filter(|&s| s != SigmaSpacing::Default)
-    {
-        v.add(
-            field,
-            format!("cannot be respaced to {spacing:?} sigmas (set sigma_schedule to the default)"),
-        );
-    }
-    Some(custom.iter().map(|&t| i64::from(t)).collect())
+    Some(custom)
 }
 
 /// `guidance_scale` (default 5) and `guidance_rescale`.

@@ -10,8 +10,8 @@ use crate::engine::hires::{entry as hires_entry, HiresParams};
 use crate::engine::pipeline::window::{check_planned_window, EmptyWindow};
 use crate::engine::registry::ModelEntry;
 use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
-use crate::engine::schedulers::lcm::DEFAULT_ORIGINAL_STEPS;
-use crate::engine::schedulers::SchedulerKind;
+use crate::engine::schedulers::lcm::distillation_steps;
+use crate::engine::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::jobs::RefinerJob;
 
 /// The base's run as the request asks for it.
@@ -138,10 +138,7 @@ pub fn consistency_steps(
         }),
     ];
     for (field, model, overrides, steps) in runs.into_iter().flatten() {
-        let Some(facts) = model.and_then(|m| m.pipeline.as_ref()) else {
-            continue;
-        };
-        let Ok(config) = overrides.apply(&facts.scheduler_config) else {
+        let Some(config) = run_config(model, overrides) else {
             continue;
         };
         let Ok(kind @ (SchedulerKind::Lcm | SchedulerKind::Tcd)) = config.kind() else {
@@ -151,9 +148,7 @@ pub fn consistency_steps(
             // Custom timesteps are not taken from the schedule.
             continue;
         }
-        let original = config
-            .original_inference_steps
-            .unwrap_or(DEFAULT_ORIGINAL_STEPS);
+        let original = distillation_steps(&config);
         // A schedule no model has is refused by the option's own rule.
         let schedule = 1..=config.num_train_timesteps;
         if schedule.contains(&original) && steps as i64 > original {
@@ -177,11 +172,19 @@ fn planned(
     entry: Option<Entry>,
     end: Option<f64>,
 ) -> Result<(), EmptyWindow> {
-    let Some(facts) = model.and_then(|m| m.pipeline.as_ref()) else {
-        return Ok(());
-    };
-    let Ok(config) = overrides.apply(&facts.scheduler_config) else {
+    let Some(config) = run_config(model, overrides) else {
         return Ok(());
     };
     check_planned_window(&config, steps, entry, end)
+}
+
+/// The scheduler config a run of `model` uses under a request's `overrides`; `None` where
+/// the model's scheduler is unknown here or the overrides do not apply (their own rules
+/// refuse them).
+pub fn run_config(
+    model: Option<&ModelEntry>,
+    overrides: &SchedulerOverrides,
+) -> Option<SchedulerConfig> {
+    let facts = model.and_then(|m| m.pipeline.as_ref())?;
+    overrides.apply(&facts.scheduler_config).ok()
 }
