@@ -389,6 +389,7 @@ impl ModelService for Models {
             ("freeu", true),
             ("pag", true),
             ("timesteps", true),
+            ("tiling", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

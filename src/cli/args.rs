@@ -141,6 +141,10 @@ pub struct GenerateArgs {
     /// B1,B2,S1,S2 (each in (0, 10]), e.g. 1.3,1.4,0.9,0.2.
     #[arg(long, value_name = "default|B1,B2,S1,S2")]
     pub freeu: Option<String>,
+    /// Seamless tiling: the image's opposite edges continue each other along both axes,
+    /// x (left and right) or y (top and bottom).
+    #[arg(long, value_enum)]
+    pub tiling: Option<TilingArg>,
     /// A VAE folder (diffusers AutoencoderKL, e.g. sdxl-vae-fp16-fix) replacing the
     /// models' own for encoding and decoding.
     #[arg(long)]
@@ -230,6 +234,17 @@ pub enum PromptSyntaxArg {
     Compel,
 }
 
+/// `--tiling`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TilingArg {
+    /// Both axes.
+    Both,
+    /// The left and right edges meet.
+    X,
+    /// The top and bottom edges meet.
+    Y,
+}
+
 /// `--batch`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Batch {
@@ -304,6 +319,9 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     }
     if field.starts_with("spec.freeu") {
         return Some("--freeu");
+    }
+    if field == "spec.tiling" {
+        return Some("--tiling");
     }
     if field.starts_with("spec.refiner.scheduler") {
         return Some("--refiner-scheduler");
@@ -627,6 +645,12 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
         pag: crate::cli::pag::parse(&args.pag)?,
+        tiling: match args.tiling {
+            None => pb::Tiling::Unspecified,
+            Some(TilingArg::Both) => pb::Tiling::Both,
+            Some(TilingArg::X) => pb::Tiling::X,
+            Some(TilingArg::Y) => pb::Tiling::Y,
+        } as i32,
         prompt_syntax: match args.prompt_syntax {
             None => pb::PromptSyntax::Unspecified,
             Some(PromptSyntaxArg::Plain) => pb::PromptSyntax::Plain,

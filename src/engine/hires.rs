@@ -9,6 +9,7 @@ use image::RgbImage;
 use tch::Tensor;
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::models::seamless;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{go_on, to_the_end, SdxlPipeline, Start};
 use crate::engine::request::{
@@ -159,6 +160,7 @@ pub fn generate_hires(
     h: &HiresParams,
 ) -> Result<GenerateOutput> {
     base.validate(p)?;
+    let _seamless = seamless::request(p.seamless);
     let second = second_pass_params(p, h);
     base.validate(&second)?;
     let first_prompt = base.encode_prompt(p)?;

@@ -4,6 +4,7 @@
 //! too (diffusers' inpainting pipeline given the base's latents and the same mask).
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::models::seamless;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{go_on, to_the_end, SdxlPipeline, Start};
 use crate::engine::request::{
@@ -111,6 +112,7 @@ pub fn generate_refined(
     r: &RefinerParams,
 ) -> Result<GenerateOutput> {
     validate(base, refiner, p, r)?;
+    let _seamless = seamless::request(p.seamless);
     let (denoising_end, entry) = handoff(r.mode);
     let base_params = GenerateParams {
         denoising_end,

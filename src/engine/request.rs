@@ -4,6 +4,7 @@
 use tch::{Kind, Tensor};
 
 pub use crate::engine::models::freeu::FreeU;
+pub use crate::engine::models::seamless::Seamless;
 pub use crate::engine::pag::{Pag, PagLayer};
 pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
@@ -70,6 +71,9 @@ pub struct GenerateParams {
     pub freeu: Option<FreeU>,
     /// Perturbed-attention guidance (diffusers' `StableDiffusionXLPAG*Pipeline`), if asked.
     pub pag: Option<Pag>,
+    /// The axes along which the image tiles seamlessly (the UNets' and the VAE's
+    /// convolutions pad circularly along them), if asked.
+    pub seamless: Option<Seamless>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -209,6 +213,7 @@ impl Default for GenerateParams {
             negative_aesthetic_score: 2.5,
             freeu: None,
             pag: None,
+            seamless: None,
         }
     }
 }

@@ -62,7 +62,9 @@ impl JobRun<'_> {
             ));
         }
         let decoded = match decode(budget_tiles) {
-            Err(e) if e.is_out_of_memory() && !budget_tiles => {
+            Err(e)
+                if e.is_out_of_memory() && !budget_tiles && self.spec.params.seamless.is_none() =>
+            {
                 tracing::warn!("device out of memory while decoding; retrying with VAE tiling");
                 let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
                 self.engine.free_memory(&keep);

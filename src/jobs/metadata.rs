@@ -144,6 +144,15 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             f.b1, f.b2, f.s1, f.s2
         ));
     }
+    if let Some(axes) = spec.params.seamless {
+        // A1111 writes `Tiling: True` for its both-axes tiling.
+        let tiling = match (axes.x, axes.y) {
+            (true, false) => "X",
+            (false, true) => "Y",
+            _ => "True",
+        };
+        text.push_str(&format!(", Tiling: {tiling}"));
+    }
     if let Some(pag) = &spec.params.pag {
         let layers: Vec<String> = pag.layers.iter().map(ToString::to_string).collect();
         text.push_str(&format!(

@@ -16,6 +16,7 @@ use crate::engine::ip_adapter::IpAdapter;
 use crate::engine::lora::AppliedLoras;
 use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::control_model::ControlModel;
+use crate::engine::models::seamless;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
 use crate::engine::preprocess::detector::Detector;
@@ -227,6 +228,8 @@ pub fn run_job(
         prompts: None,
     };
     job.check()?;
+    // The UNets and the VAE pad as the request asks for as long as the job runs.
+    let _seamless = seamless::request(spec.params.seamless);
     let stages = plan(spec);
     for stage in stages.iter().filter(|s| !s.per_run()) {
         job.run_stage(*stage)?;

@@ -493,6 +493,25 @@ def test_python_client_few_step_lcm_with_custom_timesteps_replays_from_its_png(s
         assert bad_request_fields(stubs, caught.value) == [field]
 
 
+def test_python_client_seamless_tiling_replays_from_its_png(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    request = spec(stubs, tiling=stubs.gen.TILING_X)
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=request))
+    png = Image.open(io.BytesIO(first.images[0].data))
+    assert "Tiling: X" in png.info["parameters"], png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.tiling == stubs.gen.TILING_X
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs)))
+    assert plain.images[0].data != first.images[0].data
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, tiling=9)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.tiling"]
+
+
 def test_python_client_over_mutual_tls_with_a_token(stubs, tls_server):
     server, ca, client, token, _ = tls_server
     port = server.address.rsplit(":", 1)[1]

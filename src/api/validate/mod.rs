@@ -107,6 +107,7 @@ struct Parts {
     size: (u32, u32),
     guidance: (f64, f64),
     freeu: Option<crate::engine::request::FreeU>,
+    seamless: Option<crate::engine::request::Seamless>,
     pag: Option<crate::engine::request::Pag>,
     counts: (u32, u32, u64),
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
@@ -149,6 +150,7 @@ fn check(
     sampling::prompts(spec, limits, v);
     let guidance = sampling::guidance(spec, v);
     let freeu = sampling::freeu(spec.freeu.as_ref(), v);
+    let seamless = sampling::seamless(spec, v);
     let pag = pag::pag(spec, model.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
     let model_scheduler = model
@@ -249,6 +251,7 @@ fn check(
         size,
         guidance,
         freeu,
+        seamless,
         pag,
         counts,
         scheduler,
@@ -349,6 +352,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         negative_aesthetic_score: micro.negative_aesthetic_score,
         freeu: parts.freeu,
         pag: parts.pag,
+        seamless: parts.seamless,
     };
     Ok(JobSpec {
         params,

@@ -5,7 +5,7 @@ use crate::api::validate::fields::{
     at_most, enum_value, float, optional_float, Range, Violations, MAX_SEED,
 };
 use crate::config::Limits;
-use crate::engine::request::FreeU;
+use crate::engine::request::{FreeU, Seamless};
 use crate::engine::schedulers::options::{AlgorithmType, SolverType};
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::solver::SOLVER_ORDERS;
@@ -155,6 +155,16 @@ pub fn freeu(f: Option<&pb::FreeU>, v: &mut Violations) -> Option<FreeU> {
         s1: factor("s1", f.s1, 0.9),
         s2: factor("s2", f.s2, 0.2),
     })
+}
+
+/// `spec.tiling`: the axes along which the image tiles seamlessly.
+pub fn seamless(spec: &pb::GenerationSpec, v: &mut Violations) -> Option<Seamless> {
+    match enum_value::<pb::Tiling>(v, "spec.tiling", spec.tiling)? {
+        pb::Tiling::Unspecified => None,
+        pb::Tiling::Both => Some(Seamless::BOTH),
+        pb::Tiling::X => Some(Seamless { x: true, y: false }),
+        pb::Tiling::Y => Some(Seamless { x: false, y: true }),
+    }
 }
 
 /// The engine's scheduler for a contract scheduler (`None` for the model's own).

@@ -148,7 +148,9 @@ pub fn generation_estimate(
         element_bytes,
     ]);
     let decoding = product(&[4, pixels, shape.vae_channels, element_bytes]);
+    // An image that tiles seamlessly is decoded whole (tiles would not wrap around).
     let tiled_decoding = tiled_decoding(shape, (width, height), element_bytes)
+        .filter(|_| p.seamless.is_none())
         .map_or(decoding, |tiled| tiled.min(decoding));
     GenerationEstimate {
         denoising,

@@ -13,6 +13,7 @@ pub mod freeu;
 pub mod nn;
 pub mod region;
 pub mod resnet;
+pub mod seamless;
 pub mod t2i_adapter;
 pub mod tokenizer;
 pub mod unet;

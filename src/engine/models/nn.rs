@@ -11,6 +11,7 @@ use std::rc::Rc;
 use tch::Tensor;
 
 use crate::engine::error::Result;
+use crate::engine::models::seamless;
 use crate::engine::weights::VarPath;
 
 /// A low-rank path added to a layer's output: `scale * up(down(x))`.
@@ -344,6 +345,7 @@ impl Conv2d {
 
     fn apply(&self, x: &Tensor, padding: [i64; 2]) -> Tensor {
         let stride = [self.stride, self.stride];
+        let (x, padding) = seamless::padded(x, padding);
         let y = x.conv2d(&self.weight, Some(&self.bias), stride, padding, [1, 1], 1);
         // LoCon: a k x k convolution to the rank, then a 1 x 1 one back up.
         self.low_rank.borrow().iter().fold(y, |y, p| {

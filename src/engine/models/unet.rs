@@ -12,6 +12,7 @@ use crate::engine::error::Result;
 use crate::engine::models::attention::{Context, CrossAttentionLayer};
 use crate::engine::models::embeddings::TimeEmbeddings;
 use crate::engine::models::nn::{collect_layers, Conv2d, GroupNorm, LayerTable};
+use crate::engine::models::seamless;
 use crate::engine::models::unet_blocks::{
     encode, BlockSettings, CrossAttention, DownBlock, DownBlockShape, MidBlock, UpBlock,
     UpBlockShape,
@@ -269,6 +270,7 @@ impl UNet2DConditionModel {
         added: Option<&AddedCond>,
         additions: Option<&ControlAdditions>,
     ) -> Tensor {
+        let _seamless = seamless::model();
         let features = additions.map_or(&[][..], |a| a.features.as_slice());
         let control = additions.and_then(|a| a.residuals.as_ref());
         let batch = sample.size()[0];

@@ -13,6 +13,7 @@ use crate::engine::models::attention::Attention;
 use crate::engine::models::bands;
 use crate::engine::models::nn::{is_channels_last, Conv2d, GroupNorm};
 use crate::engine::models::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::engine::models::seamless;
 use crate::engine::weights::VarPath;
 
 /// Mirrors diffusers' `AutoencoderKL` config (`vae/config.json`).
@@ -382,6 +383,7 @@ impl AutoencoderKL {
     /// Encodes images in [-1, 1] (NCHW) into the latent distribution's mean and log-variance
     /// (unscaled, as `AutoencoderKL.encode(...).latent_dist`).
     pub fn encode(&self, image: &Tensor) -> (Tensor, Tensor) {
+        let _seamless = seamless::model();
         let e = &self.encoder;
         let mut h = e.conv_in.forward(image);
         for (resnets, down) in &e.down_blocks {
@@ -412,6 +414,10 @@ impl AutoencoderKL {
     /// many rows at a time (the same image up to rounding, fewer full-size temporaries:
     /// see [`crate::engine::models::bands`]).
     pub fn decode_in_bands(&self, latents: &Tensor, band_rows: Option<i64>) -> Tensor {
+        let _seamless = seamless::model();
+        // Bands pad their rows with zeros at the image's edges: an image that tiles is
+        // decoded whole.
+        let band_rows = band_rows.filter(|_| seamless::requested().is_none());
         let d = &self.decoder;
         let mut z = latents.shallow_clone();
         if let Some(p) = &self.post_quant_conv {
@@ -445,6 +451,10 @@ impl AutoencoderKL {
     /// The latent tile size [`Self::decode_tiled`] decodes `h`×`w` latents in, or None
     /// where it decodes them whole (they fit one tile, or the VAE has no sample size).
     pub fn tile_if_tiled(&self, h: i64, w: i64) -> Option<i64> {
+        // Tiles decoded apart would not wrap around the image's edges.
+        if seamless::requested().is_some() {
+            return None;
+        }
         let sample = self.config.sample_size.filter(|s| *s > 0)?;
         let levels = self.config.block_out_channels.len().clamp(1, 16) as u32;
         let tile = sample / 2i64.pow(levels - 1);

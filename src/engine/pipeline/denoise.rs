@@ -428,10 +428,11 @@ impl SdxlPipeline {
         };
         let _stage = profile::span("unet");
         // Graphs hold the inputs they were captured with: image prompts' keys, FreeU's
-        // factors, perturbed layers and a guidance embedding are not.
+        // factors, perturbed layers, a guidance embedding and circular padding are not.
         let plain = additions.is_none()
             && c.images.is_none()
             && p.freeu.is_none()
+            && p.seamless.is_none()
             && c.perturbed_slots.is_none()
             && c.timestep_cond.is_none();
         let noise_pred = if plain && self.replays_unet_graphs() {

@@ -23,6 +23,7 @@ use tch::Tensor;
 use crate::engine::codec::VaeCodec;
 use crate::engine::error::Result;
 use crate::engine::models::clip::ClipTextModel;
+use crate::engine::models::seamless;
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::models::unet::UNet2DConditionModel;
 use crate::engine::models::vae::AutoencoderKL;
@@ -204,6 +205,7 @@ impl SdxlPipeline {
         p: &GenerateParams,
         controls: &[Control<'_>],
     ) -> Result<GenerateOutput> {
+        let _seamless = seamless::request(p.seamless);
         let latents = self.denoise_all_controlled(p, controls, &mut |_| {})?;
         self.decode_all(&latents)
     }
