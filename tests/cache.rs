@@ -646,5 +646,28 @@ async fn a_budget_that_holds_one_tile_of_the_decode_decodes_tile_by_tile() {
             tiles,
             "budget {budget}: {warnings:?}"
         );
+        // An image that tiles seamlessly is never decoded tile by tile: where only tiles
+        // fit, the budget refuses it.
+        let seamless = pb::GenerationSpec {
+            tiling: pb::Tiling::Both as i32,
+            ..request.clone()
+        };
+        let result = client
+            .generate_images(pb::GenerateImagesRequest {
+                spec: Some(seamless),
+            })
+            .await;
+        match result {
+            Err(status) => {
+                assert!(tiles, "budget {budget}: {status:?}");
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                assert!(status.message().contains("budget"), "{status:?}");
+            }
+            Ok(response) => {
+                assert!(!tiles, "budget {budget}: a seamless image decoded in tiles");
+                let warnings = response.into_inner().completed.expect("completed").warnings;
+                assert!(warnings.is_empty(), "{warnings:?}");
+            }
+        }
     }
 }
