@@ -497,10 +497,46 @@ fn float_fields(value: f32) -> Vec<(&'static str, pb::GenerationSpec)> {
         f(&mut i);
         Some(i)
     };
+    let guider = |f: &dyn Fn(&mut pb::Guider)| {
+        let mut g = pb::Guider {
+            kind: pb::GuiderKind::Apg as i32,
+            ..Default::default()
+        };
+        f(&mut g);
+        Some(g)
+    };
     vec![
         (
             "spec.guidance_scale",
             with(&|s| s.guidance_scale = Some(value)),
+        ),
+        (
+            "spec.sigmas",
+            with(&|s| {
+                s.scheduler = pb::Scheduler::Euler as i32;
+                s.steps = 2;
+                s.sigmas = vec![5.0, value, 0.0];
+            }),
+        ),
+        (
+            "spec.guider.start",
+            with(&|s| s.guider = guider(&|g| g.start = Some(value))),
+        ),
+        (
+            "spec.guider.stop",
+            with(&|s| s.guider = guider(&|g| g.stop = Some(value))),
+        ),
+        (
+            "spec.guider.momentum",
+            with(&|s| s.guider = guider(&|g| g.momentum = Some(value))),
+        ),
+        (
+            "spec.guider.norm_threshold",
+            with(&|s| s.guider = guider(&|g| g.norm_threshold = Some(value))),
+        ),
+        (
+            "spec.guider.eta",
+            with(&|s| s.guider = guider(&|g| g.eta = Some(value))),
         ),
         (
             "spec.guidance_rescale",
@@ -604,7 +640,7 @@ async fn nan_and_infinities_are_refused_in_every_float_field() {
     let mut client = server.generation().await;
     for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let fields = float_fields(value);
-        assert_eq!(fields.len(), 17, "every float field of the contract");
+        assert_eq!(fields.len(), 23, "every float field of the contract");
         for (field, spec) in fields {
             let status = client
                 .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })

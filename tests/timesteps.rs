@@ -6,7 +6,9 @@
 //! step noise per image, one step, custom distillation schedules, v-prediction with
 //! zero-SNR betas, TCD's gamma 0, between and 1, image to image, an ensemble with the
 //! refiner; custom timesteps under Euler, Heun, DPM-Solver++ multistep and singlestep,
-//! LCM and TCD, entered at a strength and handed over to the refiner; a guidance-distilled
+//! LCM and TCD, entered at a strength and handed over to the refiner; custom sigmas under
+//! Euler (Align Your Steps' noise levels, a schedule ending above 0, one starting beyond
+//! the training sigmas, image to image, an ensemble); a guidance-distilled
 //! LCM UNet, its guidance scale embedded and no classifier-free guidance); the CLI's
 //! `--scheduler lcm` and `--timesteps`; refusals naming the field before admission;
 //! capabilities, PNG parameters and a replay from the PNG.
@@ -71,6 +73,14 @@ fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
             .map(|ts| {
                 ts.iter()
                     .map(|t| t.as_u64().expect("timestep") as u32)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        sigmas: case["sigmas"]
+            .as_array()
+            .map(|ss| {
+                ss.iter()
+                    .map(|s| s.as_f64().expect("sigma") as f32)
                     .collect()
             })
             .unwrap_or_default(),
@@ -148,7 +158,7 @@ async fn schedules_match_diffusers() {
             checked += 1;
         }
     }
-    assert!(checked >= 29, "{checked} cases");
+    assert!(checked >= 34, "{checked} cases");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,6 +390,8 @@ impl ModelService for Models {
             ("pag", true),
             ("timesteps", true),
             ("tiling", true),
+            ("sigmas", true),
+            ("guider", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

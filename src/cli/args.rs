@@ -79,6 +79,11 @@ pub struct GenerateArgs {
     /// Your Steps' 999,845,730,587,443,310,193,116,53,13): they set the steps.
     #[arg(long, value_delimiter = ',', value_name = "T,T,...")]
     pub timesteps: Vec<u32>,
+    /// Custom sigmas for Euler, decreasing, the final one included, comma-separated
+    /// (diffusers' `sigmas`; e.g. 14.615,6.475,3.861,2.697,1.886,1.396,0.963,0.652,0.399,
+    /// 0.152,0.029,0): they set the steps (one fewer than the sigmas).
+    #[arg(long, value_delimiter = ',', value_name = "S,S,...")]
+    pub sigmas: Vec<f32>,
     /// A scheduler option as its diffusers config key, e.g. use_karras_sigmas=true or
     /// timestep_spacing=trailing (repeatable; the keys the contract's SchedulerOptions
     /// has).
@@ -145,6 +150,10 @@ pub struct GenerateArgs {
     /// x (left and right) or y (top and bottom).
     #[arg(long, value_enum)]
     pub tiling: Option<TilingArg>,
+    /// How the prompt's and the negative prompt's predictions combine: cfg or apg, then
+    /// options, e.g. apg,momentum=-0.5,norm_threshold=15,eta=1,start=0,stop=0.8.
+    #[arg(long, value_name = "cfg|apg[,KEY=VALUE...]")]
+    pub guider: Option<String>,
     /// A VAE folder (diffusers AutoencoderKL, e.g. sdxl-vae-fp16-fix) replacing the
     /// models' own for encoding and decoding.
     #[arg(long)]
@@ -266,7 +275,10 @@ impl Batch {
 
 /// The flag a spec field comes from, where there is one.
 pub fn flag_of(field: &str) -> Option<&'static str> {
-    if let Some(flag) = crate::cli::hires::flag_of(field).or(crate::cli::pag::flag_of(field)) {
+    if let Some(flag) = crate::cli::hires::flag_of(field)
+        .or(crate::cli::pag::flag_of(field))
+        .or(crate::cli::guider::flag_of(field))
+    {
         return Some(flag);
     }
     let flags = [
@@ -274,6 +286,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.height", "--height"),
         ("spec.steps", "--steps"),
         ("spec.timesteps", "--timesteps"),
+        ("spec.sigmas", "--sigmas"),
         ("spec.num_images", "--num-images"),
         ("spec.seed", "--seed"),
         ("spec.guidance_scale", "--guidance"),
@@ -608,6 +621,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         scheduler,
         scheduler_options: present(options),
         timesteps: args.timesteps.clone(),
+        sigmas: args.sigmas.clone(),
         seed: args.seed,
         num_images: args.num_images.unwrap_or(0),
         vae: args
@@ -645,6 +659,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
         pag: crate::cli::pag::parse(&args.pag)?,
+        guider: crate::cli::guider::parse(args.guider.as_deref())?,
         tiling: match args.tiling {
             None => pb::Tiling::Unspecified,
             Some(TilingArg::Both) => pb::Tiling::Both,

@@ -11,6 +11,7 @@ mod controlnet;
 mod convert;
 mod demo;
 mod generate;
+mod guider;
 mod health;
 mod hires;
 mod ip_adapter;

@@ -5,6 +5,7 @@
 
 use tch::Tensor;
 
+use crate::engine::guider::GuiderRun;
 use crate::engine::pag::Pag;
 
 /// The parts of a guided batch, in order: the negative prompt's images (classifier-free
@@ -60,8 +61,14 @@ impl Guidance<'_> {
     /// The guided prediction of the float32 batch `prediction` at scheduler timestep
     /// `timestep`: `uncond + scale × (text − uncond) + pag × (text − perturbed)`, the
     /// terms of parts the layout lacks left out, then rescaled as diffusers rescales
-    /// classifier-free guidance.
-    pub fn combine(&self, prediction: Tensor, timestep: f64) -> Tensor {
+    /// classifier-free guidance. A `guider` (with the call's schedule index) combines the
+    /// negative and the prompt's parts in place of the first two terms.
+    pub fn combine(
+        &self,
+        prediction: Tensor,
+        timestep: f64,
+        guider: Option<(&mut GuiderRun, usize)>,
+    ) -> Tensor {
         let layout = self.layout;
         if layout.parts() == 1 {
             return prediction;
@@ -70,7 +77,10 @@ impl Guidance<'_> {
         let text = &parts[usize::from(layout.negative)];
         let mut guided = if layout.negative {
             let uncond = &parts[0];
-            uncond + (text - uncond) * self.scale
+            match guider {
+                Some((run, index)) => run.combine(index, uncond, text, self.scale),
+                None => uncond + (text - uncond) * self.scale,
+            }
         } else {
             text.shallow_clone()
         };
@@ -145,11 +155,11 @@ mod tests {
             pag: Some(&pag),
         };
         // uncond 1, text 2, perturbed 4: 1 + 3 × 1 + 0.5 × (2 − 4).
-        let combined = guidance(true, true).combine(batch(&[1.0, 2.0, 4.0]), 500.0);
+        let combined = guidance(true, true).combine(batch(&[1.0, 2.0, 4.0]), 500.0, None);
         assert_eq!(values(&combined), [3.0]);
-        let combined = guidance(false, true).combine(batch(&[2.0, 4.0]), 500.0);
+        let combined = guidance(false, true).combine(batch(&[2.0, 4.0]), 500.0, None);
         assert_eq!(values(&combined), [1.0]);
-        let combined = guidance(true, false).combine(batch(&[1.0, 2.0]), 500.0);
+        let combined = guidance(true, false).combine(batch(&[1.0, 2.0]), 500.0, None);
         assert_eq!(values(&combined), [4.0]);
     }
 }

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod files;
 pub mod guidance;
+pub mod guider;
 pub mod hashes;
 pub mod hires;
 pub mod inpaint_area;

@@ -28,6 +28,8 @@ pub fn refiner_params(base: &GenerateParams, r: &RefinerParams) -> GenerateParam
         freeu: None,
         // Perturbed-attention guidance names the base UNet's layers.
         pag: None,
+        // The guider guides the first pass.
+        guider: None,
         ..base.clone()
     }
 }

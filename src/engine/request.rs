@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+pub use crate::engine::guider::{Guider, GuiderKind};
 pub use crate::engine::models::freeu::FreeU;
 pub use crate::engine::models::seamless::Seamless;
 pub use crate::engine::pag::{Pag, PagLayer};
@@ -74,6 +75,9 @@ pub struct GenerateParams {
     /// The axes along which the image tiles seamlessly (the UNets' and the VAE's
     /// convolutions pad circularly along them), if asked.
     pub seamless: Option<Seamless>,
+    /// How the prompt's and the negative prompt's predictions combine (diffusers'
+    /// guiders); `None`: classifier-free guidance at every step.
+    pub guider: Option<Guider>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -214,6 +218,7 @@ impl Default for GenerateParams {
             freeu: None,
             pag: None,
             seamless: None,
+            guider: None,
         }
     }
 }

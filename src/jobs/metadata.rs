@@ -5,7 +5,7 @@ use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
-use crate::engine::request::RefinerMode;
+use crate::engine::request::{Guider, GuiderKind, RefinerMode};
 use crate::jobs::events::ModelUsed;
 use crate::jobs::{ControlNetJob, JobSpec, PostStep};
 use crate::output::PngMetadata;
@@ -153,6 +153,9 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
         };
         text.push_str(&format!(", Tiling: {tiling}"));
     }
+    if let Some(guider) = &spec.params.guider {
+        text.push_str(&format!(", Guider: \"{}\"", guider_entry(guider)));
+    }
     if let Some(pag) = &spec.params.pag {
         let layers: Vec<String> = pag.layers.iter().map(ToString::to_string).collect();
         text.push_str(&format!(
@@ -165,6 +168,22 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     text.push_str(&hires_entries(spec));
     text.push_str(&postprocess_entries(spec));
     text
+}
+
+/// A guider's rule, options and interval.
+fn guider_entry(guider: &Guider) -> String {
+    let rule = match guider.kind {
+        GuiderKind::Cfg => "CFG".to_string(),
+        GuiderKind::Apg {
+            momentum,
+            norm_threshold,
+            eta,
+        } => {
+            let momentum = momentum.map_or("none".to_string(), |m| m.to_string());
+            format!("APG, momentum {momentum}, norm threshold {norm_threshold}, eta {eta}")
+        }
+    };
+    format!("{rule}, interval {} to {}", guider.start, guider.stop)
 }
 
 /// Image to image and inpainting as A1111 writes them: `Denoising strength` (its hires

@@ -142,6 +142,14 @@ pub fn schedule_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The fixture folder written by `tests/fixtures/make_guider_fixtures.py` (built when
+/// missing).
+pub fn guider_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_guider_fixtures.py", "SDXLD_GUIDER_FIXTURES"))
+        .clone()
+}
+
 /// The fixture folder written by `tests/fixtures/make_tiling_fixtures.py` (built when
 /// missing).
 pub fn tiling_fixtures() -> PathBuf {

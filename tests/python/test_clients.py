@@ -512,6 +512,24 @@ def test_python_client_seamless_tiling_replays_from_its_png(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["spec.tiling"]
 
 
+def test_python_client_adaptive_projected_guidance_replays_and_refuses(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    guider = stubs.gen.Guider(kind=stubs.gen.GUIDER_KIND_APG, momentum=-0.5, eta=0.5, stop=0.75)
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, steps=4, guidance_scale=9.0, guider=guider)))
+    png = Image.open(io.BytesIO(first.images[0].data))
+    assert 'Guider: "APG, momentum -0.5, norm threshold 15, eta 0.5, interval 0 to 0.75"' in png.info["parameters"], png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.guider == guider
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    with pytest.raises(grpc.RpcError) as caught:
+        bad = stubs.gen.Guider(kind=stubs.gen.GUIDER_KIND_CFG, eta=0.5, start=0.8, stop=0.2)
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, guider=bad)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(bad_request_fields(stubs, caught.value)) == ["spec.guider.eta", "spec.guider.stop"]
+
+
 def test_python_client_over_mutual_tls_with_a_token(stubs, tls_server):
     server, ca, client, token, _ = tls_server
     port = server.address.rsplit(":", 1)[1]

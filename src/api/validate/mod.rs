@@ -8,6 +8,7 @@ mod controlnet;
 pub mod detector;
 mod embeddings;
 mod fields;
+mod guider;
 mod hires;
 mod images;
 mod inpaint_area;
@@ -108,6 +109,7 @@ struct Parts {
     guidance: (f64, f64),
     freeu: Option<crate::engine::request::FreeU>,
     seamless: Option<crate::engine::request::Seamless>,
+    guider: Option<crate::engine::request::Guider>,
     pag: Option<crate::engine::request::Pag>,
     counts: (u32, u32, u64),
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
@@ -151,6 +153,7 @@ fn check(
     let guidance = sampling::guidance(spec, v);
     let freeu = sampling::freeu(spec.freeu.as_ref(), v);
     let seamless = sampling::seamless(spec, v);
+    let guider = guider::guider(spec, guidance.0, v);
     let pag = pag::pag(spec, model.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
     let model_scheduler = model
@@ -252,6 +255,7 @@ fn check(
         guidance,
         freeu,
         seamless,
+        guider,
         pag,
         counts,
         scheduler,
@@ -273,7 +277,7 @@ fn check(
 }
 
 /// The first pass's changes to the model's scheduler: the scheduler and options asked
-/// for, and custom timesteps (the hires pass and the refiner place their own).
+/// for, and custom timesteps or sigmas (the hires pass and the refiner place their own).
 fn base_overrides(
     spec: &pb::GenerationSpec,
     (kind, options): &(Option<SchedulerKind>, SchedulerOptions),
@@ -285,6 +289,9 @@ fn base_overrides(
     let config = window::run_config(model, &overrides);
     if let Some(custom) = sampling::custom_timesteps(spec, config.as_ref(), limits, v) {
         overrides.set("timesteps", custom);
+    }
+    if let Some(custom) = sampling::custom_sigmas(spec, config.as_ref(), limits, v) {
+        overrides.set("sigmas", custom);
     }
     overrides
 }
@@ -353,6 +360,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         freeu: parts.freeu,
         pag: parts.pag,
         seamless: parts.seamless,
+        guider: parts.guider,
     };
     Ok(JobSpec {
         params,

@@ -52,9 +52,12 @@ pub fn counts(
     drawn: u64,
     v: &mut Violations,
 ) -> (u32, u32, u64) {
-    let custom = spec.timesteps.len() as u32;
+    let custom = match (spec.timesteps.len(), spec.sigmas.len()) {
+        (0, sigmas) => sigmas.saturating_sub(1) as u32,
+        (timesteps, _) => timesteps as u32,
+    };
     let steps = match spec.steps {
-        // Custom timesteps count the steps (their own rule bounds them).
+        // Custom timesteps or sigmas count the steps (their own rule bounds them).
         0 if custom > 0 => custom,
         0 => 30,
         steps => steps,
@@ -123,6 +126,43 @@ pub fn custom_timesteps(
         );
     }
     if let Some(Err(problem)) = config.map(|c| c.check_custom_timesteps(&custom, n)) {
+        v.add(field, problem);
+    }
+    Some(custom)
+}
+
+/// `spec.sigmas`: custom sigmas (`None` when there are none), checked by the rule of the
+/// scheduler of `config` (as for [`custom_timesteps`]).
+pub fn custom_sigmas(
+    spec: &pb::GenerationSpec,
+    config: Option<&SchedulerConfig>,
+    limits: &Limits,
+    v: &mut Violations,
+) -> Option<Vec<f64>> {
+    if spec.sigmas.is_empty() {
+        return None;
+    }
+    let custom: Vec<f64> = spec.sigmas.iter().map(|&s| f64::from(s)).collect();
+    let field = "spec.sigmas";
+    if !spec.timesteps.is_empty() {
+        v.add(field, "cannot be set with spec.timesteps");
+        return None;
+    }
+    let (n, max) = (custom.len(), limits.max_steps as usize + 1);
+    if n > max {
+        v.add(field, format!("must hold at most {max} sigmas, got {n}"));
+    }
+    let steps = n.saturating_sub(1);
+    if spec.steps != 0 && spec.steps as usize != steps {
+        v.add(
+            "spec.steps",
+            format!(
+                "must be 0 or the number of sigmas less one ({steps}), got {}",
+                spec.steps
+            ),
+        );
+    }
+    if let Some(Err(problem)) = config.map(|c| c.check_custom_sigmas(&custom, steps)) {
         v.add(field, problem);
     }
     Some(custom)

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::device;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::guidance::{BatchLayout, Guidance};
+use crate::engine::guider::GuiderRun;
 use crate::engine::ip_adapter::layer_keys;
 use crate::engine::models::attention::{Context, ImageKeys, Perturbation};
 use crate::engine::models::embeddings::guidance_scale_embedding;
@@ -138,6 +139,9 @@ impl SdxlPipeline {
                 "`guidance_rescale` must be between 0 and 1, got {}",
                 p.guidance_rescale
             ));
+        }
+        if p.guider.is_some() && p.pag.is_some() {
+            return bad("a guider does not combine with perturbed-attention guidance".into());
         }
         self.check_pag(p)
     }
@@ -349,6 +353,8 @@ impl SdxlPipeline {
         // the host wait for the device at every step.
         let timesteps: Vec<f32> = schedule.timesteps.iter().map(|&t| t as f32).collect();
         let timesteps = device::upload(&Tensor::from_slice(&timesteps), target);
+        let steps = control_counts(p, &schedule).adapter_steps;
+        let mut guider = p.guider.map(|g| GuiderRun::new(g, steps, start));
         for i in start..end {
             let step_stage = profile::span("denoise_step");
             let scheduler = schedule.scheduler.as_mut();
@@ -360,6 +366,7 @@ impl SdxlPipeline {
                 &latents,
                 inpaint.as_ref(),
                 conditioning,
+                guider.as_mut(),
             );
             latents = {
                 let _stage = profile::span("scheduler");
@@ -389,7 +396,8 @@ impl SdxlPipeline {
     }
 
     /// The guided noise prediction of UNet call `index` at `timestep` (a scalar on the
-    /// device; `time` on the host).
+    /// device; `time` on the host), by the run's `guider` when it has one.
+    #[allow(clippy::too_many_arguments)]
     fn predict_noise(
         &self,
         p: &GenerateParams,
@@ -398,6 +406,7 @@ impl SdxlPipeline {
         latents: &Tensor,
         inpaint: Option<&Inpaint>,
         c: &Conditioning,
+        guider: Option<&mut GuiderRun>,
     ) -> Tensor {
         let mut model_input = scheduler
             .scale_model_input(&c.layout.repeat(latents), index)
@@ -469,7 +478,7 @@ impl SdxlPipeline {
             rescale: p.guidance_rescale,
             pag: p.pag.as_ref(),
         };
-        guidance.combine(noise_pred, time)
+        guidance.combine(noise_pred, time, guider.map(|g| (g, index)))
     }
 }
 

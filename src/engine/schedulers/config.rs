@@ -17,7 +17,7 @@ use crate::engine::schedulers::{
 };
 
 /// The diffusers config keys sdxld reads (and accepts as overrides).
-pub const CONFIG_KEYS: [&str; 29] = [
+pub const CONFIG_KEYS: [&str; 30] = [
     "solver_order",
     "algorithm_type",
     "solver_type",
@@ -47,6 +47,7 @@ pub const CONFIG_KEYS: [&str; 29] = [
     "original_inference_steps",
     "timestep_scaling",
     "timesteps",
+    "sigmas",
 ];
 
 /// Mirrors a diffusers scheduler config; defaults are diffusers' defaults.
@@ -143,6 +144,10 @@ pub struct SchedulerConfig {
     /// argument in diffusers, carried here per request), in place of the spacing's.
     #[serde(default)]
     pub timesteps: Option<Vec<i64>>,
+    /// Custom sigmas, decreasing, the final one included (`set_timesteps(sigmas=...)`,
+    /// Euler's; carried here per request), in place of the schedule's.
+    #[serde(default)]
+    pub sigmas: Option<Vec<f64>>,
 }
 
 fn thousand() -> i64 {
@@ -201,6 +206,7 @@ impl SchedulerConfig {
             original_inference_steps: None,
             timestep_scaling: None,
             timesteps: None,
+            sigmas: None,
         }
     }
 

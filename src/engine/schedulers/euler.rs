@@ -42,20 +42,45 @@ impl EulerDiscrete {
             return unsupported("timestep_type");
         }
         let training = TrainingSigmas::new(config)?;
-        let s = schedule(config, &training, steps, false, true);
-        let mut sigmas: Vec<f32> = s.sigmas.iter().map(|&v| v as f32).collect();
-        sigmas.push(match config.final_sigmas_type {
-            FinalSigmasType::Zero => 0.0,
-            FinalSigmasType::SigmaMin => training.sigmas.first().copied().unwrap_or(0.0),
-        });
+        let (timesteps, sigmas) = match &config.sigmas {
+            Some(custom) => custom_schedule(config, &training, custom, steps)?,
+            None => {
+                let s = schedule(config, &training, steps, false, true);
+                let mut sigmas: Vec<f32> = s.sigmas.iter().map(|&v| v as f32).collect();
+                sigmas.push(match config.final_sigmas_type {
+                    FinalSigmasType::Zero => 0.0,
+                    FinalSigmasType::SigmaMin => training.sigmas.first().copied().unwrap_or(0.0),
+                });
+                (s.timesteps, sigmas)
+            }
+        };
         let max_sigma = sigmas.iter().copied().fold(f32::MIN, f32::max);
         Ok(Self {
-            timesteps: s.timesteps.iter().map(|&t| t as f32 as f64).collect(),
+            timesteps: timesteps.iter().map(|&t| t as f32 as f64).collect(),
             sigmas,
             init_noise_sigma: init_noise_sigma(config.timestep_spacing, max_sigma.into()),
             prediction_type: config.prediction_type,
         })
     }
+}
+
+/// `set_timesteps(sigmas=...)`: the sigmas as float32, the final one included, and a
+/// timestep for each but the final one, where it lies among the training sigmas.
+fn custom_schedule(
+    config: &SchedulerConfig,
+    training: &TrainingSigmas,
+    custom: &[f64],
+    steps: usize,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    config
+        .check_custom_sigmas(custom, steps)
+        .map_err(EngineError::InvalidRequest)?;
+    let sigmas: Vec<f32> = custom.iter().map(|&s| s as f32).collect();
+    let timesteps = sigmas[..sigmas.len() - 1]
+        .iter()
+        .map(|&s| training.sigma_to_t(f64::from(s)))
+        .collect();
+    Ok((timesteps, sigmas))
 }
 
 impl Scheduler for EulerDiscrete {

@@ -297,6 +297,12 @@ impl SchedulerKind {
                 | SchedulerKind::Tcd
         )
     }
+
+    /// Whether its diffusers class's `set_timesteps` takes custom `sigmas` (for a
+    /// denoiser of SDXL's kind: UniPC takes them for flow-matching sigmas only).
+    pub fn takes_custom_sigmas(self) -> bool {
+        self == SchedulerKind::Euler
+    }
 }
 
 impl SchedulerConfig {
@@ -371,7 +377,51 @@ impl SchedulerConfig {
         }
         Ok(())
     }
+
+    /// Why `custom` sigmas (the final one included) cannot run `steps` steps of this
+    /// config's scheduler, as diffusers' `set_timesteps(sigmas=...)` would refuse them
+    /// (and, beyond diffusers, sigmas that do not decrease, are not finite, lie outside
+    /// [0, MAX_CUSTOM_SIGMA] or would replace a respaced schedule, which diffusers
+    /// ignores then).
+    pub fn check_custom_sigmas(
+        &self,
+        custom: &[f64],
+        steps: usize,
+    ) -> std::result::Result<(), String> {
+        let kind = self.kind()?;
+        if !kind.takes_custom_sigmas() {
+            return Err(format!(
+                "scheduler {} does not take custom sigmas (Euler does)",
+                kind.class_name()
+            ));
+        }
+        if self.timesteps.is_some() {
+            return Err("custom sigmas and custom timesteps cannot both be set".into());
+        }
+        if self.sigma_spacing() != sigmas::SigmaSpacing::Default {
+            return Err(
+                "custom sigmas cannot be respaced (Karras, exponential or beta sigmas)".into(),
+            );
+        }
+        if custom.len() < 2 || custom.len() - 1 != steps {
+            return Err(format!(
+                "{} custom sigmas (the final one included) for {steps} steps",
+                custom.len()
+            ));
+        }
+        let in_range = |s: &f64| (0.0..=MAX_CUSTOM_SIGMA).contains(s);
+        if !custom.iter().all(in_range) || custom.windows(2).any(|w| w[1] >= w[0]) {
+            return Err(format!(
+                "custom sigmas must decrease strictly within [0, {MAX_CUSTOM_SIGMA}]"
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// The largest custom sigma taken (SDXL's training sigmas reach 14.6; EDM-style
+/// schedules start at 80 or so).
+pub const MAX_CUSTOM_SIGMA: f64 = 1000.0;
 
 /// Inference timesteps for `steps` steps under `config`'s spacing (float32 values, in
 /// decreasing order), as diffusers' discrete schedulers place them; a request's custom

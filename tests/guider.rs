@@ -1,0 +1,284 @@
+//! Guiders (`spec.guider`) against diffusers' `ClassifierFreeGuidance` and
+//! `AdaptiveProjectedGuidance` in its modular SDXL pipeline
+//! (`tests/fixtures/make_guider_fixtures.py`) over gRPC: images within two levels and
+//! latents within 1e-3 for classifier-free guidance in an interval on a batch of two, APG
+//! with momentum on a batch of two at guidance 9, APG with a small norm cap, eta 0.3, an
+//! interval and guidance rescale at 64×96, APG image to image, APG under Heun (the
+//! interval counting steps, not model calls) and APG beside a ControlNet unit; the PNG
+//! parameters, a replay from the PNG; refusals naming each field; the CLI.
+
+mod common;
+
+use common::server::TestServer;
+use common::{
+    assert_images_match, controlnet_fixtures, fixtures, guider_fixtures, read_tensors, Case,
+};
+use sdxld::proto::v1 as pb;
+
+fn cases() -> Vec<Case> {
+    common::cases_at(&guider_fixtures().join("cases.json"))
+}
+
+async fn server() -> TestServer {
+    let controlnets = controlnet_fixtures();
+    let roots = controlnets.to_str().expect("utf-8");
+    TestServer::with_pipelines(&[("SDXLD__MODELS__CONTROLNET_ROOTS", roots)]).await
+}
+
+fn float(case: &Case, key: &str) -> Option<f32> {
+    case[key].as_f64().map(|v| v as f32)
+}
+
+fn guider_of(case: &Case) -> pb::Guider {
+    let apg = case["guider"] == "apg";
+    pb::Guider {
+        kind: if apg {
+            pb::GuiderKind::Apg
+        } else {
+            pb::GuiderKind::Cfg
+        } as i32,
+        start: float(case, "start"),
+        stop: float(case, "stop"),
+        momentum: float(case, "momentum"),
+        norm_threshold: apg.then(|| float(case, "norm_threshold")).flatten(),
+        eta: apg.then(|| float(case, "eta")).flatten(),
+    }
+}
+
+/// The request of a recorded case.
+fn spec_of(case: &Case) -> pb::GenerationSpec {
+    let config = case["config"].as_str().expect("config");
+    let kind = case["kind"].as_str().expect("kind");
+    let init_image = (kind == "img2img").then(|| pb::InitImage {
+        image: std::fs::read(fixtures().join(config).join("init.png")).expect("init.png"),
+        strength: float(case, "strength"),
+        ..Default::default()
+    });
+    let controlnets = match kind {
+        "controlnet" => vec![pb::ControlNetUnit {
+            model: format!("{config}/from_unet"),
+            image: std::fs::read(controlnet_fixtures().join(config).join("control_a.png"))
+                .expect("control_a.png"),
+            ..Default::default()
+        }],
+        _ => Vec::new(),
+    };
+    pb::GenerationSpec {
+        model: format!("{config}/pipeline"),
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        seed: case["seed"].as_u64(),
+        steps: case["steps"].as_u64().expect("steps") as u32,
+        guidance_scale: float(case, "guidance"),
+        guidance_rescale: float(case, "guidance_rescale").unwrap_or(0.0),
+        num_images: case["n"].as_u64().expect("n") as u32,
+        width: case["width"].as_u64().expect("width") as u32,
+        height: case["height"].as_u64().expect("height") as u32,
+        scheduler: common::wire_scheduler(case["scheduler"].as_str().expect("scheduler")),
+        guider: Some(guider_of(case)),
+        init_image,
+        controlnets,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guiders_match_diffusers() {
+    let server = server().await;
+    let reference = read_tensors(&guider_fixtures().join("cases.safetensors"));
+    let all = cases();
+    assert!(all.len() >= 6, "{} cases", all.len());
+    for case in all {
+        let key = case["name"].as_str().expect("name");
+        let name = format!(
+            "{key} ({} {} {})",
+            case["config"], case["kind"], case["guider"]
+        );
+        server
+            .assert_matches_case(&name, spec_of(&case), &reference, key)
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guiders_are_written_replayed_and_checked() {
+    let server = server().await;
+    let all = cases();
+    let apg = all
+        .iter()
+        .find(|c| c["guider"] == "apg" && c["kind"] == "text" && c["momentum"].is_f64())
+        .expect("an APG case with momentum");
+    let spec = pb::GenerationSpec {
+        num_images: 1,
+        ..spec_of(apg)
+    };
+    let without = pb::GenerationSpec {
+        guider: None,
+        ..spec.clone()
+    };
+    server
+        .assert_entry_and_effect(
+            "APG",
+            spec.clone(),
+            without,
+            "Guider: \"APG, momentum -0.5, norm threshold 15, eta 1, interval 0 to 1\"",
+        )
+        .await;
+    let first = server.images(spec).await.expect("APG");
+    let replayed = common::png_spec(&first.images[0].data);
+    assert_eq!(replayed.guider, Some(guider_of(apg)));
+    let again = server.images(replayed).await.expect("replay");
+    assert_eq!(again.images[0].data, first.images[0].data);
+
+    let base = || pb::GenerationSpec {
+        prompt: "a boat".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let with = |guider: pb::Guider| pb::GenerationSpec {
+        guider: Some(guider),
+        ..base()
+    };
+    let apg = |g: pb::Guider| pb::Guider {
+        kind: pb::GuiderKind::Apg as i32,
+        ..g
+    };
+    let default = pb::Guider::default;
+    let refused = [
+        (
+            "start at 1",
+            with(pb::Guider {
+                start: Some(1.0),
+                ..default()
+            }),
+            vec!["spec.guider.start"],
+        ),
+        (
+            "stop at 0",
+            with(pb::Guider {
+                stop: Some(0.0),
+                ..default()
+            }),
+            vec!["spec.guider.stop"],
+        ),
+        (
+            "stop before start",
+            with(pb::Guider {
+                start: Some(0.6),
+                stop: Some(0.4),
+                ..default()
+            }),
+            vec!["spec.guider.stop"],
+        ),
+        (
+            "APG options on CFG",
+            with(pb::Guider {
+                momentum: Some(0.1),
+                eta: Some(0.5),
+                ..default()
+            }),
+            vec!["spec.guider.momentum", "spec.guider.eta"],
+        ),
+        (
+            "APG out of range",
+            with(apg(pb::Guider {
+                momentum: Some(1.0),
+                norm_threshold: Some(-1.0),
+                eta: Some(f32::NAN),
+                ..default()
+            })),
+            vec![
+                "spec.guider.momentum",
+                "spec.guider.norm_threshold",
+                "spec.guider.eta",
+            ],
+        ),
+        (
+            "an unknown kind",
+            with(pb::Guider {
+                kind: 9,
+                ..default()
+            }),
+            vec!["spec.guider.kind"],
+        ),
+        (
+            "guidance off",
+            pb::GenerationSpec {
+                guidance_scale: Some(1.0),
+                ..with(apg(default()))
+            },
+            vec!["spec.guider"],
+        ),
+        (
+            "beside PAG",
+            pb::GenerationSpec {
+                pag: Some(pb::PerturbedAttentionGuidance::default()),
+                ..with(apg(default()))
+            },
+            vec!["spec.guider"],
+        ),
+    ];
+    for (what, spec, fields) in refused {
+        server.assert_invalid(what, spec, &fields).await;
+    }
+    // A refiner after a guided base runs plain guidance.
+    let refined = pb::GenerationSpec {
+        refiner: Some(pb::RefinerStage {
+            model: "tiny2/refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(0.5),
+            ..Default::default()
+        }),
+        steps: 4,
+        ..with(apg(default()))
+    };
+    assert_eq!(
+        server.images(refined).await.expect("refined").images.len(),
+        1
+    );
+}
+
+/// `sdxld generate --guider apg,...` runs the recorded Heun case; an unknown option is
+/// refused naming the flag.
+#[test]
+fn guider_over_the_cli_matches_diffusers() {
+    use common::cli::sdxld;
+
+    let case = cases()
+        .into_iter()
+        .find(|c| c["scheduler"] == "HeunDiscreteScheduler")
+        .expect("the Heun case");
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("guider.png");
+    let run = |guider: &str| {
+        sdxld("generate")
+            .flag("--model", fixtures().join("tiny3/pipeline"))
+            .flag("--guider", guider)
+            .args(["--prompt", case["prompt"].as_str().expect("prompt")])
+            .args(["--width", "64", "--height", "64", "--scheduler", "heun"])
+            .args([
+                "--seed",
+                &case["seed"].to_string(),
+                "--steps",
+                &case["steps"].to_string(),
+            ])
+            .flag("--output", &png)
+    };
+    let guider = format!(
+        "apg,momentum={},norm_threshold={},eta={},stop={}",
+        case["momentum"], case["norm_threshold"], case["eta"], case["stop"]
+    );
+    run(&guider).succeeds();
+    let reference = read_tensors(&guider_fixtures().join("cases.safetensors"));
+    let key = format!("{}.images", case["name"].as_str().expect("name"));
+    assert_images_match(
+        "CLI guider",
+        &common::image_file(&png),
+        &reference[&key].get(0),
+    );
+    let message = run("apg,gamma=2").fails();
+    assert!(message.contains("--guider"), "{message}");
+    let message = run("apg,eta=3").fails();
+    assert!(message.contains("--guider"), "{message}");
+}
