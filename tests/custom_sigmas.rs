@@ -89,29 +89,14 @@ async fn custom_sigmas_out_of_their_rules_are_refused_and_replay() {
     let most: Vec<f32> = (0..151).rev().map(|s| s as f32 / 10.0).collect();
     let done = server.images(euler(&most)).await.expect("151 sigmas");
     assert_eq!(done.images.len(), 1);
-    let first = server
-        .images(pb::GenerationSpec {
-            seed: Some(5),
-            ..euler(&[9.5, 2.25, 0.5, 0.0])
-        })
-        .await
-        .expect("custom sigmas");
-    let replayed = common::png_spec(&first.images[0].data);
+    let custom = pb::GenerationSpec {
+        seed: Some(5),
+        ..euler(&[9.5, 2.25, 0.5, 0.0])
+    };
+    let replayed = server.assert_replays("custom sigmas", custom).await;
     assert_eq!(replayed.sigmas, [9.5, 2.25, 0.5, 0.0]);
     assert_eq!(replayed.steps, 3);
-    let again = server.images(replayed).await.expect("replay");
-    assert_eq!(again.images[0].data, first.images[0].data);
-    let capabilities = server
-        .models()
-        .await
-        .get_capabilities(pb::GetCapabilitiesRequest {})
-        .await
-        .expect("capabilities")
-        .into_inner();
-    assert!(capabilities
-        .features
-        .iter()
-        .any(|f| f.field == "sigmas" && f.supported));
+    server.assert_feature("sigmas").await;
 }
 
 /// `sdxld generate --sigmas` runs the recorded Align Your Steps case; sigmas that do not

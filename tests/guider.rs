@@ -10,9 +10,7 @@
 mod common;
 
 use common::server::TestServer;
-use common::{
-    assert_images_match, controlnet_fixtures, fixtures, guider_fixtures, read_tensors, Case,
-};
+use common::{assert_images_match, fixtures, guider_fixtures, read_tensors, Case};
 use sdxld::proto::v1 as pb;
 
 fn cases() -> Vec<Case> {
@@ -20,9 +18,7 @@ fn cases() -> Vec<Case> {
 }
 
 async fn server() -> TestServer {
-    let controlnets = controlnet_fixtures();
-    let roots = controlnets.to_str().expect("utf-8");
-    TestServer::with_pipelines(&[("SDXLD__MODELS__CONTROLNET_ROOTS", roots)]).await
+    TestServer::with_pipelines_and_controlnets().await
 }
 
 fn float(case: &Case, key: &str) -> Option<f32> {
@@ -49,18 +45,10 @@ fn guider_of(case: &Case) -> pb::Guider {
 fn spec_of(case: &Case) -> pb::GenerationSpec {
     let config = case["config"].as_str().expect("config");
     let kind = case["kind"].as_str().expect("kind");
-    let init_image = (kind == "img2img").then(|| pb::InitImage {
-        image: std::fs::read(fixtures().join(config).join("init.png")).expect("init.png"),
-        strength: float(case, "strength"),
-        ..Default::default()
-    });
+    let strength = float(case, "strength");
+    let init_image = (kind == "img2img").then(|| common::fixture_init_image(config, strength));
     let controlnets = match kind {
-        "controlnet" => vec![pb::ControlNetUnit {
-            model: format!("{config}/from_unet"),
-            image: std::fs::read(controlnet_fixtures().join(config).join("control_a.png"))
-                .expect("control_a.png"),
-            ..Default::default()
-        }],
+        "controlnet" => vec![common::fixture_control_unit(config)],
         _ => Vec::new(),
     };
     pb::GenerationSpec {
@@ -123,11 +111,9 @@ async fn guiders_are_written_replayed_and_checked() {
             "Guider: \"APG, momentum -0.5, norm threshold 15, eta 1, interval 0 to 1\"",
         )
         .await;
-    let first = server.images(spec).await.expect("APG");
-    let replayed = common::png_spec(&first.images[0].data);
+    let replayed = server.assert_replays("APG", spec).await;
     assert_eq!(replayed.guider, Some(guider_of(apg)));
-    let again = server.images(replayed).await.expect("replay");
-    assert_eq!(again.images[0].data, first.images[0].data);
+    server.assert_feature("guider").await;
 
     let base = || pb::GenerationSpec {
         prompt: "a boat".into(),

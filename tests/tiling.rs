@@ -9,9 +9,7 @@
 mod common;
 
 use common::server::TestServer;
-use common::{
-    assert_images_match, controlnet_fixtures, fixtures, read_tensors, tiling_fixtures, Case,
-};
+use common::{assert_images_match, fixtures, read_tensors, tiling_fixtures, Case};
 use sdxld::proto::v1 as pb;
 
 fn cases() -> Vec<Case> {
@@ -19,9 +17,7 @@ fn cases() -> Vec<Case> {
 }
 
 async fn server() -> TestServer {
-    let controlnets = controlnet_fixtures();
-    let roots = controlnets.to_str().expect("utf-8");
-    TestServer::with_pipelines(&[("SDXLD__MODELS__CONTROLNET_ROOTS", roots)]).await
+    TestServer::with_pipelines_and_controlnets().await
 }
 
 fn tiling_of(case: &Case) -> pb::Tiling {
@@ -38,11 +34,8 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
     let config = case["config"].as_str().expect("config");
     let steps = case["steps"].as_u64().expect("steps") as u32;
     let kind = case["kind"].as_str().expect("kind");
-    let init_image = (kind == "img2img").then(|| pb::InitImage {
-        image: std::fs::read(fixtures().join(config).join("init.png")).expect("init.png"),
-        strength: case["strength"].as_f64().map(|s| s as f32),
-        ..Default::default()
-    });
+    let strength = case["strength"].as_f64().map(|s| s as f32);
+    let init_image = (kind == "img2img").then(|| common::fixture_init_image(config, strength));
     let refiner = (kind == "refiner").then(|| pb::RefinerStage {
         model: format!("{config}/refiner"),
         mode: pb::RefinerMode::EnsembleOfExperts as i32,
@@ -52,12 +45,7 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
         ..Default::default()
     });
     let controlnets = match kind {
-        "controlnet" => vec![pb::ControlNetUnit {
-            model: format!("{config}/from_unet"),
-            image: std::fs::read(controlnet_fixtures().join(config).join("control_a.png"))
-                .expect("control_a.png"),
-            ..Default::default()
-        }],
+        "controlnet" => vec![common::fixture_control_unit(config)],
         _ => Vec::new(),
     };
     pb::GenerationSpec {
@@ -109,19 +97,14 @@ async fn tiling_is_written_replayed_and_checked() {
         .assert_entry_and_effect("tiling", spec, without, "Tiling: True")
         .await;
     // One axis: named in the parameters, replayed from the PNG's spec.
-    let first = server
-        .images(pb::GenerationSpec {
-            num_images: 1,
-            ..spec_of(&all[1])
-        })
-        .await
-        .expect("x tiling");
-    let png = &first.images[0].data;
-    assert!(common::png_parameters(png).contains("Tiling: X"));
-    let replayed = common::png_spec(png);
+    let one_axis = pb::GenerationSpec {
+        num_images: 1,
+        ..spec_of(&all[1])
+    };
+    let replayed = server.assert_replays("x tiling", one_axis.clone()).await;
     assert_eq!(replayed.tiling, pb::Tiling::X as i32);
-    let again = server.images(replayed).await.expect("replay");
-    assert_eq!(&again.images[0].data, png);
+    let first = server.images(one_axis).await.expect("x tiling");
+    assert!(common::png_parameters(&first.images[0].data).contains("Tiling: X"));
     // An axis value the contract does not have.
     let unknown = pb::GenerationSpec {
         tiling: 7,
@@ -130,17 +113,7 @@ async fn tiling_is_written_replayed_and_checked() {
     server
         .assert_invalid("tiling 7", unknown, &["spec.tiling"])
         .await;
-    let caps = server
-        .models()
-        .await
-        .get_capabilities(pb::GetCapabilitiesRequest {})
-        .await
-        .expect("capabilities")
-        .into_inner();
-    assert!(caps
-        .features
-        .iter()
-        .any(|f| f.field == "tiling" && f.supported));
+    server.assert_feature("tiling").await;
 }
 
 /// `sdxld generate --tiling x` runs the recorded tiny3 case; an unknown axis is refused

@@ -142,6 +142,27 @@ pub fn schedule_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The pipeline fixtures' init.png of `config` as an init image at `strength`.
+#[allow(dead_code)]
+pub fn fixture_init_image(config: &str, strength: Option<f32>) -> sdxld::proto::v1::InitImage {
+    sdxld::proto::v1::InitImage {
+        image: std::fs::read(fixtures().join(config).join("init.png")).expect("init.png"),
+        strength,
+        ..Default::default()
+    }
+}
+
+/// A unit of the ControlNet fixtures' `from_unet` net of `config` on its control_a.png.
+#[allow(dead_code)]
+pub fn fixture_control_unit(config: &str) -> sdxld::proto::v1::ControlNetUnit {
+    let nets = controlnet_fixtures().join(config);
+    sdxld::proto::v1::ControlNetUnit {
+        model: format!("{config}/from_unet"),
+        image: std::fs::read(nets.join("control_a.png")).expect("control_a.png"),
+        ..Default::default()
+    }
+}
+
 /// The fixture folder written by `tests/fixtures/make_guider_fixtures.py` (built when
 /// missing).
 pub fn guider_fixtures() -> PathBuf {

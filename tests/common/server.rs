@@ -44,6 +44,14 @@ impl TestServer {
         Self::start(&env).await
     }
 
+    /// [`Self::with_pipelines`] with the ControlNet fixtures as the ControlNet root.
+    #[allow(dead_code)]
+    pub async fn with_pipelines_and_controlnets() -> Self {
+        let controlnets = super::controlnet_fixtures();
+        let roots = controlnets.to_str().expect("utf-8");
+        Self::with_pipelines(&[("SDXLD__MODELS__CONTROLNET_ROOTS", roots)]).await
+    }
+
     /// Starts `sdxld serve` on 127.0.0.1:0 with extra `SDXLD__*` settings and waits until
     /// it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
@@ -300,6 +308,37 @@ impl TestServer {
             .expect("list")
             .into_inner()
             .models
+    }
+
+    /// Asserts that the capabilities list `field` as a supported feature.
+    #[allow(dead_code)]
+    pub async fn assert_feature(&self, field: &str) {
+        let capabilities = self
+            .models()
+            .await
+            .get_capabilities(pb::GetCapabilitiesRequest {})
+            .await
+            .expect("capabilities")
+            .into_inner();
+        assert!(
+            capabilities
+                .features
+                .iter()
+                .any(|f| f.field == field && f.supported),
+            "{field} is not listed as supported"
+        );
+    }
+
+    /// Runs `spec`, sends its first PNG's `sdxld` spec back and asserts that it gives the
+    /// same bytes; returns that spec.
+    #[allow(dead_code)]
+    pub async fn assert_replays(&self, what: &str, spec: pb::GenerationSpec) -> pb::GenerationSpec {
+        let first = self.images(spec).await.expect(what);
+        let png = &first.images[0].data;
+        let replayed = super::png_spec(png);
+        let again = self.images(replayed.clone()).await.expect(what);
+        assert_eq!(&again.images[0].data, png, "{what}: the replay differs");
+        replayed
     }
 
     /// The health status of `service`.
