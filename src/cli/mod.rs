@@ -17,6 +17,7 @@ mod hires;
 mod ip_adapter;
 mod pag;
 mod request;
+mod scheduler_flags;
 
 use std::path::PathBuf;
 
