@@ -105,6 +105,7 @@ fn projected_update(diff: &Tensor, cond: &Tensor, norm_threshold: f64, eta: f64)
     let dims = dims.as_slice();
     let diff = if norm_threshold > 0.0 {
         let norm = diff.norm_scalaropt_dim(2, dims, true);
+        // torch computes `float / tensor` as the tensor's reciprocal times the float.
         let factor = (norm.reciprocal() * norm_threshold).clamp_max(1.0);
         diff * factor
     } else {
@@ -198,15 +199,12 @@ mod tests {
 
     #[test]
     fn eta_zero_keeps_the_part_orthogonal_to_the_prompt() {
-        // cond along x: the update's x part goes, its y part stays.
-        let uncond = Tensor::from_slice(&[0.0f32, 0.0]).view([1, 2]);
+        // cond along x: the update (1, 1)'s x part goes, its y part (0, 1) stays.
         let cond = Tensor::from_slice(&[2.0f32, 0.0]).view([1, 2]);
+        let uncond = Tensor::from_slice(&[1.0f32, -1.0]).view([1, 2]);
         let mut run = GuiderRun::new(apg(None, 0.0, 0.0), 1, 0);
-        let uncond_shifted = Tensor::from_slice(&[1.0f32, -1.0]).view([1, 2]);
-        // diff = (1, 1): orthogonal (0, 1).
-        let guided = run.combine(0, &uncond_shifted, &cond, 2.0);
+        let guided = run.combine(0, &uncond, &cond, 2.0);
         close(&values(&guided), &[1.0, 1.0]);
-        let _ = uncond;
     }
 
     #[test]

@@ -530,6 +530,22 @@ def test_python_client_adaptive_projected_guidance_replays_and_refuses(stubs, se
     assert sorted(bad_request_fields(stubs, caught.value)) == ["spec.guider.eta", "spec.guider.stop"]
 
 
+def test_python_client_custom_sigmas_replay_from_their_png(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    ays = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029, 0.0]
+    request = spec(stubs, steps=0, scheduler=stubs.gen.SCHEDULER_EULER, sigmas=ays)
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=request))
+    resolved = json_format.Parse(Image.open(io.BytesIO(first.images[0].data)).info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.steps == 11 and list(resolved.sigmas) == list(request.sigmas)
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, steps=0, scheduler=stubs.gen.SCHEDULER_DPM_SOLVER_MULTISTEP, sigmas=ays)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.sigmas"]
+
+
 def test_python_client_over_mutual_tls_with_a_token(stubs, tls_server):
     server, ca, client, token, _ = tls_server
     port = server.address.rsplit(":", 1)[1]
