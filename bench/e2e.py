@@ -5,6 +5,8 @@ diffusers and through `sdxld bench`, one CPU thread each, median of N runs each.
 Prints both medians and the ratio diffusers / sdxld (above 1 means sdxld is faster).
 --scheduler runs both with another scheduler (a diffusers class name, as
 `from_config(model config)` builds it; sdxld gets the same class by its short name).
+--tiling runs both seamless along both axes (every Conv2d of diffusers' UNet and VAE with
+padding_mode "circular", as A1111's Tiling sets it; sdxld with --tiling both).
 With --cuda it also runs both on the GPU in float32 and prints the largest latent
 difference (a check to run by hand on a GPU machine).
 """
@@ -28,6 +30,11 @@ def time_diffusers(model, args, device="cpu"):
         import diffusers
 
         pipe.scheduler = getattr(diffusers, args.scheduler).from_config(pipe.scheduler.config)
+    if args.tiling:
+        for model in (pipe.unet, pipe.vae):
+            for layer in model.modules():
+                if isinstance(layer, torch.nn.Conv2d):
+                    layer.padding_mode = "circular"
 
     def once():
         gen = [torch.Generator("cpu").manual_seed(args.seed)]
@@ -58,7 +65,9 @@ def sdxld_command(args, model, sub, device="cpu"):
         "--steps", str(args.steps), "--guidance", str(args.guidance),
         "--width", str(args.width), "--height", str(args.height),
         "--seed", str(args.seed), "--device", device,
-    ] + (["--scheduler", SHORT_NAMES[args.scheduler]] if args.scheduler else [])
+    ] + (["--scheduler", SHORT_NAMES[args.scheduler]] if args.scheduler else []) + (
+        ["--tiling", "both"] if args.tiling else []
+    )
 
 
 # sdxld's short names of the diffusers classes --scheduler may name.
@@ -131,6 +140,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse")
     p.add_argument("--scheduler", choices=sorted(SHORT_NAMES), help="a diffusers scheduler class (default: the model's)")
+    p.add_argument("--tiling", action="store_true", help="both seamless along both axes")
     p.add_argument("--cuda", action="store_true", help="also compare on CUDA (float32)")
     p.add_argument("--cuda-only", action="store_true", help="only the CUDA comparison")
     p.add_argument("--cuda-flags", default="", help="FLAGS;FLAGS...: sdxld flags compared on CUDA too")
@@ -146,6 +156,7 @@ def main():
     base, base_runs = time_diffusers(args.model, args)
     ours, our_runs = time_sdxld(args.model, args)
     scheduler = f", {args.scheduler}" if args.scheduler else ""
+    scheduler += ", seamless tiling" if args.tiling else ""
     print(f"model {args.model}: {args.steps} steps{scheduler}, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     print(f"  diffusers {base * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in base_runs]}")
     print(f"  sdxld     {ours * 1000:8.1f} ms   runs {[round(t * 1000, 1) for t in our_runs]}")
