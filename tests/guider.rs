@@ -5,12 +5,15 @@
 //! with momentum on a batch of two at guidance 9, APG with a small norm cap, eta 0.3, an
 //! interval and guidance rescale at 64×96, APG image to image, APG under Heun (the
 //! interval counting steps, not model calls) and APG beside a ControlNet unit; the PNG
-//! parameters, a replay from the PNG; refusals naming each field; the CLI.
+//! parameters, a replay from the PNG; refusals naming each field (and a guider on a
+//! guidance-distilled UNet, refused once its config is read); the CLI.
 
 mod common;
 
 use common::server::TestServer;
-use common::{assert_images_match, fixtures, guider_fixtures, read_tensors, Case};
+use common::{
+    assert_images_match, fixtures, guider_fixtures, read_tensors, schedule_fixtures, Case,
+};
 use sdxld::proto::v1 as pb;
 
 fn cases() -> Vec<Case> {
@@ -223,6 +226,37 @@ async fn guiders_are_written_replayed_and_checked() {
         server.images(refined).await.expect("refined").images.len(),
         1
     );
+}
+
+/// A guidance-distilled UNet runs no classifier-free guidance: a guider on it is refused
+/// (once its config is read), not ignored, and the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guider_on_a_guidance_distilled_unet_is_refused() {
+    let roots = format!("{},{}", fixtures().display(), schedule_fixtures().display());
+    let server = TestServer::with_pipelines(&[("SDXLD__MODELS__BASE_ROOTS", &roots)]).await;
+    let spec = pb::GenerationSpec {
+        model: "tiny2/lcm_pipeline".into(),
+        prompt: "a boat".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        guider: Some(pb::Guider {
+            kind: pb::GuiderKind::Apg as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let status = server.images(spec.clone()).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("guidance-distilled"),
+        "{status:?}"
+    );
+    let plain = pb::GenerationSpec {
+        guider: None,
+        ..spec
+    };
+    assert_eq!(server.images(plain).await.expect("plain").images.len(), 1);
 }
 
 /// `sdxld generate --guider apg,...` runs the recorded Heun case; an unknown option is

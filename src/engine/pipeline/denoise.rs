@@ -143,6 +143,12 @@ impl SdxlPipeline {
         if p.guider.is_some() && p.pag.is_some() {
             return bad("a guider does not combine with perturbed-attention guidance".into());
         }
+        if p.guider.is_some() && self.unet.time_cond_proj_dim().is_some() {
+            return bad(
+                "a guider combines classifier-free guidance's predictions, which a guidance-distilled UNet (time_cond_proj_dim) does not make"
+                    .into(),
+            );
+        }
         self.check_pag(p)
     }
 
