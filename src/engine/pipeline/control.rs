@@ -61,7 +61,7 @@ pub(super) struct ControlCounts {
     /// entry on).
     pub calls: usize,
     /// Steps a T2I-Adapter's window is a fraction of (the adapter pipeline's
-    /// `num_inference_steps`).
+    /// `num_inference_steps`); a guider's interval is a fraction of them too.
     pub adapter_steps: usize,
 }
 

@@ -237,11 +237,15 @@ impl SdxlPipeline {
         }) {
             return Ok(ControlFlow::Break(b));
         }
-        let latents =
-            match self.run_loop(p, schedule, latents, inpaint, &conditioning, noise, on_step) {
-                ControlFlow::Continue(latents) => latents,
-                ControlFlow::Break(b) => return Ok(ControlFlow::Break(b)),
-            };
+        // The guiders count the steps as the adapter pipeline does (`num_inference_steps`).
+        let guider = p
+            .guider
+            .map(|g| GuiderRun::new(g, counts.adapter_steps, schedule.start));
+        let run = (latents, inpaint, guider);
+        let latents = match self.run_loop(p, schedule, run, &conditioning, noise, on_step) {
+            ControlFlow::Continue(latents) => latents,
+            ControlFlow::Break(b) => return Ok(ControlFlow::Break(b)),
+        };
         let latents = latents.to_kind(Kind::Float).to_device(Device::Cpu);
         if latents.isfinite().all().int64_value(&[]) == 0 {
             return Err(EngineError::NonFinite(format!(
@@ -335,15 +339,14 @@ impl SdxlPipeline {
         }
     }
 
-    /// The loop over the schedule's timesteps; progress counts scheduler steps, not UNet
+    /// The loop over the schedule's timesteps from the initial latents (with the
+    /// inpainting state and the run's guider); progress counts scheduler steps, not UNet
     /// calls.
-    #[allow(clippy::too_many_arguments)]
     fn run_loop<B>(
         &self,
         p: &GenerateParams,
         mut schedule: Schedule,
-        mut latents: Tensor,
-        inpaint: Option<Inpaint>,
+        (mut latents, inpaint, mut guider): (Tensor, Option<Inpaint>, Option<GuiderRun>),
         conditioning: &Conditioning,
         noise: &mut NoiseStream,
         on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
@@ -359,8 +362,6 @@ impl SdxlPipeline {
         // the host wait for the device at every step.
         let timesteps: Vec<f32> = schedule.timesteps.iter().map(|&t| t as f32).collect();
         let timesteps = device::upload(&Tensor::from_slice(&timesteps), target);
-        let steps = control_counts(p, &schedule).adapter_steps;
-        let mut guider = p.guider.map(|g| GuiderRun::new(g, steps, start));
         for i in start..end {
             let step_stage = profile::span("denoise_step");
             let scheduler = schedule.scheduler.as_mut();

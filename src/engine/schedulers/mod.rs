@@ -350,18 +350,11 @@ impl SchedulerConfig {
         custom: &[i64],
         steps: usize,
     ) -> std::result::Result<(), String> {
-        let kind = self.kind()?;
-        if !kind.takes_custom_timesteps() {
-            return Err(format!(
-                "scheduler {} does not take custom timesteps (Euler, Heun, DPM-Solver multistep and singlestep, LCM and TCD do)",
-                kind.class_name()
-            ));
-        }
-        if self.sigma_spacing() != sigmas::SigmaSpacing::Default {
-            return Err(
-                "custom timesteps cannot be respaced (Karras, exponential or beta sigmas)".into(),
-            );
-        }
+        self.takes_custom(
+            "timesteps",
+            SchedulerKind::takes_custom_timesteps,
+            "Euler, Heun, DPM-Solver multistep and singlestep, LCM and TCD do",
+        )?;
         if custom.len() != steps {
             return Err(format!(
                 "{} custom timesteps for {steps} steps",
@@ -378,6 +371,30 @@ impl SchedulerConfig {
         Ok(())
     }
 
+    /// Why this config's scheduler cannot take a custom schedule of `what` (timesteps or
+    /// sigmas): its kind does not (`takes`; `takers` name those that do), or its schedule
+    /// is respaced.
+    fn takes_custom(
+        &self,
+        what: &str,
+        takes: fn(SchedulerKind) -> bool,
+        takers: &str,
+    ) -> std::result::Result<(), String> {
+        let kind = self.kind()?;
+        if !takes(kind) {
+            return Err(format!(
+                "scheduler {} does not take custom {what} ({takers})",
+                kind.class_name()
+            ));
+        }
+        if self.sigma_spacing() != sigmas::SigmaSpacing::Default {
+            return Err(format!(
+                "custom {what} cannot be respaced (Karras, exponential or beta sigmas)"
+            ));
+        }
+        Ok(())
+    }
+
     /// Why `custom` sigmas (the final one included) cannot run `steps` steps of this
     /// config's scheduler, as diffusers' `set_timesteps(sigmas=...)` would refuse them
     /// (and, beyond diffusers, sigmas that do not decrease, are not finite, lie outside
@@ -388,20 +405,9 @@ impl SchedulerConfig {
         custom: &[f64],
         steps: usize,
     ) -> std::result::Result<(), String> {
-        let kind = self.kind()?;
-        if !kind.takes_custom_sigmas() {
-            return Err(format!(
-                "scheduler {} does not take custom sigmas (Euler does)",
-                kind.class_name()
-            ));
-        }
+        self.takes_custom("sigmas", SchedulerKind::takes_custom_sigmas, "Euler does")?;
         if self.timesteps.is_some() {
             return Err("custom sigmas and custom timesteps cannot both be set".into());
-        }
-        if self.sigma_spacing() != sigmas::SigmaSpacing::Default {
-            return Err(
-                "custom sigmas cannot be respaced (Karras, exponential or beta sigmas)".into(),
-            );
         }
         if custom.len() < 2 || custom.len() - 1 != steps {
             return Err(format!(
