@@ -4,8 +4,11 @@
 //! latents within 1e-3 for classifier-free guidance in an interval on a batch of two, APG
 //! with momentum on a batch of two at guidance 9, APG with a small norm cap, eta 0.3, an
 //! interval and guidance rescale at 64×96, APG image to image, APG under Heun (the
-//! interval counting steps, not model calls) and APG beside a ControlNet unit; the PNG
-//! parameters, a replay from the PNG; refusals naming each field (and a guider on a
+//! interval counting steps, not model calls), APG beside a ControlNet unit and CFG in an
+//! interval beside a ControlNet in guess mode (outside the interval the prompt's batch
+//! alone, ControlNets included, as the modular pipeline runs it); the PNG
+//! parameters, a replay from the PNG; a guider that guides no step gives the unguided
+//! image beside every kind of input; refusals naming each field (and a guider on a
 //! guidance-distilled UNet, refused once its config is read); the CLI.
 
 mod common;
@@ -51,7 +54,14 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
     let strength = float(case, "strength");
     let init_image = (kind == "img2img").then(|| common::fixture_init_image(config, strength));
     let controlnets = match kind {
-        "controlnet" => vec![common::fixture_control_unit(config)],
+        "controlnet" => vec![pb::ControlNetUnit {
+            control_mode: if case["guess_mode"] == true {
+                pb::ControlMode::Guess
+            } else {
+                pb::ControlMode::Balanced
+            } as i32,
+            ..common::fixture_control_unit(config)
+        }],
         _ => Vec::new(),
     };
     pb::GenerationSpec {
@@ -77,7 +87,7 @@ async fn guiders_match_diffusers() {
     let server = server().await;
     let reference = read_tensors(&guider_fixtures().join("cases.safetensors"));
     let all = cases();
-    assert!(all.len() >= 6, "{} cases", all.len());
+    assert!(all.len() >= 7, "{} cases", all.len());
     for case in all {
         let key = case["name"].as_str().expect("name");
         let name = format!(
@@ -257,6 +267,79 @@ async fn a_guider_on_a_guidance_distilled_unet_is_refused() {
         ..spec
     };
     assert_eq!(server.images(plain).await.expect("plain").images.len(), 1);
+}
+
+/// Outside a guider's interval only the prompt's batch runs: a guider that guides no step
+/// gives the unguided images pixel for pixel, with every input of the request taken for
+/// that batch (two images beside a ControlNet, guess mode and a union model, the
+/// 9-channel inpainting UNet, image to image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outside_the_interval_the_prompt_runs_alone() {
+    let server = server().await;
+    let base = pb::GenerationSpec {
+        model: "tiny2/pipeline".into(),
+        prompt: "a harbour at night".into(),
+        seed: Some(5),
+        steps: 4,
+        guidance_scale: Some(6.0),
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let unit = common::fixture_control_unit("tiny2");
+    let guess = pb::ControlNetUnit {
+        control_mode: pb::ControlMode::Guess as i32,
+        ..unit.clone()
+    };
+    let union = pb::ControlNetUnit {
+        model: "tiny2/union".into(),
+        control_type: pb::ControlType::CannyLineart as i32,
+        ..unit.clone()
+    };
+    let dir = fixtures().join("tiny2");
+    let inpaint = pb::InitImage {
+        mask: std::fs::read(dir.join("mask.png")).expect("mask.png"),
+        ..common::fixture_init_image("tiny2", Some(0.8))
+    };
+    let cases = [
+        (
+            "two images beside a ControlNet",
+            pb::GenerationSpec {
+                num_images: 2,
+                controlnets: vec![unit.clone()],
+                ..base.clone()
+            },
+        ),
+        (
+            "guess mode and a union model",
+            pb::GenerationSpec {
+                controlnets: vec![guess, union],
+                ..base.clone()
+            },
+        ),
+        (
+            "the 9-channel inpainting UNet",
+            pb::GenerationSpec {
+                model: "tiny2/inpaint_pipeline".into(),
+                init_image: Some(inpaint),
+                steps: 6,
+                ..base.clone()
+            },
+        ),
+        (
+            "image to image",
+            pb::GenerationSpec {
+                init_image: Some(common::fixture_init_image("tiny2", Some(0.6))),
+                controlnets: vec![unit],
+                ..base.clone()
+            },
+        ),
+    ];
+    for (what, spec) in cases {
+        server
+            .assert_unguided_outside_the_interval(what, spec)
+            .await;
+    }
 }
 
 /// `sdxld generate --guider apg,...` runs the recorded Heun case; an unknown option is

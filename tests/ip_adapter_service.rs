@@ -2,7 +2,8 @@
 //! (`tests/fixtures/make_ip_adapter_fixtures.py`): images within two levels and latents
 //! within 1e-3 on both tiny pipelines (text to image, image to image, beside a ControlNet,
 //! with a hires pass), the models used and the PNG parameters, scale 0
-//! equal to no adapter, nothing left behind for the next request; bad image prompts
+//! equal to no adapter, nothing left behind for the next request, the prompt's image
+//! prompts alone outside a guider's interval; bad image prompts
 //! refused naming the field, adapters that do not fit refused naming both models, and
 //! the listing of adapters and image encoders.
 
@@ -216,6 +217,26 @@ async fn image_prompts_match_diffusers_and_leave_nothing_behind() {
         before[0].data, after[0].data,
         "the image prompts left something behind"
     );
+}
+
+/// Outside a guider's interval the prompt's batch runs alone with its image prompts' keys:
+/// a guider that guides no step gives the unguided images (two images, two adapters one
+/// in the style layers only, beside a ControlNet, with a hires pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_prompts_outside_a_guiders_interval_are_the_prompts_alone() {
+    let extra = tempfile::tempdir().expect("tempdir");
+    let server = server(extra.path()).await;
+    let guided: Vec<Value> = cases("tiny2")
+        .into_iter()
+        .filter(|c| c["guidance"].as_f64() > Some(1.0))
+        .collect();
+    assert!(guided.len() >= 4, "{} guided cases", guided.len());
+    for case in guided {
+        let name = format!("tiny2 {}", case["name"]);
+        server
+            .assert_unguided_outside_the_interval(&name, spec_of("tiny2", &case))
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

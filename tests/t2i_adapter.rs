@@ -5,8 +5,8 @@
 //! under Heun, two images, a grey adapter, the UNet's mid block joined or not, the base
 //! of an ensemble of experts) and the same features passed through diffusers'
 //! image-to-image, inpainting and ControlNet pipelines; units run beside PAG and
-//! masked-area inpainting; adapters list as such, and bad units are refused by field or
-//! by model.
+//! masked-area inpainting, and outside a guider's interval with the prompt's batch alone;
+//! adapters list as such, and bad units are refused by field or by model.
 
 mod common;
 
@@ -258,11 +258,28 @@ async fn assert_cases_match(config: &str, server: &TestServer) {
     }
 }
 
+/// Outside a guider's interval the prompt's batch runs alone with its part of the units'
+/// features: under a guider that guides no step, every guided case of `config` (but the
+/// ensembles, whose refiner guides on its own) gives its unguided images.
+async fn assert_unguided_outside_a_guiders_interval(config: &str, server: &TestServer) {
+    let dir = t2i_adapter_fixtures().join(config);
+    let guided = cases_at(&dir.join("cases.json"))
+        .into_iter()
+        .filter(|c| c.float("guidance") > 1.0 && c["kind"] != "ensemble");
+    for case in guided {
+        let what = format!("{config} {} under a guider", case.name());
+        server
+            .assert_unguided_outside_the_interval(&what, spec_of(config, &case))
+            .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_units_over_grpc_equal_diffusers_on_tiny2() {
     let root = adapter_root();
     let server = server("tiny2", root.path()).await;
     assert_cases_match("tiny2", &server).await;
+    assert_unguided_outside_a_guiders_interval("tiny2", &server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,6 +287,7 @@ async fn adapter_units_over_grpc_equal_diffusers_on_tiny3_beside_a_controlnet() 
     let root = adapter_root();
     let server = server("tiny3", root.path()).await;
     assert_cases_match("tiny3", &server).await;
+    assert_unguided_outside_a_guiders_interval("tiny3", &server).await;
 }
 
 /// A 64x64 request of one unit of `model` with tiny2's first map.

@@ -43,6 +43,17 @@ impl BatchLayout {
     pub fn repeat(self, t: &Tensor) -> Tensor {
         self.assemble(t, t)
     }
+
+    /// The prompt's part of `t`, a batch laid out this way (a view).
+    pub fn prompt_part(self, t: &Tensor) -> Tensor {
+        t.chunk(self.parts(), 0)[usize::from(self.negative)].shallow_clone()
+    }
+
+    /// The layout of the prompt's part alone.
+    pub const PROMPT_ONLY: BatchLayout = BatchLayout {
+        negative: false,
+        perturbed: false,
+    };
 }
 
 /// How one prediction is made of a batch's parts.
@@ -134,12 +145,17 @@ mod tests {
             perturbed: true,
         };
         assert_eq!(values(&all.assemble(&neg, &pos)), [1.0, 2.0, 2.0]);
+        assert_eq!(values(&all.prompt_part(&batch(&[1.0, 2.0, 3.0]))), [2.0]);
         let perturbed_only = BatchLayout {
             negative: false,
             perturbed: true,
         };
         assert_eq!(values(&perturbed_only.assemble(&neg, &pos)), [2.0, 2.0]);
         assert_eq!(perturbed_only.parts(), 2);
+        assert_eq!(
+            values(&perturbed_only.prompt_part(&batch(&[1.0, 2.0, 3.0, 4.0]))),
+            [1.0, 2.0]
+        );
     }
 
     #[test]

@@ -68,11 +68,17 @@ impl GuiderRun {
         }
     }
 
+    /// Whether it guides the model call at schedule index `index` (outside its interval
+    /// the negative prompt's prediction is not needed).
+    pub fn guides_call(&self, index: usize) -> bool {
+        let step = index.saturating_sub(self.first_call);
+        self.guider.guides(step, self.steps)
+    }
+
     /// The guided prediction of schedule index `index` from the float32 predictions of
     /// the negative prompt (`uncond`) and the prompt (`cond`) at guidance `scale`.
     pub fn combine(&mut self, index: usize, uncond: &Tensor, cond: &Tensor, scale: f64) -> Tensor {
-        let step = index.saturating_sub(self.first_call);
-        if !self.guider.guides(step, self.steps) {
+        if !self.guides_call(index) {
             return cond.shallow_clone();
         }
         match self.guider.kind {
@@ -179,6 +185,8 @@ mod tests {
         );
         let (uncond, cond) = (uncond.view([1, 2]), cond.view([1, 2]));
         close(&values(&run.combine(11, &uncond, &cond, 5.0)), &[3.0, 1.0]);
+        let guided: Vec<usize> = (9..15).filter(|&i| run.guides_call(i)).collect();
+        assert_eq!(guided, [12, 13]);
         // The momentum starts with the first guided step.
         assert!(run.running_average.is_none());
         assert!(run.combine(12, &uncond, &cond, 5.0) != cond);

@@ -341,6 +341,47 @@ impl TestServer {
         replayed
     }
 
+    /// Asserts that `spec` (guided, at most ten steps) under a guider whose interval holds
+    /// none of its steps gives the images of `spec` unguided (guidance 1, no guider) within
+    /// a level: outside a guider's interval the prompt's batch runs alone, with every input
+    /// of the request (ControlNet units, adapters, image prompts, an inpainting UNet's
+    /// mask) taken for it. (A level: inputs prepared once for a batch of both prompts, as
+    /// a ControlNet's embedded maps, may round differently from a batch of one.)
+    #[allow(dead_code)]
+    pub async fn assert_unguided_outside_the_interval(&self, what: &str, spec: pb::GenerationSpec) {
+        assert!(
+            spec.steps <= 10,
+            "{what}: int(0.9 s) = int(0.95 s) needs s <= 10"
+        );
+        let outside = pb::GenerationSpec {
+            guider: Some(pb::Guider {
+                kind: pb::GuiderKind::Cfg as i32,
+                start: Some(0.9),
+                stop: Some(0.95),
+                ..Default::default()
+            }),
+            ..spec.clone()
+        };
+        let unguided = pb::GenerationSpec {
+            guidance_scale: Some(1.0),
+            guider: None,
+            ..spec
+        };
+        let outside = self.images(outside).await.expect(what).images;
+        let unguided = self.images(unguided).await.expect(what).images;
+        assert_eq!(outside.len(), unguided.len(), "{what}: images");
+        for (i, (a, b)) in outside.iter().zip(&unguided).enumerate() {
+            let difference = super::image_difference(
+                &super::decoded_image(&a.data),
+                &super::decoded_image(&b.data),
+            );
+            assert!(
+                difference <= 1,
+                "{what} image {i}: differs by {difference} levels"
+            );
+        }
+    }
+
     /// The health status of `service`.
     pub async fn health(&self, service: &str) -> ServingStatus {
         let mut client = HealthClient::new(self.channel().await);

@@ -186,6 +186,25 @@ pub struct ImageKeys {
     pub layers: Vec<Vec<ImageKv>>,
 }
 
+impl ImageKeys {
+    /// These keys with every key and value batch mapped by `part` (a part of the batch).
+    pub fn with_batches(&self, part: impl Fn(&Tensor) -> Tensor) -> ImageKeys {
+        let entry = |kv: &ImageKv| ImageKv {
+            key: part(&kv.key),
+            value: part(&kv.value),
+            scale: kv.scale,
+            region: kv.region.clone(),
+        };
+        ImageKeys {
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| layer.iter().map(entry).collect())
+                .collect(),
+        }
+    }
+}
+
 /// What a UNet call is conditioned on beside its sample and time: the prompts' tokens
 /// its cross-attention layers attend to, with image prompts their keys and values per
 /// layer, and FreeU's factors for its up blocks.

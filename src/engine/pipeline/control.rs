@@ -70,6 +70,8 @@ pub(super) struct Controls<'a> {
     units: Vec<Prepared<'a>>,
     adapters: Vec<PreparedAdapter<'a>>,
     counts: ControlCounts,
+    /// The parts of the batch their inputs are repeated for.
+    layout: BatchLayout,
 }
 
 /// The text conditioning a ControlNet call sees.
@@ -112,7 +114,42 @@ impl<'a> Controls<'a> {
             units,
             adapters,
             counts,
+            layout,
         })
+    }
+
+    /// The units for calls of the prompt's part of the batch alone (views of this run's
+    /// inputs).
+    pub fn prompt_only(&self) -> Controls<'a> {
+        let layout = self.layout;
+        let part = |t: &Tensor| layout.prompt_part(t);
+        let units = self
+            .units
+            .iter()
+            .map(|u| Prepared {
+                // Guess mode under guidance embeds the prompt's maps alone already.
+                embedded: if u.guess && layout.negative {
+                    u.embedded.iter().map(Tensor::shallow_clone).collect()
+                } else {
+                    u.embedded.iter().map(part).collect()
+                },
+                ..*u
+            })
+            .collect();
+        let adapters = self
+            .adapters
+            .iter()
+            .map(|a| PreparedAdapter {
+                unit: a.unit,
+                features: a.features.iter().map(part).collect(),
+            })
+            .collect();
+        Controls {
+            units,
+            adapters,
+            counts: self.counts,
+            layout: BatchLayout::PROMPT_ONLY,
+        }
     }
 
     /// Whether there is no unit.

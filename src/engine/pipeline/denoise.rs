@@ -10,11 +10,10 @@ use crate::engine::device;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::guidance::{BatchLayout, Guidance};
 use crate::engine::guider::GuiderRun;
-use crate::engine::ip_adapter::layer_keys;
-use crate::engine::models::attention::{Context, ImageKeys, Perturbation};
-use crate::engine::models::embeddings::guidance_scale_embedding;
+use crate::engine::models::attention::{Context, Perturbation};
 use crate::engine::models::unet::AddedCond;
 use crate::engine::noise::NoiseStream;
+use crate::engine::pipeline::conditioning::{Conditioning, RunConditioning};
 use crate::engine::pipeline::control::{Control, ControlContext, ControlCounts, Controls};
 use crate::engine::pipeline::latents::Inpaint;
 use crate::engine::pipeline::window::{window, Window};
@@ -40,23 +39,6 @@ struct Schedule {
     start: usize,
     /// Index past the last timestep run.
     end: usize,
-}
-
-/// The UNet's conditioning for every call of one run, its batch laid out by `layout`.
-struct Conditioning<'a> {
-    context: Tensor,
-    text_embeds: Tensor,
-    time_ids: Tensor,
-    layout: BatchLayout,
-    /// With perturbed-attention guidance: by cross-attention slot, whether that block's
-    /// self-attention is perturbed.
-    perturbed_slots: Option<Vec<bool>>,
-    /// The image prompts' keys and values per cross-attention layer, when there are any.
-    images: Option<ImageKeys>,
-    /// The ControlNet units.
-    controls: Controls<'a>,
-    /// A guidance-distilled UNet's guidance-scale embedding ([1, dim]).
-    timestep_cond: Option<Tensor>,
 }
 
 impl SdxlPipeline {
@@ -241,6 +223,7 @@ impl SdxlPipeline {
         let guider = p
             .guider
             .map(|g| GuiderRun::new(g, counts.adapter_steps, schedule.start));
+        let conditioning = RunConditioning::new(conditioning, guider.as_ref());
         let run = (latents, inpaint, guider);
         let latents = match self.run_loop(p, schedule, run, &conditioning, noise, on_step) {
             ControlFlow::Continue(latents) => latents,
@@ -277,68 +260,6 @@ impl SdxlPipeline {
         })
     }
 
-    /// The prompt embeddings and micro-conditioning of every image of `p`, at the
-    /// placement, laid out by `layout`.
-    fn conditioning<'a>(
-        &self,
-        p: &GenerateParams,
-        prompt: &PromptEmbeds,
-        image_based: bool,
-        (layout, controls): (BatchLayout, Controls<'a>),
-    ) -> Conditioning<'a> {
-        let n = p.num_images as i64;
-        let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
-        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
-        let place = |t: Tensor| {
-            t.to_device(self.placement.device)
-                .to_kind(self.placement.kind)
-        };
-        let (embeds, pooled) = (repeat(&prompt.embeds), repeat(&prompt.pooled));
-        let time_ids = add_time_ids.repeat([n, 1]);
-        let (context, text_embeds, time_ids) = match &prompt.negative {
-            Some((neg_embeds, neg_pooled)) => (
-                layout.assemble(&repeat(neg_embeds), &embeds),
-                layout.assemble(&repeat(neg_pooled), &pooled),
-                layout.assemble(&negative_time_ids.repeat([n, 1]), &time_ids),
-            ),
-            None => (
-                layout.repeat(&embeds),
-                layout.repeat(&pooled),
-                layout.repeat(&time_ids),
-            ),
-        };
-        let layers = self.unet.cross_attention_layers();
-        let size = (p.width as u32, p.height as u32);
-        let images = (!prompt.images.is_empty()).then(|| {
-            layer_keys(
-                &prompt.images,
-                layers,
-                (n, size),
-                layout,
-                self.placement.kind,
-            )
-        });
-        let perturbed_slots = p.pag.as_ref().map(|pag| {
-            let names = self.unet.self_attentions();
-            names.iter().map(|name| pag.perturbs(name)).collect()
-        });
-        // diffusers embeds guidance_scale - 1 for a guidance-distilled UNet.
-        let timestep_cond = self
-            .unet
-            .time_cond_proj_dim()
-            .map(|dim| place(guidance_scale_embedding(p.guidance_scale - 1.0, dim)));
-        Conditioning {
-            context: place(context),
-            text_embeds: place(text_embeds),
-            time_ids: place(time_ids),
-            layout,
-            perturbed_slots,
-            images,
-            controls,
-            timestep_cond,
-        }
-    }
-
     /// The loop over the schedule's timesteps from the initial latents (with the
     /// inpainting state and the run's guider); progress counts scheduler steps, not UNet
     /// calls.
@@ -347,7 +268,7 @@ impl SdxlPipeline {
         p: &GenerateParams,
         mut schedule: Schedule,
         (mut latents, inpaint, mut guider): (Tensor, Option<Inpaint>, Option<GuiderRun>),
-        conditioning: &Conditioning,
+        conditioning: &RunConditioning,
         noise: &mut NoiseStream,
         on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<B>,
     ) -> ControlFlow<B, Tensor> {
@@ -372,7 +293,7 @@ impl SdxlPipeline {
                 (i, &timestep, schedule.timesteps[i]),
                 &latents,
                 inpaint.as_ref(),
-                conditioning,
+                conditioning.at(i, guider.as_ref()),
                 guider.as_mut(),
             );
             latents = {
