@@ -6,7 +6,8 @@
 //! interval and guidance rescale at 64×96, APG image to image, APG under Heun (the
 //! interval counting steps, not model calls), APG beside a ControlNet unit and CFG in an
 //! interval beside a ControlNet in guess mode (outside the interval the prompt's batch
-//! alone, ControlNets included, as the modular pipeline runs it); the PNG
+//! alone, ControlNets included, as the modular pipeline runs it), APG in both passes of
+//! a latent hires pass on two images; the PNG
 //! parameters, a replay from the PNG; a guider that guides no step gives the unguided
 //! image beside every kind of input; refusals naming each field (and a guider on a
 //! guidance-distilled UNet, refused once its config is read); the CLI.
@@ -64,6 +65,13 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
         }],
         _ => Vec::new(),
     };
+    let hires = (kind == "hires").then(|| pb::HiresPass {
+        scale: float(case, "hires_scale"),
+        latent_upscale: pb::LatentUpscale::Bilinear as i32,
+        steps: case["hires_steps"].as_u64().expect("hires_steps") as u32,
+        strength: float(case, "hires_strength"),
+        ..Default::default()
+    });
     pb::GenerationSpec {
         model: format!("{config}/pipeline"),
         prompt: case["prompt"].as_str().expect("prompt").into(),
@@ -78,6 +86,7 @@ fn spec_of(case: &Case) -> pb::GenerationSpec {
         guider: Some(guider_of(case)),
         init_image,
         controlnets,
+        hires,
         ..Default::default()
     }
 }
@@ -87,7 +96,7 @@ async fn guiders_match_diffusers() {
     let server = server().await;
     let reference = read_tensors(&guider_fixtures().join("cases.safetensors"));
     let all = cases();
-    assert!(all.len() >= 7, "{} cases", all.len());
+    assert!(all.len() >= 8, "{} cases", all.len());
     for case in all {
         let key = case["name"].as_str().expect("name");
         let name = format!(
