@@ -77,32 +77,23 @@ def time_diffusers(model, args, device="cpu"):
                 if isinstance(layer, torch.nn.Conv2d):
                     layer.padding_mode = "circular"
 
+    # A guider's modular pipeline takes its guidance scale from the guider.
     if args.guider:
-        guided = modular(pipe, args)
-
-        def once():
-            gen = [torch.Generator("cpu").manual_seed(args.seed)]
-            return guided(
-                prompt=args.prompt,
-                num_inference_steps=args.steps,
-                width=args.width,
-                height=args.height,
-                generator=gen,
-                output_type="np",
-            )
+        run, extra = modular(pipe, args), {}
     else:
+        run, extra = (lambda **inputs: pipe(**inputs).images), dict(guidance_scale=args.guidance)
 
-        def once():
-            gen = [torch.Generator("cpu").manual_seed(args.seed)]
-            return pipe(
-                prompt=args.prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                width=args.width,
-                height=args.height,
-                generator=gen,
-                output_type="np",
-            ).images
+    def once():
+        gen = [torch.Generator("cpu").manual_seed(args.seed)]
+        return run(
+            prompt=args.prompt,
+            num_inference_steps=args.steps,
+            width=args.width,
+            height=args.height,
+            generator=gen,
+            output_type="np",
+            **extra,
+        )
 
     once()
     times = []
