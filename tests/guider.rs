@@ -34,12 +34,13 @@ fn float(case: &Case, key: &str) -> Option<f32> {
 
 fn guider_of(case: &Case) -> pb::Guider {
     let apg = case["guider"] == "apg";
+    let kind = match case["guider"].as_str() {
+        Some("apg") => pb::GuiderKind::Apg,
+        Some("tcfg") => pb::GuiderKind::Tcfg,
+        _ => pb::GuiderKind::Cfg,
+    };
     pb::Guider {
-        kind: if apg {
-            pb::GuiderKind::Apg
-        } else {
-            pb::GuiderKind::Cfg
-        } as i32,
+        kind: kind as i32,
         start: float(case, "start"),
         stop: float(case, "stop"),
         momentum: float(case, "momentum"),
@@ -96,7 +97,7 @@ async fn guiders_match_diffusers() {
     let server = server().await;
     let reference = read_tensors(&guider_fixtures().join("cases.safetensors"));
     let all = cases();
-    assert!(all.len() >= 8, "{} cases", all.len());
+    assert!(all.len() >= 10, "{} cases", all.len());
     for case in all {
         let key = case["name"].as_str().expect("name");
         let name = format!(
@@ -135,6 +136,28 @@ async fn guiders_are_written_replayed_and_checked() {
         .await;
     let replayed = server.assert_replays("APG", spec).await;
     assert_eq!(replayed.guider, Some(guider_of(apg)));
+    let tcfg = all
+        .iter()
+        .find(|c| c["guider"] == "tcfg" && c["kind"] == "text")
+        .expect("a TCFG case");
+    let spec = pb::GenerationSpec {
+        num_images: 1,
+        ..spec_of(tcfg)
+    };
+    let plain = pb::GenerationSpec {
+        guider: None,
+        ..spec.clone()
+    };
+    server
+        .assert_entry_and_effect(
+            "TCFG",
+            spec.clone(),
+            plain,
+            "Guider: \"TCFG, interval 0.2 to 1\"",
+        )
+        .await;
+    let replayed = server.assert_replays("TCFG", spec).await;
+    assert_eq!(replayed.guider, Some(guider_of(tcfg)));
     server.assert_feature("guider").await;
 
     let base = || pb::GenerationSpec {
@@ -187,6 +210,15 @@ async fn guiders_are_written_replayed_and_checked() {
                 ..default()
             }),
             vec!["spec.guider.momentum", "spec.guider.eta"],
+        ),
+        (
+            "APG options on TCFG",
+            with(pb::Guider {
+                kind: pb::GuiderKind::Tcfg as i32,
+                norm_threshold: Some(2.0),
+                ..default()
+            }),
+            vec!["spec.guider.norm_threshold"],
         ),
         (
             "APG out of range",

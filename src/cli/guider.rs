@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use sdxld::proto::v1 as pb;
 
-/// The guider `--guider KIND[,KEY=VALUE...]` asks for: `cfg` or `apg`, with `start`,
+/// The guider `--guider KIND[,KEY=VALUE...]` asks for: `cfg`, `apg` or `tcfg`, with `start`,
 /// `stop` and (APG) `momentum`, `norm_threshold` and `eta`.
 pub fn parse(arg: Option<&str>) -> anyhow::Result<Option<pb::Guider>> {
     let Some(arg) = arg else {
@@ -14,7 +14,8 @@ pub fn parse(arg: Option<&str>) -> anyhow::Result<Option<pb::Guider>> {
     let kind = match parts.next() {
         Some("cfg") => pb::GuiderKind::Cfg,
         Some("apg") => pb::GuiderKind::Apg,
-        _ => bail!("--guider {arg:?}: expected cfg or apg, then KEY=VALUE options"),
+        Some("tcfg") => pb::GuiderKind::Tcfg,
+        _ => bail!("--guider {arg:?}: expected cfg, apg or tcfg, then KEY=VALUE options"),
     };
     let mut guider = pb::Guider {
         kind: kind as i32,
@@ -45,4 +46,28 @@ pub fn parse(arg: Option<&str>) -> anyhow::Result<Option<pb::Guider>> {
 /// The flag a `spec.guider` field comes from.
 pub fn flag_of(field: &str) -> Option<&'static str> {
     field.starts_with("spec.guider").then_some("--guider")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rule_parses_with_its_options() {
+        let tcfg = parse(Some("tcfg, start=0.2"))
+            .expect("tcfg")
+            .expect("a guider");
+        assert_eq!(tcfg.kind, pb::GuiderKind::Tcfg as i32);
+        assert_eq!(tcfg.start, Some(0.2));
+        let apg = parse(Some("apg,momentum=-0.5,eta=0.8"))
+            .expect("apg")
+            .expect("a guider");
+        assert_eq!(apg.kind, pb::GuiderKind::Apg as i32);
+        assert_eq!((apg.momentum, apg.eta), (Some(-0.5), Some(0.8)));
+        assert_eq!(parse(None).expect("none"), None);
+        for bad in ["pag", "cfg,scale=3", "cfg,stop", "tcfg,stop=x"] {
+            let message = parse(Some(bad)).expect_err(bad).to_string();
+            assert!(message.contains("--guider"), "{bad}: {message}");
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! Guiders: how the prompt's and the negative prompt's predictions combine, as diffusers'
 //! guiders (`diffusers/guiders/`) do in its modular SDXL pipeline: classifier-free
-//! guidance (`ClassifierFreeGuidance`) or adaptive projected guidance
-//! (`AdaptiveProjectedGuidance`, arXiv:2410.02416), each within an interval of the run's
-//! steps outside which the prompt's prediction is taken alone.
+//! guidance (`ClassifierFreeGuidance`), adaptive projected guidance
+//! (`AdaptiveProjectedGuidance`, arXiv:2410.02416) or tangential damping
+//! (`TangentialClassifierFreeGuidance`, arXiv:2503.18137), each within an interval of the
+//! run's steps outside which the prompt's prediction is taken alone.
 
 use tch::{Kind, Tensor};
 
@@ -23,6 +24,10 @@ pub enum GuiderKind {
         /// Weight of the update's part parallel to the prompt's prediction.
         eta: f64,
     },
+    /// Tangential damping classifier-free guidance: classifier-free guidance from the
+    /// negative prediction projected on the first right singular vector of each image's
+    /// [cond; uncond] (its part tangential to the pair's principal direction damped).
+    Tcfg,
 }
 
 /// A guider and the interval of steps it guides.
@@ -83,6 +88,10 @@ impl GuiderRun {
         }
         match self.guider.kind {
             GuiderKind::Cfg => uncond + (cond - uncond) * scale,
+            GuiderKind::Tcfg => {
+                let uncond = tangential_uncond(cond, uncond);
+                &uncond + (cond - &uncond) * scale
+            }
             GuiderKind::Apg {
                 momentum,
                 norm_threshold,
@@ -101,6 +110,29 @@ impl GuiderRun {
             }
         }
     }
+}
+
+/// TCFG's negative prediction (diffusers' `normalized_guidance` of its tangential guider):
+/// each image's `uncond` projected on the first right singular vector of the 2 × D matrix
+/// of its flattened `cond` and `uncond`, in float32. A decomposition that fails (non-finite
+/// predictions) gives NaN, which the run's final check reports.
+fn tangential_uncond(cond: &Tensor, uncond: &Tensor) -> Tensor {
+    let images = uncond.size()[0];
+    let pair = Tensor::stack(&[cond, uncond], 1)
+        .to_kind(Kind::Float)
+        .flatten(2, -1);
+    let Ok((_, _, v)) = pair.f_svd(true, true) else {
+        return uncond.full_like(f64::NAN);
+    };
+    // [images, D, 1]: the right singular vector of the larger singular value.
+    let principal = v.narrow(2, 0, 1);
+    uncond
+        .reshape([images, 1, -1])
+        .to_kind(Kind::Float)
+        .matmul(&principal)
+        .matmul(&principal.transpose(1, 2))
+        .reshape(uncond.size())
+        .to_kind(uncond.kind())
 }
 
 /// APG's update (diffusers' `normalized_guidance` less its last line): `diff` with each
@@ -191,6 +223,41 @@ mod tests {
         assert!(run.running_average.is_none());
         assert!(run.combine(12, &uncond, &cond, 5.0) != cond);
         assert!(run.running_average.is_some());
+    }
+
+    #[test]
+    fn tangential_damping_projects_the_negative_prediction_on_the_principal_direction() {
+        let tcfg = Guider {
+            kind: GuiderKind::Tcfg,
+            start: 0.0,
+            stop: 1.0,
+        };
+        let mut run = GuiderRun::new(tcfg, 1, 0);
+        // Parallel predictions span one direction: the projection keeps uncond as it is,
+        // so TCFG equals CFG.
+        let cond = Tensor::from_slice(&[2.0f32, 4.0]).view([1, 2]);
+        let uncond = Tensor::from_slice(&[1.0f32, 2.0]).view([1, 2]);
+        close(&values(&run.combine(0, &uncond, &cond, 3.0)), &[4.0, 8.0]);
+        // Orthogonal unit predictions of norms 2 (cond) and 1 (uncond): the principal
+        // direction is cond's, on which uncond projects to 0, so the result is 3 × cond.
+        let cond = Tensor::from_slice(&[2.0f32, 0.0]).view([1, 2]);
+        let uncond = Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2]);
+        close(&values(&run.combine(0, &uncond, &cond, 3.0)), &[6.0, 0.0]);
+        // Each image on its own, and non-finite predictions give NaN.
+        let cond = Tensor::from_slice(&[2.0f32, 0.0, 2.0, 4.0]).view([2, 2]);
+        let uncond = Tensor::from_slice(&[0.0f32, 1.0, 1.0, 2.0]).view([2, 2]);
+        close(
+            &values(&run.combine(0, &uncond, &cond, 3.0)),
+            &[6.0, 0.0, 4.0, 8.0],
+        );
+        let nan = Tensor::from_slice(&[f32::NAN, 1.0]).view([1, 2]);
+        let out = run.combine(
+            0,
+            &nan,
+            &Tensor::from_slice(&[2.0f32, 0.0]).view([1, 2]),
+            3.0,
+        );
+        assert!(values(&out).iter().any(|v| v.is_nan()));
     }
 
     #[test]

@@ -174,6 +174,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
 fn guider_entry(guider: &Guider) -> String {
     let rule = match guider.kind {
         GuiderKind::Cfg => "CFG".to_string(),
+        GuiderKind::Tcfg => "TCFG".to_string(),
         GuiderKind::Apg {
             momentum,
             norm_threshold,

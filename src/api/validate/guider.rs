@@ -45,15 +45,12 @@ pub fn guider(
     }
     let kind = match kind? {
         pb::GuiderKind::Unspecified | pb::GuiderKind::Cfg => {
-            let apg_options = [
-                ("momentum", wire.momentum.is_some()),
-                ("norm_threshold", wire.norm_threshold.is_some()),
-                ("eta", wire.eta.is_some()),
-            ];
-            for (name, _) in apg_options.iter().filter(|(_, set)| *set) {
-                v.add(field(name), "applies to GUIDER_KIND_APG only");
-            }
+            refuse_apg_options(wire, v);
             GuiderKind::Cfg
+        }
+        pb::GuiderKind::Tcfg => {
+            refuse_apg_options(wire, v);
+            GuiderKind::Tcfg
         }
         pb::GuiderKind::Apg => GuiderKind::Apg {
             momentum: wire.momentum.map(|m| {
@@ -76,4 +73,19 @@ pub fn guider(
         },
     };
     Some(Guider { kind, start, stop })
+}
+
+/// Each APG option `wire` sets on another rule, refused naming it.
+fn refuse_apg_options(wire: &pb::Guider, v: &mut Violations) {
+    let apg_options = [
+        ("momentum", wire.momentum.is_some()),
+        ("norm_threshold", wire.norm_threshold.is_some()),
+        ("eta", wire.eta.is_some()),
+    ];
+    for (name, _) in apg_options.iter().filter(|(_, set)| *set) {
+        v.add(
+            format!("spec.guider.{name}"),
+            "applies to GUIDER_KIND_APG only",
+        );
+    }
 }
