@@ -20,6 +20,12 @@ pub struct BatchLayout {
 }
 
 impl BatchLayout {
+    /// The layout of the prompt's part alone.
+    pub const PROMPT_ONLY: BatchLayout = BatchLayout {
+        negative: false,
+        perturbed: false,
+    };
+
     /// How many parts the batch has (1 to 3).
     pub fn parts(self) -> i64 {
         1 + i64::from(self.negative) + i64::from(self.perturbed)
@@ -48,12 +54,6 @@ impl BatchLayout {
     pub fn prompt_part(self, t: &Tensor) -> Tensor {
         t.chunk(self.parts(), 0)[usize::from(self.negative)].shallow_clone()
     }
-
-    /// The layout of the prompt's part alone.
-    pub const PROMPT_ONLY: BatchLayout = BatchLayout {
-        negative: false,
-        perturbed: false,
-    };
 }
 
 /// How one prediction is made of a batch's parts.

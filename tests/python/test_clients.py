@@ -530,6 +530,24 @@ def test_python_client_adaptive_projected_guidance_replays_and_refuses(stubs, se
     assert sorted(bad_request_fields(stubs, caught.value)) == ["spec.guider.eta", "spec.guider.stop"]
 
 
+def test_python_client_tangential_guidance_replays_and_refuses_apg_options(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    guider = stubs.gen.Guider(kind=stubs.gen.GUIDER_KIND_TCFG, start=0.25)
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, steps=4, guidance_scale=7.0, guider=guider)))
+    png = Image.open(io.BytesIO(first.images[0].data))
+    assert 'Guider: "TCFG, interval 0.25 to 1"' in png.info["parameters"], png.info["parameters"]
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.guider == guider
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    with pytest.raises(grpc.RpcError) as caught:
+        bad = stubs.gen.Guider(kind=stubs.gen.GUIDER_KIND_TCFG, momentum=0.5)
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, guider=bad)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.guider.momentum"]
+
+
 def test_python_client_custom_sigmas_replay_from_their_png(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)

@@ -15,9 +15,13 @@ use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline};
 
 /// The UNet's conditioning for every call of one run, its batch laid out by `layout`.
 pub(super) struct Conditioning<'a> {
+    /// The prompts' token embeddings, [batch, tokens, width].
     pub context: Tensor,
+    /// The pooled embeddings of the second text encoder, [batch, width].
     pub text_embeds: Tensor,
+    /// Micro-conditioning, [batch, 6] (5 with aesthetic scores).
     pub time_ids: Tensor,
+    /// The batch's parts.
     pub layout: BatchLayout,
     /// With perturbed-attention guidance: by cross-attention slot, whether that block's
     /// self-attention is perturbed.
