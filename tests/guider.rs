@@ -14,11 +14,12 @@
 
 mod common;
 
-use common::server::TestServer;
+use common::server::{violated_fields, TestServer};
 use common::{
     assert_images_match, fixtures, guider_fixtures, read_tensors, schedule_fixtures, Case,
 };
 use sdxld::proto::v1 as pb;
+use tonic_types::StatusExt;
 
 fn cases() -> Vec<Case> {
     common::cases_at(&guider_fixtures().join("cases.json"))
@@ -280,7 +281,8 @@ async fn guiders_are_written_replayed_and_checked() {
 }
 
 /// A guidance-distilled UNet runs no classifier-free guidance: a guider on it is refused
-/// (once its config is read), not ignored, and the server serves on.
+/// naming `spec.guider` before admission (its config says so), not ignored, and the
+/// server serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guider_on_a_guidance_distilled_unet_is_refused() {
     let roots = format!("{},{}", fixtures().display(), schedule_fixtures().display());
@@ -299,10 +301,11 @@ async fn a_guider_on_a_guidance_distilled_unet_is_refused() {
     };
     let status = server.images(spec.clone()).await.expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(
-        status.message().contains("guidance-distilled"),
-        "{status:?}"
-    );
+    assert_eq!(violated_fields(&status), ["spec.guider"], "{status:?}");
+    let details = format!("{:?}", status.get_details_bad_request());
+    assert!(details.contains("guidance-distilled"), "{details}");
+    // Refused before admission: no job started.
+    assert_eq!(server.metric("sdxld_jobs_started_total"), 0.0);
     let plain = pb::GenerationSpec {
         guider: None,
         ..spec

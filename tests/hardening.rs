@@ -14,15 +14,6 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-/// The value of the metric line that starts with `prefix` (0 when absent).
-fn metric(server: &TestServer, prefix: &str) -> f64 {
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Polls `condition` for up to `limit`.
 async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -69,11 +60,11 @@ async fn a_client_that_stops_reading_holds_up_no_other_client() {
     assert_eq!(response.into_inner().images.len(), 1);
     // The stalled client's job is given up and counted as dropped; its place is free.
     eventually("the stalled job dropped", Duration::from_secs(20), || {
-        metric(&server, "sdxld_jobs_ended_total{outcome=\"dropped\"}") == 1.0
+        server.metric("sdxld_jobs_ended_total{outcome=\"dropped\"}") == 1.0
     })
     .await;
     eventually("its place freed", Duration::from_secs(5), || {
-        metric(&server, "sdxld_queue_depth_jobs") == 0.0
+        server.metric("sdxld_queue_depth_jobs") == 0.0
     })
     .await;
 }
@@ -413,17 +404,13 @@ async fn every_jobs_end_is_counted_once() {
     });
     request.set_timeout(Duration::from_millis(1500));
     client.generate_images(request).await.expect_err("deadline");
-    let ended = |outcome: &str| {
-        metric(
-            &server,
-            &format!("sdxld_jobs_ended_total{{outcome=\"{outcome}\"}}"),
-        )
-    };
+    let ended =
+        |outcome: &str| server.metric(&format!("sdxld_jobs_ended_total{{outcome=\"{outcome}\"}}"));
     eventually("every job ended", Duration::from_secs(60), || {
-        metric(&server, "sdxld_queue_depth_jobs") == 0.0 && ended("deadline") == 1.0
+        server.metric("sdxld_queue_depth_jobs") == 0.0 && ended("deadline") == 1.0
     })
     .await;
-    let started = metric(&server, "sdxld_jobs_started_total");
+    let started = server.metric("sdxld_jobs_started_total");
     let outcomes: Vec<(&str, f64)> = ["completed", "failed", "cancelled", "dropped", "deadline"]
         .into_iter()
         .map(|o| (o, ended(o)))

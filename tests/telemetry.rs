@@ -20,15 +20,6 @@ use sdxld::proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-/// The value of the metric line that starts with `prefix` (0 when absent).
-fn metric(server: &TestServer, prefix: &str) -> f64 {
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 /// Polls `condition` for up to 20 s.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -44,7 +35,7 @@ async fn calls_refused_before_a_handler_runs_are_counted_with_their_code() {
     let mut client = server.generation().await;
     let count = |method: &str, code: &str| {
         let prefix = format!("sdxld_rpc_requests_total{{method=\"{method}\",code=\"{code}\"}}");
-        metric(&server, &prefix)
+        server.metric(&prefix)
     };
     // A bad request: refused by validation.
     let mut bad = quick_spec(1);
@@ -108,7 +99,7 @@ async fn cancelling_a_queued_job_updates_the_queue_depth_at_once() {
         spec.client_job_id = id.into();
         running.push(server.admitted(spec).await);
     }
-    let depth = || metric(&server, "sdxld_queue_depth_jobs");
+    let depth = || server.metric("sdxld_queue_depth_jobs");
     eventually("two jobs in the gauge", || depth() == 2.0).await;
     client
         .cancel_job(pb::CancelJobRequest {

@@ -422,6 +422,15 @@ impl TestServer {
         panic!("the server did not become ready");
     }
 
+    /// The value of the metric line that starts with `prefix` (0 when absent).
+    #[allow(dead_code)]
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
     /// The metrics text.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};

@@ -2,13 +2,16 @@
 //! field where it does not apply.
 
 use crate::api::validate::fields::{enum_value, optional_float, Range, Violations};
+use crate::engine::registry::ModelEntry;
 use crate::engine::request::{Guider, GuiderKind};
 use crate::proto::v1 as pb;
 
-/// The request's guider (`None` when it names none), checked against its guidance scale.
+/// The request's guider (`None` when it names none), checked against its guidance scale
+/// and its base model (when it resolves).
 pub fn guider(
     spec: &pb::GenerationSpec,
     guidance_scale: f64,
+    model: Option<&ModelEntry>,
     v: &mut Violations,
 ) -> Option<Guider> {
     let wire = spec.guider.as_ref()?;
@@ -42,6 +45,16 @@ pub fn guider(
     }
     if spec.pag.is_some() {
         v.add("spec.guider", "does not combine with spec.pag");
+    }
+    if let Some(model) = model.filter(|m| m.pipeline.as_ref().is_some_and(|f| f.guidance_distilled))
+    {
+        v.add(
+            "spec.guider",
+            format!(
+                "does not apply to `{}`: its UNet is guidance-distilled (time_cond_proj_dim) and makes no negative prediction to combine",
+                model.name
+            ),
+        );
     }
     let kind = match kind? {
         pb::GuiderKind::Unspecified | pb::GuiderKind::Cfg => {

@@ -153,7 +153,7 @@ fn check(
     let guidance = sampling::guidance(spec, v);
     let freeu = sampling::freeu(spec.freeu.as_ref(), v);
     let seamless = sampling::seamless(spec, v);
-    let guider = guider::guider(spec, guidance.0, v);
+    let guider = guider::guider(spec, guidance.0, model.as_ref(), v);
     let pag = pag::pag(spec, model.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
     let model_scheduler = model

@@ -9,7 +9,8 @@ use crate::engine::models::unet::UNet2DConditionModel;
 use crate::engine::schedulers::{SchedulerConfig, SchedulerKind};
 
 /// What validation needs to know of a pipeline before it is loaded, read from its
-/// configs: its default image size, the depth of its text encoders and its scheduler.
+/// configs: its default image size, the depth of its text encoders, its scheduler and
+/// what its UNet takes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineFacts {
     /// Default image side in pixels (UNet sample size × VAE scale factor).
@@ -21,6 +22,9 @@ pub struct PipelineFacts {
     /// Its UNet takes more than latents (an inpainting UNet: latents, mask and masked
     /// image latents), so it runs only with an init image and a mask.
     pub inpainting: bool,
+    /// Its UNet embeds the guidance scale (`time_cond_proj_dim`, as LCM-distilled UNets
+    /// do), so it runs without a negative prediction for a guider to combine.
+    pub guidance_distilled: bool,
     /// Its UNet's attentions by module path (`up_blocks.0.attentions.1`), the layers an
     /// image prompt may be limited to.
     pub attentions: Vec<String>,
@@ -150,6 +154,7 @@ impl PipelineFacts {
             text_encoder_layers: layers.max(0) as u32,
             scheduler_config: configs.scheduler,
             inpainting: configs.unet.in_channels != configs.vae.latent_channels,
+            guidance_distilled: configs.unet.time_cond_proj_dim.is_some(),
             attentions: configs.unet.attention_paths(),
             self_attentions: UNet2DConditionModel::self_attention_names(&configs.unet),
         })
