@@ -131,16 +131,6 @@ async fn preprocess(
         .map(tonic::Response::into_inner)
 }
 
-async fn capabilities(server: &TestServer) -> pb::GetCapabilitiesResponse {
-    server
-        .models()
-        .await
-        .get_capabilities(pb::GetCapabilitiesRequest {})
-        .await
-        .expect("capabilities")
-        .into_inner()
-}
-
 /// Asserts that an 8-bit map is the reference's within one level on at most one pixel
 /// in a hundred (a black-and-white scribble: any difference on at most one in a hundred).
 fn assert_map(what: &str, png: &[u8], reference: &Path) {
@@ -261,7 +251,8 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         dpt.preprocessor.as_ref().map(|p| p.network.as_str()),
         Some("dpt")
     );
-    let ready: Vec<(i32, bool)> = capabilities(&server)
+    let ready: Vec<(i32, bool)> = server
+        .capabilities()
         .await
         .preprocessor_support
         .iter()
@@ -405,7 +396,7 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         reason(&status).1["config_key"],
         "preprocessing.lineart_anime_model"
     );
-    let support = capabilities(&bare).await.preprocessor_support;
+    let support = bare.capabilities().await.preprocessor_support;
     let lineart = support
         .iter()
         .find(|s| s.preprocessor == pb::Preprocessor::Lineart as i32)

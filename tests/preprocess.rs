@@ -328,13 +328,7 @@ mod over_grpc {
             assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
             assert_eq!(fields(&status), [field], "{status:?}");
         }
-        let capabilities = server
-            .models()
-            .await
-            .get_capabilities(pb::GetCapabilitiesRequest {})
-            .await
-            .expect("capabilities")
-            .into_inner();
+        let capabilities = server.capabilities().await;
         assert_eq!(
             capabilities.preprocessors,
             [

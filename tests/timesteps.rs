@@ -183,13 +183,7 @@ async fn consistency_runs_are_named_and_listed() {
         &common::decoded_image(&other.images[0].data),
     );
     assert!(moved > 10, "gamma moves the image by {moved} levels only");
-    let capabilities = server
-        .models()
-        .await
-        .get_capabilities(pb::GetCapabilitiesRequest {})
-        .await
-        .expect("capabilities")
-        .into_inner();
+    let capabilities = server.capabilities().await;
     for (scheduler, options) in [
         (
             pb::Scheduler::Lcm,

@@ -310,16 +310,21 @@ impl TestServer {
             .models
     }
 
-    /// Asserts that the capabilities list `field` as a supported feature.
+    /// The server's capabilities.
     #[allow(dead_code)]
-    pub async fn assert_feature(&self, field: &str) {
-        let capabilities = self
-            .models()
+    pub async fn capabilities(&self) -> pb::GetCapabilitiesResponse {
+        self.models()
             .await
             .get_capabilities(pb::GetCapabilitiesRequest {})
             .await
             .expect("capabilities")
-            .into_inner();
+            .into_inner()
+    }
+
+    /// Asserts that the capabilities list `field` as a supported feature.
+    #[allow(dead_code)]
+    pub async fn assert_feature(&self, field: &str) {
+        let capabilities = self.capabilities().await;
         assert!(
             capabilities
                 .features
