@@ -465,9 +465,6 @@ fn the_pipeline_counts_the_adapter_sets_on_it_until_they_come_off() {
 /// one before, in both modes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
-    use pb::generate_response::Event;
-    use tokio_stream::StreamExt;
-
     let dir = fixtures().join("tiny2");
     let all = common::cases("tiny2", "lora");
     let case = |name: &str| all.iter().find(|c| c["name"] == name).expect("case");
@@ -476,38 +473,15 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
         let server = lora_server(&dir, mode).await;
         let before = plain_image(&server, plain).await;
         for stop in ["cancel", "drop", "deadline"] {
+            // Far from its end: 150 steps at 512² take about 45 s.
             let mut long = grpc_spec(stacked, case_loras(stacked));
             (long.steps, long.width, long.height) = (150, 512, 512);
             long.client_job_id = format!("{mode}-{stop}");
-            let mut request = tonic::Request::new(pb::GenerateRequest {
-                spec: Some(long.clone()),
-            });
-            if stop == "deadline" {
-                // Long enough to reach step 2 while other tests load the two cores (6 s
-                // was not, once), far from the job's end (150 steps at 512², about 45 s).
-                request.set_timeout(std::time::Duration::from_secs(15));
-            }
-            let mut stream = server
-                .generation()
-                .await
-                .generate(request)
-                .await
-                .expect("admitted")
-                .into_inner();
-            // Wait for a denoising step with the adapters on.
-            while let Some(message) = stream.next().await {
-                match message.map(|m| m.event) {
-                    Ok(Some(Event::Progress(p)))
-                        if p.stage == pb::Stage::Denoising as i32 && p.step >= 2 =>
-                    {
-                        break
-                    }
-                    Ok(_) => {}
-                    Err(status) => panic!("{mode} {stop}: {status:?}"),
-                }
-            }
             match stop {
                 "cancel" => {
+                    let mut stream = start_adapted_job(&server, &long, None).await;
+                    let reached = reach_adapted_step(&mut stream).await;
+                    reached.unwrap_or_else(|status| panic!("{mode} {stop}: {status:?}"));
                     let request = pb::CancelJobRequest {
                         client_job_id: long.client_job_id.clone(),
                         ..Default::default()
@@ -517,12 +491,13 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
                     let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
                     assert_eq!(end.expect_err("cancelled").code(), tonic::Code::Cancelled);
                 }
-                "drop" => drop(stream),
-                _ => {
-                    let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
-                    let code = end.expect_err("past its deadline").code();
-                    assert_eq!(code, tonic::Code::DeadlineExceeded, "{mode}");
+                "drop" => {
+                    let mut stream = start_adapted_job(&server, &long, None).await;
+                    let reached = reach_adapted_step(&mut stream).await;
+                    reached.unwrap_or_else(|status| panic!("{mode} {stop}: {status:?}"));
+                    drop(stream);
                 }
+                _ => stop_past_deadline(&server, &long, mode).await,
             }
             let after = plain_image(&server, plain).await;
             assert!(
@@ -531,6 +506,70 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
             );
         }
     }
+}
+
+/// Runs `spec` under a deadline that passes after its adapters are on (step 2 reached)
+/// and long before its end. Two loaded cores can hold the run short of step 2 for a
+/// while, so a deadline that passes first is tried again with a longer one.
+async fn stop_past_deadline(
+    server: &common::server::TestServer,
+    spec: &pb::GenerationSpec,
+    mode: &str,
+) {
+    for secs in [15, 45, 120] {
+        let timeout = std::time::Duration::from_secs(secs);
+        // The job a passed deadline stopped may still hold its id for a moment.
+        let attempt = pb::GenerationSpec {
+            client_job_id: format!("{}-{secs}", spec.client_job_id),
+            ..spec.clone()
+        };
+        let mut stream = start_adapted_job(server, &attempt, Some(timeout)).await;
+        match reach_adapted_step(&mut stream).await {
+            Ok(()) => {
+                let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
+                let code = end.expect_err("past its deadline").code();
+                assert_eq!(code, tonic::Code::DeadlineExceeded, "{mode}");
+                return;
+            }
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                eprintln!("{mode}: a {secs} s deadline passed before step 2; trying a longer one");
+            }
+            Err(status) => panic!("{mode} deadline: {status:?}"),
+        }
+    }
+    panic!("{mode}: the job never reached step 2 within 120 s");
+}
+
+async fn start_adapted_job(
+    server: &common::server::TestServer,
+    spec: &pb::GenerationSpec,
+    timeout: Option<std::time::Duration>,
+) -> tonic::Streaming<pb::GenerateResponse> {
+    let mut request = tonic::Request::new(pb::GenerateRequest {
+        spec: Some(spec.clone()),
+    });
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    let started = server.generation().await.generate(request).await;
+    started.expect("admitted").into_inner()
+}
+
+/// Waits for denoising step 2, when the job's adapters are on; the stream's error if it
+/// ends first.
+async fn reach_adapted_step(
+    stream: &mut tonic::Streaming<pb::GenerateResponse>,
+) -> Result<(), tonic::Status> {
+    use pb::generate_response::Event;
+    use tokio_stream::StreamExt;
+    while let Some(message) = stream.next().await {
+        if let Some(Event::Progress(p)) = message?.event {
+            if p.stage == pb::Stage::Denoising as i32 && p.step >= 2 {
+                return Ok(());
+            }
+        }
+    }
+    Err(tonic::Status::internal("the job ended before step 2"))
 }
 
 async fn plain_image(server: &common::server::TestServer, plain: &Case) -> Vec<u8> {
