@@ -190,6 +190,8 @@ pub struct PreprocessingSettings {
     pub openpose_model: String,
     /// The NormalBAE network's model name; "" for none.
     pub normal_model: String,
+    /// The M-LSD network's model name; "" for none.
+    pub mlsd_model: String,
 }
 
 impl PreprocessingSettings {
@@ -210,11 +212,12 @@ impl PreprocessingSettings {
             }
             DetectorNetwork::OpenPose => ("preprocessing.openpose_model", &self.openpose_model),
             DetectorNetwork::NormalBae => ("preprocessing.normal_model", &self.normal_model),
+            DetectorNetwork::Mlsd => ("preprocessing.mlsd_model", &self.mlsd_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 7] {
+    fn all(&self) -> [(&'static str, &str); 8] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -223,6 +226,7 @@ impl PreprocessingSettings {
             DetectorNetwork::UperNet,
             DetectorNetwork::OpenPose,
             DetectorNetwork::NormalBae,
+            DetectorNetwork::Mlsd,
         ]
         .map(|network| self.default_detector(network))
     }

@@ -36,6 +36,7 @@ fn detector_root() -> tempfile::TempDir {
         ("hed/narrow.safetensors", "ControlNetHED.safetensors"),
         ("openpose/narrow.safetensors", "body_pose_model.safetensors"),
         ("normal/narrow.safetensors", "scannet.safetensors"),
+        ("mlsd/narrow.safetensors", "mlsd_large_512_fp32.safetensors"),
     ] {
         std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
     }
@@ -268,6 +269,7 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         pb::Preprocessor::Segmentation,
         pb::Preprocessor::Openpose,
         pb::Preprocessor::Normal,
+        pb::Preprocessor::Mlsd,
     ] {
         assert!(
             ready.contains(&(kind as i32, true)),
@@ -293,6 +295,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         ("segmentation", "union_xl", pb::Preprocessor::Segmentation),
         ("openpose", "union_xl", pb::Preprocessor::Openpose),
         ("normal", "union_xl", pb::Preprocessor::Normal),
+        ("mlsd", "union_xl", pb::Preprocessor::Mlsd),
     ] {
         let spec = pb::GenerationSpec {
             prompt: "a house by a lake".into(),
@@ -339,6 +342,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             pb::Preprocessor::Segmentation => SEGMENT_MODEL,
             pb::Preprocessor::Openpose => "body_pose_model",
             pb::Preprocessor::Normal => "scannet",
+            pb::Preprocessor::Mlsd => "mlsd_large_512_fp32",
             _ => "netG",
         };
         assert_eq!(detector.name, default);

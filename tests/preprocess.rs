@@ -342,6 +342,7 @@ mod over_grpc {
                 pb::Preprocessor::Lineart as i32,
                 pb::Preprocessor::LineartAnime as i32,
                 pb::Preprocessor::Softedge as i32,
+                pb::Preprocessor::Mlsd as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -352,7 +353,7 @@ mod over_grpc {
             .collect();
         assert_eq!(
             ready,
-            [true, true, false, false, false, false, false, false, false, false]
+            [true, true, false, false, false, false, false, false, false, false, false]
         );
     }
 }

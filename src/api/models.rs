@@ -433,7 +433,7 @@ impl ModelService for Models {
 /// Each implemented preprocessor and whether a request naming no detector runs.
 fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
     use crate::api::validate::detector::Detectors;
-    use crate::api::validate::preprocessor::{domain, IMPLEMENTED};
+    use crate::api::validate::preprocessor::{domain, Parameters, IMPLEMENTED};
     let detectors = Detectors {
         registry: &state.registry,
         defaults: &state.settings.preprocessing,
@@ -441,7 +441,7 @@ fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
     IMPLEMENTED
         .iter()
         .map(|&kind| {
-            let network = domain(kind, (0, 0)).and_then(|p| p.network());
+            let network = domain(kind, Parameters::default()).and_then(|p| p.network());
             let mut support = pb::PreprocessorSupport {
                 preprocessor: kind as i32,
                 ready: true,

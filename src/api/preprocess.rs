@@ -9,7 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::status::ApiError;
 use crate::api::validate::detector::Detectors;
-use crate::api::validate::preprocessor::{domain, preprocess_request};
+use crate::api::validate::preprocessor::{domain, preprocess_request, Parameters};
 use crate::api::validate::Context;
 use crate::api::ApiState;
 use crate::jobs::{ConditioningImage, JobError, JobWork, PreprocessSpec};
@@ -26,7 +26,7 @@ pub fn slots() -> Arc<Semaphore> {
 pub fn runs_network(kind: i32) -> bool {
     pb::Preprocessor::try_from(kind)
         .ok()
-        .and_then(|kind| domain(kind, (0, 0)))
+        .and_then(|kind| domain(kind, Parameters::default()))
         .and_then(|p| p.network())
         .is_some()
 }

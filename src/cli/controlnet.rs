@@ -8,8 +8,8 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge), detector (a preprocessor network's \
-.safetensors file or model folder), low, high, resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd), detector (a preprocessor network's \
+.safetensors file or model folder), low, high (Canny), score, distance (M-LSD), resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -102,12 +102,15 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("lineart", 8),
                 ("lineart_anime", 9),
                 ("softedge", 10),
+                ("mlsd", 11),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }
         "type" => unit.control_type = named(key, value, &CONTROL_TYPES)?,
         "low" => unit_params(unit).low_threshold = Some(whole()?),
         "high" => unit_params(unit).high_threshold = Some(whole()?),
+        "score" => unit_params(unit).mlsd_score_threshold = Some(number()?),
+        "distance" => unit_params(unit).mlsd_distance_threshold = Some(number()?),
         "resolution" => unit_params(unit).detect_resolution = whole()?,
         other => bail!("unknown key `{other}` (keys: {KEYS})"),
     }

@@ -268,6 +268,12 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),
+        Some(Preprocessor::Mlsd(t)) => {
+            format!(
+                "mlsd, Threshold A: {}, Threshold B: {}",
+                t.score, t.distance
+            )
+        }
         Some(Preprocessor::None) | None => "none".to_string(),
     };
     let detector = first.filter(|p| p.preprocessor != Preprocessor::None);

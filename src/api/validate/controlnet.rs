@@ -345,12 +345,13 @@ fn control_type(field: &str, value: i32, v: &mut Violations) -> Option<Option<Co
 }
 
 /// The union control type a preprocessor's map shows (xinsir's grouping: Canny and
-/// every line art share one type), if it implies one.
+/// every line art, M-LSD's segments included, share one type), if it implies one.
 fn implied_type(preprocessor: i32) -> Option<ControlType> {
     match pb::Preprocessor::try_from(preprocessor).ok()? {
-        pb::Preprocessor::Canny | pb::Preprocessor::Lineart | pb::Preprocessor::LineartAnime => {
-            Some(ControlType::CannyLineart)
-        }
+        pb::Preprocessor::Canny
+        | pb::Preprocessor::Lineart
+        | pb::Preprocessor::LineartAnime
+        | pb::Preprocessor::Mlsd => Some(ControlType::CannyLineart),
         pb::Preprocessor::Depth => Some(ControlType::Depth),
         pb::Preprocessor::Openpose => Some(ControlType::OpenPose),
         pb::Preprocessor::Scribble | pb::Preprocessor::Softedge => Some(ControlType::HedScribble),

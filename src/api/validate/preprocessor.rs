@@ -4,19 +4,23 @@
 
 use crate::api::status::ApiError;
 use crate::api::validate::detector::Detectors;
-use crate::api::validate::fields::{at_most, enum_value, Violations};
+use crate::api::validate::fields::{at_most, enum_value, float, Range, Violations};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
+use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
 use crate::engine::registry::ModelEntry;
 use crate::proto::v1 as pb;
 
 /// Canny's thresholds when the request names none (controlnet_aux's defaults).
 const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
+/// The longest M-LSD distance threshold, in pixels of its half-size output (A1111's
+/// slider's end).
+const MAX_LINE_DISTANCE: f64 = 20.0;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 10] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 11] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -27,7 +31,17 @@ pub const IMPLEMENTED: [pb::Preprocessor; 10] = [
     pb::Preprocessor::Lineart,
     pb::Preprocessor::LineartAnime,
     pb::Preprocessor::Softedge,
+    pb::Preprocessor::Mlsd,
 ];
+
+/// The parameters the preprocessors read, checked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parameters {
+    /// Canny's low and high thresholds.
+    pub canny: (u32, u32),
+    /// M-LSD's score and length thresholds.
+    pub lines: LineThresholds,
+}
 
 /// What a preprocessor is checked against: its image (when it decoded), the most
 /// pixels an image may have, and where its detector comes from.
@@ -45,7 +59,8 @@ pub struct Checked {
 }
 
 /// The domain preprocessor of an implemented wire one, with its parameters.
-pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preprocessor> {
+pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preprocessor> {
+    let (low, high) = parameters.canny;
     match kind {
         pb::Preprocessor::Unspecified | pb::Preprocessor::None => Some(Preprocessor::None),
         pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
@@ -57,6 +72,7 @@ pub fn domain(kind: pb::Preprocessor, (low, high): (u32, u32)) -> Option<Preproc
         pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
         pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
         pb::Preprocessor::Normal => Some(Preprocessor::Normal),
+        pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
     }
 }
 
@@ -86,12 +102,17 @@ pub fn preprocessor(
             format!("must be at most high_threshold ({low} > {high})"),
         );
     }
+    let lines = line_thresholds(&p, params, v);
     let detectors = subject.detectors;
     let image_size = subject.image.map(|i| (i.width(), i.height()));
     let max_pixels = subject.max_pixels;
     let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
     let kind = kind?;
-    let Some(preprocessor) = domain(kind, (low, high)) else {
+    let parameters = Parameters {
+        canny: (low, high),
+        lines,
+    };
+    let Some(preprocessor) = domain(kind, parameters) else {
         deferred.unimplemented(ApiError::Unimplemented(
             field,
             format!(
@@ -103,6 +124,16 @@ pub fn preprocessor(
     };
     if preprocessor == Preprocessor::Normal && detect_resolution == Some(None) {
         normal_sides(&p, image_size, v);
+    }
+    if let (Preprocessor::Mlsd(_), Some(None), Some((w, h))) =
+        (preprocessor, detect_resolution, image_size)
+    {
+        if let Err(why) = crate::engine::preprocess::mlsd::check_size(w, h) {
+            v.add(
+                format!("{p}.detect_resolution"),
+                format!("{why}: set a detect_resolution (its sizes are multiples of 64)"),
+            );
+        }
     }
     if let (Preprocessor::OpenPose, Some(resolution), Some(size)) =
         (preprocessor, detect_resolution, image_size)
@@ -160,6 +191,30 @@ fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v:
                 "the pose network would see the {dw}x{dh} image as {nw}x{nh}, no pixel wide: crop the image nearer to square"
             ),
         );
+    }
+}
+
+/// M-LSD's thresholds (controlnet_aux's `thr_v` and `thr_d`), kept as the float32 the
+/// client sent, as numpy compares them.
+fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations) -> LineThresholds {
+    let defaults = LineThresholds::default();
+    let mut checked = |name: &str, value: Option<f32>, max: f64, default: f32| match value {
+        Some(x) if float(v, &format!("{p}.{name}"), x, Range::closed(0.0, max)).is_some() => x,
+        _ => default,
+    };
+    LineThresholds {
+        score: checked(
+            "mlsd_score_threshold",
+            params.mlsd_score_threshold,
+            1.0,
+            defaults.score,
+        ),
+        distance: checked(
+            "mlsd_distance_threshold",
+            params.mlsd_distance_threshold,
+            MAX_LINE_DISTANCE,
+            defaults.distance,
+        ),
     }
 }
 

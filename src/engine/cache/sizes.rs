@@ -213,6 +213,9 @@ pub fn detector_activation_estimate(
         DetectorNetwork::OpenPose => (192 * 184 * 184 * width / height.max(1), 57 * 3),
         // The full-resolution refinement: 132 channels in, 128 wide, a few alive.
         DetectorNetwork::NormalBae => (0, 600),
+        // At half resolution: 96-channel expansions and the 128-channel joins, a few
+        // alive (about 40 channels a pixel), then the output and the canvas.
+        DetectorNetwork::Mlsd => (0, 160),
         // The head at the 518² input (64 channels, three alive); the depth resized back.
         DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
         // The head at the 384² input (128 channels, three alive); the depth resized back.

@@ -12,6 +12,8 @@ use crate::engine::preprocess::depth::{DepthDetector, DepthNetwork};
 use crate::engine::preprocess::hed::Hed;
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
+use crate::engine::preprocess::mlsd::Mlsd;
+use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::normal_bae::{self, NormalDetector};
 use crate::engine::preprocess::openpose;
 use crate::engine::preprocess::pose::OpenPoseDetector;
@@ -37,6 +39,8 @@ pub enum DetectorNetwork {
     OpenPose,
     /// controlnet_aux's NormalBAE surface-normal network.
     NormalBae,
+    /// controlnet_aux's M-LSD line-segment network.
+    Mlsd,
 }
 
 impl DetectorNetwork {
@@ -65,6 +69,7 @@ impl DetectorNetwork {
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
             DetectorNetwork::NormalBae => "normal_bae",
+            DetectorNetwork::Mlsd => "mlsd",
         }
     }
 
@@ -75,7 +80,8 @@ impl DetectorNetwork {
             | DetectorNetwork::LineartAnime
             | DetectorNetwork::Hed
             | DetectorNetwork::OpenPose
-            | DetectorNetwork::NormalBae => {
+            | DetectorNetwork::NormalBae
+            | DetectorNetwork::Mlsd => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::UperNet => {
@@ -133,11 +139,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if normal_bae::is_normal_bae(shapes.iter().map(|(name, _)| name.as_str())) {
         return Ok(DetectorNetwork::NormalBae);
     }
+    if has("backbone.features.0.0.weight") && has("block23.conv3.weight") {
+        return Ok(DetectorNetwork::Mlsd);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd; depth_anything as a model folder)"
         ),
     })
 }
@@ -158,6 +167,8 @@ pub enum Detector {
     OpenPose(OpenPoseDetector),
     /// The NormalBAE network.
     Normal(NormalDetector),
+    /// The M-LSD network.
+    Mlsd(Box<Mlsd>),
 }
 
 impl Detector {
@@ -185,6 +196,7 @@ impl Detector {
             DetectorNetwork::NormalBae => {
                 Ok(Detector::Normal(NormalDetector::load(path, device, kind)?))
             }
+            DetectorNetwork::Mlsd => Ok(Detector::Mlsd(Box::new(Mlsd::load(path, device, kind)?))),
         }
     }
 
@@ -199,6 +211,7 @@ impl Detector {
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
             Detector::Normal(network) => return network.detect(image),
+            Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -216,6 +229,7 @@ impl Detector {
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,
             Detector::Normal(_) => DetectorNetwork::NormalBae,
+            Detector::Mlsd(_) => DetectorNetwork::Mlsd,
         }
     }
 }

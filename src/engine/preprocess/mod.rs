@@ -4,6 +4,7 @@
 
 pub mod ade20k;
 pub mod canny;
+pub mod cv_line;
 pub mod cv_plane;
 pub mod cv_resize;
 pub mod depth;
@@ -15,6 +16,8 @@ pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod mlsd;
+pub mod mlsd_lines;
 pub mod normal_bae;
 pub mod openpose;
 pub mod pose;
@@ -31,6 +34,7 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use crate::engine::error::{EngineError, Result};
 use cv_resize::Interpolation;
 use detector::{Detector, DetectorNetwork};
+use mlsd_lines::LineThresholds;
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +123,8 @@ pub enum Preprocessor {
     OpenPose,
     /// Surface normals from controlnet_aux's NormalBAE network.
     Normal,
+    /// Straight line segments from controlnet_aux's M-LSD network.
+    Mlsd(LineThresholds),
 }
 
 impl Preprocessor {
@@ -133,6 +139,7 @@ impl Preprocessor {
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
             Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
             Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
+            Preprocessor::Mlsd(_) => Some(DetectorNetwork::Mlsd),
         }
     }
 
@@ -141,6 +148,13 @@ impl Preprocessor {
         match (self, self.network()) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
             (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
+            (Preprocessor::Mlsd(thresholds), _) => match detector {
+                Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
+                other => Err(EngineError::Internal(format!(
+                    "the M-LSD preprocessor was handed {:?}",
+                    other.map(Detector::network)
+                ))),
+            },
             (_, network) => match detector {
                 Some(detector) if network.is_some_and(|n| n.accepts(detector.network())) => {
                     let map = detector.detect(rgb)?;
