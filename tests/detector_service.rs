@@ -329,6 +329,12 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         assert_images_match(case, &decoded_image(&response.images[0].data), &expected);
         let map = detector_fixtures().join(format!("controlnet/{case}_map.png"));
         assert_map(case, &response.control_maps[0].data, &map);
+        if preprocessor == pb::Preprocessor::Mlsd {
+            // sd-webui-controlnet's entry, the default thresholds as A and B.
+            let parameters = common::png_parameters(&response.images[0].data);
+            let entry = "Module: mlsd, Threshold A: 0.1, Threshold B: 0.1, Processor Res: 64,";
+            assert!(parameters.contains(entry), "{parameters}");
+        }
         let completed = response.completed.expect("completed");
         let detector = completed
             .models

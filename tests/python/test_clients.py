@@ -184,6 +184,42 @@ def test_python_client_line_art_as_controlnet_aux_draws_it(stubs, server):
     assert difference.max() <= 1 and (difference > 0).mean() <= 0.01
 
 
+def test_python_client_mlsd_lines_as_controlnet_aux_draws_them(stubs, server):
+    """An M-LSD network installed under the default's name: the map of an oblong image
+    with thresholds of the client's equals controlnet_aux's MLSDdetector pixel for pixel,
+    and a NaN threshold is refused naming it."""
+    import sys
+
+    import numpy as np
+    import torch
+    from controlnet_aux.mlsd import MLSDdetector
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_detector_fixtures import calibrate_mlsd, mlsd_model
+
+    pixels = np.random.default_rng(5).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    model = mlsd_model("large")
+    calibrate_mlsd(model, pixels[:, :96])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(server.preprocessor_root / "mlsd_large_512_fp32.safetensors"))
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=128, mlsd_score_threshold=0.2, mlsd_distance_threshold=2.0)
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_MLSD, preprocessor_params=params)
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L"))
+    # The 192x128 detection size; its short side as image_resolution keeps the map there.
+    expected = MLSDdetector(model)(pixels, thr_v=0.2, thr_d=2.0, detect_resolution=128, image_resolution=128, output_type="np")
+    assert (reply.width, reply.height) == (192, 128) and expected.shape[:2] == (128, 192)
+    assert (got == expected[:, :, 0]).all() and got.any()
+    request.preprocessor_params.mlsd_score_threshold = float("nan")
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.mlsd_score_threshold"]
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""
