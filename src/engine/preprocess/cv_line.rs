@@ -10,7 +10,9 @@ pub fn draw_line(canvas: &mut GrayImage, from: (i64, i64), to: (i64, i64), value
     let inside = |(x, y): (i64, i64)| (0..width).contains(&x) && (0..height).contains(&y);
     let (mut from, mut to) = (from, to);
     let visible = inside(from) && inside(to) || clip_line(width, height, &mut from, &mut to);
-    if !visible {
+    // Clipping leaves both ends on the canvas but for ends so far out that OpenCV's own
+    // arithmetic overflows; those it would draw out of bounds, and here draw nothing.
+    if !(visible && inside(from) && inside(to)) {
         return;
     }
     // Left to right: a line going left starts at its other end.
@@ -61,26 +63,26 @@ fn clip_line(width: i64, height: i64, p1: &mut (i64, i64), p2: &mut (i64, i64)) 
     if c1 & c2 == 0 && c1 | c2 != 0 {
         if c1 & 12 != 0 {
             let a = if c1 < 8 { 0 } else { bottom };
-            p1.0 += along(a - p1.1, p2.0 - p1.0, p2.1 - p1.1);
+            p1.0 = p1.0.wrapping_add(along(a - p1.1, p2.0 - p1.0, p2.1 - p1.1));
             p1.1 = a;
             c1 = columns(p1.0);
         }
         if c2 & 12 != 0 {
             let a = if c2 < 8 { 0 } else { bottom };
-            p2.0 += along(a - p2.1, p2.0 - p1.0, p2.1 - p1.1);
+            p2.0 = p2.0.wrapping_add(along(a - p2.1, p2.0 - p1.0, p2.1 - p1.1));
             p2.1 = a;
             c2 = columns(p2.0);
         }
         if c1 & c2 == 0 && c1 | c2 != 0 {
             if c1 != 0 {
                 let a = if c1 == 1 { 0 } else { right };
-                p1.1 += along(a - p1.0, p2.1 - p1.1, p2.0 - p1.0);
+                p1.1 = p1.1.wrapping_add(along(a - p1.0, p2.1 - p1.1, p2.0 - p1.0));
                 p1.0 = a;
                 c1 = 0;
             }
             if c2 != 0 {
                 let a = if c2 == 1 { 0 } else { right };
-                p2.1 += along(a - p2.0, p2.1 - p1.1, p2.0 - p1.0);
+                p2.1 = p2.1.wrapping_add(along(a - p2.0, p2.1 - p1.1, p2.0 - p1.0));
                 p2.0 = a;
                 c2 = 0;
             }
@@ -96,4 +98,26 @@ fn along(offset: i64, rise: i64, run: i64) -> i64 {
         return 0;
     }
     offset.wrapping_mul(rise).wrapping_div(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ends_far_beyond_opencvs_integers_neither_hang_nor_panic() {
+        let mut canvas = GrayImage::new(8, 6);
+        for (from, to) in [
+            ((i64::MIN / 2, 3), (i64::MAX / 2, 4)),
+            ((-(1 << 40), -(1 << 41)), (1 << 42, 1 << 40)),
+            ((3, i64::MIN), (4, i64::MAX)),
+        ] {
+            draw_line(&mut canvas, from, to, 255);
+        }
+        // A line inside is drawn end to end: 8-connected, one pixel a column.
+        let mut canvas = GrayImage::new(8, 6);
+        draw_line(&mut canvas, (0, 0), (7, 3), 255);
+        assert_eq!(canvas.iter().filter(|&&v| v == 255).count(), 8);
+        assert_eq!(canvas.get_pixel(7, 3).0, [255]);
+    }
 }
