@@ -2,7 +2,8 @@
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
 of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, the NormalBAE network of its
-scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, at their published sizes), Depth Anything V2 Small's and
+scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, at their
+published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
@@ -31,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
+    if kind == "pidinet":
+        from controlnet_aux.pidi.model import pidinet
+
+        return pidinet()
     if kind == "mlsd":
         from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 
@@ -186,7 +191,11 @@ def reference_child(args):
             state = transfer(model, state)
         model.load_state_dict(state)
         model.eval()
-        if args.kind == "mlsd":
+        if args.kind == "pidinet":
+            from controlnet_aux.pidi import PidiNetDetector
+
+            detector = PidiNetDetector(model)
+        elif args.kind == "mlsd":
             from controlnet_aux.mlsd import MLSDdetector
 
             detector = MLSDdetector(model)
@@ -235,7 +244,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

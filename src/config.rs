@@ -206,7 +206,9 @@ impl PreprocessingSettings {
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt => {
                 ("preprocessing.depth_model", &self.depth_model)
             }
-            DetectorNetwork::Hed => ("preprocessing.hed_model", &self.hed_model),
+            DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {
+                ("preprocessing.hed_model", &self.hed_model)
+            }
             DetectorNetwork::UperNet => {
                 ("preprocessing.segmentation_model", &self.segmentation_model)
             }

@@ -3,6 +3,7 @@
 
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
+use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::{Guider, GuiderKind, RefinerMode};
@@ -256,6 +257,11 @@ fn postprocess_entries(spec: &JobSpec) -> String {
 fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let settings = &unit.unit;
     let first = unit.inputs.first().map(|i| i.preprocessing);
+    // Soft edges and scribbles name the network that drew them.
+    let edges = match unit.inputs.first().and_then(|i| i.detector.as_ref()) {
+        Some(d) if network_of(&d.path).ok() == Some(DetectorNetwork::PiDiNet) => "pidinet",
+        _ => "hed",
+    };
     let mut module = match first.map(|p| p.preprocessor) {
         Some(Preprocessor::Canny { low, high }) => {
             format!("canny, Threshold A: {low}, Threshold B: {high}")
@@ -263,8 +269,8 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Lineart) => "lineart_realistic".to_string(),
         Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
         Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
-        Some(Preprocessor::SoftEdge) => "softedge_hed".to_string(),
-        Some(Preprocessor::Scribble) => "scribble_hed".to_string(),
+        Some(Preprocessor::SoftEdge) => format!("softedge_{edges}"),
+        Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),

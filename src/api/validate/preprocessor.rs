@@ -157,6 +157,9 @@ pub fn preprocessor(
         }
         None => None,
     };
+    if let (Some(entry), Some(None), Some(size)) = (&detector, detect_resolution, image_size) {
+        edge_network_sides(&p, entry, size, v);
+    }
     Some(Checked {
         preprocessing: Preprocessing {
             preprocessor,
@@ -215,6 +218,26 @@ fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations)
             MAX_LINE_DISTANCE,
             defaults.distance,
         ),
+    }
+}
+
+/// An edge network's sides for an image detected at its own size: its poolings must
+/// leave a pixel (HED's four, PiDiNet's three); a detect resolution always does.
+fn edge_network_sides(p: &str, detector: &ModelEntry, (w, h): (u32, u32), v: &mut Violations) {
+    use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
+    let least = match network_of(&detector.path) {
+        Ok(DetectorNetwork::Hed) => crate::engine::preprocess::hed::MIN_SIDE,
+        Ok(DetectorNetwork::PiDiNet) => crate::engine::preprocess::pidinet::MIN_SIDE,
+        _ => return,
+    };
+    if w.min(h) < least {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!(
+                "`{}` needs sides of at least {least} pixels; the image is {w}x{h}: set a detect_resolution",
+                detector.name
+            ),
+        );
     }
 }
 

@@ -216,6 +216,9 @@ pub fn detector_activation_estimate(
         // At half resolution: 96-channel expansions and the 128-channel joins, a few
         // alive (about 40 channels a pixel), then the output and the canvas.
         DetectorNetwork::Mlsd => (0, 160),
+        // The first stage's 60 channels at full resolution, three alive, then the five
+        // edge maps.
+        DetectorNetwork::PiDiNet => (0, 200),
         // The head at the 518² input (64 channels, three alive); the depth resized back.
         DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
         // The head at the 384² input (128 channels, three alive); the depth resized back.

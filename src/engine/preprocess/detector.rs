@@ -16,6 +16,7 @@ use crate::engine::preprocess::mlsd::Mlsd;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::normal_bae::{self, NormalDetector};
 use crate::engine::preprocess::openpose;
+use crate::engine::preprocess::pidinet::PiDiNet;
 use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
 use crate::engine::weights::read_shapes;
@@ -41,19 +42,24 @@ pub enum DetectorNetwork {
     NormalBae,
     /// controlnet_aux's M-LSD line-segment network.
     Mlsd,
+    /// controlnet_aux's PiDiNet edge network.
+    PiDiNet,
 }
 
 impl DetectorNetwork {
     /// Whether a detector holding `held` serves a preprocessor that runs this network
-    /// (a depth preprocessor takes Depth Anything or DPT).
+    /// (a depth preprocessor takes Depth Anything or DPT, a soft-edge one HED or PiDiNet).
     pub fn accepts(self, held: DetectorNetwork) -> bool {
-        held == self || (self == DetectorNetwork::DepthAnything && held == DetectorNetwork::Dpt)
+        held == self
+            || (self == DetectorNetwork::DepthAnything && held == DetectorNetwork::Dpt)
+            || (self == DetectorNetwork::Hed && held == DetectorNetwork::PiDiNet)
     }
 
     /// What it is called where a preprocessor names the networks it takes.
     pub fn described(self) -> &'static str {
         match self {
             DetectorNetwork::DepthAnything => "depth_anything or dpt",
+            DetectorNetwork::Hed => "hed or pidinet",
             other => other.name(),
         }
     }
@@ -70,6 +76,7 @@ impl DetectorNetwork {
             DetectorNetwork::OpenPose => "openpose",
             DetectorNetwork::NormalBae => "normal_bae",
             DetectorNetwork::Mlsd => "mlsd",
+            DetectorNetwork::PiDiNet => "pidinet",
         }
     }
 
@@ -81,7 +88,8 @@ impl DetectorNetwork {
             | DetectorNetwork::Hed
             | DetectorNetwork::OpenPose
             | DetectorNetwork::NormalBae
-            | DetectorNetwork::Mlsd => {
+            | DetectorNetwork::Mlsd
+            | DetectorNetwork::PiDiNet => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::UperNet => {
@@ -142,11 +150,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if has("backbone.features.0.0.weight") && has("block23.conv3.weight") {
         return Ok(DetectorNetwork::Mlsd);
     }
+    if has("init_block.weight") && has("block1_1.conv1.weight") && has("classifier.weight") {
+        return Ok(DetectorNetwork::PiDiNet);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd, pidinet; depth_anything as a model folder)"
         ),
     })
 }
@@ -169,6 +180,8 @@ pub enum Detector {
     Normal(NormalDetector),
     /// The M-LSD network.
     Mlsd(Box<Mlsd>),
+    /// The PiDiNet edge network.
+    PiDiNet(PiDiNet),
 }
 
 impl Detector {
@@ -197,6 +210,7 @@ impl Detector {
                 Ok(Detector::Normal(NormalDetector::load(path, device, kind)?))
             }
             DetectorNetwork::Mlsd => Ok(Detector::Mlsd(Box::new(Mlsd::load(path, device, kind)?))),
+            DetectorNetwork::PiDiNet => Ok(Detector::PiDiNet(PiDiNet::load(path, device, kind)?)),
         }
     }
 
@@ -212,6 +226,7 @@ impl Detector {
             Detector::OpenPose(network) => return network.detect(image),
             Detector::Normal(network) => return network.detect(image),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
+            Detector::PiDiNet(network) => network.detect(image)?,
         };
         Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
@@ -230,6 +245,7 @@ impl Detector {
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,
             Detector::Normal(_) => DetectorNetwork::NormalBae,
             Detector::Mlsd(_) => DetectorNetwork::Mlsd,
+            Detector::PiDiNet(_) => DetectorNetwork::PiDiNet,
         }
     }
 }

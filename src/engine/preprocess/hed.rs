@@ -16,6 +16,9 @@ use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::cv_resize::resize_plane_linear;
 use crate::engine::weights::{numbered_children, read_shapes, VarPath, Weights};
 
+/// The smallest side the published network (five blocks, four poolings) takes.
+pub const MIN_SIDE: u32 = 16;
+
 /// A block's convolutions and its projection.
 struct Block {
     convs: Vec<(Tensor, Tensor)>,
@@ -126,6 +129,12 @@ impl Hed {
         projections
     }
 
+    /// Whether an input [N, C, H, W] keeps a pixel through every pooling.
+    fn fits(&self, size: &[i64]) -> bool {
+        let least = 1i64 << self.blocks.len().saturating_sub(1);
+        size.len() == 4 && size[2] >= least && size[3] >= least
+    }
+
     /// controlnet_aux's `HEDdetector` map of an RGB image at the detection size: each
     /// projection fitted back with OpenCV's float `INTER_LINEAR`, their float32 mean, a
     /// float64 sigmoid, times 255 truncated to 8 bits.
@@ -133,6 +142,12 @@ impl Hed {
         let (width, height) = image.dimensions();
         let (w, h) = (width as usize, height as usize);
         let pixels = channels_first(image).to_kind(Kind::Float);
+        if !self.fits(&pixels.size()) {
+            let least = 1u32 << self.blocks.len().saturating_sub(1);
+            return Err(EngineError::InvalidRequest(format!(
+                "HED needs sides of at least {least} pixels, not {width}x{height}"
+            )));
+        }
         let mut sum = vec![0f32; w * h];
         let projections = self.forward(&pixels);
         for edges in &projections {

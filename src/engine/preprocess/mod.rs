@@ -20,6 +20,7 @@ pub mod mlsd;
 pub mod mlsd_lines;
 pub mod normal_bae;
 pub mod openpose;
+pub mod pidinet;
 pub mod pose;
 pub mod pose_decode;
 pub mod pose_draw;

@@ -1,0 +1,225 @@
+//! PiDiNet against controlnet_aux 0.0.10 on random weights built by
+//! `tests/fixtures/make_detector_fixtures.py` (its carv4 network as table5_pidinet.pth,
+//! stored under `module.`; one with attention only; one with neither module): the five
+//! sigmoid outputs within 1e-3 at three sizes (odd ones pooled down and brought back),
+//! `PidiNetDetector`'s soft edges and scribbles through the soft-edge and scribble
+//! preprocessors, and over gRPC a PiDiNet file serving the soft-edge preprocessor by
+//! name while the line-art preprocessor refuses it.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_close, detector_fixtures, read_tensors};
+use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
+use sdxld::engine::preprocess::pidinet::PiDiNet;
+use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use tch::{Device, Kind};
+
+const MODELS: [&str; 3] = ["table5", "attention", "plain"];
+
+fn path(name: &str) -> PathBuf {
+    detector_fixtures().join(format!("pidinet/{name}.safetensors"))
+}
+
+fn reference(name: &str) -> image::GrayImage {
+    image::open(detector_fixtures().join(format!("pidinet/{name}.png")))
+        .expect("map")
+        .to_luma8()
+}
+
+/// At most one level off, on at most one pixel in a hundred (the last bit of a float32
+/// edge times 255); scribbles, black or white, exactly.
+fn assert_map(what: &str, got: &image::GrayImage, want: &image::GrayImage, most: u8) {
+    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+    let mut off = 0;
+    for (g, w) in got.iter().zip(want.iter()) {
+        assert!(g.abs_diff(*w) <= most, "{what}: {g} against {w}");
+        off += usize::from(g != w);
+    }
+    assert!(off * 100 <= got.len(), "{what}: {off} pixels differ");
+}
+
+#[test]
+fn the_pidinet_network_equals_controlnet_aux() {
+    for name in MODELS {
+        assert_eq!(
+            network_of(&path(name)).expect("known"),
+            DetectorNetwork::PiDiNet
+        );
+        let network = PiDiNet::load(&path(name), Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&detector_fixtures().join(format!("pidinet/{name}.io.safetensors")));
+        for k in 0..3 {
+            let outputs = network
+                .forward(&io[&format!("input.{k}")])
+                .expect("forward");
+            assert_eq!(outputs.len(), 5, "{name}: four sides and the fused map");
+            for (j, edges) in outputs.iter().enumerate() {
+                let want = &io[&format!("output.{k}.{j}")];
+                assert_close(&format!("{name} input {k} output {j}"), edges, want);
+            }
+        }
+    }
+}
+
+#[test]
+fn soft_edges_and_scribbles_equal_pidinet_detector() {
+    let photo = image::open(detector_fixtures().join("images/photo.png")).expect("photo");
+    let photo256 = image::open(detector_fixtures().join("images/photo256.png")).expect("photo");
+    for name in MODELS {
+        let detector = Detector::load(&path(name), Device::Cpu, Kind::Float).expect("load");
+        assert_eq!(detector.network(), DetectorNetwork::PiDiNet);
+        for (preprocessor, image, resolution, map, most) in [
+            (Preprocessor::SoftEdge, &photo, 64, "map", 1),
+            (Preprocessor::SoftEdge, &photo256, 256, "map256", 1),
+            (Preprocessor::Scribble, &photo, 64, "scribble", 0),
+        ] {
+            let preprocessing = Preprocessing {
+                preprocessor,
+                detect_resolution: Some(resolution),
+            };
+            let got = preprocessing.run(image, Some(&detector)).expect("detect");
+            let got = image::DynamicImage::ImageRgb8(got).to_luma8();
+            let want = reference(&format!("{name}_{map}"));
+            assert_map(&format!("{name} {map}"), &got, &want, most);
+            let distinct: std::collections::HashSet<u8> = got.iter().copied().collect();
+            if preprocessor == Preprocessor::SoftEdge {
+                assert!(
+                    distinct.len() > 64,
+                    "{name} {map}: soft, {} levels",
+                    distinct.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn images_the_network_cannot_pool_are_refused() {
+    let network = PiDiNet::load(&path("plain"), Device::Cpu, Kind::Float).expect("load");
+    let err = network
+        .detect(&image::RgbImage::new(7, 64))
+        .expect_err("too narrow");
+    assert!(err.to_string().contains("at least 8"), "{err}");
+    let map = network.detect(&image::RgbImage::new(8, 9)).expect("8x9");
+    assert_eq!(map.dimensions(), (8, 9));
+    // HED's four poolings: 16 pixels.
+    let hed = detector_fixtures().join("hed/full.safetensors");
+    let hed =
+        sdxld::engine::preprocess::hed::Hed::load(&hed, Device::Cpu, Kind::Float).expect("hed");
+    let err = hed
+        .detect(&image::RgbImage::new(15, 40))
+        .expect_err("too narrow");
+    assert!(err.to_string().contains("at least 16"), "{err}");
+    assert_eq!(
+        hed.detect(&image::RgbImage::new(16, 16))
+            .expect("16²")
+            .dimensions(),
+        (16, 16)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
+    use sdxld::proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        path("table5"),
+        dir.path().join("table5_pidinet.safetensors"),
+    )
+    .expect("copy");
+    let controlnets = tempfile::tempdir().expect("tempdir");
+    let lines = controlnets.path().join("lines_xl");
+    std::fs::create_dir_all(&lines).expect("mkdir");
+    let from = common::controlnet_fixtures().join("tiny2/from_unet");
+    for entry in std::fs::read_dir(from).expect("dir").flatten() {
+        std::fs::copy(entry.path(), lines.join(entry.file_name())).expect("copy");
+    }
+    let pipeline = common::fixtures().join("tiny2/pipeline");
+    let root = |dir: &std::path::Path| dir.to_str().expect("utf-8").to_string();
+    let server = common::server::TestServer::start(&[
+        ("SDXLD__ENGINE__DEFAULT_MODEL", &root(&pipeline)),
+        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", &root(dir.path())),
+        ("SDXLD__MODELS__CONTROLNET_ROOTS", &root(controlnets.path())),
+    ])
+    .await;
+    let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
+    let request = |preprocessor: pb::Preprocessor| pb::PreprocessRequest {
+        image: photo.clone(),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: Some(pb::PreprocessorParams {
+            detect_resolution: 64,
+            model: "table5_pidinet".into(),
+            ..Default::default()
+        }),
+    };
+    for (preprocessor, map, most) in [
+        (pb::Preprocessor::Softedge, "table5_map", 1),
+        (pb::Preprocessor::Scribble, "table5_scribble", 0),
+    ] {
+        let mut client = server.generation().await;
+        let reply = client.preprocess(request(preprocessor)).await.expect(map);
+        let got = image::load_from_memory(&reply.into_inner().control_map)
+            .expect("png")
+            .to_luma8();
+        assert_map(map, &got, &reference(map), most);
+    }
+    let mut client = server.generation().await;
+    let status = client
+        .preprocess(request(pb::Preprocessor::Lineart))
+        .await
+        .expect_err("another network");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        common::server::violated_fields(&status),
+        ["preprocessor_params.model"]
+    );
+    assert!(status.message().contains("pidinet"), "{}", status.message());
+    // At its own size an image too small to pool is refused before it runs.
+    let mut tiny = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(6, 30))
+        .write_to(
+            &mut std::io::Cursor::new(&mut tiny),
+            image::ImageFormat::Png,
+        )
+        .expect("png");
+    let mut small = request(pb::Preprocessor::Softedge);
+    small.image = tiny;
+    if let Some(params) = small.preprocessor_params.as_mut() {
+        params.detect_resolution = 0;
+    }
+    let status = client.preprocess(small).await.expect_err("too small");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        common::server::violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
+    // A unit's PNG entry names the network that drew its soft edges.
+    let spec = pb::GenerationSpec {
+        prompt: "a house by a lake".into(),
+        seed: Some(42),
+        steps: 2,
+        width: 64,
+        height: 64,
+        controlnets: vec![pb::ControlNetUnit {
+            model: "lines_xl".into(),
+            image: photo.clone(),
+            preprocessor: pb::Preprocessor::Softedge as i32,
+            preprocessor_params: request(pb::Preprocessor::Softedge).preprocessor_params,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = server.images(spec).await.expect("generated");
+    let parameters = common::png_parameters(&response.images[0].data);
+    let entry = "Module: softedge_pidinet, Processor Res: 64,";
+    assert!(parameters.contains(entry), "{parameters}");
+    let listed = server.list_models(pb::ModelKind::Preprocessor).await;
+    let entry = listed
+        .iter()
+        .find(|m| m.name == "table5_pidinet")
+        .expect("listed");
+    let network = entry.preprocessor.as_ref().map(|p| p.network.as_str());
+    assert_eq!(network, Some("pidinet"));
+}
