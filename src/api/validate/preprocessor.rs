@@ -122,23 +122,8 @@ pub fn preprocessor(
         ));
         return None;
     };
-    if preprocessor == Preprocessor::Normal && detect_resolution == Some(None) {
-        normal_sides(&p, image_size, v);
-    }
-    if let (Preprocessor::Mlsd(_), Some(None), Some((w, h))) =
-        (preprocessor, detect_resolution, image_size)
-    {
-        if let Err(why) = crate::engine::preprocess::mlsd::check_size(w, h) {
-            v.add(
-                format!("{p}.detect_resolution"),
-                format!("{why}: set a detect_resolution (its sizes are multiples of 64)"),
-            );
-        }
-    }
-    if let (Preprocessor::OpenPose, Some(resolution), Some(size)) =
-        (preprocessor, detect_resolution, image_size)
-    {
-        pose_input(&p, size, resolution, max_pixels, v);
+    if let (Some(resolution), Some(size)) = (detect_resolution, image_size) {
+        network_input(&p, preprocessor, resolution, size, max_pixels, v);
     }
     let model_field = format!("{p}.model");
     let detector = match preprocessor.network() {
@@ -197,6 +182,31 @@ fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v:
     }
 }
 
+/// The sizes a preprocessor's network takes (under `p`), for an image of `size` detected
+/// at `resolution` (`None`: its own size).
+fn network_input(
+    p: &str,
+    preprocessor: Preprocessor,
+    resolution: Option<u32>,
+    size: (u32, u32),
+    max_pixels: u64,
+    v: &mut Violations,
+) {
+    match (preprocessor, resolution) {
+        (Preprocessor::Normal, None) => normal_sides(p, size, v),
+        (Preprocessor::Mlsd(_), None) => {
+            if let Err(why) = crate::engine::preprocess::mlsd::check_size(size.0, size.1) {
+                v.add(
+                    format!("{p}.detect_resolution"),
+                    format!("{why}: set a detect_resolution (its sizes are multiples of 64)"),
+                );
+            }
+        }
+        (Preprocessor::OpenPose, resolution) => pose_input(p, size, resolution, max_pixels, v),
+        _ => {}
+    }
+}
+
 /// M-LSD's thresholds (controlnet_aux's `thr_v` and `thr_d`), kept as the float32 the
 /// client sent, as numpy compares them.
 fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations) -> LineThresholds {
@@ -243,9 +253,9 @@ fn edge_network_sides(p: &str, detector: &ModelEntry, (w, h): (u32, u32), v: &mu
 
 /// The normal network's sides (multiples of 8) for an image detected at its own size;
 /// a detect resolution always makes them (multiples of 64).
-fn normal_sides(p: &str, image_size: Option<(u32, u32)>, v: &mut Violations) {
+fn normal_sides(p: &str, (w, h): (u32, u32), v: &mut Violations) {
     let multiple = crate::engine::preprocess::normal_bae::SIDE_MULTIPLE;
-    if let Some((w, h)) = image_size.filter(|(w, h)| w % multiple != 0 || h % multiple != 0) {
+    if !(w.is_multiple_of(multiple) && h.is_multiple_of(multiple)) {
         v.add(
             format!("{p}.detect_resolution"),
             format!(
