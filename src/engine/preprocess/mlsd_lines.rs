@@ -66,8 +66,8 @@ pub fn segments(tpmap: &Tensor, thresholds: LineThresholds) -> Result<Vec<[f64; 
     let mut kept = Vec::new();
     for (score, index) in scores.into_iter().zip(indices) {
         let (y, x) = (index / width, index % width);
-        let at = usize::try_from(index * 4).unwrap_or(usize::MAX);
-        let Some(d) = displacements.get(at..at + 4) else {
+        let at = usize::try_from(index).map_or(usize::MAX, |i| i.saturating_mul(4));
+        let Some(d) = displacements.get(at..at.saturating_add(4)) else {
             continue;
         };
         let (dx, dy) = (d[0] - d[2], d[1] - d[3]);
