@@ -33,7 +33,7 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
         let mut unit_maps = Vec::with_capacity(unit.inputs.len());
         for input in &unit.inputs {
             let detector = match &input.detector {
-                Some(model) => Some(engine.detector(model)?),
+                Some(detector) => Some(engine.detector(&detector.model)?),
                 None => None,
             };
             let map = input

@@ -21,8 +21,7 @@ use crate::engine::lora::LoraMode;
 use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::{GenerateParams, InitImage, SdxlPipeline};
-use crate::engine::preprocess::detector::network_of;
-use crate::engine::preprocess::detector::Detector;
+use crate::engine::preprocess::detector::{Detector, DetectorNetwork};
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::textual_inversion::{default_token, Embedding};
@@ -129,21 +128,17 @@ impl Engine {
         }
     }
 
-    /// The bytes running `detector` for `preprocessing` on a `width`×`height` image
-    /// takes beyond its weights (by the network its file holds).
+    /// The bytes running a detector of `network` for `preprocessing` on a
+    /// `width`×`height` image takes beyond its weights.
     pub fn detector_activations(
         &self,
-        detector: &ModelEntry,
+        network: DetectorNetwork,
         preprocessing: Preprocessing,
         (width, height): (u32, u32),
     ) -> u64 {
         let element = self.placement().kind.elt_size_in_bytes() as u64;
-        let network = network_of(&detector.path)
-            .ok()
-            .or(preprocessing.preprocessor.network());
-        network.map_or(0, |n| {
-            detector_activation_estimate(n, preprocessing.detected_size(width, height), element)
-        })
+        let size = preprocessing.detected_size(width, height);
+        detector_activation_estimate(network, size, element)
     }
 
     /// Makes room for a job using `models` and `params`, evicting what it does not use,

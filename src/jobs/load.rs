@@ -59,7 +59,8 @@ impl JobRun<'_> {
                 let image = &input.image.0;
                 let size = (image.width(), image.height());
                 let detector = input.detector.as_ref()?;
-                Some(engine.detector_activations(detector, input.preprocessing, size))
+                let network = detector.network;
+                Some(engine.detector_activations(network, input.preprocessing, size))
             })
             .max()
             .unwrap_or(0);
@@ -166,7 +167,7 @@ fn load_detectors(
         let mut unit_detectors = Vec::with_capacity(unit.inputs.len());
         for input in &unit.inputs {
             unit_detectors.push(match &input.detector {
-                Some(model) => Some(engine.detector(model)?),
+                Some(detector) => Some(engine.detector(&detector.model)?),
                 None => None,
             });
         }

@@ -3,7 +3,7 @@
 
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
-use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
+use crate::engine::preprocess::detector::DetectorNetwork;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::{Guider, GuiderKind, RefinerMode};
@@ -259,7 +259,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let first = unit.inputs.first().map(|i| i.preprocessing);
     // Soft edges and scribbles name the network that drew them.
     let edges = match unit.inputs.first().and_then(|i| i.detector.as_ref()) {
-        Some(d) if network_of(&d.path).ok() == Some(DetectorNetwork::PiDiNet) => "pidinet",
+        Some(d) if d.network == DetectorNetwork::PiDiNet => "pidinet",
         _ => "hed",
     };
     let mut module = match first.map(|p| p.preprocessor) {

@@ -27,14 +27,14 @@ pub fn run_preprocess(
     clock.enter(Stage::LoadingModels, metrics);
     let image = &spec.image.0;
     let activations = engine.detector_activations(
-        &spec.detector,
+        spec.detector.network,
         spec.preprocessing,
         (image.width(), image.height()),
     );
     let detector = load(
         engine,
         sink,
-        (&spec.detector, activations),
+        (&spec.detector.model, activations),
         Engine::detector,
     )?;
     metrics.set_cache(engine.stats());
@@ -63,7 +63,7 @@ pub fn run_preprocess(
     Ok(report(
         engine,
         &mut clock,
-        &spec.detector,
+        &spec.detector.model,
         ModelKind::Preprocessor,
         admitted_at,
     ))

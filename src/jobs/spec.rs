@@ -7,6 +7,7 @@ use image::DynamicImage;
 use crate::engine::control::{ControlUnit, ResizeMode};
 use crate::engine::hires::HiresParams;
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
+use crate::engine::preprocess::detector::DetectorNetwork;
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
 use crate::engine::request::BatchMode;
@@ -83,6 +84,16 @@ impl std::fmt::Debug for ConditioningImage {
     }
 }
 
+/// A detector file and the network its header holds, read once when the request was
+/// checked.
+#[derive(Debug, Clone)]
+pub struct DetectorFile {
+    /// The file.
+    pub model: ModelEntry,
+    /// The network it holds.
+    pub network: DetectorNetwork,
+}
+
 /// A conditioning image of a ControlNet unit and its preprocessor.
 #[derive(Debug, Clone)]
 pub struct ControlInput {
@@ -91,7 +102,7 @@ pub struct ControlInput {
     /// How it becomes a control map.
     pub preprocessing: Preprocessing,
     /// The detector file of a preprocessor that runs a network.
-    pub detector: Option<ModelEntry>,
+    pub detector: Option<DetectorFile>,
 }
 
 /// A ControlNet unit of a job.
@@ -178,7 +189,7 @@ pub struct PreprocessSpec {
     /// The preprocessor and its detection resolution.
     pub preprocessing: Preprocessing,
     /// The detector file.
-    pub detector: ModelEntry,
+    pub detector: DetectorFile,
 }
 
 /// What a queued job does.
@@ -208,7 +219,7 @@ impl JobWork {
         match self {
             JobWork::Generate(spec) => &spec.model,
             JobWork::Upscale(spec) => &spec.step.model,
-            JobWork::Preprocess(spec) => &spec.detector,
+            JobWork::Preprocess(spec) => &spec.detector.model,
         }
     }
 
@@ -282,6 +293,7 @@ impl JobSpec {
         self.controlnets
             .iter()
             .flat_map(|c| c.inputs.iter().filter_map(|i| i.detector.as_ref()))
+            .map(|d| &d.model)
     }
 
     /// A picture of the whole init image (a control map, an image prompt's mask) as the

@@ -9,7 +9,8 @@ use crate::api::validate::Deferred;
 use crate::config::PreprocessingSettings;
 use crate::engine::error::EngineError;
 use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
-use crate::engine::registry::{ModelEntry, ModelKind, Registry, RegistryError};
+use crate::engine::registry::{ModelKind, Registry, RegistryError};
+use crate::jobs::spec::DetectorFile;
 use crate::jobs::JobError;
 
 /// Where detectors come from: the model roots and the configured defaults.
@@ -20,8 +21,8 @@ pub struct Detectors<'a> {
 }
 
 impl Detectors<'_> {
-    /// The detector for `network`: `requested` (the `field` a request set) or the
-    /// default. A requested file of another network is a violation of `field`; a
+    /// The detector for `network` and the network it holds: `requested` (the `field` a
+    /// request set) or the default. A requested file of another network is a violation of `field`; a
     /// default not installed or of another network, a deferred FAILED_PRECONDITION.
     pub fn resolve(
         self,
@@ -30,7 +31,7 @@ impl Detectors<'_> {
         field: &str,
         v: &mut Violations,
         deferred: &mut Deferred,
-    ) -> Option<ModelEntry> {
+    ) -> Option<DetectorFile> {
         if requested.is_empty() {
             return self
                 .default_for(network)
@@ -49,7 +50,10 @@ impl Detectors<'_> {
             deferred,
         )?;
         match network_of(&model.path) {
-            Ok(held) if network.accepts(held) => Some(model),
+            Ok(held) if network.accepts(held) => Some(DetectorFile {
+                model,
+                network: held,
+            }),
             Ok(held) => {
                 v.add(
                     field,
@@ -69,7 +73,7 @@ impl Detectors<'_> {
     }
 
     /// The configured default detector of `network`, installed and holding it.
-    pub fn default_for(self, network: DetectorNetwork) -> Result<ModelEntry, ApiError> {
+    pub fn default_for(self, network: DetectorNetwork) -> Result<DetectorFile, ApiError> {
         let (key, name) = self.defaults.default_detector(network);
         let missing = || ApiError::PreprocessorModelMissing {
             key,
@@ -89,7 +93,10 @@ impl Detectors<'_> {
             Err(e) => return Err(e.into()),
         };
         match network_of(&model.path) {
-            Ok(held) if network.accepts(held) => Ok(model),
+            Ok(held) if network.accepts(held) => Ok(DetectorFile {
+                model,
+                network: held,
+            }),
             Ok(held) => Err(ApiError::PreprocessorModelMismatch {
                 key,
                 name: name.to_string(),

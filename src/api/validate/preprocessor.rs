@@ -10,7 +10,7 @@ use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
-use crate::engine::registry::ModelEntry;
+use crate::jobs::spec::DetectorFile;
 use crate::proto::v1 as pb;
 
 /// Canny's thresholds when the request names none (controlnet_aux's defaults).
@@ -55,7 +55,7 @@ pub struct Subject<'a> {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub preprocessing: Preprocessing,
-    pub detector: Option<ModelEntry>,
+    pub detector: Option<DetectorFile>,
 }
 
 /// The domain preprocessor of an implemented wire one, with its parameters.
@@ -233,11 +233,11 @@ fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations)
 
 /// An edge network's sides for an image detected at its own size: its poolings must
 /// leave a pixel (HED's four, PiDiNet's three); a detect resolution always does.
-fn edge_network_sides(p: &str, detector: &ModelEntry, (w, h): (u32, u32), v: &mut Violations) {
-    use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
-    let least = match network_of(&detector.path) {
-        Ok(DetectorNetwork::Hed) => crate::engine::preprocess::hed::MIN_SIDE,
-        Ok(DetectorNetwork::PiDiNet) => crate::engine::preprocess::pidinet::MIN_SIDE,
+fn edge_network_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut Violations) {
+    use crate::engine::preprocess::detector::DetectorNetwork;
+    let least = match detector.network {
+        DetectorNetwork::Hed => crate::engine::preprocess::hed::MIN_SIDE,
+        DetectorNetwork::PiDiNet => crate::engine::preprocess::pidinet::MIN_SIDE,
         _ => return,
     };
     if w.min(h) < least {
@@ -245,7 +245,7 @@ fn edge_network_sides(p: &str, detector: &ModelEntry, (w, h): (u32, u32), v: &mu
             format!("{p}.detect_resolution"),
             format!(
                 "`{}` needs sides of at least {least} pixels; the image is {w}x{h}: set a detect_resolution",
-                detector.name
+                detector.model.name
             ),
         );
     }
