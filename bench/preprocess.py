@@ -5,7 +5,8 @@ of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, 
 scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, at their
 published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
-random pixels turned into the 8-bit map by the reference (controlnet_aux's detector;
+random pixels turned into the 8-bit map (and the preprocessors that run no network:
+OpenCV's Canny, the standard line art) by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
 and by `sdxld bench-detector`, same weights, same threads, each in its own process.
 
@@ -149,6 +150,25 @@ def depth_child(args, image):
     return call
 
 
+# Preprocessors without a network: no model to write, sdxld runs them by name.
+NETWORKLESS = ("canny", "lineart_standard")
+
+
+def networkless_child(args, image):
+    import cv2
+
+    cv2.setNumThreads(args.threads)
+    if args.kind == "canny":
+        from controlnet_aux.canny import CannyDetector
+
+        detector = CannyDetector()
+        return lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    from controlnet_aux.lineart_standard import LineartStandardDetector
+
+    detector = LineartStandardDetector()
+    return lambda: detector(image, detect_resolution=args.size, output_type="np")
+
+
 def write_model(kind: str, path: Path):
     from make_detector_fixtures import randomise
     from safetensors.torch import save_file
@@ -178,7 +198,9 @@ def reference_child(args):
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    if args.kind in ("depth", "dpt"):
+    if args.kind in NETWORKLESS:
+        call = networkless_child(args, image)
+    elif args.kind in ("depth", "dpt"):
         call = depth_child(args, image)
     elif args.kind == "segmentation":
         call = segmentation_child(args, image)
@@ -244,7 +266,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,canny,lineart_standard")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -255,14 +277,18 @@ def main():
         for kind in args.kinds.split(","):
             folder = kind in ("depth", "dpt", "segmentation")
             model = Path(tmp) / (kind if folder else f"{kind}.safetensors")
-            write_model(kind, model)
+            if kind in NETWORKLESS:
+                what = ["--preprocessor", kind]
+            else:
+                write_model(kind, model)
+                what = ["--model", str(model)]
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
-            sdxld, sdxld_peak = run([args.sdxld, "bench-detector", "--model", str(model)] + common)
+            sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common)
             r, d = statistics.median(reference["seconds"]), statistics.median(sdxld["seconds"])
             print(
-                f"{kind} {args.size}², {args.threads} thread(s): reference {r:.2f} s (peak RSS {reference_peak:.0f} MiB), "
-                f"sdxld {d:.2f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
+                f"{kind} {args.size}², {args.threads} thread(s): reference {r:.3f} s (peak RSS {reference_peak:.0f} MiB), "
+                f"sdxld {d:.3f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
             )
 
 

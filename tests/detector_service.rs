@@ -296,6 +296,11 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         ("openpose", "union_xl", pb::Preprocessor::Openpose),
         ("normal", "union_xl", pb::Preprocessor::Normal),
         ("mlsd", "union_xl", pb::Preprocessor::Mlsd),
+        (
+            "lineart_standard",
+            "union_xl",
+            pb::Preprocessor::LineartStandard,
+        ),
     ] {
         let spec = pb::GenerationSpec {
             prompt: "a house by a lake".into(),
@@ -336,6 +341,21 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             assert!(parameters.contains(entry), "{parameters}");
         }
         let completed = response.completed.expect("completed");
+        if preprocessor == pb::Preprocessor::LineartStandard {
+            // No network: no detector among the models, its module in the PNG's entry.
+            let parameters = common::png_parameters(&response.images[0].data);
+            let entry = "Module: lineart_standard, Processor Res: 64,";
+            assert!(parameters.contains(entry), "{parameters}");
+            assert!(
+                completed
+                    .models
+                    .iter()
+                    .all(|m| m.kind != pb::ModelKind::Preprocessor as i32),
+                "{:?}",
+                completed.models
+            );
+            continue;
+        }
         let detector = completed
             .models
             .iter()

@@ -179,6 +179,54 @@ fn canny_equals_opencv_on_every_image_and_threshold() {
     );
 }
 
+#[test]
+fn float_gaussian_blur_equals_opencv_bit_for_bit() {
+    use sdxld::engine::preprocess::cv_blur::blur_f32;
+    let path = common::preprocess_fixtures().join("gaussian_float.safetensors");
+    let tensors = common::read_tensors(&path);
+    for k in 0..9 {
+        let input = &tensors[&format!("input.{k}")];
+        let (h, w, c) = (
+            input.size()[0] as usize,
+            input.size()[1] as usize,
+            input.size()[2] as usize,
+        );
+        let sigma = tensors[&format!("sigma.{k}")].double_value(&[0]);
+        let values = Vec::<f32>::try_from(input.contiguous().view(-1)).expect("floats");
+        let expected = &tensors[&format!("output.{k}")];
+        let want = Vec::<f32>::try_from(expected.contiguous().view(-1)).expect("floats");
+        let got = blur_f32(&values, (w, h), c, sigma);
+        let off = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert_eq!(off, 0, "{w}x{h}x{c} at sigma {sigma}: {off} values differ");
+    }
+}
+
+#[test]
+fn standard_line_art_equals_controlnet_aux_pixel_for_pixel() {
+    let root = common::preprocess_fixtures();
+    let path = root.join("lineart_standard.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    assert_eq!(cases.len(), 12);
+    let mut with_lines = 0;
+    for case in &cases {
+        let open = |key: &str| image::open(root.join(case[key].as_str().expect(key))).expect("png");
+        let resolution = case["resolution"].as_u64().expect("resolution") as u32;
+        let standard = Preprocessing {
+            preprocessor: Preprocessor::LineartStandard,
+            detect_resolution: (resolution > 0).then_some(resolution),
+        };
+        let map = standard.run(&open("image"), None).expect("a line map");
+        let expected = open("expected").to_rgb8();
+        assert_eq!(map.dimensions(), expected.dimensions(), "{case}");
+        let off = differing(map.as_raw(), expected.as_raw());
+        assert_eq!(off, 0, "{case}: {off} values differ");
+        with_lines += usize::from(expected.iter().filter(|&&v| v > 64).count() > 10);
+    }
+    // Every case but the blank page and the six pixels shows lines.
+    assert_eq!(with_lines, cases.len() - 2);
+}
+
 mod over_grpc {
     use super::common;
     use super::common::server::TestServer;
@@ -343,6 +391,7 @@ mod over_grpc {
                 pb::Preprocessor::LineartAnime as i32,
                 pb::Preprocessor::Softedge as i32,
                 pb::Preprocessor::Mlsd as i32,
+                pb::Preprocessor::LineartStandard as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -353,7 +402,42 @@ mod over_grpc {
             .collect();
         assert_eq!(
             ready,
-            [true, true, false, false, false, false, false, false, false, false, false]
+            [true, true, false, false, false, false, false, false, false, false, false, true]
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_preprocess_rpc_draws_standard_line_art_and_takes_no_detector() {
+        let root = common::preprocess_fixtures();
+        let server = TestServer::start(&[]).await;
+        for (name, resolution) in [("drawing_97x61", 0), ("photo_384x256", 128)] {
+            let png = std::fs::read(root.join(format!("images/{name}.png"))).expect("read");
+            let standard = pb::PreprocessRequest {
+                preprocessor_params: Some(pb::PreprocessorParams {
+                    detect_resolution: resolution,
+                    ..Default::default()
+                }),
+                ..request(png, pb::Preprocessor::LineartStandard)
+            };
+            let map = preprocess(&server, standard).await.expect("a line map");
+            let expected = root.join(format!("lineart_standard/{name}_{resolution}.png"));
+            let expected = image::open(expected).expect("png").to_rgb8();
+            assert_eq!((map.width, map.height), expected.dimensions());
+            let map = image::load_from_memory(&map.control_map).expect("png");
+            assert_eq!(map.to_rgb8(), expected, "{name} at {resolution}");
+        }
+        let png = std::fs::read(root.join("images/drawing_128x96.png")).expect("read");
+        let with_model = pb::PreprocessRequest {
+            preprocessor_params: Some(pb::PreprocessorParams {
+                model: "sk_model".into(),
+                ..Default::default()
+            }),
+            ..request(png, pb::Preprocessor::LineartStandard)
+        };
+        let status = preprocess(&server, with_model)
+            .await
+            .expect_err("no detector");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(fields(&status), ["preprocessor_params.model"]);
     }
 }

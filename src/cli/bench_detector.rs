@@ -1,12 +1,13 @@
-//! `sdxld bench-detector`: how fast a preprocessor network turns a square image of random
-//! pixels into its 8-bit map (the network and its post-processing, as a unit runs it);
-//! one JSON line of run times.
+//! `sdxld bench-detector`: how fast a preprocessor network (or a preprocessor that runs
+//! none) turns a square image of random pixels into its 8-bit map (the network and its
+//! post-processing, as a unit runs it); one JSON line of run times.
 
 use std::path::PathBuf;
 
 use anyhow::bail;
 use sdxld::engine::device::Placement;
 use sdxld::engine::preprocess::detector::Detector;
+use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 
@@ -14,8 +15,11 @@ use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 #[derive(clap::Args)]
 pub struct BenchDetectorArgs {
     /// The detector file (safetensors, any served network) or model folder.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "preprocessor")]
+    model: Option<PathBuf>,
+    /// Instead of a model, a preprocessor that runs no network: canny or lineart_standard.
+    #[arg(long, conflicts_with = "model")]
+    preprocessor: Option<String>,
     /// Image side in pixels.
     #[arg(long, default_value_t = 1024)]
     size: u32,
@@ -36,13 +40,40 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
     }
     args.timing.set_threads();
     let placement = Placement::parse(&args.device, &args.dtype)?;
-    let detector = Detector::load(&args.model, placement.device, placement.kind)?;
     let image = noise_image(args.size, 0x9e37_79b9_7f4a_7c15)?;
-    let once = || detector.detect(&image);
-    let (seconds, peak_mib) = timed_runs(args.timing.runs, placement.device, once)?;
+    let (name, (seconds, peak_mib)) = match (&args.model, args.preprocessor.as_deref()) {
+        (Some(model), _) => {
+            let detector = Detector::load(model, placement.device, placement.kind)?;
+            let once = || detector.detect(&image);
+            let timed = timed_runs(args.timing.runs, placement.device, once)?;
+            (detector.network().name(), timed)
+        }
+        (None, Some(name)) => {
+            let preprocessing = Preprocessing {
+                preprocessor: networkless(name)?,
+                detect_resolution: None,
+            };
+            let image = image::DynamicImage::ImageRgb8(image);
+            let once = || preprocessing.run(&image, None);
+            (name, timed_runs(args.timing.runs, placement.device, once)?)
+        }
+        (None, None) => bail!("--model or --preprocessor is required"),
+    };
     println!(
         "{}",
-        serde_json::json!({ "network": detector.network().name(), "seconds": seconds, "device_peak_mib": peak_mib })
+        serde_json::json!({ "network": name, "seconds": seconds, "device_peak_mib": peak_mib })
     );
     Ok(())
+}
+
+/// A preprocessor that runs no network, by its CLI name, with its default parameters.
+fn networkless(name: &str) -> anyhow::Result<Preprocessor> {
+    match name {
+        "canny" => Ok(Preprocessor::Canny {
+            low: 100,
+            high: 200,
+        }),
+        "lineart_standard" => Ok(Preprocessor::LineartStandard),
+        other => bail!("--preprocessor {other:?}: expected canny or lineart_standard"),
+    }
 }

@@ -268,6 +268,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         }
         Some(Preprocessor::Lineart) => "lineart_realistic".to_string(),
         Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
+        Some(Preprocessor::LineartStandard) => "lineart_standard".to_string(),
         Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
         Some(Preprocessor::SoftEdge) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),

@@ -220,6 +220,37 @@ def test_python_client_mlsd_lines_as_controlnet_aux_draws_them(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.mlsd_score_threshold"]
 
 
+def test_python_client_standard_line_art_as_controlnet_aux_draws_it(stubs, server):
+    """PREPROCESSOR_LINEART_STANDARD needs no detector: a drawing's map equals
+    controlnet_aux's LineartStandardDetector pixel for pixel, and naming a detector for it
+    is refused naming the field."""
+    import numpy as np
+    from controlnet_aux.lineart_standard import LineartStandardDetector
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(8)
+    image = Image.fromarray((230 + rng.normal(0, 8, (128, 192, 3))).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(10):
+        draw.line([tuple(int(v) for v in rng.integers(0, (192, 128))) for _ in range(3)], fill=(20, 30, 60), width=2)
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=128)
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_LINEART_STANDARD, preprocessor_params=params)
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB"))
+    # 192x128 at 128 is the image's own size: the reference's resizes are copies.
+    expected = LineartStandardDetector()(np.asarray(image), detect_resolution=128, output_type="np")
+    assert (reply.width, reply.height) == (192, 128)
+    assert (got == expected).all() and (got > 128).sum() > 500
+    request.preprocessor_params.model = "sk_model"
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""

@@ -351,6 +351,7 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         pb::Preprocessor::Canny
         | pb::Preprocessor::Lineart
         | pb::Preprocessor::LineartAnime
+        | pb::Preprocessor::LineartStandard
         | pb::Preprocessor::Mlsd => Some(ControlType::CannyLineart),
         pb::Preprocessor::Depth => Some(ControlType::Depth),
         pb::Preprocessor::Openpose => Some(ControlType::OpenPose),

@@ -20,7 +20,7 @@ const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 const MAX_LINE_DISTANCE: f64 = 20.0;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 11] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 12] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -32,6 +32,7 @@ pub const IMPLEMENTED: [pb::Preprocessor; 11] = [
     pb::Preprocessor::LineartAnime,
     pb::Preprocessor::Softedge,
     pb::Preprocessor::Mlsd,
+    pb::Preprocessor::LineartStandard,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -73,6 +74,7 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
         pb::Preprocessor::Normal => Some(Preprocessor::Normal),
         pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
+        pb::Preprocessor::LineartStandard => Some(Preprocessor::LineartStandard),
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod ade20k;
 pub mod canny;
+pub mod cv_blur;
 pub mod cv_line;
 pub mod cv_plane;
 pub mod cv_resize;
@@ -16,6 +17,7 @@ pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
 pub mod lineart_anime;
+pub mod lineart_standard;
 pub mod mlsd;
 pub mod mlsd_lines;
 pub mod normal_bae;
@@ -112,6 +114,8 @@ pub enum Preprocessor {
     Lineart,
     /// Line art from controlnet_aux's anime line-art U-Net.
     LineartAnime,
+    /// Dark lines on a light background picked out by a blur (no network).
+    LineartStandard,
     /// Depth from a Depth Anything model.
     Depth,
     /// Soft edges from controlnet_aux's HED network.
@@ -132,7 +136,7 @@ impl Preprocessor {
     /// The network it runs, if any.
     pub fn network(self) -> Option<DetectorNetwork> {
         match self {
-            Preprocessor::None | Preprocessor::Canny { .. } => None,
+            Preprocessor::None | Preprocessor::Canny { .. } | Preprocessor::LineartStandard => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
@@ -149,6 +153,9 @@ impl Preprocessor {
         match (self, self.network()) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
             (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
+            (Preprocessor::LineartStandard, _) => {
+                Ok(gray_to_rgb(lineart_standard::lineart_standard(rgb)))
+            }
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(
@@ -177,6 +184,9 @@ impl Preprocessor {
 /// controlnet_aux's `HWC3`: grey becomes three equal channels, and an alpha channel is
 /// composited over white in float32 and truncated, as numpy does.
 pub fn hwc3(image: &DynamicImage) -> RgbImage {
+    if let DynamicImage::ImageRgb8(rgb) = image {
+        return rgb.clone();
+    }
     if !image.color().has_alpha() {
         return image.to_rgb8();
     }
@@ -193,6 +203,8 @@ pub fn hwc3(image: &DynamicImage) -> RgbImage {
 }
 
 /// Three equal channels of a grey map.
-fn gray_to_rgb(gray: GrayImage) -> RgbImage {
-    DynamicImage::ImageLuma8(gray).to_rgb8()
+pub fn gray_to_rgb(gray: GrayImage) -> RgbImage {
+    let (width, height) = gray.dimensions();
+    let rgb = gray.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
+    RgbImage::from_raw(width, height, rgb).unwrap_or_else(|| RgbImage::new(width, height))
 }
