@@ -11,10 +11,11 @@ const SHIFT: u32 = 15;
 /// tan(22.5°) in that fixed point, rounded as OpenCV rounds it.
 const TAN_22_5: i32 = 13573;
 
-/// Per pixel: the gradient of the channel with the largest L1 magnitude.
+/// Per pixel: the gradient of the channel with the largest L1 magnitude, in planes with
+/// a border of one pixel (magnitude 0) so that neighbours need no bounds checks.
 struct Gradients {
-    width: usize,
-    height: usize,
+    /// A padded row's length.
+    stride: usize,
     dx: Vec<i32>,
     dy: Vec<i32>,
     magnitude: Vec<i32>,
@@ -24,67 +25,73 @@ impl Gradients {
     fn of(image: &RgbImage) -> Self {
         let (width, height) = (image.width() as usize, image.height() as usize);
         let pixels = image.as_raw();
-        let at = |y: usize, x: usize, c: usize| i32::from(pixels[(y * width + x) * 3 + c]);
+        let row_len = width * 3;
+        let row = |y: usize| &pixels[y * row_len..(y + 1) * row_len];
+        let stride = width + 2;
+        let plane = vec![0; stride * (height + 2)];
         let mut gradients = Self {
-            width,
-            height,
-            dx: vec![0; width * height],
-            dy: vec![0; width * height],
-            magnitude: vec![0; width * height],
+            stride,
+            dx: plane.clone(),
+            dy: plane.clone(),
+            magnitude: plane,
         };
+        // Per row, the Sobel's vertical parts (rows above and below replicated at the
+        // edges): `sum` = above + 2·centre + below, `difference` = below − above.
+        let mut sum = vec![0i32; row_len];
+        let mut difference = vec![0i32; row_len];
         for y in 0..height {
-            // Replicated borders.
-            let (up, down) = (y.saturating_sub(1), (y + 1).min(height - 1));
+            let (up, down) = (row(y.saturating_sub(1)), row((y + 1).min(height - 1)));
+            let columns = up.iter().zip(row(y)).zip(down);
+            for ((s, d), ((&u, &c), &b)) in sum.iter_mut().zip(difference.iter_mut()).zip(columns) {
+                let (u, c, b) = (i32::from(u), i32::from(c), i32::from(b));
+                *s = u + 2 * c + b;
+                *d = b - u;
+            }
+            let start = (y + 1) * stride + 1;
             for x in 0..width {
-                let (left, right) = (x.saturating_sub(1), (x + 1).min(width - 1));
-                let i = y * width + x;
-                for c in 0..3 {
-                    let dx = (at(up, right, c) - at(up, left, c))
-                        + 2 * (at(y, right, c) - at(y, left, c))
-                        + (at(down, right, c) - at(down, left, c));
-                    let dy = (at(down, left, c) - at(up, left, c))
-                        + 2 * (at(down, x, c) - at(up, x, c))
-                        + (at(down, right, c) - at(up, right, c));
-                    let magnitude = dx.abs() + dy.abs();
-                    // The first channel wins a tie, as in OpenCV.
-                    if c == 0 || magnitude > gradients.magnitude[i] {
-                        gradients.dx[i] = dx;
-                        gradients.dy[i] = dy;
-                        gradients.magnitude[i] = magnitude;
+                // Replicated borders.
+                let (left, right) = (x.saturating_sub(1) * 3, (x + 1).min(width - 1) * 3);
+                let channel = |c: usize| {
+                    let dx = sum[right + c] - sum[left + c];
+                    let dy =
+                        difference[left + c] + 2 * difference[x * 3 + c] + difference[right + c];
+                    (dx, dy, dx.abs() + dy.abs())
+                };
+                // The first channel wins a tie, as in OpenCV.
+                let mut best = channel(0);
+                for c in 1..3 {
+                    let next = channel(c);
+                    if next.2 > best.2 {
+                        best = next;
                     }
                 }
+                let i = start + x;
+                (gradients.dx[i], gradients.dy[i], gradients.magnitude[i]) = best;
             }
         }
         gradients
     }
 
-    /// The magnitude at (y, x), 0 outside the image.
-    fn magnitude_at(&self, y: isize, x: isize) -> i32 {
-        if y < 0 || x < 0 || y as usize >= self.height || x as usize >= self.width {
-            return 0;
-        }
-        self.magnitude[y as usize * self.width + x as usize]
-    }
-
-    /// Whether (y, x) is a local maximum along its gradient direction.
-    fn is_local_maximum(&self, y: usize, x: usize) -> bool {
-        let i = y * self.width + x;
+    /// Whether the pixel at padded index `i` is a local maximum along its gradient
+    /// direction.
+    fn is_local_maximum(&self, i: usize) -> bool {
         let (m, dx, dy) = (self.magnitude[i], self.dx[i], self.dy[i]);
-        let (y, x) = (y as isize, x as isize);
+        let at = |offset: isize| self.magnitude[i.wrapping_add_signed(offset)];
+        let stride = self.stride as isize;
         let ax = dx.abs();
         let ay = dy.abs() << SHIFT;
         let tan_22 = ax * TAN_22_5;
         if ay < tan_22 {
             // Mostly horizontal gradient: compare left and right.
-            return m > self.magnitude_at(y, x - 1) && m >= self.magnitude_at(y, x + 1);
+            return m > at(-1) && m >= at(1);
         }
         let tan_67 = tan_22 + (ax << (SHIFT + 1));
         if ay > tan_67 {
             // Mostly vertical: compare above and below.
-            return m > self.magnitude_at(y - 1, x) && m >= self.magnitude_at(y + 1, x);
+            return m > at(-stride) && m >= at(stride);
         }
         let s = if (dx ^ dy) < 0 { -1 } else { 1 };
-        m > self.magnitude_at(y - 1, x - s) && m > self.magnitude_at(y + 1, x + s)
+        m > at(-stride - s) && m > at(stride + s)
     }
 }
 
@@ -97,34 +104,41 @@ pub fn canny(image: &RgbImage, low: u32, high: u32) -> GrayImage {
     }
     let (low, high) = (low.min(high) as i32, low.max(high) as i32);
     let g = Gradients::of(image);
-    // 0: may be an edge, 1: is not, 2: is.
-    let mut map = vec![1u8; g.width * g.height];
+    let (w, stride) = (width as usize, g.stride);
+    // 0: may be an edge, 1: is not (the border too), 2: is.
+    let mut map = vec![1u8; g.magnitude.len()];
     let mut stack = Vec::new();
-    for y in 0..g.height {
-        for x in 0..g.width {
-            let i = y * g.width + x;
-            if g.magnitude[i] > low && g.is_local_maximum(y, x) {
-                if g.magnitude[i] > high {
-                    map[i] = 2;
-                    stack.push((y, x));
+    for y in 1..=height as usize {
+        let start = y * stride + 1;
+        for (i, state) in (start..).zip(&mut map[start..start + w]) {
+            let m = g.magnitude[i];
+            if m > low && g.is_local_maximum(i) {
+                if m > high {
+                    *state = 2;
+                    stack.push(i);
                 } else {
-                    map[i] = 0;
+                    *state = 0;
                 }
             }
         }
     }
-    while let Some((y, x)) = stack.pop() {
-        for ny in y.saturating_sub(1)..=(y + 1).min(g.height - 1) {
-            for nx in x.saturating_sub(1)..=(x + 1).min(g.width - 1) {
-                let i = ny * g.width + nx;
-                if map[i] == 0 {
-                    map[i] = 2;
-                    stack.push((ny, nx));
-                }
+    let s = stride as isize;
+    let neighbours = [-s - 1, -s, -s + 1, -1, 1, s - 1, s, s + 1];
+    while let Some(i) = stack.pop() {
+        for offset in neighbours {
+            let j = i.wrapping_add_signed(offset);
+            if map[j] == 0 {
+                map[j] = 2;
+                stack.push(j);
             }
         }
     }
-    let edges = map.iter().map(|&m| if m == 2 { 255 } else { 0 }).collect();
+    let edges = map
+        .chunks_exact(stride)
+        .skip(1)
+        .take(height as usize)
+        .flat_map(|row| row[1..=w].iter().map(|&m| if m == 2 { 255 } else { 0 }))
+        .collect();
     GrayImage::from_raw(width, height, edges).unwrap_or_else(|| GrayImage::new(width, height))
 }
 

@@ -228,7 +228,7 @@ impl Detector {
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
             Detector::PiDiNet(network) => network.detect(image)?,
         };
-        Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
+        Ok(super::gray_to_rgb(map))
     }
 
     /// The network it is.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, GrayImage, Luma, RgbImage};
+use image::{GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
@@ -178,7 +178,7 @@ impl LineartGenerator {
         let mut map = if map.dimensions() == (width, height) {
             map
         } else {
-            let rgb = DynamicImage::ImageLuma8(map).to_rgb8();
+            let rgb = super::gray_to_rgb(map);
             let fitted = resize(&rgb, width, height, Interpolation::Linear);
             GrayImage::from_fn(width, height, |x, y| Luma([fitted.get_pixel(x, y)[0]]))
         };
