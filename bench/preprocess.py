@@ -2,7 +2,7 @@
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
 of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, the NormalBAE network of its
-scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, at their
+scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED, at their
 published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map (and the preprocessors that run no network:
@@ -33,6 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
+    if kind == "teed":
+        from controlnet_aux.teed.ted import TED
+
+        return TED()
     if kind == "pidinet":
         from controlnet_aux.pidi.model import pidinet
 
@@ -181,7 +185,7 @@ def write_model(kind: str, path: Path):
         return write_segmentation(path)
 
     model = build(kind)
-    randomise(model, 0, gain=0.25 if kind == "lineart_anime" else 1.0)
+    randomise(model, 0, gain={"lineart_anime": 0.25, "teed": 0.5}.get(kind, 1.0))
     state = model.state_dict()
     if kind == "openpose":
         # The published file's flat names (`conv1_1.weight`).
@@ -213,7 +217,12 @@ def reference_child(args):
             state = transfer(model, state)
         model.load_state_dict(state)
         model.eval()
-        if args.kind == "pidinet":
+        if args.kind == "teed":
+            from controlnet_aux.teed import TEEDdetector
+
+            teed = TEEDdetector(model)
+            call = lambda: teed(image, detect_resolution=args.size, output_type="np")
+        elif args.kind == "pidinet":
             from controlnet_aux.pidi import PidiNetDetector
 
             detector = PidiNetDetector(model)
@@ -240,7 +249,8 @@ def reference_child(args):
             detector = LineartDetector(model, model)
         else:
             detector = LineartAnimeDetector(model)
-        call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+        if args.kind != "teed":
+            call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
     for _ in range(args.runs):
@@ -266,7 +276,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,canny,lineart_standard")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,teed,canny,lineart_standard")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

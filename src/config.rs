@@ -206,7 +206,7 @@ impl PreprocessingSettings {
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt => {
                 ("preprocessing.depth_model", &self.depth_model)
             }
-            DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {
+            DetectorNetwork::Hed | DetectorNetwork::PiDiNet | DetectorNetwork::Teed => {
                 ("preprocessing.hed_model", &self.hed_model)
             }
             DetectorNetwork::UperNet => {

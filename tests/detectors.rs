@@ -256,6 +256,16 @@ fn the_hed_network_and_its_soft_edges_equal_controlnet_aux() {
                 "{name} {map}: soft edges, not a saturated map"
             );
         }
+        // safe=True: three levels; an edge a bit from a step may land on its other side.
+        let photo = image::open(root.join("images/photo.png")).expect("photo");
+        let got = network.detect_levels(&photo.to_rgb8(), 2).expect("safe");
+        let want = image::open(root.join(format!("hed/{name}_safe.png")))
+            .expect("map")
+            .to_luma8();
+        assert!(got.iter().all(|v| [0, 127, 255].contains(v)), "{name} safe");
+        let off = got.iter().zip(want.iter()).filter(|(g, w)| g != w).count();
+        assert!(off * 100 <= got.len(), "{name} safe: {off} pixels differ");
+        assert!(got.contains(&127) && got.iter().any(|&v| v != 127));
     }
 }
 

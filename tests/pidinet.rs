@@ -71,9 +71,31 @@ fn soft_edges_and_scribbles_equal_pidinet_detector() {
         let detector = Detector::load(&path(name), Device::Cpu, Kind::Float).expect("load");
         assert_eq!(detector.network(), DetectorNetwork::PiDiNet);
         for (preprocessor, image, resolution, map, most) in [
-            (Preprocessor::SoftEdge, &photo, 64, "map", 1),
-            (Preprocessor::SoftEdge, &photo256, 256, "map256", 1),
+            (
+                Preprocessor::SoftEdge { safe_steps: None },
+                &photo,
+                64,
+                "map",
+                1,
+            ),
+            (
+                Preprocessor::SoftEdge { safe_steps: None },
+                &photo256,
+                256,
+                "map256",
+                1,
+            ),
             (Preprocessor::Scribble, &photo, 64, "scribble", 0),
+            // Three levels: an edge a bit from a step may land on its other side.
+            (
+                Preprocessor::SoftEdge {
+                    safe_steps: Some(2),
+                },
+                &photo,
+                64,
+                "safe",
+                128,
+            ),
         ] {
             let preprocessing = Preprocessing {
                 preprocessor,
@@ -84,7 +106,13 @@ fn soft_edges_and_scribbles_equal_pidinet_detector() {
             let want = reference(&format!("{name}_{map}"));
             assert_map(&format!("{name} {map}"), &got, &want, most);
             let distinct: std::collections::HashSet<u8> = got.iter().copied().collect();
-            if preprocessor == Preprocessor::SoftEdge {
+            if map == "safe" {
+                assert!(
+                    distinct.iter().all(|v| [0, 127, 255].contains(v)),
+                    "{distinct:?}"
+                );
+            }
+            if preprocessor == (Preprocessor::SoftEdge { safe_steps: None }) {
                 assert!(
                     distinct.len() > 64,
                     "{name} {map}: soft, {} levels",
@@ -154,18 +182,39 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
             ..Default::default()
         }),
     };
-    for (preprocessor, map, most) in [
-        (pb::Preprocessor::Softedge, "table5_map", 1),
-        (pb::Preprocessor::Scribble, "table5_scribble", 0),
+    let safe = |preprocessor: pb::Preprocessor| {
+        let mut safe = request(preprocessor);
+        if let Some(params) = safe.preprocessor_params.as_mut() {
+            params.safe_steps = Some(2);
+        }
+        safe
+    };
+    for (request, map, most) in [
+        (request(pb::Preprocessor::Softedge), "table5_map", 1),
+        (request(pb::Preprocessor::Scribble), "table5_scribble", 0),
+        (safe(pb::Preprocessor::Softedge), "table5_safe", 128),
     ] {
         let mut client = server.generation().await;
-        let reply = client.preprocess(request(preprocessor)).await.expect(map);
+        let reply = client.preprocess(request).await.expect(map);
         let got = image::load_from_memory(&reply.into_inner().control_map)
             .expect("png")
             .to_luma8();
         assert_map(map, &got, &reference(map), most);
     }
     let mut client = server.generation().await;
+    // Safe steps on scribbles; three steps, which PiDiNet's safe=True does not take.
+    let mut three = safe(pb::Preprocessor::Softedge);
+    if let Some(params) = three.preprocessor_params.as_mut() {
+        params.safe_steps = Some(3);
+    }
+    for refused in [safe(pb::Preprocessor::Scribble), three] {
+        let status = client.preprocess(refused).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            common::server::violated_fields(&status),
+            ["preprocessor_params.safe_steps"]
+        );
+    }
     let status = client
         .preprocess(request(pb::Preprocessor::Lineart))
         .await
@@ -195,26 +244,31 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         common::server::violated_fields(&status),
         ["preprocessor_params.detect_resolution"]
     );
-    // A unit's PNG entry names the network that drew its soft edges.
-    let spec = pb::GenerationSpec {
-        prompt: "a house by a lake".into(),
-        seed: Some(42),
-        steps: 2,
-        width: 64,
-        height: 64,
-        controlnets: vec![pb::ControlNetUnit {
-            model: "lines_xl".into(),
-            image: photo.clone(),
-            preprocessor: pb::Preprocessor::Softedge as i32,
-            preprocessor_params: request(pb::Preprocessor::Softedge).preprocessor_params,
+    // A unit's PNG entry names the network that drew its soft edges, and their levels.
+    for (params, module) in [
+        (request(pb::Preprocessor::Softedge), "softedge_pidinet"),
+        (safe(pb::Preprocessor::Softedge), "softedge_pidisafe"),
+    ] {
+        let spec = pb::GenerationSpec {
+            prompt: "a house by a lake".into(),
+            seed: Some(42),
+            steps: 2,
+            width: 64,
+            height: 64,
+            controlnets: vec![pb::ControlNetUnit {
+                model: "lines_xl".into(),
+                image: photo.clone(),
+                preprocessor: pb::Preprocessor::Softedge as i32,
+                preprocessor_params: params.preprocessor_params,
+                ..Default::default()
+            }],
             ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let response = server.images(spec).await.expect("generated");
-    let parameters = common::png_parameters(&response.images[0].data);
-    let entry = "Module: softedge_pidinet, Processor Res: 64,";
-    assert!(parameters.contains(entry), "{parameters}");
+        };
+        let response = server.images(spec).await.expect("generated");
+        let parameters = common::png_parameters(&response.images[0].data);
+        let entry = format!("Module: {module}, Processor Res: 64,");
+        assert!(parameters.contains(&entry), "{parameters}");
+    }
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let entry = listed
         .iter()

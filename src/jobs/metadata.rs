@@ -3,7 +3,7 @@
 
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
-use crate::engine::preprocess::detector::DetectorNetwork;
+use crate::engine::preprocess::detector::{DetectorNetwork, TEED_SAFE_STEPS};
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::{Guider, GuiderKind, RefinerMode};
@@ -258,9 +258,14 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let settings = &unit.unit;
     let first = unit.inputs.first().map(|i| i.preprocessing);
     // Soft edges and scribbles name the network that drew them.
-    let edges = match unit.inputs.first().and_then(|i| i.detector.as_ref()) {
-        Some(d) if d.network == DetectorNetwork::PiDiNet => "pidinet",
-        _ => "hed",
+    let edge_network = unit
+        .inputs
+        .first()
+        .and_then(|i| i.detector.as_ref())
+        .map(|d| d.network);
+    let (edges, safe_edges) = match edge_network {
+        Some(DetectorNetwork::PiDiNet) => ("pidinet", "pidisafe"),
+        _ => ("hed", "hedsafe"),
     };
     let mut module = match first.map(|p| p.preprocessor) {
         Some(Preprocessor::Canny { low, high }) => {
@@ -270,7 +275,17 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
         Some(Preprocessor::LineartStandard) => "lineart_standard".to_string(),
         Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
-        Some(Preprocessor::SoftEdge) => format!("softedge_{edges}"),
+        // A1111's TEED module takes its safe steps as Threshold A.
+        Some(Preprocessor::SoftEdge { safe_steps })
+            if edge_network == Some(DetectorNetwork::Teed) =>
+        {
+            let steps = safe_steps.unwrap_or(TEED_SAFE_STEPS);
+            format!("softedge_teed, Threshold A: {steps}")
+        }
+        Some(Preprocessor::SoftEdge { safe_steps }) if safe_steps.unwrap_or(0) > 0 => {
+            format!("softedge_{safe_edges}")
+        }
+        Some(Preprocessor::SoftEdge { .. }) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),

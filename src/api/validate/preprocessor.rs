@@ -18,6 +18,8 @@ const DEFAULT_THRESHOLDS: (u32, u32) = (100, 200);
 /// The longest M-LSD distance threshold, in pixels of its half-size output (A1111's
 /// slider's end).
 const MAX_LINE_DISTANCE: f64 = 20.0;
+/// The most steps soft edges are quantised in (A1111's "Safe Steps" slider's end).
+const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
 pub const IMPLEMENTED: [pb::Preprocessor; 12] = [
@@ -42,6 +44,8 @@ pub struct Parameters {
     pub canny: (u32, u32),
     /// M-LSD's score and length thresholds.
     pub lines: LineThresholds,
+    /// The steps soft edges are quantised in (`None`: the network's default).
+    pub safe_steps: Option<u32>,
 }
 
 /// What a preprocessor is checked against: its image (when it decoded), the most
@@ -68,7 +72,9 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Lineart => Some(Preprocessor::Lineart),
         pb::Preprocessor::LineartAnime => Some(Preprocessor::LineartAnime),
         pb::Preprocessor::Depth => Some(Preprocessor::Depth),
-        pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge),
+        pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge {
+            safe_steps: parameters.safe_steps,
+        }),
         pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
         pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
         pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
@@ -105,6 +111,7 @@ pub fn preprocessor(
         );
     }
     let lines = line_thresholds(&p, params, v);
+    let safe_steps = safe_steps(&p, kind, params.safe_steps, v);
     let detectors = subject.detectors;
     let image_size = subject.image.map(|i| (i.width(), i.height()));
     let max_pixels = subject.max_pixels;
@@ -113,6 +120,7 @@ pub fn preprocessor(
     let parameters = Parameters {
         canny: (low, high),
         lines,
+        safe_steps,
     };
     let Some(preprocessor) = domain(kind, parameters) else {
         deferred.unimplemented(ApiError::Unimplemented(
@@ -146,6 +154,12 @@ pub fn preprocessor(
     };
     if let (Some(entry), Some(None), Some(size)) = (&detector, detect_resolution, image_size) {
         edge_network_sides(&p, entry, size, v);
+    }
+    if let (Some(entry), Some(steps)) = (&detector, safe_steps) {
+        network_safe_steps(&p, entry, steps, v);
+    }
+    if let (Some(entry), Preprocessor::Scribble) = (&detector, preprocessor) {
+        soft_edges_only(&model_field, entry, v);
     }
     Some(Checked {
         preprocessing: Preprocessing {
@@ -233,13 +247,81 @@ fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations)
     }
 }
 
+/// `safe_steps` (under `p`): at most [`MAX_SAFE_STEPS`], and set (to more than 0) for
+/// soft edges only.
+fn safe_steps(
+    p: &str,
+    kind: Option<pb::Preprocessor>,
+    steps: Option<u32>,
+    v: &mut Violations,
+) -> Option<u32> {
+    let field = format!("{p}.safe_steps");
+    let steps = steps?;
+    if steps > 0 && kind.is_some_and(|k| k != pb::Preprocessor::Softedge) {
+        v.add(field, "applies to PREPROCESSOR_SOFTEDGE only");
+        return None;
+    }
+    if steps > MAX_SAFE_STEPS {
+        at_most(v, &field, steps, MAX_SAFE_STEPS);
+        return None;
+    }
+    Some(steps)
+}
+
+/// HED and PiDiNet quantise soft edges in two steps (controlnet_aux's `safe=True`) or
+/// not at all.
+fn network_safe_steps(p: &str, detector: &DetectorFile, steps: u32, v: &mut Violations) {
+    use crate::engine::preprocess::detector::DetectorNetwork;
+    let edge_network = matches!(
+        detector.network,
+        DetectorNetwork::Hed | DetectorNetwork::PiDiNet
+    );
+    if edge_network && !matches!(steps, 0 | 2) {
+        v.add(
+            format!("{p}.safe_steps"),
+            format!(
+                "must be 0 or 2 for the {} network (its safe=True quantises in two steps), got {steps}",
+                detector.network.name()
+            ),
+        );
+    }
+}
+
+/// TEED draws soft edges only (controlnet_aux's TEEDdetector has no scribbles).
+fn soft_edges_only(field: &str, detector: &DetectorFile, v: &mut Violations) {
+    use crate::engine::preprocess::detector::DetectorNetwork;
+    if detector.network == DetectorNetwork::Teed {
+        v.add(
+            field,
+            format!(
+                "`{}` holds the teed network, which draws soft edges only; scribbles take hed or pidinet",
+                detector.model.name
+            ),
+        );
+    }
+}
+
 /// An edge network's sides for an image detected at its own size: its poolings must
-/// leave a pixel (HED's four, PiDiNet's three); a detect resolution always does.
+/// leave a pixel (HED's four, PiDiNet's three), TEED's branches must meet (multiples of
+/// 4); a detect resolution always does both.
 fn edge_network_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut Violations) {
     use crate::engine::preprocess::detector::DetectorNetwork;
     let least = match detector.network {
         DetectorNetwork::Hed => crate::engine::preprocess::hed::MIN_SIDE,
         DetectorNetwork::PiDiNet => crate::engine::preprocess::pidinet::MIN_SIDE,
+        DetectorNetwork::Teed => {
+            let multiple = crate::engine::preprocess::teed::SIDE_MULTIPLE;
+            if !(w.is_multiple_of(multiple) && h.is_multiple_of(multiple)) {
+                v.add(
+                    format!("{p}.detect_resolution"),
+                    format!(
+                        "`{}` needs sides that are multiples of {multiple}; the image is {w}x{h}: set a detect_resolution",
+                        detector.model.name
+                    ),
+                );
+            }
+            return;
+        }
         _ => return,
     };
     if w.min(h) < least {

@@ -219,6 +219,9 @@ pub fn detector_activation_estimate(
         // The first stage's 60 channels at full resolution, three alive, then the five
         // edge maps.
         DetectorNetwork::PiDiNet => (0, 200),
+        // The fusion's 24 channels at full resolution, twice, and the branches' 16 and 32
+        // at half resolution.
+        DetectorNetwork::Teed => (0, 96),
         // The head at the 518² input (64 channels, three alive); the depth resized back.
         DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
         // The head at the 384² input (128 channels, three alive); the depth resized back.

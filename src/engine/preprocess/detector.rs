@@ -19,6 +19,7 @@ use crate::engine::preprocess::openpose;
 use crate::engine::preprocess::pidinet::PiDiNet;
 use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
+use crate::engine::preprocess::teed::Teed;
 use crate::engine::weights::read_shapes;
 
 /// A network a detector file holds.
@@ -44,22 +45,26 @@ pub enum DetectorNetwork {
     Mlsd,
     /// controlnet_aux's PiDiNet edge network.
     PiDiNet,
+    /// controlnet_aux's TEED edge network (soft edges only).
+    Teed,
 }
 
 impl DetectorNetwork {
     /// Whether a detector holding `held` serves a preprocessor that runs this network
-    /// (a depth preprocessor takes Depth Anything or DPT, a soft-edge one HED or PiDiNet).
+    /// (a depth preprocessor takes Depth Anything or DPT, a soft-edge one HED, PiDiNet or
+    /// TEED; scribbles refuse TEED where the request is checked).
     pub fn accepts(self, held: DetectorNetwork) -> bool {
         held == self
             || (self == DetectorNetwork::DepthAnything && held == DetectorNetwork::Dpt)
-            || (self == DetectorNetwork::Hed && held == DetectorNetwork::PiDiNet)
+            || (self == DetectorNetwork::Hed
+                && matches!(held, DetectorNetwork::PiDiNet | DetectorNetwork::Teed))
     }
 
     /// What it is called where a preprocessor names the networks it takes.
     pub fn described(self) -> &'static str {
         match self {
             DetectorNetwork::DepthAnything => "depth_anything or dpt",
-            DetectorNetwork::Hed => "hed or pidinet",
+            DetectorNetwork::Hed => "hed, pidinet or teed",
             other => other.name(),
         }
     }
@@ -77,6 +82,7 @@ impl DetectorNetwork {
             DetectorNetwork::NormalBae => "normal_bae",
             DetectorNetwork::Mlsd => "mlsd",
             DetectorNetwork::PiDiNet => "pidinet",
+            DetectorNetwork::Teed => "teed",
         }
     }
 
@@ -89,7 +95,8 @@ impl DetectorNetwork {
             | DetectorNetwork::OpenPose
             | DetectorNetwork::NormalBae
             | DetectorNetwork::Mlsd
-            | DetectorNetwork::PiDiNet => {
+            | DetectorNetwork::PiDiNet
+            | DetectorNetwork::Teed => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::UperNet => {
@@ -153,14 +160,20 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if has("init_block.weight") && has("block1_1.conv1.weight") && has("classifier.weight") {
         return Ok(DetectorNetwork::PiDiNet);
     }
+    if has("block_1.conv1.weight") && has("block_cat.DWconv1.weight") {
+        return Ok(DetectorNetwork::Teed);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd, pidinet; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
         ),
     })
 }
+
+/// TEEDdetector's default quantisation (its `safe_steps`).
+pub const TEED_SAFE_STEPS: u32 = 2;
 
 /// A loaded detector.
 pub enum Detector {
@@ -182,6 +195,8 @@ pub enum Detector {
     Mlsd(Box<Mlsd>),
     /// The PiDiNet edge network.
     PiDiNet(PiDiNet),
+    /// The TEED edge network.
+    Teed(Box<Teed>),
 }
 
 impl Detector {
@@ -211,6 +226,7 @@ impl Detector {
             }
             DetectorNetwork::Mlsd => Ok(Detector::Mlsd(Box::new(Mlsd::load(path, device, kind)?))),
             DetectorNetwork::PiDiNet => Ok(Detector::PiDiNet(PiDiNet::load(path, device, kind)?)),
+            DetectorNetwork::Teed => Ok(Detector::Teed(Box::new(Teed::load(path, device, kind)?))),
         }
     }
 
@@ -227,6 +243,31 @@ impl Detector {
             Detector::Normal(network) => return network.detect(image),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
             Detector::PiDiNet(network) => network.detect(image)?,
+            Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
+        };
+        Ok(super::gray_to_rgb(map))
+    }
+
+    /// The soft edges of an edge network (HED, PiDiNet or TEED), quantised in
+    /// `safe_steps` steps (`None`: the network's default: none, TEED's 2).
+    pub fn soft_edges(
+        &self,
+        image: &image::RgbImage,
+        safe_steps: Option<u32>,
+    ) -> Result<image::RgbImage> {
+        let steps = safe_steps.unwrap_or(0);
+        let map = match self {
+            Detector::Hed(network) => network.detect_levels(image, steps)?,
+            Detector::PiDiNet(network) => network.detect_levels(image, steps)?,
+            Detector::Teed(network) => {
+                network.detect(image, safe_steps.unwrap_or(TEED_SAFE_STEPS))?
+            }
+            other => {
+                return Err(EngineError::Internal(format!(
+                    "soft edges asked of {}",
+                    other.network().name()
+                )))
+            }
         };
         Ok(super::gray_to_rgb(map))
     }
@@ -246,6 +287,7 @@ impl Detector {
             Detector::Normal(_) => DetectorNetwork::NormalBae,
             Detector::Mlsd(_) => DetectorNetwork::Mlsd,
             Detector::PiDiNet(_) => DetectorNetwork::PiDiNet,
+            Detector::Teed(_) => DetectorNetwork::Teed,
         }
     }
 }

@@ -139,6 +139,11 @@ impl Hed {
     /// projection fitted back with OpenCV's float `INTER_LINEAR`, their float32 mean, a
     /// float64 sigmoid, times 255 truncated to 8 bits.
     pub fn detect(&self, image: &image::RgbImage) -> Result<GrayImage> {
+        self.detect_levels(image, 0)
+    }
+
+    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all).
+    pub fn detect_levels(&self, image: &image::RgbImage, safe_steps: u32) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let (w, h) = (width as usize, height as usize);
         let pixels = channels_first(image).to_kind(Kind::Float);
@@ -164,13 +169,29 @@ impl Hed {
         let count = projections.len() as f32;
         let map = sum
             .into_iter()
-            .map(|s| {
-                let mean = f64::from(s / count);
-                let edge = 1.0 / (1.0 + (-mean).exp());
-                (edge * 255.0).clamp(0.0, 255.0) as u8
-            })
+            .map(|s| edge_byte(s / count, safe_steps))
             .collect();
         GrayImage::from_raw(width, height, map)
             .ok_or_else(|| EngineError::Internal("an edge map of the wrong size".into()))
     }
+}
+
+/// controlnet_aux's soft edge of the side outputs' mean logit: a float64 sigmoid,
+/// quantised in `safe_steps` steps (0: not at all), to 8 bits.
+pub fn edge_byte(mean: f32, safe_steps: u32) -> u8 {
+    let edge = 1.0 / (1.0 + (-f64::from(mean)).exp());
+    if safe_steps > 0 {
+        safe_level(edge as f32, safe_steps)
+    } else {
+        (edge * 255.0).clamp(0.0, 255.0) as u8
+    }
+}
+
+/// controlnet_aux's `safe_step(edge, steps)` of an edge probability, to 8 bits: the
+/// float32 edge times `steps + 1`, truncated, divided by `steps`, times 255 clipped and
+/// truncated (two steps: 0, 127 or 255).
+pub fn safe_level(edge: f32, steps: u32) -> u8 {
+    let steps = steps as f32;
+    let level = (edge * (steps + 1.0)) as i32 as f32 / steps;
+    (level * 255.0).clamp(0.0, 255.0) as u8
 }

@@ -30,6 +30,7 @@ pub mod processor;
 pub mod reassemble;
 pub mod scribble;
 pub mod segment;
+pub mod teed;
 pub mod upernet;
 
 use image::{DynamicImage, GrayImage, RgbImage};
@@ -118,8 +119,12 @@ pub enum Preprocessor {
     LineartStandard,
     /// Depth from a Depth Anything model.
     Depth,
-    /// Soft edges from controlnet_aux's HED network.
-    SoftEdge,
+    /// Soft edges from controlnet_aux's HED or PiDiNet network, optionally quantised
+    /// (A1111's `softedge_hedsafe`, `softedge_pidisafe`).
+    SoftEdge {
+        /// controlnet_aux's `safe_step` steps (0: none); `None`: the network's default.
+        safe_steps: Option<u32>,
+    },
     /// Scribbles: HED's soft edges thinned, spread and thresholded.
     Scribble,
     /// ADE20K segmentation from a UperNet model.
@@ -140,7 +145,7 @@ impl Preprocessor {
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
-            Preprocessor::SoftEdge | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
+            Preprocessor::SoftEdge { .. } | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
             Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
             Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
@@ -156,6 +161,12 @@ impl Preprocessor {
             (Preprocessor::LineartStandard, _) => {
                 Ok(gray_to_rgb(lineart_standard::lineart_standard(rgb)))
             }
+            (Preprocessor::SoftEdge { safe_steps }, _) => match detector {
+                Some(detector) => detector.soft_edges(rgb, safe_steps),
+                None => Err(EngineError::Internal(
+                    "soft edges without a detector".into(),
+                )),
+            },
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(

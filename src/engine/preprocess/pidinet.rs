@@ -373,6 +373,11 @@ impl PiDiNet {
     /// pixels / 255 (channels last, as its numpy input lies), the classifier's edge
     /// times 255 truncated to 8 bits.
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
+        self.detect_levels(image, 0)
+    }
+
+    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all).
+    pub fn detect_levels(&self, image: &RgbImage, safe_steps: u32) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let bgr: Vec<u8> = image.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
         let pixels = Tensor::from_slice(&bgr)
@@ -386,7 +391,13 @@ impl PiDiNet {
         let values = Vec::<f32>::try_from(fused.to_device(Device::Cpu).contiguous().view(-1))?;
         let map = values
             .into_iter()
-            .map(|v| (v * 255.0).clamp(0.0, 255.0) as u8)
+            .map(|v| {
+                if safe_steps > 0 {
+                    super::hed::safe_level(v, safe_steps)
+                } else {
+                    (v * 255.0).clamp(0.0, 255.0) as u8
+                }
+            })
             .collect();
         GrayImage::from_raw(width, height, map)
             .ok_or_else(|| EngineError::Internal("an edge map of the wrong size".into()))

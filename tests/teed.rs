@@ -1,0 +1,196 @@
+//! TEED against controlnet_aux 0.0.10 on random weights built by
+//! `tests/fixtures/make_detector_fixtures.py` (its `TED` at two seeds): the four outputs
+//! within 1e-3 at three sizes, `TEEDdetector`'s soft edges with 0, 2 (its default) and 5
+//! safe steps through the soft-edge preprocessor, and over gRPC a TEED file serving soft
+//! edges by name, refused for scribbles, its own-size rule and its steps' range.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_close, detector_fixtures, read_tensors};
+use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
+use sdxld::engine::preprocess::teed::Teed;
+use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use tch::{Device, Kind};
+
+const MODELS: [&str; 2] = ["seed3", "seed9"];
+
+fn path(name: &str) -> PathBuf {
+    detector_fixtures().join(format!("teed/{name}.safetensors"))
+}
+
+fn reference(name: &str) -> image::GrayImage {
+    image::open(detector_fixtures().join(format!("teed/{name}.png")))
+        .expect("map")
+        .to_luma8()
+}
+
+/// Within `most` levels everywhere, and different on at most one pixel in a hundred (the
+/// last bit of a float32 mean before its sigmoid and steps).
+fn assert_map(what: &str, got: &image::GrayImage, want: &image::GrayImage, most: u8) {
+    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+    let mut off = 0;
+    for (g, w) in got.iter().zip(want.iter()) {
+        assert!(g.abs_diff(*w) <= most, "{what}: {g} against {w}");
+        off += usize::from(g != w);
+    }
+    assert!(off * 100 <= got.len(), "{what}: {off} pixels differ");
+}
+
+#[test]
+fn the_teed_network_equals_controlnet_aux() {
+    for name in MODELS {
+        assert_eq!(
+            network_of(&path(name)).expect("known"),
+            DetectorNetwork::Teed
+        );
+        let network = Teed::load(&path(name), Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = read_tensors(&detector_fixtures().join(format!("teed/{name}.io.safetensors")));
+        for k in 0..3 {
+            let outputs = network
+                .forward(&io[&format!("input.{k}")])
+                .expect("forward");
+            assert_eq!(outputs.len(), 4, "{name}: three branches and the fused map");
+            for (j, edges) in outputs.iter().enumerate() {
+                let want = &io[&format!("output.{k}.{j}")];
+                assert_close(&format!("{name} input {k} output {j}"), edges, want);
+            }
+        }
+        // Its branches meet only at sides that are multiples of 4.
+        let odd = tch::Tensor::zeros([1, 3, 64, 62], (Kind::Float, Device::Cpu));
+        assert!(network.forward(&odd).is_err(), "{name}: 62 wide");
+    }
+}
+
+#[test]
+fn soft_edges_in_steps_equal_teed_detector() {
+    let photo = image::open(detector_fixtures().join("images/photo.png")).expect("photo");
+    let photo256 = image::open(detector_fixtures().join("images/photo256.png")).expect("photo");
+    for name in MODELS {
+        let detector = Detector::load(&path(name), Device::Cpu, Kind::Float).expect("load");
+        assert_eq!(detector.network(), DetectorNetwork::Teed);
+        // A step apart where an edge lies a bit from a step's edge: 255 / steps levels.
+        for (steps, image, resolution, map, most) in [
+            (Some(0), &photo, 64, "steps0", 1),
+            (Some(2), &photo, 64, "steps2", 128),
+            (None, &photo, 64, "steps2", 128),
+            (Some(5), &photo, 64, "steps5", 51),
+            (None, &photo256, 256, "map256", 128),
+        ] {
+            let preprocessing = Preprocessing {
+                preprocessor: Preprocessor::SoftEdge { safe_steps: steps },
+                detect_resolution: Some(resolution),
+            };
+            let got = preprocessing.run(image, Some(&detector)).expect("detect");
+            let got = image::DynamicImage::ImageRgb8(got).to_luma8();
+            let want = reference(&format!("{name}_{map}"));
+            assert_map(&format!("{name} {map} ({steps:?})"), &got, &want, most);
+            let distinct: std::collections::HashSet<u8> = got.iter().copied().collect();
+            let least = if steps == Some(0) { 32 } else { 3 };
+            assert!(
+                distinct.len() >= least,
+                "{name} {map}: {} levels",
+                distinct.len()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
+    use sdxld::proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(path("seed3"), dir.path().join("teed.safetensors")).expect("copy");
+    let controlnets = tempfile::tempdir().expect("tempdir");
+    let lines = controlnets.path().join("lines_xl");
+    std::fs::create_dir_all(&lines).expect("mkdir");
+    let from = common::controlnet_fixtures().join("tiny2/from_unet");
+    for entry in std::fs::read_dir(from).expect("dir").flatten() {
+        std::fs::copy(entry.path(), lines.join(entry.file_name())).expect("copy");
+    }
+    let pipeline = common::fixtures().join("tiny2/pipeline");
+    let root = |dir: &std::path::Path| dir.to_str().expect("utf-8").to_string();
+    let server = common::server::TestServer::start(&[
+        ("SDXLD__ENGINE__DEFAULT_MODEL", &root(&pipeline)),
+        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", &root(dir.path())),
+        ("SDXLD__MODELS__CONTROLNET_ROOTS", &root(controlnets.path())),
+    ])
+    .await;
+    let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
+    let request = |preprocessor: pb::Preprocessor, steps: Option<u32>| pb::PreprocessRequest {
+        image: photo.clone(),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: Some(pb::PreprocessorParams {
+            detect_resolution: 64,
+            model: "teed".into(),
+            safe_steps: steps,
+            ..Default::default()
+        }),
+    };
+    for (steps, map, most) in [(None, "seed3_steps2", 128), (Some(0), "seed3_steps0", 1)] {
+        let mut client = server.generation().await;
+        let reply = client
+            .preprocess(request(pb::Preprocessor::Softedge, steps))
+            .await
+            .expect(map);
+        let got = image::load_from_memory(&reply.into_inner().control_map)
+            .expect("png")
+            .to_luma8();
+        assert_map(map, &got, &reference(map), most);
+    }
+    // Scribbles, eleven steps, and a 62-pixel side at the image's own size: refused.
+    let mut own_size = request(pb::Preprocessor::Softedge, None);
+    let mut narrow = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(62, 64))
+        .write_to(
+            &mut std::io::Cursor::new(&mut narrow),
+            image::ImageFormat::Png,
+        )
+        .expect("png");
+    own_size.image = narrow;
+    if let Some(params) = own_size.preprocessor_params.as_mut() {
+        params.detect_resolution = 0;
+    }
+    for (refused, field) in [
+        (
+            request(pb::Preprocessor::Scribble, None),
+            "preprocessor_params.model",
+        ),
+        (
+            request(pb::Preprocessor::Softedge, Some(11)),
+            "preprocessor_params.safe_steps",
+        ),
+        (own_size, "preprocessor_params.detect_resolution"),
+    ] {
+        let mut client = server.generation().await;
+        let status = client.preprocess(refused).await.expect_err(field);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(common::server::violated_fields(&status), [field]);
+    }
+    // A unit's PNG entry: A1111's TEED module with its steps as Threshold A.
+    let spec = pb::GenerationSpec {
+        prompt: "a house by a lake".into(),
+        seed: Some(42),
+        steps: 2,
+        width: 64,
+        height: 64,
+        controlnets: vec![pb::ControlNetUnit {
+            model: "lines_xl".into(),
+            image: photo.clone(),
+            preprocessor: pb::Preprocessor::Softedge as i32,
+            preprocessor_params: request(pb::Preprocessor::Softedge, Some(3)).preprocessor_params,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = server.images(spec).await.expect("generated");
+    let parameters = common::png_parameters(&response.images[0].data);
+    let entry = "Module: softedge_teed, Threshold A: 3, Processor Res: 64,";
+    assert!(parameters.contains(entry), "{parameters}");
+    let listed = server.list_models(pb::ModelKind::Preprocessor).await;
+    let entry = listed.iter().find(|m| m.name == "teed").expect("listed");
+    let network = entry.preprocessor.as_ref().map(|p| p.network.as_str());
+    assert_eq!(network, Some("teed"));
+}
