@@ -251,6 +251,41 @@ def test_python_client_standard_line_art_as_controlnet_aux_draws_it(stubs, serve
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
 
 
+def test_python_client_teed_soft_edges_as_controlnet_aux_draws_them(stubs, server):
+    """A TEED network installed by name: its soft edges in 3 safe steps equal
+    controlnet_aux's TEEDdetector (a step apart on at most 1 % of pixels), and scribbles
+    from it are refused naming the detector field."""
+    import sys
+
+    import numpy as np
+    from controlnet_aux.teed import TEEDdetector
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_detector_fixtures import teed_model
+
+    model = teed_model("seed3")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(server.preprocessor_root / "teed_client.safetensors"))
+    pixels = np.random.default_rng(6).integers(0, 256, (128, 192, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=128, model="teed_client", safe_steps=3)
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_SOFTEDGE, preprocessor_params=params)
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L")).astype(int)
+    # 192x128 at 128 is the image's own size: the reference's resizes are copies.
+    expected = TEEDdetector(model)(pixels, detect_resolution=128, safe_steps=3, output_type="np")[:, :, 0].astype(int)
+    assert (reply.width, reply.height) == (192, 128)
+    assert len(np.unique(got)) >= 3 and np.abs(got - expected).max() <= 85 and (got != expected).mean() <= 0.01
+    request.preprocessor = stubs.gen.PREPROCESSOR_SCRIBBLE
+    request.preprocessor_params.ClearField("safe_steps")
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""
