@@ -65,6 +65,42 @@ fn the_teed_network_equals_controlnet_aux() {
 }
 
 #[test]
+fn files_whose_shapes_do_not_fit_together_are_refused_naming_the_tensor() {
+    let tensors = read_tensors(&path("seed3"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zeros = |shape: &[i64]| tch::Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    for (name, shape) in [
+        ("side_1.conv", [16i64, 16, 1, 1]),
+        ("up_block_3.features.5", [2, 1, 4, 4]),
+        ("block_cat.DWconv1", [24, 2, 3, 3]),
+    ] {
+        let mut changed: Vec<(String, tch::Tensor)> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        for (key, tensor) in changed.iter_mut() {
+            if *key == format!("{name}.weight") {
+                *tensor = zeros(&shape);
+            }
+            if *key == format!("{name}.bias") {
+                let outputs = if name.contains("features") {
+                    shape[1]
+                } else {
+                    shape[0]
+                };
+                *tensor = zeros(&[outputs]);
+            }
+        }
+        let file = dir.path().join("bad.safetensors");
+        tch::Tensor::write_safetensors(&changed, &file).expect("write");
+        let error = Teed::load(&file, Device::Cpu, Kind::Float)
+            .err()
+            .unwrap_or_else(|| panic!("{name}: loaded"));
+        assert!(error.to_string().contains(name), "{name}: {error}");
+    }
+}
+
+#[test]
 fn soft_edges_in_steps_equal_teed_detector() {
     let photo = image::open(detector_fixtures().join("images/photo.png")).expect("photo");
     let photo256 = image::open(detector_fixtures().join("images/photo256.png")).expect("photo");

@@ -79,12 +79,31 @@ impl Loader<'_> {
         self.root.get(name, &shape)
     }
 
+    /// A file whose shapes do not fit together, refused naming the tensor.
+    fn refuse(&self, name: &str, message: String) -> EngineError {
+        EngineError::WeightFile {
+            path: self.path.to_path_buf(),
+            message: format!("`{name}` {message}"),
+        }
+    }
+
+    /// The convolution `name` on `inputs` channels (grouped when its weight takes
+    /// fewer).
     fn conv(&self, name: &str, stride: i64, padding: i64, inputs: i64) -> Result<Conv> {
-        let weight = self.tensor(&format!("{name}.weight"))?;
+        let key = format!("{name}.weight");
+        let weight = self.tensor(&key)?;
         let size = weight.size();
+        let groups = if size.len() == 4 && size[1] > 0 && inputs % size[1] == 0 {
+            inputs / size[1]
+        } else {
+            0
+        };
+        if groups == 0 || size[0] % groups != 0 {
+            return Err(self.refuse(&key, format!("{size:?} does not take {inputs} channels")));
+        }
         let bias = self.root.get(&format!("{name}.bias"), &[size[0]])?;
         Ok(Conv {
-            groups: (inputs / size[1].max(1)).max(1),
+            groups,
             weight,
             bias,
             stride,
@@ -112,19 +131,42 @@ struct UpBlock {
 }
 
 impl UpBlock {
-    fn load(loader: &Loader, name: &str, mut inputs: i64) -> Result<Self> {
+    /// The block `name` on `inputs` channels, doubling the size `doublings` times.
+    fn load(loader: &Loader, name: &str, mut inputs: i64, doublings: usize) -> Result<Self> {
         let mut steps = Vec::new();
         while loader.has(&format!("{name}.features.{}.weight", 3 * steps.len())) {
             let i = 3 * steps.len();
             let conv = loader.conv(&format!("{name}.features.{i}"), 1, 0, inputs)?;
-            let weight = loader.tensor(&format!("{name}.features.{}.weight", i + 2))?;
-            inputs = weight.size()[1];
+            let key = format!("{name}.features.{}.weight", i + 2);
+            let weight = loader.tensor(&key)?;
+            let size = weight.size();
+            // An even kernel of 2 or more, padded by half less one, exactly doubles.
+            let doubles = size.len() == 4 && size[2] == size[3] && size[2] >= 2 && size[2] % 2 == 0;
+            if !doubles || size[0] != conv.out() {
+                let message = format!("{size:?} is no doubling of {} channels", conv.out());
+                return Err(loader.refuse(&key, message));
+            }
+            inputs = size[1];
             let bias = loader
                 .root
                 .get(&format!("{name}.features.{}.bias", i + 2), &[inputs])?;
             steps.push((conv, weight, bias));
         }
+        if steps.len() != doublings {
+            let message = format!(
+                "has {} up-sampling steps; its branch needs {doublings}",
+                steps.len()
+            );
+            return Err(loader.refuse(name, message));
+        }
         Ok(Self { steps })
+    }
+
+    /// The channels it brings back.
+    fn out(&self) -> i64 {
+        self.steps
+            .last()
+            .map_or(0, |(_, weight, _)| weight.size()[1])
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -173,6 +215,10 @@ impl Teed {
         let block_2 = loader.pair("block_2", 1, (1, 1), width_1)?;
         let width_2 = block_2.second.out();
         let side_1 = loader.conv("side_1.conv", 2, 0, width_1)?;
+        if side_1.out() != width_2 {
+            let message = format!("gives {} channels to add to {width_2}", side_1.out());
+            return Err(loader.refuse("side_1.conv.weight", message));
+        }
         let pre_dense = loader.conv("pre_dense_3.conv", 1, 0, width_2)?;
         let mut dense = Vec::new();
         let mut inputs = width_2;
@@ -183,15 +229,24 @@ impl Teed {
             let layer = format!("dblock_3.denselayer{}", dense.len() + 1);
             let pair = loader.pair(&layer, 1, (2, 0), inputs)?;
             inputs = pair.second.out();
+            if inputs != pre_dense.out() {
+                let message = format!("gives {inputs} channels to add to {}", pre_dense.out());
+                return Err(loader.refuse(&format!("{layer}.conv2.weight"), message));
+            }
             dense.push(pair);
         }
         let up = [
-            UpBlock::load(&loader, "up_block_1", width_1)?,
-            UpBlock::load(&loader, "up_block_2", width_2)?,
-            UpBlock::load(&loader, "up_block_3", inputs)?,
+            UpBlock::load(&loader, "up_block_1", width_1, 1)?,
+            UpBlock::load(&loader, "up_block_2", width_2, 1)?,
+            UpBlock::load(&loader, "up_block_3", inputs, 2)?,
         ];
-        let spread = loader.conv("block_cat.DWconv1", 1, 1, 3)?;
+        let branches = up.iter().map(UpBlock::out).sum();
+        let spread = loader.conv("block_cat.DWconv1", 1, 1, branches)?;
         let refine = loader.conv("block_cat.DWconv2", 1, 1, spread.out())?;
+        if refine.out() != spread.out() {
+            let message = format!("gives {} channels to add to {}", refine.out(), spread.out());
+            return Err(loader.refuse("block_cat.DWconv2.weight", message));
+        }
         weights.check_all_used(|_| false)?;
         Ok(Self {
             block_1,
