@@ -10,6 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 
+use common::edges::{assert_map, server_with_detector, soft_edge_unit_parameters};
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::pidinet::PiDiNet;
@@ -26,18 +27,6 @@ fn reference(name: &str) -> image::GrayImage {
     image::open(detector_fixtures().join(format!("pidinet/{name}.png")))
         .expect("map")
         .to_luma8()
-}
-
-/// At most one level off, on at most one pixel in a hundred (the last bit of a float32
-/// edge times 255); scribbles, black or white, exactly.
-fn assert_map(what: &str, got: &image::GrayImage, want: &image::GrayImage, most: u8) {
-    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
-    let mut off = 0;
-    for (g, w) in got.iter().zip(want.iter()) {
-        assert!(g.abs_diff(*w) <= most, "{what}: {g} against {w}");
-        off += usize::from(g != w);
-    }
-    assert!(off * 100 <= got.len(), "{what}: {off} pixels differ");
 }
 
 #[test]
@@ -151,27 +140,7 @@ fn images_the_network_cannot_pool_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
     use sdxld::proto::v1 as pb;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        path("table5"),
-        dir.path().join("table5_pidinet.safetensors"),
-    )
-    .expect("copy");
-    let controlnets = tempfile::tempdir().expect("tempdir");
-    let lines = controlnets.path().join("lines_xl");
-    std::fs::create_dir_all(&lines).expect("mkdir");
-    let from = common::controlnet_fixtures().join("tiny2/from_unet");
-    for entry in std::fs::read_dir(from).expect("dir").flatten() {
-        std::fs::copy(entry.path(), lines.join(entry.file_name())).expect("copy");
-    }
-    let pipeline = common::fixtures().join("tiny2/pipeline");
-    let root = |dir: &std::path::Path| dir.to_str().expect("utf-8").to_string();
-    let server = common::server::TestServer::start(&[
-        ("SDXLD__ENGINE__DEFAULT_MODEL", &root(&pipeline)),
-        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", &root(dir.path())),
-        ("SDXLD__MODELS__CONTROLNET_ROOTS", &root(controlnets.path())),
-    ])
-    .await;
+    let (server, _roots) = server_with_detector(&path("table5"), "table5_pidinet").await;
     let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
     let request = |preprocessor: pb::Preprocessor| pb::PreprocessRequest {
         image: photo.clone(),
@@ -249,23 +218,8 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         (request(pb::Preprocessor::Softedge), "softedge_pidinet"),
         (safe(pb::Preprocessor::Softedge), "softedge_pidisafe"),
     ] {
-        let spec = pb::GenerationSpec {
-            prompt: "a house by a lake".into(),
-            seed: Some(42),
-            steps: 2,
-            width: 64,
-            height: 64,
-            controlnets: vec![pb::ControlNetUnit {
-                model: "lines_xl".into(),
-                image: photo.clone(),
-                preprocessor: pb::Preprocessor::Softedge as i32,
-                preprocessor_params: params.preprocessor_params,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let response = server.images(spec).await.expect("generated");
-        let parameters = common::png_parameters(&response.images[0].data);
+        let parameters =
+            soft_edge_unit_parameters(&server, &photo, params.preprocessor_params).await;
         let entry = format!("Module: {module}, Processor Res: 64,");
         assert!(parameters.contains(&entry), "{parameters}");
     }

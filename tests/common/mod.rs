@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 pub mod certs;
 pub mod cli;
+pub mod edges;
 pub mod raw;
 pub mod server;
 

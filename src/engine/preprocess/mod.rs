@@ -119,8 +119,8 @@ pub enum Preprocessor {
     LineartStandard,
     /// Depth from a Depth Anything model.
     Depth,
-    /// Soft edges from controlnet_aux's HED or PiDiNet network, optionally quantised
-    /// (A1111's `softedge_hedsafe`, `softedge_pidisafe`).
+    /// Soft edges from controlnet_aux's HED, PiDiNet or TEED network, optionally
+    /// quantised (A1111's `softedge_hedsafe`, `softedge_pidisafe`, `softedge_teed`).
     SoftEdge {
         /// controlnet_aux's `safe_step` steps (0: none); `None`: the network's default.
         safe_steps: Option<u32>,

@@ -1,0 +1,70 @@
+//! Shared pieces of the edge-network tests (PiDiNet, TEED): map comparisons, a server
+//! with one detector file and the tiny2 ControlNet, and the PNG entry of a unit.
+
+use std::path::Path;
+
+use sdxld::proto::v1 as pb;
+
+use super::server::TestServer;
+
+/// Within `most` levels everywhere, and different on at most one pixel in a hundred (the
+/// last bit of a float32 edge before its 8 bits or its steps).
+pub fn assert_map(what: &str, got: &image::GrayImage, want: &image::GrayImage, most: u8) {
+    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+    let mut off = 0;
+    for (g, w) in got.iter().zip(want.iter()) {
+        assert!(g.abs_diff(*w) <= most, "{what}: {g} against {w}");
+        off += usize::from(g != w);
+    }
+    assert!(off * 100 <= got.len(), "{what}: {off} pixels differ");
+}
+
+/// A server on the tiny2 pipeline with the detector `file` as `name` in its
+/// preprocessor root and the tiny2 ControlNet as `lines_xl`; the roots live as long as
+/// the returned folders.
+pub async fn server_with_detector(file: &Path, name: &str) -> (TestServer, [tempfile::TempDir; 2]) {
+    let detectors = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(file, detectors.path().join(format!("{name}.safetensors"))).expect("copy");
+    let controlnets = tempfile::tempdir().expect("tempdir");
+    let lines = controlnets.path().join("lines_xl");
+    std::fs::create_dir_all(&lines).expect("mkdir");
+    let from = super::controlnet_fixtures().join("tiny2/from_unet");
+    for entry in std::fs::read_dir(from).expect("dir").flatten() {
+        std::fs::copy(entry.path(), lines.join(entry.file_name())).expect("copy");
+    }
+    let pipeline = super::fixtures().join("tiny2/pipeline");
+    let root = |dir: &Path| dir.to_str().expect("utf-8").to_string();
+    let server = TestServer::start(&[
+        ("SDXLD__ENGINE__DEFAULT_MODEL", &root(&pipeline)),
+        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", &root(detectors.path())),
+        ("SDXLD__MODELS__CONTROLNET_ROOTS", &root(controlnets.path())),
+    ])
+    .await;
+    (server, [detectors, controlnets])
+}
+
+/// The PNG `parameters` of a 64×64 generation with one `lines_xl` unit on soft edges of
+/// `image` with `params`.
+pub async fn soft_edge_unit_parameters(
+    server: &TestServer,
+    image: &[u8],
+    params: Option<pb::PreprocessorParams>,
+) -> String {
+    let spec = pb::GenerationSpec {
+        prompt: "a house by a lake".into(),
+        seed: Some(42),
+        steps: 2,
+        width: 64,
+        height: 64,
+        controlnets: vec![pb::ControlNetUnit {
+            model: "lines_xl".into(),
+            image: image.to_vec(),
+            preprocessor: pb::Preprocessor::Softedge as i32,
+            preprocessor_params: params,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = server.images(spec).await.expect("generated");
+    super::png_parameters(&response.images[0].data)
+}
