@@ -302,44 +302,23 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             pb::Preprocessor::LineartStandard,
         ),
     ] {
-        let spec = pb::GenerationSpec {
-            prompt: "a house by a lake".into(),
-            seed: Some(42),
-            steps: 4,
-            guidance_scale: Some(5.0),
-            width: 64,
-            height: 64,
-            scheduler: pb::Scheduler::Euler as i32,
-            controlnets: vec![pb::ControlNetUnit {
-                model: model.into(),
-                image: photo(),
-                preprocessor: preprocessor as i32,
-                preprocessor_params: Some(pb::PreprocessorParams {
-                    detect_resolution: 64,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            output: Some(pb::OutputOptions {
-                return_control_maps: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let response = server
-            .images(spec)
+            .images(unit_spec(model, preprocessor, ""))
             .await
             .unwrap_or_else(|e| panic!("{case}: {e}"));
         let expected = reference[&format!("{case}.images")].get(0);
         assert_images_match(case, &decoded_image(&response.images[0].data), &expected);
         let map = detector_fixtures().join(format!("controlnet/{case}_map.png"));
         assert_map(case, &response.control_maps[0].data, &map);
-        if preprocessor == pb::Preprocessor::Mlsd {
-            // sd-webui-controlnet's entry, the default thresholds as A and B.
-            let parameters = common::png_parameters(&response.images[0].data);
-            let entry = "Module: mlsd, Threshold A: 0.1, Threshold B: 0.1, Processor Res: 64,";
-            assert!(parameters.contains(entry), "{parameters}");
-        }
+        // sd-webui-controlnet's entries: M-LSD's default thresholds as A and B, depth
+        // from Depth Anything.
+        let entry = match case {
+            "mlsd" => "Module: mlsd, Threshold A: 0.1, Threshold B: 0.1, Processor Res: 64,",
+            "depth" => "Module: depth_anything_v2, Processor Res: 64,",
+            _ => "",
+        };
+        let parameters = common::png_parameters(&response.images[0].data);
+        assert!(parameters.contains(entry), "{parameters}");
         let completed = response.completed.expect("completed");
         if preprocessor == pb::Preprocessor::LineartStandard {
             // No network: no detector among the models, its module in the PNG's entry.
@@ -379,6 +358,42 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
                 .any(|t| t.stage == pb::Stage::Preprocessing as i32),
             "{case}: a preprocessing timing"
         );
+    }
+    // Depth from a DPT model: A1111's MiDaS module.
+    let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, "Intel/dpt-large");
+    let response = server.images(spec).await.expect("dpt unit");
+    let parameters = common::png_parameters(&response.images[0].data);
+    let entry = "Module: depth_midas, Processor Res: 64, Model: lines_xl";
+    assert!(parameters.contains(entry), "{parameters}");
+}
+
+/// A 64×64 generation in four Euler steps with one unit of `model` on `preprocessor`
+/// (detected at 64, by `detector` or the default), returning its control map.
+fn unit_spec(model: &str, preprocessor: pb::Preprocessor, detector: &str) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: "a house by a lake".into(),
+        seed: Some(42),
+        steps: 4,
+        guidance_scale: Some(5.0),
+        width: 64,
+        height: 64,
+        scheduler: pb::Scheduler::Euler as i32,
+        controlnets: vec![pb::ControlNetUnit {
+            model: model.into(),
+            image: photo(),
+            preprocessor: preprocessor as i32,
+            preprocessor_params: Some(pb::PreprocessorParams {
+                detect_resolution: 64,
+                model: detector.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        output: Some(pb::OutputOptions {
+            return_control_maps: true,
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

@@ -140,7 +140,7 @@ fn images_the_network_cannot_pool_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
     use sdxld::proto::v1 as pb;
-    let (server, _roots) = server_with_detector(&path("table5"), "table5_pidinet").await;
+    let (server, _roots) = server_with_detector(&path("table5"), "table5_pidinet", &[]).await;
     let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
     let request = |preprocessor: pb::Preprocessor| pb::PreprocessRequest {
         image: photo.clone(),

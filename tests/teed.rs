@@ -2,7 +2,8 @@
 //! `tests/fixtures/make_detector_fixtures.py` (its `TED` at two seeds): the four outputs
 //! within 1e-3 at three sizes, `TEEDdetector`'s soft edges with 0, 2 (its default) and 5
 //! safe steps through the soft-edge preprocessor, and over gRPC a TEED file serving soft
-//! edges by name, refused for scribbles, its own-size rule and its steps' range.
+//! edges by name, refused for scribbles, its own-size rule and its steps' range; as the
+//! configured default, soft edges served and scribbles listed as not ready.
 
 mod common;
 
@@ -126,7 +127,7 @@ fn soft_edges_in_steps_equal_teed_detector() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
     use sdxld::proto::v1 as pb;
-    let (server, _roots) = server_with_detector(&path("seed3"), "teed").await;
+    let (server, _roots) = server_with_detector(&path("seed3"), "teed", &[]).await;
     let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
     let request = |preprocessor: pb::Preprocessor, steps: Option<u32>| pb::PreprocessRequest {
         image: photo.clone(),
@@ -187,4 +188,60 @@ async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
     let entry = listed.iter().find(|m| m.name == "teed").expect("listed");
     let network = entry.preprocessor.as_ref().map(|p| p.network.as_str());
     assert_eq!(network, Some("teed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teed_default_serves_soft_edges_and_is_not_offered_for_scribbles() {
+    use sdxld::proto::v1 as pb;
+    use tonic_types::StatusExt;
+    let default = [("SDXLD__PREPROCESSING__HED_MODEL", "teed")];
+    let (server, _roots) = server_with_detector(&path("seed3"), "teed", &default).await;
+    let support = server.capabilities().await.preprocessor_support;
+    let listed = |kind: pb::Preprocessor| {
+        support
+            .iter()
+            .find(|s| s.preprocessor == kind as i32)
+            .unwrap_or_else(|| panic!("{kind:?} listed"))
+            .clone()
+    };
+    let soft_edges = listed(pb::Preprocessor::Softedge);
+    assert!(soft_edges.ready, "{soft_edges:?}");
+    assert_eq!(soft_edges.default_model, "teed");
+    let scribbles = listed(pb::Preprocessor::Scribble);
+    assert!(!scribbles.ready, "{scribbles:?}");
+    assert_eq!(scribbles.config_key, "preprocessing.hed_model");
+    assert!(
+        scribbles.reason.contains("teed") && scribbles.reason.contains("hed or pidinet"),
+        "{}",
+        scribbles.reason
+    );
+
+    let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
+    let request = |preprocessor: pb::Preprocessor| pb::PreprocessRequest {
+        image: photo.clone(),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: Some(pb::PreprocessorParams {
+            detect_resolution: 64,
+            ..Default::default()
+        }),
+    };
+    // Soft edges from the default, in its two safe steps.
+    let mut client = server.generation().await;
+    let reply = client
+        .preprocess(request(pb::Preprocessor::Softedge))
+        .await
+        .expect("soft edges");
+    let got = image::load_from_memory(&reply.into_inner().control_map)
+        .expect("png")
+        .to_luma8();
+    assert_map("default", &got, &reference("seed3_steps2"), 128);
+    // Scribbles from it: the configuration is at fault, not the request.
+    let status = client
+        .preprocess(request(pb::Preprocessor::Scribble))
+        .await
+        .expect_err("scribbles from teed");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "PREPROCESSOR_MODEL_MISMATCH");
+    assert_eq!(info.metadata["config_key"], "preprocessing.hed_model");
 }

@@ -441,17 +441,18 @@ fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
     IMPLEMENTED
         .iter()
         .map(|&kind| {
-            let network = domain(kind, Parameters::default()).and_then(|p| p.network());
+            let preprocessor = domain(kind, Parameters::default());
+            let network = preprocessor.and_then(|p| p.network());
             let mut support = pb::PreprocessorSupport {
                 preprocessor: kind as i32,
                 ready: true,
                 ..Default::default()
             };
-            if let Some(network) = network {
+            if let (Some(preprocessor), Some(network)) = (preprocessor, network) {
                 let (key, name) = state.settings.preprocessing.default_detector(network);
                 support.config_key = key.to_string();
                 support.default_model = name.to_string();
-                if let Err(e) = detectors.default_for(network) {
+                if let Err(e) = detectors.default_for(preprocessor) {
                     support.ready = false;
                     support.reason = state.status(e).message().to_string();
                 }

@@ -257,13 +257,13 @@ fn postprocess_entries(spec: &JobSpec) -> String {
 fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let settings = &unit.unit;
     let first = unit.inputs.first().map(|i| i.preprocessing);
-    // Soft edges and scribbles name the network that drew them.
-    let edge_network = unit
+    // Depth, soft edges and scribbles name the network that drew them.
+    let network = unit
         .inputs
         .first()
         .and_then(|i| i.detector.as_ref())
         .map(|d| d.network);
-    let (edges, safe_edges) = match edge_network {
+    let (edges, safe_edges) = match network {
         Some(DetectorNetwork::PiDiNet) => ("pidinet", "pidisafe"),
         _ => ("hed", "hedsafe"),
     };
@@ -274,11 +274,13 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Lineart) => "lineart_realistic".to_string(),
         Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
         Some(Preprocessor::LineartStandard) => "lineart_standard".to_string(),
+        // A1111's MiDaS module runs the DPT models transformers calls DPT.
+        Some(Preprocessor::Depth) if network == Some(DetectorNetwork::Dpt) => {
+            "depth_midas".to_string()
+        }
         Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
         // A1111's TEED module takes its safe steps as Threshold A.
-        Some(Preprocessor::SoftEdge { safe_steps })
-            if edge_network == Some(DetectorNetwork::Teed) =>
-        {
+        Some(Preprocessor::SoftEdge { safe_steps }) if network == Some(DetectorNetwork::Teed) => {
             let steps = safe_steps.unwrap_or(TEED_SAFE_STEPS);
             format!("softedge_teed, Threshold A: {steps}")
         }

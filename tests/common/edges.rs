@@ -20,9 +20,13 @@ pub fn assert_map(what: &str, got: &image::GrayImage, want: &image::GrayImage, m
 }
 
 /// A server on the tiny2 pipeline with the detector `file` as `name` in its
-/// preprocessor root and the tiny2 ControlNet as `lines_xl`; the roots live as long as
-/// the returned folders.
-pub async fn server_with_detector(file: &Path, name: &str) -> (TestServer, [tempfile::TempDir; 2]) {
+/// preprocessor root, the tiny2 ControlNet as `lines_xl` and the `extra` settings; the
+/// roots live as long as the returned folders.
+pub async fn server_with_detector(
+    file: &Path,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> (TestServer, [tempfile::TempDir; 2]) {
     let detectors = tempfile::tempdir().expect("tempdir");
     std::fs::copy(file, detectors.path().join(format!("{name}.safetensors"))).expect("copy");
     let controlnets = tempfile::tempdir().expect("tempdir");
@@ -34,12 +38,15 @@ pub async fn server_with_detector(file: &Path, name: &str) -> (TestServer, [temp
     }
     let pipeline = super::fixtures().join("tiny2/pipeline");
     let root = |dir: &Path| dir.to_str().expect("utf-8").to_string();
-    let server = TestServer::start(&[
-        ("SDXLD__ENGINE__DEFAULT_MODEL", &root(&pipeline)),
-        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", &root(detectors.path())),
-        ("SDXLD__MODELS__CONTROLNET_ROOTS", &root(controlnets.path())),
-    ])
-    .await;
+    let (pipeline, detector_root) = (root(&pipeline), root(detectors.path()));
+    let controlnet_root = root(controlnets.path());
+    let mut settings = vec![
+        ("SDXLD__ENGINE__DEFAULT_MODEL", pipeline.as_str()),
+        ("SDXLD__MODELS__PREPROCESSOR_ROOTS", detector_root.as_str()),
+        ("SDXLD__MODELS__CONTROLNET_ROOTS", controlnet_root.as_str()),
+    ];
+    settings.extend_from_slice(extra);
+    let server = TestServer::start(&settings).await;
     (server, [detectors, controlnets])
 }
 

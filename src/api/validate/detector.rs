@@ -8,7 +8,8 @@ use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::config::PreprocessingSettings;
 use crate::engine::error::EngineError;
-use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
+use crate::engine::preprocess::detector::network_of;
+use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelKind, Registry, RegistryError};
 use crate::jobs::spec::DetectorFile;
 use crate::jobs::JobError;
@@ -21,12 +22,13 @@ pub struct Detectors<'a> {
 }
 
 impl Detectors<'_> {
-    /// The detector for `network` and the network it holds: `requested` (the `field` a
-    /// request set) or the default. A requested file of another network is a violation of `field`; a
-    /// default not installed or of another network, a deferred FAILED_PRECONDITION.
+    /// The detector `preprocessor` runs and the network it holds: `requested` (the `field`
+    /// a request set) or the default. A requested file of a network it does not run on is
+    /// a violation of `field`; a default not installed or of such a network, a deferred
+    /// FAILED_PRECONDITION.
     pub fn resolve(
         self,
-        network: DetectorNetwork,
+        preprocessor: Preprocessor,
         requested: &str,
         field: &str,
         v: &mut Violations,
@@ -34,7 +36,7 @@ impl Detectors<'_> {
     ) -> Option<DetectorFile> {
         if requested.is_empty() {
             return self
-                .default_for(network)
+                .default_for(preprocessor)
                 .map_err(|e| deferred.missing(e))
                 .ok();
         }
@@ -50,7 +52,7 @@ impl Detectors<'_> {
             deferred,
         )?;
         match network_of(&model.path) {
-            Ok(held) if network.accepts(held) => Some(DetectorFile {
+            Ok(held) if preprocessor.runs_on(held) => Some(DetectorFile {
                 model,
                 network: held,
             }),
@@ -60,7 +62,7 @@ impl Detectors<'_> {
                     format!(
                         "`{requested}` holds the {} network; this preprocessor runs {}",
                         held.name(),
-                        network.described()
+                        preprocessor.networks_described()
                     ),
                 );
                 None
@@ -72,8 +74,14 @@ impl Detectors<'_> {
         }
     }
 
-    /// The configured default detector of `network`, installed and holding it.
-    pub fn default_for(self, network: DetectorNetwork) -> Result<DetectorFile, ApiError> {
+    /// The configured default detector of `preprocessor`'s network, installed and holding
+    /// a network it runs on.
+    pub fn default_for(self, preprocessor: Preprocessor) -> Result<DetectorFile, ApiError> {
+        let Some(network) = preprocessor.network() else {
+            return Err(ApiError::Internal(format!(
+                "{preprocessor:?} runs no detector"
+            )));
+        };
         let (key, name) = self.defaults.default_detector(network);
         let missing = || ApiError::PreprocessorModelMissing {
             key,
@@ -93,7 +101,7 @@ impl Detectors<'_> {
             Err(e) => return Err(e.into()),
         };
         match network_of(&model.path) {
-            Ok(held) if network.accepts(held) => Ok(DetectorFile {
+            Ok(held) if preprocessor.runs_on(held) => Ok(DetectorFile {
                 model,
                 network: held,
             }),
@@ -101,7 +109,7 @@ impl Detectors<'_> {
                 key,
                 name: name.to_string(),
                 holds: held.name(),
-                runs: network.described(),
+                runs: preprocessor.networks_described(),
             }),
             Err(e) => Err(unreadable(e)),
         }

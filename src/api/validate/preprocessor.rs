@@ -137,8 +137,8 @@ pub fn preprocessor(
     }
     let model_field = format!("{p}.model");
     let detector = match preprocessor.network() {
-        Some(network) => {
-            Some(detectors.resolve(network, &params.model, &model_field, v, deferred)?)
+        Some(_) => {
+            Some(detectors.resolve(preprocessor, &params.model, &model_field, v, deferred)?)
         }
         None if !params.model.is_empty() => {
             v.add(
@@ -157,9 +157,6 @@ pub fn preprocessor(
     }
     if let (Some(entry), Some(steps)) = (&detector, safe_steps) {
         network_safe_steps(&p, entry, steps, v);
-    }
-    if let (Some(entry), Preprocessor::Scribble) = (&detector, preprocessor) {
-        soft_edges_only(&model_field, entry, v);
     }
     Some(Checked {
         preprocessing: Preprocessing {
@@ -282,20 +279,6 @@ fn network_safe_steps(p: &str, detector: &DetectorFile, steps: u32, v: &mut Viol
             format!(
                 "must be 0 or 2 for the {} network (its safe=True quantises in two steps), got {steps}",
                 detector.network.name()
-            ),
-        );
-    }
-}
-
-/// TEED draws soft edges only (controlnet_aux's TEEDdetector has no scribbles).
-fn soft_edges_only(field: &str, detector: &DetectorFile, v: &mut Violations) {
-    use crate::engine::preprocess::detector::DetectorNetwork;
-    if detector.network == DetectorNetwork::Teed {
-        v.add(
-            field,
-            format!(
-                "`{}` holds the teed network, which draws soft edges only; scribbles take hed or pidinet",
-                detector.model.name
             ),
         );
     }

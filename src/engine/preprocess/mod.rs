@@ -153,6 +153,23 @@ impl Preprocessor {
         }
     }
 
+    /// Whether a detector file holding `held` draws its map: the network it runs or one
+    /// that stands in for it. TEED draws soft edges, not scribbles (controlnet_aux has no
+    /// TEED scribble).
+    pub fn runs_on(self, held: DetectorNetwork) -> bool {
+        let teed_scribble = self == Preprocessor::Scribble && held == DetectorNetwork::Teed;
+        self.network().is_some_and(|n| n.accepts(held)) && !teed_scribble
+    }
+
+    /// The networks it runs on, as a refusal names them.
+    pub fn networks_described(self) -> &'static str {
+        match (self, self.network()) {
+            (Preprocessor::Scribble, _) => "hed or pidinet",
+            (_, Some(network)) => network.described(),
+            (_, None) => "none",
+        }
+    }
+
     /// The detector's map of an RGB image.
     fn detect(self, rgb: &RgbImage, detector: Option<&Detector>) -> Result<RgbImage> {
         match (self, self.network()) {
