@@ -2,8 +2,8 @@
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
 of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, the NormalBAE network of its
-scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED, at their
-published sizes), Depth Anything V2 Small's and
+scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED (alone and
+under Anyline), at their published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map (and the preprocessors that run no network:
 OpenCV's Canny, the standard line art) by the reference (controlnet_aux's detector;
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtu
 
 
 def build(kind: str):
-    if kind == "teed":
+    if kind in ("teed", "anyline"):
         from controlnet_aux.teed.ted import TED
 
         return TED()
@@ -185,7 +185,7 @@ def write_model(kind: str, path: Path):
         return write_segmentation(path)
 
     model = build(kind)
-    randomise(model, 0, gain={"lineart_anime": 0.25, "teed": 0.5}.get(kind, 1.0))
+    randomise(model, 0, gain={"lineart_anime": 0.25, "teed": 0.5, "anyline": 0.5}.get(kind, 1.0))
     state = model.state_dict()
     if kind == "openpose":
         # The published file's flat names (`conv1_1.weight`).
@@ -222,6 +222,14 @@ def reference_child(args):
 
             teed = TEEDdetector(model)
             call = lambda: teed(image, detect_resolution=args.size, output_type="np")
+        elif args.kind == "anyline":
+            import warnings
+
+            from controlnet_aux.anyline import AnylineDetector
+
+            warnings.simplefilter("ignore", FutureWarning)
+            anyline = AnylineDetector(model)
+            call = lambda: anyline(image, detect_resolution=args.size, output_type="np")
         elif args.kind == "pidinet":
             from controlnet_aux.pidi import PidiNetDetector
 
@@ -249,7 +257,7 @@ def reference_child(args):
             detector = LineartDetector(model, model)
         else:
             detector = LineartAnimeDetector(model)
-        if args.kind != "teed":
+        if args.kind not in ("teed", "anyline"):
             call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
@@ -276,7 +284,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,teed,canny,lineart_standard")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -291,7 +299,7 @@ def main():
                 what = ["--preprocessor", kind]
             else:
                 write_model(kind, model)
-                what = ["--model", str(model)]
+                what = ["--model", str(model)] + (["--preprocessor", kind] if kind == "anyline" else [])
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
             sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common)

@@ -192,6 +192,8 @@ pub struct PreprocessingSettings {
     pub normal_model: String,
     /// The M-LSD network's model name; "" for none.
     pub mlsd_model: String,
+    /// Anyline's TEED network's model name (MistoLine's MTEED); "" for none.
+    pub anyline_model: String,
 }
 
 impl PreprocessingSettings {
@@ -206,9 +208,11 @@ impl PreprocessingSettings {
             DetectorNetwork::DepthAnything | DetectorNetwork::Dpt => {
                 ("preprocessing.depth_model", &self.depth_model)
             }
-            DetectorNetwork::Hed | DetectorNetwork::PiDiNet | DetectorNetwork::Teed => {
+            DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {
                 ("preprocessing.hed_model", &self.hed_model)
             }
+            // Soft edges take a TEED file in HED's place; only Anyline runs TEED itself.
+            DetectorNetwork::Teed => ("preprocessing.anyline_model", &self.anyline_model),
             DetectorNetwork::UperNet => {
                 ("preprocessing.segmentation_model", &self.segmentation_model)
             }
@@ -219,7 +223,7 @@ impl PreprocessingSettings {
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 8] {
+    fn all(&self) -> [(&'static str, &str); 9] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -229,6 +233,7 @@ impl PreprocessingSettings {
             DetectorNetwork::OpenPose,
             DetectorNetwork::NormalBae,
             DetectorNetwork::Mlsd,
+            DetectorNetwork::Teed,
         ]
         .map(|network| self.default_detector(network))
     }

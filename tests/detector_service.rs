@@ -37,6 +37,7 @@ fn detector_root() -> tempfile::TempDir {
         ("openpose/narrow.safetensors", "body_pose_model.safetensors"),
         ("normal/narrow.safetensors", "scannet.safetensors"),
         ("mlsd/narrow.safetensors", "mlsd_large_512_fp32.safetensors"),
+        ("teed/seed3.safetensors", "MTEED.safetensors"),
     ] {
         std::fs::copy(fixtures.join(from), dir.path().join(to)).expect("copy");
     }
@@ -270,6 +271,7 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         pb::Preprocessor::Openpose,
         pb::Preprocessor::Normal,
         pb::Preprocessor::Mlsd,
+        pb::Preprocessor::Anyline,
     ] {
         assert!(
             ready.contains(&(kind as i32, true)),
@@ -301,6 +303,8 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             "union_xl",
             pb::Preprocessor::LineartStandard,
         ),
+        // Anyline reads as soft edges.
+        ("anyline", "union_xl", pb::Preprocessor::Anyline),
     ] {
         let response = server
             .images(unit_spec(model, preprocessor, ""))
@@ -315,6 +319,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
         let entry = match case {
             "mlsd" => "Module: mlsd, Threshold A: 0.1, Threshold B: 0.1, Processor Res: 64,",
             "depth" => "Module: depth_anything_v2, Processor Res: 64,",
+            "anyline" => "Module: softedge_anyline, Processor Res: 64,",
             _ => "",
         };
         let parameters = common::png_parameters(&response.images[0].data);
@@ -348,6 +353,7 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
             pb::Preprocessor::Openpose => "body_pose_model",
             pb::Preprocessor::Normal => "scannet",
             pb::Preprocessor::Mlsd => "mlsd_large_512_fp32",
+            pb::Preprocessor::Anyline => "MTEED",
             _ => "netG",
         };
         assert_eq!(detector.name, default);

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::edges::{assert_map, server_with_detector, soft_edge_unit_parameters};
+use common::edges::{assert_map, server_with_detector, unit_parameters};
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::pidinet::PiDiNet;
@@ -218,8 +218,13 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         (request(pb::Preprocessor::Softedge), "softedge_pidinet"),
         (safe(pb::Preprocessor::Softedge), "softedge_pidisafe"),
     ] {
-        let parameters =
-            soft_edge_unit_parameters(&server, &photo, params.preprocessor_params).await;
+        let parameters = unit_parameters(
+            &server,
+            pb::Preprocessor::Softedge,
+            &photo,
+            params.preprocessor_params,
+        )
+        .await;
         let entry = format!("Module: {module}, Processor Res: 64,");
         assert!(parameters.contains(&entry), "{parameters}");
     }

@@ -392,6 +392,7 @@ mod over_grpc {
                 pb::Preprocessor::Softedge as i32,
                 pb::Preprocessor::Mlsd as i32,
                 pb::Preprocessor::LineartStandard as i32,
+                pb::Preprocessor::Anyline as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -402,7 +403,10 @@ mod over_grpc {
             .collect();
         assert_eq!(
             ready,
-            [true, true, false, false, false, false, false, false, false, false, false, true]
+            [
+                true, true, false, false, false, false, false, false, false, false, false, true,
+                false
+            ]
         );
     }
 

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::edges::{assert_map, server_with_detector, soft_edge_unit_parameters};
+use common::edges::{assert_map, server_with_detector, unit_parameters};
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::teed::Teed;
@@ -181,7 +181,7 @@ async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
     }
     // A unit's PNG entry: A1111's TEED module with its steps as Threshold A.
     let params = request(pb::Preprocessor::Softedge, Some(3)).preprocessor_params;
-    let parameters = soft_edge_unit_parameters(&server, &photo, params).await;
+    let parameters = unit_parameters(&server, pb::Preprocessor::Softedge, &photo, params).await;
     let entry = "Module: softedge_teed, Threshold A: 3, Processor Res: 64,";
     assert!(parameters.contains(entry), "{parameters}");
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;

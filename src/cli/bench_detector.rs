@@ -17,8 +17,9 @@ pub struct BenchDetectorArgs {
     /// The detector file (safetensors, any served network) or model folder.
     #[arg(long, required_unless_present = "preprocessor")]
     model: Option<PathBuf>,
-    /// Instead of a model, a preprocessor that runs no network: canny or lineart_standard.
-    #[arg(long, conflicts_with = "model")]
+    /// Instead of a model, a preprocessor that runs no network: canny or
+    /// lineart_standard; with a TEED model, anyline (its whole preprocessor).
+    #[arg(long)]
     preprocessor: Option<String>,
     /// Image side in pixels.
     #[arg(long, default_value_t = 1024)]
@@ -42,12 +43,26 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
     let placement = Placement::parse(&args.device, &args.dtype)?;
     let image = noise_image(args.size, 0x9e37_79b9_7f4a_7c15)?;
     let (name, (seconds, peak_mib)) = match (&args.model, args.preprocessor.as_deref()) {
-        (Some(model), _) => {
+        (Some(model), None) => {
             let detector = Detector::load(model, placement.device, placement.kind)?;
             let once = || detector.detect(&image);
             let timed = timed_runs(args.timing.runs, placement.device, once)?;
             (detector.network().name(), timed)
         }
+        (Some(model), Some("anyline")) => {
+            let detector = Detector::load(model, placement.device, placement.kind)?;
+            let preprocessing = Preprocessing {
+                preprocessor: Preprocessor::Anyline,
+                detect_resolution: None,
+            };
+            let image = image::DynamicImage::ImageRgb8(image);
+            let once = || preprocessing.run(&image, Some(&detector));
+            (
+                "anyline",
+                timed_runs(args.timing.runs, placement.device, once)?,
+            )
+        }
+        (Some(_), Some(other)) => bail!("--preprocessor {other:?} takes no --model"),
         (None, Some(name)) => {
             let preprocessing = Preprocessing {
                 preprocessor: networkless(name)?,

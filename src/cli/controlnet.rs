@@ -8,7 +8,7 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard), detector (a preprocessor network's \
+preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline), detector (a preprocessor network's \
 .safetensors file or model folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
@@ -104,6 +104,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("softedge", 10),
                 ("mlsd", 11),
                 ("lineart_standard", 12),
+                ("anyline", 13),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }

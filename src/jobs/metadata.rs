@@ -289,6 +289,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         }
         Some(Preprocessor::SoftEdge { .. }) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
+        Some(Preprocessor::Anyline) => "softedge_anyline".to_string(),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),

@@ -50,10 +50,11 @@ pub async fn server_with_detector(
     (server, [detectors, controlnets])
 }
 
-/// The PNG `parameters` of a 64×64 generation with one `lines_xl` unit on soft edges of
-/// `image` with `params`.
-pub async fn soft_edge_unit_parameters(
+/// The PNG `parameters` of a 64×64 generation with one `lines_xl` unit on `preprocessor`
+/// of `image` with `params`.
+pub async fn unit_parameters(
     server: &TestServer,
+    preprocessor: pb::Preprocessor,
     image: &[u8],
     params: Option<pb::PreprocessorParams>,
 ) -> String {
@@ -66,7 +67,7 @@ pub async fn soft_edge_unit_parameters(
         controlnets: vec![pb::ControlNetUnit {
             model: "lines_xl".into(),
             image: image.to_vec(),
-            preprocessor: pb::Preprocessor::Softedge as i32,
+            preprocessor: preprocessor as i32,
             preprocessor_params: params,
             ..Default::default()
         }],

@@ -286,6 +286,43 @@ def test_python_client_teed_soft_edges_as_controlnet_aux_draws_them(stubs, serve
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
 
 
+def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
+    """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
+    equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),
+    and quantising steps for it are refused naming the field."""
+    import sys
+    import warnings
+
+    import numpy as np
+    from controlnet_aux.anyline import AnylineDetector
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_detector_fixtures import dotted_drawing, teed_model
+
+    model = teed_model("seed9")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(server.preprocessor_root / "mteed_client.safetensors"))
+    pixels = dotted_drawing(192, 128, 4)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=128, model="mteed_client")
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_ANYLINE, preprocessor_params=params)
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L"))
+    # 192x128 at 128 is the image's own size: the reference's resizes are copies.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        expected = AnylineDetector(model)(pixels, detect_resolution=128, output_type="np")[:, :, 0]
+    assert (reply.width, reply.height) == (192, 128)
+    assert len(np.unique(got)) >= 64 and (got != expected).mean() <= 0.001
+    request.preprocessor_params.safe_steps = 2
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.safe_steps"]
+
+
 def test_grpcio_reads_every_refusal_of_a_huge_request(stubs, server):
     """grpcio refuses trailers over 16 KiB: a request with thousands of bad entries must
     still come back as INVALID_ARGUMENT that it can read, not RESOURCE_EXHAUSTED."""

@@ -355,7 +355,9 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         | pb::Preprocessor::Mlsd => Some(ControlType::CannyLineart),
         pb::Preprocessor::Depth => Some(ControlType::Depth),
         pb::Preprocessor::Openpose => Some(ControlType::OpenPose),
-        pb::Preprocessor::Scribble | pb::Preprocessor::Softedge => Some(ControlType::HedScribble),
+        pb::Preprocessor::Scribble | pb::Preprocessor::Softedge | pb::Preprocessor::Anyline => {
+            Some(ControlType::HedScribble)
+        }
         pb::Preprocessor::Normal => Some(ControlType::Normal),
         pb::Preprocessor::Segmentation => Some(ControlType::Segment),
         pb::Preprocessor::Unspecified | pb::Preprocessor::None => None,

@@ -22,7 +22,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 12] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 13] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -35,6 +35,7 @@ pub const IMPLEMENTED: [pb::Preprocessor; 12] = [
     pb::Preprocessor::Softedge,
     pb::Preprocessor::Mlsd,
     pb::Preprocessor::LineartStandard,
+    pb::Preprocessor::Anyline,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -81,6 +82,7 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Normal => Some(Preprocessor::Normal),
         pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
         pb::Preprocessor::LineartStandard => Some(Preprocessor::LineartStandard),
+        pb::Preprocessor::Anyline => Some(Preprocessor::Anyline),
     }
 }
 

@@ -17,9 +17,15 @@ const LEAST_MEDIAN: f32 = 16.0;
 
 /// The line map of an RGB image, at its size.
 pub fn lineart_standard(image: &RgbImage) -> GrayImage {
+    dark_lines(image, SIGMA, INTENSITY_THRESHOLD)
+}
+
+/// The detector's steps with the blur's `sigma` and the median's `threshold` (Anyline
+/// runs them with 2 and 3).
+pub fn dark_lines(image: &RgbImage, sigma: f64, threshold: f32) -> GrayImage {
     let size = (image.width() as usize, image.height() as usize);
     let values: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
-    let blurred = blur_f32(&values, size, 3, SIGMA);
+    let blurred = blur_f32(&values, size, 3, sigma);
     let mut intensity: Vec<f32> = values
         .chunks_exact(3)
         .zip(blurred.chunks_exact(3))
@@ -30,7 +36,7 @@ pub fn lineart_standard(image: &RgbImage) -> GrayImage {
             darkness.clamp(0.0, 255.0)
         })
         .collect();
-    let scale = median_above(&intensity, INTENSITY_THRESHOLD)
+    let scale = median_above(&intensity, threshold)
         .filter(|&m| m > LEAST_MEDIAN)
         .unwrap_or(LEAST_MEDIAN);
     for v in &mut intensity {

@@ -3,6 +3,7 @@
 //! detection resolution, then the detector).
 
 pub mod ade20k;
+pub mod anyline;
 pub mod canny;
 pub mod cv_blur;
 pub mod cv_line;
@@ -135,6 +136,9 @@ pub enum Preprocessor {
     Normal,
     /// Straight line segments from controlnet_aux's M-LSD network.
     Mlsd(LineThresholds),
+    /// controlnet_aux's Anyline: a TEED network's soft edges with the dark lines of the
+    /// standard line-art detector over them.
+    Anyline,
 }
 
 impl Preprocessor {
@@ -150,6 +154,7 @@ impl Preprocessor {
             Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
             Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
             Preprocessor::Mlsd(_) => Some(DetectorNetwork::Mlsd),
+            Preprocessor::Anyline => Some(DetectorNetwork::Teed),
         }
     }
 
@@ -183,6 +188,13 @@ impl Preprocessor {
                 None => Err(EngineError::Internal(
                     "soft edges without a detector".into(),
                 )),
+            },
+            (Preprocessor::Anyline, _) => match detector {
+                Some(Detector::Teed(network)) => Ok(gray_to_rgb(anyline::anyline(network, rgb)?)),
+                other => Err(EngineError::Internal(format!(
+                    "the Anyline preprocessor was handed {:?}",
+                    other.map(Detector::network)
+                ))),
             },
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
