@@ -220,7 +220,8 @@ pub fn detector_activation_estimate(
         // edge maps.
         DetectorNetwork::PiDiNet => (0, 200),
         // The fusion's 24 channels at full resolution, twice, and the branches' 16 and 32
-        // at half resolution.
+        // at half resolution (Anyline's line pass, after the network, needs about 40
+        // bytes a pixel).
         DetectorNetwork::Teed => (0, 96),
         // The head at the 518² input (64 channels, three alive); the depth resized back.
         DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
