@@ -9,7 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::edges::{server_with_detector, unit_parameters};
+use common::edges::{black_png, server_with_detector, unit_parameters};
 use common::server::violated_fields;
 use common::{detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::anyline::{remove_small_groups, LEAST_LINE_PIXELS};
@@ -118,13 +118,7 @@ async fn the_default_teed_file_serves_anyline_and_its_fields_are_checked() {
     assert_nearly_equal("default", &got, &reference("seed3", "dotted_96x64", 0));
 
     // Safe steps (fixed at 2), a 62-pixel side at its own size: refused by field.
-    let mut narrow = Vec::new();
-    image::DynamicImage::ImageRgb8(image::RgbImage::new(62, 64))
-        .write_to(
-            &mut std::io::Cursor::new(&mut narrow),
-            image::ImageFormat::Png,
-        )
-        .expect("png");
+    let narrow = black_png(62, 64);
     let safe = pb::PreprocessorParams {
         safe_steps: Some(2),
         ..Default::default()

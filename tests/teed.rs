@@ -9,7 +9,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::edges::{assert_map, server_with_detector, unit_parameters};
+use common::edges::{assert_map, black_png, server_with_detector, unit_parameters};
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::teed::Teed;
@@ -152,13 +152,7 @@ async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
     }
     // Scribbles, eleven steps, and a 62-pixel side at the image's own size: refused.
     let mut own_size = request(pb::Preprocessor::Softedge, None);
-    let mut narrow = Vec::new();
-    image::DynamicImage::ImageRgb8(image::RgbImage::new(62, 64))
-        .write_to(
-            &mut std::io::Cursor::new(&mut narrow),
-            image::ImageFormat::Png,
-        )
-        .expect("png");
+    let narrow = black_png(62, 64);
     own_size.image = narrow;
     if let Some(params) = own_size.preprocessor_params.as_mut() {
         params.detect_resolution = 0;

@@ -76,3 +76,12 @@ pub async fn unit_parameters(
     let response = server.images(spec).await.expect("generated");
     super::png_parameters(&response.images[0].data)
 }
+
+/// A black RGB PNG of `width`×`height`.
+pub fn black_png(width: u32, height: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(width, height))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    png
+}
