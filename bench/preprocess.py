@@ -86,15 +86,20 @@ def write_depth(folder: Path):
     DPTImageProcessorPil(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(folder)
 
 
-def write_dpt(folder: Path):
-    """Intel/dpt-large's configuration (ViT-L/16 at 384², readout projected) with random
-    weights, as a model folder with its processor config."""
+def write_dpt(folder: Path, hybrid: bool = False):
+    """Intel/dpt-large's configuration (ViT-L/16 at 384², readout projected), or with
+    `hybrid` Intel/dpt-hybrid-midas's (ViT-B/16 on a BiT-50 backbone at 384²), with
+    random weights, as a model folder with its processor config."""
     from make_detector_fixtures import randomise
     from transformers import DPTConfig, DPTForDepthEstimation
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
-    config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384,
-                       backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
+    if hybrid:
+        config = DPTConfig(is_hybrid=True, image_size=384, backbone_out_indices=[2, 5, 8, 11], neck_hidden_sizes=[256, 512, 768, 768],
+                           reassemble_factors=[1, 1, 1, 0.5], fusion_hidden_size=256, backbone_featmap_shape=[1, 1024, 24, 24])
+    else:
+        config = DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=384,
+                           backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024], fusion_hidden_size=256)
     model = DPTForDepthEstimation(config).eval()
     randomise(model, 0, gain=0.5)
     model.save_pretrained(folder)
@@ -179,8 +184,8 @@ def write_model(kind: str, path: Path):
 
     if kind == "depth":
         return write_depth(path)
-    if kind == "dpt":
-        return write_dpt(path)
+    if kind in ("dpt", "dpt_hybrid"):
+        return write_dpt(path, hybrid=kind == "dpt_hybrid")
     if kind == "segmentation":
         return write_segmentation(path)
 
@@ -204,7 +209,7 @@ def reference_child(args):
     image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     if args.kind in NETWORKLESS:
         call = networkless_child(args, image)
-    elif args.kind in ("depth", "dpt"):
+    elif args.kind in ("depth", "dpt", "dpt_hybrid"):
         call = depth_child(args, image)
     elif args.kind == "segmentation":
         call = segmentation_child(args, image)
@@ -284,7 +289,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -293,7 +298,7 @@ def main():
         return reference_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            folder = kind in ("depth", "dpt", "segmentation")
+            folder = kind in ("depth", "dpt", "dpt_hybrid", "segmentation")
             model = Path(tmp) / (kind if folder else f"{kind}.safetensors")
             if kind in NETWORKLESS:
                 what = ["--preprocessor", kind]

@@ -4,7 +4,9 @@
 //! metric-depth model reading other layers) at square and oblong patch grids, and two DPT
 //! ones (readout projected as Intel/dpt-large, its processor config in the old style;
 //! readout added with batch norms in the fusion) at square grids, odd ones included, the
-//! stored position grid and others, within 1e-3; the processor's input equal to
+//! stored position grid and others, and two DPT-Hybrid ones (a BiT backbone as
+//! Intel/dpt-hybrid-midas; other depths and groups, an unpadded pool, an enlarged level)
+//! at their image size, within 1e-3; the processor's input equal to
 //! `DPTImageProcessorPil`'s; the whole detector's 8-bit map within one level of the
 //! reference's.
 
@@ -16,11 +18,13 @@ use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use tch::{Device, Kind};
 
 /// (fixture folder, model, network).
-const MODELS: [(&str, &str, DetectorNetwork); 4] = [
+const MODELS: [(&str, &str, DetectorNetwork); 6] = [
     ("depth", "small", DetectorNetwork::DepthAnything),
     ("depth", "swiglu", DetectorNetwork::DepthAnything),
     ("dpt", "project", DetectorNetwork::Dpt),
     ("dpt", "add", DetectorNetwork::Dpt),
+    ("dpt", "hybrid", DetectorNetwork::Dpt),
+    ("dpt", "hybrid_bn", DetectorNetwork::Dpt),
 ];
 
 fn load(family: &str, name: &str, network: DetectorNetwork) -> DepthDetector {
@@ -37,7 +41,8 @@ fn depth_anything_equals_transformers() {
         let detector = load(family, name, network);
         let io = read_tensors(&detector_fixtures().join(format!("{family}/{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
-        assert!(cases >= 2, "{name}: several sizes");
+        // DPT-Hybrid takes its image_size only: two inputs of it.
+        assert!(cases >= 2, "{name}: several inputs");
         assert_io_cases(name, &io, cases, |x| detector.network().forward(x));
     }
 }
@@ -96,35 +101,75 @@ fn a_folder_of_another_model_type_is_refused_naming_it() {
     );
 }
 
-#[test]
-fn dpt_hybrid_and_non_square_dpt_processors_are_refused_naming_them() {
-    let root = detector_fixtures().join("dpt/project");
+/// A change to a model's config.json.
+type ConfigEdit = fn(&mut serde_json::Value);
+
+/// A copy of the DPT fixture `name` in a temporary folder.
+fn dpt_copy(name: &str) -> tempfile::TempDir {
+    let root = detector_fixtures().join("dpt").join(name);
     let dir = tempfile::tempdir().expect("tempdir");
     for entry in std::fs::read_dir(&root).expect("dir").flatten() {
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
     }
-    let config = dir.path().join("config.json");
-    let original = std::fs::read_to_string(&config).expect("config");
-    let hybrid = original.replace(r#""is_hybrid": false"#, r#""is_hybrid": true"#);
-    assert_ne!(hybrid, original, "the config names is_hybrid");
-    std::fs::write(&config, hybrid).expect("write");
-    let error = DepthDetector::load(dir.path(), true, Device::Cpu, Kind::Float)
+    dir
+}
+
+/// The error loading the DPT folder `dir` gives, as text.
+fn dpt_refusal(dir: &std::path::Path) -> String {
+    DepthDetector::load(dir, true, Device::Cpu, Kind::Float)
         .err()
         .expect("refused")
-        .to_string();
+        .to_string()
+}
+
+#[test]
+fn dpt_hybrid_settings_it_cannot_run_and_non_square_processors_are_refused_naming_them() {
+    let dir = dpt_copy("hybrid");
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let edits: [(&str, ConfigEdit); 4] = [
+        ("preactivation", |c| {
+            c["backbone_config"]["layer_type"] = "preactivation".into()
+        }),
+        ("patch_size 8", |c| c["patch_size"] = 8.into()),
+        ("neck_ignore_stages [0]", |c| {
+            c["neck_ignore_stages"] = serde_json::json!([0])
+        }),
+        ("backbone's stages", |c| {
+            c["neck_hidden_sizes"][1] = 16.into()
+        }),
+    ];
+    for (named, edit) in edits {
+        let mut value: serde_json::Value = serde_json::from_str(&original).expect("json");
+        edit(&mut value);
+        std::fs::write(&config, value.to_string()).expect("write");
+        let error = dpt_refusal(dir.path());
+        assert!(error.contains(named), "{named}: {error}");
+        if named != "backbone's stages" {
+            assert!(
+                error.contains("DPT-Hybrid") && error.contains("config.json"),
+                "{error}"
+            );
+        }
+    }
+    // Its processor resizing to another size than its image_size.
+    std::fs::write(&config, &original).expect("write");
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        r#"{"size": 48}"#,
+    )
+    .expect("write");
+    let error = dpt_refusal(dir.path());
     assert!(
-        error.contains("DPT-Hybrid") && error.contains("config.json"),
+        error.contains("preprocessor_config.json") && error.contains("64x64"),
         "{error}"
     );
-    std::fs::write(&config, original).expect("write");
+    // A ViT DPT whose processor asks for oblong inputs.
+    let dir = dpt_copy("project");
     std::fs::write(
         dir.path().join("preprocessor_config.json"),
         r#"{"size": {"height": 64, "width": 96}}"#,
     )
     .expect("write");
-    let error = DepthDetector::load(dir.path(), true, Device::Cpu, Kind::Float)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(error.contains("not square"), "{error}");
+    assert!(dpt_refusal(dir.path()).contains("not square"));
 }

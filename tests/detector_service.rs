@@ -46,6 +46,7 @@ fn detector_root() -> tempfile::TempDir {
         ("depth/small", DEPTH_MODEL),
         ("segment/small", SEGMENT_MODEL),
         ("dpt/project", "Intel/dpt-large"),
+        ("dpt/hybrid", "Intel/dpt-hybrid-midas"),
     ] {
         let to = dir.path().join(name);
         std::fs::create_dir_all(&to).expect("mkdir");
@@ -187,15 +188,16 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         &map.control_map,
         &fixtures.join("depth/small_map.png"),
     );
-    // A DPT folder named in the request serves the depth preprocessor too.
-    let map = preprocess(&server, request(pb::Preprocessor::Depth, "Intel/dpt-large"))
-        .await
-        .unwrap_or_else(|e| panic!("dpt: {e}"));
-    assert_map(
-        "depth dpt",
-        &map.control_map,
-        &fixtures.join("dpt/project_map.png"),
-    );
+    // DPT folders named in the request serve the depth preprocessor too.
+    for (name, map_file) in [
+        ("Intel/dpt-large", "dpt/project_map.png"),
+        ("Intel/dpt-hybrid-midas", "dpt/hybrid_map.png"),
+    ] {
+        let map = preprocess(&server, request(pb::Preprocessor::Depth, name))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_map(name, &map.control_map, &fixtures.join(map_file));
+    }
     let map = preprocess(&server, request(pb::Preprocessor::Softedge, ""))
         .await
         .unwrap_or_else(|e| panic!("softedge: {e}"));

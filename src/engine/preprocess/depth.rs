@@ -187,7 +187,20 @@ impl DepthDetector {
                     message: "asks for inputs that are not square, which transformers' DPT with a ViT backbone cannot take".into(),
                 });
             }
-            (DepthNetwork::Dpt(Dpt::load(dir, device, kind)?), processor)
+            let network = Dpt::load(dir, device, kind)?;
+            if let Some(side) = network.fixed_side() {
+                let size = processor.network_size(1, 1);
+                if size != (side, side) {
+                    return Err(EngineError::WeightFile {
+                        path: dir.join("preprocessor_config.json"),
+                        message: format!(
+                            "resizes to {}x{}; the DPT-Hybrid model takes {side}x{side} (its image_size) only",
+                            size.1, size.0
+                        ),
+                    });
+                }
+            }
+            (DepthNetwork::Dpt(network), processor)
         } else {
             let network = DepthAnything::load(dir, device, kind)?;
             let processor = DepthProcessor::read(dir, DepthProcessor::depth_anything())?;

@@ -4,6 +4,7 @@
 
 pub mod ade20k;
 pub mod anyline;
+pub mod bit;
 pub mod canny;
 pub mod cv_blur;
 pub mod cv_line;

@@ -19,7 +19,9 @@ enum Resize {
 
 /// One level: `neck.reassemble_stage.layers.{i}` and `neck.convs.{i}`.
 pub struct ReassembleLevel {
-    projection: Conv2d,
+    /// `None` where the level is a backbone's feature map taken as it is (DPT-Hybrid's
+    /// first two levels).
+    projection: Option<Conv2d>,
     resize: Resize,
     neck_conv: Tensor,
 }
@@ -48,15 +50,36 @@ impl ReassembleLevel {
             Resize::Down(Conv2d::load(&r, width, width, 3, (1.0 / factor) as i64, 1)?)
         };
         Ok(Self {
-            projection: Conv2d::load(&layer.pp("projection"), hidden, width, 1, 1, 0)?,
+            projection: Some(Conv2d::load(
+                &layer.pp("projection"),
+                hidden,
+                width,
+                1,
+                1,
+                0,
+            )?),
             resize,
             neck_conv: neck.get(&format!("convs.{index}.weight"), &[fused, width, 3, 3])?,
         })
     }
 
-    /// The level of a [N, hidden, rows, columns] grid.
+    /// Level `index` as a feature map of `width` channels taken as it is, only its neck
+    /// convolution to `fused` channels.
+    pub fn direct(neck: &VarPath, index: usize, width: i64, fused: i64) -> Result<Self> {
+        Ok(Self {
+            projection: None,
+            resize: Resize::Same,
+            neck_conv: neck.get(&format!("convs.{index}.weight"), &[fused, width, 3, 3])?,
+        })
+    }
+
+    /// The level of a [N, hidden, rows, columns] grid (of a [N, width, rows, columns]
+    /// feature map for a direct level).
     pub fn forward(&self, grid: &Tensor) -> Tensor {
-        let x = self.projection.forward(grid);
+        let x = match &self.projection {
+            Some(projection) => projection.forward(grid),
+            None => grid.shallow_clone(),
+        };
         let x = match &self.resize {
             Resize::Up(w, b, f) => {
                 x.conv_transpose2d(w, Some(b), [*f, *f], [0, 0], [0, 0], 1, [1, 1])
