@@ -286,6 +286,41 @@ def test_python_client_teed_soft_edges_as_controlnet_aux_draws_them(stubs, serve
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
 
 
+def test_python_client_dpt_hybrid_depth_as_transformers_estimates_it(stubs, server):
+    """A DPT-Hybrid folder (a BiT backbone, as Intel/dpt-hybrid-midas) named in the
+    request: an oblong image's depth map equals transformers' processor, model and
+    post-processing min-maxed to 8 bits (a level apart on at most 1 % of pixels)."""
+    import json
+    import sys
+
+    import numpy as np
+    import torch
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_detector_fixtures import DPT, dpt_model
+
+    model, _ = dpt_model("hybrid")
+    folder = server.preprocessor_root / "Intel" / "dpt-hybrid-midas"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DPT["hybrid"][1]))
+    image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (72, 120, 3), dtype=np.uint8))
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(model="Intel/dpt-hybrid-midas")
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_DEPTH, preprocessor_params=params))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L")).astype(int)
+    processor = DPTImageProcessorPil.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    depth = processor.post_process_depth_estimation(outputs, target_sizes=[(72, 120)])[0]["predicted_depth"].numpy()
+    expected = ((depth - depth.min()) / (depth.max() - depth.min()) * 255.0).clip(0, 255).astype(np.uint8).astype(int)
+    assert (reply.width, reply.height) == (120, 72)
+    difference = np.abs(got - expected)
+    assert len(np.unique(got)) > 16 and difference.max() <= 1 and (difference > 0).mean() <= 0.01
+
+
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
     """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
     equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),
