@@ -18,8 +18,9 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{multi_head_attention, Conv2d, LayerNorm, Linear};
 use crate::engine::preprocess::bit::{Bit, BitConfig};
-use crate::engine::preprocess::efficientnet::{FoldedConv, ShapeMap};
-use crate::engine::preprocess::reassemble::{resized_like, ReassembleLevel};
+use crate::engine::preprocess::dpt_fusion::{double, FusionStage};
+use crate::engine::preprocess::efficientnet::ShapeMap;
+use crate::engine::preprocess::reassemble::ReassembleLevel;
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
 /// DPTConfig's values, with its defaults.
@@ -68,9 +69,6 @@ impl Default for DptConfig {
         }
     }
 }
-
-/// BatchNorm2d's epsilon in the fusion units.
-const BN_EPS: f64 = 1e-5;
 
 /// How the class token reaches the patch tokens.
 enum Readout {
@@ -123,89 +121,6 @@ impl Layer {
     }
 }
 
-/// A pre-activation residual unit, batch norms (if any) folded into its convolutions.
-struct Residual {
-    conv1: FoldedOrPlain,
-    conv2: FoldedOrPlain,
-}
-
-enum FoldedOrPlain {
-    Folded(FoldedConv),
-    Plain(Tensor, Option<Tensor>),
-}
-
-impl FoldedOrPlain {
-    fn load(vp: &VarPath, shapes: &ShapeMap, conv: &str, norm: Option<&str>) -> Result<Self> {
-        let width = shapes
-            .get(&format!("{}.{conv}.weight", vp.prefix()))
-            .map(|s| s[0])
-            .ok_or_else(|| EngineError::Internal(format!("no `{}.{conv}.weight`", vp.prefix())))?;
-        match norm {
-            Some(norm) => Ok(Self::Folded(FoldedConv::load(
-                vp, shapes, conv, norm, 1, BN_EPS,
-            )?)),
-            None => {
-                let weight = vp.get(&format!("{conv}.weight"), &[width, width, 3, 3])?;
-                let bias = if vp.contains(&format!("{conv}.bias")) {
-                    Some(vp.get(&format!("{conv}.bias"), &[width])?)
-                } else {
-                    None
-                };
-                Ok(Self::Plain(weight, bias))
-            }
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        match self {
-            Self::Folded(conv) => conv.forward(x),
-            Self::Plain(weight, bias) => x.conv2d(weight, bias.as_ref(), [1, 1], [1, 1], [1, 1], 1),
-        }
-    }
-}
-
-impl Residual {
-    fn load(vp: &VarPath, shapes: &ShapeMap, norms: bool) -> Result<Self> {
-        let (n1, n2) = if norms {
-            (Some("batch_norm1"), Some("batch_norm2"))
-        } else {
-            (None, None)
-        };
-        Ok(Self {
-            conv1: FoldedOrPlain::load(vp, shapes, "convolution1", n1)?,
-            conv2: FoldedOrPlain::load(vp, shapes, "convolution2", n2)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&x.relu()).relu();
-        self.conv2.forward(&h) + x
-    }
-}
-
-struct Fusion {
-    projection: Conv2d,
-    residual1: Residual,
-    residual2: Residual,
-}
-
-impl Fusion {
-    fn load(layer: &VarPath, c: &DptConfig, shapes: &ShapeMap) -> Result<Self> {
-        let (fused, norms) = (c.fusion_hidden_size, c.use_batch_norm_in_fusion_residual);
-        Ok(Fusion {
-            projection: Conv2d::load(&layer.pp("projection"), fused, fused, 1, 1, 0)?,
-            residual1: Residual::load(&layer.pp("residual_layer1"), shapes, norms)?,
-            residual2: Residual::load(&layer.pp("residual_layer2"), shapes, norms)?,
-        })
-    }
-}
-
-/// Doubled with bilinear interpolation, corners aligned.
-fn double(x: &Tensor) -> Tensor {
-    let s = x.size();
-    x.upsample_bilinear2d([s[2] * 2, s[3] * 2], true, None, None)
-}
-
 /// Where the tokens come from.
 enum Embedding {
     /// ViT patches.
@@ -231,7 +146,7 @@ pub struct Dpt {
     heads: i64,
     readouts: Vec<Readout>,
     levels: Vec<ReassembleLevel>,
-    fusion: Vec<Fusion>,
+    fusion: FusionStage,
     head: Vec<Conv2d>,
     head_projection: Option<Conv2d>,
     head_in: usize,
@@ -352,9 +267,12 @@ impl Dpt {
                     false => ReassembleLevel::load(&neck, i, (d, width, fused), factor),
                 })
                 .collect::<Result<_>>()?,
-            fusion: (0..levels)
-                .map(|i| Fusion::load(&neck.pp(format!("fusion_stage.layers.{i}")), c, shapes))
-                .collect::<Result<_>>()?,
+            fusion: FusionStage::load(
+                &neck,
+                levels,
+                (fused, c.use_batch_norm_in_fusion_residual),
+                shapes,
+            )?,
             head: vec![
                 Conv2d::load(&head.pp("head.0"), fused, fused / 2, 3, 1, 1)?,
                 Conv2d::load(&head.pp("head.2"), fused / 2, 32, 3, 1, 1)?,
@@ -483,7 +401,7 @@ impl Dpt {
             .zip(&self.levels)
             .map(|(t, level)| level.forward(&t))
             .collect();
-        let fused = self.fuse(features);
+        let fused = self.fusion.forward(&features);
         let mut x = fused[self.head_in].shallow_clone();
         if let Some(projection) = &self.head_projection {
             x = projection.forward(&x).relu();
@@ -495,23 +413,6 @@ impl Dpt {
             .relu()
             .squeeze_dim(1)
             .to_kind(Kind::Float)
-    }
-
-    /// The fusion stage: from the coarsest level up, each level (resized to the fused
-    /// map when their sizes differ) through a residual unit into it, then doubled.
-    fn fuse(&self, features: Vec<Tensor>) -> Vec<Tensor> {
-        let mut fused: Vec<Tensor> = Vec::with_capacity(features.len());
-        for (hidden, layer) in features.iter().rev().zip(&self.fusion) {
-            let x = match fused.last() {
-                None => hidden.shallow_clone(),
-                Some(previous) => {
-                    previous + layer.residual1.forward(&resized_like(hidden, previous))
-                }
-            };
-            let x = double(&layer.residual2.forward(&x));
-            fused.push(layer.projection.forward(&x));
-        }
-        fused
     }
 }
 

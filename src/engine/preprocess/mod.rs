@@ -15,6 +15,7 @@ pub mod depth_anything;
 pub mod detector;
 pub mod dinov2;
 pub mod dpt;
+pub mod dpt_fusion;
 pub mod efficientnet;
 pub mod hed;
 pub mod lineart;
