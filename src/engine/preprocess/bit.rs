@@ -261,8 +261,9 @@ impl Bit {
         self.stage_channels().last().copied().unwrap_or(0)
     }
 
-    /// The output of each stage for pixels [N, 3, H, W].
-    pub fn forward(&self, pixels: &Tensor) -> Vec<Tensor> {
+    /// The outputs of the stages before the last, and the last stage's, for pixels
+    /// [N, 3, H, W].
+    pub fn forward(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
         let x = self.stem.forward(pixels).relu();
         // Zeros pad the pool, as BitMaxPool2d's dynamic padding does (after a ReLU,
         // never above a window's maximum).
@@ -272,14 +273,16 @@ impl Bit {
             x
         };
         let mut x = x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], false);
-        let mut outputs = Vec::with_capacity(self.stages.len());
-        for stage in &self.stages {
+        let mut earlier = Vec::with_capacity(self.stages.len());
+        for (i, stage) in self.stages.iter().enumerate() {
+            if i > 0 {
+                earlier.push(x.shallow_clone());
+            }
             for unit in stage {
                 x = unit.forward(&x);
             }
-            outputs.push(x.shallow_clone());
         }
-        outputs
+        (earlier, x)
     }
 }
 

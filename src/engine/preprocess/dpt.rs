@@ -159,13 +159,12 @@ impl Dpt {
     /// Loads the model folder at `dir` (`config.json`, `model.safetensors`).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config: DptConfig = crate::engine::files::read_json(&dir.join("config.json"))?;
-        let refuse = |why: String| {
-            EngineError::WeightFile {
+        let refuse = |why: String| EngineError::WeightFile {
             path: dir.join("config.json"),
             message: format!(
-                "{why}; sdxld serves DPT models with a ViT or BiT-hybrid backbone (as Intel/dpt-large, Intel/dpt-hybrid-midas)"
+                "{why}; sdxld serves DPT models with a ViT or BiT-hybrid backbone \
+                 (as Intel/dpt-large, Intel/dpt-hybrid-midas)"
             ),
-        }
         };
         let backbone = config.backbone_config.as_ref().filter(|b| !b.is_null());
         let bit = match (config.is_hybrid, backbone) {
@@ -341,19 +340,17 @@ impl Dpt {
     /// resized to the input's (bilinear, corners not aligned), and DPT-Hybrid's
     /// backbone levels.
     fn embed(&self, pixels: &Tensor) -> (Tensor, (i64, i64), Vec<Tensor>) {
-        let (patches, mut backbone_levels) = match &self.embedding {
+        let (patches, backbone_levels) = match &self.embedding {
             Embedding::Patches(conv) => (conv.forward(pixels), Vec::new()),
             Embedding::Hybrid {
                 backbone,
                 projection,
                 ..
             } => {
-                let mut stages = backbone.forward(pixels);
-                let last = stages.pop().unwrap_or_else(|| pixels.shallow_clone());
-                (projection.forward(&last), stages)
+                let (earlier, last) = backbone.forward(pixels);
+                (projection.forward(&last), earlier)
             }
         };
-        backbone_levels.truncate(HYBRID_DIRECT_LEVELS);
         let (n, d, rows, columns) = {
             let s = patches.size();
             (s[0], s[1], s[2], s[3])
