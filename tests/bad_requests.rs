@@ -638,10 +638,16 @@ fn float_fields(value: f32) -> Vec<(&'static str, pb::GenerationSpec)> {
 async fn nan_and_infinities_are_refused_in_every_float_field() {
     let server = TestServer::start(&[]).await;
     let mut client = server.generation().await;
-    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    // At one step too, where a default standing in for a bad strength would leave no step:
+    // the field is named for the value sent, not for the default.
+    for (value, steps) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+        .into_iter()
+        .flat_map(|value| [(value, 2), (value, 1)])
+    {
         let fields = float_fields(value);
         assert_eq!(fields.len(), 23, "every float field of the contract");
-        for (field, spec) in fields {
+        for (field, mut spec) in fields {
+            spec.steps = steps;
             let status = client
                 .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
                 .await
@@ -658,6 +664,14 @@ async fn nan_and_infinities_are_refused_in_every_float_field() {
             assert!(
                 violations.iter().any(|v| v.field == field),
                 "{field} = {value}: {violations:?}"
+            );
+            let sent = format!("got {value}");
+            assert!(
+                violations
+                    .iter()
+                    .filter(|v| v.field == field)
+                    .all(|v| v.description.contains(&sent)),
+                "{field} = {value}, {steps} steps: {violations:?}"
             );
         }
     }

@@ -19,6 +19,12 @@ impl Violations {
         self.0.push((field, description));
     }
 
+    /// Whether `field` is already named: a rule that reads its value (a default stands in
+    /// for a bad one) then says nothing more of it.
+    pub fn names(&self, field: &str) -> bool {
+        self.0.iter().any(|(named, _)| named == field)
+    }
+
     /// INVALID_ARGUMENT naming every bad field, if there is one.
     pub fn into_result(self) -> Result<(), ApiError> {
         if self.0.is_empty() {

@@ -65,7 +65,7 @@ pub fn hires(
         Range::open_closed(0.0, 1.0),
         DEFAULT_STRENGTH,
     );
-    if f64::from(steps) * strength < 1.0 {
+    if !v.names(&format!("{P}.strength")) && f64::from(steps) * strength < 1.0 {
         v.add(
             format!("{P}.strength"),
             format!("{strength} x {steps} steps leaves no step to run"),

@@ -163,8 +163,14 @@ fn check(
     let scheduler = sampling::scheduler("spec", spec.scheduler, options, model_scheduler, v);
     let base_overrides = base_overrides(spec, &scheduler, model.as_ref(), limits, v);
     let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);
+    let window_named = [
+        "spec.init_image.strength",
+        "spec.init_image.denoising_start",
+    ]
+    .iter()
+    .any(|field| v.names(field));
     if let Some(init) = init.as_ref().filter(|i| i.denoising_start.is_none()) {
-        if (f64::from(counts.0) * init.strength) < 1.0 {
+        if !window_named && (f64::from(counts.0) * init.strength) < 1.0 {
             let steps = counts.0;
             v.add(
                 "spec.init_image.strength",

@@ -112,7 +112,7 @@ pub fn refiner(
         },
     };
     if let RefinerMode::Img2Img { strength } = mode {
-        if (steps as f64 * strength) < 1.0 {
+        if !v.names(&format!("{p}.strength")) && (steps as f64 * strength) < 1.0 {
             v.add(
                 format!("{p}.strength"),
                 format!("{strength} x {steps} steps leaves no step to run"),

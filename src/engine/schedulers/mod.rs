@@ -362,13 +362,12 @@ impl SchedulerConfig {
             ));
         }
         let train = self.num_train_timesteps;
-        if custom.iter().any(|t| !(0..train).contains(t)) || custom.windows(2).any(|w| w[1] >= w[0])
-        {
-            return Err(format!(
-                "custom timesteps must decrease strictly within 0..{train}"
-            ));
+        match first_out_of_order(custom, |t| (0..train).contains(t), ToString::to_string) {
+            Some(offence) => Err(format!(
+                "custom timesteps must decrease strictly within 0..{train}, got {offence}"
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Why this config's scheduler cannot take a custom schedule of `what` (timesteps or
@@ -416,13 +415,32 @@ impl SchedulerConfig {
             ));
         }
         let in_range = |s: &f64| (0.0..=MAX_CUSTOM_SIGMA).contains(s);
-        if !custom.iter().all(in_range) || custom.windows(2).any(|w| w[1] >= w[0]) {
-            return Err(format!(
-                "custom sigmas must decrease strictly within [0, {MAX_CUSTOM_SIGMA}]"
-            ));
+        // Told in single precision, as the contract carries them (0.1, not 0.100000001…).
+        let told = |s: &f64| (*s as f32).to_string();
+        match first_out_of_order(custom, in_range, told) {
+            Some(offence) => Err(format!(
+                "custom sigmas must decrease strictly within [0, {MAX_CUSTOM_SIGMA}], got {offence}"
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
+}
+
+/// The first entry of a custom schedule that is out of range or not below the one
+/// before it, told as the client sent it ("NaN at index 0", "5 after 3 at index 2").
+fn first_out_of_order<T: PartialOrd>(
+    schedule: &[T],
+    in_range: impl Fn(&T) -> bool,
+    told: impl Fn(&T) -> String,
+) -> Option<String> {
+    schedule.iter().enumerate().find_map(|(i, value)| {
+        if !in_range(value) {
+            return Some(format!("{} at index {i}", told(value)));
+        }
+        let previous = &schedule[i.checked_sub(1)?];
+        (value >= previous)
+            .then(|| format!("{} after {} at index {i}", told(value), told(previous)))
+    })
 }
 
 /// The largest custom sigma taken (SDXL's training sigmas reach 14.6; EDM-style
@@ -496,6 +514,25 @@ pub fn interp(x: f64, table: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_custom_schedule_names_its_first_offending_entry() {
+        let config = sdxl();
+        let sigmas = |custom: &[f64]| {
+            config
+                .check_custom_sigmas(custom, custom.len() - 1)
+                .expect_err("refused")
+        };
+        assert!(sigmas(&[f64::NAN, 0.0]).ends_with("got NaN at index 0"));
+        assert!(sigmas(&[5.0, f64::INFINITY, 0.0]).ends_with("got inf at index 1"));
+        let widened = f64::from(0.1f32);
+        assert!(sigmas(&[5.0, widened, widened]).ends_with("got 0.1 after 0.1 at index 2"));
+        assert!(sigmas(&[1.0, 2.5, 0.0]).ends_with("got 2.5 after 1 at index 1"));
+        let timesteps = config
+            .check_custom_timesteps(&[999, 500, 1000], 3)
+            .expect_err("refused");
+        assert!(timesteps.ends_with("got 1000 at index 2"), "{timesteps}");
+    }
 
     fn sdxl() -> SchedulerConfig {
         serde_json::from_str(
