@@ -282,6 +282,60 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
     }
 }
 
+/// Every preprocessor on images of a few pixels at their own size either runs, its map
+/// that size, or is refused naming `detect_resolution` before it runs (a network whose
+/// paddings or poolings need more pixels); none fails inside the network. The line-art
+/// generator's reflection paddings need 5 pixels a side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_images_at_their_own_size_run_or_name_the_detect_resolution() {
+    let detectors = detector_root();
+    let controlnets = controlnet_root();
+    let server = server(detectors.path(), controlnets.path(), &[]).await;
+    let mut client = server.generation().await;
+    let tiny = |(width, height): (u32, u32)| {
+        let image = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 37 % 256) as u8, (y * 91 % 256) as u8, 128])
+        });
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(image)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        png
+    };
+    let sizes = [(1, 1), (2, 9), (4, 4), (5, 5), (4, 17), (17, 3), (9, 8)];
+    let mut ran = std::collections::HashSet::new();
+    for preprocessor in (2..=13).filter_map(|k| pb::Preprocessor::try_from(k).ok()) {
+        for size in sizes {
+            let request = pb::PreprocessRequest {
+                image: tiny(size),
+                preprocessor: preprocessor as i32,
+                preprocessor_params: Some(pb::PreprocessorParams::default()),
+            };
+            let what = format!("{} at {size:?}", preprocessor.as_str_name());
+            match client.preprocess(request).await {
+                Ok(reply) => {
+                    let map = image::load_from_memory(&reply.into_inner().control_map)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_eq!((map.width(), map.height()), size, "{what}");
+                    ran.insert((preprocessor, size));
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+                    assert_eq!(
+                        violated_fields(&status),
+                        ["preprocessor_params.detect_resolution"],
+                        "{what}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(ran.contains(&(pb::Preprocessor::Lineart, (5, 5))));
+    assert!(!ran.contains(&(pb::Preprocessor::Lineart, (4, 17))));
+    assert!(ran.contains(&(pb::Preprocessor::Canny, (1, 1))));
+    assert!(ran.len() >= sizes.len() * 5, "{} ran", ran.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map() {
     let (detectors, controlnets) = (detector_root(), controlnet_root());

@@ -155,7 +155,7 @@ pub fn preprocessor(
         None => None,
     };
     if let (Some(entry), Some(None), Some(size)) = (&detector, detect_resolution, image_size) {
-        edge_network_sides(&p, entry, size, v);
+        own_size_sides(&p, entry, size, v);
     }
     if let (Some(entry), Some(steps)) = (&detector, safe_steps) {
         network_safe_steps(&p, entry, steps, v);
@@ -286,14 +286,15 @@ fn network_safe_steps(p: &str, detector: &DetectorFile, steps: u32, v: &mut Viol
     }
 }
 
-/// An edge network's sides for an image detected at its own size: its poolings must
-/// leave a pixel (HED's four, PiDiNet's three), TEED's branches must meet (multiples of
-/// 4); a detect resolution always does both.
-fn edge_network_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut Violations) {
+/// A network's sides for an image detected at its own size: its poolings must leave a
+/// pixel (HED's four, PiDiNet's three), its paddings must fit (the line-art generator's),
+/// TEED's branches must meet (multiples of 4); a detect resolution always does all.
+fn own_size_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut Violations) {
     use crate::engine::preprocess::detector::DetectorNetwork;
     let least = match detector.network {
         DetectorNetwork::Hed => crate::engine::preprocess::hed::MIN_SIDE,
         DetectorNetwork::PiDiNet => crate::engine::preprocess::pidinet::MIN_SIDE,
+        DetectorNetwork::Lineart => crate::engine::preprocess::lineart::MIN_SIDE,
         DetectorNetwork::Teed => {
             let multiple = crate::engine::preprocess::teed::SIDE_MULTIPLE;
             if !(w.is_multiple_of(multiple) && h.is_multiple_of(multiple)) {

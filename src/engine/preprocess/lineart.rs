@@ -18,6 +18,10 @@ use crate::engine::weights::{numbered_children, read_shapes, VarPath, Weights};
 /// torch.nn.InstanceNorm2d's epsilon.
 const EPS: f64 = 1e-5;
 
+/// The shortest side the network takes: the residual blocks' reflection padding of 1
+/// needs 2 pixels after the two stride-2 downsamplings (⌈⌈5/2⌉/2⌉ = 2).
+pub const MIN_SIDE: u32 = 5;
+
 /// A convolution's weight and bias, applied with its own stride and padding.
 struct Conv {
     weight: Tensor,
@@ -169,6 +173,11 @@ impl LineartGenerator {
     /// it, inverted (dark lines on white, as the line-art ControlNets take them).
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
+        if width.min(height) < MIN_SIDE {
+            return Err(EngineError::InvalidRequest(format!(
+                "the line-art network needs sides of at least {MIN_SIDE} pixels, not {width}x{height}"
+            )));
+        }
         let line = self.forward(&unit_range(image)).get(0).get(0);
         let size = line.size();
         let bytes = (line * 255.0).clamp(0.0, 255.0).to_kind(Kind::Uint8);
