@@ -9,7 +9,7 @@ use sdxld::proto::v1 as pb;
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
 preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline), detector (a preprocessor network's \
-.safetensors file or model folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), resolution (detection), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+.safetensors file or model folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -115,6 +115,9 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "distance" => unit_params(unit).mlsd_distance_threshold = Some(number()?),
         "safe" => unit_params(unit).safe_steps = Some(whole()?),
         "resolution" => unit_params(unit).detect_resolution = whole()?,
+        "pixel_perfect" => {
+            unit.pixel_perfect = named(key, value, &[("false", 0), ("true", 1)])? == 1;
+        }
         other => bail!("unknown key `{other}` (keys: {KEYS})"),
     }
     Ok(())

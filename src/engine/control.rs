@@ -34,6 +34,24 @@ pub enum ResizeMode {
     ResizeAndFill,
 }
 
+impl ResizeMode {
+    /// The detect resolution at which an `image`-sized control image's map meets an
+    /// `output`-sized image pixel for pixel when this mode fits it (sd-webui-controlnet's
+    /// `pixel_perfect_resolution`, A1111's "Pixel Perfect"): the image's short side times
+    /// the factor that covers the output (that fits inside it for resize and fill),
+    /// rounded half to even as numpy rounds.
+    pub fn pixel_perfect_resolution(self, image: (u32, u32), output: (u32, u32)) -> u64 {
+        let (width, height) = (f64::from(image.0), f64::from(image.1));
+        let by_height = f64::from(output.1) / height;
+        let by_width = f64::from(output.0) / width;
+        let factor = match self {
+            Self::ResizeAndFill => by_height.min(by_width),
+            Self::JustResize | Self::CropAndResize => by_height.max(by_width),
+        };
+        (factor * height.min(width)).round_ties_even() as u64
+    }
+}
+
 /// A control type of ControlNet Union models, in the order they were trained with (the
 /// index is the model's `control_type` slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,4 +338,36 @@ pub fn mismatch(model: &ControlledModel<'_>, controlnet: &ControlNetConfig) -> O
         .map(|(key, ours, theirs)| {
             format!("its {key} is {ours} where the base model's is {theirs}")
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResizeMode;
+
+    /// sd-webui-controlnet's `pixel_perfect_resolution` on the same sizes, as numpy
+    /// computed them (ties rounded to even: 100.5 to 100, 167.5 to 168).
+    #[test]
+    fn pixel_perfect_resolutions_equal_sd_webui_controlnet() {
+        use ResizeMode::{CropAndResize, JustResize, ResizeAndFill};
+        let cases = [
+            ((640, 480), (1024, 1024), JustResize, 1024),
+            ((640, 480), (1024, 1024), CropAndResize, 1024),
+            ((640, 480), (1024, 1024), ResizeAndFill, 768),
+            ((480, 640), (1024, 768), CropAndResize, 1024),
+            ((480, 640), (1024, 768), ResizeAndFill, 576),
+            ((1000, 10), (64, 64), ResizeAndFill, 1),
+            ((100, 4000), (2048, 2048), JustResize, 2048),
+            ((100, 4000), (2048, 2048), ResizeAndFill, 51),
+            ((333, 517), (832, 1216), ResizeAndFill, 783),
+            ((96, 67), (144, 1024), ResizeAndFill, 100),
+            ((96, 67), (240, 1024), ResizeAndFill, 168),
+        ];
+        for (image, output, mode, expected) in cases {
+            assert_eq!(
+                mode.pixel_perfect_resolution(image, output),
+                expected,
+                "{image:?} to {output:?}, {mode:?}"
+            );
+        }
+    }
 }

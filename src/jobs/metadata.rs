@@ -314,8 +314,13 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         ControlMode::Balanced => "Balanced",
         ControlMode::Guess => "Guess Mode",
     };
+    let pixel_perfect = if unit.pixel_perfect {
+        ", Pixel Perfect: True"
+    } else {
+        ""
+    };
     let mut entry = format!(
-        "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {resize}, Guidance Start: {}, Guidance End: {}, Control Mode: {mode}",
+        "Module: {module}, Model: {} [{}], Weight: {}, Resize Mode: {resize}, Guidance Start: {}, Guidance End: {}{pixel_perfect}, Control Mode: {mode}",
         unit.model.name,
         short(hash, 8),
         settings.scale,

@@ -114,6 +114,9 @@ pub struct ControlNetJob {
     pub inputs: Vec<ControlInput>,
     /// How the control map is fitted to the output size.
     pub resize: ResizeMode,
+    /// Whether its detect resolutions were computed to fit the output (A1111's "Pixel
+    /// Perfect"; recorded in the PNG parameters).
+    pub pixel_perfect: bool,
     /// Scale, window and mode.
     pub unit: ControlUnit,
 }

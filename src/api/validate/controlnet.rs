@@ -9,6 +9,7 @@ use crate::api::validate::fields::{
 };
 use crate::api::validate::images::required_image;
 use crate::api::validate::model::named;
+use crate::api::validate::pixel_perfect::PixelPerfect;
 use crate::api::validate::preprocessor::{preprocessor, Subject};
 use crate::api::validate::Deferred;
 use crate::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit, ResizeMode};
@@ -28,13 +29,15 @@ struct Check<'a> {
     registry: &'a Registry,
     detectors: Detectors<'a>,
     max_pixels: u64,
+    /// The size the unit controls.
+    output: (u32, u32),
 }
 
 /// `spec.controlnets`: every field of every unit checked, each image decoded.
 pub fn controlnets(
     units: &[pb::ControlNetUnit],
     detectors: Detectors,
-    max_pixels: u64,
+    (max_pixels, output): (u64, (u32, u32)),
     v: &mut Violations,
     deferred: &mut Deferred,
 ) -> Vec<ControlNetJob> {
@@ -54,6 +57,7 @@ pub fn controlnets(
                 registry: detectors.registry,
                 detectors,
                 max_pixels,
+                output,
             };
             check.unit(unit, v, deferred)
         })
@@ -102,21 +106,29 @@ impl Check<'_> {
             return None;
         }
         let model = self.model(unit, v, deferred);
-        let first = self.input(
-            "",
-            &unit.image,
-            unit.preprocessor,
-            unit.preprocessor_params.as_ref(),
-            v,
-            deferred,
-        );
-        let settings = unit_settings(p, unit, v);
         let resize = enum_value::<pb::ResizeMode>(v, &format!("{p}.resize_mode"), unit.resize_mode)
             .map(|mode| match mode {
                 pb::ResizeMode::Unspecified | pb::ResizeMode::JustResize => ResizeMode::JustResize,
                 pb::ResizeMode::CropAndResize => ResizeMode::CropAndResize,
                 pb::ResizeMode::ResizeAndFill => ResizeMode::ResizeAndFill,
             });
+        let pixel_perfect = resize
+            .filter(|_| unit.pixel_perfect)
+            .map(|resize| PixelPerfect {
+                field: format!("{p}.pixel_perfect"),
+                output: self.output,
+                resize,
+            });
+        let pixel_perfect = pixel_perfect.as_ref();
+        let first = self.input(
+            "",
+            &unit.image,
+            (unit.preprocessor, unit.preprocessor_params.as_ref()),
+            pixel_perfect,
+            v,
+            deferred,
+        );
+        let settings = unit_settings(p, unit, v);
         let mut inputs = vec![first];
         let mut conditions = Vec::new();
         let unit_scale = unit.conditioning_scale.map_or(1.0, f64::from);
@@ -129,7 +141,7 @@ impl Check<'_> {
             }),
         );
         for (j, more) in unit.more_conditions.iter().enumerate() {
-            let (input, condition) = self.more(j, more, unit_scale, v, deferred);
+            let (input, condition) = self.more(j, more, (unit_scale, pixel_perfect), v, deferred);
             inputs.push(input);
             conditions.push(condition);
         }
@@ -148,6 +160,7 @@ impl Check<'_> {
             model: model?,
             inputs: inputs.into_iter().collect::<Option<_>>()?,
             resize: resize?,
+            pixel_perfect: unit.pixel_perfect,
             unit: settings,
         })
     }
@@ -177,25 +190,35 @@ impl Check<'_> {
         )
     }
 
-    /// An image and its preprocessor, under `{unit}{sub}.`.
+    /// An image and its preprocessor, under `{unit}{sub}.`, detected where the unit's
+    /// `pixel_perfect` puts it.
     fn input(
         &self,
         sub: &str,
         image: &[u8],
-        kind: i32,
-        params: Option<&pb::PreprocessorParams>,
+        (kind, params): (i32, Option<&pb::PreprocessorParams>),
+        pixel_perfect: Option<&PixelPerfect>,
         v: &mut Violations,
         deferred: &mut Deferred,
     ) -> Option<ControlInput> {
         let prefix = format!("{}{sub}.", self.p);
         let field = format!("{prefix}image");
         let decoded = required_image(image, &field, self.max_pixels, v);
+        let fitted = pixel_perfect.and_then(|rule| {
+            rule.fit(&prefix, kind, params, decoded.as_ref(), v)
+                .zip(Some(rule))
+        });
+        let params = fitted.as_ref().map_or(params, |(f, _)| Some(&f.params));
         let subject = Subject {
             image: decoded.as_ref(),
             max_pixels: self.max_pixels,
             detectors: self.detectors,
         };
+        let from = v.0.len();
         let checked = preprocessor(&prefix, kind, params, subject, v, deferred);
+        if let Some((fitted, rule)) = &fitted {
+            rule.blame(&prefix, fitted, from, v);
+        }
         let checked = checked?;
         Some(ControlInput {
             image: ConditioningImage(Arc::new(decoded?)),
@@ -210,7 +233,7 @@ impl Check<'_> {
         &self,
         j: usize,
         more: &pb::UnionCondition,
-        unit_scale: f64,
+        (unit_scale, pixel_perfect): (f64, Option<&PixelPerfect>),
         v: &mut Violations,
         deferred: &mut Deferred,
     ) -> (Option<ControlInput>, Option<Option<ControlCondition>>) {
@@ -218,8 +241,8 @@ impl Check<'_> {
         let input = self.input(
             &sub,
             &more.image,
-            more.preprocessor,
-            more.preprocessor_params.as_ref(),
+            (more.preprocessor, more.preprocessor_params.as_ref()),
+            pixel_perfect,
             v,
             deferred,
         );

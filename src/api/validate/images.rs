@@ -103,6 +103,24 @@ pub fn decode_image(
     }
 }
 
+/// An init image's strength must leave a step of the `steps` to run (one entered at a
+/// denoising start is the window's rule); a bad strength or start is named once, for
+/// itself, not again for the default that stood in for it.
+pub fn strength_steps(init: Option<&InitImage>, steps: u32, v: &mut Violations) {
+    let field = "spec.init_image.strength";
+    if v.names(field) || v.names("spec.init_image.denoising_start") {
+        return;
+    }
+    if let Some(init) = init.filter(|i| i.denoising_start.is_none()) {
+        if f64::from(steps) * init.strength < 1.0 {
+            v.add(
+                field,
+                format!("{} x {steps} steps leaves no step to run", init.strength),
+            );
+        }
+    }
+}
+
 /// `spec.init_image`: the image, its strength or denoising start, and the mask.
 pub fn init_image(init: &pb::InitImage, max_pixels: u64, v: &mut Violations) -> Option<InitImage> {
     let strength = optional_float(

@@ -16,6 +16,7 @@ mod ip_adapters;
 mod model;
 mod output;
 mod pag;
+mod pixel_perfect;
 mod postprocess;
 mod prompt_syntax;
 
@@ -163,21 +164,7 @@ fn check(
     let scheduler = sampling::scheduler("spec", spec.scheduler, options, model_scheduler, v);
     let base_overrides = base_overrides(spec, &scheduler, model.as_ref(), limits, v);
     let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);
-    let window_named = [
-        "spec.init_image.strength",
-        "spec.init_image.denoising_start",
-    ]
-    .iter()
-    .any(|field| v.names(field));
-    if let Some(init) = init.as_ref().filter(|i| i.denoising_start.is_none()) {
-        if !window_named && (f64::from(counts.0) * init.strength) < 1.0 {
-            let steps = counts.0;
-            v.add(
-                "spec.init_image.strength",
-                format!("{} x {steps} steps leaves no step to run", init.strength),
-            );
-        }
-    }
+    images::strength_steps(init.as_ref(), counts.0, v);
     // 3. adapters, the refiner, the output
     let vae = match spec.vae.as_str() {
         "" => None,
@@ -200,8 +187,13 @@ fn check(
         registry,
         defaults: ctx.preprocessing,
     };
-    let mut controlnets =
-        controlnet::controlnets(&spec.controlnets, detectors, max_pixels, v, deferred);
+    let mut controlnets = controlnet::controlnets(
+        &spec.controlnets,
+        detectors,
+        (max_pixels, size),
+        v,
+        deferred,
+    );
     inpaint_area::control_maps(spec, &mut controlnets, v);
     controlnet::adapter_sizes(&controlnets, size, v);
     let base = refiner::BaseDefaults {
