@@ -551,6 +551,43 @@ def test_python_client_t2i_adapter_unit_replays_from_the_png(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["spec.width"]
 
 
+def a1111_pixel_perfect_resolution(image_height, image_width, target_height, target_width, resize_and_fill):
+    """sd-webui-controlnet's pixel_perfect_resolution (OUTER_FIT is "Resize and Fill")."""
+    import numpy as np
+
+    k0 = float(target_height) / float(image_height)
+    k1 = float(target_width) / float(image_width)
+    k = min(k0, k1) if resize_and_fill else max(k0, k1)
+    return int(np.round(k * float(min(image_height, image_width))))
+
+
+def test_python_client_pixel_perfect_unit_detects_at_a1111s_resolution(stubs, server):
+    import numpy as np
+
+    write_demo_t2i_adapter(server.controlnet_root / "pixel_t2i")
+    y, x = np.mgrid[0:67, 0:96]
+    rings = ((x * x + 3 * y * y + 5 * x * y // 2) // 97) % 2
+    drawing = io.BytesIO()
+    Image.fromarray(np.where(rings[..., None] == 0, 230, 20).repeat(3, 2).astype(np.uint8)).save(drawing, "PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    for mode, fill in [(stubs.gen.RESIZE_MODE_CROP_AND_RESIZE, False), (stubs.gen.RESIZE_MODE_RESIZE_AND_FILL, True)]:
+        expected = a1111_pixel_perfect_resolution(67, 96, 64, 128, fill)
+
+        def unit(**kw):
+            return stubs.gen.ControlNetUnit(model="pixel_t2i", image=drawing.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_CANNY, resize_mode=mode, **kw)
+
+        perfect = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, width=128, controlnets=[unit(pixel_perfect=True)]))).images[0].data
+        given = unit(preprocessor_params=stubs.gen.PreprocessorParams(detect_resolution=expected))
+        given = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, width=128, controlnets=[given]))).images[0].data
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(perfect))), np.asarray(Image.open(io.BytesIO(given))))
+        parameters = Image.open(io.BytesIO(perfect)).info["parameters"]
+        assert f"Processor Res: {expected}," in parameters and "Pixel Perfect: True" in parameters, parameters
+    both = unit(pixel_perfect=True, preprocessor_params=stubs.gen.PreprocessorParams(detect_resolution=512))
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, width=128, controlnets=[both])))
+    assert bad_request_fields(stubs, caught.value) == ["spec.controlnets[0].preprocessor_params.detect_resolution"]
+
+
 def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
     """A compel prompt longer than CLIP's 77 tokens: no truncation warning, another image
     than the plain reading, a PNG that replays it; grpcurl sees the refusal of a swap."""
