@@ -204,11 +204,9 @@ impl Check<'_> {
         let prefix = format!("{}{sub}.", self.p);
         let field = format!("{prefix}image");
         let decoded = required_image(image, &field, self.max_pixels, v);
-        let fitted = pixel_perfect.and_then(|rule| {
-            rule.fit(&prefix, kind, params, decoded.as_ref(), v)
-                .zip(Some(rule))
-        });
-        let params = fitted.as_ref().map_or(params, |(f, _)| Some(&f.params));
+        let fitted =
+            pixel_perfect.and_then(|rule| rule.fit(&prefix, kind, params, decoded.as_ref(), v));
+        let params = fitted.as_ref().map_or(params, |f| Some(&f.params));
         let subject = Subject {
             image: decoded.as_ref(),
             max_pixels: self.max_pixels,
@@ -216,7 +214,7 @@ impl Check<'_> {
         };
         let from = v.0.len();
         let checked = preprocessor(&prefix, kind, params, subject, v, deferred);
-        if let Some((fitted, rule)) = &fitted {
+        if let (Some(rule), Some(fitted)) = (pixel_perfect, &fitted) {
             rule.blame(&prefix, fitted, from, v);
         }
         let checked = checked?;

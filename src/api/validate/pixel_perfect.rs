@@ -90,16 +90,12 @@ impl PixelPerfect {
             "`{}` (a detect resolution of {})",
             self.field, fitted.resolution
         );
-        let mut index = 0;
-        v.0.retain_mut(|(field, description)| {
-            let ours = index >= from && *field == detect;
-            index += 1;
-            if !ours {
-                return true;
+        for (field, description) in v.0.split_off(from) {
+            if field != detect {
+                v.0.push((field, description));
+            } else if fitted.in_range {
+                v.0.push((self.field.clone(), description.replacen(&named, &told, 1)));
             }
-            *field = self.field.clone();
-            *description = description.replacen(&named, &told, 1);
-            fitted.in_range
-        });
+        }
     }
 }
