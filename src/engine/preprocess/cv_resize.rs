@@ -104,21 +104,57 @@ fn saturate(value: f32) -> u8 {
 /// Integer factors (`resizeAreaFast_`): block sums; 2×2 blocks as `(sum + 2) >> 2`, others
 /// as the sum times the float reciprocal of the block's area, rounded.
 fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(dw * dh * CN);
+    if (sx, sy) == (2, 2) {
+        return area_halves(source, dw, dh);
+    }
+    let mut out = vec![0u8; dw * dh * CN];
     let reciprocal = 1.0f32 / (sx * sy) as f32;
-    for y in 0..dh {
-        let rows: Vec<&[u8]> = (0..sy).map(|k| source.row(y * sy + k)).collect();
-        for x in 0..dw {
-            for c in 0..CN {
-                let sum: i32 = rows
-                    .iter()
-                    .flat_map(|row| (0..sx).map(move |k| i32::from(row[(x * sx + k) * CN + c])))
-                    .sum();
-                out.push(if sx == 2 && sy == 2 {
+    // Each block row's columns summed down first, then each block's columns across.
+    let mut columns = vec![0u32; dw * sx * CN];
+    for (y, target) in out.chunks_exact_mut(dw * CN).enumerate() {
+        columns.fill(0);
+        for k in 0..sy {
+            let row = &source.row(y * sy + k)[..columns.len()];
+            for (sum, &v) in columns.iter_mut().zip(row) {
+                *sum += u32::from(v);
+            }
+        }
+        let blocks = columns.chunks_exact(sx * CN);
+        for (pixel, block) in target.chunks_exact_mut(CN).zip(blocks) {
+            let mut sums = [0u32; CN];
+            for source_pixel in block.chunks_exact(CN) {
+                for (sum, &v) in sums.iter_mut().zip(source_pixel) {
+                    *sum += v;
+                }
+            }
+            for (value, sum) in pixel.iter_mut().zip(sums) {
+                *value = if sx == 2 && sy == 2 {
                     ((sum + 2) >> 2) as u8
                 } else {
                     saturate(sum as f32 * reciprocal)
-                });
+                };
+            }
+        }
+    }
+    out
+}
+
+/// 2×2 blocks, the common case: each the rounded quarter of its sum (the two rows added
+/// first, then each pair of pixels).
+fn area_halves(source: &Plane, dw: usize, dh: usize) -> Vec<u8> {
+    let mut out = vec![0u8; dw * dh * CN];
+    let mut columns = vec![0u16; dw * 2 * CN];
+    for (y, target) in out.chunks_exact_mut(dw * CN).enumerate() {
+        let (upper, lower) = (source.row(2 * y), source.row(2 * y + 1));
+        for ((sum, &a), &b) in columns.iter_mut().zip(upper).zip(lower) {
+            *sum = u16::from(a) + u16::from(b);
+        }
+        for (pixel, pair) in target
+            .chunks_exact_mut(CN)
+            .zip(columns.chunks_exact(2 * CN))
+        {
+            for c in 0..CN {
+                pixel[c] = ((pair[c] + pair[c + CN] + 2) >> 2) as u8;
             }
         }
     }
@@ -162,6 +198,18 @@ pub(super) fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Ove
     table
 }
 
+/// One source row weighted along x into `buffer` (`ResizeArea_Invoker`'s row sums).
+fn weight_row(row: &[u8], xs: &[Overlap], buffer: &mut [f32]) {
+    buffer.fill(0.0);
+    for x in xs {
+        let source = &row[x.source * CN..][..CN];
+        let target = &mut buffer[x.destination * CN..][..CN];
+        for (t, &v) in target.iter_mut().zip(source) {
+            *t += f32::from(v) * x.weight;
+        }
+    }
+}
+
 /// Non-integer shrinking (`ResizeArea_Invoker`): each source row weighted along x into a
 /// float buffer, the buffers weighted along y, both in OpenCV's order of float sums.
 fn area_weighted(source: &Plane, dw: usize, dh: usize, sx: f64, sy: f64) -> Vec<u8> {
@@ -172,14 +220,12 @@ fn area_weighted(source: &Plane, dw: usize, dh: usize, sx: f64, sy: f64) -> Vec<
     let mut sums = vec![0f32; width];
     let mut buffer = vec![0f32; width];
     let mut current = 0;
+    // A source row shared by two destination rows is weighted along x once.
+    let mut weighted_row = None;
     for y in &ys {
-        let row = source.row(y.source);
-        buffer.iter_mut().for_each(|b| *b = 0.0);
-        for x in &xs {
-            for c in 0..CN {
-                let value = f32::from(row[x.source * CN + c]);
-                buffer[x.destination * CN + c] += value * x.weight;
-            }
+        if weighted_row != Some(y.source) {
+            weight_row(source.row(y.source), &xs, &mut buffer);
+            weighted_row = Some(y.source);
         }
         if y.destination != current {
             let line = &mut out[current * width..(current + 1) * width];

@@ -58,12 +58,20 @@ impl Preprocessing {
     /// The control map of `image` (three channels, as ControlNets take them), at the
     /// detection size; `detector` is the network of a preprocessor that runs one.
     pub fn run(self, image: &DynamicImage, detector: Option<&Detector>) -> Result<RgbImage> {
-        let rgb = hwc3(image);
+        // An RGB image is read where it is, not copied.
+        let converted;
+        let rgb = match image {
+            DynamicImage::ImageRgb8(rgb) => rgb,
+            other => {
+                converted = hwc3(other);
+                &converted
+            }
+        };
         match (self.preprocessor, self.detect_resolution) {
-            (Preprocessor::None, _) => Ok(rgb),
-            (preprocessor, None) => preprocessor.detect(&rgb, detector),
+            (Preprocessor::None, _) => Ok(rgb.clone()),
+            (preprocessor, None) => preprocessor.detect(rgb, detector),
             (preprocessor, Some(resolution)) => {
-                preprocessor.detect(&resize_for_detection(&rgb, resolution), detector)
+                preprocessor.detect(&resize_for_detection(rgb, resolution), detector)
             }
         }
     }
