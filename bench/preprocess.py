@@ -160,7 +160,7 @@ def depth_child(args, image):
 
 
 # Preprocessors without a network: no model to write, sdxld runs them by name.
-NETWORKLESS = ("canny", "lineart_standard")
+NETWORKLESS = ("canny", "lineart_standard", "tile_resample", "tile_resample_fractional", "blur")
 
 
 def networkless_child(args, image):
@@ -172,6 +172,14 @@ def networkless_child(args, image):
 
         detector = CannyDetector()
         return lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    if args.kind.startswith("tile_resample"):
+        # sd-webui-controlnet's tile_resample at a rate of 2 or 2.5 (its HWC3 a no-op here).
+        rate = 2.5 if args.kind.endswith("fractional") else 2.0
+        height, width = image.shape[:2]
+        return lambda: cv2.resize(image, (int(width / rate), int(height / rate)), interpolation=cv2.INTER_AREA)
+    if args.kind == "blur":
+        # sd-webui-controlnet's blur_gaussian at its default sigma of 9.
+        return lambda: cv2.GaussianBlur(image, (0, 0), 9.0)
     from controlnet_aux.lineart_standard import LineartStandardDetector
 
     detector = LineartStandardDetector()
@@ -289,7 +297,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -310,8 +318,8 @@ def main():
             sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common)
             r, d = statistics.median(reference["seconds"]), statistics.median(sdxld["seconds"])
             print(
-                f"{kind} {args.size}², {args.threads} thread(s): reference {r:.3f} s (peak RSS {reference_peak:.0f} MiB), "
-                f"sdxld {d:.3f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
+                f"{kind} {args.size}², {args.threads} thread(s): reference {r:.4f} s (peak RSS {reference_peak:.0f} MiB), "
+                f"sdxld {d:.4f} s (peak RSS {sdxld_peak:.0f} MiB), ratio {r / d:.2f}"
             )
 
 

@@ -356,6 +356,92 @@ async fn canny_in_a_unit_equals_the_preprocess_rpc() {
     }
 }
 
+/// Tile resampling and blur on a union model make its tile condition: the image equals
+/// the one made from the Preprocess RPC's map sent with CONTROL_TYPE_TILE, and another
+/// type makes another image; an inverted image implies no type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tile_filters_on_a_union_model_make_its_tile_condition() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let photo = read(&fixtures().join("tiny2/init.png"));
+    let filters = [
+        (
+            pb::Preprocessor::TileResample,
+            Some(2.0),
+            None,
+            "Module: tile_resample, Threshold A: 2,",
+        ),
+        (
+            pb::Preprocessor::Blur,
+            None,
+            None,
+            "Module: blur_gaussian, Threshold A: 9,",
+        ),
+        (
+            pb::Preprocessor::Blur,
+            None,
+            Some(2.5),
+            "Module: blur_gaussian, Threshold A: 2.5,",
+        ),
+    ];
+    for (preprocessor, rate, sigma, module) in filters {
+        let params = pb::PreprocessorParams {
+            down_sampling_rate: rate,
+            blur_sigma: sigma,
+            ..Default::default()
+        };
+        let preview = server
+            .generation()
+            .await
+            .preprocess(pb::PreprocessRequest {
+                image: photo.clone(),
+                preprocessor: preprocessor as i32,
+                preprocessor_params: Some(params.clone()),
+            })
+            .await
+            .expect("preprocess")
+            .into_inner();
+        let mut spec = spec_of(&case("one_unit"));
+        spec.num_images = 1;
+        let unit = &mut spec.controlnets[0];
+        unit.model = "union_xl".into();
+        unit.image = photo.clone();
+        unit.preprocessor = preprocessor as i32;
+        unit.preprocessor_params = Some(params);
+        let filtered = server.images(spec.clone()).await.expect("filter unit");
+        let text = common::png_parameters(&filtered.images[0].data);
+        assert!(text.contains(module), "{text}");
+        let image = |response: &pb::GenerateImagesResponse| decoded_image(&response.images[0].data);
+        let unit = &mut spec.controlnets[0];
+        unit.image = preview.control_map;
+        unit.preprocessor = pb::Preprocessor::None as i32;
+        unit.preprocessor_params = None;
+        unit.control_type = pb::ControlType::Tile as i32;
+        let given = server.images(spec.clone()).await.expect("map unit");
+        assert!(image(&filtered).equal(&image(&given)), "{module}");
+        spec.controlnets[0].control_type = pb::ControlType::CannyLineart as i32;
+        let lines = server.images(spec).await.expect("map unit");
+        assert!(
+            !image(&filtered).equal(&image(&lines)),
+            "{module}: the type changes nothing"
+        );
+    }
+    let mut spec = spec_of(&case("one_unit"));
+    spec.num_images = 1;
+    spec.controlnets[0].model = "union_xl".into();
+    spec.controlnets[0].preprocessor = pb::Preprocessor::Invert as i32;
+    let status = server.images(spec.clone()).await.expect_err("no type");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["spec.controlnets[0].control_type"]
+    );
+    spec.controlnets[0].control_type = pb::ControlType::CannyLineart as i32;
+    let inverted = server.images(spec).await.expect("inverted unit");
+    let text = common::png_parameters(&inverted.images[0].data);
+    assert!(text.contains("Module: invert, Model: union_xl"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_units_are_refused_and_leave_nothing_behind() {
     let root = controlnet_root();

@@ -109,16 +109,33 @@ async fn pixel_perfect_units_detect_at_sd_webui_controlnets_resolution() {
         let replayed = server.assert_replays(&what, pixel_perfect(base)).await;
         assert!(replayed.controlnets[0].pixel_perfect, "{what}");
     }
-    // Without a preprocessor it changes nothing.
-    let mut none = spec(model, photo(96, 67), pb::ResizeMode::JustResize);
-    none.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
-    none.controlnets[0].preprocessor_params = None;
-    let with = server
-        .images(pixel_perfect(none.clone()))
-        .await
-        .expect("none");
-    let without = server.images(none).await.expect("none");
-    assert!(pixels(&with.images[0].data) == pixels(&without.images[0].data));
+    // Without a preprocessor it changes nothing, nor with those A1111 gives no
+    // resolution (tile resampling, invert); a blur takes one.
+    let filters = [
+        (pb::Preprocessor::None, true),
+        (pb::Preprocessor::TileResample, true),
+        (pb::Preprocessor::Invert, true),
+        (pb::Preprocessor::Blur, false),
+    ];
+    for (preprocessor, unchanged) in filters {
+        let mut unit = spec(model, photo(96, 67), pb::ResizeMode::JustResize);
+        unit.controlnets[0].preprocessor = preprocessor as i32;
+        unit.controlnets[0].preprocessor_params = Some(pb::PreprocessorParams {
+            down_sampling_rate: (preprocessor == pb::Preprocessor::TileResample).then_some(2.0),
+            blur_sigma: (preprocessor == pb::Preprocessor::Blur).then_some(1.5),
+            ..Default::default()
+        });
+        let what = format!("{preprocessor:?}");
+        let with = server
+            .images(pixel_perfect(unit.clone()))
+            .await
+            .expect(&what);
+        let without = server.images(unit).await.expect(&what);
+        let same = pixels(&with.images[0].data) == pixels(&without.images[0].data);
+        assert_eq!(same, unchanged, "{what}");
+        let text = png_parameters(&with.images[0].data);
+        assert_eq!(text.contains("Processor Res"), !unchanged, "{what}: {text}");
+    }
 }
 
 /// A union unit's more conditions are fitted each by its own size: a 50×80 image

@@ -227,6 +227,41 @@ fn standard_line_art_equals_controlnet_aux_pixel_for_pixel() {
     assert_eq!(with_lines, cases.len() - 2);
 }
 
+#[test]
+fn tile_resampling_blur_and_invert_equal_sd_webui_controlnet_byte_for_byte() {
+    use sdxld::engine::preprocess::image_filters::Param;
+    let root = common::preprocess_fixtures();
+    let path = root.join("filters.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    assert_eq!(cases.len(), 27);
+    let mut changed = 0;
+    for case in &cases {
+        let open = |key: &str| image::open(root.join(case[key].as_str().expect(key))).expect("png");
+        let value = Param(case["value"].as_f64().expect("value") as f32);
+        let resolution = case["resolution"].as_u64().expect("resolution") as u32;
+        let preprocessor = match case["preprocessor"].as_str().expect("name") {
+            "tile_resample" => Preprocessor::TileResample { rate: value },
+            "blur_gaussian" => Preprocessor::Blur { sigma: value },
+            "invert" => Preprocessor::Invert,
+            other => panic!("unknown filter {other}"),
+        };
+        let filter = Preprocessing {
+            preprocessor,
+            detect_resolution: (resolution > 0).then_some(resolution),
+        };
+        let image = open("image");
+        let map = filter.run(&image, None).expect("a map");
+        let expected = open("expected").to_rgb8();
+        assert_eq!(map.dimensions(), expected.dimensions(), "{case}");
+        let off = differing(map.as_raw(), expected.as_raw());
+        assert_eq!(off, 0, "{case}: {off} values differ");
+        changed += usize::from(map != hwc3(&image));
+    }
+    // All but the rates below 1.1, the one-tap sigma and the single pixel change the image.
+    assert_eq!(changed, cases.len() - 4);
+}
+
 mod over_grpc {
     use super::common;
     use super::common::server::TestServer;
@@ -393,6 +428,9 @@ mod over_grpc {
                 pb::Preprocessor::Mlsd as i32,
                 pb::Preprocessor::LineartStandard as i32,
                 pb::Preprocessor::Anyline as i32,
+                pb::Preprocessor::TileResample as i32,
+                pb::Preprocessor::Blur as i32,
+                pb::Preprocessor::Invert as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -405,7 +443,7 @@ mod over_grpc {
             ready,
             [
                 true, true, false, false, false, false, false, false, false, false, false, true,
-                false
+                false, true, true, true
             ]
         );
     }
@@ -443,5 +481,161 @@ mod over_grpc {
             .expect_err("no detector");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert_eq!(fields(&status), ["preprocessor_params.model"]);
+    }
+
+    /// A request for a filter preprocessor with its parameters.
+    fn filter(
+        png: &[u8],
+        preprocessor: pb::Preprocessor,
+        params: pb::PreprocessorParams,
+    ) -> pb::PreprocessRequest {
+        pb::PreprocessRequest {
+            preprocessor_params: Some(params),
+            ..request(png.to_vec(), preprocessor)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_preprocess_rpc_resamples_blurs_and_inverts_and_names_bad_parameters() {
+        let root = common::preprocess_fixtures();
+        let server = TestServer::start(&[]).await;
+        let read =
+            |name: &str| std::fs::read(root.join(format!("images/{name}.png"))).expect("read");
+        let cases = [
+            (
+                "photo_75x133",
+                pb::Preprocessor::TileResample,
+                Some(3.3),
+                None,
+                "tile_resample_3.299999952316284_0",
+            ),
+            (
+                "photo_384x256",
+                pb::Preprocessor::TileResample,
+                Some(3.0),
+                None,
+                "tile_resample_3.0_128",
+            ),
+            (
+                "photo_160x120",
+                pb::Preprocessor::TileResample,
+                None,
+                None,
+                "tile_resample_1.0_0",
+            ),
+            (
+                "photo_160x120",
+                pb::Preprocessor::Blur,
+                None,
+                None,
+                "blur_gaussian_9.0_0",
+            ),
+            (
+                "noise_33x17",
+                pb::Preprocessor::Blur,
+                None,
+                Some(4.7),
+                "blur_gaussian_4.699999809265137_0",
+            ),
+            (
+                "rgba_64x48",
+                pb::Preprocessor::Invert,
+                None,
+                None,
+                "invert_0.0_0",
+            ),
+        ];
+        for (name, preprocessor, rate, sigma, case) in cases {
+            let resolution = if case.ends_with("_128") { 128 } else { 0 };
+            let params = pb::PreprocessorParams {
+                down_sampling_rate: rate,
+                blur_sigma: sigma,
+                detect_resolution: resolution,
+                ..Default::default()
+            };
+            let map = preprocess(&server, filter(&read(name), preprocessor, params))
+                .await
+                .expect(case);
+            let expected = root.join(format!("filters/{name}_{case}.png"));
+            let expected = image::open(expected).expect("png").to_rgb8();
+            assert_eq!((map.width, map.height), expected.dimensions(), "{case}");
+            let map = image::load_from_memory(&map.control_map).expect("png");
+            assert_eq!(map.to_rgb8(), expected, "{name} {case}");
+        }
+        let rate = |rate: f32| pb::PreprocessorParams {
+            down_sampling_rate: Some(rate),
+            ..Default::default()
+        };
+        let sigma = |sigma: f32| pb::PreprocessorParams {
+            blur_sigma: Some(sigma),
+            ..Default::default()
+        };
+        let tile = pb::Preprocessor::TileResample;
+        let photo = read("photo_160x120");
+        let invalid = [
+            (
+                filter(&photo, tile, rate(f32::NAN)),
+                "down_sampling_rate",
+                "NaN",
+            ),
+            (filter(&photo, tile, rate(0.5)), "down_sampling_rate", "0.5"),
+            (filter(&photo, tile, rate(8.5)), "down_sampling_rate", "8.5"),
+            (
+                filter(&read("tiny_3x2"), tile, rate(2.5)),
+                "down_sampling_rate",
+                "3x2 image to 1x0",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Blur, sigma(0.0)),
+                "blur_sigma",
+                "0",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Blur, sigma(f32::INFINITY)),
+                "blur_sigma",
+                "inf",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Blur, rate(2.0)),
+                "down_sampling_rate",
+                "PREPROCESSOR_TILE_RESAMPLE only",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Canny, sigma(2.0)),
+                "blur_sigma",
+                "PREPROCESSOR_BLUR only",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Invert, sigma(2.0)),
+                "blur_sigma",
+                "PREPROCESSOR_BLUR only",
+            ),
+            (
+                filter(
+                    &photo,
+                    pb::Preprocessor::Invert,
+                    pb::PreprocessorParams {
+                        model: "sk_model".into(),
+                        ..Default::default()
+                    },
+                ),
+                "model",
+                "runs none",
+            ),
+        ];
+        for (request, field, says) in invalid {
+            let status = preprocess(&server, request).await.expect_err(field);
+            assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+            let field = format!("preprocessor_params.{field}");
+            assert_eq!(fields(&status), std::slice::from_ref(&field), "{status:?}");
+            let bad = status.get_details_bad_request().expect("BadRequest");
+            let description = &bad.field_violations[0].description;
+            assert!(description.contains(says), "{field}: {description}");
+        }
+        // The server serves on.
+        let map = preprocess(&server, filter(&photo, tile, rate(2.0)))
+            .await
+            .expect("a map");
+        assert_eq!((map.width, map.height), (80, 60));
     }
 }

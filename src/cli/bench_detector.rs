@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use sdxld::engine::device::Placement;
 use sdxld::engine::preprocess::detector::Detector;
+use sdxld::engine::preprocess::image_filters::Param;
 use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
@@ -17,8 +18,10 @@ pub struct BenchDetectorArgs {
     /// The detector file (safetensors, any served network) or model folder.
     #[arg(long, required_unless_present = "preprocessor")]
     model: Option<PathBuf>,
-    /// Instead of a model, a preprocessor that runs no network: canny or
-    /// lineart_standard; with a TEED model, anyline (its whole preprocessor).
+    /// Instead of a model, a preprocessor that runs no network: canny,
+    /// lineart_standard, tile_resample (at a rate of 2: 2×2 blocks),
+    /// tile_resample_fractional (2.5: weighted overlaps) or blur (sigma 9); with a TEED
+    /// model, anyline (its whole preprocessor).
     #[arg(long)]
     preprocessor: Option<String>,
     /// Image side in pixels.
@@ -81,7 +84,8 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A preprocessor that runs no network, by its CLI name, with its default parameters.
+/// A preprocessor that runs no network, by its CLI name, with the parameters its
+/// reference benchmark runs.
 fn networkless(name: &str) -> anyhow::Result<Preprocessor> {
     match name {
         "canny" => Ok(Preprocessor::Canny {
@@ -89,6 +93,11 @@ fn networkless(name: &str) -> anyhow::Result<Preprocessor> {
             high: 200,
         }),
         "lineart_standard" => Ok(Preprocessor::LineartStandard),
-        other => bail!("--preprocessor {other:?}: expected canny or lineart_standard"),
+        "tile_resample" => Ok(Preprocessor::TileResample { rate: Param(2.0) }),
+        "tile_resample_fractional" => Ok(Preprocessor::TileResample { rate: Param(2.5) }),
+        "blur" => Ok(Preprocessor::Blur { sigma: Param(9.0) }),
+        other => bail!(
+            "--preprocessor {other:?}: expected canny, lineart_standard, tile_resample, tile_resample_fractional or blur"
+        ),
     }
 }

@@ -8,8 +8,8 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline), detector (a preprocessor network's \
-.safetensors file or model folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny|depth|openpose|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert), detector (a preprocessor network's \
+.safetensors file or model folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -105,6 +105,9 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("mlsd", 11),
                 ("lineart_standard", 12),
                 ("anyline", 13),
+                ("tile_resample", 14),
+                ("blur", 15),
+                ("invert", 16),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }
@@ -114,6 +117,8 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "score" => unit_params(unit).mlsd_score_threshold = Some(number()?),
         "distance" => unit_params(unit).mlsd_distance_threshold = Some(number()?),
         "safe" => unit_params(unit).safe_steps = Some(whole()?),
+        "rate" => unit_params(unit).down_sampling_rate = Some(number()?),
+        "sigma" => unit_params(unit).blur_sigma = Some(number()?),
         "resolution" => unit_params(unit).detect_resolution = whole()?,
         "pixel_perfect" => {
             unit.pixel_perfect = named(key, value, &[("false", 0), ("true", 1)])? == 1;

@@ -290,6 +290,12 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::SoftEdge { .. }) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
         Some(Preprocessor::Anyline) => "softedge_anyline".to_string(),
+        // A1111 writes a module's slider values as its thresholds.
+        Some(Preprocessor::TileResample { rate }) => {
+            format!("tile_resample, Threshold A: {}", rate.0)
+        }
+        Some(Preprocessor::Blur { sigma }) => format!("blur_gaussian, Threshold A: {}", sigma.0),
+        Some(Preprocessor::Invert) => "invert".to_string(),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose) => "openpose".to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),

@@ -251,6 +251,38 @@ def test_python_client_standard_line_art_as_controlnet_aux_draws_it(stubs, serve
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
 
 
+def test_python_client_tile_filters_as_sd_webui_controlnet_computes_them(stubs, server):
+    """PREPROCESSOR_TILE_RESAMPLE and PREPROCESSOR_BLUR need no detector: a photo shrunk
+    by 2.5 with OpenCV's area averaging and blurred with its Gaussian of sigma 3.5, as
+    sd-webui-controlnet's tile_resample and blur_gaussian compute them, byte for byte; a
+    rate above 8 is refused naming the field."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(9)
+    pixels = cv2.GaussianBlur(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8), (0, 0), 2.0)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(down_sampling_rate=2.5)
+    request = stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_TILE_RESAMPLE, preprocessor_params=params)
+    reply = gen.Preprocess(request)
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB"))
+    expected = cv2.resize(pixels, (int(130 / 2.5), int(90 / 2.5)), interpolation=cv2.INTER_AREA)
+    assert (reply.width, reply.height) == (52, 36)
+    assert (got == expected).all()
+    params = stubs.gen.PreprocessorParams(blur_sigma=3.5)
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_BLUR, preprocessor_params=params))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB"))
+    expected = cv2.GaussianBlur(pixels, (0, 0), 3.5)
+    assert (got == expected).all() and (got != pixels).any()
+    request.preprocessor_params.down_sampling_rate = 9.0
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.down_sampling_rate"]
+
+
 def test_python_client_teed_soft_edges_as_controlnet_aux_draws_them(stubs, server):
     """A TEED network installed by name: its soft edges in 3 safe steps equal
     controlnet_aux's TEEDdetector (a step apart on at most 1 % of pixels), and scribbles

@@ -366,7 +366,9 @@ fn control_type(field: &str, value: i32, v: &mut Violations) -> Option<Option<Co
 }
 
 /// The union control type a preprocessor's map shows (xinsir's grouping: Canny and
-/// every line art, M-LSD's segments included, share one type), if it implies one.
+/// every line art, M-LSD's segments included, share one type; tile resampling and blur
+/// make the tile condition), if it implies one. An inverted image could be any line
+/// map.
 fn implied_type(preprocessor: i32) -> Option<ControlType> {
     match pb::Preprocessor::try_from(preprocessor).ok()? {
         pb::Preprocessor::Canny
@@ -381,7 +383,8 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         }
         pb::Preprocessor::Normal => Some(ControlType::Normal),
         pb::Preprocessor::Segmentation => Some(ControlType::Segment),
-        pb::Preprocessor::Unspecified | pb::Preprocessor::None => None,
+        pb::Preprocessor::TileResample | pb::Preprocessor::Blur => Some(ControlType::Tile),
+        pb::Preprocessor::Unspecified | pb::Preprocessor::None | pb::Preprocessor::Invert => None,
     }
 }
 

@@ -10,6 +10,7 @@ mod embeddings;
 mod fields;
 mod guider;
 mod hires;
+mod image_filters;
 mod images;
 mod inpaint_area;
 mod ip_adapters;

@@ -31,7 +31,8 @@ pub struct Fitted {
 impl PixelPerfect {
     /// `params` (under `prefix`, which ends with a dot) of an `image` with `preprocessor`,
     /// their detect resolution computed; `None` (nothing to compute) without a
-    /// preprocessor or an image, or where the client set one (a violation naming it).
+    /// preprocessor, with one sd-webui-controlnet gives no resolution (tile resampling,
+    /// invert), without an image, or where the client set one (a violation naming it).
     pub fn fit(
         &self,
         prefix: &str,
@@ -40,7 +41,12 @@ impl PixelPerfect {
         image: Option<&image::DynamicImage>,
         v: &mut Violations,
     ) -> Option<Fitted> {
-        let without = [pb::Preprocessor::Unspecified, pb::Preprocessor::None];
+        let without = [
+            pb::Preprocessor::Unspecified,
+            pb::Preprocessor::None,
+            pb::Preprocessor::TileResample,
+            pb::Preprocessor::Invert,
+        ];
         if without.iter().any(|p| *p as i32 == preprocessor) {
             return None;
         }

@@ -5,6 +5,7 @@
 use crate::api::status::ApiError;
 use crate::api::validate::detector::Detectors;
 use crate::api::validate::fields::{at_most, enum_value, float, Range, Violations};
+use crate::api::validate::image_filters::{self, FilterParameters};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
@@ -22,7 +23,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 13] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 16] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -36,6 +37,9 @@ pub const IMPLEMENTED: [pb::Preprocessor; 13] = [
     pb::Preprocessor::Mlsd,
     pb::Preprocessor::LineartStandard,
     pb::Preprocessor::Anyline,
+    pb::Preprocessor::TileResample,
+    pb::Preprocessor::Blur,
+    pb::Preprocessor::Invert,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -47,6 +51,8 @@ pub struct Parameters {
     pub lines: LineThresholds,
     /// The steps soft edges are quantised in (`None`: the network's default).
     pub safe_steps: Option<u32>,
+    /// Tile resampling's rate and the blur's sigma.
+    pub filters: FilterParameters,
 }
 
 /// What a preprocessor is checked against: its image (when it decoded), the most
@@ -83,6 +89,13 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
         pb::Preprocessor::LineartStandard => Some(Preprocessor::LineartStandard),
         pb::Preprocessor::Anyline => Some(Preprocessor::Anyline),
+        pb::Preprocessor::TileResample => Some(Preprocessor::TileResample {
+            rate: parameters.filters.rate,
+        }),
+        pb::Preprocessor::Blur => Some(Preprocessor::Blur {
+            sigma: parameters.filters.sigma,
+        }),
+        pb::Preprocessor::Invert => Some(Preprocessor::Invert),
     }
 }
 
@@ -114,6 +127,7 @@ pub fn preprocessor(
     }
     let lines = line_thresholds(&p, params, v);
     let safe_steps = safe_steps(&p, kind, params.safe_steps, v);
+    let filters = image_filters::parameters(&p, kind, params, v);
     let detectors = subject.detectors;
     let image_size = subject.image.map(|i| (i.width(), i.height()));
     let max_pixels = subject.max_pixels;
@@ -123,6 +137,7 @@ pub fn preprocessor(
         canny: (low, high),
         lines,
         safe_steps,
+        filters,
     };
     let Some(preprocessor) = domain(kind, parameters) else {
         deferred.unimplemented(ApiError::Unimplemented(
@@ -218,6 +233,14 @@ fn network_input(
             }
         }
         (Preprocessor::OpenPose, resolution) => pose_input(p, size, resolution, max_pixels, v),
+        (Preprocessor::TileResample { rate }, resolution) => {
+            let preprocessing = Preprocessing {
+                preprocessor,
+                detect_resolution: resolution,
+            };
+            let detected = preprocessing.detected_size(size.0, size.1);
+            image_filters::resampled_sides(p, rate, detected, v);
+        }
         _ => {}
     }
 }

@@ -18,6 +18,7 @@ pub mod dpt;
 pub mod dpt_fusion;
 pub mod efficientnet;
 pub mod hed;
+pub mod image_filters;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod lineart_standard;
@@ -41,6 +42,7 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use crate::engine::error::{EngineError, Result};
 use cv_resize::Interpolation;
 use detector::{Detector, DetectorNetwork};
+use image_filters::Param;
 use mlsd_lines::LineThresholds;
 
 /// A preprocessor and the resolution its detector runs at.
@@ -149,13 +151,30 @@ pub enum Preprocessor {
     /// controlnet_aux's Anyline: a TEED network's soft edges with the dark lines of the
     /// standard line-art detector over them.
     Anyline,
+    /// A1111's `tile_resample`: the image shrunk by a rate (no network).
+    TileResample {
+        /// The down-sampling rate, at least 1.
+        rate: Param,
+    },
+    /// A1111's `blur_gaussian`: OpenCV's Gaussian blur of the image (no network).
+    Blur {
+        /// The Gaussian's standard deviation, in pixels.
+        sigma: Param,
+    },
+    /// A1111's `invert`: 255 minus each value (no network).
+    Invert,
 }
 
 impl Preprocessor {
     /// The network it runs, if any.
     pub fn network(self) -> Option<DetectorNetwork> {
         match self {
-            Preprocessor::None | Preprocessor::Canny { .. } | Preprocessor::LineartStandard => None,
+            Preprocessor::None
+            | Preprocessor::Canny { .. }
+            | Preprocessor::LineartStandard
+            | Preprocessor::TileResample { .. }
+            | Preprocessor::Blur { .. }
+            | Preprocessor::Invert => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
@@ -193,6 +212,9 @@ impl Preprocessor {
             (Preprocessor::LineartStandard, _) => {
                 Ok(gray_to_rgb(lineart_standard::lineart_standard(rgb)))
             }
+            (Preprocessor::TileResample { rate }, _) => image_filters::tile_resample(rgb, rate.0),
+            (Preprocessor::Blur { sigma }, _) => Ok(image_filters::blur(rgb, sigma.0)),
+            (Preprocessor::Invert, _) => Ok(image_filters::invert(rgb)),
             (Preprocessor::SoftEdge { safe_steps }, _) => match detector {
                 Some(detector) => detector.soft_edges(rgb, safe_steps),
                 None => Err(EngineError::Internal(

@@ -1,0 +1,88 @@
+//! The parameters of the preprocessors that only filter the image (tile resampling's
+//! rate, the blur's sigma): each in its range, each for its own preprocessor, and a rate
+//! that leaves the detected image a pixel.
+
+use crate::api::validate::fields::{float, Range, Violations};
+use crate::engine::preprocess::image_filters::{resampled_size, Param};
+use crate::proto::v1 as pb;
+
+/// The rates A1111's "Down Sampling Rate" slider offers.
+const RATES: Range = Range::closed(1.0, 8.0);
+/// The sigmas A1111's "Sigma" slider offers.
+const SIGMAS: Range = Range::closed(0.01, 64.0);
+/// The rate when none is sent (A1111's default: the image as it is).
+const DEFAULT_RATE: f32 = 1.0;
+/// The sigma when none is sent (A1111's default).
+const DEFAULT_SIGMA: f32 = 9.0;
+
+/// The checked filter parameters, as the client sent them (defaults where unset).
+#[derive(Debug, Clone, Copy)]
+pub struct FilterParameters {
+    /// Tile resampling's rate.
+    pub rate: Param,
+    /// The blur's sigma.
+    pub sigma: Param,
+}
+
+impl Default for FilterParameters {
+    fn default() -> Self {
+        Self {
+            rate: Param(DEFAULT_RATE),
+            sigma: Param(DEFAULT_SIGMA),
+        }
+    }
+}
+
+/// `down_sampling_rate` and `blur_sigma` (under `p`) for a preprocessor of `kind`.
+pub fn parameters(
+    p: &str,
+    kind: Option<pb::Preprocessor>,
+    params: &pb::PreprocessorParams,
+    v: &mut Violations,
+) -> FilterParameters {
+    let mut checked =
+        |name: &str, value: Option<f32>, owner: pb::Preprocessor, range: Range, default: f32| {
+            let field = format!("{p}.{name}");
+            match value {
+                None => default,
+                Some(_) if kind.is_some_and(|k| k != owner) => {
+                    v.add(field, format!("applies to {} only", owner.as_str_name()));
+                    default
+                }
+                Some(x) if float(v, &field, x, range).is_some() => x,
+                Some(_) => default,
+            }
+        };
+    FilterParameters {
+        rate: Param(checked(
+            "down_sampling_rate",
+            params.down_sampling_rate,
+            pb::Preprocessor::TileResample,
+            RATES,
+            DEFAULT_RATE,
+        )),
+        sigma: Param(checked(
+            "blur_sigma",
+            params.blur_sigma,
+            pb::Preprocessor::Blur,
+            SIGMAS,
+            DEFAULT_SIGMA,
+        )),
+    }
+}
+
+/// Tile resampling at `rate` must leave the image of `size` (as detected) a pixel each
+/// way.
+pub fn resampled_sides(p: &str, rate: Param, (w, h): (u64, u64), v: &mut Violations) {
+    let side = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
+    let (rw, rh) = resampled_size(side(w), side(h), rate.0);
+    if rw == 0 || rh == 0 {
+        v.add(
+            format!("{p}.down_sampling_rate"),
+            format!(
+                "{} would shrink the {w}x{h} image to {rw}x{rh}: a side needs at least one pixel",
+                rate.0
+            ),
+        );
+    }
+}
