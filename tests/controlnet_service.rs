@@ -287,6 +287,22 @@ async fn the_stream_reports_preprocessing_and_maps_before_images() {
     assert_eq!(maps, 2);
 }
 
+/// The Preprocess RPC's map of `image`.
+async fn preprocessed(
+    server: &TestServer,
+    image: &[u8],
+    preprocessor: pb::Preprocessor,
+    params: &pb::PreprocessorParams,
+) -> pb::PreprocessResponse {
+    let request = pb::PreprocessRequest {
+        image: image.to_vec(),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: Some(params.clone()),
+    };
+    let response = server.generation().await.preprocess(request).await;
+    response.expect("preprocess").into_inner()
+}
+
 /// A unit with the Canny preprocessor uses the map the Preprocess RPC returns: at the
 /// image's size the same bytes come back; at a detection resolution the map has that
 /// size; either way the image equals one made from that map sent as it is.
@@ -302,17 +318,7 @@ async fn canny_in_a_unit_equals_the_preprocess_rpc() {
             detect_resolution,
             ..Default::default()
         };
-        let preview = server
-            .generation()
-            .await
-            .preprocess(pb::PreprocessRequest {
-                image: photo.clone(),
-                preprocessor: pb::Preprocessor::Canny as i32,
-                preprocessor_params: Some(params.clone()),
-            })
-            .await
-            .expect("preprocess")
-            .into_inner();
+        let preview = preprocessed(&server, &photo, pb::Preprocessor::Canny, &params).await;
         let mut spec = spec_of(&case("one_unit"));
         spec.num_images = 1;
         spec.controlnets[0].image = photo.clone();
@@ -390,17 +396,7 @@ async fn tile_filters_on_a_union_model_make_its_tile_condition() {
             blur_sigma: sigma,
             ..Default::default()
         };
-        let preview = server
-            .generation()
-            .await
-            .preprocess(pb::PreprocessRequest {
-                image: photo.clone(),
-                preprocessor: preprocessor as i32,
-                preprocessor_params: Some(params.clone()),
-            })
-            .await
-            .expect("preprocess")
-            .into_inner();
+        let preview = preprocessed(&server, &photo, preprocessor, &params).await;
         let mut spec = spec_of(&case("one_unit"));
         spec.num_images = 1;
         let unit = &mut spec.controlnets[0];
