@@ -128,11 +128,7 @@ fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> V
                 }
             }
             for (value, sum) in pixel.iter_mut().zip(sums) {
-                *value = if sx == 2 && sy == 2 {
-                    ((sum + 2) >> 2) as u8
-                } else {
-                    saturate(sum as f32 * reciprocal)
-                };
+                *value = saturate(sum as f32 * reciprocal);
             }
         }
     }
