@@ -530,6 +530,14 @@ mod over_grpc {
                 None,
                 "blur_gaussian_9.0_0",
             ),
+            // The slider's least sigma, sent as a float32 (0.00999999977...).
+            (
+                "photo_160x120",
+                pb::Preprocessor::Blur,
+                None,
+                Some(0.01),
+                "blur_gaussian_0.009999999776482582_0",
+            ),
             (
                 "noise_33x17",
                 pb::Preprocessor::Blur,
@@ -589,6 +597,11 @@ mod over_grpc {
                 filter(&photo, pb::Preprocessor::Blur, sigma(0.0)),
                 "blur_sigma",
                 "0",
+            ),
+            (
+                filter(&photo, pb::Preprocessor::Blur, sigma(0.009_999)),
+                "blur_sigma",
+                "got 0.009999",
             ),
             (
                 filter(&photo, pb::Preprocessor::Blur, sigma(f32::INFINITY)),

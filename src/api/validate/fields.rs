@@ -99,10 +99,12 @@ impl Range {
 }
 
 /// A float field in `range`, as the decimal the client wrote; `None` (and a violation)
-/// when it is out of range, NaN or infinite.
+/// when it is out of range, NaN or infinite. The range holds the decimal, not the
+/// float32's binary value: 0.01 sent as a float32 (0.00999999977...) is 0.01.
 pub fn float(v: &mut Violations, field: &str, value: f32, range: Range) -> Option<f64> {
-    if range.contains(f64::from(value)) {
-        return Some(decimal(value));
+    let written = decimal(value);
+    if range.contains(written) {
+        return Some(written);
     }
     let finite = if value.is_finite() {
         ""
@@ -195,5 +197,28 @@ mod tests {
         assert!(v.0[0]
             .1
             .starts_with("`spec.eta` must be a finite number between 0 and 1"));
+    }
+
+    #[test]
+    fn bounds_hold_the_decimal_a_client_wrote() {
+        let mut v = Violations::default();
+        for (bound, above, below) in [
+            (0.01, 0.010_001_f32, 0.009_999_f32),
+            (0.1, 0.100_001, 0.099_999),
+        ] {
+            assert!(
+                f64::from(bound as f32) != bound,
+                "{bound} is exact in float32"
+            );
+            let range = Range::closed(bound, 64.0);
+            assert_eq!(float(&mut v, "x", bound as f32, range), Some(bound));
+            assert!(float(&mut v, "x", above, range).is_some());
+            assert_eq!(float(&mut v, "x", below, range), None);
+            let open = Range::open(bound, 64.0);
+            assert_eq!(float(&mut v, "x", bound as f32, open), None);
+        }
+        assert_eq!(v.0.len(), 4);
+        let next = f32::from_bits(64.0_f32.to_bits() + 1);
+        assert_eq!(float(&mut v, "x", next, Range::closed(0.01, 64.0)), None);
     }
 }
