@@ -807,3 +807,117 @@ async fn a_denoising_start_that_leaves_no_step_is_refused_before_admission() {
         .completed_or_refused_naming("spec.init_image.denoising_start", cases)
         .await;
 }
+
+/// Zero terminal SNR leaves the last training timestep no signal; DDIM, LCM and TCD
+/// divide an epsilon prediction by it there, so a run that starts at it (trailing or
+/// linspace spacing, LCM's and TCD's own schedules, a strength of 1) is refused before
+/// admission naming the option, where it used to be admitted and fail with NaN latents.
+/// Every other combination runs to its end.
+#[tokio::test]
+async fn a_run_starting_where_zero_terminal_snr_leaves_no_signal_is_refused() {
+    let server = TestServer::start(&[]).await;
+    let options = |spacing: pb::TimestepSpacing, prediction: pb::PredictionType| {
+        Some(pb::SchedulerOptions {
+            rescale_betas_zero_snr: Some(true),
+            timestep_spacing: spacing as i32,
+            prediction_type: prediction as i32,
+            ..Default::default()
+        })
+    };
+    let spec = |scheduler: pb::Scheduler, options, steps| pb::GenerationSpec {
+        steps,
+        scheduler: scheduler as i32,
+        scheduler_options: options,
+        ..quick_spec(5)
+    };
+    use pb::{PredictionType as P, TimestepSpacing as S};
+    let trailing = options(S::Trailing, P::Unspecified);
+    let refused = server
+        .refused_or_completed("DDIM trailing", spec(pb::Scheduler::Ddim, trailing, 2))
+        .await
+        .expect_err("DDIM trailing starts at 999");
+    assert_eq!(
+        refused,
+        [(
+            "spec.scheduler_options.rescale_betas_zero_snr".to_string(),
+            refused[0].1.clone()
+        )]
+    );
+    assert!(refused[0].1.contains("timestep 999"), "{refused:?}");
+    let v = options(S::Trailing, P::VPrediction);
+    let v_prediction = spec(pb::Scheduler::Ddim, v, 2);
+    assert_eq!(server.refused_or_completed("v", v_prediction).await, Ok(()));
+
+    // An image entered at strength 1 starts at 999 too; below 1 it does not.
+    let img2img = |strength| pb::GenerationSpec {
+        init_image: Some(pb::InitImage {
+            image: png(64, 64),
+            strength: Some(strength),
+            ..Default::default()
+        }),
+        ..spec(pb::Scheduler::Ddim, trailing, 4)
+    };
+    let at_one = server
+        .refused_or_completed("strength 1", img2img(1.0))
+        .await;
+    assert!(at_one.is_err(), "strength 1 runs from 999");
+    assert_eq!(
+        server.refused_or_completed("0.9", img2img(0.9)).await,
+        Ok(())
+    );
+
+    // A hires pass's own scheduler is named under spec.hires; one inheriting the first
+    // pass's options is named where they were set.
+    let hires = |scheduler: pb::Scheduler, options, strength| pb::GenerationSpec {
+        hires: Some(pb::HiresPass {
+            scale: Some(1.5),
+            steps: 2,
+            strength: Some(strength),
+            scheduler: scheduler as i32,
+            scheduler_options: options,
+            ..Default::default()
+        }),
+        ..quick_spec(6)
+    };
+    let own = hires(pb::Scheduler::Ddim, trailing, 1.0);
+    let refused = server.refused_or_completed("hires", own).await;
+    let field = refused.expect_err("hires at 1").remove(0).0;
+    assert_eq!(field, "spec.hires.scheduler_options.rescale_betas_zero_snr");
+    // (The first pass enters at 0.5, below 999; the hires pass at 1 does not.)
+    let inherited = pb::GenerationSpec {
+        scheduler: pb::Scheduler::Ddim as i32,
+        scheduler_options: trailing,
+        init_image: img2img(0.5).init_image,
+        ..hires(pb::Scheduler::Unspecified, None, 1.0)
+    };
+    let refused = server.refused_or_completed("inherited", inherited).await;
+    let field = refused.expect_err("inherited at 1").remove(0).0;
+    assert_eq!(field, "spec.scheduler_options.rescale_betas_zero_snr");
+
+    // The rule over schedulers, spacings, predictions and step counts.
+    let mut cases = Vec::new();
+    let spaced = [
+        pb::Scheduler::Ddim,
+        pb::Scheduler::Euler,
+        pb::Scheduler::Unipc,
+    ];
+    let all_spacings = [S::Unspecified, S::Leading, S::Trailing, S::Linspace];
+    let schedulers = spaced
+        .iter()
+        .flat_map(|&s| all_spacings.iter().map(move |&spacing| (s, spacing)))
+        .chain([pb::Scheduler::Lcm, pb::Scheduler::Tcd].map(|s| (s, S::Unspecified)))
+        .chain([(pb::Scheduler::DpmSolverMultistep, S::Trailing)])
+        .chain([(pb::Scheduler::EulerAncestral, S::Trailing)]);
+    for (scheduler, spacing) in schedulers {
+        for prediction in [P::Unspecified, P::Epsilon, P::VPrediction] {
+            for steps in [1, 2, 4] {
+                let what = format!("{scheduler:?} {spacing:?} {prediction:?} {steps} steps");
+                let options = options(spacing, prediction);
+                cases.push((what, spec(scheduler, options, steps)));
+            }
+        }
+    }
+    server
+        .completed_or_refused_naming("spec.scheduler_options.rescale_betas_zero_snr", cases)
+        .await;
+}

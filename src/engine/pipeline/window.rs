@@ -78,6 +78,19 @@ pub fn check_planned_window(
     window(scheduler.as_ref(), train_steps, steps, entry, denoising_end).map(|_| ())
 }
 
+/// The timestep a run under `config` first calls the UNet at; `None` where the scheduler
+/// cannot be built or the window holds no step (their own rules refuse those).
+pub fn planned_first_timestep(
+    config: &SchedulerConfig,
+    steps: usize,
+    entry: Option<Entry>,
+) -> Option<f64> {
+    let scheduler = config.build(steps).ok()?;
+    let train_steps = config.num_train_timesteps;
+    let window = window(scheduler.as_ref(), train_steps, steps, entry, None).ok()?;
+    scheduler.timesteps().get(window.start).copied()
+}
+
 /// The index of the first timestep an image-based start runs: diffusers' `get_timesteps`
 /// of the img2img and inpainting pipelines.
 fn entry_index(

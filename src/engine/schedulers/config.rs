@@ -8,10 +8,10 @@ use tch::{Kind, Tensor};
 
 use crate::engine::config_check::{read_config, CheckedConfig, ConfigCheck};
 use crate::engine::error::{EngineError, Result};
-use crate::engine::schedulers::sigmas;
 use crate::engine::schedulers::solver::{
     AlgorithmType, SolverType, SOLVER_ORDERS, UNIPC_BH2_ALIASES,
 };
+use crate::engine::schedulers::{ddim, lcm, sigmas};
 use crate::engine::schedulers::{
     BetaSchedule, FinalSigmasType, PredictionType, SchedulerKind, TimestepSpacing,
 };
@@ -311,6 +311,39 @@ impl SchedulerConfig {
     pub fn alphas_cumprod(&self) -> Result<Vec<f32>> {
         let alphas = -self.betas()? + 1.0;
         Ok(Vec::try_from(alphas.cumprod(0, Kind::Float))?)
+    }
+}
+
+impl SchedulerConfig {
+    /// The range the scheduler clamps its clean-image prediction to (`clip_sample`, whose
+    /// default differs between schedulers: `on_by_default`); `None` when it does not.
+    pub fn clip_range(&self, on_by_default: bool) -> Option<f64> {
+        self.clip_sample
+            .unwrap_or(on_by_default)
+            .then_some(self.clip_sample_range.unwrap_or(1.0))
+    }
+
+    /// Whether a step at timestep `t` leaves the clean image undefined: zero-SNR betas
+    /// make the last training timestep's `alphas_cumprod` 0, and DDIM, LCM and TCD divide
+    /// an epsilon prediction by its root there; unless the scheduler then clamps it
+    /// (`clip_sample`; TCD never does), the image comes out NaN, in diffusers too. The
+    /// sigma schedulers replace that 0 by 2^-24, and a v- or sample prediction needs no
+    /// division.
+    pub fn clean_image_undefined_at(&self, t: f64) -> bool {
+        let unclamped = match self.kind() {
+            Ok(SchedulerKind::Ddim) => self.clip_range(ddim::CLIPS_BY_DEFAULT).is_none(),
+            Ok(SchedulerKind::Lcm) => self.clip_range(lcm::CLIPS_BY_DEFAULT).is_none(),
+            Ok(SchedulerKind::Tcd) => true,
+            _ => false,
+        };
+        if !unclamped || self.prediction_type != PredictionType::Epsilon {
+            return false;
+        }
+        let Ok(alphas_cumprod) = self.alphas_cumprod() else {
+            return false;
+        };
+        let index = t.round().max(0.0) as usize;
+        alphas_cumprod.get(index).is_some_and(|&a| a == 0.0)
     }
 }
 

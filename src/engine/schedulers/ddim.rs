@@ -9,6 +9,10 @@ use crate::engine::schedulers::{
     TimestepSpacing,
 };
 
+/// Whether DDIM clamps its clean-image prediction when the config does not say (diffusers'
+/// `DDIMScheduler` default).
+pub const CLIPS_BY_DEFAULT: bool = true;
+
 /// DDIM sampling.
 pub struct Ddim {
     timesteps: Vec<f64>,
@@ -61,10 +65,7 @@ impl Ddim {
             step_ratio: train / n,
             eta: config.eta.unwrap_or(0.0),
             prediction_type: config.prediction_type,
-            clip_sample: config
-                .clip_sample
-                .unwrap_or(true)
-                .then_some(config.clip_sample_range.unwrap_or(1.0)),
+            clip_sample: config.clip_range(CLIPS_BY_DEFAULT),
         })
     }
 

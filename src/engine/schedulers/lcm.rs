@@ -11,6 +11,10 @@ use crate::engine::schedulers::{
     predict_clean_vp, NoiseSource, PredictionType, Scheduler, SchedulerConfig,
 };
 
+/// Whether LCM clamps its clean-image prediction when the config does not say (diffusers'
+/// `LCMScheduler` default).
+pub const CLIPS_BY_DEFAULT: bool = false;
+
 /// The schedule the consistency models were distilled on (`original_inference_steps`,
 /// default 50): timesteps k - 1, 2k - 1, ..., k = train // original steps.
 pub const DEFAULT_ORIGINAL_STEPS: i64 = 50;
@@ -122,10 +126,7 @@ impl Lcm {
             schedule: ConsistencySchedule::new(config, steps)?,
             timestep_scaling: config.timestep_scaling.unwrap_or(10.0) as f32,
             prediction_type: config.prediction_type,
-            clip_sample: config
-                .clip_sample
-                .unwrap_or(false)
-                .then_some(config.clip_sample_range.unwrap_or(1.0)),
+            clip_sample: config.clip_range(CLIPS_BY_DEFAULT),
         })
     }
 

@@ -544,6 +544,44 @@ mod tests {
     }
 
     #[test]
+    fn zero_terminal_snr_leaves_the_clean_image_undefined_only_where_it_divides() {
+        let with = |class: &str, clip: Option<bool>, prediction| {
+            let mut c = sdxl();
+            c.class_name = Some(class.into());
+            c.rescale_betas_zero_snr = true;
+            c.clip_sample = clip;
+            c.prediction_type = prediction;
+            c
+        };
+        let eps = PredictionType::Epsilon;
+        // DDIM clamps by default (diffusers' DDIMScheduler), LCM does not, TCD never.
+        for (class, clip, undefined) in [
+            ("DDIMScheduler", None, false),
+            ("DDIMScheduler", Some(false), true),
+            ("LCMScheduler", None, true),
+            ("LCMScheduler", Some(true), false),
+            ("TCDScheduler", Some(true), true),
+            ("EulerDiscreteScheduler", Some(false), false),
+            ("UniPCMultistepScheduler", Some(false), false),
+        ] {
+            let c = with(class, clip, eps);
+            assert_eq!(
+                c.clean_image_undefined_at(999.0),
+                undefined,
+                "{class} {clip:?}"
+            );
+            assert!(!c.clean_image_undefined_at(998.0), "{class}");
+        }
+        for prediction in [PredictionType::VPrediction, PredictionType::Sample] {
+            let c = with("TCDScheduler", None, prediction);
+            assert!(!c.clean_image_undefined_at(999.0), "{prediction:?}");
+        }
+        let mut plain = with("TCDScheduler", None, eps);
+        plain.rescale_betas_zero_snr = false;
+        assert!(!plain.clean_image_undefined_at(999.0));
+    }
+
+    #[test]
     fn leading_spacing_matches_diffusers() {
         assert_eq!(spaced_timesteps(&sdxl(), 4), vec![751.0, 501.0, 251.0, 1.0]);
     }
