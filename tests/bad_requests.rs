@@ -921,3 +921,103 @@ async fn a_run_starting_where_zero_terminal_snr_leaves_no_signal_is_refused() {
         .completed_or_refused_naming("spec.scheduler_options.rescale_betas_zero_snr", cases)
         .await;
 }
+
+/// Multistep solvers whose step coefficients divide by zero (UniPC's last step at full
+/// order onto sigma 0, a third-order step between two equal last sigmas), which makes
+/// NaN latents from any model in diffusers too, are refused before admission naming the
+/// option without which they run; over solvers, orders, final sigmas, sigma schedules
+/// and step counts every request is either refused so or runs to its end.
+#[tokio::test]
+async fn solver_schedules_that_divide_by_zero_are_refused_before_admission() {
+    let server = TestServer::start(&[]).await;
+    let spec =
+        |scheduler: pb::Scheduler, options: pb::SchedulerOptions, steps| pb::GenerationSpec {
+            steps,
+            scheduler: scheduler as i32,
+            scheduler_options: Some(options),
+            ..quick_spec(8)
+        };
+    let full_order = pb::SchedulerOptions {
+        lower_order_final: Some(false),
+        ..Default::default()
+    };
+    let third_order = pb::SchedulerOptions {
+        lower_order_final: Some(false),
+        solver_order: Some(3),
+        sigma_schedule: pb::SigmaSchedule::Karras as i32,
+        final_sigmas_type: pb::FinalSigmasType::SigmaMin as i32,
+        ..Default::default()
+    };
+    for (what, request) in [
+        ("UniPC", spec(pb::Scheduler::Unipc, full_order, 8)),
+        (
+            "DPM++ 3",
+            spec(pb::Scheduler::DpmSolverMultistep, third_order, 8),
+        ),
+    ] {
+        let refused = server.refused_or_completed(what, request).await;
+        let refused = refused.expect_err(what);
+        assert_eq!(refused.len(), 1, "{what}: {refused:?}");
+        assert_eq!(
+            refused[0].0, "spec.scheduler_options.lower_order_final",
+            "{what}"
+        );
+        assert!(refused[0].1.contains("NaN latents"), "{what}: {refused:?}");
+    }
+    // One step is first order; the same options run.
+    let one = spec(pb::Scheduler::Unipc, full_order, 1);
+    assert_eq!(server.refused_or_completed("one", one).await, Ok(()));
+
+    let (mut ran, mut refused) = (0, 0);
+    let solvers = [pb::Scheduler::Unipc, pb::Scheduler::DpmSolverMultistep];
+    for (scheduler, lower, order, karras, finals) in solver_combinations(solvers) {
+        for steps in [2, 3] {
+            let options = pb::SchedulerOptions {
+                lower_order_final: lower,
+                solver_order: order,
+                sigma_schedule: karras as i32,
+                final_sigmas_type: finals as i32,
+                ..Default::default()
+            };
+            let what = format!("{scheduler:?} {options:?} {steps} steps");
+            match server
+                .refused_or_completed(&what, spec(scheduler, options, steps))
+                .await
+            {
+                Ok(()) => ran += 1,
+                Err(fields) => {
+                    assert_eq!(fields.len(), 1, "{what}: {fields:?}");
+                    assert!(fields[0].0.starts_with("spec.scheduler_options."), "{what}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+}
+
+/// A solver, `lower_order_final`, `solver_order`, sigma schedule and final sigmas.
+type SolverCase = (
+    pb::Scheduler,
+    Option<bool>,
+    Option<u32>,
+    pb::SigmaSchedule,
+    pb::FinalSigmasType,
+);
+
+/// Every combination of the solver options the sweep above tries.
+fn solver_combinations(solvers: [pb::Scheduler; 2]) -> Vec<SolverCase> {
+    let mut all = Vec::new();
+    for scheduler in solvers {
+        for lower in [None, Some(false)] {
+            for order in [None, Some(3)] {
+                for karras in [pb::SigmaSchedule::Unspecified, pb::SigmaSchedule::Karras] {
+                    for finals in [pb::FinalSigmasType::Zero, pb::FinalSigmasType::SigmaMin] {
+                        all.push((scheduler, lower, order, karras, finals));
+                    }
+                }
+            }
+        }
+    }
+    all
+}

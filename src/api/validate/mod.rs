@@ -22,10 +22,10 @@ mod postprocess;
 mod prompt_syntax;
 
 pub use postprocess::to_upscale_spec;
+mod degenerate_schedules;
 pub mod preprocessor;
 mod refiner;
 mod sampling;
-mod terminal_snr;
 mod window;
 
 pub use adapters::MAX_LORAS;
@@ -234,11 +234,7 @@ fn check(
     let hires_pass = hires.as_ref().map(|h| &h.params);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
-    let hires_inherits = spec
-        .hires
-        .as_ref()
-        .is_some_and(|h| h.scheduler == pb::Scheduler::Unspecified as i32);
-    terminal_snr::undefined_starts(&base_run, hires_pass, hires_inherits, refiner.as_ref(), v);
+    degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);
     let denoised = hires
         .as_ref()
         .map_or(size, |h| (h.params.width as u32, h.params.height as u32));

@@ -5,6 +5,7 @@
 mod conditioning;
 mod control;
 mod denoise;
+pub mod dry_run;
 mod graphs;
 mod latents;
 mod load;
