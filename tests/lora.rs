@@ -510,7 +510,9 @@ async fn a_job_stopped_mid_run_leaves_no_adapter_applied() {
 
 /// Runs `spec` under a deadline that passes after its adapters are on (step 2 reached)
 /// and long before its end. Two loaded cores can hold the run short of step 2 for a
-/// while, so a deadline that passes first is tried again with a longer one.
+/// while, so a deadline that passes first is tried again with a longer one; the run is
+/// at 1024² (four times the work of 512², some three minutes unloaded), so that once
+/// the load lifts it cannot end before even the longest deadline.
 async fn stop_past_deadline(
     server: &common::server::TestServer,
     spec: &pb::GenerationSpec,
@@ -521,6 +523,8 @@ async fn stop_past_deadline(
         // The job a passed deadline stopped may still hold its id for a moment.
         let attempt = pb::GenerationSpec {
             client_job_id: format!("{}-{secs}", spec.client_job_id),
+            width: 1024,
+            height: 1024,
             ..spec.clone()
         };
         let mut stream = start_adapted_job(server, &attempt, Some(timeout)).await;
