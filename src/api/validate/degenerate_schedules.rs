@@ -9,8 +9,9 @@ use crate::api::validate::window::{run_config, BaseRun};
 use crate::engine::hires::{entry as hires_entry, HiresParams};
 use crate::engine::pipeline::dry_run::schedule_stays_finite;
 use crate::engine::pipeline::window::planned_first_timestep;
+use crate::engine::refiner::handoff as refiner_handoff;
 use crate::engine::registry::ModelEntry;
-use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
+use crate::engine::request::{Entry, InitImage, SchedulerOverrides};
 use crate::engine::schedulers::SchedulerConfig;
 use crate::jobs::RefinerJob;
 use crate::proto::v1 as pb;
@@ -113,12 +114,7 @@ fn runs<'a>(
     hires_inherits: bool,
     refiner: Option<&'a RefinerJob>,
 ) -> Vec<Run<'a>> {
-    let handoff = refiner.and_then(|r| match r.params.mode {
-        RefinerMode::EnsembleOfExperts {
-            high_noise_fraction,
-        } => Some(high_noise_fraction),
-        RefinerMode::Img2Img { .. } => None,
-    });
+    let handoff = refiner.and_then(|r| refiner_handoff(r.params.mode).0);
     let mut runs = vec![Run {
         prefix: "spec",
         model: base.model,
@@ -144,12 +140,7 @@ fn runs<'a>(
         });
     }
     if let Some(r) = refiner {
-        let entry = match r.params.mode {
-            RefinerMode::EnsembleOfExperts {
-                high_noise_fraction,
-            } => Entry::DenoisingStart(high_noise_fraction),
-            RefinerMode::Img2Img { strength } => Entry::Strength(strength),
-        };
+        let (_, entry) = refiner_handoff(r.params.mode);
         runs.push(Run {
             prefix: "spec.refiner",
             model: Some(&r.model),

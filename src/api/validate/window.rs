@@ -8,8 +8,9 @@
 use crate::api::validate::fields::Violations;
 use crate::engine::hires::{entry as hires_entry, HiresParams};
 use crate::engine::pipeline::window::{check_planned_window, EmptyWindow};
+use crate::engine::refiner::handoff as refiner_handoff;
 use crate::engine::registry::ModelEntry;
-use crate::engine::request::{Entry, InitImage, RefinerMode, SchedulerOverrides};
+use crate::engine::request::{Entry, InitImage, SchedulerOverrides};
 use crate::engine::schedulers::lcm::distillation_steps;
 use crate::engine::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::jobs::RefinerJob;
@@ -33,12 +34,7 @@ pub fn empty_windows(
     refiner: Option<&RefinerJob>,
     v: &mut Violations,
 ) {
-    let handoff = refiner.and_then(|r| match r.params.mode {
-        RefinerMode::EnsembleOfExperts {
-            high_noise_fraction,
-        } => Some(high_noise_fraction),
-        RefinerMode::Img2Img { .. } => None,
-    });
+    let handoff = refiner.and_then(|r| refiner_handoff(r.params.mode).0);
     let start = base.init.and_then(|i| i.denoising_start);
     let placeable = |steps: usize| steps <= base.max_steps as usize;
     // The first pass hands over unless a hires pass follows it.

@@ -304,20 +304,18 @@ fn blur_u8_passes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::preprocess::xorshift32;
 
     #[test]
     fn the_8_bit_vector_build_and_the_portable_one_agree_and_channels_stay_apart() {
-        let mut state = 0x9e37_79b9_u32;
+        let mut words = xorshift32(0x9e37_79b9);
         for (width, height, channels, sigma) in
             [(37, 11, 3, 6.0), (9, 30, 1, 0.6), (64, 5, 3, 20.0)]
         {
-            let values: Vec<u8> = (0..width * height * channels)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    (state >> 24) as u8
-                })
+            let values: Vec<u8> = words
+                .by_ref()
+                .take(width * height * channels)
+                .map(|w| (w >> 24) as u8)
                 .collect();
             let kernel: Vec<u16> = fixed_kernel(kernel_size(sigma, false), sigma)
                 .into_iter()
@@ -346,16 +344,13 @@ mod tests {
 
     #[test]
     fn the_vector_build_and_the_portable_one_agree_bit_for_bit() {
-        let mut state = 0x2545_f491_u32;
+        let mut words = xorshift32(0x2545_f491);
         for (width, height, channels, sigma) in [(37, 11, 3, 6.0), (9, 30, 1, 3.0), (64, 5, 3, 2.0)]
         {
-            let values: Vec<f32> = (0..width * height * channels)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    (state % 25_600) as f32 / 100.0
-                })
+            let values: Vec<f32> = words
+                .by_ref()
+                .take(width * height * channels)
+                .map(|w| (w % 25_600) as f32 / 100.0)
                 .collect();
             let kernel: Vec<f32> = gaussian_kernel(kernel_size(sigma, true), sigma)
                 .into_iter()

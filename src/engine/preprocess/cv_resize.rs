@@ -586,21 +586,19 @@ pub fn resize_plane_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::preprocess::xorshift32;
 
     /// 2×2 blocks at every width from one pixel up, in the portable build and the one
     /// the CPU runs, against the rounded quarter of each block's sum.
     #[test]
     fn halving_rounds_each_blocks_quarter() {
-        let mut state = 0x2545_f491_u32;
+        let mut words = xorshift32(0x2545_f491);
         for (dw, dh) in (1..=21).map(|w| (w, 1 + w % 3)) {
             let (width, height) = (2 * dw, 2 * dh);
-            let pixels: Vec<u8> = (0..width * height * CN)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    state as u8
-                })
+            let pixels: Vec<u8> = words
+                .by_ref()
+                .take(width * height * CN)
+                .map(|w| w as u8)
                 .collect();
             let source = Plane {
                 width,

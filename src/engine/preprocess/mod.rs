@@ -280,3 +280,16 @@ pub fn gray_to_rgb(gray: GrayImage) -> RgbImage {
     let rgb = gray.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
     RgbImage::from_raw(width, height, rgb).unwrap_or_else(|| RgbImage::new(width, height))
 }
+
+/// Reproducible pseudo-random words (xorshift32 from `seed`) for the filters' unit tests.
+#[cfg(test)]
+pub(crate) fn xorshift32(seed: u32) -> impl Iterator<Item = u32> {
+    std::iter::successors(Some(seed), |&state| {
+        let mut s = state;
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        Some(s)
+    })
+    .skip(1)
+}
