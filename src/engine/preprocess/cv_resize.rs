@@ -10,6 +10,8 @@
 
 use image::RgbImage;
 
+use super::cv_area_halves;
+
 /// Colour channels.
 const CN: usize = 3;
 /// Fractional bits of OpenCV's fixed-point resize coefficients.
@@ -105,7 +107,7 @@ fn saturate(value: f32) -> u8 {
 /// as the sum times the float reciprocal of the block's area, rounded.
 fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> Vec<u8> {
     if (sx, sy) == (2, 2) {
-        return area_halves(source, dw, dh);
+        return cv_area_halves::halve(source.pixels, source.width, dw, dh);
     }
     let mut out = vec![0u8; dw * dh * CN];
     let reciprocal = 1.0f32 / (sx * sy) as f32;
@@ -133,66 +135,6 @@ fn area_integer(source: &Plane, dw: usize, dh: usize, sx: usize, sy: usize) -> V
         }
     }
     out
-}
-
-/// 2×2 blocks, the common case: each the rounded quarter of its sum. The quarter is
-/// computed at every source column (one channel with its right neighbour's, four rows
-/// of contiguous bytes, which vectorise), then every other pixel's is kept.
-fn area_halves(source: &Plane, dw: usize, dh: usize) -> Vec<u8> {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has the features the function is compiled with.
-        return unsafe { area_halves_avx2(source, dw, dh) };
-    }
-    area_halves_rows(source, dw, dh)
-}
-
-/// [`area_halves_rows`] compiled with 256-bit vectors (the same results, faster).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn area_halves_avx2(source: &Plane, dw: usize, dh: usize) -> Vec<u8> {
-    area_halves_rows(source, dw, dh)
-}
-
-#[inline(always)]
-fn area_halves_rows(source: &Plane, dw: usize, dh: usize) -> Vec<u8> {
-    if dw == 0 {
-        return Vec::new();
-    }
-    let mut out = Vec::with_capacity(dw * dh * CN);
-    let span = 2 * dw * CN;
-    // One byte more than the last kept pixel's, for the four-byte copies below.
-    let mut quarters = vec![0u8; span - CN + 1];
-    let computed = span - CN;
-    for y in 0..dh {
-        // Zeroed while the row is written (in cache), not all at once beforehand.
-        out.resize((y + 1) * dw * CN, 0);
-        let target = &mut out[y * dw * CN..];
-        let (upper, lower) = (&source.row(2 * y)[..span], &source.row(2 * y + 1)[..span]);
-        let pairs = upper[..computed]
-            .iter()
-            .zip(&lower[..computed])
-            .zip(upper[CN..].iter().zip(&lower[CN..]));
-        for (quarter, ((&a, &b), (&c, &d))) in quarters[..computed].iter_mut().zip(pairs) {
-            let sum = u16::from(a) + u16::from(b) + u16::from(c) + u16::from(d);
-            *quarter = ((sum + 2) >> 2) as u8;
-        }
-        keep_even_pixels(&quarters, target);
-    }
-    out
-}
-
-/// `target`'s pixels from the even pixels of `quarters` (which holds a byte beyond its
-/// last even pixel): each copied as four bytes, the fourth overwritten by the next.
-fn keep_even_pixels(quarters: &[u8], target: &mut [u8]) {
-    let Some(last) = (target.len() / CN).checked_sub(1) else {
-        return;
-    };
-    for j in 0..last {
-        let from = 2 * j * CN;
-        target[j * CN..j * CN + 4].copy_from_slice(&quarters[from..from + 4]);
-    }
-    target[last * CN..].copy_from_slice(&quarters[2 * last * CN..2 * last * CN + CN]);
 }
 
 /// One source pixel's weight in one destination pixel (`DecimateAlpha`).
@@ -581,44 +523,4 @@ pub fn resize_plane_linear(
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::preprocess::xorshift32;
-
-    /// 2×2 blocks at every width from one pixel up, in the portable build and the one
-    /// the CPU runs, against the rounded quarter of each block's sum.
-    #[test]
-    fn halving_rounds_each_blocks_quarter() {
-        let mut words = xorshift32(0x2545_f491);
-        for (dw, dh) in (1..=21).map(|w| (w, 1 + w % 3)) {
-            let (width, height) = (2 * dw, 2 * dh);
-            let pixels: Vec<u8> = words
-                .by_ref()
-                .take(width * height * CN)
-                .map(|w| w as u8)
-                .collect();
-            let source = Plane {
-                width,
-                height,
-                pixels: &pixels,
-            };
-            let at = |x: usize, y: usize, c: usize| u16::from(pixels[(y * width + x) * CN + c]);
-            let mut expected = Vec::new();
-            for y in 0..dh {
-                for x in 0..dw {
-                    for c in 0..CN {
-                        let (x, y) = (2 * x, 2 * y);
-                        let sum =
-                            at(x, y, c) + at(x + 1, y, c) + at(x, y + 1, c) + at(x + 1, y + 1, c);
-                        expected.push(((sum + 2) >> 2) as u8);
-                    }
-                }
-            }
-            assert_eq!(area_halves_rows(&source, dw, dh), expected, "{dw}x{dh}");
-            assert_eq!(area_halves(&source, dw, dh), expected, "{dw}x{dh}");
-        }
-    }
 }

@@ -6,6 +6,7 @@ pub mod ade20k;
 pub mod anyline;
 pub mod bit;
 pub mod canny;
+mod cv_area_halves;
 pub mod cv_blur;
 pub mod cv_line;
 pub mod cv_plane;
