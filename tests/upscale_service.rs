@@ -499,3 +499,98 @@ async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
         .max();
     assert!(most <= Some(1), "blended tiles differ by {most:?}");
 }
+
+/// `request` sent with `authorization: Bearer <token>`: another caller's identity.
+fn as_caller<T>(request: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    let header = format!("Bearer {token}").parse().expect("ascii");
+    request.metadata_mut().insert("authorization", header);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_job_id_names_one_job_in_flight_per_caller() {
+    use common::server::{slow_spec, violated_fields};
+    use pb::upscale_response::Event;
+    use tokio_stream::StreamExt;
+    let (_dir, server) = server().await;
+    let compact = name_of(&server, "compact_x2").await;
+    let png =
+        std::fs::read(common::upscaler_fixtures().join("images/rgba_14x10.png")).expect("read");
+    let upscale = |id: &str| pb::UpscaleRequest {
+        image: png.clone(),
+        upscale: Some(pb::UpscaleStep {
+            model: compact.clone(),
+            ..Default::default()
+        }),
+        output: None,
+        client_job_id: id.into(),
+    };
+    let mut spec = slow_spec(1);
+    spec.client_job_id = "mine".into();
+    let mut held = server.admitted(spec).await;
+
+    // While it runs, the id is refused on either RPC, naming that request's own field,
+    // before admission: no event, no job started.
+    let mut spec = quick_spec(2);
+    spec.client_job_id = "mine".into();
+    let request = tonic::Request::new(pb::GenerateRequest { spec: Some(spec) });
+    let (events, end) = server.stream(request).await;
+    let status = end.expect_err("the id is in use");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["spec.client_job_id"]);
+    assert!(
+        status.message().contains("\"mine\""),
+        "{}",
+        status.message()
+    );
+    assert!(events.is_empty(), "{events:?}");
+    let (events, end) = upscale_call(&server, upscale("mine")).await;
+    let status = end.expect_err("the id is in use");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["client_job_id"]);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(server.metric("sdxld_jobs_started_total"), 1.0);
+
+    // Another id, and the same id of another caller, are admitted beside it (queued
+    // behind it on the one engine thread).
+    let mut client = server.generation().await;
+    let mut queued = Vec::new();
+    for request in [
+        tonic::Request::new(upscale("yours")),
+        as_caller(upscale("mine"), "someone-else"),
+    ] {
+        let mut stream = client
+            .upscale(request)
+            .await
+            .expect("admitted")
+            .into_inner();
+        let first = stream.next().await.expect("an event").expect("admitted");
+        assert!(matches!(first.event, Some(Event::Accepted(_))), "{first:?}");
+        queued.push(stream);
+    }
+
+    // Once the job has ended, the id is free again, and every place is free.
+    let cancel = pb::CancelJobRequest {
+        client_job_id: "mine".into(),
+        ..Default::default()
+    };
+    let cancelled = client.cancel_job(cancel).await.expect("cancel");
+    assert!(cancelled.into_inner().cancelled);
+    let end = loop {
+        match held.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = end.expect("a status").expect_err("cancelled");
+    assert_eq!(status.code(), Code::Cancelled);
+    for stream in queued {
+        let (_, end) = common::server::drain(Ok(tonic::Response::new(stream))).await;
+        end.expect("the queued upscale completes");
+    }
+    let (_, end) = upscale_call(&server, upscale("mine")).await;
+    end.expect("the id is free again");
+    assert_eq!(server.metric("sdxld_jobs_started_total"), 4.0);
+    assert_eq!(server.metric("sdxld_queue_depth_jobs"), 0.0);
+}

@@ -100,8 +100,20 @@ impl Generation {
             JobWork::Upscale(_) | JobWork::Preprocess(_) => Vec::new(),
         };
         let client_job_id = job.client_job_id().cloned().unwrap_or_default();
+        let client_job_id_field = match &job {
+            JobWork::Generate(_) => "spec.client_job_id",
+            JobWork::Upscale(_) | JobWork::Preprocess(_) => "client_job_id",
+        };
         let buffer = self.state.settings.jobs.stream_buffer;
-        let admitted = queue.submit(job, &owner, place, buffer)?;
+        let admitted = queue
+            .submit(job, &owner, place, buffer)
+            .map_err(|e| match e {
+                JobError::DuplicateClientJobId(id) => ApiError::invalid(
+                    client_job_id_field,
+                    &format!("{id:?} is already in use by one of your jobs in flight"),
+                ),
+                other => other.into(),
+            })?;
         let accepted = pb::JobAccepted {
             job_id: admitted.id.clone(),
             client_job_id,

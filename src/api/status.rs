@@ -283,7 +283,8 @@ fn job_status(error: JobError, message: String, retry_after: Duration) -> Status
         }
         JobError::DuplicateClientJobId(_) => {
             let mut details = ErrorDetails::new();
-            details.add_bad_request_violation("spec.client_job_id", message.clone());
+            // The admission names the request's own field; this is the fallback.
+            details.add_bad_request_violation("client_job_id", message.clone());
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
         JobError::Engine(engine) => engine_status(engine),
