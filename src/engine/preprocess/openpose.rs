@@ -8,12 +8,12 @@
 //! the weights, stored under the published flat names (`conv1_1.weight`) or the module's
 //! (`model0.conv1_1.weight`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::weights::{read_shapes, Transform, Weights};
+use crate::engine::weights::{read_shapes, Shapes, Transform, Weights};
 
 /// The layers of the shared trunk, in order (`None`: a 2×2 max pool).
 const TRUNK: [Option<&str>; 15] = [
@@ -35,14 +35,14 @@ const TRUNK: [Option<&str>; 15] = [
 ];
 
 /// A convolution with "same" padding and whether a ReLU follows it.
-struct Conv {
+pub(super) struct Conv {
     weight: Tensor,
     bias: Tensor,
     relu: bool,
 }
 
 impl Conv {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         let pad = self.weight.size()[2] / 2;
         let mut y = x.conv2d(
             &self.weight,
@@ -56,6 +56,58 @@ impl Conv {
             let _ = y.relu_();
         }
         y
+    }
+}
+
+/// The convolutions of an OpenPose state dict, by flat name (the published files' and
+/// the modules' names alike), with their shapes read from the file.
+pub(super) struct ConvFile {
+    path: PathBuf,
+    shapes: Shapes,
+    weights: Weights,
+}
+
+impl ConvFile {
+    pub(super) fn open(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let (shapes, _) = read_shapes(path)?;
+        let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &|name| {
+            vec![(flat_name(name), Transform::Identity)]
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            shapes,
+            weights,
+        })
+    }
+
+    /// The shape of the tensor of flat name `name`, if stored.
+    pub(super) fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.shapes
+            .iter()
+            .find(|(stored, _)| flat_name(stored) == name)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// The convolution `name` (its `.weight` and `.bias`), rectified or not.
+    pub(super) fn conv(&self, name: &str, relu: bool) -> Result<Conv> {
+        let weight = format!("{name}.weight");
+        let s = self
+            .shape(&weight)
+            .ok_or_else(|| EngineError::MissingTensor {
+                path: self.path.clone(),
+                name: weight.clone(),
+            })?;
+        let vp = self.weights.root();
+        Ok(Conv {
+            weight: vp.get(&weight, &s)?,
+            bias: vp.get(&format!("{name}.bias"), &s[..1])?,
+            relu,
+        })
+    }
+
+    /// Refuses a file with tensors no layer took.
+    pub(super) fn check_all_used(&self) -> Result<()> {
+        self.weights.check_all_used(|_| false)
     }
 }
 
@@ -96,28 +148,9 @@ pub struct BodyPose {
 impl BodyPose {
     /// Loads the network from its state dict at `path`.
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let (shapes, _) = read_shapes(path)?;
-        let shape = |name: &str| {
-            shapes
-                .iter()
-                .find(|(stored, _)| flat_name(stored) == name)
-                .map(|(_, s)| s.clone())
-        };
-        let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &|name| {
-            vec![(flat_name(name), Transform::Identity)]
-        })?;
-        let vp = weights.root();
-        let conv = |name: &str, relu: bool| -> Result<Conv> {
-            let s = shape(&format!("{name}.weight")).ok_or_else(|| EngineError::MissingTensor {
-                path: path.to_path_buf(),
-                name: format!("{name}.weight"),
-            })?;
-            Ok(Conv {
-                weight: vp.get(&format!("{name}.weight"), &s)?,
-                bias: vp.get(&format!("{name}.bias"), &s[..1])?,
-                relu,
-            })
-        };
+        let file = ConvFile::open(path, device, kind)?;
+        let shape = |name: &str| file.shape(name);
+        let conv = |name: &str, relu: bool| file.conv(name, relu);
         let trunk = TRUNK
             .iter()
             .map(|layer| layer.map(|name| conv(name, true)).transpose())
@@ -156,7 +189,7 @@ impl BodyPose {
             device,
             kind,
         };
-        weights.check_all_used(|_| false)?;
+        file.check_all_used()?;
         Ok(network)
     }
 

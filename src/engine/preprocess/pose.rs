@@ -2,7 +2,8 @@
 //! defaults run it: body on, hands and face off): the image (as BGR) scaled to the
 //! 368-pixel box at half scale and padded to multiples of 8 with grey, the network's
 //! maps enlarged ×8, cropped and resized back to the image with OpenCV's filters, the
-//! people decoded from them, and their skeletons drawn as `draw_bodypose` draws them.
+//! people decoded from them, and their skeletons drawn as `draw_bodypose` draws them;
+//! with `include_face`, each face's landmarks too (`pose_face`).
 
 use std::path::Path;
 
@@ -13,8 +14,12 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::preprocess::openpose::BodyPose;
+use crate::engine::preprocess::openpose_cpm::CpmNetwork;
 use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, LIMBS, PARTS};
 use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
+use crate::engine::preprocess::pose_face::{
+    draw_face, face_box, face_landmarks, normalised, FaceLandmarks,
+};
 
 /// The network's input box (pixels of the image's height) and the one scale searched.
 const BOX_SIZE: f64 = 368.0;
@@ -60,9 +65,27 @@ pub fn network_size(width: u32, height: u32) -> (usize, usize) {
     )
 }
 
-/// The OpenPose body preprocessor.
+/// Which parts of each person a pose map shows (A1111's `openpose`: the body;
+/// `openpose_face`: body and face; `openpose_faceonly`: the face).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoseParts {
+    pub body: bool,
+    pub face: bool,
+}
+
+impl PoseParts {
+    /// The body alone (controlnet_aux's default).
+    pub const BODY: PoseParts = PoseParts {
+        body: true,
+        face: false,
+    };
+}
+
+/// The OpenPose preprocessor: the body network, and the face network where faces are
+/// drawn.
 pub struct OpenPoseDetector {
     network: BodyPose,
+    face: Option<CpmNetwork>,
 }
 
 /// Sizes (width, height) along the way: the image, the scaled image, the padded input.
@@ -78,17 +101,85 @@ impl OpenPoseDetector {
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         Ok(Self {
             network: BodyPose::load(path, device, kind)?,
+            face: None,
         })
     }
 
-    /// The pose map of an RGB image at its own size: the skeletons on black.
+    /// The detector with a face network beside the body's.
+    pub fn with_face(self, face: CpmNetwork) -> Self {
+        Self {
+            face: Some(face),
+            ..self
+        }
+    }
+
+    /// The body pose map of an RGB image at its own size: the skeletons on black.
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
+        self.detect_parts(image, PoseParts::BODY)
+    }
+
+    /// The pose map of `parts` of each person found in an RGB image, at its size.
+    pub fn detect_parts(&self, image: &RgbImage, parts: PoseParts) -> Result<RgbImage> {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
         let (candidates, people) = maps.decode();
-        Ok(draw_people(&candidates, &people, maps.width, maps.height))
+        let faces = match (parts.face, &self.face) {
+            (false, _) => Vec::new(),
+            (true, Some(face)) => {
+                find_faces(image, &candidates, &people, |input| Ok(face.forward(input)))?
+            }
+            (true, None) => {
+                return Err(EngineError::Internal(
+                    "faces asked of a pose detector without a face network".into(),
+                ))
+            }
+        };
+        Ok(draw_poses(
+            &candidates,
+            &people,
+            &faces,
+            parts,
+            maps.width,
+            maps.height,
+        ))
     }
+}
+
+/// A person's 18 keypoints in image pixels (`None`: not found).
+fn keypoints(candidates: &[Candidate], person: &Person) -> Vec<Option<(f64, f64)>> {
+    person
+        .parts
+        .iter()
+        .map(|&index| {
+            (index >= 0.0)
+                .then(|| candidates.get(index as usize))
+                .flatten()
+                .map(|c| (c.x, c.y))
+        })
+        .collect()
+}
+
+/// Each person's face landmarks (`detect_face`, `face_maps` running the face network),
+/// normalised as the reference draws them: `None` where no square is found around the
+/// head or no map has a landmark.
+pub fn find_faces(
+    image: &RgbImage,
+    candidates: &[Candidate],
+    people: &[Person],
+    mut face_maps: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Option<FaceLandmarks>>> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    people
+        .iter()
+        .map(|person| {
+            let Some(square) = face_box(&keypoints(candidates, person), width, height) else {
+                return Ok(None);
+            };
+            let landmarks = face_landmarks(image, square, &mut face_maps)?;
+            Ok((!landmarks.is_empty()).then(|| normalised(&landmarks, square, width, height)))
+        })
+        .collect()
 }
 
 /// `smart_resize_k`/`smart_resize`'s choice: area averaging where the sides' sum
@@ -216,32 +307,49 @@ pub fn draw_people(
     width: usize,
     height: usize,
 ) -> RgbImage {
+    draw_poses(candidates, people, &[], PoseParts::BODY, width, height)
+}
+
+/// `draw_poses`: person by person, the skeleton (`draw_bodypose`) and the face's
+/// landmarks (`draw_facepose`, `faces` by person) of the parts asked for.
+pub fn draw_poses(
+    candidates: &[Candidate],
+    people: &[Person],
+    faces: &[Option<FaceLandmarks>],
+    parts: PoseParts,
+    width: usize,
+    height: usize,
+) -> RgbImage {
     let mut canvas = RgbImage::new(width as u32, height as u32);
-    let (w, h) = (width as f64, height as f64);
-    for person in people {
-        // Normalised and scaled back, as the reference's round trip rounds them.
-        let keypoints: Vec<Option<(f64, f64)>> = person
-            .parts
-            .iter()
-            .map(|&index| {
-                (index >= 0.0)
-                    .then(|| candidates.get(index as usize))
-                    .flatten()
-                    .map(|c| (c.x / w * w, c.y / h * h))
-            })
-            .collect();
-        for ([a, b], colour) in LIMBS.iter().take(DRAWN_LIMBS).zip(COLOURS) {
-            if let (Some(p), Some(q)) = (keypoints[a - 1], keypoints[b - 1]) {
-                draw_limb(&mut canvas, p, q, colour);
-            }
+    for (i, person) in people.iter().enumerate() {
+        if parts.body {
+            draw_body(&mut canvas, &keypoints(candidates, person));
         }
-        for (keypoint, colour) in keypoints.iter().zip(COLOURS) {
-            if let Some((x, y)) = keypoint {
-                fill_circle(&mut canvas, (*x as i32, *y as i32), JOINT_RADIUS, colour);
-            }
+        if let Some(Some(face)) = faces.get(i).filter(|_| parts.face) {
+            draw_face(&mut canvas, face);
         }
     }
     canvas
+}
+
+/// `draw_bodypose` of one person's keypoints (image pixels).
+fn draw_body(canvas: &mut RgbImage, pixels: &[Option<(f64, f64)>]) {
+    let (w, h) = (f64::from(canvas.width()), f64::from(canvas.height()));
+    // Normalised and scaled back, as the reference's round trip rounds them.
+    let keypoints: Vec<Option<(f64, f64)>> = pixels
+        .iter()
+        .map(|p| p.map(|(x, y)| (x / w * w, y / h * h)))
+        .collect();
+    for ([a, b], colour) in LIMBS.iter().take(DRAWN_LIMBS).zip(COLOURS) {
+        if let (Some(p), Some(q)) = (keypoints[a - 1], keypoints[b - 1]) {
+            draw_limb(canvas, p, q, colour);
+        }
+    }
+    for (keypoint, colour) in keypoints.iter().zip(COLOURS) {
+        if let Some((x, y)) = keypoint {
+            fill_circle(canvas, (*x as i32, *y as i32), JOINT_RADIUS, colour);
+        }
+    }
 }
 
 /// One limb: an ellipse between its joints, filled at 60 % of its colour.

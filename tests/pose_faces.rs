@@ -1,0 +1,132 @@
+//! OpenPose's face landmarks against controlnet_aux 0.0.10 (`OpenposeDetector` with
+//! `include_face`), on fixtures from `tests/fixtures/pose_face_fixtures.py`: the hand
+//! and face network on random weights in both stored layouts, the face squares
+//! `faceDetect` finds on random bodies, and the whole pipeline (crop, network input,
+//! landmarks, drawing with and without the bodies) pixel for pixel with the networks
+//! answering known maps.
+
+mod common;
+
+use common::{assert_close, detector_fixtures, read_tensors};
+use sdxld::engine::preprocess::openpose::is_body_pose;
+use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
+use sdxld::engine::preprocess::pose::{
+    draw_poses, find_faces, network_input, pose_maps, PoseParts,
+};
+use sdxld::engine::preprocess::pose_face::{face_box, FaceBox};
+use sdxld::engine::weights::read_shapes;
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn the_hand_and_face_network_equals_controlnet_aux() {
+    let root = detector_fixtures().join("openpose");
+    for (name, maps) in [("face", 71), ("hand", 22)] {
+        let path = root.join(format!("cpm_{name}.safetensors"));
+        let (shapes, _) = read_shapes(&path).expect("shapes");
+        let names = || shapes.iter().map(|(n, _)| n.as_str());
+        assert!(
+            is_cpm(names()) && !is_body_pose(names()),
+            "{name}: told apart"
+        );
+        let network = CpmNetwork::load(&path, Device::Cpu, Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(network.maps(), maps, "{name}");
+        let io = read_tensors(&root.join(format!("cpm_{name}.io.safetensors")));
+        for k in 0..2 {
+            let got = network.forward(&io[&format!("input.{k}")]);
+            assert_close(
+                &format!("{name} input {k}"),
+                &got,
+                &io[&format!("maps.{k}")],
+            );
+        }
+    }
+    let (body, _) = read_shapes(&root.join("wide.safetensors")).expect("shapes");
+    assert!(
+        !is_cpm(body.iter().map(|(n, _)| n.as_str())),
+        "a body network is not one"
+    );
+}
+
+#[test]
+fn face_squares_are_those_face_detect_finds() {
+    let io = read_tensors(&detector_fixtures().join("openpose/face_boxes.safetensors"));
+    let keypoints = Vec::<f64>::try_from(io["keypoints"].contiguous().view(-1)).expect("f64");
+    let sizes = Vec::<i64>::try_from(io["sizes"].contiguous().view(-1)).expect("i64");
+    let boxes = Vec::<i64>::try_from(io["boxes"].contiguous().view(-1)).expect("i64");
+    let mut found = 0;
+    for (k, ((points, size), want)) in keypoints
+        .chunks(36)
+        .zip(sizes.chunks(2))
+        .zip(boxes.chunks(3))
+        .enumerate()
+    {
+        let points: Vec<Option<(f64, f64)>> = points
+            .chunks(2)
+            .map(|p| (!p[0].is_nan()).then_some((p[0], p[1])))
+            .collect();
+        let got = face_box(&points, size[0] as usize, size[1] as usize);
+        let want = (want[0] >= 0).then(|| FaceBox {
+            x: want[0] as usize,
+            y: want[1] as usize,
+            side: want[2] as usize,
+        });
+        assert_eq!(got, want, "body {k}");
+        found += usize::from(got.is_some());
+    }
+    assert!(found > 50, "{found} squares found");
+}
+
+#[test]
+fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
+    let root = detector_fixtures().join("openpose");
+    for case in ["landscape", "square"] {
+        let image = image::open(root.join(format!("faces_{case}.png")))
+            .expect("image")
+            .to_rgb8();
+        let io = read_tensors(&root.join(format!("faces_{case}.safetensors")));
+        let (_, geometry) = network_input(&image).expect("input");
+        let maps = pose_maps(&io["pafs"], &io["heatmaps"], geometry).expect("maps");
+        let (candidates, people) = maps.decode();
+        // The face network answers each call with the reference's answer to it, once
+        // its input is the reference's.
+        let (inputs, answers) = (&io["inputs"], &io["maps"]);
+        let mut calls = 0;
+        let faces = find_faces(&image, &candidates, &people, |input: &Tensor| {
+            let k = calls;
+            calls += 1;
+            assert!(
+                k < inputs.size()[0] as usize,
+                "{case}: call {k} more than the reference's"
+            );
+            let want = inputs.narrow(0, k as i64, 1);
+            assert_eq!(input.size(), want.size(), "{case}: call {k}'s input size");
+            let most = (input - &want).abs().max().double_value(&[]);
+            assert_eq!(most, 0.0, "{case}: call {k}'s input");
+            Ok(answers.narrow(0, k as i64, 1))
+        })
+        .expect("faces");
+        assert_eq!(
+            calls as i64,
+            inputs.size()[0],
+            "{case}: the reference's face calls"
+        );
+        assert!(faces.iter().flatten().count() >= 2, "{case}: faces");
+        for (suffix, body) in [("face", true), ("faceonly", false)] {
+            let parts = PoseParts { body, face: true };
+            let map = draw_poses(&candidates, &people, &faces, parts, maps.width, maps.height);
+            let want = image::open(root.join(format!("faces_{case}_{suffix}_map.png")))
+                .expect("map")
+                .to_rgb8();
+            let differing = map
+                .pixels()
+                .zip(want.pixels())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(
+                differing, 0,
+                "{case} {suffix}: pixels unlike controlnet_aux's"
+            );
+        }
+    }
+}
