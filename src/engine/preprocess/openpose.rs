@@ -59,6 +59,26 @@ impl Conv {
     }
 }
 
+/// A VGG trunk's layers in order (`None`: a 2×2 max pool), as both OpenPose networks
+/// read them.
+pub(super) type Trunk = Vec<Option<Conv>>;
+
+/// Loads the trunk of `layers` (`None`: a pool), every convolution rectified.
+pub(super) fn load_trunk(file: &ConvFile, layers: &[Option<&str>]) -> Result<Trunk> {
+    layers
+        .iter()
+        .map(|layer| layer.map(|name| file.conv(name, true)).transpose())
+        .collect()
+}
+
+/// Runs `trunk` on `x`.
+pub(super) fn run_trunk(trunk: &Trunk, x: Tensor) -> Tensor {
+    trunk.iter().fold(x, |features, layer| match layer {
+        Some(conv) => conv.forward(&features),
+        None => features.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+    })
+}
+
 /// The convolutions of an OpenPose state dict, by flat name (the published files' and
 /// the modules' names alike), with their shapes read from the file.
 pub(super) struct ConvFile {
@@ -138,7 +158,7 @@ pub fn is_body_pose<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
 
 /// The body pose network.
 pub struct BodyPose {
-    trunk: Vec<Option<Conv>>,
+    trunk: Trunk,
     /// Per stage: (affinity branch, heatmap branch).
     stages: Vec<(Vec<Conv>, Vec<Conv>)>,
     device: Device,
@@ -151,10 +171,7 @@ impl BodyPose {
         let file = ConvFile::open(path, device, kind)?;
         let shape = |name: &str| file.shape(name);
         let conv = |name: &str, relu: bool| file.conv(name, relu);
-        let trunk = TRUNK
-            .iter()
-            .map(|layer| layer.map(|name| conv(name, true)).transpose())
-            .collect::<Result<Vec<_>>>()?;
+        let trunk = load_trunk(&file, &TRUNK)?;
         let stage_count = (2..)
             .take_while(|s| shape(&format!("Mconv1_stage{s}_L1.weight")).is_some())
             .count()
@@ -198,13 +215,10 @@ impl BodyPose {
     /// (value / 256 - 0.5).
     pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
         let _no_grad = tch::no_grad_guard();
-        let mut features = pixels.to_device(self.device).to_kind(self.kind);
-        for layer in &self.trunk {
-            features = match layer {
-                Some(conv) => conv.forward(&features),
-                None => features.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-            };
-        }
+        let features = run_trunk(
+            &self.trunk,
+            pixels.to_device(self.device).to_kind(self.kind),
+        );
         let run = |branch: &[Conv], x: &Tensor| {
             branch.iter().fold(x.shallow_clone(), |h, c| c.forward(&h))
         };

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::openpose::{Conv, ConvFile};
+use super::openpose::{load_trunk, run_trunk, Conv, ConvFile, Trunk};
 use crate::engine::error::Result;
 
 /// The layers of the shared trunk, in order (`None`: a 2×2 max pool).
@@ -48,7 +48,7 @@ pub fn is_cpm<'a>(names: impl Iterator<Item = &'a str>) -> bool {
 
 /// The hand or face network.
 pub struct CpmNetwork {
-    trunk: Vec<Option<Conv>>,
+    trunk: Trunk,
     stages: Vec<Vec<Conv>>,
     maps: i64,
     device: Device,
@@ -59,10 +59,7 @@ impl CpmNetwork {
     /// Loads the network from its state dict at `path`.
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         let file = ConvFile::open(path, device, kind)?;
-        let trunk = TRUNK
-            .iter()
-            .map(|layer| layer.map(|name| file.conv(name, true)).transpose())
-            .collect::<Result<Vec<_>>>()?;
+        let trunk = load_trunk(&file, &TRUNK)?;
         let mut stages = vec![vec![
             file.conv("conv6_1_CPM", true)?,
             file.conv("conv6_2_CPM", false)?,
@@ -94,13 +91,10 @@ impl CpmNetwork {
     /// as the reference scales them (value / 256 - 0.5).
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();
-        let mut features = pixels.to_device(self.device).to_kind(self.kind);
-        for layer in &self.trunk {
-            features = match layer {
-                Some(conv) => conv.forward(&features),
-                None => features.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-            };
-        }
+        let features = run_trunk(
+            &self.trunk,
+            pixels.to_device(self.device).to_kind(self.kind),
+        );
         let mut input = features.shallow_clone();
         let mut out = features.shallow_clone();
         for stage in &self.stages {
