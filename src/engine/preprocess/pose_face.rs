@@ -38,9 +38,10 @@ pub struct FaceBox {
 }
 
 /// `faceDetect`: the square around a person's head, from the nose and whichever eyes and
-/// ears were found (pixel positions), or `None` without a nose, without all four, or when
-/// the square is under 20 pixels. The reference clips the side where the square's centre
-/// half passes the image's edge, so a crop may still be cut by the edge.
+/// ears were found (pixel positions), or `None` without a nose, without any eye or ear,
+/// or when the square is under 20 pixels. The reference shortens the side only where the
+/// square's first half already passes the image's edge, so a crop may still be cut by
+/// the edge.
 pub fn face_box(keypoints: &[Option<(f64, f64)>], width: usize, height: usize) -> Option<FaceBox> {
     let (x0, y0) = keypoints.get(NOSE).copied().flatten()?;
     let parts: Vec<((f64, f64), f64)> = FACE_PARTS
