@@ -174,22 +174,69 @@ pub(super) fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Ove
     table
 }
 
-/// One source row weighted along x into `buffer` (`ResizeArea_Invoker`'s row sums).
-fn weight_row(row: &[u8], xs: &[Overlap], buffer: &mut [f32]) {
-    buffer.fill(0.0);
-    for x in xs {
-        let source = &row[x.source * CN..][..CN];
-        let target = &mut buffer[x.destination * CN..][..CN];
-        for (t, &v) in target.iter_mut().zip(source) {
-            *t += f32::from(v) * x.weight;
+/// The horizontal overlaps regrouped by destination pixel: each one's source pixels
+/// and weights in the table's order, padded to the same count with zero weights (on its
+/// first source pixel), which leave a sum of non-negative terms as it is.
+struct RowTaps {
+    per_pixel: usize,
+    sources: Vec<usize>,
+    weights: Vec<f32>,
+}
+
+impl RowTaps {
+    fn of(xs: &[Overlap], destinations: usize) -> Self {
+        let mut counts = vec![0usize; destinations];
+        for x in xs {
+            counts[x.destination] += 1;
         }
+        let per_pixel = counts.iter().copied().max().unwrap_or(0);
+        let mut sources = vec![usize::MAX; destinations * per_pixel];
+        let mut weights = vec![0f32; destinations * per_pixel];
+        let mut filled = vec![0usize; destinations];
+        for x in xs {
+            let at = x.destination * per_pixel + filled[x.destination];
+            sources[at] = x.source;
+            weights[at] = x.weight;
+            filled[x.destination] += 1;
+        }
+        for (pixel, taps) in sources.chunks_mut(per_pixel.max(1)).enumerate() {
+            let first = if filled[pixel] > 0 { taps[0] } else { 0 };
+            taps.iter_mut()
+                .filter(|s| **s == usize::MAX)
+                .for_each(|s| *s = first);
+        }
+        Self {
+            per_pixel,
+            sources,
+            weights,
+        }
+    }
+}
+
+/// One source row weighted along x into `buffer` (`ResizeArea_Invoker`'s row sums:
+/// each destination's terms added in the table's order, here in registers).
+fn weight_row(row: &[u8], taps: &RowTaps, buffer: &mut [f32]) {
+    let n = taps.per_pixel.max(1);
+    let pixels = buffer.chunks_exact_mut(CN);
+    for ((target, sources), weights) in pixels
+        .zip(taps.sources.chunks_exact(n))
+        .zip(taps.weights.chunks_exact(n))
+    {
+        let mut sum = [0f32; CN];
+        for (&source, &weight) in sources.iter().zip(weights) {
+            let pixel = &row[source * CN..][..CN];
+            for (s, &v) in sum.iter_mut().zip(pixel) {
+                *s += f32::from(v) * weight;
+            }
+        }
+        target.copy_from_slice(&sum);
     }
 }
 
 /// Non-integer shrinking (`ResizeArea_Invoker`): each source row weighted along x into a
 /// float buffer, the buffers weighted along y, both in OpenCV's order of float sums.
 fn area_weighted(source: &Plane, dw: usize, dh: usize, sx: f64, sy: f64) -> Vec<u8> {
-    let xs = overlaps(source.width, dw, sx);
+    let xs = RowTaps::of(&overlaps(source.width, dw, sx), dw);
     let ys = overlaps(source.height, dh, sy);
     let width = dw * CN;
     let mut out = vec![0u8; width * dh];
