@@ -174,9 +174,10 @@ pub(super) fn overlaps(source: usize, destination: usize, scale: f64) -> Vec<Ove
     table
 }
 
-/// The horizontal overlaps regrouped by destination pixel: each one's source pixels
-/// and weights in the table's order, padded to the same count with zero weights (on its
-/// first source pixel), which leave a sum of non-negative terms as it is.
+/// The horizontal overlaps regrouped by destination pixel (the table lists them in
+/// destination order): each one's source pixels and weights in the table's order,
+/// padded to the same count with zero weights (on source pixel 0), which leave a sum of
+/// non-negative terms as it is.
 struct RowTaps {
     per_pixel: usize,
     sources: Vec<usize>,
@@ -185,25 +186,16 @@ struct RowTaps {
 
 impl RowTaps {
     fn of(xs: &[Overlap], destinations: usize) -> Self {
-        let mut counts = vec![0usize; destinations];
-        for x in xs {
-            counts[x.destination] += 1;
-        }
-        let per_pixel = counts.iter().copied().max().unwrap_or(0);
-        let mut sources = vec![usize::MAX; destinations * per_pixel];
+        let groups: Vec<&[Overlap]> = xs.chunk_by(|a, b| a.destination == b.destination).collect();
+        let per_pixel = groups.iter().map(|g| g.len()).max().unwrap_or(0);
+        let mut sources = vec![0usize; destinations * per_pixel];
         let mut weights = vec![0f32; destinations * per_pixel];
-        let mut filled = vec![0usize; destinations];
-        for x in xs {
-            let at = x.destination * per_pixel + filled[x.destination];
-            sources[at] = x.source;
-            weights[at] = x.weight;
-            filled[x.destination] += 1;
-        }
-        for (pixel, taps) in sources.chunks_mut(per_pixel.max(1)).enumerate() {
-            let first = if filled[pixel] > 0 { taps[0] } else { 0 };
-            taps.iter_mut()
-                .filter(|s| **s == usize::MAX)
-                .for_each(|s| *s = first);
+        for group in groups {
+            let at = group[0].destination * per_pixel;
+            for (k, x) in group.iter().enumerate() {
+                sources[at + k] = x.source;
+                weights[at + k] = x.weight;
+            }
         }
         Self {
             per_pixel,

@@ -10,9 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
+use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::weights::{read_shapes, Shapes, Transform, Weights};
 
 /// The layers of the shared trunk, in order (`None`: a 2×2 max pool).
@@ -57,6 +59,39 @@ impl Conv {
         }
         y
     }
+}
+
+/// `smart_resize_k`/`smart_resize`'s choice: area averaging where the sides' sum
+/// shrinks, Lanczos4 otherwise.
+pub(super) fn shrinks(from: (usize, usize), to: (usize, usize)) -> bool {
+    ((to.0 + to.1) as f64) / ((from.0 + from.1) as f64) < 1.0
+}
+
+/// controlnet_aux's `smart_resize` of an 8-bit image to `to` (the filter [`shrinks`]
+/// picks), the image itself at its own size (as `cv2.resize` copies it).
+pub(super) fn smart_resize(image: &RgbImage, to: (usize, usize)) -> RgbImage {
+    let from = (image.width() as usize, image.height() as usize);
+    if from == to {
+        return image.clone();
+    }
+    let interpolation = if shrinks(from, to) {
+        Interpolation::Area
+    } else {
+        Interpolation::Lanczos4
+    };
+    resize(image, to.0 as u32, to.1 as u32, interpolation)
+}
+
+/// An OpenPose network's input [1, 3, h, w] for the `(w, h)` plane: the image's BGR
+/// values / 256 - 0.5 at its top left, `pad` beyond it.
+pub(super) fn bgr_input(image: &RgbImage, (pw, ph): (usize, usize), pad: u8) -> Tensor {
+    let mut values = vec![f32::from(pad) / 256.0 - 0.5; 3 * pw * ph];
+    for (x, y, pixel) in image.enumerate_pixels() {
+        for (c, value) in pixel.0.iter().rev().enumerate() {
+            values[(c * ph + y as usize) * pw + x as usize] = f32::from(*value) / 256.0 - 0.5;
+        }
+    }
+    Tensor::from_slice(&values).view([1, 3, ph as i64, pw as i64])
 }
 
 /// A VGG trunk's layers in order (`None`: a 2×2 max pool), as both OpenPose networks
@@ -169,11 +204,9 @@ impl BodyPose {
     /// Loads the network from its state dict at `path`.
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         let file = ConvFile::open(path, device, kind)?;
-        let shape = |name: &str| file.shape(name);
-        let conv = |name: &str, relu: bool| file.conv(name, relu);
         let trunk = load_trunk(&file, &TRUNK)?;
         let stage_count = (2..)
-            .take_while(|s| shape(&format!("Mconv1_stage{s}_L1.weight")).is_some())
+            .take_while(|s| file.shape(&format!("Mconv1_stage{s}_L1.weight")).is_some())
             .count()
             + 1;
         let mut stages = Vec::with_capacity(stage_count);
@@ -194,7 +227,7 @@ impl BodyPose {
                         // The reference rectifies every output but the branches' last, and
                         // lists the final stage's affinity layer twice instead of its heatmap.
                         let final_heatmap = stage == stage_count && l == 2;
-                        conv(name, i != last || final_heatmap)
+                        file.conv(name, i != last || final_heatmap)
                     })
                     .collect()
             };

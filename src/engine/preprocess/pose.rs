@@ -12,8 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
-use crate::engine::preprocess::cv_resize::{resize, Interpolation};
-use crate::engine::preprocess::openpose::BodyPose;
+use crate::engine::preprocess::openpose::{bgr_input, shrinks, smart_resize, BodyPose};
 use crate::engine::preprocess::openpose_cpm::CpmNetwork;
 use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, LIMBS, PARTS};
 use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
@@ -182,12 +181,6 @@ pub fn find_faces(
         .collect()
 }
 
-/// `smart_resize_k`/`smart_resize`'s choice: area averaging where the sides' sum
-/// shrinks, Lanczos4 otherwise.
-fn shrinks(from: (usize, usize), to: (usize, usize)) -> bool {
-    ((to.0 + to.1) as f64) / ((from.0 + from.1) as f64) < 1.0
-}
-
 /// The network's input [1, 3, h, w] (BGR, value / 256 - 0.5) and the sizes it came from.
 pub fn network_input(image: &RgbImage) -> Result<(Tensor, PoseGeometry)> {
     let (width, height) = (image.width() as usize, image.height() as usize);
@@ -198,28 +191,12 @@ pub fn network_input(image: &RgbImage) -> Result<(Tensor, PoseGeometry)> {
             scaled.0, scaled.1
         )));
     }
-    let interpolation = if shrinks((width, height), scaled) {
-        Interpolation::Area
-    } else {
-        Interpolation::Lanczos4
-    };
-    let resized = if scaled == (width, height) {
-        image.clone()
-    } else {
-        resize(image, scaled.0 as u32, scaled.1 as u32, interpolation)
-    };
+    let resized = smart_resize(image, scaled);
     let padded = (
         scaled.0.div_ceil(STRIDE) * STRIDE,
         scaled.1.div_ceil(STRIDE) * STRIDE,
     );
-    let (pw, ph) = padded;
-    let mut values = vec![f32::from(PAD_VALUE) / 256.0 - 0.5; 3 * pw * ph];
-    for (x, y, pixel) in resized.enumerate_pixels() {
-        for (c, value) in pixel.0.iter().rev().enumerate() {
-            values[(c * ph + y as usize) * pw + x as usize] = f32::from(*value) / 256.0 - 0.5;
-        }
-    }
-    let tensor = Tensor::from_slice(&values).view([1, 3, ph as i64, pw as i64]);
+    let tensor = bgr_input(&resized, padded, PAD_VALUE);
     let geometry = PoseGeometry {
         image: (width, height),
         scaled,

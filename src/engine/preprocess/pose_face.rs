@@ -8,7 +8,7 @@ use image::RgbImage;
 use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::preprocess::cv_resize::{resize, Interpolation};
+use crate::engine::preprocess::openpose::{bgr_input, smart_resize};
 use crate::engine::preprocess::pose_draw::fill_circle;
 
 /// The side of the face network's square input.
@@ -129,23 +129,8 @@ fn strongest_above(map: &[f32], threshold: f32) -> Option<usize> {
 /// The crop as the face network takes it: scaled to 384² (area averaging where its
 /// sides' sum shrinks, Lanczos4 otherwise), BGR, value / 256 - 0.5, [1, 3, 384, 384].
 pub fn network_input(crop: &RgbImage) -> Tensor {
-    let (width, height) = (crop.width() as usize, crop.height() as usize);
-    let side = INPUT_SIDE as u32;
-    let scaled = if (width, height) == (INPUT_SIDE, INPUT_SIDE) {
-        crop.clone()
-    } else if (2 * INPUT_SIDE) < width + height {
-        resize(crop, side, side, Interpolation::Area)
-    } else {
-        resize(crop, side, side, Interpolation::Lanczos4)
-    };
-    let plane = INPUT_SIDE * INPUT_SIDE;
-    let mut values = vec![0f32; 3 * plane];
-    for (i, pixel) in scaled.pixels().enumerate() {
-        for (c, value) in pixel.0.iter().rev().enumerate() {
-            values[c * plane + i] = f32::from(*value) / 256.0 - 0.5;
-        }
-    }
-    Tensor::from_slice(&values).view([1, 3, INPUT_SIDE as i64, INPUT_SIDE as i64])
+    let square = (INPUT_SIDE, INPUT_SIDE);
+    bgr_input(&smart_resize(crop, square), square, 0)
 }
 
 /// A face's landmarks as the reference hands them to `draw_facepose`: image pixels
