@@ -188,6 +188,9 @@ pub struct PreprocessingSettings {
     pub segmentation_model: String,
     /// The OpenPose body network's model name; "" for none.
     pub openpose_model: String,
+    /// The OpenPose face network's model name (faces drawn beside or without the
+    /// bodies); "" for none.
+    pub openpose_face_model: String,
     /// The NormalBAE network's model name; "" for none.
     pub normal_model: String,
     /// The M-LSD network's model name; "" for none.
@@ -217,13 +220,17 @@ impl PreprocessingSettings {
                 ("preprocessing.segmentation_model", &self.segmentation_model)
             }
             DetectorNetwork::OpenPose => ("preprocessing.openpose_model", &self.openpose_model),
+            DetectorNetwork::FaceNet => (
+                "preprocessing.openpose_face_model",
+                &self.openpose_face_model,
+            ),
             DetectorNetwork::NormalBae => ("preprocessing.normal_model", &self.normal_model),
             DetectorNetwork::Mlsd => ("preprocessing.mlsd_model", &self.mlsd_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 9] {
+    fn all(&self) -> [(&'static str, &str); 10] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -231,6 +238,7 @@ impl PreprocessingSettings {
             DetectorNetwork::Hed,
             DetectorNetwork::UperNet,
             DetectorNetwork::OpenPose,
+            DetectorNetwork::FaceNet,
             DetectorNetwork::NormalBae,
             DetectorNetwork::Mlsd,
             DetectorNetwork::Teed,

@@ -14,7 +14,7 @@ use common::server::violated_fields;
 use common::{detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::anyline::{remove_small_groups, LEAST_LINE_PIXELS};
 use sdxld::engine::preprocess::detector::Detector;
-use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 use sdxld::proto::v1 as pb;
 use tch::{Device, Kind};
 use tonic_types::StatusExt;
@@ -73,7 +73,9 @@ fn anyline_maps_equal_anyline_detector() {
             preprocessor: Preprocessor::Anyline,
             detect_resolution: (resolution > 0).then_some(resolution),
         };
-        let map = preprocessing.run(&image, Some(&detector)).expect("map");
+        let map = preprocessing
+            .run(&image, Networks::detector(Some(&detector)))
+            .expect("map");
         let got = image::DynamicImage::ImageRgb8(map).to_luma8();
         let what = format!("{model} {name} at {resolution}");
         assert_nearly_equal(&what, &got, &reference(model, name, resolution));

@@ -9,13 +9,12 @@ mod common;
 
 use std::path::Path;
 
-use common::server::{violated_fields, TestServer};
+use common::server::{error_reason, violated_fields, TestServer};
 use common::{
     assert_images_match, controlnet_fixtures, decoded_image, detector_fixtures, fixtures,
 };
 use sdxld::proto::v1 as pb;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 /// A folder of detectors under the names the config defaults use (`sk_model`, `netG`,
 /// `ControlNetHED`, the depth repository), an anime U-Net under another name, and a
@@ -73,38 +72,11 @@ const SEGMENT_MODEL: &str = "openmmlab/upernet-convnext-small";
 
 /// A ControlNet root with the tiny2 ControlNet and union model.
 fn controlnet_root() -> tempfile::TempDir {
-    let root = tempfile::tempdir().expect("tempdir");
-    for (from, name) in [("tiny2/from_unet", "lines_xl"), ("tiny2/union", "union_xl")] {
-        let to = root.path().join(name);
-        std::fs::create_dir_all(&to).expect("mkdir");
-        for entry in std::fs::read_dir(controlnet_fixtures().join(from))
-            .expect("dir")
-            .flatten()
-        {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
-        }
-    }
-    root
+    common::controlnet_root(&[("tiny2/from_unet", "lines_xl"), ("tiny2/union", "union_xl")])
 }
 
 async fn server(detectors: &Path, controlnets: &Path, extra: &[(&str, &str)]) -> TestServer {
-    let pipeline = fixtures().join("tiny2/pipeline");
-    let mut env = vec![
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipeline.to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__PREPROCESSOR_ROOTS",
-            detectors.to_str().expect("utf-8"),
-        ),
-        (
-            "SDXLD__MODELS__CONTROLNET_ROOTS",
-            controlnets.to_str().expect("utf-8"),
-        ),
-    ];
-    env.extend_from_slice(extra);
-    TestServer::start(&env).await
+    TestServer::with_detectors(detectors, controlnets, extra).await
 }
 
 fn photo() -> Vec<u8> {
@@ -121,17 +93,6 @@ fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest
             ..Default::default()
         }),
     }
-}
-
-async fn preprocess(
-    server: &TestServer,
-    request: pb::PreprocessRequest,
-) -> Result<pb::PreprocessResponse, tonic::Status> {
-    let mut client = server.generation().await;
-    client
-        .preprocess(request)
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 /// Asserts that an 8-bit map is the reference's within one level on at most one pixel
@@ -167,7 +128,8 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
     let fixtures = detector_fixtures();
     let lineart = fixtures.join("controlnet/lineart_map.png");
     for model in ["", "sk_model"] {
-        let map = preprocess(&server, request(pb::Preprocessor::Lineart, model))
+        let map = server
+            .preprocess(request(pb::Preprocessor::Lineart, model))
             .await
             .unwrap_or_else(|e| panic!("lineart {model:?}: {e}"));
         assert_eq!((map.width, map.height), (64, 64));
@@ -175,12 +137,14 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
     }
     let anime = fixtures.join("controlnet/lineart_anime_map.png");
     for model in ["", "anime"] {
-        let map = preprocess(&server, request(pb::Preprocessor::LineartAnime, model))
+        let map = server
+            .preprocess(request(pb::Preprocessor::LineartAnime, model))
             .await
             .unwrap_or_else(|e| panic!("anime {model:?}: {e}"));
         assert_map("anime", &map.control_map, &anime);
     }
-    let map = preprocess(&server, request(pb::Preprocessor::Depth, ""))
+    let map = server
+        .preprocess(request(pb::Preprocessor::Depth, ""))
         .await
         .unwrap_or_else(|e| panic!("depth: {e}"));
     assert_map(
@@ -193,12 +157,14 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         ("Intel/dpt-large", "dpt/project_map.png"),
         ("Intel/dpt-hybrid-midas", "dpt/hybrid_map.png"),
     ] {
-        let map = preprocess(&server, request(pb::Preprocessor::Depth, name))
+        let map = server
+            .preprocess(request(pb::Preprocessor::Depth, name))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_map(name, &map.control_map, &fixtures.join(map_file));
     }
-    let map = preprocess(&server, request(pb::Preprocessor::Softedge, ""))
+    let map = server
+        .preprocess(request(pb::Preprocessor::Softedge, ""))
         .await
         .unwrap_or_else(|e| panic!("softedge: {e}"));
     assert_map(
@@ -206,7 +172,8 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         &map.control_map,
         &fixtures.join("hed/narrow_map.png"),
     );
-    let map = preprocess(&server, request(pb::Preprocessor::Segmentation, ""))
+    let map = server
+        .preprocess(request(pb::Preprocessor::Segmentation, ""))
         .await
         .unwrap_or_else(|e| panic!("segmentation: {e}"));
     assert_map(
@@ -214,7 +181,8 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         &map.control_map,
         &fixtures.join("segment/small_map.png"),
     );
-    let map = preprocess(&server, request(pb::Preprocessor::Openpose, ""))
+    let map = server
+        .preprocess(request(pb::Preprocessor::Openpose, ""))
         .await
         .unwrap_or_else(|e| panic!("openpose: {e}"));
     assert_eq!(
@@ -226,7 +194,8 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
             .to_rgb8(),
         "the random network's skeletons, pixel for pixel"
     );
-    let map = preprocess(&server, request(pb::Preprocessor::Normal, ""))
+    let map = server
+        .preprocess(request(pb::Preprocessor::Normal, ""))
         .await
         .unwrap_or_else(|e| panic!("normal: {e}"));
     assert_map(
@@ -459,23 +428,18 @@ fn unit_spec(model: &str, preprocessor: pb::Preprocessor, detector: &str) -> pb:
     }
 }
 
-/// The ErrorInfo reason and metadata of a status.
-fn reason(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
-    let info = status.get_details_error_info().expect("ErrorInfo");
-    (info.reason, info.metadata)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
     let (detectors, controlnets) = (detector_root(), controlnet_root());
     let empty = tempfile::tempdir().expect("tempdir");
     // No detectors at all: the defaults are missing.
     let bare = server(empty.path(), controlnets.path(), &[]).await;
-    let status = preprocess(&bare, request(pb::Preprocessor::Lineart, ""))
+    let status = bare
+        .preprocess(request(pb::Preprocessor::Lineart, ""))
         .await
         .expect_err("no detector");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    let (why, metadata) = reason(&status);
+    let (why, metadata) = error_reason(&status);
     assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
     assert_eq!(metadata["config_key"], "preprocessing.lineart_model");
     assert_eq!(metadata["expected_file"], "sk_model.safetensors");
@@ -498,9 +462,9 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         ..Default::default()
     };
     let status = bare.images(unit_spec).await.expect_err("no detector");
-    assert_eq!(reason(&status).0, "PREPROCESSOR_MODEL_MISSING");
+    assert_eq!(error_reason(&status).0, "PREPROCESSOR_MODEL_MISSING");
     assert_eq!(
-        reason(&status).1["config_key"],
+        error_reason(&status).1["config_key"],
         "preprocessing.lineart_anime_model"
     );
     let support = bare.capabilities().await.preprocessor_support;
@@ -509,10 +473,11 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         .find(|s| s.preprocessor == pb::Preprocessor::Lineart as i32)
         .expect("lineart listed");
     assert!(!lineart.ready && lineart.config_key == "preprocessing.lineart_model");
-    let status = preprocess(&bare, request(pb::Preprocessor::Depth, ""))
+    let status = bare
+        .preprocess(request(pb::Preprocessor::Depth, ""))
         .await
         .expect_err("no depth model");
-    let (why, metadata) = reason(&status);
+    let (why, metadata) = error_reason(&status);
     assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
     assert_eq!(metadata["config_key"], "preprocessing.depth_model");
     assert!(
@@ -533,22 +498,25 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
         &[("SDXLD__PREPROCESSING__LINEART_MODEL", "anime")],
     )
     .await;
-    let status = preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+    let status = server
+        .preprocess(request(pb::Preprocessor::Lineart, ""))
         .await
         .expect_err("wrong default");
     assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(reason(&status).0, "PREPROCESSOR_MODEL_MISMATCH");
+    assert_eq!(error_reason(&status).0, "PREPROCESSOR_MODEL_MISMATCH");
     assert!(
         status.message().contains("lineart_anime"),
         "{}",
         status.message()
     );
-    let status = preprocess(&server, request(pb::Preprocessor::LineartAnime, "sk_model"))
+    let status = server
+        .preprocess(request(pb::Preprocessor::LineartAnime, "sk_model"))
         .await
         .expect_err("wrong file");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["preprocessor_params.model"]);
-    let status = preprocess(&server, request(pb::Preprocessor::Lineart, "broken"))
+    let status = server
+        .preprocess(request(pb::Preprocessor::Lineart, "broken"))
         .await
         .expect_err("broken file");
     assert_eq!(status.code(), Code::FailedPrecondition);
@@ -559,11 +527,13 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
             .contains(&*detectors.path().to_string_lossy()),
         "no server path"
     );
-    let status = preprocess(&server, request(pb::Preprocessor::Lineart, "nowhere"))
+    let status = server
+        .preprocess(request(pb::Preprocessor::Lineart, "nowhere"))
         .await
         .expect_err("unknown");
     assert_eq!(status.code(), Code::NotFound);
-    let status = preprocess(&server, request(pb::Preprocessor::Canny, "sk_model"))
+    let status = server
+        .preprocess(request(pb::Preprocessor::Canny, "sk_model"))
         .await
         .expect_err("canny runs no network");
     assert_eq!(violated_fields(&status), ["preprocessor_params.model"]);
@@ -575,7 +545,8 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
     if let Some(params) = normal.preprocessor_params.as_mut() {
         params.detect_resolution = 0;
     }
-    let status = preprocess(&server, normal.clone())
+    let status = server
+        .preprocess(normal.clone())
         .await
         .expect_err("odd sides");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -586,10 +557,11 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
     if let Some(params) = normal.preprocessor_params.as_mut() {
         params.detect_resolution = 64;
     }
-    let map = preprocess(&server, normal).await.expect("normals at 64");
+    let map = server.preprocess(normal).await.expect("normals at 64");
     assert_eq!((map.width, map.height), (64, 64));
     // The server serves on, the anime default included.
-    preprocess(&server, request(pb::Preprocessor::LineartAnime, ""))
+    server
+        .preprocess(request(pb::Preprocessor::LineartAnime, ""))
         .await
         .expect("the anime default");
     server
@@ -662,18 +634,19 @@ async fn detector_activations_count_against_the_memory_budget() {
         ("SDXLD__ENGINE__MEMORY_BUDGET_BYTES", &budget),
     ])
     .await;
-    preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+    server
+        .preprocess(request(pb::Preprocessor::Lineart, ""))
         .await
         .expect("a 64x64 map fits");
     let mut large = request(pb::Preprocessor::Lineart, "");
     if let Some(params) = large.preprocessor_params.as_mut() {
         params.detect_resolution = 1024;
     }
-    let Err(status) = preprocess(&server, large).await else {
+    let Err(status) = server.preprocess(large).await else {
         panic!("a 1024x1024 detection ran within a budget that cannot hold it");
     };
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert_eq!(reason(&status).0, "MEMORY_BUDGET");
+    assert_eq!(error_reason(&status).0, "MEMORY_BUDGET");
     // OpenPose scales an image to a height of 184 for its network: a 512×16 strip makes
     // a 5888×184 input, over this budget; a 4096×8 one a 94208×184 input, more pixels
     // than any image may have, which validation refuses.
@@ -689,11 +662,11 @@ async fn detector_activations_count_against_the_memory_budget() {
         }
         pose
     };
-    let Err(status) = preprocess(&server, strip(512, 16)).await else {
+    let Err(status) = server.preprocess(strip(512, 16)).await else {
         panic!("a 5888x184 pose network input ran within the budget");
     };
-    assert_eq!(reason(&status).0, "MEMORY_BUDGET", "{status:?}");
-    let Err(status) = preprocess(&server, strip(4096, 8)).await else {
+    assert_eq!(error_reason(&status).0, "MEMORY_BUDGET", "{status:?}");
+    let Err(status) = server.preprocess(strip(4096, 8)).await else {
         panic!("a 94208x184 pose network input was admitted");
     };
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -702,7 +675,7 @@ async fn detector_activations_count_against_the_memory_budget() {
         ["preprocessor_params.detect_resolution"]
     );
     // A 1x400 strip scales to less than a pixel's width: refused the same way.
-    let Err(status) = preprocess(&server, strip(1, 400)).await else {
+    let Err(status) = server.preprocess(strip(1, 400)).await else {
         panic!("a pose network input no pixel wide was admitted");
     };
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -710,7 +683,8 @@ async fn detector_activations_count_against_the_memory_budget() {
         violated_fields(&status),
         ["preprocessor_params.detect_resolution"]
     );
-    preprocess(&server, request(pb::Preprocessor::Lineart, ""))
+    server
+        .preprocess(request(pb::Preprocessor::Lineart, ""))
         .await
         .expect("the server serves on");
 }

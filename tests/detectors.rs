@@ -273,7 +273,7 @@ fn the_hed_network_and_its_soft_edges_equal_controlnet_aux() {
 fn scribbles_equal_controlnet_aux() {
     use sdxld::engine::preprocess::detector::Detector;
     use sdxld::engine::preprocess::scribble::scribble;
-    use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+    use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
     let root = detector_fixtures();
     let compare = |what: &str, got: &image::GrayImage, want: &image::GrayImage| {
         assert_eq!(got.dimensions(), want.dimensions(), "{what}");
@@ -316,7 +316,7 @@ fn scribbles_equal_controlnet_aux() {
             detect_resolution: Some(64),
         };
         let map = preprocessing
-            .run(&photo, Some(&detector))
+            .run(&photo, Networks::detector(Some(&detector)))
             .expect("scribble");
         let want = image::open(root.join(format!("hed/{name}_scribble.png")))
             .expect("scribble")

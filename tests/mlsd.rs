@@ -15,7 +15,7 @@ use sdxld::engine::preprocess::cv_line::draw_line;
 use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use sdxld::engine::preprocess::mlsd::Mlsd;
 use sdxld::engine::preprocess::mlsd_lines::{line_map, segments, LineThresholds};
-use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 use serde_json::Value;
 use tch::{Device, Kind};
 
@@ -135,7 +135,9 @@ fn the_whole_detector_equals_mlsd_detector() {
             preprocessor: Preprocessor::Mlsd(thresholds(&case)),
             detect_resolution: Some(resolution),
         };
-        let got = preprocessing.run(&photo, Some(detector)).expect("detect");
+        let got = preprocessing
+            .run(&photo, Networks::detector(Some(detector)))
+            .expect("detect");
         let got = image::DynamicImage::ImageRgb8(got).to_luma8();
         assert_same_pixels(&name, &got, &reference_map(&name, &case));
         let sized = sdxld::engine::preprocess::resize_for_detection(&photo.to_rgb8(), resolution);

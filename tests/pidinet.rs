@@ -14,7 +14,7 @@ use common::edges::{assert_map, server_with_detector, unit_parameters};
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::pidinet::PiDiNet;
-use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 use tch::{Device, Kind};
 
 const MODELS: [&str; 3] = ["table5", "attention", "plain"];
@@ -90,7 +90,9 @@ fn soft_edges_and_scribbles_equal_pidinet_detector() {
                 preprocessor,
                 detect_resolution: Some(resolution),
             };
-            let got = preprocessing.run(image, Some(&detector)).expect("detect");
+            let got = preprocessing
+                .run(image, Networks::detector(Some(&detector)))
+                .expect("detect");
             let got = image::DynamicImage::ImageRgb8(got).to_luma8();
             let want = reference(&format!("{name}_{map}"));
             assert_map(&format!("{name} {map}"), &got, &want, most);

@@ -5,7 +5,7 @@
 mod common;
 
 use sdxld::engine::preprocess::{
-    canny::canny, hwc3, resize_for_detection, Preprocessing, Preprocessor,
+    canny::canny, hwc3, resize_for_detection, Networks, Preprocessing, Preprocessor,
 };
 
 /// Pixels of `actual` that differ from `expected` (sizes equal).
@@ -137,7 +137,7 @@ fn detection_resizing_equals_controlnet_aux_with_opencv() {
             },
             detect_resolution: Some(resolution),
         };
-        let map = canny.run(&image, None).expect("canny");
+        let map = canny.run(&image, Networks::default()).expect("canny");
         let expected = open("canny", case).to_rgb8();
         let off = differing(map.as_raw(), expected.as_raw());
         assert_eq!(off, 0, "{case}: {off} map values differ");
@@ -216,7 +216,9 @@ fn standard_line_art_equals_controlnet_aux_pixel_for_pixel() {
             preprocessor: Preprocessor::LineartStandard,
             detect_resolution: (resolution > 0).then_some(resolution),
         };
-        let map = standard.run(&open("image"), None).expect("a line map");
+        let map = standard
+            .run(&open("image"), Networks::default())
+            .expect("a line map");
         let expected = open("expected").to_rgb8();
         assert_eq!(map.dimensions(), expected.dimensions(), "{case}");
         let off = differing(map.as_raw(), expected.as_raw());
@@ -251,7 +253,7 @@ fn tile_resampling_blur_and_invert_equal_sd_webui_controlnet_byte_for_byte() {
             detect_resolution: (resolution > 0).then_some(resolution),
         };
         let image = open("image");
-        let map = filter.run(&image, None).expect("a map");
+        let map = filter.run(&image, Networks::default()).expect("a map");
         let expected = open("expected").to_rgb8();
         assert_eq!(map.dimensions(), expected.dimensions(), "{case}");
         let off = differing(map.as_raw(), expected.as_raw());
@@ -277,18 +279,6 @@ mod over_grpc {
         }
     }
 
-    async fn preprocess(
-        server: &TestServer,
-        request: pb::PreprocessRequest,
-    ) -> Result<pb::PreprocessResponse, tonic::Status> {
-        server
-            .generation()
-            .await
-            .preprocess(request)
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
     fn fields(status: &tonic::Status) -> Vec<String> {
         let bad = status.get_details_bad_request().expect("BadRequest");
         bad.field_violations.into_iter().map(|f| f.field).collect()
@@ -306,7 +296,7 @@ mod over_grpc {
                 high_threshold: Some(high),
                 ..Default::default()
             });
-            let map = preprocess(&server, canny).await.expect("a control map");
+            let map = server.preprocess(canny).await.expect("a control map");
             assert_eq!((map.width, map.height), (160, 120));
             let map = image::load_from_memory(&map.control_map)
                 .expect("png")
@@ -325,7 +315,8 @@ mod over_grpc {
             }),
             ..request(png.clone(), preprocessor)
         };
-        let map = preprocess(&server, at(pb::Preprocessor::Canny))
+        let map = server
+            .preprocess(at(pb::Preprocessor::Canny))
             .await
             .expect("a control map");
         assert_eq!((map.width, map.height), (64, 64));
@@ -334,12 +325,14 @@ mod over_grpc {
             .to_rgb8();
         let decoded = image::load_from_memory(&map.control_map).expect("png");
         assert_eq!(decoded.to_rgb8(), expected);
-        let plain = preprocess(&server, at(pb::Preprocessor::None))
+        let plain = server
+            .preprocess(at(pb::Preprocessor::None))
             .await
             .expect("the image");
         assert_eq!((plain.width, plain.height), (160, 120));
         // No preprocessing: the image itself.
-        let plain = preprocess(&server, request(png.clone(), pb::Preprocessor::None))
+        let plain = server
+            .preprocess(request(png.clone(), pb::Preprocessor::None))
             .await
             .expect("the image");
         let original = image::load_from_memory(&png).expect("png").to_rgb8();
@@ -407,7 +400,7 @@ mod over_grpc {
             ),
         ];
         for (request, field) in invalid {
-            let status = preprocess(&server, request).await.expect_err(field);
+            let status = server.preprocess(request).await.expect_err(field);
             assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
             assert_eq!(fields(&status), [field], "{status:?}");
         }
@@ -431,6 +424,8 @@ mod over_grpc {
                 pb::Preprocessor::TileResample as i32,
                 pb::Preprocessor::Blur as i32,
                 pb::Preprocessor::Invert as i32,
+                pb::Preprocessor::OpenposeFace as i32,
+                pb::Preprocessor::OpenposeFaceonly as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -443,7 +438,7 @@ mod over_grpc {
             ready,
             [
                 true, true, false, false, false, false, false, false, false, false, false, true,
-                false, true, true, true
+                false, true, true, true, false, false
             ]
         );
     }
@@ -461,7 +456,7 @@ mod over_grpc {
                 }),
                 ..request(png, pb::Preprocessor::LineartStandard)
             };
-            let map = preprocess(&server, standard).await.expect("a line map");
+            let map = server.preprocess(standard).await.expect("a line map");
             let expected = root.join(format!("lineart_standard/{name}_{resolution}.png"));
             let expected = image::open(expected).expect("png").to_rgb8();
             assert_eq!((map.width, map.height), expected.dimensions());
@@ -476,7 +471,8 @@ mod over_grpc {
             }),
             ..request(png, pb::Preprocessor::LineartStandard)
         };
-        let status = preprocess(&server, with_model)
+        let status = server
+            .preprocess(with_model)
             .await
             .expect_err("no detector");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -561,7 +557,8 @@ mod over_grpc {
                 detect_resolution: resolution,
                 ..Default::default()
             };
-            let map = preprocess(&server, filter(&read(name), preprocessor, params))
+            let map = server
+                .preprocess(filter(&read(name), preprocessor, params))
                 .await
                 .expect(case);
             let expected = root.join(format!("filters/{name}_{case}.png"));
@@ -637,7 +634,7 @@ mod over_grpc {
             ),
         ];
         for (request, field, says) in invalid {
-            let status = preprocess(&server, request).await.expect_err(field);
+            let status = server.preprocess(request).await.expect_err(field);
             assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
             let field = format!("preprocessor_params.{field}");
             assert_eq!(fields(&status), std::slice::from_ref(&field), "{status:?}");
@@ -646,7 +643,8 @@ mod over_grpc {
             assert!(description.contains(says), "{field}: {description}");
         }
         // The server serves on.
-        let map = preprocess(&server, filter(&photo, tile, rate(2.0)))
+        let map = server
+            .preprocess(filter(&photo, tile, rate(2.0)))
             .await
             .expect("a map");
         assert_eq!((map.width, map.height), (80, 60));

@@ -13,7 +13,7 @@ use common::edges::{assert_map, black_png, server_with_detector, unit_parameters
 use common::{assert_close, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};
 use sdxld::engine::preprocess::teed::Teed;
-use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 use tch::{Device, Kind};
 
 const MODELS: [&str; 2] = ["seed3", "seed9"];
@@ -109,7 +109,9 @@ fn soft_edges_in_steps_equal_teed_detector() {
                 preprocessor: Preprocessor::SoftEdge { safe_steps: steps },
                 detect_resolution: Some(resolution),
             };
-            let got = preprocessing.run(image, Some(&detector)).expect("detect");
+            let got = preprocessing
+                .run(image, Networks::detector(Some(&detector)))
+                .expect("detect");
             let got = image::DynamicImage::ImageRgb8(got).to_luma8();
             let want = reference(&format!("{name}_{map}"));
             assert_map(&format!("{name} {map} ({steps:?})"), &got, &want, most);

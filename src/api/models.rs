@@ -452,7 +452,10 @@ fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
                 let (key, name) = state.settings.preprocessing.default_detector(network);
                 support.config_key = key.to_string();
                 support.default_model = name.to_string();
-                if let Err(e) = detectors.default_for(preprocessor) {
+                let installed = detectors
+                    .default_for(preprocessor)
+                    .and_then(|_| detectors.face_for(preprocessor));
+                if let Err(e) = installed {
                     support.ready = false;
                     support.reason = state.status(e).message().to_string();
                 }

@@ -12,6 +12,7 @@ use crate::api::validate::detector::Detectors;
 use crate::api::validate::preprocessor::{domain, preprocess_request, Parameters};
 use crate::api::validate::Context;
 use crate::api::ApiState;
+use crate::engine::preprocess::Networks;
 use crate::jobs::{ConditioningImage, JobError, JobWork, PreprocessSpec};
 use crate::output::{encode_rgb, OutputFormat};
 use crate::proto::v1 as pb;
@@ -45,6 +46,7 @@ pub fn preprocess_job(request: pb::PreprocessRequest, ctx: &Context) -> Result<J
         image: ConditioningImage(Arc::new(image)),
         preprocessing: checked.preprocessing,
         detector,
+        face_detector: checked.face_detector,
     })))
 }
 
@@ -68,7 +70,7 @@ pub async fn preprocess(
         let (image, checked) = preprocess_request(&request, &state.settings.limits, detectors)?;
         let map = checked
             .preprocessing
-            .run(&image, None)
+            .run(&image, Networks::default())
             .map_err(|e| ApiError::Job(JobError::Engine(e)))?;
         let (width, height) = map.dimensions();
         let png = encode_rgb(map.as_raw(), width, height, OutputFormat::Png, 100, None)

@@ -178,8 +178,9 @@ pub struct GenerateArgs {
     /// A ControlNet unit: a diffusers ControlNet folder, a conditioning image and optional
     /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
-    /// scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd, detector (the
-    /// preprocessor network's file), low, high (Canny), score, distance (M-LSD), resolution,
+    /// openpose_face|openpose_faceonly|scribble|normal|segmentation|lineart|lineart_anime|
+    /// softedge|mlsd, detector (the preprocessor network's file; the face network is
+    /// facenet.safetensors beside it), low, high (Canny), score, distance (M-LSD), resolution,
     /// and for union models
     /// type=openpose|depth|hed|canny|normal|segment|tile|repaint;
     /// repeatable, the units' residuals are summed).

@@ -8,6 +8,7 @@ use sdxld::engine::control::fit;
 use sdxld::engine::pipeline::Control;
 use sdxld::engine::pixels::unit_range;
 use sdxld::engine::request::GenerateParams;
+use sdxld::jobs::detectors::NetworkFiles;
 
 use crate::cli::args::GenerateArgs;
 use crate::cli::bench::{median, seeded, TimingArgs};
@@ -32,13 +33,10 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
         models.push(engine.controlnet(&unit.model)?);
         let mut unit_maps = Vec::with_capacity(unit.inputs.len());
         for input in &unit.inputs {
-            let detector = match &input.detector {
-                Some(detector) => Some(engine.detector(&detector.model)?),
-                None => None,
-            };
+            let networks = NetworkFiles::of_input(input).load(&mut engine)?;
             let map = input
                 .preprocessing
-                .run(&input.image.0, detector.as_deref())?;
+                .run(&input.image.0, networks.networks())?;
             unit_maps.push(unit_range(&fit(&map, width, height, unit.resize)));
         }
         maps.push(unit_maps);

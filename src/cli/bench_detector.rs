@@ -8,7 +8,7 @@ use anyhow::bail;
 use sdxld::engine::device::Placement;
 use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::image_filters::Param;
-use sdxld::engine::preprocess::{Preprocessing, Preprocessor};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 
@@ -59,7 +59,7 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
                 detect_resolution: None,
             };
             let image = image::DynamicImage::ImageRgb8(image);
-            let once = || preprocessing.run(&image, Some(&detector));
+            let once = || preprocessing.run(&image, Networks::detector(Some(&detector)));
             (
                 "anyline",
                 timed_runs(args.timing.runs, placement.device, once)?,
@@ -72,7 +72,7 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
                 detect_resolution: None,
             };
             let image = image::DynamicImage::ImageRgb8(image);
-            let once = || preprocessing.run(&image, None);
+            let once = || preprocessing.run(&image, Networks::default());
             (name, timed_runs(args.timing.runs, placement.device, once)?)
         }
         (None, None) => bail!("--model or --preprocessor is required"),

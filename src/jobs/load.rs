@@ -11,10 +11,10 @@ use crate::engine::hashes::FileHashes;
 use crate::engine::lora::{self, JobLora};
 use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::SdxlPipeline;
-use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::textual_inversion::Embedding;
+use crate::jobs::detectors::{LoadedNetworks, NetworkFiles};
 use crate::jobs::engine::{model_path, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Loaded, LoadedImagePrompt};
@@ -55,12 +55,10 @@ impl JobRun<'_> {
             .controlnets
             .iter()
             .flat_map(|unit| &unit.inputs)
-            .filter_map(|input| {
+            .map(|input| {
                 let image = &input.image.0;
                 let size = (image.width(), image.height());
-                let detector = input.detector.as_ref()?;
-                let network = detector.network;
-                Some(engine.detector_activations(network, input.preprocessing, size))
+                NetworkFiles::of_input(input).activations(engine, input.preprocessing, size)
             })
             .max()
             .unwrap_or(0);
@@ -157,20 +155,18 @@ fn load_controlnets(
     Ok(controlnets)
 }
 
-/// Each unit input's detector (`None` for a preprocessor without a network), by unit.
+/// Each unit input's networks (none for a preprocessor without one), by unit.
 fn load_detectors(
     engine: &mut Engine,
     spec: &JobSpec,
-) -> Result<Vec<Vec<Option<Rc<Detector>>>>, JobError> {
+) -> Result<Vec<Vec<LoadedNetworks>>, JobError> {
     let mut detectors = Vec::with_capacity(spec.controlnets.len());
     for unit in &spec.controlnets {
-        let mut unit_detectors = Vec::with_capacity(unit.inputs.len());
-        for input in &unit.inputs {
-            unit_detectors.push(match &input.detector {
-                Some(detector) => Some(engine.detector(&detector.model)?),
-                None => None,
-            });
-        }
+        let unit_detectors = unit
+            .inputs
+            .iter()
+            .map(|input| NetworkFiles::of_input(input).load(engine))
+            .collect::<Result<Vec<_>, _>>()?;
         detectors.push(unit_detectors);
     }
     Ok(detectors)

@@ -4,6 +4,7 @@
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
 use crate::engine::preprocess::detector::{DetectorNetwork, TEED_SAFE_STEPS};
+use crate::engine::preprocess::pose::PoseParts;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::{Guider, GuiderKind, RefinerMode};
@@ -297,7 +298,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Blur { sigma }) => format!("blur_gaussian, Threshold A: {}", sigma.0),
         Some(Preprocessor::Invert) => "invert".to_string(),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
-        Some(Preprocessor::OpenPose) => "openpose".to_string(),
+        Some(Preprocessor::OpenPose(PoseParts { face: false, .. })) => "openpose".to_string(),
+        Some(Preprocessor::OpenPose(PoseParts { body: true, .. })) => "openpose_face".to_string(),
+        Some(Preprocessor::OpenPose(_)) => "openpose_faceonly".to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),
         Some(Preprocessor::Mlsd(t)) => {
             format!(

@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod control;
+pub mod detectors;
 pub mod emit;
 pub mod encode;
 pub mod engine;

@@ -8,6 +8,7 @@ use image::RgbImage as Picture;
 use crate::engine::control::{fit, ResizeMode};
 use crate::engine::error::EngineError;
 use crate::engine::pixels::unit_range;
+use crate::jobs::detectors::LoadedNetworks;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::runner::JobRun;
 use crate::jobs::JobError;
@@ -38,11 +39,13 @@ impl JobRun<'_> {
                     image_index: 0,
                     preview: None,
                 });
-                let detector = self
+                let networks = self
                     .loaded
                     .as_ref()
-                    .and_then(|l| l.detectors.get(i)?.get(j)?.as_deref());
-                let map = input.preprocessing.run(&input.image.0, detector)?;
+                    .and_then(|l| l.detectors.get(i)?.get(j))
+                    .map(LoadedNetworks::networks)
+                    .unwrap_or_default();
+                let map = input.preprocessing.run(&input.image.0, networks)?;
                 let fitted = self.fitted(&map, (width, height), unit.resize);
                 unit_maps.push(unit_range(&fitted));
                 if self.spec.output.return_control_maps {

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use crate::engine::registry::ModelKind;
 use crate::jobs::clock::StageClock;
+use crate::jobs::detectors::NetworkFiles;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage};
 use crate::jobs::runner::JobSink;
-use crate::jobs::single::{load, progress, report, stop_check};
+use crate::jobs::single::{make_room, progress, report, stop_check};
 use crate::jobs::{JobError, PreprocessSpec};
 use crate::output::OutputFormat;
 use crate::telemetry::Metrics;
@@ -26,24 +27,19 @@ pub fn run_preprocess(
     stop_check(sink)?;
     clock.enter(Stage::LoadingModels, metrics);
     let image = &spec.image.0;
-    let activations = engine.detector_activations(
-        spec.detector.network,
-        spec.preprocessing,
-        (image.width(), image.height()),
-    );
-    let detector = load(
-        engine,
-        sink,
-        (&spec.detector.model, activations),
-        Engine::detector,
-    )?;
+    let files = NetworkFiles::of_job(spec);
+    let activations =
+        files.activations(engine, spec.preprocessing, (image.width(), image.height()));
+    let models: Vec<_> = files.files().map(|file| &file.model).collect();
+    make_room(engine, sink, &models, activations)?;
+    let networks = files.load(engine)?;
     metrics.set_cache(engine.stats());
     stop_check(sink)?;
     clock.enter(Stage::Preprocessing, metrics);
     let map = {
         let _span = tracing::info_span!("stage", otel.name = "preprocessing", units = 1).entered();
         sink.progress(progress(Stage::Preprocessing, 0, 1));
-        let map = spec.preprocessing.run(&spec.image.0, Some(&detector))?;
+        let map = spec.preprocessing.run(&spec.image.0, networks.networks())?;
         sink.progress(progress(Stage::Preprocessing, 1, 1));
         map
     };
@@ -63,7 +59,7 @@ pub fn run_preprocess(
     Ok(report(
         engine,
         &mut clock,
-        &spec.detector.model,
+        &models,
         ModelKind::Preprocessor,
         admitted_at,
     ))

@@ -19,12 +19,12 @@ use crate::engine::models::control_model::ControlModel;
 use crate::engine::models::seamless;
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
-use crate::engine::preprocess::detector::Detector;
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams, PromptSyntax};
 use crate::engine::textual_inversion::Embedding;
 use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
+use crate::jobs::detectors::LoadedNetworks;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, JobReport, RgbImage, Stage, StepProgress};
 use crate::jobs::{JobError, JobSpec, StopReason};
@@ -148,8 +148,8 @@ pub(crate) struct Loaded {
     pub upscalers: Vec<Rc<Upscaler>>,
     /// The hires pass's upscaler model.
     pub hires_upscaler: Option<Rc<Upscaler>>,
-    /// Each unit input's detector, by unit.
-    pub detectors: Vec<Vec<Option<Rc<Detector>>>>,
+    /// Each unit input's networks, by unit.
+    pub detectors: Vec<Vec<LoadedNetworks>>,
     /// The job fits the memory budget only with its text encoders on the host once its
     /// prompts are encoded.
     pub offload_text_encoders: bool,

@@ -26,14 +26,27 @@ pub(crate) fn load<T>(
     (model, activations): (&ModelEntry, u64),
     get: fn(&mut Engine, &ModelEntry) -> Result<Rc<T>, EngineError>,
 ) -> Result<Rc<T>, JobError> {
-    let _span =
-        tracing::info_span!("stage", otel.name = "loading_models", model = %model.name).entered();
+    make_room(engine, sink, &[model], activations)?;
+    Ok(get(engine, model)?)
+}
+
+/// Room made in the cache for the job's `models` (the first names the job) and
+/// `activations` bytes within the budget, announcing a load where one is needed.
+pub(crate) fn make_room(
+    engine: &mut Engine,
+    sink: &mut dyn JobSink,
+    models: &[&ModelEntry],
+    activations: u64,
+) -> Result<(), JobError> {
+    let name = models.first().map_or("", |m| m.name.as_str());
+    let _span = tracing::info_span!("stage", otel.name = "loading_models", model = %name).entered();
     device::reset_peak(engine.placement().device);
-    if !engine.is_resident(model) {
+    if models.iter().any(|m| !engine.is_resident(m)) {
         sink.progress(progress(Stage::LoadingModels, 0, 0));
     }
-    engine.make_room(&[model_path(model)], &Default::default(), activations, 0)?;
-    Ok(get(engine, model)?)
+    let paths: Vec<_> = models.iter().map(|m| model_path(m)).collect();
+    engine.make_room(&paths, &Default::default(), activations, 0)?;
+    Ok(())
 }
 
 /// A progress event of the job's one image.
@@ -47,22 +60,25 @@ pub(crate) fn progress(stage: Stage, step: u32, total: u32) -> StepProgress {
     }
 }
 
-/// The report of a job that used `model` as `kind`: its hash, the stage timings, the
-/// total and the device's peak memory.
+/// The report of a job that used `models` as `kind`: their hashes, the stage timings,
+/// the total and the device's peak memory.
 pub(crate) fn report(
     engine: &mut Engine,
     clock: &mut StageClock,
-    model: &ModelEntry,
+    models: &[&ModelEntry],
     kind: ModelKind,
     admitted_at: Instant,
 ) -> JobReport {
     let mut report = JobReport {
-        models: vec![ModelUsed {
-            name: model.name.clone(),
-            kind,
-            sha256: engine.hashes().model(model),
-            weight: 0.0,
-        }],
+        models: models
+            .iter()
+            .map(|model| ModelUsed {
+                name: model.name.clone(),
+                kind,
+                sha256: engine.hashes().model(model),
+                weight: 0.0,
+            })
+            .collect(),
         ..Default::default()
     };
     for (stage, elapsed) in clock.take_timings() {

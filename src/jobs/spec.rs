@@ -103,6 +103,8 @@ pub struct ControlInput {
     pub preprocessing: Preprocessing,
     /// The detector file of a preprocessor that runs a network.
     pub detector: Option<DetectorFile>,
+    /// The face network's file of a pose map with faces.
+    pub face_detector: Option<DetectorFile>,
 }
 
 /// A ControlNet unit of a job.
@@ -193,6 +195,8 @@ pub struct PreprocessSpec {
     pub preprocessing: Preprocessing,
     /// The detector file.
     pub detector: DetectorFile,
+    /// The face network's file of a pose map with faces.
+    pub face_detector: Option<DetectorFile>,
 }
 
 /// What a queued job does.
@@ -291,12 +295,14 @@ impl JobSpec {
             .chain(self.post_processing.iter().map(PostStep::model))
     }
 
-    /// The detectors of the units' preprocessors, in unit and input order.
+    /// The detectors of the units' preprocessors (each input's, then its face
+    /// network's), in unit and input order.
     pub fn detectors(&self) -> impl Iterator<Item = &ModelEntry> {
         self.controlnets
             .iter()
-            .flat_map(|c| c.inputs.iter().filter_map(|i| i.detector.as_ref()))
-            .map(|d| &d.model)
+            .flat_map(|c| &c.inputs)
+            .flat_map(|i| [&i.detector, &i.face_detector])
+            .filter_map(|d| d.as_ref().map(|d| &d.model))
     }
 
     /// A picture of the whole init image (a control map, an image prompt's mask) as the

@@ -52,7 +52,7 @@ pub fn run_upscale(
     Ok(report(
         engine,
         &mut clock,
-        &spec.step.model,
+        &[&spec.step.model],
         ModelKind::Upscaler,
         admitted_at,
     ))

@@ -79,6 +79,24 @@ pub fn detector_fixtures() -> PathBuf {
         .clone()
 }
 
+/// A ControlNet root holding copies of ControlNet fixture folders: (folder under the
+/// fixtures, name in the root).
+#[allow(dead_code)]
+pub fn controlnet_root(folders: &[(&str, &str)]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().expect("tempdir");
+    for (from, name) in folders {
+        let to = root.path().join(name);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for entry in std::fs::read_dir(controlnet_fixtures().join(from))
+            .expect("dir")
+            .flatten()
+        {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    root
+}
+
 /// The fixture folder written by `tests/fixtures/make_hires_fixtures.py` (built when
 /// missing).
 pub fn hires_fixtures() -> PathBuf {

@@ -52,6 +52,33 @@ impl TestServer {
         Self::with_pipelines(&[("SDXLD__MODELS__CONTROLNET_ROOTS", roots)]).await
     }
 
+    /// [`Self::start`] serving tiny2's pipeline with `detectors` as the preprocessor root,
+    /// `controlnets` as the ControlNet root, and `extra` settings.
+    #[allow(dead_code)]
+    pub async fn with_detectors(
+        detectors: &std::path::Path,
+        controlnets: &std::path::Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let pipeline = super::fixtures().join("tiny2/pipeline");
+        let mut env = vec![
+            (
+                "SDXLD__ENGINE__DEFAULT_MODEL",
+                pipeline.to_str().expect("utf-8"),
+            ),
+            (
+                "SDXLD__MODELS__PREPROCESSOR_ROOTS",
+                detectors.to_str().expect("utf-8"),
+            ),
+            (
+                "SDXLD__MODELS__CONTROLNET_ROOTS",
+                controlnets.to_str().expect("utf-8"),
+            ),
+        ];
+        env.extend_from_slice(extra);
+        Self::start(&env).await
+    }
+
     /// Starts `sdxld serve` on 127.0.0.1:0 with extra `SDXLD__*` settings and waits until
     /// it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
@@ -310,6 +337,19 @@ impl TestServer {
             .models
     }
 
+    /// The Preprocess RPC's answer to `request`.
+    #[allow(dead_code)]
+    pub async fn preprocess(
+        &self,
+        request: pb::PreprocessRequest,
+    ) -> Result<pb::PreprocessResponse, tonic::Status> {
+        self.generation()
+            .await
+            .preprocess(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     /// The server's capabilities.
     #[allow(dead_code)]
     pub async fn capabilities(&self) -> pb::GetCapabilitiesResponse {
@@ -490,6 +530,14 @@ pub fn slow_spec(seed: u64) -> pb::GenerationSpec {
         seed: Some(seed),
         ..Default::default()
     }
+}
+
+/// The ErrorInfo reason and metadata of a status.
+#[allow(dead_code)]
+pub fn error_reason(status: &tonic::Status) -> (String, std::collections::HashMap<String, String>) {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    (info.reason, info.metadata)
 }
 
 /// The fields a status's BadRequest details name, in order.

@@ -222,6 +222,7 @@ impl Check<'_> {
             image: ConditioningImage(Arc::new(decoded?)),
             preprocessing: checked.preprocessing,
             detector: checked.detector,
+            face_detector: checked.face_detector,
         })
     }
 
@@ -377,7 +378,9 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         | pb::Preprocessor::LineartStandard
         | pb::Preprocessor::Mlsd => Some(ControlType::CannyLineart),
         pb::Preprocessor::Depth => Some(ControlType::Depth),
-        pb::Preprocessor::Openpose => Some(ControlType::OpenPose),
+        pb::Preprocessor::Openpose
+        | pb::Preprocessor::OpenposeFace
+        | pb::Preprocessor::OpenposeFaceonly => Some(ControlType::OpenPose),
         pb::Preprocessor::Scribble | pb::Preprocessor::Softedge | pb::Preprocessor::Anyline => {
             Some(ControlType::HedScribble)
         }

@@ -8,7 +8,7 @@ use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::config::PreprocessingSettings;
 use crate::engine::error::EngineError;
-use crate::engine::preprocess::detector::network_of;
+use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelKind, Registry, RegistryError};
 use crate::jobs::spec::DetectorFile;
@@ -82,6 +82,30 @@ impl Detectors<'_> {
                 "{preprocessor:?} runs no detector"
             )));
         };
+        self.installed(
+            network,
+            |held| preprocessor.runs_on(held),
+            preprocessor.networks_described(),
+        )
+    }
+
+    /// The configured face network of a preprocessor that draws faces (`None` for one
+    /// that does not), installed and holding that network.
+    pub fn face_for(self, preprocessor: Preprocessor) -> Result<Option<DetectorFile>, ApiError> {
+        preprocessor
+            .face_network()
+            .map(|network| self.installed(network, |held| held == network, network.described()))
+            .transpose()
+    }
+
+    /// The configured default file of `network`, installed and holding a network
+    /// `accepts` takes (a preprocessor that `runs` the networks so described).
+    fn installed(
+        self,
+        network: DetectorNetwork,
+        accepts: impl Fn(DetectorNetwork) -> bool,
+        runs: &'static str,
+    ) -> Result<DetectorFile, ApiError> {
         let (key, name) = self.defaults.default_detector(network);
         let missing = || ApiError::PreprocessorModelMissing {
             key,
@@ -101,7 +125,7 @@ impl Detectors<'_> {
             Err(e) => return Err(e.into()),
         };
         match network_of(&model.path) {
-            Ok(held) if preprocessor.runs_on(held) => Ok(DetectorFile {
+            Ok(held) if accepts(held) => Ok(DetectorFile {
                 model,
                 network: held,
             }),
@@ -109,7 +133,7 @@ impl Detectors<'_> {
                 key,
                 name: name.to_string(),
                 holds: held.name(),
-                runs: preprocessor.networks_described(),
+                runs,
             }),
             Err(e) => Err(unreadable(e)),
         }

@@ -10,6 +10,7 @@ use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
+use crate::engine::preprocess::pose::PoseParts;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
 use crate::jobs::spec::DetectorFile;
 use crate::proto::v1 as pb;
@@ -23,7 +24,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 16] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 18] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -40,6 +41,8 @@ pub const IMPLEMENTED: [pb::Preprocessor; 16] = [
     pb::Preprocessor::TileResample,
     pb::Preprocessor::Blur,
     pb::Preprocessor::Invert,
+    pb::Preprocessor::OpenposeFace,
+    pb::Preprocessor::OpenposeFaceonly,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -63,11 +66,13 @@ pub struct Subject<'a> {
     pub detectors: Detectors<'a>,
 }
 
-/// A checked preprocessor: what it does, and the detector file it runs, if any.
+/// A checked preprocessor: what it does, the detector file it runs, if any, and the
+/// face network's of a pose map with faces.
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub preprocessing: Preprocessing,
     pub detector: Option<DetectorFile>,
+    pub face_detector: Option<DetectorFile>,
 }
 
 /// The domain preprocessor of an implemented wire one, with its parameters.
@@ -84,7 +89,9 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         }),
         pb::Preprocessor::Scribble => Some(Preprocessor::Scribble),
         pb::Preprocessor::Segmentation => Some(Preprocessor::Segmentation),
-        pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose),
+        pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose(PoseParts::BODY)),
+        pb::Preprocessor::OpenposeFace => Some(Preprocessor::OpenPose(PoseParts::BODY_AND_FACE)),
+        pb::Preprocessor::OpenposeFaceonly => Some(Preprocessor::OpenPose(PoseParts::FACE)),
         pb::Preprocessor::Normal => Some(Preprocessor::Normal),
         pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
         pb::Preprocessor::LineartStandard => Some(Preprocessor::LineartStandard),
@@ -169,6 +176,13 @@ pub fn preprocessor(
         }
         None => None,
     };
+    let face_detector = match detectors.face_for(preprocessor) {
+        Ok(face) => face,
+        Err(missing) => {
+            deferred.missing(missing);
+            return None;
+        }
+    };
     if let (Some(entry), Some(None), Some(size)) = (&detector, detect_resolution, image_size) {
         own_size_sides(&p, entry, size, v);
     }
@@ -181,6 +195,7 @@ pub fn preprocessor(
             detect_resolution: detect_resolution?,
         },
         detector,
+        face_detector,
     })
 }
 
@@ -189,7 +204,7 @@ pub fn preprocessor(
 /// pixel wide (a tall one would make none).
 fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v: &mut Violations) {
     let preprocessing = Preprocessing {
-        preprocessor: Preprocessor::OpenPose,
+        preprocessor: Preprocessor::OpenPose(PoseParts::BODY),
         detect_resolution: resolution,
     };
     let (dw, dh) = preprocessing.detected_size(w, h);
@@ -232,7 +247,7 @@ fn network_input(
                 );
             }
         }
-        (Preprocessor::OpenPose, resolution) => pose_input(p, size, resolution, max_pixels, v),
+        (Preprocessor::OpenPose(_), resolution) => pose_input(p, size, resolution, max_pixels, v),
         (Preprocessor::TileResample { rate }, resolution) => {
             let preprocessing = Preprocessing {
                 preprocessor,

@@ -211,6 +211,8 @@ pub fn detector_activation_estimate(
         // (three tensors alive), and the 57 heatmaps and fields at the image's size in
         // float and double precision.
         DetectorNetwork::OpenPose => (192 * 184 * 184 * width / height.max(1), 57 * 3),
+        // A face at a time: the 64-channel first level of its 384² crop (three alive).
+        DetectorNetwork::FaceNet => (192 * 384 * 384, 0),
         // The full-resolution refinement: 132 channels in, 128 wide, a few alive.
         DetectorNetwork::NormalBae => (0, 600),
         // At half resolution: 96-channel expansions and the 128-channel joins, a few

@@ -16,6 +16,7 @@ use crate::engine::preprocess::mlsd::Mlsd;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::normal_bae::{self, NormalDetector};
 use crate::engine::preprocess::openpose;
+use crate::engine::preprocess::openpose_cpm::{self, CpmNetwork};
 use crate::engine::preprocess::pidinet::PiDiNet;
 use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
@@ -39,6 +40,8 @@ pub enum DetectorNetwork {
     UperNet,
     /// controlnet_aux's OpenPose body network.
     OpenPose,
+    /// controlnet_aux's OpenPose face network (`FaceNet`), run beside the body's.
+    FaceNet,
     /// controlnet_aux's NormalBAE surface-normal network.
     NormalBae,
     /// controlnet_aux's M-LSD line-segment network.
@@ -79,6 +82,7 @@ impl DetectorNetwork {
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
+            DetectorNetwork::FaceNet => "facenet",
             DetectorNetwork::NormalBae => "normal_bae",
             DetectorNetwork::Mlsd => "mlsd",
             DetectorNetwork::PiDiNet => "pidinet",
@@ -93,6 +97,7 @@ impl DetectorNetwork {
             | DetectorNetwork::LineartAnime
             | DetectorNetwork::Hed
             | DetectorNetwork::OpenPose
+            | DetectorNetwork::FaceNet
             | DetectorNetwork::NormalBae
             | DetectorNetwork::Mlsd
             | DetectorNetwork::PiDiNet
@@ -151,6 +156,19 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if openpose::is_body_pose(shapes.iter().map(|(name, _)| name.as_str())) {
         return Ok(DetectorNetwork::OpenPose);
     }
+    match openpose_cpm::cpm_maps(&shapes) {
+        Some(openpose_cpm::FACE_MAPS) => return Ok(DetectorNetwork::FaceNet),
+        Some(maps) => {
+            return Err(EngineError::WeightFile {
+                path: path.to_path_buf(),
+                message: format!(
+                    "holds an OpenPose hand network ({maps} maps), which no preprocessor runs yet; the face network has {} maps",
+                    openpose_cpm::FACE_MAPS
+                ),
+            })
+        }
+        None => {}
+    }
     if normal_bae::is_normal_bae(shapes.iter().map(|(name, _)| name.as_str())) {
         return Ok(DetectorNetwork::NormalBae);
     }
@@ -167,7 +185,7 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, facenet, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
         ),
     })
 }
@@ -189,6 +207,8 @@ pub enum Detector {
     Segment(Box<SegmentDetector>),
     /// The OpenPose body network with its decoding and drawing.
     OpenPose(OpenPoseDetector),
+    /// The OpenPose face network.
+    Face(CpmNetwork),
     /// The NormalBAE network.
     Normal(NormalDetector),
     /// The M-LSD network.
@@ -221,6 +241,7 @@ impl Detector {
             DetectorNetwork::OpenPose => Ok(Detector::OpenPose(OpenPoseDetector::load(
                 path, device, kind,
             )?)),
+            DetectorNetwork::FaceNet => Ok(Detector::Face(CpmNetwork::load(path, device, kind)?)),
             DetectorNetwork::NormalBae => {
                 Ok(Detector::Normal(NormalDetector::load(path, device, kind)?))
             }
@@ -240,6 +261,11 @@ impl Detector {
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
+            Detector::Face(_) => {
+                return Err(EngineError::Internal(
+                    "the face network asked for a map of its own".into(),
+                ))
+            }
             Detector::Normal(network) => return network.detect(image),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
             Detector::PiDiNet(network) => network.detect(image)?,
@@ -284,6 +310,7 @@ impl Detector {
             Detector::Hed(_) => DetectorNetwork::Hed,
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,
+            Detector::Face(_) => DetectorNetwork::FaceNet,
             Detector::Normal(_) => DetectorNetwork::NormalBae,
             Detector::Mlsd(_) => DetectorNetwork::Mlsd,
             Detector::PiDiNet(_) => DetectorNetwork::PiDiNet,

@@ -47,6 +47,7 @@ use cv_resize::Interpolation;
 use detector::{Detector, DetectorNetwork};
 use image_filters::Param;
 use mlsd_lines::LineThresholds;
+use pose::PoseParts;
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +60,28 @@ pub struct Preprocessing {
     pub detect_resolution: Option<u32>,
 }
 
+/// The loaded networks a preprocessor runs: its detector, and the face network of a
+/// pose map with faces.
+#[derive(Clone, Copy, Default)]
+pub struct Networks<'a> {
+    pub detector: Option<&'a Detector>,
+    pub face: Option<&'a Detector>,
+}
+
+impl<'a> Networks<'a> {
+    /// A detector alone (or none).
+    pub fn detector(detector: Option<&'a Detector>) -> Self {
+        Self {
+            detector,
+            face: None,
+        }
+    }
+}
+
 impl Preprocessing {
     /// The control map of `image` (three channels, as ControlNets take them), at the
-    /// detection size; `detector` is the network of a preprocessor that runs one.
-    pub fn run(self, image: &DynamicImage, detector: Option<&Detector>) -> Result<RgbImage> {
+    /// detection size, drawn with `networks` where the preprocessor runs any.
+    pub fn run(self, image: &DynamicImage, networks: Networks) -> Result<RgbImage> {
         // An RGB image is read where it is, not copied.
         let converted;
         let rgb = match image {
@@ -74,9 +93,9 @@ impl Preprocessing {
         };
         match (self.preprocessor, self.detect_resolution) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
-            (preprocessor, None) => preprocessor.detect(rgb, detector),
+            (preprocessor, None) => preprocessor.detect(rgb, networks),
             (preprocessor, Some(resolution)) => {
-                preprocessor.detect(&resize_for_detection(rgb, resolution), detector)
+                preprocessor.detect(&resize_for_detection(rgb, resolution), networks)
             }
         }
     }
@@ -145,8 +164,9 @@ pub enum Preprocessor {
     Scribble,
     /// ADE20K segmentation from a UperNet model.
     Segmentation,
-    /// OpenPose body skeletons.
-    OpenPose,
+    /// OpenPose skeletons and faces (A1111's `openpose`, `openpose_face`,
+    /// `openpose_faceonly`).
+    OpenPose(PoseParts),
     /// Surface normals from controlnet_aux's NormalBAE network.
     Normal,
     /// Straight line segments from controlnet_aux's M-LSD network.
@@ -183,10 +203,18 @@ impl Preprocessor {
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
             Preprocessor::SoftEdge { .. } | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
-            Preprocessor::OpenPose => Some(DetectorNetwork::OpenPose),
+            Preprocessor::OpenPose(_) => Some(DetectorNetwork::OpenPose),
             Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
             Preprocessor::Mlsd(_) => Some(DetectorNetwork::Mlsd),
             Preprocessor::Anyline => Some(DetectorNetwork::Teed),
+        }
+    }
+
+    /// The face network it runs beside its detector, if any.
+    pub fn face_network(self) -> Option<DetectorNetwork> {
+        match self {
+            Preprocessor::OpenPose(parts) if parts.face => Some(DetectorNetwork::FaceNet),
+            _ => None,
         }
     }
 
@@ -208,7 +236,8 @@ impl Preprocessor {
     }
 
     /// The detector's map of an RGB image.
-    fn detect(self, rgb: &RgbImage, detector: Option<&Detector>) -> Result<RgbImage> {
+    fn detect(self, rgb: &RgbImage, networks: Networks) -> Result<RgbImage> {
+        let detector = networks.detector;
         match (self, self.network()) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
             (Preprocessor::Canny { low, high }, _) => Ok(gray_to_rgb(canny::canny(rgb, low, high))),
@@ -229,6 +258,17 @@ impl Preprocessor {
                 other => Err(EngineError::Internal(format!(
                     "the Anyline preprocessor was handed {:?}",
                     other.map(Detector::network)
+                ))),
+            },
+            (Preprocessor::OpenPose(parts), _) => match (detector, networks.face) {
+                (Some(Detector::OpenPose(body)), None) => body.detect_parts(rgb, parts, None),
+                (Some(Detector::OpenPose(body)), Some(Detector::Face(face))) => {
+                    body.detect_parts(rgb, parts, Some(face))
+                }
+                (body, face) => Err(EngineError::Internal(format!(
+                    "the OpenPose preprocessor was handed {:?} and {:?}",
+                    body.map(Detector::network),
+                    face.map(Detector::network)
                 ))),
             },
             (Preprocessor::Mlsd(thresholds), _) => match detector {

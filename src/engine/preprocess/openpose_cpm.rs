@@ -46,6 +46,21 @@ pub fn is_cpm<'a>(names: impl Iterator<Item = &'a str>) -> bool {
     trunk && first_stage
 }
 
+/// How many maps the hand or face network of these tensor shapes gives (its first
+/// stage's output width); `None` for tensors of another network.
+pub fn cpm_maps(shapes: &[(String, Vec<i64>)]) -> Option<i64> {
+    if !is_cpm(shapes.iter().map(|(name, _)| name.as_str())) {
+        return None;
+    }
+    shapes
+        .iter()
+        .find(|(name, _)| name.ends_with("conv6_2_CPM.weight"))
+        .and_then(|(_, shape)| shape.first().copied())
+}
+
+/// The face network's maps (70 landmarks and the background); the hand network has 22.
+pub const FACE_MAPS: i64 = 71;
+
 /// The hand or face network.
 pub struct CpmNetwork {
     trunk: Trunk,

@@ -78,13 +78,22 @@ impl PoseParts {
         body: true,
         face: false,
     };
+    /// Body and face (`include_face`).
+    pub const BODY_AND_FACE: PoseParts = PoseParts {
+        body: true,
+        face: true,
+    };
+    /// The face alone (the body found, not drawn).
+    pub const FACE: PoseParts = PoseParts {
+        body: false,
+        face: true,
+    };
 }
 
-/// The OpenPose preprocessor: the body network, and the face network where faces are
-/// drawn.
+/// The OpenPose preprocessor: the body network (the face network, a detector file of
+/// its own, is handed in where faces are drawn).
 pub struct OpenPoseDetector {
     network: BodyPose,
-    face: Option<CpmNetwork>,
 }
 
 /// Sizes (width, height) along the way: the image, the scaled image, the padded input.
@@ -100,30 +109,27 @@ impl OpenPoseDetector {
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         Ok(Self {
             network: BodyPose::load(path, device, kind)?,
-            face: None,
         })
-    }
-
-    /// The detector with a face network beside the body's.
-    pub fn with_face(self, face: CpmNetwork) -> Self {
-        Self {
-            face: Some(face),
-            ..self
-        }
     }
 
     /// The body pose map of an RGB image at its own size: the skeletons on black.
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
-        self.detect_parts(image, PoseParts::BODY)
+        self.detect_parts(image, PoseParts::BODY, None)
     }
 
-    /// The pose map of `parts` of each person found in an RGB image, at its size.
-    pub fn detect_parts(&self, image: &RgbImage, parts: PoseParts) -> Result<RgbImage> {
+    /// The pose map of `parts` of each person found in an RGB image, at its size; `face`
+    /// is the face network, needed where faces are drawn.
+    pub fn detect_parts(
+        &self,
+        image: &RgbImage,
+        parts: PoseParts,
+        face: Option<&CpmNetwork>,
+    ) -> Result<RgbImage> {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
         let (candidates, people) = maps.decode();
-        let faces = match (parts.face, &self.face) {
+        let faces = match (parts.face, face) {
             (false, _) => Vec::new(),
             (true, Some(face)) => {
                 find_faces(image, &candidates, &people, |input| Ok(face.forward(input)))?

@@ -1,0 +1,305 @@
+//! The OpenPose face preprocessors over gRPC (`PREPROCESSOR_OPENPOSE_FACE`,
+//! `PREPROCESSOR_OPENPOSE_FACEONLY`): the body and face networks, both random, found as
+//! the configured defaults, their maps equal to controlnet_aux's `OpenposeDetector`
+//! with `include_face` (fixtures from `tests/fixtures/pose_face_fixtures.py`), through
+//! the Preprocess RPC and a ControlNet unit; a face network missing or misplaced is
+//! refused naming its key or field.
+
+mod common;
+
+use common::detector_fixtures;
+use common::server::{error_reason, TestServer};
+use sdxld::proto::v1 as pb;
+use tonic::Code;
+
+/// The reference maps: (case, image, detect resolution).
+const CASES: [(&str, &str, u32); 2] = [
+    ("square", "photo.png", 128),
+    ("portrait", "photo_odd.png", 128),
+];
+
+/// A preprocessor root with the random `wide` body network and the face network under
+/// the defaults' names, the hand network, and the face network under another name.
+fn detector_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let openpose = detector_fixtures().join("openpose");
+    for (from, to) in [
+        ("wide.safetensors", "body_pose_model.safetensors"),
+        ("cpm_face.safetensors", "facenet.safetensors"),
+        ("cpm_face.safetensors", "my_face.safetensors"),
+        ("cpm_hand.safetensors", "hand_pose_model.safetensors"),
+    ] {
+        std::fs::copy(openpose.join(from), dir.path().join(to)).expect("copy");
+    }
+    dir
+}
+
+/// A ControlNet root with the tiny2 union model.
+fn controlnet_root() -> tempfile::TempDir {
+    common::controlnet_root(&[("tiny2/union", "union_xl")])
+}
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(detector_fixtures().join("images").join(name)).expect("image")
+}
+
+fn params(resolution: u32, model: &str) -> Option<pb::PreprocessorParams> {
+    Some(pb::PreprocessorParams {
+        detect_resolution: resolution,
+        model: model.into(),
+        ..Default::default()
+    })
+}
+
+fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest {
+    pb::PreprocessRequest {
+        image: image("photo.png"),
+        preprocessor: preprocessor as i32,
+        preprocessor_params: params(128, model),
+    }
+}
+
+/// Asserts that a PNG is the reference map pixel for pixel.
+fn assert_reference(what: &str, png: &[u8], reference: &str) {
+    let got = image::load_from_memory(png).expect("png").to_rgb8();
+    let path = detector_fixtures().join("openpose").join(reference);
+    let want = image::open(&path).expect("reference").to_rgb8();
+    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
+    let differing = got
+        .pixels()
+        .zip(want.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "{what}: pixels unlike controlnet_aux's");
+}
+
+/// Pixels of a PNG map that are landmark white.
+fn white_pixels(png: &[u8]) -> usize {
+    let map = image::load_from_memory(png).expect("png").to_rgb8();
+    map.pixels().filter(|p| p.0 == [255, 255, 255]).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &[]).await;
+    for (case, file, resolution) in CASES {
+        for (preprocessor, parts) in [
+            (pb::Preprocessor::OpenposeFace, "face"),
+            (pb::Preprocessor::OpenposeFaceonly, "faceonly"),
+        ] {
+            let what = format!("{case} {parts}");
+            let map = server
+                .preprocess(pb::PreprocessRequest {
+                    image: image(file),
+                    preprocessor: preprocessor as i32,
+                    preprocessor_params: params(resolution, ""),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_reference(
+                &what,
+                &map.control_map,
+                &format!("service_{case}_{parts}.png"),
+            );
+            assert!(white_pixels(&map.control_map) > 100, "{what}: landmarks");
+        }
+    }
+    // The body alone draws no landmark, so the white dots are the face network's.
+    let body = server
+        .preprocess(request(pb::Preprocessor::Openpose, ""))
+        .await
+        .expect("body");
+    assert_eq!(white_pixels(&body.control_map), 0);
+    // A unit draws the same map, records its module and reports both networks.
+    let response = server
+        .images(pb::GenerationSpec {
+            steps: 2,
+            width: 128,
+            height: 128,
+            scheduler: pb::Scheduler::Euler as i32,
+            controlnets: vec![pb::ControlNetUnit {
+                model: "union_xl".into(),
+                image: image("photo.png"),
+                preprocessor: pb::Preprocessor::OpenposeFace as i32,
+                preprocessor_params: params(128, ""),
+                ..Default::default()
+            }],
+            output: Some(pb::OutputOptions {
+                return_control_maps: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("a unit with faces");
+    assert_reference(
+        "unit",
+        &response.control_maps[0].data,
+        "service_square_face.png",
+    );
+    let parameters = common::png_parameters(&response.images[0].data);
+    assert!(
+        parameters.contains("Module: openpose_face, Processor Res: 128,"),
+        "{parameters}"
+    );
+    let completed = response.completed.expect("completed");
+    let detectors: Vec<_> = completed
+        .models
+        .iter()
+        .filter(|m| m.kind == pb::ModelKind::Preprocessor as i32)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(detectors, ["body_pose_model", "facenet"]);
+    // Both networks stayed in the cache, listed with what they are.
+    let listed = server.list_models(pb::ModelKind::Preprocessor).await;
+    let network = |name: &str| {
+        let model = listed
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} listed"));
+        let info = model.preprocessor.clone().expect("preprocessor info");
+        (model.resident, info.network, info.error)
+    };
+    assert_eq!(network("facenet"), (true, "facenet".into(), String::new()));
+    assert_eq!(
+        network("body_pose_model"),
+        (true, "openpose".into(), String::new())
+    );
+    let (_, hand, error) = network("hand_pose_model");
+    assert!(hand.is_empty() && error.contains("hand network"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_misplaced_face_network_is_refused_by_name() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let no_face = [("SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL", "absent")];
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &no_face).await;
+    for preprocessor in [
+        pb::Preprocessor::OpenposeFace,
+        pb::Preprocessor::OpenposeFaceonly,
+    ] {
+        let status = server
+            .preprocess(request(preprocessor, ""))
+            .await
+            .expect_err("no face network");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        let (why, metadata) = error_reason(&status);
+        assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
+        assert_eq!(metadata["config_key"], "preprocessing.openpose_face_model");
+        assert_eq!(metadata["expected_file"], "absent.safetensors");
+    }
+    // The body alone still runs; the capabilities say which is ready and why not.
+    server
+        .preprocess(request(pb::Preprocessor::Openpose, ""))
+        .await
+        .expect("the body alone");
+    let support = server.capabilities().await.preprocessor_support;
+    let ready = |kind: pb::Preprocessor| {
+        let entry = support
+            .iter()
+            .find(|s| s.preprocessor == kind as i32)
+            .unwrap_or_else(|| panic!("{kind:?} listed"));
+        (entry.ready, entry.reason.clone())
+    };
+    assert_eq!(ready(pb::Preprocessor::Openpose), (true, String::new()));
+    let (face_ready, why) = ready(pb::Preprocessor::OpenposeFace);
+    assert!(
+        !face_ready && why.contains("preprocessing.openpose_face_model"),
+        "{why}"
+    );
+    // A unit of a generation is refused the same way before it is admitted.
+    let unit = pb::GenerationSpec {
+        steps: 2,
+        width: 64,
+        height: 64,
+        controlnets: vec![pb::ControlNetUnit {
+            model: "union_xl".into(),
+            image: image("photo.png"),
+            preprocessor: pb::Preprocessor::OpenposeFaceonly as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let status = server.images(unit).await.expect_err("no face network");
+    assert_eq!(
+        error_reason(&status).1["config_key"],
+        "preprocessing.openpose_face_model"
+    );
+    // A face file named as the body network is the request's mistake; a face default
+    // that holds the body network is the operator's.
+    let status = server
+        .preprocess(request(pb::Preprocessor::Openpose, "my_face"))
+        .await
+        .expect_err("a face file as the body");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        common::server::violated_fields(&status),
+        ["preprocessor_params.model"]
+    );
+    assert!(status.message().contains("facenet"), "{}", status.message());
+    drop(server);
+    let wrong = [(
+        "SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL",
+        "body_pose_model",
+    )];
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &wrong).await;
+    let status = server
+        .preprocess(request(pb::Preprocessor::OpenposeFace, ""))
+        .await
+        .expect_err("a body file as the face network");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("preprocessing.openpose_face_model"),
+        "{}",
+        status.message()
+    );
+}
+
+/// The face preprocessors on images of a few pixels at their own size run, their map
+/// that size, or are refused naming `detect_resolution` (a pose network input no pixel
+/// wide); none fails inside a network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_images_run_or_name_the_detect_resolution() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &[]).await;
+    let mut ran = 0;
+    for (width, height) in [(1, 1), (2, 9), (5, 5), (40, 3), (3, 40), (23, 21)] {
+        let pixels = image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([(x * 37 % 256) as u8, (y * 91 % 256) as u8, 128])
+        });
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(pixels)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        for preprocessor in [
+            pb::Preprocessor::OpenposeFace,
+            pb::Preprocessor::OpenposeFaceonly,
+        ] {
+            let what = format!("{preprocessor:?} at {width}x{height}");
+            let request = pb::PreprocessRequest {
+                image: png.clone(),
+                preprocessor: preprocessor as i32,
+                preprocessor_params: Some(pb::PreprocessorParams::default()),
+            };
+            match server.preprocess(request).await {
+                Ok(reply) => {
+                    let map = image::load_from_memory(&reply.control_map).expect("png");
+                    assert_eq!((map.width(), map.height()), (width, height), "{what}");
+                    ran += 1;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+                    assert_eq!(
+                        common::server::violated_fields(&status),
+                        ["preprocessor_params.detect_resolution"],
+                        "{what}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(ran >= 8, "{ran} ran");
+}
