@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
-of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth, the NormalBAE network of its
+of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth (alone, and with
+its face network of facenet.pth as openpose_face), the NormalBAE network of its
 scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED (alone and
 under Anyline), at their published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
@@ -52,7 +53,7 @@ def build(kind: str):
 
         args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7)
         return NNET(args)
-    if kind == "openpose":
+    if kind in ("openpose", "openpose_face"):
         from controlnet_aux.open_pose.model import bodypose_model
 
         return bodypose_model()
@@ -197,13 +198,24 @@ def write_model(kind: str, path: Path):
     if kind == "segmentation":
         return write_segmentation(path)
 
+    if kind == "openpose_face":
+        from controlnet_aux.open_pose.face import FaceNet
+
+        face = FaceNet()
+        randomise(face, 0)
+        save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(face_file(path)))
     model = build(kind)
     randomise(model, 0, gain={"lineart_anime": 0.25, "teed": 0.5, "anyline": 0.5}.get(kind, 1.0))
     state = model.state_dict()
-    if kind == "openpose":
+    if kind in ("openpose", "openpose_face"):
         # The published file's flat names (`conv1_1.weight`).
         state = {k.split(".", 1)[1]: v for k, v in state.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def face_file(body: Path) -> Path:
+    """Where openpose_face's face network is written beside its body network."""
+    return body.with_name("facenet.safetensors")
 
 
 def reference_child(args):
@@ -224,7 +236,7 @@ def reference_child(args):
     else:
         model = build(args.kind)
         state = load_file(args.model)
-        if args.kind == "openpose":
+        if args.kind in ("openpose", "openpose_face"):
             from controlnet_aux.open_pose.util import transfer
 
             state = transfer(model, state)
@@ -255,13 +267,24 @@ def reference_child(args):
             from controlnet_aux.normalbae import NormalBaeDetector
 
             detector = NormalBaeDetector(model)
-        elif args.kind == "openpose":
+        elif args.kind in ("openpose", "openpose_face"):
             from controlnet_aux.open_pose import OpenposeDetector
             from controlnet_aux.open_pose.body import Body
+            from controlnet_aux.open_pose.face import Face, FaceNet
 
             body = Body.__new__(Body)
             body.model = model
-            detector = OpenposeDetector(body)
+            face = None
+            if args.kind == "openpose_face":
+                face = Face.__new__(Face)
+                face.model = FaceNet()
+                face.model.load_state_dict(load_file(str(face_file(Path(args.model)))))
+                face.model.eval()
+                poses = OpenposeDetector(body, None, face).detect_poses(image, False, True)
+                print(f"openpose_face: {len(poses)} people, {sum(p.face is not None for p in poses)} faces", file=sys.stderr)
+            pose = OpenposeDetector(body, None, face)
+            include_face = args.kind == "openpose_face"
+            call = lambda: pose(image, detect_resolution=args.size, image_resolution=args.size, include_face=include_face, output_type="np")
         elif args.kind == "hed":
             from controlnet_aux.hed import HEDdetector
 
@@ -270,7 +293,7 @@ def reference_child(args):
             detector = LineartDetector(model, model)
         else:
             detector = LineartAnimeDetector(model)
-        if args.kind not in ("teed", "anyline"):
+        if args.kind not in ("teed", "anyline", "openpose", "openpose_face"):
             call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
@@ -297,7 +320,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,openpose_face,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -312,7 +335,9 @@ def main():
                 what = ["--preprocessor", kind]
             else:
                 write_model(kind, model)
-                what = ["--model", str(model)] + (["--preprocessor", kind] if kind == "anyline" else [])
+                what = ["--model", str(model)] + (["--preprocessor", kind] if kind in ("anyline", "openpose_face") else [])
+                if kind == "openpose_face":
+                    what += ["--face-model", str(face_file(model))]
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
             sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common)

@@ -8,6 +8,7 @@ use anyhow::bail;
 use sdxld::engine::device::Placement;
 use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::image_filters::Param;
+use sdxld::engine::preprocess::pose::PoseParts;
 use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
@@ -21,9 +22,13 @@ pub struct BenchDetectorArgs {
     /// Instead of a model, a preprocessor that runs no network: canny,
     /// lineart_standard, tile_resample (at a rate of 2: 2×2 blocks),
     /// tile_resample_fractional (2.5: weighted overlaps) or blur (sigma 9); with a TEED
-    /// model, anyline (its whole preprocessor).
+    /// model, anyline (its whole preprocessor); with an OpenPose body model and
+    /// --face-model, openpose_face (skeletons and faces).
     #[arg(long)]
     preprocessor: Option<String>,
+    /// The OpenPose face network's file, for --preprocessor openpose_face.
+    #[arg(long)]
+    face_model: Option<PathBuf>,
     /// Image side in pixels.
     #[arg(long, default_value_t = 1024)]
     size: u32,
@@ -62,6 +67,27 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
             let once = || preprocessing.run(&image, Networks::detector(Some(&detector)));
             (
                 "anyline",
+                timed_runs(args.timing.runs, placement.device, once)?,
+            )
+        }
+        (Some(model), Some("openpose_face")) => {
+            let Some(face_model) = &args.face_model else {
+                bail!("--preprocessor openpose_face needs --face-model");
+            };
+            let body = Detector::load(model, placement.device, placement.kind)?;
+            let face = Detector::load(face_model, placement.device, placement.kind)?;
+            let preprocessing = Preprocessing {
+                preprocessor: Preprocessor::OpenPose(PoseParts::BODY_AND_FACE),
+                detect_resolution: None,
+            };
+            let networks = Networks {
+                detector: Some(&body),
+                face: Some(&face),
+            };
+            let image = image::DynamicImage::ImageRgb8(image);
+            let once = || preprocessing.run(&image, networks);
+            (
+                "openpose_face",
                 timed_runs(args.timing.runs, placement.device, once)?,
             )
         }
