@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Preprocessor benchmark: controlnet_aux's networks with random weights (the line-art
 generator of its sk_model.pth, the anime line-art U-Net of its netG.pth, the HED network
-of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth (alone, and with
-its face network of facenet.pth as openpose_face), the NormalBAE network of its
+of its ControlNetHED.pth, the OpenPose body network of its body_pose_model.pth (alone, with
+its face network of facenet.pth as openpose_face, its hand network of hand_pose_model.pth as
+openpose_hand, both as openpose_full), the NormalBAE network of its
 scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED (alone and
 under Anyline), at their published sizes), Depth Anything V2 Small's and
 upernet-convnext-small's shapes in transformers, one square image of
@@ -53,7 +54,7 @@ def build(kind: str):
 
         args = types.SimpleNamespace(mode="client", architecture="BN", pretrained="scannet", sampling_ratio=0.4, importance_ratio=0.7)
         return NNET(args)
-    if kind in ("openpose", "openpose_face"):
+    if kind in POSE_KINDS:
         from controlnet_aux.open_pose.model import bodypose_model
 
         return bodypose_model()
@@ -198,24 +199,43 @@ def write_model(kind: str, path: Path):
     if kind == "segmentation":
         return write_segmentation(path)
 
-    if kind == "openpose_face":
+    if kind in ("openpose_face", "openpose_full"):
         from controlnet_aux.open_pose.face import FaceNet
 
         face = FaceNet()
         randomise(face, 0)
         save_file({k: v.contiguous() for k, v in face.state_dict().items()}, str(face_file(path)))
+    if kind in ("openpose_hand", "openpose_full"):
+        from controlnet_aux.open_pose.model import handpose_model
+
+        hand = handpose_model()
+        randomise(hand, 0)
+        save_file({k: v.contiguous() for k, v in hand.state_dict().items()}, str(hand_file(path)))
     model = build(kind)
     randomise(model, 0, gain={"lineart_anime": 0.25, "teed": 0.5, "anyline": 0.5}.get(kind, 1.0))
     state = model.state_dict()
-    if kind in ("openpose", "openpose_face"):
+    if kind in POSE_KINDS:
         # The published file's flat names (`conv1_1.weight`).
         state = {k.split(".", 1)[1]: v for k, v in state.items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
+def noise(size: int) -> np.ndarray:
+    """The square image of random pixels both sides detect in."""
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+POSE_KINDS = ("openpose", "openpose_face", "openpose_hand", "openpose_full")
+
+
 def face_file(body: Path) -> Path:
     """Where openpose_face's face network is written beside its body network."""
-    return body.with_name("facenet.safetensors")
+    return body.with_name(f"{body.stem}_facenet.safetensors")
+
+
+def hand_file(body: Path) -> Path:
+    """Where openpose_hand's hand network is written beside its body network."""
+    return body.with_name(f"{body.stem}_hand_pose_model.safetensors")
 
 
 def reference_child(args):
@@ -225,8 +245,7 @@ def reference_child(args):
     from safetensors.torch import load_file
 
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    image = noise(args.size)
     if args.kind in NETWORKLESS:
         call = networkless_child(args, image)
     elif args.kind in ("depth", "dpt", "dpt_hybrid"):
@@ -236,7 +255,7 @@ def reference_child(args):
     else:
         model = build(args.kind)
         state = load_file(args.model)
-        if args.kind in ("openpose", "openpose_face"):
+        if args.kind in POSE_KINDS:
             from controlnet_aux.open_pose.util import transfer
 
             state = transfer(model, state)
@@ -267,24 +286,8 @@ def reference_child(args):
             from controlnet_aux.normalbae import NormalBaeDetector
 
             detector = NormalBaeDetector(model)
-        elif args.kind in ("openpose", "openpose_face"):
-            from controlnet_aux.open_pose import OpenposeDetector
-            from controlnet_aux.open_pose.body import Body
-            from controlnet_aux.open_pose.face import Face, FaceNet
-
-            body = Body.__new__(Body)
-            body.model = model
-            face = None
-            if args.kind == "openpose_face":
-                face = Face.__new__(Face)
-                face.model = FaceNet()
-                face.model.load_state_dict(load_file(str(face_file(Path(args.model)))))
-                face.model.eval()
-                poses = OpenposeDetector(body, None, face).detect_poses(image, False, True)
-                print(f"openpose_face: {len(poses)} people, {sum(p.face is not None for p in poses)} faces", file=sys.stderr)
-            pose = OpenposeDetector(body, None, face)
-            include_face = args.kind == "openpose_face"
-            call = lambda: pose(image, detect_resolution=args.size, image_resolution=args.size, include_face=include_face, output_type="np")
+        elif args.kind in POSE_KINDS:
+            call = pose_child(args, model, image)
         elif args.kind == "hed":
             from controlnet_aux.hed import HEDdetector
 
@@ -293,7 +296,7 @@ def reference_child(args):
             detector = LineartDetector(model, model)
         else:
             detector = LineartAnimeDetector(model)
-        if args.kind not in ("teed", "anyline", "openpose", "openpose_face"):
+        if args.kind not in ("teed", "anyline") + POSE_KINDS:
             call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
     call()
     times = []
@@ -302,6 +305,38 @@ def reference_child(args):
         call()
         times.append(time.perf_counter() - start)
     print(json.dumps({"seconds": times}))
+
+
+def pose_child(args, body_model, image):
+    """controlnet_aux's OpenposeDetector with the parts args.kind draws."""
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
+    from controlnet_aux.open_pose.face import Face, FaceNet
+    from controlnet_aux.open_pose.hand import Hand
+    from controlnet_aux.open_pose.model import handpose_model
+    from safetensors.torch import load_file
+
+    body = Body.__new__(Body)
+    body.model = body_model
+    face = hand = None
+    include_face = args.kind in ("openpose_face", "openpose_full")
+    include_hand = args.kind in ("openpose_hand", "openpose_full")
+    if include_face:
+        face = Face.__new__(Face)
+        face.model = FaceNet()
+        face.model.load_state_dict(load_file(str(face_file(Path(args.model)))))
+        face.model.eval()
+    if include_hand:
+        hand = Hand.__new__(Hand)
+        hand.model = handpose_model()
+        hand.model.load_state_dict(load_file(str(hand_file(Path(args.model)))))
+        hand.model.eval()
+    pose = OpenposeDetector(body, hand, face)
+    poses = pose.detect_poses(image, include_hand, include_face)
+    hands = sum(1 for p in poses for h in (p.left_hand, p.right_hand) if h is not None)
+    print(f"{args.kind}: {len(poses)} people, {sum(p.face is not None for p in poses)} faces, {hands} hands", file=sys.stderr)
+    return lambda: pose(image, detect_resolution=args.size, image_resolution=args.size, include_hand=include_hand,
+                        include_face=include_face, output_type="np")
 
 
 def run(cmd):
@@ -320,7 +355,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,openpose_face,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -335,12 +370,21 @@ def main():
                 what = ["--preprocessor", kind]
             else:
                 write_model(kind, model)
-                what = ["--model", str(model)] + (["--preprocessor", kind] if kind in ("anyline", "openpose_face") else [])
-                if kind == "openpose_face":
+                what = ["--model", str(model)] + (["--preprocessor", kind] if kind == "anyline" or kind in POSE_KINDS[1:] else [])
+                if kind in ("openpose_face", "openpose_full"):
                     what += ["--face-model", str(face_file(model))]
+                if kind in ("openpose_hand", "openpose_full"):
+                    what += ["--hand-model", str(hand_file(model))]
             common = ["--size", str(args.size), "--threads", str(args.threads), "--runs", str(args.runs)]
+            # Both sides detect in the same random image (a pose detector's work depends on
+            # the people it finds).
+            image = Path(tmp) / "image.png"
+            if not image.exists():
+                from PIL import Image
+
+                Image.fromarray(noise(args.size)).save(image)
             reference, reference_peak = run([sys.executable, __file__, "--reference-child", "--kind", kind, "--model", str(model), "--sdxld", args.sdxld] + common)
-            sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common)
+            sdxld, sdxld_peak = run([args.sdxld, "bench-detector"] + what + common + ["--image", str(image)])
             r, d = statistics.median(reference["seconds"]), statistics.median(sdxld["seconds"])
             print(
                 f"{kind} {args.size}², {args.threads} thread(s): reference {r:.4f} s (peak RSS {reference_peak:.0f} MiB), "

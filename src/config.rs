@@ -191,6 +191,9 @@ pub struct PreprocessingSettings {
     /// The OpenPose face network's model name (faces drawn beside or without the
     /// bodies); "" for none.
     pub openpose_face_model: String,
+    /// The OpenPose hand network's model name (hands drawn beside the bodies); "" for
+    /// none.
+    pub openpose_hand_model: String,
     /// The NormalBAE network's model name; "" for none.
     pub normal_model: String,
     /// The M-LSD network's model name; "" for none.
@@ -224,13 +227,17 @@ impl PreprocessingSettings {
                 "preprocessing.openpose_face_model",
                 &self.openpose_face_model,
             ),
+            DetectorNetwork::HandPose => (
+                "preprocessing.openpose_hand_model",
+                &self.openpose_hand_model,
+            ),
             DetectorNetwork::NormalBae => ("preprocessing.normal_model", &self.normal_model),
             DetectorNetwork::Mlsd => ("preprocessing.mlsd_model", &self.mlsd_model),
         }
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 10] {
+    fn all(&self) -> [(&'static str, &str); 11] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -239,6 +246,7 @@ impl PreprocessingSettings {
             DetectorNetwork::UperNet,
             DetectorNetwork::OpenPose,
             DetectorNetwork::FaceNet,
+            DetectorNetwork::HandPose,
             DetectorNetwork::NormalBae,
             DetectorNetwork::Mlsd,
             DetectorNetwork::Teed,

@@ -7,11 +7,11 @@
 
 mod common;
 
-use common::{assert_close, detector_fixtures, read_tensors};
+use common::{assert_close, detector_fixtures, random_bodies, read_tensors};
 use sdxld::engine::preprocess::openpose::is_body_pose;
 use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
 use sdxld::engine::preprocess::pose::{
-    draw_poses, find_faces, network_input, pose_maps, PoseParts,
+    draw_poses, find_faces, network_input, pose_maps, PersonDetails, PoseParts,
 };
 use sdxld::engine::preprocess::pose_face::{face_box, FaceBox};
 use sdxld::engine::weights::read_shapes;
@@ -50,22 +50,10 @@ fn the_hand_and_face_network_equals_controlnet_aux() {
 
 #[test]
 fn face_squares_are_those_face_detect_finds() {
-    let io = read_tensors(&detector_fixtures().join("openpose/face_boxes.safetensors"));
-    let keypoints = Vec::<f64>::try_from(io["keypoints"].contiguous().view(-1)).expect("f64");
-    let sizes = Vec::<i64>::try_from(io["sizes"].contiguous().view(-1)).expect("i64");
-    let boxes = Vec::<i64>::try_from(io["boxes"].contiguous().view(-1)).expect("i64");
+    let path = detector_fixtures().join("openpose/face_boxes.safetensors");
     let mut found = 0;
-    for (k, ((points, size), want)) in keypoints
-        .chunks(36)
-        .zip(sizes.chunks(2))
-        .zip(boxes.chunks(3))
-        .enumerate()
-    {
-        let points: Vec<Option<(f64, f64)>> = points
-            .chunks(2)
-            .map(|p| (!p[0].is_nan()).then_some((p[0], p[1])))
-            .collect();
-        let got = face_box(&points, size[0] as usize, size[1] as usize);
+    for (k, (points, (width, height), want)) in random_bodies(&path).into_iter().enumerate() {
+        let got = face_box(&points, width, height);
         let want = (want[0] >= 0).then(|| FaceBox {
             x: want[0] as usize,
             y: want[1] as usize,
@@ -112,9 +100,27 @@ fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
             "{case}: the reference's face calls"
         );
         assert!(faces.iter().flatten().count() >= 2, "{case}: faces");
+        let details: Vec<PersonDetails> = faces
+            .into_iter()
+            .map(|face| PersonDetails {
+                face,
+                ..Default::default()
+            })
+            .collect();
         for (suffix, body) in [("face", true), ("faceonly", false)] {
-            let parts = PoseParts { body, face: true };
-            let map = draw_poses(&candidates, &people, &faces, parts, maps.width, maps.height);
+            let parts = PoseParts {
+                body,
+                hands: false,
+                face: true,
+            };
+            let map = draw_poses(
+                &candidates,
+                &people,
+                &details,
+                parts,
+                maps.width,
+                maps.height,
+            );
             let want = image::open(root.join(format!("faces_{case}_{suffix}_map.png")))
                 .expect("map")
                 .to_rgb8();

@@ -426,6 +426,8 @@ mod over_grpc {
                 pb::Preprocessor::Invert as i32,
                 pb::Preprocessor::OpenposeFace as i32,
                 pb::Preprocessor::OpenposeFaceonly as i32,
+                pb::Preprocessor::OpenposeHand as i32,
+                pb::Preprocessor::OpenposeFull as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -438,7 +440,7 @@ mod over_grpc {
             ready,
             [
                 true, true, false, false, false, false, false, false, false, false, false, true,
-                false, true, true, true, false, false
+                false, true, true, true, false, false, false, false
             ]
         );
     }

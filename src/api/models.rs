@@ -454,7 +454,7 @@ fn preprocessor_support(state: &ApiState) -> Vec<pb::PreprocessorSupport> {
                 support.default_model = name.to_string();
                 let installed = detectors
                     .default_for(preprocessor)
-                    .and_then(|_| detectors.face_for(preprocessor));
+                    .and_then(|_| detectors.parts_for(preprocessor));
                 if let Err(e) = installed {
                     support.ready = false;
                     support.reason = state.status(e).message().to_string();

@@ -47,6 +47,7 @@ pub fn preprocess_job(request: pb::PreprocessRequest, ctx: &Context) -> Result<J
         preprocessing: checked.preprocessing,
         detector,
         face_detector: checked.face_detector,
+        hand_detector: checked.hand_detector,
     })))
 }
 

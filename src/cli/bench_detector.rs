@@ -22,16 +22,24 @@ pub struct BenchDetectorArgs {
     /// Instead of a model, a preprocessor that runs no network: canny,
     /// lineart_standard, tile_resample (at a rate of 2: 2×2 blocks),
     /// tile_resample_fractional (2.5: weighted overlaps) or blur (sigma 9); with a TEED
-    /// model, anyline (its whole preprocessor); with an OpenPose body model and
-    /// --face-model, openpose_face (skeletons and faces).
+    /// model, anyline (its whole preprocessor); with an OpenPose body model,
+    /// openpose_face (with --face-model), openpose_hand (with --hand-model) or
+    /// openpose_full (both).
     #[arg(long)]
     preprocessor: Option<String>,
-    /// The OpenPose face network's file, for --preprocessor openpose_face.
+    /// The OpenPose face network's file, for openpose_face and openpose_full.
     #[arg(long)]
     face_model: Option<PathBuf>,
+    /// The OpenPose hand network's file, for openpose_hand and openpose_full.
+    #[arg(long)]
+    hand_model: Option<PathBuf>,
     /// Image side in pixels.
     #[arg(long, default_value_t = 1024)]
     size: u32,
+    /// The image to detect in (the reference's own, so that a pose detector finds the
+    /// same people); default: random pixels of --size.
+    #[arg(long)]
+    image: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -49,7 +57,10 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
     }
     args.timing.set_threads();
     let placement = Placement::parse(&args.device, &args.dtype)?;
-    let image = noise_image(args.size, 0x9e37_79b9_7f4a_7c15)?;
+    let image = match &args.image {
+        Some(path) => image::open(path)?.to_rgb8(),
+        None => noise_image(args.size, 0x9e37_79b9_7f4a_7c15)?,
+    };
     let (name, (seconds, peak_mib)) = match (&args.model, args.preprocessor.as_deref()) {
         (Some(model), None) => {
             let detector = Detector::load(model, placement.device, placement.kind)?;
@@ -70,26 +81,36 @@ pub fn bench_detector(args: &BenchDetectorArgs) -> anyhow::Result<()> {
                 timed_runs(args.timing.runs, placement.device, once)?,
             )
         }
-        (Some(model), Some("openpose_face")) => {
-            let Some(face_model) = &args.face_model else {
-                bail!("--preprocessor openpose_face needs --face-model");
+        (Some(model), Some(name @ ("openpose_face" | "openpose_hand" | "openpose_full"))) => {
+            let parts = match name {
+                "openpose_face" => PoseParts::BODY_AND_FACE,
+                "openpose_hand" => PoseParts::BODY_AND_HANDS,
+                _ => PoseParts::FULL,
+            };
+            let load = |file: &Option<PathBuf>, flag: &str, needed: bool| match (file, needed) {
+                (Some(file), true) => Ok(Some(Detector::load(
+                    file,
+                    placement.device,
+                    placement.kind,
+                )?)),
+                (None, true) => bail!("--preprocessor {name} needs --{flag}"),
+                (_, false) => Ok(None),
             };
             let body = Detector::load(model, placement.device, placement.kind)?;
-            let face = Detector::load(face_model, placement.device, placement.kind)?;
+            let face = load(&args.face_model, "face-model", parts.face)?;
+            let hand = load(&args.hand_model, "hand-model", parts.hands)?;
             let preprocessing = Preprocessing {
-                preprocessor: Preprocessor::OpenPose(PoseParts::BODY_AND_FACE),
+                preprocessor: Preprocessor::OpenPose(parts),
                 detect_resolution: None,
             };
             let networks = Networks {
                 detector: Some(&body),
-                face: Some(&face),
+                face: face.as_ref(),
+                hand: hand.as_ref(),
             };
             let image = image::DynamicImage::ImageRgb8(image);
             let once = || preprocessing.run(&image, networks);
-            (
-                "openpose_face",
-                timed_runs(args.timing.runs, placement.device, once)?,
-            )
+            (name, timed_runs(args.timing.runs, placement.device, once)?)
         }
         (Some(_), Some(other)) => bail!("--preprocessor {other:?} takes no --model"),
         (None, Some(name)) => {

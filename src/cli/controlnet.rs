@@ -8,8 +8,8 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert), detector (a preprocessor network's \
-.safetensors file or model folder; the face network of openpose_face and openpose_faceonly is `facenet.safetensors` in the same folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert), detector (a preprocessor network's \
+.safetensors file or model folder; the face and hand networks of the openpose_face, _faceonly, _hand and _full maps are `facenet.safetensors` and `hand_pose_model.safetensors` in the same folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -110,6 +110,8 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("invert", 16),
                 ("openpose_face", 17),
                 ("openpose_faceonly", 18),
+                ("openpose_hand", 19),
+                ("openpose_full", 20),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }

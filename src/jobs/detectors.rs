@@ -1,5 +1,6 @@
-//! The networks a preprocessor runs (its detector and, for a pose map with faces, the
-//! face network), loaded into the cache, and the memory running them takes.
+//! The networks a preprocessor runs (its detector and, for a pose map with faces or
+//! hands, the face and hand networks), loaded into the cache, and the memory running
+//! them takes.
 
 use std::rc::Rc;
 
@@ -9,11 +10,13 @@ use crate::engine::preprocess::{Networks, Preprocessing};
 use crate::jobs::engine::Engine;
 use crate::jobs::spec::{ControlInput, DetectorFile, PreprocessSpec};
 
-/// The files a preprocessor's networks are in: its detector's and its face network's.
+/// The files a preprocessor's networks are in: its detector's and its face and hand
+/// networks'.
 #[derive(Debug, Clone, Copy)]
 pub struct NetworkFiles<'a> {
     pub detector: Option<&'a DetectorFile>,
     pub face: Option<&'a DetectorFile>,
+    pub hand: Option<&'a DetectorFile>,
 }
 
 impl<'a> NetworkFiles<'a> {
@@ -22,6 +25,7 @@ impl<'a> NetworkFiles<'a> {
         Self {
             detector: input.detector.as_ref(),
             face: input.face_detector.as_ref(),
+            hand: input.hand_detector.as_ref(),
         }
     }
 
@@ -30,17 +34,18 @@ impl<'a> NetworkFiles<'a> {
         Self {
             detector: Some(&spec.detector),
             face: spec.face_detector.as_ref(),
+            hand: spec.hand_detector.as_ref(),
         }
     }
 
     /// Each file, the detector's first.
     pub fn files(self) -> impl Iterator<Item = &'a DetectorFile> {
-        self.detector.into_iter().chain(self.face)
+        self.detector.into_iter().chain(self.face).chain(self.hand)
     }
 
     /// The bytes running them for `preprocessing` on a `width`×`height` image takes
-    /// beyond their weights: the face network runs while the body's maps are kept, so
-    /// both count.
+    /// beyond their weights: the face and hand networks run while the body's maps are
+    /// kept, so all count.
     pub fn activations(
         self,
         engine: &Engine,
@@ -61,6 +66,7 @@ impl<'a> NetworkFiles<'a> {
         Ok(LoadedNetworks {
             detector: load(self.detector)?,
             face: load(self.face)?,
+            hand: load(self.hand)?,
         })
     }
 }
@@ -70,6 +76,7 @@ impl<'a> NetworkFiles<'a> {
 pub struct LoadedNetworks {
     pub detector: Option<Rc<Detector>>,
     pub face: Option<Rc<Detector>>,
+    pub hand: Option<Rc<Detector>>,
 }
 
 impl LoadedNetworks {
@@ -78,6 +85,7 @@ impl LoadedNetworks {
         Networks {
             detector: self.detector.as_deref(),
             face: self.face.as_deref(),
+            hand: self.hand.as_deref(),
         }
     }
 }

@@ -298,9 +298,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Blur { sigma }) => format!("blur_gaussian, Threshold A: {}", sigma.0),
         Some(Preprocessor::Invert) => "invert".to_string(),
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
-        Some(Preprocessor::OpenPose(PoseParts { face: false, .. })) => "openpose".to_string(),
-        Some(Preprocessor::OpenPose(PoseParts { body: true, .. })) => "openpose_face".to_string(),
-        Some(Preprocessor::OpenPose(_)) => "openpose_faceonly".to_string(),
+        Some(Preprocessor::OpenPose(parts)) => pose_module(parts).to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),
         Some(Preprocessor::Mlsd(t)) => {
             format!(
@@ -345,4 +343,15 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         entry.push_str(&format!(", Union: {}", types.join(" + ")));
     }
     entry
+}
+
+/// sd-webui-controlnet's name of the OpenPose module that draws `parts`.
+fn pose_module(parts: PoseParts) -> &'static str {
+    match (parts.body, parts.hands, parts.face) {
+        (true, true, true) => "openpose_full",
+        (true, true, false) => "openpose_hand",
+        (true, false, true) => "openpose_face",
+        (false, _, _) => "openpose_faceonly",
+        (true, false, false) => "openpose",
+    }
 }

@@ -105,6 +105,8 @@ pub struct ControlInput {
     pub detector: Option<DetectorFile>,
     /// The face network's file of a pose map with faces.
     pub face_detector: Option<DetectorFile>,
+    /// The hand network's file of a pose map with hands.
+    pub hand_detector: Option<DetectorFile>,
 }
 
 /// A ControlNet unit of a job.
@@ -197,6 +199,8 @@ pub struct PreprocessSpec {
     pub detector: DetectorFile,
     /// The face network's file of a pose map with faces.
     pub face_detector: Option<DetectorFile>,
+    /// The hand network's file of a pose map with hands.
+    pub hand_detector: Option<DetectorFile>,
 }
 
 /// What a queued job does.
@@ -295,13 +299,13 @@ impl JobSpec {
             .chain(self.post_processing.iter().map(PostStep::model))
     }
 
-    /// The detectors of the units' preprocessors (each input's, then its face
-    /// network's), in unit and input order.
+    /// The detectors of the units' preprocessors (each input's, then its face and hand
+    /// networks'), in unit and input order.
     pub fn detectors(&self) -> impl Iterator<Item = &ModelEntry> {
         self.controlnets
             .iter()
             .flat_map(|c| &c.inputs)
-            .flat_map(|i| [&i.detector, &i.face_detector])
+            .flat_map(|i| [&i.detector, &i.face_detector, &i.hand_detector])
             .filter_map(|d| d.as_ref().map(|d| &d.model))
     }
 

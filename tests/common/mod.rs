@@ -97,6 +97,30 @@ pub fn controlnet_root(folders: &[(&str, &str)]) -> tempfile::TempDir {
     root
 }
 
+/// Random bodies of a pose fixture (`keypoints` [N, 18, 2], NaN where not found;
+/// `sizes` [N, 2]): each body's keypoints and its image's (width, height), and the
+/// fixture's `boxes` [N, ...] as whole numbers, one row per body.
+#[allow(dead_code, clippy::type_complexity)]
+pub fn random_bodies(path: &Path) -> Vec<(Vec<Option<(f64, f64)>>, (usize, usize), Vec<i64>)> {
+    let io = read_tensors(path);
+    let keypoints = Vec::<f64>::try_from(io["keypoints"].contiguous().view(-1)).expect("f64");
+    let sizes = Vec::<i64>::try_from(io["sizes"].contiguous().view(-1)).expect("i64");
+    let boxes = Vec::<i64>::try_from(io["boxes"].contiguous().view(-1)).expect("i64");
+    let bodies = sizes.len() / 2;
+    keypoints
+        .chunks(36)
+        .zip(sizes.chunks(2))
+        .zip(boxes.chunks(boxes.len() / bodies.max(1)))
+        .map(|((points, size), boxes)| {
+            let points = points
+                .chunks(2)
+                .map(|p| (!p[0].is_nan()).then_some((p[0], p[1])))
+                .collect();
+            (points, (size[0] as usize, size[1] as usize), boxes.to_vec())
+        })
+        .collect()
+}
+
 /// The fixture folder written by `tests/fixtures/make_hires_fixtures.py` (built when
 /// missing).
 pub fn hires_fixtures() -> PathBuf {

@@ -223,6 +223,7 @@ impl Check<'_> {
             preprocessing: checked.preprocessing,
             detector: checked.detector,
             face_detector: checked.face_detector,
+            hand_detector: checked.hand_detector,
         })
     }
 
@@ -380,7 +381,9 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         pb::Preprocessor::Depth => Some(ControlType::Depth),
         pb::Preprocessor::Openpose
         | pb::Preprocessor::OpenposeFace
-        | pb::Preprocessor::OpenposeFaceonly => Some(ControlType::OpenPose),
+        | pb::Preprocessor::OpenposeFaceonly
+        | pb::Preprocessor::OpenposeHand
+        | pb::Preprocessor::OpenposeFull => Some(ControlType::OpenPose),
         pb::Preprocessor::Scribble | pb::Preprocessor::Softedge | pb::Preprocessor::Anyline => {
             Some(ControlType::HedScribble)
         }

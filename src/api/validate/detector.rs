@@ -89,13 +89,22 @@ impl Detectors<'_> {
         )
     }
 
-    /// The configured face network of a preprocessor that draws faces (`None` for one
-    /// that does not), installed and holding that network.
-    pub fn face_for(self, preprocessor: Preprocessor) -> Result<Option<DetectorFile>, ApiError> {
-        preprocessor
-            .face_network()
-            .map(|network| self.installed(network, |held| held == network, network.described()))
-            .transpose()
+    /// The configured face and hand networks of a preprocessor that draws faces or hands
+    /// (`None` for a part it does not draw), each installed and holding that network.
+    #[allow(clippy::type_complexity)]
+    pub fn parts_for(
+        self,
+        preprocessor: Preprocessor,
+    ) -> Result<(Option<DetectorFile>, Option<DetectorFile>), ApiError> {
+        let part = |network: Option<DetectorNetwork>| {
+            network
+                .map(|n| self.installed(n, |held| held == n, n.described()))
+                .transpose()
+        };
+        Ok((
+            part(preprocessor.face_network())?,
+            part(preprocessor.hand_network())?,
+        ))
     }
 
     /// The configured default file of `network`, installed and holding a network

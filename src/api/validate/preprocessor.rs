@@ -24,7 +24,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 18] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 20] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -43,6 +43,8 @@ pub const IMPLEMENTED: [pb::Preprocessor; 18] = [
     pb::Preprocessor::Invert,
     pb::Preprocessor::OpenposeFace,
     pb::Preprocessor::OpenposeFaceonly,
+    pb::Preprocessor::OpenposeHand,
+    pb::Preprocessor::OpenposeFull,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -67,12 +69,13 @@ pub struct Subject<'a> {
 }
 
 /// A checked preprocessor: what it does, the detector file it runs, if any, and the
-/// face network's of a pose map with faces.
+/// face and hand networks' of a pose map with faces or hands.
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub preprocessing: Preprocessing,
     pub detector: Option<DetectorFile>,
     pub face_detector: Option<DetectorFile>,
+    pub hand_detector: Option<DetectorFile>,
 }
 
 /// The domain preprocessor of an implemented wire one, with its parameters.
@@ -92,6 +95,8 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Openpose => Some(Preprocessor::OpenPose(PoseParts::BODY)),
         pb::Preprocessor::OpenposeFace => Some(Preprocessor::OpenPose(PoseParts::BODY_AND_FACE)),
         pb::Preprocessor::OpenposeFaceonly => Some(Preprocessor::OpenPose(PoseParts::FACE)),
+        pb::Preprocessor::OpenposeHand => Some(Preprocessor::OpenPose(PoseParts::BODY_AND_HANDS)),
+        pb::Preprocessor::OpenposeFull => Some(Preprocessor::OpenPose(PoseParts::FULL)),
         pb::Preprocessor::Normal => Some(Preprocessor::Normal),
         pb::Preprocessor::Mlsd => Some(Preprocessor::Mlsd(parameters.lines)),
         pb::Preprocessor::LineartStandard => Some(Preprocessor::LineartStandard),
@@ -176,8 +181,8 @@ pub fn preprocessor(
         }
         None => None,
     };
-    let face_detector = match detectors.face_for(preprocessor) {
-        Ok(face) => face,
+    let (face_detector, hand_detector) = match detectors.parts_for(preprocessor) {
+        Ok(parts) => parts,
         Err(missing) => {
             deferred.missing(missing);
             return None;
@@ -196,6 +201,7 @@ pub fn preprocessor(
         },
         detector,
         face_detector,
+        hand_detector,
     })
 }
 

@@ -213,6 +213,9 @@ pub fn detector_activation_estimate(
         DetectorNetwork::OpenPose => (192 * 184 * 184 * width / height.max(1), 57 * 3),
         // A face at a time: the 64-channel first level of its 384² crop (three alive).
         DetectorNetwork::FaceNet => (192 * 384 * 384, 0),
+        // A hand at a time, its largest scale: the 64-channel first level of a 736² input
+        // (three alive).
+        DetectorNetwork::HandPose => (192 * 736 * 736, 0),
         // The full-resolution refinement: 132 channels in, 128 wide, a few alive.
         DetectorNetwork::NormalBae => (0, 600),
         // At half resolution: 96-channel expansions and the 128-channel joins, a few

@@ -42,6 +42,8 @@ pub enum DetectorNetwork {
     OpenPose,
     /// controlnet_aux's OpenPose face network (`FaceNet`), run beside the body's.
     FaceNet,
+    /// controlnet_aux's OpenPose hand network (`handpose_model`), run beside the body's.
+    HandPose,
     /// controlnet_aux's NormalBAE surface-normal network.
     NormalBae,
     /// controlnet_aux's M-LSD line-segment network.
@@ -83,6 +85,7 @@ impl DetectorNetwork {
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
             DetectorNetwork::FaceNet => "facenet",
+            DetectorNetwork::HandPose => "handpose",
             DetectorNetwork::NormalBae => "normal_bae",
             DetectorNetwork::Mlsd => "mlsd",
             DetectorNetwork::PiDiNet => "pidinet",
@@ -98,6 +101,7 @@ impl DetectorNetwork {
             | DetectorNetwork::Hed
             | DetectorNetwork::OpenPose
             | DetectorNetwork::FaceNet
+            | DetectorNetwork::HandPose
             | DetectorNetwork::NormalBae
             | DetectorNetwork::Mlsd
             | DetectorNetwork::PiDiNet
@@ -158,12 +162,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     }
     match openpose_cpm::cpm_maps(&shapes) {
         Some(openpose_cpm::FACE_MAPS) => return Ok(DetectorNetwork::FaceNet),
+        Some(openpose_cpm::HAND_MAPS) => return Ok(DetectorNetwork::HandPose),
         Some(maps) => {
             return Err(EngineError::WeightFile {
                 path: path.to_path_buf(),
                 message: format!(
-                    "holds an OpenPose hand network ({maps} maps), which no preprocessor runs yet; the face network has {} maps",
-                    openpose_cpm::FACE_MAPS
+                    "holds an OpenPose hand or face network of {maps} maps; the face network has {} and the hand network {}",
+                    openpose_cpm::FACE_MAPS,
+                    openpose_cpm::HAND_MAPS
                 ),
             })
         }
@@ -185,7 +191,7 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, facenet, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, facenet, handpose, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
         ),
     })
 }
@@ -209,6 +215,8 @@ pub enum Detector {
     OpenPose(OpenPoseDetector),
     /// The OpenPose face network.
     Face(CpmNetwork),
+    /// The OpenPose hand network.
+    Hand(CpmNetwork),
     /// The NormalBAE network.
     Normal(NormalDetector),
     /// The M-LSD network.
@@ -242,6 +250,7 @@ impl Detector {
                 path, device, kind,
             )?)),
             DetectorNetwork::FaceNet => Ok(Detector::Face(CpmNetwork::load(path, device, kind)?)),
+            DetectorNetwork::HandPose => Ok(Detector::Hand(CpmNetwork::load(path, device, kind)?)),
             DetectorNetwork::NormalBae => {
                 Ok(Detector::Normal(NormalDetector::load(path, device, kind)?))
             }
@@ -261,10 +270,11 @@ impl Detector {
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
-            Detector::Face(_) => {
-                return Err(EngineError::Internal(
-                    "the face network asked for a map of its own".into(),
-                ))
+            Detector::Face(_) | Detector::Hand(_) => {
+                return Err(EngineError::Internal(format!(
+                    "the {} network asked for a map of its own",
+                    self.network().name()
+                )))
             }
             Detector::Normal(network) => return network.detect(image),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
@@ -311,6 +321,7 @@ impl Detector {
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,
             Detector::Face(_) => DetectorNetwork::FaceNet,
+            Detector::Hand(_) => DetectorNetwork::HandPose,
             Detector::Normal(_) => DetectorNetwork::NormalBae,
             Detector::Mlsd(_) => DetectorNetwork::Mlsd,
             Detector::PiDiNet(_) => DetectorNetwork::PiDiNet,

@@ -33,6 +33,7 @@ pub mod pose;
 pub mod pose_decode;
 pub mod pose_draw;
 pub mod pose_face;
+pub mod pose_hand;
 pub mod processor;
 pub mod reassemble;
 pub mod scribble;
@@ -47,7 +48,7 @@ use cv_resize::Interpolation;
 use detector::{Detector, DetectorNetwork};
 use image_filters::Param;
 use mlsd_lines::LineThresholds;
-use pose::PoseParts;
+use pose::{PartNetworks, PoseParts};
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +61,13 @@ pub struct Preprocessing {
     pub detect_resolution: Option<u32>,
 }
 
-/// The loaded networks a preprocessor runs: its detector, and the face network of a
-/// pose map with faces.
+/// The loaded networks a preprocessor runs: its detector, and the face and hand networks
+/// of a pose map with faces or hands.
 #[derive(Clone, Copy, Default)]
 pub struct Networks<'a> {
     pub detector: Option<&'a Detector>,
     pub face: Option<&'a Detector>,
+    pub hand: Option<&'a Detector>,
 }
 
 impl<'a> Networks<'a> {
@@ -73,7 +75,7 @@ impl<'a> Networks<'a> {
     pub fn detector(detector: Option<&'a Detector>) -> Self {
         Self {
             detector,
-            face: None,
+            ..Self::default()
         }
     }
 }
@@ -218,6 +220,14 @@ impl Preprocessor {
         }
     }
 
+    /// The hand network it runs beside its detector, if any.
+    pub fn hand_network(self) -> Option<DetectorNetwork> {
+        match self {
+            Preprocessor::OpenPose(parts) if parts.hands => Some(DetectorNetwork::HandPose),
+            _ => None,
+        }
+    }
+
     /// Whether a detector file holding `held` draws its map: the network it runs or one
     /// that stands in for it. TEED draws soft edges, not scribbles (controlnet_aux has no
     /// TEED scribble).
@@ -260,17 +270,7 @@ impl Preprocessor {
                     other.map(Detector::network)
                 ))),
             },
-            (Preprocessor::OpenPose(parts), _) => match (detector, networks.face) {
-                (Some(Detector::OpenPose(body)), None) => body.detect_parts(rgb, parts, None),
-                (Some(Detector::OpenPose(body)), Some(Detector::Face(face))) => {
-                    body.detect_parts(rgb, parts, Some(face))
-                }
-                (body, face) => Err(EngineError::Internal(format!(
-                    "the OpenPose preprocessor was handed {:?} and {:?}",
-                    body.map(Detector::network),
-                    face.map(Detector::network)
-                ))),
-            },
+            (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks),
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(
@@ -294,6 +294,32 @@ impl Preprocessor {
             },
         }
     }
+}
+
+/// The OpenPose map of `parts` with the body, face and hand networks handed in.
+fn pose_map(rgb: &RgbImage, parts: PoseParts, networks: Networks) -> Result<RgbImage> {
+    let wrong = || {
+        EngineError::Internal(format!(
+            "the OpenPose preprocessor was handed {:?}, {:?} and {:?}",
+            networks.detector.map(Detector::network),
+            networks.face.map(Detector::network),
+            networks.hand.map(Detector::network)
+        ))
+    };
+    let Some(Detector::OpenPose(body)) = networks.detector else {
+        return Err(wrong());
+    };
+    let face = match networks.face {
+        Some(Detector::Face(face)) => Some(face),
+        None => None,
+        Some(_) => return Err(wrong()),
+    };
+    let hand = match networks.hand {
+        Some(Detector::Hand(hand)) => Some(hand),
+        None => None,
+        Some(_) => return Err(wrong()),
+    };
+    body.detect_parts(rgb, parts, PartNetworks { face, hand })
 }
 
 /// controlnet_aux's `HWC3`: grey becomes three equal channels, and an alpha channel is

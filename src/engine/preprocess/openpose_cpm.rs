@@ -58,8 +58,10 @@ pub fn cpm_maps(shapes: &[(String, Vec<i64>)]) -> Option<i64> {
         .and_then(|(_, shape)| shape.first().copied())
 }
 
-/// The face network's maps (70 landmarks and the background); the hand network has 22.
+/// The face network's maps (70 landmarks and the background).
 pub const FACE_MAPS: i64 = 71;
+/// The hand network's maps (21 keypoints and the background).
+pub const HAND_MAPS: i64 = 22;
 
 /// The hand or face network.
 pub struct CpmNetwork {

@@ -19,6 +19,7 @@ use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_co
 use crate::engine::preprocess::pose_face::{
     draw_face, face_box, face_landmarks, normalised, FaceLandmarks,
 };
+use crate::engine::preprocess::pose_hand::{draw_hand, hand_boxes, hand_keypoints, HandKeypoints};
 
 /// The network's input box (pixels of the image's height) and the one scale searched.
 const BOX_SIZE: f64 = 368.0;
@@ -65,10 +66,12 @@ pub fn network_size(width: u32, height: u32) -> (usize, usize) {
 }
 
 /// Which parts of each person a pose map shows (A1111's `openpose`: the body;
-/// `openpose_face`: body and face; `openpose_faceonly`: the face).
+/// `openpose_face`: body and face; `openpose_faceonly`: the face; `openpose_hand`: body
+/// and hands; `openpose_full`: all three).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoseParts {
     pub body: bool,
+    pub hands: bool,
     pub face: bool,
 }
 
@@ -76,18 +79,49 @@ impl PoseParts {
     /// The body alone (controlnet_aux's default).
     pub const BODY: PoseParts = PoseParts {
         body: true,
+        hands: false,
         face: false,
     };
     /// Body and face (`include_face`).
     pub const BODY_AND_FACE: PoseParts = PoseParts {
         body: true,
+        hands: false,
         face: true,
     };
     /// The face alone (the body found, not drawn).
     pub const FACE: PoseParts = PoseParts {
         body: false,
+        hands: false,
         face: true,
     };
+    /// Body and hands (`include_hand`).
+    pub const BODY_AND_HANDS: PoseParts = PoseParts {
+        body: true,
+        hands: true,
+        face: false,
+    };
+    /// Body, hands and face.
+    pub const FULL: PoseParts = PoseParts {
+        body: true,
+        hands: true,
+        face: true,
+    };
+}
+
+/// The face and hand networks a pose map with those parts runs beside the body's.
+#[derive(Clone, Copy, Default)]
+pub struct PartNetworks<'a> {
+    pub face: Option<&'a CpmNetwork>,
+    pub hand: Option<&'a CpmNetwork>,
+}
+
+/// What was found of a person beyond the body, as the reference draws it (positions
+/// normalised by the image's size): the face's landmarks and each hand's keypoints.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PersonDetails {
+    pub face: Option<FaceLandmarks>,
+    pub left_hand: Option<HandKeypoints>,
+    pub right_hand: Option<HandKeypoints>,
 }
 
 /// The OpenPose preprocessor: the body network (the face network, a detector file of
@@ -114,36 +148,45 @@ impl OpenPoseDetector {
 
     /// The body pose map of an RGB image at its own size: the skeletons on black.
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
-        self.detect_parts(image, PoseParts::BODY, None)
+        self.detect_parts(image, PoseParts::BODY, PartNetworks::default())
     }
 
-    /// The pose map of `parts` of each person found in an RGB image, at its size; `face`
-    /// is the face network, needed where faces are drawn.
+    /// The pose map of `parts` of each person found in an RGB image, at its size; the
+    /// face and hand networks are needed where faces and hands are drawn.
     pub fn detect_parts(
         &self,
         image: &RgbImage,
         parts: PoseParts,
-        face: Option<&CpmNetwork>,
+        networks: PartNetworks,
     ) -> Result<RgbImage> {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
         let (candidates, people) = maps.decode();
-        let faces = match (parts.face, face) {
-            (false, _) => Vec::new(),
-            (true, Some(face)) => {
-                find_faces(image, &candidates, &people, |input| Ok(face.forward(input)))?
-            }
-            (true, None) => {
-                return Err(EngineError::Internal(
-                    "faces asked of a pose detector without a face network".into(),
-                ))
-            }
+        let mut details = vec![PersonDetails::default(); people.len()];
+        let missing = |what: &str| {
+            EngineError::Internal(format!(
+                "{what} asked of a pose detector without their network"
+            ))
         };
+        if parts.hands {
+            let hand = networks.hand.ok_or_else(|| missing("hands"))?;
+            let hands = find_hands(image, &candidates, &people, |input| Ok(hand.forward(input)))?;
+            for (person, [left, right]) in details.iter_mut().zip(hands) {
+                (person.left_hand, person.right_hand) = (left, right);
+            }
+        }
+        if parts.face {
+            let face = networks.face.ok_or_else(|| missing("faces"))?;
+            let faces = find_faces(image, &candidates, &people, |input| Ok(face.forward(input)))?;
+            for (person, face) in details.iter_mut().zip(faces) {
+                person.face = face;
+            }
+        }
         Ok(draw_poses(
             &candidates,
             &people,
-            &faces,
+            &details,
             parts,
             maps.width,
             maps.height,
@@ -182,7 +225,32 @@ pub fn find_faces(
                 return Ok(None);
             };
             let landmarks = face_landmarks(image, square, &mut face_maps)?;
-            Ok((!landmarks.is_empty()).then(|| normalised(&landmarks, square, width, height)))
+            Ok((!landmarks.is_empty())
+                .then(|| normalised(&landmarks, (square.x, square.y), width, height)))
+        })
+        .collect()
+}
+
+/// Each person's hands' keypoints (`detect_hands`, `hand_maps` running the hand network),
+/// left then right, normalised as the reference draws them: `None` for a hand whose
+/// square is not found.
+pub fn find_hands(
+    image: &RgbImage,
+    candidates: &[Candidate],
+    people: &[Person],
+    mut hand_maps: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<[Option<HandKeypoints>; 2]>> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    people
+        .iter()
+        .map(|person| {
+            let mut hands = [None, None];
+            for square in hand_boxes(&keypoints(candidates, person), width, height) {
+                let found = hand_keypoints(image, square, &mut hand_maps)?;
+                let normal = normalised(&found, (square.x, square.y), width, height);
+                hands[usize::from(!square.left)] = Some(normal);
+            }
+            Ok(hands)
         })
         .collect()
 }
@@ -293,12 +361,13 @@ pub fn draw_people(
     draw_poses(candidates, people, &[], PoseParts::BODY, width, height)
 }
 
-/// `draw_poses`: person by person, the skeleton (`draw_bodypose`) and the face's
-/// landmarks (`draw_facepose`, `faces` by person) of the parts asked for.
+/// `draw_poses`: person by person, of the parts asked for, the skeleton
+/// (`draw_bodypose`), the left then the right hand (`draw_handpose`) and the face's
+/// landmarks (`draw_facepose`), from `details` by person.
 pub fn draw_poses(
     candidates: &[Candidate],
     people: &[Person],
-    faces: &[Option<FaceLandmarks>],
+    details: &[PersonDetails],
     parts: PoseParts,
     width: usize,
     height: usize,
@@ -308,7 +377,15 @@ pub fn draw_poses(
         if parts.body {
             draw_body(&mut canvas, &keypoints(candidates, person));
         }
-        if let Some(Some(face)) = faces.get(i).filter(|_| parts.face) {
+        let Some(found) = details.get(i) else {
+            continue;
+        };
+        if parts.hands {
+            for hand in [&found.left_hand, &found.right_hand].into_iter().flatten() {
+                draw_hand(&mut canvas, hand);
+            }
+        }
+        if let Some(face) = found.face.as_ref().filter(|_| parts.face) {
             draw_face(&mut canvas, face);
         }
     }

@@ -87,11 +87,17 @@ pub struct PoseMaps<'a> {
     pub affinities: &'a [f64],
 }
 
-/// numpy's pairwise summation of a short array (at most 128 values): eight running
-/// sums combined as a tree, then the remainder in order.
-fn numpy_sum(values: &[f64]) -> f64 {
+/// numpy's pairwise summation of a float64 array: up to 128 values, eight running sums
+/// combined as a tree, then the remainder in order; longer ones split in two halves (the
+/// first a multiple of 8 long) summed apart.
+pub(super) fn numpy_sum(values: &[f64]) -> f64 {
     if values.len() < 8 {
         return values.iter().fold(0.0, |a, v| a + v);
+    }
+    if values.len() > 128 {
+        let half = values.len() / 2;
+        let split = half - half % 8;
+        return numpy_sum(&values[..split]) + numpy_sum(&values[split..]);
     }
     let whole = values.len() - values.len() % 8;
     let mut r = [0.0; 8];
@@ -107,7 +113,7 @@ fn numpy_sum(values: &[f64]) -> f64 {
 
 /// scipy's `gaussian_filter(plane, 3)`: σ 3, `truncate` 4, borders reflected about the
 /// edge (`mode='reflect'`), along rows first, then columns.
-fn gaussian_filter(plane: &[f64], width: usize, height: usize) -> Vec<f64> {
+pub(super) fn gaussian_filter(plane: &[f64], width: usize, height: usize) -> Vec<f64> {
     const SIGMA: f64 = 3.0;
     let radius = (4.0 * SIGMA + 0.5) as i64;
     let raw: Vec<f64> = (-radius..=radius)

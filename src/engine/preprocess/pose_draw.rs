@@ -1,7 +1,8 @@
-//! OpenCV's drawing primitives as controlnet_aux's `draw_bodypose` calls them on 8-bit
-//! RGB (8-connected, no antialiasing, no sub-pixel shift): `ellipse2Poly` with its table
+//! OpenCV's drawing primitives as controlnet_aux's `draw_bodypose` and `draw_handpose`
+//! call them on 8-bit RGB (8-connected, no antialiasing): `ellipse2Poly` with its table
 //! of sines at whole degrees, `fillConvexPoly` (outline by Bresenham lines, then scan
-//! lines in 16.16 fixed point) and the filled midpoint `circle`, pixel for pixel.
+//! lines in 16.16 fixed point), the filled midpoint `circle` and the thick `line` (a
+//! quadrilateral in fixed point with round ends), pixel for pixel.
 
 use image::{Rgb, RgbImage};
 
@@ -40,32 +41,53 @@ pub fn ellipse_polygon(center: (i32, i32), axes: (i32, i32), angle: i32) -> Vec<
 
 /// `cv::fillConvexPoly(canvas, points, color)`.
 pub fn fill_convex_polygon(canvas: &mut RgbImage, points: &[(i32, i32)], color: [u8; 3]) {
+    let whole: Vec<(i64, i64)> = points
+        .iter()
+        .map(|&(x, y)| (i64::from(x), i64::from(y)))
+        .collect();
+    fill_convex_shifted(canvas, &whole, 0, color);
+}
+
+/// OpenCV's `FillConvexPoly` of vertices with `shift` fractional bits (8-connected): the
+/// outline (`Line` on whole points, `Line2` in fixed point), then scan lines in 16.16
+/// fixed point between the two edges walked down from the top vertex.
+fn fill_convex_shifted(canvas: &mut RgbImage, points: &[(i64, i64)], shift: u32, color: [u8; 3]) {
     let n = points.len();
     if n == 0 {
         return;
     }
-    let mut previous = points[n - 1];
+    let to_fixed = |p: (i64, i64)| (p.0 << (XY_SHIFT - shift), p.1 << (XY_SHIFT - shift));
+    let mut previous = to_fixed(points[n - 1]);
     for &p in points {
-        line(canvas, previous, p, color);
+        let p = to_fixed(p);
+        if shift == 0 {
+            let whole = |q: (i64, i64)| ((q.0 >> XY_SHIFT) as i32, (q.1 >> XY_SHIFT) as i32);
+            line(canvas, whole(previous), whole(p), color);
+        } else {
+            line_fixed(canvas, previous, p, color);
+        }
         previous = p;
     }
+    let delta = (1i64 << shift) >> 1;
+    let rounded = |v: i64| ((v + delta) >> shift) as i32;
     let ys = points.iter().map(|p| p.1);
     let xs = points.iter().map(|p| p.0);
     let (ymin, ymax) = (ys.clone().min().unwrap_or(0), ys.max().unwrap_or(0));
     let (xmin, xmax) = (xs.clone().min().unwrap_or(0), xs.max().unwrap_or(0));
+    let (xmin, xmax, ymin_row, ymax) = (rounded(xmin), rounded(xmax), rounded(ymin), rounded(ymax));
     let (width, height) = (canvas.width() as i32, canvas.height() as i32);
-    if n < 3 || xmax < 0 || ymax < 0 || xmin >= width || ymin >= height {
+    if n < 3 || xmax < 0 || ymax < 0 || xmin >= width || ymin_row >= height {
         return;
     }
     let ymax = ymax.min(height - 1);
     let top = points.iter().position(|p| p.1 == ymin).unwrap_or(0);
     let mut edges = [Edge::new(top, 1), Edge::new(top, n - 1)];
     let mut remaining = n as i64;
-    let mut y = ymin;
+    let mut y = ymin_row;
     loop {
         for edge in &mut edges {
             if y >= edge.end_y {
-                edge.advance(points, y, &mut remaining);
+                edge.advance(points, shift, y, &mut remaining);
             }
         }
         if remaining < 0 {
@@ -115,8 +137,9 @@ impl Edge {
     }
 
     /// Walks to the next vertex below row `y`, spending the shared count of edges.
-    fn advance(&mut self, points: &[(i32, i32)], y: i32, remaining: &mut i64) {
+    fn advance(&mut self, points: &[(i64, i64)], shift: u32, y: i32, remaining: &mut i64) {
         let n = points.len();
+        let delta = (1i64 << shift) >> 1;
         let mut from = self.index;
         let mut to = (from + self.step) % n;
         loop {
@@ -124,10 +147,10 @@ impl Edge {
             if *remaining < 0 {
                 return;
             }
-            let end_y = points[to].1;
+            let end_y = ((points[to].1 + delta) >> shift) as i32;
             if end_y > y {
-                let xs = i64::from(points[from].0) << XY_SHIFT;
-                let xe = i64::from(points[to].0) << XY_SHIFT;
+                let xs = points[from].0 << (XY_SHIFT - shift);
+                let xe = points[to].0 << (XY_SHIFT - shift);
                 let rows = i64::from(end_y) - i64::from(y);
                 self.end_y = end_y;
                 // C's division, truncating toward zero.
@@ -195,6 +218,92 @@ pub fn line(canvas: &mut RgbImage, p1: (i32, i32), p2: (i32, i32), color: [u8; 3
                 p.1 += step_y;
             }
         }
+    }
+}
+
+/// OpenCV's `Line2`: the 8-connected line between points in 16.16 fixed point (the
+/// outline of a polygon drawn with a shift), clipped to the image.
+fn line_fixed(canvas: &mut RgbImage, p1: (i64, i64), p2: (i64, i64), color: [u8; 3]) {
+    let (width, height) = (i64::from(canvas.width()), i64::from(canvas.height()));
+    let (mut a, mut b) = (p1, p2);
+    if !clip_line(width << XY_SHIFT, height << XY_SHIFT, &mut a, &mut b) {
+        return;
+    }
+    let mut put = |x: i64, y: i64| {
+        if (0..width).contains(&x) && (0..height).contains(&y) {
+            canvas.put_pixel(x as u32, y as u32, Rgb(color));
+        }
+    };
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    let along_x = dx.abs() > dy.abs();
+    // Drawn from the end with the smaller major coordinate.
+    if (along_x && dx < 0) || (!along_x && dy < 0) {
+        std::mem::swap(&mut a, &mut b);
+    }
+    let (dx, dy) = (b.0 - a.0, b.1 - a.1);
+    put(
+        (b.0 + XY_ONE / 2) >> XY_SHIFT,
+        (b.1 + XY_ONE / 2) >> XY_SHIFT,
+    );
+    let (mut x, mut y) = (a.0 + XY_ONE / 2, a.1 + XY_ONE / 2);
+    if along_x {
+        // C's division, truncating toward zero.
+        let y_step = (dy << XY_SHIFT) / (dx.abs() | 1);
+        x >>= XY_SHIFT;
+        for _ in 0..=(dx >> XY_SHIFT) {
+            put(x, y >> XY_SHIFT);
+            x += 1;
+            y += y_step;
+        }
+    } else {
+        let x_step = (dx << XY_SHIFT) / (dy.abs() | 1);
+        y >>= XY_SHIFT;
+        for _ in 0..=(dy >> XY_SHIFT) {
+            put(x >> XY_SHIFT, y);
+            x += x_step;
+            y += 1;
+        }
+    }
+}
+
+/// `cv2.line(canvas, p0, p1, color, thickness)` for a thickness above 1 (OpenCV's
+/// `ThickLine`, 8-connected): a quadrilateral half the thickness either side of the
+/// axis, filled in 16.16 fixed point, and a filled circle at each end.
+pub fn thick_line(
+    canvas: &mut RgbImage,
+    p0: (i32, i32),
+    p1: (i32, i32),
+    thickness: i32,
+    color: [u8; 3],
+) {
+    let fixed = |p: (i32, i32)| (i64::from(p.0) << XY_SHIFT, i64::from(p.1) << XY_SHIFT);
+    let (a, b) = (fixed(p0), fixed(p1));
+    let dx = (a.0 - b.0) as f64 / XY_ONE as f64;
+    let dy = (b.1 - a.1) as f64 / XY_ONE as f64;
+    let r = dx * dx + dy * dy;
+    let odd = thickness & 1;
+    let half = i64::from(thickness) << (XY_SHIFT - 1);
+    if r.abs() > f64::EPSILON {
+        let r = (half as f64 + f64::from(odd) * XY_ONE as f64 * 0.5) / r.sqrt();
+        let (ox, oy) = (
+            (dy * r).round_ties_even() as i64,
+            (dx * r).round_ties_even() as i64,
+        );
+        let corners = [
+            (a.0 + ox, a.1 + oy),
+            (a.0 - ox, a.1 - oy),
+            (b.0 - ox, b.1 - oy),
+            (b.0 + ox, b.1 + oy),
+        ];
+        fill_convex_shifted(canvas, &corners, XY_SHIFT, color);
+    }
+    let radius = ((half + XY_ONE / 2) >> XY_SHIFT) as i32;
+    for end in [a, b] {
+        let centre = (
+            ((end.0 + XY_ONE / 2) >> XY_SHIFT) as i32,
+            ((end.1 + XY_ONE / 2) >> XY_SHIFT) as i32,
+        );
+        fill_circle(canvas, centre, radius, color);
     }
 }
 

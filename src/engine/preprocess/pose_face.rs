@@ -56,21 +56,55 @@ pub fn face_box(keypoints: &[Option<(f64, f64)>], width: usize, height: usize) -
     });
     let x = (x0 - half).max(0.0);
     let y = (y0 - half).max(0.0);
-    let across = if x + half > width as f64 {
-        width as f64 - x
-    } else {
-        half * 2.0
-    };
-    let down = if y + half > height as f64 {
-        height as f64 - y
-    } else {
-        half * 2.0
-    };
-    let side = across.min(down);
+    let side = shortened_side((x, y), half, half * 2.0, (width, height));
     (side >= LEAST_SIDE).then_some(FaceBox {
         x: x as usize,
         y: y as usize,
         side: side as usize,
+    })
+}
+
+/// The side `faceDetect` and `handDetect` give a square at `(x, y)`: `side`, except along
+/// an axis where `reach` from the corner passes the image's edge, there the distance to
+/// the edge; the shorter of the two.
+pub(super) fn shortened_side(
+    (x, y): (f64, f64),
+    reach: f64,
+    side: f64,
+    (width, height): (usize, usize),
+) -> f64 {
+    let across = if x + reach > width as f64 {
+        width as f64 - x
+    } else {
+        side
+    };
+    let down = if y + reach > height as f64 {
+        height as f64 - y
+    } else {
+        side
+    };
+    across.min(down)
+}
+
+/// What of the square with corner `(x, y)` and `side` lies in `image`, as the reference
+/// slices it; `None` where nothing does.
+pub(super) fn square_crop(
+    image: &RgbImage,
+    (x, y): (usize, usize),
+    side: usize,
+) -> Option<RgbImage> {
+    let (width, height) = (image.width() as usize, image.height() as usize);
+    let crop_width = side.min(width.saturating_sub(x));
+    let crop_height = side.min(height.saturating_sub(y));
+    (crop_width > 0 && crop_height > 0).then(|| {
+        image::imageops::crop_imm(
+            image,
+            x as u32,
+            y as u32,
+            crop_width as u32,
+            crop_height as u32,
+        )
+        .to_image()
     })
 }
 
@@ -83,20 +117,10 @@ pub fn face_landmarks(
     square: FaceBox,
     face_maps: &mut impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Vec<(usize, usize)>> {
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let crop_width = square.side.min(width.saturating_sub(square.x));
-    let crop_height = square.side.min(height.saturating_sub(square.y));
-    if crop_width == 0 || crop_height == 0 {
+    let Some(crop) = square_crop(image, (square.x, square.y), square.side) else {
         return Ok(Vec::new());
-    }
-    let crop = image::imageops::crop_imm(
-        image,
-        square.x as u32,
-        square.y as u32,
-        crop_width as u32,
-        crop_height as u32,
-    )
-    .to_image();
+    };
+    let (crop_width, crop_height) = (crop.width() as usize, crop.height() as usize);
     let maps = face_maps(&network_input(&crop))?
         .to_kind(Kind::Float)
         .upsample_bilinear2d([crop_height as i64, crop_width as i64], true, None, None);
@@ -133,12 +157,12 @@ pub fn network_input(crop: &RgbImage) -> Tensor {
     bgr_input(&smart_resize(crop, square), square, 0)
 }
 
-/// A face's landmarks as the reference hands them to `draw_facepose`: image pixels
-/// normalised by the image's size in float32, a landmark on the crop's first row or
-/// column at -1.
+/// A face's landmarks (or a hand's keypoints) as the reference hands them to
+/// `draw_facepose` (`draw_handpose`): image pixels normalised by the image's size in
+/// float32, a landmark on the first row or column of the crop at (`left`, `top`) at -1.
 pub fn normalised(
     landmarks: &[(usize, usize)],
-    square: FaceBox,
+    (left, top): (usize, usize),
     width: usize,
     height: usize,
 ) -> FaceLandmarks {
@@ -153,7 +177,7 @@ pub fn normalised(
     };
     landmarks
         .iter()
-        .map(|&(x, y)| (normal(x, square.x, width), normal(y, square.y, height)))
+        .map(|&(x, y)| (normal(x, left, width), normal(y, top, height)))
         .collect()
 }
 

@@ -1,9 +1,11 @@
-//! The OpenPose face preprocessors over gRPC (`PREPROCESSOR_OPENPOSE_FACE`,
-//! `PREPROCESSOR_OPENPOSE_FACEONLY`): the body and face networks, both random, found as
+//! The OpenPose face and hand preprocessors over gRPC (`PREPROCESSOR_OPENPOSE_FACE`,
+//! `_FACEONLY`, `_HAND`, `_FULL`): the body, face and hand networks, all random, found as
 //! the configured defaults, their maps equal to controlnet_aux's `OpenposeDetector`
-//! with `include_face` (fixtures from `tests/fixtures/pose_face_fixtures.py`), through
-//! the Preprocess RPC and a ControlNet unit; a face network missing or misplaced is
-//! refused naming its key or field.
+//! with `include_face` and `include_hand` (fixtures from
+//! `tests/fixtures/pose_face_fixtures.py`), through the Preprocess RPC and a ControlNet
+//! unit; a face or hand network missing or misplaced is refused naming its key or field.
+//! The random body network finds no whole arm, so no hand is drawn here; the hands'
+//! drawing is proved in `tests/pose_hands.rs`.
 
 mod common;
 
@@ -18,8 +20,8 @@ const CASES: [(&str, &str, u32); 2] = [
     ("portrait", "photo_odd.png", 128),
 ];
 
-/// A preprocessor root with the random `wide` body network and the face network under
-/// the defaults' names, the hand network, and the face network under another name.
+/// A preprocessor root with the random `wide` body network and the face and hand
+/// networks under the defaults' names, and the face network under another name.
 fn detector_root() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let openpose = detector_fixtures().join("openpose");
@@ -80,13 +82,15 @@ fn white_pixels(png: &[u8]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
+async fn face_and_hand_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
     let (detectors, controlnets) = (detector_root(), controlnet_root());
     let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &[]).await;
     for (case, file, resolution) in CASES {
         for (preprocessor, parts) in [
             (pb::Preprocessor::OpenposeFace, "face"),
             (pb::Preprocessor::OpenposeFaceonly, "faceonly"),
+            (pb::Preprocessor::OpenposeHand, "hand"),
+            (pb::Preprocessor::OpenposeFull, "full"),
         ] {
             let what = format!("{case} {parts}");
             let map = server
@@ -102,7 +106,12 @@ async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
                 &map.control_map,
                 &format!("service_{case}_{parts}.png"),
             );
-            assert!(white_pixels(&map.control_map) > 100, "{what}: landmarks");
+            let landmarks = white_pixels(&map.control_map);
+            assert_eq!(
+                landmarks > 100,
+                parts != "hand",
+                "{what}: {landmarks} landmark pixels"
+            );
         }
     }
     // The body alone draws no landmark, so the white dots are the face network's.
@@ -121,7 +130,7 @@ async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
             controlnets: vec![pb::ControlNetUnit {
                 model: "union_xl".into(),
                 image: image("photo.png"),
-                preprocessor: pb::Preprocessor::OpenposeFace as i32,
+                preprocessor: pb::Preprocessor::OpenposeFull as i32,
                 preprocessor_params: params(128, ""),
                 ..Default::default()
             }],
@@ -136,11 +145,11 @@ async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
     assert_reference(
         "unit",
         &response.control_maps[0].data,
-        "service_square_face.png",
+        "service_square_full.png",
     );
     let parameters = common::png_parameters(&response.images[0].data);
     assert!(
-        parameters.contains("Module: openpose_face, Processor Res: 128,"),
+        parameters.contains("Module: openpose_full, Processor Res: 128,"),
         "{parameters}"
     );
     let completed = response.completed.expect("completed");
@@ -150,7 +159,7 @@ async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
         .filter(|m| m.kind == pb::ModelKind::Preprocessor as i32)
         .map(|m| m.name.as_str())
         .collect();
-    assert_eq!(detectors, ["body_pose_model", "facenet"]);
+    assert_eq!(detectors, ["body_pose_model", "facenet", "hand_pose_model"]);
     // Both networks stayed in the cache, listed with what they are.
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let network = |name: &str| {
@@ -166,28 +175,39 @@ async fn face_maps_equal_controlnet_aux_through_preprocess_and_a_unit() {
         network("body_pose_model"),
         (true, "openpose".into(), String::new())
     );
-    let (_, hand, error) = network("hand_pose_model");
-    assert!(hand.is_empty() && error.contains("hand network"), "{error}");
+    assert_eq!(
+        network("hand_pose_model"),
+        (true, "handpose".into(), String::new())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_or_misplaced_face_network_is_refused_by_name() {
+async fn a_missing_or_misplaced_face_or_hand_network_is_refused_by_name() {
     let (detectors, controlnets) = (detector_root(), controlnet_root());
-    let no_face = [("SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL", "absent")];
-    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &no_face).await;
-    for preprocessor in [
-        pb::Preprocessor::OpenposeFace,
-        pb::Preprocessor::OpenposeFaceonly,
+    let absent = [
+        ("SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL", "absent"),
+        ("SDXLD__PREPROCESSING__OPENPOSE_HAND_MODEL", "no_hands"),
+    ];
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &absent).await;
+    // The face network is looked for first where both are drawn.
+    for (preprocessor, key, file) in [
+        (pb::Preprocessor::OpenposeFace, "face", "absent"),
+        (pb::Preprocessor::OpenposeFaceonly, "face", "absent"),
+        (pb::Preprocessor::OpenposeHand, "hand", "no_hands"),
+        (pb::Preprocessor::OpenposeFull, "face", "absent"),
     ] {
         let status = server
             .preprocess(request(preprocessor, ""))
             .await
-            .expect_err("no face network");
+            .expect_err("no face or hand network");
         assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
         let (why, metadata) = error_reason(&status);
         assert_eq!(why, "PREPROCESSOR_MODEL_MISSING");
-        assert_eq!(metadata["config_key"], "preprocessing.openpose_face_model");
-        assert_eq!(metadata["expected_file"], "absent.safetensors");
+        assert_eq!(
+            metadata["config_key"],
+            format!("preprocessing.openpose_{key}_model")
+        );
+        assert_eq!(metadata["expected_file"], format!("{file}.safetensors"));
     }
     // The body alone still runs; the capabilities say which is ready and why not.
     server
@@ -203,11 +223,14 @@ async fn a_missing_or_misplaced_face_network_is_refused_by_name() {
         (entry.ready, entry.reason.clone())
     };
     assert_eq!(ready(pb::Preprocessor::Openpose), (true, String::new()));
-    let (face_ready, why) = ready(pb::Preprocessor::OpenposeFace);
-    assert!(
-        !face_ready && why.contains("preprocessing.openpose_face_model"),
-        "{why}"
-    );
+    for (kind, key) in [
+        (pb::Preprocessor::OpenposeFace, "face"),
+        (pb::Preprocessor::OpenposeHand, "hand"),
+    ] {
+        let (is_ready, why) = ready(kind);
+        let key = format!("preprocessing.openpose_{key}_model");
+        assert!(!is_ready && why.contains(&key), "{kind:?}: {why}");
+    }
     // A unit of a generation is refused the same way before it is admitted.
     let unit = pb::GenerationSpec {
         steps: 2,
@@ -239,26 +262,31 @@ async fn a_missing_or_misplaced_face_network_is_refused_by_name() {
     );
     assert!(status.message().contains("facenet"), "{}", status.message());
     drop(server);
-    let wrong = [(
-        "SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL",
-        "body_pose_model",
-    )];
-    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &wrong).await;
-    let status = server
-        .preprocess(request(pb::Preprocessor::OpenposeFace, ""))
-        .await
-        .expect_err("a body file as the face network");
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("preprocessing.openpose_face_model"),
-        "{}",
-        status.message()
-    );
+    // The face and hand files swapped in the configuration.
+    let swapped = [
+        (
+            "SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL",
+            "hand_pose_model",
+        ),
+        ("SDXLD__PREPROCESSING__OPENPOSE_HAND_MODEL", "facenet"),
+    ];
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &swapped).await;
+    for (kind, key) in [
+        (pb::Preprocessor::OpenposeFace, "face"),
+        (pb::Preprocessor::OpenposeHand, "hand"),
+    ] {
+        let status = server
+            .preprocess(request(kind, ""))
+            .await
+            .expect_err("a swapped network");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert_eq!(error_reason(&status).0, "PREPROCESSOR_MODEL_MISMATCH");
+        let key = format!("preprocessing.openpose_{key}_model");
+        assert!(status.message().contains(&key), "{}", status.message());
+    }
 }
 
-/// The face preprocessors on images of a few pixels at their own size run, their map
+/// The face and hand preprocessors on images of a few pixels at their own size run, their map
 /// that size, or are refused naming `detect_resolution` (a pose network input no pixel
 /// wide); none fails inside a network.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,6 +305,8 @@ async fn tiny_images_run_or_name_the_detect_resolution() {
         for preprocessor in [
             pb::Preprocessor::OpenposeFace,
             pb::Preprocessor::OpenposeFaceonly,
+            pb::Preprocessor::OpenposeHand,
+            pb::Preprocessor::OpenposeFull,
         ] {
             let what = format!("{preprocessor:?} at {width}x{height}");
             let request = pb::PreprocessRequest {
@@ -301,5 +331,5 @@ async fn tiny_images_run_or_name_the_detect_resolution() {
             }
         }
     }
-    assert!(ran >= 8, "{ran} ran");
+    assert!(ran >= 16, "{ran} ran");
 }
