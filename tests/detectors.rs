@@ -482,18 +482,8 @@ fn the_openpose_pipeline_draws_the_people_controlnet_aux_draws() {
             );
         }
         let map = draw_people(&candidates, &people, width, height);
-        let want = image::open(root.join(format!("pipeline_{case}_map.png")))
-            .expect("map")
-            .to_rgb8();
-        let differing = map
-            .pixels()
-            .zip(want.pixels())
-            .filter(|(a, b)| a != b)
-            .count();
-        assert_eq!(
-            differing, 0,
-            "{case}: pose map pixels unlike controlnet_aux's"
-        );
+        let reference = root.join(format!("pipeline_{case}_map.png"));
+        common::assert_same_map(&format!("{case}: pose map"), &map, &reference);
     }
 }
 

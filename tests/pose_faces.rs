@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, detector_fixtures, random_bodies, read_tensors};
+use common::{assert_close, assert_same_map, detector_fixtures, random_bodies, read_tensors};
 use sdxld::engine::preprocess::openpose::is_body_pose;
 use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
 use sdxld::engine::preprocess::pose::{
@@ -121,18 +121,8 @@ fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
                 maps.width,
                 maps.height,
             );
-            let want = image::open(root.join(format!("faces_{case}_{suffix}_map.png")))
-                .expect("map")
-                .to_rgb8();
-            let differing = map
-                .pixels()
-                .zip(want.pixels())
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(
-                differing, 0,
-                "{case} {suffix}: pixels unlike controlnet_aux's"
-            );
+            let reference = root.join(format!("faces_{case}_{suffix}_map.png"));
+            assert_same_map(&format!("{case} {suffix}"), &map, &reference);
         }
     }
 }

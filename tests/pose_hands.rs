@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{detector_fixtures, random_bodies, read_tensors};
+use common::{assert_same_map, detector_fixtures, random_bodies, read_tensors};
 use sdxld::engine::preprocess::pose::{
     draw_poses, find_faces, find_hands, network_input, pose_maps, PersonDetails, PoseParts,
 };
@@ -130,18 +130,8 @@ fn the_openpose_pipeline_draws_hands_as_controlnet_aux_draws_them() {
             ("full", PoseParts::FULL),
         ] {
             let map = draw_poses(&candidates, &people, &details, parts, width, height);
-            let want = image::open(root.join(format!("hands_{case}_{suffix}_map.png")))
-                .expect("map")
-                .to_rgb8();
-            let differing = map
-                .pixels()
-                .zip(want.pixels())
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(
-                differing, 0,
-                "{case} {suffix}: pixels unlike controlnet_aux's"
-            );
+            let reference = root.join(format!("hands_{case}_{suffix}_map.png"));
+            assert_same_map(&format!("{case} {suffix}"), &map, &reference);
         }
     }
 }

@@ -65,14 +65,7 @@ fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest
 fn assert_reference(what: &str, png: &[u8], reference: &str) {
     let got = image::load_from_memory(png).expect("png").to_rgb8();
     let path = detector_fixtures().join("openpose").join(reference);
-    let want = image::open(&path).expect("reference").to_rgb8();
-    assert_eq!(got.dimensions(), want.dimensions(), "{what}");
-    let differing = got
-        .pixels()
-        .zip(want.pixels())
-        .filter(|(a, b)| a != b)
-        .count();
-    assert_eq!(differing, 0, "{what}: pixels unlike controlnet_aux's");
+    common::assert_same_map(what, &got, &path);
 }
 
 /// Pixels of a PNG map that are landmark white.

@@ -79,6 +79,19 @@ pub fn detector_fixtures() -> PathBuf {
         .clone()
 }
 
+/// Asserts that an 8-bit map is the reference PNG at `reference` pixel for pixel.
+#[allow(dead_code)]
+pub fn assert_same_map(what: &str, map: &image::RgbImage, reference: &Path) {
+    let want = image::open(reference).expect("reference").to_rgb8();
+    assert_eq!(map.dimensions(), want.dimensions(), "{what}: size");
+    let differing = map
+        .pixels()
+        .zip(want.pixels())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(differing, 0, "{what}: pixels unlike controlnet_aux's");
+}
+
 /// A ControlNet root holding copies of ControlNet fixture folders: (folder under the
 /// fixtures, name in the root).
 #[allow(dead_code)]

@@ -14,6 +14,7 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
+use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
 use crate::engine::weights::{read_shapes, Shapes, Transform, Weights};
 
@@ -65,6 +66,30 @@ impl Conv {
 /// shrinks, Lanczos4 otherwise.
 pub(super) fn shrinks(from: (usize, usize), to: (usize, usize)) -> bool {
     ((to.0 + to.1) as f64) / ((from.0 + from.1) as f64) < 1.0
+}
+
+/// One channel of an OpenPose network's output brought back as the reference brings it:
+/// enlarged from its `grid` to the `padded` input with Lanczos4 (`smart_resize_k` by the
+/// stride), the padding cut to the `scaled` image, then resized to `to` (`smart_resize`'s
+/// filter [`shrinks`] picks).
+pub(super) fn plane_back(
+    plane: &[f32],
+    grid: (usize, usize),
+    padded: (usize, usize),
+    scaled: (usize, usize),
+    to: (usize, usize),
+) -> Vec<f32> {
+    let enlarged = resize_plane_lanczos4(plane, grid, padded.0, padded.1);
+    let cut: Vec<f32> = enlarged
+        .chunks_exact(padded.0)
+        .take(scaled.1)
+        .flat_map(|row| row[..scaled.0].iter().copied())
+        .collect();
+    if shrinks(scaled, to) {
+        resize_plane_area(&cut, scaled, to.0, to.1)
+    } else {
+        resize_plane_lanczos4(&cut, scaled, to.0, to.1)
+    }
 }
 
 /// controlnet_aux's `smart_resize` of an 8-bit image to `to` (the filter [`shrinks`]

@@ -11,8 +11,7 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
-use crate::engine::preprocess::openpose::{bgr_input, shrinks, smart_resize, BodyPose};
+use crate::engine::preprocess::openpose::{bgr_input, plane_back, smart_resize, BodyPose};
 use crate::engine::preprocess::openpose_cpm::CpmNetwork;
 use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, LIMBS, PARTS};
 use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
@@ -332,17 +331,7 @@ fn channels_to_image(maps: &Tensor, geometry: PoseGeometry) -> Result<Vec<f64>> 
     let (width, height) = geometry.image;
     let mut out = vec![0f64; width * height * channels];
     for (c, plane) in values.chunks_exact(gw * gh).enumerate() {
-        let enlarged = resize_plane_lanczos4(plane, (gw, gh), pw, ph);
-        let cropped: Vec<f32> = enlarged
-            .chunks_exact(pw)
-            .take(sh)
-            .flat_map(|row| row[..sw].iter().copied())
-            .collect();
-        let fitted = if shrinks((sw, sh), (width, height)) {
-            resize_plane_area(&cropped, (sw, sh), width, height)
-        } else {
-            resize_plane_lanczos4(&cropped, (sw, sh), width, height)
-        };
+        let fitted = plane_back(plane, (gw, gh), (pw, ph), (sw, sh), (width, height));
         for (i, value) in fitted.into_iter().enumerate() {
             out[i * channels + c] = f64::from(value);
         }

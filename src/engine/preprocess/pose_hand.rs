@@ -11,8 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_blur::blur_u8_interleaved;
-use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
-use crate::engine::preprocess::openpose::{bgr_input, shrinks, smart_resize};
+use crate::engine::preprocess::openpose::{bgr_input, plane_back, smart_resize};
 use crate::engine::preprocess::pose_decode::{gaussian_filter, numpy_sum};
 use crate::engine::preprocess::pose_draw::{fill_circle, thick_line};
 use crate::engine::preprocess::pose_face::{shortened_side, square_crop};
@@ -153,22 +152,12 @@ fn scale_maps(
             maps.size()
         )));
     }
-    let small = (MAP_SIDE, MAP_SIDE);
     Ok(values
         .chunks_exact(grid * grid)
         .take(KEYPOINTS)
         .map(|plane| {
-            let enlarged = resize_plane_lanczos4(plane, (grid, grid), padded, padded);
-            let cut: Vec<f32> = enlarged
-                .chunks_exact(padded)
-                .take(side)
-                .flat_map(|row| row[..side].iter().copied())
-                .collect();
-            if shrinks((side, side), small) {
-                resize_plane_area(&cut, (side, side), small.0, small.1)
-            } else {
-                resize_plane_lanczos4(&cut, (side, side), small.0, small.1)
-            }
+            let (grid, padded, side) = ((grid, grid), (padded, padded), (side, side));
+            plane_back(plane, grid, padded, side, (MAP_SIDE, MAP_SIDE))
         })
         .collect())
 }
