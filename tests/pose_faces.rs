@@ -3,17 +3,20 @@
 //! and face network on random weights in both stored layouts, the face squares
 //! `faceDetect` finds on random bodies, and the whole pipeline (crop, network input,
 //! landmarks, drawing with and without the bodies) pixel for pixel with the networks
-//! answering known maps.
+//! answering known maps; and a stop between face passes ending the run there.
 
 mod common;
 
 use common::{assert_close, assert_same_map, detector_fixtures, random_bodies, read_tensors};
+use sdxld::engine::error::EngineError;
+use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::openpose::is_body_pose;
 use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
 use sdxld::engine::preprocess::pose::{
     draw_poses, find_faces, network_input, pose_maps, PersonDetails, PoseParts,
 };
 use sdxld::engine::preprocess::pose_face::{face_box, FaceBox};
+use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 use sdxld::engine::weights::read_shapes;
 use tch::{Device, Kind, Tensor};
 
@@ -124,5 +127,61 @@ fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
             let reference = root.join(format!("faces_{case}_{suffix}_map.png"));
             assert_same_map(&format!("{case} {suffix}"), &map, &reference);
         }
+    }
+}
+
+/// The pose map with faces drawn by the random `wide` body and face networks on the
+/// service's square case, with `between_passes` run between network passes.
+fn full_map(
+    between_passes: &mut dyn FnMut() -> sdxld::engine::error::Result<()>,
+) -> sdxld::engine::error::Result<image::RgbImage> {
+    let root = detector_fixtures();
+    let load = |name: &str| {
+        let path = root.join("openpose").join(name);
+        Detector::load(&path, Device::Cpu, Kind::Float).expect(name)
+    };
+    let (body, face, hand) = (
+        load("wide.safetensors"),
+        load("cpm_face.safetensors"),
+        load("cpm_hand.safetensors"),
+    );
+    let photo = image::open(root.join("images/photo.png")).expect("photo");
+    let preprocessing = Preprocessing {
+        preprocessor: Preprocessor::OpenPose(PoseParts::FULL),
+        detect_resolution: Some(128),
+    };
+    let networks = Networks {
+        detector: Some(&body),
+        face: Some(&face),
+        hand: Some(&hand),
+    };
+    preprocessing.run_interruptible(&photo, networks, between_passes)
+}
+
+#[test]
+fn a_stop_between_face_passes_ends_the_run_before_the_next_pass() {
+    // Uninterrupted: the reference's map, after a check before every face pass.
+    let mut checks = 0;
+    let map = full_map(&mut || {
+        checks += 1;
+        Ok(())
+    })
+    .expect("map");
+    let reference = detector_fixtures().join("openpose/service_square_full.png");
+    assert_same_map("uninterrupted", &map, &reference);
+    assert!(checks >= 2, "{checks} checks: one per face");
+    // Stopped at the first and the last check: no pass runs after it.
+    for stop_at in [0, checks - 1] {
+        let mut made = 0;
+        let result = full_map(&mut || {
+            made += 1;
+            if made > stop_at {
+                Err(EngineError::Internal("stop".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(result.is_err(), "stopped at check {stop_at}");
+        assert_eq!(made, stop_at + 1, "checks made when stopped at {stop_at}");
     }
 }

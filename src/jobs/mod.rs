@@ -14,6 +14,7 @@ pub mod events;
 mod hires;
 mod image_prompts;
 mod images;
+mod interrupt;
 mod load;
 pub mod metadata;
 mod postprocess;

@@ -12,8 +12,9 @@ use crate::engine::upscale::tiles::{TilePlan, Tiling};
 use crate::engine::upscale::Upscaler;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
+use crate::jobs::interrupt::PassGate;
 use crate::jobs::runner::{JobRun, JobSink};
-use crate::jobs::{JobError, PostStep, StopReason, UpscaleJob};
+use crate::jobs::{JobError, PostStep, UpscaleJob};
 
 /// The smallest tile an out-of-memory retry halves down to.
 const MIN_TILE: i64 = 64;
@@ -135,15 +136,12 @@ fn tiled(
     input: &image::RgbImage,
     tiling: Tiling,
 ) -> Result<image::RgbImage, JobError> {
-    let mut stopped: Option<StopReason> = None;
+    let mut gate = PassGate::default();
     let (stage, index) = (target.stage, target.index);
     let sink = &mut *target.sink;
     let result = EngineError::catch(|| {
         upscaler.upscale(input, tiling, &mut |done, total| {
-            if let Some(reason) = sink.stopped() {
-                stopped = Some(reason);
-                return Err(EngineError::Internal("stopped between tiles".into()));
-            }
+            gate.check(sink)?;
             sink.progress(StepProgress {
                 stage,
                 step: done as u32,
@@ -154,8 +152,5 @@ fn tiled(
             Ok(())
         })
     });
-    match (stopped, result) {
-        (Some(reason), _) => Err(JobError::Stopped(reason)),
-        (None, result) => Ok(result?),
-    }
+    gate.outcome(result)
 }

@@ -84,6 +84,18 @@ impl Preprocessing {
     /// The control map of `image` (three channels, as ControlNets take them), at the
     /// detection size, drawn with `networks` where the preprocessor runs any.
     pub fn run(self, image: &DynamicImage, networks: Networks) -> Result<RgbImage> {
+        self.run_interruptible(image, networks, &mut || Ok(()))
+    }
+
+    /// [`Preprocessing::run`], with `between_passes` run before each further network
+    /// pass of a preprocessor that makes several (a face, a hand's scale); its error
+    /// stops the run, so a job stops within one pass of being told to.
+    pub fn run_interruptible(
+        self,
+        image: &DynamicImage,
+        networks: Networks,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<RgbImage> {
         // An RGB image is read where it is, not copied.
         let converted;
         let rgb = match image {
@@ -95,9 +107,10 @@ impl Preprocessing {
         };
         match (self.preprocessor, self.detect_resolution) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
-            (preprocessor, None) => preprocessor.detect(rgb, networks),
+            (preprocessor, None) => preprocessor.detect(rgb, networks, between_passes),
             (preprocessor, Some(resolution)) => {
-                preprocessor.detect(&resize_for_detection(rgb, resolution), networks)
+                let resized = resize_for_detection(rgb, resolution);
+                preprocessor.detect(&resized, networks, between_passes)
             }
         }
     }
@@ -245,8 +258,13 @@ impl Preprocessor {
         }
     }
 
-    /// The detector's map of an RGB image.
-    fn detect(self, rgb: &RgbImage, networks: Networks) -> Result<RgbImage> {
+    /// The detector's map of an RGB image, `between_passes` run between network passes.
+    fn detect(
+        self,
+        rgb: &RgbImage,
+        networks: Networks,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<RgbImage> {
         let detector = networks.detector;
         match (self, self.network()) {
             (Preprocessor::None, _) => Ok(rgb.clone()),
@@ -270,7 +288,7 @@ impl Preprocessor {
                     other.map(Detector::network)
                 ))),
             },
-            (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks),
+            (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks, between_passes),
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(
@@ -297,7 +315,12 @@ impl Preprocessor {
 }
 
 /// The OpenPose map of `parts` with the body, face and hand networks handed in.
-fn pose_map(rgb: &RgbImage, parts: PoseParts, networks: Networks) -> Result<RgbImage> {
+fn pose_map(
+    rgb: &RgbImage,
+    parts: PoseParts,
+    networks: Networks,
+    between_passes: &mut dyn FnMut() -> Result<()>,
+) -> Result<RgbImage> {
     let wrong = || {
         EngineError::Internal(format!(
             "the OpenPose preprocessor was handed {:?}, {:?} and {:?}",
@@ -319,7 +342,7 @@ fn pose_map(rgb: &RgbImage, parts: PoseParts, networks: Networks) -> Result<RgbI
         None => None,
         Some(_) => return Err(wrong()),
     };
-    body.detect_parts(rgb, parts, PartNetworks { face, hand })
+    body.detect_parts(rgb, parts, PartNetworks { face, hand }, between_passes)
 }
 
 /// controlnet_aux's `HWC3`: grey becomes three equal channels, and an alpha channel is

@@ -147,16 +147,21 @@ impl OpenPoseDetector {
 
     /// The body pose map of an RGB image at its own size: the skeletons on black.
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
-        self.detect_parts(image, PoseParts::BODY, PartNetworks::default())
+        self.detect_parts(image, PoseParts::BODY, PartNetworks::default(), &mut || {
+            Ok(())
+        })
     }
 
     /// The pose map of `parts` of each person found in an RGB image, at its size; the
-    /// face and hand networks are needed where faces and hands are drawn.
+    /// face and hand networks are needed where faces and hands are drawn. `between_passes`
+    /// runs before each face and hand network pass (a crowd makes many) and stops the run
+    /// with its error.
     pub fn detect_parts(
         &self,
         image: &RgbImage,
         parts: PoseParts,
         networks: PartNetworks,
+        between_passes: &mut dyn FnMut() -> Result<()>,
     ) -> Result<RgbImage> {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
@@ -168,16 +173,21 @@ impl OpenPoseDetector {
                 "{what} asked of a pose detector without their network"
             ))
         };
+        // Every face and hand pass goes through here, after the check between passes.
+        let mut pass = |network: &CpmNetwork, input: &Tensor| {
+            between_passes()?;
+            Ok(network.forward(input))
+        };
         if parts.hands {
             let hand = networks.hand.ok_or_else(|| missing("hands"))?;
-            let hands = find_hands(image, &candidates, &people, |input| Ok(hand.forward(input)))?;
+            let hands = find_hands(image, &candidates, &people, |input| pass(hand, input))?;
             for (person, [left, right]) in details.iter_mut().zip(hands) {
                 (person.left_hand, person.right_hand) = (left, right);
             }
         }
         if parts.face {
             let face = networks.face.ok_or_else(|| missing("faces"))?;
-            let faces = find_faces(image, &candidates, &people, |input| Ok(face.forward(input)))?;
+            let faces = find_faces(image, &candidates, &people, |input| pass(face, input))?;
             for (person, face) in details.iter_mut().zip(faces) {
                 person.face = face;
             }
