@@ -199,6 +199,7 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
             "canny threshold above 255",
             with(&|s| {
                 s.controlnets = vec![pb::ControlNetUnit {
+                    preprocessor: pb::Preprocessor::Canny as i32,
                     preprocessor_params: Some(pb::PreprocessorParams {
                         high_threshold: Some(300),
                         ..Default::default()
@@ -207,6 +208,25 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
                 }]
             }),
             vec!["spec.controlnets[0].preprocessor_params.high_threshold"],
+        ),
+        (
+            "canny and m-lsd thresholds on the image as it is",
+            with(&|s| {
+                s.controlnets = vec![pb::ControlNetUnit {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        low_threshold: Some(10),
+                        high_threshold: Some(20),
+                        mlsd_score_threshold: Some(0.5),
+                        ..Default::default()
+                    }),
+                    ..unit()
+                }]
+            }),
+            vec![
+                "spec.controlnets[0].preprocessor_params.low_threshold",
+                "spec.controlnets[0].preprocessor_params.high_threshold",
+                "spec.controlnets[0].preprocessor_params.mlsd_score_threshold",
+            ],
         ),
         (
             "strength 0",

@@ -357,6 +357,11 @@ async fn canny_in_a_unit_equals_the_preprocess_rpc() {
         }
         spec.controlnets[0].image = preview.control_map;
         spec.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
+        // Canny's thresholds are Canny's only; the resolution changes nothing here.
+        spec.controlnets[0].preprocessor_params = Some(pb::PreprocessorParams {
+            detect_resolution,
+            ..Default::default()
+        });
         let given = server.images(spec).await.expect("map unit");
         assert_eq!(in_server.images[0].data, given.images[0].data);
     }

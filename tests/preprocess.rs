@@ -398,6 +398,38 @@ mod over_grpc {
                 },
                 "preprocessor_params.detect_resolution",
             ),
+            // Each preprocessor's own parameters are refused on another, where they
+            // would change nothing.
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        high_threshold: Some(150),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::LineartStandard)
+                },
+                "preprocessor_params.high_threshold",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        low_threshold: Some(50),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::None)
+                },
+                "preprocessor_params.low_threshold",
+            ),
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        mlsd_distance_threshold: Some(1.0),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.mlsd_distance_threshold",
+            ),
         ];
         for (request, field) in invalid {
             let status = server.preprocess(request).await.expect_err(field);

@@ -3,6 +3,23 @@
 
 use crate::api::status::ApiError;
 use crate::engine::registry::check_name;
+use crate::proto::v1 as pb;
+
+/// Whether a preprocessor parameter that only `owner` reads may be set for `kind`; if
+/// not, the violation naming `field` and its preprocessor (an unknown `kind` is named
+/// under its own field, so it passes here).
+pub fn read_by(
+    v: &mut Violations,
+    field: &str,
+    kind: Option<pb::Preprocessor>,
+    owner: pb::Preprocessor,
+) -> bool {
+    if kind.is_some_and(|k| k != owner) {
+        v.add(field, format!("applies to {} only", owner.as_str_name()));
+        return false;
+    }
+    true
+}
 
 /// Seeds are below 2^53 so that JSON clients (JavaScript, C# doubles) keep them exact.
 pub const MAX_SEED: u64 = (1 << 53) - 1;

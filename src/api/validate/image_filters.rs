@@ -2,7 +2,7 @@
 //! rate, the blur's sigma): each in its range, each for its own preprocessor, and a rate
 //! that leaves the detected image a pixel.
 
-use crate::api::validate::fields::{float, Range, Violations};
+use crate::api::validate::fields::{float, read_by, Range, Violations};
 use crate::engine::preprocess::image_filters::{resampled_size, Param};
 use crate::proto::v1 as pb;
 
@@ -45,10 +45,7 @@ pub fn parameters(
             let field = format!("{p}.{name}");
             match value {
                 None => default,
-                Some(_) if kind.is_some_and(|k| k != owner) => {
-                    v.add(field, format!("applies to {} only", owner.as_str_name()));
-                    default
-                }
+                Some(_) if !read_by(v, &field, kind, owner) => default,
                 Some(x) if float(v, &field, x, range).is_some() => x,
                 Some(_) => default,
             }

@@ -4,7 +4,7 @@
 
 use crate::api::status::ApiError;
 use crate::api::validate::detector::Detectors;
-use crate::api::validate::fields::{at_most, enum_value, float, Range, Violations};
+use crate::api::validate::fields::{at_most, enum_value, float, read_by, Range, Violations};
 use crate::api::validate::image_filters::{self, FilterParameters};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
@@ -127,17 +127,8 @@ pub fn preprocessor(
     let default = pb::PreprocessorParams::default();
     let params = params.unwrap_or(&default);
     let p = format!("{prefix}preprocessor_params");
-    let low = params.low_threshold.unwrap_or(DEFAULT_THRESHOLDS.0);
-    let high = params.high_threshold.unwrap_or(DEFAULT_THRESHOLDS.1);
-    at_most(v, &format!("{p}.low_threshold"), low, 255);
-    at_most(v, &format!("{p}.high_threshold"), high, 255);
-    if high <= 255 && low > high {
-        v.add(
-            format!("{p}.low_threshold"),
-            format!("must be at most high_threshold ({low} > {high})"),
-        );
-    }
-    let lines = line_thresholds(&p, params, v);
+    let canny = canny_thresholds(&p, kind, params, v);
+    let lines = line_thresholds(&p, kind, params, v);
     let safe_steps = safe_steps(&p, kind, params.safe_steps, v);
     let filters = image_filters::parameters(&p, kind, params, v);
     let detectors = subject.detectors;
@@ -146,7 +137,7 @@ pub fn preprocessor(
     let detect_resolution = detect_resolution(&p, params.detect_resolution, subject, v);
     let kind = kind?;
     let parameters = Parameters {
-        canny: (low, high),
+        canny,
         lines,
         safe_steps,
         filters,
@@ -266,13 +257,51 @@ fn network_input(
     }
 }
 
-/// M-LSD's thresholds (controlnet_aux's `thr_v` and `thr_d`), kept as the float32 the
-/// client sent, as numpy compares them.
-fn line_thresholds(p: &str, params: &pb::PreprocessorParams, v: &mut Violations) -> LineThresholds {
+/// Canny's low and high thresholds (under `p`), for Canny only: each at most 255, the
+/// low one at most the high one.
+fn canny_thresholds(
+    p: &str,
+    kind: Option<pb::Preprocessor>,
+    params: &pb::PreprocessorParams,
+    v: &mut Violations,
+) -> (u32, u32) {
+    let (low_field, high_field) = (format!("{p}.low_threshold"), format!("{p}.high_threshold"));
+    let mut sent = |field: &str, value: Option<u32>| {
+        value.filter(|_| read_by(v, field, kind, pb::Preprocessor::Canny))
+    };
+    let low = sent(&low_field, params.low_threshold);
+    let high = sent(&high_field, params.high_threshold);
+    let (low, high) = (
+        low.unwrap_or(DEFAULT_THRESHOLDS.0),
+        high.unwrap_or(DEFAULT_THRESHOLDS.1),
+    );
+    at_most(v, &low_field, low, 255);
+    at_most(v, &high_field, high, 255);
+    if high <= 255 && low > high {
+        v.add(
+            low_field,
+            format!("must be at most high_threshold ({low} > {high})"),
+        );
+    }
+    (low, high)
+}
+
+/// M-LSD's thresholds (controlnet_aux's `thr_v` and `thr_d`), for M-LSD only, kept as the
+/// float32 the client sent, as numpy compares them.
+fn line_thresholds(
+    p: &str,
+    kind: Option<pb::Preprocessor>,
+    params: &pb::PreprocessorParams,
+    v: &mut Violations,
+) -> LineThresholds {
     let defaults = LineThresholds::default();
-    let mut checked = |name: &str, value: Option<f32>, max: f64, default: f32| match value {
-        Some(x) if float(v, &format!("{p}.{name}"), x, Range::closed(0.0, max)).is_some() => x,
-        _ => default,
+    let mut checked = |name: &str, value: Option<f32>, max: f64, default: f32| {
+        let field = format!("{p}.{name}");
+        match value {
+            Some(_) if !read_by(v, &field, kind, pb::Preprocessor::Mlsd) => default,
+            Some(x) if float(v, &field, x, Range::closed(0.0, max)).is_some() => x,
+            _ => default,
+        }
     };
     LineThresholds {
         score: checked(
@@ -300,8 +329,7 @@ fn safe_steps(
 ) -> Option<u32> {
     let field = format!("{p}.safe_steps");
     let steps = steps?;
-    if steps > 0 && kind.is_some_and(|k| k != pb::Preprocessor::Softedge) {
-        v.add(field, "applies to PREPROCESSOR_SOFTEDGE only");
+    if steps > 0 && !read_by(v, &field, kind, pb::Preprocessor::Softedge) {
         return None;
     }
     if steps > MAX_SAFE_STEPS {
