@@ -608,7 +608,9 @@ async fn a_budget_that_holds_one_tile_of_the_decode_decodes_tile_by_tile() {
         let pipeline = cache.pipeline(&model).expect("load");
         let latents = pipeline.denoise_all(&params, &mut |_| {}).expect("denoise");
         let decode = |tiled| {
-            let decoded = pipeline.vae_codec().decode_with(&latents.get(0), tiled);
+            let decoded = pipeline
+                .vae_codec()
+                .decode_with(&latents.get(0), tiled, &mut || Ok(()));
             decoded.expect("decode").image
         };
         (decode(false), decode(true))

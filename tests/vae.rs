@@ -166,7 +166,8 @@ fn tiled_decoding_matches_diffusers() {
         let reference = read_tensors(&dir.join("tiled_decode.safetensors"));
         let latents = &reference["latents"];
         let vae = pipe.vae();
-        let decoded = tch::no_grad(|| vae.decode_tiled(&vae.unscale_latents(latents)));
+        let decoded =
+            tch::no_grad(|| vae.decode_tiled(&vae.unscale_latents(latents))).expect("tiled decode");
         assert_close(
             &format!("{config} tiled decode"),
             &decoded,
@@ -174,7 +175,7 @@ fn tiled_decoding_matches_diffusers() {
         );
         let tiled = pipe
             .vae_codec()
-            .decode_with(&latents.get(0), true)
+            .decode_with(&latents.get(0), true, &mut || Ok(()))
             .expect("tiled");
         assert_images_match(
             &format!("{config} tiled image"),
@@ -185,6 +186,38 @@ fn tiled_decoding_matches_diffusers() {
         let whole = pipe.vae_codec().decode(&latents.get(0)).expect("whole");
         let diff = common::image_difference(&whole.image, &tiled.image);
         assert!(diff > 2, "{config}: tiling changed nothing");
+        assert_stops_between_tiles(config, &pipe, &latents.get(0));
+    }
+}
+
+/// A check runs before every tile, and a decode stopped at the first or the last check
+/// decodes no further tile.
+fn assert_stops_between_tiles(config: &str, pipe: &SdxlPipeline, latents: &tch::Tensor) {
+    let codec = pipe.vae_codec();
+    let mut checks = 0;
+    codec
+        .decode_with(latents, true, &mut || {
+            checks += 1;
+            Ok(())
+        })
+        .expect("tiled");
+    assert!(checks >= 4, "{config}: {checks} checks, one per tile");
+    for stop_at in [0, checks - 1] {
+        let mut made = 0;
+        let result = codec.decode_with(latents, true, &mut || {
+            made += 1;
+            if made > stop_at {
+                Err(sdxld::engine::error::EngineError::Internal("stop".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(result.is_err(), "{config}: stopped at check {stop_at}");
+        assert_eq!(
+            made,
+            stop_at + 1,
+            "{config}: checks when stopped at {stop_at}"
+        );
     }
 }
 
@@ -231,7 +264,7 @@ fn decoding_in_bands_equals_decoding_whole() {
             for tiled in [false, true] {
                 let image = |p: &SdxlPipeline| {
                     p.vae_codec()
-                        .decode_with(&latents.get(0), tiled)
+                        .decode_with(&latents.get(0), tiled, &mut || Ok(()))
                         .expect("decode")
                         .image
                 };

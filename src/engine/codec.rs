@@ -130,7 +130,7 @@ impl VaeCodec {
     /// Decodes one image's denoiser latents [C, h, w]. A non-finite half-precision decode
     /// is redone in float32; a non-finite image is never returned.
     pub fn decode(&self, latents: &Tensor) -> Result<Decoded> {
-        self.decode_with(latents, false)
+        self.decode_with(latents, false, &mut || Ok(()))
     }
 
     /// Whether a tiled decode of `latents` [C, h, w] runs tile by tile (rather than whole,
@@ -141,23 +141,29 @@ impl VaeCodec {
     }
 
     /// [`Self::decode`], tile by tile when `tiled` (diffusers' `enable_tiling()`): the
-    /// memory of one tile, for images larger than the VAE's sample size.
-    pub fn decode_with(&self, latents: &Tensor, tiled: bool) -> Result<Decoded> {
+    /// memory of one tile, for images larger than the VAE's sample size; `between_tiles`
+    /// runs before each tile and stops the decode with its error.
+    pub fn decode_with(
+        &self,
+        latents: &Tensor,
+        tiled: bool,
+        between_tiles: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Decoded> {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("vae_decode");
-        let run = |model: &AutoencoderKL, kind: Kind| {
+        let mut run = |model: &AutoencoderKL, kind: Kind| -> Result<Tensor> {
             let z = latents.unsqueeze(0).to_device(self.device).to_kind(kind);
             let z = model.unscale_latents(&z);
             let bands = self.placement.vae_band_rows;
             let decoded = if tiled {
-                model.decode_tiled_in_bands(&z, bands)
+                model.decode_tiled_in_bands(&z, bands, between_tiles)?
             } else {
                 model.decode_in_bands(&z, bands)
             };
-            decoded.to_kind(Kind::Float).to_device(Device::Cpu)
+            Ok(decoded.to_kind(Kind::Float).to_device(Device::Cpu))
         };
         let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) != 0;
-        let mut decoded = run(&self.model, self.kind);
+        let mut decoded = run(&self.model, self.kind)?;
         let mut redone_in_float32 = false;
         if !finite(&decoded) && self.kind != Kind::Float {
             let float32 = match self.float32.get() {
@@ -171,7 +177,7 @@ impl VaeCodec {
                     self.float32.get_or_init(|| model)
                 }
             };
-            decoded = run(float32, Kind::Float);
+            decoded = run(float32, Kind::Float)?;
             redone_in_float32 = true;
         }
         if !finite(&decoded) {

@@ -9,7 +9,8 @@ use crate::engine::error::EngineError;
 use crate::engine::inpaint_area::paste_back;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::jobs::events::{FinishedImage, ImageContent, RgbImage, Stage, StepProgress};
-use crate::jobs::runner::{JobRun, Run};
+use crate::jobs::interrupt::PassGate;
+use crate::jobs::runner::{JobRun, JobSink, Run};
 use crate::jobs::JobError;
 use crate::output::OutputFormat;
 
@@ -54,21 +55,27 @@ impl JobRun<'_> {
         latents: &Tensor,
         index: usize,
     ) -> Result<RgbImage, JobError> {
-        let decode = |tiled| EngineError::catch(|| decoder.vae_codec().decode_with(latents, tiled));
+        let decode = |tiled, sink: &mut dyn JobSink| {
+            let mut gate = PassGate::default();
+            let codec = decoder.vae_codec();
+            let decoded =
+                EngineError::catch(|| codec.decode_with(latents, tiled, &mut || gate.check(sink)));
+            gate.outcome(decoded)
+        };
         let budget_tiles = self.loaded()?.tiled_decode;
         if budget_tiles && decoder.vae_codec().tiles(latents) {
             self.report.warnings.push(format!(
                 "image {index}: decoded tile by tile (VAE tiling), as a whole decode would not fit the memory budget"
             ));
         }
-        let decoded = match decode(budget_tiles) {
-            Err(e)
+        let decoded = match decode(budget_tiles, &mut *self.sink) {
+            Err(JobError::Engine(e))
                 if e.is_out_of_memory() && !budget_tiles && self.spec.params.seamless.is_none() =>
             {
                 tracing::warn!("device out of memory while decoding; retrying with VAE tiling");
                 let keep: Vec<_> = self.spec.models().map(|m| m.path.clone()).collect();
                 self.engine.free_memory(&keep);
-                decode(true)?
+                decode(true, &mut *self.sink)?
             }
             other => other?,
         };

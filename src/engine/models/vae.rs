@@ -464,16 +464,22 @@ impl AutoencoderKL {
     /// Decodes unscaled latents tile by tile when they are larger than one tile, as
     /// diffusers' `AutoencoderKL.tiled_decode` does (tiles of the VAE's sample size,
     /// overlapping by a quarter, blended linearly): peak memory stays that of one tile.
-    pub fn decode_tiled(&self, latents: &Tensor) -> Tensor {
-        self.decode_tiled_in_bands(latents, None)
+    pub fn decode_tiled(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_tiled_in_bands(latents, None, &mut || Ok(()))
     }
 
-    /// [`Self::decode_tiled`], each tile decoded as [`Self::decode_in_bands`] does.
-    pub fn decode_tiled_in_bands(&self, latents: &Tensor, band_rows: Option<i64>) -> Tensor {
+    /// [`Self::decode_tiled`], each tile decoded as [`Self::decode_in_bands`] does;
+    /// `between_tiles` runs before each tile and stops the decode with its error.
+    pub fn decode_tiled_in_bands(
+        &self,
+        latents: &Tensor,
+        band_rows: Option<i64>,
+        between_tiles: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
         let size = latents.size();
         let (h, w) = (size[2], size[3]);
         let (Some(sample), Some(tile)) = (self.config.sample_size, self.tile_if_tiled(h, w)) else {
-            return self.decode_in_bands(latents, band_rows);
+            return Ok(self.decode_in_bands(latents, band_rows));
         };
         let overlap = ((tile as f64 * 0.75) as i64).max(1);
         let blend = (sample as f64 * 0.25) as i64;
@@ -482,6 +488,7 @@ impl AutoencoderKL {
         for i in (0..h).step_by(overlap as usize) {
             let mut row = Vec::new();
             for j in (0..w).step_by(overlap as usize) {
+                between_tiles()?;
                 let part = latents
                     .narrow(2, i, tile.min(h - i))
                     .narrow(3, j, tile.min(w - j));
@@ -510,7 +517,7 @@ impl AutoencoderKL {
             .iter()
             .map(|row| Tensor::cat(&row.iter().map(crop).collect::<Vec<_>>(), 3))
             .collect();
-        Tensor::cat(&result_rows, 2)
+        Ok(Tensor::cat(&result_rows, 2))
     }
 
     /// Maps encoder samples to the denoiser's latent space (the inverse of
