@@ -378,6 +378,17 @@ mod over_grpc {
                 },
                 "preprocessor_params.low_threshold",
             ),
+            // A high threshold alone, below the default low one: the field sent is named.
+            (
+                pb::PreprocessRequest {
+                    preprocessor_params: Some(pb::PreprocessorParams {
+                        high_threshold: Some(40),
+                        ..Default::default()
+                    }),
+                    ..request(png.clone(), pb::Preprocessor::Canny)
+                },
+                "preprocessor_params.high_threshold",
+            ),
             (
                 pb::PreprocessRequest {
                     preprocessor_params: Some(pb::PreprocessorParams {

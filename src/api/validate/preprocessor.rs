@@ -269,19 +269,28 @@ fn canny_thresholds(
     let mut sent = |field: &str, value: Option<u32>| {
         value.filter(|_| read_by(v, field, kind, pb::Preprocessor::Canny))
     };
-    let low = sent(&low_field, params.low_threshold);
-    let high = sent(&high_field, params.high_threshold);
+    let sent_low = sent(&low_field, params.low_threshold);
+    let sent_high = sent(&high_field, params.high_threshold);
     let (low, high) = (
-        low.unwrap_or(DEFAULT_THRESHOLDS.0),
-        high.unwrap_or(DEFAULT_THRESHOLDS.1),
+        sent_low.unwrap_or(DEFAULT_THRESHOLDS.0),
+        sent_high.unwrap_or(DEFAULT_THRESHOLDS.1),
     );
     at_most(v, &low_field, low, 255);
     at_most(v, &high_field, high, 255);
     if high <= 255 && low > high {
-        v.add(
-            low_field,
-            format!("must be at most high_threshold ({low} > {high})"),
-        );
+        // The field the client sent is the one named: a high threshold alone below the
+        // default low one is the high one's fault.
+        if sent_low.is_none() {
+            v.add(
+                high_field,
+                format!("must be at least low_threshold (its default {low}), got {high}"),
+            );
+        } else {
+            v.add(
+                low_field,
+                format!("must be at most high_threshold ({low} > {high})"),
+            );
+        }
     }
     (low, high)
 }
