@@ -47,9 +47,10 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def start(binary: str, model: str | None):
+def start(binary: str, model: str | None, **settings: str):
+    """`sdxld serve` on a free loopback port on the CPU (`settings`: more SDXLD__ variables)."""
     cmd = [binary, "serve", "--listen", "127.0.0.1:0"] + (["--model", model] if model else [])
-    env = dict(os.environ, SDXLD__ENGINE__DEVICE="cpu", SDXLD__SERVER__METRICS_LISTEN="")
+    env = dict(os.environ, SDXLD__ENGINE__DEVICE="cpu", SDXLD__SERVER__METRICS_LISTEN="", **settings)
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in process.stdout:
         if line.startswith("sdxld listening on "):

@@ -20,10 +20,8 @@ Prints the three figures and the stop latency against the baseline's remaining t
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 import preprocess as detectors  # noqa: E402
-from rss_soak import stubs  # noqa: E402
+from rss_soak import start, stubs  # noqa: E402
 
 
 def write_networks(root: Path):
@@ -45,22 +43,6 @@ def write_networks(root: Path):
     detectors.write_model("openpose_full", body)
     os.rename(detectors.face_file(body), root / "facenet.safetensors")
     os.rename(detectors.hand_file(body), root / "hand_pose_model.safetensors")
-
-
-def start(binary: str, root: Path):
-    cmd = [binary, "serve", "--listen", "127.0.0.1:0"]
-    env = dict(
-        os.environ,
-        SDXLD__ENGINE__DEVICE="cpu",
-        SDXLD__SERVER__METRICS_LISTEN="",
-        SDXLD__MODELS__PREPROCESSOR_ROOTS=str(root),
-    )
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in process.stdout:
-        if line.startswith("sdxld listening on "):
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return process, line.split()[-1]
-    raise SystemExit("the server did not start")
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -91,7 +73,7 @@ def main():
     small = pb.PreprocessRequest(image=png(noise[:64, :64]), preprocessor=pb.PREPROCESSOR_OPENPOSE)
     with tempfile.TemporaryDirectory(prefix="sdxld-stop-") as root:
         write_networks(Path(root))
-        server, address = start(args.sdxld, Path(root))
+        server, address = start(args.sdxld, None, SDXLD__MODELS__PREPROCESSOR_ROOTS=root)
         try:
             stub = rpc.GenerationServiceStub(grpc.insecure_channel(address))
             whole = timed(lambda: stub.Preprocess(full, timeout=3600))
