@@ -7,8 +7,10 @@
 
 mod common;
 
-use common::{assert_close, assert_same_map, detector_fixtures, random_bodies, read_tensors};
-use sdxld::engine::error::EngineError;
+use common::{
+    assert_close, assert_same_map, assert_stops_between_passes, detector_fixtures, random_bodies,
+    read_tensors, Checkpoint,
+};
 use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::openpose::is_body_pose;
 use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
@@ -132,9 +134,7 @@ fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
 
 /// The pose map with faces drawn by the random `wide` body and face networks on the
 /// service's square case, with `between_passes` run between network passes.
-fn full_map(
-    between_passes: &mut dyn FnMut() -> sdxld::engine::error::Result<()>,
-) -> sdxld::engine::error::Result<image::RgbImage> {
+fn full_map(between_passes: Checkpoint) -> sdxld::engine::error::Result<image::RgbImage> {
     let root = detector_fixtures();
     let load = |name: &str| {
         let path = root.join("openpose").join(name);
@@ -160,28 +160,9 @@ fn full_map(
 
 #[test]
 fn a_stop_between_face_passes_ends_the_run_before_the_next_pass() {
-    // Uninterrupted: the reference's map, after a check before every face pass.
-    let mut checks = 0;
-    let map = full_map(&mut || {
-        checks += 1;
-        Ok(())
-    })
-    .expect("map");
+    // Uninterrupted: the reference's map, after a check before every face pass (two
+    // faces here); stopped, no pass runs after the stop.
+    let map = assert_stops_between_passes("openpose_full", 2, full_map);
     let reference = detector_fixtures().join("openpose/service_square_full.png");
     assert_same_map("uninterrupted", &map, &reference);
-    assert!(checks >= 2, "{checks} checks: one per face");
-    // Stopped at the first and the last check: no pass runs after it.
-    for stop_at in [0, checks - 1] {
-        let mut made = 0;
-        let result = full_map(&mut || {
-            made += 1;
-            if made > stop_at {
-                Err(EngineError::Internal("stop".into()))
-            } else {
-                Ok(())
-            }
-        });
-        assert!(result.is_err(), "stopped at check {stop_at}");
-        assert_eq!(made, stop_at + 1, "checks made when stopped at {stop_at}");
-    }
 }

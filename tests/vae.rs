@@ -194,31 +194,10 @@ fn tiled_decoding_matches_diffusers() {
 /// decodes no further tile.
 fn assert_stops_between_tiles(config: &str, pipe: &SdxlPipeline, latents: &tch::Tensor) {
     let codec = pipe.vae_codec();
-    let mut checks = 0;
-    codec
-        .decode_with(latents, true, &mut || {
-            checks += 1;
-            Ok(())
-        })
-        .expect("tiled");
-    assert!(checks >= 4, "{config}: {checks} checks, one per tile");
-    for stop_at in [0, checks - 1] {
-        let mut made = 0;
-        let result = codec.decode_with(latents, true, &mut || {
-            made += 1;
-            if made > stop_at {
-                Err(sdxld::engine::error::EngineError::Internal("stop".into()))
-            } else {
-                Ok(())
-            }
-        });
-        assert!(result.is_err(), "{config}: stopped at check {stop_at}");
-        assert_eq!(
-            made,
-            stop_at + 1,
-            "{config}: checks when stopped at {stop_at}"
-        );
-    }
+    let what = format!("{config} tiled decode");
+    common::assert_stops_between_passes(&what, 4, |between_tiles| {
+        codec.decode_with(latents, true, between_tiles)
+    });
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::engine::error::EngineError;
 use crate::engine::inpaint_area::paste_back;
 use crate::engine::pipeline::SdxlPipeline;
 use crate::jobs::events::{FinishedImage, ImageContent, RgbImage, Stage, StepProgress};
-use crate::jobs::interrupt::PassGate;
+use crate::jobs::interrupt::interruptible;
 use crate::jobs::runner::{JobRun, JobSink, Run};
 use crate::jobs::JobError;
 use crate::output::OutputFormat;
@@ -56,11 +56,10 @@ impl JobRun<'_> {
         index: usize,
     ) -> Result<RgbImage, JobError> {
         let decode = |tiled, sink: &mut dyn JobSink| {
-            let mut gate = PassGate::default();
-            let codec = decoder.vae_codec();
-            let decoded =
-                EngineError::catch(|| codec.decode_with(latents, tiled, &mut || gate.check(sink)));
-            gate.outcome(decoded)
+            interruptible(sink, |between_tiles| {
+                let codec = decoder.vae_codec();
+                EngineError::catch(|| codec.decode_with(latents, tiled, between_tiles))
+            })
         };
         let budget_tiles = self.loaded()?.tiled_decode;
         if budget_tiles && decoder.vae_codec().tiles(latents) {

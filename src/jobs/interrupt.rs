@@ -30,3 +30,14 @@ impl PassGate {
         }
     }
 }
+
+/// Runs `work` with a check between its passes that stops it when the job must stop: its
+/// result, or the job's stop.
+pub(crate) fn interruptible<T>(
+    sink: &mut dyn JobSink,
+    work: impl FnOnce(&mut dyn FnMut() -> Result<(), EngineError>) -> Result<T, EngineError>,
+) -> Result<T, JobError> {
+    let mut gate = PassGate::default();
+    let result = work(&mut || gate.check(sink));
+    gate.outcome(result)
+}

@@ -10,7 +10,7 @@ use crate::engine::error::EngineError;
 use crate::engine::pixels::unit_range;
 use crate::jobs::detectors::LoadedNetworks;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
-use crate::jobs::interrupt::PassGate;
+use crate::jobs::interrupt::interruptible;
 use crate::jobs::runner::JobRun;
 use crate::jobs::JobError;
 
@@ -46,13 +46,10 @@ impl JobRun<'_> {
                     .and_then(|l| l.detectors.get(i)?.get(j))
                     .map(LoadedNetworks::networks)
                     .unwrap_or_default();
-                let mut gate = PassGate::default();
-                let sink = &mut *self.sink;
-                let map =
-                    input
-                        .preprocessing
-                        .run_interruptible(&input.image.0, networks, &mut || gate.check(sink));
-                let map = gate.outcome(map)?;
+                let map = interruptible(&mut *self.sink, |between_passes| {
+                    let preprocessing = input.preprocessing;
+                    preprocessing.run_interruptible(&input.image.0, networks, between_passes)
+                })?;
                 let fitted = self.fitted(&map, (width, height), unit.resize);
                 unit_maps.push(unit_range(&fitted));
                 if self.spec.output.return_control_maps {

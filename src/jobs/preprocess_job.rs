@@ -9,7 +9,7 @@ use crate::jobs::clock::StageClock;
 use crate::jobs::detectors::NetworkFiles;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, ImageContent, JobReport, RgbImage, Stage};
-use crate::jobs::interrupt::PassGate;
+use crate::jobs::interrupt::interruptible;
 use crate::jobs::runner::JobSink;
 use crate::jobs::single::{make_room, progress, report, stop_check};
 use crate::jobs::{JobError, PreprocessSpec};
@@ -40,11 +40,11 @@ pub fn run_preprocess(
     let map = {
         let _span = tracing::info_span!("stage", otel.name = "preprocessing", units = 1).entered();
         sink.progress(progress(Stage::Preprocessing, 0, 1));
-        let mut gate = PassGate::default();
-        let map =
+        let map = interruptible(sink, |between_passes| {
+            let networks = networks.networks();
             spec.preprocessing
-                .run_interruptible(&spec.image.0, networks.networks(), &mut || gate.check(sink));
-        let map = gate.outcome(map)?;
+                .run_interruptible(&spec.image.0, networks, between_passes)
+        })?;
         sink.progress(progress(Stage::Preprocessing, 1, 1));
         map
     };

@@ -678,3 +678,41 @@ pub fn assert_lora_cases_match_and_leave_no_trace(
         );
     }
 }
+
+/// The check engine work runs between its passes.
+pub type Checkpoint<'a> = &'a mut dyn FnMut() -> sdxld::engine::error::Result<()>;
+
+/// Runs `work` once with a counting check (at least `least` checks, one per pass) and
+/// returns its result; then stopped at the first and the last check, `work` fails and
+/// makes no further check, so no pass runs after a stop.
+pub fn assert_stops_between_passes<T>(
+    what: &str,
+    least: usize,
+    mut work: impl FnMut(Checkpoint) -> sdxld::engine::error::Result<T>,
+) -> T {
+    let mut checks = 0;
+    let uninterrupted = work(&mut || {
+        checks += 1;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(checks >= least, "{what}: {checks} checks, one per pass");
+    for stop_at in [0, checks - 1] {
+        let mut made = 0;
+        let result = work(&mut || {
+            made += 1;
+            if made > stop_at {
+                Err(sdxld::engine::error::EngineError::Internal("stop".into()))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(result.is_err(), "{what}: stopped at check {stop_at}");
+        assert_eq!(
+            made,
+            stop_at + 1,
+            "{what}: checks when stopped at {stop_at}"
+        );
+    }
+    uninterrupted
+}
