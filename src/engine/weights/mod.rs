@@ -15,6 +15,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 
+mod low_rank;
+
+pub use low_rank::{LOW_RANK_DOWN, LOW_RANK_UP};
+
 /// How a stored tensor becomes the tensor a model asks for (single-file checkpoints
 /// store some weights in another layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,10 +195,20 @@ pub fn read_all(path: &Path, device: Device, kind: Kind) -> Result<HashMap<Strin
 /// Bytes the tensors of a safetensors file (those under `prefix`, when given) take once
 /// loaded with floating-point tensors converted to `kind` (header only).
 pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64> {
+    loaded_bytes_of(
+        path,
+        |name| prefix.is_none_or(|p| name.starts_with(p)),
+        kind,
+    )
+}
+
+/// Bytes the tensors of a safetensors file whose names `keep` accepts take once loaded
+/// with floating-point tensors converted to `kind` (header only).
+pub fn loaded_bytes_of(path: &Path, keep: impl Fn(&str) -> bool, kind: Kind) -> Result<u64> {
     let (_, _, metadata) = mapped_header(path)?;
     let mut total = 0u64;
     for (name, info) in metadata.tensors() {
-        if prefix.is_some_and(|p| !name.starts_with(p)) {
+        if !keep(&name) {
             continue;
         }
         let count: u64 = info.shape.iter().map(|&d| d as u64).product();
@@ -456,7 +470,8 @@ impl Weights {
         self.entries.contains_key(key)
     }
 
-    /// Loads the tensor `key`, checking its shape.
+    /// Loads the tensor `key`, checking its shape; a low-rank difference laid over it
+    /// (see [`Weights::overlay`]) is added in float32.
     fn load(&self, key: &str, shape: &[i64]) -> Result<Tensor> {
         if let Some((seed, _)) = &self.random {
             return self.draw(*seed, key, shape);
@@ -468,15 +483,38 @@ impl Weights {
                 path: self.first_path(),
                 name: key.to_string(),
             })?;
-        let path = &self.files[entry.file].path;
         if entry.shape != shape {
             return Err(EngineError::ShapeMismatch {
-                path: path.clone(),
+                path: self.files[entry.file].path.clone(),
                 name: entry.stored_name.clone(),
                 expected: shape.to_vec(),
                 actual: entry.shape.clone(),
             });
         }
+        let tensor = self.read(key, entry)?;
+        let stored = tensor.kind();
+        let tensor = match self.low_rank_delta(key, shape)? {
+            Some(delta) => tensor.f_to_kind(Kind::Float)?.f_add(&delta)?,
+            None => tensor,
+        };
+        let target = if stored.is_floating_point() {
+            self.kind
+        } else {
+            stored
+        };
+        let tensor = tensor.f_to_kind(target)?;
+        RECORDED.with(|r| {
+            if let Some(recorded) = r.borrow_mut().as_mut() {
+                recorded.push(tensor.shallow_clone());
+            }
+        });
+        Ok(tensor)
+    }
+
+    /// The stored tensor `key` (its entry `entry`) on the device, in its stored kind,
+    /// marked as used.
+    fn read(&self, key: &str, entry: &TensorEntry) -> Result<Tensor> {
+        let path = &self.files[entry.file].path;
         let kind = kind_of(entry.dtype).ok_or_else(|| EngineError::WeightFile {
             path: path.clone(),
             message: format!("tensor `{key}` has unsupported dtype {:?}", entry.dtype),
@@ -496,17 +534,7 @@ impl Weights {
             )
         };
         let tensor = entry.transform.apply(tensor).f_reshape(&entry.shape)?;
-        let target = if kind.is_floating_point() {
-            self.kind
-        } else {
-            kind
-        };
-        let tensor = tensor.f_to_device(self.device)?.f_to_kind(target)?;
-        RECORDED.with(|r| {
-            if let Some(recorded) = r.borrow_mut().as_mut() {
-                recorded.push(tensor.shallow_clone());
-            }
-        });
+        let tensor = tensor.f_to_device(self.device)?;
         if let Ok(mut used) = self.used.lock() {
             used.insert(key.to_string());
         }
