@@ -2,7 +2,8 @@
 //! img2img and inpaint variants, on both tiny pipelines: one unit at scale 1 and 0.5 (a
 //! batch of two), a 0.2–0.7 window with first- and second-order schedulers and a
 //! multistep one, guess mode, a pooled ControlNet, two units summed, a tall image, image
-//! to image and inpainting with a separate control image, and a LoRA on the base UNet.
+//! to image and inpainting with a separate control image, a LoRA on the base UNet, and
+//! Control-LoRAs built on the pipeline's UNet (alone and beside a ControlNet).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::path::Path;
 
 use common::{controlnet_cases, controlnet_fixtures, fixtures, read_tensors, Case};
 use sdxld::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit};
+use sdxld::engine::loading::control_lora;
 use sdxld::engine::lora::{apply, LoraMode};
 use sdxld::engine::models::control_model::ControlModel;
 use sdxld::engine::pipeline::{Control, GenerateOutput, GenerateParams, Placement, SdxlPipeline};
@@ -24,7 +26,7 @@ struct Units {
 }
 
 impl Units {
-    fn of(config: &str, case: &Case) -> Self {
+    fn of(config: &str, case: &Case, pipe: &SdxlPipeline) -> Self {
         let root = controlnet_fixtures().join(config);
         let units = case["units"].as_array().expect("units");
         let number =
@@ -32,10 +34,7 @@ impl Units {
         Units {
             models: units
                 .iter()
-                .map(|u| {
-                    let dir = root.join(u["model"].as_str().expect("model"));
-                    ControlModel::load_path(&dir, Placement::cpu()).expect("controlnet")
-                })
+                .map(|u| unit_model(&root.join(u["model"].as_str().expect("model")), pipe))
                 .collect(),
             maps: units
                 .iter()
@@ -73,6 +72,17 @@ impl Units {
             })
             .collect()
     }
+}
+
+/// A unit's model: a ControlNet folder, or a Control-LoRA built on `pipe`'s UNet.
+fn unit_model(path: &Path, pipe: &SdxlPipeline) -> ControlModel {
+    if !control_lora::is_control_lora_file(path) {
+        return ControlModel::load_path(path, Placement::cpu()).expect("controlnet");
+    }
+    let unet = pipe.unet_weights(Placement::cpu()).expect("unet weights");
+    let model = control_lora::load(path, unet, pipe.unet().config(), Placement::cpu())
+        .expect("control-lora");
+    ControlModel::ControlNet(Box::new(model))
 }
 
 /// A union unit's conditions: `types` (model slots) with `scales` (else the unit's).
@@ -137,7 +147,7 @@ fn controlnet_pipelines_equal_diffusers() {
         let reference = read_tensors(&controlnet_fixtures().join(config).join("cases.safetensors"));
         for case in controlnet_cases(config) {
             let what = format!("{config} {}", case.name());
-            let units = Units::of(config, &case);
+            let units = Units::of(config, &case, &pipe);
             let applied =
                 apply(&pipe, &common::case_loras(config, &case), LoraMode::Merge).expect("lora");
             let out = generate(&pipe, &params(config, &case), &units);
@@ -157,7 +167,7 @@ fn the_control_map_and_the_window_change_the_image() {
         .find(|c| c.name() == "half_scale")
         .expect("case");
     let p = params(config, &case);
-    let mut units = Units::of(config, &case);
+    let mut units = Units::of(config, &case, &pipe);
     let controlled = generate(&pipe, &p, &units);
     let plain = pipe.generate(&p).expect("plain");
     let differs = |a: &GenerateOutput, b: &GenerateOutput| {

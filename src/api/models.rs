@@ -247,6 +247,7 @@ fn controlnet_info(model: &ModelEntry) -> pb::ControlNetInfo {
         base: base.to_string(),
         t2i_adapter: adapter.is_some(),
         downscale_factor: adapter.map_or(0, |a| a.downscale_factor.max(0) as u32),
+        control_lora: facts.is_some_and(|f| f.control_lora),
     }
 }
 

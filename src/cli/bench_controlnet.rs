@@ -30,7 +30,7 @@ pub fn bench_controlnet(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Resu
     let mut models = Vec::new();
     let mut maps = Vec::new();
     for unit in &job.controlnets {
-        models.push(engine.controlnet(&unit.model)?);
+        models.push(engine.controlnet(&unit.model, &pipeline)?);
         let mut unit_maps = Vec::with_capacity(unit.inputs.len());
         for input in &unit.inputs {
             let networks = NetworkFiles::of_input(input).load(&mut engine)?;

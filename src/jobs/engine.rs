@@ -62,6 +62,19 @@ pub fn model_path(model: &ModelEntry) -> ModelPath<'_> {
     }
 }
 
+/// How a model of a job on the base model `base` loads into the cache: a Control-LoRA is
+/// built on the base's UNet.
+pub fn model_path_on<'a>(model: &'a ModelEntry, base: &'a ModelEntry) -> ModelPath<'a> {
+    if model.controlnet.as_ref().is_some_and(|f| f.control_lora) {
+        ModelPath::ControlLora {
+            file: &model.path,
+            base: &base.path,
+        }
+    } else {
+        model_path(model)
+    }
+}
+
 impl Engine {
     /// An engine with nothing loaded, at most `budget` bytes of models and activations on
     /// the device and `host_budget` bytes of evicted components on the host, hashing
@@ -162,6 +175,7 @@ impl Engine {
             ModelPath::Pipeline(path) => Some(*path),
             ModelPath::Vae(_)
             | ModelPath::ControlNet(_)
+            | ModelPath::ControlLora { .. }
             | ModelPath::Lora(_)
             | ModelPath::Upscaler(_)
             | ModelPath::Detector(_)
@@ -262,11 +276,29 @@ impl Engine {
         vae
     }
 
-    /// The ControlNet `model`, loading it on first use.
-    pub fn controlnet(&mut self, model: &ModelEntry) -> Result<Rc<ControlModel>, EngineError> {
-        let controlnet = self.cache.controlnet(&model.path);
+    /// The ControlNet `model` for units controlling `base`, loading it on first use (a
+    /// Control-LoRA is built on `base`'s UNet).
+    pub fn controlnet(
+        &mut self,
+        model: &ModelEntry,
+        base: &SdxlPipeline,
+    ) -> Result<Rc<ControlModel>, EngineError> {
+        let controlnet = self.cache.controlnet(&model.path, base);
         self.publish();
         controlnet
+    }
+
+    /// Loads the ControlNet `model` (an admin request) for the default base model; a
+    /// Control-LoRA is built on a base model's UNet, so it loads with the first job that
+    /// uses it.
+    fn load_controlnet(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        if model.controlnet.as_ref().is_some_and(|f| f.control_lora) {
+            return Err(EngineError::Incompatible(format!(
+                "`{}` is a Control-LoRA: it is built on the UNet of the base model a request names, when that request runs",
+                model.name
+            )));
+        }
+        self.cache.controlnet_alone(&model.path).map(|_| ())
     }
 
     /// The preprocessor network `model`, loading it on first use.
@@ -322,7 +354,7 @@ impl Engine {
         match model.kind {
             ModelKind::Vae => self.vae(model).map(|_| ()),
             ModelKind::Lora => self.lora(model).map(|_| ()),
-            ModelKind::ControlNet => self.controlnet(model).map(|_| ()),
+            ModelKind::ControlNet => self.load_controlnet(model),
             ModelKind::Upscaler => self.upscaler(model).map(|_| ()),
             ModelKind::Preprocessor => self.detector(model).map(|_| ()),
             ModelKind::IpAdapter => self.ip_adapter(model).map(|_| ()),

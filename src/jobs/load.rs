@@ -15,7 +15,7 @@ use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::textual_inversion::Embedding;
 use crate::jobs::detectors::{LoadedNetworks, NetworkFiles};
-use crate::jobs::engine::{model_path, Engine};
+use crate::jobs::engine::{model_path_on, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
 use crate::jobs::runner::{JobRun, Loaded, LoadedImagePrompt};
 use crate::jobs::{EmbeddingJob, IpAdapterJob, JobError, JobSpec};
@@ -50,7 +50,10 @@ impl JobRun<'_> {
             .collect();
         let element = engine.placement().kind.elt_size_in_bytes() as u64;
         let lora_copies = lora::merged_bytes(&lora_files, element)?;
-        let paths: Vec<_> = spec.models().map(model_path).collect();
+        let paths: Vec<_> = spec
+            .models()
+            .map(|m| model_path_on(m, &spec.model))
+            .collect();
         let detectors = spec
             .controlnets
             .iter()
@@ -142,13 +145,18 @@ fn load_controlnets(
 ) -> Result<Vec<Rc<ControlModel>>, JobError> {
     let mut controlnets = Vec::with_capacity(spec.controlnets.len());
     for (i, unit) in spec.controlnets.iter().enumerate() {
-        let model = engine.controlnet(&unit.model)?;
-        if let Some(why) = base.control_mismatch(&model) {
-            return Err(EngineError::Incompatible(format!(
+        let misfit = |why: String| {
+            EngineError::Incompatible(format!(
                 "the ControlNet `{}` (spec.controlnets[{i}].model) cannot control the base model `{}`: {why}",
                 unit.model.name, spec.model.name
             ))
-            .into());
+        };
+        let model = engine.controlnet(&unit.model, base).map_err(|e| match e {
+            EngineError::Incompatible(why) => misfit(why),
+            other => other,
+        })?;
+        if let Some(why) = base.control_mismatch(&model) {
+            return Err(misfit(why).into());
         }
         controlnets.push(model);
     }

@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::paths::{controlnet_files, detector_files, ip_adapter_files, upscaler_files};
+use super::paths::{
+    control_lora_files, controlnet_files, detector_files, ip_adapter_files, upscaler_files,
+};
 use super::{ModelCache, ModelPath};
 use crate::engine::components::ComponentFiles;
 use crate::engine::error::{EngineError, Result};
@@ -73,6 +75,7 @@ impl ModelCache {
                 ModelPath::Pipeline(path) => SdxlPipeline::component_files(path),
                 ModelPath::Vae(path) => vec![ComponentFiles::folder("vae", path)],
                 ModelPath::ControlNet(path) => vec![controlnet_files(path)],
+                ModelPath::ControlLora { file, base } => vec![control_lora_files(file, base)],
                 ModelPath::Upscaler(path) => vec![upscaler_files(path)],
                 ModelPath::Detector(path) => vec![detector_files(path)],
                 ModelPath::IpAdapter(path) => vec![ip_adapter_files(path)],

@@ -26,6 +26,7 @@ use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::hashes::{hex, FileHashes};
 use crate::engine::ip_adapter::IpAdapter;
+use crate::engine::loading::control_lora;
 use crate::engine::loading::lora::LoraWeights;
 use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::control_model::ControlModel;
@@ -40,7 +41,10 @@ mod sizes;
 
 pub use budget::{Activations, Fit};
 pub use paths::ModelPath;
-use paths::{controlnet_files, detector_files, ip_adapter_files, upscaler_files};
+use paths::{
+    control_lora_files, controlnet_files, detector_files, ip_adapter_files, upscaler_files,
+    CONTROL_LORA_ROLE,
+};
 pub use sizes::{
     activation_estimate, detector_activation_estimate, generation_estimate, text_encoding_estimate,
     GenerationEstimate,
@@ -108,6 +112,8 @@ pub struct ModelCache {
     pipelines: HashMap<PathBuf, Resident<SdxlPipeline>>,
     vaes: HashMap<PathBuf, Resident<VaeCodec>>,
     controlnets: HashMap<PathBuf, Resident<ControlModel>>,
+    /// The base pipeline each resident Control-LoRA was built on.
+    control_lora_bases: HashMap<PathBuf, PathBuf>,
     upscalers: HashMap<PathBuf, Resident<Upscaler>>,
     detectors: HashMap<PathBuf, Resident<Detector>>,
     ip_adapters: HashMap<PathBuf, Resident<IpAdapter>>,
@@ -197,6 +203,7 @@ impl ModelCache {
             pipelines: HashMap::new(),
             vaes: HashMap::new(),
             controlnets: HashMap::new(),
+            control_lora_bases: HashMap::new(),
             upscalers: HashMap::new(),
             detectors: HashMap::new(),
             ip_adapters: HashMap::new(),
@@ -343,6 +350,7 @@ impl ModelCache {
         self.pipelines.remove(path);
         self.vaes.remove(path);
         self.controlnets.remove(path);
+        self.control_lora_bases.remove(path);
         self.upscalers.remove(path);
         self.detectors.remove(path);
         self.ip_adapters.remove(path);
@@ -414,6 +422,9 @@ impl ModelCache {
                     crate::engine::weights::loaded_bytes(path, files.prefix, self.placement.kind)?;
             }
         }
+        if let (CONTROL_LORA_ROLE, Some((file, unet))) = (files.role, files.paths.split_first()) {
+            bytes = control_lora::built_bytes(file, unet, files.prefix, self.placement.kind)?;
+        }
         let key = hex(&hasher.finalize());
         Ok((key, bytes))
     }
@@ -470,14 +481,51 @@ impl ModelCache {
         )
     }
 
-    /// The ControlNet folder or file at `path`, loading it on first use.
-    pub fn controlnet(&mut self, path: &Path) -> Result<Rc<ControlModel>> {
+    /// The ControlNet folder or file at `path` for units controlling `base`, loading it on
+    /// first use. A Control-LoRA is built on `base`'s UNet: one stays resident per file,
+    /// built again when another base asks for it.
+    pub fn controlnet(&mut self, path: &Path, base: &SdxlPipeline) -> Result<Rc<ControlModel>> {
+        if control_lora::is_control_lora_file(path) {
+            return self.control_lora(path, base);
+        }
+        self.controlnet_alone(path)
+    }
+
+    /// The ControlNet folder or file at `path` that needs no base model (not a
+    /// Control-LoRA), loading it on first use.
+    pub fn controlnet_alone(&mut self, path: &Path) -> Result<Rc<ControlModel>> {
         let files = controlnet_files(path);
         self.resident_or_load(
             |c| &mut c.controlnets,
             path,
             |store, placement| shared(store, &files, || ControlModel::load_path(path, placement)),
         )
+    }
+
+    /// The ControlNet the Control-LoRA at `path` builds on `base`'s UNet.
+    fn control_lora(&mut self, path: &Path, base: &SdxlPipeline) -> Result<Rc<ControlModel>> {
+        if self
+            .control_lora_bases
+            .get(path)
+            .is_some_and(|built_on| built_on != base.dir())
+        {
+            self.evict(path);
+        }
+        let files = control_lora_files(path, base.dir());
+        let model = self.resident_or_load(
+            |c| &mut c.controlnets,
+            path,
+            |store, placement| {
+                shared(store, &files, || {
+                    let unet = base.unet_weights(placement)?;
+                    let model = control_lora::load(path, unet, base.unet().config(), placement)?;
+                    Ok(ControlModel::ControlNet(Box::new(model)))
+                })
+            },
+        )?;
+        self.control_lora_bases
+            .insert(path.to_path_buf(), base.dir().to_path_buf());
+        Ok(model)
     }
 
     /// The upscaler file at `path`, loading it on first use.

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::engine::components::ComponentFiles;
+use crate::engine::pipeline::SdxlPipeline;
 
 /// A model a job uses, by kind of loading.
 #[derive(Debug, Clone, Copy)]
@@ -11,8 +12,15 @@ pub enum ModelPath<'a> {
     Pipeline(&'a Path),
     /// A VAE folder.
     Vae(&'a Path),
-    /// A ControlNet folder.
+    /// A ControlNet folder or file.
     ControlNet(&'a Path),
+    /// A Control-LoRA file, built on the UNet of the pipeline at `base`.
+    ControlLora {
+        /// The Control-LoRA.
+        file: &'a Path,
+        /// Its base pipeline (folder or single file).
+        base: &'a Path,
+    },
     /// A LoRA adapter file.
     Lora(&'a Path),
     /// An upscaler file.
@@ -36,6 +44,7 @@ impl ModelPath<'_> {
             | ModelPath::Detector(p)
             | ModelPath::IpAdapter(p)
             | ModelPath::ImageEncoder(p) => p,
+            ModelPath::ControlLora { file, .. } => file,
         }
     }
 }
@@ -50,6 +59,24 @@ pub(super) fn controlnet_files(path: &Path) -> ComponentFiles {
         }
     } else {
         ComponentFiles::folder("controlnet", path)
+    }
+}
+
+/// The role of a Control-LoRA's ControlNet among the components.
+pub(super) const CONTROL_LORA_ROLE: &str = "control_lora";
+
+/// The files a Control-LoRA's ControlNet is built from: its own, then its base's UNet's
+/// (their prefix, in a single-file checkpoint).
+pub(super) fn control_lora_files(file: &Path, base: &Path) -> ComponentFiles {
+    let unet = SdxlPipeline::component_files(base)
+        .into_iter()
+        .find(|f| f.role == "unet");
+    let (mut paths, prefix) = unet.map_or((Vec::new(), None), |u| (u.paths, u.prefix));
+    paths.insert(0, file.to_path_buf());
+    ComponentFiles {
+        role: CONTROL_LORA_ROLE,
+        paths,
+        prefix,
     }
 }
 

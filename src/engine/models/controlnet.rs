@@ -131,7 +131,7 @@ impl ControlNetConfig {
 }
 
 impl ControlKeys {
-    fn check(&self, check: &mut ConfigCheck) {
+    pub(crate) fn check(&self, check: &mut ConfigCheck) {
         check.positive("conditioning_channels", self.conditioning_channels);
         if self.conditioning_embedding_out_channels.is_empty() {
             check.problem("conditioning_embedding_out_channels", "is empty");

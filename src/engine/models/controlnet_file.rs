@@ -20,7 +20,7 @@ const POOLED_TEXT_WIDTH: i64 = 1280;
 const HEAD_WIDTH: i64 = 64;
 
 /// Tensor shapes by name.
-type ShapeMap = BTreeMap<String, Vec<i64>>;
+pub(crate) type ShapeMap = BTreeMap<String, Vec<i64>>;
 
 /// The diffusers config (`config.json` values) of the single-file ControlNet whose
 /// tensors have `shapes`; a layout that is not a diffusers ControlNet's is refused naming
@@ -178,7 +178,7 @@ fn union_keys(config: &mut Value, map: &ShapeMap, table: &[i64]) {
 
 /// The conditioning embedding's widths: its first convolution's, then each downscaling
 /// convolution's (the odd blocks).
-fn embedding_widths(map: &ShapeMap) -> Vec<i64> {
+pub(crate) fn embedding_widths(map: &ShapeMap) -> Vec<i64> {
     let first = map
         .get("controlnet_cond_embedding.conv_in.weight")
         .and_then(|s| s.first().copied())

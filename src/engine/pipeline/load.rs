@@ -15,6 +15,7 @@ use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::models::unet::UNet2DConditionModel;
 use crate::engine::pipeline::{ModelIndex, SdxlPipeline};
 use crate::engine::schedulers::SchedulerConfig;
+use crate::engine::weights::Weights;
 
 impl SdxlPipeline {
     /// Loads a diffusers SDXL pipeline folder.
@@ -82,6 +83,17 @@ impl SdxlPipeline {
         };
         pipeline.check_shapes()?;
         Ok(pipeline)
+    }
+
+    /// The UNet's weights as stored (no adapter applied), opened again at `placement`
+    /// under their diffusers keys: what a Control-LoRA is built on.
+    pub fn unet_weights(&self, placement: Placement) -> Result<Weights> {
+        if self.dir.is_file() {
+            let layers = self.unet.config().layers_per_block.max(0) as usize;
+            single::open_unet(&self.dir, layers, placement)
+        } else {
+            placement.open_component(&self.dir.join("unet"), "diffusion_pytorch_model")
+        }
     }
 
     /// The components a model folder or single-file checkpoint loads, without loading it.

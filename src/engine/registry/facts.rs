@@ -44,6 +44,8 @@ pub struct ControlNetFacts {
     pub cross_attention_dim: Option<i64>,
     /// For a T2I-Adapter, what its config says.
     pub adapter: Option<AdapterFacts>,
+    /// A Control-LoRA: built on the UNet of the base model it controls.
+    pub control_lora: bool,
 }
 
 /// What a T2I-Adapter's config says.
@@ -59,12 +61,16 @@ impl ControlNetFacts {
     /// Reads a ControlNet or T2I-Adapter folder's `config.json`, or infers a single
     /// file's (each read once).
     pub(super) fn read(path: &Path) -> Option<Self> {
+        use crate::engine::loading::control_lora::is_control_lora;
         use crate::engine::models::t2i_adapter::{infer_config, is_adapter_file};
         let config_path = path.join("config.json");
         let config: serde_json::Value = if path.is_file() {
             let (shapes, _) = crate::engine::weights::read_shapes(path).ok()?;
             if is_adapter_file(&shapes) {
                 return Some(Self::adapter(&infer_config(path, &shapes).ok()?));
+            }
+            if is_control_lora(shapes.iter().map(|(name, _)| name.as_str())) {
+                return Some(Self::control_lora(&shapes));
             }
             crate::engine::models::controlnet_file::infer_config(path, &shapes).ok()?
         } else {
@@ -87,7 +93,23 @@ impl ControlNetFacts {
                 .get("cross_attention_dim")
                 .and_then(serde_json::Value::as_i64),
             adapter: None,
+            control_lora: false,
         })
+    }
+
+    /// The facts of a Control-LoRA of tensors `shapes`: its text width is the input of
+    /// its cross-attention keys' low-rank down matrices.
+    fn control_lora(shapes: &[(String, Vec<i64>)]) -> Self {
+        let cross_attention_dim = shapes
+            .iter()
+            .find(|(name, _)| name.ends_with(".attn2.to_k.down"))
+            .and_then(|(_, shape)| shape.get(1).copied());
+        Self {
+            union_types: None,
+            cross_attention_dim,
+            adapter: None,
+            control_lora: true,
+        }
     }
 
     /// The facts of a T2I-Adapter of `config`.
@@ -95,6 +117,7 @@ impl ControlNetFacts {
         Self {
             union_types: None,
             cross_attention_dim: None,
+            control_lora: false,
             adapter: Some(AdapterFacts {
                 downscale_factor: config.downscale_factor,
                 xl: config.adapter_type == "full_adapter_xl",

@@ -40,7 +40,8 @@ pub fn unet_keys(name: &str, layers_per_block: usize) -> Vec<(String, Transform)
     one(unet_key(name, layers_per_block).unwrap_or_else(|| format!("{UNET}{name}")))
 }
 
-fn unet_key(name: &str, lpb: usize) -> Option<String> {
+/// The diffusers UNet key of a stored UNet name (prefix removed), if it has one.
+pub fn unet_key(name: &str, lpb: usize) -> Option<String> {
     const FIXED: [(&str, &str); 7] = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),

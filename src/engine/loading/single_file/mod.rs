@@ -25,7 +25,7 @@ mod keys;
 
 use crate::engine::weights::{Transform, Weights};
 pub use keys::{
-    component, open_clip_keys, text_encoder_keys, unet_keys, unet_sgm_names, vae_keys,
+    component, open_clip_keys, text_encoder_keys, unet_key, unet_keys, unet_sgm_names, vae_keys,
     TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE,
 };
 
@@ -140,10 +140,7 @@ pub fn load_unet(
     configs: &Configs,
     placement: Placement,
 ) -> Result<UNet2DConditionModel> {
-    let lpb = configs.layers_per_block();
-    let rename = component(UNET, |n| unet_keys(n, lpb));
-    let weights =
-        open(file, placement.device, placement.kind, &rename)?.with_layout(placement.layout);
+    let weights = open_unet(file, configs.layers_per_block(), placement)?;
     let model = UNet2DConditionModel::load(
         &weights.root(),
         configs.unet.clone(),
@@ -151,6 +148,13 @@ pub fn load_unet(
     )?;
     weights.check_all_used(|_| false)?;
     Ok(model)
+}
+
+/// The UNet weights of a single-file checkpoint (`layers_per_block` resnets per down
+/// block), under their diffusers keys.
+pub fn open_unet(file: &Path, layers_per_block: usize, placement: Placement) -> Result<Weights> {
+    let rename = component(UNET, |n| unet_keys(n, layers_per_block));
+    Ok(open(file, placement.device, placement.kind, &rename)?.with_layout(placement.layout))
 }
 
 /// The VAE of a single-file checkpoint.
