@@ -3,20 +3,24 @@
 //! hint blocks of four and three levels), on a diffusers folder and on a single-file
 //! checkpoint, with and without the fused, channels-last layout; and on the file whose
 //! low-rank layers keep the UNet's biases, diffusers' own loader's residuals. Files made
-//! for another UNet, or that are not whole, are refused naming the tensor.
+//! for another UNet, or that are not whole, are refused naming the tensor. The cache
+//! builds one once per base, again for another base, and counts what it builds.
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative_error};
+use common::{controlnet_fixtures, fixtures, read_tensors, relative_error};
+use sdxld::engine::cache::ModelCache;
 use sdxld::engine::device::Placement;
 use sdxld::engine::error::EngineError;
 use sdxld::engine::loading::control_lora;
 use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
-use sdxld::engine::models::unet::AddedCond;
+use sdxld::engine::models::unet::{AddedCond, ControlResiduals};
 use sdxld::engine::pipeline::SdxlPipeline;
-use sdxld::engine::weights::{read_all, WeightLayout};
+use sdxld::engine::weights::{read_all, recording, WeightLayout};
 use tch::{Device, Kind, Tensor};
 
 fn pipeline(path: &Path) -> SdxlPipeline {
@@ -39,51 +43,48 @@ fn lora_file(config: &str, name: &str) -> PathBuf {
         .join(format!("{name}.safetensors"))
 }
 
-/// The residuals of `model` on the recorded inputs equal the recorded ones (scale 1 and
-/// guess mode at 0.5); the control image moves them.
-fn assert_residuals(what: &str, model: &ControlNetModel, recorded: &Path) {
-    let r = read_tensors(recorded);
+/// The residuals of `model` on the recorded inputs `r` with their image.
+fn residuals_of(
+    model: &ControlNetModel,
+    r: &HashMap<String, Tensor>,
+    scale: f64,
+    guess_mode: bool,
+) -> ControlResiduals {
+    residuals_for(model, r, &r["image"], scale, guess_mode)
+}
+
+/// The residuals of `model` on the recorded inputs `r` with the control image `image`.
+fn residuals_for(
+    model: &ControlNetModel,
+    r: &HashMap<String, Tensor>,
+    image: &Tensor,
+    scale: f64,
+    guess_mode: bool,
+) -> ControlResiduals {
     let added = AddedCond {
         text_embeds: &r["text_embeds"],
         time_ids: &r["time_ids"],
         timestep_cond: None,
     };
-    let timestep = r["timestep"].reshape([]);
-    let run = |image: &Tensor, scale: f64, guess_mode: bool| {
-        let scale = ControlScale { scale, guess_mode };
-        model.forward(
-            &r["sample"],
-            &timestep,
-            &r["encoder_hidden_states"],
-            Some(&added),
-            image,
-            scale,
-        )
-    };
-    for (tag, scale, guess) in [("scale1", 1.0, false), ("guess05", 0.5, true)] {
-        let residuals = run(&r["image"], scale, guess);
-        let count = r
-            .keys()
-            .filter(|k| k.starts_with(&format!("{tag}.down.")))
-            .count();
-        assert_eq!(residuals.down.len(), count, "{what}");
-        for (i, down) in residuals.down.iter().enumerate() {
-            assert_close(
-                &format!("{what} {tag} down {i}"),
-                down,
-                &r[&format!("{tag}.down.{i}")],
-            );
-        }
-        assert_close(
-            &format!("{what} {tag} mid"),
-            &residuals.mid,
-            &r[&format!("{tag}.mid")],
-        );
-    }
-    let moved = relative_error(
-        &run(&r["image"].zeros_like(), 1.0, false).down[0],
-        &r["scale1.down.0"],
-    );
+    model.forward(
+        &r["sample"],
+        &r["timestep"].reshape([]),
+        &r["encoder_hidden_states"],
+        Some(&added),
+        image,
+        ControlScale { scale, guess_mode },
+    )
+}
+
+/// The residuals of `model` on the recorded inputs equal the recorded ones (scale 1 and
+/// guess mode at 0.5); the control image moves them.
+fn assert_residuals(what: &str, model: &ControlNetModel, recorded: &Path) {
+    let r = read_tensors(recorded);
+    common::assert_recorded_residuals(what, &r, |scale, guess| {
+        residuals_of(model, &r, scale, guess)
+    });
+    let other = residuals_for(model, &r, &r["image"].zeros_like(), 1.0, false);
+    let moved = relative_error(&other.down[0], &r["scale1.down.0"]);
     assert!(
         moved > 1e-2,
         "{what}: the control image moved the residuals by {moved:e}"
@@ -220,26 +221,69 @@ fn every_stored_tensor_matters() {
     });
     let r = read_tensors(&canny.with_file_name("canny_io.safetensors"));
     let model = build(&file, &base, Placement::cpu()).expect("edited");
-    let added = AddedCond {
-        text_embeds: &r["text_embeds"],
-        time_ids: &r["time_ids"],
-        timestep_cond: None,
-    };
-    let scale = ControlScale {
-        scale: 1.0,
-        guess_mode: false,
-    };
-    let residuals = model.forward(
-        &r["sample"],
-        &r["timestep"].reshape([]),
-        &r["encoder_hidden_states"],
-        Some(&added),
-        &r["image"],
-        scale,
-    );
+    let residuals = residuals_of(&model, &r, 1.0, false);
     let moved = relative_error(&residuals.down[1], &r["scale1.down.1"]);
     assert!(
         moved > 1e-3,
         "the stored bias moved the residuals by {moved:e}"
+    );
+}
+
+/// tiny2's pipeline with its UNet's weights moved, in `dir`.
+fn moved_base(dir: &Path) -> PathBuf {
+    let base = dir.join("moved");
+    common::copy_tree(&fixtures().join("tiny2/pipeline"), &base);
+    let file = base.join("unet/diffusion_pytorch_model.safetensors");
+    let tensors: Vec<(String, Tensor)> = read_all(&file, Device::Cpu, Kind::Float)
+        .expect("read")
+        .into_iter()
+        .map(|(name, t)| {
+            let moved = &t + t.randn_like() * 0.05;
+            (name, moved)
+        })
+        .collect();
+    Tensor::write_safetensors(&tensors, &file).expect("write");
+    base
+}
+
+#[test]
+fn the_cache_builds_a_control_lora_once_per_base_and_counts_what_it_builds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cache = ModelCache::new(Placement::cpu(), None);
+    let tiny2 = cache
+        .pipeline(&fixtures().join("tiny2/pipeline"))
+        .expect("tiny2");
+    let moved = cache.pipeline(&moved_base(dir.path())).expect("moved");
+    let file = lora_file("tiny2", "canny");
+    let recorded = file.with_file_name("canny_io.safetensors");
+    let before = cache.stats();
+    let on_tiny2 = cache.controlnet(&file, &tiny2).expect("on tiny2");
+    let after = cache.stats();
+    assert_eq!(after.component_loads, before.component_loads + 1);
+    // The budget counts what the build holds: the UNet's encoder and the file's own
+    // tensors, not the file.
+    let (_, params) = recording(|| build(&file, &tiny2, Placement::cpu())).expect("build");
+    let built: u64 = params.iter().map(|p| p.numel() as u64 * 4).sum();
+    assert_eq!(after.resident_bytes - before.resident_bytes, built);
+    let again = cache.controlnet(&file, &tiny2).expect("again");
+    assert!(Rc::ptr_eq(&on_tiny2, &again), "built twice for one base");
+    let cached = on_tiny2.controlnet().expect("a ControlNet");
+    assert_residuals("cached on tiny2", cached, &recorded);
+    // Another base's UNet builds another ControlNet, in its place.
+    let on_moved = cache.controlnet(&file, &moved).expect("on moved");
+    assert!(!Rc::ptr_eq(&on_tiny2, &on_moved));
+    assert_eq!(cache.stats().component_loads, after.component_loads + 1);
+    let r = read_tensors(&recorded);
+    let residuals = residuals_of(on_moved.controlnet().expect("ControlNet"), &r, 1.0, false);
+    let moved_by = relative_error(&residuals.down[0], &r["scale1.down.0"]);
+    assert!(
+        moved_by > 1e-3,
+        "the other base moved the residuals by {moved_by:e}"
+    );
+    let resident = cache.resident_paths();
+    assert_eq!(
+        resident.iter().filter(|p| **p == file).count(),
+        1,
+        "{resident:?}"
     );
 }

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::server::TestServer;
 use common::{
     assert_images_match, controlnet_cases, controlnet_fixtures, decoded_image, fixtures,
@@ -25,11 +23,11 @@ struct Roots {
 
 fn roots() -> Roots {
     let bases = tempfile::tempdir().expect("tempdir");
-    copy_tree(
+    common::copy_tree(
         &fixtures().join("tiny2/pipeline"),
         &bases.path().join("tiny2"),
     );
-    copy_tree(
+    common::copy_tree(
         &fixtures().join("tiny3/pipeline"),
         &bases.path().join("tiny3"),
     );
@@ -51,19 +49,6 @@ fn roots() -> Roots {
         std::fs::copy(from, controlnets.path().join(format!("{name}.safetensors"))).expect("copy");
     }
     Roots { bases, controlnets }
-}
-
-/// Copies the folder `from` to `to`, recursively.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            copy_tree(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).expect("copy");
-        }
-    }
 }
 
 async fn server(roots: &Roots) -> TestServer {

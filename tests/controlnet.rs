@@ -51,26 +51,9 @@ fn controlnet_residuals_and_the_controlled_unet_equal_diffusers() {
                     scale,
                 )
             };
-            for (tag, scale, guess_mode) in [("scale1", 1.0, false), ("guess05", 0.5, true)] {
-                let residuals = run(&r["image"], ControlScale { scale, guess_mode });
-                let count = r
-                    .keys()
-                    .filter(|k| k.starts_with(&format!("{tag}.down.")))
-                    .count();
-                assert_eq!(residuals.down.len(), count, "{what}");
-                for (i, down) in residuals.down.iter().enumerate() {
-                    assert_close(
-                        &format!("{what} {tag} down {i}"),
-                        down,
-                        &r[&format!("{tag}.down.{i}")],
-                    );
-                }
-                assert_close(
-                    &format!("{what} {tag} mid"),
-                    &residuals.mid,
-                    &r[&format!("{tag}.mid")],
-                );
-            }
+            common::assert_recorded_residuals(&what, &r, |scale, guess_mode| {
+                run(&r["image"], ControlScale { scale, guess_mode })
+            });
             let residuals = run(
                 &r["image"],
                 ControlScale {

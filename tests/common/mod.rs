@@ -394,6 +394,20 @@ impl Case {
     }
 }
 
+/// Copies the folder `from` to `to`, recursively.
+#[allow(dead_code)]
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            copy_tree(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).expect("copy");
+        }
+    }
+}
+
 /// The tiny configurations the fixtures hold.
 pub const CONFIGS: [&str; 2] = ["tiny2", "tiny3"];
 
@@ -419,6 +433,29 @@ pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
 pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
     let err = relative_error(actual, expected);
     assert!(err < 1e-3, "{what}: relative error {err:e} exceeds 1e-3");
+}
+
+/// Asserts that the ControlNet residuals `run(scale, guess_mode)` gives equal those
+/// `recorded` at scale 1 (`scale1.down.{i}`, `scale1.mid`) and in guess mode at 0.5
+/// (`guess05.…`), as make_controlnet_fixtures.py's `record` writes them.
+#[allow(dead_code)]
+pub fn assert_recorded_residuals(
+    what: &str,
+    recorded: &HashMap<String, Tensor>,
+    run: impl Fn(f64, bool) -> sdxld::engine::models::unet::ControlResiduals,
+) {
+    for (tag, scale, guess_mode) in [("scale1", 1.0, false), ("guess05", 0.5, true)] {
+        let residuals = run(scale, guess_mode);
+        let prefix = format!("{tag}.down.");
+        let count = recorded.keys().filter(|k| k.starts_with(&prefix)).count();
+        assert_eq!(residuals.down.len(), count, "{what}");
+        for (i, down) in residuals.down.iter().enumerate() {
+            let expected = &recorded[&format!("{prefix}{i}")];
+            assert_close(&format!("{what} {tag} down {i}"), down, expected);
+        }
+        let mid = &recorded[&format!("{tag}.mid")];
+        assert_close(&format!("{what} {tag} mid"), &residuals.mid, mid);
+    }
 }
 
 /// Asserts that `forward` turns each of the first `cases` inputs of `io` (`input.{k}`)
