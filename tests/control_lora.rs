@@ -190,6 +190,20 @@ fn control_loras_that_do_not_fit_the_unet_are_refused_naming_the_tensor() {
         "{message}"
     );
 
+    // A tensor of the ControlNet's own that the file lacks is named as the file stores it.
+    for own in [
+        "zero_convs.1.0.weight",
+        "middle_block_out.0.bias",
+        "input_hint_block.2.weight",
+    ] {
+        let lacking = edited(dir.path(), &canny, |t| t.retain(|(n, _)| n != own));
+        let message = refusal(&lacking, &base);
+        assert!(
+            message.contains(own) && message.contains("edited.safetensors"),
+            "{message}"
+        );
+    }
+
     let stray = edited(dir.path(), &canny, |t| {
         t.push((
             "input_blocks.1.0.extra.weight".into(),

@@ -101,6 +101,28 @@ impl Names {
             .map(|param| format!("controlnet_mid_block.{param}"))
     }
 
+    /// The name the file stores a tensor of the ControlNet's own under (the inverse of
+    /// [`Names::own_key`]); other keys as they are.
+    fn stored_name(&self, key: &str) -> String {
+        let (module, param) = key.rsplit_once('.').unwrap_or((key, ""));
+        let stored = if let Some(index) = module.strip_prefix("controlnet_down_blocks.") {
+            format!("zero_convs.{index}.0")
+        } else if module == "controlnet_mid_block" {
+            "middle_block_out.0".to_string()
+        } else {
+            match module.strip_prefix("controlnet_cond_embedding.") {
+                Some("conv_in") => "input_hint_block.0".to_string(),
+                Some("conv_out") => format!("input_hint_block.{}", self.hint_out),
+                Some(block) => match block.strip_prefix("blocks.").map(str::parse::<usize>) {
+                    Some(Ok(i)) => format!("input_hint_block.{}", 2 * (i + 1)),
+                    _ => return key.to_string(),
+                },
+                None => return key.to_string(),
+            }
+        };
+        format!("{stored}.{param}")
+    }
+
     /// The key a low-rank `up`/`down` matrix adds to, with its suffix.
     fn low_rank_key(&self, name: &str) -> Option<String> {
         let (module, suffix) = match name.rsplit_once('.')? {
@@ -164,13 +186,15 @@ pub fn load(
     )?;
     let own_keys: HashSet<String> = renamed.into_keys().collect();
     let weights = base.overlay(own);
-    let model = ControlNetModel::load(&weights.root(), config, path).map_err(misfit)?;
+    let model = ControlNetModel::load(&weights.root(), config, path)
+        .map_err(|e| misfit(e, path, &names))?;
     weights.check_all_used(|key| !own_keys.contains(key))?;
     Ok(model)
 }
 
-/// A tensor of the file that does not fit the UNet, as the models' mismatch.
-fn misfit(error: EngineError) -> EngineError {
+/// A tensor of the file at `path` that does not fit the UNet, as the models' mismatch;
+/// a tensor of the ControlNet's own that the file lacks, named as the file would store it.
+fn misfit(error: EngineError, path: &Path, names: &Names) -> EngineError {
     match error {
         EngineError::ShapeMismatch {
             name,
@@ -180,6 +204,12 @@ fn misfit(error: EngineError) -> EngineError {
         } => EngineError::Incompatible(format!(
             "it was made for another UNet: its `{name}` is {actual:?} where this UNet needs {expected:?}"
         )),
+        EngineError::MissingTensor { name, .. } if name.starts_with("controlnet_") => {
+            EngineError::MissingTensor {
+                path: path.to_path_buf(),
+                name: names.stored_name(&name),
+            }
+        }
         other => other,
     }
 }
