@@ -139,6 +139,14 @@ async fn a_control_lora_unit_gives_the_image_of_the_controlnet_it_builds() {
             "{completed:?}"
         );
     }
+    // It stays resident once built (listed as loaded).
+    let listed = server.list_models(pb::ModelKind::Controlnet).await;
+    let resident: Vec<_> = listed
+        .iter()
+        .filter(|m| m.resident)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(resident, ["canny_lora"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -288,17 +288,12 @@ impl Engine {
         controlnet
     }
 
-    /// Loads the ControlNet `model` (an admin request) for the default base model; a
-    /// Control-LoRA is built on a base model's UNet, so it loads with the first job that
-    /// uses it.
-    fn load_controlnet(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
-        if model.controlnet.as_ref().is_some_and(|f| f.control_lora) {
-            return Err(EngineError::Incompatible(format!(
-                "`{}` is a Control-LoRA: it is built on the UNet of the base model a request names, when that request runs",
-                model.name
-            )));
-        }
-        self.cache.controlnet_alone(&model.path).map(|_| ())
+    /// The ControlNet `model` that needs no base model (not a Control-LoRA), loading it
+    /// on first use.
+    fn controlnet_alone(&mut self, model: &ModelEntry) -> Result<Rc<ControlModel>, EngineError> {
+        let controlnet = self.cache.controlnet_alone(&model.path);
+        self.publish();
+        controlnet
     }
 
     /// The preprocessor network `model`, loading it on first use.
@@ -346,6 +341,13 @@ impl Engine {
 
     /// Loads `model` (an admin request), making room for it.
     pub fn load(&mut self, model: &ModelEntry) -> Result<(), EngineError> {
+        // A Control-LoRA is built on the UNet of a job's base model: it has none here.
+        if model.controlnet.as_ref().is_some_and(|f| f.control_lora) {
+            return Err(EngineError::Incompatible(format!(
+                "`{}` is a Control-LoRA: it is built on the UNet of the base model a request names, when that request runs",
+                model.name
+            )));
+        }
         // An embedding (kilobytes, read by each job that uses it) is not cached: loading
         // it checks its file.
         if model.kind != ModelKind::Embedding {
@@ -354,7 +356,7 @@ impl Engine {
         match model.kind {
             ModelKind::Vae => self.vae(model).map(|_| ()),
             ModelKind::Lora => self.lora(model).map(|_| ()),
-            ModelKind::ControlNet => self.load_controlnet(model),
+            ModelKind::ControlNet => self.controlnet_alone(model).map(|_| ()),
             ModelKind::Upscaler => self.upscaler(model).map(|_| ()),
             ModelKind::Preprocessor => self.detector(model).map(|_| ()),
             ModelKind::IpAdapter => self.ip_adapter(model).map(|_| ()),
