@@ -485,7 +485,13 @@ impl ModelCache {
     /// first use. A Control-LoRA is built on `base`'s UNet: one stays resident per file,
     /// built again when another base asks for it.
     pub fn controlnet(&mut self, path: &Path, base: &SdxlPipeline) -> Result<Rc<ControlModel>> {
-        if control_lora::is_control_lora_file(path) {
+        // A resident model's kind is known; the file's header is read only to load it.
+        let is_control_lora = if self.controlnets.contains_key(path) {
+            self.control_lora_bases.contains_key(path)
+        } else {
+            control_lora::is_control_lora_file(path)
+        };
+        if is_control_lora {
             return self.control_lora(path, base);
         }
         self.controlnet_alone(path)
