@@ -211,7 +211,7 @@ impl PreprocessingSettings {
                 "preprocessing.lineart_anime_model",
                 &self.lineart_anime_model,
             ),
-            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt => {
+            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::ZoeDepth => {
                 ("preprocessing.depth_model", &self.depth_model)
             }
             DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {

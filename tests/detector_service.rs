@@ -56,6 +56,10 @@ fn detector_root() -> tempfile::TempDir {
             std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
         }
     }
+    common::copy_tree(
+        &common::zoe_fixtures().join("zoe/nyu"),
+        &dir.path().join(ZOE_MODEL),
+    );
     let bytes = std::fs::read(fixtures.join("lineart/lineart_2.safetensors")).expect("read");
     std::fs::write(
         dir.path().join("broken.safetensors"),
@@ -67,6 +71,8 @@ fn detector_root() -> tempfile::TempDir {
 
 /// The depth preprocessor's default detector name.
 const DEPTH_MODEL: &str = "depth-anything/Depth-Anything-V2-Small-hf";
+/// A ZoeDepth folder's name.
+const ZOE_MODEL: &str = "Intel/zoedepth-nyu";
 /// The segmentation preprocessor's default detector name.
 const SEGMENT_MODEL: &str = "openmmlab/upernet-convnext-small";
 
@@ -163,6 +169,16 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_map(name, &map.control_map, &fixtures.join(map_file));
     }
+    // A ZoeDepth folder too, mapped as ZoeDetector maps it.
+    let zoe = common::zoe_fixtures();
+    let map = server
+        .preprocess(pb::PreprocessRequest {
+            image: std::fs::read(zoe.join("images/photo.png")).expect("photo"),
+            ..request(pb::Preprocessor::Depth, ZOE_MODEL)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{ZOE_MODEL}: {e}"));
+    assert_map(ZOE_MODEL, &map.control_map, &zoe.join("zoe/nyu_map.png"));
     let map = server
         .preprocess(request(pb::Preprocessor::Softedge, ""))
         .await
@@ -223,6 +239,12 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
     assert_eq!(
         dpt.preprocessor.as_ref().map(|p| p.network.as_str()),
         Some("dpt")
+    );
+    let zoe_listed = listed.iter().find(|m| m.name == ZOE_MODEL).expect("listed");
+    assert!(zoe_listed.resident);
+    assert_eq!(
+        zoe_listed.preprocessor.as_ref().map(|p| p.network.as_str()),
+        Some("zoedepth")
     );
     let ready: Vec<(i32, bool)> = server
         .capabilities()
@@ -396,6 +418,17 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
     let parameters = common::png_parameters(&response.images[0].data);
     let entry = "Module: depth_midas, Processor Res: 64, Model: lines_xl";
     assert!(parameters.contains(entry), "{parameters}");
+    // From a ZoeDepth model: A1111's depth_zoe, its map ZoeDetector's.
+    let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, ZOE_MODEL);
+    let response = server.images(spec).await.expect("zoe unit");
+    let parameters = common::png_parameters(&response.images[0].data);
+    let entry = "Module: depth_zoe, Processor Res: 64, Model: lines_xl";
+    assert!(parameters.contains(entry), "{parameters}");
+    assert_map(
+        ZOE_MODEL,
+        &response.control_maps[0].data,
+        &common::zoe_fixtures().join("zoe/nyu_map.png"),
+    );
 }
 
 /// A 64×64 generation in four Euler steps with one unit of `model` on `preprocessor`
@@ -559,6 +592,23 @@ async fn missing_wrong_and_corrupt_detectors_are_refused_by_name() {
     }
     let map = server.preprocess(normal).await.expect("normals at 64");
     assert_eq!((map.width, map.height), (64, 64));
+    // A strip ZoeDepth's processor would shrink to no row is refused before admission.
+    let mut strip = request(pb::Preprocessor::Depth, ZOE_MODEL);
+    strip.image = common::edges::black_png(2000, 6);
+    if let Some(params) = strip.preprocessor_params.as_mut() {
+        params.detect_resolution = 0;
+    }
+    let status = server.preprocess(strip).await.expect_err("a strip");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
+    assert!(
+        status.message().contains("aspect ratio"),
+        "{}",
+        status.message()
+    );
     // The server serves on, the anime default included.
     server
         .preprocess(request(pb::Preprocessor::LineartAnime, ""))

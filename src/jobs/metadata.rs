@@ -279,6 +279,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Depth) if network == Some(DetectorNetwork::Dpt) => {
             "depth_midas".to_string()
         }
+        Some(Preprocessor::Depth) if network == Some(DetectorNetwork::ZoeDepth) => {
+            "depth_zoe".to_string()
+        }
         Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
         // A1111's TEED module takes its safe steps as Threshold A.
         Some(Preprocessor::SoftEdge { safe_steps }) if network == Some(DetectorNetwork::Teed) => {

@@ -79,6 +79,14 @@ pub fn detector_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The ZoeDepth fixtures of make_zoe_fixtures.py.
+#[allow(dead_code)]
+pub fn zoe_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_zoe_fixtures.py", "SDXLD_ZOE_FIXTURES"))
+        .clone()
+}
+
 /// Asserts that an 8-bit map is the reference PNG at `reference` pixel for pixel.
 #[allow(dead_code)]
 pub fn assert_same_map(what: &str, map: &image::RgbImage, reference: &Path) {

@@ -185,6 +185,15 @@ pub fn preprocessor(
     if let (Some(entry), Some(steps)) = (&detector, safe_steps) {
         network_safe_steps(&p, entry, steps, v);
     }
+    if let (Some(entry), Some(resolution), Some(size)) = (&detector, detect_resolution, image_size)
+    {
+        let detected = Preprocessing {
+            preprocessor,
+            detect_resolution: resolution,
+        }
+        .detected_size(size.0, size.1);
+        zoe_input(&p, entry, detected, v);
+    }
     Some(Checked {
         preprocessing: Preprocessing {
             preprocessor,
@@ -398,6 +407,25 @@ fn own_size_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut 
                 "`{}` needs sides of at least {least} pixels; the image is {w}x{h}: set a detect_resolution",
                 detector.model.name
             ),
+        );
+    }
+}
+
+/// A ZoeDepth processor's network input for the detected image: its aspect ratio near
+/// enough to the processor's size that no side is rounded to nothing.
+fn zoe_input(p: &str, detector: &DetectorFile, (w, h): (u64, u64), v: &mut Violations) {
+    use crate::engine::preprocess::detector::DetectorNetwork;
+    if detector.network != DetectorNetwork::ZoeDepth {
+        return;
+    }
+    let side = |s: u64| u32::try_from(s).unwrap_or(u32::MAX);
+    let path = &detector.model.path;
+    if let Err(why) =
+        crate::engine::preprocess::zoe_detector::check_image_size(path, side(w), side(h))
+    {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!("{why}: crop the image nearer to that shape"),
         );
     }
 }

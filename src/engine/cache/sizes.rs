@@ -232,6 +232,10 @@ pub fn detector_activation_estimate(
         DetectorNetwork::DepthAnything => (518 * 518 * 192, 3),
         // The head at the 384² input (128 channels, three alive); the depth resized back.
         DetectorNetwork::Dpt => (384 * 384 * 384, 3),
+        // The metric head at the 384×512 input, twice (the mirrored pass): the relative
+        // head's 128 channels, the 161-channel condition and its MLP, and the bins'
+        // distribution (64 bins, several alive); the depth resized back and mapped.
+        DetectorNetwork::ZoeDepth => (384 * 512 * 512, 8),
         // 512-channel features at a quarter of 512², six alive; 150 class logits resized
         // to the image, twice.
         DetectorNetwork::UperNet => (128 * 128 * 512 * 6, 300),

@@ -492,6 +492,12 @@ pub fn masked_attention(
     attention(q, k, v, heads, Some(allowed), false)
 }
 
+/// [`multi_head_attention`] with an additive bias on the scores ([batch or 1, heads, q, k];
+/// BEiT's relative positions).
+pub fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, bias: &Tensor) -> Tensor {
+    attention(q, k, v, heads, Some(bias), false)
+}
+
 fn attention(
     q: &Tensor,
     k: &Tensor,

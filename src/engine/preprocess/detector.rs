@@ -21,6 +21,7 @@ use crate::engine::preprocess::pidinet::PiDiNet;
 use crate::engine::preprocess::pose::OpenPoseDetector;
 use crate::engine::preprocess::segment::SegmentDetector;
 use crate::engine::preprocess::teed::Teed;
+use crate::engine::preprocess::zoe_detector::ZoeDetector;
 use crate::engine::weights::read_shapes;
 
 /// A network a detector file holds.
@@ -34,6 +35,8 @@ pub enum DetectorNetwork {
     DepthAnything,
     /// transformers' DPT depth estimation with a ViT backbone (a model folder).
     Dpt,
+    /// transformers' ZoeDepth metric depth estimation (a model folder).
+    ZoeDepth,
     /// controlnet_aux's HED edge network.
     Hed,
     /// transformers' UperNet segmentation (a model folder).
@@ -56,11 +59,12 @@ pub enum DetectorNetwork {
 
 impl DetectorNetwork {
     /// Whether a detector holding `held` serves a preprocessor that runs this network
-    /// (a depth preprocessor takes Depth Anything or DPT, a soft-edge one HED, PiDiNet or
-    /// TEED; scribbles refuse TEED where the request is checked).
+    /// (a depth preprocessor takes Depth Anything, DPT or ZoeDepth, a soft-edge one HED,
+    /// PiDiNet or TEED; scribbles refuse TEED where the request is checked).
     pub fn accepts(self, held: DetectorNetwork) -> bool {
         held == self
-            || (self == DetectorNetwork::DepthAnything && held == DetectorNetwork::Dpt)
+            || (self == DetectorNetwork::DepthAnything
+                && matches!(held, DetectorNetwork::Dpt | DetectorNetwork::ZoeDepth))
             || (self == DetectorNetwork::Hed
                 && matches!(held, DetectorNetwork::PiDiNet | DetectorNetwork::Teed))
     }
@@ -68,7 +72,7 @@ impl DetectorNetwork {
     /// What it is called where a preprocessor names the networks it takes.
     pub fn described(self) -> &'static str {
         match self {
-            DetectorNetwork::DepthAnything => "depth_anything or dpt",
+            DetectorNetwork::DepthAnything => "depth_anything, dpt or zoedepth",
             DetectorNetwork::Hed => "hed, pidinet or teed",
             other => other.name(),
         }
@@ -81,6 +85,7 @@ impl DetectorNetwork {
             DetectorNetwork::LineartAnime => "lineart_anime",
             DetectorNetwork::DepthAnything => "depth_anything",
             DetectorNetwork::Dpt => "dpt",
+            DetectorNetwork::ZoeDepth => "zoedepth",
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
@@ -108,7 +113,10 @@ impl DetectorNetwork {
             | DetectorNetwork::Teed => {
                 format!("{name}.safetensors")
             }
-            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::UperNet => {
+            DetectorNetwork::DepthAnything
+            | DetectorNetwork::Dpt
+            | DetectorNetwork::ZoeDepth
+            | DetectorNetwork::UperNet => {
                 format!("{name}/ with config.json and model.safetensors")
             }
         }
@@ -133,11 +141,12 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
         return match kind.as_str() {
             "depth_anything" => Ok(DetectorNetwork::DepthAnything),
             "dpt" => Ok(DetectorNetwork::Dpt),
+            "zoedepth" => Ok(DetectorNetwork::ZoeDepth),
             "upernet" => Ok(DetectorNetwork::UperNet),
             other => Err(EngineError::WeightFile {
                 path: path.join("config.json"),
                 message: format!(
-                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything, dpt and upernet"
+                    "holds a `{other}` model; the preprocessor folders sdxld serves are depth_anything, dpt, zoedepth and upernet"
                 ),
             }),
         };
@@ -205,8 +214,10 @@ pub enum Detector {
     Lineart(LineartGenerator),
     /// The anime line-art U-Net.
     LineartAnime(LineartAnimeUnet),
-    /// Depth Anything with its processor.
+    /// Depth Anything or DPT with its processor.
     Depth(Box<DepthDetector>),
+    /// ZoeDepth with its processor.
+    Zoe(Box<ZoeDetector>),
     /// The HED edge network.
     Hed(Hed),
     /// UperNet with its processor.
@@ -242,6 +253,9 @@ impl Detector {
                 let detector = DepthDetector::load(path, dpt, device, kind)?;
                 Ok(Detector::Depth(Box::new(detector)))
             }
+            DetectorNetwork::ZoeDepth => Ok(Detector::Zoe(Box::new(ZoeDetector::load(
+                path, device, kind,
+            )?))),
             DetectorNetwork::Hed => Ok(Detector::Hed(Hed::load(path, device, kind)?)),
             DetectorNetwork::UperNet => Ok(Detector::Segment(Box::new(SegmentDetector::load(
                 path, device, kind,
@@ -267,6 +281,7 @@ impl Detector {
             Detector::Lineart(network) => network.detect(image)?,
             Detector::LineartAnime(network) => network.detect(image)?,
             Detector::Depth(network) => network.detect(image)?,
+            Detector::Zoe(network) => network.detect(image)?,
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
@@ -317,6 +332,7 @@ impl Detector {
                 DepthNetwork::DepthAnything(_) => DetectorNetwork::DepthAnything,
                 DepthNetwork::Dpt(_) => DetectorNetwork::Dpt,
             },
+            Detector::Zoe(_) => DetectorNetwork::ZoeDepth,
             Detector::Hed(_) => DetectorNetwork::Hed,
             Detector::Segment(_) => DetectorNetwork::UperNet,
             Detector::OpenPose(_) => DetectorNetwork::OpenPose,

@@ -71,7 +71,7 @@ impl Default for DptConfig {
 }
 
 /// How the class token reaches the patch tokens.
-enum Readout {
+pub enum Readout {
     Ignore,
     Add,
     Project(Linear),
@@ -435,7 +435,7 @@ fn hybrid_unsupported(c: &DptConfig, bit: &BitConfig) -> Option<String> {
 }
 
 /// How level `index`'s layer reads its class token.
-fn readout(neck: &VarPath, readout_type: &str, index: usize, d: i64) -> Result<Readout> {
+pub fn readout(neck: &VarPath, readout_type: &str, index: usize, d: i64) -> Result<Readout> {
     match readout_type {
         "ignore" => Ok(Readout::Ignore),
         "add" => Ok(Readout::Add),
@@ -453,7 +453,7 @@ fn readout(neck: &VarPath, readout_type: &str, index: usize, d: i64) -> Result<R
 
 /// A layer's patch tokens as a [N, D, rows, columns] map, the class token ignored, added
 /// or projected in.
-fn read_out(tokens: &Tensor, readout: &Readout, rows: i64, columns: i64) -> Tensor {
+pub fn read_out(tokens: &Tensor, readout: &Readout, rows: i64, columns: i64) -> Tensor {
     let s = tokens.size();
     let (n, d) = (s[0], s[2]);
     let class = tokens.narrow(1, 0, 1);

@@ -4,6 +4,7 @@
 
 pub mod ade20k;
 pub mod anyline;
+pub mod beit;
 pub mod bit;
 pub mod canny;
 mod cv_area_halves;
@@ -40,6 +41,9 @@ pub mod scribble;
 pub mod segment;
 pub mod teed;
 pub mod upernet;
+pub mod zoe_bins;
+pub mod zoe_detector;
+pub mod zoedepth;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 

@@ -173,11 +173,13 @@ impl ModelKind {
                     && !path.with_file_name("config.json").is_file()
             }
             ModelKind::ImageEncoder => model_type(path).is_some_and(|t| t == "clip_vision_model"),
-            // Weight files, and model folders of a served type (Depth Anything, UperNet).
+            // Weight files, and model folders of a served type (Depth Anything, DPT, ZoeDepth,
+            // UperNet).
             ModelKind::Preprocessor => {
                 (path.is_file() && path.extension().is_some_and(|e| e == "safetensors"))
-                    || model_type(path)
-                        .is_some_and(|t| ["depth_anything", "dpt", "upernet"].contains(&t.as_str()))
+                    || model_type(path).is_some_and(|t| {
+                        ["depth_anything", "dpt", "zoedepth", "upernet"].contains(&t.as_str())
+                    })
             }
         }
     }
