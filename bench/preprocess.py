@@ -6,10 +6,11 @@ its face network of facenet.pth as openpose_face, its hand network of hand_pose_
 openpose_hand, both as openpose_full), the NormalBAE network of its
 scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED (alone and
 under Anyline), at their published sizes), Depth Anything V2 Small's and
-upernet-convnext-small's shapes in transformers, one square image of
+Intel/zoedepth-nyu's and upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map (and the preprocessors that run no network:
 OpenCV's Canny, the standard line art) by the reference (controlnet_aux's detector;
-transformers' Pillow processor, the model, post_process_depth_estimation and min-max)
+transformers' Pillow processor, the model, post_process_depth_estimation and min-max;
+for ZoeDepth the mirrored pass too and ZoeDetector's percentile map)
 and by `sdxld bench-detector`, same weights, same threads, each in its own process.
 
 Prints seconds per map for both, the ratio reference / sdxld (above 1 means sdxld is
@@ -109,6 +110,44 @@ def write_dpt(folder: Path, hybrid: bool = False):
                          image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
 
 
+def write_zoe(folder: Path):
+    """Intel/zoedepth-nyu's configuration (BEiT-L/16 at 384, one metric head of 64
+    softplus bins) with random weights, as a model folder with its published processor
+    config."""
+    from make_detector_fixtures import randomise
+    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation
+    from transformers.models.zoedepth.image_processing_pil_zoedepth import ZoeDepthImageProcessorPil
+
+    model = ZoeDepthForDepthEstimation(ZoeDepthConfig()).eval()
+    randomise(model, 0, gain=0.5)
+    model.save_pretrained(folder)
+    ZoeDepthImageProcessorPil(size={"height": 384, "width": 512}, ensure_multiple_of=32, keep_aspect_ratio=True, do_pad=True,
+                              resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+
+
+def zoe_child(args, image):
+    """transformers' ZoeDepth as the depth preprocessor runs it: the processor, the model
+    on the image and its mirror, post_process_depth_estimation, ZoeDetector's map."""
+    from make_zoe_fixtures import zoe_map
+    from PIL import Image
+    from transformers import ZoeDepthForDepthEstimation
+    from transformers.models.zoedepth.image_processing_pil_zoedepth import ZoeDepthImageProcessorPil
+
+    model = ZoeDepthForDepthEstimation.from_pretrained(args.model).eval()
+    processor = ZoeDepthImageProcessorPil.from_pretrained(args.model)
+    picture = Image.fromarray(image)
+
+    def call():
+        pixels = processor(images=picture, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            outputs = model(pixel_values=pixels)
+            mirrored = model(pixel_values=torch.flip(pixels, dims=[3]))
+        depth = processor.post_process_depth_estimation(outputs, source_sizes=[image.shape[:2]], outputs_flipped=mirrored)
+        return zoe_map(depth[0]["predicted_depth"].numpy())
+
+    return call
+
+
 def write_segmentation(folder: Path):
     """openmmlab/upernet-convnext-small's configuration with random weights."""
     from make_detector_fixtures import randomise
@@ -198,6 +237,8 @@ def write_model(kind: str, path: Path):
         return write_dpt(path, hybrid=kind == "dpt_hybrid")
     if kind == "segmentation":
         return write_segmentation(path)
+    if kind == "zoe":
+        return write_zoe(path)
 
     if kind in ("openpose_face", "openpose_full"):
         from controlnet_aux.open_pose.face import FaceNet
@@ -252,6 +293,8 @@ def reference_child(args):
         call = depth_child(args, image)
     elif args.kind == "segmentation":
         call = segmentation_child(args, image)
+    elif args.kind == "zoe":
+        call = zoe_child(args, image)
     else:
         model = build(args.kind)
         state = load_file(args.model)
@@ -298,6 +341,8 @@ def reference_child(args):
             detector = LineartAnimeDetector(model)
         if args.kind not in ("teed", "anyline") + POSE_KINDS:
             call = lambda: detector(image, detect_resolution=args.size, image_resolution=args.size, output_type="np")
+    # Importing the fixture helpers (ZoeDetector's map) sets their thread count.
+    torch.set_num_threads(args.threads)
     call()
     times = []
     for _ in range(args.runs):
@@ -355,7 +400,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")
@@ -364,7 +409,7 @@ def main():
         return reference_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            folder = kind in ("depth", "dpt", "dpt_hybrid", "segmentation")
+            folder = kind in ("depth", "dpt", "dpt_hybrid", "zoe", "segmentation")
             model = Path(tmp) / (kind if folder else f"{kind}.safetensors")
             if kind in NETWORKLESS:
                 what = ["--preprocessor", kind]

@@ -165,3 +165,51 @@ fn the_map_puts_the_2nd_percentile_at_white_and_the_85th_at_black() {
     // A flat depth has no near or far: the division by zero gives black.
     assert!(percentile_map(&[3.0; 9]).iter().all(|&v| v == 0));
 }
+
+#[test]
+fn a_metric_head_layer_of_another_width_is_refused_naming_it_not_run() {
+    // Each layer of another width than its input has: the load names the layer; none
+    // reaches a forward pass that would fail in libtorch.
+    let cases = [
+        ("metric_head.conv2.weight", "conv2"),
+        ("metric_head.projectors.2.conv1.weight", "projectors.2"),
+        ("metric_head.attractors.1.conv1.weight", "attractor 1"),
+        (
+            "metric_head.seed_bin_regressor.conv2.weight",
+            "seed regressor",
+        ),
+        (
+            "metric_head.conditional_log_binomial.mlp.0.weight",
+            "distribution",
+        ),
+    ];
+    for (key, named) in cases {
+        let dir = zoe_copy("nyu");
+        let file = dir.path().join("model.safetensors");
+        let mut tensors: Vec<(String, tch::Tensor)> =
+            tch::Tensor::read_safetensors(&file).expect("read");
+        // The seed regressor gets one more output (a centre more than there are bins),
+        // its bias too; the others one more input channel.
+        let seed = key.contains("seed_bin_regressor");
+        let bias = key.replace("weight", "bias");
+        for (name, tensor) in tensors.iter_mut() {
+            let mut size = tensor.size();
+            match (name == key, seed && *name == bias) {
+                (true, _) if seed => size[0] += 1,
+                (true, _) => size[1] += 1,
+                (false, true) => size[0] += 1,
+                (false, false) => continue,
+            }
+            *tensor = tch::Tensor::zeros(size.as_slice(), (Kind::Float, Device::Cpu));
+        }
+        tch::Tensor::write_safetensors(&tensors, &file).expect("write");
+        let error = ZoeDetector::load(dir.path(), Device::Cpu, Kind::Float)
+            .err()
+            .unwrap_or_else(|| panic!("{key}: loaded"))
+            .to_string();
+        assert!(
+            error.contains(named) && error.contains("model.safetensors"),
+            "{key}: {error}"
+        );
+    }
+}

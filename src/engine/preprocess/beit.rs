@@ -9,7 +9,9 @@ use serde::Deserialize;
 use tch::{Device, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::nn::{biased_attention, Conv2d, LayerNorm, Linear};
+use crate::engine::models::nn::{
+    biased_attention, multi_head_attention, Conv2d, LayerNorm, Linear,
+};
 use crate::engine::weights::VarPath;
 
 /// `image_size` as configs write it: one side for a square, or both.
@@ -201,7 +203,7 @@ impl Layer {
         );
         let attended = match bias {
             Some(bias) => biased_attention(&q, &k, &v, heads, bias),
-            None => crate::engine::models::nn::multi_head_attention(&q, &k, &v, heads, false),
+            None => multi_head_attention(&q, &k, &v, heads, false),
         };
         let attended = self.out.forward(&attended);
         let x = match &self.scales {
@@ -257,21 +259,23 @@ impl Beit {
         let mut x = Tensor::cat(&[class, tokens], 1);
         let index = relative_index((rows, columns), x.device());
         let last = self.read.iter().copied().max().unwrap_or(0);
-        let mut states = vec![x.shallow_clone()];
-        for layer in self.layers.iter().take(last) {
-            let bias = layer
-                .table
-                .as_ref()
-                .map(|t| relative_bias(t, self.window, (rows, columns), &index));
-            x = layer.forward(&x, self.heads, bias.as_ref());
-            states.push(x.shallow_clone());
+        // Only the read states are kept (out indices may come in any order).
+        let mut read: Vec<Option<Tensor>> = self.read.iter().map(|_| None).collect();
+        for depth in 0..=last {
+            if depth > 0 {
+                let layer = &self.layers[depth - 1];
+                let bias = layer
+                    .table
+                    .as_ref()
+                    .map(|t| relative_bias(t, self.window, (rows, columns), &index));
+                x = layer.forward(&x, self.heads, bias.as_ref());
+            }
+            let wanted = read.iter_mut().zip(&self.read).filter(|(_, &i)| i == depth);
+            for (slot, _) in wanted {
+                *slot = Some(x.shallow_clone());
+            }
         }
-        let read = self
-            .read
-            .iter()
-            .map(|&i| states[i].shallow_clone())
-            .collect();
-        (read, (rows, columns))
+        (read.into_iter().flatten().collect(), (rows, columns))
     }
 }
 
@@ -318,5 +322,6 @@ fn relative_bias(table: &Tensor, stored: (i64, i64), window: (i64, i64), index: 
     full.index_select(0, index)
         .view([tokens, tokens, heads])
         .permute([2, 0, 1])
+        .contiguous()
         .unsqueeze(0)
 }

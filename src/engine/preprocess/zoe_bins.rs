@@ -110,7 +110,20 @@ impl Mlp {
     fn outputs(&self) -> i64 {
         self.conv2.weight().size()[0]
     }
+
+    fn inputs(&self) -> i64 {
+        self.conv1.weight().size()[1]
+    }
+
+    /// Its own joint: the second convolution takes what the first gives.
+    fn joint(&self, name: String) -> Width {
+        let got = self.conv2.weight().size()[1];
+        (name, got, self.conv1.weight().size()[0])
+    }
 }
+
+/// A layer's input channels as stored, and the channels its input has.
+type Width = (String, i64, i64);
 
 /// Bilinear resize with the corners aligned, as the heads resize everything.
 fn resized(x: &Tensor, like: &Tensor) -> Tensor {
@@ -414,6 +427,69 @@ impl MetricHead {
                 false => Some(Router::load(vp, shapes, heads)?),
             },
         })
+    }
+
+    /// The first layer whose stored input channels are not those its input has, for a
+    /// neck fusing `fused` channels and a relative head of `relative` features.
+    pub fn mismatch(&self, fused: i64, relative: i64) -> Option<String> {
+        let input = |conv: &Conv2d| conv.weight().size()[1];
+        let output = |conv: &Conv2d| conv.weight().size()[0];
+        let bottleneck = output(&self.bottleneck);
+        let embedding = self.seed_projector.outputs();
+        let mut widths: Vec<Width> = vec![
+            ("conv2".into(), input(&self.bottleneck), fused),
+            (
+                "seed_projector".into(),
+                self.seed_projector.inputs(),
+                bottleneck,
+            ),
+            self.seed_projector.joint("seed_projector".into()),
+        ];
+        for (i, p) in self.projectors.iter().enumerate() {
+            widths.push((format!("projectors.{i}"), p.inputs(), fused));
+            widths.push(p.joint(format!("projectors.{i}")));
+            widths.push((format!("projectors.{i} (out)"), p.outputs(), embedding));
+        }
+        let condition = relative + i64::from(self.router.is_none()) + embedding;
+        for (b, bins) in self.bins.iter().enumerate() {
+            widths.push((
+                format!("bins {b} seed regressor"),
+                bins.seed.inputs(),
+                bottleneck,
+            ));
+            widths.push(bins.seed.joint(format!("bins {b} seed regressor")));
+            let centres = bins.seed.outputs();
+            widths.push((
+                format!("bins {b} seed regressor (out)"),
+                centres,
+                bins.distribution.bins,
+            ));
+            for (i, a) in bins.attractors.iter().enumerate() {
+                widths.push((format!("bins {b} attractor {i}"), a.mlp.inputs(), embedding));
+                widths.push(a.mlp.joint(format!("bins {b} attractor {i}")));
+            }
+            let d = &bins.distribution;
+            widths.push((format!("bins {b} distribution"), input(&d.conv1), condition));
+            widths.push((
+                format!("bins {b} distribution (joint)"),
+                input(&d.conv2),
+                output(&d.conv1),
+            ));
+            widths.push((format!("bins {b} distribution (out)"), output(&d.conv2), 4));
+        }
+        if let Some(router) = &self.router {
+            let width = output(&router.embedding);
+            widths.push((
+                "patch transformer".into(),
+                input(&router.embedding),
+                bottleneck,
+            ));
+            widths.push(("patch transformer heads".into(), width % router.heads, 0));
+        }
+        let (name, got, want) = widths.into_iter().find(|(_, got, want)| got != want)?;
+        Some(format!(
+            "the metric head's {name} takes {got} channels where its input has {want}"
+        ))
     }
 
     /// The metric depth [N, 1, H, W] from the relative head's features and depth, the

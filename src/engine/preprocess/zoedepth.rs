@@ -144,6 +144,13 @@ impl ZoeDepth {
         let weights = Weights::open(&[file], device, kind)?;
         let network = Self::build(&weights.root(), (&config, &backbone, &bins), &shapes)?;
         weights.check_all_used(|name| name.ends_with("relative_position_index"))?;
+        let widths = (config.fusion_hidden_size, config.num_relative_features);
+        if let Some(why) = network.metric.mismatch(widths.0, widths.1) {
+            return Err(EngineError::WeightFile {
+                path: dir.join("model.safetensors"),
+                message: why,
+            });
+        }
         Ok(network)
     }
 
