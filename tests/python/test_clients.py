@@ -353,6 +353,43 @@ def test_python_client_dpt_hybrid_depth_as_transformers_estimates_it(stubs, serv
     assert len(np.unique(got)) > 16 and difference.max() <= 1 and (difference > 0).mean() <= 0.01
 
 
+def test_python_client_zoedepth_as_zoe_detector_maps_it(stubs, server):
+    """A ZoeDepth folder (transformers' ZoeDepthForDepthEstimation on a BEiT backbone, two
+    metric heads as Intel/zoedepth-nyu-kitti) named in the request: an oblong image's map
+    equals the processor, the model on the image and its mirror, post_process_depth_estimation
+    and ZoeDetector's percentile map (a level apart on at most 2 % of pixels)."""
+    import sys
+
+    import numpy as np
+    import torch
+    from transformers.models.zoedepth.image_processing_pil_zoedepth import ZoeDepthImageProcessorPil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_zoe_fixtures import ZOE, zoe_map, zoe_model
+
+    model, _ = zoe_model("nk")
+    folder = server.preprocessor_root / "Intel" / "zoedepth-nyu-kitti"
+    model.save_pretrained(folder)
+    processor = ZoeDepthImageProcessorPil(**ZOE["nk"][2])
+    processor.save_pretrained(folder)
+    image = Image.fromarray(np.random.default_rng(11).integers(0, 256, (72, 120, 3), dtype=np.uint8))
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(model="Intel/zoedepth-nyu-kitti")
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_DEPTH, preprocessor_params=params))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L")).astype(int)
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        outputs = model(pixel_values=pixels)
+        mirrored = model(pixel_values=torch.flip(pixels, dims=[3]))
+    depth = processor.post_process_depth_estimation(outputs, source_sizes=[(72, 120)], outputs_flipped=mirrored)[0]["predicted_depth"]
+    expected = zoe_map(depth.numpy()).astype(int)
+    assert (reply.width, reply.height) == (120, 72)
+    difference = np.abs(got - expected)
+    assert len(np.unique(got)) > 16 and difference.max() <= 1 and (difference > 0).mean() <= 0.02
+
+
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
     """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
     equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),
