@@ -213,3 +213,24 @@ fn a_metric_head_layer_of_another_width_is_refused_naming_it_not_run() {
         );
     }
 }
+
+#[test]
+fn in_bfloat16_the_map_stays_near_the_float32_one() {
+    // The weights in bfloat16 (as on a GPU), the bins' distribution in float32: the map
+    // keeps its shape (its percentiles move a little).
+    let dir = zoe_fixtures().join("zoe").join("nyu");
+    let half = ZoeDetector::load(&dir, Device::Cpu, Kind::BFloat16).expect("load");
+    let photo = image::open(zoe_fixtures().join("images/photo.png"))
+        .expect("photo")
+        .to_rgb8();
+    let got = half.detect(&photo).expect("detect");
+    let want = load("nyu").detect(&photo).expect("detect");
+    let mean = got
+        .iter()
+        .zip(want.iter())
+        .map(|(g, w)| f64::from(g.abs_diff(*w)))
+        .sum::<f64>()
+        / got.len() as f64;
+    // 3.6 levels here (4.5 with the distribution in bfloat16 too).
+    assert!(mean < 6.0, "bfloat16 maps {mean} levels away on average");
+}

@@ -1,17 +1,16 @@
 //! BEiT as transformers' `BeitBackbone` runs it under ZoeDepth (Intel/zoedepth-nyu's
 //! BEiT-L/16 at 384): patches and a class token without absolute positions, pre-norm
-//! layers whose attention adds a relative position bias of its own (the stored table
-//! resized bilinearly from the config's window to the input's, then looked up per token
-//! pair, the class token's three rows apart), layer scales where stored, and the chosen
-//! layers' tokens, class token included, as the features.
+//! layers (see `vit_layer`) whose attention adds a relative position bias of its own
+//! (the stored table resized bilinearly from the config's window to the input's, then
+//! looked up per token pair, the class token's three rows apart), layer scales where
+//! stored, and the chosen layers' tokens, class token included, as the features.
 
 use serde::Deserialize;
 use tch::{Device, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::nn::{
-    biased_attention, multi_head_attention, Conv2d, LayerNorm, Linear,
-};
+use crate::engine::models::nn::Conv2d;
+use crate::engine::preprocess::vit_layer::{VitLayer, VitSizes};
 use crate::engine::weights::VarPath;
 
 /// `image_size` as configs write it: one side for a square, or both.
@@ -144,87 +143,13 @@ impl BeitConfig {
     }
 }
 
-/// One pre-norm layer.
-struct Layer {
-    norm1: LayerNorm,
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    out: Linear,
-    norm2: LayerNorm,
-    up: Linear,
-    down: Linear,
-    /// Layer scales of the attention and MLP branches (`lambda_1`, `lambda_2`).
-    scales: Option<(Tensor, Tensor)>,
-    /// The relative position table [(2h-1)(2w-1) + 3, heads].
-    table: Option<Tensor>,
-}
-
-impl Layer {
-    fn load(vp: &VarPath, c: &BeitConfig) -> Result<Self> {
-        let (d, i) = (c.hidden_size, c.intermediate_size);
-        let attention = vp.pp("attention.attention");
-        let scales = if vp.contains("lambda_1") {
-            Some((vp.get("lambda_1", &[d])?, vp.get("lambda_2", &[d])?))
-        } else {
-            None
-        };
-        let table = if c.use_relative_position_bias {
-            let (h, w) = c.window();
-            let rows = (2 * h - 1) * (2 * w - 1) + 3;
-            let bias = attention.pp("relative_position_bias");
-            Some(bias.get(
-                "relative_position_bias_table",
-                &[rows, c.num_attention_heads],
-            )?)
-        } else {
-            None
-        };
-        Ok(Self {
-            norm1: LayerNorm::load(&vp.pp("layernorm_before"), d, c.layer_norm_eps)?,
-            query: Linear::load(&attention.pp("query"), d, d, true)?,
-            key: Linear::load(&attention.pp("key"), d, d, false)?,
-            value: Linear::load(&attention.pp("value"), d, d, true)?,
-            out: Linear::load(&vp.pp("attention.output.dense"), d, d, true)?,
-            norm2: LayerNorm::load(&vp.pp("layernorm_after"), d, c.layer_norm_eps)?,
-            up: Linear::load(&vp.pp("intermediate.dense"), d, i, true)?,
-            down: Linear::load(&vp.pp("output.dense"), i, d, true)?,
-            scales,
-            table,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, heads: i64, bias: Option<&Tensor>) -> Tensor {
-        let h = self.norm1.forward(x);
-        let (q, k, v) = (
-            self.query.forward(&h),
-            self.key.forward(&h),
-            self.value.forward(&h),
-        );
-        let attended = match bias {
-            Some(bias) => biased_attention(&q, &k, &v, heads, bias),
-            None => multi_head_attention(&q, &k, &v, heads, false),
-        };
-        let attended = self.out.forward(&attended);
-        let x = match &self.scales {
-            Some((scale, _)) => attended * scale + x,
-            None => attended + x,
-        };
-        let h = self
-            .down
-            .forward(&self.up.forward(&self.norm2.forward(&x)).gelu("none"));
-        match &self.scales {
-            Some((_, scale)) => h * scale + x,
-            None => h + x,
-        }
-    }
-}
-
 /// The BEiT backbone.
 pub struct Beit {
     patches: Conv2d,
     class_token: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<VitLayer>,
+    /// Each layer's relative position table [(2h-1)(2w-1) + 3, heads].
+    tables: Vec<Option<Tensor>>,
     read: Vec<usize>,
     heads: i64,
     window: (i64, i64),
@@ -236,11 +161,20 @@ impl Beit {
         let (d, p) = (c.hidden_size, c.patch_size);
         let embeddings = vp.pp("embeddings");
         let patches = embeddings.pp("patch_embeddings.projection");
+        let sizes = VitSizes {
+            hidden: d,
+            intermediate: c.intermediate_size,
+            layer_norm_eps: c.layer_norm_eps,
+            key_bias: false,
+        };
         Ok(Self {
             patches: Conv2d::load(&patches, c.num_channels, d, p, p, 0)?,
             class_token: embeddings.get("cls_token", &[1, 1, d])?,
             layers: (0..c.num_hidden_layers)
-                .map(|i| Layer::load(&vp.pp(format!("encoder.layer.{i}")), c))
+                .map(|i| VitLayer::load(&vp.pp(format!("encoder.layer.{i}")), sizes))
+                .collect::<Result<_>>()?,
+            tables: (0..c.num_hidden_layers)
+                .map(|i| relative_table(&vp.pp(format!("encoder.layer.{i}")), c))
                 .collect::<Result<_>>()?,
             read: c.out_indices()?,
             heads: c.num_attention_heads,
@@ -263,12 +197,10 @@ impl Beit {
         let mut read: Vec<Option<Tensor>> = self.read.iter().map(|_| None).collect();
         for depth in 0..=last {
             if depth > 0 {
-                let layer = &self.layers[depth - 1];
-                let bias = layer
-                    .table
+                let bias = self.tables[depth - 1]
                     .as_ref()
                     .map(|t| relative_bias(t, self.window, (rows, columns), &index));
-                x = layer.forward(&x, self.heads, bias.as_ref());
+                x = self.layers[depth - 1].forward(&x, self.heads, bias.as_ref());
             }
             let wanted = read.iter_mut().zip(&self.read).filter(|(_, &i)| i == depth);
             for (slot, _) in wanted {
@@ -277,6 +209,22 @@ impl Beit {
         }
         (read.into_iter().flatten().collect(), (rows, columns))
     }
+}
+
+/// A layer's relative position table [(2h-1)(2w-1) + 3, heads] for the config's window,
+/// if the config has them.
+fn relative_table(layer: &VarPath, c: &BeitConfig) -> Result<Option<Tensor>> {
+    if !c.use_relative_position_bias {
+        return Ok(None);
+    }
+    let (h, w) = c.window();
+    let rows = (2 * h - 1) * (2 * w - 1) + 3;
+    let bias = layer.pp("attention.attention.relative_position_bias");
+    let table = bias.get(
+        "relative_position_bias_table",
+        &[rows, c.num_attention_heads],
+    )?;
+    Ok(Some(table))
 }
 
 /// transformers' `generate_relative_position_index` for a window of (rows, columns): per

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth_anything::DepthAnything;
 use crate::engine::preprocess::dpt::Dpt;
-use crate::engine::preprocess::processor::{normalised, read_config};
+use crate::engine::preprocess::processor::{normalised, read_config, resize_scales};
 use crate::engine::resample::Filter;
 
 /// The processor values the detector uses.
@@ -132,16 +132,8 @@ impl DepthProcessor {
     /// network's input size (height, width), each side at least one multiple.
     pub fn network_size(&self, width: u32, height: u32) -> (i64, i64) {
         let (h, w) = (f64::from(height), f64::from(width));
-        let mut scale_h = self.size.height as f64 / h;
-        let mut scale_w = self.size.width as f64 / w;
-        if self.keep_aspect_ratio {
-            // Scale as little as possible.
-            if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() {
-                scale_h = scale_w;
-            } else {
-                scale_w = scale_h;
-            }
-        }
+        let target = (self.size.height, self.size.width);
+        let (scale_h, scale_w) = resize_scales((h, w), target, self.keep_aspect_ratio);
         let multiple = self.ensure_multiple_of.max(1);
         let constrain = |v: f64| {
             let x = (v / multiple as f64).round_ties_even() as i64 * multiple;

@@ -16,11 +16,12 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::models::nn::{multi_head_attention, Conv2d, LayerNorm, Linear};
+use crate::engine::models::nn::{Conv2d, Linear};
 use crate::engine::preprocess::bit::{Bit, BitConfig};
 use crate::engine::preprocess::dpt_fusion::{double, FusionStage};
 use crate::engine::preprocess::efficientnet::ShapeMap;
 use crate::engine::preprocess::reassemble::ReassembleLevel;
+use crate::engine::preprocess::vit_layer::{VitLayer, VitSizes};
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
 /// DPTConfig's values, with its defaults.
@@ -77,50 +78,6 @@ pub enum Readout {
     Project(Linear),
 }
 
-/// One pre-norm ViT layer.
-struct Layer {
-    norm1: LayerNorm,
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    out: Linear,
-    norm2: LayerNorm,
-    up: Linear,
-    down: Linear,
-}
-
-impl Layer {
-    fn load(vp: &VarPath, c: &DptConfig) -> Result<Self> {
-        let (d, i) = (c.hidden_size, c.intermediate_size);
-        let attention = vp.pp("attention");
-        Ok(Self {
-            norm1: LayerNorm::load(&vp.pp("layernorm_before"), d, c.layer_norm_eps)?,
-            query: Linear::load(&attention.pp("attention.query"), d, d, true)?,
-            key: Linear::load(&attention.pp("attention.key"), d, d, true)?,
-            value: Linear::load(&attention.pp("attention.value"), d, d, true)?,
-            out: Linear::load(&attention.pp("output.dense"), d, d, true)?,
-            norm2: LayerNorm::load(&vp.pp("layernorm_after"), d, c.layer_norm_eps)?,
-            up: Linear::load(&vp.pp("intermediate.dense"), d, i, true)?,
-            down: Linear::load(&vp.pp("output.dense"), i, d, true)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, heads: i64) -> Tensor {
-        let h = self.norm1.forward(x);
-        let (q, k, v) = (
-            self.query.forward(&h),
-            self.key.forward(&h),
-            self.value.forward(&h),
-        );
-        let x = self
-            .out
-            .forward(&multi_head_attention(&q, &k, &v, heads, false))
-            + x;
-        let h = self.up.forward(&self.norm2.forward(&x)).gelu("none");
-        self.down.forward(&h) + x
-    }
-}
-
 /// Where the tokens come from.
 enum Embedding {
     /// ViT patches.
@@ -141,7 +98,7 @@ pub struct Dpt {
     embedding: Embedding,
     class_token: Tensor,
     positions: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<VitLayer>,
     read: Vec<usize>,
     heads: i64,
     readouts: Vec<Readout>,
@@ -230,6 +187,12 @@ impl Dpt {
             )));
         }
         let embedding = Self::embedding(vp, c, bit, shapes)?;
+        let sizes = VitSizes {
+            hidden: d,
+            intermediate: c.intermediate_size,
+            layer_norm_eps: c.layer_norm_eps,
+            key_bias: true,
+        };
         let embeddings = vp.pp("dpt.embeddings");
         let table = shapes
             .get("dpt.embeddings.position_embeddings")
@@ -251,7 +214,7 @@ impl Dpt {
             class_token: embeddings.get("cls_token", &[1, 1, d])?,
             positions: embeddings.get("position_embeddings", &table)?,
             layers: (0..c.num_hidden_layers)
-                .map(|i| Layer::load(&vp.pp(format!("dpt.encoder.layer.{i}")), c))
+                .map(|i| VitLayer::load(&vp.pp(format!("dpt.encoder.layer.{i}")), sizes))
                 .collect::<Result<_>>()?,
             read,
             heads: c.num_attention_heads,
@@ -383,7 +346,7 @@ impl Dpt {
             if kept.len() == self.read.len() {
                 break;
             }
-            x = layer.forward(&x, self.heads);
+            x = layer.forward(&x, self.heads, None);
             if self.read.contains(&i) {
                 kept.push(x.shallow_clone());
             }

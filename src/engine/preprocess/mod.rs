@@ -41,6 +41,7 @@ pub mod scribble;
 pub mod segment;
 pub mod teed;
 pub mod upernet;
+pub mod vit_layer;
 pub mod zoe_bins;
 pub mod zoe_detector;
 pub mod zoedepth;

@@ -43,3 +43,20 @@ pub fn normalised(
     let pixels = channels_first(&resized).to_kind(Kind::Double) * rescale;
     (pixels.to_kind(Kind::Float) - mean) / std
 }
+
+/// The scales (height, width) transformers' `get_resize_output_image_size` resizes a
+/// `height`×`width` image by towards `target` (height, width): each side's own, or with
+/// `keep_aspect_ratio` the one nearer 1 for both (the image scaled as little as possible).
+pub fn resize_scales(
+    (height, width): (f64, f64),
+    (target_height, target_width): (i64, i64),
+    keep_aspect_ratio: bool,
+) -> (f64, f64) {
+    let scale_h = target_height as f64 / height;
+    let scale_w = target_width as f64 / width;
+    match keep_aspect_ratio {
+        false => (scale_h, scale_w),
+        true if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() => (scale_w, scale_w),
+        true => (scale_h, scale_h),
+    }
+}

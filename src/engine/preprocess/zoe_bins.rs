@@ -195,7 +195,8 @@ struct LogBinomial {
 }
 
 impl LogBinomial {
-    /// Probabilities [N, bins, H, W] of the main features conditioned on the embedding.
+    /// Probabilities [N, bins, H, W] (float32) of the main features conditioned on the
+    /// embedding.
     fn forward(&self, main: &Tensor, condition: &Tensor) -> Tensor {
         let h = self.conv1.forward(&Tensor::cat(&[main, condition], 1));
         let h = self.conv2.forward(&h.gelu("none")).softplus();
@@ -203,9 +204,11 @@ impl LogBinomial {
             let (x, y) = (h.select(1, a) + 1e-4, h.select(1, a + 1) + 1e-4);
             &x / (&x + y)
         };
-        let p = ratio(0).unsqueeze(1);
+        // The distribution in float32 whatever the weights' kind (a log-binomial of 64
+        // classes loses its shape in half precision, which autocast also avoids).
+        let p = ratio(0).unsqueeze(1).to_kind(Kind::Float);
         let (min_t, max_t) = self.temperatures;
-        let t = ratio(2).unsqueeze(1) * (max_t - min_t) + min_t;
+        let t = ratio(2).unsqueeze(1).to_kind(Kind::Float) * (max_t - min_t) + min_t;
         let eps = 1e-4;
         let q = (-&p + 1.0).clamp(eps, 1.0);
         let p = p.clamp(eps, 1.0);
@@ -213,7 +216,7 @@ impl LogBinomial {
         let k = Tensor::arange(self.bins, options).view([1, -1, 1, 1]);
         let n = Tensor::full([1, 1, 1, 1], (self.bins - 1) as f64, options);
         let y = log_binomial(&n, &k) + &k * p.log() + (&n - &k) * q.log();
-        (y / t).softmax(1, p.kind())
+        (y / t).softmax(1, Kind::Float)
     }
 }
 
@@ -527,7 +530,7 @@ impl MetricHead {
         let probabilities = bins
             .distribution
             .forward(&last, &resized(&embedding, &last));
-        let centres = resized(&centres, &probabilities);
+        let centres = resized(&centres, &probabilities).to_kind(Kind::Float);
         (probabilities * centres).sum_dim_intlist(1, true, None)
     }
 }

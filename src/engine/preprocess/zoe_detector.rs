@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::depth::ProcessorSize;
-use crate::engine::preprocess::processor::read_config;
+use crate::engine::preprocess::processor::{read_config, resize_scales};
 use crate::engine::preprocess::zoedepth::ZoeDepth;
 
 /// ZoeDepthImageProcessor's values, with its defaults.
@@ -72,16 +72,8 @@ impl ZoeProcessor {
     /// is refused).
     pub fn network_size(&self, height: i64, width: i64) -> Result<(i64, i64)> {
         let (h, w) = (height as f64, width as f64);
-        let mut scale_h = self.size.height as f64 / h;
-        let mut scale_w = self.size.width as f64 / w;
-        if self.keep_aspect_ratio {
-            // Scale as little as possible.
-            if (1.0 - scale_w).abs() < (1.0 - scale_h).abs() {
-                scale_h = scale_w;
-            } else {
-                scale_w = scale_h;
-            }
-        }
+        let target = (self.size.height, self.size.width);
+        let (scale_h, scale_w) = resize_scales((h, w), target, self.keep_aspect_ratio);
         let multiple = self.ensure_multiple_of;
         let constrain = |v: f64| ((v / multiple).round_ties_even() * multiple) as i64;
         let size = (constrain(scale_h * h), constrain(scale_w * w));

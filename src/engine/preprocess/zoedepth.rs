@@ -143,7 +143,12 @@ impl ZoeDepth {
         let shapes: ShapeMap = stored.into_iter().collect();
         let weights = Weights::open(&[file], device, kind)?;
         let network = Self::build(&weights.root(), (&config, &backbone, &bins), &shapes)?;
-        weights.check_all_used(|name| name.ends_with("relative_position_index"))?;
+        // BEiT's final norm and pooler serve classification; its features precede them.
+        weights.check_all_used(|name| {
+            name.ends_with("relative_position_index")
+                || name.starts_with("backbone.layernorm.")
+                || name.starts_with("backbone.pooler.")
+        })?;
         let widths = (config.fusion_hidden_size, config.num_relative_features);
         if let Some(why) = network.metric.mismatch(widths.0, widths.1) {
             return Err(EngineError::WeightFile {
