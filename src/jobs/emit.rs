@@ -269,19 +269,29 @@ impl Forwarder {
     }
 
     /// Hands the client what its channel has room for, in order; after a failure,
-    /// nothing more.
+    /// nothing more. The job's end is counted (its place, ids and gauges freed) once its
+    /// last event has room and before it is sent, so that whatever the client asks after
+    /// seeing the end (the metrics, the same client job id) finds the job gone.
     fn deliver(&self, backlog: &mut Backlog) -> Delivery {
         let mut delivered = Delivery::None;
         while let Some(event) = backlog.events.pop_front() {
             let last = matches!(event, JobEvent::Failed(_));
-            match self.events.try_send(event) {
-                Ok(()) => delivered = Delivery::Some,
-                Err(TrySendError::Full(event)) => {
+            let permit = match self.events.try_reserve() {
+                Ok(permit) => permit,
+                Err(TrySendError::Full(())) => {
                     backlog.events.push_front(event);
                     break;
                 }
-                Err(TrySendError::Closed(_)) => return Delivery::Gone,
+                Err(TrySendError::Closed(())) => return Delivery::Gone,
+            };
+            if last || backlog.events.is_empty() {
+                if let Some((job, outcome)) = backlog.end.take() {
+                    self.queue.finish(&job, outcome);
+                    drop(job);
+                }
             }
+            permit.send(event);
+            delivered = Delivery::Some;
             if last {
                 backlog.events.clear();
             }
