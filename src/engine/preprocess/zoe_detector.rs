@@ -85,26 +85,46 @@ impl ZoeProcessor {
         }
         Ok(size)
     }
+
+    /// The size (height, width) the network sees for a `height`×`width` image: padded,
+    /// then resized if the processor resizes (an image it would shrink to nothing is
+    /// refused).
+    pub fn network_input(&self, height: i64, width: i64) -> Result<(i64, i64)> {
+        let (rows, columns) = self.padding(height, width);
+        let padded = (height + 2 * rows, width + 2 * columns);
+        match self.do_resize {
+            true => self.network_size(padded.0, padded.1),
+            false => Ok(padded),
+        }
+    }
+
+    /// Why sdxld cannot run this processor config, if it cannot.
+    fn unsupported(&self) -> Option<String> {
+        if ![2, 3].contains(&self.resample) {
+            return Some(format!(
+                "resample {}: ZoeDepth's processor resizes with bilinear (2) or bicubic (3)",
+                self.resample
+            ));
+        }
+        let sizes = [self.size.height, self.size.width];
+        let multiple = self.ensure_multiple_of;
+        if multiple.is_nan() || multiple <= 0.0 || sizes.iter().any(|&s| s < 1) {
+            return Some("asks for sizes that are not positive".into());
+        }
+        None
+    }
 }
 
 /// Why the processor of the model folder at `dir` cannot take a `width`×`height` image
 /// (its aspect ratio too far from the size it resizes to), if it cannot; a folder whose
 /// processor config does not read is left to the load to refuse.
 pub fn check_image_size(dir: &Path, width: u32, height: u32) -> std::result::Result<(), String> {
-    let Ok(processor) = read_config::<ZoeProcessor>(dir) else {
-        return Ok(());
-    };
-    if processor.ensure_multiple_of.is_nan() || processor.ensure_multiple_of <= 0.0 {
-        return Ok(());
-    }
-    let (h, w) = (i64::from(height), i64::from(width));
-    let (rows, columns) = processor.padding(h, w);
-    match processor.do_resize {
-        true => processor
-            .network_size(h + 2 * rows, w + 2 * columns)
+    match read_config::<ZoeProcessor>(dir) {
+        Ok(processor) if processor.unsupported().is_none() => processor
+            .network_input(i64::from(height), i64::from(width))
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        false => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -145,22 +165,11 @@ impl ZoeDetector {
     /// processor's defaults where it is silent).
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let processor: ZoeProcessor = read_config(dir)?;
-        let bad = |message: String| EngineError::WeightFile {
-            path: dir.join("preprocessor_config.json"),
-            message,
-        };
-        if ![2, 3].contains(&processor.resample) {
-            return Err(bad(format!(
-                "resample {}: ZoeDepth's processor resizes with bilinear (2) or bicubic (3)",
-                processor.resample
-            )));
-        }
-        let sizes = [processor.size.height, processor.size.width];
-        if processor.ensure_multiple_of.is_nan()
-            || processor.ensure_multiple_of <= 0.0
-            || sizes.iter().any(|&s| s < 1)
-        {
-            return Err(bad("asks for sizes that are not positive".into()));
+        if let Some(message) = processor.unsupported() {
+            return Err(EngineError::WeightFile {
+                path: dir.join("preprocessor_config.json"),
+                message,
+            });
         }
         let network = ZoeDepth::load(dir, device, kind)?;
         Ok(Self { network, processor })
@@ -178,12 +187,10 @@ impl ZoeDetector {
         if p.do_rescale {
             x *= p.rescale_factor;
         }
-        let mut x = x.to_kind(Kind::Float);
-        let s = x.size();
-        x = reflect_padded(&x, p.padding(s[2], s[3]));
+        let (height, width) = (i64::from(image.height()), i64::from(image.width()));
+        let (h, w) = p.network_input(height, width)?;
+        let mut x = reflect_padded(&x.to_kind(Kind::Float), p.padding(height, width));
         if p.do_resize {
-            let s = x.size();
-            let (h, w) = p.network_size(s[2], s[3])?;
             x = match p.resample {
                 3 => x.upsample_bicubic2d([h, w], true, None, None),
                 _ => x.upsample_bilinear2d([h, w], true, None, None),
