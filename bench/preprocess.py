@@ -8,7 +8,7 @@ scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its
 under Anyline), at their published sizes), Depth Anything V2 Small's and
 Intel/zoedepth-nyu's and upernet-convnext-small's shapes in transformers, one square image of
 random pixels turned into the 8-bit map (and the preprocessors that run no network:
-OpenCV's Canny, the standard line art) by the reference (controlnet_aux's detector;
+OpenCV's Canny, the standard line art, sd-webui-controlnet's filters and recolor maps) by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max;
 for ZoeDepth the mirrored pass too and ZoeDetector's percentile map)
 and by `sdxld bench-detector`, same weights, same threads, each in its own process.
@@ -201,7 +201,7 @@ def depth_child(args, image):
 
 
 # Preprocessors without a network: no model to write, sdxld runs them by name.
-NETWORKLESS = ("canny", "lineart_standard", "tile_resample", "tile_resample_fractional", "blur")
+NETWORKLESS = ("canny", "lineart_standard", "tile_resample", "tile_resample_fractional", "blur", "recolor_luminance", "recolor_intensity")
 
 
 def networkless_child(args, image):
@@ -221,6 +221,16 @@ def networkless_child(args, image):
     if args.kind == "blur":
         # sd-webui-controlnet's blur_gaussian at its default sigma of 9.
         return lambda: cv2.GaussianBlur(image, (0, 0), 9.0)
+    if args.kind.startswith("recolor"):
+        # sd-webui-controlnet's recolor_luminance / recolor_intensity at a gamma of 0.8.
+        code, channel = (cv2.COLOR_BGR2LAB, 0) if args.kind.endswith("luminance") else (cv2.COLOR_BGR2HSV, 2)
+
+        def recolor():
+            result = cv2.cvtColor(image, code)[:, :, channel].astype(np.float32) / 255.0
+            result = (result**0.8 * 255.0).clip(0, 255).astype(np.uint8)
+            return cv2.cvtColor(result, cv2.COLOR_GRAY2RGB)
+
+        return recolor
     from controlnet_aux.lineart_standard import LineartStandardDetector
 
     detector = LineartStandardDetector()
@@ -400,7 +410,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur,recolor_luminance,recolor_intensity")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

@@ -443,6 +443,63 @@ async fn tile_filters_on_a_union_model_make_its_tile_condition() {
     assert!(text.contains("Module: invert, Model: union_xl"), "{text}");
 }
 
+/// A recolor unit uses the map the Preprocess RPC returns, records its module and gamma
+/// as sd-webui-controlnet does, and on a union model needs a control type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recolor_unit_equals_its_preview_map_and_records_its_gamma() {
+    let root = controlnet_root();
+    let server = server(root.path()).await;
+    let photo = read(&fixtures().join("tiny2/init.png"));
+    let recolors = [
+        (
+            pb::Preprocessor::RecolorLuminance,
+            Some(0.7),
+            "Module: recolor_luminance, Threshold A: 0.7,",
+        ),
+        (
+            pb::Preprocessor::RecolorIntensity,
+            None,
+            "Module: recolor_intensity, Threshold A: 1,",
+        ),
+    ];
+    for (preprocessor, gamma, module) in recolors {
+        let params = pb::PreprocessorParams {
+            gamma_correction: gamma,
+            ..Default::default()
+        };
+        let preview = preprocessed(&server, &photo, preprocessor, &params).await;
+        let mut spec = spec_of(&case("one_unit"));
+        spec.num_images = 1;
+        let unit = &mut spec.controlnets[0];
+        unit.image = photo.clone();
+        unit.preprocessor = preprocessor as i32;
+        unit.preprocessor_params = Some(params);
+        let recoloured = server.images(spec.clone()).await.expect("recolor unit");
+        let text = common::png_parameters(&recoloured.images[0].data);
+        assert!(text.contains(module), "{text}");
+        let mut given = spec.clone();
+        let unit = &mut given.controlnets[0];
+        unit.image = preview.control_map;
+        unit.preprocessor = pb::Preprocessor::None as i32;
+        unit.preprocessor_params = None;
+        let given = server.images(given).await.expect("map unit");
+        let image = |response: &pb::GenerateImagesResponse| decoded_image(&response.images[0].data);
+        assert!(image(&recoloured).equal(&image(&given)), "{module}");
+        let mut unprocessed = spec.clone();
+        unprocessed.controlnets[0].preprocessor = pb::Preprocessor::None as i32;
+        unprocessed.controlnets[0].preprocessor_params = None;
+        let unprocessed = server.images(unprocessed).await.expect("photo unit");
+        assert!(!image(&recoloured).equal(&image(&unprocessed)), "{module}");
+        spec.controlnets[0].model = "union_xl".into();
+        let status = server.images(spec).await.expect_err("no type");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            violated_fields(&status),
+            ["spec.controlnets[0].control_type"]
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_units_are_refused_and_leave_nothing_behind() {
     let root = controlnet_root();

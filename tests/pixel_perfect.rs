@@ -110,11 +110,13 @@ async fn pixel_perfect_units_detect_at_sd_webui_controlnets_resolution() {
         assert!(replayed.controlnets[0].pixel_perfect, "{what}");
     }
     // Without a preprocessor it changes nothing, nor with those A1111 gives no
-    // resolution (tile resampling, invert); a blur takes one.
+    // resolution (tile resampling, invert, recolor); a blur takes one.
     let filters = [
         (pb::Preprocessor::None, true),
         (pb::Preprocessor::TileResample, true),
         (pb::Preprocessor::Invert, true),
+        (pb::Preprocessor::RecolorLuminance, true),
+        (pb::Preprocessor::RecolorIntensity, true),
         (pb::Preprocessor::Blur, false),
     ];
     for (preprocessor, unchanged) in filters {

@@ -471,6 +471,8 @@ mod over_grpc {
                 pb::Preprocessor::OpenposeFaceonly as i32,
                 pb::Preprocessor::OpenposeHand as i32,
                 pb::Preprocessor::OpenposeFull as i32,
+                pb::Preprocessor::RecolorLuminance as i32,
+                pb::Preprocessor::RecolorIntensity as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -483,7 +485,7 @@ mod over_grpc {
             ready,
             [
                 true, true, false, false, false, false, false, false, false, false, false, true,
-                false, true, true, true, false, false, false, false
+                false, true, true, true, false, false, false, false, true, true
             ]
         );
     }

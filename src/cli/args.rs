@@ -179,10 +179,12 @@ pub struct GenerateArgs {
     /// settings, e.g. ./canny-sdxl,edges.png,scale=0.5,end=0.8 (keys: scale, start, end,
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
     /// openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|
-    /// segmentation|lineart|lineart_anime|softedge|mlsd, detector (the preprocessor
-    /// network's file; the face and hand networks are facenet.safetensors and
-    /// hand_pose_model.safetensors beside it), low, high (Canny), score, distance (M-LSD), resolution,
-    /// and for union models
+    /// segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|
+    /// tile_resample|blur|invert|recolor_luminance|recolor_intensity, detector (the
+    /// preprocessor network's file; the face and hand networks are facenet.safetensors
+    /// and hand_pose_model.safetensors beside it), low, high (Canny), score, distance
+    /// (M-LSD), safe (soft edges), rate (tile_resample), sigma (blur), gamma (recolor),
+    /// resolution, pixel_perfect, and for union models
     /// type=openpose|depth|hed|canny|normal|segment|tile|repaint;
     /// repeatable, the units' residuals are summed).
     #[arg(long = "controlnet", value_name = "FOLDER,IMAGE[,KEY=VALUE...]")]

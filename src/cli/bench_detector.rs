@@ -9,6 +9,7 @@ use sdxld::engine::device::Placement;
 use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::image_filters::Param;
 use sdxld::engine::preprocess::pose::PoseParts;
+use sdxld::engine::preprocess::recolor::Lightness;
 use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
@@ -143,8 +144,16 @@ fn networkless(name: &str) -> anyhow::Result<Preprocessor> {
         "tile_resample" => Ok(Preprocessor::TileResample { rate: Param(2.0) }),
         "tile_resample_fractional" => Ok(Preprocessor::TileResample { rate: Param(2.5) }),
         "blur" => Ok(Preprocessor::Blur { sigma: Param(9.0) }),
+        "recolor_luminance" => Ok(Preprocessor::Recolor {
+            lightness: Lightness::Luminance,
+            gamma: Param(0.8),
+        }),
+        "recolor_intensity" => Ok(Preprocessor::Recolor {
+            lightness: Lightness::Intensity,
+            gamma: Param(0.8),
+        }),
         other => bail!(
-            "--preprocessor {other:?}: expected canny, lineart_standard, tile_resample, tile_resample_fractional or blur"
+            "--preprocessor {other:?}: expected canny, lineart_standard, tile_resample, tile_resample_fractional, blur, recolor_luminance or recolor_intensity"
         ),
     }
 }

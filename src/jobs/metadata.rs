@@ -5,6 +5,7 @@ use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
 use crate::engine::preprocess::detector::{DetectorNetwork, TEED_SAFE_STEPS};
 use crate::engine::preprocess::pose::PoseParts;
+use crate::engine::preprocess::recolor::Lightness;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::request::{Guider, GuiderKind, RefinerMode};
@@ -300,6 +301,13 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         }
         Some(Preprocessor::Blur { sigma }) => format!("blur_gaussian, Threshold A: {}", sigma.0),
         Some(Preprocessor::Invert) => "invert".to_string(),
+        Some(Preprocessor::Recolor { lightness, gamma }) => {
+            let module = match lightness {
+                Lightness::Luminance => "recolor_luminance",
+                Lightness::Intensity => "recolor_intensity",
+            };
+            format!("{module}, Threshold A: {}", gamma.0)
+        }
         Some(Preprocessor::Segmentation) => "seg_upernet_ade20k".to_string(),
         Some(Preprocessor::OpenPose(parts)) => pose_module(parts).to_string(),
         Some(Preprocessor::Normal) => "normal_bae".to_string(),

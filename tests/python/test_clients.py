@@ -251,6 +251,44 @@ def test_python_client_standard_line_art_as_controlnet_aux_draws_it(stubs, serve
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.model"]
 
 
+def test_python_client_recolor_maps_as_sd_webui_controlnet_computes_them(stubs, server):
+    """PREPROCESSOR_RECOLOR_LUMINANCE and PREPROCESSOR_RECOLOR_INTENSITY need no detector:
+    sd-webui-controlnet's recolor_luminance (OpenCV's BGR-to-Lab L of the RGB image) and
+    recolor_intensity (HSV's V), gamma corrected in numpy's float32: byte for byte at the
+    default gamma, within a level at another; a gamma above 2 is refused naming it."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(12)
+    pixels = cv2.GaussianBlur(rng.integers(0, 256, (70, 110, 3), dtype=np.uint8), (0, 0), 1.5)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+
+    def recolored(preprocessor, **params):
+        params = stubs.gen.PreprocessorParams(**params)
+        reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=preprocessor, preprocessor_params=params))
+        assert (reply.width, reply.height) == (110, 70)
+        return np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB")).astype(int)
+
+    def corrected(lightness, gamma):
+        result = (lightness.astype(np.float32) / 255.0) ** gamma
+        return cv2.cvtColor((result * 255.0).clip(0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB).astype(int)
+
+    luminance = cv2.cvtColor(pixels, cv2.COLOR_BGR2LAB)[:, :, 0]
+    intensity = cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV)[:, :, 2]
+    assert (recolored(stubs.gen.PREPROCESSOR_RECOLOR_LUMINANCE) == corrected(luminance, 1.0)).all()
+    assert (recolored(stubs.gen.PREPROCESSOR_RECOLOR_INTENSITY) == corrected(intensity, 1.0)).all()
+    gamma = float(np.float32(0.6))
+    got = recolored(stubs.gen.PREPROCESSOR_RECOLOR_LUMINANCE, gamma_correction=gamma)
+    assert np.abs(got - corrected(luminance, gamma)).max() <= 1
+    assert (got != corrected(luminance, 1.0)).any()
+    with pytest.raises(grpc.RpcError) as caught:
+        recolored(stubs.gen.PREPROCESSOR_RECOLOR_INTENSITY, gamma_correction=2.5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.gamma_correction"]
+
+
 def test_python_client_tile_filters_as_sd_webui_controlnet_computes_them(stubs, server):
     """PREPROCESSOR_TILE_RESAMPLE and PREPROCESSOR_BLUR need no detector: a photo shrunk
     by 2.5 with OpenCV's area averaging and blurred with its Gaussian of sigma 3.5, as

@@ -390,7 +390,11 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         pb::Preprocessor::Normal => Some(ControlType::Normal),
         pb::Preprocessor::Segmentation => Some(ControlType::Segment),
         pb::Preprocessor::TileResample | pb::Preprocessor::Blur => Some(ControlType::Tile),
-        pb::Preprocessor::Unspecified | pb::Preprocessor::None | pb::Preprocessor::Invert => None,
+        pb::Preprocessor::Unspecified
+        | pb::Preprocessor::None
+        | pb::Preprocessor::Invert
+        | pb::Preprocessor::RecolorLuminance
+        | pb::Preprocessor::RecolorIntensity => None,
     }
 }
 

@@ -14,8 +14,19 @@ pub fn read_by(
     kind: Option<pb::Preprocessor>,
     owner: pb::Preprocessor,
 ) -> bool {
-    if kind.is_some_and(|k| k != owner) {
-        v.add(field, format!("applies to {} only", owner.as_str_name()));
+    read_by_any(v, field, kind, &[owner])
+}
+
+/// [`read_by`] for a parameter that several preprocessors (`owners`) read.
+pub fn read_by_any(
+    v: &mut Violations,
+    field: &str,
+    kind: Option<pb::Preprocessor>,
+    owners: &[pb::Preprocessor],
+) -> bool {
+    if kind.is_some_and(|k| !owners.contains(&k)) {
+        let names: Vec<&str> = owners.iter().map(|o| o.as_str_name()).collect();
+        v.add(field, format!("applies to {} only", names.join(" and ")));
         return false;
     }
     true

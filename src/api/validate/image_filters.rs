@@ -1,8 +1,8 @@
 //! The parameters of the preprocessors that only filter the image (tile resampling's
-//! rate, the blur's sigma): each in its range, each for its own preprocessor, and a rate
-//! that leaves the detected image a pixel.
+//! rate, the blur's sigma, the recolor maps' gamma): each in its range, each for its own
+//! preprocessors, and a rate that leaves the detected image a pixel.
 
-use crate::api::validate::fields::{float, read_by, Range, Violations};
+use crate::api::validate::fields::{float, read_by_any, Range, Violations};
 use crate::engine::preprocess::image_filters::{resampled_size, Param};
 use crate::proto::v1 as pb;
 
@@ -14,6 +14,15 @@ const SIGMAS: Range = Range::closed(0.01, 64.0);
 const DEFAULT_RATE: f32 = 1.0;
 /// The sigma when none is sent (A1111's default).
 const DEFAULT_SIGMA: f32 = 9.0;
+/// The gammas A1111's "Gamma Correction" slider offers.
+const GAMMAS: Range = Range::closed(0.1, 2.0);
+/// The gamma when none is sent (A1111's default: the lightness as it is).
+const DEFAULT_GAMMA: f32 = 1.0;
+/// The preprocessors that read a gamma.
+const RECOLORS: [pb::Preprocessor; 2] = [
+    pb::Preprocessor::RecolorLuminance,
+    pb::Preprocessor::RecolorIntensity,
+];
 
 /// The checked filter parameters, as the client sent them (defaults where unset).
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +31,8 @@ pub struct FilterParameters {
     pub rate: Param,
     /// The blur's sigma.
     pub sigma: Param,
+    /// The recolor maps' gamma.
+    pub gamma: Param,
 }
 
 impl Default for FilterParameters {
@@ -29,41 +40,53 @@ impl Default for FilterParameters {
         Self {
             rate: Param(DEFAULT_RATE),
             sigma: Param(DEFAULT_SIGMA),
+            gamma: Param(DEFAULT_GAMMA),
         }
     }
 }
 
-/// `down_sampling_rate` and `blur_sigma` (under `p`) for a preprocessor of `kind`.
+/// `down_sampling_rate`, `blur_sigma` and `gamma_correction` (under `p`) for a
+/// preprocessor of `kind`.
 pub fn parameters(
     p: &str,
     kind: Option<pb::Preprocessor>,
     params: &pb::PreprocessorParams,
     v: &mut Violations,
 ) -> FilterParameters {
-    let mut checked =
-        |name: &str, value: Option<f32>, owner: pb::Preprocessor, range: Range, default: f32| {
-            let field = format!("{p}.{name}");
-            match value {
-                None => default,
-                Some(_) if !read_by(v, &field, kind, owner) => default,
-                Some(x) if float(v, &field, x, range).is_some() => x,
-                Some(_) => default,
-            }
-        };
+    let mut checked = |name: &str,
+                       value: Option<f32>,
+                       owners: &[pb::Preprocessor],
+                       range: Range,
+                       default: f32| {
+        let field = format!("{p}.{name}");
+        match value {
+            None => default,
+            Some(_) if !read_by_any(v, &field, kind, owners) => default,
+            Some(x) if float(v, &field, x, range).is_some() => x,
+            Some(_) => default,
+        }
+    };
     FilterParameters {
         rate: Param(checked(
             "down_sampling_rate",
             params.down_sampling_rate,
-            pb::Preprocessor::TileResample,
+            &[pb::Preprocessor::TileResample],
             RATES,
             DEFAULT_RATE,
         )),
         sigma: Param(checked(
             "blur_sigma",
             params.blur_sigma,
-            pb::Preprocessor::Blur,
+            &[pb::Preprocessor::Blur],
             SIGMAS,
             DEFAULT_SIGMA,
+        )),
+        gamma: Param(checked(
+            "gamma_correction",
+            params.gamma_correction,
+            &RECOLORS,
+            GAMMAS,
+            DEFAULT_GAMMA,
         )),
     }
 }

@@ -32,7 +32,7 @@ impl PixelPerfect {
     /// `params` (under `prefix`, which ends with a dot) of an `image` with `preprocessor`,
     /// their detect resolution computed; `None` (nothing to compute) without a
     /// preprocessor, with one sd-webui-controlnet gives no resolution (tile resampling,
-    /// invert), without an image, or where the client set one (a violation naming it).
+    /// invert, recolor), without an image, or where the client set one (a violation naming it).
     pub fn fit(
         &self,
         prefix: &str,
@@ -46,6 +46,8 @@ impl PixelPerfect {
             pb::Preprocessor::None,
             pb::Preprocessor::TileResample,
             pb::Preprocessor::Invert,
+            pb::Preprocessor::RecolorLuminance,
+            pb::Preprocessor::RecolorIntensity,
         ];
         if without.iter().any(|p| *p as i32 == preprocessor) {
             return None;

@@ -11,6 +11,7 @@ use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::pose::PoseParts;
+use crate::engine::preprocess::recolor::Lightness;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
 use crate::jobs::spec::DetectorFile;
 use crate::proto::v1 as pb;
@@ -24,7 +25,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 20] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 22] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -45,6 +46,8 @@ pub const IMPLEMENTED: [pb::Preprocessor; 20] = [
     pb::Preprocessor::OpenposeFaceonly,
     pb::Preprocessor::OpenposeHand,
     pb::Preprocessor::OpenposeFull,
+    pb::Preprocessor::RecolorLuminance,
+    pb::Preprocessor::RecolorIntensity,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -56,7 +59,7 @@ pub struct Parameters {
     pub lines: LineThresholds,
     /// The steps soft edges are quantised in (`None`: the network's default).
     pub safe_steps: Option<u32>,
-    /// Tile resampling's rate and the blur's sigma.
+    /// Tile resampling's rate, the blur's sigma and the recolor maps' gamma.
     pub filters: FilterParameters,
 }
 
@@ -108,6 +111,14 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
             sigma: parameters.filters.sigma,
         }),
         pb::Preprocessor::Invert => Some(Preprocessor::Invert),
+        pb::Preprocessor::RecolorLuminance => Some(Preprocessor::Recolor {
+            lightness: Lightness::Luminance,
+            gamma: parameters.filters.gamma,
+        }),
+        pb::Preprocessor::RecolorIntensity => Some(Preprocessor::Recolor {
+            lightness: Lightness::Intensity,
+            gamma: parameters.filters.gamma,
+        }),
     }
 }
 

@@ -37,6 +37,7 @@ pub mod pose_face;
 pub mod pose_hand;
 pub mod processor;
 pub mod reassemble;
+pub mod recolor;
 pub mod scribble;
 pub mod segment;
 pub mod teed;
@@ -206,6 +207,14 @@ pub enum Preprocessor {
     },
     /// A1111's `invert`: 255 minus each value (no network).
     Invert,
+    /// A1111's `recolor_luminance` and `recolor_intensity`: the image's lightness,
+    /// gamma corrected (no network).
+    Recolor {
+        /// Which lightness.
+        lightness: recolor::Lightness,
+        /// The gamma the lightness is raised to.
+        gamma: Param,
+    },
 }
 
 impl Preprocessor {
@@ -217,7 +226,8 @@ impl Preprocessor {
             | Preprocessor::LineartStandard
             | Preprocessor::TileResample { .. }
             | Preprocessor::Blur { .. }
-            | Preprocessor::Invert => None,
+            | Preprocessor::Invert
+            | Preprocessor::Recolor { .. } => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
@@ -280,6 +290,9 @@ impl Preprocessor {
             (Preprocessor::TileResample { rate }, _) => image_filters::tile_resample(rgb, rate.0),
             (Preprocessor::Blur { sigma }, _) => Ok(image_filters::blur(rgb, sigma.0)),
             (Preprocessor::Invert, _) => Ok(image_filters::invert(rgb)),
+            (Preprocessor::Recolor { lightness, gamma }, _) => {
+                Ok(gray_to_rgb(recolor::recolor(rgb, lightness, gamma.0)))
+            }
             (Preprocessor::SoftEdge { safe_steps }, _) => match detector {
                 Some(detector) => detector.soft_edges(rgb, safe_steps),
                 None => Err(EngineError::Internal(
