@@ -77,16 +77,23 @@ impl BinsConfig {
     }
 }
 
-/// A 1×1 convolution as wide as the file stores it.
-fn pointwise(vp: &VarPath, shapes: &ShapeMap) -> Result<Conv2d> {
+/// A 1×1 convolution taking the `input` channels its input has, giving `output` or, if
+/// `None`, as many as the file stores: a file of other widths is refused at load, naming
+/// the tensor, instead of failing in a forward pass.
+fn pointwise(vp: &VarPath, shapes: &ShapeMap, input: i64, output: Option<i64>) -> Result<Conv2d> {
     let shape = shape_of(vp, shapes, "weight")?;
     match shape[..] {
-        [out, input, 1, 1] => Conv2d::load(vp, input, out, 1, 1, 0),
+        [stored, _, 1, 1] => Conv2d::load(vp, input, output.unwrap_or(stored), 1, 1, 0),
         _ => Err(EngineError::InvalidRequest(format!(
             "`{}.weight` is {shape:?}, not a 1×1 convolution",
             vp.prefix()
         ))),
     }
+}
+
+/// The channels a convolution gives.
+fn outputs(conv: &Conv2d) -> i64 {
+    conv.weight().size()[0]
 }
 
 /// Two 1×1 convolutions with a ReLU between (projectors, regressors, attractor MLPs).
@@ -96,11 +103,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vp: &VarPath, shapes: &ShapeMap) -> Result<Self> {
-        Ok(Self {
-            conv1: pointwise(&vp.pp("conv1"), shapes)?,
-            conv2: pointwise(&vp.pp("conv2"), shapes)?,
-        })
+    /// From `input` channels to `output` (`None`: as stored).
+    fn load(vp: &VarPath, shapes: &ShapeMap, input: i64, output: Option<i64>) -> Result<Self> {
+        let conv1 = pointwise(&vp.pp("conv1"), shapes, input, None)?;
+        let conv2 = pointwise(&vp.pp("conv2"), shapes, outputs(&conv1), output)?;
+        Ok(Self { conv1, conv2 })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -108,22 +115,9 @@ impl Mlp {
     }
 
     fn outputs(&self) -> i64 {
-        self.conv2.weight().size()[0]
-    }
-
-    fn inputs(&self) -> i64 {
-        self.conv1.weight().size()[1]
-    }
-
-    /// Its own joint: the second convolution takes what the first gives.
-    fn joint(&self, name: String) -> Width {
-        let got = self.conv2.weight().size()[1];
-        (name, got, self.conv1.weight().size()[0])
+        outputs(&self.conv2)
     }
 }
-
-/// A layer's input channels as stored, and the channels its input has.
-type Width = (String, i64, i64);
 
 /// Bilinear resize with the corners aligned, as the heads resize everything.
 fn resized(x: &Tensor, like: &Tensor) -> Tensor {
@@ -235,13 +229,30 @@ struct Bins {
     range: Range,
 }
 
+/// The channels the metric head's inputs have.
+#[derive(Clone, Copy)]
+pub struct HeadInputs {
+    /// The fused levels'.
+    pub fused: i64,
+    /// The relative head's features'.
+    pub relative: i64,
+}
+
+/// The channels inside the metric head a bin configuration's layers take.
+#[derive(Clone, Copy)]
+struct BinInputs {
+    bottleneck: i64,
+    embedding: i64,
+    condition: i64,
+}
+
 impl Bins {
     fn load(
         seed: &VarPath,
         attractors: &VarPath,
         distribution: &VarPath,
         (config, bins): (&BinsConfig, &BinConfiguration),
-        shapes: &ShapeMap,
+        (shapes, inputs): (&ShapeMap, BinInputs),
     ) -> Result<Self> {
         let range = Range {
             normed: config.bin_centers_type == "normed",
@@ -255,17 +266,20 @@ impl Bins {
             })
             .count();
         let mlp = distribution.pp("mlp");
+        let conv1 = pointwise(&mlp.pp("0"), shapes, inputs.condition, None)?;
+        // The distribution's four outputs: p and t, each a ratio of two.
+        let conv2 = pointwise(&mlp.pp("2"), shapes, outputs(&conv1), Some(4))?;
         Ok(Self {
-            seed: Mlp::load(seed, shapes)?,
+            seed: Mlp::load(seed, shapes, inputs.bottleneck, Some(bins.n_bins))?,
             attractors: (0..count)
                 .map(|i| {
-                    let mlp = Mlp::load(&attractors.pp(i), shapes)?;
+                    let mlp = Mlp::load(&attractors.pp(i), shapes, inputs.embedding, None)?;
                     Ok(Attractor { mlp, range })
                 })
                 .collect::<Result<_>>()?,
             distribution: LogBinomial {
-                conv1: pointwise(&mlp.pp("0"), shapes)?,
-                conv2: pointwise(&mlp.pp("2"), shapes)?,
+                conv1,
+                conv2,
                 bins: bins.n_bins,
                 temperatures: (config.min_temp, config.max_temp),
             },
@@ -314,9 +328,16 @@ struct EncoderLayer {
 const ROUTER_LAYERS: i64 = 4;
 
 impl Router {
-    fn load(vp: &VarPath, shapes: &ShapeMap, heads: i64) -> Result<Self> {
-        let embedding = pointwise(&vp.pp("patch_transformer.embedding_convPxP"), shapes)?;
-        let width = embedding.weight().size()[0];
+    fn load(vp: &VarPath, shapes: &ShapeMap, heads: i64, bottleneck: i64) -> Result<Self> {
+        let embedding_path = vp.pp("patch_transformer.embedding_convPxP");
+        let embedding = pointwise(&embedding_path, shapes, bottleneck, None)?;
+        let width = outputs(&embedding);
+        if width % heads != 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "`{}.weight` gives {width} channels, which {heads} attention heads do not divide",
+                embedding_path.prefix()
+            )));
+        }
         let layer = |i: i64| -> Result<EncoderLayer> {
             let l = vp.pp(format!("patch_transformer.transformer_encoder.{i}"));
             let inner = shape_of(&l.pp("linear1"), shapes, "weight")?[0];
@@ -394,9 +415,24 @@ pub struct MetricHead {
 }
 
 impl MetricHead {
-    /// Loads `metric_head` under `vp`.
-    pub fn load(vp: &VarPath, config: &BinsConfig, shapes: &ShapeMap) -> Result<Self> {
+    /// Loads `metric_head` under `vp`, its layers as wide as their `inputs` are.
+    pub fn load(
+        vp: &VarPath,
+        config: &BinsConfig,
+        shapes: &ShapeMap,
+        inputs: HeadInputs,
+    ) -> Result<Self> {
         let single = config.bin_configurations.len() == 1;
+        let bottleneck = pointwise(&vp.pp("conv2"), shapes, inputs.fused, None)?;
+        let widths = outputs(&bottleneck);
+        let seed_projector = Mlp::load(&vp.pp("seed_projector"), shapes, widths, None)?;
+        let embedding = seed_projector.outputs();
+        // One configuration conditions on the relative depth too.
+        let inside = BinInputs {
+            bottleneck: widths,
+            embedding,
+            condition: inputs.relative + i64::from(single) + embedding,
+        };
         let bins = config
             .bin_configurations
             .iter()
@@ -406,93 +442,32 @@ impl MetricHead {
                     &vp.pp(format!("attractors.{name}")),
                     &vp.pp(format!("conditional_log_binomial.{name}")),
                     (config, b),
-                    shapes,
+                    (shapes, inside),
                 ),
                 _ => Bins::load(
                     &vp.pp("seed_bin_regressor"),
                     &vp.pp("attractors"),
                     &vp.pp("conditional_log_binomial"),
                     (config, b),
-                    shapes,
+                    (shapes, inside),
                 ),
             })
             .collect::<Result<_>>()?;
         let heads = config.patch_transformer_num_attention_heads.unwrap_or(1);
+        let projector = |i: usize| {
+            let path = vp.pp(format!("projectors.{i}"));
+            Mlp::load(&path, shapes, inputs.fused, Some(embedding))
+        };
         Ok(Self {
-            bottleneck: pointwise(&vp.pp("conv2"), shapes)?,
-            seed_projector: Mlp::load(&vp.pp("seed_projector"), shapes)?,
-            projectors: (0..4)
-                .map(|i| Mlp::load(&vp.pp(format!("projectors.{i}")), shapes))
-                .collect::<Result<_>>()?,
+            bottleneck,
+            seed_projector,
+            projectors: (0..4).map(projector).collect::<Result<_>>()?,
             bins,
             router: match single {
                 true => None,
-                false => Some(Router::load(vp, shapes, heads)?),
+                false => Some(Router::load(vp, shapes, heads, widths)?),
             },
         })
-    }
-
-    /// The first layer whose stored input channels are not those its input has, for a
-    /// neck fusing `fused` channels and a relative head of `relative` features.
-    pub fn mismatch(&self, fused: i64, relative: i64) -> Option<String> {
-        let input = |conv: &Conv2d| conv.weight().size()[1];
-        let output = |conv: &Conv2d| conv.weight().size()[0];
-        let bottleneck = output(&self.bottleneck);
-        let embedding = self.seed_projector.outputs();
-        let mut widths: Vec<Width> = vec![
-            ("conv2".into(), input(&self.bottleneck), fused),
-            (
-                "seed_projector".into(),
-                self.seed_projector.inputs(),
-                bottleneck,
-            ),
-            self.seed_projector.joint("seed_projector".into()),
-        ];
-        for (i, p) in self.projectors.iter().enumerate() {
-            widths.push((format!("projectors.{i}"), p.inputs(), fused));
-            widths.push(p.joint(format!("projectors.{i}")));
-            widths.push((format!("projectors.{i} (out)"), p.outputs(), embedding));
-        }
-        let condition = relative + i64::from(self.router.is_none()) + embedding;
-        for (b, bins) in self.bins.iter().enumerate() {
-            widths.push((
-                format!("bins {b} seed regressor"),
-                bins.seed.inputs(),
-                bottleneck,
-            ));
-            widths.push(bins.seed.joint(format!("bins {b} seed regressor")));
-            let centres = bins.seed.outputs();
-            widths.push((
-                format!("bins {b} seed regressor (out)"),
-                centres,
-                bins.distribution.bins,
-            ));
-            for (i, a) in bins.attractors.iter().enumerate() {
-                widths.push((format!("bins {b} attractor {i}"), a.mlp.inputs(), embedding));
-                widths.push(a.mlp.joint(format!("bins {b} attractor {i}")));
-            }
-            let d = &bins.distribution;
-            widths.push((format!("bins {b} distribution"), input(&d.conv1), condition));
-            widths.push((
-                format!("bins {b} distribution (joint)"),
-                input(&d.conv2),
-                output(&d.conv1),
-            ));
-            widths.push((format!("bins {b} distribution (out)"), output(&d.conv2), 4));
-        }
-        if let Some(router) = &self.router {
-            let width = output(&router.embedding);
-            widths.push((
-                "patch transformer".into(),
-                input(&router.embedding),
-                bottleneck,
-            ));
-            widths.push(("patch transformer heads".into(), width % router.heads, 0));
-        }
-        let (name, got, want) = widths.into_iter().find(|(_, got, want)| got != want)?;
-        Some(format!(
-            "the metric head's {name} takes {got} channels where its input has {want}"
-        ))
     }
 
     /// The metric depth [N, 1, H, W] from the relative head's features and depth, the

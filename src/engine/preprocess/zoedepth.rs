@@ -16,7 +16,7 @@ use crate::engine::preprocess::dpt::{read_out, readout, Readout};
 use crate::engine::preprocess::dpt_fusion::{double, FusionStage};
 use crate::engine::preprocess::efficientnet::ShapeMap;
 use crate::engine::preprocess::reassemble::ReassembleLevel;
-use crate::engine::preprocess::zoe_bins::{BinsConfig, MetricHead};
+use crate::engine::preprocess::zoe_bins::{BinsConfig, HeadInputs, MetricHead};
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
 /// ZoeDepthConfig's values for the backbone, neck and relative head, with its defaults.
@@ -149,13 +149,6 @@ impl ZoeDepth {
                 || name.starts_with("backbone.layernorm.")
                 || name.starts_with("backbone.pooler.")
         })?;
-        let widths = (config.fusion_hidden_size, config.num_relative_features);
-        if let Some(why) = network.metric.mismatch(widths.0, widths.1) {
-            return Err(EngineError::WeightFile {
-                path: dir.join("model.safetensors"),
-                message: why,
-            });
-        }
         Ok(network)
     }
 
@@ -189,7 +182,15 @@ impl ZoeDepth {
             )?,
             head_in: usize::try_from(c.head_in_index.rem_euclid(levels as i64)).unwrap_or(0),
             relative: RelativeHead::load(&vp.pp("relative_head"), c)?,
-            metric: MetricHead::load(&vp.pp("metric_head"), bins, shapes)?,
+            metric: MetricHead::load(
+                &vp.pp("metric_head"),
+                bins,
+                shapes,
+                HeadInputs {
+                    fused,
+                    relative: c.num_relative_features,
+                },
+            )?,
             patch_size: backbone.patch_size(),
             device: vp.device(),
             kind: vp.kind(),
