@@ -6,7 +6,8 @@ its face network of facenet.pth as openpose_face, its hand network of hand_pose_
 openpose_hand, both as openpose_full), the NormalBAE network of its
 scannet.pt, the M-LSD network of its mlsd_large_512_fp32.pth, the PiDiNet of its table5_pidinet.pth, TEED's TED (alone and
 under Anyline), at their published sizes), Depth Anything V2 Small's and
-Intel/zoedepth-nyu's and upernet-convnext-small's shapes in transformers, one square image of
+Intel/zoedepth-nyu's and upernet-convnext-small's shapes in transformers, LeReS's res101
+(ResNeXt-101 32×8d) in controlnet_aux, one square image of
 random pixels turned into the 8-bit map (and the preprocessors that run no network:
 OpenCV's Canny, the standard line art, sd-webui-controlnet's filters and recolor maps) by the reference (controlnet_aux's detector;
 transformers' Pillow processor, the model, post_process_depth_estimation and min-max;
@@ -44,6 +45,10 @@ def build(kind: str):
         from controlnet_aux.pidi.model import pidinet
 
         return pidinet()
+    if kind == "leres":
+        from controlnet_aux.leres.leres.multi_depth_model_woauxi import RelDepthModel
+
+        return RelDepthModel(backbone="resnext101")
     if kind == "mlsd":
         from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 
@@ -339,6 +344,10 @@ def reference_child(args):
             from controlnet_aux.normalbae import NormalBaeDetector
 
             detector = NormalBaeDetector(model)
+        elif args.kind == "leres":
+            from controlnet_aux.leres import LeresDetector
+
+            detector = LeresDetector(model, None)
         elif args.kind in POSE_KINDS:
             call = pose_child(args, model, image)
         elif args.kind == "hed":
@@ -410,7 +419,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur,recolor_luminance,recolor_intensity")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,leres,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur,recolor_luminance,recolor_intensity")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

@@ -211,9 +211,10 @@ impl PreprocessingSettings {
                 "preprocessing.lineart_anime_model",
                 &self.lineart_anime_model,
             ),
-            DetectorNetwork::DepthAnything | DetectorNetwork::Dpt | DetectorNetwork::ZoeDepth => {
-                ("preprocessing.depth_model", &self.depth_model)
-            }
+            DetectorNetwork::DepthAnything
+            | DetectorNetwork::Dpt
+            | DetectorNetwork::ZoeDepth
+            | DetectorNetwork::Leres => ("preprocessing.depth_model", &self.depth_model),
             DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {
                 ("preprocessing.hed_model", &self.hed_model)
             }

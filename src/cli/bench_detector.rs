@@ -22,7 +22,8 @@ pub struct BenchDetectorArgs {
     model: Option<PathBuf>,
     /// Instead of a model, a preprocessor that runs no network: canny,
     /// lineart_standard, tile_resample (at a rate of 2: 2×2 blocks),
-    /// tile_resample_fractional (2.5: weighted overlaps) or blur (sigma 9); with a TEED
+    /// tile_resample_fractional (2.5: weighted overlaps), blur (sigma 9),
+    /// recolor_luminance or recolor_intensity (gamma 0.8); with a TEED
     /// model, anyline (its whole preprocessor); with an OpenPose body model,
     /// openpose_face (with --face-model), openpose_hand (with --hand-model) or
     /// openpose_full (both).

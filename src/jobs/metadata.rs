@@ -277,13 +277,18 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::LineartAnime) => "lineart_anime".to_string(),
         Some(Preprocessor::LineartStandard) => "lineart_standard".to_string(),
         // A1111's MiDaS module runs the DPT models transformers calls DPT.
-        Some(Preprocessor::Depth) if network == Some(DetectorNetwork::Dpt) => {
+        Some(Preprocessor::Depth(_)) if network == Some(DetectorNetwork::Dpt) => {
             "depth_midas".to_string()
         }
-        Some(Preprocessor::Depth) if network == Some(DetectorNetwork::ZoeDepth) => {
+        Some(Preprocessor::Depth(_)) if network == Some(DetectorNetwork::ZoeDepth) => {
             "depth_zoe".to_string()
         }
-        Some(Preprocessor::Depth) => "depth_anything_v2".to_string(),
+        // A1111's LeReS module takes its near and background cuts as its thresholds.
+        Some(Preprocessor::Depth(cuts)) if network == Some(DetectorNetwork::Leres) => {
+            let (near, background) = (cuts.near.0, cuts.background.0);
+            format!("depth_leres, Threshold A: {near}, Threshold B: {background}")
+        }
+        Some(Preprocessor::Depth(_)) => "depth_anything_v2".to_string(),
         // A1111's TEED module takes its safe steps as Threshold A.
         Some(Preprocessor::SoftEdge { safe_steps }) if network == Some(DetectorNetwork::Teed) => {
             let steps = safe_steps.unwrap_or(TEED_SAFE_STEPS);

@@ -87,6 +87,14 @@ pub fn zoe_fixtures() -> PathBuf {
         .clone()
 }
 
+/// The LeReS fixtures of make_leres_fixtures.py.
+#[allow(dead_code)]
+pub fn leres_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| built_by("make_leres_fixtures.py", "SDXLD_LERES_FIXTURES"))
+        .clone()
+}
+
 /// Asserts that an 8-bit map is the reference PNG at `reference` pixel for pixel.
 #[allow(dead_code)]
 pub fn assert_same_map(what: &str, map: &image::RgbImage, reference: &Path) {

@@ -23,6 +23,7 @@ mod prompt_syntax;
 
 pub use postprocess::to_upscale_spec;
 mod degenerate_schedules;
+mod depth_cuts;
 pub mod preprocessor;
 mod refiner;
 mod sampling;

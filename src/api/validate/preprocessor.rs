@@ -3,12 +3,14 @@
 //! preprocessors not implemented yet deferred as UNIMPLEMENTED naming the field.
 
 use crate::api::status::ApiError;
+use crate::api::validate::depth_cuts;
 use crate::api::validate::detector::Detectors;
 use crate::api::validate::fields::{at_most, enum_value, float, read_by, Range, Violations};
 use crate::api::validate::image_filters::{self, FilterParameters};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
+use crate::engine::preprocess::leres::DepthCuts;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::pose::PoseParts;
 use crate::engine::preprocess::recolor::Lightness;
@@ -61,6 +63,8 @@ pub struct Parameters {
     pub safe_steps: Option<u32>,
     /// Tile resampling's rate, the blur's sigma and the recolor maps' gamma.
     pub filters: FilterParameters,
+    /// LeReS depth's near and background cuts.
+    pub depth: DepthCuts,
 }
 
 /// What a preprocessor is checked against: its image (when it decoded), the most
@@ -89,7 +93,7 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::Canny => Some(Preprocessor::Canny { low, high }),
         pb::Preprocessor::Lineart => Some(Preprocessor::Lineart),
         pb::Preprocessor::LineartAnime => Some(Preprocessor::LineartAnime),
-        pb::Preprocessor::Depth => Some(Preprocessor::Depth),
+        pb::Preprocessor::Depth => Some(Preprocessor::Depth(parameters.depth)),
         pb::Preprocessor::Softedge => Some(Preprocessor::SoftEdge {
             safe_steps: parameters.safe_steps,
         }),
@@ -142,6 +146,7 @@ pub fn preprocessor(
     let lines = line_thresholds(&p, kind, params, v);
     let safe_steps = safe_steps(&p, kind, params.safe_steps, v);
     let filters = image_filters::parameters(&p, kind, params, v);
+    let depth = depth_cuts::cuts(&p, kind, params, v);
     let detectors = subject.detectors;
     let image_size = subject.image.map(|i| (i.width(), i.height()));
     let max_pixels = subject.max_pixels;
@@ -152,6 +157,7 @@ pub fn preprocessor(
         lines,
         safe_steps,
         filters,
+        depth,
     };
     let Some(preprocessor) = domain(kind, parameters) else {
         deferred.unimplemented(ApiError::Unimplemented(
@@ -195,6 +201,9 @@ pub fn preprocessor(
     }
     if let (Some(entry), Some(steps)) = (&detector, safe_steps) {
         network_safe_steps(&p, entry, steps, v);
+    }
+    if let Some(entry) = &detector {
+        depth_cuts::network_cuts(&p, entry, depth, v);
     }
     if let (Some(entry), Some(resolution), Some(size)) = (&detector, detect_resolution, image_size)
     {
@@ -389,15 +398,19 @@ fn network_safe_steps(p: &str, detector: &DetectorFile, steps: u32, v: &mut Viol
 
 /// A network's sides for an image detected at its own size: its poolings must leave a
 /// pixel (HED's four, PiDiNet's three), its paddings must fit (the line-art generator's),
-/// TEED's branches must meet (multiples of 4); a detect resolution always does all.
+/// TEED's branches must meet (multiples of 4), LeReS's decoder its encoder (multiples of
+/// 32); a detect resolution always does all.
 fn own_size_sides(p: &str, detector: &DetectorFile, (w, h): (u32, u32), v: &mut Violations) {
     use crate::engine::preprocess::detector::DetectorNetwork;
     let least = match detector.network {
         DetectorNetwork::Hed => crate::engine::preprocess::hed::MIN_SIDE,
         DetectorNetwork::PiDiNet => crate::engine::preprocess::pidinet::MIN_SIDE,
         DetectorNetwork::Lineart => crate::engine::preprocess::lineart::MIN_SIDE,
-        DetectorNetwork::Teed => {
-            let multiple = crate::engine::preprocess::teed::SIDE_MULTIPLE;
+        network @ (DetectorNetwork::Teed | DetectorNetwork::Leres) => {
+            let multiple = match network {
+                DetectorNetwork::Teed => crate::engine::preprocess::teed::SIDE_MULTIPLE,
+                _ => crate::engine::preprocess::leres::SIDE_MULTIPLE,
+            };
             if !(w.is_multiple_of(multiple) && h.is_multiple_of(multiple)) {
                 v.add(
                     format!("{p}.detect_resolution"),

@@ -236,6 +236,10 @@ pub fn detector_activation_estimate(
         // head's 128 channels, the 161-channel condition and its MLP, and the bins'
         // distribution (64 bins, several alive); the depth resized back and mapped.
         DetectorNetwork::ZoeDepth => (384 * 512 * 512, 8),
+        // The decoder's last fusion doubled to half resolution (256 channels, a quarter
+        // of the pixels: 64 a pixel) beside the output block's 128 and the finest
+        // features, a few alive; the depth and its 16- and 8-bit maps.
+        DetectorNetwork::Leres => (0, 240),
         // 512-channel features at a quarter of 512², six alive; 150 class logits resized
         // to the image, twice.
         DetectorNetwork::UperNet => (128 * 128 * 512 * 6, 300),

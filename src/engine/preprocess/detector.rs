@@ -10,6 +10,7 @@ use tch::{Device, Kind};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth::{DepthDetector, DepthNetwork};
 use crate::engine::preprocess::hed::Hed;
+use crate::engine::preprocess::leres::{self, DepthCuts, LeresDetector};
 use crate::engine::preprocess::lineart::LineartGenerator;
 use crate::engine::preprocess::lineart_anime::LineartAnimeUnet;
 use crate::engine::preprocess::mlsd::Mlsd;
@@ -37,6 +38,8 @@ pub enum DetectorNetwork {
     Dpt,
     /// transformers' ZoeDepth metric depth estimation (a model folder).
     ZoeDepth,
+    /// controlnet_aux's LeReS depth network (ResNeXt encoder; `res101`).
+    Leres,
     /// controlnet_aux's HED edge network.
     Hed,
     /// transformers' UperNet segmentation (a model folder).
@@ -59,12 +62,15 @@ pub enum DetectorNetwork {
 
 impl DetectorNetwork {
     /// Whether a detector holding `held` serves a preprocessor that runs this network
-    /// (a depth preprocessor takes Depth Anything, DPT or ZoeDepth, a soft-edge one HED,
+    /// (a depth preprocessor takes Depth Anything, DPT, ZoeDepth or LeReS, a soft-edge one HED,
     /// PiDiNet or TEED; scribbles refuse TEED where the request is checked).
     pub fn accepts(self, held: DetectorNetwork) -> bool {
         held == self
             || (self == DetectorNetwork::DepthAnything
-                && matches!(held, DetectorNetwork::Dpt | DetectorNetwork::ZoeDepth))
+                && matches!(
+                    held,
+                    DetectorNetwork::Dpt | DetectorNetwork::ZoeDepth | DetectorNetwork::Leres
+                ))
             || (self == DetectorNetwork::Hed
                 && matches!(held, DetectorNetwork::PiDiNet | DetectorNetwork::Teed))
     }
@@ -72,7 +78,7 @@ impl DetectorNetwork {
     /// What it is called where a preprocessor names the networks it takes.
     pub fn described(self) -> &'static str {
         match self {
-            DetectorNetwork::DepthAnything => "depth_anything, dpt or zoedepth",
+            DetectorNetwork::DepthAnything => "depth_anything, dpt, zoedepth or leres",
             DetectorNetwork::Hed => "hed, pidinet or teed",
             other => other.name(),
         }
@@ -86,6 +92,7 @@ impl DetectorNetwork {
             DetectorNetwork::DepthAnything => "depth_anything",
             DetectorNetwork::Dpt => "dpt",
             DetectorNetwork::ZoeDepth => "zoedepth",
+            DetectorNetwork::Leres => "leres",
             DetectorNetwork::Hed => "hed",
             DetectorNetwork::UperNet => "upernet",
             DetectorNetwork::OpenPose => "openpose",
@@ -110,7 +117,8 @@ impl DetectorNetwork {
             | DetectorNetwork::NormalBae
             | DetectorNetwork::Mlsd
             | DetectorNetwork::PiDiNet
-            | DetectorNetwork::Teed => {
+            | DetectorNetwork::Teed
+            | DetectorNetwork::Leres => {
                 format!("{name}.safetensors")
             }
             DetectorNetwork::DepthAnything
@@ -196,11 +204,14 @@ pub fn network_of(path: &Path) -> Result<DetectorNetwork> {
     if has("block_1.conv1.weight") && has("block_cat.DWconv1.weight") {
         return Ok(DetectorNetwork::Teed);
     }
+    if leres::network_prefix(shapes.iter().map(|(name, _)| name.as_str())).is_some() {
+        return Ok(DetectorNetwork::Leres);
+    }
     let first = shapes.first().map_or("(none)", |(name, _)| name.as_str());
     Err(EngineError::WeightFile {
         path: path.to_path_buf(),
         message: format!(
-            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, facenet, handpose, normal_bae, mlsd, pidinet, teed; depth_anything as a model folder)"
+            "holds no preprocessor network sdxld serves (its first tensor is `{first}`; served: lineart, lineart_anime, hed, openpose, facenet, handpose, normal_bae, mlsd, pidinet, teed, leres; depth_anything, dpt, zoedepth and upernet as model folders)"
         ),
     })
 }
@@ -236,6 +247,8 @@ pub enum Detector {
     PiDiNet(PiDiNet),
     /// The TEED edge network.
     Teed(Box<Teed>),
+    /// The LeReS depth network.
+    Leres(Box<LeresDetector>),
 }
 
 impl Detector {
@@ -271,6 +284,9 @@ impl Detector {
             DetectorNetwork::Mlsd => Ok(Detector::Mlsd(Box::new(Mlsd::load(path, device, kind)?))),
             DetectorNetwork::PiDiNet => Ok(Detector::PiDiNet(PiDiNet::load(path, device, kind)?)),
             DetectorNetwork::Teed => Ok(Detector::Teed(Box::new(Teed::load(path, device, kind)?))),
+            DetectorNetwork::Leres => Ok(Detector::Leres(Box::new(LeresDetector::load(
+                path, device, kind,
+            )?))),
         }
     }
 
@@ -295,6 +311,7 @@ impl Detector {
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
             Detector::PiDiNet(network) => network.detect(image)?,
             Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
+            Detector::Leres(network) => network.detect(image, DepthCuts::NONE)?,
         };
         Ok(super::gray_to_rgb(map))
     }
@@ -342,6 +359,7 @@ impl Detector {
             Detector::Mlsd(_) => DetectorNetwork::Mlsd,
             Detector::PiDiNet(_) => DetectorNetwork::PiDiNet,
             Detector::Teed(_) => DetectorNetwork::Teed,
+            Detector::Leres(_) => DetectorNetwork::Leres,
         }
     }
 }

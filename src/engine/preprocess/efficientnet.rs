@@ -47,20 +47,11 @@ impl FoldedConv {
         } else {
             None
         };
-        let norm = vp.pp(bn);
-        let gamma = norm.get("weight", &[out])?;
-        let beta = norm.get("bias", &[out])?;
-        let mean = norm.get("running_mean", &[out])?;
-        let var = norm.get("running_var", &[out])?;
-        let scale = gamma / (var + eps).sqrt();
-        let shifted = match conv_bias {
-            Some(b) => b - mean,
-            None => -mean,
-        };
+        let (weight, bias) = fold_batch_norm(&vp.pp(bn), weight, conv_bias, eps)?;
         let groups = if shape[1] == 1 && out > 1 { out } else { 1 };
         Ok(Self {
-            weight: weight * scale.view([out, 1, 1, 1]),
-            bias: beta + shifted * scale,
+            weight,
+            bias,
             stride,
             groups,
         })
@@ -75,6 +66,28 @@ impl FoldedConv {
     pub fn channels(&self) -> i64 {
         self.weight.size()[0]
     }
+}
+
+/// A convolution's `weight` and `bias` with the inference batch norm at `norm` folded
+/// in: the weight scaled by gamma / sqrt(var + eps) per output channel, the bias moved
+/// by the mean and shifted by beta.
+pub fn fold_batch_norm(
+    norm: &VarPath,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let out = weight.size()[0];
+    let gamma = norm.get("weight", &[out])?;
+    let beta = norm.get("bias", &[out])?;
+    let mean = norm.get("running_mean", &[out])?;
+    let var = norm.get("running_var", &[out])?;
+    let scale = gamma / (var + eps).sqrt();
+    let shifted = match bias {
+        Some(b) => b - mean,
+        None => -mean,
+    };
+    Ok((weight * scale.view([out, 1, 1, 1]), beta + shifted * scale))
 }
 
 /// The stored shape of `vp.name`, or a missing-tensor error naming it.

@@ -21,6 +21,7 @@ pub mod dpt_fusion;
 pub mod efficientnet;
 pub mod hed;
 pub mod image_filters;
+pub mod leres;
 pub mod lineart;
 pub mod lineart_anime;
 pub mod lineart_standard;
@@ -38,6 +39,7 @@ pub mod pose_hand;
 pub mod processor;
 pub mod reassemble;
 pub mod recolor;
+pub mod resnext;
 pub mod scribble;
 pub mod segment;
 pub mod teed;
@@ -173,8 +175,9 @@ pub enum Preprocessor {
     LineartAnime,
     /// Dark lines on a light background picked out by a blur (no network).
     LineartStandard,
-    /// Depth from a Depth Anything model.
-    Depth,
+    /// Depth from a Depth Anything, DPT, ZoeDepth or LeReS network, LeReS's with its near
+    /// and background cuts.
+    Depth(leres::DepthCuts),
     /// Soft edges from controlnet_aux's HED, PiDiNet or TEED network, optionally
     /// quantised (A1111's `softedge_hedsafe`, `softedge_pidisafe`, `softedge_teed`).
     SoftEdge {
@@ -230,7 +233,7 @@ impl Preprocessor {
             | Preprocessor::Recolor { .. } => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
-            Preprocessor::Depth => Some(DetectorNetwork::DepthAnything),
+            Preprocessor::Depth(_) => Some(DetectorNetwork::DepthAnything),
             Preprocessor::SoftEdge { .. } | Preprocessor::Scribble => Some(DetectorNetwork::Hed),
             Preprocessor::Segmentation => Some(DetectorNetwork::UperNet),
             Preprocessor::OpenPose(_) => Some(DetectorNetwork::OpenPose),
@@ -307,6 +310,13 @@ impl Preprocessor {
                 ))),
             },
             (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks, between_passes),
+            (Preprocessor::Depth(cuts), _) if cuts != leres::DepthCuts::NONE => match detector {
+                Some(Detector::Leres(network)) => Ok(gray_to_rgb(network.detect(rgb, cuts)?)),
+                other => Err(EngineError::Internal(format!(
+                    "depth cuts were handed {:?}",
+                    other.map(Detector::network)
+                ))),
+            },
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(
