@@ -206,7 +206,7 @@ def depth_child(args, image):
 
 
 # Preprocessors without a network: no model to write, sdxld runs them by name.
-NETWORKLESS = ("canny", "lineart_standard", "tile_resample", "tile_resample_fractional", "blur", "recolor_luminance", "recolor_intensity")
+NETWORKLESS = ("canny", "lineart_standard", "tile_resample", "tile_resample_fractional", "blur", "recolor_luminance", "recolor_intensity", "scribble_xdog")
 
 
 def networkless_child(args, image):
@@ -226,6 +226,17 @@ def networkless_child(args, image):
     if args.kind == "blur":
         # sd-webui-controlnet's blur_gaussian at its default sigma of 9.
         return lambda: cv2.GaussianBlur(image, (0, 0), 9.0)
+    if args.kind == "scribble_xdog":
+        # sd-webui-controlnet's scribble_xdog at its default threshold of 32.
+        def xdog():
+            g1 = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.5)
+            g2 = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 5.0)
+            dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+            result = np.zeros_like(image, dtype=np.uint8)
+            result[2 * (255 - dog) > 32] = 255
+            return result
+
+        return xdog
     if args.kind.startswith("recolor"):
         # sd-webui-controlnet's recolor_luminance / recolor_intensity at a gamma of 0.8.
         code, channel = (cv2.COLOR_BGR2LAB, 0) if args.kind.endswith("luminance") else (cv2.COLOR_BGR2HSV, 2)
@@ -419,7 +430,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,leres,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur,recolor_luminance,recolor_intensity")
+    parser.add_argument("--kinds", default="lineart,lineart_anime,depth,dpt,dpt_hybrid,zoe,leres,hed,segmentation,openpose,openpose_face,openpose_hand,openpose_full,normal,mlsd,pidinet,teed,anyline,canny,lineart_standard,tile_resample,tile_resample_fractional,blur,recolor_luminance,recolor_intensity,scribble_xdog")
     parser.add_argument("--reference-child", action="store_true")
     parser.add_argument("--kind")
     parser.add_argument("--model")

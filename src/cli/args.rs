@@ -180,11 +180,13 @@ pub struct GenerateArgs {
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
     /// openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|
     /// segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|
-    /// tile_resample|blur|invert|recolor_luminance|recolor_intensity, detector (the
+    /// tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog,
+    /// detector (the
     /// preprocessor network's file; the face and hand networks are facenet.safetensors
     /// and hand_pose_model.safetensors beside it), low, high (Canny), score, distance
     /// (M-LSD), safe (soft edges), rate (tile_resample), sigma (blur), gamma (recolor),
-    /// resolution, pixel_perfect, and for union models
+    /// xdog (scribble_xdog), near, background (LeReS depth), resolution, pixel_perfect,
+    /// and for union models
     /// type=openpose|depth|hed|canny|normal|segment|tile|repaint;
     /// repeatable, the units' residuals are summed).
     #[arg(long = "controlnet", value_name = "FOLDER,IMAGE[,KEY=VALUE...]")]

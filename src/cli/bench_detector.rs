@@ -23,7 +23,8 @@ pub struct BenchDetectorArgs {
     /// Instead of a model, a preprocessor that runs no network: canny,
     /// lineart_standard, tile_resample (at a rate of 2: 2×2 blocks),
     /// tile_resample_fractional (2.5: weighted overlaps), blur (sigma 9),
-    /// recolor_luminance or recolor_intensity (gamma 0.8); with a TEED
+    /// recolor_luminance or recolor_intensity (gamma 0.8), scribble_xdog (threshold 32);
+    /// with a TEED
     /// model, anyline (its whole preprocessor); with an OpenPose body model,
     /// openpose_face (with --face-model), openpose_hand (with --hand-model) or
     /// openpose_full (both).
@@ -153,8 +154,9 @@ fn networkless(name: &str) -> anyhow::Result<Preprocessor> {
             lightness: Lightness::Intensity,
             gamma: Param(0.8),
         }),
+        "scribble_xdog" => Ok(Preprocessor::ScribbleXdog { threshold: 32 }),
         other => bail!(
-            "--preprocessor {other:?}: expected canny, lineart_standard, tile_resample, tile_resample_fractional, blur, recolor_luminance or recolor_intensity"
+            "--preprocessor {other:?}: expected canny, lineart_standard, tile_resample, tile_resample_fractional, blur, recolor_luminance, recolor_intensity or scribble_xdog"
         ),
     }
 }

@@ -8,8 +8,8 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert|recolor_luminance|recolor_intensity), detector (a preprocessor network's \
-.safetensors file or model folder; the face and hand networks of the openpose_face, _faceonly, _hand and _full maps are `facenet.safetensors` and `hand_pose_model.safetensors` in the same folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), gamma (recolor_luminance and recolor_intensity), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
+preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog), detector (a preprocessor network's \
+.safetensors file or model folder; the face and hand networks of the openpose_face, _faceonly, _hand and _full maps are `facenet.safetensors` and `hand_pose_model.safetensors` in the same folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), gamma (recolor_luminance and recolor_intensity), xdog (scribble_xdog's threshold), near, background (a LeReS depth detector's cuts, in %), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
 const CONTROL_TYPES: [(&str, i32); 8] = [
@@ -114,6 +114,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("openpose_full", 20),
                 ("recolor_luminance", 21),
                 ("recolor_intensity", 22),
+                ("scribble_xdog", 23),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }
@@ -126,6 +127,9 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
         "rate" => unit_params(unit).down_sampling_rate = Some(number()?),
         "sigma" => unit_params(unit).blur_sigma = Some(number()?),
         "gamma" => unit_params(unit).gamma_correction = Some(number()?),
+        "xdog" => unit_params(unit).xdog_threshold = Some(whole()?),
+        "near" => unit_params(unit).remove_near = Some(number()?),
+        "background" => unit_params(unit).remove_background = Some(number()?),
         "resolution" => unit_params(unit).detect_resolution = whole()?,
         "pixel_perfect" => {
             unit.pixel_perfect = named(key, value, &[("false", 0), ("true", 1)])? == 1;

@@ -299,6 +299,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         }
         Some(Preprocessor::SoftEdge { .. }) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
+        Some(Preprocessor::ScribbleXdog { threshold }) => {
+            format!("scribble_xdog, Threshold A: {threshold}")
+        }
         Some(Preprocessor::Anyline) => "softedge_anyline".to_string(),
         // A1111 writes a module's slider values as its thresholds.
         Some(Preprocessor::TileResample { rate }) => {

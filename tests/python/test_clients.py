@@ -289,6 +289,37 @@ def test_python_client_recolor_maps_as_sd_webui_controlnet_computes_them(stubs, 
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.gamma_correction"]
 
 
+def test_python_client_xdog_scribbles_as_sd_webui_controlnet_computes_them(stubs, server):
+    """PREPROCESSOR_SCRIBBLE_XDOG needs no detector: sd-webui-controlnet's scribble_xdog
+    (OpenCV's float Gaussians at 0.5 and 5, numpy's uint8 doubling) byte for byte at
+    thresholds 32 and 60; a threshold of 0 is refused naming the field."""
+    import cv2
+    import numpy as np
+
+    # A drawing: dark strokes on white, one of them coloured.
+    pixels = np.full((70, 110, 3), 255, dtype=np.uint8)
+    cv2.rectangle(pixels, (20, 15), (80, 50), (0, 0, 0), 2)
+    cv2.circle(pixels, (60, 35), 12, (40, 90, 200), 3)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    for threshold in (32, 60):
+        params = stubs.gen.PreprocessorParams(xdog_threshold=threshold)
+        reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_SCRIBBLE_XDOG, preprocessor_params=params))
+        got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB"))
+        g1 = cv2.GaussianBlur(pixels.astype(np.float32), (0, 0), 0.5)
+        g2 = cv2.GaussianBlur(pixels.astype(np.float32), (0, 0), 5.0)
+        dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+        expected = np.zeros_like(pixels)
+        expected[2 * (255 - dog) > threshold] = 255
+        assert (got == expected).all() and (got == 255).any()
+    params = stubs.gen.PreprocessorParams(xdog_threshold=0)
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_SCRIBBLE_XDOG, preprocessor_params=params))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.xdog_threshold"]
+
+
 def test_python_client_tile_filters_as_sd_webui_controlnet_computes_them(stubs, server):
     """PREPROCESSOR_TILE_RESAMPLE and PREPROCESSOR_BLUR need no detector: a photo shrunk
     by 2.5 with OpenCV's area averaging and blurred with its Gaussian of sigma 3.5, as

@@ -384,9 +384,10 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         | pb::Preprocessor::OpenposeFaceonly
         | pb::Preprocessor::OpenposeHand
         | pb::Preprocessor::OpenposeFull => Some(ControlType::OpenPose),
-        pb::Preprocessor::Scribble | pb::Preprocessor::Softedge | pb::Preprocessor::Anyline => {
-            Some(ControlType::HedScribble)
-        }
+        pb::Preprocessor::Scribble
+        | pb::Preprocessor::ScribbleXdog
+        | pb::Preprocessor::Softedge
+        | pb::Preprocessor::Anyline => Some(ControlType::HedScribble),
         pb::Preprocessor::Normal => Some(ControlType::Normal),
         pb::Preprocessor::Segmentation => Some(ControlType::Segment),
         pb::Preprocessor::TileResample | pb::Preprocessor::Blur => Some(ControlType::Tile),

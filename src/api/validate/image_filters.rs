@@ -24,6 +24,10 @@ const RECOLORS: [pb::Preprocessor; 2] = [
     pb::Preprocessor::RecolorIntensity,
 ];
 
+/// The thresholds A1111's "XDoG Threshold" slider offers, and its default.
+const XDOG_THRESHOLDS: std::ops::RangeInclusive<u32> = 1..=64;
+const DEFAULT_XDOG_THRESHOLD: u32 = 32;
+
 /// The checked filter parameters, as the client sent them (defaults where unset).
 #[derive(Debug, Clone, Copy)]
 pub struct FilterParameters {
@@ -33,6 +37,8 @@ pub struct FilterParameters {
     pub sigma: Param,
     /// The recolor maps' gamma.
     pub gamma: Param,
+    /// XDoG's threshold.
+    pub xdog_threshold: u32,
 }
 
 impl Default for FilterParameters {
@@ -41,12 +47,13 @@ impl Default for FilterParameters {
             rate: Param(DEFAULT_RATE),
             sigma: Param(DEFAULT_SIGMA),
             gamma: Param(DEFAULT_GAMMA),
+            xdog_threshold: DEFAULT_XDOG_THRESHOLD,
         }
     }
 }
 
-/// `down_sampling_rate`, `blur_sigma` and `gamma_correction` (under `p`) for a
-/// preprocessor of `kind`.
+/// `down_sampling_rate`, `blur_sigma`, `gamma_correction` and `xdog_threshold` (under
+/// `p`) for a preprocessor of `kind`.
 pub fn parameters(
     p: &str,
     kind: Option<pb::Preprocessor>,
@@ -88,6 +95,28 @@ pub fn parameters(
             GAMMAS,
             DEFAULT_GAMMA,
         )),
+        xdog_threshold: xdog_threshold(p, kind, params.xdog_threshold, v),
+    }
+}
+
+/// `xdog_threshold` (under `p`): for XDoG only, in [`XDOG_THRESHOLDS`].
+fn xdog_threshold(
+    p: &str,
+    kind: Option<pb::Preprocessor>,
+    sent: Option<u32>,
+    v: &mut Violations,
+) -> u32 {
+    let field = format!("{p}.xdog_threshold");
+    match sent {
+        None => DEFAULT_XDOG_THRESHOLD,
+        Some(_) if !read_by_any(v, &field, kind, &[pb::Preprocessor::ScribbleXdog]) => {
+            DEFAULT_XDOG_THRESHOLD
+        }
+        Some(t) if XDOG_THRESHOLDS.contains(&t) => t,
+        Some(t) => {
+            v.add(field, format!("must be in [1, 64], got {t}"));
+            DEFAULT_XDOG_THRESHOLD
+        }
     }
 }
 

@@ -27,7 +27,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 22] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 23] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -50,6 +50,7 @@ pub const IMPLEMENTED: [pb::Preprocessor; 22] = [
     pb::Preprocessor::OpenposeFull,
     pb::Preprocessor::RecolorLuminance,
     pb::Preprocessor::RecolorIntensity,
+    pb::Preprocessor::ScribbleXdog,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -122,6 +123,9 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::RecolorIntensity => Some(Preprocessor::Recolor {
             lightness: Lightness::Intensity,
             gamma: parameters.filters.gamma,
+        }),
+        pb::Preprocessor::ScribbleXdog => Some(Preprocessor::ScribbleXdog {
+            threshold: parameters.filters.xdog_threshold,
         }),
     }
 }

@@ -45,6 +45,7 @@ pub mod segment;
 pub mod teed;
 pub mod upernet;
 pub mod vit_layer;
+pub mod xdog;
 pub mod zoe_bins;
 pub mod zoe_detector;
 pub mod zoedepth;
@@ -186,6 +187,11 @@ pub enum Preprocessor {
     },
     /// Scribbles: HED's soft edges thinned, spread and thresholded.
     Scribble,
+    /// A1111's `scribble_xdog`: scribbles from a difference of Gaussians (no network).
+    ScribbleXdog {
+        /// Twice a pixel's darkness must exceed it for a stroke.
+        threshold: u32,
+    },
     /// ADE20K segmentation from a UperNet model.
     Segmentation,
     /// OpenPose skeletons and faces (A1111's `openpose`, `openpose_face`,
@@ -230,7 +236,8 @@ impl Preprocessor {
             | Preprocessor::TileResample { .. }
             | Preprocessor::Blur { .. }
             | Preprocessor::Invert
-            | Preprocessor::Recolor { .. } => None,
+            | Preprocessor::Recolor { .. }
+            | Preprocessor::ScribbleXdog { .. } => None,
             Preprocessor::Lineart => Some(DetectorNetwork::Lineart),
             Preprocessor::LineartAnime => Some(DetectorNetwork::LineartAnime),
             Preprocessor::Depth(_) => Some(DetectorNetwork::DepthAnything),
@@ -293,6 +300,9 @@ impl Preprocessor {
             (Preprocessor::TileResample { rate }, _) => image_filters::tile_resample(rgb, rate.0),
             (Preprocessor::Blur { sigma }, _) => Ok(image_filters::blur(rgb, sigma.0)),
             (Preprocessor::Invert, _) => Ok(image_filters::invert(rgb)),
+            (Preprocessor::ScribbleXdog { threshold }, _) => {
+                Ok(gray_to_rgb(xdog::xdog(rgb, threshold)))
+            }
             (Preprocessor::Recolor { lightness, gamma }, _) => {
                 Ok(gray_to_rgb(recolor::recolor(rgb, lightness, gamma.0)))
             }
