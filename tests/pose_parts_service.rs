@@ -326,3 +326,84 @@ async fn tiny_images_run_or_name_the_detect_resolution() {
     }
     assert!(ran >= 16, "{ran} ran");
 }
+
+/// Face and hand networks named in the request (`face_model`, `hand_model`) are used in
+/// place of the configured defaults, absent here; a name for a part the preprocessor does
+/// not draw, a file of another network and an unknown name are refused by field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn face_and_hand_networks_named_in_the_request_serve_or_are_refused_by_field() {
+    let (detectors, controlnets) = (detector_root(), controlnet_root());
+    let absent = [
+        ("SDXLD__PREPROCESSING__OPENPOSE_FACE_MODEL", "absent"),
+        ("SDXLD__PREPROCESSING__OPENPOSE_HAND_MODEL", "no_hands"),
+    ];
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &absent).await;
+    let named = |preprocessor: pb::Preprocessor, face: &str, hand: &str| pb::PreprocessRequest {
+        preprocessor_params: Some(pb::PreprocessorParams {
+            face_model: face.into(),
+            hand_model: hand.into(),
+            ..params(128, "").unwrap_or_default()
+        }),
+        ..request(preprocessor, "")
+    };
+    let full = server
+        .preprocess(named(
+            pb::Preprocessor::OpenposeFull,
+            "my_face",
+            "hand_pose_model",
+        ))
+        .await
+        .expect("the named networks");
+    assert_reference("named", &full.control_map, "service_square_full.png");
+    let face = server
+        .preprocess(named(pb::Preprocessor::OpenposeFaceonly, "my_face", ""))
+        .await
+        .expect("the named face network");
+    assert_reference(
+        "named face",
+        &face.control_map,
+        "service_square_faceonly.png",
+    );
+    let (face_field, hand_field) = (
+        "preprocessor_params.face_model",
+        "preprocessor_params.hand_model",
+    );
+    let invalid = [
+        (
+            named(pb::Preprocessor::Openpose, "my_face", ""),
+            vec![face_field],
+        ),
+        (
+            named(pb::Preprocessor::OpenposeFace, "my_face", "hand_pose_model"),
+            vec![hand_field],
+        ),
+        (
+            named(pb::Preprocessor::OpenposeFull, "hand_pose_model", "my_face"),
+            vec![face_field, hand_field],
+        ),
+        (
+            named(pb::Preprocessor::Canny, "", "hand_pose_model"),
+            vec![hand_field],
+        ),
+    ];
+    for (request, fields) in invalid {
+        let status = server.preprocess(request).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            common::server::violated_fields(&status),
+            fields,
+            "{status:?}"
+        );
+    }
+    let status = server
+        .preprocess(named(pb::Preprocessor::OpenposeFace, "no_such_face", ""))
+        .await
+        .expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    // Without a name the absent default is still the operator's to install.
+    let status = server
+        .preprocess(named(pb::Preprocessor::OpenposeHand, "", ""))
+        .await
+        .expect_err("no default");
+    assert_eq!(error_reason(&status).0, "PREPROCESSOR_MODEL_MISSING");
+}

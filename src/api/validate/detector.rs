@@ -40,6 +40,20 @@ impl Detectors<'_> {
                 .map_err(|e| deferred.missing(e))
                 .ok();
         }
+        let runs = |held| preprocessor.runs_on(held);
+        let described = preprocessor.networks_described();
+        self.named_file(requested, (field, runs, described), v, deferred)
+    }
+
+    /// The file a request names in `field`, holding a network `runs` takes (`described`
+    /// in the violation that refuses another).
+    fn named_file(
+        self,
+        requested: &str,
+        (field, runs, described): (&str, impl Fn(DetectorNetwork) -> bool, &str),
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<DetectorFile> {
         if !model_name(v, field, requested) {
             return None;
         }
@@ -52,7 +66,7 @@ impl Detectors<'_> {
             deferred,
         )?;
         match network_of(&model.path) {
-            Ok(held) if preprocessor.runs_on(held) => Some(DetectorFile {
+            Ok(held) if runs(held) => Some(DetectorFile {
                 model,
                 network: held,
             }),
@@ -60,9 +74,8 @@ impl Detectors<'_> {
                 v.add(
                     field,
                     format!(
-                        "`{requested}` holds the {} network; this preprocessor runs {}",
-                        held.name(),
-                        preprocessor.networks_described()
+                        "`{requested}` holds the {} network; this preprocessor runs {described}",
+                        held.name()
                     ),
                 );
                 None
@@ -72,6 +85,51 @@ impl Detectors<'_> {
                 None
             }
         }
+    }
+
+    /// The face and hand networks of `preprocessor` (`None` for a part it does not
+    /// draw): each the file a request names (`requested`, in `{p}.face_model` and
+    /// `{p}.hand_model`) or the configured default. A name for a part the preprocessor
+    /// does not draw is a violation of its field; a default not installed, a deferred
+    /// FAILED_PRECONDITION.
+    #[allow(clippy::type_complexity)]
+    pub fn parts_named(
+        self,
+        preprocessor: Preprocessor,
+        (face, hand): (&str, &str),
+        p: &str,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<(Option<DetectorFile>, Option<DetectorFile>)> {
+        let mut part = |network: Option<DetectorNetwork>, requested: &str, name: &str| {
+            let field = format!("{p}.{name}");
+            match (network, requested.is_empty()) {
+                (None, true) => Some(None),
+                (None, false) => {
+                    v.add(
+                        field,
+                        "applies to the OpenPose preprocessors that draw that part only",
+                    );
+                    None
+                }
+                (Some(n), false) => {
+                    let runs = |held| held == n;
+                    let file =
+                        self.named_file(requested, (&field, runs, n.described()), v, deferred);
+                    file.map(Some)
+                }
+                (Some(n), true) => match self.installed(n, |held| held == n, n.described()) {
+                    Ok(file) => Some(Some(file)),
+                    Err(missing) => {
+                        deferred.missing(missing);
+                        None
+                    }
+                },
+            }
+        };
+        let face = part(preprocessor.face_network(), face, "face_model");
+        let hand = part(preprocessor.hand_network(), hand, "hand_model");
+        Some((face?, hand?))
     }
 
     /// The configured default detector of `preprocessor`'s network, installed and holding

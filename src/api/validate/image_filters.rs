@@ -1,6 +1,6 @@
 //! The parameters of the preprocessors that only filter the image (tile resampling's
-//! rate, the blur's sigma, the recolor maps' gamma): each in its range, each for its own
-//! preprocessors, and a rate that leaves the detected image a pixel.
+//! rate, the blur's sigma, the recolor maps' gamma, XDoG's threshold): each in its range,
+//! each for its own preprocessors, and a rate that leaves the detected image a pixel.
 
 use crate::api::validate::fields::{float, read_by_any, Range, Violations};
 use crate::engine::preprocess::image_filters::{resampled_size, Param};

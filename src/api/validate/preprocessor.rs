@@ -62,7 +62,8 @@ pub struct Parameters {
     pub lines: LineThresholds,
     /// The steps soft edges are quantised in (`None`: the network's default).
     pub safe_steps: Option<u32>,
-    /// Tile resampling's rate, the blur's sigma and the recolor maps' gamma.
+    /// Tile resampling's rate, the blur's sigma, the recolor maps' gamma and XDoG's
+    /// threshold.
     pub filters: FilterParameters,
     /// LeReS depth's near and background cuts.
     pub depth: DepthCuts,
@@ -193,13 +194,9 @@ pub fn preprocessor(
         }
         None => None,
     };
-    let (face_detector, hand_detector) = match detectors.parts_for(preprocessor) {
-        Ok(parts) => parts,
-        Err(missing) => {
-            deferred.missing(missing);
-            return None;
-        }
-    };
+    let names = (params.face_model.as_str(), params.hand_model.as_str());
+    let (face_detector, hand_detector) =
+        detectors.parts_named(preprocessor, names, &p, v, deferred)?;
     if let (Some(entry), Some(None), Some(size)) = (&detector, detect_resolution, image_size) {
         own_size_sides(&p, entry, size, v);
     }
