@@ -459,6 +459,46 @@ def test_python_client_zoedepth_as_zoe_detector_maps_it(stubs, server):
     assert len(np.unique(got)) > 16 and difference.max() <= 1 and (difference > 0).mean() <= 0.02
 
 
+def test_python_client_leres_as_leres_detector_maps_it(stubs, server):
+    """A LeReS network saved by torch.save as the published res101.pth is, converted by
+    `sdxld convert` and named in the request with a near and a background cut: a 96x64
+    drawing's map at 128 equals controlnet_aux's LeresDetector (a level apart on at most
+    1 % of pixels); cuts with another preprocessor are refused naming the field."""
+    import sys
+
+    import numpy as np
+    import torch
+    from controlnet_aux.leres import LeresDetector
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_leres_fixtures import leres_model
+
+    model, _ = leres_model("plain")
+    checkpoint = server.preprocessor_root.parent / "res101.pth"
+    torch.save({"depth_model": {f"module.{k}": v for k, v in model.state_dict().items()}}, checkpoint)
+    converted = server.preprocessor_root / "res101.safetensors"
+    subprocess.run([os.environ["SDXLD_BIN"], "convert", str(checkpoint), str(converted)], check=True)
+    pixels = np.full((64, 96, 3), 230, dtype=np.uint8)
+    pixels[10:50, 20:70] = (40, 120, 200)
+    pixels[30:60, 50:90] = (200, 60, 20)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(model="res101", detect_resolution=128, remove_near=20.0, remove_background=10.0)
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_DEPTH, preprocessor_params=params))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L")).astype(int)
+    expected = LeresDetector(model, None)(pixels, thr_a=20.0, thr_b=10.0, detect_resolution=128, image_resolution=128, output_type="np")
+    expected = expected[:, :, 0].astype(int)
+    assert (reply.width, reply.height) == (192, 128) and got.shape == expected.shape
+    difference = np.abs(got - expected)
+    assert len(np.unique(got)) > 16 and (difference > 1).mean() <= 0.01
+    params = stubs.gen.PreprocessorParams(remove_near=20.0)
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_CANNY, preprocessor_params=params))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.remove_near"]
+
+
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
     """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
     equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),
