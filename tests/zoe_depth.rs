@@ -228,3 +228,37 @@ fn in_bfloat16_the_map_stays_near_the_float32_one() {
     // 3.6 levels here (4.5 with the distribution in bfloat16 too).
     assert!(mean < 6.0, "bfloat16 maps {mean} levels away on average");
 }
+
+#[test]
+fn a_stop_before_the_mirrored_pass_ends_the_map_there() {
+    use sdxld::engine::error::EngineError;
+    use sdxld::engine::preprocess::leres::DepthCuts;
+    use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
+    let dir = zoe_fixtures().join("zoe").join("nyu");
+    let detector = Detector::load(&dir, Device::Cpu, Kind::Float).expect("load");
+    let photo = image::open(zoe_fixtures().join("images/photo.png")).expect("photo");
+    let depth = Preprocessing {
+        preprocessor: Preprocessor::Depth(DepthCuts::NONE),
+        detect_resolution: None,
+    };
+    let networks = Networks::detector(Some(&detector));
+    // Told to stop after the first pass: the second never runs.
+    let mut asked = 0;
+    let stopped = depth.run_interruptible(&photo, networks, &mut || {
+        asked += 1;
+        Err(EngineError::Internal("stop".into()))
+    });
+    assert!(stopped.is_err());
+    assert_eq!(asked, 1);
+    // Let through: the one check, and the map of both passes.
+    let mut asked = 0;
+    let map = depth
+        .run_interruptible(&photo, networks, &mut || {
+            asked += 1;
+            Ok(())
+        })
+        .expect("a map");
+    assert_eq!(asked, 1);
+    let whole = load("nyu").detect(&photo.to_rgb8()).expect("detect");
+    assert!(map.pixels().zip(whole.pixels()).all(|(m, w)| m[0] == w[0]));
+}

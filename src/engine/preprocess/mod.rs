@@ -320,13 +320,7 @@ impl Preprocessor {
                 ))),
             },
             (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks, between_passes),
-            (Preprocessor::Depth(cuts), _) if cuts != leres::DepthCuts::NONE => match detector {
-                Some(Detector::Leres(network)) => Ok(gray_to_rgb(network.detect(rgb, cuts)?)),
-                other => Err(EngineError::Internal(format!(
-                    "depth cuts were handed {:?}",
-                    other.map(Detector::network)
-                ))),
-            },
+            (Preprocessor::Depth(cuts), _) => depth_map(rgb, cuts, detector, between_passes),
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(
@@ -349,6 +343,27 @@ impl Preprocessor {
                 ))),
             },
         }
+    }
+}
+
+/// The depth map of `detector` (LeReS's with its `cuts`; ZoeDepth's with
+/// `between_passes` before its mirrored pass).
+fn depth_map(
+    rgb: &RgbImage,
+    cuts: leres::DepthCuts,
+    detector: Option<&Detector>,
+    between_passes: &mut dyn FnMut() -> Result<()>,
+) -> Result<RgbImage> {
+    match detector {
+        Some(Detector::Leres(network)) => Ok(gray_to_rgb(network.detect(rgb, cuts)?)),
+        Some(Detector::Zoe(network)) if cuts == leres::DepthCuts::NONE => {
+            Ok(gray_to_rgb(network.detect_between(rgb, between_passes)?))
+        }
+        Some(network @ Detector::Depth(_)) if cuts == leres::DepthCuts::NONE => network.detect(rgb),
+        other => Err(EngineError::Internal(format!(
+            "the depth preprocessor with {cuts:?} was handed {:?}",
+            other.map(Detector::network)
+        ))),
     }
 }
 

@@ -215,9 +215,20 @@ impl ZoeDetector {
     /// The metric depth [H, W] (float32) of an RGB image at its size: the mirrored pass
     /// averaged in, resized back with the padding removed.
     pub fn depth(&self, image: &RgbImage) -> Result<Tensor> {
+        self.depth_between(image, &mut || Ok(()))
+    }
+
+    /// [`ZoeDetector::depth`] with `between_passes` run before the mirrored pass; its
+    /// error stops the work there.
+    pub fn depth_between(
+        &self,
+        image: &RgbImage,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
         let (width, height) = (i64::from(image.width()), i64::from(image.height()));
         let pixels = self.input(image)?;
         let depth = self.network.forward(&pixels);
+        between_passes()?;
         let mirrored = self.network.forward(&pixels.flip([3]));
         let depth = ((depth + mirrored.flip([-1])) / 2.0).to_device(Device::Cpu);
         let (rows, columns) = self.processor.padding(height, width);
@@ -232,7 +243,16 @@ impl ZoeDetector {
 
     /// The 8-bit depth map of an RGB image, at its size (near is white).
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
-        let depth = self.depth(image)?;
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`ZoeDetector::detect`] with `between_passes` run before the mirrored pass.
+    pub fn detect_between(
+        &self,
+        image: &RgbImage,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<GrayImage> {
+        let depth = self.depth_between(image, between_passes)?;
         let values = Vec::<f32>::try_from(depth.contiguous().view(-1))?;
         GrayImage::from_raw(image.width(), image.height(), percentile_map(&values))
             .ok_or_else(|| EngineError::Internal("a depth map of the wrong size".into()))
