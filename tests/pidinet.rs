@@ -3,7 +3,7 @@
 //! stored under `module.`; one with attention only; one with neither module): the five
 //! sigmoid outputs within 1e-3 at three sizes (odd ones pooled down and brought back),
 //! `PidiNetDetector`'s soft edges and scribbles through the soft-edge and scribble
-//! preprocessors, and over gRPC a PiDiNet file serving the soft-edge preprocessor by
+//! preprocessors, its `apply_filter` sketches through the sketch preprocessor, and over gRPC a PiDiNet file serving the soft-edge preprocessor by
 //! name while the line-art preprocessor refuses it.
 
 mod common;
@@ -111,6 +111,38 @@ fn soft_edges_and_scribbles_equal_pidinet_detector() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn sketches_are_the_edges_above_one_half() {
+    // PidiNetDetector's apply_filter keeps an edge probability above 0.5: white exactly
+    // where the reference's soft map is 128 or more (v × 255 truncated), black where it
+    // is 126 or less; a level either side of the half may fall either way.
+    let photo = image::open(detector_fixtures().join("images/photo.png")).expect("photo");
+    for name in MODELS {
+        let detector = Detector::load(&path(name), Device::Cpu, Kind::Float).expect("load");
+        let sketch = Preprocessing {
+            preprocessor: Preprocessor::Sketch,
+            detect_resolution: Some(64),
+        };
+        let got = sketch
+            .run(&photo, Networks::detector(Some(&detector)))
+            .expect("a sketch");
+        let got = image::DynamicImage::ImageRgb8(got).to_luma8();
+        let soft = reference(&format!("{name}_map"));
+        assert_eq!(got.dimensions(), soft.dimensions(), "{name}");
+        let mut white = 0;
+        for (g, s) in got.iter().zip(soft.iter()) {
+            assert!(*g == 0 || *g == 255, "{name}: black and white");
+            match s {
+                0..=126 => assert_eq!(*g, 0, "{name}: soft {s}"),
+                129..=255 => assert_eq!(*g, 255, "{name}: soft {s}"),
+                _ => {}
+            }
+            white += usize::from(*g == 255);
+        }
+        assert!(white > 0 && white < got.len(), "{name}: {white} white");
     }
 }
 
@@ -230,6 +262,22 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         let entry = format!("Module: {module}, Processor Res: 64,");
         assert!(parameters.contains(&entry), "{parameters}");
     }
+    // Sketches: the edges above one half in black and white; a unit records A1111's
+    // module for them.
+    let sketch = client
+        .preprocess(request(pb::Preprocessor::Sketch))
+        .await
+        .expect("a sketch")
+        .into_inner();
+    let sketch = image::load_from_memory(&sketch.control_map)
+        .expect("png")
+        .to_luma8();
+    assert!(sketch.iter().all(|&v| v == 0 || v == 255));
+    assert!(sketch.contains(&255));
+    let params = request(pb::Preprocessor::Sketch).preprocessor_params;
+    let parameters = unit_parameters(&server, pb::Preprocessor::Sketch, &photo, params).await;
+    let entry = "Module: t2ia_sketch_pidi, Processor Res: 64,";
+    assert!(parameters.contains(entry), "{parameters}");
     let listed = server.list_models(pb::ModelKind::Preprocessor).await;
     let entry = listed
         .iter()

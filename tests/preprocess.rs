@@ -474,6 +474,7 @@ mod over_grpc {
                 pb::Preprocessor::RecolorLuminance as i32,
                 pb::Preprocessor::RecolorIntensity as i32,
                 pb::Preprocessor::ScribbleXdog as i32,
+                pb::Preprocessor::Sketch as i32,
             ]
         );
         // No detectors here: the network preprocessors are listed, not ready.
@@ -486,7 +487,7 @@ mod over_grpc {
             ready,
             [
                 true, true, false, false, false, false, false, false, false, false, false, true,
-                false, true, true, true, false, false, false, false, true, true, true
+                false, true, true, true, false, false, false, false, true, true, true, false
             ]
         );
     }

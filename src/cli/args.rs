@@ -180,7 +180,7 @@ pub struct GenerateArgs {
     /// mode=balanced|guess, resize=just|crop|fill, preprocessor=none|canny|depth|openpose|
     /// openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|
     /// segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|
-    /// tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog,
+    /// tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog|sketch,
     /// detector (the
     /// preprocessor network's file; the face and hand networks are facenet.safetensors
     /// and hand_pose_model.safetensors beside it), low, high (Canny), score, distance

@@ -8,7 +8,7 @@ use sdxld::proto::v1 as pb;
 
 /// The keys a `--controlnet` value may carry after the folder and the image.
 pub const KEYS: &str = "scale, start, end, mode (balanced|guess), resize (just|crop|fill), \
-preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog), detector (a preprocessor network's \
+preprocessor (none|canny|depth|openpose|openpose_face|openpose_faceonly|openpose_hand|openpose_full|scribble|normal|segmentation|lineart|lineart_anime|softedge|mlsd|lineart_standard|anyline|tile_resample|blur|invert|recolor_luminance|recolor_intensity|scribble_xdog|sketch), detector (a preprocessor network's \
 .safetensors file or model folder; the face and hand networks of the openpose_face, _faceonly, _hand and _full maps are `facenet.safetensors` and `hand_pose_model.safetensors` in the same folder), low, high (Canny), score, distance (M-LSD), safe (the steps soft edges are quantised in: 0 or 2), rate (tile_resample's down-sampling rate), sigma (blur), gamma (recolor_luminance and recolor_intensity), xdog (scribble_xdog's threshold), near, background (a LeReS depth detector's cuts, in %), resolution (detection), pixel_perfect (true|false: the detection resolution that fits the output), type (union models: openpose|depth|hed|canny|normal|segment|tile|repaint)";
 
 /// A union model's control types by their CLI names (the contract's `ControlType`).
@@ -115,6 +115,7 @@ fn set(unit: &mut pb::ControlNetUnit, pair: &str) -> anyhow::Result<()> {
                 ("recolor_luminance", 21),
                 ("recolor_intensity", 22),
                 ("scribble_xdog", 23),
+                ("sketch", 24),
             ];
             unit.preprocessor = named(key, value, &names)?;
         }

@@ -299,6 +299,7 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         }
         Some(Preprocessor::SoftEdge { .. }) => format!("softedge_{edges}"),
         Some(Preprocessor::Scribble) => format!("scribble_{edges}"),
+        Some(Preprocessor::Sketch) => "t2ia_sketch_pidi".to_string(),
         Some(Preprocessor::ScribbleXdog { threshold }) => {
             format!("scribble_xdog, Threshold A: {threshold}")
         }

@@ -499,6 +499,34 @@ def test_python_client_leres_as_leres_detector_maps_it(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["preprocessor_params.remove_near"]
 
 
+def test_python_client_sketch_as_pidinet_detector_filters_it(stubs, server):
+    """PREPROCESSOR_SKETCH on a PiDiNet file named in the request: a 192x128 photograph's
+    map equals controlnet_aux's PidiNetDetector with apply_filter=True (on at most one
+    pixel in a hundred apart)."""
+    import sys
+
+    import numpy as np
+    from controlnet_aux.pidi import PidiNetDetector
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_detector_fixtures import pidinet_model
+
+    model = pidinet_model("plain")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(server.preprocessor_root / "sketch_pidinet.safetensors"))
+    rng = np.random.default_rng(14)
+    pixels = np.kron(rng.integers(0, 256, (16, 24, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    params = stubs.gen.PreprocessorParams(detect_resolution=128, model="sketch_pidinet")
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(image=data.getvalue(), preprocessor=stubs.gen.PREPROCESSOR_SKETCH, preprocessor_params=params))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("L"))
+    expected = PidiNetDetector(model)(pixels, detect_resolution=128, image_resolution=128, apply_filter=True, output_type="np")[:, :, 0]
+    assert (reply.width, reply.height) == (192, 128)
+    assert set(np.unique(got)) <= {0, 255} and (got == 255).any() and (got != expected).mean() <= 0.01
+
+
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
     """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
     equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),

@@ -386,6 +386,7 @@ fn implied_type(preprocessor: i32) -> Option<ControlType> {
         | pb::Preprocessor::OpenposeFull => Some(ControlType::OpenPose),
         pb::Preprocessor::Scribble
         | pb::Preprocessor::ScribbleXdog
+        | pb::Preprocessor::Sketch
         | pb::Preprocessor::Softedge
         | pb::Preprocessor::Anyline => Some(ControlType::HedScribble),
         pb::Preprocessor::Normal => Some(ControlType::Normal),

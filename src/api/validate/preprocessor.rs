@@ -27,7 +27,7 @@ const MAX_LINE_DISTANCE: f64 = 20.0;
 const MAX_SAFE_STEPS: u32 = 10;
 
 /// The preprocessors implemented, as the capabilities list them.
-pub const IMPLEMENTED: [pb::Preprocessor; 23] = [
+pub const IMPLEMENTED: [pb::Preprocessor; 24] = [
     pb::Preprocessor::None,
     pb::Preprocessor::Canny,
     pb::Preprocessor::Depth,
@@ -51,6 +51,7 @@ pub const IMPLEMENTED: [pb::Preprocessor; 23] = [
     pb::Preprocessor::RecolorLuminance,
     pb::Preprocessor::RecolorIntensity,
     pb::Preprocessor::ScribbleXdog,
+    pb::Preprocessor::Sketch,
 ];
 
 /// The parameters the preprocessors read, checked.
@@ -128,6 +129,7 @@ pub fn domain(kind: pb::Preprocessor, parameters: Parameters) -> Option<Preproce
         pb::Preprocessor::ScribbleXdog => Some(Preprocessor::ScribbleXdog {
             threshold: parameters.filters.xdog_threshold,
         }),
+        pb::Preprocessor::Sketch => Some(Preprocessor::Sketch),
     }
 }
 

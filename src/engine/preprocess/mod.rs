@@ -187,6 +187,8 @@ pub enum Preprocessor {
     },
     /// Scribbles: HED's soft edges thinned, spread and thresholded.
     Scribble,
+    /// A1111's `t2ia_sketch_pidi`: PiDiNet's edges above one half, for sketch adapters.
+    Sketch,
     /// A1111's `scribble_xdog`: scribbles from a difference of Gaussians (no network).
     ScribbleXdog {
         /// Twice a pixel's darkness must exceed it for a stroke.
@@ -247,6 +249,7 @@ impl Preprocessor {
             Preprocessor::Normal => Some(DetectorNetwork::NormalBae),
             Preprocessor::Mlsd(_) => Some(DetectorNetwork::Mlsd),
             Preprocessor::Anyline => Some(DetectorNetwork::Teed),
+            Preprocessor::Sketch => Some(DetectorNetwork::PiDiNet),
         }
     }
 
@@ -321,6 +324,13 @@ impl Preprocessor {
             },
             (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks, between_passes),
             (Preprocessor::Depth(cuts), _) => depth_map(rgb, cuts, detector, between_passes),
+            (Preprocessor::Sketch, _) => match detector {
+                Some(Detector::PiDiNet(network)) => Ok(gray_to_rgb(network.detect_filtered(rgb)?)),
+                other => Err(EngineError::Internal(format!(
+                    "the sketch preprocessor was handed {:?}",
+                    other.map(Detector::network)
+                ))),
+            },
             (Preprocessor::Mlsd(thresholds), _) => match detector {
                 Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
                 other => Err(EngineError::Internal(format!(

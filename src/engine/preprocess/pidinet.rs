@@ -378,6 +378,24 @@ impl PiDiNet {
 
     /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all).
     pub fn detect_levels(&self, image: &RgbImage, safe_steps: u32) -> Result<GrayImage> {
+        self.edge_map(image, |v| {
+            if safe_steps > 0 {
+                super::hed::safe_level(v, safe_steps)
+            } else {
+                (v * 255.0).clamp(0.0, 255.0) as u8
+            }
+        })
+    }
+
+    /// The sketch map (`PidiNetDetector` with `apply_filter=True`, A1111's
+    /// `t2ia_sketch_pidi`): an edge probability above 0.5 white, the rest black.
+    pub fn detect_filtered(&self, image: &RgbImage) -> Result<GrayImage> {
+        self.edge_map(image, |v| if v > 0.5 { 255 } else { 0 })
+    }
+
+    /// The fused edge probabilities of an RGB image (BGR over 255, as the detector feeds
+    /// them), each made a byte by `level`.
+    fn edge_map(&self, image: &RgbImage, level: impl Fn(f32) -> u8) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let bgr: Vec<u8> = image.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
         let pixels = Tensor::from_slice(&bgr)
@@ -389,16 +407,7 @@ impl PiDiNet {
             .last()
             .ok_or_else(|| EngineError::Internal("PiDiNet without outputs".into()))?;
         let values = Vec::<f32>::try_from(fused.to_device(Device::Cpu).contiguous().view(-1))?;
-        let map = values
-            .into_iter()
-            .map(|v| {
-                if safe_steps > 0 {
-                    super::hed::safe_level(v, safe_steps)
-                } else {
-                    (v * 255.0).clamp(0.0, 255.0) as u8
-                }
-            })
-            .collect();
+        let map = values.into_iter().map(level).collect();
         GrayImage::from_raw(width, height, map)
             .ok_or_else(|| EngineError::Internal("an edge map of the wrong size".into()))
     }
