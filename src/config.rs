@@ -200,6 +200,8 @@ pub struct PreprocessingSettings {
     pub mlsd_model: String,
     /// Anyline's TEED network's model name (MistoLine's MTEED); "" for none.
     pub anyline_model: String,
+    /// The PiDiNet network sketches are filtered from; "" for none.
+    pub sketch_model: String,
 }
 
 impl PreprocessingSettings {
@@ -215,9 +217,10 @@ impl PreprocessingSettings {
             | DetectorNetwork::Dpt
             | DetectorNetwork::ZoeDepth
             | DetectorNetwork::Leres => ("preprocessing.depth_model", &self.depth_model),
-            DetectorNetwork::Hed | DetectorNetwork::PiDiNet => {
-                ("preprocessing.hed_model", &self.hed_model)
-            }
+            // Soft edges and scribbles take a PiDiNet file in HED's place; sketches run
+            // PiDiNet itself.
+            DetectorNetwork::Hed => ("preprocessing.hed_model", &self.hed_model),
+            DetectorNetwork::PiDiNet => ("preprocessing.sketch_model", &self.sketch_model),
             // Soft edges take a TEED file in HED's place; only Anyline runs TEED itself.
             DetectorNetwork::Teed => ("preprocessing.anyline_model", &self.anyline_model),
             DetectorNetwork::UperNet => {
@@ -238,7 +241,7 @@ impl PreprocessingSettings {
     }
 
     /// Every default, with its key.
-    fn all(&self) -> [(&'static str, &str); 11] {
+    fn all(&self) -> [(&'static str, &str); 12] {
         [
             DetectorNetwork::Lineart,
             DetectorNetwork::LineartAnime,
@@ -251,6 +254,7 @@ impl PreprocessingSettings {
             DetectorNetwork::NormalBae,
             DetectorNetwork::Mlsd,
             DetectorNetwork::Teed,
+            DetectorNetwork::PiDiNet,
         ]
         .map(|network| self.default_detector(network))
     }

@@ -1,7 +1,8 @@
 //! Depth Anything and DPT against transformers on random weights built by
-//! `tests/fixtures/make_detector_fixtures.py`: two Depth Anything configurations (a
+//! `tests/fixtures/make_detector_fixtures.py`: three Depth Anything configurations (a
 //! V2-like model stored under the published checkpoints' tensor names; a SwiGLU,
-//! metric-depth model reading other layers) at square and oblong patch grids, and two DPT
+//! metric-depth model reading other layers; a V1-like model reading the last four) at
+//! square and oblong patch grids, and two DPT
 //! ones (readout projected as Intel/dpt-large, its processor config in the old style;
 //! readout added with batch norms in the fusion) at square grids, odd ones included, the
 //! stored position grid and others, and two DPT-Hybrid ones (a BiT backbone as
@@ -14,13 +15,15 @@ mod common;
 
 use common::{assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::depth::DepthDetector;
+use sdxld::engine::preprocess::depth_anything::{version_of, DepthAnythingVersion};
 use sdxld::engine::preprocess::detector::{network_of, DetectorNetwork};
 use tch::{Device, Kind};
 
 /// (fixture folder, model, network).
-const MODELS: [(&str, &str, DetectorNetwork); 6] = [
+const MODELS: [(&str, &str, DetectorNetwork); 7] = [
     ("depth", "small", DetectorNetwork::DepthAnything),
     ("depth", "swiglu", DetectorNetwork::DepthAnything),
+    ("depth", "first", DetectorNetwork::DepthAnything),
     ("dpt", "project", DetectorNetwork::Dpt),
     ("dpt", "add", DetectorNetwork::Dpt),
     ("dpt", "hybrid", DetectorNetwork::Dpt),
@@ -44,6 +47,20 @@ fn depth_anything_equals_transformers() {
         // DPT-Hybrid takes its image_size only: two inputs of it.
         assert!(cases >= 2, "{name}: several inputs");
         assert_io_cases(name, &io, cases, |x| detector.network().forward(x));
+    }
+}
+
+#[test]
+fn depth_anything_folders_are_told_apart_by_the_layers_their_neck_reads() {
+    // The last four layers read: the first version; layers spread over the depth, or a
+    // metric head (which only the second has): the second.
+    for (name, version) in [
+        ("first", DepthAnythingVersion::First),
+        ("small", DepthAnythingVersion::Second),
+        ("swiglu", DepthAnythingVersion::Second),
+    ] {
+        let dir = detector_fixtures().join("depth").join(name);
+        assert_eq!(version_of(&dir).expect("a config"), version, "{name}");
     }
 }
 

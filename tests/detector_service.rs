@@ -43,6 +43,7 @@ fn detector_root() -> tempfile::TempDir {
     // Depth Anything and UperNet folders under the defaults' names, repository paths.
     for (from, name) in [
         ("depth/small", DEPTH_MODEL),
+        ("depth/first", DEPTH_V1_MODEL),
         ("segment/small", SEGMENT_MODEL),
         ("dpt/project", "Intel/dpt-large"),
         ("dpt/hybrid", "Intel/dpt-hybrid-midas"),
@@ -71,6 +72,8 @@ fn detector_root() -> tempfile::TempDir {
 
 /// The depth preprocessor's default detector name.
 const DEPTH_MODEL: &str = "depth-anything/Depth-Anything-V2-Small-hf";
+/// A Depth Anything V1 folder's name.
+const DEPTH_V1_MODEL: &str = "LiheYoung/depth-anything-small-hf";
 /// A ZoeDepth folder's name.
 const ZOE_MODEL: &str = "Intel/zoedepth-nyu";
 /// The segmentation preprocessor's default detector name.
@@ -420,6 +423,13 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
     assert!(parameters.contains(entry), "{parameters}");
     // From a ZoeDepth model: A1111's depth_zoe, its map ZoeDetector's.
     let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, ZOE_MODEL);
+    // From Depth Anything's first version (the neck reads the last four layers): A1111's
+    // depth_anything, where the default folder's second version is depth_anything_v2.
+    let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, DEPTH_V1_MODEL);
+    let response = server.images(spec).await.expect("depth anything v1 unit");
+    let parameters = common::png_parameters(&response.images[0].data);
+    let entry = "Module: depth_anything, Processor Res: 64, Model: lines_xl";
+    assert!(parameters.contains(entry), "{parameters}");
     let response = server.images(spec).await.expect("zoe unit");
     let parameters = common::png_parameters(&response.images[0].data);
     let entry = "Module: depth_zoe, Processor Res: 64, Model: lines_xl";

@@ -275,6 +275,41 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
     assert!(sketch.iter().all(|&v| v == 0 || v == 255));
     assert!(sketch.contains(&255));
     let params = request(pb::Preprocessor::Sketch).preprocessor_params;
+    // The file is also the default preprocessing.sketch_model: a request naming none
+    // gets the same sketch; the capabilities list sketches ready under that key, soft
+    // edges still under HED's.
+    let mut unnamed = request(pb::Preprocessor::Sketch);
+    if let Some(params) = unnamed.preprocessor_params.as_mut() {
+        params.model.clear();
+    }
+    let by_default = client
+        .preprocess(unnamed)
+        .await
+        .expect("a sketch from the default")
+        .into_inner();
+    let by_default = image::load_from_memory(&by_default.control_map)
+        .expect("png")
+        .to_luma8();
+    assert_eq!(by_default, sketch);
+    let support = server.capabilities().await.preprocessor_support;
+    let listed = |kind: pb::Preprocessor| {
+        support
+            .iter()
+            .find(|s| s.preprocessor == kind as i32)
+            .unwrap_or_else(|| panic!("{kind:?} listed"))
+            .clone()
+    };
+    let sketches = listed(pb::Preprocessor::Sketch);
+    assert!(sketches.ready, "{sketches:?}");
+    assert_eq!(
+        (
+            sketches.config_key.as_str(),
+            sketches.default_model.as_str()
+        ),
+        ("preprocessing.sketch_model", "table5_pidinet")
+    );
+    let soft_edges = listed(pb::Preprocessor::Softedge);
+    assert_eq!(soft_edges.config_key, "preprocessing.hed_model");
     let parameters = unit_parameters(&server, pb::Preprocessor::Sketch, &photo, params).await;
     let entry = "Module: t2ia_sketch_pidi, Processor Res: 64,";
     assert!(parameters.contains(entry), "{parameters}");
@@ -285,4 +320,36 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         .expect("listed");
     let network = entry.preprocessor.as_ref().map(|p| p.network.as_str());
     assert_eq!(network, Some("pidinet"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sketch_default_of_another_network_is_the_configurations_fault() {
+    use sdxld::proto::v1 as pb;
+    use tonic_types::StatusExt;
+    // A HED file under the sketch default's name.
+    let hed = detector_fixtures().join("hed/full.safetensors");
+    let (server, _roots) = server_with_detector(&hed, "table5_pidinet", &[]).await;
+    let photo = std::fs::read(detector_fixtures().join("images/photo.png")).expect("photo");
+    let mut client = server.generation().await;
+    let status = client
+        .preprocess(pb::PreprocessRequest {
+            image: photo,
+            preprocessor: pb::Preprocessor::Sketch as i32,
+            preprocessor_params: Some(pb::PreprocessorParams {
+                detect_resolution: 64,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("sketches from HED");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "PREPROCESSOR_MODEL_MISMATCH");
+    assert_eq!(info.metadata["config_key"], "preprocessing.sketch_model");
+    let support = server.capabilities().await.preprocessor_support;
+    let sketches = support
+        .iter()
+        .find(|s| s.preprocessor == pb::Preprocessor::Sketch as i32)
+        .expect("sketches listed");
+    assert!(!sketches.ready, "{sketches:?}");
 }

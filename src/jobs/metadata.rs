@@ -3,6 +3,7 @@
 
 use crate::engine::control::{ControlMode, ResizeMode};
 use crate::engine::hires::Enlarge;
+use crate::engine::preprocess::depth_anything::DepthAnythingVersion;
 use crate::engine::preprocess::detector::{DetectorNetwork, TEED_SAFE_STEPS};
 use crate::engine::preprocess::pose::PoseParts;
 use crate::engine::preprocess::recolor::Lightness;
@@ -260,11 +261,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
     let settings = &unit.unit;
     let first = unit.inputs.first().map(|i| i.preprocessing);
     // Depth, soft edges and scribbles name the network that drew them.
-    let network = unit
-        .inputs
-        .first()
-        .and_then(|i| i.detector.as_ref())
-        .map(|d| d.network);
+    let detector = unit.inputs.first().and_then(|i| i.detector.as_ref());
+    let network = detector.map(|d| d.network);
+    let depth_anything = detector.and_then(|d| d.depth_anything);
     let (edges, safe_edges) = match network {
         Some(DetectorNetwork::PiDiNet) => ("pidinet", "pidisafe"),
         _ => ("hed", "hedsafe"),
@@ -287,6 +286,9 @@ fn controlnet_entry(unit: &ControlNetJob, hash: &str) -> String {
         Some(Preprocessor::Depth(cuts)) if network == Some(DetectorNetwork::Leres) => {
             let (near, background) = (cuts.near.0, cuts.background.0);
             format!("depth_leres, Threshold A: {near}, Threshold B: {background}")
+        }
+        Some(Preprocessor::Depth(_)) if depth_anything == Some(DepthAnythingVersion::First) => {
+            "depth_anything".to_string()
         }
         Some(Preprocessor::Depth(_)) => "depth_anything_v2".to_string(),
         // A1111's TEED module takes its safe steps as Threshold A.

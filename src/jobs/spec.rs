@@ -7,6 +7,7 @@ use image::DynamicImage;
 use crate::engine::control::{ControlUnit, ResizeMode};
 use crate::engine::hires::HiresParams;
 use crate::engine::pipeline::{GenerateParams, RefinerParams};
+use crate::engine::preprocess::depth_anything::DepthAnythingVersion;
 use crate::engine::preprocess::detector::DetectorNetwork;
 use crate::engine::preprocess::Preprocessing;
 use crate::engine::registry::ModelEntry;
@@ -92,6 +93,8 @@ pub struct DetectorFile {
     pub model: ModelEntry,
     /// The network it holds.
     pub network: DetectorNetwork,
+    /// Which Depth Anything, for a Depth Anything folder (A1111 names the two apart).
+    pub depth_anything: Option<DepthAnythingVersion>,
 }
 
 /// A conditioning image of a ControlNet unit and its preprocessor.

@@ -8,9 +8,10 @@ use crate::api::validate::model::named;
 use crate::api::validate::Deferred;
 use crate::config::PreprocessingSettings;
 use crate::engine::error::EngineError;
+use crate::engine::preprocess::depth_anything;
 use crate::engine::preprocess::detector::{network_of, DetectorNetwork};
 use crate::engine::preprocess::Preprocessor;
-use crate::engine::registry::{ModelKind, Registry, RegistryError};
+use crate::engine::registry::{ModelEntry, ModelKind, Registry, RegistryError};
 use crate::jobs::spec::DetectorFile;
 use crate::jobs::JobError;
 
@@ -66,10 +67,9 @@ impl Detectors<'_> {
             deferred,
         )?;
         match network_of(&model.path) {
-            Ok(held) if runs(held) => Some(DetectorFile {
-                model,
-                network: held,
-            }),
+            Ok(held) if runs(held) => detector_file(model, held)
+                .map_err(|e| deferred.missing(unreadable(e)))
+                .ok(),
             Ok(held) => {
                 v.add(
                     field,
@@ -192,10 +192,7 @@ impl Detectors<'_> {
             Err(e) => return Err(e.into()),
         };
         match network_of(&model.path) {
-            Ok(held) if accepts(held) => Ok(DetectorFile {
-                model,
-                network: held,
-            }),
+            Ok(held) if accepts(held) => detector_file(model, held).map_err(unreadable),
             Ok(held) => Err(ApiError::PreprocessorModelMismatch {
                 key,
                 name: name.to_string(),
@@ -205,6 +202,19 @@ impl Detectors<'_> {
             Err(e) => Err(unreadable(e)),
         }
     }
+}
+
+/// `model` as the detector file of `network`, with what the job records of it.
+fn detector_file(model: ModelEntry, network: DetectorNetwork) -> Result<DetectorFile, EngineError> {
+    let depth_anything = match network {
+        DetectorNetwork::DepthAnything => Some(depth_anything::version_of(&model.path)?),
+        _ => None,
+    };
+    Ok(DetectorFile {
+        model,
+        network,
+        depth_anything,
+    })
 }
 
 /// A detector file that cannot be read, as the engine would report it on loading.

@@ -72,6 +72,36 @@ impl DepthAnythingConfig {
     }
 }
 
+/// Which Depth Anything a model folder holds. transformers' configs carry no version;
+/// the versions differ in the backbone layers the neck reads: the first reads the last
+/// four, the second spreads them over the depth (2, 5, 8, 11 of twelve), and metric heads
+/// exist only for the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepthAnythingVersion {
+    First,
+    Second,
+}
+
+impl DepthAnythingConfig {
+    /// The version these sizes are of.
+    pub fn version(&self) -> DepthAnythingVersion {
+        let layers = self.backbone_config.num_hidden_layers;
+        let last_four: Vec<i64> = (layers - 3..=layers).collect();
+        let reads_last_four = self.backbone_config.out_indices.as_ref() == Some(&last_four);
+        if reads_last_four && self.depth_estimation_type != "metric" {
+            DepthAnythingVersion::First
+        } else {
+            DepthAnythingVersion::Second
+        }
+    }
+}
+
+/// The version of the Depth Anything model folder at `dir`.
+pub fn version_of(dir: &Path) -> Result<DepthAnythingVersion> {
+    let config: DepthAnythingConfig = crate::engine::files::read_json(&dir.join("config.json"))?;
+    Ok(config.version())
+}
+
 /// A pre-activation residual unit.
 struct Residual {
     conv1: Conv2d,
@@ -256,5 +286,39 @@ impl DepthAnything {
             fused.push(layer.projection.forward(&x));
         }
         fused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layers: i64, out_indices: &[i64], kind: &str) -> DepthAnythingConfig {
+        serde_json::from_value(serde_json::json!({
+            "backbone_config": {"num_hidden_layers": layers, "out_indices": out_indices},
+            "depth_estimation_type": kind,
+        }))
+        .expect("a config")
+    }
+
+    #[test]
+    fn the_published_configs_tell_their_version() {
+        use DepthAnythingVersion::{First, Second};
+        // LiheYoung/depth-anything-{small,base,large}-hf and depth-anything/
+        // Depth-Anything-V2-{Small,Base,Large,Metric-Indoor-Small}-hf.
+        for (layers, indices, kind, version) in [
+            (12, [9, 10, 11, 12], "relative", First),
+            (24, [21, 22, 23, 24], "relative", First),
+            (12, [3, 6, 9, 12], "relative", Second),
+            (24, [5, 12, 18, 24], "relative", Second),
+            (40, [10, 20, 30, 40], "relative", Second),
+            (12, [3, 6, 9, 12], "metric", Second),
+        ] {
+            let c = config(layers, &indices, kind);
+            assert_eq!(c.version(), version, "{layers} layers reading {indices:?}");
+        }
+        // No layers named: the last only, as transformers defaults it.
+        let none: DepthAnythingConfig = serde_json::from_value(serde_json::json!({})).expect("");
+        assert_eq!(none.version(), Second);
     }
 }
