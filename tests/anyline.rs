@@ -108,6 +108,7 @@ async fn the_default_teed_file_serves_anyline_and_its_fields_are_checked() {
         image,
         preprocessor: pb::Preprocessor::Anyline as i32,
         preprocessor_params: Some(params),
+        poses: None,
     };
     let mut client = server.generation().await;
     let reply = client
@@ -162,6 +163,7 @@ async fn anyline_refuses_other_networks_and_names_a_missing_default() {
             model: model.into(),
             ..Default::default()
         }),
+        poses: None,
     };
     let status = client.preprocess(request("edges")).await.expect_err("hed");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");

@@ -298,6 +298,7 @@ async fn preprocessed(
         image: image.to_vec(),
         preprocessor: preprocessor as i32,
         preprocessor_params: Some(params.clone()),
+        poses: None,
     };
     let response = server.generation().await.preprocess(request).await;
     response.expect("preprocess").into_inner()

@@ -101,6 +101,7 @@ fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest
             model: model.into(),
             ..Default::default()
         }),
+        poses: None,
     }
 }
 
@@ -304,6 +305,7 @@ async fn tiny_images_at_their_own_size_run_or_name_the_detect_resolution() {
                 image: tiny(size),
                 preprocessor: preprocessor as i32,
                 preprocessor_params: Some(pb::PreprocessorParams::default()),
+                poses: None,
             };
             let what = format!("{} at {size:?}", preprocessor.as_str_name());
             match client.preprocess(request).await {
@@ -421,8 +423,6 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
     let parameters = common::png_parameters(&response.images[0].data);
     let entry = "Module: depth_midas, Processor Res: 64, Model: lines_xl";
     assert!(parameters.contains(entry), "{parameters}");
-    // From a ZoeDepth model: A1111's depth_zoe, its map ZoeDetector's.
-    let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, ZOE_MODEL);
     // From Depth Anything's first version (the neck reads the last four layers): A1111's
     // depth_anything, where the default folder's second version is depth_anything_v2.
     let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, DEPTH_V1_MODEL);
@@ -430,6 +430,8 @@ async fn units_run_their_detectors_and_equal_diffusers_given_the_reference_map()
     let parameters = common::png_parameters(&response.images[0].data);
     let entry = "Module: depth_anything, Processor Res: 64, Model: lines_xl";
     assert!(parameters.contains(entry), "{parameters}");
+    // From a ZoeDepth model: A1111's depth_zoe, its map ZoeDetector's.
+    let spec = unit_spec("lines_xl", pb::Preprocessor::Depth, ZOE_MODEL);
     let response = server.images(spec).await.expect("zoe unit");
     let parameters = common::png_parameters(&response.images[0].data);
     let entry = "Module: depth_zoe, Processor Res: 64, Model: lines_xl";

@@ -42,6 +42,7 @@ fn leres_request(near: Option<f32>, background: Option<f32>) -> pb::PreprocessRe
             remove_background: background,
             ..Default::default()
         }),
+        poses: None,
     }
 }
 

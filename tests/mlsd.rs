@@ -245,6 +245,7 @@ async fn the_preprocess_rpc_draws_mlsd_maps_and_refuses_what_it_cannot_draw() {
         image: image_bytes(image),
         preprocessor: pb::Preprocessor::Mlsd as i32,
         preprocessor_params: Some(params),
+        poses: None,
     };
     // Every map case over the wire, the thresholds as the client sends them.
     for (name, case) in map_cases() {

@@ -184,6 +184,7 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
             model: "table5_pidinet".into(),
             ..Default::default()
         }),
+        poses: None,
     };
     let safe = |preprocessor: pb::Preprocessor| {
         let mut safe = request(preprocessor);
@@ -274,7 +275,6 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         .to_luma8();
     assert!(sketch.iter().all(|&v| v == 0 || v == 255));
     assert!(sketch.contains(&255));
-    let params = request(pb::Preprocessor::Sketch).preprocessor_params;
     // The file is also the default preprocessing.sketch_model: a request naming none
     // gets the same sketch; the capabilities list sketches ready under that key, soft
     // edges still under HED's.
@@ -310,6 +310,7 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
     );
     let soft_edges = listed(pb::Preprocessor::Softedge);
     assert_eq!(soft_edges.config_key, "preprocessing.hed_model");
+    let params = request(pb::Preprocessor::Sketch).preprocessor_params;
     let parameters = unit_parameters(&server, pb::Preprocessor::Sketch, &photo, params).await;
     let entry = "Module: t2ia_sketch_pidi, Processor Res: 64,";
     assert!(parameters.contains(entry), "{parameters}");
@@ -339,6 +340,7 @@ async fn a_sketch_default_of_another_network_is_the_configurations_fault() {
                 detect_resolution: 64,
                 ..Default::default()
             }),
+            poses: None,
         })
         .await
         .expect_err("sketches from HED");

@@ -15,7 +15,7 @@ use sdxld::engine::preprocess::detector::Detector;
 use sdxld::engine::preprocess::openpose::is_body_pose;
 use sdxld::engine::preprocess::openpose_cpm::{is_cpm, CpmNetwork};
 use sdxld::engine::preprocess::pose::{
-    draw_poses, find_faces, network_input, pose_maps, PersonDetails, PoseParts,
+    draw_poses, find_faces, network_input, pose_maps, DetectedPeople, PersonDetails, PoseParts,
 };
 use sdxld::engine::preprocess::pose_face::{face_box, FaceBox};
 use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
@@ -128,6 +128,12 @@ fn the_openpose_pipeline_draws_faces_as_controlnet_aux_draws_them() {
             );
             let reference = root.join(format!("faces_{case}_{suffix}_map.png"));
             assert_same_map(&format!("{case} {suffix}"), &map, &reference);
+            // Handed out as poses and drawn as a client sends them back: the same map.
+            let found = (candidates.clone(), people.clone(), details.clone());
+            let size = (maps.width, maps.height);
+            let poses = DetectedPeople::new(found.0, found.1, found.2, size).poses();
+            let what = format!("{case} {suffix} poses");
+            assert_same_map(&what, &poses.draw(parts), &reference);
         }
     }
 }

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 
 use common::{assert_same_map, detector_fixtures, random_bodies, read_tensors};
 use sdxld::engine::preprocess::pose::{
-    draw_poses, find_faces, find_hands, network_input, pose_maps, PersonDetails, PoseParts,
+    draw_poses, find_faces, find_hands, network_input, pose_maps, DetectedPeople, PersonDetails,
+    PoseParts,
 };
 use sdxld::engine::preprocess::pose_hand::{hand_boxes, HandBox};
 use tch::{Kind, Tensor};
@@ -132,6 +133,17 @@ fn the_openpose_pipeline_draws_hands_as_controlnet_aux_draws_them() {
             let map = draw_poses(&candidates, &people, &details, parts, width, height);
             let reference = root.join(format!("hands_{case}_{suffix}_map.png"));
             assert_same_map(&format!("{case} {suffix}"), &map, &reference);
+            // The people as the Preprocess RPC hands them out, drawn as a client sends
+            // them back: the same map.
+            let found = (candidates.clone(), people.clone(), details.clone());
+            let poses = DetectedPeople::new(found.0, found.1, found.2, (width, height)).poses();
+            let hands = poses
+                .people
+                .iter()
+                .map(|p| p.left_hand.len() + p.right_hand.len());
+            assert!(hands.sum::<usize>() >= 4 * 21, "{case}: hands handed out");
+            let what = format!("{case} {suffix} poses");
+            assert_same_map(&what, &poses.draw(parts), &reference);
         }
     }
 }

@@ -58,6 +58,7 @@ fn request(preprocessor: pb::Preprocessor, model: &str) -> pb::PreprocessRequest
         image: image("photo.png"),
         preprocessor: preprocessor as i32,
         preprocessor_params: params(128, model),
+        poses: None,
     }
 }
 
@@ -91,6 +92,7 @@ async fn face_and_hand_maps_equal_controlnet_aux_through_preprocess_and_a_unit()
                     image: image(file),
                     preprocessor: preprocessor as i32,
                     preprocessor_params: params(resolution, ""),
+                    poses: None,
                 })
                 .await
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -105,14 +107,40 @@ async fn face_and_hand_maps_equal_controlnet_aux_through_preprocess_and_a_unit()
                 parts != "hand",
                 "{what}: {landmarks} landmark pixels"
             );
+            // The people found, on the map's canvas, faces where they are looked for;
+            // sent back with the same preprocessor they draw the same map.
+            let poses = map.poses.clone().expect("poses");
+            assert_eq!(
+                (poses.canvas_width, poses.canvas_height),
+                (map.width, map.height)
+            );
+            assert!(poses.people.iter().all(|p| p.body.len() == 18), "{what}");
+            let faces = poses.people.iter().filter(|p| !p.face.is_empty()).count();
+            assert_eq!(faces > 0, parts != "hand", "{what}: {faces} faces");
+            let drawn = server
+                .preprocess(pb::PreprocessRequest {
+                    preprocessor: preprocessor as i32,
+                    poses: Some(poses),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{what} drawn back: {e}"));
+            let decoded = |png: &[u8]| image::load_from_memory(png).expect("png").to_rgb8();
+            let (again, first) = (decoded(&drawn.control_map), decoded(&map.control_map));
+            assert!(again == first, "{what}: the poses drawn back differ");
         }
     }
-    // The body alone draws no landmark, so the white dots are the face network's.
+    // The body alone draws no landmark, so the white dots are the face network's; its
+    // poses hold no face or hand.
     let body = server
         .preprocess(request(pb::Preprocessor::Openpose, ""))
         .await
         .expect("body");
     assert_eq!(white_pixels(&body.control_map), 0);
+    let people = body.poses.expect("poses").people;
+    assert!(!people.is_empty());
+    let parts = |p: &pb::PersonPose| p.face.len() + p.left_hand.len() + p.right_hand.len();
+    assert!(people.iter().all(|p| parts(p) == 0));
     // A unit draws the same map, records its module and reports both networks.
     let response = server
         .images(pb::GenerationSpec {
@@ -306,6 +334,7 @@ async fn tiny_images_run_or_name_the_detect_resolution() {
                 image: png.clone(),
                 preprocessor: preprocessor as i32,
                 preprocessor_params: Some(pb::PreprocessorParams::default()),
+                poses: None,
             };
             match server.preprocess(request).await {
                 Ok(reply) => {

@@ -276,6 +276,7 @@ mod over_grpc {
             image,
             preprocessor: preprocessor as i32,
             preprocessor_params: None,
+            poses: None,
         }
     }
 

@@ -137,6 +137,7 @@ mod over_grpc {
             image: png.to_vec(),
             preprocessor: preprocessor as i32,
             preprocessor_params: Some(params),
+            poses: None,
         }
     }
 

@@ -55,6 +55,7 @@ mod over_grpc {
             image: std::fs::read(root.join(format!("images/{name}.png"))).expect("read"),
             preprocessor: pb::Preprocessor::ScribbleXdog as i32,
             preprocessor_params: Some(params),
+            poses: None,
         }
     }
 

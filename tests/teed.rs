@@ -140,6 +140,7 @@ async fn a_teed_file_serves_soft_edges_by_name_and_only_them() {
             safe_steps: steps,
             ..Default::default()
         }),
+        poses: None,
     };
     for (steps, map, most) in [(None, "seed3_steps2", 128), (Some(0), "seed3_steps0", 1)] {
         let mut client = server.generation().await;
@@ -220,6 +221,7 @@ async fn a_teed_default_serves_soft_edges_and_is_not_offered_for_scribbles() {
             detect_resolution: 64,
             ..Default::default()
         }),
+        poses: None,
     };
     // Soft edges from the default, in its two safe steps.
     let mut client = server.generation().await;

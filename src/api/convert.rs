@@ -1,6 +1,7 @@
 //! Domain to wire: job events, stages, model kinds and schedulers as the contract names
 //! them, and the resolved request as the JSON the PNG's `sdxld` chunk records.
 
+use crate::engine::preprocess::pose_set::{PosePoint, PoseSet};
 use crate::engine::registry::ModelKind;
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::SchedulerKind;
@@ -158,4 +159,38 @@ pub fn replay_specs(resolved: &pb::GenerationSpec, seed: u64, count: u32) -> Vec
             crate::proto::spec_to_json(&one)
         })
         .collect()
+}
+
+/// Poses on the wire, keypoints as fractions of the canvas.
+pub fn poses(set: &PoseSet) -> pb::Poses {
+    let part = |points: &[PosePoint]| -> Vec<pb::PoseKeypoint> {
+        points
+            .iter()
+            .map(|point| match point {
+                Some((x, y)) => pb::PoseKeypoint {
+                    x: *x,
+                    y: *y,
+                    missing: false,
+                },
+                None => pb::PoseKeypoint {
+                    missing: true,
+                    ..Default::default()
+                },
+            })
+            .collect()
+    };
+    pb::Poses {
+        canvas_width: set.width,
+        canvas_height: set.height,
+        people: set
+            .people
+            .iter()
+            .map(|person| pb::PersonPose {
+                body: part(&person.body),
+                left_hand: part(&person.left_hand),
+                right_hand: part(&person.right_hand),
+                face: part(&person.face),
+            })
+            .collect(),
+    }
 }

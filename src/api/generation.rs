@@ -132,7 +132,7 @@ impl Generation {
         &self,
         (_, mut admitted, deadline): (pb::JobAccepted, Admitted, Option<Instant>),
     ) -> Result<Collected, Status> {
-        let (mut images, mut control_maps) = (Vec::new(), Vec::new());
+        let mut collected = Collected::default();
         // If the client leaves, tonic drops this future: the guard stops the job.
         let mut guard = StopOnDrop {
             state: self.state.clone(),
@@ -147,17 +147,18 @@ impl Generation {
             let error = match event {
                 Some(JobEvent::Progress(_)) => continue,
                 Some(JobEvent::Image(image)) => {
-                    images.push(convert::image(image));
+                    collected.images.push(convert::image(image));
                     continue;
                 }
                 Some(JobEvent::ControlMap(map)) => {
-                    control_maps.push(convert::control_map(map));
+                    collected.control_maps.push(convert::control_map(map));
                     continue;
                 }
                 Some(JobEvent::Completed(report)) => {
                     guard.armed = false;
-                    let completed = convert::completed(&admitted.id, report);
-                    return Ok((images, control_maps, completed));
+                    collected.poses = report.detected_poses.as_ref().map(convert::poses);
+                    collected.completed = convert::completed(&admitted.id, report);
+                    return Ok(collected);
                 }
                 Some(JobEvent::Failed(e)) => e,
                 None => JobError::Stopped(StopReason::ClientGone),
@@ -168,12 +169,14 @@ impl Generation {
     }
 }
 
-/// A unary job's images, control maps and completed event.
-type Collected = (
-    Vec<pb::GeneratedImage>,
-    Vec<pb::ControlMapImage>,
-    pb::JobCompleted,
-);
+/// A unary job's images, control maps, completed event and the poses it found.
+#[derive(Default)]
+struct Collected {
+    images: Vec<pb::GeneratedImage>,
+    control_maps: Vec<pb::ControlMapImage>,
+    completed: pb::JobCompleted,
+    poses: Option<pb::Poses>,
+}
 
 /// A generation request's job.
 fn generation(spec: Option<pb::GenerationSpec>, ctx: &Context) -> Result<JobWork, ApiError> {
@@ -381,12 +384,12 @@ impl GenerationService for Generation {
             .await
             .map_err(|e| self.status(e))?;
         let accepted = started.0.clone();
-        let (images, control_maps, completed) = self.collect(started).await?;
+        let collected = self.collect(started).await?;
         Ok(Response::new(pb::GenerateImagesResponse {
             accepted: Some(accepted),
-            images,
-            completed: Some(completed),
-            control_maps,
+            images: collected.images,
+            completed: Some(collected.completed),
+            control_maps: collected.control_maps,
         }))
     }
 
@@ -395,7 +398,7 @@ impl GenerationService for Generation {
         request: Request<pb::PreprocessRequest>,
     ) -> Result<Response<pb::PreprocessResponse>, Status> {
         use crate::api::preprocess;
-        if !preprocess::runs_network(request.get_ref().preprocessor) {
+        if !preprocess::runs_network(request.get_ref()) {
             return preprocess::preprocess(self.state.clone(), request.into_inner())
                 .await
                 .map(Response::new)
@@ -405,14 +408,15 @@ impl GenerationService for Generation {
             .start(request, preprocess::preprocess_job)
             .await
             .map_err(|e| self.status(e))?;
-        let (images, _, _) = self.collect(started).await?;
-        let map = images.into_iter().next().ok_or_else(|| {
+        let collected = self.collect(started).await?;
+        let map = collected.images.into_iter().next().ok_or_else(|| {
             self.status(ApiError::Internal("a preprocessing without its map".into()))
         })?;
         Ok(Response::new(pb::PreprocessResponse {
             control_map: map.data,
             width: map.width,
             height: map.height,
+            poses: collected.poses,
         }))
     }
 

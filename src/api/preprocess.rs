@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::status::ApiError;
 use crate::api::validate::detector::Detectors;
+use crate::api::validate::poses::poses_request;
 use crate::api::validate::preprocessor::{domain, preprocess_request, Parameters};
 use crate::api::validate::Context;
 use crate::api::ApiState;
@@ -23,8 +24,14 @@ pub fn slots() -> Arc<Semaphore> {
     Arc::new(Semaphore::new(cores))
 }
 
-/// Whether the wire preprocessor `kind` runs a network (and so is a job on the engine).
-pub fn runs_network(kind: i32) -> bool {
+/// Whether `request` runs a network (and so is a job on the engine): its preprocessor
+/// does, on an image (poses are drawn without one).
+pub fn runs_network(request: &pb::PreprocessRequest) -> bool {
+    request.poses.is_none() && preprocessor_runs_network(request.preprocessor)
+}
+
+/// Whether the wire preprocessor `kind` runs a network.
+fn preprocessor_runs_network(kind: i32) -> bool {
     pb::Preprocessor::try_from(kind)
         .ok()
         .and_then(|kind| domain(kind, Parameters::default()))
@@ -51,8 +58,8 @@ pub fn preprocess_job(request: pb::PreprocessRequest, ctx: &Context) -> Result<J
     })))
 }
 
-/// Checks a request whose preprocessor runs no network, computes its control map on
-/// the blocking pool and encodes it as PNG.
+/// Checks a request whose preprocessor runs no network (or that draws poses), computes
+/// its control map on the blocking pool and encodes it as PNG.
 pub async fn preprocess(
     state: Arc<ApiState>,
     request: pb::PreprocessRequest,
@@ -64,15 +71,24 @@ pub async fn preprocess(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        let detectors = Detectors {
-            registry: &state.registry,
-            defaults: &state.settings.preprocessing,
+        let map = match &request.poses {
+            Some(poses) => {
+                let (poses, parts) = poses_request(&request, poses, &state.settings.limits)?;
+                poses.draw(parts)
+            }
+            None => {
+                let detectors = Detectors {
+                    registry: &state.registry,
+                    defaults: &state.settings.preprocessing,
+                };
+                let limits = &state.settings.limits;
+                let (image, checked) = preprocess_request(&request, limits, detectors)?;
+                checked
+                    .preprocessing
+                    .run(&image, Networks::default())
+                    .map_err(|e| ApiError::Job(JobError::Engine(e)))?
+            }
         };
-        let (image, checked) = preprocess_request(&request, &state.settings.limits, detectors)?;
-        let map = checked
-            .preprocessing
-            .run(&image, Networks::default())
-            .map_err(|e| ApiError::Job(JobError::Engine(e)))?;
         let (width, height) = map.dimensions();
         let png = encode_rgb(map.as_raw(), width, height, OutputFormat::Png, 100, None)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -80,6 +96,7 @@ pub async fn preprocess(
             control_map: png,
             width,
             height,
+            poses: None,
         })
     })
     .await

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::engine::preprocess::pose_set::PoseSet;
 use crate::engine::registry::ModelKind;
 use crate::jobs::JobError;
 use crate::output::{OutputFormat, PngMetadata};
@@ -216,6 +217,8 @@ pub struct JobReport {
     pub models: Vec<ModelUsed>,
     /// Things the client should know (a truncated prompt, a redone decode).
     pub warnings: Vec<String>,
+    /// The poses a preprocessing job's OpenPose preprocessor found.
+    pub detected_poses: Option<PoseSet>,
 }
 
 impl JobReport {

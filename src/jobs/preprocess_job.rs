@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::engine::preprocess::ControlMap;
 use crate::engine::registry::ModelKind;
 use crate::jobs::clock::StageClock;
 use crate::jobs::detectors::NetworkFiles;
@@ -43,11 +44,12 @@ pub fn run_preprocess(
         let map = interruptible(sink, |between_passes| {
             let networks = networks.networks();
             spec.preprocessing
-                .run_interruptible(&spec.image.0, networks, between_passes)
+                .control_map(&spec.image.0, networks, between_passes)
         })?;
         sink.progress(progress(Stage::Preprocessing, 1, 1));
         map
     };
+    let ControlMap { map, poses } = map;
     let (width, height) = map.dimensions();
     sink.image(FinishedImage {
         index: 0,
@@ -61,11 +63,13 @@ pub fn run_preprocess(
         latents: None,
     });
     clock.close(metrics);
-    Ok(report(
+    let mut report = report(
         engine,
         &mut clock,
         &models,
         ModelKind::Preprocessor,
         admitted_at,
-    ))
+    );
+    report.detected_poses = poses;
+    Ok(report)
 }

@@ -527,6 +527,50 @@ def test_python_client_sketch_as_pidinet_detector_filters_it(stubs, server):
     assert set(np.unique(got)) <= {0, 255} and (got == 255).any() and (got != expected).mean() <= 0.01
 
 
+def test_python_client_draws_an_a1111_pose_json_as_controlnet_aux_does(stubs, server):
+    """A pose JSON as A1111's render_openpose_json takes it (people with flat
+    [x, y, confidence] lists, normalised, confidence 0 for a missing keypoint), turned into
+    Poses and drawn by PREPROCESSOR_OPENPOSE_FULL: equal to controlnet_aux's draw_poses
+    pixel for pixel; a NaN keypoint refused naming it."""
+    import numpy as np
+    from controlnet_aux.open_pose import PoseResult, draw_poses
+    from controlnet_aux.open_pose.body import BodyResult, Keypoint
+
+    rng = np.random.default_rng(5)
+
+    def flat(count, missing):
+        values = []
+        for _ in range(count):
+            x, y = rng.uniform(0.1, 0.9, 2)
+            values += [0.0, 0.0, 0.0] if rng.random() < missing else [float(x), float(y), 1.0]
+        return values
+
+    pose_json = {"canvas_width": 120, "canvas_height": 96, "people": [
+        {"pose_keypoints_2d": flat(18, 0.2), "hand_left_keypoints_2d": flat(21, 0.0),
+         "hand_right_keypoints_2d": flat(21, 0.0), "face_keypoints_2d": flat(70, 0.0)} for _ in range(2)]}
+    wire = stubs.gen.Poses(canvas_width=120, canvas_height=96)
+    reference = []
+    for person in pose_json["people"]:
+        parts = {}
+        for key, name in [("pose_keypoints_2d", "body"), ("hand_left_keypoints_2d", "left_hand"),
+                          ("hand_right_keypoints_2d", "right_hand"), ("face_keypoints_2d", "face")]:
+            triples = [person[key][i:i + 3] for i in range(0, len(person[key]), 3)]
+            parts[name] = [Keypoint(x, y) if c >= 1.0 else None for x, y, c in triples]
+            getattr(wire.people.add() if name == "body" else wire.people[-1], name).extend(
+                stubs.gen.PoseKeypoint(x=x, y=y, missing=c < 1.0) for x, y, c in triples)
+        reference.append(PoseResult(BodyResult(parts["body"], 0.0, 0), parts["left_hand"], parts["right_hand"], parts["face"]))
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    reply = gen.Preprocess(stubs.gen.PreprocessRequest(preprocessor=stubs.gen.PREPROCESSOR_OPENPOSE_FULL, poses=wire))
+    got = np.asarray(Image.open(io.BytesIO(reply.control_map)).convert("RGB"))
+    expected = draw_poses(reference, 96, 120)
+    assert (reply.width, reply.height) == (120, 96) and (got == expected).all() and got.any()
+    wire.people[1].face[3].x = float("nan")
+    with pytest.raises(grpc.RpcError) as refused:
+        gen.Preprocess(stubs.gen.PreprocessRequest(preprocessor=stubs.gen.PREPROCESSOR_OPENPOSE_FULL, poses=wire))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "poses.people[1].face[3].x" in refused.value.details()
+
+
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):
     """PREPROCESSOR_ANYLINE on a TEED file named in the request: a specked drawing's map
     equals controlnet_aux's AnylineDetector (on at most one pixel in a thousand apart),

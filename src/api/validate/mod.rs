@@ -24,6 +24,7 @@ mod prompt_syntax;
 pub use postprocess::to_upscale_spec;
 mod degenerate_schedules;
 mod depth_cuts;
+pub mod poses;
 pub mod preprocessor;
 mod refiner;
 mod sampling;

@@ -36,6 +36,7 @@ pub mod pose_decode;
 pub mod pose_draw;
 pub mod pose_face;
 pub mod pose_hand;
+pub mod pose_set;
 pub mod processor;
 pub mod reassemble;
 pub mod recolor;
@@ -57,7 +58,8 @@ use cv_resize::Interpolation;
 use detector::{Detector, DetectorNetwork};
 use image_filters::Param;
 use mlsd_lines::LineThresholds;
-use pose::{PartNetworks, PoseParts};
+use pose::{DetectedPeople, PartNetworks, PoseParts};
+use pose_set::PoseSet;
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +107,17 @@ impl Preprocessing {
         networks: Networks,
         between_passes: &mut dyn FnMut() -> Result<()>,
     ) -> Result<RgbImage> {
+        Ok(self.control_map(image, networks, between_passes)?.map)
+    }
+
+    /// [`Preprocessing::run_interruptible`], with the poses an OpenPose preprocessor
+    /// found beside its map.
+    pub fn control_map(
+        self,
+        image: &DynamicImage,
+        networks: Networks,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<ControlMap> {
         // An RGB image is read where it is, not copied.
         let converted;
         let rgb = match image {
@@ -114,14 +127,41 @@ impl Preprocessing {
                 &converted
             }
         };
-        match (self.preprocessor, self.detect_resolution) {
-            (Preprocessor::None, _) => Ok(rgb.clone()),
-            (preprocessor, None) => preprocessor.detect(rgb, networks, between_passes),
-            (preprocessor, Some(resolution)) => {
-                let resized = resize_for_detection(rgb, resolution);
-                preprocessor.detect(&resized, networks, between_passes)
+        let resized;
+        let rgb = match (self.preprocessor, self.detect_resolution) {
+            (Preprocessor::None, _) => return Ok(ControlMap::drawn(rgb.clone())),
+            (_, None) => rgb,
+            (_, Some(resolution)) => {
+                resized = resize_for_detection(rgb, resolution);
+                &resized
             }
+        };
+        match self.preprocessor {
+            Preprocessor::OpenPose(parts) => {
+                let people = pose_people(rgb, parts, networks, between_passes)?;
+                Ok(ControlMap {
+                    map: people.draw(parts),
+                    poses: Some(people.poses()),
+                })
+            }
+            other => Ok(ControlMap::drawn(other.detect(
+                rgb,
+                networks,
+                between_passes,
+            )?)),
         }
+    }
+}
+
+/// A control map, and the poses drawn in it where a pose preprocessor drew it.
+pub struct ControlMap {
+    pub map: RgbImage,
+    pub poses: Option<PoseSet>,
+}
+
+impl ControlMap {
+    fn drawn(map: RgbImage) -> Self {
+        Self { map, poses: None }
     }
 }
 
@@ -322,7 +362,9 @@ impl Preprocessor {
                     other.map(Detector::network)
                 ))),
             },
-            (Preprocessor::OpenPose(parts), _) => pose_map(rgb, parts, networks, between_passes),
+            (Preprocessor::OpenPose(parts), _) => {
+                Ok(pose_people(rgb, parts, networks, between_passes)?.draw(parts))
+            }
             (Preprocessor::Depth(cuts), _) => depth_map(rgb, cuts, detector, between_passes),
             (Preprocessor::Sketch, _) => match detector {
                 Some(Detector::PiDiNet(network)) => Ok(gray_to_rgb(network.detect_filtered(rgb)?)),
@@ -377,13 +419,14 @@ fn depth_map(
     }
 }
 
-/// The OpenPose map of `parts` with the body, face and hand networks handed in.
-fn pose_map(
+/// The people OpenPose finds, with the faces and hands of `parts`, with the body, face
+/// and hand networks handed in.
+fn pose_people(
     rgb: &RgbImage,
     parts: PoseParts,
     networks: Networks,
     between_passes: &mut dyn FnMut() -> Result<()>,
-) -> Result<RgbImage> {
+) -> Result<DetectedPeople> {
     let wrong = || {
         EngineError::Internal(format!(
             "the OpenPose preprocessor was handed {:?}, {:?} and {:?}",
@@ -405,7 +448,7 @@ fn pose_map(
         None => None,
         Some(_) => return Err(wrong()),
     };
-    body.detect_parts(rgb, parts, PartNetworks { face, hand }, between_passes)
+    body.detect_people(rgb, parts, PartNetworks { face, hand }, between_passes)
 }
 
 /// controlnet_aux's `HWC3`: grey becomes three equal channels, and an alpha channel is

@@ -13,12 +13,14 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::openpose::{bgr_input, plane_back, smart_resize, BodyPose};
 use crate::engine::preprocess::openpose_cpm::CpmNetwork;
-use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps, LIMBS, PARTS};
-use crate::engine::preprocess::pose_draw::{ellipse_polygon, fill_circle, fill_convex_polygon};
+use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps};
+use crate::engine::preprocess::pose_draw::draw_body;
 use crate::engine::preprocess::pose_face::{
     draw_face, face_box, face_landmarks, normalised, FaceLandmarks,
 };
 use crate::engine::preprocess::pose_hand::{draw_hand, hand_boxes, hand_keypoints, HandKeypoints};
+pub use crate::engine::preprocess::pose_set::PoseParts;
+use crate::engine::preprocess::pose_set::{PersonPose, PosePoint, PoseSet};
 
 /// The network's input box (pixels of the image's height) and the one scale searched.
 const BOX_SIZE: f64 = 368.0;
@@ -26,33 +28,6 @@ const SCALE: f64 = 0.5;
 /// The network's output stride and the grey the input is padded with.
 const STRIDE: usize = 8;
 const PAD_VALUE: u8 = 128;
-
-/// How many of the decoding's limbs `draw_bodypose` draws (not the ear-to-shoulder
-/// pairs), and the colours of limbs and joints.
-const DRAWN_LIMBS: usize = 17;
-const COLOURS: [[u8; 3]; PARTS] = [
-    [255, 0, 0],
-    [255, 85, 0],
-    [255, 170, 0],
-    [255, 255, 0],
-    [170, 255, 0],
-    [85, 255, 0],
-    [0, 255, 0],
-    [0, 255, 85],
-    [0, 255, 170],
-    [0, 255, 255],
-    [0, 170, 255],
-    [0, 85, 255],
-    [0, 0, 255],
-    [85, 0, 255],
-    [170, 0, 255],
-    [255, 0, 255],
-    [255, 0, 170],
-    [255, 0, 85],
-];
-/// Limbs are ellipses this many pixels across either side of the joint-to-joint axis.
-const STICK_WIDTH: i32 = 4;
-const JOINT_RADIUS: i32 = 4;
 
 /// The size (width, height) of the network's input for a `width`×`height` image: the
 /// image scaled to a height of 184 (before its padding to multiples of 8).
@@ -62,49 +37,6 @@ pub fn network_size(width: u32, height: u32) -> (usize, usize) {
         (f64::from(width) * scale) as usize,
         (f64::from(height) * scale) as usize,
     )
-}
-
-/// Which parts of each person a pose map shows (A1111's `openpose`: the body;
-/// `openpose_face`: body and face; `openpose_faceonly`: the face; `openpose_hand`: body
-/// and hands; `openpose_full`: all three).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoseParts {
-    pub body: bool,
-    pub hands: bool,
-    pub face: bool,
-}
-
-impl PoseParts {
-    /// The body alone (controlnet_aux's default).
-    pub const BODY: PoseParts = PoseParts {
-        body: true,
-        hands: false,
-        face: false,
-    };
-    /// Body and face (`include_face`).
-    pub const BODY_AND_FACE: PoseParts = PoseParts {
-        body: true,
-        hands: false,
-        face: true,
-    };
-    /// The face alone (the body found, not drawn).
-    pub const FACE: PoseParts = PoseParts {
-        body: false,
-        hands: false,
-        face: true,
-    };
-    /// Body and hands (`include_hand`).
-    pub const BODY_AND_HANDS: PoseParts = PoseParts {
-        body: true,
-        hands: true,
-        face: false,
-    };
-    /// Body, hands and face.
-    pub const FULL: PoseParts = PoseParts {
-        body: true,
-        hands: true,
-        face: true,
-    };
 }
 
 /// The face and hand networks a pose map with those parts runs beside the body's.
@@ -163,6 +95,20 @@ impl OpenPoseDetector {
         networks: PartNetworks,
         between_passes: &mut dyn FnMut() -> Result<()>,
     ) -> Result<RgbImage> {
+        Ok(self
+            .detect_people(image, parts, networks, between_passes)?
+            .draw(parts))
+    }
+
+    /// The people found in an RGB image, with the faces and hands `parts` asks for, as
+    /// [`OpenPoseDetector::detect_parts`] finds them before drawing.
+    pub fn detect_people(
+        &self,
+        image: &RgbImage,
+        parts: PoseParts,
+        networks: PartNetworks,
+        between_passes: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<DetectedPeople> {
         let (input, geometry) = network_input(image)?;
         let (affinities, heatmaps) = self.network.forward(&input);
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
@@ -192,14 +138,84 @@ impl OpenPoseDetector {
                 person.face = face;
             }
         }
-        Ok(draw_poses(
-            &candidates,
-            &people,
-            &details,
+        let size = (maps.width, maps.height);
+        Ok(DetectedPeople::new(candidates, people, details, size))
+    }
+}
+
+/// What a pose detection found on a `width`×`height` image: the body parts, the people
+/// they make, and what was found of each beyond the body.
+pub struct DetectedPeople {
+    candidates: Vec<Candidate>,
+    people: Vec<Person>,
+    details: Vec<PersonDetails>,
+    width: usize,
+    height: usize,
+}
+
+impl DetectedPeople {
+    /// What was found: the body parts, the people they make and each person's details,
+    /// on a `width`×`height` image.
+    pub fn new(
+        candidates: Vec<Candidate>,
+        people: Vec<Person>,
+        details: Vec<PersonDetails>,
+        (width, height): (usize, usize),
+    ) -> Self {
+        Self {
+            candidates,
+            people,
+            details,
+            width,
+            height,
+        }
+    }
+
+    /// The map of `parts`, as the reference draws its detections.
+    pub fn draw(&self, parts: PoseParts) -> RgbImage {
+        let (people, details) = (&self.people, &self.details);
+        draw_poses(
+            &self.candidates,
+            people,
+            details,
             parts,
-            maps.width,
-            maps.height,
-        ))
+            self.width,
+            self.height,
+        )
+    }
+
+    /// The people as a pose set on the image's canvas, normalised by its size: body
+    /// keypoints as the reference normalises them, hand and face points at the centre of
+    /// the pixel they are drawn at (the reference's float32 positions, drawn again in
+    /// double precision, would land a pixel off at times), those it gave up missing. So
+    /// drawn, they give the detection's map again.
+    pub fn poses(&self) -> PoseSet {
+        let (w, h) = (self.width as f64, self.height as f64);
+        let (wf, hf) = (self.width as f32, self.height as f32);
+        let centre = |x: f32, size: f32| (f64::from((x * size) as i32) + 0.5) / f64::from(size);
+        let found = |points: &Option<Vec<(f32, f32)>>| -> Vec<PosePoint> {
+            let point = |&(x, y): &(f32, f32)| {
+                (x >= 0.0 && y >= 0.0).then(|| (centre(x, wf), centre(y, hf)))
+            };
+            points.iter().flatten().map(point).collect()
+        };
+        let people = self.people.iter().enumerate().map(|(i, person)| {
+            let details = self.details.get(i).cloned().unwrap_or_default();
+            PersonPose {
+                body: keypoints(&self.candidates, person)
+                    .into_iter()
+                    .map(|p| p.map(|(x, y)| (x / w, y / h)))
+                    .collect(),
+                left_hand: found(&details.left_hand),
+                right_hand: found(&details.right_hand),
+                face: found(&details.face),
+            }
+        });
+        PoseSet {
+            width: self.width as u32,
+            height: self.height as u32,
+            people: people.collect(),
+        }
     }
 }
 
@@ -374,7 +390,13 @@ pub fn draw_poses(
     let mut canvas = RgbImage::new(width as u32, height as u32);
     for (i, person) in people.iter().enumerate() {
         if parts.body {
-            draw_body(&mut canvas, &keypoints(candidates, person));
+            // Normalised and scaled back, as the reference's round trip rounds them.
+            let (w, h) = (width as f64, height as f64);
+            let scaled: Vec<_> = keypoints(candidates, person)
+                .into_iter()
+                .map(|p| p.map(|(x, y)| (x / w * w, y / h * h)))
+                .collect();
+            draw_body(&mut canvas, &scaled);
         }
         let Some(found) = details.get(i) else {
             continue;
@@ -389,38 +411,4 @@ pub fn draw_poses(
         }
     }
     canvas
-}
-
-/// `draw_bodypose` of one person's keypoints (image pixels).
-fn draw_body(canvas: &mut RgbImage, pixels: &[Option<(f64, f64)>]) {
-    let (w, h) = (f64::from(canvas.width()), f64::from(canvas.height()));
-    // Normalised and scaled back, as the reference's round trip rounds them.
-    let keypoints: Vec<Option<(f64, f64)>> = pixels
-        .iter()
-        .map(|p| p.map(|(x, y)| (x / w * w, y / h * h)))
-        .collect();
-    for ([a, b], colour) in LIMBS.iter().take(DRAWN_LIMBS).zip(COLOURS) {
-        if let (Some(p), Some(q)) = (keypoints[a - 1], keypoints[b - 1]) {
-            draw_limb(canvas, p, q, colour);
-        }
-    }
-    for (keypoint, colour) in keypoints.iter().zip(COLOURS) {
-        if let Some((x, y)) = keypoint {
-            fill_circle(canvas, (*x as i32, *y as i32), JOINT_RADIUS, colour);
-        }
-    }
-}
-
-/// One limb: an ellipse between its joints, filled at 60 % of its colour.
-fn draw_limb(canvas: &mut RgbImage, (x1, y1): (f64, f64), (x2, y2): (f64, f64), colour: [u8; 3]) {
-    let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
-    let length = ((y1 - y2).powf(2.0) + (x1 - x2).powf(2.0)).powf(0.5);
-    let angle = (y1 - y2).atan2(x1 - x2) * (180.0 / std::f64::consts::PI);
-    let polygon = ellipse_polygon(
-        (mx as i32, my as i32),
-        ((length / 2.0) as i32, STICK_WIDTH),
-        angle as i32,
-    );
-    let dimmed = colour.map(|c| (f64::from(c) * 0.6) as u8);
-    fill_convex_polygon(canvas, &polygon, dimmed);
 }

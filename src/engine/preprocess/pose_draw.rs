@@ -2,9 +2,39 @@
 //! call them on 8-bit RGB (8-connected, no antialiasing): `ellipse2Poly` with its table
 //! of sines at whole degrees, `fillConvexPoly` (outline by Bresenham lines, then scan
 //! lines in 16.16 fixed point), the filled midpoint `circle` and the thick `line` (a
-//! quadrilateral in fixed point with round ends), pixel for pixel.
+//! quadrilateral in fixed point with round ends), pixel for pixel; and `draw_bodypose`
+//! itself, a person's limbs and joints.
 
 use image::{Rgb, RgbImage};
+
+use crate::engine::preprocess::pose_decode::{LIMBS, PARTS};
+
+/// How many of the decoding's limbs `draw_bodypose` draws (not the ear-to-shoulder
+/// pairs), and the colours of limbs and joints.
+const DRAWN_LIMBS: usize = 17;
+const COLOURS: [[u8; 3]; PARTS] = [
+    [255, 0, 0],
+    [255, 85, 0],
+    [255, 170, 0],
+    [255, 255, 0],
+    [170, 255, 0],
+    [85, 255, 0],
+    [0, 255, 0],
+    [0, 255, 85],
+    [0, 255, 170],
+    [0, 255, 255],
+    [0, 170, 255],
+    [0, 85, 255],
+    [0, 0, 255],
+    [85, 0, 255],
+    [170, 0, 255],
+    [255, 0, 255],
+    [255, 0, 170],
+    [255, 0, 85],
+];
+/// Limbs are ellipses this many pixels across either side of the joint-to-joint axis.
+const STICK_WIDTH: i32 = 4;
+const JOINT_RADIUS: i32 = 4;
 
 /// Fixed-point fraction bits of OpenCV's drawing.
 const XY_SHIFT: u32 = 16;
@@ -266,9 +296,10 @@ fn line_fixed(canvas: &mut RgbImage, p1: (i64, i64), p2: (i64, i64), color: [u8;
     }
 }
 
-/// `cv2.line(canvas, p0, p1, color, thickness)` for a thickness above 1 (OpenCV's
-/// `ThickLine`, 8-connected): a quadrilateral half the thickness either side of the
-/// axis, filled in 16.16 fixed point, and a filled circle at each end.
+/// `cv2.line(canvas, p0, p1, color, thickness)` for a thickness above 1 (OpenCV 4.14's
+/// `line` and `ThickLine`, 8-connected): the segment clipped to the image grown by the
+/// thickness on every side, then a quadrilateral half the thickness either side of its
+/// axis, filled in 16.16 fixed point, and a filled circle at each of its ends.
 pub fn thick_line(
     canvas: &mut RgbImage,
     p0: (i32, i32),
@@ -276,8 +307,15 @@ pub fn thick_line(
     thickness: i32,
     color: [u8; 3],
 ) {
-    let fixed = |p: (i32, i32)| (i64::from(p.0) << XY_SHIFT, i64::from(p.1) << XY_SHIFT);
-    let (a, b) = (fixed(p0), fixed(p1));
+    let margin = i64::from(thickness);
+    let grown = |p: (i32, i32)| (i64::from(p.0) + margin, i64::from(p.1) + margin);
+    let (mut a, mut b) = (grown(p0), grown(p1));
+    let (width, height) = (i64::from(canvas.width()), i64::from(canvas.height()));
+    if !clip_line(width + 2 * margin, height + 2 * margin, &mut a, &mut b) {
+        return;
+    }
+    let fixed = |p: (i64, i64)| ((p.0 - margin) << XY_SHIFT, (p.1 - margin) << XY_SHIFT);
+    let (a, b) = (fixed(a), fixed(b));
     let dx = (a.0 - b.0) as f64 / XY_ONE as f64;
     let dy = (b.1 - a.1) as f64 / XY_ONE as f64;
     let r = dx * dx + dy * dy;
@@ -386,4 +424,34 @@ pub fn fill_circle(canvas: &mut RgbImage, center: (i32, i32), radius: i32, color
         dx += mask;
         minus -= mask & 2;
     }
+}
+
+/// `draw_bodypose` of one person's 18 keypoints, at their normalised positions times the
+/// canvas's size.
+pub fn draw_body(canvas: &mut RgbImage, keypoints: &[Option<(f64, f64)>]) {
+    for ([a, b], colour) in LIMBS.iter().take(DRAWN_LIMBS).zip(COLOURS) {
+        let at = |i: usize| keypoints.get(i - 1).copied().flatten();
+        if let (Some(p), Some(q)) = (at(*a), at(*b)) {
+            draw_limb(canvas, p, q, colour);
+        }
+    }
+    for (keypoint, colour) in keypoints.iter().zip(COLOURS) {
+        if let Some((x, y)) = keypoint {
+            fill_circle(canvas, (*x as i32, *y as i32), JOINT_RADIUS, colour);
+        }
+    }
+}
+
+/// One limb: an ellipse between its joints, filled at 60 % of its colour.
+fn draw_limb(canvas: &mut RgbImage, (x1, y1): (f64, f64), (x2, y2): (f64, f64), colour: [u8; 3]) {
+    let (mx, my) = ((x1 + x2) / 2.0, (y1 + y2) / 2.0);
+    let length = ((y1 - y2).powf(2.0) + (x1 - x2).powf(2.0)).powf(0.5);
+    let angle = (y1 - y2).atan2(x1 - x2) * (180.0 / std::f64::consts::PI);
+    let polygon = ellipse_polygon(
+        (mx as i32, my as i32),
+        ((length / 2.0) as i32, STICK_WIDTH),
+        angle as i32,
+    );
+    let dimmed = colour.map(|c| (f64::from(c) * 0.6) as u8);
+    fill_convex_polygon(canvas, &polygon, dimmed);
 }

@@ -185,8 +185,17 @@ pub fn normalised(
 /// size in float32, truncated) is past the first row and column, as a white dot.
 pub fn draw_face(canvas: &mut RgbImage, landmarks: &[(f32, f32)]) {
     let (width, height) = (canvas.width() as f32, canvas.height() as f32);
-    for &(x, y) in landmarks {
-        let (x, y) = ((x * width) as i32, (y * height) as i32);
+    let pixels: Vec<_> = landmarks
+        .iter()
+        .map(|&(x, y)| Some(((x * width) as i32, (y * height) as i32)))
+        .collect();
+    draw_face_pixels(canvas, &pixels);
+}
+
+/// `draw_facepose` of landmarks already at their pixels (`None`: not there): those past
+/// the first row and column.
+pub fn draw_face_pixels(canvas: &mut RgbImage, pixels: &[Option<(i32, i32)>]) {
+    for &(x, y) in pixels.iter().flatten() {
         if x > 0 && y > 0 {
             fill_circle(canvas, (x, y), DOT_RADIUS, DOT);
         }

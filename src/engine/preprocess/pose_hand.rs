@@ -254,19 +254,28 @@ fn bone_colour(hue: f64) -> [u8; 3] {
 /// thickness 2 in its hue, then each such keypoint as a blue dot.
 pub fn draw_hand(canvas: &mut RgbImage, keypoints: &[(f32, f32)]) {
     let (width, height) = (canvas.width() as f32, canvas.height() as f32);
-    let pixel = |&(x, y): &(f32, f32)| ((x * width) as i32, (y * height) as i32);
-    let shown = |(x, y): (i32, i32)| x > 0 && y > 0;
+    let pixels: Vec<_> = keypoints
+        .iter()
+        .map(|&(x, y)| Some(((x * width) as i32, (y * height) as i32)))
+        .collect();
+    draw_hand_pixels(canvas, &pixels);
+}
+
+/// `draw_handpose` of keypoints already at their pixels (`None`: not there): the bones
+/// and dots whose pixels are past the first row and column.
+pub fn draw_hand_pixels(canvas: &mut RgbImage, pixels: &[Option<(i32, i32)>]) {
+    let shown = |p: &Option<(i32, i32)>| p.filter(|&(x, y)| x > 0 && y > 0);
     for (i, [a, b]) in BONES.iter().enumerate() {
-        let (Some(a), Some(b)) = (keypoints.get(*a), keypoints.get(*b)) else {
+        let (Some(a), Some(b)) = (
+            pixels.get(*a).and_then(shown),
+            pixels.get(*b).and_then(shown),
+        ) else {
             continue;
         };
-        let (a, b) = (pixel(a), pixel(b));
-        if shown(a) && shown(b) {
-            let colour = bone_colour(i as f64 / BONES.len() as f64);
-            thick_line(canvas, a, b, BONE_THICKNESS, colour);
-        }
+        let colour = bone_colour(i as f64 / BONES.len() as f64);
+        thick_line(canvas, a, b, BONE_THICKNESS, colour);
     }
-    for point in keypoints.iter().map(pixel).filter(|&p| shown(p)) {
+    for point in pixels.iter().filter_map(shown) {
         fill_circle(canvas, point, DOT_RADIUS, DOT);
     }
 }

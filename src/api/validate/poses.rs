@@ -1,0 +1,152 @@
+//! A Preprocess request that draws poses: the pose set checked and converted, and the
+//! parts its OpenPose preprocessor draws.
+
+use prost::Message;
+
+use crate::api::status::ApiError;
+use crate::api::validate::fields::Violations;
+use crate::api::validate::preprocessor::{domain, Parameters};
+use crate::config::Limits;
+use crate::engine::preprocess::pose_set::PoseParts;
+use crate::engine::preprocess::pose_set::{
+    PersonPose, PosePoint, PoseSet, BODY_KEYPOINTS, HAND_KEYPOINTS, MOST_FACE_LANDMARKS,
+};
+use crate::engine::preprocess::Preprocessor;
+use crate::proto::v1 as pb;
+
+/// The most people a pose set may hold.
+pub const MOST_PEOPLE: usize = 100;
+/// How far off the canvas a keypoint may lie, in canvas sizes either side.
+const REACH: std::ops::RangeInclusive<f64> = -1.0..=2.0;
+
+/// The poses of a Preprocess request that has them, checked, and the parts to draw.
+pub fn poses_request(
+    request: &pb::PreprocessRequest,
+    poses: &pb::Poses,
+    limits: &Limits,
+) -> Result<(PoseSet, PoseParts), ApiError> {
+    let mut v = Violations::default();
+    if !request.image.is_empty() {
+        v.add(
+            "image",
+            "must be empty when poses are given (one or the other)",
+        );
+    }
+    let kind = pb::Preprocessor::try_from(request.preprocessor).ok();
+    let parts = match kind.and_then(|k| domain(k, Parameters::default())) {
+        Some(Preprocessor::OpenPose(parts)) => Some(parts),
+        _ => {
+            v.add(
+                "preprocessor",
+                "must be one of the OpenPose preprocessors to draw poses",
+            );
+            None
+        }
+    };
+    if request
+        .preprocessor_params
+        .as_ref()
+        .is_some_and(|p| p.encoded_len() > 0)
+    {
+        v.add(
+            "preprocessor_params",
+            "has nothing to set when poses are drawn",
+        );
+    }
+    let set = pose_set(poses, limits, "poses", &mut v);
+    v.into_result()?;
+    match (set, parts) {
+        (Some(set), Some(parts)) => Ok((set, parts)),
+        _ => Err(ApiError::Internal("valid poses without their parts".into())),
+    }
+}
+
+/// `poses` (the message at `field`) in domain terms, each violation recorded.
+fn pose_set(
+    poses: &pb::Poses,
+    limits: &Limits,
+    field: &str,
+    v: &mut Violations,
+) -> Option<PoseSet> {
+    let before = v.0.len();
+    for (name, size, most) in [
+        ("canvas_width", poses.canvas_width, limits.max_width),
+        ("canvas_height", poses.canvas_height, limits.max_height),
+    ] {
+        if !(1..=most).contains(&size) {
+            v.add(
+                format!("{field}.{name}"),
+                format!("must be in [1, {most}], got {size}"),
+            );
+        }
+    }
+    if poses.people.len() > MOST_PEOPLE {
+        let count = poses.people.len();
+        v.add(
+            format!("{field}.people"),
+            format!("must hold at most {MOST_PEOPLE} people, got {count}"),
+        );
+    }
+    let people: Vec<PersonPose> = poses
+        .people
+        .iter()
+        .enumerate()
+        .map(|(i, person)| person_pose(person, &format!("{field}.people[{i}]"), v))
+        .collect();
+    (v.0.len() == before).then_some(PoseSet {
+        width: poses.canvas_width,
+        height: poses.canvas_height,
+        people,
+    })
+}
+
+/// One person's parts, each of an allowed count of keypoints in reach.
+fn person_pose(person: &pb::PersonPose, field: &str, v: &mut Violations) -> PersonPose {
+    let mut part = |name: &str, keypoints: &[pb::PoseKeypoint], fits: fn(usize) -> bool, wanted| {
+        let field = format!("{field}.{name}");
+        let count = keypoints.len();
+        if !fits(count) {
+            v.add(
+                field.as_str(),
+                format!("must hold {wanted} keypoints, got {count}"),
+            );
+        }
+        keypoints
+            .iter()
+            .enumerate()
+            .map(|(i, k)| point(k, &format!("{field}[{i}]"), v))
+            .collect()
+    };
+    let body = |n| n == 0 || n == BODY_KEYPOINTS;
+    let hand = |n| n == 0 || n == HAND_KEYPOINTS;
+    let face = |n| n <= MOST_FACE_LANDMARKS;
+    let (bodies, hands) = (
+        format!("0 or {BODY_KEYPOINTS}"),
+        format!("0 or {HAND_KEYPOINTS}"),
+    );
+    PersonPose {
+        body: part("body", &person.body, body, bodies),
+        left_hand: part("left_hand", &person.left_hand, hand, hands.clone()),
+        right_hand: part("right_hand", &person.right_hand, hand, hands),
+        face: part(
+            "face",
+            &person.face,
+            face,
+            format!("at most {MOST_FACE_LANDMARKS}"),
+        ),
+    }
+}
+
+/// A keypoint's position, unless missing; a coordinate out of reach (NaN included) is
+/// a violation of it.
+fn point(keypoint: &pb::PoseKeypoint, field: &str, v: &mut Violations) -> PosePoint {
+    for (name, value) in [("x", keypoint.x), ("y", keypoint.y)] {
+        if !REACH.contains(&value) {
+            v.add(
+                format!("{field}.{name}"),
+                format!("must be a fraction of the canvas in [-1, 2], got {value}"),
+            );
+        }
+    }
+    (!keypoint.missing).then_some((keypoint.x, keypoint.y))
+}
