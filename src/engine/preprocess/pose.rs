@@ -14,7 +14,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::openpose::{bgr_input, plane_back, smart_resize, BodyPose};
 use crate::engine::preprocess::openpose_cpm::CpmNetwork;
 use crate::engine::preprocess::pose_decode::{decode, Candidate, Person, PoseMaps};
-use crate::engine::preprocess::pose_draw::draw_body;
+use crate::engine::preprocess::pose_draw::{draw_body, float32_pixel};
 use crate::engine::preprocess::pose_face::{
     draw_face, face_box, face_landmarks, normalised, FaceLandmarks,
 };
@@ -191,11 +191,12 @@ impl DetectedPeople {
     /// drawn, they give the detection's map again.
     pub fn poses(&self) -> PoseSet {
         let (w, h) = (self.width as f64, self.height as f64);
-        let (wf, hf) = (self.width as f32, self.height as f32);
-        let centre = |x: f32, size: f32| (f64::from((x * size) as i32) + 0.5) / f64::from(size);
+        let size = (self.width as u32, self.height as u32);
         let found = |points: &Option<Vec<(f32, f32)>>| -> Vec<PosePoint> {
             let point = |&(x, y): &(f32, f32)| {
-                (x >= 0.0 && y >= 0.0).then(|| (centre(x, wf), centre(y, hf)))
+                let (px, py) = float32_pixel((x, y), size);
+                let centre = ((f64::from(px) + 0.5) / w, (f64::from(py) + 0.5) / h);
+                (x >= 0.0 && y >= 0.0).then_some(centre)
             };
             points.iter().flatten().map(point).collect()
         };

@@ -386,6 +386,12 @@ fn clip_line(width: i64, height: i64, a: &mut (i64, i64), b: &mut (i64, i64)) ->
     (c1 | c2) == 0
 }
 
+/// The pixel a position normalised in float32 lands on, as the reference draws hands and
+/// faces: the position times the canvas's size in float32, truncated.
+pub fn float32_pixel((x, y): (f32, f32), (width, height): (u32, u32)) -> (i32, i32) {
+    ((x * width as f32) as i32, (y * height as f32) as i32)
+}
+
 /// `cv::circle(canvas, center, radius, color, thickness=-1)`: the midpoint circle, each
 /// octant pair's row filled.
 pub fn fill_circle(canvas: &mut RgbImage, center: (i32, i32), radius: i32, color: [u8; 3]) {

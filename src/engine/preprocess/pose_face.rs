@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::openpose::{bgr_input, smart_resize};
-use crate::engine::preprocess::pose_draw::fill_circle;
+use crate::engine::preprocess::pose_draw::{fill_circle, float32_pixel};
 
 /// The side of the face network's square input.
 const INPUT_SIDE: usize = 384;
@@ -184,10 +184,10 @@ pub fn normalised(
 /// `draw_facepose`: each landmark whose pixel (normalised position times the canvas's
 /// size in float32, truncated) is past the first row and column, as a white dot.
 pub fn draw_face(canvas: &mut RgbImage, landmarks: &[(f32, f32)]) {
-    let (width, height) = (canvas.width() as f32, canvas.height() as f32);
+    let size = canvas.dimensions();
     let pixels: Vec<_> = landmarks
         .iter()
-        .map(|&(x, y)| Some(((x * width) as i32, (y * height) as i32)))
+        .map(|&p| Some(float32_pixel(p, size)))
         .collect();
     draw_face_pixels(canvas, &pixels);
 }

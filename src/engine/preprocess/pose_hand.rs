@@ -13,7 +13,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_blur::blur_u8_interleaved;
 use crate::engine::preprocess::openpose::{bgr_input, plane_back, smart_resize};
 use crate::engine::preprocess::pose_decode::{gaussian_filter, numpy_sum};
-use crate::engine::preprocess::pose_draw::{fill_circle, thick_line};
+use crate::engine::preprocess::pose_draw::{fill_circle, float32_pixel, thick_line};
 use crate::engine::preprocess::pose_face::{shortened_side, square_crop};
 
 /// The wrist's offset beyond the elbow, as a fraction of the forearm.
@@ -253,10 +253,10 @@ fn bone_colour(hue: f64) -> [u8; 3] {
 /// canvas's size in float32, truncated) are past the first row and column, as a line of
 /// thickness 2 in its hue, then each such keypoint as a blue dot.
 pub fn draw_hand(canvas: &mut RgbImage, keypoints: &[(f32, f32)]) {
-    let (width, height) = (canvas.width() as f32, canvas.height() as f32);
+    let size = canvas.dimensions();
     let pixels: Vec<_> = keypoints
         .iter()
-        .map(|&(x, y)| Some(((x * width) as i32, (y * height) as i32)))
+        .map(|&p| Some(float32_pixel(p, size)))
         .collect();
     draw_hand_pixels(canvas, &pixels);
 }
