@@ -164,8 +164,9 @@ async fn the_preprocess_rpc_draws_poses_and_names_each_bad_part() {
             vec!["preprocessor"],
         ),
         (with_params, vec!["preprocessor_params"]),
+        (edited(&|p| p.canvas_width = 0), vec!["poses.canvas_width"]),
         (
-            edited(&|p| (p.canvas_width, p.canvas_height) = (0, 100_000)),
+            edited(&|p| (p.canvas_width, p.canvas_height) = (100_000, 100_000)),
             vec!["poses.canvas_width", "poses.canvas_height"],
         ),
         (

@@ -5,6 +5,7 @@ use prost::Message;
 
 use crate::api::status::ApiError;
 use crate::api::validate::fields::Violations;
+use crate::api::validate::images::max_image_pixels;
 use crate::api::validate::preprocessor::{domain, Parameters};
 use crate::config::Limits;
 use crate::engine::preprocess::pose_set::PoseParts;
@@ -69,14 +70,19 @@ fn pose_set(
     v: &mut Violations,
 ) -> Option<PoseSet> {
     let before = v.0.len();
-    for (name, size, most) in [
-        ("canvas_width", poses.canvas_width, limits.max_width),
-        ("canvas_height", poses.canvas_height, limits.max_height),
-    ] {
-        if !(1..=most).contains(&size) {
+    let (width, height) = (poses.canvas_width, poses.canvas_height);
+    // The canvases of detected poses are detection images: as large as those may be.
+    let most = max_image_pixels(limits);
+    let too_large = u64::from(width) * u64::from(height) > most;
+    for (name, size) in [("canvas_width", width), ("canvas_height", height)] {
+        if size == 0 {
+            v.add(format!("{field}.{name}"), "must be at least 1");
+        } else if too_large {
             v.add(
                 format!("{field}.{name}"),
-                format!("must be in [1, {most}], got {size}"),
+                format!(
+                    "makes a {width}x{height} canvas, over the {most} pixels an image may have"
+                ),
             );
         }
     }
