@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use crate::engine::preprocess::pose::DetectedPeople;
 use crate::engine::preprocess::ControlMap;
 use crate::engine::registry::ModelKind;
 use crate::jobs::clock::StageClock;
@@ -49,7 +50,7 @@ pub fn run_preprocess(
         sink.progress(progress(Stage::Preprocessing, 1, 1));
         map
     };
-    let ControlMap { map, poses } = map;
+    let ControlMap { map, people } = map;
     let (width, height) = map.dimensions();
     sink.image(FinishedImage {
         index: 0,
@@ -70,6 +71,6 @@ pub fn run_preprocess(
         ModelKind::Preprocessor,
         admitted_at,
     );
-    report.detected_poses = poses;
+    report.detected_poses = people.as_ref().map(DetectedPeople::poses);
     Ok(report)
 }

@@ -8,9 +8,8 @@ use crate::api::validate::fields::Violations;
 use crate::api::validate::images::max_image_pixels;
 use crate::api::validate::preprocessor::{domain, Parameters};
 use crate::config::Limits;
-use crate::engine::preprocess::pose_set::PoseParts;
 use crate::engine::preprocess::pose_set::{
-    PersonPose, PosePoint, PoseSet, BODY_KEYPOINTS, HAND_KEYPOINTS, MOST_FACE_LANDMARKS,
+    PersonPose, PoseParts, PosePoint, PoseSet, BODY_KEYPOINTS, HAND_KEYPOINTS, MOST_FACE_LANDMARKS,
 };
 use crate::engine::preprocess::Preprocessor;
 use crate::proto::v1 as pb;

@@ -59,7 +59,6 @@ use detector::{Detector, DetectorNetwork};
 use image_filters::Param;
 use mlsd_lines::LineThresholds;
 use pose::{DetectedPeople, PartNetworks, PoseParts};
-use pose_set::PoseSet;
 
 /// A preprocessor and the resolution its detector runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +140,7 @@ impl Preprocessing {
                 let people = pose_people(rgb, parts, networks, between_passes)?;
                 Ok(ControlMap {
                     map: people.draw(parts),
-                    poses: Some(people.poses()),
+                    people: Some(people),
                 })
             }
             other => Ok(ControlMap::drawn(other.detect(
@@ -153,15 +152,16 @@ impl Preprocessing {
     }
 }
 
-/// A control map, and the poses drawn in it where a pose preprocessor drew it.
+/// A control map, and the people drawn in it where a pose preprocessor drew it (their
+/// poses made only where asked for).
 pub struct ControlMap {
     pub map: RgbImage,
-    pub poses: Option<PoseSet>,
+    pub people: Option<DetectedPeople>,
 }
 
 impl ControlMap {
     fn drawn(map: RgbImage) -> Self {
-        Self { map, poses: None }
+        Self { map, people: None }
     }
 }
 
