@@ -94,11 +94,7 @@ fn assert_nearly_equal(what: &str, got: &image::GrayImage, want: &image::GrayIma
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_teed_file_serves_anyline_and_its_fields_are_checked() {
     let (server, _roots) = server_with_detector(&teed("seed3"), "MTEED", &[]).await;
-    let support = server.capabilities().await.preprocessor_support;
-    let anyline = support
-        .iter()
-        .find(|s| s.preprocessor == pb::Preprocessor::Anyline as i32)
-        .expect("listed");
+    let anyline = server.preprocessor_support(pb::Preprocessor::Anyline).await;
     assert!(anyline.ready, "{anyline:?}");
     assert_eq!(
         (anyline.config_key.as_str(), anyline.default_model.as_str()),

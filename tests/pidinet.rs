@@ -291,15 +291,7 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         .expect("png")
         .to_luma8();
     assert_eq!(by_default, sketch);
-    let support = server.capabilities().await.preprocessor_support;
-    let listed = |kind: pb::Preprocessor| {
-        support
-            .iter()
-            .find(|s| s.preprocessor == kind as i32)
-            .unwrap_or_else(|| panic!("{kind:?} listed"))
-            .clone()
-    };
-    let sketches = listed(pb::Preprocessor::Sketch);
+    let sketches = server.preprocessor_support(pb::Preprocessor::Sketch).await;
     assert!(sketches.ready, "{sketches:?}");
     assert_eq!(
         (
@@ -308,7 +300,9 @@ async fn a_pidinet_file_serves_soft_edges_by_name_and_only_them() {
         ),
         ("preprocessing.sketch_model", "table5_pidinet")
     );
-    let soft_edges = listed(pb::Preprocessor::Softedge);
+    let soft_edges = server
+        .preprocessor_support(pb::Preprocessor::Softedge)
+        .await;
     assert_eq!(soft_edges.config_key, "preprocessing.hed_model");
     let params = request(pb::Preprocessor::Sketch).preprocessor_params;
     let parameters = unit_parameters(&server, pb::Preprocessor::Sketch, &photo, params).await;
@@ -348,10 +342,6 @@ async fn a_sketch_default_of_another_network_is_the_configurations_fault() {
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "PREPROCESSOR_MODEL_MISMATCH");
     assert_eq!(info.metadata["config_key"], "preprocessing.sketch_model");
-    let support = server.capabilities().await.preprocessor_support;
-    let sketches = support
-        .iter()
-        .find(|s| s.preprocessor == pb::Preprocessor::Sketch as i32)
-        .expect("sketches listed");
+    let sketches = server.preprocessor_support(pb::Preprocessor::Sketch).await;
     assert!(!sketches.ready, "{sketches:?}");
 }

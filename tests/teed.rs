@@ -193,18 +193,14 @@ async fn a_teed_default_serves_soft_edges_and_is_not_offered_for_scribbles() {
     use tonic_types::StatusExt;
     let default = [("SDXLD__PREPROCESSING__HED_MODEL", "teed")];
     let (server, _roots) = server_with_detector(&path("seed3"), "teed", &default).await;
-    let support = server.capabilities().await.preprocessor_support;
-    let listed = |kind: pb::Preprocessor| {
-        support
-            .iter()
-            .find(|s| s.preprocessor == kind as i32)
-            .unwrap_or_else(|| panic!("{kind:?} listed"))
-            .clone()
-    };
-    let soft_edges = listed(pb::Preprocessor::Softedge);
+    let soft_edges = server
+        .preprocessor_support(pb::Preprocessor::Softedge)
+        .await;
     assert!(soft_edges.ready, "{soft_edges:?}");
     assert_eq!(soft_edges.default_model, "teed");
-    let scribbles = listed(pb::Preprocessor::Scribble);
+    let scribbles = server
+        .preprocessor_support(pb::Preprocessor::Scribble)
+        .await;
     assert!(!scribbles.ready, "{scribbles:?}");
     assert_eq!(scribbles.config_key, "preprocessing.hed_model");
     assert!(

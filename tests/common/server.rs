@@ -361,6 +361,17 @@ impl TestServer {
             .into_inner()
     }
 
+    /// The capabilities' entry for the preprocessor `kind`.
+    #[allow(dead_code)]
+    pub async fn preprocessor_support(&self, kind: pb::Preprocessor) -> pb::PreprocessorSupport {
+        self.capabilities()
+            .await
+            .preprocessor_support
+            .into_iter()
+            .find(|s| s.preprocessor == kind as i32)
+            .unwrap_or_else(|| panic!("{kind:?} listed"))
+    }
+
     /// Asserts that the capabilities list `field` as a supported feature.
     #[allow(dead_code)]
     pub async fn assert_feature(&self, field: &str) {
