@@ -232,9 +232,23 @@ async fn the_preprocess_rpc_runs_the_named_or_default_detector() {
         .find(|m| m.name == DEPTH_MODEL)
         .expect("the depth folder listed");
     assert!(depth.resident);
+    let network_and_version = |name: &str| {
+        let entry = listed.iter().find(|m| m.name == name).expect("listed");
+        let info = entry.preprocessor.clone().unwrap_or_default();
+        (info.network, info.version)
+    };
+    // Depth Anything's two versions list apart; other networks have no version.
     assert_eq!(
-        depth.preprocessor.as_ref().map(|p| p.network.as_str()),
-        Some("depth_anything")
+        network_and_version(DEPTH_MODEL),
+        ("depth_anything".into(), "2".into())
+    );
+    assert_eq!(
+        network_and_version(DEPTH_V1_MODEL),
+        ("depth_anything".into(), "1".into())
+    );
+    assert_eq!(
+        network_and_version("Intel/dpt-large"),
+        ("dpt".into(), String::new())
     );
     let dpt = listed
         .iter()

@@ -9,6 +9,8 @@ use crate::api::status::ApiError;
 use crate::api::validate::scheduler_kind;
 use crate::api::ApiState;
 use crate::engine::loading::lora::{LoraFormat, LoraLayout, LoraTarget};
+use crate::engine::preprocess::depth_anything::{self, DepthAnythingVersion};
+use crate::engine::preprocess::detector::DetectorNetwork;
 use crate::engine::registry::{ModelEntry, ModelFormat, ModelKind, Registry};
 use crate::jobs::{AdminOp, AdminRequest, JobError};
 use crate::proto::v1 as pb;
@@ -203,12 +205,25 @@ fn preprocessor_info(model: &ModelEntry) -> pb::PreprocessorModelInfo {
     match crate::engine::preprocess::detector::network_of(&model.path) {
         Ok(network) => pb::PreprocessorModelInfo {
             network: network.name().to_string(),
+            version: network_version(network, model),
             error: String::new(),
         },
         Err(e) => pb::PreprocessorModelInfo {
-            network: String::new(),
             error: listed_error(&e, model),
+            ..Default::default()
         },
+    }
+}
+
+/// The version of a network that has several (Depth Anything's), else empty.
+fn network_version(network: DetectorNetwork, model: &ModelEntry) -> String {
+    match network {
+        DetectorNetwork::DepthAnything => match depth_anything::version_of(&model.path) {
+            Ok(DepthAnythingVersion::First) => "1".into(),
+            Ok(DepthAnythingVersion::Second) => "2".into(),
+            Err(_) => String::new(),
+        },
+        _ => String::new(),
     }
 }
 
