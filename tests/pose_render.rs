@@ -3,7 +3,8 @@
 //! random people on six canvases with every combination of parts the OpenPose
 //! preprocessors draw, pixel for pixel, in the engine and through the Preprocess RPC;
 //! a keypoint sent as missing drawn as the reference's given-up keypoint is (nowhere);
-//! the pose set's refusals by field.
+//! the pose set's refusals by field; ControlNet units and union conditions that draw
+//! their poses as the reference's map given as an image does, and their refusals.
 
 mod common;
 
@@ -219,5 +220,186 @@ fn keypoint(x: f64, y: f64) -> pb::PoseKeypoint {
         x,
         y,
         missing: false,
+    }
+}
+
+/// A generation of two Euler steps at 96x64 with `units`, their control maps returned.
+fn unit_spec(units: Vec<pb::ControlNetUnit>) -> pb::GenerationSpec {
+    pb::GenerationSpec {
+        prompt: "a dancer".into(),
+        seed: Some(7),
+        steps: 2,
+        width: 96,
+        height: 64,
+        scheduler: pb::Scheduler::Euler as i32,
+        controlnets: units,
+        output: Some(pb::OutputOptions {
+            return_control_maps: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn png(map: &image::RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    map.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .expect("png");
+    bytes
+}
+
+fn pixels(png: &[u8]) -> image::RgbImage {
+    image::load_from_memory(png).expect("png").to_rgb8()
+}
+
+/// A unit (and a union unit's further condition) given poses makes what the reference's
+/// drawn map given as an image makes with no preprocessor and the OpenPose type: the
+/// same control maps, the same images (so the OpenPose control type followed from the
+/// preprocessor); its PNG parameters record a map given. Bad poses, or an image, another
+/// preprocessor or parameters beside them, are refused by field under the unit's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_draw_their_poses_as_the_reference_map_given_as_an_image() {
+    let detectors = tempfile::tempdir().expect("tempdir");
+    let controlnets = common::controlnet_root(&[("tiny2/union", "union_xl")]);
+    let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &[]).await;
+    let cases = cases();
+    // A square canvas of bodies and a 37x53 one of every part.
+    let picked = [cases[0].clone(), cases[14].clone()];
+    let resize_modes = [pb::ResizeMode::CropAndResize, pb::ResizeMode::JustResize];
+    for (((poses, parts, expected), resize), pixel_perfect) in
+        picked.iter().zip(resize_modes).zip([true, false])
+    {
+        let (kind, _) = preprocessor(parts);
+        let posed = pb::ControlNetUnit {
+            model: "union_xl".into(),
+            poses: Some(wire_poses(&pose_set(poses))),
+            preprocessor: kind as i32,
+            resize_mode: resize as i32,
+            pixel_perfect,
+            ..Default::default()
+        };
+        let given = pb::ControlNetUnit {
+            poses: None,
+            image: png(expected),
+            preprocessor: pb::Preprocessor::None as i32,
+            control_type: pb::ControlType::Openpose as i32,
+            ..posed.clone()
+        };
+        let drawn = server
+            .images(unit_spec(vec![posed]))
+            .await
+            .unwrap_or_else(|e| panic!("{parts}: {e}"));
+        let reference = server
+            .images(unit_spec(vec![given]))
+            .await
+            .unwrap_or_else(|e| panic!("{parts} given: {e}"));
+        let maps = |r: &pb::GenerateImagesResponse| pixels(&r.control_maps[0].data);
+        assert!(maps(&drawn) == maps(&reference), "{parts}: control maps");
+        let images = |r: &pb::GenerateImagesResponse| pixels(&r.images[0].data);
+        assert!(images(&drawn) == images(&reference), "{parts}: images");
+        let parameters = common::png_parameters(&drawn.images[0].data);
+        assert!(
+            parameters.contains("ControlNet 0: \"Module: none, Model: union_xl"),
+            "{parameters}"
+        );
+    }
+    // A union unit's further condition drawn from poses, beside an image's condition.
+    let (poses, parts, expected) = &picked[1];
+    let kind = preprocessor(parts).0 as i32;
+    let canny = image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([if (x / 8 + y / 8) % 2 == 0 { 255 } else { 0 }; 3])
+    });
+    let unit = |more: pb::UnionCondition| pb::ControlNetUnit {
+        model: "union_xl".into(),
+        image: png(&canny),
+        control_type: pb::ControlType::CannyLineart as i32,
+        more_conditions: vec![more],
+        ..Default::default()
+    };
+    let posed = pb::UnionCondition {
+        poses: Some(wire_poses(&pose_set(poses))),
+        preprocessor: kind,
+        ..Default::default()
+    };
+    let given = pb::UnionCondition {
+        image: png(expected),
+        control_type: pb::ControlType::Openpose as i32,
+        ..Default::default()
+    };
+    let drawn = server
+        .images(unit_spec(vec![unit(posed.clone())]))
+        .await
+        .expect("a posed condition");
+    let reference = server
+        .images(unit_spec(vec![unit(given)]))
+        .await
+        .expect("a given condition");
+    let map = |r: &pb::GenerateImagesResponse| {
+        let map = r.control_maps.iter().find(|m| m.condition_index == 1);
+        pixels(&map.expect("the condition's map").data)
+    };
+    assert!(map(&drawn) == map(&reference), "condition maps");
+    let image = |r: &pb::GenerateImagesResponse| pixels(&r.images[0].data);
+    assert!(image(&drawn) == image(&reference), "condition images");
+    // Refusals, each under the unit's path.
+    let set = pose_set(poses);
+    let unit_with = |edit: &dyn Fn(&mut pb::ControlNetUnit)| {
+        let mut unit = pb::ControlNetUnit {
+            model: "union_xl".into(),
+            poses: Some(wire_poses(&set)),
+            preprocessor: kind,
+            ..Default::default()
+        };
+        edit(&mut unit);
+        unit_spec(vec![unit])
+    };
+    let p = "spec.controlnets[0]";
+    let refused: Vec<(pb::GenerationSpec, Vec<String>)> = vec![
+        (
+            unit_with(&|u| u.image = png(expected)),
+            vec![format!("{p}.image")],
+        ),
+        (
+            unit_with(&|u| u.preprocessor = pb::Preprocessor::Canny as i32),
+            vec![format!("{p}.preprocessor")],
+        ),
+        (
+            unit_with(&|u| {
+                u.preprocessor_params = Some(pb::PreprocessorParams {
+                    detect_resolution: 512,
+                    ..Default::default()
+                })
+            }),
+            vec![format!("{p}.preprocessor_params")],
+        ),
+        (
+            unit_with(&|u| {
+                if let Some(poses) = u.poses.as_mut() {
+                    poses.people[0].body[2] = keypoint(f64::NAN, 0.5);
+                }
+            }),
+            vec![format!("{p}.poses.people[0].body[2].x")],
+        ),
+        (
+            unit_with(&|u| {
+                u.more_conditions = vec![pb::UnionCondition {
+                    poses: Some(pb::Poses {
+                        canvas_width: 0,
+                        ..wire_poses(&set)
+                    }),
+                    preprocessor: kind,
+                    ..Default::default()
+                }]
+            }),
+            vec![format!("{p}.more_conditions[0].poses.canvas_width")],
+        ),
+    ];
+    for (spec, fields) in refused {
+        let status = server.images(spec).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert_eq!(violated_fields(&status), fields, "{}", status.message());
     }
 }

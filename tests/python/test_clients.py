@@ -531,7 +531,8 @@ def test_python_client_draws_an_a1111_pose_json_as_controlnet_aux_does(stubs, se
     """A pose JSON as A1111's render_openpose_json takes it (people with flat
     [x, y, confidence] lists, normalised, confidence 0 for a missing keypoint), turned into
     Poses and drawn by PREPROCESSOR_OPENPOSE_FULL: equal to controlnet_aux's draw_poses
-    pixel for pixel; a NaN keypoint refused naming it."""
+    pixel for pixel; a NaN keypoint refused naming it, in a Preprocess request and in a
+    ControlNet unit."""
     import numpy as np
     from controlnet_aux.open_pose import PoseResult, draw_poses
     from controlnet_aux.open_pose.body import BodyResult, Keypoint
@@ -569,6 +570,13 @@ def test_python_client_draws_an_a1111_pose_json_as_controlnet_aux_does(stubs, se
         gen.Preprocess(stubs.gen.PreprocessRequest(preprocessor=stubs.gen.PREPROCESSOR_OPENPOSE_FULL, poses=wire))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "poses.people[1].face[3].x" in refused.value.details()
+    # A ControlNet unit given the same poses is checked under its own path before any
+    # model is looked for.
+    unit = stubs.gen.ControlNetUnit(model="any", poses=wire, preprocessor=stubs.gen.PREPROCESSOR_OPENPOSE_FULL)
+    with pytest.raises(grpc.RpcError) as refused:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, controlnets=[unit])))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, refused.value) == ["spec.controlnets[0].poses.people[1].face[3].x"]
 
 
 def test_python_client_anyline_as_controlnet_aux_draws_it(stubs, server):

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use image::DynamicImage;
+
 use crate::api::validate::detector::Detectors;
 use crate::api::validate::fields::{
     enum_value, float, model_name, optional_float, Range, Violations,
@@ -10,9 +12,11 @@ use crate::api::validate::fields::{
 use crate::api::validate::images::required_image;
 use crate::api::validate::model::named;
 use crate::api::validate::pixel_perfect::PixelPerfect;
+use crate::api::validate::poses::{given_poses, PosedFields};
 use crate::api::validate::preprocessor::{preprocessor, Subject};
 use crate::api::validate::Deferred;
 use crate::engine::control::{ControlCondition, ControlMode, ControlType, ControlUnit, ResizeMode};
+use crate::engine::preprocess::{Preprocessing, Preprocessor};
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
 use crate::jobs::{ConditioningImage, ControlInput, ControlNetJob};
 use crate::proto::v1 as pb;
@@ -21,6 +25,14 @@ use crate::proto::v1 as pb;
 pub const MAX_CONTROLNETS: usize = 8;
 /// Most conditions of a union unit besides its own image.
 pub const MAX_MORE_CONDITIONS: usize = 7;
+
+/// The fields of a unit or a union condition that make one control map.
+struct MapFields<'a> {
+    image: &'a [u8],
+    poses: Option<&'a pb::Poses>,
+    preprocessor: i32,
+    params: Option<&'a pb::PreprocessorParams>,
+}
 
 /// What the checks of one unit share.
 struct Check<'a> {
@@ -120,14 +132,13 @@ impl Check<'_> {
                 resize,
             });
         let pixel_perfect = pixel_perfect.as_ref();
-        let first = self.input(
-            "",
-            &unit.image,
-            (unit.preprocessor, unit.preprocessor_params.as_ref()),
-            pixel_perfect,
-            v,
-            deferred,
-        );
+        let fields = MapFields {
+            image: &unit.image,
+            poses: unit.poses.as_ref(),
+            preprocessor: unit.preprocessor,
+            params: unit.preprocessor_params.as_ref(),
+        };
+        let first = self.input("", fields, pixel_perfect, v, deferred);
         let settings = unit_settings(p, unit, v);
         let mut inputs = vec![first];
         let mut conditions = Vec::new();
@@ -191,19 +202,22 @@ impl Check<'_> {
     }
 
     /// An image and its preprocessor, under `{unit}{sub}.`, detected where the unit's
-    /// `pixel_perfect` puts it.
+    /// `pixel_perfect` puts it; or poses drawn as the map.
     fn input(
         &self,
         sub: &str,
-        image: &[u8],
-        (kind, params): (i32, Option<&pb::PreprocessorParams>),
+        fields: MapFields,
         pixel_perfect: Option<&PixelPerfect>,
         v: &mut Violations,
         deferred: &mut Deferred,
     ) -> Option<ControlInput> {
         let prefix = format!("{}{sub}.", self.p);
+        if let Some(poses) = fields.poses {
+            return self.drawn_poses(&prefix, fields, poses, v);
+        }
+        let (kind, params) = (fields.preprocessor, fields.params);
         let field = format!("{prefix}image");
-        let decoded = required_image(image, &field, self.max_pixels, v);
+        let decoded = required_image(fields.image, &field, self.max_pixels, v);
         let fitted =
             pixel_perfect.and_then(|rule| rule.fit(&prefix, kind, params, decoded.as_ref(), v));
         let params = fitted.as_ref().map_or(params, |f| Some(&f.params));
@@ -227,6 +241,35 @@ impl Check<'_> {
         })
     }
 
+    /// Poses given under `prefix` instead of an image, drawn: the map as a given one
+    /// (no preprocessor), as a pose editor hands its map to a unit.
+    fn drawn_poses(
+        &self,
+        prefix: &str,
+        fields: MapFields,
+        poses: &pb::Poses,
+        v: &mut Violations,
+    ) -> Option<ControlInput> {
+        let posed = PosedFields {
+            image: fields.image,
+            preprocessor: fields.preprocessor,
+            params: fields.params,
+            poses,
+        };
+        let (set, parts) = given_poses(prefix, posed, self.max_pixels, v)?;
+        let map = DynamicImage::ImageRgb8(set.draw(parts));
+        Some(ControlInput {
+            image: ConditioningImage(Arc::new(map)),
+            preprocessing: Preprocessing {
+                preprocessor: Preprocessor::None,
+                detect_resolution: None,
+            },
+            detector: None,
+            face_detector: None,
+            hand_detector: None,
+        })
+    }
+
     /// `more_conditions[j]`: its input and its condition (`None` where invalid).
     #[allow(clippy::type_complexity)]
     fn more(
@@ -238,14 +281,13 @@ impl Check<'_> {
         deferred: &mut Deferred,
     ) -> (Option<ControlInput>, Option<Option<ControlCondition>>) {
         let sub = format!(".more_conditions[{j}]");
-        let input = self.input(
-            &sub,
-            &more.image,
-            (more.preprocessor, more.preprocessor_params.as_ref()),
-            pixel_perfect,
-            v,
-            deferred,
-        );
+        let fields = MapFields {
+            image: &more.image,
+            poses: more.poses.as_ref(),
+            preprocessor: more.preprocessor,
+            params: more.preprocessor_params.as_ref(),
+        };
+        let input = self.input(&sub, fields, pixel_perfect, v, deferred);
         let field = format!("{}{sub}", self.p);
         let scale = optional_float(
             v,

@@ -1,5 +1,6 @@
-//! A Preprocess request that draws poses: the pose set checked and converted, and the
-//! parts its OpenPose preprocessor draws.
+//! Poses given instead of an image (a Preprocess request's, a ControlNet unit's or a
+//! union condition's): the pose set checked and converted, and the parts its OpenPose
+//! preprocessor draws.
 
 use prost::Message;
 
@@ -19,6 +20,14 @@ pub const MOST_PEOPLE: usize = 100;
 /// How far off the canvas a keypoint may lie, in canvas sizes either side.
 const REACH: std::ops::RangeInclusive<f64> = -1.0..=2.0;
 
+/// The fields of a message that may give poses instead of an image.
+pub struct PosedFields<'a> {
+    pub image: &'a [u8],
+    pub preprocessor: i32,
+    pub params: Option<&'a pb::PreprocessorParams>,
+    pub poses: &'a pb::Poses,
+}
+
 /// The poses of a Preprocess request that has them, checked, and the parts to draw.
 pub fn poses_request(
     request: &pb::PreprocessRequest,
@@ -26,52 +35,58 @@ pub fn poses_request(
     limits: &Limits,
 ) -> Result<(PoseSet, PoseParts), ApiError> {
     let mut v = Violations::default();
-    if !request.image.is_empty() {
+    let fields = PosedFields {
+        image: &request.image,
+        preprocessor: request.preprocessor,
+        params: request.preprocessor_params.as_ref(),
+        poses,
+    };
+    let checked = given_poses("", fields, max_image_pixels(limits), &mut v);
+    v.into_result()?;
+    checked.ok_or_else(|| ApiError::Internal("valid poses without their parts".into()))
+}
+
+/// Poses given under `prefix` (`""`, `spec.controlnets[0].`) in place of an image: the
+/// set and the parts its OpenPose preprocessor draws, each violation recorded. A
+/// canvas may have as many pixels as an image (`max_pixels`): a detection's poses
+/// always come back.
+pub fn given_poses(
+    prefix: &str,
+    fields: PosedFields,
+    max_pixels: u64,
+    v: &mut Violations,
+) -> Option<(PoseSet, PoseParts)> {
+    if !fields.image.is_empty() {
         v.add(
-            "image",
+            format!("{prefix}image"),
             "must be empty when poses are given (one or the other)",
         );
     }
-    let kind = pb::Preprocessor::try_from(request.preprocessor).ok();
+    let kind = pb::Preprocessor::try_from(fields.preprocessor).ok();
     let parts = match kind.and_then(|k| domain(k, Parameters::default())) {
         Some(Preprocessor::OpenPose(parts)) => Some(parts),
         _ => {
             v.add(
-                "preprocessor",
+                format!("{prefix}preprocessor"),
                 "must be one of the OpenPose preprocessors to draw poses",
             );
             None
         }
     };
-    if request
-        .preprocessor_params
-        .as_ref()
-        .is_some_and(|p| p.encoded_len() > 0)
-    {
+    if fields.params.is_some_and(|p| p.encoded_len() > 0) {
         v.add(
-            "preprocessor_params",
+            format!("{prefix}preprocessor_params"),
             "has nothing to set when poses are drawn",
         );
     }
-    let set = pose_set(poses, limits, "poses", &mut v);
-    v.into_result()?;
-    match (set, parts) {
-        (Some(set), Some(parts)) => Ok((set, parts)),
-        _ => Err(ApiError::Internal("valid poses without their parts".into())),
-    }
+    let set = pose_set(fields.poses, max_pixels, &format!("{prefix}poses"), v);
+    Some((set?, parts?))
 }
 
 /// `poses` (the message at `field`) in domain terms, each violation recorded.
-fn pose_set(
-    poses: &pb::Poses,
-    limits: &Limits,
-    field: &str,
-    v: &mut Violations,
-) -> Option<PoseSet> {
+fn pose_set(poses: &pb::Poses, most: u64, field: &str, v: &mut Violations) -> Option<PoseSet> {
     let before = v.0.len();
     let (width, height) = (poses.canvas_width, poses.canvas_height);
-    // The canvases of detected poses are detection images: as large as those may be.
-    let most = max_image_pixels(limits);
     let too_large = u64::from(width) * u64::from(height) > most;
     for (name, size) in [("canvas_width", width), ("canvas_height", height)] {
         if size == 0 {
