@@ -501,6 +501,58 @@ async fn a_recolor_unit_equals_its_preview_map_and_records_its_gamma() {
     }
 }
 
+/// Maps of extreme aspect (1 x 4,000,000 pixels and the transpose, within the image
+/// limit) fit the output in every resize mode without their scaled whole (crop and resize
+/// would scale the thin one to 64 x 256,000,000 first), and the server serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maps_of_extreme_aspect_fit_in_every_resize_mode() {
+    let root = controlnet_root();
+    // The default image limit (2048 x 2048 x 4 pixels).
+    let pipeline = fixtures().join("tiny2/pipeline");
+    let server = TestServer::start(&[
+        (
+            "SDXLD__ENGINE__DEFAULT_MODEL",
+            pipeline.to_str().expect("utf-8"),
+        ),
+        (
+            "SDXLD__MODELS__CONTROLNET_ROOTS",
+            root.path().to_str().expect("utf-8"),
+        ),
+    ])
+    .await;
+    let mut spec = spec_of(&case("one_unit"));
+    spec.num_images = 1;
+    spec.steps = 1;
+    spec.output = Some(pb::OutputOptions {
+        return_control_maps: true,
+        ..Default::default()
+    });
+    let size = (spec.width, spec.height);
+    for (w, h) in [(1, 4_000_000), (4_000_000, 1)] {
+        let thin =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([((x + y) / 3 % 256) as u8; 3]));
+        let mut png = Vec::new();
+        thin.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("png");
+        for mode in [
+            pb::ResizeMode::CropAndResize,
+            pb::ResizeMode::ResizeAndFill,
+            pb::ResizeMode::JustResize,
+        ] {
+            let mut spec = spec.clone();
+            spec.controlnets[0].image = png.clone();
+            spec.controlnets[0].resize_mode = mode as i32;
+            let response = server
+                .images(spec)
+                .await
+                .unwrap_or_else(|e| panic!("{w}x{h} {mode:?}: {e}"));
+            let map = &response.control_maps[0];
+            assert_eq!((map.width, map.height), size, "{w}x{h} {mode:?}");
+        }
+    }
+    server.images(spec).await.expect("serving on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_units_are_refused_and_leave_nothing_behind() {
     let root = controlnet_root();

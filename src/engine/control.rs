@@ -8,7 +8,7 @@ use image::RgbImage;
 use crate::engine::models::controlnet::ControlNetConfig;
 use crate::engine::models::t2i_adapter::T2IAdapterConfig;
 use crate::engine::models::unet_config::UNetConfig;
-use crate::engine::resample::{lanczos_resize, resize_box, Filter};
+use crate::engine::resample::{lanczos_resize, lanczos_window, resize_box, Filter, Window};
 
 /// How a unit's residuals enter the guided batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,13 +160,12 @@ pub fn fit(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
     match mode {
         ResizeMode::JustResize => lanczos_resize(map, width, height),
         ResizeMode::CropAndResize => {
-            let (scaled_w, scaled_h) = if taller_source {
+            let scaled = if taller_source {
                 (w, src_h * w / src_w)
             } else {
                 (src_w * h / src_h, h)
             };
-            let scaled = lanczos_resize(map, scaled_w as u32, scaled_h as u32);
-            centred(&scaled, width, height)
+            cropped_cover(map, scaled, width, height)
         }
         ResizeMode::ResizeAndFill => {
             let (scaled_w, scaled_h) = if wider_source {
@@ -178,6 +177,30 @@ pub fn fit(map: &RgbImage, width: u32, height: u32, mode: ResizeMode) -> RgbImag
             filled(&scaled, width, height, (wider_source, taller_source))
         }
     }
+}
+
+/// `map` scaled to `scaled` (covering `width` x `height`) and
+/// pasted centred on a black canvas of that size, as [`centred`] pastes it: only the
+/// part that shows is resampled, so a thin map scaled to cover costs no more than the
+/// output.
+fn cropped_cover(map: &RgbImage, scaled: (u64, u64), width: u32, height: u32) -> RgbImage {
+    let (scaled_w, scaled_h) = (scaled.0.max(1), scaled.1.max(1));
+    // PIL's paste offset, and the part of the scaled map that lands on the canvas.
+    let offset = |side: u32, scaled: u64| i64::from(side / 2) - (scaled / 2) as i64;
+    let (x, y) = (offset(width, scaled_w), offset(height, scaled_h));
+    let shown = |offset: i64, side: u32, scaled: u64| {
+        let start = (-offset).max(0) as u64;
+        start.min(scaled)..((i64::from(side) - offset).max(0) as u64).min(scaled)
+    };
+    let window = Window {
+        x: shown(x, width, scaled_w),
+        y: shown(y, height, scaled_h),
+    };
+    let (left, top) = (window.x.start as i64 + x, window.y.start as i64 + y);
+    let part = lanczos_window(map, (scaled_w, scaled_h), window);
+    let mut canvas = RgbImage::new(width, height);
+    imageops::replace(&mut canvas, &part, left, top);
+    canvas
 }
 
 /// `image` pasted centred on a black canvas of `width` x `height` (PIL's paste at
@@ -342,7 +365,45 @@ pub fn mismatch(model: &ControlledModel<'_>, controlnet: &ControlNetConfig) -> O
 
 #[cfg(test)]
 mod tests {
-    use super::ResizeMode;
+    use super::*;
+
+    /// Crop and resize equals the whole scaled map pasted centred (as diffusers' image
+    /// processor does it) on maps taller, wider, smaller, larger and of the output's
+    /// aspect.
+    #[test]
+    fn crop_and_resize_equals_the_whole_scaled_map_pasted_centred() {
+        let noise = |w: u32, h: u32| {
+            RgbImage::from_fn(w, h, |x, y| {
+                let v = (x * 7919 + y * 104_729) ^ (x * y);
+                image::Rgb([v as u8, (v >> 3) as u8, (v >> 6) as u8])
+            })
+        };
+        let cases = [
+            ((30, 70), (64, 48)),
+            ((70, 30), (48, 64)),
+            ((33, 33), (64, 64)),
+            ((97, 13), (64, 40)),
+            ((13, 97), (40, 64)),
+            ((200, 150), (64, 40)),
+        ];
+        for ((w, h), (out_w, out_h)) in cases {
+            let map = noise(w, h);
+            let (src_w, src_h) = (u64::from(w), u64::from(h));
+            let (ow, oh) = (u64::from(out_w), u64::from(out_h));
+            let (sw, sh) = if ow * src_h > src_w * oh {
+                (ow, src_h * ow / src_w)
+            } else {
+                (src_w * oh / src_h, oh)
+            };
+            let whole = lanczos_resize(&map, sw as u32, sh as u32);
+            let expected = centred(&whole, out_w, out_h);
+            let got = fit(&map, out_w, out_h, ResizeMode::CropAndResize);
+            assert!(got == expected, "{w}x{h} to {out_w}x{out_h}");
+        }
+        // A thin map fits without its scaled whole (64 x 256,000,000 pixels).
+        let thin = fit(&noise(1, 4_000_000), 64, 64, ResizeMode::CropAndResize);
+        assert_eq!(thin.dimensions(), (64, 64));
+    }
 
     /// sd-webui-controlnet's `pixel_perfect_resolution` on the same sizes, as numpy
     /// computed them (ties rounded to even: 100.5 to 100, 167.5 to 168).

@@ -5,6 +5,8 @@
 //! and Pillow's default bicubic for the bands of its resize-and-fill), so maps of another
 //! size give diffusers' bytes.
 
+use std::ops::Range;
+
 use image::RgbImage;
 
 /// Fractional bits of the fixed-point coefficients.
@@ -74,13 +76,22 @@ struct Taps {
     weights: Vec<i64>,
 }
 
+/// One fixed-point unit: a tap of this weight copies its input.
+const ONE: i64 = 1 << PRECISION_BITS;
+
 /// Pillow's `precompute_coeffs` and `normalize_coeffs_8bpc` for the span `[from, to)` of
-/// `input` pixels to `output` along one axis.
-fn taps(filter: Filter, input: usize, (from, to): (f64, f64), output: usize) -> Vec<Taps> {
+/// `input` pixels to `output` along one axis, for the output pixels `window` only.
+fn taps(
+    filter: Filter,
+    input: usize,
+    (from, to): (f64, f64),
+    output: u64,
+    window: Range<u64>,
+) -> Vec<Taps> {
     let scale = (to - from) / output as f64;
     let filter_scale = scale.max(1.0);
     let support = filter.support() * filter_scale;
-    (0..output)
+    window
         .map(|xx| {
             let center = from + (xx as f64 + 0.5) * scale;
             // C's (int) truncates toward zero.
@@ -90,7 +101,7 @@ fn taps(filter: Filter, input: usize, (from, to): (f64, f64), output: usize) -> 
                 .map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale))
                 .collect();
             let total: f64 = raw.iter().sum();
-            let one = f64::from(1u32 << PRECISION_BITS);
+            let one = ONE as f64;
             let weights = raw
                 .iter()
                 .map(|w| {
@@ -110,31 +121,50 @@ fn taps(filter: Filter, input: usize, (from, to): (f64, f64), output: usize) -> 
         .collect()
 }
 
+/// Taps that copy the inputs of `window` (an axis Pillow does not resample).
+fn copying(window: Range<u64>) -> Vec<Taps> {
+    window
+        .map(|x| Taps {
+            first: x as usize,
+            weights: vec![ONE],
+        })
+        .collect()
+}
+
+/// The inputs `taps` read: `[first, end)`.
+fn read_span(taps: &[Taps]) -> Range<usize> {
+    let first = taps.iter().map(|t| t.first).min().unwrap_or(0);
+    let end = taps
+        .iter()
+        .map(|t| t.first + t.weights.len())
+        .max()
+        .unwrap_or(first);
+    first..end.max(first)
+}
+
 /// A fixed-point sum back to 8 bits (Pillow's `clip8`).
 fn clip8(sum: i64) -> u8 {
     (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// One pass along rows (`horizontal`) or columns of `src` ([h][w][3] bytes), the span
-/// `span` of each to `out_len` pixels.
+/// One pass of `taps` along rows (`horizontal`) or columns of `src` ([h][w][3] bytes),
+/// over the lines `lines` across it only: [lines][taps] pixels along rows,
+/// [taps][lines] along columns.
 fn pass(
-    filter: Filter,
     src: &[u8],
-    (w, h): (usize, usize),
-    span: (f64, f64),
-    out_len: usize,
+    (w, _h): (usize, usize),
+    taps: &[Taps],
     horizontal: bool,
+    lines: Range<usize>,
 ) -> Vec<u8> {
-    let (along, across) = if horizontal { (w, h) } else { (h, w) };
-    let taps = taps(filter, along, span, out_len);
     let (out_w, out_h) = if horizontal {
-        (out_len, h)
+        (taps.len(), lines.len())
     } else {
-        (w, out_len)
+        (lines.len(), taps.len())
     };
     let mut out = vec![0u8; out_w * out_h * 3];
     let half = 1i64 << (PRECISION_BITS - 1);
-    for line in 0..across {
+    for (l, line) in lines.enumerate() {
         for (o, tap) in taps.iter().enumerate() {
             let mut sums = [half; 3];
             for (k, weight) in tap.weights.iter().enumerate() {
@@ -145,7 +175,7 @@ fn pass(
                     *sum += i64::from(src[at + c]) * weight;
                 }
             }
-            let (x, y) = if horizontal { (o, line) } else { (line, o) };
+            let (x, y) = if horizontal { (o, l) } else { (l, o) };
             let at = (y * out_w + x) * 3;
             for c in 0..3 {
                 out[at + c] = clip8(sums[c]);
@@ -157,13 +187,21 @@ fn pass(
 
 /// `image` resized to `width` x `height` as Pillow's `resize(..., Image.LANCZOS)` does.
 pub fn lanczos_resize(image: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let whole = Window::whole(u64::from(width.max(1)), u64::from(height.max(1)));
+    lanczos_window(image, (u64::from(width), u64::from(height)), whole)
+}
+
+/// The pixels `window` of `image` resized to `width` x `height` with Lanczos, computed
+/// without the rest: the same bytes as [`lanczos_resize`] cut to the window, for sizes
+/// too large to hold (a thin map scaled to cover an output).
+pub fn lanczos_window(image: &RgbImage, (width, height): (u64, u64), window: Window) -> RgbImage {
     let full = [
         0.0,
         0.0,
         f64::from(image.width()),
         f64::from(image.height()),
     ];
-    resize_box(Filter::Lanczos, image, width, height, full)
+    resample(Filter::Lanczos, image, (width, height), full, window)
 }
 
 /// The region `box_` (left, top, right, bottom; Pillow's `box`, which may be empty along
@@ -176,34 +214,152 @@ pub fn resize_box(
     height: u32,
     box_: [f64; 4],
 ) -> RgbImage {
+    let (width, height) = (u64::from(width.max(1)), u64::from(height.max(1)));
+    resample(
+        filter,
+        image,
+        (width, height),
+        box_,
+        Window::whole(width, height),
+    )
+}
+
+/// A rectangle of output pixels: columns `x`, rows `y`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub x: Range<u64>,
+    pub y: Range<u64>,
+}
+
+impl Window {
+    /// All of a `width` x `height` output.
+    pub fn whole(width: u64, height: u64) -> Self {
+        Self {
+            x: 0..width,
+            y: 0..height,
+        }
+    }
+}
+
+/// `window` of the region `box_` of `image` resized to `width` x `height` (sides of 0
+/// taken as 1), Pillow's way: each pass only over the lines the next one reads.
+fn resample(
+    filter: Filter,
+    image: &RgbImage,
+    (width, height): (u64, u64),
+    box_: [f64; 4],
+    window: Window,
+) -> RgbImage {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let (out_w, out_h) = (width.max(1) as usize, height.max(1) as usize);
-    if w == 0 || h == 0 {
-        return RgbImage::new(out_w as u32, out_h as u32);
+    let (out_w, out_h) = (width.max(1), height.max(1));
+    let (window_w, window_h) = (
+        window.x.end.saturating_sub(window.x.start) as u32,
+        window.y.end.saturating_sub(window.y.start) as u32,
+    );
+    if w == 0 || h == 0 || window_w == 0 || window_h == 0 {
+        return RgbImage::new(window_w, window_h);
     }
     let [left, top, right, bottom] = box_;
     // Pillow's conditions for each pass.
-    let horizontal = out_w != w || left != 0.0 || right != out_w as f64;
-    let vertical = out_h != h || top != 0.0 || bottom != out_h as f64;
-    let mut pixels = image.as_raw().clone();
-    let mut size = (w, h);
+    let horizontal = out_w != w as u64 || left != 0.0 || right != out_w as f64;
+    let vertical = out_h != h as u64 || top != 0.0 || bottom != out_h as f64;
+    let x_taps = if horizontal {
+        taps(filter, w, (left, right), out_w, window.x)
+    } else {
+        copying(window.x)
+    };
+    let mut y_taps = if vertical {
+        taps(filter, h, (top, bottom), out_h, window.y)
+    } else {
+        copying(window.y)
+    };
     // The pass order changes the 8-bit intermediate. Pillow 13 runs the vertical pass
     // first when it shrinks while the horizontal one grows, else the horizontal first (its
     // choice for images shrunk along both axes depends on more than this: there the two
     // can differ by a few levels on sharp edges).
-    let vertical_first = horizontal && vertical && out_w > w && out_h < h;
-    if vertical_first {
-        pixels = pass(filter, &pixels, size, (top, bottom), out_h, false);
-        size = (w, out_h);
+    let vertical_first = horizontal && vertical && out_w > w as u64 && out_h < h as u64;
+    let pixels = if vertical_first {
+        let mut x_taps = x_taps;
+        let columns = read_span(&x_taps);
+        let between = pass(image.as_raw(), (w, h), &y_taps, false, columns.clone());
+        for tap in &mut x_taps {
+            tap.first -= columns.start;
+        }
+        let size = (columns.len(), y_taps.len());
+        pass(&between, size, &x_taps, true, 0..y_taps.len())
+    } else {
+        let rows = read_span(&y_taps);
+        let between = pass(image.as_raw(), (w, h), &x_taps, true, rows.clone());
+        for tap in &mut y_taps {
+            tap.first -= rows.start;
+        }
+        let size = (x_taps.len(), rows.len());
+        pass(&between, size, &y_taps, false, 0..x_taps.len())
+    };
+    RgbImage::from_raw(window_w, window_h, pixels)
+        .unwrap_or_else(|| RgbImage::new(window_w, window_h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A map of hashed pixels, so that every tap's weight shows.
+    fn noise(width: u32, height: u32) -> RgbImage {
+        RgbImage::from_fn(width, height, |x, y| {
+            let v = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).rotate_left(7);
+            image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+        })
     }
-    if horizontal {
-        pixels = pass(filter, &pixels, size, (left, right), out_w, true);
-        size = (out_w, size.1);
+
+    /// Windows of a resize equal the whole resize cut there, through either pass order,
+    /// with an axis resampled or copied.
+    #[test]
+    fn a_window_equals_the_whole_resize_cut_there() {
+        let cases = [
+            ((37, 23), (90, 61)),  // both grow
+            ((90, 61), (37, 23)),  // both shrink
+            ((40, 90), (100, 30)), // wider, shorter: the vertical pass first
+            ((40, 30), (40, 77)),  // the width copied
+            ((51, 30), (13, 30)),  // the height copied
+        ];
+        for ((w, h), (out_w, out_h)) in cases {
+            let image = noise(w, h);
+            let whole = lanczos_resize(&image, out_w, out_h);
+            let (out_w, out_h) = (u64::from(out_w), u64::from(out_h));
+            for (x, y) in [(0..out_w, 0..out_h), (3..9, 5..6), (out_w - 4..out_w, 0..2)] {
+                let window = Window {
+                    x: x.clone(),
+                    y: y.clone(),
+                };
+                let part = lanczos_window(&image, (out_w, out_h), window);
+                let cut = image::imageops::crop_imm(
+                    &whole,
+                    x.start as u32,
+                    y.start as u32,
+                    (x.end - x.start) as u32,
+                    (y.end - y.start) as u32,
+                )
+                .to_image();
+                assert!(part == cut, "{w}x{h} to {out_w}x{out_h}, {x:?} x {y:?}");
+            }
+        }
     }
-    if vertical && !vertical_first {
-        pixels = pass(filter, &pixels, size, (top, bottom), out_h, false);
-        size = (size.0, out_h);
+
+    /// A window of a resize too large to hold is computed from the lines it reads only.
+    #[test]
+    fn a_window_of_a_huge_resize_reads_only_its_lines() {
+        let image = noise(1, 200_000);
+        let scaled = (64, 12_800_000);
+        let window = Window {
+            x: 0..64,
+            y: 6_399_968..6_400_032,
+        };
+        let part = lanczos_window(&image, scaled, window);
+        assert_eq!(part.dimensions(), (64, 64));
+        // Each source row grows to 64 rows and the single column to 64 equal columns.
+        let row = |y: u32| -> Vec<[u8; 3]> { (0..64).map(|x| part.get_pixel(x, y).0).collect() };
+        assert!(row(0).iter().all(|p| *p == part.get_pixel(0, 0).0));
+        assert_ne!(row(0), row(63));
     }
-    RgbImage::from_raw(size.0 as u32, size.1 as u32, pixels)
-        .unwrap_or_else(|| RgbImage::new(out_w as u32, out_h as u32))
 }
