@@ -276,6 +276,25 @@ fn spec_seeds() -> Vec<Vec<u8>> {
             ..Default::default()
         }),
         client_job_id: "mine".into(),
+        controlnets: vec![pb::ControlNetUnit {
+            model: "pose".into(),
+            preprocessor: pb::Preprocessor::OpenposeFull as i32,
+            poses: Some(pb::Poses {
+                canvas_width: 48,
+                canvas_height: 40,
+                people: vec![pb::PersonPose {
+                    body: (0..18)
+                        .map(|i| pb::PoseKeypoint {
+                            x: f64::from(i) / 18.0,
+                            y: 0.5,
+                            missing: i == 3,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let plain = pb::GenerationSpec {
