@@ -265,6 +265,7 @@ async fn units_draw_their_poses_as_the_reference_map_given_as_an_image() {
     let detectors = tempfile::tempdir().expect("tempdir");
     let controlnets = common::controlnet_root(&[("tiny2/union", "union_xl")]);
     let server = TestServer::with_detectors(detectors.path(), controlnets.path(), &[]).await;
+    server.assert_feature("controlnets.poses").await;
     let cases = cases();
     // A square canvas of bodies and a 37x53 one of every part.
     let picked = [cases[0].clone(), cases[14].clone()];

@@ -389,6 +389,7 @@ impl ModelService for Models {
             ("controlnets", true),
             ("controlnets.resize_mode", true),
             ("controlnets.control_mode", true),
+            ("controlnets.poses", true),
             ("output.return_control_maps", true),
             ("init_image", true),
             ("init_image.mask", true),
