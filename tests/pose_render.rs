@@ -75,7 +75,7 @@ fn pose_set(poses: &Value) -> PoseSet {
 #[test]
 fn pose_sets_draw_as_controlnet_aux_draws_them() {
     let cases = cases();
-    assert_eq!(cases.len(), 30);
+    assert_eq!(cases.len(), 40);
     for (poses, parts, expected) in &cases {
         let map = pose_set(poses).draw(preprocessor(parts).1);
         assert_eq!(map.dimensions(), expected.dimensions(), "{parts}");
@@ -167,8 +167,18 @@ async fn the_preprocess_rpc_draws_poses_and_names_each_bad_part() {
         (with_params, vec!["preprocessor_params"]),
         (edited(&|p| p.canvas_width = 0), vec!["poses.canvas_width"]),
         (
-            edited(&|p| (p.canvas_width, p.canvas_height) = (100_000, 100_000)),
+            edited(&|p| (p.canvas_width, p.canvas_height) = (16_000, 16_000)),
             vec!["poses.canvas_width", "poses.canvas_height"],
+        ),
+        // Thin canvases within the pixel limit, whose limbs would be filled down
+        // millions of rows.
+        (
+            edited(&|p| (p.canvas_width, p.canvas_height) = (1, 16_000_000)),
+            vec!["poses.canvas_height"],
+        ),
+        (
+            edited(&|p| (p.canvas_width, p.canvas_height) = (16_385, 2)),
+            vec!["poses.canvas_width"],
         ),
         (
             edited(&|p| p.people[0].body[2] = keypoint(f64::NAN, 0.5)),
@@ -204,6 +214,23 @@ async fn the_preprocess_rpc_draws_poses_and_names_each_bad_part() {
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert_eq!(violated_fields(&status), fields, "{}", status.message());
     }
+    // An OpenPose detection at a size with a side over the canvas limit is refused
+    // before it runs: its poses could not be drawn again.
+    let wide = image::RgbImage::new(16_400, 1_000);
+    let status = server
+        .preprocess(pb::PreprocessRequest {
+            image: png(&wide),
+            preprocessor: pb::Preprocessor::Openpose as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a map too wide for poses");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(
+        violated_fields(&status),
+        ["preprocessor_params.detect_resolution"]
+    );
+    assert!(status.message().contains("16384"), "{}", status.message());
     // The server serves on: a hundred empty people draw a black canvas.
     let reply = server
         .preprocess(edited(&|p| p.people = vec![pb::PersonPose::default(); 100]))

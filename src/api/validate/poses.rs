@@ -10,7 +10,8 @@ use crate::api::validate::images::max_image_pixels;
 use crate::api::validate::preprocessor::{domain, Parameters};
 use crate::config::Limits;
 use crate::engine::preprocess::pose_set::{
-    PersonPose, PoseParts, PosePoint, PoseSet, BODY_KEYPOINTS, HAND_KEYPOINTS, MOST_FACE_LANDMARKS,
+    PersonPose, PoseParts, PosePoint, PoseSet, BODY_KEYPOINTS, HAND_KEYPOINTS, MOST_CANVAS_SIDE,
+    MOST_FACE_LANDMARKS,
 };
 use crate::engine::preprocess::Preprocessor;
 use crate::proto::v1 as pb;
@@ -91,6 +92,11 @@ fn pose_set(poses: &pb::Poses, most: u64, field: &str, v: &mut Violations) -> Op
     for (name, size) in [("canvas_width", width), ("canvas_height", height)] {
         if size == 0 {
             v.add(format!("{field}.{name}"), "must be at least 1");
+        } else if size > MOST_CANVAS_SIDE {
+            v.add(
+                format!("{field}.{name}"),
+                format!("must be at most {MOST_CANVAS_SIDE}, got {size}"),
+            );
         } else if too_large {
             v.add(
                 format!("{field}.{name}"),

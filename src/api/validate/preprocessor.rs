@@ -13,6 +13,7 @@ use crate::config::Limits;
 use crate::engine::preprocess::leres::DepthCuts;
 use crate::engine::preprocess::mlsd_lines::LineThresholds;
 use crate::engine::preprocess::pose::PoseParts;
+use crate::engine::preprocess::pose_set::MOST_CANVAS_SIDE;
 use crate::engine::preprocess::recolor::Lightness;
 use crate::engine::preprocess::{detection_size, Preprocessing, Preprocessor};
 use crate::jobs::spec::DetectorFile;
@@ -244,6 +245,13 @@ fn pose_input(p: &str, (w, h): (u32, u32), resolution: Option<u32>, max: u64, v:
             format!("{p}.detect_resolution"),
             format!(
                 "the pose network would see the {dw}x{dh} image as {nw}x{nh}, more than {max} pixels: crop the image nearer to square"
+            ),
+        );
+    } else if dw.max(dh) > u64::from(MOST_CANVAS_SIDE) {
+        v.add(
+            format!("{p}.detect_resolution"),
+            format!(
+                "would make a {dw}x{dh} pose map, a side over the {MOST_CANVAS_SIDE} pixels poses are drawn at: crop the image or set a detect_resolution"
             ),
         );
     } else if nw == 0 || nh == 0 {

@@ -123,7 +123,18 @@ fn fill_convex_shifted(canvas: &mut RgbImage, points: &[(i64, i64)], shift: u32,
         if remaining < 0 {
             break;
         }
-        if y >= 0 {
+        if y < 0 {
+            // Rows above the canvas draw nothing: walked in one step to the next vertex
+            // or the first row (the same integer sums, row by row).
+            let next = edges[0].end_y.min(edges[1].end_y).min(0);
+            let rows = i64::from(next - y);
+            for edge in &mut edges {
+                edge.x += edge.dx * rows;
+            }
+            y = next;
+            continue;
+        }
+        {
             let (left, right) = if edges[0].x > edges[1].x {
                 (1, 0)
             } else {

@@ -63,6 +63,9 @@ pub const BODY_KEYPOINTS: usize = PARTS;
 pub const HAND_KEYPOINTS: usize = 21;
 /// The most face landmarks a person has (OpenPose's 70).
 pub const MOST_FACE_LANDMARKS: usize = 70;
+/// The longest side a pose canvas may have: a limb is filled row by row down its length,
+/// so a thin canvas of many rows (1 x 16,777,216 pixels) costs a minute to draw.
+pub const MOST_CANVAS_SIDE: u32 = 16_384;
 
 /// One person: each part's keypoints, empty for a part not there.
 #[derive(Debug, Clone, Default, PartialEq)]
