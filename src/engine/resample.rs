@@ -121,13 +121,17 @@ fn taps(
         .collect()
 }
 
-/// Taps that copy the inputs of `window` (an axis Pillow does not resample).
-fn copying(window: Range<u64>) -> Vec<Taps> {
-    window
-        .map(|x| Taps {
-            first: x as usize,
-            weights: vec![ONE],
-        })
+/// `taps` reading from an intermediate that starts at input `start`.
+fn shift(taps: &mut [Taps], start: usize) {
+    for tap in taps {
+        tap.first -= start;
+    }
+}
+
+/// The pixels `columns` x `rows` of `src` ([h][w][3] bytes), copied.
+fn cut(src: &[u8], w: usize, columns: Range<usize>, rows: Range<usize>) -> Vec<u8> {
+    rows.flat_map(|y| &src[(y * w + columns.start) * 3..(y * w + columns.end) * 3])
+        .copied()
         .collect()
 }
 
@@ -263,38 +267,43 @@ fn resample(
     // Pillow's conditions for each pass.
     let horizontal = out_w != w as u64 || left != 0.0 || right != out_w as f64;
     let vertical = out_h != h as u64 || top != 0.0 || bottom != out_h as f64;
-    let x_taps = if horizontal {
-        taps(filter, w, (left, right), out_w, window.x)
-    } else {
-        copying(window.x)
-    };
-    let mut y_taps = if vertical {
-        taps(filter, h, (top, bottom), out_h, window.y)
-    } else {
-        copying(window.y)
-    };
+    let span = |r: &Range<u64>| r.start as usize..r.end as usize;
+    let (columns, rows) = (span(&window.x), span(&window.y));
+    let x_taps = horizontal.then(|| taps(filter, w, (left, right), out_w, window.x));
+    let y_taps = vertical.then(|| taps(filter, h, (top, bottom), out_h, window.y));
     // The pass order changes the 8-bit intermediate. Pillow 13 runs the vertical pass
     // first when it shrinks while the horizontal one grows, else the horizontal first (its
     // choice for images shrunk along both axes depends on more than this: there the two
-    // can differ by a few levels on sharp edges).
+    // can differ by a few levels on sharp edges). An axis it does not resample is cut.
     let vertical_first = horizontal && vertical && out_w > w as u64 && out_h < h as u64;
-    let pixels = if vertical_first {
-        let mut x_taps = x_taps;
-        let columns = read_span(&x_taps);
-        let between = pass(image.as_raw(), (w, h), &y_taps, false, columns.clone());
-        for tap in &mut x_taps {
-            tap.first -= columns.start;
+    let pixels = match (x_taps, y_taps) {
+        (Some(mut x_taps), Some(y_taps)) if vertical_first => {
+            let read = read_span(&x_taps);
+            let between = pass(image.as_raw(), (w, h), &y_taps, false, read.clone());
+            shift(&mut x_taps, read.start);
+            pass(
+                &between,
+                (read.len(), rows.len()),
+                &x_taps,
+                true,
+                0..rows.len(),
+            )
         }
-        let size = (columns.len(), y_taps.len());
-        pass(&between, size, &x_taps, true, 0..y_taps.len())
-    } else {
-        let rows = read_span(&y_taps);
-        let between = pass(image.as_raw(), (w, h), &x_taps, true, rows.clone());
-        for tap in &mut y_taps {
-            tap.first -= rows.start;
+        (x_taps, y_taps) => {
+            let read = y_taps.as_deref().map_or(rows, read_span);
+            let between = match &x_taps {
+                Some(x_taps) => pass(image.as_raw(), (w, h), x_taps, true, read.clone()),
+                None => cut(image.as_raw(), w, columns.clone(), read.clone()),
+            };
+            match y_taps {
+                Some(mut y_taps) => {
+                    shift(&mut y_taps, read.start);
+                    let size = (columns.len(), read.len());
+                    pass(&between, size, &y_taps, false, 0..columns.len())
+                }
+                None => between,
+            }
         }
-        let size = (x_taps.len(), rows.len());
-        pass(&between, size, &y_taps, false, 0..x_taps.len())
     };
     RgbImage::from_raw(window_w, window_h, pixels)
         .unwrap_or_else(|| RgbImage::new(window_w, window_h))
