@@ -134,17 +134,15 @@ fn fill_convex_shifted(canvas: &mut RgbImage, points: &[(i64, i64)], shift: u32,
             y = next;
             continue;
         }
-        {
-            let (left, right) = if edges[0].x > edges[1].x {
-                (1, 0)
-            } else {
-                (0, 1)
-            };
-            let x1 = ((edges[left].x + XY_ONE / 2) >> XY_SHIFT) as i32;
-            let x2 = ((edges[right].x + XY_ONE / 2) >> XY_SHIFT) as i32;
-            if x2 >= 0 && x1 < width {
-                horizontal_line(canvas, y, x1.max(0), x2.min(width - 1), color);
-            }
+        let (left, right) = if edges[0].x > edges[1].x {
+            (1, 0)
+        } else {
+            (0, 1)
+        };
+        let x1 = ((edges[left].x + XY_ONE / 2) >> XY_SHIFT) as i32;
+        let x2 = ((edges[right].x + XY_ONE / 2) >> XY_SHIFT) as i32;
+        if x2 >= 0 && x1 < width {
+            horizontal_line(canvas, y, x1.max(0), x2.min(width - 1), color);
         }
         for edge in &mut edges {
             edge.x += edge.dx;
