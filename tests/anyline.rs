@@ -5,7 +5,7 @@
 //! over gRPC the default MTEED file serving it, its refusals by field, its PNG entry and
 //! a missing default named by its key.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! Broken model folders give errors that name the file and the tensor; nothing panics.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,7 @@
 //! A table of bad requests: each is INVALID_ARGUMENT with a BadRequest naming exactly the
 //! bad fields by their proto paths, and the server serves the next request.
 
-mod common;
+use crate::common;
 
 use common::server::{quick_spec, TestServer};
 use sdxld::proto::v1 as pb;

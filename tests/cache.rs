@@ -6,7 +6,7 @@
 //! host for a job that fits the budget only without them, and the images that share a
 //! denoising run counted in its estimate.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

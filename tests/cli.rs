@@ -1,6 +1,6 @@
 //! The `sdxld` binary: generation equal to diffusers, batch file naming, the demo model.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

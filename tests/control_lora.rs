@@ -6,7 +6,7 @@
 //! for another UNet, or that are not whole, are refused naming the tensor. The cache
 //! builds one once per base, again for another base, and counts what it builds.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use sdxld::engine::error::EngineError;
 use sdxld::engine::loading::control_lora;
 use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
 use sdxld::engine::models::unet::{AddedCond, ControlResiduals};
+use sdxld::engine::noise::NoiseStream;
 use sdxld::engine::pipeline::SdxlPipeline;
 use sdxld::engine::weights::{read_all, recording, WeightLayout};
 use tch::{Device, Kind, Tensor};
@@ -229,7 +230,7 @@ fn every_stored_tensor_matters() {
     let file = edited(dir.path(), &canny, |t| {
         for (name, tensor) in t.iter_mut() {
             if name == bias {
-                *tensor = &*tensor + tensor.randn_like() * 0.5;
+                *tensor = &*tensor + noise_like(tensor) * 0.5;
             }
         }
     });
@@ -243,6 +244,14 @@ fn every_stored_tensor_matters() {
     );
 }
 
+/// Standard normal noise of `tensor`'s shape, drawn while holding the process's random
+/// stream (another test's generation may be drawing its noise beside this one).
+fn noise_like(tensor: &Tensor) -> Tensor {
+    NoiseStream::lock()
+        .randn(&tensor.size())
+        .to_kind(tensor.kind())
+}
+
 /// tiny2's pipeline with its UNet's weights moved, in `dir`.
 fn moved_base(dir: &Path) -> PathBuf {
     let base = dir.join("moved");
@@ -252,7 +261,7 @@ fn moved_base(dir: &Path) -> PathBuf {
         .expect("read")
         .into_iter()
         .map(|(name, t)| {
-            let moved = &t + t.randn_like() * 0.05;
+            let moved = &t + noise_like(&t) * 0.05;
             (name, moved)
         })
         .collect();

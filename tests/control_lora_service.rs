@@ -3,7 +3,7 @@
 //! UNet as a single-file checkpoint, which builds it again), and one that does not fit
 //! the base model is FAILED_PRECONDITION naming both, with the server serving on.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{

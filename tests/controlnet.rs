@@ -4,7 +4,7 @@
 //! give diffusers' residuals at scale 1 and in guess mode, and the UNet adds them as
 //! diffusers does.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, controlnet_fixtures, fixtures, read_tensors, relative_error};
 use sdxld::engine::device::Placement;

@@ -5,7 +5,7 @@
 //! to image and inpainting with a separate control image, a LoRA on the base UNet, and
 //! Control-LoRAs built on the pipeline's UNet (alone and beside a ControlNet).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

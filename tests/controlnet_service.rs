@@ -4,7 +4,7 @@
 //! Canny runs in the server as the Preprocess RPC does, and bad units are refused by
 //! field or by model without leaving anything behind.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

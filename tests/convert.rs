@@ -3,7 +3,7 @@
 //! tensor) becomes a safetensors file with exactly the same tensors and dtypes. Files that
 //! are not such archives are refused.
 
-mod common;
+use crate::common;
 
 use common::{fixtures, read_tensors};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};

@@ -4,7 +4,7 @@
 //! another step count), a replay from the PNG, the capabilities, and the CLI against the
 //! recorded Align Your Steps case.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{assert_images_match, fixtures, read_tensors, schedule_fixtures};

@@ -11,7 +11,7 @@
 //! `DPTImageProcessorPil`'s; the whole detector's 8-bit map within one level of the
 //! reference's.
 
-mod common;
+use crate::common;
 
 use common::{assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::depth::DepthDetector;

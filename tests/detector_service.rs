@@ -5,7 +5,7 @@
 //! and an unknown name are each refused naming the key, field or file, and the server
 //! serves on.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! change the size as the reference's strided stages do), the whole detector's 8-bit
 //! map, and files of another network refused naming the tensor that is missing.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::error::EngineError;

@@ -3,7 +3,7 @@
 //! images within two levels, the models used and the PNG parameters, nothing left behind
 //! for the next request, and bad embeddings refused naming the field.
 
-mod common;
+use crate::common;
 
 use common::server::{violated_fields, TestServer};
 use common::{assert_images_match, embedding_fixtures, fixtures, read_tensors};

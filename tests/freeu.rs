@@ -4,7 +4,7 @@
 //! blocks' maps are not powers of two), the PNG parameters, an image that differs from
 //! the one without FreeU; factors out of (0, 10] refused naming the field.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{assert_images_match, fixtures, freeu_fixtures, read_tensors};

@@ -10,9 +10,9 @@
 //!
 //! `SDXLD_FUZZ_ITERATIONS` sets the inputs per target (2000 by default, as the test
 //! command runs it); `SDXLD_FUZZ_SEED` the first random seed. A long run:
-//! `SDXLD_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz`.
+//! `SDXLD_FUZZ_ITERATIONS=1000000 cargo test --release --test integration fuzz::`.
 
-mod common;
+use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@
 //! image beside every kind of input; refusals naming each field (and a guider on a
 //! guidance-distilled UNet, refused once its config is read); the CLI.
 
-mod common;
+use crate::common;
 
 use common::server::{violated_fields, TestServer};
 use common::{

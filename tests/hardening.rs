@@ -3,7 +3,7 @@
 //! headers and messages fail their own call only; statuses carry no server paths; every
 //! job's end is counted once.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -6,7 +6,7 @@
 //! round to whole latents; a refiner stage after the hires pass. Over the engine and over
 //! gRPC, with progress, sizes, metadata and refused requests.
 
-mod common;
+use crate::common;
 
 use common::server::{drain, violated_fields, TestServer};
 use common::{

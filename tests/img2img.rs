@@ -2,7 +2,7 @@
 //! images at several strengths and schedulers (first- and second-order, stochastic with a
 //! batch of two), on both tiny configurations, and over gRPC.
 
-mod common;
+use crate::common;
 
 use common::{assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};

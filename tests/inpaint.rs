@@ -3,7 +3,7 @@
 //! and over gRPC; a mask blur equals Pillow's Gaussian blur, as diffusers'
 //! `mask_processor.blur` applies it.
 
-mod common;
+use crate::common;
 
 use common::{assert_images_match, cases, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};

@@ -6,7 +6,7 @@
 //! adapter, a Plus adapter of two images, two adapters at once without guidance, on both
 //! tiny pipelines.
 
-mod common;
+use crate::common;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 //! refused naming the field, adapters that do not fit refused naming both models, and
 //! the listing of adapters and image encoders.
 
-mod common;
+use crate::common;
 
 use common::server::{violated_fields, TestServer};
 use common::{

@@ -10,7 +10,7 @@
 //! the masks matter and the PNG parameters say so; refusals name their fields; the CLI's
 //! `mask=`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! of the fused projections, their LoCon adapters on channels-last convolutions), and
 //! taking adapters off leaves the weights as they were, bit for bit.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::models::nn::is_channels_last;

@@ -5,7 +5,7 @@
 //! inputs within 1e-3; `LeresDetector`'s input; its 8-bit maps with the near and
 //! background cuts; files it cannot run refused naming the tensor.
 
-mod common;
+use crate::common;
 
 use common::{assert_io_cases, leres_fixtures, read_tensors};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};

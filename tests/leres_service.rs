@@ -3,7 +3,7 @@
 //! and the PNG's `depth_leres` entry; the cuts' refusals name their fields before a job
 //! is admitted.
 
-mod common;
+use crate::common;
 
 use common::server::{violated_fields, TestServer};
 use common::{detector_fixtures, leres_fixtures};

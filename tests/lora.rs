@@ -4,7 +4,7 @@
 //! engine, the CLI and gRPC. No request sees another's adapters, and adapters that do not
 //! fit are refused without leaving anything applied.
 
-mod common;
+use crate::common;
 
 use std::rc::Rc;
 

@@ -9,7 +9,7 @@
 //! refiner (ensemble of experts after the 9-channel base, img2img after the 4-channel
 //! one); the PNG parameters; refusals naming their fields; the CLI flag.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! perturbed-attention guidance and with a ControlNet), and image to image and inpainting
 //! with negative sizes (paired with the positive crop).
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{controlnet_fixtures, fixtures, micro_fixtures, read_tensors};

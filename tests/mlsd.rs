@@ -6,7 +6,7 @@
 //! several resolutions and thresholds, OpenCV's `cv2.line` pixel for pixel on lines
 //! inside, across and far outside a canvas, and files that are not M-LSD refused.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! model roots; special files never hold a request or the engine; configs no model
 //! could have are refused naming their file and key.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

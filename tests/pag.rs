@@ -8,7 +8,7 @@
 //! parameters; an image that differs from the one without PAG;
 //! refusals naming their fields; the CLI.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Parity with diffusers on tiny random-weight SDXL pipelines: every component, then
 //! whole generations (latents and 8-bit images), for two configurations.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};

@@ -6,7 +6,7 @@
 //! preprocessors, its `apply_filter` sketches through the sketch preprocessor, and over gRPC a PiDiNet file serving the soft-edge preprocessor by
 //! name while the line-art preprocessor refuses it.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@
 //! sent as `detect_resolution`; the PNG records it and replays; a resolution set beside
 //! it, or computed out of range or beyond what detection may take, is refused by name.
 
-mod common;
+use crate::common;
 
 use common::png_parameters;
 use common::server::TestServer;

@@ -5,7 +5,7 @@
 //! landmarks, drawing with and without the bodies) pixel for pixel with the networks
 //! answering known maps; and a stop between face passes ending the run there.
 
-mod common;
+use crate::common;
 
 use common::{
     assert_close, assert_same_map, assert_stops_between_passes, detector_fixtures, random_bodies,

@@ -4,7 +4,7 @@
 //! scales' network inputs, the averaged maps' regions and peaks, thick bones and dots,
 //! with and without faces) pixel for pixel with the networks answering known maps.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

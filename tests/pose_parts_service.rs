@@ -7,7 +7,7 @@
 //! The random body network finds no whole arm, so no hand is drawn here; the hands'
 //! drawing is proved in `tests/pose_hands.rs`.
 
-mod common;
+use crate::common;
 
 use common::detector_fixtures;
 use common::server::{error_reason, TestServer};

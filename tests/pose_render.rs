@@ -6,7 +6,7 @@
 //! the pose set's refusals by field; ControlNet units and union conditions that draw
 //! their poses as the reference's map given as an image does, and their refusals.
 
-mod common;
+use crate::common;
 
 use common::server::{violated_fields, TestServer};
 use sdxld::api::convert::poses as wire_poses;

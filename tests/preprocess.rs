@@ -2,7 +2,7 @@
 //! `cv2.Canny` byte for byte on the image controlnet_aux hands it, at the image's size
 //! and after controlnet_aux's `resize_image` to a detection resolution.
 
-mod common;
+use crate::common;
 
 use sdxld::engine::preprocess::{
     canny::canny, hwc3, resize_for_detection, Networks, Preprocessing, Preprocessor,

@@ -5,7 +5,7 @@
 //! CompelForSDXL's on both tiny pipelines and the refiner; images over gRPC within two
 //! levels of diffusers given compel's embeddings; refusals naming the field.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

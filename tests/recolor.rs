@@ -3,7 +3,7 @@
 //! for every colour, the gamma within a level of numpy's float32 power, the maps as the
 //! Preprocess RPC returns them, and the gamma's refusals.
 
-mod common;
+use crate::common;
 
 use sdxld::engine::preprocess::image_filters::Param;
 use sdxld::engine::preprocess::recolor::{gamma_table, lab_lightness, Lightness};

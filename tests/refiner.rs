@@ -6,7 +6,7 @@
 //! refiner after inpainting (diffusers' inpainting pipelines for both stages, on the
 //! 4-channel base and a 9-channel inpainting UNet). Over the engine, the CLI and gRPC.
 
-mod common;
+use crate::common;
 
 use common::cli::sdxld;
 use common::{assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};

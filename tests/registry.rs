@@ -3,7 +3,7 @@
 //! valid names work; pickle files are refused with FAILED_PRECONDITION (invariant 5);
 //! single files and folders are listed with their kind and format.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

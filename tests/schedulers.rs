@@ -2,7 +2,7 @@
 //! steps on both tiny configurations, stochastic schedulers included (their per-step
 //! noise comes from each image's own generator, as in diffusers).
 
-mod common;
+use crate::common;
 
 use common::{fixtures, read_tensors, relative_error, CONFIGS};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SchedulerOverrides, SdxlPipeline};

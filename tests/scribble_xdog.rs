@@ -1,7 +1,7 @@
 //! `PREPROCESSOR_SCRIBBLE_XDOG` against sd-webui-controlnet's `scribble_xdog` on OpenCV
 //! and numpy, byte for byte, in the engine and over gRPC, and its threshold's refusals.
 
-mod common;
+use crate::common;
 
 use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
 

@@ -3,7 +3,7 @@
 //! probes, tokens without the role are PERMISSION_DENIED, and a job belongs to the
 //! identity (token name or certificate subject) that submitted it.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! the whole detector's map (argmax, ADE20K palette) equal to the reference's but where
 //! two classes tie to float precision; the palette equal to controlnet_aux's.
 
-mod common;
+use crate::common;
 
 use common::{assert_io_cases, detector_fixtures, read_tensors};
 use sdxld::engine::preprocess::ade20k::ADE20K;

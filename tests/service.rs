@@ -1,7 +1,7 @@
 //! The gRPC service over loopback, against the real binary: events, cancellation,
 //! deadlines, admission, bad input, health and the PNG metadata round trip.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! sdxld gives identical latents and images from the folder and from the file, equal to
 //! diffusers' reference; over the CLI and gRPC (a `.safetensors` name under a base root).
 
-mod common;
+use crate::common;
 
 use common::cli::sdxld;
 use common::{assert_close, assert_images_match, fixtures, read_tensors, CONFIGS};

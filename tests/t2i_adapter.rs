@@ -8,7 +8,7 @@
 //! masked-area inpainting, and outside a guider's interval with the prompt's batch alone;
 //! adapters list as such, and bad units are refused by field or by model.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

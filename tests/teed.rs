@@ -5,7 +5,7 @@
 //! edges by name, refused for scribbles, its own-size rule and its steps' range; as the
 //! configured default, soft edges served and scribbles listed as not ready.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -3,7 +3,7 @@
 //! RPC's, which continues the caller's `traceparent`), received by an OTLP collector the
 //! test runs itself.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -6,7 +6,7 @@
 //! padding); the PNG parameters, a replay from the PNG, an image that differs from the one
 //! without tiling; an unknown axis value refused naming the field; the CLI.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{assert_images_match, fixtures, read_tensors, tiling_fixtures, Case};

@@ -13,7 +13,7 @@
 //! `--scheduler lcm` and `--timesteps`; refusals naming the field before admission;
 //! capabilities, PNG parameters and a replay from the PNG.
 
-mod common;
+use crate::common;
 
 use common::server::TestServer;
 use common::{assert_images_match, fixtures, read_tensors, schedule_fixtures};

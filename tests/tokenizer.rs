@@ -1,6 +1,6 @@
 //! Token ids equal transformers' CLIPTokenizer on hundreds of varied prompts.
 
-mod common;
+use crate::common;
 
 use sdxld::engine::models::tokenizer::ClipTokenizer;
 use serde_json::Value;

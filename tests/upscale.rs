@@ -4,7 +4,7 @@
 //! tiles equal to the whole image where they have the network's context, unknown
 //! layouts refused.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

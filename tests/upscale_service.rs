@@ -3,7 +3,7 @@
 //! it, steps chained in order, tiles reported as progress, the step in the PNG parameters
 //! and in `completed.models`; bad steps refused naming their field, the server serving on.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

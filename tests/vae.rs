@@ -2,7 +2,7 @@
 //! decodes text-to-image latents and encodes the init image of image to image. Over the
 //! engine, the CLI and gRPC; a VAE of another latent space is refused.
 
-mod common;
+use crate::common;
 
 use std::rc::Rc;
 

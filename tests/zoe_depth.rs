@@ -8,7 +8,7 @@
 //! mirrored pass and `post_process_depth_estimation`; and ZoeDetector's 8-bit map within
 //! one level.
 
-mod common;
+use crate::common;
 
 use common::{assert_close, assert_io_cases, read_tensors, zoe_fixtures};
 use sdxld::engine::preprocess::detector::{network_of, Detector, DetectorNetwork};

@@ -1,0 +1,70 @@
+//! The integration tests, one module per area, built as one test binary: linking the
+//! library and libtorch into one executable instead of one per area saves minutes of
+//! every build, and one pool of test threads runs every area's tests side by side.
+//! `cargo test --release --test integration lora::` runs one area's tests.
+
+mod common;
+
+mod anyline;
+mod bad_models;
+mod bad_requests;
+mod cache;
+mod cli;
+mod control_lora;
+mod control_lora_service;
+mod controlnet;
+mod controlnet_pipeline;
+mod controlnet_service;
+mod convert;
+mod custom_sigmas;
+mod depth;
+mod detector_service;
+mod detectors;
+mod embeddings;
+mod freeu;
+mod fuzz;
+mod guider;
+mod hardening;
+mod hires;
+mod img2img;
+mod inpaint;
+mod ip_adapter;
+mod ip_adapter_service;
+mod ip_masks;
+mod layout;
+mod leres;
+mod leres_service;
+mod lora;
+mod masked_area;
+mod micro_conditioning;
+mod mlsd;
+mod model_folders;
+mod pag;
+mod parity;
+mod pidinet;
+mod pixel_perfect;
+mod pose_faces;
+mod pose_hands;
+mod pose_parts_service;
+mod pose_render;
+mod preprocess;
+mod prompt_syntax;
+mod recolor;
+mod refiner;
+mod registry;
+mod schedulers;
+mod scribble_xdog;
+mod security;
+mod segment;
+mod service;
+mod single_file;
+mod t2i_adapter;
+mod teed;
+mod telemetry;
+mod tiling;
+mod timesteps;
+mod tokenizer;
+mod upscale;
+mod upscale_service;
+mod vae;
+mod zoe_depth;
