@@ -115,69 +115,83 @@ async fn guiders_match_diffusers() {
 async fn guiders_are_written_replayed_and_checked() {
     let server = server().await;
     let all = cases();
-    let apg = all
-        .iter()
-        .find(|c| c["guider"] == "apg" && c["kind"] == "text" && c["momentum"].is_f64())
-        .expect("an APG case with momentum");
-    let spec = pb::GenerationSpec {
-        num_images: 1,
-        ..spec_of(apg)
-    };
-    let without = pb::GenerationSpec {
-        guider: None,
-        ..spec.clone()
-    };
-    server
-        .assert_entry_and_effect(
+    let apg = |c: &Case| c["guider"] == "apg" && c["kind"] == "text" && c["momentum"].is_f64();
+    let tcfg = |c: &Case| c["guider"] == "tcfg" && c["kind"] == "text";
+    for (what, case, written) in [
+        (
             "APG",
-            spec.clone(),
-            without,
+            all.iter()
+                .find(|c| apg(c))
+                .expect("an APG case with momentum"),
             "Guider: \"APG, momentum -0.5, norm threshold 15, eta 1, interval 0 to 1\"",
-        )
-        .await;
-    let replayed = server.assert_replays("APG", spec).await;
-    assert_eq!(replayed.guider, Some(guider_of(apg)));
-    let tcfg = all
-        .iter()
-        .find(|c| c["guider"] == "tcfg" && c["kind"] == "text")
-        .expect("a TCFG case");
-    let spec = pb::GenerationSpec {
-        num_images: 1,
-        ..spec_of(tcfg)
-    };
-    let plain = pb::GenerationSpec {
-        guider: None,
-        ..spec.clone()
-    };
-    server
-        .assert_entry_and_effect(
+        ),
+        (
             "TCFG",
-            spec.clone(),
-            plain,
+            all.iter().find(|c| tcfg(c)).expect("a TCFG case"),
             "Guider: \"TCFG, interval 0.2 to 1\"",
-        )
-        .await;
-    let replayed = server.assert_replays("TCFG", spec).await;
-    assert_eq!(replayed.guider, Some(guider_of(tcfg)));
+        ),
+    ] {
+        let spec = pb::GenerationSpec {
+            num_images: 1,
+            ..spec_of(case)
+        };
+        let without = pb::GenerationSpec {
+            guider: None,
+            ..spec.clone()
+        };
+        server
+            .assert_entry_and_effect(what, spec.clone(), without, written)
+            .await;
+        let replayed = server.assert_replays(what, spec).await;
+        assert_eq!(replayed.guider, Some(guider_of(case)));
+    }
     server.assert_feature("guider").await;
+    for (what, spec, fields) in refused_guiders() {
+        server.assert_invalid(what, spec, &fields).await;
+    }
+    // A refiner after a guided base runs plain guidance.
+    let refined = pb::GenerationSpec {
+        refiner: Some(pb::RefinerStage {
+            model: "tiny2/refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(0.5),
+            ..Default::default()
+        }),
+        steps: 4,
+        ..guided(apg_guider(pb::Guider::default()))
+    };
+    assert_eq!(
+        server.images(refined).await.expect("refined").images.len(),
+        1
+    );
+}
 
-    let base = || pb::GenerationSpec {
+/// A 64² two-step request with `guider`.
+fn guided(guider: pb::Guider) -> pb::GenerationSpec {
+    pb::GenerationSpec {
         prompt: "a boat".into(),
         steps: 2,
         width: 64,
         height: 64,
-        ..Default::default()
-    };
-    let with = |guider: pb::Guider| pb::GenerationSpec {
         guider: Some(guider),
-        ..base()
-    };
-    let apg = |g: pb::Guider| pb::Guider {
+        ..Default::default()
+    }
+}
+
+/// `g` as an APG guider.
+fn apg_guider(g: pb::Guider) -> pb::Guider {
+    pb::Guider {
         kind: pb::GuiderKind::Apg as i32,
         ..g
-    };
+    }
+}
+
+/// Guiders refused before admission, each with the fields it names.
+fn refused_guiders() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
+    let with = guided;
+    let apg = apg_guider;
     let default = pb::Guider::default;
-    let refused = [
+    vec![
         (
             "start at 1",
             with(pb::Guider {
@@ -259,25 +273,7 @@ async fn guiders_are_written_replayed_and_checked() {
             },
             vec!["spec.guider"],
         ),
-    ];
-    for (what, spec, fields) in refused {
-        server.assert_invalid(what, spec, &fields).await;
-    }
-    // A refiner after a guided base runs plain guidance.
-    let refined = pb::GenerationSpec {
-        refiner: Some(pb::RefinerStage {
-            model: "tiny2/refiner".into(),
-            mode: pb::RefinerMode::EnsembleOfExperts as i32,
-            high_noise_fraction: Some(0.5),
-            ..Default::default()
-        }),
-        steps: 4,
-        ..with(apg(default()))
-    };
-    assert_eq!(
-        server.images(refined).await.expect("refined").images.len(),
-        1
-    );
+    ]
 }
 
 /// A guidance-distilled UNet runs no classifier-free guidance: a guider on it is refused

@@ -9,6 +9,7 @@ use crate::common;
 use std::rc::Rc;
 
 use common::cli::sdxld;
+use common::server::violated_fields;
 use common::{assert_images_match, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::error::EngineError;
 use sdxld::engine::loading::lora::LoraWeights;
@@ -16,6 +17,8 @@ use sdxld::engine::lora::{apply, JobLora, LoraMode};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use sdxld::proto::v1 as pb;
 use tch::Tensor;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
 
 /// (name, weight) of each adapter of a case.
 fn adapters(case: &Case) -> Vec<(String, f64)> {
@@ -174,48 +177,64 @@ fn case_loras(case: &Case) -> Vec<pb::LoraAdapter> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
-    use common::server::violated_fields;
-    use tonic::Code;
-    use tonic_types::StatusExt;
+    let dir = fixtures().join("tiny2");
+    for mode in ["merge", "forward"] {
+        let grpc = GrpcCases {
+            server: lora_server(&dir, mode).await,
+            reference: read_tensors(&dir.join("lora.safetensors")),
+            all: common::cases("tiny2", "lora"),
+            mode,
+        };
+        let plain_bytes = grpc.adapters_apply_and_come_off().await;
+        grpc.concurrent_sets_stay_apart(&plain_bytes).await;
+        grpc.bad_adapters_leave_nothing_applied(&plain_bytes).await;
+        adapters_are_listed_with_their_format_rank_and_targets(&grpc.server).await;
+    }
+}
 
-    let config = "tiny2";
-    let dir = fixtures().join(config);
-    let reference = read_tensors(&dir.join("lora.safetensors"));
-    let all = common::cases(config, "lora");
-    let case = |name: &str| {
-        all.iter()
+/// The tiny2 LoRA cases against a server applying adapters in `mode`.
+struct GrpcCases {
+    server: common::server::TestServer,
+    reference: std::collections::HashMap<String, Tensor>,
+    all: Vec<Case>,
+    mode: &'static str,
+}
+
+impl GrpcCases {
+    fn case(&self, name: &str) -> Case {
+        self.all
+            .iter()
             .find(|c| c["name"] == name)
             .expect("case")
             .clone()
-    };
-    for mode in ["merge", "forward"] {
-        let server = lora_server(&dir, mode).await;
-        let client = server.generation().await;
-        let run = |spec: pb::GenerationSpec| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })
-                    .await
-            }
-        };
-        let plain = case("plain");
-        let first = run(grpc_spec(&plain, vec![]))
-            .await
-            .expect("plain")
-            .into_inner();
-        let plain_bytes = first.images[0].data.clone();
+    }
 
-        // Stacked, mixed formats, one negative weight.
-        let stacked = case("stacked");
-        let response = run(grpc_spec(&stacked, case_loras(&stacked)))
+    async fn run(&self, spec: pb::GenerationSpec) -> Result<pb::GenerateImagesResponse, Status> {
+        let request = pb::GenerateImagesRequest { spec: Some(spec) };
+        let mut client = self.server.generation().await;
+        client
+            .generate_images(request)
             .await
-            .expect("stacked")
-            .into_inner();
+            .map(|r| r.into_inner())
+    }
+
+    /// Stacked adapters of mixed formats, one weight negative, equal diffusers' image and
+    /// are reported in the completed event and the PNG; the plain image before and after
+    /// is the same bytes. Returns those bytes.
+    async fn adapters_apply_and_come_off(&self) -> Vec<u8> {
+        let mode = self.mode;
+        let plain = self.case("plain");
+        let first = self.run(grpc_spec(&plain, vec![])).await.expect("plain");
+        let plain_bytes = first.images[0].data.clone();
+        let stacked = self.case("stacked");
+        let response = self
+            .run(grpc_spec(&stacked, case_loras(&stacked)))
+            .await
+            .expect("stacked");
         assert_images_match(
             &format!("gRPC stacked ({mode})"),
             &common::decoded_image(&response.images[0].data),
-            &reference["stacked.images"].get(0),
+            &self.reference["stacked.images"].get(0),
         );
         let used = response.completed.expect("completed").models;
         for (name, weight) in [("char_kohya", 0.8f32), ("style_peft", -0.5)] {
@@ -232,56 +251,57 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
                 && text.contains("Lora hashes: \"char_kohya: "),
             "PNG parameters lack the LoRAs: {text}"
         );
-
-        // Plain again: the same bytes.
-        let again = run(grpc_spec(&plain, vec![]))
-            .await
-            .expect("plain")
-            .into_inner();
+        let again = self.run(grpc_spec(&plain, vec![])).await.expect("plain");
         assert_eq!(
             again.images[0].data, plain_bytes,
             "({mode}) the LoRAs leaked"
         );
+        plain_bytes
+    }
 
-        // Concurrent requests with different sets each get their own.
+    /// Concurrent requests with different sets each get their own.
+    async fn concurrent_sets_stay_apart(&self, plain_bytes: &[u8]) {
         let names = ["peft_full", "te_only", "unet_only", "plain"];
-        let requests = names.map(|name| {
-            let c = case(name);
-            tokio::spawn(run(grpc_spec(&c, case_loras(&c))))
+        let [a, b, c, d] = names.map(|name| {
+            let case = self.case(name);
+            grpc_spec(&case, case_loras(&case))
         });
-        for (name, request) in names.into_iter().zip(requests) {
-            let response = request.await.expect("joined").expect(name).into_inner();
+        let (a, b, c, d) = tokio::join!(self.run(a), self.run(b), self.run(c), self.run(d));
+        let responses = [a, b, c, d];
+        for (name, response) in names.into_iter().zip(responses) {
+            let response = response.expect(name);
             assert_images_match(
-                &format!("gRPC concurrent {name} ({mode})"),
+                &format!("gRPC concurrent {name} ({})", self.mode),
                 &common::decoded_image(&response.images[0].data),
-                &reference[&format!("{name}.images")].get(0),
+                &self.reference[&format!("{name}.images")].get(0),
             );
             if name == "plain" {
                 assert_eq!(
                     response.images[0].data, plain_bytes,
-                    "({mode}) concurrent leak"
+                    "({}) concurrent leak",
+                    self.mode
                 );
             }
         }
+    }
 
-        // Errors name what is wrong; nothing stays applied; the server keeps serving.
-        let status = run(grpc_spec(&plain, vec![lora("absent", 1.0)]))
+    /// Errors name what is wrong; nothing stays applied; the server keeps serving.
+    async fn bad_adapters_leave_nothing_applied(&self, plain_bytes: &[u8]) {
+        let plain = self.case("plain");
+        let status = self
+            .run(grpc_spec(&plain, vec![lora("absent", 1.0)]))
             .await
             .expect_err("unknown");
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
-        let status = run(grpc_spec(&plain, vec![lora("style_peft", 2.5)]))
+        let status = self
+            .run(grpc_spec(&plain, vec![lora("style_peft", 2.5)]))
             .await
             .expect_err("weight");
         assert_eq!(status.code(), Code::InvalidArgument);
-        let fields = violated_fields(&status);
-        assert_eq!(fields, ["spec.loras[0].weight"]);
+        assert_eq!(violated_fields(&status), ["spec.loras[0].weight"]);
         for bad in ["wrong_shapes", "no_such_layer"] {
-            let status = run(grpc_spec(
-                &plain,
-                vec![lora("style_peft", 1.0), lora(bad, 1.0)],
-            ))
-            .await
-            .expect_err(bad);
+            let loras = vec![lora("style_peft", 1.0), lora(bad, 1.0)];
+            let status = self.run(grpc_spec(&plain, loras)).await.expect_err(bad);
             assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
             let info = status.get_details_error_info().expect("ErrorInfo");
             assert_eq!(info.reason, "LORA_INCOMPATIBLE");
@@ -292,57 +312,60 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
                 status.message()
             );
         }
-        let last = run(grpc_spec(&plain, vec![]))
-            .await
-            .expect("plain")
-            .into_inner();
+        let last = self.run(grpc_spec(&plain, vec![])).await.expect("plain");
         assert_eq!(
             last.images[0].data, plain_bytes,
-            "({mode}) a refused LoRA leaked"
+            "({}) a refused LoRA leaked",
+            self.mode
         );
-
-        // The models RPC describes the adapters.
-        let list = server.list_models(pb::ModelKind::Lora).await;
-        let info = |name: &str| {
-            list.iter()
-                .find(|m| m.name == name)
-                .and_then(|m| m.lora.clone())
-                .unwrap_or_else(|| panic!("{name} not listed"))
-        };
-        use pb::LoraTarget::{TextEncoder, TextEncoder2, Unet};
-        for (name, format, rank, targets) in [
-            (
-                "style_peft",
-                pb::LoraFormat::Peft,
-                4,
-                vec![Unet, TextEncoder, TextEncoder2],
-            ),
-            (
-                "char_kohya",
-                pb::LoraFormat::Kohya,
-                4,
-                vec![Unet, TextEncoder, TextEncoder2],
-            ),
-            (
-                "te_only_peft",
-                pb::LoraFormat::Peft,
-                3,
-                vec![TextEncoder, TextEncoder2],
-            ),
-            ("unet_only_peft", pb::LoraFormat::Peft, 3, vec![Unet]),
-        ] {
-            let got = info(name);
-            assert_eq!(got.format, format as i32, "{name}");
-            assert_eq!(got.rank, rank, "{name}");
-            let targets: Vec<i32> = targets.into_iter().map(|t| t as i32).collect();
-            assert_eq!(got.targets, targets, "{name}");
-        }
-        let resident = list
-            .iter()
-            .find(|m| m.name == "style_peft")
-            .expect("listed");
-        assert!(resident.resident && resident.sha256.len() == 64);
     }
+}
+
+/// The models RPC describes each adapter's format, rank and targets, and its hash once
+/// it has been used.
+async fn adapters_are_listed_with_their_format_rank_and_targets(
+    server: &common::server::TestServer,
+) {
+    let list = server.list_models(pb::ModelKind::Lora).await;
+    let info = |name: &str| {
+        list.iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.lora.clone())
+            .unwrap_or_else(|| panic!("{name} not listed"))
+    };
+    use pb::LoraTarget::{TextEncoder, TextEncoder2, Unet};
+    for (name, format, rank, targets) in [
+        (
+            "style_peft",
+            pb::LoraFormat::Peft,
+            4,
+            vec![Unet, TextEncoder, TextEncoder2],
+        ),
+        (
+            "char_kohya",
+            pb::LoraFormat::Kohya,
+            4,
+            vec![Unet, TextEncoder, TextEncoder2],
+        ),
+        (
+            "te_only_peft",
+            pb::LoraFormat::Peft,
+            3,
+            vec![TextEncoder, TextEncoder2],
+        ),
+        ("unet_only_peft", pb::LoraFormat::Peft, 3, vec![Unet]),
+    ] {
+        let got = info(name);
+        assert_eq!(got.format, format as i32, "{name}");
+        assert_eq!(got.rank, rank, "{name}");
+        let targets: Vec<i32> = targets.into_iter().map(|t| t as i32).collect();
+        assert_eq!(got.targets, targets, "{name}");
+    }
+    let resident = list
+        .iter()
+        .find(|m| m.name == "style_peft")
+        .expect("listed");
+    assert!(resident.resident && resident.sha256.len() == 64);
 }
 
 #[test]

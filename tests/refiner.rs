@@ -8,12 +8,20 @@
 
 use crate::common;
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use common::cli::sdxld;
+use common::server::TestServer;
 use common::{assert_images_match, cases, fixtures, read_tensors, Case, CONFIGS};
 use sdxld::engine::pipeline::{
     GenerateOutput, GenerateParams, Placement, RefinerMode, RefinerParams, SdxlPipeline,
 };
 use sdxld::engine::refiner::generate_refined;
+use sdxld::proto::v1 as pb;
+use sdxld::proto::v1::generate_response::Event;
+use tch::Tensor;
+use tokio_stream::StreamExt;
 
 fn refiner_params(case: &Case, base: &GenerateParams) -> RefinerParams {
     let mode = match case["kind"].as_str() {
@@ -196,11 +204,6 @@ fn refiner_over_the_cli_matches_diffusers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
-    use common::server::TestServer;
-    use sdxld::proto::v1 as pb;
-    use sdxld::proto::v1::generate_response::Event;
-    use tokio_stream::StreamExt;
-
     let dir = fixtures().join("tiny2");
     let server = TestServer::start(&[
         (
@@ -211,13 +214,27 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         ("SDXLD__MODELS__BASE_ROOTS", dir.to_str().expect("utf-8")),
     ])
     .await;
-    let mut client = server.generation().await;
     let reference = read_tensors(&dir.join("refiner.safetensors"));
     let cases = cases("tiny2", "refiner");
+    refined_images_stream_their_steps(&server, &reference, &cases[4]).await;
+    for (i, what) in [(6, "gRPC denoising_start"), (5, "gRPC aesthetic scores")] {
+        let spec = picture_spec(&cases[i], &dir.join("init.png"));
+        let response = server.images(spec).await.expect(what);
+        let got = common::decoded_image(&response.images[0].data);
+        let expected = reference[&format!("refiner_{i}.images")].get(0);
+        assert_images_match(what, &got, &expected);
+    }
+    refiners_are_chosen_by_kind(&server).await;
+}
 
-    // Case 4: img2img mode, Euler base 8 steps, DPM-Solver++ refiner 10 steps at strength
-    // 0.3 and guidance 7.5, two images.
-    let case = &cases[4];
+/// Case 4: img2img mode, Euler base 8 steps, DPM-Solver++ refiner 10 steps at strength
+/// 0.3 and guidance 7.5, two images: the refiner's steps streamed, the images equal to
+/// the recipe's, and the refiner recorded in the completed event and listed resident.
+async fn refined_images_stream_their_steps(
+    server: &TestServer,
+    reference: &HashMap<String, Tensor>,
+    case: &Case,
+) {
     assert_eq!(case["kind"], "img2img");
     let spec = pb::GenerationSpec {
         prompt: case["prompt"].as_str().expect("prompt").into(),
@@ -239,7 +256,9 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         }),
         ..Default::default()
     };
-    let mut stream = client
+    let mut stream = server
+        .generation()
+        .await
         .generate(pb::GenerateRequest { spec: Some(spec) })
         .await
         .expect("refined")
@@ -295,64 +314,54 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
         .expect("the refiner is listed");
     assert!(refiner.resident && refiner.kind == pb::ModelKind::Refiner as i32);
     assert_eq!(refiner.sha256, completed.models[1].sha256);
+}
 
-    // Case 6: the base's img2img entered at denoising_start 0.5 (DPM-Solver++, 10 steps).
-    let case = &cases[6];
-    assert_eq!(case["kind"], "denoising_start");
+/// The request of a case that starts from the init image: case 6, the base's img2img
+/// entered at denoising_start 0.5 (DPM-Solver++, 10 steps); case 5, the refiner alone on
+/// the picture at strength 0.6 with aesthetic scores 7.5 and 1.5 (micro-conditioning).
+fn picture_spec(case: &Case, init: &Path) -> pb::GenerationSpec {
     let spec = pb::GenerationSpec {
         prompt: case["prompt"].as_str().expect("prompt").into(),
         prompt_2: case["prompt_2"].as_str().map(str::to_string),
         seed: Some(41),
-        steps: 10,
-        scheduler: pb::Scheduler::DpmSolverMultistep as i32,
-        init_image: Some(pb::InitImage {
-            image: std::fs::read(dir.join("init.png")).expect("init.png"),
-            denoising_start: Some(0.5),
-            ..Default::default()
-        }),
         ..Default::default()
     };
-    let response = server.images(spec).await.expect("denoising_start");
-    let got = common::decoded_image(&response.images[0].data);
-    assert_images_match(
-        "gRPC denoising_start",
-        &got,
-        &reference["refiner_6.images"].get(0),
-    );
+    let image = std::fs::read(init).expect("init.png");
+    match case["kind"].as_str() {
+        Some("denoising_start") => pb::GenerationSpec {
+            steps: 10,
+            scheduler: pb::Scheduler::DpmSolverMultistep as i32,
+            init_image: Some(pb::InitImage {
+                image,
+                denoising_start: Some(0.5),
+                ..Default::default()
+            }),
+            ..spec
+        },
+        Some("refiner_on_image") => pb::GenerationSpec {
+            model: "refiner".into(),
+            steps: 8,
+            scheduler: pb::Scheduler::Euler as i32,
+            micro_conditioning: Some(pb::MicroConditioning {
+                aesthetic_score: Some(7.5),
+                negative_aesthetic_score: Some(1.5),
+                ..Default::default()
+            }),
+            init_image: Some(pb::InitImage {
+                image,
+                strength: Some(0.6),
+                ..Default::default()
+            }),
+            ..spec
+        },
+        other => panic!("no picture case: {other:?}"),
+    }
+}
 
-    // Case 5: the refiner alone on the picture at strength 0.6 with aesthetic scores 7.5
-    // and 1.5 (micro-conditioning).
-    let case = &cases[5];
-    assert_eq!(case["kind"], "refiner_on_image");
-    let spec = pb::GenerationSpec {
-        model: "refiner".into(),
-        prompt: case["prompt"].as_str().expect("prompt").into(),
-        prompt_2: case["prompt_2"].as_str().map(str::to_string),
-        seed: Some(41),
-        steps: 8,
-        scheduler: pb::Scheduler::Euler as i32,
-        micro_conditioning: Some(pb::MicroConditioning {
-            aesthetic_score: Some(7.5),
-            negative_aesthetic_score: Some(1.5),
-            ..Default::default()
-        }),
-        init_image: Some(pb::InitImage {
-            image: std::fs::read(dir.join("init.png")).expect("init.png"),
-            strength: Some(0.6),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let response = server.images(spec).await.expect("refiner on a picture");
-    let got = common::decoded_image(&response.images[0].data);
-    assert_images_match(
-        "gRPC aesthetic scores",
-        &got,
-        &reference["refiner_5.images"].get(0),
-    );
-
-    // Any SDXL pipeline may refine; a refiner cannot be the base of text to image; a
-    // refiner name no refiner root holds is NOT_FOUND.
+/// Any SDXL pipeline may refine; a refiner cannot be the base of text to image; a
+/// refiner name no refiner root holds is NOT_FOUND.
+async fn refiners_are_chosen_by_kind(server: &TestServer) {
+    let mut client = server.generation().await;
     let mut spec = pb::GenerationSpec {
         prompt: "x".into(),
         steps: 2,
@@ -401,8 +410,6 @@ async fn refiner_and_denoising_start_over_grpc_match_diffusers() {
 /// generator, so the first image is compared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
-    use common::server::TestServer;
-    use sdxld::proto::v1 as pb;
     use tonic_types::StatusExt;
 
     let dir = fixtures().join("tiny2");
@@ -490,9 +497,6 @@ async fn refiner_after_inpainting_over_grpc_matches_diffusers() {
 /// so 0.001 (cutoff 999) leaves the base none and 0.999 (cutoff 1) the refiner none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fractions_that_leave_a_stage_no_step_are_refused_before_admission() {
-    use common::server::TestServer;
-    use sdxld::proto::v1 as pb;
-
     let dir = fixtures().join("tiny2");
     let server = TestServer::start(&[
         (

@@ -314,8 +314,17 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
     };
     assert_eq!(completed.models.len(), 1);
     assert_eq!(completed.models[0].sha256.len(), 64);
+    bad_upscales_are_refused_by_field(&server, &request).await;
+    a_queued_upscale_is_cancelled_by_its_job_id(&server, request).await;
+}
 
-    // Bad requests are refused naming the field, before admission.
+/// Bad upscales are refused naming the field, before admission; an unknown upscaler is
+/// NOT_FOUND.
+async fn bad_upscales_are_refused_by_field(server: &TestServer, request: &pb::UpscaleRequest) {
+    let step = |factor| pb::UpscaleStep {
+        factor,
+        ..request.upscale.clone().expect("a step")
+    };
     let invalid = [
         (
             pb::UpscaleRequest {
@@ -350,7 +359,7 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
         ),
     ];
     for (bad, field) in invalid {
-        let (events, end) = upscale_call(&server, bad).await;
+        let (events, end) = upscale_call(server, bad).await;
         let status = end.expect_err(field);
         assert!(events.is_empty(), "{field}: {events:?}");
         assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
@@ -361,10 +370,15 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
         model: "nowhere".into(),
         ..step(0)
     });
-    let (_, end) = upscale_call(&server, unknown).await;
+    let (_, end) = upscale_call(server, unknown).await;
     assert_eq!(end.expect_err("unknown").code(), Code::NotFound);
+}
 
-    // Queued behind a long generation, it is cancelled by its client job id.
+/// An upscale queued behind a long generation is cancelled by its client job id.
+async fn a_queued_upscale_is_cancelled_by_its_job_id(
+    server: &TestServer,
+    request: pb::UpscaleRequest,
+) {
     let mut slow = common::server::slow_spec(1);
     slow.client_job_id = "slow".into();
     let _running = server.admitted(slow).await;
