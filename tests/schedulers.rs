@@ -1,6 +1,7 @@
 //! Every implemented scheduler and option set equals diffusers: latents at 1, 7 and 25
-//! steps on both tiny configurations, stochastic schedulers included (their per-step
-//! noise comes from each image's own generator, as in diffusers).
+//! steps on tiny2 and at 7 on tiny3 (its other latent shapes), stochastic schedulers
+//! included (their per-step noise comes from each image's own generator, as in
+//! diffusers).
 
 use crate::common;
 
