@@ -73,3 +73,28 @@ mod upscale;
 mod upscale_service;
 mod vae;
 mod zoe_depth;
+
+/// Every file beside this one is one of its modules: with `autotests = false` a test file
+/// left out here would never run.
+#[test]
+fn every_test_file_is_a_module_of_the_integration_binary() {
+    let named = include_str!("integration.rs");
+    let dir = common::repo().join("tests");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("tests/") {
+        let path = entry.expect("an entry of tests/").path();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if path.extension().is_some_and(|e| e == "rs") && stem != "integration" {
+            let line = format!("\nmod {stem};\n");
+            assert!(
+                named.contains(&line),
+                "tests/{stem}.rs is not a module here"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen > 60, "only {seen} test files");
+}
