@@ -16,7 +16,9 @@ use sdxld::engine::loading::lora::LoraWeights;
 use sdxld::engine::lora::{apply, JobLora, LoraMode};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use sdxld::proto::v1 as pb;
+use sdxld::proto::v1::generation_service_client::GenerationServiceClient;
 use tch::Tensor;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
@@ -179,8 +181,10 @@ fn case_loras(case: &Case) -> Vec<pb::LoraAdapter> {
 async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
     let dir = fixtures().join("tiny2");
     for mode in ["merge", "forward"] {
+        let server = lora_server(&dir, mode).await;
         let grpc = GrpcCases {
-            server: lora_server(&dir, mode).await,
+            client: server.generation().await,
+            server,
             reference: read_tensors(&dir.join("lora.safetensors")),
             all: common::cases("tiny2", "lora"),
             mode,
@@ -195,6 +199,8 @@ async fn loras_over_grpc_match_diffusers_without_leaking_in_either_mode() {
 /// The tiny2 LoRA cases against a server applying adapters in `mode`.
 struct GrpcCases {
     server: common::server::TestServer,
+    /// One connection for every request, the concurrent ones multiplexed over it.
+    client: GenerationServiceClient<Channel>,
     reference: std::collections::HashMap<String, Tensor>,
     all: Vec<Case>,
     mode: &'static str,
@@ -211,8 +217,8 @@ impl GrpcCases {
 
     async fn run(&self, spec: pb::GenerationSpec) -> Result<pb::GenerateImagesResponse, Status> {
         let request = pb::GenerateImagesRequest { spec: Some(spec) };
-        let mut client = self.server.generation().await;
-        client
+        self.client
+            .clone()
             .generate_images(request)
             .await
             .map(|r| r.into_inner())
