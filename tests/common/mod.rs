@@ -3,15 +3,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
 pub mod certs;
 pub mod cli;
 pub mod edges;
+mod fixture_dirs;
 pub mod raw;
 pub mod server;
 
+pub use fixture_dirs::*;
 use tch::{Kind, Tensor};
 
 /// The repository root.
@@ -30,69 +30,6 @@ pub fn broken_model_root() -> tempfile::TempDir {
     let weights = broken.join("unet/diffusion_pytorch_model.safetensors");
     std::fs::write(weights, b"garbage").expect("write");
     root
-}
-
-/// The fixture folder written by `tests/fixtures/make_fixtures.py` (built when missing).
-pub fn fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_fixtures.py", "SDXLD_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_preprocess_fixtures.py` (built when
-/// missing).
-pub fn preprocess_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_preprocess_fixtures.py", "SDXLD_PREPROCESS_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_controlnet_fixtures.py` (built when
-/// missing).
-pub fn controlnet_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_controlnet_fixtures.py", "SDXLD_CONTROLNET_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_single_file_fixtures.py` (built
-/// when missing).
-pub fn single_file_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_single_file_fixtures.py", "SDXLD_SINGLE_FILE_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_upscaler_fixtures.py` (built when
-/// missing).
-pub fn upscaler_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_upscaler_fixtures.py", "SDXLD_UPSCALER_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_detector_fixtures.py` (built when
-/// missing).
-pub fn detector_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_detector_fixtures.py", "SDXLD_DETECTOR_FIXTURES"))
-        .clone()
-}
-
-/// The ZoeDepth fixtures of make_zoe_fixtures.py.
-#[allow(dead_code)]
-pub fn zoe_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_zoe_fixtures.py", "SDXLD_ZOE_FIXTURES"))
-        .clone()
-}
-
-/// The LeReS fixtures of make_leres_fixtures.py.
-#[allow(dead_code)]
-pub fn leres_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_leres_fixtures.py", "SDXLD_LERES_FIXTURES"))
-        .clone()
 }
 
 /// Asserts that an 8-bit map is the reference PNG at `reference` pixel for pixel.
@@ -150,70 +87,6 @@ pub fn random_bodies(path: &Path) -> Vec<(Vec<Option<(f64, f64)>>, (usize, usize
         .collect()
 }
 
-/// The fixture folder written by `tests/fixtures/make_hires_fixtures.py` (built when
-/// missing).
-pub fn hires_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_hires_fixtures.py", "SDXLD_HIRES_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_embedding_fixtures.py` (built when
-/// missing).
-pub fn embedding_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_embedding_fixtures.py", "SDXLD_EMBEDDING_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_ip_adapter_fixtures.py` (built when
-/// missing).
-pub fn ip_adapter_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_ip_adapter_fixtures.py", "SDXLD_IP_ADAPTER_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_freeu_fixtures.py` (built when
-/// missing).
-pub fn freeu_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_freeu_fixtures.py", "SDXLD_FREEU_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_masked_area_fixtures.py` (built
-/// when missing).
-pub fn masked_area_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_masked_area_fixtures.py", "SDXLD_MASKED_AREA_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_ip_mask_fixtures.py` (built
-/// when missing).
-pub fn ip_mask_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_ip_mask_fixtures.py", "SDXLD_IP_MASK_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_t2i_adapter_fixtures.py` (built
-/// when missing).
-pub fn t2i_adapter_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_t2i_adapter_fixtures.py", "SDXLD_T2I_ADAPTER_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_schedule_fixtures.py` (built
-/// when missing).
-pub fn schedule_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_schedule_fixtures.py", "SDXLD_SCHEDULE_FIXTURES"))
-        .clone()
-}
-
 /// The pipeline fixtures' init.png of `config` as an init image at `strength`.
 #[allow(dead_code)]
 pub fn fixture_init_image(config: &str, strength: Option<f32>) -> sdxld::proto::v1::InitImage {
@@ -233,70 +106,6 @@ pub fn fixture_control_unit(config: &str) -> sdxld::proto::v1::ControlNetUnit {
         image: std::fs::read(nets.join("control_a.png")).expect("control_a.png"),
         ..Default::default()
     }
-}
-
-/// The fixture folder written by `tests/fixtures/make_guider_fixtures.py` (built when
-/// missing).
-pub fn guider_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_guider_fixtures.py", "SDXLD_GUIDER_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_tiling_fixtures.py` (built when
-/// missing).
-pub fn tiling_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_tiling_fixtures.py", "SDXLD_TILING_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_micro_fixtures.py` (built when
-/// missing).
-pub fn micro_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_micro_fixtures.py", "SDXLD_MICRO_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_pag_fixtures.py` (built when
-/// missing).
-pub fn pag_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_by("make_pag_fixtures.py", "SDXLD_PAG_FIXTURES"))
-        .clone()
-}
-
-/// The fixture folder written by `tests/fixtures/make_prompt_syntax_fixtures.py` (built
-/// when missing).
-pub fn prompt_syntax_fixtures() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        built_by(
-            "make_prompt_syntax_fixtures.py",
-            "SDXLD_PROMPT_SYNTAX_FIXTURES",
-        )
-    })
-    .clone()
-}
-
-/// The folder `$env` names, else the one the fixture script `script` prints.
-fn built_by(script: &str, env: &str) -> PathBuf {
-    if let Ok(dir) = std::env::var(env) {
-        return PathBuf::from(dir);
-    }
-    let python = repo().join(".venv/bin/python");
-    let output = Command::new(&python)
-        .arg(repo().join("tests/fixtures").join(script))
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/test)", python.display()));
-    assert!(
-        output.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
 }
 
 /// One reference case the fixture script recorded in `<config>/<file>.json`: the
