@@ -1,7 +1,7 @@
 //! Mutation fuzzing of the parsers that read untrusted bytes: safetensors headers and
 //! tensors (model and LoRA files), the zip archives and the pickle reader of `sdxld
-//! convert`, image sniffing and decoding, request validation, compel's prompt syntax and
-//! perturbed-attention guidance's layer patterns.
+//! convert`, image sniffing and decoding, request validation, compel's and A1111's prompt
+//! syntax and perturbed-attention guidance's layer patterns.
 //! Each target starts from its seed corpus (`tests/fuzz/corpus/<target>/`, and request
 //! specs and prompts built here) and runs mutated inputs;
 //! errors are fine, a panic fails the test and leaves the input under
@@ -330,6 +330,23 @@ fn compel_prompt_syntax() {
     .collect();
     fuzz("prompt_syntax", &seeds, |bytes| {
         let _ = sdxld::engine::prompt_syntax::parse(&String::from_utf8_lossy(bytes));
+    });
+}
+
+/// Prompts in A1111's syntax: brackets, weights, escapes, BREAK and what is refused.
+#[test]
+fn a1111_prompt_syntax() {
+    let seeds: Vec<Vec<u8>> = [
+        "masterpiece, (best quality:1.2), [blurry], ((red)) cat BREAK a dog",
+        "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+        "\\(esc\\) \\[x\\] (a : -0.5 ) (b:1.2.3) ]]) ((( [[ :1.1) BREAKfast",
+        "[a:b:0.5] [c|d] <lora:x:1> a AND b",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    fuzz("a1111_prompts", &seeds, |bytes| {
+        let _ = sdxld::engine::prompt_syntax::a1111::parse(&String::from_utf8_lossy(bytes));
     });
 }
 

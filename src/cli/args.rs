@@ -30,9 +30,9 @@ pub struct GenerateArgs {
     /// The negative prompt for the second text encoder (default: the negative prompt).
     #[arg(long)]
     pub negative_prompt_2: Option<String>,
-    /// How the prompts are read: plain (diffusers, truncated to 75 tokens; the default)
-    /// or compel (weights such as `(word)1.3` and `word++`, blends, long prompts in
-    /// chunks).
+    /// How the prompts are read: plain (diffusers, truncated to 75 tokens; the default),
+    /// compel (weights such as `(word)1.3` and `word++`, blends, long prompts in chunks)
+    /// or a1111 (AUTOMATIC1111's `(word:1.3)`, `[word]`, `BREAK`, long prompts in chunks).
     #[arg(long, value_enum)]
     pub prompt_syntax: Option<PromptSyntaxArg>,
     /// Seed of the first image; image i uses seed + i. Random when absent.
@@ -246,6 +246,8 @@ pub enum PromptSyntaxArg {
     Plain,
     /// compel's syntax.
     Compel,
+    /// AUTOMATIC1111's syntax.
+    A1111,
 }
 
 /// `--tiling`.
@@ -579,6 +581,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             None => pb::PromptSyntax::Unspecified,
             Some(PromptSyntaxArg::Plain) => pb::PromptSyntax::Plain,
             Some(PromptSyntaxArg::Compel) => pb::PromptSyntax::Compel,
+            Some(PromptSyntaxArg::A1111) => pb::PromptSyntax::A1111,
         } as i32,
         ..Default::default()
     })

@@ -130,6 +130,8 @@ pub struct EncoderTokens {
     added: AddedRows,
     /// Each token of several vectors and the words it expands to (`t t_1 t_2`).
     expansions: HashMap<String, String>,
+    /// The id of each embedding's first token and its number of vectors.
+    heads: HashMap<i64, usize>,
 }
 
 impl EncoderTokens {
@@ -146,9 +148,11 @@ impl EncoderTokens {
         let mut tokens = Vec::new();
         let mut rows = Vec::new();
         let mut expansions = HashMap::new();
+        let mut offsets = Vec::with_capacity(embeddings.len());
         for embedding in embeddings {
             let vectors = encoder_vectors(embedding, which, width)?;
             let count = vectors.size()[0];
+            offsets.push((tokens.len() as i64, count as usize));
             let names: Vec<String> = std::iter::once(embedding.token.clone())
                 .chain((1..count).map(|i| format!("{}_{i}", embedding.token)))
                 .collect();
@@ -176,6 +180,10 @@ impl EncoderTokens {
             tokenizer,
             added: encoder.added_rows(first_id, &Tensor::cat(&rows, 0)),
             expansions,
+            heads: offsets
+                .into_iter()
+                .map(|(offset, count)| (first_id + offset, count))
+                .collect(),
         })
     }
 
@@ -217,6 +225,12 @@ impl EncoderTokens {
     /// Tokens of `prompt`, expanded, beyond what fits.
     pub fn overflow(&self, prompt: &str) -> Result<usize> {
         Ok(self.tokenizer.overflow(&self.expand(prompt)?))
+    }
+
+    /// The number of vectors of the embedding whose first token is `id`; `None` for
+    /// any other id.
+    pub fn vectors_from(&self, id: i64) -> Option<usize> {
+        self.heads.get(&id).copied()
     }
 
     /// The added tokens' vectors, for the encoder.

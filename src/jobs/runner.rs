@@ -490,12 +490,12 @@ impl JobRun<'_> {
         if let Some(hires) = hires.as_mut() {
             hires.images = base.images.clone();
         }
-        // Prompts in compel's syntax are encoded whole, in chunks.
+        // Prompts in compel's and A1111's syntax are encoded whole, in chunks.
         let dropped = match self.spec.params.prompt_syntax {
             PromptSyntax::Plain => loaded
                 .base
                 .prompt_overflow(&self.spec.params.prompt, &tokens)?,
-            PromptSyntax::Compel => 0,
+            PromptSyntax::Compel | PromptSyntax::A1111 => 0,
         };
         if dropped > 0 {
             self.report.warnings.push(format!(

@@ -868,6 +868,29 @@ def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
     assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "swap" in bad.stderr
 
 
+
+def test_python_client_a1111_prompt_and_grpcurl_refusal(stubs, server):
+    """A prompt written for A1111 (weights, BREAK, longer than 77 tokens): no truncation
+    warning, another image than the plain reading, a PNG that replays it; grpcurl sees an
+    extra network refused naming the prompt."""
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    text = "masterpiece, (best quality:1.2), [blurry], " + "((red apple)) on a wooden table, " * 10 + "BREAK (soft light:0.6)"
+    a1111 = gen.GenerateImages(
+        stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text, prompt_syntax=stubs.gen.PROMPT_SYNTAX_A1111))
+    )
+    assert list(a1111.completed.warnings) == []
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text)))
+    assert any("truncated" in w for w in plain.completed.warnings)
+    assert plain.images[0].data != a1111.images[0].data
+    resolved = json_format.Parse(Image.open(io.BytesIO(a1111.images[0].data)).info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.prompt_syntax == stubs.gen.PROMPT_SYNTAX_A1111
+    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == a1111.images[0].data
+    body = json.dumps({"spec": {"prompt": "<lora:style:0.8> a boat", "promptSyntax": "PROMPT_SYNTAX_A1111", "width": 64, "height": 64}})
+    bad = grpcurl("-d", body, server.address, "sdxld.v1.GenerationService/GenerateImages", check=False)
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "extra network" in bad.stderr
+
 def test_python_client_perturbed_attention_guidance_and_grpcurl_refusal(stubs, server):
     """PAG moves the image, its PNG carries and replays it; grpcurl sees a layer the UNet
     lacks refused naming it."""

@@ -291,6 +291,11 @@ impl ClipTokenizer {
             .and_then(|id| self.inner.id_to_token(id))
     }
 
+    /// The id of a vocabulary entry (`,</w>`).
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
     /// The ids of the beginning-of-text, end-of-text and padding tokens.
     pub fn special_ids(&self) -> (i64, i64, i64) {
         (self.bos_id, self.eos_id, self.pad_id)

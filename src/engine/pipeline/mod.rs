@@ -2,6 +2,7 @@
 //! and inpainting variants): loading ([`load`]), the conditioning ([`prompt`]), the
 //! initial latents ([`latents`]) and the denoising loop ([`denoise`]).
 
+mod a1111_prompt;
 mod conditioning;
 mod control;
 mod denoise;

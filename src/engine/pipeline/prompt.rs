@@ -75,8 +75,10 @@ impl SdxlPipeline {
     ) -> Result<PromptEmbeds> {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("text_encoders");
-        if p.prompt_syntax == PromptSyntax::Compel {
-            return self.encode_weighted_prompt(p, tokens);
+        match p.prompt_syntax {
+            PromptSyntax::Compel => return self.encode_weighted_prompt(p, tokens),
+            PromptSyntax::A1111 => return self.encode_a1111_prompt(p, tokens),
+            PromptSyntax::Plain => {}
         }
         let prompt_2 = second_text(&p.prompt, p.prompt_2.as_deref());
         let clip_skip = p.clip_skip.unwrap_or(0);

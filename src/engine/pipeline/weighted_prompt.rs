@@ -13,9 +13,9 @@ use crate::engine::prompt_syntax::weighting::WeightedEncoder;
 use crate::engine::prompt_syntax::{self, WeightedPrompt};
 
 /// A (prompt, prompt_2) pair's texts.
-struct Texts<'a> {
-    first: &'a str,
-    second: &'a str,
+pub(super) struct Texts<'a> {
+    pub(super) first: &'a str,
+    pub(super) second: &'a str,
 }
 
 impl SdxlPipeline {
@@ -118,7 +118,7 @@ impl SdxlPipeline {
     }
 }
 
-fn pair<'a>(text: &'a str, text_2: Option<&'a str>) -> Texts<'a> {
+pub(super) fn pair<'a>(text: &'a str, text_2: Option<&'a str>) -> Texts<'a> {
     Texts {
         first: text,
         second: second_text(text, text_2),
@@ -127,7 +127,7 @@ fn pair<'a>(text: &'a str, text_2: Option<&'a str>) -> Texts<'a> {
 
 /// Every encoder's embeddings padded with its empty chunks to the longest, then each
 /// pair joined along the width.
-fn join_padded(
+pub(super) fn join_padded(
     first: Option<&WeightedEncoder<'_>>,
     second: &WeightedEncoder<'_>,
     embeds: Vec<(Option<Tensor>, Tensor)>,

@@ -1,9 +1,12 @@
 //! Weighted prompts in compel's syntax (the syntax of InvokeAI and of diffusers' prompt
 //! weighting guide): `word+`, `word-`, `(several words)1.3`, `"quoted words"0.8`,
 //! `(...).attend(w)`, blends `("a", "b").blend(0.7, 0.3)` and conjunctions
-//! `("a", "b").and()`, encoded without truncation in 75-token chunks (`weighting`).
+//! `("a", "b").and()`, encoded without truncation in 75-token chunks (`weighting`);
+//! and AUTOMATIC1111's syntax (`a1111`), encoded with its emphasis (`emphasis`).
 //! Parsing is pure, so the API checks a prompt before admitting its job.
 
+pub mod a1111;
+pub mod emphasis;
 mod grammar;
 mod lexical;
 pub mod weighting;
@@ -30,6 +33,8 @@ pub enum PromptSyntax {
     Plain,
     /// compel's syntax, without truncation.
     Compel,
+    /// AUTOMATIC1111's syntax and emphasis, without truncation.
+    A1111,
 }
 
 /// Why a prompt cannot be used.
@@ -53,6 +58,9 @@ pub enum SyntaxError {
     /// Too many parts or down-weighted fragments.
     #[error("{0}")]
     TooComplex(String),
+    /// A construct of A1111's syntax that sdxld does not encode.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Text and its weight: a fragment of a flattened prompt.

@@ -29,12 +29,12 @@ struct Chunked {
 
 /// One text encoder with its tokenizer, encoding weighted prompts.
 pub struct WeightedEncoder<'a> {
-    tokenizer: &'a ClipTokenizer,
-    encoder: &'a ClipTextModel,
+    pub(super) tokenizer: &'a ClipTokenizer,
+    pub(super) encoder: &'a ClipTextModel,
     /// A job's textual inversion tokens for this encoder: its tokenizer (with their
     /// tokens, multi-vector ones expanded) and their vectors.
-    tokens: Option<&'a EncoderTokens>,
-    device: Device,
+    pub(super) tokens: Option<&'a EncoderTokens>,
+    pub(super) device: Device,
     /// compel's `empty_z`: the empty prompt's chunk [1, 77, width].
     empty: Tensor,
 }
@@ -65,7 +65,7 @@ impl<'a> WeightedEncoder<'a> {
     }
 
     /// Tokens per chunk, BOS and EOS included (77 for CLIP).
-    fn chunk_len(&self) -> usize {
+    pub(super) fn chunk_len(&self) -> usize {
         self.tokenizer.max_length()
     }
 

@@ -1,0 +1,277 @@
+//! Prompts in AUTOMATIC1111's syntax (its `prompt_parser.parse_prompt_attention`):
+//! `(text)` weighs text 1.1 times, `[text]` 1/1.1 times, `(text:1.3)` 1.3 times, nested
+//! weights multiply, unclosed brackets count until the end, `\(` `\)` `\[` `\]` `\\`
+//! escape, and `BREAK` ends a 75-token chunk. Neighbours of equal weight are joined.
+//! Prompt editing (`[from:to:when]`), alternation (`[a|b]`), `AND` and extra networks
+//! (`<lora:name:1>`) change the conditioning during sampling or load networks; they
+//! are refused, so that no prompt reads differently from what A1111 would make of it.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+use super::{Fragment, SyntaxError, MAX_WEIGHT};
+
+/// A1111's `round_bracket_multiplier`.
+const ROUND: f64 = 1.1;
+/// A1111's `square_bracket_multiplier`.
+const SQUARE: f64 = 1.0 / 1.1;
+/// The weight A1111 marks a chunk break with (a `BREAK` inside brackets has its weight
+/// multiplied and is read as the word "break", as in A1111).
+const BREAK_MARK: f64 = -1.0;
+
+/// Python's `\s` (`str.isspace`): Unicode whitespace and the separators 0x1c–0x1f.
+const SPACE: &str = r"[\s\x1c-\x1f]";
+
+fn attention() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        let pattern = format!(
+            r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:{SPACE}*([+-]?[.\d]+){SPACE}*\)|\)|\]|[^\\()\[\]:]+|:"
+        );
+        Regex::new(&pattern).expect("the attention pattern compiles")
+    })
+}
+
+fn break_word() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(&format!(r"{SPACE}*\bBREAK\b{SPACE}*")).expect("the BREAK pattern compiles")
+    })
+}
+
+fn and_word() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| Regex::new(r"\bAND\b").expect("the AND pattern compiles"))
+}
+
+fn extra_network() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| Regex::new(r"<(\w+):([^>]+)>").expect("the extra network pattern compiles"))
+}
+
+/// Whether a fragment is a chunk break.
+pub fn is_break(fragment: &Fragment) -> bool {
+    fragment.weight == BREAK_MARK && fragment.text == "BREAK"
+}
+
+/// Parses `prompt` as A1111 does and checks it is one sdxld encodes: no prompt editing,
+/// alternation, `AND` or extra networks, and every token's weight finite within
+/// [`MAX_WEIGHT`].
+pub fn parse(prompt: &str) -> Result<Vec<Fragment>, SyntaxError> {
+    refuse_scheduling(prompt)?;
+    let fragments = parse_attention(prompt)?;
+    if let Some(bad) = fragments
+        .iter()
+        .filter(|f| !is_break(f))
+        .find(|f| !f.weight.is_finite() || f.weight.abs() > MAX_WEIGHT)
+    {
+        return Err(SyntaxError::Weight(bad.weight));
+    }
+    Ok(fragments)
+}
+
+/// A1111's `parse_prompt_attention`: the text in fragments with their weights, `BREAK`
+/// as a fragment of its own (text `BREAK`, weight -1).
+pub fn parse_attention(text: &str) -> Result<Vec<Fragment>, SyntaxError> {
+    let mut res: Vec<Fragment> = Vec::new();
+    let mut round: Vec<usize> = Vec::new();
+    let mut square: Vec<usize> = Vec::new();
+    let multiply = |res: &mut Vec<Fragment>, from: usize, by: f64| {
+        res[from..].iter_mut().for_each(|f| f.weight *= by);
+    };
+    for m in attention().captures_iter(text) {
+        let whole = m.get(0).map_or("", |g| g.as_str());
+        let weight = m.get(1).map(|g| g.as_str());
+        if let Some(escaped) = whole.strip_prefix('\\') {
+            res.push(fragment(escaped, 1.0));
+        } else if whole == "(" {
+            round.push(res.len());
+        } else if whole == "[" {
+            square.push(res.len());
+        } else if let (Some(weight), Some(&from)) = (weight, round.last()) {
+            let w: f64 = weight.parse().map_err(|_| {
+                SyntaxError::Unsupported(format!(
+                    "has the weight `{weight}`, which is not a number"
+                ))
+            })?;
+            round.pop();
+            multiply(&mut res, from, w);
+        } else if whole == ")" && !round.is_empty() {
+            let from = round.pop().unwrap_or(0);
+            multiply(&mut res, from, ROUND);
+        } else if whole == "]" && !square.is_empty() {
+            let from = square.pop().unwrap_or(0);
+            multiply(&mut res, from, SQUARE);
+        } else {
+            for (i, part) in break_word().split(whole).enumerate() {
+                if i > 0 {
+                    res.push(fragment("BREAK", BREAK_MARK));
+                }
+                res.push(fragment(part, 1.0));
+            }
+        }
+    }
+    for from in round {
+        multiply(&mut res, from, ROUND);
+    }
+    for from in square {
+        multiply(&mut res, from, SQUARE);
+    }
+    if res.is_empty() {
+        res.push(fragment("", 1.0));
+    }
+    let mut merged: Vec<Fragment> = Vec::with_capacity(res.len());
+    for f in res {
+        match merged.last_mut() {
+            Some(last) if last.weight == f.weight => last.text.push_str(&f.text),
+            _ => merged.push(f),
+        }
+    }
+    Ok(merged)
+}
+
+fn fragment(text: &str, weight: f64) -> Fragment {
+    Fragment {
+        text: text.to_string(),
+        weight,
+    }
+}
+
+/// Refuses what A1111 reads before the attention: extra networks, `AND`, and square
+/// brackets holding a `:` or `|` of their own (prompt editing and alternation; a
+/// backslash escapes the character after it, as in A1111's grammar).
+fn refuse_scheduling(prompt: &str) -> Result<(), SyntaxError> {
+    if let Some(m) = extra_network().find(prompt) {
+        return Err(SyntaxError::Unsupported(format!(
+            "names the extra network `{}`: name LoRA adapters in `spec.loras`",
+            m.as_str()
+        )));
+    }
+    if and_word().is_match(prompt) {
+        return Err(SyntaxError::Unsupported(
+            "uses `AND` (composable prompts), which sdxld does not do".into(),
+        ));
+    }
+    let mut open: Vec<char> = Vec::new();
+    let mut chars = prompt.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '(' | '[' => open.push(c),
+            ')' | ']' => {
+                open.pop();
+            }
+            ':' | '|' if open.last() == Some(&'[') => {
+                return Err(SyntaxError::Unsupported(format!(
+                    "has `{c}` inside square brackets: prompt editing `[from:to:when]` and alternation `[a|b]` are not supported"
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(text: &str) -> Vec<(String, f64)> {
+        parse_attention(text)
+            .expect("parses")
+            .into_iter()
+            .map(|f| (f.text, f.weight))
+            .collect()
+    }
+
+    fn close(got: &[(String, f64)], want: &[(&str, f64)]) {
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for ((text, weight), (t, w)) in got.iter().zip(want) {
+            assert_eq!(text, t, "{got:?}");
+            assert!((weight - w).abs() < 1e-12, "{got:?}");
+        }
+    }
+
+    /// The examples A1111 documents `parse_prompt_attention` with.
+    #[test]
+    fn a1111s_documented_examples_parse_as_documented() {
+        close(&pairs("normal text"), &[("normal text", 1.0)]);
+        close(
+            &pairs("an (important) word"),
+            &[("an ", 1.0), ("important", 1.1), (" word", 1.0)],
+        );
+        close(&pairs("(unbalanced"), &[("unbalanced", 1.1)]);
+        close(&pairs("\\(literal\\]"), &[("(literal]", 1.0)]);
+        close(
+            &pairs("(unnecessary)(parens)"),
+            &[("unnecessaryparens", 1.1)],
+        );
+        close(
+            &pairs("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
+            &[
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        );
+        close(
+            &pairs("a BREAK b"),
+            &[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)],
+        );
+    }
+
+    #[test]
+    fn weights_spaces_and_stray_brackets_read_as_a1111_reads_them() {
+        close(&pairs("(a : 1.5 )"), &[("a ", 1.5)]);
+        close(&pairs("a:1.2) b]"), &[("a:1.2) b]", 1.0)]);
+        close(&pairs("a \\ b"), &[("a  b", 1.0)]);
+        close(&pairs(""), &[("", 1.0)]);
+        close(
+            &pairs("(a BREAK b)"),
+            &[("a", 1.1), ("BREAK", -1.1), ("b", 1.1)],
+        );
+        assert!(parse_attention("(a:1.2.3)").is_err());
+    }
+
+    #[test]
+    fn scheduling_and_networks_are_refused() {
+        for text in [
+            "[a:b:0.5]",
+            "[a:0.5]",
+            "[cat|dog]",
+            "a AND b",
+            "<lora:style:0.8> a cat",
+            "[(x) y: 3]",
+        ] {
+            assert!(
+                matches!(parse(text), Err(SyntaxError::Unsupported(_))),
+                "{text}"
+            );
+        }
+        for text in [
+            "[(a:1.2)]",
+            "[a\\:b]",
+            "a | b",
+            "ANDROID",
+            "(a|b)",
+            "<a cat>",
+        ] {
+            assert!(parse(text).is_ok(), "{text}");
+        }
+        assert!(matches!(
+            parse("(a:101)"),
+            Err(SyntaxError::Weight(w)) if w == 101.0
+        ));
+        let deep = format!("{}a{}", "(".repeat(60), ")".repeat(60));
+        assert!(matches!(parse(&deep), Err(SyntaxError::Weight(_))));
+    }
+}
