@@ -196,6 +196,7 @@ async fn server() -> TestServer {
             pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
         ),
         ("SDXLD__MODELS__BASE_ROOTS", root),
+        ("SDXLD__MODELS__REFINER_ROOTS", root),
     ])
     .await
 }
@@ -243,6 +244,27 @@ async fn a1111_prompts_over_grpc_match_diffusers_given_a1111s_embeddings() {
     assert_eq!(replay.prompt_syntax, pb::PromptSyntax::A1111 as i32);
     let again = server.images(replay).await.expect("replay");
     assert_eq!(again.images[0].data, done.images[0].data);
+    // The refiner and a hires pass read the same syntax.
+    let refined = pb::GenerationSpec {
+        refiner: Some(pb::RefinerStage {
+            model: "tiny2/refiner".into(),
+            mode: pb::RefinerMode::EnsembleOfExperts as i32,
+            high_noise_fraction: Some(0.5),
+            ..Default::default()
+        }),
+        ..spec.clone()
+    };
+    let done = server.images(refined).await.expect("refiner");
+    assert_eq!(done.images.len(), 1);
+    let hires = pb::GenerationSpec {
+        hires: Some(pb::HiresPass {
+            scale: Some(1.5),
+            ..Default::default()
+        }),
+        ..spec
+    };
+    let done = server.images(hires).await.expect("hires");
+    assert_eq!(done.images[0].width, 96);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,4 +350,43 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
     };
     server.images(plain).await.expect("plain text");
     server.images(base).await.expect("weighted");
+}
+
+/// `sdxld generate --prompt-syntax a1111` draws the first image of the pipeline case; a
+/// prompt A1111's syntax cannot encode is refused naming its flag.
+#[test]
+fn a1111_prompts_over_the_cli_match_diffusers() {
+    use common::cli::sdxld;
+
+    let folder = a1111_prompt_fixtures().join("tiny2");
+    let cases = json_file(folder.join("cases.json"));
+    let case = &cases.as_array().expect("cases")[0];
+    let out = tempfile::tempdir().expect("tempdir");
+    let png = out.path().join("a1111.png");
+    let run = |prompt: &str| {
+        sdxld("generate")
+            .flag("--model", fixtures().join("tiny2/pipeline"))
+            .args(["--prompt-syntax", "a1111", "--prompt", prompt])
+            .args([
+                "--negative-prompt",
+                case["negative_prompt"].as_str().expect("negative"),
+            ])
+            .args(["--width", "64", "--height", "64", "--scheduler", "euler"])
+            .args([
+                "--seed",
+                &case["seed"].to_string(),
+                "--steps",
+                &case["steps"].to_string(),
+            ])
+            .flag("--output", &png)
+    };
+    run(case["prompt"].as_str().expect("prompt")).succeeds();
+    let reference = read_tensors(&folder.join("cases.safetensors"));
+    common::assert_images_match(
+        "CLI a1111",
+        &common::image_file(&png),
+        &reference["a1111_0.images"].get(0),
+    );
+    let message = run("a [cat|dog]").fails();
+    assert!(message.contains("--prompt"), "{message}");
 }
