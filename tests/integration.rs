@@ -53,6 +53,7 @@ mod pose_hands;
 mod pose_parts_service;
 mod pose_render;
 mod preprocess;
+mod preprocess_service;
 mod prompt_syntax;
 mod recolor;
 mod refiner;
