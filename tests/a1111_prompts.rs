@@ -324,6 +324,13 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
         ),
         (
             pb::GenerationSpec {
+                negative_prompt: Some("blurry BREAK ".repeat(33)),
+                ..base.clone()
+            },
+            "spec.negative_prompt",
+        ),
+        (
+            pb::GenerationSpec {
                 clip_skip: 1,
                 ..base.clone()
             },

@@ -20,6 +20,11 @@ const SQUARE: f64 = 1.0 / 1.1;
 /// multiplied and is read as the word "break", as in A1111).
 const BREAK_MARK: f64 = -1.0;
 
+/// At most this many chunk breaks in one prompt: each chunk is one more pass of the text
+/// encoders and 77 more tokens for every cross-attention (text alone reaches about 28
+/// chunks within the prompt length limit).
+pub const MAX_BREAKS: usize = 32;
+
 /// Python's `\s` (`str.isspace`): Unicode whitespace and the separators 0x1c–0x1f.
 const SPACE: &str = r"[\s\x1c-\x1f]";
 
@@ -56,11 +61,17 @@ pub fn is_break(fragment: &Fragment) -> bool {
 }
 
 /// Parses `prompt` as A1111 does and checks it is one sdxld encodes: no prompt editing,
-/// alternation, `AND` or extra networks, and every token's weight finite within
-/// [`MAX_WEIGHT`].
+/// alternation, `AND` or extra networks, at most [`MAX_BREAKS`] breaks, and every
+/// token's weight finite within [`MAX_WEIGHT`].
 pub fn parse(prompt: &str) -> Result<Vec<Fragment>, SyntaxError> {
     refuse_scheduling(prompt)?;
     let fragments = parse_attention(prompt)?;
+    let breaks = fragments.iter().filter(|f| is_break(f)).count();
+    if breaks > MAX_BREAKS {
+        return Err(SyntaxError::TooComplex(format!(
+            "has {breaks} BREAKs, more than {MAX_BREAKS}"
+        )));
+    }
     if let Some(bad) = fragments
         .iter()
         .filter(|f| !is_break(f))
@@ -273,5 +284,8 @@ mod tests {
         ));
         let deep = format!("{}a{}", "(".repeat(60), ")".repeat(60));
         assert!(matches!(parse(&deep), Err(SyntaxError::Weight(_))));
+        assert!(parse(&"a BREAK ".repeat(MAX_BREAKS)).is_ok());
+        let many = "a BREAK ".repeat(MAX_BREAKS + 1);
+        assert!(matches!(parse(&many), Err(SyntaxError::TooComplex(_))));
     }
 }
