@@ -1,10 +1,10 @@
 //! The conditioning of prompts in AUTOMATIC1111's syntax, as A1111 builds it for SDXL:
 //! each text encoder encodes its prompt in chunks with A1111's emphasis, the chunks
 //! joined along the tokens and both encoders' along the width; the pooled embedding is
-//! the second encoder's of the first chunk. The negative prompt is always encoded (the
-//! empty text when absent), and the shorter of prompt and negative is padded with the
-//! empty prompt's chunks, as A1111 pads them with "Pad prompt/negative prompt to be
-//! same length" on.
+//! the second encoder's of the first chunk. An empty negative prompt is zeros, as A1111
+//! makes it for SDXL; another is encoded the same way, and the shorter of prompt and
+//! negative is padded with the empty prompt's chunks, as A1111 pads them with "Pad
+//! prompt/negative prompt to be same length" on.
 
 use tch::Tensor;
 
@@ -45,10 +45,16 @@ impl SdxlPipeline {
             tokens.second.as_ref(),
             device,
         );
+        let guided = self.classifier_free(p.guidance_scale);
+        let negative = p.negative_prompt.as_deref().unwrap_or("");
+        let negative = pair(negative, p.negative_prompt_2.as_deref());
+        // A1111 conditions SDXL on zeros where the negative prompt is empty (its
+        // `force_zero_negative_prompt`); the texts the encoders read decide.
+        let zero_negative =
+            negative.first.is_empty() && (first.is_none() || negative.second.is_empty());
         let mut pairs = vec![pair(&p.prompt, p.prompt_2.as_deref())];
-        if self.classifier_free(p.guidance_scale) {
-            let negative = p.negative_prompt.as_deref().unwrap_or("");
-            pairs.push(pair(negative, p.negative_prompt_2.as_deref()));
+        if guided && !zero_negative {
+            pairs.push(negative);
         }
         let mut encoded = Vec::with_capacity(pairs.len());
         for texts in &pairs {
@@ -60,10 +66,16 @@ impl SdxlPipeline {
         let embeds = joined
             .next()
             .ok_or_else(|| EngineError::Internal("no prompt embeddings".into()))?;
-        let negative = joined.next().zip(pooled.get(1).map(Tensor::shallow_clone));
+        let pooled_prompt = pooled[0].shallow_clone();
+        let negative = match joined.next().zip(pooled.get(1).map(Tensor::shallow_clone)) {
+            Some(encoded) => Some(encoded),
+            // Zero keys and values: the same attention whatever the length.
+            None if guided => Some((embeds.zeros_like(), pooled_prompt.zeros_like())),
+            None => None,
+        };
         Ok(PromptEmbeds {
             embeds,
-            pooled: pooled[0].shallow_clone(),
+            pooled: pooled_prompt,
             negative,
             images: Vec::new(),
         })
