@@ -148,6 +148,35 @@ fn conditioning_matches_a1111s_on_both_pipelines_and_the_refiner() {
     }
 }
 
+/// A second encoder whose config has the legacy `eos_token_id` 2 (as SDXL's published
+/// one has): transformers pools at the highest id, a textual inversion token's in the
+/// first chunk; A1111 pools at the end-of-text token, and so does this syntax.
+#[test]
+fn the_pooled_embedding_is_the_end_of_text_tokens_under_a_legacy_config() {
+    let folder = a1111_prompt_fixtures().join("tiny2");
+    let cases = json_file(folder.join("embeds.json"));
+    let reference = read_tensors(&folder.join("embeds.safetensors"));
+    let (k, case) = cases
+        .as_array()
+        .expect("cases")
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c["embeddings"].is_array() && c["negative_prompt"].is_string())
+        .expect("a textual inversion case with a negative");
+    let legacy = tempfile::tempdir().expect("tempdir");
+    common::copy_tree(&fixtures().join("tiny2/pipeline"), legacy.path());
+    let config = legacy.path().join("text_encoder_2/config.json");
+    common::set_config(&config, "eos_token_id", serde_json::json!(2));
+    let pipe = SdxlPipeline::load(legacy.path(), Placement::cpu()).expect("pipeline");
+    let tokens = pipe
+        .prompt_tokens(&case_embeddings("tiny2", case))
+        .expect("tokens");
+    let got = pipe
+        .encode_prompt_with(&embed_params(case), &tokens)
+        .expect("encode");
+    assert_conditioning("legacy eos", &got, &reference, &format!("case_{k}"));
+}
+
 #[test]
 fn weights_move_the_conditioning_and_unweighted_prompts_are_diffusers() {
     let pipe = SdxlPipeline::load(&fixtures().join("tiny2").join("pipeline"), Placement::cpu())

@@ -384,6 +384,20 @@ impl ClipTextModel {
         skip: i64,
         added: Option<&AddedRows>,
     ) -> Result<TextEncoderOutput> {
+        self.forward_pooled_at(ids, skip, added, None)
+    }
+
+    /// [`Self::forward_with`] with the pooled state taken at token index `pool_at` of
+    /// every sequence when given (A1111 pools at the end-of-text token it placed, where a
+    /// legacy config would take the highest id, an added token's), else where
+    /// transformers takes it.
+    pub fn forward_pooled_at(
+        &self,
+        ids: &Tensor,
+        skip: i64,
+        added: Option<&AddedRows>,
+        pool_at: Option<i64>,
+    ) -> Result<TextEncoderOutput> {
         let n = self.config.num_hidden_layers;
         if skip < 0 || skip + 2 > n + 1 {
             return Err(EngineError::InvalidRequest(format!(
@@ -412,7 +426,10 @@ impl ClipTextModel {
             None => None,
             Some(proj) => {
                 let last = self.final_layer_norm.forward(&x);
-                let eos = self.eos_positions(ids);
+                let eos = match pool_at {
+                    Some(at) => Tensor::full([ids.size()[0]], at, (Kind::Int64, ids.device())),
+                    None => self.eos_positions(ids),
+                };
                 let batch = Tensor::arange(ids.size()[0], (Kind::Int64, ids.device()));
                 let pooled = last.index(&[Some(batch), Some(eos)]);
                 Some(proj.forward(&pooled))

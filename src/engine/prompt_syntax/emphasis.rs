@@ -127,7 +127,8 @@ impl WeightedEncoder<'_> {
     }
 
     /// [1, 77 x chunks, width] hidden states of the prompt with A1111's emphasis, and
-    /// the first chunk's pooled embedding when the encoder has a projection.
+    /// the first chunk's pooled embedding (at its end-of-text token) when the encoder has
+    /// a projection.
     pub fn a1111_prompt(&self, fragments: &[Fragment]) -> Result<(Tensor, Option<Tensor>)> {
         let chunks = self.a1111_chunks(fragments)?;
         let (bos, eos, pad) = self.tokenizer.special_ids();
@@ -144,9 +145,11 @@ impl WeightedEncoder<'_> {
             weights.extend(&chunk.weights);
             weights.resize(n, 1.0);
             let ids = Tensor::from_slice(&ids).unsqueeze(0).to_device(self.device);
+            let end_of_text = 1 + chunk.ids.len() as i64;
+            let added = self.tokens.map(EncoderTokens::added);
             let out = self
                 .encoder
-                .forward_with(&ids, 0, self.tokens.map(EncoderTokens::added))?;
+                .forward_pooled_at(&ids, 0, added, Some(end_of_text))?;
             if pooled.is_none() {
                 pooled = out.pooled;
             }
