@@ -274,26 +274,7 @@ async fn a1111_prompts_over_grpc_match_diffusers_given_a1111s_embeddings() {
     let again = server.images(replay).await.expect("replay");
     assert_eq!(again.images[0].data, done.images[0].data);
     // The refiner and a hires pass read the same syntax.
-    let refined = pb::GenerationSpec {
-        refiner: Some(pb::RefinerStage {
-            model: "tiny2/refiner".into(),
-            mode: pb::RefinerMode::EnsembleOfExperts as i32,
-            high_noise_fraction: Some(0.5),
-            ..Default::default()
-        }),
-        ..spec.clone()
-    };
-    let done = server.images(refined).await.expect("refiner");
-    assert_eq!(done.images.len(), 1);
-    let hires = pb::GenerationSpec {
-        hires: Some(pb::HiresPass {
-            scale: Some(1.5),
-            ..Default::default()
-        }),
-        ..spec
-    };
-    let done = server.images(hires).await.expect("hires");
-    assert_eq!(done.images[0].width, 96);
+    server.assert_refiner_and_hires_pass_run(spec).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

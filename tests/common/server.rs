@@ -149,6 +149,32 @@ impl TestServer {
         ModelServiceClient::new(self.channel().await)
     }
 
+    /// `spec` (one 64-pixel-wide tiny2 image) with the tiny2 refiner as ensemble of
+    /// experts, and with a hires pass of scale 1.5: both complete, the second 96 wide.
+    #[allow(dead_code)]
+    pub async fn assert_refiner_and_hires_pass_run(&self, spec: pb::GenerationSpec) {
+        let refined = pb::GenerationSpec {
+            refiner: Some(pb::RefinerStage {
+                model: "tiny2/refiner".into(),
+                mode: pb::RefinerMode::EnsembleOfExperts as i32,
+                high_noise_fraction: Some(0.5),
+                ..Default::default()
+            }),
+            ..spec.clone()
+        };
+        let done = self.images(refined).await.expect("refiner");
+        assert_eq!(done.images.len(), 1);
+        let hires = pb::GenerationSpec {
+            hires: Some(pb::HiresPass {
+                scale: Some(1.5),
+                ..Default::default()
+            }),
+            ..spec
+        };
+        let done = self.images(hires).await.expect("hires");
+        assert_eq!(done.images[0].width, 96);
+    }
+
     /// A GenerateImages call of `spec`, on a connection of its own.
     #[allow(dead_code)]
     pub async fn images(

@@ -29,22 +29,7 @@ impl SdxlPipeline {
         p: &GenerateParams,
         tokens: &PromptTokens,
     ) -> Result<PromptEmbeds> {
-        if p.clip_skip.unwrap_or(0) != 0 {
-            return Err(EngineError::InvalidRequest(
-                "`clip_skip` does not apply to prompts in A1111's syntax".into(),
-            ));
-        }
-        let device = self.placement.device;
-        let first = match (&self.tokenizer, &self.text_encoder) {
-            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)),
-            _ => None,
-        };
-        let second = WeightedEncoder::new(
-            &self.tokenizer_2,
-            &self.text_encoder_2,
-            tokens.second.as_ref(),
-            device,
-        );
+        let (first, second) = self.chunk_encoders(p, tokens, "A1111's")?;
         let guided = self.classifier_free(p.guidance_scale);
         let negative = p.negative_prompt.as_deref().unwrap_or("");
         let negative = pair(negative, p.negative_prompt_2.as_deref());

@@ -26,22 +26,7 @@ impl SdxlPipeline {
         p: &GenerateParams,
         tokens: &PromptTokens,
     ) -> Result<PromptEmbeds> {
-        if p.clip_skip.unwrap_or(0) != 0 {
-            return Err(EngineError::InvalidRequest(
-                "`clip_skip` does not apply to prompts in compel's syntax".into(),
-            ));
-        }
-        let device = self.placement.device;
-        let first = match (&self.tokenizer, &self.text_encoder) {
-            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)),
-            _ => None,
-        };
-        let second = WeightedEncoder::new(
-            &self.tokenizer_2,
-            &self.text_encoder_2,
-            tokens.second.as_ref(),
-            device,
-        );
+        let (first, second) = self.chunk_encoders(p, tokens, "compel's")?;
         let positive = pair(&p.prompt, p.prompt_2.as_deref());
         let guided = self.classifier_free(p.guidance_scale);
         let zeros = p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt;
@@ -74,6 +59,34 @@ impl SdxlPipeline {
             negative,
             images: Vec::new(),
         })
+    }
+
+    /// The text encoders that encode prompts in chunks (the first absent on a refiner),
+    /// with the job's textual inversion tokens; `clip_skip` is refused for `syntax`,
+    /// whose chunks are read at the penultimate layer.
+    pub(super) fn chunk_encoders<'a>(
+        &'a self,
+        p: &GenerateParams,
+        tokens: &'a PromptTokens,
+        syntax: &str,
+    ) -> Result<(Option<WeightedEncoder<'a>>, WeightedEncoder<'a>)> {
+        if p.clip_skip.unwrap_or(0) != 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "`clip_skip` does not apply to prompts in {syntax} syntax"
+            )));
+        }
+        let device = self.placement.device;
+        let first = match (&self.tokenizer, &self.text_encoder) {
+            (Some(t), Some(e)) => Some(WeightedEncoder::new(t, e, tokens.first.as_ref(), device)),
+            _ => None,
+        };
+        let second = WeightedEncoder::new(
+            &self.tokenizer_2,
+            &self.text_encoder_2,
+            tokens.second.as_ref(),
+            device,
+        );
+        Ok((first, second))
     }
 
     /// Each encoder's embeddings of its text (the second encoder reads the first text
