@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Weighted-prompt benchmark: the same tiny SDXL pipeline, seed and settings with a long
-prompt in compel's syntax (weights above and below 1, three 75-token chunks) and its
-negative, through diffusers given compel's CompelForSDXL embeddings (computed in every
-run, as a service would) and through `sdxld bench --prompt-syntax compel`, one CPU thread
-each, median of N runs each; and both with the plain prompt (truncated) for what the
-weighting adds.
+prompt (weights above and below 1, two 75-token chunks) and its negative, in compel's
+syntax through diffusers given compel's CompelForSDXL embeddings, or (`--syntax a1111`)
+in AUTOMATIC1111's through diffusers given A1111's conditioning as
+tests/fixtures/make_a1111_prompt_fixtures.py computes it over transformers (computed in
+every run, as a service would), and through `sdxld bench --prompt-syntax compel|a1111`,
+one CPU thread each, median of N runs each; and both with the plain prompt (truncated)
+for what the weighting adds.
 
 Prints the four medians, the ratio diffusers / sdxld with the weighted prompt (above 1
 means sdxld is faster) and what the weighting adds to a generation in each.
@@ -16,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +32,46 @@ PROMPT = (
     "(crisp reflections)1.1 on wet rocks, a (distant storm)0.8 over the horizon."
 )
 NEGATIVE = "(blurry)1.2, (low quality)0.5, watermark"
+# The same prompt in A1111's syntax.
+PROMPT_A1111 = (
+    "a photograph of an old lighthouse on a rocky coast, waves crashing below. "
+    "the (evening sky:1.3) glows orange and purple, seagulls circle the tower. "
+    "a small red boat is moored in the harbour [with fishing nets] piled on its deck, "
+    "(mist:0.7) rolls in from the sea; warm light spills from the keeper's cottage. "
+    "highly detailed, sharp focus, 35mm film, golden hour, dramatic clouds, "
+    "(award winning:1.2) composition, rule of thirds, long exposure water, "
+    "(crisp reflections:1.1) on wet rocks, a (distant storm:0.8) over the horizon."
+)
+NEGATIVE_A1111 = "(blurry:1.2), (low quality:0.5), watermark"
+
+
+def texts(args):
+    return (PROMPT_A1111, NEGATIVE_A1111) if args.syntax == "a1111" else (PROMPT, NEGATIVE)
+
+
+def conditioner(args, pipe):
+    """A function of (prompt, negative) giving the four conditioning tensors."""
+    if args.syntax == "a1111":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+        from make_a1111_prompt_fixtures import conditioning
+
+        torch.set_num_threads(1)  # the fixture scripts set their own thread count
+        encoders = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+
+        def a1111(prompt, negative):
+            c = conditioning(pipe, dict(prompt=prompt, negative_prompt=negative), encoders)
+            return c["embeds"], c["pooled"], c["negative_embeds"], c["negative_pooled"]
+
+        return a1111
+    from compel import CompelForSDXL
+
+    compel = CompelForSDXL(pipe)
+
+    def weighted(prompt, negative):
+        c = compel(prompt, negative_prompt=negative)
+        return c.embeds, c.pooled_embeds, c.negative_embeds, c.negative_pooled_embeds
+
+    return weighted
 
 
 def median_of(runs: int, once) -> float:
@@ -42,12 +85,12 @@ def median_of(runs: int, once) -> float:
 
 
 def time_diffusers(args, weighted: bool) -> float:
-    from compel import CompelForSDXL
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    compel = CompelForSDXL(pipe)
+    condition = conditioner(args, pipe)
+    prompt, negative = texts(args)
     common = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, width=args.width, height=args.height,
         output_type="np",
@@ -56,11 +99,11 @@ def time_diffusers(args, weighted: bool) -> float:
     def once():
         generator = [torch.Generator("cpu").manual_seed(args.seed)]
         if not weighted:
-            return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, generator=generator, **common).images
-        cond = compel(PROMPT, negative_prompt=NEGATIVE)
+            return pipe(prompt=prompt, negative_prompt=negative, generator=generator, **common).images
+        embeds, pooled, negative_embeds, negative_pooled = condition(prompt, negative)
         return pipe(
-            prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled_embeds,
-            negative_prompt_embeds=cond.negative_embeds, negative_pooled_prompt_embeds=cond.negative_pooled_embeds,
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled,
             generator=generator, **common,
         ).images
 
@@ -68,12 +111,13 @@ def time_diffusers(args, weighted: bool) -> float:
 
 
 def time_sdxld(args, weighted: bool) -> float:
+    prompt, negative = texts(args)
     cmd = [
-        args.sdxld, "bench", "--model", args.model, "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+        args.sdxld, "bench", "--model", args.model, "--prompt", prompt, "--negative-prompt", negative,
         "--steps", str(args.steps), "--guidance", str(args.guidance),
         "--width", str(args.width), "--height", str(args.height), "--seed", str(args.seed),
         "--runs", str(args.runs), "--threads", "1",
-        "--prompt-syntax", "compel" if weighted else "plain",
+        "--prompt-syntax", args.syntax if weighted else "plain",
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["median_s"]
@@ -89,6 +133,7 @@ def main():
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--syntax", choices=["compel", "a1111"], default="compel")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -100,9 +145,9 @@ def main():
     print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     for who in ("diffusers", "sdxld"):
         plain, weighted = medians[(who, False)], medians[(who, True)]
-        print(f"  {who:9} {plain * 1000:8.1f} ms plain (truncated), {weighted * 1000:8.1f} ms in compel's syntax (+{(weighted - plain) * 1000:.1f} ms)")
+        print(f"  {who:9} {plain * 1000:8.1f} ms plain (truncated), {weighted * 1000:8.1f} ms in {args.syntax}'s syntax (+{(weighted - plain) * 1000:.1f} ms)")
     ratio = medians[("diffusers", True)] / medians[("sdxld", True)]
-    print(f"  speed-up with the weighted prompt (diffusers + compel / sdxld): {ratio:.2f}x   target >= 1.25x")
+    print(f"  speed-up with the weighted prompt (diffusers + {args.syntax} / sdxld): {ratio:.2f}x   target >= 1.25x")
 
 
 if __name__ == "__main__":
