@@ -8,17 +8,14 @@
 
 use crate::common;
 
-use std::collections::HashMap;
-
+use common::prompts::{assert_conditioning, case_embeddings, embed_params};
 use common::server::{violated_fields, TestServer};
-use common::{a1111_prompt_fixtures, assert_close, embedding_fixtures, fixtures, read_tensors};
-use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
+use common::{a1111_prompt_fixtures, assert_close, fixtures, read_tensors};
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use sdxld::engine::prompt_syntax::a1111::parse_attention;
 use sdxld::engine::prompt_syntax::PromptSyntax;
-use sdxld::engine::textual_inversion::Embedding;
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
-use tch::Tensor;
 
 fn json_file(path: std::path::PathBuf) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture json")).expect("json")
@@ -61,57 +58,6 @@ fn prompts_parse_as_a1111_parses_them() {
     );
 }
 
-/// The conditioning parameters of an embedding case.
-fn embed_params(case: &Value) -> GenerateParams {
-    let text = |key: &str| case[key].as_str().map(str::to_string);
-    GenerateParams {
-        prompt: text("prompt").expect("prompt"),
-        prompt_2: text("prompt_2"),
-        negative_prompt: text("negative_prompt"),
-        negative_prompt_2: text("negative_prompt_2"),
-        prompt_syntax: PromptSyntax::A1111,
-        ..Default::default()
-    }
-}
-
-/// The case's textual inversion embeddings on `config`.
-fn case_embeddings(config: &str, case: &Value) -> Vec<Embedding> {
-    let Some(list) = case["embeddings"].as_array() else {
-        return Vec::new();
-    };
-    list.iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let name = e[0].as_str().expect("name");
-            let token = e[1].as_str().unwrap_or(name);
-            let path = embedding_fixtures()
-                .join(config)
-                .join("embeddings")
-                .join(format!("{name}.safetensors"));
-            Embedding::read(&path, i, name, token).expect("embedding")
-        })
-        .collect()
-}
-
-fn assert_conditioning(
-    what: &str,
-    got: &PromptEmbeds,
-    reference: &HashMap<String, Tensor>,
-    key: &str,
-) {
-    let expected = |name: &str| &reference[&format!("{key}.{name}")];
-    let (negative, negative_pooled) = got.negative.as_ref().expect("guidance");
-    for (name, tensor) in [
-        ("embeds", &got.embeds),
-        ("pooled", &got.pooled),
-        ("negative_embeds", negative),
-        ("negative_pooled", negative_pooled),
-    ] {
-        assert_eq!(tensor.size(), expected(name).size(), "{what} {name} shape");
-        assert_close(&format!("{what} {name}"), tensor, expected(name));
-    }
-}
-
 #[test]
 fn conditioning_matches_a1111s_on_both_pipelines_and_the_refiner() {
     for config in ["tiny2", "tiny3"] {
@@ -126,7 +72,7 @@ fn conditioning_matches_a1111s_on_both_pipelines_and_the_refiner() {
                 .prompt_tokens(&case_embeddings(config, case))
                 .expect("tokens");
             let got = pipe
-                .encode_prompt_with(&embed_params(case), &tokens)
+                .encode_prompt_with(&embed_params(case, PromptSyntax::A1111), &tokens)
                 .expect("encode");
             assert_conditioning(
                 &format!("{config} case {k}"),
@@ -141,7 +87,9 @@ fn conditioning_matches_a1111s_on_both_pipelines_and_the_refiner() {
         }
         let refiner = SdxlPipeline::load(&refiner_dir, Placement::cpu()).expect("refiner");
         for (k, case) in cases.iter().take(3).enumerate() {
-            let got = refiner.encode_prompt(&embed_params(case)).expect("encode");
+            let got = refiner
+                .encode_prompt(&embed_params(case, PromptSyntax::A1111))
+                .expect("encode");
             let key = format!("refiner_{k}");
             assert_conditioning(&format!("{config} refiner {k}"), &got, &reference, &key);
         }
@@ -172,7 +120,7 @@ fn the_pooled_embedding_is_the_end_of_text_tokens_under_a_legacy_config() {
         .prompt_tokens(&case_embeddings("tiny2", case))
         .expect("tokens");
     let got = pipe
-        .encode_prompt_with(&embed_params(case), &tokens)
+        .encode_prompt_with(&embed_params(case, PromptSyntax::A1111), &tokens)
         .expect("encode");
     assert_conditioning("legacy eos", &got, &reference, &format!("case_{k}"));
 }
@@ -217,17 +165,7 @@ fn weights_move_the_conditioning_and_unweighted_prompts_are_diffusers() {
 }
 
 async fn server() -> TestServer {
-    let pipelines = fixtures();
-    let root = pipelines.to_str().expect("utf-8");
-    TestServer::start(&[
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
-        ),
-        ("SDXLD__MODELS__BASE_ROOTS", root),
-        ("SDXLD__MODELS__REFINER_ROOTS", root),
-    ])
-    .await
+    TestServer::with_pipelines(&[]).await
 }
 
 /// The request of a recorded pipeline case.

@@ -9,11 +9,11 @@ use crate::common;
 
 use std::collections::HashMap;
 
+use common::prompts::{assert_conditioning, case_embeddings, embed_params};
 use common::server::{violated_fields, TestServer};
-use common::{assert_close, embedding_fixtures, fixtures, prompt_syntax_fixtures, read_tensors};
-use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
+use common::{assert_close, fixtures, prompt_syntax_fixtures, read_tensors};
+use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
 use sdxld::engine::prompt_syntax::{parse_unchecked, Part, PromptSyntax};
-use sdxld::engine::textual_inversion::Embedding;
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 use tch::Tensor;
@@ -71,19 +71,6 @@ fn prompts_parse_as_compel_parses_them() {
     );
 }
 
-/// The conditioning parameters of an embedding case.
-fn embed_params(case: &Value) -> GenerateParams {
-    let text = |key: &str| case[key].as_str().map(str::to_string);
-    GenerateParams {
-        prompt: text("prompt").expect("prompt"),
-        prompt_2: text("prompt_2"),
-        negative_prompt: text("negative_prompt"),
-        negative_prompt_2: text("negative_prompt_2"),
-        prompt_syntax: PromptSyntax::Compel,
-        ..Default::default()
-    }
-}
-
 fn embed_cases(config: &str) -> (Vec<Value>, HashMap<String, Tensor>) {
     let folder = prompt_syntax_fixtures().join(config);
     let cases = serde_json::from_str(
@@ -93,45 +80,6 @@ fn embed_cases(config: &str) -> (Vec<Value>, HashMap<String, Tensor>) {
     (cases, read_tensors(&folder.join("embeds.safetensors")))
 }
 
-fn assert_conditioning(
-    what: &str,
-    got: &PromptEmbeds,
-    reference: &HashMap<String, Tensor>,
-    key: &str,
-) {
-    let expected = |name: &str| &reference[&format!("{key}.{name}")];
-    assert_eq!(
-        got.embeds.size(),
-        expected("embeds").size(),
-        "{what} embeds shape"
-    );
-    assert_close(&format!("{what} embeds"), &got.embeds, expected("embeds"));
-    assert_close(&format!("{what} pooled"), &got.pooled, expected("pooled"));
-    let (negative, negative_pooled) = got.negative.as_ref().expect("guidance");
-    if reference.contains_key(&format!("{key}.negative_embeds")) {
-        let shape = expected("negative_embeds").size();
-        assert_eq!(negative.size(), shape, "{what} negative shape");
-        assert_close(
-            &format!("{what} negative"),
-            negative,
-            expected("negative_embeds"),
-        );
-        assert_close(
-            &format!("{what} negative pooled"),
-            negative_pooled,
-            expected("negative_pooled"),
-        );
-    } else {
-        // No negative prompt: SDXL's zeros, as long as the prompt's.
-        assert_eq!(
-            negative.size(),
-            got.embeds.size(),
-            "{what} zero negative shape"
-        );
-        assert_eq!(negative.abs().max().double_value(&[]), 0.0, "{what} zeros");
-    }
-}
-
 #[test]
 fn conditioning_matches_compel_for_sdxl() {
     for config in ["tiny2", "tiny3"] {
@@ -139,7 +87,9 @@ fn conditioning_matches_compel_for_sdxl() {
         let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
             .expect("pipeline");
         for (k, case) in cases.iter().enumerate() {
-            let got = pipe.encode_prompt(&embed_params(case)).expect("encode");
+            let got = pipe
+                .encode_prompt(&embed_params(case, PromptSyntax::Compel))
+                .expect("encode");
             assert_conditioning(
                 &format!("{config} case {k}"),
                 &got,
@@ -156,7 +106,7 @@ fn conditioning_matches_compel_for_sdxl() {
         for (k, case) in cases.iter().take(3).enumerate() {
             let params = GenerateParams {
                 negative_prompt: Some(case["negative_prompt"].as_str().unwrap_or("").into()),
-                ..embed_params(case)
+                ..embed_params(case, PromptSyntax::Compel)
             };
             let got = refiner.encode_prompt(&params).expect("encode");
             assert_conditioning(
@@ -184,24 +134,10 @@ fn textual_inversion_tokens_weigh_as_compel_weighs_them() {
         let pipe = SdxlPipeline::load(&fixtures().join(config).join("pipeline"), Placement::cpu())
             .expect("pipeline");
         for (k, case) in cases.iter().enumerate() {
-            let embeddings: Vec<Embedding> = case["embeddings"]
-                .as_array()
-                .expect("embeddings")
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let name = e[0].as_str().expect("name");
-                    let token = e[1].as_str().unwrap_or(name);
-                    let path = embedding_fixtures()
-                        .join(config)
-                        .join("embeddings")
-                        .join(format!("{name}.safetensors"));
-                    Embedding::read(&path, i, name, token).expect("embedding")
-                })
-                .collect();
+            let embeddings = case_embeddings(config, case);
             let tokens = pipe.prompt_tokens(&embeddings).expect("tokens");
             let got = pipe
-                .encode_prompt_with(&embed_params(case), &tokens)
+                .encode_prompt_with(&embed_params(case, PromptSyntax::Compel), &tokens)
                 .expect("encode");
             assert_conditioning(
                 &format!("{config} ti {k}"),
@@ -252,17 +188,7 @@ fn weights_move_the_conditioning_and_plain_prompts_stay_as_they_were() {
 }
 
 async fn server() -> TestServer {
-    let pipelines = fixtures();
-    let root = pipelines.to_str().expect("utf-8");
-    TestServer::start(&[
-        (
-            "SDXLD__ENGINE__DEFAULT_MODEL",
-            pipelines.join("tiny2/pipeline").to_str().expect("utf-8"),
-        ),
-        ("SDXLD__MODELS__BASE_ROOTS", root),
-        ("SDXLD__MODELS__REFINER_ROOTS", root),
-    ])
-    .await
+    TestServer::with_pipelines(&[]).await
 }
 
 /// The request of a recorded pipeline case on `config`.

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod cli;
 pub mod edges;
 mod fixture_dirs;
+pub mod prompts;
 pub mod raw;
 pub mod server;
 

@@ -1,0 +1,76 @@
+//! What the prompt syntax tests share: a recorded conditioning case's parameters and
+//! textual inversion embeddings, and the comparison of a conditioning with the recorded
+//! one.
+
+use std::collections::HashMap;
+
+use sdxld::engine::pipeline::{GenerateParams, PromptEmbeds};
+use sdxld::engine::prompt_syntax::PromptSyntax;
+use sdxld::engine::textual_inversion::Embedding;
+use serde_json::Value;
+use tch::Tensor;
+
+use super::{assert_close, embedding_fixtures};
+
+/// The conditioning parameters of a recorded case (its four prompts) in `syntax`.
+pub fn embed_params(case: &Value, syntax: PromptSyntax) -> GenerateParams {
+    let text = |key: &str| case[key].as_str().map(str::to_string);
+    GenerateParams {
+        prompt: text("prompt").expect("prompt"),
+        prompt_2: text("prompt_2"),
+        negative_prompt: text("negative_prompt"),
+        negative_prompt_2: text("negative_prompt_2"),
+        prompt_syntax: syntax,
+        ..Default::default()
+    }
+}
+
+/// The case's textual inversion embeddings on `config` (`embeddings`: [file stem, token
+/// or null]).
+pub fn case_embeddings(config: &str, case: &Value) -> Vec<Embedding> {
+    let Some(list) = case["embeddings"].as_array() else {
+        return Vec::new();
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let name = e[0].as_str().expect("name");
+            let token = e[1].as_str().unwrap_or(name);
+            let path = embedding_fixtures()
+                .join(config)
+                .join("embeddings")
+                .join(format!("{name}.safetensors"));
+            Embedding::read(&path, i, name, token).expect("embedding")
+        })
+        .collect()
+}
+
+/// `got` against the recorded `{key}.embeds`, `.pooled`, `.negative_embeds` and
+/// `.negative_pooled` (without a recorded negative: SDXL's zeros, as long as the prompt).
+pub fn assert_conditioning(
+    what: &str,
+    got: &PromptEmbeds,
+    reference: &HashMap<String, Tensor>,
+    key: &str,
+) {
+    let expected = |name: &str| &reference[&format!("{key}.{name}")];
+    let (negative, negative_pooled) = got.negative.as_ref().expect("guidance");
+    let mut pairs = vec![("embeds", &got.embeds), ("pooled", &got.pooled)];
+    if reference.contains_key(&format!("{key}.negative_embeds")) {
+        pairs.extend([
+            ("negative_embeds", negative),
+            ("negative_pooled", negative_pooled),
+        ]);
+    } else {
+        assert_eq!(
+            negative.size(),
+            got.embeds.size(),
+            "{what} zero negative shape"
+        );
+        assert_eq!(negative.abs().max().double_value(&[]), 0.0, "{what} zeros");
+    }
+    for (name, tensor) in pairs {
+        assert_eq!(tensor.size(), expected(name).size(), "{what} {name} shape");
+        assert_close(&format!("{what} {name}"), tensor, expected(name));
+    }
+}
