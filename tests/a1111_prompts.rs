@@ -12,7 +12,7 @@ use common::prompts::{assert_conditioning, case_embeddings, embed_params};
 use common::server::{violated_fields, TestServer};
 use common::{a1111_prompt_fixtures, assert_close, fixtures, read_tensors};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
-use sdxld::engine::prompt_syntax::a1111::parse_attention;
+use sdxld::engine::prompt_syntax::a1111::{self, parse_attention};
 use sdxld::engine::prompt_syntax::PromptSyntax;
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
@@ -56,6 +56,30 @@ fn prompts_parse_as_a1111_parses_them() {
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// Every prompt in which A1111's schedule grammar (run by lark) finds prompt editing or
+/// alternation is refused: no prompt is read without the schedule A1111 would give it.
+#[test]
+fn every_prompt_a1111_would_schedule_is_refused() {
+    let cases = json_file(a1111_prompt_fixtures().join("parser.json"));
+    let scheduled: Vec<&str> = cases
+        .as_array()
+        .expect("cases")
+        .iter()
+        .filter(|c| c["schedules"] == Value::Bool(true))
+        .map(|c| c["prompt"].as_str().expect("prompt"))
+        .collect();
+    assert!(
+        scheduled.len() > 100,
+        "{} scheduled prompts",
+        scheduled.len()
+    );
+    let read: Vec<&&str> = scheduled
+        .iter()
+        .filter(|p| a1111::parse(p).is_ok())
+        .collect();
+    assert!(read.is_empty(), "read without their schedule: {read:?}");
 }
 
 #[test]
