@@ -8,10 +8,10 @@
 
 use crate::common;
 
-use common::prompts::{assert_conditioning, case_embeddings, embed_params};
+use common::prompts::{assert_conditioning, case_embeddings, embed_params, ShortPrompts};
 use common::server::{violated_fields, TestServer};
 use common::{a1111_prompt_fixtures, assert_close, fixtures, read_tensors};
-use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
+use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use sdxld::engine::prompt_syntax::a1111::{self, parse_attention};
 use sdxld::engine::prompt_syntax::PromptSyntax;
 use sdxld::proto::v1 as pb;
@@ -151,41 +151,21 @@ fn the_pooled_embedding_is_the_end_of_text_tokens_under_a_legacy_config() {
 
 #[test]
 fn weights_move_the_conditioning_and_unweighted_prompts_are_diffusers() {
-    let pipe = SdxlPipeline::load(&fixtures().join("tiny2").join("pipeline"), Placement::cpu())
-        .expect("pipeline");
-    let encode = |prompt: &str, syntax: PromptSyntax| {
-        let params = GenerateParams {
-            prompt: prompt.into(),
-            negative_prompt: Some(String::new()),
-            prompt_syntax: syntax,
-            ..Default::default()
-        };
-        pipe.encode_prompt(&params).expect("encode")
-    };
-    // A short prompt without weights is one chunk, as diffusers encodes it.
-    let plain = encode("a red cat on a chair", PromptSyntax::Plain);
-    let unweighted = encode("a red cat on a chair", PromptSyntax::A1111);
-    assert_close("unweighted", &unweighted.embeds, &plain.embeds);
-    assert_close("unweighted pooled", &unweighted.pooled, &plain.pooled);
-    for weighted in [
+    let prompts = ShortPrompts::on_tiny2(PromptSyntax::A1111);
+    let weighted = [
         "a (red) cat on a chair",
         "a [red] cat on a chair",
         "a (red:0.2) cat on a chair",
-    ] {
-        let got = encode(weighted, PromptSyntax::A1111);
-        let diff = (&got.embeds - &plain.embeds).abs().max().double_value(&[]);
-        assert!(
-            diff > 1e-2,
-            "{weighted}: the weight changed the embeddings by {diff}"
-        );
-        // Weights leave the pooled embedding alone (the first chunk's tokens are the same).
-        assert_close(&format!("{weighted} pooled"), &got.pooled, &plain.pooled);
+    ];
+    let plain = prompts.assert_weights_move("a red cat on a chair", &weighted);
+    // Weights leave the pooled embedding alone (the first chunk's tokens are the same).
+    for prompt in weighted {
+        let got = prompts.encode(prompt, None);
+        assert_close(&format!("{prompt} pooled"), &got.pooled, &plain.pooled);
     }
     // BREAK starts a chunk: two chunks for two words.
-    assert_eq!(
-        encode("a BREAK b", PromptSyntax::A1111).embeds.size(),
-        vec![1, 154, 64]
-    );
+    let broken = prompts.encode("a BREAK b", None);
+    assert_eq!(broken.embeds.size(), vec![1, 154, 64]);
 }
 
 async fn server() -> TestServer {

@@ -9,7 +9,7 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use common::prompts::{assert_conditioning, case_embeddings, embed_params};
+use common::prompts::{assert_conditioning, case_embeddings, embed_params, ShortPrompts};
 use common::server::{violated_fields, TestServer};
 use common::{assert_close, fixtures, prompt_syntax_fixtures, read_tensors};
 use sdxld::engine::pipeline::{GenerateParams, Placement, SdxlPipeline};
@@ -151,39 +151,20 @@ fn textual_inversion_tokens_weigh_as_compel_weighs_them() {
 
 #[test]
 fn weights_move_the_conditioning_and_plain_prompts_stay_as_they_were() {
-    let pipe = SdxlPipeline::load(&fixtures().join("tiny2").join("pipeline"), Placement::cpu())
-        .expect("pipeline");
-    let encode = |prompt: &str, syntax: PromptSyntax| {
-        let params = GenerateParams {
-            prompt: prompt.into(),
-            negative_prompt: Some(String::new()),
-            prompt_syntax: syntax,
-            ..Default::default()
-        };
-        pipe.encode_prompt(&params).expect("encode")
-    };
-    // Without syntax, compel's encoding of a short prompt is diffusers' (one chunk).
-    let plain = encode("a red cat on a chair", PromptSyntax::Plain);
-    let compel = encode("a red cat on a chair", PromptSyntax::Compel);
-    assert_close("unweighted", &compel.embeds, &plain.embeds);
-    assert_close("unweighted pooled", &compel.pooled, &plain.pooled);
-    // Each weight changes the embeddings; `(red)1` is the unweighted prompt.
-    for weighted in [
-        "a (red)1.5 cat on a chair",
-        "a (red)0.5 cat on a chair",
-        "a red cat on a chair--",
-    ] {
-        let got = encode(weighted, PromptSyntax::Compel);
-        let diff = (&got.embeds - &plain.embeds).abs().max().double_value(&[]);
-        assert!(
-            diff > 1e-2,
-            "{weighted}: the weight changed the embeddings by {diff}"
-        );
-    }
-    let one = encode("a (red)1 cat on a chair", PromptSyntax::Compel);
+    let prompts = ShortPrompts::on_tiny2(PromptSyntax::Compel);
+    let plain = prompts.assert_weights_move(
+        "a red cat on a chair",
+        &[
+            "a (red)1.5 cat on a chair",
+            "a (red)0.5 cat on a chair",
+            "a red cat on a chair--",
+        ],
+    );
+    // `(red)1` is the unweighted prompt.
+    let one = prompts.encode("a (red)1 cat on a chair", None);
     assert_close("weight 1", &one.embeds, &plain.embeds);
     // A plain prompt with syntax characters is read literally.
-    let literal = encode("a (red)1.5 cat on a chair", PromptSyntax::Plain);
+    let literal = prompts.encode("a (red)1.5 cat on a chair", Some(PromptSyntax::Plain));
     assert_eq!(literal.embeds.size(), vec![1, 77, 64]);
 }
 

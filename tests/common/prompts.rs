@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 
-use sdxld::engine::pipeline::{GenerateParams, PromptEmbeds};
+use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
 use sdxld::engine::prompt_syntax::PromptSyntax;
 use sdxld::engine::textual_inversion::Embedding;
 use serde_json::Value;
 use tch::Tensor;
 
-use super::{assert_close, embedding_fixtures};
+use super::{assert_close, embedding_fixtures, fixtures};
 
 /// The conditioning parameters of a recorded case (its four prompts) in `syntax`.
 pub fn embed_params(case: &Value, syntax: PromptSyntax) -> GenerateParams {
@@ -72,5 +72,48 @@ pub fn assert_conditioning(
     for (name, tensor) in pairs {
         assert_eq!(tensor.size(), expected(name).size(), "{what} {name} shape");
         assert_close(&format!("{what} {name}"), tensor, expected(name));
+    }
+}
+
+/// `syntax`'s conditioning of short prompts on tiny2, each with an empty negative prompt.
+pub struct ShortPrompts {
+    pipe: SdxlPipeline,
+    syntax: PromptSyntax,
+}
+
+impl ShortPrompts {
+    pub fn on_tiny2(syntax: PromptSyntax) -> Self {
+        let pipe = SdxlPipeline::load(&fixtures().join("tiny2/pipeline"), Placement::cpu())
+            .expect("pipeline");
+        Self { pipe, syntax }
+    }
+
+    /// The conditioning of `prompt` in the syntax (`syntax` None), or plainly.
+    pub fn encode(&self, prompt: &str, syntax: Option<PromptSyntax>) -> PromptEmbeds {
+        let params = GenerateParams {
+            prompt: prompt.into(),
+            negative_prompt: Some(String::new()),
+            prompt_syntax: syntax.unwrap_or(self.syntax),
+            ..Default::default()
+        };
+        self.pipe.encode_prompt(&params).expect("encode")
+    }
+
+    /// Asserts that `unweighted` reads as the plain prompt does (one chunk, as diffusers
+    /// encodes it) and that each of `weighted` moves its embeddings; the plain reading.
+    pub fn assert_weights_move(&self, unweighted: &str, weighted: &[&str]) -> PromptEmbeds {
+        let plain = self.encode(unweighted, Some(PromptSyntax::Plain));
+        let read = self.encode(unweighted, None);
+        assert_close("unweighted", &read.embeds, &plain.embeds);
+        assert_close("unweighted pooled", &read.pooled, &plain.pooled);
+        for prompt in weighted {
+            let got = self.encode(prompt, None);
+            let diff = (&got.embeds - &plain.embeds).abs().max().double_value(&[]);
+            assert!(
+                diff > 1e-2,
+                "{prompt}: the weight changed the embeddings by {diff}"
+            );
+        }
+        plain
     }
 }

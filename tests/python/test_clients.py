@@ -846,50 +846,40 @@ def test_python_client_pixel_perfect_unit_detects_at_a1111s_resolution(stubs, se
     assert bad_request_fields(stubs, caught.value) == ["spec.controlnets[0].preprocessor_params.detect_resolution"]
 
 
-def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server):
-    """A compel prompt longer than CLIP's 77 tokens: no truncation warning, another image
-    than the plain reading, a PNG that replays it; grpcurl sees the refusal of a swap."""
+SYNTAX_CASES = {
+    # A weighted prompt longer than CLIP's 77 tokens, and one the syntax refuses (the
+    # field and a word of the reason).
+    "PROMPT_SYNTAX_COMPEL": ("a (red apple)1.3 on a wooden table, " * 12 + "(soft light)0.6.", "a boat.swap(ship)", "swap"),
+    "PROMPT_SYNTAX_A1111": (
+        "masterpiece, (best quality:1.2), [blurry], " + "((red apple)) on a wooden table, " * 10 + "BREAK (soft light:0.6)",
+        "<lora:style:0.8> a boat",
+        "extra network",
+    ),
+}
+
+
+@pytest.mark.parametrize("syntax", sorted(SYNTAX_CASES))
+def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server, syntax):
+    """A weighted prompt longer than CLIP's 77 tokens in compel's and in A1111's syntax:
+    no truncation warning, another image than the plain reading, a PNG that replays it;
+    grpcurl sees a prompt the syntax cannot encode refused naming the prompt."""
+    text, refused, reason = SYNTAX_CASES[syntax]
+    wire_syntax = getattr(stubs.gen, syntax)
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
-    text = "a (red apple)1.3 on a wooden table, " * 12 + "(soft light)0.6."
-    weighted = gen.GenerateImages(
-        stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text, prompt_syntax=stubs.gen.PROMPT_SYNTAX_COMPEL))
-    )
+    weighted = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text, prompt_syntax=wire_syntax)))
     assert list(weighted.completed.warnings) == []
     plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text)))
     assert any("truncated" in w for w in plain.completed.warnings)
     assert plain.images[0].data != weighted.images[0].data
     resolved = json_format.Parse(Image.open(io.BytesIO(weighted.images[0].data)).info["sdxld"], stubs.gen.GenerationSpec())
-    assert resolved.prompt_syntax == stubs.gen.PROMPT_SYNTAX_COMPEL
+    assert resolved.prompt_syntax == wire_syntax
     assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == weighted.images[0].data
-    body = json.dumps({"spec": {"prompt": "a boat.swap(ship)", "promptSyntax": "PROMPT_SYNTAX_COMPEL", "width": 64, "height": 64}})
+    body = json.dumps({"spec": {"prompt": refused, "promptSyntax": syntax, "width": 64, "height": 64}})
     bad = grpcurl("-d", body, server.address, "sdxld.v1.GenerationService/GenerateImages", check=False)
     assert bad.returncode != 0
-    assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "swap" in bad.stderr
+    assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and reason in bad.stderr
 
-
-
-def test_python_client_a1111_prompt_and_grpcurl_refusal(stubs, server):
-    """A prompt written for A1111 (weights, BREAK, longer than 77 tokens): no truncation
-    warning, another image than the plain reading, a PNG that replays it; grpcurl sees an
-    extra network refused naming the prompt."""
-    channel = grpc.insecure_channel(server.address)
-    gen = stubs.gen_grpc.GenerationServiceStub(channel)
-    text = "masterpiece, (best quality:1.2), [blurry], " + "((red apple)) on a wooden table, " * 10 + "BREAK (soft light:0.6)"
-    a1111 = gen.GenerateImages(
-        stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text, prompt_syntax=stubs.gen.PROMPT_SYNTAX_A1111))
-    )
-    assert list(a1111.completed.warnings) == []
-    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, prompt=text)))
-    assert any("truncated" in w for w in plain.completed.warnings)
-    assert plain.images[0].data != a1111.images[0].data
-    resolved = json_format.Parse(Image.open(io.BytesIO(a1111.images[0].data)).info["sdxld"], stubs.gen.GenerationSpec())
-    assert resolved.prompt_syntax == stubs.gen.PROMPT_SYNTAX_A1111
-    assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved)).images[0].data == a1111.images[0].data
-    body = json.dumps({"spec": {"prompt": "<lora:style:0.8> a boat", "promptSyntax": "PROMPT_SYNTAX_A1111", "width": 64, "height": 64}})
-    bad = grpcurl("-d", body, server.address, "sdxld.v1.GenerationService/GenerateImages", check=False)
-    assert bad.returncode != 0
-    assert "InvalidArgument" in bad.stderr and "spec.prompt" in bad.stderr and "extra network" in bad.stderr
 
 def test_python_client_perturbed_attention_guidance_and_grpcurl_refusal(stubs, server):
     """PAG moves the image, its PNG carries and replays it; grpcurl sees a layer the UNet
