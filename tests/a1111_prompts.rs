@@ -12,8 +12,9 @@ use common::prompts::{assert_conditioning, case_embeddings, embed_params, ShortP
 use common::server::{violated_fields, TestServer};
 use common::{a1111_prompt_fixtures, assert_close, fixtures, read_tensors};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
-use sdxld::engine::prompt_syntax::a1111::{self, parse_attention};
-use sdxld::engine::prompt_syntax::PromptSyntax;
+use sdxld::engine::prompt_syntax::a1111::parse_attention;
+use sdxld::engine::prompt_syntax::a1111_schedule::{self, StepClock};
+use sdxld::engine::prompt_syntax::{PromptSyntax, SyntaxError};
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 
@@ -58,28 +59,122 @@ fn prompts_parse_as_a1111_parses_them() {
     );
 }
 
-/// Every prompt in which A1111's schedule grammar (run by lark) finds prompt editing or
-/// alternation is refused: no prompt is read without the schedule A1111 would give it.
+/// The clocks the fixture schedules every prompt under (`CLOCKS`): passes of 20, 7 and
+/// 1 steps, and a hires pass of 10 after 20.
+const CLOCKS: [StepClock; 4] = [
+    StepClock {
+        steps: 20,
+        first_pass_steps: None,
+    },
+    StepClock {
+        steps: 7,
+        first_pass_steps: None,
+    },
+    StepClock {
+        steps: 1,
+        first_pass_steps: None,
+    },
+    StepClock {
+        steps: 10,
+        first_pass_steps: Some(20),
+    },
+];
+
+/// Every prompt's texts per step, under every clock, are the ones A1111's prompt
+/// schedules (its lark grammar, as A1111 runs it) give: edits, alternations, nesting,
+/// fractions, hires offsets, prompts the grammar cannot parse (read as they are) and
+/// steps A1111 fails on (refused).
 #[test]
-fn every_prompt_a1111_would_schedule_is_refused() {
+fn prompts_schedule_as_a1111_schedules_them() {
     let cases = json_file(a1111_prompt_fixtures().join("parser.json"));
-    let scheduled: Vec<&str> = cases
-        .as_array()
-        .expect("cases")
-        .iter()
-        .filter(|c| c["schedules"] == Value::Bool(true))
-        .map(|c| c["prompt"].as_str().expect("prompt"))
-        .collect();
+    let cases = cases.as_array().expect("cases");
+    let mut failures = Vec::new();
+    let (mut changing, mut refused) = (0, Vec::new());
+    for case in cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        for (clock, expected) in CLOCKS
+            .iter()
+            .zip(case["schedules"].as_array().expect("schedules"))
+        {
+            let got = a1111_schedule::schedule(prompt, *clock);
+            let same = match (&got, expected.as_array()) {
+                // An edit A1111's parser may read either way is refused.
+                (Err(SyntaxError::Unsupported(e)), _) if e.contains("depending on") => {
+                    refused.push(prompt);
+                    true
+                }
+                (Err(_), None) => expected == "error",
+                (Ok(ours), Some(theirs)) => {
+                    ours.len() == theirs.len()
+                        && ours.iter().zip(theirs).all(|((step, text), t)| {
+                            t[0].as_u64() == Some(*step as u64) && t[1].as_str() == Some(text)
+                        })
+                }
+                _ => false,
+            };
+            changing += usize::from(got.as_ref().is_ok_and(|s| s.len() > 1));
+            if !same {
+                failures.push(format!(
+                    "{prompt:?} {clock:?}\n  A1111: {expected}\n  sdxld: {got:?}"
+                ));
+            }
+        }
+    }
     assert!(
-        scheduled.len() > 100,
-        "{} scheduled prompts",
-        scheduled.len()
+        failures.is_empty(),
+        "{} schedules differ:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
-    let read: Vec<&&str> = scheduled
-        .iter()
-        .filter(|p| a1111::parse(p).is_ok())
-        .collect();
-    assert!(read.is_empty(), "read without their schedule: {read:?}");
+    assert!(changing > 500, "{changing} schedules change");
+    refused.dedup();
+    // Refused: only prompts with stray brackets or colons right after an edit.
+    assert!(
+        refused.iter().all(|p| p.contains("]]")
+            || p.contains("]:")
+            || p.contains("])")
+            || p.contains("](")
+            || p.contains("][")),
+        "{refused:?}"
+    );
+}
+
+/// A pass's steps as A1111 counts them: a hires pass counts whole-number steps past the
+/// first pass's and fractions past 1.0; a second-order scheduler counts two model calls
+/// a step. Texts that come back are encoded once.
+#[test]
+fn passes_count_a_prompts_steps_as_a1111_counts_them() {
+    use sdxld::engine::request::{GenerateParams, SchedulerOverrides};
+    use sdxld::engine::schedulers::SchedulerKind;
+
+    let pipe =
+        SdxlPipeline::load(&fixtures().join("tiny2/pipeline"), Placement::cpu()).expect("pipeline");
+    let encode = |prompt: &str, steps, first_pass_steps, class| {
+        let p = GenerateParams {
+            prompt: prompt.into(),
+            prompt_syntax: PromptSyntax::A1111,
+            steps,
+            first_pass_steps,
+            scheduler_overrides: SchedulerOverrides {
+                class,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        pipe.encode_prompt(&p).expect("encode").later
+    };
+    let switches = |prompt, steps, first, class| encode(prompt, steps, first, class).switches;
+    let once: Vec<(usize, usize)> = Vec::new();
+    assert_eq!(switches("a [b:25]", 10, Some(20), None), [(0, 0), (6, 1)]);
+    assert_eq!(switches("a [b:1.5]", 10, Some(20), None), [(0, 0), (6, 1)]);
+    assert_eq!(switches("a [b:25]", 10, None, None), once);
+    assert_eq!(switches("a [b:0.5]", 10, Some(20), None), once);
+    assert_eq!(switches("a [b:0.5]", 10, None, None), [(0, 0), (6, 1)]);
+    let heun = Some(SchedulerKind::Heun);
+    assert_eq!(switches("a [b:0.5]", 10, None, heun), [(0, 0), (11, 1)]);
+    let alternating = encode("[cat|dog]", 4, None, None);
+    assert_eq!(alternating.switches, [(0, 0), (2, 1), (3, 0), (4, 1)]);
+    assert_eq!(alternating.texts.len(), 1);
 }
 
 #[test]
@@ -179,6 +274,7 @@ fn spec_of(case: &Value) -> pb::GenerationSpec {
     pb::GenerationSpec {
         model: "tiny2/pipeline".into(),
         prompt: text("prompt").expect("prompt"),
+        prompt_2: text("prompt_2"),
         negative_prompt: text("negative_prompt"),
         prompt_syntax: pb::PromptSyntax::A1111 as i32,
         seed: case["seed"].as_u64(),
@@ -188,6 +284,11 @@ fn spec_of(case: &Value) -> pb::GenerationSpec {
         height: number("height"),
         guidance_scale: case["guidance"].as_f64().map(|g| g as f32),
         scheduler: pb::Scheduler::Euler as i32,
+        init_image: case["strength"].as_f64().map(|strength| pb::InitImage {
+            image: std::fs::read(fixtures().join("tiny2/init.png")).expect("init.png"),
+            strength: Some(strength as f32),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -219,6 +320,44 @@ async fn a1111_prompts_over_grpc_match_diffusers_given_a1111s_embeddings() {
     server.assert_refiner_and_hires_pass_run(spec).await;
 }
 
+/// Prompt editing and alternation change the conditioning at the steps A1111 changes
+/// it: the images equal diffusers' with each call's conditioning swapped in (a prompt
+/// whose chunks shrink, a negative that empties to zeros, edits in `prompt_2` only, an
+/// image to image run counting its own steps); the refiner and a hires pass read the
+/// edits too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_and_alternations_change_the_conditioning_at_a1111s_steps() {
+    let server = server().await;
+    let folder = a1111_prompt_fixtures().join("tiny2");
+    let reference = read_tensors(&folder.join("cases.safetensors"));
+    let cases = json_file(folder.join("cases.json"));
+    let cases = cases.as_array().expect("cases");
+    assert!(cases.len() >= 4, "{} cases", cases.len());
+    for (k, case) in cases.iter().enumerate().skip(1) {
+        let name = format!("a1111_{k}");
+        server
+            .assert_matches_case(&format!("tiny2 {name}"), spec_of(case), &reference, &name)
+            .await;
+    }
+    // The same request without its edits is another image: the edits act.
+    let unedited = pb::GenerationSpec {
+        prompt: "a red lighthouse, stormy sea".into(),
+        negative_prompt: None,
+        num_images: 1,
+        ..spec_of(&cases[1])
+    };
+    let edited = pb::GenerationSpec {
+        num_images: 1,
+        ..spec_of(&cases[1])
+    };
+    let (a, b) = (
+        server.images(unedited).await.expect("unedited"),
+        server.images(edited.clone()).await.expect("edited"),
+    );
+    assert_ne!(a.images[0].data, b.images[0].data);
+    server.assert_refiner_and_hires_pass_run(edited).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
     let server = server().await;
@@ -232,7 +371,7 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
     };
     let status = server
         .images(pb::GenerationSpec {
-            prompt: "a [cat:dog:0.5] on a boat".into(),
+            prompt: "a [cat:dog:0.5]] on a boat".into(),
             prompt_2: Some("<lora:style:0.8> a boat".into()),
             negative_prompt: Some("blurry AND dark".into()),
             negative_prompt_2: Some("(fog:250)".into()),
@@ -255,7 +394,7 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
     for (spec, field) in [
         (
             pb::GenerationSpec {
-                prompt: "[red|blue] boat".into(),
+                prompt: "[red:blue:1e400] boat".into(),
                 ..base.clone()
             },
             "spec.prompt",
@@ -346,6 +485,6 @@ fn a1111_prompts_over_the_cli_match_diffusers() {
         &common::image_file(&png),
         &reference["a1111_0.images"].get(0),
     );
-    let message = run("a [cat|dog]").fails();
+    let message = run("a [cat:dog:2]] boat").fails();
     assert!(message.contains("--prompt"), "{message}");
 }

@@ -333,7 +333,8 @@ fn compel_prompt_syntax() {
     });
 }
 
-/// Prompts in A1111's syntax: brackets, weights, escapes, BREAK and what is refused.
+/// Prompts in A1111's syntax: brackets, weights, escapes, BREAK, edits, alternations
+/// and what is refused.
 #[test]
 fn a1111_prompt_syntax() {
     let seeds: Vec<Vec<u8>> = [
@@ -341,12 +342,19 @@ fn a1111_prompt_syntax() {
         "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
         "\\(esc\\) \\[x\\] (a : -0.5 ) (b:1.2.3) ]]) ((( [[ :1.1) BREAKfast",
         "[a:b:0.5] [c|d] <lora:x:1> a AND b",
+        "[[a:b:2]:c:3]:: ([x|[y:2]]:1.2) [a:b:1e400] [p:q:.5]]( [fe|||]male",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect();
+    let clock = sdxld::engine::prompt_syntax::a1111_schedule::StepClock {
+        steps: 20,
+        first_pass_steps: None,
+    };
     fuzz("a1111_prompts", &seeds, |bytes| {
-        let _ = sdxld::engine::prompt_syntax::a1111::parse(&String::from_utf8_lossy(bytes));
+        let text = String::from_utf8_lossy(bytes);
+        let _ = sdxld::engine::prompt_syntax::a1111::parse(&text);
+        let _ = sdxld::engine::prompt_syntax::a1111::check(&text, &[clock]);
     });
 }
 

@@ -32,7 +32,8 @@ pub struct GenerateArgs {
     pub negative_prompt_2: Option<String>,
     /// How the prompts are read: plain (diffusers, truncated to 75 tokens; the default),
     /// compel (weights such as `(word)1.3` and `word++`, blends, long prompts in chunks)
-    /// or a1111 (AUTOMATIC1111's `(word:1.3)`, `[word]`, `BREAK`, long prompts in chunks).
+    /// or a1111 (AUTOMATIC1111's `(word:1.3)`, `[word]`, `BREAK`, `[from:to:when]`, `[a|b]`,
+    /// long prompts in chunks).
     #[arg(long, value_enum)]
     pub prompt_syntax: Option<PromptSyntaxArg>,
     /// Seed of the first image; image i uses seed + i. Random when absent.

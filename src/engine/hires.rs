@@ -88,6 +88,7 @@ pub fn second_pass_params(first: &GenerateParams, h: &HiresParams) -> GeneratePa
         init_image: None,
         batch_first_seed: None,
         denoising_end: None,
+        first_pass_steps: Some(first.steps),
         ..first.clone()
     }
 }

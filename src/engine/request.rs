@@ -78,6 +78,9 @@ pub struct GenerateParams {
     /// How the prompt's and the negative prompt's predictions combine (diffusers'
     /// guiders); `None`: classifier-free guidance at every step.
     pub guider: Option<Guider>,
+    /// For a second pass (hires), the first pass's steps: prompt edits in A1111's syntax
+    /// count past them, as A1111 counts them in its hires pass.
+    pub first_pass_steps: Option<usize>,
 }
 
 /// An init image for image to image, 8-bit RGB.
@@ -219,6 +222,7 @@ impl Default for GenerateParams {
             pag: None,
             seamless: None,
             guider: None,
+            first_pass_steps: None,
         }
     }
 }

@@ -468,7 +468,9 @@ impl JobRun<'_> {
             EngineError::catch(|| loaded.base.encode_prompt_with(&base_params, &tokens))?;
         let refined = match (&loaded.refiner, &self.spec.refiner) {
             (Some(pipeline), Some(job)) => {
-                let p = refiner::refiner_params(&self.spec.params, &job.params);
+                // The refiner continues the last pass, whose steps A1111's edits count.
+                let last_pass = self.last_pass_params(&self.spec.params);
+                let p = refiner::refiner_params(&last_pass, &job.params);
                 Some(EngineError::catch(|| {
                     let tokens = pipeline.prompt_tokens(&loaded.embeddings)?;
                     pipeline.encode_prompt_with(&p, &tokens)

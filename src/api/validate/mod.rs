@@ -213,7 +213,6 @@ fn check(
         .chain(refiner.as_ref().map(|r| &r.model))
         .collect();
     let clip_skip = model::clip_skip(spec, &encoders, v);
-    let prompt_syntax = prompt_syntax::prompt_syntax(spec, v);
     let base_run = window::BaseRun {
         model: model.as_ref(),
         steps: counts.0 as usize,
@@ -234,6 +233,12 @@ fn check(
         .as_ref()
         .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
     let hires_pass = hires.as_ref().map(|h| &h.params);
+    let passes = prompt_syntax::Passes {
+        steps: counts.0 as usize,
+        hires: hires_pass.map(|h| h.steps),
+        refiner: refiner.as_ref().map(|r| r.params.steps),
+    };
+    let prompt_syntax = prompt_syntax::prompt_syntax(spec, &passes, v);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);
@@ -364,6 +369,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         pag: parts.pag,
         seamless: parts.seamless,
         guider: parts.guider,
+        first_pass_steps: None,
     };
     Ok(JobSpec {
         params,

@@ -11,7 +11,7 @@ use crate::engine::ip_adapter::layer_keys;
 use crate::engine::models::attention::ImageKeys;
 use crate::engine::models::embeddings::guidance_scale_embedding;
 use crate::engine::pipeline::control::Controls;
-use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline};
+use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, TextEmbeds};
 
 /// The UNet's conditioning for every call of one run, its batch laid out by `layout`.
 pub(super) struct Conditioning<'a> {
@@ -46,24 +46,23 @@ impl SdxlPipeline {
     ) -> Conditioning<'a> {
         let n = p.num_images as i64;
         let (add_time_ids, negative_time_ids) = self.time_ids(p, image_based);
-        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
         let place = |t: Tensor| {
             t.to_device(self.placement.device)
                 .to_kind(self.placement.kind)
         };
-        let (embeds, pooled) = (repeat(&prompt.embeds), repeat(&prompt.pooled));
+        let first = TextEmbeds {
+            embeds: prompt.embeds.shallow_clone(),
+            pooled: prompt.pooled.shallow_clone(),
+            negative: prompt
+                .negative
+                .as_ref()
+                .map(|(e, p)| (e.shallow_clone(), p.shallow_clone())),
+        };
+        let (context, text_embeds) = self.text_conditioning(&first, n, layout);
         let time_ids = add_time_ids.repeat([n, 1]);
-        let (context, text_embeds, time_ids) = match &prompt.negative {
-            Some((neg_embeds, neg_pooled)) => (
-                layout.assemble(&repeat(neg_embeds), &embeds),
-                layout.assemble(&repeat(neg_pooled), &pooled),
-                layout.assemble(&negative_time_ids.repeat([n, 1]), &time_ids),
-            ),
-            None => (
-                layout.repeat(&embeds),
-                layout.repeat(&pooled),
-                layout.repeat(&time_ids),
-            ),
+        let time_ids = match &prompt.negative {
+            Some(_) => layout.assemble(&negative_time_ids.repeat([n, 1]), &time_ids),
+            None => layout.repeat(&time_ids),
         };
         let layers = self.unet.cross_attention_layers();
         let size = (p.width as u32, p.height as u32);
@@ -86,8 +85,8 @@ impl SdxlPipeline {
             .time_cond_proj_dim()
             .map(|dim| place(guidance_scale_embedding(p.guidance_scale - 1.0, dim)));
         Conditioning {
-            context: place(context),
-            text_embeds: place(text_embeds),
+            context,
+            text_embeds,
             time_ids: place(time_ids),
             layout,
             perturbed_slots,
@@ -96,9 +95,83 @@ impl SdxlPipeline {
             timestep_cond,
         }
     }
+
+    /// One text's token and pooled embeddings for every image, laid out by `layout`, on
+    /// the placement.
+    fn text_conditioning(
+        &self,
+        text: &TextEmbeds,
+        n: i64,
+        layout: BatchLayout,
+    ) -> (Tensor, Tensor) {
+        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
+        let place = |t: Tensor| {
+            t.to_device(self.placement.device)
+                .to_kind(self.placement.kind)
+        };
+        let (embeds, pooled) = (repeat(&text.embeds), repeat(&text.pooled));
+        let (context, text_embeds) = match &text.negative {
+            Some((neg_embeds, neg_pooled)) => (
+                layout.assemble(&repeat(neg_embeds), &embeds),
+                layout.assemble(&repeat(neg_pooled), &pooled),
+            ),
+            None => (layout.repeat(&embeds), layout.repeat(&pooled)),
+        };
+        (place(context), place(text_embeds))
+    }
+
+    /// The conditioning of a run on `prompt`: `first` (for its first text) with the
+    /// prompt's later texts swapped in from their steps on, counted from schedule index
+    /// `origin`.
+    pub(super) fn run_conditioning<'a>(
+        &self,
+        first: Conditioning<'a>,
+        prompt: &PromptEmbeds,
+        (n, origin): (i64, usize),
+        guider: Option<&GuiderRun>,
+    ) -> RunConditioning<'a> {
+        let later: Vec<Conditioning<'a>> = prompt
+            .later
+            .texts
+            .iter()
+            .map(|text| {
+                let (context, text_embeds) = self.text_conditioning(text, n, first.layout);
+                first.with_text(context, text_embeds)
+            })
+            .collect();
+        let texts = std::iter::once(first)
+            .chain(later)
+            .map(|guided| {
+                let unguided = guider.and_then(|_| guided.prompt_only());
+                (guided, unguided)
+            })
+            .collect();
+        RunConditioning {
+            texts,
+            switches: prompt.later.switches.clone(),
+            origin,
+        }
+    }
 }
 
 impl<'a> Conditioning<'a> {
+    /// This conditioning with another text's embeddings (views of the rest).
+    fn with_text(&self, context: Tensor, text_embeds: Tensor) -> Conditioning<'a> {
+        Conditioning {
+            context,
+            text_embeds,
+            time_ids: self.time_ids.shallow_clone(),
+            layout: self.layout,
+            perturbed_slots: self.perturbed_slots.clone(),
+            images: self
+                .images
+                .as_ref()
+                .map(|keys| keys.with_batches(Tensor::shallow_clone)),
+            controls: self.controls.view(),
+            timestep_cond: self.timestep_cond.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
     /// The conditioning of the prompt's part of the batch alone (views of this one's
     /// tensors), when the batch has a negative part and no perturbed one.
     fn prompt_only(&self) -> Option<Conditioning<'a>> {
@@ -122,24 +195,31 @@ impl<'a> Conditioning<'a> {
 
 /// A run's conditioning for its guided calls, and for the calls its guider leaves
 /// unguided: those see the prompt's part alone, so the negative prompt's half of the
-/// batch is not computed only to be discarded.
+/// batch is not computed only to be discarded. A prompt that changes during sampling
+/// has both for each of its texts.
 pub(super) struct RunConditioning<'a> {
-    guided: Conditioning<'a>,
-    unguided: Option<Conditioning<'a>>,
+    /// Per text: guided, and the prompt's part for a run with a guider.
+    texts: Vec<(Conditioning<'a>, Option<Conditioning<'a>>)>,
+    /// From which step on which text applies (none: the first throughout).
+    switches: Vec<(usize, usize)>,
+    /// The schedule index the steps count from.
+    origin: usize,
 }
 
 impl<'a> RunConditioning<'a> {
-    /// `guided`, and its prompt's part for a run with a guider.
-    pub fn new(guided: Conditioning<'a>, guider: Option<&GuiderRun>) -> Self {
-        let unguided = guider.and_then(|_| guided.prompt_only());
-        Self { guided, unguided }
-    }
-
     /// The conditioning of the model call at schedule index `index`.
     pub fn at(&self, index: usize, guider: Option<&GuiderRun>) -> &Conditioning<'a> {
-        match (&self.unguided, guider) {
+        let step = index.saturating_sub(self.origin);
+        let text = self
+            .switches
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= step)
+            .map_or(0, |(_, text)| *text);
+        let (guided, unguided) = &self.texts[text.min(self.texts.len() - 1)];
+        match (unguided, guider) {
             (Some(unguided), Some(run)) if !run.guides_call(index) => unguided,
-            _ => &self.guided,
+            _ => guided,
         }
     }
 }

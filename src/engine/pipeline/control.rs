@@ -152,6 +152,31 @@ impl<'a> Controls<'a> {
         }
     }
 
+    /// The same units (views of this run's inputs).
+    pub fn view(&self) -> Controls<'a> {
+        let same = |t: &Tensor| t.shallow_clone();
+        Controls {
+            units: self
+                .units
+                .iter()
+                .map(|u| Prepared {
+                    embedded: u.embedded.iter().map(same).collect(),
+                    ..*u
+                })
+                .collect(),
+            adapters: self
+                .adapters
+                .iter()
+                .map(|a| PreparedAdapter {
+                    unit: a.unit,
+                    features: a.features.iter().map(same).collect(),
+                })
+                .collect(),
+            counts: self.counts,
+            layout: self.layout,
+        }
+    }
+
     /// Whether there is no unit.
     pub fn is_empty(&self) -> bool {
         self.units.is_empty() && self.adapters.is_empty()

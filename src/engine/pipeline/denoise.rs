@@ -19,6 +19,7 @@ use crate::engine::pipeline::latents::Inpaint;
 use crate::engine::pipeline::window::{window, Window};
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, Start};
 use crate::engine::profile;
+use crate::engine::request::Entry;
 use crate::engine::schedulers::Scheduler;
 
 /// A denoising step that finished (step 0 marks the start of the loop).
@@ -223,7 +224,15 @@ impl SdxlPipeline {
         let guider = p
             .guider
             .map(|g| GuiderRun::new(g, counts.adapter_steps, schedule.start));
-        let conditioning = RunConditioning::new(conditioning, guider.as_ref());
+        // A1111 counts a prompt's steps from the run's first, continuing the count of
+        // the run a `denoising_start` run continues.
+        let origin = match from.entry(p) {
+            Some(Entry::DenoisingStart(_)) => 0,
+            _ => schedule.start,
+        };
+        let n = p.num_images as i64;
+        let conditioning =
+            self.run_conditioning(conditioning, prompt, (n, origin), guider.as_ref());
         let run = (latents, inpaint, guider);
         let latents = match self.run_loop(p, schedule, run, &conditioning, noise, on_step) {
             ControlFlow::Continue(latents) => latents,

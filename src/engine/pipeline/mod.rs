@@ -42,7 +42,7 @@ pub use crate::engine::request::{
 };
 pub use control::Control;
 pub use denoise::Step;
-pub use prompt::PromptEmbeds;
+pub use prompt::{LaterTexts, PromptEmbeds, TextEmbeds};
 
 /// `model_index.json` of a diffusers pipeline folder (the parts sdxld reads).
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,29 @@ pub struct PromptEmbeds {
     pub negative: Option<(Tensor, Tensor)>,
     /// IP-Adapter image prompts (the job adds them once encoded).
     pub images: Vec<ImagePrompt>,
+    /// The texts a prompt changes to during sampling (A1111's prompt editing and
+    /// alternation); none for a prompt that does not change.
+    pub later: LaterTexts,
+}
+
+/// One text's embeddings, as [`PromptEmbeds`] holds the first.
+pub struct TextEmbeds {
+    pub embeds: Tensor,
+    pub pooled: Tensor,
+    pub negative: Option<(Tensor, Tensor)>,
+}
+
+/// The texts after the first of a prompt that changes during sampling, and when each
+/// applies.
+#[derive(Default)]
+pub struct LaterTexts {
+    /// Their embeddings.
+    pub texts: Vec<TextEmbeds>,
+    /// In step order, from which step on which text applies: 0 the first text, `k` the
+    /// k-th of `texts`. Steps count from the run's first, as A1111 counts them (its
+    /// sampler's model calls); a run continuing another at `denoising_start` counts
+    /// from the schedule's first.
+    pub switches: Vec<(usize, usize)>,
 }
 
 /// A job's textual inversion embeddings for one pipeline's text encoders (absent for an
@@ -89,6 +112,7 @@ impl SdxlPipeline {
                 pooled,
                 negative: None,
                 images: Vec::new(),
+                later: LaterTexts::default(),
             });
         }
         let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
@@ -104,6 +128,7 @@ impl SdxlPipeline {
             pooled,
             negative: Some(negative),
             images: Vec::new(),
+            later: LaterTexts::default(),
         })
     }
 

@@ -58,6 +58,7 @@ impl SdxlPipeline {
             pooled,
             negative,
             images: Vec::new(),
+            later: Default::default(),
         })
     }
 

@@ -2,14 +2,17 @@
 //! `(text)` weighs text 1.1 times, `[text]` 1/1.1 times, `(text:1.3)` 1.3 times, nested
 //! weights multiply, unclosed brackets count until the end, `\(` `\)` `\[` `\]` `\\`
 //! escape, and `BREAK` ends a 75-token chunk. Neighbours of equal weight are joined.
-//! Prompt editing (`[from:to:when]`), alternation (`[a|b]`), `AND` and extra networks
-//! (`<lora:name:1>`) change the conditioning during sampling or load networks; they
-//! are refused, so that no prompt reads differently from what A1111 would make of it.
+//! Prompt editing (`[from:to:when]`) and alternation (`[a|b]`) make a text per step
+//! first ([`super::a1111_schedule`]); `AND` (composable prompts) and extra networks
+//! (`<lora:name:1>`) are refused, so that no prompt reads differently from what A1111
+//! would make of it.
 
+use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use regex::Regex;
 
+use super::a1111_schedule::{self, Schedule, StepClock};
 use super::{Fragment, SyntaxError, MAX_WEIGHT};
 
 /// A1111's `round_bracket_multiplier`.
@@ -60,11 +63,31 @@ pub fn is_break(fragment: &Fragment) -> bool {
     fragment.weight == BREAK_MARK && fragment.text == "BREAK"
 }
 
-/// Parses `prompt` as A1111 does and checks it is one sdxld encodes: no prompt editing,
-/// alternation, `AND` or extra networks, at most [`MAX_BREAKS`] breaks, and every
+/// `prompt`'s texts under `clock` (A1111's prompt editing and alternation), once the
+/// prompt is checked to use neither `AND` nor extra networks.
+pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError> {
+    refuse_unsupported(prompt)?;
+    a1111_schedule::schedule(prompt, clock)
+}
+
+/// Checks that every text `prompt` makes under any of `clocks` is one sdxld encodes.
+pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
+    let mut seen = HashSet::new();
+    for &clock in clocks {
+        for (_, text) in schedule(prompt, clock)? {
+            if seen.insert(text.clone()) {
+                parse(&text)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses one text of a prompt's schedule as A1111 does and checks it is one sdxld
+/// encodes: no `AND` or extra networks, at most [`MAX_BREAKS`] breaks, and every
 /// token's weight finite within [`MAX_WEIGHT`].
 pub fn parse(prompt: &str) -> Result<Vec<Fragment>, SyntaxError> {
-    refuse_scheduling(prompt)?;
+    refuse_unsupported(prompt)?;
     let fragments = parse_attention(prompt)?;
     let breaks = fragments.iter().filter(|f| is_break(f)).count();
     if breaks > MAX_BREAKS {
@@ -149,10 +172,8 @@ fn fragment(text: &str, weight: f64) -> Fragment {
     }
 }
 
-/// Refuses what A1111 reads before the attention: extra networks, `AND`, and square
-/// brackets holding a `:` or `|` of their own (prompt editing and alternation; a
-/// backslash escapes the character after it, as in A1111's grammar).
-fn refuse_scheduling(prompt: &str) -> Result<(), SyntaxError> {
+/// Refuses what A1111 reads before its schedules: extra networks and `AND`.
+fn refuse_unsupported(prompt: &str) -> Result<(), SyntaxError> {
     if let Some(m) = extra_network().find(prompt) {
         return Err(SyntaxError::Unsupported(format!(
             "names the extra network `{}`: name LoRA adapters in `spec.loras`",
@@ -163,25 +184,6 @@ fn refuse_scheduling(prompt: &str) -> Result<(), SyntaxError> {
         return Err(SyntaxError::Unsupported(
             "uses `AND` (composable prompts), which sdxld does not do".into(),
         ));
-    }
-    let mut open: Vec<char> = Vec::new();
-    let mut chars = prompt.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                chars.next();
-            }
-            '(' | '[' => open.push(c),
-            ')' | ']' => {
-                open.pop();
-            }
-            ':' | '|' if open.last() == Some(&'[') => {
-                return Err(SyntaxError::Unsupported(format!(
-                    "has `{c}` inside square brackets: prompt editing `[from:to:when]` and alternation `[a|b]` are not supported"
-                )));
-            }
-            _ => {}
-        }
     }
     Ok(())
 }
@@ -254,15 +256,8 @@ mod tests {
     }
 
     #[test]
-    fn scheduling_and_networks_are_refused() {
-        for text in [
-            "[a:b:0.5]",
-            "[a:0.5]",
-            "[cat|dog]",
-            "a AND b",
-            "<lora:style:0.8> a cat",
-            "[(x) y: 3]",
-        ] {
+    fn composable_prompts_and_networks_are_refused() {
+        for text in ["a AND b", "<lora:style:0.8> a cat", "[a AND b:c:3]"] {
             assert!(
                 matches!(parse(text), Err(SyntaxError::Unsupported(_))),
                 "{text}"
@@ -271,6 +266,8 @@ mod tests {
         for text in [
             "[(a:1.2)]",
             "[a\\:b]",
+            "[a:b:0.5]",
+            "[cat|dog]",
             "a | b",
             "ANDROID",
             "(a|b)",

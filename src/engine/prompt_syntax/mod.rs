@@ -6,6 +6,8 @@
 //! Parsing is pure, so the API checks a prompt before admitting its job.
 
 pub mod a1111;
+mod a1111_grammar;
+pub mod a1111_schedule;
 pub mod emphasis;
 mod grammar;
 mod lexical;
