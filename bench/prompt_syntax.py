@@ -6,7 +6,9 @@ in AUTOMATIC1111's through diffusers given A1111's conditioning as
 tests/fixtures/make_a1111_prompt_fixtures.py computes it over transformers (computed in
 every run, as a service would), and through `sdxld bench --prompt-syntax compel|a1111`,
 one CPU thread each, median of N runs each; and both with the plain prompt (truncated)
-for what the weighting adds.
+for what the weighting adds. With `--edits` (A1111's syntax only) the prompt also edits
+and alternates words during sampling, and diffusers is given each step's conditioning
+through its step-end callback, as the fixture's pipeline cases do.
 
 Prints the four medians, the ratio diffusers / sdxld with the weighted prompt (above 1
 means sdxld is faster) and what the weighting adds to a generation in each.
@@ -43,9 +45,14 @@ PROMPT_A1111 = (
     "(crisp reflections:1.1) on wet rocks, a (distant storm:0.8) over the horizon."
 )
 NEGATIVE_A1111 = "(blurry:1.2), (low quality:0.5), watermark"
+# With edits and an alternation: four texts over the steps, a negative that empties.
+PROMPT_EDITS = PROMPT_A1111.replace("small red boat", "small [red:blue:0.5] [boat|ship]")
+NEGATIVE_EDITS = "[(blurry:1.2), (low quality:0.5), watermark::0.8]"
 
 
 def texts(args):
+    if args.edits:
+        return PROMPT_EDITS, NEGATIVE_EDITS
     return (PROMPT_A1111, NEGATIVE_A1111) if args.syntax == "a1111" else (PROMPT, NEGATIVE)
 
 
@@ -98,6 +105,14 @@ def time_diffusers(args, weighted: bool) -> float:
 
     def once():
         generator = [torch.Generator("cpu").manual_seed(args.seed)]
+        if weighted and args.edits:
+            from make_a1111_prompt_fixtures import pipeline_case
+
+            case = dict(
+                prompt=prompt, negative_prompt=negative, n=1, width=args.width, height=args.height,
+                seed=args.seed, steps=args.steps, guidance=args.guidance,
+            )
+            return pipeline_case(pipe, case)
         if not weighted:
             return pipe(prompt=prompt, negative_prompt=negative, generator=generator, **common).images
         embeds, pooled, negative_embeds, negative_pooled = condition(prompt, negative)
@@ -134,6 +149,7 @@ def main():
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--syntax", choices=["compel", "a1111"], default="compel")
+    p.add_argument("--edits", action="store_true", help="A1111's prompt editing and alternation")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -142,12 +158,13 @@ def main():
     for weighted in (False, True):
         medians[("diffusers", weighted)] = time_diffusers(args, weighted)
         medians[("sdxld", weighted)] = time_sdxld(args, weighted)
+    syntax = f"{args.syntax} with edits" if args.edits else args.syntax
     print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     for who in ("diffusers", "sdxld"):
         plain, weighted = medians[(who, False)], medians[(who, True)]
-        print(f"  {who:9} {plain * 1000:8.1f} ms plain (truncated), {weighted * 1000:8.1f} ms in {args.syntax}'s syntax (+{(weighted - plain) * 1000:.1f} ms)")
+        print(f"  {who:9} {plain * 1000:8.1f} ms plain (truncated), {weighted * 1000:8.1f} ms in {syntax}'s syntax (+{(weighted - plain) * 1000:.1f} ms)")
     ratio = medians[("diffusers", True)] / medians[("sdxld", True)]
-    print(f"  speed-up with the weighted prompt (diffusers + {args.syntax} / sdxld): {ratio:.2f}x   target >= 1.25x")
+    print(f"  speed-up with the weighted prompt (diffusers + {syntax} / sdxld): {ratio:.2f}x   target >= 1.25x")
 
 
 if __name__ == "__main__":

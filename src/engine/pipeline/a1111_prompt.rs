@@ -175,18 +175,17 @@ impl SdxlPipeline {
             cache: HashMap::new(),
         };
         // Each stretch's conditioning, the same tensors for the same texts.
-        let mut texts: Vec<(Vec<String>, TextEmbeds)> = Vec::new();
+        let mut texts: Vec<TextEmbeds> = Vec::new();
+        let mut index_of: HashMap<[&str; 4], usize> = HashMap::new();
         let mut switches: Vec<(usize, usize)> = Vec::new();
         for step in schedules.stretches() {
             let read = schedules.at(step);
-            let key: Vec<String> = read
-                .iter()
-                .flat_map(|t| [t.first.to_string(), t.second.to_string()])
-                .collect();
-            let index = match texts.iter().position(|(k, _)| *k == key) {
-                Some(index) => index,
+            let key = [read[0].first, read[0].second, read[1].first, read[1].second];
+            let index = match index_of.get(&key) {
+                Some(&index) => index,
                 None => {
-                    texts.push((key, encoders.text_embeds(read, guided)?));
+                    texts.push(encoders.text_embeds(read, guided)?);
+                    index_of.insert(key, texts.len() - 1);
                     texts.len() - 1
                 }
             };
@@ -194,7 +193,7 @@ impl SdxlPipeline {
                 switches.push((step, index));
             }
         }
-        let mut texts = texts.into_iter().map(|(_, embeds)| embeds);
+        let mut texts = texts.into_iter();
         let first = texts
             .next()
             .ok_or_else(|| EngineError::Internal("no prompt embeddings".into()))?;

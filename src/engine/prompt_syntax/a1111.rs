@@ -63,11 +63,25 @@ pub fn is_break(fragment: &Fragment) -> bool {
     fragment.weight == BREAK_MARK && fragment.text == "BREAK"
 }
 
+/// At most this many different texts in one prompt's schedule: each is one more
+/// encoding of the whole prompt.
+pub const MAX_SCHEDULED_TEXTS: usize = 16;
+
 /// `prompt`'s texts under `clock` (A1111's prompt editing and alternation), once the
-/// prompt is checked to use neither `AND` nor extra networks.
+/// prompt is checked to use neither `AND` nor extra networks, and to make at most
+/// [`MAX_SCHEDULED_TEXTS`] different texts.
 pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError> {
     refuse_unsupported(prompt)?;
-    a1111_schedule::schedule(prompt, clock)
+    let schedule = a1111_schedule::schedule(prompt, clock)?;
+    let texts: HashSet<&str> = schedule.iter().map(|(_, text)| text.as_str()).collect();
+    if texts.len() > MAX_SCHEDULED_TEXTS {
+        return Err(SyntaxError::TooComplex(format!(
+            "makes {} different texts over {} steps with its edits and alternations, more than {MAX_SCHEDULED_TEXTS}",
+            texts.len(),
+            clock.steps
+        )));
+    }
+    Ok(schedule)
 }
 
 /// Checks that every text `prompt` makes under any of `clocks` is one sdxld encodes.
@@ -284,5 +298,21 @@ mod tests {
         assert!(parse(&"a BREAK ".repeat(MAX_BREAKS)).is_ok());
         let many = "a BREAK ".repeat(MAX_BREAKS + 1);
         assert!(matches!(parse(&many), Err(SyntaxError::TooComplex(_))));
+        // Edits and alternations: every text at every step is checked, and at most
+        // MAX_SCHEDULED_TEXTS different ones.
+        let clocks = [StepClock {
+            steps: 20,
+            first_pass_steps: None,
+        }];
+        assert!(check("[a:(b:1.2.3):5] [c|d]", &clocks).is_err());
+        assert!(check("[(a:101)|b]", &clocks).is_err());
+        assert!(check("[a:(b:1.2):5] [c|d|e]", &clocks).is_ok());
+        let sixteen = "[a|b|c|d] [e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t]";
+        assert!(check(sixteen, &clocks).is_ok());
+        let seventeen = "[a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q]";
+        assert!(matches!(
+            check(seventeen, &clocks),
+            Err(SyntaxError::TooComplex(_))
+        ));
     }
 }
