@@ -54,13 +54,6 @@ pub fn text_at(schedule: &Schedule, counter: usize) -> &str {
         .map_or("", |(_, text)| text.as_str())
 }
 
-/// Whether a prompt changes during sampling under some clock.
-pub fn changes(prompt: &str) -> Result<bool, SyntaxError> {
-    let chars: Vec<char> = prompt.chars().collect();
-    let nodes = parse(&chars)?;
-    Ok(nodes.is_some_and(|nodes| nodes.iter().any(|n| !matches!(n, Node::Text(_)))))
-}
-
 /// A1111's step of a `when`, clamped to the steps (`min(steps, int(v))`).
 fn when_step(number: &str, clock: StepClock) -> Result<i64, SyntaxError> {
     let value: f64 = number
@@ -279,7 +272,6 @@ mod tests {
             schedule(&deep, TWENTY),
             Err(SyntaxError::TooComplex(_))
         ));
-        assert!(changes("a [b:c:1]").expect("parses"));
         // An edit before stray brackets, which lark reads either way, is refused; one
         // before text, the end, or inside an alternation is read.
         for risky in [
@@ -303,7 +295,5 @@ mod tests {
         ] {
             assert!(schedule(safe, TWENTY).is_ok(), "{safe}");
         }
-        assert!(!changes("a (b:1.2) [c]").expect("parses"));
-        assert!(!changes("a | [b:c:1]").expect("parses"));
     }
 }
