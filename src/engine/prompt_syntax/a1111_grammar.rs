@@ -123,12 +123,12 @@ impl Parser<'_> {
                     pos += 1;
                 } else if let Some(next) = by_open.get(&pos) {
                     pos = next.close + 1;
-                } else if matches!(c, ':' | '|') && around(pos).is_some() {
+                } else if let Some(outer) = around(pos).filter(|_| matches!(c, ':' | '|')) {
                     // A colon or bar of a construct around the edit: on to its end.
-                    match around(pos) {
-                        Some(outer) if outer.kind != Kind::Alternation => pos = outer.close,
-                        _ => return false,
+                    if outer.kind == Kind::Alternation {
+                        return false;
                     }
+                    pos = outer.close;
                 } else {
                     return matches!(c, '[' | ']' | '(' | ')' | ':');
                 }
