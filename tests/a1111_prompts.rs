@@ -264,7 +264,7 @@ fn weights_move_the_conditioning_and_unweighted_prompts_are_diffusers() {
 }
 
 async fn server() -> TestServer {
-    TestServer::with_pipelines(&[]).await
+    TestServer::with_pipelines_and_controlnets().await
 }
 
 /// The request of a recorded pipeline case.
@@ -323,8 +323,8 @@ async fn a1111_prompts_over_grpc_match_diffusers_given_a1111s_embeddings() {
 /// Prompt editing and alternation change the conditioning at the steps A1111 changes
 /// it: the images equal diffusers' with each call's conditioning swapped in (a prompt
 /// whose chunks shrink, a negative that empties to zeros, edits in `prompt_2` only, an
-/// image to image run counting its own steps); the refiner and a hires pass read the
-/// edits too.
+/// image to image run counting its own steps); a guider's unguided calls, perturbed
+/// guidance, a ControlNet, the refiner and a hires pass read the edits too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_and_alternations_change_the_conditioning_at_a1111s_steps() {
     let server = server().await;
@@ -355,6 +355,35 @@ async fn edits_and_alternations_change_the_conditioning_at_a1111s_steps() {
         server.images(edited.clone()).await.expect("edited"),
     );
     assert_ne!(a.images[0].data, b.images[0].data);
+    // Each text serves a guider's unguided calls (the prompt's half of the batch, its
+    // length changing at step 2), perturbed-attention guidance's third part and a
+    // ControlNet's calls too.
+    let guider = pb::Guider {
+        kind: pb::GuiderKind::Cfg as i32,
+        stop: Some(0.5),
+        ..Default::default()
+    };
+    let pag = pb::PerturbedAttentionGuidance {
+        scale: Some(3.0),
+        ..Default::default()
+    };
+    for spec in [
+        pb::GenerationSpec {
+            guider: Some(guider),
+            ..edited.clone()
+        },
+        pb::GenerationSpec {
+            pag: Some(pag),
+            ..edited.clone()
+        },
+        pb::GenerationSpec {
+            controlnets: vec![common::fixture_control_unit("tiny2")],
+            ..edited.clone()
+        },
+    ] {
+        let done = server.images(spec).await.expect("guided with edits");
+        assert_ne!(done.images[0].data, b.images[0].data);
+    }
     server.assert_refiner_and_hires_pass_run(edited).await;
 }
 
