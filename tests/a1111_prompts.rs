@@ -284,11 +284,9 @@ fn spec_of(case: &Value) -> pb::GenerationSpec {
         height: number("height"),
         guidance_scale: case["guidance"].as_f64().map(|g| g as f32),
         scheduler: pb::Scheduler::Euler as i32,
-        init_image: case["strength"].as_f64().map(|strength| pb::InitImage {
-            image: std::fs::read(fixtures().join("tiny2/init.png")).expect("init.png"),
-            strength: Some(strength as f32),
-            ..Default::default()
-        }),
+        init_image: case["strength"]
+            .as_f64()
+            .map(|strength| common::fixture_init_image("tiny2", Some(strength as f32))),
         ..Default::default()
     }
 }
