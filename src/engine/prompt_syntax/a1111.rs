@@ -73,6 +73,12 @@ pub const MAX_SCHEDULED_TEXTS: usize = 16;
 pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError> {
     refuse_unsupported(prompt)?;
     let schedule = a1111_schedule::schedule(prompt, clock)?;
+    limit_texts(&schedule, clock)?;
+    Ok(schedule)
+}
+
+/// Refuses a schedule of more than [`MAX_SCHEDULED_TEXTS`] different texts.
+fn limit_texts(schedule: &Schedule, clock: StepClock) -> Result<(), SyntaxError> {
     let texts: HashSet<&str> = schedule.iter().map(|(_, text)| text.as_str()).collect();
     if texts.len() > MAX_SCHEDULED_TEXTS {
         return Err(SyntaxError::TooComplex(format!(
@@ -81,16 +87,19 @@ pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError>
             clock.steps
         )));
     }
-    Ok(schedule)
+    Ok(())
 }
 
 /// Checks that every text `prompt` makes under any of `clocks` is one sdxld encodes.
 pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
+    refuse_unsupported(prompt)?;
+    let schedules = a1111_schedule::schedules(prompt, clocks)?;
     let mut seen = HashSet::new();
-    for &clock in clocks {
-        for (_, text) in schedule(prompt, clock)? {
-            if seen.insert(text.clone()) {
-                parse(&text)?;
+    for (schedule, &clock) in schedules.iter().zip(clocks) {
+        limit_texts(schedule, clock)?;
+        for (_, text) in schedule {
+            if seen.insert(text.as_str()) {
+                parse(text)?;
             }
         }
     }

@@ -26,19 +26,36 @@ pub type Schedule = Vec<(usize, String)>;
 
 /// `prompt`'s texts under `clock`, as A1111 schedules them.
 pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError> {
+    let mut schedules = schedules(prompt, &[clock])?;
+    schedules
+        .pop()
+        .ok_or_else(|| SyntaxError::Unsupported("has no schedule".into()))
+}
+
+/// `prompt`'s texts under each of `clocks`, the prompt parsed once.
+pub fn schedules(prompt: &str, clocks: &[StepClock]) -> Result<Vec<Schedule>, SyntaxError> {
     let chars: Vec<char> = prompt.chars().collect();
     let Some(nodes) = parse(&chars)? else {
-        return Ok(vec![(clock.steps, prompt.to_string())]);
+        let as_is = |clock: &StepClock| vec![(clock.steps, prompt.to_string())];
+        return Ok(clocks.iter().map(as_is).collect());
     };
+    clocks
+        .iter()
+        .map(|&clock| schedule_of(&nodes, clock))
+        .collect()
+}
+
+/// The texts of parsed `nodes` under `clock`.
+fn schedule_of(nodes: &[Node], clock: StepClock) -> Result<Schedule, SyntaxError> {
     let mut steps = vec![clock.steps];
-    collect_steps(&nodes, clock, &mut steps)?;
+    collect_steps(nodes, clock, &mut steps)?;
     steps.sort_unstable();
     steps.dedup();
     steps
         .into_iter()
         .map(|step| {
             let mut text = String::new();
-            render(&nodes, step, clock, &mut text)?;
+            render(nodes, step, clock, &mut text)?;
             Ok((step, text))
         })
         .collect()
