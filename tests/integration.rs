@@ -5,6 +5,7 @@
 
 mod common;
 
+mod a1111_composable;
 mod a1111_prompts;
 mod anyline;
 mod bad_models;

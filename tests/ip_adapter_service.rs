@@ -16,14 +16,14 @@ use common::{
 use sdxld::proto::v1 as pb;
 use serde_json::Value;
 
-fn cases(config: &str) -> Vec<Value> {
+pub(crate) fn cases(config: &str) -> Vec<Value> {
     let path = ip_adapter_fixtures().join(config).join("cases.json");
     serde_json::from_str(&std::fs::read_to_string(path).expect("cases.json")).expect("json")
 }
 
 /// A server over the pipeline fixtures, with the fixtures' adapters (and `extra`) as
 /// IP-Adapter roots and their encoders as image encoder roots.
-async fn server(extra: &std::path::Path) -> TestServer {
+pub(crate) async fn server(extra: &std::path::Path) -> TestServer {
     let pipelines = fixtures();
     let root = ip_adapter_fixtures();
     let adapters = format!("{},{}", root.display(), extra.display());
@@ -77,7 +77,7 @@ fn image_bytes(name: &str) -> Vec<u8> {
 }
 
 /// The request of a recorded case on `config`.
-fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
+pub(crate) fn spec_of(config: &str, case: &Value) -> pb::GenerationSpec {
     let encoder = case["encoder"].as_str().expect("encoder");
     let ip_adapters = case["adapters"]
         .as_array()

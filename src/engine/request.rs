@@ -7,6 +7,7 @@ pub use crate::engine::guider::{Guider, GuiderKind};
 pub use crate::engine::models::freeu::FreeU;
 pub use crate::engine::models::seamless::Seamless;
 pub use crate::engine::pag::{Pag, PagLayer};
+use crate::engine::prompt_syntax::a1111_compose;
 pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
 
@@ -188,6 +189,17 @@ pub(crate) fn luminance(rgb: &[u8]) -> Vec<u8> {
             ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
         })
         .collect()
+}
+
+impl GenerateParams {
+    /// The prompt's parts in the UNet's batch: its sub-prompts in A1111's syntax (a
+    /// prompt that does not split is one), else one.
+    pub fn prompt_parts(&self) -> usize {
+        match self.prompt_syntax {
+            PromptSyntax::A1111 => a1111_compose::sub_prompts(&self.prompt).map_or(1, |p| p.len()),
+            _ => 1,
+        }
+    }
 }
 
 impl Default for GenerateParams {

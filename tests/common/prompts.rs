@@ -63,8 +63,8 @@ pub fn assert_conditioning(
         ]);
     } else {
         assert_eq!(
-            negative.size(),
-            got.embeds.size(),
+            negative.size()[1..],
+            got.embeds.size()[1..],
             "{what} zero negative shape"
         );
         assert_eq!(negative.abs().max().double_value(&[]), 0.0, "{what} zeros");
@@ -72,6 +72,20 @@ pub fn assert_conditioning(
     for (name, tensor) in pairs {
         assert_eq!(tensor.size(), expected(name).size(), "{what} {name} shape");
         assert_close(&format!("{what} {name}"), tensor, expected(name));
+    }
+    if let Some(weights) = reference.get(&format!("{key}.weights")) {
+        let weights = Vec::<f64>::try_from(weights.to_kind(tch::Kind::Double)).expect("weights");
+        let close = got.weights.len() == weights.len()
+            && got
+                .weights
+                .iter()
+                .zip(&weights)
+                .all(|(a, b)| (a - b).abs() < 1e-6);
+        assert!(
+            close,
+            "{what} sub-prompt weights {:?}, not {weights:?}",
+            got.weights
+        );
     }
 }
 

@@ -47,6 +47,7 @@ use crate::jobs::JobSpec;
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
 use fields::{model_name, Violations};
+use prompt_syntax::Pass;
 
 /// What validation reads besides the request.
 pub struct Context<'a> {
@@ -234,11 +235,12 @@ fn check(
         .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
     let hires_pass = hires.as_ref().map(|h| &h.params);
     let passes = prompt_syntax::Passes {
-        steps: counts.0 as usize,
-        hires: hires_pass.map(|h| h.steps),
-        refiner: refiner.as_ref().map(|r| r.params.steps),
+        base: Pass::new(counts.0 as usize, guidance.0),
+        hires: hires_pass.map(|h| Pass::new(h.steps, h.guidance_scale)),
+        refiner: (refiner.as_ref()).map(|r| Pass::new(r.params.steps, r.params.guidance_scale)),
     };
-    let prompt_syntax = prompt_syntax::prompt_syntax(spec, &passes, v);
+    let guiding = prompt_syntax::Guiding::of(spec, guidance.1, model.as_ref());
+    let prompt_syntax = prompt_syntax::prompt_syntax(spec, (&passes, &guiding), v);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);

@@ -1,29 +1,74 @@
 //! `spec.prompt_syntax`: compel's and A1111's syntax parsed before admission, so a
 //! prompt the syntax cannot read is refused naming its field (in A1111's syntax, every
-//! text its edits and alternations make in any of the job's passes).
+//! text its edits and alternations make in any of the job's passes, and a composable
+//! prompt's needs of the job's guidance).
 
 use crate::api::validate::fields::{enum_value, Violations};
 use crate::api::validate::sampling::prompt_fields;
+use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
 use crate::engine::prompt_syntax::a1111_schedule::StepClock;
 use crate::engine::prompt_syntax::{self, a1111, PromptSyntax};
+use crate::engine::registry::ModelEntry;
 use crate::proto::v1 as pb;
 
-/// The steps of a job's passes, which A1111's prompt edits count.
-pub struct Passes {
+/// One pass that reads the prompt: its steps and its guidance scale.
+pub struct Pass {
     pub steps: usize,
-    pub hires: Option<usize>,
-    pub refiner: Option<usize>,
+    pub guidance_scale: f64,
+}
+
+/// The passes of a job, whose steps A1111's prompt edits count and whose guidance
+/// combines a composable prompt's sub-prompts.
+pub struct Passes {
+    pub base: Pass,
+    pub hires: Option<Pass>,
+    pub refiner: Option<Pass>,
+}
+
+/// What else guides a job, which a prompt of several sub-prompts does not combine with.
+pub struct Guiding<'a> {
+    pub guider: bool,
+    pub pag: bool,
+    pub guidance_rescale: f64,
+    /// The base model, when its UNet is guidance-distilled (no negative prediction).
+    pub distilled: Option<&'a str>,
+}
+
+impl Pass {
+    pub fn new(steps: usize, guidance_scale: f64) -> Self {
+        Self {
+            steps,
+            guidance_scale,
+        }
+    }
+}
+
+impl<'a> Guiding<'a> {
+    /// What guides the job of `spec` with `guidance_rescale` on the base `model`.
+    pub fn of(
+        spec: &pb::GenerationSpec,
+        guidance_rescale: f64,
+        model: Option<&'a ModelEntry>,
+    ) -> Self {
+        let distilled = model.filter(|m| m.pipeline.as_ref().is_some_and(|f| f.guidance_distilled));
+        Self {
+            guider: spec.guider.is_some(),
+            pag: spec.pag.is_some(),
+            guidance_rescale,
+            distilled: distilled.map(|m| m.name.as_str()),
+        }
+    }
 }
 
 impl Passes {
     /// Every clock a pass may count a prompt's steps by: its steps, or twice as many
     /// model calls under a second-order scheduler.
     fn clocks(&self) -> Vec<StepClock> {
-        let first = self.hires.map(|_| self.steps);
+        let first = self.hires.as_ref().map(|_| self.base.steps);
         let passes = [
-            Some((self.steps, None)),
-            self.hires.map(|h| (h, first)),
-            self.refiner.map(|r| (r, first)),
+            Some((self.base.steps, None)),
+            self.hires.as_ref().map(|h| (h.steps, first)),
+            self.refiner.as_ref().map(|r| (r.steps, first)),
         ];
         passes
             .into_iter()
@@ -36,12 +81,28 @@ impl Passes {
             })
             .collect()
     }
+
+    /// Each pass's guidance scale and the field that sets it.
+    fn guidance(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        [
+            Some(("spec.guidance_scale", &self.base)),
+            self.hires
+                .as_ref()
+                .map(|h| ("spec.hires.guidance_scale", h)),
+            self.refiner
+                .as_ref()
+                .map(|r| ("spec.refiner.guidance_scale", r)),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(field, pass)| (field, pass.guidance_scale))
+    }
 }
 
 /// The syntax, with every prompt it reads checked.
 pub fn prompt_syntax(
     spec: &pb::GenerationSpec,
-    passes: &Passes,
+    (passes, guiding): (&Passes, &Guiding<'_>),
     v: &mut Violations,
 ) -> PromptSyntax {
     let wire = enum_value::<pb::PromptSyntax>(v, "spec.prompt_syntax", spec.prompt_syntax);
@@ -51,13 +112,14 @@ pub fn prompt_syntax(
         Some(pb::PromptSyntax::A1111) => (PromptSyntax::A1111, "PROMPT_SYNTAX_A1111"),
         _ => return PromptSyntax::Plain,
     };
-    for (field, text) in prompt_fields(spec) {
-        let checked = text.map(|t| match syntax {
-            PromptSyntax::A1111 => a1111::check(t, &clocks),
-            _ => prompt_syntax::parse(t).map(drop),
-        });
-        if let Some(Err(e)) = checked {
-            v.add(field, e.to_string());
+    match syntax {
+        PromptSyntax::A1111 => a1111_prompts(spec, &clocks, v, (passes, guiding)),
+        _ => {
+            for (field, text) in prompt_fields(spec) {
+                if let Some(Err(e)) = text.map(|t| prompt_syntax::parse(t)) {
+                    v.add(field, e.to_string());
+                }
+            }
         }
     }
     if spec.clip_skip != 0 {
@@ -67,4 +129,76 @@ pub fn prompt_syntax(
         );
     }
     syntax
+}
+
+/// The four prompts in A1111's syntax: the prompt and `prompt_2` split into sub-prompts
+/// by `AND`, the negatives read whole (A1111 reads `AND` in them as text); a prompt that
+/// composes checked against the job's guidance.
+fn a1111_prompts(
+    spec: &pb::GenerationSpec,
+    clocks: &[StepClock],
+    v: &mut Violations,
+    guidance: (&Passes, &Guiding<'_>),
+) {
+    match a1111::check_prompts(&spec.prompt, spec.prompt_2.as_deref(), clocks) {
+        Ok(parts) if a1111_compose::composes(&parts) => composition(&parts, guidance, v),
+        Ok(_) => {}
+        Err(errors) => {
+            for error in errors {
+                match error {
+                    PartsError::Prompt(e) => v.add("spec.prompt", e.to_string()),
+                    PartsError::Prompt2(e) => v.add("spec.prompt_2", e.to_string()),
+                }
+            }
+        }
+    }
+    let negatives = [
+        ("spec.negative_prompt", spec.negative_prompt.as_ref()),
+        ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
+    ];
+    for (field, text) in negatives {
+        if let Some(Err(e)) = text.map(|t| a1111::check(t, clocks)) {
+            v.add(field, e.to_string());
+        }
+    }
+}
+
+/// A composable prompt's needs: classifier-free guidance in every pass (its weights
+/// scale the guidance), and with several sub-prompts no other guidance rule.
+fn composition(
+    parts: &[PromptPart<'_>],
+    (passes, guiding): (&Passes, &Guiding<'_>),
+    v: &mut Violations,
+) {
+    let what = if parts.len() > 1 {
+        format!("a prompt of {} sub-prompts joined by AND", parts.len())
+    } else {
+        "a weighted prompt (`:weight` at its end)".to_string()
+    };
+    for (field, scale) in passes.guidance().filter(|(_, scale)| *scale <= 1.0) {
+        v.add(
+            field,
+            format!("must be above 1 with {what}, whose weights scale classifier-free guidance; guidance is off at {scale}"),
+        );
+    }
+    if let Some(model) = guiding.distilled {
+        v.add(
+            "spec.prompt",
+            format!("is {what}, whose weights scale classifier-free guidance, which `{model}` (a guidance-distilled UNet) does not make"),
+        );
+    }
+    if parts.len() == 1 {
+        return;
+    }
+    let others = [
+        ("spec.guider", guiding.guider),
+        ("spec.pag", guiding.pag),
+        ("spec.guidance_rescale", guiding.guidance_rescale > 0.0),
+    ];
+    for (field, _) in others.iter().filter(|(_, set)| *set) {
+        v.add(
+            *field,
+            format!("does not combine with {what}, whose predictions classifier-free guidance alone combines"),
+        );
+    }
 }

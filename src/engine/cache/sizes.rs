@@ -136,6 +136,7 @@ pub fn generation_estimate(
     let latent_pixels = pixels / 64;
     let layout = BatchLayout {
         negative: p.guidance_scale > 1.0,
+        prompts: p.prompt_parts() as i64,
         perturbed: p.pag.is_some(),
     };
     let batch = layout.parts() as u64 * p.num_images.max(1) as u64;

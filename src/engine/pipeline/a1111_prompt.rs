@@ -5,7 +5,9 @@
 //! makes it for SDXL; another is encoded the same way, and the shorter of prompt and
 //! negative is padded with the empty prompt's chunks, as A1111 pads them with "Pad
 //! prompt/negative prompt to be same length" on. A prompt with edits or alternations
-//! is one such conditioning per text it reads, each from the step A1111 reads it at.
+//! is one such conditioning per text it reads, each from the step A1111 reads it at. A
+//! prompt that `AND` splits into sub-prompts is one row per sub-prompt, each encoded as
+//! a prompt of its own, combined by guidance with its weight.
 
 use std::collections::HashMap;
 
@@ -15,9 +17,10 @@ use super::prompt::{LaterTexts, PromptEmbeds, PromptTokens, TextEmbeds};
 use super::weighted_prompt::{join_padded, pair, Texts};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
-use crate::engine::prompt_syntax::a1111;
+use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
 use crate::engine::prompt_syntax::a1111_schedule::{text_at, Schedule, StepClock};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
+use crate::engine::prompt_syntax::{a1111, PromptSyntax};
 
 /// One pair's hidden states per encoder and its pooled embedding.
 struct Encoded {
@@ -26,33 +29,44 @@ struct Encoded {
     pooled: Tensor,
 }
 
-/// The schedules of a request's texts: prompt and negative, each for both encoders
-/// (the second encoder's is `prompt_2`'s where that is given, else the prompt's).
+/// The schedules of a request's texts: each sub-prompt's and the negative's, each for
+/// both encoders (the second encoder's is `prompt_2`'s where that is given, else the
+/// prompt's).
 struct RequestSchedules {
-    prompt: [Schedule; 2],
+    prompts: Vec<[Schedule; 2]>,
     negative: [Schedule; 2],
 }
 
 impl RequestSchedules {
-    fn new(p: &GenerateParams, clock: StepClock) -> Result<Self> {
+    /// The schedules of `p`'s texts under `clock`, and its sub-prompts' weights.
+    fn new(p: &GenerateParams, clock: StepClock) -> Result<(Self, Vec<f64>)> {
         let schedule = |text: &str| {
             a1111::schedule(text, clock)
                 .map_err(|e| EngineError::InvalidRequest(format!("the prompt {e}")))
         };
+        let parts = prompt_parts(p)?;
+        let prompts = parts
+            .iter()
+            .map(|part| {
+                let texts = pair(part.text, part.text_2);
+                Ok([schedule(texts.first)?, schedule(texts.second)?])
+            })
+            .collect::<Result<_>>()?;
         let negative = p.negative_prompt.as_deref().unwrap_or("");
-        let prompt = pair(&p.prompt, p.prompt_2.as_deref());
         let negative = pair(negative, p.negative_prompt_2.as_deref());
-        Ok(Self {
-            prompt: [schedule(prompt.first)?, schedule(prompt.second)?],
+        let schedules = Self {
+            prompts,
             negative: [schedule(negative.first)?, schedule(negative.second)?],
-        })
+        };
+        Ok((schedules, parts.iter().map(|part| part.weight).collect()))
     }
 
     /// The first step of each stretch of steps in which no text changes.
     fn stretches(&self) -> Vec<usize> {
         let mut lasts: Vec<usize> = self
-            .prompt
+            .prompts
             .iter()
+            .flatten()
             .chain(&self.negative)
             .flat_map(|s| s.iter().map(|(last, _)| *last))
             .collect();
@@ -64,13 +78,29 @@ impl RequestSchedules {
             .collect()
     }
 
-    /// The texts read at `step`: the prompt's and the negative's.
-    fn at(&self, step: usize) -> [Texts<'_>; 2] {
-        [&self.prompt, &self.negative].map(|s| Texts {
-            first: text_at(&s[0], step),
-            second: text_at(&s[1], step),
-        })
+    /// The texts read at `step`: each sub-prompt's and the negative's.
+    fn at(&self, step: usize) -> (Vec<Texts<'_>>, Texts<'_>) {
+        let prompts = self.prompts.iter().map(|s| texts_at(s, step)).collect();
+        (prompts, texts_at(&self.negative, step))
     }
+}
+
+/// The texts both encoders read at `step`.
+fn texts_at(schedules: &[Schedule; 2], step: usize) -> Texts<'_> {
+    Texts {
+        first: text_at(&schedules[0], step),
+        second: text_at(&schedules[1], step),
+    }
+}
+
+/// `p`'s sub-prompts paired with `prompt_2`'s.
+fn prompt_parts(p: &GenerateParams) -> Result<Vec<PromptPart<'_>>> {
+    a1111_compose::prompt_parts(&p.prompt, p.prompt_2.as_deref()).map_err(|e| {
+        EngineError::InvalidRequest(match e {
+            PartsError::Prompt(e) => format!("the prompt {e}"),
+            PartsError::Prompt2(e) => format!("prompt_2 {e}"),
+        })
+    })
 }
 
 /// The encoders and the embeddings of the texts they encoded so far.
@@ -124,39 +154,84 @@ impl CachedEncoders<'_> {
         })
     }
 
-    /// The conditioning of one stretch's prompt and (under guidance) negative texts.
+    /// The conditioning of one stretch's sub-prompts and (under guidance) negative
+    /// texts: each sub-prompt's encoders padded to one length with empty chunks, the
+    /// shorter sub-prompts then repeating their last token's vector to the longest (A1111's
+    /// `stack_conds`), and prompt and negative padded to one length with empty chunks.
     fn text_embeds(
         &mut self,
-        [prompt, negative]: [Texts<'_>; 2],
+        (prompts, negative): (Vec<Texts<'_>>, Texts<'_>),
         guided: bool,
     ) -> Result<TextEmbeds> {
         // A1111 conditions SDXL on zeros where the negative prompt is empty (its
         // `force_zero_negative_prompt`); the texts the encoders read decide.
         let zero_negative =
             negative.first.is_empty() && (self.first.is_none() || negative.second.is_empty());
-        let mut encoded = vec![self.pair(&prompt)?];
+        let parts = prompts
+            .iter()
+            .map(|texts| self.pair(texts))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::cat(&parts.iter().map(|e| &e.pooled).collect::<Vec<_>>(), 0);
+        let mut hidden = vec![self.stacked(parts)];
+        let mut negative_pooled = None;
         if guided && !zero_negative {
-            encoded.push(self.pair(&negative)?);
+            let encoded = self.pair(&negative)?;
+            negative_pooled = Some(encoded.pooled);
+            hidden.push((encoded.first, encoded.second));
         }
-        let pooled: Vec<Tensor> = encoded.iter().map(|e| e.pooled.shallow_clone()).collect();
-        let hidden = encoded.into_iter().map(|e| (e.first, e.second)).collect();
         let mut joined = join_padded(self.first.as_ref(), &self.second, hidden).into_iter();
         let embeds = joined
             .next()
             .ok_or_else(|| EngineError::Internal("no prompt embeddings".into()))?;
-        let pooled_prompt = pooled[0].shallow_clone();
-        let negative = match joined.next().zip(pooled.get(1).map(Tensor::shallow_clone)) {
+        let negative = match joined.next().zip(negative_pooled) {
             Some(encoded) => Some(encoded),
             // Zero keys and values: the same attention whatever the length.
-            None if guided => Some((embeds.zeros_like(), pooled_prompt.zeros_like())),
+            None if guided => Some((
+                embeds.narrow(0, 0, 1).zeros_like(),
+                pooled.narrow(0, 0, 1).zeros_like(),
+            )),
             None => None,
         };
         Ok(TextEmbeds {
             embeds,
-            pooled: pooled_prompt,
+            pooled,
             negative,
         })
     }
+
+    /// Sub-prompts' hidden states stacked along the batch, per encoder: each padded to
+    /// its longest encoder's length with empty chunks, then to the longest sub-prompt's
+    /// by repeating its last token's vector.
+    fn stacked(&self, parts: Vec<Encoded>) -> (Option<Tensor>, Tensor) {
+        let first = self.first.as_ref();
+        let aligned: Vec<(Option<Tensor>, Tensor)> = parts
+            .into_iter()
+            .map(|e| {
+                let longest = e.first.iter().chain([&e.second]).map(|t| t.size()[1]).max();
+                let longest = longest.unwrap_or(0);
+                let first = e.first.zip(first).map(|(t, enc)| enc.pad_to(&t, longest));
+                (first, self.second.pad_to(&e.second, longest))
+            })
+            .collect();
+        let tokens = aligned.iter().map(|(_, t)| t.size()[1]).max().unwrap_or(0);
+        let stack = |ts: Vec<Tensor>| {
+            let ts: Vec<Tensor> = ts.iter().map(|t| repeat_last_to(t, tokens)).collect();
+            Tensor::cat(&ts, 0)
+        };
+        let (firsts, seconds): (Vec<Option<Tensor>>, Vec<Tensor>) = aligned.into_iter().unzip();
+        let firsts: Option<Vec<Tensor>> = firsts.into_iter().collect();
+        (firsts.map(stack), stack(seconds))
+    }
+}
+
+/// `t` ([1, L, D]) lengthened to `tokens` by repeating its last token's vector.
+fn repeat_last_to(t: &Tensor, tokens: i64) -> Tensor {
+    let length = t.size()[1];
+    if length >= tokens {
+        return t.shallow_clone();
+    }
+    let last = t.narrow(1, length - 1, 1).repeat([1, tokens - length, 1]);
+    Tensor::cat(&[t.shallow_clone(), last], 1)
 }
 
 impl SdxlPipeline {
@@ -168,7 +243,7 @@ impl SdxlPipeline {
     ) -> Result<PromptEmbeds> {
         let (first, second) = self.chunk_encoders(p, tokens, "A1111's")?;
         let guided = self.classifier_free(p.guidance_scale);
-        let schedules = RequestSchedules::new(p, self.prompt_clock(p)?)?;
+        let (schedules, weights) = RequestSchedules::new(p, self.prompt_clock(p)?)?;
         let mut encoders = CachedEncoders {
             first,
             second,
@@ -176,11 +251,16 @@ impl SdxlPipeline {
         };
         // Each stretch's conditioning, the same tensors for the same texts.
         let mut texts: Vec<TextEmbeds> = Vec::new();
-        let mut index_of: HashMap<[&str; 4], usize> = HashMap::new();
+        let mut index_of: HashMap<Vec<&str>, usize> = HashMap::new();
         let mut switches: Vec<(usize, usize)> = Vec::new();
         for step in schedules.stretches() {
             let read = schedules.at(step);
-            let key = [read[0].first, read[0].second, read[1].first, read[1].second];
+            let key = read
+                .0
+                .iter()
+                .chain([&read.1])
+                .flat_map(|t| [t.first, t.second])
+                .collect();
             let index = match index_of.get(&key) {
                 Some(&index) => index,
                 None => {
@@ -211,6 +291,7 @@ impl SdxlPipeline {
             negative: first.negative,
             images: Vec::new(),
             later,
+            weights,
         })
     }
 
@@ -226,5 +307,25 @@ impl SdxlPipeline {
             steps: p.steps * order,
             first_pass_steps: p.first_pass_steps,
         })
+    }
+
+    /// A composable prompt's needs of `p`'s guidance: classifier-free guidance (its weights
+    /// scale it), and with several sub-prompts no guider, PAG or guidance rescale.
+    pub(super) fn check_composition(&self, p: &GenerateParams) -> Result<()> {
+        if p.prompt_syntax != PromptSyntax::A1111 {
+            return Ok(());
+        }
+        let parts = prompt_parts(p)?;
+        if !a1111_compose::composes(&parts) {
+            return Ok(());
+        }
+        let bad = |m: &str| Err(EngineError::InvalidRequest(m.into()));
+        if !self.classifier_free(p.guidance_scale) {
+            return bad("a prompt of sub-prompts joined by AND, or with a `:weight` at its end, scales classifier-free guidance: `guidance_scale` must be above 1, on a UNet that is not guidance-distilled");
+        }
+        if parts.len() > 1 && (p.guider.is_some() || p.pag.is_some() || p.guidance_rescale > 0.0) {
+            return bad("a prompt of sub-prompts joined by AND is combined by classifier-free guidance alone: no guider, PAG or guidance rescale");
+        }
+        Ok(())
     }
 }

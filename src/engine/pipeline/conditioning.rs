@@ -32,6 +32,8 @@ pub(super) struct Conditioning<'a> {
     pub controls: Controls<'a>,
     /// A guidance-distilled UNet's guidance-scale embedding ([1, dim]).
     pub timestep_cond: Option<Tensor>,
+    /// The prompt parts' guidance weights.
+    pub weights: Vec<f64>,
 }
 
 impl SdxlPipeline {
@@ -93,29 +95,33 @@ impl SdxlPipeline {
             images,
             controls,
             timestep_cond,
+            weights: prompt.weights.clone(),
         }
     }
 
     /// One text's token and pooled embeddings for every image, laid out by `layout`, on
-    /// the placement.
+    /// the placement: each prompt part (a row of the text's embeddings) for all images.
     fn text_conditioning(
         &self,
         text: &TextEmbeds,
         n: i64,
         layout: BatchLayout,
     ) -> (Tensor, Tensor) {
-        let repeat = |t: &Tensor| t.repeat([n, 1, 1][..t.dim()].to_vec());
+        let per_image = |t: &Tensor| t.repeat_interleave_self_int(n, Some(0), None);
         let place = |t: Tensor| {
             t.to_device(self.placement.device)
                 .to_kind(self.placement.kind)
         };
-        let (embeds, pooled) = (repeat(&text.embeds), repeat(&text.pooled));
+        let (embeds, pooled) = (per_image(&text.embeds), per_image(&text.pooled));
         let (context, text_embeds) = match &text.negative {
             Some((neg_embeds, neg_pooled)) => (
-                layout.assemble(&repeat(neg_embeds), &embeds),
-                layout.assemble(&repeat(neg_pooled), &pooled),
+                layout.assemble_prompts(&per_image(neg_embeds), &embeds),
+                layout.assemble_prompts(&per_image(neg_pooled), &pooled),
             ),
-            None => (layout.repeat(&embeds), layout.repeat(&pooled)),
+            None => (
+                layout.assemble_prompts(&embeds, &embeds),
+                layout.assemble_prompts(&pooled, &pooled),
+            ),
         };
         (place(context), place(text_embeds))
     }
@@ -169,14 +175,16 @@ impl<'a> Conditioning<'a> {
                 .map(|keys| keys.with_batches(Tensor::shallow_clone)),
             controls: self.controls.view(),
             timestep_cond: self.timestep_cond.as_ref().map(Tensor::shallow_clone),
+            weights: self.weights.clone(),
         }
     }
 
     /// The conditioning of the prompt's part of the batch alone (views of this one's
-    /// tensors), when the batch has a negative part and no perturbed one.
+    /// tensors), when the batch has a negative part, one prompt part and no perturbed
+    /// one.
     fn prompt_only(&self) -> Option<Conditioning<'a>> {
         let layout = self.layout;
-        if !layout.negative || layout.perturbed {
+        if !layout.negative || layout.perturbed || layout.prompts > 1 {
             return None;
         }
         let part = |t: &Tensor| layout.prompt_part(t);
@@ -189,6 +197,7 @@ impl<'a> Conditioning<'a> {
             images: self.images.as_ref().map(|keys| keys.with_batches(part)),
             controls: self.controls.prompt_only(),
             timestep_cond: self.timestep_cond.as_ref().map(Tensor::shallow_clone),
+            weights: self.weights.iter().take(1).copied().collect(),
         })
     }
 }

@@ -279,7 +279,7 @@ fn prepare_controlnet<'a>(
     let guess = !layout.perturbed
         && (c.unit.mode == ControlMode::Guess || model.config().control.global_pool_conditions);
     let copies = if layout.negative && guess {
-        images
+        images * layout.prompts
     } else {
         images * layout.parts()
     };
@@ -335,10 +335,10 @@ impl Prepared<'_> {
         scales: &[f64],
     ) -> Option<ControlResiduals> {
         let half = self.guess && c.layout.negative;
-        // Guess mode under guidance: the conditional half only, zeros for the other.
+        // Guess mode under guidance: the prompt's parts only, zeros for the negative.
         let part = |t: &Tensor| {
             if half {
-                t.chunk(2, 0)[1].shallow_clone()
+                c.layout.past_negative(t)
             } else {
                 t.shallow_clone()
             }
@@ -354,7 +354,11 @@ impl Prepared<'_> {
         if !half {
             return Some(residuals);
         }
-        let pad = |t: Tensor| Tensor::cat(&[t.zeros_like(), t], 0);
+        let prompts = c.layout.prompts;
+        let pad = |t: Tensor| {
+            let negative = t.narrow(0, 0, t.size()[0] / prompts).zeros_like();
+            Tensor::cat(&[negative, t], 0)
+        };
         Some(ControlResiduals {
             down: residuals.down.into_iter().map(pad).collect(),
             mid: pad(residuals.mid),

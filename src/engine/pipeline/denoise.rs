@@ -132,6 +132,7 @@ impl SdxlPipeline {
                     .into(),
             );
         }
+        self.check_composition(p)?;
         self.check_pag(p)
     }
 
@@ -200,6 +201,7 @@ impl SdxlPipeline {
             self.initial_latents(p, &from, schedule.scheduler.as_ref(), schedule.start, noise)?;
         let layout = BatchLayout {
             negative: prompt.negative.is_some(),
+            prompts: prompt.embeds.size()[0],
             perturbed: p.pag.is_some(),
         };
         let counts = control_counts(p, &schedule);
@@ -414,6 +416,7 @@ impl SdxlPipeline {
             scale: p.guidance_scale,
             rescale: p.guidance_rescale,
             pag: p.pag.as_ref(),
+            weights: &c.weights,
         };
         guidance.combine(noise_pred, time, guider.map(|g| (g, index)))
     }

@@ -15,9 +15,10 @@ use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 /// The conditioning of one request on one pipeline (its prompts' embeddings and its
 /// image prompts), computed once and used for every image of the request.
 pub struct PromptEmbeds {
-    /// [1, 77, cross_attention_dim] hidden states of the prompt.
+    /// [parts, tokens, cross_attention_dim] hidden states of the prompt (one row per
+    /// sub-prompt of a composable prompt, else one).
     pub embeds: Tensor,
-    /// [1, projection_dim] pooled embedding of the prompt.
+    /// [parts, projection_dim] pooled embeddings of the prompt.
     pub pooled: Tensor,
     /// The negative pair, with classifier-free guidance only.
     pub negative: Option<(Tensor, Tensor)>,
@@ -26,9 +27,13 @@ pub struct PromptEmbeds {
     /// The texts a prompt changes to during sampling (A1111's prompt editing and
     /// alternation); none for a prompt that does not change.
     pub later: LaterTexts,
+    /// The weights that scale each prompt part's guidance (A1111's composable prompts),
+    /// one per row of `embeds`.
+    pub weights: Vec<f64>,
 }
 
-/// One text's embeddings, as [`PromptEmbeds`] holds the first.
+/// One text's embeddings, as [`PromptEmbeds`] holds the first (the prompt's with a row
+/// per prompt part).
 pub struct TextEmbeds {
     pub embeds: Tensor,
     pub pooled: Tensor,
@@ -113,6 +118,7 @@ impl SdxlPipeline {
                 negative: None,
                 images: Vec::new(),
                 later: LaterTexts::default(),
+                weights: vec![1.0],
             });
         }
         let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
@@ -129,6 +135,7 @@ impl SdxlPipeline {
             negative: Some(negative),
             images: Vec::new(),
             later: LaterTexts::default(),
+            weights: vec![1.0],
         })
     }
 

@@ -59,6 +59,7 @@ impl SdxlPipeline {
             negative,
             images: Vec::new(),
             later: Default::default(),
+            weights: vec![1.0],
         })
     }
 

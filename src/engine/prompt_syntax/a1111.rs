@@ -3,15 +3,16 @@
 //! weights multiply, unclosed brackets count until the end, `\(` `\)` `\[` `\]` `\\`
 //! escape, and `BREAK` ends a 75-token chunk. Neighbours of equal weight are joined.
 //! Prompt editing (`[from:to:when]`) and alternation (`[a|b]`) make a text per step
-//! first ([`super::a1111_schedule`]); `AND` (composable prompts) and extra networks
-//! (`<lora:name:1>`) are refused, so that no prompt reads differently from what A1111
-//! would make of it.
+//! first ([`super::a1111_schedule`]), after `AND` has split a prompt into sub-prompts
+//! ([`super::a1111_compose`]); extra networks (`<lora:name:1>`) are refused, so that no
+//! prompt reads differently from what A1111 would make of it.
 
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
 use regex::Regex;
 
+use super::a1111_compose::{prompt_parts, PartsError, PromptPart};
 use super::a1111_schedule::{self, Schedule, StepClock};
 use super::{Fragment, SyntaxError, MAX_WEIGHT};
 
@@ -48,11 +49,6 @@ fn break_word() -> &'static Regex {
     })
 }
 
-fn and_word() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"\bAND\b").expect("the AND pattern compiles"))
-}
-
 fn extra_network() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| Regex::new(r"<(\w+):([^>]+)>").expect("the extra network pattern compiles"))
@@ -68,8 +64,9 @@ pub fn is_break(fragment: &Fragment) -> bool {
 pub const MAX_SCHEDULED_TEXTS: usize = 16;
 
 /// `prompt`'s texts under `clock` (A1111's prompt editing and alternation), once the
-/// prompt is checked to use neither `AND` nor extra networks, and to make at most
-/// [`MAX_SCHEDULED_TEXTS`] different texts.
+/// prompt is checked to name no extra networks and to make at most
+/// [`MAX_SCHEDULED_TEXTS`] different texts. `AND` is text here: split a prompt into its
+/// sub-prompts first.
 pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError> {
     refuse_unsupported(prompt)?;
     let schedule = a1111_schedule::schedule(prompt, clock)?;
@@ -90,7 +87,37 @@ fn limit_texts(schedule: &Schedule, clock: StepClock) -> Result<(), SyntaxError>
     Ok(())
 }
 
-/// Checks that every text `prompt` makes under any of `clocks` is one sdxld encodes.
+/// Checks a prompt and its `prompt_2` (each split into sub-prompts by `AND`, paired as
+/// [`prompt_parts`] pairs them) and every text their sub-prompts make under any of
+/// `clocks`: their parts, or the first error of each of the two.
+pub fn check_prompts<'a>(
+    prompt: &'a str,
+    prompt_2: Option<&'a str>,
+    clocks: &[StepClock],
+) -> Result<Vec<PromptPart<'a>>, Vec<PartsError>> {
+    let own_parts = |text: &'a str| {
+        let parts = super::a1111_compose::sub_prompts(text)?;
+        let mut seen = HashSet::new();
+        for part in parts.iter().filter(|p| seen.insert(p.text)) {
+            check(part.text, clocks)?;
+        }
+        Ok::<_, SyntaxError>(())
+    };
+    let mut errors = Vec::new();
+    if let Err(e) = own_parts(prompt) {
+        errors.push(PartsError::Prompt(e));
+    }
+    if let Some(Err(e)) = prompt_2.map(own_parts) {
+        errors.push(PartsError::Prompt2(e));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    prompt_parts(prompt, prompt_2).map_err(|e| vec![e])
+}
+
+/// Checks that every text `prompt` (one text, `AND` in it read as text) makes under any
+/// of `clocks` is one sdxld encodes.
 pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
     refuse_unsupported(prompt)?;
     let schedules = a1111_schedule::schedules(prompt, clocks)?;
@@ -107,7 +134,7 @@ pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
 }
 
 /// Parses one text of a prompt's schedule as A1111 does and checks it is one sdxld
-/// encodes: no `AND` or extra networks, at most [`MAX_BREAKS`] breaks, and every
+/// encodes: no extra networks, at most [`MAX_BREAKS`] breaks, and every
 /// token's weight finite within [`MAX_WEIGHT`].
 pub fn parse(prompt: &str) -> Result<Vec<Fragment>, SyntaxError> {
     refuse_unsupported(prompt)?;
@@ -195,18 +222,13 @@ fn fragment(text: &str, weight: f64) -> Fragment {
     }
 }
 
-/// Refuses what A1111 reads before its schedules: extra networks and `AND`.
+/// Refuses what A1111 reads before its schedules and sdxld does not: extra networks.
 fn refuse_unsupported(prompt: &str) -> Result<(), SyntaxError> {
     if let Some(m) = extra_network().find(prompt) {
         return Err(SyntaxError::Unsupported(format!(
             "names the extra network `{}`: name LoRA adapters in `spec.loras`",
             m.as_str()
         )));
-    }
-    if and_word().is_match(prompt) {
-        return Err(SyntaxError::Unsupported(
-            "uses `AND` (composable prompts), which sdxld does not do".into(),
-        ));
     }
     Ok(())
 }
@@ -279,8 +301,9 @@ mod tests {
     }
 
     #[test]
-    fn composable_prompts_and_networks_are_refused() {
-        for text in ["a AND b", "<lora:style:0.8> a cat", "[a AND b:c:3]"] {
+    fn networks_are_refused_and_and_is_text_in_one_text() {
+        assert!(parse("a AND b").is_ok());
+        for text in ["<lora:style:0.8> a cat", "[<lora:a:1>:c:3]"] {
             assert!(
                 matches!(parse(text), Err(SyntaxError::Unsupported(_))),
                 "{text}"

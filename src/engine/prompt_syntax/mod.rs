@@ -6,6 +6,7 @@
 //! Parsing is pure, so the API checks a prompt before admitting its job.
 
 pub mod a1111;
+pub mod a1111_compose;
 mod a1111_grammar;
 pub mod a1111_schedule;
 pub mod emphasis;

@@ -103,7 +103,9 @@ impl<'a> WeightedEncoder<'a> {
         if missing <= 0 {
             return embeds.shallow_clone();
         }
-        Tensor::cat(&[embeds.shallow_clone(), self.empty(missing)], 1)
+        let empty = self.empty(missing);
+        let empty = empty.expand([embeds.size()[0], -1, -1], false);
+        Tensor::cat(&[embeds.shallow_clone(), empty], 1)
     }
 
     /// compel's `_get_conditioning_for_blend`: the prompts padded to one length and summed
