@@ -8,7 +8,10 @@ every run, as a service would), and through `sdxld bench --prompt-syntax compel|
 one CPU thread each, median of N runs each; and both with the plain prompt (truncated)
 for what the weighting adds. With `--edits` (A1111's syntax only) the prompt also edits
 and alternates words during sampling, and diffusers is given each step's conditioning
-through its step-end callback, as the fixture's pipeline cases do.
+through its step-end callback, as the fixture's pipeline cases do. With `--compose`
+(A1111's syntax only) a weighted second sub-prompt joins the prompt with `AND`, and
+diffusers' UNet runs both sub-prompts and combines them as A1111 does (the fixture's
+composed_unet).
 
 Prints the four medians, the ratio diffusers / sdxld with the weighted prompt (above 1
 means sdxld is faster) and what the weighting adds to a generation in each.
@@ -48,11 +51,15 @@ NEGATIVE_A1111 = "(blurry:1.2), (low quality:0.5), watermark"
 # With edits and an alternation: four texts over the steps, a negative that empties.
 PROMPT_EDITS = PROMPT_A1111.replace("small red boat", "small [red:blue:0.5] [boat|ship]")
 NEGATIVE_EDITS = "[(blurry:1.2), (low quality:0.5), watermark::0.8]"
+# A composable prompt: the prompt and a weighted, alternating second sub-prompt.
+PROMPT_COMPOSED = PROMPT_A1111 + " AND a small [red|blue] boat in a storm:0.6"
 
 
 def texts(args):
     if args.edits:
         return PROMPT_EDITS, NEGATIVE_EDITS
+    if args.compose:
+        return PROMPT_COMPOSED, NEGATIVE_A1111
     return (PROMPT_A1111, NEGATIVE_A1111) if args.syntax == "a1111" else (PROMPT, NEGATIVE)
 
 
@@ -105,7 +112,7 @@ def time_diffusers(args, weighted: bool) -> float:
 
     def once():
         generator = [torch.Generator("cpu").manual_seed(args.seed)]
-        if weighted and args.edits:
+        if weighted and (args.edits or args.compose):
             from make_a1111_prompt_fixtures import pipeline_case
 
             case = dict(
@@ -150,7 +157,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--syntax", choices=["compel", "a1111"], default="compel")
     p.add_argument("--edits", action="store_true", help="A1111's prompt editing and alternation")
+    p.add_argument("--compose", action="store_true", help="A1111's composable prompts (AND)")
     args = p.parse_args()
+    if (args.edits or args.compose) and args.syntax != "a1111":
+        p.error("--edits and --compose are A1111's syntax")
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
@@ -159,6 +169,7 @@ def main():
         medians[("diffusers", weighted)] = time_diffusers(args, weighted)
         medians[("sdxld", weighted)] = time_sdxld(args, weighted)
     syntax = f"{args.syntax} with edits" if args.edits else args.syntax
+    syntax = f"{syntax} with AND" if args.compose else syntax
     print(f"model {args.model}: {args.steps} steps, {args.width}x{args.height}, CFG {args.guidance}, 1 CPU thread, median of {args.runs}")
     for who in ("diffusers", "sdxld"):
         plain, weighted = medians[(who, False)], medians[(who, True)]

@@ -281,6 +281,15 @@ async fn composable_prompts_are_refused_where_guidance_cannot_combine_them() {
             &["spec.prompt_2"],
         ),
         (
+            "thirty conditionings",
+            with(&|s| {
+                s.prompt = "a [red|blue] cat AND a [big|small|tiny] dog".into();
+                s.negative_prompt = Some("[a|b|c|d|e]".into());
+                s.steps = 30;
+            }),
+            &["spec.prompt"],
+        ),
+        (
             "both prompts",
             with(&|s| {
                 s.prompt = "a:1000".into();

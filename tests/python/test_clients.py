@@ -847,13 +847,14 @@ def test_python_client_pixel_perfect_unit_detects_at_a1111s_resolution(stubs, se
 
 
 SYNTAX_CASES = {
-    # A weighted prompt longer than CLIP's 77 tokens (A1111's with an edit and an
-    # alternation), and one the syntax refuses (the field and a word of the reason).
+    # A weighted prompt longer than CLIP's 77 tokens (A1111's with an edit, an
+    # alternation and a weighted second sub-prompt), and one the syntax refuses (the
+    # field and a word of the reason).
     "PROMPT_SYNTAX_COMPEL": ("a (red apple)1.3 on a wooden table, " * 12 + "(soft light)0.6.", "a boat.swap(ship)", "swap"),
     "PROMPT_SYNTAX_A1111": (
         "masterpiece, (best quality:1.2), [blurry], [red:green:0.5] [apple|pear], "
         + "((red apple)) on a wooden table, " * 10
-        + "BREAK (soft light:0.6)",
+        + "BREAK (soft light:0.6) AND a still life, oil painting:0.4",
         "<lora:style:0.8> a boat",
         "extra network",
     ),
@@ -863,7 +864,7 @@ SYNTAX_CASES = {
 @pytest.mark.parametrize("syntax", sorted(SYNTAX_CASES))
 def test_python_client_weighted_long_prompt_and_grpcurl_refusal(stubs, server, syntax):
     """A weighted prompt longer than CLIP's 77 tokens in compel's and in A1111's syntax
-    (with prompt editing and alternation): no truncation warning, another image than the plain reading, a PNG that replays it;
+    (with prompt editing, alternation and AND): no truncation warning, another image than the plain reading, a PNG that replays it;
     grpcurl sees a prompt the syntax cannot encode refused naming the prompt."""
     text, refused, reason = SYNTAX_CASES[syntax]
     wire_syntax = getattr(stubs.gen, syntax)

@@ -140,9 +140,26 @@ fn a1111_prompts(
     v: &mut Violations,
     guidance: (&Passes, &Guiding<'_>),
 ) {
+    let negatives = [
+        ("spec.negative_prompt", spec.negative_prompt.as_ref()),
+        ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
+    ];
+    let mut negatives_read = true;
+    for (field, text) in negatives {
+        if let Some(Err(e)) = text.map(|t| a1111::check(t, clocks)) {
+            v.add(field, e.to_string());
+            negatives_read = false;
+        }
+    }
     match a1111::check_prompts(&spec.prompt, spec.prompt_2.as_deref(), clocks) {
-        Ok(parts) if a1111_compose::composes(&parts) => composition(&parts, guidance, v),
-        Ok(_) => {}
+        Ok(parts) => {
+            if a1111_compose::composes(&parts) {
+                composition(&parts, guidance, v);
+            }
+            if negatives_read {
+                conditionings(spec, &parts, clocks, v);
+            }
+        }
         Err(errors) => {
             for error in errors {
                 match error {
@@ -152,13 +169,24 @@ fn a1111_prompts(
             }
         }
     }
-    let negatives = [
-        ("spec.negative_prompt", spec.negative_prompt.as_ref()),
-        ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
-    ];
-    for (field, text) in negatives {
-        if let Some(Err(e)) = text.map(|t| a1111::check(t, clocks)) {
-            v.add(field, e.to_string());
+}
+
+/// The different conditionings the prompts make together over each pass, at most
+/// [`a1111::MAX_CONDITIONINGS`].
+fn conditionings(
+    spec: &pb::GenerationSpec,
+    parts: &[PromptPart<'_>],
+    clocks: &[StepClock],
+    v: &mut Violations,
+) {
+    let negative = spec.negative_prompt.as_deref().unwrap_or("");
+    let negative = (negative, spec.negative_prompt_2.as_deref());
+    for &clock in clocks {
+        let counted = a1111::run_schedules(parts, negative, clock)
+            .and_then(|schedules| a1111::conditionings(&schedules, clock).map(drop));
+        if let Err(e) = counted {
+            v.add("spec.prompt", e.to_string());
+            return;
         }
     }
 }

@@ -14,11 +14,11 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 use super::prompt::{LaterTexts, PromptEmbeds, PromptTokens, TextEmbeds};
-use super::weighted_prompt::{join_padded, pair, Texts};
+use super::weighted_prompt::{join_padded, Texts};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
-use crate::engine::prompt_syntax::a1111_schedule::{text_at, Schedule, StepClock};
+use crate::engine::prompt_syntax::a1111_schedule::{Schedule, StepClock};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
 use crate::engine::prompt_syntax::{a1111, PromptSyntax};
 
@@ -29,68 +29,50 @@ struct Encoded {
     pooled: Tensor,
 }
 
-/// The schedules of a request's texts: each sub-prompt's and the negative's, each for
-/// both encoders (the second encoder's is `prompt_2`'s where that is given, else the
-/// prompt's).
+/// The schedules of a request's texts: each sub-prompt's, then the negative's, each for
+/// both encoders in turn (the second encoder's is `prompt_2`'s where that is given, else
+/// the prompt's).
 struct RequestSchedules {
-    prompts: Vec<[Schedule; 2]>,
-    negative: [Schedule; 2],
+    schedules: Vec<Schedule>,
+    clock: StepClock,
 }
 
 impl RequestSchedules {
     /// The schedules of `p`'s texts under `clock`, and its sub-prompts' weights.
     fn new(p: &GenerateParams, clock: StepClock) -> Result<(Self, Vec<f64>)> {
-        let schedule = |text: &str| {
-            a1111::schedule(text, clock)
-                .map_err(|e| EngineError::InvalidRequest(format!("the prompt {e}")))
-        };
         let parts = prompt_parts(p)?;
-        let prompts = parts
-            .iter()
-            .map(|part| {
-                let texts = pair(part.text, part.text_2);
-                Ok([schedule(texts.first)?, schedule(texts.second)?])
-            })
-            .collect::<Result<_>>()?;
         let negative = p.negative_prompt.as_deref().unwrap_or("");
-        let negative = pair(negative, p.negative_prompt_2.as_deref());
-        let schedules = Self {
-            prompts,
-            negative: [schedule(negative.first)?, schedule(negative.second)?],
-        };
-        Ok((schedules, parts.iter().map(|part| part.weight).collect()))
+        let negative = (negative, p.negative_prompt_2.as_deref());
+        let schedules = a1111::run_schedules(&parts, negative, clock).map_err(syntax_error)?;
+        let weights = parts.iter().map(|part| part.weight).collect();
+        Ok((Self { schedules, clock }, weights))
     }
 
-    /// The first step of each stretch of steps in which no text changes.
-    fn stretches(&self) -> Vec<usize> {
-        let mut lasts: Vec<usize> = self
-            .prompts
-            .iter()
-            .flatten()
-            .chain(&self.negative)
-            .flat_map(|s| s.iter().map(|(last, _)| *last))
-            .collect();
-        lasts.sort_unstable();
-        lasts.dedup();
-        lasts.pop();
-        std::iter::once(0)
-            .chain(lasts.into_iter().map(|last| last + 1))
-            .collect()
-    }
-
-    /// The texts read at `step`: each sub-prompt's and the negative's.
-    fn at(&self, step: usize) -> (Vec<Texts<'_>>, Texts<'_>) {
-        let prompts = self.prompts.iter().map(|s| texts_at(s, step)).collect();
-        (prompts, texts_at(&self.negative, step))
+    /// Each stretch of steps in which no text changes: its first step, and the texts read
+    /// in it: each sub-prompt's and the negative's.
+    fn stretches(&self) -> Result<Vec<(usize, Vec<&str>)>> {
+        a1111::conditionings(&self.schedules, self.clock).map_err(syntax_error)
     }
 }
 
-/// The texts both encoders read at `step`.
-fn texts_at(schedules: &[Schedule; 2], step: usize) -> Texts<'_> {
-    Texts {
-        first: text_at(&schedules[0], step),
-        second: text_at(&schedules[1], step),
-    }
+/// A stretch's texts (a pair per sub-prompt, then the negative's pair) as pairs.
+fn read_pairs<'t>(read: &[&'t str]) -> (Vec<Texts<'t>>, Texts<'t>) {
+    let mut pairs: Vec<Texts<'t>> = read
+        .chunks(2)
+        .map(|pair| Texts {
+            first: pair[0],
+            second: pair[pair.len() - 1],
+        })
+        .collect();
+    let negative = pairs.pop().unwrap_or(Texts {
+        first: "",
+        second: "",
+    });
+    (pairs, negative)
+}
+
+fn syntax_error(e: crate::engine::prompt_syntax::SyntaxError) -> EngineError {
+    EngineError::InvalidRequest(format!("the prompt {e}"))
 }
 
 /// `p`'s sub-prompts paired with `prompt_2`'s.
@@ -253,19 +235,14 @@ impl SdxlPipeline {
         let mut texts: Vec<TextEmbeds> = Vec::new();
         let mut index_of: HashMap<Vec<&str>, usize> = HashMap::new();
         let mut switches: Vec<(usize, usize)> = Vec::new();
-        for step in schedules.stretches() {
-            let read = schedules.at(step);
-            let key = read
-                .0
-                .iter()
-                .chain([&read.1])
-                .flat_map(|t| [t.first, t.second])
-                .collect();
-            let index = match index_of.get(&key) {
+        let stretches = schedules.stretches()?;
+        for (step, read) in &stretches {
+            let step = *step;
+            let index = match index_of.get(read) {
                 Some(&index) => index,
                 None => {
-                    texts.push(encoders.text_embeds(read, guided)?);
-                    index_of.insert(key, texts.len() - 1);
+                    texts.push(encoders.text_embeds(read_pairs(read), guided)?);
+                    index_of.insert(read.clone(), texts.len() - 1);
                     texts.len() - 1
                 }
             };

@@ -74,6 +74,50 @@ pub fn schedule(prompt: &str, clock: StepClock) -> Result<Schedule, SyntaxError>
     Ok(schedule)
 }
 
+/// At most this many different conditionings over a run: each stretch of steps with
+/// another text in any sub-prompt or negative is one more set of embeddings held for the
+/// run.
+pub const MAX_CONDITIONINGS: usize = 16;
+
+/// The stretches of a run's texts (`schedules`: every sub-prompt's and negative's, for
+/// each encoder): each one's first step and texts, once they are checked to make at most
+/// [`MAX_CONDITIONINGS`] different conditionings.
+pub fn conditionings(
+    schedules: &[Schedule],
+    clock: StepClock,
+) -> Result<Vec<(usize, Vec<&str>)>, SyntaxError> {
+    let stretches = a1111_schedule::joint_stretches(schedules);
+    let different: HashSet<&Vec<&str>> = stretches.iter().map(|(_, texts)| texts).collect();
+    if different.len() > MAX_CONDITIONINGS {
+        return Err(SyntaxError::TooComplex(format!(
+            "makes {} different conditionings over {} steps with the edits and alternations of its sub-prompts and negatives, more than {MAX_CONDITIONINGS}",
+            different.len(),
+            clock.steps
+        )));
+    }
+    Ok(stretches)
+}
+
+/// The schedules of a run's texts under `clock`: each sub-prompt's, then the negative's
+/// (`negative`, `negative_2`), each for both encoders in turn (the second reads the
+/// second text where it is given and not empty).
+pub fn run_schedules(
+    parts: &[PromptPart<'_>],
+    (negative, negative_2): (&str, Option<&str>),
+    clock: StepClock,
+) -> Result<Vec<Schedule>, SyntaxError> {
+    fn second<'t>(text: &'t str, text_2: Option<&'t str>) -> &'t str {
+        text_2.filter(|t| !t.is_empty()).unwrap_or(text)
+    }
+    parts
+        .iter()
+        .map(|part| (part.text, part.text_2))
+        .chain([(negative, negative_2)])
+        .flat_map(|(text, text_2)| [text, second(text, text_2)])
+        .map(|text| schedule(text, clock))
+        .collect()
+}
+
 /// Refuses a schedule of more than [`MAX_SCHEDULED_TEXTS`] different texts.
 fn limit_texts(schedule: &Schedule, clock: StepClock) -> Result<(), SyntaxError> {
     let texts: HashSet<&str> = schedule.iter().map(|(_, text)| text.as_str()).collect();
@@ -341,6 +385,22 @@ mod tests {
         assert!(check("[a:(b:1.2):5] [c|d|e]", &clocks).is_ok());
         let sixteen = "[a|b|c|d] [e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t]";
         assert!(check(sixteen, &clocks).is_ok());
+        // Texts of several schedules together: the stretches' combinations count.
+        let of = |texts: &[&str]| -> Vec<Schedule> {
+            texts
+                .iter()
+                .map(|t| schedule(t, clocks[0]).expect("schedules"))
+                .collect()
+        };
+        let six = of(&["[a|b] x", "y [c|d|e]"]);
+        let stretches = conditionings(&six, clocks[0]).expect("six combinations");
+        assert_eq!(stretches.len(), 20);
+        assert_eq!(stretches[7], (8, vec!["b x", "y d"]));
+        let thirty = of(&["[a|b]", "[c|d|e]", "[f|g|h|i|j]"]);
+        assert!(matches!(
+            conditionings(&thirty, clocks[0]),
+            Err(SyntaxError::TooComplex(_))
+        ));
         let seventeen = "[a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q]";
         assert!(matches!(
             check(seventeen, &clocks),

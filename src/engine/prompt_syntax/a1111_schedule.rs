@@ -71,6 +71,22 @@ pub fn text_at(schedule: &Schedule, counter: usize) -> &str {
         .map_or("", |(_, text)| text.as_str())
 }
 
+/// The stretches of steps in which none of `schedules` changes its text: each one's
+/// first step and the text each schedule reads in it.
+pub fn joint_stretches(schedules: &[Schedule]) -> Vec<(usize, Vec<&str>)> {
+    let mut lasts: Vec<usize> = schedules
+        .iter()
+        .flat_map(|s| s.iter().map(|(last, _)| *last))
+        .collect();
+    lasts.sort_unstable();
+    lasts.dedup();
+    lasts.pop();
+    std::iter::once(0)
+        .chain(lasts.into_iter().map(|last| last + 1))
+        .map(|step| (step, schedules.iter().map(|s| text_at(s, step)).collect()))
+        .collect()
+}
+
 /// A1111's step of a `when`, clamped to the steps (`min(steps, int(v))`).
 fn when_step(number: &str, clock: StepClock) -> Result<i64, SyntaxError> {
     let value: f64 = number
