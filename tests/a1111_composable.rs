@@ -2,8 +2,9 @@
 //! as `tests/fixtures/make_a1111_prompt_fixtures.py` writes it out: prompts split as
 //! `get_multicond_prompt_list` splits them; images over gRPC within two levels of
 //! diffusers whose UNet runs every sub-prompt and combines them as A1111's
-//! `combine_denoised` does; the combination with ControlNets (guess mode too); refusals
-//! naming the field. The conditioning of composable prompts is checked with the other
+//! `combine_denoised` does; the combination with ControlNets (guess mode too) and image
+//! prompts; refusals naming the field; and the token masks that make prompt and
+//! negative of different lengths attend as A1111's passes of their own. The conditioning of composable prompts is checked with the other
 //! A1111 conditioning cases in `a1111_prompts.rs`.
 
 use crate::a1111_prompts::{json_file, server, spec_of};
@@ -324,4 +325,106 @@ async fn composable_prompts_are_refused_where_guidance_cannot_combine_them() {
         server.images(spec).await.expect("runs");
     }
     server.images(base).await.expect("and the server serves on");
+}
+
+/// Prompt and negative of different lengths attend to their own tokens only, as A1111's
+/// passes of their own make them: a row of the UNet's and of a ControlNet's batch padded
+/// with other tokens and masked to its own equals the row alone, beside a row that
+/// attends to all of its tokens.
+#[test]
+fn masked_tokens_attend_as_passes_of_their_own() {
+    use sdxld::engine::models::attention::Context;
+    use sdxld::engine::models::controlnet::{ControlNetModel, ControlScale};
+    use sdxld::engine::models::unet::{AddedCond, UNet2DConditionModel};
+    use sdxld::engine::pipeline::Placement;
+    use tch::{Kind, Tensor};
+
+    let _guard = tch::no_grad_guard();
+    let placement = Placement::cpu();
+    let unet =
+        UNet2DConditionModel::load_dir(&common::fixtures().join("tiny2/pipeline/unet"), placement)
+            .expect("unet");
+    let root = common::controlnet_fixtures().join("tiny2");
+    let controlnet =
+        ControlNetModel::load_dir(&root.join("from_unet"), placement).expect("controlnet");
+    let r = read_tensors(&root.join("from_unet.safetensors"));
+    let first = |t: &Tensor| t.narrow(0, 0, 1);
+    let two = |t: &Tensor| first(t).repeat_interleave_self_int(2, Some(0), None);
+    let (sample, text_embeds, time_ids) = (
+        two(&r["sample"]),
+        two(&r["text_embeds"]),
+        two(&r["time_ids"]),
+    );
+    let timestep = r["timestep"].reshape([]);
+    let own = first(&r["encoder_hidden_states"]);
+    let tokens = own.size()[1];
+    tch::manual_seed(5);
+    let other = Tensor::randn(own.size(), (Kind::Float, tch::Device::Cpu));
+    // Row 0: its own tokens, then others it must not see; row 1: all of them.
+    let padded = Tensor::cat(&[&own, &other], 1).repeat([2, 1, 1]);
+    let mask = Tensor::arange(2 * tokens, (Kind::Int64, tch::Device::Cpu))
+        .unsqueeze(0)
+        .lt_tensor(&Tensor::from_slice(&[tokens, 2 * tokens]).unsqueeze(1))
+        .view([2, 1, 1, 2 * tokens]);
+    let added = AddedCond {
+        text_embeds: &text_embeds,
+        time_ids: &time_ids,
+        timestep_cond: None,
+    };
+    let context = Context {
+        text_mask: Some(&mask),
+        ..Context::text(&padded)
+    };
+    let row = |t: &Tensor, i: i64| t.narrow(0, i, 1);
+    let alone = |i: i64, text: &Tensor| {
+        let (embeds, ids) = (row(&text_embeds, i), row(&time_ids, i));
+        let added = AddedCond {
+            text_embeds: &embeds,
+            time_ids: &ids,
+            timestep_cond: None,
+        };
+        let unet_out = unet.forward(&row(&sample, i), &timestep, text, Some(&added));
+        let control = controlnet.forward(
+            &row(&sample, i),
+            &timestep,
+            text,
+            Some(&added),
+            &first(&r["image"]),
+            ControlScale {
+                scale: 1.0,
+                guess_mode: false,
+            },
+        );
+        (unet_out, control)
+    };
+    let masked_unet = unet.forward_controlled(&sample, &timestep, &context, Some(&added), None);
+    let embedded = controlnet.embed(&two(&r["image"]));
+    let masked_control = controlnet.forward_embedded(
+        &sample,
+        &timestep,
+        &context,
+        Some(&added),
+        &embedded,
+        ControlScale {
+            scale: 1.0,
+            guess_mode: false,
+        },
+    );
+    for (i, text) in [(0, own.shallow_clone()), (1, first(&padded))] {
+        let (unet_out, control) = alone(i, &text);
+        assert_close(&format!("UNet row {i}"), &row(&masked_unet, i), &unet_out);
+        assert_close(
+            &format!("ControlNet mid row {i}"),
+            &row(&masked_control.mid, i),
+            &control.mid,
+        );
+        for (k, (got, want)) in masked_control.down.iter().zip(&control.down).enumerate() {
+            assert_close(&format!("ControlNet down {k} row {i}"), &row(got, i), want);
+        }
+    }
+    // Unmasked, row 0 sees the other tokens: another prediction.
+    let unmasked = unet.forward(&sample, &timestep, &padded, Some(&added));
+    let (own_row, _) = alone(0, &own);
+    let diff = (row(&unmasked, 0) - own_row).abs().max().double_value(&[]);
+    assert!(diff > 1e-3, "{diff}");
 }

@@ -2,9 +2,11 @@
 //! `tests/fixtures/make_a1111_prompt_fixtures.py` writes it out over transformers and
 //! diffusers: the parse of handwritten and random prompts; the conditioning (weights,
 //! BREAK, long prompts with the comma backtrack, negative weights, textual inversion
-//! vectors kept in one chunk, prompt and negative padded to one length) within 1e-3 on
-//! both tiny pipelines and the refiner; images over gRPC within two levels of diffusers
-//! given those embeddings; refusals naming the field.
+//! vectors kept in one chunk, prompt and negative padded to one length and the tokens
+//! each attends to) within 1e-3 on both tiny pipelines and the refiner; images over gRPC
+//! within two levels of diffusers given that conditioning, prompt and negative of
+//! different lengths in passes of their own as A1111 runs them; refusals naming the
+//! field.
 
 use crate::common;
 
@@ -256,11 +258,15 @@ fn weights_move_the_conditioning_and_unweighted_prompts_are_diffusers() {
     // Weights leave the pooled embedding alone (the first chunk's tokens are the same).
     for prompt in weighted {
         let got = prompts.encode(prompt, None);
-        assert_close(&format!("{prompt} pooled"), &got.pooled, &plain.pooled);
+        assert_close(
+            &format!("{prompt} pooled"),
+            &got.text.pooled,
+            &plain.text.pooled,
+        );
     }
     // BREAK starts a chunk: two chunks for two words.
     let broken = prompts.encode("a BREAK b", None);
-    assert_eq!(broken.embeds.size(), vec![1, 154, 64]);
+    assert_eq!(broken.text.embeds.size(), vec![1, 154, 64]);
 }
 
 pub(crate) async fn server() -> TestServer {

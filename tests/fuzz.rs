@@ -343,6 +343,7 @@ fn a1111_prompt_syntax() {
         "\\(esc\\) \\[x\\] (a : -0.5 ) (b:1.2.3) ]]) ((( [[ :1.1) BREAKfast",
         "[a:b:0.5] [c|d] <lora:x:1> a AND b",
         "[[a:b:2]:c:3]:: ([x|[y:2]]:1.2) [a:b:1e400] [p:q:.5]]( [fe|||]male",
+        "a cat:1.2 AND [dog|fox]:-0.5 AND AND x_AND_y \u{2460}AND:\u{663} : 9.",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
@@ -355,6 +356,17 @@ fn a1111_prompt_syntax() {
         let text = String::from_utf8_lossy(bytes);
         let _ = sdxld::engine::prompt_syntax::a1111::parse(&text);
         let _ = sdxld::engine::prompt_syntax::a1111::check(&text, &[clock]);
+        // Split in two, as a prompt and its prompt_2, with sub-prompts.
+        let (prompt, prompt_2) = text.split_at(text.floor_char_boundary(text.len() / 2));
+        if let Ok(parts) =
+            sdxld::engine::prompt_syntax::a1111::check_prompts(prompt, Some(prompt_2), &[clock])
+        {
+            let schedules =
+                sdxld::engine::prompt_syntax::a1111::run_schedules(&parts, (prompt_2, None), clock);
+            if let Ok(schedules) = schedules {
+                let _ = sdxld::engine::prompt_syntax::a1111::conditionings(&schedules, clock);
+            }
+        }
     });
 }
 

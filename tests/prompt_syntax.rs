@@ -162,10 +162,10 @@ fn weights_move_the_conditioning_and_plain_prompts_stay_as_they_were() {
     );
     // `(red)1` is the unweighted prompt.
     let one = prompts.encode("a (red)1 cat on a chair", None);
-    assert_close("weight 1", &one.embeds, &plain.embeds);
+    assert_close("weight 1", &one.text.embeds, &plain.text.embeds);
     // A plain prompt with syntax characters is read literally.
     let literal = prompts.encode("a (red)1.5 cat on a chair", Some(PromptSyntax::Plain));
-    assert_eq!(literal.embeds.size(), vec![1, 77, 64]);
+    assert_eq!(literal.text.embeds.size(), vec![1, 77, 64]);
 }
 
 async fn server() -> TestServer {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use sdxld::engine::pipeline::{GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
+use sdxld::engine::pipeline::{Attended, GenerateParams, Placement, PromptEmbeds, SdxlPipeline};
 use sdxld::engine::prompt_syntax::PromptSyntax;
 use sdxld::engine::textual_inversion::Embedding;
 use serde_json::Value;
@@ -54,8 +54,8 @@ pub fn assert_conditioning(
     key: &str,
 ) {
     let expected = |name: &str| &reference[&format!("{key}.{name}")];
-    let (negative, negative_pooled) = got.negative.as_ref().expect("guidance");
-    let mut pairs = vec![("embeds", &got.embeds), ("pooled", &got.pooled)];
+    let (negative, negative_pooled) = got.text.negative.as_ref().expect("guidance");
+    let mut pairs = vec![("embeds", &got.text.embeds), ("pooled", &got.text.pooled)];
     if reference.contains_key(&format!("{key}.negative_embeds")) {
         pairs.extend([
             ("negative_embeds", negative),
@@ -64,7 +64,7 @@ pub fn assert_conditioning(
     } else {
         assert_eq!(
             negative.size()[1..],
-            got.embeds.size()[1..],
+            got.text.embeds.size()[1..],
             "{what} zero negative shape"
         );
         assert_eq!(negative.abs().max().double_value(&[]), 0.0, "{what} zeros");
@@ -72,6 +72,15 @@ pub fn assert_conditioning(
     for (name, tensor) in pairs {
         assert_eq!(tensor.size(), expected(name).size(), "{what} {name} shape");
         assert_close(&format!("{what} {name}"), tensor, expected(name));
+    }
+    // Where prompt and negative have lengths of their own, each attends to its own.
+    let tokens = |name: &str| {
+        let t = reference.get(&format!("{key}.{name}"));
+        t.map(|t| t.double_value(&[]) as i64)
+    };
+    if let (Some(prompt), Some(negative)) = (tokens("tokens"), tokens("negative_tokens")) {
+        let expected = (prompt != negative).then_some(Attended { prompt, negative });
+        assert_eq!(got.text.attended, expected, "{what} attended tokens");
     }
     if let Some(weights) = reference.get(&format!("{key}.weights")) {
         let weights = Vec::<f64>::try_from(weights.to_kind(tch::Kind::Double)).expect("weights");
@@ -118,11 +127,14 @@ impl ShortPrompts {
     pub fn assert_weights_move(&self, unweighted: &str, weighted: &[&str]) -> PromptEmbeds {
         let plain = self.encode(unweighted, Some(PromptSyntax::Plain));
         let read = self.encode(unweighted, None);
-        assert_close("unweighted", &read.embeds, &plain.embeds);
-        assert_close("unweighted pooled", &read.pooled, &plain.pooled);
+        assert_close("unweighted", &read.text.embeds, &plain.text.embeds);
+        assert_close("unweighted pooled", &read.text.pooled, &plain.text.pooled);
         for prompt in weighted {
             let got = self.encode(prompt, None);
-            let diff = (&got.embeds - &plain.embeds).abs().max().double_value(&[]);
+            let diff = (&got.text.embeds - &plain.text.embeds)
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(
                 diff > 1e-2,
                 "{prompt}: the weight changed the embeddings by {diff}"

@@ -9,7 +9,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::freeu::FreeU;
 use crate::engine::models::nn::{
-    multi_head_attention, Conv2d, FusedLinear, GroupNorm, LayerNorm, Linear,
+    masked_attention, multi_head_attention, Conv2d, FusedLinear, GroupNorm, LayerNorm, Linear,
 };
 use crate::engine::models::region::RegionMask;
 use crate::engine::profile;
@@ -92,16 +92,17 @@ impl Attention {
 
     /// Attends [batch, tokens, query_dim] to `context` (itself when `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Tensor {
-        self.forward_with_images(x, context, &[])
+        self.forward_with_images(x, (context, None), &[])
     }
 
-    /// [`Self::forward`], also attending to image prompts' keys and values, each weighted
-    /// by its scale and added before the output projection (diffusers'
+    /// [`Self::forward`] with the context's tokens each image attends to (`mask`, where
+    /// not all), also attending to image prompts' keys and values, each weighted by its
+    /// scale and added before the output projection (diffusers'
     /// `IPAdapterAttnProcessor2_0`).
     pub fn forward_with_images(
         &self,
         x: &Tensor,
-        context: Option<&Tensor>,
+        (context, mask): (Option<&Tensor>, Option<&Tensor>),
         images: &[ImageKv],
     ) -> Tensor {
         let context = context.unwrap_or(x);
@@ -118,7 +119,10 @@ impl Attention {
                 (q.forward(x), k, v)
             }
         };
-        let mut attended = multi_head_attention(&q, &k, &v, self.heads, false);
+        let mut attended = match mask {
+            Some(allowed) => masked_attention(&q, &k, &v, self.heads, allowed),
+            None => multi_head_attention(&q, &k, &v, self.heads, false),
+        };
         for image in images {
             let extra = multi_head_attention(&q, &image.key, &image.value, self.heads, false);
             let extra = match &image.region {
@@ -212,6 +216,9 @@ impl ImageKeys {
 pub struct Context<'a> {
     /// [batch, tokens, cross_attention_dim].
     pub text: &'a Tensor,
+    /// Which of the tokens each image attends to ([batch, 1, 1, tokens], true where it
+    /// attends), when not all.
+    pub text_mask: Option<&'a Tensor>,
     /// Image prompts (IP-Adapters), when the request has any.
     pub images: Option<&'a ImageKeys>,
     /// FreeU, when the request asks for it.
@@ -235,6 +242,7 @@ impl<'a> Context<'a> {
     pub fn text(text: &'a Tensor) -> Self {
         Self {
             text,
+            text_mask: None,
             images: None,
             freeu: None,
             perturbation: None,
@@ -336,9 +344,8 @@ impl BasicTransformerBlock {
             let _stage = profile::span("cross_attention");
             let normed = self.norm2.forward(&x);
             let images = context.images_at(self.slot);
-            self.attn2
-                .forward_with_images(&normed, Some(context.text), images)
-                + &x
+            let text = (Some(context.text), context.text_mask);
+            self.attn2.forward_with_images(&normed, text, images) + &x
         };
         let _stage = profile::span("feed_forward");
         self.ff.forward(&self.norm3.forward(&x)) + &x

@@ -363,7 +363,8 @@ impl ControlNetModel {
         scale: ControlScale,
     ) -> ControlResiduals {
         let embedded = self.embed(image);
-        self.forward_embedded(sample, timestep, context, added, &embedded, scale)
+        let context = Context::text(context);
+        self.forward_embedded(sample, timestep, &context, added, &embedded, scale)
     }
 
     /// The conditioning embedding of a control image (in its channel order): what
@@ -377,12 +378,13 @@ impl ControlNetModel {
         }
     }
 
-    /// [`Self::forward`] with the control image already through [`Self::embed`].
+    /// [`Self::forward`] with the control image already through [`Self::embed`], and
+    /// the prompts' tokens in a [`Context`] (with the tokens each image attends to).
     pub fn forward_embedded(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        context: &Tensor,
+        context: &Context<'_>,
         added: Option<&AddedCond>,
         embedded: &Tensor,
         scale: ControlScale,
@@ -427,16 +429,17 @@ impl ControlNetModel {
                 scale: c.scale,
             })
             .collect();
-        self.forward_union_embedded(sample, timestep, context, added, &conditions, guess_mode)
+        let context = Context::text(context);
+        self.forward_union_embedded(sample, timestep, &context, added, &conditions, guess_mode)
     }
 
     /// [`Self::forward_union`] with the conditions' images already through
-    /// [`Self::embed`].
+    /// [`Self::embed`], and the prompts' tokens in a [`Context`].
     pub fn forward_union_embedded(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
-        context: &Tensor,
+        context: &Context<'_>,
         added: Option<&AddedCond>,
         conditions: &[EmbeddedCondition<'_>],
         guess_mode: bool,
@@ -472,11 +475,14 @@ impl ControlNetModel {
         &self,
         h: Tensor,
         emb: &Tensor,
-        context: &Tensor,
+        context: &Context<'_>,
         scale: ControlScale,
     ) -> ControlResiduals {
         // ControlNets attend to the prompts only (diffusers passes them no image prompts).
-        let context = Context::text(context);
+        let context = Context {
+            text_mask: context.text_mask,
+            ..Context::text(context.text)
+        };
         let (h, states) = encode(&self.down_blocks, h, emb, &context, &[]);
         let h = self.mid_block.forward(&h, emb, &context);
         let down: Vec<Tensor> = states

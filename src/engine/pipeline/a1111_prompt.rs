@@ -3,17 +3,17 @@
 //! joined along the tokens and both encoders' along the width; the pooled embedding is
 //! the second encoder's of the first chunk. An empty negative prompt is zeros, as A1111
 //! makes it for SDXL; another is encoded the same way, and the shorter of prompt and
-//! negative is padded with the empty prompt's chunks, as A1111 pads them with "Pad
-//! prompt/negative prompt to be same length" on. A prompt with edits or alternations
-//! is one such conditioning per text it reads, each from the step A1111 reads it at. A
-//! prompt that `AND` splits into sub-prompts is one row per sub-prompt, each encoded as
-//! a prompt of its own, combined by guidance with its weight.
+//! negative is padded with the empty prompt's chunks to batch them, each attending to
+//! its own tokens only, as A1111 runs the two apart by default. A prompt with edits or
+//! alternations is one such conditioning per text it reads, each from the step A1111
+//! reads it at. A prompt that `AND` splits into sub-prompts is one row per sub-prompt,
+//! each encoded as a prompt of its own, combined by guidance with its weight.
 
 use std::collections::HashMap;
 
 use tch::Tensor;
 
-use super::prompt::{LaterTexts, PromptEmbeds, PromptTokens, TextEmbeds};
+use super::prompt::{Attended, LaterTexts, PromptEmbeds, PromptTokens, TextEmbeds};
 use super::weighted_prompt::{join_padded, Texts};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
@@ -161,6 +161,12 @@ impl CachedEncoders<'_> {
             negative_pooled = Some(encoded.pooled);
             hidden.push((encoded.first, encoded.second));
         }
+        // Each text's own length, which its rows attend to once the shorter is padded.
+        let lengths: Vec<i64> = hidden.iter().map(|(a, b)| longest(a.as_ref(), b)).collect();
+        let attended = match lengths[..] {
+            [prompt, negative] if prompt != negative => Some(Attended { prompt, negative }),
+            _ => None,
+        };
         let mut joined = join_padded(self.first.as_ref(), &self.second, hidden).into_iter();
         let embeds = joined
             .next()
@@ -178,6 +184,7 @@ impl CachedEncoders<'_> {
             embeds,
             pooled,
             negative,
+            attended,
         })
     }
 
@@ -189,8 +196,7 @@ impl CachedEncoders<'_> {
         let aligned: Vec<(Option<Tensor>, Tensor)> = parts
             .into_iter()
             .map(|e| {
-                let longest = e.first.iter().chain([&e.second]).map(|t| t.size()[1]).max();
-                let longest = longest.unwrap_or(0);
+                let longest = longest(e.first.as_ref(), &e.second);
                 let first = e.first.zip(first).map(|(t, enc)| enc.pad_to(&t, longest));
                 (first, self.second.pad_to(&e.second, longest))
             })
@@ -204,6 +210,12 @@ impl CachedEncoders<'_> {
         let firsts: Option<Vec<Tensor>> = firsts.into_iter().collect();
         (firsts.map(stack), stack(seconds))
     }
+}
+
+/// The longer of two encoders' token counts.
+fn longest(first: Option<&Tensor>, second: &Tensor) -> i64 {
+    let second = second.size()[1];
+    first.map_or(second, |first| first.size()[1].max(second))
 }
 
 /// `t` ([1, L, D]) lengthened to `tokens` by repeating its last token's vector.
@@ -263,9 +275,7 @@ impl SdxlPipeline {
             LaterTexts::default()
         };
         Ok(PromptEmbeds {
-            embeds: first.embeds,
-            pooled: first.pooled,
-            negative: first.negative,
+            text: first,
             images: Vec::new(),
             later,
             weights,

@@ -3,7 +3,7 @@
 //! run's guidance; and the prompt's part alone for the calls a guider leaves unguided,
 //! which diffusers' guiders run without the negative prompt's batch.
 
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::engine::guidance::BatchLayout;
 use crate::engine::guider::GuiderRun;
@@ -11,6 +11,7 @@ use crate::engine::ip_adapter::layer_keys;
 use crate::engine::models::attention::ImageKeys;
 use crate::engine::models::embeddings::guidance_scale_embedding;
 use crate::engine::pipeline::control::Controls;
+use crate::engine::pipeline::prompt::Attended;
 use crate::engine::pipeline::{GenerateParams, PromptEmbeds, SdxlPipeline, TextEmbeds};
 
 /// The UNet's conditioning for every call of one run, its batch laid out by `layout`.
@@ -19,6 +20,9 @@ pub(super) struct Conditioning<'a> {
     pub context: Tensor,
     /// The pooled embeddings of the second text encoder, [batch, width].
     pub text_embeds: Tensor,
+    /// Where the rows attend to token counts of their own: [batch, 1, 1, tokens], true
+    /// where a row attends.
+    pub text_mask: Option<Tensor>,
     /// Micro-conditioning, [batch, 6] (5 with aesthetic scores).
     pub time_ids: Tensor,
     /// The batch's parts.
@@ -52,17 +56,9 @@ impl SdxlPipeline {
             t.to_device(self.placement.device)
                 .to_kind(self.placement.kind)
         };
-        let first = TextEmbeds {
-            embeds: prompt.embeds.shallow_clone(),
-            pooled: prompt.pooled.shallow_clone(),
-            negative: prompt
-                .negative
-                .as_ref()
-                .map(|(e, p)| (e.shallow_clone(), p.shallow_clone())),
-        };
-        let (context, text_embeds) = self.text_conditioning(&first, n, layout);
+        let (context, text_embeds, text_mask) = self.text_conditioning(&prompt.text, n, layout);
         let time_ids = add_time_ids.repeat([n, 1]);
-        let time_ids = match &prompt.negative {
+        let time_ids = match &prompt.text.negative {
             Some(_) => layout.assemble(&negative_time_ids.repeat([n, 1]), &time_ids),
             None => layout.repeat(&time_ids),
         };
@@ -89,6 +85,7 @@ impl SdxlPipeline {
         Conditioning {
             context,
             text_embeds,
+            text_mask,
             time_ids: place(time_ids),
             layout,
             perturbed_slots,
@@ -100,13 +97,15 @@ impl SdxlPipeline {
     }
 
     /// One text's token and pooled embeddings for every image, laid out by `layout`, on
-    /// the placement: each prompt part (a row of the text's embeddings) for all images.
+    /// the placement: each prompt part (a row of the text's embeddings) for all images;
+    /// and where prompt and negative attend to token counts of their own, which tokens
+    /// each row attends to.
     fn text_conditioning(
         &self,
         text: &TextEmbeds,
         n: i64,
         layout: BatchLayout,
-    ) -> (Tensor, Tensor) {
+    ) -> (Tensor, Tensor, Option<Tensor>) {
         let per_image = |t: &Tensor| t.repeat_interleave_self_int(n, Some(0), None);
         let place = |t: Tensor| {
             t.to_device(self.placement.device)
@@ -123,7 +122,13 @@ impl SdxlPipeline {
                 layout.assemble_prompts(&pooled, &pooled),
             ),
         };
-        (place(context), place(text_embeds))
+        let tokens = context.size()[1];
+        let mask = text
+            .attended
+            .filter(|_| layout.negative)
+            .map(|attended| attention_mask(attended, (n, tokens), layout))
+            .map(|mask| mask.to_device(self.placement.device));
+        (place(context), place(text_embeds), mask)
     }
 
     /// The conditioning of a run on `prompt`: `first` (for its first text) with the
@@ -140,10 +145,7 @@ impl SdxlPipeline {
             .later
             .texts
             .iter()
-            .map(|text| {
-                let (context, text_embeds) = self.text_conditioning(text, n, first.layout);
-                first.with_text(context, text_embeds)
-            })
+            .map(|text| first.with_text(self.text_conditioning(text, n, first.layout)))
             .collect();
         let texts = std::iter::once(first)
             .chain(later)
@@ -161,11 +163,15 @@ impl SdxlPipeline {
 }
 
 impl<'a> Conditioning<'a> {
-    /// This conditioning with another text's embeddings (views of the rest).
-    fn with_text(&self, context: Tensor, text_embeds: Tensor) -> Conditioning<'a> {
+    /// This conditioning with another text's embeddings and mask (views of the rest).
+    fn with_text(
+        &self,
+        (context, text_embeds, text_mask): (Tensor, Tensor, Option<Tensor>),
+    ) -> Conditioning<'a> {
         Conditioning {
             context,
             text_embeds,
+            text_mask,
             time_ids: self.time_ids.shallow_clone(),
             layout: self.layout,
             perturbed_slots: self.perturbed_slots.clone(),
@@ -191,6 +197,7 @@ impl<'a> Conditioning<'a> {
         Some(Conditioning {
             context: part(&self.context),
             text_embeds: part(&self.text_embeds),
+            text_mask: self.text_mask.as_ref().map(part),
             time_ids: part(&self.time_ids),
             layout: BatchLayout::PROMPT_ONLY,
             perturbed_slots: None,
@@ -231,4 +238,20 @@ impl<'a> RunConditioning<'a> {
             _ => guided,
         }
     }
+}
+
+/// Which of `tokens` tokens each row of a batch of `n` images a part, laid out by
+/// `layout`, attends to: the negative's rows to its own count, the prompt's to theirs
+/// ([rows, 1, 1, tokens], true where a row attends).
+fn attention_mask(attended: Attended, (n, tokens): (i64, i64), layout: BatchLayout) -> Tensor {
+    let counts = |count: i64, rows: i64| Tensor::full([rows], count, (Kind::Int64, Device::Cpu));
+    let rows = layout.assemble_prompts(
+        &counts(attended.negative, n),
+        &counts(attended.prompt, n * layout.prompts),
+    );
+    let positions = Tensor::arange(tokens, (Kind::Int64, Device::Cpu));
+    positions
+        .unsqueeze(0)
+        .lt_tensor(&rows.unsqueeze(1))
+        .view([-1, 1, 1, tokens])
 }

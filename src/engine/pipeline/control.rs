@@ -14,6 +14,7 @@ use crate::engine::control::{
 use crate::engine::device::Placement;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::guidance::BatchLayout;
+use crate::engine::models::attention::Context;
 use crate::engine::models::control_model::ControlModel;
 use crate::engine::models::controlnet::{ControlNetModel, ControlScale, EmbeddedCondition};
 use crate::engine::models::embeddings::AddedCond;
@@ -77,6 +78,8 @@ pub(super) struct Controls<'a> {
 /// The text conditioning a ControlNet call sees.
 pub(super) struct ControlContext<'t> {
     pub context: &'t Tensor,
+    /// The tokens each row attends to, where not all.
+    pub text_mask: Option<&'t Tensor>,
     pub text_embeds: &'t Tensor,
     pub time_ids: &'t Tensor,
     /// The batch's parts.
@@ -320,6 +323,7 @@ fn adapter_features(
 struct CallInputs<'t> {
     sample: Tensor,
     context: Tensor,
+    text_mask: Option<Tensor>,
     text_embeds: Tensor,
     time_ids: Tensor,
     timestep: &'t Tensor,
@@ -346,6 +350,7 @@ impl Prepared<'_> {
         let inputs = CallInputs {
             sample: part(model_input),
             context: part(c.context),
+            text_mask: c.text_mask.map(part),
             text_embeds: part(c.text_embeds),
             time_ids: part(c.time_ids),
             timestep,
@@ -371,6 +376,10 @@ impl Prepared<'_> {
             time_ids: &inputs.time_ids,
             timestep_cond: None,
         };
+        let context = Context {
+            text_mask: inputs.text_mask.as_ref(),
+            ..Context::text(&inputs.context)
+        };
         if !self.model.is_union() {
             let scale = ControlScale {
                 scale: *scales.first()?,
@@ -379,7 +388,7 @@ impl Prepared<'_> {
             return Some(self.model.forward_embedded(
                 &inputs.sample,
                 inputs.timestep,
-                &inputs.context,
+                &context,
                 Some(&added),
                 self.embedded.first()?,
                 scale,
@@ -399,7 +408,7 @@ impl Prepared<'_> {
         self.model.forward_union_embedded(
             &inputs.sample,
             inputs.timestep,
-            &inputs.context,
+            &context,
             Some(&added),
             &conditions,
             self.guess,

@@ -200,8 +200,8 @@ impl SdxlPipeline {
         let (latents, inpaint) =
             self.initial_latents(p, &from, schedule.scheduler.as_ref(), schedule.start, noise)?;
         let layout = BatchLayout {
-            negative: prompt.negative.is_some(),
-            prompts: prompt.embeds.size()[0],
+            negative: prompt.text.negative.is_some(),
+            prompts: prompt.text.embeds.size()[0],
             perturbed: p.pag.is_some(),
         };
         let counts = control_counts(p, &schedule);
@@ -352,6 +352,7 @@ impl SdxlPipeline {
             .to_kind(self.placement.kind);
         let control = ControlContext {
             context: &c.context,
+            text_mask: c.text_mask.as_ref(),
             text_embeds: &c.text_embeds,
             time_ids: &c.time_ids,
             layout: c.layout,
@@ -376,13 +377,15 @@ impl SdxlPipeline {
         };
         let _stage = profile::span("unet");
         // Graphs hold the inputs they were captured with: image prompts' keys, FreeU's
-        // factors, perturbed layers, a guidance embedding and circular padding are not.
+        // factors, perturbed layers, a guidance embedding, circular padding and token
+        // masks are not.
         let plain = additions.is_none()
             && c.images.is_none()
             && p.freeu.is_none()
             && p.seamless.is_none()
             && c.perturbed_slots.is_none()
-            && c.timestep_cond.is_none();
+            && c.timestep_cond.is_none()
+            && c.text_mask.is_none();
         let noise_pred = if plain && self.replays_unet_graphs() {
             self.unet_graphs.call(
                 &self.unet,
@@ -395,6 +398,7 @@ impl SdxlPipeline {
         } else {
             let context = Context {
                 text: &c.context,
+                text_mask: c.text_mask.as_ref(),
                 images: c.images.as_ref(),
                 freeu: p.freeu,
                 perturbation: c.perturbed_slots.as_deref().map(|slots| Perturbation {

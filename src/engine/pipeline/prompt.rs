@@ -15,29 +15,50 @@ use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 /// The conditioning of one request on one pipeline (its prompts' embeddings and its
 /// image prompts), computed once and used for every image of the request.
 pub struct PromptEmbeds {
-    /// [parts, tokens, cross_attention_dim] hidden states of the prompt (one row per
-    /// sub-prompt of a composable prompt, else one).
-    pub embeds: Tensor,
-    /// [parts, projection_dim] pooled embeddings of the prompt.
-    pub pooled: Tensor,
-    /// The negative pair, with classifier-free guidance only.
-    pub negative: Option<(Tensor, Tensor)>,
+    /// The embeddings of its (first) text.
+    pub text: TextEmbeds,
     /// IP-Adapter image prompts (the job adds them once encoded).
     pub images: Vec<ImagePrompt>,
     /// The texts a prompt changes to during sampling (A1111's prompt editing and
     /// alternation); none for a prompt that does not change.
     pub later: LaterTexts,
     /// The weights that scale each prompt part's guidance (A1111's composable prompts),
-    /// one per row of `embeds`.
+    /// one per row of the texts' embeddings.
     pub weights: Vec<f64>,
 }
 
-/// One text's embeddings, as [`PromptEmbeds`] holds the first (the prompt's with a row
-/// per prompt part).
+impl PromptEmbeds {
+    /// The conditioning of one text whose prompt is one part of weight 1.
+    pub fn of(text: TextEmbeds) -> Self {
+        Self {
+            text,
+            images: Vec::new(),
+            later: LaterTexts::default(),
+            weights: vec![1.0],
+        }
+    }
+}
+
+/// One text's embeddings: the prompt's (a row per prompt part) and the negative's.
 pub struct TextEmbeds {
+    /// [parts, tokens, cross_attention_dim] hidden states of the prompt (one row per
+    /// sub-prompt of a composable prompt, else one).
     pub embeds: Tensor,
+    /// [parts, projection_dim] pooled embeddings of the prompt.
     pub pooled: Tensor,
+    /// The negative pair ([1, tokens, width], [1, width]), with classifier-free guidance
+    /// only.
     pub negative: Option<(Tensor, Tensor)>,
+    /// Where prompt and negative were encoded to different lengths and the shorter padded
+    /// to the longer, the tokens each attends to (A1111 runs the two apart); `None`: all.
+    pub attended: Option<Attended>,
+}
+
+/// How many of their tokens the prompt's and the negative's rows attend to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attended {
+    pub prompt: i64,
+    pub negative: i64,
 }
 
 /// The texts after the first of a prompt that changes during sampling, and when each
@@ -112,14 +133,12 @@ impl SdxlPipeline {
         let clip_skip = p.clip_skip.unwrap_or(0);
         let (embeds, pooled) = self.encode_pair(&p.prompt, prompt_2, clip_skip, tokens)?;
         if !self.classifier_free(p.guidance_scale) {
-            return Ok(PromptEmbeds {
+            return Ok(PromptEmbeds::of(TextEmbeds {
                 embeds,
                 pooled,
                 negative: None,
-                images: Vec::new(),
-                later: LaterTexts::default(),
-                weights: vec![1.0],
-            });
+                attended: None,
+            }));
         }
         let negative = if p.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
             (embeds.zeros_like(), pooled.zeros_like())
@@ -129,14 +148,12 @@ impl SdxlPipeline {
             // diffusers encodes negatives at the penultimate layer whatever clip_skip is.
             self.encode_pair(negative, negative_2, 0, tokens)?
         };
-        Ok(PromptEmbeds {
+        Ok(PromptEmbeds::of(TextEmbeds {
             embeds,
             pooled,
             negative: Some(negative),
-            images: Vec::new(),
-            later: LaterTexts::default(),
-            weights: vec![1.0],
-        })
+            attended: None,
+        }))
     }
 
     /// Runs the text encoders on one (prompt, prompt_2) pair: the concatenated hidden

@@ -6,7 +6,7 @@
 
 use tch::Tensor;
 
-use super::prompt::{second_text, PromptEmbeds, PromptTokens};
+use super::prompt::{second_text, PromptEmbeds, PromptTokens, TextEmbeds};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
@@ -53,14 +53,12 @@ impl SdxlPipeline {
             _ if guided => Some((positive_embeds.zeros_like(), pooled.zeros_like())),
             _ => None,
         };
-        Ok(PromptEmbeds {
+        Ok(PromptEmbeds::of(TextEmbeds {
             embeds: positive_embeds,
             pooled,
             negative,
-            images: Vec::new(),
-            later: Default::default(),
-            weights: vec![1.0],
-        })
+            attended: None,
+        }))
     }
 
     /// The text encoders that encode prompts in chunks (the first absent on a refiner),
