@@ -11,7 +11,7 @@ and alternates words during sampling, and diffusers is given each step's conditi
 through its step-end callback, as the fixture's pipeline cases do. With `--compose`
 (A1111's syntax only) a weighted second sub-prompt joins the prompt with `AND`, and
 diffusers' UNet runs both sub-prompts and combines them as A1111 does (the fixture's
-composed_unet).
+a1111_unet).
 
 Prints the four medians, the ratio diffusers / sdxld with the weighted prompt (above 1
 means sdxld is faster) and what the weighting adds to a generation in each.

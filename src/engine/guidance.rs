@@ -38,8 +38,15 @@ impl BatchLayout {
     /// `positive` for every prompt part and, as the layout has them, `negative` before
     /// them and `positive` again after them, along the batch dimension.
     pub fn assemble(self, negative: &Tensor, positive: &Tensor) -> Tensor {
-        let prompts = vec![positive; self.prompts.max(1) as usize];
-        self.assemble_prompts(negative, &Tensor::cat(&prompts, 0))
+        let mut parts = Vec::with_capacity(self.parts().max(1) as usize);
+        if self.negative {
+            parts.push(negative);
+        }
+        parts.extend(std::iter::repeat_n(positive, self.prompts.max(1) as usize));
+        if self.perturbed {
+            parts.push(positive);
+        }
+        Tensor::cat(&parts, 0)
     }
 
     /// [`Self::assemble`] with the prompt parts given: `prompts` holds them in order.

@@ -35,6 +35,7 @@ pub struct Guiding<'a> {
 }
 
 impl Pass {
+    /// A pass of `steps` steps at `guidance_scale`.
     pub fn new(steps: usize, guidance_scale: f64) -> Self {
         Self {
             steps,
@@ -113,7 +114,7 @@ pub fn prompt_syntax(
         _ => return PromptSyntax::Plain,
     };
     match syntax {
-        PromptSyntax::A1111 => a1111_prompts(spec, &clocks, v, (passes, guiding)),
+        PromptSyntax::A1111 => a1111_prompts(spec, &clocks, (passes, guiding), v),
         _ => {
             for (field, text) in prompt_fields(spec) {
                 if let Some(Err(e)) = text.map(|t| prompt_syntax::parse(t)) {
@@ -137,8 +138,8 @@ pub fn prompt_syntax(
 fn a1111_prompts(
     spec: &pb::GenerationSpec,
     clocks: &[StepClock],
-    v: &mut Violations,
     guidance: (&Passes, &Guiding<'_>),
+    v: &mut Violations,
 ) {
     let negatives = [
         ("spec.negative_prompt", spec.negative_prompt.as_ref()),
