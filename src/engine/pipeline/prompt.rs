@@ -9,7 +9,7 @@ use crate::engine::models::clip::{ClipTextModel, TextEncoderOutput};
 use crate::engine::models::tokenizer::ClipTokenizer;
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::profile;
-use crate::engine::prompt_syntax::PromptSyntax;
+use crate::engine::prompt_syntax::{second_text, PromptSyntax};
 use crate::engine::textual_inversion::{Embedding, EncoderTokens};
 
 /// The conditioning of one request on one pipeline (its prompts' embeddings and its
@@ -80,11 +80,6 @@ pub struct LaterTexts {
 pub struct PromptTokens {
     pub(super) first: Option<EncoderTokens>,
     pub(super) second: Option<EncoderTokens>,
-}
-
-/// The second encoder's text: `text_2`, or `text` when it is absent or empty.
-pub(super) fn second_text<'a>(text: &'a str, text_2: Option<&'a str>) -> &'a str {
-    text_2.filter(|s| !s.is_empty()).unwrap_or(text)
 }
 
 impl SdxlPipeline {

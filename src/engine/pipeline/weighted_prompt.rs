@@ -6,11 +6,11 @@
 
 use tch::Tensor;
 
-use super::prompt::{second_text, PromptEmbeds, PromptTokens, TextEmbeds};
+use super::prompt::{PromptEmbeds, PromptTokens, TextEmbeds};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
-use crate::engine::prompt_syntax::{self, WeightedPrompt};
+use crate::engine::prompt_syntax::{self, second_text, WeightedPrompt};
 
 /// A (prompt, prompt_2) pair's texts.
 pub(super) struct Texts<'a> {

@@ -106,14 +106,11 @@ pub fn run_schedules(
     (negative, negative_2): (&str, Option<&str>),
     clock: StepClock,
 ) -> Result<Vec<Schedule>, SyntaxError> {
-    fn second<'t>(text: &'t str, text_2: Option<&'t str>) -> &'t str {
-        text_2.filter(|t| !t.is_empty()).unwrap_or(text)
-    }
     parts
         .iter()
         .map(|part| (part.text, part.text_2))
         .chain([(negative, negative_2)])
-        .flat_map(|(text, text_2)| [text, second(text, text_2)])
+        .flat_map(|(text, text_2)| [text, super::second_text(text, text_2)])
         .map(|text| schedule(text, clock))
         .collect()
 }

@@ -28,6 +28,11 @@ pub const MAX_NESTING: usize = 32;
 /// Weights of fragments, blends and conjunctions are at most this large in magnitude.
 pub const MAX_WEIGHT: f64 = 100.0;
 
+/// The second encoder's text: `text_2`, or `text` when it is absent or empty.
+pub fn second_text<'a>(text: &'a str, text_2: Option<&'a str>) -> &'a str {
+    text_2.filter(|s| !s.is_empty()).unwrap_or(text)
+}
+
 /// How prompts are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum PromptSyntax {
