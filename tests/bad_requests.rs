@@ -33,6 +33,7 @@ fn cases() -> Vec<(&'static str, pb::GenerationSpec, Vec<&'static str>)> {
     let lora = |name: &str, weight: f32| pb::LoraAdapter {
         name: name.into(),
         weight: Some(weight),
+        text_encoder_weight: None,
     };
     let unit = || pb::ControlNetUnit {
         model: "canny".into(),

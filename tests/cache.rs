@@ -286,6 +286,7 @@ async fn health_and_listing_answer_while_a_large_model_is_hashed_and_loaded() {
     spec.loras = vec![pb::LoraAdapter {
         name: "big".into(),
         weight: Some(1.0),
+        text_encoder_weight: None,
     }];
     // Admitted: validation reads no weights.
     let mut stream = server.admitted(spec).await;

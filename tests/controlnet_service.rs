@@ -150,6 +150,7 @@ pub(crate) fn spec_of(case: &Case) -> pb::GenerationSpec {
                 .map(|l| pb::LoraAdapter {
                     name: l[0].as_str().expect("name").into(),
                     weight: l[1].as_f64().map(|w| w as f32),
+                    text_encoder_weight: None,
                 })
                 .collect()
         })

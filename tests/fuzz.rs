@@ -265,6 +265,7 @@ fn spec_seeds() -> Vec<Vec<u8>> {
         loras: vec![pb::LoraAdapter {
             name: "style".into(),
             weight: Some(0.5),
+            text_encoder_weight: None,
         }],
         init_image: Some(pb::InitImage {
             image,
@@ -342,6 +343,7 @@ fn a1111_prompt_syntax() {
         "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
         "\\(esc\\) \\[x\\] (a : -0.5 ) (b:1.2.3) ]]) ((( [[ :1.1) BREAKfast",
         "[a:b:0.5] [c|d] <lora:x:1> a AND b",
+        "<<lora:a:1>lora:b:te=0.5:unet=1_0> <lyco:c:1e-1:-.5> <hypernet:h>",
         "[[a:b:2]:c:3]:: ([x|[y:2]]:1.2) [a:b:1e400] [p:q:.5]]( [fe|||]male",
         "a cat:1.2 AND [dog|fox]:-0.5 AND AND x_AND_y \u{2460}AND:\u{663} : 9.",
     ]
@@ -356,6 +358,9 @@ fn a1111_prompt_syntax() {
         let text = String::from_utf8_lossy(bytes);
         let _ = sdxld::engine::prompt_syntax::a1111::parse(&text);
         let _ = sdxld::engine::prompt_syntax::a1111::check(&text, &[clock]);
+        if let Ok(networks) = sdxld::engine::prompt_syntax::a1111_networks::extra_networks(&text) {
+            assert!(networks.text.len() + networks.loras.len() * 7 <= text.len());
+        }
         // Split in two, as a prompt and its prompt_2, with sub-prompts.
         let (prompt, prompt_2) = text.split_at(text.floor_char_boundary(text.len() / 2));
         if let Ok(parts) =

@@ -196,6 +196,7 @@ async fn oversized_lists_are_refused_by_their_count_quickly() {
     let lora = |i: usize, weight: f32| pb::LoraAdapter {
         name: format!("l{i}"),
         weight: Some(weight),
+        text_encoder_weight: None,
     };
     // 60,000 adapters with a duplicate: refused by the count alone, at once.
     let mut spec = quick_spec(5);
@@ -331,6 +332,7 @@ async fn statuses_name_model_files_without_server_paths() {
     junk.loras = vec![pb::LoraAdapter {
         name: "junk".into(),
         weight: Some(1.0),
+        text_encoder_weight: None,
     }];
     let lora = server.images(junk).await.expect_err("a garbage LoRA");
     let load = server

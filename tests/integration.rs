@@ -6,6 +6,7 @@
 mod common;
 
 mod a1111_composable;
+mod a1111_networks;
 mod a1111_prompts;
 mod anyline;
 mod bad_models;

@@ -51,6 +51,7 @@ fn job_loras(config: &str, list: &[(String, f64)]) -> Vec<JobLora> {
             name: name.clone(),
             weights: load(config, name),
             strength: *weight,
+            text_encoder_strength: *weight,
         })
         .collect()
 }
@@ -153,6 +154,7 @@ fn lora(name: &str, weight: f32) -> pb::LoraAdapter {
     pb::LoraAdapter {
         name: name.into(),
         weight: Some(weight),
+        text_encoder_weight: None,
     }
 }
 

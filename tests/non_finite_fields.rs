@@ -150,6 +150,7 @@ fn float_fields(value: f32) -> Vec<(&'static str, pb::GenerationSpec)> {
                 s.loras = vec![pb::LoraAdapter {
                     name: "style".into(),
                     weight: Some(value),
+                    text_encoder_weight: None,
                 }]
             }),
         ),

@@ -155,6 +155,7 @@ async fn pickle_files_of_every_kind_are_refused_before_anything_is_read() {
                 loras: vec![pb::LoraAdapter {
                     name: "legacy_lora".into(),
                     weight: Some(0.5),
+                    text_encoder_weight: None,
                 }],
                 ..quick.clone()
             },

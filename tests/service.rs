@@ -424,6 +424,7 @@ async fn unknown_models_and_unimplemented_features_are_refused_clearly() {
     spec.loras = vec![pb::LoraAdapter {
         name: "style".into(),
         weight: Some(0.5),
+        text_encoder_weight: None,
     }];
     let status = client
         .generate_images(pb::GenerateImagesRequest { spec: Some(spec) })

@@ -376,6 +376,7 @@ fn lora(arg: &str) -> anyhow::Result<pb::LoraAdapter> {
     Ok(pb::LoraAdapter {
         name: name.to_string(),
         weight,
+        text_encoder_weight: None,
     })
 }
 

@@ -194,7 +194,8 @@ pub fn bench_lora(args: &GenerateArgs, timing: TimingArgs) -> anyhow::Result<()>
         loras.push(JobLora {
             name: lora.model.name.clone(),
             weights: engine.lora(&lora.model)?,
-            strength: f64::from(lora.weight),
+            strength: lora.weight,
+            text_encoder_strength: lora.text_encoder_weight,
         });
     }
     if loras.len() < 2 {

@@ -62,8 +62,20 @@ pub struct JobLora {
     pub name: String,
     /// Its matrices.
     pub weights: Rc<LoraWeights>,
-    /// The request's weight.
+    /// The UNet's weight.
     pub strength: f64,
+    /// The text encoders' weight.
+    pub text_encoder_strength: f64,
+}
+
+impl JobLora {
+    /// Its weight in `target`.
+    fn strength_in(&self, target: LoraTarget) -> f64 {
+        match target {
+            LoraTarget::Unet => self.strength,
+            LoraTarget::TextEncoder | LoraTarget::TextEncoder2 => self.text_encoder_strength,
+        }
+    }
 }
 
 /// A layer merged for a job, and how to put it back.
@@ -250,7 +262,7 @@ fn match_all<'a>(pipeline: &'a SdxlPipeline, loras: &'a [JobLora]) -> Result<Vec
                 key,
                 layer,
                 pair,
-                scale: pair.scale * lora.strength,
+                scale: pair.scale * lora.strength_in(pair.module.target),
             });
         }
     }

@@ -92,7 +92,8 @@ impl JobRun<'_> {
             loras.push(JobLora {
                 name: job.model.name.clone(),
                 weights: engine.lora(&job.model)?,
-                strength: f64::from(job.weight),
+                strength: job.weight,
+                text_encoder_strength: job.text_encoder_weight,
             });
         }
         let controlnets = load_controlnets(engine, spec, &base)?;
@@ -272,7 +273,7 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
     models.extend(
         spec.loras
             .iter()
-            .map(|l| used(&l.model, ModelKind::Lora, l.weight)),
+            .map(|l| used(&l.model, ModelKind::Lora, l.weight as f32)),
     );
     models.extend(
         spec.embeddings

@@ -55,10 +55,17 @@ pub fn png_metadata(spec: &JobSpec, models: &[ModelUsed], index: usize, seed: u6
 /// A1111's `parameters` text for one image.
 fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     let p = &spec.params;
-    let mut text = p.prompt.clone();
-    // A1111 writes the LoRAs a prompt used into the prompt itself.
-    for lora in &spec.loras {
-        text.push_str(&format!(" <lora:{}:{}>", lora.model.name, lora.weight));
+    let mut text = spec.written_prompt.clone();
+    // A1111 writes the LoRAs a prompt used into the prompt itself (`te` before `unet`).
+    for lora in spec.loras.iter().filter(|l| !l.in_prompt) {
+        text.push_str(&format!(
+            " <lora:{}:{}",
+            lora.model.name, lora.text_encoder_weight
+        ));
+        if lora.weight != lora.text_encoder_weight {
+            text.push_str(&format!(":{}", lora.weight));
+        }
+        text.push('>');
     }
     if let Some(negative) = &p.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));

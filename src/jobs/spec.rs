@@ -35,8 +35,13 @@ pub struct OutputSpec {
 pub struct LoraJob {
     /// The LoRA file.
     pub model: ModelEntry,
-    /// The request's weight, in [-2, 2].
-    pub weight: f32,
+    /// The UNet's weight, in [-2, 2].
+    pub weight: f64,
+    /// The text encoders' weight, in [-2, 2].
+    pub text_encoder_weight: f64,
+    /// Named by an extra network tag in the prompt (which the PNG parameters keep), not
+    /// by the request's list.
+    pub in_prompt: bool,
 }
 
 /// A textual inversion embedding of a job.
@@ -249,8 +254,11 @@ impl JobWork {
 /// A validated job.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
-    /// Pipeline parameters, fully resolved (seed, size, steps).
+    /// Pipeline parameters, fully resolved (seed, size, steps; the prompt as the
+    /// engine reads it, without extra network tags).
     pub params: GenerateParams,
+    /// The prompt as the request wrote it, for the PNG parameters.
+    pub written_prompt: String,
     /// The base model.
     pub model: ModelEntry,
     /// A VAE replacing the models' own, if any.

@@ -474,6 +474,7 @@ pub fn case_loras(config: &str, case: &Case) -> Vec<sdxld::engine::lora::JobLora
                 name: name.into(),
                 weights: std::rc::Rc::new(weights),
                 strength: l[1].as_f64().expect("weight"),
+                text_encoder_strength: l[1].as_f64().expect("weight"),
             }
         })
         .collect()

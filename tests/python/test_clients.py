@@ -855,7 +855,7 @@ SYNTAX_CASES = {
         "masterpiece, (best quality:1.2), [blurry], [red:green:0.5] [apple|pear], "
         + "((red apple)) on a wooden table, " * 10
         + "BREAK (soft light:0.6) AND a still life, oil painting:0.4",
-        "<lora:style:0.8> a boat",
+        "<hypernet:style:0.8> a boat",
         "extra network",
     ),
 }

@@ -1,16 +1,45 @@
-//! LoRA adapters: names and weights.
+//! LoRA adapters: names and weights, in `spec.loras` and in the prompt's extra network
+//! tags.
+
+use std::collections::HashSet;
 
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
 use crate::api::validate::model::named;
-use crate::api::validate::Deferred;
-use crate::engine::registry::{ModelKind, Registry};
+use crate::api::validate::{prompt_syntax, Deferred};
+use crate::engine::prompt_syntax::a1111_networks::PromptLora;
+use crate::engine::registry::{check_name, ModelKind, Registry};
 use crate::jobs::LoraJob;
 use crate::proto::v1 as pb;
 
 /// Most LoRA adapters in one request.
 pub const MAX_LORAS: usize = 16;
+/// A weight's range.
+const WEIGHTS: Range = Range::closed(-2.0, 2.0);
 
-/// `spec.loras`: each named once, with a weight in [-2, 2] (default 1).
+/// The job's LoRAs: `spec.loras`, then, in A1111's syntax, those the prompt's tags
+/// name; and the prompt without its tags where the syntax takes them out.
+pub fn job_loras(
+    spec: &pb::GenerationSpec,
+    registry: &Registry,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> (Vec<LoraJob>, Option<String>) {
+    let mut jobs = loras(&spec.loras, registry, v, deferred);
+    let Some(networks) = prompt_syntax::extra_networks(spec, v) else {
+        return (jobs, None);
+    };
+    jobs.extend(prompt_loras(
+        &networks.loras,
+        &spec.loras,
+        registry,
+        v,
+        deferred,
+    ));
+    (jobs, Some(networks.text))
+}
+
+/// `spec.loras`: each named once, with a weight in [-2, 2] (default 1) and the text
+/// encoders' (default: the weight).
 pub fn loras(
     loras: &[pb::LoraAdapter],
     registry: &Registry,
@@ -26,15 +55,16 @@ pub fn loras(
         return Vec::new();
     }
     let mut jobs = Vec::with_capacity(loras.len());
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     for (i, lora) in loras.iter().enumerate() {
         let field = format!("spec.loras[{i}]");
-        let weight = optional_float(
+        let weight = optional_float(v, &format!("{field}.weight"), lora.weight, WEIGHTS, 1.0);
+        let text_encoder_weight = optional_float(
             v,
-            &format!("{field}.weight"),
-            lora.weight,
-            Range::closed(-2.0, 2.0),
-            1.0,
+            &format!("{field}.text_encoder_weight"),
+            lora.text_encoder_weight,
+            WEIGHTS,
+            weight,
         );
         let name_field = format!("{field}.name");
         if lora.name.is_empty() {
@@ -64,7 +94,75 @@ pub fn loras(
         ) {
             jobs.push(LoraJob {
                 model,
-                weight: weight as f32,
+                weight,
+                text_encoder_weight,
+                in_prompt: false,
+            });
+        }
+    }
+    jobs
+}
+
+/// The LoRAs the prompt's tags name (`tags`), after those of `spec.loras` (`listed`):
+/// each named once in both together, each multiplier in [-2, 2], at most [`MAX_LORAS`]
+/// in all; every violation names `spec.prompt`.
+fn prompt_loras(
+    tags: &[PromptLora],
+    listed: &[pb::LoraAdapter],
+    registry: &Registry,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Vec<LoraJob> {
+    const FIELD: &str = "spec.prompt";
+    if listed.len() + tags.len() > MAX_LORAS {
+        v.add(
+            FIELD,
+            format!(
+                "names {} LoRAs in its tags beside the {} of spec.loras; at most {MAX_LORAS} in all",
+                tags.len(),
+                listed.len()
+            ),
+        );
+        return Vec::new();
+    }
+    let mut seen: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+    let mut jobs = Vec::with_capacity(tags.len());
+    for tag in tags {
+        let (te, unet) = (tag.text_encoder_weight, tag.unet_weight);
+        let valid = WEIGHTS.contains(te) && WEIGHTS.contains(unet);
+        if !valid {
+            v.add(
+                FIELD,
+                format!(
+                    "`{}` weighs the text encoders {te} and the UNet {unet}; each must be a finite number between -2 and 2",
+                    tag.tag
+                ),
+            );
+        }
+        if let Err(e) = check_name(&tag.name) {
+            v.add(
+                FIELD,
+                format!("`{}` names no valid model ({})", tag.tag, e.reason()),
+            );
+            continue;
+        }
+        if !seen.insert(tag.name.as_str()) {
+            v.add(
+                FIELD,
+                format!(
+                    "`{}` names `{}` a second time (spec.loras or another tag names it)",
+                    tag.tag, tag.name
+                ),
+            );
+            continue;
+        }
+        let model = named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred);
+        if let (Some(model), true) = (model, valid) {
+            jobs.push(LoraJob {
+                model,
+                weight: tag.unet_weight,
+                text_encoder_weight: tag.text_encoder_weight,
+                in_prompt: true,
             });
         }
     }

@@ -39,14 +39,14 @@ pub use sampling::scheduler_kind;
 use crate::api::convert::replay_specs;
 use crate::api::status::ApiError;
 use crate::config::Limits;
-use crate::engine::registry::{ModelEntry, ModelKind, Registry};
+use crate::engine::registry::{ModelEntry, Registry};
 use crate::engine::request::{GenerateParams, InitImage};
 use crate::engine::schedulers::options::a1111_name;
 use crate::engine::schedulers::{SchedulerKind, SchedulerOptions};
 use crate::jobs::JobSpec;
 use crate::output::OutputFormat;
 use crate::proto::v1 as pb;
-use fields::{model_name, Violations};
+use fields::Violations;
 use prompt_syntax::Pass;
 
 /// What validation reads besides the request.
@@ -97,6 +97,7 @@ pub fn to_job_spec(
     let Some(spec) = spec else {
         return Err(ApiError::invalid("spec", "`spec` is required"));
     };
+    let spec = prompt_syntax::without_comments(spec);
     let mut v = Violations::default();
     let mut deferred = Deferred::default();
     let parts = check(&spec, ctx, &mut v, &mut deferred);
@@ -123,6 +124,8 @@ struct Parts {
     micro: sampling::Micro,
     clip_skip: Option<i64>,
     prompt_syntax: crate::engine::request::PromptSyntax,
+    /// The prompt without its extra network tags, where the syntax takes them out.
+    prompt: Option<String>,
     vae: Option<ModelEntry>,
     loras: Vec<crate::jobs::LoraJob>,
     embeddings: Vec<crate::jobs::EmbeddingJob>,
@@ -171,14 +174,8 @@ fn check(
     let micro = sampling::micro_conditioning(spec.micro_conditioning.as_ref(), v);
     images::strength_steps(init.as_ref(), counts.0, v);
     // 3. adapters, the refiner, the output
-    let vae = match spec.vae.as_str() {
-        "" => None,
-        name if model_name(v, "spec.vae", name) => {
-            model::named(registry, ModelKind::Vae, name, "spec.vae", v, deferred)
-        }
-        _ => None,
-    };
-    let loras = adapters::loras(&spec.loras, registry, v, deferred);
+    let vae = model::vae(spec, registry, v, deferred);
+    let (loras, prompt) = adapters::job_loras(spec, registry, v, deferred);
     let embeddings = embeddings::embeddings(&spec.embeddings, registry, v, deferred);
     let ip_adapters = ip_adapters::ip_adapters(
         &spec.ip_adapters,
@@ -240,7 +237,8 @@ fn check(
         refiner: (refiner.as_ref()).map(|r| Pass::new(r.params.steps, r.params.guidance_scale)),
     };
     let guiding = prompt_syntax::Guiding::of(spec, guidance.1, model.as_ref());
-    let prompt_syntax = prompt_syntax::prompt_syntax(spec, (&passes, &guiding), v);
+    let read = prompt.as_deref().unwrap_or(&spec.prompt);
+    let prompt_syntax = prompt_syntax::prompt_syntax(spec, read, (&passes, &guiding), v);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);
@@ -273,6 +271,7 @@ fn check(
         micro,
         clip_skip,
         prompt_syntax,
+        prompt,
         vae,
         loras,
         embeddings,
@@ -341,8 +340,9 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         Vec::new()
     };
     let micro = parts.micro;
+    let written_prompt = spec.prompt.clone();
     let params = GenerateParams {
-        prompt: spec.prompt,
+        prompt: parts.prompt.unwrap_or(spec.prompt),
         prompt_2: spec.prompt_2,
         negative_prompt: spec.negative_prompt,
         negative_prompt_2: spec.negative_prompt_2,
@@ -375,6 +375,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
     };
     Ok(JobSpec {
         params,
+        written_prompt,
         model,
         vae: parts.vae,
         loras: parts.loras,

@@ -81,6 +81,22 @@ pub fn named(
     }
 }
 
+/// `spec.vae`: a VAE replacing the models' own, if named.
+pub fn vae(
+    spec: &pb::GenerationSpec,
+    registry: &Registry,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<ModelEntry> {
+    match spec.vae.as_str() {
+        "" => None,
+        name if model_name(v, "spec.vae", name) => {
+            named(registry, ModelKind::Vae, name, "spec.vae", v, deferred)
+        }
+        _ => None,
+    }
+}
+
 /// `spec.width` and `spec.height`: the model's default size, or the init image's (rounded
 /// down to multiples of 8 when only its masked area is generated, at any size).
 pub fn size(

@@ -6,6 +6,7 @@
 use crate::api::validate::fields::{enum_value, Violations};
 use crate::api::validate::sampling::prompt_fields;
 use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
+use crate::engine::prompt_syntax::a1111_networks::{self, ExtraNetworks};
 use crate::engine::prompt_syntax::a1111_schedule::StepClock;
 use crate::engine::prompt_syntax::{self, a1111, PromptSyntax};
 use crate::engine::registry::ModelEntry;
@@ -100,9 +101,50 @@ impl Passes {
     }
 }
 
-/// The syntax, with every prompt it reads checked.
+/// In A1111's syntax, `spec` with its prompts' comments taken out, as A1111 takes them
+/// out before it reads them (so the PNG's request and parameters are without them, as
+/// A1111's are).
+pub fn without_comments(mut spec: pb::GenerationSpec) -> pb::GenerationSpec {
+    if spec.prompt_syntax != pb::PromptSyntax::A1111 as i32 {
+        return spec;
+    }
+    let texts = [
+        Some(&mut spec.prompt),
+        spec.prompt_2.as_mut(),
+        spec.negative_prompt.as_mut(),
+        spec.negative_prompt_2.as_mut(),
+    ];
+    for text in texts.into_iter().flatten() {
+        if text.contains('#') {
+            *text = a1111::without_comments(text).into_owned();
+        }
+    }
+    spec
+}
+
+/// In A1111's syntax, the prompt without its extra network tags and the LoRAs they
+/// name (none, and a violation naming `spec.prompt`, when a tag cannot be read); `None`
+/// in another syntax.
+pub fn extra_networks(spec: &pb::GenerationSpec, v: &mut Violations) -> Option<ExtraNetworks> {
+    if spec.prompt_syntax != pb::PromptSyntax::A1111 as i32 {
+        return None;
+    }
+    let networks = a1111_networks::extra_networks(&spec.prompt).unwrap_or_else(|e| {
+        v.add("spec.prompt", e.to_string());
+        // The rest of the prompt is checked all the same.
+        ExtraNetworks {
+            text: a1111_networks::without_tags(&spec.prompt),
+            loras: Vec::new(),
+        }
+    });
+    Some(networks)
+}
+
+/// The syntax, with every prompt it reads checked (`prompt`: the prompt as the syntax
+/// reads it, extra network tags taken out).
 pub fn prompt_syntax(
     spec: &pb::GenerationSpec,
+    prompt: &str,
     (passes, guiding): (&Passes, &Guiding<'_>),
     v: &mut Violations,
 ) -> PromptSyntax {
@@ -114,7 +156,7 @@ pub fn prompt_syntax(
         _ => return PromptSyntax::Plain,
     };
     match syntax {
-        PromptSyntax::A1111 => a1111_prompts(spec, &clocks, (passes, guiding), v),
+        PromptSyntax::A1111 => a1111_prompts(spec, prompt, &clocks, (passes, guiding), v),
         _ => {
             for (field, text) in prompt_fields(spec) {
                 if let Some(Err(e)) = text.map(|t| prompt_syntax::parse(t)) {
@@ -137,6 +179,7 @@ pub fn prompt_syntax(
 /// composes checked against the job's guidance.
 fn a1111_prompts(
     spec: &pb::GenerationSpec,
+    prompt: &str,
     clocks: &[StepClock],
     guidance: (&Passes, &Guiding<'_>),
     v: &mut Violations,
@@ -152,7 +195,7 @@ fn a1111_prompts(
             negatives_read = false;
         }
     }
-    match a1111::check_prompts(&spec.prompt, spec.prompt_2.as_deref(), clocks) {
+    match a1111::check_prompts(prompt, spec.prompt_2.as_deref(), clocks) {
         Ok(parts) => {
             if a1111_compose::composes(&parts) {
                 composition(&parts, guidance, v);

@@ -4,9 +4,11 @@
 //! escape, and `BREAK` ends a 75-token chunk. Neighbours of equal weight are joined.
 //! Prompt editing (`[from:to:when]`) and alternation (`[a|b]`) make a text per step
 //! first ([`super::a1111_schedule`]), after `AND` has split a prompt into sub-prompts
-//! ([`super::a1111_compose`]); extra networks (`<lora:name:1>`) are refused, so that no
-//! prompt reads differently from what A1111 would make of it.
+//! ([`super::a1111_compose`]), and after the prompt's extra networks (`<lora:name:1>`)
+//! have been taken out of it ([`super::a1111_networks`]); a tag left in a text is
+//! refused, so that no prompt reads differently from what A1111 would make of it.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
@@ -49,9 +51,21 @@ fn break_word() -> &'static Regex {
     })
 }
 
-fn extra_network() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"<(\w+):([^>]+)>").expect("the extra network pattern compiles"))
+/// A1111's comments (its `processing_scripts/comments.py`, on by default): a line that
+/// starts with `#`, and the rest of a line from a `#`, are taken out of a prompt before
+/// anything else reads it, each with its line break, leaving one line break.
+pub fn without_comments(text: &str) -> Cow<'_, str> {
+    static WHOLE_LINE: OnceLock<Regex> = OnceLock::new();
+    static LINE_END: OnceLock<Regex> = OnceLock::new();
+    if !text.contains('#') {
+        return Cow::Borrowed(text);
+    }
+    let whole_line = WHOLE_LINE
+        .get_or_init(|| Regex::new(r"(^|\n)#[^\n]*(\n|$)").expect("the comment pattern compiles"));
+    let line_end = LINE_END
+        .get_or_init(|| Regex::new(r"#[^\n]*(\n|$)").expect("the comment pattern compiles"));
+    let lines = whole_line.replace_all(text, "\n");
+    Cow::Owned(line_end.replace_all(&lines, "\n").into_owned())
 }
 
 /// Whether a fragment is a chunk break.
@@ -263,12 +277,13 @@ fn fragment(text: &str, weight: f64) -> Fragment {
     }
 }
 
-/// Refuses what A1111 reads before its schedules and sdxld does not: extra networks.
+/// Refuses an extra network tag in a text A1111 reads it in as text: the prompt's are
+/// taken out before its texts are read ([`super::a1111_networks`]), a negative's or
+/// `prompt_2`'s would be encoded.
 fn refuse_unsupported(prompt: &str) -> Result<(), SyntaxError> {
-    if let Some(m) = extra_network().find(prompt) {
+    if let Some(tag) = super::a1111_networks::has_tag(prompt) {
         return Err(SyntaxError::Unsupported(format!(
-            "names the extra network `{}`: name LoRA adapters in `spec.loras`",
-            m.as_str()
+            "has the extra network `{tag}` where A1111 reads it as text: extra networks go in the prompt"
         )));
     }
     Ok(())
@@ -342,7 +357,24 @@ mod tests {
     }
 
     #[test]
-    fn networks_are_refused_and_and_is_text_in_one_text() {
+    fn comments_leave_as_a1111_takes_them_out() {
+        let cases = [
+            ("a cat", "a cat"),
+            ("#x", "\n"),
+            ("a cat # by me\nb", "a cat \nb"),
+            ("a\n#x\n#y\nb", "a\n\nb"),
+            ("#x\n#y", "\n\n"),
+            ("a #b #c", "a \n"),
+            ("<lora:a:1> # <lora:b:1>", "<lora:a:1> \n"),
+            ("a\r\n# x\r\nb", "a\r\nb"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(without_comments(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn networks_left_in_a_text_are_refused_and_and_is_text() {
         assert!(parse("a AND b").is_ok());
         for text in ["<lora:style:0.8> a cat", "[<lora:a:1>:c:3]"] {
             assert!(

@@ -8,6 +8,7 @@
 pub mod a1111;
 pub mod a1111_compose;
 mod a1111_grammar;
+pub mod a1111_networks;
 pub mod a1111_schedule;
 pub mod emphasis;
 mod grammar;
