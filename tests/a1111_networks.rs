@@ -336,3 +336,67 @@ async fn lora_tags_that_cannot_run_are_refused_naming_the_field() {
     server.images(plain).await.expect("plain text");
     server.images(base).await.expect("and the server serves on");
 }
+
+/// A tag finds a LoRA by its file name wherever it lies under the LoRA roots, as A1111
+/// finds it (the same image as naming it by its path, the PNG's `Lora hashes` under
+/// the name the tag mentions); a file name several LoRAs have is INVALID_ARGUMENT
+/// naming the prompt, and a path names one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixture = common::fixtures().join("tiny2/lora");
+    for (folder, file, as_file) in [
+        ("styles/people", "char_kohya", "knight"),
+        ("a", "style_peft", "twin"),
+        ("b", "unet_only_peft", "twin"),
+    ] {
+        let dir = root.path().join(folder);
+        std::fs::create_dir_all(&dir).expect("folder");
+        std::fs::copy(
+            fixture.join(format!("{file}.safetensors")),
+            dir.join(format!("{as_file}.safetensors")),
+        )
+        .expect("copy");
+    }
+    let roots = root.path().to_str().expect("utf-8");
+    let server = TestServer::with_pipelines(&[("SDXLD__MODELS__LORA_ROOTS", roots)]).await;
+    let spec = |prompt: &str| pb::GenerationSpec {
+        model: "tiny2/pipeline".into(),
+        prompt: prompt.into(),
+        prompt_syntax: pb::PromptSyntax::A1111 as i32,
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: Some(9),
+        ..Default::default()
+    };
+    let by_file_name = server
+        .images(spec("a knight <lora:knight:0.7>"))
+        .await
+        .expect("by file name");
+    let by_path = server
+        .images(spec("a knight <lora:styles/people/knight:0.7>"))
+        .await
+        .expect("by path");
+    let plain = server.images(spec("a knight ")).await.expect("plain");
+    assert_eq!(
+        pixels(&by_file_name.images[0].data),
+        pixels(&by_path.images[0].data)
+    );
+    assert_ne!(
+        pixels(&by_file_name.images[0].data),
+        pixels(&plain.images[0].data)
+    );
+    let parameters = common::png_parameters(&by_file_name.images[0].data);
+    assert!(
+        parameters.contains("Lora hashes: \"knight: "),
+        "{parameters}"
+    );
+    server
+        .assert_invalid("two twins", spec("<lora:twin:1>"), &["spec.prompt"])
+        .await;
+    server
+        .images(spec("<lora:b/twin:1>"))
+        .await
+        .expect("one twin");
+}

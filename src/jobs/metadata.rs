@@ -57,7 +57,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     let p = &spec.params;
     let mut text = spec.written_prompt.clone();
     // A1111 writes the LoRAs a prompt used into the prompt itself (`te` before `unet`).
-    for lora in spec.loras.iter().filter(|l| !l.in_prompt) {
+    for lora in spec.loras.iter().filter(|l| l.tag_name.is_none()) {
         text.push_str(&format!(
             " <lora:{}:{}",
             lora.model.name, lora.text_encoder_weight
@@ -95,7 +95,11 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             vae.name
         ));
     }
-    let loras = spec.loras.iter().map(|l| (l.model.name.as_str(), &l.model));
+    // A1111 names a LoRA as its tag mentions it.
+    let loras = spec.loras.iter().map(|l| {
+        let name = l.tag_name.as_deref().unwrap_or(&l.model.name);
+        (name, &l.model)
+    });
     text.push_str(&hashes_entry("Lora hashes", ModelKind::Lora, loras, models));
     let embeddings = spec.embeddings.iter().map(|e| (e.token.as_str(), &e.model));
     text.push_str(&hashes_entry(

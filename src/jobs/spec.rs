@@ -39,9 +39,9 @@ pub struct LoraJob {
     pub weight: f64,
     /// The text encoders' weight, in [-2, 2].
     pub text_encoder_weight: f64,
-    /// Named by an extra network tag in the prompt (which the PNG parameters keep), not
-    /// by the request's list.
-    pub in_prompt: bool,
+    /// The name an extra network tag in the prompt gives it (which the PNG parameters
+    /// keep), when the prompt names it rather than the request's list.
+    pub tag_name: Option<String>,
 }
 
 /// A textual inversion embedding of a job.

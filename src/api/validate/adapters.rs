@@ -7,7 +7,7 @@ use crate::api::validate::fields::{model_name, optional_float, Range, Violations
 use crate::api::validate::model::named;
 use crate::api::validate::{prompt_syntax, Deferred};
 use crate::engine::prompt_syntax::a1111_networks::PromptLora;
-use crate::engine::registry::{check_name, ModelKind, Registry};
+use crate::engine::registry::{check_name, ModelEntry, ModelKind, Registry, RegistryError};
 use crate::jobs::LoraJob;
 use crate::proto::v1 as pb;
 
@@ -96,7 +96,7 @@ pub fn loras(
                 model,
                 weight,
                 text_encoder_weight,
-                in_prompt: false,
+                tag_name: None,
             });
         }
     }
@@ -156,15 +156,50 @@ fn prompt_loras(
             );
             continue;
         }
-        let model = named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred);
-        if let (Some(model), true) = (model, valid) {
+        if let (Some(model), true) = (tagged_lora(registry, tag, v, deferred), valid) {
             jobs.push(LoraJob {
                 model,
                 weight: tag.unet_weight,
                 text_encoder_weight: tag.text_encoder_weight,
-                in_prompt: true,
+                tag_name: Some(tag.name.clone()),
             });
         }
     }
     jobs
+}
+
+/// The LoRA a tag names: by its name under the LoRA roots, else, as A1111 finds it, by
+/// its file name wherever it lies under them (a file name several LoRAs have is a
+/// violation naming them).
+fn tagged_lora(
+    registry: &Registry,
+    tag: &PromptLora,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<ModelEntry> {
+    const FIELD: &str = "spec.prompt";
+    match registry.resolve_kind(ModelKind::Lora, &tag.name) {
+        Ok(model) => return Some(model),
+        Err(RegistryError::NotFound(_)) if !tag.name.contains('/') => {}
+        // Reported as `spec.loras` reports it.
+        Err(_) => return named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
+    }
+    let mut found = registry.by_file_name(ModelKind::Lora, &tag.name);
+    match found.len() {
+        0 => named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
+        1 => found.pop(),
+        _ => {
+            let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
+            v.add(
+                FIELD,
+                format!(
+                    "`{}` names `{}`, the file name of several LoRAs ({}): name one by its path",
+                    tag.tag,
+                    tag.name,
+                    names.join(", ")
+                ),
+            );
+            None
+        }
+    }
 }
