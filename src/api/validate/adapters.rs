@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use crate::api::status::ApiError;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
 use crate::api::validate::model::named;
 use crate::api::validate::{prompt_syntax, Deferred};
@@ -127,6 +128,8 @@ fn prompt_loras(
     }
     let mut seen: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
     let mut jobs = Vec::with_capacity(tags.len());
+    // Every LoRA under the roots, listed once when a tag names one by its file name.
+    let mut listing = None;
     for tag in tags {
         let (te, unet) = (tag.text_encoder_weight, tag.unet_weight);
         let valid = WEIGHTS.contains(te) && WEIGHTS.contains(unet);
@@ -156,7 +159,8 @@ fn prompt_loras(
             );
             continue;
         }
-        if let (Some(model), true) = (tagged_lora(registry, tag, v, deferred), valid) {
+        let model = tagged_lora(registry, &mut listing, tag, v, deferred);
+        if let (Some(model), true) = (model, valid) {
             jobs.push(LoraJob {
                 model,
                 weight: tag.unet_weight,
@@ -169,10 +173,11 @@ fn prompt_loras(
 }
 
 /// The LoRA a tag names: by its name under the LoRA roots, else, as A1111 finds it, by
-/// its file name wherever it lies under them (a file name several LoRAs have is a
-/// violation naming them).
+/// its file name wherever it lies under them (`listing`: every LoRA, listed at the
+/// first such tag); a file name several LoRAs have is a violation naming them.
 fn tagged_lora(
     registry: &Registry,
+    listing: &mut Option<Vec<ModelEntry>>,
     tag: &PromptLora,
     v: &mut Violations,
     deferred: &mut Deferred,
@@ -184,10 +189,17 @@ fn tagged_lora(
         // Reported as `spec.loras` reports it.
         Err(_) => return named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
     }
-    let mut found = registry.by_file_name(ModelKind::Lora, &tag.name);
+    let listing = listing.get_or_insert_with(|| registry.list_kind(ModelKind::Lora));
+    let mut found: Vec<&ModelEntry> = listing
+        .iter()
+        .filter(|m| m.name.rsplit('/').next() == Some(tag.name.as_str()))
+        .collect();
     match found.len() {
-        0 => named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
-        1 => found.pop(),
+        0 => {
+            deferred.missing(ApiError::ModelNotFound(tag.name.clone()));
+            None
+        }
+        1 => found.pop().cloned(),
         _ => {
             let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
             v.add(

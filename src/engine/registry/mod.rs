@@ -510,9 +510,8 @@ impl Registry {
         found
     }
 
-    /// The models of `kind` whose name's last part (their file name) is `file_name`, by
-    /// name: how A1111 finds a LoRA, wherever it lies under the LoRA folder.
-    pub fn by_file_name(&self, kind: ModelKind, file_name: &str) -> Vec<ModelEntry> {
+    /// The models of `kind` under its roots, by name.
+    pub fn list_kind(&self, kind: ModelKind) -> Vec<ModelEntry> {
         let bounds = self.bounds();
         let mut found = Vec::new();
         for root in self.roots.of(kind) {
@@ -520,7 +519,7 @@ impl Registry {
                 self.list_root(kind, &root, &bounds, &mut found);
             }
         }
-        found.retain(|m| m.kind == kind && m.name.rsplit('/').next() == Some(file_name));
+        found.retain(|m| m.kind == kind);
         found.sort_by(|a, b| a.name.cmp(&b.name));
         found.dedup_by(|a, b| a.name == b.name);
         found
