@@ -137,7 +137,7 @@ fn prompt_loras(
             v.add(
                 FIELD,
                 format!(
-                    "`{}` weighs the text encoders {te} and the UNet {unet}; each must be a finite number between -2 and 2",
+                    "has `{}`, which weighs the text encoders {te} and the UNet {unet}; each must be a finite number between -2 and 2",
                     tag.tag
                 ),
             );
@@ -145,7 +145,11 @@ fn prompt_loras(
         if let Err(e) = check_name(&tag.name) {
             v.add(
                 FIELD,
-                format!("`{}` names no valid model ({})", tag.tag, e.reason()),
+                format!(
+                    "has `{}`, which names no valid model ({})",
+                    tag.tag,
+                    e.reason()
+                ),
             );
             continue;
         }
@@ -153,7 +157,7 @@ fn prompt_loras(
             v.add(
                 FIELD,
                 format!(
-                    "`{}` names `{}` a second time (spec.loras or another tag names it)",
+                    "has `{}`, which names `{}` a second time (spec.loras or another tag names it)",
                     tag.tag, tag.name
                 ),
             );
@@ -205,7 +209,7 @@ fn tagged_lora(
             v.add(
                 FIELD,
                 format!(
-                    "`{}` names `{}`, the file name of several LoRAs ({}): name one by its path",
+                    "has `{}`, which names `{}`, the file name of several LoRAs ({}): name one by its path",
                     tag.tag,
                     tag.name,
                     names.join(", ")

@@ -78,7 +78,7 @@ pub fn extra_networks(prompt: &str) -> Result<ExtraNetworks, SyntaxError> {
 
 /// One `<lora:...>` tag's arguments, as `ExtraNetworkParams` and `activate` read them.
 fn lora(whole: &str, args: &str) -> Result<PromptLora, SyntaxError> {
-    let unsupported = |why: String| SyntaxError::Unsupported(format!("`{whole}` {why}"));
+    let unsupported = |why: String| SyntaxError::Unsupported(format!("has `{whole}`, which {why}"));
     let mut positional = Vec::new();
     let mut named: Vec<(&str, &str)> = Vec::new();
     for item in args.split(':') {
@@ -132,10 +132,10 @@ fn multiplier(text: &str) -> Result<f64, String> {
     let trimmed = text.trim_matches(py_space);
     if !trimmed.is_ascii() {
         return Err(format!(
-            "has the multiplier `{text}`, in characters other than ASCII digits"
+            "gives the multiplier `{text}` in characters other than ASCII digits"
         ));
     }
-    python_float(trimmed).ok_or_else(|| format!("has the multiplier `{text}`, not a number"))
+    python_float(trimmed).ok_or_else(|| format!("gives the multiplier `{text}`, not a number"))
 }
 
 #[cfg(test)]
