@@ -104,6 +104,13 @@ def test_python_client_loras(stubs, server, tmp_path):
     assert (usage.name, usage.weight, len(usage.sha256)) == ("sharp", 1.5, 64)
     # Nothing stays applied.
     assert gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs))).images[0].data == plain
+    # A tag in an A1111 prompt is the same adapter, and the PNG keeps the prompt as written.
+    a1111 = stubs.gen.PROMPT_SYNTAX_A1111
+    listed = spec(stubs, prompt_syntax=a1111, loras=[stubs.gen.LoraAdapter(name="sharp", weight=1.5)])
+    tagged = spec(stubs, prompt="a red apple<lora:sharp:1.5>", prompt_syntax=a1111)
+    listed, tagged = (Image.open(io.BytesIO(gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=s)).images[0].data)) for s in (listed, tagged))
+    assert listed.tobytes() == tagged.tobytes()
+    assert tagged.text["parameters"].startswith("a red apple<lora:sharp:1.5>\n")
     with pytest.raises(grpc.RpcError) as caught:
         gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, loras=[stubs.gen.LoraAdapter(name="sharp", weight=3.0)])))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
