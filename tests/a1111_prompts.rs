@@ -483,6 +483,74 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
     server.images(base).await.expect("weighted");
 }
 
+/// A1111's emphasis modes over gRPC: "No norm" and "Ignore" are other images than
+/// "Original", "No norm" is written into the PNG's parameters and replays byte for
+/// byte, "None" reads a weight A1111's parser refuses as text, and an emphasis without
+/// A1111's syntax is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emphasis_modes_weigh_as_a1111s_settings_weigh() {
+    let server = server().await;
+    let base = pb::GenerationSpec {
+        prompt: "a (red:1.4) cat on a [blue chair]".into(),
+        negative_prompt: Some("(blurry:1.2)".into()),
+        prompt_syntax: pb::PromptSyntax::A1111 as i32,
+        steps: 2,
+        width: 64,
+        height: 64,
+        seed: Some(4),
+        ..Default::default()
+    };
+    let with = |emphasis: pb::Emphasis| pb::GenerationSpec {
+        emphasis: emphasis as i32,
+        ..base.clone()
+    };
+    let original = server.images(base.clone()).await.expect("original");
+    let no_norm = server
+        .images(with(pb::Emphasis::NoNorm))
+        .await
+        .expect("no norm");
+    let ignore = server
+        .images(with(pb::Emphasis::Ignore))
+        .await
+        .expect("ignore");
+    let pixels = |r: &pb::GenerateImagesResponse| common::decoded_image(&r.images[0].data);
+    for other in [&no_norm, &ignore] {
+        assert!(common::image_difference(&pixels(&original), &pixels(other)) > 0);
+    }
+    let parameters = common::png_parameters(&no_norm.images[0].data);
+    assert!(parameters.contains(", Emphasis: No norm"), "{parameters}");
+    let parameters = common::png_parameters(&original.images[0].data);
+    assert!(!parameters.contains("Emphasis"), "{parameters}");
+    let replay = common::png_spec(&no_norm.images[0].data);
+    assert_eq!(replay.emphasis, pb::Emphasis::NoNorm as i32);
+    let again = server.images(replay).await.expect("replay");
+    assert_eq!(again.images[0].data, no_norm.images[0].data);
+    let literal = pb::GenerationSpec {
+        prompt: "(boat:1.2.3) BREAK".into(),
+        ..with(pb::Emphasis::None)
+    };
+    server.images(literal.clone()).await.expect("literal");
+    server
+        .assert_invalid(
+            "original",
+            pb::GenerationSpec {
+                emphasis: pb::Emphasis::Original as i32,
+                ..literal
+            },
+            &["spec.prompt"],
+        )
+        .await;
+    let compel = pb::GenerationSpec {
+        prompt_syntax: pb::PromptSyntax::Compel as i32,
+        prompt: "a cat".into(),
+        negative_prompt: None,
+        ..with(pb::Emphasis::NoNorm)
+    };
+    server
+        .assert_invalid("compel", compel, &["spec.emphasis"])
+        .await;
+}
+
 /// `sdxld generate --prompt-syntax a1111` draws the first image of the pipeline case; a
 /// prompt A1111's syntax cannot encode is refused naming its flag.
 #[test]

@@ -354,18 +354,26 @@ fn a1111_prompt_syntax() {
         steps: 20,
         first_pass_steps: None,
     };
+    use sdxld::engine::prompt_syntax::Emphasis;
     fuzz("a1111_prompts", &seeds, |bytes| {
         let text = String::from_utf8_lossy(bytes);
         let _ = sdxld::engine::prompt_syntax::a1111::parse(&text);
-        let _ = sdxld::engine::prompt_syntax::a1111::check(&text, &[clock]);
+        // Each emphasis reads the text its own way (the literal one whole).
+        for emphasis in [Emphasis::Original, Emphasis::Literal] {
+            let _ = sdxld::engine::prompt_syntax::a1111::check(&text, &[clock], emphasis);
+        }
+        let _ = sdxld::engine::prompt_syntax::a1111::without_comments(&text);
         if let Ok(networks) = sdxld::engine::prompt_syntax::a1111_networks::extra_networks(&text) {
             assert!(networks.text.len() + networks.loras.len() * 7 <= text.len());
         }
         // Split in two, as a prompt and its prompt_2, with sub-prompts.
         let (prompt, prompt_2) = text.split_at(text.floor_char_boundary(text.len() / 2));
-        if let Ok(parts) =
-            sdxld::engine::prompt_syntax::a1111::check_prompts(prompt, Some(prompt_2), &[clock])
-        {
+        if let Ok(parts) = sdxld::engine::prompt_syntax::a1111::check_prompts(
+            prompt,
+            Some(prompt_2),
+            &[clock],
+            Emphasis::Original,
+        ) {
             let schedules =
                 sdxld::engine::prompt_syntax::a1111::run_schedules(&parts, (prompt_2, None), clock);
             if let Ok(schedules) = schedules {

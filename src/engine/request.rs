@@ -8,6 +8,7 @@ pub use crate::engine::models::freeu::FreeU;
 pub use crate::engine::models::seamless::Seamless;
 pub use crate::engine::pag::{Pag, PagLayer};
 use crate::engine::prompt_syntax::a1111_compose;
+pub use crate::engine::prompt_syntax::Emphasis;
 pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
 
@@ -29,8 +30,10 @@ pub struct GenerateParams {
     pub guidance_rescale: f64,
     /// Layers skipped before the penultimate one for the prompt embeddings.
     pub clip_skip: Option<i64>,
-    /// How the prompts are read: plain, or compel's weighting syntax.
+    /// How the prompts are read: plain, compel's or A1111's syntax.
     pub prompt_syntax: PromptSyntax,
+    /// How A1111's syntax applies its weights.
+    pub emphasis: Emphasis,
     /// Image width in pixels (a multiple of 8).
     pub width: i64,
     /// Image height in pixels (a multiple of 8).
@@ -213,6 +216,7 @@ impl Default for GenerateParams {
             guidance_rescale: 0.0,
             clip_skip: None,
             prompt_syntax: PromptSyntax::Plain,
+            emphasis: Emphasis::Original,
             width: 1024,
             height: 1024,
             steps: 30,

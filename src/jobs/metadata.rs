@@ -9,7 +9,9 @@ use crate::engine::preprocess::pose::PoseParts;
 use crate::engine::preprocess::recolor::Lightness;
 use crate::engine::preprocess::Preprocessor;
 use crate::engine::registry::{ModelEntry, ModelKind};
-use crate::engine::request::{Guider, GuiderKind, RefinerMode};
+use crate::engine::request::{
+    Emphasis, GenerateParams, Guider, GuiderKind, PromptSyntax, RefinerMode,
+};
 use crate::jobs::events::ModelUsed;
 use crate::jobs::{ControlNetJob, JobSpec, PostStep};
 use crate::output::PngMetadata;
@@ -42,6 +44,22 @@ fn hashes_entry<'a>(
         return String::new();
     }
     format!(", {label}: \"{}\"", hashes.join(", "))
+}
+
+/// A1111's `Emphasis` entry: written where the emphasis is not the default and a text
+/// has brackets (A1111 checks each text it encodes for `(` or `[`).
+fn emphasis_entry(p: &GenerateParams) -> String {
+    let texts = [
+        Some(&p.prompt),
+        p.prompt_2.as_ref(),
+        p.negative_prompt.as_ref(),
+        p.negative_prompt_2.as_ref(),
+    ];
+    let bracketed = texts.into_iter().flatten().any(|t| t.contains(['(', '[']));
+    if p.prompt_syntax != PromptSyntax::A1111 || p.emphasis == Emphasis::Original || !bracketed {
+        return String::new();
+    }
+    format!(", Emphasis: {}", p.emphasis.name())
 }
 
 /// The metadata of image `index` (seed `seed`) of `spec`, which used `models`.
@@ -86,6 +104,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
     if p.guidance_rescale > 0.0 {
         text.push_str(&format!(", CFG rescale: {}", p.guidance_rescale));
     }
+    text.push_str(&emphasis_entry(p));
     text.push_str(&init_image_entries(spec));
     if let Some(vae) = &spec.vae {
         let hash = hash_of(models, ModelKind::Vae, &vae.name);

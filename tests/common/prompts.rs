@@ -14,13 +14,21 @@ use super::{assert_close, embedding_fixtures, fixtures};
 
 /// The conditioning parameters of a recorded case (its four prompts) in `syntax`.
 pub fn embed_params(case: &Value, syntax: PromptSyntax) -> GenerateParams {
+    use sdxld::engine::request::Emphasis;
     let text = |key: &str| case[key].as_str().map(str::to_string);
+    let emphasis = match case["emphasis"].as_str() {
+        Some("No norm") => Emphasis::NoNorm,
+        Some("Ignore") => Emphasis::Ignore,
+        Some("None") => Emphasis::Literal,
+        _ => Emphasis::Original,
+    };
     GenerateParams {
         prompt: text("prompt").expect("prompt"),
         prompt_2: text("prompt_2"),
         negative_prompt: text("negative_prompt"),
         negative_prompt_2: text("negative_prompt_2"),
         prompt_syntax: syntax,
+        emphasis,
         ..Default::default()
     }
 }

@@ -124,6 +124,7 @@ struct Parts {
     micro: sampling::Micro,
     clip_skip: Option<i64>,
     prompt_syntax: crate::engine::request::PromptSyntax,
+    emphasis: crate::engine::request::Emphasis,
     /// The prompt without its extra network tags, where the syntax takes them out.
     prompt: Option<String>,
     vae: Option<ModelEntry>,
@@ -238,7 +239,8 @@ fn check(
     };
     let guiding = prompt_syntax::Guiding::of(spec, guidance.1, model.as_ref());
     let read = prompt.as_deref().unwrap_or(&spec.prompt);
-    let prompt_syntax = prompt_syntax::prompt_syntax(spec, read, (&passes, &guiding), v);
+    let (prompt_syntax, emphasis) =
+        prompt_syntax::prompt_syntax(spec, read, (&passes, &guiding), v);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);
@@ -271,6 +273,7 @@ fn check(
         micro,
         clip_skip,
         prompt_syntax,
+        emphasis,
         prompt,
         vae,
         loras,
@@ -350,6 +353,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         guidance_rescale: parts.guidance.1,
         clip_skip: parts.clip_skip,
         prompt_syntax: parts.prompt_syntax,
+        emphasis: parts.emphasis,
         width: i64::from(width),
         height: i64::from(height),
         steps: steps as usize,

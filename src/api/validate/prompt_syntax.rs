@@ -8,6 +8,7 @@ use crate::api::validate::sampling::prompt_fields;
 use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
 use crate::engine::prompt_syntax::a1111_networks::{self, ExtraNetworks};
 use crate::engine::prompt_syntax::a1111_schedule::StepClock;
+use crate::engine::prompt_syntax::Emphasis;
 use crate::engine::prompt_syntax::{self, a1111, PromptSyntax};
 use crate::engine::registry::ModelEntry;
 use crate::proto::v1 as pb;
@@ -140,23 +141,46 @@ pub fn extra_networks(spec: &pb::GenerationSpec, v: &mut Violations) -> Option<E
     Some(networks)
 }
 
-/// The syntax, with every prompt it reads checked (`prompt`: the prompt as the syntax
-/// reads it, extra network tags taken out).
+/// `spec.emphasis`: A1111's emphasis mode, with A1111's syntax only.
+fn emphasis(spec: &pb::GenerationSpec, syntax: PromptSyntax, v: &mut Violations) -> Emphasis {
+    let emphasis = match enum_value::<pb::Emphasis>(v, "spec.emphasis", spec.emphasis) {
+        Some(pb::Emphasis::NoNorm) => Emphasis::NoNorm,
+        Some(pb::Emphasis::Ignore) => Emphasis::Ignore,
+        Some(pb::Emphasis::None) => Emphasis::Literal,
+        _ => Emphasis::Original,
+    };
+    let asked = spec.emphasis != pb::Emphasis::Unspecified as i32;
+    if asked && syntax != PromptSyntax::A1111 {
+        v.add(
+            "spec.emphasis",
+            "is A1111's setting: it needs PROMPT_SYNTAX_A1111",
+        );
+    }
+    emphasis
+}
+
+/// The syntax and A1111's emphasis, with every prompt the syntax reads checked
+/// (`prompt`: the prompt as the syntax reads it, extra network tags taken out).
 pub fn prompt_syntax(
     spec: &pb::GenerationSpec,
     prompt: &str,
     (passes, guiding): (&Passes, &Guiding<'_>),
     v: &mut Violations,
-) -> PromptSyntax {
+) -> (PromptSyntax, Emphasis) {
     let wire = enum_value::<pb::PromptSyntax>(v, "spec.prompt_syntax", spec.prompt_syntax);
     let clocks = passes.clocks();
     let (syntax, name) = match wire {
         Some(pb::PromptSyntax::Compel) => (PromptSyntax::Compel, "PROMPT_SYNTAX_COMPEL"),
         Some(pb::PromptSyntax::A1111) => (PromptSyntax::A1111, "PROMPT_SYNTAX_A1111"),
-        _ => return PromptSyntax::Plain,
+        _ => (PromptSyntax::Plain, ""),
     };
+    let emphasis = emphasis(spec, syntax, v);
     match syntax {
-        PromptSyntax::A1111 => a1111_prompts(spec, prompt, &clocks, (passes, guiding), v),
+        PromptSyntax::Plain => return (syntax, emphasis),
+        PromptSyntax::A1111 => {
+            let reading = (prompt, emphasis);
+            a1111_prompts(spec, reading, &clocks, (passes, guiding), v);
+        }
         _ => {
             for (field, text) in prompt_fields(spec) {
                 if let Some(Err(e)) = text.map(|t| prompt_syntax::parse(t)) {
@@ -171,7 +195,7 @@ pub fn prompt_syntax(
             format!("must be 0 with {name}, which encodes at the penultimate layer"),
         );
     }
-    syntax
+    (syntax, emphasis)
 }
 
 /// The four prompts in A1111's syntax: the prompt and `prompt_2` split into sub-prompts
@@ -179,7 +203,7 @@ pub fn prompt_syntax(
 /// composes checked against the job's guidance.
 fn a1111_prompts(
     spec: &pb::GenerationSpec,
-    prompt: &str,
+    (prompt, emphasis): (&str, Emphasis),
     clocks: &[StepClock],
     guidance: (&Passes, &Guiding<'_>),
     v: &mut Violations,
@@ -190,12 +214,12 @@ fn a1111_prompts(
     ];
     let mut negatives_read = true;
     for (field, text) in negatives {
-        if let Some(Err(e)) = text.map(|t| a1111::check(t, clocks)) {
+        if let Some(Err(e)) = text.map(|t| a1111::check(t, clocks, emphasis)) {
             v.add(field, e.to_string());
             negatives_read = false;
         }
     }
-    match a1111::check_prompts(prompt, spec.prompt_2.as_deref(), clocks) {
+    match a1111::check_prompts(prompt, spec.prompt_2.as_deref(), clocks, emphasis) {
         Ok(parts) => {
             if a1111_compose::composes(&parts) {
                 composition(&parts, guidance, v);

@@ -20,6 +20,7 @@ use crate::engine::pipeline::{GenerateParams, SdxlPipeline};
 use crate::engine::prompt_syntax::a1111_compose::{self, PartsError, PromptPart};
 use crate::engine::prompt_syntax::a1111_schedule::{Schedule, StepClock};
 use crate::engine::prompt_syntax::weighting::WeightedEncoder;
+use crate::engine::prompt_syntax::Emphasis;
 use crate::engine::prompt_syntax::{a1111, PromptSyntax};
 
 /// One pair's hidden states per encoder and its pooled embedding.
@@ -91,6 +92,8 @@ struct CachedEncoders<'a> {
     second: WeightedEncoder<'a>,
     /// By encoder (0, 1) and text: hidden states and pooled embedding.
     cache: HashMap<(usize, String), (Tensor, Option<Tensor>)>,
+    /// How the weights apply.
+    emphasis: Emphasis,
 }
 
 impl CachedEncoders<'_> {
@@ -103,13 +106,13 @@ impl CachedEncoders<'_> {
                 pooled.as_ref().map(Tensor::shallow_clone),
             ));
         }
-        let fragments = a1111::parse(text)
+        let fragments = a1111::read(text, self.emphasis)
             .map_err(|e| EngineError::InvalidRequest(format!("the prompt {e}")))?;
         let model = match (encoder, &self.first) {
             (0, Some(first)) => first,
             _ => &self.second,
         };
-        let (hidden, pooled) = model.a1111_prompt(&fragments)?;
+        let (hidden, pooled) = model.a1111_prompt(&fragments, self.emphasis)?;
         let copy = (
             hidden.shallow_clone(),
             pooled.as_ref().map(Tensor::shallow_clone),
@@ -242,6 +245,7 @@ impl SdxlPipeline {
             first,
             second,
             cache: HashMap::new(),
+            emphasis: p.emphasis,
         };
         // Each stretch's conditioning, the same tensors for the same texts.
         let mut texts: Vec<TextEmbeds> = Vec::new();

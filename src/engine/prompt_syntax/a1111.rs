@@ -16,6 +16,7 @@ use regex::Regex;
 
 use super::a1111_compose::{prompt_parts, PartsError, PromptPart};
 use super::a1111_schedule::{self, Schedule, StepClock};
+use super::Emphasis;
 use super::{Fragment, SyntaxError, MAX_WEIGHT};
 
 /// A1111's `round_bracket_multiplier`.
@@ -149,12 +150,13 @@ pub fn check_prompts<'a>(
     prompt: &'a str,
     prompt_2: Option<&'a str>,
     clocks: &[StepClock],
+    emphasis: Emphasis,
 ) -> Result<Vec<PromptPart<'a>>, Vec<PartsError>> {
     let own_parts = |text: &'a str| {
         let parts = super::a1111_compose::sub_prompts(text)?;
         let mut seen = HashSet::new();
         for part in parts.iter().filter(|p| seen.insert(p.text)) {
-            check(part.text, clocks)?;
+            check(part.text, clocks, emphasis)?;
         }
         Ok::<_, SyntaxError>(())
     };
@@ -172,8 +174,8 @@ pub fn check_prompts<'a>(
 }
 
 /// Checks that every text `prompt` (one text, `AND` in it read as text) makes under any
-/// of `clocks` is one sdxld encodes.
-pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
+/// of `clocks` is one sdxld encodes under `emphasis`.
+pub fn check(prompt: &str, clocks: &[StepClock], emphasis: Emphasis) -> Result<(), SyntaxError> {
     refuse_unsupported(prompt)?;
     let schedules = a1111_schedule::schedules(prompt, clocks)?;
     let mut seen = HashSet::new();
@@ -181,11 +183,22 @@ pub fn check(prompt: &str, clocks: &[StepClock]) -> Result<(), SyntaxError> {
         limit_texts(schedule, clock)?;
         for (_, text) in schedule {
             if seen.insert(text.as_str()) {
-                parse(text)?;
+                read(text, emphasis)?;
             }
         }
     }
     Ok(())
+}
+
+/// One text of a prompt's schedule as A1111 reads it under `emphasis`: parsed
+/// ([`parse`]), or with the "None" emphasis the text itself at weight 1 (brackets,
+/// weights and `BREAK` are text then).
+pub fn read(text: &str, emphasis: Emphasis) -> Result<Vec<Fragment>, SyntaxError> {
+    if emphasis == Emphasis::Literal {
+        refuse_unsupported(text)?;
+        return Ok(vec![fragment(text, 1.0)]);
+    }
+    parse(text)
 }
 
 /// Parses one text of a prompt's schedule as A1111 does and checks it is one sdxld
@@ -409,11 +422,17 @@ mod tests {
             steps: 20,
             first_pass_steps: None,
         }];
-        assert!(check("[a:(b:1.2.3):5] [c|d]", &clocks).is_err());
-        assert!(check("[(a:101)|b]", &clocks).is_err());
-        assert!(check("[a:(b:1.2):5] [c|d|e]", &clocks).is_ok());
+        assert!(check("[a:(b:1.2.3):5] [c|d]", &clocks, Emphasis::Original).is_err());
+        // The "None" emphasis reads brackets and weights as text.
+        assert!(check("[a:(b:1.2.3):5] [c|d]", &clocks, Emphasis::Literal).is_ok());
+        assert_eq!(
+            read("(a:1.5) BREAK b", Emphasis::Literal),
+            Ok(vec![fragment("(a:1.5) BREAK b", 1.0)])
+        );
+        assert!(check("[(a:101)|b]", &clocks, Emphasis::Original).is_err());
+        assert!(check("[a:(b:1.2):5] [c|d|e]", &clocks, Emphasis::Original).is_ok());
         let sixteen = "[a|b|c|d] [e|f|g|h|i|j|k|l|m|n|o|p|q|r|s|t]";
-        assert!(check(sixteen, &clocks).is_ok());
+        assert!(check(sixteen, &clocks, Emphasis::Original).is_ok());
         // Texts of several schedules together: the stretches' combinations count.
         let of = |texts: &[&str]| -> Vec<Schedule> {
             texts
@@ -432,7 +451,7 @@ mod tests {
         ));
         let seventeen = "[a|b|c|d|e|f|g|h|i|j|k|l|m|n|o|p|q]";
         assert!(matches!(
-            check(seventeen, &clocks),
+            check(seventeen, &clocks, Emphasis::Original),
             Err(SyntaxError::TooComplex(_))
         ));
     }

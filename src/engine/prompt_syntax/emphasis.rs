@@ -10,7 +10,7 @@ use tch::Tensor;
 
 use super::a1111::is_break;
 use super::weighting::WeightedEncoder;
-use super::Fragment;
+use super::{Emphasis, Fragment};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::textual_inversion::EncoderTokens;
 
@@ -126,10 +126,14 @@ impl WeightedEncoder<'_> {
         Ok(count)
     }
 
-    /// [1, 77 x chunks, width] hidden states of the prompt with A1111's emphasis, and
+    /// [1, 77 x chunks, width] hidden states of the prompt with A1111's `emphasis`, and
     /// the first chunk's pooled embedding (at its end-of-text token) when the encoder has
     /// a projection.
-    pub fn a1111_prompt(&self, fragments: &[Fragment]) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn a1111_prompt(
+        &self,
+        fragments: &[Fragment],
+        emphasis: Emphasis,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let chunks = self.a1111_chunks(fragments)?;
         let (bos, eos, pad) = self.tokenizer.special_ids();
         let n = self.chunk_len();
@@ -153,25 +157,30 @@ impl WeightedEncoder<'_> {
             if pooled.is_none() {
                 pooled = out.pooled;
             }
-            hidden.push(emphasise(&out.hidden, &weights));
+            hidden.push(emphasise(&out.hidden, &weights, emphasis));
         }
         Ok((Tensor::cat(&hidden, 1), pooled))
     }
 }
 
-/// A1111's "Original" emphasis: the hidden states times their token's weight, scaled so
-/// that their mean is the one they had.
-fn emphasise(z: &Tensor, weights: &[f32]) -> Tensor {
-    if weights.iter().all(|&w| w == 1.0) {
+/// A1111's emphasis: "Original" multiplies the hidden states by their token's weight
+/// and scales them so that their mean is the one they had, "No norm" only multiplies,
+/// the others leave them.
+fn emphasise(z: &Tensor, weights: &[f32], emphasis: Emphasis) -> Tensor {
+    let applies = matches!(emphasis, Emphasis::Original | Emphasis::NoNorm);
+    if !applies || weights.iter().all(|&w| w == 1.0) {
         return z.shallow_clone();
     }
     let kind = z.kind();
-    let original = z.mean(kind);
     let w = Tensor::from_slice(weights)
         .to_device(z.device())
         .to_kind(kind)
         .view([1, -1, 1]);
     let weighted = z * w;
+    if emphasis == Emphasis::NoNorm {
+        return weighted;
+    }
+    let original = z.mean(kind);
     let new = weighted.mean(kind);
     weighted * (original / new)
 }
@@ -184,8 +193,12 @@ mod tests {
     #[test]
     fn emphasis_keeps_the_mean_and_leaves_unweighted_chunks_alone() {
         let z = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).view([1, 3, 2]);
-        assert!(emphasise(&z, &[1.0, 1.0, 1.0]).equal(&z));
-        let out = emphasise(&z, &[1.0, 2.0, 0.5]);
+        assert!(emphasise(&z, &[1.0, 1.0, 1.0], Emphasis::Original).equal(&z));
+        assert!(emphasise(&z, &[1.0, 2.0, 0.5], Emphasis::Ignore).equal(&z));
+        let plain = emphasise(&z, &[1.0, 2.0, 0.5], Emphasis::NoNorm);
+        let plain = Vec::<f32>::try_from(plain.flatten(0, -1)).expect("values");
+        assert_eq!(plain, [1.0, 2.0, 6.0, 8.0, 2.5, 3.0]);
+        let out = emphasise(&z, &[1.0, 2.0, 0.5], Emphasis::Original);
         let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
         assert!((mean(&out) - mean(&z)).abs() < 1e-6);
         let values = Vec::<f32>::try_from(out.flatten(0, -1)).expect("values");

@@ -46,6 +46,33 @@ pub enum PromptSyntax {
     A1111,
 }
 
+/// How A1111's syntax applies its weights (A1111's `sd_emphasis` options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Emphasis {
+    /// "Original": the hidden states times their token's weight, scaled back to the
+    /// mean they had.
+    #[default]
+    Original,
+    /// "No norm": times the weights, not scaled back.
+    NoNorm,
+    /// "Ignore": the weights read, not applied.
+    Ignore,
+    /// "None": the text read literally (no brackets, weights or BREAK).
+    Literal,
+}
+
+impl Emphasis {
+    /// A1111's name of the mode.
+    pub fn name(self) -> &'static str {
+        match self {
+            Emphasis::Original => "Original",
+            Emphasis::NoNorm => "No norm",
+            Emphasis::Ignore => "Ignore",
+            Emphasis::Literal => "None",
+        }
+    }
+}
+
 /// Why a prompt cannot be used.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SyntaxError {
