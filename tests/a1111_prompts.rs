@@ -588,4 +588,21 @@ fn a1111_prompts_over_the_cli_match_diffusers() {
     );
     let message = run("a [cat:dog:2]] boat").fails();
     assert!(message.contains("--prompt"), "{message}");
+    // --emphasis reaches the request: "none" reads a weight the parser refuses as text,
+    // and without A1111's syntax it is refused naming its flag.
+    run("(boat:1.2.3)").args(["--emphasis", "none"]).succeeds();
+    let message = sdxld("generate")
+        .flag("--model", fixtures().join("tiny2/pipeline"))
+        .args([
+            "--prompt",
+            "a boat",
+            "--emphasis",
+            "no-norm",
+            "--steps",
+            "1",
+        ])
+        .args(["--width", "64", "--height", "64"])
+        .flag("--output", &png)
+        .fails();
+    assert!(message.contains("--emphasis"), "{message}");
 }

@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// long prompts in chunks).
     #[arg(long, value_enum)]
     pub prompt_syntax: Option<PromptSyntaxArg>,
+    /// How --prompt-syntax a1111 applies its weights (A1111's Emphasis setting):
+    /// original (the default), no-norm, ignore or none.
+    #[arg(long, value_enum)]
+    pub emphasis: Option<EmphasisArg>,
     /// Seed of the first image; image i uses seed + i. Random when absent.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -251,6 +255,19 @@ pub enum PromptSyntaxArg {
     A1111,
 }
 
+/// `--emphasis`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmphasisArg {
+    /// The weights applied and the mean restored.
+    Original,
+    /// The weights applied, the mean not restored.
+    NoNorm,
+    /// The weights read, not applied.
+    Ignore,
+    /// The text read literally.
+    None,
+}
+
 /// `--tiling`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TilingArg {
@@ -319,6 +336,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         ("spec.refiner.guidance_scale", "--refiner-guidance"),
         ("spec.vae", "--vae"),
         ("spec.prompt", "--prompt"),
+        ("spec.emphasis", "--emphasis"),
         ("spec.prompt_2", "--prompt-2"),
         ("spec.negative_prompt", "--negative-prompt"),
         ("spec.negative_prompt_2", "--negative-prompt-2"),
@@ -584,6 +602,13 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
             Some(PromptSyntaxArg::Plain) => pb::PromptSyntax::Plain,
             Some(PromptSyntaxArg::Compel) => pb::PromptSyntax::Compel,
             Some(PromptSyntaxArg::A1111) => pb::PromptSyntax::A1111,
+        } as i32,
+        emphasis: match args.emphasis {
+            None => pb::Emphasis::Unspecified,
+            Some(EmphasisArg::Original) => pb::Emphasis::Original,
+            Some(EmphasisArg::NoNorm) => pb::Emphasis::NoNorm,
+            Some(EmphasisArg::Ignore) => pb::Emphasis::Ignore,
+            Some(EmphasisArg::None) => pb::Emphasis::None,
         } as i32,
         ..Default::default()
     })
