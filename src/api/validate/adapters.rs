@@ -9,6 +9,7 @@ use crate::api::validate::model::named;
 use crate::api::validate::{prompt_syntax, Deferred};
 use crate::engine::prompt_syntax::a1111_networks::PromptLora;
 use crate::engine::registry::{check_name, ModelEntry, ModelKind, Registry, RegistryError};
+use crate::engine::weights::read_header;
 use crate::jobs::LoraJob;
 use crate::proto::v1 as pb;
 
@@ -177,8 +178,9 @@ fn prompt_loras(
 }
 
 /// The LoRA a tag names: by its name under the LoRA roots, else, as A1111 finds it, by
-/// its file name wherever it lies under them (`listing`: every LoRA, listed at the
-/// first such tag); a file name several LoRAs have is a violation naming them.
+/// its file name wherever it lies under them or by its alias (`listing`: every LoRA,
+/// listed at the first such tag); a name several LoRAs answer to is a violation naming
+/// them.
 fn tagged_lora(
     registry: &Registry,
     listing: &mut Option<Vec<ModelEntry>>,
@@ -194,10 +196,7 @@ fn tagged_lora(
         Err(_) => return named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
     }
     let listing = listing.get_or_insert_with(|| registry.list_kind(ModelKind::Lora));
-    let mut found: Vec<&ModelEntry> = listing
-        .iter()
-        .filter(|m| m.name.rsplit('/').next() == Some(tag.name.as_str()))
-        .collect();
+    let mut found = by_file_name_or_alias(listing, &tag.name);
     match found.len() {
         0 => {
             deferred.missing(ApiError::ModelNotFound(tag.name.clone()));
@@ -209,7 +208,7 @@ fn tagged_lora(
             v.add(
                 FIELD,
                 format!(
-                    "has `{}`, which names `{}`, the file name of several LoRAs ({}): name one by its path",
+                    "has `{}`, which names `{}`, the file name or alias of several LoRAs ({}): name one by its path",
                     tag.tag,
                     tag.name,
                     names.join(", ")
@@ -218,4 +217,25 @@ fn tagged_lora(
             None
         }
     }
+}
+
+/// The LoRAs of `listing` whose file name is `name`, else those whose alias is (A1111's
+/// `ss_output_name`, which kohya-ss writes into the files it trains and A1111 puts into
+/// prompts by default).
+fn by_file_name_or_alias<'a>(listing: &'a [ModelEntry], name: &str) -> Vec<&'a ModelEntry> {
+    let by_file_name: Vec<&ModelEntry> = listing
+        .iter()
+        .filter(|m| m.name.rsplit('/').next() == Some(name))
+        .collect();
+    if !by_file_name.is_empty() {
+        return by_file_name;
+    }
+    let alias = |m: &ModelEntry| {
+        let (_, metadata) = read_header(&m.path).ok()?;
+        metadata.get("ss_output_name").cloned()
+    };
+    listing
+        .iter()
+        .filter(|m| alias(m).as_deref() == Some(name))
+        .collect()
 }
