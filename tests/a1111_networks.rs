@@ -349,6 +349,7 @@ async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
         ("styles/people", "char_kohya", "knight"),
         ("a", "style_peft", "twin"),
         ("b", "unet_only_peft", "twin"),
+        ("c", "style_peft", "odd,name"),
     ] {
         let dir = root.path().join(folder);
         std::fs::create_dir_all(&dir).expect("folder");
@@ -399,4 +400,11 @@ async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
         .images(spec("<lora:b/twin:1>"))
         .await
         .expect("one twin");
+    // A1111 drops the separators of its lists from the names it lists.
+    let odd = server.images(spec("<lora:odd,name:1>")).await.expect("odd");
+    let parameters = common::png_parameters(&odd.images[0].data);
+    assert!(
+        parameters.contains("Lora hashes: \"oddname: "),
+        "{parameters}"
+    );
 }

@@ -37,8 +37,12 @@ fn hashes_entry<'a>(
     named: impl Iterator<Item = (&'a str, &'a ModelEntry)>,
     models: &[ModelUsed],
 ) -> String {
+    // A1111 drops `:` and `,` from the names, which would break the list apart.
     let hashes: Vec<String> = named
-        .map(|(name, model)| format!("{name}: {}", short(hash_of(models, kind, &model.name), 12)))
+        .map(|(name, model)| {
+            let name = name.replace([':', ','], "");
+            format!("{name}: {}", short(hash_of(models, kind, &model.name), 12))
+        })
         .collect();
     if hashes.is_empty() {
         return String::new();
