@@ -12,8 +12,10 @@
 #      plain (CUDA graphs, each layout option, cuDNN autotuning, all of them, cuDNN's
 #      attention kernel first, the VAE decoded in bands of 128 rows, a memory budget that holds the weights but not the
 #      activations beside them so that the text encoders go to the host once the
-#      prompts are encoded; a variant's profile run is eager: graphs step aside while a
-#      profile records); then 1024² batch 4 (20 steps, images per second) and 768².
+#      prompts are encoded, A1111's syntax with a negative of the prompt's length and
+#      with one a chunk longer, whose calls attend through a key mask; a variant's
+#      profile run is eager: graphs step aside while a profile records); then 1024²
+#      batch 4 (20 steps, images per second) and 768².
 # SIZES, BATCHES, RUNS, STEPS and VARIANTS narrow or widen it to fit the device time at
 # hand. A dry run of the whole script on the CPU, before GPU time is spent (the tiny2
 # pipeline in float32 stands in for the full-size model; CUDA-only options are no-ops):
@@ -40,7 +42,7 @@ python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only -
 python3 bench/e2e.py --model .gpu/tiny2 --sdxld "$sdxld" --steps 4 --cuda-only --check-device "$device" \
   --check-dtype "${DTYPE:-bfloat16}" --cuda-flags "--attention-backend cudnn;--attention-backend efficient;--vae-band-rows 16"
 
-variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;cudnn-attn=--attention-backend cudnn;bands=--vae-band-rows 128;offload=--memory-budget @TIGHT_BUDGET@}"
+variants="${VARIANTS-graphs=--cuda-graphs;cl=--channels-last;fused=--fused-projections;cudnn=--cudnn-benchmark;all=--cuda-graphs --channels-last --fused-projections --cudnn-benchmark;cudnn-attn=--attention-backend cudnn;bands=--vae-band-rows 128;offload=--memory-budget @TIGHT_BUDGET@;a1111=--prompt-syntax a1111 --negative-prompt blurry;a1111-masked=--prompt-syntax a1111 --negative-prompt blurry,BREAK,grainy}"
 left=$(( ${DEADLINE_S:-570} - (SECONDS - started) ))
 [ "$left" -gt 0 ] || { echo "no time left for the full-size model"; exit 1; }
 timeout -s INT "$left" python3 bench/gpu_full.py --sdxld "$sdxld" --vocab .gpu/clip_vocab --device "$device" \
