@@ -337,10 +337,26 @@ async fn lora_tags_that_cannot_run_are_refused_naming_the_field() {
     server.images(base).await.expect("and the server serves on");
 }
 
-/// A tag finds a LoRA by its file name wherever it lies under the LoRA roots, as A1111
-/// finds it (the same image as naming it by its path, the PNG's `Lora hashes` under
-/// the name the tag mentions); a file name several LoRAs have is INVALID_ARGUMENT
-/// naming the prompt, and a path names one of them.
+/// `source` copied to `target` with `ss_output_name` set in its header's metadata, as
+/// kohya-ss writes it.
+fn copy_with_alias(source: &std::path::Path, target: &std::path::Path, alias: &str) {
+    let bytes = std::fs::read(source).expect("read");
+    let length = u64::from_le_bytes(bytes[..8].try_into().expect("length")) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + length]).expect("header");
+    header["__metadata__"] = serde_json::json!({ "ss_output_name": alias });
+    let mut json = serde_json::to_vec(&header).expect("json");
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.extend(&bytes[8 + length..]);
+    std::fs::write(target, out).expect("write");
+}
+
+/// A tag finds a LoRA by its file name wherever it lies under the LoRA roots, or by its
+/// alias (`ss_output_name`, which ListModels shows), as A1111 finds it (the same image
+/// as naming it by its path, the PNG's `Lora hashes` under the name the tag mentions);
+/// a file name several LoRAs have is INVALID_ARGUMENT naming the prompt, and a path
+/// names one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -359,6 +375,11 @@ async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
         )
         .expect("copy");
     }
+    copy_with_alias(
+        &fixture.join("char_kohya.safetensors"),
+        &root.path().join("a/char_v2_final.safetensors"),
+        "hero",
+    );
     let roots = root.path().to_str().expect("utf-8");
     let server = TestServer::with_pipelines(&[("SDXLD__MODELS__LORA_ROOTS", roots)]).await;
     let spec = |prompt: &str| pb::GenerationSpec {
@@ -393,6 +414,21 @@ async fn lora_tags_find_a_lora_by_its_file_name_as_a1111_does() {
         parameters.contains("Lora hashes: \"knight: "),
         "{parameters}"
     );
+    let by_alias = server
+        .images(spec("a knight <lora:hero:0.7>"))
+        .await
+        .expect("by alias");
+    assert_eq!(
+        pixels(&by_alias.images[0].data),
+        pixels(&by_path.images[0].data)
+    );
+    let listed = server.list_models(pb::ModelKind::Lora).await;
+    let alias = |name: &str| {
+        let model = listed.iter().find(|m| m.name == name).expect("listed");
+        model.lora.as_ref().expect("lora").alias.clone()
+    };
+    assert_eq!(alias("a/char_v2_final"), "hero");
+    assert_eq!(alias("a/twin"), "");
     server
         .assert_invalid("two twins", spec("<lora:twin:1>"), &["spec.prompt"])
         .await;

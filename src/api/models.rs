@@ -289,6 +289,7 @@ fn lora_info(model: &ModelEntry) -> pb::LoraInfo {
             })
             .collect(),
         layers: layout.modules.len() as u32,
+        alias: layout.alias.unwrap_or_default(),
     }
 }
 

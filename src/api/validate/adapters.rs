@@ -7,9 +7,9 @@ use crate::api::status::ApiError;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
 use crate::api::validate::model::named;
 use crate::api::validate::{prompt_syntax, Deferred};
+use crate::engine::loading::lora::alias_of;
 use crate::engine::prompt_syntax::a1111_networks::PromptLora;
 use crate::engine::registry::{check_name, ModelEntry, ModelKind, Registry, RegistryError};
-use crate::engine::weights::read_header;
 use crate::jobs::LoraJob;
 use crate::proto::v1 as pb;
 
@@ -230,12 +230,8 @@ fn by_file_name_or_alias<'a>(listing: &'a [ModelEntry], name: &str) -> Vec<&'a M
     if !by_file_name.is_empty() {
         return by_file_name;
     }
-    let alias = |m: &ModelEntry| {
-        let (_, metadata) = read_header(&m.path).ok()?;
-        metadata.get("ss_output_name").cloned()
-    };
     listing
         .iter()
-        .filter(|m| alias(m).as_deref() == Some(name))
+        .filter(|m| alias_of(&m.path).as_deref() == Some(name))
         .collect()
 }

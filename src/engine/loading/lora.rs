@@ -94,6 +94,17 @@ pub struct LoraLayout {
     pub format: LoraFormat,
     /// Its modules, in the order of their names.
     pub modules: Vec<LoraModule>,
+    /// Its alias, where its metadata has one.
+    pub alias: Option<String>,
+}
+
+/// The metadata key of a LoRA's alias (kohya-ss's output name, which A1111 prompts use).
+const ALIAS_KEY: &str = "ss_output_name";
+
+/// The alias of the LoRA file at `path`, where its metadata has one (header only).
+pub fn alias_of(path: &Path) -> Option<String> {
+    let (_, metadata) = crate::engine::weights::read_header(path).ok()?;
+    metadata.get(ALIAS_KEY).cloned()
 }
 
 fn lora_error(lora: &str, key: &str, message: impl Into<String>) -> EngineError {
@@ -342,7 +353,11 @@ impl LoraLayout {
                 up_shape,
             });
         }
-        Ok(Self { format, modules })
+        Ok(Self {
+            format,
+            modules,
+            alias: metadata.get(ALIAS_KEY).cloned(),
+        })
     }
 
     /// The largest rank of its modules.
