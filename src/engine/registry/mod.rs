@@ -499,11 +499,7 @@ impl Registry {
         let mut found = vec![self.default.clone()];
         let bounds = self.bounds();
         for kind in ModelKind::ALL {
-            for root in self.roots.of(kind) {
-                if let Ok(root) = root.canonicalize() {
-                    self.list_root(kind, &root, &bounds, &mut found);
-                }
-            }
+            self.list_roots(kind, &bounds, &mut found);
         }
         found.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         found.dedup_by(|a, b| a.kind == b.kind && a.name == b.name);
@@ -512,17 +508,21 @@ impl Registry {
 
     /// The models of `kind` under its roots, by name.
     pub fn list_kind(&self, kind: ModelKind) -> Vec<ModelEntry> {
-        let bounds = self.bounds();
         let mut found = Vec::new();
-        for root in self.roots.of(kind) {
-            if let Ok(root) = root.canonicalize() {
-                self.list_root(kind, &root, &bounds, &mut found);
-            }
-        }
+        self.list_roots(kind, &self.bounds(), &mut found);
         found.retain(|m| m.kind == kind);
         found.sort_by(|a, b| a.name.cmp(&b.name));
         found.dedup_by(|a, b| a.name == b.name);
         found
+    }
+
+    /// Lists every root of `kind`.
+    fn list_roots(&self, kind: ModelKind, bounds: &[PathBuf], found: &mut Vec<ModelEntry>) {
+        for root in self.roots.of(kind) {
+            if let Ok(root) = root.canonicalize() {
+                self.list_root(kind, &root, bounds, found);
+            }
+        }
     }
 
     fn list_root(
