@@ -549,6 +549,13 @@ async fn emphasis_modes_weigh_as_a1111s_settings_weigh() {
     server
         .assert_invalid("compel", compel, &["spec.emphasis"])
         .await;
+    let unknown = pb::GenerationSpec {
+        emphasis: 9,
+        ..base.clone()
+    };
+    server
+        .assert_invalid("an unknown emphasis", unknown, &["spec.emphasis"])
+        .await;
 }
 
 /// `sdxld generate --prompt-syntax a1111` draws the first image of the pipeline case; a

@@ -143,14 +143,16 @@ pub fn extra_networks(spec: &pb::GenerationSpec, v: &mut Violations) -> Option<E
 
 /// `spec.emphasis`: A1111's emphasis mode, with A1111's syntax only.
 fn emphasis(spec: &pb::GenerationSpec, syntax: PromptSyntax, v: &mut Violations) -> Emphasis {
-    let emphasis = match enum_value::<pb::Emphasis>(v, "spec.emphasis", spec.emphasis) {
-        Some(pb::Emphasis::NoNorm) => Emphasis::NoNorm,
-        Some(pb::Emphasis::Ignore) => Emphasis::Ignore,
-        Some(pb::Emphasis::None) => Emphasis::Literal,
-        _ => Emphasis::Original,
+    let Some(wire) = enum_value::<pb::Emphasis>(v, "spec.emphasis", spec.emphasis) else {
+        return Emphasis::Original;
     };
-    let asked = spec.emphasis != pb::Emphasis::Unspecified as i32;
-    if asked && syntax != PromptSyntax::A1111 {
+    let emphasis = match wire {
+        pb::Emphasis::NoNorm => Emphasis::NoNorm,
+        pb::Emphasis::Ignore => Emphasis::Ignore,
+        pb::Emphasis::None => Emphasis::Literal,
+        pb::Emphasis::Original | pb::Emphasis::Unspecified => Emphasis::Original,
+    };
+    if wire != pb::Emphasis::Unspecified && syntax != PromptSyntax::A1111 {
         v.add(
             "spec.emphasis",
             "is A1111's setting: it needs PROMPT_SYNTAX_A1111",
