@@ -294,7 +294,7 @@ fn fragment(text: &str, weight: f64) -> Fragment {
 /// taken out before its texts are read ([`super::a1111_networks`]), a negative's or
 /// `prompt_2`'s would be encoded.
 fn refuse_unsupported(prompt: &str) -> Result<(), SyntaxError> {
-    if let Some(tag) = super::a1111_networks::has_tag(prompt) {
+    if let Some(tag) = super::a1111_networks::first_tag(prompt) {
         return Err(SyntaxError::Unsupported(format!(
             "has the extra network `{tag}` where A1111 reads it as text: extra networks go in the prompt"
         )));

@@ -42,8 +42,8 @@ fn tag() -> &'static Regex {
     RE.get_or_init(|| Regex::new(r"<([\p{L}\p{N}_]+):([^>]+)>").expect("the tag pattern compiles"))
 }
 
-/// Whether `text` has an extra network tag.
-pub fn has_tag(text: &str) -> Option<&str> {
+/// The first extra network tag in `text`, if it has one.
+pub fn first_tag(text: &str) -> Option<&str> {
     tag().find(text).map(|m| m.as_str())
 }
 
