@@ -3,8 +3,10 @@
 //! the image through an upscaler model (one pass, or a larger one and Pillow's Lanczos
 //! down), then image to image at the final size with the generator continuing (a
 //! stochastic second pass shows it), another scheduler, guidance on or off, scales that
-//! round to whole latents; a refiner stage after the hires pass. Over the engine and over
-//! gRPC, with progress, sizes and metadata (refused passes: `hires_refusals.rs`).
+//! round to whole latents; a refiner stage after the hires pass; the hires pass's own
+//! prompts, which the refiner after it reads too. Over the engine and over gRPC, with
+//! progress, sizes and metadata (refused passes: `hires_refusals.rs`; the hires prompt
+//! over gRPC: `hires_prompts.rs`).
 
 use crate::common;
 
@@ -12,7 +14,9 @@ use common::server::{drain, TestServer};
 use common::{
     assert_close, assert_images_match, hires_fixtures, read_tensors, wire_scheduler, Case, CONFIGS,
 };
-use sdxld::engine::hires::{generate_hires, Enlarge, HiresParams, LatentInterpolation};
+use sdxld::engine::hires::{
+    generate_hires, Enlarge, HiresParams, LatentInterpolation, PassPrompts,
+};
 use sdxld::engine::pipeline::{Placement, SdxlPipeline};
 use sdxld::engine::upscale::tiles::TilePlan;
 use sdxld::engine::upscale::Upscaler;
@@ -54,7 +58,42 @@ fn hires_params(case: &Case) -> HiresParams {
         guidance_scale: case["hires_guidance"].as_f64().unwrap_or(5.0),
         scheduler_overrides: case.scheduler(key),
         enlarge,
+        prompts: pass_prompts(case),
     }
+}
+
+/// A case's hires prompts (each falling back to the first pass's), when it has any.
+pub(crate) fn pass_prompts(case: &Case) -> Option<PassPrompts> {
+    let own = ["hires_prompt", "hires_prompt_2", "hires_negative_prompt"];
+    if own.iter().all(|key| case[*key].is_null()) {
+        return None;
+    }
+    let text = |key: &str, first: &str| {
+        case[key]
+            .as_str()
+            .or(case[first].as_str())
+            .map(str::to_string)
+    };
+    Some(PassPrompts {
+        prompt: text("hires_prompt", "prompt").expect("a prompt"),
+        prompt_2: text("hires_prompt_2", "prompt_2"),
+        negative_prompt: text("hires_negative_prompt", "negative_prompt"),
+        negative_prompt_2: None,
+    })
+}
+
+/// A case's texts as a request gives them: the first pass's in `spec`, the hires
+/// pass's own in `hires`.
+pub(crate) fn with_texts(case: &Case, mut spec: pb::GenerationSpec) -> pb::GenerationSpec {
+    let text = |key: &str| case[key].as_str().map(str::to_string);
+    spec.prompt_2 = text("prompt_2");
+    spec.negative_prompt = text("negative_prompt");
+    if let Some(hires) = spec.hires.as_mut() {
+        hires.prompt = text("hires_prompt");
+        hires.prompt_2 = text("hires_prompt_2");
+        hires.negative_prompt = text("hires_negative_prompt");
+    }
+    spec
 }
 
 fn upscaler(case: &Case) -> Option<Upscaler> {
@@ -438,9 +477,11 @@ fn refined_spec_of(config: &str, case: &Case, upscaler: &str) -> pb::GenerationS
 /// the second pass by default: diffusers' recipe with the hires pass's img2img pipeline
 /// stopping at the high-noise fraction (or running fully before a refiner at a
 /// strength) and the refiner continuing its latents at the final size, on both tiny
-/// pipelines (latents and an upscaler enlarging; a second-order
-/// refiner; two images). Progress runs denoising, hires upscaling, hires denoising, then
-/// refining; the PNG parameters name both.
+/// pipelines (latents and an upscaler enlarging; a second-order refiner; two images; a
+/// hires pass with its own prompts, which the refiner reads: a prompt and `prompt_2`,
+/// or only an empty negative beside the first pass's `prompt_2`). Progress runs
+/// denoising, hires upscaling, hires denoising, then refining; the PNG parameters name
+/// both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
     let roots = common::fixtures();
@@ -466,7 +507,7 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
         {
             let what = format!("{config} {}", case.name());
             let request = pb::GenerateRequest {
-                spec: Some(refined_spec_of(config, case, &upscaler)),
+                spec: Some(with_texts(case, refined_spec_of(config, case, &upscaler))),
             };
             let (messages, end) = drain(client.generate(request).await).await;
             end.unwrap_or_else(|e| panic!("{what}: {e:?}"));
@@ -507,7 +548,7 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
             ran += 1;
         }
     }
-    assert_eq!(ran, 3);
+    assert_eq!(ran, 5);
 
     // A high-noise fraction below the hires pass's entry leaves it nothing to run: 6
     // Euler steps at strength 0.5 enter at 499, so 0.3 (cutoff 700) is refused.

@@ -400,6 +400,7 @@ impl ModelService for Models {
             ("micro_conditioning.aesthetic_score", true),
             ("post_processing", true),
             ("hires", true),
+            ("hires.prompt", true),
             ("embeddings", true),
             ("ip_adapters", true),
             ("ip_adapters.layers", true),

@@ -497,6 +497,10 @@ fn hires(h: &HiresArgs) -> anyhow::Result<Option<pb::HiresPass>> {
         scheduler,
         scheduler_options: present(options),
         guidance_scale: h.hires_guidance,
+        prompt: h.hires_prompt.clone(),
+        prompt_2: h.hires_prompt_2.clone(),
+        negative_prompt: h.hires_negative_prompt.clone(),
+        negative_prompt_2: h.hires_negative_prompt_2.clone(),
         ..Default::default()
     }))
 }

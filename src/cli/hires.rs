@@ -39,6 +39,20 @@ pub struct HiresArgs {
     /// Its guidance scale (default: --guidance).
     #[arg(long)]
     pub hires_guidance: Option<f32>,
+    /// Its own prompt (default: --prompt), in --prompt-syntax.
+    #[arg(long)]
+    pub hires_prompt: Option<String>,
+    /// Its prompt for the second text encoder (default: --prompt-2, which defaults to
+    /// the pass's prompt).
+    #[arg(long)]
+    pub hires_prompt_2: Option<String>,
+    /// Its negative prompt (default: --negative-prompt).
+    #[arg(long)]
+    pub hires_negative_prompt: Option<String>,
+    /// Its negative prompt for the second text encoder (default: --negative-prompt-2,
+    /// which defaults to the pass's negative prompt).
+    #[arg(long)]
+    pub hires_negative_prompt_2: Option<String>,
 }
 
 impl HiresArgs {
@@ -52,6 +66,10 @@ impl HiresArgs {
             || self.hires_strength.is_some()
             || self.hires_scheduler.is_some()
             || self.hires_guidance.is_some()
+            || self.hires_prompt.is_some()
+            || self.hires_prompt_2.is_some()
+            || self.hires_negative_prompt.is_some()
+            || self.hires_negative_prompt_2.is_some()
     }
 
     /// `--hires-size` as (width, height); (0, 0), the scale's, when absent.
@@ -101,6 +119,10 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "steps" => "--hires-steps",
         "strength" => "--hires-strength",
         "guidance_scale" => "--hires-guidance",
+        "prompt" => "--hires-prompt",
+        "prompt_2" => "--hires-prompt-2",
+        "negative_prompt" => "--hires-negative-prompt",
+        "negative_prompt_2" => "--hires-negative-prompt-2",
         f if f.starts_with("scheduler") => "--hires-scheduler",
         _ => "--hires-*",
     })

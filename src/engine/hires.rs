@@ -74,12 +74,34 @@ pub struct HiresParams {
     pub scheduler_overrides: SchedulerOverrides,
     /// How the first pass's result is enlarged.
     pub enlarge: Enlarge,
+    /// The pass's own texts (A1111's hires prompt), in place of the first pass's.
+    pub prompts: Option<PassPrompts>,
 }
 
-/// The second pass's request: the first pass's prompts and micro-conditioning at the
-/// final size, with the pass's steps, guidance and scheduler.
+/// The texts a pass reads in place of the first pass's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassPrompts {
+    pub prompt: String,
+    pub prompt_2: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub negative_prompt_2: Option<String>,
+}
+
+/// The second pass's request: the first pass's micro-conditioning at the final size,
+/// with the pass's steps, guidance, scheduler and prompts (the first pass's unless it has
+/// its own).
 pub fn second_pass_params(first: &GenerateParams, h: &HiresParams) -> GenerateParams {
+    let texts = h.prompts.clone().unwrap_or_else(|| PassPrompts {
+        prompt: first.prompt.clone(),
+        prompt_2: first.prompt_2.clone(),
+        negative_prompt: first.negative_prompt.clone(),
+        negative_prompt_2: first.negative_prompt_2.clone(),
+    });
     GenerateParams {
+        prompt: texts.prompt,
+        prompt_2: texts.prompt_2,
+        negative_prompt: texts.negative_prompt,
+        negative_prompt_2: texts.negative_prompt_2,
         width: h.width,
         height: h.height,
         steps: h.steps,

@@ -154,7 +154,9 @@ impl Engine {
         detector_activation_estimate(network, size, element)
     }
 
-    /// Makes room for a job using `models` and `params`, evicting what it does not use,
+    /// Makes room for a job using `models` whose denoising passes run with `passes` (one
+    /// after the other: the largest of each part of their estimates counts), evicting
+    /// what it does not use,
     /// and says how its LoRA adapters are applied and its images decoded: merging the
     /// adapters takes `lora_copies` more bytes while the job runs, which the auto mode
     /// spends only if the budget has them; a job whose whole decode does not fit decodes
@@ -166,7 +168,7 @@ impl Engine {
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
-        params: &GenerateParams,
+        passes: &[GenerateParams],
         detector_activations: u64,
         lora_copies: u64,
     ) -> Result<Room, EngineError> {
@@ -183,7 +185,10 @@ impl Engine {
             | ModelPath::ImageEncoder(_) => None,
         });
         let generation = pipeline.map_or_else(GenerationEstimate::default, |p| {
-            generation_estimate(p, params, element)
+            passes
+                .iter()
+                .map(|pass| generation_estimate(p, pass, element))
+                .fold(GenerationEstimate::default(), GenerationEstimate::max)
         });
         let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
         let mut result = Err(EngineError::Internal("no way to fit the job".into()));

@@ -65,8 +65,8 @@ impl JobRun<'_> {
             })
             .max()
             .unwrap_or(0);
-        let largest_run = spec.largest_run(self.options.batch);
-        let room = engine.make_room(&paths, &largest_run, detectors, lora_copies)?;
+        let largest_runs = spec.largest_runs(self.options.batch);
+        let room = engine.make_room(&paths, &largest_runs, detectors, lora_copies)?;
         let mut base = engine.pipeline(&spec.model)?;
         let mut refined = match &spec.refiner {
             Some(job) => Some(engine.pipeline(&job.model)?),
@@ -84,8 +84,8 @@ impl JobRun<'_> {
             (Some(r), Some(job)) => refiner::validate(&base, r, &spec.params, &job.params)?,
             _ => base.validate(&spec.params)?,
         }
-        if spec.hires.is_some() {
-            base.validate(&spec.largest_pass())?;
+        for pass in spec.base_passes().iter().skip(1) {
+            base.validate(pass)?;
         }
         let mut loras = Vec::with_capacity(spec.loras.len());
         for job in &spec.loras {

@@ -74,11 +74,10 @@ pub fn png_metadata(spec: &JobSpec, models: &[ModelUsed], index: usize, seed: u6
     }
 }
 
-/// A1111's `parameters` text for one image.
-fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
-    let p = &spec.params;
-    let mut text = spec.written_prompt.clone();
-    // A1111 writes the LoRAs a prompt used into the prompt itself (`te` before `unet`).
+/// The LoRAs of the request's list as tags: A1111 writes the LoRAs a prompt used into
+/// the prompt itself (`te` before `unet`).
+fn listed_lora_tags(spec: &JobSpec) -> String {
+    let mut text = String::new();
     for lora in spec.loras.iter().filter(|l| l.tag_name.is_none()) {
         text.push_str(&format!(
             " <lora:{}:{}",
@@ -89,6 +88,24 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
         }
         text.push('>');
     }
+    text
+}
+
+/// A value as A1111's infotext writes it (`quote`): as it is, or JSON-quoted where it
+/// holds a comma, a colon or a line break.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) {
+        serde_json::to_string(value).unwrap_or_default()
+    } else {
+        value.to_string()
+    }
+}
+
+/// A1111's `parameters` text for one image.
+fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
+    let p = &spec.params;
+    let mut text = spec.written_prompt.clone();
+    text.push_str(&listed_lora_tags(spec));
     if let Some(negative) = &p.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
@@ -248,7 +265,7 @@ fn init_image_entries(spec: &JobSpec) -> String {
 }
 
 /// The hires pass as A1111 writes it (`Hires upscale` or `Hires resize`, `Hires steps`,
-/// `Hires upscaler`, `Denoising strength`, and its guidance and sampler).
+/// `Hires upscaler`, `Denoising strength`, its guidance and sampler, and its own prompts).
 fn hires_entries(spec: &JobSpec) -> String {
     let Some(hires) = &spec.hires else {
         return String::new();
@@ -263,10 +280,23 @@ fn hires_entries(spec: &JobSpec) -> String {
         (None, Enlarge::Latent(mode)) => mode.a1111_name().to_string(),
         (None, Enlarge::Model(_)) => String::new(),
     };
-    format!(
+    let mut text = format!(
         ", Denoising strength: {}, {size}, Hires steps: {}, Hires upscaler: {upscaler}, Hires CFG Scale: {}, Hires sampler: {}",
         h.strength, h.steps, h.guidance_scale, hires.sampler_name
-    )
+    );
+    // Written where they differ from the first pass's, as A1111 writes them (the
+    // listed LoRAs in both: A1111 runs the hires prompt's).
+    let own_prompt = hires.written_prompt.as_ref();
+    if let Some(prompt) = own_prompt.filter(|p| **p != spec.written_prompt) {
+        let prompt = format!("{prompt}{}", listed_lora_tags(spec));
+        text.push_str(&format!(", Hires prompt: {}", quote(&prompt)));
+    }
+    let negative = h.prompts.as_ref().map(|t| &t.negative_prompt);
+    if let Some(negative) = negative.filter(|n| **n != spec.params.negative_prompt) {
+        let negative = negative.as_deref().unwrap_or("");
+        text.push_str(&format!(", Hires negative prompt: {}", quote(negative)));
+    }
+    text
 }
 
 /// The post-processing steps as A1111's extras tab writes them (`Postprocess upscale by`,

@@ -45,7 +45,7 @@ pub(crate) fn make_room(
         sink.progress(progress(Stage::LoadingModels, 0, 0));
     }
     let paths: Vec<_> = models.iter().map(|m| model_path(m)).collect();
-    engine.make_room(&paths, &Default::default(), activations, 0)?;
+    engine.make_room(&paths, &[], activations, 0)?;
     Ok(())
 }
 

@@ -153,6 +153,9 @@ pub struct HiresJob {
     pub scale: Option<f64>,
     /// The second pass's scheduler as A1111 names it, for the PNG parameters.
     pub sampler_name: String,
+    /// Its own prompt as the request wrote it (extra network tags included), for the PNG
+    /// parameters.
+    pub written_prompt: Option<String>,
 }
 
 /// A super-resolution step: the upscaler, the factor (at most its native scale; below
@@ -344,28 +347,34 @@ impl JobSpec {
         }
     }
 
-    /// The parameters of the job's largest denoising pass, which its memory estimate
-    /// counts.
-    pub fn largest_pass(&self) -> GenerateParams {
-        match &self.hires {
-            Some(h) => crate::engine::hires::second_pass_params(&self.params, &h.params),
-            None => self.params.clone(),
+    /// The parameters of the base model's denoising passes: the first, and the hires
+    /// pass when there is one.
+    pub fn base_passes(&self) -> Vec<GenerateParams> {
+        let mut passes = vec![self.params.clone()];
+        if let Some(h) = &self.hires {
+            passes.push(crate::engine::hires::second_pass_params(
+                &self.params,
+                &h.params,
+            ));
         }
+        passes
     }
 
-    /// The largest pass's parameters as one denoising run of the job under `mode` takes
-    /// them through the UNet at most: `num_images` is the images sharing a run (see
+    /// Each base pass's parameters as one denoising run of the job under `mode` takes
+    /// them through the UNet at most (the memory estimate takes the largest of each
+    /// part): `num_images` is the images sharing a run (see
     /// [`crate::engine::request::batch_runs`]). Before the models load, a scheduler's
     /// drawing of noise is unknown, so `Together` counts every image of a job that only
     /// such a scheduler would split (an upper bound).
-    pub fn largest_run(&self, mode: BatchMode) -> GenerateParams {
+    pub fn largest_runs(&self, mode: BatchMode) -> Vec<GenerateParams> {
         let split = mode == BatchMode::PerImage
             || self.params.init_image.is_some()
             || self.refiner.is_some()
             || self.hires.is_some();
-        GenerateParams {
-            num_images: if split { 1 } else { self.params.num_images },
-            ..self.largest_pass()
-        }
+        let num_images = if split { 1 } else { self.params.num_images };
+        self.base_passes()
+            .into_iter()
+            .map(|pass| GenerateParams { num_images, ..pass })
+            .collect()
     }
 }

@@ -963,6 +963,29 @@ def test_python_client_hires_pass_replays_from_its_png(stubs, server):
     assert again.images[0].data == image.data
 
 
+def test_python_client_hires_prompt_is_read_written_and_replayed(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    hires = stubs.gen.HiresPass(scale=1.5, steps=4, strength=0.5, prompt="a green apple, glossy", negative_prompt="")
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, hires=hires)))
+    png = Image.open(io.BytesIO(first.images[0].data))
+    parameters = png.info["parameters"]
+    assert 'Hires prompt: "a green apple, glossy"' in parameters, parameters
+    assert "Hires negative prompt: " in parameters, parameters
+    resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+    assert resolved.hires.HasField("negative_prompt") and not resolved.hires.HasField("prompt_2")
+    again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+    assert again.images[0].data == first.images[0].data
+    plain = spec(stubs, hires=stubs.gen.HiresPass(scale=1.5, steps=4, strength=0.5))
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=plain))
+    assert Image.open(io.BytesIO(plain.images[0].data)).tobytes() != png.tobytes()
+    too_long = spec(stubs, hires=stubs.gen.HiresPass(negative_prompt_2="a" * 20000))
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=too_long))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(stubs, caught.value) == ["spec.hires.negative_prompt_2"]
+
+
 def test_python_client_few_step_lcm_with_custom_timesteps_replays_from_its_png(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)

@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use crate::api::status::ApiError;
 use crate::api::validate::fields::{model_name, optional_float, Range, Violations};
 use crate::api::validate::model::named;
-use crate::api::validate::{prompt_syntax, Deferred};
+use crate::api::validate::prompt_syntax::{self, Untagged};
+use crate::api::validate::Deferred;
 use crate::engine::loading::lora::alias_of;
 use crate::engine::prompt_syntax::a1111_networks::PromptLora;
 use crate::engine::registry::{check_name, ModelEntry, ModelKind, Registry, RegistryError};
@@ -19,17 +20,18 @@ pub const MAX_LORAS: usize = 16;
 const WEIGHTS: Range = Range::closed(-2.0, 2.0);
 
 /// The job's LoRAs: `spec.loras`, then, in A1111's syntax, those the prompt's tags
-/// name; and the prompt without its tags where the syntax takes them out.
+/// name; and the prompts without their tags where the syntax takes them out.
 pub fn job_loras(
     spec: &pb::GenerationSpec,
     registry: &Registry,
     v: &mut Violations,
     deferred: &mut Deferred,
-) -> (Vec<LoraJob>, Option<String>) {
+) -> (Vec<LoraJob>, Untagged) {
     let mut jobs = loras(&spec.loras, registry, v, deferred);
-    let Some(networks) = prompt_syntax::extra_networks(spec, v) else {
-        return (jobs, None);
+    let Some(networks) = prompt_syntax::extra_networks(spec, &spec.prompt, "spec.prompt", v) else {
+        return (jobs, Untagged::default());
     };
+    let hires_prompt = hires_prompt(spec, &networks.loras, v, deferred);
     jobs.extend(prompt_loras(
         &networks.loras,
         &spec.loras,
@@ -37,7 +39,52 @@ pub fn job_loras(
         v,
         deferred,
     ));
-    (jobs, Some(networks.text))
+    let untagged = Untagged {
+        prompt: Some(networks.text),
+        hires_prompt,
+    };
+    (jobs, untagged)
+}
+
+/// The hires pass's own prompt without its tags, which must name the LoRAs and
+/// multipliers the prompt's tags name (`first`): A1111 would switch to the LoRAs they
+/// name for the hires pass, which this server does not do (UNIMPLEMENTED).
+fn hires_prompt(
+    spec: &pb::GenerationSpec,
+    first: &[PromptLora],
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<String> {
+    const FIELD: &str = "spec.hires.prompt";
+    let text = spec.hires.as_ref()?.prompt.as_ref()?;
+    let networks = prompt_syntax::extra_networks(spec, text, FIELD, v)?;
+    let key = |loras: &[PromptLora]| {
+        let mut key: Vec<_> = loras
+            .iter()
+            .map(|l| (l.name.clone(), l.text_encoder_weight, l.unet_weight))
+            .collect();
+        key.sort_by(|a, b| a.0.cmp(&b.0));
+        key
+    };
+    if key(&networks.loras) != key(first) {
+        let tags = |loras: &[PromptLora]| match loras {
+            [] => "no LoRA".to_string(),
+            _ => loras
+                .iter()
+                .map(|l| l.tag.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        deferred.unimplemented(ApiError::Unimplemented(
+            FIELD.into(),
+            format!(
+                "tags {} where spec.prompt tags {}: switching LoRAs for the hires pass is not implemented yet (tag the prompt's LoRAs with its weights, or leave the hires prompt unset)",
+                tags(&networks.loras),
+                tags(first)
+            ),
+        ));
+    }
+    Some(networks.text)
 }
 
 /// `spec.loras`: each named once, with a weight in [-2, 2] (default 1) and the text

@@ -41,10 +41,15 @@ pub struct Violations(pub Vec<(String, String)>);
 
 impl Violations {
     /// Records a bad field; `description` follows the field's name ("must be ...").
+    /// A violation already recorded (a text several passes read, checked for each) is
+    /// recorded once.
     pub fn add(&mut self, field: impl Into<String>, description: impl AsRef<str>) {
         let field = field.into();
         let description = format!("`{field}` {}", description.as_ref());
-        self.0.push((field, description));
+        let violation = (field, description);
+        if !self.0.contains(&violation) {
+            self.0.push(violation);
+        }
     }
 
     /// Whether `field` is already named: a rule that reads its value (a default stands in

@@ -8,7 +8,7 @@ use crate::api::validate::postprocess::tiling;
 use crate::api::validate::sampling::{scheduler, GUIDANCE};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
-use crate::engine::hires::{Enlarge, HiresParams, LatentInterpolation};
+use crate::engine::hires::{Enlarge, HiresParams, LatentInterpolation, PassPrompts};
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
 use crate::engine::schedulers::options::a1111_name;
 use crate::engine::schedulers::{SchedulerKind, SchedulerOptions, SchedulerOverrides};
@@ -33,6 +33,11 @@ pub struct FirstPass<'a> {
     pub scheduler: &'a (Option<SchedulerKind>, SchedulerOptions),
     /// The model's own scheduler.
     pub model_scheduler: Option<SchedulerKind>,
+    /// Its texts as the syntax reads them.
+    pub prompts: PassPrompts,
+    /// The hires pass's own prompt as the syntax reads it (extra network tags taken
+    /// out), where the syntax takes tags out.
+    pub hires_prompt: Option<&'a str>,
 }
 
 /// The hires pass, when every field is valid.
@@ -88,6 +93,7 @@ pub fn hires(
         guidance_scale,
         scheduler_overrides,
         enlarge,
+        prompts: pass_prompts(h, first),
     };
     if !h.upscaler.is_empty() && upscaler.is_none() {
         return None;
@@ -97,6 +103,42 @@ pub fn hires(
         upscaler,
         scale,
         sampler_name,
+        written_prompt: h.prompt.clone(),
+    })
+}
+
+/// The first pass's texts, its prompt read as `prompt` (extra network tags taken out).
+pub fn first_pass_prompts(spec: &pb::GenerationSpec, prompt: &str) -> PassPrompts {
+    PassPrompts {
+        prompt: prompt.to_string(),
+        prompt_2: spec.prompt_2.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        negative_prompt_2: spec.negative_prompt_2.clone(),
+    }
+}
+
+/// The pass's own texts, each falling back to the first pass's, when it has any.
+fn pass_prompts(h: &pb::HiresPass, first: &FirstPass) -> Option<PassPrompts> {
+    let texts = [
+        &h.prompt,
+        &h.prompt_2,
+        &h.negative_prompt,
+        &h.negative_prompt_2,
+    ];
+    if texts.iter().all(|t| t.is_none()) {
+        return None;
+    }
+    let own = |text: &Option<String>, first: &Option<String>| text.clone().or(first.clone());
+    let prompt = match (&h.prompt, first.hires_prompt) {
+        (Some(_), Some(untagged)) => untagged.to_string(),
+        (Some(written), None) => written.clone(),
+        (None, _) => first.prompts.prompt.clone(),
+    };
+    Some(PassPrompts {
+        prompt,
+        prompt_2: own(&h.prompt_2, &first.prompts.prompt_2),
+        negative_prompt: own(&h.negative_prompt, &first.prompts.negative_prompt),
+        negative_prompt_2: own(&h.negative_prompt_2, &first.prompts.negative_prompt_2),
     })
 }
 

@@ -176,7 +176,8 @@ fn check(
     images::strength_steps(init.as_ref(), counts.0, v);
     // 3. adapters, the refiner, the output
     let vae = model::vae(spec, registry, v, deferred);
-    let (loras, prompt) = adapters::job_loras(spec, registry, v, deferred);
+    let (loras, untagged) = adapters::job_loras(spec, registry, v, deferred);
+    let read = untagged.prompt.as_deref().unwrap_or(&spec.prompt);
     let embeddings = embeddings::embeddings(&spec.embeddings, registry, v, deferred);
     let ip_adapters = ip_adapters::ip_adapters(
         &spec.ip_adapters,
@@ -226,6 +227,8 @@ fn check(
         guidance_scale: guidance.0,
         scheduler: &scheduler,
         model_scheduler,
+        prompts: hires::first_pass_prompts(spec, read),
+        hires_prompt: untagged.hires_prompt.as_deref(),
     };
     let hires = spec
         .hires
@@ -238,9 +241,8 @@ fn check(
         refiner: (refiner.as_ref()).map(|r| Pass::new(r.params.steps, r.params.guidance_scale)),
     };
     let guiding = prompt_syntax::Guiding::of(spec, guidance.1, model.as_ref());
-    let read = prompt.as_deref().unwrap_or(&spec.prompt);
     let (prompt_syntax, emphasis) =
-        prompt_syntax::prompt_syntax(spec, read, (&passes, &guiding), v);
+        prompt_syntax::prompt_syntax(spec, &untagged, (&passes, &guiding), v);
     window::empty_windows(&base_run, hires_pass, refiner.as_ref(), v);
     window::consistency_steps(&base_run, hires_pass, refiner.as_ref(), v);
     degenerate_schedules::nan_making_runs(&base_run, hires_pass, spec, refiner.as_ref(), v);
@@ -274,7 +276,7 @@ fn check(
         clip_skip,
         prompt_syntax,
         emphasis,
-        prompt,
+        prompt: untagged.prompt,
         vae,
         loras,
         embeddings,

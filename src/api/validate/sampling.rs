@@ -20,14 +20,24 @@ pub const GUIDANCE: Range = Range::closed(0.0, 30.0);
 /// Aesthetic scores.
 pub const AESTHETIC: Range = Range::closed(0.0, 10.0);
 
-/// The four prompts by field path (`None`: not given).
-pub fn prompt_fields(spec: &pb::GenerationSpec) -> [(&'static str, Option<&String>); 4] {
-    [
+/// The prompts by field path (`None`: not given): the four of the first pass and the
+/// hires pass's own.
+fn prompt_fields(spec: &pb::GenerationSpec) -> Vec<(&'static str, Option<&String>)> {
+    let mut fields = vec![
         ("spec.prompt", Some(&spec.prompt)),
         ("spec.prompt_2", spec.prompt_2.as_ref()),
         ("spec.negative_prompt", spec.negative_prompt.as_ref()),
         ("spec.negative_prompt_2", spec.negative_prompt_2.as_ref()),
-    ]
+    ];
+    if let Some(h) = &spec.hires {
+        fields.extend([
+            ("spec.hires.prompt", h.prompt.as_ref()),
+            ("spec.hires.prompt_2", h.prompt_2.as_ref()),
+            ("spec.hires.negative_prompt", h.negative_prompt.as_ref()),
+            ("spec.hires.negative_prompt_2", h.negative_prompt_2.as_ref()),
+        ]);
+    }
+    fields
 }
 
 /// The prompts, each at most `limits.max_prompt_chars` characters.

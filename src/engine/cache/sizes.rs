@@ -91,6 +91,16 @@ impl GenerationEstimate {
     pub fn tiled(&self) -> u64 {
         self.denoising.saturating_add(self.tiled_decoding)
     }
+
+    /// The larger of each part of two estimates (of passes that run one after the
+    /// other).
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            denoising: self.denoising.max(other.denoising),
+            decoding: self.decoding.max(other.decoding),
+            tiled_decoding: self.tiled_decoding.max(other.tiled_decoding),
+        }
+    }
 }
 
 fn product(factors: &[u64]) -> u64 {
