@@ -5,6 +5,7 @@
 //! checked before admission naming its field. (The engine and a refiner reading them:
 //! `hires.rs`.)
 
+use crate::a1111_prompts::json_file;
 use crate::common;
 use crate::hires::with_texts;
 
@@ -205,8 +206,9 @@ async fn an_a1111_hires_prompt_reads_as_a1111_reads_it() {
 /// Every hires text is checked before admission naming its own field: its length, its
 /// syntax (compel's and A1111's), A1111's extra network tags where A1111 reads them as
 /// text, a composable hires prompt against the hires pass's guidance (while the first
-/// pass's guidance does not matter to it); LoRA tags other than the prompt's are
-/// UNIMPLEMENTED naming `spec.hires.prompt`. The server serves on.
+/// pass's guidance does not matter to it), its LoRA tags as the prompt's (multipliers,
+/// names, count; an unknown LoRA NOT_FOUND; one that does not fit the model
+/// FAILED_PRECONDITION as the models load). The server serves on, unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hires_texts_are_checked_naming_their_fields() {
     let server = server().await;
@@ -294,34 +296,34 @@ async fn hires_texts_are_checked_naming_their_fields() {
         )
         .await;
 
-    // Other LoRAs in the hires pass would switch adapters between passes.
-    let switching = [
+    // The hires prompt's tags are checked as the prompt's are, naming its field.
+    let tagged = |hires_prompt: &str| with_hires(A1111, &|h| h.prompt = Some(hires_prompt.into()));
+    let seventeen: String = (0..17).map(|i| format!("<lora:l{i}:1>")).collect();
+    let refused = [
+        ("a multiplier of 3", "x <lora:char_kohya:3>"),
         (
-            "a LoRA of its own",
-            "a red lighthouse <lora:char_kohya:1>",
-            "",
+            "a LoRA named twice",
+            "x <lora:char_kohya:1> <lora:char_kohya:0.5>",
         ),
-        ("no LoRA", "a red lighthouse", " <lora:char_kohya:1>"),
-        (
-            "another weight",
-            "a red lighthouse <lora:char_kohya:0.5>",
-            " <lora:char_kohya:1>",
-        ),
+        ("seventeen LoRAs", seventeen.as_str()),
     ];
-    for (what, hires_prompt, tag) in switching {
-        let mut spec = with_hires(A1111, &|h| h.prompt = Some(hires_prompt.into()));
-        spec.prompt.push_str(tag);
-        let status = server.images(spec).await.expect_err(what);
-        assert_eq!(
-            status.code(),
-            tonic::Code::Unimplemented,
-            "{what}: {status:?}"
-        );
-        assert!(
-            status.message().contains("spec.hires.prompt"),
-            "{what}: {status:?}"
-        );
+    for (what, hires_prompt) in refused {
+        server
+            .assert_invalid(what, tagged(hires_prompt), &["spec.hires.prompt"])
+            .await;
     }
+    let unknown = server.images(tagged("x <lora:no_such_lora:1>")).await;
+    let status = unknown.expect_err("an unknown LoRA");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    // A hires LoRA that does not fit the model is refused as the models load, before
+    // the first pass runs, and leaves nothing behind.
+    let before = server.images(base.clone()).await.expect("before");
+    let misfit = server.images(tagged("x <lora:wrong_shapes:1>")).await;
+    let status = misfit.expect_err("a LoRA of another shape");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("wrong_shapes"), "{status:?}");
+    let after = server.images(base.clone()).await.expect("after");
+    assert_eq!(after.images[0].data, before.images[0].data);
     server.images(base).await.expect("the server serves on");
 }
 
@@ -355,4 +357,91 @@ fn hires_prompts_over_the_cli_equal_the_recipe() {
         &common::image_file(&png),
         &reference["hires_7.images"].get(0),
     );
+}
+
+/// LoRA tags in a hires prompt that name other LoRAs than the prompt's switch them for
+/// the hires pass as A1111 does: over gRPC latents within 1e-3 and images within two
+/// levels of diffusers with the prompt's LoRAs in the first pass and the hires prompt's
+/// in the img2img pass, each pass conditioned on its prompt with its LoRAs' text
+/// encoders (none, then a LoRA of every component; a LoRA with the text encoders' and
+/// UNet's weights apart, then a UNet-only one, on two images, whose second first pass
+/// switches back), the adapters merged and in the forward pass. Both sets are in
+/// `completed.models` and `Lora hashes`; the PNG replays byte for byte; the next request
+/// without tags is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hires_prompt_lora_tags_switch_loras_as_a1111_does() {
+    let server = server().await;
+    let folder = common::a1111_prompt_fixtures().join("tiny2");
+    let reference = read_tensors(&folder.join("cases.safetensors"));
+    let cases = json_file(folder.join("hires_lora.json"));
+    let cases = cases.as_array().expect("cases");
+    assert_eq!(cases.len(), 2);
+    let spec_of = |case: &serde_json::Value| {
+        let int = |key: &str| case[key].as_u64().expect(key) as u32;
+        let text = |key: &str| case[key].as_str().expect(key).to_string();
+        pb::GenerationSpec {
+            model: "tiny2/pipeline".into(),
+            prompt: text("prompt"),
+            negative_prompt: Some(text("negative_prompt")),
+            prompt_syntax: pb::PromptSyntax::A1111 as i32,
+            seed: Some(case["seed"].as_u64().expect("seed")),
+            steps: int("steps"),
+            num_images: int("n"),
+            guidance_scale: Some(case["guidance"].as_f64().expect("guidance") as f32),
+            width: 64,
+            height: 64,
+            scheduler: pb::Scheduler::Euler as i32,
+            hires: Some(pb::HiresPass {
+                width: int("hires_width"),
+                height: int("hires_height"),
+                latent_upscale: pb::LatentUpscale::Bilinear as i32,
+                steps: int("hires_steps"),
+                strength: Some(case["hires_strength"].as_f64().expect("strength") as f32),
+                prompt: Some(text("hires_prompt")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    let untagged = pb::GenerationSpec {
+        prompt: "a knight".into(),
+        hires: None,
+        ..spec_of(&cases[0])
+    };
+    let before = server.images(untagged.clone()).await.expect("untagged");
+    let loras = common::fixtures().join("tiny2/lora");
+    let forward = TestServer::with_pipelines(&[
+        ("SDXLD__MODELS__LORA_ROOTS", loras.to_str().expect("utf-8")),
+        ("SDXLD__ENGINE__LORA_MODE", "forward"),
+    ])
+    .await;
+    for (mode, server) in [("merged", &server), ("forward", &forward)] {
+        for (k, case) in cases.iter().enumerate() {
+            let name = format!("hires_lora_{k}");
+            let what = format!("tiny2 {name} {mode}");
+            server
+                .assert_matches_case(&what, spec_of(case), &reference, &name)
+                .await;
+        }
+    }
+    let done = server.images(spec_of(&cases[1])).await.expect("switching");
+    let used: Vec<&str> = done
+        .completed
+        .as_ref()
+        .expect("completed")
+        .models
+        .iter()
+        .filter(|m| m.kind == pb::ModelKind::Lora as i32)
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(used.len(), 2, "{used:?}");
+    let parameters = common::png_parameters(&done.images[0].data);
+    assert!(
+        parameters.contains("Lora hashes: \"char_kohya: ")
+            && parameters.contains(", unet_only_peft: "),
+        "{parameters}"
+    );
+    server.assert_replays("switching", spec_of(&cases[1])).await;
+    let after = server.images(untagged).await.expect("untagged");
+    assert_eq!(after.images[0].data, before.images[0].data);
 }

@@ -286,14 +286,57 @@ pub fn merged_bytes(paths: &[(&std::path::Path, &str)], element_bytes: u64) -> R
     Ok((total + transient) * element_bytes)
 }
 
+/// The components of a pipeline adapters are put on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraParts {
+    /// The UNet and the text encoders.
+    All,
+    /// The text encoders alone.
+    TextEncoders,
+    /// The UNet alone.
+    Unet,
+}
+
+impl LoraParts {
+    fn has(self, target: LoraTarget) -> bool {
+        match self {
+            LoraParts::All => true,
+            LoraParts::TextEncoders => target != LoraTarget::Unet,
+            LoraParts::Unet => target == LoraTarget::Unet,
+        }
+    }
+}
+
+/// Whether every adapter of `loras` fits `pipeline` (the error names the first that
+/// does not), without putting any on.
+pub fn check_fit_all(pipeline: &SdxlPipeline, loras: &[JobLora]) -> Result<()> {
+    match_all(pipeline, loras).map(drop)
+}
+
 /// Puts `loras` on `pipeline` (shared components included) until the result is dropped.
 pub fn apply(pipeline: &SdxlPipeline, loras: &[JobLora], mode: LoraMode) -> Result<AppliedLoras> {
+    apply_to(pipeline, loras, mode, LoraParts::All)
+}
+
+/// Puts `loras` on `parts` of `pipeline` until the result is dropped (every adapter is
+/// matched against the whole model all the same, so one that does not fit is refused
+/// whichever parts it goes on).
+pub fn apply_to(
+    pipeline: &SdxlPipeline,
+    loras: &[JobLora],
+    mode: LoraMode,
+    parts: LoraParts,
+) -> Result<AppliedLoras> {
     let _no_grad = tch::no_grad_guard();
     let mut applied = AppliedLoras::default();
     if loras.is_empty() {
         return Ok(applied);
     }
-    let matched = match_all(pipeline, loras)?;
+    let mut matched = match_all(pipeline, loras)?;
+    matched.retain(|m| parts.has(m.target));
+    if matched.is_empty() {
+        return Ok(applied);
+    }
     let adapted = pipeline.adapted();
     adapted.set(adapted.get() + 1);
     applied.adapted = Some(adapted);

@@ -13,8 +13,9 @@ use crate::engine::hires::{
     enlarge_image, enlarge_latents, entry, image_tensor, second_pass_params, Enlarge, Enlarged,
 };
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::{GenerateParams, Step};
+use crate::engine::pipeline::{GenerateParams, PromptEmbeds, PromptTokens, Step};
 use crate::jobs::events::{Stage, StepProgress};
+use crate::jobs::lora_sets::LoraPass;
 use crate::jobs::postprocess::{model_pass, Target};
 use crate::jobs::runner::{JobRun, Run, StepObserver};
 use crate::jobs::{HiresJob, JobError};
@@ -70,6 +71,23 @@ impl JobRun<'_> {
             ControlFlow::Continue(latents) => Ok(latents),
             ControlFlow::Break(reason) => Err(JobError::Stopped(reason)),
         }
+    }
+
+    /// The hires pass's prompts (`p`'s), encoded with its LoRAs on the text encoders.
+    pub(crate) fn encode_hires_prompts(
+        &mut self,
+        p: &GenerateParams,
+        tokens: &PromptTokens,
+    ) -> Result<PromptEmbeds, JobError> {
+        let loaded = self.loaded.as_mut().ok_or_else(|| {
+            EngineError::Internal("encoding before the models loaded".to_string())
+        })?;
+        loaded
+            .loras
+            .text_encoders_for(&loaded.base, LoraPass::Hires)?;
+        Ok(EngineError::catch(|| {
+            loaded.base.encode_prompt_with(p, tokens)
+        })?)
     }
 
     /// The first pass's latents [1, C, h, w] enlarged to the final size.

@@ -17,8 +17,9 @@ use crate::engine::textual_inversion::Embedding;
 use crate::jobs::detectors::{LoadedNetworks, NetworkFiles};
 use crate::jobs::engine::{model_path_on, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
-use crate::jobs::runner::{JobRun, Loaded, LoadedImagePrompt};
-use crate::jobs::{EmbeddingJob, IpAdapterJob, JobError, JobSpec};
+use crate::jobs::lora_sets::{LoraPass, LoraSets};
+use crate::jobs::runner::{JobRun, JobStage, Loaded, LoadedImagePrompt};
+use crate::jobs::{EmbeddingJob, IpAdapterJob, JobError, JobSpec, LoraJob};
 use crate::output::{OutputFormat, PngMetadata};
 
 impl JobRun<'_> {
@@ -43,9 +44,10 @@ impl JobRun<'_> {
                 preview: None,
             });
         }
-        let lora_files: Vec<_> = spec
-            .loras
-            .iter()
+        // Both passes' sets: a layer either adapts counts once, as only one set is on it
+        // at a time.
+        let lora_files: Vec<_> = (spec.loras.iter())
+            .chain(spec.hires_only_loras())
             .map(|l| (l.model.path.as_path(), l.model.name.as_str()))
             .collect();
         let element = engine.placement().kind.elt_size_in_bytes() as u64;
@@ -87,15 +89,11 @@ impl JobRun<'_> {
         for pass in spec.base_passes().iter().skip(1) {
             base.validate(pass)?;
         }
-        let mut loras = Vec::with_capacity(spec.loras.len());
-        for job in &spec.loras {
-            loras.push(JobLora {
-                name: job.model.name.clone(),
-                weights: engine.lora(&job.model)?,
-                strength: job.weight,
-                text_encoder_strength: job.text_encoder_weight,
-            });
-        }
+        let loras = job_loras(engine, &spec.loras)?;
+        let hires_loras = match spec.hires.as_ref().and_then(|h| h.loras.as_deref()) {
+            Some(own) => Some(job_loras(engine, own)?),
+            None => None,
+        };
         let controlnets = load_controlnets(engine, spec, &base)?;
         let upscalers = spec
             .post_processing
@@ -109,7 +107,7 @@ impl JobRun<'_> {
         let detectors = load_detectors(engine, spec)?;
         let embeddings = read_embeddings(spec)?;
         let ip_adapters = load_ip_adapters(engine, spec, &base)?;
-        let adapters = EngineError::catch(|| lora::apply(&base, &loras, room.lora_mode))?;
+        let loras = LoraSets::apply(&base, loras, hires_loras, room.lora_mode)?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
         self.metrics.set_cache(engine.stats());
@@ -124,9 +122,23 @@ impl JobRun<'_> {
             tiled_decode: room.tiled_decode,
             embeddings,
             ip_adapters,
-            _adapters: adapters,
+            loras,
         });
         Ok(())
+    }
+
+    /// Puts the LoRAs of `stage`'s pass on the base UNet (the hires pass may have its
+    /// own).
+    pub(crate) fn carry_loras_for(&mut self, stage: JobStage) -> Result<(), JobError> {
+        let pass = match stage {
+            JobStage::Denoise => LoraPass::First,
+            JobStage::Hires => LoraPass::Hires,
+            _ => return Ok(()),
+        };
+        let loaded = self.loaded.as_mut().ok_or_else(|| {
+            EngineError::Internal("denoising before the models loaded".to_string())
+        })?;
+        Ok(loaded.loras.unet_for(&loaded.base, pass)?)
     }
 
     /// The PNG metadata of image `index`, when the request embeds it.
@@ -136,6 +148,20 @@ impl JobRun<'_> {
             crate::jobs::metadata::png_metadata(self.spec, &self.report.models, index, seed)
         })
     }
+}
+
+/// The adapters of `jobs`, their weights loaded.
+fn job_loras(engine: &mut Engine, jobs: &[LoraJob]) -> Result<Vec<JobLora>, JobError> {
+    let mut loras = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        loras.push(JobLora {
+            name: job.model.name.clone(),
+            weights: engine.lora(&job.model)?,
+            strength: job.weight,
+            text_encoder_strength: job.text_encoder_weight,
+        });
+    }
+    Ok(loras)
 }
 
 /// The ControlNet of each unit, each checked against the base model it controls.
@@ -271,8 +297,8 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
     );
     models.extend(spec.vae.iter().map(|v| used(v, ModelKind::Vae, 0.0)));
     models.extend(
-        spec.loras
-            .iter()
+        (spec.loras.iter())
+            .chain(spec.hires_only_loras())
             .map(|l| used(&l.model, ModelKind::Lora, l.weight as f32)),
     );
     models.extend(

@@ -135,8 +135,8 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             vae.name
         ));
     }
-    // A1111 names a LoRA as its tag mentions it.
-    let loras = spec.loras.iter().map(|l| {
+    // A1111 names a LoRA as its tag mentions it; the hires pass's own follow.
+    let loras = spec.loras.iter().chain(spec.hires_only_loras()).map(|l| {
         let name = l.tag_name.as_deref().unwrap_or(&l.model.name);
         (name, &l.model)
     });

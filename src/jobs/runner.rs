@@ -13,7 +13,6 @@ use tch::Tensor;
 use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::ip_adapter::IpAdapter;
-use crate::engine::lora::AppliedLoras;
 use crate::engine::models::clip_vision::ClipVisionModel;
 use crate::engine::models::control_model::ControlModel;
 use crate::engine::models::seamless;
@@ -27,6 +26,7 @@ use crate::jobs::clock::StageClock;
 use crate::jobs::detectors::LoadedNetworks;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, JobReport, RgbImage, Stage, StepProgress};
+use crate::jobs::lora_sets::LoraSets;
 use crate::jobs::{JobError, JobSpec, StopReason};
 use crate::output::{latent_preview, OutputFormat};
 use crate::telemetry::Metrics;
@@ -159,7 +159,8 @@ pub(crate) struct Loaded {
     pub embeddings: Vec<Embedding>,
     /// Each image prompt's adapter and image encoder, in request order.
     pub ip_adapters: Vec<LoadedImagePrompt>,
-    pub _adapters: AppliedLoras,
+    /// The LoRA sets, the first pass's on the pipeline until a pass switches.
+    pub loras: LoraSets,
 }
 
 /// An image prompt's IP-Adapter and image encoder, loaded.
@@ -335,6 +336,7 @@ impl JobRun<'_> {
         run.latents = None;
         for &stage in stages {
             self.check()?;
+            self.carry_loras_for(stage)?;
             let latents = match stage {
                 JobStage::Hires => self.hires_pass(run, &mut noise)?,
                 _ => self.denoise_stage(stage, run, &mut noise)?,
@@ -481,9 +483,7 @@ impl JobRun<'_> {
         let mut hires = match &self.spec.hires {
             Some(h) => {
                 let p = crate::engine::hires::second_pass_params(&base_params, &h.params);
-                Some(EngineError::catch(|| {
-                    loaded.base.encode_prompt_with(&p, &tokens)
-                })?)
+                Some(self.encode_hires_prompts(&p, &tokens)?)
             }
             None => None,
         };
@@ -494,9 +494,9 @@ impl JobRun<'_> {
         }
         // Prompts in compel's and A1111's syntax are encoded whole, in chunks.
         let dropped = match self.spec.params.prompt_syntax {
-            PromptSyntax::Plain => loaded
-                .base
-                .prompt_overflow(&self.spec.params.prompt, &tokens)?,
+            PromptSyntax::Plain => {
+                (self.loaded()?.base).prompt_overflow(&self.spec.params.prompt, &tokens)?
+            }
             PromptSyntax::Compel | PromptSyntax::A1111 => 0,
         };
         if dropped > 0 {

@@ -156,6 +156,9 @@ pub struct HiresJob {
     /// Its own prompt as the request wrote it (extra network tags included), for the PNG
     /// parameters.
     pub written_prompt: Option<String>,
+    /// Its LoRAs where they are not the first pass's (its own prompt's extra network
+    /// tags name others, as A1111 switches them): `loras`' listed ones and its tags'.
+    pub loras: Option<Vec<LoraJob>>,
 }
 
 /// A super-resolution step: the upscaler, the factor (at most its native scale; below
@@ -302,6 +305,7 @@ impl JobSpec {
             .chain(self.refiner.as_ref().map(|r| &r.model))
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
+            .chain(self.hires_only_loras().map(|l| &l.model))
             .chain(
                 self.ip_adapters
                     .iter()
@@ -311,6 +315,17 @@ impl JobSpec {
             .chain(self.detectors())
             .chain(self.hires.as_ref().and_then(|h| h.upscaler.as_ref()))
             .chain(self.post_processing.iter().map(PostStep::model))
+    }
+
+    /// The LoRAs only the hires pass uses (a file in both sets is the first pass's).
+    pub fn hires_only_loras(&self) -> impl Iterator<Item = &LoraJob> {
+        let own = self.hires.as_ref().and_then(|h| h.loras.as_deref());
+        own.unwrap_or_default().iter().filter(|l| {
+            !self
+                .loras
+                .iter()
+                .any(|first| first.model.path == l.model.path)
+        })
     }
 
     /// The detectors of the units' preprocessors (each input's, then its face and hand

@@ -19,45 +19,66 @@ pub const MAX_LORAS: usize = 16;
 /// A weight's range.
 const WEIGHTS: Range = Range::closed(-2.0, 2.0);
 
+/// The LoRAs of a job's passes.
+#[derive(Default)]
+pub struct JobLoras {
+    /// The first pass's (and the refiner's, which takes none): `spec.loras`, then the
+    /// prompt's tags'.
+    pub first: Vec<LoraJob>,
+    /// The hires pass's where its own prompt's tags name others: `spec.loras`, then
+    /// those tags'.
+    pub hires: Option<Vec<LoraJob>>,
+}
+
 /// The job's LoRAs: `spec.loras`, then, in A1111's syntax, those the prompt's tags
-/// name; and the prompts without their tags where the syntax takes them out.
+/// name (and the hires prompt's, for the hires pass); and the prompts without their
+/// tags where the syntax takes them out.
 pub fn job_loras(
     spec: &pb::GenerationSpec,
     registry: &Registry,
     v: &mut Violations,
     deferred: &mut Deferred,
-) -> (Vec<LoraJob>, Untagged) {
-    let mut jobs = loras(&spec.loras, registry, v, deferred);
+) -> (JobLoras, Untagged) {
+    let listed = loras(&spec.loras, registry, v, deferred);
     let Some(networks) = prompt_syntax::extra_networks(spec, &spec.prompt, "spec.prompt", v) else {
-        return (jobs, Untagged::default());
+        let first = JobLoras {
+            first: listed,
+            hires: None,
+        };
+        return (first, Untagged::default());
     };
-    let hires_prompt = hires_prompt(spec, &networks.loras, v, deferred);
-    jobs.extend(prompt_loras(
-        &networks.loras,
-        &spec.loras,
+    // Every LoRA under the roots, listed once when a tag names one by its file name.
+    let mut listing = None;
+    let mut tags = Tags {
         registry,
-        v,
-        deferred,
-    ));
+        listing: &mut listing,
+        listed: &spec.loras,
+    };
+    let first_tags = tags.loras(&networks.loras, "spec.prompt", v, deferred);
+    let hires = hires_prompt(spec, &networks.loras, v);
+    let hires_loras = hires.as_ref().and_then(|(_, own)| own.as_deref());
+    let hires_tags = hires_loras.map(|own| tags.loras(own, "spec.hires.prompt", v, deferred));
+    let loras = JobLoras {
+        first: [listed.clone(), first_tags].concat(),
+        hires: hires_tags.map(|own| [listed, own].concat()),
+    };
     let untagged = Untagged {
         prompt: Some(networks.text),
-        hires_prompt,
+        hires_prompt: hires.map(|(text, _)| text),
     };
-    (jobs, untagged)
+    (loras, untagged)
 }
 
-/// The hires pass's own prompt without its tags, which must name the LoRAs and
-/// multipliers the prompt's tags name (`first`): A1111 would switch to the LoRAs they
-/// name for the hires pass, which this server does not do (UNIMPLEMENTED).
+/// The hires pass's own prompt without its tags, and the LoRAs they name where those
+/// are not the prompt's (`first`) with the same multipliers: A1111 then switches to
+/// them for the hires pass.
 fn hires_prompt(
     spec: &pb::GenerationSpec,
     first: &[PromptLora],
     v: &mut Violations,
-    deferred: &mut Deferred,
-) -> Option<String> {
-    const FIELD: &str = "spec.hires.prompt";
+) -> Option<(String, Option<Vec<PromptLora>>)> {
     let text = spec.hires.as_ref()?.prompt.as_ref()?;
-    let networks = prompt_syntax::extra_networks(spec, text, FIELD, v)?;
+    let networks = prompt_syntax::extra_networks(spec, text, "spec.hires.prompt", v)?;
     let key = |loras: &[PromptLora]| {
         let mut key: Vec<_> = loras
             .iter()
@@ -66,25 +87,8 @@ fn hires_prompt(
         key.sort_by(|a, b| a.0.cmp(&b.0));
         key
     };
-    if key(&networks.loras) != key(first) {
-        let tags = |loras: &[PromptLora]| match loras {
-            [] => "no LoRA".to_string(),
-            _ => loras
-                .iter()
-                .map(|l| l.tag.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
-        };
-        deferred.unimplemented(ApiError::Unimplemented(
-            FIELD.into(),
-            format!(
-                "tags {} where spec.prompt tags {}: switching LoRAs for the hires pass is not implemented yet (tag the prompt's LoRAs with its weights, or leave the hires prompt unset)",
-                tags(&networks.loras),
-                tags(first)
-            ),
-        ));
-    }
-    Some(networks.text)
+    let own = (key(&networks.loras) != key(first)).then_some(networks.loras);
+    Some((networks.text, own))
 }
 
 /// `spec.loras`: each named once, with a weight in [-2, 2] (default 1) and the text
@@ -152,116 +156,125 @@ pub fn loras(
     jobs
 }
 
-/// The LoRAs the prompt's tags name (`tags`), after those of `spec.loras` (`listed`):
-/// each named once in both together, each multiplier in [-2, 2], at most [`MAX_LORAS`]
-/// in all; every violation names `spec.prompt`.
-fn prompt_loras(
-    tags: &[PromptLora],
-    listed: &[pb::LoraAdapter],
-    registry: &Registry,
-    v: &mut Violations,
-    deferred: &mut Deferred,
-) -> Vec<LoraJob> {
-    const FIELD: &str = "spec.prompt";
-    if listed.len() + tags.len() > MAX_LORAS {
-        v.add(
-            FIELD,
-            format!(
-                "names {} LoRAs in its tags beside the {} of spec.loras; at most {MAX_LORAS} in all",
-                tags.len(),
-                listed.len()
-            ),
-        );
-        return Vec::new();
-    }
-    let mut seen: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
-    let mut jobs = Vec::with_capacity(tags.len());
-    // Every LoRA under the roots, listed once when a tag names one by its file name.
-    let mut listing = None;
-    for tag in tags {
-        let (te, unet) = (tag.text_encoder_weight, tag.unet_weight);
-        let valid = WEIGHTS.contains(te) && WEIGHTS.contains(unet);
-        if !valid {
-            v.add(
-                FIELD,
-                format!(
-                    "has `{}`, which weighs the text encoders {te} and the UNet {unet}; each must be a finite number between -2 and 2",
-                    tag.tag
-                ),
-            );
-        }
-        if let Err(e) = check_name(&tag.name) {
-            v.add(
-                FIELD,
-                format!(
-                    "has `{}`, which names no valid model ({})",
-                    tag.tag,
-                    e.reason()
-                ),
-            );
-            continue;
-        }
-        if !seen.insert(tag.name.as_str()) {
-            v.add(
-                FIELD,
-                format!(
-                    "has `{}`, which names `{}` a second time (spec.loras or another tag names it)",
-                    tag.tag, tag.name
-                ),
-            );
-            continue;
-        }
-        let model = tagged_lora(registry, &mut listing, tag, v, deferred);
-        if let (Some(model), true) = (model, valid) {
-            jobs.push(LoraJob {
-                model,
-                weight: tag.unet_weight,
-                text_encoder_weight: tag.text_encoder_weight,
-                tag_name: Some(tag.name.clone()),
-            });
-        }
-    }
-    jobs
+/// Resolves the LoRAs of a request's extra network tags.
+struct Tags<'a> {
+    registry: &'a Registry,
+    /// Every LoRA under the roots, listed once, at the first tag naming one by its file
+    /// name or alias.
+    listing: &'a mut Option<Vec<ModelEntry>>,
+    /// `spec.loras`, which the tags' LoRAs join.
+    listed: &'a [pb::LoraAdapter],
 }
 
-/// The LoRA a tag names: by its name under the LoRA roots, else, as A1111 finds it, by
-/// its file name wherever it lies under them or by its alias (`listing`: every LoRA,
-/// listed at the first such tag); a name several LoRAs answer to is a violation naming
-/// them.
-fn tagged_lora(
-    registry: &Registry,
-    listing: &mut Option<Vec<ModelEntry>>,
-    tag: &PromptLora,
-    v: &mut Violations,
-    deferred: &mut Deferred,
-) -> Option<ModelEntry> {
-    const FIELD: &str = "spec.prompt";
-    match registry.resolve_kind(ModelKind::Lora, &tag.name) {
-        Ok(model) => return Some(model),
-        Err(RegistryError::NotFound(_)) if !tag.name.contains('/') => {}
-        // Reported as `spec.loras` reports it.
-        Err(_) => return named(registry, ModelKind::Lora, &tag.name, FIELD, v, deferred),
-    }
-    let listing = listing.get_or_insert_with(|| registry.list_kind(ModelKind::Lora));
-    let mut found = by_file_name_or_alias(listing, &tag.name);
-    match found.len() {
-        0 => {
-            deferred.missing(ApiError::ModelNotFound(tag.name.clone()));
-            None
-        }
-        1 => found.pop().cloned(),
-        _ => {
-            let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
+impl Tags<'_> {
+    /// The LoRAs `tags` (of the prompt in `field`) name, after those of `spec.loras`:
+    /// each named once in both together, each multiplier in [-2, 2], at most
+    /// [`MAX_LORAS`] in all; every violation names `field`.
+    fn loras(
+        &mut self,
+        tags: &[PromptLora],
+        field: &'static str,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Vec<LoraJob> {
+        let listed = self.listed;
+        if listed.len() + tags.len() > MAX_LORAS {
             v.add(
-                FIELD,
+                field,
                 format!(
-                    "has `{}`, which names `{}`, the file name or alias of several LoRAs ({}): name one by its path",
-                    tag.tag,
-                    tag.name,
-                    names.join(", ")
+                    "names {} LoRAs in its tags beside the {} of spec.loras; at most {MAX_LORAS} in all",
+                    tags.len(),
+                    listed.len()
                 ),
             );
-            None
+            return Vec::new();
+        }
+        let mut seen: HashSet<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+        let mut jobs = Vec::with_capacity(tags.len());
+        for tag in tags {
+            let (te, unet) = (tag.text_encoder_weight, tag.unet_weight);
+            let valid = WEIGHTS.contains(te) && WEIGHTS.contains(unet);
+            if !valid {
+                v.add(
+                    field,
+                    format!(
+                        "has `{}`, which weighs the text encoders {te} and the UNet {unet}; each must be a finite number between -2 and 2",
+                        tag.tag
+                    ),
+                );
+            }
+            if let Err(e) = check_name(&tag.name) {
+                v.add(
+                    field,
+                    format!(
+                        "has `{}`, which names no valid model ({})",
+                        tag.tag,
+                        e.reason()
+                    ),
+                );
+                continue;
+            }
+            if !seen.insert(tag.name.as_str()) {
+                v.add(
+                    field,
+                    format!(
+                        "has `{}`, which names `{}` a second time (spec.loras or another tag names it)",
+                        tag.tag, tag.name
+                    ),
+                );
+                continue;
+            }
+            let model = self.lora(tag, field, v, deferred);
+            if let (Some(model), true) = (model, valid) {
+                jobs.push(LoraJob {
+                    model,
+                    weight: tag.unet_weight,
+                    text_encoder_weight: tag.text_encoder_weight,
+                    tag_name: Some(tag.name.clone()),
+                });
+            }
+        }
+        jobs
+    }
+
+    /// The LoRA a tag names: by its name under the LoRA roots, else, as A1111 finds it,
+    /// by its file name wherever it lies under them or by its alias; a name several
+    /// LoRAs answer to is a violation naming them.
+    fn lora(
+        &mut self,
+        tag: &PromptLora,
+        field: &'static str,
+        v: &mut Violations,
+        deferred: &mut Deferred,
+    ) -> Option<ModelEntry> {
+        let registry = self.registry;
+        match registry.resolve_kind(ModelKind::Lora, &tag.name) {
+            Ok(model) => return Some(model),
+            Err(RegistryError::NotFound(_)) if !tag.name.contains('/') => {}
+            // Reported as `spec.loras` reports it.
+            Err(_) => return named(registry, ModelKind::Lora, &tag.name, field, v, deferred),
+        }
+        let listing = (self.listing).get_or_insert_with(|| registry.list_kind(ModelKind::Lora));
+        let mut found = by_file_name_or_alias(listing, &tag.name);
+        match found.len() {
+            0 => {
+                deferred.missing(ApiError::ModelNotFound(tag.name.clone()));
+                None
+            }
+            1 => found.pop().cloned(),
+            _ => {
+                let names: Vec<&str> = found.iter().map(|m| m.name.as_str()).collect();
+                v.add(
+                    field,
+                    format!(
+                        "has `{}`, which names `{}`, the file name or alias of several LoRAs ({}): name one by its path",
+                        tag.tag,
+                        tag.name,
+                        names.join(", ")
+                    ),
+                );
+                None
+            }
         }
     }
 }

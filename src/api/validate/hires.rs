@@ -12,7 +12,7 @@ use crate::engine::hires::{Enlarge, HiresParams, LatentInterpolation, PassPrompt
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
 use crate::engine::schedulers::options::a1111_name;
 use crate::engine::schedulers::{SchedulerKind, SchedulerOptions, SchedulerOverrides};
-use crate::jobs::HiresJob;
+use crate::jobs::{HiresJob, LoraJob};
 use crate::proto::v1 as pb;
 
 const P: &str = "spec.hires";
@@ -38,6 +38,8 @@ pub struct FirstPass<'a> {
     /// The hires pass's own prompt as the syntax reads it (extra network tags taken
     /// out), where the syntax takes tags out.
     pub hires_prompt: Option<&'a str>,
+    /// The hires pass's LoRAs where they are not the first pass's.
+    pub hires_loras: Option<&'a [LoraJob]>,
 }
 
 /// The hires pass, when every field is valid.
@@ -104,6 +106,7 @@ pub fn hires(
         scale,
         sampler_name,
         written_prompt: h.prompt.clone(),
+        loras: first.hires_loras.map(<[LoraJob]>::to_vec),
     })
 }
 

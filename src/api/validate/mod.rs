@@ -229,6 +229,7 @@ fn check(
         model_scheduler,
         prompts: hires::first_pass_prompts(spec, read),
         hires_prompt: untagged.hires_prompt.as_deref(),
+        hires_loras: loras.hires.as_deref(),
     };
     let hires = spec
         .hires
@@ -278,7 +279,7 @@ fn check(
         emphasis,
         prompt: untagged.prompt,
         vae,
-        loras,
+        loras: loras.first,
         embeddings,
         ip_adapters,
         controlnets,

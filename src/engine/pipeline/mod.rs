@@ -42,7 +42,7 @@ pub use crate::engine::request::{
 };
 pub use control::Control;
 pub use denoise::Step;
-pub use prompt::{Attended, LaterTexts, PromptEmbeds, TextEmbeds};
+pub use prompt::{Attended, LaterTexts, PromptEmbeds, PromptTokens, TextEmbeds};
 
 /// `model_index.json` of a diffusers pipeline folder (the parts sdxld reads).
 #[derive(Debug, Deserialize)]
