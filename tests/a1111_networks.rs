@@ -156,14 +156,14 @@ async fn comments_leave_a1111_prompts_before_anything_reads_them() {
     assert_ne!(pixels(&plain.images[0].data), pixels(&with.images[0].data));
 }
 
-async fn lora_server() -> TestServer {
+pub(crate) async fn lora_server() -> TestServer {
     let loras = common::fixtures().join("tiny2/lora");
     let roots = loras.to_str().expect("utf-8");
     TestServer::with_pipelines(&[("SDXLD__MODELS__LORA_ROOTS", roots)]).await
 }
 
 /// The pixels of a PNG.
-fn pixels(png: &[u8]) -> Vec<u8> {
+pub(crate) fn pixels(png: &[u8]) -> Vec<u8> {
     image::load_from_memory(png)
         .expect("an image")
         .to_rgb8()

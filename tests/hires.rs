@@ -176,7 +176,7 @@ pub(crate) async fn server() -> TestServer {
 }
 
 /// The request of a tiny2 case over gRPC (Euler first pass at 64x64, guidance 5).
-fn spec_of(case: &Case, hires: pb::HiresPass) -> pb::GenerationSpec {
+pub(crate) fn spec_of(case: &Case, hires: pb::HiresPass) -> pb::GenerationSpec {
     pb::GenerationSpec {
         prompt: case.text("prompt").into(),
         seed: Some(case.int("seed")),

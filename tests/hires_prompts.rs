@@ -5,9 +5,10 @@
 //! checked before admission naming its field. (The engine and a refiner reading them:
 //! `hires.rs`.)
 
+use crate::a1111_networks::{lora_server, pixels};
 use crate::a1111_prompts::json_file;
 use crate::common;
-use crate::hires::with_texts;
+use crate::hires::{spec_of, with_texts};
 
 use common::server::TestServer;
 use common::{assert_images_match, hires_fixtures, read_tensors, Case};
@@ -18,44 +19,24 @@ fn case(index: usize) -> Case {
     cases.into_iter().nth(index).expect("the case")
 }
 
-/// A server on the pipeline fixtures, with the tiny2 LoRAs under its LoRA root.
-async fn server() -> TestServer {
-    let loras = common::fixtures().join("tiny2/lora");
-    let roots = loras.to_str().expect("utf-8");
-    TestServer::with_pipelines(&[("SDXLD__MODELS__LORA_ROOTS", roots)]).await
-}
-
 /// Case 7 of the tiny2 hires fixtures (Euler, bilinear latents at 1.5, Euler at 0.6 of
 /// 5 steps) with its texts: a negative for the first pass, a prompt and a negative of
 /// the hires pass's own.
 fn case_7_spec() -> pb::GenerationSpec {
     let case = case(7);
-    let spec = pb::GenerationSpec {
-        model: "tiny2/pipeline".into(),
-        prompt: case.text("prompt").into(),
-        seed: Some(case.int("seed")),
-        steps: case.int("steps") as u32,
-        num_images: case.int("n") as u32,
-        width: 64,
-        height: 64,
-        scheduler: pb::Scheduler::Euler as i32,
-        hires: Some(pb::HiresPass {
-            scale: Some(1.5),
-            latent_upscale: pb::LatentUpscale::Bilinear as i32,
-            steps: 5,
-            strength: Some(0.6),
-            ..Default::default()
-        }),
+    let hires = pb::HiresPass {
+        scale: Some(1.5),
+        latent_upscale: pb::LatentUpscale::Bilinear as i32,
+        steps: 5,
+        strength: Some(0.6),
         ..Default::default()
     };
+    let spec = pb::GenerationSpec {
+        model: "tiny2/pipeline".into(),
+        scheduler: pb::Scheduler::Euler as i32,
+        ..spec_of(&case, hires)
+    };
     with_texts(&case, spec)
-}
-
-fn pixels(png: &[u8]) -> Vec<u8> {
-    image::load_from_memory(png)
-        .expect("an image")
-        .to_rgb8()
-        .into_raw()
 }
 
 /// The hires pass's prompt and negative over gRPC equal the recipe's img2img pipeline
@@ -64,7 +45,7 @@ fn pixels(png: &[u8]) -> Vec<u8> {
 /// byte; a hires prompt equal to the prompt is the pass without one and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hires_prompt_equals_the_recipe_and_is_written_as_a1111_writes_it() {
-    let server = server().await;
+    let server = lora_server().await;
     server.assert_feature("hires.prompt").await;
     let reference = read_tensors(&hires_fixtures().join("tiny2").join("cases.safetensors"));
     let spec = case_7_spec();
@@ -124,7 +105,7 @@ async fn a_hires_prompt_equals_the_recipe_and_is_written_as_a1111_writes_it() {
 /// the same LoRAs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_a1111_hires_prompt_reads_as_a1111_reads_it() {
-    let server = server().await;
+    let server = lora_server().await;
     let base = pb::GenerationSpec {
         prompt_syntax: pb::PromptSyntax::A1111 as i32,
         num_images: 1,
@@ -211,7 +192,7 @@ async fn an_a1111_hires_prompt_reads_as_a1111_reads_it() {
 /// FAILED_PRECONDITION as the models load). The server serves on, unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hires_texts_are_checked_naming_their_fields() {
-    let server = server().await;
+    let server = lora_server().await;
     let base = pb::GenerationSpec {
         num_images: 1,
         ..case_7_spec()
@@ -370,13 +351,13 @@ fn hires_prompts_over_the_cli_equal_the_recipe() {
 /// without tags is unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hires_prompt_lora_tags_switch_loras_as_a1111_does() {
-    let server = server().await;
+    let server = lora_server().await;
     let folder = common::a1111_prompt_fixtures().join("tiny2");
     let reference = read_tensors(&folder.join("cases.safetensors"));
     let cases = json_file(folder.join("hires_lora.json"));
     let cases = cases.as_array().expect("cases");
     assert_eq!(cases.len(), 2);
-    let spec_of = |case: &serde_json::Value| {
+    let request_of = |case: &serde_json::Value| {
         let int = |key: &str| case[key].as_u64().expect(key) as u32;
         let text = |key: &str| case[key].as_str().expect(key).to_string();
         pb::GenerationSpec {
@@ -406,7 +387,7 @@ async fn hires_prompt_lora_tags_switch_loras_as_a1111_does() {
     let untagged = pb::GenerationSpec {
         prompt: "a knight".into(),
         hires: None,
-        ..spec_of(&cases[0])
+        ..request_of(&cases[0])
     };
     let before = server.images(untagged.clone()).await.expect("untagged");
     let loras = common::fixtures().join("tiny2/lora");
@@ -420,11 +401,14 @@ async fn hires_prompt_lora_tags_switch_loras_as_a1111_does() {
             let name = format!("hires_lora_{k}");
             let what = format!("tiny2 {name} {mode}");
             server
-                .assert_matches_case(&what, spec_of(case), &reference, &name)
+                .assert_matches_case(&what, request_of(case), &reference, &name)
                 .await;
         }
     }
-    let done = server.images(spec_of(&cases[1])).await.expect("switching");
+    let done = server
+        .images(request_of(&cases[1]))
+        .await
+        .expect("switching");
     let used: Vec<&str> = done
         .completed
         .as_ref()
@@ -441,7 +425,9 @@ async fn hires_prompt_lora_tags_switch_loras_as_a1111_does() {
             && parameters.contains(", unet_only_peft: "),
         "{parameters}"
     );
-    server.assert_replays("switching", spec_of(&cases[1])).await;
+    server
+        .assert_replays("switching", request_of(&cases[1]))
+        .await;
     let after = server.images(untagged).await.expect("untagged");
     assert_eq!(after.images[0].data, before.images[0].data);
 }
