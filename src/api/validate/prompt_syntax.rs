@@ -49,8 +49,8 @@ struct Reader {
 /// One text of a pass and the field it comes from.
 #[derive(Clone, Copy)]
 struct Text<'a> {
-    pub field: &'static str,
-    pub text: Option<&'a str>,
+    field: &'static str,
+    text: Option<&'a str>,
 }
 
 /// The four texts a set of passes reads (the first pass's, or the hires pass's own,
@@ -58,10 +58,10 @@ struct Text<'a> {
 /// (extra network tags taken out).
 #[derive(Clone, Copy)]
 struct Texts<'a> {
-    pub prompt: (&'static str, &'a str),
-    pub prompt_2: Text<'a>,
-    pub negative_prompt: Text<'a>,
-    pub negative_prompt_2: Text<'a>,
+    prompt: (&'static str, &'a str),
+    prompt_2: Text<'a>,
+    negative_prompt: Text<'a>,
+    negative_prompt_2: Text<'a>,
 }
 
 impl<'a> Texts<'a> {
