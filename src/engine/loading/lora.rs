@@ -12,7 +12,8 @@
 //! module reads names, shapes, scales and tensors.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tch::{Device, Kind, Tensor};
 
@@ -101,10 +102,37 @@ pub struct LoraLayout {
 /// The metadata key of a LoRA's alias (kohya-ss's output name, which A1111 prompts use).
 const ALIAS_KEY: &str = "ss_output_name";
 
-/// The alias of the LoRA file at `path`, where its metadata has one (header only).
+/// What identifies a version of a file: its size and modification time.
+type Stamp = (u64, Option<std::time::SystemTime>);
+
+/// Aliases by file, with the version each was read from.
+type KnownAliases = HashMap<PathBuf, (Stamp, Option<String>)>;
+
+/// The aliases read, by file, with the version of the file each was read from: a tag
+/// naming a LoRA by its alias looks through every LoRA under the roots, and reads each
+/// header once per version of its file rather than once per request.
+fn known_aliases() -> MutexGuard<'static, KnownAliases> {
+    static KNOWN: OnceLock<Mutex<KnownAliases>> = OnceLock::new();
+    let known = KNOWN.get_or_init(Mutex::default);
+    // A panic while the map was held leaves it whole (each entry is one insert).
+    known.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The alias of the LoRA file at `path`, where its metadata has one (its header read
+/// once per version of the file).
 pub fn alias_of(path: &Path) -> Option<String> {
-    let (_, metadata) = crate::engine::weights::read_header(path).ok()?;
-    metadata.get(ALIAS_KEY).cloned()
+    let file = std::fs::metadata(path).ok()?;
+    let stamp = (file.len(), file.modified().ok());
+    if let Some((known, alias)) = known_aliases().get(path) {
+        if *known == stamp {
+            return alias.clone();
+        }
+    }
+    let alias = crate::engine::weights::read_header(path)
+        .ok()
+        .and_then(|(_, metadata)| metadata.get(ALIAS_KEY).cloned());
+    known_aliases().insert(path.to_path_buf(), (stamp, alias.clone()));
+    alias
 }
 
 fn lora_error(lora: &str, key: &str, message: impl Into<String>) -> EngineError {
@@ -488,6 +516,38 @@ mod tests {
         );
         assert!(matches!(p, Some(Part::Down)));
         assert!(peft_name("base_model.model.x.lora_A.weight").is_none());
+    }
+
+    /// A safetensors file of no tensors whose metadata names `alias`.
+    fn write_aliased(path: &Path, alias: &str) {
+        let header = format!(r#"{{"__metadata__":{{"{ALIAS_KEY}":"{alias}"}}}}"#);
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        std::fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn aliases_are_read_once_per_version_of_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("style.safetensors");
+        write_aliased(&path, "first");
+        assert_eq!(alias_of(&path).as_deref(), Some("first"));
+        // The same size and modification time: the file is taken as unchanged.
+        let modified = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        write_aliased(&path, "other");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        file.set_modified(modified).expect("set mtime");
+        assert_eq!(alias_of(&path).as_deref(), Some("first"));
+        // Another version is read again.
+        write_aliased(&path, "renamed");
+        assert_eq!(alias_of(&path).as_deref(), Some("renamed"));
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(alias_of(&path), None);
     }
 
     #[test]
