@@ -490,6 +490,7 @@ async fn prompts_a1111_syntax_cannot_encode_are_refused_naming_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emphasis_modes_weigh_as_a1111s_settings_weigh() {
     let server = server().await;
+    server.assert_feature("emphasis").await;
     let base = pb::GenerationSpec {
         prompt: "a (red:1.4) cat on a [blue chair]".into(),
         negative_prompt: Some("(blurry:1.2)".into()),

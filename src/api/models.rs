@@ -377,6 +377,7 @@ impl ModelService for Models {
             ("guidance_rescale", true),
             ("clip_skip", true),
             ("prompt_syntax", true),
+            ("emphasis", true),
             ("micro_conditioning", true),
             ("seed", true),
             ("num_images", true),
