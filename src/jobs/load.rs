@@ -44,8 +44,8 @@ impl JobRun<'_> {
                 preview: None,
             });
         }
-        // Both passes' sets: a layer either adapts counts once, as only one set is on it
-        // at a time.
+        // Both passes' sets: a layer adapted by either counts once, as only one set is on
+        // it at a time.
         let lora_files: Vec<_> = (spec.loras.iter())
             .chain(spec.hires_only_loras())
             .map(|l| (l.model.path.as_path(), l.model.name.as_str()))

@@ -20,7 +20,6 @@ pub const MAX_LORAS: usize = 16;
 const WEIGHTS: Range = Range::closed(-2.0, 2.0);
 
 /// The LoRAs of a job's passes.
-#[derive(Default)]
 pub struct JobLoras {
     /// The first pass's (and the refiner's, which takes none): `spec.loras`, then the
     /// prompt's tags'.
@@ -47,7 +46,6 @@ pub fn job_loras(
         };
         return (first, Untagged::default());
     };
-    // Every LoRA under the roots, listed once when a tag names one by its file name.
     let mut listing = None;
     let mut tags = Tags {
         registry,
