@@ -129,6 +129,26 @@ fn compile_cuda_shim(lib_dir: &std::path::Path) {
     println!("cargo:rustc-cfg=sdxld_cuda_shim");
 }
 
+/// Compiles the CPU shim (csrc/cpu_generator.cpp: the default CPU generator's state),
+/// which seed variations need, against the torch wheel's headers.
+fn compile_cpu_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/cpu_generator.cpp");
+    let include = lib_dir
+        .parent()
+        .map(|torch| torch.join("include"))
+        .filter(|include| include.join("ATen/core/Generator.h").is_file())
+        .expect("the torch wheel's C++ headers (torch/include), which tch builds against too");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/cpu_generator.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("sdxld_cpu");
+}
+
 fn main() {
     compile_protos();
     embed_clip_vocabulary();
@@ -149,5 +169,6 @@ fn main() {
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    compile_cpu_shim(&lib_dir);
     compile_cuda_shim(&lib_dir);
 }

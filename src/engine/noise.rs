@@ -3,7 +3,9 @@
 //! libtorch's CPU generator is process-global and tch exposes no per-generator API, so a
 //! job holds the stream (a lock) for all of an image's draws: no other job's draws
 //! interleave, and a refiner stage continues the generator where the base stage left it,
-//! as diffusers does when one generator is passed to both pipelines.
+//! as diffusers does when one generator is passed to both pipelines. A draw from another
+//! seed (a seed variation's) restores the generator's state after it, leaving the job's
+//! stream where it was, as a second generator would.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -32,5 +34,73 @@ impl NoiseStream {
     /// Standard normal float32 samples on the CPU, as `torch.randn(shape, generator=g)`.
     pub fn randn(&mut self, shape: &[i64]) -> Tensor {
         Tensor::randn(shape, (Kind::Float, Device::Cpu))
+    }
+
+    /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`: samples of
+    /// another generator, leaving this stream where it was.
+    pub fn randn_apart(&mut self, seed: u64, shape: &[i64]) -> Tensor {
+        let saved = GeneratorState::read();
+        self.seed(seed);
+        let drawn = self.randn(shape);
+        saved.restore();
+        drawn
+    }
+}
+
+extern "C" {
+    fn sdxld_cpu_generator_state(out: *mut u8, capacity: i64) -> i64;
+    fn sdxld_cpu_generator_set_state(data: *const u8, length: i64) -> i32;
+}
+
+/// A copy of the default CPU generator's state.
+struct GeneratorState(Vec<u8>);
+
+impl GeneratorState {
+    fn read() -> Self {
+        // The state is about 5 KB (the Mersenne twister's words and a cached normal).
+        let mut bytes = vec![0u8; 8192];
+        // SAFETY: the shim writes at most `capacity` bytes into the buffer.
+        let length = unsafe { sdxld_cpu_generator_state(bytes.as_mut_ptr(), bytes.len() as i64) };
+        if length > bytes.len() as i64 {
+            bytes = vec![0u8; length as usize];
+            // SAFETY: as above, with a buffer of the length the shim asked for.
+            unsafe { sdxld_cpu_generator_state(bytes.as_mut_ptr(), bytes.len() as i64) };
+        }
+        assert!(length >= 0, "libtorch's CPU generator state cannot be read");
+        bytes.truncate(length as usize);
+        Self(bytes)
+    }
+
+    fn restore(self) {
+        // SAFETY: the shim reads `length` bytes of the buffer.
+        let status = unsafe { sdxld_cpu_generator_set_state(self.0.as_ptr(), self.0.len() as i64) };
+        assert_eq!(
+            status, 0,
+            "libtorch refused the CPU generator state it gave"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_draw_apart_leaves_the_stream_where_it_was() {
+        let mut noise = NoiseStream::lock();
+        noise.seed(7);
+        let first = noise.randn(&[3, 5]);
+        let straight = noise.randn(&[2, 33]);
+        noise.seed(7);
+        let again = noise.randn(&[3, 5]);
+        let apart = noise.randn_apart(99, &[4, 17]);
+        let after = noise.randn(&[2, 33]);
+        assert!(first.equal(&again));
+        assert!(straight.equal(&after), "the stream moved");
+        noise.seed(99);
+        assert!(
+            apart.equal(&noise.randn(&[4, 17])),
+            "not the other seed's draw"
+        );
     }
 }
