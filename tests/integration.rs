@@ -77,6 +77,7 @@ mod tokenizer;
 mod upscale;
 mod upscale_service;
 mod vae;
+mod variation;
 mod zoe_depth;
 
 /// Every file beside this one is one of its modules: with `autotests = false` a test file

@@ -3,6 +3,7 @@
 
 use crate::engine::preprocess::pose_set::{PosePoint, PoseSet};
 use crate::engine::registry::ModelKind;
+use crate::engine::request::SeedVariation;
 use crate::engine::schedulers::sigmas::SigmaSpacing;
 use crate::engine::schedulers::SchedulerKind;
 use crate::jobs::events::{
@@ -148,14 +149,22 @@ pub fn completed(job_id: &str, report: JobReport) -> pb::JobCompleted {
 }
 
 /// For each of `count` images from `seed` on, the request that replays it: `resolved`
-/// with that image's seed, one image, no client job id, as proto3 JSON.
-pub fn replay_specs(resolved: &pb::GenerationSpec, seed: u64, count: u32) -> Vec<String> {
+/// with that image's seed (and variation seed), one image, no client job id, as proto3
+/// JSON.
+pub fn replay_specs(
+    resolved: &pb::GenerationSpec,
+    (seed, variation): (u64, Option<SeedVariation>),
+    count: u32,
+) -> Vec<String> {
     let mut one = resolved.clone();
     one.num_images = 1;
     one.client_job_id.clear();
     (0..u64::from(count))
         .map(|i| {
             one.seed = Some(seed + i);
+            if let (Some(asked), Some(resolved)) = (one.variation.as_mut(), variation) {
+                asked.seed = Some(resolved.nth(i).seed);
+            }
             crate::proto::spec_to_json(&one)
         })
         .collect()

@@ -412,6 +412,7 @@ impl ModelService for Models {
             ("tiling", true),
             ("sigmas", true),
             ("guider", true),
+            ("variation", true),
         ]
         .into_iter()
         .map(|(field, supported)| pb::FeatureSupport {

@@ -11,6 +11,7 @@ use sdxld::proto::v1 as pb;
 use crate::cli::hires::HiresArgs;
 use crate::cli::pag::PagArgs;
 use crate::cli::scheduler_flags::{config_pair, named_scheduler};
+use crate::cli::variation::VariationArgs;
 
 /// What to generate, and where the models are.
 #[derive(Args, Clone)]
@@ -242,6 +243,9 @@ pub struct GenerateArgs {
     /// Perturbed-attention guidance.
     #[command(flatten)]
     pub pag: PagArgs,
+    /// A seed variation.
+    #[command(flatten)]
+    pub variation: VariationArgs,
 }
 
 /// `--prompt-syntax`.
@@ -303,6 +307,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
     if let Some(flag) = crate::cli::hires::flag_of(field)
         .or(crate::cli::pag::flag_of(field))
         .or(crate::cli::guider::flag_of(field))
+        .or(crate::cli::variation::flag_of(field))
     {
         return Some(flag);
     }
@@ -594,6 +599,7 @@ pub fn spec_of(args: &GenerateArgs) -> anyhow::Result<pb::GenerationSpec> {
         hires: hires(&args.hires)?,
         freeu: args.freeu.as_deref().map(freeu).transpose()?,
         pag: crate::cli::pag::parse(&args.pag)?,
+        variation: crate::cli::variation::parse(&args.variation)?,
         guider: crate::cli::guider::parse(args.guider.as_deref())?,
         tiling: match args.tiling {
             None => pb::Tiling::Unspecified,

@@ -18,6 +18,7 @@ mod ip_adapter;
 mod pag;
 mod request;
 mod scheduler_flags;
+mod variation;
 
 use std::path::PathBuf;
 

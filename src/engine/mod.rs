@@ -35,4 +35,5 @@ pub mod schedulers;
 pub mod sdpa;
 pub mod textual_inversion;
 pub mod upscale;
+pub mod variation;
 pub mod weights;

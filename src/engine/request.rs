@@ -11,6 +11,7 @@ use crate::engine::prompt_syntax::a1111_compose;
 pub use crate::engine::prompt_syntax::Emphasis;
 pub use crate::engine::prompt_syntax::PromptSyntax;
 pub use crate::engine::schedulers::SchedulerOverrides;
+pub use crate::engine::variation::SeedVariation;
 
 /// One generation request for one pipeline, with diffusers' parameter names and defaults.
 #[derive(Debug, Clone)]
@@ -44,6 +45,9 @@ pub struct GenerateParams {
     pub seed: u64,
     /// Number of images.
     pub num_images: usize,
+    /// A1111's seed variation of every image's starting noise (image i toward its seed
+    /// + i); `None`: the seeds' own noise.
+    pub variation: Option<SeedVariation>,
     /// Micro-conditioning original size (height, width); the image size when `None`.
     pub original_size: Option<(i64, i64)>,
     /// Micro-conditioning crop top-left (y, x).
@@ -222,6 +226,7 @@ impl Default for GenerateParams {
             steps: 30,
             seed: 0,
             num_images: 1,
+            variation: None,
             original_size: None,
             crops_coords_top_left: (0, 0),
             target_size: None,
@@ -271,6 +276,7 @@ pub fn batch_runs(
         .map(|i| GenerateParams {
             seed: p.seed.wrapping_add(i as u64),
             num_images: 1,
+            variation: p.variation.map(|v| v.nth(i as u64)),
             batch_first_seed: match mode {
                 BatchMode::Together => (i > 0).then_some(p.batch_first_seed.unwrap_or(p.seed)),
                 BatchMode::PerImage => None,

@@ -69,7 +69,7 @@ fn emphasis_entry(p: &GenerateParams) -> String {
 /// The metadata of image `index` (seed `seed`) of `spec`, which used `models`.
 pub fn png_metadata(spec: &JobSpec, models: &[ModelUsed], index: usize, seed: u64) -> PngMetadata {
     PngMetadata {
-        parameters: a1111_parameters(spec, models, seed),
+        parameters: a1111_parameters(spec, models, (index, seed)),
         request_json: spec.replay.get(index).cloned().unwrap_or_default(),
     }
 }
@@ -101,8 +101,26 @@ fn quote(value: &str) -> String {
     }
 }
 
+/// A1111's variation entries for image `index` (each image records its own seed).
+fn variation_entries(p: &GenerateParams, index: usize) -> String {
+    let Some(variation) = p.variation.map(|v| v.nth(index as u64)) else {
+        return String::new();
+    };
+    let mut text = String::new();
+    if variation.strength > 0.0 {
+        text.push_str(&format!(
+            ", Variation seed: {}, Variation seed strength: {}",
+            variation.seed, variation.strength
+        ));
+    }
+    if let Some((width, height)) = variation.resize_from {
+        text.push_str(&format!(", Seed resize from: {width}x{height}"));
+    }
+    text
+}
+
 /// A1111's `parameters` text for one image.
-fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
+fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], (index, seed): (usize, u64)) -> String {
     let p = &spec.params;
     let mut text = spec.written_prompt.clone();
     text.push_str(&listed_lora_tags(spec));
@@ -135,6 +153,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], seed: u64) -> String {
             vae.name
         ));
     }
+    text.push_str(&variation_entries(p, index));
     // A1111 names a LoRA as its tag mentions it; the hires pass's own follow.
     let loras = spec.loras.iter().chain(spec.hires_only_loras()).map(|l| {
         let name = l.tag_name.as_deref().unwrap_or(&l.model.name);

@@ -40,6 +40,7 @@ fixture_dir! {
     zoe_fixtures: "make_zoe_fixtures.py", "SDXLD_ZOE_FIXTURES";
     leres_fixtures: "make_leres_fixtures.py", "SDXLD_LERES_FIXTURES";
     a1111_prompt_fixtures: "make_a1111_prompt_fixtures.py", "SDXLD_A1111_PROMPT_FIXTURES";
+    variation_fixtures: "make_variation_fixtures.py", "SDXLD_VARIATION_FIXTURES";
 }
 
 /// The folder `$env` names, else the one the fixture script `script` prints.

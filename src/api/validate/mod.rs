@@ -28,6 +28,7 @@ pub mod poses;
 pub mod preprocessor;
 mod refiner;
 mod sampling;
+mod variation;
 mod window;
 
 pub use adapters::MAX_LORAS;
@@ -119,6 +120,7 @@ struct Parts {
     guider: Option<crate::engine::request::Guider>,
     pag: Option<crate::engine::request::Pag>,
     counts: (u32, u32, u64),
+    variation: Option<crate::engine::request::SeedVariation>,
     scheduler: (Option<SchedulerKind>, SchedulerOptions),
     base_overrides: crate::engine::request::SchedulerOverrides,
     micro: sampling::Micro,
@@ -166,6 +168,7 @@ fn check(
     let guider = guider::guider(spec, guidance.0, model.as_ref(), v);
     let pag = pag::pag(spec, model.as_ref(), v);
     let counts = sampling::counts(spec, limits, ctx.drawn_seed, v);
+    let variation = variation::variation(spec, counts.1, limits, ctx.drawn_seed, v);
     let model_scheduler = model
         .as_ref()
         .and_then(|m| m.pipeline.as_ref()?.scheduler());
@@ -187,19 +190,7 @@ fn check(
         v,
         deferred,
     );
-    let detectors = detector::Detectors {
-        registry,
-        defaults: ctx.preprocessing,
-    };
-    let mut controlnets = controlnet::controlnets(
-        &spec.controlnets,
-        detectors,
-        (max_pixels, size),
-        v,
-        deferred,
-    );
-    inpaint_area::control_maps(spec, &mut controlnets, v);
-    controlnet::adapter_sizes(&controlnets, size, v);
+    let controlnets = control_units(spec, ctx, (max_pixels, size), v, deferred);
     let base = refiner::BaseDefaults {
         steps: counts.0,
         guidance_scale: guidance.0,
@@ -271,6 +262,7 @@ fn check(
         guider,
         pag,
         counts,
+        variation,
         scheduler,
         base_overrides,
         micro,
@@ -289,6 +281,31 @@ fn check(
         hires,
         client_job_id,
     }
+}
+
+/// `spec.controlnets`, with their control images read at the generated `size` (within
+/// `max_pixels`) and the masked area's crop.
+fn control_units(
+    spec: &pb::GenerationSpec,
+    ctx: &Context<'_>,
+    (max_pixels, size): (u64, (u32, u32)),
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Vec<crate::jobs::ControlNetJob> {
+    let detectors = detector::Detectors {
+        registry: ctx.registry,
+        defaults: ctx.preprocessing,
+    };
+    let mut controlnets = controlnet::controlnets(
+        &spec.controlnets,
+        detectors,
+        (max_pixels, size),
+        v,
+        deferred,
+    );
+    inpaint_area::control_maps(spec, &mut controlnets, v);
+    controlnet::adapter_sizes(&controlnets, size, v);
+    controlnets
 }
 
 /// The first pass's changes to the model's scheduler: the scheduler and options asked
@@ -341,7 +358,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
             model: model.name.clone(),
             ..spec.clone()
         };
-        replay_specs(&resolved, seed, num_images)
+        replay_specs(&resolved, (seed, parts.variation), num_images)
     } else {
         Vec::new()
     };
@@ -362,6 +379,7 @@ fn assemble(spec: pb::GenerationSpec, parts: Parts) -> Result<JobSpec, ApiError>
         steps: steps as usize,
         seed,
         num_images: num_images as usize,
+        variation: parts.variation,
         original_size: micro.original_size,
         crops_coords_top_left: micro.crop_top_left,
         target_size: micro.target_size,

@@ -8,6 +8,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::noise::NoiseStream;
 use crate::engine::pipeline::{Entry, GenerateParams, InitImage, SdxlPipeline, Start};
 use crate::engine::schedulers::Scheduler;
+use crate::engine::variation::{vary, SeedVariation};
 
 /// What the inpainting loop needs besides the latents.
 pub(super) struct Inpaint {
@@ -36,6 +37,7 @@ impl SdxlPipeline {
     ) -> Result<(Tensor, Option<Inpaint>)> {
         let add_noise = matches!(from.entry(p), Some(Entry::Strength(_)));
         let takes_latents_only = !self.is_inpainting();
+        let start_noise = self.start_noise(p);
         match (from, &p.init_image) {
             (
                 Start::Handoff {
@@ -45,18 +47,21 @@ impl SdxlPipeline {
                 },
                 _,
             ) => {
+                let handoff = (*latents, *mask, *entry);
                 let (latents, state) =
-                    self.handoff_inpaint_latents(latents, mask, *entry, scheduler, start, noise)?;
+                    self.handoff_inpaint_latents(handoff, scheduler, start, start_noise, noise)?;
                 Ok((latents, Some(state)))
             }
             (Start::Handoff { latents, .. }, _) => {
+                let noised = add_noise.then_some(start_noise);
                 let latents =
-                    self.image_latents(None, Some(latents), add_noise, scheduler, start, noise)?;
+                    self.image_latents(None, Some(latents), noised, scheduler, start, noise)?;
                 Ok((latents, None))
             }
             (Start::Image { image, .. }, _) => {
+                let noised = add_noise.then_some(start_noise);
                 let latents =
-                    self.image_latents(Some(image), None, add_noise, scheduler, start, noise)?;
+                    self.image_latents(Some(image), None, noised, scheduler, start, noise)?;
                 Ok((latents, None))
             }
             (Start::Request, None) => {
@@ -71,7 +76,8 @@ impl SdxlPipeline {
                 Ok((initial * scheduler.init_noise_sigma(), None))
             }
             (Start::Request, Some(init)) if init.mask.is_some() => {
-                let (latents, state) = self.inpaint_latents(init, p, scheduler, start, noise)?;
+                let (latents, state) =
+                    self.inpaint_latents(init, p, scheduler, (start, start_noise), noise)?;
                 Ok((latents, Some(state)))
             }
             (Start::Request, Some(init)) => {
@@ -82,26 +88,36 @@ impl SdxlPipeline {
                 }
                 noise.seed(p.seed);
                 let image = init.to_tensor();
+                let noised = add_noise.then_some(start_noise);
                 let latents =
-                    self.image_latents(Some(&image), None, add_noise, scheduler, start, noise)?;
+                    self.image_latents(Some(&image), None, noised, scheduler, start, noise)?;
                 Ok((latents, None))
             }
         }
     }
 
     /// Initial noise for `n` images: image i is `randn([1, C, h, w])` from the CPU
-    /// generator seeded with seed + i, in float32 (invariant 2).
+    /// generator seeded with seed + i, in float32 (invariant 2), varied as `p` asks.
     pub(super) fn initial_noise(&self, p: &GenerateParams, noise: &mut NoiseStream) -> Tensor {
         let f = self.vae_scale_factor();
         let channels = self.vae.latent_channels();
         let shape = [1, channels, p.height / f, p.width / f];
-        let draws: Vec<Tensor> = (0..p.num_images)
+        let start_noise = self.start_noise(p);
+        let draws: Vec<Tensor> = (0..p.num_images as u64)
             .map(|i| {
-                noise.seed(p.seed.wrapping_add(i as u64));
-                noise.randn(&shape)
+                noise.seed(p.seed.wrapping_add(i));
+                start_noise.nth(i).draw(&shape, noise)
             })
             .collect();
         Tensor::cat(&draws, 0)
+    }
+
+    fn start_noise(&self, p: &GenerateParams) -> StartNoise {
+        StartNoise {
+            seed: p.seed,
+            variation: p.variation,
+            factor: self.vae_scale_factor(),
+        }
     }
 
     /// Image to image (StableDiffusionXLImg2ImgPipeline's prepare_latents): the VAE
@@ -113,7 +129,7 @@ impl SdxlPipeline {
         &self,
         image: Option<&Tensor>,
         latents: Option<&Tensor>,
-        add_noise: bool,
+        noised: Option<StartNoise>,
         scheduler: &dyn Scheduler,
         start: usize,
         noise: &mut NoiseStream,
@@ -128,10 +144,12 @@ impl SdxlPipeline {
                 ))
             }
         };
-        if !add_noise {
+        let Some(start_noise) = noised else {
             return Ok(latents);
-        }
-        let draw = noise.randn(latents.size().as_slice()).to_device(device);
+        };
+        let draw = start_noise
+            .draw(latents.size().as_slice(), noise)
+            .to_device(device);
         Ok(scheduler.add_noise(&latents, &draw, start))
     }
 
@@ -149,7 +167,7 @@ impl SdxlPipeline {
         init: &InitImage,
         p: &GenerateParams,
         scheduler: &dyn Scheduler,
-        start: usize,
+        (start, start_noise): (usize, StartNoise),
         noise: &mut NoiseStream,
     ) -> Result<(Tensor, Inpaint)> {
         let device = self.placement.device;
@@ -175,7 +193,7 @@ impl SdxlPipeline {
             None => {
                 noise.seed(p.seed);
                 let image_latents = need_image.then(|| self.encode_sample(&image, noise));
-                let initial = noise.randn(&shape).to_device(device);
+                let initial = start_noise.draw(&shape, noise).to_device(device);
                 (
                     image_latents,
                     initial,
@@ -192,7 +210,7 @@ impl SdxlPipeline {
                 noise.seed(p.seed);
                 (
                     image_latents,
-                    noise.randn(&shape).to_device(device),
+                    start_noise.draw(&shape, noise).to_device(device),
                     masked_latents,
                 )
             }
@@ -220,11 +238,10 @@ impl SdxlPipeline {
     /// (pure noise at strength 1), not at a `denoising_start`.
     fn handoff_inpaint_latents(
         &self,
-        handed: &Tensor,
-        mask: &Tensor,
-        entry: Entry,
+        (handed, mask, entry): (&Tensor, &Tensor, Entry),
         scheduler: &dyn Scheduler,
         start: usize,
+        start_noise: StartNoise,
         noise: &mut NoiseStream,
     ) -> Result<(Tensor, Inpaint)> {
         if self.is_inpainting() {
@@ -235,7 +252,7 @@ impl SdxlPipeline {
         let device = self.placement.device;
         let image_latents = handed.to_device(device).to_kind(Kind::Float);
         let size = image_latents.size();
-        let drawn = noise.randn(&size).to_device(device);
+        let drawn = start_noise.draw(&size, noise).to_device(device);
         let latents = match entry {
             Entry::DenoisingStart(_) => image_latents.shallow_clone(),
             Entry::Strength(strength) if strength >= 1.0 => &drawn * scheduler.init_noise_sigma(),
@@ -251,5 +268,50 @@ impl SdxlPipeline {
             noise: drawn,
         };
         Ok((latents, state))
+    }
+}
+
+/// How a run draws the noise it starts from: from the job's stream, then varied as the
+/// request asks (every pass that starts from noise varies it alike, as A1111's hires pass
+/// does).
+#[derive(Clone, Copy)]
+pub(super) struct StartNoise {
+    /// The seed of the first image drawn.
+    seed: u64,
+    variation: Option<SeedVariation>,
+    /// The VAE's scale factor (a resized seed's size in latents).
+    factor: i64,
+}
+
+impl StartNoise {
+    /// The noise of the image `index` places later.
+    fn nth(self, index: u64) -> Self {
+        Self {
+            seed: self.seed.wrapping_add(index),
+            variation: self.variation.map(|v| v.nth(index)),
+            ..self
+        }
+    }
+
+    /// `randn(shape)` from the stream ([N, C, h, w]: N images from seed on), varied.
+    fn draw(self, shape: &[i64], noise: &mut NoiseStream) -> Tensor {
+        let drawn = noise.randn(shape);
+        let Some(variation) = self.variation else {
+            return drawn;
+        };
+        let images: Vec<Tensor> = (0..shape[0])
+            .map(|j| {
+                let image = self.nth(j as u64);
+                let own = drawn.narrow(0, j, 1);
+                vary(
+                    &own,
+                    image.seed,
+                    &variation.nth(j as u64),
+                    self.factor,
+                    noise,
+                )
+            })
+            .collect();
+        Tensor::cat(&images, 0)
     }
 }
