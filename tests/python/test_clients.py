@@ -1027,6 +1027,31 @@ def test_python_client_seamless_tiling_replays_from_its_png(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["spec.tiling"]
 
 
+def test_python_client_seed_variation_is_written_and_replayed_per_image(stubs, server):
+    channel = grpc.insecure_channel(server.address)
+    gen = stubs.gen_grpc.GenerationServiceStub(channel)
+    variation = stubs.gen.SeedVariation(strength=0.4, resize_from=stubs.gen.Size(width=96, height=64))
+    first = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs, num_images=2, variation=variation)))
+    seeds = []
+    for image in first.images:
+        png = Image.open(io.BytesIO(image.data))
+        resolved = json_format.Parse(png.info["sdxld"], stubs.gen.GenerationSpec())
+        assert resolved.variation.HasField("seed")
+        seeds.append(resolved.variation.seed)
+        entries = f"Variation seed: {resolved.variation.seed}, Variation seed strength: 0.4, Seed resize from: 96x64"
+        assert entries in png.info["parameters"], png.info["parameters"]
+        again = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=resolved))
+        assert again.images[0].data == image.data
+    assert seeds[1] == seeds[0] + 1
+    plain = gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=spec(stubs)))
+    assert Image.open(io.BytesIO(plain.images[0].data)).tobytes() != Image.open(io.BytesIO(first.images[0].data)).tobytes()
+    bad = spec(stubs, variation=stubs.gen.SeedVariation(strength=float("nan"), resize_from=stubs.gen.Size(width=65, height=64)))
+    with pytest.raises(grpc.RpcError) as caught:
+        gen.GenerateImages(stubs.gen.GenerateImagesRequest(spec=bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert sorted(bad_request_fields(stubs, caught.value)) == ["spec.variation.resize_from.width", "spec.variation.strength"]
+
+
 def test_python_client_adaptive_projected_guidance_replays_and_refuses(stubs, server):
     channel = grpc.insecure_channel(server.address)
     gen = stubs.gen_grpc.GenerationServiceStub(channel)
