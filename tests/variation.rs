@@ -112,16 +112,18 @@ fn first_case() -> pb::GenerationSpec {
     spec_of("tiny2", &cases("tiny2")[0])
 }
 
-/// Each image's parameters carry its own variation seed as A1111 writes it, and its
-/// PNG replays it byte for byte; a variation seed the server draws does too; the
-/// variation moves the image; strength 1 under Euler is the variation seed's own image
-/// and strength 0 the seed's, which writes nothing.
+/// Each image reports its own variation seed, which its parameters carry as A1111 writes
+/// it, and its PNG replays it byte for byte; variation seeds the server draws are
+/// reported in the accepted event and by each image, and replay too; the variation
+/// moves the image; strength 1 under Euler is the variation seed's own image and
+/// strength 0 the seed's, which reports and writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_variation_is_written_replayed_and_reaches_its_ends() {
     let server = TestServer::with_pipelines(&[]).await;
     let spec = first_case();
     let done = server.images(spec.clone()).await.expect("varied");
     for (i, image) in done.images.iter().enumerate() {
+        assert_eq!(image.variation_seed, Some(500 + i as u64));
         let parameters = common::png_parameters(&image.data);
         let entry = format!("Variation seed: {}, Variation seed strength: 0.3", 500 + i);
         assert!(parameters.contains(&entry), "image {i}: {parameters}");
@@ -179,29 +181,50 @@ async fn a_variation_is_written_replayed_and_reaches_its_ends() {
         common::decoded_image(&plain_images[0].data)
     );
     assert!(!common::png_parameters(&none[0].data).contains("Variation"));
+    assert_eq!(none[0].variation_seed, None);
 
-    let drawn = with(pb::SeedVariation {
-        seed: None,
-        strength: 0.5,
-        resize_from: Some(pb::Size {
-            width: 80,
-            height: 64,
-        }),
+    let drawn = pb::GenerationSpec {
+        num_images: 2,
+        ..with(pb::SeedVariation {
+            seed: None,
+            strength: 0.5,
+            resize_from: Some(pb::Size {
+                width: 80,
+                height: 64,
+            }),
+        })
+    };
+    let request = tonic::Request::new(pb::GenerateRequest { spec: Some(drawn) });
+    let (events, end) = server.stream(request).await;
+    end.expect("drawn");
+    let reported = events.iter().find_map(|e| match e {
+        pb::generate_response::Event::Accepted(a) => Some(a.variation_seeds.clone()),
+        _ => None,
     });
-    let drawn = server.images(drawn).await.expect("drawn").images;
-    let parameters = common::png_parameters(&drawn[0].data);
-    assert!(parameters.contains("Variation seed: "), "{parameters}");
-    assert!(
-        parameters.contains("Seed resize from: 80x64"),
-        "{parameters}"
-    );
-    let replayed = common::png_spec(&drawn[0].data);
-    assert!(replayed.variation.and_then(|v| v.seed).is_some());
-    let again = server
-        .images(common::png_spec(&drawn[0].data))
-        .await
-        .expect("replay");
-    assert_eq!(again.images[0].data, drawn[0].data);
+    let reported = reported.expect("an accepted event");
+    assert_eq!(reported.len(), 2);
+    assert_eq!(reported[1], reported[0] + 1);
+    let drawn: Vec<pb::GeneratedImage> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            pb::generate_response::Event::Image(image) => Some(image),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drawn.len(), 2);
+    for image in &drawn {
+        let seed = reported[image.index as usize];
+        assert_eq!(image.variation_seed, Some(seed));
+        let parameters = common::png_parameters(&image.data);
+        let entry = format!(
+            "Variation seed: {seed}, Variation seed strength: 0.5, Seed resize from: 80x64"
+        );
+        assert!(parameters.contains(&entry), "{parameters}");
+        let replayed = common::png_spec(&image.data);
+        assert_eq!(replayed.variation.and_then(|v| v.seed), Some(seed));
+        let again = server.images(replayed).await.expect("replay");
+        assert_eq!(again.images[0].data, image.data);
+    }
 }
 
 /// Bad variations are refused before admission naming each field, and the server

@@ -112,6 +112,7 @@ pub fn image(i: ImageEvent) -> pb::GeneratedImage {
     pb::GeneratedImage {
         index: i.index,
         seed: i.seed,
+        variation_seed: i.variation_seed,
         data: i.image.data,
         mime_type: i.image.mime_type.to_string(),
         width: i.image.width,

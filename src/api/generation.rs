@@ -93,11 +93,9 @@ impl Generation {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("validation did not finish: {e}")))??;
-        let seeds: Vec<u64> = match &job {
-            JobWork::Generate(spec) => (0..spec.params.num_images as u64)
-                .map(|i| spec.params.seed + i)
-                .collect(),
-            JobWork::Upscale(_) | JobWork::Preprocess(_) => Vec::new(),
+        let (seeds, variation_seeds) = match &job {
+            JobWork::Generate(spec) => image_seeds(&spec.params),
+            JobWork::Upscale(_) | JobWork::Preprocess(_) => (Vec::new(), Vec::new()),
         };
         let client_job_id = job.client_job_id().cloned().unwrap_or_default();
         let client_job_id_field = match &job {
@@ -119,10 +117,22 @@ impl Generation {
             client_job_id,
             queue_position: admitted.queue_position,
             seeds,
+            variation_seeds,
         };
         tracing::info!(job = %admitted.id, position = admitted.queue_position, "job accepted");
         Ok((accepted, admitted, deadline))
     }
+}
+
+/// Each image's seed and, where the request varies its noise, its variation seed.
+fn image_seeds(params: &crate::engine::request::GenerateParams) -> (Vec<u64>, Vec<u64>) {
+    let images = 0..params.num_images as u64;
+    let seeds = images.clone().map(|i| params.seed + i).collect();
+    let variation_seeds = match params.variation {
+        Some(variation) => images.map(|i| variation.nth(i).seed).collect(),
+        None => Vec::new(),
+    };
+    (seeds, variation_seeds)
 }
 
 impl Generation {

@@ -263,6 +263,7 @@ impl Forwarder {
         Ok(JobEvent::Image(ImageEvent {
             index: image.index,
             seed: image.seed,
+            variation_seed: image.variation_seed,
             image: encoded?,
             ready_after: self.admitted_at.elapsed(),
         }))

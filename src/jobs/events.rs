@@ -136,6 +136,8 @@ pub struct FinishedImage {
     pub index: u32,
     /// Its seed.
     pub seed: u64,
+    /// Its variation seed, when the request varies its noise.
+    pub variation_seed: Option<u64>,
     /// Its size in pixels (also for latents).
     pub width: u32,
     /// Height in pixels.
@@ -174,6 +176,8 @@ pub struct ImageEvent {
     pub index: u32,
     /// Its seed.
     pub seed: u64,
+    /// Its variation seed, when the request varies its noise.
+    pub variation_seed: Option<u64>,
     /// The encoded image.
     pub image: EncodedImage,
     /// Time from admission until it was ready.

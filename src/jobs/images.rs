@@ -134,6 +134,7 @@ impl JobRun<'_> {
             self.sink.image(FinishedImage {
                 index: index as u32,
                 seed,
+                variation_seed: self.spec.params.variation.map(|v| v.nth(index as u64).seed),
                 width: size.0,
                 height: size.1,
                 content,

@@ -55,6 +55,7 @@ pub fn run_preprocess(
     sink.image(FinishedImage {
         index: 0,
         seed: 0,
+        variation_seed: None,
         width,
         height,
         content: ImageContent::Rgb(RgbImage::from(map)),

@@ -75,6 +75,7 @@ fn finished(spec: &UpscaleSpec, image: RgbImage) -> FinishedImage {
     FinishedImage {
         index: 0,
         seed: 0,
+        variation_seed: None,
         width: image.width,
         height: image.height,
         content: ImageContent::Rgb(image),
