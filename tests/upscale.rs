@@ -46,13 +46,14 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 6);
+    assert_eq!(models.len(), 8);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
         let id = match architecture {
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "Compact",
+            Architecture::Span { .. } => "SPAN",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));

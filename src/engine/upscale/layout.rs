@@ -1,7 +1,8 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's) and SRVGGNetCompact. Every stored name is
-//! mapped to one canonical (BasicSR) name; a name that fits no layout is refused.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact and SPAN. Every stored
+//! name is mapped to one canonical (BasicSR's, or the network's own) name; a name that
+//! fits no layout is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +40,19 @@ pub enum Architecture {
         /// The pixel-shuffle factor.
         scale: i64,
     },
+    /// SPAN: six parameter-free attention blocks of folded 3×3 convolutions, a pixel
+    /// shuffle.
+    Span {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`feature_channels`).
+        features: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the input is normalised (mean subtracted, times 255); a file with a
+        /// `no_norm` tensor is not.
+        normalised: bool,
+    },
 }
 
 impl Architecture {
@@ -62,6 +76,8 @@ impl Architecture {
                 )
             }
             Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
+            // The block outputs kept for the concatenation and the concatenation itself.
+            Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -74,7 +90,16 @@ impl Architecture {
                 unshuffle,
                 ..
             } => (1 << upsamplings) / unshuffle,
-            Architecture::Compact { scale, .. } => scale,
+            Architecture::Compact { scale, .. } | Architecture::Span { scale, .. } => scale,
+        }
+    }
+
+    /// Image channels in and out.
+    pub fn channels(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb { channels, .. }
+            | Architecture::Compact { channels, .. }
+            | Architecture::Span { channels, .. } => channels,
         }
     }
 
@@ -83,6 +108,7 @@ impl Architecture {
         match self {
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "RealESRGAN Compact",
+            Architecture::Span { .. } => "SPAN",
         }
     }
 
@@ -104,6 +130,7 @@ impl Architecture {
             Architecture::Compact {
                 features, convs, ..
             } => vec![format!("{features}nf"), format!("{convs}nc")],
+            Architecture::Span { features, .. } => vec![format!("{features}nf")],
         }
     }
 }
@@ -129,6 +156,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         path: path.to_path_buf(),
         name: name.to_string(),
     };
+    if SPAN_KEYS.iter().all(|key| has(key)) {
+        return span(&unwrapped).ok_or_else(|| unknown(SPAN_KEYS[0]));
+    }
     let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
         unwrapped
             .iter()
@@ -161,6 +191,55 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     Ok(Layout {
         architecture,
         names,
+    })
+}
+
+/// The tensors spandrel detects SPAN by.
+const SPAN_KEYS: [&str; 8] = [
+    "conv_1.sk.weight",
+    "block_1.c1_r.sk.weight",
+    "block_1.c1_r.eval_conv.weight",
+    "block_1.c3_r.eval_conv.weight",
+    "conv_cat.weight",
+    "conv_2.sk.weight",
+    "conv_2.eval_conv.weight",
+    "upsampler.0.weight",
+];
+
+/// A SPAN file (its own names, unwrapped): the channels and width from `conv_1.sk`, the
+/// scale and output channels from the upsampler as spandrel reads them.
+fn span(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
+    let shape = |name: &str| {
+        unwrapped
+            .iter()
+            .find(|(_, n, _)| *n == name)
+            .map(|(_, _, s)| *s)
+    };
+    let first = shape("conv_1.sk.weight")?;
+    let (features, channels) = (*first.first()?, *first.get(1)?);
+    let (scale, out_channels) = shuffle_factor(*shape("upsampler.0.weight")?.first()?, channels)?;
+    let names = unwrapped
+        .iter()
+        .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
+        .collect();
+    (out_channels == channels).then_some(Layout {
+        architecture: Architecture::Span {
+            channels,
+            features,
+            scale,
+            normalised: shape("no_norm").is_none(),
+        },
+        names,
+    })
+}
+
+/// spandrel's `get_scale_and_output_channels`: the output channels are the input's, or
+/// 3, 4 or 1, whichever leaves a square factor of `shuffled`.
+fn shuffle_factor(shuffled: i64, in_channels: i64) -> Option<(i64, i64)> {
+    [in_channels, 3, 4, 1].into_iter().find_map(|c| {
+        let square = c > 0 && shuffled % c == 0 && shuffled / c > 0;
+        let root = ((shuffled / c.max(1)) as f64).sqrt().round() as i64;
+        (square && root * root == shuffled / c).then_some((root, c))
     })
 }
 
@@ -315,13 +394,7 @@ fn compact(names: &HashMap<String, String>, shape: &ShapeOf) -> Option<Architect
     let first = shape("body.0.weight")?;
     let (features, in_channels) = (first[0], first[1]);
     let shuffled = shape(&format!("body.{highest}.bias"))?[0];
-    // spandrel's rule: the output channels are the input's, or 3, 4 or 1, whichever
-    // leaves a square factor.
-    let (scale, channels) = [in_channels, 3, 4, 1].into_iter().find_map(|c| {
-        let square = shuffled % c == 0 && shuffled / c > 0;
-        let root = ((shuffled / c.max(1)) as f64).sqrt().round() as i64;
-        (square && root * root == shuffled / c).then_some((root, c))
-    })?;
+    let (scale, channels) = shuffle_factor(shuffled, in_channels)?;
     (channels == in_channels && highest >= 2 && highest % 2 == 0).then_some(Architecture::Compact {
         channels,
         features,

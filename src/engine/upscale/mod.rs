@@ -1,10 +1,11 @@
-//! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet and SRVGGNetCompact) loaded
+//! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
 
 pub mod layout;
 pub mod nets;
+pub mod span;
 pub mod tiles;
 
 use std::path::Path;
@@ -33,11 +34,7 @@ impl Upscaler {
     pub fn load(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         let (shapes, _) = read_shapes(path)?;
         let layout = layout::detect(path, &shapes)?;
-        let channels = match layout.architecture {
-            Architecture::Rrdb { channels, .. } | Architecture::Compact { channels, .. } => {
-                channels
-            }
-        };
+        let channels = layout.architecture.channels();
         if channels != 3 {
             return Err(EngineError::WeightFile {
                 path: path.to_path_buf(),
@@ -51,7 +48,11 @@ impl Upscaler {
         };
         let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
         let network = Network::load(&weights.root(), layout.architecture)?;
-        weights.check_all_used(|_| false)?;
+        // SPAN's folded convolutions and its `no_norm` flag are not read (spandrel
+        // folds the convolutions again at every call).
+        let span = matches!(layout.architecture, Architecture::Span { .. });
+        let unread = |name: &str| span && (name.contains(".eval_conv.") || name == "no_norm");
+        weights.check_all_used(unread)?;
         Ok(Self {
             architecture: layout.architecture,
             network,

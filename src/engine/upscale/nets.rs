@@ -1,12 +1,13 @@
-//! The two super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
-//! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`),
-//! on NCHW images in [0, 1].
+//! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
+//! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
+//! here, SPAN in `span.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::span::Span;
 use crate::engine::weights::VarPath;
 
 /// ESRGAN's LeakyReLU slope.
@@ -208,6 +209,7 @@ impl Compact {
 pub enum Network {
     Rrdb(Rrdb),
     Compact(Compact),
+    Span(Span),
 }
 
 impl Network {
@@ -216,6 +218,7 @@ impl Network {
         Ok(match architecture {
             Architecture::Rrdb { .. } => Network::Rrdb(Rrdb::load(vp, architecture)?),
             Architecture::Compact { .. } => Network::Compact(Compact::load(vp, architecture)?),
+            Architecture::Span { .. } => Network::Span(Span::load(vp, architecture)?),
         })
     }
 
@@ -224,6 +227,7 @@ impl Network {
         match self {
             Network::Rrdb(n) => n.forward(image),
             Network::Compact(n) => n.forward(image),
+            Network::Span(n) => n.forward(image),
         }
     }
 }
