@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Upscaler benchmark: a full-size RRDBNet x4 (RealESRGAN_x4plus's shape: 64 features,
-23 blocks, growth 32) with random weights, one image enlarged by spandrel (the loader
+23 blocks, growth 32), or with `--arch span` a SPAN x4 of 48 features (the published
+span models' shape), with random weights, one image enlarged by spandrel (the loader
 A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`, same
 weights, same tiling, same threads, each in its own process.
 
@@ -9,8 +10,8 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 `--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
-Usage: bench/upscale.py --sdxld target/release/sdxld [--size 512] [--tile 256] [--threads 2]
-[--tiled-only] [--device cuda --dtype bfloat16]
+Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span] [--size 512]
+[--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
 
 import argparse
@@ -27,17 +28,27 @@ import numpy as np
 import torch
 
 
-def write_model(path: Path):
+def write_model(path: Path, arch: str) -> str:
+    """Writes the benchmark's model; its description."""
     from safetensors.torch import save_file
     from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.SPAN import SPAN
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
     from make_upscaler_fixtures import basicsr_names, randomise
 
-    model = ESRGAN(num_filters=64, num_blocks=23, scale=4)
-    randomise(model, 0)
-    state = basicsr_names({k: v.contiguous() for k, v in model.state_dict().items()})
+    if arch == "span":
+        model = SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4)
+        randomise(model, 0)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        described = "x4 SPAN (48nf)"
+    else:
+        model = ESRGAN(num_filters=64, num_blocks=23, scale=4)
+        randomise(model, 0)
+        state = basicsr_names({k: v.contiguous() for k, v in model.state_dict().items()})
+        described = "x4 RRDBNet (64nf 23nb)"
     save_file({f"params_ema.{k}": v for k, v in state.items()}, str(path))
+    return described
 
 
 def spandrel_child(args):
@@ -88,6 +99,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
+    parser.add_argument("--arch", choices=["rrdb", "span"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -102,7 +114,7 @@ def main():
         return spandrel_child(args)
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "x4.safetensors"
-        write_model(model)
+        described = write_model(model, args.arch)
         megapixels = (args.size * 4) ** 2 / 1e6
         rows = []
         for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
@@ -116,7 +128,7 @@ def main():
             if args.device != "cpu":
                 device = f", device peak spandrel {spandrel.get('device_peak_mib', 0):.0f} / sdxld {sdxld.get('device_peak_mib', 0):.0f} MiB"
             rows.append(
-                f"{args.size}² -> {args.size * 4}² x4 RRDBNet (64nf 23nb), {label}, {where}: "
+                f"{args.size}² -> {args.size * 4}² {described}, {label}, {where}: "
                 f"spandrel {megapixels / s:.3f} MP/s ({s:.2f} s, peak RSS {spandrel_peak:.0f} MiB), "
                 f"sdxld {megapixels / d:.3f} MP/s ({d:.2f} s, peak RSS {sdxld_peak:.0f} MiB), ratio {s / d:.2f}{device}"
             )

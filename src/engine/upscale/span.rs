@@ -83,12 +83,20 @@ impl AttentionBlock {
 
     /// The block's output and its first convolution's after the SiLU (SPAN
     /// concatenates the last block's: the reference's in-place SiLU has rewritten it).
+    /// Activations are written in place (a tile's feature maps are its largest
+    /// tensors).
     fn forward(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let first = self.convs[0].forward(x).silu();
-        let second = self.convs[1].forward(&first);
-        let third = self.convs[2].forward(&second.silu());
-        let attention = third.sigmoid() - 0.5;
-        ((third + x) * attention, first)
+        let mut first = self.convs[0].forward(x);
+        let _ = first.silu_();
+        let mut second = self.convs[1].forward(&first);
+        let _ = second.silu_();
+        let mut third = self.convs[2].forward(&second);
+        drop(second);
+        let mut attention = third.sigmoid();
+        let _ = attention.g_sub_scalar_(0.5);
+        let _ = third.g_add_(x);
+        let _ = third.g_mul_(&attention);
+        (third, first)
     }
 }
 
