@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Upscaler benchmark: a full-size RRDBNet x4 (RealESRGAN_x4plus's shape: 64 features,
 23 blocks, growth 32), or with `--arch span` a SPAN x4 of 48 features (the published
-span models' shape), with random weights, one image enlarged by spandrel (the loader
+span models' shape), or with `--arch plksr` a RealPLKSR x4 of spandrel's defaults (64
+features, 28 blocks, 17×17 kernels, the published realplksr models' shape), with random
+weights, one image enlarged by spandrel (the loader
 A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`, same
 weights, same tiling, same threads, each in its own process.
 
@@ -10,7 +12,7 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 `--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
-Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span] [--size 512]
+Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr] [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
 
@@ -32,12 +34,18 @@ def write_model(path: Path, arch: str) -> str:
     """Writes the benchmark's model; its description."""
     from safetensors.torch import save_file
     from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.PLKSR import RealPLKSR
     from spandrel.architectures.SPAN import SPAN
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
     from make_upscaler_fixtures import basicsr_names, randomise
 
-    if arch == "span":
+    if arch == "plksr":
+        model = RealPLKSR()
+        randomise(model, 0)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        described = "x4 RealPLKSR (64dim 28nb 17ks)"
+    elif arch == "span":
         model = SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4)
         randomise(model, 0)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -99,7 +107,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 8);
+    assert_eq!(models.len(), 10);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -54,6 +54,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "Compact",
             Architecture::Span { .. } => "SPAN",
+            Architecture::RealPlksr { .. } => "PLKSR",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -214,6 +215,25 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
+    // RealPLKSR with DySample's learned upsampling, and SPAN with a stray tensor.
+    for (model, extra) in [
+        ("plksr_x2", "to_img.init_pos"),
+        ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
+    ] {
+        let mut tensors =
+            Tensor::read_safetensors(root.join(format!("models/{model}.safetensors")))
+                .expect("read");
+        tensors.push((
+            extra.into(),
+            Tensor::zeros([2, 8, 1, 1], (Kind::Float, Device::Cpu)),
+        ));
+        let path = dir.path().join(format!("{model}.safetensors"));
+        Tensor::write_safetensors(&tensors, &path).expect("write");
+        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains(extra), "{model}: {error}");
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact and SPAN. Every stored
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN and RealPLKSR. Every stored
 //! name is mapped to one canonical (BasicSR's, or the network's own) name; a name that
 //! fits no layout is refused.
 
@@ -53,6 +53,26 @@ pub enum Architecture {
         /// `no_norm` tensor is not.
         normalised: bool,
     },
+    /// RealPLKSR: partial large kernel blocks, a pixel shuffle plus the repeated input.
+    RealPlksr {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// PLK blocks (`n_blocks`).
+        blocks: i64,
+        /// The large kernel's side.
+        kernel: i64,
+        /// The channels the large kernel convolves (`dim * split_ratio`).
+        split: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the blocks have element-wise attention (`use_ea`).
+        attention: bool,
+        /// Whether the blocks start with a channel layer norm instead of ending with a
+        /// group norm.
+        layer_norm: bool,
+    },
 }
 
 impl Architecture {
@@ -78,6 +98,8 @@ impl Architecture {
             Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
             // The block outputs kept for the concatenation and the concatenation itself.
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
+            // The block's input, the mixer's doubled width and the attention's product.
+            Architecture::RealPlksr { features, .. } => (6 * features as u64, 6 * out),
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -90,7 +112,9 @@ impl Architecture {
                 unshuffle,
                 ..
             } => (1 << upsamplings) / unshuffle,
-            Architecture::Compact { scale, .. } | Architecture::Span { scale, .. } => scale,
+            Architecture::Compact { scale, .. }
+            | Architecture::Span { scale, .. }
+            | Architecture::RealPlksr { scale, .. } => scale,
         }
     }
 
@@ -99,7 +123,8 @@ impl Architecture {
         match *self {
             Architecture::Rrdb { channels, .. }
             | Architecture::Compact { channels, .. }
-            | Architecture::Span { channels, .. } => channels,
+            | Architecture::Span { channels, .. }
+            | Architecture::RealPlksr { channels, .. } => channels,
         }
     }
 
@@ -109,6 +134,7 @@ impl Architecture {
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "RealESRGAN Compact",
             Architecture::Span { .. } => "SPAN",
+            Architecture::RealPlksr { .. } => "PLKSR",
         }
     }
 
@@ -131,6 +157,24 @@ impl Architecture {
                 features, convs, ..
             } => vec![format!("{features}nf"), format!("{convs}nc")],
             Architecture::Span { features, .. } => vec![format!("{features}nf")],
+            Architecture::RealPlksr {
+                features,
+                blocks,
+                kernel,
+                layer_norm,
+                ..
+            } => {
+                let mut tags = vec![
+                    format!("{features}dim"),
+                    format!("{blocks}nb"),
+                    format!("{kernel}ks"),
+                    "Real".to_string(),
+                ];
+                if layer_norm {
+                    tags.push("LayerNorm".into());
+                }
+                tags
+            }
         }
     }
 }
@@ -158,6 +202,13 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     };
     if SPAN_KEYS.iter().all(|key| has(key)) {
         return span(&unwrapped).ok_or_else(|| unknown(SPAN_KEYS[0]));
+    }
+    if PLKSR_KEYS.iter().all(|key| has(key)) {
+        // DySample's learned upsampling is not served.
+        if has(DYSAMPLE_KEY) {
+            return Err(unknown(DYSAMPLE_KEY));
+        }
+        return real_plksr(&unwrapped).ok_or_else(|| unknown(PLKSR_KEYS[0]));
     }
     let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
         unwrapped
@@ -228,6 +279,54 @@ fn span(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
             features,
             scale,
             normalised: shape("no_norm").is_none(),
+        },
+        names,
+    })
+}
+
+/// The tensors spandrel detects RealPLKSR by (PLKSR's original layout misspells
+/// `channe_mixer` and is not served).
+const PLKSR_KEYS: [&str; 4] = [
+    "feats.0.weight",
+    "feats.1.lk.conv.weight",
+    "feats.1.refine.weight",
+    "feats.1.channel_mixer.0.weight",
+];
+
+/// RealPLKSR's DySample output layer.
+const DYSAMPLE_KEY: &str = "to_img.init_pos";
+
+/// A RealPLKSR file, its hyperparameters read as spandrel reads them.
+fn real_plksr(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
+    let shape = |name: &str| {
+        unwrapped
+            .iter()
+            .find(|(_, n, _)| *n == name)
+            .map(|(_, _, s)| *s)
+    };
+    let has = |name: &str| shape(name).is_some();
+    let first = shape("feats.0.weight")?;
+    let (features, channels) = (*first.first()?, *first.get(1)?);
+    let layers = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "feats.");
+    let blocks = layers - 3;
+    let shuffled = *shape(&format!("feats.{}.weight", layers - 1))?.first()?;
+    let scale = ((shuffled / 3) as f64).sqrt().round() as i64;
+    let large_kernel = shape("feats.1.lk.conv.weight")?;
+    let names = unwrapped
+        .iter()
+        .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
+        .collect();
+    let fits = channels == 3 && blocks >= 1 && scale >= 1 && shuffled == 3 * scale * scale;
+    fits.then_some(Layout {
+        architecture: Architecture::RealPlksr {
+            channels,
+            features,
+            blocks,
+            kernel: *large_kernel.get(2)?,
+            split: *large_kernel.first()?,
+            scale,
+            attention: has("feats.1.attn.f.0.weight"),
+            layer_norm: has("feats.1.layer_norm.bias"),
         },
         names,
     })

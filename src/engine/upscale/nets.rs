@@ -1,12 +1,13 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, on NCHW images in [0, 1].
+//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::plksr::RealPlksr;
 use crate::engine::upscale::span::Span;
 use crate::engine::weights::VarPath;
 
@@ -210,6 +211,7 @@ pub enum Network {
     Rrdb(Rrdb),
     Compact(Compact),
     Span(Span),
+    RealPlksr(RealPlksr),
 }
 
 impl Network {
@@ -219,6 +221,9 @@ impl Network {
             Architecture::Rrdb { .. } => Network::Rrdb(Rrdb::load(vp, architecture)?),
             Architecture::Compact { .. } => Network::Compact(Compact::load(vp, architecture)?),
             Architecture::Span { .. } => Network::Span(Span::load(vp, architecture)?),
+            Architecture::RealPlksr { .. } => {
+                Network::RealPlksr(RealPlksr::load(vp, architecture)?)
+            }
         })
     }
 
@@ -228,6 +233,7 @@ impl Network {
             Network::Rrdb(n) => n.forward(image),
             Network::Compact(n) => n.forward(image),
             Network::Span(n) => n.forward(image),
+            Network::RealPlksr(n) => n.forward(image),
         }
     }
 }
