@@ -211,10 +211,7 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         return real_plksr(&unwrapped).ok_or_else(|| unknown(PLKSR_KEYS[0]));
     }
     let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
-        unwrapped
-            .iter()
-            .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
-            .collect()
+        own_names(&unwrapped)
     } else {
         let canonical = rrdb_names(&unwrapped);
         let mut names = HashMap::new();
@@ -245,6 +242,22 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     })
 }
 
+/// The shape of the unwrapped tensor `name`.
+fn shape_of<'a>(unwrapped: &[(&str, &str, &'a [i64])], name: &str) -> Option<&'a [i64]> {
+    unwrapped
+        .iter()
+        .find(|(_, n, _)| *n == name)
+        .map(|(_, _, s)| *s)
+}
+
+/// Every stored name mapped to its unwrapped one: a layout in the network's own names.
+fn own_names(unwrapped: &[(&str, &str, &[i64])]) -> HashMap<String, String> {
+    unwrapped
+        .iter()
+        .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
+        .collect()
+}
+
 /// The tensors spandrel detects SPAN by.
 const SPAN_KEYS: [&str; 8] = [
     "conv_1.sk.weight",
@@ -260,19 +273,10 @@ const SPAN_KEYS: [&str; 8] = [
 /// A SPAN file (its own names, unwrapped): the channels and width from `conv_1.sk`, the
 /// scale and output channels from the upsampler as spandrel reads them.
 fn span(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
-    let shape = |name: &str| {
-        unwrapped
-            .iter()
-            .find(|(_, n, _)| *n == name)
-            .map(|(_, _, s)| *s)
-    };
+    let shape = |name: &str| shape_of(unwrapped, name);
     let first = shape("conv_1.sk.weight")?;
     let (features, channels) = (*first.first()?, *first.get(1)?);
     let (scale, out_channels) = shuffle_factor(*shape("upsampler.0.weight")?.first()?, channels)?;
-    let names = unwrapped
-        .iter()
-        .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
-        .collect();
     (out_channels == channels).then_some(Layout {
         architecture: Architecture::Span {
             channels,
@@ -280,7 +284,7 @@ fn span(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
             scale,
             normalised: shape("no_norm").is_none(),
         },
-        names,
+        names: own_names(unwrapped),
     })
 }
 
@@ -298,12 +302,7 @@ const DYSAMPLE_KEY: &str = "to_img.init_pos";
 
 /// A RealPLKSR file, its hyperparameters read as spandrel reads them.
 fn real_plksr(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
-    let shape = |name: &str| {
-        unwrapped
-            .iter()
-            .find(|(_, n, _)| *n == name)
-            .map(|(_, _, s)| *s)
-    };
+    let shape = |name: &str| shape_of(unwrapped, name);
     let has = |name: &str| shape(name).is_some();
     let first = shape("feats.0.weight")?;
     let (features, channels) = (*first.first()?, *first.get(1)?);
@@ -312,10 +311,6 @@ fn real_plksr(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
     let shuffled = *shape(&format!("feats.{}.weight", layers - 1))?.first()?;
     let scale = ((shuffled / 3) as f64).sqrt().round() as i64;
     let large_kernel = shape("feats.1.lk.conv.weight")?;
-    let names = unwrapped
-        .iter()
-        .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
-        .collect();
     let fits = channels == 3 && blocks >= 1 && scale >= 1 && shuffled == 3 * scale * scale;
     fits.then_some(Layout {
         architecture: Architecture::RealPlksr {
@@ -328,7 +323,7 @@ fn real_plksr(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
             attention: has("feats.1.attn.f.0.weight"),
             layer_norm: has("feats.1.layer_norm.bias"),
         },
-        names,
+        names: own_names(unwrapped),
     })
 }
 
