@@ -61,6 +61,13 @@ fn spec_of(config: &str, case: &Case) -> pb::GenerationSpec {
         strength,
         ..Default::default()
     });
+    let refiner = (kind == "refiner").then(|| pb::RefinerStage {
+        model: format!("{config}/refiner"),
+        mode: pb::RefinerMode::Img2img as i32,
+        strength,
+        scheduler: pb::Scheduler::Euler as i32,
+        ..Default::default()
+    });
     let size = |key: &str| match kind {
         "img2img" => 0,
         _ => case.int(key) as u32,
@@ -77,6 +84,7 @@ fn spec_of(config: &str, case: &Case) -> pb::GenerationSpec {
         scheduler: scheduler(case.text("scheduler")) as i32,
         init_image,
         hires,
+        refiner,
         variation: Some(variation_of(case)),
         ..Default::default()
     }
@@ -85,7 +93,8 @@ fn spec_of(config: &str, case: &Case) -> pb::GenerationSpec {
 /// Every recorded case over gRPC: text to image (two images; an ancestral scheduler
 /// with a larger resized seed; DPM++ with only a resized seed, an odd difference),
 /// image to image (two images, ancestral), inpainting, a hires pass (both passes
-/// varied, the seed resized to the first pass's size) on tiny2 (VAE factor 8), and on
+/// varied, the seed resized to the first pass's size), an img2img-mode refiner (its
+/// noise varied too, two images) on tiny2 (VAE factor 8), and on
 /// tiny3 (factor 4) a resized variation on two images and full strength under DPM++
 /// image to image: latents within 1e-3, images within two levels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +113,7 @@ async fn seed_variations_match_a1111_on_diffusers() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 9);
 }
 
 /// Case 0 of tiny2 (Euler, two images, strength 0.3).
