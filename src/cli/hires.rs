@@ -74,7 +74,9 @@ impl HiresArgs {
 
     /// `--hires-size` as (width, height); (0, 0), the scale's, when absent.
     pub fn size(&self) -> anyhow::Result<(u32, u32)> {
-        self.hires_size.as_deref().map_or(Ok((0, 0)), parse_size)
+        self.hires_size
+            .as_deref()
+            .map_or(Ok((0, 0)), |size| parse_size("--hires-size", size))
     }
 
     /// `--hires-latent` as the wire interpolation (0, unspecified, when absent).
@@ -83,14 +85,14 @@ impl HiresArgs {
     }
 }
 
-/// `WIDTHxHEIGHT`.
-fn parse_size(size: &str) -> anyhow::Result<(u32, u32)> {
+/// `WIDTHxHEIGHT`, the value of `flag`.
+pub fn parse_size(flag: &str, size: &str) -> anyhow::Result<(u32, u32)> {
     let parsed = size
         .split_once(['x', 'X'])
         .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
     match parsed {
         Some(size) => Ok(size),
-        None => bail!("--hires-size must be WIDTHxHEIGHT, got `{size}`"),
+        None => bail!("{flag} must be WIDTHxHEIGHT, got `{size}`"),
     }
 }
 

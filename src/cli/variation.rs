@@ -2,7 +2,7 @@
 //! strength" and "Resize seed from"), their parsing, and the flag each
 //! `SeedVariation` field comes from.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use sdxld::proto::v1 as pb;
 
@@ -38,11 +38,7 @@ pub fn parse(args: &VariationArgs) -> anyhow::Result<Option<pb::SeedVariation>> 
 }
 
 fn size(arg: &str) -> anyhow::Result<pb::Size> {
-    let parsed = arg
-        .split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-    let (width, height) =
-        parsed.with_context(|| format!("--resize-seed-from {arg:?}: expected WxH"))?;
+    let (width, height) = crate::cli::hires::parse_size("--resize-seed-from", arg)?;
     Ok(pb::Size { width, height })
 }
 
