@@ -131,6 +131,47 @@ impl Range {
     }
 }
 
+/// The seed field `field` of image 0 of `num_images` whose image i uses seed + i (`last`:
+/// the last image's i), every image's below 2^53 so that JSON clients keep it exact;
+/// absent, `drawn` brought into that range.
+pub fn first_seed(
+    v: &mut Violations,
+    field: &str,
+    asked: Option<u64>,
+    (num_images, last): (u32, u64),
+    drawn: u64,
+) -> u64 {
+    match asked {
+        Some(seed) if seed > MAX_SEED => {
+            v.add(field, format!("must be below 2^53, got {seed}"));
+            0
+        }
+        Some(seed) if seed + last > MAX_SEED => {
+            // Image i's seed is seed + i, which its metadata records and a replay sends.
+            v.add(
+                field,
+                format!("must be at most 2^53 - {num_images} with {num_images} images (the last image's seed is seed + {last}), got {seed}"),
+            );
+            0
+        }
+        Some(seed) => seed,
+        None => drawn % (MAX_SEED - last + 1),
+    }
+}
+
+/// Whether `value` is an image side `field` may have (a multiple of 8 in [64, max]);
+/// a violation when not.
+pub fn image_side(v: &mut Violations, field: &str, value: u32, max: u32) -> bool {
+    let fits = value.is_multiple_of(8) && (64..=max).contains(&value);
+    if !fits {
+        v.add(
+            field,
+            format!("must be a multiple of 8 between 64 and {max}, got {value}"),
+        );
+    }
+    fits
+}
+
 /// A float field in `range`, as the decimal the client wrote; `None` (and a violation)
 /// when it is out of range, NaN or infinite. The range holds the decimal, not the
 /// float32's binary value: 0.01 sent as a float32 (0.00999999977...) is 0.01.

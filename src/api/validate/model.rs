@@ -2,7 +2,7 @@
 //! and `clip_skip`, bounded by the depth of the text encoders that will see it.
 
 use crate::api::status::ApiError;
-use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::fields::{image_side, model_name, Violations};
 use crate::api::validate::Deferred;
 use crate::config::Limits;
 use crate::engine::registry::{ModelEntry, ModelKind, Registry};
@@ -124,17 +124,8 @@ pub fn size(
             );
         }
     }
-    for (field, value, max) in [
-        ("spec.width", width, limits.max_width),
-        ("spec.height", height, limits.max_height),
-    ] {
-        if value % 8 != 0 || value < 64 || value > max {
-            v.add(
-                field,
-                format!("must be a multiple of 8 between 64 and {max}, got {value}"),
-            );
-        }
-    }
+    image_side(v, "spec.width", width, limits.max_width);
+    image_side(v, "spec.height", height, limits.max_height);
     (width, height)
 }
 

@@ -2,7 +2,7 @@
 //! micro-conditioning.
 
 use crate::api::validate::fields::{
-    at_most, enum_value, float, optional_float, Range, Violations, MAX_SEED,
+    at_most, enum_value, first_seed, float, optional_float, Range, Violations,
 };
 use crate::config::Limits;
 use crate::engine::request::{FreeU, Seamless};
@@ -89,22 +89,7 @@ pub fn counts(
         );
     }
     let last = u64::from(num_images.min(limits.max_num_images).max(1)) - 1;
-    let seed = match spec.seed {
-        Some(seed) if seed > MAX_SEED => {
-            v.add("spec.seed", format!("must be below 2^53, got {seed}"));
-            0
-        }
-        Some(seed) if seed + last > MAX_SEED => {
-            // Image i's seed is seed + i, which its metadata records and a replay sends.
-            v.add(
-                "spec.seed",
-                format!("must be at most 2^53 - {num_images} with {num_images} images (the last image's seed is seed + {last}), got {seed}"),
-            );
-            0
-        }
-        Some(seed) => seed,
-        None => drawn % (MAX_SEED - last + 1),
-    };
+    let seed = first_seed(v, "spec.seed", spec.seed, (num_images, last), drawn);
     (steps, num_images, seed)
 }
 
