@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 10);
+    assert_eq!(models.len(), 14);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -55,6 +55,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Compact { .. } => "Compact",
             Architecture::Span { .. } => "SPAN",
             Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::SwinIr { .. } => "SwinIR",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -215,10 +216,13 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
-    // RealPLKSR with DySample's learned upsampling, and SPAN with a stray tensor.
+    // RealPLKSR with DySample's learned upsampling, SPAN with a stray tensor, SwinIR
+    // with a pixel-unshuffled input or an absolute position embedding.
     for (model, extra) in [
         ("plksr_x2", "to_img.init_pos"),
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
+        ("swinir_x3_direct", "conv_first.1.weight"),
+        ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
     ] {
         let mut tensors =
             Tensor::read_safetensors(root.join(format!("models/{model}.safetensors")))
@@ -234,6 +238,26 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
             .expect("refused");
         assert!(error.to_string().contains(extra), "{model}: {error}");
     }
+}
+
+/// SwinIR pads to whole windows by reflection; a side too short to reflect is
+/// replicated (spandrel fails there): a one-pixel image gives what the same colour over
+/// a whole window gives.
+#[test]
+fn swinir_takes_images_narrower_than_its_padding() {
+    let (root, _) = cases();
+    let upscaler = load(&root.join("models/swinir_x4_nearest_3conv.safetensors"));
+    let colour = Tensor::from_slice(&[0.8f32, 0.3, 0.1]).view([1, 3, 1, 1]);
+    let pixel = upscaler.forward(&colour);
+    assert_eq!(pixel.size(), [1, 3, 4, 4]);
+    let window = upscaler.forward(&colour.expand([1, 3, 8, 8], false));
+    let corner = window.narrow(2, 0, 4).narrow(3, 0, 4);
+    let largest = f64::try_from((&pixel - &corner).abs().max()).expect("max");
+    assert!(largest < 1e-5, "{largest}");
+    let strip = Tensor::rand([1, 3, 2, 9], (Kind::Float, Device::Cpu));
+    let output = upscaler.forward(&strip);
+    assert_eq!(output.size(), [1, 3, 8, 36]);
+    assert!(bool::try_from(output.isfinite().all()).expect("finite"));
 }
 
 #[test]

@@ -1,13 +1,16 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! RealPLKSR) loaded
+//! RealPLKSR, SwinIR) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
 
+pub mod activation;
 pub mod layout;
 pub mod nets;
 pub mod plksr;
 pub mod span;
+pub mod swin;
+pub mod swinir;
 pub mod tiles;
 
 use std::path::Path;
@@ -51,9 +54,16 @@ impl Upscaler {
         let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
         let network = Network::load(&weights.root(), layout.architecture)?;
         // SPAN's folded convolutions and its `no_norm` flag are not read (spandrel
-        // folds the convolutions again at every call).
-        let span = matches!(layout.architecture, Architecture::Span { .. });
-        let unread = |name: &str| span && (name.contains(".eval_conv.") || name == "no_norm");
+        // folds the convolutions again at every call); SwinIR's index and mask buffers
+        // are computed.
+        let architecture = layout.architecture;
+        let unread = |name: &str| match architecture {
+            Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",
+            Architecture::SwinIr { .. } => {
+                name.ends_with(".relative_position_index") || name.ends_with(".attn_mask")
+            }
+            _ => false,
+        };
         weights.check_all_used(unread)?;
         Ok(Self {
             architecture: layout.architecture,

@@ -1,14 +1,17 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, on NCHW images in [0, 1].
+//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, on NCHW
+//! images in [0, 1].
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
+use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::plksr::RealPlksr;
 use crate::engine::upscale::span::Span;
+use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
 
 /// ESRGAN's LeakyReLU slope.
@@ -18,15 +21,6 @@ const RESIDUAL: f64 = 0.2;
 
 fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
     Conv2d::load(&vp.pp(name), input, output, 3, 1, 1)
-}
-
-/// LeakyReLU with ESRGAN's slope, written over `x` as the reference's in-place LeakyReLU
-/// does (the full-resolution features are a tile's largest tensors): torch's own kernel,
-/// its backward with the input as the gradient (`x > 0 ? x : x * slope`), since tch's
-/// `leaky_relu` takes no slope.
-fn leaky_in_place(x: Tensor) -> Tensor {
-    let _ = x.leaky_relu_backward_grad_input(&x, &x, RRDB_SLOPE, false);
-    x
 }
 
 /// A residual dense block: five convolutions over the concatenated earlier outputs.
@@ -149,11 +143,11 @@ impl Rrdb {
         for up in &self.ups {
             let size = y.size();
             let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
-            y = leaky_in_place(up.forward(&upsampled));
+            y = leaky_in_place(up.forward(&upsampled), RRDB_SLOPE);
         }
         let y = self
             .conv_last
-            .forward(&leaky_in_place(self.conv_hr.forward(&y)));
+            .forward(&leaky_in_place(self.conv_hr.forward(&y), RRDB_SLOPE));
         let scale = (1 << self.upsamplings) / self.unshuffle;
         y.narrow(2, 0, height * scale).narrow(3, 0, width * scale)
     }
@@ -212,6 +206,7 @@ pub enum Network {
     Compact(Compact),
     Span(Span),
     RealPlksr(RealPlksr),
+    SwinIr(Box<SwinIr>),
 }
 
 impl Network {
@@ -224,6 +219,9 @@ impl Network {
             Architecture::RealPlksr { .. } => {
                 Network::RealPlksr(RealPlksr::load(vp, architecture)?)
             }
+            Architecture::SwinIr { .. } => {
+                Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
+            }
         })
     }
 
@@ -234,6 +232,7 @@ impl Network {
             Network::Compact(n) => n.forward(image),
             Network::Span(n) => n.forward(image),
             Network::RealPlksr(n) => n.forward(image),
+            Network::SwinIr(n) => n.forward(image),
         }
     }
 }

@@ -619,6 +619,12 @@ impl<'a> VarPath<'a> {
         self.weights.contains(&self.key(name))
     }
 
+    /// The shape `self.name` is loaded in, where the weights hold it.
+    pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        let entry = self.weights.entries.get(&self.key(name))?;
+        Some(entry.shape.clone())
+    }
+
     /// The device tensors are placed on.
     pub fn device(&self) -> Device {
         self.weights.device

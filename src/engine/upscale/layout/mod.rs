@@ -1,14 +1,20 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN and RealPLKSR. Every stored
-//! name is mapped to one canonical (BasicSR's, or the network's own) name; a name that
-//! fits no layout is refused.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR and SwinIR.
+//! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
+//! name that fits no layout is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{numbered_children, Shapes};
+
+mod basicsr;
+mod swinir;
+
+use basicsr::{compact, rrdb, rrdb_names};
+pub use swinir::SwinUpsampler;
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +79,33 @@ pub enum Architecture {
         /// group norm.
         layer_norm: bool,
     },
+    /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
+    SwinIr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual Swin transformer groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The blocks' MLP width.
+        mlp_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag; a side
+        /// within one window trained without shifted windows).
+        image_size: i64,
+        /// How the features become the image.
+        upsampler: SwinUpsampler,
+        /// The upsampling convolutions' width (`num_feat`; 0 where there are none).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`)
+        /// rather than one.
+        three_conv: bool,
+    },
 }
 
 impl Architecture {
@@ -100,6 +133,19 @@ impl Architecture {
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
             // The block's input, the mixer's doubled width and the attention's product.
             Architecture::RealPlksr { features, .. } => (6 * features as u64, 6 * out),
+            // The tokens, their norm, q/k/v and the attention's product, the MLP, and
+            // each window's scores with their softmax.
+            Architecture::SwinIr {
+                features,
+                heads,
+                window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => (
+                (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -114,7 +160,8 @@ impl Architecture {
             } => (1 << upsamplings) / unshuffle,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
-            | Architecture::RealPlksr { scale, .. } => scale,
+            | Architecture::RealPlksr { scale, .. }
+            | Architecture::SwinIr { scale, .. } => scale,
         }
     }
 
@@ -124,7 +171,8 @@ impl Architecture {
             Architecture::Rrdb { channels, .. }
             | Architecture::Compact { channels, .. }
             | Architecture::Span { channels, .. }
-            | Architecture::RealPlksr { channels, .. } => channels,
+            | Architecture::RealPlksr { channels, .. }
+            | Architecture::SwinIr { channels, .. } => channels,
         }
     }
 
@@ -135,6 +183,7 @@ impl Architecture {
             Architecture::Compact { .. } => "RealESRGAN Compact",
             Architecture::Span { .. } => "SPAN",
             Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::SwinIr { .. } => "SwinIR",
         }
     }
 
@@ -175,6 +224,7 @@ impl Architecture {
                 }
                 tags
             }
+            Architecture::SwinIr { .. } => self.swinir_tags(),
         }
     }
 }
@@ -202,6 +252,13 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     };
     if SPAN_KEYS.iter().all(|key| has(key)) {
         return span(&unwrapped).ok_or_else(|| unknown(SPAN_KEYS[0]));
+    }
+    let swin_first = has("conv_first.weight") || has(swinir::UNSHUFFLE_KEY);
+    if swin_first && swinir::KEYS.iter().all(|key| has(key)) {
+        if has(swinir::UNSHUFFLE_KEY) {
+            return Err(unknown(swinir::UNSHUFFLE_KEY));
+        }
+        return swinir::detect(&unwrapped).ok_or_else(|| unknown(swinir::KEYS[0]));
     }
     if PLKSR_KEYS.iter().all(|key| has(key)) {
         // DySample's learned upsampling is not served.
@@ -242,8 +299,11 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     })
 }
 
+/// A file's tensors as (stored name, unwrapped name, shape).
+type Unwrapped<'a> = [(&'a str, &'a str, &'a [i64])];
+
 /// The shape of the unwrapped tensor `name`.
-fn shape_of<'a>(unwrapped: &[(&str, &str, &'a [i64])], name: &str) -> Option<&'a [i64]> {
+fn shape_of<'a>(unwrapped: &Unwrapped<'a>, name: &str) -> Option<&'a [i64]> {
     unwrapped
         .iter()
         .find(|(_, n, _)| *n == name)
@@ -251,7 +311,7 @@ fn shape_of<'a>(unwrapped: &[(&str, &str, &'a [i64])], name: &str) -> Option<&'a
 }
 
 /// Every stored name mapped to its unwrapped one: a layout in the network's own names.
-fn own_names(unwrapped: &[(&str, &str, &[i64])]) -> HashMap<String, String> {
+fn own_names(unwrapped: &Unwrapped) -> HashMap<String, String> {
     unwrapped
         .iter()
         .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
@@ -272,7 +332,7 @@ const SPAN_KEYS: [&str; 8] = [
 
 /// A SPAN file (its own names, unwrapped): the channels and width from `conv_1.sk`, the
 /// scale and output channels from the upsampler as spandrel reads them.
-fn span(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
+fn span(unwrapped: &Unwrapped) -> Option<Layout> {
     let shape = |name: &str| shape_of(unwrapped, name);
     let first = shape("conv_1.sk.weight")?;
     let (features, channels) = (*first.first()?, *first.get(1)?);
@@ -301,7 +361,7 @@ const PLKSR_KEYS: [&str; 4] = [
 const DYSAMPLE_KEY: &str = "to_img.init_pos";
 
 /// A RealPLKSR file, its hyperparameters read as spandrel reads them.
-fn real_plksr(unwrapped: &[(&str, &str, &[i64])]) -> Option<Layout> {
+fn real_plksr(unwrapped: &Unwrapped) -> Option<Layout> {
     let shape = |name: &str| shape_of(unwrapped, name);
     let has = |name: &str| shape(name).is_some();
     let first = shape("feats.0.weight")?;
@@ -353,146 +413,4 @@ fn unwrap(shapes: &Shapes) -> Vec<(&str, &str, &[i64])> {
         .iter()
         .map(|(n, s)| (n.as_str(), n.as_str(), s.as_slice()))
         .collect()
-}
-
-/// BasicSR names for RRDBNet tensors in any of the three layouts (`None`: no fit).
-fn rrdb_names(unwrapped: &[(&str, &str, &[i64])]) -> Vec<Option<String>> {
-    // The old layout numbers the top-level modules: 0 conv_first, 1 the trunk, then
-    // upsampling convolutions, conv_hr and conv_last in order.
-    let mut top: Vec<i64> = unwrapped
-        .iter()
-        .filter_map(|(_, n, _)| {
-            n.strip_prefix("model.")?
-                .strip_suffix(".weight")?
-                .parse()
-                .ok()
-        })
-        .filter(|i| *i >= 2)
-        .collect();
-    top.sort_unstable();
-    let top_name = |index: i64| -> Option<String> {
-        let position = top.iter().position(|i| *i == index)?;
-        let count = top.len();
-        Some(match count - position {
-            1 => "conv_last".to_string(),
-            2 => "conv_hr".to_string(),
-            _ => format!("conv_up{}", position + 1),
-        })
-    };
-    let trunk_blocks = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "model.1.sub.");
-    unwrapped
-        .iter()
-        .map(|(_, name, _)| {
-            let (stem, param) = name.rsplit_once('.')?;
-            if param != "weight" && param != "bias" {
-                return None;
-            }
-            let stem = rrdb_stem(stem, &top_name, trunk_blocks)?;
-            Some(format!("{stem}.{param}"))
-        })
-        .collect()
-}
-
-/// The BasicSR module name of one module name of any RRDBNet layout.
-fn rrdb_stem(stem: &str, top_name: &dyn Fn(i64) -> Option<String>, trunk: i64) -> Option<String> {
-    const SAME: [&str; 4] = ["conv_first", "conv_body", "conv_hr", "conv_last"];
-    if SAME.contains(&stem) {
-        return Some(stem.to_string());
-    }
-    let renamed = match stem {
-        "model.0" => Some("conv_first"),
-        "trunk_conv" => Some("conv_body"),
-        "HRconv" => Some("conv_hr"),
-        _ => None,
-    };
-    if let Some(name) = renamed {
-        return Some(name.to_string());
-    }
-    for prefix in ["upconv", "conv_up"] {
-        if let Some(n) = stem
-            .strip_prefix(prefix)
-            .filter(|n| n.parse::<u32>().is_ok())
-        {
-            return Some(format!("conv_up{n}"));
-        }
-    }
-    if let Some(dense) = dense_conv(stem) {
-        return Some(dense);
-    }
-    if let Some(index) = stem
-        .strip_prefix("model.1.sub.")
-        .and_then(|i| i.parse::<i64>().ok())
-    {
-        return (index == trunk - 1).then(|| "conv_body".to_string());
-    }
-    top_name(stem.strip_prefix("model.")?.parse().ok()?)
-}
-
-/// `body.B.rdbR.convC` from any layout's name of a dense-block convolution.
-fn dense_conv(stem: &str) -> Option<String> {
-    let parts: Vec<&str> = stem.split('.').collect();
-    let (block, rdb, conv) = match parts.as_slice() {
-        ["body", b, r, c] => (*b, r.strip_prefix("rdb")?, *c),
-        ["RRDB_trunk", b, r, c] => (*b, r.strip_prefix("RDB")?, *c),
-        ["model", "1", "sub", b, r, c, "0"] => (*b, r.strip_prefix("RDB")?, *c),
-        _ => return None,
-    };
-    let conv = conv.strip_prefix("conv")?;
-    let numbers = [block, rdb, conv];
-    numbers
-        .iter()
-        .all(|n| n.parse::<u32>().is_ok())
-        .then(|| format!("body.{block}.rdb{rdb}.conv{conv}"))
-}
-
-type ShapeOf<'a> = dyn Fn(&str) -> Option<&'a [i64]> + 'a;
-
-fn rrdb(names: &HashMap<String, String>, shape: &ShapeOf) -> Option<Architecture> {
-    let first = shape("conv_first.weight")?;
-    let last = shape("conv_last.weight")?;
-    let (features, in_channels, channels) = (first[0], first[1], last[0]);
-    let blocks = numbered_children(names.values().map(String::as_str), "body.");
-    let growth = shape("body.0.rdb1.conv1.weight")?[0];
-    let upsamplings = count_ups(names);
-    if (1..=upsamplings).any(|n| shape(&format!("conv_up{n}.weight")).is_none()) {
-        return None;
-    }
-    // Real-ESRGAN x2 (and x1) feed a pixel-unshuffled image: 4 or 16 times the channels.
-    let unshuffle = match in_channels / channels.max(1) {
-        4 if in_channels == channels * 4 => 2,
-        16 if in_channels == channels * 16 => 4,
-        _ if in_channels == channels => 1,
-        _ => return None,
-    };
-    let enlarges = (1i64 << upsamplings.min(4)) % unshuffle == 0;
-    (enlarges && blocks > 0 && upsamplings <= 4).then_some(Architecture::Rrdb {
-        channels,
-        features,
-        blocks,
-        growth,
-        upsamplings,
-        unshuffle,
-    })
-}
-
-/// How many `conv_upN` modules there are (they must be numbered 1..=N).
-fn count_ups(names: &HashMap<String, String>) -> i64 {
-    names
-        .values()
-        .filter(|n| n.starts_with("conv_up") && n.ends_with(".weight"))
-        .count() as i64
-}
-
-fn compact(names: &HashMap<String, String>, shape: &ShapeOf) -> Option<Architecture> {
-    let highest = numbered_children(names.values().map(String::as_str), "body.") - 1;
-    let first = shape("body.0.weight")?;
-    let (features, in_channels) = (first[0], first[1]);
-    let shuffled = shape(&format!("body.{highest}.bias"))?[0];
-    let (scale, channels) = shuffle_factor(shuffled, in_channels)?;
-    (channels == in_channels && highest >= 2 && highest % 2 == 0).then_some(Architecture::Compact {
-        channels,
-        features,
-        convs: (highest - 2) / 2,
-        scale,
-    })
 }

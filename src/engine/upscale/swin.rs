@@ -1,0 +1,242 @@
+//! Swin transformer blocks as SwinIR defines them (`SwinIR/__arch/SwinIR.py`): window
+//! attention with a relative position bias, every other block on windows shifted by half
+//! a window with the regions the roll joined masked apart, an MLP. The relative position
+//! index and the masks are computed, not read: a file's stored buffers are those values.
+
+use tch::{Kind, Tensor};
+
+use crate::engine::error::Result;
+use crate::engine::models::nn::{LayerNorm, Linear};
+use crate::engine::weights::VarPath;
+
+/// `nn.LayerNorm`'s epsilon.
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+/// What a shifted window adds to the scores of pixels from different regions.
+const MASKED: f64 = -100.0;
+
+/// `index[i][j]` of a window's pixels `i` and `j` (row-major): their offset's row and
+/// column, each shifted to start at 0, as one index into the bias table.
+fn relative_position_index(window: i64) -> Vec<i64> {
+    let pixels = window * window;
+    let side = 2 * window - 1;
+    let mut index = Vec::with_capacity((pixels * pixels) as usize);
+    for i in 0..pixels {
+        for j in 0..pixels {
+            let dy = i / window - j / window + window - 1;
+            let dx = i % window - j % window + window - 1;
+            index.push(dy * side + dx);
+        }
+    }
+    index
+}
+
+/// [B, H, W, C] as [B·(H/w)·(W/w), w, w, C] windows, row-major.
+fn partition(x: &Tensor, window: i64) -> Tensor {
+    let size = x.size();
+    let (b, h, w, c) = (size[0], size[1], size[2], size[3]);
+    x.view([b, h / window, window, w / window, window, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .contiguous()
+        .view([-1, window, window, c])
+}
+
+/// The windows back as [B, H, W, C].
+fn reverse(windows: &Tensor, window: i64, height: i64, width: i64) -> Tensor {
+    let per_image = (height / window) * (width / window);
+    let b = windows.size()[0] / per_image;
+    windows
+        .view([b, height / window, width / window, window, window, -1])
+        .permute([0, 1, 3, 2, 4, 5])
+        .contiguous()
+        .view([b, height, width, -1])
+}
+
+/// `calculate_mask`: the shifted windows' [nW, N, N] mask, `MASKED` between pixels of
+/// the nine regions that the roll brought together, 0 within one.
+pub fn shifted_mask(height: i64, width: i64, window: i64, shift: i64, like: &Tensor) -> Tensor {
+    let bands = |length: i64| -> Vec<f32> {
+        (0..length)
+            .map(|i| match i {
+                _ if i < length - window => 0.0,
+                _ if i < length - shift => 1.0,
+                _ => 2.0,
+            })
+            .collect()
+    };
+    let rows = Tensor::from_slice(&bands(height)).view([height, 1]);
+    let columns = Tensor::from_slice(&bands(width)).view([1, width]);
+    let regions = (rows * 3.0 + columns).view([1, height, width, 1]);
+    let windows = partition(&regions, window).view([-1, window * window]);
+    let differ = windows.unsqueeze(1).ne_tensor(&windows.unsqueeze(2));
+    (differ.to_kind(Kind::Float) * MASKED)
+        .to_device(like.device())
+        .to_kind(like.kind())
+}
+
+/// Window attention with a relative position bias.
+struct WindowAttention {
+    qkv: Linear,
+    proj: Linear,
+    /// The bias gathered from the table once: [heads, N, N].
+    bias: Tensor,
+    heads: i64,
+}
+
+impl WindowAttention {
+    fn load(vp: &VarPath, dim: i64, heads: i64, window: i64) -> Result<Self> {
+        let pixels = window * window;
+        let side = 2 * window - 1;
+        let table = vp.get("relative_position_bias_table", &[side * side, heads])?;
+        let index = Tensor::from_slice(&relative_position_index(window)).to_device(table.device());
+        let bias = table
+            .index_select(0, &index)
+            .view([pixels, pixels, heads])
+            .permute([2, 0, 1])
+            .contiguous();
+        Ok(Self {
+            qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, true)?,
+            proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
+            bias,
+            heads,
+        })
+    }
+
+    /// Attention within each of the [B·nW, N, C] windows; `mask` [nW, N, N] on shifted
+    /// ones.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let size = x.size();
+        let (b, n, c) = (size[0], size[1], size[2]);
+        let head_dim = c / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let q = q * (head_dim as f64).powf(-0.5);
+        let mut scores = q.matmul(&k.transpose(-2, -1));
+        let _ = scores.g_add_(&self.bias.unsqueeze(0));
+        if let Some(mask) = mask {
+            let windows = mask.size()[0];
+            let mut grouped = scores.view([b / windows, windows, self.heads, n, n]);
+            let _ = grouped.g_add_(&mask.unsqueeze(1).unsqueeze(0));
+        }
+        let weights = scores.softmax(-1, scores.kind());
+        let attended = weights.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        self.proj.forward(&attended)
+    }
+}
+
+/// One Swin transformer block.
+pub struct Block {
+    norm1: LayerNorm,
+    attention: WindowAttention,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    shifted: bool,
+}
+
+/// A group's input size and windows: the padded side lengths, the window, the shift of
+/// shifted blocks and their mask.
+pub struct Windows {
+    pub height: i64,
+    pub width: i64,
+    pub window: i64,
+    pub shift: i64,
+    pub mask: Option<Tensor>,
+}
+
+impl Block {
+    /// The block under `vp`: `dim` wide, `heads` heads over `window`-pixel windows, an
+    /// MLP `mlp_hidden` wide; `shifted` on shifted windows.
+    pub fn load(
+        vp: &VarPath,
+        dim: i64,
+        heads: i64,
+        window: i64,
+        mlp_hidden: i64,
+        shifted: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(&vp.pp("norm1"), dim, LAYER_NORM_EPS)?,
+            attention: WindowAttention::load(&vp.pp("attn"), dim, heads, window)?,
+            norm2: LayerNorm::load(&vp.pp("norm2"), dim, LAYER_NORM_EPS)?,
+            fc1: Linear::load(&vp.pp("mlp").pp("fc1"), dim, mlp_hidden, true)?,
+            fc2: Linear::load(&vp.pp("mlp").pp("fc2"), mlp_hidden, dim, true)?,
+            shifted,
+        })
+    }
+
+    /// The block on [B, H·W, C] tokens.
+    pub fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
+        let size = x.size();
+        let (b, c) = (size[0], size[2]);
+        let Windows {
+            height: h,
+            width: w,
+            window,
+            shift,
+            ..
+        } = *windows;
+        let shift = if self.shifted { shift } else { 0 };
+        let y = self.norm1.forward(x).view([b, h, w, c]);
+        let y = match shift {
+            0 => y,
+            s => y.roll([-s, -s], [1, 2]),
+        };
+        let parts = partition(&y, window).view([-1, window * window, c]);
+        let mask = windows.mask.as_ref().filter(|_| shift > 0);
+        let attended = self.attention.forward(&parts, mask);
+        let y = reverse(&attended.view([-1, window, window, c]), window, h, w);
+        let y = match shift {
+            0 => y,
+            s => y.roll([s, s], [1, 2]),
+        };
+        let x = x + y.view([b, h * w, c]);
+        let hidden = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
+        let mut out = self.fc2.forward(&hidden);
+        let _ = out.g_add_(&x);
+        out
+    }
+}
+
+/// [B, C, H, W] as [B, H·W, C] tokens.
+pub fn embed(x: &Tensor) -> Tensor {
+    x.flatten(2, -1).transpose(1, 2)
+}
+
+/// [B, H·W, C] tokens as [B, C, H, W].
+pub fn unembed(x: &Tensor, height: i64, width: i64) -> Tensor {
+    let size = x.size();
+    x.transpose(1, 2).reshape([size[0], size[2], height, width])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relative_position_index_is_swins() {
+        // torch's construction for a 2-pixel window, written out.
+        assert_eq!(
+            relative_position_index(2),
+            [4, 3, 1, 0, 5, 4, 2, 1, 7, 6, 4, 3, 8, 7, 5, 4]
+        );
+    }
+
+    #[test]
+    fn shifted_windows_mask_the_regions_the_roll_joined() {
+        let like = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+        let mask = shifted_mask(4, 4, 2, 1, &like);
+        assert_eq!(mask.size(), [4, 4, 4]);
+        // The top-left window holds one region; the bottom-right four.
+        assert_eq!(
+            f64::try_from(mask.get(0).abs().sum(Kind::Float)).unwrap(),
+            0.0
+        );
+        let last = Vec::<f32>::try_from(mask.get(3).flatten(0, -1)).unwrap();
+        let masked = last.iter().filter(|v| **v == MASKED as f32).count();
+        assert_eq!(masked, 12);
+    }
+}
