@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 14);
+    assert_eq!(models.len(), 17);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -56,6 +56,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Span { .. } => "SPAN",
             Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Hat { .. } => "HAT",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -217,12 +218,13 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
     // RealPLKSR with DySample's learned upsampling, SPAN with a stray tensor, SwinIR
-    // with a pixel-unshuffled input or an absolute position embedding.
+    // with a pixel-unshuffled input or an absolute position embedding, HAT with one.
     for (model, extra) in [
         ("plksr_x2", "to_img.init_pos"),
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
         ("swinir_x3_direct", "conv_first.1.weight"),
         ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
+        ("hat_x4_identity", "absolute_pos_embed"),
     ] {
         let mut tensors =
             Tensor::read_safetensors(root.join(format!("models/{model}.safetensors")))

@@ -1,10 +1,11 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! RealPLKSR, SwinIR) loaded
+//! RealPLKSR, SwinIR, HAT) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
 
 pub mod activation;
+pub mod hat;
 pub mod layout;
 pub mod nets;
 pub mod plksr;
@@ -59,8 +60,8 @@ impl Upscaler {
         let architecture = layout.architecture;
         let unread = |name: &str| match architecture {
             Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",
-            Architecture::SwinIr { .. } => {
-                name.ends_with(".relative_position_index") || name.ends_with(".attn_mask")
+            Architecture::SwinIr { .. } | Architecture::Hat { .. } => {
+                name.contains("relative_position_index") || name.ends_with(".attn_mask")
             }
             _ => false,
         };

@@ -1,13 +1,14 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, on NCHW
-//! images in [0, 1].
+//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, HAT in
+//! `hat.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::plksr::RealPlksr;
 use crate::engine::upscale::span::Span;
@@ -207,6 +208,7 @@ pub enum Network {
     Span(Span),
     RealPlksr(RealPlksr),
     SwinIr(Box<SwinIr>),
+    Hat(Box<Hat>),
 }
 
 impl Network {
@@ -222,6 +224,7 @@ impl Network {
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }
+            Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
         })
     }
 
@@ -233,6 +236,7 @@ impl Network {
             Network::Span(n) => n.forward(image),
             Network::RealPlksr(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
+            Network::Hat(n) => n.forward(image),
         }
     }
 }

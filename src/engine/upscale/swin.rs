@@ -31,7 +31,7 @@ fn relative_position_index(window: i64) -> Vec<i64> {
 }
 
 /// [B, H, W, C] as [B·(H/w)·(W/w), w, w, C] windows, row-major.
-fn partition(x: &Tensor, window: i64) -> Tensor {
+pub fn partition(x: &Tensor, window: i64) -> Tensor {
     let size = x.size();
     let (b, h, w, c) = (size[0], size[1], size[2], size[3]);
     x.view([b, h / window, window, w / window, window, c])
@@ -41,7 +41,7 @@ fn partition(x: &Tensor, window: i64) -> Tensor {
 }
 
 /// The windows back as [B, H, W, C].
-fn reverse(windows: &Tensor, window: i64, height: i64, width: i64) -> Tensor {
+pub fn reverse(windows: &Tensor, window: i64, height: i64, width: i64) -> Tensor {
     let per_image = (height / window) * (width / window);
     let b = windows.size()[0] / per_image;
     windows
@@ -94,7 +94,7 @@ impl WindowAttention {
             .permute([2, 0, 1])
             .contiguous();
         Ok(Self {
-            qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, true)?,
+            qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, vp.pp("qkv").contains("bias"))?,
             proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
             bias,
             heads,
@@ -106,25 +106,33 @@ impl WindowAttention {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let size = x.size();
         let (b, n, c) = (size[0], size[1], size[2]);
-        let head_dim = c / self.heads;
         let qkv = self
             .qkv
             .forward(x)
-            .reshape([b, n, 3, self.heads, head_dim])
+            .reshape([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let q = q * (head_dim as f64).powf(-0.5);
-        let mut scores = q.matmul(&k.transpose(-2, -1));
-        let _ = scores.g_add_(&self.bias.unsqueeze(0));
-        if let Some(mask) = mask {
-            let windows = mask.size()[0];
-            let mut grouped = scores.view([b / windows, windows, self.heads, n, n]);
-            let _ = grouped.g_add_(&mask.unsqueeze(1).unsqueeze(0));
-        }
-        let weights = scores.softmax(-1, scores.kind());
-        let attended = weights.matmul(&v).transpose(1, 2).reshape([b, n, c]);
-        self.proj.forward(&attended)
+        self.proj.forward(&attend(&q, &k, &v, &self.bias, mask))
     }
+}
+
+/// Scaled dot-product attention of [B·nW, heads, Nq, d] queries over keys and values
+/// [B·nW, heads, Nk, d], the [heads, Nq, Nk] `bias` and the [nW, Nq, Nk] `mask` added to
+/// the scores, as Swin computes it (the queries scaled first); [B·nW, Nq, heads·d] out.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let size = q.size();
+    let (b, heads, n, d) = (size[0], size[1], size[2], size[3]);
+    let q = q * (d as f64).powf(-0.5);
+    let mut scores = q.matmul(&k.transpose(-2, -1));
+    let _ = scores.g_add_(&bias.unsqueeze(0));
+    if let Some(mask) = mask {
+        let windows = mask.size()[0];
+        let keys = mask.size()[2];
+        let mut grouped = scores.view([b / windows, windows, heads, n, keys]);
+        let _ = grouped.g_add_(&mask.unsqueeze(1).unsqueeze(0));
+    }
+    let weights = scores.softmax(-1, scores.kind());
+    weights.matmul(v).transpose(1, 2).reshape([b, n, heads * d])
 }
 
 /// One Swin transformer block.
@@ -170,6 +178,18 @@ impl Block {
 
     /// The block on [B, H·W, C] tokens.
     pub fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
+        self.forward_beside(x, windows, &|_| None)
+    }
+
+    /// The block with a branch beside the attention: `beside` takes the normed tokens
+    /// as [B, H, W, C] and gives [B, H·W, C] added with the attention's output (HAT's
+    /// convolutions).
+    pub fn forward_beside(
+        &self,
+        x: &Tensor,
+        windows: &Windows,
+        beside: &dyn Fn(&Tensor) -> Option<Tensor>,
+    ) -> Tensor {
         let size = x.size();
         let (b, c) = (size[0], size[2]);
         let Windows {
@@ -180,10 +200,10 @@ impl Block {
             ..
         } = *windows;
         let shift = if self.shifted { shift } else { 0 };
-        let y = self.norm1.forward(x).view([b, h, w, c]);
+        let normed = self.norm1.forward(x).view([b, h, w, c]);
         let y = match shift {
-            0 => y,
-            s => y.roll([-s, -s], [1, 2]),
+            0 => normed.shallow_clone(),
+            s => normed.roll([-s, -s], [1, 2]),
         };
         let parts = partition(&y, window).view([-1, window * window, c]);
         let mask = windows.mask.as_ref().filter(|_| shift > 0);
@@ -193,11 +213,31 @@ impl Block {
             0 => y,
             s => y.roll([s, s], [1, 2]),
         };
-        let x = x + y.view([b, h * w, c]);
+        let mut x = x + y.view([b, h * w, c]);
+        if let Some(branch) = beside(&normed) {
+            let _ = x.g_add_(&branch);
+        }
         let hidden = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
         let mut out = self.fc2.forward(&hidden);
         let _ = out.g_add_(&x);
         out
+    }
+}
+
+/// `check_image_size`: `image` padded on the bottom and right to whole windows by
+/// reflection, or by replication where a side is too short to reflect (spandrel fails
+/// there).
+pub fn pad_to_windows(image: &Tensor, window: i64) -> Tensor {
+    let size = image.size();
+    let (height, width) = (size[2], size[3]);
+    let more = |n: i64| (window - n % window) % window;
+    let (ph, pw) = (more(height), more(width));
+    if ph == 0 && pw == 0 {
+        image.shallow_clone()
+    } else if height > ph && width > pw {
+        image.reflection_pad2d([0, pw, 0, ph])
+    } else {
+        image.replication_pad2d([0, pw, 0, ph])
     }
 }
 

@@ -9,7 +9,9 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
-use crate::engine::upscale::swin::{embed, shifted_mask, unembed, Block, Windows, LAYER_NORM_EPS};
+use crate::engine::upscale::swin::{
+    embed, pad_to_windows, shifted_mask, unembed, Block, Windows, LAYER_NORM_EPS,
+};
 use crate::engine::weights::VarPath;
 
 /// The mean SwinIR subtracts from RGB images (not in the file).
@@ -92,7 +94,7 @@ impl Group {
 }
 
 /// The layers after the body.
-enum Tail {
+pub(super) enum Tail {
     PixelShuffle {
         before: Conv2d,
         rounds: Vec<(Conv2d, i64)>,
@@ -109,7 +111,7 @@ enum Tail {
 }
 
 impl Tail {
-    fn load(vp: &VarPath, shape: &SwinShape) -> Result<Self> {
+    pub(super) fn load(vp: &VarPath, shape: &SwinShape) -> Result<Self> {
         let SwinShape {
             channels,
             features,
@@ -172,7 +174,7 @@ impl Tail {
     }
 
     /// The image (normalised, padded) from the body's output `x` and the padded input.
-    fn forward(&self, x: &Tensor, input: &Tensor, scale: i64) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor, input: &Tensor, scale: i64) -> Tensor {
         match self {
             Tail::PixelShuffle {
                 before,
@@ -207,15 +209,15 @@ impl Tail {
 
 /// The hyperparameters the modules are built from.
 #[derive(Clone, Copy)]
-struct SwinShape {
-    channels: i64,
-    features: i64,
-    window: i64,
-    mlp_hidden: i64,
-    upsampler: SwinUpsampler,
-    upsample_features: i64,
-    scale: i64,
-    three_conv: bool,
+pub(super) struct SwinShape {
+    pub channels: i64,
+    pub features: i64,
+    pub window: i64,
+    pub mlp_hidden: i64,
+    pub upsampler: SwinUpsampler,
+    pub upsample_features: i64,
+    pub scale: i64,
+    pub three_conv: bool,
 }
 
 /// SwinIR.
@@ -289,23 +291,6 @@ impl SwinIr {
         })
     }
 
-    /// `check_image_size`: padded on the bottom and right to whole windows by
-    /// reflection, or by replication where a side is too short to reflect (spandrel
-    /// fails there).
-    fn pad(&self, image: &Tensor) -> Tensor {
-        let size = image.size();
-        let (height, width) = (size[2], size[3]);
-        let more = |n: i64| (self.window - n % self.window) % self.window;
-        let (ph, pw) = (more(height), more(width));
-        if ph == 0 && pw == 0 {
-            image.shallow_clone()
-        } else if height > ph && width > pw {
-            image.reflection_pad2d([0, pw, 0, ph])
-        } else {
-            image.replication_pad2d([0, pw, 0, ph])
-        }
-    }
-
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
         let size = first.size();
@@ -329,7 +314,7 @@ impl SwinIr {
     pub fn forward(&self, image: &Tensor) -> Tensor {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
-        let input = (self.pad(image) - &self.mean) * self.range;
+        let input = (pad_to_windows(image, self.window) - &self.mean) * self.range;
         let first = self.first.forward(&input);
         let body = self.after_body.forward(&self.features(&first)) + &first;
         let output = self.tail.forward(&body, &input, self.scale) / self.range + &self.mean;

@@ -1,6 +1,6 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR and SwinIR.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR and HAT.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -11,6 +11,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{numbered_children, Shapes};
 
 mod basicsr;
+mod hat;
 mod swinir;
 
 use basicsr::{compact, rrdb, rrdb_names};
@@ -106,6 +107,34 @@ pub enum Architecture {
         /// rather than one.
         three_conv: bool,
     },
+    /// HAT: residual groups of Swin blocks with a channel-attention convolution branch
+    /// and an overlapping cross-attention, then a pixel-shuffle upsampler.
+    Hat {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual hybrid attention groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The overlapping attention's key window side.
+        overlap_window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The MLPs' width.
+        mlp_hidden: i64,
+        /// The convolution branch's inner width (`embed_dim / compress_ratio`).
+        cab_width: i64,
+        /// Its channel attention's squeezed width (`embed_dim / squeeze_factor`).
+        squeeze_width: i64,
+        /// The upsampling convolutions' width (`num_feat`).
+        upsample_features: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
+        /// Whether the groups and the body end without a convolution (`identity`).
+        identity_residual: bool,
+    },
 }
 
 impl Architecture {
@@ -146,6 +175,24 @@ impl Architecture {
                 (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
                 3 * upsample_features.max(3) as u64 * out,
             ),
+            // As SwinIR, and the unfolded keys and values of the overlapping windows
+            // with their scores.
+            Architecture::Hat {
+                features,
+                heads,
+                window,
+                overlap_window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => {
+                let overlap = overlap_window * overlap_window;
+                let unfolded = 2 * features * overlap / (window * window).max(1);
+                (
+                    (10 * features + 2 * mlp_hidden + 2 * heads * overlap + unfolded) as u64,
+                    3 * upsample_features as u64 * out,
+                )
+            }
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -161,7 +208,8 @@ impl Architecture {
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
             | Architecture::RealPlksr { scale, .. }
-            | Architecture::SwinIr { scale, .. } => scale,
+            | Architecture::SwinIr { scale, .. }
+            | Architecture::Hat { scale, .. } => scale,
         }
     }
 
@@ -172,7 +220,8 @@ impl Architecture {
             | Architecture::Compact { channels, .. }
             | Architecture::Span { channels, .. }
             | Architecture::RealPlksr { channels, .. }
-            | Architecture::SwinIr { channels, .. } => channels,
+            | Architecture::SwinIr { channels, .. }
+            | Architecture::Hat { channels, .. } => channels,
         }
     }
 
@@ -184,6 +233,7 @@ impl Architecture {
             Architecture::Span { .. } => "SPAN",
             Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Hat { .. } => "HAT",
         }
     }
 
@@ -225,6 +275,7 @@ impl Architecture {
                 tags
             }
             Architecture::SwinIr { .. } => self.swinir_tags(),
+            Architecture::Hat { .. } => self.hat_tags(),
         }
     }
 }
@@ -252,6 +303,12 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     };
     if SPAN_KEYS.iter().all(|key| has(key)) {
         return span(&unwrapped).ok_or_else(|| unknown(SPAN_KEYS[0]));
+    }
+    if hat::KEYS.iter().all(|key| has(key)) {
+        if has(hat::ABSOLUTE_KEY) {
+            return Err(unknown(hat::ABSOLUTE_KEY));
+        }
+        return hat::detect(&unwrapped).ok_or_else(|| unknown(hat::KEYS[0]));
     }
     let swin_first = has("conv_first.weight") || has(swinir::UNSHUFFLE_KEY);
     if swin_first && swinir::KEYS.iter().all(|key| has(key)) {
@@ -301,6 +358,12 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
 
 /// A file's tensors as (stored name, unwrapped name, shape).
 type Unwrapped<'a> = [(&'a str, &'a str, &'a [i64])];
+
+/// The integer square root of `n` when `n` is a square.
+fn exact_root(n: i64) -> Option<i64> {
+    let root = (n.max(0) as f64).sqrt().round() as i64;
+    (root * root == n).then_some(root)
+}
 
 /// The shape of the unwrapped tensor `name`.
 fn shape_of<'a>(unwrapped: &Unwrapped<'a>, name: &str) -> Option<&'a [i64]> {

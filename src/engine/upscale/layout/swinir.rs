@@ -4,7 +4,7 @@
 //! from the first shifted block's stored mask, the heads of every group from its bias
 //! table.
 
-use super::{own_names, shape_of, Architecture, Layout, Unwrapped};
+use super::{exact_root, own_names, shape_of, Architecture, Layout, Unwrapped};
 use crate::engine::weights::numbered_children;
 
 /// How SwinIR turns its features into the output image (spandrel's `upsampler`).
@@ -35,10 +35,18 @@ pub(super) const UNSHUFFLE_KEY: &str = "conv_first.1.weight";
 /// spandrel's training image size when no shifted block's mask is stored.
 const DEFAULT_IMAGE_SIZE: i64 = 64;
 
-/// The integer square root of `n` when `n` is a square.
-fn exact_root(n: i64) -> Option<i64> {
-    let root = (n.max(0) as f64).sqrt().round() as i64;
-    (root * root == n).then_some(root)
+/// The scale of an `Upsample` of `width` channels (`upsample.0`, `upsample.2`, ...): ×2
+/// rounds of 4·width channels, or one ×3 round of 9·width; 1 without rounds.
+pub(super) fn pixel_shuffle_scale(unwrapped: &Unwrapped, width: i64) -> Option<i64> {
+    let factors = (0..5)
+        .map_while(|i| shape_of(unwrapped, &format!("upsample.{}.weight", 2 * i)))
+        .map(|s| exact_root(s.first()? / width.max(1)))
+        .collect::<Option<Vec<i64>>>()?;
+    match factors.as_slice() {
+        [3] => Some(3),
+        twos if twos.iter().all(|f| *f == 2) => Some(1 << twos.len()),
+        _ => None,
+    }
 }
 
 /// A SwinIR file (its own names, unwrapped), or `None` when its tensors do not make one
@@ -103,16 +111,7 @@ fn upsampling(unwrapped: &Unwrapped, out_channels: i64) -> Option<(SwinUpsampler
                 width,
             ));
         }
-        // `Upsample`: ×2 rounds of 4·width channels, or one ×3 round of 9·width.
-        let factors = (0..5)
-            .map_while(|i| shape(&format!("upsample.{}.weight", 2 * i)))
-            .map(|s| exact_root(s.first()? / width))
-            .collect::<Option<Vec<i64>>>()?;
-        let scale = match factors.as_slice() {
-            [3] => 3,
-            twos if !twos.is_empty() && twos.iter().all(|f| *f == 2) => 1 << twos.len(),
-            _ => return None,
-        };
+        let scale = pixel_shuffle_scale(unwrapped, width)?;
         return Some((SwinUpsampler::PixelShuffle, scale, width));
     }
     if let Some(bias) = shape("upsample.0.bias") {
