@@ -147,6 +147,43 @@ def test_python_client_upscales_as_spandrel_does(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["upscale.factor"]
 
 
+def test_python_client_upscales_with_swin_transformers_as_spandrel_does(stubs, server):
+    """A SwinIR restoration network (x1, 7-pixel windows, 0-255) and a HAT x2, each
+    listed with spandrel's architecture and run by the Upscale RPC to spandrel's image."""
+    import numpy as np
+    import spandrel
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(3)
+    networks = {
+        "swin-restore": (SwinIR(img_size=14, embed_dim=12, depths=[2], num_heads=[3], window_size=7, mlp_ratio=2.0, upscale=1, upsampler=""), "SwinIR", 1),
+        "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
+    }
+    pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    models = stubs.models_grpc.ModelServiceStub(grpc.insecure_channel(server.address))
+    for name, (network, architecture, scale) in networks.items():
+        state = {k: v.contiguous() for k, v in network.state_dict().items()}
+        save_file(state, str(server.upscaler_root / f"{name}.safetensors"))
+        listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_UPSCALER)).models
+        info = next(m.upscaler for m in listed if m.name.startswith(name))
+        assert (info.architecture, info.scale) == (architecture, scale)
+        step = stubs.gen.UpscaleStep(model=name, tile_overlap=0)
+        events = list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step)))
+        image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
+        reference = spandrel.ModelLoader().load_from_state_dict(state).model.eval()
+        with torch.no_grad():
+            expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)
+        expected = (expected[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        assert image.shape == (13 * scale, 21 * scale, 3)
+        assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
+
+
 def error_info(stubs, error):
     """The ErrorInfo inside grpc-status-details-bin: (reason, metadata)."""
     for key, value in error.trailing_metadata() or ():
