@@ -10,14 +10,12 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
-    attend, embed, pad_to_windows, partition, reverse, shifted_mask, unembed, Block, Windows,
-    LAYER_NORM_EPS,
+    attend, count_blocks, embed, pad_to_windows, partition, reverse, shift_for, table_heads,
+    unembed, Block, Windows, LAYER_NORM_EPS,
 };
-use crate::engine::upscale::swinir::{SwinShape, Tail};
+use crate::engine::upscale::swinir::{SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
 
-/// The mean HAT subtracts from RGB images (not in the file).
-const RGB_MEAN: [f32; 3] = [0.4488, 0.4371, 0.4040];
 /// The convolution branch's weight beside the attention (`conv_scale`, not in the file).
 const CONV_SCALE: f64 = 0.01;
 /// spandrel's training image size (HAT files do not tell it).
@@ -162,14 +160,9 @@ struct Group {
 impl Group {
     fn load(vp: &VarPath, shape: &HatShape) -> Result<Self> {
         let blocks_path = vp.pp("residual_group").pp("blocks");
-        let depth = (0..)
-            .take_while(|b| blocks_path.pp(b).contains("norm1.weight"))
-            .count();
+        let depth = count_blocks(&blocks_path);
         let overlap_path = vp.pp("residual_group").pp("overlap_attn");
-        let heads = overlap_path
-            .shape("relative_position_bias_table")
-            .and_then(|s| s.get(1).copied())
-            .unwrap_or(1);
+        let heads = table_heads(&overlap_path);
         let dim = shape.features;
         let blocks = (0..depth)
             .map(|b| {
@@ -319,23 +312,14 @@ impl Hat {
                 .to_device(vp.device())
                 .to_kind(vp.kind()),
             window,
-            shift: if IMAGE_SIZE <= window { 0 } else { window / 2 },
+            shift: shift_for(IMAGE_SIZE, window),
             scale,
         })
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
-        let size = first.size();
-        let (height, width) = (size[2], size[3]);
-        let shift = self.shift;
-        let windows = Windows {
-            height,
-            width,
-            window: self.window,
-            shift,
-            mask: (shift > 0).then(|| shifted_mask(height, width, self.window, shift, first)),
-        };
+        let windows = Windows::of(first, self.window, self.shift);
         let tokens = embed(first);
         let tokens = match &self.embed_norm {
             Some(norm) => norm.forward(&tokens),
@@ -345,7 +329,7 @@ impl Hat {
             .groups
             .iter()
             .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), height, width)
+        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {

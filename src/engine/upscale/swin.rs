@@ -151,6 +151,31 @@ pub struct Block {
     shifted: bool,
 }
 
+/// How many blocks there are under `blocks` (`blocks.0`, `blocks.1`, ...).
+pub fn count_blocks(blocks: &VarPath) -> usize {
+    (0..)
+        .take_while(|b| blocks.pp(b).contains("norm1.weight"))
+        .count()
+}
+
+/// The heads of the attention under `vp`, from its bias table's width (the layouts have
+/// checked that every group's table is there).
+pub fn table_heads(vp: &VarPath) -> i64 {
+    vp.shape("relative_position_bias_table")
+        .and_then(|s| s.get(1).copied())
+        .unwrap_or(1)
+}
+
+/// The shifted blocks' shift: half a window, or none where the training size fit in one
+/// window (the references' `min(input_resolution) <= window_size`).
+pub fn shift_for(image_size: i64, window: i64) -> i64 {
+    if image_size <= window {
+        0
+    } else {
+        window / 2
+    }
+}
+
 /// A group's input size and windows: the padded side lengths, the window, the shift of
 /// shifted blocks and their mask.
 pub struct Windows {
@@ -159,6 +184,22 @@ pub struct Windows {
     pub window: i64,
     pub shift: i64,
     pub mask: Option<Tensor>,
+}
+
+impl Windows {
+    /// The windows over a [B, C, H, W] feature map `like` (whole windows already), with
+    /// the shifted blocks' mask where `shift` is above 0.
+    pub fn of(like: &Tensor, window: i64, shift: i64) -> Self {
+        let size = like.size();
+        let (height, width) = (size[2], size[3]);
+        Windows {
+            height,
+            width,
+            window,
+            shift,
+            mask: (shift > 0).then(|| shifted_mask(height, width, window, shift, like)),
+        }
+    }
 }
 
 impl Block {

@@ -10,12 +10,13 @@ use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
-    embed, pad_to_windows, shifted_mask, unembed, Block, Windows, LAYER_NORM_EPS,
+    count_blocks, embed, pad_to_windows, shift_for, table_heads, unembed, Block, Windows,
+    LAYER_NORM_EPS,
 };
 use crate::engine::weights::VarPath;
 
-/// The mean SwinIR subtracts from RGB images (not in the file).
-const RGB_MEAN: [f32; 3] = [0.4488, 0.4371, 0.4040];
+/// The mean SwinIR and HAT subtract from RGB images (not in the file).
+pub(super) const RGB_MEAN: [f32; 3] = [0.4488, 0.4371, 0.4040];
 /// The residual convolutions' and the nearest upsampler's LeakyReLU slope.
 const SLOPE: f64 = 0.2;
 /// `conv_before_upsample`'s LeakyReLU, PyTorch's default slope.
@@ -61,15 +62,8 @@ struct Group {
 impl Group {
     fn load(vp: &VarPath, shape: &SwinShape) -> Result<Self> {
         let blocks_path = vp.pp("residual_group").pp("blocks");
-        let depth = (0..)
-            .take_while(|b| blocks_path.pp(b).contains("norm1.weight"))
-            .count();
-        let table = "attn.relative_position_bias_table";
-        let heads = blocks_path
-            .pp(0)
-            .shape(table)
-            .and_then(|s| s.get(1).copied())
-            .unwrap_or(1);
+        let depth = count_blocks(&blocks_path);
+        let heads = table_heads(&blocks_path.pp(0).pp("attn"));
         let blocks = (0..depth)
             .map(|b| {
                 let block = blocks_path.pp(b);
@@ -286,29 +280,20 @@ impl SwinIr {
             // in 0–255.
             range: if window == 7 { 255.0 } else { 1.0 },
             window,
-            shift: if image_size <= window { 0 } else { window / 2 },
+            shift: shift_for(image_size, window),
             scale,
         })
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
-        let size = first.size();
-        let (height, width) = (size[2], size[3]);
-        let shift = self.shift;
-        let windows = Windows {
-            height,
-            width,
-            window: self.window,
-            shift,
-            mask: (shift > 0).then(|| shifted_mask(height, width, self.window, shift, first)),
-        };
+        let windows = Windows::of(first, self.window, self.shift);
         let tokens = self.embed_norm.forward(&embed(first));
         let tokens = self
             .groups
             .iter()
             .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), height, width)
+        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {
