@@ -10,8 +10,8 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
-    attend, count_blocks, embed, pad_to_windows, partition, reverse, shift_for, table_heads,
-    unembed, Block, Windows, LAYER_NORM_EPS,
+    attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,
+    table_heads, unembed, Block, Windows, LAYER_NORM_EPS,
 };
 use crate::engine::upscale::swinir::{SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
@@ -91,12 +91,8 @@ impl OverlapAttention {
         let (dim, window, overlap) = (shape.features, shape.window, shape.overlap_window);
         let side = window + overlap - 1;
         let table = vp.get("relative_position_bias_table", &[side * side, heads])?;
-        let index = Tensor::from_slice(&overlap_index(window, overlap)).to_device(table.device());
-        let bias = table
-            .index_select(0, &index)
-            .view([window * window, overlap * overlap, heads])
-            .permute([2, 0, 1])
-            .contiguous();
+        let index = overlap_index(window, overlap);
+        let bias = gather_bias(&table, &index, window * window, overlap * overlap);
         let mlp = vp.pp("mlp");
         Ok(Self {
             norm1: LayerNorm::load(&vp.pp("norm1"), dim, LAYER_NORM_EPS)?,

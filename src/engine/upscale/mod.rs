@@ -55,8 +55,8 @@ impl Upscaler {
         let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
         let network = Network::load(&weights.root(), layout.architecture)?;
         // SPAN's folded convolutions and its `no_norm` flag are not read (spandrel
-        // folds the convolutions again at every call); SwinIR's index and mask buffers
-        // are computed.
+        // folds the convolutions again at every call); SwinIR's and HAT's index and
+        // mask buffers are computed.
         let architecture = layout.architecture;
         let unread = |name: &str| match architecture {
             Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",

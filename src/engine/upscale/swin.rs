@@ -53,7 +53,7 @@ pub fn reverse(windows: &Tensor, window: i64, height: i64, width: i64) -> Tensor
 
 /// `calculate_mask`: the shifted windows' [nW, N, N] mask, `MASKED` between pixels of
 /// the nine regions that the roll brought together, 0 within one.
-pub fn shifted_mask(height: i64, width: i64, window: i64, shift: i64, like: &Tensor) -> Tensor {
+fn shifted_mask(height: i64, width: i64, window: i64, shift: i64, like: &Tensor) -> Tensor {
     let bands = |length: i64| -> Vec<f32> {
         (0..length)
             .map(|i| match i {
@@ -73,6 +73,17 @@ pub fn shifted_mask(height: i64, width: i64, window: i64, shift: i64, like: &Ten
         .to_kind(like.kind())
 }
 
+/// The [heads, queries, keys] bias a [rows, heads] `table` gives through `index` (one
+/// row per query and key, row-major), gathered once at load.
+pub fn gather_bias(table: &Tensor, index: &[i64], queries: i64, keys: i64) -> Tensor {
+    let index = Tensor::from_slice(index).to_device(table.device());
+    table
+        .index_select(0, &index)
+        .view([queries, keys, -1])
+        .permute([2, 0, 1])
+        .contiguous()
+}
+
 /// Window attention with a relative position bias.
 struct WindowAttention {
     qkv: Linear,
@@ -87,12 +98,7 @@ impl WindowAttention {
         let pixels = window * window;
         let side = 2 * window - 1;
         let table = vp.get("relative_position_bias_table", &[side * side, heads])?;
-        let index = Tensor::from_slice(&relative_position_index(window)).to_device(table.device());
-        let bias = table
-            .index_select(0, &index)
-            .view([pixels, pixels, heads])
-            .permute([2, 0, 1])
-            .contiguous();
+        let bias = gather_bias(&table, &relative_position_index(window), pixels, pixels);
         Ok(Self {
             qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, vp.pp("qkv").contains("bias"))?,
             proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
@@ -118,9 +124,9 @@ impl WindowAttention {
 
 /// Scaled dot-product attention of [B·nW, heads, Nq, d] queries over keys and values
 /// [B·nW, heads, Nk, d], the [heads, Nq, Nk] `bias` and the [nW, Nq, Nk] `mask` added to
-/// the scores; [B·nW, Nq, heads·d] out. Swin's scores, softmax and product written out,
-/// through torch's fused attention (a float mask carries the bias), which on the CPU
-/// takes about half the time.
+/// the scores; [B·nW, Nq, heads·d] out. The reference writes out the scores, the
+/// softmax and the product; torch's fused attention (the bias and mask as its float
+/// mask) gives the same within float rounding in about half the time on the CPU.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>) -> Tensor {
     let size = q.size();
     let (b, heads, n, d) = (size[0], size[1], size[2], size[3]);
