@@ -119,7 +119,7 @@ impl OverlapAttention {
             .forward(&self.norm1.forward(x).view([b, h, w, c]))
             .reshape([b, h, w, 3, c])
             .permute([3, 0, 4, 1, 2]);
-        let q = partition(&qkv.get(0).permute([0, 2, 3, 1]), window);
+        let q = partition(&qkv.get(0).permute([0, 2, 3, 1]), [window; 2]);
         let queries = q.size()[0];
         let q = q
             .reshape([queries, window * window, heads, d])
@@ -139,7 +139,7 @@ impl OverlapAttention {
             .reshape([2, b * windows, overlap * overlap, heads, d])
             .permute([0, 1, 3, 2, 4]);
         let attended = attend(&q, &kv.get(0), &kv.get(1), &self.bias, None);
-        let y = reverse(&attended.view([-1, window, window, c]), window, h, w);
+        let y = reverse(&attended.view([-1, window, window, c]), [window; 2], h, w);
         let x = self.proj.forward(&y.view([b, h * w, c])) + x;
         let hidden = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
         self.fc2.forward(&hidden) + x

@@ -14,59 +14,69 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 /// What a shifted window adds to the scores of pixels from different regions.
 const MASKED: f64 = -100.0;
 
-/// `index[i][j]` of a window's pixels `i` and `j` (row-major): their offset's row and
-/// column, each shifted to start at 0, as one index into the bias table.
-fn relative_position_index(window: i64) -> Vec<i64> {
-    let pixels = window * window;
-    let side = 2 * window - 1;
+/// `index[i][j]` of a window's pixels `i` and `j` (row-major) in a `[rows, columns]`
+/// window: their offset's row and column, each shifted to start at 0, as one index into
+/// the bias table.
+pub fn relative_position_index([rows, columns]: [i64; 2]) -> Vec<i64> {
+    let pixels = rows * columns;
+    let side = 2 * columns - 1;
     let mut index = Vec::with_capacity((pixels * pixels) as usize);
     for i in 0..pixels {
         for j in 0..pixels {
-            let dy = i / window - j / window + window - 1;
-            let dx = i % window - j % window + window - 1;
+            let dy = i / columns - j / columns + rows - 1;
+            let dx = i % columns - j % columns + columns - 1;
             index.push(dy * side + dx);
         }
     }
     index
 }
 
-/// [B, H, W, C] as [B·(H/w)·(W/w), w, w, C] windows, row-major.
-pub fn partition(x: &Tensor, window: i64) -> Tensor {
+/// [B, H, W, C] as [B·(H/r)·(W/c), r, c, C] windows of `[r, c]`, row-major.
+pub fn partition(x: &Tensor, [rows, columns]: [i64; 2]) -> Tensor {
     let size = x.size();
     let (b, h, w, c) = (size[0], size[1], size[2], size[3]);
-    x.view([b, h / window, window, w / window, window, c])
+    x.view([b, h / rows, rows, w / columns, columns, c])
         .permute([0, 1, 3, 2, 4, 5])
         .contiguous()
-        .view([-1, window, window, c])
+        .view([-1, rows, columns, c])
 }
 
-/// The windows back as [B, H, W, C].
-pub fn reverse(windows: &Tensor, window: i64, height: i64, width: i64) -> Tensor {
-    let per_image = (height / window) * (width / window);
+/// The `[r, c]` windows back as [B, H, W, C].
+pub fn reverse(windows: &Tensor, [rows, columns]: [i64; 2], height: i64, width: i64) -> Tensor {
+    let per_image = (height / rows) * (width / columns);
     let b = windows.size()[0] / per_image;
     windows
-        .view([b, height / window, width / window, window, window, -1])
+        .view([b, height / rows, width / columns, rows, columns, -1])
         .permute([0, 1, 3, 2, 4, 5])
         .contiguous()
         .view([b, height, width, -1])
 }
 
 /// `calculate_mask`: the shifted windows' [nW, N, N] mask, `MASKED` between pixels of
-/// the nine regions that the roll brought together, 0 within one.
-fn shifted_mask(height: i64, width: i64, window: i64, shift: i64, like: &Tensor) -> Tensor {
-    let bands = |length: i64| -> Vec<f32> {
+/// the regions that the roll brought together, 0 within one. Along each side the last
+/// `shift` pixels are one region, the window before them another, the rest a third; a
+/// side not shifted is one region (the references' `slice(-0, None)` takes it all).
+pub fn shifted_mask(
+    height: i64,
+    width: i64,
+    window: [i64; 2],
+    shift: [i64; 2],
+    like: &Tensor,
+) -> Tensor {
+    let bands = |length: i64, window: i64, shift: i64| -> Vec<f32> {
         (0..length)
             .map(|i| match i {
+                _ if shift == 0 => 2.0,
                 _ if i < length - window => 0.0,
                 _ if i < length - shift => 1.0,
                 _ => 2.0,
             })
             .collect()
     };
-    let rows = Tensor::from_slice(&bands(height)).view([height, 1]);
-    let columns = Tensor::from_slice(&bands(width)).view([1, width]);
+    let rows = Tensor::from_slice(&bands(height, window[0], shift[0])).view([height, 1]);
+    let columns = Tensor::from_slice(&bands(width, window[1], shift[1])).view([1, width]);
     let regions = (rows * 3.0 + columns).view([1, height, width, 1]);
-    let windows = partition(&regions, window).view([-1, window * window]);
+    let windows = partition(&regions, window).view([-1, window[0] * window[1]]);
     let differ = windows.unsqueeze(1).ne_tensor(&windows.unsqueeze(2));
     (differ.to_kind(Kind::Float) * MASKED)
         .to_device(like.device())
@@ -98,7 +108,12 @@ impl WindowAttention {
         let pixels = window * window;
         let side = 2 * window - 1;
         let table = vp.get("relative_position_bias_table", &[side * side, heads])?;
-        let bias = gather_bias(&table, &relative_position_index(window), pixels, pixels);
+        let bias = gather_bias(
+            &table,
+            &relative_position_index([window, window]),
+            pixels,
+            pixels,
+        );
         Ok(Self {
             qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, vp.pp("qkv").contains("bias"))?,
             proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
@@ -203,7 +218,7 @@ impl Windows {
             width,
             window,
             shift,
-            mask: (shift > 0).then(|| shifted_mask(height, width, window, shift, like)),
+            mask: (shift > 0).then(|| shifted_mask(height, width, [window; 2], [shift; 2], like)),
         }
     }
 }
@@ -258,10 +273,10 @@ impl Block {
             0 => normed.shallow_clone(),
             s => normed.roll([-s, -s], [1, 2]),
         };
-        let parts = partition(&y, window).view([-1, window * window, c]);
+        let parts = partition(&y, [window; 2]).view([-1, window * window, c]);
         let mask = windows.mask.as_ref().filter(|_| shift > 0);
         let attended = self.attention.forward(&parts, mask);
-        let y = reverse(&attended.view([-1, window, window, c]), window, h, w);
+        let y = reverse(&attended.view([-1, window, window, c]), [window; 2], h, w);
         let y = match shift {
             0 => y,
             s => y.roll([s, s], [1, 2]),
@@ -313,15 +328,48 @@ mod tests {
     fn the_relative_position_index_is_swins() {
         // torch's construction for a 2-pixel window, written out.
         assert_eq!(
-            relative_position_index(2),
+            relative_position_index([2, 2]),
             [4, 3, 1, 0, 5, 4, 2, 1, 7, 6, 4, 3, 8, 7, 5, 4]
+        );
+    }
+
+    #[test]
+    fn the_rectangle_windows_index_is_dats() {
+        // DAT's `Spatial_Attention` index for 2x3 windows, from torch.
+        let expected = [
+            7, 6, 5, 2, 1, 0, 8, 7, 6, 3, 2, 1, 9, 8, 7, 4, 3, 2, 12, 11, 10, 7, 6, 5, 13, 12, 11,
+            8, 7, 6, 14, 13, 12, 9, 8, 7,
+        ];
+        assert_eq!(relative_position_index([2, 3]), expected);
+    }
+
+    #[test]
+    fn a_side_not_shifted_is_one_region() {
+        // DAT's masks for 2x1 windows shifted by (1, 0) and 1x2 ones by (0, 1) over 4x4,
+        // from torch: each window's sum of masked scores.
+        let like = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
+        let sums = |window, shift| {
+            let mask = shifted_mask(4, 4, window, shift, &like);
+            Vec::<f32>::try_from(
+                mask.abs()
+                    .sum_dim_intlist([1i64, 2].as_slice(), false, None),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            sums([2, 1], [1, 0]),
+            [0., 0., 0., 0., 200., 200., 200., 200.]
+        );
+        assert_eq!(
+            sums([1, 2], [0, 1]),
+            [0., 200., 0., 200., 0., 200., 0., 200.]
         );
     }
 
     #[test]
     fn shifted_windows_mask_the_regions_the_roll_joined() {
         let like = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
-        let mask = shifted_mask(4, 4, 2, 1, &like);
+        let mask = shifted_mask(4, 4, [2, 2], [1, 1], &like);
         assert_eq!(mask.size(), [4, 4, 4]);
         // The top-left window holds one region; the bottom-right four.
         assert_eq!(
