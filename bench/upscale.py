@@ -5,7 +5,9 @@ span models' shape), or with `--arch plksr` a RealPLKSR x4 of spandrel's default
 features, 28 blocks, 17×17 kernels, the published realplksr models' shape), or with
 `--arch swinir` A1111's "SwinIR 4x" (SwinIR-L real-world x4: 240 wide, nine groups of six
 blocks of eight heads, 8-pixel windows, nearest+conv, 3conv), or with `--arch hat` HAT-S
-x4 (144 wide, six groups of six blocks of six heads, 16-pixel windows), with random
+x4 (144 wide, six groups of six blocks of six heads, 16-pixel windows), or with `--arch dat`
+A1111's "DAT x4" (180 wide, six groups of six blocks of six heads, 8×32 windows, FFN
+expansion 4), with random
 weights, one image enlarged by spandrel (the loader
 A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`, same
 weights, same tiling, same threads, each in its own process.
@@ -15,7 +17,7 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 `--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
-Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|swinir|hat] [--size 512]
+Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|swinir|hat|dat] [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
 
@@ -36,6 +38,7 @@ import torch
 def write_model(path: Path, arch: str) -> str:
     """Writes the benchmark's model; its description."""
     from safetensors.torch import save_file
+    from spandrel.architectures.DAT import DAT
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.PLKSR import RealPLKSR
@@ -55,6 +58,11 @@ def write_model(path: Path, arch: str) -> str:
         randomise(model, 0)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         described = "x4 HAT-S (144dim, 6x6 blocks, s64w16)"
+    elif arch == "dat":
+        model = DAT(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6, expansion_factor=4.0, upscale=4)
+        randomise(model, 0)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        described = "x4 DAT (180dim, 6x6 blocks, s64|8x32, 4.0ef)"
     elif arch == "swinir":
         model = SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv")
         randomise(model, 0)
@@ -122,7 +130,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "swinir", "hat"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "swinir", "hat", "dat"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

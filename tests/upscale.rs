@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 17);
+    assert_eq!(models.len(), 21);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -57,6 +57,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
+            Architecture::Dat { .. } => "DAT",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -260,6 +261,72 @@ fn swinir_takes_images_narrower_than_its_padding() {
     let output = upscaler.forward(&strip);
     assert_eq!(output.size(), [1, 3, 8, 36]);
     assert!(bool::try_from(output.isfinite().all()).expect("finite"));
+}
+
+/// DAT's window is read from the first block's stored offsets: offsets that do not fit
+/// its stored tables, or a window whose smaller side does not divide the larger (the
+/// reference pads to the larger side, which the transposed windows must then fill), are
+/// refused naming them.
+#[test]
+fn dat_windows_that_do_not_fit_are_refused_naming_the_offsets() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = root.join("models/dat_x4_direct_3conv.safetensors");
+    let offsets = "layers.0.blocks.0.attn.attns.0.rpe_biases";
+    let index = "layers.0.blocks.0.attn.attns.0.relative_position_index";
+    let rewritten = |name: &str, replaced: Vec<(&str, Tensor)>| {
+        let mut tensors = Tensor::read_safetensors(&source).expect("read");
+        for (key, tensor) in replaced {
+            let slot = tensors.iter_mut().find(|(n, _)| n == key).expect(key);
+            slot.1 = tensor;
+        }
+        let path = dir.path().join(name);
+        Tensor::write_safetensors(&tensors, &path).expect("write");
+        path
+    };
+    let stored = Tensor::read_safetensors(&source).expect("read");
+    let original = &stored
+        .iter()
+        .find(|(n, _)| n == offsets)
+        .expect("offsets")
+        .1;
+    // 4x4 windows whose last offset says 4x3.
+    let wrong = original.copy();
+    let _ = wrong.get(48).get(1).fill_(2.0);
+    // 2x3 windows, tables and all.
+    let grid: Vec<f32> = (-1..2)
+        .flat_map(|dy| (-2..3).flat_map(move |dx| [dy as f32, dx as f32]))
+        .collect();
+    let two_by_three = Tensor::from_slice(&grid).view([15, 2]);
+    let index_2x3 = Tensor::zeros([6, 6], (Kind::Int64, Device::Cpu));
+    for path in [
+        rewritten("mismatched.safetensors", vec![(offsets, wrong)]),
+        rewritten(
+            "indivisible.safetensors",
+            vec![(offsets, two_by_three), (index, index_2x3)],
+        ),
+    ] {
+        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains(offsets), "{path:?}: {error}");
+    }
+    // The untouched file loads.
+    load(&source);
+}
+
+/// DAT pads its queries, keys and values with zeros to whole windows: a one-pixel image
+/// and a strip narrower than a window come out at their size, finite.
+#[test]
+fn dat_takes_images_smaller_than_its_windows() {
+    let (root, _) = cases();
+    let upscaler = load(&root.join("models/dat_x3.safetensors"));
+    for [height, width] in [[1, 1], [2, 9], [7, 1]] {
+        let image = Tensor::rand([1, 3, height, width], (Kind::Float, Device::Cpu));
+        let output = upscaler.forward(&image);
+        assert_eq!(output.size(), [1, 3, 3 * height, 3 * width]);
+        assert!(bool::try_from(output.isfinite().all()).expect("finite"));
+    }
 }
 
 #[test]

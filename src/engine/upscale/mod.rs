@@ -1,10 +1,11 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! RealPLKSR, SwinIR, HAT) loaded
+//! RealPLKSR, SwinIR, HAT, DAT) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
 
 pub mod activation;
+pub mod dat;
 pub mod hat;
 pub mod layout;
 pub mod nets;
@@ -55,13 +56,19 @@ impl Upscaler {
         let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
         let network = Network::load(&weights.root(), layout.architecture)?;
         // SPAN's folded convolutions and its `no_norm` flag are not read (spandrel
-        // folds the convolutions again at every call); SwinIR's and HAT's index and
-        // mask buffers are computed.
+        // folds the convolutions again at every call); SwinIR's, HAT's and DAT's index,
+        // offset and mask buffers are computed; batch norms keep no step count at
+        // inference.
         let architecture = layout.architecture;
         let unread = |name: &str| match architecture {
             Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",
             Architecture::SwinIr { .. } | Architecture::Hat { .. } => {
                 name.contains("relative_position_index") || name.ends_with(".attn_mask")
+            }
+            Architecture::Dat { .. } => {
+                let computed = [".relative_position_index", ".rpe_biases", ".attn_mask_0"];
+                let computed = computed.iter().any(|c| name.ends_with(c));
+                computed || name.ends_with(".attn_mask_1") || name.ends_with(".num_batches_tracked")
             }
             _ => false,
         };

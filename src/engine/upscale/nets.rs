@@ -8,6 +8,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::plksr::RealPlksr;
@@ -209,6 +210,7 @@ pub enum Network {
     RealPlksr(RealPlksr),
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
+    Dat(Box<Dat>),
 }
 
 impl Network {
@@ -225,6 +227,7 @@ impl Network {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }
             Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
+            Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
         })
     }
 
@@ -237,6 +240,7 @@ impl Network {
             Network::RealPlksr(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
+            Network::Dat(n) => n.forward(image),
         }
     }
 }

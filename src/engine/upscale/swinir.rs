@@ -24,13 +24,13 @@ const BEFORE_UPSAMPLE_SLOPE: f64 = 0.01;
 
 /// The convolution closing a group and the body: one 3×3, or 3×3–1×1–3×3 through a
 /// quarter of the width (`3conv`).
-enum ResidualConv {
+pub(super) enum ResidualConv {
     One(Conv2d),
     Three([Conv2d; 3]),
 }
 
 impl ResidualConv {
-    fn load(vp: &VarPath, dim: i64, three: bool) -> Result<Self> {
+    pub(super) fn load(vp: &VarPath, dim: i64, three: bool) -> Result<Self> {
         if !three {
             return Ok(Self::One(Conv2d::load(vp, dim, dim, 3, 1, 1)?));
         }
@@ -42,7 +42,7 @@ impl ResidualConv {
         ]))
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Self::One(conv) => conv.forward(x),
             Self::Three([a, b, c]) => {

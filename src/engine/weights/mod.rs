@@ -192,6 +192,13 @@ pub fn read_all(path: &Path, device: Device, kind: Kind) -> Result<HashMap<Strin
         .collect()
 }
 
+/// The one tensor `name` of a safetensors file, as float32 on the CPU (only its bytes
+/// are read).
+pub fn read_tensor(path: &Path, name: &str, shape: &[i64]) -> Result<Tensor> {
+    let weights = Weights::open(&[path.to_path_buf()], Device::Cpu, Kind::Float)?;
+    weights.load(name, shape)
+}
+
 /// Bytes the tensors of a safetensors file (those under `prefix`, when given) take once
 /// loaded with floating-point tensors converted to `kind` (header only).
 pub fn loaded_bytes(path: &Path, prefix: Option<&str>, kind: Kind) -> Result<u64> {

@@ -1,6 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR and HAT.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR, HAT
+//! and DAT.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -11,6 +12,7 @@ use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{numbered_children, Shapes};
 
 mod basicsr;
+mod dat;
 mod hat;
 mod swinir;
 
@@ -135,6 +137,34 @@ pub enum Architecture {
         /// Whether the groups and the body end without a convolution (`identity`).
         identity_residual: bool,
     },
+    /// DAT: residual groups alternating spatial blocks (attention within rectangle
+    /// windows, half the channels in each orientation) and channel blocks (attention
+    /// across channels), each beside a depthwise convolution, then an upsampler.
+    Dat {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`len(depth)`).
+        groups: i64,
+        /// The first orientation's window `[rows, columns]` (`split_size`); the second
+        /// is its transpose.
+        split: [i64; 2],
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The feed-forward networks' width.
+        ffn_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag).
+        image_size: i64,
+        /// How the features become the image: a pixel shuffle or the direct one.
+        upsampler: SwinUpsampler,
+        /// The upsampling convolutions' width (`num_feat`; 0 for the direct upsampler).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`).
+        three_conv: bool,
+    },
 }
 
 impl Architecture {
@@ -193,6 +223,19 @@ impl Architecture {
                     3 * upsample_features as u64 * out,
                 )
             }
+            // The tokens, their norm, q/k/v padded and rolled, both orientations'
+            // scores with their softmax, the convolution branch and the FFN.
+            Architecture::Dat {
+                features,
+                heads,
+                split,
+                ffn_hidden,
+                upsample_features,
+                ..
+            } => (
+                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -209,7 +252,8 @@ impl Architecture {
             | Architecture::Span { scale, .. }
             | Architecture::RealPlksr { scale, .. }
             | Architecture::SwinIr { scale, .. }
-            | Architecture::Hat { scale, .. } => scale,
+            | Architecture::Hat { scale, .. }
+            | Architecture::Dat { scale, .. } => scale,
         }
     }
 
@@ -221,7 +265,8 @@ impl Architecture {
             | Architecture::Span { channels, .. }
             | Architecture::RealPlksr { channels, .. }
             | Architecture::SwinIr { channels, .. }
-            | Architecture::Hat { channels, .. } => channels,
+            | Architecture::Hat { channels, .. }
+            | Architecture::Dat { channels, .. } => channels,
         }
     }
 
@@ -234,6 +279,7 @@ impl Architecture {
             Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
+            Architecture::Dat { .. } => "DAT",
         }
     }
 
@@ -276,6 +322,7 @@ impl Architecture {
             }
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
+            Architecture::Dat { .. } => self.dat_tags(),
         }
     }
 }
@@ -309,6 +356,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(hat::ABSOLUTE_KEY));
         }
         return hat::detect(&unwrapped).ok_or_else(|| unknown(hat::KEYS[0]));
+    }
+    if dat::KEYS.iter().all(|key| has(key)) {
+        return dat::detect(path, &unwrapped)?.ok_or_else(|| unknown(dat::KEYS[0]));
     }
     let swin_first = has("conv_first.weight") || has(swinir::UNSHUFFLE_KEY);
     if swin_first && swinir::KEYS.iter().all(|key| has(key)) {
