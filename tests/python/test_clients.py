@@ -179,7 +179,9 @@ def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server
         step = stubs.gen.UpscaleStep(model=name, tile_overlap=0)
         events = list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step)))
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
-        reference = spandrel.ModelLoader().load_from_state_dict(state).model.eval()
+        # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
+        # its 16-pixel minimum.
+        reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)
         expected = (expected[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)

@@ -96,11 +96,21 @@ impl Upscaler {
         self.architecture.peak_floats_per_pixel() * self.kind.elt_size_in_bytes() as u64
     }
 
-    /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped).
+    /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped): as
+    /// spandrel's descriptor calls it, the input padded to the architecture's size
+    /// requirements and the output cropped back.
     pub fn forward(&self, image: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();
+        let size = image.size();
+        let (height, width) = (size[2], size[3]);
         let input = image.to_device(self.device).to_kind(self.kind);
-        self.network.forward(&input).to_kind(Kind::Float)
+        let padded = pad_to(&input, self.architecture.size_requirements());
+        let scale = self.scale();
+        self.network
+            .forward(&padded)
+            .narrow(2, 0, height * scale)
+            .narrow(3, 0, width * scale)
+            .to_kind(Kind::Float)
     }
 
     /// `image` enlarged by the network's factor, tile by tile; `on_tile(done, total)` runs
@@ -116,6 +126,30 @@ impl Upscaler {
         let mut network = |tile: &Tensor| Ok(self.forward(tile));
         let output = tiles::run(&input, self.scale(), tiling, &mut network, on_tile)?;
         to_image(&output)
+    }
+}
+
+/// spandrel's `pad_tensor`: `image` padded on the bottom and right to the sides
+/// `requirements` ask for, by reflection as far as the image reaches and by replication
+/// beyond.
+fn pad_to(image: &Tensor, requirements: layout::SizeRequirements) -> Tensor {
+    let size = image.size();
+    let (height, width) = (size[2], size[3]);
+    let (ph, pw) = (
+        requirements.padded(height) - height,
+        requirements.padded(width) - width,
+    );
+    if ph == 0 && pw == 0 {
+        return image.shallow_clone();
+    }
+    let (rh, rw) = (ph.min(height - 1), pw.min(width - 1));
+    let reflected = match (rh, rw) {
+        (0, 0) => image.shallow_clone(),
+        _ => image.reflection_pad2d([0, rw, 0, rh]),
+    };
+    match (ph - rh, pw - rw) {
+        (0, 0) => reflected,
+        (h, w) => reflected.replication_pad2d([0, w, 0, h]),
     }
 }
 

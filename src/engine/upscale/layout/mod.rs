@@ -167,7 +167,44 @@ pub enum Architecture {
     },
 }
 
+/// What spandrel's model descriptor makes of an input's size before the network runs
+/// (its `SizeRequirements`, which A1111 and ComfyUI meet on every call): sides of at
+/// least `minimum` pixels and a multiple of `multiple_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRequirements {
+    pub minimum: i64,
+    pub multiple_of: i64,
+}
+
+impl SizeRequirements {
+    /// The side a `side`-pixel input is padded to.
+    pub fn padded(&self, side: i64) -> i64 {
+        let multiple = self.multiple_of.max(1);
+        let side = side.max(self.minimum);
+        side + (multiple - side % multiple) % multiple
+    }
+}
+
 impl Architecture {
+    /// spandrel's size requirements for the architecture.
+    pub fn size_requirements(&self) -> SizeRequirements {
+        let (minimum, multiple_of) = match *self {
+            // The minimum rounds up to the multiple, as spandrel rounds it.
+            Architecture::Rrdb { unshuffle, .. } if unshuffle > 1 => (4, 4),
+            Architecture::Rrdb { .. } => (2, 1),
+            Architecture::Compact { .. }
+            | Architecture::Span { .. }
+            | Architecture::RealPlksr { .. } => (0, 1),
+            Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
+                (16, 1)
+            }
+        };
+        SizeRequirements {
+            minimum,
+            multiple_of,
+        }
+    }
+
     /// Floats alive at the network's peak per input pixel (a rough bound for choosing
     /// tiles): the images in and out, and the widest stage, the body at the input's
     /// resolution (RRDBNet's dense block holds its input and four growths) or the
