@@ -7,7 +7,8 @@ features, 28 blocks, 17×17 kernels, the published realplksr models' shape), or 
 blocks of eight heads, 8-pixel windows, nearest+conv, 3conv), or with `--arch hat` HAT-S
 x4 (144 wide, six groups of six blocks of six heads, 16-pixel windows), or with `--arch dat`
 A1111's "DAT x4" (180 wide, six groups of six blocks of six heads, 8×32 windows, FFN
-expansion 4), with random
+expansion 4), or with `--arch scunet` ScuNET (SCUNet of 64 channels, four blocks a
+stage: the ScuNET GAN and PSNR denoisers, x1), with random
 weights, one image enlarged by spandrel (the loader
 A1111 and ComfyUI use, with RealESRGANer's tiling) and by `sdxld bench-upscale`, same
 weights, same tiling, same threads, each in its own process.
@@ -17,7 +18,7 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 `--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
-Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|swinir|hat|dat] [--size 512]
+Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|swinir|hat|dat|scunet] [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
 
@@ -42,6 +43,7 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.PLKSR import RealPLKSR
+    from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SPAN import SPAN
     from spandrel.architectures.SwinIR import SwinIR
 
@@ -58,6 +60,11 @@ def write_model(path: Path, arch: str) -> str:
         randomise(model, 0)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         described = "x4 HAT-S (144dim, 6x6 blocks, s64w16)"
+    elif arch == "scunet":
+        model = SCUNet(config=[4] * 7, dim=64)
+        randomise(model, 0)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        described = "x1 SCUNet (64dim, 4 blocks a stage)"
     elif arch == "dat":
         model = DAT(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6, expansion_factor=4.0, upscale=4)
         randomise(model, 0)
@@ -94,7 +101,8 @@ def spandrel_child(args):
     state = load_file(args.model)
     state = {"params_ema": {k.removeprefix("params_ema."): v for k, v in state.items()}}
     dtype = getattr(torch, args.dtype)
-    model = spandrel.ModelLoader().load_from_state_dict(state).model.eval().to(args.device, dtype)
+    descriptor = spandrel.ModelLoader().load_from_state_dict(state)
+    model = descriptor.model.eval().to(args.device, dtype)
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((1, 3, args.size, args.size), dtype=np.float32))
     image = image.to(args.device, dtype)
@@ -104,7 +112,7 @@ def spandrel_child(args):
         for _ in range(args.runs + (1 if cuda else 0)):
             start = time.perf_counter()
             if args.tile > 0:
-                out = tile_process(model, image, 4, args.tile, 10)
+                out = tile_process(model, image, descriptor.scale, args.tile, 10)
             else:
                 out = model(image)
             out = (out.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
@@ -130,7 +138,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "swinir", "hat", "dat"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "swinir", "hat", "dat", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -146,7 +154,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "x4.safetensors"
         described = write_model(model, args.arch)
-        megapixels = (args.size * 4) ** 2 / 1e6
+        scale = 1 if args.arch == "scunet" else 4
+        megapixels = (args.size * scale) ** 2 / 1e6
         rows = []
         for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
             common = ["--size", str(args.size), "--tile", str(tile), "--threads", str(args.threads), "--runs", str(args.runs), "--device", args.device, "--dtype", args.dtype]
@@ -159,7 +168,7 @@ def main():
             if args.device != "cpu":
                 device = f", device peak spandrel {spandrel.get('device_peak_mib', 0):.0f} / sdxld {sdxld.get('device_peak_mib', 0):.0f} MiB"
             rows.append(
-                f"{args.size}² -> {args.size * 4}² {described}, {label}, {where}: "
+                f"{args.size}² -> {args.size * scale}² {described}, {label}, {where}: "
                 f"spandrel {megapixels / s:.3f} MP/s ({s:.2f} s, peak RSS {spandrel_peak:.0f} MiB), "
                 f"sdxld {megapixels / d:.3f} MP/s ({d:.2f} s, peak RSS {sdxld_peak:.0f} MiB), ratio {s / d:.2f}{device}"
             )

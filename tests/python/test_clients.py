@@ -148,15 +148,16 @@ def test_python_client_upscales_as_spandrel_does(stubs, server):
 
 
 def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server):
-    """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2 and a DAT x3
-    (4x8 windows, shifted in its third block), each listed with spandrel's architecture
-    and run by the Upscale RPC to spandrel's image."""
+    """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2, a DAT x3 (4x8
+    windows, shifted in its third block) and a SCUNet denoiser, each listed with
+    spandrel's architecture and run by the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SwinIR import SwinIR
 
     torch.manual_seed(3)
@@ -164,6 +165,7 @@ def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server
         "swin-restore": (SwinIR(img_size=14, embed_dim=12, depths=[2], num_heads=[3], window_size=7, mlp_ratio=2.0, upscale=1, upsampler=""), "SwinIR", 1),
         "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
         "dat-x3": (DAT(embed_dim=64, split_size=[4, 8], depth=[3], num_heads=[4], expansion_factor=2.0, upscale=3), "DAT", 3),
+        "scunet": (SCUNet(config=[2, 1, 1, 2, 1, 1, 2], dim=64), "SCUNet", 1),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()

@@ -18,7 +18,7 @@ use crate::engine::preprocess::efficientnet::fold_batch_norm;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, partition, relative_position_index, reverse,
-    shifted_mask, unembed, LAYER_NORM_EPS,
+    shifted_mask, unembed, LAYER_NORM_EPS, MASKED,
 };
 use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
@@ -217,7 +217,7 @@ impl Geometry {
         let windows = [split, [split[1], split[0]]];
         let shifts = windows.map(|[rows, columns]| [rows / 2, columns / 2]);
         let masks = (shifts[0] != [0, 0]).then(|| {
-            [0, 1].map(|i| shifted_mask(padded[0], padded[1], windows[i], shifts[i], like))
+            [0, 1].map(|i| shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like))
         });
         Self {
             height,

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, HAT in
-//! `hat.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -12,6 +12,7 @@ use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::plksr::RealPlksr;
+use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
 use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
@@ -211,6 +212,7 @@ pub enum Network {
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
+    ScuNet(Box<ScuNet>),
 }
 
 impl Network {
@@ -228,6 +230,9 @@ impl Network {
             }
             Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
+            Architecture::ScuNet { .. } => {
+                Network::ScuNet(Box::new(ScuNet::load(vp, architecture)?))
+            }
         })
     }
 
@@ -241,6 +246,7 @@ impl Network {
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),
+            Network::ScuNet(n) => n.forward(image),
         }
     }
 }

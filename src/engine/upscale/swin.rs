@@ -11,8 +11,9 @@ use crate::engine::weights::VarPath;
 
 /// `nn.LayerNorm`'s epsilon.
 pub const LAYER_NORM_EPS: f64 = 1e-5;
-/// What a shifted window adds to the scores of pixels from different regions.
-const MASKED: f64 = -100.0;
+/// What SwinIR's and DAT's shifted windows add to the scores of pixels from different
+/// regions (SCUNet's fill them with minus infinity).
+pub const MASKED: f64 = -100.0;
 
 /// `index[i][j]` of a window's pixels `i` and `j` (row-major) in a `[rows, columns]`
 /// window: their offset's row and column, each shifted to start at 0, as one index into
@@ -52,7 +53,7 @@ pub fn reverse(windows: &Tensor, [rows, columns]: [i64; 2], height: i64, width: 
         .view([b, height, width, -1])
 }
 
-/// `calculate_mask`: the shifted windows' [nW, N, N] mask, `MASKED` between pixels of
+/// `calculate_mask`: the shifted windows' [nW, N, N] mask, `masked` between pixels of
 /// the regions that the roll brought together, 0 within one. Along each side the last
 /// `shift` pixels are one region, the window before them another, the rest a third; a
 /// side not shifted is one region (the references' `slice(-0, None)` takes it all).
@@ -61,6 +62,7 @@ pub fn shifted_mask(
     width: i64,
     window: [i64; 2],
     shift: [i64; 2],
+    masked: f64,
     like: &Tensor,
 ) -> Tensor {
     let bands = |length: i64, window: i64, shift: i64| -> Vec<f32> {
@@ -78,7 +80,8 @@ pub fn shifted_mask(
     let regions = (rows * 3.0 + columns).view([1, height, width, 1]);
     let windows = partition(&regions, window).view([-1, window[0] * window[1]]);
     let differ = windows.unsqueeze(1).ne_tensor(&windows.unsqueeze(2));
-    (differ.to_kind(Kind::Float) * MASKED)
+    Tensor::zeros(differ.size(), (Kind::Float, tch::Device::Cpu))
+        .masked_fill(&differ, masked)
         .to_device(like.device())
         .to_kind(like.kind())
 }
@@ -218,7 +221,8 @@ impl Windows {
             width,
             window,
             shift,
-            mask: (shift > 0).then(|| shifted_mask(height, width, [window; 2], [shift; 2], like)),
+            mask: (shift > 0)
+                .then(|| shifted_mask(height, width, [window; 2], [shift; 2], MASKED, like)),
         }
     }
 }
@@ -349,7 +353,7 @@ mod tests {
         // from torch: each window's sum of masked scores.
         let like = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
         let sums = |window, shift| {
-            let mask = shifted_mask(4, 4, window, shift, &like);
+            let mask = shifted_mask(4, 4, window, shift, MASKED, &like);
             Vec::<f32>::try_from(
                 mask.abs()
                     .sum_dim_intlist([1i64, 2].as_slice(), false, None),
@@ -369,7 +373,7 @@ mod tests {
     #[test]
     fn shifted_windows_mask_the_regions_the_roll_joined() {
         let like = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu));
-        let mask = shifted_mask(4, 4, [2, 2], [1, 1], &like);
+        let mask = shifted_mask(4, 4, [2, 2], [1, 1], MASKED, &like);
         assert_eq!(mask.size(), [4, 4, 4]);
         // The top-left window holds one region; the bottom-right four.
         assert_eq!(

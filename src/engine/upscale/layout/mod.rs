@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR, HAT
-//! and DAT.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR, HAT,
+//! DAT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -14,6 +14,7 @@ use crate::engine::weights::{numbered_children, Shapes};
 mod basicsr;
 mod dat;
 mod hat;
+pub mod scunet;
 mod swinir;
 
 use basicsr::{compact, rrdb, rrdb_names};
@@ -165,6 +166,16 @@ pub enum Architecture {
         /// Whether each group (and the body) ends with three convolutions (`3conv`).
         three_conv: bool,
     },
+    /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
+    /// transformer branch), restoring at the input's size.
+    ScuNet {
+        /// Image channels in and out.
+        channels: i64,
+        /// The first stage's width (`dim`).
+        features: i64,
+        /// Blocks per stage (`config`): three down, the body, three up.
+        blocks: [i64; 7],
+    },
 }
 
 /// What spandrel's model descriptor makes of an input's size before the network runs
@@ -198,6 +209,7 @@ impl Architecture {
             Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
                 (16, 1)
             }
+            Architecture::ScuNet { .. } => (40, 1),
         };
         SizeRequirements {
             minimum,
@@ -273,6 +285,9 @@ impl Architecture {
                 (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
                 3 * upsample_features.max(3) as u64 * out,
             ),
+            // At the full resolution: the skip kept, a block's split, branches, q/k/v,
+            // MLP and scores (a head per 64 channels), and the padding to 64 pixels.
+            Architecture::ScuNet { features, .. } => ((14 * features) as u64, 0),
         };
         3 + 3 * out + body.max(upsampled)
     }
@@ -285,6 +300,7 @@ impl Architecture {
                 unshuffle,
                 ..
             } => (1 << upsamplings) / unshuffle,
+            Architecture::ScuNet { .. } => 1,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
             | Architecture::RealPlksr { scale, .. }
@@ -303,7 +319,8 @@ impl Architecture {
             | Architecture::RealPlksr { channels, .. }
             | Architecture::SwinIr { channels, .. }
             | Architecture::Hat { channels, .. }
-            | Architecture::Dat { channels, .. } => channels,
+            | Architecture::Dat { channels, .. }
+            | Architecture::ScuNet { channels, .. } => channels,
         }
     }
 
@@ -317,6 +334,7 @@ impl Architecture {
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
+            Architecture::ScuNet { .. } => "SCUNet",
         }
     }
 
@@ -360,6 +378,8 @@ impl Architecture {
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
+            // spandrel gives SCUNet no tags.
+            Architecture::ScuNet { .. } => Vec::new(),
         }
     }
 }
@@ -393,6 +413,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(hat::ABSOLUTE_KEY));
         }
         return hat::detect(&unwrapped).ok_or_else(|| unknown(hat::KEYS[0]));
+    }
+    if scunet::KEYS.iter().all(|key| has(key)) {
+        return scunet::detect(&unwrapped).ok_or_else(|| unknown(scunet::KEYS[0]));
     }
     if dat::KEYS.iter().all(|key| has(key)) {
         return dat::detect(path, &unwrapped)?.ok_or_else(|| unknown(dat::KEYS[0]));
