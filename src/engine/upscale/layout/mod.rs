@@ -9,12 +9,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::engine::error::{EngineError, Result};
-use crate::engine::weights::{numbered_children, Shapes};
+use crate::engine::weights::Shapes;
 
 mod basicsr;
 mod dat;
 mod hat;
+mod plksr;
 pub mod scunet;
+mod span;
 mod swinir;
 
 use basicsr::{compact, rrdb, rrdb_names};
@@ -405,8 +407,8 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         path: path.to_path_buf(),
         name: name.to_string(),
     };
-    if SPAN_KEYS.iter().all(|key| has(key)) {
-        return span(&unwrapped).ok_or_else(|| unknown(SPAN_KEYS[0]));
+    if span::KEYS.iter().all(|key| has(key)) {
+        return span::detect(&unwrapped).ok_or_else(|| unknown(span::KEYS[0]));
     }
     if hat::KEYS.iter().all(|key| has(key)) {
         if has(hat::ABSOLUTE_KEY) {
@@ -427,12 +429,12 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         }
         return swinir::detect(&unwrapped).ok_or_else(|| unknown(swinir::KEYS[0]));
     }
-    if PLKSR_KEYS.iter().all(|key| has(key)) {
+    if plksr::KEYS.iter().all(|key| has(key)) {
         // DySample's learned upsampling is not served.
-        if has(DYSAMPLE_KEY) {
-            return Err(unknown(DYSAMPLE_KEY));
+        if has(plksr::DYSAMPLE_KEY) {
+            return Err(unknown(plksr::DYSAMPLE_KEY));
         }
-        return real_plksr(&unwrapped).ok_or_else(|| unknown(PLKSR_KEYS[0]));
+        return plksr::detect(&unwrapped).ok_or_else(|| unknown(plksr::KEYS[0]));
     }
     let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
         own_names(&unwrapped)
@@ -489,75 +491,6 @@ fn own_names(unwrapped: &Unwrapped) -> HashMap<String, String> {
         .iter()
         .map(|(stored, name, _)| (stored.to_string(), name.to_string()))
         .collect()
-}
-
-/// The tensors spandrel detects SPAN by.
-const SPAN_KEYS: [&str; 8] = [
-    "conv_1.sk.weight",
-    "block_1.c1_r.sk.weight",
-    "block_1.c1_r.eval_conv.weight",
-    "block_1.c3_r.eval_conv.weight",
-    "conv_cat.weight",
-    "conv_2.sk.weight",
-    "conv_2.eval_conv.weight",
-    "upsampler.0.weight",
-];
-
-/// A SPAN file (its own names, unwrapped): the channels and width from `conv_1.sk`, the
-/// scale and output channels from the upsampler as spandrel reads them.
-fn span(unwrapped: &Unwrapped) -> Option<Layout> {
-    let shape = |name: &str| shape_of(unwrapped, name);
-    let first = shape("conv_1.sk.weight")?;
-    let (features, channels) = (*first.first()?, *first.get(1)?);
-    let (scale, out_channels) = shuffle_factor(*shape("upsampler.0.weight")?.first()?, channels)?;
-    (out_channels == channels).then_some(Layout {
-        architecture: Architecture::Span {
-            channels,
-            features,
-            scale,
-            normalised: shape("no_norm").is_none(),
-        },
-        names: own_names(unwrapped),
-    })
-}
-
-/// The tensors spandrel detects RealPLKSR by (PLKSR's original layout misspells
-/// `channe_mixer` and is not served).
-const PLKSR_KEYS: [&str; 4] = [
-    "feats.0.weight",
-    "feats.1.lk.conv.weight",
-    "feats.1.refine.weight",
-    "feats.1.channel_mixer.0.weight",
-];
-
-/// RealPLKSR's DySample output layer.
-const DYSAMPLE_KEY: &str = "to_img.init_pos";
-
-/// A RealPLKSR file, its hyperparameters read as spandrel reads them.
-fn real_plksr(unwrapped: &Unwrapped) -> Option<Layout> {
-    let shape = |name: &str| shape_of(unwrapped, name);
-    let has = |name: &str| shape(name).is_some();
-    let first = shape("feats.0.weight")?;
-    let (features, channels) = (*first.first()?, *first.get(1)?);
-    let layers = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "feats.");
-    let blocks = layers - 3;
-    let shuffled = *shape(&format!("feats.{}.weight", layers - 1))?.first()?;
-    let scale = ((shuffled / 3) as f64).sqrt().round() as i64;
-    let large_kernel = shape("feats.1.lk.conv.weight")?;
-    let fits = channels == 3 && blocks >= 1 && scale >= 1 && shuffled == 3 * scale * scale;
-    fits.then_some(Layout {
-        architecture: Architecture::RealPlksr {
-            channels,
-            features,
-            blocks,
-            kernel: *large_kernel.get(2)?,
-            split: *large_kernel.first()?,
-            scale,
-            attention: has("feats.1.attn.f.0.weight"),
-            layer_norm: has("feats.1.layer_norm.bias"),
-        },
-        names: own_names(unwrapped),
-    })
 }
 
 /// spandrel's `get_scale_and_output_channels`: the output channels are the input's, or
