@@ -464,8 +464,8 @@ impl Group {
             .blocks
             .iter()
             .fold(x.shallow_clone(), |y, block| block.forward(&y, geometry));
-        let image = unembed(&y, geometry.height, geometry.width);
-        embed(&self.conv.forward(&image)) + x
+        self.conv
+            .close_group(&y, x, geometry.height, geometry.width)
     }
 }
 

@@ -42,6 +42,12 @@ impl ResidualConv {
         ]))
     }
 
+    /// Closes a group: the convolution on the group's output tokens `y` (of an
+    /// `height`×`width` image) added to the group's input tokens `x`.
+    pub(super) fn close_group(&self, y: &Tensor, x: &Tensor, height: i64, width: i64) -> Tensor {
+        embed(&self.forward(&unembed(y, height, width))) + x
+    }
+
     pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Self::One(conv) => conv.forward(x),
@@ -82,8 +88,7 @@ impl Group {
             .blocks
             .iter()
             .fold(x.shallow_clone(), |y, block| block.forward(&y, windows));
-        let image = unembed(&y, windows.height, windows.width);
-        embed(&self.conv.forward(&image)) + x
+        self.conv.close_group(&y, x, windows.height, windows.width)
     }
 }
 
