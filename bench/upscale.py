@@ -95,14 +95,16 @@ def spandrel_child(args):
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
-    from make_upscaler_fixtures import tile_process
+    from make_upscaler_fixtures import called, tile_process
 
     torch.set_num_threads(args.threads)
     state = load_file(args.model)
     state = {"params_ema": {k.removeprefix("params_ema."): v for k, v in state.items()}}
     dtype = getattr(torch, args.dtype)
     descriptor = spandrel.ModelLoader().load_from_state_dict(state)
-    model = descriptor.model.eval().to(args.device, dtype)
+    descriptor.model.eval().to(args.device, dtype)
+    # As A1111 and ComfyUI call it: padded to the size requirements, cropped back.
+    model = called(descriptor)
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((1, 3, args.size, args.size), dtype=np.float32))
     image = image.to(args.device, dtype)

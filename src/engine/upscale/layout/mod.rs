@@ -288,8 +288,9 @@ impl Architecture {
                 3 * upsample_features.max(3) as u64 * out,
             ),
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
-            // MLP and scores (a head per 64 channels), and the padding to 64 pixels.
-            Architecture::ScuNet { features, .. } => ((14 * features) as u64, 0),
+            // MLP and scores (a head per 64 channels), about 14 per channel, twice over
+            // for the padding to 64 pixels (which can double a tile's area).
+            Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
         };
         3 + 3 * out + body.max(upsampled)
     }
