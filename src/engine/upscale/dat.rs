@@ -206,8 +206,9 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// For the [B, C, H, W] feature map `like` and the first orientation's window.
-    fn of(like: &Tensor, split: [i64; 2]) -> Self {
+    /// For the [B, C, H, W] feature map `like` and the first orientation's window; the
+    /// masks only where some block is `shifted`.
+    fn of(like: &Tensor, split: [i64; 2], shifted: bool) -> Self {
         let size = like.size();
         let (height, width) = (size[2], size[3]);
         // The reference pads to the larger side, which the smaller divides.
@@ -216,7 +217,7 @@ impl Geometry {
         let padded = [whole(height), whole(width)];
         let windows = [split, [split[1], split[0]]];
         let shifts = windows.map(|[rows, columns]| [rows / 2, columns / 2]);
-        let masks = (shifts[0] != [0, 0]).then(|| {
+        let masks = (shifted && shifts[0] != [0, 0]).then(|| {
             [0, 1].map(|i| shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like))
         });
         Self {
@@ -488,6 +489,8 @@ pub struct Dat {
     tail: Tail,
     mean: Tensor,
     split: [i64; 2],
+    /// Whether any block attends on shifted windows (the masks are built for them).
+    shifted: bool,
     scale: i64,
 }
 
@@ -528,17 +531,23 @@ impl Dat {
             3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
             _ => Tensor::zeros([1, 1, 1, 1], (tch::Kind::Float, tch::Device::Cpu)),
         };
+        let groups: Vec<Group> = (0..groups)
+            .map(|g| Group::load(&vp.pp("layers").pp(g), g, &shape))
+            .collect::<Result<_>>()?;
+        let shifted = groups
+            .iter()
+            .flat_map(|g| &g.blocks)
+            .any(|b| matches!(&b.attention, Attention::Spatial(a) if a.shifted));
         Ok(Self {
             first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
             before_groups: LayerNorm::load(&vp.pp("before_RG.1"), features, LAYER_NORM_EPS)?,
-            groups: (0..groups)
-                .map(|g| Group::load(&vp.pp("layers").pp(g), g, &shape))
-                .collect::<Result<_>>()?,
+            groups,
             norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
             after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
             tail: Tail::load(vp, &tail_shape)?,
             mean: mean.to_device(vp.device()).to_kind(vp.kind()),
             split,
+            shifted,
             scale,
         })
     }
@@ -546,7 +555,7 @@ impl Dat {
     pub fn forward(&self, image: &Tensor) -> Tensor {
         let input = image - &self.mean;
         let first = self.first.forward(&input);
-        let geometry = Geometry::of(&first, self.split);
+        let geometry = Geometry::of(&first, self.split, self.shifted);
         let tokens = self.before_groups.forward(&embed(&first));
         let tokens = self
             .groups

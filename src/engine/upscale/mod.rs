@@ -28,6 +28,16 @@ use layout::Architecture;
 use nets::Network;
 use tiles::Tiling;
 
+/// The ends of DAT's stored buffers that are computed (index, offsets, masks) or unused
+/// at inference (the batch norms' step counts).
+const DAT_UNREAD: [&str; 5] = [
+    ".relative_position_index",
+    ".rpe_biases",
+    ".attn_mask_0",
+    ".attn_mask_1",
+    ".num_batches_tracked",
+];
+
 /// A loaded upscaler.
 pub struct Upscaler {
     architecture: Architecture,
@@ -66,11 +76,7 @@ impl Upscaler {
             Architecture::SwinIr { .. } | Architecture::Hat { .. } => {
                 name.contains("relative_position_index") || name.ends_with(".attn_mask")
             }
-            Architecture::Dat { .. } => {
-                let computed = [".relative_position_index", ".rpe_biases", ".attn_mask_0"];
-                let computed = computed.iter().any(|c| name.ends_with(c));
-                computed || name.ends_with(".attn_mask_1") || name.ends_with(".num_batches_tracked")
-            }
+            Architecture::Dat { .. } => DAT_UNREAD.iter().any(|s| name.ends_with(s)),
             _ => false,
         };
         weights.check_all_used(unread)?;
