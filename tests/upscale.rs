@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 23);
+    assert_eq!(models.len(), 26);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -54,7 +54,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "Compact",
             Architecture::Span { .. } => "SPAN",
-            Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -276,14 +276,7 @@ fn dat_windows_that_do_not_fit_are_refused_naming_the_offsets() {
     let offsets = "layers.0.blocks.0.attn.attns.0.rpe_biases";
     let index = "layers.0.blocks.0.attn.attns.0.relative_position_index";
     let rewritten = |name: &str, replaced: Vec<(&str, Tensor)>| {
-        let mut tensors = Tensor::read_safetensors(&source).expect("read");
-        for (key, tensor) in replaced {
-            let slot = tensors.iter_mut().find(|(n, _)| n == key).expect(key);
-            slot.1 = tensor;
-        }
-        let path = dir.path().join(name);
-        Tensor::write_safetensors(&tensors, &path).expect("write");
-        path
+        rewrite(&source, &dir.path().join(name), replaced)
     };
     let stored = Tensor::read_safetensors(&source).expect("read");
     let original = &stored
@@ -314,6 +307,75 @@ fn dat_windows_that_do_not_fit_are_refused_naming_the_offsets() {
     }
     // The untouched file loads.
     load(&source);
+}
+
+/// `source`'s tensors written to `target` with each of `changes` replacing the tensor of
+/// its name, or added where there is none.
+fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBuf {
+    let mut tensors = Tensor::read_safetensors(source).expect("read");
+    for (key, tensor) in changes {
+        match tensors.iter_mut().find(|(n, _)| n == key) {
+            Some(slot) => slot.1 = tensor,
+            None => tensors.push((key.to_string(), tensor)),
+        }
+    }
+    Tensor::write_safetensors(&tensors, target).expect("write");
+    target.to_path_buf()
+}
+
+/// PLKSR layers spandrel cannot run are refused at load naming their tensor: large
+/// kernels of even side (their output is a pixel larger than the channels they rewrite),
+/// a rectangular layer whose short side is even, a channel mixer of no known type, and
+/// a sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot
+/// tell from the file).
+#[test]
+fn plksr_layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        (
+            "plksr_original_x2",
+            "params_ema.feats.1.lk.conv.weight",
+            zeros(&[4, 4, 8, 8]),
+        ),
+        ("plksr_x2", "feats.1.lk.conv.weight", zeros(&[4, 4, 6, 6])),
+        (
+            "plksr_original_x4_rectangular",
+            "params.feats.1.lk.mn_conv.weight",
+            zeros(&[3, 3, 7, 2]),
+        ),
+        (
+            "plksr_original_x2",
+            "params_ema.feats.1.channe_mixer.2.weight",
+            zeros(&[16, 32, 5, 5]),
+        ),
+        (
+            "plksr_original_x3_sparse",
+            "feats.1.lk.convs.4.weight",
+            zeros(&[6, 6, 5, 5]),
+        ),
+    ];
+    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+        let source = root.join(format!("models/{model}.safetensors"));
+        let path = rewrite(
+            &source,
+            &dir.path().join(format!("{i}.safetensors")),
+            vec![(key, tensor)],
+        );
+        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+            .err()
+            .expect("refused");
+        let unwrapped = key
+            .trim_start_matches("params_ema.")
+            .trim_start_matches("params.");
+        assert!(
+            error.to_string().contains(unwrapped),
+            "{model} {key}: {error}"
+        );
+        // The untouched file loads.
+        load(&source);
+    }
 }
 
 /// DAT pads its queries, keys and values with zeros to whole windows: a one-pixel image

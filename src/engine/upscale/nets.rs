@@ -1,6 +1,6 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, HAT in
+//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, HAT in
 //! `hat.rs`, DAT in `dat.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
@@ -11,7 +11,7 @@ use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
-use crate::engine::upscale::plksr::RealPlksr;
+use crate::engine::upscale::plksr::Plksr;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
 use crate::engine::upscale::swinir::SwinIr;
@@ -208,7 +208,7 @@ pub enum Network {
     Rrdb(Rrdb),
     Compact(Compact),
     Span(Span),
-    RealPlksr(RealPlksr),
+    Plksr(Plksr),
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
@@ -222,8 +222,8 @@ impl Network {
             Architecture::Rrdb { .. } => Network::Rrdb(Rrdb::load(vp, architecture)?),
             Architecture::Compact { .. } => Network::Compact(Compact::load(vp, architecture)?),
             Architecture::Span { .. } => Network::Span(Span::load(vp, architecture)?),
-            Architecture::RealPlksr { .. } => {
-                Network::RealPlksr(RealPlksr::load(vp, architecture)?)
+            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => {
+                Network::Plksr(Plksr::load(vp, architecture)?)
             }
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
@@ -242,7 +242,7 @@ impl Network {
             Network::Rrdb(n) => n.forward(image),
             Network::Compact(n) => n.forward(image),
             Network::Span(n) => n.forward(image),
-            Network::RealPlksr(n) => n.forward(image),
+            Network::Plksr(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),

@@ -1,22 +1,27 @@
-//! RealPLKSR (partial large kernel CNN), as spandrel runs it
-//! (`PLKSR/__arch/RealPLKSR.py`, in eval mode, pixel-shuffle output): blocks of a doubled
-//! convolutional channel mixer, a large-kernel convolution over the first channels,
-//! element-wise attention, a 1×1 refinement and a group norm (or a channel layer norm
-//! first), each added to its input; the output plus the input repeated per sub-pixel.
+//! PLKSR and RealPLKSR (partial large kernel CNNs), as spandrel runs them
+//! (`PLKSR/__arch/PLKSR.py` and `RealPLKSR.py`, in eval mode, pixel-shuffle output):
+//! blocks of a convolutional channel mixer, a large-kernel layer over the first channels,
+//! element-wise attention and a 1×1 refinement, each added to its input (RealPLKSR's
+//! with a group norm after, or a channel layer norm before); the output plus the input
+//! repeated per sub-pixel.
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
-use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::layout::{Architecture, LargeKernel};
 use crate::engine::weights::VarPath;
 
 /// RealPLKSR's fixed group count (not in the file).
 const NORM_GROUPS: i64 = 4;
 /// `nn.GroupNorm`'s epsilon.
 const GROUP_NORM_EPS: f64 = 1e-5;
-/// Its own channel layer norm's epsilon.
+/// RealPLKSR's own channel layer norm's epsilon.
 const LAYER_NORM_EPS: f64 = 1e-6;
+/// A sparse large-kernel layer's kernels and dilations (spandrel's defaults: the file
+/// cannot tell the dilations).
+const SPARSE_KERNEL: i64 = 5;
+const SPARSE_DILATIONS: [i64; 4] = [1, 2, 3, 4];
 
 /// The channel layer norm RealPLKSR defines (over dim 1, biased variance).
 struct ChannelNorm {
@@ -35,11 +40,51 @@ impl ChannelNorm {
     }
 }
 
-/// One PLKBlock.
+/// A size-keeping convolution of any kernel shape and dilation (the large kernels).
+struct KernelConv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: [i64; 2],
+    dilation: i64,
+}
+
+impl KernelConv {
+    fn load(vp: &VarPath, channels: i64, [rows, columns]: [i64; 2], dilation: i64) -> Result<Self> {
+        Ok(Self {
+            weight: vp.get("weight", &[channels, channels, rows, columns])?,
+            bias: vp.get("bias", &[channels])?,
+            padding: [rows / 2 * dilation, columns / 2 * dilation],
+            dilation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let dilation = [self.dilation, self.dilation];
+        x.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1],
+            self.padding,
+            dilation,
+            1,
+        )
+    }
+}
+
+/// The activation between the channel mixer's convolutions.
+#[derive(Clone, Copy)]
+enum MixerActivation {
+    Gelu,
+    Mish,
+}
+
+/// One PLKBlock of either network.
 struct Block {
     layer_norm: Option<ChannelNorm>,
     mixer: [Conv2d; 2],
-    large_kernel: Conv2d,
+    activation: MixerActivation,
+    /// The large-kernel layer's convolutions, summed over the first `split` channels.
+    large_kernel: Vec<KernelConv>,
     split: i64,
     attention: Option<Conv2d>,
     refine: Conv2d,
@@ -47,7 +92,53 @@ struct Block {
 }
 
 impl Block {
-    fn load(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
+    /// A PLKSR block (its mixer stored as `channe_mixer`, as the reference names it).
+    fn load_original(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
+        let Architecture::Plksr {
+            features: dim,
+            kernel,
+            split,
+            attention,
+            mixer,
+            large_kernel,
+            ..
+        } = *architecture
+        else {
+            unreachable!("a PLKSR architecture");
+        };
+        let lk = vp.pp("lk");
+        let large_kernel = match large_kernel {
+            LargeKernel::Plain => vec![KernelConv::load(&lk.pp("conv"), split, [kernel; 2], 1)?],
+            LargeKernel::Sparse => SPARSE_DILATIONS
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    KernelConv::load(&lk.pp("convs").pp(i), split, [SPARSE_KERNEL; 2], d)
+                })
+                .collect::<Result<_>>()?,
+            LargeKernel::Rectangular => {
+                let (long, short) = (kernel, kernel / 3);
+                vec![
+                    KernelConv::load(&lk.pp("mn_conv"), split, [long, short], 1)?,
+                    KernelConv::load(&lk.pp("nm_conv"), split, [short, long], 1)?,
+                    KernelConv::load(&lk.pp("nn_conv"), split, [short, short], 1)?,
+                ]
+            }
+        };
+        Ok(Self {
+            layer_norm: None,
+            mixer: load_mixer(&vp.pp("channe_mixer"), dim, mixer.kernels())?,
+            activation: MixerActivation::Gelu,
+            large_kernel,
+            split,
+            attention: load_attention(vp, dim, attention)?,
+            refine: Conv2d::load(&vp.pp("refine"), dim, dim, 1, 1, 0)?,
+            norm: None,
+        })
+    }
+
+    /// A RealPLKSR block.
+    fn load_real(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
         let Architecture::RealPlksr {
             features: dim,
             kernel,
@@ -59,52 +150,31 @@ impl Block {
         else {
             unreachable!("a RealPLKSR architecture");
         };
-        let layer_norm = if layer_norm {
+        let (layer_norm, norm) = if layer_norm {
             let ln = vp.pp("layer_norm");
-            Some(ChannelNorm {
+            let norm = ChannelNorm {
                 weight: ln.get("weight", &[dim])?,
                 bias: ln.get("bias", &[dim])?,
-            })
+            };
+            (Some(norm), None)
         } else {
-            None
+            let norm = GroupNorm::load(&vp.pp("norm"), NORM_GROUPS, dim, GROUP_NORM_EPS)?;
+            (None, Some(norm))
         };
-        let mixer = vp.pp("channel_mixer");
         Ok(Self {
-            norm: match layer_norm {
-                Some(_) => None,
-                None => Some(GroupNorm::load(
-                    &vp.pp("norm"),
-                    NORM_GROUPS,
-                    dim,
-                    GROUP_NORM_EPS,
-                )?),
-            },
             layer_norm,
-            mixer: [
-                Conv2d::load(&mixer.pp(0), dim, 2 * dim, 3, 1, 1)?,
-                Conv2d::load(&mixer.pp(2), 2 * dim, dim, 3, 1, 1)?,
-            ],
-            large_kernel: Conv2d::load(
+            mixer: load_mixer(&vp.pp("channel_mixer"), dim, [3, 3])?,
+            activation: MixerActivation::Mish,
+            large_kernel: vec![KernelConv::load(
                 &vp.pp("lk").pp("conv"),
                 split,
-                split,
-                kernel,
+                [kernel; 2],
                 1,
-                kernel / 2,
-            )?,
+            )?],
             split,
-            attention: match attention {
-                true => Some(Conv2d::load(
-                    &vp.pp("attn").pp("f").pp(0),
-                    dim,
-                    dim,
-                    3,
-                    1,
-                    1,
-                )?),
-                false => None,
-            },
+            attention: load_attention(vp, dim, attention)?,
             refine: Conv2d::load(&vp.pp("refine"), dim, dim, 1, 1, 0)?,
+            norm,
         })
     }
 
@@ -113,11 +183,21 @@ impl Block {
             Some(norm) => norm.forward(skip),
             None => skip.shallow_clone(),
         };
-        let x = self.mixer[1].forward(&self.mixer[0].forward(&x).mish());
+        let mixed = self.mixer[0].forward(&x);
+        let mixed = match self.activation {
+            MixerActivation::Gelu => mixed.gelu("none"),
+            MixerActivation::Mish => mixed.mish(),
+        };
+        let x = self.mixer[1].forward(&mixed);
         // The large kernel rewrites the first channels in place, as the reference does
         // in eval mode.
         let mut first = x.narrow(1, 0, self.split);
-        first.copy_(&self.large_kernel.forward(&first));
+        let convolved = self.large_kernel[1..]
+            .iter()
+            .fold(self.large_kernel[0].forward(&first), |sum, conv| {
+                sum + conv.forward(&first)
+            });
+        first.copy_(&convolved);
         let x = match &self.attention {
             Some(f) => &x * f.forward(&x).sigmoid(),
             None => x,
@@ -131,40 +211,73 @@ impl Block {
     }
 }
 
-/// RealPLKSR.
-pub struct RealPlksr {
+/// The channel mixer's two convolutions through twice the width, of `kernels` sides.
+fn load_mixer(vp: &VarPath, dim: i64, kernels: [i64; 2]) -> Result<[Conv2d; 2]> {
+    let [a, b] = kernels;
+    Ok([
+        Conv2d::load(&vp.pp(0), dim, 2 * dim, a, 1, a / 2)?,
+        Conv2d::load(&vp.pp(2), 2 * dim, dim, b, 1, b / 2)?,
+    ])
+}
+
+/// The element-wise attention's 3×3 convolution, where the blocks have one.
+fn load_attention(vp: &VarPath, dim: i64, attention: bool) -> Result<Option<Conv2d>> {
+    attention
+        .then(|| Conv2d::load(&vp.pp("attn").pp("f").pp(0), dim, dim, 3, 1, 1))
+        .transpose()
+}
+
+/// PLKSR or RealPLKSR.
+pub struct Plksr {
     first: Conv2d,
     blocks: Vec<Block>,
     last: Conv2d,
     scale: i64,
 }
 
-impl RealPlksr {
+impl Plksr {
     pub fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
-        let Architecture::RealPlksr {
-            channels,
-            features,
-            blocks,
-            scale,
-            ..
-        } = architecture
-        else {
-            unreachable!("a RealPLKSR architecture");
-        };
+        // RealPLKSR keeps a dropout between the blocks and the last convolution.
+        let (channels, features, blocks, scale, last, block): (_, _, _, _, _, BlockLoader) =
+            match architecture {
+                Architecture::Plksr {
+                    channels,
+                    features,
+                    blocks,
+                    scale,
+                    ..
+                } => (
+                    channels,
+                    features,
+                    blocks,
+                    scale,
+                    blocks + 1,
+                    Block::load_original,
+                ),
+                Architecture::RealPlksr {
+                    channels,
+                    features,
+                    blocks,
+                    scale,
+                    ..
+                } => (
+                    channels,
+                    features,
+                    blocks,
+                    scale,
+                    blocks + 2,
+                    Block::load_real,
+                ),
+                _ => unreachable!("a PLKSR architecture"),
+            };
         let feats = vp.pp("feats");
+        let shuffled = channels * scale * scale;
         Ok(Self {
             first: Conv2d::load(&feats.pp(0), channels, features, 3, 1, 1)?,
             blocks: (1..=blocks)
-                .map(|b| Block::load(&feats.pp(b), &architecture))
+                .map(|b| block(&feats.pp(b), &architecture))
                 .collect::<Result<_>>()?,
-            last: Conv2d::load(
-                &feats.pp(blocks + 2),
-                features,
-                channels * scale * scale,
-                3,
-                1,
-                1,
-            )?,
+            last: Conv2d::load(&feats.pp(last), features, shuffled, 3, 1, 1)?,
             scale,
         })
     }
@@ -179,3 +292,6 @@ impl RealPlksr {
         (self.last.forward(&features) + repeated).pixel_shuffle(self.scale)
     }
 }
+
+/// Loads one block of an architecture.
+type BlockLoader = fn(&VarPath, &Architecture) -> Result<Block>;

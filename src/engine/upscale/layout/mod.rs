@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
-//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, RealPLKSR, SwinIR, HAT,
-//! DAT and SCUNet.
+//! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
+//! SwinIR, HAT, DAT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -20,6 +20,7 @@ mod span;
 mod swinir;
 
 use basicsr::{compact, rrdb, rrdb_names};
+pub use plksr::{ChannelMixer, LargeKernel};
 pub use swinir::SwinUpsampler;
 
 /// An upscaler's architecture and its hyperparameters.
@@ -64,6 +65,30 @@ pub enum Architecture {
         /// Whether the input is normalised (mean subtracted, times 255); a file with a
         /// `no_norm` tensor is not.
         normalised: bool,
+    },
+    /// PLKSR: partial large kernel blocks (a channel mixer, a large kernel over the first
+    /// channels, element-wise attention, a refinement), a pixel shuffle plus the repeated
+    /// input.
+    Plksr {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// PLK blocks (`n_blocks`).
+        blocks: i64,
+        /// The large kernel's side (spandrel's 17 for a sparse one, which the file does
+        /// not tell).
+        kernel: i64,
+        /// The channels the large kernel convolves (`dim * split_ratio`).
+        split: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the blocks have element-wise attention (`use_ea`).
+        attention: bool,
+        /// The channel mixer's convolutions.
+        mixer: ChannelMixer,
+        /// The large-kernel layer's convolutions.
+        large_kernel: LargeKernel,
     },
     /// RealPLKSR: partial large kernel blocks, a pixel shuffle plus the repeated input.
     RealPlksr {
@@ -207,6 +232,7 @@ impl Architecture {
             Architecture::Rrdb { .. } => (2, 1),
             Architecture::Compact { .. }
             | Architecture::Span { .. }
+            | Architecture::Plksr { .. }
             | Architecture::RealPlksr { .. } => (0, 1),
             Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
                 (16, 1)
@@ -242,7 +268,9 @@ impl Architecture {
             // The block outputs kept for the concatenation and the concatenation itself.
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
             // The block's input, the mixer's doubled width and the attention's product.
-            Architecture::RealPlksr { features, .. } => (6 * features as u64, 6 * out),
+            Architecture::Plksr { features, .. } | Architecture::RealPlksr { features, .. } => {
+                (6 * features as u64, 6 * out)
+            }
             // The tokens, their norm, q/k/v and the attention's product, the MLP, and
             // each window's scores with their softmax.
             Architecture::SwinIr {
@@ -306,6 +334,7 @@ impl Architecture {
             Architecture::ScuNet { .. } => 1,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
+            | Architecture::Plksr { scale, .. }
             | Architecture::RealPlksr { scale, .. }
             | Architecture::SwinIr { scale, .. }
             | Architecture::Hat { scale, .. }
@@ -319,6 +348,7 @@ impl Architecture {
             Architecture::Rrdb { channels, .. }
             | Architecture::Compact { channels, .. }
             | Architecture::Span { channels, .. }
+            | Architecture::Plksr { channels, .. }
             | Architecture::RealPlksr { channels, .. }
             | Architecture::SwinIr { channels, .. }
             | Architecture::Hat { channels, .. }
@@ -333,7 +363,7 @@ impl Architecture {
             Architecture::Rrdb { .. } => "ESRGAN",
             Architecture::Compact { .. } => "RealESRGAN Compact",
             Architecture::Span { .. } => "SPAN",
-            Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -360,6 +390,18 @@ impl Architecture {
                 features, convs, ..
             } => vec![format!("{features}nf"), format!("{convs}nc")],
             Architecture::Span { features, .. } => vec![format!("{features}nf")],
+            Architecture::Plksr {
+                features,
+                blocks,
+                kernel,
+                mixer,
+                ..
+            } => vec![
+                format!("{features}dim"),
+                format!("{blocks}nb"),
+                format!("{kernel}ks"),
+                mixer.name().to_string(),
+            ],
             Architecture::RealPlksr {
                 features,
                 blocks,
@@ -435,7 +477,10 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         if has(plksr::DYSAMPLE_KEY) {
             return Err(unknown(plksr::DYSAMPLE_KEY));
         }
-        return plksr::detect(&unwrapped).ok_or_else(|| unknown(plksr::KEYS[0]));
+        return plksr::detect(&unwrapped).map_err(unknown);
+    }
+    if plksr::ORIGINAL_KEYS.iter().all(|key| has(key)) {
+        return plksr::detect_original(&unwrapped).map_err(unknown);
     }
     let names: HashMap<String, String> = if has("body.0.weight") && has("body.1.weight") {
         own_names(&unwrapped)
