@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 26);
+    assert_eq!(models.len(), 29);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -55,6 +55,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Compact { .. } => "Compact",
             Architecture::Span { .. } => "SPAN",
             Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Safmn { .. } => "SAFMN",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -376,6 +377,42 @@ fn plksr_layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         // The untouched file loads.
         load(&source);
     }
+}
+
+/// SAFMN splits its width into four modulation levels: a width of 10 (each level's
+/// convolution two channels wide, as the reference builds it) cannot be split so, and is
+/// refused at load naming the first level's convolution.
+#[test]
+fn safmn_widths_its_four_levels_do_not_divide_are_refused() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // safmn_x1 is 8 wide: every dimension of 8 becomes 10.
+    let source = root.join("models/safmn_x1.safetensors");
+    let widened: Vec<(String, Tensor)> = Tensor::read_safetensors(&source)
+        .expect("read")
+        .into_iter()
+        .map(|(name, tensor)| {
+            let shape: Vec<i64> = tensor
+                .size()
+                .iter()
+                .map(|&d| if d == 8 { 10 } else { d })
+                .collect();
+            (
+                name,
+                Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu)),
+            )
+        })
+        .collect();
+    let path = dir.path().join("ten.safetensors");
+    Tensor::write_safetensors(&widened, &path).expect("write");
+    let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains("feats.0.safm.mfr.0.weight"),
+        "{error}"
+    );
+    load(&source);
 }
 
 /// DAT pads its queries, keys and values with zeros to whole windows: a one-pixel image

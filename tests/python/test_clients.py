@@ -147,16 +147,19 @@ def test_python_client_upscales_as_spandrel_does(stubs, server):
     assert bad_request_fields(stubs, caught.value) == ["upscale.factor"]
 
 
-def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server):
+def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server):
     """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2, a DAT x3 (4x8
-    windows, shifted in its third block) and a SCUNet denoiser, each listed with
-    spandrel's architecture and run by the Upscale RPC to spandrel's image."""
+    windows, shifted in its third block), a SCUNet denoiser, a PLKSR x2 with sparse
+    dilated large kernels and a SAFMN x4, each listed with spandrel's architecture and
+    run by the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.PLKSR import PLKSR
+    from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SwinIR import SwinIR
 
@@ -166,6 +169,8 @@ def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server
         "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
         "dat-x3": (DAT(embed_dim=64, split_size=[4, 8], depth=[3], num_heads=[4], expansion_factor=2.0, upscale=3), "DAT", 3),
         "scunet": (SCUNet(config=[2, 1, 1, 2, 1, 1, 2], dim=64), "SCUNet", 1),
+        "plksr-sparse": (PLKSR(dim=16, n_blocks=2, upscaling_factor=2, ccm_type="DCCM", lk_type="SparsePLK"), "PLKSR", 2),
+        "safmn-x4": (SAFMN(dim=16, n_blocks=2, upscaling_factor=4), "SAFMN", 4),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
@@ -182,7 +187,7 @@ def test_python_client_upscales_with_transformers_as_spandrel_does(stubs, server
         events = list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step)))
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
-        # its 16-pixel minimum.
+        # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -1,6 +1,6 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SwinIR in `swinir.rs`, HAT in
+//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, SwinIR in `swinir.rs`, HAT in
 //! `hat.rs`, DAT in `dat.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
@@ -12,6 +12,7 @@ use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::plksr::Plksr;
+use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
 use crate::engine::upscale::swinir::SwinIr;
@@ -209,6 +210,7 @@ pub enum Network {
     Compact(Compact),
     Span(Span),
     Plksr(Plksr),
+    Safmn(Safmn),
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
@@ -225,6 +227,7 @@ impl Network {
             Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => {
                 Network::Plksr(Plksr::load(vp, architecture)?)
             }
+            Architecture::Safmn { .. } => Network::Safmn(Safmn::load(vp, architecture)?),
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }
@@ -243,6 +246,7 @@ impl Network {
             Network::Compact(n) => n.forward(image),
             Network::Span(n) => n.forward(image),
             Network::Plksr(n) => n.forward(image),
+            Network::Safmn(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),

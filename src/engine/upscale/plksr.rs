@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
+use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::layout::{Architecture, LargeKernel};
 use crate::engine::weights::VarPath;
 
@@ -16,29 +17,10 @@ use crate::engine::weights::VarPath;
 const NORM_GROUPS: i64 = 4;
 /// `nn.GroupNorm`'s epsilon.
 const GROUP_NORM_EPS: f64 = 1e-5;
-/// RealPLKSR's own channel layer norm's epsilon.
-const LAYER_NORM_EPS: f64 = 1e-6;
 /// A sparse large-kernel layer's kernels and dilations (spandrel's defaults: the file
 /// cannot tell the dilations).
 const SPARSE_KERNEL: i64 = 5;
 const SPARSE_DILATIONS: [i64; 4] = [1, 2, 3, 4];
-
-/// The channel layer norm RealPLKSR defines (over dim 1, biased variance).
-struct ChannelNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl ChannelNorm {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mean = x.mean_dim(1, true, None);
-        let centred = x - mean;
-        let variance = centred.square().mean_dim(1, true, None);
-        let normalised = centred / (variance + LAYER_NORM_EPS).sqrt();
-        let per_channel = |t: &Tensor| t.view([1, -1, 1, 1]);
-        normalised * per_channel(&self.weight) + per_channel(&self.bias)
-    }
-}
 
 /// A size-keeping convolution of any kernel shape and dilation (the large kernels).
 struct KernelConv {
@@ -151,11 +133,7 @@ impl Block {
             unreachable!("a RealPLKSR architecture");
         };
         let (layer_norm, norm) = if layer_norm {
-            let ln = vp.pp("layer_norm");
-            let norm = ChannelNorm {
-                weight: ln.get("weight", &[dim])?,
-                bias: ln.get("bias", &[dim])?,
-            };
+            let norm = ChannelNorm::load(&vp.pp("layer_norm"), dim)?;
             (Some(norm), None)
         } else {
             let norm = GroupNorm::load(&vp.pp("norm"), NORM_GROUPS, dim, GROUP_NORM_EPS)?;

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SwinIR, HAT, DAT and SCUNet.
+//! SAFMN, SwinIR, HAT, DAT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -15,6 +15,7 @@ mod basicsr;
 mod dat;
 mod hat;
 mod plksr;
+pub mod safmn;
 pub mod scunet;
 mod span;
 mod swinir;
@@ -109,6 +110,20 @@ pub enum Architecture {
         /// Whether the blocks start with a channel layer norm instead of ending with a
         /// group norm.
         layer_norm: bool,
+    },
+    /// SAFMN: blocks of spatially-adaptive feature modulation and a convolutional channel
+    /// mixer, then a pixel shuffle.
+    Safmn {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Blocks (`n_blocks`).
+        blocks: i64,
+        /// The channel mixer's width (`dim * ffn_scale`).
+        ffn_hidden: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
     },
     /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
     SwinIr {
@@ -234,6 +249,7 @@ impl Architecture {
             | Architecture::Span { .. }
             | Architecture::Plksr { .. }
             | Architecture::RealPlksr { .. } => (0, 1),
+            Architecture::Safmn { .. } => (0, 8),
             Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
                 (16, 1)
             }
@@ -271,6 +287,13 @@ impl Architecture {
             Architecture::Plksr { features, .. } | Architecture::RealPlksr { features, .. } => {
                 (6 * features as u64, 6 * out)
             }
+            // The block's input, its norm, the levels, their concatenation and the
+            // modulated product, the mixer's width twice.
+            Architecture::Safmn {
+                features,
+                ffn_hidden,
+                ..
+            } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
             // The tokens, their norm, q/k/v and the attention's product, the MLP, and
             // each window's scores with their softmax.
             Architecture::SwinIr {
@@ -336,6 +359,7 @@ impl Architecture {
             | Architecture::Span { scale, .. }
             | Architecture::Plksr { scale, .. }
             | Architecture::RealPlksr { scale, .. }
+            | Architecture::Safmn { scale, .. }
             | Architecture::SwinIr { scale, .. }
             | Architecture::Hat { scale, .. }
             | Architecture::Dat { scale, .. } => scale,
@@ -350,6 +374,7 @@ impl Architecture {
             | Architecture::Span { channels, .. }
             | Architecture::Plksr { channels, .. }
             | Architecture::RealPlksr { channels, .. }
+            | Architecture::Safmn { channels, .. }
             | Architecture::SwinIr { channels, .. }
             | Architecture::Hat { channels, .. }
             | Architecture::Dat { channels, .. }
@@ -364,6 +389,7 @@ impl Architecture {
             Architecture::Compact { .. } => "RealESRGAN Compact",
             Architecture::Span { .. } => "SPAN",
             Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Safmn { .. } => "SAFMN",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -420,6 +446,9 @@ impl Architecture {
                 }
                 tags
             }
+            Architecture::Safmn {
+                features, blocks, ..
+            } => vec![format!("{features}dim"), format!("{blocks}nb")],
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
@@ -478,6 +507,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(plksr::DYSAMPLE_KEY));
         }
         return plksr::detect(&unwrapped).map_err(unknown);
+    }
+    if safmn::KEYS.iter().all(|key| has(key)) {
+        return safmn::detect(&unwrapped).map_err(unknown);
     }
     if plksr::ORIGINAL_KEYS.iter().all(|key| has(key)) {
         return plksr::detect_original(&unwrapped).map_err(unknown);
