@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 29);
+    assert_eq!(models.len(), 32);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -56,6 +56,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Span { .. } => "SPAN",
             Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::Safmn { .. } => "SAFMN",
+            Architecture::MoSr { .. } => "MoSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -220,10 +221,11 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
-    // RealPLKSR with DySample's learned upsampling, SPAN with a stray tensor, SwinIR
+    // RealPLKSR and MoSR with DySample's learned upsampling, SPAN with a stray tensor, SwinIR
     // with a pixel-unshuffled input or an absolute position embedding, HAT with one.
     for (model, extra) in [
         ("plksr_x2", "to_img.init_pos"),
+        ("mosr_x4_gps", "upsampler.init_pos"),
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
         ("swinir_x3_direct", "conv_first.1.weight"),
         ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
@@ -324,13 +326,14 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
     target.to_path_buf()
 }
 
-/// PLKSR layers spandrel cannot run are refused at load naming their tensor: large
+/// Layers spandrel cannot run are refused at load naming their tensor: PLKSR's large
 /// kernels of even side (their output is a pixel larger than the channels they rewrite),
-/// a rectangular layer whose short side is even, a channel mixer of no known type, and
-/// a sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot
-/// tell from the file).
+/// a rectangular layer whose short side is even, a channel mixer of no known type, a
+/// sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot tell
+/// from the file); MoSR's depthwise kernel of even side and one over more channels than
+/// the hidden width has.
 #[test]
-fn plksr_layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
+fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     let (root, _) = cases();
     let dir = tempfile::tempdir().expect("tempdir");
     let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
@@ -355,6 +358,16 @@ fn plksr_layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             "plksr_original_x3_sparse",
             "feats.1.lk.convs.4.weight",
             zeros(&[6, 6, 5, 5]),
+        ),
+        (
+            "mosr_x2",
+            "params_ema.gblocks.1.conv.weight",
+            zeros(&[16, 1, 6, 6]),
+        ),
+        (
+            "mosr_x4_gps",
+            "gblocks.1.conv.weight",
+            zeros(&[30, 1, 5, 5]),
         ),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {

@@ -1,5 +1,5 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, SwinIR, HAT, DAT; SCUNet restoring at scale 1) loaded
+//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, HAT, DAT; SCUNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -10,6 +10,7 @@ pub mod dat;
 pub mod depthwise;
 pub mod hat;
 pub mod layout;
+pub mod mosr;
 pub mod nets;
 pub mod plksr;
 pub mod safmn;

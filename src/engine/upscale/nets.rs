@@ -1,6 +1,6 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, SwinIR in `swinir.rs`, HAT in
+//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, HAT in
 //! `hat.rs`, DAT in `dat.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
@@ -11,6 +11,7 @@ use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::mosr::MoSr;
 use crate::engine::upscale::plksr::Plksr;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
@@ -211,6 +212,7 @@ pub enum Network {
     Span(Span),
     Plksr(Plksr),
     Safmn(Safmn),
+    MoSr(MoSr),
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
@@ -228,6 +230,7 @@ impl Network {
                 Network::Plksr(Plksr::load(vp, architecture)?)
             }
             Architecture::Safmn { .. } => Network::Safmn(Safmn::load(vp, architecture)?),
+            Architecture::MoSr { .. } => Network::MoSr(MoSr::load(vp, architecture)?),
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }
@@ -247,6 +250,7 @@ impl Network {
             Network::Span(n) => n.forward(image),
             Network::Plksr(n) => n.forward(image),
             Network::Safmn(n) => n.forward(image),
+            Network::MoSr(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),

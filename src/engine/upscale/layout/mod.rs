@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, SwinIR, HAT, DAT and SCUNet.
+//! SAFMN, MoSR, SwinIR, HAT, DAT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -14,6 +14,7 @@ use crate::engine::weights::Shapes;
 mod basicsr;
 mod dat;
 mod hat;
+pub mod mosr;
 mod plksr;
 pub mod safmn;
 pub mod scunet;
@@ -124,6 +125,25 @@ pub enum Architecture {
         ffn_hidden: i64,
         /// The pixel-shuffle factor.
         scale: i64,
+    },
+    /// MoSR: gated CNN blocks, a convolutional tail and shortcut, then a pixel shuffle.
+    MoSr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Gated blocks (`n_block`).
+        blocks: i64,
+        /// The gated blocks' hidden width (`dim * expansion_ratio`).
+        hidden: i64,
+        /// The hidden channels the depthwise convolution takes (`dim * conv_ratio`).
+        conv_channels: i64,
+        /// The depthwise convolution's side.
+        kernel: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the upsampler averages eight predictions (`gps`) rather than one (`ps`).
+        geometric_ensemble: bool,
     },
     /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
     SwinIr {
@@ -250,6 +270,7 @@ impl Architecture {
             | Architecture::Plksr { .. }
             | Architecture::RealPlksr { .. } => (0, 1),
             Architecture::Safmn { .. } => (0, 8),
+            Architecture::MoSr { .. } => (0, 1),
             Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
                 (16, 1)
             }
@@ -294,6 +315,23 @@ impl Architecture {
                 ffn_hidden,
                 ..
             } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
+            // The block's input and norm, the doubled projection, the gate's product and
+            // its concatenation, the shortcut; the ensemble's eight predictions.
+            Architecture::MoSr {
+                features,
+                hidden,
+                channels,
+                geometric_ensemble,
+                ..
+            } => {
+                let predictions = if geometric_ensemble {
+                    mosr::ENSEMBLE
+                } else {
+                    1
+                };
+                let upsampled = (predictions * channels + 3) as u64 * out;
+                ((4 * features + 4 * hidden) as u64, upsampled)
+            }
             // The tokens, their norm, q/k/v and the attention's product, the MLP, and
             // each window's scores with their softmax.
             Architecture::SwinIr {
@@ -360,6 +398,7 @@ impl Architecture {
             | Architecture::Plksr { scale, .. }
             | Architecture::RealPlksr { scale, .. }
             | Architecture::Safmn { scale, .. }
+            | Architecture::MoSr { scale, .. }
             | Architecture::SwinIr { scale, .. }
             | Architecture::Hat { scale, .. }
             | Architecture::Dat { scale, .. } => scale,
@@ -375,6 +414,7 @@ impl Architecture {
             | Architecture::Plksr { channels, .. }
             | Architecture::RealPlksr { channels, .. }
             | Architecture::Safmn { channels, .. }
+            | Architecture::MoSr { channels, .. }
             | Architecture::SwinIr { channels, .. }
             | Architecture::Hat { channels, .. }
             | Architecture::Dat { channels, .. }
@@ -390,6 +430,7 @@ impl Architecture {
             Architecture::Span { .. } => "SPAN",
             Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
             Architecture::Safmn { .. } => "SAFMN",
+            Architecture::MoSr { .. } => "MoSR",
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
@@ -449,6 +490,8 @@ impl Architecture {
             Architecture::Safmn {
                 features, blocks, ..
             } => vec![format!("{features}dim"), format!("{blocks}nb")],
+            // spandrel gives MoSR no tags.
+            Architecture::MoSr { .. } => Vec::new(),
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
@@ -507,6 +550,13 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(plksr::DYSAMPLE_KEY));
         }
         return plksr::detect(&unwrapped).map_err(unknown);
+    }
+    if mosr::KEYS.iter().all(|key| has(key)) {
+        // DySample's learned upsampling is not served.
+        if has(mosr::DYSAMPLE_KEY) {
+            return Err(unknown(mosr::DYSAMPLE_KEY));
+        }
+        return mosr::detect(&unwrapped).map_err(unknown);
     }
     if safmn::KEYS.iter().all(|key| has(key)) {
         return safmn::detect(&unwrapped).map_err(unknown);

@@ -1,0 +1,80 @@
+//! MoSR's hyperparameters read from its tensors as spandrel reads them
+//! (`MoSR/__init__.py`): the width and channels from the first convolution, the blocks
+//! from the sequence's length, the hidden and convolved widths and the kernel from the
+//! first block, the upsampler and scale from the upsampler's tensors.
+
+use super::{exact_root, own_names, shape_of, Architecture, Layout, Unwrapped};
+use crate::engine::weights::numbered_children;
+
+/// The tensors spandrel detects MoSR by.
+pub(super) const KEYS: [&str; 10] = [
+    "gblocks.0.weight",
+    "gblocks.0.bias",
+    "gblocks.1.norm.weight",
+    "gblocks.1.norm.bias",
+    "gblocks.1.fc1.weight",
+    "gblocks.1.fc1.bias",
+    "gblocks.1.conv.weight",
+    "gblocks.1.conv.bias",
+    "gblocks.1.fc2.weight",
+    "gblocks.1.fc2.bias",
+];
+
+/// DySample's learned upsampling (not served).
+pub(super) const DYSAMPLE_KEY: &str = "upsampler.init_pos";
+/// The geometric ensemble pixel shuffle's convolution and the plain one's.
+const ENSEMBLE_KEY: &str = "upsampler.in_to_k.weight";
+const SHUFFLE_KEY: &str = "upsampler.0.weight";
+
+/// The geometric ensemble's predictions per output value (`GPS`'s eight).
+pub const ENSEMBLE: i64 = 8;
+
+/// The layers of `gblocks` beside the blocks: the first convolution and the tail's five.
+const TRAIL: i64 = 6;
+
+/// A MoSR file (its own names); `Err` names the tensor that does not fit: a depthwise
+/// kernel of even side (the reference's parts would not line up), a hidden width the
+/// convolved part exceeds, an upsampler of no square scale.
+pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
+    let dimension = |name: &'static str, d: usize| {
+        shape_of(unwrapped, name)
+            .and_then(|s| s.get(d).copied())
+            .ok_or(name)
+    };
+    let (features, channels) = (dimension(KEYS[0], 0)?, dimension(KEYS[0], 1)?);
+    let blocks = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "gblocks.") - TRAIL;
+    if channels < 1 || features < 1 || blocks < 1 {
+        return Err(KEYS[0]);
+    }
+    let doubled = dimension(KEYS[4], 0)?;
+    let hidden = doubled / 2;
+    let (conv_channels, kernel) = (dimension(KEYS[6], 0)?, dimension(KEYS[6], 2)?);
+    if doubled % 2 != 0 {
+        return Err(KEYS[4]);
+    }
+    if conv_channels > hidden || kernel < 1 || kernel % 2 == 0 {
+        return Err(KEYS[6]);
+    }
+    let (key, per_scale) = match shape_of(unwrapped, ENSEMBLE_KEY) {
+        Some(_) => (ENSEMBLE_KEY, ENSEMBLE * channels),
+        None => (SHUFFLE_KEY, channels),
+    };
+    let shuffled = dimension(key, 0)?;
+    let scale = exact_root(shuffled / per_scale).unwrap_or(0);
+    if scale < 1 || shuffled != per_scale * scale * scale {
+        return Err(key);
+    }
+    Ok(Layout {
+        architecture: Architecture::MoSr {
+            channels,
+            features,
+            blocks,
+            hidden,
+            conv_channels,
+            kernel,
+            scale,
+            geometric_ensemble: key == ENSEMBLE_KEY,
+        },
+        names: own_names(unwrapped),
+    })
+}

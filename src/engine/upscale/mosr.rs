@@ -1,0 +1,159 @@
+//! MoSR (MambaOut super-resolution), as spandrel runs it (`MoSR/__arch/mosr_arch.py`, in
+//! eval mode): gated CNN blocks (a channel layer norm, a 3×3 convolution to twice the
+//! hidden width split into a gate, an identity part and a depthwise-convolved part, the
+//! Mish-activated gate times the other two, a 3×3 convolution back, Mish, plus the input
+//! less 0.5), a convolutional tail, a convolutional shortcut from the image less 0.5, then
+//! a pixel shuffle or the geometric ensemble pixel shuffle (eight predictions averaged).
+
+use tch::Tensor;
+
+use crate::engine::error::Result;
+use crate::engine::models::nn::Conv2d;
+use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::depthwise::Depthwise;
+use crate::engine::upscale::layout::mosr::ENSEMBLE;
+use crate::engine::upscale::layout::Architecture;
+use crate::engine::weights::VarPath;
+
+/// The offset every residual in MoSR subtracts.
+const RESIDUAL_OFFSET: f64 = 0.5;
+
+/// One `GatedCNNBlock`.
+struct GatedBlock {
+    norm: ChannelNorm,
+    fc1: Conv2d,
+    conv: Depthwise,
+    fc2: Conv2d,
+    hidden: i64,
+    conv_channels: i64,
+}
+
+impl GatedBlock {
+    fn load(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
+        let Architecture::MoSr {
+            features: dim,
+            hidden,
+            conv_channels,
+            kernel,
+            ..
+        } = *architecture
+        else {
+            unreachable!("a MoSR architecture");
+        };
+        Ok(Self {
+            norm: ChannelNorm::load(&vp.pp("norm"), dim)?,
+            fc1: Conv2d::load(&vp.pp("fc1"), dim, 2 * hidden, 3, 1, 1)?,
+            conv: Depthwise::load(&vp.pp("conv"), conv_channels, kernel)?,
+            fc2: Conv2d::load(&vp.pp("fc2"), hidden, dim, 3, 1, 1)?,
+            hidden,
+            conv_channels,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let projected = self.fc1.forward(&self.norm.forward(x));
+        let (hidden, convolved) = (self.hidden, self.conv_channels);
+        let gate = projected.narrow(1, 0, hidden);
+        let identity = projected.narrow(1, hidden, hidden - convolved);
+        let convolved = self
+            .conv
+            .forward(&projected.narrow(1, 2 * hidden - convolved, convolved));
+        let gated = gate.mish() * Tensor::cat(&[identity, convolved], 1);
+        self.fc2.forward(&gated).mish() + (x - RESIDUAL_OFFSET)
+    }
+}
+
+/// How the features become the image.
+enum Upsampler {
+    /// A 3×3 convolution and a pixel shuffle.
+    PixelShuffle(Conv2d),
+    /// `GPS`: a 3×3 convolution to eight predictions of each sub-pixel, averaged, then a
+    /// pixel shuffle.
+    GeometricEnsemble(Conv2d),
+}
+
+/// MoSR.
+pub struct MoSr {
+    first: Conv2d,
+    blocks: Vec<GatedBlock>,
+    /// The tail: a 3×3 convolution to twice the width, Mish, one back, Mish, a 1×1.
+    tail: [Conv2d; 3],
+    /// The shortcut's two Mish-activated 3×3 convolutions and its 1×1 one.
+    shortcut: [Conv2d; 3],
+    upsampler: Upsampler,
+    scale: i64,
+}
+
+impl MoSr {
+    pub fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
+        let Architecture::MoSr {
+            channels,
+            features: dim,
+            blocks,
+            scale,
+            geometric_ensemble,
+            ..
+        } = architecture
+        else {
+            unreachable!("a MoSR architecture");
+        };
+        let gblocks = vp.pp("gblocks");
+        let tail = blocks + 1;
+        let shortcut = vp.pp("shortcut");
+        let shuffled = channels * scale * scale;
+        let upsampler = vp.pp("upsampler");
+        Ok(Self {
+            first: Conv2d::load(&gblocks.pp(0), channels, dim, 3, 1, 1)?,
+            blocks: (1..=blocks)
+                .map(|b| GatedBlock::load(&gblocks.pp(b), &architecture))
+                .collect::<Result<_>>()?,
+            tail: [
+                Conv2d::load(&gblocks.pp(tail), dim, 2 * dim, 3, 1, 1)?,
+                Conv2d::load(&gblocks.pp(tail + 2), 2 * dim, dim, 3, 1, 1)?,
+                Conv2d::load(&gblocks.pp(tail + 4), dim, dim, 1, 1, 0)?,
+            ],
+            shortcut: [
+                Conv2d::load(&shortcut.pp("block").pp(0), channels, dim, 3, 1, 1)?,
+                Conv2d::load(&shortcut.pp("block").pp(2), dim, dim, 3, 1, 1)?,
+                Conv2d::load(&shortcut.pp("conv11"), channels, dim, 1, 1, 0)?,
+            ],
+            upsampler: match geometric_ensemble {
+                true => Upsampler::GeometricEnsemble(Conv2d::load(
+                    &upsampler.pp("in_to_k"),
+                    dim,
+                    ENSEMBLE * shuffled,
+                    3,
+                    1,
+                    1,
+                )?),
+                false => {
+                    Upsampler::PixelShuffle(Conv2d::load(&upsampler.pp(0), dim, shuffled, 3, 1, 1)?)
+                }
+            },
+            scale,
+        })
+    }
+
+    pub fn forward(&self, image: &Tensor) -> Tensor {
+        let x = self
+            .blocks
+            .iter()
+            .fold(self.first.forward(image), |x, block| block.forward(&x));
+        let [widen, narrow, project] = &self.tail;
+        let x = project.forward(&narrow.forward(&widen.forward(&x).mish()).mish());
+        let [first, second, direct] = &self.shortcut;
+        let shortcut = second.forward(&first.forward(image).mish()).mish() + direct.forward(image);
+        let features = x + (shortcut - RESIDUAL_OFFSET);
+        let shuffled = match &self.upsampler {
+            Upsampler::PixelShuffle(conv) => conv.forward(&features),
+            Upsampler::GeometricEnsemble(conv) => {
+                let predictions = conv.forward(&features);
+                let size = predictions.size();
+                predictions
+                    .reshape([size[0], ENSEMBLE, -1, size[2], size[3]])
+                    .mean_dim(1, false, None)
+            }
+        };
+        shuffled.pixel_shuffle(self.scale)
+    }
+}
