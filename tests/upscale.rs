@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 32);
+    assert_eq!(models.len(), 36);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -221,11 +221,9 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
-    // RealPLKSR and MoSR with DySample's learned upsampling, SPAN with a stray tensor, SwinIR
+    // SPAN with a stray tensor, SwinIR
     // with a pixel-unshuffled input or an absolute position embedding, HAT with one.
     for (model, extra) in [
-        ("plksr_x2", "to_img.init_pos"),
-        ("mosr_x4_gps", "upsampler.init_pos"),
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
         ("swinir_x3_direct", "conv_first.1.weight"),
         ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
@@ -331,7 +329,8 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 /// a rectangular layer whose short side is even, a channel mixer of no known type, a
 /// sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot tell
 /// from the file); MoSR's depthwise kernel of even side and one over more channels than
-/// the hidden width has.
+/// the hidden width has; DySample ending at other channels than the image's, or with
+/// initial positions of another scale.
 #[test]
 fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     let (root, _) = cases();
@@ -368,6 +367,17 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             "mosr_x4_gps",
             "gblocks.1.conv.weight",
             zeros(&[30, 1, 5, 5]),
+        ),
+        // DySample ending at four channels; initial positions for another scale.
+        (
+            "mosr_x2_dysample",
+            "params.upsampler.end_conv.weight",
+            zeros(&[4, 16, 1, 1]),
+        ),
+        (
+            "plksr_x4_dysample",
+            "params_ema.to_img.init_pos",
+            zeros(&[1, 8, 1, 1]),
         ),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {

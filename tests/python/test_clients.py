@@ -150,8 +150,8 @@ def test_python_client_upscales_as_spandrel_does(stubs, server):
 def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server):
     """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2, a DAT x3 (4x8
     windows, shifted in its third block), a SCUNet denoiser, a PLKSR x2 with sparse
-    dilated large kernels, a SAFMN x4 and a MoSR x3 with the geometric ensemble pixel
-    shuffle, each listed with spandrel's architecture and
+    dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
+    shuffle and a RealPLKSR x2 with DySample, each listed with spandrel's architecture and
     run by the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
@@ -160,7 +160,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.MoSR import MoSR
-    from spandrel.architectures.PLKSR import PLKSR
+    from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SwinIR import SwinIR
@@ -174,6 +174,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "plksr-sparse": (PLKSR(dim=16, n_blocks=2, upscaling_factor=2, ccm_type="DCCM", lk_type="SparsePLK"), "PLKSR", 2),
         "safmn-x4": (SAFMN(dim=16, n_blocks=2, upscaling_factor=4), "SAFMN", 4),
         "mosr-gps": (MoSR(upscale=3, n_block=2, dim=16, upsampler="gps"), "MoSR", 3),
+        "plksr-dysample": (RealPLKSR(dim=16, n_blocks=2, upscaling_factor=2, dysample=True), "PLKSR", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()

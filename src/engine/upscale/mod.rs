@@ -8,6 +8,7 @@ pub mod activation;
 pub mod channel_norm;
 pub mod dat;
 pub mod depthwise;
+pub mod dysample;
 pub mod hat;
 pub mod layout;
 pub mod mosr;

@@ -3,7 +3,8 @@
 //! hidden width split into a gate, an identity part and a depthwise-convolved part, the
 //! Mish-activated gate times the other two, a 3×3 convolution back, Mish, plus the input
 //! less 0.5), a convolutional tail, a convolutional shortcut from the image less 0.5, then
-//! a pixel shuffle or the geometric ensemble pixel shuffle (eight predictions averaged).
+//! a pixel shuffle, the geometric ensemble pixel shuffle (eight predictions averaged) or
+//! DySample.
 
 use tch::Tensor;
 
@@ -11,8 +12,9 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::depthwise::Depthwise;
-use crate::engine::upscale::layout::mosr::ENSEMBLE;
-use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::dysample::DySample;
+use crate::engine::upscale::layout::mosr::{DYSAMPLE_GROUPS, ENSEMBLE};
+use crate::engine::upscale::layout::{Architecture, MoSrUpsampler};
 use crate::engine::weights::VarPath;
 
 /// The offset every residual in MoSR subtracts.
@@ -70,6 +72,8 @@ enum Upsampler {
     /// `GPS`: a 3×3 convolution to eight predictions of each sub-pixel, averaged, then a
     /// pixel shuffle.
     GeometricEnsemble(Conv2d),
+    /// DySample's learned sampling.
+    DySample(DySample),
 }
 
 /// MoSR.
@@ -91,7 +95,7 @@ impl MoSr {
             features: dim,
             blocks,
             scale,
-            geometric_ensemble,
+            upsampler: kind,
             ..
         } = architecture
         else {
@@ -117,8 +121,8 @@ impl MoSr {
                 Conv2d::load(&shortcut.pp("block").pp(2), dim, dim, 3, 1, 1)?,
                 Conv2d::load(&shortcut.pp("conv11"), channels, dim, 1, 1, 0)?,
             ],
-            upsampler: match geometric_ensemble {
-                true => Upsampler::GeometricEnsemble(Conv2d::load(
+            upsampler: match kind {
+                MoSrUpsampler::GeometricEnsemble => Upsampler::GeometricEnsemble(Conv2d::load(
                     &upsampler.pp("in_to_k"),
                     dim,
                     ENSEMBLE * shuffled,
@@ -126,9 +130,16 @@ impl MoSr {
                     1,
                     1,
                 )?),
-                false => {
+                MoSrUpsampler::PixelShuffle => {
                     Upsampler::PixelShuffle(Conv2d::load(&upsampler.pp(0), dim, shuffled, 3, 1, 1)?)
                 }
+                MoSrUpsampler::DySample => Upsampler::DySample(DySample::load(
+                    &upsampler,
+                    [dim, channels],
+                    DYSAMPLE_GROUPS,
+                    scale,
+                    true,
+                )?),
             },
             scale,
         })
@@ -145,6 +156,7 @@ impl MoSr {
         let shortcut = second.forward(&first.forward(image).mish()).mish() + direct.forward(image);
         let features = x + (shortcut - RESIDUAL_OFFSET);
         let shuffled = match &self.upsampler {
+            Upsampler::DySample(dysample) => return dysample.forward(&features),
             Upsampler::PixelShuffle(conv) => conv.forward(&features),
             Upsampler::GeometricEnsemble(conv) => {
                 let predictions = conv.forward(&features);

@@ -212,7 +212,7 @@ pub enum Network {
     Span(Span),
     Plksr(Plksr),
     Safmn(Safmn),
-    MoSr(MoSr),
+    MoSr(Box<MoSr>),
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
@@ -230,7 +230,7 @@ impl Network {
                 Network::Plksr(Plksr::load(vp, architecture)?)
             }
             Architecture::Safmn { .. } => Network::Safmn(Safmn::load(vp, architecture)?),
-            Architecture::MoSr { .. } => Network::MoSr(MoSr::load(vp, architecture)?),
+            Architecture::MoSr { .. } => Network::MoSr(Box::new(MoSr::load(vp, architecture)?)),
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }

@@ -3,14 +3,15 @@
 //! blocks of a convolutional channel mixer, a large-kernel layer over the first channels,
 //! element-wise attention and a 1×1 refinement, each added to its input (RealPLKSR's
 //! with a group norm after, or a channel layer norm before); the output plus the input
-//! repeated per sub-pixel.
+//! repeated per sub-pixel, pixel-shuffled or sampled by DySample.
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::layout::{Architecture, LargeKernel};
+use crate::engine::upscale::dysample::DySample;
+use crate::engine::upscale::layout::{dysample_groups, Architecture, LargeKernel};
 use crate::engine::weights::VarPath;
 
 /// RealPLKSR's fixed group count (not in the file).
@@ -210,52 +211,43 @@ pub struct Plksr {
     first: Conv2d,
     blocks: Vec<Block>,
     last: Conv2d,
+    /// RealPLKSR's DySample in place of the pixel shuffle.
+    dysample: Option<DySample>,
     scale: i64,
 }
 
 impl Plksr {
     pub fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
         // RealPLKSR keeps a dropout between the blocks and the last convolution.
-        let (channels, features, blocks, scale, last, block): (_, _, _, _, _, BlockLoader) =
-            match architecture {
-                Architecture::Plksr {
-                    channels,
-                    features,
-                    blocks,
-                    scale,
-                    ..
-                } => (
-                    channels,
-                    features,
-                    blocks,
-                    scale,
-                    blocks + 1,
-                    Block::load_original,
-                ),
-                Architecture::RealPlksr {
-                    channels,
-                    features,
-                    blocks,
-                    scale,
-                    ..
-                } => (
-                    channels,
-                    features,
-                    blocks,
-                    scale,
-                    blocks + 2,
-                    Block::load_real,
-                ),
-                _ => unreachable!("a PLKSR architecture"),
-            };
+        let (features, blocks, last, block): (_, _, _, BlockLoader) = match architecture {
+            Architecture::Plksr {
+                features, blocks, ..
+            } => (features, blocks, blocks + 1, Block::load_original),
+            Architecture::RealPlksr {
+                features, blocks, ..
+            } => (features, blocks, blocks + 2, Block::load_real),
+            _ => unreachable!("a PLKSR architecture"),
+        };
+        let (channels, scale) = (architecture.channels(), architecture.scale());
         let feats = vp.pp("feats");
         let shuffled = channels * scale * scale;
+        let dysample = match architecture {
+            Architecture::RealPlksr { dysample: true, .. } => Some(DySample::load(
+                &vp.pp("to_img"),
+                [shuffled, channels],
+                dysample_groups(scale),
+                scale,
+                scale != 1,
+            )?),
+            _ => None,
+        };
         Ok(Self {
             first: Conv2d::load(&feats.pp(0), channels, features, 3, 1, 1)?,
             blocks: (1..=blocks)
                 .map(|b| block(&feats.pp(b), &architecture))
                 .collect::<Result<_>>()?,
             last: Conv2d::load(&feats.pp(last), features, shuffled, 3, 1, 1)?,
+            dysample,
             scale,
         })
     }
@@ -267,7 +259,11 @@ impl Plksr {
             .fold(self.first.forward(image), |x, block| block.forward(&x));
         let repeats = self.scale * self.scale;
         let repeated = image.repeat_interleave_self_int(repeats, 1, None);
-        (self.last.forward(&features) + repeated).pixel_shuffle(self.scale)
+        let shuffled = self.last.forward(&features) + repeated;
+        match &self.dysample {
+            Some(dysample) => dysample.forward(&shuffled),
+            None => shuffled.pixel_shuffle(self.scale),
+        }
     }
 }
 

@@ -22,7 +22,8 @@ mod span;
 mod swinir;
 
 use basicsr::{compact, rrdb, rrdb_names};
-pub use plksr::{ChannelMixer, LargeKernel};
+pub use mosr::MoSrUpsampler;
+pub use plksr::{dysample_groups, ChannelMixer, LargeKernel};
 pub use swinir::SwinUpsampler;
 
 /// An upscaler's architecture and its hyperparameters.
@@ -111,6 +112,8 @@ pub enum Architecture {
         /// Whether the blocks start with a channel layer norm instead of ending with a
         /// group norm.
         layer_norm: bool,
+        /// Whether DySample's learned upsampling takes the place of the pixel shuffle.
+        dysample: bool,
     },
     /// SAFMN: blocks of spatially-adaptive feature modulation and a convolutional channel
     /// mixer, then a pixel shuffle.
@@ -142,8 +145,8 @@ pub enum Architecture {
         kernel: i64,
         /// The pixel-shuffle factor.
         scale: i64,
-        /// Whether the upsampler averages eight predictions (`gps`) rather than one (`ps`).
-        geometric_ensemble: bool,
+        /// How the features become the image.
+        upsampler: MoSrUpsampler,
     },
     /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
     SwinIr {
@@ -305,8 +308,20 @@ impl Architecture {
             // The block outputs kept for the concatenation and the concatenation itself.
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
             // The block's input, the mixer's doubled width and the attention's product.
-            Architecture::Plksr { features, .. } | Architecture::RealPlksr { features, .. } => {
-                (6 * features as u64, 6 * out)
+            Architecture::Plksr { features, .. } => (6 * features as u64, 6 * out),
+            // DySample: the offsets, their scope and coordinates, and the sampled
+            // sub-pixel channels before the last convolution.
+            Architecture::RealPlksr {
+                features,
+                dysample,
+                scale,
+                ..
+            } => {
+                let upsampled = match dysample {
+                    true => (8 * dysample_groups(scale) + 3 * scale * scale + 3) as u64 * out,
+                    false => 6 * out,
+                };
+                (6 * features as u64, upsampled)
             }
             // The block's input, its norm, the levels, their concatenation and the
             // modulated product, the mixer's width twice.
@@ -321,16 +336,15 @@ impl Architecture {
                 features,
                 hidden,
                 channels,
-                geometric_ensemble,
+                upsampler,
                 ..
             } => {
-                let predictions = if geometric_ensemble {
-                    mosr::ENSEMBLE
-                } else {
-                    1
+                let upsampled = match upsampler {
+                    MoSrUpsampler::PixelShuffle => channels + 3,
+                    MoSrUpsampler::GeometricEnsemble => mosr::ENSEMBLE * channels + 3,
+                    MoSrUpsampler::DySample => 8 * mosr::DYSAMPLE_GROUPS + features + 3,
                 };
-                let upsampled = (predictions * channels + 3) as u64 * out;
-                ((4 * features + 4 * hidden) as u64, upsampled)
+                ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
             }
             // The tokens, their norm, q/k/v and the attention's product, the MLP, and
             // each window's scores with their softmax.
@@ -474,6 +488,7 @@ impl Architecture {
                 blocks,
                 kernel,
                 layer_norm,
+                dysample,
                 ..
             } => {
                 let mut tags = vec![
@@ -482,6 +497,9 @@ impl Architecture {
                     format!("{kernel}ks"),
                     "Real".to_string(),
                 ];
+                if dysample {
+                    tags.push("DySample".into());
+                }
                 if layer_norm {
                     tags.push("LayerNorm".into());
                 }
@@ -545,17 +563,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         return swinir::detect(&unwrapped).ok_or_else(|| unknown(swinir::KEYS[0]));
     }
     if plksr::KEYS.iter().all(|key| has(key)) {
-        // DySample's learned upsampling is not served.
-        if has(plksr::DYSAMPLE_KEY) {
-            return Err(unknown(plksr::DYSAMPLE_KEY));
-        }
         return plksr::detect(&unwrapped).map_err(unknown);
     }
     if mosr::KEYS.iter().all(|key| has(key)) {
-        // DySample's learned upsampling is not served.
-        if has(mosr::DYSAMPLE_KEY) {
-            return Err(unknown(mosr::DYSAMPLE_KEY));
-        }
         return mosr::detect(&unwrapped).map_err(unknown);
     }
     if safmn::KEYS.iter().all(|key| has(key)) {
@@ -611,6 +621,17 @@ fn shape_of<'a>(unwrapped: &Unwrapped<'a>, name: &str) -> Option<&'a [i64]> {
         .iter()
         .find(|(_, n, _)| *n == name)
         .map(|(_, _, s)| *s)
+}
+
+/// Dimension `d` of the unwrapped tensor `name`; `Err(name)` where it has none.
+fn dimension_of(
+    unwrapped: &Unwrapped,
+    name: &'static str,
+    d: usize,
+) -> std::result::Result<i64, &'static str> {
+    shape_of(unwrapped, name)
+        .and_then(|s| s.get(d).copied())
+        .ok_or(name)
 }
 
 /// Every stored name mapped to its unwrapped one: a layout in the network's own names.

@@ -13,7 +13,16 @@ pub(super) const KEYS: [&str; 4] = [
 ];
 
 /// RealPLKSR's DySample output layer.
-pub(super) const DYSAMPLE_KEY: &str = "to_img.init_pos";
+const DYSAMPLE_KEY: &str = "to_img.init_pos";
+
+/// The groups RealPLKSR's DySample samples in: one per colour at odd scales, else four.
+pub fn dysample_groups(scale: i64) -> i64 {
+    if scale % 2 != 0 {
+        3
+    } else {
+        4
+    }
+}
 
 /// A RealPLKSR file, its hyperparameters read as spandrel reads them; `Err` names the
 /// tensor that does not fit (a large kernel of even side included).
@@ -42,6 +51,7 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
             scale,
             attention: has("feats.1.attn.f.0.weight"),
             layer_norm: has("feats.1.layer_norm.bias"),
+            dysample: has(DYSAMPLE_KEY),
         },
         names: own_names(unwrapped),
     })

@@ -3,7 +3,7 @@
 //! numbered modules, the mixer's width from its first convolution, the scale from the
 //! last; the four modulation levels are the constructor's.
 
-use super::{exact_root, own_names, shape_of, Architecture, Layout, Unwrapped};
+use super::{dimension_of, exact_root, own_names, Architecture, Layout, Unwrapped};
 use crate::engine::weights::numbered_children;
 
 /// The tensors spandrel detects SAFMN by.
@@ -26,11 +26,7 @@ pub const LEVELS: i64 = 4;
 /// four modulation levels do not divide (the reference's chunks would not fit its
 /// convolutions) names the first level's.
 pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
-    let dimension = |name: &'static str, d: usize| {
-        shape_of(unwrapped, name)
-            .and_then(|s| s.get(d).copied())
-            .ok_or(name)
-    };
+    let dimension = |name: &'static str, d: usize| dimension_of(unwrapped, name, d);
     let (features, channels) = (dimension(KEYS[0], 0)?, dimension(KEYS[0], 1)?);
     let shuffled = dimension(KEYS[8], 0)?;
     let scale = exact_root(shuffled / 3).unwrap_or(0);
