@@ -3,6 +3,11 @@
 23 blocks, growth 32), or with `--arch span` a SPAN x4 of 48 features (the published
 span models' shape), or with `--arch plksr` a RealPLKSR x4 of spandrel's defaults (64
 features, 28 blocks, 17×17 kernels, the published realplksr models' shape), or with
+`--arch plksr-dysample` the same with layer norms and DySample (the "realplksr dysample"
+files' shape), or with `--arch plksr-original` PLKSR x4 of spandrel's defaults (64
+features, 28 blocks, CCM mixers, 17×17 kernels), or with `--arch safmn` SAFMN x4 (36
+wide, 8 blocks: the published x4 model's shape), or with `--arch mosr` MoSR x4 of
+spandrel's defaults (64 wide, 24 gated blocks, 7×7 kernels), or with
 `--arch swinir` A1111's "SwinIR 4x" (SwinIR-L real-world x4: 240 wide, nine groups of six
 blocks of eight heads, 8-pixel windows, nearest+conv, 3conv), or with `--arch hat` HAT-S
 x4 (144 wide, six groups of six blocks of six heads, 16-pixel windows), or with `--arch dat`
@@ -18,7 +23,8 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 `--device cuda --dtype bfloat16` both run on the GPU in that dtype (spandrel's model and
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
-Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|swinir|hat|dat|scunet] [--size 512]
+Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
+plksr-original|safmn|mosr|swinir|hat|dat|scunet] [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
 
@@ -42,7 +48,9 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.HAT import HAT
-    from spandrel.architectures.PLKSR import RealPLKSR
+    from spandrel.architectures.MoSR import MoSR
+    from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
+    from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SPAN import SPAN
     from spandrel.architectures.SwinIR import SwinIR
@@ -50,41 +58,26 @@ def write_model(path: Path, arch: str) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
     from make_upscaler_fixtures import basicsr_names, randomise
 
-    if arch == "plksr":
-        model = RealPLKSR()
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x4 RealPLKSR (64dim 28nb 17ks)"
-    elif arch == "hat":
-        model = HAT(embed_dim=144, depths=[6] * 6, num_heads=[6] * 6, window_size=16, compress_ratio=24, squeeze_factor=24, overlap_ratio=0.5, mlp_ratio=2.0, upscale=4, num_feat=64)
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x4 HAT-S (144dim, 6x6 blocks, s64w16)"
-    elif arch == "scunet":
-        model = SCUNet(config=[4] * 7, dim=64)
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x1 SCUNet (64dim, 4 blocks a stage)"
-    elif arch == "dat":
-        model = DAT(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6, expansion_factor=4.0, upscale=4)
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x4 DAT (180dim, 6x6 blocks, s64|8x32, 4.0ef)"
-    elif arch == "swinir":
-        model = SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv")
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"
-    elif arch == "span":
-        model = SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4)
-        randomise(model, 0)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        described = "x4 SPAN (48nf)"
-    else:
-        model = ESRGAN(num_filters=64, num_blocks=23, scale=4)
-        randomise(model, 0)
-        state = basicsr_names({k: v.contiguous() for k, v in model.state_dict().items()})
-        described = "x4 RRDBNet (64nf 23nb)"
+    # arch: (builder, description)
+    models = {
+        "plksr": (lambda: RealPLKSR(), "x4 RealPLKSR (64dim 28nb 17ks)"),
+        "plksr-dysample": (lambda: RealPLKSR(layer_norm=True, dysample=True), "x4 RealPLKSR (64dim 28nb 17ks LayerNorm DySample)"),
+        "plksr-original": (lambda: PLKSR(), "x4 PLKSR (64dim 28nb 17ks CCM)"),
+        "safmn": (lambda: SAFMN(dim=36, n_blocks=8, ffn_scale=2.0, upscaling_factor=4), "x4 SAFMN (36dim 8nb)"),
+        "mosr": (lambda: MoSR(), "x4 MoSR (64dim 24 blocks 7ks)"),
+        "hat": (lambda: HAT(embed_dim=144, depths=[6] * 6, num_heads=[6] * 6, window_size=16, compress_ratio=24, squeeze_factor=24, overlap_ratio=0.5, mlp_ratio=2.0, upscale=4, num_feat=64), "x4 HAT-S (144dim, 6x6 blocks, s64w16)"),
+        "scunet": (lambda: SCUNet(config=[4] * 7, dim=64), "x1 SCUNet (64dim, 4 blocks a stage)"),
+        "dat": (lambda: DAT(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6, expansion_factor=4.0, upscale=4), "x4 DAT (180dim, 6x6 blocks, s64|8x32, 4.0ef)"),
+        "swinir": (lambda: SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"), "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"),
+        "span": (lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4), "x4 SPAN (48nf)"),
+        "rrdb": (lambda: ESRGAN(num_filters=64, num_blocks=23, scale=4), "x4 RRDBNet (64nf 23nb)"),
+    }
+    builder, described = models[arch]
+    model = builder()
+    randomise(model, 0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if arch == "rrdb":
+        state = basicsr_names(state)
     save_file({f"params_ema.{k}": v for k, v in state.items()}, str(path))
     return described
 
@@ -140,7 +133,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "swinir", "hat", "dat", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "hat", "dat", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
