@@ -325,7 +325,8 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 }
 
 /// Layers spandrel cannot run are refused at load naming their tensor: PLKSR's large
-/// kernels of even side (their output is a pixel larger than the channels they rewrite),
+/// kernels of even side (their output is a pixel larger than the channels they rewrite)
+/// or over more channels than the block has,
 /// a rectangular layer whose short side is even, a channel mixer of no known type, a
 /// sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot tell
 /// from the file); MoSR's depthwise kernel of even side and one over more channels than
@@ -343,6 +344,12 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             zeros(&[4, 4, 8, 8]),
         ),
         ("plksr_x2", "feats.1.lk.conv.weight", zeros(&[4, 4, 6, 6])),
+        // A large kernel over 20 channels of a 16-wide block.
+        (
+            "plksr_original_x2",
+            "params_ema.feats.1.lk.conv.weight",
+            zeros(&[20, 20, 9, 9]),
+        ),
         (
             "plksr_original_x4_rectangular",
             "params.feats.1.lk.mn_conv.weight",

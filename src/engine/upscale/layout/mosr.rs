@@ -68,7 +68,7 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
     if doubled % 2 != 0 {
         return Err(KEYS[4]);
     }
-    if conv_channels > hidden || kernel < 1 || kernel % 2 == 0 {
+    if !(1..=hidden).contains(&conv_channels) || kernel < 1 || kernel % 2 == 0 {
         return Err(KEYS[6]);
     }
     let has = |name: &str| shape_of(unwrapped, name).is_some();

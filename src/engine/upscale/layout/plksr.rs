@@ -25,7 +25,8 @@ pub fn dysample_groups(scale: i64) -> i64 {
 }
 
 /// A RealPLKSR file, its hyperparameters read as spandrel reads them; `Err` names the
-/// tensor that does not fit (a large kernel of even side included).
+/// tensor that does not fit (a large kernel of even side or over more channels than the
+/// block has included).
 pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
     let shape = |name: &str| shape_of(unwrapped, name);
     let has = |name: &str| shape(name).is_some();
@@ -38,7 +39,8 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
     } = trunk(unwrapped, 3)?;
     let large_kernel = shape(KEYS[1]).ok_or(KEYS[1])?;
     let kernel = dimension(large_kernel, 2);
-    if kernel < 1 || kernel % 2 == 0 {
+    let split = dimension(large_kernel, 0);
+    if kernel < 1 || kernel % 2 == 0 || !within(split, features) {
         return Err(KEYS[1]);
     }
     Ok(Layout {
@@ -47,7 +49,7 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
             features,
             blocks,
             kernel,
-            split: dimension(large_kernel, 0),
+            split,
             scale,
             attention: has("feats.1.attn.f.0.weight"),
             layer_norm: has("feats.1.layer_norm.bias"),
@@ -85,6 +87,11 @@ fn trunk(unwrapped: &Unwrapped, extra: i64) -> Result<Trunk, &'static str> {
         true => Ok(trunk),
         false => Err(FIRST),
     }
+}
+
+/// Whether a large kernel over `split` channels fits a block `features` wide.
+fn within(split: i64, features: i64) -> bool {
+    (1..=features).contains(&split)
 }
 
 /// Dimension `d` of a stored shape (0 where it has none).
@@ -156,7 +163,8 @@ pub enum LargeKernel {
 
 /// A PLKSR file in its original layout, its hyperparameters read as spandrel reads
 /// them; `Err` names the tensor that does not fit (a large kernel of even side, whose
-/// output the reference cannot write back, included).
+/// output the reference cannot write back, or over more channels than the block has,
+/// included).
 pub(super) fn detect_original(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
     let shape = |name: &str| shape_of(unwrapped, name);
     let kernel_of = |name: &str| shape(name).and_then(|s| s.get(2).copied());
@@ -175,23 +183,20 @@ pub(super) fn detect_original(unwrapped: &Unwrapped) -> Result<Layout, &'static 
         _ => return Err(MIXER_KEYS[0]),
     };
     let odd = |side: i64| side > 0 && side % 2 == 1;
-    let (large_kernel, kernel, split) = if let Some(s) = shape(PLAIN_KEY) {
-        let kernel = dimension(s, 2);
-        if !odd(kernel) {
-            return Err(PLAIN_KEY);
-        }
-        (LargeKernel::Plain, kernel, dimension(s, 0))
-    } else if let Some(s) = shape(SPARSE_KEY) {
-        (LargeKernel::Sparse, SPARSE_KERNEL_TAG, dimension(s, 0))
+    let (large_kernel, kernel, key) = if let Some(s) = shape(PLAIN_KEY) {
+        (LargeKernel::Plain, dimension(s, 2), PLAIN_KEY)
+    } else if shape(SPARSE_KEY).is_some() {
+        (LargeKernel::Sparse, SPARSE_KERNEL_TAG, SPARSE_KEY)
     } else if let Some(s) = shape(RECTANGULAR_KEY) {
-        let kernel = dimension(s, 2);
-        if !odd(kernel) || !odd(kernel / 3) {
-            return Err(RECTANGULAR_KEY);
-        }
-        (LargeKernel::Rectangular, kernel, dimension(s, 0))
+        (LargeKernel::Rectangular, dimension(s, 2), RECTANGULAR_KEY)
     } else {
         return Err(PLAIN_KEY);
     };
+    let split = shape(key).map_or(0, |s| dimension(s, 0));
+    let short_side_odd = large_kernel != LargeKernel::Rectangular || odd(kernel / 3);
+    if !odd(kernel) || !short_side_odd || !within(split, features) {
+        return Err(key);
+    }
     Ok(Layout {
         architecture: Architecture::Plksr {
             channels,

@@ -1,0 +1,498 @@
+//! An upscaler's architecture and hyperparameters as its layout tells them, and what
+//! follows from them: spandrel's size requirements, the activations a tile needs, the
+//! scale, the name and spandrel's tags.
+
+use super::{dysample_groups, mosr, ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler};
+
+/// An upscaler's architecture and its hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// RRDBNet: residual-in-residual dense blocks, nearest ×2 upsampling rounds.
+    Rrdb {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// RRDB blocks (`num_block`).
+        blocks: i64,
+        /// Dense-block growth (`num_grow_ch`).
+        growth: i64,
+        /// Nearest ×2 upsampling rounds.
+        upsamplings: i64,
+        /// Pixel-unshuffle factor of the input (Real-ESRGAN x2: 2), or 1.
+        unshuffle: i64,
+    },
+    /// SRVGGNetCompact: PReLU convolutions, then a pixel shuffle plus the nearest-upsampled
+    /// input.
+    Compact {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// Body convolutions after the first (`num_conv`).
+        convs: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+    },
+    /// SPAN: six parameter-free attention blocks of folded 3×3 convolutions, a pixel
+    /// shuffle.
+    Span {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`feature_channels`).
+        features: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the input is normalised (mean subtracted, times 255); a file with a
+        /// `no_norm` tensor is not.
+        normalised: bool,
+    },
+    /// PLKSR: partial large kernel blocks (a channel mixer, a large kernel over the first
+    /// channels, element-wise attention, a refinement), a pixel shuffle plus the repeated
+    /// input.
+    Plksr {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// PLK blocks (`n_blocks`).
+        blocks: i64,
+        /// The large kernel's side (spandrel's 17 for a sparse one, which the file does
+        /// not tell).
+        kernel: i64,
+        /// The channels the large kernel convolves (`dim * split_ratio`).
+        split: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the blocks have element-wise attention (`use_ea`).
+        attention: bool,
+        /// The channel mixer's convolutions.
+        mixer: ChannelMixer,
+        /// The large-kernel layer's convolutions.
+        large_kernel: LargeKernel,
+    },
+    /// RealPLKSR: partial large kernel blocks, a pixel shuffle plus the repeated input.
+    RealPlksr {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// PLK blocks (`n_blocks`).
+        blocks: i64,
+        /// The large kernel's side.
+        kernel: i64,
+        /// The channels the large kernel convolves (`dim * split_ratio`).
+        split: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the blocks have element-wise attention (`use_ea`).
+        attention: bool,
+        /// Whether the blocks start with a channel layer norm instead of ending with a
+        /// group norm.
+        layer_norm: bool,
+        /// Whether DySample's learned upsampling takes the place of the pixel shuffle.
+        dysample: bool,
+    },
+    /// SAFMN: blocks of spatially-adaptive feature modulation and a convolutional channel
+    /// mixer, then a pixel shuffle.
+    Safmn {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Blocks (`n_blocks`).
+        blocks: i64,
+        /// The channel mixer's width (`dim * ffn_scale`).
+        ffn_hidden: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+    },
+    /// MoSR: gated CNN blocks, a convolutional tail and shortcut, then a pixel shuffle.
+    MoSr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Gated blocks (`n_block`).
+        blocks: i64,
+        /// The gated blocks' hidden width (`dim * expansion_ratio`).
+        hidden: i64,
+        /// The hidden channels the depthwise convolution takes (`dim * conv_ratio`).
+        conv_channels: i64,
+        /// The depthwise convolution's side.
+        kernel: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// How the features become the image.
+        upsampler: MoSrUpsampler,
+    },
+    /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
+    SwinIr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual Swin transformer groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The blocks' MLP width.
+        mlp_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag; a side
+        /// within one window trained without shifted windows).
+        image_size: i64,
+        /// How the features become the image.
+        upsampler: SwinUpsampler,
+        /// The upsampling convolutions' width (`num_feat`; 0 where there are none).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`)
+        /// rather than one.
+        three_conv: bool,
+    },
+    /// HAT: residual groups of Swin blocks with a channel-attention convolution branch
+    /// and an overlapping cross-attention, then a pixel-shuffle upsampler.
+    Hat {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual hybrid attention groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The overlapping attention's key window side.
+        overlap_window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The MLPs' width.
+        mlp_hidden: i64,
+        /// The convolution branch's inner width (`embed_dim / compress_ratio`).
+        cab_width: i64,
+        /// Its channel attention's squeezed width (`embed_dim / squeeze_factor`).
+        squeeze_width: i64,
+        /// The upsampling convolutions' width (`num_feat`).
+        upsample_features: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
+        /// Whether the groups and the body end without a convolution (`identity`).
+        identity_residual: bool,
+    },
+    /// DAT: residual groups alternating spatial blocks (attention within rectangle
+    /// windows, half the channels in each orientation) and channel blocks (attention
+    /// across channels), each beside a depthwise convolution, then an upsampler.
+    Dat {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`len(depth)`).
+        groups: i64,
+        /// The first orientation's window `[rows, columns]` (`split_size`); the second
+        /// is its transpose.
+        split: [i64; 2],
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The feed-forward networks' width.
+        ffn_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag).
+        image_size: i64,
+        /// How the features become the image: a pixel shuffle or the direct one.
+        upsampler: SwinUpsampler,
+        /// The upsampling convolutions' width (`num_feat`; 0 for the direct upsampler).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`).
+        three_conv: bool,
+    },
+    /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
+    /// transformer branch), restoring at the input's size.
+    ScuNet {
+        /// Image channels in and out.
+        channels: i64,
+        /// The first stage's width (`dim`).
+        features: i64,
+        /// Blocks per stage (`config`): three down, the body, three up.
+        blocks: [i64; 7],
+    },
+}
+
+/// What spandrel's model descriptor makes of an input's size before the network runs
+/// (its `SizeRequirements`, which A1111 and ComfyUI meet on every call): sides of at
+/// least `minimum` pixels and a multiple of `multiple_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRequirements {
+    pub minimum: i64,
+    pub multiple_of: i64,
+}
+
+impl SizeRequirements {
+    /// The side a `side`-pixel input is padded to.
+    pub fn padded(&self, side: i64) -> i64 {
+        let multiple = self.multiple_of.max(1);
+        let side = side.max(self.minimum);
+        side + (multiple - side % multiple) % multiple
+    }
+}
+
+impl Architecture {
+    /// spandrel's size requirements for the architecture.
+    pub fn size_requirements(&self) -> SizeRequirements {
+        let (minimum, multiple_of) = match *self {
+            // The minimum rounds up to the multiple, as spandrel rounds it.
+            Architecture::Rrdb { unshuffle, .. } if unshuffle > 1 => (4, 4),
+            Architecture::Rrdb { .. } => (2, 1),
+            Architecture::Compact { .. }
+            | Architecture::Span { .. }
+            | Architecture::Plksr { .. }
+            | Architecture::RealPlksr { .. } => (0, 1),
+            Architecture::Safmn { .. } => (0, 8),
+            Architecture::MoSr { .. } => (0, 1),
+            Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
+                (16, 1)
+            }
+            Architecture::ScuNet { .. } => (40, 1),
+        };
+        SizeRequirements {
+            minimum,
+            multiple_of,
+        }
+    }
+
+    /// Floats alive at the network's peak per input pixel (a rough bound for choosing
+    /// tiles): the images in and out, and the widest stage, the body at the input's
+    /// resolution (RRDBNet's dense block holds its input and four growths) or the
+    /// upsampled features at the output's.
+    pub fn peak_floats_per_pixel(&self) -> u64 {
+        let out = (self.scale() * self.scale()) as u64;
+        let (body, upsampled) = match *self {
+            Architecture::Rrdb {
+                features,
+                growth,
+                unshuffle,
+                ..
+            } => {
+                let dense = (4 * features + 4 * growth) as u64;
+                (
+                    dense.div_ceil((unshuffle * unshuffle) as u64),
+                    3 * features as u64 * out,
+                )
+            }
+            Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
+            // The block outputs kept for the concatenation and the concatenation itself.
+            Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
+            // The block's input, the mixer's doubled width and the attention's product.
+            Architecture::Plksr { features, .. } => (6 * features as u64, 6 * out),
+            // As PLKSR; DySample adds the offsets, their scope and coordinates, and the
+            // sampled sub-pixel channels before the last convolution.
+            Architecture::RealPlksr {
+                features,
+                dysample,
+                scale,
+                ..
+            } => {
+                let upsampled = match dysample {
+                    true => (8 * dysample_groups(scale) + 3 * scale * scale + 3) as u64 * out,
+                    false => 6 * out,
+                };
+                (6 * features as u64, upsampled)
+            }
+            // The block's input, its norm, the levels, their concatenation and the
+            // modulated product, the mixer's width twice.
+            Architecture::Safmn {
+                features,
+                ffn_hidden,
+                ..
+            } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
+            // The block's input and norm, the doubled projection, the gate's product and
+            // its concatenation, the shortcut; the ensemble's eight predictions.
+            Architecture::MoSr {
+                features,
+                hidden,
+                channels,
+                upsampler,
+                ..
+            } => {
+                let upsampled = match upsampler {
+                    MoSrUpsampler::PixelShuffle => channels + 3,
+                    MoSrUpsampler::GeometricEnsemble => mosr::ENSEMBLE * channels + 3,
+                    MoSrUpsampler::DySample => 8 * mosr::DYSAMPLE_GROUPS + features + 3,
+                };
+                ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
+            }
+            // The tokens, their norm, q/k/v and the attention's product, the MLP, and
+            // each window's scores with their softmax.
+            Architecture::SwinIr {
+                features,
+                heads,
+                window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => (
+                (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
+            // As SwinIR, and the unfolded keys and values of the overlapping windows
+            // with their scores.
+            Architecture::Hat {
+                features,
+                heads,
+                window,
+                overlap_window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => {
+                let overlap = overlap_window * overlap_window;
+                let unfolded = 2 * features * overlap / (window * window).max(1);
+                (
+                    (10 * features + 2 * mlp_hidden + 2 * heads * overlap + unfolded) as u64,
+                    3 * upsample_features as u64 * out,
+                )
+            }
+            // The tokens, their norm, q/k/v padded and rolled, both orientations'
+            // scores with their softmax, the convolution branch and the FFN.
+            Architecture::Dat {
+                features,
+                heads,
+                split,
+                ffn_hidden,
+                upsample_features,
+                ..
+            } => (
+                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
+            // At the full resolution: the skip kept, a block's split, branches, q/k/v,
+            // MLP and scores (a head per 64 channels), about 14 per channel, twice over
+            // for the padding to 64 pixels (which can double a tile's area).
+            Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
+        };
+        3 + 3 * out + body.max(upsampled)
+    }
+
+    /// The factor the network enlarges by.
+    pub fn scale(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb {
+                upsamplings,
+                unshuffle,
+                ..
+            } => (1 << upsamplings) / unshuffle,
+            Architecture::ScuNet { .. } => 1,
+            Architecture::Compact { scale, .. }
+            | Architecture::Span { scale, .. }
+            | Architecture::Plksr { scale, .. }
+            | Architecture::RealPlksr { scale, .. }
+            | Architecture::Safmn { scale, .. }
+            | Architecture::MoSr { scale, .. }
+            | Architecture::SwinIr { scale, .. }
+            | Architecture::Hat { scale, .. }
+            | Architecture::Dat { scale, .. } => scale,
+        }
+    }
+
+    /// Image channels in and out.
+    pub fn channels(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb { channels, .. }
+            | Architecture::Compact { channels, .. }
+            | Architecture::Span { channels, .. }
+            | Architecture::Plksr { channels, .. }
+            | Architecture::RealPlksr { channels, .. }
+            | Architecture::Safmn { channels, .. }
+            | Architecture::MoSr { channels, .. }
+            | Architecture::SwinIr { channels, .. }
+            | Architecture::Hat { channels, .. }
+            | Architecture::Dat { channels, .. }
+            | Architecture::ScuNet { channels, .. } => channels,
+        }
+    }
+
+    /// The architecture's name as users know it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Rrdb { .. } => "ESRGAN",
+            Architecture::Compact { .. } => "RealESRGAN Compact",
+            Architecture::Span { .. } => "SPAN",
+            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Safmn { .. } => "SAFMN",
+            Architecture::MoSr { .. } => "MoSR",
+            Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Hat { .. } => "HAT",
+            Architecture::Dat { .. } => "DAT",
+            Architecture::ScuNet { .. } => "SCUNet",
+        }
+    }
+
+    /// spandrel's tags: feature width, blocks or convolutions, `unshuffle`.
+    pub fn tags(&self) -> Vec<String> {
+        match *self {
+            Architecture::Rrdb {
+                features,
+                blocks,
+                unshuffle,
+                ..
+            } => {
+                let mut tags = vec![format!("{features}nf"), format!("{blocks}nb")];
+                if unshuffle > 1 {
+                    tags.push("unshuffle".into());
+                }
+                tags
+            }
+            Architecture::Compact {
+                features, convs, ..
+            } => vec![format!("{features}nf"), format!("{convs}nc")],
+            Architecture::Span { features, .. } => vec![format!("{features}nf")],
+            Architecture::Plksr {
+                features,
+                blocks,
+                kernel,
+                mixer,
+                ..
+            } => vec![
+                format!("{features}dim"),
+                format!("{blocks}nb"),
+                format!("{kernel}ks"),
+                mixer.name().to_string(),
+            ],
+            Architecture::RealPlksr {
+                features,
+                blocks,
+                kernel,
+                layer_norm,
+                dysample,
+                ..
+            } => {
+                let mut tags = vec![
+                    format!("{features}dim"),
+                    format!("{blocks}nb"),
+                    format!("{kernel}ks"),
+                    "Real".to_string(),
+                ];
+                if dysample {
+                    tags.push("DySample".into());
+                }
+                if layer_norm {
+                    tags.push("LayerNorm".into());
+                }
+                tags
+            }
+            Architecture::Safmn {
+                features, blocks, ..
+            } => vec![format!("{features}dim"), format!("{blocks}nb")],
+            // spandrel gives MoSR no tags.
+            Architecture::MoSr { .. } => Vec::new(),
+            Architecture::SwinIr { .. } => self.swinir_tags(),
+            Architecture::Hat { .. } => self.hat_tags(),
+            Architecture::Dat { .. } => self.dat_tags(),
+            // spandrel gives SCUNet no tags.
+            Architecture::ScuNet { .. } => Vec::new(),
+        }
+    }
+}
