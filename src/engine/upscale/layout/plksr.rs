@@ -12,6 +12,9 @@ pub(super) const KEYS: [&str; 4] = [
     "feats.1.channel_mixer.0.weight",
 ];
 
+/// Both networks' element-wise attention, where the blocks have it.
+const ATTENTION_KEY: &str = "feats.1.attn.f.0.weight";
+
 /// RealPLKSR's DySample output layer.
 const DYSAMPLE_KEY: &str = "to_img.init_pos";
 
@@ -51,7 +54,7 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Result<Layout, &'static str> {
             kernel,
             split,
             scale,
-            attention: has("feats.1.attn.f.0.weight"),
+            attention: has(ATTENTION_KEY),
             layer_norm: has("feats.1.layer_norm.bias"),
             dysample: has(DYSAMPLE_KEY),
         },
@@ -205,7 +208,7 @@ pub(super) fn detect_original(unwrapped: &Unwrapped) -> Result<Layout, &'static 
             kernel,
             split,
             scale,
-            attention: shape("feats.1.attn.f.0.weight").is_some(),
+            attention: shape(ATTENTION_KEY).is_some(),
             mixer,
             large_kernel,
         },
