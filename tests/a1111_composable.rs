@@ -358,8 +358,7 @@ fn masked_tokens_attend_as_passes_of_their_own() {
     let timestep = r["timestep"].reshape([]);
     let own = first(&r["encoder_hidden_states"]);
     let tokens = own.size()[1];
-    tch::manual_seed(5);
-    let other = Tensor::randn(own.size(), (Kind::Float, tch::Device::Cpu));
+    let other = common::random_normal(&own.size(), 5);
     // Row 0: its own tokens, then others it must not see; row 1: all of them.
     let padded = Tensor::cat(&[&own, &other], 1).repeat([2, 1, 1]);
     let mask = Tensor::arange(2 * tokens, (Kind::Int64, tch::Device::Cpu))

@@ -259,7 +259,7 @@ fn swinir_takes_images_narrower_than_its_padding() {
     let corner = window.narrow(2, 0, 4).narrow(3, 0, 4);
     let largest = f64::try_from((&pixel - &corner).abs().max()).expect("max");
     assert!(largest < 1e-5, "{largest}");
-    let strip = Tensor::rand([1, 3, 2, 9], (Kind::Float, Device::Cpu));
+    let strip = common::random_unit(&[1, 3, 2, 9], 1);
     let output = upscaler.forward(&strip);
     assert_eq!(output.size(), [1, 3, 8, 36]);
     assert!(bool::try_from(output.isfinite().all()).expect("finite"));
@@ -452,7 +452,7 @@ fn dat_takes_images_smaller_than_its_windows() {
     let (root, _) = cases();
     let upscaler = load(&root.join("models/dat_x3.safetensors"));
     for [height, width] in [[1, 1], [2, 9], [7, 1]] {
-        let image = Tensor::rand([1, 3, height, width], (Kind::Float, Device::Cpu));
+        let image = common::random_unit(&[1, 3, height, width], 2);
         let output = upscaler.forward(&image);
         assert_eq!(output.size(), [1, 3, 3 * height, 3 * width]);
         assert!(bool::try_from(output.isfinite().all()).expect("finite"));

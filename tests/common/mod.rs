@@ -245,6 +245,19 @@ pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
         .collect()
 }
 
+/// Standard normal samples of `shape` from `seed`, as `torch.randn(shape,
+/// generator=torch.Generator().manual_seed(seed))`. libtorch's CPU generator is global to
+/// the process: a test that reseeds or draws from it without the stream's lock moves the
+/// noise of a generation running beside it, so tests draw apart from the stream.
+pub fn random_normal(shape: &[i64], seed: u64) -> Tensor {
+    sdxld::engine::noise::NoiseStream::lock().randn_apart(seed, shape)
+}
+
+/// Samples of `shape` spread over (0, 1): [`random_normal`]'s through the normal CDF.
+pub fn random_unit(shape: &[i64], seed: u64) -> Tensor {
+    (random_normal(shape, seed) / std::f64::consts::SQRT_2).erf() * 0.5 + 0.5
+}
+
 /// Relative error as architecture.md defines it: max |a - b| / max |b|.
 pub fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
     assert_eq!(actual.size(), expected.size(), "shapes differ");
