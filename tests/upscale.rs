@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 36);
+    assert_eq!(models.len(), 40);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -60,6 +60,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
+            Architecture::Drct { .. } => "DRCT",
             Architecture::ScuNet { .. } => "SCUNet",
         };
         assert_eq!(id, model["architecture"], "{model}");
@@ -221,13 +222,14 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
-    // SPAN with a stray tensor, SwinIR
-    // with a pixel-unshuffled input or an absolute position embedding, HAT with one.
+    // SPAN with a stray tensor, SwinIR with a pixel-unshuffled input or an absolute
+    // position embedding, HAT and DRCT with one.
     for (model, extra) in [
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
         ("swinir_x3_direct", "conv_first.1.weight"),
         ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
         ("hat_x4_identity", "absolute_pos_embed"),
+        ("drct_x4_identity", "absolute_pos_embed"),
     ] {
         let mut tensors =
             Tensor::read_safetensors(root.join(format!("models/{model}.safetensors")))
@@ -331,7 +333,9 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 /// sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot tell
 /// from the file); MoSR's depthwise kernel of even side and one over more channels than
 /// the hidden width has; DySample ending at other channels than the image's, or with
-/// initial positions of another scale.
+/// initial positions of another scale; DRCT's blocks with other heads than its
+/// constructor gives them or heads that do not divide their width, and windows that do
+/// not divide the 16-pixel padding.
 #[test]
 fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     let (root, _) = cases();
@@ -386,6 +390,25 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             "params_ema.to_img.init_pos",
             zeros(&[1, 8, 1, 1]),
         ),
+        // A DRCT block of two heads where the constructor gives it one (its 20 channels
+        // modulo 3 heads taken from 3); a 12-pixel window, which the padding to
+        // multiples of 16 does not fit.
+        (
+            "drct_x4_identity",
+            "layers.0.swin3.attn.relative_position_bias_table",
+            zeros(&[225, 2]),
+        ),
+        (
+            "drct_x1",
+            "layers.0.swin1.attn.relative_position_bias_table",
+            zeros(&[529, 2]),
+        ),
+        // A first block whose 3 heads do not divide its 16 channels.
+        (
+            "drct_x2",
+            "params_ema.layers.1.swin1.attn.relative_position_bias_table",
+            zeros(&[49, 3]),
+        ),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
         let source = root.join(format!("models/{model}.safetensors"));
@@ -407,6 +430,29 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         // The untouched file loads.
         load(&source);
     }
+}
+
+/// A DRCT without the convolutions after its body: spandrel builds it and returns the
+/// input unchanged; refused at load naming the missing reconstruction.
+#[test]
+fn a_drct_without_reconstruction_layers_is_refused() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = root.join("models/drct_x1.safetensors");
+    let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(&source)
+        .expect("read")
+        .into_iter()
+        .filter(|(name, _)| {
+            !name.starts_with("conv_before_upsample") && !name.starts_with("conv_last")
+        })
+        .collect();
+    let path = dir.path().join("restoration.safetensors");
+    Tensor::write_safetensors(&kept, &path).expect("write");
+    let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("conv_last"), "{error}");
+    load(&source);
 }
 
 /// SAFMN splits its width into four modulation levels: a width of 10 (each level's

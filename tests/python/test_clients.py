@@ -151,13 +151,14 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2, a DAT x3 (4x8
     windows, shifted in its third block), a SCUNet denoiser, a PLKSR x2 with sparse
     dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
-    shuffle and a RealPLKSR x2 with DySample, each listed with spandrel's architecture and
-    run by the Upscale RPC to spandrel's image."""
+    shuffle, a RealPLKSR x2 with DySample and a DRCT x2 (8-pixel windows, shifted), each
+    listed with spandrel's architecture and run by the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
+    from spandrel.architectures.DRCT import DRCT
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.MoSR import MoSR
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
@@ -175,6 +176,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "safmn-x4": (SAFMN(dim=16, n_blocks=2, upscaling_factor=4), "SAFMN", 4),
         "mosr-gps": (MoSR(upscale=3, n_block=2, dim=16, upsampler="gps"), "MoSR", 3),
         "plksr-dysample": (RealPLKSR(dim=16, n_blocks=2, upscaling_factor=2, dysample=True), "PLKSR", 2),
+        "drct-x2": (DRCT(img_size=16, embed_dim=16, depths=(6,), num_heads=[4], window_size=8, upscale=2, upsampler="pixelshuffle", gc=8), "DRCT", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
@@ -191,7 +193,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         events = list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step)))
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
-        # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8.
+        # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
+        # to multiples of 16.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

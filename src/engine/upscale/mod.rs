@@ -8,6 +8,7 @@ pub mod activation;
 pub mod channel_norm;
 pub mod dat;
 pub mod depthwise;
+pub mod drct;
 pub mod dysample;
 pub mod hat;
 pub mod layout;
@@ -78,7 +79,7 @@ impl Upscaler {
         let architecture = layout.architecture;
         let unread = |name: &str| match architecture {
             Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",
-            Architecture::SwinIr { .. } | Architecture::Hat { .. } => {
+            Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Drct { .. } => {
                 name.contains("relative_position_index") || name.ends_with(".attn_mask")
             }
             Architecture::Dat { .. } => DAT_UNREAD.iter().any(|s| name.ends_with(s)),

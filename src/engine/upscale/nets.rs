@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -9,6 +9,7 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
+use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::mosr::MoSr;
@@ -216,6 +217,7 @@ pub enum Network {
     SwinIr(Box<SwinIr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
+    Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
 }
 
@@ -236,6 +238,7 @@ impl Network {
             }
             Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
+            Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
             Architecture::ScuNet { .. } => {
                 Network::ScuNet(Box::new(ScuNet::load(vp, architecture)?))
             }
@@ -254,6 +257,7 @@ impl Network {
             Network::SwinIr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),
+            Network::Drct(n) => n.forward(image),
             Network::ScuNet(n) => n.forward(image),
         }
     }

@@ -209,6 +209,36 @@ pub enum Architecture {
         /// Whether each group (and the body) ends with three convolutions (`3conv`).
         three_conv: bool,
     },
+    /// DRCT: residual dense groups of five Swin transformer blocks, each taking the
+    /// group's input and the growths of the blocks before it, then a pixel-shuffle
+    /// upsampler.
+    Drct {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual dense groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The most heads of any group's first block (for sizing tiles).
+        heads: i64,
+        /// The channels each dense block adds (`gc`).
+        growth: i64,
+        /// The widest MLP (for sizing tiles).
+        mlp_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag; a side
+        /// within one window trained without shifted windows).
+        image_size: i64,
+        /// The upsampling convolutions' width (`num_feat`).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether the body ends without a convolution (`identity`).
+        identity_residual: bool,
+        /// Whether the embedded tokens are layer-normed (`patch_norm`).
+        patch_norm: bool,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -255,6 +285,7 @@ impl Architecture {
             Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
                 (16, 1)
             }
+            Architecture::Drct { .. } => (0, 16),
             Architecture::ScuNet { .. } => (40, 1),
         };
         SizeRequirements {
@@ -368,6 +399,23 @@ impl Architecture {
                 (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
                 3 * upsample_features.max(3) as u64 * out,
             ),
+            // As SwinIR at the dense group's widest, the group's input and growths kept
+            // for the concatenation.
+            Architecture::Drct {
+                features,
+                heads,
+                window,
+                growth,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => {
+                let widest = features + 4 * growth;
+                (
+                    (12 * widest + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                    3 * upsample_features.max(3) as u64 * out,
+                )
+            }
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
             // MLP and scores (a head per 64 channels), about 14 per channel, twice over
             // for the padding to 64 pixels (which can double a tile's area).
@@ -393,7 +441,8 @@ impl Architecture {
             | Architecture::MoSr { scale, .. }
             | Architecture::SwinIr { scale, .. }
             | Architecture::Hat { scale, .. }
-            | Architecture::Dat { scale, .. } => scale,
+            | Architecture::Dat { scale, .. }
+            | Architecture::Drct { scale, .. } => scale,
         }
     }
 
@@ -410,6 +459,7 @@ impl Architecture {
             | Architecture::SwinIr { channels, .. }
             | Architecture::Hat { channels, .. }
             | Architecture::Dat { channels, .. }
+            | Architecture::Drct { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -426,6 +476,7 @@ impl Architecture {
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
+            Architecture::Drct { .. } => "DRCT",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -491,6 +542,7 @@ impl Architecture {
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
+            Architecture::Drct { .. } => self.drct_tags(),
             // spandrel gives SCUNet no tags.
             Architecture::ScuNet { .. } => Vec::new(),
         }

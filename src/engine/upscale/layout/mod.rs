@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, HAT, DAT and SCUNet.
+//! SAFMN, MoSR, SwinIR, HAT, DAT, DRCT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -14,6 +14,7 @@ use crate::engine::weights::Shapes;
 mod architecture;
 mod basicsr;
 mod dat;
+pub mod drct;
 mod hat;
 pub mod mosr;
 mod plksr;
@@ -63,6 +64,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if dat::KEYS.iter().all(|key| has(key)) {
         return dat::detect(path, &unwrapped)?.ok_or_else(|| unknown(dat::KEYS[0]));
+    }
+    if drct::KEYS.iter().all(|key| has(key)) {
+        return drct::detect(path, &unwrapped);
     }
     let swin_first = has("conv_first.weight") || has(swinir::UNSHUFFLE_KEY);
     if swin_first && swinir::KEYS.iter().all(|key| has(key)) {
