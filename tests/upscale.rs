@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 40);
+    assert_eq!(models.len(), 45);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -58,6 +58,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Safmn { .. } => "SAFMN",
             Architecture::MoSr { .. } => "MoSR",
             Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Swin2Sr { .. } => "Swin2SR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
@@ -223,13 +224,16 @@ fn unknown_layouts_are_refused_naming_the_first_tensor_that_does_not_fit() {
         .expect("refused");
     assert!(error.to_string().contains("encoder.weight"), "{error}");
     // SPAN with a stray tensor, SwinIR with a pixel-unshuffled input or an absolute
-    // position embedding, HAT and DRCT with one.
+    // position embedding, HAT, DRCT and Swin2SR with one, Swin2SR with the
+    // high-frequency branch (whose network returns three images).
     for (model, extra) in [
         ("span_x2_no_norm", "block_7.c1_r.sk.weight"),
         ("swinir_x3_direct", "conv_first.1.weight"),
         ("swinir_x2_pixelshuffle", "params_ema.absolute_pos_embed"),
         ("hat_x4_identity", "absolute_pos_embed"),
         ("drct_x4_identity", "absolute_pos_embed"),
+        ("swin2sr_x2_aux", "absolute_pos_embed"),
+        ("swin2sr_x4_nearest_3conv", "conv_after_body_hf.weight"),
     ] {
         let mut tensors =
             Tensor::read_safetensors(root.join(format!("models/{model}.safetensors")))
@@ -333,7 +337,8 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 /// sparse layer with a fifth convolution (`use_max_kernel`, which spandrel cannot tell
 /// from the file); MoSR's depthwise kernel of even side and one over more channels than
 /// the hidden width has; DySample ending at other channels than the image's, or with
-/// initial positions of another scale; DRCT's blocks with other heads than its
+/// initial positions of another scale; Swin2SR's patches of more than a pixel and heads
+/// that do not divide the width; DRCT's blocks with other heads than its
 /// constructor gives them or heads that do not divide their width, and windows that do
 /// not divide the 16-pixel padding.
 #[test]
@@ -402,6 +407,18 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             "drct_x1",
             "layers.0.swin1.attn.relative_position_bias_table",
             zeros(&[529, 2]),
+        ),
+        // Swin2SR with 2-pixel patches (its tokens would not fill the image) and with 5
+        // heads over 12 channels.
+        (
+            "swin2sr_x2_aux",
+            "patch_embed.proj.weight",
+            zeros(&[12, 12, 2, 2]),
+        ),
+        (
+            "swin2sr_x2",
+            "params_ema.layers.1.residual_group.blocks.0.attn.logit_scale",
+            zeros(&[5, 1, 1]),
         ),
         // A first block whose 3 heads do not divide its 16 channels.
         (

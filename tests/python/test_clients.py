@@ -151,8 +151,9 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     """A SwinIR restoration network (x1, 7-pixel windows, 0-255), a HAT x2, a DAT x3 (4x8
     windows, shifted in its third block), a SCUNet denoiser, a PLKSR x2 with sparse
     dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
-    shuffle, a RealPLKSR x2 with DySample and a DRCT x2 (8-pixel windows, shifted), each
-    listed with spandrel's architecture and run by the Upscale RPC to spandrel's image."""
+    shuffle, a RealPLKSR x2 with DySample, a DRCT x2 (8-pixel windows, shifted) and a
+    Swin2SR x2 with the compressed-input models' bicubic branch, each listed with
+    spandrel's architecture and run by the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
@@ -164,6 +165,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
+    from spandrel.architectures.Swin2SR import Swin2SR
     from spandrel.architectures.SwinIR import SwinIR
 
     torch.manual_seed(3)
@@ -176,6 +178,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "safmn-x4": (SAFMN(dim=16, n_blocks=2, upscaling_factor=4), "SAFMN", 4),
         "mosr-gps": (MoSR(upscale=3, n_block=2, dim=16, upsampler="gps"), "MoSR", 3),
         "plksr-dysample": (RealPLKSR(dim=16, n_blocks=2, upscaling_factor=2, dysample=True), "PLKSR", 2),
+        "swin2sr-aux": (Swin2SR(img_size=16, embed_dim=12, depths=[2], num_heads=[3], window_size=8, upscale=2, upsampler="pixelshuffle_aux"), "Swin2SR", 2),
         "drct-x2": (DRCT(img_size=16, embed_dim=16, depths=(6,), num_heads=[4], window_size=8, upscale=2, upsampler="pixelshuffle", gc=8), "DRCT", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)

@@ -19,6 +19,7 @@ pub mod safmn;
 pub mod scunet;
 pub mod span;
 pub mod swin;
+pub mod swin2sr;
 pub mod swinir;
 pub mod tiles;
 
@@ -73,14 +74,20 @@ impl Upscaler {
         let weights = Weights::open_renamed(&[path.to_path_buf()], device, kind, &rename)?;
         let network = Network::load(&weights.root(), layout.architecture)?;
         // SPAN's folded convolutions and its `no_norm` flag are not read (spandrel
-        // folds the convolutions again at every call); SwinIR's, HAT's and DAT's index,
+        // folds the convolutions again at every call); the Swin networks' and DAT's index,
         // offset and mask buffers are computed; batch norms keep no step count at
         // inference.
         let architecture = layout.architecture;
         let unread = |name: &str| match architecture {
             Architecture::Span { .. } => name.contains(".eval_conv.") || name == "no_norm",
-            Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Drct { .. } => {
-                name.contains("relative_position_index") || name.ends_with(".attn_mask")
+            Architecture::SwinIr { .. }
+            | Architecture::Hat { .. }
+            | Architecture::Drct { .. }
+            | Architecture::Swin2Sr { .. } => {
+                // Swin2SR's log-spaced offsets are computed too.
+                name.contains("relative_position_index")
+                    || name.ends_with(".attn_mask")
+                    || name.ends_with(".relative_coords_table")
             }
             Architecture::Dat { .. } => DAT_UNREAD.iter().any(|s| name.ends_with(s)),
             _ => false,

@@ -1,6 +1,6 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
-//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, HAT in
+//! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
 //! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
@@ -17,6 +17,7 @@ use crate::engine::upscale::plksr::Plksr;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
+use crate::engine::upscale::swin2sr::Swin2Sr;
 use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
 
@@ -215,6 +216,7 @@ pub enum Network {
     Safmn(Safmn),
     MoSr(Box<MoSr>),
     SwinIr(Box<SwinIr>),
+    Swin2Sr(Box<Swin2Sr>),
     Hat(Box<Hat>),
     Dat(Box<Dat>),
     Drct(Box<Drct>),
@@ -236,6 +238,9 @@ impl Network {
             Architecture::SwinIr { .. } => {
                 Network::SwinIr(Box::new(SwinIr::load(vp, architecture)?))
             }
+            Architecture::Swin2Sr { .. } => {
+                Network::Swin2Sr(Box::new(Swin2Sr::load(vp, architecture)?))
+            }
             Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
             Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
@@ -255,6 +260,7 @@ impl Network {
             Network::Safmn(n) => n.forward(image),
             Network::MoSr(n) => n.forward(image),
             Network::SwinIr(n) => n.forward(image),
+            Network::Swin2Sr(n) => n.forward(image),
             Network::Hat(n) => n.forward(image),
             Network::Dat(n) => n.forward(image),
             Network::Drct(n) => n.forward(image),

@@ -146,6 +146,20 @@ impl WindowAttention {
 /// softmax and the product; torch's fused attention (the bias and mask as its float
 /// mask) gives the same within float rounding in about half the time on the CPU.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let d = q.size()[3];
+    attend_scaled(q, k, v, bias, mask, (d as f64).powf(-0.5))
+}
+
+/// [`attend`] with the scores scaled by `scale` rather than the head width's inverse
+/// square root (Swin V2's cosine attention brings its own per-head scale: 1).
+pub fn attend_scaled(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Tensor {
     let size = q.size();
     let (b, heads, n, d) = (size[0], size[1], size[2], size[3]);
     let keys = k.size()[2];
@@ -159,7 +173,6 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, mask: Option<&T
         }
         None => bias.unsqueeze(0).expand([b, heads, n, keys], false),
     };
-    let scale = (d as f64).powf(-0.5);
     Tensor::scaled_dot_product_attention(q, k, v, Some(&scores_bias), 0.0, false, scale, false)
         .transpose(1, 2)
         .reshape([b, n, heads * d])

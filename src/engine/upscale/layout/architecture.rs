@@ -1,8 +1,8 @@
 //! An upscaler's architecture and hyperparameters as its layout tells them, and what
-//! follows from them: spandrel's size requirements, the activations a tile needs, the
-//! scale, the name and spandrel's tags.
+//! follows from them: spandrel's size requirements, the scale, the name and spandrel's
+//! tags (the activations a tile needs are in `activations.rs`).
 
-use super::{dysample_groups, mosr, ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler};
+use super::{ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler};
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,38 @@ pub enum Architecture {
         /// rather than one.
         three_conv: bool,
     },
+    /// Swin2SR: SwinIR with Swin V2 blocks (cosine attention with learned logit scales,
+    /// a position bias drawn by an MLP, norms after the attention and the MLP).
+    Swin2Sr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual Swin transformer groups (`len(depths)`).
+        groups: i64,
+        /// The attention window's side.
+        window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The blocks' MLP width.
+        mlp_hidden: i64,
+        /// The training image side read from the stored masks (spandrel's tag; a side
+        /// within one window trained without shifted windows).
+        image_size: i64,
+        /// How the features become the image.
+        upsampler: SwinUpsampler,
+        /// Whether a pixel-shuffle upsampler adds the bicubic branch of the
+        /// compressed-input models (`pixelshuffle_aux`).
+        auxiliary: bool,
+        /// The upsampling convolutions' width (`num_feat`; 0 where there are none).
+        upsample_features: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`).
+        three_conv: bool,
+        /// Whether the embedded tokens are layer-normed (`patch_norm`).
+        patch_norm: bool,
+    },
     /// HAT: residual groups of Swin blocks with a channel-attention convolution branch
     /// and an overlapping cross-attention, then a pixel-shuffle upsampler.
     Hat {
@@ -282,9 +314,10 @@ impl Architecture {
             | Architecture::RealPlksr { .. } => (0, 1),
             Architecture::Safmn { .. } => (0, 8),
             Architecture::MoSr { .. } => (0, 1),
-            Architecture::SwinIr { .. } | Architecture::Hat { .. } | Architecture::Dat { .. } => {
-                (16, 1)
-            }
+            Architecture::SwinIr { .. }
+            | Architecture::Swin2Sr { .. }
+            | Architecture::Hat { .. }
+            | Architecture::Dat { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
             Architecture::ScuNet { .. } => (40, 1),
         };
@@ -292,136 +325,6 @@ impl Architecture {
             minimum,
             multiple_of,
         }
-    }
-
-    /// Floats alive at the network's peak per input pixel (a rough bound for choosing
-    /// tiles): the images in and out, and the widest stage, the body at the input's
-    /// resolution (RRDBNet's dense block holds its input and four growths) or the
-    /// upsampled features at the output's.
-    pub fn peak_floats_per_pixel(&self) -> u64 {
-        let out = (self.scale() * self.scale()) as u64;
-        let (body, upsampled) = match *self {
-            Architecture::Rrdb {
-                features,
-                growth,
-                unshuffle,
-                ..
-            } => {
-                let dense = (4 * features + 4 * growth) as u64;
-                (
-                    dense.div_ceil((unshuffle * unshuffle) as u64),
-                    3 * features as u64 * out,
-                )
-            }
-            Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
-            // The block outputs kept for the concatenation and the concatenation itself.
-            Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
-            // The block's input, the mixer's doubled width and the attention's product.
-            Architecture::Plksr { features, .. } => (6 * features as u64, 6 * out),
-            // As PLKSR; DySample adds the offsets, their scope and coordinates, and the
-            // sampled sub-pixel channels before the last convolution.
-            Architecture::RealPlksr {
-                features,
-                dysample,
-                scale,
-                ..
-            } => {
-                let upsampled = match dysample {
-                    true => (8 * dysample_groups(scale) + 3 * scale * scale + 3) as u64 * out,
-                    false => 6 * out,
-                };
-                (6 * features as u64, upsampled)
-            }
-            // The block's input, its norm, the levels, their concatenation and the
-            // modulated product, the mixer's width twice.
-            Architecture::Safmn {
-                features,
-                ffn_hidden,
-                ..
-            } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
-            // The block's input and norm, the doubled projection, the gate's product and
-            // its concatenation, the shortcut; the ensemble's eight predictions.
-            Architecture::MoSr {
-                features,
-                hidden,
-                channels,
-                upsampler,
-                ..
-            } => {
-                let upsampled = match upsampler {
-                    MoSrUpsampler::PixelShuffle => channels + 3,
-                    MoSrUpsampler::GeometricEnsemble => mosr::ENSEMBLE * channels + 3,
-                    MoSrUpsampler::DySample => 8 * mosr::DYSAMPLE_GROUPS + features + 3,
-                };
-                ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
-            }
-            // The tokens, their norm, q/k/v and the attention's product, the MLP, and
-            // each window's scores with their softmax.
-            Architecture::SwinIr {
-                features,
-                heads,
-                window,
-                mlp_hidden,
-                upsample_features,
-                ..
-            } => (
-                (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
-                3 * upsample_features.max(3) as u64 * out,
-            ),
-            // As SwinIR, and the unfolded keys and values of the overlapping windows
-            // with their scores.
-            Architecture::Hat {
-                features,
-                heads,
-                window,
-                overlap_window,
-                mlp_hidden,
-                upsample_features,
-                ..
-            } => {
-                let overlap = overlap_window * overlap_window;
-                let unfolded = 2 * features * overlap / (window * window).max(1);
-                (
-                    (10 * features + 2 * mlp_hidden + 2 * heads * overlap + unfolded) as u64,
-                    3 * upsample_features as u64 * out,
-                )
-            }
-            // The tokens, their norm, q/k/v padded and rolled, both orientations'
-            // scores with their softmax, the convolution branch and the FFN.
-            Architecture::Dat {
-                features,
-                heads,
-                split,
-                ffn_hidden,
-                upsample_features,
-                ..
-            } => (
-                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
-                3 * upsample_features.max(3) as u64 * out,
-            ),
-            // As SwinIR at the dense group's widest, the group's input and growths kept
-            // for the concatenation.
-            Architecture::Drct {
-                features,
-                heads,
-                window,
-                growth,
-                mlp_hidden,
-                upsample_features,
-                ..
-            } => {
-                let widest = features + 4 * growth;
-                (
-                    (12 * widest + 2 * mlp_hidden + 2 * heads * window * window) as u64,
-                    3 * upsample_features.max(3) as u64 * out,
-                )
-            }
-            // At the full resolution: the skip kept, a block's split, branches, q/k/v,
-            // MLP and scores (a head per 64 channels), about 14 per channel, twice over
-            // for the padding to 64 pixels (which can double a tile's area).
-            Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
-        };
-        3 + 3 * out + body.max(upsampled)
     }
 
     /// The factor the network enlarges by.
@@ -440,6 +343,7 @@ impl Architecture {
             | Architecture::Safmn { scale, .. }
             | Architecture::MoSr { scale, .. }
             | Architecture::SwinIr { scale, .. }
+            | Architecture::Swin2Sr { scale, .. }
             | Architecture::Hat { scale, .. }
             | Architecture::Dat { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
@@ -457,6 +361,7 @@ impl Architecture {
             | Architecture::Safmn { channels, .. }
             | Architecture::MoSr { channels, .. }
             | Architecture::SwinIr { channels, .. }
+            | Architecture::Swin2Sr { channels, .. }
             | Architecture::Hat { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
@@ -474,6 +379,7 @@ impl Architecture {
             Architecture::Safmn { .. } => "SAFMN",
             Architecture::MoSr { .. } => "MoSR",
             Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Swin2Sr { .. } => "Swin2SR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
@@ -540,6 +446,7 @@ impl Architecture {
             // spandrel gives MoSR no tags.
             Architecture::MoSr { .. } => Vec::new(),
             Architecture::SwinIr { .. } => self.swinir_tags(),
+            Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, HAT, DAT, DRCT and SCUNet.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT and SCUNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -11,6 +11,7 @@ use std::path::Path;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::Shapes;
 
+mod activations;
 mod architecture;
 mod basicsr;
 mod dat;
@@ -21,6 +22,7 @@ mod plksr;
 pub mod safmn;
 pub mod scunet;
 mod span;
+mod swin2sr;
 mod swinir;
 
 pub use architecture::{Architecture, SizeRequirements};
@@ -67,6 +69,10 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if drct::KEYS.iter().all(|key| has(key)) {
         return drct::detect(path, &unwrapped);
+    }
+    // Before SwinIR's: Swin2SR has SwinIR's keys too.
+    if swin2sr::KEYS.iter().all(|key| has(key)) {
+        return swin2sr::detect(path, &unwrapped);
     }
     let swin_first = has("conv_first.weight") || has(swinir::UNSHUFFLE_KEY);
     if swin_first && swinir::KEYS.iter().all(|key| has(key)) {

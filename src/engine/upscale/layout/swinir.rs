@@ -95,7 +95,10 @@ pub(super) fn detect(unwrapped: &Unwrapped) -> Option<Layout> {
 
 /// The upsampler, the scale and the upsampling convolutions' width (0 without them),
 /// as spandrel tells them from which modules exist.
-fn upsampling(unwrapped: &Unwrapped, out_channels: i64) -> Option<(SwinUpsampler, i64, i64)> {
+pub(super) fn upsampling(
+    unwrapped: &Unwrapped,
+    out_channels: i64,
+) -> Option<(SwinUpsampler, i64, i64)> {
     let shape = |name: &str| shape_of(unwrapped, name);
     if let Some(before) = shape("conv_before_upsample.0.weight") {
         let width = *before.first()?;

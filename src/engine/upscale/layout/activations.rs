@@ -1,0 +1,149 @@
+//! What a tile of each architecture holds at the network's peak, for fitting tiles into
+//! a memory budget.
+
+use super::{dysample_groups, mosr, Architecture, MoSrUpsampler};
+
+impl Architecture {
+    /// Floats alive at the network's peak per input pixel (a rough bound for choosing
+    /// tiles): the images in and out, and the widest stage, the body at the input's
+    /// resolution (RRDBNet's dense block holds its input and four growths) or the
+    /// upsampled features at the output's.
+    pub fn peak_floats_per_pixel(&self) -> u64 {
+        let out = (self.scale() * self.scale()) as u64;
+        let (body, upsampled) = match *self {
+            Architecture::Rrdb {
+                features,
+                growth,
+                unshuffle,
+                ..
+            } => {
+                let dense = (4 * features + 4 * growth) as u64;
+                (
+                    dense.div_ceil((unshuffle * unshuffle) as u64),
+                    3 * features as u64 * out,
+                )
+            }
+            Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
+            // The block outputs kept for the concatenation and the concatenation itself.
+            Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
+            // The block's input, the mixer's doubled width and the attention's product.
+            Architecture::Plksr { features, .. } => (6 * features as u64, 6 * out),
+            // As PLKSR; DySample adds the offsets, their scope and coordinates, and the
+            // sampled sub-pixel channels before the last convolution.
+            Architecture::RealPlksr {
+                features,
+                dysample,
+                scale,
+                ..
+            } => {
+                let upsampled = match dysample {
+                    true => (8 * dysample_groups(scale) + 3 * scale * scale + 3) as u64 * out,
+                    false => 6 * out,
+                };
+                (6 * features as u64, upsampled)
+            }
+            // The block's input, its norm, the levels, their concatenation and the
+            // modulated product, the mixer's width twice.
+            Architecture::Safmn {
+                features,
+                ffn_hidden,
+                ..
+            } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
+            // The block's input and norm, the doubled projection, the gate's product and
+            // its concatenation, the shortcut; the ensemble's eight predictions.
+            Architecture::MoSr {
+                features,
+                hidden,
+                channels,
+                upsampler,
+                ..
+            } => {
+                let upsampled = match upsampler {
+                    MoSrUpsampler::PixelShuffle => channels + 3,
+                    MoSrUpsampler::GeometricEnsemble => mosr::ENSEMBLE * channels + 3,
+                    MoSrUpsampler::DySample => 8 * mosr::DYSAMPLE_GROUPS + features + 3,
+                };
+                ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
+            }
+            // The tokens, their norm, q/k/v and the attention's product, the MLP, and
+            // each window's scores with their softmax.
+            Architecture::SwinIr {
+                features,
+                heads,
+                window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => (
+                (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
+            // As SwinIR, and the bicubic branch's features at the output's resolution.
+            Architecture::Swin2Sr {
+                features,
+                heads,
+                window,
+                mlp_hidden,
+                upsample_features,
+                auxiliary,
+                ..
+            } => (
+                (10 * features + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                (3 + u64::from(auxiliary)) * upsample_features.max(3) as u64 * out,
+            ),
+            // As SwinIR, and the unfolded keys and values of the overlapping windows
+            // with their scores.
+            Architecture::Hat {
+                features,
+                heads,
+                window,
+                overlap_window,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => {
+                let overlap = overlap_window * overlap_window;
+                let unfolded = 2 * features * overlap / (window * window).max(1);
+                (
+                    (10 * features + 2 * mlp_hidden + 2 * heads * overlap + unfolded) as u64,
+                    3 * upsample_features as u64 * out,
+                )
+            }
+            // The tokens, their norm, q/k/v padded and rolled, both orientations'
+            // scores with their softmax, the convolution branch and the FFN.
+            Architecture::Dat {
+                features,
+                heads,
+                split,
+                ffn_hidden,
+                upsample_features,
+                ..
+            } => (
+                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
+            // As SwinIR at the dense group's widest, the group's input and growths kept
+            // for the concatenation.
+            Architecture::Drct {
+                features,
+                heads,
+                window,
+                growth,
+                mlp_hidden,
+                upsample_features,
+                ..
+            } => {
+                let widest = features + 4 * growth;
+                (
+                    (12 * widest + 2 * mlp_hidden + 2 * heads * window * window) as u64,
+                    3 * upsample_features.max(3) as u64 * out,
+                )
+            }
+            // At the full resolution: the skip kept, a block's split, branches, q/k/v,
+            // MLP and scores (a head per 64 channels), about 14 per channel, twice over
+            // for the padding to 64 pixels (which can double a tile's area).
+            Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
+        };
+        3 + 3 * out + body.max(upsampled)
+    }
+}
