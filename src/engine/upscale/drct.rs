@@ -12,7 +12,7 @@ use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::drct::DENSE_BLOCKS;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
-    embed, shift_for, table_heads, unembed, Block, Windows, LAYER_NORM_EPS,
+    embed, shift_for, table_heads, through_groups, unembed, Block, Windows, LAYER_NORM_EPS,
 };
 use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
@@ -159,16 +159,14 @@ impl Drct {
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
         let windows = Windows::of(first, self.window, self.shift);
-        let tokens = embed(first);
-        let tokens = match &self.embed_norm {
-            Some(norm) => norm.forward(&tokens),
-            None => tokens,
-        };
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
+        through_groups(
+            embed(first),
+            self.embed_norm.as_ref(),
+            &self.groups,
+            |group, x| group.forward(x, &windows),
+            &self.norm,
+            &windows,
+        )
     }
 
     /// The network on an image whose sides the window divides.

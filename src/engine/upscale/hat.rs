@@ -11,7 +11,7 @@ use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,
-    table_heads, unembed, Block, Windows, LAYER_NORM_EPS,
+    table_heads, through_groups, unembed, Block, Windows, LAYER_NORM_EPS,
 };
 use crate::engine::upscale::swinir::{SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
@@ -316,16 +316,14 @@ impl Hat {
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
         let windows = Windows::of(first, self.window, self.shift);
-        let tokens = embed(first);
-        let tokens = match &self.embed_norm {
-            Some(norm) => norm.forward(&tokens),
-            None => tokens,
-        };
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
+        through_groups(
+            embed(first),
+            self.embed_norm.as_ref(),
+            &self.groups,
+            |group, x| group.forward(x, &windows),
+            &self.norm,
+            &windows,
+        )
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {

@@ -337,6 +337,25 @@ pub fn unembed(x: &Tensor, height: i64, width: i64) -> Tensor {
     x.transpose(1, 2).reshape([size[0], size[2], height, width])
 }
 
+/// The body the Swin networks share (`forward_features`): the embedded `tokens` through
+/// the patch norm where there is one, each group in turn (`group` runs one on the
+/// tokens), the closing `norm`, back to [B, C, H, W] over `windows`.
+pub fn through_groups<G>(
+    tokens: Tensor,
+    embed_norm: Option<&LayerNorm>,
+    groups: &[G],
+    group: impl Fn(&G, &Tensor) -> Tensor,
+    norm: &LayerNorm,
+    windows: &Windows,
+) -> Tensor {
+    let tokens = match embed_norm {
+        Some(embed_norm) => embed_norm.forward(&tokens),
+        None => tokens,
+    };
+    let tokens = groups.iter().fold(tokens, |x, g| group(g, &x));
+    unembed(&norm.forward(&tokens), windows.height, windows.width)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

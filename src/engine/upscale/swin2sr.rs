@@ -14,7 +14,7 @@ use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{
     attend_scaled, embed, gather_bias, pad_to_windows, partition, relative_position_index, reverse,
-    shift_for, unembed, Windows, LAYER_NORM_EPS,
+    shift_for, through_groups, unembed, Windows, LAYER_NORM_EPS,
 };
 use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
 use crate::engine::weights::VarPath;
@@ -307,16 +307,14 @@ impl Swin2Sr {
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
         let windows = Windows::of(first, self.window, self.shift);
-        let tokens = embed(&self.embed_projection.forward(first));
-        let tokens = match &self.embed_norm {
-            Some(norm) => norm.forward(&tokens),
-            None => tokens,
-        };
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
+        through_groups(
+            embed(&self.embed_projection.forward(first)),
+            self.embed_norm.as_ref(),
+            &self.groups,
+            |group, x| group.forward(x, &windows),
+            &self.norm,
+            &windows,
+        )
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {

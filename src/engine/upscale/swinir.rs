@@ -10,8 +10,8 @@ use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
-    count_blocks, embed, pad_to_windows, shift_for, table_heads, unembed, Block, Windows,
-    LAYER_NORM_EPS,
+    count_blocks, embed, pad_to_windows, shift_for, table_heads, through_groups, unembed, Block,
+    Windows, LAYER_NORM_EPS,
 };
 use crate::engine::weights::VarPath;
 
@@ -293,12 +293,14 @@ impl SwinIr {
     /// The body on the first convolution's [B, C, H, W] output.
     fn features(&self, first: &Tensor) -> Tensor {
         let windows = Windows::of(first, self.window, self.shift);
-        let tokens = self.embed_norm.forward(&embed(first));
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &windows));
-        unembed(&self.norm.forward(&tokens), windows.height, windows.width)
+        through_groups(
+            embed(first),
+            Some(&self.embed_norm),
+            &self.groups,
+            |group, x| group.forward(x, &windows),
+            &self.norm,
+            &windows,
+        )
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {

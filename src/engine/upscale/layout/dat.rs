@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::swinir::{pixel_shuffle_scale, SwinUpsampler};
-use super::{exact_root, own_names, shape_of, Architecture, Layout, Unwrapped};
+use super::{exact_root, own_names, refusal, shape_of, Architecture, Layout, Unwrapped};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{numbered_children, read_tensor};
 
@@ -40,10 +40,7 @@ const DEFAULT_IMAGE_SIZE: i64 = 64;
 /// its tensors do not make one network spandrel would build.
 pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Option<Layout>> {
     let shape = |name: &str| shape_of(unwrapped, name);
-    let refused = |name: &str| EngineError::UnknownTensor {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-    };
+    let refused = |name: &str| refusal(path, name);
     let Some(split) = split_size(path, unwrapped)? else {
         return Err(refused(OFFSETS_KEY));
     };

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use super::swinir::pixel_shuffle_scale;
-use super::{exact_root, own_names, shape_of, Architecture, Layout, Unwrapped};
+use super::{
+    dimension_or_refused, exact_root, own_names, refusal, shape_of, Architecture, Layout, Unwrapped,
+};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::numbered_children;
 
@@ -48,16 +50,9 @@ fn dense_block_heads(k: i64, heads: i64, width: i64) -> i64 {
 /// heads are not the constructor's or do not divide its width, an absolute position
 /// embedding, no reconstruction layers (spandrel's network then returns its input).
 pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Layout> {
-    let refused = |name: &str| EngineError::UnknownTensor {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-    };
+    let refused = |name: &str| refusal(path, name);
     let shape = |name: &str| shape_of(unwrapped, name);
-    let dimension = |name: &str, d: usize| {
-        shape(name)
-            .and_then(|s| s.get(d).copied())
-            .ok_or_else(|| refused(name))
-    };
+    let dimension = |name: &str, d: usize| dimension_or_refused(path, unwrapped, name, d);
     if shape(ABSOLUTE_KEY).is_some() {
         return Err(refused(ABSOLUTE_KEY));
     }

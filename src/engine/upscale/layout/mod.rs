@@ -153,6 +153,22 @@ fn dimension_of(
         .ok_or(name)
 }
 
+/// The refusal of the file at `path` naming its tensor `name`.
+fn refusal(path: &Path, name: &str) -> EngineError {
+    EngineError::UnknownTensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+    }
+}
+
+/// Dimension `d` of the unwrapped tensor `name` of the file at `path`, or the refusal
+/// naming it where it has none.
+fn dimension_or_refused(path: &Path, unwrapped: &Unwrapped, name: &str, d: usize) -> Result<i64> {
+    shape_of(unwrapped, name)
+        .and_then(|s| s.get(d).copied())
+        .ok_or_else(|| refusal(path, name))
+}
+
 /// Every stored name mapped to its unwrapped one: a layout in the network's own names.
 fn own_names(unwrapped: &Unwrapped) -> HashMap<String, String> {
     unwrapped

@@ -8,9 +8,12 @@
 
 use std::path::Path;
 
-use super::swinir::upsampling;
-use super::{exact_root, own_names, shape_of, Architecture, Layout, SwinUpsampler, Unwrapped};
-use crate::engine::error::{EngineError, Result};
+use super::swinir::{size_tag, upsampling};
+use super::{
+    dimension_or_refused, exact_root, own_names, refusal, shape_of, Architecture, Layout,
+    SwinUpsampler, Unwrapped,
+};
+use crate::engine::error::Result;
 use crate::engine::weights::numbered_children;
 
 /// The tensors told apart from SwinIR's by (beside SwinIR's keys, which Swin2SR has too).
@@ -33,16 +36,9 @@ const AUXILIARY_KEY: &str = "conv_bicubic.weight";
 /// (the continuous position bias divides by the window less one), heads that do not
 /// divide the width.
 pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Layout> {
-    let refused = |name: &str| EngineError::UnknownTensor {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-    };
+    let refused = |name: &str| refusal(path, name);
     let shape = |name: &str| shape_of(unwrapped, name);
-    let dimension = |name: &str, d: usize| {
-        shape(name)
-            .and_then(|s| s.get(d).copied())
-            .ok_or_else(|| refused(name))
-    };
+    let dimension = |name: &str, d: usize| dimension_or_refused(path, unwrapped, name, d);
     if let Some(key) = REFUSED_KEYS.iter().find(|key| shape(key).is_some()) {
         return Err(refused(key));
     }
@@ -118,13 +114,8 @@ impl Architecture {
         else {
             return Vec::new();
         };
-        let size = match groups {
-            ..=4 => "small",
-            5..=8 => "medium",
-            _ => "large",
-        };
         vec![
-            size.to_string(),
+            size_tag(groups).to_string(),
             format!("s{image_size}w{window}"),
             format!("{features}dim"),
             if three_conv { "3conv" } else { "1conv" }.to_string(),

@@ -124,6 +124,15 @@ pub(super) fn upsampling(
     Some((SwinUpsampler::Residual, 1, 0))
 }
 
+/// spandrel's size tag of a Swin network (SwinIR's and Swin2SR's) by its group count.
+pub(super) fn size_tag(groups: i64) -> &'static str {
+    match groups {
+        ..=4 => "small",
+        5..=8 => "medium",
+        _ => "large",
+    }
+}
+
 impl Architecture {
     /// spandrel's SwinIR tags: a size by the group count, the training size and window,
     /// `num_feat` (spandrel's 64 unless read from a pixel-shuffle upsampler), the width,
@@ -142,11 +151,7 @@ impl Architecture {
         else {
             return Vec::new();
         };
-        let size = match groups {
-            ..=4 => "small",
-            5..=8 => "medium",
-            _ => "large",
-        };
+        let size = size_tag(groups);
         let num_feat = match upsampler {
             SwinUpsampler::PixelShuffle => upsample_features,
             _ => 64,
