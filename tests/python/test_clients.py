@@ -152,8 +152,9 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     windows, shifted in its third block), a SCUNet denoiser, a PLKSR x2 with sparse
     dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
     shuffle, a RealPLKSR x2 with DySample, a DRCT x2 (8-pixel windows, shifted) and a
-    Swin2SR x2 with the compressed-input models' bicubic branch, each listed with
-    spandrel's architecture and run by the Upscale RPC to spandrel's image."""
+    Swin2SR x2 with the compressed-input models' bicubic branch and a Real-CUGAN x3
+    "pro", each listed with spandrel's architecture and run by the Upscale RPC to
+    spandrel's image."""
     import numpy as np
     import spandrel
     import torch
@@ -163,6 +164,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.MoSR import MoSR
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
+    from spandrel.architectures.RealCUGAN import UpCunet3x
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.Swin2SR import Swin2SR
@@ -179,6 +181,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "mosr-gps": (MoSR(upscale=3, n_block=2, dim=16, upsampler="gps"), "MoSR", 3),
         "plksr-dysample": (RealPLKSR(dim=16, n_blocks=2, upscaling_factor=2, dysample=True), "PLKSR", 2),
         "swin2sr-aux": (Swin2SR(img_size=16, embed_dim=12, depths=[2], num_heads=[3], window_size=8, upscale=2, upsampler="pixelshuffle_aux"), "Swin2SR", 2),
+        "cugan-x3-pro": (UpCunet3x(in_channels=3, out_channels=3, pro=True), "RealCUGAN", 3),
         "drct-x2": (DRCT(img_size=16, embed_dim=16, depths=(6,), num_heads=[4], window_size=8, upscale=2, upsampler="pixelshuffle", gc=8), "DRCT", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
@@ -197,7 +200,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
         # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
-        # to multiples of 16.
+        # to multiples of 16, Real-CUGAN's to 32.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod mosr;
 pub mod nets;
 pub mod plksr;
+pub mod realcugan;
 pub mod safmn;
 pub mod scunet;
 pub mod span;
@@ -90,6 +91,8 @@ impl Upscaler {
                     || name.ends_with(".relative_coords_table")
             }
             Architecture::Dat { .. } => DAT_UNREAD.iter().any(|s| name.ends_with(s)),
+            // Real-CUGAN's `pro` flag is read from its presence.
+            Architecture::RealCugan { .. } => name == layout::realcugan::PRO_KEY,
             _ => false,
         };
         weights.check_all_used(unread)?;

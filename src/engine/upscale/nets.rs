@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -14,6 +14,7 @@ use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::mosr::MoSr;
 use crate::engine::upscale::plksr::Plksr;
+use crate::engine::upscale::realcugan::RealCugan;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
@@ -221,6 +222,7 @@ pub enum Network {
     Dat(Box<Dat>),
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
+    RealCugan(Box<RealCugan>),
 }
 
 impl Network {
@@ -247,6 +249,9 @@ impl Network {
             Architecture::ScuNet { .. } => {
                 Network::ScuNet(Box::new(ScuNet::load(vp, architecture)?))
             }
+            Architecture::RealCugan { .. } => {
+                Network::RealCugan(Box::new(RealCugan::load(vp, architecture)?))
+            }
         })
     }
 
@@ -265,6 +270,7 @@ impl Network {
             Network::Dat(n) => n.forward(image),
             Network::Drct(n) => n.forward(image),
             Network::ScuNet(n) => n.forward(image),
+            Network::RealCugan(n) => n.forward(image),
         }
     }
 }

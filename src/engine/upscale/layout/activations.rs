@@ -139,6 +139,9 @@ impl Architecture {
                     3 * upsample_features.max(3) as u64 * out,
                 )
             }
+            // Fixed widths: the U-Nets' 64-channel maps at twice the input's resolution
+            // (a few alive at once), their 128- and 256-channel ones below.
+            Architecture::RealCugan { .. } => (1024, 6 * out),
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
             // MLP and scores (a head per 64 channels), about 14 per channel, twice over
             // for the padding to 64 pixels (which can double a tile's area).

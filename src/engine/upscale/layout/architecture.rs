@@ -271,6 +271,18 @@ pub enum Architecture {
         /// Whether the embedded tokens are layer-normed (`patch_norm`).
         patch_norm: bool,
     },
+    /// Real-CUGAN: two cascaded convolutional U-Nets with squeeze-and-excitation blocks
+    /// on the reflection-padded image, the second refining the first's enlarged output.
+    RealCugan {
+        /// Image channels in and out.
+        channels: i64,
+        /// The factor the network enlarges by (2, 3 or 4).
+        scale: i64,
+        /// Whether it is the fast x2 network (on the pixel-unshuffled image).
+        fast: bool,
+        /// Whether it is a "pro" model (the image mapped to 0.15–0.85 and back).
+        pro: bool,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -320,6 +332,8 @@ impl Architecture {
             | Architecture::Dat { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
             Architecture::ScuNet { .. } => (40, 1),
+            Architecture::RealCugan { fast: true, .. } => (40, 4),
+            Architecture::RealCugan { .. } => (32, 1),
         };
         SizeRequirements {
             minimum,
@@ -346,6 +360,7 @@ impl Architecture {
             | Architecture::Swin2Sr { scale, .. }
             | Architecture::Hat { scale, .. }
             | Architecture::Dat { scale, .. }
+            | Architecture::RealCugan { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
         }
     }
@@ -365,6 +380,7 @@ impl Architecture {
             | Architecture::Hat { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
+            | Architecture::RealCugan { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -383,6 +399,7 @@ impl Architecture {
             Architecture::Hat { .. } => "HAT",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
+            Architecture::RealCugan { .. } => "RealCUGAN",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -450,6 +467,11 @@ impl Architecture {
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),
+            Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]
+                .into_iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, tag)| tag.to_string())
+                .collect(),
             // spandrel gives SCUNet no tags.
             Architecture::ScuNet { .. } => Vec::new(),
         }

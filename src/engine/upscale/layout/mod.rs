@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT and SCUNet.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet and Real-CUGAN.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -19,6 +19,7 @@ pub mod drct;
 mod hat;
 pub mod mosr;
 mod plksr;
+pub mod realcugan;
 pub mod safmn;
 pub mod scunet;
 mod span;
@@ -80,6 +81,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(swinir::UNSHUFFLE_KEY));
         }
         return swinir::detect(&unwrapped).ok_or_else(|| unknown(swinir::KEYS[0]));
+    }
+    if realcugan::KEYS.iter().all(|key| has(key)) {
+        return realcugan::detect(&unwrapped).map_err(unknown);
     }
     if plksr::KEYS.iter().all(|key| has(key)) {
         return plksr::detect(&unwrapped).map_err(unknown);
