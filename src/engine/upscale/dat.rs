@@ -20,7 +20,7 @@ use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, partition, relative_position_index, reverse,
     shifted_mask, unembed, LAYER_NORM_EPS, MASKED,
 };
-use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
+use crate::engine::upscale::swinir::{image_mean, ResidualConv, SwinShape, Tail};
 use crate::engine::weights::VarPath;
 
 /// `nn.BatchNorm2d`'s epsilon.
@@ -527,10 +527,6 @@ impl Dat {
             scale,
             three_conv,
         };
-        let mean = match channels {
-            3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
-            _ => Tensor::zeros([1, 1, 1, 1], (tch::Kind::Float, tch::Device::Cpu)),
-        };
         let groups: Vec<Group> = (0..groups)
             .map(|g| Group::load(&vp.pp("layers").pp(g), g, &shape))
             .collect::<Result<_>>()?;
@@ -545,7 +541,7 @@ impl Dat {
             norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
             after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
             tail: Tail::load(vp, &tail_shape)?,
-            mean: mean.to_device(vp.device()).to_kind(vp.kind()),
+            mean: image_mean(channels, vp),
             split,
             shifted,
             scale,

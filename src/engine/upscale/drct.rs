@@ -4,7 +4,7 @@
 //! 16, which the window divides (the layout checks it), so the network itself pads
 //! nothing.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
@@ -14,7 +14,7 @@ use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     embed, shift_for, table_heads, through_groups, unembed, Block, Windows, LAYER_NORM_EPS,
 };
-use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
+use crate::engine::upscale::swinir::{image_mean, ResidualConv, SwinShape, Tail};
 use crate::engine::weights::VarPath;
 
 /// The LeakyReLU slope after each adjusting convolution but the last.
@@ -130,10 +130,6 @@ impl Drct {
             scale,
             three_conv: false,
         };
-        let mean = match channels {
-            3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
-            _ => Tensor::zeros([1, 1, 1, 1], (Kind::Float, tch::Device::Cpu)),
-        };
         let embed_norm = patch_norm
             .then(|| LayerNorm::load(&vp.pp("patch_embed").pp("norm"), features, LAYER_NORM_EPS))
             .transpose()?;
@@ -149,7 +145,7 @@ impl Drct {
             norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
             after_body,
             tail: Tail::load(vp, &shape)?,
-            mean: mean.to_device(vp.device()).to_kind(vp.kind()),
+            mean: image_mean(channels, vp),
             window,
             shift: shift_for(image_size, window),
             scale,

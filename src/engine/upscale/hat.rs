@@ -13,7 +13,7 @@ use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,
     table_heads, through_groups, unembed, Block, Windows, LAYER_NORM_EPS,
 };
-use crate::engine::upscale::swinir::{SwinShape, Tail, RGB_MEAN};
+use crate::engine::upscale::swinir::{image_mean, SwinShape, Tail};
 use crate::engine::weights::VarPath;
 
 /// The convolution branch's weight beside the attention (`conv_scale`, not in the file).
@@ -303,10 +303,8 @@ impl Hat {
                 )?),
             },
             tail: Tail::load(vp, &tail)?,
-            mean: Tensor::from_slice(&RGB_MEAN)
-                .view([1, 3, 1, 1])
-                .to_device(vp.device())
-                .to_kind(vp.kind()),
+            // HAT's files are RGB (the layout reads no other channel count).
+            mean: image_mean(3, vp),
             window,
             shift: shift_for(IMAGE_SIZE, window),
             scale,

@@ -6,7 +6,7 @@
 //! MLP. Each group closes with its convolution and a 1×1 projection; the compressed-input
 //! models add a bicubic branch to the pixel shuffle.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
@@ -16,7 +16,7 @@ use crate::engine::upscale::swin::{
     attend_scaled, embed, gather_bias, pad_to_windows, partition, relative_position_index, reverse,
     shift_for, through_groups, unembed, Windows, LAYER_NORM_EPS,
 };
-use crate::engine::upscale::swinir::{ResidualConv, SwinShape, Tail, RGB_MEAN};
+use crate::engine::upscale::swinir::{image_mean, value_range, ResidualConv, SwinShape, Tail};
 use crate::engine::weights::VarPath;
 
 /// The largest logit scale (`log(1 / 0.01)` before the exponential).
@@ -273,10 +273,6 @@ impl Swin2Sr {
             scale,
             three_conv,
         };
-        let mean = match channels {
-            3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
-            _ => Tensor::zeros([1, 1, 1, 1], (Kind::Float, tch::Device::Cpu)),
-        };
         let embed = vp.pp("patch_embed");
         let auxiliary = auxiliary
             .then(|| Auxiliary::load(vp, channels, upsample_features))
@@ -294,10 +290,8 @@ impl Swin2Sr {
             after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
             tail: Tail::load(vp, &shape)?,
             auxiliary,
-            mean: mean.to_device(vp.device()).to_kind(vp.kind()),
-            // spandrel's rule: the JPEG models, the only ones with 7-pixel windows, work
-            // in 0–255.
-            range: if window == 7 { 255.0 } else { 1.0 },
+            mean: image_mean(channels, vp),
+            range: value_range(window),
             window,
             shift: shift_for(image_size, window),
             scale,

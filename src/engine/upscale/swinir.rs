@@ -17,6 +17,26 @@ use crate::engine::weights::VarPath;
 
 /// The mean SwinIR and HAT subtract from RGB images (not in the file).
 pub(super) const RGB_MEAN: [f32; 3] = [0.4488, 0.4371, 0.4040];
+/// The mean the transformers subtract from an image of `channels` channels, [1, C, 1, 1]
+/// on `vp`'s device and kind: SwinIR's RGB mean, zero otherwise.
+pub(super) fn image_mean(channels: i64, vp: &VarPath) -> Tensor {
+    let mean = match channels {
+        3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
+        _ => Tensor::zeros([1, 1, 1, 1], (Kind::Float, tch::Device::Cpu)),
+    };
+    mean.to_device(vp.device()).to_kind(vp.kind())
+}
+
+/// The range SwinIR and Swin2SR work in: spandrel's rule, 0–255 for the JPEG models, the
+/// only ones with 7-pixel windows.
+pub(super) fn value_range(window: i64) -> f64 {
+    if window == 7 {
+        255.0
+    } else {
+        1.0
+    }
+}
+
 /// The residual convolutions' and the nearest upsampler's LeakyReLU slope.
 const SLOPE: f64 = 0.2;
 /// `conv_before_upsample`'s LeakyReLU, PyTorch's default slope.
@@ -263,10 +283,6 @@ impl SwinIr {
             scale,
             three_conv,
         };
-        let mean = match channels {
-            3 => Tensor::from_slice(&RGB_MEAN).view([1, 3, 1, 1]),
-            _ => Tensor::zeros([1, 1, 1, 1], (Kind::Float, tch::Device::Cpu)),
-        };
         Ok(Self {
             first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
             embed_norm: LayerNorm::load(
@@ -280,10 +296,8 @@ impl SwinIr {
             norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
             after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
             tail: Tail::load(vp, &shape)?,
-            mean: mean.to_device(vp.device()).to_kind(vp.kind()),
-            // spandrel's rule: the JPEG models, the only ones with 7-pixel windows, work
-            // in 0–255.
-            range: if window == 7 { 255.0 } else { 1.0 },
+            mean: image_mean(channels, vp),
+            range: value_range(window),
             window,
             shift: shift_for(image_size, window),
             scale,
