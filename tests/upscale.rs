@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 49);
+    assert_eq!(models.len(), 56);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -64,6 +64,8 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Drct { .. } => "DRCT",
             Architecture::ScuNet { .. } => "SCUNet",
             Architecture::RealCugan { .. } => "RealCUGAN",
+            Architecture::Rcan { .. } => "RCAN",
+            Architecture::OmniSr { .. } => "OmniSR",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -341,7 +343,10 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 /// initial positions of another scale; Swin2SR's patches of more than a pixel and heads
 /// that do not divide the width; DRCT's blocks with other heads than its
 /// constructor gives them or heads that do not divide their width, and windows that do
-/// not divide the 16-pixel padding; a fast Real-CUGAN flagged "pro".
+/// not divide the 16-pixel padding; a fast Real-CUGAN flagged "pro"; RCAN's unshuffle
+/// other than 2 or 4, upsampling rounds other than its constructor's and a channel
+/// attention width its reduction does not give; OmniSR's width that is not whole quarters
+/// and a position-bias table of no window's size.
 #[test]
 fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     let (root, _) = cases();
@@ -423,6 +428,28 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         ),
         // A fast Real-CUGAN flagged "pro" (its constructor has no such buffer).
         ("realcugan_x2_fast", "pro", zeros(&[1])),
+        // RCAN: a head over an image unshuffled by 3 (the constructor unshuffles by 2 or
+        // 4), a single x4 round (it builds two x2 rounds), a channel attention of 3
+        // over 8 channels (reduction 2 gives 4 back).
+        ("rcan_x2_unshuffle", "head.1.weight", zeros(&[12, 27, 5, 5])),
+        (
+            "rcan_x4",
+            "params_ema.tail.0.0.weight",
+            zeros(&[256, 16, 3, 3]),
+        ),
+        (
+            "rcan_x3",
+            "params.body.0.body.0.body.3.conv_du.0.weight",
+            zeros(&[3, 8, 1, 1]),
+        ),
+        // OmniSR 10 wide (its four channel-attention heads cannot split it) and with a
+        // position-bias table of no window's size.
+        ("omnisr_x2_profiled", "input.weight", zeros(&[10, 3, 3, 3])),
+        (
+            "omnisr_x4",
+            "params_ema.residual_layer.0.residual_layer.0.layer.2.fn.rel_pos_bias.weight",
+            zeros(&[50, 4]),
+        ),
         // A first block whose 3 heads do not divide its 16 channels.
         (
             "drct_x2",
@@ -471,6 +498,28 @@ fn a_drct_without_reconstruction_layers_is_refused() {
         .err()
         .expect("refused");
     assert!(error.to_string().contains("conv_last"), "{error}");
+    load(&source);
+}
+
+/// An RCAN without upsampling convolutions: spandrel reads its width from them, takes 64
+/// where there are none and cannot load a 16-wide network; refused at load naming the
+/// head's convolution.
+#[test]
+fn a_narrow_rcan_without_upsampling_is_refused() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = root.join("models/rcan_x4.safetensors");
+    let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(&source)
+        .expect("read")
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("params_ema.tail.0."))
+        .collect();
+    let path = dir.path().join("restoration.safetensors");
+    Tensor::write_safetensors(&kept, &path).expect("write");
+    let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("`head.0.weight`"), "{error}");
     load(&source);
 }
 

@@ -8,6 +8,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::upscale::channel_attention::ChannelAttention;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,
@@ -26,8 +27,7 @@ const IMAGE_SIZE: i64 = 64;
 struct ConvBranch {
     narrow: Conv2d,
     widen: Conv2d,
-    squeeze: Conv2d,
-    excite: Conv2d,
+    attention: ChannelAttention,
 }
 
 impl ConvBranch {
@@ -36,20 +36,14 @@ impl ConvBranch {
         Ok(Self {
             narrow: Conv2d::load(&vp.pp(0), dim, width, 3, 1, 1)?,
             widen: Conv2d::load(&vp.pp(2), width, dim, 3, 1, 1)?,
-            squeeze: Conv2d::load(&attention.pp(1), dim, squeezed, 1, 1, 0)?,
-            excite: Conv2d::load(&attention.pp(3), squeezed, dim, 1, 1, 0)?,
+            attention: ChannelAttention::load(&attention.pp(1), &attention.pp(3), dim, squeezed)?,
         })
     }
 
     /// On [B, C, H, W].
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.widen.forward(&self.narrow.forward(x).gelu("none"));
-        let mean = y.mean_dim([2i64, 3].as_slice(), true, None);
-        let weights = self
-            .excite
-            .forward(&self.squeeze.forward(&mean).relu())
-            .sigmoid();
-        y * weights
+        self.attention.forward(y)
     }
 }
 

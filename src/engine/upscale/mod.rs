@@ -1,10 +1,12 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, HAT, DAT; SCUNet restoring at scale 1) loaded
+//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR;
+//! SCUNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
 
 pub mod activation;
+pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
 pub mod depthwise;
@@ -14,9 +16,12 @@ pub mod hat;
 pub mod layout;
 pub mod mosr;
 pub mod nets;
+pub mod omnisr;
 pub mod plksr;
+pub mod rcan;
 pub mod realcugan;
 pub mod safmn;
+pub mod same_conv;
 pub mod scunet;
 pub mod span;
 pub mod swin;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -13,7 +13,9 @@ use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::mosr::MoSr;
+use crate::engine::upscale::omnisr::OmniSr;
 use crate::engine::upscale::plksr::Plksr;
+use crate::engine::upscale::rcan::Rcan;
 use crate::engine::upscale::realcugan::RealCugan;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
@@ -223,6 +225,8 @@ pub enum Network {
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
     RealCugan(Box<RealCugan>),
+    Rcan(Box<Rcan>),
+    OmniSr(Box<OmniSr>),
 }
 
 impl Network {
@@ -252,6 +256,10 @@ impl Network {
             Architecture::RealCugan { .. } => {
                 Network::RealCugan(Box::new(RealCugan::load(vp, architecture)?))
             }
+            Architecture::Rcan { .. } => Network::Rcan(Box::new(Rcan::load(vp, architecture)?)),
+            Architecture::OmniSr { .. } => {
+                Network::OmniSr(Box::new(OmniSr::load(vp, architecture)?))
+            }
         })
     }
 
@@ -271,6 +279,8 @@ impl Network {
             Network::Drct(n) => n.forward(image),
             Network::ScuNet(n) => n.forward(image),
             Network::RealCugan(n) => n.forward(image),
+            Network::Rcan(n) => n.forward(image),
+            Network::OmniSr(n) => n.forward(image),
         }
     }
 }

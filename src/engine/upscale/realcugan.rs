@@ -9,6 +9,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::channel_attention::ChannelAttention;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
 
@@ -66,27 +67,23 @@ impl Deconv {
     }
 }
 
-/// Squeeze and excitation: the channels scaled by a sigmoid of their means.
-struct SqueezeExcite {
-    conv1: Conv2d,
-    conv2: Conv2d,
-}
-
 /// Two unpadded 3×3 convolutions with LeakyReLU, squeeze and excitation where there is.
 struct UnetConv {
     first: Conv2d,
     second: Conv2d,
-    excite: Option<SqueezeExcite>,
+    excite: Option<ChannelAttention>,
 }
 
 impl UnetConv {
     fn load(vp: &VarPath, input: i64, middle: i64, output: i64) -> Result<Self> {
         let se = vp.pp("seblock");
         let excite = match se.contains("conv1.weight") {
-            true => Some(SqueezeExcite {
-                conv1: Conv2d::load(&se.pp("conv1"), output, output / 8, 1, 1, 0)?,
-                conv2: Conv2d::load(&se.pp("conv2"), output / 8, output, 1, 1, 0)?,
-            }),
+            true => Some(ChannelAttention::load(
+                &se.pp("conv1"),
+                &se.pp("conv2"),
+                output,
+                output / 8,
+            )?),
             false => None,
         };
         Ok(Self {
@@ -100,11 +97,7 @@ impl UnetConv {
         let y = leaky_in_place(self.first.forward(x), SLOPE);
         let y = leaky_in_place(self.second.forward(&y), SLOPE);
         match &self.excite {
-            Some(se) => {
-                let means = y.mean_dim([2i64, 3].as_slice(), true, None);
-                let weights = se.conv2.forward(&se.conv1.forward(&means).relu()).sigmoid();
-                y * weights
-            }
+            Some(attention) => attention.forward(y),
             None => y,
         }
     }

@@ -10,7 +10,15 @@ impl Architecture {
     /// upsampled features at the output's.
     pub fn peak_floats_per_pixel(&self) -> u64 {
         let out = (self.scale() * self.scale()) as u64;
-        let (body, upsampled) = match *self {
+        let (body, upsampled) = self.stage_floats(out);
+        3 + 3 * out + body.max(upsampled)
+    }
+
+    /// Floats per input pixel of the body and of the upsampled stage, `out` output
+    /// pixels per input pixel: the convolutional networks here, the attention networks
+    /// in [`Self::attention_stage_floats`].
+    fn stage_floats(&self, out: u64) -> (u64, u64) {
+        match *self {
             Architecture::Rrdb {
                 features,
                 growth,
@@ -65,6 +73,32 @@ impl Architecture {
                 };
                 ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
             }
+            // Fixed widths: the U-Nets' 64-channel maps at twice the input's resolution
+            // (a few alive at once), their 128- and 256-channel ones below.
+            Architecture::RealCugan { .. } => (1024, 6 * out),
+            // A block's input, its two convolutions' outputs and the group's input (at the
+            // unshuffled resolution); a round's convolution and its shuffled copy.
+            Architecture::Rcan {
+                features,
+                unshuffle,
+                ..
+            } => (
+                (4 * features as u64).div_ceil((unshuffle * unshuffle) as u64),
+                2 * features as u64 * out,
+            ),
+            Architecture::SwinIr { .. }
+            | Architecture::Swin2Sr { .. }
+            | Architecture::Hat { .. }
+            | Architecture::Dat { .. }
+            | Architecture::Drct { .. }
+            | Architecture::OmniSr { .. }
+            | Architecture::ScuNet { .. } => self.attention_stage_floats(out),
+        }
+    }
+
+    /// [`Self::stage_floats`] of the attention networks.
+    fn attention_stage_floats(&self, out: u64) -> (u64, u64) {
+        match *self {
             // The tokens, their norm, q/k/v and the attention's product, the MLP, and
             // each window's scores with their softmax.
             Architecture::SwinIr {
@@ -139,14 +173,19 @@ impl Architecture {
                     3 * upsample_features.max(3) as u64 * out,
                 )
             }
-            // Fixed widths: the U-Nets' 64-channel maps at twice the input's resolution
-            // (a few alive at once), their 128- and 256-channel ones below.
-            Architecture::RealCugan { .. } => (1024, 6 * out),
+            // The block's input and norm, q/k/v before and after their depthwise
+            // convolution, the attention's output, the gated feed-forward's doubled
+            // width twice; each window's scores (four heads) with their softmax.
+            Architecture::OmniSr {
+                features, window, ..
+            } => ((12 * features + 2 * 4 * window * window) as u64, 6 * out),
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
             // MLP and scores (a head per 64 channels), about 14 per channel, twice over
             // for the padding to 64 pixels (which can double a tile's area).
             Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
-        };
-        3 + 3 * out + body.max(upsampled)
+            // The convolutional networks are sized by `stage_floats`, which sends only
+            // the attention networks here.
+            _ => (0, 0),
+        }
     }
 }

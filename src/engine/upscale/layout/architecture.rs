@@ -283,6 +283,50 @@ pub enum Architecture {
         /// Whether it is a "pro" model (the image mapped to 0.15–0.85 and back).
         pro: bool,
     },
+    /// RCAN: residual groups of residual blocks with channel attention, then pixel-shuffle
+    /// rounds; optionally on the pixel-unshuffled image, around a mean shift.
+    Rcan {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`n_feats`).
+        features: i64,
+        /// Residual groups (`n_resgroups`).
+        groups: i64,
+        /// Residual channel attention blocks per group (`n_resblocks`).
+        blocks: i64,
+        /// The convolutions' side (`kernel_size`; the upsampler's are 3×3).
+        kernel: i64,
+        /// The channel attention's squeezed width (`n_feats // reduction`).
+        squeezed: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
+        /// The pixel-unshuffle factor of the input (2 or 4), or 1.
+        unshuffle: i64,
+        /// Whether the image is scaled to 0–255 and shifted by the stored mean
+        /// (`sub_mean`/`add_mean`).
+        mean_shift: bool,
+    },
+    /// OmniSR: groups of omni self-attention blocks (window, grid and channel
+    /// attention, gated convolutions) with an enhanced spatial attention, then a pixel
+    /// shuffle.
+    OmniSr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// Omni self-attention groups (`res_num`).
+        groups: i64,
+        /// Blocks per group (`block_num`).
+        blocks: i64,
+        /// The attention window's side (`window_size`).
+        window: i64,
+        /// Whether the window attentions add a relative position bias (`pe`).
+        position_bias: bool,
+        /// Whether the convolutions the constructor's `bias` governs have biases.
+        bias: bool,
+        /// The pixel-shuffle factor.
+        scale: i64,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -325,11 +369,12 @@ impl Architecture {
             | Architecture::Plksr { .. }
             | Architecture::RealPlksr { .. } => (0, 1),
             Architecture::Safmn { .. } => (0, 8),
-            Architecture::MoSr { .. } => (0, 1),
+            Architecture::MoSr { .. } | Architecture::Rcan { .. } => (0, 1),
             Architecture::SwinIr { .. }
             | Architecture::Swin2Sr { .. }
             | Architecture::Hat { .. }
-            | Architecture::Dat { .. } => (16, 1),
+            | Architecture::Dat { .. }
+            | Architecture::OmniSr { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
@@ -361,6 +406,8 @@ impl Architecture {
             | Architecture::Hat { scale, .. }
             | Architecture::Dat { scale, .. }
             | Architecture::RealCugan { scale, .. }
+            | Architecture::Rcan { scale, .. }
+            | Architecture::OmniSr { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
         }
     }
@@ -381,6 +428,8 @@ impl Architecture {
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
             | Architecture::RealCugan { channels, .. }
+            | Architecture::Rcan { channels, .. }
+            | Architecture::OmniSr { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -400,6 +449,8 @@ impl Architecture {
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::RealCugan { .. } => "RealCUGAN",
+            Architecture::Rcan { .. } => "RCAN",
+            Architecture::OmniSr { .. } => "OmniSR",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -472,6 +523,8 @@ impl Architecture {
                 .filter(|(on, _)| *on)
                 .map(|(_, tag)| tag.to_string())
                 .collect(),
+            Architecture::Rcan { .. } => self.rcan_tags(),
+            Architecture::OmniSr { .. } => self.omnisr_tags(),
             // spandrel gives SCUNet no tags.
             Architecture::ScuNet { .. } => Vec::new(),
         }

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet and Real-CUGAN.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN and OmniSR.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -18,7 +18,9 @@ mod dat;
 pub mod drct;
 mod hat;
 pub mod mosr;
+mod omnisr;
 mod plksr;
+mod rcan;
 pub mod realcugan;
 pub mod safmn;
 pub mod scunet;
@@ -84,6 +86,13 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if realcugan::KEYS.iter().all(|key| has(key)) {
         return realcugan::detect(&unwrapped).map_err(unknown);
+    }
+    if omnisr::KEYS.iter().all(|key| has(key)) {
+        return omnisr::detect(&unwrapped).map_err(unknown);
+    }
+    let rcan_head = rcan::HEAD_KEYS.iter().any(|key| has(key));
+    if rcan_head && rcan::KEYS.iter().all(|key| has(key)) {
+        return rcan::detect(&unwrapped).map_err(unknown);
     }
     if plksr::KEYS.iter().all(|key| has(key)) {
         return plksr::detect(&unwrapped).map_err(unknown);
