@@ -46,7 +46,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 56);
+    assert_eq!(models.len(), 59);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -66,6 +66,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::RealCugan { .. } => "RealCUGAN",
             Architecture::Rcan { .. } => "RCAN",
             Architecture::OmniSr { .. } => "OmniSR",
+            Architecture::Rgt { .. } => "RGT",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -346,7 +347,9 @@ fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBu
 /// not divide the 16-pixel padding; a fast Real-CUGAN flagged "pro"; RCAN's unshuffle
 /// other than 2 or 4, upsampling rounds other than its constructor's and a channel
 /// attention width its reduction does not give; OmniSR's width that is not whole quarters
-/// and a position-bias table of no window's size.
+/// and a position-bias table of no window's size; RGT's odd width, a window spandrel
+/// finds no size for, heads that do not divide their half or the recursive attention's
+/// narrow width, an upsampler other than 64 wide.
 #[test]
 fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     let (root, _) = cases();
@@ -449,6 +452,30 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
             "omnisr_x4",
             "params_ema.residual_layer.0.residual_layer.0.layer.2.fn.rel_pos_bias.weight",
             zeros(&[50, 4]),
+        ),
+        // RGT 63 wide (the window pair halves the width), with offsets of no window
+        // spandrel finds, 3 window heads over a 32-channel half, a recursive attention
+        // 31 wide under 2 heads, a 32-wide upsampler (the constructor's is 64).
+        ("rgt_x4_3conv", "conv_first.weight", zeros(&[63, 3, 3, 3])),
+        (
+            "rgt_x2",
+            "params_ema.layers.0.blocks.0.attn.attns.0.rpe_biases",
+            zeros(&[55, 2]),
+        ),
+        (
+            "rgt_x3",
+            "params.layers.1.blocks.0.attn.attns.0.pos.pos3.2.weight",
+            zeros(&[3, 2]),
+        ),
+        (
+            "rgt_x2",
+            "params_ema.layers.0.blocks.1.attn.conv.weight",
+            zeros(&[31, 64, 1, 1]),
+        ),
+        (
+            "rgt_x4_3conv",
+            "conv_before_upsample.0.weight",
+            zeros(&[32, 64, 3, 3]),
         ),
         // A first block whose 3 heads do not divide its 16 channels.
         (

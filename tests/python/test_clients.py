@@ -153,7 +153,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
     shuffle, a RealPLKSR x2 with DySample, a DRCT x2 (8-pixel windows, shifted) and a
     Swin2SR x2 with the compressed-input models' bicubic branch, a Real-CUGAN x3 "pro",
-    a pixel-unshuffled RCAN x2 and an OmniSR x2, each listed with spandrel's architecture and run by the Upscale RPC to
+    a pixel-unshuffled RCAN x2, an OmniSR x2 and an RGT x2, each listed with spandrel's architecture and run by the Upscale RPC to
     spandrel's image."""
     import numpy as np
     import spandrel
@@ -167,6 +167,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
     from spandrel.architectures.RCAN import RCAN
     from spandrel.architectures.RealCUGAN import UpCunet3x
+    from spandrel.architectures.RGT import RGT
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.Swin2SR import Swin2SR
@@ -187,6 +188,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "drct-x2": (DRCT(img_size=16, embed_dim=16, depths=(6,), num_heads=[4], window_size=8, upscale=2, upsampler="pixelshuffle", gc=8), "DRCT", 2),
         "rcan-x2-unshuffle": (RCAN(scale=2, unshuffle_mod=True, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4), "RCAN", 2),
         "omnisr-x2": (OmniSR(num_feat=16, block_num=1, window_size=8, res_num=1, up_scale=2), "OmniSR", 2),
+        "rgt-x2": (RGT(embed_dim=64, depth=[2, 2], num_heads=[2, 4], upscale=2, split_size=[4, 4]), "RGT", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
@@ -204,7 +206,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
         # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
-        # to multiples of 16, Real-CUGAN's to 32, OmniSR's to 16.
+        # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -1,6 +1,6 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR;
-//! SCUNet restoring at scale 1) loaded
+//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR,
+//! RGT; SCUNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -20,6 +20,8 @@ pub mod omnisr;
 pub mod plksr;
 pub mod rcan;
 pub mod realcugan;
+pub mod rgt;
+pub mod rwin;
 pub mod safmn;
 pub mod same_conv;
 pub mod scunet;
@@ -41,8 +43,8 @@ use layout::Architecture;
 use nets::Network;
 use tiles::Tiling;
 
-/// The ends of DAT's stored buffers that are computed (index, offsets, masks) or unused
-/// at inference (the batch norms' step counts).
+/// The ends of DAT's and RGT's stored buffers that are computed (index, offsets, masks) or
+/// unused at inference (the batch norms' step counts).
 const DAT_UNREAD: [&str; 5] = [
     ".relative_position_index",
     ".rpe_biases",
@@ -95,7 +97,9 @@ impl Upscaler {
                     || name.ends_with(".attn_mask")
                     || name.ends_with(".relative_coords_table")
             }
-            Architecture::Dat { .. } => DAT_UNREAD.iter().any(|s| name.ends_with(s)),
+            Architecture::Dat { .. } | Architecture::Rgt { .. } => {
+                DAT_UNREAD.iter().any(|s| name.ends_with(s))
+            }
             // Real-CUGAN's `pro` flag is read from its presence.
             Architecture::RealCugan { .. } => name == layout::realcugan::PRO_KEY,
             _ => false,

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -17,6 +17,7 @@ use crate::engine::upscale::omnisr::OmniSr;
 use crate::engine::upscale::plksr::Plksr;
 use crate::engine::upscale::rcan::Rcan;
 use crate::engine::upscale::realcugan::RealCugan;
+use crate::engine::upscale::rgt::Rgt;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
@@ -227,6 +228,7 @@ pub enum Network {
     RealCugan(Box<RealCugan>),
     Rcan(Box<Rcan>),
     OmniSr(Box<OmniSr>),
+    Rgt(Box<Rgt>),
 }
 
 impl Network {
@@ -260,6 +262,7 @@ impl Network {
             Architecture::OmniSr { .. } => {
                 Network::OmniSr(Box::new(OmniSr::load(vp, architecture)?))
             }
+            Architecture::Rgt { .. } => Network::Rgt(Box::new(Rgt::load(vp, architecture)?)),
         })
     }
 
@@ -281,6 +284,7 @@ impl Network {
             Network::RealCugan(n) => n.forward(image),
             Network::Rcan(n) => n.forward(image),
             Network::OmniSr(n) => n.forward(image),
+            Network::Rgt(n) => n.forward(image),
         }
     }
 }

@@ -92,6 +92,7 @@ impl Architecture {
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
+            | Architecture::Rgt { .. }
             | Architecture::ScuNet { .. } => self.attention_stage_floats(out),
         }
     }
@@ -155,6 +156,17 @@ impl Architecture {
             } => (
                 (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
                 3 * upsample_features.max(3) as u64 * out,
+            ),
+            // As DAT, the recursive attention's reduced map being small.
+            Architecture::Rgt {
+                features,
+                heads,
+                split,
+                mlp_hidden,
+                ..
+            } => (
+                (12 * features + 2 * mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * 64 * out,
             ),
             // As SwinIR at the dense group's widest, the group's input and growths kept
             // for the concatenation.

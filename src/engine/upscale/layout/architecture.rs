@@ -241,6 +241,30 @@ pub enum Architecture {
         /// Whether each group (and the body) ends with three convolutions (`3conv`).
         three_conv: bool,
     },
+    /// RGT: DAT's frame around blocks alternating rectangle-window attention (beside a
+    /// depthwise convolution of the values) and recursive-generalization attention (to
+    /// the image reduced by 4 at least twice), then a pixel-shuffle upsampler.
+    Rgt {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`len(depth)`).
+        groups: i64,
+        /// The first orientation's window `[rows, columns]` (`split_size`); the second
+        /// is its transpose.
+        split: [i64; 2],
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The feed-forward networks' width.
+        mlp_hidden: i64,
+        /// The recursive attentions' narrow width (`int(embed_dim * c_ratio)`).
+        reduced: i64,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`).
+        three_conv: bool,
+    },
     /// DRCT: residual dense groups of five Swin transformer blocks, each taking the
     /// group's input and the growths of the blocks before it, then a pixel-shuffle
     /// upsampler.
@@ -374,7 +398,8 @@ impl Architecture {
             | Architecture::Swin2Sr { .. }
             | Architecture::Hat { .. }
             | Architecture::Dat { .. }
-            | Architecture::OmniSr { .. } => (16, 1),
+            | Architecture::OmniSr { .. }
+            | Architecture::Rgt { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
@@ -408,6 +433,7 @@ impl Architecture {
             | Architecture::RealCugan { scale, .. }
             | Architecture::Rcan { scale, .. }
             | Architecture::OmniSr { scale, .. }
+            | Architecture::Rgt { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
         }
     }
@@ -430,6 +456,7 @@ impl Architecture {
             | Architecture::RealCugan { channels, .. }
             | Architecture::Rcan { channels, .. }
             | Architecture::OmniSr { channels, .. }
+            | Architecture::Rgt { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -451,6 +478,7 @@ impl Architecture {
             Architecture::RealCugan { .. } => "RealCUGAN",
             Architecture::Rcan { .. } => "RCAN",
             Architecture::OmniSr { .. } => "OmniSR",
+            Architecture::Rgt { .. } => "RGT",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -525,8 +553,8 @@ impl Architecture {
                 .collect(),
             Architecture::Rcan { .. } => self.rcan_tags(),
             Architecture::OmniSr { .. } => self.omnisr_tags(),
-            // spandrel gives SCUNet no tags.
-            Architecture::ScuNet { .. } => Vec::new(),
+            // spandrel gives SCUNet and RGT no tags.
+            Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN and OmniSR.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR and RGT.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -22,6 +22,7 @@ mod omnisr;
 mod plksr;
 mod rcan;
 pub mod realcugan;
+pub mod rgt;
 pub mod safmn;
 pub mod scunet;
 mod span;
@@ -69,6 +70,10 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if dat::KEYS.iter().all(|key| has(key)) {
         return dat::detect(path, &unwrapped)?.ok_or_else(|| unknown(dat::KEYS[0]));
+    }
+    let rgt_residual = rgt::RESIDUAL_KEYS.iter().any(|key| has(key));
+    if rgt_residual && rgt::KEYS.iter().all(|key| has(key)) {
+        return rgt::detect(&unwrapped).map_err(|name| unknown(&name));
     }
     if drct::KEYS.iter().all(|key| has(key)) {
         return drct::detect(path, &unwrapped);

@@ -1,0 +1,254 @@
+//! The rectangle-window attention DAT and RGT share (`Spatial_Attention`,
+//! `WindowAttention`): half the channels attend within `[rows, columns]` windows and half
+//! within the transposed ones, each with a position bias drawn by a small MLP from the
+//! offsets; the q/k/v are zero-padded to whole windows of both orientations, and some
+//! blocks shift their windows by half with the regions the roll joined masked apart.
+//! Also their spatial-gate feed-forward network and batch-norm-folded convolutions.
+
+use tch::Tensor;
+
+use crate::engine::error::Result;
+use crate::engine::models::nn::{LayerNorm, Linear};
+use crate::engine::preprocess::efficientnet::fold_batch_norm;
+use crate::engine::upscale::swin::{
+    attend, embed, gather_bias, partition, relative_position_index, reverse, shifted_mask, unembed,
+    LAYER_NORM_EPS, MASKED,
+};
+use crate::engine::weights::VarPath;
+
+/// `nn.BatchNorm2d`'s epsilon.
+const BATCH_NORM_EPS: f64 = 1e-5;
+
+/// A convolution with its inference batch norm folded in, one group per channel or one
+/// for all.
+pub struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    padding: i64,
+}
+
+impl Conv {
+    /// The `kernel`×`kernel` convolution under `vp` from `input` to `output` channels
+    /// (depthwise: one group per channel), with the batch norm under `norm` folded in.
+    pub fn load(
+        vp: &VarPath,
+        [input, output]: [i64; 2],
+        kernel: i64,
+        depthwise: bool,
+        norm: Option<&VarPath>,
+    ) -> Result<Self> {
+        let per_group = if depthwise { 1 } else { input };
+        let weight = vp.get("weight", &[output, per_group, kernel, kernel])?;
+        let bias = vp.get("bias", &[output])?;
+        let (weight, bias) = match norm {
+            Some(norm) => fold_batch_norm(norm, weight, Some(bias), BATCH_NORM_EPS)?,
+            None => (weight, bias),
+        };
+        Ok(Self {
+            weight,
+            bias,
+            groups: if depthwise { output } else { 1 },
+            padding: kernel / 2,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let padding = [self.padding, self.padding];
+        x.conv2d(
+            &self.weight,
+            Some(&self.bias),
+            [1, 1],
+            padding,
+            [1, 1],
+            self.groups,
+        )
+    }
+}
+
+/// The first dimension of `name` under `vp` (0 where it is missing: the load that
+/// follows names it).
+pub fn width(vp: &VarPath, name: &str) -> i64 {
+    vp.shape(name).and_then(|s| s.first().copied()).unwrap_or(0)
+}
+
+/// The offsets a `[rows, columns]` window's position bias is drawn from
+/// (`rpe_biases`): every (row, column) difference, row-major, as [(2r-1)(2c-1), 2].
+fn position_offsets([rows, columns]: [i64; 2], like: &VarPath) -> Tensor {
+    let offsets: Vec<f32> = (1 - rows..rows)
+        .flat_map(|dy| (1 - columns..columns).flat_map(move |dx| [dy as f32, dx as f32]))
+        .collect();
+    Tensor::from_slice(&offsets)
+        .view([-1, 2])
+        .to_device(like.device())
+        .to_kind(like.kind())
+}
+
+/// Attention within one orientation's windows (`Spatial_Attention`), its position bias
+/// drawn once at load by the dynamic position bias MLP (`DynamicPosBias`, no residual).
+struct WindowBranch {
+    /// [heads, N, N].
+    bias: Tensor,
+    heads: i64,
+    window: [i64; 2],
+}
+
+impl WindowBranch {
+    fn load(vp: &VarPath, heads: i64, window: [i64; 2]) -> Result<Self> {
+        let pos = vp.pp("pos");
+        let hidden = width(&pos, "pos_proj.weight");
+        let project = Linear::load(&pos.pp("pos_proj"), 2, hidden, true)?;
+        let mut table = project.forward(&position_offsets(window, vp));
+        for (layer, output) in [("pos1", hidden), ("pos2", hidden), ("pos3", heads)] {
+            let norm = LayerNorm::load(&pos.pp(layer).pp(0), hidden, LAYER_NORM_EPS)?;
+            let linear = Linear::load(&pos.pp(layer).pp(2), hidden, output, true)?;
+            table = linear.forward(&norm.forward(&table).relu());
+        }
+        let pixels = window[0] * window[1];
+        let index = relative_position_index(window);
+        Ok(Self {
+            bias: gather_bias(&table, &index, pixels, pixels),
+            heads,
+            window,
+        })
+    }
+
+    /// Attention within the windows of [3, B, H, W, C] q/k/v (whole windows), `mask`
+    /// [nW, N, N] on shifted ones; [B, H, W, C] out.
+    fn forward(&self, qkv: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        let size = qkv.size();
+        let (h, w, c) = (size[2], size[3], size[4]);
+        let [rows, columns] = self.window;
+        let heads = self.heads;
+        let windows = |i: i64| {
+            partition(&qkv.get(i), self.window)
+                .view([-1, rows * columns, heads, c / heads])
+                .permute([0, 2, 1, 3])
+        };
+        let attended = attend(&windows(0), &windows(1), &windows(2), &self.bias, mask);
+        reverse(&attended.view([-1, rows, columns, c]), self.window, h, w)
+    }
+}
+
+/// Where a forward pass's spatial blocks put their windows: the image side lengths, the
+/// sides padded with zeros to whole windows of both orientations, each orientation's
+/// shift and its shifted windows' mask.
+pub struct Geometry {
+    pub height: i64,
+    pub width: i64,
+    padded: [i64; 2],
+    shifts: [[i64; 2]; 2],
+    masks: Option<[Tensor; 2]>,
+}
+
+impl Geometry {
+    /// For the [B, C, H, W] feature map `like` and the first orientation's window; the
+    /// masks only where some block is `shifted`.
+    pub fn of(like: &Tensor, split: [i64; 2], shifted: bool) -> Self {
+        let size = like.size();
+        let (height, width) = (size[2], size[3]);
+        // The reference pads to the larger side, which the smaller divides.
+        let side = split[0].max(split[1]);
+        let whole = |n: i64| n + (side - n % side) % side;
+        let padded = [whole(height), whole(width)];
+        let windows = [split, [split[1], split[0]]];
+        let shifts = windows.map(|[rows, columns]| [rows / 2, columns / 2]);
+        let masks = (shifted && shifts[0] != [0, 0]).then(|| {
+            [0, 1].map(|i| shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like))
+        });
+        Self {
+            height,
+            width,
+            padded,
+            shifts,
+            masks,
+        }
+    }
+}
+
+/// Both orientations' window attention (the `attns` pair) over q/k/v whose channels
+/// they split in halves.
+pub struct WindowPair {
+    branches: [WindowBranch; 2],
+    shifted: bool,
+}
+
+impl WindowPair {
+    /// The pair under `attns`, `heads` in all (half each), the first orientation's window
+    /// `split`, on shifted windows where `shifted`.
+    pub fn load(attns: &VarPath, heads: i64, split: [i64; 2], shifted: bool) -> Result<Self> {
+        Ok(Self {
+            branches: [
+                WindowBranch::load(&attns.pp(0), heads / 2, split)?,
+                WindowBranch::load(&attns.pp(1), heads / 2, [split[1], split[0]])?,
+            ],
+            shifted,
+        })
+    }
+
+    /// Whether it attends on shifted windows.
+    pub fn shifted(&self) -> bool {
+        self.shifted
+    }
+
+    /// Attention of [3, B, H, W, C] q/k/v; [B, H·W, C] out, the halves side by side.
+    pub fn forward(&self, qkv: &Tensor, geometry: &Geometry) -> Tensor {
+        let size = qkv.size();
+        let (b, c) = (size[1], size[4]);
+        let (h, w) = (geometry.height, geometry.width);
+        let [ph, pw] = geometry.padded;
+        let padded = qkv.constant_pad_nd([0, 0, 0, pw - w, 0, ph - h]);
+        let half = c / 2;
+        let attended: Vec<Tensor> = self
+            .branches
+            .iter()
+            .enumerate()
+            .map(|(i, branch)| {
+                let part = padded.narrow(4, i as i64 * half, half);
+                let shift = match (&geometry.masks, self.shifted) {
+                    (Some(masks), true) => Some((geometry.shifts[i], &masks[i])),
+                    _ => None,
+                };
+                let y = match shift {
+                    Some(([sy, sx], mask)) => branch
+                        .forward(&part.roll([-sy, -sx], [2, 3]), Some(mask))
+                        .roll([sy, sx], [1, 2]),
+                    None => branch.forward(&part, None),
+                };
+                y.narrow(1, 0, h).narrow(2, 0, w).reshape([b, h * w, half])
+            })
+            .collect();
+        Tensor::cat(&attended, 2)
+    }
+}
+
+/// The spatial-gate feed-forward network (`SGFN`): half its hidden channels, normed and
+/// convolved depthwise, gate the other half.
+pub struct GatedFeedForward {
+    fc1: Linear,
+    norm: LayerNorm,
+    conv: Conv,
+    fc2: Linear,
+}
+
+impl GatedFeedForward {
+    pub fn load(vp: &VarPath, dim: i64, hidden: i64) -> Result<Self> {
+        let half = hidden / 2;
+        let gate = vp.pp("sg");
+        Ok(Self {
+            fc1: Linear::load(&vp.pp("fc1"), dim, hidden, true)?,
+            norm: LayerNorm::load(&gate.pp("norm"), half, LAYER_NORM_EPS)?,
+            conv: Conv::load(&gate.pp("conv"), [half, half], 3, true, None)?,
+            fc2: Linear::load(&vp.pp("fc2"), half, dim, true)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
+        let y = self.fc1.forward(x).gelu("none");
+        let half = y.size()[2] / 2;
+        let (h, w) = (geometry.height, geometry.width);
+        let normed = self.norm.forward(&y.narrow(2, half, half));
+        let gate = embed(&self.conv.forward(&unembed(&normed, h, w)));
+        self.fc2.forward(&(y.narrow(2, 0, half) * gate))
+    }
+}
