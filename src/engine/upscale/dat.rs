@@ -13,11 +13,12 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::models::nn::{LayerNorm, Linear};
 use crate::engine::upscale::layout::Architecture;
-use crate::engine::upscale::rwin::{width, Conv, GatedFeedForward, Geometry, WindowPair};
+use crate::engine::upscale::rwin::{width, Frame, GatedFeedForward, Geometry, WindowPair};
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{count_blocks, embed, unembed, LAYER_NORM_EPS};
-use crate::engine::upscale::swinir::{image_mean, ResidualConv, SwinShape, Tail};
+use crate::engine::upscale::swinir::{ResidualConv, SwinShape};
 use crate::engine::weights::VarPath;
 
 /// `F.normalize`'s epsilon.
@@ -26,9 +27,9 @@ const NORMALIZE_EPS: f64 = 1e-12;
 /// The depthwise convolution branch beside an attention and the adaptive interaction
 /// module's two maps (before their sigmoid).
 struct Interaction {
-    depthwise: Conv,
-    channel: [Conv; 2],
-    spatial: [Conv; 2],
+    depthwise: SameConv,
+    channel: [SameConv; 2],
+    spatial: [SameConv; 2],
 }
 
 impl Interaction {
@@ -37,26 +38,20 @@ impl Interaction {
         let thin = width(vp, "spatial_interaction.0.weight");
         let (channel, spatial) = (vp.pp("channel_interaction"), vp.pp("spatial_interaction"));
         Ok(Self {
-            depthwise: Conv::load(
+            depthwise: SameConv::folded(
                 &vp.pp("dwconv.0"),
                 [dim, dim],
                 3,
-                true,
-                Some(&vp.pp("dwconv.1")),
+                dim,
+                &vp.pp("dwconv.1"),
             )?,
             channel: [
-                Conv::load(
-                    &channel.pp(1),
-                    [dim, squeezed],
-                    1,
-                    false,
-                    Some(&channel.pp(2)),
-                )?,
-                Conv::load(&channel.pp(4), [squeezed, dim], 1, false, None)?,
+                SameConv::folded(&channel.pp(1), [dim, squeezed], 1, 1, &channel.pp(2))?,
+                SameConv::load(&channel.pp(4), [squeezed, dim], 1, 1, true)?,
             ],
             spatial: [
-                Conv::load(&spatial.pp(0), [dim, thin], 1, false, Some(&spatial.pp(1)))?,
-                Conv::load(&spatial.pp(3), [thin, 1], 1, false, None)?,
+                SameConv::folded(&spatial.pp(0), [dim, thin], 1, 1, &spatial.pp(1))?,
+                SameConv::load(&spatial.pp(3), [thin, 1], 1, 1, true)?,
             ],
         })
     }
@@ -270,17 +265,10 @@ fn group_heads(blocks: &VarPath) -> i64 {
 
 /// DAT.
 pub struct Dat {
-    first: Conv2d,
-    before_groups: LayerNorm,
+    frame: Frame,
     groups: Vec<Group>,
-    norm: LayerNorm,
-    after_body: ResidualConv,
-    tail: Tail,
-    mean: Tensor,
-    split: [i64; 2],
     /// Whether any block attends on shifted windows (the masks are built for them).
     shifted: bool,
-    scale: i64,
 }
 
 impl Dat {
@@ -324,30 +312,17 @@ impl Dat {
             .flat_map(|g| &g.blocks)
             .any(|b| matches!(&b.attention, Attention::Spatial(a) if a.pair.shifted()));
         Ok(Self {
-            first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
-            before_groups: LayerNorm::load(&vp.pp("before_RG.1"), features, LAYER_NORM_EPS)?,
+            frame: Frame::load(vp, &tail_shape, split)?,
             groups,
-            norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
-            after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
-            tail: Tail::load(vp, &tail_shape)?,
-            mean: image_mean(channels, vp),
-            split,
             shifted,
-            scale,
         })
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {
-        let input = image - &self.mean;
-        let first = self.first.forward(&input);
-        let geometry = Geometry::of(&first, self.split, self.shifted);
-        let tokens = self.before_groups.forward(&embed(&first));
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &geometry));
-        let features = unembed(&self.norm.forward(&tokens), geometry.height, geometry.width);
-        let body = self.after_body.forward(&features) + &first;
-        self.tail.forward(&body, &input, self.scale) + &self.mean
+        self.frame.forward(image, self.shifted, |tokens, geometry| {
+            self.groups
+                .iter()
+                .fold(tokens, |x, group| group.forward(&x, geometry))
+        })
     }
 }

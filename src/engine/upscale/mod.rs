@@ -9,7 +9,6 @@ pub mod activation;
 pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
-pub mod depthwise;
 pub mod drct;
 pub mod dysample;
 pub mod hat;

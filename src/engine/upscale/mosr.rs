@@ -11,10 +11,10 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::depthwise::Depthwise;
 use crate::engine::upscale::dysample::DySample;
 use crate::engine::upscale::layout::mosr::{DYSAMPLE_GROUPS, ENSEMBLE};
 use crate::engine::upscale::layout::{Architecture, MoSrUpsampler};
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
 
 /// The offset every residual in MoSR subtracts.
@@ -24,7 +24,7 @@ const RESIDUAL_OFFSET: f64 = 0.5;
 struct GatedBlock {
     norm: ChannelNorm,
     fc1: Conv2d,
-    conv: Depthwise,
+    conv: SameConv,
     fc2: Conv2d,
     hidden: i64,
     conv_channels: i64,
@@ -45,7 +45,7 @@ impl GatedBlock {
         Ok(Self {
             norm: ChannelNorm::load(&vp.pp("norm"), dim)?,
             fc1: Conv2d::load(&vp.pp("fc1"), dim, 2 * hidden, 3, 1, 1)?,
-            conv: Depthwise::load(&vp.pp("conv"), conv_channels, kernel)?,
+            conv: SameConv::depthwise(&vp.pp("conv"), conv_channels, kernel, true)?,
             fc2: Conv2d::load(&vp.pp("fc2"), hidden, dim, 3, 1, 1)?,
             hidden,
             conv_channels,

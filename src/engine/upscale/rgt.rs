@@ -10,12 +10,13 @@
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::models::nn::{LayerNorm, Linear};
 use crate::engine::upscale::layout::rgt::{heads_from_window_heads, UPSAMPLE_FEATURES};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
-use crate::engine::upscale::rwin::{width, Conv, GatedFeedForward, Geometry, WindowPair};
+use crate::engine::upscale::rwin::{width, Frame, GatedFeedForward, Geometry, WindowPair};
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{count_blocks, embed, unembed, LAYER_NORM_EPS};
-use crate::engine::upscale::swinir::{image_mean, ResidualConv, SwinShape, Tail};
+use crate::engine::upscale::swinir::{ResidualConv, SwinShape};
 use crate::engine::weights::VarPath;
 
 /// What each recursion divides the sides by (`reduction1`'s stride).
@@ -42,7 +43,7 @@ struct LocalAttention {
     qkv: Linear,
     proj: Linear,
     pair: WindowPair,
-    values: Conv,
+    values: SameConv,
 }
 
 impl LocalAttention {
@@ -52,7 +53,7 @@ impl LocalAttention {
             qkv: Linear::load(&vp.pp("qkv"), dim, 3 * dim, qkv_bias)?,
             proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
             pair: WindowPair::load(&vp.pp("attns"), heads, split, shifted)?,
-            values: Conv::load(&vp.pp("get_v"), [dim, dim], 3, true, None)?,
+            values: SameConv::depthwise(&vp.pp("get_v"), dim, 3, true)?,
         })
     }
 
@@ -77,14 +78,14 @@ impl LocalAttention {
 struct RecursiveAttention {
     /// The depthwise 4×4 stride-4 reduction, applied once per recursion.
     reduction: (Tensor, Tensor),
-    depthwise: Conv,
-    narrow: Conv,
+    depthwise: SameConv,
+    narrow: SameConv,
     norm: LayerNorm,
     q: Linear,
     k: Linear,
     v: Linear,
     /// The values' convolutional position encoding (`cpe`).
-    position: Conv,
+    position: SameConv,
     proj: Linear,
     heads: i64,
     scale: f64,
@@ -99,13 +100,13 @@ impl RecursiveAttention {
                 reduction.get("weight", &[dim, 1, REDUCTION, REDUCTION])?,
                 reduction.get("bias", &[dim])?,
             ),
-            depthwise: Conv::load(&vp.pp("dwconv"), [dim, dim], 3, true, None)?,
-            narrow: Conv::load(&vp.pp("conv"), [dim, reduced], 1, false, None)?,
+            depthwise: SameConv::depthwise(&vp.pp("dwconv"), dim, 3, true)?,
+            narrow: SameConv::load(&vp.pp("conv"), [dim, reduced], 1, 1, true)?,
             norm: LayerNorm::load(&vp.pp("norm_act").pp(0), reduced, LAYER_NORM_EPS)?,
             q: Linear::load(&vp.pp("q"), dim, reduced, qkv_bias)?,
             k: Linear::load(&vp.pp("k"), reduced, reduced, qkv_bias)?,
             v: Linear::load(&vp.pp("v"), reduced, dim, qkv_bias)?,
-            position: Conv::load(&vp.pp("cpe"), [dim, dim], 3, true, None)?,
+            position: SameConv::depthwise(&vp.pp("cpe"), dim, 3, true)?,
             proj: Linear::load(&vp.pp("proj"), dim, dim, true)?,
             heads,
             // `(head_dim * c_ratio) ** -0.5`, the ratio as the reference reads it.
@@ -256,17 +257,10 @@ fn group_heads(blocks: &VarPath, features: i64) -> i64 {
 
 /// RGT.
 pub struct Rgt {
-    first: Conv2d,
-    before_groups: LayerNorm,
+    frame: Frame,
     groups: Vec<Group>,
-    norm: LayerNorm,
-    after_body: ResidualConv,
-    tail: Tail,
-    mean: Tensor,
-    split: [i64; 2],
     /// Whether any block attends on shifted windows (the masks are built for them).
     shifted: bool,
-    scale: i64,
 }
 
 impl Rgt {
@@ -310,31 +304,18 @@ impl Rgt {
             .flat_map(|g| &g.blocks)
             .any(|b| matches!(&b.attention, Attention::Local(a) if a.pair.shifted()));
         Ok(Self {
-            first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
-            before_groups: LayerNorm::load(&vp.pp("before_RG.1"), features, LAYER_NORM_EPS)?,
+            frame: Frame::load(vp, &tail_shape, split)?,
             groups,
-            norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
-            after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, three_conv)?,
-            tail: Tail::load(vp, &tail_shape)?,
-            mean: image_mean(channels, vp),
-            split,
             shifted,
-            scale,
         })
     }
 
     pub fn forward(&self, image: &Tensor) -> Tensor {
-        let input = image - &self.mean;
-        let first = self.first.forward(&input);
-        let geometry = Geometry::of(&first, self.split, self.shifted);
-        let tokens = self.before_groups.forward(&embed(&first));
-        let tokens = self
-            .groups
-            .iter()
-            .fold(tokens, |x, group| group.forward(&x, &geometry));
-        let features = unembed(&self.norm.forward(&tokens), geometry.height, geometry.width);
-        let body = self.after_body.forward(&features) + &first;
-        self.tail.forward(&body, &input, self.scale) + &self.mean
+        self.frame.forward(image, self.shifted, |tokens, geometry| {
+            self.groups
+                .iter()
+                .fold(tokens, |x, group| group.forward(&x, geometry))
+        })
     }
 }
 

@@ -3,68 +3,19 @@
 //! within the transposed ones, each with a position bias drawn by a small MLP from the
 //! offsets; the q/k/v are zero-padded to whole windows of both orientations, and some
 //! blocks shift their windows by half with the regions the roll joined masked apart.
-//! Also their spatial-gate feed-forward network and batch-norm-folded convolutions.
+//! Also their spatial-gate feed-forward network and the frame around their groups.
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
-use crate::engine::models::nn::{LayerNorm, Linear};
-use crate::engine::preprocess::efficientnet::fold_batch_norm;
+use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{
     attend, embed, gather_bias, partition, relative_position_index, reverse, shifted_mask, unembed,
     LAYER_NORM_EPS, MASKED,
 };
+use crate::engine::upscale::swinir::{image_mean, ResidualConv, SwinShape, Tail};
 use crate::engine::weights::VarPath;
-
-/// `nn.BatchNorm2d`'s epsilon.
-const BATCH_NORM_EPS: f64 = 1e-5;
-
-/// A convolution with its inference batch norm folded in, one group per channel or one
-/// for all.
-pub struct Conv {
-    weight: Tensor,
-    bias: Tensor,
-    groups: i64,
-    padding: i64,
-}
-
-impl Conv {
-    /// The `kernel`×`kernel` convolution under `vp` from `input` to `output` channels
-    /// (depthwise: one group per channel), with the batch norm under `norm` folded in.
-    pub fn load(
-        vp: &VarPath,
-        [input, output]: [i64; 2],
-        kernel: i64,
-        depthwise: bool,
-        norm: Option<&VarPath>,
-    ) -> Result<Self> {
-        let per_group = if depthwise { 1 } else { input };
-        let weight = vp.get("weight", &[output, per_group, kernel, kernel])?;
-        let bias = vp.get("bias", &[output])?;
-        let (weight, bias) = match norm {
-            Some(norm) => fold_batch_norm(norm, weight, Some(bias), BATCH_NORM_EPS)?,
-            None => (weight, bias),
-        };
-        Ok(Self {
-            weight,
-            bias,
-            groups: if depthwise { output } else { 1 },
-            padding: kernel / 2,
-        })
-    }
-
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let padding = [self.padding, self.padding];
-        x.conv2d(
-            &self.weight,
-            Some(&self.bias),
-            [1, 1],
-            padding,
-            [1, 1],
-            self.groups,
-        )
-    }
-}
 
 /// The first dimension of `name` under `vp` (0 where it is missing: the load that
 /// follows names it).
@@ -227,7 +178,7 @@ impl WindowPair {
 pub struct GatedFeedForward {
     fc1: Linear,
     norm: LayerNorm,
-    conv: Conv,
+    conv: SameConv,
     fc2: Linear,
 }
 
@@ -238,7 +189,7 @@ impl GatedFeedForward {
         Ok(Self {
             fc1: Linear::load(&vp.pp("fc1"), dim, hidden, true)?,
             norm: LayerNorm::load(&gate.pp("norm"), half, LAYER_NORM_EPS)?,
-            conv: Conv::load(&gate.pp("conv"), [half, half], 3, true, None)?,
+            conv: SameConv::depthwise(&gate.pp("conv"), half, 3, true)?,
             fc2: Linear::load(&vp.pp("fc2"), half, dim, true)?,
         })
     }
@@ -250,5 +201,53 @@ impl GatedFeedForward {
         let normed = self.norm.forward(&y.narrow(2, half, half));
         let gate = embed(&self.conv.forward(&unembed(&normed, h, w)));
         self.fc2.forward(&(y.narrow(2, 0, half) * gate))
+    }
+}
+
+/// DAT's frame around its residual groups (RGT's too): the mean subtracted, a first
+/// convolution, the groups on its layer-normed tokens, a closing norm, the body's
+/// residual convolution with the long skip, SwinIR's tail, the mean added back.
+pub struct Frame {
+    first: Conv2d,
+    before_groups: LayerNorm,
+    norm: LayerNorm,
+    after_body: ResidualConv,
+    tail: Tail,
+    mean: Tensor,
+    split: [i64; 2],
+    scale: i64,
+}
+
+impl Frame {
+    /// The frame of a network of `shape` whose first windows are `split`.
+    pub(super) fn load(vp: &VarPath, shape: &SwinShape, split: [i64; 2]) -> Result<Self> {
+        let (channels, features) = (shape.channels, shape.features);
+        Ok(Self {
+            first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
+            before_groups: LayerNorm::load(&vp.pp("before_RG.1"), features, LAYER_NORM_EPS)?,
+            norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
+            after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, shape.three_conv)?,
+            tail: Tail::load(vp, shape)?,
+            mean: image_mean(channels, vp),
+            split,
+            scale: shape.scale,
+        })
+    }
+
+    /// The network on `image`, `groups` taking the tokens and the windows' geometry (its
+    /// masks built where some block is `shifted`).
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        shifted: bool,
+        groups: impl Fn(Tensor, &Geometry) -> Tensor,
+    ) -> Tensor {
+        let input = image - &self.mean;
+        let first = self.first.forward(&input);
+        let geometry = Geometry::of(&first, self.split, shifted);
+        let tokens = groups(self.before_groups.forward(&embed(&first)), &geometry);
+        let features = unembed(&self.norm.forward(&tokens), geometry.height, geometry.width);
+        let body = self.after_body.forward(&features) + &first;
+        self.tail.forward(&body, &input, self.scale) + &self.mean
     }
 }

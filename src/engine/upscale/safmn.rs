@@ -10,14 +10,14 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::depthwise::Depthwise;
 use crate::engine::upscale::layout::safmn::LEVELS;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
 
 /// The spatially-adaptive feature modulation (`SAFM`).
 struct Modulation {
-    levels: Vec<Depthwise>,
+    levels: Vec<SameConv>,
     aggregate: Conv2d,
 }
 
@@ -26,7 +26,7 @@ impl Modulation {
         let chunk = dim / LEVELS;
         Ok(Self {
             levels: (0..LEVELS)
-                .map(|i| Depthwise::load(&vp.pp("mfr").pp(i), chunk, 3))
+                .map(|i| SameConv::depthwise(&vp.pp("mfr").pp(i), chunk, 3, true))
                 .collect::<Result<_>>()?,
             aggregate: Conv2d::load(&vp.pp("aggr"), dim, dim, 1, 1, 0)?,
         })

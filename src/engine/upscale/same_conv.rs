@@ -1,10 +1,15 @@
-//! A stride-1 convolution padded to keep the size, in groups, with or without bias: the
-//! layers OmniSR builds with `bias=False` or as depthwise ones.
+//! A stride-1 convolution padded to keep the size, in groups, with or without bias or
+//! with its inference batch norm folded in: OmniSR's bias-free layers, the depthwise
+//! ones of SAFMN, MoSR, OmniSR, DAT and RGT, DAT's batch-normed ones.
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
+use crate::engine::preprocess::efficientnet::fold_batch_norm;
 use crate::engine::weights::VarPath;
+
+/// `nn.BatchNorm2d`'s epsilon.
+const BATCH_NORM_EPS: f64 = 1e-5;
 
 /// `nn.Conv2d(input, output, k, 1, k // 2, groups=groups, bias=bias)`.
 pub struct SameConv {
@@ -28,6 +33,23 @@ impl SameConv {
             bias: bias.then(|| vp.get("bias", &[output])).transpose()?,
             padding: kernel / 2,
             groups,
+        })
+    }
+
+    /// As [`Self::load`] with its bias, the inference batch norm under `norm` folded in.
+    pub fn folded(
+        vp: &VarPath,
+        [input, output]: [i64; 2],
+        kernel: i64,
+        groups: i64,
+        norm: &VarPath,
+    ) -> Result<Self> {
+        let conv = Self::load(vp, [input, output], kernel, groups, true)?;
+        let (weight, bias) = fold_batch_norm(norm, conv.weight, conv.bias, BATCH_NORM_EPS)?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+            ..conv
         })
     }
 
