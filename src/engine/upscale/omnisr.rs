@@ -7,7 +7,7 @@
 
 use tch::Tensor;
 
-use crate::engine::error::Result;
+use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::layout::Architecture;
@@ -90,9 +90,7 @@ impl SpatialAttention {
                     .pp("rel_pos_bias")
                     .get("weight", &[side * side, HEADS])?;
                 let index = relative_position_index([window, window]);
-                Ok::<_, crate::engine::error::EngineError>(gather_bias(
-                    &table, &index, pixels, pixels,
-                ))
+                Ok::<_, EngineError>(gather_bias(&table, &index, pixels, pixels))
             })
             .transpose()?;
         Ok(Self {
@@ -307,16 +305,12 @@ struct OmniBlock {
 }
 
 impl OmniBlock {
-    fn load(vp: &VarPath, architecture: &OmniShape) -> Result<Self> {
+    fn load(vp: &VarPath, shape: &OmniShape) -> Result<Self> {
         let layer = vp.pp("layer");
-        let (dim, window, bias) = (
-            architecture.features,
-            architecture.window,
-            architecture.position_bias,
-        );
+        let (dim, window, bias) = (shape.features, shape.window, shape.position_bias);
         let ffn = |i: i64| GatedFeedForward::load(&layer.pp(i), dim);
         Ok(Self {
-            mobile: MobileConv::load(&layer.pp(0), dim, architecture.squeezed)?,
+            mobile: MobileConv::load(&layer.pp(0), dim, shape.squeezed)?,
             spatial: [
                 SpatialAttention::load(&layer.pp(2), dim, window, Grouping::Window, bias)?,
                 SpatialAttention::load(&layer.pp(8), dim, window, Grouping::Grid, bias)?,
@@ -457,6 +451,7 @@ impl OmniSr {
                         .map(|b| OmniBlock::load(&layers.pp(b), &shape))
                         .collect::<Result<_>>()?,
                     conv: SameConv::load(&layers.pp(blocks), [features, features], 1, 1, bias)?,
+                    // ESA's narrow width: `max(dim // 4, 16)`.
                     mask: SpatialMask::load(&group.pp("esa"), features, (features / 4).max(16))?,
                 })
             })
