@@ -505,27 +505,33 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
     }
 }
 
-/// A DRCT without the convolutions after its body: spandrel builds it and returns the
-/// input unchanged; refused at load naming the missing reconstruction.
-#[test]
-fn a_drct_without_reconstruction_layers_is_refused() {
+/// The fixture `model` without the tensors `dropped` picks, refused at load naming
+/// `named` (in backticks); the untouched file loads.
+fn assert_refused_without(model: &str, dropped: impl Fn(&str) -> bool, named: &str) {
     let (root, _) = cases();
     let dir = tempfile::tempdir().expect("tempdir");
-    let source = root.join("models/drct_x1.safetensors");
+    let source = root.join(format!("models/{model}.safetensors"));
     let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(&source)
         .expect("read")
         .into_iter()
-        .filter(|(name, _)| {
-            !name.starts_with("conv_before_upsample") && !name.starts_with("conv_last")
-        })
+        .filter(|(name, _)| !dropped(name))
         .collect();
-    let path = dir.path().join("restoration.safetensors");
+    let path = dir.path().join("reduced.safetensors");
     Tensor::write_safetensors(&kept, &path).expect("write");
     let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
         .err()
         .expect("refused");
-    assert!(error.to_string().contains("conv_last"), "{error}");
+    assert!(error.to_string().contains(&format!("`{named}`")), "{error}");
     load(&source);
+}
+
+/// A DRCT without the convolutions after its body: spandrel builds it and returns the
+/// input unchanged; refused at load naming the missing reconstruction.
+#[test]
+fn a_drct_without_reconstruction_layers_is_refused() {
+    let dropped =
+        |name: &str| name.starts_with("conv_before_upsample") || name.starts_with("conv_last");
+    assert_refused_without("drct_x1", dropped, "conv_last");
 }
 
 /// An RCAN without upsampling convolutions: spandrel reads its width from them, takes 64
@@ -533,21 +539,8 @@ fn a_drct_without_reconstruction_layers_is_refused() {
 /// head's convolution.
 #[test]
 fn a_narrow_rcan_without_upsampling_is_refused() {
-    let (root, _) = cases();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let source = root.join("models/rcan_x4.safetensors");
-    let kept: Vec<(String, Tensor)> = Tensor::read_safetensors(&source)
-        .expect("read")
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with("params_ema.tail.0."))
-        .collect();
-    let path = dir.path().join("restoration.safetensors");
-    Tensor::write_safetensors(&kept, &path).expect("write");
-    let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
-        .err()
-        .expect("refused");
-    assert!(error.to_string().contains("`head.0.weight`"), "{error}");
-    load(&source);
+    let dropped = |name: &str| name.starts_with("params_ema.tail.0.");
+    assert_refused_without("rcan_x4", dropped, "head.0.weight");
 }
 
 /// SAFMN splits its width into four modulation levels: a width of 10 (each level's
