@@ -15,7 +15,9 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{LayerNorm, Linear};
 use crate::engine::upscale::layout::Architecture;
-use crate::engine::upscale::rwin::{width, Frame, GatedFeedForward, Geometry, WindowPair};
+use crate::engine::upscale::rwin::{
+    shifts, width, Frame, GatedFeedForward, Geometry, WindowBlock, WindowGroup, WindowPair,
+};
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{count_blocks, embed, unembed, LAYER_NORM_EPS};
 use crate::engine::upscale::swinir::{ResidualConv, SwinShape};
@@ -171,14 +173,18 @@ enum Attention {
 }
 
 /// One dual aggregation transformer block (`DATB`).
-struct Block {
+pub struct Block {
     norm1: LayerNorm,
     attention: Attention,
     norm2: LayerNorm,
     ffn: GatedFeedForward,
 }
 
-impl Block {
+impl WindowBlock for Block {
+    fn shifted(&self) -> bool {
+        matches!(&self.attention, Attention::Spatial(a) if a.pair.shifted())
+    }
+
     fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
         let normed = self.norm1.forward(x);
         let attended = match &self.attention {
@@ -198,60 +204,40 @@ struct DatShape {
     three_conv: bool,
 }
 
-/// A residual group.
-struct Group {
-    blocks: Vec<Block>,
-    conv: ResidualConv,
-}
-
-impl Group {
-    /// Group `index` under `vp`: even blocks spatial, odd ones channel blocks; shifted
-    /// windows in blocks 2, 6, 10, ... of even groups and 0, 4, 8, ... of odd ones.
-    fn load(vp: &VarPath, index: i64, shape: &DatShape) -> Result<Self> {
-        let blocks_path = vp.pp("blocks");
-        let depth = count_blocks(&blocks_path) as i64;
-        let heads = group_heads(&blocks_path);
-        let dim = shape.features;
-        let blocks = (0..depth)
-            .map(|b| {
-                let block = blocks_path.pp(b);
-                let attn = block.pp("attn");
-                let shifted = match index % 2 {
-                    0 => b > 0 && (b - 2) % 4 == 0,
-                    _ => b % 4 == 0,
-                };
-                let attention = match b % 2 {
-                    0 => Attention::Spatial(SpatialAttention::load(
-                        &attn,
-                        dim,
-                        heads,
-                        shape.split,
-                        shifted,
-                    )?),
-                    _ => Attention::Channel(ChannelAttention::load(&attn, dim, heads)?),
-                };
-                Ok(Block {
-                    norm1: LayerNorm::load(&block.pp("norm1"), dim, LAYER_NORM_EPS)?,
-                    attention,
-                    norm2: LayerNorm::load(&block.pp("norm2"), dim, LAYER_NORM_EPS)?,
-                    ffn: GatedFeedForward::load(&block.pp("ffn"), dim, shape.ffn_hidden)?,
-                })
+/// Group `index` under `vp`: even blocks spatial, odd ones channel blocks; windows
+/// shifted where [`shifts`] says.
+fn load_group(vp: &VarPath, index: i64, shape: &DatShape) -> Result<WindowGroup<Block>> {
+    let blocks_path = vp.pp("blocks");
+    let depth = count_blocks(&blocks_path) as i64;
+    let heads = group_heads(&blocks_path);
+    let dim = shape.features;
+    let blocks = (0..depth)
+        .map(|b| {
+            let block = blocks_path.pp(b);
+            let attn = block.pp("attn");
+            let shifted = shifts(index, b);
+            let attention = match b % 2 {
+                0 => Attention::Spatial(SpatialAttention::load(
+                    &attn,
+                    dim,
+                    heads,
+                    shape.split,
+                    shifted,
+                )?),
+                _ => Attention::Channel(ChannelAttention::load(&attn, dim, heads)?),
+            };
+            Ok(Block {
+                norm1: LayerNorm::load(&block.pp("norm1"), dim, LAYER_NORM_EPS)?,
+                attention,
+                norm2: LayerNorm::load(&block.pp("norm2"), dim, LAYER_NORM_EPS)?,
+                ffn: GatedFeedForward::load(&block.pp("ffn"), dim, shape.ffn_hidden)?,
             })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            blocks,
-            conv: ResidualConv::load(&vp.pp("conv"), dim, shape.three_conv)?,
         })
-    }
-
-    fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y, geometry));
-        self.conv
-            .close_group(&y, x, geometry.height, geometry.width)
-    }
+        .collect::<Result<_>>()?;
+    Ok(WindowGroup {
+        blocks,
+        conv: ResidualConv::load(&vp.pp("conv"), dim, shape.three_conv)?,
+    })
 }
 
 /// A group's heads as the layout read them: its channel block's, or twice its first
@@ -264,12 +250,7 @@ fn group_heads(blocks: &VarPath) -> i64 {
 }
 
 /// DAT.
-pub struct Dat {
-    frame: Frame,
-    groups: Vec<Group>,
-    /// Whether any block attends on shifted windows (the masks are built for them).
-    shifted: bool,
-}
+pub type Dat = Frame<Block>;
 
 impl Dat {
     pub fn load(vp: &VarPath, architecture: Architecture) -> Result<Self> {
@@ -304,25 +285,9 @@ impl Dat {
             scale,
             three_conv,
         };
-        let groups: Vec<Group> = (0..groups)
-            .map(|g| Group::load(&vp.pp("layers").pp(g), g, &shape))
+        let groups = (0..groups)
+            .map(|g| load_group(&vp.pp("layers").pp(g), g, &shape))
             .collect::<Result<_>>()?;
-        let shifted = groups
-            .iter()
-            .flat_map(|g| &g.blocks)
-            .any(|b| matches!(&b.attention, Attention::Spatial(a) if a.pair.shifted()));
-        Ok(Self {
-            frame: Frame::load(vp, &tail_shape, split)?,
-            groups,
-            shifted,
-        })
-    }
-
-    pub fn forward(&self, image: &Tensor) -> Tensor {
-        self.frame.forward(image, self.shifted, |tokens, geometry| {
-            self.groups
-                .iter()
-                .fold(tokens, |x, group| group.forward(&x, geometry))
-        })
+        Frame::new(vp, &tail_shape, split, groups)
     }
 }

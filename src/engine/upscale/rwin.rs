@@ -204,48 +204,90 @@ impl GatedFeedForward {
     }
 }
 
+/// Whether block `block` of group `group` attends on shifted windows: DAT's and RGT's
+/// rule, blocks 2, 6, 10, ... of even groups and 0, 4, 8, ... of odd ones.
+pub fn shifts(group: i64, block: i64) -> bool {
+    match group % 2 {
+        0 => block > 0 && (block - 2) % 4 == 0,
+        _ => block % 4 == 0,
+    }
+}
+
+/// A block of the residual groups the frame runs.
+pub trait WindowBlock {
+    /// The block on [B, H·W, C] tokens.
+    fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor;
+    /// Whether it attends on shifted windows.
+    fn shifted(&self) -> bool;
+}
+
+/// A residual group: its blocks, the closing convolution, the group's input added.
+pub struct WindowGroup<B> {
+    pub(super) blocks: Vec<B>,
+    pub(super) conv: ResidualConv,
+}
+
+impl<B: WindowBlock> WindowGroup<B> {
+    fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
+        let y = self
+            .blocks
+            .iter()
+            .fold(x.shallow_clone(), |y, block| block.forward(&y, geometry));
+        self.conv
+            .close_group(&y, x, geometry.height, geometry.width)
+    }
+}
+
 /// DAT's frame around its residual groups (RGT's too): the mean subtracted, a first
 /// convolution, the groups on its layer-normed tokens, a closing norm, the body's
 /// residual convolution with the long skip, SwinIR's tail, the mean added back.
-pub struct Frame {
+pub struct Frame<B> {
     first: Conv2d,
     before_groups: LayerNorm,
+    groups: Vec<WindowGroup<B>>,
     norm: LayerNorm,
     after_body: ResidualConv,
     tail: Tail,
     mean: Tensor,
     split: [i64; 2],
+    /// Whether any block attends on shifted windows (the masks are built for them).
+    shifted: bool,
     scale: i64,
 }
 
-impl Frame {
-    /// The frame of a network of `shape` whose first windows are `split`.
-    pub(super) fn load(vp: &VarPath, shape: &SwinShape, split: [i64; 2]) -> Result<Self> {
+impl<B: WindowBlock> Frame<B> {
+    /// The network of `shape` around `groups`, whose first windows are `split`.
+    pub(super) fn new(
+        vp: &VarPath,
+        shape: &SwinShape,
+        split: [i64; 2],
+        groups: Vec<WindowGroup<B>>,
+    ) -> Result<Self> {
         let (channels, features) = (shape.channels, shape.features);
+        let shifted = groups.iter().flat_map(|g| &g.blocks).any(B::shifted);
         Ok(Self {
             first: Conv2d::load(&vp.pp("conv_first"), channels, features, 3, 1, 1)?,
             before_groups: LayerNorm::load(&vp.pp("before_RG.1"), features, LAYER_NORM_EPS)?,
+            groups,
             norm: LayerNorm::load(&vp.pp("norm"), features, LAYER_NORM_EPS)?,
             after_body: ResidualConv::load(&vp.pp("conv_after_body"), features, shape.three_conv)?,
             tail: Tail::load(vp, shape)?,
             mean: image_mean(channels, vp),
             split,
+            shifted,
             scale: shape.scale,
         })
     }
 
-    /// The network on `image`, `groups` taking the tokens and the windows' geometry (its
-    /// masks built where some block is `shifted`).
-    pub fn forward(
-        &self,
-        image: &Tensor,
-        shifted: bool,
-        groups: impl Fn(Tensor, &Geometry) -> Tensor,
-    ) -> Tensor {
+    pub fn forward(&self, image: &Tensor) -> Tensor {
         let input = image - &self.mean;
         let first = self.first.forward(&input);
-        let geometry = Geometry::of(&first, self.split, shifted);
-        let tokens = groups(self.before_groups.forward(&embed(&first)), &geometry);
+        let geometry = Geometry::of(&first, self.split, self.shifted);
+        let tokens = self.before_groups.forward(&embed(&first));
+        let tokens = self
+            .groups
+            .iter()
+            .fold(tokens, |x, group| group.forward(&x, &geometry));
         let features = unembed(&self.norm.forward(&tokens), geometry.height, geometry.width);
         let body = self.after_body.forward(&features) + &first;
         self.tail.forward(&body, &input, self.scale) + &self.mean
