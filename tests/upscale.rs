@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use sdxld::engine::error::EngineError;
 use sdxld::engine::pixels::unit_range as to_tensor;
+use sdxld::engine::upscale::checkpoint::Between;
 use sdxld::engine::upscale::layout::Architecture;
-use sdxld::engine::upscale::tiles::{self, Tiling};
+use sdxld::engine::upscale::tiles::{self, Checkpoint, Tiling};
 use sdxld::engine::upscale::Upscaler;
 use tch::{Device, Kind, Tensor};
 
@@ -19,6 +20,11 @@ fn cases() -> (PathBuf, Vec<serde_json::Value>) {
     let root = common::upscaler_fixtures();
     let text = std::fs::read_to_string(root.join("cases.json")).expect("cases.json");
     (root, serde_json::from_str(&text).expect("json"))
+}
+
+/// The network's pass over `image`, never stopped.
+fn pass(upscaler: &Upscaler, image: &Tensor) -> Tensor {
+    upscaler.forward(image, &mut || Ok(())).expect("a pass")
 }
 
 fn load(path: &Path) -> Upscaler {
@@ -77,7 +83,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             let image = input(&file("image"));
             let raw = Tensor::read_safetensors(file("raw")).expect("raw");
             let reference = &raw[0].1;
-            let output = upscaler.forward(&to_tensor(&image));
+            let output = pass(&upscaler, &to_tensor(&image));
             assert_eq!(output.size(), reference.size(), "{case}");
             let largest = f64::try_from((&output - reference).abs().max()).expect("max");
             let range = f64::try_from(reference.abs().max()).expect("max");
@@ -89,7 +95,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
                 overlap: 0,
             };
             let upscaled = upscaler
-                .upscale(&image, whole, &mut |_, _| Ok(()))
+                .upscale(&image, whole, &mut |_| Ok(()))
                 .expect("upscale");
             let expected = image::open(file("whole")).expect("png").to_rgb8();
             let (largest, _) = difference(&upscaled, &expected);
@@ -115,8 +121,10 @@ fn tiles_follow_real_esrgan() {
                 overlap: 0,
             };
             let tiled = upscaler
-                .upscale(&image, tiling, &mut |done, total| {
-                    reported.push((done, total));
+                .upscale(&image, tiling, &mut |checkpoint| {
+                    if let Checkpoint::Tile { done, total } = checkpoint {
+                        reported.push((done, total));
+                    }
                     Ok(())
                 })
                 .expect("tiled");
@@ -143,7 +151,7 @@ fn with_enough_context_blended_tiles_equal_the_whole_image() {
         .find(|m| m["model"] == "models/compact_x2.safetensors")
         .expect("compact_x2");
     let upscaler = load(&root.join(model["model"].as_str().expect("model")));
-    let mut network = |tile: &Tensor| Ok::<_, EngineError>(upscaler.forward(tile));
+    let mut network = |tile: &Tensor, between: &mut Between<'_>| upscaler.forward(tile, between);
     for case in model["cases"].as_array().expect("cases") {
         let file = |key: &str| root.join(case[key].as_str().expect(key));
         let image = to_tensor(&input(&file("image")));
@@ -156,7 +164,7 @@ fn with_enough_context_blended_tiles_equal_the_whole_image() {
                 overlap,
             };
             let tiled =
-                tiles::run(&image, 2, tiling, &mut network, &mut |_, _| Ok(())).expect("tiled");
+                tiles::run(&image, 2, tiling, &mut network, &mut |_| Ok(())).expect("tiled");
             let largest = f64::try_from((&tiled - whole).abs().max()).expect("max");
             assert!(largest < 1e-4, "{case} {tiling:?}: {largest}");
         }
@@ -166,7 +174,7 @@ fn with_enough_context_blended_tiles_equal_the_whole_image() {
             pad: 1,
             overlap: 2,
         };
-        let tiled = tiles::run(&image, 2, short, &mut network, &mut |_, _| Ok(())).expect("tiled");
+        let tiled = tiles::run(&image, 2, short, &mut network, &mut |_| Ok(())).expect("tiled");
         let largest = f64::try_from((&tiled - whole).abs().max()).expect("max");
         assert!(largest > 1e-3, "{case}: {largest}");
     }
@@ -183,7 +191,10 @@ fn a_run_stops_between_tiles_when_asked() {
         overlap: 0,
     };
     let mut ran = 0;
-    let stopped = upscaler.upscale(&image, tiling, &mut |done, _| {
+    let stopped = upscaler.upscale(&image, tiling, &mut |checkpoint| {
+        let Checkpoint::Tile { done, .. } = checkpoint else {
+            return Ok(());
+        };
         ran = done;
         if done == 2 {
             Err(EngineError::InvalidRequest("stop".into()))
@@ -193,6 +204,44 @@ fn a_run_stops_between_tiles_when_asked() {
     });
     assert!(stopped.is_err());
     assert_eq!(ran, 2);
+}
+
+/// Every network asks between its blocks whether to go on, so that a cancel ends a pass
+/// within a block rather than at the end of a tile; a stop asked at any of those checks
+/// ends the pass with that error, and no block runs after it.
+#[test]
+fn every_network_stops_between_its_blocks_when_asked() {
+    let (root, models) = cases();
+    let stop = || EngineError::InvalidRequest("stop".into());
+    for model in &models {
+        let upscaler = load(&root.join(model["model"].as_str().expect("model")));
+        let case = &model["cases"][0];
+        let image = to_tensor(&input(&root.join(case["image"].as_str().expect("image"))));
+        let mut asked = 0;
+        let output = upscaler
+            .forward(&image, &mut || {
+                asked += 1;
+                Ok(())
+            })
+            .expect("a pass");
+        assert!(asked >= 1, "{model}: never asked");
+        assert!(output.equal(&pass(&upscaler, &image)), "{model}");
+        for stop_at in 1..=asked {
+            let mut count = 0;
+            let stopped = upscaler.forward(&image, &mut || {
+                count += 1;
+                match count == stop_at {
+                    true => Err(stop()),
+                    false => Ok(()),
+                }
+            });
+            assert!(
+                matches!(&stopped, Err(EngineError::InvalidRequest(m)) if m == "stop"),
+                "{model}: {stop_at} of {asked}"
+            );
+            assert_eq!(count, stop_at, "{model}");
+        }
+    }
 }
 
 #[test]
@@ -263,14 +312,14 @@ fn swinir_takes_images_narrower_than_its_padding() {
     let (root, _) = cases();
     let upscaler = load(&root.join("models/swinir_x4_nearest_3conv.safetensors"));
     let colour = Tensor::from_slice(&[0.8f32, 0.3, 0.1]).view([1, 3, 1, 1]);
-    let pixel = upscaler.forward(&colour);
+    let pixel = pass(&upscaler, &colour);
     assert_eq!(pixel.size(), [1, 3, 4, 4]);
-    let window = upscaler.forward(&colour.expand([1, 3, 8, 8], false));
+    let window = pass(&upscaler, &colour.expand([1, 3, 8, 8], false));
     let corner = window.narrow(2, 0, 4).narrow(3, 0, 4);
     let largest = f64::try_from((&pixel - &corner).abs().max()).expect("max");
     assert!(largest < 1e-5, "{largest}");
     let strip = common::random_unit(&[1, 3, 2, 9], 1);
-    let output = upscaler.forward(&strip);
+    let output = pass(&upscaler, &strip);
     assert_eq!(output.size(), [1, 3, 8, 36]);
     assert!(bool::try_from(output.isfinite().all()).expect("finite"));
 }
@@ -587,7 +636,7 @@ fn dat_takes_images_smaller_than_its_windows() {
     let upscaler = load(&root.join("models/dat_x3.safetensors"));
     for [height, width] in [[1, 1], [2, 9], [7, 1]] {
         let image = common::random_unit(&[1, 3, height, width], 2);
-        let output = upscaler.forward(&image);
+        let output = pass(&upscaler, &image);
         assert_eq!(output.size(), [1, 3, 3 * height, 3 * width]);
         assert!(bool::try_from(output.isfinite().all()).expect("finite"));
     }
@@ -613,8 +662,8 @@ fn params_ema_is_preferred_over_params() {
     let both = dir.path().join("both.safetensors");
     Tensor::write_safetensors(&tensors, &both).expect("write");
     let image = to_tensor(&input(&root.join("images/grey_16x12.png")));
-    let expected = load(&path).forward(&image);
-    let actual = load(&both).forward(&image);
+    let expected = pass(&load(&path), &image);
+    let actual = pass(&load(&both), &image);
     assert!(actual.equal(&expected));
 }
 

@@ -97,11 +97,9 @@ async fn upscale_steps_enlarge_each_image_as_the_engine_does() {
         assert_eq!((after.width, after.height), (256, 256));
         let source = decoded(&before.data);
         let first = x2
-            .upscale(&source, tiling(64), &mut |_, _| Ok(()))
+            .upscale(&source, tiling(64), &mut |_| Ok(()))
             .expect("x2");
-        let second = x4
-            .upscale(&first, tiling(64), &mut |_, _| Ok(()))
-            .expect("x4");
+        let second = x4.upscale(&first, tiling(64), &mut |_| Ok(())).expect("x4");
         let expected = lanczos_resize(&second, 256, 256);
         assert_eq!(decoded(&after.data), expected, "image {}", after.index);
     }
@@ -298,7 +296,7 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
                 pad: 10,
                 overlap: 0,
             },
-            &mut |_, _| Ok(()),
+            &mut |_| Ok(()),
         )
         .expect("upscale");
     assert_eq!(decoded(&image.data), expected);

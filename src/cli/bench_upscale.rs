@@ -50,7 +50,7 @@ pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
         pad: 10,
         overlap: args.overlap,
     };
-    let once = || upscaler.upscale(&image, tiling, &mut |_, _| Ok(()));
+    let once = || upscaler.upscale(&image, tiling, &mut |_| Ok(()));
     let (seconds, peak_mib) = timed_runs(args.timing.runs, placement.device, once)?;
     println!(
         "{}",

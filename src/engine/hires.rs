@@ -208,7 +208,7 @@ pub fn generate_hires(
                 let image = rgb_image(&decoded)?;
                 let (w, hh) = (h.width as u32, h.height as u32);
                 let upscaled = enlarge_image(image, w, hh, |img| {
-                    upscaler.upscale(img, tiling, &mut |_, _| Ok(()))
+                    upscaler.upscale(img, tiling, &mut |_| Ok(()))
                 })?;
                 Enlarged::Image(image_tensor(&upscaled))
             }

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use crate::engine::error::EngineError;
 use crate::engine::resample::lanczos_resize;
-use crate::engine::upscale::tiles::{TilePlan, Tiling};
+use crate::engine::upscale::tiles::{Checkpoint, TilePlan, Tiling};
 use crate::engine::upscale::Upscaler;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
@@ -129,7 +129,7 @@ fn halved(tiling: Tiling) -> Tiling {
 }
 
 /// The upscaler over `input` tile by tile, each tile reported to the target's sink,
-/// stopping when the sink says so.
+/// stopping between tiles and between the network's blocks when the sink says so.
 fn tiled(
     target: &mut Target<'_>,
     upscaler: &Upscaler,
@@ -140,15 +140,17 @@ fn tiled(
     let (stage, index) = (target.stage, target.index);
     let sink = &mut *target.sink;
     let result = EngineError::catch(|| {
-        upscaler.upscale(input, tiling, &mut |done, total| {
+        upscaler.upscale(input, tiling, &mut |checkpoint| {
             gate.check(sink)?;
-            sink.progress(StepProgress {
-                stage,
-                step: done as u32,
-                total: total as u32,
-                image_index: index,
-                preview: None,
-            });
+            if let Checkpoint::Tile { done, total } = checkpoint {
+                sink.progress(StepProgress {
+                    stage,
+                    step: done as u32,
+                    total: total as u32,
+                    image_index: index,
+                    preview: None,
+                });
+            }
             Ok(())
         })
     });

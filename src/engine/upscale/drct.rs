@@ -9,6 +9,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::drct::DENSE_BLOCKS;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
@@ -70,18 +71,19 @@ impl DenseGroup {
     }
 
     /// The group on [B, H·W, C] tokens.
-    fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
+    fn forward(&self, x: &Tensor, windows: &Windows, between: &mut Between<'_>) -> Result<Tensor> {
         let (height, width) = (windows.height, windows.width);
         let mut dense = vec![x.shallow_clone()];
         for (k, (block, adjust)) in self.blocks.iter().zip(&self.adjust).enumerate() {
+            between()?;
             let input = Tensor::cat(&dense, -1);
             let adjusted = adjust.forward(&unembed(&block.forward(&input, windows), height, width));
             if k + 1 == self.blocks.len() {
-                return embed(&adjusted) * GROUP_RESIDUAL_SCALE + x;
+                return Ok(embed(&adjusted) * GROUP_RESIDUAL_SCALE + x);
             }
             dense.push(embed(&leaky_in_place(adjusted, SLOPE)));
         }
-        x.shallow_clone()
+        Ok(x.shallow_clone())
     }
 }
 
@@ -153,27 +155,27 @@ impl Drct {
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
-    fn features(&self, first: &Tensor) -> Tensor {
+    fn features(&self, first: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let windows = Windows::of(first, self.window, self.shift);
         through_groups(
             embed(first),
             self.embed_norm.as_ref(),
-            &self.groups,
-            |group, x| group.forward(x, &windows),
+            (&self.groups, between),
+            |group, x, between| group.forward(x, &windows, between),
             &self.norm,
             &windows,
         )
     }
 
     /// The network on an image whose sides the window divides.
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let input = image - &self.mean;
         let first = self.first.forward(&input);
-        let features = self.features(&first);
+        let features = self.features(&first, between)?;
         let body = match &self.after_body {
             Some(conv) => conv.forward(&features),
             None => features,
         } + &first;
-        self.tail.forward(&body, &input, self.scale) + &self.mean
+        Ok(self.tail.forward(&body, &input, self.scale) + &self.mean)
     }
 }

@@ -9,6 +9,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::channel_attention::ChannelAttention;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,
@@ -179,12 +180,13 @@ impl Group {
         })
     }
 
-    fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
+    fn forward(&self, x: &Tensor, windows: &Windows, between: &mut Between<'_>) -> Result<Tensor> {
         let (h, w) = (windows.height, windows.width);
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, (block, branch)| {
+        let y = in_turn(
+            x.shallow_clone(),
+            &self.blocks,
+            between,
+            |(block, branch), y| {
                 let beside = |normed: &Tensor| {
                     let size = normed.size();
                     let convolved = branch.forward(&normed.permute([0, 3, 1, 2]));
@@ -193,13 +195,14 @@ impl Group {
                         .reshape([size[0], h * w, size[3]]);
                     Some(tokens * CONV_SCALE)
                 };
-                block.forward_beside(&y, windows, &beside)
-            });
+                block.forward_beside(y, windows, &beside)
+            },
+        )?;
         let y = self.overlap.forward(&y, h, w);
-        match &self.conv {
+        Ok(match &self.conv {
             Some(conv) => embed(&conv.forward(&unembed(&y, h, w))) + x,
             None => y + x,
-        }
+        })
     }
 }
 
@@ -306,32 +309,32 @@ impl Hat {
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
-    fn features(&self, first: &Tensor) -> Tensor {
+    fn features(&self, first: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let windows = Windows::of(first, self.window, self.shift);
         through_groups(
             embed(first),
             self.embed_norm.as_ref(),
-            &self.groups,
-            |group, x| group.forward(x, &windows),
+            (&self.groups, between),
+            |group, x, between| group.forward(x, &windows, between),
             &self.norm,
             &windows,
         )
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let input = pad_to_windows(&(image - &self.mean), self.window);
         let first = self.first.forward(&input);
-        let features = self.features(&first);
+        let features = self.features(&first, between)?;
         let body = match &self.after_body {
             Some(conv) => conv.forward(&features),
             None => features,
         } + &first;
         let output = self.tail.forward(&body, &input, self.scale) + &self.mean;
-        output
+        Ok(output
             .narrow(2, 0, height * self.scale)
-            .narrow(3, 0, width * self.scale)
+            .narrow(3, 0, width * self.scale))
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod channel_attention;
 pub mod channel_norm;
+pub mod checkpoint;
 pub mod dat;
 pub mod drct;
 pub mod dysample;
@@ -38,9 +39,10 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::unit_range;
 use crate::engine::weights::{read_shapes, Transform, Weights};
+use checkpoint::Between;
 use layout::Architecture;
 use nets::Network;
-use tiles::Tiling;
+use tiles::{Checkpoint, Tiling};
 
 /// The ends of DAT's and RGT's stored buffers that are computed (index, offsets, masks) or
 /// unused at inference (the batch norms' step counts).
@@ -129,33 +131,36 @@ impl Upscaler {
 
     /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped): as
     /// spandrel's descriptor calls it, the input padded to the architecture's size
-    /// requirements and the output cropped back.
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// requirements and the output cropped back. `between` is asked between the
+    /// network's blocks; its error ends the pass.
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let input = image.to_device(self.device).to_kind(self.kind);
         let padded = pad_to(&input, self.architecture.size_requirements());
         let scale = self.scale();
-        self.network
-            .forward(&padded)
+        Ok(self
+            .network
+            .forward(&padded, between)?
             .narrow(2, 0, height * scale)
             .narrow(3, 0, width * scale)
-            .to_kind(Kind::Float)
+            .to_kind(Kind::Float))
     }
 
-    /// `image` enlarged by the network's factor, tile by tile; `on_tile(done, total)` runs
-    /// before each tile and after the last, and stops the run with its error.
+    /// `image` enlarged by the network's factor, tile by tile; `watch` runs before each
+    /// tile, after the last and between the network's blocks, and stops the run with its
+    /// error.
     pub fn upscale(
         &self,
         image: &RgbImage,
         tiling: Tiling,
-        on_tile: &mut dyn FnMut(usize, usize) -> Result<()>,
+        watch: &mut dyn FnMut(Checkpoint) -> Result<()>,
     ) -> Result<RgbImage> {
         let _no_grad = tch::no_grad_guard();
         let input = unit_range(image).to_device(self.device);
-        let mut network = |tile: &Tensor| Ok(self.forward(tile));
-        let output = tiles::run(&input, self.scale(), tiling, &mut network, on_tile)?;
+        let mut network = |tile: &Tensor, between: &mut Between<'_>| self.forward(tile, between);
+        let output = tiles::run(&input, self.scale(), tiling, &mut network, watch)?;
         to_image(&output)
     }
 }

@@ -11,6 +11,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dysample::DySample;
 use crate::engine::upscale::layout::mosr::{DYSAMPLE_GROUPS, ENSEMBLE};
 use crate::engine::upscale::layout::{Architecture, MoSrUpsampler};
@@ -145,18 +146,20 @@ impl MoSr {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
-        let x = self
-            .blocks
-            .iter()
-            .fold(self.first.forward(image), |x, block| block.forward(&x));
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+        let x = in_turn(
+            self.first.forward(image),
+            &self.blocks,
+            between,
+            |block, x| block.forward(x),
+        )?;
         let [widen, narrow, project] = &self.tail;
         let x = project.forward(&narrow.forward(&widen.forward(&x).mish()).mish());
         let [first, second, direct] = &self.shortcut;
         let shortcut = second.forward(&first.forward(image).mish()).mish() + direct.forward(image);
         let features = x + (shortcut - RESIDUAL_OFFSET);
         let shuffled = match &self.upsampler {
-            Upsampler::DySample(dysample) => return dysample.forward(&features),
+            Upsampler::DySample(dysample) => return Ok(dysample.forward(&features)),
             Upsampler::PixelShuffle(conv) => conv.forward(&features),
             Upsampler::GeometricEnsemble(conv) => {
                 let predictions = conv.forward(&features);
@@ -166,6 +169,6 @@ impl MoSr {
                     .mean_dim(1, false, None)
             }
         };
-        shuffled.pixel_shuffle(self.scale)
+        Ok(shuffled.pixel_shuffle(self.scale))
     }
 }

@@ -8,6 +8,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::hat::Hat;
@@ -121,7 +122,7 @@ impl Rrdb {
         })
     }
 
-    fn forward(&self, image: &Tensor) -> Tensor {
+    fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let (height, width) = (image.size()[2], image.size()[3]);
         let x = if self.unshuffle > 1 {
             let s = self.unshuffle;
@@ -140,16 +141,19 @@ impl Rrdb {
             image.shallow_clone()
         };
         let features = self.conv_first.forward(&x);
-        let mut trunk = features.shallow_clone();
-        for block in &self.body {
-            let out = block
-                .iter()
-                .fold(trunk.shallow_clone(), |y, d| d.forward(&y));
-            let mut out = out;
-            let _ = out.g_mul_scalar_(RESIDUAL);
-            let _ = out.g_add_(&trunk);
-            trunk = out;
-        }
+        let trunk = in_turn(
+            features.shallow_clone(),
+            &self.body,
+            between,
+            |block, trunk| {
+                let mut out = block
+                    .iter()
+                    .fold(trunk.shallow_clone(), |y, d| d.forward(&y));
+                let _ = out.g_mul_scalar_(RESIDUAL);
+                let _ = out.g_add_(trunk);
+                out
+            },
+        )?;
         let mut y = features + self.conv_body.forward(&trunk);
         for up in &self.ups {
             let size = y.size();
@@ -160,7 +164,7 @@ impl Rrdb {
             .conv_last
             .forward(&leaky_in_place(self.conv_hr.forward(&y), RRDB_SLOPE));
         let scale = (1 << self.upsamplings) / self.unshuffle;
-        y.narrow(2, 0, height * scale).narrow(3, 0, width * scale)
+        Ok(y.narrow(2, 0, height * scale).narrow(3, 0, width * scale))
     }
 }
 
@@ -198,16 +202,17 @@ impl Compact {
         })
     }
 
-    fn forward(&self, image: &Tensor) -> Tensor {
+    fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let mut y = image.shallow_clone();
         for (conv, prelu) in self.convs.iter().zip(&self.prelus) {
+            between()?;
             y = conv.forward(&y).prelu(prelu);
         }
         let last = self.convs.last().map(|c| c.forward(&y)).unwrap_or(y);
         let size = image.size();
         let (h, w, s) = (size[2], size[3], self.scale);
         let base = image.upsample_nearest2d([h * s, w * s], s as f64, s as f64);
-        last.pixel_shuffle(s) + base
+        Ok(last.pixel_shuffle(s) + base)
     }
 }
 
@@ -266,25 +271,26 @@ impl Network {
         })
     }
 
-    /// The network on an NCHW batch in [0, 1] (no clamping).
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// The network on an NCHW batch in [0, 1] (no clamping); `between` is asked between
+    /// its blocks, and its error ends the pass.
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         match self {
-            Network::Rrdb(n) => n.forward(image),
-            Network::Compact(n) => n.forward(image),
-            Network::Span(n) => n.forward(image),
-            Network::Plksr(n) => n.forward(image),
-            Network::Safmn(n) => n.forward(image),
-            Network::MoSr(n) => n.forward(image),
-            Network::SwinIr(n) => n.forward(image),
-            Network::Swin2Sr(n) => n.forward(image),
-            Network::Hat(n) => n.forward(image),
-            Network::Dat(n) => n.forward(image),
-            Network::Drct(n) => n.forward(image),
-            Network::ScuNet(n) => n.forward(image),
-            Network::RealCugan(n) => n.forward(image),
-            Network::Rcan(n) => n.forward(image),
-            Network::OmniSr(n) => n.forward(image),
-            Network::Rgt(n) => n.forward(image),
+            Network::Rrdb(n) => n.forward(image, between),
+            Network::Compact(n) => n.forward(image, between),
+            Network::Span(n) => n.forward(image, between),
+            Network::Plksr(n) => n.forward(image, between),
+            Network::Safmn(n) => n.forward(image, between),
+            Network::MoSr(n) => n.forward(image, between),
+            Network::SwinIr(n) => n.forward(image, between),
+            Network::Swin2Sr(n) => n.forward(image, between),
+            Network::Hat(n) => n.forward(image, between),
+            Network::Dat(n) => n.forward(image, between),
+            Network::Drct(n) => n.forward(image, between),
+            Network::ScuNet(n) => n.forward(image, between),
+            Network::RealCugan(n) => n.forward(image, between),
+            Network::Rcan(n) => n.forward(image, between),
+            Network::OmniSr(n) => n.forward(image, between),
+            Network::Rgt(n) => n.forward(image, between),
         }
     }
 }

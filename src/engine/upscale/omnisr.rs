@@ -10,6 +10,7 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{attend, gather_bias, relative_position_index, LAYER_NORM_EPS};
@@ -391,14 +392,13 @@ struct Group {
 }
 
 impl Group {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y));
+    fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+        let y = in_turn(x.shallow_clone(), &self.blocks, between, |block, y| {
+            block.forward(y)
+        })?;
         let mut y = self.conv.forward(&y);
         let _ = y.g_add_(x);
-        self.mask.forward(y)
+        Ok(self.mask.forward(y))
     }
 }
 
@@ -467,7 +467,7 @@ impl OmniSr {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let more = |n: i64| (self.window - n % self.window) % self.window;
@@ -476,13 +476,16 @@ impl OmniSr {
         let trunk = self
             .groups
             .iter()
-            .fold(features.shallow_clone(), |y, group| group.forward(&y));
+            .try_fold(features.shallow_clone(), |y, group| {
+                group.forward(&y, between)
+            })?;
         let mut y = self.output.forward(&trunk);
         let _ = y.g_add_(&features);
-        self.up
+        Ok(self
+            .up
             .forward(&y)
             .pixel_shuffle(self.scale)
             .narrow(2, 0, height * self.scale)
-            .narrow(3, 0, width * self.scale)
+            .narrow(3, 0, width * self.scale))
     }
 }

@@ -10,6 +10,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
 use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dysample::DySample;
 use crate::engine::upscale::layout::{dysample_groups, Architecture, LargeKernel};
 use crate::engine::weights::VarPath;
@@ -252,18 +253,20 @@ impl Plksr {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
-        let features = self
-            .blocks
-            .iter()
-            .fold(self.first.forward(image), |x, block| block.forward(&x));
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+        let features = in_turn(
+            self.first.forward(image),
+            &self.blocks,
+            between,
+            |block, x| block.forward(x),
+        )?;
         let repeats = self.scale * self.scale;
         let repeated = image.repeat_interleave_self_int(repeats, 1, None);
         let shuffled = self.last.forward(&features) + repeated;
-        match &self.dysample {
+        Ok(match &self.dysample {
             Some(dysample) => dysample.forward(&shuffled),
             None => shuffled.pixel_shuffle(self.scale),
-        }
+        })
     }
 }
 

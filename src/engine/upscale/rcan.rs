@@ -10,6 +10,7 @@ use tch::Tensor;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_attention::ChannelAttention;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::pad_to_windows;
 use crate::engine::weights::VarPath;
@@ -62,14 +63,13 @@ struct Group {
 }
 
 impl Group {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y));
+    fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+        let y = in_turn(x.shallow_clone(), &self.blocks, between, |block, y| {
+            block.forward(y)
+        })?;
         let mut y = self.conv.forward(&y);
         let _ = y.g_add_(x);
-        y
+        Ok(y)
     }
 }
 
@@ -144,7 +144,7 @@ impl Rcan {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let mut x = match self.unshuffle {
@@ -161,7 +161,9 @@ impl Rcan {
         let trunk = self
             .groups
             .iter()
-            .fold(features.shallow_clone(), |y, group| group.forward(&y));
+            .try_fold(features.shallow_clone(), |y, group| {
+                group.forward(&y, between)
+            })?;
         let mut y = self.body_end.forward(&trunk);
         let _ = y.g_add_(&features);
         for (conv, factor) in &self.rounds {
@@ -171,8 +173,8 @@ impl Rcan {
         if let Some(shift) = &self.mean_shift {
             y = shift.add.forward(&y) / MEAN_SHIFT_RANGE;
         }
-        y.narrow(2, 0, height * self.scale)
-            .narrow(3, 0, width * self.scale)
+        Ok(y.narrow(2, 0, height * self.scale)
+            .narrow(3, 0, width * self.scale))
     }
 }
 

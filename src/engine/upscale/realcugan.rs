@@ -10,6 +10,7 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::channel_attention::ChannelAttention;
+use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
 
@@ -254,7 +255,7 @@ impl RealCugan {
         }
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (h0, w0) = (size[2], size[3]);
         let x = match self.pro {
@@ -268,7 +269,9 @@ impl RealCugan {
             true => padded.pixel_unshuffle(2),
             false => padded,
         };
+        between()?;
         let first = self.unet1.forward(&padded);
+        between()?;
         let y = self.unet2.forward(&first) + crop(&first, CASCADE_CROP);
         let (height, width) = (h0 * self.scale, w0 * self.scale);
         let y = match &self.last {
@@ -279,9 +282,9 @@ impl RealCugan {
             }
             None => y.narrow(2, 0, height).narrow(3, 0, width),
         };
-        match self.pro {
+        Ok(match self.pro {
             true => (y - PRO_OFFSET) / PRO_SCALE,
             false => y,
-        }
+        })
     }
 }

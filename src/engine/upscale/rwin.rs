@@ -9,6 +9,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{
     attend, embed, gather_bias, partition, relative_position_index, reverse, shifted_mask, unembed,
@@ -228,13 +229,18 @@ pub struct WindowGroup<B> {
 }
 
 impl<B: WindowBlock> WindowGroup<B> {
-    fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y, geometry));
-        self.conv
-            .close_group(&y, x, geometry.height, geometry.width)
+    fn forward(
+        &self,
+        x: &Tensor,
+        geometry: &Geometry,
+        between: &mut Between<'_>,
+    ) -> Result<Tensor> {
+        let y = in_turn(x.shallow_clone(), &self.blocks, between, |block, y| {
+            block.forward(y, geometry)
+        })?;
+        Ok(self
+            .conv
+            .close_group(&y, x, geometry.height, geometry.width))
     }
 }
 
@@ -279,7 +285,7 @@ impl<B: WindowBlock> Frame<B> {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let input = image - &self.mean;
         let first = self.first.forward(&input);
         let geometry = Geometry::of(&first, self.split, self.shifted);
@@ -287,9 +293,9 @@ impl<B: WindowBlock> Frame<B> {
         let tokens = self
             .groups
             .iter()
-            .fold(tokens, |x, group| group.forward(&x, &geometry));
+            .try_fold(tokens, |x, group| group.forward(&x, &geometry, between))?;
         let features = unembed(&self.norm.forward(&tokens), geometry.height, geometry.width);
         let body = self.after_body.forward(&features) + &first;
-        self.tail.forward(&body, &input, self.scale) + &self.mean
+        Ok(self.tail.forward(&body, &input, self.scale) + &self.mean)
     }
 }

@@ -10,6 +10,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::safmn::LEVELS;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
@@ -116,14 +117,17 @@ impl Safmn {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let features = self.first.forward(image);
-        let body = self
-            .blocks
-            .iter()
-            .fold(features.shallow_clone(), |x, block| block.forward(&x));
-        self.last
+        let body = in_turn(
+            features.shallow_clone(),
+            &self.blocks,
+            between,
+            |block, x| block.forward(x),
+        )?;
+        Ok(self
+            .last
             .forward(&(body + features))
-            .pixel_shuffle(self.scale)
+            .pixel_shuffle(self.scale))
     }
 }

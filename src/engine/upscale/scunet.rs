@@ -11,6 +11,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
+use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::scunet::{HEAD_WIDTH, STAGES, WINDOW};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{
@@ -243,23 +244,28 @@ impl ScuNet {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let x1 = self.head.forward(&pad_to_windows(image, PAD_MULTIPLE));
         let [down1, down2, down3, body, up3, up2, up1] = &self.stages[..] else {
             unreachable!("seven stages");
         };
-        let x2 = down1.forward(&x1);
-        let x3 = down2.forward(&x2);
-        let x4 = down3.forward(&x3);
-        let x = body.forward(&x4);
-        let x = up3.forward(&(x + &x4));
-        let x = up2.forward(&(x + &x3));
-        let x = up1.forward(&(x + &x2));
-        self.tail
+        let mut stage = |stage: &Stage, x: &Tensor| -> Result<Tensor> {
+            between()?;
+            Ok(stage.forward(x))
+        };
+        let x2 = stage(down1, &x1)?;
+        let x3 = stage(down2, &x2)?;
+        let x4 = stage(down3, &x3)?;
+        let x = stage(body, &x4)?;
+        let x = stage(up3, &(x + &x4))?;
+        let x = stage(up2, &(x + &x3))?;
+        let x = stage(up1, &(x + &x2))?;
+        Ok(self
+            .tail
             .forward(&(x + &x1))
             .narrow(2, 0, height)
-            .narrow(3, 0, width)
+            .narrow(3, 0, width))
     }
 }

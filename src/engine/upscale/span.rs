@@ -7,6 +7,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::error::Result;
+use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
 
@@ -146,7 +147,7 @@ impl Span {
         })
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let x = match &self.normalise {
             Some(mean) => (image - mean) * IMAGE_RANGE,
             None => image.shallow_clone(),
@@ -156,6 +157,7 @@ impl Span {
         let mut first_block = None;
         let mut last_first_conv = None;
         for (i, block) in self.blocks.iter().enumerate() {
+            between()?;
             let (out, first) = block.forward(&y);
             if i == 0 {
                 first_block = Some(out.shallow_clone());
@@ -171,7 +173,8 @@ impl Span {
         let (w, b) = &self.conv_cat;
         let out = joined.conv2d(w, Some(b), [1, 1], [0, 0], [1, 1], 1);
         let (w, b) = &self.upsampler;
-        out.conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1)
-            .pixel_shuffle(self.scale)
+        Ok(out
+            .conv2d(w, Some(b), [1, 1], [1, 1], [1, 1], 1)
+            .pixel_shuffle(self.scale))
     }
 }

@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::{LayerNorm, Linear};
+use crate::engine::upscale::checkpoint::Between;
 use crate::engine::weights::VarPath;
 
 /// `nn.LayerNorm`'s epsilon.
@@ -339,21 +340,28 @@ pub fn unembed(x: &Tensor, height: i64, width: i64) -> Tensor {
 
 /// The body the Swin networks share (`forward_features`): the embedded `tokens` through
 /// the patch norm where there is one, each group in turn (`group` runs one on the
-/// tokens), the closing `norm`, back to [B, C, H, W] over `windows`.
+/// tokens, handed `between` to ask between its blocks), the closing `norm`, back to
+/// [B, C, H, W] over `windows`.
 pub fn through_groups<G>(
     tokens: Tensor,
     embed_norm: Option<&LayerNorm>,
-    groups: &[G],
-    group: impl Fn(&G, &Tensor) -> Tensor,
+    (groups, between): (&[G], &mut Between<'_>),
+    group: impl Fn(&G, &Tensor, &mut Between<'_>) -> Result<Tensor>,
     norm: &LayerNorm,
     windows: &Windows,
-) -> Tensor {
+) -> Result<Tensor> {
     let tokens = match embed_norm {
         Some(embed_norm) => embed_norm.forward(&tokens),
         None => tokens,
     };
-    let tokens = groups.iter().fold(tokens, |x, g| group(g, &x));
-    unembed(&norm.forward(&tokens), windows.height, windows.width)
+    let tokens = groups
+        .iter()
+        .try_fold(tokens, |x, g| group(g, &x, between))?;
+    Ok(unembed(
+        &norm.forward(&tokens),
+        windows.height,
+        windows.width,
+    ))
 }
 
 #[cfg(test)]

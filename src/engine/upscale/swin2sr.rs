@@ -11,6 +11,7 @@ use tch::Tensor;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{
     attend_scaled, embed, gather_bias, pad_to_windows, partition, relative_position_index, reverse,
@@ -195,15 +196,14 @@ impl Group {
         })
     }
 
-    fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y, windows));
+    fn forward(&self, x: &Tensor, windows: &Windows, between: &mut Between<'_>) -> Result<Tensor> {
+        let y = in_turn(x.shallow_clone(), &self.blocks, between, |block, y| {
+            block.forward(y, windows)
+        })?;
         let convolved = self
             .conv
             .forward(&unembed(&y, windows.height, windows.width));
-        embed(&self.projection.forward(&convolved)) + x
+        Ok(embed(&self.projection.forward(&convolved)) + x)
     }
 }
 
@@ -299,24 +299,24 @@ impl Swin2Sr {
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
-    fn features(&self, first: &Tensor) -> Tensor {
+    fn features(&self, first: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let windows = Windows::of(first, self.window, self.shift);
         through_groups(
             embed(&self.embed_projection.forward(first)),
             self.embed_norm.as_ref(),
-            &self.groups,
-            |group, x| group.forward(x, &windows),
+            (&self.groups, between),
+            |group, x, between| group.forward(x, &windows, between),
             &self.norm,
             &windows,
         )
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2] * self.scale, size[3] * self.scale);
         let input = (pad_to_windows(image, self.window) - &self.mean) * self.range;
         let first = self.first.forward(&input);
-        let body = self.after_body.forward(&self.features(&first)) + &first;
+        let body = self.after_body.forward(&self.features(&first, between)?) + &first;
         let output = match (&self.auxiliary, &self.tail) {
             (
                 Some(auxiliary),
@@ -342,7 +342,7 @@ impl Swin2Sr {
             _ => self.tail.forward(&body, &input, self.scale),
         };
         let output = output / self.range + &self.mean;
-        output.narrow(2, 0, height).narrow(3, 0, width)
+        Ok(output.narrow(2, 0, height).narrow(3, 0, width))
     }
 }
 

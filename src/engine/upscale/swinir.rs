@@ -8,6 +8,7 @@ use tch::{Kind, Tensor};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     count_blocks, embed, pad_to_windows, shift_for, table_heads, through_groups, unembed, Block,
@@ -103,12 +104,11 @@ impl Group {
         })
     }
 
-    fn forward(&self, x: &Tensor, windows: &Windows) -> Tensor {
-        let y = self
-            .blocks
-            .iter()
-            .fold(x.shallow_clone(), |y, block| block.forward(&y, windows));
-        self.conv.close_group(&y, x, windows.height, windows.width)
+    fn forward(&self, x: &Tensor, windows: &Windows, between: &mut Between<'_>) -> Result<Tensor> {
+        let y = in_turn(x.shallow_clone(), &self.blocks, between, |block, y| {
+            block.forward(y, windows)
+        })?;
+        Ok(self.conv.close_group(&y, x, windows.height, windows.width))
     }
 }
 
@@ -305,27 +305,27 @@ impl SwinIr {
     }
 
     /// The body on the first convolution's [B, C, H, W] output.
-    fn features(&self, first: &Tensor) -> Tensor {
+    fn features(&self, first: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let windows = Windows::of(first, self.window, self.shift);
         through_groups(
             embed(first),
             Some(&self.embed_norm),
-            &self.groups,
-            |group, x| group.forward(x, &windows),
+            (&self.groups, between),
+            |group, x, between| group.forward(x, &windows, between),
             &self.norm,
             &windows,
         )
     }
 
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = image.size();
         let (height, width) = (size[2], size[3]);
         let input = (pad_to_windows(image, self.window) - &self.mean) * self.range;
         let first = self.first.forward(&input);
-        let body = self.after_body.forward(&self.features(&first)) + &first;
+        let body = self.after_body.forward(&self.features(&first, between)?) + &first;
         let output = self.tail.forward(&body, &input, self.scale) / self.range + &self.mean;
-        output
+        Ok(output
             .narrow(2, 0, height * self.scale)
-            .narrow(3, 0, width * self.scale)
+            .narrow(3, 0, width * self.scale))
     }
 }

@@ -66,6 +66,15 @@ impl TilePlan {
     }
 }
 
+/// Where a tiled run asks its caller whether to go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Before tile `done` of `total`, and after the last (`done == total`).
+    Tile { done: usize, total: usize },
+    /// Between two blocks of the network's pass over a tile.
+    Block,
+}
+
 /// One tile: its rectangle in the input, `[x0, x1) × [y0, y1)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tile {
@@ -118,14 +127,19 @@ fn ramp(length: i64, before: bool, after: bool, overlap: i64) -> Vec<f32> {
         .collect()
 }
 
+/// A network pass over one tile, handed the check to ask between its blocks.
+pub type TilePass<'a, E> =
+    dyn FnMut(&Tensor, &mut dyn FnMut() -> Result<(), E>) -> Result<Tensor, E> + 'a;
+
 /// Runs `network` over `image` (NCHW, one image) tile by tile; `scale` is the network's
-/// factor. `on_tile(done, total)` runs before each tile and stops the run with its error.
+/// factor. `watch` runs before each tile, after the last and wherever the network asks
+/// between its blocks (the check it is handed), and stops the run with its error.
 pub fn run<E>(
     image: &Tensor,
     scale: i64,
     tiling: Tiling,
-    network: &mut dyn FnMut(&Tensor) -> Result<Tensor, E>,
-    on_tile: &mut dyn FnMut(usize, usize) -> Result<(), E>,
+    network: &mut TilePass<'_, E>,
+    watch: &mut dyn FnMut(Checkpoint) -> Result<(), E>,
 ) -> Result<Tensor, E> {
     let size = image.size();
     let (channels, height, width) = (size[1], size[2], size[3]);
@@ -136,12 +150,15 @@ pub fn run<E>(
     let mut weights =
         blended.then(|| Tensor::zeros([1, 1, height * scale, width * scale], options));
     for (done, tile) in tiles.iter().enumerate() {
-        on_tile(done, tiles.len())?;
+        watch(Checkpoint::Tile {
+            done,
+            total: tiles.len(),
+        })?;
         let pad = tiling.pad;
         let (px0, py0) = ((tile.x0 - pad).max(0), (tile.y0 - pad).max(0));
         let (px1, py1) = ((tile.x1 + pad).min(width), (tile.y1 + pad).min(height));
         let input = image.narrow(2, py0, py1 - py0).narrow(3, px0, px1 - px0);
-        let result = network(&input)?.to_kind(Kind::Float);
+        let result = network(&input, &mut || watch(Checkpoint::Block))?.to_kind(Kind::Float);
         let (w, h) = ((tile.x1 - tile.x0) * scale, (tile.y1 - tile.y0) * scale);
         let centre =
             result
@@ -167,7 +184,10 @@ pub fn run<E>(
             }
         }
     }
-    on_tile(tiles.len(), tiles.len())?;
+    watch(Checkpoint::Tile {
+        done: tiles.len(),
+        total: tiles.len(),
+    })?;
     Ok(match weights {
         Some(sums) => output / sums,
         None => output,
