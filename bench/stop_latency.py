@@ -3,12 +3,15 @@
 
 Starts `sdxld serve` with controlnet_aux's OpenPose body, face and hand networks at their
 published sizes (random weights, written once into a temporary preprocessor root), or
-with `--upscaler ARCH` one of `bench/upscale.py`'s full-size upscalers (random weights,
-in a temporary upscaler root), then on a square noise image:
+with `--detector KIND` one of `bench/preprocess.py`'s full-size depth or normal networks
+(`zoe`, `depth`, `dpt`, `leres`, `normal`), or with `--upscaler ARCH` one of
+`bench/upscale.py`'s full-size upscalers (random weights, in a temporary upscaler root),
+then on a square noise image:
 
-  1. times the whole PREPROCESSOR_OPENPOSE_FULL map through the Preprocess RPC, or the
-     image's upscale through the Upscale RPC (one tile: the server's 512-pixel tile
-     covers it), as the baseline: what a stop honoured only at the job's end can cost;
+  1. times the whole PREPROCESSOR_OPENPOSE_FULL map (or the detector's depth or normal
+     map) through the Preprocess RPC, or the image's upscale through the Upscale RPC
+     (one tile: the server's 512-pixel tile covers it), as the baseline: what a stop
+     honoured only at the job's end can cost;
   2. times a small request of the same kind alone;
   3. sends the whole job again with a deadline of --deadline seconds and, the moment it
      is refused, the small request: the time from the deadline to that request's answer,
@@ -17,6 +20,7 @@ in a temporary upscaler root), then on a square noise image:
 Prints the three figures and the stop latency against the baseline's remaining time.
 
   python3 bench/stop_latency.py --sdxld PATH [--size 1024] [--deadline 12]
+  python3 bench/stop_latency.py --sdxld PATH --detector zoe --size 512 --deadline 3
   python3 bench/stop_latency.py --sdxld PATH --upscaler rrdb --size 192 --deadline 2
 """
 
@@ -76,6 +80,22 @@ def openpose_job(pb, stub, noise, root: Path):
     return settings, lambda t: call(full, t), lambda t: call(small, t), "openpose_full map"
 
 
+DETECTOR_FOLDERS = ("zoe", "depth", "dpt")
+
+
+def detector_job(pb, stub, noise, root: Path, kind: str):
+    """A depth or normal map's job, as `openpose_job` describes it."""
+    name = "bench" if kind in DETECTOR_FOLDERS else "bench.safetensors"
+    detectors.write_model(kind, root / name)
+    preprocessor = pb.PREPROCESSOR_NORMAL if kind == "normal" else pb.PREPROCESSOR_DEPTH
+    params = pb.PreprocessorParams(detect_resolution=0, model="bench")
+    whole = pb.PreprocessRequest(image=png(noise), preprocessor=preprocessor, preprocessor_params=params)
+    small = pb.PreprocessRequest(image=png(noise[:64, :64]), preprocessor=preprocessor, preprocessor_params=params)
+    settings = dict(SDXLD__MODELS__PREPROCESSOR_ROOTS=str(root))
+    call = lambda request, timeout: stub().Preprocess(request, timeout=timeout)
+    return settings, lambda t: call(whole, t), lambda t: call(small, t), f"{kind} map"
+
+
 def upscale_job(pb, stub, noise, root: Path, arch: str):
     """The upscaling job, as `openpose_job` describes it."""
     described = upscalers.write_model(root / "bench.safetensors", arch)
@@ -93,6 +113,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--deadline", type=float, default=12.0)
     parser.add_argument("--upscaler", help="an architecture of bench/upscale.py")
+    parser.add_argument("--detector", choices=["zoe", "depth", "dpt", "leres", "normal"])
     args = parser.parse_args()
     pb, rpc = stubs()
     noise = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
@@ -101,6 +122,8 @@ def main():
         stub = lambda: rpc.GenerationServiceStub(grpc.insecure_channel(address[0]))
         if args.upscaler:
             job = upscale_job(pb, stub, noise, Path(root), args.upscaler)
+        elif args.detector:
+            job = detector_job(pb, stub, noise, Path(root), args.detector)
         else:
             job = openpose_job(pb, stub, noise, Path(root))
         settings, whole_call, small_call, what = job

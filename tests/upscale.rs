@@ -8,9 +8,9 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
+use sdxld::engine::checkpoint::Between;
 use sdxld::engine::error::EngineError;
 use sdxld::engine::pixels::unit_range as to_tensor;
-use sdxld::engine::upscale::checkpoint::Between;
 use sdxld::engine::upscale::layout::Architecture;
 use sdxld::engine::upscale::tiles::{self, Checkpoint, Tiling};
 use sdxld::engine::upscale::Upscaler;
@@ -207,40 +207,20 @@ fn a_run_stops_between_tiles_when_asked() {
 }
 
 /// Every network asks between its blocks whether to go on, so that a cancel ends a pass
-/// within a block rather than at the end of a tile; a stop asked at any of those checks
-/// ends the pass with that error, and no block runs after it.
+/// within a block rather than at the end of a tile; a stop asked there ends the pass with
+/// that error, and no block runs after it. The checks leave the output alone.
 #[test]
 fn every_network_stops_between_its_blocks_when_asked() {
     let (root, models) = cases();
-    let stop = || EngineError::InvalidRequest("stop".into());
     for model in &models {
-        let upscaler = load(&root.join(model["model"].as_str().expect("model")));
+        let name = model["model"].as_str().expect("model");
+        let upscaler = load(&root.join(name));
         let case = &model["cases"][0];
         let image = to_tensor(&input(&root.join(case["image"].as_str().expect("image"))));
-        let mut asked = 0;
-        let output = upscaler
-            .forward(&image, &mut || {
-                asked += 1;
-                Ok(())
-            })
-            .expect("a pass");
-        assert!(asked >= 1, "{model}: never asked");
-        assert!(output.equal(&pass(&upscaler, &image)), "{model}");
-        for stop_at in 1..=asked {
-            let mut count = 0;
-            let stopped = upscaler.forward(&image, &mut || {
-                count += 1;
-                match count == stop_at {
-                    true => Err(stop()),
-                    false => Ok(()),
-                }
-            });
-            assert!(
-                matches!(&stopped, Err(EngineError::InvalidRequest(m)) if m == "stop"),
-                "{model}: {stop_at} of {asked}"
-            );
-            assert_eq!(count, stop_at, "{model}");
-        }
+        let output = common::assert_stops_between_passes(name, 1, |between| {
+            upscaler.forward(&image, between)
+        });
+        assert!(output.equal(&pass(&upscaler, &image)), "{name}");
     }
 }
 

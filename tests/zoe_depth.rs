@@ -30,7 +30,12 @@ fn zoedepth_equals_transformers() {
         let io = read_tensors(&zoe_fixtures().join(format!("zoe/{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert!(cases >= 3, "{name}: several inputs");
-        assert_io_cases(name, &io, cases, |x| detector.network().forward(x));
+        assert_io_cases(name, &io, cases, |x| {
+            detector
+                .network()
+                .forward(x, &mut || Ok(()))
+                .expect("a pass")
+        });
     }
 }
 
@@ -52,7 +57,10 @@ fn the_zoe_detector_equals_the_processor_post_processing_and_zoe_detector_map() 
             let depth = read_tensors(&root.join(format!("zoe/{name}_depth{suffix}.safetensors")));
             let got = detector.depth(&photo).expect("depth");
             assert_close(&format!("{what} depth"), &got, &depth["depth"]);
-            let map = detector.detect(&photo).expect("detect");
+            // A stop asked between the backbone's layers (of either pass) ends the map.
+            let map = common::assert_stops_between_passes(&what, 4, |between| {
+                detector.detect_between(&photo, between)
+            });
             let want = image::open(root.join(format!("zoe/{name}_map{suffix}.png")))
                 .expect("map")
                 .to_luma8();
@@ -229,12 +237,19 @@ fn in_bfloat16_the_map_stays_near_the_float32_one() {
     assert!(mean < 6.0, "bfloat16 maps {mean} levels away on average");
 }
 
+/// The job's check is asked before each backbone layer of both passes (the image and its
+/// mirror), a stop there ends the map, and the checks leave the map alone.
 #[test]
-fn a_stop_before_the_mirrored_pass_ends_the_map_there() {
-    use sdxld::engine::error::EngineError;
+fn a_stop_between_the_backbones_layers_ends_the_map_there() {
     use sdxld::engine::preprocess::leres::DepthCuts;
     use sdxld::engine::preprocess::{Networks, Preprocessing, Preprocessor};
     let dir = zoe_fixtures().join("zoe").join("nyu");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
+    let layers = config["backbone_config"]["num_hidden_layers"]
+        .as_u64()
+        .expect("layers") as usize;
     let detector = Detector::load(&dir, Device::Cpu, Kind::Float).expect("load");
     let photo = image::open(zoe_fixtures().join("images/photo.png")).expect("photo");
     let depth = Preprocessing {
@@ -242,23 +257,17 @@ fn a_stop_before_the_mirrored_pass_ends_the_map_there() {
         detect_resolution: None,
     };
     let networks = Networks::detector(Some(&detector));
-    // Told to stop after the first pass: the second never runs.
     let mut asked = 0;
-    let stopped = depth.run_interruptible(&photo, networks, &mut || {
-        asked += 1;
-        Err(EngineError::Internal("stop".into()))
-    });
-    assert!(stopped.is_err());
-    assert_eq!(asked, 1);
-    // Let through: the one check, and the map of both passes.
-    let mut asked = 0;
-    let map = depth
+    depth
         .run_interruptible(&photo, networks, &mut || {
             asked += 1;
             Ok(())
         })
         .expect("a map");
-    assert_eq!(asked, 1);
+    assert_eq!(asked, 2 * layers);
+    let map = common::assert_stops_between_passes("nyu", 2 * layers, |between| {
+        depth.run_interruptible(&photo, networks, between)
+    });
     let whole = load("nyu").detect(&photo.to_rgb8()).expect("detect");
     assert!(map.pixels().zip(whole.pixels()).all(|(m, w)| m[0] == w[0]));
 }

@@ -3,6 +3,7 @@
 
 pub mod blur;
 pub mod cache;
+pub mod checkpoint;
 pub mod codec;
 pub mod components;
 pub mod config_check;

@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use tch::{Device, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::preprocess::vit_layer::{VitLayer, VitSizes};
@@ -184,7 +185,12 @@ impl Beit {
 
     /// The read hidden states [N, 1 + rows × columns, D] of normalised pixels, and the
     /// patch grid (rows, columns): the sides divided by the patch size, rounded down.
-    pub fn forward(&self, pixels: &Tensor) -> (Vec<Tensor>, (i64, i64)) {
+    /// `between` is asked before each layer; its error ends the pass.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        between: &mut Between<'_>,
+    ) -> Result<(Vec<Tensor>, (i64, i64))> {
         let patches = self.patches.forward(pixels);
         let s = patches.size();
         let (n, d, rows, columns) = (s[0], s[1], s[2], s[3]);
@@ -197,6 +203,7 @@ impl Beit {
         let mut read: Vec<Option<Tensor>> = self.read.iter().map(|_| None).collect();
         for depth in 0..=last {
             if depth > 0 {
+                between()?;
                 let bias = self.tables[depth - 1]
                     .as_ref()
                     .map(|t| relative_bias(t, self.window, (rows, columns), &index));
@@ -207,7 +214,7 @@ impl Beit {
                 *slot = Some(x.shallow_clone());
             }
         }
-        (read.into_iter().flatten().collect(), (rows, columns))
+        Ok((read.into_iter().flatten().collect(), (rows, columns)))
     }
 }
 

@@ -12,6 +12,7 @@ use image::{GrayImage, RgbImage};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth_anything::DepthAnything;
 use crate::engine::preprocess::dpt::Dpt;
@@ -150,11 +151,12 @@ pub enum DepthNetwork {
 }
 
 impl DepthNetwork {
-    /// The predicted depth [N, H, W] of normalised pixels.
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// The predicted depth [N, H, W] of normalised pixels; `between` is asked before
+    /// each backbone layer, and its error ends the pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         match self {
-            Self::DepthAnything(n) => n.forward(pixels),
-            Self::Dpt(n) => n.forward(pixels),
+            Self::DepthAnything(n) => n.forward(pixels, between),
+            Self::Dpt(n) => n.forward(pixels, between),
         }
     }
 }
@@ -224,10 +226,15 @@ impl DepthDetector {
 
     /// The 8-bit depth map of an RGB image, at its size.
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`DepthDetector::detect`] with `between` asked before each backbone layer.
+    pub fn detect_between(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let depth = self
             .network
-            .forward(&self.input(image))
+            .forward(&self.input(image), between)?
             .to_device(Device::Cpu);
         let depth = depth
             .unsqueeze(1)

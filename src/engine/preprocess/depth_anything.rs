@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::preprocess::dinov2::{current_names, Backbone, BackboneConfig};
@@ -236,11 +237,12 @@ impl DepthAnything {
     }
 
     /// The predicted depth [N, H, W] (float32) of normalised pixels [N, 3, H, W] whose
-    /// sides are multiples of the patch size.
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// sides are multiples of the patch size; `between` is asked before each backbone
+    /// block.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let pixels = pixels.to_device(self.device).to_kind(self.kind);
-        let (tokens, (rows, columns)) = self.backbone.forward(&pixels);
+        let (tokens, (rows, columns)) = self.backbone.forward(&pixels, between)?;
         let features: Vec<Tensor> = tokens
             .iter()
             .zip(&self.levels)
@@ -262,7 +264,7 @@ impl DepthAnything {
         let x = x.upsample_bilinear2d(size, true, None, None);
         let x = self.head[2].forward(&self.head[1].forward(&x).relu());
         let depth = if self.metric { x.sigmoid() } else { x.relu() } * self.max_depth;
-        depth.squeeze_dim(1).to_kind(Kind::Float)
+        Ok(depth.squeeze_dim(1).to_kind(Kind::Float))
     }
 
     /// The fusion stage: from the coarsest level up, each fused with the next finer

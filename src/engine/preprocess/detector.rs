@@ -7,6 +7,7 @@ use std::path::Path;
 
 use tch::{Device, Kind};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::depth::{DepthDetector, DepthNetwork};
 use crate::engine::preprocess::hed::Hed;
@@ -293,11 +294,22 @@ impl Detector {
     /// The 8-bit map of an RGB image at the detection size (see each network's
     /// `detect`): three equal channels, or the segmentation's colours.
     pub fn detect(&self, image: &image::RgbImage) -> Result<image::RgbImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`Detector::detect`], with `between` asked between the blocks of the networks
+    /// whose single pass takes seconds on a CPU (the depth, normal and LeReS networks);
+    /// its error ends the pass.
+    pub fn detect_between(
+        &self,
+        image: &image::RgbImage,
+        between: &mut Between<'_>,
+    ) -> Result<image::RgbImage> {
         let map = match self {
             Detector::Lineart(network) => network.detect(image)?,
             Detector::LineartAnime(network) => network.detect(image)?,
-            Detector::Depth(network) => network.detect(image)?,
-            Detector::Zoe(network) => network.detect(image)?,
+            Detector::Depth(network) => network.detect_between(image, between)?,
+            Detector::Zoe(network) => network.detect_between(image, between)?,
             Detector::Hed(network) => network.detect(image)?,
             Detector::Segment(network) => return network.detect(image),
             Detector::OpenPose(network) => return network.detect(image),
@@ -307,11 +319,11 @@ impl Detector {
                     self.network().name()
                 )))
             }
-            Detector::Normal(network) => return network.detect(image),
+            Detector::Normal(network) => return network.detect_between(image, between),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
             Detector::PiDiNet(network) => network.detect(image)?,
             Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
-            Detector::Leres(network) => network.detect(image, DepthCuts::NONE)?,
+            Detector::Leres(network) => network.detect(image, DepthCuts::NONE, between)?,
         };
         Ok(super::gray_to_rgb(map))
     }

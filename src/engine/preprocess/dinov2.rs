@@ -6,6 +6,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{multi_head_attention, Conv2d, LayerNorm, Linear};
 use crate::engine::weights::{Transform, VarPath};
@@ -247,8 +248,13 @@ impl Backbone {
         Tensor::cat(&[self.positions.narrow(1, 0, 1), grid], 1)
     }
 
-    /// The read layers' tokens (class token first), normalised, and the patch grid.
-    pub fn forward(&self, pixels: &Tensor) -> (Vec<Tensor>, (i64, i64)) {
+    /// The read layers' tokens (class token first), normalised, and the patch grid;
+    /// `between` is asked before each block, and its error ends the pass.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        between: &mut Between<'_>,
+    ) -> Result<(Vec<Tensor>, (i64, i64))> {
         let (height, width) = (pixels.size()[2], pixels.size()[3]);
         let (rows, columns) = (height / self.patch_size, width / self.patch_size);
         let patches = self.patch.forward(pixels).flatten(2, 3).transpose(1, 2);
@@ -264,6 +270,7 @@ impl Backbone {
             read.push((0, keep(&x)));
         }
         for (i, block) in self.blocks.iter().enumerate() {
+            between()?;
             x = block.forward(&x);
             let layer = i as i64 + 1;
             if self.read.contains(&layer) {
@@ -279,6 +286,6 @@ impl Backbone {
                     .map(|(_, t)| t.shallow_clone())
             })
             .collect();
-        (ordered, (rows, columns))
+        Ok((ordered, (rows, columns)))
     }
 }

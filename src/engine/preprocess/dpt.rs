@@ -15,6 +15,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{Conv2d, Linear};
 use crate::engine::preprocess::bit::{Bit, BitConfig};
@@ -336,8 +337,9 @@ impl Dpt {
     }
 
     /// The predicted depth [N, H, W] (float32) of normalised pixels [N, 3, H, W] with
-    /// square sides that are multiples of the patch size (DPT-Hybrid's: its side).
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// square sides that are multiples of the patch size (DPT-Hybrid's: its side);
+    /// `between` is asked before each layer.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let pixels = pixels.to_device(self.device).to_kind(self.kind);
         let (mut x, (rows, columns), backbone_levels) = self.embed(&pixels);
@@ -346,6 +348,7 @@ impl Dpt {
             if kept.len() == self.read.len() {
                 break;
             }
+            between()?;
             x = layer.forward(&x, self.heads, None);
             if self.read.contains(&i) {
                 kept.push(x.shallow_clone());
@@ -368,11 +371,11 @@ impl Dpt {
         }
         let x = double(&self.head[0].forward(&x));
         let x = self.head[1].forward(&x).relu();
-        self.head[2]
+        Ok(self.head[2]
             .forward(&x)
             .relu()
             .squeeze_dim(1)
-            .to_kind(Kind::Float)
+            .to_kind(Kind::Float))
     }
 }
 

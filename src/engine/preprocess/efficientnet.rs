@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::VarPath;
 
@@ -275,17 +276,23 @@ impl EfficientNet {
         })
     }
 
-    /// Each stage's output and the head convolution's (before its batch norm).
-    pub fn forward(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
+    /// Each stage's output and the head convolution's (before its batch norm);
+    /// `between` is asked before each block, and its error ends the pass.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        between: &mut Between<'_>,
+    ) -> Result<(Vec<Tensor>, Tensor)> {
         let mut x = self.stem.forward(pixels).silu();
         let mut outputs = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             for block in stage {
+                between()?;
                 x = block.forward(&x);
             }
             outputs.push(x.shallow_clone());
         }
         let head = same_conv(&x, &self.head, None, 1, 1);
-        (outputs, head)
+        Ok((outputs, head))
     }
 }

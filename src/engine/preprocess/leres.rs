@@ -10,6 +10,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::efficientnet::{fold_batch_norm, shape_of, ShapeMap};
 use crate::engine::preprocess::image_filters::Param;
@@ -196,13 +197,14 @@ impl Decoder {
     }
 
     /// The depth [N, 1, H, W] of the four features (finest first).
-    fn forward(&self, features: &[Tensor]) -> Tensor {
+    fn forward(&self, features: &[Tensor], between: &mut Between<'_>) -> Result<Tensor> {
         let mut x = doubled(&self.narrow.forward(&self.top.forward(&features[3])));
         for (fusion, finer) in self.fusions.iter().zip(features[..3].iter().rev()) {
+            between()?;
             x = fusion.forward(finer, &x);
         }
         let (first, last) = &self.output;
-        doubled(&last.forward(&first.forward(&x).relu()))
+        Ok(doubled(&last.forward(&first.forward(&x).relu())))
     }
 }
 
@@ -252,12 +254,14 @@ impl LeresDetector {
     }
 
     /// The network's depth [N, 1, H, W] (float32) of normalised input `x` [N, 3, H, W]
-    /// (sides multiples of [`SIDE_MULTIPLE`]).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// (sides multiples of [`SIDE_MULTIPLE`]); `between` is asked before each encoder
+    /// block and decoder fusion, and its error ends the pass.
+    pub fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let x = x.to_device(self.device).to_kind(self.kind);
-        let depth = self.decoder.forward(&self.encoder.forward(&x));
-        depth.to_kind(Kind::Float).to_device(Device::Cpu)
+        let features = self.encoder.forward(&x, between)?;
+        let depth = self.decoder.forward(&features, between)?;
+        Ok(depth.to_kind(Kind::Float).to_device(Device::Cpu))
     }
 
     /// `estimateleres`' input of an RGB image: BGR, 0–255 in float32, less ImageNet's
@@ -274,15 +278,24 @@ impl LeresDetector {
         ((pixels - mean) / std).unsqueeze(0)
     }
 
-    /// The 8-bit depth map of `image` (sides multiples of [`SIDE_MULTIPLE`]) with `cuts`.
-    pub fn detect(&self, image: &RgbImage, cuts: DepthCuts) -> Result<GrayImage> {
+    /// The 8-bit depth map of `image` (sides multiples of [`SIDE_MULTIPLE`]) with `cuts`;
+    /// `between` is asked between the network's blocks.
+    pub fn detect(
+        &self,
+        image: &RgbImage,
+        cuts: DepthCuts,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         if !(width.is_multiple_of(SIDE_MULTIPLE) && height.is_multiple_of(SIDE_MULTIPLE)) {
             return Err(EngineError::InvalidRequest(format!(
                 "LeReS needs sides that are multiples of {SIDE_MULTIPLE}; the image is {width}x{height}"
             )));
         }
-        let depth = self.forward(&Self::input(image)).contiguous().view(-1);
+        let depth = self
+            .forward(&Self::input(image), between)?
+            .contiguous()
+            .view(-1);
         let depth = Vec::<f32>::try_from(depth)?;
         let map = depth_map(&depth, cuts);
         GrayImage::from_raw(width, height, map)

@@ -382,7 +382,7 @@ impl Preprocessor {
             },
             (_, network) => match detector {
                 Some(detector) if network.is_some_and(|n| n.accepts(detector.network())) => {
-                    let map = detector.detect(rgb)?;
+                    let map = detector.detect_between(rgb, between_passes)?;
                     if self != Preprocessor::Scribble {
                         return Ok(map);
                     }
@@ -398,8 +398,8 @@ impl Preprocessor {
     }
 }
 
-/// The depth map of `detector` (LeReS's with its `cuts`; ZoeDepth's with
-/// `between_passes` before its mirrored pass).
+/// The depth map of `detector` (LeReS's with its `cuts`), `between_passes` asked
+/// between the network's blocks.
 fn depth_map(
     rgb: &RgbImage,
     cuts: leres::DepthCuts,
@@ -407,11 +407,15 @@ fn depth_map(
     between_passes: &mut dyn FnMut() -> Result<()>,
 ) -> Result<RgbImage> {
     match detector {
-        Some(Detector::Leres(network)) => Ok(gray_to_rgb(network.detect(rgb, cuts)?)),
+        Some(Detector::Leres(network)) => {
+            Ok(gray_to_rgb(network.detect(rgb, cuts, between_passes)?))
+        }
         Some(Detector::Zoe(network)) if cuts == leres::DepthCuts::NONE => {
             Ok(gray_to_rgb(network.detect_between(rgb, between_passes)?))
         }
-        Some(network @ Detector::Depth(_)) if cuts == leres::DepthCuts::NONE => network.detect(rgb),
+        Some(network @ Detector::Depth(_)) if cuts == leres::DepthCuts::NONE => {
+            network.detect_between(rgb, between_passes)
+        }
         other => Err(EngineError::Internal(format!(
             "the depth preprocessor with {cuts:?} was handed {:?}",
             other.map(Detector::network)

@@ -11,6 +11,7 @@ use std::path::Path;
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::unit_range;
 use crate::engine::preprocess::efficientnet::{shape_of, EfficientNet, FoldedConv, ShapeMap};
@@ -174,16 +175,19 @@ impl NormalBae {
     }
 
     /// The coarse (1/8) and finest predictions [N, 4, h, w] (float32) of ImageNet-
-    /// normalised pixels [N, 3, H, W]: unit normals and their concentration.
-    pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+    /// normalised pixels [N, 3, H, W]: unit normals and their concentration. `between`
+    /// is asked before each encoder block, decoder stage and refinement, and its error
+    /// ends the pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<(Tensor, Tensor)> {
         let _no_grad = tch::no_grad_guard();
         let x = pixels.to_device(self.device).to_kind(self.kind);
-        let (stages, head) = self.encoder.forward(&x);
+        let (stages, head) = self.encoder.forward(&x, between)?;
         let skips: Vec<&Tensor> = SKIP_STAGES.iter().map(|&s| &stages[s]).collect();
         let (weight, bias) = &self.bottleneck;
         let mut d = head.conv2d(weight, Some(bias), [1, 1], [0, 0], [1, 1], 1);
         let mut decoded = Vec::with_capacity(4);
         for (up, skip) in self.ups.iter().zip(skips.iter().rev()) {
+            between()?;
             d = up.forward(&d, skip);
             decoded.push(d.shallow_clone());
         }
@@ -191,9 +195,10 @@ impl NormalBae {
         let coarse = normalise(&decoded[1].conv2d(weight, Some(bias), [1, 1], [1, 1], [1, 1], 1));
         let mut prediction = coarse.shallow_clone();
         for (refinement, features) in self.refinements.iter().zip(&decoded[1..]) {
+            between()?;
             prediction = refinement.forward(features, &prediction);
         }
-        (coarse.to_kind(Kind::Float), prediction.to_kind(Kind::Float))
+        Ok((coarse.to_kind(Kind::Float), prediction.to_kind(Kind::Float)))
     }
 }
 
@@ -213,6 +218,11 @@ impl NormalDetector {
 
     /// The map: each pixel's normal (x, y, z) from [-1, 1] to [0, 255] as R, G, B.
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`NormalDetector::detect`] with `between` asked between the network's blocks.
+    pub fn detect_between(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<RgbImage> {
         let (width, height) = image.dimensions();
         if width % SIDE_MULTIPLE != 0 || height % SIDE_MULTIPLE != 0 {
             return Err(EngineError::InvalidRequest(format!(
@@ -226,7 +236,7 @@ impl NormalDetector {
         let std = Tensor::from_slice(&STD)
             .to_kind(Kind::Float)
             .view([1, 3, 1, 1]);
-        let (_, normals) = self.network.forward(&((pixels - mean) / std));
+        let (_, normals) = self.network.forward(&((pixels - mean) / std), between)?;
         let scaled = ((normals.narrow(1, 0, 3) + 1.0) * 0.5).clamp(0.0, 1.0) * 255.0;
         let bytes = scaled
             .clamp(0.0, 255.0)

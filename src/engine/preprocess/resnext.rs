@@ -7,6 +7,7 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::efficientnet::{fold_batch_norm, shape_of, ShapeMap};
 use crate::engine::weights::{numbered_children, VarPath};
@@ -165,18 +166,20 @@ impl ResNeXt {
         Ok(Self { stem, stages })
     }
 
-    /// The four stages' outputs (strides 4, 8, 16 and 32).
-    pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+    /// The four stages' outputs (strides 4, 8, 16 and 32); `between` is asked before
+    /// each block, and its error ends the pass.
+    pub fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let x = self.stem.forward(x).relu();
         let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut features = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             for block in stage {
+                between()?;
                 x = block.forward(&x);
             }
             features.push(x.shallow_clone());
         }
-        features
+        Ok(features)
     }
 
     /// The channels of each stage's output.

@@ -218,8 +218,8 @@ impl ZoeDetector {
         self.depth_between(image, &mut || Ok(()))
     }
 
-    /// [`ZoeDetector::depth`] with `between_passes` run before the mirrored pass; its
-    /// error stops the work there.
+    /// [`ZoeDetector::depth`] with `between_passes` run before each backbone layer of
+    /// either pass; its error stops the work there.
     pub fn depth_between(
         &self,
         image: &RgbImage,
@@ -227,9 +227,8 @@ impl ZoeDetector {
     ) -> Result<Tensor> {
         let (width, height) = (i64::from(image.width()), i64::from(image.height()));
         let pixels = self.input(image)?;
-        let depth = self.network.forward(&pixels);
-        between_passes()?;
-        let mirrored = self.network.forward(&pixels.flip([3]));
+        let depth = self.network.forward(&pixels, between_passes)?;
+        let mirrored = self.network.forward(&pixels.flip([3]), between_passes)?;
         let depth = ((depth + mirrored.flip([-1])) / 2.0).to_device(Device::Cpu);
         let (rows, columns) = self.processor.padding(height, width);
         let padded = [height + 2 * rows, width + 2 * columns];
@@ -246,7 +245,7 @@ impl ZoeDetector {
         self.detect_between(image, &mut || Ok(()))
     }
 
-    /// [`ZoeDetector::detect`] with `between_passes` run before the mirrored pass.
+    /// [`ZoeDetector::detect`] with `between_passes` run before each backbone layer.
     pub fn detect_between(
         &self,
         image: &RgbImage,

@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::preprocess::beit::{Beit, BeitConfig};
@@ -203,11 +204,11 @@ impl ZoeDepth {
     }
 
     /// The predicted metric depth [N, H', W'] (float32) of normalised pixels [N, 3, H, W]
-    /// whose sides are at least a patch.
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// whose sides are at least a patch; `between` is asked before each backbone layer.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let pixels = pixels.to_device(self.device).to_kind(self.kind);
-        let (states, (rows, columns)) = self.backbone.forward(&pixels);
+        let (states, (rows, columns)) = self.backbone.forward(&pixels, between)?;
         let features: Vec<Tensor> = states
             .iter()
             .zip(&self.readouts)
@@ -217,10 +218,11 @@ impl ZoeDepth {
         let fused = self.fusion.forward(&features);
         let (relative_features, relative) = self.relative.forward(&fused[self.head_in]);
         let bottleneck = &features[features.len() - 1];
-        self.metric
+        Ok(self
+            .metric
             .forward((&relative_features, &relative), bottleneck, &fused)
             .squeeze_dim(1)
-            .to_kind(Kind::Float)
+            .to_kind(Kind::Float))
     }
 }
 

@@ -6,10 +6,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
-use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::drct::DENSE_BLOCKS;
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{

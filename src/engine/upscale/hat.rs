@@ -6,10 +6,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::channel_attention::ChannelAttention;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     attend, count_blocks, embed, gather_bias, pad_to_windows, partition, reverse, shift_for,

@@ -8,7 +8,6 @@
 pub mod activation;
 pub mod channel_attention;
 pub mod channel_norm;
-pub mod checkpoint;
 pub mod dat;
 pub mod drct;
 pub mod dysample;
@@ -36,10 +35,10 @@ use std::path::Path;
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::unit_range;
 use crate::engine::weights::{read_shapes, Transform, Weights};
-use checkpoint::Between;
 use layout::Architecture;
 use nets::Network;
 use tiles::{Checkpoint, Tiling};

@@ -8,10 +8,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dysample::DySample;
 use crate::engine::upscale::layout::mosr::{DYSAMPLE_GROUPS, ENSEMBLE};
 use crate::engine::upscale::layout::{Architecture, MoSrUpsampler};

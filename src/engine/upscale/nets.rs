@@ -5,10 +5,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::hat::Hat;

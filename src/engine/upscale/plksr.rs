@@ -7,10 +7,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, GroupNorm};
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::dysample::DySample;
 use crate::engine::upscale::layout::{dysample_groups, Architecture, LargeKernel};
 use crate::engine::weights::VarPath;

@@ -7,10 +7,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_attention::ChannelAttention;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::pad_to_windows;
 use crate::engine::weights::VarPath;

@@ -6,11 +6,11 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::channel_attention::ChannelAttention;
-use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
 

@@ -7,9 +7,9 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{
     attend, embed, gather_bias, partition, relative_position_index, reverse, shifted_mask, unembed,

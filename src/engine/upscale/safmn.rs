@@ -7,10 +7,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::channel_norm::ChannelNorm;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::safmn::LEVELS;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;

@@ -9,9 +9,9 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
-use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::scunet::{HEAD_WIDTH, STAGES, WINDOW};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{

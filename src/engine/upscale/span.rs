@@ -6,8 +6,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
-use crate::engine::upscale::checkpoint::Between;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
 

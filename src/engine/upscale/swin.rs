@@ -5,9 +5,9 @@
 
 use tch::{Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{LayerNorm, Linear};
-use crate::engine::upscale::checkpoint::Between;
 use crate::engine::weights::VarPath;
 
 /// `nn.LayerNorm`'s epsilon.

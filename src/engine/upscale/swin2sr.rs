@@ -8,10 +8,10 @@
 
 use tch::Tensor;
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::activation::leaky_in_place;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::swin::{
     attend_scaled, embed, gather_bias, pad_to_windows, partition, relative_position_index, reverse,

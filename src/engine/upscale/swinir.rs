@@ -5,10 +5,10 @@
 
 use tch::{Kind, Tensor};
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm};
 use crate::engine::upscale::activation::leaky_in_place;
-use crate::engine::upscale::checkpoint::{in_turn, Between};
 use crate::engine::upscale::layout::{Architecture, SwinUpsampler};
 use crate::engine::upscale::swin::{
     count_blocks, embed, pad_to_windows, shift_for, table_heads, through_groups, unembed, Block,

@@ -1,6 +1,6 @@
 //! The stop check a network pass asks between its blocks, so that a cancelled or late
-//! job ends within a block instead of at the end of a tile (or a whole image), which on
-//! a CPU may take minutes.
+//! job ends within a block instead of at the end of the pass (an upscaler's tile, a
+//! detector's image), which on a CPU may take seconds to minutes.
 
 use tch::Tensor;
 
