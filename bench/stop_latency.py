@@ -3,13 +3,13 @@
 
 Starts `sdxld serve` with controlnet_aux's OpenPose body, face and hand networks at their
 published sizes (random weights, written once into a temporary preprocessor root), or
-with `--detector KIND` one of `bench/preprocess.py`'s full-size depth or normal networks
-(`zoe`, `depth`, `dpt`, `leres`, `normal`), or with `--upscaler ARCH` one of
+with `--detector KIND` one of `bench/preprocess.py`'s full-size networks (`zoe`, `depth`,
+`dpt`, `leres`, `normal`, `hed`, `pidinet`, `segmentation`), or with `--upscaler ARCH` one of
 `bench/upscale.py`'s full-size upscalers (random weights, in a temporary upscaler root),
 then on a square noise image:
 
-  1. times the whole PREPROCESSOR_OPENPOSE_FULL map (or the detector's depth or normal
-     map) through the Preprocess RPC, or the image's upscale through the Upscale RPC
+  1. times the whole PREPROCESSOR_OPENPOSE_FULL map (or the detector's depth, normal,
+     soft-edge or segmentation map) through the Preprocess RPC, or the image's upscale through the Upscale RPC
      (one tile: the server's 512-pixel tile covers it), as the baseline: what a stop
      honoured only at the job's end can cost;
   2. times a small request of the same kind alone;
@@ -80,14 +80,19 @@ def openpose_job(pb, stub, noise, root: Path):
     return settings, lambda t: call(full, t), lambda t: call(small, t), "openpose_full map"
 
 
-DETECTOR_FOLDERS = ("zoe", "depth", "dpt")
+DETECTOR_FOLDERS = ("zoe", "depth", "dpt", "segmentation")
 
 
 def detector_job(pb, stub, noise, root: Path, kind: str):
-    """A depth or normal map's job, as `openpose_job` describes it."""
+    """A detector's map job, as `openpose_job` describes it."""
     name = "bench" if kind in DETECTOR_FOLDERS else "bench.safetensors"
     detectors.write_model(kind, root / name)
-    preprocessor = pb.PREPROCESSOR_NORMAL if kind == "normal" else pb.PREPROCESSOR_DEPTH
+    preprocessor = {
+        "normal": pb.PREPROCESSOR_NORMAL,
+        "hed": pb.PREPROCESSOR_SOFTEDGE,
+        "pidinet": pb.PREPROCESSOR_SOFTEDGE,
+        "segmentation": pb.PREPROCESSOR_SEGMENTATION,
+    }.get(kind, pb.PREPROCESSOR_DEPTH)
     params = pb.PreprocessorParams(detect_resolution=0, model="bench")
     whole = pb.PreprocessRequest(image=png(noise), preprocessor=preprocessor, preprocessor_params=params)
     small = pb.PreprocessRequest(image=png(noise[:64, :64]), preprocessor=preprocessor, preprocessor_params=params)
@@ -113,7 +118,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--deadline", type=float, default=12.0)
     parser.add_argument("--upscaler", help="an architecture of bench/upscale.py")
-    parser.add_argument("--detector", choices=["zoe", "depth", "dpt", "leres", "normal"])
+    parser.add_argument("--detector", choices=["zoe", "depth", "dpt", "leres", "normal", "hed", "pidinet", "segmentation"])
     args = parser.parse_args()
     pb, rpc = stubs()
     noise = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)

@@ -41,7 +41,7 @@ fn the_pidinet_network_equals_controlnet_aux() {
         let io = read_tensors(&detector_fixtures().join(format!("pidinet/{name}.io.safetensors")));
         for k in 0..3 {
             let outputs = network
-                .forward(&io[&format!("input.{k}")])
+                .forward(&io[&format!("input.{k}")], &mut || Ok(()))
                 .expect("forward");
             assert_eq!(outputs.len(), 5, "{name}: four sides and the fused map");
             for (j, edges) in outputs.iter().enumerate() {
@@ -90,9 +90,10 @@ fn soft_edges_and_scribbles_equal_pidinet_detector() {
                 preprocessor,
                 detect_resolution: Some(resolution),
             };
-            let got = preprocessing
-                .run(image, Networks::detector(Some(&detector)))
-                .expect("detect");
+            // A stop asked between the blocks ends the map there.
+            let got = common::assert_stops_between_passes(name, 4, |between| {
+                preprocessing.run_interruptible(image, Networks::detector(Some(&detector)), between)
+            });
             let got = image::DynamicImage::ImageRgb8(got).to_luma8();
             let want = reference(&format!("{name}_{map}"));
             assert_map(&format!("{name} {map}"), &got, &want, most);

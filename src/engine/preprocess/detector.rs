@@ -298,8 +298,8 @@ impl Detector {
     }
 
     /// [`Detector::detect`], with `between` asked between the blocks of the networks
-    /// whose single pass takes seconds on a CPU (the depth, normal and LeReS networks);
-    /// its error ends the pass.
+    /// whose single pass takes seconds on a CPU (the depth, normal, LeReS, HED, PiDiNet
+    /// and segmentation networks); its error ends the pass.
     pub fn detect_between(
         &self,
         image: &image::RgbImage,
@@ -310,8 +310,8 @@ impl Detector {
             Detector::LineartAnime(network) => network.detect(image)?,
             Detector::Depth(network) => network.detect_between(image, between)?,
             Detector::Zoe(network) => network.detect_between(image, between)?,
-            Detector::Hed(network) => network.detect(image)?,
-            Detector::Segment(network) => return network.detect(image),
+            Detector::Hed(network) => network.detect_levels(image, 0, between)?,
+            Detector::Segment(network) => return network.detect_between(image, between),
             Detector::OpenPose(network) => return network.detect(image),
             Detector::Face(_) | Detector::Hand(_) => {
                 return Err(EngineError::Internal(format!(
@@ -321,7 +321,7 @@ impl Detector {
             }
             Detector::Normal(network) => return network.detect_between(image, between),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
-            Detector::PiDiNet(network) => network.detect(image)?,
+            Detector::PiDiNet(network) => network.detect_levels(image, 0, between)?,
             Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
             Detector::Leres(network) => network.detect(image, DepthCuts::NONE, between)?,
         };
@@ -329,16 +329,18 @@ impl Detector {
     }
 
     /// The soft edges of an edge network (HED, PiDiNet or TEED), quantised in
-    /// `safe_steps` steps (`None`: the network's default: none, TEED's 2).
+    /// `safe_steps` steps (`None`: the network's default: none, TEED's 2); `between` is
+    /// asked between HED's and PiDiNet's blocks.
     pub fn soft_edges(
         &self,
         image: &image::RgbImage,
         safe_steps: Option<u32>,
+        between: &mut Between<'_>,
     ) -> Result<image::RgbImage> {
         let steps = safe_steps.unwrap_or(0);
         let map = match self {
-            Detector::Hed(network) => network.detect_levels(image, steps)?,
-            Detector::PiDiNet(network) => network.detect_levels(image, steps)?,
+            Detector::Hed(network) => network.detect_levels(image, steps, between)?,
+            Detector::PiDiNet(network) => network.detect_levels(image, steps, between)?,
             Detector::Teed(network) => {
                 network.detect(image, safe_steps.unwrap_or(TEED_SAFE_STEPS))?
             }

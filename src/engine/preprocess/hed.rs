@@ -11,6 +11,7 @@ use std::path::Path;
 use image::GrayImage;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::cv_resize::resize_plane_linear;
@@ -113,12 +114,13 @@ impl Hed {
     }
 
     /// Each block's edge projection [N, 1, h_k, w_k] (float32) of raw pixels [N, 3, H, W]
-    /// in 0–255.
-    pub fn forward(&self, pixels: &Tensor) -> Vec<Tensor> {
+    /// in 0–255; `between` is asked before each block, and its error ends the pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let _no_grad = tch::no_grad_guard();
         let mut h = pixels.to_device(self.device).to_kind(self.kind) - &self.norm;
         let mut projections = Vec::with_capacity(self.blocks.len());
         for (k, block) in self.blocks.iter().enumerate() {
+            between()?;
             if k > 0 {
                 h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
             }
@@ -126,7 +128,7 @@ impl Hed {
             projections.push(edges.to_kind(Kind::Float));
             h = features;
         }
-        projections
+        Ok(projections)
     }
 
     /// Whether an input [N, C, H, W] keeps a pixel through every pooling.
@@ -139,11 +141,17 @@ impl Hed {
     /// projection fitted back with OpenCV's float `INTER_LINEAR`, their float32 mean, a
     /// float64 sigmoid, times 255 truncated to 8 bits.
     pub fn detect(&self, image: &image::RgbImage) -> Result<GrayImage> {
-        self.detect_levels(image, 0)
+        self.detect_levels(image, 0, &mut || Ok(()))
     }
 
-    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all).
-    pub fn detect_levels(&self, image: &image::RgbImage, safe_steps: u32) -> Result<GrayImage> {
+    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all);
+    /// `between` is asked before each block.
+    pub fn detect_levels(
+        &self,
+        image: &image::RgbImage,
+        safe_steps: u32,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let (w, h) = (width as usize, height as usize);
         let pixels = channels_first(image).to_kind(Kind::Float);
@@ -154,7 +162,7 @@ impl Hed {
             )));
         }
         let mut sum = vec![0f32; w * h];
-        let projections = self.forward(&pixels);
+        let projections = self.forward(&pixels, between)?;
         for edges in &projections {
             let size = edges.size();
             let (eh, ew) = (size[2] as usize, size[3] as usize);

@@ -350,7 +350,7 @@ impl Preprocessor {
                 Ok(gray_to_rgb(recolor::recolor(rgb, lightness, gamma.0)))
             }
             (Preprocessor::SoftEdge { safe_steps }, _) => match detector {
-                Some(detector) => detector.soft_edges(rgb, safe_steps),
+                Some(detector) => detector.soft_edges(rgb, safe_steps, between_passes),
                 None => Err(EngineError::Internal(
                     "soft edges without a detector".into(),
                 )),
@@ -367,7 +367,9 @@ impl Preprocessor {
             }
             (Preprocessor::Depth(cuts), _) => depth_map(rgb, cuts, detector, between_passes),
             (Preprocessor::Sketch, _) => match detector {
-                Some(Detector::PiDiNet(network)) => Ok(gray_to_rgb(network.detect_filtered(rgb)?)),
+                Some(Detector::PiDiNet(network)) => {
+                    Ok(gray_to_rgb(network.detect_filtered(rgb, between_passes)?))
+                }
                 other => Err(EngineError::Internal(format!(
                     "the sketch preprocessor was handed {:?}",
                     other.map(Detector::network)

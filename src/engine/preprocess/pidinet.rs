@@ -13,6 +13,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{read_shapes, VarPath, Weights};
 
@@ -339,8 +340,9 @@ impl PiDiNet {
     }
 
     /// The four side edge maps and the classifier's, each [N, 1, H, W] after its sigmoid
-    /// (float32), of an input [N, 3, H, W] (BGR in [0, 1]) whose sides are at least 8.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// (float32), of an input [N, 3, H, W] (BGR in [0, 1]) whose sides are at least 8;
+    /// `between` is asked before each block, and its error ends the pass.
+    pub fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let size = x.size();
         let min = i64::from(MIN_SIDE);
         if size.len() != 4 || size[1] != 3 || size[2] < min || size[3] < min {
@@ -356,6 +358,7 @@ impl PiDiNet {
         let mut edges = Vec::with_capacity(5);
         for (blocks, side) in self.stages.iter().zip(&self.sides) {
             for block in blocks {
+                between()?;
                 h = block.forward(&h);
             }
             let edge = side.forward(&h);
@@ -373,12 +376,18 @@ impl PiDiNet {
     /// pixels / 255 (channels last, as its numpy input lies), the classifier's edge
     /// times 255 truncated to 8 bits.
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
-        self.detect_levels(image, 0)
+        self.detect_levels(image, 0, &mut || Ok(()))
     }
 
-    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all).
-    pub fn detect_levels(&self, image: &RgbImage, safe_steps: u32) -> Result<GrayImage> {
-        self.edge_map(image, |v| {
+    /// [`Self::detect`], the edges quantised in `safe_steps` steps (0: not at all);
+    /// `between` is asked before each block.
+    pub fn detect_levels(
+        &self,
+        image: &RgbImage,
+        safe_steps: u32,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
+        self.edge_map(image, between, |v| {
             if safe_steps > 0 {
                 super::hed::safe_level(v, safe_steps)
             } else {
@@ -388,21 +397,31 @@ impl PiDiNet {
     }
 
     /// The sketch map (`PidiNetDetector` with `apply_filter=True`, A1111's
-    /// `t2ia_sketch_pidi`): an edge probability above 0.5 white, the rest black.
-    pub fn detect_filtered(&self, image: &RgbImage) -> Result<GrayImage> {
-        self.edge_map(image, |v| if v > 0.5 { 255 } else { 0 })
+    /// `t2ia_sketch_pidi`): an edge probability above 0.5 white, the rest black;
+    /// `between` is asked before each block.
+    pub fn detect_filtered(
+        &self,
+        image: &RgbImage,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
+        self.edge_map(image, between, |v| if v > 0.5 { 255 } else { 0 })
     }
 
     /// The fused edge probabilities of an RGB image (BGR over 255, as the detector feeds
     /// them), each made a byte by `level`.
-    fn edge_map(&self, image: &RgbImage, level: impl Fn(f32) -> u8) -> Result<GrayImage> {
+    fn edge_map(
+        &self,
+        image: &RgbImage,
+        between: &mut Between<'_>,
+        level: impl Fn(f32) -> u8,
+    ) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let bgr: Vec<u8> = image.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
         let pixels = Tensor::from_slice(&bgr)
             .view([1, i64::from(height), i64::from(width), 3])
             .to_kind(Kind::Float)
             / 255.0;
-        let edges = self.forward(&pixels.permute([0, 3, 1, 2]))?;
+        let edges = self.forward(&pixels.permute([0, 3, 1, 2]), between)?;
         let fused = edges
             .last()
             .ok_or_else(|| EngineError::Internal("PiDiNet without outputs".into()))?;

@@ -11,6 +11,7 @@ use image::RgbImage;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::ade20k::ADE20K;
 use crate::engine::preprocess::depth::ProcessorSize;
@@ -97,13 +98,16 @@ impl SegmentDetector {
         normalised(image, size, self.filter, p.rescale_factor, statistics)
     }
 
-    /// The class of each pixel of an RGB image, at its size (row-major).
-    pub fn classes(&self, image: &RgbImage) -> Result<Vec<i64>> {
+    /// The class of each pixel of an RGB image, at its size (row-major); `between` is
+    /// asked before each backbone block.
+    pub fn classes(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<Vec<i64>> {
         let (width, height) = image.dimensions();
         let logits = self
             .network
-            .forward(&self.input(image))
+            .forward(&self.input(image), between)?
             .to_device(Device::Cpu);
+        // Every class's logits resized to the image weigh as much as a block.
+        between()?;
         let size = [i64::from(height), i64::from(width)];
         let classes = logits
             .upsample_bilinear2d(size, false, None, None)
@@ -115,9 +119,14 @@ impl SegmentDetector {
     /// The segmentation map of an RGB image, at its size: each class in its ADE20K colour
     /// (classes past the palette black).
     pub fn detect(&self, image: &RgbImage) -> Result<RgbImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`SegmentDetector::detect`] with `between` asked before each backbone block.
+    pub fn detect_between(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<RgbImage> {
         let (width, height) = image.dimensions();
         let pixels: Vec<u8> = self
-            .classes(image)?
+            .classes(image, between)?
             .into_iter()
             .flat_map(|c| {
                 usize::try_from(c)

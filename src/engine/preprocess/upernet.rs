@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::weights::{VarPath, Weights};
@@ -300,8 +301,8 @@ impl UperNet {
         })
     }
 
-    /// The backbone's normalised stage outputs.
-    fn features(&self, pixels: &Tensor) -> Vec<Tensor> {
+    /// The backbone's normalised stage outputs, `between` asked before each block.
+    fn features(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let (conv, norm) = &self.stem;
         let mut x = channels_first(norm, &conv.forward(pixels));
         let mut out = Vec::with_capacity(self.stages.len());
@@ -310,19 +311,22 @@ impl UperNet {
                 x = conv.forward(&channels_first(norm, &x));
             }
             for block in &stage.blocks {
+                between()?;
                 x = block.forward(&x);
             }
             out.push(channels_first(&stage.out_norm, &x));
         }
-        out
+        Ok(out)
     }
 
-    /// The class logits [N, classes, H, W] (float32) of normalised pixels [N, 3, H, W].
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// The class logits [N, classes, H, W] (float32) of normalised pixels [N, 3, H, W];
+    /// `between` is asked before each backbone block and the head's full-width
+    /// convolutions, and its error ends the pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let pixels = pixels.to_device(self.device).to_kind(self.kind);
         let size = [pixels.size()[2], pixels.size()[3]];
-        let features = self.features(&pixels);
+        let features = self.features(&pixels, between)?;
         let resize = |x: &Tensor, like: &Tensor| {
             let s = like.size();
             x.upsample_bilinear2d([s[2], s[3]], false, None, None)
@@ -346,21 +350,24 @@ impl UperNet {
             let up = resize(&laterals[i], &laterals[i - 1]);
             laterals[i - 1] = &laterals[i - 1] + up;
         }
-        let mut outs: Vec<Tensor> = self
-            .fpn
-            .iter()
-            .zip(&laterals)
-            .map(|(conv, l)| conv.forward(l))
-            .collect();
+        // The head's convolutions at a quarter of the input's size weigh as much as the
+        // backbone: asked before each as well.
+        let mut outs = Vec::with_capacity(laterals.len());
+        for (conv, lateral) in self.fpn.iter().zip(&laterals) {
+            between()?;
+            outs.push(conv.forward(lateral));
+        }
         outs.push(laterals[laterals.len() - 1].shallow_clone());
         let first = outs[0].shallow_clone();
         for out in outs.iter_mut().skip(1) {
             *out = resize(out, &first);
         }
+        between()?;
         let fused = self.fpn_bottleneck.forward(&Tensor::cat(&outs, 1));
-        self.classifier
+        Ok(self
+            .classifier
             .forward(&fused)
             .upsample_bilinear2d(size, false, None, None)
-            .to_kind(Kind::Float)
+            .to_kind(Kind::Float))
     }
 }
