@@ -206,6 +206,54 @@ fn a_run_stops_between_tiles_when_asked() {
     assert_eq!(ran, 2);
 }
 
+/// The network's checks between its blocks reach the run's caller inside each tile, and
+/// a stop there ends the run: no checkpoint after it.
+#[test]
+fn a_run_stops_inside_a_tile_when_asked() {
+    let (root, models) = cases();
+    let upscaler = load(&root.join(models[0]["model"].as_str().expect("model")));
+    let image = input(&root.join("images/odd_21x13.png"));
+    let tiling = Tiling {
+        tile: 8,
+        pad: 2,
+        overlap: 0,
+    };
+    let mut seen = Vec::new();
+    upscaler
+        .upscale(&image, tiling, &mut |checkpoint| {
+            seen.push(checkpoint);
+            Ok(())
+        })
+        .expect("a run");
+    let blocks = |tile: usize| {
+        let start = seen
+            .iter()
+            .position(|c| matches!(c, Checkpoint::Tile { done, .. } if *done == tile))
+            .expect("the tile");
+        seen[start + 1..]
+            .iter()
+            .take_while(|c| **c == Checkpoint::Block)
+            .count()
+    };
+    assert!(blocks(0) >= 1 && blocks(0) == blocks(1), "{seen:?}");
+    // Stopped at the second tile's first block.
+    let at = seen
+        .iter()
+        .position(|c| matches!(c, Checkpoint::Tile { done: 1, .. }))
+        .expect("a second tile")
+        + 1;
+    let mut made = 0;
+    let stopped = upscaler.upscale(&image, tiling, &mut |_| {
+        made += 1;
+        match made > at {
+            true => Err(EngineError::InvalidRequest("stop".into())),
+            false => Ok(()),
+        }
+    });
+    assert!(stopped.is_err());
+    assert_eq!(made, at + 1);
+}
+
 /// Every network asks between its blocks whether to go on, so that a cancel ends a pass
 /// within a block rather than at the end of a tile; a stop asked there ends the pass with
 /// that error, and no block runs after it. The checks leave the output alone.
