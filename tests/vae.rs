@@ -184,14 +184,23 @@ fn tiled_decoding_matches_diffusers() {
         );
         // Tiles are blended, so the result differs from decoding the whole at once.
         let whole = pipe.vae_codec().decode(&latents.get(0)).expect("whole");
+        // A whole decode is stopped between the decoder's blocks as well: the mid block,
+        // each resnet and upsampler (4 levels here: at least 8 checks); the checks leave
+        // the image alone.
+        let what = format!("{config} whole decode");
+        let checked = common::assert_stops_between_passes(&what, 8, |between| {
+            pipe.vae_codec()
+                .decode_with(&latents.get(0), false, between)
+        });
+        assert!(checked.image.equal(&whole.image), "{what}");
         let diff = common::image_difference(&whole.image, &tiled.image);
         assert!(diff > 2, "{config}: tiling changed nothing");
         assert_stops_between_tiles(config, &pipe, &latents.get(0));
     }
 }
 
-/// A check runs before every tile, and a decode stopped at the first or the last check
-/// decodes no further tile.
+/// A check runs before every tile (and between each tile's blocks), and a decode
+/// stopped at the first or the last check decodes no further.
 fn assert_stops_between_tiles(config: &str, pipe: &SdxlPipeline, latents: &tch::Tensor) {
     let codec = pipe.vae_codec();
     let what = format!("{config} tiled decode");

@@ -141,13 +141,14 @@ impl VaeCodec {
     }
 
     /// [`Self::decode`], tile by tile when `tiled` (diffusers' `enable_tiling()`): the
-    /// memory of one tile, for images larger than the VAE's sample size; `between_tiles`
-    /// runs before each tile and stops the decode with its error.
+    /// memory of one tile, for images larger than the VAE's sample size; `between` runs
+    /// before each tile and between the decoder's blocks, and stops the decode with its
+    /// error.
     pub fn decode_with(
         &self,
         latents: &Tensor,
         tiled: bool,
-        between_tiles: &mut dyn FnMut() -> Result<()>,
+        between: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Decoded> {
         let _no_grad = tch::no_grad_guard();
         let _stage = profile::span("vae_decode");
@@ -156,9 +157,9 @@ impl VaeCodec {
             let z = model.unscale_latents(&z);
             let bands = self.placement.vae_band_rows;
             let decoded = if tiled {
-                model.decode_tiled_in_bands(&z, bands, between_tiles)?
+                model.decode_tiled_in_bands(&z, bands, between)?
             } else {
-                model.decode_in_bands(&z, bands)
+                model.decode_in_bands_between(&z, bands, between)?
             };
             Ok(decoded.to_kind(Kind::Float).to_device(Device::Cpu))
         };

@@ -56,9 +56,9 @@ impl JobRun<'_> {
         index: usize,
     ) -> Result<RgbImage, JobError> {
         let decode = |tiled, sink: &mut dyn JobSink| {
-            interruptible(sink, |between_tiles| {
+            interruptible(sink, |between| {
                 let codec = decoder.vae_codec();
-                EngineError::catch(|| codec.decode_with(latents, tiled, between_tiles))
+                EngineError::catch(|| codec.decode_with(latents, tiled, between))
             })
         };
         let budget_tiles = self.loaded()?.tiled_decode;

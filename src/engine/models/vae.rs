@@ -1,6 +1,7 @@
 //! `AutoencoderKL` (`models/autoencoders/autoencoder_kl.py` and `vae.py` in diffusers):
 //! the encoder for image-to-image and the decoder that turns latents into pixels.
 
+use std::convert::Infallible;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -414,6 +415,19 @@ impl AutoencoderKL {
     /// many rows at a time (the same image up to rounding, fewer full-size temporaries:
     /// see [`crate::engine::models::bands`]).
     pub fn decode_in_bands(&self, latents: &Tensor, band_rows: Option<i64>) -> Tensor {
+        let Ok(image) =
+            self.decode_in_bands_between(latents, band_rows, &mut || Ok::<(), Infallible>(()));
+        image
+    }
+
+    /// [`Self::decode_in_bands`], `between` asked before the decoder's mid block and
+    /// each of its resnets and upsamplers; its error ends the decode.
+    pub fn decode_in_bands_between<E>(
+        &self,
+        latents: &Tensor,
+        band_rows: Option<i64>,
+        between: &mut dyn FnMut() -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E> {
         let _seamless = seamless::model();
         // Bands pad their rows with zeros at the image's edges: an image that tiles is
         // decoded whole.
@@ -424,17 +438,20 @@ impl AutoencoderKL {
             z = p.forward(&z);
         }
         let mut h = d.conv_in.forward(&z);
+        between()?;
         h = d.mid_block.forward(&h);
         // Rows of the tensor a layer works on, when it is banded.
         let banded = |rows_out: i64| band_rows.filter(|&rows| rows_out > rows);
         for (resnets, up) in &d.up_blocks {
             for r in resnets {
+                between()?;
                 h = match banded(h.size()[2]) {
                     Some(rows) => r.forward_in_bands(&h, rows),
                     None => r.forward(&h, None),
                 };
             }
             if let Some(u) = up {
+                between()?;
                 h = match banded(2 * h.size()[2]) {
                     Some(rows) => u.forward_in_bands(&h, rows),
                     None => u.forward(&h, None),
@@ -445,7 +462,7 @@ impl AutoencoderKL {
             Some(rows) => bands::norm_silu_conv(&d.conv_norm_out, &d.conv_out, &h, rows),
             None => d.conv_out.forward(&d.conv_norm_out.forward(&h).silu()),
         };
-        out.contiguous()
+        Ok(out.contiguous())
     }
 
     /// The latent tile size [`Self::decode_tiled`] decodes `h`×`w` latents in, or None
@@ -468,18 +485,19 @@ impl AutoencoderKL {
         self.decode_tiled_in_bands(latents, None, &mut || Ok(()))
     }
 
-    /// [`Self::decode_tiled`], each tile decoded as [`Self::decode_in_bands`] does;
-    /// `between_tiles` runs before each tile and stops the decode with its error.
+    /// [`Self::decode_tiled`], each tile decoded as [`Self::decode_in_bands_between`]
+    /// does; `between` runs before each tile and between each tile's blocks, and stops
+    /// the decode with its error.
     pub fn decode_tiled_in_bands(
         &self,
         latents: &Tensor,
         band_rows: Option<i64>,
-        between_tiles: &mut dyn FnMut() -> Result<()>,
+        between: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Tensor> {
         let size = latents.size();
         let (h, w) = (size[2], size[3]);
         let (Some(sample), Some(tile)) = (self.config.sample_size, self.tile_if_tiled(h, w)) else {
-            return Ok(self.decode_in_bands(latents, band_rows));
+            return self.decode_in_bands_between(latents, band_rows, between);
         };
         let overlap = ((tile as f64 * 0.75) as i64).max(1);
         let blend = (sample as f64 * 0.25) as i64;
@@ -488,11 +506,11 @@ impl AutoencoderKL {
         for i in (0..h).step_by(overlap as usize) {
             let mut row = Vec::new();
             for j in (0..w).step_by(overlap as usize) {
-                between_tiles()?;
+                between()?;
                 let part = latents
                     .narrow(2, i, tile.min(h - i))
                     .narrow(3, j, tile.min(w - j));
-                row.push(self.decode_in_bands(&part, band_rows));
+                row.push(self.decode_in_bands_between(&part, band_rows, between)?);
             }
             rows.push(row);
         }
