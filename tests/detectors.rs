@@ -349,7 +349,9 @@ fn the_openpose_body_network_equals_controlnet_aux() {
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
         for k in 0..3 {
-            let (pafs, heatmaps) = network.forward(&io[&format!("input.{k}")]);
+            let (pafs, heatmaps) = network
+                .forward(&io[&format!("input.{k}")], &mut || Ok(()))
+                .expect("a pass");
             assert_close(
                 &format!("{name} input {k} affinities"),
                 &pafs,

@@ -38,7 +38,9 @@ fn the_hand_and_face_network_equals_controlnet_aux() {
         assert_eq!(network.maps(), maps, "{name}");
         let io = read_tensors(&root.join(format!("cpm_{name}.io.safetensors")));
         for k in 0..2 {
-            let got = network.forward(&io[&format!("input.{k}")]);
+            let got = network
+                .forward(&io[&format!("input.{k}")], &mut || Ok(()))
+                .expect("a pass");
             assert_close(
                 &format!("{name} input {k}"),
                 &got,
@@ -166,8 +168,9 @@ fn full_map(between_passes: Checkpoint) -> sdxld::engine::error::Result<image::R
 
 #[test]
 fn a_stop_between_face_passes_ends_the_run_before_the_next_pass() {
-    // Uninterrupted: the reference's map, after a check before every face pass (two
-    // faces here); stopped, no pass runs after the stop.
+    // Uninterrupted: the reference's map, after a check before every stage of the body
+    // pass and of each face pass (two faces here); stopped at the first or the last, no
+    // stage runs after the stop.
     let map = assert_stops_between_passes("openpose_full", 2, full_map);
     let reference = detector_fixtures().join("openpose/service_square_full.png");
     assert_same_map("uninterrupted", &map, &reference);

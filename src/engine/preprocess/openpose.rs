@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::cv_plane::{resize_plane_area, resize_plane_lanczos4};
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
@@ -270,8 +271,9 @@ impl BodyPose {
 
     /// The last stage's part affinity fields [N, 38, h/8, w/8] and heatmaps [N, 19, h/8,
     /// w/8] (float32) of pixels [N, 3, h, w] scaled as the reference scales them
-    /// (value / 256 - 0.5).
-    pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+    /// (value / 256 - 0.5); `between` is asked before each stage, and its error ends the
+    /// pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<(Tensor, Tensor)> {
         let _no_grad = tch::no_grad_guard();
         let features = run_trunk(
             &self.trunk,
@@ -283,9 +285,10 @@ impl BodyPose {
         let mut input = features.shallow_clone();
         let mut out = (features.shallow_clone(), features.shallow_clone());
         for (affinity, heatmap) in &self.stages {
+            between()?;
             out = (run(affinity, &input), run(heatmap, &input));
             input = Tensor::cat(&[&out.0, &out.1, &features], 1);
         }
-        (out.0.to_kind(Kind::Float), out.1.to_kind(Kind::Float))
+        Ok((out.0.to_kind(Kind::Float), out.1.to_kind(Kind::Float)))
     }
 }

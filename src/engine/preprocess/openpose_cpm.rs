@@ -11,6 +11,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::openpose::{load_trunk, run_trunk, Conv, ConvFile, Trunk};
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 
 /// The layers of the shared trunk, in order (`None`: a 2×2 max pool).
@@ -105,8 +106,9 @@ impl CpmNetwork {
     }
 
     /// The last stage's maps [N, maps, h/8, w/8] (float32) of pixels [N, 3, h, w] scaled
-    /// as the reference scales them (value / 256 - 0.5).
-    pub fn forward(&self, pixels: &Tensor) -> Tensor {
+    /// as the reference scales them (value / 256 - 0.5); `between` is asked before each
+    /// stage, and its error ends the pass.
+    pub fn forward(&self, pixels: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let features = run_trunk(
             &self.trunk,
@@ -115,9 +117,10 @@ impl CpmNetwork {
         let mut input = features.shallow_clone();
         let mut out = features.shallow_clone();
         for stage in &self.stages {
+            between()?;
             out = stage.iter().fold(input, |h, c| c.forward(&h));
             input = Tensor::cat(&[&out, &features], 1);
         }
-        out.to_kind(Kind::Float)
+        Ok(out.to_kind(Kind::Float))
     }
 }

@@ -110,7 +110,7 @@ impl OpenPoseDetector {
         between_passes: &mut dyn FnMut() -> Result<()>,
     ) -> Result<DetectedPeople> {
         let (input, geometry) = network_input(image)?;
-        let (affinities, heatmaps) = self.network.forward(&input);
+        let (affinities, heatmaps) = self.network.forward(&input, between_passes)?;
         let maps = pose_maps(&affinities, &heatmaps, geometry)?;
         let (candidates, people) = maps.decode();
         let mut details = vec![PersonDetails::default(); people.len()];
@@ -119,11 +119,9 @@ impl OpenPoseDetector {
                 "{what} asked of a pose detector without their network"
             ))
         };
-        // Every face and hand pass goes through here, after the check between passes.
-        let mut pass = |network: &CpmNetwork, input: &Tensor| {
-            between_passes()?;
-            Ok(network.forward(input))
-        };
+        // Every face and hand pass goes through here, its stages checked as the body's.
+        let mut pass =
+            |network: &CpmNetwork, input: &Tensor| network.forward(input, between_passes);
         if parts.hands {
             let hand = networks.hand.ok_or_else(|| missing("hands"))?;
             let hands = find_hands(image, &candidates, &people, |input| pass(hand, input))?;
