@@ -26,7 +26,9 @@ fn the_lineart_generator_equals_controlnet_aux() {
         let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert_eq!(cases, 3, "{name}: three input sizes");
-        assert_io_cases(name, &io, cases, |x| network.forward(x));
+        assert_io_cases(name, &io, cases, |x| {
+            network.forward(x, &mut || Ok(())).expect("a pass")
+        });
     }
 }
 
@@ -43,7 +45,10 @@ fn the_lineart_detectors_map_equals_controlnet_aux() {
             Kind::Float,
         )
         .expect("load");
-        let map = network.detect(&photo).expect("detect");
+        // A stop asked between the generator's stages and blocks ends the map there.
+        let map = common::assert_stops_between_passes(name, 4, |between| {
+            network.detect_between(&photo, between)
+        });
         let expected = image::open(root.join(format!("lineart/{name}_map.png")))
             .expect("map")
             .to_rgb8();
@@ -177,7 +182,9 @@ fn the_anime_lineart_unet_equals_controlnet_aux() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(network.depth(), levels, "{name}");
         let io = read_tensors(&root.join(format!("{name}.io.safetensors")));
-        assert_io_cases(name, &io, 2, |x| network.forward(x));
+        assert_io_cases(name, &io, 2, |x| {
+            network.forward(x, &mut || Ok(())).expect("a pass")
+        });
     }
     // The whole detector: at its network's size, and at sizes it resizes to 256 and back
     // with bicubic (64×64 as resize_image hands it, 50×34 as a unit without a detect
@@ -196,7 +203,10 @@ fn the_anime_lineart_unet_equals_controlnet_aux() {
         let photo = image::open(detector_fixtures().join("images").join(photo))
             .expect("photo")
             .to_rgb8();
-        let got = network.detect(&photo).expect("detect");
+        // A stop asked before any of the U-Net's levels ends the map there.
+        let got = common::assert_stops_between_passes(map, 2, |between| {
+            network.detect_between(&photo, between)
+        });
         let expected = image::open(root.join(map)).expect("map").to_rgb8();
         assert_eq!(got.dimensions(), expected.dimensions(), "{map}");
         let mut off = 0;

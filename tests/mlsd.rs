@@ -70,7 +70,9 @@ fn the_mlsd_network_equals_controlnet_aux() {
         let io = read_tensors(&root().join(format!("{name}.io.safetensors")));
         let cases = io.keys().filter(|k| k.starts_with("input.")).count();
         assert_eq!(cases, 3, "{name}: three input sizes");
-        assert_io_cases(name, &io, cases, |x| network.forward(x).expect("forward"));
+        assert_io_cases(name, &io, cases, |x| {
+            network.forward(x, &mut || Ok(())).expect("forward")
+        });
     }
 }
 
@@ -141,7 +143,10 @@ fn the_whole_detector_equals_mlsd_detector() {
         let got = image::DynamicImage::ImageRgb8(got).to_luma8();
         assert_same_pixels(&name, &got, &reference_map(&name, &case));
         let sized = sdxld::engine::preprocess::resize_for_detection(&photo.to_rgb8(), resolution);
-        let direct = network.detect(&sized, thresholds(&case)).expect("detect");
+        // A stop asked between the network's blocks ends the map there.
+        let direct = common::assert_stops_between_passes(&name, 4, |between| {
+            network.detect(&sized, thresholds(&case), between)
+        });
         assert_same_pixels(&format!("{name} direct"), &direct, &got);
         seen.insert(got.dimensions());
     }
@@ -176,13 +181,17 @@ fn sizes_the_network_cannot_take_are_refused() {
     for (w, h) in [(72, 64), (64, 40), (16, 32)] {
         let image = image::RgbImage::new(w, h);
         let err = network
-            .detect(&image, LineThresholds::default())
+            .detect(&image, LineThresholds::default(), &mut || Ok(()))
             .expect_err("refused");
         assert!(err.to_string().contains("M-LSD"), "{w}x{h}: {err}");
     }
     // 48×32 holds 24×16 = 384 candidates: detected (a blank image has no segments).
     let blank = network
-        .detect(&image::RgbImage::new(48, 32), LineThresholds::default())
+        .detect(
+            &image::RgbImage::new(48, 32),
+            LineThresholds::default(),
+            &mut || Ok(()),
+        )
         .expect("48x32");
     assert_eq!(blank.dimensions(), (48, 32));
 }

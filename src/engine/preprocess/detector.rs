@@ -298,16 +298,16 @@ impl Detector {
     }
 
     /// [`Detector::detect`], with `between` asked between the blocks of the networks
-    /// whose single pass takes seconds on a CPU (the depth, normal, LeReS, HED, PiDiNet
-    /// and segmentation networks); its error ends the pass.
+    /// whose single pass takes seconds on a CPU (all but TEED, whose pass is short); its
+    /// error ends the pass.
     pub fn detect_between(
         &self,
         image: &image::RgbImage,
         between: &mut Between<'_>,
     ) -> Result<image::RgbImage> {
         let map = match self {
-            Detector::Lineart(network) => network.detect(image)?,
-            Detector::LineartAnime(network) => network.detect(image)?,
+            Detector::Lineart(network) => network.detect_between(image, between)?,
+            Detector::LineartAnime(network) => network.detect_between(image, between)?,
             Detector::Depth(network) => network.detect_between(image, between)?,
             Detector::Zoe(network) => network.detect_between(image, between)?,
             Detector::Hed(network) => network.detect_levels(image, 0, between)?,
@@ -320,7 +320,7 @@ impl Detector {
                 )))
             }
             Detector::Normal(network) => return network.detect_between(image, between),
-            Detector::Mlsd(network) => network.detect(image, LineThresholds::default())?,
+            Detector::Mlsd(network) => network.detect(image, LineThresholds::default(), between)?,
             Detector::PiDiNet(network) => network.detect_levels(image, 0, between)?,
             Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
             Detector::Leres(network) => network.detect(image, DepthCuts::NONE, between)?,

@@ -10,6 +10,7 @@ use std::path::Path;
 use image::{GrayImage, Luma, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::unit_range;
 use crate::engine::preprocess::cv_resize::{resize, Interpolation};
@@ -142,15 +143,18 @@ impl LineartGenerator {
     }
 
     /// The network on an NCHW batch in [0, 1]: [N, 1, H', W'] in (0, 1), float32 (H'
-    /// and W' as the two stride-2 stages and their transposes make them).
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// and W' as the two stride-2 stages and their transposes make them); `between` is
+    /// asked before each stage and residual block, and its error ends the pass.
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let x = image.to_device(self.device).to_kind(self.kind);
         let mut x = norm_relu(&self.first.forward(&reflect(&x, 3), 1, 0));
         for conv in &self.down {
+            between()?;
             x = norm_relu(&conv.forward(&x, 2, 1));
         }
         for [a, b] in &self.residual {
+            between()?;
             let y = norm_relu(&a.forward(&reflect(&x, 1), 1, 0));
             let y = b
                 .forward(&reflect(&y, 1), 1, 0)
@@ -158,13 +162,16 @@ impl LineartGenerator {
             x += y;
         }
         for conv in &self.up {
+            between()?;
             x = norm_relu(&conv.forward_transposed(&x));
         }
-        self.last
+        between()?;
+        Ok(self
+            .last
             .forward(&reflect(&x, 3), 1, 0)
             .sigmoid()
             .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
+            .to_device(Device::Cpu))
     }
 
     /// controlnet_aux's `LineartDetector` on an RGB image at the detection size: the
@@ -172,13 +179,18 @@ impl LineartGenerator {
     /// the image's size with OpenCV's `INTER_LINEAR` where the network's strides changed
     /// it, inverted (dark lines on white, as the line-art ControlNets take them).
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`LineartGenerator::detect`] with `between` asked between the network's blocks.
+    pub fn detect_between(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         if width.min(height) < MIN_SIDE {
             return Err(EngineError::InvalidRequest(format!(
                 "the line-art network needs sides of at least {MIN_SIDE} pixels, not {width}x{height}"
             )));
         }
-        let line = self.forward(&unit_range(image)).get(0).get(0);
+        let line = self.forward(&unit_range(image), between)?.get(0).get(0);
         let size = line.size();
         let bytes = (line * 255.0).clamp(0.0, 255.0).to_kind(Kind::Uint8);
         let raw = Vec::<u8>::try_from(bytes.contiguous().view(-1))?;

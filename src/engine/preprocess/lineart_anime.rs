@@ -9,6 +9,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::pixels::channels_first;
 use crate::engine::preprocess::cv_resize::{resize, resize_plane_cubic, Interpolation};
@@ -147,7 +148,8 @@ impl LineartAnimeUnet {
     /// reference's downward LeakyReLU runs in place on the block's input before the
     /// concatenation reads it, so the skip carries LeakyReLU(x), not x (the same after
     /// the parent's ReLU).
-    fn block(&self, d: usize, x: Tensor) -> Tensor {
+    fn block(&self, d: usize, x: Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+        between()?;
         let block = &self.blocks[d];
         let innermost = d == self.blocks.len() - 1;
         // In place, as the reference: torch's LeakyReLU kernel through its backward with
@@ -157,32 +159,33 @@ impl LineartAnimeUnet {
         let mut inner = if innermost {
             down
         } else {
-            self.block(d + 1, instance_norm(&down))
+            self.block(d + 1, instance_norm(&down), between)?
         };
         let _ = inner.relu_();
         let up = instance_norm(&block.up.up(&inner));
-        Tensor::cat(&[&x, &up], 1)
+        Ok(Tensor::cat(&[&x, &up], 1))
     }
 
     /// The network on an NCHW batch in [-1, 1] whose sides are multiples of 2^depth:
-    /// [N, out, H, W] in (-1, 1), float32.
-    pub fn forward(&self, image: &Tensor) -> Tensor {
+    /// [N, out, H, W] in (-1, 1), float32; `between` is asked before each level, and
+    /// its error ends the pass.
+    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let x = image.to_device(self.device).to_kind(self.kind);
         let outer = &self.blocks[0];
         let down = outer.down.down(&x);
         let mut inner = if self.blocks.len() > 1 {
-            self.block(1, down)
+            self.block(1, down, between)?
         } else {
             down
         };
         let _ = inner.relu_();
-        outer
+        Ok(outer
             .up
             .up(&inner)
             .tanh()
             .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
+            .to_device(Device::Cpu))
     }
 
     /// controlnet_aux's `LineartAnimeDetector` on an RGB image at the detection size:
@@ -190,6 +193,11 @@ impl LineartAnimeUnet {
     /// own stride, if deeper), pixels to [-1, 1], the first output channel back to [0,
     /// 255], that plane resized back with bicubic, truncated to 8 bits and inverted.
     pub fn detect(&self, image: &RgbImage) -> Result<GrayImage> {
+        self.detect_between(image, &mut || Ok(()))
+    }
+
+    /// [`Self::detect`] with `between` asked before each of the U-Net's levels.
+    pub fn detect_between(&self, image: &RgbImage, between: &mut Between<'_>) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let stride = 1u32.checked_shl(self.depth() as u32).ok_or_else(|| {
             EngineError::Internal(format!("a U-Net {} levels deep", self.depth()))
@@ -202,7 +210,7 @@ impl LineartAnimeUnet {
             resize(image, wn, hn, Interpolation::Cubic)
         };
         let input = channels_first(&sized).to_kind(Kind::Float) / 127.5 - 1.0;
-        let line = self.forward(&input).get(0).get(0) * 127.5 + 127.5;
+        let line = self.forward(&input, between)?.get(0).get(0) * 127.5 + 127.5;
         let line = Vec::<f32>::try_from(line.to_kind(Kind::Float).contiguous().view(-1))?;
         let fitted = if (wn, hn) == (width, height) {
             line

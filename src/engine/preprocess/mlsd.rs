@@ -13,6 +13,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
 use crate::engine::preprocess::mlsd_lines::{line_map, LineThresholds, CANDIDATES};
 use crate::engine::weights::{numbered_children, read_shapes, Shapes, VarPath, Weights};
@@ -309,17 +310,18 @@ impl Backbone {
         Ok(Self { stem, blocks, taps })
     }
 
-    /// Each stage's output, shallowest first.
-    fn forward(&self, x: &Tensor) -> Vec<Tensor> {
+    /// Each stage's output, shallowest first; `between` asked before each block.
+    fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let mut h = self.stem.forward(x);
         let mut levels = Vec::with_capacity(self.taps.len());
         for (i, block) in self.blocks.iter().enumerate() {
+            between()?;
             h = block.forward(&h);
             if self.taps.contains(&i) {
                 levels.push(h.shallow_clone());
             }
         }
-        levels
+        Ok(levels)
     }
 
     fn widths(&self) -> Vec<i64> {
@@ -484,8 +486,9 @@ impl Mlsd {
     }
 
     /// The outputs the detector reads (`x[:, 7:]`) [1, C, H/2, W/2] in float32 of a
-    /// network input [1, 4, H, W] whose sides are multiples of 16.
-    pub fn forward(&self, input: &Tensor) -> Result<Tensor> {
+    /// network input [1, 4, H, W] whose sides are multiples of 16; `between` is asked
+    /// before each backbone block and decoder stage, and its error ends the pass.
+    pub fn forward(&self, input: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
         let size = input.size();
         let side = i64::from(SIDE_MULTIPLE);
         if size.len() != 4 || size[1] != 4 || size[2] % side != 0 || size[3] % side != 0 {
@@ -495,9 +498,10 @@ impl Mlsd {
         }
         let _no_grad = tch::no_grad_guard();
         let x = input.to_device(self.device).to_kind(self.kind);
-        let levels = self.backbone.forward(&x);
+        let levels = self.backbone.forward(&x, between)?;
         let mut h = levels[4].shallow_clone();
         for (k, (join, refine)) in self.decoder.iter().enumerate() {
+            between()?;
             h = refine.forward(&join.forward(&levels[3 - k], &h));
         }
         let h = self.head.conv.forward(&self.head.dilated.forward(&h));
@@ -510,11 +514,17 @@ impl Mlsd {
     }
 
     /// `MLSDdetector`'s line map of an RGB image at the detection size (sides multiples
-    /// of 16, at least 200 pixels of output): white segments on black.
-    pub fn detect(&self, image: &RgbImage, thresholds: LineThresholds) -> Result<GrayImage> {
+    /// of 16, at least 200 pixels of output): white segments on black; `between` is
+    /// asked between the network's blocks.
+    pub fn detect(
+        &self,
+        image: &RgbImage,
+        thresholds: LineThresholds,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         check_size(width, height).map_err(EngineError::InvalidRequest)?;
-        let tpmap = self.forward(&network_input(image))?;
+        let tpmap = self.forward(&network_input(image), between)?;
         line_map(&tpmap, width, height, thresholds)
     }
 }

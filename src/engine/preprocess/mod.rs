@@ -376,7 +376,11 @@ impl Preprocessor {
                 ))),
             },
             (Preprocessor::Mlsd(thresholds), _) => match detector {
-                Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(rgb, thresholds)?)),
+                Some(Detector::Mlsd(network)) => Ok(gray_to_rgb(network.detect(
+                    rgb,
+                    thresholds,
+                    between_passes,
+                )?)),
                 other => Err(EngineError::Internal(format!(
                     "the M-LSD preprocessor was handed {:?}",
                     other.map(Detector::network)
