@@ -180,8 +180,8 @@ fn with_enough_context_blended_tiles_equal_the_whole_image() {
     }
 }
 
-#[test]
-fn a_run_stops_between_tiles_when_asked() {
+/// The first fixture's upscaler, an odd-sized image and a tiling of it in 8-pixel tiles.
+fn first_model_in_tiles() -> (Upscaler, image::RgbImage, Tiling) {
     let (root, models) = cases();
     let upscaler = load(&root.join(models[0]["model"].as_str().expect("model")));
     let image = input(&root.join("images/odd_21x13.png"));
@@ -190,6 +190,12 @@ fn a_run_stops_between_tiles_when_asked() {
         pad: 2,
         overlap: 0,
     };
+    (upscaler, image, tiling)
+}
+
+#[test]
+fn a_run_stops_between_tiles_when_asked() {
+    let (upscaler, image, tiling) = first_model_in_tiles();
     let mut ran = 0;
     let stopped = upscaler.upscale(&image, tiling, &mut |checkpoint| {
         let Checkpoint::Tile { done, .. } = checkpoint else {
@@ -210,14 +216,7 @@ fn a_run_stops_between_tiles_when_asked() {
 /// a stop there ends the run: no checkpoint after it.
 #[test]
 fn a_run_stops_inside_a_tile_when_asked() {
-    let (root, models) = cases();
-    let upscaler = load(&root.join(models[0]["model"].as_str().expect("model")));
-    let image = input(&root.join("images/odd_21x13.png"));
-    let tiling = Tiling {
-        tile: 8,
-        pad: 2,
-        overlap: 0,
-    };
+    let (upscaler, image, tiling) = first_model_in_tiles();
     let mut seen = Vec::new();
     upscaler
         .upscale(&image, tiling, &mut |checkpoint| {
