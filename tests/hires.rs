@@ -24,7 +24,7 @@ use sdxld::proto::v1 as pb;
 use sdxld::proto::v1::generate_response::Event;
 use tch::{Device, Kind};
 
-fn cases(config: &str) -> Vec<Case> {
+pub(crate) fn cases(config: &str) -> Vec<Case> {
     let cases = common::cases_at(&hires_fixtures().join(config).join("cases.json"));
     assert!(!cases.is_empty(), "{config} has hires cases");
     cases
@@ -110,11 +110,13 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
     for config in CONFIGS {
         let base = SdxlPipeline::load(&pipelines.join(config).join("pipeline"), Placement::cpu())
             .expect("base");
+        let own = SdxlPipeline::load(&hires_model_dir(config), Placement::cpu()).expect("own");
         let reference = read_tensors(&hires_fixtures().join(config).join("cases.safetensors"));
-        // Cases with a refiner are composed by the stage runner: see the gRPC test.
+        // Cases with a refiner or LoRAs are composed by the stage runner: see the gRPC
+        // tests.
         for case in cases(config)
             .into_iter()
-            .filter(|c| !c["refiner_mode"].is_string())
+            .filter(|c| !c["refiner_mode"].is_string() && !c["loras"].is_array())
         {
             let what = format!("{config} {}", case.name());
             let h = hires_params(&case);
@@ -122,8 +124,21 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
             if let Some(strength) = case["init_strength"].as_f64() {
                 p.init_image = Some(init_image(config, strength));
             }
-            let out = generate_hires(&base, upscaler(&case).as_ref(), &p, &h)
+            let on_own_model = case["hires_model"].as_bool() == Some(true);
+            let second = if on_own_model { &own } else { &base };
+            let out = generate_hires(&base, second, upscaler(&case).as_ref(), &p, &h)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
+            if on_own_model {
+                // The other model's weights show: the pass on the base is far off.
+                let on_base = generate_hires(&base, &base, upscaler(&case).as_ref(), &p, &h)
+                    .unwrap_or_else(|e| panic!("{what} on the base: {e}"));
+                let images = &reference[&format!("{}.images", case.name())];
+                let off = (on_base.images.to_kind(Kind::Float) - images.to_kind(Kind::Float))
+                    .abs()
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                assert!(off > 5.0, "{what}: the base's pass is {off} levels off");
+            }
             let name = case.name();
             assert_close(
                 &format!("{what} latents"),
@@ -137,6 +152,13 @@ fn hires_pass_matches_diffusers_two_pipeline_recipe() {
             );
         }
     }
+}
+
+/// `config`'s hires model (the hires fixtures' other base model).
+pub(crate) fn hires_model_dir(config: &str) -> std::path::PathBuf {
+    hires_fixtures()
+        .join("models")
+        .join(format!("{config}_hires"))
 }
 
 /// The pipeline fixtures' init image, entering at `strength`.
@@ -190,7 +212,12 @@ pub(crate) fn spec_of(case: &Case, hires: pb::HiresPass) -> pb::GenerationSpec {
 }
 
 /// The images of a finished stream, checked against a case's reference.
-fn check_images(what: &str, events: &[Event], reference: &tch::Tensor, size: (u32, u32)) {
+pub(crate) fn check_images(
+    what: &str,
+    events: &[Event],
+    reference: &tch::Tensor,
+    size: (u32, u32),
+) {
     let images: Vec<&pb::GeneratedImage> = events
         .iter()
         .filter_map(|e| match e {
@@ -349,8 +376,8 @@ async fn hires_over_grpc_matches_the_recipe_and_reports_its_stages() {
 }
 
 /// `sdxld generate` with the --hires-* flags equals the recipe: the RRDB upscaler case
-/// (two images, each its own file) and the hires pass handing over to a refiner; a bad
-/// flag is named in the error.
+/// (two images, each its own file), the hires pass handing over to a refiner, and the
+/// pass on another model (`--hires-model`); a bad flag is named in the error.
 #[test]
 fn hires_over_the_cli_matches_the_recipe() {
     use common::cli::sdxld;
@@ -413,6 +440,27 @@ fn hires_over_the_cli_matches_the_recipe() {
         &got,
         &reference["hires_5.images"].get(0),
     );
+
+    // Case 9: Euler 5 steps, bilinear latents at 1.5, DPM++ at 0.6 of 5 on the hires
+    // model, two images.
+    let case = &cases[9];
+    assert_eq!(case["hires_model"], true);
+    let png = out.path().join("own-model.png");
+    first_pass(case, &png)
+        .args(["--scheduler", "euler", "--hires-scale", "1.5"])
+        .args(["--hires-latent", "bilinear", "--hires-steps", "5"])
+        .args(["--hires-strength", "0.6"])
+        .args(["--hires-scheduler", "dpm-solver-multistep"])
+        .flag("--hires-model", hires_model_dir("tiny2"))
+        .succeeds();
+    let images = &reference["hires_9.images"];
+    for (i, file) in ["own-model.png", "own-model-1.png"].iter().enumerate() {
+        let got = common::image_file(&out.path().join(file));
+        let what = format!("CLI hires model image {i}");
+        assert_images_match(&what, &got, &images.get(i as i64));
+    }
+    let text = common::png_parameters(&std::fs::read(&png).expect("png"));
+    assert!(text.contains("Hires checkpoint: tiny2_hires ["), "{text}");
 
     let message = first_pass(case, &png)
         .args(["--hires-size", "100x128"])
@@ -501,9 +549,10 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
     let mut ran = 0;
     for config in CONFIGS {
         let reference = read_tensors(&hires_fixtures().join(config).join("cases.safetensors"));
+        // The refiner after a hires model: `hires_model.rs`.
         for case in cases(config)
             .iter()
-            .filter(|c| c["refiner_mode"].is_string())
+            .filter(|c| c["refiner_mode"].is_string() && c["hires_model"].is_null())
         {
             let what = format!("{config} {}", case.name());
             let request = pb::GenerateRequest {

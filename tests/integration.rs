@@ -31,6 +31,7 @@ mod fuzz;
 mod guider;
 mod hardening;
 mod hires;
+mod hires_model;
 mod hires_prompts;
 mod hires_refusals;
 mod img2img;

@@ -402,6 +402,7 @@ impl ModelService for Models {
             ("post_processing", true),
             ("hires", true),
             ("hires.prompt", true),
+            ("hires.model", true),
             ("embeddings", true),
             ("ip_adapters", true),
             ("ip_adapters.layers", true),

@@ -506,6 +506,12 @@ fn hires(h: &HiresArgs) -> anyhow::Result<Option<pb::HiresPass>> {
         prompt_2: h.hires_prompt_2.clone(),
         negative_prompt: h.hires_negative_prompt.clone(),
         negative_prompt_2: h.hires_negative_prompt_2.clone(),
+        model: h
+            .hires_model
+            .as_deref()
+            .map(file_name)
+            .transpose()?
+            .unwrap_or_default(),
         ..Default::default()
     }))
 }

@@ -36,7 +36,7 @@ fn root_and_name(path: &Path) -> anyhow::Result<(PathBuf, String)> {
 impl GenerateArgs {
     /// The registry the flags describe: the model as the default base model, the VAE's
     /// and the refiner's folders, the hires upscaler's, the embeddings', the IP-Adapters'
-    /// and their image encoders', and the LoRA folder as roots.
+    /// and their image encoders', the hires pass's model's, and the LoRA folder as roots.
     fn registry(&self) -> anyhow::Result<Registry> {
         let model = ModelEntry::from_path(&self.model).ok_or_else(|| {
             anyhow!(
@@ -50,6 +50,9 @@ impl GenerateArgs {
         }
         if let Some(refiner) = &self.refiner {
             roots.refiner.push(root_and_name(refiner)?.0);
+        }
+        if let Some(own) = &self.hires.hires_model {
+            roots.base.push(root_and_name(own)?.0);
         }
         if let Some(upscaler) = &self.hires.hires_upscaler {
             roots.upscaler.push(root_and_name(upscaler)?.0);

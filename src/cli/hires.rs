@@ -39,6 +39,10 @@ pub struct HiresArgs {
     /// Its guidance scale (default: --guidance).
     #[arg(long)]
     pub hires_guidance: Option<f32>,
+    /// Another SDXL base pipeline folder to run the pass (A1111's "Hires checkpoint"):
+    /// its text encoders, UNet and VAE (default: the model's).
+    #[arg(long)]
+    pub hires_model: Option<PathBuf>,
     /// Its own prompt (default: --prompt), in --prompt-syntax.
     #[arg(long)]
     pub hires_prompt: Option<String>,
@@ -66,6 +70,7 @@ impl HiresArgs {
             || self.hires_strength.is_some()
             || self.hires_scheduler.is_some()
             || self.hires_guidance.is_some()
+            || self.hires_model.is_some()
             || self.hires_prompt.is_some()
             || self.hires_prompt_2.is_some()
             || self.hires_negative_prompt.is_some()
@@ -121,6 +126,7 @@ pub fn flag_of(field: &str) -> Option<&'static str> {
         "steps" => "--hires-steps",
         "strength" => "--hires-strength",
         "guidance_scale" => "--hires-guidance",
+        "model" => "--hires-model",
         "prompt" => "--hires-prompt",
         "prompt_2" => "--hires-prompt-2",
         "negative_prompt" => "--hires-negative-prompt",

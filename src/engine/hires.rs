@@ -2,8 +2,9 @@
 //! decoded and run through an upscaler model, then denoised again at the larger size as
 //! image to image. Its semantics are diffusers' two-pipeline recipe:
 //! `StableDiffusionXLPipeline`, the latents (`output_type="latent"`) interpolated or the
-//! image upscaled, then `StableDiffusionXLImg2ImgPipeline` from the same components with
-//! image i's generator (seed + i) continuing from the first pass.
+//! image upscaled, then `StableDiffusionXLImg2ImgPipeline` from the same components (or
+//! another base model's, A1111's "Hires checkpoint") with image i's generator (seed + i)
+//! continuing from the first pass.
 
 use image::RgbImage;
 use tch::Tensor;
@@ -174,20 +175,49 @@ pub fn image_tensor(image: &RgbImage) -> Tensor {
     InitImage::new(image.width(), image.height(), image.as_raw().clone(), 1.0).to_tensor()
 }
 
+/// Checks that `own`, another base model, can run the hires pass of a generation on
+/// `base` (A1111's "Hires checkpoint"): the same latent space, and a UNet that denoises
+/// plain latents without aesthetic scores.
+pub fn check_pass_model(base: &SdxlPipeline, own: &SdxlPipeline) -> Result<()> {
+    let name = own.dir().display();
+    if own.latent_channels() != base.latent_channels()
+        || own.vae_scale_factor() != base.vae_scale_factor()
+    {
+        return Err(EngineError::Incompatible(format!(
+            "the hires model `{name}` has another latent space than the base `{}`",
+            base.dir().display()
+        )));
+    }
+    if own.requires_aesthetics_score() {
+        return Err(EngineError::Incompatible(format!(
+            "the hires model `{name}` is a refiner (requires_aesthetics_score): it runs as a refiner stage"
+        )));
+    }
+    if own.is_inpainting() {
+        return Err(EngineError::Incompatible(format!(
+            "the hires model `{name}` is an inpainting model: it needs a masked image, which the hires pass does not have"
+        )));
+    }
+    Ok(())
+}
+
 /// Generates `p.num_images` images with a hires pass, as diffusers' two-pipeline recipe
-/// does with one generator per image: the final latents and decoded images.
+/// does with one generator per image: the final latents and decoded images. `second` runs
+/// the hires pass (`base` itself, or another base model built from its components).
 pub fn generate_hires(
     base: &SdxlPipeline,
+    second: &SdxlPipeline,
     upscaler: Option<&Upscaler>,
     p: &GenerateParams,
     h: &HiresParams,
 ) -> Result<GenerateOutput> {
     base.validate(p)?;
+    check_pass_model(base, second)?;
     let _seamless = seamless::request(p.seamless);
-    let second = second_pass_params(p, h);
-    base.validate(&second)?;
+    let second_params = second_pass_params(p, h);
+    second.validate(&second_params)?;
     let first_prompt = base.encode_prompt(p)?;
-    let second_prompt = base.encode_prompt(&second)?;
+    let second_prompt = second.encode_prompt(&second_params)?;
     let f = base.vae_scale_factor();
     let mut all = Vec::with_capacity(p.num_images);
     for run in batch_runs(p, true, BatchMode::Together) {
@@ -222,7 +252,7 @@ pub fn generate_hires(
             }
         };
         let from = enlarged.start(entry(h));
-        all.push(to_the_end(base.denoise(
+        all.push(to_the_end(second.denoise(
             &run_second,
             &second_prompt,
             from,
@@ -231,7 +261,7 @@ pub fn generate_hires(
             &mut go_on,
         )?));
     }
-    base.decode_all(&Tensor::cat(&all, 0))
+    second.decode_all(&Tensor::cat(&all, 0))
 }
 
 /// The first pass's result, enlarged.

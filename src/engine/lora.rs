@@ -57,6 +57,7 @@ impl std::str::FromStr for LoraMode {
 const MERGE_CHUNK_ELEMENTS: i64 = 64 << 20;
 
 /// An adapter a job asks for.
+#[derive(Clone)]
 pub struct JobLora {
     /// Its name (for errors).
     pub name: String,

@@ -55,7 +55,7 @@ impl JobRun<'_> {
             scheduler = %job.sampler_name,
         )
         .entered();
-        let base = self.loaded()?.base.clone();
+        let second = self.loaded()?.hires_pipeline().clone();
         let prompt = self
             .prompts
             .as_ref()
@@ -66,14 +66,15 @@ impl JobRun<'_> {
         let mut on_step = |step: Step<'_>| observer.observe(step, sink);
         let from = enlarged.start(entry(&job.params));
         let flow =
-            EngineError::catch(|| base.denoise(&params, prompt, from, &[], noise, &mut on_step))?;
+            EngineError::catch(|| second.denoise(&params, prompt, from, &[], noise, &mut on_step))?;
         match flow {
             ControlFlow::Continue(latents) => Ok(latents),
             ControlFlow::Break(reason) => Err(JobError::Stopped(reason)),
         }
     }
 
-    /// The hires pass's prompts (`p`'s), encoded with its LoRAs on the text encoders.
+    /// The hires pass's prompts (`p`'s), encoded with its LoRAs on the text encoders of
+    /// the pipeline that runs it (the base's `tokens` serve the base).
     pub(crate) fn encode_hires_prompts(
         &mut self,
         p: &GenerateParams,
@@ -82,6 +83,14 @@ impl JobRun<'_> {
         let loaded = self.loaded.as_mut().ok_or_else(|| {
             EngineError::Internal("encoding before the models loaded".to_string())
         })?;
+        if let Some(own) = &loaded.hires_model {
+            // Its set is on it throughout; its tokenizers read the embeddings anew.
+            let embeddings = &loaded.embeddings;
+            return Ok(EngineError::catch(|| {
+                let tokens = own.pipeline.prompt_tokens(embeddings)?;
+                own.pipeline.encode_prompt_with(p, &tokens)
+            })?);
+        }
         loaded
             .loras
             .text_encoders_for(&loaded.base, LoraPass::Hires)?;

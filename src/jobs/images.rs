@@ -22,11 +22,7 @@ impl JobRun<'_> {
             .latents
             .take()
             .ok_or_else(|| EngineError::Internal("decoding before denoising".into()))?;
-        let loaded = self.loaded()?;
-        let decoder = loaded
-            .refiner
-            .clone()
-            .unwrap_or_else(|| loaded.base.clone());
+        let decoder = self.loaded()?.decoder();
         for i in 0..latents.size()[0] {
             self.check()?;
             let index = run.first_index + i as usize;

@@ -2,23 +2,25 @@
 //! image encoders, ControlNets, their preprocessors' detectors and upscalers in the cache
 //! (made room for within the budget), the adapters applied, and the models' hashes.
 
+use std::path::Path;
 use std::rc::Rc;
 
 use crate::engine::cache::Fit;
 use crate::engine::device;
 use crate::engine::error::EngineError;
 use crate::engine::hashes::FileHashes;
-use crate::engine::lora::{self, JobLora};
+use crate::engine::lora::{self, JobLora, LoraMode};
 use crate::engine::models::control_model::ControlModel;
 use crate::engine::pipeline::SdxlPipeline;
-use crate::engine::refiner;
 use crate::engine::registry::{ModelEntry, ModelKind};
 use crate::engine::textual_inversion::Embedding;
+use crate::engine::{hires, refiner};
 use crate::jobs::detectors::{LoadedNetworks, NetworkFiles};
 use crate::jobs::engine::{model_path_on, Engine};
 use crate::jobs::events::{ModelUsed, Stage, StepProgress};
+use crate::jobs::loaded::{HiresModel, Loaded, LoadedImagePrompt};
 use crate::jobs::lora_sets::{LoraPass, LoraSets};
-use crate::jobs::runner::{JobRun, JobStage, Loaded, LoadedImagePrompt};
+use crate::jobs::runner::{JobRun, JobStage};
 use crate::jobs::{EmbeddingJob, IpAdapterJob, JobError, JobSpec, LoraJob};
 use crate::output::{OutputFormat, PngMetadata};
 
@@ -44,14 +46,8 @@ impl JobRun<'_> {
                 preview: None,
             });
         }
-        // Both passes' sets: a layer adapted by either counts once, as only one set is on
-        // it at a time.
-        let lora_files: Vec<_> = (spec.loras.iter())
-            .chain(spec.hires_only_loras())
-            .map(|l| (l.model.path.as_path(), l.model.name.as_str()))
-            .collect();
         let element = engine.placement().kind.elt_size_in_bytes() as u64;
-        let lora_copies = lora::merged_bytes(&lora_files, element)?;
+        let lora_copies = lora_copies(spec, element)?;
         let paths: Vec<_> = spec
             .models()
             .map(|m| model_path_on(m, &spec.model))
@@ -69,25 +65,17 @@ impl JobRun<'_> {
             .unwrap_or(0);
         let largest_runs = spec.largest_runs(self.options.batch);
         let room = engine.make_room(&paths, &largest_runs, detectors, lora_copies)?;
-        let mut base = engine.pipeline(&spec.model)?;
-        let mut refined = match &spec.refiner {
-            Some(job) => Some(engine.pipeline(&job.model)?),
-            None => None,
-        };
-        if let Some(model) = &spec.vae {
-            // The request's VAE replaces the models' own for encoding and decoding.
-            let vae = engine.vae(model)?;
-            base = Rc::new(base.with_vae(vae.clone())?);
-            if let Some(r) = refined.take() {
-                refined = Some(Rc::new(r.with_vae(vae)?));
-            }
-        }
+        let (base, hires_model, refined) = load_pipelines(engine, spec)?;
         match (&refined, &spec.refiner) {
             (Some(r), Some(job)) => refiner::validate(&base, r, &spec.params, &job.params)?,
             _ => base.validate(&spec.params)?,
         }
+        if let Some(own) = &hires_model {
+            hires::check_pass_model(&base, own)?;
+        }
+        let second = hires_model.as_ref().unwrap_or(&base);
         for pass in spec.base_passes().iter().skip(1) {
-            base.validate(pass)?;
+            second.validate(pass)?;
         }
         let loras = job_loras(engine, &spec.loras)?;
         let hires_loras = match spec.hires.as_ref().and_then(|h| h.loras.as_deref()) {
@@ -107,12 +95,17 @@ impl JobRun<'_> {
         let detectors = load_detectors(engine, spec)?;
         let embeddings = read_embeddings(spec)?;
         let ip_adapters = load_ip_adapters(engine, spec, &base)?;
-        let loras = LoraSets::apply(&base, loras, hires_loras, room.lora_mode)?;
+        if let Some(own) = &hires_model {
+            check_image_prompts(&ip_adapters, spec, own)?;
+        }
+        let sets = (loras, hires_loras, room.lora_mode);
+        let (loras, hires_model) = apply_loras(&base, hires_model, sets)?;
         self.report.models = models_used(spec, engine.hashes());
         // Loads and evictions are visible before the job reports anything further.
         self.metrics.set_cache(engine.stats());
         self.loaded = Some(Loaded {
             base,
+            hires_model,
             refiner: refined,
             controlnets,
             upscalers,
@@ -128,7 +121,8 @@ impl JobRun<'_> {
     }
 
     /// Puts the LoRAs of `stage`'s pass on the base UNet (the hires pass may have its
-    /// own).
+    /// own; on a model of its own they are that model's throughout, and the base keeps
+    /// the first pass's).
     pub(crate) fn carry_loras_for(&mut self, stage: JobStage) -> Result<(), JobError> {
         let pass = match stage {
             JobStage::Denoise => LoraPass::First,
@@ -148,6 +142,80 @@ impl JobRun<'_> {
             crate::jobs::metadata::png_metadata(self.spec, &self.report.models, index, seed)
         })
     }
+}
+
+/// The job's pipelines: the base, the hires pass's own model and the refiner, each with
+/// the request's VAE in place of its own for encoding and decoding.
+type Pipelines = (
+    Rc<SdxlPipeline>,
+    Option<Rc<SdxlPipeline>>,
+    Option<Rc<SdxlPipeline>>,
+);
+
+fn load_pipelines(engine: &mut Engine, spec: &JobSpec) -> Result<Pipelines, JobError> {
+    let mut base = engine.pipeline(&spec.model)?;
+    let mut hires_model = match spec.hires_model() {
+        Some(model) => Some(engine.pipeline(model)?),
+        None => None,
+    };
+    let mut refined = match &spec.refiner {
+        Some(job) => Some(engine.pipeline(&job.model)?),
+        None => None,
+    };
+    if let Some(model) = &spec.vae {
+        let vae = engine.vae(model)?;
+        base = Rc::new(base.with_vae(vae.clone())?);
+        for pipeline in [&mut hires_model, &mut refined] {
+            if let Some(p) = pipeline.take() {
+                *pipeline = Some(Rc::new(p.with_vae(vae.clone())?));
+            }
+        }
+    }
+    Ok((base, hires_model, refined))
+}
+
+/// The LoRA sets put on: the first pass's on the base; the hires pass's on its own model
+/// (its own set, else the first pass's), or kept for the base to switch to.
+fn apply_loras(
+    base: &SdxlPipeline,
+    hires_model: Option<Rc<SdxlPipeline>>,
+    (first, hires, mode): (Vec<JobLora>, Option<Vec<JobLora>>, LoraMode),
+) -> Result<(LoraSets, Option<HiresModel>), EngineError> {
+    let Some(pipeline) = hires_model else {
+        return Ok((LoraSets::apply(base, first, hires, mode)?, None));
+    };
+    let set = hires.unwrap_or_else(|| first.clone());
+    let own = LoraSets::apply(&pipeline, set, None, mode)?;
+    let model = HiresModel {
+        pipeline,
+        _loras: own,
+    };
+    Ok((LoraSets::apply(base, first, None, mode)?, Some(model)))
+}
+
+/// The bytes of the layers the job's LoRAs replace while merged: on the base, both
+/// passes' sets (a layer adapted by either counts once, as only one set is on it at a
+/// time); on the hires pass's own model, its set besides.
+fn lora_copies(spec: &JobSpec, element: u64) -> Result<u64, JobError> {
+    let own_model = spec.hires_model().is_some();
+    let base_files = match own_model {
+        true => lora_files(spec.loras.iter()),
+        false => lora_files(spec.loras.iter().chain(spec.hires_only_loras())),
+    };
+    let mut bytes = lora::merged_bytes(&base_files, element)?;
+    if own_model {
+        let hires_set = spec.hires.as_ref().and_then(|h| h.loras.as_deref());
+        let set = lora_files(hires_set.unwrap_or(&spec.loras).iter());
+        bytes += lora::merged_bytes(&set, element)?;
+    }
+    Ok(bytes)
+}
+
+/// Each LoRA's file and name.
+fn lora_files<'a>(loras: impl Iterator<Item = &'a LoraJob>) -> Vec<(&'a Path, &'a str)> {
+    loras
+        .map(|l| (l.model.path.as_path(), l.model.name.as_str()))
+        .collect()
 }
 
 /// The adapters of `jobs`, their weights loaded.
@@ -207,6 +275,20 @@ fn load_detectors(
     Ok(detectors)
 }
 
+/// Each image prompt's adapter checked against the UNet of the hires pass's own model.
+fn check_image_prompts(
+    loaded: &[LoadedImagePrompt],
+    spec: &JobSpec,
+    own: &SdxlPipeline,
+) -> Result<(), EngineError> {
+    for (i, (models, prompt)) in loaded.iter().zip(&spec.ip_adapters).enumerate() {
+        let field = format!("spec.ip_adapters[{i}]");
+        let name = spec.hires_model().map_or("", |m| m.name.as_str());
+        check_image_prompt(models, prompt, &field, name, own)?;
+    }
+    Ok(())
+}
+
 /// Each image prompt's adapter and image encoder, checked against the base UNet and
 /// each other.
 fn load_ip_adapters(
@@ -224,7 +306,7 @@ fn load_ip_adapters(
             &models,
             prompt,
             &format!("spec.ip_adapters[{i}]"),
-            spec,
+            &spec.model.name,
             base,
         )?;
         loaded.push(models);
@@ -232,13 +314,13 @@ fn load_ip_adapters(
     Ok(loaded)
 }
 
-/// Whether an image prompt's adapter fits the base UNet and reads its encoder, and the
-/// UNet has the layers it is limited to.
+/// Whether an image prompt's adapter fits the UNet of `base` (the base model `model`) and
+/// reads its encoder, and the UNet has the layers it is limited to.
 fn check_image_prompt(
     models: &LoadedImagePrompt,
     prompt: &IpAdapterJob,
     field: &str,
-    spec: &JobSpec,
+    model: &str,
     base: &SdxlPipeline,
 ) -> Result<(), EngineError> {
     let unet = base.unet();
@@ -248,7 +330,6 @@ fn check_image_prompt(
         .adapter
         .misfit_unet(layers, unet.config().cross_attention_dim)
     {
-        let model = &spec.model.name;
         let message = format!("{adapter} cannot condition the base model `{model}`: {why}");
         return Err(EngineError::Incompatible(message));
     }
@@ -261,7 +342,7 @@ fn check_image_prompt(
     let mut wanted = prompt.layers.attentions().into_iter().flatten();
     match wanted.find(|a| !layers.iter().any(|l| l.attention == **a)) {
         Some(attention) => Err(EngineError::InvalidRequest(format!(
-            "{field}.layers needs `{attention}`, which the base model's UNet does not have"
+            "{field}.layers needs `{attention}`, which the UNet of `{model}` does not have"
         ))),
         None => Ok(()),
     }
@@ -290,6 +371,7 @@ fn models_used(spec: &JobSpec, hashes: &FileHashes) -> Vec<ModelUsed> {
         weight,
     };
     let mut models = vec![used(&spec.model, ModelKind::Base, 0.0)];
+    models.extend(spec.hires_model().map(|m| used(m, ModelKind::Base, 0.0)));
     models.extend(
         spec.refiner
             .iter()

@@ -239,7 +239,7 @@ fn a1111_parameters(spec: &JobSpec, models: &[ModelUsed], (index, seed): (usize,
             layers.join(" ")
         ));
     }
-    text.push_str(&hires_entries(spec));
+    text.push_str(&hires_entries(spec, models));
     text.push_str(&postprocess_entries(spec));
     text
 }
@@ -284,8 +284,9 @@ fn init_image_entries(spec: &JobSpec) -> String {
 }
 
 /// The hires pass as A1111 writes it (`Hires upscale` or `Hires resize`, `Hires steps`,
-/// `Hires upscaler`, `Denoising strength`, its guidance and sampler, and its own prompts).
-fn hires_entries(spec: &JobSpec) -> String {
+/// `Hires upscaler`, `Denoising strength`, its own model, guidance and sampler, and its
+/// own prompts).
+fn hires_entries(spec: &JobSpec, models: &[ModelUsed]) -> String {
     let Some(hires) = &spec.hires else {
         return String::new();
     };
@@ -299,8 +300,16 @@ fn hires_entries(spec: &JobSpec) -> String {
         (None, Enlarge::Latent(mode)) => mode.a1111_name().to_string(),
         (None, Enlarge::Model(_)) => String::new(),
     };
+    let checkpoint = match &hires.model {
+        // A1111's short title: the name and the short hash.
+        Some(model) => {
+            let hash = short(hash_of(models, ModelKind::Base, &model.name), 10);
+            format!(", Hires checkpoint: {} [{hash}]", model.name)
+        }
+        None => String::new(),
+    };
     let mut text = format!(
-        ", Denoising strength: {}, {size}, Hires steps: {}, Hires upscaler: {upscaler}, Hires CFG Scale: {}, Hires sampler: {}",
+        ", Denoising strength: {}, {size}, Hires steps: {}, Hires upscaler: {upscaler}{checkpoint}, Hires CFG Scale: {}, Hires sampler: {}",
         h.strength, h.steps, h.guidance_scale, hires.sampler_name
     );
     // Written where they differ from the first pass's, as A1111 writes them (the

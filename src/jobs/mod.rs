@@ -16,6 +16,7 @@ mod image_prompts;
 mod images;
 mod interrupt;
 mod load;
+mod loaded;
 mod lora_sets;
 pub mod metadata;
 mod postprocess;

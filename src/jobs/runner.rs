@@ -5,28 +5,21 @@
 //! after every step, whether the job goes on.
 
 use std::ops::ControlFlow;
-use std::rc::Rc;
 use std::time::Instant;
 
 use tch::Tensor;
 
 use crate::engine::device;
 use crate::engine::error::EngineError;
-use crate::engine::ip_adapter::IpAdapter;
-use crate::engine::models::clip_vision::ClipVisionModel;
-use crate::engine::models::control_model::ControlModel;
 use crate::engine::models::seamless;
 use crate::engine::noise::NoiseStream;
-use crate::engine::pipeline::{Control, PromptEmbeds, SdxlPipeline, Start, Step};
+use crate::engine::pipeline::{Control, PromptEmbeds, Start, Step};
 use crate::engine::refiner;
 use crate::engine::request::{batch_runs, BatchMode, GenerateParams, PromptSyntax};
-use crate::engine::textual_inversion::Embedding;
-use crate::engine::upscale::Upscaler;
 use crate::jobs::clock::StageClock;
-use crate::jobs::detectors::LoadedNetworks;
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{FinishedImage, JobReport, RgbImage, Stage, StepProgress};
-use crate::jobs::lora_sets::LoraSets;
+use crate::jobs::loaded::Loaded;
 use crate::jobs::{JobError, JobSpec, StopReason};
 use crate::output::{latent_preview, OutputFormat};
 use crate::telemetry::Metrics;
@@ -136,37 +129,6 @@ pub fn plan(spec: &JobSpec) -> Vec<JobStage> {
     }
     stages.push(JobStage::Encode);
     stages
-}
-
-/// The models of a job, loaded, with its adapters applied for as long as it runs.
-pub(crate) struct Loaded {
-    pub base: Rc<SdxlPipeline>,
-    pub refiner: Option<Rc<SdxlPipeline>>,
-    /// The ControlNet of each unit, in unit order.
-    pub controlnets: Vec<Rc<ControlModel>>,
-    /// The upscaler of each post-processing step, in step order.
-    pub upscalers: Vec<Rc<Upscaler>>,
-    /// The hires pass's upscaler model.
-    pub hires_upscaler: Option<Rc<Upscaler>>,
-    /// Each unit input's networks, by unit.
-    pub detectors: Vec<Vec<LoadedNetworks>>,
-    /// The job fits the memory budget only with its text encoders on the host once its
-    /// prompts are encoded.
-    pub offload_text_encoders: bool,
-    /// The job fits the memory budget only with its images decoded tile by tile.
-    pub tiled_decode: bool,
-    /// The textual inversion embeddings, in request order.
-    pub embeddings: Vec<Embedding>,
-    /// Each image prompt's adapter and image encoder, in request order.
-    pub ip_adapters: Vec<LoadedImagePrompt>,
-    /// The LoRA sets, the first pass's on the pipeline until a pass switches.
-    pub loras: LoraSets,
-}
-
-/// An image prompt's IP-Adapter and image encoder, loaded.
-pub(crate) struct LoadedImagePrompt {
-    pub adapter: Rc<IpAdapter>,
-    pub encoder: Rc<ClipVisionModel>,
 }
 
 /// The text conditioning of each pipeline (and of the hires pass, whose guidance may
@@ -511,6 +473,7 @@ impl JobRun<'_> {
         });
         if self.loaded()?.offload_text_encoders {
             let mut paths = vec![self.spec.model.path.as_path()];
+            paths.extend(self.spec.hires_model().map(|m| m.path.as_path()));
             paths.extend(self.spec.refiner.as_ref().map(|r| r.model.path.as_path()));
             self.engine.offload_text_encoders(&paths);
             self.metrics.set_cache(self.engine.stats());

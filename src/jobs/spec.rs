@@ -159,6 +159,9 @@ pub struct HiresJob {
     /// Its LoRAs where they are not the first pass's (its own prompt's extra network
     /// tags name others, as A1111 switches them): `loras`' listed ones and its tags'.
     pub loras: Option<Vec<LoraJob>>,
+    /// Another base model the pass runs (A1111's "Hires checkpoint"), or `None`: the
+    /// first pass's.
+    pub model: Option<ModelEntry>,
 }
 
 /// A super-resolution step: the upscaler, the factor (at most its native scale; below
@@ -302,6 +305,7 @@ impl JobSpec {
     /// Every model the job uses, base first: which the cache keeps during the job.
     pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
         std::iter::once(&self.model)
+            .chain(self.hires_model())
             .chain(self.refiner.as_ref().map(|r| &r.model))
             .chain(self.vae.as_ref())
             .chain(self.loras.iter().map(|l| &l.model))
@@ -315,6 +319,11 @@ impl JobSpec {
             .chain(self.detectors())
             .chain(self.hires.as_ref().and_then(|h| h.upscaler.as_ref()))
             .chain(self.post_processing.iter().map(PostStep::model))
+    }
+
+    /// The hires pass's own base model, if it runs another than the first pass's.
+    pub fn hires_model(&self) -> Option<&ModelEntry> {
+        self.hires.as_ref().and_then(|h| h.model.as_ref())
     }
 
     /// The LoRAs only the hires pass uses (a file in both sets is the first pass's).

@@ -40,6 +40,20 @@ pub struct FirstPass<'a> {
     pub hires_prompt: Option<&'a str>,
     /// The hires pass's LoRAs where they are not the first pass's.
     pub hires_loras: Option<&'a [LoraJob]>,
+    /// Its model (`None` where it did not resolve).
+    pub model: Option<&'a ModelEntry>,
+    /// What the request asks of the UNet of each pass.
+    pub unet_asks: UnetAsks,
+}
+
+/// What a request asks of the UNet of each pass it runs on the base model: the layers
+/// perturbed-attention guidance and image prompts act in, and a negative prediction for
+/// a guider.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnetAsks {
+    pub pag: bool,
+    pub image_prompts: bool,
+    pub guider: bool,
 }
 
 /// The hires pass, when every field is valid.
@@ -52,6 +66,7 @@ pub fn hires(
     deferred: &mut Deferred,
 ) -> Option<HiresJob> {
     let upscaler = upscaler(h, registry, v, deferred);
+    let model = own_model(h, first, registry, v, deferred);
     let (width, height, scale) = final_size(h, first.size, limits, v)?;
     let steps = match h.steps {
         0 => first.steps,
@@ -97,7 +112,8 @@ pub fn hires(
         enlarge,
         prompts: pass_prompts(h, first),
     };
-    if !h.upscaler.is_empty() && upscaler.is_none() {
+    let unresolved = |name: &str, resolved: bool| !name.is_empty() && !resolved;
+    if unresolved(&h.upscaler, upscaler.is_some()) || unresolved(&h.model, model.is_some()) {
         return None;
     }
     Some(HiresJob {
@@ -107,6 +123,7 @@ pub fn hires(
         sampler_name,
         written_prompt: h.prompt.clone(),
         loras: first.hires_loras.map(<[LoraJob]>::to_vec),
+        model: model.flatten(),
     })
 }
 
@@ -164,6 +181,68 @@ fn upscaler(
         v,
         deferred,
     )
+}
+
+/// The pass's own base model (A1111's "Hires checkpoint"): `Some(None)` for the first
+/// pass's (unnamed, or named as `spec.model` is), `Some(Some(model))` for another that
+/// resolves and fits what the request asks of its UNet, `None` otherwise.
+fn own_model(
+    h: &pb::HiresPass,
+    first: &FirstPass,
+    registry: &Registry,
+    v: &mut Violations,
+    deferred: &mut Deferred,
+) -> Option<Option<ModelEntry>> {
+    let field = format!("{P}.model");
+    if h.model.is_empty() {
+        return Some(None);
+    }
+    if !model_name(v, &field, &h.model) {
+        return None;
+    }
+    let model = named(registry, ModelKind::Base, &h.model, &field, v, deferred)?;
+    let base = first.model?;
+    if model.path == base.path {
+        return Some(None);
+    }
+    let misfits = misfits(&model, base, first.unet_asks);
+    for why in &misfits {
+        v.add(field.clone(), why.clone());
+    }
+    misfits.is_empty().then_some(Some(model))
+}
+
+/// Why `model` cannot run the hires pass of a request on `base` that asks `asks` of its
+/// UNet.
+fn misfits(model: &ModelEntry, base: &ModelEntry, asks: UnetAsks) -> Vec<String> {
+    let (Some(own), Some(first)) = (&model.pipeline, &base.pipeline) else {
+        return Vec::new();
+    };
+    let name = &model.name;
+    let mut why = Vec::new();
+    if own.inpainting {
+        why.push(format!(
+            "`{name}` is an inpainting model (its UNet takes a mask and the masked image), which the hires pass does not have"
+        ));
+    }
+    if asks.pag && own.self_attentions != first.self_attentions {
+        why.push(format!(
+            "`{name}`'s UNet has other self-attention layers than `{}`'s, which spec.pag perturbs in both passes",
+            base.name
+        ));
+    }
+    if asks.image_prompts && own.attentions != first.attentions {
+        why.push(format!(
+            "`{name}`'s UNet has other attention layers than `{}`'s, in which spec.ip_adapters act in both passes",
+            base.name
+        ));
+    }
+    if asks.guider && own.guidance_distilled {
+        why.push(format!(
+            "`{name}`'s UNet is guidance-distilled (time_cond_proj_dim) and makes no negative prediction for spec.guider to combine"
+        ));
+    }
+    why
 }
 
 /// The final size and the scale it came from (`None` for an explicit size).

@@ -199,11 +199,6 @@ fn check(
         .refiner
         .as_ref()
         .and_then(|r| refiner::refiner(r, &base, registry, limits, v, deferred));
-    let encoders: Vec<_> = model
-        .iter()
-        .chain(refiner.as_ref().map(|r| &r.model))
-        .collect();
-    let clip_skip = model::clip_skip(spec, &encoders, v);
     let base_run = window::BaseRun {
         model: model.as_ref(),
         steps: counts.0 as usize,
@@ -221,11 +216,23 @@ fn check(
         prompts: hires::first_pass_prompts(spec, read),
         hires_prompt: untagged.hires_prompt.as_deref(),
         hires_loras: loras.hires.as_deref(),
+        model: model.as_ref(),
+        unet_asks: hires::UnetAsks {
+            pag: spec.pag.is_some(),
+            image_prompts: !spec.ip_adapters.is_empty(),
+            guider: spec.guider.is_some(),
+        },
     };
     let hires = spec
         .hires
         .as_ref()
         .and_then(|h| hires::hires(h, &first, registry, limits, v, deferred));
+    // Every pipeline that encodes the prompts reads them with clip_skip.
+    let encoders: Vec<_> = (model.iter())
+        .chain(hires.as_ref().and_then(|h| h.model.as_ref()))
+        .chain(refiner.as_ref().map(|r| &r.model))
+        .collect();
+    let clip_skip = model::clip_skip(spec, &encoders, v);
     let hires_pass = hires.as_ref().map(|h| &h.params);
     let passes = prompt_syntax::Passes {
         base: Pass::new(counts.0 as usize, guidance.0),
