@@ -468,17 +468,36 @@ fn hires_over_the_cli_matches_the_recipe() {
     assert!(message.contains("--hires-size"), "{message}");
 }
 
-/// The request of a hires case with a refiner stage, on `config`'s pipeline and refiner
-/// under a server whose base and refiner roots are the pipeline fixtures.
-fn refined_spec_of(config: &str, case: &Case, upscaler: &str) -> pb::GenerationSpec {
+/// The request of a hires case on `config`'s pipeline (and refiner, where the case has a
+/// refiner stage) under a server whose base and refiner roots are the pipeline fixtures;
+/// its texts are the first pass's prompt only (see [`with_texts`]).
+pub(crate) fn spec_of_case(config: &str, case: &Case, upscaler: &str) -> pb::GenerationSpec {
     let scheduler = case.text("scheduler");
     let hires_scheduler = case["hires_scheduler"].as_str().unwrap_or(scheduler);
     let latent = |mode: &str| match mode {
         "nearest" => pb::LatentUpscale::Nearest,
+        "nearest-exact" => pb::LatentUpscale::NearestExact,
         "bilinear" => pb::LatentUpscale::Bilinear,
-        other => panic!("no refined case uses {other}"),
+        "bicubic" => pb::LatentUpscale::Bicubic,
+        other => panic!("no interpolation {other}"),
     } as i32;
-    let ensemble = case.text("refiner_mode") == "ensemble";
+    let refiner = case["refiner_mode"].as_str().map(|mode| pb::RefinerStage {
+        model: format!("{config}/refiner"),
+        mode: if mode == "ensemble" {
+            pb::RefinerMode::EnsembleOfExperts
+        } else {
+            pb::RefinerMode::Img2img
+        } as i32,
+        high_noise_fraction: case["refiner_fraction"].as_f64().map(|f| f as f32),
+        strength: case["refiner_strength"].as_f64().map(|s| s as f32),
+        steps: case.int("refiner_steps") as u32,
+        scheduler: wire_scheduler(
+            case["refiner_scheduler"]
+                .as_str()
+                .unwrap_or(hires_scheduler),
+        ),
+        ..Default::default()
+    });
     pb::GenerationSpec {
         model: format!("{config}/pipeline"),
         prompt: case.text("prompt").into(),
@@ -500,23 +519,7 @@ fn refined_spec_of(config: &str, case: &Case, upscaler: &str) -> pb::GenerationS
             scheduler: wire_scheduler(hires_scheduler),
             ..Default::default()
         }),
-        refiner: Some(pb::RefinerStage {
-            model: format!("{config}/refiner"),
-            mode: if ensemble {
-                pb::RefinerMode::EnsembleOfExperts
-            } else {
-                pb::RefinerMode::Img2img
-            } as i32,
-            high_noise_fraction: case["refiner_fraction"].as_f64().map(|f| f as f32),
-            strength: case["refiner_strength"].as_f64().map(|s| s as f32),
-            steps: case.int("refiner_steps") as u32,
-            scheduler: wire_scheduler(
-                case["refiner_scheduler"]
-                    .as_str()
-                    .unwrap_or(hires_scheduler),
-            ),
-            ..Default::default()
-        }),
+        refiner,
         ..Default::default()
     }
 }
@@ -556,7 +559,7 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
         {
             let what = format!("{config} {}", case.name());
             let request = pb::GenerateRequest {
-                spec: Some(with_texts(case, refined_spec_of(config, case, &upscaler))),
+                spec: Some(with_texts(case, spec_of_case(config, case, &upscaler))),
             };
             let (messages, end) = drain(client.generate(request).await).await;
             end.unwrap_or_else(|e| panic!("{what}: {e:?}"));
@@ -602,7 +605,7 @@ async fn a_refiner_follows_the_hires_pass_as_the_recipe_runs() {
     // A high-noise fraction below the hires pass's entry leaves it nothing to run: 6
     // Euler steps at strength 0.5 enter at 499, so 0.3 (cutoff 700) is refused.
     let case = &cases("tiny2")[5];
-    let mut spec = refined_spec_of("tiny2", case, &upscaler);
+    let mut spec = spec_of_case("tiny2", case, &upscaler);
     if let (Some(hires), Some(refiner)) = (spec.hires.as_mut(), spec.refiner.as_mut()) {
         hires.strength = Some(0.5);
         refiner.high_noise_fraction = Some(0.3);

@@ -7,10 +7,10 @@
 //! of the job stays on either model. Bad models are refused naming the field.
 
 use crate::common;
-use crate::hires::{cases, check_images, listed_upscaler};
+use crate::hires::{cases, check_images, listed_upscaler, spec_of_case, with_texts};
 
 use common::server::{drain, violated_fields, TestServer};
-use common::{hires_fixtures, read_tensors, wire_scheduler, Case};
+use common::{hires_fixtures, read_tensors, Case};
 use sdxld::proto::v1 as pb;
 use sdxld::proto::v1::generate_response::Event;
 use tonic::Code;
@@ -52,60 +52,22 @@ fn own_model_cases(config: &str) -> Vec<Case> {
         .collect()
 }
 
-/// The request of a hires-model case on `config`'s pipeline.
+/// The request of a hires-model case on `config`'s pipeline, with its texts and LoRAs.
 fn spec_of(config: &str, case: &Case, upscaler: &str) -> pb::GenerationSpec {
-    let scheduler = case.text("scheduler");
-    let hires_scheduler = case["hires_scheduler"].as_str().unwrap_or(scheduler);
-    let latent = |mode: &str| match mode {
-        "nearest" => pb::LatentUpscale::Nearest,
-        "bilinear" => pb::LatentUpscale::Bilinear,
-        "bicubic" => pb::LatentUpscale::Bicubic,
-        other => panic!("no hires-model case uses {other}"),
-    } as i32;
-    let text = |key: &str| case[key].as_str().map(str::to_string);
+    let mut spec = with_texts(case, spec_of_case(config, case, upscaler));
     let loras = case["loras"].as_array().cloned().unwrap_or_default();
-    pb::GenerationSpec {
-        model: format!("{config}/pipeline"),
-        prompt: case.text("prompt").into(),
-        negative_prompt: text("negative_prompt"),
-        seed: Some(case.int("seed")),
-        steps: case.int("steps") as u32,
-        num_images: case.int("n") as u32,
-        width: case["width"].as_u64().unwrap_or(64) as u32,
-        height: case["height"].as_u64().unwrap_or(64) as u32,
-        scheduler: wire_scheduler(scheduler),
-        loras: loras
-            .iter()
-            .map(|l| pb::LoraAdapter {
-                name: l[0].as_str().expect("a name").into(),
-                weight: l[1].as_f64().map(|w| w as f32),
-                text_encoder_weight: None,
-            })
-            .collect(),
-        hires: Some(pb::HiresPass {
-            width: case.int("final_width") as u32,
-            height: case.int("final_height") as u32,
-            latent_upscale: case["hires_latent"].as_str().map_or(0, latent),
-            upscaler: case["hires_upscaler"]
-                .as_str()
-                .map_or(String::new(), |_| upscaler.to_string()),
-            steps: case.int("hires_steps") as u32,
-            strength: Some(case.float("hires_strength") as f32),
-            scheduler: wire_scheduler(hires_scheduler),
-            prompt: text("hires_prompt"),
-            model: format!("{config}_hires"),
-            ..Default::default()
-        }),
-        refiner: case["refiner_mode"].as_str().map(|_| pb::RefinerStage {
-            model: format!("{config}/refiner"),
-            mode: pb::RefinerMode::EnsembleOfExperts as i32,
-            high_noise_fraction: case["refiner_fraction"].as_f64().map(|f| f as f32),
-            steps: case.int("refiner_steps") as u32,
-            scheduler: wire_scheduler(hires_scheduler),
-            ..Default::default()
-        }),
-        ..Default::default()
+    spec.loras = loras
+        .iter()
+        .map(|l| pb::LoraAdapter {
+            name: l[0].as_str().expect("a name").into(),
+            weight: l[1].as_f64().map(|w| w as f32),
+            text_encoder_weight: None,
+        })
+        .collect();
+    if let Some(hires) = spec.hires.as_mut() {
+        hires.model = format!("{config}_hires");
     }
+    spec
 }
 
 /// Every hires-model case of both configs equals the recipe (images and latents), the
