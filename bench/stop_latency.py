@@ -4,8 +4,8 @@
 Starts `sdxld serve` with controlnet_aux's OpenPose body, face and hand networks at their
 published sizes (random weights, written once into a temporary preprocessor root), or
 with `--detector KIND` one of `bench/preprocess.py`'s full-size networks (`zoe`, `depth`,
-`dpt`, `leres`, `normal`, `hed`, `pidinet`, `segmentation`, `lineart`, `lineart_anime`,
-`mlsd`), or with `--upscaler ARCH` one of
+`dpt`, `leres`, `normal`, `hed`, `pidinet`, `teed`, `segmentation`, `lineart`,
+`lineart_anime`, `mlsd`), or with `--upscaler ARCH` one of
 `bench/upscale.py`'s full-size upscalers (random weights, in a temporary upscaler root),
 then on a square noise image:
 
@@ -92,6 +92,7 @@ def detector_job(pb, stub, noise, root: Path, kind: str):
         "normal": pb.PREPROCESSOR_NORMAL,
         "hed": pb.PREPROCESSOR_SOFTEDGE,
         "pidinet": pb.PREPROCESSOR_SOFTEDGE,
+        "teed": pb.PREPROCESSOR_SOFTEDGE,
         "segmentation": pb.PREPROCESSOR_SEGMENTATION,
         "lineart": pb.PREPROCESSOR_LINEART,
         "lineart_anime": pb.PREPROCESSOR_LINEART_ANIME,
@@ -122,7 +123,7 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--deadline", type=float, default=12.0)
     parser.add_argument("--upscaler", help="an architecture of bench/upscale.py")
-    parser.add_argument("--detector", choices=["zoe", "depth", "dpt", "leres", "normal", "hed", "pidinet", "segmentation", "lineart", "lineart_anime", "mlsd"])
+    parser.add_argument("--detector", choices=["zoe", "depth", "dpt", "leres", "normal", "hed", "pidinet", "teed", "segmentation", "lineart", "lineart_anime", "mlsd"])
     args = parser.parse_args()
     pb, rpc = stubs()
     noise = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)

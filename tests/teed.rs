@@ -1,6 +1,7 @@
 //! TEED against controlnet_aux 0.0.10 on random weights built by
 //! `tests/fixtures/make_detector_fixtures.py` (its `TED` at two seeds): the four outputs
-//! within 1e-3 at three sizes, `TEEDdetector`'s soft edges with 0, 2 (its default) and 5
+//! within 1e-3 at three sizes (asking to go on before each block, a stop at the first or
+//! the last ending the pass), `TEEDdetector`'s soft edges with 0, 2 (its default) and 5
 //! safe steps through the soft-edge preprocessor, and over gRPC a TEED file serving soft
 //! edges by name, refused for scribbles, its own-size rule and its steps' range; as the
 //! configured default, soft edges served and scribbles listed as not ready.
@@ -39,9 +40,13 @@ fn the_teed_network_equals_controlnet_aux() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let io = read_tensors(&detector_fixtures().join(format!("teed/{name}.io.safetensors")));
         for k in 0..3 {
-            let outputs = network
-                .forward(&io[&format!("input.{k}")])
-                .expect("forward");
+            let input = &io[&format!("input.{k}")];
+            // Two stems, the dense layers, three up branches and the fusion's three steps.
+            let what = format!("{name} input {k}");
+            let least = 8 + network_dense_blocks(&path(name));
+            let outputs = common::assert_stops_between_passes(&what, least, |between| {
+                network.forward(input, between)
+            });
             assert_eq!(outputs.len(), 4, "{name}: three branches and the fused map");
             for (j, edges) in outputs.iter().enumerate() {
                 let want = &io[&format!("output.{k}.{j}")];
@@ -50,8 +55,21 @@ fn the_teed_network_equals_controlnet_aux() {
         }
         // Its branches meet only at sides that are multiples of 4.
         let odd = tch::Tensor::zeros([1, 3, 64, 62], (Kind::Float, Device::Cpu));
-        assert!(network.forward(&odd).is_err(), "{name}: 62 wide");
+        assert!(
+            network.forward(&odd, &mut || Ok(())).is_err(),
+            "{name}: 62 wide"
+        );
     }
+}
+
+/// The dense layers a TEED file holds (`dblock_3.denselayer<n>`).
+fn network_dense_blocks(file: &std::path::Path) -> usize {
+    let tensors = read_tensors(file);
+    let layers: std::collections::HashSet<&str> = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("dblock_3.")?.split('.').next())
+        .collect();
+    layers.len()
 }
 
 #[test]

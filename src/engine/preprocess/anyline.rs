@@ -9,6 +9,7 @@ use image::{GrayImage, RgbImage};
 
 use super::lineart_standard::dark_lines;
 use super::teed::Teed;
+use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 
 /// The soft edges' steps (the detector's fixed `safe_step(edge, 2)`).
@@ -23,9 +24,10 @@ const INTENSITY_THRESHOLD: f32 = 3.0;
 /// kept those).
 pub const LEAST_LINE_PIXELS: usize = 13;
 
-/// The Anyline map of an RGB image at its size.
-pub fn anyline(teed: &Teed, image: &RgbImage) -> Result<GrayImage> {
-    let mut map = teed.detect(image, SAFE_STEPS)?;
+/// The Anyline map of an RGB image at its size; `between` is asked before each of
+/// TEED's blocks.
+pub fn anyline(teed: &Teed, image: &RgbImage, between: &mut Between<'_>) -> Result<GrayImage> {
+    let mut map = teed.detect(image, SAFE_STEPS, between)?;
     let mut lines = dark_lines(image, SIGMA, INTENSITY_THRESHOLD);
     remove_small_groups(&mut lines, LEAST_LINE_PIXELS);
     for (edge, &line) in map.iter_mut().zip(lines.iter()) {

@@ -297,8 +297,7 @@ impl Detector {
         self.detect_between(image, &mut || Ok(()))
     }
 
-    /// [`Detector::detect`], with `between` asked between the blocks of the networks
-    /// whose single pass takes seconds on a CPU (all but TEED, whose pass is short); its
+    /// [`Detector::detect`], with `between` asked between the networks' blocks; its
     /// error ends the pass.
     pub fn detect_between(
         &self,
@@ -322,7 +321,7 @@ impl Detector {
             Detector::Normal(network) => return network.detect_between(image, between),
             Detector::Mlsd(network) => network.detect(image, LineThresholds::default(), between)?,
             Detector::PiDiNet(network) => network.detect_levels(image, 0, between)?,
-            Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS)?,
+            Detector::Teed(network) => network.detect(image, TEED_SAFE_STEPS, between)?,
             Detector::Leres(network) => network.detect(image, DepthCuts::NONE, between)?,
         };
         Ok(super::gray_to_rgb(map))
@@ -342,7 +341,7 @@ impl Detector {
             Detector::Hed(network) => network.detect_levels(image, steps, between)?,
             Detector::PiDiNet(network) => network.detect_levels(image, steps, between)?,
             Detector::Teed(network) => {
-                network.detect(image, safe_steps.unwrap_or(TEED_SAFE_STEPS))?
+                network.detect(image, safe_steps.unwrap_or(TEED_SAFE_STEPS), between)?
             }
             other => {
                 return Err(EngineError::Internal(format!(

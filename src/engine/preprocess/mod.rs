@@ -356,7 +356,9 @@ impl Preprocessor {
                 )),
             },
             (Preprocessor::Anyline, _) => match detector {
-                Some(Detector::Teed(network)) => Ok(gray_to_rgb(anyline::anyline(network, rgb)?)),
+                Some(Detector::Teed(network)) => {
+                    Ok(gray_to_rgb(anyline::anyline(network, rgb, between_passes)?))
+                }
                 other => Err(EngineError::Internal(format!(
                     "the Anyline preprocessor was handed {:?}",
                     other.map(Detector::network)

@@ -11,6 +11,7 @@ use std::path::Path;
 use image::{GrayImage, RgbImage};
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::weights::{read_shapes, Shapes, VarPath, Weights};
 
@@ -262,8 +263,10 @@ impl Teed {
     }
 
     /// The three branches' edge logits and the fused one, each [N, 1, H, W] (float32),
-    /// of an input [N, 3, H, W] (RGB in [0, 255]) whose sides are multiples of 4.
-    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// of an input [N, 3, H, W] (RGB in [0, 255]) whose sides are multiples of 4;
+    /// `between` is asked before each block and each step of the fusion (most of the
+    /// pass at full resolution), and its error ends the pass.
+    pub fn forward(&self, x: &Tensor, between: &mut Between<'_>) -> Result<Vec<Tensor>> {
         let size = x.size();
         let multiple = i64::from(SIDE_MULTIPLE);
         let fits = size.len() == 4 && size[1] == 3 && size[2] > 0 && size[3] > 0;
@@ -274,25 +277,35 @@ impl Teed {
         }
         let _no_grad = tch::no_grad_guard();
         let x = x.to_device(self.device).to_kind(self.kind);
+        between()?;
         let Pair { first, second } = &self.block_1;
         let block_1 = smish(&second.forward(&smish(&first.forward(&x))));
+        between()?;
         let Pair { first, second } = &self.block_2;
         let block_2 = second.forward(&smish(&first.forward(&block_1)));
         let down = block_2.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
-        let mut dense = &down + self.side_1.forward(&block_1);
+        let start = &down + self.side_1.forward(&block_1);
         let shortcut = self.pre_dense.forward(&down);
-        for Pair { first, second } in &self.dense {
-            let new = second.forward(&smish(&first.forward(&smish(&dense))));
-            dense = (new + &shortcut) * 0.5;
+        let dense = in_turn(
+            start,
+            &self.dense,
+            between,
+            |Pair { first, second }, dense| {
+                let new = second.forward(&smish(&first.forward(&smish(dense))));
+                (new + &shortcut) * 0.5
+            },
+        )?;
+        let mut edges = Vec::with_capacity(self.up.len() + 1);
+        for (h, up) in [&block_1, &block_2, &dense].iter().zip(&self.up) {
+            between()?;
+            edges.push(up.forward(h));
         }
-        let mut edges: Vec<Tensor> = [&block_1, &block_2, &dense]
-            .iter()
-            .zip(&self.up)
-            .map(|(h, up)| up.forward(h))
-            .collect();
+        between()?;
         let [spread, refine] = &self.fusion;
         let attention = spread.forward(&smish(&Tensor::cat(&edges, 1)));
+        between()?;
         let refined = refine.forward(&smish(&attention));
+        between()?;
         let fused = smish(&(refined + attention).sum_dim_intlist([1].as_slice(), true, None));
         edges.push(fused);
         Ok(edges.into_iter().map(|e| e.to_kind(Kind::Float)).collect())
@@ -300,14 +313,20 @@ impl Teed {
 
     /// `TEEDdetector`'s map of an RGB image at the detection size: the RGB pixels as
     /// they are (channels last, as its numpy input lies), the four edge maps' float32
-    /// mean, a float64 sigmoid, quantised in `safe_steps` steps (0: not at all), 8 bits.
-    pub fn detect(&self, image: &RgbImage, safe_steps: u32) -> Result<GrayImage> {
+    /// mean, a float64 sigmoid, quantised in `safe_steps` steps (0: not at all), 8 bits;
+    /// `between` is asked before each block.
+    pub fn detect(
+        &self,
+        image: &RgbImage,
+        safe_steps: u32,
+        between: &mut Between<'_>,
+    ) -> Result<GrayImage> {
         let (width, height) = image.dimensions();
         let pixels = Tensor::from_slice(image.as_raw())
             .view([1, i64::from(height), i64::from(width), 3])
             .to_kind(Kind::Float)
             .permute([0, 3, 1, 2]);
-        let edges = self.forward(&pixels)?;
+        let edges = self.forward(&pixels, between)?;
         let planes = edges
             .iter()
             .map(|e| Vec::<f32>::try_from(e.to_device(Device::Cpu).contiguous().view(-1)))
