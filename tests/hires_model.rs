@@ -4,7 +4,8 @@
 //! other model's VAE encoding it), the pass's own prompt, a LoRA on both models (merged
 //! and in the forward pass), a refiner after it, and a non-square config. The PNG
 //! parameters and `completed.models` name the model; a replay is byte for byte; nothing
-//! of the job stays on either model. Bad models are refused naming the field.
+//! of the job stays on either model; `spec.vae` replaces its VAE; a tight budget counts
+//! it. Bad models are refused naming the field.
 
 use crate::common;
 use crate::hires::{cases, check_images, listed_upscaler, spec_of_case, with_texts};
@@ -262,6 +263,62 @@ async fn bad_hires_models_are_refused() {
     )
     .await;
     end.expect("the server serves on");
+}
+
+/// `spec.vae` replaces the hires model's VAE too: with bilinear latents (so that the
+/// first model decodes nothing) the pass on the hires model with `spec.vae` gives the
+/// pixels of a copy of the hires model whose own VAE is that one, and other pixels than
+/// the hires model's own VAE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_vae_replaces_the_hires_models_vae() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let copy = root.path().join("hires_alt_vae");
+    common::copy_tree(&crate::hires::hires_model_dir("tiny2"), &copy);
+    std::fs::remove_dir_all(copy.join("vae")).expect("remove the vae");
+    let vae = common::fixtures().join("tiny2/vae_alt");
+    common::copy_tree(&vae, &copy.join("vae"));
+    let pipelines = common::fixtures();
+    let base_roots = format!(
+        "{},{},{}",
+        pipelines.display(),
+        hires_fixtures().join("models").display(),
+        root.path().display()
+    );
+    let vae_roots = pipelines.join("tiny2");
+    let server = TestServer::start(&[
+        ("SDXLD__MODELS__BASE_ROOTS", base_roots.as_str()),
+        (
+            "SDXLD__MODELS__VAE_ROOTS",
+            vae_roots.to_str().expect("utf-8"),
+        ),
+    ])
+    .await;
+    let spec = |hires_model: &str, vae: &str| pb::GenerationSpec {
+        model: "tiny2/pipeline".into(),
+        prompt: "a lighthouse at dusk".into(),
+        seed: Some(8),
+        steps: 3,
+        width: 64,
+        height: 64,
+        vae: vae.into(),
+        hires: Some(pb::HiresPass {
+            model: hires_model.into(),
+            latent_upscale: pb::LatentUpscale::Bilinear as i32,
+            steps: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pixels = |done: pb::GenerateImagesResponse| {
+        let image = image::load_from_memory(&done.images[0].data).expect("an image");
+        image.to_rgb8().into_raw()
+    };
+    let replaced = server.images(spec("tiny2_hires", "vae_alt")).await;
+    let own = server.images(spec("hires_alt_vae", "")).await;
+    let unreplaced = server.images(spec("tiny2_hires", "")).await;
+    let replaced = pixels(replaced.expect("with spec.vae"));
+    assert_eq!(replaced, pixels(own.expect("its own vae")));
+    assert_ne!(replaced, pixels(unreplaced.expect("without spec.vae")));
 }
 
 /// A memory budget counts both models: one that holds both only without their text
