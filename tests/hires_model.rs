@@ -399,3 +399,80 @@ async fn a_tight_budget_moves_both_models_text_encoders_to_the_host() {
         );
     }
 }
+
+/// The memory estimate takes each pass on the model that runs it: a hires pass on a
+/// wider UNet than the first pass's needs that UNet's activations, so the least budget
+/// that holds the job whole grows by exactly the difference of the two models'
+/// estimates at the final size (large enough that the activations, not the text
+/// encoders beside the prompts' encoding, bound the budget). (The wider model is a copy of tiny2 whose UNet config
+/// says it is twice as wide: the estimate reads the configs, and nothing loads.)
+#[test]
+fn the_memory_estimate_takes_the_hires_pass_on_its_own_model() {
+    use sdxld::engine::cache::{activation_estimate, text_encoding_estimate, ModelPath};
+    use sdxld::engine::device::Placement;
+    use sdxld::engine::hashes::FileHashes;
+    use sdxld::engine::pipeline::GenerateParams;
+    use sdxld::jobs::engine::Engine;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    let first = common::fixtures().join("tiny2/pipeline");
+    let root = tempfile::tempdir().expect("tempdir");
+    let own = root.path().join("wide");
+    common::copy_tree(&first, &own);
+    let config_path = own.join("unet/config.json");
+    let text = std::fs::read_to_string(&config_path).expect("unet config");
+    let mut config: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let widths = config["block_out_channels"]
+        .as_array()
+        .expect("widths")
+        .clone();
+    let doubled: Vec<u64> = widths
+        .iter()
+        .map(|w| 2 * w.as_u64().expect("a width"))
+        .collect();
+    config["block_out_channels"] = serde_json::json!(doubled);
+    std::fs::write(&config_path, config.to_string()).expect("write");
+    let at = |side: i64| GenerateParams {
+        width: side,
+        height: side,
+        ..GenerateParams::default()
+    };
+    let (small, large) = (
+        activation_estimate(&first, &at(1024), 4),
+        activation_estimate(&own, &at(1024), 4),
+    );
+    let encoding = text_encoding_estimate(&first, 4).max(text_encoding_estimate(&own, 4));
+    assert!(
+        encoding < small && small < large,
+        "{encoding} {small} {large}"
+    );
+    let models = [ModelPath::Pipeline(&first), ModelPath::Pipeline(&own)];
+    // The least budget that holds the job with its images decoded whole.
+    let least = |second: &Path| {
+        let passes = [(first.as_path(), at(512)), (second, at(1024))];
+        let whole = |budget: u64| {
+            let resident = Arc::new(Mutex::new(std::collections::HashSet::new()));
+            let mut engine = Engine::new(
+                Placement::cpu(),
+                Some(budget),
+                0,
+                FileHashes::new(),
+                resident,
+            );
+            let room = engine.make_room(&models, &passes, 0, 0);
+            room.is_ok_and(|room| !room.tiled_decode)
+        };
+        let (mut low, mut high) = (0u64, 1 << 40);
+        while low + 1 < high {
+            let middle = low + (high - low) / 2;
+            if whole(middle) {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        high
+    };
+    assert_eq!(least(&own) - least(&first), large - small);
+}

@@ -443,7 +443,7 @@ fn auto_mode_merges_when_the_copies_fit_the_budget_and_goes_forward_otherwise() 
             Arc::new(Mutex::new(HashSet::new())),
         )
         .with_lora_mode(mode)
-        .make_room(&models, std::slice::from_ref(&params), 0, copies)
+        .make_room(&models, &[(pipeline.as_path(), params.clone())], 0, copies)
         .map(|room| room.lora_mode)
     };
     let roomy = weights + activations + copies;

@@ -3,7 +3,7 @@
 //! LoRA adapters are applied.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
@@ -154,8 +154,9 @@ impl Engine {
         detector_activation_estimate(network, size, element)
     }
 
-    /// Makes room for a job using `models` whose denoising passes run with `passes` (one
-    /// after the other: the largest of each part of their estimates counts), evicting
+    /// Makes room for a job using `models` whose denoising passes run with `passes`, each
+    /// on its pipeline (one after the other: the largest of each part of their estimates
+    /// counts), evicting
     /// what it does not use,
     /// and says how its LoRA adapters are applied and its images decoded: merging the
     /// adapters takes `lora_copies` more bytes while the job runs, which the auto mode
@@ -168,29 +169,31 @@ impl Engine {
     pub fn make_room(
         &mut self,
         models: &[ModelPath<'_>],
-        passes: &[GenerateParams],
+        passes: &[(&Path, GenerateParams)],
         detector_activations: u64,
         lora_copies: u64,
     ) -> Result<Room, EngineError> {
         let element = self.placement().kind.elt_size_in_bytes() as u64;
-        let pipeline = models.iter().find_map(|m| match m {
-            ModelPath::Pipeline(path) => Some(*path),
-            ModelPath::Vae(_)
-            | ModelPath::ControlNet(_)
-            | ModelPath::ControlLora { .. }
-            | ModelPath::Lora(_)
-            | ModelPath::Upscaler(_)
-            | ModelPath::Detector(_)
-            | ModelPath::IpAdapter(_)
-            | ModelPath::ImageEncoder(_) => None,
-        });
-        let generation = pipeline.map_or_else(GenerationEstimate::default, |p| {
-            passes
-                .iter()
-                .map(|pass| generation_estimate(p, pass, element))
-                .fold(GenerationEstimate::default(), GenerationEstimate::max)
-        });
-        let encoding = pipeline.map_or(0, |p| text_encoding_estimate(p, element));
+        let generation = passes
+            .iter()
+            .map(|(pipeline, pass)| generation_estimate(pipeline, pass, element))
+            .fold(GenerationEstimate::default(), GenerationEstimate::max);
+        // Each pipeline encodes the prompts in turn: the widest text encoders count.
+        let encoding = models
+            .iter()
+            .filter_map(|m| match m {
+                ModelPath::Pipeline(path) => Some(text_encoding_estimate(path, element)),
+                ModelPath::Vae(_)
+                | ModelPath::ControlNet(_)
+                | ModelPath::ControlLora { .. }
+                | ModelPath::Lora(_)
+                | ModelPath::Upscaler(_)
+                | ModelPath::Detector(_)
+                | ModelPath::IpAdapter(_)
+                | ModelPath::ImageEncoder(_) => None,
+            })
+            .max()
+            .unwrap_or(0);
         let mut result = Err(EngineError::Internal("no way to fit the job".into()));
         for (lora_mode, tiled_decode) in self.ways_to_fit(lora_copies, generation) {
             let copies = if lora_mode == LoraMode::Merge {

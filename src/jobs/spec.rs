@@ -389,16 +389,19 @@ impl JobSpec {
     /// part): `num_images` is the images sharing a run (see
     /// [`crate::engine::request::batch_runs`]). Before the models load, a scheduler's
     /// drawing of noise is unknown, so `Together` counts every image of a job that only
-    /// such a scheduler would split (an upper bound).
-    pub fn largest_runs(&self, mode: BatchMode) -> Vec<GenerateParams> {
+    /// such a scheduler would split (an upper bound). Each comes with the pipeline that
+    /// runs it (the hires pass's own model, where it has one).
+    pub fn largest_runs(&self, mode: BatchMode) -> Vec<(&std::path::Path, GenerateParams)> {
         let split = mode == BatchMode::PerImage
             || self.params.init_image.is_some()
             || self.refiner.is_some()
             || self.hires.is_some();
         let num_images = if split { 1 } else { self.params.num_images };
+        let runners = [&self.model, self.hires_model().unwrap_or(&self.model)];
         self.base_passes()
             .into_iter()
-            .map(|pass| GenerateParams { num_images, ..pass })
+            .zip(runners)
+            .map(|(pass, model)| (model.path.as_path(), GenerateParams { num_images, ..pass }))
             .collect()
     }
 }
