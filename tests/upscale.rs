@@ -52,7 +52,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 59);
+    assert_eq!(models.len(), 69);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -73,6 +73,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Rcan { .. } => "RCAN",
             Architecture::OmniSr { .. } => "OmniSR",
             Architecture::Rgt { .. } => "RGT",
+            Architecture::Fdat { .. } => "FDAT",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -579,6 +580,93 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         // The untouched file loads.
         load(&source);
     }
+}
+
+/// FDAT files spandrel cannot load are refused at load naming their tensor: an upsampler
+/// record of no known upsampler, of a width other than the first convolution's (as
+/// `pa_up` files at x2 and x4 write their inner width there), of a scale its upsampler
+/// cannot take (nearest rounds at x5), or not in bytes; an unshuffle by 3; heads that do
+/// not divide the width; an interaction width its reduction does not give back (6 of 16:
+/// 16 // (16 // 6) is 8); DySample over a width its four groups do not divide.
+#[test]
+fn fdat_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = |values: [u8; 7]| Tensor::from_slice(&values);
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    // The x4 file's record: version 3, transpose+conv (5), x4, 16 wide, RGB, 16 inside,
+    // 4 groups.
+    let meta = "params_ema.upsampler.MetaUpsample";
+    let cases = [
+        ("fdat_x4_transpose", meta, record([3, 5, 4, 16, 3, 16, 4])),
+        ("fdat_x4_transpose", meta, record([3, 8, 4, 16, 3, 16, 4])),
+        ("fdat_x4_transpose", meta, record([3, 7, 4, 12, 3, 12, 4])),
+        ("fdat_x4_transpose", meta, zeros(&[7])),
+        (
+            "fdat_x4_nearest",
+            "params.upsampler.MetaUpsample",
+            record([3, 3, 5, 8, 3, 8, 4]),
+        ),
+        (
+            "fdat_x2_dysample",
+            "upsampler.MetaUpsample",
+            record([3, 4, 2, 16, 3, 6, 4]),
+        ),
+        (
+            "fdat_x2_unshuffle_pixelshuffle",
+            "conv_first.1.weight",
+            zeros(&[12, 27, 3, 3]),
+        ),
+        (
+            "fdat_x4_transpose",
+            "params_ema.groups.0.blocks.0.attn.bias",
+            zeros(&[3, 16, 16]),
+        ),
+        (
+            "fdat_x4_transpose",
+            "params_ema.groups.0.blocks.0.inter.cg.1.weight",
+            zeros(&[6, 16, 1, 1]),
+        ),
+    ];
+    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+        let source = root.join(format!("models/{model}.safetensors"));
+        let path = rewrite(
+            &source,
+            &dir.path().join(format!("{i}.safetensors")),
+            vec![(key, tensor)],
+        );
+        let loaded = Upscaler::load(&path, Device::Cpu, Kind::Float);
+        if i == 0 {
+            // The file's own record, written again: it loads.
+            assert!(loaded.is_ok(), "{:?}", loaded.err());
+            continue;
+        }
+        let error = loaded.err().expect("refused").to_string();
+        let unwrapped = key
+            .trim_start_matches("params_ema.")
+            .trim_start_matches("params.");
+        assert!(
+            error.contains(&format!("`{unwrapped}`")),
+            "{model} {key}: {error}"
+        );
+    }
+}
+
+/// An FDAT group of an odd block count (spandrel builds whole pairs of a window and a
+/// channel block) or of another count than the first group's (spandrel builds every
+/// group as deep as the first) is refused naming the group's first block.
+#[test]
+fn fdat_groups_of_odd_or_unequal_depth_are_refused() {
+    assert_refused_without(
+        "fdat_x2_unshuffle_pixelshuffle",
+        |name| name.starts_with("groups.0.blocks.3."),
+        "groups.0.blocks.0.n1.weight",
+    );
+    assert_refused_without(
+        "fdat_x4_transpose",
+        |name| name.starts_with("params_ema.groups.1.blocks.1."),
+        "groups.1.blocks.0.n1.weight",
+    );
 }
 
 /// The fixture `model` without the tensors `dropped` picks, refused at load naming

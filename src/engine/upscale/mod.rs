@@ -1,6 +1,6 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
 //! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR,
-//! RGT; SCUNet restoring at scale 1) loaded
+//! RGT, FDAT; SCUNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -9,8 +9,11 @@ pub mod activation;
 pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
+pub mod deformable_upsample;
 pub mod drct;
 pub mod dysample;
+pub mod fdat;
+pub mod fdat_upsample;
 pub mod hat;
 pub mod layout;
 pub mod mosr;
@@ -102,6 +105,8 @@ impl Upscaler {
             }
             // Real-CUGAN's `pro` flag is read from its presence.
             Architecture::RealCugan { .. } => name == layout::realcugan::PRO_KEY,
+            // FDAT's upsampler record is read with the layout.
+            Architecture::Fdat { .. } => name == layout::fdat::META_KEY,
             _ => false,
         };
         weights.check_all_used(unread)?;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -11,6 +11,7 @@ use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::drct::Drct;
+use crate::engine::upscale::fdat::Fdat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::mosr::MoSr;
@@ -234,6 +235,7 @@ pub enum Network {
     Rcan(Box<Rcan>),
     OmniSr(Box<OmniSr>),
     Rgt(Box<Rgt>),
+    Fdat(Box<Fdat>),
 }
 
 impl Network {
@@ -268,6 +270,7 @@ impl Network {
                 Network::OmniSr(Box::new(OmniSr::load(vp, architecture)?))
             }
             Architecture::Rgt { .. } => Network::Rgt(Box::new(Rgt::load(vp, architecture)?)),
+            Architecture::Fdat { .. } => Network::Fdat(Box::new(Fdat::load(vp, architecture)?)),
         })
     }
 
@@ -291,6 +294,7 @@ impl Network {
             Network::Rcan(n) => n.forward(image, between),
             Network::OmniSr(n) => n.forward(image, between),
             Network::Rgt(n) => n.forward(image, between),
+            Network::Fdat(n) => n.forward(image, between),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What a tile of each architecture holds at the network's peak, for fitting tiles into
 //! a memory budget.
 
-use super::{dysample_groups, mosr, Architecture, MoSrUpsampler};
+use super::{dysample_groups, mosr, Architecture, FdatUpsampler, MoSrUpsampler};
 
 impl Architecture {
     /// Floats alive at the network's peak per input pixel (a rough bound for choosing
@@ -93,6 +93,7 @@ impl Architecture {
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
             | Architecture::Rgt { .. }
+            | Architecture::Fdat { .. }
             | Architecture::ScuNet { .. } => self.attention_stage_floats(out),
         }
     }
@@ -191,6 +192,32 @@ impl Architecture {
             Architecture::OmniSr {
                 features, window, ..
             } => ((12 * features + 2 * 4 * window * window) as u64, 6 * out),
+            // As DAT, at the unshuffled resolution; at the output's, the upsampler's
+            // inner width a few times over, DySample's offsets and sampled groups, the
+            // deformable attention's nine sampled keys and values.
+            Architecture::Fdat {
+                features,
+                heads,
+                window,
+                ffn_hidden,
+                upsampler,
+                upsample_features,
+                unshuffle,
+                ..
+            } => {
+                let body = 12 * features + 2 * ffn_hidden + 2 * heads * window * window;
+                let inner = upsample_features.max(features);
+                let upsampled = match upsampler {
+                    FdatUpsampler::Lda => 25 * inner,
+                    FdatUpsampler::DySample => 8 * 4 + inner + 3,
+                    FdatUpsampler::Conv | FdatUpsampler::PixelShuffleDirect => 6,
+                    _ => 3 * inner,
+                };
+                (
+                    (body / (unshuffle * unshuffle)) as u64,
+                    upsampled as u64 * out,
+                )
+            }
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
             // MLP and scores (a head per 64 channels), about 14 per channel, twice over
             // for the padding to 64 pixels (which can double a tile's area).

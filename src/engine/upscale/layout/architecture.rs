@@ -2,7 +2,7 @@
 //! follows from them: spandrel's size requirements, the scale, the name and spandrel's
 //! tags (the activations a tile needs are in `activations.rs`).
 
-use super::{ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler};
+use super::{ChannelMixer, FdatUpsampler, LargeKernel, MoSrUpsampler, SwinUpsampler};
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,6 +351,35 @@ pub enum Architecture {
         /// The pixel-shuffle factor.
         scale: i64,
     },
+    /// FDAT: residual groups of simplified DAT blocks alternating window attention (with
+    /// a learned bias) and channel attention, each beside a depthwise convolution mixed in
+    /// by a simplified interaction module, then one of eight upsamplers.
+    Fdat {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`num_groups`).
+        groups: i64,
+        /// Blocks per group (`depth_per_group` times the pattern's two).
+        blocks: i64,
+        /// Attention heads (`num_heads`).
+        heads: i64,
+        /// The window attention's side (`window_size`).
+        window: i64,
+        /// The feed-forward networks' width.
+        ffn_hidden: i64,
+        /// The interaction module's channel gate width (`embed_dim / aim_reduction_ratio`).
+        aim_reduced: i64,
+        /// How the features become the image.
+        upsampler: FdatUpsampler,
+        /// The upsampler's inner width (`mid_dim`).
+        upsample_features: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
+        /// The pixel-unshuffle factor of the input (2 or 4), or 1.
+        unshuffle: i64,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -393,7 +422,9 @@ impl Architecture {
             | Architecture::Plksr { .. }
             | Architecture::RealPlksr { .. } => (0, 1),
             Architecture::Safmn { .. } => (0, 8),
-            Architecture::MoSr { .. } | Architecture::Rcan { .. } => (0, 1),
+            Architecture::MoSr { .. } | Architecture::Rcan { .. } | Architecture::Fdat { .. } => {
+                (0, 1)
+            }
             Architecture::SwinIr { .. }
             | Architecture::Swin2Sr { .. }
             | Architecture::Hat { .. }
@@ -434,6 +465,7 @@ impl Architecture {
             | Architecture::Rcan { scale, .. }
             | Architecture::OmniSr { scale, .. }
             | Architecture::Rgt { scale, .. }
+            | Architecture::Fdat { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
         }
     }
@@ -457,6 +489,7 @@ impl Architecture {
             | Architecture::Rcan { channels, .. }
             | Architecture::OmniSr { channels, .. }
             | Architecture::Rgt { channels, .. }
+            | Architecture::Fdat { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -479,6 +512,7 @@ impl Architecture {
             Architecture::Rcan { .. } => "RCAN",
             Architecture::OmniSr { .. } => "OmniSR",
             Architecture::Rgt { .. } => "RGT",
+            Architecture::Fdat { .. } => "FDAT",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -553,6 +587,7 @@ impl Architecture {
                 .collect(),
             Architecture::Rcan { .. } => self.rcan_tags(),
             Architecture::OmniSr { .. } => self.omnisr_tags(),
+            Architecture::Fdat { .. } => self.fdat_tags(),
             // spandrel gives SCUNet and RGT no tags.
             Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
         }

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR and RGT.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT and FDAT.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -16,6 +16,7 @@ mod architecture;
 mod basicsr;
 mod dat;
 pub mod drct;
+pub mod fdat;
 mod hat;
 pub mod mosr;
 mod omnisr;
@@ -31,6 +32,7 @@ mod swinir;
 
 pub use architecture::{Architecture, SizeRequirements};
 use basicsr::{compact, rrdb, rrdb_names};
+pub use fdat::FdatUpsampler;
 pub use mosr::MoSrUpsampler;
 pub use plksr::{dysample_groups, ChannelMixer, LargeKernel};
 pub use swinir::SwinUpsampler;
@@ -56,6 +58,10 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         path: path.to_path_buf(),
         name: name.to_string(),
     };
+    let fdat_first = has("conv_first.weight") || has("conv_first.1.weight");
+    if fdat_first && fdat::KEYS.iter().all(|key| has(key)) {
+        return fdat::detect(path, &unwrapped);
+    }
     if span::KEYS.iter().all(|key| has(key)) {
         return span::detect(&unwrapped).ok_or_else(|| unknown(span::KEYS[0]));
     }
