@@ -52,7 +52,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 69);
+    assert_eq!(models.len(), 72);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -74,6 +74,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::OmniSr { .. } => "OmniSR",
             Architecture::Rgt { .. } => "RGT",
             Architecture::Fdat { .. } => "FDAT",
+            Architecture::Ditn { .. } => "DITN",
         };
         assert_eq!(id, model["architecture"], "{model}");
         assert_eq!(upscaler.scale(), model["scale"].as_i64().expect("scale"));
@@ -666,6 +667,46 @@ fn fdat_groups_of_odd_or_unequal_depth_are_refused() {
         "fdat_x4_transpose",
         |name| name.starts_with("params_ema.groups.1.blocks.1."),
         "groups.1.blocks.0.n1.weight",
+    );
+}
+
+/// DITN files spandrel cannot load are refused at load naming their tensor: a
+/// feed-forward projection of odd width (it is split in halves), an upsampler of no
+/// square scale over three colours, a unit with other block counts than the first's.
+#[test]
+fn ditn_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        (
+            "ditn_x2",
+            "UFONE.0.ITLs.0.ffn.project_in.weight",
+            zeros(&[47, 12, 1, 1]),
+        ),
+        ("ditn_x3", "params.upsample.0.weight", zeros(&[24, 8, 3, 3])),
+    ];
+    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+        let source = root.join(format!("models/{model}.safetensors"));
+        let path = rewrite(
+            &source,
+            &dir.path().join(format!("{i}.safetensors")),
+            vec![(key, tensor)],
+        );
+        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+            .err()
+            .expect("refused")
+            .to_string();
+        let unwrapped = key.trim_start_matches("params.");
+        assert!(
+            error.contains(&format!("`{unwrapped}`")),
+            "{model} {key}: {error}"
+        );
+    }
+    assert_refused_without(
+        "ditn_x4",
+        |name| name.starts_with("params_ema.UFONE.1.SALs."),
+        "UFONE.1.ITLs.0.attn.temperature",
     );
 }
 

@@ -1,6 +1,6 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
 //! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR,
-//! RGT, FDAT; SCUNet restoring at scale 1) loaded
+//! RGT, FDAT, DITN; SCUNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -10,6 +10,7 @@ pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
 pub mod deformable_upsample;
+pub mod ditn;
 pub mod drct;
 pub mod dysample;
 pub mod fdat;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -10,6 +10,7 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
+use crate::engine::upscale::ditn::Ditn;
 use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::fdat::Fdat;
 use crate::engine::upscale::hat::Hat;
@@ -236,6 +237,7 @@ pub enum Network {
     OmniSr(Box<OmniSr>),
     Rgt(Box<Rgt>),
     Fdat(Box<Fdat>),
+    Ditn(Box<Ditn>),
 }
 
 impl Network {
@@ -271,6 +273,7 @@ impl Network {
             }
             Architecture::Rgt { .. } => Network::Rgt(Box::new(Rgt::load(vp, architecture)?)),
             Architecture::Fdat { .. } => Network::Fdat(Box::new(Fdat::load(vp, architecture)?)),
+            Architecture::Ditn { .. } => Network::Ditn(Box::new(Ditn::load(vp, architecture)?)),
         })
     }
 
@@ -295,6 +298,7 @@ impl Network {
             Network::OmniSr(n) => n.forward(image, between),
             Network::Rgt(n) => n.forward(image, between),
             Network::Fdat(n) => n.forward(image, between),
+            Network::Ditn(n) => n.forward(image, between),
         }
     }
 }

@@ -73,6 +73,13 @@ impl Architecture {
                 };
                 ((4 * features + 4 * hidden) as u64, upsampled as u64 * out)
             }
+            // A block's input, its activation, the projection in and its convolution (the
+            // gated feed-forward's doubled width), the product; the shuffle's input.
+            Architecture::Ditn {
+                features,
+                ffn_hidden,
+                ..
+            } => ((4 * features + 5 * ffn_hidden) as u64, 2 * out),
             // Fixed widths: the U-Nets' 64-channel maps at twice the input's resolution
             // (a few alive at once), their 128- and 256-channel ones below.
             Architecture::RealCugan { .. } => (1024, 6 * out),

@@ -380,6 +380,27 @@ pub enum Architecture {
         /// The pixel-unshuffle factor of the input (2 or 4), or 1.
         unshuffle: i64,
     },
+    /// DITN: units of local blocks (channel attention within 8-pixel patches) and global
+    /// blocks (a spatially dilated depthwise modulation), each with a gated feed-forward
+    /// network, then a pixel shuffle.
+    Ditn {
+        /// Image channels in (out: 3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Units (`UFONE_blocks`).
+        units: i64,
+        /// Local blocks per unit (`ITL_blocks`).
+        local_blocks: i64,
+        /// Global blocks per unit (`SAL_blocks`).
+        global_blocks: i64,
+        /// The feed-forward networks' hidden width (`dim * ffn_expansion_factor`).
+        ffn_hidden: i64,
+        /// Whether the attention projections and feed-forward convolutions have biases.
+        bias: bool,
+        /// The pixel-shuffle factor.
+        scale: i64,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -432,6 +453,7 @@ impl Architecture {
             | Architecture::OmniSr { .. }
             | Architecture::Rgt { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
+            Architecture::Ditn { .. } => (0, super::ditn::PATCH),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
             Architecture::RealCugan { .. } => (32, 1),
@@ -466,6 +488,7 @@ impl Architecture {
             | Architecture::OmniSr { scale, .. }
             | Architecture::Rgt { scale, .. }
             | Architecture::Fdat { scale, .. }
+            | Architecture::Ditn { scale, .. }
             | Architecture::Drct { scale, .. } => scale,
         }
     }
@@ -490,6 +513,7 @@ impl Architecture {
             | Architecture::OmniSr { channels, .. }
             | Architecture::Rgt { channels, .. }
             | Architecture::Fdat { channels, .. }
+            | Architecture::Ditn { channels, .. }
             | Architecture::ScuNet { channels, .. } => channels,
         }
     }
@@ -513,6 +537,7 @@ impl Architecture {
             Architecture::OmniSr { .. } => "OmniSR",
             Architecture::Rgt { .. } => "RGT",
             Architecture::Fdat { .. } => "FDAT",
+            Architecture::Ditn { .. } => "DITN",
             Architecture::ScuNet { .. } => "SCUNet",
         }
     }
@@ -588,6 +613,8 @@ impl Architecture {
             Architecture::Rcan { .. } => self.rcan_tags(),
             Architecture::OmniSr { .. } => self.omnisr_tags(),
             Architecture::Fdat { .. } => self.fdat_tags(),
+            // spandrel writes "60dim" whatever the width; the listing tells the width.
+            Architecture::Ditn { features, .. } => vec![format!("{features}dim")],
             // spandrel gives SCUNet and RGT no tags.
             Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
         }

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT and FDAT.
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT, FDAT and DITN.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
@@ -15,6 +15,7 @@ mod activations;
 mod architecture;
 mod basicsr;
 mod dat;
+pub mod ditn;
 pub mod drct;
 pub mod fdat;
 mod hat;
@@ -58,6 +59,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
         path: path.to_path_buf(),
         name: name.to_string(),
     };
+    if ditn::KEYS.iter().all(|key| has(key)) {
+        return ditn::detect(&unwrapped).map_err(|name| unknown(&name));
+    }
     let fdat_first = has("conv_first.weight") || has("conv_first.1.weight");
     if fdat_first && fdat::KEYS.iter().all(|key| has(key)) {
         return fdat::detect(path, &unwrapped);
