@@ -24,6 +24,8 @@ five groups of one block, 8-pixel windows), or with `--arch rgt` RGT x4 (the pap
 shape: 180 wide, eight groups of six blocks of six heads, 8×32 windows), or with
 `--arch fdat` FDAT x4 of spandrel's defaults (the "medium" files: 120 wide, four groups
 of six blocks of four heads, 8-pixel windows, transposed convolutions), or with
+`--arch ditn` DITN x4 (the published "DITN_Real" shape: 60 wide, one unit of four local
+and four global blocks), or with
 `--arch scunet` ScuNET (SCUNet of 64 channels, four blocks a
 stage: the ScuNET GAN and PSNR denoisers, x1), with random
 weights, one image enlarged by spandrel (the loader
@@ -36,7 +38,7 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
-plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|scunet]
+plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|scunet]
 [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
@@ -59,6 +61,7 @@ def write_model(path: Path, arch: str) -> str:
     """Writes the benchmark's model; its description."""
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
+    from spandrel.architectures.DITN import DITN
     from spandrel.architectures.DRCT import DRCT
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.FDAT import FDAT
@@ -93,6 +96,7 @@ def write_model(path: Path, arch: str) -> str:
         "rcan": (lambda: RCAN(), "x4 RCAN (64nf 10nrg 20nrb)"),
         "omnisr": (lambda: OmniSR(num_feat=64, block_num=1, window_size=8, res_num=5, up_scale=4), "x4 OmniSR (64nf w8 5nr)"),
         "rgt": (lambda: RGT(img_size=64, embed_dim=180, depth=[6] * 8, num_heads=[6] * 8, mlp_ratio=2.0, upscale=4, split_size=[8, 32], c_ratio=0.5), "x4 RGT (180dim, 8x6 blocks, 8x32 windows)"),
+        "ditn": (lambda: DITN(), "x4 DITN (60dim, 4 local and 4 global blocks)"),
         "fdat": (lambda: FDAT(), "x4 FDAT (120dim medium, 4x6 blocks, w8, transpose+conv)"),
         "swin2sr": (lambda: Swin2SR(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"), "x4 Swin2SR real-world (180dim, 6x6 blocks, s64w8, nearest+conv)"),
         "swinir": (lambda: SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"), "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"),
@@ -160,7 +164,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

@@ -153,14 +153,15 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     dilated large kernels, a SAFMN x4, a MoSR x3 with the geometric ensemble pixel
     shuffle, a RealPLKSR x2 with DySample, a DRCT x2 (8-pixel windows, shifted) and a
     Swin2SR x2 with the compressed-input models' bicubic branch, a Real-CUGAN x3 "pro",
-    a pixel-unshuffled RCAN x2, an OmniSR x2, an RGT x2 and an FDAT x2 with the deformable
-    attention upsampler, each listed with spandrel's architecture and run by the Upscale
+    a pixel-unshuffled RCAN x2, an OmniSR x2, an RGT x2, an FDAT x2 with the deformable
+    attention upsampler and a DITN x2, each listed with spandrel's architecture and run by the Upscale
     RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
+    from spandrel.architectures.DITN import DITN
     from spandrel.architectures.DRCT import DRCT
     from spandrel.architectures.FDAT import FDAT
     from spandrel.architectures.HAT import HAT
@@ -191,6 +192,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "rcan-x2-unshuffle": (RCAN(scale=2, unshuffle_mod=True, n_resgroups=2, n_resblocks=2, n_feats=16, reduction=4), "RCAN", 2),
         "omnisr-x2": (OmniSR(num_feat=16, block_num=1, window_size=8, res_num=1, up_scale=2), "OmniSR", 2),
         "rgt-x2": (RGT(embed_dim=64, depth=[2, 2], num_heads=[2, 4], upscale=2, split_size=[4, 4]), "RGT", 2),
+        "ditn-x2": (DITN(dim=16, ITL_blocks=2, SAL_blocks=2, upscale=2), "DITN", 2),
         "fdat-x2-lda": (FDAT(scale=2, embed_dim=16, num_groups=1, depth_per_group=1, num_heads=2, window_size=8, upsampler_type="lda", mid_dim=16), "FDAT", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
@@ -209,7 +211,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         image = np.asarray(Image.open(io.BytesIO(next(e.image.data for e in events if e.HasField("image")))))
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
         # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
-        # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16.
+        # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16, DITN's to
+        # multiples of 8.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -1,8 +1,8 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT, FDAT and DITN.
-//! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
+//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT,
+//! FDAT and DITN. Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
 //! name that fits no layout is refused.
 
 use std::collections::HashMap;
