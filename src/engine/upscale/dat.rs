@@ -21,10 +21,8 @@ use crate::engine::upscale::rwin::{
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{count_blocks, embed, unembed, LAYER_NORM_EPS};
 use crate::engine::upscale::swinir::{ResidualConv, SwinShape};
+use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
-
-/// `F.normalize`'s epsilon.
-const NORMALIZE_EPS: f64 = 1e-12;
 
 /// The depthwise convolution branch beside an attention and the adaptive interaction
 /// module's two maps (before their sigmoid).
@@ -149,11 +147,7 @@ impl ChannelAttention {
             .view([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 4, 1]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let normalize = |t: Tensor| {
-            let norm = t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
-            t / norm.clamp_min(NORMALIZE_EPS)
-        };
-        let scores = normalize(q).matmul(&normalize(k).transpose(-2, -1)) * &self.temperature;
+        let scores = unit_norm(&q).matmul(&unit_norm(&k).transpose(-2, -1)) * &self.temperature;
         let attended = scores
             .softmax(-1, None)
             .matmul(&v)

@@ -19,10 +19,8 @@ use crate::engine::models::nn::{Conv2d, Linear};
 use crate::engine::upscale::layout::ditn::PATCH;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
+use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
-
-/// `F.normalize`'s epsilon.
-const NORMALIZE_EPS: f64 = 1e-12;
 
 /// The global blocks' dilated convolution: 7×7, dilated by 3.
 const DILATED_KERNEL: i64 = 7;
@@ -69,12 +67,8 @@ impl ChannelAttention {
         let (b, c) = (size[0], size[1]);
         let tokens = x.view([b, c, -1]).transpose(-1, -2);
         let parts = self.qkv.forward(&tokens).chunk(3, -1);
-        let normalize = |t: Tensor| {
-            let norm = t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
-            t / norm.clamp_min(NORMALIZE_EPS)
-        };
-        let q = normalize(parts[0].transpose(-1, -2));
-        let k = normalize(parts[1].transpose(-1, -2));
+        let q = unit_norm(&parts[0].transpose(-1, -2));
+        let k = unit_norm(&parts[1].transpose(-1, -2));
         let scores = q.matmul(&k.transpose(-2, -1)) * &self.temperature;
         let attended = scores
             .softmax(-1, None)

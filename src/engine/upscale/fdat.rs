@@ -24,13 +24,11 @@ use crate::engine::upscale::layout::fdat::PATTERN;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{attend, embed, pad_to_windows, unembed};
+use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
 
 /// `nn.LayerNorm`'s epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
-
-/// `F.normalize`'s epsilon.
-const NORMALIZE_EPS: f64 = 1e-12;
 
 /// `FastSpatialWindowAttention`.
 struct WindowAttention {
@@ -96,12 +94,11 @@ impl ChannelAttention {
             .view([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let normalize = |t: Tensor| {
-            let t = t.transpose(-2, -1);
-            let norm = t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
-            t / norm.clamp_min(NORMALIZE_EPS)
-        };
-        let scores = normalize(q).matmul(&normalize(k).transpose(-2, -1)) * &self.temperature;
+        let (q, k) = (
+            unit_norm(&q.transpose(-2, -1)),
+            unit_norm(&k.transpose(-2, -1)),
+        );
+        let scores = q.matmul(&k.transpose(-2, -1)) * &self.temperature;
         let attended = scores
             .softmax(-1, None)
             .matmul(&v.transpose(-2, -1))

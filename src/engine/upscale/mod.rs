@@ -33,6 +33,7 @@ pub mod swin;
 pub mod swin2sr;
 pub mod swinir;
 pub mod tiles;
+pub mod unit_norm;
 
 use std::path::Path;
 

@@ -14,13 +14,12 @@ use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{attend, gather_bias, relative_position_index, LAYER_NORM_EPS};
+use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
 
 /// The channel attentions' heads (fixed in the reference; the spatial ones have as many,
 /// `dim // (dim // 4)`, for every width the reference can build).
 pub const HEADS: i64 = 4;
-/// `F.normalize`'s floor on the norm.
-const NORMALIZE_EPS: f64 = 1e-12;
 
 /// How an attention groups pixels: a window of neighbours, or one pixel from each cell
 /// of a grid (the reference's "block" and "grid" rearrangements).
@@ -198,13 +197,9 @@ impl ChannelAttention {
             let s = t.size();
             t.reshape([b, s[1] * s[2], HEADS, d, s[5] * s[6]])
         };
-        let normalized = |t: &Tensor| {
-            let norm = t.norm_scalaropt_dim(2, [-1i64].as_slice(), true);
-            t / norm.clamp_min(NORMALIZE_EPS)
-        };
         let qkv = self.qkv.forward(&self.norm.forward(x));
         let (q, k, v) = (grouped(&qkv[0]), grouped(&qkv[1]), grouped(&qkv[2]));
-        let scores = normalized(&q).matmul(&normalized(&k).transpose(-2, -1)) * &self.temperature;
+        let scores = unit_norm(&q).matmul(&unit_norm(&k).transpose(-2, -1)) * &self.temperature;
         let out = scores.softmax(-1, scores.kind()).matmul(&v);
         // Back to [B, heads, d, h, ps, w, ps], then the image.
         let axes = [b, HEADS, d, h / ps, ps, w / ps, ps];

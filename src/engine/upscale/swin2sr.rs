@@ -18,14 +18,13 @@ use crate::engine::upscale::swin::{
     shift_for, through_groups, unembed, Windows, LAYER_NORM_EPS,
 };
 use crate::engine::upscale::swinir::{image_mean, value_range, ResidualConv, SwinShape, Tail};
+use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
 
 /// The largest logit scale (`log(1 / 0.01)` before the exponential).
 const MAX_LOGIT_SCALE: f64 = 100.0;
 /// The position bias's range (`16 * sigmoid`).
 const BIAS_RANGE: f64 = 16.0;
-/// `F.normalize`'s floor on the norm.
-const NORMALIZE_EPS: f64 = 1e-12;
 /// `conv_before_upsample`'s and `conv_after_aux`'s LeakyReLU, PyTorch's default slope.
 const DEFAULT_SLOPE: f64 = 0.01;
 
@@ -103,12 +102,8 @@ impl CosineAttention {
             .linear(&self.qkv, self.qkv_bias.as_ref())
             .reshape([b, n, 3, self.heads, c / self.heads])
             .permute([2, 0, 3, 1, 4]);
-        let unit = |t: Tensor| {
-            let norm = t.norm_scalaropt_dim(2, [-1], true).clamp_min(NORMALIZE_EPS);
-            t / norm
-        };
-        let q = unit(qkv.get(0)) * &self.logit_scale;
-        let k = unit(qkv.get(1));
+        let q = unit_norm(&qkv.get(0)) * &self.logit_scale;
+        let k = unit_norm(&qkv.get(1));
         self.proj
             .forward(&attend_scaled(&q, &k, &qkv.get(2), &self.bias, mask, 1.0))
     }
