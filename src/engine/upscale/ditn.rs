@@ -16,6 +16,7 @@ use tch::Tensor;
 use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, Linear};
+use crate::engine::upscale::gated_dconv::GatedDconvFeedForward;
 use crate::engine::upscale::layout::ditn::PATCH;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
@@ -25,33 +26,6 @@ use crate::engine::weights::VarPath;
 /// The global blocks' dilated convolution: 7×7, dilated by 3.
 const DILATED_KERNEL: i64 = 7;
 const DILATION: i64 = 3;
-
-/// The gated feed-forward network: a 1×1 projection to twice the hidden width, a
-/// depthwise 3×3 convolution, GELU of one half times the other, a 1×1 projection back.
-struct FeedForward {
-    project_in: SameConv,
-    depthwise: SameConv,
-    project_out: SameConv,
-}
-
-impl FeedForward {
-    fn load(vp: &VarPath, dim: i64, hidden: i64, bias: bool) -> Result<Self> {
-        Ok(Self {
-            project_in: SameConv::load(&vp.pp("project_in"), [dim, 2 * hidden], 1, 1, bias)?,
-            depthwise: SameConv::depthwise(&vp.pp("dwconv"), 2 * hidden, 3, bias)?,
-            project_out: SameConv::load(&vp.pp("project_out"), [hidden, dim], 1, 1, bias)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let parts = self
-            .depthwise
-            .forward(&self.project_in.forward(x))
-            .chunk(2, 1);
-        self.project_out
-            .forward(&(parts[0].gelu("none") * &parts[1]))
-    }
-}
 
 /// `ISA`: one head of channel attention over the pixels of each patch.
 struct ChannelAttention {
@@ -140,7 +114,7 @@ struct Block {
     mixer: Mixer,
     conv1: Conv2d,
     conv2: Conv2d,
-    ffn: FeedForward,
+    ffn: GatedDconvFeedForward,
 }
 
 impl Block {
@@ -168,7 +142,7 @@ impl Block {
             mixer,
             conv1: Conv2d::load(&vp.pp("conv1"), dim, dim, 1, 1, 0)?,
             conv2: Conv2d::load(&vp.pp("conv2"), dim, dim, 1, 1, 0)?,
-            ffn: FeedForward::load(&vp.pp("ffn"), dim, ffn_hidden, bias)?,
+            ffn: GatedDconvFeedForward::load(&vp.pp("ffn"), dim, ffn_hidden, bias)?,
         })
     }
 

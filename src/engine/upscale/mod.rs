@@ -15,6 +15,7 @@ pub mod drct;
 pub mod dysample;
 pub mod fdat;
 pub mod fdat_upsample;
+pub mod gated_dconv;
 pub mod hat;
 pub mod layout;
 pub mod mosr;

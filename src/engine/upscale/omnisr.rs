@@ -11,6 +11,7 @@ use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::{EngineError, Result};
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::channel_norm::ChannelNorm;
+use crate::engine::upscale::gated_dconv::GatedDconvFeedForward;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{attend, gather_bias, relative_position_index, LAYER_NORM_EPS};
@@ -222,30 +223,19 @@ impl ChannelAttention {
 /// convolution back (no biases), the input added.
 struct GatedFeedForward {
     norm: ChannelNorm,
-    project_in: SameConv,
-    depthwise: SameConv,
-    project_out: SameConv,
+    ffn: GatedDconvFeedForward,
 }
 
 impl GatedFeedForward {
     fn load(vp: &VarPath, dim: i64) -> Result<Self> {
-        let ffn = vp.pp("fn");
         Ok(Self {
             norm: ChannelNorm::load(&vp.pp("norm"), dim)?,
-            project_in: SameConv::load(&ffn.pp("project_in"), [dim, 2 * dim], 1, 1, false)?,
-            depthwise: SameConv::depthwise(&ffn.pp("dwconv"), 2 * dim, 3, false)?,
-            project_out: SameConv::load(&ffn.pp("project_out"), [dim, dim], 1, 1, false)?,
+            ffn: GatedDconvFeedForward::load(&vp.pp("fn"), dim, dim, false)?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let hidden = self
-            .depthwise
-            .forward(&self.project_in.forward(&self.norm.forward(x)));
-        let halves = hidden.chunk(2, 1);
-        let mut gated = halves[0].gelu("none");
-        let _ = gated.g_mul_(&halves[1]);
-        let mut y = self.project_out.forward(&gated);
+        let mut y = self.ffn.forward(&self.norm.forward(x));
         let _ = y.g_add_(x);
         y
     }
