@@ -563,13 +563,7 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         ),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
-        let source = root.join(format!("models/{model}.safetensors"));
-        let path = rewrite(
-            &source,
-            &dir.path().join(format!("{i}.safetensors")),
-            vec![(key, tensor)],
-        );
-        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        let error = load_rewritten(dir.path(), i, model, key, tensor)
             .err()
             .expect("refused");
         let unwrapped = key
@@ -579,7 +573,7 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
         let named = |name: &str| error.to_string().contains(&format!("`{name}`"));
         assert!(named(key) || named(unwrapped), "{model} {key}: {error}");
         // The untouched file loads.
-        load(&source);
+        load(&root.join(format!("models/{model}.safetensors")));
     }
 }
 
@@ -591,7 +585,6 @@ fn layers_the_reference_cannot_run_are_refused_naming_their_tensor() {
 /// 16 // (16 // 6) is 8); DySample over a width its four groups do not divide.
 #[test]
 fn fdat_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
-    let (root, _) = cases();
     let dir = tempfile::tempdir().expect("tempdir");
     let record = |values: [u8; 7]| Tensor::from_slice(&values);
     let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
@@ -630,13 +623,7 @@ fn fdat_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
         ),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
-        let source = root.join(format!("models/{model}.safetensors"));
-        let path = rewrite(
-            &source,
-            &dir.path().join(format!("{i}.safetensors")),
-            vec![(key, tensor)],
-        );
-        let loaded = Upscaler::load(&path, Device::Cpu, Kind::Float);
+        let loaded = load_rewritten(dir.path(), i, model, key, tensor);
         if i == 0 {
             // The file's own record, written again: it loads.
             assert!(loaded.is_ok(), "{:?}", loaded.err());
@@ -675,7 +662,6 @@ fn fdat_groups_of_odd_or_unequal_depth_are_refused() {
 /// square scale over three colours, a unit with other block counts than the first's.
 #[test]
 fn ditn_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
-    let (root, _) = cases();
     let dir = tempfile::tempdir().expect("tempdir");
     let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
     let cases = [
@@ -687,13 +673,7 @@ fn ditn_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
         ("ditn_x3", "params.upsample.0.weight", zeros(&[24, 8, 3, 3])),
     ];
     for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
-        let source = root.join(format!("models/{model}.safetensors"));
-        let path = rewrite(
-            &source,
-            &dir.path().join(format!("{i}.safetensors")),
-            vec![(key, tensor)],
-        );
-        let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        let error = load_rewritten(dir.path(), i, model, key, tensor)
             .err()
             .expect("refused")
             .to_string();
@@ -708,6 +688,25 @@ fn ditn_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
         |name| name.starts_with("params_ema.UFONE.1.SALs."),
         "UFONE.1.ITLs.0.attn.temperature",
     );
+}
+
+/// The fixture `model` with its tensor `key` replaced by `tensor` (or given it), written
+/// as file `i` in `dir`, loaded.
+fn load_rewritten(
+    dir: &Path,
+    i: usize,
+    model: &str,
+    key: &str,
+    tensor: Tensor,
+) -> sdxld::engine::error::Result<Upscaler> {
+    let (root, _) = cases();
+    let source = root.join(format!("models/{model}.safetensors"));
+    let path = rewrite(
+        &source,
+        &dir.join(format!("{i}.safetensors")),
+        vec![(key, tensor)],
+    );
+    Upscaler::load(&path, Device::Cpu, Kind::Float)
 }
 
 /// The fixture `model` without the tensors `dropped` picks, refused at load naming
