@@ -149,12 +149,12 @@ pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Layout> {
     if !upsampler.takes(upsampler_scale) || upsample_features < 1 {
         return Err(refused(META_KEY));
     }
-    let names = unwrapped.iter().map(|(_, n, _)| *n);
-    let groups = numbered_children(names, "groups.");
-    let blocks = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), "groups.0.blocks.");
+    let names = || unwrapped.iter().map(|(_, n, _)| *n);
+    let groups = numbered_children(names(), "groups.");
+    let blocks = numbered_children(names(), "groups.0.blocks.");
     for group in 0..groups {
         let prefix = format!("groups.{group}.blocks.");
-        let count = numbered_children(unwrapped.iter().map(|(_, n, _)| *n), &prefix);
+        let count = numbered_children(names(), &prefix);
         if count != blocks || count % PATTERN != 0 || count == 0 {
             return Err(refused(&format!("{prefix}0.n1.weight")));
         }
