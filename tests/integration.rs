@@ -76,6 +76,7 @@ mod tiling;
 mod timesteps;
 mod tokenizer;
 mod upscale;
+mod upscale_refusals;
 mod upscale_service;
 mod vae;
 mod variation;

@@ -43,14 +43,15 @@ impl Interaction {
                 [dim, dim],
                 3,
                 dim,
+                true,
                 &vp.pp("dwconv.1"),
             )?,
             channel: [
-                SameConv::folded(&channel.pp(1), [dim, squeezed], 1, 1, &channel.pp(2))?,
+                SameConv::folded(&channel.pp(1), [dim, squeezed], 1, 1, true, &channel.pp(2))?,
                 SameConv::load(&channel.pp(4), [squeezed, dim], 1, 1, true)?,
             ],
             spatial: [
-                SameConv::folded(&spatial.pp(0), [dim, thin], 1, 1, &spatial.pp(1))?,
+                SameConv::folded(&spatial.pp(0), [dim, thin], 1, 1, true, &spatial.pp(1))?,
                 SameConv::load(&spatial.pp(3), [thin, 1], 1, 1, true)?,
             ],
         })

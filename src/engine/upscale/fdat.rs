@@ -12,18 +12,18 @@
 //! module (the window block gates the attention per channel by the branch's means, the
 //! channel block gates the branch per pixel by the attention), then a feed-forward
 //! network with a depthwise convolution inside. The features plus the first
-//! convolution's go through one of the upsamplers in [`super::fdat_upsample`].
+//! convolution's go through one of the upsamplers in [`super::uni_upsample`].
 
 use tch::Tensor;
 
 use crate::engine::checkpoint::Between;
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
-use crate::engine::upscale::fdat_upsample::Upsample;
 use crate::engine::upscale::layout::fdat::PATTERN;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{attend, embed, pad_to_windows, unembed};
+use crate::engine::upscale::uni_upsample::{Upsample, UpsampleSpec};
 use crate::engine::upscale::unit_norm::unit_norm;
 use crate::engine::weights::VarPath;
 
@@ -269,10 +269,21 @@ impl Fdat {
             blocks,
             unshuffle,
             scale,
+            upsampler,
+            upsample_features,
             ..
         } = architecture
         else {
             unreachable!("an FDAT architecture");
+        };
+        // After a pixel unshuffle the upsampler enlarges by 4.
+        let spec = UpsampleSpec {
+            upsampler,
+            features,
+            inner: upsample_features,
+            channels,
+            scale: scale * unshuffle,
+            version_three: true,
         };
         let first = match unshuffle {
             1 => vp.pp("conv_first"),
@@ -294,7 +305,7 @@ impl Fdat {
             first: Conv2d::load(&first, in_channels, features, 3, 1, 1)?,
             groups,
             after: SameConv::load(&vp.pp("conv_after"), [features, features], 3, 1, false)?,
-            upsample: Upsample::load(&vp.pp("upsampler"), &architecture)?,
+            upsample: Upsample::load(&vp.pp("upsampler"), &spec)?,
             unshuffle,
             scale,
         })

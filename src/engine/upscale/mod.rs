@@ -14,10 +14,11 @@ pub mod ditn;
 pub mod drct;
 pub mod dysample;
 pub mod fdat;
-pub mod fdat_upsample;
+pub mod gated_cnn;
 pub mod gated_dconv;
 pub mod hat;
 pub mod layout;
+pub mod moesr;
 pub mod mosr;
 pub mod nets;
 pub mod omnisr;
@@ -27,13 +28,16 @@ pub mod realcugan;
 pub mod rgt;
 pub mod rwin;
 pub mod safmn;
+pub mod safmn_bcie;
 pub mod same_conv;
 pub mod scunet;
 pub mod span;
+pub mod swiftsrgan;
 pub mod swin;
 pub mod swin2sr;
 pub mod swinir;
 pub mod tiles;
+pub mod uni_upsample;
 pub mod unit_norm;
 
 use std::path::Path;
@@ -110,6 +114,8 @@ impl Upscaler {
             Architecture::RealCugan { .. } => name == layout::realcugan::PRO_KEY,
             // FDAT's upsampler record is read with the layout.
             Architecture::Fdat { .. } => name == layout::fdat::META_KEY,
+            Architecture::MoEsr { .. } => name == layout::moesr::META_KEY,
+            Architecture::SwiftSrgan { .. } => layout::swiftsrgan::is_unread(name),
             _ => false,
         };
         weights.check_all_used(unread)?;

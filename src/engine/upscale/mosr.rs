@@ -1,70 +1,22 @@
 //! MoSR (MambaOut super-resolution), as spandrel runs it (`MoSR/__arch/mosr_arch.py`, in
-//! eval mode): gated CNN blocks (a channel layer norm, a 3×3 convolution to twice the
-//! hidden width split into a gate, an identity part and a depthwise-convolved part, the
-//! Mish-activated gate times the other two, a 3×3 convolution back, Mish, plus the input
-//! less 0.5), a convolutional tail, a convolutional shortcut from the image less 0.5, then
-//! a pixel shuffle, the geometric ensemble pixel shuffle (eight predictions averaged) or
-//! DySample.
+//! eval mode): gated CNN blocks (`gated_cnn.rs`, with a square depthwise convolution, the
+//! input less 0.5 added), a convolutional tail, a convolutional shortcut from the image
+//! less 0.5, then a pixel shuffle, the geometric ensemble pixel shuffle (eight
+//! predictions averaged) or DySample.
 
 use tch::Tensor;
 
 use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
-use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::dysample::DySample;
+use crate::engine::upscale::gated_cnn::GatedCnnBlock;
 use crate::engine::upscale::layout::mosr::{DYSAMPLE_GROUPS, ENSEMBLE};
 use crate::engine::upscale::layout::{Architecture, MoSrUpsampler};
-use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
 
 /// The offset every residual in MoSR subtracts.
 const RESIDUAL_OFFSET: f64 = 0.5;
-
-/// One `GatedCNNBlock`.
-struct GatedBlock {
-    norm: ChannelNorm,
-    fc1: Conv2d,
-    conv: SameConv,
-    fc2: Conv2d,
-    hidden: i64,
-    conv_channels: i64,
-}
-
-impl GatedBlock {
-    fn load(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
-        let Architecture::MoSr {
-            features: dim,
-            hidden,
-            conv_channels,
-            kernel,
-            ..
-        } = *architecture
-        else {
-            unreachable!("a MoSR architecture");
-        };
-        Ok(Self {
-            norm: ChannelNorm::load(&vp.pp("norm"), dim)?,
-            fc1: Conv2d::load(&vp.pp("fc1"), dim, 2 * hidden, 3, 1, 1)?,
-            conv: SameConv::depthwise(&vp.pp("conv"), conv_channels, kernel, true)?,
-            fc2: Conv2d::load(&vp.pp("fc2"), hidden, dim, 3, 1, 1)?,
-            hidden,
-            conv_channels,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let projected = self.fc1.forward(&self.norm.forward(x));
-        let (hidden, convolved) = (self.hidden, self.conv_channels);
-        let gate = projected.narrow(1, 0, hidden);
-        let identity = projected.narrow(1, hidden, hidden - convolved);
-        let convolved = self
-            .conv
-            .forward(&projected.narrow(1, 2 * hidden - convolved, convolved));
-        let gated = gate.mish() * Tensor::cat(&[identity, convolved], 1);
-        self.fc2.forward(&gated).mish() + (x - RESIDUAL_OFFSET)
-    }
-}
 
 /// How the features become the image.
 enum Upsampler {
@@ -80,7 +32,7 @@ enum Upsampler {
 /// MoSR.
 pub struct MoSr {
     first: Conv2d,
-    blocks: Vec<GatedBlock>,
+    blocks: Vec<GatedCnnBlock>,
     /// The tail: a 3×3 convolution to twice the width, Mish, one back, Mish, a 1×1.
     tail: [Conv2d; 3],
     /// The shortcut's two Mish-activated 3×3 convolutions and its 1×1 one.
@@ -97,7 +49,9 @@ impl MoSr {
             blocks,
             scale,
             upsampler: kind,
-            ..
+            hidden,
+            conv_channels,
+            kernel,
         } = architecture
         else {
             unreachable!("a MoSR architecture");
@@ -110,7 +64,11 @@ impl MoSr {
         Ok(Self {
             first: Conv2d::load(&gblocks.pp(0), channels, dim, 3, 1, 1)?,
             blocks: (1..=blocks)
-                .map(|b| GatedBlock::load(&gblocks.pp(b), &architecture))
+                .map(|b| {
+                    let vp = gblocks.pp(b);
+                    let widths = [dim, hidden];
+                    GatedCnnBlock::mosr(&vp, widths, conv_channels, kernel, RESIDUAL_OFFSET)
+                })
                 .collect::<Result<_>>()?,
             tail: [
                 Conv2d::load(&gblocks.pp(tail), dim, 2 * dim, 3, 1, 1)?,

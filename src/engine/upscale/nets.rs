@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -15,6 +15,7 @@ use crate::engine::upscale::drct::Drct;
 use crate::engine::upscale::fdat::Fdat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::moesr::MoEsr;
 use crate::engine::upscale::mosr::MoSr;
 use crate::engine::upscale::omnisr::OmniSr;
 use crate::engine::upscale::plksr::Plksr;
@@ -22,8 +23,10 @@ use crate::engine::upscale::rcan::Rcan;
 use crate::engine::upscale::realcugan::RealCugan;
 use crate::engine::upscale::rgt::Rgt;
 use crate::engine::upscale::safmn::Safmn;
+use crate::engine::upscale::safmn_bcie::SafmnBcie;
 use crate::engine::upscale::scunet::ScuNet;
 use crate::engine::upscale::span::Span;
+use crate::engine::upscale::swiftsrgan::SwiftSrgan;
 use crate::engine::upscale::swin2sr::Swin2Sr;
 use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
@@ -238,6 +241,9 @@ pub enum Network {
     Rgt(Box<Rgt>),
     Fdat(Box<Fdat>),
     Ditn(Box<Ditn>),
+    SafmnBcie(Box<SafmnBcie>),
+    MoEsr(Box<MoEsr>),
+    SwiftSrgan(Box<SwiftSrgan>),
 }
 
 impl Network {
@@ -274,6 +280,13 @@ impl Network {
             Architecture::Rgt { .. } => Network::Rgt(Box::new(Rgt::load(vp, architecture)?)),
             Architecture::Fdat { .. } => Network::Fdat(Box::new(Fdat::load(vp, architecture)?)),
             Architecture::Ditn { .. } => Network::Ditn(Box::new(Ditn::load(vp, architecture)?)),
+            Architecture::SafmnBcie { .. } => {
+                Network::SafmnBcie(Box::new(SafmnBcie::load(vp, architecture)?))
+            }
+            Architecture::MoEsr { .. } => Network::MoEsr(Box::new(MoEsr::load(vp, architecture)?)),
+            Architecture::SwiftSrgan { .. } => {
+                Network::SwiftSrgan(Box::new(SwiftSrgan::load(vp, architecture)?))
+            }
         })
     }
 
@@ -299,6 +312,9 @@ impl Network {
             Network::Rgt(n) => n.forward(image, between),
             Network::Fdat(n) => n.forward(image, between),
             Network::Ditn(n) => n.forward(image, between),
+            Network::SafmnBcie(n) => n.forward(image, between),
+            Network::MoEsr(n) => n.forward(image, between),
+            Network::SwiftSrgan(n) => n.forward(image, between),
         }
     }
 }

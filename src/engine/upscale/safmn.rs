@@ -57,8 +57,8 @@ impl Modulation {
     }
 }
 
-/// One `AttBlock`.
-struct Block {
+/// One `AttBlock` (SAFMN-BCIE's too).
+pub(super) struct Block {
     norm1: ChannelNorm,
     modulation: Modulation,
     norm2: ChannelNorm,
@@ -66,7 +66,7 @@ struct Block {
 }
 
 impl Block {
-    fn load(vp: &VarPath, dim: i64, hidden: i64) -> Result<Self> {
+    pub(super) fn load(vp: &VarPath, dim: i64, hidden: i64) -> Result<Self> {
         let ccm = vp.pp("ccm").pp("ccm");
         Ok(Self {
             norm1: ChannelNorm::load(&vp.pp("norm1"), dim)?,
@@ -79,7 +79,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor) -> Tensor {
         let x = self.modulation.forward(&self.norm1.forward(x)) + x;
         let hidden = self.mixer[0].forward(&self.norm2.forward(&x)).gelu("none");
         self.mixer[1].forward(&hidden) + x

@@ -1,6 +1,6 @@
 //! A stride-1 convolution padded to keep the size, in groups, with or without bias or
 //! with its inference batch norm folded in: OmniSR's bias-free layers, the depthwise
-//! ones of SAFMN, MoSR, OmniSR, DAT and RGT, DAT's batch-normed ones.
+//! ones of SAFMN, MoSR, OmniSR, DAT and RGT, DAT's and Swift-SRGAN's batch-normed ones.
 
 use tch::Tensor;
 
@@ -36,15 +36,16 @@ impl SameConv {
         })
     }
 
-    /// As [`Self::load`] with its bias, the inference batch norm under `norm` folded in.
+    /// As [`Self::load`], the inference batch norm under `norm` folded in.
     pub fn folded(
         vp: &VarPath,
         [input, output]: [i64; 2],
         kernel: i64,
         groups: i64,
+        bias: bool,
         norm: &VarPath,
     ) -> Result<Self> {
-        let conv = Self::load(vp, [input, output], kernel, groups, true)?;
+        let conv = Self::load(vp, [input, output], kernel, groups, bias)?;
         let (weight, bias) = fold_batch_norm(norm, conv.weight, conv.bias, BATCH_NORM_EPS)?;
         Ok(Self {
             weight,

@@ -1,7 +1,8 @@
 //! What a tile of each architecture holds at the network's peak, for fitting tiles into
 //! a memory budget.
 
-use super::{dysample_groups, mosr, Architecture, FdatUpsampler, MoSrUpsampler};
+use super::uni_upsample::DYSAMPLE_GROUPS;
+use super::{dysample_groups, mosr, Architecture, MoSrUpsampler, UniUpsampler};
 
 impl Architecture {
     /// Floats alive at the network's peak per input pixel (a rough bound for choosing
@@ -57,6 +58,33 @@ impl Architecture {
                 ffn_hidden,
                 ..
             } => ((5 * features + 2 * ffn_hidden) as u64, 6 * out),
+            // A gated block's input and norm, the doubled projection, the gate's product
+            // and its concatenation, the groups' input; the upsampler's.
+            Architecture::MoEsr {
+                features,
+                hidden,
+                upsampler,
+                upsample_features,
+                ..
+            } => (
+                (4 * features + 4 * hidden) as u64,
+                uni_upsampled(upsampler, [features, upsample_features]) * out,
+            ),
+            // As SAFMN, on the unshuffled image; the features shuffled back.
+            Architecture::SafmnBcie {
+                features,
+                ffn_hidden,
+                unshuffle,
+                ..
+            } => (
+                ((5 * features + 2 * ffn_hidden) as u64).div_ceil((unshuffle * unshuffle) as u64),
+                2 * features as u64,
+            ),
+            // The first layer's output kept, a block's input and its two layers' outputs;
+            // the last round's convolution and its shuffled copy, the image's sub-pixels.
+            Architecture::SwiftSrgan { features, .. } => {
+                (5 * features as u64, (2 * features + 3) as u64 * out)
+            }
             // The block's input and norm, the doubled projection, the gate's product and
             // its concatenation, the shortcut; the ensemble's eight predictions.
             Architecture::MoSr {
@@ -213,16 +241,9 @@ impl Architecture {
                 ..
             } => {
                 let body = 12 * features + 2 * ffn_hidden + 2 * heads * window * window;
-                let inner = upsample_features.max(features);
-                let upsampled = match upsampler {
-                    FdatUpsampler::Lda => 25 * inner,
-                    FdatUpsampler::DySample => 8 * 4 + inner + 3,
-                    FdatUpsampler::Conv | FdatUpsampler::PixelShuffleDirect => 6,
-                    _ => 3 * inner,
-                };
                 (
                     (body / (unshuffle * unshuffle)) as u64,
-                    upsampled as u64 * out,
+                    uni_upsampled(upsampler, [features, upsample_features]) * out,
                 )
             }
             // At the full resolution: the skip kept, a block's split, branches, q/k/v,
@@ -234,4 +255,18 @@ impl Architecture {
             _ => (0, 0),
         }
     }
+}
+
+/// Floats per output pixel of one of `UniUpsample`'s upsamplers on `features` with the
+/// inner width `inner`: a few copies of the inner width, DySample's offsets and sampled
+/// groups, the deformable attention's nine sampled keys and values.
+fn uni_upsampled(upsampler: UniUpsampler, [features, inner]: [i64; 2]) -> u64 {
+    let inner = inner.max(features);
+    let floats = match upsampler {
+        UniUpsampler::Lda => 25 * inner,
+        UniUpsampler::DySample => 8 * DYSAMPLE_GROUPS + inner + 3,
+        UniUpsampler::Conv | UniUpsampler::PixelShuffleDirect => 6,
+        _ => 3 * inner,
+    };
+    floats as u64
 }

@@ -1,8 +1,8 @@
-//! An upscaler's architecture and hyperparameters as its layout tells them, and what
-//! follows from them: spandrel's size requirements, the scale, the name and spandrel's
-//! tags (the activations a tile needs are in `activations.rs`).
+//! An upscaler's architecture and hyperparameters as its layout tells them (what follows
+//! from them, as spandrel's model descriptor tells it, is in `descriptor.rs`; the
+//! activations a tile needs in `activations.rs`).
 
-use super::{ChannelMixer, FdatUpsampler, LargeKernel, MoSrUpsampler, SwinUpsampler};
+use super::{ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler};
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,22 @@ pub enum Architecture {
         /// The pixel-shuffle factor.
         scale: i64,
     },
+    /// SAFMN-BCIE: SAFMN's blocks in groups on the pixel-unshuffled image, shuffled back
+    /// to the input's size (restoration).
+    SafmnBcie {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Groups (`n_blocks`).
+        groups: i64,
+        /// Blocks per group (`num_layers`).
+        blocks: i64,
+        /// The channel mixer's width (`dim * ffn_scale`).
+        ffn_hidden: i64,
+        /// The pixel-unshuffle factor (`upscaling_factor`).
+        unshuffle: i64,
+    },
     /// MoSR: gated CNN blocks, a convolutional tail and shortcut, then a pixel shuffle.
     MoSr {
         /// Image channels in and out.
@@ -125,6 +141,28 @@ pub enum Architecture {
         scale: i64,
         /// How the features become the image.
         upsampler: MoSrUpsampler,
+    },
+    /// MoESR: groups of gated CNN blocks with inception depthwise convolutions, each
+    /// closed by a multi-scale gate, then one of `UniUpsample`'s upsamplers.
+    MoEsr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`dim`).
+        features: i64,
+        /// Groups (`n_blocks`).
+        groups: i64,
+        /// Gated blocks per group (`n_block`).
+        blocks: i64,
+        /// The gated blocks' hidden width (`dim * expansion_factor`).
+        hidden: i64,
+        /// The gate's gated blocks' hidden width (`dim * expansion_msg`).
+        msg_hidden: i64,
+        /// How the features become the image.
+        upsampler: UniUpsampler,
+        /// The upsampler's inner width (`upsample_dim`).
+        upsample_features: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
     },
     /// SwinIR: residual groups of shifted-window transformer blocks, then an upsampler.
     SwinIr {
@@ -372,7 +410,7 @@ pub enum Architecture {
         /// The interaction module's channel gate width (`embed_dim / aim_reduction_ratio`).
         aim_reduced: i64,
         /// How the features become the image.
-        upsampler: FdatUpsampler,
+        upsampler: UniUpsampler,
         /// The upsampler's inner width (`mid_dim`).
         upsample_features: i64,
         /// The factor the network enlarges by.
@@ -401,6 +439,18 @@ pub enum Architecture {
         /// The pixel-shuffle factor.
         scale: i64,
     },
+    /// Swift-SRGAN: depthwise-separable convolutions with batch norms and PReLU in
+    /// residual blocks, ×2 pixel-shuffle rounds, tanh.
+    SwiftSrgan {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_channels`).
+        features: i64,
+        /// Residual blocks (`num_blocks`).
+        blocks: i64,
+        /// ×2 pixel-shuffle rounds (`log2(upscale_factor)`).
+        upsamplings: i64,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {
@@ -411,212 +461,4 @@ pub enum Architecture {
         /// Blocks per stage (`config`): three down, the body, three up.
         blocks: [i64; 7],
     },
-}
-
-/// What spandrel's model descriptor makes of an input's size before the network runs
-/// (its `SizeRequirements`, which A1111 and ComfyUI meet on every call): sides of at
-/// least `minimum` pixels and a multiple of `multiple_of`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeRequirements {
-    pub minimum: i64,
-    pub multiple_of: i64,
-}
-
-impl SizeRequirements {
-    /// The side a `side`-pixel input is padded to.
-    pub fn padded(&self, side: i64) -> i64 {
-        let multiple = self.multiple_of.max(1);
-        let side = side.max(self.minimum);
-        side + (multiple - side % multiple) % multiple
-    }
-}
-
-impl Architecture {
-    /// spandrel's size requirements for the architecture.
-    pub fn size_requirements(&self) -> SizeRequirements {
-        let (minimum, multiple_of) = match *self {
-            // The minimum rounds up to the multiple, as spandrel rounds it.
-            Architecture::Rrdb { unshuffle, .. } if unshuffle > 1 => (4, 4),
-            Architecture::Rrdb { .. } => (2, 1),
-            Architecture::Compact { .. }
-            | Architecture::Span { .. }
-            | Architecture::Plksr { .. }
-            | Architecture::RealPlksr { .. } => (0, 1),
-            Architecture::Safmn { .. } => (0, 8),
-            Architecture::MoSr { .. } | Architecture::Rcan { .. } | Architecture::Fdat { .. } => {
-                (0, 1)
-            }
-            Architecture::SwinIr { .. }
-            | Architecture::Swin2Sr { .. }
-            | Architecture::Hat { .. }
-            | Architecture::Dat { .. }
-            | Architecture::OmniSr { .. }
-            | Architecture::Rgt { .. } => (16, 1),
-            Architecture::Drct { .. } => (0, 16),
-            Architecture::Ditn { .. } => (0, super::ditn::PATCH),
-            Architecture::ScuNet { .. } => (40, 1),
-            Architecture::RealCugan { fast: true, .. } => (40, 4),
-            Architecture::RealCugan { .. } => (32, 1),
-        };
-        SizeRequirements {
-            minimum,
-            multiple_of,
-        }
-    }
-
-    /// The factor the network enlarges by.
-    pub fn scale(&self) -> i64 {
-        match *self {
-            Architecture::Rrdb {
-                upsamplings,
-                unshuffle,
-                ..
-            } => (1 << upsamplings) / unshuffle,
-            Architecture::ScuNet { .. } => 1,
-            Architecture::Compact { scale, .. }
-            | Architecture::Span { scale, .. }
-            | Architecture::Plksr { scale, .. }
-            | Architecture::RealPlksr { scale, .. }
-            | Architecture::Safmn { scale, .. }
-            | Architecture::MoSr { scale, .. }
-            | Architecture::SwinIr { scale, .. }
-            | Architecture::Swin2Sr { scale, .. }
-            | Architecture::Hat { scale, .. }
-            | Architecture::Dat { scale, .. }
-            | Architecture::RealCugan { scale, .. }
-            | Architecture::Rcan { scale, .. }
-            | Architecture::OmniSr { scale, .. }
-            | Architecture::Rgt { scale, .. }
-            | Architecture::Fdat { scale, .. }
-            | Architecture::Ditn { scale, .. }
-            | Architecture::Drct { scale, .. } => scale,
-        }
-    }
-
-    /// Image channels in and out.
-    pub fn channels(&self) -> i64 {
-        match *self {
-            Architecture::Rrdb { channels, .. }
-            | Architecture::Compact { channels, .. }
-            | Architecture::Span { channels, .. }
-            | Architecture::Plksr { channels, .. }
-            | Architecture::RealPlksr { channels, .. }
-            | Architecture::Safmn { channels, .. }
-            | Architecture::MoSr { channels, .. }
-            | Architecture::SwinIr { channels, .. }
-            | Architecture::Swin2Sr { channels, .. }
-            | Architecture::Hat { channels, .. }
-            | Architecture::Dat { channels, .. }
-            | Architecture::Drct { channels, .. }
-            | Architecture::RealCugan { channels, .. }
-            | Architecture::Rcan { channels, .. }
-            | Architecture::OmniSr { channels, .. }
-            | Architecture::Rgt { channels, .. }
-            | Architecture::Fdat { channels, .. }
-            | Architecture::Ditn { channels, .. }
-            | Architecture::ScuNet { channels, .. } => channels,
-        }
-    }
-
-    /// The architecture's name as users know it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Architecture::Rrdb { .. } => "ESRGAN",
-            Architecture::Compact { .. } => "RealESRGAN Compact",
-            Architecture::Span { .. } => "SPAN",
-            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
-            Architecture::Safmn { .. } => "SAFMN",
-            Architecture::MoSr { .. } => "MoSR",
-            Architecture::SwinIr { .. } => "SwinIR",
-            Architecture::Swin2Sr { .. } => "Swin2SR",
-            Architecture::Hat { .. } => "HAT",
-            Architecture::Dat { .. } => "DAT",
-            Architecture::Drct { .. } => "DRCT",
-            Architecture::RealCugan { .. } => "RealCUGAN",
-            Architecture::Rcan { .. } => "RCAN",
-            Architecture::OmniSr { .. } => "OmniSR",
-            Architecture::Rgt { .. } => "RGT",
-            Architecture::Fdat { .. } => "FDAT",
-            Architecture::Ditn { .. } => "DITN",
-            Architecture::ScuNet { .. } => "SCUNet",
-        }
-    }
-
-    /// spandrel's tags: feature width, blocks or convolutions, `unshuffle`.
-    pub fn tags(&self) -> Vec<String> {
-        match *self {
-            Architecture::Rrdb {
-                features,
-                blocks,
-                unshuffle,
-                ..
-            } => {
-                let mut tags = vec![format!("{features}nf"), format!("{blocks}nb")];
-                if unshuffle > 1 {
-                    tags.push("unshuffle".into());
-                }
-                tags
-            }
-            Architecture::Compact {
-                features, convs, ..
-            } => vec![format!("{features}nf"), format!("{convs}nc")],
-            Architecture::Span { features, .. } => vec![format!("{features}nf")],
-            Architecture::Plksr {
-                features,
-                blocks,
-                kernel,
-                mixer,
-                ..
-            } => vec![
-                format!("{features}dim"),
-                format!("{blocks}nb"),
-                format!("{kernel}ks"),
-                mixer.name().to_string(),
-            ],
-            Architecture::RealPlksr {
-                features,
-                blocks,
-                kernel,
-                layer_norm,
-                dysample,
-                ..
-            } => {
-                let mut tags = vec![
-                    format!("{features}dim"),
-                    format!("{blocks}nb"),
-                    format!("{kernel}ks"),
-                    "Real".to_string(),
-                ];
-                if dysample {
-                    tags.push("DySample".into());
-                }
-                if layer_norm {
-                    tags.push("LayerNorm".into());
-                }
-                tags
-            }
-            Architecture::Safmn {
-                features, blocks, ..
-            } => vec![format!("{features}dim"), format!("{blocks}nb")],
-            // spandrel gives MoSR no tags.
-            Architecture::MoSr { .. } => Vec::new(),
-            Architecture::SwinIr { .. } => self.swinir_tags(),
-            Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
-            Architecture::Hat { .. } => self.hat_tags(),
-            Architecture::Dat { .. } => self.dat_tags(),
-            Architecture::Drct { .. } => self.drct_tags(),
-            Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]
-                .into_iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, tag)| tag.to_string())
-                .collect(),
-            Architecture::Rcan { .. } => self.rcan_tags(),
-            Architecture::OmniSr { .. } => self.omnisr_tags(),
-            Architecture::Fdat { .. } => self.fdat_tags(),
-            // spandrel writes "60dim" whatever the width; the listing tells the width.
-            Architecture::Ditn { features, .. } => vec![format!("{features}dim")],
-            // spandrel gives SCUNet and RGT no tags.
-            Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
-        }
-    }
 }

@@ -7,11 +7,12 @@
 
 use std::path::Path;
 
+use super::uni_upsample::{meta_record, UniUpsampler, DYSAMPLE_GROUPS};
 use super::{
     dimension_or_refused, exact_root, own_names, refusal, shape_of, Architecture, Layout, Unwrapped,
 };
-use crate::engine::error::{EngineError, Result};
-use crate::engine::weights::{numbered_children, read_tensor};
+use crate::engine::error::Result;
+use crate::engine::weights::numbered_children;
 
 /// The tensors spandrel detects FDAT by (beside `conv_first.weight`, or
 /// `conv_first.1.weight` after a pixel unshuffle).
@@ -23,8 +24,7 @@ pub(super) const KEYS: [&str; 5] = [
     META_KEY,
 ];
 
-/// The upsampler's record: version, upsampler index, scale, input width, image channels,
-/// inner width, DySample's groups (`uint8`).
+/// The upsampler's record (see [`super::uni_upsample::meta_record`]).
 pub const META_KEY: &str = "upsampler.MetaUpsample";
 
 /// The first convolution, alone or after the pixel unshuffle.
@@ -33,78 +33,6 @@ const UNSHUFFLED_FIRST_KEY: &str = "conv_first.1.weight";
 
 /// The block types in each group, in turn (the constructor's `group_block_pattern`).
 pub const PATTERN: i64 = 2;
-
-/// The groups FDAT's DySample samples in (the constructor's).
-pub const DYSAMPLE_GROUPS: i64 = 4;
-
-/// How FDAT's features become the image (`UniUpsampleV3`), in the order of the record's
-/// index (`SampleMods3`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FdatUpsampler {
-    /// A 3×3 convolution to the image (every network at scale 1).
-    Conv,
-    /// A 3×3 convolution to the image's sub-pixels, a pixel shuffle.
-    PixelShuffleDirect,
-    /// A convolution to the inner width, LeakyReLU, ×2 or ×3 pixel-shuffle rounds, a
-    /// convolution to the image.
-    PixelShuffle,
-    /// ×2 or ×3 nearest rounds between convolutions, LeakyReLU(0.2).
-    NearestConv,
-    /// DySample's learned sampling (after a convolution to the inner width where it
-    /// differs).
-    DySample,
-    /// Transposed convolutions, then a 3×3 convolution.
-    TransposeConv,
-    /// Local deformable attention upsampling (`LDA_AQU`), then a convolution.
-    Lda,
-    /// ×2 or ×3 nearest rounds of a convolution with pixel attention, LeakyReLU(0.2)
-    /// and a second convolution, then a convolution to the image.
-    PixelAttention,
-}
-
-impl FdatUpsampler {
-    const ALL: [FdatUpsampler; 8] = [
-        FdatUpsampler::Conv,
-        FdatUpsampler::PixelShuffleDirect,
-        FdatUpsampler::PixelShuffle,
-        FdatUpsampler::NearestConv,
-        FdatUpsampler::DySample,
-        FdatUpsampler::TransposeConv,
-        FdatUpsampler::Lda,
-        FdatUpsampler::PixelAttention,
-    ];
-
-    /// The name the constructor takes (and spandrel's tag).
-    pub fn name(&self) -> &'static str {
-        match self {
-            FdatUpsampler::Conv => "conv",
-            FdatUpsampler::PixelShuffleDirect => "pixelshuffledirect",
-            FdatUpsampler::PixelShuffle => "pixelshuffle",
-            FdatUpsampler::NearestConv => "nearest+conv",
-            FdatUpsampler::DySample => "dysample",
-            FdatUpsampler::TransposeConv => "transpose+conv",
-            FdatUpsampler::Lda => "lda",
-            FdatUpsampler::PixelAttention => "pa_up",
-        }
-    }
-
-    /// Whether the upsampler can enlarge by `scale` (the constructor raises otherwise;
-    /// at scale 1 every upsampler is the plain convolution).
-    fn takes(&self, scale: i64) -> bool {
-        let rounds = scale == 3 || (scale >= 2 && scale.count_ones() == 1);
-        match self {
-            _ if scale == 1 => true,
-            FdatUpsampler::Conv => false,
-            FdatUpsampler::PixelShuffle
-            | FdatUpsampler::NearestConv
-            | FdatUpsampler::PixelAttention => rounds,
-            FdatUpsampler::TransposeConv => (2..=4).contains(&scale),
-            FdatUpsampler::PixelShuffleDirect | FdatUpsampler::DySample | FdatUpsampler::Lda => {
-                scale > 1
-            }
-        }
-    }
-}
 
 /// An FDAT file (its own names). Refused naming the tensor where spandrel cannot load
 /// or run it: a record of no known upsampler, of a width other than the first
@@ -116,8 +44,8 @@ impl FdatUpsampler {
 pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Layout> {
     let refused = |name: &str| refusal(path, name);
     let dimension = |name: &str, d: usize| dimension_or_refused(path, unwrapped, name, d);
-    let record = meta_record(path, unwrapped)?;
-    let upsampler = *FdatUpsampler::ALL
+    let record = meta_record(path, unwrapped, META_KEY)?;
+    let upsampler = *UniUpsampler::ALL
         .get(usize::from(record[1]))
         .ok_or_else(|| refused(META_KEY))?;
     let (features, channels, upsample_features) = (
@@ -188,38 +116,19 @@ pub(super) fn detect(path: &Path, unwrapped: &Unwrapped) -> Result<Layout> {
     })
 }
 
-/// The seven values of the upsampler's record.
-fn meta_record(path: &Path, unwrapped: &Unwrapped) -> Result<[u8; 7]> {
-    let Some((stored, _, shape)) = unwrapped.iter().find(|(_, n, _)| *n == META_KEY) else {
-        return Err(refusal(path, META_KEY));
-    };
-    if *shape != [7] {
-        return Err(refusal(path, META_KEY));
-    }
-    let values = read_tensor(path, stored, shape)?;
-    if values.kind() != tch::Kind::Uint8 {
-        return Err(refusal(path, META_KEY));
-    }
-    let mut record = [0u8; 7];
-    values
-        .f_copy_data(&mut record, 7)
-        .map_err(|e| EngineError::Internal(format!("reading `{stored}`: {e}")))?;
-    Ok(record)
-}
-
 /// DySample splits its input into four groups and the deformable attention into two
 /// groups of a quarter of its width: refused naming the record where they do not divide.
 fn check_upsampler_width(
     path: &Path,
-    upsampler: FdatUpsampler,
+    upsampler: UniUpsampler,
     scale: i64,
     inner: i64,
 ) -> Result<()> {
     let fits = match upsampler {
         _ if scale == 1 => true,
-        FdatUpsampler::DySample => inner > DYSAMPLE_GROUPS && inner % DYSAMPLE_GROUPS == 0,
+        UniUpsampler::DySample => inner > DYSAMPLE_GROUPS && inner % DYSAMPLE_GROUPS == 0,
         // A quarter of the width in two groups, and the width itself in two.
-        FdatUpsampler::Lda => inner >= 8 && matches!(inner % 8, 0 | 2),
+        UniUpsampler::Lda => inner >= 8 && matches!(inner % 8, 0 | 2),
         _ => true,
     };
     if fits {

@@ -1,9 +1,10 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN, RCAN, OmniSR, RGT,
-//! FDAT and DITN. Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a
-//! name that fits no layout is refused.
+//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN,
+//! RCAN, OmniSR, RGT, FDAT, DITN and Swift-SRGAN. Every stored name is mapped to one
+//! canonical (BasicSR's, or the network's own) name; a name that fits no layout is
+//! refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +16,12 @@ mod activations;
 mod architecture;
 mod basicsr;
 mod dat;
+mod descriptor;
 pub mod ditn;
 pub mod drct;
 pub mod fdat;
 mod hat;
+pub mod moesr;
 pub mod mosr;
 mod omnisr;
 mod plksr;
@@ -26,17 +29,21 @@ mod rcan;
 pub mod realcugan;
 pub mod rgt;
 pub mod safmn;
+mod safmn_bcie;
 pub mod scunet;
 mod span;
+pub mod swiftsrgan;
 mod swin2sr;
 mod swinir;
+pub mod uni_upsample;
 
-pub use architecture::{Architecture, SizeRequirements};
+pub use architecture::Architecture;
 use basicsr::{compact, rrdb, rrdb_names};
-pub use fdat::FdatUpsampler;
+pub use descriptor::SizeRequirements;
 pub use mosr::MoSrUpsampler;
 pub use plksr::{dysample_groups, ChannelMixer, LargeKernel};
 pub use swinir::SwinUpsampler;
+pub use uni_upsample::UniUpsampler;
 
 /// The architecture of the upscaler file at `path` (its header only).
 pub fn read(path: &Path) -> Result<Architecture> {
@@ -118,6 +125,15 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     if safmn::KEYS.iter().all(|key| has(key)) {
         return safmn::detect(&unwrapped).map_err(unknown);
     }
+    if safmn_bcie::KEYS.iter().all(|key| has(key)) {
+        return safmn_bcie::detect(&unwrapped).map_err(unknown);
+    }
+    if moesr::KEYS.iter().all(|key| has(key)) {
+        return moesr::detect(path, &unwrapped);
+    }
+    if swiftsrgan::KEYS.iter().all(|key| has(key)) {
+        return swiftsrgan::detect(&unwrapped).map_err(unknown);
+    }
     if plksr::ORIGINAL_KEYS.iter().all(|key| has(key)) {
         return plksr::detect_original(&unwrapped).map_err(unknown);
     }
@@ -160,6 +176,13 @@ type Unwrapped<'a> = [(&'a str, &'a str, &'a [i64])];
 fn exact_root(n: i64) -> Option<i64> {
     let root = (n.max(0) as f64).sqrt().round() as i64;
     (root * root == n).then_some(root)
+}
+
+/// Whether spandrel, reading a layer's width `part` of `width` as the float ratio
+/// `part / width` and building the layer `int(ratio * width)` wide, gets `part` back (in
+/// the same double arithmetic).
+fn ratio_gives_back(width: i64, part: i64) -> bool {
+    width > 0 && ((part as f64 / width as f64) * width as f64) as i64 == part
 }
 
 /// The shape of the unwrapped tensor `name`.

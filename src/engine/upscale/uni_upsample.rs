@@ -1,6 +1,6 @@
-//! FDAT's upsamplers (`UniUpsampleV3`), as spandrel builds them: a sequence of layers
-//! whose positions name the stored tensors, one sequence per upsampler (at scale 1 every
-//! upsampler is one 3×3 convolution).
+//! The upsamplers of spandrel's `UniUpsample` (MoESR) and `UniUpsampleV3` (FDAT), as
+//! spandrel builds them: a sequence of layers whose positions name the stored tensors,
+//! one sequence per upsampler (at scale 1 every upsampler is one 3×3 convolution).
 
 use tch::Tensor;
 
@@ -9,8 +9,7 @@ use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::deformable_upsample::DeformableUpsample;
 use crate::engine::upscale::dysample::DySample;
-use crate::engine::upscale::layout::fdat::{FdatUpsampler, DYSAMPLE_GROUPS};
-use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::layout::uni_upsample::{UniUpsampler, DYSAMPLE_GROUPS};
 use crate::engine::weights::VarPath;
 
 /// `nn.LeakyReLU()`'s default slope, and the one the nearest and pixel-attention
@@ -121,20 +120,18 @@ impl Sequence<'_> {
     }
 
     /// `dysample` and `lda`: a convolution to the inner width and LeakyReLU where it
-    /// differs, then DySample (ending at the image) or the deformable attention and a
-    /// convolution to the image.
-    fn sampled(
-        &mut self,
-        kind: FdatUpsampler,
-        [dim, mid, out]: [i64; 3],
-        scale: i64,
-    ) -> Result<()> {
+    /// differs (the V3 upsampler's), then DySample (ending at the image) or the
+    /// deformable attention and a convolution to the image.
+    fn sampled(&mut self, spec: &UpsampleSpec) -> Result<()> {
+        let [dim, mid, out] = [spec.features, spec.inner, spec.channels];
+        let (kind, scale) = (spec.upsampler, spec.scale);
+        let mid = if spec.version_three { mid } else { dim };
         if mid != dim {
             self.conv(dim, mid, 3)?;
             self.push(Layer::Leaky(DEFAULT_SLOPE));
         }
         let vp = self.next();
-        if kind == FdatUpsampler::DySample {
+        if kind == UniUpsampler::DySample {
             let dysample = DySample::load(&vp, [mid, out], DYSAMPLE_GROUPS, scale, true)?;
             self.push(Layer::DySample(dysample));
             return Ok(());
@@ -186,49 +183,51 @@ fn rounds(scale: i64) -> Vec<i64> {
     }
 }
 
-/// A loaded `UniUpsampleV3`.
+/// Which upsampler to build, and its widths.
+pub struct UpsampleSpec {
+    pub upsampler: UniUpsampler,
+    /// The features' width (`in_dim`).
+    pub features: i64,
+    /// The inner width (`mid_dim`).
+    pub inner: i64,
+    /// The image channels it ends at.
+    pub channels: i64,
+    /// The factor it enlarges the features by.
+    pub scale: i64,
+    /// Whether it is FDAT's `UniUpsampleV3` (DySample after a convolution to the inner
+    /// width) rather than MoESR's `UniUpsample` (DySample on the features).
+    pub version_three: bool,
+}
+
+/// A loaded upsampler.
 pub struct Upsample {
     layers: Vec<Layer>,
 }
 
 impl Upsample {
-    /// The upsampler of `architecture` under `vp`, at the scale it enlarges the features
-    /// by (4 after a pixel unshuffle).
-    pub fn load(vp: &VarPath, architecture: &Architecture) -> Result<Self> {
-        let Architecture::Fdat {
-            channels: out,
-            features: dim,
-            upsampler,
-            upsample_features: mid,
-            scale,
-            unshuffle,
-            ..
-        } = *architecture
-        else {
-            unreachable!("an FDAT architecture");
-        };
-        let scale = scale * unshuffle;
+    /// The upsampler `spec` names, under `vp`.
+    pub fn load(vp: &VarPath, spec: &UpsampleSpec) -> Result<Self> {
+        let (upsampler, scale) = (spec.upsampler, spec.scale);
+        let [dim, mid, out] = [spec.features, spec.inner, spec.channels];
         let mut s = Sequence {
             vp,
             layers: Vec::new(),
         };
-        if scale == 1 || upsampler == FdatUpsampler::Conv {
+        if scale == 1 || upsampler == UniUpsampler::Conv {
             s.conv(dim, out, 3)?;
             return Ok(Self { layers: s.layers });
         }
         match upsampler {
-            FdatUpsampler::Conv => {}
-            FdatUpsampler::PixelShuffleDirect => {
+            UniUpsampler::Conv => {}
+            UniUpsampler::PixelShuffleDirect => {
                 s.conv(dim, out * scale * scale, 3)?;
                 s.push(Layer::Shuffle(scale));
             }
-            FdatUpsampler::PixelShuffle => s.pixel_shuffle([dim, mid, out], scale)?,
-            FdatUpsampler::NearestConv => s.nearest([dim, out], scale)?,
-            FdatUpsampler::DySample | FdatUpsampler::Lda => {
-                s.sampled(upsampler, [dim, mid, out], scale)?
-            }
-            FdatUpsampler::TransposeConv => s.transposed_rounds([dim, out], scale)?,
-            FdatUpsampler::PixelAttention => s.pixel_attention([dim, mid, out], scale)?,
+            UniUpsampler::PixelShuffle => s.pixel_shuffle([dim, mid, out], scale)?,
+            UniUpsampler::NearestConv => s.nearest([dim, out], scale)?,
+            UniUpsampler::DySample | UniUpsampler::Lda => s.sampled(spec)?,
+            UniUpsampler::TransposeConv => s.transposed_rounds([dim, out], scale)?,
+            UniUpsampler::PixelAttention => s.pixel_attention([dim, mid, out], scale)?,
         }
         Ok(Self { layers: s.layers })
     }

@@ -1,0 +1,271 @@
+//! What spandrel's model descriptor tells of an architecture: its size requirements,
+//! the scale, the image channels, the name and the tags.
+
+use super::Architecture;
+
+/// What spandrel's model descriptor makes of an input's size before the network runs
+/// (its `SizeRequirements`, which A1111 and ComfyUI meet on every call): sides of at
+/// least `minimum` pixels and a multiple of `multiple_of`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRequirements {
+    pub minimum: i64,
+    pub multiple_of: i64,
+}
+
+impl SizeRequirements {
+    /// The side a `side`-pixel input is padded to.
+    pub fn padded(&self, side: i64) -> i64 {
+        let multiple = self.multiple_of.max(1);
+        let side = side.max(self.minimum);
+        side + (multiple - side % multiple) % multiple
+    }
+}
+
+impl Architecture {
+    /// spandrel's size requirements for the architecture.
+    pub fn size_requirements(&self) -> SizeRequirements {
+        let (minimum, multiple_of) = match *self {
+            // The minimum rounds up to the multiple, as spandrel rounds it.
+            Architecture::Rrdb { unshuffle, .. } if unshuffle > 1 => (4, 4),
+            Architecture::Rrdb { .. } => (2, 1),
+            Architecture::Compact { .. }
+            | Architecture::Span { .. }
+            | Architecture::Plksr { .. }
+            | Architecture::RealPlksr { .. } => (0, 1),
+            Architecture::Safmn { .. } => (0, 8),
+            // spandrel's multiples of 16, which every unshuffle 1, 2 and 4 divides (of
+            // the unshuffle too, where it does not); and sides that pool to at least one
+            // pixel at the coarsest of the four levels (spandrel fails below).
+            Architecture::SafmnBcie { unshuffle, .. } => {
+                (8 * unshuffle, lcm(BCIE_MULTIPLE, unshuffle))
+            }
+            Architecture::SwiftSrgan { .. } => (0, 1),
+            // Odd sides are reflected to even ones inside the network.
+            Architecture::MoEsr { .. } => (2, 1),
+            Architecture::MoSr { .. } | Architecture::Rcan { .. } | Architecture::Fdat { .. } => {
+                (0, 1)
+            }
+            Architecture::SwinIr { .. }
+            | Architecture::Swin2Sr { .. }
+            | Architecture::Hat { .. }
+            | Architecture::Dat { .. }
+            | Architecture::OmniSr { .. }
+            | Architecture::Rgt { .. } => (16, 1),
+            Architecture::Drct { .. } => (0, 16),
+            Architecture::Ditn { .. } => (0, super::ditn::PATCH),
+            Architecture::ScuNet { .. } => (40, 1),
+            Architecture::RealCugan { fast: true, .. } => (40, 4),
+            Architecture::RealCugan { .. } => (32, 1),
+        };
+        SizeRequirements {
+            minimum,
+            multiple_of,
+        }
+    }
+
+    /// The factor the network enlarges by.
+    pub fn scale(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb {
+                upsamplings,
+                unshuffle,
+                ..
+            } => (1 << upsamplings) / unshuffle,
+            Architecture::ScuNet { .. } => 1,
+            Architecture::Compact { scale, .. }
+            | Architecture::Span { scale, .. }
+            | Architecture::Plksr { scale, .. }
+            | Architecture::RealPlksr { scale, .. }
+            | Architecture::Safmn { scale, .. }
+            | Architecture::MoSr { scale, .. }
+            | Architecture::SwinIr { scale, .. }
+            | Architecture::Swin2Sr { scale, .. }
+            | Architecture::Hat { scale, .. }
+            | Architecture::Dat { scale, .. }
+            | Architecture::RealCugan { scale, .. }
+            | Architecture::Rcan { scale, .. }
+            | Architecture::OmniSr { scale, .. }
+            | Architecture::Rgt { scale, .. }
+            | Architecture::Fdat { scale, .. }
+            | Architecture::Ditn { scale, .. }
+            | Architecture::Drct { scale, .. }
+            | Architecture::MoEsr { scale, .. } => scale,
+            Architecture::SafmnBcie { .. } => 1,
+            Architecture::SwiftSrgan { upsamplings, .. } => 1 << upsamplings,
+        }
+    }
+
+    /// Image channels in and out.
+    pub fn channels(&self) -> i64 {
+        match *self {
+            Architecture::Rrdb { channels, .. }
+            | Architecture::Compact { channels, .. }
+            | Architecture::Span { channels, .. }
+            | Architecture::Plksr { channels, .. }
+            | Architecture::RealPlksr { channels, .. }
+            | Architecture::Safmn { channels, .. }
+            | Architecture::MoSr { channels, .. }
+            | Architecture::SwinIr { channels, .. }
+            | Architecture::Swin2Sr { channels, .. }
+            | Architecture::Hat { channels, .. }
+            | Architecture::Dat { channels, .. }
+            | Architecture::Drct { channels, .. }
+            | Architecture::RealCugan { channels, .. }
+            | Architecture::Rcan { channels, .. }
+            | Architecture::OmniSr { channels, .. }
+            | Architecture::Rgt { channels, .. }
+            | Architecture::Fdat { channels, .. }
+            | Architecture::Ditn { channels, .. }
+            | Architecture::ScuNet { channels, .. }
+            | Architecture::SafmnBcie { channels, .. }
+            | Architecture::MoEsr { channels, .. }
+            | Architecture::SwiftSrgan { channels, .. } => channels,
+        }
+    }
+
+    /// The architecture's name as users know it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Rrdb { .. } => "ESRGAN",
+            Architecture::Compact { .. } => "RealESRGAN Compact",
+            Architecture::Span { .. } => "SPAN",
+            Architecture::Plksr { .. } | Architecture::RealPlksr { .. } => "PLKSR",
+            Architecture::Safmn { .. } => "SAFMN",
+            Architecture::MoSr { .. } => "MoSR",
+            Architecture::SwinIr { .. } => "SwinIR",
+            Architecture::Swin2Sr { .. } => "Swin2SR",
+            Architecture::Hat { .. } => "HAT",
+            Architecture::Dat { .. } => "DAT",
+            Architecture::Drct { .. } => "DRCT",
+            Architecture::RealCugan { .. } => "RealCUGAN",
+            Architecture::Rcan { .. } => "RCAN",
+            Architecture::OmniSr { .. } => "OmniSR",
+            Architecture::Rgt { .. } => "RGT",
+            Architecture::Fdat { .. } => "FDAT",
+            Architecture::Ditn { .. } => "DITN",
+            Architecture::ScuNet { .. } => "SCUNet",
+            Architecture::SafmnBcie { .. } => "SAFMN BCIE",
+            Architecture::MoEsr { .. } => "MoESR",
+            Architecture::SwiftSrgan { .. } => "Swift-SRGAN",
+        }
+    }
+
+    /// spandrel's tags: feature width, blocks or convolutions, `unshuffle`.
+    pub fn tags(&self) -> Vec<String> {
+        match *self {
+            Architecture::Rrdb {
+                features,
+                blocks,
+                unshuffle,
+                ..
+            } => {
+                let mut tags = vec![format!("{features}nf"), format!("{blocks}nb")];
+                if unshuffle > 1 {
+                    tags.push("unshuffle".into());
+                }
+                tags
+            }
+            Architecture::Compact {
+                features, convs, ..
+            } => vec![format!("{features}nf"), format!("{convs}nc")],
+            Architecture::Span { features, .. } => vec![format!("{features}nf")],
+            Architecture::Plksr {
+                features,
+                blocks,
+                kernel,
+                mixer,
+                ..
+            } => vec![
+                format!("{features}dim"),
+                format!("{blocks}nb"),
+                format!("{kernel}ks"),
+                mixer.name().to_string(),
+            ],
+            Architecture::RealPlksr {
+                features,
+                blocks,
+                kernel,
+                layer_norm,
+                dysample,
+                ..
+            } => {
+                let mut tags = vec![
+                    format!("{features}dim"),
+                    format!("{blocks}nb"),
+                    format!("{kernel}ks"),
+                    "Real".to_string(),
+                ];
+                if dysample {
+                    tags.push("DySample".into());
+                }
+                if layer_norm {
+                    tags.push("LayerNorm".into());
+                }
+                tags
+            }
+            Architecture::Safmn {
+                features, blocks, ..
+            } => vec![format!("{features}dim"), format!("{blocks}nb")],
+            // spandrel gives MoSR no tags.
+            Architecture::MoSr { .. } => Vec::new(),
+            Architecture::SwinIr { .. } => self.swinir_tags(),
+            Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
+            Architecture::Hat { .. } => self.hat_tags(),
+            Architecture::Dat { .. } => self.dat_tags(),
+            Architecture::Drct { .. } => self.drct_tags(),
+            Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]
+                .into_iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, tag)| tag.to_string())
+                .collect(),
+            Architecture::Rcan { .. } => self.rcan_tags(),
+            Architecture::OmniSr { .. } => self.omnisr_tags(),
+            Architecture::Fdat { .. } => self.fdat_tags(),
+            // spandrel writes "60dim" whatever the width; the listing tells the width.
+            Architecture::Ditn { features, .. } => vec![format!("{features}dim")],
+            Architecture::SafmnBcie {
+                features,
+                groups,
+                blocks,
+                unshuffle,
+                ..
+            } => vec![
+                format!("{features}dim"),
+                format!("{blocks}nl"),
+                format!("{groups}nb"),
+                format!("{unshuffle}uf"),
+            ],
+            Architecture::MoEsr {
+                features,
+                groups,
+                blocks,
+                upsampler,
+                ..
+            } => vec![
+                format!("{features}dim"),
+                format!("{groups}nbs"),
+                format!("{blocks}nb"),
+                upsampler.name().to_string(),
+            ],
+            Architecture::SwiftSrgan {
+                features, blocks, ..
+            } => vec![format!("{features}nf"), format!("{blocks}nb")],
+            // spandrel gives SCUNet and RGT no tags.
+            Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
+        }
+    }
+}
+
+/// SAFMN-BCIE's side multiple in spandrel's size requirements.
+const BCIE_MULTIPLE: i64 = 16;
+
+/// The least common multiple of two positive numbers.
+fn lcm(a: i64, b: i64) -> i64 {
+    let gcd = |mut x: i64, mut y: i64| {
+        while y != 0 {
+            (x, y) = (y, x % y);
+        }
+        x
+    };
+    a / gcd(a, b) * b
+}
