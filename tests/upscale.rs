@@ -310,6 +310,39 @@ fn dat_takes_images_smaller_than_its_windows() {
     }
 }
 
+/// SAFMN BCIE pools its unshuffled features to an eighth: spandrel pads to multiples of
+/// 16 only, and fails where an unshuffle by 4 leaves sides under 8; sdxld pads such a
+/// network to 32 at least, and a small or odd image comes out at its size, finite.
+#[test]
+fn safmn_bcie_pads_small_images_to_sides_its_coarsest_level_can_pool() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = root.join("models/safmnbcie_u2.safetensors");
+    // The x2 unshuffle's layers widened for an unshuffle by 4.
+    let widened = vec![
+        (
+            "params_ema.to_feat.1.weight",
+            common::random_unit(&[16, 48, 3, 3], 3) - 0.5,
+        ),
+        (
+            "params_ema.to_img.0.weight",
+            common::random_unit(&[256, 16, 3, 3], 4) - 0.5,
+        ),
+        ("params_ema.to_img.0.bias", common::random_unit(&[256], 5)),
+    ];
+    let path =
+        crate::upscale_refusals::rewrite(&source, &dir.path().join("u4.safetensors"), widened);
+    let upscaler = load(&path);
+    assert_eq!(upscaler.architecture().size_requirements().padded(5), 32);
+    assert_eq!(upscaler.architecture().size_requirements().padded(33), 48);
+    for [height, width] in [[1, 1], [5, 17], [16, 16], [33, 9]] {
+        let image = common::random_unit(&[1, 3, height, width], 6);
+        let output = pass(&upscaler, &image);
+        assert_eq!(output.size(), [1, 3, height, width]);
+        assert!(bool::try_from(output.isfinite().all()).expect("finite"));
+    }
+}
+
 #[test]
 fn params_ema_is_preferred_over_params() {
     let (root, _) = cases();

@@ -116,7 +116,7 @@ fn dat_windows_that_do_not_fit_are_refused_naming_the_offsets() {
 
 /// `source`'s tensors written to `target` with each of `changes` replacing the tensor of
 /// its name, or added where there is none.
-fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBuf {
+pub(crate) fn rewrite(source: &Path, target: &Path, changes: Vec<(&str, Tensor)>) -> PathBuf {
     let mut tensors = Tensor::read_safetensors(source).expect("read");
     for (key, tensor) in changes {
         match tensors.iter_mut().find(|(n, _)| n == key) {
@@ -497,4 +497,108 @@ fn safmn_widths_its_four_levels_do_not_divide_are_refused() {
         "{error}"
     );
     load(&source);
+}
+
+/// MoESR files spandrel cannot load, or whose scale it would report other than it
+/// computes, are refused at load naming their tensor: an upsampler record of an index
+/// past MoESR's five, the plain convolution at x4 (the constructor makes every
+/// convolution upsampler x1), nearest rounds at x5, one output channel from three input
+/// ones, a record not in bytes; a width of no multiple of 4 (the multi-scale gate's
+/// quarter); a gated block's projection of odd width or narrower than twice the
+/// features; the gate's block of odd width.
+#[test]
+fn moesr_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = |values: [u8; 7]| Tensor::from_slice(&values);
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    // The x4 file's record: version 1, pixelshuffledirect (1), x4, 16 wide, RGB out, 16
+    // inside, 4 groups.
+    let meta = "params_ema.upscale.MetaUpsample";
+    let cases = [
+        ("moesr_x4_direct", meta, record([1, 1, 4, 16, 3, 16, 4])),
+        ("moesr_x4_direct", meta, record([1, 5, 4, 16, 3, 16, 4])),
+        ("moesr_x4_direct", meta, record([1, 0, 4, 16, 3, 16, 4])),
+        ("moesr_x4_direct", meta, record([1, 1, 4, 16, 1, 16, 4])),
+        ("moesr_x4_direct", meta, zeros(&[7])),
+        (
+            "moesr_x4_nearest",
+            "upscale.MetaUpsample",
+            record([1, 3, 5, 8, 3, 8, 4]),
+        ),
+        (
+            "moesr_x2_dysample",
+            "in_to_dim.weight",
+            zeros(&[10, 3, 3, 3]),
+        ),
+        (
+            "moesr_x2_dysample",
+            "blocks.0.blocks.0.fc1.weight",
+            zeros(&[33, 16, 3, 3]),
+        ),
+        (
+            "moesr_x3_pixelshuffle",
+            "params.blocks.0.blocks.0.fc1.weight",
+            zeros(&[16, 12, 3, 3]),
+        ),
+        (
+            "moesr_x3_pixelshuffle",
+            "params.blocks.0.msg.gated.0.fc1.weight",
+            zeros(&[37, 12, 3, 3]),
+        ),
+    ];
+    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+        let loaded = load_rewritten(dir.path(), i, model, key, tensor);
+        if i == 0 {
+            // The file's own record, written again: it loads.
+            assert!(loaded.is_ok(), "{:?}", loaded.err());
+            continue;
+        }
+        let error = loaded.err().expect("refused").to_string();
+        let unwrapped = key
+            .trim_start_matches("params_ema.")
+            .trim_start_matches("params.");
+        assert!(
+            error.contains(&format!("`{unwrapped}`")),
+            "{model} {key}: {error}"
+        );
+    }
+}
+
+/// SAFMN BCIE files spandrel cannot load are refused at load naming their tensor: a
+/// first convolution over no square unshuffle of three colours (13 channels), a width
+/// of 10 that the four modulation levels do not divide. A Swift-SRGAN without the batch
+/// norms its residual blocks have is refused naming the first one missing.
+#[test]
+fn safmn_bcie_and_swift_srgan_files_spandrel_cannot_load_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        (
+            "safmnbcie_u2",
+            "params_ema.to_feat.1.weight",
+            zeros(&[16, 13, 3, 3]),
+            "to_feat.1.weight",
+        ),
+        (
+            "safmnbcie_u1",
+            "to_feat.1.weight",
+            zeros(&[10, 3, 3, 3]),
+            "feats.0.layers.0.safm.mfr.0.weight",
+        ),
+    ];
+    for (i, (model, key, tensor, named)) in cases.into_iter().enumerate() {
+        let error = load_rewritten(dir.path(), i, model, key, tensor)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains(&format!("`{named}`")),
+            "{model} {key}: {error}"
+        );
+    }
+    assert_refused_without(
+        "swiftsrgan_x2",
+        |name| name.contains(".block1.bn."),
+        "residual.0.block1.bn.weight",
+    );
 }

@@ -255,3 +255,20 @@ fn unwrap(shapes: &Shapes) -> Vec<(&str, &str, &[i64])> {
         .map(|(n, s)| (n.as_str(), n.as_str(), s.as_slice()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ratio_gives_back;
+
+    /// Python's `int(61 / 28 * 28)` is 60: a 61-channel layer of a 28-wide network is
+    /// built 60 wide by spandrel; widths whose ratio comes back whole are kept.
+    #[test]
+    fn widths_a_float_ratio_loses_are_told_apart() {
+        assert!(!ratio_gives_back(28, 61));
+        assert!(!ratio_gives_back(44, 49));
+        assert!(ratio_gives_back(28, 60));
+        assert!(ratio_gives_back(16, 24));
+        assert!(ratio_gives_back(24, 36));
+        assert!(!ratio_gives_back(0, 4));
+    }
+}
