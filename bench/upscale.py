@@ -25,7 +25,11 @@ shape: 180 wide, eight groups of six blocks of six heads, 8×32 windows), or wit
 `--arch fdat` FDAT x4 of spandrel's defaults (the "medium" files: 120 wide, four groups
 of six blocks of four heads, 8-pixel windows, transposed convolutions), or with
 `--arch ditn` DITN x4 (the published "DITN_Real" shape: 60 wide, one unit of four local
-and four global blocks), or with
+and four global blocks), or with `--arch swiftsrgan` Swift-SRGAN x4 of spandrel's
+defaults (the published x4 shape: 64 wide, 16 residual blocks), or with `--arch moesr`
+MoESR x4 of spandrel's defaults (64 wide, nine groups of four gated blocks, the direct
+pixel shuffle), or with `--arch safmnbcie` SAFMN BCIE (36 wide, six groups of six
+blocks, unshuffled by 2; x1), or with
 `--arch scunet` ScuNET (SCUNet of 64 channels, four blocks a
 stage: the ScuNET GAN and PSNR denoisers, x1), with random
 weights, one image enlarged by spandrel (the loader
@@ -38,7 +42,8 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
-plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|scunet]
+plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|
+swiftsrgan|moesr|safmnbcie|scunet]
 [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
@@ -66,6 +71,7 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.ESRGAN import ESRGAN
     from spandrel.architectures.FDAT import FDAT
     from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.MoESR import MoESR
     from spandrel.architectures.MoSR import MoSR
     from spandrel.architectures.OmniSR import OmniSR
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
@@ -73,8 +79,10 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.RealCUGAN import UpCunet4x
     from spandrel.architectures.RGT import RGT
     from spandrel.architectures.SAFMN import SAFMN
+    from spandrel.architectures.SAFMNBCIE import SAFMNBCIE
     from spandrel.architectures.SCUNet import SCUNet
     from spandrel.architectures.SPAN import SPAN
+    from spandrel.architectures.SwiftSRGAN import SwiftSRGAN
     from spandrel.architectures.Swin2SR import Swin2SR
     from spandrel.architectures.SwinIR import SwinIR
 
@@ -98,6 +106,9 @@ def write_model(path: Path, arch: str) -> str:
         "rgt": (lambda: RGT(img_size=64, embed_dim=180, depth=[6] * 8, num_heads=[6] * 8, mlp_ratio=2.0, upscale=4, split_size=[8, 32], c_ratio=0.5), "x4 RGT (180dim, 8x6 blocks, 8x32 windows)"),
         "ditn": (lambda: DITN(), "x4 DITN (60dim, 4 local and 4 global blocks)"),
         "fdat": (lambda: FDAT(), "x4 FDAT (120dim medium, 4x6 blocks, w8, transpose+conv)"),
+        "swiftsrgan": (lambda: SwiftSRGAN(), "x4 Swift-SRGAN (64nf 16nb)"),
+        "moesr": (lambda: MoESR(), "x4 MoESR (64dim 9nbs 4nb pixelshuffledirect)"),
+        "safmnbcie": (lambda: SAFMNBCIE(dim=36), "x1 SAFMN BCIE (36dim 6nl 6nb 2uf)"),
         "swin2sr": (lambda: Swin2SR(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"), "x4 Swin2SR real-world (180dim, 6x6 blocks, s64w8, nearest+conv)"),
         "swinir": (lambda: SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"), "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"),
         "span": (lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4), "x4 SPAN (48nf)"),
@@ -164,7 +175,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -180,7 +191,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "x4.safetensors"
         described = write_model(model, args.arch)
-        scale = 1 if args.arch == "scunet" else 4
+        scale = 1 if args.arch in ("scunet", "safmnbcie") else 4
         megapixels = (args.size * scale) ** 2 / 1e6
         rows = []
         for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
