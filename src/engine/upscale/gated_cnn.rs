@@ -69,14 +69,18 @@ impl InceptionDepthwise {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// `target` multiplied in place by the convolution of `x` (the reference's
+    /// concatenation of the unchanged part and the branches, never built).
+    fn multiply_into(&self, target: &Tensor, x: &Tensor) {
         let identity = x.size()[1] - 3 * self.branch;
-        let mut parts = vec![x.narrow(1, 0, identity)];
+        let _ = target
+            .narrow(1, 0, identity)
+            .g_mul_(&x.narrow(1, 0, identity));
         for (i, conv) in self.branches.iter().enumerate() {
             let start = identity + i as i64 * self.branch;
-            parts.push(conv.forward(&x.narrow(1, start, self.branch)));
+            let branch = conv.forward(&x.narrow(1, start, self.branch));
+            let _ = target.narrow(1, start, self.branch).g_mul_(&branch);
         }
-        Tensor::cat(&parts, 1)
     }
 }
 
@@ -89,10 +93,13 @@ enum TokenMixer {
 }
 
 impl TokenMixer {
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// `target` multiplied in place by the mixer's output on `x`.
+    fn multiply_into(&self, target: &Tensor, x: &Tensor) {
         match self {
-            TokenMixer::Depthwise(conv) => conv.forward(x),
-            TokenMixer::Inception(conv) => conv.forward(x),
+            TokenMixer::Depthwise(conv) => {
+                let _ = target.shallow_clone().g_mul_(&conv.forward(x));
+            }
+            TokenMixer::Inception(conv) => conv.multiply_into(target, x),
         }
     }
 }
@@ -162,24 +169,30 @@ impl GatedCnnBlock {
         })
     }
 
+    /// The gate's product is written into the activated gate part by part, and the
+    /// tail applied in place: the reference's values, without its concatenation and
+    /// intermediate copies.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let projected = self.fc1.forward(&self.norm.forward(x));
         let (hidden, convolved) = (self.hidden, self.conv_channels);
-        let gate = projected.narrow(1, 0, hidden);
-        let identity = projected.narrow(1, hidden, hidden - convolved);
-        let convolved = self
-            .mixer
-            .forward(&projected.narrow(1, 2 * hidden - convolved, convolved));
-        let gated = gate.mish() * Tensor::cat(&[identity, convolved], 1);
-        let out = self.fc2.forward(&gated).mish();
-        let out = match &self.gamma {
-            Some(gamma) => out * gamma,
-            None => out,
-        };
-        if self.residual_offset == 0.0 {
-            out + x
-        } else {
-            out + (x - self.residual_offset)
+        let identity = hidden - convolved;
+        let gated = projected.narrow(1, 0, hidden).mish();
+        let _ = gated
+            .narrow(1, 0, identity)
+            .g_mul_(&projected.narrow(1, hidden, identity));
+        let mixed = projected.narrow(1, 2 * hidden - convolved, convolved);
+        self.mixer
+            .multiply_into(&gated.narrow(1, identity, convolved), &mixed);
+        let mut out = self.fc2.forward(&gated);
+        let _ = out.mish_();
+        if let Some(gamma) = &self.gamma {
+            let _ = out.g_mul_(gamma);
         }
+        if self.residual_offset == 0.0 {
+            let _ = out.g_add_(x);
+        } else {
+            let _ = out.g_add_(&(x - self.residual_offset));
+        }
+        out
     }
 }
