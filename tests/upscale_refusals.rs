@@ -602,3 +602,60 @@ fn safmn_bcie_and_swift_srgan_files_spandrel_cannot_load_are_refused() {
         "residual.0.block1.bn.weight",
     );
 }
+
+/// SeemoRe files spandrel cannot load or run are refused at load naming their tensor: a
+/// first convolution over four channels (the reference shifts three channel means), an
+/// upsampler of no square scale, a third expert of a width no growth rule gives (5), a
+/// second expert of one (5, with no third), a striped kernel of even side; an expert
+/// narrower than its growth rule's is refused naming it.
+#[test]
+fn seemore_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let experts = "body.0.local_block.block.moe_layer.experts";
+    let cases = [
+        (
+            "seemore_x4",
+            "params_ema.conv_1.weight".to_string(),
+            zeros(&[16, 4, 3, 3]),
+        ),
+        (
+            "seemore_x4",
+            "params_ema.upsampler.0.weight".to_string(),
+            zeros(&[45, 16, 3, 3]),
+        ),
+        (
+            "seemore_x4",
+            format!("params_ema.{experts}.2.conv_1.weight"),
+            zeros(&[5, 16, 1, 1]),
+        ),
+        (
+            "seemore_x3_large",
+            format!("params.{experts}.1.conv_1.weight"),
+            zeros(&[5, 48, 1, 1]),
+        ),
+        (
+            "seemore_x1",
+            "body.0.global_block.block.attn.conv.0.weight".to_string(),
+            zeros(&[8, 1, 1, 4]),
+        ),
+        (
+            "seemore_x2_tiny",
+            format!("{experts}.1.conv_1.weight"),
+            zeros(&[3, 36, 1, 1]),
+        ),
+    ];
+    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+        let error = load_rewritten(dir.path(), i, model, &key, tensor)
+            .err()
+            .expect("refused")
+            .to_string();
+        let unwrapped = key
+            .trim_start_matches("params_ema.")
+            .trim_start_matches("params.");
+        assert!(
+            error.contains(&format!("`{unwrapped}`")),
+            "{model} {key}: {error}"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
+use crate::engine::upscale::band_conv::BandConv;
 use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
@@ -18,36 +19,6 @@ use crate::engine::weights::VarPath;
 const BRANCH_RATIO: f64 = 0.125;
 const SQUARE_KERNEL: i64 = 3;
 const BAND_KERNEL: i64 = 11;
-
-/// A depthwise convolution of a `[rows, columns]` kernel, padded to keep the size.
-struct BandConv {
-    weight: Tensor,
-    bias: Tensor,
-    padding: [i64; 2],
-    channels: i64,
-}
-
-impl BandConv {
-    fn load(vp: &VarPath, channels: i64, [rows, columns]: [i64; 2]) -> Result<Self> {
-        Ok(Self {
-            weight: vp.get("weight", &[channels, 1, rows, columns])?,
-            bias: vp.get("bias", &[channels])?,
-            padding: [rows / 2, columns / 2],
-            channels,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(
-            &self.weight,
-            Some(&self.bias),
-            [1, 1],
-            self.padding,
-            [1, 1],
-            self.channels,
-        )
-    }
-}
 
 /// `InceptionDWConv2d`: the first channels unchanged, then three equal branches through
 /// a square, a horizontal band and a vertical band depthwise convolution.

@@ -6,6 +6,7 @@
 //! rounded to 8 bits).
 
 pub mod activation;
+pub mod band_conv;
 pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
@@ -31,6 +32,7 @@ pub mod safmn;
 pub mod safmn_bcie;
 pub mod same_conv;
 pub mod scunet;
+pub mod seemore;
 pub mod span;
 pub mod swiftsrgan;
 pub mod swin;

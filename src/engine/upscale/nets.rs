@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -25,6 +25,7 @@ use crate::engine::upscale::rgt::Rgt;
 use crate::engine::upscale::safmn::Safmn;
 use crate::engine::upscale::safmn_bcie::SafmnBcie;
 use crate::engine::upscale::scunet::ScuNet;
+use crate::engine::upscale::seemore::SeemoRe;
 use crate::engine::upscale::span::Span;
 use crate::engine::upscale::swiftsrgan::SwiftSrgan;
 use crate::engine::upscale::swin2sr::Swin2Sr;
@@ -244,6 +245,7 @@ pub enum Network {
     SafmnBcie(Box<SafmnBcie>),
     MoEsr(Box<MoEsr>),
     SwiftSrgan(Box<SwiftSrgan>),
+    SeemoRe(Box<SeemoRe>),
 }
 
 impl Network {
@@ -287,6 +289,9 @@ impl Network {
             Architecture::SwiftSrgan { .. } => {
                 Network::SwiftSrgan(Box::new(SwiftSrgan::load(vp, architecture)?))
             }
+            Architecture::SeemoRe { .. } => {
+                Network::SeemoRe(Box::new(SeemoRe::load(vp, architecture)?))
+            }
         })
     }
 
@@ -315,6 +320,7 @@ impl Network {
             Network::SafmnBcie(n) => n.forward(image, between),
             Network::MoEsr(n) => n.forward(image, between),
             Network::SwiftSrgan(n) => n.forward(image, between),
+            Network::SeemoRe(n) => n.forward(image, between),
         }
     }
 }

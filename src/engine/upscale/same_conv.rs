@@ -54,9 +54,23 @@ impl SameConv {
         })
     }
 
+    /// The convolution with its outputs in `order` (a permutation of their indices): a
+    /// channel permutation after it, folded in.
+    pub fn with_output_order(self, order: &Tensor) -> Self {
+        Self {
+            weight: self.weight.index_select(0, order),
+            bias: self.bias.map(|bias| bias.index_select(0, order)),
+            ..self
+        }
+    }
+
     /// A depthwise `kernel`×`kernel` convolution over `channels`.
     pub fn depthwise(vp: &VarPath, channels: i64, kernel: i64, bias: bool) -> Result<Self> {
         Self::load(vp, [channels, channels], kernel, channels, bias)
+    }
+
+    pub fn output_channels(&self) -> i64 {
+        self.weight.size()[0]
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -82,6 +82,10 @@ impl Architecture {
             ),
             // The first layer's output kept, a block's input and its two layers' outputs;
             // the last round's convolution and its shuffled copy, the image's sub-pixels.
+            // A group's input and norm, the doubled projection, the features, key and its
+            // calibration, the expert's output, the feed-forward's doubled width; the
+            // shuffle's input and output.
+            Architecture::SeemoRe { features, .. } => (12 * features as u64, 6 * out),
             Architecture::SwiftSrgan { features, .. } => {
                 (5 * features as u64, (2 * features + 3) as u64 * out)
             }

@@ -2,7 +2,7 @@
 //! from them, as spandrel's model descriptor tells it, is in `descriptor.rs`; the
 //! activations a tile needs in `activations.rs`).
 
-use super::{ChannelMixer, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler};
+use super::{ChannelMixer, ExpertGrowth, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler};
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,6 +450,28 @@ pub enum Architecture {
         blocks: i64,
         /// ×2 pixel-shuffle rounds (`log2(upscale_factor)`).
         upsamplings: i64,
+    },
+    /// SeemoRe: groups of a mixture of low-rank experts (each image routed to its top
+    /// expert) and a striped depthwise convolution block, then a pixel shuffle.
+    SeemoRe {
+        /// Image channels in and out (3).
+        channels: i64,
+        /// Feature width (`embedding_dim`).
+        features: i64,
+        /// Groups (`num_layers`).
+        layers: i64,
+        /// Experts per mixture (`num_experts`).
+        experts: i64,
+        /// How the experts' low-rank widths grow (`lr_space`).
+        growth: ExpertGrowth,
+        /// The global blocks' stripe length (`global_kernel_size`).
+        kernel: i64,
+        /// The pixel-shuffle factor.
+        scale: i64,
+        /// Whether the mixture's projection is channel-shuffled (`use_shuffle`).
+        shuffle: bool,
+        /// The key calibration's strided summaries (`recursive`).
+        calibration_rounds: i64,
     },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.

@@ -40,6 +40,7 @@ impl Architecture {
                 (8 * unshuffle, lcm(BCIE_MULTIPLE, unshuffle))
             }
             Architecture::SwiftSrgan { .. } => (0, 1),
+            Architecture::SeemoRe { .. } => (16, 1),
             // Odd sides are reflected to even ones inside the network.
             Architecture::MoEsr { .. } => (2, 1),
             Architecture::MoSr { .. } | Architecture::Rcan { .. } | Architecture::Fdat { .. } => {
@@ -89,7 +90,8 @@ impl Architecture {
             | Architecture::Fdat { scale, .. }
             | Architecture::Ditn { scale, .. }
             | Architecture::Drct { scale, .. }
-            | Architecture::MoEsr { scale, .. } => scale,
+            | Architecture::MoEsr { scale, .. }
+            | Architecture::SeemoRe { scale, .. } => scale,
             Architecture::SafmnBcie { .. } => 1,
             Architecture::SwiftSrgan { upsamplings, .. } => 1 << upsamplings,
         }
@@ -119,7 +121,8 @@ impl Architecture {
             | Architecture::ScuNet { channels, .. }
             | Architecture::SafmnBcie { channels, .. }
             | Architecture::MoEsr { channels, .. }
-            | Architecture::SwiftSrgan { channels, .. } => channels,
+            | Architecture::SwiftSrgan { channels, .. }
+            | Architecture::SeemoRe { channels, .. } => channels,
         }
     }
 
@@ -147,6 +150,7 @@ impl Architecture {
             Architecture::SafmnBcie { .. } => "SAFMN BCIE",
             Architecture::MoEsr { .. } => "MoESR",
             Architecture::SwiftSrgan { .. } => "Swift-SRGAN",
+            Architecture::SeemoRe { .. } => "SeemoRe",
         }
     }
 
@@ -250,6 +254,7 @@ impl Architecture {
             Architecture::SwiftSrgan {
                 features, blocks, ..
             } => vec![format!("{features}nf"), format!("{blocks}nb")],
+            Architecture::SeemoRe { .. } => self.seemore_tags(),
             // spandrel gives SCUNet and RGT no tags.
             Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
         }

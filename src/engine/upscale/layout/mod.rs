@@ -2,7 +2,7 @@
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
 //! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN,
-//! RCAN, OmniSR, RGT, FDAT, DITN and Swift-SRGAN. Every stored name is mapped to one
+//! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN and SeemoRe. Every stored name is mapped to one
 //! canonical (BasicSR's, or the network's own) name; a name that fits no layout is
 //! refused.
 
@@ -31,6 +31,7 @@ pub mod rgt;
 pub mod safmn;
 mod safmn_bcie;
 pub mod scunet;
+mod seemore;
 mod span;
 pub mod swiftsrgan;
 mod swin2sr;
@@ -42,6 +43,7 @@ use basicsr::{compact, rrdb, rrdb_names};
 pub use descriptor::SizeRequirements;
 pub use mosr::MoSrUpsampler;
 pub use plksr::{dysample_groups, ChannelMixer, LargeKernel};
+pub use seemore::ExpertGrowth;
 pub use swinir::SwinUpsampler;
 pub use uni_upsample::UniUpsampler;
 
@@ -130,6 +132,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if moesr::KEYS.iter().all(|key| has(key)) {
         return moesr::detect(path, &unwrapped);
+    }
+    if seemore::KEYS.iter().all(|key| has(key)) {
+        return seemore::detect(&unwrapped).map_err(unknown);
     }
     if swiftsrgan::KEYS.iter().all(|key| has(key)) {
         return swiftsrgan::detect(&unwrapped).map_err(unknown);
