@@ -29,7 +29,8 @@ and four global blocks), or with `--arch swiftsrgan` Swift-SRGAN x4 of spandrel'
 defaults (the published x4 shape: 64 wide, 16 residual blocks), or with `--arch moesr`
 MoESR x4 of spandrel's defaults (64 wide, nine groups of four gated blocks, the direct
 pixel shuffle), or with `--arch safmnbcie` SAFMN BCIE (36 wide, six groups of six
-blocks, unshuffled by 2; x1), or with
+blocks, unshuffled by 2; x1), or with `--arch seemore` SeemoRe x4 of spandrel's defaults
+(64 wide, six groups, six experts), or with
 `--arch scunet` ScuNET (SCUNet of 64 channels, four blocks a
 stage: the ScuNET GAN and PSNR denoisers, x1), with random
 weights, one image enlarged by spandrel (the loader
@@ -43,7 +44,7 @@ input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, 
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
 plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|
-swiftsrgan|moesr|safmnbcie|scunet]
+swiftsrgan|moesr|safmnbcie|seemore|scunet]
 [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
@@ -81,6 +82,7 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SAFMNBCIE import SAFMNBCIE
     from spandrel.architectures.SCUNet import SCUNet
+    from spandrel.architectures.SeemoRe import SeemoRe
     from spandrel.architectures.SPAN import SPAN
     from spandrel.architectures.SwiftSRGAN import SwiftSRGAN
     from spandrel.architectures.Swin2SR import Swin2SR
@@ -109,6 +111,7 @@ def write_model(path: Path, arch: str) -> str:
         "swiftsrgan": (lambda: SwiftSRGAN(), "x4 Swift-SRGAN (64nf 16nb)"),
         "moesr": (lambda: MoESR(), "x4 MoESR (64dim 9nbs 4nb pixelshuffledirect)"),
         "safmnbcie": (lambda: SAFMNBCIE(dim=36), "x1 SAFMN BCIE (36dim 6nl 6nb 2uf)"),
+        "seemore": (lambda: SeemoRe(), "x4 SeemoRe (64dim 6ne 6nl)"),
         "swin2sr": (lambda: Swin2SR(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"), "x4 Swin2SR real-world (180dim, 6x6 blocks, s64w8, nearest+conv)"),
         "swinir": (lambda: SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"), "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"),
         "span": (lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4), "x4 SPAN (48nf)"),
@@ -175,7 +178,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "seemore", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

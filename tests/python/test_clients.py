@@ -154,8 +154,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     shuffle, a RealPLKSR x2 with DySample, a DRCT x2 (8-pixel windows, shifted) and a
     Swin2SR x2 with the compressed-input models' bicubic branch, a Real-CUGAN x3 "pro",
     a pixel-unshuffled RCAN x2, an OmniSR x2, an RGT x2, an FDAT x2 with the deformable
-    attention upsampler, a DITN x2, a Swift-SRGAN x2, a MoESR x2 with DySample and a SAFMN
-    BCIE restoration network, each listed with spandrel's architecture name and run by
+    attention upsampler, a DITN x2, a Swift-SRGAN x2, a MoESR x2 with DySample, a SAFMN
+    BCIE restoration network and a SeemoRe x2 of three experts, each listed with spandrel's architecture name and run by
     the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
@@ -176,6 +176,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.SAFMN import SAFMN
     from spandrel.architectures.SAFMNBCIE import SAFMNBCIE
     from spandrel.architectures.SCUNet import SCUNet
+    from spandrel.architectures.SeemoRe import SeemoRe
     from spandrel.architectures.SwiftSRGAN import SwiftSRGAN
     from spandrel.architectures.Swin2SR import Swin2SR
     from spandrel.architectures.SwinIR import SwinIR
@@ -201,6 +202,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "swiftsrgan-x2": (SwiftSRGAN(num_channels=16, num_blocks=2, upscale_factor=2), "Swift-SRGAN", 2),
         "moesr-x2-dysample": (MoESR(scale=2, dim=16, n_blocks=1, n_block=2, upsampler="dysample", upsample_dim=16), "MoESR", 2),
         "safmn-bcie": (SAFMNBCIE(dim=16, n_blocks=1, num_layers=2, upscaling_factor=2), "SAFMN BCIE", 1),
+        "seemore-x2": (SeemoRe(scale=2, num_experts=3, num_layers=2, embedding_dim=16), "SeemoRe", 2),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
@@ -219,8 +221,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
         # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
         # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16, DITN's to
-        # multiples of 8, SAFMN BCIE's to multiples of 16 (MoESR reflects the odd sides to
-        # even ones itself).
+        # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16 (MoESR reflects
+        # the odd sides to even ones itself).
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -195,13 +195,21 @@ impl MixtureBlock {
         let pooled = features.mean_dim([2i64, 3].as_slice(), false, None);
         let weights = self.router.forward(&pooled).softmax(1, Kind::Float);
         let (top, chosen) = weights.max_dim(1, false);
-        let images = (0..features.size()[0]).map(|b| {
+        let batch = features.size()[0];
+        let images = (0..batch).map(|b| {
             let (x, k) = (features.narrow(0, b, 1), key.narrow(0, b, 1));
             let expert = &self.experts[i64::try_from(chosen.get(b)).unwrap_or(0) as usize];
             let weight = top.get(b).to_kind(x.kind());
             &x + expert.forward(&x, &k) * weight
         });
-        Tensor::cat(&images.collect::<Vec<_>>(), 0)
+        let mut images: Vec<Tensor> = images.collect();
+        match images.pop() {
+            Some(image) if batch == 1 => image,
+            last => {
+                images.extend(last);
+                Tensor::cat(&images, 0)
+            }
+        }
     }
 }
 
