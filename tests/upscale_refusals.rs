@@ -634,3 +634,33 @@ fn seemore_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
     ];
     assert_each_refused_naming_its_key(cases);
 }
+
+/// KAIR's networks spandrel cannot load or run are refused at load naming their tensor: a
+/// DnCNN over five channels (neither the image's three nor FDnCNN's four), a DRUNet whose
+/// head takes no noise-level channel, an FBCNN whose lowest level is narrower than its
+/// 512-wide quality-factor layers; a DnCNN without its last convolution (a sequence no
+/// count of layers gives) and an FBCNN without its lowest upsampler.
+#[test]
+fn kair_files_spandrel_cannot_load_or_run_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        ("dncnn_normed", "model.0.weight", zeros(&[16, 5, 3, 3])),
+        ("drunet_strided", "m_head.weight", zeros(&[8, 3, 3, 3])),
+        (
+            "fbcnn",
+            "m_body_encoder.0.res.0.weight",
+            zeros(&[256, 256, 3, 3]),
+        ),
+    ];
+    assert_each_refused_naming_its_key(cases);
+    assert_refused_without(
+        "dncnn_normed",
+        |name| name.starts_with("model.14."),
+        "model.12.weight",
+    );
+    assert_refused_without(
+        "fbcnn",
+        |name| name.starts_with("m_up3.0."),
+        "m_up3.0.weight",
+    );
+}

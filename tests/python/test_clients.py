@@ -163,6 +163,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from safetensors.torch import save_file
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.DITN import DITN
+    from spandrel.architectures.DnCNN import DnCNN
+    from spandrel.architectures.DRUNet import DRUNet
     from spandrel.architectures.DRCT import DRCT
     from spandrel.architectures.FDAT import FDAT
     from spandrel.architectures.HAT import HAT
@@ -203,6 +205,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "moesr-x2-dysample": (MoESR(scale=2, dim=16, n_blocks=1, n_block=2, upsampler="dysample", upsample_dim=16), "MoESR", 2),
         "safmn-bcie": (SAFMNBCIE(dim=16, n_blocks=1, num_layers=2, upscaling_factor=2), "SAFMN BCIE", 1),
         "seemore-x2": (SeemoRe(scale=2, num_experts=3, num_layers=2, embedding_dim=16), "SeemoRe", 2),
+        "fdncnn": (DnCNN(in_nc=4, out_nc=3, nc=16, nb=8, act_mode="R", mode="FDnCNN"), "DnCNN", 1),
+        "drunet": (DRUNet(in_nc=4, out_nc=3, nc=[16, 32, 48, 64], nb=2), "DRUNet", 1),
     }
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
@@ -221,8 +225,9 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         # Called as A1111 and ComfyUI call it: the descriptor pads the 13-pixel side to
         # the transformers' 16-pixel minimum, SAFMN's sides to multiples of 8, DRCT's
         # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16, DITN's to
-        # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16 (MoESR reflects
-        # the odd sides to even ones itself).
+        # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16, DRUNet's to
+        # multiples of 8 (MoESR reflects the odd sides to even ones itself); FDnCNN and
+        # DRUNet get the noise-level map of spandrel's call.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

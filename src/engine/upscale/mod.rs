@@ -1,6 +1,7 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN, OmniSR,
-//! RGT, FDAT, DITN; SCUNet restoring at scale 1) loaded
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN,
+//! OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet and
+//! FBCNN restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -12,12 +13,16 @@ pub mod channel_norm;
 pub mod dat;
 pub mod deformable_upsample;
 pub mod ditn;
+pub mod dncnn;
 pub mod drct;
+pub mod drunet;
 pub mod dysample;
+pub mod fbcnn;
 pub mod fdat;
 pub mod gated_cnn;
 pub mod gated_dconv;
 pub mod hat;
+pub mod kair;
 pub mod layout;
 pub mod moesr;
 pub mod mosr;
@@ -118,6 +123,7 @@ impl Upscaler {
             Architecture::Fdat { .. } => name == layout::fdat::META_KEY,
             Architecture::MoEsr { .. } => name == layout::moesr::META_KEY,
             Architecture::SwiftSrgan { .. } => layout::swiftsrgan::is_unread(name),
+            Architecture::DnCnn { .. } => layout::kair::is_unread(name),
             _ => false,
         };
         weights.check_all_used(unread)?;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -11,7 +11,10 @@ use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::ditn::Ditn;
+use crate::engine::upscale::dncnn::DnCnn;
 use crate::engine::upscale::drct::Drct;
+use crate::engine::upscale::drunet::DrUnet;
+use crate::engine::upscale::fbcnn::Fbcnn;
 use crate::engine::upscale::fdat::Fdat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
@@ -246,6 +249,9 @@ pub enum Network {
     MoEsr(Box<MoEsr>),
     SwiftSrgan(Box<SwiftSrgan>),
     SeemoRe(Box<SeemoRe>),
+    DnCnn(Box<DnCnn>),
+    DrUnet(Box<DrUnet>),
+    Fbcnn(Box<Fbcnn>),
 }
 
 impl Network {
@@ -292,6 +298,11 @@ impl Network {
             Architecture::SeemoRe { .. } => {
                 Network::SeemoRe(Box::new(SeemoRe::load(vp, architecture)?))
             }
+            Architecture::DnCnn { .. } => Network::DnCnn(Box::new(DnCnn::load(vp, architecture)?)),
+            Architecture::DrUnet { .. } => {
+                Network::DrUnet(Box::new(DrUnet::load(vp, architecture)?))
+            }
+            Architecture::Fbcnn { .. } => Network::Fbcnn(Box::new(Fbcnn::load(vp, architecture)?)),
         })
     }
 
@@ -321,6 +332,9 @@ impl Network {
             Network::MoEsr(n) => n.forward(image, between),
             Network::SwiftSrgan(n) => n.forward(image, between),
             Network::SeemoRe(n) => n.forward(image, between),
+            Network::DnCnn(n) => n.forward(image, between),
+            Network::DrUnet(n) => n.forward(image, between),
+            Network::Fbcnn(n) => n.forward(image, between),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! A stride-1 convolution padded to keep the size, in groups, with or without bias or
 //! with its inference batch norm folded in: OmniSR's bias-free layers, the depthwise
-//! ones of SAFMN, MoSR, OmniSR, DAT and RGT, DAT's and Swift-SRGAN's batch-normed ones.
+//! ones of SAFMN, MoSR, OmniSR, DAT and RGT, DAT's, Swift-SRGAN's and DnCNN's batch-normed ones.
 
 use tch::Tensor;
 
@@ -45,12 +45,17 @@ impl SameConv {
         bias: bool,
         norm: &VarPath,
     ) -> Result<Self> {
-        let conv = Self::load(vp, [input, output], kernel, groups, bias)?;
-        let (weight, bias) = fold_batch_norm(norm, conv.weight, conv.bias, BATCH_NORM_EPS)?;
+        Self::load(vp, [input, output], kernel, groups, bias)?.normed(norm, BATCH_NORM_EPS)
+    }
+
+    /// The convolution with the inference batch norm under `norm` (of epsilon `eps`)
+    /// after it folded in.
+    pub fn normed(self, norm: &VarPath, eps: f64) -> Result<Self> {
+        let (weight, bias) = fold_batch_norm(norm, self.weight, self.bias, eps)?;
         Ok(Self {
             weight,
             bias: Some(bias),
-            ..conv
+            ..self
         })
     }
 

@@ -86,6 +86,15 @@ impl Architecture {
             // calibration, the expert's output, the feed-forward's doubled width; the
             // shuffle's input and output.
             Architecture::SeemoRe { features, .. } => (12 * features as u64, 6 * out),
+            // A layer's input and output and the image kept for the residual.
+            Architecture::DnCnn { features, .. } => (3 * features as u64, 0),
+            // At each level (a quarter of the pixels of the one above): its skip, a
+            // block's input, its two convolutions' outputs and the sum.
+            Architecture::DrUnet { unet, .. } | Architecture::Fbcnn { unet, .. } => {
+                let levels = unet.widths.iter().zip([1u64, 4, 16, 64]);
+                let floats = levels.map(|(width, area)| (5 * *width as u64).div_ceil(area));
+                (floats.sum(), 0)
+            }
             Architecture::SwiftSrgan { features, .. } => {
                 (5 * features as u64, (2 * features + 3) as u64 * out)
             }

@@ -2,7 +2,9 @@
 //! from them, as spandrel's model descriptor tells it, is in `descriptor.rs`; the
 //! activations a tile needs in `activations.rs`).
 
-use super::{ChannelMixer, ExpertGrowth, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler};
+use super::{
+    ChannelMixer, ExpertGrowth, KairUnet, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler,
+};
 
 /// An upscaler's architecture and its hyperparameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,6 +474,38 @@ pub enum Architecture {
         shuffle: bool,
         /// The key calibration's strided summaries (`recursive`).
         calibration_rounds: i64,
+    },
+    /// DnCNN: a stack of 3×3 convolutions (batch-normed or not) with ReLU predicting the
+    /// noise, which is subtracted from the input; FDnCNN takes a noise-level map beside the
+    /// image and predicts the image itself (restoration).
+    DnCnn {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`nc`).
+        features: i64,
+        /// Convolutions, the first and last included (`nb`).
+        layers: i64,
+        /// Whether the body's layers are batch-normed (`act_mode` "BR").
+        batch_norm: bool,
+        /// Whether a noise-level map is the input's last channel (FDnCNN).
+        noise_map: bool,
+    },
+    /// DRUNet: a four-level U-Net of residual blocks over the image and a noise-level map
+    /// (restoration).
+    DrUnet {
+        /// Image channels in and out.
+        channels: i64,
+        /// The U-Net's widths, blocks and resampling.
+        unet: KairUnet,
+    },
+    /// FBCNN: DRUNet's U-Net with biases, whose decoder blocks are scaled and shifted by an
+    /// embedding of the JPEG quality factor it predicts from the lowest level
+    /// (restoration).
+    Fbcnn {
+        /// Image channels in and out.
+        channels: i64,
+        /// The U-Net's widths, blocks and resampling.
+        unet: KairUnet,
     },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.

@@ -39,7 +39,10 @@ impl Architecture {
             Architecture::SafmnBcie { unshuffle, .. } => {
                 (8 * unshuffle, lcm(BCIE_MULTIPLE, unshuffle))
             }
-            Architecture::SwiftSrgan { .. } => (0, 1),
+            Architecture::SwiftSrgan { .. } | Architecture::DnCnn { .. } => (0, 1),
+            // FBCNN replicates its input to multiples of 8 itself; DRUNet has spandrel pad.
+            Architecture::Fbcnn { .. } => (0, 1),
+            Architecture::DrUnet { .. } => (0, 8),
             Architecture::SeemoRe { .. } => (16, 1),
             // Odd sides are reflected to even ones inside the network.
             Architecture::MoEsr { .. } => (2, 1),
@@ -72,7 +75,10 @@ impl Architecture {
                 unshuffle,
                 ..
             } => (1 << upsamplings) / unshuffle,
-            Architecture::ScuNet { .. } => 1,
+            Architecture::ScuNet { .. }
+            | Architecture::DnCnn { .. }
+            | Architecture::DrUnet { .. }
+            | Architecture::Fbcnn { .. } => 1,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
             | Architecture::Plksr { scale, .. }
@@ -122,7 +128,10 @@ impl Architecture {
             | Architecture::SafmnBcie { channels, .. }
             | Architecture::MoEsr { channels, .. }
             | Architecture::SwiftSrgan { channels, .. }
-            | Architecture::SeemoRe { channels, .. } => channels,
+            | Architecture::SeemoRe { channels, .. }
+            | Architecture::DnCnn { channels, .. }
+            | Architecture::DrUnet { channels, .. }
+            | Architecture::Fbcnn { channels, .. } => channels,
         }
     }
 
@@ -151,6 +160,9 @@ impl Architecture {
             Architecture::MoEsr { .. } => "MoESR",
             Architecture::SwiftSrgan { .. } => "Swift-SRGAN",
             Architecture::SeemoRe { .. } => "SeemoRe",
+            Architecture::DnCnn { .. } => "DnCNN",
+            Architecture::DrUnet { .. } => "DRUNet",
+            Architecture::Fbcnn { .. } => "FBCNN",
         }
     }
 
@@ -255,8 +267,24 @@ impl Architecture {
                 features, blocks, ..
             } => vec![format!("{features}nf"), format!("{blocks}nb")],
             Architecture::SeemoRe { .. } => self.seemore_tags(),
-            // spandrel gives SCUNet and RGT no tags.
-            Architecture::ScuNet { .. } | Architecture::Rgt { .. } => Vec::new(),
+            Architecture::DnCnn {
+                features,
+                layers,
+                noise_map,
+                ..
+            } => {
+                let own = [format!("{features}nc"), format!("{layers}nb")];
+                noise_map
+                    .then(|| "FDnCNN".to_string())
+                    .into_iter()
+                    .chain(own)
+                    .collect()
+            }
+            Architecture::DrUnet { unet, .. } => vec![format!("{}nb", unet.blocks)],
+            // spandrel gives SCUNet, RGT and FBCNN no tags.
+            Architecture::ScuNet { .. } | Architecture::Rgt { .. } | Architecture::Fbcnn { .. } => {
+                Vec::new()
+            }
         }
     }
 }

@@ -2,9 +2,9 @@
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
 //! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN,
-//! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN and SeemoRe. Every stored name is mapped to one
-//! canonical (BasicSR's, or the network's own) name; a name that fits no layout is
-//! refused.
+//! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet and FBCNN. Every
+//! stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
+//! that fits no layout is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +21,7 @@ pub mod ditn;
 pub mod drct;
 pub mod fdat;
 mod hat;
+pub mod kair;
 pub mod moesr;
 pub mod mosr;
 mod omnisr;
@@ -41,6 +42,7 @@ pub mod uni_upsample;
 pub use architecture::Architecture;
 use basicsr::{compact, rrdb, rrdb_names};
 pub use descriptor::SizeRequirements;
+pub use kair::{KairDownsample, KairUnet, KairUpsample, FBCNN_QF_WIDTH};
 pub use mosr::MoSrUpsampler;
 pub use plksr::{dysample_groups, ChannelMixer, LargeKernel};
 pub use seemore::ExpertGrowth;
@@ -138,6 +140,18 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if swiftsrgan::KEYS.iter().all(|key| has(key)) {
         return swiftsrgan::detect(&unwrapped).map_err(unknown);
+    }
+    if kair::DRUNET_KEYS.iter().all(|key| has(key)) {
+        return kair::detect_drunet(&unwrapped).map_err(|name| unknown(&name));
+    }
+    if kair::FBCNN_KEYS.iter().all(|key| has(key)) {
+        return kair::detect_fbcnn(&unwrapped).map_err(|name| unknown(&name));
+    }
+    let dncnn_body = [kair::DNCNN_PLAIN_KEYS, kair::DNCNN_NORMED_KEYS]
+        .iter()
+        .any(|keys| keys.iter().all(|key| has(key)));
+    if dncnn_body && kair::DNCNN_KEYS.iter().all(|key| has(key)) {
+        return kair::detect_dncnn(&unwrapped).map_err(|name| unknown(&name));
     }
     if plksr::ORIGINAL_KEYS.iter().all(|key| has(key)) {
         return plksr::detect_original(&unwrapped).map_err(unknown);
