@@ -372,6 +372,39 @@ fn params_ema_is_preferred_over_params() {
     assert!(actual.equal(&expected));
 }
 
+/// A file whose every name starts with `module.` (a data-parallel wrapper's), `netG.`
+/// or both in that order computes what the file without them computes, as spandrel
+/// removes those prefixes; a file where only some names have one is refused.
+#[test]
+fn wrapper_prefixes_are_removed_as_spandrel_removes_them() {
+    let (root, _) = cases();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = root.join("models/drunet_strided.safetensors");
+    let tensors = Tensor::read_safetensors(&path).expect("read");
+    let image = to_tensor(&input(&root.join("images/odd_21x13.png")));
+    let expected = pass(&load(&path), &image);
+    for prefix in ["module.", "netG.", "module.netG."] {
+        let wrapped: Vec<_> = tensors
+            .iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t.shallow_clone()))
+            .collect();
+        let file = dir.path().join(format!("{prefix}safetensors"));
+        Tensor::write_safetensors(&wrapped, &file).expect("write");
+        assert!(pass(&load(&file), &image).equal(&expected), "{prefix}");
+    }
+    let partly: Vec<_> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t))| match i {
+            0 => (format!("module.{n}"), t.shallow_clone()),
+            _ => (n.clone(), t.shallow_clone()),
+        })
+        .collect();
+    let file = dir.path().join("partly.safetensors");
+    Tensor::write_safetensors(&partly, &file).expect("write");
+    assert!(Upscaler::load(&file, Device::Cpu, Kind::Float).is_err());
+}
+
 /// ListModels shows each upscaler's architecture, scale and tags; a file of no served
 /// layout lists with the tensor that did not fit, named without the server's path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,8 +258,24 @@ fn shuffle_factor(shuffled: i64, in_channels: i64) -> Option<(i64, i64)> {
 }
 
 /// The tensors under `params_ema.` (preferred) or `params.` with the prefix removed, as
-/// (stored name, unwrapped name, shape); all of them when neither wraps any.
+/// (stored name, unwrapped name, shape); all of them when neither wraps any. Then, as
+/// spandrel canonicalises a state dict, `module.` (a data-parallel wrapper's) and `netG.`
+/// removed in turn where every name starts with it.
 fn unwrap(shapes: &Shapes) -> Vec<(&str, &str, &[i64])> {
+    let mut tensors = unwrap_params(shapes);
+    for prefix in ["module.", "netG."] {
+        if !tensors.is_empty() && tensors.iter().all(|(_, n, _)| n.starts_with(prefix)) {
+            for (_, name, _) in &mut tensors {
+                *name = &name[prefix.len()..];
+            }
+        }
+    }
+    tensors
+}
+
+/// The tensors under `params_ema.` (preferred) or `params.`, the prefix removed; all of
+/// them where neither wraps any.
+fn unwrap_params(shapes: &Shapes) -> Vec<(&str, &str, &[i64])> {
     for prefix in ["params_ema.", "params."] {
         let inner: Vec<_> = shapes
             .iter()
