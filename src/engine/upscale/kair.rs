@@ -267,8 +267,8 @@ impl Unet {
     }
 
     /// The decoder from the lowest level's output `x` and the encoder's `skips`; each
-    /// level's blocks modulated by its pair of `modulation` where there is one (top-down
-    /// order of the decoder: the lowest first).
+    /// level's blocks scaled and shifted by its pair of `modulation` where there is one
+    /// (in the decoder's order: the lowest level first).
     pub fn decode(
         &self,
         x: Tensor,
