@@ -52,7 +52,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 94);
+    assert_eq!(models.len(), 96);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -81,6 +81,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::DnCnn { .. } => "DnCNN",
             Architecture::DrUnet { .. } => "DRUNet",
             Architecture::Fbcnn { .. } => "FBCNN",
+            Architecture::NafNet { .. } => "NAFNet",
             Architecture::SeemoRe { .. } => "SeemoRe",
         };
         assert_eq!(id, model["architecture"], "{model}");

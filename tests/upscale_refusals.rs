@@ -664,3 +664,14 @@ fn kair_files_spandrel_cannot_load_or_run_are_refused_naming_their_tensor() {
         "m_up3.0.weight",
     );
 }
+
+/// A NAFNet with fewer upsamplers than levels (spandrel builds one per decoder level and
+/// cannot load the file) is refused naming the first upsampler.
+#[test]
+fn a_nafnet_with_fewer_upsamplers_than_levels_is_refused() {
+    assert_refused_without(
+        "nafnet",
+        |name| name.starts_with("ups.1."),
+        "ups.0.0.weight",
+    );
+}

@@ -170,6 +170,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.MoESR import MoESR
     from spandrel.architectures.MoSR import MoSR
+    from spandrel.architectures.NAFNet import NAFNet
     from spandrel.architectures.OmniSR import OmniSR
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
     from spandrel.architectures.RCAN import RCAN
@@ -207,7 +208,13 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "seemore-x2": (SeemoRe(scale=2, num_experts=3, num_layers=2, embedding_dim=16), "SeemoRe", 2),
         "fdncnn": (DnCNN(in_nc=4, out_nc=3, nc=16, nb=8, act_mode="R", mode="FDnCNN"), "DnCNN", 1),
         "drunet": (DRUNet(in_nc=4, out_nc=3, nc=[16, 32, 48, 64], nb=2), "DRUNet", 1),
+        "nafnet": (NAFNet(width=16, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 2]), "NAFNet", 1),
     }
+    # NAFNet starts its blocks' residual scales at zero, which would leave them out.
+    with torch.no_grad():
+        for name, p in networks["nafnet"][0].named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.copy_(0.5 * torch.randn(p.shape))
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
     Image.fromarray(pixels).save(data, format="PNG")

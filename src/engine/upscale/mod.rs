@@ -1,7 +1,7 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
 //! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN,
-//! OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet and
-//! FBCNN restoring at scale 1) loaded
+//! OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
+//! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
 //! rounded to 8 bits).
@@ -26,6 +26,7 @@ pub mod kair;
 pub mod layout;
 pub mod moesr;
 pub mod mosr;
+pub mod nafnet;
 pub mod nets;
 pub mod omnisr;
 pub mod plksr;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -20,6 +20,7 @@ use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::upscale::moesr::MoEsr;
 use crate::engine::upscale::mosr::MoSr;
+use crate::engine::upscale::nafnet::NafNet;
 use crate::engine::upscale::omnisr::OmniSr;
 use crate::engine::upscale::plksr::Plksr;
 use crate::engine::upscale::rcan::Rcan;
@@ -252,6 +253,7 @@ pub enum Network {
     DnCnn(Box<DnCnn>),
     DrUnet(Box<DrUnet>),
     Fbcnn(Box<Fbcnn>),
+    NafNet(Box<NafNet>),
 }
 
 impl Network {
@@ -303,6 +305,9 @@ impl Network {
                 Network::DrUnet(Box::new(DrUnet::load(vp, architecture)?))
             }
             Architecture::Fbcnn { .. } => Network::Fbcnn(Box::new(Fbcnn::load(vp, architecture)?)),
+            Architecture::NafNet { .. } => {
+                Network::NafNet(Box::new(NafNet::load(vp, architecture)?))
+            }
         })
     }
 
@@ -335,6 +340,7 @@ impl Network {
             Network::DnCnn(n) => n.forward(image, between),
             Network::DrUnet(n) => n.forward(image, between),
             Network::Fbcnn(n) => n.forward(image, between),
+            Network::NafNet(n) => n.forward(image, between),
         }
     }
 }

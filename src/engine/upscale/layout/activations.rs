@@ -95,6 +95,10 @@ impl Architecture {
                 let floats = levels.map(|(width, area)| (5 * *width as u64).div_ceil(area));
                 (floats.sum(), 0)
             }
+            // A block's input, its norm, the doubled expansion and its depthwise output,
+            // the gated half and the attention's product; the skips of the levels below
+            // (a quarter of the pixels and twice the width each) about as much again.
+            Architecture::NafNet { features, .. } => (12 * features as u64, 0),
             Architecture::SwiftSrgan { features, .. } => {
                 (5 * features as u64, (2 * features + 3) as u64 * out)
             }

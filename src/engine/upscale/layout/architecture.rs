@@ -507,6 +507,22 @@ pub enum Architecture {
         /// The U-Net's widths, blocks and resampling.
         unet: KairUnet,
     },
+    /// NAFNet: a U-Net of NAF blocks (channel layer norm, gated depthwise convolution and
+    /// simplified channel attention, a gated feed-forward), restoring at the input's size.
+    NafNet {
+        /// Image channels in and out.
+        channels: i64,
+        /// The first level's width (`width`), doubled at each level down.
+        features: i64,
+        /// Encoder (and decoder) levels.
+        levels: i64,
+        /// Blocks per encoder level, top down (`enc_blk_nums`; the first `levels`).
+        encoders: [i64; super::nafnet::MAX_LEVELS],
+        /// Blocks per decoder level, bottom up (`dec_blk_nums`; the first `levels`).
+        decoders: [i64; super::nafnet::MAX_LEVELS],
+        /// Blocks at the lowest level (`middle_blk_num`).
+        middle: i64,
+    },
     /// SCUNet: a U-Net of Swin-Conv blocks (a residual convolution branch beside a Swin
     /// transformer branch), restoring at the input's size.
     ScuNet {

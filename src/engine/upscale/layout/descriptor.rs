@@ -40,8 +40,9 @@ impl Architecture {
                 (8 * unshuffle, lcm(BCIE_MULTIPLE, unshuffle))
             }
             Architecture::SwiftSrgan { .. } | Architecture::DnCnn { .. } => (0, 1),
-            // FBCNN replicates its input to multiples of 8 itself; DRUNet has spandrel pad.
-            Architecture::Fbcnn { .. } => (0, 1),
+            // FBCNN replicates its input to multiples of 8 itself, NAFNet pads with zeros to
+            // its levels' multiple; DRUNet has spandrel pad.
+            Architecture::Fbcnn { .. } | Architecture::NafNet { .. } => (0, 1),
             Architecture::DrUnet { .. } => (0, 8),
             Architecture::SeemoRe { .. } => (16, 1),
             // Odd sides are reflected to even ones inside the network.
@@ -78,7 +79,8 @@ impl Architecture {
             Architecture::ScuNet { .. }
             | Architecture::DnCnn { .. }
             | Architecture::DrUnet { .. }
-            | Architecture::Fbcnn { .. } => 1,
+            | Architecture::Fbcnn { .. }
+            | Architecture::NafNet { .. } => 1,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
             | Architecture::Plksr { scale, .. }
@@ -131,7 +133,8 @@ impl Architecture {
             | Architecture::SeemoRe { channels, .. }
             | Architecture::DnCnn { channels, .. }
             | Architecture::DrUnet { channels, .. }
-            | Architecture::Fbcnn { channels, .. } => channels,
+            | Architecture::Fbcnn { channels, .. }
+            | Architecture::NafNet { channels, .. } => channels,
         }
     }
 
@@ -163,6 +166,7 @@ impl Architecture {
             Architecture::DnCnn { .. } => "DnCNN",
             Architecture::DrUnet { .. } => "DRUNet",
             Architecture::Fbcnn { .. } => "FBCNN",
+            Architecture::NafNet { .. } => "NAFNet",
         }
     }
 
@@ -281,6 +285,7 @@ impl Architecture {
                     .collect()
             }
             Architecture::DrUnet { unet, .. } => vec![format!("{}nb", unet.blocks)],
+            Architecture::NafNet { features, .. } => vec![format!("{features}w")],
             // spandrel gives SCUNet, RGT and FBCNN no tags.
             Architecture::ScuNet { .. } | Architecture::Rgt { .. } | Architecture::Fbcnn { .. } => {
                 Vec::new()

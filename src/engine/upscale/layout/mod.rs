@@ -2,8 +2,8 @@
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
 //! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN,
-//! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet and FBCNN. Every
-//! stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
+//! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet, FBCNN and NAFNet.
+//! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
 //! that fits no layout is refused.
 
 use std::collections::HashMap;
@@ -24,6 +24,7 @@ mod hat;
 pub mod kair;
 pub mod moesr;
 pub mod mosr;
+mod nafnet;
 mod omnisr;
 mod plksr;
 mod rcan;
@@ -146,6 +147,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if kair::FBCNN_KEYS.iter().all(|key| has(key)) {
         return kair::detect_fbcnn(&unwrapped).map_err(|name| unknown(&name));
+    }
+    if nafnet::KEYS.iter().all(|key| has(key)) {
+        return nafnet::detect(&unwrapped).map_err(|name| unknown(&name));
     }
     let dncnn_body = [kair::DNCNN_PLAIN_KEYS, kair::DNCNN_NORMED_KEYS]
         .iter()
