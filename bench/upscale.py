@@ -34,7 +34,8 @@ blocks, unshuffled by 2; x1), or with `--arch seemore` SeemoRe x4 of spandrel's 
 "dncnn_color_blind" shape: 64 wide, 20 layers; x1), with `--arch drunet` DRUNet (the
 published "drunet_color" shape: 64 to 512 wide, four blocks a level; x1), with
 `--arch fbcnn` FBCNN (the published "fbcnn_color" shape: 64 to 512 wide, four blocks a
-level; x1), or with
+level; x1), with `--arch nafnet` NAFNet (the published "NAFNet-SIDD-width32" shape: four
+levels of 2, 2, 4 and 8 blocks, 12 in the middle; x1), or with
 `--arch scunet` ScuNET (SCUNet of 64 channels, four blocks a
 stage: the ScuNET GAN and PSNR denoisers, x1), with random
 weights, one image enlarged by spandrel (the loader
@@ -48,7 +49,7 @@ input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, 
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
 plksr-original|safmn|mosr|swinir|swin2sr|hat|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|
-swiftsrgan|moesr|safmnbcie|seemore|dncnn|drunet|fbcnn|scunet]
+swiftsrgan|moesr|safmnbcie|seemore|dncnn|drunet|fbcnn|nafnet|scunet]
 [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
 """
@@ -81,6 +82,7 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.HAT import HAT
     from spandrel.architectures.MoESR import MoESR
     from spandrel.architectures.MoSR import MoSR
+    from spandrel.architectures.NAFNet import NAFNet
     from spandrel.architectures.OmniSR import OmniSR
     from spandrel.architectures.PLKSR import PLKSR, RealPLKSR
     from spandrel.architectures.RCAN import RCAN
@@ -122,6 +124,7 @@ def write_model(path: Path, arch: str) -> str:
         "dncnn": (lambda: DnCNN(in_nc=3, out_nc=3, nc=64, nb=20, act_mode="R"), "x1 DnCNN (64nc 20nb)"),
         "drunet": (lambda: DRUNet(in_nc=4, out_nc=3), "x1 DRUNet (64-512 wide, 4nb)"),
         "fbcnn": (lambda: FBCNN(), "x1 FBCNN (64-512 wide, 4nb)"),
+        "nafnet": (lambda: NAFNet(width=32, middle_blk_num=12, enc_blk_nums=[2, 2, 4, 8], dec_blk_nums=[2, 2, 2, 2]), "x1 NAFNet (32w, SIDD)"),
         "swin2sr": (lambda: Swin2SR(img_size=64, embed_dim=180, depths=[6] * 6, num_heads=[6] * 6, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="1conv"), "x4 Swin2SR real-world (180dim, 6x6 blocks, s64w8, nearest+conv)"),
         "swinir": (lambda: SwinIR(img_size=64, embed_dim=240, depths=[6] * 9, num_heads=[8] * 9, window_size=8, mlp_ratio=2.0, upscale=4, upsampler="nearest+conv", resi_connection="3conv"), "x4 SwinIR-L (240dim, 9x6 blocks, s64w8, nearest+conv, 3conv)"),
         "span": (lambda: SPAN(num_in_ch=3, num_out_ch=3, feature_channels=48, upscale=4), "x4 SPAN (48nf)"),
@@ -188,7 +191,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "seemore", "dncnn", "drunet", "fbcnn", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "seemore", "dncnn", "drunet", "fbcnn", "nafnet", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
@@ -204,7 +207,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "x4.safetensors"
         described = write_model(model, args.arch)
-        scale = 1 if args.arch in ("scunet", "safmnbcie", "dncnn", "drunet", "fbcnn") else 4
+        scale = 1 if args.arch in ("scunet", "safmnbcie", "dncnn", "drunet", "fbcnn", "nafnet") else 4
         megapixels = (args.size * scale) ** 2 / 1e6
         rows = []
         for tile in (args.tile,) if args.tiled_only else (args.tile, 0):
