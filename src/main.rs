@@ -5,5 +5,6 @@ mod cli;
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    sdxld::engine::device::keep_freed_tensors_in_the_heap();
     cli::run(cli::Cli::parse())
 }

@@ -346,6 +346,29 @@ impl Drop for CudaGraph {
     }
 }
 
+/// glibc's mmap threshold for the process: blocks below it come from the heap.
+const MMAP_THRESHOLD: i32 = 32 << 20;
+/// glibc's trim threshold for the process: free memory at the heap's top up to this is
+/// kept for the next allocation.
+const TRIM_THRESHOLD: i32 = 128 << 20;
+
+/// Keeps the tensors a CPU pass frees in glibc's heap for the next layer. By default
+/// glibc maps every block above its (adaptive) mmap threshold afresh and hands the
+/// heap's top back to the system at every free above twice that: a network's
+/// activations, freed and allocated again at every layer, then fault their pages in on
+/// every layer, which made small passes a third slower than the same libtorch calls
+/// under Python (whose objects hold the heap's top). Fixed thresholds keep them; what a
+/// job freed still goes back to the system between jobs
+/// ([`release_freed_host_memory`]). Called once, at start.
+pub fn keep_freed_tensors_in_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets the allocator's thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
 /// Hands the host memory a job freed back to the system. libtorch's CPU tensors come
 /// from glibc's malloc, which keeps freed memory in its arenas for reuse (and, after a
 /// large tensor is freed, raises its mmap threshold so that later large tensors are kept
