@@ -10,6 +10,7 @@ use tch::Tensor;
 use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::upscale::layout::{KairDownsample, KairUnet, KairUpsample};
+use crate::engine::upscale::patch_conv::PatchConv;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
 
@@ -89,10 +90,7 @@ pub fn blocks(
 /// A ×2 downsampler.
 enum Downsample {
     /// A 2×2 convolution of stride 2.
-    Strided {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
+    Strided(PatchConv),
     /// A 2×2 average pool, then the 3×3 convolution.
     Pooled(SameConv),
 }
@@ -106,14 +104,9 @@ impl Downsample {
         widths: [i64; 2],
         bias: bool,
     ) -> Result<Self> {
-        let [input, output] = widths;
         Ok(match mode {
             KairDownsample::StrideConv => {
-                let conv = vp.pp(blocks);
-                Downsample::Strided {
-                    weight: conv.get("weight", &[output, input, 2, 2])?,
-                    bias: bias.then(|| conv.get("bias", &[output])).transpose()?,
-                }
+                Downsample::Strided(PatchConv::down(&vp.pp(blocks), widths, bias)?)
             }
             // The pool is entry `blocks`, its convolution the next.
             KairDownsample::AvgPool => {
@@ -124,9 +117,7 @@ impl Downsample {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
-            Downsample::Strided { weight, bias } => {
-                x.conv2d(weight, bias.as_ref(), [2, 2], [0, 0], [1, 1], 1)
-            }
+            Downsample::Strided(conv) => conv.forward(x),
             Downsample::Pooled(conv) => {
                 conv.forward(&x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None))
             }
@@ -137,10 +128,7 @@ impl Downsample {
 /// A ×2 upsampler.
 enum Upsample {
     /// A 2×2 transposed convolution of stride 2.
-    Transposed {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
+    Transposed(PatchConv),
     /// The 3×3 convolution to four times the width, then the shuffle.
     Shuffled(SameConv),
     /// The nearest ×2 enlargement, then the 3×3 convolution.
@@ -156,10 +144,9 @@ impl Upsample {
         bias: bool,
     ) -> Result<Self> {
         Ok(match mode {
-            KairUpsample::ConvTranspose => Upsample::Transposed {
-                weight: vp.get("weight", &[input, output, 2, 2])?,
-                bias: bias.then(|| vp.get("bias", &[output])).transpose()?,
-            },
+            KairUpsample::ConvTranspose => {
+                Upsample::Transposed(PatchConv::up(vp, [input, output], bias)?)
+            }
             KairUpsample::PixelShuffle => {
                 Upsample::Shuffled(SameConv::load(vp, [input, 4 * output], 3, 1, bias)?)
             }
@@ -171,9 +158,7 @@ impl Upsample {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
-            Upsample::Transposed { weight, bias } => {
-                x.conv_transpose2d(weight, bias.as_ref(), [2, 2], [0, 0], [0, 0], 1, [1, 1])
-            }
+            Upsample::Transposed(conv) => conv.forward(x),
             Upsample::Shuffled(conv) => conv.forward(x).pixel_shuffle(2),
             Upsample::Enlarged(conv) => {
                 let size = x.size();

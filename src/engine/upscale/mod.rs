@@ -29,6 +29,7 @@ pub mod mosr;
 pub mod nafnet;
 pub mod nets;
 pub mod omnisr;
+pub mod patch_conv;
 pub mod plksr;
 pub mod rcan;
 pub mod realcugan;

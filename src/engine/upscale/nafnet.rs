@@ -17,6 +17,7 @@ use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::upscale::channel_norm::ChannelNorm;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::patch_conv::PatchConv;
 use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::weights::VarPath;
 
@@ -89,12 +90,12 @@ fn through(blocks: &[NafBlock], x: Tensor, between: &mut Between<'_>) -> Result<
 /// An encoder level: its blocks, then the strided convolution.
 struct Encoder {
     blocks: Vec<NafBlock>,
-    down: (Tensor, Tensor),
+    down: PatchConv,
 }
 
 /// A decoder level: the 1×1 convolution before the shuffle, then its blocks.
 struct Decoder {
-    up: Tensor,
+    up: SameConv,
     blocks: Vec<NafBlock>,
 }
 
@@ -123,13 +124,10 @@ impl NafNet {
         let width = |level: i64| features << level;
         let encoders = (0..levels)
             .map(|l| {
-                let (w, down) = (width(l), vp.pp("downs").pp(l));
+                let w = width(l);
                 Ok(Encoder {
                     blocks: blocks(&vp.pp("encoders").pp(l), encoders[l as usize], w)?,
-                    down: (
-                        down.get("weight", &[2 * w, w, 2, 2])?,
-                        down.get("bias", &[2 * w])?,
-                    ),
+                    down: PatchConv::down(&vp.pp("downs").pp(l), [w, 2 * w], true)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -137,11 +135,7 @@ impl NafNet {
             .map(|l| {
                 let w = width(levels - 1 - l);
                 Ok(Decoder {
-                    up: vp
-                        .pp("ups")
-                        .pp(l)
-                        .pp(0)
-                        .get("weight", &[4 * w, 2 * w, 1, 1])?,
+                    up: SameConv::load(&vp.pp("ups").pp(l).pp(0), [2 * w, 4 * w], 1, 1, false)?,
                     blocks: blocks(&vp.pp("decoders").pp(l), decoders[l as usize], w)?,
                 })
             })
@@ -165,15 +159,14 @@ impl NafNet {
         let mut skips = Vec::with_capacity(self.encoders.len());
         for encoder in &self.encoders {
             x = through(&encoder.blocks, x, between)?;
-            let (weight, bias) = &encoder.down;
-            let down = x.conv2d(weight, Some(bias), [2, 2], [0, 0], [1, 1], 1);
+            let down = encoder.down.forward(&x);
             skips.push(x);
             x = down;
         }
         x = through(&self.middle, x, between)?;
         for (decoder, skip) in self.decoders.iter().zip(skips.iter().rev()) {
-            let up = x.conv2d::<&Tensor>(&decoder.up, None, [1, 1], [0, 0], [1, 1], 1);
-            x = through(&decoder.blocks, up.pixel_shuffle(2) + skip, between)?;
+            let up = decoder.up.forward(&x).pixel_shuffle(2);
+            x = through(&decoder.blocks, up + skip, between)?;
         }
         let restored = self.ending.forward(&x) + input;
         Ok(restored.narrow(2, 0, height).narrow(3, 0, width))

@@ -14,6 +14,8 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, LayerNorm, Linear};
 use crate::engine::upscale::layout::scunet::{HEAD_WIDTH, STAGES, WINDOW};
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::patch_conv::PatchConv;
+use crate::engine::upscale::same_conv::SameConv;
 use crate::engine::upscale::swin::{
     attend, gather_bias, pad_to_windows, partition, relative_position_index, reverse, shifted_mask,
     LAYER_NORM_EPS,
@@ -22,28 +24,6 @@ use crate::engine::weights::VarPath;
 
 /// The side the image is padded to a multiple of (three halvings down to whole windows).
 const PAD_MULTIPLE: i64 = 64;
-
-/// A convolution without bias.
-struct BiaslessConv {
-    weight: Tensor,
-    stride: i64,
-    padding: i64,
-}
-
-impl BiaslessConv {
-    fn load(vp: &VarPath, [input, output]: [i64; 2], kernel: i64, stride: i64) -> Result<Self> {
-        Ok(Self {
-            weight: vp.get("weight", &[output, input, kernel, kernel])?,
-            stride,
-            padding: if stride == 1 { kernel / 2 } else { 0 },
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let (stride, padding) = ([self.stride; 2], [self.padding; 2]);
-        x.conv2d::<&Tensor>(&self.weight, None, stride, padding, [1, 1], 1)
-    }
-}
 
 /// The Swin transformer branch (`Block` with its `WMSA`).
 struct Transformer {
@@ -117,7 +97,7 @@ impl Transformer {
 /// A Swin-Conv block (`ConvTransBlock`) of `2 × half` channels.
 struct SwinConvBlock {
     split: Conv2d,
-    convs: [BiaslessConv; 2],
+    convs: [SameConv; 2],
     transformer: Transformer,
     join: Conv2d,
     half: i64,
@@ -130,8 +110,8 @@ impl SwinConvBlock {
         Ok(Self {
             split: Conv2d::load(&vp.pp("conv1_1"), width, width, 1, 1, 0)?,
             convs: [
-                BiaslessConv::load(&convs.pp(0), [half, half], 3, 1)?,
-                BiaslessConv::load(&convs.pp(2), [half, half], 3, 1)?,
+                SameConv::load(&convs.pp(0), [half, half], 3, 1, false)?,
+                SameConv::load(&convs.pp(2), [half, half], 3, 1, false)?,
             ],
             transformer: Transformer::load(&vp.pp("trans_block"), half, shifted)?,
             join: Conv2d::load(&vp.pp("conv1_2"), width, width, 1, 1, 0)?,
@@ -157,9 +137,9 @@ impl SwinConvBlock {
 /// How a stage changes the resolution.
 enum Resample {
     /// After the blocks: a 2×2 convolution of stride 2 to twice the channels.
-    Down(BiaslessConv),
+    Down(PatchConv),
     /// Before them: a 2×2 transposed convolution of stride 2 to half the channels.
-    Up(Tensor),
+    Up(PatchConv),
     None,
 }
 
@@ -177,18 +157,16 @@ impl Stage {
             .map(|i| SwinConvBlock::load(&vp.pp(first_block + i), width / 2, i % 2 == 1))
             .collect::<Result<_>>()?;
         let resample = match index {
-            0..=2 => Resample::Down(BiaslessConv::load(&vp.pp(count), [width, 2 * width], 2, 2)?),
+            0..=2 => Resample::Down(PatchConv::down(&vp.pp(count), [width, 2 * width], false)?),
             3 => Resample::None,
-            _ => Resample::Up(vp.pp(0).get("weight", &[2 * width, width, 2, 2])?),
+            _ => Resample::Up(PatchConv::up(&vp.pp(0), [2 * width, width], false)?),
         };
         Ok(Self { blocks, resample })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let x = match &self.resample {
-            Resample::Up(weight) => {
-                x.conv_transpose2d::<&Tensor>(weight, None, [2, 2], [0, 0], [0, 0], 1, [1, 1])
-            }
+            Resample::Up(conv) => conv.forward(x),
             _ => x.shallow_clone(),
         };
         let size = x.size();
@@ -216,9 +194,9 @@ impl Stage {
 
 /// SCUNet.
 pub struct ScuNet {
-    head: BiaslessConv,
+    head: SameConv,
     stages: Vec<Stage>,
-    tail: BiaslessConv,
+    tail: SameConv,
 }
 
 impl ScuNet {
@@ -238,9 +216,9 @@ impl ScuNet {
             .map(|i| Stage::load(&vp.pp(STAGES[i]), i, blocks[i], widths[i]))
             .collect::<Result<_>>()?;
         Ok(Self {
-            head: BiaslessConv::load(&vp.pp("m_head").pp(0), [channels, features], 3, 1)?,
+            head: SameConv::load(&vp.pp("m_head").pp(0), [channels, features], 3, 1, false)?,
             stages,
-            tail: BiaslessConv::load(&vp.pp("m_tail").pp(0), [features, channels], 3, 1)?,
+            tail: SameConv::load(&vp.pp("m_tail").pp(0), [features, channels], 3, 1, false)?,
         })
     }
 
