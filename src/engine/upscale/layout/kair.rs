@@ -4,7 +4,7 @@
 //! convolution, the blocks per level from a sequence's length, the resampling from which
 //! tensors the level's first entry has.
 
-use super::{own_names, shape_of, Architecture, Layout, Unwrapped};
+use super::{dimension_of, own_names, shape_of, Architecture, Layout, Unwrapped};
 use crate::engine::weights::numbered_children;
 
 /// The tensors spandrel detects DnCNN by, beside either [`DNCNN_PLAIN_KEYS`] or
@@ -125,7 +125,6 @@ pub fn is_unread(name: &str) -> bool {
 /// sequence no count of layers gives, a first convolution over other than the image's
 /// channels (DnCNN) or one more (FDnCNN's noise level).
 pub(super) fn detect_dncnn(unwrapped: &Unwrapped) -> Result<Layout, String> {
-    let first = dimensions(unwrapped, DNCNN_KEYS[0])?;
     let names = || unwrapped.iter().map(|(_, n, _)| *n);
     let length = numbered_children(names(), "model.");
     let last = format!("model.{}.weight", length - 1);
@@ -139,7 +138,8 @@ pub(super) fn detect_dncnn(unwrapped: &Unwrapped) -> Result<Layout, String> {
     let channels = shape_of(unwrapped, &last)
         .and_then(|s| s.first().copied())
         .ok_or_else(|| last.clone())?;
-    let [features, input] = [first[0], first[1]];
+    let features = dimension_of(unwrapped, DNCNN_KEYS[0], 0)?;
+    let input = dimension_of(unwrapped, DNCNN_KEYS[0], 1)?;
     let noise_map = input == channels + 1;
     if features < 1 || channels < 1 || !(input == channels || noise_map) {
         return Err(DNCNN_KEYS[0].into());
@@ -161,7 +161,7 @@ pub(super) fn detect_dncnn(unwrapped: &Unwrapped) -> Result<Layout, String> {
 /// width.
 pub(super) fn detect_drunet(unwrapped: &Unwrapped) -> Result<Layout, String> {
     let (channels, unet) = unet(unwrapped, "m_body.", DRUNET_BODY_KEY, drunet_upsample)?;
-    if dimensions(unwrapped, HEAD_KEY)?[1] != channels + 1 {
+    if dimension_of(unwrapped, HEAD_KEY, 1)? != channels + 1 {
         return Err(HEAD_KEY.into());
     }
     Ok(Layout {
@@ -185,7 +185,7 @@ pub(super) fn detect_fbcnn(unwrapped: &Unwrapped) -> Result<Layout, String> {
             _ => None,
         },
     )?;
-    if dimensions(unwrapped, HEAD_KEY)?[1] != channels {
+    if dimension_of(unwrapped, HEAD_KEY, 1)? != channels {
         return Err(HEAD_KEY.into());
     }
     if unet.widths[3] != FBCNN_QF_WIDTH {
@@ -221,12 +221,12 @@ fn unet(
     let has = |name: &str| shape_of(unwrapped, name).is_some();
     let mut widths = [0; 4];
     for (width, key) in widths.iter_mut().zip(LEVEL_KEYS.iter().chain([&body_key])) {
-        *width = dimensions(unwrapped, key)?[0];
+        *width = dimension_of(unwrapped, key, 0)?;
         if *width < 1 {
             return Err(key.to_string());
         }
     }
-    let channels = dimensions(unwrapped, TAIL_KEY)?[0];
+    let channels = dimension_of(unwrapped, TAIL_KEY, 0)?;
     if channels < 1 {
         return Err(TAIL_KEY.into());
     }
@@ -243,12 +243,4 @@ fn unet(
         upsample,
     };
     Ok((channels, unet))
-}
-
-/// The first two dimensions of a convolution's weight.
-fn dimensions(unwrapped: &Unwrapped, name: &str) -> Result<[i64; 2], String> {
-    match shape_of(unwrapped, name) {
-        Some([output, input, ..]) => Ok([*output, *input]),
-        _ => Err(name.to_string()),
-    }
 }
