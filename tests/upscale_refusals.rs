@@ -675,3 +675,35 @@ fn a_nafnet_with_fewer_upsamplers_than_levels_is_refused() {
         "ups.0.0.weight",
     );
 }
+
+/// ATD files spandrel cannot load: an absolute position embedding (only for images of
+/// the training size), upsampling convolutions of another width than the constructor's
+/// 64, pixel-shuffle rounds or a direct upsampler of no scale it builds, a window index
+/// of no square window, heads that do not divide the width; each refused naming the
+/// tensor.
+#[test]
+fn atd_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let table = "params_ema.layers.1.residual_group.layers.0.attn_win.relative_position_bias_table";
+    let cases = [
+        ("atd_x2_light", "absolute_pos_embed", zeros(&[1, 4096, 48])),
+        (
+            "atd_x3",
+            "params_ema.conv_before_upsample.0.weight",
+            zeros(&[32, 16, 3, 3]),
+        ),
+        (
+            "atd_x3",
+            "params_ema.upsample.0.weight",
+            zeros(&[320, 64, 3, 3]),
+        ),
+        ("atd_x2_light", "upsample.0.weight", zeros(&[15, 48, 3, 3])),
+        (
+            "atd_x1_no_norm",
+            "relative_position_index_SA",
+            zeros(&[15, 15]),
+        ),
+        ("atd_x3", table, zeros(&[49, 3])),
+    ];
+    assert_each_refused_naming_its_key(cases);
+}

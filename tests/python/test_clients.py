@@ -161,6 +161,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     import spandrel
     import torch
     from safetensors.torch import save_file
+    from spandrel.architectures.ATD import ATD
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.DITN import DITN
     from spandrel.architectures.DnCNN import DnCNN
@@ -187,6 +188,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     torch.manual_seed(3)
     networks = {
         "swin-restore": (SwinIR(img_size=14, embed_dim=12, depths=[2], num_heads=[3], window_size=7, mlp_ratio=2.0, upscale=1, upsampler=""), "SwinIR", 1),
+        "atd-x2": (ATD(embed_dim=16, depths=[2], num_heads=[2], window_size=8, num_tokens=8, reducted_dim=4, upscale=2, upsampler="pixelshuffle"), "ATD", 2),
         "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
         "dat-x3": (DAT(embed_dim=64, split_size=[4, 8], depth=[3], num_heads=[4], expansion_factor=2.0, upscale=3), "DAT", 3),
         "scunet": (SCUNet(config=[2, 1, 1, 2, 1, 1, 2], dim=64), "SCUNet", 1),
@@ -210,11 +212,17 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "drunet": (DRUNet(in_nc=4, out_nc=3, nc=[16, 32, 48, 64], nb=2), "DRUNet", 1),
         "nafnet": (NAFNet(width=16, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 2]), "NAFNet", 1),
     }
-    # NAFNet starts its blocks' residual scales at zero, which would leave them out.
+    # NAFNet starts its blocks' residual scales at zero, which would leave them out; ATD
+    # its layers' weights near zero and its dictionary's refinement gates at one half.
     with torch.no_grad():
         for name, p in networks["nafnet"][0].named_parameters():
             if name.endswith(("beta", "gamma")):
                 p.copy_(0.5 * torch.randn(p.shape))
+        for name, p in networks["atd-x2"][0].named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape) / p[0].numel() ** 0.5)
+            elif name.endswith("sigma"):
+                p.copy_(torch.randn(p.shape))
     pixels = np.random.default_rng(4).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     data = io.BytesIO()
     Image.fromarray(pixels).save(data, format="PNG")
@@ -234,7 +242,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         # to multiples of 16, Real-CUGAN's to 32, OmniSR's and RGT's to 16, DITN's to
         # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16, DRUNet's to
         # multiples of 8 (MoESR reflects the odd sides to even ones itself); FDnCNN and
-        # DRUNet get the noise-level map of spandrel's call.
+        # DRUNet get the noise-level map of spandrel's call; ATD mirrors its sides to
+        # whole windows itself.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)

@@ -1,5 +1,5 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, Real-CUGAN, RCAN,
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DAT, DRCT, Real-CUGAN, RCAN,
 //! OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
 //! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
@@ -7,6 +7,7 @@
 //! rounded to 8 bits).
 
 pub mod activation;
+pub mod atd;
 pub mod band_conv;
 pub mod channel_attention;
 pub mod channel_norm;
@@ -116,6 +117,8 @@ impl Upscaler {
                     || name.ends_with(".attn_mask")
                     || name.ends_with(".relative_coords_table")
             }
+            // The window index is computed; the `no_norm` flag is read from its presence.
+            Architecture::Atd { .. } => name == "relative_position_index_SA" || name == "no_norm",
             Architecture::Dat { .. } | Architecture::Rgt { .. } => {
                 DAT_UNREAD.iter().any(|s| name.ends_with(s))
             }

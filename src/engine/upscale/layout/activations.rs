@@ -2,7 +2,7 @@
 //! a memory budget.
 
 use super::uni_upsample::DYSAMPLE_GROUPS;
-use super::{dysample_groups, mosr, Architecture, MoSrUpsampler, UniUpsampler};
+use super::{dysample_groups, mosr, Architecture, MoSrUpsampler, SwinUpsampler, UniUpsampler};
 
 impl Architecture {
     /// Floats alive at the network's peak per input pixel (a rough bound for choosing
@@ -141,6 +141,7 @@ impl Architecture {
             Architecture::SwinIr { .. }
             | Architecture::Swin2Sr { .. }
             | Architecture::Hat { .. }
+            | Architecture::Atd { .. }
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
@@ -195,6 +196,29 @@ impl Architecture {
                 (
                     (10 * features + 2 * mlp_hidden + 2 * heads * overlap + unfolded) as u64,
                     3 * upsample_features as u64 * out,
+                )
+            }
+            // The tokens, their norm, q/k/v and its sorted copy, the three attentions'
+            // outputs, the feed-forward's width twice, the scores of each window and of
+            // each category group with their softmax, the dictionary similarities.
+            Architecture::Atd {
+                features,
+                heads,
+                window,
+                mlp_hidden,
+                tokens,
+                category,
+                upsampler,
+                ..
+            } => {
+                let scores = 2 * heads * (window * window + category) + 3 * tokens;
+                let upsampled = match upsampler {
+                    SwinUpsampler::PixelShuffleDirect | SwinUpsampler::Residual => 6,
+                    _ => 3 * super::atd::UPSAMPLE_FEATURES,
+                };
+                (
+                    (14 * features + 3 * mlp_hidden + scores) as u64,
+                    upsampled as u64 * out,
                 )
             }
             // The tokens, their norm, q/k/v padded and rolled, both orientations'

@@ -253,6 +253,41 @@ pub enum Architecture {
         /// Whether the groups and the body end without a convolution (`identity`).
         identity_residual: bool,
     },
+    /// ATD: residual groups of layers that add to a shifted-window attention one over a
+    /// token dictionary (refined from layer to layer) and one within categories of
+    /// pixels (grouped by their dictionary token), then an upsampler.
+    Atd {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`len(depths)`).
+        groups: i64,
+        /// The window attention's side.
+        window: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The convolutional feed-forward's width.
+        mlp_hidden: i64,
+        /// Tokens in each group's dictionary (`num_tokens`).
+        tokens: i64,
+        /// The dictionary attention's query and key width (`reducted_dim`).
+        reduced: i64,
+        /// The feed-forward's depthwise kernel side.
+        kernel: i64,
+        /// Pixels per category group (`category_size`).
+        category: i64,
+        /// How the features become the image.
+        upsampler: SwinUpsampler,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether each group (and the body) ends with three convolutions (`3conv`).
+        three_conv: bool,
+        /// Whether the embedded tokens are layer-normed (`patch_norm`).
+        patch_norm: bool,
+        /// Whether the image's mean is subtracted and added back (no `no_norm` flag).
+        mean_shift: bool,
+    },
     /// DAT: residual groups alternating spatial blocks (attention within rectangle
     /// windows, half the channels in each orientation) and channel blocks (attention
     /// across channels), each beside a depthwise convolution, then an upsampler.

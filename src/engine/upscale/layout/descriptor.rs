@@ -57,6 +57,8 @@ impl Architecture {
             | Architecture::OmniSr { .. }
             | Architecture::Rgt { .. } => (16, 1),
             Architecture::Drct { .. } => (0, 16),
+            // Mirrored to whole windows inside the network.
+            Architecture::Atd { .. } => (8, 1),
             Architecture::Ditn { .. } => (0, super::ditn::PATCH),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
@@ -90,6 +92,7 @@ impl Architecture {
             | Architecture::SwinIr { scale, .. }
             | Architecture::Swin2Sr { scale, .. }
             | Architecture::Hat { scale, .. }
+            | Architecture::Atd { scale, .. }
             | Architecture::Dat { scale, .. }
             | Architecture::RealCugan { scale, .. }
             | Architecture::Rcan { scale, .. }
@@ -118,6 +121,7 @@ impl Architecture {
             | Architecture::SwinIr { channels, .. }
             | Architecture::Swin2Sr { channels, .. }
             | Architecture::Hat { channels, .. }
+            | Architecture::Atd { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
             | Architecture::RealCugan { channels, .. }
@@ -150,6 +154,7 @@ impl Architecture {
             Architecture::SwinIr { .. } => "SwinIR",
             Architecture::Swin2Sr { .. } => "Swin2SR",
             Architecture::Hat { .. } => "HAT",
+            Architecture::Atd { .. } => "ATD",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::RealCugan { .. } => "RealCUGAN",
@@ -231,6 +236,7 @@ impl Architecture {
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
+            Architecture::Atd { .. } => self.atd_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),
             Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]

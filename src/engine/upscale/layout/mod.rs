@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, DAT, DRCT, SCUNet, Real-CUGAN,
+//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DAT, DRCT, SCUNet, Real-CUGAN,
 //! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet, FBCNN and NAFNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
 //! that fits no layout is refused.
@@ -14,6 +14,7 @@ use crate::engine::weights::Shapes;
 
 mod activations;
 mod architecture;
+pub mod atd;
 mod basicsr;
 mod dat;
 mod descriptor;
@@ -80,6 +81,12 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if span::KEYS.iter().all(|key| has(key)) {
         return span::detect(&unwrapped).ok_or_else(|| unknown(span::KEYS[0]));
+    }
+    if atd::KEYS.iter().all(|key| has(key)) {
+        if has(atd::ABSOLUTE_KEY) {
+            return Err(unknown(atd::ABSOLUTE_KEY));
+        }
+        return atd::detect(&unwrapped).map_err(|name| unknown(&name));
     }
     if hat::KEYS.iter().all(|key| has(key)) {
         if has(hat::ABSOLUTE_KEY) {
