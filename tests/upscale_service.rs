@@ -467,7 +467,7 @@ async fn unsized_tiles(server: &TestServer, png: &[u8]) -> (Vec<(u32, u32)>, ima
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
     let mut png = Vec::new();
-    let source = image::RgbImage::from_fn(200, 150, |x, y| {
+    let source = image::RgbImage::from_fn(300, 150, |x, y| {
         image::Rgb([
             (x * 7 % 256) as u8,
             (y * 5 % 256) as u8,
@@ -477,10 +477,10 @@ async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
     source
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .expect("png");
-    // No budget: one 512-pixel tile.
+    // No budget, on the CPU: 256-pixel tiles with 16 pixels of overlap, two across.
     let (dir, unbounded) = server().await;
     let (tiles, whole) = unsized_tiles(&unbounded, &png).await;
-    assert_eq!(tiles, [(0, 1), (1, 1)]);
+    assert_eq!(tiles, [(0, 2), (1, 2), (2, 2)]);
     let resident: f64 = unbounded
         .metrics()
         .lines()
@@ -491,7 +491,7 @@ async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
     // A budget leaving about 3 MB beside the resident models: the Compact x2 model takes
     // 204 bytes per pixel in float32 at its peak, so a 64-pixel tile with its 10 pixels
     // of context (84² pixels, 1.4 MB) fits and a 128-pixel one (148², 4.5 MB) does not:
-    // a 4×3 grid with 4 pixels of overlap.
+    // a 5×3 grid with 4 pixels of overlap.
     let roots = dir.path().to_str().expect("utf-8").to_string();
     let budget = (resident as u64 + 3_000_000).to_string();
     let bounded = TestServer::start(&[
@@ -500,8 +500,8 @@ async fn unsized_tiles_fit_the_memory_the_budget_leaves() {
     ])
     .await;
     let (tiles, tiled) = unsized_tiles(&bounded, &png).await;
-    assert_eq!(tiles.len(), 13, "{tiles:?}");
-    assert_eq!(tiles.last(), Some(&(12, 12)));
+    assert_eq!(tiles.len(), 16, "{tiles:?}");
+    assert_eq!(tiles.last(), Some(&(15, 15)));
     // Each tile has more context than the network sees: the same image.
     let most = whole
         .as_raw()

@@ -233,7 +233,7 @@ pub fn generate_hires(
         let run_second = second_pass_params(&run, h);
         let enlarged = match (h.enlarge, upscaler) {
             (Enlarge::Model(plan), Some(upscaler)) => {
-                let tiling = plan.tiling(None, upscaler.bytes_per_pixel());
+                let tiling = upscaler.tiling(plan, None);
                 let decoded = base.decode_image(&latents.get(0))?;
                 let image = rgb_image(&decoded)?;
                 let (w, hh) = (h.width as u32, h.height as u32);

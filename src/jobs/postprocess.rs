@@ -102,7 +102,7 @@ pub(crate) fn model_pass(
     plan: TilePlan,
     input: &image::RgbImage,
 ) -> Result<image::RgbImage, JobError> {
-    let mut tiling = plan.tiling(engine.free_bytes(), upscaler.bytes_per_pixel());
+    let mut tiling = upscaler.tiling(plan, engine.free_bytes());
     loop {
         match tiled(target, upscaler, input, tiling) {
             Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {

@@ -61,7 +61,7 @@ use crate::engine::pixels::unit_range;
 use crate::engine::weights::{read_shapes, Transform, Weights};
 use layout::Architecture;
 use nets::Network;
-use tiles::{Checkpoint, Tiling};
+use tiles::{Checkpoint, TilePlan, Tiling};
 
 /// The ends of DAT's and RGT's stored buffers that are computed (index, offsets, masks) or
 /// unused at inference (the batch norms' step counts).
@@ -153,6 +153,12 @@ impl Upscaler {
     /// Bytes of activations per input pixel at the network's peak (for fitting tiles).
     pub fn bytes_per_pixel(&self) -> u64 {
         self.architecture.peak_floats_per_pixel() * self.kind.elt_size_in_bytes() as u64
+    }
+
+    /// The tiles `plan` gives this network on its device with `free` bytes of device
+    /// memory left (`None`: no budget).
+    pub fn tiling(&self, plan: TilePlan, free: Option<u64>) -> Tiling {
+        plan.tiling(free, self.bytes_per_pixel(), self.device)
     }
 
     /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped): as
