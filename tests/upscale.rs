@@ -52,7 +52,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 100);
+    assert_eq!(models.len(), 103);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -67,6 +67,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Swin2Sr { .. } => "Swin2SR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Atd { .. } => "ATD",
+            Architecture::Dctlsa { .. } => "DCTLSA",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::ScuNet { .. } => "SCUNet",

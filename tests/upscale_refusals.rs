@@ -707,3 +707,17 @@ fn atd_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
     ];
     assert_each_refused_naming_its_key(cases);
 }
+
+/// DCTLSA files spandrel cannot load or run: a width its five heads do not divide, a
+/// closing join over other than six modules' outputs, an upsampler of no square scale;
+/// each refused naming the tensor.
+#[test]
+fn dctlsa_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        ("dctlsa_x2", "fea_conv.weight", zeros(&[12, 3, 3, 3])),
+        ("dctlsa_x2", "c.0.weight", zeros(&[10, 50, 1, 1])),
+        ("dctlsa_x2", "upsampler.0.weight", zeros(&[50, 10, 3, 3])),
+    ];
+    assert_each_refused_naming_its_key(cases);
+}

@@ -1,6 +1,6 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DAT, DRCT, Real-CUGAN, RCAN,
-//! OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, DAT, DRCT,
+//! Real-CUGAN, RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
 //! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
@@ -12,6 +12,7 @@ pub mod band_conv;
 pub mod channel_attention;
 pub mod channel_norm;
 pub mod dat;
+pub mod dctlsa;
 pub mod deformable_upsample;
 pub mod ditn;
 pub mod dncnn;
@@ -128,6 +129,7 @@ impl Upscaler {
             Architecture::Fdat { .. } => name == layout::fdat::META_KEY,
             Architecture::MoEsr { .. } => name == layout::moesr::META_KEY,
             Architecture::SwiftSrgan { .. } => layout::swiftsrgan::is_unread(name),
+            Architecture::Dctlsa { .. } => layout::dctlsa::is_unread(name),
             Architecture::DnCnn { .. } => layout::kair::is_unread(name),
             _ => false,
         };

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, ATD in `atd.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, ATD in `atd.rs`, DCTLSA in `dctlsa.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -11,6 +11,7 @@ use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::atd::Atd;
 use crate::engine::upscale::dat::Dat;
+use crate::engine::upscale::dctlsa::Dctlsa;
 use crate::engine::upscale::ditn::Ditn;
 use crate::engine::upscale::dncnn::DnCnn;
 use crate::engine::upscale::drct::Drct;
@@ -239,6 +240,7 @@ pub enum Network {
     Swin2Sr(Box<Swin2Sr>),
     Hat(Box<Hat>),
     Atd(Box<Atd>),
+    Dctlsa(Box<Dctlsa>),
     Dat(Box<Dat>),
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
@@ -278,6 +280,9 @@ impl Network {
             }
             Architecture::Hat { .. } => Network::Hat(Box::new(Hat::load(vp, architecture)?)),
             Architecture::Atd { .. } => Network::Atd(Box::new(Atd::load(vp, architecture)?)),
+            Architecture::Dctlsa { .. } => {
+                Network::Dctlsa(Box::new(Dctlsa::load(vp, architecture)?))
+            }
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
             Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
             Architecture::ScuNet { .. } => {
@@ -328,6 +333,7 @@ impl Network {
             Network::Swin2Sr(n) => n.forward(image, between),
             Network::Hat(n) => n.forward(image, between),
             Network::Atd(n) => n.forward(image, between),
+            Network::Dctlsa(n) => n.forward(image, between),
             Network::Dat(n) => n.forward(image, between),
             Network::Drct(n) => n.forward(image, between),
             Network::ScuNet(n) => n.forward(image, between),

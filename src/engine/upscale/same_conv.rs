@@ -36,6 +36,17 @@ impl SameConv {
         })
     }
 
+    /// The convolution of the square kernels `weight` and `bias`, in `groups`.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, groups: i64) -> Self {
+        let padding = weight.size()[3] / 2;
+        Self {
+            weight,
+            bias,
+            padding,
+            groups,
+        }
+    }
+
     /// As [`Self::load`], the inference batch norm under `norm` folded in.
     pub fn folded(
         vp: &VarPath,

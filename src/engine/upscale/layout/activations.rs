@@ -142,6 +142,7 @@ impl Architecture {
             | Architecture::Swin2Sr { .. }
             | Architecture::Hat { .. }
             | Architecture::Atd { .. }
+            | Architecture::Dctlsa { .. }
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
@@ -221,6 +222,10 @@ impl Architecture {
                     upsampled as u64 * out,
                 )
             }
+            // The dense concatenation (up to six widths), a block's input, its local
+            // module's three maps, q/k/v, the attention's output and the MLP's doubled
+            // width; the upsampler's convolution and its shuffled copy.
+            Architecture::Dctlsa { features, .. } => ((17 * features) as u64, 6 * out),
             // The tokens, their norm, q/k/v padded and rolled, both orientations'
             // scores with their softmax, the convolution branch and the FFN.
             Architecture::Dat {

@@ -288,6 +288,17 @@ pub enum Architecture {
         /// Whether the image's mean is subtracted and added back (no `no_norm` flag).
         mean_shift: bool,
     },
+    /// DCTLSA: six modules of two local self-attention blocks (a convolutional local
+    /// module and linear attention within windows) densely joined by 1×1 convolutions,
+    /// then a pixel shuffle.
+    Dctlsa {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`nf`).
+        features: i64,
+        /// The factor the network enlarges by.
+        scale: i64,
+    },
     /// DAT: residual groups alternating spatial blocks (attention within rectangle
     /// windows, half the channels in each orientation) and channel blocks (attention
     /// across channels), each beside a depthwise convolution, then an upsampler.

@@ -59,6 +59,8 @@ impl Architecture {
             Architecture::Drct { .. } => (0, 16),
             // Mirrored to whole windows inside the network.
             Architecture::Atd { .. } => (8, 1),
+            // Reflected to whole windows inside each block.
+            Architecture::Dctlsa { .. } => (16, 1),
             Architecture::Ditn { .. } => (0, super::ditn::PATCH),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
@@ -93,6 +95,7 @@ impl Architecture {
             | Architecture::Swin2Sr { scale, .. }
             | Architecture::Hat { scale, .. }
             | Architecture::Atd { scale, .. }
+            | Architecture::Dctlsa { scale, .. }
             | Architecture::Dat { scale, .. }
             | Architecture::RealCugan { scale, .. }
             | Architecture::Rcan { scale, .. }
@@ -122,6 +125,7 @@ impl Architecture {
             | Architecture::Swin2Sr { channels, .. }
             | Architecture::Hat { channels, .. }
             | Architecture::Atd { channels, .. }
+            | Architecture::Dctlsa { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
             | Architecture::RealCugan { channels, .. }
@@ -155,6 +159,7 @@ impl Architecture {
             Architecture::Swin2Sr { .. } => "Swin2SR",
             Architecture::Hat { .. } => "HAT",
             Architecture::Atd { .. } => "ATD",
+            Architecture::Dctlsa { .. } => "DCTLSA",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::RealCugan { .. } => "RealCUGAN",
@@ -237,6 +242,11 @@ impl Architecture {
             Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
             Architecture::Hat { .. } => self.hat_tags(),
             Architecture::Atd { .. } => self.atd_tags(),
+            Architecture::Dctlsa { features, .. } => vec![
+                format!("{features}nf"),
+                format!("{}nm", super::dctlsa::MODULES),
+                format!("{}nh", super::dctlsa::HEADS),
+            ],
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),
             Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DAT, DRCT, SCUNet, Real-CUGAN,
+//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, DAT, DRCT, SCUNet, Real-CUGAN,
 //! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet, FBCNN and NAFNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
 //! that fits no layout is refused.
@@ -17,6 +17,7 @@ mod architecture;
 pub mod atd;
 mod basicsr;
 mod dat;
+pub mod dctlsa;
 mod descriptor;
 pub mod ditn;
 pub mod drct;
@@ -87,6 +88,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(atd::ABSOLUTE_KEY));
         }
         return atd::detect(&unwrapped).map_err(|name| unknown(&name));
+    }
+    if dctlsa::KEYS.iter().all(|key| has(key)) {
+        return dctlsa::detect(&unwrapped).map_err(unknown);
     }
     if hat::KEYS.iter().all(|key| has(key)) {
         if has(hat::ABSOLUTE_KEY) {
