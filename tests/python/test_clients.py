@@ -163,6 +163,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from safetensors.torch import save_file
     from spandrel.architectures.ATD import ATD
     from spandrel.architectures.DAT import DAT
+    from spandrel.architectures.DCTLSA import DCTLSA
     from spandrel.architectures.DITN import DITN
     from spandrel.architectures.DnCNN import DnCNN
     from spandrel.architectures.DRUNet import DRUNet
@@ -189,6 +190,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     networks = {
         "swin-restore": (SwinIR(img_size=14, embed_dim=12, depths=[2], num_heads=[3], window_size=7, mlp_ratio=2.0, upscale=1, upsampler=""), "SwinIR", 1),
         "atd-x2": (ATD(embed_dim=16, depths=[2], num_heads=[2], window_size=8, num_tokens=8, reducted_dim=4, upscale=2, upsampler="pixelshuffle"), "ATD", 2),
+        "dctlsa-x2": (DCTLSA(nf=10, upscale=2), "DCTLSA", 2),
         "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
         "dat-x3": (DAT(embed_dim=64, split_size=[4, 8], depth=[3], num_heads=[4], expansion_factor=2.0, upscale=3), "DAT", 3),
         "scunet": (SCUNet(config=[2, 1, 1, 2, 1, 1, 2], dim=64), "SCUNet", 1),
@@ -243,7 +245,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16, DRUNet's to
         # multiples of 8 (MoESR reflects the odd sides to even ones itself); FDnCNN and
         # DRUNet get the noise-level map of spandrel's call; ATD mirrors its sides to
-        # whole windows itself.
+        # whole windows itself, DCTLSA's are padded to 16.
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)
