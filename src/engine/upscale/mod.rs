@@ -153,7 +153,7 @@ impl Upscaler {
     }
 
     /// Bytes of activations per input pixel at the network's peak (for fitting tiles).
-    pub fn bytes_per_pixel(&self) -> u64 {
+    fn bytes_per_pixel(&self) -> u64 {
         self.architecture.peak_floats_per_pixel() * self.kind.elt_size_in_bytes() as u64
     }
 
