@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 
 use sdxld::engine::checkpoint::Between;
 use sdxld::engine::error::EngineError;
+use sdxld::engine::noise::{NoiseStream, SideGenerator};
 use sdxld::engine::pixels::unit_range as to_tensor;
 use sdxld::engine::upscale::layout::Architecture;
 use sdxld::engine::upscale::tiles::{self, Checkpoint, Tiling};
-use sdxld::engine::upscale::Upscaler;
+use sdxld::engine::upscale::{UpscaleNoise, Upscaler};
 use tch::{Device, Kind, Tensor};
 
 pub(crate) fn cases() -> (PathBuf, Vec<serde_json::Value>) {
@@ -22,9 +23,27 @@ pub(crate) fn cases() -> (PathBuf, Vec<serde_json::Value>) {
     (root, serde_json::from_str(&text).expect("json"))
 }
 
-/// The network's pass over `image`, never stopped.
+/// The network's pass over `image`, never stopped, any noise drawn from seed 0.
 fn pass(upscaler: &Upscaler, image: &Tensor) -> Tensor {
-    upscaler.forward(image, &mut || Ok(())).expect("a pass")
+    seeded_pass(upscaler, image, 0, &mut || Ok(())).expect("a pass")
+}
+
+/// The network's pass over `image`, any noise drawn from a generator at `seed` (as
+/// `torch.manual_seed(seed)` before spandrel's call).
+fn seeded_pass(
+    upscaler: &Upscaler,
+    image: &Tensor,
+    seed: u64,
+    between: &mut Between<'_>,
+) -> Result<Tensor, EngineError> {
+    let mut generator = SideGenerator::new(seed);
+    let mut draw = |shape: &[i64]| generator.randn(&mut NoiseStream::lock(), shape);
+    upscaler.forward(image, &mut draw, between)
+}
+
+/// The seed a case's reference drew its noise from (0 for networks that draw none).
+fn seed_of(case: &serde_json::Value) -> u64 {
+    case["seed"].as_u64().unwrap_or(0)
 }
 
 pub(crate) fn load(path: &Path) -> Upscaler {
@@ -52,7 +71,7 @@ fn difference(a: &image::RgbImage, b: &image::RgbImage) -> (u8, usize) {
 #[test]
 fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image() {
     let (root, models) = cases();
-    assert_eq!(models.len(), 103);
+    assert_eq!(models.len(), 106);
     for model in &models {
         let upscaler = load(&root.join(model["model"].as_str().expect("model")));
         let architecture = upscaler.architecture();
@@ -68,6 +87,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             Architecture::Hat { .. } => "HAT",
             Architecture::Atd { .. } => "ATD",
             Architecture::Dctlsa { .. } => "DCTLSA",
+            Architecture::AuraSr(_) => "AuraSR",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::ScuNet { .. } => "SCUNet",
@@ -95,7 +115,9 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
             let image = input(&file("image"));
             let raw = Tensor::read_safetensors(file("raw")).expect("raw");
             let reference = &raw[0].1;
-            let output = pass(&upscaler, &to_tensor(&image));
+            let seed = seed_of(case);
+            let output =
+                seeded_pass(&upscaler, &to_tensor(&image), seed, &mut || Ok(())).expect("a pass");
             assert_eq!(output.size(), reference.size(), "{case}");
             let largest = f64::try_from((&output - reference).abs().max()).expect("max");
             let range = f64::try_from(reference.abs().max()).expect("max");
@@ -107,7 +129,7 @@ fn every_layout_is_detected_as_spandrel_detects_it_and_computes_the_same_image()
                 overlap: 0,
             };
             let upscaled = upscaler
-                .upscale(&image, whole, &mut |_| Ok(()))
+                .upscale(&image, whole, UpscaleNoise::seeded(seed), &mut |_| Ok(()))
                 .expect("upscale");
             let expected = image::open(file("whole")).expect("png").to_rgb8();
             let (largest, _) = difference(&upscaled, &expected);
@@ -132,8 +154,9 @@ fn tiles_follow_real_esrgan() {
                 pad,
                 overlap: 0,
             };
+            let noise = UpscaleNoise::seeded(seed_of(case));
             let tiled = upscaler
-                .upscale(&image, tiling, &mut |checkpoint| {
+                .upscale(&image, tiling, noise, &mut |checkpoint| {
                     if let Checkpoint::Tile { done, total } = checkpoint {
                         reported.push((done, total));
                     }
@@ -163,7 +186,8 @@ fn with_enough_context_blended_tiles_equal_the_whole_image() {
         .find(|m| m["model"] == "models/compact_x2.safetensors")
         .expect("compact_x2");
     let upscaler = load(&root.join(model["model"].as_str().expect("model")));
-    let mut network = |tile: &Tensor, between: &mut Between<'_>| upscaler.forward(tile, between);
+    let mut network =
+        |tile: &Tensor, between: &mut Between<'_>| seeded_pass(&upscaler, tile, 0, between);
     for case in model["cases"].as_array().expect("cases") {
         let file = |key: &str| root.join(case[key].as_str().expect(key));
         let image = to_tensor(&input(&file("image")));
@@ -209,7 +233,7 @@ fn first_model_in_tiles() -> (Upscaler, image::RgbImage, Tiling) {
 fn a_run_stops_between_tiles_when_asked() {
     let (upscaler, image, tiling) = first_model_in_tiles();
     let mut ran = 0;
-    let stopped = upscaler.upscale(&image, tiling, &mut |checkpoint| {
+    let stopped = upscaler.upscale(&image, tiling, UpscaleNoise::seeded(0), &mut |checkpoint| {
         let Checkpoint::Tile { done, .. } = checkpoint else {
             return Ok(());
         };
@@ -231,7 +255,7 @@ fn a_run_stops_inside_a_tile_when_asked() {
     let (upscaler, image, tiling) = first_model_in_tiles();
     let mut seen = Vec::new();
     upscaler
-        .upscale(&image, tiling, &mut |checkpoint| {
+        .upscale(&image, tiling, UpscaleNoise::seeded(0), &mut |checkpoint| {
             seen.push(checkpoint);
             Ok(())
         })
@@ -254,7 +278,7 @@ fn a_run_stops_inside_a_tile_when_asked() {
         .expect("a second tile")
         + 1;
     let mut made = 0;
-    let stopped = upscaler.upscale(&image, tiling, &mut |_| {
+    let stopped = upscaler.upscale(&image, tiling, UpscaleNoise::seeded(0), &mut |_| {
         made += 1;
         match made > at {
             true => Err(EngineError::InvalidRequest("stop".into())),
@@ -277,7 +301,7 @@ fn every_network_stops_between_its_blocks_when_asked() {
         let case = &model["cases"][0];
         let image = to_tensor(&input(&root.join(case["image"].as_str().expect("image"))));
         let output = common::assert_stops_between_passes(name, 1, |between| {
-            upscaler.forward(&image, between)
+            seeded_pass(&upscaler, &image, 0, between)
         });
         assert!(output.equal(&pass(&upscaler, &image)), "{name}");
     }

@@ -721,3 +721,39 @@ fn dctlsa_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
     ];
     assert_each_refused_naming_its_key(cases);
 }
+
+/// AuraSR files spandrel cannot run or would mislabel: a style network whose ratio (the
+/// scale spandrel reports) is not the enlargement of its levels, one kernel per
+/// convolution, heads' widths its eight heads do not divide, a first up level of another
+/// width than the closing block's, a level's width the base width does not divide, skips
+/// of other widths than their up level, a down path ending wider than the middle; each
+/// refused naming the tensor.
+#[test]
+fn aura_sr_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let cases = [
+        ("aura_sr_x4", "style_network.net.0.weight", zeros(&[16, 8])),
+        (
+            "aura_sr_x4",
+            "mid_block1.block1.proj.weights",
+            zeros(&[1, 32, 32, 3, 3]),
+        ),
+        (
+            "aura_sr_x4",
+            "mid_attn.layers.0.0.to_out.weight",
+            zeros(&[32, 12, 1, 1]),
+        ),
+        ("aura_sr_x4", "ups.4.1.0.conv.bias", zeros(&[16])),
+        ("aura_sr_x4", "downs.0.1.1.weight", zeros(&[12, 16, 3, 3])),
+        ("aura_sr_x4", "downs.2.1.1.weight", zeros(&[64, 32, 3, 3])),
+    ];
+    assert_each_refused_naming_its_key(cases);
+    // The second down level twice as wide: the first up level's skips are not.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wider = zeros(&[64, 16, 3, 3]);
+    let error = load_rewritten(dir.path(), 0, "aura_sr_x4", "downs.1.1.1.weight", wider)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("`ups.0.0.0.block1.proj.weights`"), "{error}");
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::server::{quick_spec, TestServer};
 use sdxld::engine::resample::lanczos_resize;
 use sdxld::engine::upscale::tiles::Tiling;
-use sdxld::engine::upscale::Upscaler;
+use sdxld::engine::upscale::{UpscaleNoise, Upscaler};
 use sdxld::proto::v1 as pb;
 use tch::{Device, Kind, Tensor};
 use tonic::Code;
@@ -97,9 +97,16 @@ async fn upscale_steps_enlarge_each_image_as_the_engine_does() {
         assert_eq!((after.width, after.height), (256, 256));
         let source = decoded(&before.data);
         let first = x2
-            .upscale(&source, tiling(64), &mut |_| Ok(()))
+            .upscale(
+                &source,
+                tiling(64),
+                UpscaleNoise::seeded(0),
+                &mut |_| Ok(()),
+            )
             .expect("x2");
-        let second = x4.upscale(&first, tiling(64), &mut |_| Ok(())).expect("x4");
+        let second = x4
+            .upscale(&first, tiling(64), UpscaleNoise::seeded(0), &mut |_| Ok(()))
+            .expect("x4");
         let expected = lanczos_resize(&second, 256, 256);
         assert_eq!(decoded(&after.data), expected, "image {}", after.index);
     }
@@ -261,6 +268,7 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
         upscale: Some(step(0)),
         output: None,
         client_job_id: "up-1".into(),
+        seed: None,
     };
     let (events, end) = upscale_call(&server, request.clone()).await;
     end.expect("completed");
@@ -296,6 +304,7 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
                 pad: 10,
                 overlap: 0,
             },
+            UpscaleNoise::seeded(0),
             &mut |_| Ok(()),
         )
         .expect("upscale");
@@ -537,6 +546,7 @@ async fn a_client_job_id_names_one_job_in_flight_per_caller() {
         }),
         output: None,
         client_job_id: id.into(),
+        seed: None,
     };
     let mut spec = slow_spec(1);
     spec.client_job_id = "mine".into();
@@ -605,4 +615,93 @@ async fn a_client_job_id_names_one_job_in_flight_per_caller() {
     end.expect("the id is free again");
     assert_eq!(server.metric("sdxld_jobs_started_total"), 4.0);
     assert_eq!(server.metric("sdxld_queue_depth_jobs"), 0.0);
+}
+
+/// The image event's picture and seed, and the PNG's parameters, of an Upscale call.
+async fn upscaled(
+    server: &TestServer,
+    request: pb::UpscaleRequest,
+) -> (image::RgbImage, u64, String) {
+    use pb::upscale_response::Event;
+    let (events, end) = upscale_call(server, request).await;
+    end.expect("completed");
+    let image = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Image(i) => Some(i.clone()),
+            _ => None,
+        })
+        .expect("an image");
+    let text = common::png_parameters(&image.data);
+    (decoded(&image.data), image.seed, text)
+}
+
+/// AuraSR draws noise at every call: in a generation's post-processing from each image's
+/// seed (image i's: seed + i), in the Upscale RPC from the request's seed (the image and
+/// the PNG report it), from a drawn one when it names none (which, sent back, gives the
+/// same image); another seed gives another image; a seed of 2^53 is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aura_sr_draws_its_noise_from_the_images_seed() {
+    let fixtures = common::upscaler_fixtures().join("models");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = "aura_sr_x4.safetensors";
+    std::fs::copy(fixtures.join(file), dir.path().join(file)).expect("copy");
+    let roots = dir.path().to_str().expect("utf-8").to_string();
+    let server = TestServer::start(&[("SDXLD__MODELS__UPSCALER_ROOTS", &roots)]).await;
+    let aura = name_of(&server, "aura_sr_x4").await;
+    let network = upscaler(dir.path(), file);
+    let mut spec = quick_spec(5);
+    spec.num_images = 2;
+    spec.output = Some(pb::OutputOptions {
+        embed_metadata: Some(false),
+        ..Default::default()
+    });
+    let plain = server.images(spec.clone()).await.expect("plain");
+    spec.post_processing = vec![step(&aura, 0, 64)];
+    let upscaled_images = server.images(spec.clone()).await.expect("upscaled");
+    let mut sources = Vec::new();
+    for (before, after) in plain.images.iter().zip(&upscaled_images.images) {
+        let source = decoded(&before.data);
+        let noise = UpscaleNoise::seeded(5 + u64::from(after.index));
+        let expected = network
+            .upscale(&source, tiling(64), noise, &mut |_| Ok(()))
+            .expect("upscale");
+        assert_eq!(decoded(&after.data), expected, "image {}", after.index);
+        sources.push(source);
+    }
+    let other = network
+        .upscale(
+            &sources[0],
+            tiling(64),
+            UpscaleNoise::seeded(6),
+            &mut |_| Ok(()),
+        )
+        .expect("upscale");
+    assert_ne!(decoded(&upscaled_images.images[0].data), other);
+
+    let mut png = Vec::new();
+    sources[0]
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("png");
+    let request = |seed| pb::UpscaleRequest {
+        image: png.clone(),
+        upscale: Some(pb::UpscaleStep {
+            model: aura.clone(),
+            tile_size: 64,
+            ..Default::default()
+        }),
+        seed,
+        ..Default::default()
+    };
+    let (image, seed, text) = upscaled(&server, request(Some(6))).await;
+    assert_eq!((image, seed), (other, 6));
+    assert!(text.contains(", Seed: 6, "), "{text}");
+    let (drawn, seed, _) = upscaled(&server, request(None)).await;
+    let (again, same, _) = upscaled(&server, request(Some(seed))).await;
+    assert_eq!((drawn, seed), (again, same));
+    let (events, end) = upscale_call(&server, request(Some(1 << 53))).await;
+    let status = end.expect_err("refused");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(common::server::violated_fields(&status), ["seed"]);
+    assert!(events.is_empty(), "{events:?}");
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use sdxld::engine::device::Placement;
 use sdxld::engine::upscale::tiles::Tiling;
-use sdxld::engine::upscale::Upscaler;
+use sdxld::engine::upscale::{UpscaleNoise, Upscaler};
 
 use crate::cli::bench::{noise_image, timed_runs, TimingArgs};
 
@@ -50,7 +50,7 @@ pub fn bench_upscale(args: &BenchUpscaleArgs) -> anyhow::Result<()> {
         pad: 10,
         overlap: args.overlap,
     };
-    let once = || upscaler.upscale(&image, tiling, &mut |_| Ok(()));
+    let once = || upscaler.upscale(&image, tiling, UpscaleNoise::seeded(0), &mut |_| Ok(()));
     let (seconds, peak_mib) = timed_runs(args.timing.runs, placement.device, once)?;
     println!(
         "{}",

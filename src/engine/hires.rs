@@ -18,7 +18,7 @@ use crate::engine::request::{
 };
 use crate::engine::resample::lanczos_resize;
 use crate::engine::upscale::tiles::TilePlan;
-use crate::engine::upscale::Upscaler;
+use crate::engine::upscale::{UpscaleNoise, Upscaler};
 
 /// Most upscaler passes an enlargement takes (A1111's `Upscaler.upscale`).
 const MAX_MODEL_PASSES: usize = 3;
@@ -238,7 +238,11 @@ pub fn generate_hires(
                 let image = rgb_image(&decoded)?;
                 let (w, hh) = (h.width as u32, h.height as u32);
                 let upscaled = enlarge_image(image, w, hh, |img| {
-                    upscaler.upscale(img, tiling, &mut |_| Ok(()))
+                    let drawn = UpscaleNoise {
+                        seed: run.seed,
+                        stream: Some(&mut noise),
+                    };
+                    upscaler.upscale(img, tiling, drawn, &mut |_| Ok(()))
                 })?;
                 Enlarged::Image(image_tensor(&upscaled))
             }

@@ -39,9 +39,34 @@ impl NoiseStream {
     /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))`: samples of
     /// another generator, leaving this stream where it was.
     pub fn randn_apart(&mut self, seed: u64, shape: &[i64]) -> Tensor {
+        SideGenerator::new(seed).randn(self, shape)
+    }
+}
+
+/// A second CPU generator, `torch.Generator("cpu").manual_seed(seed)` beside the stream:
+/// each draw swaps its state into libtorch's generator under the stream's lock and back
+/// out, so that its draws go on from one another and the stream stays where it was.
+pub struct SideGenerator {
+    seed: u64,
+    /// Its state after its last draw; `None` before the first.
+    state: Option<GeneratorState>,
+}
+
+impl SideGenerator {
+    /// A generator at `seed` (nothing is drawn until [`Self::randn`]).
+    pub fn new(seed: u64) -> Self {
+        Self { seed, state: None }
+    }
+
+    /// Standard normal float32 samples from this generator, drawn while `stream` is held.
+    pub fn randn(&mut self, stream: &mut NoiseStream, shape: &[i64]) -> Tensor {
         let saved = GeneratorState::read();
-        self.seed(seed);
-        let drawn = self.randn(shape);
+        match self.state.take() {
+            Some(state) => state.restore(),
+            None => stream.seed(self.seed),
+        }
+        let drawn = stream.randn(shape);
+        self.state = Some(GeneratorState::read());
         saved.restore();
         drawn
     }
@@ -102,5 +127,21 @@ mod tests {
             apart.equal(&noise.randn(&[4, 17])),
             "not the other seed's draw"
         );
+    }
+
+    #[test]
+    fn a_side_generator_goes_on_from_its_last_draw_between_the_streams_draws() {
+        let mut noise = NoiseStream::lock();
+        noise.seed(5);
+        let straight = [noise.randn(&[3, 4]), noise.randn(&[7])];
+        noise.seed(11);
+        let stream_first = noise.randn(&[2, 9]);
+        noise.seed(11);
+        let mut side = SideGenerator::new(5);
+        let first = side.randn(&mut noise, &[3, 4]);
+        let again = noise.randn(&[2, 9]);
+        let second = side.randn(&mut noise, &[7]);
+        assert!(first.equal(&straight[0]) && second.equal(&straight[1]));
+        assert!(again.equal(&stream_first), "the stream moved");
     }
 }

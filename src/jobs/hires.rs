@@ -37,7 +37,7 @@ impl JobRun<'_> {
         let enlarged = {
             let _span = tracing::info_span!("stage", otel.name = "hires_upscaling", image = index)
                 .entered();
-            self.enlarge(job, latents, index)?
+            self.enlarge(job, latents, index, run.params.seed, noise)?
         };
         self.check()?;
         self.clock.enter(Stage::HiresDenoising, self.metrics);
@@ -99,12 +99,16 @@ impl JobRun<'_> {
         })?)
     }
 
-    /// The first pass's latents [1, C, h, w] enlarged to the final size.
+    /// The first pass's latents [1, C, h, w] enlarged to the final size; an upscaler that
+    /// draws noise draws it from a generator of the image's `seed`, leaving the job's
+    /// `noise` stream where it was.
     fn enlarge(
         &mut self,
         job: &HiresJob,
         latents: &Tensor,
         index: usize,
+        seed: u64,
+        noise: &mut NoiseStream,
     ) -> Result<Enlarged, JobError> {
         let base = self.loaded()?.base.clone();
         let (width, height) = (job.params.width, job.params.height);
@@ -136,10 +140,18 @@ impl JobRun<'_> {
             stage: Stage::HiresUpscaling,
             index: index as u32,
             keep: &keep,
+            seed,
         };
         let engine = &mut *self.engine;
         let upscaled = enlarge_image(image, width as u32, height as u32, |pass_input| {
-            model_pass(engine, &mut target, &upscaler, tiling, pass_input)
+            model_pass(
+                engine,
+                &mut target,
+                &upscaler,
+                tiling,
+                pass_input,
+                Some(noise),
+            )
         })?;
         Ok(Enlarged::Image(image_tensor(&upscaled)))
     }

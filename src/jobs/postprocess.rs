@@ -7,9 +7,10 @@
 use std::rc::Rc;
 
 use crate::engine::error::EngineError;
+use crate::engine::noise::NoiseStream;
 use crate::engine::resample::lanczos_resize;
 use crate::engine::upscale::tiles::{Checkpoint, TilePlan, Tiling};
-use crate::engine::upscale::Upscaler;
+use crate::engine::upscale::{UpscaleNoise, Upscaler};
 use crate::jobs::engine::Engine;
 use crate::jobs::events::{RgbImage, Stage, StepProgress};
 use crate::jobs::interrupt::PassGate;
@@ -44,7 +45,8 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    /// One upscale step on one image.
+    /// One upscale step on one image (image `index` of the request, whose seed seeds
+    /// any noise the upscaler draws).
     fn upscale(
         &mut self,
         image: &RgbImage,
@@ -58,6 +60,7 @@ impl JobRun<'_> {
             stage: Stage::PostProcessing,
             index,
             keep: &keep,
+            seed: self.spec.params.seed.wrapping_add(u64::from(index)),
         };
         let input = image.clone().into_image()?;
         let output = upscale_image(self.engine, target, upscaler, job, &input)?;
@@ -66,12 +69,14 @@ impl JobRun<'_> {
 }
 
 /// Where an upscale reports to: the job's sink, the stage and image its tiles count for,
-/// and the models to keep when memory is freed.
+/// the models to keep when memory is freed, and the image's seed (the noise of an
+/// upscaler that draws noise).
 pub(crate) struct Target<'a> {
     pub sink: &'a mut dyn JobSink,
     pub stage: Stage,
     pub index: u32,
     pub keep: &'a [std::path::PathBuf],
+    pub seed: u64,
 }
 
 /// `input` through `job`'s upscaler ([`model_pass`]), resized down with Lanczos below
@@ -83,7 +88,7 @@ pub(crate) fn upscale_image(
     job: &UpscaleJob,
     input: &image::RgbImage,
 ) -> Result<image::RgbImage, JobError> {
-    let upscaled = model_pass(engine, &mut target, upscaler, job.tiling, input)?;
+    let upscaled = model_pass(engine, &mut target, upscaler, job.tiling, input, None)?;
     let (width, height) = (input.width() * job.factor, input.height() * job.factor);
     Ok(if upscaled.dimensions() == (width, height) {
         upscaled
@@ -94,17 +99,23 @@ pub(crate) fn upscale_image(
 
 /// One pass of `upscaler` over `input`, tile by tile (tiles fitted to the device
 /// memory the budget leaves free unless the request sized them), retried with halved
-/// tiles while the device runs out of memory.
+/// tiles while the device runs out of memory; any noise drawn from the target's seed,
+/// through `stream` where the job holds its noise stream.
 pub(crate) fn model_pass(
     engine: &mut Engine,
     target: &mut Target<'_>,
     upscaler: &Upscaler,
     plan: TilePlan,
     input: &image::RgbImage,
+    mut stream: Option<&mut NoiseStream>,
 ) -> Result<image::RgbImage, JobError> {
     let mut tiling = upscaler.tiling(plan, engine.free_bytes());
     loop {
-        match tiled(target, upscaler, input, tiling) {
+        let noise = UpscaleNoise {
+            seed: target.seed,
+            stream: stream.as_deref_mut(),
+        };
+        match tiled(target, upscaler, input, tiling, noise) {
             Err(JobError::Engine(e)) if e.is_out_of_memory() && tiling.tile > MIN_TILE => {
                 tiling = halved(tiling);
                 tracing::warn!(
@@ -135,12 +146,13 @@ fn tiled(
     upscaler: &Upscaler,
     input: &image::RgbImage,
     tiling: Tiling,
+    noise: UpscaleNoise<'_>,
 ) -> Result<image::RgbImage, JobError> {
     let mut gate = PassGate::default();
     let (stage, index) = (target.stage, target.index);
     let sink = &mut *target.sink;
     let result = EngineError::catch(|| {
-        upscaler.upscale(input, tiling, &mut |checkpoint| {
+        upscaler.upscale(input, tiling, noise, &mut |checkpoint| {
             gate.check(sink)?;
             if let Checkpoint::Tile { done, total } = checkpoint {
                 sink.progress(StepProgress {

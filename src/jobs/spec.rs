@@ -199,6 +199,8 @@ pub struct UpscaleSpec {
     pub image: ConditioningImage,
     /// The upscaler, factor and tiling.
     pub step: UpscaleJob,
+    /// The seed of the noise an upscaler that draws noise (AuraSR) draws.
+    pub seed: u64,
     /// How the result is encoded.
     pub output: OutputSpec,
     /// The client's job id.

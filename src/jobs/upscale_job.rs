@@ -42,12 +42,13 @@ pub fn run_upscale(
             stage: Stage::PostProcessing,
             index: 0,
             keep: &keep,
+            seed: spec.seed,
         };
         let output = upscale_image(engine, target, &upscaler, &spec.step, &input)?;
         RgbImage::from(output)
     };
     metrics.image_produced();
-    sink.image(finished(spec, image));
+    sink.image(finished(spec, image, upscaler.draws_noise()));
     clock.close(metrics);
     Ok(report(
         engine,
@@ -58,13 +59,19 @@ pub fn run_upscale(
     ))
 }
 
-/// The upscaled image as the sink encodes it, with A1111's extras parameters.
-fn finished(spec: &UpscaleSpec, image: RgbImage) -> FinishedImage {
+/// The upscaled image as the sink encodes it, with A1111's extras parameters; the seed
+/// where the upscaler `drew_noise`.
+fn finished(spec: &UpscaleSpec, image: RgbImage, drew_noise: bool) -> FinishedImage {
+    let seed = if drew_noise { spec.seed } else { 0 };
     let metadata =
         (spec.output.format == OutputFormat::Png && spec.output.embed_metadata).then(|| {
+            let seed_entry = match drew_noise {
+                true => format!("Seed: {seed}, "),
+                false => String::new(),
+            };
             PngMetadata {
                 parameters: format!(
-                    "Postprocess upscale by: {}, Postprocess upscaler: {}, Version: sdxld {}",
+                    "Postprocess upscale by: {}, Postprocess upscaler: {}, {seed_entry}Version: sdxld {}",
                     spec.step.factor,
                     spec.step.model.name,
                     env!("CARGO_PKG_VERSION")
@@ -74,7 +81,7 @@ fn finished(spec: &UpscaleSpec, image: RgbImage) -> FinishedImage {
         });
     FinishedImage {
         index: 0,
-        seed: 0,
+        seed,
         variation_seed: None,
         width: image.width,
         height: image.height,

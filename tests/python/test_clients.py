@@ -254,6 +254,71 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
 
 
+
+def test_python_client_upscales_with_aura_sr_from_its_seed(stubs, server):
+    """AuraSR draws noise at every call: the Upscale RPC with a seed gives spandrel's image
+    after torch.manual_seed(seed), reports the seed in the image event and the PNG's
+    parameters; another seed gives another image; a seed of 2^53 is refused naming it."""
+    import numpy as np
+    import spandrel
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.AuraSR import AuraSR
+
+    torch.manual_seed(5)
+    network = AuraSR(dim=8, image_size=None, input_image_size=None, style_network={"dim_in": 8, "dim_out": 32, "depth": 2}, up_dim_mults=(1, 2, 2, 4, 4), down_dim_mults=(2, 4, 4), self_attn_dim_head=4, attn_depths=(2, 2, 2, 1, 1), mid_attn_depth=1, num_conv_kernels=2, skip_connect_scale=0.4)
+    with torch.no_grad():
+        # Weights scaled by their fan-in, norms around one, the style network and its
+        # projection drawn wide, so that the style moves every kernel; the image around
+        # mid-grey.
+        for name, p in network.named_parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            wide = {"style_network.": 10.0, "style_to_conv_modulations.": 4.0}
+            gain = next((g for prefix, g in wide.items() if name.startswith(prefix)), 1.0)
+            if name.endswith(".g"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape))
+            elif p.ndim > 1:
+                p.copy_(gain * torch.randn(p.shape) / fan_in**0.5)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape))
+        network.final_to_rgb.weight.mul_(0.3)
+        network.final_to_rgb.bias.add_(0.5)
+    state = {k: v.contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(server.upscaler_root / "aura-sr-x4.safetensors"))
+    pixels = np.random.default_rng(6).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    gen = stubs.gen_grpc.GenerationServiceStub(grpc.insecure_channel(server.address))
+    models = stubs.models_grpc.ModelServiceStub(grpc.insecure_channel(server.address))
+    listed = models.ListModels(stubs.models.ListModelsRequest(kind=stubs.gen.MODEL_KIND_UPSCALER)).models
+    info = next(m.upscaler for m in listed if m.name.startswith("aura-sr-x4"))
+    assert (info.architecture, info.scale) == ("AuraSR", 4)
+    step = stubs.gen.UpscaleStep(model="aura-sr-x4", tile_overlap=0)
+
+    def upscaled(seed):
+        request = stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step, seed=seed)
+        image = next(e.image for e in gen.Upscale(request) if e.HasField("image"))
+        assert image.seed == seed
+        png = Image.open(io.BytesIO(image.data))
+        assert f"Seed: {seed}," in png.info["parameters"], png.info["parameters"]
+        return np.asarray(png).astype(int)
+
+    # As A1111 and ComfyUI call it: the descriptor pads the sides to 16 and 24. The noise
+    # fills the input's shape in NCHW order (a contiguous input's, as fal's AuraSR passes).
+    reference = spandrel.ModelLoader().load_from_state_dict(state)
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float().contiguous() / 255.0)
+    expected = (expected[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(int)
+    image = upscaled(1234)
+    assert image.shape == (52, 84, 3)
+    assert np.abs(image - expected).max() <= 1
+    assert np.abs(upscaled(1235) - expected).max() > 10
+    with pytest.raises(grpc.RpcError) as caught:
+        list(gen.Upscale(stubs.gen.UpscaleRequest(image=data.getvalue(), upscale=step, seed=2**53)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "seed" in caught.value.details()
+
 def error_info(stubs, error):
     """The ErrorInfo inside grpc-status-details-bin: (reason, metadata)."""
     for key, value in error.trailing_metadata() or ():

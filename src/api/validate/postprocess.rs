@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::api::status::ApiError;
-use crate::api::validate::fields::{model_name, Violations};
+use crate::api::validate::fields::{first_seed, model_name, Violations};
 use crate::api::validate::images::{max_image_pixels, required_image};
 use crate::api::validate::model::named;
 use crate::api::validate::output::{client_job_id, output};
@@ -176,6 +176,7 @@ pub fn to_upscale_spec(
         v.add("output.format", "must be an image format for an upscale");
     }
     let client_job_id = client_job_id(&request.client_job_id, "", &mut v);
+    let seed = first_seed(&mut v, "seed", request.seed, (1, 0), ctx.drawn_seed);
     let frame = Frame {
         registry: ctx.registry,
         size: image.as_ref().map_or((0, 0), |i| (i.width(), i.height())),
@@ -196,6 +197,7 @@ pub fn to_upscale_spec(
         (Some(image), Some(step)) => Ok(UpscaleSpec {
             image: ConditioningImage(Arc::new(image)),
             step,
+            seed,
             output,
             client_job_id,
         }),

@@ -1,13 +1,15 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, DAT, DRCT,
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, DAT, DRCT,
 //! Real-CUGAN, RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
 //! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
 //! as Real-ESRGAN's `RealESRGANer` runs them (values in [0, 1], the output clamped and
-//! rounded to 8 bits).
+//! rounded to 8 bits). AuraSR draws noise at every call, from a generator of its own
+//! seeded per image.
 
 pub mod activation;
 pub mod atd;
+pub mod aura_sr;
 pub mod band_conv;
 pub mod channel_attention;
 pub mod channel_norm;
@@ -58,8 +60,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::checkpoint::Between;
 use crate::engine::error::{EngineError, Result};
+use crate::engine::noise::{NoiseStream, SideGenerator};
 use crate::engine::pixels::unit_range;
 use crate::engine::weights::{read_shapes, Transform, Weights};
+use aura_sr::Draw;
 use layout::Architecture;
 use nets::Network;
 use tiles::{Checkpoint, TilePlan, Tiling};
@@ -130,6 +134,8 @@ impl Upscaler {
             Architecture::MoEsr { .. } => name == layout::moesr::META_KEY,
             Architecture::SwiftSrgan { .. } => layout::swiftsrgan::is_unread(name),
             Architecture::Dctlsa { .. } => layout::dctlsa::is_unread(name),
+            // AuraSR's attention keeps a scale its fused attention never reads.
+            Architecture::AuraSr(_) => name.ends_with(".attend.scale"),
             Architecture::DnCnn { .. } => layout::kair::is_unread(name),
             _ => false,
         };
@@ -163,11 +169,23 @@ impl Upscaler {
         plan.tiling(free, self.bytes_per_pixel(), self.device)
     }
 
+    /// Whether the network draws noise at every call (AuraSR), so that its image depends
+    /// on the seed of [`UpscaleNoise`].
+    pub fn draws_noise(&self) -> bool {
+        matches!(self.architecture, Architecture::AuraSr(_))
+    }
+
     /// The network on an NCHW float batch in [0, 1], in float32 out (not clamped): as
     /// spandrel's descriptor calls it, the input padded to the architecture's size
-    /// requirements and the output cropped back. `between` is asked between the
-    /// network's blocks; its error ends the pass.
-    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+    /// requirements and the output cropped back; a network that draws noise draws it
+    /// from `draw`. `between` is asked between the network's blocks; its error ends the
+    /// pass.
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        draw: &mut Draw<'_>,
+        between: &mut Between<'_>,
+    ) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let size = image.size();
         let (height, width) = (size[2], size[3]);
@@ -176,26 +194,50 @@ impl Upscaler {
         let scale = self.scale();
         Ok(self
             .network
-            .forward(&padded, between)?
+            .forward(&padded, draw, between)?
             .narrow(2, 0, height * scale)
             .narrow(3, 0, width * scale)
             .to_kind(Kind::Float))
     }
 
-    /// `image` enlarged by the network's factor, tile by tile; `watch` runs before each
-    /// tile, after the last and between the network's blocks, and stops the run with its
-    /// error.
+    /// `image` enlarged by the network's factor, tile by tile, a network that draws
+    /// noise drawing it as `noise` says; `watch` runs before each tile, after the last
+    /// and between the network's blocks, and stops the run with its error.
     pub fn upscale(
         &self,
         image: &RgbImage,
         tiling: Tiling,
+        noise: UpscaleNoise<'_>,
         watch: &mut dyn FnMut(Checkpoint) -> Result<()>,
     ) -> Result<RgbImage> {
         let _no_grad = tch::no_grad_guard();
         let input = unit_range(image).to_device(self.device);
-        let mut network = |tile: &Tensor, between: &mut Between<'_>| self.forward(tile, between);
+        let mut generator = SideGenerator::new(noise.seed);
+        let mut held = noise.stream;
+        // Each draw takes the generator only while it draws, unless the job holds it.
+        let mut draw = |shape: &[i64]| match held.as_deref_mut() {
+            Some(stream) => generator.randn(stream, shape),
+            None => generator.randn(&mut NoiseStream::lock(), shape),
+        };
+        let mut network =
+            |tile: &Tensor, between: &mut Between<'_>| self.forward(tile, &mut draw, between);
         let output = tiles::run(&input, self.scale(), tiling, &mut network, watch)?;
         to_image(&output)
+    }
+}
+
+/// Where a network that draws noise at every call (AuraSR) draws it: a generator of its
+/// own seeded with `seed`, as `torch.manual_seed(seed)` before spandrel's calls over the
+/// tiles in order; taken for each draw, or through `stream` where the caller holds it.
+pub struct UpscaleNoise<'a> {
+    pub seed: u64,
+    pub stream: Option<&'a mut NoiseStream>,
+}
+
+impl UpscaleNoise<'_> {
+    /// Noise from `seed`, the generator taken for each draw.
+    pub fn seeded(seed: u64) -> Self {
+        Self { seed, stream: None }
     }
 }
 

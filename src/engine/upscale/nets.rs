@@ -10,6 +10,7 @@ use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::atd::Atd;
+use crate::engine::upscale::aura_sr::{AuraSr, Draw};
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::dctlsa::Dctlsa;
 use crate::engine::upscale::ditn::Ditn;
@@ -241,6 +242,7 @@ pub enum Network {
     Hat(Box<Hat>),
     Atd(Box<Atd>),
     Dctlsa(Box<Dctlsa>),
+    AuraSr(Box<AuraSr>),
     Dat(Box<Dat>),
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
@@ -283,6 +285,7 @@ impl Network {
             Architecture::Dctlsa { .. } => {
                 Network::Dctlsa(Box::new(Dctlsa::load(vp, architecture)?))
             }
+            Architecture::AuraSr(_) => Network::AuraSr(Box::new(AuraSr::load(vp, architecture)?)),
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
             Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
             Architecture::ScuNet { .. } => {
@@ -319,10 +322,16 @@ impl Network {
         })
     }
 
-    /// The network on an NCHW batch in [0, 1] (no clamping); `between` is asked between
-    /// its blocks, and its error ends the pass.
-    pub fn forward(&self, image: &Tensor, between: &mut Between<'_>) -> Result<Tensor> {
+    /// The network on an NCHW batch in [0, 1] (no clamping), drawing any noise it takes
+    /// from `draw`; `between` is asked between its blocks, and its error ends the pass.
+    pub fn forward(
+        &self,
+        image: &Tensor,
+        draw: &mut Draw<'_>,
+        between: &mut Between<'_>,
+    ) -> Result<Tensor> {
         match self {
+            Network::AuraSr(n) => n.forward(image, draw, between),
             Network::Rrdb(n) => n.forward(image, between),
             Network::Compact(n) => n.forward(image, between),
             Network::Span(n) => n.forward(image, between),

@@ -143,6 +143,7 @@ impl Architecture {
             | Architecture::Hat { .. }
             | Architecture::Atd { .. }
             | Architecture::Dctlsa { .. }
+            | Architecture::AuraSr(_)
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
@@ -226,6 +227,14 @@ impl Architecture {
             // module's three maps, q/k/v, the attention's output and the MLP's doubled
             // width; the upsampler's convolution and its shuffled copy.
             Architecture::Dctlsa { features, .. } => ((17 * features) as u64, 6 * out),
+            // Every down level's six block outputs kept for the up path, and a block's
+            // input, its two convolutions' outputs and the residual at the first level;
+            // the same at the output's resolution.
+            Architecture::AuraSr(shape) => {
+                let down = shape.down_widths();
+                let kept: i64 = (0..shape.downs).map(|i| (6 * down[i]) >> (2 * i)).sum();
+                ((kept + 4 * 2 * down[0]) as u64, 4 * shape.dim as u64 * out)
+            }
             // The tokens, their norm, q/k/v padded and rolled, both orientations'
             // scores with their softmax, the convolution branch and the FFN.
             Architecture::Dat {

@@ -3,7 +3,8 @@
 //! activations a tile needs in `activations.rs`).
 
 use super::{
-    ChannelMixer, ExpertGrowth, KairUnet, LargeKernel, MoSrUpsampler, SwinUpsampler, UniUpsampler,
+    AuraShape, ChannelMixer, ExpertGrowth, KairUnet, LargeKernel, MoSrUpsampler, SwinUpsampler,
+    UniUpsampler,
 };
 
 /// An upscaler's architecture and its hyperparameters.
@@ -299,6 +300,10 @@ pub enum Architecture {
         /// The factor the network enlarges by.
         scale: i64,
     },
+    /// AuraSR (GigaGAN's upsampler): a U-Net of residual blocks of style-modulated
+    /// convolutions (the style drawn from noise at every call), transformers on its
+    /// coarse levels, more up levels than down ones.
+    AuraSr(AuraShape),
     /// DAT: residual groups alternating spatial blocks (attention within rectangle
     /// windows, half the channels in each orientation) and channel blocks (attention
     /// across channels), each beside a depthwise convolution, then an upsampler.

@@ -61,6 +61,9 @@ impl Architecture {
             Architecture::Atd { .. } => (8, 1),
             // Reflected to whole windows inside each block.
             Architecture::Dctlsa { .. } => (16, 1),
+            // spandrel's 16 and multiples of 8 (its three down levels); sides that halve
+            // to whole pixels at every down level of other files.
+            Architecture::AuraSr(shape) => (16, 8.max(1 << shape.downs)),
             Architecture::Ditn { .. } => (0, super::ditn::PATCH),
             Architecture::ScuNet { .. } => (40, 1),
             Architecture::RealCugan { fast: true, .. } => (40, 4),
@@ -108,6 +111,7 @@ impl Architecture {
             | Architecture::SeemoRe { scale, .. } => scale,
             Architecture::SafmnBcie { .. } => 1,
             Architecture::SwiftSrgan { upsamplings, .. } => 1 << upsamplings,
+            Architecture::AuraSr(shape) => shape.scale(),
         }
     }
 
@@ -143,6 +147,7 @@ impl Architecture {
             | Architecture::DrUnet { channels, .. }
             | Architecture::Fbcnn { channels, .. }
             | Architecture::NafNet { channels, .. } => channels,
+            Architecture::AuraSr(shape) => shape.channels,
         }
     }
 
@@ -160,6 +165,7 @@ impl Architecture {
             Architecture::Hat { .. } => "HAT",
             Architecture::Atd { .. } => "ATD",
             Architecture::Dctlsa { .. } => "DCTLSA",
+            Architecture::AuraSr(_) => "AuraSR",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
             Architecture::RealCugan { .. } => "RealCUGAN",
@@ -236,8 +242,8 @@ impl Architecture {
             Architecture::Safmn {
                 features, blocks, ..
             } => vec![format!("{features}dim"), format!("{blocks}nb")],
-            // spandrel gives MoSR no tags.
-            Architecture::MoSr { .. } => Vec::new(),
+            // spandrel gives MoSR and AuraSR no tags.
+            Architecture::MoSr { .. } | Architecture::AuraSr(_) => Vec::new(),
             Architecture::SwinIr { .. } => self.swinir_tags(),
             Architecture::Swin2Sr { .. } => self.swin2sr_tags(),
             Architecture::Hat { .. } => self.hat_tags(),

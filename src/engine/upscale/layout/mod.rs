@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, DAT, DRCT, SCUNet, Real-CUGAN,
+//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, DAT, DRCT, SCUNet, Real-CUGAN,
 //! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet, FBCNN and NAFNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
 //! that fits no layout is refused.
@@ -15,6 +15,7 @@ use crate::engine::weights::Shapes;
 mod activations;
 mod architecture;
 pub mod atd;
+pub mod aura_sr;
 mod basicsr;
 mod dat;
 pub mod dctlsa;
@@ -43,6 +44,7 @@ mod swinir;
 pub mod uni_upsample;
 
 pub use architecture::Architecture;
+pub use aura_sr::AuraShape;
 use basicsr::{compact, rrdb, rrdb_names};
 pub use descriptor::SizeRequirements;
 pub use kair::{KairDownsample, KairUnet, KairUpsample, FBCNN_QF_WIDTH};
@@ -88,6 +90,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
             return Err(unknown(atd::ABSOLUTE_KEY));
         }
         return atd::detect(&unwrapped).map_err(|name| unknown(&name));
+    }
+    if aura_sr::KEYS.iter().all(|key| has(key)) {
+        return aura_sr::detect(&unwrapped).map_err(|name| unknown(&name));
     }
     if dctlsa::KEYS.iter().all(|key| has(key)) {
         return dctlsa::detect(&unwrapped).map_err(unknown);
