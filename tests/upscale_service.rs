@@ -286,13 +286,7 @@ async fn the_upscale_rpc_runs_as_a_job_of_the_queue() {
         })
         .collect();
     assert_eq!(tiles, [(0, 1), (1, 1)]);
-    let image = events
-        .iter()
-        .find_map(|e| match e {
-            Event::Image(i) => Some(i.clone()),
-            _ => None,
-        })
-        .expect("an image");
+    let image = image_event(&events);
     assert_eq!((image.width, image.height), (28, 20));
     // The alpha channel composited over white, then the engine's upscaler.
     let source = sdxld::engine::preprocess::hwc3(&image::load_from_memory(&png).expect("png"));
@@ -617,21 +611,25 @@ async fn a_client_job_id_names_one_job_in_flight_per_caller() {
     assert_eq!(server.metric("sdxld_queue_depth_jobs"), 0.0);
 }
 
+/// The image event of an upscale job's events.
+fn image_event(events: &[pb::upscale_response::Event]) -> pb::GeneratedImage {
+    events
+        .iter()
+        .find_map(|e| match e {
+            pb::upscale_response::Event::Image(i) => Some(i.clone()),
+            _ => None,
+        })
+        .expect("an image")
+}
+
 /// The image event's picture and seed, and the PNG's parameters, of an Upscale call.
 async fn upscaled(
     server: &TestServer,
     request: pb::UpscaleRequest,
 ) -> (image::RgbImage, u64, String) {
-    use pb::upscale_response::Event;
     let (events, end) = upscale_call(server, request).await;
     end.expect("completed");
-    let image = events
-        .iter()
-        .find_map(|e| match e {
-            Event::Image(i) => Some(i.clone()),
-            _ => None,
-        })
-        .expect("an image");
+    let image = image_event(&events);
     let text = common::png_parameters(&image.data);
     (decoded(&image.data), image.seed, text)
 }
