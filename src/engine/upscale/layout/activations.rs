@@ -125,6 +125,14 @@ impl Architecture {
                 ffn_hidden,
                 ..
             } => ((4 * features + 5 * ffn_hidden) as u64, 2 * out),
+            // AuraSR's U-Net: every down level's six block outputs kept for the up path, and a block's
+            // input, its two convolutions' outputs and the residual at the first level;
+            // the same at the output's resolution.
+            Architecture::AuraSr(shape) => {
+                let down = shape.down_widths();
+                let kept: i64 = (0..shape.downs).map(|i| (6 * down[i]) >> (2 * i)).sum();
+                ((kept + 4 * 2 * down[0]) as u64, 4 * shape.dim as u64 * out)
+            }
             // Fixed widths: the U-Nets' 64-channel maps at twice the input's resolution
             // (a few alive at once), their 128- and 256-channel ones below.
             Architecture::RealCugan { .. } => (1024, 6 * out),
@@ -143,7 +151,6 @@ impl Architecture {
             | Architecture::Hat { .. }
             | Architecture::Atd { .. }
             | Architecture::Dctlsa { .. }
-            | Architecture::AuraSr(_)
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
@@ -227,14 +234,6 @@ impl Architecture {
             // module's three maps, q/k/v, the attention's output and the MLP's doubled
             // width; the upsampler's convolution and its shuffled copy.
             Architecture::Dctlsa { features, .. } => ((17 * features) as u64, 6 * out),
-            // Every down level's six block outputs kept for the up path, and a block's
-            // input, its two convolutions' outputs and the residual at the first level;
-            // the same at the output's resolution.
-            Architecture::AuraSr(shape) => {
-                let down = shape.down_widths();
-                let kept: i64 = (0..shape.downs).map(|i| (6 * down[i]) >> (2 * i)).sum();
-                ((kept + 4 * 2 * down[0]) as u64, 4 * shape.dim as u64 * out)
-            }
             // The tokens, their norm, q/k/v padded and rolled, both orientations'
             // scores with their softmax, the convolution branch and the FFN.
             Architecture::Dat {
