@@ -107,8 +107,9 @@ impl ResnetBlock {
     }
 
     /// The widths of its modulations, in the order the style's projection gives them.
-    fn modulation_widths(&self, kernels: i64) -> [i64; 4] {
-        [self.convs[0].input, kernels, self.convs[1].input, kernels]
+    fn modulation_widths(&self) -> [i64; 4] {
+        let [first, second] = &self.convs;
+        [first.input, first.kernels, second.input, second.kernels]
     }
 
     fn forward(&self, x: &Tensor, modulations: &mut impl Iterator<Item = Tensor>) -> Tensor {
@@ -312,7 +313,7 @@ impl AuraSr {
             .chain(ups.iter().flat_map(|u| &u.blocks))
             .chain([&last_block]);
         let modulation_widths: Vec<i64> = all_blocks
-            .flat_map(|b| b.modulation_widths(shape.kernels))
+            .flat_map(ResnetBlock::modulation_widths)
             .collect();
         let total = modulation_widths.iter().sum();
         let first_width = shape.down_widths()[0];
