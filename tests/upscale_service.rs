@@ -55,6 +55,18 @@ fn step(model: &str, factor: u32, tile_size: u32) -> pb::PostProcessStep {
     }
 }
 
+/// The demo model's two images of seed 5, their PNGs without metadata (so that the
+/// pixels compare).
+fn two_images_without_metadata() -> pb::GenerationSpec {
+    let mut spec = quick_spec(5);
+    spec.num_images = 2;
+    spec.output = Some(pb::OutputOptions {
+        embed_metadata: Some(false),
+        ..Default::default()
+    });
+    spec
+}
+
 fn decoded(png: &[u8]) -> image::RgbImage {
     image::load_from_memory(png).expect("png").to_rgb8()
 }
@@ -78,12 +90,7 @@ async fn upscale_steps_enlarge_each_image_as_the_engine_does() {
     let (dir, server) = server().await;
     let compact = name_of(&server, "compact_x2").await;
     let rrdb = name_of(&server, "rrdb_x4_old").await;
-    let mut spec = quick_spec(5);
-    spec.num_images = 2;
-    spec.output = Some(pb::OutputOptions {
-        embed_metadata: Some(false),
-        ..Default::default()
-    });
+    let mut spec = two_images_without_metadata();
     let plain = server.images(spec.clone()).await.expect("plain");
     // Native x2 with one 64-pixel tile per image, then the x4 model at factor 2: its
     // output resized down with Pillow's Lanczos.
@@ -648,12 +655,7 @@ async fn aura_sr_draws_its_noise_from_the_images_seed() {
     let server = TestServer::start(&[("SDXLD__MODELS__UPSCALER_ROOTS", &roots)]).await;
     let aura = name_of(&server, "aura_sr_x4").await;
     let network = upscaler(dir.path(), file);
-    let mut spec = quick_spec(5);
-    spec.num_images = 2;
-    spec.output = Some(pb::OutputOptions {
-        embed_metadata: Some(false),
-        ..Default::default()
-    });
+    let mut spec = two_images_without_metadata();
     let plain = server.images(spec.clone()).await.expect("plain");
     spec.post_processing = vec![step(&aura, 0, 64)];
     let upscaled_images = server.images(spec.clone()).await.expect("upscaled");
