@@ -757,3 +757,52 @@ fn aura_sr_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
         .to_string();
     assert!(error.contains("`ups.0.0.0.block1.proj.weights`"), "{error}");
 }
+
+/// CRAFT files spandrel cannot load or run: an odd width (the window blocks split it in
+/// halves), heads that do not divide it or leave the window branches none, an index
+/// whose length gives no window by spandrel's formula, a window side that does not
+/// divide the reference's 16-pixel mirrored padding, an upsampler of no square scale;
+/// each refused naming the tensor.
+#[test]
+fn craft_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let temperature = "layers.0.residual_group.hf_blocks.0.attn.temperature";
+    let refused = [
+        (
+            "craft_x2_identity",
+            "conv_first.weight",
+            zeros(&[95, 3, 3, 3]),
+        ),
+        ("craft_x2_identity", temperature, zeros(&[5, 1, 1])),
+        ("craft_x2_identity", temperature, zeros(&[1, 1, 1])),
+        (
+            "craft_x2_identity",
+            "relative_position_index_h",
+            zeros(&[5, 5]),
+        ),
+        ("craft_x2_identity", "upsample.0.bias", zeros(&[10])),
+        (
+            "craft_x4",
+            "params_ema.layers.1.residual_group.hf_blocks.0.attn.temperature",
+            zeros(&[7, 1, 1]),
+        ),
+    ];
+    assert_each_refused_naming_its_key(refused);
+    // A 4×32 window: spandrel's formula finds it, but its 32 columns do not tile the
+    // image the reference mirrors to a multiple of 16 (48 pixels, say).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, _) = cases();
+    let path = rewrite(
+        &root.join("models/craft_x2_identity.safetensors"),
+        &dir.path().join("wide.safetensors"),
+        vec![
+            ("relative_position_index_h", zeros(&[128, 128])),
+            ("biases_v", zeros(&[441, 2])),
+        ],
+    );
+    let error = Upscaler::load(&path, Device::Cpu, Kind::Float)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("`relative_position_index_h`"), "{error}");
+}

@@ -1,5 +1,5 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, DAT, DRCT,
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, CRAFT, DAT, DRCT,
 //! Real-CUGAN, RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
 //! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
@@ -13,6 +13,7 @@ pub mod aura_sr;
 pub mod band_conv;
 pub mod channel_attention;
 pub mod channel_norm;
+pub mod craft;
 pub mod dat;
 pub mod dctlsa;
 pub mod deformable_upsample;
@@ -134,6 +135,7 @@ impl Upscaler {
             Architecture::MoEsr { .. } => name == layout::moesr::META_KEY,
             Architecture::SwiftSrgan { .. } => layout::swiftsrgan::is_unread(name),
             Architecture::Dctlsa { .. } => layout::dctlsa::is_unread(name),
+            Architecture::Craft { .. } => layout::craft::is_unread(name),
             // AuraSR's attention keeps a scale its fused attention never reads.
             Architecture::AuraSr(_) => name.ends_with(".attend.scale"),
             Architecture::DnCnn { .. } => layout::kair::is_unread(name),

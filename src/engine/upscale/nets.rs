@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, ATD in `atd.rs`, DCTLSA in `dctlsa.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, ATD in `atd.rs`, DCTLSA in `dctlsa.rs`, CRAFT in `craft.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -11,6 +11,7 @@ use crate::engine::models::nn::Conv2d;
 use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::atd::Atd;
 use crate::engine::upscale::aura_sr::{AuraSr, Draw};
+use crate::engine::upscale::craft::Craft;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::dctlsa::Dctlsa;
 use crate::engine::upscale::ditn::Ditn;
@@ -243,6 +244,7 @@ pub enum Network {
     Atd(Box<Atd>),
     Dctlsa(Box<Dctlsa>),
     AuraSr(Box<AuraSr>),
+    Craft(Box<Craft>),
     Dat(Box<Dat>),
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
@@ -286,6 +288,7 @@ impl Network {
                 Network::Dctlsa(Box::new(Dctlsa::load(vp, architecture)?))
             }
             Architecture::AuraSr(_) => Network::AuraSr(Box::new(AuraSr::load(vp, architecture)?)),
+            Architecture::Craft { .. } => Network::Craft(Box::new(Craft::load(vp, architecture)?)),
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
             Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
             Architecture::ScuNet { .. } => {
@@ -343,6 +346,7 @@ impl Network {
             Network::Hat(n) => n.forward(image, between),
             Network::Atd(n) => n.forward(image, between),
             Network::Dctlsa(n) => n.forward(image, between),
+            Network::Craft(n) => n.forward(image, between),
             Network::Dat(n) => n.forward(image, between),
             Network::Drct(n) => n.forward(image, between),
             Network::ScuNet(n) => n.forward(image, between),

@@ -2,7 +2,8 @@
 //! `WindowAttention`): half the channels attend within `[rows, columns]` windows and half
 //! within the transposed ones, each with a position bias drawn by a small MLP from the
 //! offsets; the q/k/v are zero-padded to whole windows of both orientations, and some
-//! blocks shift their windows by half with the regions the roll joined masked apart.
+//! blocks shift their windows by half with the regions the roll joined masked apart
+//! (CRAFT's, on images already whole windows, shift with no mask).
 //! Also their spatial-gate feed-forward network and the frame around their groups.
 
 use tch::Tensor;
@@ -82,15 +83,25 @@ impl WindowBranch {
     }
 }
 
+/// How shifted blocks treat the regions their roll joins.
+enum Joined {
+    /// No block shifts (or the windows are one pixel): no roll.
+    NotShifted,
+    /// Each orientation's shifted windows keep the joined regions apart (DAT, RGT).
+    Masked([Tensor; 2]),
+    /// The joined regions attend to each other (CRAFT).
+    Unmasked,
+}
+
 /// Where a forward pass's spatial blocks put their windows: the image side lengths, the
 /// sides padded with zeros to whole windows of both orientations, each orientation's
-/// shift and its shifted windows' mask.
+/// shift and how its shifted windows treat the regions the roll joins.
 pub struct Geometry {
     pub height: i64,
     pub width: i64,
     padded: [i64; 2],
     shifts: [[i64; 2]; 2],
-    masks: Option<[Tensor; 2]>,
+    joined: Joined,
 }
 
 impl Geometry {
@@ -105,15 +116,33 @@ impl Geometry {
         let padded = [whole(height), whole(width)];
         let windows = [split, [split[1], split[0]]];
         let shifts = windows.map(|[rows, columns]| [rows / 2, columns / 2]);
-        let masks = (shifted && shifts[0] != [0, 0]).then(|| {
-            [0, 1].map(|i| shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like))
-        });
+        let joined =
+            match shifted && shifts[0] != [0, 0] {
+                true => Joined::Masked([0, 1].map(|i| {
+                    shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like)
+                })),
+                false => Joined::NotShifted,
+            };
         Self {
             height,
             width,
             padded,
             shifts,
-            masks,
+            joined,
+        }
+    }
+
+    /// For a [B, C, H, W] feature map `like` whose sides the windows of `split` and its
+    /// transpose already tile, shifted blocks rolling by half a window with no mask.
+    pub fn unmasked(like: &Tensor, split: [i64; 2]) -> Self {
+        let size = like.size();
+        let (height, width) = (size[2], size[3]);
+        Self {
+            height,
+            width,
+            padded: [height, width],
+            shifts: [[split[0] / 2, split[1] / 2], [split[1] / 2, split[0] / 2]],
+            joined: Joined::Unmasked,
         }
     }
 }
@@ -157,13 +186,14 @@ impl WindowPair {
             .enumerate()
             .map(|(i, branch)| {
                 let part = padded.narrow(4, i as i64 * half, half);
-                let shift = match (&geometry.masks, self.shifted) {
-                    (Some(masks), true) => Some((geometry.shifts[i], &masks[i])),
+                let shift = match (&geometry.joined, self.shifted) {
+                    (Joined::Masked(masks), true) => Some((geometry.shifts[i], Some(&masks[i]))),
+                    (Joined::Unmasked, true) => Some((geometry.shifts[i], None)),
                     _ => None,
                 };
                 let y = match shift {
                     Some(([sy, sx], mask)) => branch
-                        .forward(&part.roll([-sy, -sx], [2, 3]), Some(mask))
+                        .forward(&part.roll([-sy, -sx], [2, 3]), mask)
                         .roll([sy, sx], [1, 2]),
                     None => branch.forward(&part, None),
                 };

@@ -151,6 +151,7 @@ impl Architecture {
             | Architecture::Hat { .. }
             | Architecture::Atd { .. }
             | Architecture::Dctlsa { .. }
+            | Architecture::Craft { .. }
             | Architecture::Dat { .. }
             | Architecture::Drct { .. }
             | Architecture::OmniSr { .. }
@@ -234,6 +235,22 @@ impl Architecture {
             // module's three maps, q/k/v, the attention's output and the MLP's doubled
             // width; the upsampler's convolution and its shuffled copy.
             Architecture::Dctlsa { features, .. } => ((17 * features) as u64, 6 * out),
+            // The feature map, its tokens, their norm, q/k/v rolled, both orientations'
+            // scores with their softmax, the depthwise branch and the MLP; the
+            // enhancement block's halves; the fusion block's norm, q and k/v before and
+            // after their depthwise convolutions, its gated feed-forward's doubled width
+            // twice (2.66 times the width); the upsampler's convolution and its shuffled
+            // copy.
+            Architecture::Craft {
+                features,
+                heads,
+                split,
+                mlp_hidden,
+                ..
+            } => (
+                (28 * features + mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
+                6 * out,
+            ),
             // The tokens, their norm, q/k/v padded and rolled, both orientations'
             // scores with their softmax, the convolution branch and the FFN.
             Architecture::Dat {

@@ -300,6 +300,31 @@ pub enum Architecture {
         /// The factor the network enlarges by.
         scale: i64,
     },
+    /// CRAFT: residual groups of cross-refinement blocks, each fusing (by attention
+    /// across channels) two window blocks' output (attention within rectangle windows,
+    /// half the channels in each orientation, beside a depthwise convolution) with a
+    /// high-frequency enhancement block's, then a pixel shuffle.
+    Craft {
+        /// Image channels in and out.
+        channels: i64,
+        /// Embedding width (`embed_dim`).
+        features: i64,
+        /// Residual groups (`len(depths)`).
+        groups: i64,
+        /// The most heads of any group (for sizing tiles).
+        heads: i64,
+        /// The first orientation's window `[rows, columns]` (`split_size_0`,
+        /// `split_size_1`); the second is its transpose.
+        split: [i64; 2],
+        /// The window blocks' MLP width.
+        mlp_hidden: i64,
+        /// Whether the window blocks' q/k/v projections have biases.
+        qkv_bias: bool,
+        /// The factor the network enlarges by (1 for restoration).
+        scale: i64,
+        /// Whether the body ends with a convolution (`1conv`) rather than the identity.
+        body_conv: bool,
+    },
     /// AuraSR (GigaGAN's upsampler): a U-Net of residual blocks of style-modulated
     /// convolutions (the style drawn from noise at every call), transformers on its
     /// coarse levels, more up levels than down ones.

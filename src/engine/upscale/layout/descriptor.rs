@@ -61,6 +61,8 @@ impl Architecture {
             Architecture::Atd { .. } => (8, 1),
             // Reflected to whole windows inside each block.
             Architecture::Dctlsa { .. } => (16, 1),
+            // spandrel's requirement; mirrored by another window side inside.
+            Architecture::Craft { .. } => (16, super::craft::PAD_MULTIPLE),
             // spandrel's 16 and multiples of 8 (its three down levels); sides that halve
             // to whole pixels at every down level of other files.
             Architecture::AuraSr(shape) => (16, 8.max(1 << shape.downs)),
@@ -99,6 +101,7 @@ impl Architecture {
             | Architecture::Hat { scale, .. }
             | Architecture::Atd { scale, .. }
             | Architecture::Dctlsa { scale, .. }
+            | Architecture::Craft { scale, .. }
             | Architecture::Dat { scale, .. }
             | Architecture::RealCugan { scale, .. }
             | Architecture::Rcan { scale, .. }
@@ -130,6 +133,7 @@ impl Architecture {
             | Architecture::Hat { channels, .. }
             | Architecture::Atd { channels, .. }
             | Architecture::Dctlsa { channels, .. }
+            | Architecture::Craft { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
             | Architecture::RealCugan { channels, .. }
@@ -165,6 +169,7 @@ impl Architecture {
             Architecture::Hat { .. } => "HAT",
             Architecture::Atd { .. } => "ATD",
             Architecture::Dctlsa { .. } => "DCTLSA",
+            Architecture::Craft { .. } => "CRAFT",
             Architecture::AuraSr(_) => "AuraSR",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
@@ -253,6 +258,7 @@ impl Architecture {
                 format!("{}nm", super::dctlsa::MODULES),
                 format!("{}nh", super::dctlsa::HEADS),
             ],
+            Architecture::Craft { .. } => self.craft_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),
             Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]
