@@ -806,3 +806,64 @@ fn craft_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
         .to_string();
     assert!(error.contains("`relative_position_index_h`"), "{error}");
 }
+
+/// MMRealSR files spandrel cannot load or run: an x2 network (its first convolution
+/// over the unshuffled channels, which the reference's degradation estimator is built
+/// for but not given), three degradations (its forward pass takes two), estimator
+/// blocks of another width with no convolution between, a convolution into another
+/// width than the blocks after it, a last convolution that changes the width, a first
+/// convolution of another width than the first blocks; each refused naming the tensor.
+#[test]
+fn mmrealsr_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
+    let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let one = "mmrealsr_x4_one_degradation";
+    let refused = [
+        (
+            one,
+            "conv_first.weight",
+            zeros(&[12, 12, 3, 3]),
+            "de_net.conv_first.0.weight",
+        ),
+        (
+            "mmrealsr_x4",
+            "params_ema.dd_embed.0.weight",
+            zeros(&[512, 3]),
+            "dd_embed.0.weight",
+        ),
+        (
+            one,
+            "de_net.body.0.1.conv1.weight",
+            zeros(&[10, 8, 3, 3]),
+            "de_net.body.0.1.conv1.weight",
+        ),
+        (
+            one,
+            "de_net.body.0.2.weight",
+            zeros(&[12, 8, 3, 3]),
+            "de_net.body.0.3.conv1.weight",
+        ),
+        (
+            one,
+            "de_net.body.0.4.weight",
+            zeros(&[24, 16, 3, 3]),
+            "de_net.body.0.4.weight",
+        ),
+        (
+            one,
+            "de_net.conv_first.0.weight",
+            zeros(&[10, 3, 3, 3]),
+            "de_net.body.0.0.conv1.weight",
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (i, (model, key, tensor, named)) in refused.into_iter().enumerate() {
+        let error = load_rewritten(dir.path(), i, model, key, tensor)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            error.contains(&format!("`{named}`")),
+            "{model} {key}: {error}"
+        );
+    }
+}

@@ -1,5 +1,5 @@
 //! Super-resolution upscalers (ESRGAN/Real-ESRGAN RRDBNet, SRVGGNetCompact, SPAN,
-//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, CRAFT, DAT, DRCT,
+//! PLKSR, RealPLKSR, SAFMN, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, CRAFT, MMRealSR, DAT, DRCT,
 //! Real-CUGAN, RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe; SCUNet, SAFMN-BCIE, DnCNN, DRUNet,
 //! FBCNN and NAFNet restoring at scale 1) loaded
 //! from a weight file of any of their published layouts, run tiled on 8-bit RGB images
@@ -29,6 +29,7 @@ pub mod gated_dconv;
 pub mod hat;
 pub mod kair;
 pub mod layout;
+pub mod mmrealsr;
 pub mod moesr;
 pub mod mosr;
 pub mod nafnet;

@@ -1,7 +1,7 @@
 //! The super-resolution networks, as spandrel runs them: RRDBNet (ESRGAN and
 //! Real-ESRGAN, `ESRGAN/__arch/RRDB.py`) and SRVGGNetCompact (`Compact/__arch/SRVGG.py`)
 //! here, SPAN in `span.rs`, PLKSR and RealPLKSR in `plksr.rs`, SAFMN in `safmn.rs`, MoSR in `mosr.rs`, SwinIR in `swinir.rs`, Swin2SR in `swin2sr.rs`, HAT in
-//! `hat.rs`, ATD in `atd.rs`, DCTLSA in `dctlsa.rs`, CRAFT in `craft.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
+//! `hat.rs`, ATD in `atd.rs`, DCTLSA in `dctlsa.rs`, CRAFT in `craft.rs`, MMRealSR in `mmrealsr.rs`, DAT in `dat.rs`, DRCT in `drct.rs`, SCUNet in `scunet.rs`, Real-CUGAN in `realcugan.rs`, RCAN in `rcan.rs`, OmniSR in `omnisr.rs`, RGT in `rgt.rs`, FDAT in `fdat.rs`, DITN in `ditn.rs`, SAFMN-BCIE in `safmn_bcie.rs`, MoESR in `moesr.rs`, Swift-SRGAN in `swiftsrgan.rs`, SeemoRe in `seemore.rs`, DnCNN in `dncnn.rs`, DRUNet in `drunet.rs`, FBCNN in `fbcnn.rs`, NAFNet in `nafnet.rs`, on NCHW images in [0, 1].
 
 use tch::Tensor;
 
@@ -22,6 +22,7 @@ use crate::engine::upscale::fbcnn::Fbcnn;
 use crate::engine::upscale::fdat::Fdat;
 use crate::engine::upscale::hat::Hat;
 use crate::engine::upscale::layout::Architecture;
+use crate::engine::upscale::mmrealsr::MmRealSr;
 use crate::engine::upscale::moesr::MoEsr;
 use crate::engine::upscale::mosr::MoSr;
 use crate::engine::upscale::nafnet::NafNet;
@@ -41,22 +42,22 @@ use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
 
 /// ESRGAN's LeakyReLU slope.
-const RRDB_SLOPE: f64 = 0.2;
+pub(super) const RRDB_SLOPE: f64 = 0.2;
 /// The dense and RRDB residual scaling.
 const RESIDUAL: f64 = 0.2;
 
-fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
+pub(super) fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
     Conv2d::load(&vp.pp(name), input, output, 3, 1, 1)
 }
 
 /// A residual dense block: five convolutions over the concatenated earlier outputs.
-struct DenseBlock {
+pub(super) struct DenseBlock {
     convs: Vec<Conv2d>,
     growth: i64,
 }
 
 impl DenseBlock {
-    fn load(vp: &VarPath, features: i64, growth: i64) -> Result<Self> {
+    pub(super) fn load(vp: &VarPath, features: i64, growth: i64) -> Result<Self> {
         let convs = (0..5)
             .map(|i| {
                 let output = if i == 4 { features } else { growth };
@@ -85,6 +86,15 @@ impl DenseBlock {
         let _ = y.g_add_(x);
         y
     }
+}
+
+/// A residual-in-residual dense block: three dense blocks, their output scaled by 0.2
+/// and added to the input.
+pub(super) fn rrdb_block(block: &[DenseBlock; 3], x: &Tensor) -> Tensor {
+    let mut out = block.iter().fold(x.shallow_clone(), |y, d| d.forward(&y));
+    let _ = out.g_mul_scalar_(RESIDUAL);
+    let _ = out.g_add_(x);
+    out
 }
 
 /// RRDBNet.
@@ -155,19 +165,7 @@ impl Rrdb {
             image.shallow_clone()
         };
         let features = self.conv_first.forward(&x);
-        let trunk = in_turn(
-            features.shallow_clone(),
-            &self.body,
-            between,
-            |block, trunk| {
-                let mut out = block
-                    .iter()
-                    .fold(trunk.shallow_clone(), |y, d| d.forward(&y));
-                let _ = out.g_mul_scalar_(RESIDUAL);
-                let _ = out.g_add_(trunk);
-                out
-            },
-        )?;
+        let trunk = in_turn(features.shallow_clone(), &self.body, between, rrdb_block)?;
         let mut y = features + self.conv_body.forward(&trunk);
         for up in &self.ups {
             let size = y.size();
@@ -245,6 +243,7 @@ pub enum Network {
     Dctlsa(Box<Dctlsa>),
     AuraSr(Box<AuraSr>),
     Craft(Box<Craft>),
+    MmRealSr(Box<MmRealSr>),
     Dat(Box<Dat>),
     Drct(Box<Drct>),
     ScuNet(Box<ScuNet>),
@@ -289,6 +288,9 @@ impl Network {
             }
             Architecture::AuraSr(_) => Network::AuraSr(Box::new(AuraSr::load(vp, architecture)?)),
             Architecture::Craft { .. } => Network::Craft(Box::new(Craft::load(vp, architecture)?)),
+            Architecture::MmRealSr { .. } => {
+                Network::MmRealSr(Box::new(MmRealSr::load(vp, architecture)?))
+            }
             Architecture::Dat { .. } => Network::Dat(Box::new(Dat::load(vp, architecture)?)),
             Architecture::Drct { .. } => Network::Drct(Box::new(Drct::load(vp, architecture)?)),
             Architecture::ScuNet { .. } => {
@@ -347,6 +349,7 @@ impl Network {
             Network::Atd(n) => n.forward(image, between),
             Network::Dctlsa(n) => n.forward(image, between),
             Network::Craft(n) => n.forward(image, between),
+            Network::MmRealSr(n) => n.forward(image, between),
             Network::Dat(n) => n.forward(image, between),
             Network::Drct(n) => n.forward(image, between),
             Network::ScuNet(n) => n.forward(image, between),

@@ -32,6 +32,17 @@ impl Architecture {
                     3 * features as u64 * out,
                 )
             }
+            // As RRDBNet; the estimator's first stage (its block's input, its two
+            // convolutions) beside the trunk at the input's resolution.
+            Architecture::MmRealSr {
+                features,
+                growth,
+                estimator_width,
+                ..
+            } => (
+                (4 * features + 4 * growth + 3 * estimator_width) as u64,
+                3 * features as u64 * out,
+            ),
             Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
             // The block outputs kept for the concatenation and the concatenation itself.
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),

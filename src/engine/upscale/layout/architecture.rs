@@ -329,6 +329,22 @@ pub enum Architecture {
     /// convolutions (the style drawn from noise at every call), transformers on its
     /// coarse levels, more up levels than down ones.
     AuraSr(AuraShape),
+    /// MMRealSR: RRDBNet whose blocks' outputs are modulated by an embedding of the
+    /// degradation degrees an estimator predicts from the whole input.
+    MmRealSr {
+        /// Image channels in and out.
+        channels: i64,
+        /// Feature width (`num_feat`).
+        features: i64,
+        /// Residual-in-residual dense blocks.
+        blocks: i64,
+        /// Channels each dense layer adds (`num_grow_ch`).
+        growth: i64,
+        /// Degradations the estimator predicts a degree of (blur, noise).
+        degradations: i64,
+        /// The estimator's first stage's width (for sizing tiles).
+        estimator_width: i64,
+    },
     /// DAT: residual groups alternating spatial blocks (attention within rectangle
     /// windows, half the channels in each orientation) and channel blocks (attention
     /// across channels), each beside a depthwise convolution, then an upsampler.

@@ -63,6 +63,7 @@ impl Architecture {
             Architecture::Dctlsa { .. } => (16, 1),
             // spandrel's requirement; mirrored by another window side inside.
             Architecture::Craft { .. } => (16, super::craft::PAD_MULTIPLE),
+            Architecture::MmRealSr { .. } => (16, 1),
             // spandrel's 16 and multiples of 8 (its three down levels); sides that halve
             // to whole pixels at every down level of other files.
             Architecture::AuraSr(shape) => (16, 8.max(1 << shape.downs)),
@@ -90,6 +91,8 @@ impl Architecture {
             | Architecture::DrUnet { .. }
             | Architecture::Fbcnn { .. }
             | Architecture::NafNet { .. } => 1,
+            // The x4 networks only (the layout refuses the unshuffled ones).
+            Architecture::MmRealSr { .. } => 4,
             Architecture::Compact { scale, .. }
             | Architecture::Span { scale, .. }
             | Architecture::Plksr { scale, .. }
@@ -134,6 +137,7 @@ impl Architecture {
             | Architecture::Atd { channels, .. }
             | Architecture::Dctlsa { channels, .. }
             | Architecture::Craft { channels, .. }
+            | Architecture::MmRealSr { channels, .. }
             | Architecture::Dat { channels, .. }
             | Architecture::Drct { channels, .. }
             | Architecture::RealCugan { channels, .. }
@@ -170,6 +174,7 @@ impl Architecture {
             Architecture::Atd { .. } => "ATD",
             Architecture::Dctlsa { .. } => "DCTLSA",
             Architecture::Craft { .. } => "CRAFT",
+            Architecture::MmRealSr { .. } => "MMRealSR",
             Architecture::AuraSr(_) => "AuraSR",
             Architecture::Dat { .. } => "DAT",
             Architecture::Drct { .. } => "DRCT",
@@ -259,6 +264,7 @@ impl Architecture {
                 format!("{}nh", super::dctlsa::HEADS),
             ],
             Architecture::Craft { .. } => self.craft_tags(),
+            Architecture::MmRealSr { .. } => self.mmrealsr_tags(),
             Architecture::Dat { .. } => self.dat_tags(),
             Architecture::Drct { .. } => self.drct_tags(),
             Architecture::RealCugan { fast, pro, .. } => [(pro, "pro"), (fast, "fast")]

@@ -1,7 +1,7 @@
 //! Which super-resolution network a weight file holds, read from its tensor names and
 //! shapes as spandrel reads them: RRDBNet (ESRGAN, Real-ESRGAN x4/x2, BSRGAN; the old
 //! `model.N` layout, BasicSR's and BSRGAN's), SRVGGNetCompact, SPAN, PLKSR, RealPLKSR,
-//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, CRAFT, DAT, DRCT, SCUNet, Real-CUGAN,
+//! SAFMN, SAFMN-BCIE, MoSR, MoESR, SwinIR, Swin2SR, HAT, ATD, DCTLSA, AuraSR, CRAFT, MMRealSR, DAT, DRCT, SCUNet, Real-CUGAN,
 //! RCAN, OmniSR, RGT, FDAT, DITN, Swift-SRGAN, SeemoRe, DnCNN, DRUNet, FBCNN and NAFNet.
 //! Every stored name is mapped to one canonical (BasicSR's, or the network's own) name; a name
 //! that fits no layout is refused.
@@ -26,6 +26,7 @@ pub mod drct;
 pub mod fdat;
 mod hat;
 pub mod kair;
+pub mod mmrealsr;
 pub mod moesr;
 pub mod mosr;
 mod nafnet;
@@ -100,6 +101,9 @@ pub fn detect(path: &Path, shapes: &Shapes) -> Result<Layout> {
     }
     if craft::KEYS.iter().all(|key| has(key)) {
         return craft::detect(&unwrapped).map_err(|name| unknown(&name));
+    }
+    if mmrealsr::KEYS.iter().all(|key| has(key)) {
+        return mmrealsr::detect(&unwrapped).map_err(|name| unknown(&name));
     }
     if hat::KEYS.iter().all(|key| has(key)) {
         if has(hat::ABSOLUTE_KEY) {
