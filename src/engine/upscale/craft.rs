@@ -77,16 +77,9 @@ impl RectangleWindowBlock {
 
     /// On [B, H·W, C] tokens.
     fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
-        let size = x.size();
-        let (b, c) = (size[0], size[2]);
-        let (h, w) = (geometry.height, geometry.width);
-        let qkv = self
-            .qkv
-            .forward(&self.norm1.forward(x))
-            .view([b, h, w, 3, c])
-            .permute([3, 0, 1, 2, 4]);
-        let values = qkv.get(2).permute([0, 3, 1, 2]);
-        let attended = self.pair.forward(&qkv, geometry) + embed(&self.locality.forward(&values));
+        let normed = self.norm1.forward(x);
+        let (attended, values) = self.pair.project_and_attend(&self.qkv, &normed, geometry);
+        let attended = attended + embed(&self.locality.forward(&values));
         let x = x + self.proj.forward(&attended);
         let hidden = self.fc1.forward(&self.norm2.forward(&x)).gelu("none");
         self.fc2.forward(&hidden) + x

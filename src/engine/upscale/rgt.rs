@@ -61,16 +61,7 @@ impl LocalAttention {
 
     /// On [B, H·W, C] normed tokens.
     fn forward(&self, x: &Tensor, geometry: &Geometry) -> Tensor {
-        let size = x.size();
-        let (b, c) = (size[0], size[2]);
-        let (h, w) = (geometry.height, geometry.width);
-        let qkv = self
-            .qkv
-            .forward(x)
-            .view([b, h, w, 3, c])
-            .permute([3, 0, 1, 2, 4]);
-        let values = qkv.get(2).permute([0, 3, 1, 2]);
-        let attended = self.pair.forward(&qkv, geometry);
+        let (attended, values) = self.pair.project_and_attend(&self.qkv, x, geometry);
         self.proj
             .forward(&(attended + embed(&self.values.forward(&values))))
     }

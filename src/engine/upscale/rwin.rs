@@ -172,6 +172,24 @@ impl WindowPair {
         self.shifted
     }
 
+    /// [B, H·W, C] tokens projected by `qkv` and attended: the attention's [B, H·W, C]
+    /// output and the values as a [B, C, H, W] map (for the depthwise branch beside it).
+    pub fn project_and_attend(
+        &self,
+        qkv: &Linear,
+        x: &Tensor,
+        geometry: &Geometry,
+    ) -> (Tensor, Tensor) {
+        let size = x.size();
+        let (b, c) = (size[0], size[2]);
+        let qkv = qkv
+            .forward(x)
+            .view([b, geometry.height, geometry.width, 3, c])
+            .permute([3, 0, 1, 2, 4]);
+        let values = qkv.get(2).permute([0, 3, 1, 2]);
+        (self.forward(&qkv, geometry), values)
+    }
+
     /// Attention of [3, B, H, W, C] q/k/v; [B, H·W, C] out, the halves side by side.
     pub fn forward(&self, qkv: &Tensor, geometry: &Geometry) -> Tensor {
         let size = qkv.size();
