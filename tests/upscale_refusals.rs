@@ -389,18 +389,31 @@ fn ditn_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
 fn assert_each_refused_naming_its_key<K: AsRef<str>>(
     cases: impl IntoIterator<Item = (&'static str, K, Tensor)>,
 ) {
+    assert_each_refused_naming(cases.into_iter().map(|(model, key, tensor)| {
+        let unwrapped = key
+            .as_ref()
+            .trim_start_matches("params_ema.")
+            .trim_start_matches("params.")
+            .to_string();
+        (model, key, tensor, unwrapped)
+    }));
+}
+
+/// Each case's fixture `model` with its tensor `key` replaced by the case's tensor,
+/// refused at load naming the case's last tensor name (whole, in backticks).
+fn assert_each_refused_naming<K: AsRef<str>, N: AsRef<str>>(
+    cases: impl IntoIterator<Item = (&'static str, K, Tensor, N)>,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (i, (model, key, tensor)) in cases.into_iter().enumerate() {
+    for (i, (model, key, tensor, named)) in cases.into_iter().enumerate() {
         let key = key.as_ref();
         let error = load_rewritten(dir.path(), i, model, key, tensor)
             .err()
             .expect("refused")
             .to_string();
-        let unwrapped = key
-            .trim_start_matches("params_ema.")
-            .trim_start_matches("params.");
+        let named = named.as_ref();
         assert!(
-            error.contains(&format!("`{unwrapped}`")),
+            error.contains(&format!("`{named}`")),
             "{model} {key}: {error}"
         );
     }
@@ -558,7 +571,6 @@ fn moesr_files_spandrel_cannot_load_are_refused_naming_their_tensor() {
 /// norms its residual blocks have is refused naming the first one missing.
 #[test]
 fn safmn_bcie_and_swift_srgan_files_spandrel_cannot_load_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
     let cases = [
         (
@@ -574,16 +586,7 @@ fn safmn_bcie_and_swift_srgan_files_spandrel_cannot_load_are_refused() {
             "feats.0.layers.0.safm.mfr.0.weight",
         ),
     ];
-    for (i, (model, key, tensor, named)) in cases.into_iter().enumerate() {
-        let error = load_rewritten(dir.path(), i, model, key, tensor)
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(
-            error.contains(&format!("`{named}`")),
-            "{model} {key}: {error}"
-        );
-    }
+    assert_each_refused_naming(cases);
     assert_refused_without(
         "swiftsrgan_x2",
         |name| name.contains(".block1.bn."),
@@ -749,13 +752,12 @@ fn aura_sr_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
     ];
     assert_each_refused_naming_its_key(cases);
     // The second down level twice as wide: the first up level's skips are not.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let wider = zeros(&[64, 16, 3, 3]);
-    let error = load_rewritten(dir.path(), 0, "aura_sr_x4", "downs.1.1.1.weight", wider)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(error.contains("`ups.0.0.0.block1.proj.weights`"), "{error}");
+    assert_each_refused_naming([(
+        "aura_sr_x4",
+        "downs.1.1.1.weight",
+        zeros(&[64, 16, 3, 3]),
+        "ups.0.0.0.block1.proj.weights",
+    )]);
 }
 
 /// CRAFT files spandrel cannot load or run: an odd width (the window blocks split it in
@@ -855,15 +857,5 @@ fn mmrealsr_files_spandrel_cannot_run_are_refused_naming_their_tensor() {
             "de_net.body.0.0.conv1.weight",
         ),
     ];
-    let dir = tempfile::tempdir().expect("tempdir");
-    for (i, (model, key, tensor, named)) in refused.into_iter().enumerate() {
-        let error = load_rewritten(dir.path(), i, model, key, tensor)
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(
-            error.contains(&format!("`{named}`")),
-            "{model} {key}: {error}"
-        );
-    }
+    assert_each_refused_naming(refused);
 }
