@@ -16,7 +16,11 @@ heads, 16-pixel windows, 128 tokens reduced to 20, categories of 256), or with
 `--arch atd-light` ATD-light x4 (48 wide, four groups of six layers of four heads,
 16-pixel windows, 64 tokens reduced to 8, categories of 128, the direct pixel shuffle),
 or with `--arch dctlsa` DCTLSA x4 (the published shape: 55 wide, six modules, five
-heads), or with `--arch aura-sr` AuraSR x4 (fal's published shape, 617 M parameters:
+heads), or with `--arch craft` CRAFT x4 (the published shape, spandrel's defaults: 48
+wide, four groups of two blocks of six heads, 4×16 windows), or with `--arch mmrealsr`
+MMRealSR x4 (the published shape, spandrel's defaults: RRDBNet's 64 wide, 23 blocks,
+growth 32, two degradations estimated by four stages 64 to 512 wide), or with
+`--arch aura-sr` AuraSR x4 (fal's published shape, 617 M parameters:
 64 wide, levels 64 to 1024 wide, a 128-to-512 style network of four layers, four
 kernels per convolution, transformers of eight 64-wide heads on the two coarsest up
 levels and in the middle), or with `--arch dat`
@@ -57,7 +61,7 @@ sdxld is faster) and each process's peak resident memory, tiled and whole. With
 input cast as A1111 and ComfyUI cast them), timed after a CUDA synchronisation, and the
 peak is the allocator's (torch.cuda.max_memory_allocated; sdxld's from its shim).
 Usage: bench/upscale.py --sdxld target/release/sdxld [--arch rrdb|span|plksr|plksr-dysample|
-plksr-original|safmn|mosr|swinir|swin2sr|hat|atd|atd-light|dctlsa|aura-sr|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|
+plksr-original|safmn|mosr|swinir|swin2sr|hat|atd|atd-light|dctlsa|craft|mmrealsr|aura-sr|dat|drct|realcugan|rcan|omnisr|rgt|fdat|ditn|
 swiftsrgan|moesr|safmnbcie|seemore|dncnn|drunet|fbcnn|nafnet|scunet]
 [--size 512]
 [--tile 256] [--threads 2] [--tiled-only] [--device cuda --dtype bfloat16]
@@ -81,6 +85,7 @@ def write_model(path: Path, arch: str) -> str:
     """Writes the benchmark's model; its description."""
     from safetensors.torch import save_file
     from spandrel.architectures.ATD import ATD
+    from spandrel.architectures.CRAFT import CRAFT
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.DCTLSA import DCTLSA
     from spandrel.architectures.DITN import DITN
@@ -91,6 +96,7 @@ def write_model(path: Path, arch: str) -> str:
     from spandrel.architectures.FBCNN import FBCNN
     from spandrel.architectures.FDAT import FDAT
     from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.MMRealSR import MMRealSR
     from spandrel.architectures.MoESR import MoESR
     from spandrel.architectures.MoSR import MoSR
     from spandrel.architectures.NAFNet import NAFNet
@@ -122,6 +128,8 @@ def write_model(path: Path, arch: str) -> str:
         "atd": (lambda: ATD(embed_dim=210, depths=[6] * 6, num_heads=[6] * 6, window_size=16, category_size=256, num_tokens=128, reducted_dim=20, convffn_kernel_size=5, mlp_ratio=2.0, upscale=4, upsampler="pixelshuffle"), "x4 ATD (210dim, 6x6 layers, 16w, 256cat)"),
         "atd-light": (lambda: ATD(embed_dim=48, depths=[6] * 4, num_heads=[4] * 4, window_size=16, category_size=128, num_tokens=64, reducted_dim=8, convffn_kernel_size=5, mlp_ratio=1.0, upscale=4, upsampler="pixelshuffledirect"), "x4 ATD-light (48dim, 4x6 layers, 16w, 128cat)"),
         "dctlsa": (lambda: DCTLSA(nf=55, upscale=4), "x4 DCTLSA (55nf, 6nm, 5nh)"),
+        "craft": (lambda: CRAFT(), "x4 CRAFT (4x16, 48dim, 1conv)"),
+        "mmrealsr": (lambda: MMRealSR(num_in_ch=3, num_out_ch=3), "x4 MMRealSR (64nf, 23nb)"),
         "aura-sr": (lambda: aura_sr(dim=64, style_network={"dim_in": 128, "dim_out": 512, "depth": 4}, up_dim_mults=(1, 2, 4, 8, 16), down_dim_mults=(4, 8, 16), full_attn=(False, False, False, True, True), self_attn_dim_head=64, self_attn_heads=8, attn_depths=(2, 2, 2, 2, 4), mid_attn_depth=4, num_conv_kernels=4), "x4 AuraSR (64dim, 4 kernels, fal's shape)"),
         "scunet": (lambda: SCUNet(config=[4] * 7, dim=64), "x1 SCUNet (64dim, 4 blocks a stage)"),
         "dat": (lambda: DAT(img_size=64, embed_dim=180, split_size=[8, 32], depth=[6] * 6, num_heads=[6] * 6, expansion_factor=4.0, upscale=4), "x4 DAT (180dim, 6x6 blocks, s64|8x32, 4.0ef)"),
@@ -206,7 +214,7 @@ def run(cmd):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdxld", required=True)
-    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "atd", "atd-light", "dctlsa", "aura-sr", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "seemore", "dncnn", "drunet", "fbcnn", "nafnet", "scunet"], default="rrdb")
+    parser.add_argument("--arch", choices=["rrdb", "span", "plksr", "plksr-dysample", "plksr-original", "safmn", "mosr", "swinir", "swin2sr", "hat", "atd", "atd-light", "dctlsa", "craft", "mmrealsr", "aura-sr", "dat", "drct", "realcugan", "rcan", "omnisr", "rgt", "fdat", "ditn", "swiftsrgan", "moesr", "safmnbcie", "seemore", "dncnn", "drunet", "fbcnn", "nafnet", "scunet"], default="rrdb")
     parser.add_argument("--size", type=int, default=512, help="input side (1024 for 4096 out)")
     parser.add_argument("--tile", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)

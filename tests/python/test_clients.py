@@ -155,13 +155,15 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     Swin2SR x2 with the compressed-input models' bicubic branch, a Real-CUGAN x3 "pro",
     a pixel-unshuffled RCAN x2, an OmniSR x2, an RGT x2, an FDAT x2 with the deformable
     attention upsampler, a DITN x2, a Swift-SRGAN x2, a MoESR x2 with DySample, a SAFMN
-    BCIE restoration network and a SeemoRe x2 of three experts, each listed with spandrel's architecture name and run by
+    BCIE restoration network, a SeemoRe x2 of three experts, a DnCNN, a DRUNet, a NAFNet,
+    an ATD x2, a DCTLSA x2, a CRAFT x2 (2x8 windows) and an MMRealSR x4, each listed with spandrel's architecture name and run by
     the Upscale RPC to spandrel's image."""
     import numpy as np
     import spandrel
     import torch
     from safetensors.torch import save_file
     from spandrel.architectures.ATD import ATD
+    from spandrel.architectures.CRAFT import CRAFT
     from spandrel.architectures.DAT import DAT
     from spandrel.architectures.DCTLSA import DCTLSA
     from spandrel.architectures.DITN import DITN
@@ -170,6 +172,7 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
     from spandrel.architectures.DRCT import DRCT
     from spandrel.architectures.FDAT import FDAT
     from spandrel.architectures.HAT import HAT
+    from spandrel.architectures.MMRealSR import MMRealSR
     from spandrel.architectures.MoESR import MoESR
     from spandrel.architectures.MoSR import MoSR
     from spandrel.architectures.NAFNet import NAFNet
@@ -191,6 +194,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "swin-restore": (SwinIR(img_size=14, embed_dim=12, depths=[2], num_heads=[3], window_size=7, mlp_ratio=2.0, upscale=1, upsampler=""), "SwinIR", 1),
         "atd-x2": (ATD(embed_dim=16, depths=[2], num_heads=[2], window_size=8, num_tokens=8, reducted_dim=4, upscale=2, upsampler="pixelshuffle"), "ATD", 2),
         "dctlsa-x2": (DCTLSA(nf=10, upscale=2), "DCTLSA", 2),
+        "mmrealsr-x4": (MMRealSR(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4, num_feats=[8, 16], num_blocks=[1, 1], downscales=[2, 1]), "MMRealSR", 4),
+        "craft-x2": (CRAFT(embed_dim=32, depths=[1], num_heads=[2], split_size_0=2, split_size_1=8, upscale=2), "CRAFT", 2),
         "hat-x2": (HAT(embed_dim=12, depths=[2], num_heads=[3], window_size=4, compress_ratio=3, squeeze_factor=6, upscale=2, num_feat=16), "HAT", 2),
         "dat-x3": (DAT(embed_dim=64, split_size=[4, 8], depth=[3], num_heads=[4], expansion_factor=2.0, upscale=3), "DAT", 3),
         "scunet": (SCUNet(config=[2, 1, 1, 2, 1, 1, 2], dim=64), "SCUNet", 1),
@@ -215,8 +220,10 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         "nafnet": (NAFNet(width=16, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 2]), "NAFNet", 1),
     }
     # NAFNet starts its blocks' residual scales at zero, which would leave them out; ATD
-    # its layers' weights near zero and its dictionary's refinement gates at one half.
+    # its layers' weights near zero and its dictionary's refinement gates at one half;
+    # MMRealSR's image around zero, where half of it would clamp.
     with torch.no_grad():
+        networks["mmrealsr-x4"][0].conv_last.bias.add_(0.5)
         for name, p in networks["nafnet"][0].named_parameters():
             if name.endswith(("beta", "gamma")):
                 p.copy_(0.5 * torch.randn(p.shape))
@@ -245,7 +252,8 @@ def test_python_client_upscales_each_architecture_as_spandrel_does(stubs, server
         # multiples of 8, SAFMN BCIE's to multiples of 16, SeemoRe's to 16, DRUNet's to
         # multiples of 8 (MoESR reflects the odd sides to even ones itself); FDnCNN and
         # DRUNet get the noise-level map of spandrel's call; ATD mirrors its sides to
-        # whole windows itself, DCTLSA's are padded to 16.
+        # whole windows itself, DCTLSA's are padded to 16, CRAFT's to multiples of 16
+        # (and mirrored 16 further inside).
         reference = spandrel.ModelLoader().load_from_state_dict(state)
         with torch.no_grad():
             expected = reference(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255.0)
