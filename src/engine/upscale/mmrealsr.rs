@@ -11,8 +11,10 @@ use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, Linear};
 use crate::engine::upscale::activation::leaky_in_place;
+use crate::engine::upscale::dense_block::{
+    conv3, load_rrdb_block, rrdb_block, DenseBlock, RRDB_SLOPE,
+};
 use crate::engine::upscale::layout::Architecture;
-use crate::engine::upscale::nets::{conv3, rrdb_block, DenseBlock, RRDB_SLOPE};
 use crate::engine::weights::VarPath;
 
 /// The degrees' embedding width (`degradation_dim`, fixed in the reference).
@@ -195,11 +197,8 @@ impl MmRealSr {
         let plan = body_plan(&estimator.pp("body").pp(0));
         let body = (0..blocks)
             .map(|b| {
-                let block = vp.pp("body").pp(b);
-                let dense =
-                    |r: i64| DenseBlock::load(&block.pp(format!("rdb{r}")), features, growth);
-                let modulation = Modulation::load(&vp.pp("am_list").pp(b), features)?;
-                Ok(([dense(1)?, dense(2)?, dense(3)?], modulation))
+                let block = load_rrdb_block(&vp.pp("body").pp(b), features, growth)?;
+                Ok((block, Modulation::load(&vp.pp("am_list").pp(b), features)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self {

@@ -17,6 +17,7 @@ pub mod craft;
 pub mod dat;
 pub mod dctlsa;
 pub mod deformable_upsample;
+pub mod dense_block;
 pub mod ditn;
 pub mod dncnn;
 pub mod drct;

@@ -14,6 +14,9 @@ use crate::engine::upscale::aura_sr::{AuraSr, Draw};
 use crate::engine::upscale::craft::Craft;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::dctlsa::Dctlsa;
+use crate::engine::upscale::dense_block::{
+    conv3, load_rrdb_block, rrdb_block, DenseBlock, RRDB_SLOPE,
+};
 use crate::engine::upscale::ditn::Ditn;
 use crate::engine::upscale::dncnn::DnCnn;
 use crate::engine::upscale::drct::Drct;
@@ -40,62 +43,6 @@ use crate::engine::upscale::swiftsrgan::SwiftSrgan;
 use crate::engine::upscale::swin2sr::Swin2Sr;
 use crate::engine::upscale::swinir::SwinIr;
 use crate::engine::weights::VarPath;
-
-/// ESRGAN's LeakyReLU slope.
-pub(super) const RRDB_SLOPE: f64 = 0.2;
-/// The dense and RRDB residual scaling.
-const RESIDUAL: f64 = 0.2;
-
-pub(super) fn conv3(vp: &VarPath, name: &str, input: i64, output: i64) -> Result<Conv2d> {
-    Conv2d::load(&vp.pp(name), input, output, 3, 1, 1)
-}
-
-/// A residual dense block: five convolutions over the concatenated earlier outputs.
-pub(super) struct DenseBlock {
-    convs: Vec<Conv2d>,
-    growth: i64,
-}
-
-impl DenseBlock {
-    pub(super) fn load(vp: &VarPath, features: i64, growth: i64) -> Result<Self> {
-        let convs = (0..5)
-            .map(|i| {
-                let output = if i == 4 { features } else { growth };
-                conv3(vp, &format!("conv{}", i + 1), features + i * growth, output)
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { convs, growth })
-    }
-
-    /// The concatenations live in one buffer that each activation is written into once
-    /// (the reference concatenates anew for every convolution: same values).
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let size = x.size();
-        let features = size[1];
-        let width = features + 4 * self.growth;
-        let buffer = Tensor::empty([size[0], width, size[2], size[3]], (x.kind(), x.device()));
-        buffer.narrow(1, 0, features).copy_(x);
-        for (i, conv) in self.convs[..4].iter().enumerate() {
-            let start = features + i as i64 * self.growth;
-            let y = conv.forward(&buffer.narrow(1, 0, start));
-            let slot = buffer.narrow(1, start, self.growth);
-            let _ = y.leaky_relu_backward_grad_input(&slot, &y, RRDB_SLOPE, false);
-        }
-        let mut y = self.convs[4].forward(&buffer);
-        let _ = y.g_mul_scalar_(RESIDUAL);
-        let _ = y.g_add_(x);
-        y
-    }
-}
-
-/// A residual-in-residual dense block: three dense blocks, their output scaled by 0.2
-/// and added to the input.
-pub(super) fn rrdb_block(block: &[DenseBlock; 3], x: &Tensor) -> Tensor {
-    let mut out = block.iter().fold(x.shallow_clone(), |y, d| d.forward(&y));
-    let _ = out.g_mul_scalar_(RESIDUAL);
-    let _ = out.g_add_(x);
-    out
-}
 
 /// RRDBNet.
 pub struct Rrdb {
@@ -124,12 +71,7 @@ impl Rrdb {
         };
         let input = channels * unshuffle * unshuffle;
         let body = (0..blocks)
-            .map(|b| {
-                let block = vp.pp("body").pp(b);
-                let dense =
-                    |r: i64| DenseBlock::load(&block.pp(format!("rdb{r}")), features, growth);
-                Ok([dense(1)?, dense(2)?, dense(3)?])
-            })
+            .map(|b| load_rrdb_block(&vp.pp("body").pp(b), features, growth))
             .collect::<Result<_>>()?;
         let ups = (1..=upsamplings)
             .map(|n| conv3(vp, &format!("conv_up{n}"), features, features))
