@@ -20,29 +20,9 @@ impl Architecture {
     /// in [`Self::attention_stage_floats`].
     fn stage_floats(&self, out: u64) -> (u64, u64) {
         match *self {
-            Architecture::Rrdb {
-                features,
-                growth,
-                unshuffle,
-                ..
-            } => {
-                let dense = (4 * features + 4 * growth) as u64;
-                (
-                    dense.div_ceil((unshuffle * unshuffle) as u64),
-                    3 * features as u64 * out,
-                )
+            Architecture::Rrdb { .. } | Architecture::MmRealSr { .. } => {
+                self.dense_stage_floats(out)
             }
-            // As RRDBNet; the estimator's first stage (its block's input, its two
-            // convolutions) beside the trunk at the input's resolution.
-            Architecture::MmRealSr {
-                features,
-                growth,
-                estimator_width,
-                ..
-            } => (
-                (4 * features + 4 * growth + 3 * estimator_width) as u64,
-                3 * features as u64 * out,
-            ),
             Architecture::Compact { features, .. } => (2 * features as u64, 9 * out),
             // The block outputs kept for the concatenation and the concatenation itself.
             Architecture::Span { features, .. } => (10 * features as u64, 6 * out),
@@ -246,46 +226,9 @@ impl Architecture {
             // module's three maps, q/k/v, the attention's output and the MLP's doubled
             // width; the upsampler's convolution and its shuffled copy.
             Architecture::Dctlsa { features, .. } => ((17 * features) as u64, 6 * out),
-            // The feature map, its tokens, their norm, q/k/v rolled, both orientations'
-            // scores with their softmax, the depthwise branch and the MLP; the
-            // enhancement block's halves; the fusion block's norm, q and k/v before and
-            // after their depthwise convolutions, its gated feed-forward's doubled width
-            // twice (2.66 times the width); the upsampler's convolution and its shuffled
-            // copy.
-            Architecture::Craft {
-                features,
-                heads,
-                split,
-                mlp_hidden,
-                ..
-            } => (
-                (28 * features + mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
-                6 * out,
-            ),
-            // The tokens, their norm, q/k/v padded and rolled, both orientations'
-            // scores with their softmax, the convolution branch and the FFN.
-            Architecture::Dat {
-                features,
-                heads,
-                split,
-                ffn_hidden,
-                upsample_features,
-                ..
-            } => (
-                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
-                3 * upsample_features.max(3) as u64 * out,
-            ),
-            // As DAT, the recursive attention's reduced map being small.
-            Architecture::Rgt {
-                features,
-                heads,
-                split,
-                mlp_hidden,
-                ..
-            } => (
-                (12 * features + 2 * mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
-                3 * 64 * out,
-            ),
+            Architecture::Craft { .. } | Architecture::Dat { .. } | Architecture::Rgt { .. } => {
+                self.rectangle_window_stage_floats(out)
+            }
             // As SwinIR at the dense group's widest, the group's input and growths kept
             // for the concatenation.
             Architecture::Drct {
@@ -334,6 +277,87 @@ impl Architecture {
             Architecture::ScuNet { features, .. } => ((28 * features) as u64, 0),
             // The convolutional networks are sized by `stage_floats`, which sends only
             // the attention networks here.
+            _ => (0, 0),
+        }
+    }
+}
+
+impl Architecture {
+    /// [`Self::stage_floats`] of RRDBNet and MMRealSR: a dense block's input and four
+    /// growths at the input's (or unshuffled) resolution, three feature maps at the
+    /// output's.
+    fn dense_stage_floats(&self, out: u64) -> (u64, u64) {
+        match *self {
+            Architecture::Rrdb {
+                features,
+                growth,
+                unshuffle,
+                ..
+            } => {
+                let dense = (4 * features + 4 * growth) as u64;
+                (
+                    dense.div_ceil((unshuffle * unshuffle) as u64),
+                    3 * features as u64 * out,
+                )
+            }
+            // As RRDBNet; the estimator's first stage (its block's input, its two
+            // convolutions) beside the trunk at the input's resolution.
+            Architecture::MmRealSr {
+                features,
+                growth,
+                estimator_width,
+                ..
+            } => (
+                (4 * features + 4 * growth + 3 * estimator_width) as u64,
+                3 * features as u64 * out,
+            ),
+            _ => (0, 0),
+        }
+    }
+
+    /// [`Self::attention_stage_floats`] of the rectangle-window networks.
+    fn rectangle_window_stage_floats(&self, out: u64) -> (u64, u64) {
+        match *self {
+            // The feature map, its tokens, their norm, q/k/v rolled, both orientations'
+            // scores with their softmax, the depthwise branch and the MLP; the
+            // enhancement block's halves; the fusion block's norm, q and k/v before and
+            // after their depthwise convolutions, its gated feed-forward's doubled width
+            // twice (2.66 times the width); the upsampler's convolution and its shuffled
+            // copy.
+            Architecture::Craft {
+                features,
+                heads,
+                split,
+                mlp_hidden,
+                ..
+            } => (
+                (28 * features + mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
+                6 * out,
+            ),
+            // The tokens, their norm, q/k/v padded and rolled, both orientations'
+            // scores with their softmax, the convolution branch and the FFN.
+            Architecture::Dat {
+                features,
+                heads,
+                split,
+                ffn_hidden,
+                upsample_features,
+                ..
+            } => (
+                (12 * features + 2 * ffn_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * upsample_features.max(3) as u64 * out,
+            ),
+            // As DAT, the recursive attention's reduced map being small.
+            Architecture::Rgt {
+                features,
+                heads,
+                split,
+                mlp_hidden,
+                ..
+            } => (
+                (12 * features + 2 * mlp_hidden + 2 * heads * split[0] * split[1]) as u64,
+                3 * 64 * out,
+            ),
             _ => (0, 0),
         }
     }
