@@ -309,6 +309,33 @@ fn every_network_stops_between_its_blocks_when_asked() {
     }
 }
 
+/// Every network takes images narrower than its windows, padding and levels (a pixel, a
+/// row, a column), as the descriptor's padding lets spandrel take them: the output is
+/// the image's size times the scale, every value finite.
+#[test]
+fn every_network_takes_a_pixel_a_row_and_a_column() {
+    let (root, models) = cases();
+    for model in &models {
+        let name = model["model"].as_str().expect("model");
+        let upscaler = load(&root.join(name));
+        let scale = upscaler.scale();
+        for (height, width) in [(1, 1), (1, 7), (5, 1)] {
+            let pixels = 3 * height * width;
+            let image = (Tensor::arange(pixels, (Kind::Float, Device::Cpu)) / pixels as f64)
+                .view([1, 3, height, width]);
+            let output = seeded_pass(&upscaler, &image, 0, &mut || Ok(()))
+                .unwrap_or_else(|e| panic!("{name} {height}x{width}: {e}"));
+            assert_eq!(
+                output.size(),
+                [1, 3, height * scale, width * scale],
+                "{name}"
+            );
+            let finite = bool::try_from(output.isfinite().all()).expect("bool");
+            assert!(finite, "{name} {height}x{width}");
+        }
+    }
+}
+
 /// SwinIR pads to whole windows by reflection; a side too short to reflect is
 /// replicated (spandrel fails there): a one-pixel image gives what the same colour over
 /// a whole window gives.
