@@ -1,12 +1,13 @@
 //! ESRGAN's residual-in-residual dense block (`RRDB`), which RRDBNet and MMRealSR
 //! chain: three residual dense blocks of five 3×3 convolutions over the concatenated
 //! earlier outputs, each scaled by 0.2 and added to its input, and the three scaled by
-//! 0.2 again and added to the block's input.
+//! 0.2 again and added to the block's input. Also the reconstruction after their trunk.
 
 use tch::Tensor;
 
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
+use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::weights::VarPath;
 
 /// ESRGAN's LeakyReLU slope.
@@ -70,4 +71,36 @@ pub fn rrdb_block(block: &[DenseBlock; 3], x: &Tensor) -> Tensor {
     let _ = out.g_mul_scalar_(RESIDUAL);
     let _ = out.g_add_(x);
     out
+}
+
+/// RRDBNet's reconstruction: nearest ×2 rounds (`conv_up1`, `conv_up2`, ...), each a
+/// convolution and LeakyReLU, then `conv_hr` with LeakyReLU and `conv_last`.
+pub struct Reconstruction {
+    ups: Vec<Conv2d>,
+    conv_hr: Conv2d,
+    conv_last: Conv2d,
+}
+
+impl Reconstruction {
+    /// `rounds` ×2 rounds over `features` channels, to `channels` out.
+    pub fn load(vp: &VarPath, features: i64, channels: i64, rounds: i64) -> Result<Self> {
+        Ok(Self {
+            ups: (1..=rounds)
+                .map(|n| conv3(vp, &format!("conv_up{n}"), features, features))
+                .collect::<Result<_>>()?,
+            conv_hr: conv3(vp, "conv_hr", features, features)?,
+            conv_last: conv3(vp, "conv_last", features, channels)?,
+        })
+    }
+
+    pub fn forward(&self, features: Tensor) -> Tensor {
+        let mut y = features;
+        for up in &self.ups {
+            let size = y.size();
+            let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
+            y = leaky_in_place(up.forward(&upsampled), RRDB_SLOPE);
+        }
+        self.conv_last
+            .forward(&leaky_in_place(self.conv_hr.forward(&y), RRDB_SLOPE))
+    }
 }

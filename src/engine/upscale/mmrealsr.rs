@@ -10,9 +10,8 @@ use tch::Tensor;
 use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::{Conv2d, Linear};
-use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::dense_block::{
-    conv3, load_rrdb_block, rrdb_block, DenseBlock, RRDB_SLOPE,
+    conv3, load_rrdb_block, rrdb_block, DenseBlock, Reconstruction,
 };
 use crate::engine::upscale::layout::Architecture;
 use crate::engine::weights::VarPath;
@@ -22,7 +21,7 @@ const EMBEDDING: i64 = 512;
 /// The estimator's hidden width before each degree (fixed in the reference).
 const DEGREE_HIDDEN: i64 = 512;
 /// RRDBNet's nearest ×2 rounds.
-const ROUNDS: usize = 2;
+const ROUNDS: i64 = 2;
 
 /// One layer of an estimator branch's body: a residual block without batch norm (two
 /// 3×3 convolutions around a ReLU) or a stride-2 3×3 convolution, as spandrel reads
@@ -175,9 +174,7 @@ pub struct MmRealSr {
     conv_first: Conv2d,
     body: Vec<([DenseBlock; 3], Modulation)>,
     conv_body: Conv2d,
-    ups: [Conv2d; ROUNDS],
-    conv_hr: Conv2d,
-    conv_last: Conv2d,
+    reconstruction: Reconstruction,
 }
 
 impl MmRealSr {
@@ -209,12 +206,7 @@ impl MmRealSr {
             conv_first: conv3(vp, "conv_first", channels, features)?,
             body,
             conv_body: conv3(vp, "conv_body", features, features)?,
-            ups: [
-                conv3(vp, "conv_up1", features, features)?,
-                conv3(vp, "conv_up2", features, features)?,
-            ],
-            conv_hr: conv3(vp, "conv_hr", features, features)?,
-            conv_last: conv3(vp, "conv_last", features, channels)?,
+            reconstruction: Reconstruction::load(vp, features, channels, ROUNDS)?,
         })
     }
 
@@ -228,14 +220,8 @@ impl MmRealSr {
             between,
             |(block, modulation), trunk| modulation.forward(&rrdb_block(block, trunk), &embedding),
         )?;
-        let mut y = features + self.conv_body.forward(&trunk);
-        for up in &self.ups {
-            let size = y.size();
-            let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
-            y = leaky_in_place(up.forward(&upsampled), RRDB_SLOPE);
-        }
         Ok(self
-            .conv_last
-            .forward(&leaky_in_place(self.conv_hr.forward(&y), RRDB_SLOPE)))
+            .reconstruction
+            .forward(features + self.conv_body.forward(&trunk)))
     }
 }

@@ -8,14 +8,13 @@ use tch::Tensor;
 use crate::engine::checkpoint::{in_turn, Between};
 use crate::engine::error::Result;
 use crate::engine::models::nn::Conv2d;
-use crate::engine::upscale::activation::leaky_in_place;
 use crate::engine::upscale::atd::Atd;
 use crate::engine::upscale::aura_sr::{AuraSr, Draw};
 use crate::engine::upscale::craft::Craft;
 use crate::engine::upscale::dat::Dat;
 use crate::engine::upscale::dctlsa::Dctlsa;
 use crate::engine::upscale::dense_block::{
-    conv3, load_rrdb_block, rrdb_block, DenseBlock, RRDB_SLOPE,
+    conv3, load_rrdb_block, rrdb_block, DenseBlock, Reconstruction,
 };
 use crate::engine::upscale::ditn::Ditn;
 use crate::engine::upscale::dncnn::DnCnn;
@@ -49,9 +48,7 @@ pub struct Rrdb {
     conv_first: Conv2d,
     body: Vec<[DenseBlock; 3]>,
     conv_body: Conv2d,
-    ups: Vec<Conv2d>,
-    conv_hr: Conv2d,
-    conv_last: Conv2d,
+    reconstruction: Reconstruction,
     unshuffle: i64,
     upsamplings: i64,
 }
@@ -73,16 +70,11 @@ impl Rrdb {
         let body = (0..blocks)
             .map(|b| load_rrdb_block(&vp.pp("body").pp(b), features, growth))
             .collect::<Result<_>>()?;
-        let ups = (1..=upsamplings)
-            .map(|n| conv3(vp, &format!("conv_up{n}"), features, features))
-            .collect::<Result<_>>()?;
         Ok(Self {
             conv_first: conv3(vp, "conv_first", input, features)?,
             body,
             conv_body: conv3(vp, "conv_body", features, features)?,
-            ups,
-            conv_hr: conv3(vp, "conv_hr", features, features)?,
-            conv_last: conv3(vp, "conv_last", features, channels)?,
+            reconstruction: Reconstruction::load(vp, features, channels, upsamplings)?,
             unshuffle,
             upsamplings,
         })
@@ -108,15 +100,9 @@ impl Rrdb {
         };
         let features = self.conv_first.forward(&x);
         let trunk = in_turn(features.shallow_clone(), &self.body, between, rrdb_block)?;
-        let mut y = features + self.conv_body.forward(&trunk);
-        for up in &self.ups {
-            let size = y.size();
-            let upsampled = y.upsample_nearest2d([size[2] * 2, size[3] * 2], 2.0, 2.0);
-            y = leaky_in_place(up.forward(&upsampled), RRDB_SLOPE);
-        }
         let y = self
-            .conv_last
-            .forward(&leaky_in_place(self.conv_hr.forward(&y), RRDB_SLOPE));
+            .reconstruction
+            .forward(features + self.conv_body.forward(&trunk));
         let scale = (1 << self.upsamplings) / self.unshuffle;
         Ok(y.narrow(2, 0, height * scale).narrow(3, 0, width * scale))
     }
