@@ -117,11 +117,12 @@ impl Geometry {
         let windows = [split, [split[1], split[0]]];
         let shifts = windows.map(|[rows, columns]| [rows / 2, columns / 2]);
         let joined =
-            match shifted && shifts[0] != [0, 0] {
-                true => Joined::Masked([0, 1].map(|i| {
+            if shifted && shifts[0] != [0, 0] {
+                Joined::Masked([0, 1].map(|i| {
                     shifted_mask(padded[0], padded[1], windows[i], shifts[i], MASKED, like)
-                })),
-                false => Joined::NotShifted,
+                }))
+            } else {
+                Joined::NotShifted
             };
         Self {
             height,
